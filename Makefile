@@ -1,0 +1,35 @@
+# The front door. `make` builds, `make test` runs the whole suite, `make train` trains the
+# tiny model on the built-in corpus. All three install missing Debian packages first
+# (when root; otherwise they print the apt-get line and stop).
+BUILD ?= build
+JOBS  ?= $(shell nproc)
+
+.PHONY: all build deps test train clean sanitize
+
+all: build
+
+deps:
+	@scripts/deps.sh
+
+build: deps
+	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release >/dev/null
+	@cmake --build $(BUILD) -j $(JOBS)
+
+test: deps
+	@scripts/deps.sh --with-venv
+	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DNM_PYTHON=$(CURDIR)/.venv/bin/python3 >/dev/null
+	@cmake --build $(BUILD) -j $(JOBS)
+	@cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
+
+train: build
+	@$(BUILD)/nanomegatron train --config configs/tiny-train.json --out runs/tiny
+	@$(BUILD)/nanomegatron sample --model runs/tiny --prompt "The " --tokens 200 --seed 1
+
+# Unit tests under AddressSanitizer + UndefinedBehaviorSanitizer.
+sanitize: deps
+	@cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DNM_SANITIZE=ON >/dev/null
+	@cmake --build build-asan -j $(JOBS)
+	@cd build-asan && ctest --output-on-failure -L unit -j $(JOBS)
+
+clean:
+	rm -rf $(BUILD) build-asan

@@ -1,0 +1,86 @@
+// check.c: implementation of check.h.
+#define _GNU_SOURCE
+#include "core/check.h"
+
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <stdatomic.h>
+
+static _Atomic uint64_t alloc_count;
+
+int nm_error_set(nm_error *err, const char *fmt, ...) {
+    if (err) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
+        va_end(ap);
+    }
+    return -1;
+}
+
+int nm_error_prefix(nm_error *err, const char *fmt, ...) {
+    if (err) {
+        char prefix[1024], old[sizeof(err->msg)];
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(prefix, sizeof(prefix), fmt, ap);
+        va_end(ap);
+        memcpy(old, err->msg, sizeof(old));
+        snprintf(err->msg, sizeof(err->msg), "%s: %s", prefix, old);
+    }
+    return -1;
+}
+
+void nm_panic(const char *file, int line, const char *fmt, ...) {
+    fflush(stdout);
+    fprintf(stderr, "nanomegatron: fatal: %s:%d: ", file, line);
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    fflush(stderr);
+    abort();
+}
+
+void *nm_malloc_impl(size_t size, const char *file, int line) {
+    void *p = malloc(size ? size : 1);
+    if (!p) nm_panic(file, line, "out of memory allocating %zu bytes", size);
+    atomic_fetch_add(&alloc_count, 1);
+    return p;
+}
+
+void *nm_calloc_impl(size_t n, size_t size, const char *file, int line) {
+    void *p = calloc(n ? n : 1, size ? size : 1);
+    if (!p) nm_panic(file, line, "out of memory allocating %zu x %zu bytes", n, size);
+    atomic_fetch_add(&alloc_count, 1);
+    return p;
+}
+
+void *nm_realloc_impl(void *p, size_t size, const char *file, int line) {
+    void *q = realloc(p, size ? size : 1);
+    if (!q) nm_panic(file, line, "out of memory reallocating %zu bytes", size);
+    atomic_fetch_add(&alloc_count, 1);
+    return q;
+}
+
+void *nm_aligned_alloc_impl(size_t size, const char *file, int line) {
+    size_t rounded = (size + 63) & ~(size_t)63;
+    void *p = aligned_alloc(64, rounded ? rounded : 64);
+    if (!p) nm_panic(file, line, "out of memory allocating %zu aligned bytes", size);
+    memset(p, 0, rounded);
+    atomic_fetch_add(&alloc_count, 1);
+    return p;
+}
+
+void nm_free(void *p) { free(p); }
+
+uint64_t nm_alloc_count(void) { return atomic_load(&alloc_count); }
+
+char *nm_strdup(const char *s) {
+    size_t n = strlen(s) + 1;
+    char *d = nm_malloc(n);
+    memcpy(d, s, n);
+    return d;
+}

@@ -1,0 +1,141 @@
+// fileio.c: implementation of fileio.h.
+#define _GNU_SOURCE
+#include "io/fileio.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+int nm_atomic_open(nm_atomic_file *f, const char *path, nm_error *err) {
+    memset(f, 0, sizeof(*f));
+    size_t n = strlen(path) + 64;
+    f->path = nm_strdup(path);
+    f->tmp_path = nm_malloc(n);
+    snprintf(f->tmp_path, n, "%s.tmp.%ld", path, (long)getpid());
+    f->fp = fopen(f->tmp_path, "wb");
+    if (!f->fp) {
+        int e = errno;
+        nm_free(f->path);
+        nm_free(f->tmp_path);
+        memset(f, 0, sizeof(*f));
+        return nm_error_set(err, "%s: cannot create temporary file: %s", path, strerror(e));
+    }
+    return 0;
+}
+
+int nm_fsync_dir(const char *dir, nm_error *err) {
+    int fd = open(dir, O_RDONLY | O_DIRECTORY);
+    if (fd < 0) return nm_error_set(err, "%s: cannot open directory: %s", dir, strerror(errno));
+    int rc = fsync(fd);
+    int e = errno;
+    close(fd);
+    // Some filesystems refuse fsync on directories (EINVAL); the rename is still atomic.
+    if (rc != 0 && e != EINVAL) return nm_error_set(err, "%s: fsync failed: %s", dir, strerror(e));
+    return 0;
+}
+
+int nm_atomic_commit(nm_atomic_file *f, nm_error *err) {
+    int rc = 0;
+    if (fflush(f->fp) != 0 || fsync(fileno(f->fp)) != 0) {
+        rc = nm_error_set(err, "%s: write failed: %s", f->path, strerror(errno));
+    }
+    if (fclose(f->fp) != 0 && rc == 0) rc = nm_error_set(err, "%s: close failed: %s", f->path, strerror(errno));
+    f->fp = NULL;
+    if (rc == 0 && rename(f->tmp_path, f->path) != 0) {
+        rc = nm_error_set(err, "%s: rename from %s failed: %s", f->path, f->tmp_path, strerror(errno));
+    }
+    if (rc != 0) {
+        unlink(f->tmp_path);
+    } else {
+        char *copy = nm_strdup(f->path);
+        rc = nm_fsync_dir(dirname(copy), err);
+        nm_free(copy);
+    }
+    nm_free(f->path);
+    nm_free(f->tmp_path);
+    memset(f, 0, sizeof(*f));
+    return rc;
+}
+
+void nm_atomic_abort(nm_atomic_file *f) {
+    if (!f || !f->tmp_path) return;
+    if (f->fp) fclose(f->fp);
+    unlink(f->tmp_path);
+    nm_free(f->path);
+    nm_free(f->tmp_path);
+    memset(f, 0, sizeof(*f));
+}
+
+int nm_fwrite_all(FILE *fp, const void *data, size_t size, const char *path, nm_error *err) {
+    if (size && fwrite(data, 1, size, fp) != size) {
+        return nm_error_set(err, "%s: write of %zu bytes failed: %s", path, size, strerror(errno));
+    }
+    return 0;
+}
+
+int nm_file_read_all(const char *path, char **data, size_t *size, nm_error *err) {
+    FILE *fp = fopen(path, "rb");
+    if (!fp) return nm_error_set(err, "%s: cannot open: %s", path, strerror(errno));
+    if (fseek(fp, 0, SEEK_END) != 0) {
+        fclose(fp);
+        return nm_error_set(err, "%s: cannot seek: %s", path, strerror(errno));
+    }
+    long n = ftell(fp);
+    if (n < 0) {
+        fclose(fp);
+        return nm_error_set(err, "%s: cannot tell size: %s", path, strerror(errno));
+    }
+    rewind(fp);
+    char *buf = nm_malloc((size_t)n + 1);
+    if (n > 0 && fread(buf, 1, (size_t)n, fp) != (size_t)n) {
+        fclose(fp);
+        nm_free(buf);
+        return nm_error_set(err, "%s: short read", path);
+    }
+    fclose(fp);
+    buf[n] = 0;
+    *data = buf;
+    if (size) *size = (size_t)n;
+    return 0;
+}
+
+int nm_mkdir_p(const char *path, nm_error *err) {
+    char *p = nm_strdup(path);
+    for (char *s = p + 1; *s; s++) {
+        if (*s == '/') {
+            *s = 0;
+            if (mkdir(p, 0755) != 0 && errno != EEXIST) {
+                int e = errno;
+                nm_error_set(err, "%s: cannot create directory: %s", p, strerror(e));
+                nm_free(p);
+                return -1;
+            }
+            *s = '/';
+        }
+    }
+    int rc = 0;
+    if (mkdir(p, 0755) != 0 && errno != EEXIST) rc = nm_error_set(err, "%s: cannot create directory: %s", p, strerror(errno));
+    nm_free(p);
+    return rc;
+}
+
+static uint32_t crc32c_table[256];
+static int crc32c_ready;
+
+uint32_t nm_crc32c(uint32_t crc, const void *data, size_t size) {
+    if (!crc32c_ready) {  // benign race: every thread computes the same table
+        for (uint32_t i = 0; i < 256; i++) {
+            uint32_t c = i;
+            for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ 0x82f63b78u : c >> 1;
+            crc32c_table[i] = c;
+        }
+        crc32c_ready = 1;
+    }
+    const uint8_t *p = data;
+    crc = ~crc;
+    for (size_t i = 0; i < size; i++) crc = crc32c_table[(crc ^ p[i]) & 0xff] ^ (crc >> 8);
+    return ~crc;
+}

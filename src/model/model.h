@@ -1,0 +1,56 @@
+// model.h: the DeepSeek-V3 model: parameters, gradients, activations and the hand-written
+// forward and backward passes, written once against the nm_ops table.
+//
+// Usage:
+//   nm_model *m;  nm_model_create(&m, &cfg, nm_ops_cpu(), B_max, T_max, &err);
+//   nm_params_init(nm_model_params(m), nm_model_table(m), &cfg, seed);   // or load a file
+//   nm_model_forward(m, tokens, B, T, &opt, &loss, NULL, &err);          // loss terms
+//   nm_model_backward(m, &opt, &err);                                    // grads +=
+// All memory is allocated by nm_model_create; forward/backward never allocate.
+#pragma once
+
+#include <stdint.h>
+
+#include "model/config.h"
+#include "model/params.h"
+#include "ops/ops.h"
+
+typedef struct nm_model nm_model;
+
+typedef struct nm_loss_options {
+    float mtp_weight;           // lambda: total += mtp_weight * mean over depths of MTP CE
+    float aux_weight;           // alpha:  total += aux_weight * balance loss (summed over MoE layers)
+    float grad_scale;           // multiplies every gradient of the backward (1/accumulation steps)
+} nm_loss_options;
+
+typedef struct nm_loss_terms {
+    double loss;                // ce + mtp_weight * mtp + aux_weight * aux
+    double ce;                  // mean CE over the B*(T-1) next-token positions
+    double mtp;                 // mean over depths of each depth's mean CE (0 when M == 0)
+    double aux;                 // balance loss summed over MoE layers (MTP layers included)
+    int64_t tokens;             // B*T input tokens
+} nm_loss_terms;
+
+// Allocates parameters, gradients and activations for batches up to (B_max, T_max).
+int nm_model_create(nm_model **out, const nm_model_config *cfg, const nm_ops *ops, int64_t B_max,
+                    int64_t T_max, nm_error *err);
+void nm_model_destroy(nm_model *m);
+
+float *nm_model_params(nm_model *m);                    // (table.n_floats)
+float *nm_model_grads(nm_model *m);                     // (table.n_floats)
+const nm_param_table *nm_model_table(const nm_model *m);
+const nm_model_config *nm_model_cfg(const nm_model *m);
+size_t nm_model_activation_bytes(const nm_model *m);
+void nm_model_zero_grads(nm_model *m);
+
+// Forward over tokens (B, T), B <= B_max, 2 <= T <= T_max. Token ids outside [0, V) are an
+// error naming the position and value. logits_out (B, T, V) may be NULL.
+int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, const nm_loss_options *opt,
+                     nm_loss_terms *loss, float *logits_out, nm_error *err);
+// Backward of the last forward: gradients of loss (scaled by grad_scale) ACCUMULATE into grads.
+int nm_model_backward(nm_model *m, nm_error *err);
+
+// Router statistics of the last forward, for the bias update and the metrics:
+// counts (n_moe_layers, E) of selected (token, expert) pairs, bias and group limit included.
+// layer_ids (n_moe_layers) gives the decoder layer index of each row.
+const int64_t *nm_model_expert_counts(const nm_model *m, int *n_moe_layers, const int **layer_ids);

@@ -1,0 +1,98 @@
+// params.h: the parameter table: every tensor of the model, by its exact Hugging Face name,
+// with its shape, its offset in the one contiguous fp32 buffer, and flags.
+//
+// One buffer per role (params, grads, AdamW m and v) all share this layout, so the optimizer,
+// gradient norm, checkpoints and export are loops over rows (style.md 13-16).
+//
+// Layout promises the model relies on (for fused GEMMs):
+//  - within a SwiGLU MLP (dense mlp, shared_experts, each routed expert) gate_proj is
+//    immediately followed by up_proj, so [gate; up] is one (2F, D) matrix;
+//  - the E routed experts of a layer are stored back to back, expert j at
+//    experts0 + j * expert_stride, each as gate (Fe, D), up (Fe, D), down (D, Fe);
+//  - every tensor offset is a multiple of NM_PARAM_ALIGN floats.
+// MTP copies of the embedding and head (`model.layers.{L+k}.embed_tokens.weight`,
+// `.shared_head.head.weight`) are NM_TENSOR_TIED rows: no storage of their own, they point
+// at their owner row; they are written to files as copies and checked on load.
+// With tie_word_embeddings there is no `lm_head.weight` row and head == embed.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "model/config.h"
+
+#define NM_PARAM_ALIGN 64       // floats (256 bytes)
+#define NM_OFF_NONE SIZE_MAX    // a tensor this layer does not have
+
+enum {
+    NM_TENSOR_DECAY = 1u << 0,      // AdamW weight decay applies (matrices only)
+    NM_TENSOR_TIED = 1u << 1,       // no storage; `owner` is the row holding the data
+    NM_TENSOR_NORM = 1u << 2,       // RMSNorm weight: initialised to ones
+    NM_TENSOR_ROUTER_BIAS = 1u << 3, // e_score_correction_bias: zeros, no gradient, no optimizer
+    NM_TENSOR_EXPERT = 1u << 4,     // a routed expert's matrix
+    NM_TENSOR_MTP = 1u << 5,        // belongs to an MTP block
+};
+
+typedef struct nm_tensor_spec {
+    char name[112];             // exact HF name, e.g. "model.layers.3.mlp.experts.7.up_proj.weight"
+    int ndim;                   // 1 or 2
+    int64_t shape[2];           // PyTorch order: [out, in] for matrices
+    int64_t numel;
+    size_t offset;              // in floats, into the parameter buffer (owner's offset when tied)
+    unsigned flags;             // NM_TENSOR_*
+    int layer;                  // decoder layer index, -1 for global tensors
+    int owner;                  // row index of the owner when TIED, else -1
+} nm_tensor_spec;
+
+// Offsets (in floats) of one decoder block's tensors; NM_OFF_NONE when absent.
+typedef struct nm_layer_offsets {
+    size_t input_norm;          // (D)
+    size_t q_a;                 // (Rq, D)            q_lora only
+    size_t q_a_norm;            // (Rq)               q_lora only
+    size_t q_b;                 // (H*Dqk, Rq)        q_lora only
+    size_t q;                   // (H*Dqk, D)         no q_lora only
+    size_t kv_a;                // (Rkv+Dr, D)
+    size_t kv_a_norm;           // (Rkv)
+    size_t kv_b;                // (H*(Dn+Dv), Rkv)
+    size_t o;                   // (D, H*Dv)
+    size_t post_norm;           // (D)
+    // dense SwiGLU (non-MoE layers)
+    size_t mlp_gate_up;         // (2F, D): gate rows then up rows
+    size_t mlp_down;            // (D, F)
+    // MoE
+    size_t router;              // (E, D)
+    size_t router_bias;         // (E)
+    size_t experts;             // expert 0's gate; expert j at experts + j*expert_stride
+    size_t expert_stride;       // floats between consecutive experts (>= 3*Fe*D)
+    size_t shared_gate_up;      // (2Fs, D), NM_OFF_NONE when n_shared == 0
+    size_t shared_down;         // (D, Fs)
+    // MTP block extras
+    size_t enorm;               // (D)
+    size_t hnorm;               // (D)
+    size_t eh_proj;             // (D, 2D): columns [0,D) act on enorm(emb), [D,2D) on hnorm(h)
+    size_t head_norm;           // (D) shared_head.norm
+} nm_layer_offsets;
+
+typedef struct nm_param_table {
+    nm_tensor_spec *rows;       // (n_rows)
+    int n_rows;
+    size_t n_floats;            // size of the buffer, padded
+    int64_t n_params_main;      // unique parameters of the main model (MTP excluded)
+    int64_t n_params_mtp;       // unique parameters of the MTP blocks (tied copies excluded)
+    size_t embed;               // (V, D) model.embed_tokens.weight
+    size_t final_norm;          // (D)    model.norm.weight
+    size_t lm_head;             // (V, D) lm_head.weight (== embed when tied)
+    nm_layer_offsets *layers;   // (L + M)
+} nm_param_table;
+
+// Builds the table from a validated config. Returns 0 or -1 with err filled.
+int nm_param_table_build(nm_param_table *t, const nm_model_config *cfg, nm_error *err);
+void nm_param_table_free(nm_param_table *t);
+// Row index by exact name, or -1.
+int nm_param_table_find(const nm_param_table *t, const char *name);
+
+// DeepSeek-V3 initialisation: N(0, init_std) for matrices, ones for norms, zeros for the
+// router bias; deterministic from seed via the counter-based generator (tensor row index
+// and element index are the counter), independent of thread count.
+void nm_params_init(float *params /* (n_floats) */, const nm_param_table *t,
+                    const nm_model_config *cfg, uint64_t seed);

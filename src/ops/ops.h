@@ -1,0 +1,146 @@
+// ops.h: every numeric kernel the model uses, as forward/backward pairs over raw buffers
+// with explicit shapes (design.md 3, style.md 3.5). A backend is a table of these functions;
+// nm_ops_cpu() returns the CPU one (C + OpenMP, GEMMs through BLAS). The model is written
+// once against this table.
+//
+// Conventions
+//  - All buffers are fp32, row-major, contiguous unless a leading dimension is given.
+//  - Argument order: outputs, saved-for-backward outputs, inputs, weights, dims, options.
+//    Backward: input grads, param grads, dout, saved activations, weights, dims.
+//  - Gradient contract (llm.c's layernorm.cuh rule, stated once here):
+//      * parameter gradients ACCUMULATE (+=), so micro-batches accumulate;
+//      * activation gradients follow the per-op comment: "(=)" overwrites, "(+=)" accumulates.
+//  - Token/row counts are int64_t; index arrays are int32_t (N*K < 2^31 is checked by the model).
+//  - Ops never allocate; scratch space is passed in.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "model/config.h"
+
+typedef enum nm_transpose { NM_NO_TRANS = 0, NM_TRANS = 1 } nm_transpose;
+
+// Router options (dsv3-spec 5).
+typedef struct nm_router_params {
+    int64_t N;                  // tokens
+    int64_t E;                  // routed experts
+    int64_t K;                  // experts per token
+    int64_t G;                  // groups (1: no group limit)
+    int64_t Gk;                 // groups kept
+    nm_scoring scoring;         // sigmoid or softmax
+    nm_topk_method method;      // noaux_tc / greedy / group_limited_greedy
+    int norm_topk_prob;         // renormalise the K selected scores (+1e-20 in the denominator)
+    float routed_scaling;       // applied after normalisation
+} nm_router_params;
+
+typedef struct nm_ops {
+    // --- dense linear algebra ---------------------------------------------------------------
+    // Row-major GEMM with BLAS semantics: C(M,N) = alpha * op(A) op(B) + beta * C.
+    // op(A) is (M,K), op(B) is (K,N). beta == 0 ignores C's old contents (NaN-safe).
+    void (*gemm)(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K,
+                 float alpha, const float *A, int64_t lda, const float *B, int64_t ldb,
+                 float beta, float *C, int64_t ldc);
+
+    // --- elementwise / memory ----------------------------------------------------------------
+    void (*zero)(float *x, int64_t n);
+    // y (+=) alpha * x
+    void (*axpy)(float *y, const float *x, float alpha, int64_t n);
+    // dst[r, 0:cols] (=) src[r, 0:cols] for r < rows, with leading dimensions (floats).
+    void (*copy_2d)(float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows, int64_t cols);
+    // dst[r, 0:cols] (+=) src[r, 0:cols]
+    void (*add_2d)(float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows, int64_t cols);
+
+    // --- embedding ------------------------------------------------------------------------
+    // out(N,D) (=) emb[tokens[n]]. Tokens are range-checked by the caller.
+    void (*embedding_forward)(float *out, const int32_t *tokens, const float *emb, int64_t N, int64_t D);
+    // demb (+=) scatter-add of dout rows.
+    void (*embedding_backward)(float *demb, const float *dout, const int32_t *tokens, int64_t N, int64_t D);
+
+    // --- RMSNorm: out = w * x / sqrt(mean(x^2) + eps) ----------------------------------------
+    // out(N,D) (=), rstd(N) (=) saved 1/sqrt(mean(x^2)+eps).
+    void (*rmsnorm_forward)(float *out, float *rstd, const float *inp, const float *w,
+                            int64_t N, int64_t D, float eps);
+    // dinp(N,D) (+=), dw(D) (+=).
+    void (*rmsnorm_backward)(float *dinp, float *dw, const float *dout, const float *inp,
+                             const float *w, const float *rstd, int64_t N, int64_t D);
+
+    // --- SwiGLU: out = silu(gate) * up, with gate_up rows laid out [gate(F) | up(F)] ---------
+    // out(N,F) (=); gate_up(N,2F).
+    void (*swiglu_forward)(float *out, const float *gate_up, int64_t N, int64_t F);
+    // dgate_up(N,2F) (=).
+    void (*swiglu_backward)(float *dgate_up, const float *dout, const float *gate_up, int64_t N, int64_t F);
+
+    // --- RoPE on adjacent pairs (dsv3-spec 4.2), in place -------------------------------------
+    // x is (B, T, n_heads, head_dim); channels [offset, offset+Dr) of every head are rotated
+    // by the angle of position t: pair i uses cos[t*Dr/2 + i], sin[t*Dr/2 + i].
+    void (*rope_forward)(float *x, const float *cos, const float *sin, int64_t B, int64_t T,
+                         int64_t n_heads, int64_t head_dim, int64_t offset, int64_t Dr);
+    // dx in place: the inverse rotation of the incoming gradient.
+    void (*rope_backward)(float *dx, const float *cos, const float *sin, int64_t B, int64_t T,
+                          int64_t n_heads, int64_t head_dim, int64_t offset, int64_t Dr);
+
+    // --- MLA causal attention ------------------------------------------------------------------
+    // q(B,T,H,Dn+Dr) per head [q_nope | q_pe] (q_pe already rotated);
+    // kv(B,T,H,Dn+Dv) per head [k_nope | v]; k_pe(B,T,Dr) rotated, shared by all heads.
+    // score(i,j) = scale * (q_nope_i . k_nope_j + q_pe_i . k_pe_j), j <= i; softmax over j.
+    // out(B,T,H,Dv) (=); lse(B,H,T) (=) saved log-sum-exp of the scaled scores.
+    void (*attention_forward)(float *out, float *lse, const float *q, const float *kv, const float *k_pe,
+                              int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr, int64_t Dv, float scale);
+    // dq(B,T,H,Dn+Dr) (=), dkv(B,T,H,Dn+Dv) (=), dk_pe(B,T,Dr) (=) summed over heads.
+    // scratch: at least B*H*T*Dr floats (per-head dk_pe before the sum over heads).
+    void (*attention_backward)(float *dq, float *dkv, float *dk_pe, float *scratch, const float *dout,
+                               const float *q, const float *kv, const float *k_pe,
+                               const float *out, const float *lse,
+                               int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr, int64_t Dv, float scale);
+
+    // --- cross-entropy --------------------------------------------------------------------------
+    // losses(N) (=) -log softmax(logits[n])[targets[n]]; targets[n] < 0 means "no target": loss 0.
+    void (*xent_forward)(float *losses, const float *logits, const int32_t *targets, int64_t N, int64_t V);
+    // dlogits(N,V) (=) scale * (softmax(logits[n]) - onehot(targets[n])), 0 for rows without
+    // a target. dlogits may alias logits (computed in place).
+    void (*xent_backward)(float *dlogits, const float *logits, const int32_t *targets, float scale,
+                          int64_t N, int64_t V);
+
+    // --- MoE router (dsv3-spec 5, 7) -----------------------------------------------------------
+    // logits(N,E) = u W_gate^T (computed by gemm). scores(N,E) (=) sigmoid or softmax of logits;
+    // bias(E) (may be NULL = zeros) is added for selection only; topk_idx(N,K) (=) selected
+    // experts in descending biased-score order, ties to the lower index; topk_weight(N,K) (=)
+    // unbiased scores, normalised if asked, times routed_scaling.
+    void (*router_forward)(int32_t *topk_idx, float *topk_weight, float *scores, const float *logits,
+                           const float *bias, const nm_router_params *p);
+    // dlogits(N,E) (=) from dtopk_weight(N,K), through normalisation and the score function;
+    // the selected set is held fixed (non-differentiable).
+    void (*router_backward)(float *dlogits, const float *dtopk_weight, const float *scores,
+                            const int32_t *topk_idx, const nm_router_params *p);
+
+    // --- complementary sequence-wise balance loss (dsv3-spec 6.2, 11) ------------------------
+    // scores(B*T,E) from router_forward. f(B,E) (=) saved f_i per sequence, from the plain
+    // top-K of the scores (no bias, no group limit). Returns mean over the B sequences of
+    // sum_i f_i * P_i, with P_i = mean_t s_i / sum_j s_j.
+    double (*balance_loss_forward)(float *f, const float *scores, int64_t B, int64_t T, int64_t E,
+                                   int64_t K);
+    // dlogits(B*T,E) (+=) dloss * d(balance loss)/d(logits) through the score function.
+    void (*balance_loss_backward)(float *dlogits, float dloss, const float *f, const float *scores,
+                                  int64_t B, int64_t T, int64_t E, int64_t K, nm_scoring scoring);
+
+    // --- MoE dispatch / combine --------------------------------------------------------------
+    // Groups the N*K (token, slot) assignments by expert, stable in token order:
+    // offsets(E+1) (=) start of each expert's rows; perm(N*K) (=) flat index n*K+k of the
+    // assignment in permuted row r. offsets live in host-readable memory.
+    void (*moe_permute)(int32_t *offsets, int32_t *perm, const int32_t *topk_idx,
+                        int64_t N, int64_t K, int64_t E);
+    // dst(N*K, D) (=) src[perm[r] / K] for every permuted row r.
+    void (*moe_gather)(float *dst, const float *src, const int32_t *perm, int64_t N, int64_t K, int64_t D);
+    // y(N,D) (+=) sum over rows r of topk_weight[perm[r]] * expert_out[r] into token perm[r]/K.
+    void (*moe_combine_forward)(float *y, const float *expert_out, const float *topk_weight,
+                                const int32_t *perm, int64_t N, int64_t K, int64_t D);
+    // dexpert_out(N*K,D) (=) topk_weight * dy[token]; dtopk_weight(N,K) (=) <dy[token], expert_out[r]>.
+    void (*moe_combine_backward)(float *dexpert_out, float *dtopk_weight, const float *dy,
+                                 const float *expert_out, const float *topk_weight,
+                                 const int32_t *perm, int64_t N, int64_t K, int64_t D);
+    // dsrc(N,D) (+=) scatter-add of dst rows back to their tokens (the gather's backward).
+    void (*moe_scatter_add)(float *dsrc, const float *ddst, const int32_t *perm, int64_t N, int64_t K, int64_t D);
+} nm_ops;
+
+const nm_ops *nm_ops_cpu(void);

@@ -1,0 +1,10 @@
+// cmd_sample.c: placeholder until the owning issue lands; every command here fails loudly.
+#include <stdio.h>
+
+#include "commands.h"
+
+int nm_cmd_sample(int argc, char **argv) {
+    (void)argc; (void)argv;
+    fprintf(stderr, "nanomegatron: this command is not implemented yet\n");
+    return 2;
+}

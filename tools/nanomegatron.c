@@ -1,0 +1,48 @@
+// nanomegatron: the command-line front end. Dispatches to one function per subcommand.
+#include <stdio.h>
+#include <string.h>
+
+#include "commands.h"
+
+static const char *usage =
+    "usage: nanomegatron <command> [flags]\n"
+    "\n"
+    "model\n"
+    "  init      --config C.json --out DIR [--seed S] [--dtype fp32|bf16]\n"
+    "  forward   --model DIR --tokens T.bin --batch B [--logits OUT] [--grads G.safetensors]\n"
+    "            [--mtp-weight W] [--aux-weight A]\n"
+    "  inspect   --model DIR | --config C.json      parameters, active per token, FLOPs\n"
+    "data\n"
+    "  prepare   --input FILE... --tokenizer tokenizer.json|bytes --out PREFIX [--json-key text]\n"
+    "            [--append-eod] [--workers N]   |   --synthetic N_TOKENS --out PREFIX [--seed S]\n"
+    "  inspect   --data PREFIX [--doc N]\n"
+    "  tokenizer train|encode|decode ...\n"
+    "training\n"
+    "  train     --config C --out RUN_DIR [--steps N] [--save-every N] [--seed S] [--set k=v]... [--resume]\n"
+    "  eval      --model DIR --data PREFIX\n"
+    "  sample    --model DIR|RUN_DIR --prompt TEXT [--tokens N] [--temperature T] [--top-p P] [--seed S]\n";
+
+int main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "help") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
+        fputs(usage, argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    const char *cmd = argv[1];
+    int sub_argc = argc - 2;
+    char **sub_argv = argv + 2;
+    if (!strcmp(cmd, "init")) return nm_cmd_init(sub_argc, sub_argv);
+    if (!strcmp(cmd, "forward")) return nm_cmd_forward(sub_argc, sub_argv);
+    if (!strcmp(cmd, "inspect")) {
+        for (int i = 0; i < sub_argc; i++) {
+            if (!strncmp(sub_argv[i], "--data", 6)) return nm_cmd_inspect_data(sub_argc, sub_argv);
+        }
+        return nm_cmd_inspect_model(sub_argc, sub_argv);
+    }
+    if (!strcmp(cmd, "prepare")) return nm_cmd_prepare(sub_argc, sub_argv);
+    if (!strcmp(cmd, "tokenizer")) return nm_cmd_tokenizer(sub_argc, sub_argv);
+    if (!strcmp(cmd, "train")) return nm_cmd_train(sub_argc, sub_argv);
+    if (!strcmp(cmd, "eval")) return nm_cmd_eval(sub_argc, sub_argv);
+    if (!strcmp(cmd, "sample")) return nm_cmd_sample(sub_argc, sub_argv);
+    fprintf(stderr, "nanomegatron: unknown command '%s'\n\n%s", cmd, usage);
+    return 2;
+}
