@@ -21,13 +21,20 @@ int nm_error_set(nm_error *err, const char *fmt, ...) {
 
 int nm_error_prefix(nm_error *err, const char *fmt, ...) {
     if (err) {
-        char prefix[1024], old[sizeof(err->msg)];
+        char old[sizeof(err->msg)];
+        memcpy(old, err->msg, sizeof(old));
         va_list ap;
         va_start(ap, fmt);
-        vsnprintf(prefix, sizeof(prefix), fmt, ap);
+        int n = vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
         va_end(ap);
-        memcpy(old, err->msg, sizeof(old));
-        snprintf(err->msg, sizeof(err->msg), "%s: %s", prefix, old);
+        if (n >= 0 && (size_t)n + 2 < sizeof(err->msg)) {
+            // Append ": <old>" by hand; snprintf with both strings trips -Wformat-truncation.
+            size_t room = sizeof(err->msg) - (size_t)n - 3;
+            size_t len = strnlen(old, room);
+            memcpy(err->msg + n, ": ", 2);
+            memcpy(err->msg + n + 2, old, len);
+            err->msg[n + 2 + len] = 0;
+        }
     }
     return -1;
 }

@@ -1,0 +1,237 @@
+// loader.c: implementation of loader.h (blend + split + chunks of GPTDataset + rank slicing).
+#include "data/loader.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "core/rng.h"
+#include "data/blend.h"
+#include "data/gpt_dataset.h"
+#include "data/indexed.h"
+#include "data/synthetic.h"
+
+#define PURPOSE_EPOCH 0x45504f43u   // "EPOC": numpy seeds of the chunks after the first
+
+static const char *split_names[3] = {"train", "valid", "test"};
+
+typedef struct source {
+    nm_indexed *ds;             // owned
+    nm_gpt_config base;         // split range, L, x = 1, seed, num_samples of chunk 0
+    int64_t n_first;            // samples in chunk 0
+    int64_t n_epoch;            // samples in each later (one-epoch) chunk
+    int64_t chunk;              // chunk held in g
+    nm_gpt_dataset *g;          // indices of that chunk
+} source;
+
+struct nm_loader {
+    nm_data_spec spec;          // prefixes are not kept (borrowed only during create)
+    int which, rank, world;
+    int n;                      // sources
+    source *src;                // (n,)
+    double *weights;            // (n,) normalised
+    int64_t *counts;            // (n,) blend counts at the cursor
+    nm_blend_state blend;       // its .next is the cursor
+    double floor;               // synthetic entropy floor or NAN
+    int64_t tokens;             // split tokens over all sources
+};
+
+void nm_data_spec_default(nm_data_spec *spec) {
+    memset(spec, 0, sizeof(*spec));
+    spec->synthetic_tokens = (int64_t)1 << 21;
+    spec->synthetic_seed = 1;
+    spec->seed = 1234;
+    spec->seq_len = 256;
+    spec->split[0] = 99;
+    spec->split[1] = 1;
+    spec->split[2] = 0;
+    spec->blend_surplus = 0.005;
+}
+
+// Builds chunk c of source s (no-op if held).
+static int load_chunk(source *s, int64_t c, nm_error *err) {
+    if (s->g && s->chunk == c) return 0;
+    nm_gpt_dataset_destroy(s->g);
+    s->g = NULL;
+    nm_gpt_config cfg = s->base;
+    if (c > 0) {
+        cfg.num_samples = 0;   // exactly one epoch
+        cfg.seed = (uint32_t)nm_rng_key(s->base.seed, NM_RNG_DATA, PURPOSE_EPOCH, (uint64_t)c);
+    }
+    if (nm_gpt_dataset_create(&s->g, s->ds, &cfg, err) != 0) return -1;
+    s->chunk = c;
+    return 0;
+}
+
+// Sample j of source s's endless stream.
+static int source_sample(source *s, int64_t j, int32_t *out, nm_error *err) {
+    int64_t c = 0, local = j;
+    if (j >= s->n_first) {
+        c = 1 + (j - s->n_first) / s->n_epoch;
+        local = (j - s->n_first) % s->n_epoch;
+    }
+    if (load_chunk(s, c, err) != 0) return -1;
+    return nm_gpt_dataset_get(s->g, local, out, err);
+}
+
+void nm_loader_destroy(nm_loader *l) {
+    if (!l) return;
+    for (int i = 0; i < l->n; i++) {
+        nm_gpt_dataset_destroy(l->src[i].g);
+        nm_indexed_close(l->src[i].ds);
+    }
+    nm_free(l->src);
+    nm_free(l->weights);
+    nm_free(l->counts);
+    nm_free(l);
+}
+
+int nm_loader_create(nm_loader **out, const nm_data_spec *spec, int which, int rank, int world, nm_error *err) {
+    NM_CHECK(which >= 0 && which < 3 && world >= 1 && rank >= 0 && rank < world, "which=%d rank=%d world=%d", which, rank, world);
+    if (spec->n_sources < 0 || spec->n_sources > NM_DATA_MAX_SOURCES) {
+        return nm_error_set(err, "data: %d datasets given, at most %d", spec->n_sources, NM_DATA_MAX_SOURCES);
+    }
+    if (spec->seq_len < 1) return nm_error_set(err, "data: seq_len = %lld must be >= 1", (long long)spec->seq_len);
+    for (int k = 0; k < 3; k++) {
+        if (!(spec->split[k] >= 0) || !isfinite(spec->split[k]) || spec->num_samples[k] < 0) {
+            return nm_error_set(err, "data: split weight %s = %g / num_samples = %lld invalid", split_names[k], spec->split[k],
+                                (long long)spec->num_samples[k]);
+        }
+    }
+    if (!(spec->split[0] + spec->split[1] + spec->split[2] > 0)) return nm_error_set(err, "data: split weights are all 0");
+    nm_loader *l = nm_calloc(1, sizeof(*l));
+    l->spec = *spec;
+    memset(l->spec.prefixes, 0, sizeof(l->spec.prefixes));
+    l->which = which;
+    l->rank = rank;
+    l->world = world;
+    l->n = spec->n_sources > 0 ? spec->n_sources : 1;
+    l->src = nm_calloc((size_t)l->n, sizeof(source));
+    l->weights = nm_calloc((size_t)l->n, sizeof(double));
+    l->counts = nm_calloc((size_t)l->n, sizeof(int64_t));
+    l->floor = NAN;
+    if (l->n == 1) {
+        l->weights[0] = 1.0;
+    } else if (nm_blend_normalize(spec->weights, l->n, l->weights) != 0) {
+        nm_loader_destroy(l);
+        return nm_error_set(err, "data: blend weights must be finite, >= 0 and not all 0");
+    }
+    for (int i = 0; i < l->n; i++) {
+        source *s = &l->src[i];
+        s->chunk = -1;
+        int rc;
+        if (spec->n_sources == 0) {
+            nm_synthetic_params p;
+            nm_synthetic_params_default(&p);
+            p.seed = spec->synthetic_seed;
+            rc = nm_synthetic_build(&s->ds, &p, spec->synthetic_tokens, err);
+            if (rc == 0) {
+                nm_synthetic *syn;
+                if (nm_synthetic_create(&syn, &p, err) == 0) {
+                    l->floor = nm_synthetic_entropy_floor(syn);
+                    nm_synthetic_destroy(syn);
+                }
+            }
+        } else {
+            rc = nm_indexed_open(&s->ds, spec->prefixes[i], err);
+        }
+        if (rc != 0) {
+            nm_loader_destroy(l);
+            return -1;
+        }
+        int64_t target = spec->num_samples[which];
+        s->base.seq_len = spec->seq_len;
+        s->base.add_extra_token = 1;
+        s->base.seed = spec->seed;
+        s->base.num_samples = l->n == 1 ? target : (target ? nm_blend_dataset_size(l->weights[i], target, spec->blend_surplus) : 0);
+        nm_gpt_split_range(spec->split, 3, which, s->ds->n_seqs, &s->base.seq_begin, &s->base.seq_end);
+        if (s->base.seq_begin == s->base.seq_end) {
+            nm_error_set(err, "%s: the %s split is empty (split %g,%g,%g of %lld sequences)", s->ds->name, split_names[which],
+                         spec->split[0], spec->split[1], spec->split[2], (long long)s->ds->n_seqs);
+            nm_loader_destroy(l);
+            return -1;
+        }
+        if (load_chunk(s, 0, err) != 0) {
+            nm_error_prefix(err, "%s split", split_names[which]);
+            nm_loader_destroy(l);
+            return -1;
+        }
+        s->n_first = s->g->n_samples;
+        s->n_epoch = (s->g->tokens_per_epoch - 1) / spec->seq_len;
+        l->tokens += s->g->tokens_per_epoch;
+    }
+    l->blend = (nm_blend_state){.n = l->n, .weights = l->weights, .next = 0, .counts = l->counts};
+    *out = l;
+    return 0;
+}
+
+// The (source, sample) of the next global position; advances the blend.
+static int next_pick(nm_loader *l, int64_t *j) {
+    return nm_blend_next(&l->blend, j);
+}
+
+int nm_loader_next_batch(nm_loader *l, int32_t *tokens, int64_t B, nm_error *err) {
+    NM_CHECK(B >= 1, "B=%lld", (long long)B);
+    int64_t row = l->spec.seq_len + 1;
+    int64_t first = (int64_t)l->rank * B, last = first + B;
+    for (int64_t r = 0; r < B * l->world; r++) {
+        int64_t j;
+        int i = next_pick(l, &j);
+        if (r < first || r >= last) continue;   // another rank's row: only the blend advances
+        if (source_sample(&l->src[i], j, tokens + (r - first) * row, err) != 0) return -1;
+    }
+    return 0;
+}
+
+nm_data_cursor nm_loader_get_cursor(const nm_loader *l) {
+    return (nm_data_cursor){.sample = l->blend.next};
+}
+
+void nm_loader_set_cursor(nm_loader *l, nm_data_cursor cursor) {
+    NM_CHECK(cursor.sample >= 0, "cursor sample %lld", (long long)cursor.sample);
+    memset(l->counts, 0, sizeof(int64_t) * (size_t)l->n);
+    l->blend.next = 0;
+    if (l->n == 1) {
+        l->counts[0] = l->blend.next = cursor.sample;
+        return;
+    }
+    int64_t j;
+    while (l->blend.next < cursor.sample) next_pick(l, &j);
+}
+
+int nm_loader_sample(nm_loader *l, int64_t s, int32_t *out, nm_error *err) {
+    NM_CHECK(s >= 0, "sample %lld", (long long)s);
+    if (l->n == 1) return source_sample(&l->src[0], s, out, err);
+    int64_t *counts = nm_calloc((size_t)l->n, sizeof(int64_t));
+    nm_blend_state st = {.n = l->n, .weights = l->weights, .next = 0, .counts = counts};
+    int64_t j = 0;
+    int i = 0;
+    while (st.next <= s) i = nm_blend_next(&st, &j);
+    nm_free(counts);
+    return source_sample(&l->src[i], j, out, err);
+}
+
+int64_t nm_loader_seq_len(const nm_loader *l) { return l->spec.seq_len; }
+int64_t nm_loader_tokens(const nm_loader *l) { return l->tokens; }
+double nm_loader_entropy_floor(const nm_loader *l) { return l->floor; }
+
+static void human(char *buf, size_t size, double v) {
+    if (v >= 1e9) snprintf(buf, size, "%.1fG", v / 1e9);
+    else if (v >= 1e6) snprintf(buf, size, "%.1fM", v / 1e6);
+    else if (v >= 1e3) snprintf(buf, size, "%.1fk", v / 1e3);
+    else snprintf(buf, size, "%.0f", v);
+}
+
+void nm_loader_describe(const nm_loader *l, char *buf, size_t size) {
+    char tok[32];
+    human(tok, sizeof(tok), (double)l->tokens);
+    if (l->spec.n_sources == 0) {
+        snprintf(buf, size, "synthetic corpus, %s %s tokens (entropy floor %.4f nats/token)", tok, split_names[l->which],
+                 l->floor);
+        return;
+    }
+    size_t k = (size_t)snprintf(buf, size, "%s %s tokens from", tok, split_names[l->which]);
+    for (int i = 0; i < l->n && k < size; i++) {
+        k += (size_t)snprintf(buf + k, size - k, "%s %s", i ? "," : "", l->src[i].ds->name);
+        if (l->n > 1 && k < size) k += (size_t)snprintf(buf + k, size - k, " (%.1f%%)", 100.0 * l->weights[i]);
+    }
+}

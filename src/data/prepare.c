@@ -1,0 +1,354 @@
+// prepare.c: implementation of prepare.h (text/JSONL -> .bin/.idx, parallel tokenization).
+//
+// Pipeline per input file: mmap it, cut it into documents (parts = sentences) until a batch
+// holds BATCH_BYTES of text or BATCH_DOCS documents, tokenize every part of the batch on the
+// OpenMP threads, then append the batch to the writer in input order. JSON is parsed on the
+// main thread: cJSON keeps a global error position that every parse call writes, so parsing
+// on several threads would race.
+#include "data/prepare.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <omp.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "data/indexed.h"
+#include "data/tokenizer.h"
+
+#define BATCH_BYTES ((size_t)8 << 20)
+#define BATCH_DOCS 16384
+#define BIG_INPUT ((int64_t)64 << 20)   // progress lines even when stderr is not a terminal
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+// --- a batch of documents ----------------------------------------------------------------------
+
+typedef struct part {
+    const char *text;           // into the mmap or into the batch's owned strings
+    size_t len;
+    int32_t *ids;               // tokenizer output (nm_malloc'd)
+    int64_t n_ids;
+    int rc;                     // tokenizer status
+} part;
+
+typedef struct batch {
+    part *parts;
+    int64_t n_parts, cap_parts;
+    int64_t *doc_end;           // (n_docs,) one past the document's last part
+    int64_t n_docs, cap_docs;
+    char **owned;               // strings copied out of JSON
+    int64_t n_owned, cap_owned;
+    size_t bytes;               // text bytes in the batch
+} batch;
+
+static void batch_add_part(batch *b, const char *text, size_t len) {
+    if (b->n_parts == b->cap_parts) {
+        b->cap_parts = b->cap_parts ? 2 * b->cap_parts : 1024;
+        b->parts = nm_realloc(b->parts, sizeof(part) * (size_t)b->cap_parts);
+    }
+    b->parts[b->n_parts++] = (part){.text = text, .len = len};
+    b->bytes += len;
+}
+
+static void batch_end_doc(batch *b) {
+    if (b->n_docs == b->cap_docs) {
+        b->cap_docs = b->cap_docs ? 2 * b->cap_docs : 1024;
+        b->doc_end = nm_realloc(b->doc_end, sizeof(int64_t) * (size_t)b->cap_docs);
+    }
+    b->doc_end[b->n_docs++] = b->n_parts;
+}
+
+static const char *batch_own(batch *b, const char *s, size_t len) {
+    if (b->n_owned == b->cap_owned) {
+        b->cap_owned = b->cap_owned ? 2 * b->cap_owned : 1024;
+        b->owned = nm_realloc(b->owned, sizeof(char *) * (size_t)b->cap_owned);
+    }
+    char *copy = nm_malloc(len + 1);
+    memcpy(copy, s, len);
+    copy[len] = 0;
+    b->owned[b->n_owned++] = copy;
+    return copy;
+}
+
+static void batch_clear(batch *b) {
+    for (int64_t i = 0; i < b->n_parts; i++) nm_free(b->parts[i].ids);
+    for (int64_t i = 0; i < b->n_owned; i++) nm_free(b->owned[i]);
+    b->n_parts = b->n_docs = b->n_owned = 0;
+    b->bytes = 0;
+}
+
+static void batch_free(batch *b) {
+    batch_clear(b);
+    nm_free(b->parts);
+    nm_free(b->doc_end);
+    nm_free(b->owned);
+}
+
+static int batch_full(const batch *b) { return b->bytes >= BATCH_BYTES || b->n_docs >= BATCH_DOCS; }
+
+// --- the run -----------------------------------------------------------------------------------
+
+typedef struct run {
+    const nm_prepare_opts *o;
+    const nm_tokenizer *tok;
+    int32_t eod;
+    nm_indexed_writer *w;
+    batch b;
+    int32_t *scratch;           // part ids + EOD
+    int64_t cap_scratch;
+    int64_t bytes_done, bytes_total;
+    double t0, t_last_progress;
+    int progress, tty;
+} run;
+
+static void show_progress(run *r, int final) {
+    double t = now_s();
+    if (!r->progress) return;
+    if (!final && t - r->t_last_progress < (r->tty ? 0.25 : 10.0)) return;
+    r->t_last_progress = t;
+    double el = t - r->t0 > 1e-9 ? t - r->t0 : 1e-9;
+    double frac = r->bytes_total ? (double)r->bytes_done / (double)r->bytes_total : 1.0;
+    double eta = frac > 0 ? el * (1 - frac) / frac : 0;
+    fprintf(stderr, "%sprepare: %.1f/%.1f MB (%.0f%%) | %lld docs | %.2fM tok/s | ETA %dm%02ds%s", r->tty ? "\r" : "",
+            (double)r->bytes_done / 1e6, (double)r->bytes_total / 1e6, 100 * frac,
+            (long long)nm_indexed_writer_docs(r->w), (double)nm_indexed_writer_tokens(r->w) / el / 1e6, (int)eta / 60,
+            (int)eta % 60, r->tty && !final ? "" : "\n");
+    fflush(stderr);
+}
+
+// Tokenizes the batch in parallel, then writes it in order.
+static int flush_batch(run *r, nm_error *err) {
+    batch *b = &r->b;
+    int workers = r->o->workers > 0 ? r->o->workers : omp_get_max_threads();
+    int64_t first_bad = -1;
+    nm_error bad_err;
+    bad_err.msg[0] = 0;
+    #pragma omp parallel for schedule(dynamic, 4) num_threads(workers)
+    for (int64_t i = 0; i < b->n_parts; i++) {
+        part *p = &b->parts[i];
+        nm_error e;
+        p->ids = NULL;
+        p->n_ids = 0;
+        p->rc = nm_tokenizer_encode(r->tok, p->text, p->len, &p->ids, &p->n_ids, &e);
+        if (p->rc != 0) {
+            #pragma omp critical(nm_prepare_error)
+            if (first_bad < 0 || i < first_bad) {
+                first_bad = i;
+                bad_err = e;
+            }
+        }
+    }
+    if (first_bad >= 0) {
+        *err = bad_err;
+        return -1;
+    }
+    int64_t p0 = 0;
+    for (int64_t d = 0; d < b->n_docs; d++) {
+        int64_t p1 = b->doc_end[d], last = -1;
+        for (int64_t i = p0; i < p1; i++) {
+            if (b->parts[i].n_ids > 0) last = i;
+        }
+        for (int64_t i = p0; i < p1; i++) {
+            part *p = &b->parts[i];
+            if (p->n_ids == 0) continue;   // Megatron drops empty sentences
+            const int32_t *ids = p->ids;
+            int64_t n = p->n_ids;
+            if (i == last && r->o->append_eod) {
+                // EOD joins the last sentence (its length grows by 1), as preprocess_data.py.
+                if (n + 1 > r->cap_scratch) {
+                    r->cap_scratch = 2 * (n + 1);
+                    r->scratch = nm_realloc(r->scratch, sizeof(int32_t) * (size_t)r->cap_scratch);
+                }
+                memcpy(r->scratch, ids, sizeof(int32_t) * (size_t)n);
+                r->scratch[n++] = r->eod;
+                ids = r->scratch;
+            }
+            if (nm_indexed_writer_add_item(r->w, ids, n, err) != 0) return -1;
+        }
+        if (nm_indexed_writer_end_document(r->w, err) != 0) return -1;
+        p0 = p1;
+    }
+    batch_clear(b);
+    show_progress(r, 0);
+    return 0;
+}
+
+static int ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), m = strlen(suffix);
+    return n >= m && strcasecmp(s + n - m, suffix) == 0;
+}
+
+static int is_blank(const char *p, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] != ' ' && p[i] != '\t' && p[i] != '\r') return 0;
+    }
+    return 1;
+}
+
+// Plain text: blocks of non-blank lines.
+static int cut_text(run *r, const char *path, const char *data, size_t size, nm_error *err) {
+    (void)path;
+    if (r->o->doc_per_file) {
+        batch_add_part(&r->b, data, size);
+        batch_end_doc(&r->b);
+        r->bytes_done += (int64_t)size;
+        return batch_full(&r->b) ? flush_batch(r, err) : 0;
+    }
+    size_t pos = 0, block = 0, block_end = 0;
+    int in_block = 0;
+    while (pos < size) {
+        const char *nl = memchr(data + pos, '\n', size - pos);
+        size_t end = nl ? (size_t)(nl - data) : size;   // line is [pos, end)
+        if (is_blank(data + pos, end - pos)) {
+            if (in_block) {
+                batch_add_part(&r->b, data + block, block_end - block);
+                batch_end_doc(&r->b);
+                in_block = 0;
+                r->bytes_done += (int64_t)(end - block);
+                if (batch_full(&r->b) && flush_batch(r, err) != 0) return -1;
+            }
+        } else {
+            if (!in_block) {
+                in_block = 1;
+                block = pos;
+            }
+            block_end = end;
+        }
+        pos = nl ? end + 1 : size;
+    }
+    if (in_block) {
+        batch_add_part(&r->b, data + block, block_end - block);
+        batch_end_doc(&r->b);
+    }
+    return 0;
+}
+
+// JSONL: one object per line, the key's string (or list of strings) is the document.
+static int cut_jsonl(run *r, const char *path, const char *data, size_t size, nm_error *err) {
+    const char *key = r->o->json_key ? r->o->json_key : "text";
+    size_t pos = 0;
+    int64_t line = 0;
+    while (pos < size) {
+        const char *nl = memchr(data + pos, '\n', size - pos);
+        size_t end = nl ? (size_t)(nl - data) : size;
+        line++;
+        const char *s = data + pos;
+        size_t n = end - pos;
+        pos = nl ? end + 1 : size;
+        if (is_blank(s, n)) continue;
+        cJSON *obj = cJSON_ParseWithLength(s, n);
+        if (!obj) return nm_error_set(err, "%s:%lld: not valid JSON", path, (long long)line);
+        int rc = 0;
+        const cJSON *v = cJSON_IsObject(obj) ? cJSON_GetObjectItemCaseSensitive(obj, key) : NULL;
+        if (!cJSON_IsObject(obj)) {
+            rc = nm_error_set(err, "%s:%lld: expected a JSON object per line", path, (long long)line);
+        } else if (cJSON_IsString(v)) {
+            size_t len = strlen(v->valuestring);
+            batch_add_part(&r->b, batch_own(&r->b, v->valuestring, len), len);
+        } else if (cJSON_IsArray(v)) {
+            const cJSON *it;
+            cJSON_ArrayForEach(it, v) {
+                if (!cJSON_IsString(it)) {
+                    rc = nm_error_set(err, "%s:%lld: field \"%s\" is a list with a non-string element", path, (long long)line, key);
+                    break;
+                }
+                size_t len = strlen(it->valuestring);
+                batch_add_part(&r->b, batch_own(&r->b, it->valuestring, len), len);
+            }
+        } else {
+            rc = nm_error_set(err, "%s:%lld: no string field \"%s\"", path, (long long)line, key);
+        }
+        cJSON_Delete(obj);
+        if (rc != 0) return -1;
+        batch_end_doc(&r->b);
+        r->bytes_done += (int64_t)(pos - (size_t)(s - data));
+        if (batch_full(&r->b) && flush_batch(r, err) != 0) return -1;
+    }
+    return 0;
+}
+
+static int process_file(run *r, const char *path, nm_error *err) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return nm_error_set(err, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int e = errno;
+        close(fd);
+        return nm_error_set(err, "%s: cannot stat: %s", path, strerror(e));
+    }
+    size_t size = (size_t)st.st_size;
+    const char *data = "";
+    if (size > 0) {
+        void *m = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (m == MAP_FAILED) {
+            int e = errno;
+            close(fd);
+            return nm_error_set(err, "%s: cannot mmap %zu bytes: %s", path, size, strerror(e));
+        }
+        posix_madvise(m, size, POSIX_MADV_SEQUENTIAL);
+        data = m;
+    }
+    close(fd);
+    int64_t done_before = r->bytes_done;
+    int jsonl = r->o->jsonl || ends_with(path, ".jsonl") || ends_with(path, ".json");
+    int rc = jsonl ? cut_jsonl(r, path, data, size, err) : cut_text(r, path, data, size, err);
+    // Parts point into the mapping: tokenize them before unmapping.
+    if (rc == 0 && r->b.n_parts + r->b.n_docs > 0) rc = flush_batch(r, err);
+    r->bytes_done = done_before + (int64_t)size;
+    if (size > 0) munmap((void *)data, size);
+    return rc;
+}
+
+int nm_prepare_run(const nm_prepare_opts *o, nm_prepare_stats *stats, nm_error *err) {
+    double t0 = now_s();
+    if (o->n_inputs < 1) return nm_error_set(err, "prepare: no input files");
+    if (o->workers < 0) return nm_error_set(err, "prepare: --workers %d must be >= 0", o->workers);
+    run r = {.o = o, .t0 = t0};
+    for (int i = 0; i < o->n_inputs; i++) {
+        struct stat st;
+        if (stat(o->inputs[i], &st) != 0) return nm_error_set(err, "%s: cannot stat: %s", o->inputs[i], strerror(errno));
+        r.bytes_total += st.st_size;
+    }
+    nm_tokenizer *tok;
+    if (nm_tokenizer_load(&tok, o->tokenizer, err) != 0) return -1;
+    r.tok = tok;
+    r.eod = nm_tokenizer_eod(tok);
+    if (o->append_eod && r.eod < 0) {
+        nm_tokenizer_free(tok);
+        return nm_error_set(err, "%s: --append-eod but the tokenizer has no end-of-document token", o->tokenizer);
+    }
+    int dtype = nm_indexed_dtype_for_vocab(nm_tokenizer_vocab_size(tok));
+    if (nm_indexed_writer_create(&r.w, o->out_prefix, dtype, err) != 0) {
+        nm_tokenizer_free(tok);
+        return -1;
+    }
+    r.tty = isatty(2);
+    r.progress = o->progress >= 0 ? o->progress : (r.tty || r.bytes_total > BIG_INPUT);
+    int rc = 0;
+    for (int i = 0; i < o->n_inputs && rc == 0; i++) rc = process_file(&r, o->inputs[i], err);
+    if (rc == 0) rc = nm_indexed_writer_finalize(r.w, err);
+    if (rc == 0) show_progress(&r, 1);
+    if (stats) {
+        stats->bytes = r.bytes_total;
+        stats->docs = nm_indexed_writer_docs(r.w);
+        stats->seqs = nm_indexed_writer_seqs(r.w);
+        stats->tokens = nm_indexed_writer_tokens(r.w);
+        stats->dtype = dtype;
+        stats->seconds = now_s() - t0;
+    }
+    nm_indexed_writer_destroy(r.w);
+    batch_free(&r.b);
+    nm_free(r.scratch);
+    nm_tokenizer_free(tok);
+    return rc;
+}

@@ -1,0 +1,29 @@
+// hf_dir.h: Hugging Face model directories (formats.md 2.4-2.5): config.json plus
+// model.safetensors, or shards listed by model.safetensors.index.json.
+//
+// Loading maps file tensors onto the parameter table by exact HF name: every non-tied row
+// must be present with exactly its shape; MTP copies of the embedding / head (tied rows)
+// are compared with their owner and only warned about if they differ (dsv3-spec 11); file
+// tensors the table does not know are listed in a warning. Saving writes every row,
+// tied copies included (as copies), so the directory loads in transformers and llama.cpp.
+#pragma once
+
+#include "core/check.h"
+#include "model/config.h"
+#include "model/params.h"
+
+// Reads DIR/config.json.
+int nm_hf_dir_load_config(const char *dir, nm_model_config *cfg, nm_error *err);
+
+// Loads every non-tied row of t from DIR/model.safetensors or the sharded set into params
+// (t->n_floats), converting BF16/F16 to fp32. params may be NULL: then names, shapes and
+// file integrity are checked and nothing is read. Returns 0 or -1 with a message naming the
+// file and tensor (expected vs found shape). Warnings go to stderr.
+int nm_hf_dir_load_params(const char *dir, const nm_param_table *t, float *params /* (n_floats) or NULL */,
+                          nm_error *err);
+
+// Writes DIR/config.json (cfg->json_text verbatim) and DIR/model.safetensors (every row,
+// tied copies included; BF16 when bf16 != 0 except the router bias, which stays F32),
+// creating DIR if needed; each file is written atomically.
+int nm_hf_dir_save(const char *dir, const nm_model_config *cfg, const nm_param_table *t,
+                   const float *params /* (n_floats) */, int bf16, nm_error *err);

@@ -1,0 +1,34 @@
+// flops.h: parameter and FLOP counts per token, shared by `inspect` and the trainer's MFU so
+// that both always agree (one definition).
+//
+// Conventions (stated once, here):
+//  - "active" parameters per token: the main model (MTP blocks excluded) minus the routed
+//    experts a token does not select (E - K of them per MoE layer) and minus the embedding
+//    table (a row lookup, not compute). lm_head, norms, router weight and router bias are
+//    counted. This is DeepSeek's own convention: README_WEIGHTS.md gives "Activation
+//    parameters: 36.6B (including 0.9B for the output Head)" for the main model, which the
+//    report rounds to "37B activated"; this function gives 36.63B for V3. (Counting the
+//    embedding too would give 37.55B.) With tied embeddings the shared matrix is counted
+//    once, as the head.
+//  - training FLOPs per token = 6 x (matmul weights a token passes through) + attention
+//    scores/values. Matmul weights: every 2-D weight of the main model and of the MTP blocks
+//    except the embedding (a lookup, not a GEMM), with K of E routed experts, the router
+//    matrix included, and the output head counted once per head use (main + each MTP
+//    depth). Attention (causal, fwd + bwd = 3 x fwd, 2 FLOPs per multiply-add): a query at
+//    position t attends to t keys, T/2 on average, with Dqk MACs for QK^T and Dv for PV per
+//    head:  6 * H * (Dqk + Dv) * T/2  per token per layer, for all L + M layers.
+#pragma once
+
+#include <stdint.h>
+
+#include "model/config.h"
+
+// Active parameters per token of the main model (convention above).
+int64_t nm_model_params_active(const nm_model_config *cfg);
+
+// Matmul weights one token passes through in training: main model + MTP blocks + every head
+// use, embedding excluded, K of E routed experts (convention above).
+int64_t nm_model_matmul_params_active(const nm_model_config *cfg);
+
+// Forward + backward training FLOPs per token at sequence length T (convention above).
+double nm_model_flops_per_token(const nm_model_config *cfg, int64_t T);

@@ -1,0 +1,257 @@
+// params.c: the parameter table (every tensor by its Hugging Face name, dsv3-spec 2) and the
+// DeepSeek-V3 initialisation (dsv3-spec 11).
+//
+// Row order = file order = buffer order:
+//   model.embed_tokens.weight
+//   per layer 0..L+M-1, prefix model.layers.{i}.:
+//     [MTP only] embed_tokens.weight (TIED -> embed), enorm, hnorm, eh_proj
+//     input_layernorm, self_attn.{q_a_proj, q_a_layernorm, q_b_proj | q_proj},
+//     self_attn.{kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj}, post_attention_layernorm,
+//     mlp.{gate_proj, up_proj, down_proj}                              (dense layer)
+//     mlp.gate.weight, mlp.gate.e_score_correction_bias,
+//     mlp.experts.{j}.{gate_proj, up_proj, down_proj}, mlp.shared_experts.{...}   (MoE layer)
+//     [MTP only] shared_head.norm, shared_head.head.weight (TIED -> lm_head, or embed when tied)
+//   model.norm.weight
+//   lm_head.weight (absent with tie_word_embeddings)
+//
+// Alignment choice: every tensor starts on a multiple of NM_PARAM_ALIGN floats EXCEPT an
+// up_proj, which is placed directly after its gate_proj so that [gate; up] is one (2F, D)
+// matrix (the fused-GEMM promise of params.h wins). The up_proj offset is therefore aligned
+// exactly when F*D (Fe*D, Fs*D) is a multiple of NM_PARAM_ALIGN, which holds whenever D is a
+// multiple of 64 (every real and shipped config). Padding floats are zero.
+#include "model/params.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/check.h"
+#include "core/rng.h"
+
+// --- table builder ---------------------------------------------------------------------------
+
+typedef struct builder {
+    nm_param_table *t;
+    int cap;
+    size_t cursor;              // next free float
+} builder;
+
+static size_t align_up(size_t x) { return (x + NM_PARAM_ALIGN - 1) / NM_PARAM_ALIGN * NM_PARAM_ALIGN; }
+
+// Appends a row. packed: place it directly at the cursor (the up_proj after its gate);
+// otherwise the cursor is first aligned. Returns the offset.
+static size_t add_row(builder *b, int layer, unsigned flags, int packed, int ndim, int64_t d0, int64_t d1,
+                      const char *fmt, ...) __attribute__((format(printf, 8, 9)));
+
+static size_t add_row(builder *b, int layer, unsigned flags, int packed, int ndim, int64_t d0, int64_t d1,
+                      const char *fmt, ...) {
+    nm_param_table *t = b->t;
+    if (t->n_rows == b->cap) {
+        b->cap = b->cap ? 2 * b->cap : 256;
+        t->rows = nm_realloc(t->rows, (size_t)b->cap * sizeof(nm_tensor_spec));
+    }
+    nm_tensor_spec *r = &t->rows[t->n_rows++];
+    memset(r, 0, sizeof(*r));
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(r->name, sizeof(r->name), fmt, ap);
+    va_end(ap);
+    NM_CHECK(n > 0 && (size_t)n < sizeof(r->name), "tensor name too long");
+    r->ndim = ndim;
+    r->shape[0] = d0;
+    r->shape[1] = ndim == 2 ? d1 : 0;
+    r->numel = ndim == 2 ? d0 * d1 : d0;
+    r->flags = flags;
+    r->layer = layer;
+    r->owner = -1;
+    if (flags & NM_TENSOR_TIED) {
+        r->offset = 0;  // fixed once the owner exists
+        return 0;
+    }
+    if (!packed) b->cursor = align_up(b->cursor);
+    r->offset = b->cursor;
+    b->cursor += (size_t)r->numel;
+    return r->offset;
+}
+
+#define MAT(layer, flags, d0, d1, ...) add_row(b, layer, NM_TENSOR_DECAY | (flags), 0, 2, d0, d1, __VA_ARGS__)
+#define VEC(layer, flags, d0, ...) add_row(b, layer, (flags), 0, 1, d0, 0, __VA_ARGS__)
+
+// One SwiGLU MLP: gate (F, D), up (F, D) right after it, down (D, F). Returns gate's offset.
+static size_t add_mlp(builder *b, int layer, unsigned flags, int64_t F, int64_t D, const char *prefix,
+                      size_t *down) {
+    size_t gate = add_row(b, layer, NM_TENSOR_DECAY | flags, 0, 2, F, D, "%sgate_proj.weight", prefix);
+    add_row(b, layer, NM_TENSOR_DECAY | flags, 1, 2, F, D, "%sup_proj.weight", prefix);
+    *down = add_row(b, layer, NM_TENSOR_DECAY | flags, 0, 2, D, F, "%sdown_proj.weight", prefix);
+    return gate;
+}
+
+static void add_layer(builder *b, const nm_model_config *c, int l, int *tied_embed_row, int *tied_head_row) {
+    nm_layer_offsets *o = &b->t->layers[l];
+    for (size_t *p = (size_t *)o; p < (size_t *)(o + 1); p++) *p = NM_OFF_NONE;
+    o->expert_stride = 0;
+    const int mtp = nm_layer_is_mtp(c, l);
+    const unsigned m = mtp ? NM_TENSOR_MTP : 0;
+    const int64_t D = c->D, H = c->H;
+    char pre[64];
+    snprintf(pre, sizeof(pre), "model.layers.%d.", l);
+
+    if (mtp) {
+        *tied_embed_row = b->t->n_rows;
+        add_row(b, l, NM_TENSOR_TIED | m, 0, 2, c->V, D, "%sembed_tokens.weight", pre);
+        o->enorm = VEC(l, NM_TENSOR_NORM | m, D, "%senorm.weight", pre);
+        o->hnorm = VEC(l, NM_TENSOR_NORM | m, D, "%shnorm.weight", pre);
+        o->eh_proj = MAT(l, m, D, 2 * D, "%seh_proj.weight", pre);
+    }
+    o->input_norm = VEC(l, NM_TENSOR_NORM | m, D, "%sinput_layernorm.weight", pre);
+    if (c->Rq > 0) {
+        o->q_a = MAT(l, m, c->Rq, D, "%sself_attn.q_a_proj.weight", pre);
+        o->q_a_norm = VEC(l, NM_TENSOR_NORM | m, c->Rq, "%sself_attn.q_a_layernorm.weight", pre);
+        o->q_b = MAT(l, m, H * c->Dqk, c->Rq, "%sself_attn.q_b_proj.weight", pre);
+    } else {
+        o->q = MAT(l, m, H * c->Dqk, D, "%sself_attn.q_proj.weight", pre);
+    }
+    o->kv_a = MAT(l, m, c->Rkv + c->Dr, D, "%sself_attn.kv_a_proj_with_mqa.weight", pre);
+    o->kv_a_norm = VEC(l, NM_TENSOR_NORM | m, c->Rkv, "%sself_attn.kv_a_layernorm.weight", pre);
+    o->kv_b = MAT(l, m, H * (c->Dn + c->Dv), c->Rkv, "%sself_attn.kv_b_proj.weight", pre);
+    o->o = MAT(l, m, D, H * c->Dv, "%sself_attn.o_proj.weight", pre);
+    o->post_norm = VEC(l, NM_TENSOR_NORM | m, D, "%spost_attention_layernorm.weight", pre);
+
+    char name[96];
+    if (!nm_layer_is_moe(c, l)) {
+        snprintf(name, sizeof(name), "%smlp.", pre);
+        o->mlp_gate_up = add_mlp(b, l, m, c->F, D, name, &o->mlp_down);
+    } else {
+        o->router = MAT(l, m, c->E, D, "%smlp.gate.weight", pre);
+        o->router_bias = VEC(l, NM_TENSOR_ROUTER_BIAS | m, c->E, "%smlp.gate.e_score_correction_bias", pre);
+        size_t down;
+        for (int64_t j = 0; j < c->E; j++) {
+            snprintf(name, sizeof(name), "%smlp.experts.%lld.", pre, (long long)j);
+            size_t gate = add_mlp(b, l, NM_TENSOR_EXPERT | m, c->Fe, D, name, &down);
+            if (j == 0) o->experts = gate;
+            if (j == 1) o->expert_stride = gate - o->experts;
+            // Every expert has the same padded size, so the stride is uniform.
+            NM_CHECK(j < 2 || gate == o->experts + (size_t)j * o->expert_stride, "expert stride");
+        }
+        if (c->E == 1) o->expert_stride = align_up(b->cursor) - o->experts;
+        if (c->n_shared > 0) {
+            snprintf(name, sizeof(name), "%smlp.shared_experts.", pre);
+            o->shared_gate_up = add_mlp(b, l, m, c->Fs, D, name, &o->shared_down);
+        }
+    }
+    if (mtp) {
+        o->head_norm = VEC(l, NM_TENSOR_NORM | m, D, "%sshared_head.norm.weight", pre);
+        *tied_head_row = b->t->n_rows;
+        add_row(b, l, NM_TENSOR_TIED | m, 0, 2, c->V, D, "%sshared_head.head.weight", pre);
+    }
+}
+
+int nm_param_table_build(nm_param_table *t, const nm_model_config *cfg, nm_error *err) {
+    memset(t, 0, sizeof(*t));
+    if (cfg->n_layers != cfg->L + cfg->M || cfg->Dqk != cfg->Dn + cfg->Dr || cfg->D < 1) {
+        return nm_error_set(err, "%s: model config was not loaded through nm_model_config_load",
+                            cfg->source_path ? cfg->source_path : "<config>");
+    }
+    if (cfg->n_layers > 100000) return nm_error_set(err, "%s: too many layers (%lld)", cfg->source_path, (long long)cfg->n_layers);
+    builder bb = {.t = t, .cap = 0, .cursor = 0}, *b = &bb;
+    t->layers = nm_calloc((size_t)cfg->n_layers, sizeof(nm_layer_offsets));
+    int64_t L = cfg->L, n = cfg->n_layers;
+
+    t->embed = MAT(-1, 0, cfg->V, cfg->D, "model.embed_tokens.weight");
+    int *tied_embed = nm_malloc((size_t)(cfg->M + 1) * sizeof(int));
+    int *tied_head = nm_malloc((size_t)(cfg->M + 1) * sizeof(int));
+    for (int64_t l = 0; l < n; l++) {
+        int te = -1, th = -1;
+        add_layer(b, cfg, (int)l, &te, &th);
+        if (l >= L) { tied_embed[l - L] = te; tied_head[l - L] = th; }
+    }
+    t->final_norm = VEC(-1, NM_TENSOR_NORM, cfg->D, "model.norm.weight");
+    int head_row = 0;  // row 0 is the embedding
+    if (!cfg->tie_embeddings) {
+        head_row = t->n_rows;
+        t->lm_head = MAT(-1, 0, cfg->V, cfg->D, "lm_head.weight");
+    } else {
+        t->lm_head = t->embed;
+    }
+    for (int64_t k = 0; k < cfg->M; k++) {
+        t->rows[tied_embed[k]].owner = 0;
+        t->rows[tied_embed[k]].offset = t->embed;
+        t->rows[tied_head[k]].owner = head_row;
+        t->rows[tied_head[k]].offset = t->lm_head;
+    }
+    nm_free(tied_embed);
+    nm_free(tied_head);
+    t->n_floats = align_up(b->cursor);
+
+    for (int i = 0; i < t->n_rows; i++) {
+        const nm_tensor_spec *r = &t->rows[i];
+        if (r->flags & NM_TENSOR_TIED) continue;
+        if (r->flags & NM_TENSOR_MTP) t->n_params_mtp += r->numel;
+        else t->n_params_main += r->numel;
+    }
+    return 0;
+}
+
+void nm_param_table_free(nm_param_table *t) {
+    if (!t) return;
+    nm_free(t->rows);
+    nm_free(t->layers);
+    memset(t, 0, sizeof(*t));
+}
+
+// Rows of one layer are contiguous and layers ascend, with the three global rows at the ends
+// (embed first; final norm and lm_head last). A V3 table has ~91k rows and a loader looks up
+// every one of them, so search the layer's range instead of the whole table.
+int nm_param_table_find(const nm_param_table *t, const char *name) {
+    static const char prefix[] = "model.layers.";
+    if (strncmp(name, prefix, sizeof(prefix) - 1) != 0) {
+        for (int i = 0; i < t->n_rows; i++) {
+            if (t->rows[i].layer < 0 && strcmp(t->rows[i].name, name) == 0) return i;
+        }
+        return -1;
+    }
+    char *end;
+    long layer = strtol(name + sizeof(prefix) - 1, &end, 10);
+    if (end == name + sizeof(prefix) - 1 || *end != '.') return -1;
+    // first row with rows[i].layer >= layer among rows [1, n_rows) whose layer >= 0
+    int lo = 1, hi = t->n_rows;
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        int ml = t->rows[mid].layer < 0 ? 1 << 30 : t->rows[mid].layer;
+        if (ml < layer) lo = mid + 1;
+        else hi = mid;
+    }
+    for (int i = lo; i < t->n_rows && t->rows[i].layer == layer; i++) {
+        if (strcmp(t->rows[i].name, name) == 0) return i;
+    }
+    return -1;
+}
+
+// --- initialisation --------------------------------------------------------------------------
+
+void nm_params_init(float *params /* (n_floats) */, const nm_param_table *t, const nm_model_config *cfg,
+                    uint64_t seed) {
+    const float std = (float)cfg->init_std;
+    size_t prev_end = 0;  // zero the alignment gaps too, so the buffer is fully defined
+    for (int r = 0; r < t->n_rows; r++) {
+        const nm_tensor_spec *row = &t->rows[r];
+        if (row->flags & NM_TENSOR_TIED) continue;
+        float *p = params + row->offset;
+        const int64_t n = row->numel;
+        if (row->offset > prev_end) memset(params + prev_end, 0, (row->offset - prev_end) * sizeof(float));
+        if (row->flags & NM_TENSOR_NORM) {
+            for (int64_t i = 0; i < n; i++) p[i] = 1.0f;
+        } else if (row->flags & NM_TENSOR_ROUTER_BIAS) {
+            memset(p, 0, (size_t)n * sizeof(float));
+        } else {
+            // Element i of row r is a pure function of (seed, r, i): any thread count gives
+            // the same buffer.
+            const uint64_t key = nm_rng_key(seed, NM_RNG_INIT, (uint64_t)r, 0);
+#pragma omp parallel for schedule(static) if (n > 65536)
+            for (int64_t i = 0; i < n; i++) p[i] = std * nm_rng_normal(key, (uint64_t)i);
+        }
+        prev_end = row->offset + (size_t)n;
+    }
+    if (t->n_floats > prev_end) memset(params + prev_end, 0, (t->n_floats - prev_end) * sizeof(float));
+}

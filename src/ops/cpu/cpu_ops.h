@@ -1,0 +1,75 @@
+// cpu_ops.h: private declarations of the CPU backend's op implementations (src/ops/cpu/*.c).
+// Only ops_cpu.c (which fills the nm_ops table) and the op files include this; everything
+// else reaches the ops through nm_ops_cpu(). Semantics of every function: ops.h.
+#pragma once
+
+#include <stdint.h>
+
+#include "ops/ops.h"
+
+// Upper bound on small per-row dimensions that CPU ops keep in stack arrays (E for the
+// router, head dims for attention). Ops never allocate (ops.h), so the bound is checked.
+#define NM_CPU_MAX_STACK_DIM 1024
+
+// --- gemm.c -------------------------------------------------------------------------------
+void nm_cpu_gemm(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+                 const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                 int64_t ldc);
+
+// --- elementwise.c ------------------------------------------------------------------------
+void nm_cpu_zero(float *x, int64_t n);
+void nm_cpu_axpy(float *y, const float *x, float alpha, int64_t n);
+void nm_cpu_copy_2d(float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows, int64_t cols);
+void nm_cpu_add_2d(float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows, int64_t cols);
+void nm_cpu_embedding_forward(float *out, const int32_t *tokens, const float *emb, int64_t N, int64_t D);
+void nm_cpu_embedding_backward(float *demb, const float *dout, const int32_t *tokens, int64_t N, int64_t D);
+
+// --- rmsnorm.c ----------------------------------------------------------------------------
+void nm_cpu_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int64_t N,
+                            int64_t D, float eps);
+void nm_cpu_rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp,
+                             const float *w, const float *rstd, int64_t N, int64_t D);
+
+// --- swiglu.c -----------------------------------------------------------------------------
+void nm_cpu_swiglu_forward(float *out, const float *gate_up, int64_t N, int64_t F);
+void nm_cpu_swiglu_backward(float *dgate_up, const float *dout, const float *gate_up, int64_t N, int64_t F);
+
+// --- rope.c -------------------------------------------------------------------------------
+void nm_cpu_rope_forward(float *x, const float *cos, const float *sin, int64_t B, int64_t T,
+                         int64_t n_heads, int64_t head_dim, int64_t offset, int64_t Dr);
+void nm_cpu_rope_backward(float *dx, const float *cos, const float *sin, int64_t B, int64_t T,
+                          int64_t n_heads, int64_t head_dim, int64_t offset, int64_t Dr);
+
+// --- attention.c --------------------------------------------------------------------------
+void nm_cpu_attention_forward(float *out, float *lse, const float *q, const float *kv, const float *k_pe,
+                              int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr, int64_t Dv,
+                              float scale);
+void nm_cpu_attention_backward(float *dq, float *dkv, float *dk_pe, float *scratch, const float *dout,
+                               const float *q, const float *kv, const float *k_pe, const float *out,
+                               const float *lse, int64_t B, int64_t T, int64_t H, int64_t Dn,
+                               int64_t Dr, int64_t Dv, float scale);
+
+// --- xent.c -------------------------------------------------------------------------------
+void nm_cpu_xent_forward(float *losses, const float *logits, const int32_t *targets, int64_t N, int64_t V);
+void nm_cpu_xent_backward(float *dlogits, const float *logits, const int32_t *targets, float scale,
+                          int64_t N, int64_t V);
+
+// --- router.c -----------------------------------------------------------------------------
+void nm_cpu_router_forward(int32_t *topk_idx, float *topk_weight, float *scores, const float *logits,
+                           const float *bias, const nm_router_params *p);
+void nm_cpu_router_backward(float *dlogits, const float *dtopk_weight, const float *scores,
+                            const int32_t *topk_idx, const nm_router_params *p);
+double nm_cpu_balance_loss_forward(float *f, const float *scores, int64_t B, int64_t T, int64_t E, int64_t K);
+void nm_cpu_balance_loss_backward(float *dlogits, float dloss, const float *f, const float *scores,
+                                  int64_t B, int64_t T, int64_t E, int64_t K, nm_scoring scoring);
+
+// --- moe_dispatch.c -----------------------------------------------------------------------
+void nm_cpu_moe_permute(int32_t *offsets, int32_t *perm, const int32_t *topk_idx, int64_t N, int64_t K,
+                        int64_t E);
+void nm_cpu_moe_gather(float *dst, const float *src, const int32_t *perm, int64_t N, int64_t K, int64_t D);
+void nm_cpu_moe_combine_forward(float *y, const float *expert_out, const float *topk_weight,
+                                const int32_t *perm, int64_t N, int64_t K, int64_t D);
+void nm_cpu_moe_combine_backward(float *dexpert_out, float *dtopk_weight, const float *dy,
+                                 const float *expert_out, const float *topk_weight, const int32_t *perm,
+                                 int64_t N, int64_t K, int64_t D);
+void nm_cpu_moe_scatter_add(float *dsrc, const float *ddst, const int32_t *perm, int64_t N, int64_t K, int64_t D);

@@ -1,0 +1,34 @@
+// ops_cpu.c: the CPU backend's nm_ops table (design.md 3). The ops themselves live one family
+// per file in this directory (cpu_ops.h lists them); this file only wires them up.
+#include "ops/cpu/cpu_ops.h"
+
+static const nm_ops cpu_ops = {
+    .gemm = nm_cpu_gemm,
+    .zero = nm_cpu_zero,
+    .axpy = nm_cpu_axpy,
+    .copy_2d = nm_cpu_copy_2d,
+    .add_2d = nm_cpu_add_2d,
+    .embedding_forward = nm_cpu_embedding_forward,
+    .embedding_backward = nm_cpu_embedding_backward,
+    .rmsnorm_forward = nm_cpu_rmsnorm_forward,
+    .rmsnorm_backward = nm_cpu_rmsnorm_backward,
+    .swiglu_forward = nm_cpu_swiglu_forward,
+    .swiglu_backward = nm_cpu_swiglu_backward,
+    .rope_forward = nm_cpu_rope_forward,
+    .rope_backward = nm_cpu_rope_backward,
+    .attention_forward = nm_cpu_attention_forward,
+    .attention_backward = nm_cpu_attention_backward,
+    .xent_forward = nm_cpu_xent_forward,
+    .xent_backward = nm_cpu_xent_backward,
+    .router_forward = nm_cpu_router_forward,
+    .router_backward = nm_cpu_router_backward,
+    .balance_loss_forward = nm_cpu_balance_loss_forward,
+    .balance_loss_backward = nm_cpu_balance_loss_backward,
+    .moe_permute = nm_cpu_moe_permute,
+    .moe_gather = nm_cpu_moe_gather,
+    .moe_combine_forward = nm_cpu_moe_combine_forward,
+    .moe_combine_backward = nm_cpu_moe_combine_backward,
+    .moe_scatter_add = nm_cpu_moe_scatter_add,
+};
+
+const nm_ops *nm_ops_cpu(void) { return &cpu_ops; }

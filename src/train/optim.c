@@ -1,0 +1,184 @@
+// optim.c: AdamW, gradient norm, clipping and non-finite detection (see optim.h).
+//
+// Reference: torch.optim.AdamW, torch 1.13 `_single_tensor_adamw`; clipping as
+// torch.nn.utils.clip_grad_norm_ (clip_coef = max_norm / (total_norm + 1e-6), clamped to 1).
+#include "train/optim.h"
+
+#include <math.h>
+#include <string.h>
+
+// --- lifecycle ---------------------------------------------------------------------------------
+
+static int row_is_optimised(const nm_tensor_spec *r) {
+    return !(r->flags & (NM_TENSOR_ROUTER_BIAS | NM_TENSOR_TIED));
+}
+
+int nm_optimizer_create(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
+                        nm_error *err) {
+    NM_CHECK(out && table && cfg, "NULL argument");
+    *out = NULL;
+    if (!(cfg->beta1 >= 0.0 && cfg->beta1 < 1.0))
+        return nm_error_set(err, "optimizer: beta1 = %g must be in [0, 1)", cfg->beta1);
+    if (!(cfg->beta2 >= 0.0 && cfg->beta2 < 1.0))
+        return nm_error_set(err, "optimizer: beta2 = %g must be in [0, 1)", cfg->beta2);
+    if (!(cfg->eps > 0.0 && isfinite(cfg->eps)))
+        return nm_error_set(err, "optimizer: eps = %g must be > 0", cfg->eps);
+    if (!(cfg->weight_decay >= 0.0 && isfinite(cfg->weight_decay)))
+        return nm_error_set(err, "optimizer: weight_decay = %g must be >= 0", cfg->weight_decay);
+
+    // Count chunks first so the list is allocated exactly once.
+    int64_t n_chunks = 0;
+    for (int i = 0; i < table->n_rows; i++) {
+        const nm_tensor_spec *r = &table->rows[i];
+        if (!row_is_optimised(r) || r->numel <= 0) continue;
+        NM_CHECK(r->offset + (size_t)r->numel <= table->n_floats, "row %s overruns the buffer", r->name);
+        n_chunks += (r->numel + NM_OPTIM_CHUNK - 1) / NM_OPTIM_CHUNK;
+    }
+
+    nm_optimizer *opt = nm_calloc(1, sizeof(*opt));
+    opt->table = table;
+    opt->cfg = *cfg;
+    opt->m = nm_aligned_alloc(table->n_floats * sizeof(float));
+    opt->v = nm_aligned_alloc(table->n_floats * sizeof(float));
+    opt->chunks = nm_calloc((size_t)(n_chunks ? n_chunks : 1), sizeof(nm_optim_chunk));
+    opt->partials = nm_calloc((size_t)(n_chunks ? n_chunks : 1), sizeof(double));
+    opt->n_chunks = n_chunks;
+
+    int64_t c = 0;
+    for (int i = 0; i < table->n_rows; i++) {
+        const nm_tensor_spec *r = &table->rows[i];
+        if (!row_is_optimised(r) || r->numel <= 0) continue;
+        for (size_t at = 0; at < (size_t)r->numel; at += NM_OPTIM_CHUNK) {
+            size_t len = (size_t)r->numel - at;
+            if (len > NM_OPTIM_CHUNK) len = NM_OPTIM_CHUNK;
+            opt->chunks[c++] = (nm_optim_chunk){r->offset + at, len, i, (r->flags & NM_TENSOR_DECAY) != 0};
+            opt->n_params += (int64_t)len;
+        }
+    }
+    NM_CHECK(c == n_chunks, "chunk count mismatch");
+    *out = opt;
+    return 0;
+}
+
+void nm_optimizer_destroy(nm_optimizer *opt) {
+    if (!opt) return;
+    nm_free(opt->m);
+    nm_free(opt->v);
+    nm_free(opt->chunks);
+    nm_free(opt->partials);
+    opt->m = opt->v = NULL;
+    opt->chunks = NULL;
+    opt->partials = NULL;
+    nm_free(opt);
+}
+
+// --- gradient norm, non-finite detection, clipping -----------------------------------------
+
+// Sum of squares of one chunk in double. Eight interleaved accumulators added in a fixed
+// order: the result depends only on the chunk, never on the thread that computes it, and the
+// independent lanes let the compiler vectorise without -ffast-math.
+static double chunk_sumsq(const float *g, size_t n) {
+    double acc[8] = {0};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int k = 0; k < 8; k++) acc[k] += (double)g[i + k] * (double)g[i + k];
+    }
+    for (; i < n; i++) acc[i & 7] += (double)g[i] * (double)g[i];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+double nm_optimizer_grad_norm(nm_optimizer *opt, const float *grads) {
+    const nm_optim_chunk *chunks = opt->chunks;
+    double *partials = opt->partials;
+    int64_t n = opt->n_chunks;
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < n; c++) partials[c] = chunk_sumsq(grads + chunks[c].offset, chunks[c].len);
+    // The final reduction is sequential in chunk order: fixed, whatever the thread count.
+    double sum = 0.0;
+    for (int64_t c = 0; c < n; c++) sum += partials[c];
+    return sqrt(sum);
+}
+
+int nm_optimizer_first_nonfinite(const nm_optimizer *opt, const float *grads) {
+    // Only called when the norm is not finite, so a plain sequential scan is fine; chunks are
+    // in row order, so the first hit is the first row.
+    for (int64_t c = 0; c < opt->n_chunks; c++) {
+        const float *g = grads + opt->chunks[c].offset;
+        for (size_t i = 0; i < opt->chunks[c].len; i++) {
+            if (!isfinite(g[i])) return opt->chunks[c].row;
+        }
+    }
+    return -1;
+}
+
+float nm_optimizer_clip_grads(nm_optimizer *opt, float *grads, double norm, double max_norm) {
+    if (!(max_norm > 0.0)) return 1.0f;
+    // torch computes the coefficient from the float32 norm tensor; doing it in double differs
+    // by at most an ulp of the coefficient and keeps the whole norm path in one precision.
+    double coef = max_norm / (norm + 1e-6);
+    if (!(coef < 1.0)) return 1.0f;
+    float s = (float)coef;
+    const nm_optim_chunk *chunks = opt->chunks;
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < opt->n_chunks; c++) {
+        float *g = grads + chunks[c].offset;
+        for (size_t i = 0; i < chunks[c].len; i++) g[i] *= s;
+    }
+    return s;
+}
+
+void nm_optimizer_prepare_grads(nm_optimizer *opt, float *grads, double max_norm, nm_grad_report *rep) {
+    memset(rep, 0, sizeof(*rep));
+    rep->norm = nm_optimizer_grad_norm(opt, grads);
+    rep->clip_scale = 1.0f;
+    rep->bad_row = -1;
+    // float values squared in double cannot overflow (max ~1e77 per element), so a
+    // non-finite sum means a non-finite gradient.
+    if (!isfinite(rep->norm)) {
+        rep->finite = 0;
+        rep->bad_row = nm_optimizer_first_nonfinite(opt, grads);
+        if (rep->bad_row >= 0) rep->bad_name = opt->table->rows[rep->bad_row].name;
+        return;
+    }
+    rep->finite = 1;
+    rep->clip_scale = nm_optimizer_clip_grads(opt, grads, rep->norm, max_norm);
+}
+
+// --- AdamW step --------------------------------------------------------------------------------
+
+void nm_optimizer_step(nm_optimizer *opt, float *params, const float *grads, double lr) {
+    opt->step += 1;
+    const double t = (double)opt->step;
+    const nm_adamw_config *c = &opt->cfg;
+    // Scalars as PyTorch forms them: Python doubles, rounded to float when applied to a
+    // float tensor.
+    const double bc1 = 1.0 - pow(c->beta1, t);
+    const double bc2 = 1.0 - pow(c->beta2, t);
+    const float decay_mul = (float)(1.0 - lr * c->weight_decay);
+    const float b1 = (float)c->beta1, one_minus_b1 = (float)(1.0 - c->beta1);
+    const float b2 = (float)c->beta2, one_minus_b2 = (float)(1.0 - c->beta2);
+    const float neg_step_size = (float)(-(lr / bc1));
+    const float bc2_sqrt = (float)sqrt(bc2);
+    const float eps = (float)c->eps;
+    float *m = opt->m, *v = opt->v;
+    const nm_optim_chunk *chunks = opt->chunks;
+
+    // Every element is independent, so any thread split gives the same bits.
+#pragma omp parallel for schedule(static)
+    for (int64_t ci = 0; ci < opt->n_chunks; ci++) {
+        const size_t off = chunks[ci].offset, n = chunks[ci].len;
+        float *p = params + off, *mm = m + off, *vv = v + off;
+        const float *g = grads + off;
+        const float dm = chunks[ci].decay ? decay_mul : 1.0f;
+        for (size_t i = 0; i < n; i++) {
+            float gi = g[i];
+            float pi = p[i] * dm;                                   // param.mul_(1 - lr*wd)
+            float mi = mm[i] * b1 + gi * one_minus_b1;              // exp_avg.mul_(b1).add_(g, alpha=1-b1)
+            float vi = vv[i] * b2 + one_minus_b2 * gi * gi;         // exp_avg_sq.mul_(b2).addcmul_(g, g, value=1-b2)
+            float denom = sqrtf(vi) / bc2_sqrt + eps;               // (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+            p[i] = pi + neg_step_size * mi / denom;                 // param.addcdiv_(exp_avg, denom, value=-step_size)
+            mm[i] = mi;
+            vv[i] = vi;
+        }
+    }
+}

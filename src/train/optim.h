@@ -1,0 +1,94 @@
+// optim.h: AdamW over the flat parameter buffer, global gradient norm, clipping and
+// non-finite detection, all driven by the parameter table (style.md 13-14).
+//
+// What it implements:
+//  - torch.optim.AdamW (torch 1.13 `_single_tensor_adamw`, amsgrad off, maximize off) in the
+//    same order of operations, element by element in fp32 with the scalar coefficients
+//    computed in double and rounded to float once, as PyTorch does for a float tensor:
+//        p  = p * (1 - lr*wd)                            (rows with NM_TENSOR_DECAY only)
+//        m  = m * b1 + (1 - b1) * g
+//        v  = v * b2 + (1 - b2) * g * g
+//        p  = p + (-lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+//    PyTorch's vectorised CPU kernels use FMA for some of these, so agreement is to a few
+//    ulps, not bit for bit (tests/interop/test_optim_torch.py measures it).
+//  - the global L2 norm of the gradients in double with a fixed chunking, so the value is
+//    bit-identical for any OpenMP thread count; clipping as torch.nn.utils.clip_grad_norm_.
+//
+// What it deliberately does not do:
+//  - touch rows flagged NM_TENSOR_ROUTER_BIAS (updated by the balance rule, balance.h) or
+//    NM_TENSOR_TIED (no storage of their own; the owner row is updated once). Those rows
+//    are also left out of the gradient norm;
+//  - ZeRO-1 sharding: m and v cover the whole buffer. Sharding is offset arithmetic on the
+//    same chunk list once the communicator exists.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/check.h"
+#include "model/params.h"
+
+typedef struct nm_adamw_config {
+    double beta1;               // 0.9
+    double beta2;               // 0.95
+    double eps;                 // 1e-8
+    double weight_decay;        // 0.1, applied to NM_TENSOR_DECAY rows only
+} nm_adamw_config;
+
+// A contiguous run of one row's floats; the unit of parallel work and of the norm's
+// fixed reduction order.
+typedef struct nm_optim_chunk {
+    size_t offset;              // in floats, into params/grads/m/v
+    size_t len;                 // floats, <= NM_OPTIM_CHUNK
+    int row;                    // table row
+    int decay;                  // 1 when the row has NM_TENSOR_DECAY
+} nm_optim_chunk;
+
+#define NM_OPTIM_CHUNK 65536    // floats per chunk: large enough to amortise OpenMP, small
+                                // enough to balance threads on a few large matrices
+
+typedef struct nm_optimizer {
+    const nm_param_table *table; // borrowed; must outlive the optimizer
+    nm_adamw_config cfg;
+    float *m;                   // (table->n_floats) first moment, same layout as params
+    float *v;                   // (table->n_floats) second moment
+    int64_t step;               // number of updates applied so far (t of the next update - 1)
+    nm_optim_chunk *chunks;     // (n_chunks) every optimised float, in table row order
+    int64_t n_chunks;
+    double *partials;           // (n_chunks) scratch for the norm, allocated once
+    int64_t n_params;           // floats covered by the chunks
+} nm_optimizer;
+
+// Result of nm_optimizer_prepare_grads.
+typedef struct nm_grad_report {
+    double norm;                // global L2 norm before clipping (NaN/Inf when not finite)
+    float clip_scale;           // factor the gradients were multiplied by (1: not clipped)
+    int finite;                 // 0 when some gradient is NaN/Inf (then nothing was scaled)
+    int bad_row;                // first table row holding a non-finite gradient, -1 if none
+    const char *bad_name;       // that row's HF name (points into the table), NULL if none
+} nm_grad_report;
+
+// Allocates m and v (zeroed) and the chunk list. Returns 0, or -1 with err filled when the
+// hyper-parameters are out of range (names the field and value).
+int nm_optimizer_create(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
+                        nm_error *err);
+void nm_optimizer_destroy(nm_optimizer *opt);
+
+// Global L2 norm over the optimised rows, sqrt of a double sum; deterministic.
+double nm_optimizer_grad_norm(nm_optimizer *opt, const float *grads /* (n_floats) */);
+
+// First row (table order) holding a NaN or Inf gradient, or -1.
+int nm_optimizer_first_nonfinite(const nm_optimizer *opt, const float *grads /* (n_floats) */);
+
+// Multiplies the optimised gradients by max_norm / (norm + 1e-6) when that is < 1
+// (torch.nn.utils.clip_grad_norm_). max_norm <= 0 disables clipping. Returns the scale.
+float nm_optimizer_clip_grads(nm_optimizer *opt, float *grads, double norm, double max_norm);
+
+// The usual pre-step sequence: norm, then either the name of the first non-finite row
+// (rep->finite = 0; the caller skips the step) or clipping to max_norm.
+void nm_optimizer_prepare_grads(nm_optimizer *opt, float *grads, double max_norm, nm_grad_report *rep);
+
+// One AdamW update with learning rate lr (from schedule.h); increments opt->step first, so
+// the bias corrections use t = opt->step after the call, as PyTorch's state["step"].
+void nm_optimizer_step(nm_optimizer *opt, float *params /* (n_floats) */, const float *grads /* (n_floats) */,
+                       double lr);

@@ -1,0 +1,330 @@
+// test_optim.c: AdamW steps against hand-computed values, skipped rows, the gradient norm
+// (value, excluded rows, thread-count invariance), clipping and non-finite detection.
+//
+// With `--dump FILE` it instead runs 5 clipped AdamW steps on random data and writes the
+// inputs and results for tests/interop/test_optim_torch.py, which replays them with
+// torch.optim.AdamW and torch.nn.utils.clip_grad_norm_.
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/rng.h"
+#include "train/optim.h"
+
+static int failures;
+
+#define EXPECT(cond, ...)                                                  \
+    do {                                                                   \
+        if (!(cond)) {                                                     \
+            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+            fprintf(stderr, __VA_ARGS__);                                  \
+            fputc('\n', stderr);                                           \
+            failures++;                                                    \
+        }                                                                  \
+    } while (0)
+
+// Values below are exact in decimal; float keeps ~7 digits and each step does a handful
+// of roundings, so 1e-6 absolute on O(1) parameters is a few ulps.
+#define TOL 1e-6
+
+// --- a small hand-made parameter table ---------------------------------------------------------
+
+// rows: 0 "w" (3, DECAY) at 0, 1 "model.norm.weight" (2) at 64, 2 "bias" (2, ROUTER_BIAS) at
+// 128, 3 "w_tied" (TIED to row 0, offset 0). Floats 3..63 and 66..127 are padding.
+static nm_tensor_spec rows4[4];
+static nm_param_table small_table(void) {
+    memset(rows4, 0, sizeof(rows4));
+    rows4[0] = (nm_tensor_spec){"w", 1, {3, 0}, 3, 0, NM_TENSOR_DECAY, -1, -1};
+    rows4[1] = (nm_tensor_spec){"model.norm.weight", 1, {2, 0}, 2, 64, NM_TENSOR_NORM, -1, -1};
+    rows4[2] = (nm_tensor_spec){"bias", 1, {2, 0}, 2, 128, NM_TENSOR_ROUTER_BIAS, 0, -1};
+    rows4[3] = (nm_tensor_spec){"w_tied", 1, {3, 0}, 3, 0, NM_TENSOR_TIED | NM_TENSOR_DECAY, -1, 0};
+    nm_param_table t;
+    memset(&t, 0, sizeof(t));
+    t.rows = rows4;
+    t.n_rows = 4;
+    t.n_floats = 192;
+    return t;
+}
+
+static const nm_adamw_config default_cfg = {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1};
+
+static void test_hand_steps(void) {
+    nm_param_table t = small_table();
+    nm_optimizer *opt;
+    nm_error err;
+    EXPECT(nm_optimizer_create(&opt, &t, &default_cfg, &err) == 0, "%s", err.msg);
+    EXPECT(opt->n_params == 5, "n_params %lld (only w and the norm are optimised)", (long long)opt->n_params);
+
+    float p[192], g[192];
+    for (int i = 0; i < 192; i++) p[i] = 7.0f;  // padding and skipped rows must stay 7
+    // w: decayed; norm: not decayed.
+    p[0] = 1.0f; p[1] = -2.0f; p[2] = 0.5f;
+    p[64] = 1.0f; p[65] = 1.0f;
+    const float gs[3][5] = {
+        {0.5f, -0.25f, 0.0f, 0.5f, 0.5f},
+        {-0.5f, -0.25f, 0.0f, -0.5f, 0.5f},
+        {1.0f, -0.25f, 0.0f, 1.0f, 0.5f},
+    };
+    for (int step = 0; step < 3; step++) {
+        for (int i = 0; i < 192; i++) g[i] = 100.0f;  // garbage outside the optimised rows
+        g[0] = gs[step][0]; g[1] = gs[step][1]; g[2] = gs[step][2];
+        g[64] = gs[step][3]; g[65] = gs[step][4];
+        nm_optimizer_step(opt, p, g, 0.1);
+        EXPECT(opt->step == step + 1, "step count %lld", (long long)opt->step);
+        if (step == 0) {
+            // t = 1: m_hat = g, v_hat = g^2, so the update is lr * g / (|g| + eps) = lr * sign(g).
+            //   w[0] = 1 * (1 - 0.1*0.1) - 0.1 = 0.89;  w[1] = -2 * 0.99 + 0.1 = -1.88
+            //   w[2]: g = 0 -> m = v = 0 -> update 0/eps = 0; only the decay: 0.5 * 0.99 = 0.495
+            //   norm (no decay): 1 - 0.1 = 0.9 twice
+            EXPECT(fabs(p[0] - 0.89) < TOL, "step 1 w[0] = %.9g, want 0.89", p[0]);
+            EXPECT(fabs(p[1] - -1.88) < TOL, "step 1 w[1] = %.9g, want -1.88", p[1]);
+            EXPECT(fabs(p[2] - 0.495) < TOL, "step 1 w[2] = %.9g, want 0.495", p[2]);
+            EXPECT(fabs(p[64] - 0.9) < TOL, "step 1 norm[0] = %.9g, want 0.9", p[64]);
+            EXPECT(fabs(p[65] - 0.9) < TOL, "step 1 norm[1] = %.9g, want 0.9", p[65]);
+            EXPECT(fabs(opt->m[0] - 0.05) < 1e-9 && fabs(opt->v[0] - 0.0125) < 1e-9, "m %g v %g", opt->m[0],
+                   opt->v[0]);
+        }
+    }
+    // t = 3 with g = 0.5, -0.5, 1.0 (lr 0.1, b1 0.9, b2 0.95):
+    //   m: 0.05, -0.005, 0.0955       v: 0.0125, 0.024375, 0.07315625
+    //   t=2: m_hat = -0.005/0.19, v_hat = 0.024375/0.0975 = 0.25 -> update -0.1*0.0263157895/0.5
+    //   t=3: m_hat = 0.0955/0.271 = 0.352398524, v_hat = 0.07315625/0.142625 = 0.512927257
+    //        update 0.1 * 0.352398524 / 0.716189959 = 0.0492046544
+    //   norm[0] (no decay): 1 - 0.1 + 0.0052631579 - 0.0492046544 = 0.856058503
+    //   w[0] (decay 0.99 per step): ((0.99 - 0.1) * 0.99 + 0.0052631579) * 0.99 - 0.0492046544 = 0.828294874
+    //   constant g (w[1], norm[1]): the update is lr * sign(g) every step:
+    //   w[1] = ((-2*0.99 + 0.1)*0.99 + 0.1)*0.99 + 0.1 = -1.643588;  norm[1] = 1 - 0.3 = 0.7
+    //   w[2] (g = 0 always): 0.5 * 0.99^3 = 0.48514950
+    EXPECT(fabs(p[64] - 0.856058505) < TOL, "step 3 norm[0] = %.9g, want 0.856058505", p[64]);
+    EXPECT(fabs(p[0] - 0.828294874) < TOL, "step 3 w[0] = %.9g, want 0.828294874", p[0]);
+    EXPECT(fabs(p[1] - -1.643588) < TOL, "step 3 w[1] = %.9g, want -1.643588", p[1]);
+    EXPECT(fabs(p[65] - 0.7) < TOL, "step 3 norm[1] = %.9g, want 0.7", p[65]);
+    EXPECT(fabs(p[2] - 0.4851495) < TOL, "step 3 w[2] = %.9g, want 0.4851495", p[2]);
+    // Router bias, padding: untouched. (The tied row shares w's storage: had it been updated
+    // too, w would have moved twice and the values above would be off.)
+    int untouched = 1;
+    for (int i = 3; i < 64; i++) untouched &= p[i] == 7.0f;
+    for (int i = 66; i < 192; i++) untouched &= p[i] == 7.0f;
+    EXPECT(untouched, "padding or router bias changed (bias %g %g)", p[128], p[129]);
+    EXPECT(opt->m[128] == 0.0f && opt->v[128] == 0.0f, "router bias got optimizer state");
+    nm_optimizer_destroy(opt);
+}
+
+static void test_bad_config(void) {
+    nm_param_table t = small_table();
+    nm_optimizer *opt = NULL;
+    nm_error err;
+    nm_adamw_config c = default_cfg;
+    c.beta2 = 1.0;
+    EXPECT(nm_optimizer_create(&opt, &t, &c, &err) != 0 && strstr(err.msg, "beta2"), "beta2=1 accepted: %s", err.msg);
+    EXPECT(opt == NULL, "optimizer returned on error");
+    c = default_cfg;
+    c.eps = 0.0;
+    EXPECT(nm_optimizer_create(&opt, &t, &c, &err) != 0 && strstr(err.msg, "eps"), "eps=0 accepted");
+}
+
+// --- norm, clipping, non-finite ------------------------------------------------------------------
+
+static void test_norm_clip_nonfinite(void) {
+    nm_param_table t = small_table();
+    nm_optimizer *opt;
+    nm_error err;
+    EXPECT(nm_optimizer_create(&opt, &t, &default_cfg, &err) == 0, "%s", err.msg);
+    float g[192];
+    for (int i = 0; i < 192; i++) g[i] = 1000.0f;  // padding, router bias: excluded
+    g[0] = 3.0f; g[1] = 0.0f; g[2] = 0.0f;         // w
+    g[64] = 0.0f; g[65] = 4.0f;                    // norm
+    double norm = nm_optimizer_grad_norm(opt, g);
+    EXPECT(norm == 5.0, "norm %.17g, want 5 (tied row counted once, bias and padding excluded)", norm);
+
+    // Below the limit: untouched, scale 1.
+    nm_grad_report rep;
+    nm_optimizer_prepare_grads(opt, g, 10.0, &rep);
+    EXPECT(rep.finite && rep.norm == 5.0 && rep.clip_scale == 1.0f && g[0] == 3.0f, "no-clip case");
+    // max_norm 0: disabled.
+    nm_optimizer_prepare_grads(opt, g, 0.0, &rep);
+    EXPECT(rep.clip_scale == 1.0f && g[0] == 3.0f, "clipping with max_norm 0");
+    // Above: scaled by 1/(5 + 1e-6); the new norm is 1 up to the 1e-6 guard.
+    nm_optimizer_prepare_grads(opt, g, 1.0, &rep);
+    EXPECT(fabsf(rep.clip_scale - (float)(1.0 / (5.0 + 1e-6))) == 0.0f, "scale %.9g", rep.clip_scale);
+    EXPECT(fabs(g[0] - 0.6) < 1e-6 && fabs(g[65] - 0.8) < 1e-6, "clipped grads %g %g", g[0], g[65]);
+    EXPECT(fabs(nm_optimizer_grad_norm(opt, g) - 1.0) < 1e-6, "norm after clip %g", nm_optimizer_grad_norm(opt, g));
+    EXPECT(g[128] == 1000.0f && g[10] == 1000.0f, "clip touched excluded floats");
+
+    // Non-finite: NaN in the second row is named; nothing is scaled.
+    g[65] = NAN;
+    g[0] = 3.0f;
+    nm_optimizer_prepare_grads(opt, g, 1.0, &rep);
+    EXPECT(!rep.finite && rep.bad_row == 1 && rep.bad_name && !strcmp(rep.bad_name, "model.norm.weight"),
+           "NaN not reported: finite %d row %d", rep.finite, rep.bad_row);
+    EXPECT(g[0] == 3.0f, "grads scaled despite NaN");
+    // Inf in the first row wins (table order).
+    g[2] = -INFINITY;
+    nm_optimizer_prepare_grads(opt, g, 1.0, &rep);
+    EXPECT(!rep.finite && rep.bad_name && !strcmp(rep.bad_name, "w"), "Inf in w not named first");
+    // NaN in the router bias is not a gradient we use: ignored.
+    g[2] = 0.0f;
+    g[65] = 4.0f;
+    g[128] = NAN;
+    nm_optimizer_prepare_grads(opt, g, 10.0, &rep);
+    EXPECT(rep.finite && rep.bad_row == -1, "NaN in the router bias counted");
+    nm_optimizer_destroy(opt);
+}
+
+// --- larger random buffer: reference in double, thread-count invariance ---------------------------
+
+static void fill_random(float *x, size_t n, uint64_t key, float scale) {
+    for (size_t i = 0; i < n; i++) x[i] = scale * nm_rng_normal(key, i);
+}
+
+static void test_random_and_threads(uint64_t seed) {
+    // Two rows spanning several chunks each, one decayed, one not.
+    const int64_t na = 3 * NM_OPTIM_CHUNK + 1234, nb = NM_OPTIM_CHUNK + 7;
+    nm_tensor_spec rows[2] = {
+        {"a", 1, {na, 0}, na, 0, NM_TENSOR_DECAY, 0, -1},
+        {"b", 1, {nb, 0}, nb, (size_t)((na + 63) / 64 * 64), 0, 0, -1},
+    };
+    nm_param_table t;
+    memset(&t, 0, sizeof(t));
+    t.rows = rows;
+    t.n_rows = 2;
+    t.n_floats = rows[1].offset + (size_t)nb;
+    size_t n = t.n_floats;
+    float *p0 = nm_malloc(n * 4), *g = nm_malloc(n * 4);
+    uint64_t key = nm_rng_key(seed, NM_RNG_TEST, 1, 0);
+    fill_random(p0, n, key, 0.02f);
+    fill_random(g, n, key + 1, 1e-3f);
+
+    // Norm: our chunked double sum vs a plain sequential double sum (different order, so
+    // equal to ~1e-15 relative, not bit for bit).
+    double ref = 0.0;
+    for (int r = 0; r < 2; r++)
+        for (int64_t i = 0; i < rows[r].numel; i++) ref += (double)g[rows[r].offset + i] * g[rows[r].offset + i];
+    ref = sqrt(ref);
+
+    double norms[3];
+    const int threads[3] = {1, 2, 3};
+    float *outs[3], *ms[3];
+    for (int k = 0; k < 3; k++) {
+        omp_set_num_threads(threads[k]);
+        nm_optimizer *opt;
+        nm_error err;
+        EXPECT(nm_optimizer_create(&opt, &t, &default_cfg, &err) == 0, "%s", err.msg);
+        norms[k] = nm_optimizer_grad_norm(opt, g);
+        outs[k] = nm_malloc(n * 4);
+        memcpy(outs[k], p0, n * 4);
+        for (int s = 1; s <= 3; s++) nm_optimizer_step(opt, outs[k], g, 1e-3 * s);
+        ms[k] = nm_malloc(n * 4);
+        memcpy(ms[k], opt->m, n * 4);
+        nm_optimizer_destroy(opt);
+    }
+    EXPECT(fabs(norms[0] - ref) <= 1e-12 * ref, "norm %.17g vs reference %.17g", norms[0], ref);
+    EXPECT(norms[0] == norms[1] && norms[1] == norms[2], "norm depends on thread count: %.17g %.17g %.17g", norms[0],
+           norms[1], norms[2]);
+    EXPECT(!memcmp(outs[0], outs[1], n * 4) && !memcmp(outs[0], outs[2], n * 4), "params depend on thread count");
+    EXPECT(!memcmp(ms[0], ms[1], n * 4) && !memcmp(ms[0], ms[2], n * 4), "m depends on thread count");
+
+    // Spot-check elements against the formula evaluated in double (three steps, same g).
+    double maxerr = 0.0;
+    for (size_t i = 0; i < n; i += 997) {
+        int decay = i < (size_t)na;
+        if (!decay && i < rows[1].offset) continue;  // padding
+        double p = p0[i], m = 0, v = 0, gi = g[i];
+        for (int s = 1; s <= 3; s++) {
+            double lr = 1e-3 * s;
+            if (decay) p *= 1.0 - lr * 0.1;
+            m = 0.9 * m + 0.1 * gi;
+            v = 0.95 * v + 0.05 * gi * gi;
+            p -= lr * (m / (1 - pow(0.9, s))) / (sqrt(v / (1 - pow(0.95, s))) + 1e-8);
+        }
+        double e = fabs(p - outs[0][i]);
+        if (e > maxerr) maxerr = e;
+    }
+    // |p| ~ 0.02..0.1 and the updates are ~lr: float rounding is ~1e-8 absolute.
+    EXPECT(maxerr < 1e-7, "max |C - double reference| = %g", maxerr);
+    for (int k = 0; k < 3; k++) {
+        nm_free(ms[k]);
+        nm_free(outs[k]);
+    }
+    nm_free(p0);
+    nm_free(g);
+}
+
+// --- --dump: data for the PyTorch comparison ------------------------------------------------------
+
+static int dump(const char *path, uint64_t seed) {
+    const int64_t na = 1000, nb = 300, steps = 5;
+    nm_tensor_spec rows[2] = {
+        {"a", 2, {40, 25}, na, 0, NM_TENSOR_DECAY, 0, -1},
+        {"b", 1, {nb, 0}, nb, 1024, 0, 0, -1},
+    };
+    nm_param_table t;
+    memset(&t, 0, sizeof(t));
+    t.rows = rows;
+    t.n_rows = 2;
+    t.n_floats = 1024 + (size_t)nb;
+    const double lrs[5] = {1e-2, 3e-2, 2e-2, 1e-2, 5e-3};
+    const double max_norm = 1.0;
+    float *p = nm_calloc(t.n_floats, 4), *g = nm_calloc(t.n_floats, 4);
+    uint64_t key = nm_rng_key(seed, NM_RNG_TEST, 2, 0);
+    fill_random(p, t.n_floats, key, 0.5f);
+    nm_optimizer *opt;
+    nm_error err;
+    if (nm_optimizer_create(&opt, &t, &default_cfg, &err)) return fprintf(stderr, "%s\n", err.msg), 1;
+
+    FILE *fp = fopen(path, "wb");
+    if (!fp) return perror(path), 1;
+    // Layout (little-endian): "NMOPTDMP", i64 na, nb, steps, f64 beta1, beta2, eps, wd,
+    // max_norm, f64 lr[steps], f32 p0[na+nb], then per step: f32 g[na+nb] (before clipping),
+    // f64 norm; finally f32 p[na+nb], m[na+nb], v[na+nb].
+    int64_t hdr[3] = {na, nb, steps};
+    double hp[5] = {default_cfg.beta1, default_cfg.beta2, default_cfg.eps, default_cfg.weight_decay, max_norm};
+    fwrite("NMOPTDMP", 1, 8, fp);
+    fwrite(hdr, 8, 3, fp);
+    fwrite(hp, 8, 5, fp);
+    fwrite(lrs, 8, 5, fp);
+    fwrite(p, 4, (size_t)na, fp);
+    fwrite(p + 1024, 4, (size_t)nb, fp);
+    for (int s = 0; s < steps; s++) {
+        // Grad scales straddle max_norm: steps 0, 2, 4 are clipped, 1 and 3 are not.
+        float scale = (s % 2 == 0) ? 0.2f : 0.005f;
+        fill_random(g, t.n_floats, key + 10 + (uint64_t)s, scale);
+        fwrite(g, 4, (size_t)na, fp);
+        fwrite(g + 1024, 4, (size_t)nb, fp);
+        nm_grad_report rep;
+        nm_optimizer_prepare_grads(opt, g, max_norm, &rep);
+        fwrite(&rep.norm, 8, 1, fp);
+        nm_optimizer_step(opt, p, g, lrs[s]);
+    }
+    const float *outs[3] = {p, opt->m, opt->v};
+    for (int k = 0; k < 3; k++) {
+        fwrite(outs[k], 4, (size_t)na, fp);
+        fwrite(outs[k] + 1024, 4, (size_t)nb, fp);
+    }
+    int bad = ferror(fp);
+    fclose(fp);
+    nm_optimizer_destroy(opt);
+    nm_free(p);
+    nm_free(g);
+    return bad;
+}
+
+int main(int argc, char **argv) {
+    uint64_t seed = (uint64_t)time(NULL);
+    if (getenv("NM_TEST_SEED")) seed = strtoull(getenv("NM_TEST_SEED"), NULL, 10);
+    if (argc == 3 && !strcmp(argv[1], "--dump")) return dump(argv[2], seed);
+    printf("test_optim: seed %llu (set NM_TEST_SEED to replay)\n", (unsigned long long)seed);
+    test_hand_steps();
+    test_bad_config();
+    test_norm_clip_nonfinite();
+    test_random_and_threads(seed);
+    if (failures) {
+        fprintf(stderr, "test_optim: %d failure(s)\n", failures);
+        return 1;
+    }
+    printf("test_optim: ok\n");
+    return 0;
+}
