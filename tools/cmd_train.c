@@ -1,16 +1,148 @@
-// cmd_train.c: placeholder until the owning issue lands; every command here fails loudly.
+// cmd_train.c: `nanomegatron train` and `nanomegatron eval`.
+//
+//   train --config C --out RUN_DIR [--steps N] [--save-every N] [--seed S] [--set k=v]...
+//         [--resume] [--quiet] [--inject-nan STEP]
+//   eval  --model DIR --data PREFIX [--seq-len T] [--batch B] [--batches N] [--seed S]
+#include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
+#include "args.h"
 #include "commands.h"
+#include "io/hf_dir.h"
+#include "nanomegatron.h"
 
 int nm_cmd_train(int argc, char **argv) {
-    (void)argc; (void)argv;
-    fprintf(stderr, "nanomegatron: this command is not implemented yet\n");
-    return 2;
+    static const char *const value_flags[] = {"config", "out", "steps", "save-every", "seed", "set", "inject-nan", NULL};
+    static const char *const bool_flags[] = {"resume", "quiet", "help", NULL};
+    nm_args a;
+    if (nm_args_parse(&a, "train", argc, argv, value_flags, bool_flags) != 0) return 2;
+    if (nm_args_has(&a, "help")) {
+        printf("usage: nanomegatron train --config C --out RUN_DIR [--steps N] [--save-every N] [--seed S]\n"
+               "                          [--set key=value]... [--resume] [--quiet]\n\ntraining config keys:\n");
+        nm_train_config_describe(stdout);
+        return 0;
+    }
+    const char *config = nm_args_str(&a, "config", NULL), *run_dir = nm_args_str(&a, "out", NULL);
+    if (!config || !run_dir) {
+        fprintf(stderr, "train: --config and --out are required (see train --help)\n");
+        return 2;
+    }
+    // --steps / --save-every / --seed are shorthands for --set; later --set wins.
+    const char *overrides[128];
+    char shorthand[3][64];
+    int n = 0;
+    const char *v;
+    if ((v = nm_args_str(&a, "steps", NULL))) snprintf(shorthand[0], 64, "steps=%s", v), overrides[n++] = shorthand[0];
+    if ((v = nm_args_str(&a, "save-every", NULL))) snprintf(shorthand[1], 64, "checkpoint.save_every=%s", v), overrides[n++] = shorthand[1];
+    if ((v = nm_args_str(&a, "seed", NULL))) snprintf(shorthand[2], 64, "seed=%s", v), overrides[n++] = shorthand[2];
+    n += nm_args_all(&a, "set", overrides + n, 128 - n);
+    int64_t inject;
+    if (nm_args_i64(&a, "inject-nan", 0, &inject) != 0) return 2;
+
+    nm_error err = {{0}};
+    nm_train_config cfg;
+    if (nm_train_config_load(&cfg, config, overrides, n, &err) != 0) {
+        fprintf(stderr, "nanomegatron train: %s\n", err.msg);
+        nm_train_config_free(&cfg);
+        return 1;
+    }
+    nm_trainer_options opts = {.run_dir = run_dir, .resume = nm_args_has(&a, "resume"),
+                               .quiet = nm_args_has(&a, "quiet"), .inject_nan_step = inject};
+    nm_trainer *t;
+    int rc = 0;
+    if (nm_trainer_create(&t, &cfg, &opts, &err) != 0) {
+        fprintf(stderr, "nanomegatron train: %s\n", err.msg);
+        nm_train_config_free(&cfg);
+        return 1;
+    }
+    nm_step_metrics m = {0};
+    int s;
+    int64_t last_saved = -1;
+    while ((s = nm_trainer_step(t, &m, &err)) > 0) {
+        if (cfg.checkpoint.save_every > 0 && m.step % cfg.checkpoint.save_every == 0) last_saved = m.step;
+    }
+    if (s < 0) {
+        fprintf(stderr, "\nnanomegatron train: %s\n", err.msg);
+        rc = 1;
+    } else {
+        if (nm_trainer_step_count(t) != last_saved && nm_trainer_save(t, &err) != 0) {
+            fprintf(stderr, "nanomegatron train: %s\n", err.msg);
+            rc = 1;
+        }
+        if (rc == 0 && nm_trainer_finish(t, &err) != 0) {
+            fprintf(stderr, "nanomegatron train: %s\n", err.msg);
+            rc = 1;
+        }
+        if (rc == 0 && !opts.quiet) {
+            printf("done: %lld steps | metrics %s/metrics.jsonl | loss curve %s/loss.svg | tensorboard --logdir %s\n",
+                   (long long)nm_trainer_step_count(t), run_dir, run_dir, run_dir);
+        }
+    }
+    nm_trainer_destroy(t);
+    nm_train_config_free(&cfg);
+    return rc;
 }
 
 int nm_cmd_eval(int argc, char **argv) {
-    (void)argc; (void)argv;
-    fprintf(stderr, "nanomegatron: this command is not implemented yet\n");
-    return 2;
+    static const char *const value_flags[] = {"model", "data", "seq-len", "batch", "batches", "seed", NULL};
+    nm_args a;
+    if (nm_args_parse(&a, "eval", argc, argv, value_flags, NULL) != 0) return 2;
+    const char *dir = nm_args_str(&a, "model", NULL), *prefix = nm_args_str(&a, "data", NULL);
+    int64_t seq_len, B, batches, seed;
+    if (!dir || !prefix) {
+        fprintf(stderr, "eval: --model and --data are required\n");
+        return 2;
+    }
+    if (nm_args_i64(&a, "seq-len", 256, &seq_len) || nm_args_i64(&a, "batch", 8, &B) ||
+        nm_args_i64(&a, "batches", 0, &batches) || nm_args_i64(&a, "seed", 1234, &seed)) return 2;
+    if (seq_len < 1 || B < 1 || batches < 0) {
+        fprintf(stderr, "eval: --seq-len and --batch must be >= 1 and --batches >= 0\n");
+        return 2;
+    }
+    nm_error err = {{0}};
+    nm_model_config cfg = {0};
+    nm_model *m = NULL;
+    nm_loader *l = NULL;
+    int32_t *tokens = NULL;
+    int rc = 1;
+    if (nm_hf_dir_load_config(dir, &cfg, &err) != 0) goto done;
+    if (nm_model_create(&m, &cfg, nm_ops_cpu(), B, seq_len + 1, &err) != 0) goto done;
+    if (nm_hf_dir_load_params(dir, nm_model_table(m), nm_model_params(m), &err) != 0) goto done;
+    nm_data_spec spec;
+    nm_data_spec_default(&spec);
+    spec.n_sources = 1;
+    spec.prefixes[0] = prefix;
+    spec.weights[0] = 1.0;
+    spec.seed = (uint32_t)seed;
+    spec.seq_len = seq_len;
+    spec.split[0] = 1.0;
+    spec.split[1] = spec.split[2] = 0.0;
+    if (nm_loader_create(&l, &spec, NM_SPLIT_TRAIN, 0, 1, &err) != 0) goto done;
+    // Default: one pass over the dataset's windows (at most 1000 batches).
+    int64_t windows = (nm_loader_tokens(l) - 1) / seq_len;
+    if (batches == 0) batches = windows / B > 0 ? (windows / B < 1000 ? windows / B : 1000) : 1;
+    tokens = nm_malloc((size_t)(B * (seq_len + 1)) * sizeof(int32_t));
+    nm_loss_options opt = {.mtp_weight = 0.0f, .aux_weight = 0.0f, .grad_scale = 1.0f, .inference = 1};
+    double sum = 0.0;
+    for (int64_t i = 0; i < batches; i++) {
+        nm_loss_terms lt;
+        if (nm_loader_next_batch(l, tokens, B, &err) != 0) goto done;
+        if (nm_model_forward(m, tokens, B, seq_len + 1, &opt, &lt, NULL, &err) != 0) goto done;
+        sum += lt.ce;
+    }
+    double loss = sum / (double)batches;
+    printf("eval: %s on %s: %lld batches x %lld x %lld tokens | loss %.4f | perplexity %.3f\n", dir, prefix,
+           (long long)batches, (long long)B, (long long)seq_len, loss, exp(loss));
+    printf("{\"loss\": %.9g, \"perplexity\": %.9g, \"tokens\": %lld}\n", loss, exp(loss),
+           (long long)(batches * B * seq_len));
+    rc = 0;
+done:
+    if (rc != 0) fprintf(stderr, "nanomegatron eval: %s\n", err.msg);
+    nm_free(tokens);
+    nm_loader_destroy(l);
+    nm_model_destroy(m);
+    nm_model_config_free(&cfg);
+    return rc;
 }

@@ -51,6 +51,15 @@ void nm_panic(const char *file, int line, const char *fmt, ...) {
     abort();
 }
 
+void nm_check_failed(const char *file, int line, const char *cond, const char *fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    nm_panic(file, line, "check failed: %s: %s", cond, msg);
+}
+
 void *nm_malloc_impl(size_t size, const char *file, int line) {
     void *p = malloc(size ? size : 1);
     if (!p) nm_panic(file, line, "out of memory allocating %zu bytes", size);

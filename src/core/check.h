@@ -32,10 +32,15 @@ _Noreturn void nm_panic(const char *file, int line, const char *fmt, ...)
 
 #define NM_PANIC(...) nm_panic(__FILE__, __LINE__, __VA_ARGS__)
 
+// Reports "check failed: <cond>: <message>"; the condition text travels as an argument, not
+// as part of the format, so a '%' in it (E % G == 0) is printed, not interpreted.
+_Noreturn void nm_check_failed(const char *file, int line, const char *cond, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
 // Always compiled in (unlike assert); wrapped in do/while unlike ggml's bare if.
-#define NM_CHECK(cond, ...)                                                           \
-    do {                                                                              \
-        if (!(cond)) nm_panic(__FILE__, __LINE__, "check failed: " #cond ": " __VA_ARGS__); \
+#define NM_CHECK(cond, ...)                                                   \
+    do {                                                                      \
+        if (!(cond)) nm_check_failed(__FILE__, __LINE__, #cond, __VA_ARGS__); \
     } while (0)
 
 // --- checked allocation --------------------------------------------------------------------

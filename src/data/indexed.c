@@ -303,7 +303,11 @@ struct nm_indexed_writer {
     int64_t *doc_index;         // (Dc,) grows, starts as [0]
     int64_t n_doc_index, cap_doc_index;
     int64_t n_tokens;
-    uint8_t buf[1 << 16];       // dtype conversion buffer for fwrite
+    union {                     // dtype conversion buffer for fwrite (a union: no aliasing casts)
+        uint8_t u8[1 << 16];
+        uint16_t u16[1 << 15];
+        int64_t i64[1 << 13];
+    } buf;
     int finalized;
 };
 
@@ -345,23 +349,37 @@ static int token_fits(int dtype, int32_t t) {
 int nm_indexed_writer_add_item(nm_indexed_writer *w, const int32_t *tokens, int64_t n, nm_error *err) {
     NM_CHECK(!w->finalized && n >= 0, "n=%lld", (long long)n);
     if (n > INT32_MAX) return nm_error_set(err, "%s: sequence of %lld tokens exceeds the int32 length field", w->prefix, (long long)n);
-    int64_t per = (int64_t)sizeof(w->buf) / w->itemsize;
+    int64_t per = (int64_t)sizeof(w->buf.u8) / w->itemsize;
     for (int64_t s = 0; s < n; s += per) {
         int64_t m = n - s < per ? n - s : per;
-        for (int64_t k = 0; k < m; k++) {
-            int32_t t = tokens[s + k];
-            if (!token_fits(w->dtype, t)) {
-                return nm_error_set(err, "%s: token id %d does not fit dtype %s", w->prefix, t, nm_indexed_dtype_name(w->dtype));
-            }
-            uint8_t *dst = w->buf + k * w->itemsize;
-            switch (w->itemsize) {
-            case 1: { uint8_t v = (uint8_t)t; dst[0] = v; break; }
-            case 2: { uint16_t v = (uint16_t)t; memcpy(dst, &v, 2); break; }
-            case 4: memcpy(dst, &t, 4); break;
-            default: { int64_t v = t; memcpy(dst, &v, 8); break; }
+        const int32_t *src = tokens + s;
+        // One loop per width (the common two are straight conversions the compiler vectorises);
+        // range checks first, so a bad token is reported before anything of it is written.
+        int ok = 1;
+        for (int64_t k = 0; k < m; k++) ok &= token_fits(w->dtype, src[k]);
+        if (!ok) {
+            for (int64_t k = 0; k < m; k++) {
+                if (!token_fits(w->dtype, src[k])) {
+                    return nm_error_set(err, "%s: token id %d does not fit dtype %s", w->prefix, src[k],
+                                        nm_indexed_dtype_name(w->dtype));
+                }
             }
         }
-        if (nm_fwrite_all(w->bin.fp, w->buf, (size_t)(m * w->itemsize), w->bin_path, err) != 0) return -1;
+        switch (w->itemsize) {
+        case 1:
+            for (int64_t k = 0; k < m; k++) w->buf.u8[k] = (uint8_t)src[k];
+            break;
+        case 2:
+            for (int64_t k = 0; k < m; k++) w->buf.u16[k] = (uint16_t)src[k];
+            break;
+        case 4:
+            memcpy(w->buf.u8, src, 4 * (size_t)m);
+            break;
+        default:
+            for (int64_t k = 0; k < m; k++) w->buf.i64[k] = src[k];
+            break;
+        }
+        if (nm_fwrite_all(w->bin.fp, w->buf.u8, (size_t)(m * w->itemsize), w->bin_path, err) != 0) return -1;
     }
     if (w->n_seqs == w->cap_seqs) {
         w->cap_seqs *= 2;

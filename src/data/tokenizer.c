@@ -301,7 +301,9 @@ static pcre2_code *re_compile(const char *pattern, size_t len, uint32_t extra, c
                               size_t *where) {
     int ec;
     PCRE2_SIZE eo;
-    pcre2_code *re = pcre2_compile((PCRE2_SPTR)pattern, len, PCRE2_UTF | PCRE2_UCP | extra, &ec, &eo, NULL);
+    // PCRE2_LITERAL refuses UCP (meaningless without classes).
+    uint32_t opts = PCRE2_UTF | extra | ((extra & PCRE2_LITERAL) ? 0 : PCRE2_UCP);
+    pcre2_code *re = pcre2_compile((PCRE2_SPTR)pattern, len, opts, &ec, &eo, NULL);
     if (!re) {
         pcre2_get_error_message(ec, (PCRE2_UCHAR *)msg, msg_size);
         *where = eo;
@@ -1145,7 +1147,7 @@ static int32_t resolve_eod(const nm_tokenizer *t, const char *path) {
         }
     }
     nm_free(cfg_path);
-    static const char *const names[] = { "<|endoftext|>", "<\xef\xbd\x9c" "end\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>", "</s>" };
+    static const char *const names[] = { "<|endoftext|>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "</s>" };
     for (int i = 0; i < 3 && id < 0; i++) id = find_token(t, names[i]);
     return id;
 }

@@ -54,7 +54,10 @@ int32_t nm_tokenizer_eod(const nm_tokenizer *t);
 int nm_tokenizer_encode(const nm_tokenizer *t, const char *text, size_t len, int32_t **ids, int64_t *n_ids,
                         nm_error *err);
 
-// Concatenated bytes of the tokens (added tokens give their content). *text is nm_malloc'ed,
+// Concatenated bytes of the tokens. Like HF's ByteLevel decoder, a token string whose chars
+// are all in the byte alphabet gives the bytes they stand for, any other its own UTF-8; so an
+// added token gives its content ("<|endoftext|>" is itself), except one made only of alphabet
+// chars above U+007F ("été" gives the bytes E9 74 E9, as in HF). *text is nm_malloc'ed,
 // NUL-terminated for convenience (not counted in *len); caller nm_free()s. An id outside
 // [0, vocab) or one that names no token is an error naming the id and its position.
 int nm_tokenizer_decode(const nm_tokenizer *t, const int32_t *ids, int64_t n, char **text, size_t *len,

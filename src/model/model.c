@@ -545,11 +545,12 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
     const float *P = m->params;
     int64_t D = c->D, V = c->V, N = B * T;
     m->have_forward = 0;
-    if (B < 1 || B > m->B_max || T < 2 || T > m->T_max) {
-        return nm_error_set(err, "forward: batch %lld x seq %lld outside the allocated 1..%lld x 2..%lld",
-                            (long long)B, (long long)T, (long long)m->B_max, (long long)m->T_max);
+    int64_t T_min = opt->inference ? 1 : 2;
+    if (B < 1 || B > m->B_max || T < T_min || T > m->T_max) {
+        return nm_error_set(err, "forward: batch %lld x seq %lld outside the allocated 1..%lld x %lld..%lld",
+                            (long long)B, (long long)T, (long long)m->B_max, (long long)T_min, (long long)m->T_max);
     }
-    if (T < c->M + 2) {
+    if (!opt->inference && T < c->M + 2) {
         return nm_error_set(err, "forward: sequence length %lld too short for %lld MTP depths (needs >= %lld)",
                             (long long)T, (long long)c->M, (long long)(c->M + 2));
     }
@@ -581,11 +582,12 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
     linear_fwd(m, m->logits, V, m->h0, D, P + m->table.lm_head, D, N, D, V, 0.0f);
     if (logits_out) memcpy(logits_out, m->logits, (size_t)N * V * sizeof(float));
     ops->xent_forward(m->losses, m->logits, m->targets, N, V);
-    double ce = sum_losses(m->losses, N) / (double)(B * (T - 1));
+    double ce = T > 1 ? sum_losses(m->losses, N) / (double)(B * (T - 1)) : 0.0;
 
     // multi-token prediction (dsv3-spec 6.3, 11): depth k reads h^{k-1} and tokens shifted by k
     double mtp = 0.0;
-    for (int64_t k = 1; k <= c->M; k++) {
+    int64_t M = opt->inference ? 0 : c->M;
+    for (int64_t k = 1; k <= M; k++) {
         int64_t l = c->L + k - 1, Tk = T - k, Nk = B * Tk;
         mtp_acts *t = &m->mtp[k - 1];
         block_acts *blk = &m->blocks[l];
@@ -612,14 +614,14 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
         ops->xent_forward(t->losses, t->logits, t->targets, Nk, V);
         mtp += sum_losses(t->losses, Nk) / (double)(B * (Tk - 1));
     }
-    if (c->M > 0) mtp /= (double)c->M;
+    if (M > 0) mtp /= (double)M;
 
     loss->ce = ce;
     loss->mtp = mtp;
     loss->aux = aux;
     loss->loss = ce + (double)opt->mtp_weight * mtp + (double)opt->aux_weight * aux;
     loss->tokens = N;
-    m->have_forward = 1;
+    m->have_forward = !opt->inference;
     return 0;
 }
 

@@ -21,6 +21,7 @@ typedef struct nm_loss_options {
     float mtp_weight;           // lambda: total += mtp_weight * mean over depths of MTP CE
     float aux_weight;           // alpha:  total += aux_weight * balance loss (summed over MoE layers)
     float grad_scale;           // multiplies every gradient of the backward (1/accumulation steps)
+    int inference;              // 1: main model only (no MTP, T >= 1 allowed), no backward after
 } nm_loss_options;
 
 typedef struct nm_loss_terms {
@@ -43,7 +44,7 @@ const nm_model_config *nm_model_cfg(const nm_model *m);
 size_t nm_model_activation_bytes(const nm_model *m);
 void nm_model_zero_grads(nm_model *m);
 
-// Forward over tokens (B, T), B <= B_max, 2 <= T <= T_max. Token ids outside [0, V) are an
+// Forward over tokens (B, T), B <= B_max, 2 <= T <= T_max (1 <= T with opt->inference). Token ids outside [0, V) are an
 // error naming the position and value. logits_out (B, T, V) may be NULL.
 int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, const nm_loss_options *opt,
                      nm_loss_terms *loss, float *logits_out, nm_error *err);

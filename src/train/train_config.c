@@ -453,9 +453,8 @@ static int validate(nm_train_config *cfg, const char *where, nm_error *err) {
     if (cfg->optimizer.min_lr > cfg->optimizer.lr)
         return nm_error_set(err, "%s: 'optimizer.min_lr' = %g is larger than 'optimizer.lr' = %g", where,
                             cfg->optimizer.min_lr, cfg->optimizer.lr);
-    if (cfg->schedule.warmup_steps > cfg->steps)
-        return nm_error_set(err, "%s: 'schedule.warmup_steps' = %lld exceeds 'steps' = %lld", where,
-                            (long long)cfg->schedule.warmup_steps, (long long)cfg->steps);
+    // warmup_steps > steps is allowed: a short smoke run (--set steps=5) of a config with a
+    // long warm-up simply never reaches lr_max.
     if (cfg->schedule.type == NM_LR_WSD_COSINE) {
         if (cfg->schedule.decay_steps < 1)
             return nm_error_set(err, "%s: schedule 'wsd-cosine' needs 'schedule.decay_steps' >= 1 (got %lld)", where,
@@ -637,7 +636,9 @@ void nm_train_config_describe(FILE *fp) {
         case K_STRING: snprintf(dflt, sizeof(dflt), "%s", k->dflt_s ? k->dflt_s : "null"); break;
         case K_SOURCES: snprintf(dflt, sizeof(dflt), "[]"); break;
         }
-        fprintf(fp, "  %-30s %-7s %-10s %s\n", k->name, type_names[k->type], dflt, k->help);
+        fprintf(fp, "  %-30s %-7s %-10s %s", k->name, type_names[k->type], dflt, k->help);
+        for (int e = 0; k->type == K_ENUM && k->enum_names[e]; e++) fprintf(fp, "%s%s", e ? "|" : ": ", k->enum_names[e]);
+        fputc('\n', fp);
     }
 }
 

@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 
 
 # --- CRC32C (Castagnoli, reflected 0x82F63B78), bit by bit ---------------------------------------
@@ -141,7 +142,7 @@ def check_ours(path: str) -> None:
     events = read_records(open(path, "rb").read())
     first = events[0]
     assert first.get("file_version") == "brain.Event:2", first
-    assert abs(first["wall_time"] - __import__("time").time()) < 3600, first
+    assert abs(first["wall_time"] - time.time()) < 3600, first
     got = {}
     for ev in events[1:]:
         assert "file_version" not in ev

@@ -23,8 +23,8 @@
 #include "ops/cpu/cpu_ops.h"
 
 // Unscaled q_i . k_j over the nope channels (k_nope from kv) and the rope channels (k_pe).
-// The simd reduction lets the compiler vectorise the double sums without -ffast-math (the
-// order is fixed at compile time, so results stay deterministic); ~2x on the whole op.
+// The simd reductions allow the compiler to vectorise the double sums without -ffast-math;
+// the summation order is fixed at compile time, so results stay deterministic.
 static inline double qk_dot(const float *qi, const float *kv_j, const float *kpe_j, int64_t Dn, int64_t Dr) {
     double s = 0.0, t = 0.0;
 #pragma omp simd reduction(+ : s)

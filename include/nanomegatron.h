@@ -1,0 +1,74 @@
+// nanomegatron.h: the public C API (design.md 9).
+//
+//   nm_train_config cfg;
+//   nm_train_config_load(&cfg, "configs/tiny-train.json", overrides, n_overrides, &err);
+//   nm_trainer *t;
+//   nm_trainer_create(&t, &cfg, &opts, &err);        // owns model, optimizer, data, logs
+//   nm_step_metrics m;
+//   while (nm_trainer_step(t, &m, &err) > 0) {
+//       if (m.step % 100 == 0) printf("step=%ld loss=%.3f\n", (long)m.step, m.loss);
+//   }
+//   nm_trainer_save(t, &err);
+//   nm_trainer_destroy(t);
+//
+// The low-level layer for writing one's own loop is re-exported below: the model
+// (nm_model_create, nm_model_forward, nm_model_backward), the optimizer
+// (nm_optimizer_create, nm_optimizer_step), the data loader and the checkpoint functions.
+// Every function returns 0 (or a documented positive value) on success and -1 with an
+// nm_error message on failure; library code never exits.
+#pragma once
+
+#include <stdint.h>
+
+#include "core/check.h"
+#include "data/loader.h"
+#include "model/config.h"
+#include "model/model.h"
+#include "ops/ops.h"
+#include "train/checkpoint.h"
+#include "train/optim.h"
+#include "train/train_config.h"
+
+typedef struct nm_trainer nm_trainer;
+
+typedef struct nm_trainer_options {
+    const char *run_dir;        // checkpoints, metrics.jsonl, TensorBoard events, loss.svg
+    int resume;                 // continue from run_dir's newest valid checkpoint, if any
+    int quiet;                  // no progress line / banner on stdout
+    int64_t max_nan_streak;     // stop after this many skipped steps in a row (default 5 if 0)
+    int64_t inject_nan_step;    // testing hook: poison one gradient at this step (0: never)
+} nm_trainer_options;
+
+typedef struct nm_step_metrics {
+    int64_t step;               // 1-based optimizer step just finished
+    int64_t steps_total;
+    double loss;                // total loss (ce + mtp_weight*mtp + aux_weight*aux), mean over micro-batches
+    double ce_loss;
+    double mtp_loss;
+    double aux_loss;
+    double grad_norm;           // before clipping
+    double lr;
+    double tokens_per_s;
+    double tflops;              // model TFLOP/s (nm_model_flops_per_token x tokens/s)
+    double mfu;                 // tflops / measured fp32 GEMM peak
+    double load_max_over_mean;  // worst MoE layer's max/mean expert load this step
+    double bias_min, bias_max;  // router bias range after the update
+    double val_loss;            // validation CE at this step, NaN if not evaluated
+    int skipped;                // 1 if the divergence guard skipped this step's update
+    double t_data, t_forward, t_backward, t_optimizer;   // seconds per phase
+} nm_step_metrics;
+
+int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_trainer_options *opts, nm_error *err);
+// Runs one optimizer step. Returns 1 after a step, 0 when the configured steps are done,
+// -1 on error (including divergence: too many non-finite steps in a row).
+int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err);
+// Writes a checkpoint of the current state now.
+int nm_trainer_save(nm_trainer *t, nm_error *err);
+// Mean validation cross-entropy over cfg.log.eval_batches micro-batches of the held-out split.
+int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err);
+// Finishes the logs (loss.svg, metrics flush). Called by destroy too.
+int nm_trainer_finish(nm_trainer *t, nm_error *err);
+void nm_trainer_destroy(nm_trainer *t);
+
+nm_model *nm_trainer_model(nm_trainer *t);
+int64_t nm_trainer_step_count(const nm_trainer *t);

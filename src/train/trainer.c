@@ -1,0 +1,508 @@
+// trainer.c: the one stateful owner of a training run (design.md 9): model, optimizer,
+// data loaders, checkpoints and logs. nm_trainer_step is one optimizer step:
+//
+//   for each of accum micro-batches: next batch -> forward -> backward (grads +=, scaled 1/accum)
+//   divergence guard: non-finite loss or gradient -> skip the update, count, stop after N in a row
+//   clip to the global norm -> AdamW -> aux-loss-free bias update from the step's expert counts
+//   metrics.jsonl / TensorBoard / progress line -> validation -> checkpoint
+//
+// Determinism: every reduction has a fixed order and every random draw is counter-based, so
+// a run resumed from a checkpoint continues bit for bit (tests/test_resume.sh kills one).
+// Not here yet: data/tensor/expert/pipeline parallelism (world is 1), bf16 and fp8 compute.
+#define _GNU_SOURCE
+#include "nanomegatron.h"
+
+#include <cblas.h>
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "io/fileio.h"
+#include "io/hf_dir.h"
+#include "model/flops.h"
+#include "train/balance.h"
+#include "train/metrics.h"
+#include "train/schedule.h"
+#include "train/tensorboard.h"
+
+struct nm_trainer {
+    nm_train_config cfg;        // borrowed, immutable
+    nm_trainer_options opts;
+    nm_model_config mcfg;
+    nm_model *model;
+    nm_optimizer *optim;
+    nm_loader *train_data;
+    nm_loader *valid_data;      // NULL when there is no validation split
+    nm_lr_schedule sched;
+    int64_t T;                  // model sequence length = seq_len + 1 (inputs and shifted targets)
+    int64_t accum;
+    int32_t *tokens;            // (micro_batch, T)
+    int64_t *step_counts;       // (n_moe, E) expert selections summed over the step's micro-batches
+    const float **bias_ptrs;    // (n_moe) router bias of each MoE layer
+
+    int64_t step;               // optimizer steps completed
+    int64_t tokens_seen;
+    int64_t skipped_steps;
+    int64_t nan_streak;
+    char nan_first[160];        // tensor where the current streak's first non-finite value appeared
+
+    double flops_per_token;
+    double peak_flops;          // measured fp32 GEMM FLOP/s
+    double t_start;             // wall clock at create (for ETA)
+    int64_t step_at_start;
+
+    nm_metrics_writer *metrics;
+    nm_tb_writer *tb;
+    int tty;
+    double *hist_step, *hist_loss;     // (cfg.steps) train loss per step, for loss.svg
+    double *hist_vstep, *hist_vloss;   // (cfg.steps + 1) validation points
+    int64_t n_hist, n_vhist;
+    int finished;
+};
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+// The machine peak the MFU is measured against: the best of a few 1024^3 SGEMMs through
+// OpenBLAS at the run's thread count (a one-time ~0.2 s cost, printed in the banner).
+static double measure_gemm_peak(void) {
+    const int n = 1024;
+    float *a = nm_aligned_alloc((size_t)n * n * sizeof(float));
+    float *b = nm_aligned_alloc((size_t)n * n * sizeof(float));
+    float *c = nm_aligned_alloc((size_t)n * n * sizeof(float));
+    for (size_t i = 0; i < (size_t)n * n; i++) {
+        a[i] = (float)(i % 7) * 0.1f;
+        b[i] = (float)(i % 5) * 0.1f;
+    }
+    double best = 1e30;
+    for (int r = 0; r < 5; r++) {
+        double t0 = now_s();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
+        double dt = now_s() - t0;
+        if (dt < best) best = dt;
+    }
+    nm_free(a);
+    nm_free(b);
+    nm_free(c);
+    return 2.0 * n * n * (double)n / best;
+}
+
+// --- metrics.jsonl on resume ------------------------------------------------------------------
+
+// Keeps the lines of steps <= last_step (the steps a resumed run will not redo) and reloads
+// the loss history from them, so the log and the plot read as one uninterrupted run.
+static int rewind_metrics(nm_trainer *t, const char *path, int64_t last_step, nm_error *err) {
+    char *text;
+    nm_error ignore;
+    if (nm_file_read_all(path, &text, NULL, &ignore) != 0) return 0;  // no log yet
+    nm_atomic_file f;
+    if (nm_atomic_open(&f, path, err) != 0) {
+        nm_free(text);
+        return -1;
+    }
+    int rc = 0;
+    for (char *line = text, *next; line && *line && rc == 0; line = next) {
+        next = strchr(line, '\n');
+        if (next) *next++ = 0;
+        cJSON *obj = cJSON_Parse(line);
+        const cJSON *s = cJSON_GetObjectItemCaseSensitive(obj, "step");
+        if (cJSON_IsNumber(s) && (int64_t)s->valuedouble <= last_step) {
+            rc = nm_fwrite_all(f.fp, line, strlen(line), path, err) || nm_fwrite_all(f.fp, "\n", 1, path, err);
+            const cJSON *l = cJSON_GetObjectItemCaseSensitive(obj, "loss");
+            const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, "val_loss");
+            if (cJSON_IsNumber(l) && t->n_hist < t->cfg.steps) {
+                t->hist_step[t->n_hist] = s->valuedouble;
+                t->hist_loss[t->n_hist++] = l->valuedouble;
+            }
+            if (cJSON_IsNumber(v) && t->n_vhist <= t->cfg.steps) {
+                t->hist_vstep[t->n_vhist] = s->valuedouble;
+                t->hist_vloss[t->n_vhist++] = v->valuedouble;
+            }
+        }
+        cJSON_Delete(obj);
+    }
+    nm_free(text);
+    if (rc != 0) {
+        nm_atomic_abort(&f);
+        return -1;
+    }
+    return nm_atomic_commit(&f, err);
+}
+
+// --- create -----------------------------------------------------------------------------------
+
+static int make_loaders(nm_trainer *t, nm_error *err) {
+    const nm_train_config *c = &t->cfg;
+    nm_data_spec spec;
+    nm_data_spec_default(&spec);
+    spec.n_sources = c->data_synthetic ? 0 : c->n_data_paths;
+    for (int i = 0; i < spec.n_sources; i++) {
+        spec.prefixes[i] = c->data_paths[i].prefix;
+        spec.weights[i] = c->data_paths[i].weight;
+    }
+    if (c->data_synthetic) spec.synthetic_tokens = c->data_synthetic_tokens;
+    spec.seed = (uint32_t)c->seed;
+    spec.seq_len = c->seq_len;
+    for (int i = 0; i < 3; i++) spec.split[i] = c->data_split_frac[i];
+    // Megatron compat: the train split's first steps*global_batch samples are exactly
+    // Megatron's GPTDataset order for the same data, seed and seq_len.
+    spec.num_samples[NM_SPLIT_TRAIN] = c->steps * c->global_batch;
+    if (nm_loader_create(&t->train_data, &spec, NM_SPLIT_TRAIN, 0, 1, err) != 0) return -1;
+    if (c->log.eval_every > 0 && c->data_split_frac[1] > 0) {
+        if (nm_loader_create(&t->valid_data, &spec, NM_SPLIT_VALID, 0, 1, err) != 0) return -1;
+    }
+    return 0;
+}
+
+int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_trainer_options *opts, nm_error *err) {
+    *out = NULL;
+    if (cfg->precision != NM_PRECISION_FP32) {
+        return nm_error_set(err, "%s: precision \"%s\" is not implemented yet on this build (use fp32)",
+                            cfg->source_path, nm_precision_name(cfg->precision));
+    }
+    if (!opts->run_dir) return nm_error_set(err, "trainer: a run directory is required");
+    nm_trainer *t = nm_calloc(1, sizeof(nm_trainer));
+    t->cfg = *cfg;
+    t->opts = *opts;
+    if (t->opts.max_nan_streak <= 0) t->opts.max_nan_streak = 5;
+    if (cfg->threads > 0) {
+        omp_set_num_threads((int)cfg->threads);
+        openblas_set_num_threads((int)cfg->threads);
+    }
+    int rc = -1;
+    if (nm_train_config_accum_steps(cfg, 1, &t->accum, err) != 0) goto fail;
+    if (cfg->init_from) {
+        if (nm_hf_dir_load_config(cfg->init_from, &t->mcfg, err) != 0) goto fail;
+    } else if (nm_model_config_load(&t->mcfg, cfg->model, err) != 0) {
+        goto fail;
+    }
+    t->T = cfg->seq_len + 1;
+    if (nm_model_create(&t->model, &t->mcfg, nm_ops_cpu(), cfg->micro_batch, t->T, err) != 0) goto fail;
+    const nm_param_table *table = nm_model_table(t->model);
+    if (cfg->init_from) {
+        if (nm_hf_dir_load_params(cfg->init_from, table, nm_model_params(t->model), err) != 0) goto fail;
+    } else {
+        nm_params_init(nm_model_params(t->model), table, &t->mcfg, (uint64_t)cfg->seed);
+    }
+    nm_adamw_config acfg;
+    nm_train_config_adamw(cfg, &acfg);
+    if (nm_optimizer_create(&t->optim, table, &acfg, err) != 0) goto fail;
+    nm_train_config_lr_schedule(cfg, &t->sched);
+    if (make_loaders(t, err) != 0) goto fail;
+
+    int n_moe;
+    const int *moe_ids;
+    nm_model_expert_counts(t->model, &n_moe, &moe_ids);
+    int64_t E = t->mcfg.E > 0 ? t->mcfg.E : 1;
+    t->step_counts = nm_calloc((size_t)(n_moe > 0 ? n_moe : 1) * (size_t)E, sizeof(int64_t));
+    t->bias_ptrs = nm_calloc((size_t)(n_moe > 0 ? n_moe : 1), sizeof(float *));
+    for (int i = 0; i < n_moe; i++) t->bias_ptrs[i] = nm_model_params(t->model) + table->layers[moe_ids[i]].router_bias;
+    t->tokens = nm_malloc((size_t)(cfg->micro_batch * t->T) * sizeof(int32_t));
+    t->hist_step = nm_calloc((size_t)cfg->steps + 1, sizeof(double));
+    t->hist_loss = nm_calloc((size_t)cfg->steps + 1, sizeof(double));
+    t->hist_vstep = nm_calloc((size_t)cfg->steps + 2, sizeof(double));
+    t->hist_vloss = nm_calloc((size_t)cfg->steps + 2, sizeof(double));
+
+    // resume
+    if (nm_mkdir_p(opts->run_dir, err) != 0) goto fail;
+    char metrics_path[4200];
+    snprintf(metrics_path, sizeof(metrics_path), "%s/metrics.jsonl", opts->run_dir);
+    int resumed = 0;
+    if (opts->resume) {
+        nm_ckpt_state st;
+        char dir[4200];
+        int lr = nm_checkpoint_load_latest(opts->run_dir, &st, table, nm_model_params(t->model), t->optim->m,
+                                           t->optim->v, dir, sizeof(dir), err);
+        if (lr < 0) goto fail;
+        if (lr == 1) {
+            if (!opts->quiet) printf("resume: no checkpoint in %s, starting fresh\n", opts->run_dir);
+        } else {
+            t->step = st.step;
+            t->tokens_seen = st.tokens;
+            t->skipped_steps = st.skipped_steps;
+            t->nan_streak = st.nan_streak;
+            t->optim->step = st.optim_step;
+            nm_loader_set_cursor(t->train_data, (nm_data_cursor){.sample = st.data_sample});
+            if (st.seed != cfg->seed) fprintf(stderr, "resume: warning: checkpoint seed %lld differs from config seed %lld\n", (long long)st.seed, (long long)cfg->seed);
+            nm_ckpt_state_free(&st);
+            if (rewind_metrics(t, metrics_path, t->step, err) != 0) goto fail;
+            resumed = 1;
+            if (!opts->quiet) printf("resume: continuing from %s (step %lld)\n", dir, (long long)t->step);
+        }
+    }
+    if (nm_metrics_open(&t->metrics, metrics_path, resumed, err) != 0) goto fail;
+    if (nm_tb_open(&t->tb, opts->run_dir, -1.0, err) != 0) goto fail;
+
+    t->flops_per_token = nm_model_flops_per_token(&t->mcfg, t->T);
+    t->peak_flops = measure_gemm_peak();
+    t->tty = nm_progress_is_tty(stdout);
+    t->t_start = now_s();
+    t->step_at_start = t->step;
+    if (!opts->quiet) {
+        char total[32], active[32], desc[256];
+        nm_format_si(total, sizeof(total), (double)table->n_params_main);
+        nm_format_si(active, sizeof(active), (double)nm_model_params_active(&t->mcfg));
+        nm_loader_describe(t->train_data, desc, sizeof(desc));
+        printf("model %s params (%s active/token) | %lld layers (%lld dense, %d MoE: %lld experts, top-%lld, %lld groups) | MTP %lld\n",
+               total, active, (long long)t->mcfg.L, (long long)(t->mcfg.L - (n_moe - (t->mcfg.M > 0 && t->mcfg.E > 0 ? t->mcfg.M : 0))),
+               n_moe, (long long)t->mcfg.E, (long long)t->mcfg.K, (long long)t->mcfg.G, (long long)t->mcfg.M);
+        printf("data  %s | seq %lld x batch %lld (micro %lld x %lld accum) | %s | %d threads\n", desc,
+               (long long)cfg->seq_len, (long long)cfg->global_batch, (long long)cfg->micro_batch, (long long)t->accum,
+               nm_precision_name(cfg->precision), omp_get_max_threads());
+        printf("peak  %.1f GFLOP/s fp32 GEMM measured | %.2f MFLOP/token | activations %.1f MiB\n",
+               t->peak_flops / 1e9, t->flops_per_token / 1e6, (double)nm_model_activation_bytes(t->model) / 1048576.0);
+        fflush(stdout);
+    }
+    *out = t;
+    return 0;
+fail:
+    nm_trainer_destroy(t);
+    return rc;
+}
+
+// --- step -------------------------------------------------------------------------------------
+
+int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err) {
+    *val_loss = NAN;
+    if (!t->valid_data) return 0;
+    // The same held-out batches every time, so successive values are comparable.
+    nm_loader_set_cursor(t->valid_data, (nm_data_cursor){.sample = 0});
+    nm_loss_options opt = {.mtp_weight = 0.0f, .aux_weight = 0.0f, .grad_scale = 1.0f};
+    double sum = 0.0;
+    for (int64_t i = 0; i < t->cfg.log.eval_batches; i++) {
+        nm_loss_terms lt;
+        if (nm_loader_next_batch(t->valid_data, t->tokens, t->cfg.micro_batch, err) != 0) return -1;
+        if (nm_model_forward(t->model, t->tokens, t->cfg.micro_batch, t->T, &opt, &lt, NULL, err) != 0) return -1;
+        sum += lt.ce;
+    }
+    *val_loss = sum / (double)t->cfg.log.eval_batches;
+    return 0;
+}
+
+int nm_trainer_save(nm_trainer *t, nm_error *err) {
+    nm_ckpt_state st = {
+        .step = t->step, .tokens = t->tokens_seen, .data_sample = nm_loader_get_cursor(t->train_data).sample,
+        .optim_step = t->optim->step, .skipped_steps = t->skipped_steps, .nan_streak = t->nan_streak,
+        .seed = t->cfg.seed, .world = 1,
+    };
+    st.train_config_json = nm_train_config_to_json(&t->cfg);
+    st.tokenizer = nm_strdup(t->cfg.tokenizer ? t->cfg.tokenizer : "bytes");
+    char dir[4200];
+    int rc = nm_metrics_sync(t->metrics, err);
+    if (rc == 0) {
+        rc = nm_checkpoint_save(t->opts.run_dir, &st, &t->mcfg, nm_model_table(t->model), nm_model_params(t->model),
+                                t->optim->m, t->optim->v, t->cfg.checkpoint.keep_last, dir, sizeof(dir), err);
+    }
+    nm_ckpt_state_free(&st);
+    if (rc == 0 && !t->opts.quiet) {
+        if (t->tty) printf("\r\033[K");
+        printf("saved %s\n", dir);
+        fflush(stdout);
+    }
+    return rc;
+}
+
+int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
+    const nm_train_config *c = &t->cfg;
+    if (t->step >= c->steps) return 0;
+    int64_t step = t->step + 1;
+    memset(m, 0, sizeof(*m));
+    m->step = step;
+    m->steps_total = c->steps;
+    m->val_loss = NAN;
+    int n_moe;
+    nm_model_expert_counts(t->model, &n_moe, NULL);
+    int64_t E = t->mcfg.E;
+    memset(t->step_counts, 0, (size_t)n_moe * (size_t)(E > 0 ? E : 1) * sizeof(int64_t));
+
+    double t0 = now_s();
+    nm_loss_options opt = {
+        .mtp_weight = (float)nm_mtp_weight_at(c->mtp.weight, c->mtp.weight_after, c->mtp.switch_step, step),
+        .aux_weight = (float)c->balance.aux_weight,
+        .grad_scale = 1.0f / (float)t->accum,
+    };
+    nm_model_zero_grads(t->model);
+    int finite = 1;
+    for (int64_t micro = 0; micro < t->accum; micro++) {
+        double ta = now_s();
+        if (nm_loader_next_batch(t->train_data, t->tokens, c->micro_batch, err) != 0) return -1;
+        double tb = now_s();
+        nm_loss_terms lt;
+        if (nm_model_forward(t->model, t->tokens, c->micro_batch, t->T, &opt, &lt, NULL, err) != 0) return -1;
+        const int64_t *counts = nm_model_expert_counts(t->model, NULL, NULL);
+        for (int64_t i = 0; i < (int64_t)n_moe * E; i++) t->step_counts[i] += counts[i];
+        double tc = now_s();
+        if (nm_model_backward(t->model, err) != 0) return -1;
+        double td = now_s();
+        m->t_data += tb - ta;
+        m->t_forward += tc - tb;
+        m->t_backward += td - tc;
+        m->loss += lt.loss / (double)t->accum;
+        m->ce_loss += lt.ce / (double)t->accum;
+        m->mtp_loss += lt.mtp / (double)t->accum;
+        m->aux_loss += lt.aux / (double)t->accum;
+        if (!isfinite(lt.loss)) finite = 0;
+    }
+    double te = now_s();
+    if (t->opts.inject_nan_step == step) {
+        // Testing hook for the divergence guard: poison one gradient of the first block.
+        float *g = nm_model_grads(t->model) + nm_model_table(t->model)->layers[0].input_norm;
+        g[0] = NAN;
+    }
+    nm_grad_report rep;
+    nm_optimizer_prepare_grads(t->optim, nm_model_grads(t->model), c->optimizer.clip_grad, &rep);
+    m->grad_norm = rep.norm;
+    m->lr = nm_lr_at(&t->sched, step);
+    if (!finite || !rep.finite) {
+        // Divergence guard: skip the update (parameters, moments and biases untouched).
+        m->skipped = 1;
+        t->skipped_steps++;
+        if (t->nan_streak++ == 0) {
+            snprintf(t->nan_first, sizeof(t->nan_first), "%s", rep.bad_name ? rep.bad_name : "the loss");
+        }
+        fprintf(stderr, "step %lld: non-finite %s (first in %s); update skipped (%lld in a row)\n", (long long)step,
+                finite ? "gradient" : "loss", rep.bad_name ? rep.bad_name : "the loss", (long long)t->nan_streak);
+        if (t->nan_streak >= t->opts.max_nan_streak) {
+            t->step = step;
+            return nm_error_set(err, "diverged: %lld consecutive non-finite steps ending at step %lld; the first appeared in %s",
+                                (long long)t->nan_streak, (long long)step, t->nan_first);
+        }
+    } else {
+        t->nan_streak = 0;
+        nm_optimizer_step(t->optim, nm_model_params(t->model), nm_model_grads(t->model), m->lr);
+        float gamma = (float)nm_bias_gamma_at(c->balance.bias_update_speed, c->balance.bias_update_stop_step, step);
+        if (gamma > 0.0f) {
+            for (int i = 0; i < n_moe; i++) {
+                nm_balance_update_bias((float *)t->bias_ptrs[i], t->step_counts + (size_t)i * E, E, gamma);
+            }
+        }
+    }
+    double tf = now_s();
+    m->t_optimizer = tf - te;
+    t->step = step;
+    int64_t step_tokens = c->global_batch * c->seq_len;
+    t->tokens_seen += step_tokens;
+    double dt = tf - t0;
+    m->tokens_per_s = (double)step_tokens / dt;
+    m->tflops = t->flops_per_token * m->tokens_per_s / 1e12;
+    m->mfu = t->flops_per_token * m->tokens_per_s / t->peak_flops;
+    nm_balance_stats bs = {1.0, 0.0, 0.0};
+    if (n_moe > 0) nm_balance_compute_stats(&bs, t->step_counts, t->bias_ptrs, n_moe, E);
+    m->load_max_over_mean = bs.load_max_over_mean;
+    m->bias_min = bs.bias_min;
+    m->bias_max = bs.bias_max;
+
+    int eval_now = c->log.eval_every > 0 && (step % c->log.eval_every == 0 || step == c->steps);
+    if (eval_now && t->valid_data) {
+        if (nm_trainer_evaluate(t, &m->val_loss, err) != 0) return -1;
+        t->hist_vstep[t->n_vhist] = (double)step;
+        t->hist_vloss[t->n_vhist++] = m->val_loss;
+    }
+    if (t->n_hist < c->steps) {
+        t->hist_step[t->n_hist] = (double)step;
+        t->hist_loss[t->n_hist++] = m->loss;
+    }
+
+    // logs
+    nm_metric kv[24];
+    int n = 0;
+    kv[n++] = NM_METRIC_F("ce_loss", m->ce_loss);
+    kv[n++] = NM_METRIC_F("mtp_loss", m->mtp_loss);
+    kv[n++] = NM_METRIC_F("aux_loss", m->aux_loss);
+    kv[n++] = NM_METRIC_F("grad_norm", m->grad_norm);
+    kv[n++] = NM_METRIC_F("lr", m->lr);
+    kv[n++] = NM_METRIC_F("mtp_weight", opt.mtp_weight);
+    kv[n++] = NM_METRIC_I("tokens", t->tokens_seen);
+    kv[n++] = NM_METRIC_F("tokens_per_s", m->tokens_per_s);
+    kv[n++] = NM_METRIC_F("tflops", m->tflops);
+    kv[n++] = NM_METRIC_F("mfu", m->mfu);
+    kv[n++] = NM_METRIC_F("expert_load_max_over_mean", m->load_max_over_mean);
+    kv[n++] = NM_METRIC_F("bias_min", m->bias_min);
+    kv[n++] = NM_METRIC_F("bias_max", m->bias_max);
+    kv[n++] = NM_METRIC_I("skipped", m->skipped);
+    kv[n++] = NM_METRIC_I("skipped_total", t->skipped_steps);
+    kv[n++] = NM_METRIC_F("time_data_s", m->t_data);
+    kv[n++] = NM_METRIC_F("time_forward_s", m->t_forward);
+    kv[n++] = NM_METRIC_F("time_backward_s", m->t_backward);
+    kv[n++] = NM_METRIC_F("time_optimizer_s", m->t_optimizer);
+    if (!isnan(m->val_loss)) kv[n++] = NM_METRIC_F("val_loss", m->val_loss);
+    if (nm_metrics_write(t->metrics, step, m->loss, kv, n, err) != 0) return -1;
+    int log_now = step % c->log.log_every == 0 || step == c->steps || step == t->step_at_start + 1;
+    if (log_now) {
+        static const char *const tags[] = {"loss/total", "loss/ce", "loss/mtp", "loss/aux", "train/grad_norm",
+                                           "train/lr", "perf/tokens_per_s", "perf/mfu", "moe/load_max_over_mean",
+                                           "moe/bias_min", "moe/bias_max"};
+        float vals[] = {(float)m->loss, (float)m->ce_loss, (float)m->mtp_loss, (float)m->aux_loss, (float)m->grad_norm,
+                        (float)m->lr, (float)m->tokens_per_s, (float)m->mfu, (float)m->load_max_over_mean,
+                        (float)m->bias_min, (float)m->bias_max};
+        if (nm_tb_add_scalars(t->tb, step, tags, vals, 11, err) != 0) return -1;
+        if (!isnan(m->val_loss) && nm_tb_add_scalar(t->tb, "loss/val", step, (float)m->val_loss, err) != 0) return -1;
+        if (nm_tb_flush(t->tb, err) != 0) return -1;
+    }
+    if (!t->opts.quiet) {
+        nm_progress p = {
+            .step = step, .total = c->steps, .loss = m->loss, .mtp_loss = t->mcfg.M > 0 ? m->mtp_loss : NAN,
+            .lr = m->lr, .grad_norm = m->grad_norm, .tokens_per_s = m->tokens_per_s, .mfu = m->mfu,
+            .eta_s = nm_progress_eta(step, c->steps, step - t->step_at_start, now_s() - t->t_start),
+        };
+        nm_progress_print(stdout, &p, t->tty, log_now);
+        if (!isnan(m->val_loss)) {
+            if (t->tty) printf("\r\033[K");
+            printf("step %6lld/%lld | validation loss %.4f | perplexity %.2f\n", (long long)step, (long long)c->steps,
+                   m->val_loss, exp(m->val_loss));
+        }
+        fflush(stdout);
+    }
+    if (c->checkpoint.save_every > 0 && step % c->checkpoint.save_every == 0) {
+        if (nm_trainer_save(t, err) != 0) return -1;
+    }
+    return 1;
+}
+
+// --- finish / destroy -------------------------------------------------------------------------
+
+int nm_trainer_finish(nm_trainer *t, nm_error *err) {
+    if (t->finished || !t->metrics) return 0;
+    t->finished = 1;
+    char path[4200];
+    snprintf(path, sizeof(path), "%s/loss.svg", t->opts.run_dir);
+    nm_plot_series s[2] = {
+        {.label = "train", .x = t->hist_step, .y = t->hist_loss, .n = t->n_hist},
+        {.label = "validation", .x = t->hist_vstep, .y = t->hist_vloss, .n = t->n_vhist},
+    };
+    int rc = nm_plot_write_svg(path, "loss", s, t->n_vhist > 0 ? 2 : 1, err);
+    if (rc == 0) rc = nm_metrics_sync(t->metrics, err);
+    if (rc == 0 && nm_tb_flush(t->tb, err) != 0) rc = -1;
+    return rc;
+}
+
+void nm_trainer_destroy(nm_trainer *t) {
+    if (!t) return;
+    nm_error ignore;
+    if (t->metrics) nm_trainer_finish(t, &ignore);
+    nm_metrics_close(t->metrics);
+    nm_tb_close(t->tb);
+    nm_loader_destroy(t->train_data);
+    nm_loader_destroy(t->valid_data);
+    nm_optimizer_destroy(t->optim);
+    nm_model_destroy(t->model);
+    nm_model_config_free(&t->mcfg);
+    nm_free(t->tokens);
+    nm_free(t->step_counts);
+    nm_free(t->bias_ptrs);
+    nm_free(t->hist_step);
+    nm_free(t->hist_loss);
+    nm_free(t->hist_vstep);
+    nm_free(t->hist_vloss);
+    nm_free(t);
+}
+
+nm_model *nm_trainer_model(nm_trainer *t) { return t->model; }
+int64_t nm_trainer_step_count(const nm_trainer *t) { return t->step; }

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# test_prepare.sh: `nanomegatron prepare` and `inspect --data` end to end.
+#  - plain text blocks -> one document each, tokens = the block's bytes (+ EOD 256);
+#  - the output does not depend on --workers; --doc-per-file; JSONL with a bad line fails
+#    naming file:line and leaves no files; --synthetic; a truncated index is refused naming
+#    the field; no temporary files are left behind;
+#  - prints the throughput on a few MB of generated text (information, not a check).
+# Env: NM_BIN (the binary), NM_PYTHON (any python3, used to build inputs and check JSON).
+set -euo pipefail
+BIN=${NM_BIN:?NM_BIN not set}
+PY=${NM_PYTHON:-python3}
+work=$(mktemp -d test_prepare.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+seed=${NM_TEST_SEED:-$RANDOM$RANDOM}
+echo "test_prepare: seed $seed (NM_TEST_SEED to reproduce)"
+
+# Random text: blocks of lines separated by one or more blank (or whitespace-only) lines.
+"$PY" - "$work" "$seed" <<'PYEOF'
+import json, random, sys
+work, seed = sys.argv[1], int(sys.argv[2])
+r = random.Random(seed)
+words = ["the", "king", "said", "to", "his", "fool", "naïve", "café", "x", "And", "so", "on,"]
+blocks = []
+for _ in range(r.randrange(100, 300)):
+    lines = [" ".join(r.choice(words) for _ in range(r.randrange(1, 12))) for _ in range(r.randrange(1, 5))]
+    blocks.append("\n".join(lines))
+text = ""
+for b in blocks:
+    text += b + "\n" + r.choice(["\n", "\n\n", " \t\n", "\r\n"])
+open(f"{work}/in.txt", "w", encoding="utf-8").write(text)
+json.dump([list(b.encode("utf-8")) for b in blocks], open(f"{work}/want.json", "w"))
+# A few MB for the throughput line.
+big = (text * (1 + 4_000_000 // max(1, len(text))))
+open(f"{work}/big.txt", "w", encoding="utf-8").write(big)
+PYEOF
+
+n_blocks=$("$PY" -c "import json,sys; print(len(json.load(open(sys.argv[1]))))" "$work/want.json")
+
+# 1. plain text, --append-eod
+"$BIN" prepare --input "$work/in.txt" --tokenizer bytes --out "$work/a" --append-eod --workers 1 > "$work/prep.log"
+grep -q "$n_blocks documents" "$work/prep.log" || fail "prepare summary: $(cat "$work/prep.log") (want $n_blocks documents)"
+for d in 0 $((n_blocks / 2)) $((n_blocks - 1)); do
+  "$BIN" inspect --data "$work/a" --doc "$d" > "$work/doc.out"
+  "$PY" - "$work" "$d" <<'PYEOF' || fail "document $d differs"
+import json, sys
+work, d = sys.argv[1], int(sys.argv[2])
+want = json.load(open(f"{work}/want.json"))[d] + [256]
+got = json.loads(open(f"{work}/doc.out").read().strip().split("\n")[-1])
+sys.exit(0 if got == want else 1)
+PYEOF
+done
+grep -q "dtype uint16" "$work/doc.out" || fail "byte tokenizer data should be uint16: $(head -2 "$work/doc.out")"
+
+# 2. the worker count does not change the output
+"$BIN" prepare --input "$work/in.txt" --tokenizer bytes --out "$work/b" --append-eod --workers 2 > /dev/null
+cmp -s "$work/a.bin" "$work/b.bin" && cmp -s "$work/a.idx" "$work/b.idx" || fail "--workers 1 and 2 differ"
+
+# 3. --doc-per-file: two files, two documents
+"$BIN" prepare --input "$work/in.txt" "$work/want.json" --tokenizer bytes --out "$work/c" --doc-per-file --jsonl > /dev/null 2>&1 \
+  && fail "--jsonl on a JSON array file should fail"
+printf 'hello\n\nworld\n' > "$work/f1.txt"
+printf 'second file' > "$work/f2.txt"
+"$BIN" prepare --input "$work/f1.txt" "$work/f2.txt" --tokenizer bytes --out "$work/c" --doc-per-file > /dev/null
+"$BIN" inspect --data "$work/c" --doc 1 > "$work/c.out"
+grep -q "2 documents" "$work/c.out" || fail "--doc-per-file: $(head -1 "$work/c.out")"
+[ "$(tail -n 1 "$work/c.out")" = "[115,101,99,111,110,100,32,102,105,108,101]" ] || fail "--doc-per-file doc 1: $(tail -n 1 "$work/c.out")"
+
+# 4. JSONL with a bad line: error names file:line, no output appears
+printf '{"text": "fine"}\n{"text": "also fine"}\n{"text": broken}\n' > "$work/bad.jsonl"
+if "$BIN" prepare --input "$work/bad.jsonl" --tokenizer bytes --out "$work/bad" 2> "$work/bad.err"; then fail "bad JSONL accepted"; fi
+grep -q "bad.jsonl:3" "$work/bad.err" || fail "bad JSONL message: $(cat "$work/bad.err")"
+[ ! -e "$work/bad.bin" ] && [ ! -e "$work/bad.idx" ] || fail "failed prepare left output files"
+if "$BIN" prepare --input "$work/missing.txt" --tokenizer bytes --out "$work/m" 2> "$work/m.err"; then fail "missing input accepted"; fi
+grep -q "missing.txt" "$work/m.err" || fail "missing input message: $(cat "$work/m.err")"
+
+# 5. synthetic corpus
+"$BIN" prepare --synthetic 100000 --out "$work/syn" --seed 3 > "$work/syn.log"
+grep -q "entropy floor" "$work/syn.log" || fail "synthetic summary: $(cat "$work/syn.log")"
+"$BIN" inspect --data "$work/syn" > "$work/syn.out"
+tokens=$(sed -n 's/.* documents (0 empty), \([0-9]*\) tokens.*/\1/p' "$work/syn.out")
+[ -n "$tokens" ] && [ "$tokens" -ge 100000 ] || fail "synthetic tokens: $(head -1 "$work/syn.out")"
+
+# 6. a truncated index is refused, naming the field and the file
+head -c 50 "$work/a.idx" > "$work/t.idx"
+cp "$work/a.bin" "$work/t.bin"
+if "$BIN" inspect --data "$work/t" 2> "$work/t.err"; then fail "truncated index accepted"; fi
+grep -q "t.idx: truncated index" "$work/t.err" || fail "truncated index message: $(cat "$work/t.err")"
+
+# 7. nothing temporary left behind
+if ls "$work" | grep -q '\.tmp\.'; then fail "temporary files left: $(ls "$work")"; fi
+
+# Throughput (information only)
+"$BIN" prepare --input "$work/big.txt" --tokenizer bytes --out "$work/big" --no-progress | sed 's/^/throughput: /'
+echo "test_prepare: ok"
