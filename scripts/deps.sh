@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(build-essential cmake pkg-config libopenblas-dev libcjson-dev libpcre2-dev
+packages=(build-essential cmake pkg-config libopenblas-openmp-dev libcjson-dev libpcre2-dev
           python3 python3-venv python3-pip python3-numpy python3-torch clang)
 missing=()
 for p in "${packages[@]}"; do

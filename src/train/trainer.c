@@ -250,9 +250,11 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
         nm_format_si(total, sizeof(total), (double)table->n_params_main);
         nm_format_si(active, sizeof(active), (double)nm_model_params_active(&t->mcfg));
         nm_loader_describe(t->train_data, desc, sizeof(desc));
-        printf("model %s params (%s active/token) | %lld layers (%lld dense, %d MoE: %lld experts, top-%lld, %lld groups) | MTP %lld\n",
-               total, active, (long long)t->mcfg.L, (long long)(t->mcfg.L - (n_moe - (t->mcfg.M > 0 && t->mcfg.E > 0 ? t->mcfg.M : 0))),
-               n_moe, (long long)t->mcfg.E, (long long)t->mcfg.K, (long long)t->mcfg.G, (long long)t->mcfg.M);
+        int64_t n_dense = 0;
+        for (int64_t l = 0; l < t->mcfg.L; l++) n_dense += !nm_layer_is_moe(&t->mcfg, l);
+        printf("model %s params (%s active/token) | %lld layers (%lld dense, %lld MoE: %lld experts, top-%lld, %lld groups) | MTP %lld\n",
+               total, active, (long long)t->mcfg.L, (long long)n_dense, (long long)(t->mcfg.L - n_dense),
+               (long long)t->mcfg.E, (long long)t->mcfg.K, (long long)t->mcfg.G, (long long)t->mcfg.M);
         printf("data  %s | seq %lld x batch %lld (micro %lld x %lld accum) | %s | %d threads\n", desc,
                (long long)cfg->seq_len, (long long)cfg->global_batch, (long long)cfg->micro_batch, (long long)t->accum,
                nm_precision_name(cfg->precision), omp_get_max_threads());

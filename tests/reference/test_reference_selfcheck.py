@@ -81,7 +81,7 @@ def fd_check(name, cfg, seed):
         picks += [a + "q_a_proj.weight", a + "q_b_proj.weight", a + "q_a_layernorm.weight"] if cfg["q_lora_rank"] \
             else [a + "q_proj.weight"]
         if R.is_moe_layer(cfg, i):
-            picks += [p + "mlp.gate.weight", p + "mlp.gate.weight", p + "mlp.experts.1.up_proj.weight",
+            picks += [p + "mlp.gate.weight", p + "mlp.experts.1.up_proj.weight",
                       p + "mlp.experts.%d.down_proj.weight" % (cfg["n_routed_experts"] - 1)]
             if cfg["n_shared_experts"]:
                 picks.append(p + "mlp.shared_experts.gate_proj.weight")
@@ -92,14 +92,16 @@ def fd_check(name, cfg, seed):
     eps = 1e-6
     worst = 0.0
     n = 0
-    for pname in picks:
+    for pname in dict.fromkeys(picks):
         t = params[pname]
         g = grads[pname]
-        for _ in range(2):
+        two = "kv_a_proj" in pname or "gate.weight" in pname
+        for j in range(2 if two else 1):
             flat = int(rng.integers(0, t.numel()))
-            if "kv_a_proj_with_mqa" in pname and rng.random() < 0.5:  # hit the k_pe rows too
-                rows = t.shape[0]
-                flat = int(rng.integers(cfg["kv_lora_rank"], rows)) * t.shape[1] + int(rng.integers(0, t.shape[1]))
+            if "kv_a_proj" in pname:  # one coordinate in the c_KV rows, one in the k_pe rows
+                row = int(rng.integers(0, cfg["kv_lora_rank"])) if j == 0 else \
+                    int(rng.integers(cfg["kv_lora_rank"], t.shape[0]))
+                flat = row * t.shape[1] + int(rng.integers(0, t.shape[1]))
             with torch.no_grad():
                 v = t.view(-1)
                 old = v[flat].item()
@@ -116,7 +118,7 @@ def fd_check(name, cfg, seed):
                 check(False, "fd %s %s[%d]: autograd %.9g fd %.9g" % (name, pname, flat, ag, fd))
             worst = max(worst, err)
     check(True, "fd %s: %d coordinates over %d tensors, worst |fd-ag|/max(|ag|,1e-3) %.2e (loss %.4f, aux %.4f)"
-          % (name, n, len(set(picks)), worst, out["loss"].item(), out["aux"].item()))
+          % (name, n, len(dict.fromkeys(picks)), worst, out["loss"].item(), out["aux"].item()))
 
 
 def fd_aux_only(cfg, seed):

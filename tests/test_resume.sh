@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# test_resume.sh: a run killed with SIGKILL (repeatedly, at random moments, some of them in
+# the middle of a checkpoint save) and resumed continues bit for bit (design.md 5b, 8):
+#   A: 12 uninterrupted steps, checkpoints every 3.
+#   B: the same run killed after >= 5 logged steps, then resumed in a crash loop that kills
+#      it again at short random intervals while it checkpoints every step.
+#   Every step's loss / ce / mtp / aux / grad_norm in B's metrics.jsonl equals A's as text
+#   (shortest round-trip decimal, so bit for bit), steps 1..12 once each, and the final
+#   model.safetensors and AdamW moments of B are byte-identical to A's.
+# Also: --resume on an empty run dir starts fresh (and says so); a corrupted / truncated
+# newest checkpoint is detected by its CRC / size and the previous one is used, again
+# continuing bit for bit.
+set -euo pipefail
+
+: "${NM_BIN:?NM_BIN must point to the nanomegatron binary}"
+# Oversubscribed OpenMP/OpenBLAS threads that spin make a busy 2-core machine ~10x slower.
+export OMP_WAIT_POLICY=passive
+tmp=$(mktemp -d)
+bg_pid=
+cleanup() {
+    if [ -n "$bg_pid" ]; then kill -9 "$bg_pid" 2>/dev/null || true; wait "$bg_pid" 2>/dev/null || true; fi
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+cd "$tmp"
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+# --- configs: a small model (hidden 64, vocab 300, 1 dense + 2 MoE layers, 4 groups, MTP 1) ---
+cat > model.json <<'EOF'
+{
+  "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+  "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+  "num_hidden_layers": 3, "num_nextn_predict_layers": 1,
+  "num_attention_heads": 2, "num_key_value_heads": 2,
+  "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+  "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2,
+  "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5, "norm_topk_prob": true,
+  "scoring_func": "sigmoid", "topk_method": "noaux_tc", "first_k_dense_replace": 1, "moe_layer_freq": 1,
+  "hidden_act": "silu", "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "rope_scaling": null,
+  "max_position_embeddings": 512, "tie_word_embeddings": false, "attention_bias": false,
+  "attention_dropout": 0.0, "initializer_range": 0.006, "bos_token_id": 0, "eos_token_id": 1,
+  "use_cache": true, "torch_dtype": "float32"
+}
+EOF
+# keep_last 0 keeps every checkpoint (the corruption test needs an older one to fall back to);
+# cosine schedule with warm-up and clipping so that the step number matters everywhere.
+cat > train.json <<'EOF'
+{
+  "model": "model.json",
+  "data": {"synthetic": true, "synthetic_tokens": 65536},
+  "seq_len": 32, "micro_batch": 2, "global_batch": 4, "steps": 12, "seed": 7,
+  "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "clip_grad": 1.0},
+  "schedule": {"type": "cosine", "warmup_steps": 2},
+  "mtp": {"weight": 0.3, "weight_after": 0.1, "switch_step": 8},
+  "checkpoint": {"save_every": 3, "keep_last": 0},
+  "log": {"log_every": 1}
+}
+EOF
+STEPS=12
+# (an array, not a function: a backgrounded function would be a subshell, and kill -9 of its
+# pid would leave the trainer running)
+train=("$NM_BIN" train --config train.json --steps $STEPS --quiet)
+
+# "step loss ce mtp aux grad_norm" per line, numbers as written (text equality = bit equality).
+extract() {
+    sed -E 's/^\{"step": ([0-9]+), "loss": ([^,]+),.*"ce_loss": ([^,]+),.*"mtp_loss": ([^,]+),.*"aux_loss": ([^,]+),.*"grad_norm": ([^,]+),.*$/\1 \2 \3 \4 \5 \6/' "$1"
+}
+# Fails unless run dir $1 has exactly steps 1..$STEPS, each equal to run A's.
+check_same_as_a() {
+    local dir=$1 what=$2
+    extract "$dir/metrics.jsonl" > "$dir.cmp"
+    [ "$(wc -l < "$dir.cmp")" -eq $STEPS ] || { cat "$dir/metrics.jsonl" >&2; fail "$what: $(wc -l < "$dir.cmp") metrics lines, want $STEPS"; }
+    [ "$(cut -d' ' -f1 "$dir.cmp" | tr '\n' ' ')" = "$(seq 1 $STEPS | tr '\n' ' ')" ] || fail "$what: steps are not 1..$STEPS once each"
+    if ! diff A.cmp "$dir.cmp" >&2; then fail "$what: losses / grad norms differ from the uninterrupted run (< A, > $what)"; fi
+    local last
+    last=$(printf 'step_%06d' $STEPS)
+    for f in model.safetensors optim_m.safetensors optim_v.safetensors; do
+        cmp "A/$last/$f" "$dir/$last/$f" || fail "$what: $last/$f differs from the uninterrupted run's"
+    done
+}
+
+# --- A: uninterrupted ------------------------------------------------------------------------
+t0=$SECONDS
+"${train[@]}" --out A
+extract A/metrics.jsonl > A.cmp
+[ "$(wc -l < A.cmp)" -eq $STEPS ] || fail "run A wrote $(wc -l < A.cmp) metrics lines"
+grep -q '"skipped": 0' A/metrics.jsonl || fail "run A: no skipped field"
+# a resumed run of a finished run does nothing more and changes nothing
+cp -r A A2
+"${train[@]}" --out A2 --resume 2>/dev/null
+cmp A/metrics.jsonl A2/metrics.jsonl || fail "resuming a finished run changed its metrics"
+rm -rf A2
+echo "run A: $STEPS steps in $((SECONDS - t0)) s"
+
+# --- --resume on an empty run dir starts fresh --------------------------------------------
+"$NM_BIN" train --config train.json --steps 2 --out E --resume > E.out 2> E.err || { cat E.err >&2; fail "--resume on an empty dir failed"; }
+grep -qi 'starting fresh' E.out || { cat E.out E.err >&2; fail "--resume on an empty dir does not say it starts fresh"; }
+[ "$(wc -l < E/metrics.jsonl)" -eq 2 ] || fail "--resume on an empty dir: expected 2 metrics lines"
+[ "$(extract E/metrics.jsonl | head -1)" = "$(head -1 A.cmp)" ] || fail "fresh start via --resume: step 1 differs from run A"
+
+# --- B: killed once after >= 5 logged steps, then a crash loop ----------------------------
+t0=$SECONDS
+"${train[@]}" --out B & bg_pid=$!
+for _ in $(seq 1 600); do
+    if [ -f B/metrics.jsonl ] && [ "$(wc -l < B/metrics.jsonl)" -ge 5 ]; then break; fi
+    kill -0 "$bg_pid" 2>/dev/null || break
+    sleep 0.01
+done
+kill -9 "$bg_pid" 2>/dev/null || true
+wait "$bg_pid" 2>/dev/null || true
+bg_pid=
+n_first=$(wc -l < B/metrics.jsonl)
+[ -f B/latest ] || fail "no checkpoint after the first kill"
+[ "$n_first" -lt $STEPS ] || echo "note: the first kill came after the run had finished (machine very slow?)"
+echo "first kill after $n_first logged steps, latest = $(cat B/latest)"
+
+# Crash loop: resume, checkpointing every step (so that kills land inside saves), killed at
+# random moments; bounded, then one last uninterrupted resume.
+kills=0 in_save=0 done_b=0
+RANDOM=4242
+for attempt in $(seq 1 40); do
+    "${train[@]}" --out B --resume --save-every 1 2>> B.err & bg_pid=$!
+    # 50..950 ms: the process start (GEMM peak measurement) takes about 0.5 s on a busy
+    # 2-core machine, a step with its checkpoint a few tens of ms
+    sleep "0.$(printf '%03d' $((50 + RANDOM % 900)))"
+    if kill -9 "$bg_pid" 2>/dev/null; then
+        wait "$bg_pid" 2>/dev/null || true
+        bg_pid=
+        kills=$((kills + 1))
+        if compgen -G 'B/step_*.tmp.*' > /dev/null; then
+            in_save=$((in_save + 1))
+            rm -rf B/step_*.tmp.*     # leftovers of the interrupted save (kept out of the next check)
+        fi
+    else
+        rc=0; wait "$bg_pid" || rc=$?
+        bg_pid=
+        [ "$rc" -eq 0 ] || { cat B.err >&2; fail "resumed run exited with $rc"; }
+        done_b=1
+        break
+    fi
+done
+if [ $done_b -eq 0 ]; then
+    echo "crash loop ended at $(cat B/latest 2>/dev/null || echo 'no checkpoint'); one last resume"
+    "${train[@]}" --out B --resume 2>> B.err || { cat B.err >&2; fail "final resume failed"; }
+fi
+echo "run B: $kills more kills ($in_save of them inside a checkpoint save) in $((SECONDS - t0)) s"
+if grep -q 'is not usable' B.err; then echo "(a kill left an unusable checkpoint that resume skipped:)"; grep 'is not usable' B.err | head -3; fi
+check_same_as_a B "killed-and-resumed run B"
+echo "B matches A bit for bit: $STEPS steps, model and AdamW moments"
+
+# Make sure a kill inside a save was exercised at least once: keep killing a run that saves
+# every step, at increasing delays, until a kill leaves a temporary checkpoint directory.
+if [ $in_save -eq 0 ]; then
+    for ms in $(seq 5 7 400); do
+        rm -rf S; "${train[@]}" --out S --save-every 1 & bg_pid=$!
+        sleep "0.$(printf '%03d' "$ms")"
+        kill -9 "$bg_pid" 2>/dev/null || true
+        wait "$bg_pid" 2>/dev/null || true
+        bg_pid=
+        if compgen -G 'S/step_*.tmp.*' > /dev/null; then in_save=1; break; fi
+    done
+    if [ $in_save -eq 1 ]; then
+        "${train[@]}" --out S --resume --save-every 1 2> S.err || { cat S.err >&2; fail "resume after a kill inside a save failed"; }
+        check_same_as_a S "run S killed inside a save"
+        echo "run S killed inside a checkpoint save (after $ms ms) and resumed: matches A bit for bit"
+    else
+        echo "note: no kill landed inside a checkpoint save on this machine"
+    fi
+fi
+
+# --- corrupt / truncated newest checkpoint: fall back to the previous one -----------------
+cp -r A C
+ck=C/step_000012/model.safetensors
+off=$(( $(stat -c %s "$ck") - 100 ))
+byte=$(od -An -tu1 -j "$off" -N1 "$ck" | tr -d ' ')
+printf "$(printf '\\%03o' $(( byte ^ 1 )))" | dd of="$ck" bs=1 seek="$off" conv=notrunc status=none
+cmp -s A/step_000012/model.safetensors "$ck" && fail "the byte flip did not change the file"
+"${train[@]}" --out C --resume 2> C.err || { cat C.err >&2; fail "resume with a corrupt newest checkpoint failed"; }
+grep -Eqi 'crc|checksum|corrupt' C.err || { cat C.err >&2; fail "corruption not reported on stderr"; }
+grep -q 'step_000012' C.err || { cat C.err >&2; fail "the corrupt checkpoint is not named"; }
+grep -Eq 'using .*step_000009' C.err || { cat C.err >&2; fail "stderr does not say the previous checkpoint (step 9) is used"; }
+check_same_as_a C "run resumed from the checkpoint before a corrupt one"
+echo "corrupt step 12 -> resumed from step 9, steps 10-12 and the final state match A"
+
+# truncated files in the two newest checkpoints: falls back two steps
+cp -r A D
+truncate -s 1000 D/step_000012/optim_v.safetensors
+truncate -s -4 D/step_000009/model.safetensors
+"${train[@]}" --out D --resume 2> D.err || { cat D.err >&2; fail "resume with truncated checkpoints failed"; }
+grep -q 'step_000012.*size' D.err || { cat D.err >&2; fail "truncation of step 12 not reported"; }
+grep -q 'step_000009.*size' D.err || { cat D.err >&2; fail "truncation of step 9 not reported"; }
+grep -Eq 'using .*step_000006' D.err || { cat D.err >&2; fail "stderr does not say step 6 is used"; }
+check_same_as_a D "run resumed from step 6 after two truncated checkpoints"
+echo "truncated steps 12 and 9 -> resumed from step 6, bit for bit"
+
+# nothing valid at all: a clear error, not a fresh start
+cp -r A F
+for d in F/step_*; do truncate -s 10 "$d/model.safetensors"; done
+if "${train[@]}" --out F --resume 2> F.err; then fail "resume with no valid checkpoint succeeded"; fi
+grep -q 'no valid checkpoint' F.err || { cat F.err >&2; fail "no 'no valid checkpoint' message"; }
+echo "PASS test_resume"
