@@ -1,7 +1,8 @@
 // cmd_train.c: `nanomegatron train` and `nanomegatron eval`.
 //
 //   train --config C --out RUN_DIR [--steps N] [--save-every N] [--seed S] [--set k=v]...
-//         [--resume] [--quiet] [--inject-nan STEP]
+//         [--init-from HF_DIR] [--resume] [--quiet] [--inject-nan STEP]
+// --inject-nan poisons one gradient at that step: a test hook for the divergence guard.
 //   eval  --model DIR --data PREFIX [--seq-len T] [--batch B] [--batches N] [--seed S]
 #include <math.h>
 #include <stdio.h>
@@ -14,13 +15,13 @@
 #include "nanomegatron.h"
 
 int nm_cmd_train(int argc, char **argv) {
-    static const char *const value_flags[] = {"config", "out", "steps", "save-every", "seed", "set", "inject-nan", NULL};
+    static const char *const value_flags[] = {"config", "out", "steps", "save-every", "seed", "set", "inject-nan", "init-from", NULL};
     static const char *const bool_flags[] = {"resume", "quiet", "help", NULL};
     nm_args a;
     if (nm_args_parse(&a, "train", argc, argv, value_flags, bool_flags) != 0) return 2;
     if (nm_args_has(&a, "help")) {
         printf("usage: nanomegatron train --config C --out RUN_DIR [--steps N] [--save-every N] [--seed S]\n"
-               "                          [--set key=value]... [--resume] [--quiet]\n\ntraining config keys:\n");
+               "                          [--set key=value]... [--init-from HF_DIR] [--resume] [--quiet]\n\ntraining config keys:\n");
         nm_train_config_describe(stdout);
         return 0;
     }
@@ -31,12 +32,18 @@ int nm_cmd_train(int argc, char **argv) {
     }
     // --steps / --save-every / --seed are shorthands for --set; later --set wins.
     const char *overrides[128];
-    char shorthand[3][64];
+    char shorthand[3][64], init_from[4200];
     int n = 0;
     const char *v;
     if ((v = nm_args_str(&a, "steps", NULL))) snprintf(shorthand[0], 64, "steps=%s", v), overrides[n++] = shorthand[0];
     if ((v = nm_args_str(&a, "save-every", NULL))) snprintf(shorthand[1], 64, "checkpoint.save_every=%s", v), overrides[n++] = shorthand[1];
     if ((v = nm_args_str(&a, "seed", NULL))) snprintf(shorthand[2], 64, "seed=%s", v), overrides[n++] = shorthand[2];
+    if ((v = nm_args_str(&a, "init-from", NULL))) {
+        // Continue pre-training from a Hugging Face directory instead of a fresh init.
+        snprintf(init_from, sizeof(init_from), "init_from=%s", v);
+        overrides[n++] = "model=null";
+        overrides[n++] = init_from;
+    }
     n += nm_args_all(&a, "set", overrides + n, 128 - n);
     int64_t inject;
     if (nm_args_i64(&a, "inject-nan", 0, &inject) != 0) return 2;

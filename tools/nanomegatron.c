@@ -1,6 +1,10 @@
 // nanomegatron: the command-line front end. Dispatches to one function per subcommand.
+#define _GNU_SOURCE
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <unistd.h>
 
 #include "commands.h"
 
@@ -22,7 +26,26 @@ static const char *usage =
     "  eval      --model DIR --data PREFIX\n"
     "  sample    --model DIR|RUN_DIR --prompt TEXT [--tokens N] [--temperature T] [--top-p P] [--seed S]\n";
 
+char *openblas_get_corename(void);
+
+// OpenBLAS (0.3.21, DYNAMIC_ARCH) picks its kernels from a list of known CPU models when it
+// is loaded; a virtualised recent Xeon reports a generic model and gets the Prescott (SSE3)
+// kernels, several times slower than the AVX-512 ones the CPU has. The choice can only be
+// changed through OPENBLAS_CORETYPE before the library loads, so set it from what the CPU
+// really supports and re-execute once. Anything unexpected: carry on with what we have.
+static void fix_openblas_kernels(char **argv) {
+    if (getenv("OPENBLAS_CORETYPE")) return;
+    const char *core = openblas_get_corename();
+    if (!core || (strcasecmp(core, "Prescott") != 0 && strcasecmp(core, "Core2") != 0 && strcasecmp(core, "Nehalem") != 0)) return;
+    __builtin_cpu_init();
+    const char *want = __builtin_cpu_supports("avx512f") ? "SkylakeX" : __builtin_cpu_supports("avx2") ? "Haswell" : NULL;
+    if (!want) return;
+    setenv("OPENBLAS_CORETYPE", want, 1);
+    execv("/proc/self/exe", argv);
+}
+
 int main(int argc, char **argv) {
+    fix_openblas_kernels(argv);
     if (argc < 2 || !strcmp(argv[1], "help") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         fputs(usage, argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;

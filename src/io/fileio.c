@@ -122,10 +122,14 @@ int nm_mkdir_p(const char *path, nm_error *err) {
     return rc;
 }
 
+#if defined(__SSE4_2__)
+#include <nmmintrin.h>
+#endif
+
 static uint32_t crc32c_table[256];
 static int crc32c_ready;
 
-uint32_t nm_crc32c(uint32_t crc, const void *data, size_t size) {
+static uint32_t crc32c_bytes(uint32_t crc, const uint8_t *p, size_t size) {
     if (!crc32c_ready) {  // benign race: every thread computes the same table
         for (uint32_t i = 0; i < 256; i++) {
             uint32_t c = i;
@@ -134,8 +138,23 @@ uint32_t nm_crc32c(uint32_t crc, const void *data, size_t size) {
         }
         crc32c_ready = 1;
     }
+    for (size_t i = 0; i < size; i++) crc = crc32c_table[(crc ^ p[i]) & 0xff] ^ (crc >> 8);
+    return crc;
+}
+
+uint32_t nm_crc32c(uint32_t crc, const void *data, size_t size) {
     const uint8_t *p = data;
     crc = ~crc;
-    for (size_t i = 0; i < size; i++) crc = crc32c_table[(crc ^ p[i]) & 0xff] ^ (crc >> 8);
-    return ~crc;
+#if defined(__SSE4_2__)
+    // The CRC32 instruction computes exactly this polynomial (Castagnoli), 8 bytes a cycle
+    // or so: checkpoints of large models are checksummed at disk speed, not at 0.5 GB/s.
+    uint64_t c = crc;
+    for (; size >= 8; size -= 8, p += 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        c = _mm_crc32_u64(c, w);
+    }
+    crc = (uint32_t)c;
+#endif
+    return ~crc32c_bytes(crc, p, size);
 }

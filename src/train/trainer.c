@@ -115,7 +115,7 @@ static int rewind_metrics(nm_trainer *t, const char *path, int64_t last_step, nm
         const cJSON *s = cJSON_GetObjectItemCaseSensitive(obj, "step");
         if (cJSON_IsNumber(s) && (int64_t)s->valuedouble <= last_step) {
             rc = nm_fwrite_all(f.fp, line, strlen(line), path, err) || nm_fwrite_all(f.fp, "\n", 1, path, err);
-            const cJSON *l = cJSON_GetObjectItemCaseSensitive(obj, "loss");
+            const cJSON *l = cJSON_GetObjectItemCaseSensitive(obj, "ce_loss");
             const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, "val_loss");
             if (cJSON_IsNumber(l) && t->n_hist < t->cfg.steps) {
                 t->hist_step[t->n_hist] = s->valuedouble;
@@ -409,7 +409,7 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     }
     if (t->n_hist < c->steps) {
         t->hist_step[t->n_hist] = (double)step;
-        t->hist_loss[t->n_hist++] = m->loss;
+        t->hist_loss[t->n_hist++] = m->ce_loss;
     }
 
     // logs
@@ -450,7 +450,10 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     }
     if (!t->opts.quiet) {
         nm_progress p = {
-            .step = step, .total = c->steps, .loss = m->loss, .mtp_loss = t->mcfg.M > 0 ? m->mtp_loss : NAN,
+            // The progress line shows the main next-token CE as "loss" (Megatron's "lm loss"):
+            // the number comparable to the validation loss and the corpus entropy floor.
+            // metrics.jsonl has both: "loss" (the total objective) and "ce_loss".
+            .step = step, .total = c->steps, .loss = m->ce_loss, .mtp_loss = t->mcfg.M > 0 ? m->mtp_loss : NAN,
             .lr = m->lr, .grad_norm = m->grad_norm, .tokens_per_s = m->tokens_per_s, .mfu = m->mfu,
             .eta_s = nm_progress_eta(step, c->steps, step - t->step_at_start, now_s() - t->t_start),
         };
