@@ -184,8 +184,16 @@ int main(int argc, char **argv) {
     omp_set_num_threads(threads);
     openblas_set_num_threads(threads);
     cpu_features f = detect_cpu();
-    printf("cpu: avx512f=%d avx512_bf16=%d amx_tile=%d amx_bf16=%d | threads %d | OpenBLAS %s\n", f.avx512f,
-           f.avx512_bf16, f.amx_tile, f.amx_bf16, threads, openblas_get_config());
+    const char *core = openblas_get_corename();
+    printf("cpu: avx512f=%d avx512_bf16=%d amx_tile=%d amx_bf16=%d | threads %d | OpenBLAS %s | kernels %s\n",
+           f.avx512f, f.avx512_bf16, f.amx_tile, f.amx_bf16, threads, openblas_get_config(), core);
+    // OpenBLAS's DYNAMIC_ARCH picks kernels from the CPU model number; a model newer than the
+    // library (e.g. Emerald Rapids, model 207, under Debian 12's 0.3.21) falls back to the
+    // SSE3 "Prescott" kernels, 4-6x slower than the AVX-512 ones on the same machine.
+    if (f.avx512f && (!strcmp(core, "Prescott") || !strcmp(core, "Core2") || !strcmp(core, "Nehalem")))
+        printf("warning: OpenBLAS chose the %s kernels on an AVX-512 CPU; set OPENBLAS_CORETYPE=SkylakeX "
+               "(or Cooperlake) before the process starts\n", core);
+    printf("openblas_core=%s\n", core);
 
     double fp32_best = 0.0;
     for (int n = 1024; n <= max_n; n += 1024) {

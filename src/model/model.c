@@ -79,6 +79,9 @@ struct nm_model {
     nm_param_table table;
     float *params;              // (table.n_floats)
     float *grads;               // (table.n_floats)
+    nm_precision precision;     // of the linear layers' GEMMs
+    uint16_t *params_bf16;      // (table.n_floats) bf16 copy of params (bf16 / fp8 modes), else NULL
+    int params_changed;         // params may differ from params_bf16
     int64_t B_max, T_max;
 
     float *arena;               // every activation buffer below points into it
@@ -310,6 +313,7 @@ void nm_model_destroy(nm_model *m) {
     nm_param_table_free(&m->table);
     nm_free(m->params);
     nm_free(m->grads);
+    nm_free(m->params_bf16);
     nm_free(m->arena);
     nm_free(m->blocks);
     nm_free(m->mtp);
@@ -318,7 +322,23 @@ void nm_model_destroy(nm_model *m) {
     nm_free(m);
 }
 
-float *nm_model_params(nm_model *m) { return m->params; }
+float *nm_model_params(nm_model *m) {
+    m->params_changed = 1;
+    return m->params;
+}
+
+int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err) {
+    if (p != NM_PRECISION_FP32 && (!m->ops->gemm_bf16 || !m->ops->cast_bf16 || (p == NM_PRECISION_FP8 && !m->ops->gemm_fp8))) {
+        return nm_error_set(err, "precision %s: this backend has no %s GEMM", p == NM_PRECISION_FP8 ? "fp8" : "bf16",
+                            p == NM_PRECISION_FP8 ? "fp8" : "bf16");
+    }
+    m->precision = p;
+    if (p != NM_PRECISION_FP32 && !m->params_bf16) {
+        m->params_bf16 = nm_aligned_alloc(m->table.n_floats * sizeof(uint16_t));
+    }
+    m->params_changed = 1;
+    return 0;
+}
 float *nm_model_grads(nm_model *m) { return m->grads; }
 const nm_param_table *nm_model_table(const nm_model *m) { return &m->table; }
 const nm_model_config *nm_model_cfg(const nm_model *m) { return &m->cfg; }
@@ -333,22 +353,66 @@ const int64_t *nm_model_expert_counts(const nm_model *m, int *n_moe_layers, cons
 
 // --- linear helpers (y = x W^T with PyTorch [out, in] weights) --------------------------------
 
+// The precision a weight's GEMMs run in. The router always stays fp32 (dsv3-spec 9.10); in
+// the fp8 recipe the output head stays bf16 (dsv3-spec 6.5: embedding, head, gating, norms
+// and attention are kept out of FP8).
+static nm_precision weight_precision(const nm_model *m, size_t off) {
+    if (m->precision == NM_PRECISION_FP32) return NM_PRECISION_FP32;
+    for (int i = 0; i < m->n_moe; i++) {
+        if (off == m->table.layers[m->moe_layer_ids[i]].router) return NM_PRECISION_FP32;
+    }
+    if (m->precision == NM_PRECISION_FP8 && off == m->table.lm_head) return NM_PRECISION_BF16;
+    return m->precision;
+}
+
 // out(N, OC) (= or += by beta) inp(N, IC) . W(OC, IC)^T, with leading dimensions.
 static void linear_fwd(const nm_model *m, float *out, int64_t ld_out, const float *inp, int64_t ld_inp,
                        const float *W, int64_t ldw, int64_t N, int64_t IC, int64_t OC, float beta) {
-    m->ops->gemm(NM_NO_TRANS, NM_TRANS, N, OC, IC, 1.0f, inp, ld_inp, W, ldw, beta, out, ld_out);
+    size_t off = (size_t)(W - m->params);
+    switch (weight_precision(m, off)) {
+    case NM_PRECISION_BF16:
+        m->ops->gemm_bf16(NM_NO_TRANS, NM_TRANS, N, OC, IC, 1.0f, inp, NM_F32, ld_inp, m->params_bf16 + off, NM_BF16,
+                          ldw, beta, out, ld_out);
+        break;
+    case NM_PRECISION_FP8:
+        m->ops->gemm_fp8(NM_NO_TRANS, NM_TRANS, N, OC, IC, 1.0f, inp, ld_inp, W, ldw, NM_FP8_WEIGHT, beta, out, ld_out);
+        break;
+    default:
+        m->ops->gemm(NM_NO_TRANS, NM_TRANS, N, OC, IC, 1.0f, inp, ld_inp, W, ldw, beta, out, ld_out);
+    }
 }
 
-// dinp(N, IC) (= or += by beta) dout(N, OC) . W(OC, IC)
+// dinp(N, IC) (= or += by beta) dout(N, OC) . W(OC, IC)      (Dgrad)
 static void linear_bwd_inp(const nm_model *m, float *dinp, int64_t ld_dinp, const float *dout, int64_t ld_dout,
                            const float *W, int64_t ldw, int64_t N, int64_t IC, int64_t OC, float beta) {
-    m->ops->gemm(NM_NO_TRANS, NM_NO_TRANS, N, IC, OC, 1.0f, dout, ld_dout, W, ldw, beta, dinp, ld_dinp);
+    size_t off = (size_t)(W - m->params);
+    switch (weight_precision(m, off)) {
+    case NM_PRECISION_BF16:
+        m->ops->gemm_bf16(NM_NO_TRANS, NM_NO_TRANS, N, IC, OC, 1.0f, dout, NM_F32, ld_dout, m->params_bf16 + off,
+                          NM_BF16, ldw, beta, dinp, ld_dinp);
+        break;
+    case NM_PRECISION_FP8:
+        m->ops->gemm_fp8(NM_NO_TRANS, NM_NO_TRANS, N, IC, OC, 1.0f, dout, ld_dout, W, ldw, NM_FP8_WEIGHT, beta, dinp, ld_dinp);
+        break;
+    default:
+        m->ops->gemm(NM_NO_TRANS, NM_NO_TRANS, N, IC, OC, 1.0f, dout, ld_dout, W, ldw, beta, dinp, ld_dinp);
+    }
 }
 
-// dW(OC, IC) += dout(N, OC)^T . inp(N, IC)
+// dW(OC, IC) += dout(N, OC)^T . inp(N, IC)      (Wgrad: both operands are activations)
 static void linear_bwd_w(const nm_model *m, float *dW, int64_t ldw, const float *dout, int64_t ld_dout,
                          const float *inp, int64_t ld_inp, int64_t N, int64_t IC, int64_t OC) {
-    m->ops->gemm(NM_TRANS, NM_NO_TRANS, OC, IC, N, 1.0f, dout, ld_dout, inp, ld_inp, 1.0f, dW, ldw);
+    size_t off = (size_t)(dW - m->grads);
+    switch (weight_precision(m, off)) {
+    case NM_PRECISION_BF16:
+        m->ops->gemm_bf16(NM_TRANS, NM_NO_TRANS, OC, IC, N, 1.0f, dout, NM_F32, ld_dout, inp, NM_F32, ld_inp, 1.0f, dW, ldw);
+        break;
+    case NM_PRECISION_FP8:
+        m->ops->gemm_fp8(NM_TRANS, NM_NO_TRANS, OC, IC, N, 1.0f, dout, ld_dout, inp, ld_inp, NM_FP8_ACTIVATION, 1.0f, dW, ldw);
+        break;
+    default:
+        m->ops->gemm(NM_TRANS, NM_NO_TRANS, OC, IC, N, 1.0f, dout, ld_dout, inp, ld_inp, 1.0f, dW, ldw);
+    }
 }
 
 static nm_router_params router_params(const nm_model_config *c, int64_t N) {
@@ -559,6 +623,11 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
             return nm_error_set(err, "forward: token id %d at row %lld position %lld is outside the vocabulary [0, %lld)",
                                 tokens[i], (long long)(i / T), (long long)(i % T), (long long)V);
         }
+    }
+    if (m->precision != NM_PRECISION_FP32 && m->params_changed) {
+        // Weights cast once per step (the optimizer wrote them through nm_model_params).
+        ops->cast_bf16(m->params_bf16, m->params, (int64_t)m->table.n_floats);
+        m->params_changed = 0;
     }
     m->B = B;
     m->T = T;

@@ -11,6 +11,7 @@
 
 #include <stdint.h>
 
+#include "core/precision.h"
 #include "model/config.h"
 #include "model/params.h"
 #include "ops/ops.h"
@@ -37,7 +38,7 @@ int nm_model_create(nm_model **out, const nm_model_config *cfg, const nm_ops *op
                     int64_t T_max, nm_error *err);
 void nm_model_destroy(nm_model *m);
 
-float *nm_model_params(nm_model *m);                    // (table.n_floats)
+float *nm_model_params(nm_model *m);                    // (table.n_floats); marks the weights changed
 float *nm_model_grads(nm_model *m);                     // (table.n_floats)
 const nm_param_table *nm_model_table(const nm_model *m);
 const nm_model_config *nm_model_cfg(const nm_model *m);
@@ -48,6 +49,11 @@ void nm_model_zero_grads(nm_model *m);
 // error naming the position and value. logits_out (B, T, V) may be NULL.
 int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, const nm_loss_options *opt,
                      nm_loss_terms *loss, float *logits_out, nm_error *err);
+// Compute precision of the linear layers (default fp32). bf16 and fp8 keep a bf16 copy of
+// the weights, refreshed once per step: before a forward, whenever nm_model_params() was
+// called since the last refresh (callers write parameters only through that pointer).
+int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err);
+
 // Backward of the last forward: gradients of loss (scaled by grad_scale) ACCUMULATE into grads.
 int nm_model_backward(nm_model *m, nm_error *err);
 

@@ -21,6 +21,14 @@
 
 typedef enum nm_transpose { NM_NO_TRANS = 0, NM_TRANS = 1 } nm_transpose;
 
+// Element type of a GEMM operand in memory.
+typedef enum nm_dtype { NM_F32 = 0, NM_BF16 = 1 } nm_dtype;
+
+// What an fp8 GEMM operand is, which fixes its quantisation granularity (DeepSeek-V3
+// recipe, dsv3-spec 6.5): activations and activation gradients in 1 x 128 tiles along the
+// reduction dimension K, weights in 128 x 128 blocks.
+typedef enum nm_fp8_operand { NM_FP8_ACTIVATION = 0, NM_FP8_WEIGHT = 1 } nm_fp8_operand;
+
 // Router options (dsv3-spec 5).
 typedef struct nm_router_params {
     int64_t N;                  // tokens
@@ -41,6 +49,24 @@ typedef struct nm_ops {
     void (*gemm)(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K,
                  float alpha, const float *A, int64_t lda, const float *B, int64_t ldb,
                  float beta, float *C, int64_t ldc);
+
+    // bf16 GEMM: same contract as gemm, but A and B may be stored as bf16 (a_type/b_type);
+    // fp32 operands are rounded to bf16 (round to nearest even) first, products are
+    // accumulated in fp32 and C stays fp32. Runs on AMX / AVX512-BF16 through oneDNN when
+    // the CPU has them. Scratch for the conversions is owned by the backend and grows only
+    // when a larger shape is first seen (no allocation in steady state).
+    void (*gemm_bf16)(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+                      const void *A, nm_dtype a_type, int64_t lda, const void *B, nm_dtype b_type, int64_t ldb,
+                      float beta, float *C, int64_t ldc);
+    // fp8 (E4M3) GEMM, emulated: A is an activation quantised in 1 x 128 tiles along K; B is
+    // quantised per b_kind (weights: 128 x 128 blocks of the stored matrix; activations:
+    // 128 x 1 tiles along K); scale = max(amax, 1e-4) / 448 per tile/block, values rounded
+    // to E4M3 (nearest even, saturating), dequantised, multiplied with fp32 accumulation.
+    void (*gemm_fp8)(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+                     const float *A, int64_t lda, const float *B, int64_t ldb, nm_fp8_operand b_kind,
+                     float beta, float *C, int64_t ldc);
+    // dst(n) (=) bf16 of src (round to nearest even).
+    void (*cast_bf16)(uint16_t *dst, const float *src, int64_t n);
 
     // --- elementwise / memory ----------------------------------------------------------------
     void (*zero)(float *x, int64_t n);

@@ -39,14 +39,9 @@
 #include <stdio.h>
 
 #include "core/check.h"
+#include "core/precision.h"
 #include "train/optim.h"
 #include "train/schedule.h"
-
-typedef enum nm_precision {
-    NM_PRECISION_FP32 = 0,
-    NM_PRECISION_BF16 = 1,
-    NM_PRECISION_FP8 = 2,
-} nm_precision;
 
 typedef struct nm_data_source {
     char *prefix;               // resolved path prefix of <prefix>.bin / <prefix>.idx

@@ -8,7 +8,7 @@
 //
 // Determinism: every reduction has a fixed order and every random draw is counter-based, so
 // a run resumed from a checkpoint continues bit for bit (tests/test_resume.sh kills one).
-// Not here yet: data/tensor/expert/pipeline parallelism (world is 1), bf16 and fp8 compute.
+// Not here yet: data/tensor/expert/pipeline parallelism (world is 1).
 #define _GNU_SOURCE
 #include "nanomegatron.h"
 
@@ -163,10 +163,6 @@ static int make_loaders(nm_trainer *t, nm_error *err) {
 
 int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_trainer_options *opts, nm_error *err) {
     *out = NULL;
-    if (cfg->precision != NM_PRECISION_FP32) {
-        return nm_error_set(err, "%s: precision \"%s\" is not implemented yet on this build (use fp32)",
-                            cfg->source_path, nm_precision_name(cfg->precision));
-    }
     if (!opts->run_dir) return nm_error_set(err, "trainer: a run directory is required");
     nm_trainer *t = nm_calloc(1, sizeof(nm_trainer));
     t->cfg = *cfg;
@@ -185,6 +181,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     }
     t->T = cfg->seq_len + 1;
     if (nm_model_create(&t->model, &t->mcfg, nm_ops_cpu(), cfg->micro_batch, t->T, err) != 0) goto fail;
+    if (nm_model_set_precision(t->model, cfg->precision, err) != 0) goto fail;
     const nm_param_table *table = nm_model_table(t->model);
     if (cfg->init_from) {
         if (nm_hf_dir_load_params(cfg->init_from, table, nm_model_params(t->model), err) != 0) goto fail;
