@@ -37,6 +37,7 @@ typedef struct nm_trainer_options {
     int quiet;                  // no progress line / banner on stdout
     int64_t max_nan_streak;     // stop after this many skipped steps in a row (default 5 if 0)
     int64_t inject_nan_step;    // testing hook: poison one gradient at this step (0: never)
+    int recompute;              // activation recomputation per block (less memory, ~1/3 more compute)
 } nm_trainer_options;
 
 typedef struct nm_step_metrics {

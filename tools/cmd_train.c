@@ -1,7 +1,7 @@
 // cmd_train.c: `nanomegatron train` and `nanomegatron eval`.
 //
 //   train --config C --out RUN_DIR [--steps N] [--save-every N] [--seed S] [--set k=v]...
-//         [--init-from HF_DIR] [--resume] [--quiet] [--inject-nan STEP]
+//         [--init-from HF_DIR] [--resume] [--recompute] [--quiet] [--inject-nan STEP]
 // --inject-nan poisons one gradient at that step: a test hook for the divergence guard.
 //   eval  --model DIR --data PREFIX [--seq-len T] [--batch B] [--batches N] [--seed S]
 #include <math.h>
@@ -16,12 +16,12 @@
 
 int nm_cmd_train(int argc, char **argv) {
     static const char *const value_flags[] = {"config", "out", "steps", "save-every", "seed", "set", "inject-nan", "init-from", NULL};
-    static const char *const bool_flags[] = {"resume", "quiet", "help", NULL};
+    static const char *const bool_flags[] = {"resume", "quiet", "help", "recompute", NULL};
     nm_args a;
     if (nm_args_parse(&a, "train", argc, argv, value_flags, bool_flags) != 0) return 2;
     if (nm_args_has(&a, "help")) {
         printf("usage: nanomegatron train --config C --out RUN_DIR [--steps N] [--save-every N] [--seed S]\n"
-               "                          [--set key=value]... [--init-from HF_DIR] [--resume] [--quiet]\n\ntraining config keys:\n");
+               "                          [--set key=value]... [--init-from HF_DIR] [--resume] [--recompute] [--quiet]\n\ntraining config keys:\n");
         nm_train_config_describe(stdout);
         return 0;
     }
@@ -56,7 +56,8 @@ int nm_cmd_train(int argc, char **argv) {
         return 1;
     }
     nm_trainer_options opts = {.run_dir = run_dir, .resume = nm_args_has(&a, "resume"),
-                               .quiet = nm_args_has(&a, "quiet"), .inject_nan_step = inject};
+                               .quiet = nm_args_has(&a, "quiet"), .inject_nan_step = inject,
+                               .recompute = nm_args_has(&a, "recompute")};
     nm_trainer *t;
     int rc = 0;
     if (nm_trainer_create(&t, &cfg, &opts, &err) != 0) {

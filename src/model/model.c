@@ -83,6 +83,7 @@ struct nm_model {
     uint16_t *params_bf16;      // (table.n_floats) bf16 copy of params (bf16 / fp8 modes), else NULL
     int params_changed;         // params may differ from params_bf16
     int64_t B_max, T_max;
+    int recompute;              // keep only block inputs/outputs; re-run each block's forward in backward
 
     float *arena;               // every activation buffer below points into it
     size_t arena_floats;
@@ -147,6 +148,52 @@ static int32_t *take_i32(nm_model *m, size_t n) { return (int32_t *)take(m, n); 
 
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
 
+// Every buffer of a block between its input and its output.
+static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int moe) {
+    const nm_model_config *c = &m->cfg;
+    size_t N = (size_t)(m->B_max * m->T_max);
+    size_t D = c->D, NK = N * (size_t)c->K;
+    b->a = take(m, N * D);
+    b->a_rstd = take(m, N);
+    if (c->Rq > 0) {
+        b->cq = take(m, N * c->Rq);
+        b->cq_n = take(m, N * c->Rq);
+        b->cq_rstd = take(m, N);
+    }
+    b->q = take(m, N * c->H * c->Dqk);
+    b->ckv = take(m, N * c->Rkv);
+    b->ckv_n = take(m, N * c->Rkv);
+    b->ckv_rstd = take(m, N);
+    b->k_pe = take(m, N * c->Dr);
+    b->kv = take(m, N * c->H * (c->Dn + c->Dv));
+    b->att = take(m, N * c->H * c->Dv);
+    b->lse = take(m, N * c->H);
+    b->x_mid = take(m, N * D);
+    b->f = take(m, N * D);
+    b->f_rstd = take(m, N);
+    if (dense) {
+        b->gate_up = take(m, N * 2 * c->F);
+        b->act = take(m, N * c->F);
+    }
+    if (moe && c->E > 0) {
+        b->router_logits = take(m, N * c->E);
+        b->scores = take(m, N * c->E);
+        b->topk_idx = take_i32(m, NK);
+        b->topk_w = take(m, NK);
+        b->perm = take_i32(m, NK);
+        b->offsets = take_i32(m, c->E + 1);
+        b->x_perm = take(m, NK * D);
+        b->e_gate_up = take(m, NK * 2 * c->Fe);
+        b->e_act = take(m, NK * c->Fe);
+        b->e_out = take(m, NK * D);
+        if (c->Fs > 0) {
+            b->s_gate_up = take(m, N * 2 * c->Fs);
+            b->s_act = take(m, N * c->Fs);
+        }
+        b->bal_f = take(m, m->B_max * c->E);
+    }
+}
+
 static void layout(nm_model *m) {
     const nm_model_config *c = &m->cfg;
     size_t N = (size_t)(m->B_max * m->T_max);
@@ -154,49 +201,18 @@ static void layout(nm_model *m) {
     m->arena_used = 0;
     m->rope_cos = take(m, (size_t)m->T_max * c->Dr / 2);
     m->rope_sin = take(m, (size_t)m->T_max * c->Dr / 2);
+    // With recomputation only each block's input and output are kept; everything in between
+    // lives in one shared set (dense and MoE buffers both), rebuilt by re-running a block's
+    // forward right before its backward.
+    block_acts shared = {0};
+    if (m->recompute) take_block_intermediates(m, &shared, 1, 1);
     for (int64_t l = 0; l < c->n_layers; l++) {
         block_acts *b = &m->blocks[l];
         int moe = nm_layer_is_moe(c, l);
+        if (m->recompute) *b = shared;
+        else take_block_intermediates(m, b, !moe, moe);
         b->x_in = (l == 0 || nm_layer_is_mtp(c, l)) ? take(m, N * D) : NULL;  // else aliases
-        b->a = take(m, N * D);
-        b->a_rstd = take(m, N);
-        if (c->Rq > 0) {
-            b->cq = take(m, N * c->Rq);
-            b->cq_n = take(m, N * c->Rq);
-            b->cq_rstd = take(m, N);
-        }
-        b->q = take(m, N * c->H * c->Dqk);
-        b->ckv = take(m, N * c->Rkv);
-        b->ckv_n = take(m, N * c->Rkv);
-        b->ckv_rstd = take(m, N);
-        b->k_pe = take(m, N * c->Dr);
-        b->kv = take(m, N * c->H * (c->Dn + c->Dv));
-        b->att = take(m, N * c->H * c->Dv);
-        b->lse = take(m, N * c->H);
-        b->x_mid = take(m, N * D);
-        b->f = take(m, N * D);
-        b->f_rstd = take(m, N);
         b->x_out = take(m, N * D);
-        if (!moe) {
-            b->gate_up = take(m, N * 2 * c->F);
-            b->act = take(m, N * c->F);
-        } else {
-            b->router_logits = take(m, N * c->E);
-            b->scores = take(m, N * c->E);
-            b->topk_idx = take_i32(m, NK);
-            b->topk_w = take(m, NK);
-            b->perm = take_i32(m, NK);
-            b->offsets = take_i32(m, c->E + 1);
-            b->x_perm = take(m, NK * D);
-            b->e_gate_up = take(m, NK * 2 * c->Fe);
-            b->e_act = take(m, NK * c->Fe);
-            b->e_out = take(m, NK * D);
-            if (c->Fs > 0) {
-                b->s_gate_up = take(m, N * 2 * c->Fs);
-                b->s_act = take(m, N * c->Fs);
-            }
-            b->bal_f = take(m, m->B_max * c->E);
-        }
     }
     for (int64_t l = 1; l < c->L; l++) m->blocks[l].x_in = m->blocks[l - 1].x_out;
     m->emb_out = m->blocks[0].x_in;
@@ -275,6 +291,12 @@ static void rope_tables(nm_model *m) {
 
 int nm_model_create(nm_model **out, const nm_model_config *cfg, const nm_ops *ops, int64_t B_max,
                     int64_t T_max, nm_error *err) {
+    nm_model_options o = {0};
+    return nm_model_create_ex(out, cfg, ops, B_max, T_max, &o, err);
+}
+
+int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops *ops, int64_t B_max,
+                       int64_t T_max, const nm_model_options *opts, nm_error *err) {
     *out = NULL;
     if (B_max < 1 || T_max < 2) return nm_error_set(err, "model: batch %lld x seq %lld: need batch >= 1 and seq >= 2", (long long)B_max, (long long)T_max);
     if (T_max < cfg->M + 2) return nm_error_set(err, "model: sequence length %lld too short for %lld MTP depths (needs >= %lld)", (long long)T_max, (long long)cfg->M, (long long)(cfg->M + 2));
@@ -284,6 +306,7 @@ int nm_model_create(nm_model **out, const nm_model_config *cfg, const nm_ops *op
     m->ops = ops;
     m->B_max = B_max;
     m->T_max = T_max;
+    m->recompute = opts->recompute;
     if (nm_param_table_build(&m->table, cfg, err) != 0) {
         nm_free(m);
         return -1;
@@ -343,6 +366,16 @@ float *nm_model_grads(nm_model *m) { return m->grads; }
 const nm_param_table *nm_model_table(const nm_model *m) { return &m->table; }
 const nm_model_config *nm_model_cfg(const nm_model *m) { return &m->cfg; }
 size_t nm_model_activation_bytes(const nm_model *m) { return m->arena_floats * sizeof(float); }
+
+size_t nm_model_estimate_activation_bytes(const nm_model_config *cfg, int64_t B_max, int64_t T_max, int recompute) {
+    nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = recompute};
+    m.blocks = nm_calloc((size_t)cfg->n_layers, sizeof(block_acts));
+    m.mtp = nm_calloc(cfg->M > 0 ? (size_t)cfg->M : 1, sizeof(mtp_acts));
+    layout(&m);  // counting pass only (no arena)
+    nm_free(m.blocks);
+    nm_free(m.mtp);
+    return m.arena_used * sizeof(float);
+}
 void nm_model_zero_grads(nm_model *m) { m->ops->zero(m->grads, (int64_t)m->table.n_floats); }
 
 const int64_t *nm_model_expert_counts(const nm_model *m, int *n_moe_layers, const int **layer_ids) {
@@ -427,7 +460,7 @@ static nm_router_params router_params(const nm_model_config *c, int64_t N) {
 // --- one decoder block: forward ---------------------------------------------------------------
 
 // Runs block l on b->x_in (B, T); writes b->x_out. Returns the block's balance loss (0 for
-// dense blocks) and adds its expert counts to counts (E) when it is a MoE block.
+// dense blocks) and adds its expert counts to counts (E, may be NULL) when it is a MoE block.
 static double block_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *counts) {
     const nm_model_config *c = &m->cfg;
     const nm_ops *ops = m->ops;
@@ -478,7 +511,9 @@ static double block_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_
     ops->router_forward(b->topk_idx, b->topk_w, b->scores, b->router_logits, P + w->router_bias, &rp);
     double bal = ops->balance_loss_forward(b->bal_f, b->scores, B, T, E, K);
     ops->moe_permute(b->offsets, b->perm, b->topk_idx, N, K, E);
-    for (int64_t e = 0; e < E; e++) counts[e] += b->offsets[e + 1] - b->offsets[e];
+    if (counts) {
+        for (int64_t e = 0; e < E; e++) counts[e] += b->offsets[e + 1] - b->offsets[e];
+    }
     ops->moe_gather(b->x_perm, b->f, b->perm, N, K, D);
     for (int64_t e = 0; e < E; e++) {
         int64_t r0 = b->offsets[e], n = b->offsets[e + 1] - r0;
@@ -500,8 +535,10 @@ static double block_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_
 // --- one decoder block: backward --------------------------------------------------------------
 
 // On entry m->d_res (N, D) holds dLoss/d(x_out); on exit it holds dLoss/d(x_in).
-// aux_seed is dLoss/d(balance loss of this block).
+// aux_seed is dLoss/d(balance loss of this block). With recomputation the block's
+// intermediates are rebuilt first (same inputs, same deterministic ops: same values).
 static void block_backward(nm_model *m, int64_t l, float aux_seed) {
+    if (m->recompute) block_forward(m, l, m->blocks[l].B, m->blocks[l].T, NULL);
     const nm_model_config *c = &m->cfg;
     const nm_ops *ops = m->ops;
     const nm_layer_offsets *w = &m->table.layers[l];

@@ -33,9 +33,16 @@ typedef struct nm_loss_terms {
     int64_t tokens;             // B*T input tokens
 } nm_loss_terms;
 
+typedef struct nm_model_options {
+    int recompute;              // activation recomputation per block: keep only block inputs and
+                                // outputs, re-run each block's forward inside the backward
+} nm_model_options;
+
 // Allocates parameters, gradients and activations for batches up to (B_max, T_max).
 int nm_model_create(nm_model **out, const nm_model_config *cfg, const nm_ops *ops, int64_t B_max,
                     int64_t T_max, nm_error *err);
+int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops *ops, int64_t B_max,
+                       int64_t T_max, const nm_model_options *opts, nm_error *err);
 void nm_model_destroy(nm_model *m);
 
 float *nm_model_params(nm_model *m);                    // (table.n_floats); marks the weights changed
@@ -43,6 +50,8 @@ float *nm_model_grads(nm_model *m);                     // (table.n_floats)
 const nm_param_table *nm_model_table(const nm_model *m);
 const nm_model_config *nm_model_cfg(const nm_model *m);
 size_t nm_model_activation_bytes(const nm_model *m);
+// What nm_model_create_ex would allocate for activations, without allocating it.
+size_t nm_model_estimate_activation_bytes(const nm_model_config *cfg, int64_t B_max, int64_t T_max, int recompute);
 void nm_model_zero_grads(nm_model *m);
 
 // Forward over tokens (B, T), B <= B_max, 2 <= T <= T_max (1 <= T with opt->inference). Token ids outside [0, V) are an

@@ -180,7 +180,8 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
         goto fail;
     }
     t->T = cfg->seq_len + 1;
-    if (nm_model_create(&t->model, &t->mcfg, nm_ops_cpu(), cfg->micro_batch, t->T, err) != 0) goto fail;
+    nm_model_options mopts = {.recompute = opts->recompute};
+    if (nm_model_create_ex(&t->model, &t->mcfg, nm_ops_cpu(), cfg->micro_batch, t->T, &mopts, err) != 0) goto fail;
     if (nm_model_set_precision(t->model, cfg->precision, err) != 0) goto fail;
     const nm_param_table *table = nm_model_table(t->model);
     if (cfg->init_from) {
@@ -255,8 +256,14 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
         printf("data  %s | seq %lld x batch %lld (micro %lld x %lld accum) | %s | %d threads\n", desc,
                (long long)cfg->seq_len, (long long)cfg->global_batch, (long long)cfg->micro_batch, (long long)t->accum,
                nm_precision_name(cfg->precision), omp_get_max_threads());
-        printf("peak  %.1f GFLOP/s fp32 GEMM measured | %.2f MFLOP/token | activations %.1f MiB\n",
+        printf("peak  %.1f GFLOP/s fp32 GEMM measured | %.2f MFLOP/token | activations %.1f MiB",
                t->peak_flops / 1e9, t->flops_per_token / 1e6, (double)nm_model_activation_bytes(t->model) / 1048576.0);
+        if (opts->recompute) {
+            size_t full = nm_model_estimate_activation_bytes(&t->mcfg, cfg->micro_batch, t->T, 0);
+            printf(" (recomputation saves %.1f MiB of %.1f)", (double)(full - nm_model_activation_bytes(t->model)) / 1048576.0,
+                   (double)full / 1048576.0);
+        }
+        printf("\n");
         fflush(stdout);
     }
     *out = t;

@@ -73,3 +73,8 @@ void nm_cpu_moe_combine_backward(float *dexpert_out, float *dtopk_weight, const 
                                  const float *expert_out, const float *topk_weight, const int32_t *perm,
                                  int64_t N, int64_t K, int64_t D);
 void nm_cpu_moe_scatter_add(float *dsrc, const float *ddst, const int32_t *perm, int64_t N, int64_t K, int64_t D);
+
+// --- fp8.c (quantiser helpers for tests: fp8.h) ----------------------------------------------
+void nm_cpu_gemm_fp8(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+                     const float *A, int64_t lda, const float *B, int64_t ldb, nm_fp8_operand b_kind,
+                     float beta, float *C, int64_t ldc);

@@ -4,6 +4,7 @@
 
 static const nm_ops cpu_ops = {
     .gemm = nm_cpu_gemm,
+    .gemm_fp8 = nm_cpu_gemm_fp8,
     .zero = nm_cpu_zero,
     .axpy = nm_cpu_axpy,
     .copy_2d = nm_cpu_copy_2d,
