@@ -2,7 +2,8 @@
 //
 //   train --config C --out RUN_DIR [--steps N] [--save-every N] [--seed S] [--set k=v]...
 //         [--init-from HF_DIR] [--resume] [--recompute] [--quiet] [--inject-nan STEP]
-// --inject-nan poisons one gradient at that step: a test hook for the divergence guard.
+// --inject-nan STEP[:COUNT] poisons a gradient at COUNT steps from STEP: a test hook for the
+// divergence guard.
 //   eval  --model DIR --data PREFIX [--seq-len T] [--batch B] [--batches N] [--seed S]
 #include <math.h>
 #include <stdio.h>
@@ -45,8 +46,18 @@ int nm_cmd_train(int argc, char **argv) {
         overrides[n++] = init_from;
     }
     n += nm_args_all(&a, "set", overrides + n, 128 - n);
-    int64_t inject;
-    if (nm_args_i64(&a, "inject-nan", 0, &inject) != 0) return 2;
+    // --inject-nan STEP[:COUNT]: poison a gradient at COUNT consecutive steps from STEP.
+    long long inject = 0, inject_count = 1;
+    const char *inj = nm_args_str(&a, "inject-nan", NULL);
+    if (inj) {
+        char *end;
+        inject = strtoll(inj, &end, 10);
+        if (*end == ':') inject_count = strtoll(end + 1, &end, 10);
+        if (*end || inject < 1 || inject_count < 1) {
+            fprintf(stderr, "train: --inject-nan expects STEP or STEP:COUNT (positive integers), got '%s'\n", inj);
+            return 2;
+        }
+    }
 
     nm_error err = {{0}};
     nm_train_config cfg;
@@ -56,7 +67,7 @@ int nm_cmd_train(int argc, char **argv) {
         return 1;
     }
     nm_trainer_options opts = {.run_dir = run_dir, .resume = nm_args_has(&a, "resume"),
-                               .quiet = nm_args_has(&a, "quiet"), .inject_nan_step = inject,
+                               .quiet = nm_args_has(&a, "quiet"), .inject_nan_step = inject, .inject_nan_count = inject_count,
                                .recompute = nm_args_has(&a, "recompute")};
     nm_trainer *t;
     int rc = 0;

@@ -357,7 +357,8 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
         if (!isfinite(lt.loss)) finite = 0;
     }
     double te = now_s();
-    if (t->opts.inject_nan_step == step) {
+    int64_t n_inject = t->opts.inject_nan_count > 1 ? t->opts.inject_nan_count : 1;
+    if (t->opts.inject_nan_step > 0 && step >= t->opts.inject_nan_step && step < t->opts.inject_nan_step + n_inject) {
         // Testing hook for the divergence guard: poison one gradient of the first block.
         float *g = nm_model_grads(t->model) + nm_model_table(t->model)->layers[0].input_norm;
         g[0] = NAN;
