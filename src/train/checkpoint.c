@@ -72,6 +72,22 @@ static int remove_tree(const char *path) {
     return rmdir(path);
 }
 
+// A save killed midway leaves step_N.tmp.<pid>/ behind; one trainer owns a run directory,
+// so any such directory is garbage by the time we save again.
+static void remove_stale_tmp(const char *run_dir) {
+    DIR *d = opendir(run_dir);
+    if (!d) return;
+    struct dirent *e;
+    char path[4400];
+    while ((e = readdir(d)) != NULL) {
+        if (strncmp(e->d_name, "step_", 5) == 0 && strstr(e->d_name, ".tmp.")) {
+            snprintf(path, sizeof(path), "%s/%s", run_dir, e->d_name);
+            remove_tree(path);
+        }
+    }
+    closedir(d);
+}
+
 // Step numbers of the complete-looking step_NNN directories, newest first.
 static int list_steps(const char *run_dir, int64_t **steps_out) {
     DIR *d = opendir(run_dir);
@@ -108,7 +124,7 @@ int nm_checkpoint_save(const char *run_dir, const nm_ckpt_state *st, const nm_mo
     snprintf(final_dir, sizeof(final_dir), "%s/step_%06" PRId64, run_dir, st->step);
     snprintf(tmp_dir, sizeof(tmp_dir), "%s.tmp.%ld", final_dir, (long)getpid());
     if (nm_mkdir_p(run_dir, err) != 0) return -1;
-    remove_tree(tmp_dir);
+    remove_stale_tmp(run_dir);
     if (mkdir(tmp_dir, 0755) != 0) return nm_error_set(err, "%s: cannot create: %s", tmp_dir, strerror(errno));
 
     int rc = 0;

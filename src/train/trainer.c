@@ -42,13 +42,14 @@ struct nm_trainer {
     int64_t accum;
     int32_t *tokens;            // (micro_batch, T)
     int64_t *step_counts;       // (n_moe, E) expert selections summed over the step's micro-batches
+    const float *model_params_readonly; // the parameters, for reading without marking them changed
     const float **bias_ptrs;    // (n_moe) router bias of each MoE layer
 
     int64_t step;               // optimizer steps completed
     int64_t tokens_seen;
     int64_t skipped_steps;
     int64_t nan_streak;
-    char nan_first[160];        // tensor where the current streak's first non-finite value appeared
+    char nan_first[256];        // tensor where the current streak's first non-finite value appeared
 
     double flops_per_token;
     double peak_flops;          // measured fp32 GEMM FLOP/s
@@ -184,6 +185,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     if (nm_model_create_ex(&t->model, &t->mcfg, nm_ops_cpu(), cfg->micro_batch, t->T, &mopts, err) != 0) goto fail;
     if (nm_model_set_precision(t->model, cfg->precision, err) != 0) goto fail;
     const nm_param_table *table = nm_model_table(t->model);
+    t->model_params_readonly = nm_model_params(t->model);
     if (cfg->init_from) {
         if (nm_hf_dir_load_params(cfg->init_from, table, nm_model_params(t->model), err) != 0) goto fail;
     } else {
@@ -367,20 +369,25 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     nm_optimizer_prepare_grads(t->optim, nm_model_grads(t->model), c->optimizer.clip_grad, &rep);
     m->grad_norm = rep.norm;
     m->lr = nm_lr_at(&t->sched, step);
+    int diverged = 0;
     if (!finite || !rep.finite) {
-        // Divergence guard: skip the update (parameters, moments and biases untouched).
+        // Divergence guard: skip the update (parameters, moments and biases untouched). Name
+        // where it started: a non-finite parameter if the loss itself is not finite (a NaN
+        // weight poisons every gradient), else the first tensor with a non-finite gradient.
         m->skipped = 1;
         t->skipped_steps++;
-        if (t->nan_streak++ == 0) {
-            snprintf(t->nan_first, sizeof(t->nan_first), "%s", rep.bad_name ? rep.bad_name : "the loss");
+        const char *where = rep.bad_name;
+        if (!finite) {
+            int row = nm_optimizer_first_nonfinite(t->optim, t->model_params_readonly);
+            where = row >= 0 ? nm_model_table(t->model)->rows[row].name : NULL;
         }
-        fprintf(stderr, "step %lld: non-finite %s (first in %s); update skipped (%lld in a row)\n", (long long)step,
-                finite ? "gradient" : "loss", rep.bad_name ? rep.bad_name : "the loss", (long long)t->nan_streak);
-        if (t->nan_streak >= t->opts.max_nan_streak) {
-            t->step = step;
-            return nm_error_set(err, "diverged: %lld consecutive non-finite steps ending at step %lld; the first appeared in %s",
-                                (long long)t->nan_streak, (long long)step, t->nan_first);
-        }
+        char what[200];
+        if (where) snprintf(what, sizeof(what), "%s (first in %s)", finite ? "gradient" : "loss; non-finite parameter", where);
+        else snprintf(what, sizeof(what), "%s", finite ? "gradient" : "loss");
+        if (t->nan_streak++ == 0) snprintf(t->nan_first, sizeof(t->nan_first), "%s", what);
+        fprintf(stderr, "step %lld: non-finite %s; update skipped (%lld in a row)\n", (long long)step, what,
+                (long long)t->nan_streak);
+        diverged = t->nan_streak >= t->opts.max_nan_streak;
     } else {
         t->nan_streak = 0;
         nm_optimizer_step(t->optim, nm_model_params(t->model), nm_model_grads(t->model), m->lr);
@@ -441,6 +448,11 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     kv[n++] = NM_METRIC_F("time_optimizer_s", m->t_optimizer);
     if (!isnan(m->val_loss)) kv[n++] = NM_METRIC_F("val_loss", m->val_loss);
     if (nm_metrics_write(t->metrics, step, m->loss, kv, n, err) != 0) return -1;
+    if (diverged) {
+        nm_metrics_sync(t->metrics, err);
+        return nm_error_set(err, "diverged: %lld consecutive non-finite steps ending at step %lld; the first was a non-finite %s",
+                            (long long)t->nan_streak, (long long)step, t->nan_first);
+    }
     int log_now = step % c->log.log_every == 0 || step == c->steps || step == t->step_at_start + 1;
     if (log_now) {
         static const char *const tags[] = {"loss/total", "loss/ce", "loss/mtp", "loss/aux", "train/grad_norm",

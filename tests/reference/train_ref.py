@@ -72,9 +72,12 @@ def moe_bias_names(cfg):
             for i in range(L + M) if dsv3_ref.is_moe_layer(cfg, i)]
 
 
-def train(cfg, params, batches, hp, log=None):
+def train(cfg, params, batches, hp, log=None, first_step=1, adam_state=None):
     """Trains params (dict name -> float64 tensor, modified in place) on batches, a list with
-    one (global_batch, T) integer array per step. Returns one dict per step: loss, ce, mtp,
+    one (global_batch, T) integer array per step, numbered from first_step (for the lr and
+    AdamW's bias correction). adam_state (name -> (exp_avg, exp_avg_sq) arrays) continues
+    from a checkpoint's moments after first_step - 1 updates; None: fresh moments.
+    Returns one dict per step: loss, ce, mtp,
     aux (means over the micro-batches), grad_norm (before clipping), lr, counts (list of
     per-layer numpy arrays), load_max_over_mean (worst layer's max/mean count), margin and
     margin_plain (smallest gap between the k-th and (k+1)-th candidate seen in the step, in the
@@ -86,11 +89,17 @@ def train(cfg, params, batches, hp, log=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"])
+    if adam_state is not None:
+        for n, p in trainable:
+            m, v = adam_state[n]
+            opt.state[p] = {"step": torch.tensor(float(first_step - 1)),
+                            "exp_avg": torch.tensor(np.asarray(m, dtype=np.float64)),
+                            "exp_avg_sq": torch.tensor(np.asarray(v, dtype=np.float64))}
     bias_names = moe_bias_names(cfg)
     mtp_w, aux_w = f32(hp["mtp_weight"]), f32(hp["aux_weight"])
     gamma = np.float32(hp["gamma"])
     out_steps = []
-    for step, batch in enumerate(batches, start=1):
+    for step, batch in enumerate(batches, start=first_step):
         batch = torch.as_tensor(np.asarray(batch), dtype=torch.int64)
         gb = batch.shape[0]
         mb = hp["micro_batch"]
