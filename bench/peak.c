@@ -6,10 +6,11 @@
 //         AVX512-BF16 accelerate, and what PyTorch's bf16 autocast calls on CPU), same sizes.
 //         Built only when oneDNN's header was found (-DNM_HAVE_DNNL); otherwise it prints
 //         "bf16 peak: unavailable" and no number.
+//   memory: a STREAM-style triad (GB/s), the roof of the memory-bound ops.
 //   shapes: the fp32 GEMM rate at the shapes of configs/small.json's training step
 //         (micro-batch 8 x 257 tokens), which bounds what a perfect CPU path could reach.
 //
-// Usage: peak [--threads T] [--reps R] [--max-n N] [--no-shapes]
+// Usage: peak [--threads T] [--reps R] [--max-n N] [--no-shapes] | peak --core
 // Output: human lines, then key=value lines (fp32_peak_gflops=..., bf16_peak_gflops=...,
 // bf16_isa=...) that run.sh greps.
 //
@@ -166,6 +167,29 @@ static double dnnl_bf16_gflops(dnnl_engine_t eng, dnnl_stream_t strm, int M, int
 }
 #endif
 
+// --- memory bandwidth ---------------------------------------------------------------------
+
+// STREAM-style triad a = b + s*c over 3 x 32M floats (384 MiB, beyond the caches a VM
+// usually shows), best of R; counts 12 bytes per element (no write-allocate).
+static double triad_gbs(int reps) {
+    const size_t n = (size_t)32 << 20;
+    float *a = alloc_f32(n), *b = alloc_f32(n), *c = alloc_f32(n);
+    double best = 1e30;
+    for (int r = 0; r < reps + 1; r++) {
+        double t0 = now_s();
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < n; i++) a[i] = b[i] + 0.5f * c[i];
+        double dt = now_s() - t0;
+        if (r > 0 && dt < best) best = dt;
+    }
+    volatile float sink = a[n / 2];
+    (void)sink;
+    free(a);
+    free(b);
+    free(c);
+    return 12.0 * (double)n / best / 1e9;
+}
+
 // --- main ---------------------------------------------------------------------------------
 
 int main(int argc, char **argv) {
@@ -175,6 +199,12 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--max-n") && i + 1 < argc) max_n = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--no-shapes")) shapes = 0;
+        else if (!strcmp(argv[i], "--core")) {
+            // What run.sh needs before anything else: the kernels OpenBLAS picked and the ISA.
+            cpu_features f = detect_cpu();
+            printf("openblas_core=%s avx512f=%d\n", openblas_get_corename(), f.avx512f);
+            return 0;
+        }
         else {
             fprintf(stderr, "usage: peak [--threads T] [--reps R] [--max-n N] [--no-shapes]\n");
             return 2;
@@ -215,6 +245,7 @@ int main(int argc, char **argv) {
         }
     }
     printf("fp32_peak_gflops=%.1f\n", fp32_best);
+    printf("memory_gbs=%.1f\n", triad_gbs(reps + 2));
 
 #ifdef NM_HAVE_DNNL
     dnnl_engine_t eng;
