@@ -16,6 +16,12 @@ void nm_cpu_gemm(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t
                  const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
                  int64_t ldc);
 
+// --- gemm_bf16.c --------------------------------------------------------------------------
+void nm_cpu_gemm_bf16(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+                      const void *A, nm_dtype a_type, int64_t lda, const void *B, nm_dtype b_type,
+                      int64_t ldb, float beta, float *C, int64_t ldc);
+void nm_cpu_cast_bf16(uint16_t *dst, const float *src, int64_t n);
+
 // --- elementwise.c ------------------------------------------------------------------------
 void nm_cpu_zero(float *x, int64_t n);
 void nm_cpu_axpy(float *y, const float *x, float alpha, int64_t n);

@@ -1,0 +1,240 @@
+// gemm_bf16.c: the CPU bf16 GEMM, row-major C(M,N) = alpha * op(A) op(B) + beta * C with
+// bf16 operands, fp32 accumulation and an fp32 C, through oneDNN's matmul (ops.h), and the
+// fp32 -> bf16 cast. Not here: the fp32 GEMM (gemm.c, OpenBLAS) and fp8 emulation.
+// Reference: the bf16 format is the top 16 bits of an IEEE binary32, rounded to nearest even
+// (torch.Tensor.to(torch.bfloat16) gives the same bits, NaN kept a quiet NaN).
+//
+// Why oneDNN: it runs bf16 dot products on AVX512-BF16 (vdpbf16ps) or AMX tiles, which
+// OpenBLAS 0.3.21 (Debian 12) does not offer for row-major sgemm-like calls. On one core of an
+// avx512_core_bf16 Xeon it measured 77-85 GFLOP/s against 32 for cblas_sgemm (1024..2048
+// squares, test_gemm_bf16 --bench).
+//
+// One primitive per (ta, tb, alpha != 1, beta != 0), with M, N, K and the leading dimensions
+// given at run time (DNNL_RUNTIME_DIM_VAL), created on first use and then reused forever:
+//  - the model calls this with data-dependent M (per-expert row counts), so a cache of
+//    fixed-shape primitives would keep creating them: creation measured 200-700 us, more than
+//    a whole 256 x 256 x 256 GEMM, and oneDNN 2.6 does not cache primitive descriptors;
+//  - oneDNN 2.6 picks its jit bf16 gemm ("gemm:jit") for runtime shapes and its brgemm
+//    kernels for fixed ones; at 1 thread the two measured within noise of each other
+//    (M in 37..1024, N and K in 256..2048, all transposes).
+//  The unit stride of each operand stays a compile-time 1: with both strides at run time
+//  oneDNN cannot tell a transposed operand from a plain one and falls back to "ref:any",
+//  ~1000x slower. Transposes are strides, so nothing is copied to transpose.
+//
+// alpha is a run-time output scale (applied before post-ops, so to the product only); beta
+// is oneDNN's sum post-op with scale 1, after C has been scaled by beta in place when beta is
+// neither 0 nor 1: the sum scale is fixed at primitive creation and the model only uses 0 and
+// 1, so other values pay one extra pass over C instead of a primitive each. beta == 0 uses a
+// primitive without the sum post-op, which never reads C (NaN-safe, ops.h).
+//
+// fp32 operands are rounded into bf16 scratch owned by this file, packed (leading dimension =
+// row length), one buffer per operand. A buffer grows only when a larger operand is first
+// seen, so a training loop allocates here in its first step only. The scratch and the
+// primitives are module state for one calling thread: the model calls from its main thread,
+// which the code checks (not inside an OpenMP parallel region). oneDNN itself still makes a
+// few small heap objects per call (the memory objects, whose run-time shapes differ per
+// call); they are not nm_malloc allocations and cost ~1 us.
+//
+// Threads: Debian's libdnnl is the OpenMP build; it runs on our OpenMP threads and reads
+// omp_get_max_threads() at execution, so omp_set_num_threads applies to later calls.
+#include <omp.h>
+#include <oneapi/dnnl/dnnl.h>
+#include <oneapi/dnnl/dnnl_debug.h>
+#include <string.h>
+
+#include "core/check.h"
+#include "ops/cpu/cpu_ops.h"
+
+#define NM_DNNL_CHECK(expr)                                                                \
+    do {                                                                                   \
+        dnnl_status_t nm_dnnl_status_ = (expr);                                            \
+        NM_CHECK(nm_dnnl_status_ == dnnl_success, "%s failed in %s: %s", #expr, __func__, \
+                 dnnl_status2str(nm_dnnl_status_));                                        \
+    } while (0)
+
+// --- module state ----------------------------------------------------------------------------
+
+typedef struct nm_bf16_scratch {
+    uint16_t *data;
+    size_t cap;                 // elements
+} nm_bf16_scratch;
+
+static struct {
+    int ready;
+    dnnl_engine_t engine;
+    dnnl_stream_t stream;
+    dnnl_primitive_t prim[2][2][2][2];  // [ta][tb][alpha != 1][beta != 0], created on first use
+    float alpha;                        // value read through alpha_mem at execution
+    dnnl_memory_t alpha_mem;            // 1-element f32 view of alpha (run-time output scale)
+    nm_bf16_scratch a, b;
+} g;
+
+static void init_once(void) {
+    if (g.ready) return;
+    NM_DNNL_CHECK(dnnl_engine_create(&g.engine, dnnl_cpu, 0));
+    NM_DNNL_CHECK(dnnl_stream_create(&g.stream, g.engine, dnnl_stream_default_flags));
+    dnnl_memory_desc_t md;
+    dnnl_dims_t dims = {1};
+    NM_DNNL_CHECK(dnnl_memory_desc_init_by_tag(&md, 1, dims, dnnl_f32, dnnl_a));
+    NM_DNNL_CHECK(dnnl_memory_create(&g.alpha_mem, &md, g.engine, &g.alpha));
+    g.ready = 1;
+}
+
+// Grows only: a training loop sees its largest shapes in the first step.
+static uint16_t *scratch_reserve(nm_bf16_scratch *s, size_t n) {
+    if (n > s->cap) {
+        nm_free(s->data);
+        s->data = nm_aligned_alloc(n * sizeof(uint16_t));
+        s->cap = n;
+    }
+    return s->data;
+}
+
+// --- fp32 -> bf16 ----------------------------------------------------------------------------
+
+// Round to nearest even on the 16 dropped bits: adding 0x7fff plus the lowest kept bit
+// carries into the kept half exactly when the dropped half is above 0x8000, or equal to it
+// with an odd kept half. Overflow rounds to inf as it should. NaN would carry into the
+// exponent (or turn into inf), so it is kept as a quiet NaN with its sign and top payload
+// instead. Branch-free so the loops below vectorise.
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t quiet_nan = (u >> 16) | 0x40u;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+}
+
+// Below this many elements the conversion is cheaper than waking the OpenMP team.
+#define NM_BF16_PARALLEL_MIN (1 << 16)
+
+void nm_cpu_cast_bf16(uint16_t *dst, const float *src, int64_t n) {
+    NM_CHECK(n >= 0, "cast_bf16 n=%lld", (long long)n);
+#pragma omp parallel for schedule(static) if (n >= NM_BF16_PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+}
+
+// dst(rows, cols) packed (=) bf16 of src(rows, cols) with leading dimension ld.
+static void cast_bf16_2d(uint16_t *dst, const float *src, int64_t ld, int64_t rows, int64_t cols) {
+#pragma omp parallel for schedule(static) if (rows * cols >= NM_BF16_PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *s = src + r * ld;
+        uint16_t *d = dst + r * cols;
+        for (int64_t c = 0; c < cols; c++) d[c] = f32_to_bf16(s[c]);
+    }
+}
+
+// The bf16 view of an operand stored (rows, cols) with leading dimension *ld: itself when it
+// is bf16 already, else its rounding into scratch, packed (*ld becomes cols).
+static const uint16_t *as_bf16(nm_bf16_scratch *s, const void *x, nm_dtype type, int64_t rows,
+                               int64_t cols, int64_t *ld) {
+    if (type == NM_BF16) return x;
+    NM_CHECK(type == NM_F32, "gemm_bf16 operand type %d", (int)type);
+    uint16_t *dst = scratch_reserve(s, (size_t)rows * (size_t)cols);
+    cast_bf16_2d(dst, x, *ld, rows, cols);
+    *ld = cols;
+    return dst;
+}
+
+// --- the GEMM --------------------------------------------------------------------------------
+
+// C(M,N) (=) beta * C, beta == 0 writing exact zeros (the old contents may be NaN).
+static void scale_c(float *C, int64_t ldc, int64_t M, int64_t N, float beta) {
+    for (int64_t i = 0; i < M; i++) {
+        float *c = C + i * ldc;
+        if (beta == 0.0f) {
+            for (int64_t j = 0; j < N; j++) c[j] = 0.0f;
+        } else {
+            for (int64_t j = 0; j < N; j++) c[j] *= beta;
+        }
+    }
+}
+
+// Row-major op(X) of shape (rows, cols), stored transposed or not with leading dimension ld:
+// strides (ld, 1) or (1, ld). rt: every dimension and non-unit stride at run time.
+static void matrix_desc(dnnl_memory_desc_t *md, dnnl_data_type_t dt, int64_t rows, int64_t cols,
+                        nm_transpose t, int64_t ld, int rt) {
+    int64_t R = DNNL_RUNTIME_DIM_VAL;
+    dnnl_dims_t dims = {rt ? R : rows, rt ? R : cols};
+    dnnl_dims_t strides = {t == NM_TRANS ? 1 : (rt ? R : ld), t == NM_TRANS ? (rt ? R : ld) : 1};
+    NM_DNNL_CHECK(dnnl_memory_desc_init_by_strides(md, 2, dims, dt, strides));
+}
+
+static dnnl_primitive_t get_primitive(nm_transpose ta, nm_transpose tb, int scaled, int accumulate) {
+    dnnl_primitive_t *slot = &g.prim[ta][tb][scaled][accumulate];
+    if (*slot) return *slot;
+    dnnl_memory_desc_t a, b, c;
+    matrix_desc(&a, dnnl_bf16, 0, 0, ta, 0, 1);
+    matrix_desc(&b, dnnl_bf16, 0, 0, tb, 0, 1);
+    matrix_desc(&c, dnnl_f32, 0, 0, NM_NO_TRANS, 0, 1);
+    dnnl_matmul_desc_t desc;
+    NM_DNNL_CHECK(dnnl_matmul_desc_init(&desc, &a, &b, NULL, &c));
+    dnnl_primitive_attr_t attr;
+    NM_DNNL_CHECK(dnnl_primitive_attr_create(&attr));
+    if (scaled) NM_DNNL_CHECK(dnnl_primitive_attr_set_output_scales(attr, 1, 0, &DNNL_RUNTIME_F32_VAL));
+    if (accumulate) {
+        dnnl_post_ops_t po;
+        NM_DNNL_CHECK(dnnl_post_ops_create(&po));
+        NM_DNNL_CHECK(dnnl_post_ops_append_sum(po, 1.0f));
+        NM_DNNL_CHECK(dnnl_primitive_attr_set_post_ops(attr, po));
+        NM_DNNL_CHECK(dnnl_post_ops_destroy(po));
+    }
+    dnnl_primitive_desc_t pd;
+    // Fails loudly (NM_CHECK) where oneDNN has no bf16 matmul at all: a silent fp32 fallback
+    // would change the numerics the caller asked for.
+    NM_DNNL_CHECK(dnnl_primitive_desc_create(&pd, &desc, attr, g.engine, NULL));
+    NM_DNNL_CHECK(dnnl_primitive_create(slot, pd));
+    NM_DNNL_CHECK(dnnl_primitive_desc_destroy(pd));
+    NM_DNNL_CHECK(dnnl_primitive_attr_destroy(attr));
+    return *slot;
+}
+
+void nm_cpu_gemm_bf16(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+                      const void *A, nm_dtype a_type, int64_t lda, const void *B, nm_dtype b_type,
+                      int64_t ldb, float beta, float *C, int64_t ldc) {
+    NM_CHECK(M >= 0 && N >= 0 && K >= 0, "gemm_bf16 dims M=%lld N=%lld K=%lld", (long long)M,
+             (long long)N, (long long)K);
+    NM_CHECK((ta == NM_NO_TRANS || ta == NM_TRANS) && (tb == NM_NO_TRANS || tb == NM_TRANS),
+             "gemm_bf16 transpose flags %d %d", (int)ta, (int)tb);
+    if (M == 0 || N == 0) return;
+    NM_CHECK(ldc >= N, "gemm_bf16 ldc=%lld < N=%lld", (long long)ldc, (long long)N);
+    if (K == 0 || alpha == 0.0f) {
+        scale_c(C, ldc, M, N, beta);
+        return;
+    }
+    // Row-major op(A) is (M,K): stored (M,lda>=K) untransposed, (K,lda>=M) transposed.
+    int64_t a_rows = ta == NM_NO_TRANS ? M : K, a_cols = ta == NM_NO_TRANS ? K : M;
+    int64_t b_rows = tb == NM_NO_TRANS ? K : N, b_cols = tb == NM_NO_TRANS ? N : K;
+    NM_CHECK(lda >= a_cols && ldb >= b_cols, "gemm_bf16 lda=%lld (need %lld) ldb=%lld (need %lld)",
+             (long long)lda, (long long)a_cols, (long long)ldb, (long long)b_cols);
+    NM_CHECK(!omp_in_parallel(), "gemm_bf16 keeps one set of scratch buffers: call it from one thread");
+    init_once();
+
+    const uint16_t *a16 = as_bf16(&g.a, A, a_type, a_rows, a_cols, &lda);
+    const uint16_t *b16 = as_bf16(&g.b, B, b_type, b_rows, b_cols, &ldb);
+    if (beta != 0.0f && beta != 1.0f) scale_c(C, ldc, M, N, beta);
+    int scaled = alpha != 1.0f, accumulate = beta != 0.0f;
+    dnnl_primitive_t prim = get_primitive(ta, tb, scaled, accumulate);
+
+    dnnl_memory_desc_t a_md, b_md, c_md;
+    matrix_desc(&a_md, dnnl_bf16, M, K, ta, lda, 0);
+    matrix_desc(&b_md, dnnl_bf16, K, N, tb, ldb, 0);
+    matrix_desc(&c_md, dnnl_f32, M, N, NM_NO_TRANS, ldc, 0);
+    dnnl_memory_t a_mem, b_mem, c_mem;
+    // oneDNN takes non-const handles for every argument; it only reads SRC and WEIGHTS.
+    NM_DNNL_CHECK(dnnl_memory_create(&a_mem, &a_md, g.engine, (void *)a16));
+    NM_DNNL_CHECK(dnnl_memory_create(&b_mem, &b_md, g.engine, (void *)b16));
+    NM_DNNL_CHECK(dnnl_memory_create(&c_mem, &c_md, g.engine, C));
+    g.alpha = alpha;
+    dnnl_exec_arg_t args[4] = {
+        {DNNL_ARG_SRC, a_mem},
+        {DNNL_ARG_WEIGHTS, b_mem},
+        {DNNL_ARG_DST, c_mem},
+        {DNNL_ARG_ATTR_OUTPUT_SCALES, g.alpha_mem},
+    };
+    NM_DNNL_CHECK(dnnl_primitive_execute(prim, g.stream, scaled ? 4 : 3, args));
+    NM_DNNL_CHECK(dnnl_stream_wait(g.stream));
+    NM_DNNL_CHECK(dnnl_memory_destroy(a_mem));
+    NM_DNNL_CHECK(dnnl_memory_destroy(b_mem));
+    NM_DNNL_CHECK(dnnl_memory_destroy(c_mem));
+}
