@@ -127,6 +127,8 @@ struct nm_model {
     nm_loss_options opt;
     int have_forward;
 
+    nm_gemm_group *groups;      // (E) scratch for the experts' grouped GEMMs
+
     // router statistics
     int n_moe;
     int *moe_layer_ids;         // (n_moe)
@@ -326,6 +328,7 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     for (int64_t l = 0; l < cfg->n_layers; l++) {
         if (nm_layer_is_moe(cfg, l)) m->moe_layer_ids[m->n_moe++] = (int)l;
     }
+    m->groups = nm_calloc((size_t)(cfg->E > 0 ? cfg->E : 1), sizeof(nm_gemm_group));
     m->expert_counts = nm_calloc((size_t)(m->n_moe > 0 ? m->n_moe : 1) * (size_t)(cfg->E > 0 ? cfg->E : 1), sizeof(int64_t));
     *out = m;
     return 0;
@@ -341,6 +344,7 @@ void nm_model_destroy(nm_model *m) {
     nm_free(m->blocks);
     nm_free(m->mtp);
     nm_free(m->moe_layer_ids);
+    nm_free(m->groups);
     nm_free(m->expert_counts);
     nm_free(m);
 }
@@ -457,6 +461,102 @@ static nm_router_params router_params(const nm_model_config *c, int64_t N) {
     return p;
 }
 
+// --- routed experts ---------------------------------------------------------------------------
+
+// Grouped-GEMM descriptors, one per expert e over its rows [offsets[e], offsets[e+1]).
+// Forward / Dgrad shape: C_e(rows, N) = op(A_e(rows, K)) op(W_e), W_e = W + e * w_stride.
+static void groups_rows(nm_model *m, const block_acts *b, int64_t N, int64_t K, const float *A, int64_t lda,
+                        const float *W, size_t w_stride, int64_t ldw, float *C, int64_t ldc) {
+    for (int64_t e = 0; e < m->cfg.E; e++) {
+        int64_t r0 = b->offsets[e];
+        m->groups[e] = (nm_gemm_group){.M = b->offsets[e + 1] - r0, .N = N, .K = K, .A = A + r0 * lda, .lda = lda,
+                                       .B = W + (size_t)e * w_stride, .ldb = ldw, .C = C + r0 * ldc, .ldc = ldc};
+    }
+}
+
+// Wgrad shape: dW_e(M, N) += A_e(rows, M)^T B_e(rows, N), a reduction over the expert's rows.
+static void groups_wgrad(nm_model *m, const block_acts *b, int64_t M, int64_t N, const float *A, int64_t lda,
+                         const float *B, int64_t ldb, float *dW, size_t w_stride, int64_t ldw) {
+    for (int64_t e = 0; e < m->cfg.E; e++) {
+        int64_t r0 = b->offsets[e];
+        m->groups[e] = (nm_gemm_group){.M = M, .N = N, .K = b->offsets[e + 1] - r0, .A = A + r0 * lda, .lda = lda,
+                                       .B = B + r0 * ldb, .ldb = ldb, .C = dW + (size_t)e * w_stride, .ldc = ldw};
+    }
+}
+
+// e_gate_up = x_perm . W_gate_up^T ; e_act = swiglu(e_gate_up) ; e_out = e_act . W_down^T,
+// per expert over its rows. fp32 runs the experts as grouped GEMMs (concurrently); bf16 and
+// fp8 go expert by expert through the precision-aware linear helpers.
+static void experts_forward(nm_model *m, block_acts *b, const nm_layer_offsets *w) {
+    const nm_model_config *c = &m->cfg;
+    const nm_ops *ops = m->ops;
+    int64_t E = c->E, D = c->D, Fe = c->Fe, rows = b->offsets[E];
+    size_t stride = w->expert_stride, down = (size_t)2 * Fe * D;
+    const float *W0 = m->params + w->experts;
+    if (m->precision == NM_PRECISION_FP32) {
+        groups_rows(m, b, 2 * Fe, D, b->x_perm, D, W0, stride, D, b->e_gate_up, 2 * Fe);
+        ops->gemm_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->groups, E);
+        ops->swiglu_forward(b->e_act, b->e_gate_up, rows, Fe);
+        groups_rows(m, b, D, Fe, b->e_act, Fe, W0 + down, stride, Fe, b->e_out, D);
+        ops->gemm_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->groups, E);
+        return;
+    }
+    for (int64_t e = 0; e < E; e++) {
+        int64_t r0 = b->offsets[e], n = b->offsets[e + 1] - r0;
+        if (n == 0) continue;
+        const float *We = W0 + (size_t)e * stride;  // [gate; up] (2Fe, D), then down (D, Fe)
+        linear_fwd(m, b->e_gate_up + r0 * 2 * Fe, 2 * Fe, b->x_perm + r0 * D, D, We, D, n, D, 2 * Fe, 0.0f);
+    }
+    ops->swiglu_forward(b->e_act, b->e_gate_up, rows, Fe);
+    for (int64_t e = 0; e < E; e++) {
+        int64_t r0 = b->offsets[e], n = b->offsets[e + 1] - r0;
+        if (n == 0) continue;
+        const float *We = W0 + (size_t)e * stride;
+        linear_fwd(m, b->e_out + r0 * D, D, b->e_act + r0 * Fe, Fe, We + down, Fe, n, Fe, D, 0.0f);
+    }
+}
+
+// Backward of experts_forward: from d_e_out to d_x_perm (=) and the experts' weight grads (+=).
+static void experts_backward(nm_model *m, block_acts *b, const nm_layer_offsets *w) {
+    const nm_model_config *c = &m->cfg;
+    const nm_ops *ops = m->ops;
+    int64_t E = c->E, D = c->D, Fe = c->Fe, rows = b->offsets[E];
+    size_t stride = w->expert_stride, down = (size_t)2 * Fe * D;
+    const float *W0 = m->params + w->experts;
+    float *dW0 = m->grads + w->experts;
+    if (m->precision == NM_PRECISION_FP32) {
+        // e_out = e_act . W_down^T: d_e_act = d_e_out . W_down ; dW_down += d_e_out^T e_act
+        groups_rows(m, b, Fe, D, m->d_e_out, D, W0 + down, stride, Fe, m->d_e_act, Fe);
+        ops->gemm_grouped(NM_NO_TRANS, NM_NO_TRANS, 1.0f, 0.0f, m->groups, E);
+        groups_wgrad(m, b, D, Fe, m->d_e_out, D, b->e_act, Fe, dW0 + down, stride, Fe);
+        ops->gemm_grouped(NM_TRANS, NM_NO_TRANS, 1.0f, 1.0f, m->groups, E);
+        ops->swiglu_backward(m->d_e_gate_up, m->d_e_act, b->e_gate_up, rows, Fe);
+        // e_gate_up = x_perm . W_gate_up^T: dW_gate_up += d_e_gate_up^T x_perm ; d_x_perm = d_e_gate_up . W_gate_up
+        groups_wgrad(m, b, 2 * Fe, D, m->d_e_gate_up, 2 * Fe, b->x_perm, D, dW0, stride, D);
+        ops->gemm_grouped(NM_TRANS, NM_NO_TRANS, 1.0f, 1.0f, m->groups, E);
+        groups_rows(m, b, D, 2 * Fe, m->d_e_gate_up, 2 * Fe, W0, stride, D, m->d_x_perm, D);
+        ops->gemm_grouped(NM_NO_TRANS, NM_NO_TRANS, 1.0f, 0.0f, m->groups, E);
+        return;
+    }
+    for (int64_t e = 0; e < E; e++) {
+        int64_t r0 = b->offsets[e], n = b->offsets[e + 1] - r0;
+        if (n == 0) continue;
+        const float *We = W0 + (size_t)e * stride;
+        float *dWe = dW0 + (size_t)e * stride;
+        linear_bwd_inp(m, m->d_e_act + r0 * Fe, Fe, m->d_e_out + r0 * D, D, We + down, Fe, n, Fe, D, 0.0f);
+        linear_bwd_w(m, dWe + down, Fe, m->d_e_out + r0 * D, D, b->e_act + r0 * Fe, Fe, n, Fe, D);
+    }
+    ops->swiglu_backward(m->d_e_gate_up, m->d_e_act, b->e_gate_up, rows, Fe);
+    for (int64_t e = 0; e < E; e++) {
+        int64_t r0 = b->offsets[e], n = b->offsets[e + 1] - r0;
+        if (n == 0) continue;
+        const float *We = W0 + (size_t)e * stride;
+        float *dWe = dW0 + (size_t)e * stride;
+        linear_bwd_w(m, dWe, D, m->d_e_gate_up + r0 * 2 * Fe, 2 * Fe, b->x_perm + r0 * D, D, n, D, 2 * Fe);
+        linear_bwd_inp(m, m->d_x_perm + r0 * D, D, m->d_e_gate_up + r0 * 2 * Fe, 2 * Fe, We, D, n, D, 2 * Fe, 0.0f);
+    }
+}
+
 // --- one decoder block: forward ---------------------------------------------------------------
 
 // Runs block l on b->x_in (B, T); writes b->x_out. Returns the block's balance loss (0 for
@@ -505,7 +605,7 @@ static double block_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_
     }
 
     // MoE (dsv3-spec 5): route, run each expert on its rows, combine with the gate weights.
-    int64_t E = c->E, K = c->K, Fe = c->Fe;
+    int64_t E = c->E, K = c->K;
     nm_router_params rp = router_params(c, N);
     linear_fwd(m, b->router_logits, E, b->f, D, P + w->router, D, N, D, E, 0.0f);
     ops->router_forward(b->topk_idx, b->topk_w, b->scores, b->router_logits, P + w->router_bias, &rp);
@@ -515,14 +615,7 @@ static double block_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_
         for (int64_t e = 0; e < E; e++) counts[e] += b->offsets[e + 1] - b->offsets[e];
     }
     ops->moe_gather(b->x_perm, b->f, b->perm, N, K, D);
-    for (int64_t e = 0; e < E; e++) {
-        int64_t r0 = b->offsets[e], n = b->offsets[e + 1] - r0;
-        if (n == 0) continue;
-        const float *We = P + w->experts + (size_t)e * w->expert_stride;  // [gate; up] (2Fe, D), then down (D, Fe)
-        linear_fwd(m, b->e_gate_up + r0 * 2 * Fe, 2 * Fe, b->x_perm + r0 * D, D, We, D, n, D, 2 * Fe, 0.0f);
-        ops->swiglu_forward(b->e_act + r0 * Fe, b->e_gate_up + r0 * 2 * Fe, n, Fe);
-        linear_fwd(m, b->e_out + r0 * D, D, b->e_act + r0 * Fe, Fe, We + (size_t)2 * Fe * D, Fe, n, Fe, D, 0.0f);
-    }
+    experts_forward(m, b, w);
     ops->moe_combine_forward(b->x_out, b->e_out, b->topk_w, b->perm, N, K, D);
     if (c->Fs > 0) {
         linear_fwd(m, b->s_gate_up, 2 * c->Fs, b->f, D, P + w->shared_gate_up, D, N, D, 2 * c->Fs, 0.0f);
@@ -558,7 +651,7 @@ static void block_backward(nm_model *m, int64_t l, float aux_seed) {
         linear_bwd_w(m, G + w->mlp_gate_up, D, m->d_gate_up, 2 * c->F, b->f, D, N, D, 2 * c->F);
         linear_bwd_inp(m, m->d_f, D, m->d_gate_up, 2 * c->F, P + w->mlp_gate_up, D, N, D, 2 * c->F, 0.0f);
     } else {
-        int64_t E = c->E, K = c->K, Fe = c->Fe;
+        int64_t E = c->E, K = c->K;
         nm_router_params rp = router_params(c, N);
         ops->zero(m->d_f, N * D);
         if (c->Fs > 0) {
@@ -570,20 +663,7 @@ static void block_backward(nm_model *m, int64_t l, float aux_seed) {
         }
         // x_out += sum_k w_k * e_out[row(n,k)]
         ops->moe_combine_backward(m->d_e_out, m->d_topk_w, d_res, b->e_out, b->topk_w, b->perm, N, K, D);
-        for (int64_t e = 0; e < E; e++) {
-            int64_t r0 = b->offsets[e], n = b->offsets[e + 1] - r0;
-            if (n == 0) continue;
-            size_t we = w->experts + (size_t)e * w->expert_stride;
-            const float *We = P + we;
-            float *dWe = G + we;
-            // e_out = e_act . W_down^T
-            linear_bwd_inp(m, m->d_e_act + r0 * Fe, Fe, m->d_e_out + r0 * D, D, We + (size_t)2 * Fe * D, Fe, n, Fe, D, 0.0f);
-            linear_bwd_w(m, dWe + (size_t)2 * Fe * D, Fe, m->d_e_out + r0 * D, D, b->e_act + r0 * Fe, Fe, n, Fe, D);
-            // e_act = swiglu(e_gate_up) ; e_gate_up = x_perm . W_gate_up^T
-            ops->swiglu_backward(m->d_e_gate_up + r0 * 2 * Fe, m->d_e_act + r0 * Fe, b->e_gate_up + r0 * 2 * Fe, n, Fe);
-            linear_bwd_w(m, dWe, D, m->d_e_gate_up + r0 * 2 * Fe, 2 * Fe, b->x_perm + r0 * D, D, n, D, 2 * Fe);
-            linear_bwd_inp(m, m->d_x_perm + r0 * D, D, m->d_e_gate_up + r0 * 2 * Fe, 2 * Fe, We, D, n, D, 2 * Fe, 0.0f);
-        }
+        experts_backward(m, b, w);
         // x_perm = gather(f)
         ops->moe_scatter_add(m->d_f, m->d_x_perm, b->perm, N, K, D);
         // gate weights <- scores <- router logits = f . W_router^T (bias: selection only, no gradient)

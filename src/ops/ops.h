@@ -42,6 +42,15 @@ typedef struct nm_router_params {
     float routed_scaling;       // applied after normalisation
 } nm_router_params;
 
+// One GEMM of a grouped call (MoE experts: one per expert, over its rows).
+typedef struct nm_gemm_group {
+    int64_t M, N, K;            // op(A) is (M,K), op(B) is (K,N)
+    const float *A;             // with lda
+    const float *B;             // with ldb
+    float *C;                   // (M,N) with ldc
+    int64_t lda, ldb, ldc;
+} nm_gemm_group;
+
 typedef struct nm_ops {
     // --- dense linear algebra ---------------------------------------------------------------
     // Row-major GEMM with BLAS semantics: C(M,N) = alpha * op(A) op(B) + beta * C.
@@ -49,6 +58,12 @@ typedef struct nm_ops {
     void (*gemm)(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K,
                  float alpha, const float *A, int64_t lda, const float *B, int64_t ldb,
                  float beta, float *C, int64_t ldc);
+
+    // n independent GEMMs with shared transposes, alpha and beta (each with gemm's contract),
+    // run concurrently: the routed experts' small GEMMs of one layer in one call. Groups
+    // with M, N == 0 are skipped. Results do not depend on the thread count.
+    void (*gemm_grouped)(nm_transpose ta, nm_transpose tb, float alpha, float beta,
+                         const nm_gemm_group *groups, int64_t n);
 
     // bf16 GEMM: same contract as gemm, but A and B may be stored as bf16 (a_type/b_type);
     // fp32 operands are rounded to bf16 (round to nearest even) first, products are

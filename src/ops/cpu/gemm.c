@@ -47,3 +47,17 @@ void nm_cpu_gemm(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t
                 tb == NM_TRANS ? CblasTrans : CblasNoTrans, (int)M, (int)N, (int)K, alpha, A, (int)lda,
                 B, (int)ldb, beta, C, (int)ldc);
 }
+
+// Experts of one layer: each group is one single-threaded BLAS call (OpenBLAS's OpenMP build
+// runs single-threaded inside a parallel region), groups spread over the threads. For MoE
+// shapes (a few hundred rows per expert) this scales where one multi-threaded call per
+// expert does not: each small GEMM split over threads spends its time synchronising.
+// Every group writes only its own C, so the result is independent of the schedule.
+void nm_cpu_gemm_grouped(nm_transpose ta, nm_transpose tb, float alpha, float beta, const nm_gemm_group *groups,
+                         int64_t n) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t g = 0; g < n; g++) {
+        const nm_gemm_group *x = &groups[g];
+        nm_cpu_gemm(ta, tb, x->M, x->N, x->K, alpha, x->A, x->lda, x->B, x->ldb, beta, x->C, x->ldc);
+    }
+}

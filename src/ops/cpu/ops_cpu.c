@@ -4,6 +4,7 @@
 
 static const nm_ops cpu_ops = {
     .gemm = nm_cpu_gemm,
+    .gemm_grouped = nm_cpu_gemm_grouped,
     .gemm_bf16 = nm_cpu_gemm_bf16,
     .cast_bf16 = nm_cpu_cast_bf16,
     .gemm_fp8 = nm_cpu_gemm_fp8,
