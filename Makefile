@@ -21,8 +21,9 @@ test: deps
 	@cmake --build $(BUILD) -j $(JOBS)
 	@cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
+# Continues runs/tiny if it is there (rm -rf runs/tiny to start over).
 train: build
-	@$(BUILD)/nanomegatron train --config configs/tiny-train.json --out runs/tiny
+	@$(BUILD)/nanomegatron train --config configs/tiny-train.json --out runs/tiny --resume
 	@$(BUILD)/nanomegatron sample --model runs/tiny --prompt "The " --tokens 200 --seed 1
 
 # Unit tests under AddressSanitizer + UndefinedBehaviorSanitizer.

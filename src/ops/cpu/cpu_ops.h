@@ -12,6 +12,8 @@
 #define NM_CPU_MAX_STACK_DIM 1024
 
 // --- gemm.c -------------------------------------------------------------------------------
+// C(M,N) (=) beta * C; beta == 0 writes exact zeros (old contents may be NaN). Shared by the GEMMs.
+void nm_cpu_scale_matrix(float *C, int64_t ldc, int64_t M, int64_t N, float beta);
 void nm_cpu_gemm(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
                  const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
                  int64_t ldc);

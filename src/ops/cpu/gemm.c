@@ -11,8 +11,8 @@
 #include "core/check.h"
 #include "ops/cpu/cpu_ops.h"
 
-// C(M,N) (=) beta * C, beta == 0 writing exact zeros.
-static void scale_c(float *C, int64_t ldc, int64_t M, int64_t N, float beta) {
+// C(M,N) (=) beta * C, beta == 0 writing exact zeros (the old contents may be NaN).
+void nm_cpu_scale_matrix(float *C, int64_t ldc, int64_t M, int64_t N, float beta) {
     for (int64_t i = 0; i < M; i++) {
         float *c = C + i * ldc;
         if (beta == 0.0f) {
@@ -31,7 +31,7 @@ void nm_cpu_gemm(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t
     if (M == 0 || N == 0) return;
     NM_CHECK(ldc >= N, "gemm ldc=%lld < N=%lld", (long long)ldc, (long long)N);
     if (K == 0 || alpha == 0.0f) {
-        scale_c(C, ldc, M, N, beta);
+        nm_cpu_scale_matrix(C, ldc, M, N, beta);
         return;
     }
     // Row-major op(A) is (M,K): stored (M,lda>=K) untransposed, (K,lda>=M) transposed.

@@ -138,18 +138,6 @@ static const uint16_t *as_bf16(nm_bf16_scratch *s, const void *x, nm_dtype type,
 
 // --- the GEMM --------------------------------------------------------------------------------
 
-// C(M,N) (=) beta * C, beta == 0 writing exact zeros (the old contents may be NaN).
-static void scale_c(float *C, int64_t ldc, int64_t M, int64_t N, float beta) {
-    for (int64_t i = 0; i < M; i++) {
-        float *c = C + i * ldc;
-        if (beta == 0.0f) {
-            for (int64_t j = 0; j < N; j++) c[j] = 0.0f;
-        } else {
-            for (int64_t j = 0; j < N; j++) c[j] *= beta;
-        }
-    }
-}
-
 // Row-major op(X) of shape (rows, cols), stored transposed or not with leading dimension ld:
 // strides (ld, 1) or (1, ld). rt: every dimension and non-unit stride at run time.
 static void matrix_desc(dnnl_memory_desc_t *md, dnnl_data_type_t dt, int64_t rows, int64_t cols,
@@ -199,7 +187,7 @@ void nm_cpu_gemm_bf16(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, in
     if (M == 0 || N == 0) return;
     NM_CHECK(ldc >= N, "gemm_bf16 ldc=%lld < N=%lld", (long long)ldc, (long long)N);
     if (K == 0 || alpha == 0.0f) {
-        scale_c(C, ldc, M, N, beta);
+        nm_cpu_scale_matrix(C, ldc, M, N, beta);
         return;
     }
     // Row-major op(A) is (M,K): stored (M,lda>=K) untransposed, (K,lda>=M) transposed.
@@ -212,7 +200,7 @@ void nm_cpu_gemm_bf16(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, in
 
     const uint16_t *a16 = as_bf16(&g.a, A, a_type, a_rows, a_cols, &lda);
     const uint16_t *b16 = as_bf16(&g.b, B, b_type, b_rows, b_cols, &ldb);
-    if (beta != 0.0f && beta != 1.0f) scale_c(C, ldc, M, N, beta);
+    if (beta != 0.0f && beta != 1.0f) nm_cpu_scale_matrix(C, ldc, M, N, beta);
     int scaled = alpha != 1.0f, accumulate = beta != 0.0f;
     dnnl_primitive_t prim = get_primitive(ta, tb, scaled, accumulate);
 
