@@ -71,7 +71,7 @@ static void test_shipped(void) {
         EXPECT(!c.init_from && !strcmp(c.tokenizer, "bytes"), "tokenizer %s", c.tokenizer);
         EXPECT(c.data_synthetic == 1 && c.n_data_paths == 0, "synthetic");
         EXPECT(c.seq_len == 128 && c.micro_batch == 8 && c.global_batch == 16 && c.accum_steps == 2, "batch");
-        EXPECT(c.steps == 300 && c.precision == NM_PRECISION_FP32, "steps/precision");
+        EXPECT(c.steps == 400 && c.precision == NM_PRECISION_FP32, "steps/precision");
         EXPECT(c.optimizer.lr == 3e-3 && c.optimizer.min_lr == 3e-4, "lr %g %g", c.optimizer.lr, c.optimizer.min_lr);
         EXPECT(c.schedule.type == NM_LR_COSINE && c.schedule.warmup_steps == 30, "schedule");
         EXPECT(c.log.log_every == 10 && c.log.eval_every == 100 && c.checkpoint.save_every == 100, "log/ckpt");
@@ -80,7 +80,7 @@ static void test_shipped(void) {
         nm_lr_schedule s;
         nm_train_config_lr_schedule(&c, &s);
         EXPECT(fabs(nm_lr_at(&s, 15) - 1.5e-3) < 1e-15 && fabs(nm_lr_at(&s, 30) - 3e-3) < 1e-15 &&
-                   fabs(nm_lr_at(&s, 300) - 3e-4) < 1e-15, "lr schedule from config");
+                   fabs(nm_lr_at(&s, 400) - 3e-4) < 1e-15, "lr schedule from config");
         int64_t acc = 0;
         EXPECT(nm_train_config_accum_steps(&c, 2, &acc, &err) == 0 && acc == 1, "dp 2: accum %lld", (long long)acc);
         EXPECT(nm_train_config_accum_steps(&c, 4, &acc, &err) != 0 && strstr(err.msg, "16") && strstr(err.msg, "8 x 4"),

@@ -19,10 +19,11 @@ static const char *usage =
     "data\n"
     "  prepare   --input FILE... --tokenizer tokenizer.json|bytes --out PREFIX [--json-key text]\n"
     "            [--append-eod] [--workers N]   |   --synthetic N_TOKENS --out PREFIX [--seed S]\n"
-    "  inspect   --data PREFIX [--doc N]\n"
+    "  inspect   --data PREFIX [--doc N] [--tokenizer T] [--samples N --seq-len L --seed S ...]\n"
     "  tokenizer train|encode|decode ...\n"
     "training\n"
-    "  train     --config C --out RUN_DIR [--steps N] [--save-every N] [--seed S] [--set k=v]... [--resume]\n"
+    "  train     --config C --out RUN_DIR [--steps N] [--save-every N] [--seed S] [--set k=v]...\n"
+    "            [--init-from HF_DIR] [--resume] [--recompute] [--quiet]   (train --help: config keys)\n"
     "  eval      --model DIR --data PREFIX\n"
     "  sample    --model DIR|RUN_DIR --prompt TEXT [--tokens N] [--temperature T] [--top-p P] [--seed S]\n";
 
