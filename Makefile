@@ -4,7 +4,7 @@
 BUILD ?= build
 JOBS  ?= $(shell nproc)
 
-.PHONY: all build deps test train clean sanitize
+.PHONY: all build deps test train clean sanitize valgrind
 
 all: build
 
@@ -32,5 +32,9 @@ sanitize: deps
 	@cmake --build build-asan -j $(JOBS)
 	@cd build-asan && ctest --output-on-failure -L unit -j $(JOBS)
 
+# Unit tests under valgrind memcheck.
+valgrind: deps
+	@scripts/valgrind.sh
+
 clean:
-	rm -rf $(BUILD) build-asan
+	rm -rf $(BUILD) build-asan build-vg
