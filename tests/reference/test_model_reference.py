@@ -42,6 +42,9 @@ CASES = [
     ("qnolora_softmax_mtp2", os.path.join(HERE, "configs", "qnolora_softmax_mtp2.json"), 3, 24, 12, ("neg_bias",)),
     ("yarn_tied", os.path.join(HERE, "configs", "yarn_tied.json"), 2, 24, 13, ()),
     ("dense_pattern", os.path.join(HERE, "configs", "dense_pattern.json"), 3, 16, 14, ("small_latents",)),
+    # V2-Lite style: plain q_proj, softmax + greedy over one group, 2 shared experts, no MTP,
+    # YaRN with mscale == mscale_all_dim != 1, eps 1e-5, rope base 50000.
+    ("v2lite_style_nomtp", os.path.join(HERE, "configs", "v2lite_style_nomtp.json"), 2, 20, 15, ("neg_bias",)),
 ]
 
 
