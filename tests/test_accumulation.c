@@ -32,17 +32,7 @@
 #include "nanomegatron.h"
 #include "train/balance.h"
 
-static int failures;
-
-#define EXPECT(cond, ...)                                                  \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                  \
-            fputc('\n', stderr);                                           \
-            failures++;                                                    \
-        }                                                                  \
-    } while (0)
+#include "test_util.h"
 
 // hidden 64, vocab 300, 1 dense + 2 MoE layers (8 experts, top-2, 4 groups, 2 kept), MTP 1.
 // initializer_range 0.1 (instead of 0.006) so activations, routing and gradients are O(1)

@@ -9,17 +9,7 @@
 
 #include "model/config.h"
 
-static int failures;
-
-#define EXPECT(cond, ...)                                                     \
-    do {                                                                      \
-        if (!(cond)) {                                                        \
-            failures++;                                                       \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);   \
-            fprintf(stderr, __VA_ARGS__);                                     \
-            fputc('\n', stderr);                                              \
-        }                                                                     \
-    } while (0)
+#include "test_util.h"
 
 // dsv3-spec 8 "dsv3-tiny" body (without braces); overrides are put in FRONT of it because the
 // loader reads the first occurrence of a key.

@@ -22,16 +22,7 @@
 #include "data/indexed.h"
 #include "data/loader.h"
 
-static int failures;
-#define EXPECT(cond, ...)                                                     \
-    do {                                                                      \
-        if (!(cond)) {                                                        \
-            failures++;                                                       \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);   \
-            fprintf(stderr, __VA_ARGS__);                                     \
-            fputc('\n', stderr);                                              \
-        }                                                                     \
-    } while (0)
+#include "test_util.h"
 
 static uint64_t key, ctr;
 static uint64_t rnd(uint64_t n) { return nm_rng_u64(key, ctr++) % n; }

@@ -14,17 +14,7 @@
 #include "core/rng.h"
 #include "train/optim.h"
 
-static int failures;
-
-#define EXPECT(cond, ...)                                                  \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                  \
-            fputc('\n', stderr);                                           \
-            failures++;                                                    \
-        }                                                                  \
-    } while (0)
+#include "test_util.h"
 
 // Values below are exact in decimal; float keeps ~7 digits and each step does a handful
 // of roundings, so 1e-6 absolute on O(1) parameters is a few ulps.

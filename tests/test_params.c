@@ -13,17 +13,7 @@
 #include "model/flops.h"
 #include "model/params.h"
 
-static int failures;
-
-#define EXPECT(cond, ...)                                                     \
-    do {                                                                      \
-        if (!(cond)) {                                                        \
-            failures++;                                                       \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);   \
-            fprintf(stderr, __VA_ARGS__);                                     \
-            fputc('\n', stderr);                                              \
-        }                                                                     \
-    } while (0)
+#include "test_util.h"
 
 // dsv3-spec 8 "dsv3-tiny" (real V3 vocab). %s slots let variants change q_lora / tying.
 static const char *tiny_fmt =

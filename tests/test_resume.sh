@@ -29,22 +29,7 @@ cd "$tmp"
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
 # --- configs: a small model (hidden 64, vocab 300, 1 dense + 2 MoE layers, 4 groups, MTP 1) ---
-cat > model.json <<'EOF'
-{
-  "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-  "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
-  "num_hidden_layers": 3, "num_nextn_predict_layers": 1,
-  "num_attention_heads": 2, "num_key_value_heads": 2,
-  "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
-  "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2,
-  "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5, "norm_topk_prob": true,
-  "scoring_func": "sigmoid", "topk_method": "noaux_tc", "first_k_dense_replace": 1, "moe_layer_freq": 1,
-  "hidden_act": "silu", "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "rope_scaling": null,
-  "max_position_embeddings": 512, "tie_word_embeddings": false, "attention_bias": false,
-  "attention_dropout": 0.0, "initializer_range": 0.006, "bos_token_id": 0, "eos_token_id": 1,
-  "use_cache": true, "torch_dtype": "float32"
-}
-EOF
+cp "${NM_ROOT:?NM_ROOT must point to the repository}/tests/data/small-moe-model.json" model.json
 # keep_last 0 keeps every checkpoint (the corruption test needs an older one to fall back to);
 # cosine schedule with warm-up and clipping so that the step number matters everywhere.
 cat > train.json <<'EOF'

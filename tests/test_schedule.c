@@ -8,17 +8,7 @@
 #include "train/balance.h"
 #include "train/schedule.h"
 
-static int failures;
-
-#define EXPECT(cond, ...)                                                  \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                  \
-            fputc('\n', stderr);                                           \
-            failures++;                                                    \
-        }                                                                  \
-    } while (0)
+#include "test_util.h"
 
 // The schedules are double arithmetic on small integers: agreement to 1e-12 is exact
 // up to the last few bits of cos/sqrt.

@@ -15,16 +15,7 @@
 #include "core/check.h"
 #include "data/synthetic.h"
 
-static int failures;
-#define EXPECT(cond, ...)                                                     \
-    do {                                                                      \
-        if (!(cond)) {                                                        \
-            failures++;                                                       \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);   \
-            fprintf(stderr, __VA_ARGS__);                                     \
-            fputc('\n', stderr);                                              \
-        }                                                                     \
-    } while (0)
+#include "test_util.h"
 
 static const nm_synthetic *lex;
 

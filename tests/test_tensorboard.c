@@ -17,17 +17,7 @@
 #include "io/fileio.h"
 #include "train/tensorboard.h"
 
-static int failures;
-
-#define EXPECT(cond, ...)                                                  \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                  \
-            fputc('\n', stderr);                                           \
-            failures++;                                                    \
-        }                                                                  \
-    } while (0)
+#include "test_util.h"
 
 static void hexdump(const char *what, const uint8_t *b, size_t n) {
     fprintf(stderr, "%s:", what);

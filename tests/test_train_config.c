@@ -10,17 +10,7 @@
 
 #include "train/train_config.h"
 
-static int failures;
-
-#define EXPECT(cond, ...)                                                  \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                  \
-            fputc('\n', stderr);                                           \
-            failures++;                                                    \
-        }                                                                  \
-    } while (0)
+#include "test_util.h"
 
 static int parse(nm_train_config *c, const char *json, const char *const *ov, int n, nm_error *err) {
     memset(err, 0, sizeof(*err));
