@@ -32,19 +32,10 @@
 #include "ops/cpu/fp8.h"
 #include "ops/ops.h"
 
-static int g_failures = 0;
 static uint64_t g_key;
 static uint64_t g_ctr = 0;
 
-#define EXPECT(cond, ...)                                                   \
-    do {                                                                    \
-        if (!(cond)) {                                                      \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                   \
-            fputc('\n', stderr);                                            \
-            g_failures++;                                                   \
-        }                                                                   \
-    } while (0)
+#include "test_util.h"
 
 static int same_bits(float a, float b) {
     uint32_t x, y;
@@ -431,8 +422,8 @@ int main(void) {
     // The largest GEMM first, so that the steady-state check below sees a grown scratch.
     test_gemm(ops);
     test_gemm_contract(ops);
-    if (g_failures) {
-        fprintf(stderr, "test_fp8: %d failure(s)\n", g_failures);
+    if (failures) {
+        fprintf(stderr, "test_fp8: %d failure(s)\n", failures);
         return 1;
     }
     printf("test_fp8: ok\n");

@@ -30,21 +30,12 @@
 #include "core/rng.h"
 #include "ops/ops.h"
 
-static int g_failures = 0;
 static double g_worst = 0.0;    // largest error / tolerance bound over all cases
 static uint64_t g_key;
 static uint64_t g_ctr = 0;
 static const nm_ops *ops;
 
-#define EXPECT(cond, ...)                                                   \
-    do {                                                                    \
-        if (!(cond)) {                                                      \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                   \
-            fputc('\n', stderr);                                            \
-            g_failures++;                                                   \
-        }                                                                   \
-    } while (0)
+#include "test_util.h"
 
 // --- helpers --------------------------------------------------------------------------------
 
@@ -364,8 +355,8 @@ int main(int argc, char **argv) {
     test_gemm();
     test_threads();
     printf("gemm_bf16: largest error %.3g of the tolerance bound\n", g_worst);
-    if (g_failures) {
-        fprintf(stderr, "test_gemm_bf16: %d failures\n", g_failures);
+    if (failures) {
+        fprintf(stderr, "test_gemm_bf16: %d failures\n", failures);
         return 1;
     }
     printf("test_gemm_bf16: OK\n");

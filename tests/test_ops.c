@@ -27,7 +27,6 @@
 #include "core/rng.h"
 #include "ops/ops.h"
 
-static int g_failures = 0;
 static uint64_t g_key;
 static uint64_t g_ctr = 0;
 static const nm_ops *ops;
@@ -35,15 +34,7 @@ static const nm_ops *ops;
 #define FD_TOL 5e-4
 #define FD_H 1e-2
 
-#define EXPECT(cond, ...)                                              \
-    do {                                                               \
-        if (!(cond)) {                                                 \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                              \
-            fputc('\n', stderr);                                       \
-            g_failures++;                                              \
-        }                                                              \
-    } while (0)
+#include "test_util.h"
 
 // --- helpers --------------------------------------------------------------------------------
 
@@ -738,8 +729,8 @@ int main(void) {
     test_balance_loss(NM_SCORING_SOFTMAX, "balance loss softmax");
     test_moe_permute();
     test_moe_dispatch();
-    if (g_failures) {
-        fprintf(stderr, "test_ops: %d failure(s)\n", g_failures);
+    if (failures) {
+        fprintf(stderr, "test_ops: %d failure(s)\n", failures);
         return 1;
     }
     printf("test_ops: all passed\n");
