@@ -108,4 +108,12 @@ last=$(for s in 26 27 28 29 30; do field smoke/metrics.jsonl $s ce_loss; done | 
 echo "smoke: ln(vocab) = $(awk -v v="$vocab" 'BEGIN {printf "%.4f", log(v)}'), step-1 ce $first, mean ce of steps 26-30 $last"
 awk -v f="$first" -v v="$vocab" 'BEGIN {exit !(f > log(v) - 0.3 && f < log(v) + 0.3)}' || fail "initial ce $first is not about ln($vocab)"
 awk -v l="$last" -v v="$vocab" 'BEGIN {exit !(l < log(v) - 1.5)}' || fail "after 30 steps the ce $last is not well below ln($vocab)"
+# --- 5. a second run into the same directory is refused (nothing of the first is lost) ------
+before=$(md5sum smoke/metrics.jsonl)
+if "$NM_BIN" train --config "$NM_ROOT/configs/tiny-train.json" --out smoke --quiet --steps 2 2> again.err; then
+    fail "training into a run directory with checkpoints without --resume was not refused"
+fi
+grep -q -- '--resume' again.err || fail "the refusal does not point to --resume: $(cat again.err)"
+[ "$(md5sum smoke/metrics.jsonl)" = "$before" ] || fail "the refused run touched the first run's metrics"
+echo "second run into the same directory: refused"
 echo "PASS test_train_guard"

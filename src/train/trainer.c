@@ -223,6 +223,19 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     char metrics_path[4200];
     snprintf(metrics_path, sizeof(metrics_path), "%s/metrics.jsonl", opts->run_dir);
     int resumed = 0;
+    if (!opts->resume) {
+        // Never mix two runs in one directory (their checkpoints would interleave and the
+        // older run's metrics would be truncated): continuing is what --resume is for.
+        char latest[4300];
+        snprintf(latest, sizeof(latest), "%s/latest", opts->run_dir);
+        FILE *fp = fopen(latest, "r");
+        if (fp) {
+            fclose(fp);
+            nm_error_set(err, "%s already holds a run (it has a 'latest' checkpoint): pass --resume to continue it, "
+                         "or choose another --out", opts->run_dir);
+            goto fail;
+        }
+    }
     if (opts->resume) {
         nm_ckpt_state st;
         char dir[4200];
