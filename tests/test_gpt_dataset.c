@@ -219,9 +219,7 @@ static void test_gpt(void) {
 }
 
 int main(void) {
-    const char *env = getenv("NM_TEST_SEED");
-    uint64_t seed = env ? strtoull(env, NULL, 10) : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 20);
-    printf("test_gpt_dataset: seed %llu (NM_TEST_SEED to reproduce)\n", (unsigned long long)seed);
+    uint64_t seed = test_seed("test_gpt_dataset");
     key = nm_rng_key(seed, NM_RNG_TEST, 2, 0);
     test_numpy_check_values();
     test_split();

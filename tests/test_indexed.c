@@ -353,24 +353,8 @@ static void test_atomic(void) {
     EXPECT(count_entries(sub) == 2, "finalize left %d files, want .bin and .idx", count_entries(sub));
 }
 
-static void remove_tree(const char *d) {
-    DIR *dp = opendir(d);
-    if (!dp) return;
-    struct dirent *e;
-    char p[512];
-    while ((e = readdir(dp))) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-        snprintf(p, sizeof(p), "%s/%s", d, e->d_name);
-        if (unlink(p) != 0) remove_tree(p);
-    }
-    closedir(dp);
-    rmdir(d);
-}
-
 int main(void) {
-    const char *env = getenv("NM_TEST_SEED");
-    uint64_t seed = env ? strtoull(env, NULL, 10) : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 20);
-    printf("test_indexed: seed %llu (NM_TEST_SEED to reproduce)\n", (unsigned long long)seed);
+    uint64_t seed = test_seed("test_indexed");
     key = nm_rng_key(seed, NM_RNG_TEST, 1, 0);
     snprintf(dir, sizeof(dir), "test_indexed_XXXXXX");
     NM_CHECK(mkdtemp(dir), "mkdtemp");
@@ -381,7 +365,7 @@ int main(void) {
     test_corrupt();
     test_mutations();
     test_atomic();
-    remove_tree(dir);
+    test_remove_tree(dir);
     if (failures) {
         fprintf(stderr, "test_indexed: %d failures (seed %llu)\n", failures, (unsigned long long)seed);
         return 1;

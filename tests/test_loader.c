@@ -288,24 +288,8 @@ static void test_synthetic_and_errors(void) {
     EXPECT(nm_loader_create(&l, &spec, NM_SPLIT_TRAIN, 0, 1, &err) != 0 && strstr(err.msg, "no/such/dataset.idx"), "%s", err.msg);
 }
 
-static void remove_tree(const char *d) {
-    DIR *dp = opendir(d);
-    if (!dp) return;
-    struct dirent *e;
-    char p[512];
-    while ((e = readdir(dp))) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-        snprintf(p, sizeof(p), "%s/%s", d, e->d_name);
-        unlink(p);
-    }
-    closedir(dp);
-    rmdir(d);
-}
-
 int main(void) {
-    const char *env = getenv("NM_TEST_SEED");
-    uint64_t seed = env ? strtoull(env, NULL, 10) : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 20);
-    printf("test_loader: seed %llu (NM_TEST_SEED to reproduce)\n", (unsigned long long)seed);
+    uint64_t seed = test_seed("test_loader");
     key = nm_rng_key(seed, NM_RNG_TEST, 3, 0);
     snprintf(dir, sizeof(dir), "test_loader_XXXXXX");
     NM_CHECK(mkdtemp(dir), "mkdtemp");
@@ -337,7 +321,7 @@ int main(void) {
     test_split(prefixes[2], sizes[2]);
     test_compat(prefixes[2]);
     test_synthetic_and_errors();
-    remove_tree(dir);
+    test_remove_tree(dir);
     if (failures) {
         fprintf(stderr, "test_loader: %d failures (seed %llu)\n", failures, (unsigned long long)seed);
         return 1;

@@ -605,24 +605,8 @@ static void test_malformed(void) {
            "missing file accepted");
 }
 
-static void remove_tree(const char *path) {
-    DIR *d = opendir(path);
-    if (!d) return;
-    struct dirent *e;
-    char p[512];
-    while ((e = readdir(d))) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-        snprintf(p, sizeof(p), "%s/%s", path, e->d_name);
-        remove(p);
-    }
-    closedir(d);
-    rmdir(path);
-}
-
 int main(void) {
-    const char *env = getenv("NM_TEST_SEED");
-    uint64_t seed = env ? strtoull(env, NULL, 10) : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 20);
-    printf("test_tokenizer: seed %llu (NM_TEST_SEED to reproduce)\n", (unsigned long long)seed);
+    uint64_t seed = test_seed("test_tokenizer");
     key = nm_rng_key(seed, NM_RNG_TEST, 7, 0);
     snprintf(dir, sizeof(dir), "test_tokenizer_XXXXXX");
     NM_CHECK(mkdtemp(dir), "mkdtemp");
@@ -631,7 +615,7 @@ int main(void) {
     test_bpe_rules();
     test_added_tokens();
     test_malformed();
-    remove_tree(dir);
+    test_remove_tree(dir);
     if (failures) {
         fprintf(stderr, "test_tokenizer: %d failures (seed %llu)\n", failures, (unsigned long long)seed);
         return 1;
