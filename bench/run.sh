@@ -2,7 +2,7 @@
 # bench/run.sh: our CPU training speed against the machine's peaks and a PyTorch peer, in one run.
 #
 #   1. builds (or reuses) $NM_BENCH_BUILD and compiles bench/peak.c next to it;
-#   2. measures the fp32 (OpenBLAS sgemm) and bf16 (oneDNN matmul) GEMM peaks;
+#   2. measures the fp32 (the better of OpenBLAS and oneDNN sgemm) and bf16 (oneDNN matmul) GEMM peaks;
 #   3. per config (small, tiny): `nanomegatron init` one set of weights, trains them with our
 #      binary and with bench/torch_peer.py (same weights, batch shape, threads), fp32 and bf16;
 #   4. prints the table (tokens/s, model TFLOP/s from `inspect`'s flops_per_token, % of the
@@ -184,8 +184,11 @@ pk2 = kv(os.path.join(work, "peak-end.txt"))
 peak = {p: max(float(pk.get("%s_peak_gflops" % p, "nan")), float(pk2.get("%s_peak_gflops" % p, "nan")))
         for p in ("fp32", "bf16")}
 print()
-print("peaks (%s threads, best of start and end): fp32 sgemm %.1f GFLOP/s (OpenBLAS %s kernels; 1 thread %.1f) | memory %s GB/s | bf16 %s" % (
-    threads, peak["fp32"], pk.get("openblas_core", "?"), float(pk1.get("fp32_peak_gflops", "nan")), pk.get("memory_gbs", "?"),
+lib = {l: max(float(pk.get("fp32_%s_peak_gflops" % l, "nan")), float(pk2.get("fp32_%s_peak_gflops" % l, "nan")))
+       for l in ("openblas", "onednn")}
+print("peaks (%s threads, best of start and end): fp32 sgemm %.1f GFLOP/s (OpenBLAS %s kernels %.1f, oneDNN %.1f; 1 thread %.1f) | memory %s GB/s | bf16 %s" % (
+    threads, peak["fp32"], pk.get("openblas_core", "?"), lib["openblas"], lib["onednn"],
+    float(pk1.get("fp32_peak_gflops", "nan")), pk.get("memory_gbs", "?"),
     "%.1f GFLOP/s (%s)" % (peak["bf16"], pk.get("bf16_isa", "?")) if "bf16_peak_gflops" in pk else "unavailable"))
 print("load average: %s before, %s after (on %d cores)" % (load0, load1, os.cpu_count()))
 print()
@@ -235,7 +238,7 @@ prof = os.path.join(work, "perf-%s.txt" % first)
 if os.path.exists(prof):
     SETUP = "setup + final checkpoint (outside the timed steps; excluded below)"
     buckets = [  # (name, regex on "dso symbol"), first match wins
-        ("GEMM (OpenBLAS sgemm)", r"libopenblas|sgemm|gemm_|_kernel_|sgemv|blas_thread|exec_blas"),
+        ("GEMM (oneDNN / OpenBLAS sgemm)", r"libdnnl|libopenblas|sgemm|gemm_|_kernel_|sgemv|blas_thread|exec_blas"),
         ("attention fwd", r"nm_cpu_attention_forward"),
         ("attention bwd", r"nm_cpu_attention_backward"),
         ("libm exp/log (attention's double exp, router, xent)", r"libm\b|libm[.-]|__exp|__log|\bexpf?\b|\bexpf?@|\blog\b"),

@@ -1,5 +1,6 @@
 // test_optim.c: AdamW steps against hand-computed values, skipped rows, the gradient norm
-// (value, excluded rows, thread-count invariance), clipping and non-finite detection.
+// (value, excluded rows, thread-count invariance), clipping and non-finite detection, and the
+// clip factor applied inside the update against clipping in memory, bit for bit.
 //
 // With `--dump FILE` it instead runs 5 clipped AdamW steps on random data and writes the
 // inputs and results for tests/interop/test_optim_torch.py, which replays them with
@@ -132,6 +133,12 @@ static void test_norm_clip_nonfinite(void) {
 
     // Below the limit: untouched, scale 1.
     nm_grad_report rep;
+    nm_optimizer_check_grads(opt, g, 10.0, &rep);
+    EXPECT(rep.finite && rep.norm == 5.0 && rep.clip_scale == 1.0f, "check: no-clip case");
+    // check_grads reports the factor but leaves the gradients alone.
+    nm_optimizer_check_grads(opt, g, 1.0, &rep);
+    EXPECT(rep.finite && rep.clip_scale == (float)(1.0 / (5.0 + 1e-6)) && g[0] == 3.0f && g[65] == 4.0f,
+           "check: scale %.9g, grads %g %g", rep.clip_scale, g[0], g[65]);
     nm_optimizer_prepare_grads(opt, g, 10.0, &rep);
     EXPECT(rep.finite && rep.norm == 5.0 && rep.clip_scale == 1.0f && g[0] == 3.0f, "no-clip case");
     // max_norm 0: disabled.
@@ -151,6 +158,8 @@ static void test_norm_clip_nonfinite(void) {
     EXPECT(!rep.finite && rep.bad_row == 1 && rep.bad_name && !strcmp(rep.bad_name, "model.norm.weight"),
            "NaN not reported: finite %d row %d", rep.finite, rep.bad_row);
     EXPECT(g[0] == 3.0f, "grads scaled despite NaN");
+    nm_optimizer_check_grads(opt, g, 1.0, &rep);
+    EXPECT(!rep.finite && rep.bad_row == 1 && rep.clip_scale == 1.0f, "check: NaN not reported");
     // Inf in the first row wins (table order).
     g[2] = -INFINITY;
     nm_optimizer_prepare_grads(opt, g, 1.0, &rep);
@@ -243,6 +252,93 @@ static void test_random_and_threads(uint64_t seed) {
     nm_free(g);
 }
 
+// --- clip factor inside the update vs clipping in memory ------------------------------------------
+
+// torch's update in fp32, one element at a time: the plain loop the optimizer's vectorised loop
+// must reproduce bit for bit (same expressions, same order; the build does not contract to FMA).
+static void ref_adamw(float *p, float *m, float *v, const float *g, size_t n, float dm, double lr, int64_t t) {
+    const double bc1 = 1.0 - pow(default_cfg.beta1, (double)t), bc2 = 1.0 - pow(default_cfg.beta2, (double)t);
+    const float b1 = (float)default_cfg.beta1, omb1 = (float)(1.0 - default_cfg.beta1);
+    const float b2 = (float)default_cfg.beta2, omb2 = (float)(1.0 - default_cfg.beta2);
+    const float nss = (float)(-(lr / bc1)), bc2s = (float)sqrt(bc2), eps = (float)default_cfg.eps;
+    for (size_t i = 0; i < n; i++) {
+        float pi = p[i] * dm;
+        float mi = m[i] * b1 + g[i] * omb1;
+        float vi = v[i] * b2 + omb2 * g[i] * g[i];
+        p[i] = pi + nss * mi / (sqrtf(vi) / bc2s + eps);
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+static void test_fused_clip(uint64_t seed) {
+    // Odd lengths and offsets: every row has a vector body, a remainder and unaligned starts;
+    // row c is shorter than one vector, so it is all remainder.
+    const int64_t na = 2 * NM_OPTIM_CHUNK + 13, nb = 1001, nc = 3;
+    nm_tensor_spec rows[3] = {
+        {"a", 1, {na, 0}, na, 5, NM_TENSOR_DECAY, 0, -1},
+        {"b", 1, {nb, 0}, nb, (size_t)na + 100, 0, 0, -1},
+        {"c", 1, {nc, 0}, nc, (size_t)(na + nb) + 203, NM_TENSOR_DECAY, 0, -1},
+    };
+    nm_param_table t;
+    memset(&t, 0, sizeof(t));
+    t.rows = rows;
+    t.n_rows = 3;
+    t.n_floats = rows[2].offset + (size_t)nc + 7;
+    const size_t n = t.n_floats;
+    float *p0 = nm_malloc(n * 4), *g = nm_malloc(n * 4), *gc = nm_malloc(n * 4);
+    float *pa = nm_malloc(n * 4), *pb = nm_malloc(n * 4), *pr = nm_calloc(n, 4), *mr = nm_calloc(n, 4),
+          *vr = nm_calloc(n, 4);
+    uint64_t key = nm_rng_key(seed, NM_RNG_TEST, 3, 0);
+    fill_random(p0, n, key, 0.02f);
+    memcpy(pa, p0, n * 4);
+    memcpy(pb, p0, n * 4);
+    memcpy(pr, p0, n * 4);
+    nm_optimizer *oa, *ob;
+    nm_error err;
+    EXPECT(nm_optimizer_create(&oa, &t, &default_cfg, &err) == 0, "%s", err.msg);
+    EXPECT(nm_optimizer_create(&ob, &t, &default_cfg, &err) == 0, "%s", err.msg);
+    const double lrs[3] = {1e-3, 3e-3, 2e-3};
+    int clipped = 0;
+    for (int s = 0; s < 3; s++) {
+        // Large gradients on steps 0 and 2 (clipped), small on step 1 (not).
+        fill_random(g, n, key + 1 + (uint64_t)s, s == 1 ? 1e-5f : 0.1f);
+        memcpy(gc, g, n * 4);
+        nm_grad_report ra, rb;
+        nm_optimizer_prepare_grads(oa, gc, 1.0, &ra);  // old sequence: clip in memory, then step
+        nm_optimizer_step(oa, pa, gc, lrs[s]);
+        nm_optimizer_check_grads(ob, g, 1.0, &rb);     // trainer's: the factor goes into the step
+        nm_optimizer_step_scaled(ob, pb, g, rb.clip_scale, lrs[s]);
+        EXPECT(ra.finite && rb.finite && ra.norm == rb.norm && ra.clip_scale == rb.clip_scale,
+               "step %d: reports differ", s);
+        clipped += rb.clip_scale < 1.0f;
+        for (int r = 0; r < 3; r++) {
+            const size_t o = rows[r].offset;
+            const float dm = r == 1 ? 1.0f : (float)(1.0 - lrs[s] * default_cfg.weight_decay);
+            ref_adamw(pr + o, mr + o, vr + o, gc + o, (size_t)rows[r].numel, dm, lrs[s], s + 1);
+        }
+    }
+    EXPECT(clipped == 2, "the test should clip two of its three steps (%d)", clipped);
+    EXPECT(!memcmp(pa, pb, n * 4) && !memcmp(oa->m, ob->m, n * 4) && !memcmp(oa->v, ob->v, n * 4),
+           "clip factor inside the update differs from clipping in memory");
+    size_t first_bad = n;
+    for (size_t i = 0; i < n && first_bad == n; i++) {
+        if (memcmp(&pb[i], &pr[i], 4) || memcmp(&ob->m[i], &mr[i], 4) || memcmp(&ob->v[i], &vr[i], 4)) first_bad = i;
+    }
+    EXPECT(first_bad == n, "float %zu differs from the plain fp32 loop: p %.9g vs %.9g", first_bad,
+           first_bad < n ? pb[first_bad] : 0.0f, first_bad < n ? pr[first_bad] : 0.0f);
+    nm_optimizer_destroy(oa);
+    nm_optimizer_destroy(ob);
+    nm_free(p0);
+    nm_free(g);
+    nm_free(gc);
+    nm_free(pa);
+    nm_free(pb);
+    nm_free(pr);
+    nm_free(mr);
+    nm_free(vr);
+}
+
 // --- --dump: data for the PyTorch comparison ------------------------------------------------------
 
 static int dump(const char *path, uint64_t seed) {
@@ -284,10 +380,11 @@ static int dump(const char *path, uint64_t seed) {
         fill_random(g, t.n_floats, key + 10 + (uint64_t)s, scale);
         fwrite(g, 4, (size_t)na, fp);
         fwrite(g + 1024, 4, (size_t)nb, fp);
+        // The trainer's sequence: the clip factor is applied inside the update.
         nm_grad_report rep;
-        nm_optimizer_prepare_grads(opt, g, max_norm, &rep);
+        nm_optimizer_check_grads(opt, g, max_norm, &rep);
         fwrite(&rep.norm, 8, 1, fp);
-        nm_optimizer_step(opt, p, g, lrs[s]);
+        nm_optimizer_step_scaled(opt, p, g, rep.clip_scale, lrs[s]);
     }
     const float *outs[3] = {p, opt->m, opt->v};
     for (int k = 0; k < 3; k++) {
@@ -311,6 +408,7 @@ int main(int argc, char **argv) {
     test_bad_config();
     test_norm_clip_nonfinite();
     test_random_and_threads(seed);
+    test_fused_clip(seed);
     if (failures) {
         fprintf(stderr, "test_optim: %d failure(s)\n", failures);
         return 1;

@@ -70,6 +70,7 @@ typedef struct mtp_acts {
     float *g_rstd;              // (N)
     float *logits;              // (N, V), overwritten by dlogits in backward
     float *losses;              // (N)
+    float *lse;                 // (N) logsumexp of each logits row, saved for xent_backward
     float *dh;                  // (N, D) gradient into this depth's block output h^k
 } mtp_acts;
 
@@ -98,6 +99,7 @@ struct nm_model {
     float *h0_rstd;             // (N)
     float *logits;              // (N, V) main logits, overwritten by dlogits in backward
     float *losses;              // (N)
+    float *lse;                 // (N) logsumexp of each logits row, saved for xent_backward
 
     // backward scratch, shared by all blocks (sized for N_max)
     float *d_res;               // (N, D) gradient of the residual stream
@@ -232,6 +234,7 @@ static void layout(nm_model *m) {
         t->g_rstd = take(m, N);
         t->logits = take(m, N * c->V);
         t->losses = take(m, N);
+        t->lse = take(m, N);
         t->dh = take(m, N * D);
     }
     m->targets = take_i32(m, N);
@@ -240,6 +243,7 @@ static void layout(nm_model *m) {
     m->h0_rstd = take(m, N);
     m->logits = take(m, N * c->V);
     m->losses = take(m, N);
+    m->lse = take(m, N);
 
     size_t Fmax = max_sz((size_t)c->F, (size_t)c->Fs);
     m->d_res = take(m, N * D);
@@ -767,7 +771,7 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
     ops->rmsnorm_forward(m->h0, m->h0_rstd, h_last, P + m->table.final_norm, N, D, (float)c->rms_eps);
     linear_fwd(m, m->logits, V, m->h0, D, P + m->table.lm_head, D, N, D, V, 0.0f);
     if (logits_out) memcpy(logits_out, m->logits, (size_t)N * V * sizeof(float));
-    ops->xent_forward(m->losses, m->logits, m->targets, N, V);
+    ops->xent_forward(m->losses, m->lse, m->logits, m->targets, N, V);
     double ce = T > 1 ? sum_losses(m->losses, N) / (double)(B * (T - 1)) : 0.0;
 
     // multi-token prediction (dsv3-spec 6.3, 11): depth k reads h^{k-1} and tokens shifted by k
@@ -797,7 +801,7 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
         aux += block_forward(m, l, B, Tk, counts);
         ops->rmsnorm_forward(t->g, t->g_rstd, blk->x_out, P + w->head_norm, Nk, D, (float)c->rms_eps);
         linear_fwd(m, t->logits, V, t->g, D, P + m->table.lm_head, D, Nk, D, V, 0.0f);
-        ops->xent_forward(t->losses, t->logits, t->targets, Nk, V);
+        ops->xent_forward(t->losses, t->lse, t->logits, t->targets, Nk, V);
         mtp += sum_losses(t->losses, Nk) / (double)(B * (Tk - 1));
     }
     if (M > 0) mtp /= (double)M;
@@ -831,7 +835,7 @@ int nm_model_backward(nm_model *m, nm_error *err) {
         const nm_layer_offsets *w = &m->table.layers[l];
         float scale = m->opt.mtp_weight / (float)c->M / (float)(B * (Tk - 1)) * gs;
         // logits_k = g . lm_head^T ; g = RMSNorm(h^k)
-        ops->xent_backward(t->logits, t->logits, t->targets, scale, Nk, V);
+        ops->xent_backward(t->logits, t->logits, t->lse, t->targets, scale, Nk, V);
         linear_bwd_w(m, G + m->table.lm_head, D, t->logits, V, t->g, D, Nk, D, V);
         linear_bwd_inp(m, m->d_tmp, D, t->logits, V, P + m->table.lm_head, D, Nk, D, V, 0.0f);
         // d_res = dh^k (from depth k+1, zero for the deepest) + head-norm path
@@ -861,7 +865,7 @@ int nm_model_backward(nm_model *m, nm_error *err) {
     }
 
     // main head: logits = h0 . lm_head^T ; h0 = RMSNorm(h_L)
-    ops->xent_backward(m->logits, m->logits, m->targets, gs / (float)(B * (T - 1)), N, V);
+    ops->xent_backward(m->logits, m->logits, m->lse, m->targets, gs / (float)(B * (T - 1)), N, V);
     linear_bwd_w(m, G + m->table.lm_head, D, m->logits, V, m->h0, D, N, D, V);
     linear_bwd_inp(m, m->d_h0, D, m->logits, V, P + m->table.lm_head, D, N, D, V, 1.0f);
     ops->zero(m->d_res, N * D);

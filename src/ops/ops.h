@@ -67,8 +67,9 @@ typedef struct nm_ops {
 
     // bf16 GEMM: same contract as gemm, but A and B may be stored as bf16 (a_type/b_type);
     // fp32 operands are rounded to bf16 (round to nearest even) first, products are
-    // accumulated in fp32 and C stays fp32. Runs on AMX / AVX512-BF16 through oneDNN when
-    // the CPU has them. Scratch for the conversions is owned by the backend and grows only
+    // accumulated in fp32 and C stays fp32. On the CPU: oneDNN on AMX tiles where AMX is
+    // usable, else the operands widened to fp32 and multiplied on the fp32 FMA units, which
+    // outrun AVX512-BF16's dot products (gemm_bf16.c says why). Scratch for the conversions is owned by the backend and grows only
     // when a larger shape is first seen (no allocation in steady state).
     void (*gemm_bf16)(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
                       const void *A, nm_dtype a_type, int64_t lda, const void *B, nm_dtype b_type, int64_t ldb,
@@ -137,11 +138,15 @@ typedef struct nm_ops {
 
     // --- cross-entropy --------------------------------------------------------------------------
     // losses(N) (=) -log softmax(logits[n])[targets[n]]; targets[n] < 0 means "no target": loss 0.
-    void (*xent_forward)(float *losses, const float *logits, const int32_t *targets, int64_t N, int64_t V);
-    // dlogits(N,V) (=) scale * (softmax(logits[n]) - onehot(targets[n])), 0 for rows without
-    // a target. dlogits may alias logits (computed in place).
-    void (*xent_backward)(float *dlogits, const float *logits, const int32_t *targets, float scale,
-                          int64_t N, int64_t V);
+    // lse(N) (=) saved logsumexp(logits[n]) for the backward; unspecified for rows without a
+    // target (the backward never reads it; the CPU backend writes 0).
+    void (*xent_forward)(float *losses, float *lse, const float *logits, const int32_t *targets,
+                         int64_t N, int64_t V);
+    // dlogits(N,V) (=) scale * (exp(logits[n] - lse[n]) - onehot(targets[n])), 0 for rows
+    // without a target; lse from xent_forward on the same logits. dlogits may alias logits
+    // (computed in place).
+    void (*xent_backward)(float *dlogits, const float *logits, const float *lse, const int32_t *targets,
+                          float scale, int64_t N, int64_t V);
 
     // --- MoE router (dsv3-spec 5, 7) -----------------------------------------------------------
     // logits(N,E) = u W_gate^T (computed by gemm). scores(N,E) (=) sigmoid or softmax of logits;

@@ -13,6 +13,9 @@
 //    ulps, not bit for bit (tests/interop/test_optim_torch.py measures it).
 //  - the global L2 norm of the gradients in double with a fixed chunking, so the value is
 //    bit-identical for any OpenMP thread count; clipping as torch.nn.utils.clip_grad_norm_.
+//    The training step applies the clip factor inside the AdamW update (g * clip_scale as g
+//    is read, nm_optimizer_step_scaled) instead of rewriting the gradients in a pass of its
+//    own: the same floats, one read-modify-write of the whole buffer less per step.
 //
 // What it deliberately does not do:
 //  - touch rows flagged NM_TENSOR_ROUTER_BIAS (updated by the balance rule, balance.h) or
@@ -59,10 +62,10 @@ typedef struct nm_optimizer {
     int64_t n_params;           // floats covered by the chunks
 } nm_optimizer;
 
-// Result of nm_optimizer_prepare_grads.
+// Result of nm_optimizer_check_grads and nm_optimizer_prepare_grads.
 typedef struct nm_grad_report {
     double norm;                // global L2 norm before clipping (NaN/Inf when not finite)
-    float clip_scale;           // factor the gradients were multiplied by (1: not clipped)
+    float clip_scale;           // clip factor for the gradients (1: not clipped)
     int finite;                 // 0 when some gradient is NaN/Inf (then nothing was scaled)
     int bad_row;                // first table row holding a non-finite gradient, -1 if none
     const char *bad_name;       // that row's HF name (points into the table), NULL if none
@@ -84,11 +87,24 @@ int nm_optimizer_first_nonfinite(const nm_optimizer *opt, const float *grads /* 
 // (torch.nn.utils.clip_grad_norm_). max_norm <= 0 disables clipping. Returns the scale.
 float nm_optimizer_clip_grads(nm_optimizer *opt, float *grads, double norm, double max_norm);
 
-// The usual pre-step sequence: norm, then either the name of the first non-finite row
-// (rep->finite = 0; the caller skips the step) or clipping to max_norm.
+// The pre-step checks, gradients untouched: norm, then either the name of the first
+// non-finite row (rep->finite = 0; the caller skips the step) or the factor that clips to
+// max_norm (rep->clip_scale, for nm_optimizer_step_scaled).
+void nm_optimizer_check_grads(nm_optimizer *opt, const float *grads, double max_norm, nm_grad_report *rep);
+
+// nm_optimizer_check_grads, then, when finite, multiplies the gradients by rep->clip_scale
+// in place, for callers that want the clipped gradients in memory (then step with
+// nm_optimizer_step). The trainer does not: it passes the factor to the step instead.
 void nm_optimizer_prepare_grads(nm_optimizer *opt, float *grads, double max_norm, nm_grad_report *rep);
 
-// One AdamW update with learning rate lr (from schedule.h); increments opt->step first, so
-// the bias corrections use t = opt->step after the call, as PyTorch's state["step"].
+// One AdamW update with learning rate lr (from schedule.h) on the gradients times
+// grad_scale (rep->clip_scale; 1 for gradients already clipped). Bit for bit the update
+// nm_optimizer_step gives after nm_optimizer_clip_grads with the same factor: the product
+// is rounded to float exactly as the clipping pass stores it. Increments opt->step first,
+// so the bias corrections use t = opt->step after the call, as PyTorch's state["step"].
+void nm_optimizer_step_scaled(nm_optimizer *opt, float *params /* (n_floats) */, const float *grads /* (n_floats) */,
+                              float grad_scale, double lr);
+
+// nm_optimizer_step_scaled with grad_scale 1.
 void nm_optimizer_step(nm_optimizer *opt, float *params /* (n_floats) */, const float *grads /* (n_floats) */,
                        double lr);

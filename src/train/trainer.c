@@ -387,7 +387,9 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
         g[0] = NAN;
     }
     nm_grad_report rep;
-    nm_optimizer_prepare_grads(t->optim, nm_model_grads(t->model), c->optimizer.clip_grad, &rep);
+    // The clip factor is applied inside the AdamW update: nothing reads the clipped
+    // gradients, so they are not rewritten in a pass of their own.
+    nm_optimizer_check_grads(t->optim, nm_model_grads(t->model), c->optimizer.clip_grad, &rep);
     m->grad_norm = rep.norm;
     m->lr = nm_lr_at(&t->sched, step);
     int diverged = 0;
@@ -411,7 +413,7 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
         diverged = t->nan_streak >= t->opts.max_nan_streak;
     } else {
         t->nan_streak = 0;
-        nm_optimizer_step(t->optim, nm_model_params(t->model), nm_model_grads(t->model), m->lr);
+        nm_optimizer_step_scaled(t->optim, nm_model_params(t->model), nm_model_grads(t->model), rep.clip_scale, m->lr);
         float gamma = (float)nm_bias_gamma_at(c->balance.bias_update_speed, c->balance.bias_update_stop_step, step);
         if (gamma > 0.0f) {
             for (int i = 0; i < n_moe; i++) {

@@ -183,14 +183,15 @@ static void run_attention(const nm_ops *ops, tensor_set *in, tensor_set *out) {
     nm_free(scratch);
 }
 
-// dims: N V; fopts: scale; logits, targets -> losses, dlogits
+// dims: N V; fopts: scale; logits, targets -> losses, lse, dlogits
 static void run_xent(const nm_ops *ops, tensor_set *in, tensor_set *out) {
     const int32_t *d = geti(in, "dims", 2);
     int64_t N = d[0], V = d[1];
     const float *lg = getf(in, "logits", N * V);
     const int32_t *tg = geti(in, "targets", N);
-    ops->xent_forward(outf(out, "losses", N), lg, tg, N, V);
-    ops->xent_backward(outf(out, "dlogits", N * V), lg, tg, getf(in, "fopts", 1)[0], N, V);
+    float *lse = outf(out, "lse", N);
+    ops->xent_forward(outf(out, "losses", N), lse, lg, tg, N, V);
+    ops->xent_backward(outf(out, "dlogits", N * V), lg, lse, tg, getf(in, "fopts", 1)[0], N, V);
 }
 
 // dims: N E K G Gk scoring method norm has_bias; fopts: routed_scaling;

@@ -173,18 +173,20 @@ def check_embedding():
 
 
 def check_rmsnorm():
-    N, D, eps = 8, 64, 1e-6
-    x, w, dout = randn(N, D, scale=2.0), randn(D), randn(N, D)
-    out = run_c("rmsnorm", {"dims": i32(N, D), "fopts": f32(eps), "x": x, "w": w, "dout": dout})
-    xl, wl = leaf(x), leaf(w)
-    # eps as the fp32 value the C op receives
-    rstd = torch.rsqrt(xl.pow(2).mean(-1, keepdim=True) + float(f32(eps)[0]))
-    y = wl * (xl * rstd)
-    y.backward(dout.to(F64))
-    compare("rmsnorm", "out", out["out"], y, FWD_TOL)
-    compare("rmsnorm", "rstd", out["rstd"], rstd, FWD_TOL)
-    compare("rmsnorm", "dx", out["dx"], xl.grad, GRAD_TOL)
-    compare("rmsnorm", "dw", out["dw"], wl.grad, GRAD_TOL)
+    # the C op sums in 16 lanes: D = 64 fills them exactly, D = 7175 is V3's 7168 plus a tail
+    for N, D, case in ((8, 64, "rmsnorm"), (4, 7175, "rmsnorm D=7175")):
+        eps = 1e-6
+        x, w, dout = randn(N, D, scale=2.0), randn(D), randn(N, D)
+        out = run_c("rmsnorm", {"dims": i32(N, D), "fopts": f32(eps), "x": x, "w": w, "dout": dout})
+        xl, wl = leaf(x), leaf(w)
+        # eps as the fp32 value the C op receives
+        rstd = torch.rsqrt(xl.pow(2).mean(-1, keepdim=True) + float(f32(eps)[0]))
+        y = wl * (xl * rstd)
+        y.backward(dout.to(F64))
+        compare(case, "out", out["out"], y, FWD_TOL)
+        compare(case, "rstd", out["rstd"], rstd, FWD_TOL)
+        compare(case, "dx", out["dx"], xl.grad, GRAD_TOL)
+        compare(case, "dw", out["dw"], wl.grad, GRAD_TOL)
 
 
 def check_swiglu():
@@ -240,18 +242,23 @@ def check_attention():
 
 
 def check_xent():
-    N, V, scale = 12, 50, 1.0 / 11
-    logits = randn(N, V, scale=3.0)
-    targets = torch.randint(0, V, (N,), dtype=torch.int32)
-    targets[3] = -1
-    out = run_c("xent", {"dims": i32(N, V), "fopts": f32(scale), "logits": logits, "targets": targets})
-    lg = leaf(logits)
-    valid = targets >= 0
-    losses = torch.zeros(N, dtype=F64)
-    losses = losses.masked_scatter(valid, F.cross_entropy(lg[valid], targets[valid].long(), reduction="none"))
-    (losses.sum() * float(f32(scale)[0])).backward()
-    compare("xent", "losses", out["losses"], losses, FWD_TOL)
-    compare("xent", "dlogits", out["dlogits"], lg.grad, GRAD_TOL)
+    # the C op sums in 16 lanes over blocks of 1024: V = 50 has a lane tail, V = 2100 two full
+    # blocks, a partial one and a tail
+    for N, V, case in ((12, 50, "xent"), (5, 2100, "xent V=2100")):
+        scale = 1.0 / (N - 1)
+        logits = randn(N, V, scale=3.0)
+        targets = torch.randint(0, V, (N,), dtype=torch.int32)
+        targets[3] = -1
+        out = run_c("xent", {"dims": i32(N, V), "fopts": f32(scale), "logits": logits, "targets": targets})
+        lg = leaf(logits)
+        valid = targets >= 0
+        losses = torch.zeros(N, dtype=F64)
+        losses = losses.masked_scatter(valid, F.cross_entropy(lg[valid], targets[valid].long(), reduction="none"))
+        (losses.sum() * float(f32(scale)[0])).backward()
+        compare(case, "losses", out["losses"], losses, FWD_TOL)
+        # lse is only defined for rows with a target
+        compare(case, "lse", out["lse"][valid], torch.logsumexp(lg[valid], -1), FWD_TOL)
+        compare(case, "dlogits", out["dlogits"], lg.grad, GRAD_TOL)
 
 
 def stable_topk(x, k):

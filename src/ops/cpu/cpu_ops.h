@@ -17,6 +17,8 @@ void nm_cpu_scale_matrix(float *C, int64_t ldc, int64_t M, int64_t N, float beta
 void nm_cpu_gemm(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
                  const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
                  int64_t ldc);
+// "onednn" or "openblas": the library nm_cpu_gemm calls (NM_CPU_GEMM, read once).
+const char *nm_cpu_gemm_library(void);
 void nm_cpu_gemm_grouped(nm_transpose ta, nm_transpose tb, float alpha, float beta, const nm_gemm_group *groups,
                          int64_t n);
 
@@ -25,6 +27,8 @@ void nm_cpu_gemm_bf16(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, in
                       const void *A, nm_dtype a_type, int64_t lda, const void *B, nm_dtype b_type,
                       int64_t ldb, float beta, float *C, int64_t ldc);
 void nm_cpu_cast_bf16(uint16_t *dst, const float *src, int64_t n);
+// "onednn" or "widen": the kernel gemm_bf16 runs (NM_CPU_BF16_GEMM, AMX detection).
+const char *nm_cpu_gemm_bf16_kernel(void);
 
 // --- elementwise.c ------------------------------------------------------------------------
 void nm_cpu_zero(float *x, int64_t n);
@@ -60,9 +64,10 @@ void nm_cpu_attention_backward(float *dq, float *dkv, float *dk_pe, float *scrat
                                int64_t Dr, int64_t Dv, float scale);
 
 // --- xent.c -------------------------------------------------------------------------------
-void nm_cpu_xent_forward(float *losses, const float *logits, const int32_t *targets, int64_t N, int64_t V);
-void nm_cpu_xent_backward(float *dlogits, const float *logits, const int32_t *targets, float scale,
-                          int64_t N, int64_t V);
+void nm_cpu_xent_forward(float *losses, float *lse, const float *logits, const int32_t *targets,
+                         int64_t N, int64_t V);
+void nm_cpu_xent_backward(float *dlogits, const float *logits, const float *lse,
+                          const int32_t *targets, float scale, int64_t N, int64_t V);
 
 // --- router.c -----------------------------------------------------------------------------
 void nm_cpu_router_forward(int32_t *topk_idx, float *topk_weight, float *scores, const float *logits,

@@ -1,12 +1,30 @@
-// gemm.c: the CPU GEMM, row-major C(M,N) = alpha * op(A) op(B) + beta * C, through OpenBLAS
-// (cblas_sgemm, fp32). Not here: bf16/AMX (oneDNN) and fp8 emulation, which are other ops.
+// gemm.c: the CPU GEMM, row-major C(M,N) = alpha * op(A) op(B) + beta * C in fp32, through
+// oneDNN's sgemm (default) or OpenBLAS's cblas_sgemm. Not here: bf16/AMX (gemm_bf16.c) and
+// fp8 emulation, which are other ops.
 //
-// Degenerate shapes are handled before BLAS: M or N == 0 touches nothing, K == 0 only scales
-// C (BLAS implementations disagree on whether they accept K == 0 with small leading dims).
-// beta == 0 must ignore C's old contents even when they are NaN (ops.h); OpenBLAS's beta
-// kernel zero-fills when beta == 0, and test_ops checks that with a NaN-filled C.
+// Which library: NM_CPU_GEMM=onednn|openblas, read once; anything else is an error, not a
+// fallback. oneDNN is the default because it trains faster: on configs/small.json (2 threads,
+// AVX-512 Xeon) the whole step ran ~10% faster with every GEMM through dnnl_sgemm than through
+// OpenBLAS 0.3.21's SkylakeX kernels (alternating runs; docs/performance.md). In isolation the
+// two trade places shape by shape (OpenBLAS wins A B^T with small K, oneDNN A^T B and A B), but
+// inside the step OpenBLAS also pays a separate pass to zero C when beta == 0 and a
+// yield-heavy thread hand-off per call. The choice is static, never timed at run time: a
+// timing-based pick could differ between two runs and break bit-exact resume.
+//
+// Degenerate shapes are handled before either library: M or N == 0 touches nothing, K == 0
+// only scales C (BLAS implementations disagree on whether they accept K == 0 with small
+// leading dims). beta == 0 must ignore C's old contents even when they are NaN (ops.h); both
+// libraries write C without reading it then, and test_ops checks that with a NaN-filled C
+// under each library.
+//
+// Threads: both are the OpenMP builds and run on the caller's OpenMP team; called inside a
+// parallel region (grouped GEMMs, attention tiles) each call runs on its own thread.
 #include <cblas.h>
 #include <limits.h>
+#include <oneapi/dnnl/dnnl.h>
+#include <oneapi/dnnl/dnnl_debug.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "core/check.h"
 #include "ops/cpu/cpu_ops.h"
@@ -22,6 +40,32 @@ void nm_cpu_scale_matrix(float *C, int64_t ldc, int64_t M, int64_t N, float beta
         }
     }
 }
+
+typedef enum gemm_library { GEMM_UNSET = 0, GEMM_ONEDNN, GEMM_OPENBLAS } gemm_library;
+
+static gemm_library parse_library(void) {
+    const char *v = getenv("NM_CPU_GEMM");
+    if (!v || !*v || strcmp(v, "onednn") == 0) return GEMM_ONEDNN;
+    if (strcmp(v, "openblas") == 0) return GEMM_OPENBLAS;
+    nm_check_failed(__FILE__, __LINE__, "NM_CPU_GEMM is onednn or openblas",
+                    "environment variable NM_CPU_GEMM=%s: expected onednn or openblas", v);
+}
+
+// The first call may come from inside a parallel region (attention tiles), so the one-time
+// read is guarded; the value never changes after it.
+static gemm_library library(void) {
+    static gemm_library chosen = GEMM_UNSET;
+    gemm_library l;
+#pragma omp atomic read
+    l = chosen;
+    if (l != GEMM_UNSET) return l;
+    l = parse_library();
+#pragma omp atomic write
+    chosen = l;
+    return l;
+}
+
+const char *nm_cpu_gemm_library(void) { return library() == GEMM_ONEDNN ? "onednn" : "openblas"; }
 
 void nm_cpu_gemm(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
                  const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
@@ -39,6 +83,14 @@ void nm_cpu_gemm(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t
     int64_t b_cols = tb == NM_NO_TRANS ? N : K;
     NM_CHECK(lda >= a_cols && ldb >= b_cols, "gemm lda=%lld (need %lld) ldb=%lld (need %lld)",
              (long long)lda, (long long)a_cols, (long long)ldb, (long long)b_cols);
+    if (library() == GEMM_ONEDNN) {
+        // dnnl_sgemm is row-major with 64-bit dimensions, the same contract as here.
+        dnnl_status_t st = dnnl_sgemm(ta == NM_TRANS ? 'T' : 'N', tb == NM_TRANS ? 'T' : 'N', M, N, K, alpha, A,
+                                      lda, B, ldb, beta, C, ldc);
+        NM_CHECK(st == dnnl_success, "dnnl_sgemm(%c%c M=%lld N=%lld K=%lld) failed: %s", ta == NM_TRANS ? 'T' : 'N',
+                 tb == NM_TRANS ? 'T' : 'N', (long long)M, (long long)N, (long long)K, dnnl_status2str(st));
+        return;
+    }
     // cblas takes int dimensions (blasint is 32-bit in Debian's OpenBLAS).
     NM_CHECK(M <= INT_MAX && N <= INT_MAX && K <= INT_MAX && lda <= INT_MAX && ldb <= INT_MAX &&
                  ldc <= INT_MAX,
@@ -48,8 +100,8 @@ void nm_cpu_gemm(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t
                 B, (int)ldb, beta, C, (int)ldc);
 }
 
-// Experts of one layer: each group is one single-threaded BLAS call (OpenBLAS's OpenMP build
-// runs single-threaded inside a parallel region), groups spread over the threads. For MoE
+// Experts of one layer: each group is one single-threaded GEMM call (both libraries run
+// single-threaded inside a parallel region), groups spread over the threads. For MoE
 // shapes (a few hundred rows per expert) this scales where one multi-threaded call per
 // expert does not: each small GEMM split over threads spends its time synchronising.
 // Every group writes only its own C, so the result is independent of the schedule.

@@ -4,10 +4,20 @@
 // Reference: the bf16 format is the top 16 bits of an IEEE binary32, rounded to nearest even
 // (torch.Tensor.to(torch.bfloat16) gives the same bits, NaN kept a quiet NaN).
 //
-// Why oneDNN: it runs bf16 dot products on AVX512-BF16 (vdpbf16ps) or AMX tiles, which
-// OpenBLAS 0.3.21 (Debian 12) does not offer for row-major sgemm-like calls. On one core of an
-// avx512_core_bf16 Xeon it measured 77-85 GFLOP/s against 32 for cblas_sgemm (1024..2048
-// squares, test_gemm_bf16 --bench).
+// Two kernels, one contract (bf16 operands, exact products, fp32 accumulation):
+//  - "onednn": oneDNN's bf16 matmul, on AMX tiles or AVX512-BF16 dot products (vdpbf16ps).
+//  - "widen": both operands widened to fp32 (bf16 -> fp32 is exact; fp32 operands are rounded
+//    to bf16 first, then widened) and multiplied by the fp32 GEMM (gemm.c) on the FMA units.
+//    A product of two bf16 values is exact in fp32, so this is the same arithmetic as a bf16
+//    GEMM with fp32 accumulation, summed in a different order.
+// Why two: without AMX, bf16 dot products are slower than fp32 FMAs. On the AVX512-BF16 Xeon
+// of docs/performance.md one core retires 2 vfmadd231ps (32 flops each) per cycle but only
+// 1 vdpbf16ps (64 flops) every 2 cycles: 81 against 162 GFLOP/s, measured with 24
+// independent accumulator chains; oneDNN's bf16 matmul reaches exactly that 162 GFLOP/s on
+// 2 cores, the fp32 GEMM ~300. With AMX the tiles are ~8-16x the fp32 rate and oneDNN wins.
+// NM_CPU_BF16_GEMM=auto (default) picks "onednn" when oneDNN reports AMX as usable on this
+// CPU and OS (dnnl_get_effective_cpu_isa), "widen" otherwise; onednn|widen force one (tests
+// run both). Any other value is an error.
 //
 // One primitive per (ta, tb, alpha != 1, beta != 0), with M, N, K and the leading dimensions
 // given at run time (DNNL_RUNTIME_DIM_VAL), created on first use and then reused forever:
@@ -27,7 +37,11 @@
 // 1, so other values pay one extra pass over C instead of a primitive each. beta == 0 uses a
 // primitive without the sum post-op, which never reads C (NaN-safe, ops.h).
 //
-// fp32 operands are rounded into bf16 scratch owned by this file, packed (leading dimension =
+// widen: both operands go to fp32 scratch (packed), then nm_cpu_gemm. The weight is
+// re-widened on every call; that is K*N conversions against M*N*K multiply-adds, < 3% for the
+// shapes of configs/small.json.
+//
+// onednn: fp32 operands are rounded into bf16 scratch owned by this file, packed (leading dimension =
 // row length), one buffer per operand. A buffer grows only when a larger operand is first
 // seen, so a training loop allocates here in its first step only. The scratch and the
 // primitives are module state for one calling thread: the model calls from its main thread,
@@ -40,6 +54,7 @@
 #include <omp.h>
 #include <oneapi/dnnl/dnnl.h>
 #include <oneapi/dnnl/dnnl_debug.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "core/check.h"
@@ -59,14 +74,23 @@ typedef struct nm_bf16_scratch {
     size_t cap;                 // elements
 } nm_bf16_scratch;
 
+typedef struct nm_f32_scratch {
+    float *data;
+    size_t cap;                 // elements
+} nm_f32_scratch;
+
+typedef enum bf16_kernel { BF16_UNSET = 0, BF16_ONEDNN, BF16_WIDEN } bf16_kernel;
+
 static struct {
     int ready;
+    bf16_kernel kernel;
     dnnl_engine_t engine;
     dnnl_stream_t stream;
     dnnl_primitive_t prim[2][2][2][2];  // [ta][tb][alpha != 1][beta != 0], created on first use
     float alpha;                        // value read through alpha_mem at execution
     dnnl_memory_t alpha_mem;            // 1-element f32 view of alpha (run-time output scale)
     nm_bf16_scratch a, b;
+    nm_f32_scratch wa, wb;              // widened operands of the "widen" kernel
 } g;
 
 static void init_once(void) {
@@ -77,7 +101,22 @@ static void init_once(void) {
     dnnl_dims_t dims = {1};
     NM_DNNL_CHECK(dnnl_memory_desc_init_by_tag(&md, 1, dims, dnnl_f32, dnnl_a));
     NM_DNNL_CHECK(dnnl_memory_create(&g.alpha_mem, &md, g.engine, &g.alpha));
+    const char *v = getenv("NM_CPU_BF16_GEMM");
+    dnnl_cpu_isa_t isa = dnnl_get_effective_cpu_isa();
+    int amx = ((unsigned)isa & (unsigned)dnnl_cpu_isa_avx512_core_amx) == (unsigned)dnnl_cpu_isa_avx512_core_amx;
+    if (!v || !*v || strcmp(v, "auto") == 0) g.kernel = amx ? BF16_ONEDNN : BF16_WIDEN;
+    else if (strcmp(v, "onednn") == 0) g.kernel = BF16_ONEDNN;
+    else if (strcmp(v, "widen") == 0) g.kernel = BF16_WIDEN;
+    else
+        nm_check_failed(__FILE__, __LINE__, "NM_CPU_BF16_GEMM is auto, onednn or widen",
+                        "environment variable NM_CPU_BF16_GEMM=%s: expected auto, onednn or widen", v);
     g.ready = 1;
+}
+
+const char *nm_cpu_gemm_bf16_kernel(void) {
+    NM_CHECK(!omp_in_parallel(), "gemm_bf16 state is set up from one thread");
+    init_once();
+    return g.kernel == BF16_ONEDNN ? "onednn" : "widen";
 }
 
 // Grows only: a training loop sees its largest shapes in the first step.
@@ -132,6 +171,47 @@ static const uint16_t *as_bf16(nm_bf16_scratch *s, const void *x, nm_dtype type,
     NM_CHECK(type == NM_F32, "gemm_bf16 operand type %d", (int)type);
     uint16_t *dst = scratch_reserve(s, (size_t)rows * (size_t)cols);
     cast_bf16_2d(dst, x, *ld, rows, cols);
+    *ld = cols;
+    return dst;
+}
+
+// --- the "widen" kernel ----------------------------------------------------------------------
+
+static float *f32_scratch_reserve(nm_f32_scratch *s, size_t n) {
+    if (n > s->cap) {
+        nm_free(s->data);
+        s->data = nm_aligned_alloc(n * sizeof(float));
+        s->cap = n;
+    }
+    return s->data;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+// The fp32 view of an operand's bf16 value, stored (rows, cols) with leading dimension *ld,
+// written packed into scratch (*ld becomes cols): exact widening of bf16 storage, or the
+// bf16 rounding of fp32 storage.
+static const float *as_widened(nm_f32_scratch *s, const void *x, nm_dtype type, int64_t rows, int64_t cols,
+                               int64_t *ld) {
+    NM_CHECK(type == NM_F32 || type == NM_BF16, "gemm_bf16 operand type %d", (int)type);
+    float *dst = f32_scratch_reserve(s, (size_t)rows * (size_t)cols);
+    int64_t ldx = *ld;
+#pragma omp parallel for schedule(static) if (rows * cols >= NM_BF16_PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        float *d = dst + r * cols;
+        if (type == NM_BF16) {
+            const uint16_t *h = (const uint16_t *)x + r * ldx;
+            for (int64_t c = 0; c < cols; c++) d[c] = bf16_to_f32(h[c]);
+        } else {
+            const float *f = (const float *)x + r * ldx;
+            for (int64_t c = 0; c < cols; c++) d[c] = bf16_to_f32(f32_to_bf16(f[c]));
+        }
+    }
     *ld = cols;
     return dst;
 }
@@ -198,6 +278,12 @@ void nm_cpu_gemm_bf16(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, in
     NM_CHECK(!omp_in_parallel(), "gemm_bf16 keeps one set of scratch buffers: call it from one thread");
     init_once();
 
+    if (g.kernel == BF16_WIDEN) {
+        const float *a32 = as_widened(&g.wa, A, a_type, a_rows, a_cols, &lda);
+        const float *b32 = as_widened(&g.wb, B, b_type, b_rows, b_cols, &ldb);
+        nm_cpu_gemm(ta, tb, M, N, K, alpha, a32, lda, b32, ldb, beta, C, ldc);
+        return;
+    }
     const uint16_t *a16 = as_bf16(&g.a, A, a_type, a_rows, a_cols, &lda);
     const uint16_t *b16 = as_bf16(&g.b, B, b_type, b_rows, b_cols, &ldb);
     if (beta != 0.0f && beta != 1.0f) nm_cpu_scale_matrix(C, ldc, M, N, beta);

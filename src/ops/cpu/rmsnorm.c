@@ -4,14 +4,48 @@
 // Matches torch.nn.functional.rms_norm / HF DeepseekV3RMSNorm in fp32 (HF's cast of the
 // normalised x to the activation dtype is a no-op in fp32).
 //
+// The row sums run in 16 explicit double lanes (lane j takes the elements d = j mod 16),
+// combined in lane order. Without -ffast-math GCC keeps a reduction in source order, so a
+// plain `ss += x*x` loop runs one dependent double add per element; the written-out lanes
+// vectorise (forward 3x faster at N = 2056, D = 512, one thread; the backward 2x together
+// with the wider dw slabs below; both now run close to memory bandwidth), and the result is a fixed function of the input: the same bits
+// with 8- or 16-wide vectors and any thread count.
+//
 // Backward is deterministic: dinp is row-parallel (rows are independent); dw sums over all
 // rows, so it is column-parallel with every thread walking the rows in order.
 #include <math.h>
+#include <omp.h>
 
 #include "core/check.h"
 #include "ops/cpu/cpu_ops.h"
 
-#define SLAB 64 // columns per thread-owned slab of dw
+#define LANES 16     // explicit partial sums of a row reduction
+#define SLAB_MIN 64  // columns per thread-owned slab of dw: at least (small D still splits)...
+#define SLAB_MAX 512 // ...and at most (the slab's double accumulators live on the stack)
+
+// sum_d (double)x[d] * x[d] (each square is exact in double: 24 + 24 bits < 53).
+static double sum_sq(const float *x, int64_t D) {
+    double acc[LANES] = {0};
+    int64_t d = 0;
+    for (; d + LANES <= D; d += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += (double)x[d + j] * x[d + j];
+    for (int j = 0; d + j < D; j++) acc[j] += (double)x[d + j] * x[d + j];
+    double s = 0.0;
+    for (int j = 0; j < LANES; j++) s += acc[j];
+    return s;
+}
+
+// sum_d dy[d] * w[d] * (x[d] * rs), the same terms the plain loop summed, in lanes.
+static double sum_gn(const float *dy, const float *w, const float *x, double rs, int64_t D) {
+    double acc[LANES] = {0};
+    int64_t d = 0;
+    for (; d + LANES <= D; d += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += (double)dy[d + j] * w[d + j] * (x[d + j] * rs);
+    for (int j = 0; d + j < D; j++) acc[j] += (double)dy[d + j] * w[d + j] * (x[d + j] * rs);
+    double s = 0.0;
+    for (int j = 0; j < LANES; j++) s += acc[j];
+    return s;
+}
 
 // out(N,D) (=), rstd(N) (=); inp(N,D), w(D)
 void nm_cpu_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int64_t N,
@@ -20,9 +54,7 @@ void nm_cpu_rmsnorm_forward(float *out, float *rstd, const float *inp, const flo
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const float *x = inp + n * D;
-        double ss = 0.0;
-        for (int64_t d = 0; d < D; d++) ss += (double)x[d] * x[d];
-        float r = (float)(1.0 / sqrt(ss / (double)D + (double)eps));
+        float r = (float)(1.0 / sqrt(sum_sq(x, D) / (double)D + (double)eps));
         float *o = out + n * D;
         for (int64_t d = 0; d < D; d++) o[d] = w[d] * (x[d] * r);
         rstd[n] = r;
@@ -38,20 +70,27 @@ void nm_cpu_rmsnorm_backward(float *dinp, float *dw, const float *dout, const fl
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < N; r++) {
         const float *x = inp + r * D, *dy = dout + r * D;
-        double rs = rstd[r], gn = 0.0;
-        for (int64_t d = 0; d < D; d++) gn += (double)dy[d] * w[d] * (x[d] * rs);
-        double mean_gn = gn / (double)D;
+        double rs = rstd[r];
+        double mean_gn = sum_gn(dy, w, x, rs, D) / (double)D;
         float *dx = dinp + r * D;
         for (int64_t d = 0; d < D; d++) {
             double nd = x[d] * rs;
             dx[d] += (float)(((double)dy[d] * w[d] - nd * mean_gn) * rs);
         }
     }
-    int64_t n_slabs = (D + SLAB - 1) / SLAB;
+    // Every column adds its rows in order into its own double, so dw does not depend on how
+    // the columns are cut into slabs: the width is free, and one slab per thread (up to
+    // SLAB_MAX columns) makes each row read one long run instead of many 256-byte pieces
+    // (1.4x faster than 64-column slabs at D = 512, one thread). The columns of a slab are
+    // independent, so the inner loop vectorises.
+    int64_t slab = (D + omp_get_max_threads() - 1) / omp_get_max_threads();
+    slab = (slab + 15) / 16 * 16;
+    slab = slab < SLAB_MIN ? SLAB_MIN : slab > SLAB_MAX ? SLAB_MAX : slab;
+    int64_t n_slabs = (D + slab - 1) / slab;
 #pragma omp parallel for schedule(static)
     for (int64_t s = 0; s < n_slabs; s++) {
-        int64_t c0 = s * SLAB, c1 = c0 + SLAB < D ? c0 + SLAB : D;
-        double acc[SLAB] = {0};
+        int64_t c0 = s * slab, c1 = c0 + slab < D ? c0 + slab : D;
+        double acc[SLAB_MAX] = {0};
         for (int64_t r = 0; r < N; r++) {
             const float *x = inp + r * D, *dy = dout + r * D;
             double rs = rstd[r];
