@@ -34,14 +34,18 @@ char *openblas_get_corename(void);
 //  - OpenBLAS (0.3.21, DYNAMIC_ARCH) picks its kernels from a list of known CPU models; a
 //    virtualised recent Xeon reports a generic model and gets the Prescott (SSE3) kernels,
 //    several times slower than the AVX-512 ones the CPU has. OPENBLAS_CORETYPE fixes it.
-//  - libgomp's default lets idle threads spin for a while between parallel regions; when the
-//    cores are shared (2-core machines, parallel test runs) the spinning threads take the
-//    cores from the working ones: measured 2.7x slower training on 2 busy cores. Passive
-//    waiting costs little on an idle machine. Users who set OMP_WAIT_POLICY keep theirs.
+//  - how long libgomp's idle threads spin before sleeping between parallel regions. A step
+//    runs thousands of short regions (every GEMM, every elementwise op), so sleeping at once
+//    (OMP_WAIT_POLICY=passive) pays a futex wake-up each time, and spinning long (libgomp's
+//    default 300,000 spins) takes the cores from working threads when the machine is shared.
+//    configs/small.json, 2 threads, 2 cores (tokens/s): alone, passive ~900, 10,000 spins
+//    ~1,050-1,150, 100,000 ~1,150; two runs sharing the cores, each: passive ~620, 10,000
+//    ~560, 30,000 ~470, 100,000 ~380. So GOMP_SPINCOUNT=10000: most of the idle-machine gain,
+//    -10% when oversubscribed. Users who set OMP_WAIT_POLICY or GOMP_SPINCOUNT keep theirs.
 static void fix_runtime_environment(char **argv) {
     int changed = 0;
-    if (!getenv("OMP_WAIT_POLICY")) {
-        setenv("OMP_WAIT_POLICY", "passive", 1);
+    if (!getenv("OMP_WAIT_POLICY") && !getenv("GOMP_SPINCOUNT")) {
+        setenv("GOMP_SPINCOUNT", "10000", 1);
         changed = 1;
     }
     const char *core = openblas_get_corename();
