@@ -299,6 +299,10 @@ int main(int argc, char **argv) {
     int native = f.amx_bf16 || f.avx512_bf16;
     printf("oneDNN %d.%d.%d, effective ISA %s; CPU has %s\n", v->major, v->minor, v->patch, isa_name(isa),
            f.amx_bf16 ? "AMX-BF16" : f.avx512_bf16 ? "AVX512-BF16 (no AMX)" : "no native bf16 dot product");
+    // What nanomegatron's bf16 GEMM picks by default (src/ops/cpu/gemm_bf16.c): oneDNN where it
+    // reports AMX usable, else the fp32 FMA units.
+    printf("bf16_amx_usable=%d\n", ((unsigned)isa & (unsigned)dnnl_cpu_isa_avx512_core_amx) ==
+                                        (unsigned)dnnl_cpu_isa_avx512_core_amx);
     if (bf16_best > 0) {
         printf("bf16_peak_gflops=%.1f\n", bf16_best);
         printf("bf16_isa=%s%s\n", impl, native ? "" : "(emulated)");

@@ -52,6 +52,10 @@ typedef struct nm_gemm_group {
 } nm_gemm_group;
 
 typedef struct nm_ops {
+    // Which kernels run the GEMMs, for banners and benchmarks: e.g. "fp32 GEMM onednn, bf16
+    // GEMM widen (fp32 FMA units)". Call from one thread (it may read the environment once).
+    const char *(*kernel_names)(void);
+
     // --- dense linear algebra ---------------------------------------------------------------
     // Row-major GEMM with BLAS semantics: C(M,N) = alpha * op(A) op(B) + beta * C.
     // op(A) is (M,K), op(B) is (K,N). beta == 0 ignores C's old contents (NaN-safe).

@@ -1,8 +1,21 @@
 // ops_cpu.c: the CPU backend's nm_ops table (design.md 3). The ops themselves live one family
 // per file in this directory (cpu_ops.h lists them); this file only wires them up.
+#include <stdio.h>
+
 #include "ops/cpu/cpu_ops.h"
 
+static const char *cpu_kernel_names(void) {
+    static char names[96];
+    if (!names[0]) {
+        const char *bf16 = nm_cpu_gemm_bf16_kernel();
+        snprintf(names, sizeof names, "fp32 GEMM %s, bf16 GEMM %s", nm_cpu_gemm_library(),
+                 bf16[0] == 'w' ? "widen (fp32 FMA units)" : "onednn");
+    }
+    return names;
+}
+
 static const nm_ops cpu_ops = {
+    .kernel_names = cpu_kernel_names,
     .gemm = nm_cpu_gemm,
     .gemm_grouped = nm_cpu_gemm_grouped,
     .gemm_bf16 = nm_cpu_gemm_bf16,
