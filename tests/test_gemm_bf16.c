@@ -342,8 +342,11 @@ int main(int argc, char **argv) {
     const dnnl_version_t *v = dnnl_version();
     printf("oneDNN %d.%d.%d, cpu runtime %s, effective ISA 0x%x: %s\n", v->major, v->minor, v->patch,
            v->cpu_runtime == DNNL_RUNTIME_OMP ? "OpenMP" : "other", (unsigned)isa, isa_name(isa));
-    // oneDNN's bf16 kernels need AVX-512 at least (native dot products from avx512_core_bf16).
-    if ((isa & dnnl_cpu_isa_avx512_core) != dnnl_cpu_isa_avx512_core) {
+    // oneDNN's bf16 kernels need AVX-512 at least (native dot products from avx512_core_bf16);
+    // the "widen" kernel (fp32 GEMM on widened operands) runs anywhere.
+    const char *kernels = ops->kernel_names();
+    printf("kernels: %s\n", kernels);
+    if (!strstr(kernels, "bf16 GEMM widen") && (isa & dnnl_cpu_isa_avx512_core) != dnnl_cpu_isa_avx512_core) {
         printf("SKIP: oneDNN reports no bf16-capable ISA\n");
         return 77;
     }
