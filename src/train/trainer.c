@@ -72,15 +72,17 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-// The machine peak the MFU is measured against: the best of five 1536^3 GEMMs through the
+// The machine peak the MFU is measured against: the best of three 2048^3 GEMMs through the
 // model's own fp32 GEMM (nm_ops_cpu()->gemm: oneDNN or OpenBLAS, src/ops/cpu/gemm.c) at the
-// run's thread count (a one-time ~0.2 s cost, printed in the banner). bench/peak.c measures
+// run's thread count, after one warm-up (a one-time ~0.25 s cost on 2 cores, printed in the
+// banner). Smaller squares understate it: oneDNN's sgemm reached 133 GFLOP/s at 1024^3 and
+// ~190 at 1536^3 where it does 265-330 at 2048^3 and above (bench/peak). bench/peak.c measures
 // both libraries over more sizes; this is the quick in-process version. On a shared machine
 // any single measurement can be low, so NM_PEAK_GFLOPS overrides it.
 static double measure_gemm_peak(void) {
     const char *given = getenv("NM_PEAK_GFLOPS");
     if (given && atof(given) > 0) return atof(given) * 1e9;
-    const int n = 1536;
+    const int n = 2048;
     float *a = nm_aligned_alloc((size_t)n * n * sizeof(float));
     float *b = nm_aligned_alloc((size_t)n * n * sizeof(float));
     float *c = nm_aligned_alloc((size_t)n * n * sizeof(float));
@@ -90,7 +92,7 @@ static double measure_gemm_peak(void) {
     }
     const nm_ops *ops = nm_ops_cpu();
     double best = 1e30;
-    for (int r = 0; r < 6; r++) {  // the first run warms the library up and is not counted
+    for (int r = 0; r < 4; r++) {  // the first run warms the library up and is not counted
         double t0 = now_s();
         ops->gemm(NM_NO_TRANS, NM_NO_TRANS, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
         double dt = now_s() - t0;
