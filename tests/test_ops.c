@@ -733,6 +733,44 @@ static void test_moe_dispatch(void) {
 // that the thread count does not change a bit. Run last so the other tests' random draws stay
 // as they were.
 
+// Vocabulary tiles: xent_tile_forward over uneven tiles (1000, 1000, 37) of V = 2037 gives
+// xent_forward's losses and lse to fp32 rounding (the exp-sums are combined in double), and
+// xent_tile_backward per tile gives xent_backward's dlogits bit for bit (the same formula per
+// element); rows without a target and targets in every tile included.
+static void test_xent_tiles(void) {
+    printf("xent over vocabulary tiles\n");
+    enum { N = 7, V = 2037 };
+    const int32_t tgt[N] = {5, -1, 999, 1000, 2036, 1500, 0};
+    const int64_t cuts[4] = {0, 1000, 2000, V};
+    float *lg = randn(N * V, 3.0f), *loss = nans(N), *lse = nans(N), *loss_t = nans(N), *lse_t = nans(N);
+    double *stats = nm_malloc(sizeof(double) * 3 * N);
+    ops->xent_forward(loss, lse, lg, tgt, N, V);
+    float *tile = nans(N * 1000), *dl = nans(N * V), *dl_t = nans(N * V);
+    for (int k = 0; k < 3; k++) {
+        int64_t v0 = cuts[k], w = cuts[k + 1] - cuts[k];
+        for (int n = 0; n < N; n++) memcpy(tile + n * w, lg + n * V + v0, sizeof(float) * (size_t)w);
+        ops->xent_tile_forward(loss_t, lse_t, stats, tile, w, tgt, N, V, v0, w);
+    }
+    double e = 0.0;
+    for (int n = 0; n < N; n++) {
+        if (tgt[n] < 0) {
+            EXPECT(loss_t[n] == 0.0f, "tiled loss of a row without target %g", loss_t[n]);
+            continue;
+        }
+        e = fmax(e, fmax(fabs(loss_t[n] - loss[n]) / fabs(loss[n]), fabs(lse_t[n] - lse[n]) / fabs(lse[n])));
+    }
+    printf("  3 tiles vs whole rows: loss/lse max rel diff %.2e\n", e);
+    EXPECT(e < 4e-7, "tiled xent loss/lse rel diff %.3e", e);
+    ops->xent_backward(dl, lg, lse, tgt, 0.37f, N, V);
+    for (int k = 0; k < 3; k++) {
+        int64_t v0 = cuts[k], w = cuts[k + 1] - cuts[k];
+        ops->xent_tile_backward(dl_t + v0, V, lg + v0, V, lse, tgt, 0.37f, N, V, v0, w);
+    }
+    EXPECT(!memcmp(dl, dl_t, sizeof(float) * N * V), "tiled xent backward differs from the whole-row one");
+    nm_free(lg), nm_free(loss), nm_free(lse), nm_free(loss_t), nm_free(lse_t), nm_free(stats);
+    nm_free(tile), nm_free(dl), nm_free(dl_t);
+}
+
 static void test_wide_rows(void) {
     printf("full-width rows\n");
     // V3's width plus a lane tail: the 16-lane double sum keeps rstd at fp32 rounding
@@ -808,6 +846,7 @@ int main(void) {
     test_moe_permute();
     test_moe_dispatch();
     test_wide_rows();
+    test_xent_tiles();
     if (failures) {
         fprintf(stderr, "test_ops: %d failure(s)\n", failures);
         return 1;

@@ -68,7 +68,7 @@ typedef struct mtp_acts {
     float *h_rstd;              // (N)
     float *g;                   // (N, D) shared_head.norm output
     float *g_rstd;              // (N)
-    float *logits;              // (N, V), overwritten by dlogits in backward
+    float *logits;              // (N, vt) head tile (all of V when vt == V), then dlogits
     float *losses;              // (N)
     float *lse;                 // (N) logsumexp of each logits row, saved for xent_backward
     float *dh;                  // (N, D) gradient into this depth's block output h^k
@@ -97,9 +97,11 @@ struct nm_model {
     float *emb_out;             // (N, D) main embedding output = blocks[0].x_in
     float *h0;                  // (N, D) model.norm output
     float *h0_rstd;             // (N)
-    float *logits;              // (N, V) main logits, overwritten by dlogits in backward
+    float *logits;              // (N, vt) main head tile (all of V when vt == V), then dlogits
     float *losses;              // (N)
     float *lse;                 // (N) logsumexp of each logits row, saved for xent_backward
+    int64_t vt;                 // output-head vocabulary tile (V: logits stored whole)
+    double *head_stats;         // (N, 3) running max / exp-sum / target logit across tiles
 
     // backward scratch, shared by all blocks (sized for N_max)
     float *d_res;               // (N, D) gradient of the residual stream
@@ -232,7 +234,7 @@ static void layout(nm_model *m) {
         t->h_rstd = take(m, N);
         t->g = take(m, N * D);
         t->g_rstd = take(m, N);
-        t->logits = take(m, N * c->V);
+        t->logits = take(m, N * (size_t)m->vt);
         t->losses = take(m, N);
         t->lse = take(m, N);
         t->dh = take(m, N * D);
@@ -241,9 +243,10 @@ static void layout(nm_model *m) {
     m->tokens = take_i32(m, N);
     m->h0 = take(m, N * D);
     m->h0_rstd = take(m, N);
-    m->logits = take(m, N * c->V);
+    m->logits = take(m, N * (size_t)m->vt);
     m->losses = take(m, N);
     m->lse = take(m, N);
+    m->head_stats = (double *)take(m, 6 * N);  // 3 doubles per row (the arena is 64-byte aligned)
 
     size_t Fmax = max_sz((size_t)c->F, (size_t)c->Fs);
     m->d_res = take(m, N * D);
@@ -295,6 +298,17 @@ static void rope_tables(nm_model *m) {
     }
 }
 
+// Output-head vocabulary tile: the whole vocabulary while the (N, V) logits fit in 64 MiB
+// (every config here up to V = 4096 at N = 2056), else the widest multiple of 128 columns
+// that fits (fp8 weight blocks are 128 rows; at V = 129280, N = 8 x 4097: 512 columns).
+static int64_t pick_vocab_tile(const nm_model_config *c, int64_t N, int64_t requested) {
+    if (requested > 0) return requested < c->V ? requested : c->V;
+    const int64_t budget = (int64_t)16 << 20;  // floats
+    if (N * c->V <= budget) return c->V;
+    int64_t vt = budget / N / 128 * 128;
+    return vt < 128 ? 128 : vt;
+}
+
 int nm_model_create(nm_model **out, const nm_model_config *cfg, const nm_ops *ops, int64_t B_max,
                     int64_t T_max, nm_error *err) {
     nm_model_options o = {0};
@@ -313,6 +327,8 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     m->B_max = B_max;
     m->T_max = T_max;
     m->recompute = opts->recompute;
+    if (opts->vocab_tile < 0) return nm_error_set(err, "model: vocab_tile %lld < 0", (long long)opts->vocab_tile);
+    m->vt = pick_vocab_tile(cfg, B_max * T_max, opts->vocab_tile);
     if (nm_param_table_build(&m->table, cfg, err) != 0) {
         nm_free(m);
         return -1;
@@ -376,7 +392,8 @@ const nm_model_config *nm_model_cfg(const nm_model *m) { return &m->cfg; }
 size_t nm_model_activation_bytes(const nm_model *m) { return m->arena_floats * sizeof(float); }
 
 size_t nm_model_estimate_activation_bytes(const nm_model_config *cfg, int64_t B_max, int64_t T_max, int recompute) {
-    nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = recompute};
+    nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = recompute,
+                  .vt = pick_vocab_tile(cfg, B_max * T_max, 0)};
     m.blocks = nm_calloc((size_t)cfg->n_layers, sizeof(block_acts));
     m.mtp = nm_calloc(cfg->M > 0 ? (size_t)cfg->M : 1, sizeof(mtp_acts));
     layout(&m);  // counting pass only (no arena)
@@ -402,7 +419,10 @@ static nm_precision weight_precision(const nm_model *m, size_t off) {
     for (int i = 0; i < m->n_moe; i++) {
         if (off == m->table.layers[m->moe_layer_ids[i]].router) return NM_PRECISION_FP32;
     }
-    if (m->precision == NM_PRECISION_FP8 && off == m->table.lm_head) return NM_PRECISION_BF16;
+    // the head's rows [lm_head, lm_head + V*D): vocabulary tiles pass slices of it
+    if (m->precision == NM_PRECISION_FP8 && off >= m->table.lm_head &&
+        off < m->table.lm_head + (size_t)m->cfg.V * (size_t)m->cfg.D)
+        return NM_PRECISION_BF16;
     return m->precision;
 }
 
@@ -453,6 +473,55 @@ static void linear_bwd_w(const nm_model *m, float *dW, int64_t ldw, const float 
         break;
     default:
         m->ops->gemm(NM_TRANS, NM_NO_TRANS, OC, IC, N, 1.0f, dout, ld_dout, inp, ld_inp, 1.0f, dW, ldw);
+    }
+}
+
+// --- output head + cross-entropy, over vocabulary tiles ---------------------------------------
+
+// losses(N), lse(N) (=) of logits = h(N, D) . lm_head^T against targets(N). logits is the
+// head's (N, vt) buffer; with vt == V it keeps the whole logits for head_backward, else each
+// tile is computed, folded into the running max / exp-sum (xent_tile_forward) and dropped.
+// logits_out (N, V) receives every tile when not NULL.
+static void head_forward(nm_model *m, float *losses, float *lse, float *logits, const float *h,
+                         const int32_t *targets, int64_t N, float *logits_out) {
+    const nm_ops *ops = m->ops;
+    int64_t V = m->cfg.V, D = m->cfg.D, vt = m->vt;
+    const float *W = m->params + m->table.lm_head;
+    if (vt == V) {
+        linear_fwd(m, logits, V, h, D, W, D, N, D, V, 0.0f);
+        if (logits_out) memcpy(logits_out, logits, (size_t)N * V * sizeof(float));
+        ops->xent_forward(losses, lse, logits, targets, N, V);
+        return;
+    }
+    for (int64_t v0 = 0; v0 < V; v0 += vt) {
+        int64_t n_cols = v0 + vt < V ? vt : V - v0;
+        linear_fwd(m, logits, n_cols, h, D, W + v0 * D, D, N, D, n_cols, 0.0f);
+        if (logits_out) ops->copy_2d(logits_out + v0, V, logits, n_cols, N, n_cols);
+        ops->xent_tile_forward(losses, lse, m->head_stats, logits, n_cols, targets, N, V, v0, n_cols);
+    }
+}
+
+// dh(N, D) (= or += by beta) and d lm_head (+=) for the loss scale * sum of losses; h and lse as
+// in head_forward. With vt < V each tile's logits are recomputed (one more head GEMM: the
+// price of never storing (N, V)).
+static void head_backward(nm_model *m, float *dh, float beta, float *logits, const float *lse, const float *h,
+                          const int32_t *targets, float scale, int64_t N) {
+    const nm_ops *ops = m->ops;
+    int64_t V = m->cfg.V, D = m->cfg.D, vt = m->vt;
+    const float *W = m->params + m->table.lm_head;
+    float *dW = m->grads + m->table.lm_head;
+    if (vt == V) {
+        ops->xent_backward(logits, logits, lse, targets, scale, N, V);
+        linear_bwd_w(m, dW, D, logits, V, h, D, N, D, V);
+        linear_bwd_inp(m, dh, D, logits, V, W, D, N, D, V, beta);
+        return;
+    }
+    for (int64_t v0 = 0; v0 < V; v0 += vt) {
+        int64_t n_cols = v0 + vt < V ? vt : V - v0;
+        linear_fwd(m, logits, n_cols, h, D, W + v0 * D, D, N, D, n_cols, 0.0f);
+        ops->xent_tile_backward(logits, n_cols, logits, n_cols, lse, targets, scale, N, V, v0, n_cols);
+        linear_bwd_w(m, dW + v0 * D, D, logits, n_cols, h, D, N, D, n_cols);
+        linear_bwd_inp(m, dh, D, logits, n_cols, W + v0 * D, D, N, D, n_cols, v0 == 0 ? beta : 1.0f);
     }
 }
 
@@ -769,9 +838,7 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
     }
     const float *h_last = m->blocks[c->L - 1].x_out;
     ops->rmsnorm_forward(m->h0, m->h0_rstd, h_last, P + m->table.final_norm, N, D, (float)c->rms_eps);
-    linear_fwd(m, m->logits, V, m->h0, D, P + m->table.lm_head, D, N, D, V, 0.0f);
-    if (logits_out) memcpy(logits_out, m->logits, (size_t)N * V * sizeof(float));
-    ops->xent_forward(m->losses, m->lse, m->logits, m->targets, N, V);
+    head_forward(m, m->losses, m->lse, m->logits, m->h0, m->targets, N, logits_out);
     double ce = T > 1 ? sum_losses(m->losses, N) / (double)(B * (T - 1)) : 0.0;
 
     // multi-token prediction (dsv3-spec 6.3, 11): depth k reads h^{k-1} and tokens shifted by k
@@ -800,8 +867,7 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
         int64_t *counts = nm_layer_is_moe(c, l) ? m->expert_counts + (size_t)(moe_row++) * c->E : NULL;
         aux += block_forward(m, l, B, Tk, counts);
         ops->rmsnorm_forward(t->g, t->g_rstd, blk->x_out, P + w->head_norm, Nk, D, (float)c->rms_eps);
-        linear_fwd(m, t->logits, V, t->g, D, P + m->table.lm_head, D, Nk, D, V, 0.0f);
-        ops->xent_forward(t->losses, t->lse, t->logits, t->targets, Nk, V);
+        head_forward(m, t->losses, t->lse, t->logits, t->g, t->targets, Nk, NULL);
         mtp += sum_losses(t->losses, Nk) / (double)(B * (Tk - 1));
     }
     if (M > 0) mtp /= (double)M;
@@ -822,7 +888,7 @@ int nm_model_backward(nm_model *m, nm_error *err) {
     const nm_ops *ops = m->ops;
     const float *P = m->params;
     float *G = m->grads;
-    int64_t B = m->B, T = m->T, N = B * T, D = c->D, V = c->V;
+    int64_t B = m->B, T = m->T, N = B * T, D = c->D;
     float gs = m->opt.grad_scale;
     float aux_seed = m->opt.aux_weight * gs;
 
@@ -835,9 +901,7 @@ int nm_model_backward(nm_model *m, nm_error *err) {
         const nm_layer_offsets *w = &m->table.layers[l];
         float scale = m->opt.mtp_weight / (float)c->M / (float)(B * (Tk - 1)) * gs;
         // logits_k = g . lm_head^T ; g = RMSNorm(h^k)
-        ops->xent_backward(t->logits, t->logits, t->lse, t->targets, scale, Nk, V);
-        linear_bwd_w(m, G + m->table.lm_head, D, t->logits, V, t->g, D, Nk, D, V);
-        linear_bwd_inp(m, m->d_tmp, D, t->logits, V, P + m->table.lm_head, D, Nk, D, V, 0.0f);
+        head_backward(m, m->d_tmp, 0.0f, t->logits, t->lse, t->g, t->targets, scale, Nk);
         // d_res = dh^k (from depth k+1, zero for the deepest) + head-norm path
         if (k == c->M) ops->zero(m->d_res, Nk * D);
         else ops->copy_2d(m->d_res, Nk * D, t->dh, Nk * D, 1, Nk * D);
@@ -865,9 +929,7 @@ int nm_model_backward(nm_model *m, nm_error *err) {
     }
 
     // main head: logits = h0 . lm_head^T ; h0 = RMSNorm(h_L)
-    ops->xent_backward(m->logits, m->logits, m->lse, m->targets, gs / (float)(B * (T - 1)), N, V);
-    linear_bwd_w(m, G + m->table.lm_head, D, m->logits, V, m->h0, D, N, D, V);
-    linear_bwd_inp(m, m->d_h0, D, m->logits, V, P + m->table.lm_head, D, N, D, V, 1.0f);
+    head_backward(m, m->d_h0, 1.0f, m->logits, m->lse, m->h0, m->targets, gs / (float)(B * (T - 1)), N);
     ops->zero(m->d_res, N * D);
     ops->rmsnorm_backward(m->d_res, G + m->table.final_norm, m->d_h0, m->blocks[c->L - 1].x_out,
                           P + m->table.final_norm, m->h0_rstd, N, D);

@@ -36,6 +36,9 @@ typedef struct nm_loss_terms {
 typedef struct nm_model_options {
     int recompute;              // activation recomputation per block: keep only block inputs and
                                 // outputs, re-run each block's forward inside the backward
+    int64_t vocab_tile;         // output-head columns per tile: 0 picks one (the whole vocabulary
+                                // while N x V logits fit in 64 MiB); below V the (N, V) logits are
+                                // never stored and the backward recomputes each tile's logits
 } nm_model_options;
 
 // Allocates parameters, gradients and activations for batches up to (B_max, T_max).

@@ -151,6 +151,17 @@ typedef struct nm_ops {
     // (computed in place).
     void (*xent_backward)(float *dlogits, const float *logits, const float *lse, const int32_t *targets,
                           float scale, int64_t N, int64_t V);
+    // The same over vocabulary tiles, for a head whose (N, V) logits are never stored whole:
+    // call with consecutive tiles [v0, v0 + Vt) covering [0, V) in order, logits(N, Vt) with
+    // leading dimension ld. stats(N, 3) (running max, exp-sum, target logit) carries the rows'
+    // state from tile to tile (written on the first tile, v0 == 0); losses and lse are (=) on
+    // the last (v0 + Vt == V), as xent_forward's. One tile [0, V) equals xent_forward.
+    void (*xent_tile_forward)(float *losses, float *lse, double *stats, const float *logits, int64_t ld,
+                              const int32_t *targets, int64_t N, int64_t V, int64_t v0, int64_t Vt);
+    // dlogits(N, Vt) (=, leading dimension ld_d, may alias logits) for columns [v0, v0 + Vt):
+    // xent_backward's formula with the one-hot restricted to the tile; lse from the forward.
+    void (*xent_tile_backward)(float *dlogits, int64_t ld_d, const float *logits, int64_t ld, const float *lse,
+                               const int32_t *targets, float scale, int64_t N, int64_t V, int64_t v0, int64_t Vt);
 
     // --- MoE router (dsv3-spec 5, 7) -----------------------------------------------------------
     // logits(N,E) = u W_gate^T (computed by gemm). scores(N,E) (=) sigmoid or softmax of logits;

@@ -68,6 +68,10 @@ void nm_cpu_xent_forward(float *losses, float *lse, const float *logits, const i
                          int64_t N, int64_t V);
 void nm_cpu_xent_backward(float *dlogits, const float *logits, const float *lse,
                           const int32_t *targets, float scale, int64_t N, int64_t V);
+void nm_cpu_xent_tile_forward(float *losses, float *lse, double *stats, const float *logits, int64_t ld,
+                              const int32_t *targets, int64_t N, int64_t V, int64_t v0, int64_t Vt);
+void nm_cpu_xent_tile_backward(float *dlogits, int64_t ld_d, const float *logits, int64_t ld, const float *lse,
+                               const int32_t *targets, float scale, int64_t N, int64_t V, int64_t v0, int64_t Vt);
 
 // --- router.c -----------------------------------------------------------------------------
 void nm_cpu_router_forward(int32_t *topk_idx, float *topk_weight, float *scores, const float *logits,

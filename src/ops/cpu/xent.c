@@ -23,6 +23,12 @@
 // when the backward recomputed the max and the sum; the same trade the attention op makes
 // with its saved lse. The loss itself is formed in double from the unrounded max and sum.
 // The backward may run in place (dlogits == logits): element v is read only to write v.
+//
+// Vocabulary tiles (xent_tile_*): the model may compute the logits a tile of columns at a
+// time (the output head with a large vocabulary), so the full (N, V) logits and softmax never
+// exist. Per row it then keeps the running max m, exp-sum s (double) and the target's logit;
+// a new tile with max m_t and sum s_t gives m' = max(m, m_t), s' = s e^(m - m') + s_t
+// e^(m_t - m'). A single tile [0, V) gives exactly xent_forward's numbers.
 #include <math.h>
 
 #include "core/check.h"
@@ -85,23 +91,68 @@ void nm_cpu_xent_forward(float *losses, float *lse, const float *logits, const i
     }
 }
 
-// dlogits(N,V) (=), may alias logits; lse(N) from the forward; targets(N)
-void nm_cpu_xent_backward(float *dlogits, const float *logits, const float *lse,
-                          const int32_t *targets, float scale, int64_t N, int64_t V) {
-    NM_CHECK(N >= 0 && V > 0, "xent shape N=%lld V=%lld", (long long)N, (long long)V);
+// losses(N), lse(N) (= on the last tile), stats(N,3) (running max, exp-sum, target logit);
+// logits(N, Vt) with leading dimension ld: columns [v0, v0 + Vt) of V.
+void nm_cpu_xent_tile_forward(float *losses, float *lse, double *stats, const float *logits, int64_t ld,
+                              const int32_t *targets, int64_t N, int64_t V, int64_t v0, int64_t Vt) {
+    NM_CHECK(N >= 0 && V > 0 && v0 >= 0 && Vt > 0 && v0 + Vt <= V && ld >= Vt,
+             "xent tile shape N=%lld V=%lld v0=%lld Vt=%lld ld=%lld", (long long)N, (long long)V, (long long)v0,
+             (long long)Vt, (long long)ld);
+    int first = v0 == 0, last = v0 + Vt == V;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        int32_t tgt = targets[n];
+        NM_CHECK(tgt < V, "target %lld is %d >= V=%lld", (long long)n, tgt, (long long)V);
+        double *st = stats + 3 * n;
+        if (tgt < 0) {
+            if (last) losses[n] = 0.0f, lse[n] = 0.0f;  // lse never read for these rows
+            continue;
+        }
+        const float *l = logits + n * ld;
+        float mt = row_max(l, Vt);
+        double st_sum = row_expsum(l, Vt, mt);
+        if (first) {
+            st[0] = mt, st[1] = st_sum;
+        } else {
+            double m_new = st[0] > mt ? st[0] : mt;
+            st[1] = st[1] * exp(st[0] - m_new) + st_sum * exp(mt - m_new);
+            st[0] = m_new;
+        }
+        if (tgt >= v0 && tgt < v0 + Vt) st[2] = l[tgt - v0];
+        if (last) {
+            double log_s = log(st[1]);
+            losses[n] = (float)(log_s + st[0] - st[2]);
+            lse[n] = (float)(log_s + st[0]);
+        }
+    }
+}
+
+// dlogits(N, Vt) (=) with leading dimension ld_d, may alias logits (ld); columns [v0, v0 + Vt).
+void nm_cpu_xent_tile_backward(float *dlogits, int64_t ld_d, const float *logits, int64_t ld, const float *lse,
+                               const int32_t *targets, float scale, int64_t N, int64_t V, int64_t v0, int64_t Vt) {
+    NM_CHECK(N >= 0 && V > 0 && v0 >= 0 && Vt > 0 && v0 + Vt <= V && ld >= Vt && ld_d >= Vt,
+             "xent tile shape N=%lld V=%lld v0=%lld Vt=%lld", (long long)N, (long long)V, (long long)v0,
+             (long long)Vt);
     // loss = lse - l[tgt]  =>  dl_v = scale * (exp(l_v - lse) - [v == tgt])
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         int32_t tgt = targets[n];
         NM_CHECK(tgt < V, "target %lld is %d >= V=%lld", (long long)n, tgt, (long long)V);
-        const float *l = logits + n * V;
-        float *dl = dlogits + n * V;
+        const float *l = logits + n * ld;
+        float *dl = dlogits + n * ld_d;
         if (tgt < 0) {
-            for (int64_t v = 0; v < V; v++) dl[v] = 0.0f;
+            for (int64_t v = 0; v < Vt; v++) dl[v] = 0.0f;
             continue;
         }
         float z = lse[n];
-        for (int64_t v = 0; v < V; v++) dl[v] = scale * nm_expf(l[v] - z);
-        dl[tgt] -= scale;
+        for (int64_t v = 0; v < Vt; v++) dl[v] = scale * nm_expf(l[v] - z);
+        if (tgt >= v0 && tgt < v0 + Vt) dl[tgt - v0] -= scale;
     }
+}
+
+// dlogits(N,V) (=), may alias logits; lse(N) from the forward; targets(N)
+void nm_cpu_xent_backward(float *dlogits, const float *logits, const float *lse,
+                          const int32_t *targets, float scale, int64_t N, int64_t V) {
+    NM_CHECK(N >= 0 && V > 0, "xent shape N=%lld V=%lld", (long long)N, (long long)V);
+    nm_cpu_xent_tile_backward(dlogits, V, logits, V, lse, targets, scale, N, V, 0, V);
 }
