@@ -300,7 +300,7 @@ static void rope_tables(nm_model *m) {
 
 // Output-head vocabulary tile: the whole vocabulary while the (N, V) logits fit in 64 MiB
 // (every config here up to V = 4096 at N = 2056), else the widest multiple of 128 columns
-// that fits (fp8 weight blocks are 128 rows; at V = 129280, N = 8 x 4097: 512 columns).
+// that fits (fp8 weight blocks are 128 rows; at V = 129280, N = 8 x 4097: 384 columns).
 static int64_t pick_vocab_tile(const nm_model_config *c, int64_t N, int64_t requested) {
     if (requested > 0) return requested < c->V ? requested : c->V;
     const int64_t budget = (int64_t)16 << 20;  // floats
