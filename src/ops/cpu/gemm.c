@@ -5,10 +5,9 @@
 // Which library: NM_CPU_GEMM=onednn|openblas, read once; anything else is an error, not a
 // fallback. oneDNN is the default because it trains faster: on configs/small.json (2 threads,
 // AVX-512 Xeon) the whole step ran ~10% faster with every GEMM through dnnl_sgemm than through
-// OpenBLAS 0.3.21's SkylakeX kernels (alternating runs; docs/performance.md). In isolation the
-// two trade places shape by shape (OpenBLAS wins A B^T with small K, oneDNN A^T B and A B), but
-// inside the step OpenBLAS also pays a separate pass to zero C when beta == 0 and a
-// yield-heavy thread hand-off per call. The choice is static, never timed at run time: a
+// OpenBLAS 0.3.21's SkylakeX kernels (alternating runs; docs/performance.md). At the model's
+// own shapes bench/peak measured oneDNN 2-20% ahead (the 16-column router GEMM 2.8x), and
+// inside the step OpenBLAS also pays a separate pass to zero C when beta == 0. The choice is static, never timed at run time: a
 // timing-based pick could differ between two runs and break bit-exact resume.
 //
 // Degenerate shapes are handled before either library: M or N == 0 touches nothing, K == 0
