@@ -9,14 +9,8 @@
 
 #include "core/rng.h"
 #include "model/model.h"
+#include "test_model_util.h"
 
-static const char *config_json =
-    "{\"vocab_size\": 300, \"hidden_size\": 64, \"intermediate_size\": 128, \"moe_intermediate_size\": 32,"
-    " \"num_hidden_layers\": 3, \"num_nextn_predict_layers\": 2, \"num_attention_heads\": 2,"
-    " \"num_key_value_heads\": 2, \"q_lora_rank\": 32, \"kv_lora_rank\": 16, \"qk_nope_head_dim\": 16,"
-    " \"qk_rope_head_dim\": 8, \"v_head_dim\": 16, \"n_routed_experts\": 8, \"n_shared_experts\": 1,"
-    " \"num_experts_per_tok\": 2, \"n_group\": 4, \"topk_group\": 2, \"first_k_dense_replace\": 1,"
-    " \"initializer_range\": 0.05}";
 
 static int run(int recompute, const nm_model_config *cfg, const int32_t *tokens, int64_t B, int64_t T,
                float *grads_out, double *loss_out, size_t *act_bytes) {
@@ -45,13 +39,8 @@ static int run(int recompute, const nm_model_config *cfg, const int32_t *tokens,
 
 int main(void) {
     nm_model_config cfg;
-    nm_error err;
-    if (nm_model_config_parse(&cfg, config_json, "test_recompute", &err) != 0) {
-        fprintf(stderr, "%s\n", err.msg);
-        return 1;
-    }
     nm_param_table t;
-    if (nm_param_table_build(&t, &cfg, &err) != 0) return 1;
+    if (test_model_open(&cfg, &t, "test_recompute") != 0) return 1;
     const int64_t B = 3, T = 24;
     int32_t tokens[3 * 24];
     uint64_t key = nm_rng_key(11, NM_RNG_TEST, 0, 0);
@@ -82,8 +71,7 @@ int main(void) {
     }
     nm_free(g0);
     nm_free(g1);
-    nm_param_table_free(&t);
-    nm_model_config_free(&cfg);
+    test_model_close(&cfg, &t);
     if (!fail) printf("OK: recomputation is bit-identical\n");
     return fail;
 }

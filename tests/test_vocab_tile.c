@@ -21,15 +21,9 @@
 
 #include "core/rng.h"
 #include "model/model.h"
+#include "test_model_util.h"
 #include "train/train_config.h"
 
-static const char *config_json =
-    "{\"vocab_size\": 300, \"hidden_size\": 64, \"intermediate_size\": 128, \"moe_intermediate_size\": 32,"
-    " \"num_hidden_layers\": 3, \"num_nextn_predict_layers\": 2, \"num_attention_heads\": 2,"
-    " \"num_key_value_heads\": 2, \"q_lora_rank\": 32, \"kv_lora_rank\": 16, \"qk_nope_head_dim\": 16,"
-    " \"qk_rope_head_dim\": 8, \"v_head_dim\": 16, \"n_routed_experts\": 8, \"n_shared_experts\": 1,"
-    " \"num_experts_per_tok\": 2, \"n_group\": 4, \"topk_group\": 2, \"first_k_dense_replace\": 1,"
-    " \"initializer_range\": 0.05}";
 
 #include "test_util.h"
 
@@ -66,13 +60,8 @@ static double rel(double a, double b) { return fabs(a - b) / (fabs(b) + 1e-30); 
 
 int main(void) {
     nm_model_config cfg;
-    nm_error err;
-    if (nm_model_config_parse(&cfg, config_json, "test_vocab_tile", &err) != 0) {
-        fprintf(stderr, "%s\n", err.msg);
-        return 1;
-    }
     nm_param_table t;
-    if (nm_param_table_build(&t, &cfg, &err) != 0) return 1;
+    if (test_model_open(&cfg, &t, "test_vocab_tile") != 0) return 1;
     const int64_t B = 3, T = 24, N = B * T;
     int32_t tokens[3 * 24];
     uint64_t key = nm_rng_key(test_seed("test_vocab_tile"), NM_RNG_TEST, 0, 0);
@@ -126,8 +115,7 @@ int main(void) {
         }
         nm_free(whole.grads), nm_free(whole.logits);
     }
-    nm_param_table_free(&t);
-    nm_model_config_free(&cfg);
+    test_model_close(&cfg, &t);
     if (failures) return 1;
     printf("OK: the vocabulary-tiled head matches the untiled one\n");
     return 0;
