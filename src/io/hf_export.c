@@ -224,9 +224,24 @@ static void remove_tree(const char *dir) {
     rmdir(dir);
 }
 
+static int export_dir(const char *out_dir, const nm_model_config *cfg, const nm_param_table *t, const float *params,
+                      const nm_export_vocab *vocab, nm_st_dtype dtype, int64_t max_shard_bytes,
+                      nm_export_progress_fn progress, void *progress_ctx, nm_error *err);
+
 int nm_hf_export(const char *out_dir, const nm_model_config *cfg, const nm_param_table *t, const float *params,
                  const nm_export_vocab *vocab, nm_st_dtype dtype, int64_t max_shard_bytes,
                  nm_export_progress_fn progress, void *progress_ctx, nm_error *err) {
+    // "out/" must name out itself, so that the temporary directory is its sibling.
+    char *dir = nm_strdup(out_dir);
+    for (size_t n = strlen(dir); n > 1 && dir[n - 1] == '/'; n--) dir[n - 1] = 0;
+    int rc = export_dir(dir, cfg, t, params, vocab, dtype, max_shard_bytes, progress, progress_ctx, err);
+    nm_free(dir);
+    return rc;
+}
+
+static int export_dir(const char *out_dir, const nm_model_config *cfg, const nm_param_table *t, const float *params,
+                      const nm_export_vocab *vocab, nm_st_dtype dtype, int64_t max_shard_bytes,
+                      nm_export_progress_fn progress, void *progress_ctx, nm_error *err) {
     if (dtype != NM_ST_F32 && dtype != NM_ST_BF16 && dtype != NM_ST_F16) {
         return nm_error_set(err, "%s: an HF export is fp32, bf16 or f16", out_dir);
     }

@@ -9,11 +9,12 @@ dense blocks, moe_layer_freq 2 with no shared experts, MTP and none):
    attn_v_b and the stacked experts against the HF tensors rearranged in numpy from
    formats.md 3.6 (not from our C);
 2. llama.cpp's logits on a random prompt equal our `forward` logits: f32 within
-   1e-4 * max|logit| at every position (llama.cpp's KV cache set to f32; measured ~1e-6);
-   f16 within 5e-3, bf16 within 2e-2 and q8_0 within 5e-2 at 80% of positions (weights
-   rounded: bf16 keeps 8 bits, a q8_0 block 7 bits of its largest value, and llama.cpp rounds
-   the activations to the weight type too; measured ~1e-3, ~5e-3, ~2e-2; a rounding that flips
-   a top-k expert choice moves that position by more, hence 80% of positions, not all);
+   1e-4 * max|logit| at every position (llama.cpp's KV cache set to f32; measured ~1e-6).
+   f16 within 5e-3, bf16 within 2e-2 at every position and q8_0 within 5e-2 at 90% of them
+   (weights rounded: bf16 keeps 8 bits, a q8_0 block 7 bits of its largest value, and llama.cpp
+   rounds the activations to the weight type too; measured ~1e-3, ~5e-3 (max 1.1e-2), ~2e-2).
+   These run on a copy of the model whose router biases fix the expert choice (decisive_copy):
+   on the random router a rounding flips some token's top-k choice in most runs;
 3. greedy generation with llama.cpp (f32 file) equals `nanomegatron sample --temperature 0`;
 4. llama.cpp tokenizes like our tokenizer (a trained BPE and the byte tokenizer);
 5. a run directory (with --step) exports; group_limited_greedy with a real group limit is
@@ -35,7 +36,7 @@ try:
     import gguf
     import llama_cpp
     from llama_cpp import Llama
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load_file, save_file
 except Exception as e:
     print(f"gguf / llama_cpp / safetensors not available ({e}): skipped")
     sys.exit(77)
@@ -140,7 +141,7 @@ def check_reader(path, c, st, dtype, name):
                                           (1 if dtype == "q8_0" and t.shape[0] % 32 else want_type))
                    for t in r.tensors)
     check(types_ok, f"{name}: tensor types for {dtype}")
-    if dtype != "fp32":
+    if st is None:
         return
     # Data rearrangements, from formats.md 3.6, checked on layer 0 and the last layer.
     for l in [0, L - 1]:
@@ -156,6 +157,25 @@ def check_reader(path, c, st, dtype, name):
             check(np.array_equal(got, up), f"{name}: blk.{l} ffn_up_exps stacked in expert order")
     q = np.asarray(T["token_embd.weight"].data).reshape(c["vocab_size"], c["hidden_size"])
     check(np.array_equal(q, st["model.embed_tokens.weight"]), f"{name}: token_embd data")
+
+
+def decisive_copy(tmp, mdir, st, name):
+    """The model with router biases 0, 10, 20, ... (a random order): the expert and group choice
+    then no longer depends on the scores, so weight rounding cannot flip a discrete choice and
+    the rounded dtypes can be held to a tolerance at every position (the gating weights still
+    come from the unbiased scores)."""
+    out = os.path.join(tmp, f"{name}_decisive")
+    os.makedirs(out)
+    with open(os.path.join(mdir, "config.json")) as f:
+        text = f.read()
+    with open(os.path.join(out, "config.json"), "w") as f:
+        f.write(text)
+    st = dict(st)
+    for k in st:
+        if k.endswith("e_score_correction_bias"):
+            st[k] = (10.0 * rng.permutation(len(st[k]))).astype(np.float32)
+    save_file(st, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    return out
 
 
 def greedy_llama(llm, prompt_ids, n):
@@ -176,11 +196,14 @@ with tempfile.TemporaryDirectory() as tmp:
         st = load_file(os.path.join(mdir, "model.safetensors"))
         T = 32
         ids = rng.integers(0, 257, size=(1, T)).astype(np.int32)
-        ours = U.our_logits(tmp, mdir, ids)[0]
+        decisive = decisive_copy(tmp, mdir, st, name)
+        ours_by_model = {mdir: U.our_logits(tmp, mdir, ids)[0], decisive: U.our_logits(tmp, decisive, ids)[0]}
         for dtype in (["fp32", "f16", "bf16", "q8_0"] if vi < 2 else ["fp32", "q8_0"]):
+            model = mdir if dtype == "fp32" else decisive
+            ours = ours_by_model[model]
             out = os.path.join(tmp, f"{name}_{dtype}.gguf")
-            p = U.run(["export", "--model", mdir, "--out", out, "--format", "gguf", "--dtype", dtype])
-            check_reader(out, cfg, st, dtype, f"{name} {dtype}")
+            p = U.run(["export", "--model", model, "--out", out, "--format", "gguf", "--dtype", dtype])
+            check_reader(out, cfg, st if dtype == "fp32" else None, dtype, f"{name} {dtype}")
             llm = load_llama(out)
             lc = llama_logits(llm, ids[0])
             per_pos = np.abs(lc - ours).max(axis=1) / np.abs(ours).max()
@@ -188,11 +211,11 @@ with tempfile.TemporaryDirectory() as tmp:
                 e = float(per_pos.max())
                 check(e <= TOL[dtype], f"{name} {dtype}: llama.cpp logits vs ours rel err {e:.2e} (tol {TOL[dtype]:g})")
             else:
-                # Rounded weights (and llama.cpp's rounding of activations to the weight type)
-                # can flip a discrete top-k expert choice at a position, which moves that
-                # position's logits by much more than the rounding: allow it at 20% of positions.
+                # q8_0: llama.cpp also rounds the activations to 8 bits before each q8_0 matmul;
+                # one position in twelve runs reached 0.16 (attention amplifying it), so 90%.
+                need = 0.9 if dtype == "q8_0" else 1.0
                 within = float(np.mean(per_pos <= TOL[dtype]))
-                check(within >= 0.8, f"{name} {dtype}: llama.cpp logits vs ours rel err median {np.median(per_pos):.2e}"
+                check(within >= need, f"{name} {dtype}: llama.cpp logits vs ours rel err median {np.median(per_pos):.2e}"
                       f" max {per_pos.max():.2e}, {within:.0%} of positions within tol {TOL[dtype]:g}")
             if dtype == "fp32":
                 prompt = "the cat sat"
