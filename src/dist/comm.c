@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-size_t nm_dtype_size(nm_dtype dt) {
+size_t nm_comm_dtype_size(nm_comm_dtype dt) {
     switch (dt) {
     case NM_DT_F32: return 4;
     case NM_DT_BF16: return 2;
@@ -54,45 +54,45 @@ void nm_comm_destroy(nm_comm *c) {
 
 // --- the single-process table -----------------------------------------------------------------
 
-static int single_all_reduce(nm_comm *c, void *buf, int64_t count, nm_dtype dt, nm_reduce_op op, nm_error *err) {
-    nm_comm_count(c, NM_COMM_ALL_REDUCE, count * (int64_t)nm_dtype_size(dt));
+static int single_all_reduce(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, nm_reduce_op op, nm_error *err) {
+    nm_comm_count(c, NM_COMM_ALL_REDUCE, count * (int64_t)nm_comm_dtype_size(dt));
     return 0;
 }
 
-static int single_reduce_scatter_start(nm_comm *c, void *buf, const int64_t *counts, nm_dtype dt,
+static int single_reduce_scatter_start(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt,
                                        nm_comm_request *req, nm_error *err) {
-    nm_comm_count(c, NM_COMM_REDUCE_SCATTER, counts[0] * (int64_t)nm_dtype_size(dt));
+    nm_comm_count(c, NM_COMM_REDUCE_SCATTER, counts[0] * (int64_t)nm_comm_dtype_size(dt));
     memset(req, 0, sizeof(*req));
     return 0;
 }
 
-static int single_all_gather(nm_comm *c, void *buf, const int64_t *counts, nm_dtype dt, nm_error *err) {
-    nm_comm_count(c, NM_COMM_ALL_GATHER, counts[0] * (int64_t)nm_dtype_size(dt));
+static int single_all_gather(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_error *err) {
+    nm_comm_count(c, NM_COMM_ALL_GATHER, counts[0] * (int64_t)nm_comm_dtype_size(dt));
     return 0;
 }
 
 static int single_all_to_all(nm_comm *c, const void *send, const int64_t *send_counts, void *recv,
-                             const int64_t *recv_counts, nm_dtype dt, nm_error *err) {
+                             const int64_t *recv_counts, nm_comm_dtype dt, nm_error *err) {
     if (send_counts[0] != recv_counts[0]) {
         return nm_error_set(err, "all_to_all (%s): sending %lld elements to self but expecting %lld", c->group,
                             (long long)send_counts[0], (long long)recv_counts[0]);
     }
-    if (send != recv && send_counts[0] > 0) memmove(recv, send, (size_t)send_counts[0] * nm_dtype_size(dt));
+    if (send != recv && send_counts[0] > 0) memmove(recv, send, (size_t)send_counts[0] * nm_comm_dtype_size(dt));
     nm_comm_count(c, NM_COMM_ALL_TO_ALL, 0);
     return 0;
 }
 
-static int single_broadcast(nm_comm *c, void *buf, int64_t count, nm_dtype dt, int root, nm_error *err) {
+static int single_broadcast(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int root, nm_error *err) {
     if (root != 0) return nm_error_set(err, "broadcast (%s): root %d outside the 1-rank group", c->group, root);
-    nm_comm_count(c, NM_COMM_BROADCAST, count * (int64_t)nm_dtype_size(dt));
+    nm_comm_count(c, NM_COMM_BROADCAST, count * (int64_t)nm_comm_dtype_size(dt));
     return 0;
 }
 
-static int single_send(nm_comm *c, const void *buf, int64_t count, nm_dtype dt, int peer, int tag, nm_error *err) {
+static int single_send(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err) {
     return nm_error_set(err, "send (%s): no peer %d in a 1-rank group", c->group, peer);
 }
 
-static int single_recv(nm_comm *c, void *buf, int64_t count, nm_dtype dt, int peer, int tag, nm_error *err) {
+static int single_recv(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err) {
     return nm_error_set(err, "recv (%s): no peer %d in a 1-rank group", c->group, peer);
 }
 

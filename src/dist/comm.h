@@ -27,7 +27,7 @@
 
 #include "core/check.h"
 
-typedef enum nm_dtype { NM_DT_F32, NM_DT_BF16, NM_DT_I32, NM_DT_I64, NM_DT_F64 } nm_dtype;
+typedef enum nm_comm_dtype { NM_DT_F32, NM_DT_BF16, NM_DT_I32, NM_DT_I64, NM_DT_F64 } nm_comm_dtype;
 typedef enum nm_reduce_op { NM_RED_SUM, NM_RED_MAX, NM_RED_MIN } nm_reduce_op;
 
 enum {
@@ -54,15 +54,15 @@ typedef struct nm_comm_request nm_comm_request;
 
 typedef struct nm_comm_vtable {
     const char *name;                   // "single", "mpi"
-    int (*all_reduce)(nm_comm *c, void *buf, int64_t count, nm_dtype dt, nm_reduce_op op, nm_error *err);
-    int (*reduce_scatter_start)(nm_comm *c, void *buf, const int64_t *counts, nm_dtype dt, nm_comm_request *req,
+    int (*all_reduce)(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, nm_reduce_op op, nm_error *err);
+    int (*reduce_scatter_start)(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_comm_request *req,
                                 nm_error *err);
-    int (*all_gather)(nm_comm *c, void *buf, const int64_t *counts, nm_dtype dt, nm_error *err);
+    int (*all_gather)(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_error *err);
     int (*all_to_all)(nm_comm *c, const void *send, const int64_t *send_counts, void *recv,
-                      const int64_t *recv_counts, nm_dtype dt, nm_error *err);
-    int (*broadcast)(nm_comm *c, void *buf, int64_t count, nm_dtype dt, int root, nm_error *err);
-    int (*send)(nm_comm *c, const void *buf, int64_t count, nm_dtype dt, int peer, int tag, nm_error *err);
-    int (*recv)(nm_comm *c, void *buf, int64_t count, nm_dtype dt, int peer, int tag, nm_error *err);
+                      const int64_t *recv_counts, nm_comm_dtype dt, nm_error *err);
+    int (*broadcast)(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int root, nm_error *err);
+    int (*send)(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err);
+    int (*recv)(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err);
     int (*barrier)(nm_comm *c, nm_error *err);
     int (*split)(nm_comm *c, int color, int key, nm_comm **out, nm_error *err);
     int (*test)(nm_comm_request *req, int *done, nm_error *err);    // progress, non-blocking
@@ -91,7 +91,7 @@ struct nm_comm_request {
     unsigned char impl[64];             // the implementation's request handle
 };
 
-size_t nm_dtype_size(nm_dtype dt);
+size_t nm_comm_dtype_size(nm_comm_dtype dt);
 
 // The world communicator: MPI when the process was started by an MPI launcher (mpirun,
 // mpiexec or srun: OMPI_COMM_WORLD_SIZE, PMI_SIZE / PMIX_RANK or SLURM_NTASKS > 1 in the
@@ -100,11 +100,11 @@ int nm_comm_init(nm_comm **world, nm_error *err);
 // The single-process table, always available (tests, tools that never distribute).
 nm_comm *nm_comm_single(void);
 
-static inline int nm_comm_all_reduce(nm_comm *c, void *buf, int64_t count, nm_dtype dt, nm_reduce_op op,
+static inline int nm_comm_all_reduce(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, nm_reduce_op op,
                                      nm_error *err) {
     return c->vt->all_reduce(c, buf, count, dt, op, err);
 }
-static inline int nm_comm_reduce_scatter_start(nm_comm *c, void *buf, const int64_t *counts, nm_dtype dt,
+static inline int nm_comm_reduce_scatter_start(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt,
                                                nm_comm_request *req, nm_error *err) {
     return c->vt->reduce_scatter_start(c, buf, counts, dt, req, err);
 }
@@ -118,26 +118,26 @@ static inline int nm_comm_test(nm_comm_request *req, int *done, nm_error *err) {
 static inline int nm_comm_wait(nm_comm_request *req, nm_error *err) {
     return req->active ? req->comm->vt->wait(req, err) : 0;
 }
-static inline int nm_comm_reduce_scatter(nm_comm *c, void *buf, const int64_t *counts, nm_dtype dt, nm_error *err) {
+static inline int nm_comm_reduce_scatter(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_error *err) {
     nm_comm_request req = {0};
     if (c->vt->reduce_scatter_start(c, buf, counts, dt, &req, err) != 0) return -1;
     return nm_comm_wait(&req, err);
 }
-static inline int nm_comm_all_gather(nm_comm *c, void *buf, const int64_t *counts, nm_dtype dt, nm_error *err) {
+static inline int nm_comm_all_gather(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_error *err) {
     return c->vt->all_gather(c, buf, counts, dt, err);
 }
 static inline int nm_comm_all_to_all(nm_comm *c, const void *send, const int64_t *send_counts, void *recv,
-                                     const int64_t *recv_counts, nm_dtype dt, nm_error *err) {
+                                     const int64_t *recv_counts, nm_comm_dtype dt, nm_error *err) {
     return c->vt->all_to_all(c, send, send_counts, recv, recv_counts, dt, err);
 }
-static inline int nm_comm_broadcast(nm_comm *c, void *buf, int64_t count, nm_dtype dt, int root, nm_error *err) {
+static inline int nm_comm_broadcast(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int root, nm_error *err) {
     return c->vt->broadcast(c, buf, count, dt, root, err);
 }
-static inline int nm_comm_send(nm_comm *c, const void *buf, int64_t count, nm_dtype dt, int peer, int tag,
+static inline int nm_comm_send(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag,
                                nm_error *err) {
     return c->vt->send(c, buf, count, dt, peer, tag, err);
 }
-static inline int nm_comm_recv(nm_comm *c, void *buf, int64_t count, nm_dtype dt, int peer, int tag, nm_error *err) {
+static inline int nm_comm_recv(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err) {
     return c->vt->recv(c, buf, count, dt, peer, tag, err);
 }
 static inline int nm_comm_barrier(nm_comm *c, nm_error *err) { return c->vt->barrier(c, err); }
@@ -145,7 +145,12 @@ static inline int nm_comm_barrier(nm_comm *c, nm_error *err) { return c->vt->bar
 // in the byte counters and messages.
 int nm_comm_split(nm_comm *c, int color, int key, const char *group, nm_comm **out, nm_error *err);
 _Noreturn void nm_comm_abort(nm_comm *c, int code);
-// Destroys a communicator; destroying the world finalises MPI.
+// For a program's error path: under a multi-rank MPI job, MPI_Abort (the launcher stops every
+// rank, so none is left waiting in a collective); otherwise exit(code). Needs no handle.
+_Noreturn void nm_comm_abort_job(int code);
+// This process's world rank and the job's size (0 and 1 outside an MPI job).
+void nm_comm_job_position(int *rank, int *size);
+// Destroys a communicator (MPI itself is finalised at exit).
 void nm_comm_destroy(nm_comm *c);
 
 // Adds the counters of c to total (for reports over several groups).

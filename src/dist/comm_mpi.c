@@ -21,7 +21,7 @@ _Static_assert(sizeof(MPI_Request) <= sizeof(((nm_comm_request *)0)->impl), "MPI
 
 static MPI_Comm handle(const nm_comm *c) { return *(const MPI_Comm *)c->impl; }
 
-static MPI_Datatype mpi_type(nm_dtype dt) {
+static MPI_Datatype mpi_type(nm_comm_dtype dt) {
     switch (dt) {
     case NM_DT_F32: return MPI_FLOAT;
     case NM_DT_BF16: return MPI_UINT16_T;
@@ -67,10 +67,10 @@ typedef struct mpi_impl {
 
 static mpi_impl *impl_of(nm_comm *c) { return (mpi_impl *)c->impl; }
 
-static int mpi_all_reduce(nm_comm *c, void *buf, int64_t count, nm_dtype dt, nm_reduce_op op, nm_error *err) {
+static int mpi_all_reduce(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, nm_reduce_op op, nm_error *err) {
     if (dt == NM_DT_BF16) return nm_error_set(err, "all_reduce (%s): bf16 reductions are not supported on MPI", c->group);
     MPI_Op mop = op == NM_RED_SUM ? MPI_SUM : op == NM_RED_MAX ? MPI_MAX : MPI_MIN;
-    size_t es = nm_dtype_size(dt);
+    size_t es = nm_comm_dtype_size(dt);
     nm_comm_count(c, NM_COMM_ALL_REDUCE, count * (int64_t)es);
     // In pieces of at most 2^30 elements so any count works.
     for (int64_t at = 0; at < count; at += (int64_t)1 << 30) {
@@ -81,7 +81,7 @@ static int mpi_all_reduce(nm_comm *c, void *buf, int64_t count, nm_dtype dt, nm_
     return 0;
 }
 
-static int mpi_reduce_scatter_start(nm_comm *c, void *buf, const int64_t *counts, nm_dtype dt, nm_comm_request *req,
+static int mpi_reduce_scatter_start(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_comm_request *req,
                                     nm_error *err) {
     if (dt == NM_DT_BF16) return nm_error_set(err, "reduce_scatter (%s): bf16 reductions are not supported on MPI", c->group);
     mpi_impl *im = impl_of(c);
@@ -91,7 +91,7 @@ static int mpi_reduce_scatter_start(nm_comm *c, void *buf, const int64_t *counts
     req->buf = buf;
     req->offset = im->displs[c->rank];
     req->count = counts[c->rank];
-    req->elem = nm_dtype_size(dt);
+    req->elem = nm_comm_dtype_size(dt);
     nm_comm_count(c, NM_COMM_REDUCE_SCATTER, nm_comm_sum_counts(counts, c->size) * (int64_t)req->elem);
     // In place: the input is the whole bucket, MPI leaves this rank's reduced piece at the
     // start of buf; wait moves it to its own place.
@@ -125,43 +125,43 @@ static int mpi_wait(nm_comm_request *req, nm_error *err) {
     return 0;
 }
 
-static int mpi_all_gather(nm_comm *c, void *buf, const int64_t *counts, nm_dtype dt, nm_error *err) {
+static int mpi_all_gather(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_error *err) {
     mpi_impl *im = impl_of(c);
     if (to_int_counts(c, "all_gather", counts, im->icounts, im->displs, err) != 0) return -1;
-    nm_comm_count(c, NM_COMM_ALL_GATHER, nm_comm_sum_counts(counts, c->size) * (int64_t)nm_dtype_size(dt));
+    nm_comm_count(c, NM_COMM_ALL_GATHER, nm_comm_sum_counts(counts, c->size) * (int64_t)nm_comm_dtype_size(dt));
     int rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, im->icounts, im->displs, mpi_type(dt), handle(c));
     return rc == MPI_SUCCESS ? 0 : mpi_fail(c, "all_gather", rc, err);
 }
 
 static int mpi_all_to_all(nm_comm *c, const void *send, const int64_t *send_counts, void *recv,
-                          const int64_t *recv_counts, nm_dtype dt, nm_error *err) {
+                          const int64_t *recv_counts, nm_comm_dtype dt, nm_error *err) {
     mpi_impl *im = impl_of(c);
     if (to_int_counts(c, "all_to_all", send_counts, im->icounts, im->displs, err) != 0) return -1;
     if (to_int_counts(c, "all_to_all", recv_counts, im->icounts2, im->displs2, err) != 0) return -1;
     int64_t sent = nm_comm_sum_counts(send_counts, c->size) - send_counts[c->rank];
-    nm_comm_count(c, NM_COMM_ALL_TO_ALL, sent * (int64_t)nm_dtype_size(dt));
+    nm_comm_count(c, NM_COMM_ALL_TO_ALL, sent * (int64_t)nm_comm_dtype_size(dt));
     int rc = MPI_Alltoallv(send, im->icounts, im->displs, mpi_type(dt), recv, im->icounts2, im->displs2, mpi_type(dt),
                            handle(c));
     return rc == MPI_SUCCESS ? 0 : mpi_fail(c, "all_to_all", rc, err);
 }
 
-static int mpi_broadcast(nm_comm *c, void *buf, int64_t count, nm_dtype dt, int root, nm_error *err) {
+static int mpi_broadcast(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int root, nm_error *err) {
     if (fits_int(c, "broadcast", count, err) != 0) return -1;
-    nm_comm_count(c, NM_COMM_BROADCAST, count * (int64_t)nm_dtype_size(dt));
+    nm_comm_count(c, NM_COMM_BROADCAST, count * (int64_t)nm_comm_dtype_size(dt));
     int rc = MPI_Bcast(buf, (int)count, mpi_type(dt), root, handle(c));
     return rc == MPI_SUCCESS ? 0 : mpi_fail(c, "broadcast", rc, err);
 }
 
-static int mpi_send(nm_comm *c, const void *buf, int64_t count, nm_dtype dt, int peer, int tag, nm_error *err) {
+static int mpi_send(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err) {
     if (fits_int(c, "send", count, err) != 0) return -1;
-    nm_comm_count(c, NM_COMM_SEND, count * (int64_t)nm_dtype_size(dt));
+    nm_comm_count(c, NM_COMM_SEND, count * (int64_t)nm_comm_dtype_size(dt));
     int rc = MPI_Send(buf, (int)count, mpi_type(dt), peer, tag, handle(c));
     return rc == MPI_SUCCESS ? 0 : mpi_fail(c, "send", rc, err);
 }
 
-static int mpi_recv(nm_comm *c, void *buf, int64_t count, nm_dtype dt, int peer, int tag, nm_error *err) {
+static int mpi_recv(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err) {
     if (fits_int(c, "recv", count, err) != 0) return -1;
-    nm_comm_count(c, NM_COMM_RECV, count * (int64_t)nm_dtype_size(dt));
+    nm_comm_count(c, NM_COMM_RECV, count * (int64_t)nm_comm_dtype_size(dt));
     int rc = MPI_Recv(buf, (int)count, mpi_type(dt), peer, tag, handle(c), MPI_STATUS_IGNORE);
     return rc == MPI_SUCCESS ? 0 : mpi_fail(c, "recv", rc, err);
 }
@@ -184,13 +184,9 @@ static int mpi_split(nm_comm *c, int color, int key, nm_comm **out, nm_error *er
 
 static void mpi_destroy(nm_comm *c) {
     mpi_impl *im = impl_of(c);
-    if (c->is_world) {
-        int finalized = 0;
-        MPI_Finalized(&finalized);
-        if (!finalized) MPI_Finalize();
-    } else {
-        MPI_Comm_free(&im->comm);
-    }
+    // The world handle is only a wrapper: MPI itself is finalised at exit (finalize_at_exit),
+    // so a library user may create and destroy trainers one after another.
+    if (!c->is_world) MPI_Comm_free(&im->comm);
     nm_free(im->icounts);
     nm_free(im->displs);
     nm_free(im->icounts2);
@@ -240,6 +236,36 @@ static nm_comm *mpi_wrap(MPI_Comm comm, int is_world) {
     return c;
 }
 
+static void finalize_at_exit(void) {
+    int inited = 0, finalized = 0;
+    MPI_Initialized(&inited);
+    MPI_Finalized(&finalized);
+    if (inited && !finalized) MPI_Finalize();
+}
+
+void nm_comm_job_position(int *rank, int *size) {
+    int inited = 0, finalized = 0;
+    *rank = 0;
+    *size = 1;
+    MPI_Initialized(&inited);
+    MPI_Finalized(&finalized);
+    if (inited && !finalized) {
+        MPI_Comm_rank(MPI_COMM_WORLD, rank);
+        MPI_Comm_size(MPI_COMM_WORLD, size);
+    }
+}
+
+_Noreturn void nm_comm_abort_job(int code) {
+    int inited = 0, finalized = 0, size = 1;
+    MPI_Initialized(&inited);
+    MPI_Finalized(&finalized);
+    if (inited && !finalized) MPI_Comm_size(MPI_COMM_WORLD, &size);
+    fflush(stdout);
+    fflush(stderr);
+    if (size > 1) MPI_Abort(MPI_COMM_WORLD, code ? code : 1);
+    exit(code);
+}
+
 int nm_comm_init_mpi(nm_comm **world, nm_error *err) {
     int inited = 0;
     MPI_Initialized(&inited);
@@ -248,6 +274,7 @@ int nm_comm_init_mpi(nm_comm **world, nm_error *err) {
         int provided = 0;
         int rc = MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided);
         if (rc != MPI_SUCCESS) return nm_error_set(err, "MPI_Init_thread failed (code %d)", rc);
+        atexit(finalize_at_exit);
     }
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
     *world = mpi_wrap(MPI_COMM_WORLD, 1);

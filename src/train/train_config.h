@@ -68,6 +68,11 @@ typedef struct nm_train_config {
     nm_precision precision;
     int64_t seed;               // in [0, 2^53], so JSON numbers hold it exactly
     int64_t threads;            // OpenMP threads, 0: the runtime's default
+    // --- parallel layout (design.md 6; data_parallel_size = world / (tp * pp)) --------------
+    int64_t tensor_parallel_size;   // 1
+    int64_t pipeline_parallel_size; // 1
+    int64_t expert_parallel_size;   // 1: routed experts sharded over this many ranks
+    int64_t bucket_mb;              // ZeRO-1 gradient bucket size in MiB of fp32 (40)
     struct {
         double lr, min_lr;      // schedule's lr_max / lr_min
         double beta1, beta2, eps, weight_decay;
