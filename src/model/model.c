@@ -387,6 +387,7 @@ int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err) {
     return 0;
 }
 float *nm_model_grads(nm_model *m) { return m->grads; }
+int nm_model_supports_expert_parallel(void) { return 0; }
 const nm_param_table *nm_model_table(const nm_model *m) { return &m->table; }
 const nm_model_config *nm_model_cfg(const nm_model *m) { return &m->cfg; }
 size_t nm_model_activation_bytes(const nm_model *m) { return m->arena_floats * sizeof(float); }

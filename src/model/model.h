@@ -69,6 +69,9 @@ int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err);
 // Backward of the last forward: gradients of loss (scaled by grad_scale) ACCUMULATE into grads.
 int nm_model_backward(nm_model *m, nm_error *err);
 
+// 1 when the model can shard its routed experts over an expert-parallel group.
+int nm_model_supports_expert_parallel(void);
+
 // Router statistics of the last forward, for the bias update and the metrics:
 // counts (n_moe_layers, E) of selected (token, expert) pairs, bias and group limit included.
 // layer_ids (n_moe_layers) gives the decoder layer index of each row.

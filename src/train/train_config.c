@@ -80,6 +80,8 @@ static const key_spec keys[] = {
      "pipeline stages (Megatron --pipeline-model-parallel-size)"},
     {"expert_parallel_size", K_INT, OFF(expert_parallel_size), 1, NULL, 1, 1 << 20, 0, NULL, 0,
      "ranks the routed experts are sharded over (Megatron --expert-model-parallel-size)"},
+    {"exit_interval", K_INT, OFF(exit_interval), 0, NULL, 0, BIG, 0, NULL, 0,
+     "stop at a step divisible by this, schedule unchanged (Megatron --exit-interval); 0: off"},
     {"bucket_mb", K_INT, OFF(bucket_mb), 40, NULL, 1, 1 << 20, 0, NULL, 0,
      "gradient reduce-scatter bucket size, MiB of fp32 gradients"},
     {"optimizer.lr", K_FLOAT, OFF(optimizer.lr), 3e-4, NULL, 0, 10, 1, NULL, 0, "peak learning rate"},

@@ -51,6 +51,7 @@ struct nm_trainer {
     nm_mesh *mesh;              // groups of the layout
     nm_zero *zero;              // ZeRO-1 ownership and buckets (world > 1)
     int rank0;                  // this process prints and writes the logs
+    int64_t comm_seen[3][NM_COMM_N_OPS]; // dp / edp / ep byte counters at the last step's end
     nm_loader *train_data;
     nm_loader *valid_data;      // NULL when there is no validation split
     nm_lr_schedule sched;
@@ -223,6 +224,10 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
                      (long long)ms.tp, (long long)ms.pp);
         goto fail;
     }
+    if (ms.ep > 1 && !nm_model_supports_expert_parallel()) {
+        nm_error_set(err, "expert_parallel_size %lld: expert parallelism is not implemented yet", (long long)ms.ep);
+        goto fail;
+    }
     if (nm_mesh_create(&t->mesh, t->world, &ms, err) != 0) goto fail;
     if (nm_train_config_accum_steps(cfg, ms.dp, &t->accum, err) != 0) goto fail;
     t->T = cfg->seq_len + 1;
@@ -359,6 +364,27 @@ fail:
 
 // --- step -------------------------------------------------------------------------------------
 
+// This rank's bytes moved during the step, per group and operation (docs/parallelism.md has
+// the formulas): the counters' growth since the last step.
+static int comm_metrics(nm_trainer *t, nm_metric *kv) {
+    static const char *const keys[][NM_COMM_N_OPS] = {
+        {"comm_dp_all_reduce_bytes", "comm_dp_reduce_scatter_bytes", "comm_dp_all_gather_bytes", NULL, NULL, NULL, NULL},
+        {NULL, "comm_edp_reduce_scatter_bytes", "comm_edp_all_gather_bytes", NULL, NULL, NULL, NULL},
+        {NULL, NULL, NULL, "comm_ep_all_to_all_bytes", NULL, NULL, NULL},
+    };
+    nm_comm *groups[3] = {t->mesh->dp, t->mesh->edp, t->mesh->ep};
+    int n = 0;
+    for (int g = 0; g < 3; g++) {
+        for (int op = 0; op < NM_COMM_N_OPS; op++) {
+            if (!keys[g][op]) continue;
+            int64_t now = groups[g]->counters.bytes[op];
+            kv[n++] = NM_METRIC_I(keys[g][op], now - t->comm_seen[g][op]);
+            t->comm_seen[g][op] = now;
+        }
+    }
+    return n;
+}
+
 // The name the lowest rank holding one gave, on every rank ("" when no rank has one).
 static int first_bad_name(nm_trainer *t, const char *mine, char out[128], nm_error *err) {
     out[0] = 0;
@@ -471,6 +497,9 @@ int nm_trainer_save(nm_trainer *t, nm_error *err) {
 int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     const nm_train_config *c = &t->cfg;
     if (t->step >= c->steps) return 0;
+    // Megatron's --exit-interval: end this process at such a step (the caller saves), leaving
+    // the schedule and the data order those of the full run.
+    if (c->exit_interval > 0 && t->step > t->step_at_start && t->step % c->exit_interval == 0) return 0;
     int64_t step = t->step + 1;
     memset(m, 0, sizeof(*m));
     m->step = step;
@@ -594,7 +623,7 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     }
 
     // logs
-    nm_metric kv[24];
+    nm_metric kv[40];
     int n = 0;
     kv[n++] = NM_METRIC_F("ce_loss", m->ce_loss);
     kv[n++] = NM_METRIC_F("mtp_loss", m->mtp_loss);
@@ -616,6 +645,7 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     kv[n++] = NM_METRIC_F("time_backward_s", m->t_backward);
     kv[n++] = NM_METRIC_F("time_optimizer_s", m->t_optimizer);
     kv[n++] = NM_METRIC_F("time_comm_s", m->t_comm);
+    if (t->world->size > 1) n += comm_metrics(t, kv + n);
     if (!isnan(m->val_loss)) kv[n++] = NM_METRIC_F("val_loss", m->val_loss);
     if (t->metrics && nm_metrics_write(t->metrics, step, m->loss, kv, n, err) != 0) return -1;
     if (diverged) {
