@@ -22,6 +22,14 @@ int nm_hf_dir_load_config(const char *dir, nm_model_config *cfg, nm_error *err);
 int nm_hf_dir_load_params(const char *dir, const nm_param_table *t, float *params /* (n_floats) or NULL */,
                           nm_error *err);
 
+// What every command that reads a checkpoint calls: params get the fresh initialisation of
+// cfg and seed (nm_params_init), then nm_hf_dir_load_params overwrites what the directory
+// holds. Accepted: F32/BF16/F16, FP8 E4M3 with 128 x 128 block scales ('<name>_scale_inv',
+// DeepSeek's release), sharded sets; MTP blocks absent as a whole keep their fresh values
+// (a notice says so); the router bias of greedy / group_limited_greedy may be absent (zeros).
+int nm_hf_dir_load_model(const char *dir, const nm_param_table *t, const nm_model_config *cfg, uint64_t seed,
+                         float *params /* (n_floats) */, nm_error *err);
+
 // Writes DIR/config.json (cfg->json_text verbatim) and DIR/model.safetensors (every row,
 // tied copies included; BF16 when bf16 != 0 except the router bias, which stays F32),
 // creating DIR if needed; each file is written atomically.

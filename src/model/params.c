@@ -124,7 +124,10 @@ static void add_layer(builder *b, const nm_model_config *c, int l, int *tied_emb
         o->mlp_gate_up = add_mlp(b, l, m, c->F, D, name, &o->mlp_down);
     } else {
         o->router = MAT(l, m, c->E, D, "%smlp.gate.weight", pre);
-        o->router_bias = VEC(l, NM_TENSOR_ROUTER_BIAS | m, c->E, "%smlp.gate.e_score_correction_bias", pre);
+        // Only noaux_tc reads the bias; other methods carry it (HF's native DeepseekV3 always
+        // has the buffer) but a checkpoint may lack it (DeepSeek's code never stores it there).
+        const unsigned opt = c->topk_method == NM_TOPK_NOAUX_TC ? 0 : NM_TENSOR_OPTIONAL;
+        o->router_bias = VEC(l, NM_TENSOR_ROUTER_BIAS | opt | m, c->E, "%smlp.gate.e_score_correction_bias", pre);
         size_t down;
         for (int64_t j = 0; j < c->E; j++) {
             snprintf(name, sizeof(name), "%smlp.experts.%lld.", pre, (long long)j);

@@ -189,6 +189,11 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     } else if (nm_model_config_load(&t->mcfg, cfg->model, err) != 0) {
         goto fail;
     }
+    if (t->mcfg.E > 0 && t->mcfg.topk_method != NM_TOPK_NOAUX_TC && cfg->balance.bias_update_speed > 0) {
+        fprintf(stderr, "notice: balance.bias_update_speed %g is not used: aux-loss-free balancing needs "
+                        "topk_method 'noaux_tc' (the model's routing ignores the bias)\n",
+                cfg->balance.bias_update_speed);
+    }
     t->T = cfg->seq_len + 1;
     nm_model_options mopts = {.recompute = opts->recompute};
     if (nm_model_create_ex(&t->model, &t->mcfg, nm_ops_cpu(), cfg->micro_batch, t->T, &mopts, err) != 0) goto fail;
@@ -196,7 +201,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     const nm_param_table *table = nm_model_table(t->model);
     t->model_params_readonly = nm_model_params(t->model);
     if (cfg->init_from) {
-        if (nm_hf_dir_load_params(cfg->init_from, table, nm_model_params(t->model), err) != 0) goto fail;
+        if (nm_hf_dir_load_model(cfg->init_from, table, &t->mcfg, (uint64_t)cfg->seed, nm_model_params(t->model), err) != 0) goto fail;
     } else {
         nm_params_init(nm_model_params(t->model), table, &t->mcfg, (uint64_t)cfg->seed);
     }
@@ -417,7 +422,8 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
         t->nan_streak = 0;
         nm_optimizer_step_scaled(t->optim, nm_model_params(t->model), nm_model_grads(t->model), rep.clip_scale, m->lr);
         float gamma = (float)nm_bias_gamma_at(c->balance.bias_update_speed, c->balance.bias_update_stop_step, step);
-        if (gamma > 0.0f) {
+        // Aux-loss-free balancing exists for noaux_tc only: other methods never read the bias.
+        if (gamma > 0.0f && t->mcfg.topk_method == NM_TOPK_NOAUX_TC) {
             for (int i = 0; i < n_moe; i++) {
                 nm_balance_update_bias((float *)t->bias_ptrs[i], t->step_counts + (size_t)i * E, E, gamma);
             }
@@ -433,7 +439,9 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     m->tflops = t->flops_per_token * m->tokens_per_s / 1e12;
     m->mfu = t->flops_per_token * m->tokens_per_s / t->peak_flops;
     nm_balance_stats bs = {1.0, 0.0, 0.0};
-    if (n_moe > 0) nm_balance_compute_stats(&bs, t->step_counts, t->bias_ptrs, n_moe, E);
+    if (n_moe > 0)
+        nm_balance_compute_stats(&bs, t->step_counts, t->mcfg.topk_method == NM_TOPK_NOAUX_TC ? t->bias_ptrs : NULL,
+                                 n_moe, E);
     m->load_max_over_mean = bs.load_max_over_mean;
     m->bias_min = bs.bias_min;
     m->bias_max = bs.bias_max;
