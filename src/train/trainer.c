@@ -21,6 +21,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "data/tokenizer.h"
 #include "io/fileio.h"
 #include "io/hf_dir.h"
 #include "model/flops.h"
@@ -171,6 +172,33 @@ static int make_loaders(nm_trainer *t, nm_error *err) {
     return 0;
 }
 
+// Mismatches between the training config and the model, found before anything is allocated:
+// a tokenizer with more ids than the model's vocabulary is refused (otherwise the first step
+// fails on a token id); a bias update speed for a router that ignores the bias gets a notice.
+static int check_model_against_config(const nm_model_config *m, const nm_train_config *cfg, nm_error *err) {
+    if (m->E > 0 && m->topk_method != NM_TOPK_NOAUX_TC && cfg->balance.bias_update_speed > 0) {
+        fprintf(stderr, "notice: balance.bias_update_speed %g is not used: aux-loss-free balancing needs "
+                        "topk_method 'noaux_tc' (this model's routing ignores the bias)\n",
+                cfg->balance.bias_update_speed);
+    }
+    const char *tok_path = cfg->tokenizer ? cfg->tokenizer : "bytes";
+    nm_tokenizer *tok = NULL;
+    if (nm_tokenizer_load(&tok, tok_path, err) != 0) return -1;
+    int64_t n_ids = nm_tokenizer_vocab_size(tok);
+    nm_tokenizer_free(tok);
+    if (n_ids > m->V) {
+        if (cfg->init_from)
+            return nm_error_set(err, "tokenizer %s has %lld ids but the model's vocab_size is %lld (%s): use the "
+                                     "tokenizer the checkpoint was trained with", tok_path, (long long)n_ids,
+                                (long long)m->V, cfg->init_from);
+        return nm_error_set(err, "tokenizer %s has %lld ids but the model's vocab_size is %lld (%s): give the model "
+                                 "at least %lld, e.g. --set model_config.vocab_size=%lld, or train a tokenizer with "
+                                 "at most %lld ids", tok_path, (long long)n_ids, (long long)m->V, cfg->model,
+                            (long long)n_ids, (long long)n_ids, (long long)m->V);
+    }
+    return 0;
+}
+
 int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_trainer_options *opts, nm_error *err) {
     *out = NULL;
     if (!opts->run_dir) return nm_error_set(err, "trainer: a run directory is required");
@@ -184,16 +212,8 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     }
     int rc = -1;
     if (nm_train_config_accum_steps(cfg, 1, &t->accum, err) != 0) goto fail;
-    if (cfg->init_from) {
-        if (nm_hf_dir_load_config(cfg->init_from, &t->mcfg, err) != 0) goto fail;
-    } else if (nm_model_config_load(&t->mcfg, cfg->model, err) != 0) {
-        goto fail;
-    }
-    if (t->mcfg.E > 0 && t->mcfg.topk_method != NM_TOPK_NOAUX_TC && cfg->balance.bias_update_speed > 0) {
-        fprintf(stderr, "notice: balance.bias_update_speed %g is not used: aux-loss-free balancing needs "
-                        "topk_method 'noaux_tc' (the model's routing ignores the bias)\n",
-                cfg->balance.bias_update_speed);
-    }
+    if (nm_train_config_model_config(cfg, &t->mcfg, err) != 0) goto fail;
+    if (check_model_against_config(&t->mcfg, cfg, err) != 0) goto fail;
     t->T = cfg->seq_len + 1;
     nm_model_options mopts = {.recompute = opts->recompute};
     if (nm_model_create_ex(&t->model, &t->mcfg, nm_ops_cpu(), cfg->micro_batch, t->T, &mopts, err) != 0) goto fail;
