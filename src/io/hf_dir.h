@@ -2,7 +2,9 @@
 // model.safetensors, or shards listed by model.safetensors.index.json.
 //
 // Loading maps file tensors onto the parameter table by exact HF name: every non-tied row
-// must be present with exactly its shape; MTP copies of the embedding / head (tied rows)
+// must be present with exactly its shape, except NM_TENSOR_OPTIONAL rows (zeros when absent)
+// and the MTP blocks as a whole (left as params holds them, with a notice); F8_E4M3 matrices
+// are dequantised with their '<name>_scale_inv' 128 x 128 block scales; MTP copies of the embedding / head (tied rows)
 // are compared with their owner and only warned about if they differ (dsv3-spec 11); file
 // tensors the table does not know are listed in a warning. Saving writes every row,
 // tied copies included (as copies), so the directory loads in transformers and llama.cpp.
