@@ -250,6 +250,20 @@ def main():
     if p.returncode == 0 or victim not in p.stderr:
         fails.append("fp8 without %s: rc %d, stderr %r" % (victim, p.returncode, p.stderr.strip()[-300:]))
 
+    # Still refused: noaux_tc without its router bias (it routes with it), and MTP half present.
+    def refused(name, tensors, needle):
+        d = os.path.join(tmp, name)
+        write_dir(d, cfg_text, tensors)
+        p = subprocess.run([nm_bin, "forward", "--model", d, "--tokens", tok, "--batch", str(B)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if p.returncode == 0 or needle not in p.stderr:
+            fails.append("%s: rc %d, stderr %r (expected a refusal naming %s)"
+                         % (name, p.returncode, p.stderr.strip()[-300:], needle))
+    refused("noaux_tc_no_bias", {n: a for n, a in t.items() if not n.endswith("e_score_correction_bias")},
+            "e_score_correction_bias")
+    half = sorted(n for n in t if n.startswith(mtp_pre) and "eh_proj" in n)[0]
+    refused("mtp_partial", {n: a for n, a in t.items() if n != half}, half)
+
     for f in fails:
         print("FAIL", f)
     if not fails:
