@@ -141,7 +141,7 @@ int nm_cmd_eval(int argc, char **argv) {
     int rc = 1;
     if (nm_hf_dir_load_config(dir, &cfg, &err) != 0) goto done;
     if (nm_model_create(&m, &cfg, nm_ops_cpu(), B, seq_len + 1, &err) != 0) goto done;
-    if (nm_hf_dir_load_params(dir, nm_model_table(m), nm_model_params(m), &err) != 0) goto done;
+    if (nm_hf_dir_load_model(dir, nm_model_table(m), &cfg, 0, nm_model_params(m), &err) != 0) goto done;
     nm_data_spec spec;
     nm_data_spec_default(&spec);
     spec.n_sources = 1;

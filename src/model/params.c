@@ -127,7 +127,10 @@ static void add_layer(builder *b, const nm_model_config *c, int l, int *tied_emb
         o->mlp_gate_up = add_mlp(b, l, m, c->F, D, name, &o->mlp_down);
     } else {
         o->router = MAT(l, m, c->E, D, "%smlp.gate.weight", pre);
-        o->router_bias = VEC(l, NM_TENSOR_ROUTER_BIAS | m, c->E, "%smlp.gate.e_score_correction_bias", pre);
+        // Only noaux_tc reads the bias; other methods carry it (HF's native DeepseekV3 always
+        // has the buffer) but a checkpoint may lack it (DeepSeek's code never stores it there).
+        const unsigned opt = c->topk_method == NM_TOPK_NOAUX_TC ? 0 : NM_TENSOR_OPTIONAL;
+        o->router_bias = VEC(l, NM_TENSOR_ROUTER_BIAS | opt | m, c->E, "%smlp.gate.e_score_correction_bias", pre);
         size_t down;
         int64_t e0 = b->expert_first, ne = b->expert_count;
         b->skipped += 3 * (int)e0;  // gate, up, down of each expert held elsewhere

@@ -31,6 +31,8 @@ enum {
     NM_TENSOR_ROUTER_BIAS = 1u << 3, // e_score_correction_bias: zeros, no gradient, no optimizer
     NM_TENSOR_EXPERT = 1u << 4,     // a routed expert's matrix
     NM_TENSOR_MTP = 1u << 5,        // belongs to an MTP block
+    NM_TENSOR_OPTIONAL = 1u << 6,   // may be absent from a checkpoint (zeros then): the router bias
+                                    // of greedy / group_limited_greedy, which selection ignores
 };
 
 typedef struct nm_tensor_spec {

@@ -40,6 +40,7 @@
 
 #include "core/check.h"
 #include "core/precision.h"
+#include "model/config.h"
 #include "train/optim.h"
 #include "train/schedule.h"
 
@@ -53,6 +54,8 @@ typedef struct nm_train_config {
     char *model;                // resolved HF config.json, or NULL
     char *init_from;            // resolved HF model directory, or NULL
     char *tokenizer;            // "bytes" or a resolved tokenizer.json path
+    char *model_set;            // JSON object of `--set model_config.KEY=VALUE` edits to `model`'s
+                                // config (fresh models only), or NULL
     // --- data -------------------------------------------------------------------------------
     int data_synthetic;         // 1: generated corpus of data_synthetic_tokens tokens
     int64_t data_synthetic_tokens;
@@ -137,3 +140,8 @@ const char *nm_precision_name(nm_precision p);
 
 // Prints every key with its type and default (for `train --help`).
 void nm_train_config_describe(FILE *fp);
+
+// The model config of the run: init_from's config.json, or `model` with the
+// `--set model_config.KEY=VALUE` edits applied (the edited JSON is the config's json_text, so
+// checkpoints record it). Returns 0 or -1 with err naming the file, key and value.
+int nm_train_config_model_config(const nm_train_config *cfg, nm_model_config *out, nm_error *err);

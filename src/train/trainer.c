@@ -29,6 +29,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "data/tokenizer.h"
 #include "dist/comm.h"
 #include "dist/mesh.h"
 #include "io/fileio.h"
@@ -190,6 +191,33 @@ static int make_loaders(nm_trainer *t, nm_error *err) {
     return 0;
 }
 
+// Mismatches between the training config and the model, found before anything is allocated:
+// a tokenizer with more ids than the model's vocabulary is refused (otherwise the first step
+// fails on a token id); a bias update speed for a router that ignores the bias gets a notice.
+static int check_model_against_config(const nm_model_config *m, const nm_train_config *cfg, nm_error *err) {
+    if (m->E > 0 && m->topk_method != NM_TOPK_NOAUX_TC && cfg->balance.bias_update_speed > 0) {
+        fprintf(stderr, "notice: balance.bias_update_speed %g is not used: aux-loss-free balancing needs "
+                        "topk_method 'noaux_tc' (this model's routing ignores the bias)\n",
+                cfg->balance.bias_update_speed);
+    }
+    const char *tok_path = cfg->tokenizer ? cfg->tokenizer : "bytes";
+    nm_tokenizer *tok = NULL;
+    if (nm_tokenizer_load(&tok, tok_path, err) != 0) return -1;
+    int64_t n_ids = nm_tokenizer_vocab_size(tok);
+    nm_tokenizer_free(tok);
+    if (n_ids > m->V) {
+        if (cfg->init_from)
+            return nm_error_set(err, "tokenizer %s has %lld ids but the model's vocab_size is %lld (%s): use the "
+                                     "tokenizer the checkpoint was trained with", tok_path, (long long)n_ids,
+                                (long long)m->V, cfg->init_from);
+        return nm_error_set(err, "tokenizer %s has %lld ids but the model's vocab_size is %lld (%s): give the model "
+                                 "at least %lld, e.g. --set model_config.vocab_size=%lld, or train a tokenizer with "
+                                 "at most %lld ids", tok_path, (long long)n_ids, (long long)m->V, cfg->model,
+                            (long long)n_ids, (long long)n_ids, (long long)m->V);
+    }
+    return 0;
+}
+
 int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_trainer_options *opts, nm_error *err) {
     *out = NULL;
     if (!opts->run_dir) return nm_error_set(err, "trainer: a run directory is required");
@@ -205,11 +233,8 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     if (nm_comm_init(&t->world, err) != 0) goto fail;
     t->rank0 = t->world->rank == 0;
     if (!t->rank0) t->opts.quiet = 1;
-    if (cfg->init_from) {
-        if (nm_hf_dir_load_config(cfg->init_from, &t->mcfg, err) != 0) goto fail;
-    } else if (nm_model_config_load(&t->mcfg, cfg->model, err) != 0) {
-        goto fail;
-    }
+    if (nm_train_config_model_config(cfg, &t->mcfg, err) != 0) goto fail;
+    if (check_model_against_config(&t->mcfg, cfg, err) != 0) goto fail;
     // The layout, checked on every rank before any work.
     nm_mesh_sizes ms;
     int64_t n_moe_layers = 0;
@@ -237,7 +262,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     const nm_param_table *table = nm_model_table(t->model);
     t->model_params_readonly = nm_model_params(t->model);
     if (cfg->init_from) {
-        if (nm_hf_dir_load_params(cfg->init_from, table, nm_model_params(t->model), err) != 0) goto fail;
+        if (nm_hf_dir_load_model(cfg->init_from, table, &t->mcfg, (uint64_t)cfg->seed, nm_model_params(t->model), err) != 0) goto fail;
     } else {
         nm_params_init(nm_model_params(t->model), table, &t->mcfg, (uint64_t)cfg->seed);
     }
@@ -589,7 +614,8 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
             t_comm += t_gather;
         }
         float gamma = (float)nm_bias_gamma_at(c->balance.bias_update_speed, c->balance.bias_update_stop_step, step);
-        if (gamma > 0.0f) {
+        // Aux-loss-free balancing exists for noaux_tc only: other methods never read the bias.
+        if (gamma > 0.0f && t->mcfg.topk_method == NM_TOPK_NOAUX_TC) {
             for (int i = 0; i < n_moe; i++) {
                 nm_balance_update_bias((float *)t->bias_ptrs[i], t->step_counts + (size_t)i * E, E, gamma);
             }
@@ -606,7 +632,9 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     m->tflops = t->flops_per_token * m->tokens_per_s / 1e12;
     m->mfu = t->flops_per_token * m->tokens_per_s / t->peak_flops;
     nm_balance_stats bs = {1.0, 0.0, 0.0};
-    if (n_moe > 0) nm_balance_compute_stats(&bs, t->step_counts, t->bias_ptrs, n_moe, E);
+    if (n_moe > 0)
+        nm_balance_compute_stats(&bs, t->step_counts, t->mcfg.topk_method == NM_TOPK_NOAUX_TC ? t->bias_ptrs : NULL,
+                                 n_moe, E);
     m->load_max_over_mean = bs.load_max_over_mean;
     m->bias_min = bs.bias_min;
     m->bias_max = bs.bias_max;
