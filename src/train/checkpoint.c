@@ -230,15 +230,22 @@ static int64_t json_int(const cJSON *obj, const char *key, int *ok) {
     return (int64_t)v->valuedouble;
 }
 
-// Checks trainer.json and the files it lists; fills st (and returns the parsed root) on
-// success.
+// Checks trainer.json and the files it lists; fills st on success.
 static int verify_checkpoint(const char *dir, nm_ckpt_state *st, nm_error *err) {
     char path[4400];
     char *text;
+    size_t len;
     snprintf(path, sizeof(path), "%s/trainer.json", dir);
-    if (nm_file_read_all(path, &text, NULL, err) != 0) return -1;
-    cJSON *root = cJSON_Parse(text);
+    if (nm_file_read_all(path, &text, &len, err) != 0) return -1;
+    int rc = nm_checkpoint_verify_trainer(dir, text, len, st, err);
     nm_free(text);
+    return rc;
+}
+
+int nm_checkpoint_verify_trainer(const char *dir, const char *text, size_t len, nm_ckpt_state *st, nm_error *err) {
+    char path[4400];
+    snprintf(path, sizeof(path), "%s/trainer.json", dir);
+    cJSON *root = cJSON_ParseWithLength(text, len);
     if (!root) return nm_error_set(err, "%s: not valid JSON", path);
     int ok = 1, rc = 0;
     memset(st, 0, sizeof(*st));
