@@ -6,6 +6,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -223,7 +224,9 @@ int nm_checkpoint_save(const char *run_dir, const nm_ckpt_state *st, const nm_mo
 
 static int64_t json_int(const cJSON *obj, const char *key, int *ok) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
-    if (!cJSON_IsNumber(v)) {
+    // An integer within +-2^53 (what the writer's doubles hold exactly); anything else would
+    // make the int64 conversion undefined (found by tests/fuzz/fuzz_trainer_json).
+    if (!cJSON_IsNumber(v) || !(fabs(v->valuedouble) <= 9007199254740992.0) || v->valuedouble != floor(v->valuedouble)) {
         *ok = 0;
         return 0;
     }
@@ -261,7 +264,7 @@ int nm_checkpoint_verify_trainer(const char *dir, const char *text, size_t len, 
     st->nan_streak = json_int(root, "nan_streak", &ok);
     st->seed = json_int(cJSON_GetObjectItemCaseSensitive(root, "rng"), "seed", &ok);
     st->world = json_int(cJSON_GetObjectItemCaseSensitive(root, "layout"), "data_parallel", &ok);
-    if (!ok) rc = nm_error_set(err, "%s: a required field is missing or not a number", path);
+    if (!ok) rc = nm_error_set(err, "%s: a required field is missing or not an integer", path);
     const cJSON *files = cJSON_GetObjectItemCaseSensitive(root, "files");
     for (int i = 0; rc == 0 && i < N_CKPT_FILES; i++) {
         const cJSON *f = cJSON_GetObjectItemCaseSensitive(files, ckpt_files[i]);
