@@ -647,6 +647,9 @@ static void bpe_piece(const nm_tokenizer *t, scratch *s, const uint8_t *p, size_
     int64_t e = nm_strmap_find(&s->cache, p, n);
     if (e >= 0) {
         uint64_t v = (uint64_t)s->cache.e[e].val;
+        // A piece of bytes missing from the vocab gives no ids, and cache_ids may still be
+        // NULL: no pointer arithmetic on it then (UB; found by tests/fuzz/fuzz_tokenizer).
+        if ((v & 0xFF) == 0) return;
         const int32_t *src = s->cache_ids + (v >> 8);
         for (uint64_t i = 0; i < (v & 0xFF); i++) push_id(s, src[i]);
         return;
@@ -656,7 +659,7 @@ static void bpe_piece(const nm_tokenizer *t, scratch *s, const uint8_t *p, size_
     size_t cnt = (size_t)(s->n_ids - before);
     if (s->cache.n >= CACHE_MAX_ENTRIES) { nm_strmap_clear(&s->cache); s->cache_n = 0; }
     ensure_cap((void **)&s->cache_ids, &s->cache_cap, s->cache_n + cnt, sizeof(int32_t));
-    memcpy(s->cache_ids + s->cache_n, s->ids + before, cnt * sizeof(int32_t));
+    if (cnt) memcpy(s->cache_ids + s->cache_n, s->ids + before, cnt * sizeof(int32_t));
     int ins;
     e = nm_strmap_add(&s->cache, p, n, &ins);
     s->cache.e[e].val = (int64_t)(((uint64_t)s->cache_n << 8) | cnt);
