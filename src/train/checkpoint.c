@@ -6,6 +6,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -426,22 +427,31 @@ int nm_checkpoint_save(const char *run_dir, const nm_ckpt_state *st, const nm_mo
 
 static int64_t json_int(const cJSON *obj, const char *key, int *ok) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
-    if (!cJSON_IsNumber(v)) {
+    // An integer within +-2^53 (what the writer's doubles hold exactly); anything else would
+    // make the int64 conversion undefined (found by tests/fuzz/fuzz_trainer_json).
+    if (!cJSON_IsNumber(v) || !(fabs(v->valuedouble) <= 9007199254740992.0) || v->valuedouble != floor(v->valuedouble)) {
         *ok = 0;
         return 0;
     }
     return (int64_t)v->valuedouble;
 }
 
-// Checks trainer.json and the files it lists; fills st (and returns the parsed root) on
-// success.
+// Checks trainer.json and the files it lists; fills st on success.
 static int verify_checkpoint(const char *dir, nm_ckpt_state *st, nm_error *err) {
     char path[4400];
     char *text;
+    size_t len;
     snprintf(path, sizeof(path), "%s/trainer.json", dir);
-    if (nm_file_read_all(path, &text, NULL, err) != 0) return -1;
-    cJSON *root = cJSON_Parse(text);
+    if (nm_file_read_all(path, &text, &len, err) != 0) return -1;
+    int rc = nm_checkpoint_verify_trainer(dir, text, len, st, err);
     nm_free(text);
+    return rc;
+}
+
+int nm_checkpoint_verify_trainer(const char *dir, const char *text, size_t len, nm_ckpt_state *st, nm_error *err) {
+    char path[4400];
+    snprintf(path, sizeof(path), "%s/trainer.json", dir);
+    cJSON *root = cJSON_ParseWithLength(text, len);
     if (!root) return nm_error_set(err, "%s: not valid JSON", path);
     int ok = 1, rc = 0;
     memset(st, 0, sizeof(*st));
@@ -457,7 +467,7 @@ static int verify_checkpoint(const char *dir, nm_ckpt_state *st, nm_error *err) 
     st->nan_streak = json_int(root, "nan_streak", &ok);
     st->seed = json_int(cJSON_GetObjectItemCaseSensitive(root, "rng"), "seed", &ok);
     st->world = json_int(cJSON_GetObjectItemCaseSensitive(root, "layout"), "data_parallel", &ok);
-    if (!ok) rc = nm_error_set(err, "%s: a required field is missing or not a number", path);
+    if (!ok) rc = nm_error_set(err, "%s: a required field is missing or not an integer", path);
     const cJSON *files = cJSON_GetObjectItemCaseSensitive(root, "files");
     // Every file trainer.json lists must be there with its size and CRC; a listing without
     // the model (one file or an index) is not a checkpoint.

@@ -76,5 +76,10 @@ int nm_checkpoint_load_latest(const char *run_dir, nm_ckpt_state *st, const nm_p
                               float *adam_m, float *adam_v, const nm_ckpt_shard *shard, char *out_dir,
                               size_t out_cap, nm_error *err);
 
+// The check behind load: trainer.json's text (len bytes, need not be NUL-terminated) as read
+// from dir/trainer.json, and the size + CRC of every file it lists in dir. Fills st (free
+// with nm_ckpt_state_free) and returns 0, or -1 with err. Public for the fuzz target.
+int nm_checkpoint_verify_trainer(const char *dir, const char *text, size_t len, nm_ckpt_state *st, nm_error *err);
+
 // Path of the newest valid checkpoint directory (for `sample --model RUN_DIR`), or -1.
 int nm_checkpoint_find_latest(const char *run_dir, char *out_dir, size_t out_cap, nm_error *err);
