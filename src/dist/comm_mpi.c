@@ -280,3 +280,29 @@ int nm_comm_init_mpi(nm_comm **world, nm_error *err) {
     *world = mpi_wrap(MPI_COMM_WORLD, 1);
     return 0;
 }
+
+// --- choosing the implementation (here, so that comm.c alone needs no MPI) --------------------------------------------------------------
+
+static int launched_by_mpi(void) {
+    static const char *const vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"};
+    for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
+        if (getenv(vars[i])) return 1;
+    }
+    // srun without an MPI plugin still sets the task count; more than one task is a job.
+    const char *ntasks = getenv("SLURM_NTASKS");
+    return ntasks && atoi(ntasks) > 1 && getenv("SLURM_PROCID");
+}
+
+int nm_comm_init(nm_comm **world, nm_error *err) {
+    *world = NULL;
+    const char *force = getenv("NM_COMM");
+    int use_mpi = launched_by_mpi();
+    if (force && *force) {
+        if (strcmp(force, "mpi") == 0) use_mpi = 1;
+        else if (strcmp(force, "single") == 0) use_mpi = 0;
+        else return nm_error_set(err, "NM_COMM=%s: unknown communicator (want single or mpi)", force);
+    }
+    if (use_mpi) return nm_comm_init_mpi(world, err);
+    *world = nm_comm_single();
+    return 0;
+}

@@ -40,11 +40,12 @@ set_tests_properties(fuzz_indexed PROPERTIES LABELS "cpu;fuzz" SKIP_RETURN_CODE 
 set(_core ${CMAKE_SOURCE_DIR}/src/core/check.c ${CMAKE_SOURCE_DIR}/src/io/fileio.c)
 set(NM_FUZZ_PARSERS model_config train_config safetensors tokenizer trainer_json)
 set(NM_FUZZ_SRC_model_config src/model/config.c)
-set(NM_FUZZ_SRC_train_config src/train/train_config.c src/train/schedule.c src/train/optim.c)
+set(NM_FUZZ_SRC_train_config src/train/train_config.c src/train/schedule.c src/train/optim.c src/model/config.c
+    src/io/hf_dir.c src/io/safetensors.c src/model/params.c src/core/rng.c src/ops/cpu/fp8_decode.c)
 set(NM_FUZZ_SRC_safetensors src/io/safetensors.c)
 set(NM_FUZZ_SRC_tokenizer src/data/tokenizer.c src/data/tokenizer_util.c)
 set(NM_FUZZ_SRC_trainer_json src/train/checkpoint.c src/io/table_io.c src/io/safetensors.c src/model/params.c src/core/rng.c
-    src/model/config.c src/train/train_config.c src/train/schedule.c src/train/optim.c)
+    src/model/config.c src/train/train_config.c src/train/schedule.c src/train/optim.c src/io/hf_dir.c src/dist/comm.c src/ops/cpu/fp8_decode.c)
 foreach(t ${NM_FUZZ_PARSERS})
   if(NM_FUZZ_OK)
     set(_srcs ${CMAKE_SOURCE_DIR}/tests/fuzz/fuzz_${t}.c ${_core})
