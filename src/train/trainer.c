@@ -318,7 +318,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
                                            t->optim->v, &shard, dir, sizeof(dir), err);
         if (lr < 0) goto fail;
         if (lr == 1) {
-            if (!opts->quiet) printf("resume: no checkpoint in %s, starting fresh\n", opts->run_dir);
+            if (!t->opts.quiet) printf("resume: no checkpoint in %s, starting fresh\n", opts->run_dir);
         } else {
             t->step = st.step;
             t->tokens_seen = st.tokens;
@@ -330,7 +330,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
             nm_ckpt_state_free(&st);
             if (t->rank0 && rewind_metrics(t, metrics_path, t->step, err) != 0) goto fail;
             resumed = 1;
-            if (!opts->quiet) printf("resume: continuing from %s (step %lld)\n", dir, (long long)t->step);
+            if (!t->opts.quiet) printf("resume: continuing from %s (step %lld)\n", dir, (long long)t->step);
         }
     }
     if (t->rank0) {
@@ -346,7 +346,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     t->tty = nm_progress_is_tty(stdout);
     t->t_start = now_s();
     t->step_at_start = t->step;
-    if (!opts->quiet) {
+    if (!t->opts.quiet) {
         char total[32], active[32], desc[256];
         nm_format_si(total, sizeof(total), (double)table->n_params_main);
         nm_format_si(active, sizeof(active), (double)nm_model_params_active(&t->mcfg));
