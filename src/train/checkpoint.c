@@ -623,23 +623,7 @@ static int load_kind(const char *dir, int kind, const nm_param_table *t, float *
             open_names[f] = nm_strdup(file);
             n_open++;
         }
-        nm_safetensors *st = open_files[f];
-        int j = nm_safetensors_find(st, r->name);
-        if (j < 0) {
-            rc = nm_error_set(err, "%s: tensor '%s' is missing", nm_safetensors_path(st), r->name);
-            break;
-        }
-        int64_t shape[NM_ST_MAX_DIMS];
-        int nd = nm_safetensors_shape(st, j, shape);
-        int same = nd == r->ndim;
-        for (int d = 0; same && d < nd; d++) same = shape[d] == r->shape[d];
-        if (!same) {
-            char want[64], got[64];
-            rc = nm_error_set(err, "%s: tensor '%s' has shape %s, expected %s", nm_safetensors_path(st), r->name,
-                              nm_shape_str(got, sizeof(got), nd, shape), nm_shape_str(want, sizeof(want), r->ndim, r->shape));
-            break;
-        }
-        rc = nm_safetensors_read_f32(st, j, buf + off, r->numel, err);
+        rc = nm_table_read_row(open_files[f], r, buf + off, err);
     }
     for (int f = 0; f < n_open; f++) {
         nm_safetensors_close(open_files[f]);
