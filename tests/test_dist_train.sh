@@ -45,6 +45,7 @@ if "$NM_BIN" train --help 2>&1 | grep -q expert_parallel_size && [ "${NM_DIST_EP
     layout ep2 2 --set expert_parallel_size=2
     layout dp4_ep2 4 --set expert_parallel_size=2
     layout dp4_ep4 4 --set expert_parallel_size=4
+    layout ep2_recompute 2 --set expert_parallel_size=2 --recompute
   elif grep -q "not implemented" ep_probe.log; then
     echo "expert parallelism not implemented yet: $(grep -m1 'not implemented' ep_probe.log)"
   else
@@ -83,18 +84,29 @@ for run in ("dp2", "dp4"):
             got_d, got_e = d[f"comm_dp_{op}_bytes"], d[f"comm_edp_{op}_bytes"]
             assert 4 * dense <= got_d <= 4 * (dense + 63 * n_dense), (run, op, got_d, 4 * dense)
             assert 4 * expert <= got_e <= 4 * (expert + 63 * n_expert), (run, op, got_e, 4 * expert)
+# under ep2 each rank holds (and reduces over edp) half of the experts
+import os
+if os.path.exists("dp4_ep2/metrics.jsonl"):
+    for line in open("dp4_ep2/metrics.jsonl"):
+        d = json.loads(line)
+        got_e = d["comm_edp_reduce_scatter_bytes"]
+        assert 4 * expert // 2 <= got_e <= 4 * (expert // 2 + 63 * n_expert // 2), ("dp4_ep2", got_e, 4 * expert // 2)
+        assert d["comm_ep_all_to_all_bytes"] > 0, "ep2 moved no token rows"
 print(f"byte counters: dp {4*dense} + edp {4*expert} bytes of tensors per reduce-scatter/all-gather: ok")
 PY
 
-# Checkpoints across layouts: 4 ranks -> 1 process -> 2 ranks equals the uninterrupted run.
-nm_mpirun 4 "$NM_BIN" train --config train.json --out xl --quiet --set exit_interval=4 >xl.log 2>&1 \
+# Checkpoints across layouts: 4 ranks (dp4 x ep2: each rank holds half the experts) -> 1
+# process -> 2 ranks equals the uninterrupted run.
+ep_xl=()
+"$NM_BIN" train --help 2>&1 | grep -q expert_parallel_size && [ -d ep2 ] && ep_xl=(--set expert_parallel_size=2)
+nm_mpirun 4 "$NM_BIN" train --config train.json --out xl --quiet --set exit_interval=4 "${ep_xl[@]}" >xl.log 2>&1 \
   || { cat xl.log; fail "4-rank part"; }
 ls xl/step_000004/model-00004-of-00004.safetensors xl/step_000004/model.safetensors.index.json >/dev/null \
   || fail "no sharded HF checkpoint at 4 ranks"
 "$NM_BIN" train --config train.json --out xl --quiet --resume --set exit_interval=7 >xl1.log 2>&1 \
   || { cat xl1.log; fail "1-process resume"; }
 nm_mpirun 2 "$NM_BIN" train --config train.json --out xl --quiet --resume >xl2.log 2>&1 || { cat xl2.log; fail "2-rank resume"; }
-"$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref/metrics.jsonl xl/metrics.jsonl "4 ranks -> 1 -> 2 ranks"
+"$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref/metrics.jsonl xl/metrics.jsonl "4 ranks ${ep_xl[*]} -> 1 -> 2 ranks"
 # the 4-rank checkpoint is an HF directory that one process loads
 "$PY" -c "import struct; open('tok.bin','wb').write(struct.pack('<32i', *[(7*i) % 300 for i in range(32)]))"
 "$NM_BIN" forward --model xl/step_000004 --tokens tok.bin --batch 2 >fwd.log 2>&1 || { cat fwd.log; fail "forward on the 4-rank checkpoint"; }

@@ -64,10 +64,22 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
         b->topk_w = take(m, NK);
         b->perm = take_i32(m, NK);
         b->offsets = take_i32(m, c->E + 1);
+        size_t R = m->ep ? (size_t)m->R_max : NK;
         b->x_perm = take(m, NK * D);
-        b->e_gate_up = take(m, NK * 2 * c->Fe);
-        b->e_act = take(m, NK * c->Fe);
+        b->e_gate_up = take(m, R * 2 * c->Fe);
+        b->e_act = take(m, R * c->Fe);
         b->e_out = take(m, NK * D);
+        if (m->ep) {
+            b->x_loc = take(m, R * D);
+            b->e_out_loc = take(m, R * D);
+            b->loc_offsets = take_i32(m, (size_t)m->E_loc + 1);
+            b->ep_counts = (int64_t *)take(m, 2 * (size_t)(m->ep->size * m->E_loc));
+        } else {
+            b->x_loc = b->x_perm;
+            b->e_out_loc = b->e_out;
+            b->loc_offsets = b->offsets;
+        }
+
         if (c->Fs > 0) {
             b->s_gate_up = take(m, N * 2 * c->Fs);
             b->s_act = take(m, N * c->Fs);
@@ -145,10 +157,19 @@ static void layout(nm_model *m) {
     if (c->E > 0) {
         m->d_router = take(m, N * c->E);
         m->d_topk_w = take(m, NK);
+        size_t R = m->ep ? (size_t)m->R_max : NK;
         m->d_e_out = take(m, NK * D);
-        m->d_e_act = take(m, NK * c->Fe);
-        m->d_e_gate_up = take(m, NK * 2 * c->Fe);
+        m->d_e_act = take(m, R * c->Fe);
+        m->d_e_gate_up = take(m, R * 2 * c->Fe);
         m->d_x_perm = take(m, NK * D);
+        if (m->ep) {
+            m->d_e_out_loc = take(m, R * D);
+            m->d_x_loc = take(m, R * D);
+            m->ep_buf = take(m, R * D);
+        } else {
+            m->d_e_out_loc = m->d_e_out;
+            m->d_x_loc = m->d_x_perm;
+        }
     }
     m->d_emb = take(m, N * D);
     m->d_tmp = take(m, N * D);
@@ -205,9 +226,19 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     m->recompute = opts->recompute;
     if (opts->vocab_tile < 0) return nm_error_set(err, "model: vocab_tile %lld < 0", (long long)opts->vocab_tile);
     m->vt = pick_vocab_tile(cfg, B_max * T_max, opts->vocab_tile);
-    if (nm_param_table_build(&m->table, cfg, err) != 0) {
+    m->ep = opts->ep && opts->ep->size > 1 ? opts->ep : NULL;
+    int64_t ep_size = m->ep ? m->ep->size : 1, ep_rank = m->ep ? m->ep->rank : 0;
+    if (nm_param_table_build_ep(&m->table, cfg, ep_rank, ep_size, err) != 0) {
         nm_free(m);
         return -1;
+    }
+    m->E_loc = m->table.expert_count;
+    if (m->ep) {
+        int64_t per = cfg->K < m->E_loc ? cfg->K : m->E_loc;  // a token reaches one rank at most this often
+        m->R_max = ep_size * B_max * T_max * per;
+        m->ep_send = nm_calloc((size_t)ep_size, sizeof(int64_t));
+        m->ep_recv = nm_calloc((size_t)ep_size, sizeof(int64_t));
+        m->ep_cnt_send = nm_calloc((size_t)(ep_size * m->E_loc), sizeof(int64_t));
     }
     m->params = nm_aligned_alloc(m->table.n_floats * sizeof(float));
     m->grads = nm_aligned_alloc(m->table.n_floats * sizeof(float));
@@ -241,6 +272,9 @@ void nm_model_destroy(nm_model *m) {
     nm_free(m->mtp);
     nm_free(m->moe_layer_ids);
     nm_free(m->groups);
+    nm_free(m->ep_send);
+    nm_free(m->ep_recv);
+    nm_free(m->ep_cnt_send);
     nm_free(m->expert_counts);
     nm_free(m);
 }
@@ -263,7 +297,7 @@ int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err) {
     return 0;
 }
 float *nm_model_grads(nm_model *m) { return m->grads; }
-int nm_model_supports_expert_parallel(void) { return 0; }
+int nm_model_supports_expert_parallel(void) { return 1; }
 const nm_param_table *nm_model_table(const nm_model *m) { return &m->table; }
 const nm_model_config *nm_model_cfg(const nm_model *m) { return &m->cfg; }
 size_t nm_model_activation_bytes(const nm_model *m) { return m->arena_floats * sizeof(float); }
@@ -402,6 +436,11 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
     loss->aux = aux;
     loss->loss = ce + (double)opt->mtp_weight * mtp + (double)opt->aux_weight * aux;
     loss->tokens = N;
+    if (m->ep_failed) {
+        m->ep_failed = 0;
+        *err = m->ep_err;
+        return nm_error_prefix(err, "forward: expert-parallel exchange");
+    }
     m->have_forward = !opt->inference;
     return 0;
 }
@@ -434,5 +473,10 @@ int nm_model_backward(nm_model *m, nm_error *err) {
                           P + m->table.final_norm, m->h0_rstd, N, D);
     for (int64_t l = c->L - 1; l >= 0; l--) block_backward(m, l, aux_seed);
     ops->embedding_backward(G + m->table.embed, m->d_res, m->tokens, N, D);
+    if (m->ep_failed) {
+        m->ep_failed = 0;
+        *err = m->ep_err;
+        return nm_error_prefix(err, "backward: expert-parallel exchange");
+    }
     return 0;
 }

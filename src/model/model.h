@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "core/precision.h"
+#include "dist/comm.h"
 #include "model/config.h"
 #include "model/params.h"
 #include "ops/ops.h"
@@ -36,6 +37,9 @@ typedef struct nm_loss_terms {
 typedef struct nm_model_options {
     int recompute;              // activation recomputation per block: keep only block inputs and
                                 // outputs, re-run each block's forward inside the backward
+    nm_comm *ep;                // expert-parallel group (NULL or 1 rank: every routed expert here);
+                                // its rank holds experts [rank * E/size, (rank + 1) * E/size) and
+                                // every forward/backward exchanges token rows with the group
     int64_t vocab_tile;         // output-head columns per tile: 0 picks one (the whole vocabulary
                                 // while N x V logits fit in 64 MiB); below V the (N, V) logits are
                                 // never stored and the backward recomputes each tile's logits

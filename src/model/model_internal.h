@@ -47,7 +47,14 @@ typedef struct block_acts {
     float *x_perm;              // (N*K, D) f gathered into expert order
     float *e_gate_up;           // (N*K, 2Fe)
     float *e_act;               // (N*K, Fe)
-    float *e_out;               // (N*K, D)
+    float *e_out;               // (N*K, D) expert outputs back in x_perm's order
+    // expert parallelism: the rows this rank's experts run on (aliases of x_perm / offsets /
+    // e_out without it); e_gate_up and e_act are sized for the expert side (R rows: N*K, or
+    // the EP bound R_max)
+    float *x_loc;               // (R, D) received rows, expert-major
+    float *e_out_loc;           // (R, D) their outputs
+    int32_t *loc_offsets;       // (E_loc+1) first row of each local expert in x_loc
+    int64_t *ep_counts;         // (EP*E_loc) rows from source rank s for local expert j at s*E_loc+j
     float *s_gate_up;           // (N, 2Fs) shared experts
     float *s_act;               // (N, Fs)
     float *bal_f;               // (B, E) balance-loss f_i per sequence
@@ -130,6 +137,18 @@ struct nm_model {
     int have_forward;
 
     nm_gemm_group *groups;      // (E) scratch for the experts' grouped GEMMs
+
+    // expert parallelism (design.md 6): dropless all-to-all dispatch and combine (moe.c)
+    nm_comm *ep;                // NULL without it
+    int64_t E_loc;              // routed experts held here (E without EP)
+    int64_t R_max;              // bound on the rows this rank's experts receive: EP * N * min(K, E_loc)
+    float *ep_buf;              // (R_max, D) rows in source-major order, on their way in or out
+    float *d_e_out_loc;         // (R, D) expert side of d_e_out (alias without EP)
+    float *d_x_loc;             // (R, D) expert side of d_x_perm (alias without EP)
+    int64_t *ep_send, *ep_recv; // (EP) row counts, scratch
+    int64_t *ep_cnt_send;       // (EP*E_loc) per (destination, its local expert)
+    int ep_failed;              // a collective failed inside forward/backward; ep_err has why
+    nm_error ep_err;
 
     // router statistics
     int n_moe;
