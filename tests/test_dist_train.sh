@@ -5,7 +5,7 @@
 # loads identical. Then checkpoints across layouts, the refusal of impossible layouts, and a
 # rank killed with SIGKILL mid-step.
 set -euo pipefail
-: "${NM_BIN:?}" "${NM_ROOT:?}"
+: "${NM_BIN:?}" "${NM_ROOT:?}" "${NM_BUILD:?}"
 PY=${NM_PYTHON:-python3}
 source "$NM_ROOT/tests/mpirun.sh"
 tmp=$(mktemp -d)
@@ -111,6 +111,13 @@ nm_mpirun 2 "$NM_BIN" train --config train.json --out xl --quiet --resume >xl2.l
 "$PY" -c "import struct; open('tok.bin','wb').write(struct.pack('<32i', *[(7*i) % 300 for i in range(32)]))"
 "$NM_BIN" forward --model xl/step_000004 --tokens tok.bin --batch 2 >fwd.log 2>&1 || { cat fwd.log; fail "forward on the 4-rank checkpoint"; }
 grep -q '"loss"' fwd.log || fail "forward printed no loss"
+
+# The step loop allocates nothing under dp2 x ep2 either (dispatch buffers are sized once).
+if [ -x "$NM_BUILD/test_zero_alloc" ]; then
+  nm_mpirun 2 "$NM_BUILD/test_zero_alloc" expert_parallel_size=2 >alloc.log 2>&1 || { cat alloc.log; fail "allocations in the ep2 step loop"; }
+  [ "$(grep -c 'allocations during steps 3-6: 0' alloc.log)" = 2 ] || { cat alloc.log; fail "ep2 zero-allocation output"; }
+  echo "ep2 step loop: no allocations on either rank"
+fi
 
 # Impossible layouts are refused before any work, naming the numbers.
 if nm_mpirun 3 "$NM_BIN" train --config train.json --out bad3 --quiet >bad3.log 2>&1; then fail "world 3 accepted"; fi
