@@ -58,6 +58,8 @@ typedef struct nm_step_metrics {
     double val_loss;            // validation CE at this step, NaN if not evaluated
     int skipped;                // 1 if the divergence guard skipped this step's update
     double t_data, t_forward, t_backward, t_optimizer;   // seconds per phase
+    double t_comm;              // seconds in gradient reduce-scatter, parameter all-gather and the
+                                // step's small all-reduces (EP dispatch is inside forward/backward)
 } nm_step_metrics;
 
 int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_trainer_options *opts, nm_error *err);

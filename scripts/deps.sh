@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(build-essential cmake pkg-config libopenblas-openmp-dev libcjson-dev libpcre2-dev
-          python3 python3-venv python3-pip python3-numpy python3-torch clang libdnnl-dev)
+          python3 python3-venv python3-pip python3-numpy python3-torch clang libdnnl-dev
+          libopenmpi-dev openmpi-bin)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

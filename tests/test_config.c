@@ -127,6 +127,12 @@ static void test_rejections(void) {
     expect_reject("\"topk_group\": 0", "topk_group");
     expect_reject("\"topk_group\": 1, \"num_experts_per_tok\": 5", "topk_group");      // 1 group of 4 < 5
     expect_reject("\"n_group\": 16, \"topk_group\": 8", "n_group");                      // noaux_tc, 1 expert/group
+    // Found by tests/fuzz/fuzz_model_config: an int64 conversion out of range (UB), an int64
+    // product overflow (UB) and a per-layer validation loop of 9e15 iterations.
+    expect_reject("\"eos_token_id\": 1e300", "eos_token_id");
+    expect_reject("\"n_shared_experts\": 9e15, \"moe_intermediate_size\": 9e15", "must be <=");
+    expect_reject("\"num_hidden_layers\": 9e15", "num_hidden_layers");
+    expect_reject("\"vocab_size\": 4294967296", "vocab_size");
     expect_reject("\"attention_bias\": true", "attention_bias");
     expect_reject("\"attention_bias\": true", "not implemented");
     expect_reject("\"scoring_func\": \"relu\"", "scoring_func");

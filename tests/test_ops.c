@@ -578,10 +578,18 @@ static void test_router_selection(void) {
         p.method = NM_TOPK_GREEDY;
         ops->router_forward(idx, w, s, lg, NULL, &p);
         EXPECT(idx[0] == 0 && idx[1] == 2, "greedy: %d %d", idx[0], idx[1]);
-        // the bias moves the selection but not the weights
+        // greedy ignores the bias (DeepSeek's MoEGate reads it for noaux_tc only)
         float bias[4] = {0.0f, 0.0f, 0.0f, 0.5f};
         ops->router_forward(idx, w, s, lg, bias, &p);
-        EXPECT(idx[0] == 3 && idx[1] == 0, "greedy + bias: %d %d", idx[0], idx[1]);
+        EXPECT(idx[0] == 0 && idx[1] == 2, "greedy ignores the bias: %d %d", idx[0], idx[1]);
+        p.method = NM_TOPK_GROUP_LIMITED_GREEDY;
+        ops->router_forward(idx, w, s, lg, bias, &p);
+        EXPECT(idx[0] == 0 && idx[1] == 1, "group_limited_greedy ignores the bias: %d %d", idx[0], idx[1]);
+        // noaux_tc with every group kept: the bias moves the selection but not the weights
+        p.method = NM_TOPK_NOAUX_TC;
+        p.Gk = 2;
+        ops->router_forward(idx, w, s, lg, bias, &p);
+        EXPECT(idx[0] == 3 && idx[1] == 0, "noaux_tc + bias: %d %d", idx[0], idx[1]);
         EXPECT(fabsf(w[0] - 2.0f * 0.7f / 1.6f) < 1e-6f, "biased weight %g", w[0]);
     }
     // (d) softmax scoring: scores sum to 1, weights are the softmax probabilities

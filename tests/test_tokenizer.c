@@ -599,6 +599,10 @@ static void test_malformed(void) {
         expect_refused(cases[i].name, j, cases[i].needle);
         nm_free(j);
     }
+    // One stray id near 2^31 made the loader allocate 16 GiB of id tables (found by fuzz_tokenizer).
+    expect_refused("hugeid.json", "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 2147483000}, \"merges\": []}, "
+                   "\"pre_tokenizer\": {\"type\": \"ByteLevel\"}, \"decoder\": {\"type\": \"ByteLevel\"}}",
+                   "token id 2147483000 is too large");
     nm_tokenizer *t = NULL;
     nm_error err;
     EXPECT(nm_tokenizer_load(&t, "no_such_tokenizer.json", &err) != 0 && strstr(err.msg, "no_such_tokenizer.json"),

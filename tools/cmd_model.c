@@ -148,7 +148,7 @@ int nm_cmd_inspect_model(int argc, char **argv) {
     if (dir) {
         double bytes = (double)t.n_floats * 4.0, phys = phys_bytes();
         float *params = (phys == 0 || bytes < 0.5 * phys) ? nm_aligned_alloc(t.n_floats * sizeof(float)) : NULL;
-        if (nm_hf_dir_load_params(dir, &t, params, &err)) {
+        if (params ? nm_hf_dir_load_model(dir, &t, &cfg, 0, params, &err) : nm_hf_dir_load_params(dir, &t, NULL, &err)) {
             fprintf(stderr, "inspect: %s\n", err.msg);
             nm_free(params);
             nm_param_table_free(&t);

@@ -14,6 +14,17 @@
 #include "commands.h"
 #include "io/hf_dir.h"
 #include "nanomegatron.h"
+#include "dist/comm.h"
+
+// A training error: the message once, from the rank that hit it (named when there are
+// several), then, under MPI, the whole job stops (no rank left waiting in a collective).
+static void train_failed(const nm_error *err) {
+    int rank, world;
+    nm_comm_job_position(&rank, &world);
+    if (world > 1) fprintf(stderr, "\nnanomegatron train: rank %d of %d: %s\n", rank, world, err->msg);
+    else fprintf(stderr, "\nnanomegatron train: %s\n", err->msg);
+    if (world > 1) nm_comm_abort_job(1);
+}
 
 int nm_cmd_train(int argc, char **argv) {
     static const char *const value_flags[] = {"config", "out", "steps", "save-every", "seed", "set", "inject-nan", "init-from", NULL};
@@ -72,7 +83,7 @@ int nm_cmd_train(int argc, char **argv) {
     nm_trainer *t;
     int rc = 0;
     if (nm_trainer_create(&t, &cfg, &opts, &err) != 0) {
-        fprintf(stderr, "nanomegatron train: %s\n", err.msg);
+        train_failed(&err);
         nm_train_config_free(&cfg);
         return 1;
     }
@@ -82,19 +93,21 @@ int nm_cmd_train(int argc, char **argv) {
     while ((s = nm_trainer_step(t, &m, &err)) > 0) {
         if (cfg.checkpoint.save_every > 0 && m.step % cfg.checkpoint.save_every == 0) last_saved = m.step;
     }
+    int rank, world;
+    nm_comm_job_position(&rank, &world);
     if (s < 0) {
-        fprintf(stderr, "\nnanomegatron train: %s\n", err.msg);
+        train_failed(&err);
         rc = 1;
     } else {
         if (nm_trainer_step_count(t) != last_saved && nm_trainer_save(t, &err) != 0) {
-            fprintf(stderr, "nanomegatron train: %s\n", err.msg);
+            train_failed(&err);
             rc = 1;
         }
         if (rc == 0 && nm_trainer_finish(t, &err) != 0) {
-            fprintf(stderr, "nanomegatron train: %s\n", err.msg);
+            train_failed(&err);
             rc = 1;
         }
-        if (rc == 0 && !opts.quiet) {
+        if (rc == 0 && !opts.quiet && rank == 0) {
             printf("done: %lld steps | metrics %s/metrics.jsonl | loss curve %s/loss.svg | tensorboard --logdir %s\n",
                    (long long)nm_trainer_step_count(t), run_dir, run_dir, run_dir);
         }
@@ -128,7 +141,7 @@ int nm_cmd_eval(int argc, char **argv) {
     int rc = 1;
     if (nm_hf_dir_load_config(dir, &cfg, &err) != 0) goto done;
     if (nm_model_create(&m, &cfg, nm_ops_cpu(), B, seq_len + 1, &err) != 0) goto done;
-    if (nm_hf_dir_load_params(dir, nm_model_table(m), nm_model_params(m), &err) != 0) goto done;
+    if (nm_hf_dir_load_model(dir, nm_model_table(m), &cfg, 0, nm_model_params(m), &err) != 0) goto done;
     nm_data_spec spec;
     nm_data_spec_default(&spec);
     spec.n_sources = 1;

@@ -25,6 +25,7 @@
 #include "io/fileio.h"
 
 #define MAX_STEPS 8                 // pre-tokenizer steps in a Sequence
+#define MAX_TOKEN_ID (1 << 24)      // largest id + 1 a tokenizer.json may use
 #define CACHE_MAX_PIECE 48          // longer pre-tokens are not cached (rare, and cheap to miss)
 #define CACHE_MAX_ENTRIES (1 << 16) // per call; the cache is reset when full
 
@@ -647,6 +648,9 @@ static void bpe_piece(const nm_tokenizer *t, scratch *s, const uint8_t *p, size_
     int64_t e = nm_strmap_find(&s->cache, p, n);
     if (e >= 0) {
         uint64_t v = (uint64_t)s->cache.e[e].val;
+        // A piece of bytes missing from the vocab gives no ids, and cache_ids may still be
+        // NULL: no pointer arithmetic on it then (UB; found by tests/fuzz/fuzz_tokenizer).
+        if ((v & 0xFF) == 0) return;
         const int32_t *src = s->cache_ids + (v >> 8);
         for (uint64_t i = 0; i < (v & 0xFF); i++) push_id(s, src[i]);
         return;
@@ -656,7 +660,7 @@ static void bpe_piece(const nm_tokenizer *t, scratch *s, const uint8_t *p, size_
     size_t cnt = (size_t)(s->n_ids - before);
     if (s->cache.n >= CACHE_MAX_ENTRIES) { nm_strmap_clear(&s->cache); s->cache_n = 0; }
     ensure_cap((void **)&s->cache_ids, &s->cache_cap, s->cache_n + cnt, sizeof(int32_t));
-    memcpy(s->cache_ids + s->cache_n, s->ids + before, cnt * sizeof(int32_t));
+    if (cnt) memcpy(s->cache_ids + s->cache_n, s->ids + before, cnt * sizeof(int32_t));
     int ins;
     e = nm_strmap_add(&s->cache, p, n, &ins);
     s->cache.e[e].val = (int64_t)(((uint64_t)s->cache_n << 8) | cnt);
@@ -1188,6 +1192,13 @@ static int load_json(nm_tokenizer *t, const char *path, nm_error *err) {
     for (size_t e = 0; e < t->vocab.n; e++) max_id = t->vocab.e[e].val > max_id ? t->vocab.e[e].val : max_id;
     for (int k = 0; k < t->n_added; k++) max_id = t->added[k].id > max_id ? t->added[k].id : max_id;
     t->vocab_size = max_id + 1;
+    // The id-indexed tables (decode, duplicate check) are vocab_size long: one stray id near
+    // 2^31 would allocate gigabytes (found by tests/fuzz/fuzz_tokenizer). Real vocabularies
+    // are below 2^20.
+    if (max_id >= MAX_TOKEN_ID) {
+        nm_error_set(err, "%s: token id %lld is too large (ids must be below %d)", path, (long long)max_id, MAX_TOKEN_ID);
+        goto done;
+    }
     // Two strings on one id would make decode ambiguous; HF keeps one silently, we refuse.
     {
         uint8_t *seen = nm_calloc((size_t)(t->vocab_size ? t->vocab_size : 1), 1);

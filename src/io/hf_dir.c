@@ -3,7 +3,9 @@
 // Reference: transformers `modeling_utils` (index file {"metadata":..., "weight_map":{name: shard}}),
 // llama.cpp's converter (names in the index must equal the union of the shards' names), and
 // dsv3-spec 2 / 11 for the tied MTP copies.
-// Not implemented: FP8 checkpoints (refused by the safetensors reader with a hint).
+// FP8 (DeepSeek's release layout): a weight stored F8_E4M3 with a sibling '<name>_scale_inv'
+// (F32/BF16, (ceil(out/128), ceil(in/128))) is dequantised as w = e4m3(code) * scale_inv of its
+// 128 x 128 block, as DeepSeek-V3's inference/kernel.py weight_dequant does.
 #include "io/hf_dir.h"
 
 #include <cjson/cJSON.h>
@@ -15,6 +17,7 @@
 
 #include "io/fileio.h"
 #include "io/safetensors.h"
+#include "ops/cpu/fp8.h"
 
 #define MAX_UNKNOWN_LISTED 5
 
@@ -170,6 +173,70 @@ static int shape_matches(const nm_safetensors *st, int k, const nm_tensor_spec *
     return 1;
 }
 
+// --- FP8 block dequantisation ------------------------------------------------------------------
+
+#define FP8_BLOCK 128
+
+// Reads the F8_E4M3 matrix k of st (shape (O, I)) times its '<name>_scale_inv' blocks into dst.
+static int read_fp8_block(const file_set *fs, const nm_safetensors *st, int k, const nm_tensor_spec *row, float *dst,
+                          nm_error *err) {
+    const char *name = nm_safetensors_name(st, k);
+    if (row->ndim != 2) {
+        return nm_error_set(err, "%s: tensor '%s' is F8_E4M3 but 1-D; only matrices are stored in FP8",
+                            nm_safetensors_path(st), name);
+    }
+    char sname[160];
+    snprintf(sname, sizeof(sname), "%s_scale_inv", name);
+    nm_safetensors *ss = NULL;
+    int ks = file_set_find(fs, sname, &ss);
+    if (ks < 0) {
+        return nm_error_set(err, "%s: tensor '%s' is F8_E4M3 but '%s' (its per-block scales) is missing",
+                            nm_safetensors_path(st), name, sname);
+    }
+    const int64_t O = row->shape[0], I = row->shape[1];
+    const int64_t bo = (O + FP8_BLOCK - 1) / FP8_BLOCK, bi = (I + FP8_BLOCK - 1) / FP8_BLOCK;
+    int64_t shape[NM_ST_MAX_DIMS];
+    int nd = nm_safetensors_shape(ss, ks, shape);
+    if (nd != 2 || shape[0] != bo || shape[1] != bi) {
+        char got[128];
+        nm_shape_str(got, sizeof(got), nd, shape);
+        return nm_error_set(err, "%s: scales '%s' have shape %s, expected [%lld, %lld] (128 x 128 blocks of [%lld, %lld])",
+                            nm_safetensors_path(ss), sname, got, (long long)bo, (long long)bi, (long long)O,
+                            (long long)I);
+    }
+    float *scale = nm_malloc((size_t)(bo * bi) * sizeof(float));
+    if (nm_safetensors_read_f32(ss, ks, scale, bo * bi, err)) {
+        nm_free(scale);
+        return -1;
+    }
+    size_t nbytes = 0;
+    const uint8_t *codes = nm_safetensors_data(st, k, &nbytes);
+    NM_CHECK(nbytes == (size_t)(O * I), "F8 tensor byte size");
+    float lut[256];
+    for (int c = 0; c < 256; c++) lut[c] = nm_fp8_e4m3_decode((uint8_t)c);
+    for (int64_t o = 0; o < O; o++) {
+        const float *srow = scale + (o / FP8_BLOCK) * bi;
+        for (int64_t i = 0; i < I; i++) dst[o * I + i] = lut[codes[o * I + i]] * srow[i / FP8_BLOCK];
+    }
+    nm_free(scale);
+    return 0;
+}
+
+static int is_fp8_e4m3(const nm_safetensors *st, int k) {
+    return strcmp(nm_safetensors_dtype_name(st, k), "F8_E4M3") == 0;
+}
+
+// The FP8 scales the loader consumed: not "unknown" tensors.
+static int is_scale_of_known(const nm_param_table *t, const char *nm) {
+    size_t n = strlen(nm), sl = strlen("_scale_inv");
+    if (n <= sl || strcmp(nm + n - sl, "_scale_inv") != 0) return 0;
+    char base[160];
+    if (n - sl >= sizeof(base)) return 0;
+    memcpy(base, nm, n - sl);
+    base[n - sl] = 0;
+    return nm_param_table_find(t, base) >= 0;
+}
+
 // --- load ------------------------------------------------------------------------------------
 
 int nm_hf_dir_load_params(const char *dir, const nm_param_table *t, float *params, nm_error *err) {
@@ -177,13 +244,34 @@ int nm_hf_dir_load_params(const char *dir, const nm_param_table *t, float *param
     if (file_set_open(&fs, dir, err)) return -1;
     int rc = 0;
     char want[128], got[128];
+    // MTP blocks all absent (a release without them, or one saved by a tool that drops them):
+    // they keep the values already in params (nm_hf_dir_load_model initialises them fresh).
+    int64_t n_mtp = 0, n_mtp_found = 0;
+    for (int r = 0; r < t->n_rows; r++) {
+        const nm_tensor_spec *row = &t->rows[r];
+        if ((row->flags & NM_TENSOR_TIED) || !(row->flags & NM_TENSOR_MTP)) continue;
+        nm_safetensors *st = NULL;
+        n_mtp++;
+        if (file_set_find(&fs, row->name, &st) >= 0) n_mtp_found++;
+    }
+    const int skip_mtp = n_mtp > 0 && n_mtp_found == 0;
+    if (skip_mtp) {
+        fprintf(stderr, "notice: %s: no MTP tensors (%lld expected); the MTP layers start from fresh initialisation\n",
+                fs.what, (long long)n_mtp);
+    }
     // Pass 1: the rows with storage.
     for (int r = 0; r < t->n_rows && rc == 0; r++) {
         const nm_tensor_spec *row = &t->rows[r];
         if (row->flags & NM_TENSOR_TIED) continue;
+        if (skip_mtp && (row->flags & NM_TENSOR_MTP)) continue;
         nm_safetensors *st = NULL;
         int k = file_set_find(&fs, row->name, &st);
         nm_shape_str(want, sizeof(want), row->ndim, row->shape);
+        if (k < 0 && (row->flags & NM_TENSOR_OPTIONAL)) {
+            // The router bias of a method that never reads it: zeros, as a fresh model has.
+            if (params) memset(params + row->offset, 0, (size_t)row->numel * sizeof(float));
+            continue;
+        }
         if (k < 0) {
             rc = nm_error_set(err, "%s: missing tensor '%s' (expected shape %s)", fs.what, row->name, want);
             break;
@@ -194,6 +282,10 @@ int nm_hf_dir_load_params(const char *dir, const nm_param_table *t, float *param
             break;
         }
         nm_st_dtype dt = nm_safetensors_dtype(st, k);
+        if (is_fp8_e4m3(st, k)) {
+            if (params) rc = read_fp8_block(&fs, st, k, row, params + row->offset, err);
+            continue;
+        }
         if (dt == NM_ST_OTHER) {
             // Let the reader produce its dtype message (FP8 hint) even when only checking.
             float dummy;
@@ -246,7 +338,7 @@ int nm_hf_dir_load_params(const char *dir, const nm_param_table *t, float *param
         for (int f = 0; f < fs.n; f++) {
             for (int k = 0; k < nm_safetensors_count(fs.files[f]); k++) {
                 const char *nm = nm_safetensors_name(fs.files[f], k);
-                if (nm_param_table_find(t, nm) >= 0) continue;
+                if (nm_param_table_find(t, nm) >= 0 || is_scale_of_known(t, nm)) continue;
                 if (n_unknown++ < MAX_UNKNOWN_LISTED) {
                     size_t len = strlen(listed);
                     snprintf(listed + len, sizeof(listed) - len, "%s'%.100s'", len ? ", " : "", nm);
@@ -260,6 +352,12 @@ int nm_hf_dir_load_params(const char *dir, const nm_param_table *t, float *param
     }
     file_set_close(&fs);
     return rc;
+}
+
+int nm_hf_dir_load_model(const char *dir, const nm_param_table *t, const nm_model_config *cfg, uint64_t seed,
+                         float *params, nm_error *err) {
+    nm_params_init(params, t, cfg, seed);
+    return nm_hf_dir_load_params(dir, t, params, err);
 }
 
 // --- save ------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 // model.safetensors, or shards listed by model.safetensors.index.json.
 //
 // Loading maps file tensors onto the parameter table by exact HF name: every non-tied row
-// must be present with exactly its shape; MTP copies of the embedding / head (tied rows)
+// must be present with exactly its shape, except NM_TENSOR_OPTIONAL rows (zeros when absent)
+// and the MTP blocks as a whole (left as params holds them, with a notice); F8_E4M3 matrices
+// are dequantised with their '<name>_scale_inv' 128 x 128 block scales; MTP copies of the embedding / head (tied rows)
 // are compared with their owner and only warned about if they differ (dsv3-spec 11); file
 // tensors the table does not know are listed in a warning. Saving writes every row,
 // tied copies included (as copies), so the directory loads in transformers and llama.cpp.
@@ -21,6 +23,14 @@ int nm_hf_dir_load_config(const char *dir, nm_model_config *cfg, nm_error *err);
 // file and tensor (expected vs found shape). Warnings go to stderr.
 int nm_hf_dir_load_params(const char *dir, const nm_param_table *t, float *params /* (n_floats) or NULL */,
                           nm_error *err);
+
+// What every command that reads a checkpoint calls: params get the fresh initialisation of
+// cfg and seed (nm_params_init), then nm_hf_dir_load_params overwrites what the directory
+// holds. Accepted: F32/BF16/F16, FP8 E4M3 with 128 x 128 block scales ('<name>_scale_inv',
+// DeepSeek's release), sharded sets; MTP blocks absent as a whole keep their fresh values
+// (a notice says so); the router bias of greedy / group_limited_greedy may be absent (zeros).
+int nm_hf_dir_load_model(const char *dir, const nm_param_table *t, const nm_model_config *cfg, uint64_t seed,
+                         float *params /* (n_floats) */, nm_error *err);
 
 // Writes DIR/config.json (cfg->json_text verbatim) and DIR/model.safetensors (every row,
 // tied copies included; BF16 when bf16 != 0 except the router bias, which stays F32),

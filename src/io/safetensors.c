@@ -471,9 +471,10 @@ int nm_safetensors_read_f32(const nm_safetensors *st, int i, float *dst /* (nume
     }
     const char *dt = st->dtype[i]->name;
     if (strncmp(dt, "F8_", 3) == 0) {
-        return nm_error_set(err, "%s: tensor '%s' is %s (an FP8 checkpoint such as the DeepSeek-V3 release): "
-                                 "FP8 loading is not implemented; dequantise with the weight_scale_inv tensors first "
-                                 "(e.g. DeepSeek's inference/fp8_cast_bf16.py) and drop quantization_config",
+        return nm_error_set(err, "%s: tensor '%s' is %s: of the FP8 formats only F8_E4M3 matrices with "
+                                 "128 x 128 block scales '<name>_scale_inv' (DeepSeek-V3's release layout) are read, "
+                                 "by the model loader; dequantise other layouts first (e.g. DeepSeek's "
+                                 "inference/fp8_cast_bf16.py)",
                             st->path, name, dt);
     }
     return nm_error_set(err, "%s: tensor '%s' has dtype %s, which cannot be read as floating point (want F32, BF16, "

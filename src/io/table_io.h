@@ -12,4 +12,7 @@ int nm_table_write_safetensors(const char *path, const nm_param_table *t, const 
 
 // Reads every non-tied row of t from path into buf; a missing or misshaped tensor is an
 // error naming the file, the tensor and the shapes.
+// Reads row r's tensor (by name, shape checked) from st into dst (r->numel floats).
+int nm_table_read_row(const nm_safetensors *st, const nm_tensor_spec *r, float *dst, nm_error *err);
+
 int nm_table_read_safetensors(const char *path, const nm_param_table *t, float *buf, nm_error *err);

@@ -119,7 +119,8 @@ static int get_token_id(const cJSON *obj, const char *pre, const char *key, cons
         it = cJSON_GetArrayItem(it, 0);
         if (!it) { *out = -1; return 0; }
     }
-    if (!cJSON_IsNumber(it) || it->valuedouble != floor(it->valuedouble) || it->valuedouble < 0) {
+    if (!cJSON_IsNumber(it) || it->valuedouble != floor(it->valuedouble) || it->valuedouble < 0 ||
+        it->valuedouble > 9.0e15) {
         return type_error(path, pre, key, it, "a non-negative integer, a list of them, or null", err);
     }
     *out = (int64_t)it->valuedouble;
@@ -208,6 +209,9 @@ static int parse_rope_dict(nm_model_config *cfg, const cJSON *rs, const char *wh
 }
 
 // --- parse -----------------------------------------------------------------------------------
+
+#define NM_CONFIG_MAX_DIM ((int64_t)1 << 31)   // any size key
+#define NM_CONFIG_MAX_LAYERS ((int64_t)1 << 16) // num_hidden_layers, num_nextn_predict_layers
 
 static void set_defaults(nm_model_config *c) {
     // transformers DeepseekV3Config defaults (the 671B model) plus remote-code defaults.
@@ -318,6 +322,25 @@ static int validate(nm_model_config *c, const char *path, nm_error *err) {
         if (mins[i].v < mins[i].min) {
             return nm_error_set(err, "%s: key '%s' = %lld: must be >= %lld", path, mins[i].key,
                                 (long long)mins[i].v, (long long)mins[i].min);
+        }
+    }
+    // Upper bounds, so no product of two sizes overflows int64 and the per-layer loops below
+    // (and in the model) stay short whatever the file says; found by tests/fuzz/fuzz_model_config.
+    // Far above any real model (DeepSeek-V3: V 129280, F 18432, 61 + 1 layers).
+    struct { const char *key; int64_t v; int64_t max; } maxs[] = {
+        {"vocab_size", c->V, NM_CONFIG_MAX_DIM}, {"hidden_size", c->D, NM_CONFIG_MAX_DIM},
+        {"intermediate_size", c->F, NM_CONFIG_MAX_DIM}, {"moe_intermediate_size", c->Fe, NM_CONFIG_MAX_DIM},
+        {"num_hidden_layers", c->L, NM_CONFIG_MAX_LAYERS}, {"num_nextn_predict_layers", c->M, NM_CONFIG_MAX_LAYERS},
+        {"num_attention_heads", c->H, NM_CONFIG_MAX_DIM}, {"q_lora_rank", c->Rq, NM_CONFIG_MAX_DIM},
+        {"kv_lora_rank", c->Rkv, NM_CONFIG_MAX_DIM}, {"qk_nope_head_dim", c->Dn, NM_CONFIG_MAX_DIM},
+        {"qk_rope_head_dim", c->Dr, NM_CONFIG_MAX_DIM}, {"v_head_dim", c->Dv, NM_CONFIG_MAX_DIM},
+        {"n_routed_experts", c->E, NM_CONFIG_MAX_DIM}, {"n_shared_experts", c->n_shared, NM_CONFIG_MAX_DIM},
+        {"max_position_embeddings", c->max_pos, NM_CONFIG_MAX_DIM},
+    };
+    for (size_t i = 0; i < sizeof(maxs) / sizeof(maxs[0]); i++) {
+        if (maxs[i].v > maxs[i].max) {
+            return nm_error_set(err, "%s: key '%s' = %lld: must be <= %lld", path, maxs[i].key,
+                                (long long)maxs[i].v, (long long)maxs[i].max);
         }
     }
     if (c->H_kv != c->H) {

@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "core/precision.h"
+#include "dist/comm.h"
 #include "model/config.h"
 #include "model/params.h"
 #include "ops/ops.h"
@@ -36,6 +37,9 @@ typedef struct nm_loss_terms {
 typedef struct nm_model_options {
     int recompute;              // activation recomputation per block: keep only block inputs and
                                 // outputs, re-run each block's forward inside the backward
+    nm_comm *ep;                // expert-parallel group (NULL or 1 rank: every routed expert here);
+                                // its rank holds experts [rank * E/size, (rank + 1) * E/size) and
+                                // every forward/backward exchanges token rows with the group
     int64_t vocab_tile;         // output-head columns per tile: 0 picks one (the whole vocabulary
                                 // while N x V logits fit in 64 MiB); below V the (N, V) logits are
                                 // never stored and the backward recomputes each tile's logits
@@ -68,6 +72,9 @@ int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err);
 
 // Backward of the last forward: gradients of loss (scaled by grad_scale) ACCUMULATE into grads.
 int nm_model_backward(nm_model *m, nm_error *err);
+
+// 1 when the model can shard its routed experts over an expert-parallel group.
+int nm_model_supports_expert_parallel(void);
 
 // Router statistics of the last forward, for the bias update and the metrics:
 // counts (n_moe_layers, E) of selected (token, expert) pairs, bias and group limit included.

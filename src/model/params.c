@@ -35,6 +35,8 @@ typedef struct builder {
     nm_param_table *t;
     int cap;
     size_t cursor;              // next free float
+    int skipped;                // rows of other ranks' experts left out so far (init_key offset)
+    int64_t expert_first, expert_count;
 } builder;
 
 static size_t align_up(size_t x) { return (x + NM_PARAM_ALIGN - 1) / NM_PARAM_ALIGN * NM_PARAM_ALIGN; }
@@ -65,6 +67,7 @@ static size_t add_row(builder *b, int layer, unsigned flags, int packed, int ndi
     r->flags = flags;
     r->layer = layer;
     r->owner = -1;
+    r->init_key = t->n_rows - 1 + b->skipped;
     if (flags & NM_TENSOR_TIED) {
         r->offset = 0;  // fixed once the owner exists
         return 0;
@@ -124,17 +127,23 @@ static void add_layer(builder *b, const nm_model_config *c, int l, int *tied_emb
         o->mlp_gate_up = add_mlp(b, l, m, c->F, D, name, &o->mlp_down);
     } else {
         o->router = MAT(l, m, c->E, D, "%smlp.gate.weight", pre);
-        o->router_bias = VEC(l, NM_TENSOR_ROUTER_BIAS | m, c->E, "%smlp.gate.e_score_correction_bias", pre);
+        // Only noaux_tc reads the bias; other methods carry it (HF's native DeepseekV3 always
+        // has the buffer) but a checkpoint may lack it (DeepSeek's code never stores it there).
+        const unsigned opt = c->topk_method == NM_TOPK_NOAUX_TC ? 0 : NM_TENSOR_OPTIONAL;
+        o->router_bias = VEC(l, NM_TENSOR_ROUTER_BIAS | opt | m, c->E, "%smlp.gate.e_score_correction_bias", pre);
         size_t down;
-        for (int64_t j = 0; j < c->E; j++) {
-            snprintf(name, sizeof(name), "%smlp.experts.%lld.", pre, (long long)j);
+        int64_t e0 = b->expert_first, ne = b->expert_count;
+        b->skipped += 3 * (int)e0;  // gate, up, down of each expert held elsewhere
+        for (int64_t j = 0; j < ne; j++) {
+            snprintf(name, sizeof(name), "%smlp.experts.%lld.", pre, (long long)(e0 + j));
             size_t gate = add_mlp(b, l, NM_TENSOR_EXPERT | m, c->Fe, D, name, &down);
             if (j == 0) o->experts = gate;
             if (j == 1) o->expert_stride = gate - o->experts;
             // Every expert has the same padded size, so the stride is uniform.
             NM_CHECK(j < 2 || gate == o->experts + (size_t)j * o->expert_stride, "expert stride");
         }
-        if (c->E == 1) o->expert_stride = align_up(b->cursor) - o->experts;
+        b->skipped += 3 * (int)(c->E - e0 - ne);
+        if (ne == 1) o->expert_stride = align_up(b->cursor) - o->experts;
         if (c->n_shared > 0) {
             snprintf(name, sizeof(name), "%smlp.shared_experts.", pre);
             o->shared_gate_up = add_mlp(b, l, m, c->Fs, D, name, &o->shared_down);
@@ -148,13 +157,24 @@ static void add_layer(builder *b, const nm_model_config *c, int l, int *tied_emb
 }
 
 int nm_param_table_build(nm_param_table *t, const nm_model_config *cfg, nm_error *err) {
+    return nm_param_table_build_ep(t, cfg, 0, 1, err);
+}
+
+int nm_param_table_build_ep(nm_param_table *t, const nm_model_config *cfg, int64_t ep_rank, int64_t ep_size,
+                            nm_error *err) {
     memset(t, 0, sizeof(*t));
+    if (ep_size < 1 || ep_rank < 0 || ep_rank >= ep_size || (cfg->E > 0 && cfg->E % ep_size != 0))
+        return nm_error_set(err, "expert parallelism: rank %lld of %lld cannot hold an equal share of %lld experts",
+                            (long long)ep_rank, (long long)ep_size, (long long)cfg->E);
     if (cfg->n_layers != cfg->L + cfg->M || cfg->Dqk != cfg->Dn + cfg->Dr || cfg->D < 1) {
         return nm_error_set(err, "%s: model config was not loaded through nm_model_config_load",
                             cfg->source_path ? cfg->source_path : "<config>");
     }
     if (cfg->n_layers > 100000) return nm_error_set(err, "%s: too many layers (%lld)", cfg->source_path, (long long)cfg->n_layers);
-    builder bb = {.t = t, .cap = 0, .cursor = 0}, *b = &bb;
+    int64_t E_local = cfg->E / ep_size;
+    builder bb = {.t = t, .cap = 0, .cursor = 0, .expert_first = ep_rank * E_local, .expert_count = E_local}, *b = &bb;
+    t->expert_first = bb.expert_first;
+    t->expert_count = E_local;
     t->layers = nm_calloc((size_t)cfg->n_layers, sizeof(nm_layer_offsets));
     int64_t L = cfg->L, n = cfg->n_layers;
 
@@ -247,7 +267,7 @@ void nm_params_init(float *params /* (n_floats) */, const nm_param_table *t, con
         } else {
             // Element i of row r is a pure function of (seed, r, i): any thread count gives
             // the same buffer.
-            const uint64_t key = nm_rng_key(seed, NM_RNG_INIT, (uint64_t)r, 0);
+            const uint64_t key = nm_rng_key(seed, NM_RNG_INIT, (uint64_t)row->init_key, 0);
 #pragma omp parallel for schedule(static) if (n > 65536)
             for (int64_t i = 0; i < n; i++) p[i] = std * nm_rng_normal(key, (uint64_t)i);
         }

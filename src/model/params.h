@@ -31,6 +31,8 @@ enum {
     NM_TENSOR_ROUTER_BIAS = 1u << 3, // e_score_correction_bias: zeros, no gradient, no optimizer
     NM_TENSOR_EXPERT = 1u << 4,     // a routed expert's matrix
     NM_TENSOR_MTP = 1u << 5,        // belongs to an MTP block
+    NM_TENSOR_OPTIONAL = 1u << 6,   // may be absent from a checkpoint (zeros then): the router bias
+                                    // of greedy / group_limited_greedy, which selection ignores
 };
 
 typedef struct nm_tensor_spec {
@@ -42,6 +44,9 @@ typedef struct nm_tensor_spec {
     unsigned flags;             // NM_TENSOR_*
     int layer;                  // decoder layer index, -1 for global tensors
     int owner;                  // row index of the owner when TIED, else -1
+    int init_key;               // the row's index in the full (one-process) table: the counter of
+                                // its initialisation, so a rank holding a subset of the experts
+                                // initialises them exactly as one process does
 } nm_tensor_spec;
 
 // Offsets (in floats) of one decoder block's tensors; NM_OFF_NONE when absent.
@@ -83,10 +88,18 @@ typedef struct nm_param_table {
     size_t final_norm;          // (D)    model.norm.weight
     size_t lm_head;             // (V, D) lm_head.weight (== embed when tied)
     nm_layer_offsets *layers;   // (L + M)
+    int64_t expert_first;       // global index of the first routed expert held (expert parallelism)
+    int64_t expert_count;       // routed experts held per MoE layer (E without expert parallelism);
+                                // layers[l].experts is expert expert_first's gate
 } nm_param_table;
 
 // Builds the table from a validated config. Returns 0 or -1 with err filled.
 int nm_param_table_build(nm_param_table *t, const nm_model_config *cfg, nm_error *err);
+// The table of expert-parallel rank ep_rank of ep_size: every tensor, but of the routed experts
+// only [ep_rank * E/ep_size, (ep_rank + 1) * E/ep_size) of each MoE layer (names keep the global
+// expert index). ep_size must divide E.
+int nm_param_table_build_ep(nm_param_table *t, const nm_model_config *cfg, int64_t ep_rank, int64_t ep_size,
+                            nm_error *err);
 void nm_param_table_free(nm_param_table *t);
 // Row index by exact name, or -1.
 int nm_param_table_find(const nm_param_table *t, const char *name);

@@ -165,7 +165,7 @@ typedef struct nm_ops {
 
     // --- MoE router (dsv3-spec 5, 7) -----------------------------------------------------------
     // logits(N,E) = u W_gate^T (computed by gemm). scores(N,E) (=) sigmoid or softmax of logits;
-    // bias(E) (may be NULL = zeros) is added for selection only; topk_idx(N,K) (=) selected
+    // bias(E) (may be NULL = zeros) is added for selection only, and only for noaux_tc; topk_idx(N,K) (=) selected
     // experts in descending biased-score order, ties to the lower index; topk_weight(N,K) (=)
     // unbiased scores, normalised if asked, times routed_scaling.
     void (*router_forward)(int32_t *topk_idx, float *topk_weight, float *scores, const float *logits,

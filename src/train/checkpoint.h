@@ -15,6 +15,14 @@
 // `latest` is replaced atomically, then checkpoints beyond keep_last are deleted. A kill at
 // any point leaves `latest` naming a complete checkpoint (or no `latest` at all).
 //
+// Under data/expert parallelism (shard->world of more than one rank) the same directory is an
+// HF sharded checkpoint: rank k writes the tensors it owns (ZeRO-1, src/train/zero.h) into
+// model-0000k-of-0000n.safetensors and its optimizer state into optim_m-/optim_v-0000k-of-
+// 0000n.safetensors, in parallel; rank 0 then writes the three *.safetensors.index.json
+// files, config.json and trainer.json (with every rank's sizes and CRCs) and commits. A rank
+// that dies mid-save leaves only a .tmp directory behind: `latest` still names the previous
+// checkpoint. Everything is by name, so any layout (or one process) resumes any other.
+//
 // Load protocol: `latest` first; if it is missing, unreadable, or its checkpoint fails a
 // check (trainer.json unparsable, a file missing, a size or CRC mismatch), say so on stderr
 // and try the next older step_* directory.
@@ -24,6 +32,7 @@
 #include <stdint.h>
 
 #include "core/check.h"
+#include "dist/comm.h"
 #include "model/config.h"
 #include "model/params.h"
 
@@ -42,17 +51,35 @@ typedef struct nm_ckpt_state {
 
 void nm_ckpt_state_free(nm_ckpt_state *st);
 
+// How this rank takes part in a save or load; NULL (or world NULL / size 1 with owned NULL) is
+// one process holding everything.
+typedef struct nm_ckpt_shard {
+    nm_comm *world;                 // every rank of the job calls save/load together
+    const unsigned char *owned;     // (n_rows) rows this rank writes; NULL: all
+    const size_t *row_state;        // (n_rows) offset of each row in adam_m / adam_v, SIZE_MAX when
+                                    // not held here; NULL: the row offsets (unsharded state)
+    int64_t tp, pp, ep;             // the layout, recorded in trainer.json
+} nm_ckpt_shard;
+
 // Writes checkpoint `st->step` under run_dir. out_dir (may be NULL) receives its path.
 int nm_checkpoint_save(const char *run_dir, const nm_ckpt_state *st, const nm_model_config *mcfg,
                        const nm_param_table *t, const float *params, const float *adam_m, const float *adam_v,
-                       int64_t keep_last, char *out_dir, size_t out_cap, nm_error *err);
+                       const nm_ckpt_shard *shard, int64_t keep_last, char *out_dir, size_t out_cap, nm_error *err);
 
 // Finds the newest valid checkpoint of run_dir and loads it into params / adam_m / adam_v
 // (laid out by t) and st. Returns 1 when run_dir has no checkpoint at all (fresh start),
 // 0 when one was loaded (its path in out_dir), -1 when checkpoints exist but none is
 // valid or the one found does not fit t (err says which and why).
+// Loads by name whatever layout wrote it: params gets every non-tied row of t, adam_m/adam_v
+// the rows shard->row_state places (all rows when shard is NULL).
 int nm_checkpoint_load_latest(const char *run_dir, nm_ckpt_state *st, const nm_param_table *t, float *params,
-                              float *adam_m, float *adam_v, char *out_dir, size_t out_cap, nm_error *err);
+                              float *adam_m, float *adam_v, const nm_ckpt_shard *shard, char *out_dir,
+                              size_t out_cap, nm_error *err);
+
+// The check behind load: trainer.json's text (len bytes, need not be NUL-terminated) as read
+// from dir/trainer.json, and the size + CRC of every file it lists in dir. Fills st (free
+// with nm_ckpt_state_free) and returns 0, or -1 with err. Public for the fuzz target.
+int nm_checkpoint_verify_trainer(const char *dir, const char *text, size_t len, nm_ckpt_state *st, nm_error *err);
 
 // Path of the newest valid checkpoint directory (for `sample --model RUN_DIR`), or -1.
 int nm_checkpoint_find_latest(const char *run_dir, char *out_dir, size_t out_cap, nm_error *err);

@@ -15,6 +15,11 @@ static int row_is_optimised(const nm_tensor_spec *r) {
 
 int nm_optimizer_create(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
                         nm_error *err) {
+    return nm_optimizer_create_sharded(out, table, cfg, NULL, err);
+}
+
+int nm_optimizer_create_sharded(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
+                                const unsigned char *owned, nm_error *err) {
     NM_CHECK(out && table && cfg, "NULL argument");
     *out = NULL;
     if (!(cfg->beta1 >= 0.0 && cfg->beta1 < 1.0))
@@ -30,16 +35,34 @@ int nm_optimizer_create(nm_optimizer **out, const nm_param_table *table, const n
     int64_t n_chunks = 0;
     for (int i = 0; i < table->n_rows; i++) {
         const nm_tensor_spec *r = &table->rows[i];
-        if (!row_is_optimised(r) || r->numel <= 0) continue;
+        if (!row_is_optimised(r) || r->numel <= 0 || (owned && !owned[i])) continue;
         NM_CHECK(r->offset + (size_t)r->numel <= table->n_floats, "row %s overruns the buffer", r->name);
         n_chunks += (r->numel + NM_OPTIM_CHUNK - 1) / NM_OPTIM_CHUNK;
+    }
+    // Unsharded, m and v share the parameters' layout (checkpoints index them by row offset);
+    // sharded, the owned rows are packed.
+    size_t *row_state = nm_malloc((size_t)(table->n_rows > 0 ? table->n_rows : 1) * sizeof(size_t));
+    size_t n_state = owned ? 0 : table->n_floats;
+    for (int i = 0; i < table->n_rows; i++) {
+        const nm_tensor_spec *r = &table->rows[i];
+        row_state[i] = SIZE_MAX;
+        if (!row_is_optimised(r) || (owned && !owned[i])) continue;
+        if (!owned) {
+            row_state[i] = r->offset;
+            continue;
+        }
+        n_state = (n_state + NM_PARAM_ALIGN - 1) / NM_PARAM_ALIGN * NM_PARAM_ALIGN;
+        row_state[i] = n_state;
+        n_state += (size_t)r->numel;
     }
 
     nm_optimizer *opt = nm_calloc(1, sizeof(*opt));
     opt->table = table;
     opt->cfg = *cfg;
-    opt->m = nm_aligned_alloc(table->n_floats * sizeof(float));
-    opt->v = nm_aligned_alloc(table->n_floats * sizeof(float));
+    opt->n_state = n_state;
+    opt->row_state = row_state;
+    opt->m = nm_aligned_alloc((n_state ? n_state : 1) * sizeof(float));
+    opt->v = nm_aligned_alloc((n_state ? n_state : 1) * sizeof(float));
     opt->chunks = nm_calloc((size_t)(n_chunks ? n_chunks : 1), sizeof(nm_optim_chunk));
     opt->partials = nm_calloc((size_t)(n_chunks ? n_chunks : 1), sizeof(double));
     opt->n_chunks = n_chunks;
@@ -47,11 +70,12 @@ int nm_optimizer_create(nm_optimizer **out, const nm_param_table *table, const n
     int64_t c = 0;
     for (int i = 0; i < table->n_rows; i++) {
         const nm_tensor_spec *r = &table->rows[i];
-        if (!row_is_optimised(r) || r->numel <= 0) continue;
+        if (!row_is_optimised(r) || r->numel <= 0 || (owned && !owned[i])) continue;
         for (size_t at = 0; at < (size_t)r->numel; at += NM_OPTIM_CHUNK) {
             size_t len = (size_t)r->numel - at;
             if (len > NM_OPTIM_CHUNK) len = NM_OPTIM_CHUNK;
-            opt->chunks[c++] = (nm_optim_chunk){r->offset + at, len, i, (r->flags & NM_TENSOR_DECAY) != 0};
+            opt->chunks[c++] = (nm_optim_chunk){r->offset + at, row_state[i] + at, len, i,
+                                                (r->flags & NM_TENSOR_DECAY) != 0};
             opt->n_params += (int64_t)len;
         }
     }
@@ -66,6 +90,7 @@ void nm_optimizer_destroy(nm_optimizer *opt) {
     nm_free(opt->v);
     nm_free(opt->chunks);
     nm_free(opt->partials);
+    nm_free(opt->row_state);
     opt->m = opt->v = NULL;
     opt->chunks = NULL;
     opt->partials = NULL;
@@ -88,6 +113,10 @@ static double chunk_sumsq(const float *g, size_t n) {
 }
 
 double nm_optimizer_grad_norm(nm_optimizer *opt, const float *grads) {
+    return sqrt(nm_optimizer_grad_sumsq(opt, grads));
+}
+
+double nm_optimizer_grad_sumsq(nm_optimizer *opt, const float *grads) {
     const nm_optim_chunk *chunks = opt->chunks;
     double *partials = opt->partials;
     int64_t n = opt->n_chunks;
@@ -96,7 +125,7 @@ double nm_optimizer_grad_norm(nm_optimizer *opt, const float *grads) {
     // The final reduction is sequential in chunk order: fixed, whatever the thread count.
     double sum = 0.0;
     for (int64_t c = 0; c < n; c++) sum += partials[c];
-    return sqrt(sum);
+    return sum;
 }
 
 int nm_optimizer_first_nonfinite(const nm_optimizer *opt, const float *grads) {
@@ -207,8 +236,8 @@ void nm_optimizer_step_scaled(nm_optimizer *opt, float *params, const float *gra
     // Every element is independent, so any thread split gives the same bits.
 #pragma omp parallel for schedule(static)
     for (int64_t ci = 0; ci < opt->n_chunks; ci++) {
-        const size_t off = chunks[ci].offset;
-        adamw_chunk(params + off, m + off, v + off, grads + off, chunks[ci].len, chunks[ci].decay ? decay_mul : 1.0f,
+        const size_t off = chunks[ci].offset, so = chunks[ci].state;
+        adamw_chunk(params + off, m + so, v + so, grads + off, chunks[ci].len, chunks[ci].decay ? decay_mul : 1.0f,
                     &k);
     }
 }

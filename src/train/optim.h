@@ -21,8 +21,9 @@
 //  - touch rows flagged NM_TENSOR_ROUTER_BIAS (updated by the balance rule, balance.h) or
 //    NM_TENSOR_TIED (no storage of their own; the owner row is updated once). Those rows
 //    are also left out of the gradient norm;
-//  - ZeRO-1 sharding: m and v cover the whole buffer. Sharding is offset arithmetic on the
-//    same chunk list once the communicator exists.
+//  - communicate. Under ZeRO-1 (src/train/zero.h) the optimizer is created for the rows this
+//    rank owns (nm_optimizer_create_sharded): m and v hold only those rows, packed, and the
+//    norm here is this rank's part (nm_optimizer_grad_sumsq); the trainer reduces it.
 #pragma once
 
 #include <stddef.h>
@@ -41,7 +42,8 @@ typedef struct nm_adamw_config {
 // A contiguous run of one row's floats; the unit of parallel work and of the norm's
 // fixed reduction order.
 typedef struct nm_optim_chunk {
-    size_t offset;              // in floats, into params/grads/m/v
+    size_t offset;              // in floats, into params/grads
+    size_t state;               // in floats, into m/v (== offset unless sharded)
     size_t len;                 // floats, <= NM_OPTIM_CHUNK
     int row;                    // table row
     int decay;                  // 1 when the row has NM_TENSOR_DECAY
@@ -53,8 +55,10 @@ typedef struct nm_optim_chunk {
 typedef struct nm_optimizer {
     const nm_param_table *table; // borrowed; must outlive the optimizer
     nm_adamw_config cfg;
-    float *m;                   // (table->n_floats) first moment, same layout as params
-    float *v;                   // (table->n_floats) second moment
+    float *m;                   // (n_state) first moment: params' layout, or the owned rows packed
+    float *v;                   // (n_state) second moment
+    size_t n_state;             // floats of m and v
+    size_t *row_state;          // (table->n_rows) offset of each row in m/v; SIZE_MAX: not held here
     int64_t step;               // number of updates applied so far (t of the next update - 1)
     nm_optim_chunk *chunks;     // (n_chunks) every optimised float, in table row order
     int64_t n_chunks;
@@ -76,6 +80,13 @@ typedef struct nm_grad_report {
 int nm_optimizer_create(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
                         nm_error *err);
 void nm_optimizer_destroy(nm_optimizer *opt);
+// The ZeRO-1 form: state for the rows with owned[row] != 0 only (owned: (table->n_rows)),
+// packed in row order; NULL owned means every row (= nm_optimizer_create).
+int nm_optimizer_create_sharded(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
+                                const unsigned char *owned, nm_error *err);
+
+// Sum of squares of the optimised gradients in double, fixed order (the norm's square).
+double nm_optimizer_grad_sumsq(nm_optimizer *opt, const float *grads /* (n_floats) */);
 
 // Global L2 norm over the optimised rows, sqrt of a double sum; deterministic.
 double nm_optimizer_grad_norm(nm_optimizer *opt, const float *grads /* (n_floats) */);

@@ -15,6 +15,7 @@
 #include <cjson/cJSON.h>
 
 #include "io/fileio.h"
+#include "io/hf_dir.h"
 
 // Enum fields are read and written through int pointers.
 static_assert(sizeof(nm_precision) == sizeof(int), "enum size");
@@ -74,6 +75,16 @@ static const key_spec keys[] = {
     {"precision", K_ENUM, OFF(precision), 0, NULL, 0, 0, 0, precision_names, 0, "compute precision"},
     {"seed", K_INT, OFF(seed), 1234, NULL, 0, BIG, 0, NULL, 0, "seed of every random stream"},
     {"threads", K_INT, OFF(threads), 0, NULL, 0, 4096, 0, NULL, 0, "OpenMP threads (0: default)"},
+    {"tensor_parallel_size", K_INT, OFF(tensor_parallel_size), 1, NULL, 1, 1 << 20, 0, NULL, 0,
+     "tensor-parallel ranks (Megatron --tensor-model-parallel-size)"},
+    {"pipeline_parallel_size", K_INT, OFF(pipeline_parallel_size), 1, NULL, 1, 1 << 20, 0, NULL, 0,
+     "pipeline stages (Megatron --pipeline-model-parallel-size)"},
+    {"expert_parallel_size", K_INT, OFF(expert_parallel_size), 1, NULL, 1, 1 << 20, 0, NULL, 0,
+     "ranks the routed experts are sharded over (Megatron --expert-model-parallel-size)"},
+    {"exit_interval", K_INT, OFF(exit_interval), 0, NULL, 0, BIG, 0, NULL, 0,
+     "stop at a step divisible by this, schedule unchanged (Megatron --exit-interval); 0: off"},
+    {"bucket_mb", K_INT, OFF(bucket_mb), 40, NULL, 1, 1 << 20, 0, NULL, 0,
+     "gradient reduce-scatter bucket size, MiB of fp32 gradients"},
     {"optimizer.lr", K_FLOAT, OFF(optimizer.lr), 3e-4, NULL, 0, 10, 1, NULL, 0, "peak learning rate"},
     {"optimizer.min_lr", K_FLOAT, OFF(optimizer.min_lr), 3e-5, NULL, 0, 10, 0, NULL, 0, "final learning rate"},
     {"optimizer.beta1", K_FLOAT, OFF(optimizer.beta1), 0.9, NULL, 0, 0.999999, 0, NULL, 0, "AdamW beta1"},
@@ -491,6 +502,25 @@ static int apply_object(nm_train_config *cfg, const cJSON *obj, const char *sect
     return 0;
 }
 
+// `--set model_config.KEY=VALUE`: VALUE is JSON (2048, true, null, "x", [..]); anything that is
+// not valid JSON is taken as a string. The model config's own parser checks the key and value.
+static int add_model_set(nm_train_config *cfg, const char *key, const char *value, nm_error *err) {
+    if (!*key || strchr(key, '.'))
+        return nm_error_set(err, "--set model_config.%s: expected model_config.KEY=VALUE with a top-level key of "
+                                 "config.json, e.g. --set model_config.vocab_size=2048", key);
+    cJSON *obj = cfg->model_set ? cJSON_Parse(cfg->model_set) : cJSON_CreateObject();
+    cJSON *v = cJSON_Parse(value);
+    if (!v) v = cJSON_CreateString(value);
+    cJSON_DeleteItemFromObjectCaseSensitive(obj, key);
+    cJSON_AddItemToObject(obj, key, v);
+    char *text = cJSON_PrintUnformatted(obj);
+    cJSON_Delete(obj);
+    NM_CHECK(text, "cJSON_PrintUnformatted");
+    set_string(&cfg->model_set, text);
+    free(text);
+    return 0;
+}
+
 static int apply_override(nm_train_config *cfg, const char *ov, nm_error *err) {
     const char *eq = strchr(ov, '=');
     char where[160];
@@ -501,6 +531,7 @@ static int apply_override(nm_train_config *cfg, const char *ov, nm_error *err) {
     if (n >= sizeof(name)) return nm_error_set(err, "--set %s: key too long", ov);
     memcpy(name, ov, n);
     name[n] = 0;
+    if (strncmp(name, "model_config.", 13) == 0) return add_model_set(cfg, name + 13, eq + 1, err);
     int ki = find_key(name);
     if (ki < 0) return unknown_key(err, "--set", name);
     return set_from_text(cfg, &keys[ki], eq + 1, where, err);
@@ -531,6 +562,9 @@ int nm_train_config_parse(nm_train_config *cfg, const char *json_text, const cha
     cJSON_Delete(root);
     for (int i = 0; rc == 0 && i < n_overrides; i++) rc = apply_override(cfg, overrides[i], err);
     if (rc == 0) rc = validate(cfg, where, err);
+    if (rc == 0 && cfg->model_set && !cfg->model)
+        rc = nm_error_set(err, "%s: --set model_config.* edits the config of a fresh model ('model'); with 'init_from' "
+                               "the checkpoint's config.json is used as it is", where);
     if (rc != 0) nm_train_config_free(cfg);
     return rc;
 }
@@ -563,8 +597,37 @@ void nm_train_config_free(nm_train_config *cfg) {
         if (keys[i].type == K_PATH || keys[i].type == K_STRING) set_string(field(cfg, &keys[i]), NULL);
     }
     free_sources(cfg);
+    set_string(&cfg->model_set, NULL);
     nm_free(cfg->source_path);
     cfg->source_path = NULL;
+}
+
+int nm_train_config_model_config(const nm_train_config *cfg, nm_model_config *out, nm_error *err) {
+    if (cfg->init_from) return nm_hf_dir_load_config(cfg->init_from, out, err);
+    if (!cfg->model_set) return nm_model_config_load(out, cfg->model, err);
+    char *text = NULL;
+    if (nm_file_read_all(cfg->model, &text, NULL, err)) return -1;
+    cJSON *root = cJSON_Parse(text);
+    nm_free(text);
+    if (!cJSON_IsObject(root)) {
+        cJSON_Delete(root);
+        return nm_error_set(err, "%s: not a JSON object", cfg->model);
+    }
+    cJSON *set = cJSON_Parse(cfg->model_set);
+    NM_CHECK(set, "model_set is valid JSON");
+    for (cJSON *c = set->child; c; c = c->next) {
+        cJSON_DeleteItemFromObjectCaseSensitive(root, c->string);
+        cJSON_AddItemToObject(root, c->string, cJSON_Duplicate(c, 1));
+    }
+    cJSON_Delete(set);
+    char *merged = cJSON_Print(root);
+    cJSON_Delete(root);
+    NM_CHECK(merged, "cJSON_Print");
+    char where[1100];
+    snprintf(where, sizeof(where), "%s with --set model_config %s", cfg->model, cfg->model_set);
+    int rc = nm_model_config_parse(out, merged, where, err);
+    free(merged);
+    return rc;
 }
 
 // --- serialise / describe --------------------------------------------------------------------------

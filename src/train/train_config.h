@@ -40,6 +40,7 @@
 
 #include "core/check.h"
 #include "core/precision.h"
+#include "model/config.h"
 #include "train/optim.h"
 #include "train/schedule.h"
 
@@ -53,6 +54,8 @@ typedef struct nm_train_config {
     char *model;                // resolved HF config.json, or NULL
     char *init_from;            // resolved HF model directory, or NULL
     char *tokenizer;            // "bytes" or a resolved tokenizer.json path
+    char *model_set;            // JSON object of `--set model_config.KEY=VALUE` edits to `model`'s
+                                // config (fresh models only), or NULL
     // --- data -------------------------------------------------------------------------------
     int data_synthetic;         // 1: generated corpus of data_synthetic_tokens tokens
     int64_t data_synthetic_tokens;
@@ -68,6 +71,12 @@ typedef struct nm_train_config {
     nm_precision precision;
     int64_t seed;               // in [0, 2^53], so JSON numbers hold it exactly
     int64_t threads;            // OpenMP threads, 0: the runtime's default
+    // --- parallel layout (design.md 6; data_parallel_size = world / (tp * pp)) --------------
+    int64_t tensor_parallel_size;   // 1
+    int64_t pipeline_parallel_size; // 1
+    int64_t expert_parallel_size;   // 1: routed experts sharded over this many ranks
+    int64_t bucket_mb;              // ZeRO-1 gradient bucket size in MiB of fp32 (40)
+    int64_t exit_interval;          // stop (after a checkpoint) at a step divisible by this; 0: off
     struct {
         double lr, min_lr;      // schedule's lr_max / lr_min
         double beta1, beta2, eps, weight_decay;
@@ -131,3 +140,8 @@ const char *nm_precision_name(nm_precision p);
 
 // Prints every key with its type and default (for `train --help`).
 void nm_train_config_describe(FILE *fp);
+
+// The model config of the run: init_from's config.json, or `model` with the
+// `--set model_config.KEY=VALUE` edits applied (the edited JSON is the config's json_text, so
+// checkpoints record it). Returns 0 or -1 with err naming the file, key and value.
+int nm_train_config_model_config(const nm_train_config *cfg, nm_model_config *out, nm_error *err);

@@ -8,7 +8,14 @@
 //
 // Determinism: every reduction has a fixed order and every random draw is counter-based, so
 // a run resumed from a checkpoint continues bit for bit (tests/test_resume.sh kills one).
-// Not here yet: data/tensor/expert/pipeline parallelism (world is 1).
+// Parallelism (design.md 6, docs/parallelism.md): the same step on every rank of the mesh.
+// Each data-parallel rank takes its rows of every global batch; gradients are reduce-
+// scattered (ZeRO-1, train/zero.h), each rank updates the tensors it owns and the parameters
+// are all-gathered; the loss, the expert loads and the gradient norm are all-reduced so that
+// every rank takes the same decisions (clipping, skipping, bias updates). Only rank 0 prints
+// and writes logs; checkpoints are written by every rank (train/checkpoint.h).
+// Tensor and pipeline parallelism are refused at start: the mesh has the groups, the model
+// does not split over them yet.
 #define _GNU_SOURCE
 #include "nanomegatron.h"
 
@@ -16,11 +23,15 @@
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <omp.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include "data/tokenizer.h"
+#include "dist/comm.h"
+#include "dist/mesh.h"
 #include "io/fileio.h"
 #include "io/hf_dir.h"
 #include "model/flops.h"
@@ -29,6 +40,7 @@
 #include "train/metrics.h"
 #include "train/schedule.h"
 #include "train/tensorboard.h"
+#include "train/zero.h"
 
 struct nm_trainer {
     nm_train_config cfg;        // borrowed, immutable
@@ -36,6 +48,11 @@ struct nm_trainer {
     nm_model_config mcfg;
     nm_model *model;
     nm_optimizer *optim;
+    nm_comm *world;             // owned
+    nm_mesh *mesh;              // groups of the layout
+    nm_zero *zero;              // ZeRO-1 ownership and buckets (world > 1)
+    int rank0;                  // this process prints and writes the logs
+    int64_t comm_seen[3][NM_COMM_N_OPS]; // dp / edp / ep byte counters at the last step's end
     nm_loader *train_data;
     nm_loader *valid_data;      // NULL when there is no validation split
     nm_lr_schedule sched;
@@ -53,7 +70,7 @@ struct nm_trainer {
     char nan_first[256];        // tensor where the current streak's first non-finite value appeared
 
     double flops_per_token;
-    double peak_flops;          // measured fp32 GEMM FLOP/s
+    double peak_flops;          // measured fp32 GEMM FLOP/s, summed over the ranks
     double t_start;             // wall clock at create (for ETA)
     int64_t step_at_start;
 
@@ -164,9 +181,39 @@ static int make_loaders(nm_trainer *t, nm_error *err) {
     // Megatron compat: the train split's first steps*global_batch samples are exactly
     // Megatron's GPTDataset order for the same data, seed and seq_len.
     spec.num_samples[NM_SPLIT_TRAIN] = c->steps * c->global_batch;
-    if (nm_loader_create(&t->train_data, &spec, NM_SPLIT_TRAIN, 0, 1, err) != 0) return -1;
+    if (nm_loader_create(&t->train_data, &spec, NM_SPLIT_TRAIN, t->mesh->dp_rank, (int)t->mesh->n.dp, err) != 0)
+        return -1;
+    // Validation: every rank runs the same held-out batches (expert-parallel forwards need
+    // every rank of the group), so the value is the one-process value on every rank.
     if (c->log.eval_every > 0 && c->data_split_frac[1] > 0) {
         if (nm_loader_create(&t->valid_data, &spec, NM_SPLIT_VALID, 0, 1, err) != 0) return -1;
+    }
+    return 0;
+}
+
+// Mismatches between the training config and the model, found before anything is allocated:
+// a tokenizer with more ids than the model's vocabulary is refused (otherwise the first step
+// fails on a token id); a bias update speed for a router that ignores the bias gets a notice.
+static int check_model_against_config(const nm_model_config *m, const nm_train_config *cfg, nm_error *err) {
+    if (m->E > 0 && m->topk_method != NM_TOPK_NOAUX_TC && cfg->balance.bias_update_speed > 0) {
+        fprintf(stderr, "notice: balance.bias_update_speed %g is not used: aux-loss-free balancing needs "
+                        "topk_method 'noaux_tc' (this model's routing ignores the bias)\n",
+                cfg->balance.bias_update_speed);
+    }
+    const char *tok_path = cfg->tokenizer ? cfg->tokenizer : "bytes";
+    nm_tokenizer *tok = NULL;
+    if (nm_tokenizer_load(&tok, tok_path, err) != 0) return -1;
+    int64_t n_ids = nm_tokenizer_vocab_size(tok);
+    nm_tokenizer_free(tok);
+    if (n_ids > m->V) {
+        if (cfg->init_from)
+            return nm_error_set(err, "tokenizer %s has %lld ids but the model's vocab_size is %lld (%s): use the "
+                                     "tokenizer the checkpoint was trained with", tok_path, (long long)n_ids,
+                                (long long)m->V, cfg->init_from);
+        return nm_error_set(err, "tokenizer %s has %lld ids but the model's vocab_size is %lld (%s): give the model "
+                                 "at least %lld, e.g. --set model_config.vocab_size=%lld, or train a tokenizer with "
+                                 "at most %lld ids", tok_path, (long long)n_ids, (long long)m->V, cfg->model,
+                            (long long)n_ids, (long long)n_ids, (long long)m->V);
     }
     return 0;
 }
@@ -183,26 +230,50 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
         openblas_set_num_threads((int)cfg->threads);
     }
     int rc = -1;
-    if (nm_train_config_accum_steps(cfg, 1, &t->accum, err) != 0) goto fail;
-    if (cfg->init_from) {
-        if (nm_hf_dir_load_config(cfg->init_from, &t->mcfg, err) != 0) goto fail;
-    } else if (nm_model_config_load(&t->mcfg, cfg->model, err) != 0) {
+    if (nm_comm_init(&t->world, err) != 0) goto fail;
+    t->rank0 = t->world->rank == 0;
+    if (!t->rank0) t->opts.quiet = 1;
+    if (nm_train_config_model_config(cfg, &t->mcfg, err) != 0) goto fail;
+    if (check_model_against_config(&t->mcfg, cfg, err) != 0) goto fail;
+    // The layout, checked on every rank before any work.
+    nm_mesh_sizes ms;
+    int64_t n_moe_layers = 0;
+    for (int64_t l = 0; l < t->mcfg.L; l++) n_moe_layers += nm_layer_is_moe(&t->mcfg, l);
+    if (nm_mesh_check(&ms, t->world->size, cfg->tensor_parallel_size, cfg->pipeline_parallel_size,
+                      cfg->expert_parallel_size, n_moe_layers > 0 ? t->mcfg.E : 0, cfg->global_batch, cfg->micro_batch,
+                      err) != 0)
+        goto fail;
+    if (ms.tp > 1 || ms.pp > 1) {
+        nm_error_set(err, "tensor_parallel_size %lld, pipeline_parallel_size %lld: tensor and pipeline parallelism "
+                     "are not implemented yet (only data and expert parallelism: set both to 1)",
+                     (long long)ms.tp, (long long)ms.pp);
         goto fail;
     }
+    if (ms.ep > 1 && !nm_model_supports_expert_parallel()) {
+        nm_error_set(err, "expert_parallel_size %lld: expert parallelism is not implemented yet", (long long)ms.ep);
+        goto fail;
+    }
+    if (nm_mesh_create(&t->mesh, t->world, &ms, err) != 0) goto fail;
+    if (nm_train_config_accum_steps(cfg, ms.dp, &t->accum, err) != 0) goto fail;
     t->T = cfg->seq_len + 1;
-    nm_model_options mopts = {.recompute = opts->recompute};
+    nm_model_options mopts = {.recompute = opts->recompute, .ep = t->mesh->ep};
     if (nm_model_create_ex(&t->model, &t->mcfg, nm_ops_cpu(), cfg->micro_batch, t->T, &mopts, err) != 0) goto fail;
     if (nm_model_set_precision(t->model, cfg->precision, err) != 0) goto fail;
     const nm_param_table *table = nm_model_table(t->model);
     t->model_params_readonly = nm_model_params(t->model);
     if (cfg->init_from) {
-        if (nm_hf_dir_load_params(cfg->init_from, table, nm_model_params(t->model), err) != 0) goto fail;
+        if (nm_hf_dir_load_model(cfg->init_from, table, &t->mcfg, (uint64_t)cfg->seed, nm_model_params(t->model), err) != 0) goto fail;
     } else {
         nm_params_init(nm_model_params(t->model), table, &t->mcfg, (uint64_t)cfg->seed);
     }
     nm_adamw_config acfg;
     nm_train_config_adamw(cfg, &acfg);
-    if (nm_optimizer_create(&t->optim, table, &acfg, err) != 0) goto fail;
+    if (t->world->size > 1) {
+        if (nm_zero_create(&t->zero, table, t->mesh->dp, t->mesh->edp, cfg->bucket_mb * 262144, err) != 0) goto fail;
+        if (nm_optimizer_create_sharded(&t->optim, table, &acfg, t->zero->owned, err) != 0) goto fail;
+    } else if (nm_optimizer_create(&t->optim, table, &acfg, err) != 0) {
+        goto fail;
+    }
     nm_train_config_lr_schedule(cfg, &t->sched);
     if (make_loaders(t, err) != 0) goto fail;
 
@@ -220,7 +291,8 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     t->hist_vloss = nm_calloc((size_t)cfg->steps + 2, sizeof(double));
 
     // resume
-    if (nm_mkdir_p(opts->run_dir, err) != 0) goto fail;
+    if (t->rank0 && nm_mkdir_p(opts->run_dir, err) != 0) goto fail;
+    if (nm_comm_barrier(t->world, err) != 0) goto fail;
     char metrics_path[4200];
     snprintf(metrics_path, sizeof(metrics_path), "%s/metrics.jsonl", opts->run_dir);
     int resumed = 0;
@@ -240,11 +312,13 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     if (opts->resume) {
         nm_ckpt_state st;
         char dir[4200];
+        nm_ckpt_shard shard = {.world = t->world, .owned = t->zero ? t->zero->owned : NULL,
+                               .row_state = t->optim->row_state};
         int lr = nm_checkpoint_load_latest(opts->run_dir, &st, table, nm_model_params(t->model), t->optim->m,
-                                           t->optim->v, dir, sizeof(dir), err);
+                                           t->optim->v, &shard, dir, sizeof(dir), err);
         if (lr < 0) goto fail;
         if (lr == 1) {
-            if (!opts->quiet) printf("resume: no checkpoint in %s, starting fresh\n", opts->run_dir);
+            if (!t->opts.quiet) printf("resume: no checkpoint in %s, starting fresh\n", opts->run_dir);
         } else {
             t->step = st.step;
             t->tokens_seen = st.tokens;
@@ -254,20 +328,25 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
             nm_loader_set_cursor(t->train_data, (nm_data_cursor){.sample = st.data_sample});
             if (st.seed != cfg->seed) fprintf(stderr, "resume: warning: checkpoint seed %lld differs from config seed %lld\n", (long long)st.seed, (long long)cfg->seed);
             nm_ckpt_state_free(&st);
-            if (rewind_metrics(t, metrics_path, t->step, err) != 0) goto fail;
+            if (t->rank0 && rewind_metrics(t, metrics_path, t->step, err) != 0) goto fail;
             resumed = 1;
-            if (!opts->quiet) printf("resume: continuing from %s (step %lld)\n", dir, (long long)t->step);
+            if (!t->opts.quiet) printf("resume: continuing from %s (step %lld)\n", dir, (long long)t->step);
         }
     }
-    if (nm_metrics_open(&t->metrics, metrics_path, resumed, err) != 0) goto fail;
-    if (nm_tb_open(&t->tb, opts->run_dir, -1.0, err) != 0) goto fail;
+    if (t->rank0) {
+        if (nm_metrics_open(&t->metrics, metrics_path, resumed, err) != 0) goto fail;
+        if (nm_tb_open(&t->tb, opts->run_dir, -1.0, err) != 0) goto fail;
+    }
 
     t->flops_per_token = nm_model_flops_per_token(&t->mcfg, t->T);
+    // Every rank measures at once (on a shared machine that is the capacity they share); the
+    // job's peak is the sum.
     t->peak_flops = measure_gemm_peak();
+    if (nm_comm_all_reduce(t->world, &t->peak_flops, 1, NM_DT_F64, NM_RED_SUM, err) != 0) goto fail;
     t->tty = nm_progress_is_tty(stdout);
     t->t_start = now_s();
     t->step_at_start = t->step;
-    if (!opts->quiet) {
+    if (!t->opts.quiet) {
         char total[32], active[32], desc[256];
         nm_format_si(total, sizeof(total), (double)table->n_params_main);
         nm_format_si(active, sizeof(active), (double)nm_model_params_active(&t->mcfg));
@@ -280,6 +359,15 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
         printf("data  %s | seq %lld x batch %lld (micro %lld x %lld accum) | %s | %d threads\n", desc,
                (long long)cfg->seq_len, (long long)cfg->global_batch, (long long)cfg->micro_batch, (long long)t->accum,
                nm_precision_name(cfg->precision), omp_get_max_threads());
+        char layout[160];
+        nm_mesh_describe(&ms, layout, sizeof(layout));
+        double mib = 1048576.0;
+        printf("layout %s | per rank: params %.1f MiB, grads %.1f MiB, optimizer shard %.1f MiB (%.1f%% of the "
+               "state), activations %.1f MiB\n",
+               layout, (double)table->n_floats * 4 / mib, (double)table->n_floats * 4 / mib,
+               (double)t->optim->n_state * 8 / mib,
+               100.0 * (double)t->optim->n_params / (double)(table->n_params_main + table->n_params_mtp),
+               (double)nm_model_activation_bytes(t->model) / mib);
         printf("peak  %.1f GFLOP/s fp32 GEMM measured (%s) | %.2f MFLOP/token | activations %.1f MiB",
                t->peak_flops / 1e9, nm_ops_cpu()->kernel_names(), t->flops_per_token / 1e6,
                (double)nm_model_activation_bytes(t->model) / 1048576.0);
@@ -294,11 +382,99 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     *out = t;
     return 0;
 fail:
+    // The caller prints err and, under MPI, stops the job (nm_trainer_abort).
     nm_trainer_destroy(t);
     return rc;
 }
 
 // --- step -------------------------------------------------------------------------------------
+
+// This rank's bytes moved during the step, per group and operation (docs/parallelism.md has
+// the formulas): the counters' growth since the last step.
+static int comm_metrics(nm_trainer *t, nm_metric *kv) {
+    static const char *const keys[][NM_COMM_N_OPS] = {
+        {"comm_dp_all_reduce_bytes", "comm_dp_reduce_scatter_bytes", "comm_dp_all_gather_bytes", NULL, NULL, NULL, NULL},
+        {NULL, "comm_edp_reduce_scatter_bytes", "comm_edp_all_gather_bytes", NULL, NULL, NULL, NULL},
+        {NULL, NULL, NULL, "comm_ep_all_to_all_bytes", NULL, NULL, NULL},
+    };
+    nm_comm *groups[3] = {t->mesh->dp, t->mesh->edp, t->mesh->ep};
+    int n = 0;
+    for (int g = 0; g < 3; g++) {
+        for (int op = 0; op < NM_COMM_N_OPS; op++) {
+            if (!keys[g][op]) continue;
+            int64_t now = groups[g]->counters.bytes[op];
+            kv[n++] = NM_METRIC_I(keys[g][op], now - t->comm_seen[g][op]);
+            t->comm_seen[g][op] = now;
+        }
+    }
+    return n;
+}
+
+// The name the lowest rank holding one gave, on every rank ("" when no rank has one).
+static int first_bad_name(nm_trainer *t, const char *mine, char out[128], nm_error *err) {
+    out[0] = 0;
+    if (t->world->size == 1) {
+        if (mine) snprintf(out, 128, "%s", mine);
+        return 0;
+    }
+    int32_t who = mine ? t->world->rank : INT32_MAX;
+    if (nm_comm_all_reduce(t->world, &who, 1, NM_DT_I32, NM_RED_MIN, err) != 0) return -1;
+    if (who == INT32_MAX) return 0;
+    int32_t words[32] = {0};
+    if (t->world->rank == who) snprintf((char *)words, sizeof(words), "%s", mine);
+    if (nm_comm_broadcast(t->world, words, 32, NM_DT_I32, who, err) != 0) return -1;
+    snprintf(out, 128, "%s", (const char *)words);
+    return 0;
+}
+
+// After the micro-batches: gradients reduce-scattered to their owners, and the loss terms,
+// the finiteness flag and the expert loads all-reduced, so every rank decides the same.
+static int reduce_step(nm_trainer *t, nm_step_metrics *m, int n_moe, int *finite, nm_error *err) {
+    if (t->world->size == 1) return 0;
+    if (nm_zero_reduce_scatter_grads(t->zero, nm_model_grads(t->model), err) != 0) return -1;
+    nm_comm *dp = t->mesh->dp;
+    double dpn = (double)t->mesh->n.dp;
+    double terms[5] = {m->loss, m->ce_loss, m->mtp_loss, m->aux_loss, *finite ? 0.0 : 1.0};
+    if (nm_comm_all_reduce(dp, terms, 5, NM_DT_F64, NM_RED_SUM, err) != 0) return -1;
+    m->loss = terms[0] / dpn;
+    m->ce_loss = terms[1] / dpn;
+    m->mtp_loss = terms[2] / dpn;
+    m->aux_loss = terms[3] / dpn;
+    *finite = terms[4] == 0.0;
+    int64_t E = t->mcfg.E;
+    if (n_moe > 0 && nm_comm_all_reduce(dp, t->step_counts, (int64_t)n_moe * E, NM_DT_I64, NM_RED_SUM, err) != 0)
+        return -1;
+    return 0;
+}
+
+// The pre-step checks over the whole job: the norm from every rank's owned rows (each tensor
+// is owned once in the world), clipping from it, and the first non-finite tensor's name.
+static int check_grads(nm_trainer *t, double max_norm, nm_grad_report *rep, nm_error *err) {
+    if (t->world->size == 1) {
+        nm_optimizer_check_grads(t->optim, nm_model_grads(t->model), max_norm, rep);
+        return 0;
+    }
+    memset(rep, 0, sizeof(*rep));
+    double sumsq = nm_optimizer_grad_sumsq(t->optim, nm_model_grads(t->model));
+    if (nm_comm_all_reduce(t->world, &sumsq, 1, NM_DT_F64, NM_RED_SUM, err) != 0) return -1;
+    rep->norm = sqrt(sumsq);
+    rep->bad_row = -1;
+    rep->clip_scale = 1.0f;
+    if (!isfinite(rep->norm)) {
+        rep->finite = 0;
+        int row = nm_optimizer_first_nonfinite(t->optim, nm_model_grads(t->model));
+        static char name[128];
+        if (first_bad_name(t, row >= 0 ? nm_model_table(t->model)->rows[row].name : NULL, name, err) != 0) return -1;
+        rep->bad_name = name[0] ? name : NULL;
+        return 0;
+    }
+    rep->finite = 1;
+    if (max_norm > 0.0) {
+        double coef = max_norm / (rep->norm + 1e-6);
+        rep->clip_scale = coef < 1.0 ? (float)coef : 1.0f;
+    }
+    return 0;
+}
 
 int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err) {
     *val_loss = NAN;
@@ -321,15 +497,18 @@ int nm_trainer_save(nm_trainer *t, nm_error *err) {
     nm_ckpt_state st = {
         .step = t->step, .tokens = t->tokens_seen, .data_sample = nm_loader_get_cursor(t->train_data).sample,
         .optim_step = t->optim->step, .skipped_steps = t->skipped_steps, .nan_streak = t->nan_streak,
-        .seed = t->cfg.seed, .world = 1,
+        .seed = t->cfg.seed, .world = t->mesh->n.dp,
     };
     st.train_config_json = nm_train_config_to_json(&t->cfg);
     st.tokenizer = nm_strdup(t->cfg.tokenizer ? t->cfg.tokenizer : "bytes");
     char dir[4200];
-    int rc = nm_metrics_sync(t->metrics, err);
+    int rc = t->metrics ? nm_metrics_sync(t->metrics, err) : 0;
     if (rc == 0) {
+        nm_ckpt_shard shard = {.world = t->world, .owned = t->zero ? t->zero->owned : NULL,
+                               .row_state = t->optim->row_state, .tp = t->mesh->n.tp, .pp = t->mesh->n.pp,
+                               .ep = t->mesh->n.ep};
         rc = nm_checkpoint_save(t->opts.run_dir, &st, &t->mcfg, nm_model_table(t->model), nm_model_params(t->model),
-                                t->optim->m, t->optim->v, t->cfg.checkpoint.keep_last, dir, sizeof(dir), err);
+                                t->optim->m, t->optim->v, &shard, t->cfg.checkpoint.keep_last, dir, sizeof(dir), err);
     }
     nm_ckpt_state_free(&st);
     if (rc == 0 && !t->opts.quiet) {
@@ -343,6 +522,9 @@ int nm_trainer_save(nm_trainer *t, nm_error *err) {
 int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     const nm_train_config *c = &t->cfg;
     if (t->step >= c->steps) return 0;
+    // Megatron's --exit-interval: end this process at such a step (the caller saves), leaving
+    // the schedule and the data order those of the full run.
+    if (c->exit_interval > 0 && t->step > t->step_at_start && t->step % c->exit_interval == 0) return 0;
     int64_t step = t->step + 1;
     memset(m, 0, sizeof(*m));
     m->step = step;
@@ -357,7 +539,9 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     nm_loss_options opt = {
         .mtp_weight = (float)nm_mtp_weight_at(c->mtp.weight, c->mtp.weight_after, c->mtp.switch_step, step),
         .aux_weight = (float)c->balance.aux_weight,
-        .grad_scale = 1.0f / (float)t->accum,
+        // Each rank's gradients are summed over the data-parallel group: 1/(accum x dp) makes the
+        // sum the mean over the global batch, as one process computes it.
+        .grad_scale = 1.0f / (float)(t->accum * t->mesh->n.dp),
     };
     nm_model_zero_grads(t->model);
     int finite = 1;
@@ -382,6 +566,9 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
         if (!isfinite(lt.loss)) finite = 0;
     }
     double te = now_s();
+    if (reduce_step(t, m, n_moe, &finite, err) != 0) return -1;
+    double t_comm = now_s() - te, t_gather = 0.0;
+    te = now_s();
     int64_t n_inject = t->opts.inject_nan_count > 1 ? t->opts.inject_nan_count : 1;
     if (t->opts.inject_nan_step > 0 && step >= t->opts.inject_nan_step && step < t->opts.inject_nan_step + n_inject) {
         // Testing hook for the divergence guard: poison one gradient of the first block.
@@ -391,7 +578,7 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     nm_grad_report rep;
     // The clip factor is applied inside the AdamW update: nothing reads the clipped
     // gradients, so they are not rewritten in a pass of their own.
-    nm_optimizer_check_grads(t->optim, nm_model_grads(t->model), c->optimizer.clip_grad, &rep);
+    if (check_grads(t, c->optimizer.clip_grad, &rep, err) != 0) return -1;
     m->grad_norm = rep.norm;
     m->lr = nm_lr_at(&t->sched, step);
     int diverged = 0;
@@ -402,29 +589,41 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
         m->skipped = 1;
         t->skipped_steps++;
         const char *where = rep.bad_name;
+        char where_buf[128];
         if (!finite) {
             int row = nm_optimizer_first_nonfinite(t->optim, t->model_params_readonly);
-            where = row >= 0 ? nm_model_table(t->model)->rows[row].name : NULL;
+            if (first_bad_name(t, row >= 0 ? nm_model_table(t->model)->rows[row].name : NULL, where_buf, err) != 0)
+                return -1;
+            where = where_buf[0] ? where_buf : NULL;
         }
         char what[200];
         if (where) snprintf(what, sizeof(what), "%s (first in %s)", finite ? "gradient" : "loss; non-finite parameter", where);
         else snprintf(what, sizeof(what), "%s", finite ? "gradient" : "loss");
         if (t->nan_streak++ == 0) snprintf(t->nan_first, sizeof(t->nan_first), "%s", what);
-        fprintf(stderr, "step %lld: non-finite %s; update skipped (%lld in a row)\n", (long long)step, what,
-                (long long)t->nan_streak);
+        if (t->rank0)
+            fprintf(stderr, "step %lld: non-finite %s; update skipped (%lld in a row)\n", (long long)step, what,
+                    (long long)t->nan_streak);
         diverged = t->nan_streak >= t->opts.max_nan_streak;
     } else {
         t->nan_streak = 0;
         nm_optimizer_step_scaled(t->optim, nm_model_params(t->model), nm_model_grads(t->model), rep.clip_scale, m->lr);
+        if (t->zero) {
+            double tg = now_s();
+            if (nm_zero_all_gather_params(t->zero, nm_model_params(t->model), err) != 0) return -1;
+            t_gather = now_s() - tg;
+            t_comm += t_gather;
+        }
         float gamma = (float)nm_bias_gamma_at(c->balance.bias_update_speed, c->balance.bias_update_stop_step, step);
-        if (gamma > 0.0f) {
+        // Aux-loss-free balancing exists for noaux_tc only: other methods never read the bias.
+        if (gamma > 0.0f && t->mcfg.topk_method == NM_TOPK_NOAUX_TC) {
             for (int i = 0; i < n_moe; i++) {
                 nm_balance_update_bias((float *)t->bias_ptrs[i], t->step_counts + (size_t)i * E, E, gamma);
             }
         }
     }
     double tf = now_s();
-    m->t_optimizer = tf - te;
+    m->t_comm = t_comm;
+    m->t_optimizer = tf - te - t_gather;
     t->step = step;
     int64_t step_tokens = c->global_batch * c->seq_len;
     t->tokens_seen += step_tokens;
@@ -433,7 +632,9 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     m->tflops = t->flops_per_token * m->tokens_per_s / 1e12;
     m->mfu = t->flops_per_token * m->tokens_per_s / t->peak_flops;
     nm_balance_stats bs = {1.0, 0.0, 0.0};
-    if (n_moe > 0) nm_balance_compute_stats(&bs, t->step_counts, t->bias_ptrs, n_moe, E);
+    if (n_moe > 0)
+        nm_balance_compute_stats(&bs, t->step_counts, t->mcfg.topk_method == NM_TOPK_NOAUX_TC ? t->bias_ptrs : NULL,
+                                 n_moe, E);
     m->load_max_over_mean = bs.load_max_over_mean;
     m->bias_min = bs.bias_min;
     m->bias_max = bs.bias_max;
@@ -450,7 +651,7 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     }
 
     // logs
-    nm_metric kv[24];
+    nm_metric kv[40];
     int n = 0;
     kv[n++] = NM_METRIC_F("ce_loss", m->ce_loss);
     kv[n++] = NM_METRIC_F("mtp_loss", m->mtp_loss);
@@ -471,15 +672,17 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     kv[n++] = NM_METRIC_F("time_forward_s", m->t_forward);
     kv[n++] = NM_METRIC_F("time_backward_s", m->t_backward);
     kv[n++] = NM_METRIC_F("time_optimizer_s", m->t_optimizer);
+    kv[n++] = NM_METRIC_F("time_comm_s", m->t_comm);
+    if (t->world->size > 1) n += comm_metrics(t, kv + n);
     if (!isnan(m->val_loss)) kv[n++] = NM_METRIC_F("val_loss", m->val_loss);
-    if (nm_metrics_write(t->metrics, step, m->loss, kv, n, err) != 0) return -1;
+    if (t->metrics && nm_metrics_write(t->metrics, step, m->loss, kv, n, err) != 0) return -1;
     if (diverged) {
-        nm_metrics_sync(t->metrics, err);
+        if (t->metrics) nm_metrics_sync(t->metrics, err);
         return nm_error_set(err, "diverged: %lld consecutive non-finite steps ending at step %lld; the first was a non-finite %s",
                             (long long)t->nan_streak, (long long)step, t->nan_first);
     }
     int log_now = step % c->log.log_every == 0 || step == c->steps || step == t->step_at_start + 1;
-    if (log_now) {
+    if (log_now && t->tb) {
         static const char *const tags[] = {"loss/total", "loss/ce", "loss/mtp", "loss/aux", "train/grad_norm",
                                            "train/lr", "perf/tokens_per_s", "perf/mfu", "moe/load_max_over_mean",
                                            "moe/bias_min", "moe/bias_max"};
@@ -541,6 +744,9 @@ void nm_trainer_destroy(nm_trainer *t) {
     nm_optimizer_destroy(t->optim);
     nm_model_destroy(t->model);
     nm_model_config_free(&t->mcfg);
+    nm_zero_destroy(t->zero);
+    nm_mesh_destroy(t->mesh);
+    nm_comm_destroy(t->world);
     nm_free(t->tokens);
     nm_free(t->step_counts);
     nm_free(t->bias_ptrs);

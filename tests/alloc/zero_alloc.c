@@ -4,7 +4,9 @@
 // tests.cmake), so every heap allocation made by the project's code, in any module, is
 // counted. Steps 1-2 may allocate (first use of each shape, the first validation pass);
 // steps 3..N must not. Shared libraries (OpenBLAS, libgomp) are not counted: their
-// allocations are not ours to control.
+// allocations are not ours to control (nor MPI's: under mpirun, with extra overrides such as
+// expert_parallel_size=2 on the command line, tests/test_dist_train.sh checks the
+// parallel step loop the same way).
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,7 +24,7 @@ void *__wrap_calloc(size_t n, size_t s) { n_allocs++; return __real_calloc(n, s)
 void *__wrap_realloc(void *p, size_t n) { n_allocs++; return __real_realloc(p, n); }
 void *__wrap_aligned_alloc(size_t a, size_t n) { n_allocs++; return __real_aligned_alloc(a, n); }
 
-int main(void) {
+int main(int argc, char **argv) {
     const char *root = getenv("NM_ROOT");
     if (!root) {
         fprintf(stderr, "NM_ROOT not set\n");
@@ -34,12 +36,14 @@ int main(void) {
     snprintf(path, sizeof(path), "%s/configs/tiny-train.json", root);
     snprintf(model_path, sizeof(model_path), "model=%s/configs/tiny.json", root);
     // Small shapes keep the test fast; eval every 2 steps exercises validation in the loop.
-    const char *overrides[] = {model_path, "seq_len=32", "micro_batch=2", "global_batch=4", "steps=6",
-                               "data.synthetic_tokens=65536", "log.eval_every=2", "log.eval_batches=1",
-                               "log.log_every=1", "checkpoint.save_every=0"};
+    const char *overrides[32] = {model_path, "seq_len=32", "micro_batch=2", "global_batch=4", "steps=6",
+                                 "data.synthetic_tokens=65536", "log.eval_every=2", "log.eval_batches=1",
+                                 "log.log_every=1", "checkpoint.save_every=0"};
+    int n_over = 10;
+    for (int i = 1; i < argc && n_over < 32; i++) overrides[n_over++] = argv[i];
     nm_error err;
     nm_train_config cfg;
-    if (nm_train_config_load(&cfg, path, overrides, (int)(sizeof(overrides) / sizeof(overrides[0])), &err) != 0) {
+    if (nm_train_config_load(&cfg, path, overrides, n_over, &err) != 0) {
         fprintf(stderr, "%s\n", err.msg);
         return 1;
     }

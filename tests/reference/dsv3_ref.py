@@ -292,8 +292,13 @@ def route(cfg, s, bias, margins=None):
     E, K = cfg["n_routed_experts"], cfg["num_experts_per_tok"]
     G, Gk = cfg["n_group"], cfg["topk_group"]
     margins = [] if margins is None else margins
-    c = s + bias.detach().to(s.dtype) if bias is not None else s.clone()
     method = cfg["topk_method"]
+    # The bias is for noaux_tc only. Checked against HF modeling_deepseek.py (MoEGate creates
+    # e_score_correction_bias only when topk_method == "noaux_tc" and adds it in that branch
+    # only; greedy / group_limited_greedy take topk of the plain scores) and DeepSeek-V3's
+    # inference/model.py Gate (a bias only at V3's dim 7168, whose config is noaux_tc).
+    use_bias = bias is not None and method == "noaux_tc"
+    c = s + bias.detach().to(s.dtype) if use_bias else s.clone()
     if method in ("noaux_tc", "group_limited_greedy") and G > 1:
         cg = c.view(-1, G, E // G)
         if method == "noaux_tc":

@@ -32,6 +32,8 @@ TOL_LOGITS, TOL_LOSS, TOL_GRAD = 1e-5, 1e-5, 1e-4
 
 # (name, config path, batch, seq, seed, tweaks)
 # Tweaks make bugs visible that plain random weights hide:
+#   big_bias: router biases x40 (std 2, larger than the scores' spread): must be ignored outside noaux_tc;
+#   drop_bias: no router bias tensors in the file (DeepSeek's greedy checkpoints have none);
 #   neg_bias: router biases shifted by -1 (selection is shift-invariant, but every biased score is
 #             then negative, so masking groups with 0 instead of -inf (spec 9.2) changes the result);
 #   small_latents: embedding x0.01, q_a_proj and the c_KV rows of kv_a_proj x0.02, so the inputs of
@@ -45,11 +47,22 @@ CASES = [
     # V2-Lite style: plain q_proj, softmax + greedy over one group, 2 shared experts, no MTP,
     # YaRN with mscale == mscale_all_dim != 1, eps 1e-5, rope base 50000.
     ("v2lite_style_nomtp", os.path.join(HERE, "configs", "v2lite_style_nomtp.json"), 2, 20, 15, ("neg_bias",)),
+    # greedy / group_limited_greedy ignore the router bias (DeepSeek reads it for noaux_tc only):
+    # a large stored bias (it would change most selections if added) and no stored bias at all.
+    ("greedy_big_bias", os.path.join(HERE, "configs", "v2lite_style_nomtp.json"), 2, 20, 16, ("big_bias",)),
+    ("greedy_no_bias", os.path.join(HERE, "configs", "v2lite_style_nomtp.json"), 2, 20, 17, ("drop_bias",)),
+    ("group_limited_big_bias", os.path.join(HERE, "configs", "group_limited_greedy.json"), 2, 24, 18, ("big_bias",)),
+    ("group_limited_no_bias", os.path.join(HERE, "configs", "group_limited_greedy.json"), 2, 24, 19, ("drop_bias",)),
 ]
 
 
 def tweak(cfg, t, tweaks):
+    if "drop_bias" in tweaks:
+        for n in [n for n in t if n.endswith("e_score_correction_bias")]:
+            del t[n]
     for n in t:
+        if "big_bias" in tweaks and n.endswith("e_score_correction_bias"):
+            t[n] = (t[n] * np.float32(40.0)).astype(np.float32)
         if "neg_bias" in tweaks and n.endswith("e_score_correction_bias"):
             t[n] = t[n] - np.float32(1.0)
         if "small_latents" in tweaks:

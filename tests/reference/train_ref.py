@@ -135,8 +135,9 @@ def train(cfg, params, batches, hp, log=None, first_step=1, adam_state=None):
         for g in opt.param_groups:
             g["lr"] = lr
         opt.step()
+        # Aux-loss-free balancing is noaux_tc's (DeepSeek's MoEGate has no bias otherwise).
         with torch.no_grad():
-            for name, n in zip(bias_names, counts):
+            for name, n in zip(bias_names if cfg["topk_method"] == "noaux_tc" else [], counts):
                 mean = n.sum() / len(n)
                 sign = np.sign(mean - n).astype(np.float32)
                 b = params[name].detach().numpy().astype(np.float32)

@@ -63,19 +63,6 @@ static inline float e4m3_round(float x) {
 
 float nm_fp8_e4m3_round(float x) { return e4m3_round(x); }
 
-float nm_fp8_e4m3_decode(uint8_t code) {
-    int e = (code >> 3) & 15, m = code & 7;
-    float v;
-    if (e == 15 && m == 7) {
-        v = NAN;                               // E4M3FN: the only NaN pattern, no infinities
-    } else if (e == 0) {
-        v = ldexpf((float)m, -9);              // subnormal m * 2^-9 (m = 0: zero)
-    } else {
-        v = ldexpf(1.0f + (float)m / 8.0f, e - 7);
-    }
-    return (code & 0x80) ? -v : v;
-}
-
 uint8_t nm_fp8_e4m3_encode(float x) {
     uint8_t sign = signbit(x) ? 0x80 : 0x00;
     if (isnan(x)) return (uint8_t)(sign | 0x7F);

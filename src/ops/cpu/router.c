@@ -4,7 +4,11 @@
 // Reference: HF DeepseekV3TopkRouter / DeepseekV3MoE.route_tokens_to_experts with the fix
 // of huggingface/transformers#45441: experts outside the kept groups are masked to -inf, not
 // 0 (dsv3-spec 9.2), so a negatively biased expert in a dropped group can never win.
-// Selection uses c = scores + bias; the gate weights use the unbiased scores (dsv3-spec 9.7).
+// Selection uses c = scores + bias for noaux_tc only; the gate weights use the unbiased scores
+// (dsv3-spec 9.7). greedy and group_limited_greedy select on the plain scores and ignore the
+// bias: HF modeling_deepseek.py MoEGate creates and reads e_score_correction_bias only when
+// topk_method == "noaux_tc", and DeepSeek-V3's inference/model.py Gate has a bias only for V3's
+// dimension (7168, a noaux_tc config); so a greedy model routes the same here and there.
 // Ties are broken towards the lower index everywhere (groups and experts), so the routing is
 // a pure function of the inputs. The group score of noaux_tc is the fp32 sum of the two
 // largest c, as torch computes it, so exact ties resolve as they do there.
@@ -84,12 +88,13 @@ void nm_cpu_router_forward(int32_t *topk_idx, float *topk_weight, float *scores,
     const int64_t N = p->N, E = p->E, K = p->K;
     const int grouped = p->method != NM_TOPK_GREEDY && p->G > 1 && p->Gk < p->G;
     const int64_t G = p->G, Eg = grouped ? E / G : E;
+    const int use_bias = bias && p->method == NM_TOPK_NOAUX_TC;
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         float *s = scores + n * E;
         score_row(s, logits + n * E, E, p->scoring);
         float c[NM_CPU_MAX_STACK_DIM]; // (E) biased selection scores, -inf outside kept groups
-        for (int64_t e = 0; e < E; e++) c[e] = bias ? s[e] + bias[e] : s[e];
+        for (int64_t e = 0; e < E; e++) c[e] = use_bias ? s[e] + bias[e] : s[e];
         float vals[NM_CPU_MAX_STACK_DIM];
         if (grouped) {
             float gscore[NM_CPU_MAX_STACK_DIM]; // (G)

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# bench/dist.sh: multi-process scaling on one machine, in one run: the small config's training
+# speed on 1 rank x T threads against T ranks x 1 thread (data parallel, and expert parallel
+# when the build supports it), same global batch, same seed.
+# Prints tokens/s, the efficiency against the 1-rank run, and where each step's time goes
+# (forward, backward, communication after the backward, optimizer) from metrics.jsonl
+# (the mean over the steps after the warm-up ones; rank 0's view).
+#
+# Environment: NM_BENCH_BUILD [build], NM_BENCH_THREADS [nproc], NM_BENCH_STEPS [4],
+#   NM_BENCH_WARMUP [1], NM_BENCH_CONFIG [small].
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD=${NM_BENCH_BUILD:-build}
+T=${NM_BENCH_THREADS:-$(nproc)}
+STEPS=${NM_BENCH_STEPS:-4}
+WARMUP=${NM_BENCH_WARMUP:-1}
+CONFIG=${NM_BENCH_CONFIG:-small}
+NM=$(realpath "$BUILD/nanomegatron")
+ROOT=$PWD
+source tests/mpirun.sh
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+cd "$tmp"
+cp "$ROOT/configs/$CONFIG.json" "$ROOT/configs/$CONFIG-train.json" .
+common=(--config "$CONFIG-train.json" --quiet --set steps=$((STEPS + WARMUP)) --set checkpoint.save_every=0
+        --set log.eval_every=0 --set exit_interval=0)
+echo "bench/dist: $CONFIG, global batch $(python3 -c "import json;print(json.load(open('$CONFIG-train.json'))['global_batch'])"), $STEPS timed steps after $WARMUP, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
+grep -m1 'model name' /proc/cpuinfo | sed 's/.*: /cpu: /'
+summary() {  # run_dir label
+  python3 - "$1" "$2" "$WARMUP" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")][int(sys.argv[3]):]
+mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)
+tok = mean("tokens_per_s")
+step = sum(mean(k) for k in ("time_data_s", "time_forward_s", "time_backward_s", "time_comm_s", "time_optimizer_s"))
+print(f"{sys.argv[2]:<26} {tok:9.0f} tokens/s | step {step:6.3f} s: forward {mean('time_forward_s'):.3f}, "
+      f"backward {mean('time_backward_s'):.3f}, comm {mean('time_comm_s'):.3f}, optimizer {mean('time_optimizer_s'):.3f}, "
+      f"a2a {mean('comm_ep_all_to_all_bytes')/1e6:.1f} MB")
+open(sys.argv[1] + ".tok", "w").write(f"{tok}\n")
+PY
+}
+OMP_NUM_THREADS=$T "$NM" train "${common[@]}" --out one --set threads="$T" >/dev/null
+summary one "1 rank x $T threads"
+nm_mpirun "$T" "$NM" train "${common[@]}" --out dp --set threads=1 >dp.log 2>&1 || { cat dp.log; exit 1; }
+summary dp "$T ranks x 1 (dp$T)"
+if nm_mpirun "$T" "$NM" train "${common[@]}" --out ep --set threads=1 --set expert_parallel_size="$T" >ep.log 2>&1; then
+  summary ep "$T ranks x 1 (dp$T ep$T)"
+else
+  echo "ep$T: $(grep -m1 -o 'expert parallelism.*' ep.log || tail -1 ep.log)"
+fi
+for r in dp ep; do
+  [ -f $r.tok ] && python3 -c "print(f'efficiency $r: {float(open(\"$r.tok\").read())/float(open(\"one.tok\").read()):.2f} of 1 rank x $T threads')"
+done

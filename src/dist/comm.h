@@ -1,0 +1,167 @@
+// comm.h: the communicator, a small table of collectives over contiguous buffers
+// (design.md 6). The model and the trainer call only this table, never MPI or NCCL
+// directly, so a backend is a new table (single process, MPI today; NCCL with CUDA).
+//
+// Usage:
+//   nm_comm *world;  nm_comm_init(&world, &err);          // MPI when launched by mpirun/srun
+//   nm_comm_all_reduce(world, buf, n, NM_DT_F32, NM_RED_SUM, &err);
+//   nm_comm *dp;  nm_comm_split(world, color, key, "dp", &dp, &err);
+//   ...  nm_comm_destroy(dp);  nm_comm_destroy(world);   // the world last (finalises MPI)
+//
+// Semantics every implementation keeps:
+//  - counts are in elements of the dtype; per-rank count arrays have size() entries and the
+//    pieces of a buffer are laid out rank after rank (displacement = prefix sum of counts);
+//  - reduce_scatter and all_gather work in place on one contiguous buffer, the layout of a
+//    ZeRO-1 gradient bucket: reduce_scatter leaves the sum over ranks of piece r in piece r
+//    of rank r's buffer (the other pieces are undefined afterwards); all_gather reads piece r
+//    from rank r and leaves every piece on every rank;
+//  - sums are reduced in an order fixed by the ranks (MPI: the implementation's order for a
+//    given size), so a run is bit-reproducible on the same layout;
+//  - every operation counts the bytes it moves (nm_comm_counters, per group and operation,
+//    formulas in docs/parallelism.md) so tests can check traffic against the planner;
+//  - errors return -1 with err filled; nm_comm_abort stops every rank of the job.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/check.h"
+
+typedef enum nm_comm_dtype { NM_DT_F32, NM_DT_BF16, NM_DT_I32, NM_DT_I64, NM_DT_F64 } nm_comm_dtype;
+typedef enum nm_reduce_op { NM_RED_SUM, NM_RED_MAX, NM_RED_MIN } nm_reduce_op;
+
+enum {
+    NM_COMM_ALL_REDUCE,
+    NM_COMM_REDUCE_SCATTER,
+    NM_COMM_ALL_GATHER,
+    NM_COMM_ALL_TO_ALL,
+    NM_COMM_BROADCAST,
+    NM_COMM_SEND,
+    NM_COMM_RECV,
+    NM_COMM_N_OPS,
+};
+
+// Bytes each operation moved on this rank, and how many calls (see docs/parallelism.md):
+// all_reduce, broadcast, send, recv: the buffer; reduce_scatter, all_gather: the whole
+// bucket (sum of counts); all_to_all: the bytes sent to the other ranks (own piece excluded).
+typedef struct nm_comm_counters {
+    int64_t bytes[NM_COMM_N_OPS];
+    int64_t calls[NM_COMM_N_OPS];
+} nm_comm_counters;
+
+typedef struct nm_comm nm_comm;
+typedef struct nm_comm_request nm_comm_request;
+
+typedef struct nm_comm_vtable {
+    const char *name;                   // "single", "mpi"
+    int (*all_reduce)(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, nm_reduce_op op, nm_error *err);
+    int (*reduce_scatter_start)(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_comm_request *req,
+                                nm_error *err);
+    int (*all_gather)(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_error *err);
+    int (*all_to_all)(nm_comm *c, const void *send, const int64_t *send_counts, void *recv,
+                      const int64_t *recv_counts, nm_comm_dtype dt, nm_error *err);
+    int (*broadcast)(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int root, nm_error *err);
+    int (*send)(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err);
+    int (*recv)(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err);
+    int (*barrier)(nm_comm *c, nm_error *err);
+    int (*split)(nm_comm *c, int color, int key, nm_comm **out, nm_error *err);
+    int (*test)(nm_comm_request *req, int *done, nm_error *err);    // progress, non-blocking
+    int (*wait)(nm_comm_request *req, nm_error *err);
+    void (*destroy)(nm_comm *c);
+    void (*abort)(nm_comm *c, int code);  // does not return
+} nm_comm_vtable;
+
+struct nm_comm {
+    const nm_comm_vtable *vt;
+    int rank, size;
+    char group[16];                     // "world", "dp", "ep", "edp", "tp", "pp", ...
+    nm_comm_counters counters;
+    void *impl;                         // the implementation's handle
+    int is_world;
+};
+
+// A started non-blocking operation. Plain storage owned by the caller; at most one
+// operation per request at a time.
+struct nm_comm_request {
+    nm_comm *comm;
+    int active;
+    void *buf;                          // reduce_scatter: the bucket, and where this rank's piece goes
+    int64_t offset, count;              // this rank's piece in elements
+    size_t elem;
+    unsigned char impl[64];             // the implementation's request handle
+};
+
+size_t nm_comm_dtype_size(nm_comm_dtype dt);
+
+// The world communicator: MPI when the process was started by an MPI launcher (mpirun,
+// mpiexec or srun: OMPI_COMM_WORLD_SIZE, PMI_SIZE / PMIX_RANK or SLURM_NTASKS > 1 in the
+// environment), else the single-process table. NM_COMM=single|mpi forces one.
+int nm_comm_init(nm_comm **world, nm_error *err);
+// The single-process table, always available (tests, tools that never distribute).
+nm_comm *nm_comm_single(void);
+
+static inline int nm_comm_all_reduce(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, nm_reduce_op op,
+                                     nm_error *err) {
+    return c->vt->all_reduce(c, buf, count, dt, op, err);
+}
+static inline int nm_comm_reduce_scatter_start(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt,
+                                               nm_comm_request *req, nm_error *err) {
+    return c->vt->reduce_scatter_start(c, buf, counts, dt, req, err);
+}
+static inline int nm_comm_test(nm_comm_request *req, int *done, nm_error *err) {
+    if (!req->active) {
+        *done = 1;
+        return 0;
+    }
+    return req->comm->vt->test(req, done, err);
+}
+static inline int nm_comm_wait(nm_comm_request *req, nm_error *err) {
+    return req->active ? req->comm->vt->wait(req, err) : 0;
+}
+static inline int nm_comm_reduce_scatter(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_error *err) {
+    nm_comm_request req = {0};
+    if (c->vt->reduce_scatter_start(c, buf, counts, dt, &req, err) != 0) return -1;
+    return nm_comm_wait(&req, err);
+}
+static inline int nm_comm_all_gather(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_error *err) {
+    return c->vt->all_gather(c, buf, counts, dt, err);
+}
+static inline int nm_comm_all_to_all(nm_comm *c, const void *send, const int64_t *send_counts, void *recv,
+                                     const int64_t *recv_counts, nm_comm_dtype dt, nm_error *err) {
+    return c->vt->all_to_all(c, send, send_counts, recv, recv_counts, dt, err);
+}
+static inline int nm_comm_broadcast(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int root, nm_error *err) {
+    return c->vt->broadcast(c, buf, count, dt, root, err);
+}
+static inline int nm_comm_send(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag,
+                               nm_error *err) {
+    return c->vt->send(c, buf, count, dt, peer, tag, err);
+}
+static inline int nm_comm_recv(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err) {
+    return c->vt->recv(c, buf, count, dt, peer, tag, err);
+}
+static inline int nm_comm_barrier(nm_comm *c, nm_error *err) { return c->vt->barrier(c, err); }
+// Ranks with the same color form a group, ordered by key (then by rank). group names it
+// in the byte counters and messages.
+int nm_comm_split(nm_comm *c, int color, int key, const char *group, nm_comm **out, nm_error *err);
+_Noreturn void nm_comm_abort(nm_comm *c, int code);
+// For a program's error path: under a multi-rank MPI job, MPI_Abort (the launcher stops every
+// rank, so none is left waiting in a collective); otherwise exit(code). Needs no handle.
+_Noreturn void nm_comm_abort_job(int code);
+// This process's world rank and the job's size (0 and 1 outside an MPI job).
+void nm_comm_job_position(int *rank, int *size);
+// Destroys a communicator (MPI itself is finalised at exit).
+void nm_comm_destroy(nm_comm *c);
+
+// Adds the counters of c to total (for reports over several groups).
+void nm_comm_counters_add(nm_comm_counters *total, const nm_comm *c);
+const char *nm_comm_op_name(int op);
+
+// Shared by the implementations: sum of n counts.
+int64_t nm_comm_sum_counts(const int64_t *counts, int n);
+int nm_comm_init_mpi(nm_comm **world, nm_error *err);  // comm_mpi.c
+// Shared by the implementations: records one operation of `bytes` bytes.
+static inline void nm_comm_count(nm_comm *c, int op, int64_t bytes) {
+    c->counters.bytes[op] += bytes;
+    c->counters.calls[op] += 1;
+}

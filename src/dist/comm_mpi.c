@@ -1,0 +1,308 @@
+// comm_mpi.c: the communicator table over MPI (Debian's OpenMPI; any MPI-3 library).
+//
+// One MPI communicator per nm_comm. Counts travel as int (MPI's count type): a piece over
+// INT_MAX elements is refused with a message rather than truncated; buckets and dispatch
+// buffers are far below that. bf16 moves as 16-bit integers; reductions run in fp32, fp64 or
+// integers only (the CPU path never reduces bf16).
+//
+// Failure: nm_comm_abort calls MPI_Abort on the world, which makes the launcher (mpirun,
+// srun) kill every rank of the job; a rank killed by a signal makes mpirun do the same.
+// Errors inside MPI are returned (MPI_ERRORS_RETURN), not fatal, so they reach the caller's
+// message.
+#include <limits.h>
+#include <stdlib.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "dist/comm.h"
+
+_Static_assert(sizeof(MPI_Request) <= sizeof(((nm_comm_request *)0)->impl), "MPI_Request fits the request");
+
+static MPI_Comm handle(const nm_comm *c) { return *(const MPI_Comm *)c->impl; }
+
+static MPI_Datatype mpi_type(nm_comm_dtype dt) {
+    switch (dt) {
+    case NM_DT_F32: return MPI_FLOAT;
+    case NM_DT_BF16: return MPI_UINT16_T;
+    case NM_DT_I32: return MPI_INT32_T;
+    case NM_DT_I64: return MPI_INT64_T;
+    case NM_DT_F64: return MPI_DOUBLE;
+    }
+    NM_PANIC("unknown dtype %d", (int)dt);
+}
+
+static int mpi_fail(nm_comm *c, const char *what, int code, nm_error *err) {
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    MPI_Error_string(code, msg, &len);
+    return nm_error_set(err, "%s (%s group, rank %d of %d): MPI error: %.*s", what, c->group, c->rank, c->size, len,
+                        msg);
+}
+
+static int fits_int(nm_comm *c, const char *what, int64_t n, nm_error *err) {
+    if (n >= 0 && n <= INT_MAX) return 0;
+    return nm_error_set(err, "%s (%s group): %lld elements do not fit an MPI count (at most %d per piece)", what,
+                        c->group, (long long)n, INT_MAX);
+}
+
+// counts (int64) -> int counts + displacements, in caller-provided scratch of size c->size.
+static int to_int_counts(nm_comm *c, const char *what, const int64_t *counts, int *icounts, int *displs,
+                         nm_error *err) {
+    int64_t at = 0;
+    for (int r = 0; r < c->size; r++) {
+        if (fits_int(c, what, counts[r], err) != 0 || fits_int(c, what, at, err) != 0) return -1;
+        icounts[r] = (int)counts[r];
+        displs[r] = (int)at;
+        at += counts[r];
+    }
+    return 0;
+}
+
+typedef struct mpi_impl {
+    MPI_Comm comm;
+    int *icounts, *displs;      // (size) scratch
+    int *icounts2, *displs2;    // (size) scratch for all_to_all's receive side
+} mpi_impl;
+
+static mpi_impl *impl_of(nm_comm *c) { return (mpi_impl *)c->impl; }
+
+static int mpi_all_reduce(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, nm_reduce_op op, nm_error *err) {
+    if (dt == NM_DT_BF16) return nm_error_set(err, "all_reduce (%s): bf16 reductions are not supported on MPI", c->group);
+    MPI_Op mop = op == NM_RED_SUM ? MPI_SUM : op == NM_RED_MAX ? MPI_MAX : MPI_MIN;
+    size_t es = nm_comm_dtype_size(dt);
+    nm_comm_count(c, NM_COMM_ALL_REDUCE, count * (int64_t)es);
+    // In pieces of at most 2^30 elements so any count works.
+    for (int64_t at = 0; at < count; at += (int64_t)1 << 30) {
+        int64_t n = count - at < ((int64_t)1 << 30) ? count - at : ((int64_t)1 << 30);
+        int rc = MPI_Allreduce(MPI_IN_PLACE, (char *)buf + (size_t)at * es, (int)n, mpi_type(dt), mop, handle(c));
+        if (rc != MPI_SUCCESS) return mpi_fail(c, "all_reduce", rc, err);
+    }
+    return 0;
+}
+
+static int mpi_reduce_scatter_start(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_comm_request *req,
+                                    nm_error *err) {
+    if (dt == NM_DT_BF16) return nm_error_set(err, "reduce_scatter (%s): bf16 reductions are not supported on MPI", c->group);
+    mpi_impl *im = impl_of(c);
+    if (to_int_counts(c, "reduce_scatter", counts, im->icounts, im->displs, err) != 0) return -1;
+    memset(req, 0, sizeof(*req));
+    req->comm = c;
+    req->buf = buf;
+    req->offset = im->displs[c->rank];
+    req->count = counts[c->rank];
+    req->elem = nm_comm_dtype_size(dt);
+    nm_comm_count(c, NM_COMM_REDUCE_SCATTER, nm_comm_sum_counts(counts, c->size) * (int64_t)req->elem);
+    // In place: the input is the whole bucket, MPI leaves this rank's reduced piece at the
+    // start of buf; wait moves it to its own place.
+    int rc = MPI_Ireduce_scatter(MPI_IN_PLACE, buf, im->icounts, mpi_type(dt), MPI_SUM, handle(c),
+                                 (MPI_Request *)req->impl);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, "reduce_scatter", rc, err);
+    req->active = 1;
+    return 0;
+}
+
+static void finish_reduce_scatter(nm_comm_request *req) {
+    req->active = 0;
+    if (req->offset > 0 && req->count > 0) {
+        memmove((char *)req->buf + (size_t)req->offset * req->elem, req->buf, (size_t)req->count * req->elem);
+    }
+}
+
+static int mpi_test(nm_comm_request *req, int *done, nm_error *err) {
+    int flag = 0;
+    int rc = MPI_Test((MPI_Request *)req->impl, &flag, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS) return mpi_fail(req->comm, "reduce_scatter (test)", rc, err);
+    if (flag) finish_reduce_scatter(req);
+    *done = flag;
+    return 0;
+}
+
+static int mpi_wait(nm_comm_request *req, nm_error *err) {
+    int rc = MPI_Wait((MPI_Request *)req->impl, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS) return mpi_fail(req->comm, "reduce_scatter (wait)", rc, err);
+    finish_reduce_scatter(req);
+    return 0;
+}
+
+static int mpi_all_gather(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_error *err) {
+    mpi_impl *im = impl_of(c);
+    if (to_int_counts(c, "all_gather", counts, im->icounts, im->displs, err) != 0) return -1;
+    nm_comm_count(c, NM_COMM_ALL_GATHER, nm_comm_sum_counts(counts, c->size) * (int64_t)nm_comm_dtype_size(dt));
+    int rc = MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, im->icounts, im->displs, mpi_type(dt), handle(c));
+    return rc == MPI_SUCCESS ? 0 : mpi_fail(c, "all_gather", rc, err);
+}
+
+static int mpi_all_to_all(nm_comm *c, const void *send, const int64_t *send_counts, void *recv,
+                          const int64_t *recv_counts, nm_comm_dtype dt, nm_error *err) {
+    mpi_impl *im = impl_of(c);
+    if (to_int_counts(c, "all_to_all", send_counts, im->icounts, im->displs, err) != 0) return -1;
+    if (to_int_counts(c, "all_to_all", recv_counts, im->icounts2, im->displs2, err) != 0) return -1;
+    int64_t sent = nm_comm_sum_counts(send_counts, c->size) - send_counts[c->rank];
+    nm_comm_count(c, NM_COMM_ALL_TO_ALL, sent * (int64_t)nm_comm_dtype_size(dt));
+    int rc = MPI_Alltoallv(send, im->icounts, im->displs, mpi_type(dt), recv, im->icounts2, im->displs2, mpi_type(dt),
+                           handle(c));
+    return rc == MPI_SUCCESS ? 0 : mpi_fail(c, "all_to_all", rc, err);
+}
+
+static int mpi_broadcast(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int root, nm_error *err) {
+    if (fits_int(c, "broadcast", count, err) != 0) return -1;
+    nm_comm_count(c, NM_COMM_BROADCAST, count * (int64_t)nm_comm_dtype_size(dt));
+    int rc = MPI_Bcast(buf, (int)count, mpi_type(dt), root, handle(c));
+    return rc == MPI_SUCCESS ? 0 : mpi_fail(c, "broadcast", rc, err);
+}
+
+static int mpi_send(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err) {
+    if (fits_int(c, "send", count, err) != 0) return -1;
+    nm_comm_count(c, NM_COMM_SEND, count * (int64_t)nm_comm_dtype_size(dt));
+    int rc = MPI_Send(buf, (int)count, mpi_type(dt), peer, tag, handle(c));
+    return rc == MPI_SUCCESS ? 0 : mpi_fail(c, "send", rc, err);
+}
+
+static int mpi_recv(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err) {
+    if (fits_int(c, "recv", count, err) != 0) return -1;
+    nm_comm_count(c, NM_COMM_RECV, count * (int64_t)nm_comm_dtype_size(dt));
+    int rc = MPI_Recv(buf, (int)count, mpi_type(dt), peer, tag, handle(c), MPI_STATUS_IGNORE);
+    return rc == MPI_SUCCESS ? 0 : mpi_fail(c, "recv", rc, err);
+}
+
+static int mpi_barrier(nm_comm *c, nm_error *err) {
+    int rc = MPI_Barrier(handle(c));
+    return rc == MPI_SUCCESS ? 0 : mpi_fail(c, "barrier", rc, err);
+}
+
+static nm_comm *mpi_wrap(MPI_Comm comm, int is_world);
+
+static int mpi_split(nm_comm *c, int color, int key, nm_comm **out, nm_error *err) {
+    MPI_Comm sub;
+    int rc = MPI_Comm_split(handle(c), color, key, &sub);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, "split", rc, err);
+    MPI_Comm_set_errhandler(sub, MPI_ERRORS_RETURN);
+    *out = mpi_wrap(sub, 0);
+    return 0;
+}
+
+static void mpi_destroy(nm_comm *c) {
+    mpi_impl *im = impl_of(c);
+    // The world handle is only a wrapper: MPI itself is finalised at exit (finalize_at_exit),
+    // so a library user may create and destroy trainers one after another.
+    if (!c->is_world) MPI_Comm_free(&im->comm);
+    nm_free(im->icounts);
+    nm_free(im->displs);
+    nm_free(im->icounts2);
+    nm_free(im->displs2);
+    nm_free(im);
+    nm_free(c);
+}
+
+static _Noreturn void mpi_abort(nm_comm *c, int code) {
+    fflush(stdout);
+    fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, code ? code : 1);
+    _Exit(code ? code : 1);  // MPI_Abort does not return; keep the promise if it ever does
+}
+
+static const nm_comm_vtable mpi_vtable = {
+    .name = "mpi",
+    .all_reduce = mpi_all_reduce,
+    .reduce_scatter_start = mpi_reduce_scatter_start,
+    .all_gather = mpi_all_gather,
+    .all_to_all = mpi_all_to_all,
+    .broadcast = mpi_broadcast,
+    .send = mpi_send,
+    .recv = mpi_recv,
+    .barrier = mpi_barrier,
+    .split = mpi_split,
+    .test = mpi_test,
+    .wait = mpi_wait,
+    .destroy = mpi_destroy,
+    .abort = mpi_abort,
+};
+
+static nm_comm *mpi_wrap(MPI_Comm comm, int is_world) {
+    nm_comm *c = nm_calloc(1, sizeof(*c));
+    mpi_impl *im = nm_calloc(1, sizeof(*im));
+    im->comm = comm;
+    c->vt = &mpi_vtable;
+    c->impl = im;
+    c->is_world = is_world;
+    MPI_Comm_rank(comm, &c->rank);
+    MPI_Comm_size(comm, &c->size);
+    im->icounts = nm_calloc((size_t)c->size, sizeof(int));
+    im->displs = nm_calloc((size_t)c->size, sizeof(int));
+    im->icounts2 = nm_calloc((size_t)c->size, sizeof(int));
+    im->displs2 = nm_calloc((size_t)c->size, sizeof(int));
+    snprintf(c->group, sizeof(c->group), "%s", is_world ? "world" : "split");
+    return c;
+}
+
+static void finalize_at_exit(void) {
+    int inited = 0, finalized = 0;
+    MPI_Initialized(&inited);
+    MPI_Finalized(&finalized);
+    if (inited && !finalized) MPI_Finalize();
+}
+
+void nm_comm_job_position(int *rank, int *size) {
+    int inited = 0, finalized = 0;
+    *rank = 0;
+    *size = 1;
+    MPI_Initialized(&inited);
+    MPI_Finalized(&finalized);
+    if (inited && !finalized) {
+        MPI_Comm_rank(MPI_COMM_WORLD, rank);
+        MPI_Comm_size(MPI_COMM_WORLD, size);
+    }
+}
+
+_Noreturn void nm_comm_abort_job(int code) {
+    int inited = 0, finalized = 0, size = 1;
+    MPI_Initialized(&inited);
+    MPI_Finalized(&finalized);
+    if (inited && !finalized) MPI_Comm_size(MPI_COMM_WORLD, &size);
+    fflush(stdout);
+    fflush(stderr);
+    if (size > 1) MPI_Abort(MPI_COMM_WORLD, code ? code : 1);
+    exit(code);
+}
+
+int nm_comm_init_mpi(nm_comm **world, nm_error *err) {
+    int inited = 0;
+    MPI_Initialized(&inited);
+    if (!inited) {
+        // Only the main thread calls MPI (OpenMP threads compute between calls).
+        int provided = 0;
+        int rc = MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided);
+        if (rc != MPI_SUCCESS) return nm_error_set(err, "MPI_Init_thread failed (code %d)", rc);
+        atexit(finalize_at_exit);
+    }
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    *world = mpi_wrap(MPI_COMM_WORLD, 1);
+    return 0;
+}
+
+// --- choosing the implementation (here, so that comm.c alone needs no MPI) --------------------------------------------------------------
+
+static int launched_by_mpi(void) {
+    static const char *const vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"};
+    for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
+        if (getenv(vars[i])) return 1;
+    }
+    // srun without an MPI plugin still sets the task count; more than one task is a job.
+    const char *ntasks = getenv("SLURM_NTASKS");
+    return ntasks && atoi(ntasks) > 1 && getenv("SLURM_PROCID");
+}
+
+int nm_comm_init(nm_comm **world, nm_error *err) {
+    *world = NULL;
+    const char *force = getenv("NM_COMM");
+    int use_mpi = launched_by_mpi();
+    if (force && *force) {
+        if (strcmp(force, "mpi") == 0) use_mpi = 1;
+        else if (strcmp(force, "single") == 0) use_mpi = 0;
+        else return nm_error_set(err, "NM_COMM=%s: unknown communicator (want single or mpi)", force);
+    }
+    if (use_mpi) return nm_comm_init_mpi(world, err);
+    *world = nm_comm_single();
+    return 0;
+}

@@ -1,0 +1,80 @@
+// mla.c: the attention half of a decoder block, Multi-head Latent Attention (dsv3-spec 3.2,
+// 4.3): input_layernorm, the q (optionally LoRA) and compressed kv projections, rope on the
+// rope parts, attention, o_proj and the residual add; forward and backward.
+#include "model/model_internal.h"
+
+void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
+    const nm_model_config *c = &m->cfg;
+    const nm_ops *ops = m->ops;
+    const nm_layer_offsets *w = &m->table.layers[l];
+    const float *P = m->params;
+    block_acts *b = &m->blocks[l];
+    int64_t N = B * T, D = c->D, H = c->H;
+    int64_t Dkv = c->Dn + c->Dv;
+    float eps = (float)c->rms_eps;
+
+    ops->rmsnorm_forward(b->a, b->a_rstd, b->x_in, P + w->input_norm, N, D, eps);
+    if (c->Rq > 0) {
+        nm_linear_forward(m, b->cq, c->Rq, b->a, D, P + w->q_a, D, N, D, c->Rq, 0.0f);
+        ops->rmsnorm_forward(b->cq_n, b->cq_rstd, b->cq, P + w->q_a_norm, N, c->Rq, eps);
+        nm_linear_forward(m, b->q, H * c->Dqk, b->cq_n, c->Rq, P + w->q_b, c->Rq, N, c->Rq, H * c->Dqk, 0.0f);
+    } else {
+        nm_linear_forward(m, b->q, H * c->Dqk, b->a, D, P + w->q, D, N, D, H * c->Dqk, 0.0f);
+    }
+    // kv_a_proj_with_mqa rows [0, Rkv) give the latent, rows [Rkv, Rkv+Dr) the shared rope key.
+    nm_linear_forward(m, b->ckv, c->Rkv, b->a, D, P + w->kv_a, D, N, D, c->Rkv, 0.0f);
+    nm_linear_forward(m, b->k_pe, c->Dr, b->a, D, P + w->kv_a + (size_t)c->Rkv * D, D, N, D, c->Dr, 0.0f);
+    ops->rmsnorm_forward(b->ckv_n, b->ckv_rstd, b->ckv, P + w->kv_a_norm, N, c->Rkv, eps);
+    nm_linear_forward(m, b->kv, H * Dkv, b->ckv_n, c->Rkv, P + w->kv_b, c->Rkv, N, c->Rkv, H * Dkv, 0.0f);
+    ops->rope_forward(b->q, m->rope_cos, m->rope_sin, B, T, H, c->Dqk, c->Dn, c->Dr);
+    ops->rope_forward(b->k_pe, m->rope_cos, m->rope_sin, B, T, 1, c->Dr, 0, c->Dr);
+    ops->attention_forward(b->att, b->lse, b->q, b->kv, b->k_pe, B, T, H, c->Dn, c->Dr, c->Dv,
+                           (float)c->softmax_scale);
+    ops->copy_2d(b->x_mid, N * D, b->x_in, N * D, 1, N * D);
+    nm_linear_forward(m, b->x_mid, D, b->att, H * c->Dv, P + w->o, H * c->Dv, N, H * c->Dv, D, 1.0f);
+}
+
+void nm_mla_backward(nm_model *m, int64_t l) {
+    const nm_model_config *c = &m->cfg;
+    const nm_ops *ops = m->ops;
+    const nm_layer_offsets *w = &m->table.layers[l];
+    const float *P = m->params;
+    float *G = m->grads;
+    block_acts *b = &m->blocks[l];
+    int64_t B = b->B, T = b->T, N = B * T, D = c->D, H = c->H;
+    int64_t Dkv = c->Dn + c->Dv;
+    float *d_res = m->d_res;
+
+    // forward: x_mid = x_in + att . W_o^T
+    nm_linear_backward_input(m, m->d_att, H * c->Dv, d_res, D, P + w->o, H * c->Dv, N, H * c->Dv, D, 0.0f);
+    nm_linear_backward_weight(m, G + w->o, H * c->Dv, d_res, D, b->att, H * c->Dv, N, H * c->Dv, D);
+    ops->attention_backward(m->d_q, m->d_kv, m->d_k_pe, m->att_scratch, m->d_att, b->q, b->kv, b->k_pe,
+                            b->att, b->lse, B, T, H, c->Dn, c->Dr, c->Dv, (float)c->softmax_scale);
+    ops->rope_backward(m->d_q, m->rope_cos, m->rope_sin, B, T, H, c->Dqk, c->Dn, c->Dr);
+    ops->rope_backward(m->d_k_pe, m->rope_cos, m->rope_sin, B, T, 1, c->Dr, 0, c->Dr);
+    // kv = ckv_n . W_kv_b^T ; ckv_n = RMSNorm(ckv)
+    nm_linear_backward_weight(m, G + w->kv_b, c->Rkv, m->d_kv, H * Dkv, b->ckv_n, c->Rkv, N, c->Rkv, H * Dkv);
+    nm_linear_backward_input(m, m->d_ckv_n, c->Rkv, m->d_kv, H * Dkv, P + w->kv_b, c->Rkv, N, c->Rkv, H * Dkv, 0.0f);
+    ops->zero(m->d_ckv, N * c->Rkv);
+    ops->rmsnorm_backward(m->d_ckv, G + w->kv_a_norm, m->d_ckv_n, b->ckv, P + w->kv_a_norm, b->ckv_rstd, N, c->Rkv);
+    // [ckv | k_pe] = a . W_kv_a^T: the rope key bypasses the latent norm
+    size_t kv_a_pe = w->kv_a + (size_t)c->Rkv * D;
+    nm_linear_backward_weight(m, G + w->kv_a, D, m->d_ckv, c->Rkv, b->a, D, N, D, c->Rkv);
+    nm_linear_backward_weight(m, G + kv_a_pe, D, m->d_k_pe, c->Dr, b->a, D, N, D, c->Dr);
+    nm_linear_backward_input(m, m->d_a, D, m->d_ckv, c->Rkv, P + w->kv_a, D, N, D, c->Rkv, 0.0f);
+    nm_linear_backward_input(m, m->d_a, D, m->d_k_pe, c->Dr, P + kv_a_pe, D, N, D, c->Dr, 1.0f);
+    if (c->Rq > 0) {
+        // q = cq_n . W_q_b^T ; cq_n = RMSNorm(cq) ; cq = a . W_q_a^T
+        nm_linear_backward_weight(m, G + w->q_b, c->Rq, m->d_q, H * c->Dqk, b->cq_n, c->Rq, N, c->Rq, H * c->Dqk);
+        nm_linear_backward_input(m, m->d_cq_n, c->Rq, m->d_q, H * c->Dqk, P + w->q_b, c->Rq, N, c->Rq, H * c->Dqk, 0.0f);
+        ops->zero(m->d_cq, N * c->Rq);
+        ops->rmsnorm_backward(m->d_cq, G + w->q_a_norm, m->d_cq_n, b->cq, P + w->q_a_norm, b->cq_rstd, N, c->Rq);
+        nm_linear_backward_weight(m, G + w->q_a, D, m->d_cq, c->Rq, b->a, D, N, D, c->Rq);
+        nm_linear_backward_input(m, m->d_a, D, m->d_cq, c->Rq, P + w->q_a, D, N, D, c->Rq, 1.0f);
+    } else {
+        nm_linear_backward_weight(m, G + w->q, D, m->d_q, H * c->Dqk, b->a, D, N, D, H * c->Dqk);
+        nm_linear_backward_input(m, m->d_a, D, m->d_q, H * c->Dqk, P + w->q, D, N, D, H * c->Dqk, 1.0f);
+    }
+    // a = RMSNorm(x_in)
+    ops->rmsnorm_backward(d_res, G + w->input_norm, m->d_a, b->x_in, P + w->input_norm, b->a_rstd, N, D);
+}

@@ -1,0 +1,27 @@
+// mlp.c: the SwiGLU MLP (dsv3-spec 3.3), forward and backward: the dense FFN of the first
+// first_k_dense_replace blocks and, with their own weights, the shared experts of a MoE block.
+#include "model/model_internal.h"
+
+void nm_mlp_forward(nm_model *m, float *out, float *gate_up, float *act, const float *f, size_t w_gate_up,
+                    size_t w_down, int64_t N, int64_t F) {
+    const nm_ops *ops = m->ops;
+    const float *P = m->params;
+    int64_t D = m->cfg.D;
+    nm_linear_forward(m, gate_up, 2 * F, f, D, P + w_gate_up, D, N, D, 2 * F, 0.0f);
+    ops->swiglu_forward(act, gate_up, N, F);
+    nm_linear_forward(m, out, D, act, F, P + w_down, F, N, F, D, 1.0f);
+}
+
+void nm_mlp_backward(nm_model *m, float *d_f, float beta, const float *d_out, const float *gate_up, const float *act,
+                     const float *f, size_t w_gate_up, size_t w_down, int64_t N, int64_t F) {
+    const nm_ops *ops = m->ops;
+    const float *P = m->params;
+    float *G = m->grads;
+    int64_t D = m->cfg.D;
+    // out += act . W_down^T ; act = swiglu(gate_up) ; gate_up = f . W_gate_up^T
+    nm_linear_backward_input(m, m->d_act, F, d_out, D, P + w_down, F, N, F, D, 0.0f);
+    nm_linear_backward_weight(m, G + w_down, F, d_out, D, act, F, N, F, D);
+    ops->swiglu_backward(m->d_gate_up, m->d_act, gate_up, N, F);
+    nm_linear_backward_weight(m, G + w_gate_up, D, m->d_gate_up, 2 * F, f, D, N, D, 2 * F);
+    nm_linear_backward_input(m, d_f, D, m->d_gate_up, 2 * F, P + w_gate_up, D, N, D, 2 * F, beta);
+}

@@ -1,0 +1,229 @@
+// model_internal.h: the model's private state, shared by the files that implement it.
+//
+// The layers of src/model/ (design.md section 2), one way from bottom to top:
+//   model_internal.h + linear.c   the state below and the precision-dispatching linear layer
+//   mla.c mlp.c moe.c head.c mtp.c  the blocks: each reads and writes this state, calls linear.c
+//                                   and the ops table, never another block's caller
+//   model.c                       create/destroy, arena layout, the decoder block composition
+//                                 (MLA + FFN) and the whole-model forward and backward
+// Not a public header: nothing outside src/model/ includes it.
+#pragma once
+
+#include "model/model.h"
+
+// --- activations ----------------------------------------------------------------------------
+
+// One decoder block's saved activations. N = B*T tokens of this block (MTP block k runs on
+// T-k positions). All sized for N_max = B_max * T_max.
+typedef struct block_acts {
+    float *x_in;                // (N, D) block input (the embedding, the previous block's x_out, or eh_proj output)
+    float *a;                   // (N, D) input_layernorm output
+    float *a_rstd;              // (N)
+    float *cq;                  // (N, Rq) q_a_proj output            (q-LoRA only)
+    float *cq_n;                // (N, Rq) q_a_layernorm output        (q-LoRA only)
+    float *cq_rstd;             // (N)                                 (q-LoRA only)
+    float *q;                   // (N, H, Dqk) queries, rope part rotated in place
+    float *ckv;                 // (N, Rkv) compressed kv latent
+    float *ckv_n;               // (N, Rkv) kv_a_layernorm output
+    float *ckv_rstd;            // (N)
+    float *k_pe;                // (N, Dr) shared rope key, rotated in place
+    float *kv;                  // (N, H, Dn+Dv) per head [k_nope | v]
+    float *att;                 // (N, H*Dv) attention output, heads concatenated
+    float *lse;                 // (B, H, T) log-sum-exp per query
+    float *x_mid;               // (N, D) residual after attention
+    float *f;                   // (N, D) post_attention_layernorm output
+    float *f_rstd;              // (N)
+    float *x_out;               // (N, D) block output
+    // dense MLP
+    float *gate_up;             // (N, 2F)
+    float *act;                 // (N, F)
+    // MoE
+    float *router_logits;       // (N, E)
+    float *scores;              // (N, E) sigmoid/softmax affinities
+    int32_t *topk_idx;          // (N, K)
+    float *topk_w;              // (N, K) gate weights (normalised, scaled)
+    int32_t *perm;              // (N*K) flat assignment index of each expert-sorted row
+    int32_t *offsets;           // (E+1) first row of each expert
+    float *x_perm;              // (N*K, D) f gathered into expert order
+    float *e_gate_up;           // (N*K, 2Fe)
+    float *e_act;               // (N*K, Fe)
+    float *e_out;               // (N*K, D) expert outputs back in x_perm's order
+    // expert parallelism: the rows this rank's experts run on (aliases of x_perm / offsets /
+    // e_out without it); e_gate_up and e_act are sized for the expert side (R rows: N*K, or
+    // the EP bound R_max)
+    float *x_loc;               // (R, D) received rows, expert-major
+    float *e_out_loc;           // (R, D) their outputs
+    int32_t *loc_offsets;       // (E_loc+1) first row of each local expert in x_loc
+    int64_t *ep_counts;         // (EP*E_loc) rows from source rank s for local expert j at s*E_loc+j
+    float *s_gate_up;           // (N, 2Fs) shared experts
+    float *s_act;               // (N, Fs)
+    float *bal_f;               // (B, E) balance-loss f_i per sequence
+    int64_t B, T;               // shape of the last forward through this block
+} block_acts;
+
+// MTP depth k's extra activations (block L+k-1 holds the decoder-layer part).
+typedef struct mtp_acts {
+    int32_t *tokens_in;         // (B, T-k) tokens[:, i+k]
+    int32_t *targets;           // (B, T-k) tokens[:, i+k+1], -1 where absent
+    float *h_prev;              // (N, D) previous depth's hidden, first T-k positions
+    float *emb;                 // (N, D)
+    float *emb_n;               // (N, D) enorm output
+    float *emb_rstd;            // (N)
+    float *h_n;                 // (N, D) hnorm output
+    float *h_rstd;              // (N)
+    float *g;                   // (N, D) shared_head.norm output
+    float *g_rstd;              // (N)
+    float *logits;              // (N, vt) head tile (all of V when vt == V), then dlogits
+    float *losses;              // (N)
+    float *lse;                 // (N) logsumexp of each logits row, saved for xent_backward
+    float *dh;                  // (N, D) gradient into this depth's block output h^k
+} mtp_acts;
+
+struct nm_model {
+    nm_model_config cfg;        // copy (json_text/source_path borrowed from the caller's config)
+    const nm_ops *ops;
+    nm_param_table table;
+    float *params;              // (table.n_floats)
+    float *grads;               // (table.n_floats)
+    nm_precision precision;     // of the linear layers' GEMMs
+    uint16_t *params_bf16;      // (table.n_floats) bf16 copy of params (bf16 / fp8 modes), else NULL
+    int params_changed;         // params may differ from params_bf16
+    int64_t B_max, T_max;
+    int recompute;              // keep only block inputs/outputs; re-run each block's forward in backward
+
+    float *arena;               // every activation buffer below points into it
+    size_t arena_floats;
+    size_t arena_used;          // bump pointer while laying out
+
+    float *rope_cos, *rope_sin; // (T_max, Dr/2)
+    block_acts *blocks;         // (n_layers)
+    mtp_acts *mtp;              // (M)
+    int32_t *targets;           // (B, T) main targets, -1 at the last position
+    float *emb_out;             // (N, D) main embedding output = blocks[0].x_in
+    float *h0;                  // (N, D) model.norm output
+    float *h0_rstd;             // (N)
+    float *logits;              // (N, vt) main head tile (all of V when vt == V), then dlogits
+    float *losses;              // (N)
+    float *lse;                 // (N) logsumexp of each logits row, saved for xent_backward
+    int64_t vt;                 // output-head vocabulary tile (V: logits stored whole)
+    double *head_stats;         // (N, 3) running max / exp-sum / target logit across tiles
+
+    // backward scratch, shared by all blocks (sized for N_max)
+    float *d_res;               // (N, D) gradient of the residual stream
+    float *d_h0;                // (N, D)
+    float *d_a, *d_f;           // (N, D)
+    float *d_cq_n, *d_cq;       // (N, Rq)
+    float *d_q;                 // (N, H*Dqk)
+    float *d_ckv_n, *d_ckv;     // (N, Rkv)
+    float *d_k_pe;              // (N, Dr)
+    float *d_kv;                // (N, H*(Dn+Dv))
+    float *d_att;               // (N, H*Dv)
+    float *att_scratch;         // (B, H, T, Dr)
+    float *d_gate_up;           // (N, 2*max(F, Fs))
+    float *d_act;               // (N, max(F, Fs))
+    float *d_router;            // (N, E)
+    float *d_topk_w;            // (N, K)
+    float *d_e_out;             // (N*K, D)
+    float *d_e_act;             // (N*K, Fe)
+    float *d_e_gate_up;         // (N*K, 2Fe)
+    float *d_x_perm;            // (N*K, D)
+    float *d_emb;               // (N, D) MTP embedding-path scratch
+    float *d_tmp;               // (N, D)
+
+    // last forward
+    int64_t B, T;
+    int32_t *tokens;            // (B_max, T_max) copy of the input tokens
+    nm_loss_options opt;
+    int have_forward;
+
+    nm_gemm_group *groups;      // (E) scratch for the experts' grouped GEMMs
+
+    // expert parallelism (design.md 6): dropless all-to-all dispatch and combine (moe.c)
+    nm_comm *ep;                // NULL without it
+    int64_t E_loc;              // routed experts held here (E without EP)
+    int64_t R_max;              // bound on the rows this rank's experts receive: EP * N * min(K, E_loc)
+    float *ep_buf;              // (R_max, D) rows in source-major order, on their way in or out
+    float *d_e_out_loc;         // (R, D) expert side of d_e_out (alias without EP)
+    float *d_x_loc;             // (R, D) expert side of d_x_perm (alias without EP)
+    int64_t *ep_send, *ep_recv; // (EP) row counts, scratch
+    int64_t *ep_cnt_send;       // (EP*E_loc) per (destination, its local expert)
+    int ep_failed;              // a collective failed inside forward/backward; ep_err has why
+    nm_error ep_err;
+
+    // router statistics
+    int n_moe;
+    int *moe_layer_ids;         // (n_moe)
+    int64_t *expert_counts;     // (n_moe, E)
+};
+
+// --- linear layer (linear.c): y = x W^T with PyTorch [out, in] weights ------------------------
+
+// out(N, OC) (= or += by beta) inp(N, IC) . W(OC, IC)^T, with leading dimensions. W points into
+// m->params; its offset picks the GEMM precision (weight_precision in linear.c).
+void nm_linear_forward(const nm_model *m, float *out, int64_t ld_out, const float *inp, int64_t ld_inp,
+                       const float *W, int64_t ldw, int64_t N, int64_t IC, int64_t OC, float beta);
+// dinp(N, IC) (= or += by beta) dout(N, OC) . W(OC, IC)      (Dgrad)
+void nm_linear_backward_input(const nm_model *m, float *dinp, int64_t ld_dinp, const float *dout, int64_t ld_dout,
+                              const float *W, int64_t ldw, int64_t N, int64_t IC, int64_t OC, float beta);
+// dW(OC, IC) += dout(N, OC)^T . inp(N, IC)      (Wgrad: both operands are activations; dW points into m->grads)
+void nm_linear_backward_weight(const nm_model *m, float *dW, int64_t ldw, const float *dout, int64_t ld_dout,
+                               const float *inp, int64_t ld_inp, int64_t N, int64_t IC, int64_t OC);
+
+// --- attention half of a decoder block (mla.c, dsv3-spec 3.2) ---------------------------------
+
+// b->x_mid = b->x_in + MLA(RMSNorm(b->x_in)) for block l over (B, T); saves what the backward reads.
+void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T);
+// On entry m->d_res holds dLoss/d(x_mid); on exit dLoss/d(x_in). Weight grads +=.
+void nm_mla_backward(nm_model *m, int64_t l);
+
+// --- dense SwiGLU MLP (mlp.c, dsv3-spec 3.3) --------------------------------------------------
+
+// out(N, D) += swiglu(f . W_gate_up^T) . W_down^T with W_gate_up (2F, D) at params + gate_up,
+// W_down (D, F) at params + down; gate_up (N, 2F) and act (N, F) are saved for the backward.
+void nm_mlp_forward(nm_model *m, float *out, float *gate_up, float *act, const float *f, size_t w_gate_up,
+                    size_t w_down, int64_t N, int64_t F);
+// From d_out (N, D) to d_f (N, D) (= or += by beta) and the two weight grads (+=); uses the
+// shared scratch m->d_act, m->d_gate_up.
+void nm_mlp_backward(nm_model *m, float *d_f, float beta, const float *d_out, const float *gate_up, const float *act,
+                     const float *f, size_t w_gate_up, size_t w_down, int64_t N, int64_t F);
+
+// --- mixture of experts (moe.c, dsv3-spec 5, 6.2) ---------------------------------------------
+
+// b->x_out += MoE(b->f) for block l over (B, T). Returns the block's balance loss and adds its
+// expert counts to counts (E, may be NULL).
+double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *counts);
+// From d_out = m->d_res (dLoss/d(x_out)) to m->d_f (=); aux_seed is dLoss/d(balance loss).
+void nm_moe_backward(nm_model *m, int64_t l, float aux_seed);
+// The routed experts on rows already gathered into expert order: expert e owns rows
+// [offsets[e], offsets[e+1]) of x (rows, D); out (rows, D) (=). gate_up (rows, 2Fe) and act
+// (rows, Fe) are saved for the backward. w: the layer whose experts run.
+void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_t *offsets, const float *x,
+                            float *gate_up, float *act, float *out);
+// Backward of nm_moe_experts_forward: d_x (=) from d_out, experts' weight grads (+=); d_act and
+// d_gate_up are scratch of the same shapes as act and gate_up.
+void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32_t *offsets, const float *x,
+                             const float *gate_up, const float *act, const float *d_out, float *d_act,
+                             float *d_gate_up, float *d_x);
+
+// --- output head + cross-entropy (head.c, dsv3-spec 11) ---------------------------------------
+
+void nm_head_forward(nm_model *m, float *losses, float *lse, float *logits, const float *h,
+                     const int32_t *targets, int64_t N, float *logits_out);
+void nm_head_backward(nm_model *m, float *dh, float beta, float *logits, const float *lse, const float *h,
+                      const int32_t *targets, float scale, int64_t N);
+double nm_head_sum_losses(const float *losses, int64_t n);
+
+// --- one multi-token-prediction depth (mtp.c, dsv3-spec 6.3, 11) ------------------------------
+// Split around the depth's decoder block, which the composition (model.c) runs in between:
+//   input_forward -> block L+k-1 -> output_forward ; output_backward -> block -> input_backward
+
+// Depth k (1..M) of tokens (B, T): builds block L+k-1's input x_in from h^{k-1} and the tokens
+// shifted by k (embedding, enorm, hnorm, eh_proj).
+void nm_mtp_input_forward(nm_model *m, int64_t k, const int32_t *tokens, int64_t B, int64_t T);
+// Shared head norm + head on block L+k-1's output; returns the depth's summed token losses.
+double nm_mtp_output_forward(nm_model *m, int64_t k, int64_t B, int64_t T);
+// Head and head norm backward of depth k with loss scale `scale`; leaves dLoss/d(h^k) in m->d_res.
+void nm_mtp_output_backward(nm_model *m, int64_t k, int64_t B, int64_t T, float scale);
+// From m->d_res = dLoss/d(x_in of block L+k-1) through eh_proj, the norms and the embedding;
+// the h^{k-1} part is added to m->d_h0 (k == 1) or the previous depth's dh.
+void nm_mtp_input_backward(nm_model *m, int64_t k, int64_t B, int64_t T);

@@ -1,0 +1,265 @@
+// moe.c: the mixture-of-experts FFN of a MoE block (dsv3-spec 5, 6.2): router, top-k routing,
+// the sequence-wise balance loss, the routed experts (permute, gather, grouped GEMMs, combine)
+// and the shared experts; forward and backward.
+//
+// The routed path is gather -> experts -> combine, each step its own call, so that expert
+// parallelism can put the token dispatch (all-to-all) between gather and experts and its
+// reverse between experts and combine; nm_moe_experts_forward/backward see only the rows
+// gathered for them and the expert offsets.
+#include "model/model_internal.h"
+
+#include <string.h>
+
+static nm_router_params router_params(const nm_model_config *c, int64_t N) {
+    nm_router_params p = {
+        .N = N, .E = c->E, .K = c->K, .G = c->G, .Gk = c->Gk, .scoring = c->scoring,
+        .method = c->topk_method, .norm_topk_prob = c->norm_topk_prob,
+        .routed_scaling = (float)c->routed_scaling,
+    };
+    return p;
+}
+
+// --- routed experts ---------------------------------------------------------------------------
+
+// Grouped-GEMM descriptors, one per expert e over its rows [offsets[e], offsets[e+1]).
+// Forward / Dgrad shape: C_e(rows, N) = op(A_e(rows, K)) op(W_e), W_e = W + e * w_stride.
+static void groups_rows(nm_model *m, const int32_t *offsets, int64_t N, int64_t K, const float *A, int64_t lda,
+                        const float *W, size_t w_stride, int64_t ldw, float *C, int64_t ldc) {
+    for (int64_t e = 0; e < m->E_loc; e++) {
+        int64_t r0 = offsets[e];
+        m->groups[e] = (nm_gemm_group){.M = offsets[e + 1] - r0, .N = N, .K = K, .A = A + r0 * lda, .lda = lda,
+                                       .B = W + (size_t)e * w_stride, .ldb = ldw, .C = C + r0 * ldc, .ldc = ldc};
+    }
+}
+
+// Wgrad shape: dW_e(M, N) += A_e(rows, M)^T B_e(rows, N), a reduction over the expert's rows.
+static void groups_wgrad(nm_model *m, const int32_t *offsets, int64_t M, int64_t N, const float *A, int64_t lda,
+                         const float *B, int64_t ldb, float *dW, size_t w_stride, int64_t ldw) {
+    for (int64_t e = 0; e < m->E_loc; e++) {
+        int64_t r0 = offsets[e];
+        m->groups[e] = (nm_gemm_group){.M = M, .N = N, .K = offsets[e + 1] - r0, .A = A + r0 * lda, .lda = lda,
+                                       .B = B + r0 * ldb, .ldb = ldb, .C = dW + (size_t)e * w_stride, .ldc = ldw};
+    }
+}
+
+// gate_up = x . W_gate_up^T ; act = swiglu(gate_up) ; out = act . W_down^T, per expert over
+// its rows. fp32 runs the experts as grouped GEMMs (concurrently); bf16 and fp8 go expert by
+// expert through the precision-aware linear helpers.
+void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_t *offsets, const float *x,
+                            float *gate_up, float *act, float *out) {
+    const nm_model_config *c = &m->cfg;
+    const nm_ops *ops = m->ops;
+    int64_t E = m->E_loc, D = c->D, Fe = c->Fe, rows = offsets[E];
+    size_t stride = w->expert_stride, down = (size_t)2 * Fe * D;
+    const float *W0 = m->params + w->experts;
+    if (m->precision == NM_PRECISION_FP32) {
+        groups_rows(m, offsets, 2 * Fe, D, x, D, W0, stride, D, gate_up, 2 * Fe);
+        ops->gemm_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->groups, E);
+        ops->swiglu_forward(act, gate_up, rows, Fe);
+        groups_rows(m, offsets, D, Fe, act, Fe, W0 + down, stride, Fe, out, D);
+        ops->gemm_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->groups, E);
+        return;
+    }
+    for (int64_t e = 0; e < E; e++) {
+        int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
+        if (n == 0) continue;
+        const float *We = W0 + (size_t)e * stride;  // [gate; up] (2Fe, D), then down (D, Fe)
+        nm_linear_forward(m, gate_up + r0 * 2 * Fe, 2 * Fe, x + r0 * D, D, We, D, n, D, 2 * Fe, 0.0f);
+    }
+    ops->swiglu_forward(act, gate_up, rows, Fe);
+    for (int64_t e = 0; e < E; e++) {
+        int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
+        if (n == 0) continue;
+        const float *We = W0 + (size_t)e * stride;
+        nm_linear_forward(m, out + r0 * D, D, act + r0 * Fe, Fe, We + down, Fe, n, Fe, D, 0.0f);
+    }
+}
+
+void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32_t *offsets, const float *x,
+                             const float *gate_up, const float *act, const float *d_out, float *d_act,
+                             float *d_gate_up, float *d_x) {
+    const nm_model_config *c = &m->cfg;
+    const nm_ops *ops = m->ops;
+    int64_t E = m->E_loc, D = c->D, Fe = c->Fe, rows = offsets[E];
+    size_t stride = w->expert_stride, down = (size_t)2 * Fe * D;
+    const float *W0 = m->params + w->experts;
+    float *dW0 = m->grads + w->experts;
+    if (m->precision == NM_PRECISION_FP32) {
+        // out = act . W_down^T: d_act = d_out . W_down ; dW_down += d_out^T act
+        groups_rows(m, offsets, Fe, D, d_out, D, W0 + down, stride, Fe, d_act, Fe);
+        ops->gemm_grouped(NM_NO_TRANS, NM_NO_TRANS, 1.0f, 0.0f, m->groups, E);
+        groups_wgrad(m, offsets, D, Fe, d_out, D, act, Fe, dW0 + down, stride, Fe);
+        ops->gemm_grouped(NM_TRANS, NM_NO_TRANS, 1.0f, 1.0f, m->groups, E);
+        ops->swiglu_backward(d_gate_up, d_act, gate_up, rows, Fe);
+        // gate_up = x . W_gate_up^T: dW_gate_up += d_gate_up^T x ; d_x = d_gate_up . W_gate_up
+        groups_wgrad(m, offsets, 2 * Fe, D, d_gate_up, 2 * Fe, x, D, dW0, stride, D);
+        ops->gemm_grouped(NM_TRANS, NM_NO_TRANS, 1.0f, 1.0f, m->groups, E);
+        groups_rows(m, offsets, D, 2 * Fe, d_gate_up, 2 * Fe, W0, stride, D, d_x, D);
+        ops->gemm_grouped(NM_NO_TRANS, NM_NO_TRANS, 1.0f, 0.0f, m->groups, E);
+        return;
+    }
+    for (int64_t e = 0; e < E; e++) {
+        int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
+        if (n == 0) continue;
+        const float *We = W0 + (size_t)e * stride;
+        float *dWe = dW0 + (size_t)e * stride;
+        nm_linear_backward_input(m, d_act + r0 * Fe, Fe, d_out + r0 * D, D, We + down, Fe, n, Fe, D, 0.0f);
+        nm_linear_backward_weight(m, dWe + down, Fe, d_out + r0 * D, D, act + r0 * Fe, Fe, n, Fe, D);
+    }
+    ops->swiglu_backward(d_gate_up, d_act, gate_up, rows, Fe);
+    for (int64_t e = 0; e < E; e++) {
+        int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
+        if (n == 0) continue;
+        const float *We = W0 + (size_t)e * stride;
+        float *dWe = dW0 + (size_t)e * stride;
+        nm_linear_backward_weight(m, dWe, D, d_gate_up + r0 * 2 * Fe, 2 * Fe, x + r0 * D, D, n, D, 2 * Fe);
+        nm_linear_backward_input(m, d_x + r0 * D, D, d_gate_up + r0 * 2 * Fe, 2 * Fe, We, D, n, D, 2 * Fe, 0.0f);
+    }
+}
+
+// --- expert parallelism: dispatch and combine -------------------------------------------------
+//
+// After routing, x_perm holds this rank's N*K rows sorted by global expert, so the rows for EP
+// rank q (experts [q*El, (q+1)*El)) are one contiguous block. Dispatch: the per-(q, local
+// expert) counts go first (all_to_all of El counts per peer), then the rows; what arrives is
+// source-major (source rank s, then its rows for local expert j) and is reordered to expert-
+// major for the grouped GEMMs. Combine runs the same steps backwards. The backward mirrors
+// both: d_e_out travels like x_perm, d_x_loc like e_out_loc. Dropless: every row goes where
+// its expert is; the receive side is bounded by R_max rows, allocated once.
+
+// Copies blocks between source-major (s, j) and expert-major (j, s) order. to_expert: src is
+// source-major, dst expert-major; else the reverse. counts[s*El + j] rows per block.
+static void ep_reorder(const nm_model *m, float *dst, const float *src, const int64_t *counts, int to_expert) {
+    int64_t EP = m->ep->size, El = m->E_loc, D = m->cfg.D;
+    int64_t src_at = 0;
+    for (int64_t s = 0; s < EP; s++) {
+        for (int64_t j = 0; j < El; j++) {
+            // expert-major position of block (s, j): all rows of experts < j, then sources < s of j
+            int64_t exp_at = 0;
+            for (int64_t jj = 0; jj < j; jj++)
+                for (int64_t ss = 0; ss < EP; ss++) exp_at += counts[ss * El + jj];
+            for (int64_t ss = 0; ss < s; ss++) exp_at += counts[ss * El + j];
+            int64_t n = counts[s * El + j];
+            if (n > 0) {
+                if (to_expert) memcpy(dst + exp_at * D, src + src_at * D, (size_t)(n * D) * sizeof(float));
+                else memcpy(dst + src_at * D, src + exp_at * D, (size_t)(n * D) * sizeof(float));
+            }
+            src_at += n;
+        }
+    }
+}
+
+static void ep_fail(nm_model *m) { m->ep_failed = 1; }
+
+// Exchanges the counts of block b (forward only; the backward reuses them) and fills
+// loc_offsets. Per-destination row counts into m->ep_send, per-source into m->ep_recv.
+static void ep_exchange_counts(nm_model *m, block_acts *b) {
+    int64_t EP = m->ep->size, El = m->E_loc;
+    for (int64_t q = 0; q < EP; q++) {
+        m->ep_send[q] = 0;
+        for (int64_t j = 0; j < El; j++) {
+            int64_t e = q * El + j;
+            m->ep_cnt_send[q * El + j] = b->offsets[e + 1] - b->offsets[e];
+            m->ep_send[q] += m->ep_cnt_send[q * El + j];
+        }
+    }
+    int64_t *per = m->ep_recv;  // El counts to and from every peer
+    for (int64_t q = 0; q < EP; q++) per[q] = El;
+    if (nm_comm_all_to_all(m->ep, m->ep_cnt_send, per, b->ep_counts, per, NM_DT_I64, &m->ep_err) != 0) ep_fail(m);
+    b->loc_offsets[0] = 0;
+    for (int64_t j = 0; j < El; j++) {
+        int64_t n = 0;
+        for (int64_t s = 0; s < EP; s++) n += b->ep_counts[s * El + j];
+        b->loc_offsets[j + 1] = b->loc_offsets[j] + (int32_t)n;
+    }
+    NM_CHECK(b->loc_offsets[El] <= m->R_max, "expert-parallel rows %d over the bound %lld", b->loc_offsets[El],
+             (long long)m->R_max);
+}
+
+// Row counts (times D floats) of the exchange: out[q] = rows to peer q when forward.
+static void ep_row_counts(const nm_model *m, const block_acts *b, int64_t *to_peer, int64_t *from_peer) {
+    int64_t EP = m->ep->size, El = m->E_loc, D = m->cfg.D;
+    for (int64_t q = 0; q < EP; q++) {
+        int64_t in = 0, out = 0;
+        for (int64_t j = 0; j < El; j++) {
+            int64_t e = q * El + j;
+            out += b->offsets[e + 1] - b->offsets[e];
+            in += b->ep_counts[q * El + j];
+        }
+        to_peer[q] = out * D;
+        from_peer[q] = in * D;
+    }
+}
+
+// Source rows (N*K, D, x_perm order) -> expert-major rows on the experts' ranks.
+static void ep_dispatch(nm_model *m, block_acts *b, const float *rows, float *expert_rows) {
+    ep_row_counts(m, b, m->ep_send, m->ep_recv);
+    if (nm_comm_all_to_all(m->ep, rows, m->ep_send, m->ep_buf, m->ep_recv, NM_DT_F32, &m->ep_err) != 0) ep_fail(m);
+    ep_reorder(m, expert_rows, m->ep_buf, b->ep_counts, 1);
+}
+
+// Expert-major rows -> back to their source ranks, in x_perm order.
+static void ep_combine(nm_model *m, block_acts *b, const float *expert_rows, float *rows) {
+    ep_reorder(m, m->ep_buf, expert_rows, b->ep_counts, 0);
+    ep_row_counts(m, b, m->ep_send, m->ep_recv);
+    if (nm_comm_all_to_all(m->ep, m->ep_buf, m->ep_recv, rows, m->ep_send, NM_DT_F32, &m->ep_err) != 0) ep_fail(m);
+}
+
+// --- the MoE FFN ------------------------------------------------------------------------------
+
+// Route, run each expert on its rows, combine with the gate weights, add the shared experts.
+double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *counts) {
+    const nm_model_config *c = &m->cfg;
+    const nm_ops *ops = m->ops;
+    const nm_layer_offsets *w = &m->table.layers[l];
+    const float *P = m->params;
+    block_acts *b = &m->blocks[l];
+    int64_t N = B * T, D = c->D, E = c->E, K = c->K;
+    nm_router_params rp = router_params(c, N);
+    nm_linear_forward(m, b->router_logits, E, b->f, D, P + w->router, D, N, D, E, 0.0f);
+    ops->router_forward(b->topk_idx, b->topk_w, b->scores, b->router_logits, P + w->router_bias, &rp);
+    double bal = ops->balance_loss_forward(b->bal_f, b->scores, B, T, E, K);
+    ops->moe_permute(b->offsets, b->perm, b->topk_idx, N, K, E);
+    if (counts) {
+        for (int64_t e = 0; e < E; e++) counts[e] += b->offsets[e + 1] - b->offsets[e];
+    }
+    ops->moe_gather(b->x_perm, b->f, b->perm, N, K, D);
+    if (m->ep) {
+        ep_exchange_counts(m, b);
+        ep_dispatch(m, b, b->x_perm, b->x_loc);
+    }
+    nm_moe_experts_forward(m, w, b->loc_offsets, b->x_loc, b->e_gate_up, b->e_act, b->e_out_loc);
+    if (m->ep) ep_combine(m, b, b->e_out_loc, b->e_out);
+    ops->moe_combine_forward(b->x_out, b->e_out, b->topk_w, b->perm, N, K, D);
+    if (c->Fs > 0) nm_mlp_forward(m, b->x_out, b->s_gate_up, b->s_act, b->f, w->shared_gate_up, w->shared_down, N, c->Fs);
+    return bal;
+}
+
+void nm_moe_backward(nm_model *m, int64_t l, float aux_seed) {
+    const nm_model_config *c = &m->cfg;
+    const nm_ops *ops = m->ops;
+    const nm_layer_offsets *w = &m->table.layers[l];
+    const float *P = m->params;
+    float *G = m->grads;
+    block_acts *b = &m->blocks[l];
+    int64_t B = b->B, T = b->T, N = B * T, D = c->D, E = c->E, K = c->K;
+    float *d_res = m->d_res;
+    nm_router_params rp = router_params(c, N);
+    ops->zero(m->d_f, N * D);
+    if (c->Fs > 0) nm_mlp_backward(m, m->d_f, 1.0f, d_res, b->s_gate_up, b->s_act, b->f, w->shared_gate_up, w->shared_down, N, c->Fs);
+    // x_out += sum_k w_k * e_out[row(n,k)]
+    ops->moe_combine_backward(m->d_e_out, m->d_topk_w, d_res, b->e_out, b->topk_w, b->perm, N, K, D);
+    if (m->ep) ep_dispatch(m, b, m->d_e_out, m->d_e_out_loc);
+    nm_moe_experts_backward(m, w, b->loc_offsets, b->x_loc, b->e_gate_up, b->e_act, m->d_e_out_loc, m->d_e_act,
+                            m->d_e_gate_up, m->d_x_loc);
+    if (m->ep) ep_combine(m, b, m->d_x_loc, m->d_x_perm);
+    // x_perm = gather(f)
+    ops->moe_scatter_add(m->d_f, m->d_x_perm, b->perm, N, K, D);
+    // gate weights <- scores <- router logits = f . W_router^T (bias: selection only, no gradient)
+    ops->router_backward(m->d_router, m->d_topk_w, b->scores, b->topk_idx, &rp);
+    if (aux_seed != 0.0f) {
+        ops->balance_loss_backward(m->d_router, aux_seed, b->bal_f, b->scores, B, T, E, K, c->scoring);
+    }
+    nm_linear_backward_weight(m, G + w->router, D, m->d_router, E, b->f, D, N, D, E);
+    nm_linear_backward_input(m, m->d_f, D, m->d_router, E, P + w->router, D, N, D, E, 1.0f);
+}
