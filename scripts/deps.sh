@@ -31,8 +31,8 @@ fi
 # torch.distributed.tensor, so Debian's torch 1.13 is too old: PyPI's torch 2.5.1 goes into the
 # venv, ~3.3 GB with its CUDA libraries, ~4 min to download and install), PyPI's gguf as an
 # independent GGUF reader, and llama.cpp via llama-cpp-python built from its sdist (CPU only,
-# examples/tools/server/tests off: ~10-16 min on 2 cores, once; pip's wheel cache keeps the
-# build, so a later fresh venv on the same machine installs it in seconds).
+# examples/tools/server/tests off: ~10-16 min on 2 cores, once per .venv; Debian's pip 23.0 does
+# not reuse a locally built wheel under --no-binary, so every fresh .venv builds it again).
 venv_ok() {
   .venv/bin/python3 -c 'import tokenizers, safetensors, torch, gguf, llama_cpp
 from transformers import DeepseekV3ForCausalLM' 2>/dev/null
