@@ -135,10 +135,14 @@ static cJSON *tokenizer_config(const nm_model_config *cfg, const nm_export_vocab
 
 // --- tensors ----------------------------------------------------------------------------------
 
-static int write_tensors(const char *dir, const nm_param_table *t, const float *params, nm_st_dtype dtype,
-                         int64_t max_shard_bytes, nm_export_progress_fn progress, void *pctx, nm_error *err) {
+static int write_tensors(const char *dir, const nm_model_config *cfg, const nm_param_table *t, const float *params,
+                         nm_st_dtype dtype, int64_t max_shard_bytes, nm_export_progress_fn progress, void *pctx,
+                         nm_error *err) {
     int n = t->n_rows;
     nm_st_tensor *ts = nm_calloc((size_t)n + 1, sizeof(nm_st_tensor));
+    // Only noaux_tc reads the stored bias; the other methods are exported as a noaux_tc router
+    // (export_config) that would add it, so they get zeros to compute what we compute.
+    float *zero_bias = cfg->topk_method != NM_TOPK_NOAUX_TC ? nm_calloc((size_t)cfg->E + 1, sizeof(float)) : NULL;
     int *shard = nm_calloc((size_t)n + 1, sizeof(int));
     int64_t total = 0, in_shard = 0;
     int n_shards = 1;
@@ -149,6 +153,11 @@ static int write_tensors(const char *dir, const nm_param_table *t, const float *
         ts[r].shape[0] = row->shape[0];
         ts[r].shape[1] = row->shape[1];
         ts[r].data = params + row->offset;  // tied rows carry the owner's offset: written as copies
+        if (zero_bias && (row->flags & NM_TENSOR_ROUTER_BIAS)) {
+            NM_CHECK(row->numel <= cfg->E, "%s: %lld values, n_routed_experts %lld", row->name, (long long)row->numel,
+                     (long long)cfg->E);
+            ts[r].data = zero_bias;
+        }
         // The aux-loss-free bias is kept in fp32 everywhere (dsv3-spec 9.10).
         ts[r].dtype = (row->flags & NM_TENSOR_ROUTER_BIAS) ? NM_ST_F32 : dtype;
         int64_t nb = row->numel * (ts[r].dtype == NM_ST_F32 ? 4 : 2);
@@ -189,6 +198,7 @@ static int write_tensors(const char *dir, const nm_param_table *t, const float *
     }
     if (rc == 0 && index) rc = write_json(dir, "model.safetensors.index.json", index, err);
     cJSON_Delete(index);
+    nm_free(zero_bias);
     nm_free(shard);
     nm_free(ts);
     return rc;
@@ -276,7 +286,7 @@ static int export_dir(const char *out_dir, const nm_model_config *cfg, const nm_
         rc = write_json(tmp, "tokenizer_config.json", c, err);
         cJSON_Delete(c);
     }
-    if (rc == 0) rc = write_tensors(tmp, t, params, dtype, max_shard_bytes, progress, progress_ctx, err);
+    if (rc == 0) rc = write_tensors(tmp, cfg, t, params, dtype, max_shard_bytes, progress, progress_ctx, err);
     if (rc == 0) rc = nm_fsync_dir(tmp, err);
     // rename(2) replaces an empty directory atomically; an absent one is simply created.
     if (rc == 0 && rename(tmp, out_dir) != 0) {

@@ -102,6 +102,33 @@ def our_logits(tmp, mdir, ids):
     return np.fromfile(lp, dtype=np.float32).reshape(ids.shape[0], ids.shape[1], -1)
 
 
+def biased_copy(tmp, mdir, tag, rng, config_over=None):
+    """A copy of the model directory whose e_score_correction_bias rows are 0, 10, 20, ... in a
+    random order, with config_over applied to its config.json.
+
+    For noaux_tc the bias then decides the expert and group choice alone (the scores are in
+    [0, 1]). Our greedy and group_limited_greedy routers ignore the stored bias (DeepSeek-V2's
+    rules have none), so there it checks that an export does too: a nonzero stored bias must not reach a format whose router
+    adds it."""
+    from safetensors.numpy import load_file, save_file
+    out = os.path.join(tmp, f"{tag}_biased")
+    os.makedirs(out)
+    with open(os.path.join(mdir, "config.json")) as f:
+        c = json.load(f)
+    c.update(config_over or {})
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(c, f)
+    st = load_file(os.path.join(mdir, "model.safetensors"))
+    n = 0
+    for k in st:
+        if k.endswith("e_score_correction_bias"):
+            st[k] = (10.0 * rng.permutation(len(st[k]))).astype(np.float32)
+            n += 1
+    assert n > 0, f"{mdir}: no e_score_correction_bias rows"
+    save_file(st, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    return out, st
+
+
 def our_encode(tokenizer, texts):
     """Our tokenizer's ids for each text (one process, --jsonl)."""
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:

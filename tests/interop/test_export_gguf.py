@@ -13,8 +13,14 @@ dense blocks, moe_layer_freq 2 with no shared experts, MTP and none):
    f16 within 5e-3, bf16 within 2e-2 at every position and q8_0 within 5e-2 at 90% of them
    (weights rounded: bf16 keeps 8 bits, a q8_0 block 7 bits of its largest value, and llama.cpp
    rounds the activations to the weight type too; measured ~1e-3, ~5e-3 (max 1.1e-2), ~2e-2).
-   These run on a copy of the model whose router biases fix the expert choice (decisive_copy):
-   on the random router a rounding flips some token's top-k choice in most runs;
+   On the random router a rounding flips some token's top-k choice in most runs, so these run
+   on a copy of the model without a discrete choice to flip: for noaux_tc, router biases
+   0, 10, 20, ... that decide the choice alone (export_util.biased_copy); greedy methods ignore
+   the bias, so there num_experts_per_tok = n_routed_experts (every expert chosen, the gating
+   weights still from the scores). The f32 case keeps the real top-k choice;
+2b. greedy routing with a nonzero stored bias (which our router ignores): the export's
+   exp_probs_b is all zero (llama.cpp would add it for every method) and the f32 logits equal
+   ours;
 3. greedy generation with llama.cpp (f32 file) equals `nanomegatron sample --temperature 0`;
 4. llama.cpp tokenizes like our tokenizer (a trained BPE and the byte tokenizer);
 5. a run directory (with --step) exports; group_limited_greedy with a real group limit is
@@ -36,7 +42,7 @@ try:
     import gguf
     import llama_cpp
     from llama_cpp import Llama
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import load_file
 except Exception as e:
     print(f"gguf / llama_cpp / safetensors not available ({e}): skipped")
     sys.exit(77)
@@ -155,27 +161,20 @@ def check_reader(path, c, st, dtype, name):
             up = np.stack([st[f"model.layers.{l}.mlp.experts.{e}.up_proj.weight"] for e in range(c["n_routed_experts"])])
             got = np.asarray(T[f"blk.{l}.ffn_up_exps.weight"].data).reshape(up.shape)
             check(np.array_equal(got, up), f"{name}: blk.{l} ffn_up_exps stacked in expert order")
+    # exp_probs_b: the stored bias for noaux_tc; zeros otherwise (our router ignores it there).
+    bad = []
+    for l in range(L):
+        if f"blk.{l}.exp_probs_b.bias" not in T:
+            continue
+        got = np.asarray(T[f"blk.{l}.exp_probs_b.bias"].data)
+        stored = st.get(f"model.layers.{l}.mlp.gate.e_score_correction_bias")
+        want = stored if stored is not None and c["topk_method"] == "noaux_tc" else np.zeros(c["n_routed_experts"])
+        if not np.array_equal(got, want):
+            bad.append(f"blk.{l} {got[:4]} want {want[:4]}")
+    check(not bad, f"{name}: exp_probs_b {'= stored bias' if c['topk_method'] == 'noaux_tc' else 'all zero'}"
+          f" {'; '.join(bad)}")
     q = np.asarray(T["token_embd.weight"].data).reshape(c["vocab_size"], c["hidden_size"])
     check(np.array_equal(q, st["model.embed_tokens.weight"]), f"{name}: token_embd data")
-
-
-def decisive_copy(tmp, mdir, st, name):
-    """The model with router biases 0, 10, 20, ... (a random order): the expert and group choice
-    then no longer depends on the scores, so weight rounding cannot flip a discrete choice and
-    the rounded dtypes can be held to a tolerance at every position (the gating weights still
-    come from the unbiased scores)."""
-    out = os.path.join(tmp, f"{name}_decisive")
-    os.makedirs(out)
-    with open(os.path.join(mdir, "config.json")) as f:
-        text = f.read()
-    with open(os.path.join(out, "config.json"), "w") as f:
-        f.write(text)
-    st = dict(st)
-    for k in st:
-        if k.endswith("e_score_correction_bias"):
-            st[k] = (10.0 * rng.permutation(len(st[k]))).astype(np.float32)
-    save_file(st, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    return out
 
 
 def greedy_llama(llm, prompt_ids, n):
@@ -196,14 +195,26 @@ with tempfile.TemporaryDirectory() as tmp:
         st = load_file(os.path.join(mdir, "model.safetensors"))
         T = 32
         ids = rng.integers(0, 257, size=(1, T)).astype(np.int32)
-        decisive = decisive_copy(tmp, mdir, st, name)
-        ours_by_model = {mdir: U.our_logits(tmp, mdir, ids)[0], decisive: U.our_logits(tmp, decisive, ids)[0]}
+        biased, bst = U.biased_copy(tmp, mdir, name, rng)
+        if cfg["topk_method"] == "noaux_tc":
+            exact, exact_st, fixed, fixed_cfg = mdir, st, biased, cfg
+        else:
+            # The f32 export starts from the biased copy (2b); our router ignores the bias.
+            exact, exact_st = biased, bst
+            all_k = {"num_experts_per_tok": cfg["n_routed_experts"]}
+            fixed, _ = U.biased_copy(tmp, mdir, name + "_all", rng, all_k)
+            fixed_cfg = dict(cfg, **all_k)
+        ours_by_model = {exact: U.our_logits(tmp, exact, ids)[0], fixed: U.our_logits(tmp, fixed, ids)[0]}
+        if exact is biased:
+            check(np.array_equal(ours_by_model[exact], U.our_logits(tmp, mdir, ids)[0]),
+                  f"{name}: our {cfg['topk_method']} logits do not depend on the stored bias")
         for dtype in (["fp32", "f16", "bf16", "q8_0"] if vi < 2 else ["fp32", "q8_0"]):
-            model = mdir if dtype == "fp32" else decisive
+            model = exact if dtype == "fp32" else fixed
             ours = ours_by_model[model]
             out = os.path.join(tmp, f"{name}_{dtype}.gguf")
             p = U.run(["export", "--model", model, "--out", out, "--format", "gguf", "--dtype", dtype])
-            check_reader(out, cfg, st if dtype == "fp32" else None, dtype, f"{name} {dtype}")
+            check_reader(out, cfg if dtype == "fp32" else fixed_cfg, exact_st if dtype == "fp32" else None, dtype,
+                         f"{name} {dtype}")
             llm = load_llama(out)
             lc = llama_logits(llm, ids[0])
             per_pos = np.abs(lc - ours).max(axis=1) / np.abs(ours).max()
@@ -221,7 +232,7 @@ with tempfile.TemporaryDirectory() as tmp:
                 prompt = "the cat sat"
                 pids = llm.tokenize(prompt.encode(), add_bos=False, special=False)
                 gen = greedy_llama(llm, pids, 24)
-                s = U.run(["sample", "--model", mdir, "--prompt", prompt, "--tokens", 24, "--temperature", 0]).stdout
+                s = U.run(["sample", "--model", model, "--prompt", prompt, "--tokens", 24, "--temperature", 0]).stdout
                 want = prompt.encode() + llm.detokenize(gen) + b"\n"
                 check(s == want, f"{name}: llama.cpp greedy == sample --temperature 0 ({gen[:8]}...)")
             del llm

@@ -14,6 +14,10 @@ For fresh random models of several configs (export_util.VARIANTS):
 4. AutoTokenizer on the export encodes like our tokenizer (a trained BPE and the byte
    tokenizer) on texts with spaces, tabs, digits, punctuation and non-ASCII;
 5. bad requests fail with a message: q8_0 for hf, an existing non-empty --out.
+Each variant's model carries a nonzero stored e_score_correction_bias (export_util.biased_copy):
+noaux_tc exports it as stored; greedy routing, which our router runs without the bias, is
+exported as noaux_tc over one group and so must get an all-zero bias for transformers' logits
+to equal ours (checked on the tensors and by 1.).
 
 Needs transformers >= 4.51 with torch >= 2 (the .venv of scripts/deps.sh); exit 77 without.
 """
@@ -32,6 +36,7 @@ try:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers import DeepseekV3ForCausalLM  # noqa: F401  (native class, >= 4.51)
+    from safetensors import safe_open
 except Exception as e:  # ImportError, or transformers refusing an old torch
     print(f"transformers with DeepseekV3 not available ({e}): skipped")
     sys.exit(77)
@@ -64,14 +69,27 @@ with tempfile.TemporaryDirectory() as tmp:
     ids = rng.integers(0, 257, size=(2, 16)).astype(np.int32)
     for name in U.VARIANTS:
         cfg, native = U.make_config(name)
-        mdir = U.init_model(tmp, name, cfg, int(rng.integers(1, 1 << 30)))
+        plain = U.init_model(tmp, name, cfg, int(rng.integers(1, 1 << 30)))
+        mdir, st = U.biased_copy(tmp, plain, name, rng)
         ours = U.our_logits(tmp, mdir, ids)
+        noaux = cfg["topk_method"] == "noaux_tc"
+        if not noaux:
+            check(np.array_equal(ours, U.our_logits(tmp, plain, ids)),
+                  f"{name}: our {cfg['topk_method']} logits do not depend on the stored bias")
         for dtype in ["fp32", "bf16", "f16"]:
             out = os.path.join(tmp, f"{name}_hf_{dtype}")
             p = U.run(["export", "--model", mdir, "--out", out, "--format", "hf", "--dtype", dtype])
             files = sorted(os.listdir(out))
             check(all(f in files for f in ["config.json", "generation_config.json", "model.safetensors",
                                            "tokenizer.json", "tokenizer_config.json"]), f"{name} {dtype}: files {files}")
+            # Only the (fp32) bias rows: numpy has no bfloat16.
+            with safe_open(os.path.join(out, "model.safetensors"), framework="np") as f:
+                got = {k: f.get_tensor(k) for k in f.keys() if k.endswith("e_score_correction_bias")}
+            bad = [k for k in st if k.endswith("e_score_correction_bias") and not np.array_equal(
+                got[k], st[k] if noaux else np.zeros_like(st[k]))]
+            check(not bad and any(k.endswith("e_score_correction_bias") for k in got),
+                  f"{name} {dtype}: e_score_correction_bias {'as stored' if noaux else 'all zero'} "
+                  f"{', '.join(bad[:2])}")
             ref = ours if dtype == "fp32" else U.our_logits(tmp, out, ids)
             if dtype != "fp32":
                 # The rounding really happened (else the check below would not test the dtype).
