@@ -390,8 +390,10 @@ fail:
 // --- step -------------------------------------------------------------------------------------
 
 // This rank's bytes moved during the step, per group and operation (docs/parallelism.md has
-// the formulas): the counters' growth since the last step.
-static int comm_metrics(nm_trainer *t, nm_metric *kv) {
+// the formulas): the counters' growth since the last step. The all-to-all bytes are also
+// summed over the job: that total follows from the configuration alone (dropless routing
+// hands every token's K rows to the exchange), while one rank's share depends on its routing.
+static int comm_metrics(nm_trainer *t, nm_metric *kv, int *n_out, nm_error *err) {
     static const char *const keys[][NM_COMM_N_OPS] = {
         {"comm_dp_all_reduce_bytes", "comm_dp_reduce_scatter_bytes", "comm_dp_all_gather_bytes", NULL, NULL, NULL, NULL},
         {NULL, "comm_edp_reduce_scatter_bytes", "comm_edp_all_gather_bytes", NULL, NULL, NULL, NULL},
@@ -399,15 +401,27 @@ static int comm_metrics(nm_trainer *t, nm_metric *kv) {
     };
     nm_comm *groups[3] = {t->mesh->dp, t->mesh->edp, t->mesh->ep};
     int n = 0;
+    int64_t a2a = 0;
     for (int g = 0; g < 3; g++) {
         for (int op = 0; op < NM_COMM_N_OPS; op++) {
             if (!keys[g][op]) continue;
             int64_t now = groups[g]->counters.bytes[op];
             kv[n++] = NM_METRIC_I(keys[g][op], now - t->comm_seen[g][op]);
+            if (op == NM_COMM_ALL_TO_ALL) a2a = now - t->comm_seen[g][op];
             t->comm_seen[g][op] = now;
         }
     }
-    return n;
+    if (nm_comm_all_reduce(t->world, &a2a, 1, NM_DT_I64, NM_RED_SUM, err) != 0) return -1;
+    kv[n++] = NM_METRIC_I("comm_ep_all_to_all_bytes_job", a2a);
+    // How much of the gradient reduction was started while the backward still ran.
+    int64_t bucket_floats = 0;
+    for (int b = 0; b < t->zero->n_buckets; b++) bucket_floats += t->zero->buckets[b].n;
+    kv[n++] = NM_METRIC_I("grad_buckets", t->zero->n_buckets);
+    kv[n++] = NM_METRIC_I("grad_buckets_started_in_backward", t->zero->n_started_early);
+    kv[n++] = NM_METRIC_F("grad_reduce_overlap_fraction",
+                          bucket_floats > 0 ? (double)t->zero->floats_started_early / (double)bucket_floats : 0.0);
+    *n_out += n;
+    return 0;
 }
 
 // The name the lowest rank holding one gave, on every rank ("" when no rank has one).
@@ -427,11 +441,13 @@ static int first_bad_name(nm_trainer *t, const char *mine, char out[128], nm_err
     return 0;
 }
 
+static int zero_backward_hook(void *zero, int layer, nm_error *err) { return nm_zero_layer_done(zero, layer, err); }
+
 // After the micro-batches: gradients reduce-scattered to their owners, and the loss terms,
 // the finiteness flag and the expert loads all-reduced, so every rank decides the same.
 static int reduce_step(nm_trainer *t, nm_step_metrics *m, int n_moe, int *finite, nm_error *err) {
     if (t->world->size == 1) return 0;
-    if (nm_zero_reduce_scatter_grads(t->zero, nm_model_grads(t->model), err) != 0) return -1;
+    if (nm_zero_finish(t->zero, err) != 0) return -1;
     nm_comm *dp = t->mesh->dp;
     double dpn = (double)t->mesh->n.dp;
     double terms[5] = {m->loss, m->ce_loss, m->mtp_loss, m->aux_loss, *finite ? 0.0 : 1.0};
@@ -554,7 +570,16 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
         const int64_t *counts = nm_model_expert_counts(t->model, NULL, NULL);
         for (int64_t i = 0; i < (int64_t)n_moe * E; i++) t->step_counts[i] += counts[i];
         double tc = now_s();
-        if (nm_model_backward(t->model, err) != 0) return -1;
+        // The last micro-batch's backward finishes the gradients: buckets start reducing as
+        // soon as their layers are done (overlap_grad_reduce), the rest in reduce_step.
+        int last = micro == t->accum - 1;
+        if (last && t->zero) {
+            nm_zero_begin(t->zero, nm_model_grads(t->model));
+            if (c->overlap_grad_reduce) nm_model_set_backward_hook(t->model, zero_backward_hook, t->zero);
+        }
+        int rc = nm_model_backward(t->model, err);
+        nm_model_set_backward_hook(t->model, NULL, NULL);
+        if (rc != 0) return -1;
         double td = now_s();
         m->t_data += tb - ta;
         m->t_forward += tc - tb;
@@ -673,7 +698,7 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     kv[n++] = NM_METRIC_F("time_backward_s", m->t_backward);
     kv[n++] = NM_METRIC_F("time_optimizer_s", m->t_optimizer);
     kv[n++] = NM_METRIC_F("time_comm_s", m->t_comm);
-    if (t->world->size > 1) n += comm_metrics(t, kv + n);
+    if (t->world->size > 1 && comm_metrics(t, kv + n, &n, err) != 0) return -1;
     if (!isnan(m->val_loss)) kv[n++] = NM_METRIC_F("val_loss", m->val_loss);
     if (t->metrics && nm_metrics_write(t->metrics, step, m->loss, kv, n, err) != 0) return -1;
     if (diverged) {
