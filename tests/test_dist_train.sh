@@ -206,4 +206,19 @@ nm_mpirun 2 "$NM_BIN" train --config long.json --out kill --quiet --resume --set
 grep -q "resume: continuing" kill2.log || true
 last=$("$PY" -c "import json; print([json.loads(l)['step'] for l in open('kill/metrics.jsonl')][-1])")
 [ "$last" = 12 ] || fail "resumed run ended at step $last"
+
+# A rank killed in the middle of a save (its shard files written, nothing committed): the
+# job stops, `latest` still names the previous checkpoint, and --resume continues from it.
+NM_TEST_KILL_IN_SAVE=1:6 nm_mpirun 2 "$NM_BIN" train --config long.json --out midsave --quiet --set steps=9 \
+  >midsave.log 2>&1 && fail "the job survived a rank killed mid-save"
+grep -q "step_000003" midsave/latest || fail "latest is not step 3 after a mid-save kill: $(ls midsave)"
+[ ! -e midsave/step_000006 ] || fail "a half-saved step 6 became a checkpoint"
+nm_mpirun 2 "$NM_BIN" train --config long.json --out midsave --quiet --resume --set steps=9 >midsave2.log 2>&1 \
+  || { cat midsave2.log; fail "resume after the mid-save kill"; }
+"$PY" - <<'PY'
+import json
+steps = [json.loads(l)["step"] for l in open("midsave/metrics.jsonl")]
+assert steps == list(range(1, 10)), steps  # steps 4-6 of the killed run are replaced
+PY
+echo "rank killed mid-save: latest stayed at step 3, resumed to step 9"
 echo "test_dist_train: ok"
