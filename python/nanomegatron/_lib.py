@@ -30,6 +30,9 @@ class ConfigError(NMError, ValueError):
     """A configuration key or value the library refuses (a ValueError naming the key)."""
 
 
+NMError.__module__ = ConfigError.__module__ = "nanomegatron"
+
+
 # --- structs ---------------------------------------------------------------------------------
 
 class nm_error(ctypes.Structure):

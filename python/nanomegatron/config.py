@@ -42,6 +42,9 @@ class _KeyError(ConfigError, TypeError):
     """An unknown keyword: a ValueError like every config error, and a TypeError like any bad keyword."""
 
 
+_KeyError.__module__ = "nanomegatron"
+
+
 def _annotate(msg, key_to_field, cls_name):
     """Adds "[Cls.field]" after the first quoted C key of msg that maps to a dataclass field."""
     for key in re.findall(r"key '([^']+)'", msg) + re.findall(r"'([a-z_.]+)'", msg):

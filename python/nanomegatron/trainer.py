@@ -64,7 +64,8 @@ class Trainer:
             lib.nm_trainer_destroy(p)
             lib.nm_train_config_free(cfg_buf)  # the trainer borrows the config: freed after it
 
-        self._h = _Handle(ptr.value, destroy, keep=(cfg_buf,))
+        # The C trainer keeps pointers into both (its config's strings, opts.run_dir) until destroyed.
+        self._h = _Handle(ptr.value, destroy, keep=(cfg_buf, self._run_dir_b, opts))
         self._last_saved = None
         self._stop = False
         self._model = None
