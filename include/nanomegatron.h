@@ -76,6 +76,9 @@ int nm_trainer_save(nm_trainer *t, nm_error *err);
 // The same checkpoint into another run directory (created if needed; its `latest` is
 // updated and checkpoint.keep_last applies there): `train --out run_dir --resume` continues it.
 int nm_trainer_save_to(nm_trainer *t, const char *run_dir, nm_error *err);
+// sizeof the public struct of that name (e.g. "nm_step_metrics"), 0 for a name it does not know:
+// bindings that restate the structs (python/) compare their sizes with the library's at load.
+size_t nm_struct_size(const char *name);
 // Mean validation cross-entropy over cfg.log.eval_batches micro-batches of the held-out split.
 int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err);
 // Finishes the logs (loss.svg, metrics flush). Called by destroy too.

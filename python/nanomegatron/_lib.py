@@ -60,7 +60,8 @@ class nm_tensor_spec(ctypes.Structure):
 class nm_param_table(ctypes.Structure):
     _fields_ = [("rows", POINTER(nm_tensor_spec)), ("n_rows", c_int), ("n_floats", c_size_t),
                 ("n_params_main", c_int64), ("n_params_mtp", c_int64), ("embed", c_size_t),
-                ("final_norm", c_size_t), ("lm_head", c_size_t), ("layers", c_void_p)]
+                ("final_norm", c_size_t), ("lm_head", c_size_t), ("layers", c_void_p),
+                ("expert_first", c_int64), ("expert_count", c_int64)]
 
 
 class nm_trainer_options(ctypes.Structure):
@@ -73,7 +74,7 @@ class nm_step_metrics(ctypes.Structure):
         (n, c_double) for n in ("loss", "ce_loss", "mtp_loss", "aux_loss", "grad_norm", "lr", "tokens_per_s",
                                 "tflops", "mfu", "load_max_over_mean", "bias_min", "bias_max", "val_loss")] + [
         ("skipped", c_int), ("t_data", c_double), ("t_forward", c_double), ("t_backward", c_double),
-        ("t_optimizer", c_double), ("tokens", c_int64), ("mtp_weight", c_double), ("skipped_total", c_int64)]
+        ("t_optimizer", c_double), ("t_comm", c_double), ("tokens", c_int64), ("mtp_weight", c_double), ("skipped_total", c_int64)]
 
 
 class nm_loss_options(ctypes.Structure):
@@ -85,7 +86,7 @@ class nm_loss_terms(ctypes.Structure):
 
 
 class nm_model_options(ctypes.Structure):
-    _fields_ = [("recompute", c_int), ("vocab_tile", c_int64)]
+    _fields_ = [("recompute", c_int), ("ep", c_void_p), ("vocab_tile", c_int64)]
 
 
 class nm_adamw_config(ctypes.Structure):
@@ -94,7 +95,7 @@ class nm_adamw_config(ctypes.Structure):
 
 class nm_optimizer(ctypes.Structure):
     _fields_ = [("table", POINTER(nm_param_table)), ("cfg", nm_adamw_config), ("m", POINTER(c_float)),
-                ("v", POINTER(c_float)), ("step", c_int64), ("chunks", c_void_p), ("n_chunks", c_int64),
+                ("v", POINTER(c_float)), ("n_state", c_size_t), ("row_state", c_void_p), ("step", c_int64), ("chunks", c_void_p), ("n_chunks", c_int64),
                 ("partials", c_void_p), ("n_params", c_int64)]
 
 
@@ -226,12 +227,31 @@ def _load():
         "nm_loader_seq_len": (c_int64, [P]),
         "nm_loader_tokens": (c_int64, [P]),
         "nm_loader_entropy_floor": (c_double, [P]),
+        "nm_struct_size": (c_size_t, [c_char_p]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
         fn.restype = res
         fn.argtypes = args
+    _check_sizes(lib, path)
     return lib
+
+
+def _check_sizes(lib, path):
+    """Every mirrored struct's size against the loaded library's own sizeof: a field added to the
+    header without this file following (or a stale library) stops the import instead of corrupting
+    memory. Field offsets are compared with the compiler's by tests/python/test_layout.py."""
+    bad = []
+    for st in STRUCTS:
+        c_size = lib.nm_struct_size(st.__name__.encode())
+        if c_size != ctypes.sizeof(st):
+            bad.append(f"{st.__name__}: library {c_size} bytes, python/nanomegatron/_lib.py {ctypes.sizeof(st)}")
+    c_size = lib.nm_struct_size(b"nm_train_config")
+    if not 0 < c_size <= TRAIN_CONFIG_BYTES:
+        bad.append(f"nm_train_config: library {c_size} bytes, the package's opaque block {TRAIN_CONFIG_BYTES}")
+    if bad:
+        raise ImportError(f"nanomegatron: the struct mirrors do not match the C library {path}: " + "; ".join(bad) +
+                          " (reinstall with `pip install ./python`, or update the mirrors to include/nanomegatron.h)")
 
 
 lib = _load()

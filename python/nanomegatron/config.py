@@ -220,10 +220,10 @@ _TRAIN_KEYS = {
     "mtp_weight": "mtp.weight", "mtp_weight_after": "mtp.weight_after", "mtp_switch_step": "mtp.switch_step",
     "save_every": "checkpoint.save_every", "keep_last": "checkpoint.keep_last",
     "log_every": "log.log_every", "eval_every": "log.eval_every", "eval_batches": "log.eval_batches",
-    # The parallel layout (the lead's MPI work); passed only when != 1, so a library without
-    # them refuses the key loudly instead of running on one rank.
+    # The parallel layout (data parallelism is what the world size leaves); tensor and pipeline
+    # parallelism > 1 are refused by the library with its message.
     "tensor_parallel_size": "tensor_parallel_size", "pipeline_parallel_size": "pipeline_parallel_size",
-    "expert_parallel_size": "expert_parallel_size",
+    "expert_parallel_size": "expert_parallel_size", "bucket_mb": "bucket_mb", "exit_interval": "exit_interval",
 }
 _PARALLEL = ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size")
 # C keys that come from model / data / batch_size rather than from one field each.
@@ -251,6 +251,8 @@ class TrainConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     expert_parallel_size: int = 1
+    bucket_mb: int = 40
+    exit_interval: int = 0
     init_from: Optional[str] = None
     tokenizer: str = "bytes"
     precision: str = "fp32"
@@ -294,7 +296,7 @@ class TrainConfig:
 
     @property
     def world_size(self):
-        """Processes in the run: 1 until the package runs under MPI."""
+        """Processes in the run (the library's world communicator, see init_distributed)."""
         from .distributed import init_distributed
         return init_distributed().world_size
 
@@ -328,8 +330,6 @@ class TrainConfig:
         d["global_batch"] = self.batch_size
         for name, key in _TRAIN_KEYS.items():
             value = getattr(self, name)
-            if name in _PARALLEL and value == 1:
-                continue
             if name in ("init_from", "tokenizer") and value not in (None, "bytes"):
                 value = os.path.abspath(os.fspath(value))
             node = d

@@ -1,18 +1,18 @@
-"""init_distributed: the process's place in the run.
+"""init_distributed: the process's place in the run, from the C library's own communicator.
 
-The C library has no communicator yet (the trainer runs with world 1), so this reports one
-process, and refuses to pretend when a launcher (mpirun, srun) started several: N copies of
-a single-process run would each train the whole model on the whole batch and write the same
-run directory. Once the library's MPI layer lands, this is where its communicator is joined
-(the same one the CLI uses).
+It joins the communicator the CLI and nm_trainer_create use (nm_comm_init in src/dist/: MPI
+when mpirun, mpiexec or srun started the process, else one process; NM_COMM=single|mpi forces
+one), so `mpirun -np N python train.py` trains data-parallel (and expert-parallel with
+expert_parallel_size) exactly as `mpirun -np N nanomegatron train` does.
 """
+import ctypes
 import os
 from dataclasses import dataclass
 
-from ._lib import NMError
+from . import _lib
+from ._lib import NMError, lib
 
-# What mpirun (Open MPI, MPICH / Intel MPI / PMI) and srun set in every rank's environment.
-_WORLD_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
+_LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID")
 
 
 @dataclass(frozen=True)
@@ -22,22 +22,32 @@ class DistContext:
     local_rank: int = 0
 
 
-def _launcher_world():
-    for var in _WORLD_VARS:
-        v = os.environ.get(var)
-        if v and v.isdigit() and int(v) > 1:
-            if var == "SLURM_NTASKS" and "SLURM_PROCID" not in os.environ:
-                continue  # an sbatch allocation, not an srun step
-            return var, int(v)
-    return None, 1
+class _nm_comm_head(ctypes.Structure):
+    # The leading fields of struct nm_comm (src/dist/comm.h): its vtable, then rank and size.
+    _fields_ = [("vt", ctypes.c_void_p), ("rank", ctypes.c_int), ("size", ctypes.c_int)]
+
+
+lib.nm_comm_init.restype = ctypes.c_int
+lib.nm_comm_init.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(_lib.nm_error)]
+
+_context = None
 
 
 def init_distributed():
-    """The DistContext of this process: rank 0 of 1. Raises NMError under a multi-process launch,
-    which this build of the library cannot serve yet."""
-    var, world = _launcher_world()
-    if world > 1:
-        raise NMError(f"init_distributed: {var}={world}: launched as {world} processes, but the C library has no "
-                      f"MPI communicator yet (data/tensor/expert/pipeline parallelism is not implemented); "
-                      f"run one process")
-    return DistContext()
+    """The DistContext of this process (rank, world size, rank on its node). Initialises MPI
+    once when launched by an MPI launcher; raises NMError with the library's message on failure."""
+    global _context
+    if _context is None:
+        world = ctypes.c_void_p()
+        err = _lib.nm_error()
+        _lib.check(lib.nm_comm_init(ctypes.byref(world), err), err)
+        head = _nm_comm_head.from_address(world.value)
+        local = 0
+        for var in _LOCAL_RANK_VARS:
+            v = os.environ.get(var)
+            if v and v.isdigit():
+                local = int(v)
+                break
+        # The world handle stays open for the process (MPI is finalized at exit by the library).
+        _context = DistContext(rank=head.rank, world_size=head.size, local_rank=local)
+    return _context

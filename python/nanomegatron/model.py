@@ -171,7 +171,8 @@ def create_model(model_config, dist_ctx=None, *, max_batch_size=8, max_seq_len=2
     if dist_ctx is None:
         dist_ctx = init_distributed()
     if dist_ctx.world_size != 1:
-        raise NMError("create_model: only one process is supported by this build of the library")
+        raise NMError(f"create_model: world size {dist_ctx.world_size}: the low-level layer runs one process "
+                      f"(distributed training goes through Trainer, which shards over the communicator)")
     if precision not in _lib.PRECISIONS:
         raise ConfigError(f"create_model: precision '{precision}': expected one of {', '.join(_lib.PRECISIONS)}")
     if max_batch_size < 1 or max_seq_len < 1:

@@ -21,6 +21,9 @@ def main():
         import nanomegatron
         from nanomegatron._source_hash import source_hash
     except ImportError as e:
+        if "struct mirrors do not match" in str(e):
+            print(f"FAIL: {e}", file=sys.stderr)
+            return 1
         print(f"skip: the nanomegatron package is not installed in {sys.executable} ({e}); "
               f"scripts/deps.sh --with-venv installs it")
         return 77

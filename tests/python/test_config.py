@@ -91,8 +91,7 @@ def test_train_config_file_round_trip(tmp_path):
     (lambda: nm.TrainConfig(max_step=10), "max_step", "max_steps"),
     (lambda: nm.DataConfig(seqlen=10), "seqlen", "seq_len"),
     (lambda: nm.TrainConfig(expert_parallel_size=0), "expert_parallel_size", None),
-    # Not in the library yet (the lead's MPI work): refused by name, not run on one rank.
-    (lambda: nm.TrainConfig(tensor_parallel_size=2), "tensor_parallel_size", "TrainConfig.tensor_parallel_size"),
+    (lambda: nm.TrainConfig(bucket_mb=0), "bucket_mb", "TrainConfig.bucket_mb"),
     (lambda: nm.TrainConfig(model=None), "model", None),
 ])
 def test_bad_config_raises_naming_the_key(make, key, field):
@@ -120,7 +119,14 @@ def test_data_parallel_size_is_derived():
     assert nm.TrainConfig().data_parallel_size == 1
 
 
-def test_mpi_launch_is_refused(monkeypatch):
-    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
-    with pytest.raises(nm.NMError, match="OMPI_COMM_WORLD_SIZE=4"):
-        nm.init_distributed()
+def test_every_training_key_round_trips(tmp_path):
+    cfg = nm.TrainConfig(model=small_model(), expert_parallel_size=2, bucket_mb=7, exit_interval=3)
+    cfg.save(tmp_path / "train.json")
+    back = nm.TrainConfig.from_file(tmp_path / "train.json")
+    assert (back.expert_parallel_size, back.bucket_mb, back.exit_interval) == (2, 7, 3)
+    assert back == cfg
+
+
+def test_one_process_without_a_launcher():
+    ctx = nm.init_distributed()
+    assert (ctx.rank, ctx.world_size) == (0, 1)
