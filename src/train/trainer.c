@@ -509,7 +509,9 @@ int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err) {
     return 0;
 }
 
-int nm_trainer_save(nm_trainer *t, nm_error *err) {
+int nm_trainer_save(nm_trainer *t, nm_error *err) { return nm_trainer_save_to(t, t->opts.run_dir, err); }
+
+int nm_trainer_save_to(nm_trainer *t, const char *run_dir, nm_error *err) {
     nm_ckpt_state st = {
         .step = t->step, .tokens = t->tokens_seen, .data_sample = nm_loader_get_cursor(t->train_data).sample,
         .optim_step = t->optim->step, .skipped_steps = t->skipped_steps, .nan_streak = t->nan_streak,
@@ -523,7 +525,7 @@ int nm_trainer_save(nm_trainer *t, nm_error *err) {
         nm_ckpt_shard shard = {.world = t->world, .owned = t->zero ? t->zero->owned : NULL,
                                .row_state = t->optim->row_state, .tp = t->mesh->n.tp, .pp = t->mesh->n.pp,
                                .ep = t->mesh->n.ep};
-        rc = nm_checkpoint_save(t->opts.run_dir, &st, &t->mcfg, nm_model_table(t->model), nm_model_params(t->model),
+        rc = nm_checkpoint_save(run_dir, &st, &t->mcfg, nm_model_table(t->model), nm_model_params(t->model),
                                 t->optim->m, t->optim->v, &shard, t->cfg.checkpoint.keep_last, dir, sizeof(dir), err);
     }
     nm_ckpt_state_free(&st);
@@ -660,6 +662,9 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     if (n_moe > 0)
         nm_balance_compute_stats(&bs, t->step_counts, t->mcfg.topk_method == NM_TOPK_NOAUX_TC ? t->bias_ptrs : NULL,
                                  n_moe, E);
+    m->tokens = t->tokens_seen;
+    m->mtp_weight = opt.mtp_weight;
+    m->skipped_total = t->skipped_steps;
     m->load_max_over_mean = bs.load_max_over_mean;
     m->bias_min = bs.bias_min;
     m->bias_max = bs.bias_max;
