@@ -224,6 +224,7 @@ _TRAIN_KEYS = {
     # parallelism > 1 are refused by the library with its message.
     "tensor_parallel_size": "tensor_parallel_size", "pipeline_parallel_size": "pipeline_parallel_size",
     "expert_parallel_size": "expert_parallel_size", "bucket_mb": "bucket_mb", "exit_interval": "exit_interval",
+    "overlap_grad_reduce": "overlap_grad_reduce",
 }
 _PARALLEL = ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size")
 # C keys that come from model / data / batch_size rather than from one field each.
@@ -252,6 +253,7 @@ class TrainConfig:
     pipeline_parallel_size: int = 1
     expert_parallel_size: int = 1
     bucket_mb: int = 40
+    overlap_grad_reduce: bool = True
     exit_interval: int = 0
     init_from: Optional[str] = None
     tokenizer: str = "bytes"
