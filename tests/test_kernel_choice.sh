@@ -12,6 +12,7 @@ set -euo pipefail
 : "${NM_ROOT:?NM_ROOT must point to the repository}"
 export OMP_WAIT_POLICY=passive
 unset NM_CPU_GEMM NM_CPU_BF16_GEMM
+export NM_CPU_KERNELS=measure  # the suite runs with =default
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 cd "$tmp"
@@ -56,4 +57,9 @@ rc=0
 train --resume --set steps=4 > corrupt.log 2>&1 || rc=$?
 [ "$rc" -ne 0 ] || fail "a corrupt kernels.json was accepted"
 grep -q "run/kernels.json: not a kernel choice" corrupt.log || { cat corrupt.log >&2; fail "the error does not name run/kernels.json"; }
+
+# 5. a bad NM_CPU_KERNELS is refused, naming it
+rc=0
+NM_CPU_KERNELS=fastest "$NM_BIN" train --config train.json --out bad > bad.log 2>&1 || rc=$?
+[ "$rc" -ne 0 ] && grep -q "NM_CPU_KERNELS=fastest" bad.log || { cat bad.log >&2; fail "NM_CPU_KERNELS=fastest was not refused by name"; }
 echo "PASS"

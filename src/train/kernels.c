@@ -17,7 +17,10 @@
 //
 // Determinism: the pick is written to run_dir/kernels.json with a key of the CPU model, the
 // oneDNN version, OpenBLAS's config string, the thread count and the shape set; a later
-// start with the same key reads the pick back instead of measuring again.
+// start with the same key reads the pick back instead of measuring again. Two separate fresh
+// runs may pick differently (and so differ in the last bits); NM_CPU_KERNELS=default takes the
+// static defaults (oneDNN sgemm; bf16 oneDNN with AMX, else widen) without measuring, as the
+// test suite does.
 #include "train/kernels.h"
 
 #include <cblas.h>
@@ -226,6 +229,10 @@ int nm_kernels_choose(const nm_model_config *m, int64_t rows, const char *run_di
     int cached = read_cache(path, key, fp32, bf16, err);
     if (cached < 0) return -1;
     int force32 = forced("NM_CPU_GEMM"), force16 = forced("NM_CPU_BF16_GEMM");
+    const char *how = getenv("NM_CPU_KERNELS");
+    if (how && *how && strcmp(how, "default") == 0) measure = 0;
+    else if (how && *how && strcmp(how, "measure") != 0)
+        return nm_error_set(err, "environment variable NM_CPU_KERNELS=%s: expected measure or default", how);
     double g32[2] = {0, 0}, g16[2] = {0, 0}, spent = 0;
     if (!cached && measure) {
         int64_t na = 0, nb = 0, nc = 0;

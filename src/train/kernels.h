@@ -15,7 +15,8 @@
 // that does not parse is an error naming it. Otherwise, when `measure` is set, each
 // candidate is timed on the distinct GEMMs of one step (rows = tokens per micro-batch) and
 // the faster over the whole set wins; the file is then written atomically. NM_CPU_GEMM /
-// NM_CPU_BF16_GEMM (not "auto") force a kernel and skip its measurement. `desc` gets one
+// NM_CPU_BF16_GEMM (not "auto") force a kernel and skip its measurement; NM_CPU_KERNELS=default
+// never measures (static defaults). `desc` gets one
 // line for the banner.
 int nm_kernels_choose(const nm_model_config *m, int64_t rows, const char *run_dir, int measure, char *desc,
                       size_t desc_size, nm_error *err);
