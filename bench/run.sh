@@ -235,6 +235,8 @@ for cfg in cfgs:
             cfg, threads, one["tokens_per_s"], many["tokens_per_s"], many["tokens_per_s"] / one["tokens_per_s"], threads))
 kern = os.environ.get("NM_CPU_BF16_GEMM", "auto") or "auto"
 if kern == "auto": kern = "onednn" if pk.get("bf16_amx_usable") == "1" else "widen"
+kj = os.path.join(work, "ours-%s-bf16-%s" % (first, threads), "kernels.json")
+if not os.environ.get("NM_CPU_BF16_GEMM") and os.path.exists(kj): kern = json.load(open(kj))["bf16"]  # measured pick
 if kern == "widen" and any(r["impl"] == "nanomegatron" and r["precision"] == "bf16" for r in res):
     print("(our bf16 GEMMs ran the 'widen' kernel: bf16 operands widened to fp32 and multiplied on the fp32 FMA units,\n"
           " which outrun this CPU's bf16 dot products without AMX; so our bf16 %peak, against oneDNN's bf16 peak, can pass 100%.\n"
