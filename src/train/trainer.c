@@ -37,6 +37,7 @@
 #include "model/flops.h"
 #include "ops/ops.h"
 #include "train/balance.h"
+#include "train/kernels.h"
 #include "train/metrics.h"
 #include "train/schedule.h"
 #include "train/tensorboard.h"
@@ -71,6 +72,7 @@ struct nm_trainer {
 
     double flops_per_token;
     double peak_flops;          // measured fp32 GEMM FLOP/s, summed over the ranks
+    char kernels[640];          // the GEMM kernels chosen and how (kernels.c), for the banner
     double t_start;             // wall clock at create (for ETA)
     int64_t step_at_start;
 
@@ -309,6 +311,11 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
             goto fail;
         }
     }
+    // Before the first GEMM; a fresh single-process run measures and writes kernels.json, a
+    // resume (or a multi-rank run, whose ranks must agree) reads it back or takes the defaults.
+    if (nm_kernels_choose(&t->mcfg, cfg->micro_batch * cfg->seq_len, opts->run_dir,
+                          t->world->size == 1 && !opts->resume, t->kernels, sizeof(t->kernels), err) != 0)
+        goto fail;
     if (opts->resume) {
         nm_ckpt_state st;
         char dir[4200];
@@ -368,6 +375,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
                (double)t->optim->n_state * 8 / mib,
                100.0 * (double)t->optim->n_params / (double)(table->n_params_main + table->n_params_mtp),
                (double)nm_model_activation_bytes(t->model) / mib);
+        printf("%s\n", t->kernels);
         printf("peak  %.1f GFLOP/s fp32 GEMM measured (%s) | %.2f MFLOP/token | activations %.1f MiB",
                t->peak_flops / 1e9, nm_ops_cpu()->kernel_names(), t->flops_per_token / 1e6,
                (double)nm_model_activation_bytes(t->model) / 1048576.0);
