@@ -44,15 +44,15 @@ OMP_NUM_THREADS=$T "$NM" train "${common[@]}" --out one --set threads="$T" >/dev
 summary one "1 rank x $T threads"
 nm_mpirun "$T" "$NM" train "${common[@]}" --out dp --set threads=1 >dp.log 2>&1 || { cat dp.log; exit 1; }
 summary dp "$T ranks x 1 (dp$T)"
-# the same with every bucket reduced after the backward (overlap_grad_reduce off)
-nm_mpirun "$T" "$NM" train "${common[@]}" --out dp_serial --set threads=1 --set overlap_grad_reduce=false >dp_serial.log 2>&1 \
-  || { cat dp_serial.log; exit 1; }
-summary dp_serial "$T ranks x 1 (dp$T, no overlap)"
+# the same with buckets starting during the backward (overlap_grad_reduce on)
+nm_mpirun "$T" "$NM" train "${common[@]}" --out dp_overlap --set threads=1 --set overlap_grad_reduce=true >dp_overlap.log 2>&1 \
+  || { cat dp_overlap.log; exit 1; }
+summary dp_overlap "$T ranks x 1 (dp$T, overlap)"
 if nm_mpirun "$T" "$NM" train "${common[@]}" --out ep --set threads=1 --set expert_parallel_size="$T" >ep.log 2>&1; then
   summary ep "$T ranks x 1 (dp$T ep$T)"
 else
   echo "ep$T: $(grep -m1 -o 'expert parallelism.*' ep.log || tail -1 ep.log)"
 fi
-for r in dp dp_serial ep; do
+for r in dp dp_overlap ep; do
   [ -f $r.tok ] && python3 -c "print(f'efficiency $r: {float(open(\"$r.tok\").read())/float(open(\"one.tok\").read()):.2f} of 1 rank x $T threads')"
 done

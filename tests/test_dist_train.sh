@@ -38,9 +38,9 @@ layout() {
 }
 layout dp2 2
 layout dp4 4
-# 1 MiB buckets: several per group, so some start while the backward still runs (overlap on
-# by default) or all after it (off); both equal one process.
-layout dp2_buckets 2 --set bucket_mb=1
+# 1 MiB buckets: several per group, so some start while the backward still runs (overlap on)
+# or all after it (off, the default); both equal one process.
+layout dp2_buckets 2 --set bucket_mb=1 --set overlap_grad_reduce=true
 layout dp2_buckets_no_overlap 2 --set bucket_mb=1 --set overlap_grad_reduce=false
 for extra in ${NM_DIST_EXTRA_LAYOUTS:-}; do :; done
 if "$NM_BIN" train --help 2>&1 | grep -q expert_parallel_size && [ "${NM_DIST_EP:-1}" = 1 ]; then
@@ -50,7 +50,7 @@ if "$NM_BIN" train --help 2>&1 | grep -q expert_parallel_size && [ "${NM_DIST_EP
     layout dp4_ep2 4 --set expert_parallel_size=2
     layout dp4_ep4 4 --set expert_parallel_size=4
     layout ep2_recompute 2 --set expert_parallel_size=2 --recompute
-    layout dp4_ep2_buckets 4 --set expert_parallel_size=2 --set bucket_mb=1
+    layout dp4_ep2_buckets 4 --set expert_parallel_size=2 --set bucket_mb=1 --set overlap_grad_reduce=true
   elif grep -q "not implemented" ep_probe.log; then
     echo "expert parallelism not implemented yet: $(grep -m1 'not implemented' ep_probe.log)"
   else

@@ -253,7 +253,7 @@ class TrainConfig:
     pipeline_parallel_size: int = 1
     expert_parallel_size: int = 1
     bucket_mb: int = 40
-    overlap_grad_reduce: bool = True
+    overlap_grad_reduce: bool = False
     exit_interval: int = 0
     init_from: Optional[str] = None
     tokenizer: str = "bytes"
