@@ -35,7 +35,8 @@ tok = mean("tokens_per_s")
 step = sum(mean(k) for k in ("time_data_s", "time_forward_s", "time_backward_s", "time_comm_s", "time_optimizer_s"))
 print(f"{sys.argv[2]:<26} {tok:9.0f} tokens/s | step {step:6.3f} s: forward {mean('time_forward_s'):.3f}, "
       f"backward {mean('time_backward_s'):.3f}, comm {mean('time_comm_s'):.3f}, optimizer {mean('time_optimizer_s'):.3f}, "
-      f"a2a {mean('comm_ep_all_to_all_bytes')/1e6:.1f} MB")
+      f"a2a {mean('comm_ep_all_to_all_bytes')/1e6:.1f} MB, reduce started in backward "
+      f"{100*mean('grad_reduce_overlap_fraction'):.0f}%")
 open(sys.argv[1] + ".tok", "w").write(f"{tok}\n")
 PY
 }
@@ -43,11 +44,15 @@ OMP_NUM_THREADS=$T "$NM" train "${common[@]}" --out one --set threads="$T" >/dev
 summary one "1 rank x $T threads"
 nm_mpirun "$T" "$NM" train "${common[@]}" --out dp --set threads=1 >dp.log 2>&1 || { cat dp.log; exit 1; }
 summary dp "$T ranks x 1 (dp$T)"
+# the same with buckets starting during the backward (overlap_grad_reduce on)
+nm_mpirun "$T" "$NM" train "${common[@]}" --out dp_overlap --set threads=1 --set overlap_grad_reduce=true >dp_overlap.log 2>&1 \
+  || { cat dp_overlap.log; exit 1; }
+summary dp_overlap "$T ranks x 1 (dp$T, overlap)"
 if nm_mpirun "$T" "$NM" train "${common[@]}" --out ep --set threads=1 --set expert_parallel_size="$T" >ep.log 2>&1; then
   summary ep "$T ranks x 1 (dp$T ep$T)"
 else
   echo "ep$T: $(grep -m1 -o 'expert parallelism.*' ep.log || tail -1 ep.log)"
 fi
-for r in dp ep; do
+for r in dp dp_overlap ep; do
   [ -f $r.tok ] && python3 -c "print(f'efficiency $r: {float(open(\"$r.tok\").read())/float(open(\"one.tok\").read()):.2f} of 1 rank x $T threads')"
 done

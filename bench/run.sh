@@ -8,7 +8,8 @@
 #   4. prints the table (tokens/s, model TFLOP/s from `inspect`'s flops_per_token, % of the
 #      measured peak, ours/PyTorch), a 1-vs-T-thread scaling row, our forward/backward/optimizer
 #      split from metrics.jsonl and a per-function profile of our step (perf, when present).
-# The LAST line is `speedup_fp32=<ours/torch tokens/s>` for the first config.
+# The LAST line is `speedup_fp32=<ours/torch tokens/s>` for the first config, the one before it
+# `speedup_bf16=<x>` (ours bf16 over PyTorch bf16 autocast).
 #
 # Environment (defaults in brackets):
 #   NM_BENCH_BUILD [build]        build directory holding nanomegatron (configured if absent)
@@ -191,10 +192,19 @@ print("peaks (%s threads, best of start and end): fp32 sgemm %.1f GFLOP/s (OpenB
     float(pk1.get("fp32_peak_gflops", "nan")), pk.get("memory_gbs", "?"),
     "%.1f GFLOP/s (%s)" % (peak["bf16"], pk.get("bf16_isa", "?")) if "bf16_peak_gflops" in pk else "unavailable"))
 print("load average: %s before, %s after (on %d cores)" % (load0, load1, os.cpu_count()))
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown")
+print("cpu: %s" % cpu)
+for d in sorted(os.listdir(work)):  # the pick each of our runs measured (src/train/kernels.c)
+    kj = os.path.join(work, d, "kernels.json")
+    if d.startswith("ours-") and os.path.exists(kj):
+        k = json.load(open(kj))
+        print("kernels %-22s fp32 %-8s (onednn %.0f / openblas %.0f GFLOP/s)  bf16 %-6s (onednn %.0f / widen %.0f GFLOP/s)" % (
+            d[5:], k["fp32"], k.get("fp32_onednn_gflops", 0), k.get("fp32_openblas_gflops", 0), k["bf16"],
+            k.get("bf16_onednn_gflops", 0), k.get("bf16_widen_gflops", 0)))
 print()
 hdr = "%-6s %-5s %-13s %4s %10s %9s %8s %11s" % ("config", "prec", "impl", "thr", "tokens/s", "TFLOP/s", "%peak", "ours/torch")
 print(hdr); print("-" * len(hdr))
-speedups = {}
+speedups, speedups16 = {}, {}
 def find(cfg, prec, impl, thr):
     for r in res:
         if r["config"] == cfg and r["precision"] == prec and r["impl"] == impl and int(r["threads"]) == int(thr):
@@ -215,7 +225,7 @@ for cfg in cfgs:
             ratio = ""
             if r is o and t and t["status"] == "ok":
                 ratio = "%.2f" % (o["tokens_per_s"] / t["tokens_per_s"])
-                if prec == "fp32": speedups[cfg] = o["tokens_per_s"] / t["tokens_per_s"]
+                (speedups if prec == "fp32" else speedups16)[cfg] = o["tokens_per_s"] / t["tokens_per_s"]
             print("%-6s %-5s %-13s %4s %10.1f %9.4f %7.1f%% %11s" % (cfg, prec, r["impl"], r["threads"],
                   r["tokens_per_s"], tf, 100 * tf * 1e3 / peak[prec], ratio))
     one = find(cfg, "fp32", "nanomegatron", 1)
@@ -225,6 +235,8 @@ for cfg in cfgs:
             cfg, threads, one["tokens_per_s"], many["tokens_per_s"], many["tokens_per_s"] / one["tokens_per_s"], threads))
 kern = os.environ.get("NM_CPU_BF16_GEMM", "auto") or "auto"
 if kern == "auto": kern = "onednn" if pk.get("bf16_amx_usable") == "1" else "widen"
+kj = os.path.join(work, "ours-%s-bf16-%s" % (first, threads), "kernels.json")
+if not os.environ.get("NM_CPU_BF16_GEMM") and os.path.exists(kj): kern = json.load(open(kj))["bf16"]  # measured pick
 if kern == "widen" and any(r["impl"] == "nanomegatron" and r["precision"] == "bf16" for r in res):
     print("(our bf16 GEMMs ran the 'widen' kernel: bf16 operands widened to fp32 and multiplied on the fp32 FMA units,\n"
           " which outrun this CPU's bf16 dot products without AMX; so our bf16 %peak, against oneDNN's bf16 peak, can pass 100%.\n"
@@ -286,6 +298,7 @@ if os.path.exists(prof):
     o = sum(p for p, _ in other)
     print("  %5.1f%%  other (top: %s)" % (100 * o / step, ", ".join("%s %.1f%%" % (k, p) for p, k in sorted(other, reverse=True)[:4])))
 print()
+print("speedup_bf16=%.3f" % speedups16.get(first, next(iter(speedups16.values()), float("nan"))))
 if first in speedups:
     print("speedup_fp32=%.3f" % speedups[first])
 elif speedups:

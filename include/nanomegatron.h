@@ -13,7 +13,8 @@
 //
 // The low-level layer for writing one's own loop is re-exported below: the model
 // (nm_model_create, nm_model_forward, nm_model_backward), the optimizer
-// (nm_optimizer_create, nm_optimizer_step), the data loader and the checkpoint functions.
+// (nm_optimizer_create, nm_optimizer_step), the data loader, the checkpoint functions and
+// Hugging Face model directories (nm_hf_dir_load_config / load_params / save).
 // Every function returns 0 (or a documented positive value) on success and -1 with an
 // nm_error message on failure; library code never exits.
 #pragma once
@@ -22,6 +23,7 @@
 
 #include "core/check.h"
 #include "data/loader.h"
+#include "io/hf_dir.h"
 #include "model/config.h"
 #include "model/model.h"
 #include "ops/ops.h"
@@ -60,6 +62,9 @@ typedef struct nm_step_metrics {
     double t_data, t_forward, t_backward, t_optimizer;   // seconds per phase
     double t_comm;              // seconds in gradient reduce-scatter, parameter all-gather and the
                                 // step's small all-reduces (EP dispatch is inside forward/backward)
+    int64_t tokens;             // training tokens consumed so far (metrics.jsonl "tokens")
+    double mtp_weight;          // MTP loss weight used this step
+    int64_t skipped_total;      // steps skipped by the divergence guard so far, this one included
 } nm_step_metrics;
 
 int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_trainer_options *opts, nm_error *err);
@@ -68,6 +73,12 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
 int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err);
 // Writes a checkpoint of the current state now.
 int nm_trainer_save(nm_trainer *t, nm_error *err);
+// The same checkpoint into another run directory (created if needed; its `latest` is
+// updated and checkpoint.keep_last applies there): `train --out run_dir --resume` continues it.
+int nm_trainer_save_to(nm_trainer *t, const char *run_dir, nm_error *err);
+// sizeof the public struct of that name (e.g. "nm_step_metrics"), 0 for a name it does not know:
+// bindings that restate the structs (python/) compare their sizes with the library's at load.
+size_t nm_struct_size(const char *name);
 // Mean validation cross-entropy over cfg.log.eval_batches micro-batches of the held-out split.
 int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err);
 // Finishes the logs (loss.svg, metrics flush). Called by destroy too.

@@ -38,6 +38,10 @@ layout() {
 }
 layout dp2 2
 layout dp4 4
+# 1 MiB buckets: several per group, so some start while the backward still runs (overlap on)
+# or all after it (off, the default); both equal one process.
+layout dp2_buckets 2 --set bucket_mb=1 --set overlap_grad_reduce=true
+layout dp2_buckets_no_overlap 2 --set bucket_mb=1 --set overlap_grad_reduce=false
 for extra in ${NM_DIST_EXTRA_LAYOUTS:-}; do :; done
 if "$NM_BIN" train --help 2>&1 | grep -q expert_parallel_size && [ "${NM_DIST_EP:-1}" = 1 ]; then
   if nm_mpirun 2 "$NM_BIN" train --config train.json --out ep_probe --quiet --set expert_parallel_size=2 --set steps=1 \
@@ -46,6 +50,7 @@ if "$NM_BIN" train --help 2>&1 | grep -q expert_parallel_size && [ "${NM_DIST_EP
     layout dp4_ep2 4 --set expert_parallel_size=2
     layout dp4_ep4 4 --set expert_parallel_size=4
     layout ep2_recompute 2 --set expert_parallel_size=2 --recompute
+    layout dp4_ep2_buckets 4 --set expert_parallel_size=2 --set bucket_mb=1 --set overlap_grad_reduce=true
   elif grep -q "not implemented" ep_probe.log; then
     echo "expert parallelism not implemented yet: $(grep -m1 'not implemented' ep_probe.log)"
   else
@@ -93,6 +98,53 @@ if os.path.exists("dp4_ep2/metrics.jsonl"):
         assert 4 * expert // 2 <= got_e <= 4 * (expert // 2 + 63 * n_expert // 2), ("dp4_ep2", got_e, 4 * expert // 2)
         assert d["comm_ep_all_to_all_bytes"] > 0, "ep2 moved no token rows"
 print(f"byte counters: dp {4*dense} + edp {4*expert} bytes of tensors per reduce-scatter/all-gather: ok")
+
+# Overlap: with 1 MiB buckets some buckets start inside the backward (all decoder-layer
+# buckets can; those holding the embedding, final norm or head cannot), none when it is off.
+for run, on in (("dp2_buckets", True), ("dp2_buckets_no_overlap", False), ("dp4_ep2_buckets", True)):
+    if not os.path.exists(f"{run}/metrics.jsonl"): continue
+    for line in open(f"{run}/metrics.jsonl"):
+        d = json.loads(line)
+        n, early = d["grad_buckets"], d["grad_buckets_started_in_backward"]
+        assert n >= 3, (run, "expected several 1 MiB buckets", n)
+        if on: assert 0 < early < n and 0 < d["grad_reduce_overlap_fraction"] < 1, (run, early, n)
+        else: assert early == 0 and d["grad_reduce_overlap_fraction"] == 0, (run, early)
+print("overlap: buckets started during the backward when on, none when off: ok")
+
+# The all-to-all bytes of the job per step, from the configuration alone (docs/parallelism.md):
+# dropless routing hands each token's K rows (D floats) to the dispatch, and the expert side
+# returns the same rows in the combine; the backward moves both again; each MoE layer first
+# exchanges E/EP int64 counts with each of EP peers. Per MoE layer and micro-batch, over the
+# job: W*E*8 + 4 phases * (W*micro*T_l) * K * D * 4 bytes, where T_l = seq_len + 1 positions
+# in the decoder and seq_len + 1 - k in MTP depth k. Recomputation re-runs each block's
+# forward (its counts, dispatch and combine) inside the backward.
+m = json.load(open("model.json")); c = json.load(open("train.json"))
+L, M = m["num_hidden_layers"], m.get("num_nextn_predict_layers", 0)
+E, K, D = m["n_routed_experts"], m["num_experts_per_tok"], m["hidden_size"]
+dense_first, freq = m["first_k_dense_replace"], m.get("moe_layer_freq", 1)
+T = c["seq_len"] + 1
+def a2a(world, recompute):
+    # (the job's bytes, one rank's counts + dispatches: a lower bound of its own share)
+    micro, accum = c["micro_batch"], c["global_batch"] // (c["micro_batch"] * world)
+    total = own = 0
+    for l in range(L + M):
+        if l < dense_first or l % freq != 0: continue
+        T_l = T if l < L else T - (l - L + 1)
+        phases, counts = (6, 2) if recompute else (4, 1)
+        total += counts * world * E * 8 + phases * world * micro * T_l * K * D * 4
+        own += counts * E * 8 + phases // 2 * micro * T_l * K * D * 4
+    return accum * total, accum * own
+checked = 0
+for run, world, rec in (("ep2", 2, False), ("dp4_ep2", 4, False), ("dp4_ep4", 4, False), ("ep2_recompute", 2, True)):
+    if not os.path.exists(f"{run}/metrics.jsonl"): continue
+    want, own = a2a(world, rec)
+    for line in open(f"{run}/metrics.jsonl"):
+        d = json.loads(line)
+        assert d["comm_ep_all_to_all_bytes_job"] == want, (run, d["step"], d["comm_ep_all_to_all_bytes_job"], want)
+        assert own <= d["comm_ep_all_to_all_bytes"] < want, (run, d["step"], d["comm_ep_all_to_all_bytes"], own)
+    checked += 1
+    print(f"{run}: all-to-all {want} bytes per step over the job: ok")
+assert checked == 4 or not os.path.exists("ep2/metrics.jsonl"), ("all-to-all runs checked", checked)
 PY
 
 # Checkpoints across layouts: 4 ranks (dp4 x ep2: each rank holds half the experts) -> 1
@@ -154,4 +206,19 @@ nm_mpirun 2 "$NM_BIN" train --config long.json --out kill --quiet --resume --set
 grep -q "resume: continuing" kill2.log || true
 last=$("$PY" -c "import json; print([json.loads(l)['step'] for l in open('kill/metrics.jsonl')][-1])")
 [ "$last" = 12 ] || fail "resumed run ended at step $last"
+
+# A rank killed in the middle of a save (its shard files written, nothing committed): the
+# job stops, `latest` still names the previous checkpoint, and --resume continues from it.
+NM_TEST_KILL_IN_SAVE=1:6 nm_mpirun 2 "$NM_BIN" train --config long.json --out midsave --quiet --set steps=9 \
+  >midsave.log 2>&1 && fail "the job survived a rank killed mid-save"
+grep -q "step_000003" midsave/latest || fail "latest is not step 3 after a mid-save kill: $(ls midsave)"
+[ ! -e midsave/step_000006 ] || fail "a half-saved step 6 became a checkpoint"
+nm_mpirun 2 "$NM_BIN" train --config long.json --out midsave --quiet --resume --set steps=9 >midsave2.log 2>&1 \
+  || { cat midsave2.log; fail "resume after the mid-save kill"; }
+"$PY" - <<'PY'
+import json
+steps = [json.loads(l)["step"] for l in open("midsave/metrics.jsonl")]
+assert steps == list(range(1, 10)), steps  # steps 4-6 of the killed run are replaced
+PY
+echo "rank killed mid-save: latest stayed at step 3, resumed to step 9"
 echo "test_dist_train: ok"

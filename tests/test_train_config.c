@@ -224,6 +224,13 @@ static void test_errors(void) {
     ERR_SET(J("{%s}", m), "tokenizer=null", "'tokenizer' cannot be null");
     ERR_SET(J("{%s}", m), "data.paths=notjson", "'data.paths'", "JSON array");
     ERR_SET(J("{%s}", m), "seed=9007199254740994", "'seed'");  // beyond 2^53: not exact
+    // Parallel keys: ranges and types (layouts that do not fit the world are the trainer's).
+    ERR_SET(J("{%s}", m), "bucket_mb=0", "'bucket_mb' = 0", "out of range");
+    ERR_SET(J("{%s}", m), "bucket_mb=1.5", "'bucket_mb'", "expected an integer");
+    ERR_SET(J("{%s}", m), "exit_interval=-1", "'exit_interval' = -1", "out of range");
+    ERR_SET(J("{%s}", m), "overlap_grad_reduce=2", "'overlap_grad_reduce'", "expected true or false");
+    ERR_SET(J("{%s}", m), "expert_parallel_size=0", "'expert_parallel_size' = 0", "out of range");
+    ERR(J("{%s, \"tensor_parallel_size\": \"2\"}", m), "'tensor_parallel_size'", "expected an integer");
 #undef J
 }
 

@@ -78,7 +78,7 @@ static int single_all_to_all(nm_comm *c, const void *send, const int64_t *send_c
                             (long long)send_counts[0], (long long)recv_counts[0]);
     }
     if (send != recv && send_counts[0] > 0) memmove(recv, send, (size_t)send_counts[0] * nm_comm_dtype_size(dt));
-    nm_comm_count(c, NM_COMM_ALL_TO_ALL, 0);
+    nm_comm_count(c, NM_COMM_ALL_TO_ALL, send_counts[0] * (int64_t)nm_comm_dtype_size(dt));
     return 0;
 }
 

@@ -63,7 +63,41 @@ typedef struct mpi_impl {
     MPI_Comm comm;
     int *icounts, *displs;      // (size) scratch
     int *icounts2, *displs2;    // (size) scratch for all_to_all's receive side
+    // MPI must not see a non-blocking operation's count array change before it completes, and
+    // several reduce-scatters are in flight at once: each takes a slot of (size) ints until
+    // its test or wait completes it. Slots are added when all are busy (the first step) and
+    // kept, so a steady step loop allocates nothing.
+    int **slots;                // (n_slots) each (size) counts
+    unsigned char *slot_busy;   // (n_slots)
+    int n_slots;
 } mpi_impl;
+
+// The handle a request carries in its impl bytes.
+typedef struct mpi_request {
+    MPI_Request handle;
+    int slot;
+} mpi_request;
+_Static_assert(sizeof(mpi_request) <= sizeof(((nm_comm_request *)0)->impl), "MPI request does not fit nm_comm_request");
+
+static int take_slot(mpi_impl *im, int size) {
+    for (int i = 0; i < im->n_slots; i++) {
+        if (!im->slot_busy[i]) {
+            im->slot_busy[i] = 1;
+            return i;
+        }
+    }
+    int n = im->n_slots ? 2 * im->n_slots : 8;
+    im->slots = nm_realloc(im->slots, (size_t)n * sizeof(int *));
+    im->slot_busy = nm_realloc(im->slot_busy, (size_t)n);
+    for (int i = im->n_slots; i < n; i++) {
+        im->slots[i] = nm_calloc((size_t)size, sizeof(int));
+        im->slot_busy[i] = 0;
+    }
+    int got = im->n_slots;
+    im->n_slots = n;
+    im->slot_busy[got] = 1;
+    return got;
+}
 
 static mpi_impl *impl_of(nm_comm *c) { return (mpi_impl *)c->impl; }
 
@@ -93,17 +127,24 @@ static int mpi_reduce_scatter_start(nm_comm *c, void *buf, const int64_t *counts
     req->count = counts[c->rank];
     req->elem = nm_comm_dtype_size(dt);
     nm_comm_count(c, NM_COMM_REDUCE_SCATTER, nm_comm_sum_counts(counts, c->size) * (int64_t)req->elem);
+    mpi_request *mr = (mpi_request *)req->impl;
+    mr->slot = take_slot(im, c->size);
+    memcpy(im->slots[mr->slot], im->icounts, (size_t)c->size * sizeof(int));
     // In place: the input is the whole bucket, MPI leaves this rank's reduced piece at the
     // start of buf; wait moves it to its own place.
-    int rc = MPI_Ireduce_scatter(MPI_IN_PLACE, buf, im->icounts, mpi_type(dt), MPI_SUM, handle(c),
-                                 (MPI_Request *)req->impl);
-    if (rc != MPI_SUCCESS) return mpi_fail(c, "reduce_scatter", rc, err);
+    int rc = MPI_Ireduce_scatter(MPI_IN_PLACE, buf, im->slots[mr->slot], mpi_type(dt), MPI_SUM, handle(c),
+                                 &mr->handle);
+    if (rc != MPI_SUCCESS) {
+        im->slot_busy[mr->slot] = 0;
+        return mpi_fail(c, "reduce_scatter", rc, err);
+    }
     req->active = 1;
     return 0;
 }
 
 static void finish_reduce_scatter(nm_comm_request *req) {
     req->active = 0;
+    impl_of(req->comm)->slot_busy[((mpi_request *)req->impl)->slot] = 0;
     if (req->offset > 0 && req->count > 0) {
         memmove((char *)req->buf + (size_t)req->offset * req->elem, req->buf, (size_t)req->count * req->elem);
     }
@@ -111,7 +152,7 @@ static void finish_reduce_scatter(nm_comm_request *req) {
 
 static int mpi_test(nm_comm_request *req, int *done, nm_error *err) {
     int flag = 0;
-    int rc = MPI_Test((MPI_Request *)req->impl, &flag, MPI_STATUS_IGNORE);
+    int rc = MPI_Test(&((mpi_request *)req->impl)->handle, &flag, MPI_STATUS_IGNORE);
     if (rc != MPI_SUCCESS) return mpi_fail(req->comm, "reduce_scatter (test)", rc, err);
     if (flag) finish_reduce_scatter(req);
     *done = flag;
@@ -119,7 +160,7 @@ static int mpi_test(nm_comm_request *req, int *done, nm_error *err) {
 }
 
 static int mpi_wait(nm_comm_request *req, nm_error *err) {
-    int rc = MPI_Wait((MPI_Request *)req->impl, MPI_STATUS_IGNORE);
+    int rc = MPI_Wait(&((mpi_request *)req->impl)->handle, MPI_STATUS_IGNORE);
     if (rc != MPI_SUCCESS) return mpi_fail(req->comm, "reduce_scatter (wait)", rc, err);
     finish_reduce_scatter(req);
     return 0;
@@ -138,7 +179,8 @@ static int mpi_all_to_all(nm_comm *c, const void *send, const int64_t *send_coun
     mpi_impl *im = impl_of(c);
     if (to_int_counts(c, "all_to_all", send_counts, im->icounts, im->displs, err) != 0) return -1;
     if (to_int_counts(c, "all_to_all", recv_counts, im->icounts2, im->displs2, err) != 0) return -1;
-    int64_t sent = nm_comm_sum_counts(send_counts, c->size) - send_counts[c->rank];
+    // Every element handed to the exchange, this rank's own piece included (docs/parallelism.md).
+    int64_t sent = nm_comm_sum_counts(send_counts, c->size);
     nm_comm_count(c, NM_COMM_ALL_TO_ALL, sent * (int64_t)nm_comm_dtype_size(dt));
     int rc = MPI_Alltoallv(send, im->icounts, im->displs, mpi_type(dt), recv, im->icounts2, im->displs2, mpi_type(dt),
                            handle(c));
@@ -191,6 +233,9 @@ static void mpi_destroy(nm_comm *c) {
     nm_free(im->displs);
     nm_free(im->icounts2);
     nm_free(im->displs2);
+    for (int i = 0; i < im->n_slots; i++) nm_free(im->slots[i]);
+    nm_free(im->slots);
+    nm_free(im->slot_busy);
     nm_free(im);
     nm_free(c);
 }

@@ -445,6 +445,15 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
     return 0;
 }
 
+void nm_model_set_backward_hook(nm_model *m, nm_backward_hook fn, void *ctx) {
+    m->hook = fn;
+    m->hook_ctx = ctx;
+}
+
+static void layer_finished(nm_model *m, int64_t l) {
+    if (m->hook && !m->hook_failed && m->hook(m->hook_ctx, (int)l, &m->hook_err) != 0) m->hook_failed = 1;
+}
+
 int nm_model_backward(nm_model *m, nm_error *err) {
     if (!m->have_forward) return nm_error_set(err, "backward: no forward pass to differentiate");
     m->have_forward = 0;  // activations are consumed (logits are overwritten in place)
@@ -464,6 +473,7 @@ int nm_model_backward(nm_model *m, nm_error *err) {
         nm_mtp_output_backward(m, k, B, T, scale);
         block_backward(m, l, aux_seed);
         nm_mtp_input_backward(m, k, B, T);
+        layer_finished(m, l);
     }
 
     // main head: logits = h0 . lm_head^T ; h0 = RMSNorm(h_L)
@@ -471,12 +481,21 @@ int nm_model_backward(nm_model *m, nm_error *err) {
     ops->zero(m->d_res, N * D);
     ops->rmsnorm_backward(m->d_res, G + m->table.final_norm, m->d_h0, m->blocks[c->L - 1].x_out,
                           P + m->table.final_norm, m->h0_rstd, N, D);
-    for (int64_t l = c->L - 1; l >= 0; l--) block_backward(m, l, aux_seed);
+    for (int64_t l = c->L - 1; l >= 0; l--) {
+        block_backward(m, l, aux_seed);
+        layer_finished(m, l);
+    }
     ops->embedding_backward(G + m->table.embed, m->d_res, m->tokens, N, D);
     if (m->ep_failed) {
         m->ep_failed = 0;
+        m->hook_failed = 0;
         *err = m->ep_err;
         return nm_error_prefix(err, "backward: expert-parallel exchange");
+    }
+    if (m->hook_failed) {
+        m->hook_failed = 0;
+        *err = m->hook_err;
+        return nm_error_prefix(err, "backward hook");
     }
     return 0;
 }

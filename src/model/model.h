@@ -73,6 +73,15 @@ int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err);
 // Backward of the last forward: gradients of loss (scaled by grad_scale) ACCUMULATE into grads.
 int nm_model_backward(nm_model *m, nm_error *err);
 
+// Called inside nm_model_backward each time decoder layer `layer`'s gradients are final:
+// layers finish in decreasing index, the MTP blocks (L .. L+M-1) first, then L-1 .. 0; the
+// embedding, final norm and head are final only when the backward returns. The data-parallel
+// reduction uses it to start reducing finished gradients while the backward goes on. A hook
+// error is not acted on mid-backward: the backward completes, calls no further hook, and
+// returns that error. fn NULL removes the hook.
+typedef int (*nm_backward_hook)(void *ctx, int layer, nm_error *err);
+void nm_model_set_backward_hook(nm_model *m, nm_backward_hook fn, void *ctx);
+
 // 1 when the model can shard its routed experts over an expert-parallel group.
 int nm_model_supports_expert_parallel(void);
 

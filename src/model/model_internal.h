@@ -149,6 +149,10 @@ struct nm_model {
     int64_t *ep_cnt_send;       // (EP*E_loc) per (destination, its local expert)
     int ep_failed;              // a collective failed inside forward/backward; ep_err has why
     nm_error ep_err;
+    nm_backward_hook hook;      // called as each layer's gradients become final (may be NULL)
+    void *hook_ctx;
+    int hook_failed;            // the hook returned an error; hook_err has why
+    nm_error hook_err;
 
     // router statistics
     int n_moe;

@@ -9,6 +9,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -282,6 +283,14 @@ int nm_checkpoint_save(const char *run_dir, const nm_ckpt_state *st, const nm_mo
         my[2 + 2 * k] = size;
     }
     my[0] = rc;
+    // Fault injection for the tests (tests/test_dist_train.sh): NM_TEST_KILL_IN_SAVE=RANK:STEP
+    // kills that rank here, its files written and nothing committed, as a node lost mid-save.
+    const char *kill_at = getenv("NM_TEST_KILL_IN_SAVE");
+    long kill_rank = -1, kill_step = -1;
+    if (kill_at && sscanf(kill_at, "%ld:%ld", &kill_rank, &kill_step) == 2 && kill_rank == me && kill_step == st->step) {
+        fflush(stdout);
+        raise(SIGKILL);
+    }
     char *names[3] = {NULL, NULL, NULL};
     int64_t *lens[3] = {NULL, NULL, NULL};
     nm_error comm_err;

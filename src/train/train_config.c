@@ -85,6 +85,8 @@ static const key_spec keys[] = {
      "stop at a step divisible by this, schedule unchanged (Megatron --exit-interval); 0: off"},
     {"bucket_mb", K_INT, OFF(bucket_mb), 40, NULL, 1, 1 << 20, 0, NULL, 0,
      "gradient reduce-scatter bucket size, MiB of fp32 gradients"},
+    {"overlap_grad_reduce", K_BOOL, OFF(overlap_grad_reduce), 0, NULL, 0, 1, 0, NULL, 0,
+     "start each bucket's reduce-scatter once the backward has finished its layers (Megatron --overlap-grad-reduce)"},
     {"optimizer.lr", K_FLOAT, OFF(optimizer.lr), 3e-4, NULL, 0, 10, 1, NULL, 0, "peak learning rate"},
     {"optimizer.min_lr", K_FLOAT, OFF(optimizer.min_lr), 3e-5, NULL, 0, 10, 0, NULL, 0, "final learning rate"},
     {"optimizer.beta1", K_FLOAT, OFF(optimizer.beta1), 0.9, NULL, 0, 0.999999, 0, NULL, 0, "AdamW beta1"},

@@ -37,6 +37,7 @@
 #include "model/flops.h"
 #include "ops/ops.h"
 #include "train/balance.h"
+#include "train/kernels.h"
 #include "train/metrics.h"
 #include "train/schedule.h"
 #include "train/tensorboard.h"
@@ -71,6 +72,7 @@ struct nm_trainer {
 
     double flops_per_token;
     double peak_flops;          // measured fp32 GEMM FLOP/s, summed over the ranks
+    char kernels[640];          // the GEMM kernels chosen and how (kernels.c), for the banner
     double t_start;             // wall clock at create (for ETA)
     int64_t step_at_start;
 
@@ -96,7 +98,22 @@ static double now_s(void) {
 // ~190 at 1536^3 where it does 265-330 at 2048^3 and above (bench/peak). bench/peak.c measures
 // both libraries over more sizes; this is the quick in-process version. On a shared machine
 // any single measurement can be low, so NM_PEAK_GFLOPS overrides it.
-static double measure_gemm_peak(void) {
+static double time_square_gemm(int bf16, int n, const void *a, const void *b, float *c) {
+    const nm_ops *ops = nm_ops_cpu();
+    double best = 1e30;
+    for (int r = 0; r < 4; r++) {  // the first run warms the library up and is not counted
+        double t0 = now_s();
+        if (bf16) ops->gemm_bf16(NM_NO_TRANS, NM_NO_TRANS, n, n, n, 1.0f, a, NM_BF16, n, b, NM_BF16, n, 0.0f, c, n);
+        else ops->gemm(NM_NO_TRANS, NM_NO_TRANS, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
+        double dt = now_s() - t0;
+        if (r > 0 && dt < best) best = dt;
+    }
+    return 2.0 * n * n * (double)n / best;
+}
+
+// Runs below fp32 also have the bf16 GEMM (the kernel chosen for it, kernels.c): their peak
+// is the better of the two, so the MFU keeps meaning "of the best measured kernel".
+static double measure_gemm_peak(nm_precision precision) {
     const char *given = getenv("NM_PEAK_GFLOPS");
     if (given && atof(given) > 0) return atof(given) * 1e9;
     const int n = 2048;
@@ -107,18 +124,25 @@ static double measure_gemm_peak(void) {
         a[i] = (float)(i % 7) * 0.1f;
         b[i] = (float)(i % 5) * 0.1f;
     }
-    const nm_ops *ops = nm_ops_cpu();
-    double best = 1e30;
-    for (int r = 0; r < 4; r++) {  // the first run warms the library up and is not counted
-        double t0 = now_s();
-        ops->gemm(NM_NO_TRANS, NM_NO_TRANS, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
-        double dt = now_s() - t0;
-        if (r > 0 && dt < best) best = dt;
+    double peak = time_square_gemm(0, n, a, b, c);
+    if (precision != NM_PRECISION_FP32) {
+        // bf16 operands as the model stores them: the top half of each float (the values
+        // i/10 rounded; what they are does not matter to the timing).
+        uint16_t *a16 = (uint16_t *)a, *b16 = (uint16_t *)b;  // in place: a[i] is read before a16[i] is written
+        for (size_t i = 0; i < (size_t)n * n; i++) {
+            uint32_t ua, ub;
+            memcpy(&ua, &a[i], 4);
+            memcpy(&ub, &b[i], 4);
+            a16[i] = (uint16_t)(ua >> 16);
+            b16[i] = (uint16_t)(ub >> 16);
+        }
+        double p16 = time_square_gemm(1, n, a16, b16, c);
+        if (p16 > peak) peak = p16;
     }
     nm_free(a);
     nm_free(b);
     nm_free(c);
-    return 2.0 * n * n * (double)n / best;
+    return peak;
 }
 
 // --- metrics.jsonl on resume ------------------------------------------------------------------
@@ -309,6 +333,11 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
             goto fail;
         }
     }
+    // Before the first GEMM; a fresh single-process run measures and writes kernels.json, a
+    // resume (or a multi-rank run, whose ranks must agree) reads it back or takes the defaults.
+    if (nm_kernels_choose(&t->mcfg, cfg->micro_batch * cfg->seq_len, opts->run_dir,
+                          t->world->size == 1 && !opts->resume, t->kernels, sizeof(t->kernels), err) != 0)
+        goto fail;
     if (opts->resume) {
         nm_ckpt_state st;
         char dir[4200];
@@ -341,7 +370,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     t->flops_per_token = nm_model_flops_per_token(&t->mcfg, t->T);
     // Every rank measures at once (on a shared machine that is the capacity they share); the
     // job's peak is the sum.
-    t->peak_flops = measure_gemm_peak();
+    t->peak_flops = measure_gemm_peak(cfg->precision);
     if (nm_comm_all_reduce(t->world, &t->peak_flops, 1, NM_DT_F64, NM_RED_SUM, err) != 0) goto fail;
     t->tty = nm_progress_is_tty(stdout);
     t->t_start = now_s();
@@ -368,8 +397,10 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
                (double)t->optim->n_state * 8 / mib,
                100.0 * (double)t->optim->n_params / (double)(table->n_params_main + table->n_params_mtp),
                (double)nm_model_activation_bytes(t->model) / mib);
-        printf("peak  %.1f GFLOP/s fp32 GEMM measured (%s) | %.2f MFLOP/token | activations %.1f MiB",
-               t->peak_flops / 1e9, nm_ops_cpu()->kernel_names(), t->flops_per_token / 1e6,
+        printf("%s\n", t->kernels);
+        printf("peak  %.1f GFLOP/s %s measured (%s) | %.2f MFLOP/token | activations %.1f MiB",
+               t->peak_flops / 1e9, cfg->precision == NM_PRECISION_FP32 ? "fp32 GEMM" : "best of the fp32 and bf16 GEMMs",
+               nm_ops_cpu()->kernel_names(), t->flops_per_token / 1e6,
                (double)nm_model_activation_bytes(t->model) / 1048576.0);
         if (opts->recompute) {
             size_t full = nm_model_estimate_activation_bytes(&t->mcfg, cfg->micro_batch, t->T, 0);
@@ -390,8 +421,10 @@ fail:
 // --- step -------------------------------------------------------------------------------------
 
 // This rank's bytes moved during the step, per group and operation (docs/parallelism.md has
-// the formulas): the counters' growth since the last step.
-static int comm_metrics(nm_trainer *t, nm_metric *kv) {
+// the formulas): the counters' growth since the last step. The all-to-all bytes are also
+// summed over the job: that total follows from the configuration alone (dropless routing
+// hands every token's K rows to the exchange), while one rank's share depends on its routing.
+static int comm_metrics(nm_trainer *t, nm_metric *kv, int *n_out, nm_error *err) {
     static const char *const keys[][NM_COMM_N_OPS] = {
         {"comm_dp_all_reduce_bytes", "comm_dp_reduce_scatter_bytes", "comm_dp_all_gather_bytes", NULL, NULL, NULL, NULL},
         {NULL, "comm_edp_reduce_scatter_bytes", "comm_edp_all_gather_bytes", NULL, NULL, NULL, NULL},
@@ -399,15 +432,27 @@ static int comm_metrics(nm_trainer *t, nm_metric *kv) {
     };
     nm_comm *groups[3] = {t->mesh->dp, t->mesh->edp, t->mesh->ep};
     int n = 0;
+    int64_t a2a = 0;
     for (int g = 0; g < 3; g++) {
         for (int op = 0; op < NM_COMM_N_OPS; op++) {
             if (!keys[g][op]) continue;
             int64_t now = groups[g]->counters.bytes[op];
             kv[n++] = NM_METRIC_I(keys[g][op], now - t->comm_seen[g][op]);
+            if (op == NM_COMM_ALL_TO_ALL) a2a = now - t->comm_seen[g][op];
             t->comm_seen[g][op] = now;
         }
     }
-    return n;
+    if (nm_comm_all_reduce(t->world, &a2a, 1, NM_DT_I64, NM_RED_SUM, err) != 0) return -1;
+    kv[n++] = NM_METRIC_I("comm_ep_all_to_all_bytes_job", a2a);
+    // How much of the gradient reduction was started while the backward still ran.
+    int64_t bucket_floats = 0;
+    for (int b = 0; b < t->zero->n_buckets; b++) bucket_floats += t->zero->buckets[b].n;
+    kv[n++] = NM_METRIC_I("grad_buckets", t->zero->n_buckets);
+    kv[n++] = NM_METRIC_I("grad_buckets_started_in_backward", t->zero->n_started_early);
+    kv[n++] = NM_METRIC_F("grad_reduce_overlap_fraction",
+                          bucket_floats > 0 ? (double)t->zero->floats_started_early / (double)bucket_floats : 0.0);
+    *n_out += n;
+    return 0;
 }
 
 // The name the lowest rank holding one gave, on every rank ("" when no rank has one).
@@ -427,11 +472,13 @@ static int first_bad_name(nm_trainer *t, const char *mine, char out[128], nm_err
     return 0;
 }
 
+static int zero_backward_hook(void *zero, int layer, nm_error *err) { return nm_zero_layer_done(zero, layer, err); }
+
 // After the micro-batches: gradients reduce-scattered to their owners, and the loss terms,
 // the finiteness flag and the expert loads all-reduced, so every rank decides the same.
 static int reduce_step(nm_trainer *t, nm_step_metrics *m, int n_moe, int *finite, nm_error *err) {
     if (t->world->size == 1) return 0;
-    if (nm_zero_reduce_scatter_grads(t->zero, nm_model_grads(t->model), err) != 0) return -1;
+    if (nm_zero_finish(t->zero, err) != 0) return -1;
     nm_comm *dp = t->mesh->dp;
     double dpn = (double)t->mesh->n.dp;
     double terms[5] = {m->loss, m->ce_loss, m->mtp_loss, m->aux_loss, *finite ? 0.0 : 1.0};
@@ -493,7 +540,9 @@ int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err) {
     return 0;
 }
 
-int nm_trainer_save(nm_trainer *t, nm_error *err) {
+int nm_trainer_save(nm_trainer *t, nm_error *err) { return nm_trainer_save_to(t, t->opts.run_dir, err); }
+
+int nm_trainer_save_to(nm_trainer *t, const char *run_dir, nm_error *err) {
     nm_ckpt_state st = {
         .step = t->step, .tokens = t->tokens_seen, .data_sample = nm_loader_get_cursor(t->train_data).sample,
         .optim_step = t->optim->step, .skipped_steps = t->skipped_steps, .nan_streak = t->nan_streak,
@@ -507,7 +556,7 @@ int nm_trainer_save(nm_trainer *t, nm_error *err) {
         nm_ckpt_shard shard = {.world = t->world, .owned = t->zero ? t->zero->owned : NULL,
                                .row_state = t->optim->row_state, .tp = t->mesh->n.tp, .pp = t->mesh->n.pp,
                                .ep = t->mesh->n.ep};
-        rc = nm_checkpoint_save(t->opts.run_dir, &st, &t->mcfg, nm_model_table(t->model), nm_model_params(t->model),
+        rc = nm_checkpoint_save(run_dir, &st, &t->mcfg, nm_model_table(t->model), nm_model_params(t->model),
                                 t->optim->m, t->optim->v, &shard, t->cfg.checkpoint.keep_last, dir, sizeof(dir), err);
     }
     nm_ckpt_state_free(&st);
@@ -554,7 +603,16 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
         const int64_t *counts = nm_model_expert_counts(t->model, NULL, NULL);
         for (int64_t i = 0; i < (int64_t)n_moe * E; i++) t->step_counts[i] += counts[i];
         double tc = now_s();
-        if (nm_model_backward(t->model, err) != 0) return -1;
+        // The last micro-batch's backward finishes the gradients: buckets start reducing as
+        // soon as their layers are done (overlap_grad_reduce), the rest in reduce_step.
+        int last = micro == t->accum - 1;
+        if (last && t->zero) {
+            nm_zero_begin(t->zero, nm_model_grads(t->model));
+            if (c->overlap_grad_reduce) nm_model_set_backward_hook(t->model, zero_backward_hook, t->zero);
+        }
+        int rc = nm_model_backward(t->model, err);
+        nm_model_set_backward_hook(t->model, NULL, NULL);
+        if (rc != 0) return -1;
         double td = now_s();
         m->t_data += tb - ta;
         m->t_forward += tc - tb;
@@ -635,6 +693,9 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     if (n_moe > 0)
         nm_balance_compute_stats(&bs, t->step_counts, t->mcfg.topk_method == NM_TOPK_NOAUX_TC ? t->bias_ptrs : NULL,
                                  n_moe, E);
+    m->tokens = t->tokens_seen;
+    m->mtp_weight = opt.mtp_weight;
+    m->skipped_total = t->skipped_steps;
     m->load_max_over_mean = bs.load_max_over_mean;
     m->bias_min = bs.bias_min;
     m->bias_max = bs.bias_max;
@@ -673,7 +734,7 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     kv[n++] = NM_METRIC_F("time_backward_s", m->t_backward);
     kv[n++] = NM_METRIC_F("time_optimizer_s", m->t_optimizer);
     kv[n++] = NM_METRIC_F("time_comm_s", m->t_comm);
-    if (t->world->size > 1) n += comm_metrics(t, kv + n);
+    if (t->world->size > 1 && comm_metrics(t, kv + n, &n, err) != 0) return -1;
     if (!isnan(m->val_loss)) kv[n++] = NM_METRIC_F("val_loss", m->val_loss);
     if (t->metrics && nm_metrics_write(t->metrics, step, m->loss, kv, n, err) != 0) return -1;
     if (diverged) {

@@ -1,6 +1,7 @@
 // zero.c: ZeRO-1 ownership, buckets, reduce-scatter and all-gather (see zero.h).
 #include "train/zero.h"
 
+#include <limits.h>
 #include <string.h>
 
 static int row_group(const nm_tensor_spec *r) { return (r->flags & NM_TENSOR_EXPERT) ? 1 : 0; }
@@ -16,6 +17,10 @@ static void add_bucket(nm_zero *z, int first, int last, int group, int cap) {
     b->offset = t->rows[first].offset;
     b->n = (int64_t)(t->rows[last].offset + (size_t)t->rows[last].numel - b->offset);
     b->counts = nm_calloc((size_t)c->size, sizeof(int64_t));
+    b->ready_layer = INT_MAX;
+    for (int i = first; i <= last; i++) {
+        if (t->rows[i].layer < b->ready_layer) b->ready_layer = t->rows[i].layer;
+    }
     // Each row's piece runs to the next row's start (alignment padding goes with the row before it).
     int prev = -1;
     for (int i = first; i <= last; i++) {
@@ -79,6 +84,8 @@ int nm_zero_create(nm_zero **out, const nm_param_table *t, nm_comm *dp, nm_comm 
         size += r->numel;
     }
     if (first >= 0) add_bucket(z, first, last, group, cap);
+    z->reqs = nm_calloc((size_t)(z->n_buckets > 0 ? z->n_buckets : 1), sizeof(nm_comm_request));
+    z->started = nm_calloc((size_t)(z->n_buckets > 0 ? z->n_buckets : 1), 1);
     (void)err;
     *out = z;
     return 0;
@@ -88,27 +95,59 @@ void nm_zero_destroy(nm_zero *z) {
     if (!z) return;
     for (int b = 0; b < z->n_buckets; b++) nm_free(z->buckets[b].counts);
     nm_free(z->buckets);
+    nm_free(z->reqs);
+    nm_free(z->started);
     nm_free(z->row_owner);
     nm_free(z->owned);
     nm_free(z);
 }
 
-int nm_zero_reduce_scatter_grads(nm_zero *z, float *grads, nm_error *err) {
-    // Every bucket is started before any is waited for, so the reductions pipeline.
-    nm_comm_request *reqs = NULL;
-    nm_comm_request stack[64];
-    reqs = z->n_buckets <= 64 ? stack : nm_calloc((size_t)z->n_buckets, sizeof(nm_comm_request));
-    int rc = 0, started = 0;
-    for (int b = 0; b < z->n_buckets && rc == 0; b++, started++) {
-        nm_zero_bucket *k = &z->buckets[b];
-        rc = nm_comm_reduce_scatter_start(k->expert ? z->edp : z->dp, grads + k->offset, k->counts, NM_DT_F32,
-                                          &reqs[b], err);
+void nm_zero_begin(nm_zero *z, float *grads) {
+    z->grads = grads;
+    memset(z->started, 0, (size_t)(z->n_buckets > 0 ? z->n_buckets : 1));
+    z->n_started_early = 0;
+    z->floats_started_early = 0;
+}
+
+static int start_bucket(nm_zero *z, int b, nm_error *err) {
+    nm_zero_bucket *k = &z->buckets[b];
+    z->started[b] = 1;
+    return nm_comm_reduce_scatter_start(k->expert ? z->edp : z->dp, z->grads + k->offset, k->counts, NM_DT_F32,
+                                        &z->reqs[b], err);
+}
+
+int nm_zero_layer_done(nm_zero *z, int layer, nm_error *err) {
+    // Buckets in decreasing table order: the order in which the backward finishes them.
+    for (int b = z->n_buckets - 1; b >= 0; b--) {
+        if (z->started[b] || z->buckets[b].ready_layer < layer) continue;
+        if (start_bucket(z, b, err) != 0) return -1;
+        z->n_started_early++;
+        z->floats_started_early += z->buckets[b].n;
     }
-    for (int b = 0; b < started; b++) {
-        if (nm_comm_wait(&reqs[b], err) != 0) rc = -1;
+    // MPI moves a non-blocking collective along only inside MPI calls: test the ones in flight.
+    for (int b = 0; b < z->n_buckets; b++) {
+        int done = 0;
+        if (z->started[b] && nm_comm_test(&z->reqs[b], &done, err) != 0) return -1;
     }
-    if (reqs != stack) nm_free(reqs);
+    return 0;
+}
+
+int nm_zero_finish(nm_zero *z, nm_error *err) {
+    int rc = 0;
+    for (int b = z->n_buckets - 1; b >= 0 && rc == 0; b--) {
+        if (!z->started[b]) rc = start_bucket(z, b, err);
+    }
+    // Every started request is completed, even after an error, so none is left in flight.
+    for (int b = 0; b < z->n_buckets; b++) {
+        nm_error wait_err;
+        if (z->started[b] && nm_comm_wait(&z->reqs[b], rc == 0 ? err : &wait_err) != 0) rc = -1;
+    }
     return rc;
+}
+
+int nm_zero_reduce_scatter_grads(nm_zero *z, float *grads, nm_error *err) {
+    nm_zero_begin(z, grads);
+    return nm_zero_finish(z, err);
 }
 
 int nm_zero_all_gather_params(nm_zero *z, float *params, nm_error *err) {

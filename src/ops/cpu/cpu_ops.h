@@ -19,6 +19,8 @@ void nm_cpu_gemm(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t
                  int64_t ldc);
 // "onednn" or "openblas": the library nm_cpu_gemm calls (NM_CPU_GEMM, read once).
 const char *nm_cpu_gemm_library(void);
+// Sets the fp32 GEMM library by name (onednn|openblas); -1 for another name.
+int nm_cpu_gemm_set_library(const char *name);
 void nm_cpu_gemm_grouped(nm_transpose ta, nm_transpose tb, float alpha, float beta, const nm_gemm_group *groups,
                          int64_t n);
 
@@ -29,6 +31,8 @@ void nm_cpu_gemm_bf16(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, in
 void nm_cpu_cast_bf16(uint16_t *dst, const float *src, int64_t n);
 // "onednn" or "widen": the kernel gemm_bf16 runs (NM_CPU_BF16_GEMM, AMX detection).
 const char *nm_cpu_gemm_bf16_kernel(void);
+// Sets the bf16 GEMM kernel by name (onednn|widen); -1 for another name.
+int nm_cpu_gemm_bf16_set_kernel(const char *name);
 
 // --- elementwise.c ------------------------------------------------------------------------
 void nm_cpu_zero(float *x, int64_t n);

@@ -7,8 +7,10 @@
 // AVX-512 Xeon) the whole step ran ~10% faster with every GEMM through dnnl_sgemm than through
 // OpenBLAS 0.3.21's SkylakeX kernels (alternating runs; docs/performance.md). At the model's
 // own shapes bench/peak measured oneDNN 2-20% ahead (the 16-column router GEMM 2.8x), and
-// inside the step OpenBLAS also pays a separate pass to zero C when beta == 0. The choice is static, never timed at run time: a
-// timing-based pick could differ between two runs and break bit-exact resume.
+// inside the step OpenBLAS also pays a separate pass to zero C when beta == 0. That is the
+// default of a bare call; the trainer measures both on the model's shapes (kernels.c) and
+// sets the faster, caching the pick in the run directory so a resume reuses it (a fresh
+// timing could differ between two runs and break bit-exact resume).
 //
 // Degenerate shapes are handled before either library: M or N == 0 touches nothing, K == 0
 // only scales C (BLAS implementations disagree on whether they accept K == 0 with small
@@ -52,19 +54,29 @@ static gemm_library parse_library(void) {
 
 // The first call may come from inside a parallel region (attention tiles), so the one-time
 // read is guarded; the value never changes after it.
+static gemm_library chosen_library = GEMM_UNSET;
+
 static gemm_library library(void) {
-    static gemm_library chosen = GEMM_UNSET;
     gemm_library l;
 #pragma omp atomic read
-    l = chosen;
+    l = chosen_library;
     if (l != GEMM_UNSET) return l;
     l = parse_library();
 #pragma omp atomic write
-    chosen = l;
+    chosen_library = l;
     return l;
 }
 
 const char *nm_cpu_gemm_library(void) { return library() == GEMM_ONEDNN ? "onednn" : "openblas"; }
+
+// The measured choice (kernels.c) sets the library from outside any parallel region, before
+// the step loop; NM_CPU_GEMM, when set, is honoured by the caller never calling this.
+int nm_cpu_gemm_set_library(const char *name) {
+    if (strcmp(name, "onednn") == 0) chosen_library = GEMM_ONEDNN;
+    else if (strcmp(name, "openblas") == 0) chosen_library = GEMM_OPENBLAS;
+    else return -1;
+    return 0;
+}
 
 void nm_cpu_gemm(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
                  const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,

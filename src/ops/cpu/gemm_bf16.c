@@ -119,6 +119,16 @@ const char *nm_cpu_gemm_bf16_kernel(void) {
     return g.kernel == BF16_ONEDNN ? "onednn" : "widen";
 }
 
+// Set by the measured choice (kernels.c) from one thread, before the step loop.
+int nm_cpu_gemm_bf16_set_kernel(const char *name) {
+    NM_CHECK(!omp_in_parallel(), "gemm_bf16 state is set up from one thread");
+    init_once();
+    if (strcmp(name, "onednn") == 0) g.kernel = BF16_ONEDNN;
+    else if (strcmp(name, "widen") == 0) g.kernel = BF16_WIDEN;
+    else return -1;
+    return 0;
+}
+
 // Grows only: a training loop sees its largest shapes in the first step.
 static uint16_t *scratch_reserve(nm_bf16_scratch *s, size_t n) {
     if (n > s->cap) {

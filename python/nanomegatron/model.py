@@ -1,0 +1,355 @@
+"""The low-level layer: a model, an optimizer and a data loader to write one's own loop with.
+
+    dist_ctx = init_distributed()
+    model = create_model(model_config, dist_ctx)
+    optimizer = create_optimizer(model, lr=1e-4)
+    for batch in DataLoader(DataConfig(seq_len=256), batch_size=8, num_batches=100):
+        loss, grads = forward_backward(model, batch)
+        optimizer_step(optimizer, grads)
+
+Parameters and gradients live in the C library's buffers; model.params[name] and
+grads[name] are numpy views of them by Hugging Face name (no copy): writing to a view writes
+the model. A view keeps the C model alive, so it never outlives the memory it points at.
+"""
+import ctypes
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _lib
+from ._lib import ConfigError, NMError, lib
+from .config import DataConfig, ModelConfig
+from .distributed import DistContext, init_distributed
+
+
+class _Handle:
+    """Owns one C object; destroys it when the last Python reference (views included) goes."""
+
+    def __init__(self, ptr, destroy, keep=()):
+        self.ptr = ptr
+        self._destroy = destroy
+        self._keep = keep  # objects the C object borrows from (must be destroyed after it)
+
+    def __del__(self):
+        if self.ptr:
+            self._destroy(self.ptr)
+            self.ptr = None
+
+
+class TensorDict(Mapping):
+    """Name -> float32 numpy view into one of the library's buffers (parameters, gradients,
+    AdamW moments), laid out by the model's parameter table."""
+
+    def __init__(self, owner, base, table):
+        self._owner = owner        # the _Handle the buffer belongs to
+        self._base = ctypes.cast(base, ctypes.c_void_p).value
+        self._table = table        # {name: (offset, shape)}
+
+    def __getitem__(self, name):
+        offset, shape = self._table[name]
+        n = int(np.prod(shape))
+        raw = (ctypes.c_float * n).from_address(self._base + 4 * offset)
+        raw._nm_owner = self._owner
+        return np.frombuffer(raw, dtype=np.float32).reshape(shape)
+
+    def __iter__(self):
+        return iter(self._table)
+
+    def __len__(self):
+        return len(self._table)
+
+    def flat(self):
+        """The whole buffer (padding between tensors included) as one 1-D view."""
+        n = self._table_floats
+        raw = (ctypes.c_float * n).from_address(self._base)
+        raw._nm_owner = self._owner
+        return np.frombuffer(raw, dtype=np.float32)
+
+
+def _read_table(table_ptr):
+    t = table_ptr.contents
+    rows = {}
+    for i in range(t.n_rows):
+        r = t.rows[i]
+        rows[r.name.decode()] = (r.offset, tuple(r.shape[:r.ndim]))
+    return rows, t.n_floats
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    loss: float        # ce + mtp_weight * mtp + aux_weight * aux
+    ce: float          # main next-token cross-entropy
+    mtp: float         # mean over MTP depths of their cross-entropy
+    aux: float         # sequence-wise balance loss, summed over MoE layers
+    tokens: int
+
+
+def _c_model_config(config):
+    c = _lib._new(_lib.nm_model_config)
+    err = _lib.nm_error()
+    import json
+    _lib.check(lib.nm_model_config_parse(c, json.dumps(config.to_hf()).encode(), b"ModelConfig", err), err,
+               ConfigError)
+    return c
+
+
+class Model:
+    """A DeepSeek-V3 model in the C library, with activations for batches up to
+    (max_batch_size, max_seq_len + 1) tokens. Made by create_model, or by a Trainer
+    (trainer.model)."""
+
+    def __init__(self, handle, config, max_batch_size, max_seq_len, c_ptr):
+        self._h = handle
+        self.config = config
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self._ptr = c_ptr
+        self._table, self._n_floats = _read_table(lib.nm_model_table(c_ptr))
+        self.last_loss = None
+        self._forward_done = False
+
+    def _dict(self, base):
+        d = TensorDict(self._h, base, self._table)
+        d._table_floats = self._n_floats
+        return d
+
+    @property
+    def params(self):
+        """Parameters by HF name (views; MTP copies of embedding and head view the owner's data)."""
+        return self._dict(lib.nm_model_params(self._ptr))
+
+    @property
+    def grads(self):
+        """Gradients of the last forward_backward by HF name (views)."""
+        return self._dict(lib.nm_model_grads(self._ptr))
+
+    @property
+    def names(self):
+        return list(self._table)
+
+    @property
+    def num_params(self):
+        t = lib.nm_model_table(self._ptr).contents
+        return t.n_params_main + t.n_params_mtp
+
+    def load_hf(self, path):
+        """Loads the parameters of a Hugging Face model directory (config.json + safetensors) of
+        the same architecture, as the CLI's --init-from does."""
+        err = _lib.nm_error()
+        _lib.check(lib.nm_hf_dir_load_params(os.fsencode(path), lib.nm_model_table(self._ptr),
+                                             lib.nm_model_params(self._ptr), err), err)
+
+    def save_hf(self, path, bf16=False):
+        """Writes a Hugging Face model directory (config.json + model.safetensors)."""
+        err = _lib.nm_error()
+        _lib.check(lib.nm_hf_dir_save(os.fsencode(path), lib.nm_model_cfg(self._ptr), lib.nm_model_table(self._ptr),
+                                      lib.nm_model_params(self._ptr), int(bool(bf16)), err), err)
+
+    def _tokens(self, batch):
+        arr = np.asarray(batch)
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"batch: expected an integer array (B, T+1), got {arr.dtype} with shape {arr.shape}")
+        B, T = arr.shape
+        if not (1 <= B <= self.max_batch_size and 2 <= T <= self.max_seq_len + 1):
+            raise ValueError(f"batch: shape ({B}, {T}) is outside the model's 1..{self.max_batch_size} rows x "
+                             f"2..{self.max_seq_len + 1} tokens (create_model's max_batch_size / max_seq_len)")
+        if arr.dtype != np.int32:
+            if arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max:
+                raise ValueError("batch: token ids outside int32")
+            arr = arr.astype(np.int32)
+        return np.ascontiguousarray(arr)
+
+
+def create_model(model_config, dist_ctx=None, *, max_batch_size=8, max_seq_len=256, seed=1234,
+                 precision="fp32", recompute=False):
+    """A freshly initialised model (DeepSeek-V3 init, deterministic from seed, the same values as
+    `nanomegatron init --seed`). Batches up to max_batch_size rows of max_seq_len + 1 tokens."""
+    if not isinstance(model_config, ModelConfig):
+        raise TypeError(f"create_model: expected a ModelConfig, got {type(model_config).__name__}")
+    if dist_ctx is None:
+        dist_ctx = init_distributed()
+    if dist_ctx.world_size != 1:
+        raise NMError(f"create_model: world size {dist_ctx.world_size}: the low-level layer runs one process "
+                      f"(distributed training goes through Trainer, which shards over the communicator)")
+    if precision not in _lib.PRECISIONS:
+        raise ConfigError(f"create_model: precision '{precision}': expected one of {', '.join(_lib.PRECISIONS)}")
+    if max_batch_size < 1 or max_seq_len < 1:
+        raise ValueError(f"create_model: max_batch_size = {max_batch_size} and max_seq_len = {max_seq_len} "
+                         f"must be >= 1")
+    c = _c_model_config(model_config)
+    err = _lib.nm_error()
+    ptr = ctypes.c_void_p()
+    opts = _lib._new(_lib.nm_model_options)
+    opts.recompute = int(bool(recompute))
+    rc = lib.nm_model_create_ex(ctypes.byref(ptr), c, lib.nm_ops_cpu(), max_batch_size, max_seq_len + 1, opts, err)
+    if rc != 0:
+        lib.nm_model_config_free(c)
+        _lib.check(rc, err)
+
+    def destroy(p, c=c):
+        lib.nm_model_destroy(p)
+        lib.nm_model_config_free(c)
+
+    handle = _Handle(ptr.value, destroy)
+    _lib.check(lib.nm_model_set_precision(ptr, _lib.PRECISIONS[precision], err), err)
+    lib.nm_params_init(lib.nm_model_params(ptr), lib.nm_model_table(ptr), c, seed)
+    return Model(handle, model_config, max_batch_size, max_seq_len, ptr.value)
+
+
+def forward_backward(model, batch, *, mtp_weight=0.3, aux_weight=1e-4, grad_scale=1.0, accumulate=False):
+    """One forward and backward pass on batch (B, T+1) int32 tokens: inputs row[:-1], targets
+    row[1:] (and further for MTP). Returns (loss, grads): the total loss (ce + mtp_weight x mtp
+    + aux_weight x aux, as `nanomegatron forward` reports it) and model.grads. Gradients are
+    zeroed first unless accumulate=True (then they add up, scaled by grad_scale)."""
+    tokens = model._tokens(batch)
+    B, T = tokens.shape
+    err = _lib.nm_error()
+    opt = _lib._new(_lib.nm_loss_options)
+    opt.mtp_weight, opt.aux_weight, opt.grad_scale = mtp_weight, aux_weight, grad_scale
+    lt = _lib._new(_lib.nm_loss_terms)
+    if not accumulate:
+        lib.nm_model_zero_grads(model._ptr)
+    tok_ptr = tokens.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+    _lib.check(lib.nm_model_forward(model._ptr, tok_ptr, B, T, opt, lt, None, err), err, ValueError)
+    _lib.check(lib.nm_model_backward(model._ptr, err), err)
+    model.last_loss = LossTerms(lt.loss, lt.ce, lt.mtp, lt.aux, lt.tokens)
+    return lt.loss, model.grads
+
+
+class Optimizer:
+    """AdamW over a model's parameters (torch.optim.AdamW's update, DeepSeek-V3 defaults), with
+    clipping to the global gradient norm; router biases and tied copies are left alone."""
+
+    def __init__(self, model, lr, beta1, beta2, eps, weight_decay, clip_grad):
+        self.model = model
+        self.lr = lr
+        self.clip_grad = clip_grad
+        cfg = _lib._new(_lib.nm_adamw_config)
+        cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay = beta1, beta2, eps, weight_decay
+        err = _lib.nm_error()
+        ptr = ctypes.POINTER(_lib.nm_optimizer)()
+        if not lr > 0:
+            raise ConfigError(f"create_optimizer: lr = {lr}: must be > 0")
+        _lib.check(lib.nm_optimizer_create(ctypes.byref(ptr), lib.nm_model_table(model._ptr), cfg, err), err,
+                   ConfigError)
+        # The optimizer borrows the model's parameter table: the model's handle outlives it.
+        self._h = _Handle(ptr, lib.nm_optimizer_destroy, keep=(model._h,))
+        self._ptr = ptr
+
+    @property
+    def step_count(self):
+        return self._ptr.contents.step
+
+    @property
+    def exp_avg(self):
+        """AdamW first moments by parameter name (views)."""
+        d = TensorDict(self._h, self._ptr.contents.m, self.model._table)
+        d._table_floats = self.model._n_floats
+        return d
+
+    @property
+    def exp_avg_sq(self):
+        """AdamW second moments by parameter name (views)."""
+        d = TensorDict(self._h, self._ptr.contents.v, self.model._table)
+        d._table_floats = self.model._n_floats
+        return d
+
+
+def create_optimizer(model, lr=1e-4, *, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, clip_grad=1.0):
+    return Optimizer(model, lr, beta1, beta2, eps, weight_decay, clip_grad)
+
+
+def optimizer_step(optimizer, grads, lr=None):
+    """Clips the gradients to optimizer.clip_grad (global norm; 0: off) and applies one AdamW
+    update at lr (default optimizer.lr). Returns the gradient norm before clipping. A NaN/Inf
+    gradient raises NMError naming the tensor, and nothing is updated."""
+    model = optimizer.model
+    if not isinstance(grads, TensorDict) or grads._base != ctypes.cast(lib.nm_model_grads(model._ptr),
+                                                                       ctypes.c_void_p).value:
+        raise ValueError("optimizer_step: grads must be the gradients of the optimizer's model "
+                         "(as forward_backward returns them)")
+    g = lib.nm_model_grads(model._ptr)
+    rep = _lib._new(_lib.nm_grad_report)
+    lib.nm_optimizer_check_grads(optimizer._ptr, g, optimizer.clip_grad, rep)
+    if not rep.finite:
+        name = rep.bad_name.decode() if rep.bad_name else "?"
+        raise NMError(f"optimizer_step: non-finite gradient (first in {name}); update skipped")
+    lib.nm_optimizer_step_scaled(optimizer._ptr, lib.nm_model_params(model._ptr), g, rep.clip_scale,
+                                 optimizer.lr if lr is None else lr)
+    return rep.norm
+
+
+_SPLITS = {"train": _lib.NM_SPLIT_TRAIN, "valid": _lib.NM_SPLIT_VALID, "test": _lib.NM_SPLIT_TEST}
+
+
+class DataLoader:
+    """Batches of (batch_size, seq_len + 1) int32 tokens from a DataConfig, in the order the
+    trainer reads them (Megatron's GPTDataset order, blended, split), endless unless num_batches
+    is given. state() / set_state() are the resume cursor."""
+
+    def __init__(self, data, batch_size, *, seed=1234, split="train", num_batches=None, num_samples=0,
+                 dist_ctx=None):
+        if not isinstance(data, DataConfig):
+            raise TypeError(f"DataLoader: expected a DataConfig, got {type(data).__name__}")
+        if split not in _SPLITS:
+            raise ConfigError(f"DataLoader: split '{split}': expected train, valid or test")
+        if batch_size < 1:
+            raise ValueError(f"DataLoader: batch_size = {batch_size}: must be >= 1")
+        dist_ctx = dist_ctx or init_distributed()
+        spec = _lib._new(_lib.nm_data_spec)
+        lib.nm_data_spec_default(spec)
+        sources = data.sources()
+        if len(sources) > _lib.NM_DATA_MAX_SOURCES:
+            raise ConfigError(f"DataConfig: key 'path': {len(sources)} datasets, at most {_lib.NM_DATA_MAX_SOURCES}")
+        self._prefixes = [os.fsencode(p) for p, _ in sources]  # alive while the loader is created
+        spec.n_sources = len(sources)
+        for i, (p, w) in enumerate(sources):
+            spec.prefixes[i] = self._prefixes[i]
+            spec.weights[i] = w
+        spec.synthetic_tokens = data.synthetic_tokens
+        spec.seed = seed
+        spec.seq_len = data.seq_len
+        weights = [float(x) for x in data.split.split(",")]
+        weights += [0.0] * (3 - len(weights))
+        total = sum(weights)
+        if len(weights) != 3 or total <= 0 or min(weights) < 0:
+            raise ConfigError(f"DataConfig: key 'split' = \"{data.split}\": expected 1 to 3 comma-separated "
+                              f"non-negative weights")
+        for i in range(3):
+            spec.split[i] = weights[i] / total
+        spec.num_samples[_SPLITS[split]] = num_samples
+        err = _lib.nm_error()
+        ptr = ctypes.c_void_p()
+        _lib.check(lib.nm_loader_create(ctypes.byref(ptr), spec, _SPLITS[split], dist_ctx.rank,
+                                        dist_ctx.world_size, err), err)
+        self._h = _Handle(ptr.value, lib.nm_loader_destroy)
+        self.batch_size = batch_size
+        self.seq_len = data.seq_len
+        self.num_batches = num_batches
+
+    @property
+    def entropy_floor(self):
+        """The built-in corpus's exact entropy rate in nats/token (None for real data)."""
+        v = lib.nm_loader_entropy_floor(self._h.ptr)
+        return None if v != v else v
+
+    def next_batch(self):
+        out = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int32)
+        err = _lib.nm_error()
+        _lib.check(lib.nm_loader_next_batch(self._h.ptr, out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                                            self.batch_size, err), err)
+        return out
+
+    def __iter__(self):
+        n = 0
+        while self.num_batches is None or n < self.num_batches:
+            yield self.next_batch()
+            n += 1
+
+    def state(self):
+        return lib.nm_loader_get_cursor(self._h.ptr).sample
+
+    def set_state(self, sample):
+        lib.nm_loader_set_cursor(self._h.ptr, _lib.nm_data_cursor(sample))
