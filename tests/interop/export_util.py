@@ -9,6 +9,7 @@ first_k_dense_replace > 1, moe_layer_freq 2, several / no shared experts, MTP an
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -102,12 +103,26 @@ def our_logits(tmp, mdir, ids):
     return np.fromfile(lp, dtype=np.float32).reshape(ids.shape[0], ids.shape[1], -1)
 
 
+def _separating_bias(E, n_group, rng):
+    """10 * a permutation of 0..E-1 whose groups' scores (noaux_tc: the sum of each group's
+    two largest biased scores) all differ: two groups with equal bias sums would leave the
+    group choice to the scores, which a rounding can flip. Sums of multiples of 10 that differ
+    differ by >= 10, more than scores in [0, 1] can move them."""
+    size = E // n_group
+    for _ in range(10000):
+        b = 10.0 * rng.permutation(E)
+        g = np.sort(b.reshape(n_group, size), axis=1)[:, -2:].sum(axis=1)
+        if len(set(g.tolist())) == n_group:
+            return b.astype(np.float32)
+    raise AssertionError(f"no bias permutation separates {n_group} groups of {size}")
+
+
 def biased_copy(tmp, mdir, tag, rng, config_over=None):
     """A copy of the model directory whose e_score_correction_bias rows are 0, 10, 20, ... in a
     random order, with config_over applied to its config.json.
 
     For noaux_tc the bias then decides the expert and group choice alone (the scores are in
-    [0, 1]). Our greedy and group_limited_greedy routers ignore the stored bias (DeepSeek-V2's
+    [0, 1], and no two groups tie: _separating_bias). Our greedy and group_limited_greedy routers ignore the stored bias (DeepSeek-V2's
     rules have none), so there it checks that an export does too: a nonzero stored bias must not reach a format whose router
     adds it."""
     from safetensors.numpy import load_file, save_file
@@ -122,7 +137,7 @@ def biased_copy(tmp, mdir, tag, rng, config_over=None):
     n = 0
     for k in st:
         if k.endswith("e_score_correction_bias"):
-            st[k] = (10.0 * rng.permutation(len(st[k]))).astype(np.float32)
+            st[k] = _separating_bias(len(st[k]), c.get("n_group", 1) or 1, rng)
             n += 1
     assert n > 0, f"{mdir}: no e_score_correction_bias rows"
     save_file(st, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
@@ -155,4 +170,60 @@ def train_tokenizer(tmp, rng, vocab):
         f.write(text)
     out = os.path.join(tmp, "tokenizer.json")
     run(["tokenizer", "train", "--input", src, "--vocab-size", vocab, "--out", out])
+    return out
+
+
+def _round_bf16(x):
+    """fp32 -> bf16 -> fp32, round to nearest even (ggml_compute_fp32_to_bf16)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return u.astype(np.uint32).view(np.float32)
+
+
+def _round_q8_0(x):
+    """Q8_0 along the last axis (formats.md: blocks of 32, d = amax / 127 stored as f16,
+    q = round(x / d)), dequantised back to fp32."""
+    shape = x.shape
+    b = x.astype(np.float32).reshape(-1, 32)
+    d = np.abs(b).max(axis=1, keepdims=True) / 127.0
+    inv = np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), 0.0)
+    q = np.clip(np.trunc(b * inv + np.copysign(0.5, b)), -127, 127)  # roundf: half away from zero
+    return (q * d.astype(np.float16).astype(np.float32)).astype(np.float32).reshape(shape)
+
+
+def round_like_gguf(st, cfg, dtype):
+    """The HF tensors as a GGUF export of `dtype` stores them, rounded back to fp32 in numpy
+    (from formats.md, not from our C): 2-D weights rounded along their input dimension (GGUF's
+    ne0), q8_0 only where ne0 is a multiple of 32 (f16 otherwise); norms, the router weight
+    and biases stay f32. kv_b_proj is rounded in the attn_k_b / attn_v_b layouts the file holds
+    (k_b is transposed, so its blocks run along qk_nope_head_dim)."""
+    def rnd(x):
+        if dtype == "f16" or (dtype == "q8_0" and x.shape[-1] % 32):
+            return x.astype(np.float16).astype(np.float32)
+        return _round_bf16(x) if dtype == "bf16" else _round_q8_0(x)
+    H, Dn, Dv, C = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
+    out = {}
+    for k, v in st.items():
+        if v.ndim != 2 or "norm" in k or k.endswith("mlp.gate.weight"):
+            out[k] = v
+        elif k.endswith("kv_b_proj.weight"):
+            kv = v.reshape(H, Dn + Dv, C)
+            k_b = rnd(np.ascontiguousarray(np.transpose(kv[:, :Dn, :], (0, 2, 1))))   # [H, C, Dn]
+            v_b = rnd(np.ascontiguousarray(kv[:, Dn:, :]))                           # [H, Dv, C]
+            out[k] = np.concatenate([np.transpose(k_b, (0, 2, 1)), v_b], axis=1).reshape(v.shape)
+        else:
+            out[k] = rnd(v)
+    return out
+
+
+def rounded_copy(tmp, mdir, tag, dtype):
+    """A copy of the model directory with its weights rounded as a GGUF of `dtype` stores them."""
+    from safetensors.numpy import load_file, save_file
+    out = os.path.join(tmp, f"{tag}_{dtype}_rounded")
+    os.makedirs(out)
+    shutil.copy(os.path.join(mdir, "config.json"), os.path.join(out, "config.json"))
+    with open(os.path.join(mdir, "config.json")) as f:
+        cfg = json.load(f)
+    st = round_like_gguf(load_file(os.path.join(mdir, "model.safetensors")), cfg, dtype)
+    save_file(st, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     return out

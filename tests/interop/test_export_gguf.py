@@ -10,14 +10,16 @@ dense blocks, moe_layer_freq 2 with no shared experts, MTP and none):
    formats.md 3.6 (not from our C);
 2. llama.cpp's logits on a random prompt equal our `forward` logits: f32 within
    1e-4 * max|logit| at every position (llama.cpp's KV cache set to f32; measured ~1e-6).
-   f16 within 5e-3, bf16 within 2e-2 at every position and q8_0 within 5e-2 at 90% of them
-   (weights rounded: bf16 keeps 8 bits, a q8_0 block 7 bits of its largest value, and llama.cpp
-   rounds the activations to the weight type too; measured ~1e-3, ~5e-3 (max 1.1e-2), ~2e-2).
-   On the random router a rounding flips some token's top-k choice in most runs, so these run
-   on a copy of the model without a discrete choice to flip: for noaux_tc, router biases
-   0, 10, 20, ... that decide the choice alone (export_util.biased_copy); greedy methods ignore
-   the bias, so there num_experts_per_tok = n_routed_experts (every expert chosen, the gating
-   weights still from the scores). The f32 case keeps the real top-k choice;
+   f16, bf16 and q8_0 files are compared at every position with our forward on the same
+   weights rounded in numpy as the file stores them (export_util.round_like_gguf, from
+   formats.md), within 2e-3, 2e-2 and 5e-2 (llama.cpp also rounds the activations; see
+   TOL_ROUNDED). Against fp32 weights the rounding alone moved one position in ten seeds by
+   up to 0.35 of max|logit| in our own forward, so that comparison is printed, not checked.
+   The rounded files run on a copy of the model without a discrete choice to flip: for
+   noaux_tc, router biases 0, 10, 20, ... that decide the choice alone
+   (export_util.biased_copy); greedy methods ignore the bias, so there
+   num_experts_per_tok = n_routed_experts (every expert chosen, the gating weights still from
+   the scores). The f32 case keeps the real top-k choice;
 2b. greedy routing with a nonzero stored bias (which our router ignores): the export's
    exp_probs_b is all zero (llama.cpp would add it for every method) and the f32 logits equal
    ours;
@@ -50,7 +52,12 @@ except Exception as e:
 SEED, rng = U.seed_and_rng("test_export_gguf")
 print(f"llama-cpp-python {llama_cpp.__version__}")
 failures = []
-TOL = {"fp32": 1e-4, "f16": 5e-3, "bf16": 2e-2, "q8_0": 5e-2}
+TOL = {"fp32": 1e-4}
+# llama.cpp rounds each matmul's activations to the weight type (f16: 11 significant bits,
+# bf16: 8, q8_0: 8 per 32-block of the block's largest value), through 3-4 layers of
+# attention and experts: measured over 63 seeds at most 8.6e-4, 9.5e-3 and 2.5e-2 of max|logit|;
+# the bounds leave 2x.
+TOL_ROUNDED = {"f16": 2e-3, "bf16": 2e-2, "q8_0": 5e-2}
 GGML_TYPE = {"fp32": 0, "f16": 1, "q8_0": 8, "bf16": 30}
 
 
@@ -222,12 +229,16 @@ with tempfile.TemporaryDirectory() as tmp:
                 e = float(per_pos.max())
                 check(e <= TOL[dtype], f"{name} {dtype}: llama.cpp logits vs ours rel err {e:.2e} (tol {TOL[dtype]:g})")
             else:
-                # q8_0: llama.cpp also rounds the activations to 8 bits before each q8_0 matmul;
-                # one position in twelve runs reached 0.16 (attention amplifying it), so 90%.
-                need = 0.9 if dtype == "q8_0" else 1.0
-                within = float(np.mean(per_pos <= TOL[dtype]))
-                check(within >= need, f"{name} {dtype}: llama.cpp logits vs ours rel err median {np.median(per_pos):.2e}"
-                      f" max {per_pos.max():.2e}, {within:.0%} of positions within tol {TOL[dtype]:g}")
+                # Against our forward on the same weights rounded in numpy as the file stores
+                # them (export_util.round_like_gguf): what is left is llama.cpp rounding the
+                # activations to the weight type before each matmul.
+                rq = U.our_logits(tmp, U.rounded_copy(tmp, model, name, dtype), ids)[0]
+                per_pos_r = np.abs(lc - rq).max(axis=1) / np.abs(rq).max()
+                e = float(per_pos_r.max())
+                check(e <= TOL_ROUNDED[dtype],
+                      f"{name} {dtype}: llama.cpp logits vs ours on the rounded weights rel err max {e:.2e} "
+                      f"(tol {TOL_ROUNDED[dtype]:g}); vs ours on fp32 weights median {np.median(per_pos):.2e} "
+                      f"max {per_pos.max():.2e}")
             if dtype == "fp32":
                 prompt = "the cat sat"
                 pids = llm.tokenize(prompt.encode(), add_bos=False, special=False)
