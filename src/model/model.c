@@ -34,7 +34,7 @@ static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
 static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int moe) {
     const nm_model_config *c = &m->cfg;
     size_t N = (size_t)(m->B_max * m->T_max);
-    size_t D = c->D, NK = N * (size_t)c->K;
+    size_t D = c->D, NK = N * (size_t)c->K, H = (size_t)m->H_loc;
     b->a = take(m, N * D);
     b->a_rstd = take(m, N);
     if (c->Rq > 0) {
@@ -42,20 +42,20 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
         b->cq_n = take(m, N * c->Rq);
         b->cq_rstd = take(m, N);
     }
-    b->q = take(m, N * c->H * c->Dqk);
+    b->q = take(m, N * H * c->Dqk);
     b->ckv = take(m, N * c->Rkv);
     b->ckv_n = take(m, N * c->Rkv);
     b->ckv_rstd = take(m, N);
     b->k_pe = take(m, N * c->Dr);
-    b->kv = take(m, N * c->H * (c->Dn + c->Dv));
-    b->att = take(m, N * c->H * c->Dv);
-    b->lse = take(m, N * c->H);
+    b->kv = take(m, N * H * (c->Dn + c->Dv));
+    b->att = take(m, N * H * c->Dv);
+    b->lse = take(m, N * H);
     b->x_mid = take(m, N * D);
     b->f = take(m, N * D);
     b->f_rstd = take(m, N);
     if (dense) {
-        b->gate_up = take(m, N * 2 * c->F);
-        b->act = take(m, N * c->F);
+        b->gate_up = take(m, N * 2 * m->F_loc);
+        b->act = take(m, N * m->F_loc);
     }
     if (moe && c->E > 0) {
         b->router_logits = take(m, N * c->E);
@@ -81,8 +81,8 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
         }
 
         if (c->Fs > 0) {
-            b->s_gate_up = take(m, N * 2 * c->Fs);
-            b->s_act = take(m, N * c->Fs);
+            b->s_gate_up = take(m, N * 2 * m->Fs_loc);
+            b->s_act = take(m, N * m->Fs_loc);
         }
         b->bal_f = take(m, m->B_max * c->E);
     }
@@ -136,7 +136,7 @@ static void layout(nm_model *m) {
     m->lse = take(m, N);
     m->head_stats = (double *)take(m, 6 * N);  // 3 doubles per row (the arena is 64-byte aligned)
 
-    size_t Fmax = max_sz((size_t)c->F, (size_t)c->Fs);
+    size_t Fmax = max_sz((size_t)m->F_loc, (size_t)m->Fs_loc), H = (size_t)m->H_loc;
     m->d_res = take(m, N * D);
     m->d_h0 = take(m, N * D);
     m->d_a = take(m, N * D);
@@ -145,13 +145,13 @@ static void layout(nm_model *m) {
         m->d_cq_n = take(m, N * c->Rq);
         m->d_cq = take(m, N * c->Rq);
     }
-    m->d_q = take(m, N * c->H * c->Dqk);
+    m->d_q = take(m, N * H * c->Dqk);
     m->d_ckv_n = take(m, N * c->Rkv);
     m->d_ckv = take(m, N * c->Rkv);
     m->d_k_pe = take(m, N * c->Dr);
-    m->d_kv = take(m, N * c->H * (c->Dn + c->Dv));
-    m->d_att = take(m, N * c->H * c->Dv);
-    m->att_scratch = take(m, N * c->H * c->Dr);
+    m->d_kv = take(m, N * H * (c->Dn + c->Dv));
+    m->d_att = take(m, N * H * c->Dv);
+    m->att_scratch = take(m, N * H * c->Dr);
     m->d_gate_up = take(m, N * 2 * Fmax);
     m->d_act = take(m, N * Fmax);
     if (c->E > 0) {
@@ -173,6 +173,21 @@ static void layout(nm_model *m) {
     }
     m->d_emb = take(m, N * D);
     m->d_tmp = take(m, N * D);
+    if (m->tp) {
+        m->tp_ids = take_i32(m, N);
+        m->d_tp = take(m, N * D);
+        m->tp_red = (double *)take(m, 6 * N);
+    }
+}
+
+// Local sizes of a tensor-parallel rank of tp_size (the full sizes at 1).
+static void set_local_sizes(nm_model *m, int64_t tp_size, int64_t tp_rank) {
+    const nm_model_config *c = &m->cfg;
+    m->H_loc = c->H / tp_size;
+    m->F_loc = c->F / tp_size;
+    m->Fs_loc = c->Fs / tp_size;
+    m->V_loc = c->V / tp_size;
+    m->v_start = tp_rank * m->V_loc;
 }
 
 // --- create / destroy ---------------------------------------------------------------------
@@ -225,13 +240,17 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     m->T_max = T_max;
     m->recompute = opts->recompute;
     if (opts->vocab_tile < 0) return nm_error_set(err, "model: vocab_tile %lld < 0", (long long)opts->vocab_tile);
-    m->vt = pick_vocab_tile(cfg, B_max * T_max, opts->vocab_tile);
     m->ep = opts->ep && opts->ep->size > 1 ? opts->ep : NULL;
+    m->tp = opts->tp && opts->tp->size > 1 ? opts->tp : NULL;
     int64_t ep_size = m->ep ? m->ep->size : 1, ep_rank = m->ep ? m->ep->rank : 0;
-    if (nm_param_table_build_ep(&m->table, cfg, ep_rank, ep_size, err) != 0) {
+    int64_t tp_size = m->tp ? m->tp->size : 1, tp_rank = m->tp ? m->tp->rank : 0;
+    if (nm_param_table_build_tp(&m->table, cfg, ep_rank, ep_size, tp_rank, tp_size, err) != 0) {
         nm_free(m);
         return -1;
     }
+    set_local_sizes(m, tp_size, tp_rank);
+    m->vt = pick_vocab_tile(cfg, B_max * T_max, opts->vocab_tile);
+    if (m->vt > m->V_loc) m->vt = m->V_loc;
     m->E_loc = m->table.expert_count;
     if (m->ep) {
         int64_t per = cfg->K < m->E_loc ? cfg->K : m->E_loc;  // a token reaches one rank at most this often
@@ -298,6 +317,34 @@ int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err) {
 }
 float *nm_model_grads(nm_model *m) { return m->grads; }
 int nm_model_supports_expert_parallel(void) { return 1; }
+int nm_model_supports_tensor_parallel(void) { return 1; }
+
+// --- tensor parallelism -----------------------------------------------------------------------
+
+void nm_tp_all_reduce(nm_model *m, float *buf, int64_t n) {
+    if (!m->tp || m->tp_failed) return;
+    if (nm_comm_all_reduce(m->tp, buf, n, NM_DT_F32, NM_RED_SUM, &m->tp_err) != 0) m->tp_failed = 1;
+}
+
+// Token ids relative to this rank's vocabulary rows, -1 for rows held elsewhere.
+static const int32_t *tp_local_ids(nm_model *m, const int32_t *tokens, int64_t N) {
+    if (!m->tp) return tokens;
+    for (int64_t i = 0; i < N; i++) {
+        int64_t id = (int64_t)tokens[i] - m->v_start;
+        m->tp_ids[i] = id >= 0 && id < m->V_loc ? (int32_t)id : -1;
+    }
+    return m->tp_ids;
+}
+
+void nm_tp_embedding_forward(nm_model *m, float *out, const int32_t *tokens, int64_t N) {
+    int64_t D = m->cfg.D;
+    m->ops->embedding_forward(out, tp_local_ids(m, tokens, N), m->params + m->table.embed, N, D);
+    nm_tp_all_reduce(m, out, N * D);
+}
+
+void nm_tp_embedding_backward(nm_model *m, const float *dout, const int32_t *tokens, int64_t N) {
+    m->ops->embedding_backward(m->grads + m->table.embed, dout, tp_local_ids(m, tokens, N), N, m->cfg.D);
+}
 const nm_param_table *nm_model_table(const nm_model *m) { return &m->table; }
 const nm_model_config *nm_model_cfg(const nm_model *m) { return &m->cfg; }
 size_t nm_model_activation_bytes(const nm_model *m) { return m->arena_floats * sizeof(float); }
@@ -305,6 +352,7 @@ size_t nm_model_activation_bytes(const nm_model *m) { return m->arena_floats * s
 size_t nm_model_estimate_activation_bytes(const nm_model_config *cfg, int64_t B_max, int64_t T_max, int recompute) {
     nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = recompute,
                   .vt = pick_vocab_tile(cfg, B_max * T_max, 0)};
+    set_local_sizes(&m, 1, 0);
     m.blocks = nm_calloc((size_t)cfg->n_layers, sizeof(block_acts));
     m.mtp = nm_calloc(cfg->M > 0 ? (size_t)cfg->M : 1, sizeof(mtp_acts));
     layout(&m);  // counting pass only (no arena)
@@ -334,14 +382,17 @@ static double block_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_
     b->T = T;
 
     nm_mla_forward(m, l, B, T);
-    // FFN: x_out = x_mid + FFN(RMSNorm(x_mid))
+    // FFN: x_out = x_mid + FFN(RMSNorm(x_mid)). Under tensor parallelism each rank adds its
+    // partial FFN output (its columns of down_proj) and tp rank 0 alone the residual and the
+    // routed experts (which every rank computes alike); the all-reduce then sums them.
     ops->rmsnorm_forward(b->f, b->f_rstd, b->x_mid, m->params + w->post_norm, N, D, (float)c->rms_eps);
-    ops->copy_2d(b->x_out, N * D, b->x_mid, N * D, 1, N * D);
-    if (!nm_layer_is_moe(c, l)) {
-        nm_mlp_forward(m, b->x_out, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, c->F);
-        return 0.0;
-    }
-    return nm_moe_forward(m, l, B, T, counts);
+    if (nm_tp_lead(m)) ops->copy_2d(b->x_out, N * D, b->x_mid, N * D, 1, N * D);
+    else ops->zero(b->x_out, N * D);
+    double bal = 0.0;
+    if (!nm_layer_is_moe(c, l)) nm_mlp_forward(m, b->x_out, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, m->F_loc);
+    else bal = nm_moe_forward(m, l, B, T, counts);
+    nm_tp_all_reduce(m, b->x_out, N * D);
+    return bal;
 }
 
 // On entry m->d_res (N, D) holds dLoss/d(x_out); on exit it holds dLoss/d(x_in).
@@ -356,7 +407,8 @@ static void block_backward(nm_model *m, int64_t l, float aux_seed) {
 
     // FFN.  forward: x_out = x_mid + FFN(f), f = RMSNorm(x_mid)
     if (!nm_layer_is_moe(c, l)) {
-        nm_mlp_backward(m, m->d_f, 0.0f, m->d_res, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, c->F);
+        nm_mlp_backward(m, m->d_f, 0.0f, m->d_res, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, m->F_loc);
+        nm_tp_all_reduce(m, m->d_f, N * D);  // each rank's gate/up rows gave part of d_f
     } else {
         nm_moe_backward(m, l, aux_seed);
     }
@@ -386,6 +438,11 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
         return nm_error_set(err, "forward: sequence length %lld too short for %lld MTP depths (needs >= %lld)",
                             (long long)T, (long long)c->M, (long long)(c->M + 2));
     }
+    if (m->tp && logits_out) {
+        return nm_error_set(err, "forward: the logits of a tensor-parallel model are split over the vocabulary "
+                                 "(tensor_parallel_size %d); gather them or run the forward at one process",
+                            m->tp->size);
+    }
     for (int64_t i = 0; i < N; i++) {
         if (tokens[i] < 0 || tokens[i] >= V) {
             return nm_error_set(err, "forward: token id %d at row %lld position %lld is outside the vocabulary [0, %lld)",
@@ -409,7 +466,7 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
     // main stack
     double aux = 0.0;
     int moe_row = 0;
-    ops->embedding_forward(m->emb_out, tokens, P + m->table.embed, N, D);
+    nm_tp_embedding_forward(m, m->emb_out, tokens, N);
     for (int64_t l = 0; l < c->L; l++) {
         int64_t *counts = nm_layer_is_moe(c, l) ? m->expert_counts + (size_t)(moe_row++) * c->E : NULL;
         aux += block_forward(m, l, B, T, counts);
@@ -436,6 +493,12 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
     loss->aux = aux;
     loss->loss = ce + (double)opt->mtp_weight * mtp + (double)opt->aux_weight * aux;
     loss->tokens = N;
+    if (m->tp_failed) {
+        m->tp_failed = 0;
+        m->ep_failed = 0;
+        *err = m->tp_err;
+        return nm_error_prefix(err, "forward: tensor-parallel all-reduce");
+    }
     if (m->ep_failed) {
         m->ep_failed = 0;
         *err = m->ep_err;
@@ -485,7 +548,14 @@ int nm_model_backward(nm_model *m, nm_error *err) {
         block_backward(m, l, aux_seed);
         layer_finished(m, l);
     }
-    ops->embedding_backward(G + m->table.embed, m->d_res, m->tokens, N, D);
+    nm_tp_embedding_backward(m, m->d_res, m->tokens, N);
+    if (m->tp_failed) {
+        m->tp_failed = 0;
+        m->ep_failed = 0;
+        m->hook_failed = 0;
+        *err = m->tp_err;
+        return nm_error_prefix(err, "backward: tensor-parallel all-reduce");
+    }
     if (m->ep_failed) {
         m->ep_failed = 0;
         m->hook_failed = 0;

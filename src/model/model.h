@@ -40,6 +40,11 @@ typedef struct nm_model_options {
     nm_comm *ep;                // expert-parallel group (NULL or 1 rank: every routed expert here);
                                 // its rank holds experts [rank * E/size, (rank + 1) * E/size) and
                                 // every forward/backward exchanges token rows with the group
+    nm_comm *tp;                // tensor-parallel group (NULL or 1 rank: no split). Its rank holds
+                                // the shards of nm_param_table_build_tp: local heads, FFN columns
+                                // and vocabulary rows; every forward/backward all-reduces over it
+                                // (docs/parallelism.md). Routed experts stay whole (and are
+                                // computed on every rank of the group: no sequence parallelism)
     int64_t vocab_tile;         // output-head columns per tile: 0 picks one (the whole vocabulary
                                 // while N x V logits fit in 64 MiB); below V the (N, V) logits are
                                 // never stored and the backward recomputes each tile's logits
@@ -84,6 +89,8 @@ void nm_model_set_backward_hook(nm_model *m, nm_backward_hook fn, void *ctx);
 
 // 1 when the model can shard its routed experts over an expert-parallel group.
 int nm_model_supports_expert_parallel(void);
+// 1 when the model can shard attention, dense FFNs and the vocabulary over a tensor-parallel group.
+int nm_model_supports_tensor_parallel(void);
 
 // Router statistics of the last forward, for the bias update and the metrics:
 // counts (n_moe_layers, E) of selected (token, expert) pairs, bias and group limit included.

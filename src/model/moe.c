@@ -230,8 +230,10 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
     }
     nm_moe_experts_forward(m, w, b->loc_offsets, b->x_loc, b->e_gate_up, b->e_act, b->e_out_loc);
     if (m->ep) ep_combine(m, b, b->e_out_loc, b->e_out);
-    ops->moe_combine_forward(b->x_out, b->e_out, b->topk_w, b->perm, N, K, D);
-    if (c->Fs > 0) nm_mlp_forward(m, b->x_out, b->s_gate_up, b->s_act, b->f, w->shared_gate_up, w->shared_down, N, c->Fs);
+    // Tensor parallelism: every tp rank routes and runs the (whole) routed experts on the same
+    // tokens; tp rank 0 alone adds them, the block's all-reduce sums them with the shared part.
+    if (nm_tp_lead(m)) ops->moe_combine_forward(b->x_out, b->e_out, b->topk_w, b->perm, N, K, D);
+    if (c->Fs > 0) nm_mlp_forward(m, b->x_out, b->s_gate_up, b->s_act, b->f, w->shared_gate_up, w->shared_down, N, m->Fs_loc);
     return bal;
 }
 
@@ -246,7 +248,13 @@ void nm_moe_backward(nm_model *m, int64_t l, float aux_seed) {
     float *d_res = m->d_res;
     nm_router_params rp = router_params(c, N);
     ops->zero(m->d_f, N * D);
-    if (c->Fs > 0) nm_mlp_backward(m, m->d_f, 1.0f, d_res, b->s_gate_up, b->s_act, b->f, w->shared_gate_up, w->shared_down, N, c->Fs);
+    if (c->Fs > 0) {
+        nm_mlp_backward(m, m->d_f, 1.0f, d_res, b->s_gate_up, b->s_act, b->f, w->shared_gate_up, w->shared_down, N,
+                        m->Fs_loc);
+        // each tp rank's shared-expert columns gave part of d_f; the routed and router parts
+        // added below are whole on every rank
+        nm_tp_all_reduce(m, m->d_f, N * D);
+    }
     // x_out += sum_k w_k * e_out[row(n,k)]
     ops->moe_combine_backward(m->d_e_out, m->d_topk_w, d_res, b->e_out, b->topk_w, b->perm, N, K, D);
     if (m->ep) ep_dispatch(m, b, m->d_e_out, m->d_e_out_loc);

@@ -22,7 +22,7 @@ void nm_mtp_input_forward(nm_model *m, int64_t k, const int32_t *tokens, int64_t
         }
     }
     ops->copy_2d(t->h_prev, Tk * D, h_src, T_src * D, B, Tk * D);
-    ops->embedding_forward(t->emb, t->tokens_in, P + m->table.embed, Nk, D);
+    nm_tp_embedding_forward(m, t->emb, t->tokens_in, Nk);
     ops->rmsnorm_forward(t->emb_n, t->emb_rstd, t->emb, P + w->enorm, Nk, D, (float)c->rms_eps);
     ops->rmsnorm_forward(t->h_n, t->h_rstd, t->h_prev, P + w->hnorm, Nk, D, (float)c->rms_eps);
     // eh_proj (D, 2D): columns [0, D) take enorm(emb), [D, 2D) take hnorm(h)
@@ -69,7 +69,7 @@ void nm_mtp_input_backward(nm_model *m, int64_t k, int64_t B, int64_t T) {
     nm_linear_backward_input(m, m->d_tmp, D, m->d_res, D, P + w->eh_proj, 2 * D, Nk, D, D, 0.0f);
     ops->zero(m->d_emb, Nk * D);
     ops->rmsnorm_backward(m->d_emb, G + w->enorm, m->d_tmp, t->emb, P + w->enorm, t->emb_rstd, Nk, D);
-    ops->embedding_backward(G + m->table.embed, m->d_emb, t->tokens_in, Nk, D);
+    nm_tp_embedding_backward(m, m->d_emb, t->tokens_in, Nk);
     nm_linear_backward_input(m, m->d_tmp, D, m->d_res, D, P + w->eh_proj + D, 2 * D, Nk, D, D, 0.0f);
     ops->zero(m->d_emb, Nk * D);
     ops->rmsnorm_backward(m->d_emb, G + w->hnorm, m->d_tmp, t->h_prev, P + w->hnorm, t->h_rstd, Nk, D);
