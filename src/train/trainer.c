@@ -192,6 +192,8 @@ static int rewind_metrics(nm_trainer *t, const char *path, int64_t last_step, nm
 
 // --- create -----------------------------------------------------------------------------------
 
+static size_t *full_row_state(const nm_trainer *t);
+
 static int make_loaders(nm_trainer *t, nm_error *err) {
     const nm_train_config *c = &t->cfg;
     nm_data_spec spec;
@@ -376,9 +378,11 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
             size_t nf = t->full_table.n_floats;
             float *fp = nm_aligned_alloc(nf * sizeof(float)), *fm = nm_aligned_alloc(nf * sizeof(float));
             float *fv = nm_aligned_alloc(nf * sizeof(float));
-            nm_ckpt_shard full_shard = {.world = t->world};
+            size_t *state = full_row_state(t);
+            nm_ckpt_shard full_shard = {.world = t->world, .row_state = state};
             lr = nm_checkpoint_load_latest(opts->run_dir, &st, &t->full_table, fp, fm, fv, &full_shard, dir,
                                            sizeof(dir), err);
+            nm_free(state);
             if (lr == 0) {
                 nm_tp_slice_full(table, &t->full_table, fp, nm_model_params(t->model), NULL);
                 nm_tp_slice_full(table, &t->full_table, fm, t->optim->m, t->optim->row_state);
@@ -607,6 +611,16 @@ int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err) {
     return 0;
 }
 
+// Where the moments of the rows this rank owns sit in the one-process layout (the row offsets;
+// SIZE_MAX for rows it does not own and rows without optimizer state, the router bias).
+static size_t *full_row_state(const nm_trainer *t) {
+    const nm_param_table *full = &t->full_table;
+    size_t *state = nm_malloc((size_t)full->n_rows * sizeof(size_t));
+    for (int r = 0; r < full->n_rows; r++)
+        state[r] = t->optim->row_state[r] == SIZE_MAX ? SIZE_MAX : full->rows[r].offset;
+    return state;
+}
+
 // A tensor-parallel save writes full HF tensors: each dp owner's rows are gathered over its
 // tp group into the one-process layout and tp rank 0 writes them (the other tp ranks write
 // empty shard files), so the directory is the one any layout writes.
@@ -623,11 +637,7 @@ static int save_tp(nm_trainer *t, const char *run_dir, const nm_ckpt_state *st, 
     if (rc == 0) rc = nm_tp_gather_full(loc, full, t->optim->m, t->optim->row_state, fm, owned, t->mesh->tp, err);
     if (rc == 0) rc = nm_tp_gather_full(loc, full, t->optim->v, t->optim->row_state, fv, owned, t->mesh->tp, err);
     if (rc == 0) {
-        // The moments of the full layout sit at the row offsets (no row_state); rows without
-        // optimizer state (the router bias) are left out as the sharded save does.
-        size_t *state = nm_malloc((size_t)full->n_rows * sizeof(size_t));
-        for (int r = 0; r < full->n_rows; r++)
-            state[r] = t->optim->row_state[r] == SIZE_MAX ? SIZE_MAX : full->rows[r].offset;
+        size_t *state = full_row_state(t);
         nm_ckpt_shard shard = {.world = t->world, .owned = writes, .row_state = state, .tp = t->mesh->n.tp,
                                .pp = t->mesh->n.pp, .ep = t->mesh->n.ep};
         rc = nm_checkpoint_save(run_dir, st, &t->mcfg, full, fp, fm, fv, &shard, t->cfg.checkpoint.keep_last, dir,
