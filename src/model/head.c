@@ -55,7 +55,8 @@ static void tp_head_forward(nm_model *m, float *losses, float *lse, float *logit
     }
 }
 
-// As nm_head_backward on this rank's rows; dh's part from them is summed over tp.
+// As nm_head_backward on this rank's rows; dh's part from them is summed over tp, except under
+// sequence parallelism: there the caller reduce-scatters dh (with other parts it adds first).
 static void tp_head_backward(nm_model *m, float *dh, float beta, float *logits, const float *lse, const float *h,
                              const int32_t *targets, float scale, int64_t N) {
     const nm_ops *ops = m->ops;
@@ -63,15 +64,17 @@ static void tp_head_backward(nm_model *m, float *dh, float beta, float *logits, 
     const float *W = m->params + m->table.lm_head;
     float *dW = m->grads + m->table.lm_head;
     const int32_t *lt = tp_local_targets(m, targets, N);
-    float *part = beta == 0.0f ? dh : m->d_tp;
+    float *part = beta == 0.0f || m->sp ? dh : m->d_tp;
     for (int64_t v0 = 0; v0 < Vl; v0 += vt) {
         int64_t n_cols = v0 + vt < Vl ? vt : Vl - v0;
         // one tile: the forward's logits are still there; else recompute each tile
         if (vt < Vl) nm_linear_forward(m, logits, n_cols, h, D, W + v0 * D, D, N, D, n_cols, 0.0f);
         ops->xent_tile_backward(logits, n_cols, logits, n_cols, lse, lt, scale, N, Vl + 1, v0, n_cols);
         nm_linear_backward_weight(m, dW + v0 * D, D, logits, n_cols, h, D, N, D, n_cols);
-        nm_linear_backward_input(m, part, D, logits, n_cols, W + v0 * D, D, N, D, n_cols, v0 == 0 ? 0.0f : 1.0f);
+        float b0 = part == dh ? beta : 0.0f;
+        nm_linear_backward_input(m, part, D, logits, n_cols, W + v0 * D, D, N, D, n_cols, v0 == 0 ? b0 : 1.0f);
     }
+    if (m->sp) return;
     nm_tp_all_reduce(m, part, N * D);
     if (part != dh) ops->add_2d(dh, N * D, part, N * D, 1, N * D);
 }

@@ -13,7 +13,12 @@ void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
     int64_t Dkv = c->Dn + c->Dv;
     float eps = (float)c->rms_eps;
 
-    ops->rmsnorm_forward(b->a, b->a_rstd, b->x_in, P + w->input_norm, N, D, eps);
+    // Sequence parallelism: the norm on this rank's rows, then every token's rows gathered for
+    // the projections (all of it without: s0 = 0, n0 = N, the gather a no-op).
+    int64_t s0, n0;
+    nm_sp_rows(m, N, &s0, &n0);
+    ops->rmsnorm_forward(b->a + s0 * D, b->a_rstd + s0, b->x_in + s0 * D, P + w->input_norm, n0, D, eps);
+    nm_sp_all_gather(m, b->a, N, D, NM_DT_F32);
     if (c->Rq > 0) {
         nm_linear_forward(m, b->cq, c->Rq, b->a, D, P + w->q_a, D, N, D, c->Rq, 0.0f);
         ops->rmsnorm_forward(b->cq_n, b->cq_rstd, b->cq, P + w->q_a_norm, N, c->Rq, eps);
@@ -31,7 +36,13 @@ void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
     ops->attention_forward(b->att, b->lse, b->q, b->kv, b->k_pe, B, T, H, c->Dn, c->Dr, c->Dv,
                            (float)c->softmax_scale);
     // o_proj is row-parallel: each tp rank's local heads give part of the output, summed by
-    // the all-reduce (tp rank 0 adds the residual once).
+    // the all-reduce (tp rank 0 adds the residual once), or reduce-scattered to each rank's rows.
+    if (m->sp) {
+        nm_linear_forward(m, b->x_mid, D, b->att, H * c->Dv, P + w->o, H * c->Dv, N, H * c->Dv, D, 0.0f);
+        nm_sp_reduce_scatter(m, b->x_mid, N, D);
+        ops->add_2d(b->x_mid + s0 * D, D, b->x_in + s0 * D, D, n0, D);
+        return;
+    }
     if (nm_tp_lead(m)) ops->copy_2d(b->x_mid, N * D, b->x_in, N * D, 1, N * D);
     else ops->zero(b->x_mid, N * D);
     nm_linear_forward(m, b->x_mid, D, b->att, H * c->Dv, P + w->o, H * c->Dv, N, H * c->Dv, D, 1.0f);
@@ -48,6 +59,9 @@ void nm_mla_backward(nm_model *m, int64_t l) {
     int64_t B = b->B, T = b->T, N = B * T, D = c->D, H = m->H_loc;
     int64_t Dkv = c->Dn + c->Dv;
     float *d_res = m->d_res;
+    int64_t s0, n0;
+    nm_sp_rows(m, N, &s0, &n0);
+    nm_sp_all_gather(m, d_res, N, D, NM_DT_F32);  // o_proj's backward reads every token's d(x_mid)
 
     // forward: x_mid = x_in + att . W_o^T
     nm_linear_backward_input(m, m->d_att, H * c->Dv, d_res, D, P + w->o, H * c->Dv, N, H * c->Dv, D, 0.0f);
@@ -91,6 +105,8 @@ void nm_mla_backward(nm_model *m, int64_t l) {
             nm_linear_backward_input(m, m->d_a, D, m->d_q, H * c->Dqk, P + w->q, D, N, D, H * c->Dqk, 1.0f);
         }
     }
-    // a = RMSNorm(x_in)
-    ops->rmsnorm_backward(d_res, G + w->input_norm, m->d_a, b->x_in, P + w->input_norm, b->a_rstd, N, D);
+    // a = RMSNorm(x_in). d_a is whole on every rank (the tp sums above), so under sequence
+    // parallelism each rank takes its rows: the all-gather's backward.
+    ops->rmsnorm_backward(d_res + s0 * D, G + w->input_norm, m->d_a + s0 * D, b->x_in + s0 * D, P + w->input_norm,
+                          b->a_rstd + s0, n0, D);
 }

@@ -242,6 +242,8 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     if (opts->vocab_tile < 0) return nm_error_set(err, "model: vocab_tile %lld < 0", (long long)opts->vocab_tile);
     m->ep = opts->ep && opts->ep->size > 1 ? opts->ep : NULL;
     m->tp = opts->tp && opts->tp->size > 1 ? opts->tp : NULL;
+    m->sp = m->tp && opts->sequence_parallel;
+    if (m->tp) m->sp_counts = nm_calloc((size_t)m->tp->size, sizeof(int64_t));
     int64_t ep_size = m->ep ? m->ep->size : 1, ep_rank = m->ep ? m->ep->rank : 0;
     int64_t tp_size = m->tp ? m->tp->size : 1, tp_rank = m->tp ? m->tp->rank : 0;
     if (nm_param_table_build_tp(&m->table, cfg, ep_rank, ep_size, tp_rank, tp_size, err) != 0) {
@@ -294,6 +296,7 @@ void nm_model_destroy(nm_model *m) {
     nm_free(m->ep_send);
     nm_free(m->ep_recv);
     nm_free(m->ep_cnt_send);
+    nm_free(m->sp_counts);
     nm_free(m->expert_counts);
     nm_free(m);
 }
@@ -339,7 +342,37 @@ static const int32_t *tp_local_ids(nm_model *m, const int32_t *tokens, int64_t N
 void nm_tp_embedding_forward(nm_model *m, float *out, const int32_t *tokens, int64_t N) {
     int64_t D = m->cfg.D;
     m->ops->embedding_forward(out, tp_local_ids(m, tokens, N), m->params + m->table.embed, N, D);
-    nm_tp_all_reduce(m, out, N * D);
+    // sequence parallelism: each rank keeps the summed rows of its own tokens (Megatron's
+    // reduce-scatter into the sequence-parallel region)
+    if (m->sp) nm_sp_reduce_scatter(m, out, N, D);
+    else nm_tp_all_reduce(m, out, N * D);
+}
+
+void nm_sp_rows(const nm_model *m, int64_t N, int64_t *start, int64_t *n) {
+    if (!m->sp) {
+        *start = 0, *n = N;
+        return;
+    }
+    int64_t P = m->tp->size, q = m->tp->rank;
+    *start = q * N / P;
+    *n = (q + 1) * N / P - *start;
+}
+
+static void sp_counts(nm_model *m, int64_t N, int64_t width) {
+    int64_t P = m->tp->size;
+    for (int64_t q = 0; q < P; q++) m->sp_counts[q] = ((q + 1) * N / P - q * N / P) * width;
+}
+
+void nm_sp_all_gather(nm_model *m, void *buf, int64_t N, int64_t width, nm_comm_dtype dt) {
+    if (!m->sp || m->tp_failed) return;
+    sp_counts(m, N, width);
+    if (nm_comm_all_gather(m->tp, buf, m->sp_counts, dt, &m->tp_err) != 0) m->tp_failed = 1;
+}
+
+void nm_sp_reduce_scatter(nm_model *m, float *buf, int64_t N, int64_t width) {
+    if (!m->sp || m->tp_failed) return;
+    sp_counts(m, N, width);
+    if (nm_comm_reduce_scatter(m->tp, buf, m->sp_counts, NM_DT_F32, &m->tp_err) != 0) m->tp_failed = 1;
 }
 
 void nm_tp_embedding_backward(nm_model *m, const float *dout, const int32_t *tokens, int64_t N) {
@@ -385,7 +418,24 @@ static double block_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_
     // FFN: x_out = x_mid + FFN(RMSNorm(x_mid)). Under tensor parallelism each rank adds its
     // partial FFN output (its columns of down_proj) and tp rank 0 alone the residual and the
     // routed experts (which every rank computes alike); the all-reduce then sums them.
-    ops->rmsnorm_forward(b->f, b->f_rstd, b->x_mid, m->params + w->post_norm, N, D, (float)c->rms_eps);
+    int64_t s0, n0;  // this rank's rows (sequence parallelism), else all
+    nm_sp_rows(m, N, &s0, &n0);
+    ops->rmsnorm_forward(b->f + s0 * D, b->f_rstd + s0, b->x_mid + s0 * D, m->params + w->post_norm, n0, D,
+                         (float)c->rms_eps);
+    if (m->sp && !nm_layer_is_moe(c, l)) {
+        // all-gather f, the column-parallel gate/up, the row-parallel down into a partial
+        // (N, D), reduce-scattered; then the residual on this rank's rows
+        nm_sp_all_gather(m, b->f, N, D, NM_DT_F32);
+        ops->zero(b->x_out, N * D);
+        nm_mlp_forward(m, b->x_out, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, m->F_loc);
+        nm_sp_reduce_scatter(m, b->x_out, N, D);
+        ops->add_2d(b->x_out + s0 * D, D, b->x_mid + s0 * D, D, n0, D);
+        return 0.0;
+    }
+    if (m->sp) {
+        ops->copy_2d(b->x_out + s0 * D, D, b->x_mid + s0 * D, D, n0, D);
+        return nm_moe_forward(m, l, B, T, counts);  // on this rank's rows; shared experts gathered
+    }
     if (nm_tp_lead(m)) ops->copy_2d(b->x_out, N * D, b->x_mid, N * D, 1, N * D);
     else ops->zero(b->x_out, N * D);
     double bal = 0.0;
@@ -406,15 +456,20 @@ static void block_backward(nm_model *m, int64_t l, float aux_seed) {
     int64_t N = b->B * b->T, D = c->D;
 
     // FFN.  forward: x_out = x_mid + FFN(f), f = RMSNorm(x_mid)
+    int64_t s0, n0;
+    nm_sp_rows(m, N, &s0, &n0);
     if (!nm_layer_is_moe(c, l)) {
+        nm_sp_all_gather(m, m->d_res, N, D, NM_DT_F32);  // d(x_out) of every token (sequence parallelism)
         nm_mlp_backward(m, m->d_f, 0.0f, m->d_res, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, m->F_loc);
-        nm_tp_all_reduce(m, m->d_f, N * D);  // each rank's gate/up rows gave part of d_f
+        // each rank's gate/up rows gave part of d_f
+        if (m->sp) nm_sp_reduce_scatter(m, m->d_f, N, D);
+        else nm_tp_all_reduce(m, m->d_f, N * D);
     } else {
         nm_moe_backward(m, l, aux_seed);
     }
     // f = RMSNorm(x_mid); the residual path already carries d_res into x_mid.
-    m->ops->rmsnorm_backward(m->d_res, m->grads + w->post_norm, m->d_f, b->x_mid, m->params + w->post_norm, b->f_rstd,
-                             N, D);
+    m->ops->rmsnorm_backward(m->d_res + s0 * D, m->grads + w->post_norm, m->d_f + s0 * D, b->x_mid + s0 * D,
+                             m->params + w->post_norm, b->f_rstd + s0, n0, D);
 
     // MLA
     nm_mla_backward(m, l);
@@ -472,7 +527,11 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
         aux += block_forward(m, l, B, T, counts);
     }
     const float *h_last = m->blocks[c->L - 1].x_out;
-    ops->rmsnorm_forward(m->h0, m->h0_rstd, h_last, P + m->table.final_norm, N, D, (float)c->rms_eps);
+    int64_t s0, n0;
+    nm_sp_rows(m, N, &s0, &n0);
+    ops->rmsnorm_forward(m->h0 + s0 * D, m->h0_rstd + s0, h_last + s0 * D, P + m->table.final_norm, n0, D,
+                         (float)c->rms_eps);
+    nm_sp_all_gather(m, m->h0, N, D, NM_DT_F32);  // the vocabulary-parallel head reads every token
     nm_head_forward(m, m->losses, m->lse, m->logits, m->h0, m->targets, N, logits_out);
     double ce = T > 1 ? nm_head_sum_losses(m->losses, N) / (double)(B * (T - 1)) : 0.0;
 
@@ -487,6 +546,9 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
         mtp += nm_mtp_output_forward(m, k, B, T) / (double)(B * (Tk - 1));
     }
     if (M > 0) mtp /= (double)M;
+    if (m->sp && m->n_moe > 0 && !m->tp_failed &&
+        nm_comm_all_reduce(m->tp, m->expert_counts, (int64_t)m->n_moe * c->E, NM_DT_I64, NM_RED_SUM, &m->tp_err) != 0)
+        m->tp_failed = 1;  // each tp rank routed its own tokens
 
     loss->ce = ce;
     loss->mtp = mtp;
@@ -541,13 +603,19 @@ int nm_model_backward(nm_model *m, nm_error *err) {
 
     // main head: logits = h0 . lm_head^T ; h0 = RMSNorm(h_L)
     nm_head_backward(m, m->d_h0, 1.0f, m->logits, m->lse, m->h0, m->targets, gs / (float)(B * (T - 1)), N);
+    // sequence parallelism: d_h0 holds each rank's part for every token (its vocabulary rows,
+    // the MTP rows it holds); summed, each rank keeps its rows
+    nm_sp_reduce_scatter(m, m->d_h0, N, D);
+    int64_t s0, n0;
+    nm_sp_rows(m, N, &s0, &n0);
     ops->zero(m->d_res, N * D);
-    ops->rmsnorm_backward(m->d_res, G + m->table.final_norm, m->d_h0, m->blocks[c->L - 1].x_out,
-                          P + m->table.final_norm, m->h0_rstd, N, D);
+    ops->rmsnorm_backward(m->d_res + s0 * D, G + m->table.final_norm, m->d_h0 + s0 * D,
+                          m->blocks[c->L - 1].x_out + s0 * D, P + m->table.final_norm, m->h0_rstd + s0, n0, D);
     for (int64_t l = c->L - 1; l >= 0; l--) {
         block_backward(m, l, aux_seed);
         layer_finished(m, l);
     }
+    nm_sp_all_gather(m, m->d_res, N, D, NM_DT_F32);  // this rank's vocabulary rows see every token
     nm_tp_embedding_backward(m, m->d_res, m->tokens, N);
     if (m->tp_failed) {
         m->tp_failed = 0;

@@ -45,6 +45,13 @@ typedef struct nm_model_options {
                                 // and vocabulary rows; every forward/backward all-reduces over it
                                 // (docs/parallelism.md). Routed experts stay whole (and are
                                 // computed on every rank of the group: no sequence parallelism)
+    int sequence_parallel;      // with tp: Megatron's sequence parallelism. The residual stream,
+                                // norms, router and routed experts on 1/TP of the B*T tokens
+                                // (contiguous rows), all-gathered before the column-parallel
+                                // linears, reduce-scattered after the row-parallel ones. The
+                                // gradients of the rows flagged NM_TENSOR_SEQ_PARTIAL are then
+                                // partial sums over tp (the caller sums them); routed experts
+                                // see distinct tokens per tp rank
     int64_t vocab_tile;         // output-head columns per tile: 0 picks one (the whole vocabulary
                                 // while N x V logits fit in 64 MiB); below V the (N, V) logits are
                                 // never stored and the backward recomputes each tile's logits

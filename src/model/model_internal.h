@@ -151,6 +151,8 @@ struct nm_model {
     nm_error ep_err;
     // tensor parallelism (docs/parallelism.md): local sizes (the full ones without it)
     nm_comm *tp;                // NULL without it
+    int sp;                     // sequence parallelism (with tp): the residual stream in 1/TP row chunks
+    int64_t *sp_counts;         // (TP) per-rank element counts of an all-gather / reduce-scatter
     int64_t H_loc;              // attention heads held here
     int64_t F_loc, Fs_loc;      // dense / shared-expert FFN width held here
     int64_t V_loc, v_start;     // vocabulary rows [v_start, v_start + V_loc) of embedding and head
@@ -196,6 +198,15 @@ static inline int nm_tp_lead(const nm_model *m) { return !m->tp || m->tp->rank =
 void nm_tp_embedding_forward(nm_model *m, float *out, const int32_t *tokens, int64_t N);
 // d embedding (+=) for the rows this rank holds.
 void nm_tp_embedding_backward(nm_model *m, const float *dout, const int32_t *tokens, int64_t N);
+
+// Sequence parallelism: the rows [*start, *start + *n) of N that this tp rank holds (rank q of
+// TP: [q N / TP, (q+1) N / TP)); all of [0, N) without it. A row-chunked buffer keeps its rows
+// at their place in the full (N, width) buffer, so the collectives below work in place.
+void nm_sp_rows(const nm_model *m, int64_t N, int64_t *start, int64_t *n);
+// Every rank's chunk of buf (N, width) to every rank (no-op without sequence parallelism).
+void nm_sp_all_gather(nm_model *m, void *buf, int64_t N, int64_t width, nm_comm_dtype dt);
+// buf (N, width) summed over tp, each rank left with its chunk (no-op without it).
+void nm_sp_reduce_scatter(nm_model *m, float *buf, int64_t N, int64_t width);
 
 // --- attention half of a decoder block (mla.c, dsv3-spec 3.2) ---------------------------------
 

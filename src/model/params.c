@@ -121,11 +121,11 @@ static void add_layer(builder *b, const nm_model_config *c, int l, int *tied_emb
         *tied_embed_row = b->t->n_rows;
         b->split = 0;
         add_row(b, l, NM_TENSOR_TIED | m, 0, 2, c->V, D, "%sembed_tokens.weight", pre);
-        o->enorm = VEC(l, NM_TENSOR_NORM | m, D, "%senorm.weight", pre);
-        o->hnorm = VEC(l, NM_TENSOR_NORM | m, D, "%shnorm.weight", pre);
-        o->eh_proj = MAT(l, m, D, 2 * D, "%seh_proj.weight", pre);
+        o->enorm = VEC(l, NM_TENSOR_NORM | NM_TENSOR_SEQ_PARTIAL | m, D, "%senorm.weight", pre);
+        o->hnorm = VEC(l, NM_TENSOR_NORM | NM_TENSOR_SEQ_PARTIAL | m, D, "%shnorm.weight", pre);
+        o->eh_proj = MAT(l, NM_TENSOR_SEQ_PARTIAL | m, D, 2 * D, "%seh_proj.weight", pre);
     }
-    o->input_norm = VEC(l, NM_TENSOR_NORM | m, D, "%sinput_layernorm.weight", pre);
+    o->input_norm = VEC(l, NM_TENSOR_NORM | NM_TENSOR_SEQ_PARTIAL | m, D, "%sinput_layernorm.weight", pre);
     if (c->Rq > 0) {
         o->q_a = MAT(l, m, c->Rq, D, "%sself_attn.q_a_proj.weight", pre);
         o->q_a_norm = VEC(l, NM_TENSOR_NORM | m, c->Rq, "%sself_attn.q_a_layernorm.weight", pre);
@@ -137,14 +137,14 @@ static void add_layer(builder *b, const nm_model_config *c, int l, int *tied_emb
     o->kv_a_norm = VEC(l, NM_TENSOR_NORM | m, c->Rkv, "%sself_attn.kv_a_layernorm.weight", pre);
     o->kv_b = MAT_COLPAR(l, m, H * (c->Dn + c->Dv), c->Rkv, "%sself_attn.kv_b_proj.weight", pre);
     o->o = MAT_ROWPAR(l, m, D, H * c->Dv, "%sself_attn.o_proj.weight", pre);
-    o->post_norm = VEC(l, NM_TENSOR_NORM | m, D, "%spost_attention_layernorm.weight", pre);
+    o->post_norm = VEC(l, NM_TENSOR_NORM | NM_TENSOR_SEQ_PARTIAL | m, D, "%spost_attention_layernorm.weight", pre);
 
     char name[96];
     if (!nm_layer_is_moe(c, l)) {
         snprintf(name, sizeof(name), "%smlp.", pre);
         o->mlp_gate_up = add_mlp(b, l, m, c->F, D, name, &o->mlp_down, 1);
     } else {
-        o->router = MAT(l, m, c->E, D, "%smlp.gate.weight", pre);
+        o->router = MAT(l, NM_TENSOR_SEQ_PARTIAL | m, c->E, D, "%smlp.gate.weight", pre);
         // Only noaux_tc reads the bias; other methods carry it (HF's native DeepseekV3 always
         // has the buffer) but a checkpoint may lack it (DeepSeek's code never stores it there).
         const unsigned opt = c->topk_method == NM_TOPK_NOAUX_TC ? 0 : NM_TENSOR_OPTIONAL;
@@ -168,7 +168,7 @@ static void add_layer(builder *b, const nm_model_config *c, int l, int *tied_emb
         }
     }
     if (mtp) {
-        o->head_norm = VEC(l, NM_TENSOR_NORM | m, D, "%sshared_head.norm.weight", pre);
+        o->head_norm = VEC(l, NM_TENSOR_NORM | NM_TENSOR_SEQ_PARTIAL | m, D, "%sshared_head.norm.weight", pre);
         *tied_head_row = b->t->n_rows;
         b->split = 0;
         add_row(b, l, NM_TENSOR_TIED | m, 0, 2, c->V, D, "%sshared_head.head.weight", pre);
@@ -239,7 +239,7 @@ int nm_param_table_build_tp(nm_param_table *t, const nm_model_config *cfg, int64
         add_layer(b, cfg, (int)l, &te, &th);
         if (l >= L) { tied_embed[l - L] = te; tied_head[l - L] = th; }
     }
-    t->final_norm = VEC(-1, NM_TENSOR_NORM, cfg->D, "model.norm.weight");
+    t->final_norm = VEC(-1, NM_TENSOR_NORM | NM_TENSOR_SEQ_PARTIAL, cfg->D, "model.norm.weight");
     int head_row = 0;  // row 0 is the embedding
     if (!cfg->tie_embeddings) {
         head_row = t->n_rows;

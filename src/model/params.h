@@ -33,6 +33,9 @@ enum {
     NM_TENSOR_MTP = 1u << 5,        // belongs to an MTP block
     NM_TENSOR_OPTIONAL = 1u << 6,   // may be absent from a checkpoint (zeros then): the router bias
                                     // of greedy / group_limited_greedy, which selection ignores
+    NM_TENSOR_SEQ_PARTIAL = 1u << 7, // computed on a rank's tokens under sequence parallelism (norms
+                                    // of the residual stream, router, MTP eh_proj): its gradient is
+                                    // a partial sum over the tp group, not split
 };
 
 typedef struct nm_tensor_spec {

@@ -55,6 +55,8 @@ struct nm_trainer {
     nm_mesh *mesh;              // groups of the layout
     nm_zero *zero;              // ZeRO-1 ownership and buckets (world > 1)
     nm_param_table full_table;  // tensor parallelism: the one-process table (checkpoint layout)
+    int sp;                     // sequence parallelism (tp > 1 and sequence_parallel)
+    unsigned char *tp_summed;   // (n_rows) sequence-parallel partial rows already summed over tp this step
     int rank0;                  // this process prints and writes the logs
     int64_t comm_seen[4][NM_COMM_N_OPS]; // dp / edp / ep / tp byte counters at the last step's end
     nm_loader *train_data;
@@ -277,11 +279,12 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
                      (long long)ms.pp);
         goto fail;
     }
-    if (ms.tp > 1 && ms.ep > 1) {
+    t->sp = ms.tp > 1 && cfg->sequence_parallel;
+    if (ms.tp > 1 && ms.ep > 1 && !t->sp) {
         // Without sequence parallelism every tp rank holds the same tokens, so each would send
         // them into the expert all-to-all again (Megatron requires --sequence-parallel here).
         nm_error_set(err, "tensor_parallel_size %lld with expert_parallel_size %lld: tensor x expert parallelism "
-                     "needs sequence parallelism, which is not implemented yet (set one of them to 1)",
+                     "needs sequence parallelism: set sequence_parallel to true (or one of them to 1)",
                      (long long)ms.tp, (long long)ms.ep);
         goto fail;
     }
@@ -296,12 +299,16 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     if (nm_mesh_create(&t->mesh, t->world, &ms, err) != 0) goto fail;
     if (nm_train_config_accum_steps(cfg, ms.dp, &t->accum, err) != 0) goto fail;
     t->T = cfg->seq_len + 1;
-    nm_model_options mopts = {.recompute = opts->recompute, .ep = t->mesh->ep, .tp = t->mesh->tp};
+    nm_model_options mopts = {.recompute = opts->recompute, .ep = t->mesh->ep, .tp = t->mesh->tp,
+                              .sequence_parallel = t->sp};
     if (nm_model_create_ex(&t->model, &t->mcfg, nm_ops_cpu(), cfg->micro_batch, t->T, &mopts, err) != 0) goto fail;
     if (nm_model_set_precision(t->model, cfg->precision, err) != 0) goto fail;
     const nm_param_table *table = nm_model_table(t->model);
     t->model_params_readonly = nm_model_params(t->model);
-    if (ms.tp > 1 && nm_param_table_build_ep(&t->full_table, &t->mcfg, 0, 1, err) != 0) goto fail;
+    // the checkpoint layout: whole tensors, of this rank's experts under expert parallelism
+    if (ms.tp > 1 && nm_param_table_build_ep(&t->full_table, &t->mcfg, ms.ep > 1 ? t->mesh->ep_rank : 0, ms.ep,
+                                             err) != 0)
+        goto fail;
     if (cfg->init_from && ms.tp > 1) {
         // The directory holds full tensors: load them, then cut this rank's shards out.
         float *full = nm_aligned_alloc(t->full_table.n_floats * sizeof(float));
@@ -318,9 +325,11 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     nm_adamw_config acfg;
     nm_train_config_adamw(cfg, &acfg);
     if (t->world->size > 1) {
-        // Under tensor parallelism (EP 1) the routed experts are replicated over tp like every
-        // unsplit tensor, so they reduce over dp; edp (= dp x tp / ep) would count them TP times.
-        nm_comm *expert_group = ms.tp > 1 ? t->mesh->dp : t->mesh->edp;
+        // Under tensor parallelism without sequence parallelism (EP 1) every tp rank runs the
+        // routed experts on the same tokens: they are replicated over tp like every unsplit
+        // tensor and reduce over dp (edp = dp x tp / ep would count them TP times). With it
+        // each tp rank's experts saw its own tokens: edp, as with EP.
+        nm_comm *expert_group = ms.tp > 1 && !t->sp ? t->mesh->dp : t->mesh->edp;
         if (nm_zero_create(&t->zero, table, t->mesh->dp, expert_group, cfg->bucket_mb * 262144, err) != 0) goto fail;
         if (nm_optimizer_create_sharded(&t->optim, table, &acfg, t->zero->owned, err) != 0) goto fail;
     } else if (nm_optimizer_create(&t->optim, table, &acfg, err) != 0) {
@@ -337,6 +346,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     t->bias_ptrs = nm_calloc((size_t)(n_moe > 0 ? n_moe : 1), sizeof(float *));
     for (int i = 0; i < n_moe; i++) t->bias_ptrs[i] = nm_model_params(t->model) + table->layers[moe_ids[i]].router_bias;
     t->tokens = nm_malloc((size_t)(cfg->micro_batch * t->T) * sizeof(int32_t));
+    t->tp_summed = nm_calloc((size_t)table->n_rows, 1);
     t->hist_step = nm_calloc((size_t)cfg->steps + 1, sizeof(double));
     t->hist_loss = nm_calloc((size_t)cfg->steps + 1, sizeof(double));
     t->hist_vstep = nm_calloc((size_t)cfg->steps + 2, sizeof(double));
@@ -524,12 +534,35 @@ static int first_bad_name(nm_trainer *t, const char *mine, char out[128], nm_err
     return 0;
 }
 
-static int zero_backward_hook(void *zero, int layer, nm_error *err) { return nm_zero_layer_done(zero, layer, err); }
+// Sequence parallelism: the rows computed on each rank's tokens (norms, router, eh_proj;
+// NM_TENSOR_SEQ_PARTIAL) hold partial gradients; they are summed over tp once per step, after
+// the last micro-batch's backward has finished their layer (layer -1: the global rows), and
+// before any bucket holding them starts reducing over dp.
+static int tp_sum_partial_rows(nm_trainer *t, int layer, nm_error *err) {
+    if (!t->sp) return 0;
+    const nm_param_table *table = nm_model_table(t->model);
+    float *g = nm_model_grads(t->model);
+    for (int r = 0; r < table->n_rows; r++) {
+        const nm_tensor_spec *row = &table->rows[r];
+        if (!(row->flags & NM_TENSOR_SEQ_PARTIAL) || (row->flags & NM_TENSOR_TIED) || t->tp_summed[r]) continue;
+        if (layer != -2 && row->layer != layer) continue;  // -2: every row not summed yet
+        if (nm_comm_all_reduce(t->mesh->tp, g + row->offset, row->numel, NM_DT_F32, NM_RED_SUM, err) != 0) return -1;
+        t->tp_summed[r] = 1;
+    }
+    return 0;
+}
+
+static int zero_backward_hook(void *trainer, int layer, nm_error *err) {
+    nm_trainer *t = trainer;
+    if (tp_sum_partial_rows(t, layer, err) != 0) return -1;
+    return nm_zero_layer_done(t->zero, layer, err);
+}
 
 // After the micro-batches: gradients reduce-scattered to their owners, and the loss terms,
 // the finiteness flag and the expert loads all-reduced, so every rank decides the same.
 static int reduce_step(nm_trainer *t, nm_step_metrics *m, int n_moe, int *finite, nm_error *err) {
     if (t->world->size == 1) return 0;
+    if (tp_sum_partial_rows(t, -2, err) != 0) return -1;
     if (nm_zero_finish(t->zero, err) != 0) return -1;
     nm_comm *dp = t->mesh->dp;
     double dpn = (double)t->mesh->n.dp;
@@ -556,7 +589,9 @@ static double tp_grad_sumsq(nm_trainer *t) {
     const nm_param_table *table = nm_model_table(t->model);
     double sum = 0.0;
     for (int64_t c = 0; c < o->n_chunks; c++) {
-        if (t->mesh->tp_rank != 0 && table->rows[o->chunks[c].row].tp_dim < 0) continue;
+        const nm_tensor_spec *row = &table->rows[o->chunks[c].row];
+        // under sequence parallelism the routed experts are owned over edp (tp included): once
+        if (t->mesh->tp_rank != 0 && row->tp_dim < 0 && !(t->sp && (row->flags & NM_TENSOR_EXPERT))) continue;
         const float *x = g + o->chunks[c].offset;
         double part = 0.0;
         for (size_t i = 0; i < o->chunks[c].len; i++) part += (double)x[i] * (double)x[i];
@@ -632,7 +667,12 @@ static int save_tp(nm_trainer *t, const char *run_dir, const nm_ckpt_state *st, 
     float *fv = nm_aligned_alloc(nf * sizeof(float));
     const unsigned char *owned = t->zero->owned;
     unsigned char *writes = nm_calloc((size_t)full->n_rows, 1);
-    for (int r = 0; r < full->n_rows; r++) writes[r] = owned[r] && t->mesh->tp_rank == 0;
+    // Each row once: tp rank 0 of its dp owner (routed experts under sequence parallelism: their
+    // edp owner, whatever its tp rank).
+    for (int r = 0; r < full->n_rows; r++) {
+        int expert_edp = t->sp && (full->rows[r].flags & NM_TENSOR_EXPERT);
+        writes[r] = owned[r] && (t->mesh->tp_rank == 0 || expert_edp);
+    }
     int rc = nm_tp_gather_full(loc, full, t->model_params_readonly, NULL, fp, owned, t->mesh->tp, err);
     if (rc == 0) rc = nm_tp_gather_full(loc, full, t->optim->m, t->optim->row_state, fm, owned, t->mesh->tp, err);
     if (rc == 0) rc = nm_tp_gather_full(loc, full, t->optim->v, t->optim->row_state, fv, owned, t->mesh->tp, err);
@@ -721,7 +761,8 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
         int last = micro == t->accum - 1;
         if (last && t->zero) {
             nm_zero_begin(t->zero, nm_model_grads(t->model));
-            if (c->overlap_grad_reduce) nm_model_set_backward_hook(t->model, zero_backward_hook, t->zero);
+            memset(t->tp_summed, 0, (size_t)nm_model_table(t->model)->n_rows);
+            if (c->overlap_grad_reduce) nm_model_set_backward_hook(t->model, zero_backward_hook, t);
         }
         int rc = nm_model_backward(t->model, err);
         nm_model_set_backward_hook(t->model, NULL, NULL);
@@ -920,6 +961,7 @@ void nm_trainer_destroy(nm_trainer *t) {
     nm_model_config_free(&t->mcfg);
     nm_zero_destroy(t->zero);
     nm_param_table_free(&t->full_table);
+    nm_free(t->tp_summed);
     nm_mesh_destroy(t->mesh);
     nm_comm_destroy(t->world);
     nm_free(t->tokens);
