@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # test_dist_tp.sh: tensor parallelism under mpirun against one process on the same global
 # batch: per-step loss and gradient norm over 10 steps within the tolerance of
-# tests/dist/compare_runs.py (tp2, tp4, tp2 x dp2, recomputation, overlapped 1 MiB buckets,
-# a model without q-LoRA and with tied embeddings); the tp all-reduce byte counters of every
-# step against the formula of docs/parallelism.md; checkpoints (tp2 x dp2 -> 1 process ->
-# tp2, the same full HF tensors as one process, --init-from at tp2); and the refusals.
+# tests/dist/compare_runs.py, with sequence parallelism (the default: tp2, tp4, tp2 x dp2,
+# tp2 x ep2, tp2 x dp2 x ep2, tp2 x ep4, recomputation, overlapped 1 MiB buckets, a model
+# without q-LoRA and with tied embeddings) and without it (tp2, tp2 x dp2); the tp byte
+# counters of every step against the formulas of docs/parallelism.md; checkpoints (tp2 x dp2
+# -> 1 process -> tp2, tp2 x ep2 -> 1 process, the same full HF tensors as one process,
+# --init-from at tp2); and the refusals.
 set -euo pipefail
 : "${NM_BIN:?}" "${NM_ROOT:?}"
 PY=${NM_PYTHON:-python3}
@@ -47,48 +49,73 @@ layout() {
 layout tp2 2 train.json ref --set tensor_parallel_size=2
 layout tp4 4 train.json ref --set tensor_parallel_size=4
 layout tp2_dp2 4 train.json ref --set tensor_parallel_size=2
+layout tp2_ep2 2 train.json ref --set tensor_parallel_size=2 --set expert_parallel_size=2
+layout tp2_dp2_ep2 4 train.json ref --set tensor_parallel_size=2 --set expert_parallel_size=2
+layout tp2_ep4 4 train.json ref --set tensor_parallel_size=2 --set expert_parallel_size=4
 layout tp2_recompute 2 train.json ref --set tensor_parallel_size=2 --recompute
-layout tp2_buckets 2 train.json ref --set tensor_parallel_size=2 --set bucket_mb=1 --set overlap_grad_reduce=true
+layout tp2_dp2_ep2_buckets 4 train.json ref --set tensor_parallel_size=2 --set expert_parallel_size=2 \
+  --set bucket_mb=1 --set overlap_grad_reduce=true
 layout tp2_noqlora_tied 2 train_b.json ref_b --set tensor_parallel_size=2
+layout tp2_nosp 2 train.json ref --set tensor_parallel_size=2 --set sequence_parallel=false
+layout tp2_dp2_nosp 4 train.json ref --set tensor_parallel_size=2 --set sequence_parallel=false
+layout tp2_noqlora_tied_nosp 2 train_b.json ref_b --set tensor_parallel_size=2 --set sequence_parallel=false
 
-# The tp all-reduce bytes of every step, from the configuration alone (docs/parallelism.md).
-# Per micro-batch of N = micro x (seq_len + 1) tokens (N_k = micro x (seq_len + 1 - k) in MTP
-# depth k), in floats: forward: the embedding N D (and N_k D per depth), per block the
-# attention output and the FFN output 2 N D, the head's statistics 3 doubles per row (max,
-# sum of exponentials, target logit); backward: per block d(kv latent) N Rkv + d(rope key)
-# N Dr + d(q latent) N Rq (or N D without q-LoRA), d(FFN input) N D (MoE blocks only with
-# shared experts), the head's d(hidden) N D. Recomputation runs each block's forward again.
+# The tp bytes of every step, from the configuration alone (docs/parallelism.md has the
+# derivation). N = micro x (seq_len + 1) tokens per micro-batch, N_k = micro x (seq_len + 1 - k)
+# in MTP depth k; a reduce-scatter or all-gather counts its whole (N, width) buffer.
 "$PY" - <<'PY'
 import json
-def want(model, train, dp, recompute):
+def want(model, train, dp, recompute, sp):
     m, c = json.load(open(model)), json.load(open(train))
-    L, M, D = m["num_hidden_layers"], m["num_nextn_predict_layers"], m["hidden_size"]
+    L, M, D, E = m["num_hidden_layers"], m["num_nextn_predict_layers"], m["hidden_size"], m["n_routed_experts"]
     Rq, Rkv, Dr = m["q_lora_rank"] or 0, m["kv_lora_rank"], m["qk_rope_head_dim"]
     shared = m["n_shared_experts"] > 0
     T, micro = c["seq_len"] + 1, c["micro_batch"]
     accum = c["global_batch"] // (micro * dp)
-    floats = 0
+    ar = rs = ag = 0                      # floats (all-reduce), buffer floats (reduce-scatter, all-gather)
+    ar_bytes = 0                          # int64 / double all-reduces
+    n_moe = 0
     for l in range(L + M):
         N = micro * (T if l < L else T - (l - L + 1))
         moe = l >= m["first_k_dense_replace"] and l % m.get("moe_layer_freq", 1) == 0
-        fwd = 2 * N * D
-        bwd = N * Rkv + N * Dr + (N * Rq if Rq else N * D) + (N * D if (not moe or shared) else 0)
-        floats += fwd * (2 if recompute else 1) + bwd
+        n_moe += moe
+        # backward of attention: d(kv latent), d(rope key), d(q latent) (or q_proj's part of d(norm output))
+        ar += N * Rkv + N * Dr + (N * Rq if Rq else N * D)
+        if sp:
+            f_ag = N * D + (N * E if moe else 0) + (N * D if (not moe or shared) else 0)  # a; scores; f
+            f_rs = N * D + (N * D if (not moe or shared) else 0)                         # attn out; ffn out
+            ag += f_ag * (2 if recompute else 1) + N * D + (N * D if (not moe or shared) else 0)  # + d(x) gathers
+            rs += f_rs * (2 if recompute else 1) + (N * D if (not moe or shared) else 0)        # + d(ffn input)
+        else:
+            ar += 2 * N * D * (2 if recompute else 1) + (N * D if (not moe or shared) else 0)
     heads = [micro * T] + [micro * (T - k) for k in range(1, M + 1)]
     for N in heads:
-        floats += N * D        # embedding (main, then each MTP depth's shifted tokens)
-        floats += N * D        # head backward: d(hidden)
-    doubles = sum(3 * N for N in heads)
-    return accum * (4 * floats + 8 * doubles)
-runs = [("tp2", "model.json", 2, 2, False), ("tp4", "model.json", 4, 4, False), ("tp2_dp2", "model.json", 2, 4, False),
-        ("tp2_recompute", "model.json", 2, 2, True), ("tp2_noqlora_tied", "model_b.json", 2, 2, False)]
-for run, model, tp, world, rec in runs:
-    w = want(model, "train.json", world // tp, rec)
+        if sp:
+            rs += N * D + N * D       # embedding forward; d(hidden) of the head
+            ag += N * D + N * D       # the head's input (final norm / shared_head.norm); d(embedding) in backward
+        else:
+            ar += N * D + N * D       # embedding forward; d(hidden) of the head
+        ar_bytes += 8 * 3 * N         # the cross-entropy statistics
+    ag += sum(micro * (T - k + 1) for k in range(2, M + 1)) * D if sp else 0  # h^{k-1} of deeper depths
+    if sp:
+        ar_bytes += 8 * n_moe * E     # expert counts (each rank routed its own tokens)
+    per_step = 0
+    if sp:                            # once per step: the gradients of the sequence-parallel rows
+        norms = 2 * (L + M) + 1 + 3 * M
+        per_step = 4 * (norms * D + n_moe * E * D + M * 2 * D * D)
+    return accum * (4 * ar + ar_bytes) + per_step, accum * 4 * rs, accum * 4 * ag
+runs = [("tp2", "model.json", 2, 2, False, True), ("tp4", "model.json", 4, 4, False, True),
+        ("tp2_dp2", "model.json", 2, 4, False, True), ("tp2_recompute", "model.json", 2, 2, True, True),
+        ("tp2_noqlora_tied", "model_b.json", 2, 2, False, True), ("tp2_ep2", "model.json", 2, 2, False, True),
+        ("tp2_nosp", "model.json", 2, 2, False, False), ("tp2_dp2_nosp", "model.json", 2, 4, False, False),
+        ("tp2_noqlora_tied_nosp", "model_b.json", 2, 2, False, False)]
+for run, model, tp, world, rec, sp in runs:
+    w_ar, w_rs, w_ag = want(model, "train.json", world // tp, rec, sp)
     for line in open(f"{run}/metrics.jsonl"):
         d = json.loads(line)
-        assert d["comm_tp_all_reduce_bytes"] == w, (run, d["step"], d["comm_tp_all_reduce_bytes"], w)
-        assert d["comm_tp_all_gather_bytes"] == 0, (run, d["step"], "gathers outside a save")
-    print(f"{run}: tp all-reduce {w} bytes per step: ok")
+        got = (d["comm_tp_all_reduce_bytes"], d["comm_tp_reduce_scatter_bytes"], d["comm_tp_all_gather_bytes"])
+        assert got == (w_ar, w_rs, w_ag), (run, d["step"], got, (w_ar, w_rs, w_ag))
+    print(f"{run}: tp all-reduce {w_ar}, reduce-scatter {w_rs}, all-gather {w_ag} bytes per step: ok")
 PY
 
 # Checkpoints across layouts: tp2 x dp2 -> 1 process -> tp2 equals the uninterrupted run.
@@ -99,6 +126,11 @@ nm_mpirun 4 "$NM_BIN" train --config train.json --out xl --quiet --set exit_inte
 nm_mpirun 2 "$NM_BIN" train --config train.json --out xl --quiet --resume --set tensor_parallel_size=2 >xl2.log 2>&1 \
   || { cat xl2.log; fail "tp2 resume of a 1-process checkpoint"; }
 "$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref/metrics.jsonl xl/metrics.jsonl "tp2 x dp2 -> 1 -> tp2"
+# tp2 x ep2 (each rank half the experts, its own tokens) -> 1 process
+nm_mpirun 2 "$NM_BIN" train --config train.json --out xe --quiet --set exit_interval=5 --set tensor_parallel_size=2 \
+  --set expert_parallel_size=2 >xe.log 2>&1 || { cat xe.log; fail "tp2 x ep2 part"; }
+"$NM_BIN" train --config train.json --out xe --quiet --resume >xe1.log 2>&1 || { cat xe1.log; fail "1-process resume of tp2 x ep2"; }
+"$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref/metrics.jsonl xe/metrics.jsonl "tp2 x ep2 -> 1"
 
 # The tp2 x dp2 checkpoint holds the one-process tensors: every name, its HF shape, never a
 # shard. Values: (1) after 4 steps within 2e-3 of each tensor's largest value of the one-
@@ -164,5 +196,6 @@ refuse bad_heads 4 train_h2.json "num_attention_heads 2 is not divisible by tens
   --set tensor_parallel_size=4
 refuse bad_vocab 2 train_v301.json "vocab_size 301 is not divisible by tensor_parallel_size 2" \
   --set tensor_parallel_size=2
-refuse bad_tp_ep 2 train.json "needs sequence parallelism" --set tensor_parallel_size=2 --set expert_parallel_size=2
+refuse bad_tp_ep 2 train.json "needs sequence parallelism" --set tensor_parallel_size=2 --set expert_parallel_size=2 \
+  --set sequence_parallel=false
 echo "test_dist_tp: ok"

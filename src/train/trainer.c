@@ -490,7 +490,7 @@ static int comm_metrics(nm_trainer *t, nm_metric *kv, int *n_out, nm_error *err)
         {"comm_dp_all_reduce_bytes", "comm_dp_reduce_scatter_bytes", "comm_dp_all_gather_bytes", NULL, NULL, NULL, NULL},
         {NULL, "comm_edp_reduce_scatter_bytes", "comm_edp_all_gather_bytes", NULL, NULL, NULL, NULL},
         {NULL, NULL, NULL, "comm_ep_all_to_all_bytes", NULL, NULL, NULL},
-        {"comm_tp_all_reduce_bytes", NULL, "comm_tp_all_gather_bytes", NULL, NULL, NULL, NULL},
+        {"comm_tp_all_reduce_bytes", "comm_tp_reduce_scatter_bytes", "comm_tp_all_gather_bytes", NULL, NULL, NULL, NULL},
     };
     nm_comm *groups[4] = {t->mesh->dp, t->mesh->edp, t->mesh->ep, t->mesh->tp};
     int n = 0;
@@ -866,7 +866,7 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     }
 
     // logs
-    nm_metric kv[40];
+    nm_metric kv[48];
     int n = 0;
     kv[n++] = NM_METRIC_F("ce_loss", m->ce_loss);
     kv[n++] = NM_METRIC_F("mtp_loss", m->mtp_loss);
