@@ -13,12 +13,13 @@
 // exponentials, target logit) and are then combined over tp (max, then the sums rescaled to
 // it, and the target logit, which only its owner has). The (N, V) logits never exist anywhere.
 
-// Targets relative to this rank's rows: an id held elsewhere becomes V_loc, a column no local
-// tile has, so only its owner records the target logit; -1 (no target) stays -1.
+// Targets relative to this rank's rows: an id held elsewhere becomes V_valid, a column no local
+// tile has, so only its owner records the target logit; -1 (no target) stays -1. Tiles run
+// over the V_valid real rows only: padding rows never become logits.
 static const int32_t *tp_local_targets(nm_model *m, const int32_t *targets, int64_t N) {
     for (int64_t i = 0; i < N; i++) {
         int64_t id = (int64_t)targets[i] - m->v_start;
-        m->tp_ids[i] = targets[i] < 0 ? -1 : id >= 0 && id < m->V_loc ? (int32_t)id : (int32_t)m->V_loc;
+        m->tp_ids[i] = targets[i] < 0 ? -1 : id >= 0 && id < m->V_valid ? (int32_t)id : (int32_t)m->V_valid;
     }
     return m->tp_ids;
 }
@@ -26,11 +27,14 @@ static const int32_t *tp_local_targets(nm_model *m, const int32_t *targets, int6
 static void tp_head_forward(nm_model *m, float *losses, float *lse, float *logits, const float *h,
                             const int32_t *targets, int64_t N) {
     const nm_ops *ops = m->ops;
-    int64_t Vl = m->V_loc, D = m->cfg.D, vt = m->vt;
+    int64_t Vl = m->V_valid, D = m->cfg.D, vt = m->vt;
     const float *W = m->params + m->table.lm_head;
     const int32_t *lt = tp_local_targets(m, targets, N);
     double *st = m->head_stats, *mx = m->tp_red, *sums = m->tp_red + N;
-    for (int64_t n = 0; n < N; n++) st[3 * n + 2] = 0.0;  // the target logit, where it is not held here
+    for (int64_t n = 0; n < N; n++) {
+        // an empty shard (all padding) adds nothing; the target logit where it is not held here
+        st[3 * n] = -INFINITY, st[3 * n + 1] = 0.0, st[3 * n + 2] = 0.0;
+    }
     for (int64_t v0 = 0; v0 < Vl; v0 += vt) {
         int64_t n_cols = v0 + vt < Vl ? vt : Vl - v0;
         nm_linear_forward(m, logits, n_cols, h, D, W + v0 * D, D, N, D, n_cols, 0.0f);
@@ -60,11 +64,12 @@ static void tp_head_forward(nm_model *m, float *losses, float *lse, float *logit
 static void tp_head_backward(nm_model *m, float *dh, float beta, float *logits, const float *lse, const float *h,
                              const int32_t *targets, float scale, int64_t N) {
     const nm_ops *ops = m->ops;
-    int64_t Vl = m->V_loc, D = m->cfg.D, vt = m->vt;
+    int64_t Vl = m->V_valid, D = m->cfg.D, vt = m->vt;
     const float *W = m->params + m->table.lm_head;
     float *dW = m->grads + m->table.lm_head;
     const int32_t *lt = tp_local_targets(m, targets, N);
     float *part = beta == 0.0f || m->sp ? dh : m->d_tp;
+    if (Vl == 0 && (part != dh || beta == 0.0f)) ops->zero(part, N * D);  // an all-padding shard
     for (int64_t v0 = 0; v0 < Vl; v0 += vt) {
         int64_t n_cols = v0 + vt < Vl ? vt : Vl - v0;
         // one tile: the forward's logits are still there; else recompute each tile

@@ -180,14 +180,16 @@ static void layout(nm_model *m) {
     }
 }
 
-// Local sizes of a tensor-parallel rank of tp_size (the full sizes at 1).
-static void set_local_sizes(nm_model *m, int64_t tp_size, int64_t tp_rank) {
+// Local sizes of a tensor-parallel rank of tp_size (the full sizes at 1); the vocabulary
+// shard is the embedding row's (table row 0) when there is a table.
+static void set_local_sizes(nm_model *m, int64_t tp_size, const nm_tensor_spec *embed) {
     const nm_model_config *c = &m->cfg;
     m->H_loc = c->H / tp_size;
     m->F_loc = c->F / tp_size;
     m->Fs_loc = c->Fs / tp_size;
-    m->V_loc = c->V / tp_size;
-    m->v_start = tp_rank * m->V_loc;
+    m->V_loc = embed ? embed->shape[0] : c->V;
+    m->v_start = embed && embed->tp_dim == 0 ? embed->tp_start : 0;
+    m->V_valid = embed && embed->tp_dim == 0 ? embed->tp_extent : m->V_loc;
 }
 
 // --- create / destroy ---------------------------------------------------------------------
@@ -246,11 +248,13 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     if (m->tp) m->sp_counts = nm_calloc((size_t)m->tp->size, sizeof(int64_t));
     int64_t ep_size = m->ep ? m->ep->size : 1, ep_rank = m->ep ? m->ep->rank : 0;
     int64_t tp_size = m->tp ? m->tp->size : 1, tp_rank = m->tp ? m->tp->rank : 0;
-    if (nm_param_table_build_tp(&m->table, cfg, ep_rank, ep_size, tp_rank, tp_size, err) != 0) {
+    int64_t vocab_multiple = opts->vocab_multiple > 0 ? opts->vocab_multiple : 1;
+    if (nm_param_table_build_tp(&m->table, cfg, ep_rank, ep_size, tp_rank, tp_size, vocab_multiple, err) != 0) {
+        nm_free(m->sp_counts);
         nm_free(m);
         return -1;
     }
-    set_local_sizes(m, tp_size, tp_rank);
+    set_local_sizes(m, tp_size, &m->table.rows[0]);
     m->vt = pick_vocab_tile(cfg, B_max * T_max, opts->vocab_tile);
     if (m->vt > m->V_loc) m->vt = m->V_loc;
     m->E_loc = m->table.expert_count;
@@ -334,7 +338,7 @@ static const int32_t *tp_local_ids(nm_model *m, const int32_t *tokens, int64_t N
     if (!m->tp) return tokens;
     for (int64_t i = 0; i < N; i++) {
         int64_t id = (int64_t)tokens[i] - m->v_start;
-        m->tp_ids[i] = id >= 0 && id < m->V_loc ? (int32_t)id : -1;
+        m->tp_ids[i] = id >= 0 && id < m->V_valid ? (int32_t)id : -1;
     }
     return m->tp_ids;
 }
@@ -385,7 +389,7 @@ size_t nm_model_activation_bytes(const nm_model *m) { return m->arena_floats * s
 size_t nm_model_estimate_activation_bytes(const nm_model_config *cfg, int64_t B_max, int64_t T_max, int recompute) {
     nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = recompute,
                   .vt = pick_vocab_tile(cfg, B_max * T_max, 0)};
-    set_local_sizes(&m, 1, 0);
+    set_local_sizes(&m, 1, NULL);
     m.blocks = nm_calloc((size_t)cfg->n_layers, sizeof(block_acts));
     m.mtp = nm_calloc(cfg->M > 0 ? (size_t)cfg->M : 1, sizeof(mtp_acts));
     layout(&m);  // counting pass only (no arena)

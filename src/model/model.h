@@ -52,6 +52,9 @@ typedef struct nm_model_options {
                                 // gradients of the rows flagged NM_TENSOR_SEQ_PARTIAL are then
                                 // partial sums over tp (the caller sums them); routed experts
                                 // see distinct tokens per tp rank
+    int64_t vocab_multiple;     // with tp: Megatron's make_vocab_size_divisible_by, the vocabulary
+                                // padded to a multiple of it x TP (0 or 1: of TP); padding rows are
+                                // zeros outside every file and loss
     int64_t vocab_tile;         // output-head columns per tile: 0 picks one (the whole vocabulary
                                 // while N x V logits fit in 64 MiB); below V the (N, V) logits are
                                 // never stored and the backward recomputes each tile's logits

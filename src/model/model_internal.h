@@ -156,6 +156,7 @@ struct nm_model {
     int64_t H_loc;              // attention heads held here
     int64_t F_loc, Fs_loc;      // dense / shared-expert FFN width held here
     int64_t V_loc, v_start;     // vocabulary rows [v_start, v_start + V_loc) of embedding and head
+    int64_t V_valid;            // of them, rows of the real vocabulary (the rest: padding)
     int32_t *tp_ids;            // (N) token ids relative to v_start, -1 where another rank holds the row
     float *d_tp;                // (N, D) partial sums on their way through an all-reduce
     double *tp_red;             // (3N) cross-entropy statistics reduced over tp

@@ -39,6 +39,7 @@ typedef struct builder {
     int64_t expert_first, expert_count;
     int64_t tp_rank, tp_size;
     int split;                  // tp_dim of the next row (consumed by add_row): -1, 0 or 1
+    int64_t extent;             // > 0: the next row's full extent along split (a padded vocabulary)
 } builder;
 
 static size_t align_up(size_t x) { return (x + NM_PARAM_ALIGN - 1) / NM_PARAM_ALIGN * NM_PARAM_ALIGN; }
@@ -65,13 +66,17 @@ static size_t add_row(builder *b, int layer, unsigned flags, int packed, int ndi
     r->ndim = ndim;
     r->shape[0] = r->full_shape[0] = d0;
     r->shape[1] = r->full_shape[1] = ndim == 2 ? d1 : 0;
-    r->tp_dim = b->split;
+    r->tp_dim = b->tp_size > 1 ? b->split : -1;
     b->split = -1;
     if (r->tp_dim >= 0) {
-        // divisibility was checked by the caller (nm_param_table_build_tp)
+        // divisibility was checked (or the vocabulary padded) by nm_param_table_build_tp
+        if (b->extent > 0) r->full_shape[r->tp_dim] = b->extent;
         r->shape[r->tp_dim] /= b->tp_size;
         r->tp_start = b->tp_rank * r->shape[r->tp_dim];
+        int64_t left = r->full_shape[r->tp_dim] - r->tp_start;
+        r->tp_extent = left < 0 ? 0 : left < r->shape[r->tp_dim] ? left : r->shape[r->tp_dim];
     }
+    b->extent = 0;
     r->numel = ndim == 2 ? r->shape[0] * r->shape[1] : r->shape[0];
     r->flags = flags;
     r->layer = layer;
@@ -119,8 +124,8 @@ static void add_layer(builder *b, const nm_model_config *c, int l, int *tied_emb
 
     if (mtp) {
         *tied_embed_row = b->t->n_rows;
-        b->split = 0;
-        add_row(b, l, NM_TENSOR_TIED | m, 0, 2, c->V, D, "%sembed_tokens.weight", pre);
+        b->split = 0, b->extent = c->V;
+        add_row(b, l, NM_TENSOR_TIED | m, 0, 2, b->t->vocab_padded, D, "%sembed_tokens.weight", pre);
         o->enorm = VEC(l, NM_TENSOR_NORM | NM_TENSOR_SEQ_PARTIAL | m, D, "%senorm.weight", pre);
         o->hnorm = VEC(l, NM_TENSOR_NORM | NM_TENSOR_SEQ_PARTIAL | m, D, "%shnorm.weight", pre);
         o->eh_proj = MAT(l, NM_TENSOR_SEQ_PARTIAL | m, D, 2 * D, "%seh_proj.weight", pre);
@@ -170,8 +175,8 @@ static void add_layer(builder *b, const nm_model_config *c, int l, int *tied_emb
     if (mtp) {
         o->head_norm = VEC(l, NM_TENSOR_NORM | NM_TENSOR_SEQ_PARTIAL | m, D, "%sshared_head.norm.weight", pre);
         *tied_head_row = b->t->n_rows;
-        b->split = 0;
-        add_row(b, l, NM_TENSOR_TIED | m, 0, 2, c->V, D, "%sshared_head.head.weight", pre);
+        b->split = 0, b->extent = c->V;
+        add_row(b, l, NM_TENSOR_TIED | m, 0, 2, b->t->vocab_padded, D, "%sshared_head.head.weight", pre);
     }
 }
 
@@ -181,12 +186,18 @@ int nm_param_table_build(nm_param_table *t, const nm_model_config *cfg, nm_error
 
 int nm_param_table_build_ep(nm_param_table *t, const nm_model_config *cfg, int64_t ep_rank, int64_t ep_size,
                             nm_error *err) {
-    return nm_param_table_build_tp(t, cfg, ep_rank, ep_size, 0, 1, err);
+    return nm_param_table_build_tp(t, cfg, ep_rank, ep_size, 0, 1, 1, err);
 }
 
 int nm_param_table_build_tp(nm_param_table *t, const nm_model_config *cfg, int64_t ep_rank, int64_t ep_size,
-                            int64_t tp_rank, int64_t tp_size, nm_error *err) {
+                            int64_t tp_rank, int64_t tp_size, int64_t vocab_multiple, nm_error *err) {
     memset(t, 0, sizeof(*t));
+    if (vocab_multiple < 1)
+        return nm_error_set(err, "make_vocab_size_divisible_by %lld: must be >= 1", (long long)vocab_multiple);
+    // Megatron's padding: up to a multiple of make_vocab_size_divisible_by x TP (at TP 1 the
+    // vocabulary stays as it is: nothing to divide).
+    int64_t multiple = tp_size > 1 ? vocab_multiple * tp_size : 1;
+    t->vocab_padded = (cfg->V + multiple - 1) / multiple * multiple;
     if (tp_size < 1 || tp_rank < 0 || tp_rank >= tp_size)
         return nm_error_set(err, "tensor parallelism: rank %lld of %lld", (long long)tp_rank, (long long)tp_size);
     if (tp_size > 1) {
@@ -207,11 +218,6 @@ int nm_param_table_build_tp(nm_param_table *t, const nm_model_config *cfg, int64
             return nm_error_set(err, "%s: n_shared_experts %lld x moe_intermediate_size %lld = %lld (shared experts) is "
                                      "not divisible by tensor_parallel_size %lld", src, (long long)cfg->n_shared,
                                 (long long)cfg->Fe, (long long)cfg->Fs, (long long)tp_size);
-        if (cfg->V % tp_size != 0)
-            return nm_error_set(err, "%s: vocab_size %lld is not divisible by tensor_parallel_size %lld (the "
-                                     "vocabulary-parallel embedding and head need equal shards; padding the vocabulary "
-                                     "is not implemented): choose a vocab_size that is a multiple of %lld",
-                                src, (long long)cfg->V, (long long)tp_size, (long long)tp_size);
     }
     if (ep_size < 1 || ep_rank < 0 || ep_rank >= ep_size || (cfg->E > 0 && cfg->E % ep_size != 0))
         return nm_error_set(err, "expert parallelism: rank %lld of %lld cannot hold an equal share of %lld experts",
@@ -231,7 +237,8 @@ int nm_param_table_build_tp(nm_param_table *t, const nm_model_config *cfg, int64
     t->layers = nm_calloc((size_t)cfg->n_layers, sizeof(nm_layer_offsets));
     int64_t L = cfg->L, n = cfg->n_layers;
 
-    t->embed = MAT_COLPAR(-1, 0, cfg->V, cfg->D, "model.embed_tokens.weight");
+    bb.extent = cfg->V;
+    t->embed = MAT_COLPAR(-1, 0, t->vocab_padded, cfg->D, "model.embed_tokens.weight");
     int *tied_embed = nm_malloc((size_t)(cfg->M + 1) * sizeof(int));
     int *tied_head = nm_malloc((size_t)(cfg->M + 1) * sizeof(int));
     for (int64_t l = 0; l < n; l++) {
@@ -243,7 +250,8 @@ int nm_param_table_build_tp(nm_param_table *t, const nm_model_config *cfg, int64
     int head_row = 0;  // row 0 is the embedding
     if (!cfg->tie_embeddings) {
         head_row = t->n_rows;
-        t->lm_head = MAT_COLPAR(-1, 0, cfg->V, cfg->D, "lm_head.weight");
+        bb.extent = cfg->V;
+        t->lm_head = MAT_COLPAR(-1, 0, t->vocab_padded, cfg->D, "lm_head.weight");
     } else {
         t->lm_head = t->embed;
     }
@@ -325,10 +333,11 @@ void nm_params_init(float *params /* (n_floats) */, const nm_param_table *t, con
             const uint64_t key = nm_rng_key(seed, NM_RNG_INIT, (uint64_t)row->init_key, 0);
             const int64_t cols = row->ndim == 2 ? row->shape[1] : 1, full_cols = row->ndim == 2 ? row->full_shape[1] : 1;
             const int64_t row0 = row->tp_dim == 0 ? row->tp_start : 0, col0 = row->tp_dim == 1 ? row->tp_start : 0;
+            const int64_t rows_real = row->tp_dim == 0 ? row->tp_extent : n / cols;  // the rest: vocabulary padding
 #pragma omp parallel for schedule(static) if (n > 65536)
             for (int64_t i = 0; i < n; i++) {
                 int64_t full = (i / cols + row0) * full_cols + i % cols + col0;
-                p[i] = std * nm_rng_normal(key, (uint64_t)full);
+                p[i] = i / cols < rows_real ? std * nm_rng_normal(key, (uint64_t)full) : 0.0f;
             }
         }
         prev_end = row->offset + (size_t)n;

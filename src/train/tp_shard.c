@@ -4,12 +4,23 @@
 #include <string.h>
 
 // Copies shard (loc row r's shape) to or from its place in the full tensor of full row r.
-// A row split (tp_dim 0) is one contiguous block; a column split is a strided one.
+// A row split (tp_dim 0) is one contiguous block of its tp_extent rows (the rows after them are
+// vocabulary padding: never written to the full tensor, zeros in the shard); a column split
+// is a strided one.
 static void place(const nm_tensor_spec *lr, float *full_data, float *shard, int to_full) {
-    if (lr->tp_dim < 0 || lr->tp_dim == 0) {
-        size_t at = lr->tp_dim == 0 ? (size_t)lr->tp_start * (size_t)lr->shape[1] : 0;
-        if (to_full) memcpy(full_data + at, shard, (size_t)lr->numel * sizeof(float));
-        else memcpy(shard, full_data + at, (size_t)lr->numel * sizeof(float));
+    if (lr->tp_dim < 0) {
+        if (to_full) memcpy(full_data, shard, (size_t)lr->numel * sizeof(float));
+        else memcpy(shard, full_data, (size_t)lr->numel * sizeof(float));
+        return;
+    }
+    if (lr->tp_dim == 0) {
+        size_t cols = (size_t)lr->shape[1], at = (size_t)lr->tp_start * cols, real = (size_t)lr->tp_extent * cols;
+        if (to_full) {
+            memcpy(full_data + at, shard, real * sizeof(float));
+        } else {
+            memcpy(shard, full_data + at, real * sizeof(float));
+            memset(shard + real, 0, ((size_t)lr->numel - real) * sizeof(float));
+        }
         return;
     }
     int64_t rows = lr->shape[0], cols = lr->shape[1], full_cols = lr->full_shape[1];
@@ -52,6 +63,8 @@ int nm_tp_gather_full(const nm_param_table *loc, const nm_param_table *full, con
         for (int q = 0; q < P && rc == 0; q++) {
             nm_tensor_spec shard = *lr;
             shard.tp_start = q * lr->shape[lr->tp_dim];
+            int64_t left = lr->full_shape[lr->tp_dim] - shard.tp_start;
+            shard.tp_extent = left < 0 ? 0 : left < lr->shape[lr->tp_dim] ? left : lr->shape[lr->tp_dim];
             place(&shard, out, buf + (size_t)q * (size_t)lr->numel, 1);
         }
     }
