@@ -3,9 +3,9 @@
 # batch: per-step loss and gradient norm over 10 steps within the tolerance of
 # tests/dist/compare_runs.py, with sequence parallelism (the default: tp2, tp4, tp2 x dp2,
 # tp2 x ep2, tp2 x dp2 x ep2, tp2 x ep4, recomputation, overlapped 1 MiB buckets, a model
-# without q-LoRA and with tied embeddings) and without it (tp2, tp2 x dp2); padded and
-# unpadded vocabularies (make_vocab_size_divisible_by); the tp byte
-# counters of every step against the formulas of docs/parallelism.md; checkpoints (tp2 x dp2
+# without q-LoRA and with tied embeddings) and without it (tp2, the model without q-LoRA,
+# tp4); padded and unpadded vocabularies (make_vocab_size_divisible_by); the tp byte counters
+# of every step against the formulas of docs/parallelism.md; checkpoints (tp2 x dp2
 # -> 1 process -> tp2, tp2 x ep2 -> 1 process, the same full HF tensors as one process,
 # --init-from at tp2); and the refusals.
 set -euo pipefail
@@ -58,7 +58,6 @@ layout tp2_dp2_ep2_buckets 4 train.json ref --set tensor_parallel_size=2 --set e
   --set bucket_mb=1 --set overlap_grad_reduce=true
 layout tp2_noqlora_tied 2 train_b.json ref_b --set tensor_parallel_size=2
 layout tp2_nosp 2 train.json ref --set tensor_parallel_size=2 --set sequence_parallel=false
-layout tp2_dp2_nosp 4 train.json ref --set tensor_parallel_size=2 --set sequence_parallel=false
 layout tp2_noqlora_tied_nosp 2 train_b.json ref_b --set tensor_parallel_size=2 --set sequence_parallel=false
 # The vocabulary: 300 is padded to 512 by default (make_vocab_size_divisible_by 128 x TP: at tp4
 # the last shard is all padding), not at all with 1 (300 = 2 x 150); 301 to 302 or 512.
@@ -114,7 +113,7 @@ def want(model, train, dp, recompute, sp):
 runs = [("tp2", "model.json", 2, 2, False, True), ("tp4", "model.json", 4, 4, False, True),
         ("tp2_dp2", "model.json", 2, 4, False, True), ("tp2_recompute", "model.json", 2, 2, True, True),
         ("tp2_noqlora_tied", "model_b.json", 2, 2, False, True), ("tp2_ep2", "model.json", 2, 2, False, True),
-        ("tp2_nosp", "model.json", 2, 2, False, False), ("tp2_dp2_nosp", "model.json", 2, 4, False, False),
+        ("tp2_nosp", "model.json", 2, 2, False, False),
         ("tp2_noqlora_tied_nosp", "model_b.json", 2, 2, False, False)]
 for run, model, tp, world, rec, sp in runs:
     w_ar, w_rs, w_ag = want(model, "train.json", world // tp, rec, sp)
