@@ -28,10 +28,10 @@
 static nm_tensor_spec rows4[4];
 static nm_param_table small_table(void) {
     memset(rows4, 0, sizeof(rows4));
-    rows4[0] = (nm_tensor_spec){"w", 1, {3, 0}, 3, 0, NM_TENSOR_DECAY, -1, -1, 0};
-    rows4[1] = (nm_tensor_spec){"model.norm.weight", 1, {2, 0}, 2, 64, NM_TENSOR_NORM, -1, -1, 0};
-    rows4[2] = (nm_tensor_spec){"bias", 1, {2, 0}, 2, 128, NM_TENSOR_ROUTER_BIAS, 0, -1, 0};
-    rows4[3] = (nm_tensor_spec){"w_tied", 1, {3, 0}, 3, 0, NM_TENSOR_TIED | NM_TENSOR_DECAY, -1, 0, 0};
+    rows4[0] = (nm_tensor_spec){"w", 1, {3, 0}, 3, 0, NM_TENSOR_DECAY, -1, -1, 0, -1, {0, 0}, 0, 0};
+    rows4[1] = (nm_tensor_spec){"model.norm.weight", 1, {2, 0}, 2, 64, NM_TENSOR_NORM, -1, -1, 0, -1, {0, 0}, 0, 0};
+    rows4[2] = (nm_tensor_spec){"bias", 1, {2, 0}, 2, 128, NM_TENSOR_ROUTER_BIAS, 0, -1, 0, -1, {0, 0}, 0, 0};
+    rows4[3] = (nm_tensor_spec){"w_tied", 1, {3, 0}, 3, 0, NM_TENSOR_TIED | NM_TENSOR_DECAY, -1, 0, 0, -1, {0, 0}, 0, 0};
     nm_param_table t;
     memset(&t, 0, sizeof(t));
     t.rows = rows4;
@@ -183,8 +183,8 @@ static void test_random_and_threads(uint64_t seed) {
     // Two rows spanning several chunks each, one decayed, one not.
     const int64_t na = 3 * NM_OPTIM_CHUNK + 1234, nb = NM_OPTIM_CHUNK + 7;
     nm_tensor_spec rows[2] = {
-        {"a", 1, {na, 0}, na, 0, NM_TENSOR_DECAY, 0, -1, 0},
-        {"b", 1, {nb, 0}, nb, (size_t)((na + 63) / 64 * 64), 0, 0, -1, 0},
+        {"a", 1, {na, 0}, na, 0, NM_TENSOR_DECAY, 0, -1, 0, -1, {0, 0}, 0, 0},
+        {"b", 1, {nb, 0}, nb, (size_t)((na + 63) / 64 * 64), 0, 0, -1, 0, -1, {0, 0}, 0, 0},
     };
     nm_param_table t;
     memset(&t, 0, sizeof(t));
@@ -276,9 +276,9 @@ static void test_fused_clip(uint64_t seed) {
     // row c is shorter than one vector, so it is all remainder.
     const int64_t na = 2 * NM_OPTIM_CHUNK + 13, nb = 1001, nc = 3;
     nm_tensor_spec rows[3] = {
-        {"a", 1, {na, 0}, na, 5, NM_TENSOR_DECAY, 0, -1, 0},
-        {"b", 1, {nb, 0}, nb, (size_t)na + 100, 0, 0, -1, 0},
-        {"c", 1, {nc, 0}, nc, (size_t)(na + nb) + 203, NM_TENSOR_DECAY, 0, -1, 0},
+        {"a", 1, {na, 0}, na, 5, NM_TENSOR_DECAY, 0, -1, 0, -1, {0, 0}, 0, 0},
+        {"b", 1, {nb, 0}, nb, (size_t)na + 100, 0, 0, -1, 0, -1, {0, 0}, 0, 0},
+        {"c", 1, {nc, 0}, nc, (size_t)(na + nb) + 203, NM_TENSOR_DECAY, 0, -1, 0, -1, {0, 0}, 0, 0},
     };
     nm_param_table t;
     memset(&t, 0, sizeof(t));
@@ -344,8 +344,8 @@ static void test_fused_clip(uint64_t seed) {
 static int dump(const char *path, uint64_t seed) {
     const int64_t na = 1000, nb = 300, steps = 5;
     nm_tensor_spec rows[2] = {
-        {"a", 2, {40, 25}, na, 0, NM_TENSOR_DECAY, 0, -1, 0},
-        {"b", 1, {nb, 0}, nb, 1024, 0, 0, -1, 0},
+        {"a", 2, {40, 25}, na, 0, NM_TENSOR_DECAY, 0, -1, 0, -1, {0, 0}, 0, 0},
+        {"b", 1, {nb, 0}, nb, 1024, 0, 0, -1, 0, -1, {0, 0}, 0, 0},
     };
     nm_param_table t;
     memset(&t, 0, sizeof(t));

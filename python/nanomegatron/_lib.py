@@ -54,14 +54,16 @@ class nm_model_config(ctypes.Structure):
 
 class nm_tensor_spec(ctypes.Structure):
     _fields_ = [("name", c_char * 112), ("ndim", c_int), ("shape", c_int64 * 2), ("numel", c_int64),
-                ("offset", c_size_t), ("flags", c_uint), ("layer", c_int), ("owner", c_int)]
+                ("offset", c_size_t), ("flags", c_uint), ("layer", c_int), ("owner", c_int), ("init_key", c_int),
+                ("tp_dim", c_int), ("full_shape", c_int64 * 2), ("tp_start", c_int64), ("tp_extent", c_int64)]
 
 
 class nm_param_table(ctypes.Structure):
     _fields_ = [("rows", POINTER(nm_tensor_spec)), ("n_rows", c_int), ("n_floats", c_size_t),
                 ("n_params_main", c_int64), ("n_params_mtp", c_int64), ("embed", c_size_t),
                 ("final_norm", c_size_t), ("lm_head", c_size_t), ("layers", c_void_p),
-                ("expert_first", c_int64), ("expert_count", c_int64)]
+                ("expert_first", c_int64), ("expert_count", c_int64), ("tp_rank", c_int64), ("tp_size", c_int64),
+                ("vocab_padded", c_int64)]
 
 
 class nm_trainer_options(ctypes.Structure):
@@ -86,7 +88,8 @@ class nm_loss_terms(ctypes.Structure):
 
 
 class nm_model_options(ctypes.Structure):
-    _fields_ = [("recompute", c_int), ("ep", c_void_p), ("vocab_tile", c_int64)]
+    _fields_ = [("recompute", c_int), ("ep", c_void_p), ("tp", c_void_p), ("sequence_parallel", c_int),
+                ("vocab_multiple", c_int64), ("vocab_tile", c_int64)]
 
 
 class nm_adamw_config(ctypes.Structure):

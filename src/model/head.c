@@ -2,7 +2,87 @@
 // backward, for the main model and every MTP depth (they share lm_head), and the loss sums.
 #include "model/model_internal.h"
 
+#include <math.h>
 #include <string.h>
+
+// --- vocabulary-parallel head (tensor parallelism, docs/parallelism.md) ------------------------
+//
+// Each tp rank holds lm_head rows [v_start, v_start + V_loc). Its tiles fold into per-row
+// statistics as in the one-process tiled head (xent_tile_forward), run over a vocabulary of
+// V_loc + 1 columns so that no local tile is the last: the statistics stay open (max, sum of
+// exponentials, target logit) and are then combined over tp (max, then the sums rescaled to
+// it, and the target logit, which only its owner has). The (N, V) logits never exist anywhere.
+
+// Targets relative to this rank's rows: an id held elsewhere becomes V_valid, a column no local
+// tile has, so only its owner records the target logit; -1 (no target) stays -1. Tiles run
+// over the V_valid real rows only: padding rows never become logits.
+static const int32_t *tp_local_targets(nm_model *m, const int32_t *targets, int64_t N) {
+    for (int64_t i = 0; i < N; i++) {
+        int64_t id = (int64_t)targets[i] - m->v_start;
+        m->tp_ids[i] = targets[i] < 0 ? -1 : id >= 0 && id < m->V_valid ? (int32_t)id : (int32_t)m->V_valid;
+    }
+    return m->tp_ids;
+}
+
+static void tp_head_forward(nm_model *m, float *losses, float *lse, float *logits, const float *h,
+                            const int32_t *targets, int64_t N) {
+    const nm_ops *ops = m->ops;
+    int64_t Vl = m->V_valid, D = m->cfg.D, vt = m->vt;
+    const float *W = m->params + m->table.lm_head;
+    const int32_t *lt = tp_local_targets(m, targets, N);
+    double *st = m->head_stats, *mx = m->tp_red, *sums = m->tp_red + N;
+    for (int64_t n = 0; n < N; n++) {
+        // an empty shard (all padding) adds nothing; the target logit where it is not held here
+        st[3 * n] = -INFINITY, st[3 * n + 1] = 0.0, st[3 * n + 2] = 0.0;
+    }
+    for (int64_t v0 = 0; v0 < Vl; v0 += vt) {
+        int64_t n_cols = v0 + vt < Vl ? vt : Vl - v0;
+        nm_linear_forward(m, logits, n_cols, h, D, W + v0 * D, D, N, D, n_cols, 0.0f);
+        ops->xent_tile_forward(losses, lse, st, logits, n_cols, lt, N, Vl + 1, v0, n_cols);
+    }
+    for (int64_t n = 0; n < N; n++) mx[n] = targets[n] < 0 ? 0.0 : st[3 * n];
+    if (!m->tp_failed && nm_comm_all_reduce(m->tp, mx, N, NM_DT_F64, NM_RED_MAX, &m->tp_err) != 0) m->tp_failed = 1;
+    for (int64_t n = 0; n < N; n++) {
+        sums[2 * n] = targets[n] < 0 ? 0.0 : st[3 * n + 1] * exp(st[3 * n] - mx[n]);
+        sums[2 * n + 1] = st[3 * n + 2];
+    }
+    if (!m->tp_failed && nm_comm_all_reduce(m->tp, sums, 2 * N, NM_DT_F64, NM_RED_SUM, &m->tp_err) != 0)
+        m->tp_failed = 1;
+    for (int64_t n = 0; n < N; n++) {
+        if (targets[n] < 0) {
+            losses[n] = 0.0f, lse[n] = 0.0f;  // lse never read for these rows
+            continue;
+        }
+        double log_s = log(sums[2 * n]);
+        losses[n] = (float)(log_s + mx[n] - sums[2 * n + 1]);
+        lse[n] = (float)(log_s + mx[n]);
+    }
+}
+
+// As nm_head_backward on this rank's rows; dh's part from them is summed over tp, except under
+// sequence parallelism: there the caller reduce-scatters dh (with other parts it adds first).
+static void tp_head_backward(nm_model *m, float *dh, float beta, float *logits, const float *lse, const float *h,
+                             const int32_t *targets, float scale, int64_t N) {
+    const nm_ops *ops = m->ops;
+    int64_t Vl = m->V_valid, D = m->cfg.D, vt = m->vt;
+    const float *W = m->params + m->table.lm_head;
+    float *dW = m->grads + m->table.lm_head;
+    const int32_t *lt = tp_local_targets(m, targets, N);
+    float *part = beta == 0.0f || m->sp ? dh : m->d_tp;
+    if (Vl == 0 && (part != dh || beta == 0.0f)) ops->zero(part, N * D);  // an all-padding shard
+    for (int64_t v0 = 0; v0 < Vl; v0 += vt) {
+        int64_t n_cols = v0 + vt < Vl ? vt : Vl - v0;
+        // one tile: the forward's logits are still there; else recompute each tile
+        if (vt < Vl) nm_linear_forward(m, logits, n_cols, h, D, W + v0 * D, D, N, D, n_cols, 0.0f);
+        ops->xent_tile_backward(logits, n_cols, logits, n_cols, lse, lt, scale, N, Vl + 1, v0, n_cols);
+        nm_linear_backward_weight(m, dW + v0 * D, D, logits, n_cols, h, D, N, D, n_cols);
+        float b0 = part == dh ? beta : 0.0f;
+        nm_linear_backward_input(m, part, D, logits, n_cols, W + v0 * D, D, N, D, n_cols, v0 == 0 ? b0 : 1.0f);
+    }
+    if (m->sp) return;
+    nm_tp_all_reduce(m, part, N * D);
+    if (part != dh) ops->add_2d(dh, N * D, part, N * D, 1, N * D);
+}
 
 // losses(N), lse(N) (=) of logits = h(N, D) . lm_head^T against targets(N). logits is the
 // head's (N, vt) buffer; with vt == V it keeps the whole logits for head_backward, else each
@@ -13,6 +93,10 @@ void nm_head_forward(nm_model *m, float *losses, float *lse, float *logits, cons
     const nm_ops *ops = m->ops;
     int64_t V = m->cfg.V, D = m->cfg.D, vt = m->vt;
     const float *W = m->params + m->table.lm_head;
+    if (m->tp) {
+        tp_head_forward(m, losses, lse, logits, h, targets, N);  // logits_out refused by nm_model_forward
+        return;
+    }
     if (vt == V) {
         nm_linear_forward(m, logits, V, h, D, W, D, N, D, V, 0.0f);
         if (logits_out) memcpy(logits_out, logits, (size_t)N * V * sizeof(float));
@@ -36,6 +120,10 @@ void nm_head_backward(nm_model *m, float *dh, float beta, float *logits, const f
     int64_t V = m->cfg.V, D = m->cfg.D, vt = m->vt;
     const float *W = m->params + m->table.lm_head;
     float *dW = m->grads + m->table.lm_head;
+    if (m->tp) {
+        tp_head_backward(m, dh, beta, logits, lse, h, targets, scale, N);
+        return;
+    }
     if (vt == V) {
         ops->xent_backward(logits, logits, lse, targets, scale, N, V);
         nm_linear_backward_weight(m, dW, D, logits, V, h, D, N, D, V);

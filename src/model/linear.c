@@ -13,7 +13,7 @@ static nm_precision weight_precision(const nm_model *m, size_t off) {
     }
     // the head's rows [lm_head, lm_head + V*D): vocabulary tiles pass slices of it
     if (m->precision == NM_PRECISION_FP8 && off >= m->table.lm_head &&
-        off < m->table.lm_head + (size_t)m->cfg.V * (size_t)m->cfg.D)
+        off < m->table.lm_head + (size_t)m->V_loc * (size_t)m->cfg.D)
         return NM_PRECISION_BF16;
     return m->precision;
 }

@@ -9,11 +9,16 @@ void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
     const nm_layer_offsets *w = &m->table.layers[l];
     const float *P = m->params;
     block_acts *b = &m->blocks[l];
-    int64_t N = B * T, D = c->D, H = c->H;
+    int64_t N = B * T, D = c->D, H = m->H_loc;
     int64_t Dkv = c->Dn + c->Dv;
     float eps = (float)c->rms_eps;
 
-    ops->rmsnorm_forward(b->a, b->a_rstd, b->x_in, P + w->input_norm, N, D, eps);
+    // Sequence parallelism: the norm on this rank's rows, then every token's rows gathered for
+    // the projections (all of it without: s0 = 0, n0 = N, the gather a no-op).
+    int64_t s0, n0;
+    nm_sp_rows(m, N, &s0, &n0);
+    ops->rmsnorm_forward(b->a + s0 * D, b->a_rstd + s0, b->x_in + s0 * D, P + w->input_norm, n0, D, eps);
+    nm_sp_all_gather(m, b->a, N, D, NM_DT_F32);
     if (c->Rq > 0) {
         nm_linear_forward(m, b->cq, c->Rq, b->a, D, P + w->q_a, D, N, D, c->Rq, 0.0f);
         ops->rmsnorm_forward(b->cq_n, b->cq_rstd, b->cq, P + w->q_a_norm, N, c->Rq, eps);
@@ -30,8 +35,18 @@ void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
     ops->rope_forward(b->k_pe, m->rope_cos, m->rope_sin, B, T, 1, c->Dr, 0, c->Dr);
     ops->attention_forward(b->att, b->lse, b->q, b->kv, b->k_pe, B, T, H, c->Dn, c->Dr, c->Dv,
                            (float)c->softmax_scale);
-    ops->copy_2d(b->x_mid, N * D, b->x_in, N * D, 1, N * D);
+    // o_proj is row-parallel: each tp rank's local heads give part of the output, summed by
+    // the all-reduce (tp rank 0 adds the residual once), or reduce-scattered to each rank's rows.
+    if (m->sp) {
+        nm_linear_forward(m, b->x_mid, D, b->att, H * c->Dv, P + w->o, H * c->Dv, N, H * c->Dv, D, 0.0f);
+        nm_sp_reduce_scatter(m, b->x_mid, N, D);
+        ops->add_2d(b->x_mid + s0 * D, D, b->x_in + s0 * D, D, n0, D);
+        return;
+    }
+    if (nm_tp_lead(m)) ops->copy_2d(b->x_mid, N * D, b->x_in, N * D, 1, N * D);
+    else ops->zero(b->x_mid, N * D);
     nm_linear_forward(m, b->x_mid, D, b->att, H * c->Dv, P + w->o, H * c->Dv, N, H * c->Dv, D, 1.0f);
+    nm_tp_all_reduce(m, b->x_mid, N * D);
 }
 
 void nm_mla_backward(nm_model *m, int64_t l) {
@@ -41,9 +56,12 @@ void nm_mla_backward(nm_model *m, int64_t l) {
     const float *P = m->params;
     float *G = m->grads;
     block_acts *b = &m->blocks[l];
-    int64_t B = b->B, T = b->T, N = B * T, D = c->D, H = c->H;
+    int64_t B = b->B, T = b->T, N = B * T, D = c->D, H = m->H_loc;
     int64_t Dkv = c->Dn + c->Dv;
     float *d_res = m->d_res;
+    int64_t s0, n0;
+    nm_sp_rows(m, N, &s0, &n0);
+    nm_sp_all_gather(m, d_res, N, D, NM_DT_F32);  // o_proj's backward reads every token's d(x_mid)
 
     // forward: x_mid = x_in + att . W_o^T
     nm_linear_backward_input(m, m->d_att, H * c->Dv, d_res, D, P + w->o, H * c->Dv, N, H * c->Dv, D, 0.0f);
@@ -55,6 +73,10 @@ void nm_mla_backward(nm_model *m, int64_t l) {
     // kv = ckv_n . W_kv_b^T ; ckv_n = RMSNorm(ckv)
     nm_linear_backward_weight(m, G + w->kv_b, c->Rkv, m->d_kv, H * Dkv, b->ckv_n, c->Rkv, N, c->Rkv, H * Dkv);
     nm_linear_backward_input(m, m->d_ckv_n, c->Rkv, m->d_kv, H * Dkv, P + w->kv_b, c->Rkv, N, c->Rkv, H * Dkv, 0.0f);
+    // Tensor parallelism: the local heads give part of d(ckv_n) (kv_b_proj is column-parallel)
+    // and of d(k_pe) (the rope key all heads share); summed here, everything below is whole.
+    nm_tp_all_reduce(m, m->d_ckv_n, N * c->Rkv);
+    nm_tp_all_reduce(m, m->d_k_pe, N * c->Dr);
     ops->zero(m->d_ckv, N * c->Rkv);
     ops->rmsnorm_backward(m->d_ckv, G + w->kv_a_norm, m->d_ckv_n, b->ckv, P + w->kv_a_norm, b->ckv_rstd, N, c->Rkv);
     // [ckv | k_pe] = a . W_kv_a^T: the rope key bypasses the latent norm
@@ -67,14 +89,24 @@ void nm_mla_backward(nm_model *m, int64_t l) {
         // q = cq_n . W_q_b^T ; cq_n = RMSNorm(cq) ; cq = a . W_q_a^T
         nm_linear_backward_weight(m, G + w->q_b, c->Rq, m->d_q, H * c->Dqk, b->cq_n, c->Rq, N, c->Rq, H * c->Dqk);
         nm_linear_backward_input(m, m->d_cq_n, c->Rq, m->d_q, H * c->Dqk, P + w->q_b, c->Rq, N, c->Rq, H * c->Dqk, 0.0f);
+        nm_tp_all_reduce(m, m->d_cq_n, N * c->Rq);  // q_b_proj is column-parallel
         ops->zero(m->d_cq, N * c->Rq);
         ops->rmsnorm_backward(m->d_cq, G + w->q_a_norm, m->d_cq_n, b->cq, P + w->q_a_norm, b->cq_rstd, N, c->Rq);
         nm_linear_backward_weight(m, G + w->q_a, D, m->d_cq, c->Rq, b->a, D, N, D, c->Rq);
         nm_linear_backward_input(m, m->d_a, D, m->d_cq, c->Rq, P + w->q_a, D, N, D, c->Rq, 1.0f);
     } else {
         nm_linear_backward_weight(m, G + w->q, D, m->d_q, H * c->Dqk, b->a, D, N, D, H * c->Dqk);
-        nm_linear_backward_input(m, m->d_a, D, m->d_q, H * c->Dqk, P + w->q, D, N, D, H * c->Dqk, 1.0f);
+        if (m->tp) {
+            // q_proj is column-parallel: its part of d_a is summed over tp before joining the kv part
+            nm_linear_backward_input(m, m->d_tp, D, m->d_q, H * c->Dqk, P + w->q, D, N, D, H * c->Dqk, 0.0f);
+            nm_tp_all_reduce(m, m->d_tp, N * D);
+            ops->add_2d(m->d_a, N * D, m->d_tp, N * D, 1, N * D);
+        } else {
+            nm_linear_backward_input(m, m->d_a, D, m->d_q, H * c->Dqk, P + w->q, D, N, D, H * c->Dqk, 1.0f);
+        }
     }
-    // a = RMSNorm(x_in)
-    ops->rmsnorm_backward(d_res, G + w->input_norm, m->d_a, b->x_in, P + w->input_norm, b->a_rstd, N, D);
+    // a = RMSNorm(x_in). d_a is whole on every rank (the tp sums above), so under sequence
+    // parallelism each rank takes its rows: the all-gather's backward.
+    ops->rmsnorm_backward(d_res + s0 * D, G + w->input_norm, m->d_a + s0 * D, b->x_in + s0 * D, P + w->input_norm,
+                          b->a_rstd + s0, n0, D);
 }

@@ -34,7 +34,7 @@ static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
 static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int moe) {
     const nm_model_config *c = &m->cfg;
     size_t N = (size_t)(m->B_max * m->T_max);
-    size_t D = c->D, NK = N * (size_t)c->K;
+    size_t D = c->D, NK = N * (size_t)c->K, H = (size_t)m->H_loc;
     b->a = take(m, N * D);
     b->a_rstd = take(m, N);
     if (c->Rq > 0) {
@@ -42,20 +42,20 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
         b->cq_n = take(m, N * c->Rq);
         b->cq_rstd = take(m, N);
     }
-    b->q = take(m, N * c->H * c->Dqk);
+    b->q = take(m, N * H * c->Dqk);
     b->ckv = take(m, N * c->Rkv);
     b->ckv_n = take(m, N * c->Rkv);
     b->ckv_rstd = take(m, N);
     b->k_pe = take(m, N * c->Dr);
-    b->kv = take(m, N * c->H * (c->Dn + c->Dv));
-    b->att = take(m, N * c->H * c->Dv);
-    b->lse = take(m, N * c->H);
+    b->kv = take(m, N * H * (c->Dn + c->Dv));
+    b->att = take(m, N * H * c->Dv);
+    b->lse = take(m, N * H);
     b->x_mid = take(m, N * D);
     b->f = take(m, N * D);
     b->f_rstd = take(m, N);
     if (dense) {
-        b->gate_up = take(m, N * 2 * c->F);
-        b->act = take(m, N * c->F);
+        b->gate_up = take(m, N * 2 * m->F_loc);
+        b->act = take(m, N * m->F_loc);
     }
     if (moe && c->E > 0) {
         b->router_logits = take(m, N * c->E);
@@ -81,8 +81,8 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
         }
 
         if (c->Fs > 0) {
-            b->s_gate_up = take(m, N * 2 * c->Fs);
-            b->s_act = take(m, N * c->Fs);
+            b->s_gate_up = take(m, N * 2 * m->Fs_loc);
+            b->s_act = take(m, N * m->Fs_loc);
         }
         b->bal_f = take(m, m->B_max * c->E);
     }
@@ -136,7 +136,7 @@ static void layout(nm_model *m) {
     m->lse = take(m, N);
     m->head_stats = (double *)take(m, 6 * N);  // 3 doubles per row (the arena is 64-byte aligned)
 
-    size_t Fmax = max_sz((size_t)c->F, (size_t)c->Fs);
+    size_t Fmax = max_sz((size_t)m->F_loc, (size_t)m->Fs_loc), H = (size_t)m->H_loc;
     m->d_res = take(m, N * D);
     m->d_h0 = take(m, N * D);
     m->d_a = take(m, N * D);
@@ -145,13 +145,13 @@ static void layout(nm_model *m) {
         m->d_cq_n = take(m, N * c->Rq);
         m->d_cq = take(m, N * c->Rq);
     }
-    m->d_q = take(m, N * c->H * c->Dqk);
+    m->d_q = take(m, N * H * c->Dqk);
     m->d_ckv_n = take(m, N * c->Rkv);
     m->d_ckv = take(m, N * c->Rkv);
     m->d_k_pe = take(m, N * c->Dr);
-    m->d_kv = take(m, N * c->H * (c->Dn + c->Dv));
-    m->d_att = take(m, N * c->H * c->Dv);
-    m->att_scratch = take(m, N * c->H * c->Dr);
+    m->d_kv = take(m, N * H * (c->Dn + c->Dv));
+    m->d_att = take(m, N * H * c->Dv);
+    m->att_scratch = take(m, N * H * c->Dr);
     m->d_gate_up = take(m, N * 2 * Fmax);
     m->d_act = take(m, N * Fmax);
     if (c->E > 0) {
@@ -173,6 +173,23 @@ static void layout(nm_model *m) {
     }
     m->d_emb = take(m, N * D);
     m->d_tmp = take(m, N * D);
+    if (m->tp) {
+        m->tp_ids = take_i32(m, N);
+        m->d_tp = take(m, N * D);
+        m->tp_red = (double *)take(m, 6 * N);
+    }
+}
+
+// Local sizes of a tensor-parallel rank of tp_size (the full sizes at 1); the vocabulary
+// shard is the embedding row's (table row 0) when there is a table.
+static void set_local_sizes(nm_model *m, int64_t tp_size, const nm_tensor_spec *embed) {
+    const nm_model_config *c = &m->cfg;
+    m->H_loc = c->H / tp_size;
+    m->F_loc = c->F / tp_size;
+    m->Fs_loc = c->Fs / tp_size;
+    m->V_loc = embed ? embed->shape[0] : c->V;
+    m->v_start = embed && embed->tp_dim == 0 ? embed->tp_start : 0;
+    m->V_valid = embed && embed->tp_dim == 0 ? embed->tp_extent : m->V_loc;
 }
 
 // --- create / destroy ---------------------------------------------------------------------
@@ -206,17 +223,28 @@ static int64_t pick_vocab_tile(const nm_model_config *c, int64_t N, int64_t requ
     return vt < 128 ? 128 : vt;
 }
 
-// The expert-parallel sizes the arena layout reads (create and the estimate share them): the
-// experts held here, and the bound on the rows they receive.
-static void set_expert_parallel_sizes(nm_model *m, nm_comm *ep) {
+// Everything the arena layout reads, from the options (create and the estimate share it):
+// the groups, this rank's parameter table, the local head / FFN / vocabulary sizes, the head
+// tile, the experts held here and the bound on the rows they receive.
+static int configure(nm_model *m, const nm_model_options *opts, nm_error *err) {
     const nm_model_config *c = &m->cfg;
-    m->ep = ep && ep->size > 1 ? ep : NULL;
-    int64_t ep_size = m->ep ? m->ep->size : 1;
-    m->E_loc = c->E / ep_size;
+    if (opts->vocab_tile < 0) return nm_error_set(err, "model: vocab_tile %lld < 0", (long long)opts->vocab_tile);
+    m->ep = opts->ep && opts->ep->size > 1 ? opts->ep : NULL;
+    m->tp = opts->tp && opts->tp->size > 1 ? opts->tp : NULL;
+    m->sp = m->tp && opts->sequence_parallel;
+    int64_t ep_size = m->ep ? m->ep->size : 1, ep_rank = m->ep ? m->ep->rank : 0;
+    int64_t tp_size = m->tp ? m->tp->size : 1, tp_rank = m->tp ? m->tp->rank : 0;
+    int64_t vocab_multiple = opts->vocab_multiple > 0 ? opts->vocab_multiple : 1;
+    if (nm_param_table_build_tp(&m->table, c, ep_rank, ep_size, tp_rank, tp_size, vocab_multiple, err) != 0) return -1;
+    set_local_sizes(m, tp_size, &m->table.rows[0]);
+    m->vt = pick_vocab_tile(c, m->B_max * m->T_max, opts->vocab_tile);
+    if (m->vt > m->V_loc) m->vt = m->V_loc;
+    m->E_loc = m->table.expert_count;
     if (m->ep) {
         int64_t per = c->K < m->E_loc ? c->K : m->E_loc;  // a token reaches one rank at most this often
         m->R_max = ep_size * m->B_max * m->T_max * per;
     }
+    return 0;
 }
 
 int nm_model_create(nm_model **out, const nm_model_config *cfg, const nm_ops *ops, int64_t B_max,
@@ -237,16 +265,12 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     m->B_max = B_max;
     m->T_max = T_max;
     m->recompute = opts->recompute;
-    if (opts->vocab_tile < 0) return nm_error_set(err, "model: vocab_tile %lld < 0", (long long)opts->vocab_tile);
-    m->vt = pick_vocab_tile(cfg, B_max * T_max, opts->vocab_tile);
-    set_expert_parallel_sizes(m, opts->ep);
-    int64_t ep_size = m->ep ? m->ep->size : 1, ep_rank = m->ep ? m->ep->rank : 0;
-    if (nm_param_table_build_ep(&m->table, cfg, ep_rank, ep_size, err) != 0) {
+    if (configure(m, opts, err) != 0) {
         nm_free(m);
         return -1;
     }
-    NM_CHECK(m->E_loc == m->table.expert_count, "expert count %lld != table %lld", (long long)m->E_loc,
-             (long long)m->table.expert_count);
+    int64_t ep_size = m->ep ? m->ep->size : 1;
+    if (m->tp) m->sp_counts = nm_calloc((size_t)m->tp->size, sizeof(int64_t));
     if (m->ep) {
         m->ep_send = nm_calloc((size_t)ep_size, sizeof(int64_t));
         m->ep_recv = nm_calloc((size_t)ep_size, sizeof(int64_t));
@@ -287,6 +311,7 @@ void nm_model_destroy(nm_model *m) {
     nm_free(m->ep_send);
     nm_free(m->ep_recv);
     nm_free(m->ep_cnt_send);
+    nm_free(m->sp_counts);
     nm_free(m->expert_counts);
     nm_free(m);
 }
@@ -310,26 +335,88 @@ int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err) {
 }
 float *nm_model_grads(nm_model *m) { return m->grads; }
 int nm_model_supports_expert_parallel(void) { return 1; }
+int nm_model_supports_tensor_parallel(void) { return 1; }
+
+// --- tensor parallelism -----------------------------------------------------------------------
+
+void nm_tp_all_reduce(nm_model *m, float *buf, int64_t n) {
+    if (!m->tp || m->tp_failed) return;
+    if (nm_comm_all_reduce(m->tp, buf, n, NM_DT_F32, NM_RED_SUM, &m->tp_err) != 0) m->tp_failed = 1;
+}
+
+// Token ids relative to this rank's vocabulary rows, -1 for rows held elsewhere.
+static const int32_t *tp_local_ids(nm_model *m, const int32_t *tokens, int64_t N) {
+    if (!m->tp) return tokens;
+    for (int64_t i = 0; i < N; i++) {
+        int64_t id = (int64_t)tokens[i] - m->v_start;
+        m->tp_ids[i] = id >= 0 && id < m->V_valid ? (int32_t)id : -1;
+    }
+    return m->tp_ids;
+}
+
+void nm_tp_embedding_forward(nm_model *m, float *out, const int32_t *tokens, int64_t N) {
+    int64_t D = m->cfg.D;
+    m->ops->embedding_forward(out, tp_local_ids(m, tokens, N), m->params + m->table.embed, N, D);
+    // sequence parallelism: each rank keeps the summed rows of its own tokens (Megatron's
+    // reduce-scatter into the sequence-parallel region)
+    if (m->sp) nm_sp_reduce_scatter(m, out, N, D);
+    else nm_tp_all_reduce(m, out, N * D);
+}
+
+void nm_sp_rows(const nm_model *m, int64_t N, int64_t *start, int64_t *n) {
+    if (!m->sp) {
+        *start = 0, *n = N;
+        return;
+    }
+    int64_t P = m->tp->size, q = m->tp->rank;
+    *start = q * N / P;
+    *n = (q + 1) * N / P - *start;
+}
+
+static void sp_counts(nm_model *m, int64_t N, int64_t width) {
+    int64_t P = m->tp->size;
+    for (int64_t q = 0; q < P; q++) m->sp_counts[q] = ((q + 1) * N / P - q * N / P) * width;
+}
+
+void nm_sp_all_gather(nm_model *m, void *buf, int64_t N, int64_t width, nm_comm_dtype dt) {
+    if (!m->sp || m->tp_failed) return;
+    sp_counts(m, N, width);
+    if (nm_comm_all_gather(m->tp, buf, m->sp_counts, dt, &m->tp_err) != 0) m->tp_failed = 1;
+}
+
+void nm_sp_reduce_scatter(nm_model *m, float *buf, int64_t N, int64_t width) {
+    if (!m->sp || m->tp_failed) return;
+    sp_counts(m, N, width);
+    if (nm_comm_reduce_scatter(m->tp, buf, m->sp_counts, NM_DT_F32, &m->tp_err) != 0) m->tp_failed = 1;
+}
+
+void nm_tp_embedding_backward(nm_model *m, const float *dout, const int32_t *tokens, int64_t N) {
+    m->ops->embedding_backward(m->grads + m->table.embed, dout, tp_local_ids(m, tokens, N), N, m->cfg.D);
+}
 const nm_param_table *nm_model_table(const nm_model *m) { return &m->table; }
 const nm_model_config *nm_model_cfg(const nm_model *m) { return &m->cfg; }
 size_t nm_model_activation_bytes(const nm_model *m) { return m->arena_floats * sizeof(float); }
 
 size_t nm_model_estimate_activation_bytes(const nm_model_config *cfg, int64_t B_max, int64_t T_max, int recompute) {
     nm_model_options o = {.recompute = recompute};
-    return nm_model_estimate_activation_bytes_ex(cfg, B_max, T_max, &o);
+    size_t bytes = 0;
+    nm_error err;
+    NM_CHECK(nm_model_estimate_activation_bytes_ex(cfg, B_max, T_max, &o, &bytes, &err) == 0, "%s", err.msg);
+    return bytes;
 }
 
-size_t nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_max, int64_t T_max,
-                                             const nm_model_options *opts) {
-    nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = opts->recompute,
-                  .vt = pick_vocab_tile(cfg, B_max * T_max, opts->vocab_tile > 0 ? opts->vocab_tile : 0)};
-    set_expert_parallel_sizes(&m, opts->ep);
+int nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_max, int64_t T_max,
+                                          const nm_model_options *opts, size_t *bytes, nm_error *err) {
+    nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = opts->recompute};
+    if (configure(&m, opts, err) != 0) return -1;
     m.blocks = nm_calloc((size_t)cfg->n_layers, sizeof(block_acts));
     m.mtp = nm_calloc(cfg->M > 0 ? (size_t)cfg->M : 1, sizeof(mtp_acts));
     layout(&m);  // counting pass only (no arena)
     nm_free(m.blocks);
     nm_free(m.mtp);
-    return m.arena_used * sizeof(float);
+    nm_param_table_free(&m.table);
+    *bytes = m.arena_used * sizeof(float);
+    return 0;
 }
 void nm_model_zero_grads(nm_model *m) { m->ops->zero(m->grads, (int64_t)m->table.n_floats); }
 
@@ -353,14 +440,34 @@ static double block_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_
     b->T = T;
 
     nm_mla_forward(m, l, B, T);
-    // FFN: x_out = x_mid + FFN(RMSNorm(x_mid))
-    ops->rmsnorm_forward(b->f, b->f_rstd, b->x_mid, m->params + w->post_norm, N, D, (float)c->rms_eps);
-    ops->copy_2d(b->x_out, N * D, b->x_mid, N * D, 1, N * D);
-    if (!nm_layer_is_moe(c, l)) {
-        nm_mlp_forward(m, b->x_out, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, c->F);
+    // FFN: x_out = x_mid + FFN(RMSNorm(x_mid)). Under tensor parallelism each rank adds its
+    // partial FFN output (its columns of down_proj) and tp rank 0 alone the residual and the
+    // routed experts (which every rank computes alike); the all-reduce then sums them.
+    int64_t s0, n0;  // this rank's rows (sequence parallelism), else all
+    nm_sp_rows(m, N, &s0, &n0);
+    ops->rmsnorm_forward(b->f + s0 * D, b->f_rstd + s0, b->x_mid + s0 * D, m->params + w->post_norm, n0, D,
+                         (float)c->rms_eps);
+    if (m->sp && !nm_layer_is_moe(c, l)) {
+        // all-gather f, the column-parallel gate/up, the row-parallel down into a partial
+        // (N, D), reduce-scattered; then the residual on this rank's rows
+        nm_sp_all_gather(m, b->f, N, D, NM_DT_F32);
+        ops->zero(b->x_out, N * D);
+        nm_mlp_forward(m, b->x_out, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, m->F_loc);
+        nm_sp_reduce_scatter(m, b->x_out, N, D);
+        ops->add_2d(b->x_out + s0 * D, D, b->x_mid + s0 * D, D, n0, D);
         return 0.0;
     }
-    return nm_moe_forward(m, l, B, T, counts);
+    if (m->sp) {
+        ops->copy_2d(b->x_out + s0 * D, D, b->x_mid + s0 * D, D, n0, D);
+        return nm_moe_forward(m, l, B, T, counts);  // on this rank's rows; shared experts gathered
+    }
+    if (nm_tp_lead(m)) ops->copy_2d(b->x_out, N * D, b->x_mid, N * D, 1, N * D);
+    else ops->zero(b->x_out, N * D);
+    double bal = 0.0;
+    if (!nm_layer_is_moe(c, l)) nm_mlp_forward(m, b->x_out, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, m->F_loc);
+    else bal = nm_moe_forward(m, l, B, T, counts);
+    nm_tp_all_reduce(m, b->x_out, N * D);
+    return bal;
 }
 
 // On entry m->d_res (N, D) holds dLoss/d(x_out); on exit it holds dLoss/d(x_in).
@@ -374,14 +481,20 @@ static void block_backward(nm_model *m, int64_t l, float aux_seed) {
     int64_t N = b->B * b->T, D = c->D;
 
     // FFN.  forward: x_out = x_mid + FFN(f), f = RMSNorm(x_mid)
+    int64_t s0, n0;
+    nm_sp_rows(m, N, &s0, &n0);
     if (!nm_layer_is_moe(c, l)) {
-        nm_mlp_backward(m, m->d_f, 0.0f, m->d_res, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, c->F);
+        nm_sp_all_gather(m, m->d_res, N, D, NM_DT_F32);  // d(x_out) of every token (sequence parallelism)
+        nm_mlp_backward(m, m->d_f, 0.0f, m->d_res, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, m->F_loc);
+        // each rank's gate/up rows gave part of d_f
+        if (m->sp) nm_sp_reduce_scatter(m, m->d_f, N, D);
+        else nm_tp_all_reduce(m, m->d_f, N * D);
     } else {
         nm_moe_backward(m, l, aux_seed);
     }
     // f = RMSNorm(x_mid); the residual path already carries d_res into x_mid.
-    m->ops->rmsnorm_backward(m->d_res, m->grads + w->post_norm, m->d_f, b->x_mid, m->params + w->post_norm, b->f_rstd,
-                             N, D);
+    m->ops->rmsnorm_backward(m->d_res + s0 * D, m->grads + w->post_norm, m->d_f + s0 * D, b->x_mid + s0 * D,
+                             m->params + w->post_norm, b->f_rstd + s0, n0, D);
 
     // MLA
     nm_mla_backward(m, l);
@@ -404,6 +517,11 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
     if (!opt->inference && T < c->M + 2) {
         return nm_error_set(err, "forward: sequence length %lld too short for %lld MTP depths (needs >= %lld)",
                             (long long)T, (long long)c->M, (long long)(c->M + 2));
+    }
+    if (m->tp && logits_out) {
+        return nm_error_set(err, "forward: the logits of a tensor-parallel model are split over the vocabulary "
+                                 "(tensor_parallel_size %d); gather them or run the forward at one process",
+                            m->tp->size);
     }
     for (int64_t i = 0; i < N; i++) {
         if (tokens[i] < 0 || tokens[i] >= V) {
@@ -428,13 +546,17 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
     // main stack
     double aux = 0.0;
     int moe_row = 0;
-    ops->embedding_forward(m->emb_out, tokens, P + m->table.embed, N, D);
+    nm_tp_embedding_forward(m, m->emb_out, tokens, N);
     for (int64_t l = 0; l < c->L; l++) {
         int64_t *counts = nm_layer_is_moe(c, l) ? m->expert_counts + (size_t)(moe_row++) * c->E : NULL;
         aux += block_forward(m, l, B, T, counts);
     }
     const float *h_last = m->blocks[c->L - 1].x_out;
-    ops->rmsnorm_forward(m->h0, m->h0_rstd, h_last, P + m->table.final_norm, N, D, (float)c->rms_eps);
+    int64_t s0, n0;
+    nm_sp_rows(m, N, &s0, &n0);
+    ops->rmsnorm_forward(m->h0 + s0 * D, m->h0_rstd + s0, h_last + s0 * D, P + m->table.final_norm, n0, D,
+                         (float)c->rms_eps);
+    nm_sp_all_gather(m, m->h0, N, D, NM_DT_F32);  // the vocabulary-parallel head reads every token
     nm_head_forward(m, m->losses, m->lse, m->logits, m->h0, m->targets, N, logits_out);
     double ce = T > 1 ? nm_head_sum_losses(m->losses, N) / (double)(B * (T - 1)) : 0.0;
 
@@ -449,12 +571,21 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
         mtp += nm_mtp_output_forward(m, k, B, T) / (double)(B * (Tk - 1));
     }
     if (M > 0) mtp /= (double)M;
+    if (m->sp && m->n_moe > 0 && !m->tp_failed &&
+        nm_comm_all_reduce(m->tp, m->expert_counts, (int64_t)m->n_moe * c->E, NM_DT_I64, NM_RED_SUM, &m->tp_err) != 0)
+        m->tp_failed = 1;  // each tp rank routed its own tokens
 
     loss->ce = ce;
     loss->mtp = mtp;
     loss->aux = aux;
     loss->loss = ce + (double)opt->mtp_weight * mtp + (double)opt->aux_weight * aux;
     loss->tokens = N;
+    if (m->tp_failed) {
+        m->tp_failed = 0;
+        m->ep_failed = 0;
+        *err = m->tp_err;
+        return nm_error_prefix(err, "forward: tensor-parallel all-reduce");
+    }
     if (m->ep_failed) {
         m->ep_failed = 0;
         *err = m->ep_err;
@@ -497,14 +628,27 @@ int nm_model_backward(nm_model *m, nm_error *err) {
 
     // main head: logits = h0 . lm_head^T ; h0 = RMSNorm(h_L)
     nm_head_backward(m, m->d_h0, 1.0f, m->logits, m->lse, m->h0, m->targets, gs / (float)(B * (T - 1)), N);
+    // sequence parallelism: d_h0 holds each rank's part for every token (its vocabulary rows,
+    // the MTP rows it holds); summed, each rank keeps its rows
+    nm_sp_reduce_scatter(m, m->d_h0, N, D);
+    int64_t s0, n0;
+    nm_sp_rows(m, N, &s0, &n0);
     ops->zero(m->d_res, N * D);
-    ops->rmsnorm_backward(m->d_res, G + m->table.final_norm, m->d_h0, m->blocks[c->L - 1].x_out,
-                          P + m->table.final_norm, m->h0_rstd, N, D);
+    ops->rmsnorm_backward(m->d_res + s0 * D, G + m->table.final_norm, m->d_h0 + s0 * D,
+                          m->blocks[c->L - 1].x_out + s0 * D, P + m->table.final_norm, m->h0_rstd + s0, n0, D);
     for (int64_t l = c->L - 1; l >= 0; l--) {
         block_backward(m, l, aux_seed);
         layer_finished(m, l);
     }
-    ops->embedding_backward(G + m->table.embed, m->d_res, m->tokens, N, D);
+    nm_sp_all_gather(m, m->d_res, N, D, NM_DT_F32);  // this rank's vocabulary rows see every token
+    nm_tp_embedding_backward(m, m->d_res, m->tokens, N);
+    if (m->tp_failed) {
+        m->tp_failed = 0;
+        m->ep_failed = 0;
+        m->hook_failed = 0;
+        *err = m->tp_err;
+        return nm_error_prefix(err, "backward: tensor-parallel all-reduce");
+    }
     if (m->ep_failed) {
         m->ep_failed = 0;
         m->hook_failed = 0;

@@ -40,6 +40,21 @@ typedef struct nm_model_options {
     nm_comm *ep;                // expert-parallel group (NULL or 1 rank: every routed expert here);
                                 // its rank holds experts [rank * E/size, (rank + 1) * E/size) and
                                 // every forward/backward exchanges token rows with the group
+    nm_comm *tp;                // tensor-parallel group (NULL or 1 rank: no split). Its rank holds
+                                // the shards of nm_param_table_build_tp: local heads, FFN columns
+                                // and vocabulary rows; every forward/backward all-reduces over it
+                                // (docs/parallelism.md). Routed experts stay whole (and are
+                                // computed on every rank of the group: no sequence parallelism)
+    int sequence_parallel;      // with tp: Megatron's sequence parallelism. The residual stream,
+                                // norms, router and routed experts on 1/TP of the B*T tokens
+                                // (contiguous rows), all-gathered before the column-parallel
+                                // linears, reduce-scattered after the row-parallel ones. The
+                                // gradients of the rows flagged NM_TENSOR_SEQ_PARTIAL are then
+                                // partial sums over tp (the caller sums them); routed experts
+                                // see distinct tokens per tp rank
+    int64_t vocab_multiple;     // with tp: Megatron's make_vocab_size_divisible_by, the vocabulary
+                                // padded to a multiple of it x TP (0 or 1: of TP); padding rows are
+                                // zeros outside every file and loss
     int64_t vocab_tile;         // output-head columns per tile: 0 picks one (the whole vocabulary
                                 // while N x V logits fit in 64 MiB); below V the (N, V) logits are
                                 // never stored and the backward recomputes each tile's logits
@@ -59,10 +74,11 @@ const nm_model_config *nm_model_cfg(const nm_model *m);
 size_t nm_model_activation_bytes(const nm_model *m);
 // What nm_model_create_ex would allocate for activations, without allocating it.
 size_t nm_model_estimate_activation_bytes(const nm_model_config *cfg, int64_t B_max, int64_t T_max, int recompute);
-// The same under opts (recompute, vocab_tile, the expert-parallel group's size and rank: a
-// shape communicator, nm_comm_shape, is enough). The planner's activation number.
-size_t nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_max, int64_t T_max,
-                                             const nm_model_options *opts);
+// The same under opts (recompute, vocab_tile, the groups' sizes and ranks: shape
+// communicators, nm_comm_shape, are enough): the planner's activation number. Returns 0, or
+// -1 with err when the options do not fit the config.
+int nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_max, int64_t T_max,
+                                          const nm_model_options *opts, size_t *bytes, nm_error *err);
 void nm_model_zero_grads(nm_model *m);
 
 // Forward over tokens (B, T), B <= B_max, 2 <= T <= T_max (1 <= T with opt->inference). Token ids outside [0, V) are an
@@ -88,6 +104,8 @@ void nm_model_set_backward_hook(nm_model *m, nm_backward_hook fn, void *ctx);
 
 // 1 when the model can shard its routed experts over an expert-parallel group.
 int nm_model_supports_expert_parallel(void);
+// 1 when the model can shard attention, dense FFNs and the vocabulary over a tensor-parallel group.
+int nm_model_supports_tensor_parallel(void);
 
 // Router statistics of the last forward, for the bias update and the metrics:
 // counts (n_moe_layers, E) of selected (token, expert) pairs, bias and group limit included.

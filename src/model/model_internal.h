@@ -149,6 +149,19 @@ struct nm_model {
     int64_t *ep_cnt_send;       // (EP*E_loc) per (destination, its local expert)
     int ep_failed;              // a collective failed inside forward/backward; ep_err has why
     nm_error ep_err;
+    // tensor parallelism (docs/parallelism.md): local sizes (the full ones without it)
+    nm_comm *tp;                // NULL without it
+    int sp;                     // sequence parallelism (with tp): the residual stream in 1/TP row chunks
+    int64_t *sp_counts;         // (TP) per-rank element counts of an all-gather / reduce-scatter
+    int64_t H_loc;              // attention heads held here
+    int64_t F_loc, Fs_loc;      // dense / shared-expert FFN width held here
+    int64_t V_loc, v_start;     // vocabulary rows [v_start, v_start + V_loc) of embedding and head
+    int64_t V_valid;            // of them, rows of the real vocabulary (the rest: padding)
+    int32_t *tp_ids;            // (N) token ids relative to v_start, -1 where another rank holds the row
+    float *d_tp;                // (N, D) partial sums on their way through an all-reduce
+    double *tp_red;             // (3N) cross-entropy statistics reduced over tp
+    int tp_failed;              // a tp collective failed inside forward/backward; tp_err has why
+    nm_error tp_err;
     nm_backward_hook hook;      // called as each layer's gradients become final (may be NULL)
     void *hook_ctx;
     int hook_failed;            // the hook returned an error; hook_err has why
@@ -172,6 +185,29 @@ void nm_linear_backward_input(const nm_model *m, float *dinp, int64_t ld_dinp, c
 // dW(OC, IC) += dout(N, OC)^T . inp(N, IC)      (Wgrad: both operands are activations; dW points into m->grads)
 void nm_linear_backward_weight(const nm_model *m, float *dW, int64_t ldw, const float *dout, int64_t ld_dout,
                                const float *inp, int64_t ld_inp, int64_t N, int64_t IC, int64_t OC);
+
+// --- tensor parallelism (model.c) -------------------------------------------------------------
+
+// buf (n floats) summed over the tp group in place; a failure is recorded (tp_failed) and
+// reported when the forward or backward returns. No-op without tensor parallelism.
+void nm_tp_all_reduce(nm_model *m, float *buf, int64_t n);
+// 1 where this rank contributes what every tp rank computes alike (the residual stream, the
+// routed experts): tp rank 0, or always without tensor parallelism.
+static inline int nm_tp_lead(const nm_model *m) { return !m->tp || m->tp->rank == 0; }
+// out(N, D) (=) the embedding rows of tokens(N), vocabulary-parallel: each rank looks up the
+// ids it holds (zeros elsewhere) and the rows are all-reduced over tp.
+void nm_tp_embedding_forward(nm_model *m, float *out, const int32_t *tokens, int64_t N);
+// d embedding (+=) for the rows this rank holds.
+void nm_tp_embedding_backward(nm_model *m, const float *dout, const int32_t *tokens, int64_t N);
+
+// Sequence parallelism: the rows [*start, *start + *n) of N that this tp rank holds (rank q of
+// TP: [q N / TP, (q+1) N / TP)); all of [0, N) without it. A row-chunked buffer keeps its rows
+// at their place in the full (N, width) buffer, so the collectives below work in place.
+void nm_sp_rows(const nm_model *m, int64_t N, int64_t *start, int64_t *n);
+// Every rank's chunk of buf (N, width) to every rank (no-op without sequence parallelism).
+void nm_sp_all_gather(nm_model *m, void *buf, int64_t N, int64_t width, nm_comm_dtype dt);
+// buf (N, width) summed over tp, each rank left with its chunk (no-op without it).
+void nm_sp_reduce_scatter(nm_model *m, float *buf, int64_t N, int64_t width);
 
 // --- attention half of a decoder block (mla.c, dsv3-spec 3.2) ---------------------------------
 

@@ -215,23 +215,44 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
     const float *P = m->params;
     block_acts *b = &m->blocks[l];
     int64_t N = B * T, D = c->D, E = c->E, K = c->K;
-    nm_router_params rp = router_params(c, N);
-    nm_linear_forward(m, b->router_logits, E, b->f, D, P + w->router, D, N, D, E, 0.0f);
-    ops->router_forward(b->topk_idx, b->topk_w, b->scores, b->router_logits, P + w->router_bias, &rp);
+    // Sequence parallelism: router and routed experts on this rank's rows [s0, s0 + n0) (its
+    // own tokens into the expert all-to-all); all rows without it.
+    int64_t s0, n0;
+    nm_sp_rows(m, N, &s0, &n0);
+    const float *f = b->f + s0 * D;
+    nm_router_params rp = router_params(c, n0);
+    nm_linear_forward(m, b->router_logits + s0 * E, E, f, D, P + w->router, D, n0, D, E, 0.0f);
+    ops->router_forward(b->topk_idx + s0 * K, b->topk_w + s0 * K, b->scores + s0 * E, b->router_logits + s0 * E,
+                        P + w->router_bias, &rp);
+    // the sequence-wise balance loss needs whole sequences: every rank's scores
+    nm_sp_all_gather(m, b->scores, N, E, NM_DT_F32);
     double bal = ops->balance_loss_forward(b->bal_f, b->scores, B, T, E, K);
-    ops->moe_permute(b->offsets, b->perm, b->topk_idx, N, K, E);
+    ops->moe_permute(b->offsets, b->perm, b->topk_idx + s0 * K, n0, K, E);
     if (counts) {
         for (int64_t e = 0; e < E; e++) counts[e] += b->offsets[e + 1] - b->offsets[e];
     }
-    ops->moe_gather(b->x_perm, b->f, b->perm, N, K, D);
+    ops->moe_gather(b->x_perm, f, b->perm, n0, K, D);
     if (m->ep) {
         ep_exchange_counts(m, b);
         ep_dispatch(m, b, b->x_perm, b->x_loc);
     }
     nm_moe_experts_forward(m, w, b->loc_offsets, b->x_loc, b->e_gate_up, b->e_act, b->e_out_loc);
     if (m->ep) ep_combine(m, b, b->e_out_loc, b->e_out);
-    ops->moe_combine_forward(b->x_out, b->e_out, b->topk_w, b->perm, N, K, D);
-    if (c->Fs > 0) nm_mlp_forward(m, b->x_out, b->s_gate_up, b->s_act, b->f, w->shared_gate_up, w->shared_down, N, c->Fs);
+    // Tensor parallelism without sequence parallelism: every tp rank routes and runs the
+    // (whole) routed experts on the same tokens; tp rank 0 alone adds them, the block's
+    // all-reduce sums them with the shared part.
+    if (m->sp || nm_tp_lead(m))
+        ops->moe_combine_forward(b->x_out + s0 * D, b->e_out, b->topk_w + s0 * K, b->perm, n0, K, D);
+    if (c->Fs > 0 && m->sp) {
+        // shared experts: column/row-parallel on every token, reduce-scattered to this rank's rows
+        nm_sp_all_gather(m, b->f, N, D, NM_DT_F32);
+        ops->zero(m->d_tp, N * D);
+        nm_mlp_forward(m, m->d_tp, b->s_gate_up, b->s_act, b->f, w->shared_gate_up, w->shared_down, N, m->Fs_loc);
+        nm_sp_reduce_scatter(m, m->d_tp, N, D);
+        ops->add_2d(b->x_out + s0 * D, D, m->d_tp + s0 * D, D, n0, D);
+    } else if (c->Fs > 0) {
+        nm_mlp_forward(m, b->x_out, b->s_gate_up, b->s_act, b->f, w->shared_gate_up, w->shared_down, N, m->Fs_loc);
+    }
     return bal;
 }
 
@@ -244,22 +265,35 @@ void nm_moe_backward(nm_model *m, int64_t l, float aux_seed) {
     block_acts *b = &m->blocks[l];
     int64_t B = b->B, T = b->T, N = B * T, D = c->D, E = c->E, K = c->K;
     float *d_res = m->d_res;
-    nm_router_params rp = router_params(c, N);
+    int64_t s0, n0;
+    nm_sp_rows(m, N, &s0, &n0);
+    const float *f = b->f + s0 * D;
+    nm_router_params rp = router_params(c, n0);
     ops->zero(m->d_f, N * D);
-    if (c->Fs > 0) nm_mlp_backward(m, m->d_f, 1.0f, d_res, b->s_gate_up, b->s_act, b->f, w->shared_gate_up, w->shared_down, N, c->Fs);
+    if (c->Fs > 0) {
+        nm_sp_all_gather(m, d_res, N, D, NM_DT_F32);  // the shared experts saw every token
+        nm_mlp_backward(m, m->d_f, 1.0f, d_res, b->s_gate_up, b->s_act, b->f, w->shared_gate_up, w->shared_down, N,
+                        m->Fs_loc);
+        // each tp rank's shared-expert columns gave part of d_f; the routed and router parts
+        // added below are whole on every rank (on its own rows under sequence parallelism)
+        if (m->sp) nm_sp_reduce_scatter(m, m->d_f, N, D);
+        else nm_tp_all_reduce(m, m->d_f, N * D);
+    }
     // x_out += sum_k w_k * e_out[row(n,k)]
-    ops->moe_combine_backward(m->d_e_out, m->d_topk_w, d_res, b->e_out, b->topk_w, b->perm, N, K, D);
+    ops->moe_combine_backward(m->d_e_out, m->d_topk_w, d_res + s0 * D, b->e_out, b->topk_w + s0 * K, b->perm, n0, K,
+                              D);
     if (m->ep) ep_dispatch(m, b, m->d_e_out, m->d_e_out_loc);
     nm_moe_experts_backward(m, w, b->loc_offsets, b->x_loc, b->e_gate_up, b->e_act, m->d_e_out_loc, m->d_e_act,
                             m->d_e_gate_up, m->d_x_loc);
     if (m->ep) ep_combine(m, b, m->d_x_loc, m->d_x_perm);
     // x_perm = gather(f)
-    ops->moe_scatter_add(m->d_f, m->d_x_perm, b->perm, N, K, D);
+    ops->moe_scatter_add(m->d_f + s0 * D, m->d_x_perm, b->perm, n0, K, D);
     // gate weights <- scores <- router logits = f . W_router^T (bias: selection only, no gradient)
-    ops->router_backward(m->d_router, m->d_topk_w, b->scores, b->topk_idx, &rp);
+    ops->router_backward(m->d_router + s0 * E, m->d_topk_w, b->scores + s0 * E, b->topk_idx + s0 * K, &rp);
     if (aux_seed != 0.0f) {
+        // every token's (the scores were gathered); this rank uses its rows
         ops->balance_loss_backward(m->d_router, aux_seed, b->bal_f, b->scores, B, T, E, K, c->scoring);
     }
-    nm_linear_backward_weight(m, G + w->router, D, m->d_router, E, b->f, D, N, D, E);
-    nm_linear_backward_input(m, m->d_f, D, m->d_router, E, P + w->router, D, N, D, E, 1.0f);
+    nm_linear_backward_weight(m, G + w->router, D, m->d_router + s0 * E, E, f, D, n0, D, E);
+    nm_linear_backward_input(m, m->d_f + s0 * D, D, m->d_router + s0 * E, E, P + w->router, D, n0, D, E, 1.0f);
 }

@@ -15,6 +15,12 @@ void nm_mtp_input_forward(nm_model *m, int64_t k, const int32_t *tokens, int64_t
     const nm_layer_offsets *w = &m->table.layers[l];
     const float *h_src = k == 1 ? m->h0 : m->blocks[l - 1].x_out;
     int64_t T_src = T - k + 1;
+    // Sequence parallelism: depth k's rows [s0, s0 + n0) of its B x (T - k); h^{k-1} is needed
+    // at other rows than the previous depth's chunk, so it is gathered whole first (h0 is
+    // already: the head read it).
+    int64_t s0, n0;
+    nm_sp_rows(m, Nk, &s0, &n0);
+    if (k > 1) nm_sp_all_gather(m, m->blocks[l - 1].x_out, B * T_src, D, NM_DT_F32);
     for (int64_t b = 0; b < B; b++) {
         for (int64_t i = 0; i < Tk; i++) {
             t->tokens_in[b * Tk + i] = tokens[b * T + i + k];
@@ -22,12 +28,13 @@ void nm_mtp_input_forward(nm_model *m, int64_t k, const int32_t *tokens, int64_t
         }
     }
     ops->copy_2d(t->h_prev, Tk * D, h_src, T_src * D, B, Tk * D);
-    ops->embedding_forward(t->emb, t->tokens_in, P + m->table.embed, Nk, D);
-    ops->rmsnorm_forward(t->emb_n, t->emb_rstd, t->emb, P + w->enorm, Nk, D, (float)c->rms_eps);
-    ops->rmsnorm_forward(t->h_n, t->h_rstd, t->h_prev, P + w->hnorm, Nk, D, (float)c->rms_eps);
+    nm_tp_embedding_forward(m, t->emb, t->tokens_in, Nk);
+    size_t r0 = (size_t)(s0 * D);
+    ops->rmsnorm_forward(t->emb_n + r0, t->emb_rstd + s0, t->emb + r0, P + w->enorm, n0, D, (float)c->rms_eps);
+    ops->rmsnorm_forward(t->h_n + r0, t->h_rstd + s0, t->h_prev + r0, P + w->hnorm, n0, D, (float)c->rms_eps);
     // eh_proj (D, 2D): columns [0, D) take enorm(emb), [D, 2D) take hnorm(h)
-    nm_linear_forward(m, blk->x_in, D, t->emb_n, D, P + w->eh_proj, 2 * D, Nk, D, D, 0.0f);
-    nm_linear_forward(m, blk->x_in, D, t->h_n, D, P + w->eh_proj + D, 2 * D, Nk, D, D, 1.0f);
+    nm_linear_forward(m, blk->x_in + r0, D, t->emb_n + r0, D, P + w->eh_proj, 2 * D, n0, D, D, 0.0f);
+    nm_linear_forward(m, blk->x_in + r0, D, t->h_n + r0, D, P + w->eh_proj + D, 2 * D, n0, D, D, 1.0f);
 }
 
 double nm_mtp_output_forward(nm_model *m, int64_t k, int64_t B, int64_t T) {
@@ -35,7 +42,11 @@ double nm_mtp_output_forward(nm_model *m, int64_t k, int64_t B, int64_t T) {
     int64_t D = c->D, l = c->L + k - 1, Nk = B * (T - k);
     mtp_acts *t = &m->mtp[k - 1];
     const nm_layer_offsets *w = &m->table.layers[l];
-    m->ops->rmsnorm_forward(t->g, t->g_rstd, m->blocks[l].x_out, m->params + w->head_norm, Nk, D, (float)c->rms_eps);
+    int64_t s0, n0;
+    nm_sp_rows(m, Nk, &s0, &n0);
+    m->ops->rmsnorm_forward(t->g + s0 * D, t->g_rstd + s0, m->blocks[l].x_out + s0 * D, m->params + w->head_norm, n0,
+                            D, (float)c->rms_eps);
+    nm_sp_all_gather(m, t->g, Nk, D, NM_DT_F32);  // the vocabulary-parallel head reads every token
     nm_head_forward(m, t->losses, t->lse, t->logits, t->g, t->targets, Nk, NULL);
     return nm_head_sum_losses(t->losses, Nk);
 }
@@ -46,13 +57,22 @@ void nm_mtp_output_backward(nm_model *m, int64_t k, int64_t B, int64_t T, float 
     int64_t D = c->D, l = c->L + k - 1, Nk = B * (T - k);
     mtp_acts *t = &m->mtp[k - 1];
     const nm_layer_offsets *w = &m->table.layers[l];
-    // logits_k = g . lm_head^T ; g = RMSNorm(h^k)
+    int64_t s0, n0;
+    nm_sp_rows(m, Nk, &s0, &n0);
+    size_t r0 = (size_t)(s0 * D);
+    // logits_k = g . lm_head^T ; g = RMSNorm(h^k). Under sequence parallelism d_tmp and dh hold
+    // each rank's part for every token: summed, each rank keeps its rows.
     nm_head_backward(m, m->d_tmp, 0.0f, t->logits, t->lse, t->g, t->targets, scale, Nk);
+    nm_sp_reduce_scatter(m, m->d_tmp, Nk, D);
     // d_res = dh^k (from depth k+1, zero for the deepest) + head-norm path
-    if (k == c->M) ops->zero(m->d_res, Nk * D);
-    else ops->copy_2d(m->d_res, Nk * D, t->dh, Nk * D, 1, Nk * D);
-    ops->rmsnorm_backward(m->d_res, m->grads + w->head_norm, m->d_tmp, m->blocks[l].x_out, m->params + w->head_norm,
-                          t->g_rstd, Nk, D);
+    if (k == c->M) {
+        ops->zero(m->d_res, Nk * D);
+    } else {
+        nm_sp_reduce_scatter(m, t->dh, Nk, D);
+        ops->copy_2d(m->d_res + r0, D, t->dh + r0, D, n0, D);
+    }
+    ops->rmsnorm_backward(m->d_res + r0, m->grads + w->head_norm, m->d_tmp + r0, m->blocks[l].x_out + r0,
+                          m->params + w->head_norm, t->g_rstd + s0, n0, D);
 }
 
 void nm_mtp_input_backward(nm_model *m, int64_t k, int64_t B, int64_t T) {
@@ -63,17 +83,26 @@ void nm_mtp_input_backward(nm_model *m, int64_t k, int64_t B, int64_t T) {
     int64_t D = c->D, l = c->L + k - 1, Tk = T - k, Nk = B * Tk;
     mtp_acts *t = &m->mtp[k - 1];
     const nm_layer_offsets *w = &m->table.layers[l];
+    // Sequence parallelism: this rank's rows [s0, s0 + n0) (all rows without it).
+    int64_t s0, n0;
+    nm_sp_rows(m, Nk, &s0, &n0);
+    size_t r0 = (size_t)(s0 * D);
+    const float *d_x = m->d_res + r0;
     // x_in = emb_n . W_eh[:, :D]^T + h_n . W_eh[:, D:]^T
-    nm_linear_backward_weight(m, G + w->eh_proj, 2 * D, m->d_res, D, t->emb_n, D, Nk, D, D);
-    nm_linear_backward_weight(m, G + w->eh_proj + D, 2 * D, m->d_res, D, t->h_n, D, Nk, D, D);
-    nm_linear_backward_input(m, m->d_tmp, D, m->d_res, D, P + w->eh_proj, 2 * D, Nk, D, D, 0.0f);
+    nm_linear_backward_weight(m, G + w->eh_proj, 2 * D, d_x, D, t->emb_n + r0, D, n0, D, D);
+    nm_linear_backward_weight(m, G + w->eh_proj + D, 2 * D, d_x, D, t->h_n + r0, D, n0, D, D);
+    nm_linear_backward_input(m, m->d_tmp + r0, D, d_x, D, P + w->eh_proj, 2 * D, n0, D, D, 0.0f);
     ops->zero(m->d_emb, Nk * D);
-    ops->rmsnorm_backward(m->d_emb, G + w->enorm, m->d_tmp, t->emb, P + w->enorm, t->emb_rstd, Nk, D);
-    ops->embedding_backward(G + m->table.embed, m->d_emb, t->tokens_in, Nk, D);
-    nm_linear_backward_input(m, m->d_tmp, D, m->d_res, D, P + w->eh_proj + D, 2 * D, Nk, D, D, 0.0f);
+    ops->rmsnorm_backward(m->d_emb + r0, G + w->enorm, m->d_tmp + r0, t->emb + r0, P + w->enorm, t->emb_rstd + s0,
+                          n0, D);
+    nm_sp_all_gather(m, m->d_emb, Nk, D, NM_DT_F32);  // this rank's vocabulary rows see every token
+    nm_tp_embedding_backward(m, m->d_emb, t->tokens_in, Nk);
+    nm_linear_backward_input(m, m->d_tmp + r0, D, d_x, D, P + w->eh_proj + D, 2 * D, n0, D, D, 0.0f);
     ops->zero(m->d_emb, Nk * D);
-    ops->rmsnorm_backward(m->d_emb, G + w->hnorm, m->d_tmp, t->h_prev, P + w->hnorm, t->h_rstd, Nk, D);
-    // h_prev = first Tk positions of h^{k-1} (h0 for k == 1)
+    ops->rmsnorm_backward(m->d_emb + r0, G + w->hnorm, m->d_tmp + r0, t->h_prev + r0, P + w->hnorm, t->h_rstd + s0,
+                          n0, D);
+    // h_prev = first Tk positions of h^{k-1} (h0 for k == 1). Under sequence parallelism only
+    // this rank's rows are non-zero: the sum over tp (the caller's reduce-scatter) completes it.
     if (k == 1) {
         ops->add_2d(m->d_h0, T * D, m->d_emb, Tk * D, B, Tk * D);
     } else {

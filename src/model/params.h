@@ -33,6 +33,9 @@ enum {
     NM_TENSOR_MTP = 1u << 5,        // belongs to an MTP block
     NM_TENSOR_OPTIONAL = 1u << 6,   // may be absent from a checkpoint (zeros then): the router bias
                                     // of greedy / group_limited_greedy, which selection ignores
+    NM_TENSOR_SEQ_PARTIAL = 1u << 7, // computed on a rank's tokens under sequence parallelism (norms
+                                    // of the residual stream, router, MTP eh_proj): its gradient is
+                                    // a partial sum over the tp group, not split
 };
 
 typedef struct nm_tensor_spec {
@@ -47,6 +50,17 @@ typedef struct nm_tensor_spec {
     int init_key;               // the row's index in the full (one-process) table: the counter of
                                 // its initialisation, so a rank holding a subset of the experts
                                 // initialises them exactly as one process does
+    // Tensor parallelism (docs/parallelism.md): shape above is this rank's shard of the HF
+    // tensor full_shape, split along tp_dim (0: rows, a column-parallel linear's output
+    // features or a vocabulary shard; 1: columns, a row-parallel linear's input features;
+    // -1: not split, full_shape == shape), starting at row/column tp_start of the full tensor.
+    // A padded vocabulary (Megatron's make_vocab_size_divisible_by) gives the embedding and
+    // lm_head shards of V_padded / TP rows; tp_extent of them (tp_dim 0: rows) are rows of the
+    // full tensor, the rest is padding: zeros, no gradient, never in a file or a loss.
+    int tp_dim;
+    int64_t full_shape[2];
+    int64_t tp_start;
+    int64_t tp_extent;
 } nm_tensor_spec;
 
 // Offsets (in floats) of one decoder block's tensors; NM_OFF_NONE when absent.
@@ -91,6 +105,8 @@ typedef struct nm_param_table {
     int64_t expert_first;       // global index of the first routed expert held (expert parallelism)
     int64_t expert_count;       // routed experts held per MoE layer (E without expert parallelism);
                                 // layers[l].experts is expert expert_first's gate
+    int64_t tp_rank, tp_size;   // tensor-parallel shard held (0 of 1 without it)
+    int64_t vocab_padded;       // rows of the (padded) vocabulary the shards divide (V without tp)
 } nm_param_table;
 
 // Builds the table from a validated config. Returns 0 or -1 with err filled.
@@ -100,6 +116,17 @@ int nm_param_table_build(nm_param_table *t, const nm_model_config *cfg, nm_error
 // expert index). ep_size must divide E.
 int nm_param_table_build_ep(nm_param_table *t, const nm_model_config *cfg, int64_t ep_rank, int64_t ep_size,
                             nm_error *err);
+// The table of tensor-parallel rank tp_rank of tp_size (and expert-parallel rank ep_rank of
+// ep_size): the same rows in the same order as one process, with column-parallel matrices
+// (q_b_proj / q_proj, kv_b_proj, dense and shared gate_proj / up_proj) holding 1/tp_size of
+// their rows, row-parallel ones (o_proj, dense and shared down_proj) 1/tp_size of their
+// columns, the embedding and lm_head 1/tp_size of the vocabulary; everything else whole.
+// Refuses (naming the config key) a head count or FFN width tp_size does not divide.
+// vocab_multiple (tp_size > 1 only): the vocabulary is padded up to a multiple of
+// vocab_multiple x tp_size rows, as Megatron's make_vocab_size_divisible_by (1: to a multiple of
+// tp_size, i.e. only when tp_size does not divide it).
+int nm_param_table_build_tp(nm_param_table *t, const nm_model_config *cfg, int64_t ep_rank, int64_t ep_size,
+                            int64_t tp_rank, int64_t tp_size, int64_t vocab_multiple, nm_error *err);
 void nm_param_table_free(nm_param_table *t);
 // Row index by exact name, or -1.
 int nm_param_table_find(const nm_param_table *t, const char *name);

@@ -98,9 +98,10 @@ typedef struct nm_ops {
     void (*add_2d)(float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows, int64_t cols);
 
     // --- embedding ------------------------------------------------------------------------
-    // out(N,D) (=) emb[tokens[n]]. Tokens are range-checked by the caller.
+    // out(N,D) (=) emb[tokens[n]]. Tokens are range-checked by the caller; a negative id (a
+    // vocabulary row another tensor-parallel rank holds) gives a zero row.
     void (*embedding_forward)(float *out, const int32_t *tokens, const float *emb, int64_t N, int64_t D);
-    // demb (+=) scatter-add of dout rows.
+    // demb (+=) scatter-add of dout rows; rows with a negative id are skipped.
     void (*embedding_backward)(float *demb, const float *dout, const int32_t *tokens, int64_t N, int64_t D);
 
     // --- RMSNorm: out = w * x / sqrt(mean(x^2) + eps) ----------------------------------------

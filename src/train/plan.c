@@ -66,7 +66,9 @@ static int stage_sizes(nm_plan *p, nm_plan_stage *s, const nm_model_config *cfg,
     }
     nm_model_options mo = {.recompute = r->recompute, .ep = ep};
     int64_t T = r->seq_len + 1;  // the trainer's rows: seq_len inputs and the last target
-    s->activation_bytes = (int64_t)nm_model_estimate_activation_bytes_ex(cfg, r->micro_batch, T, &mo);
+    size_t act = 0;
+    if (nm_model_estimate_activation_bytes_ex(cfg, r->micro_batch, T, &mo, &act, err) != 0) goto done;
+    s->activation_bytes = (int64_t)act;
     if (p->n.ep > 1 && cfg->E > 0) {
         // The receive-side buffers sized for R_max rows: x_loc, e_out_loc (per MoE layer, or
         // once with recomputation), and d_e_out_loc, d_x_loc and the exchange buffer.

@@ -85,6 +85,11 @@ static const key_spec keys[] = {
      "stop at a step divisible by this, schedule unchanged (Megatron --exit-interval); 0: off"},
     {"bucket_mb", K_INT, OFF(bucket_mb), 40, NULL, 1, 1 << 20, 0, NULL, 0,
      "gradient reduce-scatter bucket size, MiB of fp32 gradients"},
+    {"make_vocab_size_divisible_by", K_INT, OFF(make_vocab_size_divisible_by), 128, NULL, 1, 1 << 20, 0, NULL, 0,
+     "under tensor parallelism the vocabulary is padded to a multiple of this x TP (Megatron's key); padding rows "
+     "never reach a checkpoint or a loss"},
+    {"sequence_parallel", K_BOOL, OFF(sequence_parallel), 1, NULL, 0, 1, 0, NULL, 0,
+     "under tensor parallelism, norms, residuals and the router on 1/TP of the tokens (Megatron --sequence-parallel)"},
     {"overlap_grad_reduce", K_BOOL, OFF(overlap_grad_reduce), 0, NULL, 0, 1, 0, NULL, 0,
      "start each bucket's reduce-scatter once the backward has finished its layers (Megatron --overlap-grad-reduce)"},
     {"optimizer.lr", K_FLOAT, OFF(optimizer.lr), 3e-4, NULL, 0, 10, 1, NULL, 0, "peak learning rate"},

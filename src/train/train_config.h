@@ -77,6 +77,8 @@ typedef struct nm_train_config {
     int64_t expert_parallel_size;   // 1: routed experts sharded over this many ranks
     int64_t bucket_mb;              // ZeRO-1 gradient bucket size in MiB of fp32 (40)
     int overlap_grad_reduce;        // 1: buckets start reducing during the last backward (default 0)
+    int sequence_parallel;          // 1 (default): with tensor_parallel_size > 1, sequence parallelism
+    int64_t make_vocab_size_divisible_by; // 128: with TP, vocabulary padded to a multiple of this x TP
     int64_t exit_interval;          // stop (after a checkpoint) at a step divisible by this; 0: off
     struct {
         double lr, min_lr;      // schedule's lr_max / lr_min

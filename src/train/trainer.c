@@ -14,8 +14,9 @@
 // are all-gathered; the loss, the expert loads and the gradient norm are all-reduced so that
 // every rank takes the same decisions (clipping, skipping, bias updates). Only rank 0 prints
 // and writes logs; checkpoints are written by every rank (train/checkpoint.h).
-// Tensor and pipeline parallelism are refused at start: the mesh has the groups, the model
-// does not split over them yet.
+// Tensor parallelism splits the model over the tp group (model.h, docs/parallelism.md);
+// checkpoints stay full HF tensors (train/tp_shard.h). Pipeline parallelism is refused at
+// start: the mesh has the groups, the model does not split over them yet.
 #define _GNU_SOURCE
 #include "nanomegatron.h"
 
@@ -41,6 +42,7 @@
 #include "train/metrics.h"
 #include "train/schedule.h"
 #include "train/tensorboard.h"
+#include "train/tp_shard.h"
 #include "train/zero.h"
 
 struct nm_trainer {
@@ -52,8 +54,11 @@ struct nm_trainer {
     nm_comm *world;             // owned
     nm_mesh *mesh;              // groups of the layout
     nm_zero *zero;              // ZeRO-1 ownership and buckets (world > 1)
+    nm_param_table full_table;  // tensor parallelism: the one-process table (checkpoint layout)
+    int sp;                     // sequence parallelism (tp > 1 and sequence_parallel)
+    unsigned char *tp_summed;   // (n_rows) sequence-parallel partial rows already summed over tp this step
     int rank0;                  // this process prints and writes the logs
-    int64_t comm_seen[3][NM_COMM_N_OPS]; // dp / edp / ep byte counters at the last step's end
+    int64_t comm_seen[4][NM_COMM_N_OPS]; // dp / edp / ep / tp byte counters at the last step's end
     nm_loader *train_data;
     nm_loader *valid_data;      // NULL when there is no validation split
     nm_lr_schedule sched;
@@ -189,6 +194,8 @@ static int rewind_metrics(nm_trainer *t, const char *path, int64_t last_step, nm
 
 // --- create -----------------------------------------------------------------------------------
 
+static size_t *full_row_state(const nm_trainer *t);
+
 static int make_loaders(nm_trainer *t, nm_error *err) {
     const nm_train_config *c = &t->cfg;
     nm_data_spec spec;
@@ -267,10 +274,22 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
                       cfg->expert_parallel_size, n_moe_layers > 0 ? t->mcfg.E : 0, cfg->global_batch, cfg->micro_batch,
                       err) != 0)
         goto fail;
-    if (ms.tp > 1 || ms.pp > 1) {
-        nm_error_set(err, "tensor_parallel_size %lld, pipeline_parallel_size %lld: tensor and pipeline parallelism "
-                     "are not implemented yet (only data and expert parallelism: set both to 1)",
-                     (long long)ms.tp, (long long)ms.pp);
+    if (ms.pp > 1) {
+        nm_error_set(err, "pipeline_parallel_size %lld: pipeline parallelism is not implemented yet (set it to 1)",
+                     (long long)ms.pp);
+        goto fail;
+    }
+    t->sp = ms.tp > 1 && cfg->sequence_parallel;
+    if (ms.tp > 1 && ms.ep > 1 && !t->sp) {
+        // Without sequence parallelism every tp rank holds the same tokens, so each would send
+        // them into the expert all-to-all again (Megatron requires --sequence-parallel here).
+        nm_error_set(err, "tensor_parallel_size %lld with expert_parallel_size %lld: tensor x expert parallelism "
+                     "needs sequence parallelism: set sequence_parallel to true (or one of them to 1)",
+                     (long long)ms.tp, (long long)ms.ep);
+        goto fail;
+    }
+    if (ms.tp > 1 && !nm_model_supports_tensor_parallel()) {
+        nm_error_set(err, "tensor_parallel_size %lld: tensor parallelism is not implemented", (long long)ms.tp);
         goto fail;
     }
     if (ms.ep > 1 && !nm_model_supports_expert_parallel()) {
@@ -280,12 +299,25 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     if (nm_mesh_create(&t->mesh, t->world, &ms, err) != 0) goto fail;
     if (nm_train_config_accum_steps(cfg, ms.dp, &t->accum, err) != 0) goto fail;
     t->T = cfg->seq_len + 1;
-    nm_model_options mopts = {.recompute = opts->recompute, .ep = t->mesh->ep};
+    nm_model_options mopts = {.recompute = opts->recompute, .ep = t->mesh->ep, .tp = t->mesh->tp,
+                              .sequence_parallel = t->sp, .vocab_multiple = cfg->make_vocab_size_divisible_by};
     if (nm_model_create_ex(&t->model, &t->mcfg, nm_ops_cpu(), cfg->micro_batch, t->T, &mopts, err) != 0) goto fail;
     if (nm_model_set_precision(t->model, cfg->precision, err) != 0) goto fail;
     const nm_param_table *table = nm_model_table(t->model);
     t->model_params_readonly = nm_model_params(t->model);
-    if (cfg->init_from) {
+    // the checkpoint layout: whole tensors, of this rank's experts under expert parallelism
+    if (ms.tp > 1 && nm_param_table_build_ep(&t->full_table, &t->mcfg, ms.ep > 1 ? t->mesh->ep_rank : 0, ms.ep,
+                                             err) != 0)
+        goto fail;
+    if (cfg->init_from && ms.tp > 1) {
+        // The directory holds full tensors: load them, then cut this rank's shards out.
+        float *full = nm_aligned_alloc(t->full_table.n_floats * sizeof(float));
+        rc = nm_hf_dir_load_model(cfg->init_from, &t->full_table, &t->mcfg, (uint64_t)cfg->seed, full, err);
+        if (rc == 0) nm_tp_slice_full(table, &t->full_table, full, nm_model_params(t->model), NULL);
+        nm_free(full);
+        if (rc != 0) goto fail;
+        rc = -1;
+    } else if (cfg->init_from) {
         if (nm_hf_dir_load_model(cfg->init_from, table, &t->mcfg, (uint64_t)cfg->seed, nm_model_params(t->model), err) != 0) goto fail;
     } else {
         nm_params_init(nm_model_params(t->model), table, &t->mcfg, (uint64_t)cfg->seed);
@@ -293,7 +325,12 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     nm_adamw_config acfg;
     nm_train_config_adamw(cfg, &acfg);
     if (t->world->size > 1) {
-        if (nm_zero_create(&t->zero, table, t->mesh->dp, t->mesh->edp, cfg->bucket_mb * 262144, err) != 0) goto fail;
+        // Under tensor parallelism without sequence parallelism (EP 1) every tp rank runs the
+        // routed experts on the same tokens: they are replicated over tp like every unsplit
+        // tensor and reduce over dp (edp = dp x tp / ep would count them TP times). With it
+        // each tp rank's experts saw its own tokens: edp, as with EP.
+        nm_comm *expert_group = ms.tp > 1 && !t->sp ? t->mesh->dp : t->mesh->edp;
+        if (nm_zero_create(&t->zero, table, t->mesh->dp, expert_group, cfg->bucket_mb * 262144, err) != 0) goto fail;
         if (nm_optimizer_create_sharded(&t->optim, table, &acfg, t->zero->owned, err) != 0) goto fail;
     } else if (nm_optimizer_create(&t->optim, table, &acfg, err) != 0) {
         goto fail;
@@ -309,6 +346,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     t->bias_ptrs = nm_calloc((size_t)(n_moe > 0 ? n_moe : 1), sizeof(float *));
     for (int i = 0; i < n_moe; i++) t->bias_ptrs[i] = nm_model_params(t->model) + table->layers[moe_ids[i]].router_bias;
     t->tokens = nm_malloc((size_t)(cfg->micro_batch * t->T) * sizeof(int32_t));
+    t->tp_summed = nm_calloc((size_t)table->n_rows, 1);
     t->hist_step = nm_calloc((size_t)cfg->steps + 1, sizeof(double));
     t->hist_loss = nm_calloc((size_t)cfg->steps + 1, sizeof(double));
     t->hist_vstep = nm_calloc((size_t)cfg->steps + 2, sizeof(double));
@@ -343,8 +381,30 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
         char dir[4200];
         nm_ckpt_shard shard = {.world = t->world, .owned = t->zero ? t->zero->owned : NULL,
                                .row_state = t->optim->row_state};
-        int lr = nm_checkpoint_load_latest(opts->run_dir, &st, table, nm_model_params(t->model), t->optim->m,
+        int lr;
+        if (ms.tp > 1) {
+            // Full tensors into the one-process layout, then this rank's shards (and of the
+            // moments, the rows it owns) cut out.
+            size_t nf = t->full_table.n_floats;
+            float *fp = nm_aligned_alloc(nf * sizeof(float)), *fm = nm_aligned_alloc(nf * sizeof(float));
+            float *fv = nm_aligned_alloc(nf * sizeof(float));
+            size_t *state = full_row_state(t);
+            nm_ckpt_shard full_shard = {.world = t->world, .row_state = state};
+            lr = nm_checkpoint_load_latest(opts->run_dir, &st, &t->full_table, fp, fm, fv, &full_shard, dir,
+                                           sizeof(dir), err);
+            nm_free(state);
+            if (lr == 0) {
+                nm_tp_slice_full(table, &t->full_table, fp, nm_model_params(t->model), NULL);
+                nm_tp_slice_full(table, &t->full_table, fm, t->optim->m, t->optim->row_state);
+                nm_tp_slice_full(table, &t->full_table, fv, t->optim->v, t->optim->row_state);
+            }
+            nm_free(fp);
+            nm_free(fm);
+            nm_free(fv);
+        } else {
+            lr = nm_checkpoint_load_latest(opts->run_dir, &st, table, nm_model_params(t->model), t->optim->m,
                                            t->optim->v, &shard, dir, sizeof(dir), err);
+        }
         if (lr < 0) goto fail;
         if (lr == 1) {
             if (!t->opts.quiet) printf("resume: no checkpoint in %s, starting fresh\n", opts->run_dir);
@@ -377,7 +437,8 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     t->step_at_start = t->step;
     if (!t->opts.quiet) {
         char total[32], active[32], desc[256];
-        nm_format_si(total, sizeof(total), (double)table->n_params_main);
+        const nm_param_table *whole = ms.tp > 1 ? &t->full_table : table;  // the model's, not a shard's
+        nm_format_si(total, sizeof(total), (double)whole->n_params_main);
         nm_format_si(active, sizeof(active), (double)nm_model_params_active(&t->mcfg));
         nm_loader_describe(t->train_data, desc, sizeof(desc));
         int64_t n_dense = 0;
@@ -395,7 +456,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
                "state), activations %.1f MiB\n",
                layout, (double)table->n_floats * 4 / mib, (double)table->n_floats * 4 / mib,
                (double)t->optim->n_state * 8 / mib,
-               100.0 * (double)t->optim->n_params / (double)(table->n_params_main + table->n_params_mtp),
+               100.0 * (double)t->optim->n_params / (double)(whole->n_params_main + whole->n_params_mtp),
                (double)nm_model_activation_bytes(t->model) / mib);
         printf("%s\n", t->kernels);
         printf("peak  %.1f GFLOP/s %s measured (%s) | %.2f MFLOP/token | activations %.1f MiB",
@@ -429,11 +490,12 @@ static int comm_metrics(nm_trainer *t, nm_metric *kv, int *n_out, nm_error *err)
         {"comm_dp_all_reduce_bytes", "comm_dp_reduce_scatter_bytes", "comm_dp_all_gather_bytes", NULL, NULL, NULL, NULL},
         {NULL, "comm_edp_reduce_scatter_bytes", "comm_edp_all_gather_bytes", NULL, NULL, NULL, NULL},
         {NULL, NULL, NULL, "comm_ep_all_to_all_bytes", NULL, NULL, NULL},
+        {"comm_tp_all_reduce_bytes", "comm_tp_reduce_scatter_bytes", "comm_tp_all_gather_bytes", NULL, NULL, NULL, NULL},
     };
-    nm_comm *groups[3] = {t->mesh->dp, t->mesh->edp, t->mesh->ep};
+    nm_comm *groups[4] = {t->mesh->dp, t->mesh->edp, t->mesh->ep, t->mesh->tp};
     int n = 0;
     int64_t a2a = 0;
-    for (int g = 0; g < 3; g++) {
+    for (int g = 0; g < 4; g++) {
         for (int op = 0; op < NM_COMM_N_OPS; op++) {
             if (!keys[g][op]) continue;
             int64_t now = groups[g]->counters.bytes[op];
@@ -472,12 +534,35 @@ static int first_bad_name(nm_trainer *t, const char *mine, char out[128], nm_err
     return 0;
 }
 
-static int zero_backward_hook(void *zero, int layer, nm_error *err) { return nm_zero_layer_done(zero, layer, err); }
+// Sequence parallelism: the rows computed on each rank's tokens (norms, router, eh_proj;
+// NM_TENSOR_SEQ_PARTIAL) hold partial gradients; they are summed over tp once per step, after
+// the last micro-batch's backward has finished their layer (layer -1: the global rows), and
+// before any bucket holding them starts reducing over dp.
+static int tp_sum_partial_rows(nm_trainer *t, int layer, nm_error *err) {
+    if (!t->sp) return 0;
+    const nm_param_table *table = nm_model_table(t->model);
+    float *g = nm_model_grads(t->model);
+    for (int r = 0; r < table->n_rows; r++) {
+        const nm_tensor_spec *row = &table->rows[r];
+        if (!(row->flags & NM_TENSOR_SEQ_PARTIAL) || (row->flags & NM_TENSOR_TIED) || t->tp_summed[r]) continue;
+        if (layer != -2 && row->layer != layer) continue;  // -2: every row not summed yet
+        if (nm_comm_all_reduce(t->mesh->tp, g + row->offset, row->numel, NM_DT_F32, NM_RED_SUM, err) != 0) return -1;
+        t->tp_summed[r] = 1;
+    }
+    return 0;
+}
+
+static int zero_backward_hook(void *trainer, int layer, nm_error *err) {
+    nm_trainer *t = trainer;
+    if (tp_sum_partial_rows(t, layer, err) != 0) return -1;
+    return nm_zero_layer_done(t->zero, layer, err);
+}
 
 // After the micro-batches: gradients reduce-scattered to their owners, and the loss terms,
 // the finiteness flag and the expert loads all-reduced, so every rank decides the same.
 static int reduce_step(nm_trainer *t, nm_step_metrics *m, int n_moe, int *finite, nm_error *err) {
     if (t->world->size == 1) return 0;
+    if (tp_sum_partial_rows(t, -2, err) != 0) return -1;
     if (nm_zero_finish(t->zero, err) != 0) return -1;
     nm_comm *dp = t->mesh->dp;
     double dpn = (double)t->mesh->n.dp;
@@ -494,6 +579,27 @@ static int reduce_step(nm_trainer *t, nm_step_metrics *m, int n_moe, int *finite
     return 0;
 }
 
+// This rank's part of the squared gradient norm: the rows it owns, except that a tensor
+// tensor parallelism does not split is held alike by every tp rank and counted on tp rank 0
+// only (the shards of a split one are distinct and each counts).
+static double tp_grad_sumsq(nm_trainer *t) {
+    const float *g = nm_model_grads(t->model);
+    if (t->mesh->n.tp == 1) return nm_optimizer_grad_sumsq(t->optim, g);
+    const nm_optimizer *o = t->optim;
+    const nm_param_table *table = nm_model_table(t->model);
+    double sum = 0.0;
+    for (int64_t c = 0; c < o->n_chunks; c++) {
+        const nm_tensor_spec *row = &table->rows[o->chunks[c].row];
+        // under sequence parallelism the routed experts are owned over edp (tp included): once
+        if (t->mesh->tp_rank != 0 && row->tp_dim < 0 && !(t->sp && (row->flags & NM_TENSOR_EXPERT))) continue;
+        const float *x = g + o->chunks[c].offset;
+        double part = 0.0;
+        for (size_t i = 0; i < o->chunks[c].len; i++) part += (double)x[i] * (double)x[i];
+        sum += part;
+    }
+    return sum;
+}
+
 // The pre-step checks over the whole job: the norm from every rank's owned rows (each tensor
 // is owned once in the world), clipping from it, and the first non-finite tensor's name.
 static int check_grads(nm_trainer *t, double max_norm, nm_grad_report *rep, nm_error *err) {
@@ -502,7 +608,7 @@ static int check_grads(nm_trainer *t, double max_norm, nm_grad_report *rep, nm_e
         return 0;
     }
     memset(rep, 0, sizeof(*rep));
-    double sumsq = nm_optimizer_grad_sumsq(t->optim, nm_model_grads(t->model));
+    double sumsq = tp_grad_sumsq(t);
     if (nm_comm_all_reduce(t->world, &sumsq, 1, NM_DT_F64, NM_RED_SUM, err) != 0) return -1;
     rep->norm = sqrt(sumsq);
     rep->bad_row = -1;
@@ -540,6 +646,51 @@ int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err) {
     return 0;
 }
 
+// Where the moments of the rows this rank owns sit in the one-process layout (the row offsets;
+// SIZE_MAX for rows it does not own and rows without optimizer state, the router bias).
+static size_t *full_row_state(const nm_trainer *t) {
+    const nm_param_table *full = &t->full_table;
+    size_t *state = nm_malloc((size_t)full->n_rows * sizeof(size_t));
+    for (int r = 0; r < full->n_rows; r++)
+        state[r] = t->optim->row_state[r] == SIZE_MAX ? SIZE_MAX : full->rows[r].offset;
+    return state;
+}
+
+// A tensor-parallel save writes full HF tensors: each dp owner's rows are gathered over its
+// tp group into the one-process layout and tp rank 0 writes them (the other tp ranks write
+// empty shard files), so the directory is the one any layout writes.
+static int save_tp(nm_trainer *t, const char *run_dir, const nm_ckpt_state *st, char *dir, size_t cap,
+                   nm_error *err) {
+    const nm_param_table *loc = nm_model_table(t->model), *full = &t->full_table;
+    size_t nf = full->n_floats;
+    float *fp = nm_aligned_alloc(nf * sizeof(float)), *fm = nm_aligned_alloc(nf * sizeof(float));
+    float *fv = nm_aligned_alloc(nf * sizeof(float));
+    const unsigned char *owned = t->zero->owned;
+    unsigned char *writes = nm_calloc((size_t)full->n_rows, 1);
+    // Each row once: tp rank 0 of its dp owner (routed experts under sequence parallelism: their
+    // edp owner, whatever its tp rank).
+    for (int r = 0; r < full->n_rows; r++) {
+        int expert_edp = t->sp && (full->rows[r].flags & NM_TENSOR_EXPERT);
+        writes[r] = owned[r] && (t->mesh->tp_rank == 0 || expert_edp);
+    }
+    int rc = nm_tp_gather_full(loc, full, t->model_params_readonly, NULL, fp, owned, t->mesh->tp, err);
+    if (rc == 0) rc = nm_tp_gather_full(loc, full, t->optim->m, t->optim->row_state, fm, owned, t->mesh->tp, err);
+    if (rc == 0) rc = nm_tp_gather_full(loc, full, t->optim->v, t->optim->row_state, fv, owned, t->mesh->tp, err);
+    if (rc == 0) {
+        size_t *state = full_row_state(t);
+        nm_ckpt_shard shard = {.world = t->world, .owned = writes, .row_state = state, .tp = t->mesh->n.tp,
+                               .pp = t->mesh->n.pp, .ep = t->mesh->n.ep};
+        rc = nm_checkpoint_save(run_dir, st, &t->mcfg, full, fp, fm, fv, &shard, t->cfg.checkpoint.keep_last, dir,
+                                cap, err);
+        nm_free(state);
+    }
+    nm_free(writes);
+    nm_free(fp);
+    nm_free(fm);
+    nm_free(fv);
+    return rc;
+}
+
 int nm_trainer_save(nm_trainer *t, nm_error *err) { return nm_trainer_save_to(t, t->opts.run_dir, err); }
 
 int nm_trainer_save_to(nm_trainer *t, const char *run_dir, nm_error *err) {
@@ -552,7 +703,9 @@ int nm_trainer_save_to(nm_trainer *t, const char *run_dir, nm_error *err) {
     st.tokenizer = nm_strdup(t->cfg.tokenizer ? t->cfg.tokenizer : "bytes");
     char dir[4200];
     int rc = t->metrics ? nm_metrics_sync(t->metrics, err) : 0;
-    if (rc == 0) {
+    if (rc == 0 && t->mesh->n.tp > 1) {
+        rc = save_tp(t, run_dir, &st, dir, sizeof(dir), err);
+    } else if (rc == 0) {
         nm_ckpt_shard shard = {.world = t->world, .owned = t->zero ? t->zero->owned : NULL,
                                .row_state = t->optim->row_state, .tp = t->mesh->n.tp, .pp = t->mesh->n.pp,
                                .ep = t->mesh->n.ep};
@@ -608,7 +761,8 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
         int last = micro == t->accum - 1;
         if (last && t->zero) {
             nm_zero_begin(t->zero, nm_model_grads(t->model));
-            if (c->overlap_grad_reduce) nm_model_set_backward_hook(t->model, zero_backward_hook, t->zero);
+            memset(t->tp_summed, 0, (size_t)nm_model_table(t->model)->n_rows);
+            if (c->overlap_grad_reduce) nm_model_set_backward_hook(t->model, zero_backward_hook, t);
         }
         int rc = nm_model_backward(t->model, err);
         nm_model_set_backward_hook(t->model, NULL, NULL);
@@ -712,7 +866,7 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     }
 
     // logs
-    nm_metric kv[40];
+    nm_metric kv[48];
     int n = 0;
     kv[n++] = NM_METRIC_F("ce_loss", m->ce_loss);
     kv[n++] = NM_METRIC_F("mtp_loss", m->mtp_loss);
@@ -806,6 +960,8 @@ void nm_trainer_destroy(nm_trainer *t) {
     nm_model_destroy(t->model);
     nm_model_config_free(&t->mcfg);
     nm_zero_destroy(t->zero);
+    nm_param_table_free(&t->full_table);
+    nm_free(t->tp_summed);
     nm_mesh_destroy(t->mesh);
     nm_comm_destroy(t->world);
     nm_free(t->tokens);

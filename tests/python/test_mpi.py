@@ -1,6 +1,6 @@
 """The Trainer under `mpirun -np 2 python train.py`: init_distributed joins the library's
-communicator, and the two ranks train data-parallel with per-step losses equal to
-`nanomegatron train` on one process (tests/dist/compare_runs.py's tolerances: 2e-5 relative
+communicator, and the two ranks train data-parallel, then tensor-parallel (tp2), each with
+per-step losses equal to `nanomegatron train` on one process (tests/dist/compare_runs.py's tolerances: 2e-5 relative
 on loss / CE, 2e-4 on the gradient norm, expert load exactly; it says why)."""
 import json
 import os
@@ -25,13 +25,12 @@ with Trainer(config, run_dir=sys.argv[2]) as trainer:
         pass
 # Each rank reports in a file of its own: two ranks printing to one pipe interleave.
 report = {"rank": ctx.rank, "world": ctx.world_size}
-# Tensor parallelism at a world it divides: the library's own refusal, as NMError.
+# Tensor parallelism at a world it divides: the same run, split over the two ranks.
 import dataclasses
-from nanomegatron import NMError
-try:
-    Trainer(dataclasses.replace(config, tensor_parallel_size=2), run_dir=sys.argv[2] + "-tp")
-except NMError as e:
-    report["refused"] = str(e)
+with Trainer(dataclasses.replace(config, tensor_parallel_size=2), run_dir=sys.argv[2] + "-tp") as trainer:
+    for step, metrics in trainer.train():
+        pass
+    report["tp_steps"] = trainer.step_count
 with open(f"{sys.argv[2]}-rank{ctx.rank}.json", "w") as f:
     json.dump(report, f)
 """
@@ -57,17 +56,18 @@ def test_trainer_under_mpirun_equals_one_process_cli(tmp_path, nm_bin):
     # Both ranks write to one pipe, so a line of one can land in the middle of the other's.
     reports = [json.load(open(f"{tmp_path / 'py'}-rank{r}.json")) for r in range(2)]
     assert [(d["rank"], d["world"]) for d in reports] == [(0, 2), (1, 2)], reports
-    assert all("tensor and pipeline parallelism are not implemented" in d.get("refused", "") for d in reports), reports
-    c = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "dist", "compare_runs.py"),
-                        str(tmp_path / "ref" / "metrics.jsonl"), str(tmp_path / "py" / "metrics.jsonl"),
-                        "python dp2"], capture_output=True, text=True)
-    assert c.returncode == 0, c.stdout + c.stderr
+    assert all(d.get("tp_steps") == 6 for d in reports), reports
+    for run, label in (("py", "python dp2"), ("py-tp", "python tp2")):
+        c = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "dist", "compare_runs.py"),
+                            str(tmp_path / "ref" / "metrics.jsonl"), str(tmp_path / run / "metrics.jsonl"),
+                            label], capture_output=True, text=True)
+        assert c.returncode == 0, c.stdout + c.stderr
 
 
 def test_tensor_parallel_is_refused_with_the_library_message(tmp_path):
     cfg = nm.TrainConfig(model=small_model(), data=nm.DataConfig(seq_len=32), batch_size=4, max_steps=2,
                          tensor_parallel_size=2)
     # At one process the layout check speaks first (2 does not divide a world of 1); under
-    # mpirun -np 2 the script above sees the "not implemented" refusal.
+    # mpirun -np 2 the script above trains it.
     with pytest.raises(nm.NMError, match="tensor_parallel_size 2"):
         nm.Trainer(cfg, run_dir=str(tmp_path / "run"))

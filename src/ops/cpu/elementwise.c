@@ -50,8 +50,9 @@ void nm_cpu_embedding_forward(float *out, const int32_t *tokens, const float *em
     NM_CHECK(N >= 0 && D >= 0, "embedding shape");
 #pragma omp parallel for schedule(static) if (N * D > (1 << 16))
     for (int64_t n = 0; n < N; n++) {
-        NM_CHECK(tokens[n] >= 0, "token %lld is %d", (long long)n, tokens[n]);
-        memcpy(out + n * D, emb + (int64_t)tokens[n] * D, (size_t)D * sizeof(float));
+        // A negative id is a row another vocabulary-parallel rank holds: zeros here.
+        if (tokens[n] < 0) memset(out + n * D, 0, (size_t)D * sizeof(float));
+        else memcpy(out + n * D, emb + (int64_t)tokens[n] * D, (size_t)D * sizeof(float));
     }
 }
 
@@ -63,6 +64,7 @@ void nm_cpu_embedding_backward(float *demb, const float *dout, const int32_t *to
     for (int64_t s = 0; s < n_slabs; s++) {
         int64_t c0 = s * SLAB, c1 = c0 + SLAB < D ? c0 + SLAB : D;
         for (int64_t n = 0; n < N; n++) {
+            if (tokens[n] < 0) continue;  // held by another vocabulary-parallel rank
             float *d = demb + (int64_t)tokens[n] * D;
             const float *g = dout + n * D;
             for (int64_t c = c0; c < c1; c++) d[c] += g[c];
