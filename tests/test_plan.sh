@@ -2,8 +2,9 @@
 # test_plan.sh: `nanomegatron plan` against launched runs of the same layouts: the banner's
 # per-rank allocation (parameters, gradients, optimizer shard, activations) and the byte
 # counters of metrics.jsonl (reduce-scatter, all-gather and all-reduce over dp and edp, the
-# job's all-to-all) within 10%, for one process, dp2, dp2 x ep2 and ep2 with recomputation.
-# Then refusals (a layout that does not divide, TP/PP while the model cannot split) and the
+# job's all-to-all, tp's three collectives) within 10%, for one process, dp2, dp2 x ep2, ep2 with
+# recomputation, tp2, tp2 x ep2 and tp2 without sequence parallelism with recomputation.
+# Then refusals (a layout that does not divide, TP over more ranks than heads) and the
 # DeepSeek-V3 layout of the docs (runs, says whether it fits).
 set -euo pipefail
 : "${NM_BIN:?}" "${NM_ROOT:?}"
@@ -26,17 +27,19 @@ cat > train.json <<'JSON'
 JSON
 export OMP_NUM_THREADS=1 NM_CPU_KERNELS=default
 
-# name ranks ep recompute(0|1)
+# name ranks ep recompute(0|1) [tp [sp(0|1)]]
 check() {
-  local name=$1 n=$2 ep=$3 rc=$4 extra=() pextra=()
+  local name=$1 n=$2 ep=$3 rc=$4 tp=${5:-1} sp=${6:-1} extra=() pextra=()
   [ "$rc" = 1 ] && extra+=(--recompute) && pextra+=(--recompute)
+  [ "$sp" = 0 ] && extra+=(--set sequence_parallel=false) && pextra+=(--no-sequence-parallel)
   if [ "$n" = 1 ]; then
     "$NM_BIN" train --config train.json --out "$name" "${extra[@]}" >"$name.log" 2>&1 || { cat "$name.log"; fail "$name did not run"; }
   else
-    nm_mpirun "$n" "$NM_BIN" train --config train.json --out "$name" --set expert_parallel_size="$ep" "${extra[@]}" \
+    nm_mpirun "$n" "$NM_BIN" train --config train.json --out "$name" --set expert_parallel_size="$ep" \
+      --set tensor_parallel_size="$tp" "${extra[@]}" \
       >"$name.log" 2>&1 || { cat "$name.log"; fail "$name did not run"; }
   fi
-  "$NM_BIN" plan --config model.json --world "$n" --ep "$ep" --seq-len 32 --micro-batch 2 --global-batch 8 \
+  "$NM_BIN" plan --config model.json --world "$n" --ep "$ep" --tp "$tp" --seq-len 32 --micro-batch 2 --global-batch 8 \
     "${pextra[@]}" >"$name.plan" || fail "plan $name"
   "$PY" - "$name" <<'PY' || fail "$name: plan and run differ"
 import json, re, sys
@@ -55,7 +58,9 @@ last = [r for r in rows if "comm_dp_reduce_scatter_bytes" in r or "loss" in r][-
 c = plan["comm"]
 for key, pk in [("comm_dp_reduce_scatter_bytes", "dp_reduce_scatter"), ("comm_dp_all_gather_bytes", "dp_all_gather"),
                 ("comm_dp_all_reduce_bytes", "dp_all_reduce"), ("comm_edp_reduce_scatter_bytes", "edp_reduce_scatter"),
-                ("comm_edp_all_gather_bytes", "edp_all_gather"), ("comm_ep_all_to_all_bytes_job", "ep_all_to_all_job")]:
+                ("comm_edp_all_gather_bytes", "edp_all_gather"), ("comm_ep_all_to_all_bytes_job", "ep_all_to_all_job"),
+                ("comm_tp_all_reduce_bytes", "tp_all_reduce"), ("comm_tp_reduce_scatter_bytes", "tp_reduce_scatter"),
+                ("comm_tp_all_gather_bytes", "tp_all_gather")]:
     pairs[key] = (float(last.get(key, 0)), float(c[pk]))
 bad = []
 for k, (run, planned) in pairs.items():
@@ -70,15 +75,15 @@ check one 1 1 0
 check dp2 2 1 0
 check dp2_ep2 4 2 0
 check ep2_recompute 2 2 1
+check tp2 2 1 0 2
+check tp2_ep2 4 2 0 2
+check tp2_nosp_recompute 2 1 1 2 0
 
 # Refusals name the numbers.
 if "$NM_BIN" plan --config model.json --world 3 --ep 2 >bad.out 2>bad.err; then fail "world 3 x ep 2 accepted"; fi
 grep -q "expert_parallel_size 2" bad.err || { cat bad.err; fail "layout refusal does not name ep"; }
-if "$NM_BIN" plan --config model.json --world 4 --tp 2 >bad.out 2>bad.err; then
-  grep -q '"tp": 2' bad.out || fail "tp2 plan has no tp in its JSON"
-else
-  grep -q "tensor_parallel_size 2" bad.err || { cat bad.err; fail "tp refusal does not name the key"; }
-fi
+if "$NM_BIN" plan --config model.json --world 4 --tp 4 >bad.out 2>bad.err; then fail "tp4 over 2 heads accepted"; fi
+grep -q "num_attention_heads 2" bad.err || { cat bad.err; fail "tp refusal does not name the heads"; }
 # DeepSeek-V3 at the docs' layout: it must run and say whether it fits.
 "$NM_BIN" plan --config "$NM_ROOT/configs/deepseek-v3.json" --world 2048 --ep 64 --seq-len 4096 --precision bf16 \
   --recompute >dsv3.out || fail "DeepSeek-V3 plan did not run"

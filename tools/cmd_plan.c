@@ -42,31 +42,35 @@ static void print_json(const nm_plan *p, const nm_plan_request *r, double memory
     }
     const nm_plan_comm *c = &p->comm;
     printf("], \"comm\": {\"dp_reduce_scatter\": %lld, \"dp_all_gather\": %lld, \"dp_all_reduce\": %lld, "
-           "\"edp_reduce_scatter\": %lld, \"edp_all_gather\": %lld, \"ep_all_to_all\": %lld, \"ep_all_to_all_job\": %lld}, "
+           "\"edp_reduce_scatter\": %lld, \"edp_all_gather\": %lld, \"ep_all_to_all\": %lld, \"ep_all_to_all_job\": %lld, "
+           "\"tp_all_reduce\": %lld, \"tp_reduce_scatter\": %lld, \"tp_all_gather\": %lld}, "
            "\"flops_per_step_rank\": %.6g, \"compute_s\": %.6g, \"memory_gib\": %g, \"fits\": %s}\n",
            (long long)c->dp_reduce_scatter, (long long)c->dp_all_gather, (long long)c->dp_all_reduce,
            (long long)c->edp_reduce_scatter, (long long)c->edp_all_gather, (long long)c->ep_all_to_all,
-           (long long)c->ep_all_to_all_job, p->flops_per_step_rank, p->compute_s, memory_gib, fits ? "true" : "false");
+           (long long)c->ep_all_to_all_job, (long long)c->tp_all_reduce, (long long)c->tp_reduce_scatter,
+           (long long)c->tp_all_gather, p->flops_per_step_rank, p->compute_s, memory_gib, fits ? "true" : "false");
 }
 
 int nm_cmd_plan(int argc, char **argv) {
     static const char *const vflags[] = {"config", "model", "world", "tp", "pp", "ep", "seq-len", "micro-batch",
-                                         "global-batch", "precision", "bucket-mb", "flops", "memory-gib", NULL};
-    static const char *const bflags[] = {"recompute", NULL};
+                                         "global-batch", "precision", "bucket-mb", "flops", "memory-gib",
+                                         "make-vocab-size-divisible-by", NULL};
+    static const char *const bflags[] = {"recompute", "no-sequence-parallel", NULL};
     nm_args a;
     if (nm_args_parse(&a, "plan", argc, argv, vflags, bflags)) return 2;
     const char *dir = nm_args_str(&a, "model", NULL), *cfg_path = nm_args_str(&a, "config", NULL);
     if ((!dir) == (!cfg_path) || !nm_args_has(&a, "world") || a.n_positional) {
         fprintf(stderr, "usage: nanomegatron plan --config MODEL.json | --model DIR --world N [--tp T] [--pp P] [--ep E] "
                         "[--seq-len S] [--micro-batch B] [--global-batch G] [--recompute] [--precision fp32|bf16|fp8] "
-                        "[--bucket-mb M] [--flops F] [--memory-gib M]\n");
+                        "[--bucket-mb M] [--flops F] [--memory-gib M] [--no-sequence-parallel] [--make-vocab-size-divisible-by K]\n");
         return 2;
     }
-    nm_plan_request r = {.recompute = nm_args_has(&a, "recompute")};
+    nm_plan_request r = {.recompute = nm_args_has(&a, "recompute"), .sequence_parallel = !nm_args_has(&a, "no-sequence-parallel")};
     double memory_gib;
     if (nm_args_i64(&a, "world", 1, &r.world) || nm_args_i64(&a, "tp", 1, &r.tp) || nm_args_i64(&a, "pp", 1, &r.pp) ||
         nm_args_i64(&a, "ep", 1, &r.ep) || nm_args_i64(&a, "seq-len", 4096, &r.seq_len) ||
         nm_args_i64(&a, "micro-batch", 1, &r.micro_batch) || nm_args_i64(&a, "bucket-mb", 40, &r.bucket_mb) ||
+        nm_args_i64(&a, "make-vocab-size-divisible-by", 128, &r.vocab_multiple) ||
         nm_args_f64(&a, "flops", 0, &r.flops) || nm_args_f64(&a, "memory-gib", 80, &memory_gib))
         return 2;
     if (r.world < 1 || r.tp < 1 || r.pp < 1 || r.ep < 1) {
@@ -110,10 +114,12 @@ int nm_cmd_plan(int argc, char **argv) {
     }
     const nm_plan_comm *c = &p.comm;
     printf("comm  per rank and step, MiB: dp reduce_scatter %.1f, all_gather %.1f, all_reduce %.3f | edp "
-           "reduce_scatter %.1f, all_gather %.1f | ep all_to_all %.1f (job %.1f)\n",
+           "reduce_scatter %.1f, all_gather %.1f | ep all_to_all %.1f (job %.1f) | tp all_reduce %.1f, reduce_scatter %.1f, "
+           "all_gather %.1f\n",
            c->dp_reduce_scatter / 1048576.0, c->dp_all_gather / 1048576.0, c->dp_all_reduce / 1048576.0,
            c->edp_reduce_scatter / 1048576.0, c->edp_all_gather / 1048576.0, c->ep_all_to_all / 1048576.0,
-           c->ep_all_to_all_job / 1048576.0);
+           c->ep_all_to_all_job / 1048576.0, c->tp_all_reduce / 1048576.0, c->tp_reduce_scatter / 1048576.0,
+           c->tp_all_gather / 1048576.0);
     printf("compute %.4g TFLOP per rank and step", p.flops_per_step_rank / 1e12);
     if (r.flops > 0) printf(", %.3g s at %.4g TFLOP/s", p.compute_s, r.flops / 1e12);
     printf("\n%s in %g GiB per rank\n", fits ? "fits" : "does not fit", memory_gib);

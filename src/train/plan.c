@@ -19,27 +19,79 @@ static int64_t all_to_all_job_bytes(const nm_model_config *c, const nm_plan_requ
     for (int64_t l = 0; l < c->n_layers; l++) {
         if (!nm_layer_is_moe(c, l)) continue;
         int64_t T_l = r->seq_len + 1 - (nm_layer_is_mtp(c, l) ? l - c->L + 1 : 0);
-        total += count_rounds * r->world * c->E * 8 + phases * (r->world * r->micro_batch * T_l) * c->K * c->D * 4;
+        // Under sequence parallelism each tp rank routes its own 1/TP of the tokens.
+        total += count_rounds * r->world * c->E * 8 + phases * (r->world / r->tp * r->micro_batch * T_l) * c->K * c->D * 4;
     }
     return accum * total;
+}
+
+// The tp group's bytes per step (docs/parallelism.md, "Traffic"): a reduce-scatter or
+// all-gather counts its whole (N, width) buffer, N = micro x (seq_len + 1) rows in a decoder
+// block and micro x (seq_len + 1 - k) in MTP depth k; recomputation repeats each block's
+// forward collectives. "FFN" is a dense block or a MoE block with shared experts.
+static void tp_bytes(const nm_model_config *c, const nm_plan_request *r, int64_t accum, nm_plan_comm *out) {
+    if (r->tp <= 1) return;
+    int sp = r->sequence_parallel, fwd = r->recompute ? 2 : 1;
+    int64_t D = c->D, T = r->seq_len + 1, mb = r->micro_batch;
+    int64_t ar = 0, rs = 0, ag = 0, ar_bytes = 0, n_moe = 0;  // floats, except ar_bytes
+    for (int64_t l = 0; l < c->n_layers; l++) {
+        int64_t N = mb * (nm_layer_is_mtp(c, l) ? T - (l - c->L + 1) : T);
+        int moe = nm_layer_is_moe(c, l), ffn = !moe || c->Fs > 0;
+        n_moe += moe;
+        // attention backward: d(kv latent), d(rope key), d(q latent) (q_proj: its part of d(norm output))
+        ar += N * c->Rkv + N * c->Dr + N * (c->Rq > 0 ? c->Rq : D);
+        if (sp) {
+            ag += fwd * (N * D + (moe ? N * c->E : 0) + (ffn ? N * D : 0)) + N * D + (ffn ? N * D : 0);
+            rs += fwd * (N * D + (ffn ? N * D : 0)) + (ffn ? N * D : 0);
+        } else {
+            ar += fwd * 2 * N * D + (ffn ? N * D : 0);
+        }
+    }
+    for (int64_t k = 0; k <= c->M; k++) {  // the main head, then each MTP depth's
+        int64_t N = mb * (T - k);
+        if (sp) {
+            rs += 2 * N * D;  // the embedding; d(hidden)
+            ag += 2 * N * D;  // the head's input; d(embedding output)
+            if (k >= 2) ag += mb * (T - k + 1) * D;  // h^{k-1}, gathered whole
+        } else {
+            ar += 2 * N * D;
+        }
+        ar_bytes += 8 * 3 * N;  // the cross-entropy statistics
+    }
+    int64_t per_step = 0;
+    if (sp) {
+        ar_bytes += 8 * n_moe * c->E;  // expert counts: each tp rank routed its own tokens
+        // once per step, the gradients computed on each rank's tokens: the residual-stream
+        // norms, the final norm, each depth's enorm / hnorm / head norm, the routers, eh_proj
+        int64_t norms = 2 * c->n_layers + 1 + 3 * c->M;
+        per_step = 4 * (norms * D + n_moe * c->E * D + c->M * 2 * D * D);
+    }
+    out->tp_all_reduce = accum * (4 * ar + ar_bytes) + per_step;
+    out->tp_reduce_scatter = accum * 4 * rs;
+    out->tp_all_gather = accum * 4 * ag;
 }
 
 static int stage_sizes(nm_plan *p, nm_plan_stage *s, const nm_model_config *cfg, const nm_plan_request *r,
                        nm_error *err) {
     int rc = -1;
     nm_param_table table = {0};
-    nm_comm *ep = nm_comm_shape(0, (int)p->n.ep, "ep");
-    if (nm_param_table_build_ep(&table, cfg, 0, p->n.ep, err) != 0) goto done;
+    nm_comm *ep = nm_comm_shape(0, (int)p->n.ep, "ep"), *tp = nm_comm_shape(0, (int)p->n.tp, "tp");
+    int sp = p->n.tp > 1 && r->sequence_parallel;
+    if (nm_param_table_build_tp(&table, cfg, 0, p->n.ep, 0, p->n.tp, r->vocab_multiple, err) != 0) goto done;
     s->first_layer = 0;
     s->n_layers = cfg->n_layers;
     s->params_bytes = (int64_t)table.n_floats * 4;
     s->grads_bytes = s->params_bytes;
     s->bf16_copy_bytes = r->precision == NM_PRECISION_FP32 ? 0 : (int64_t)table.n_floats * 2;
-    // The largest ZeRO-1 shard over the ranks of the stage's dp and edp groups.
-    int64_t G = p->n.dp > p->n.edp ? p->n.dp : p->n.edp;
+    // The largest ZeRO-1 shard over the ranks of the stage's dp and expert groups (routed
+    // experts reduce over edp, or over dp under TP without sequence parallelism: the trainer's
+    // choice).
+    int experts_over_dp = p->n.tp > 1 && !sp;
+    int64_t n_expert_group = experts_over_dp ? p->n.dp : p->n.edp;
+    int64_t G = p->n.dp > n_expert_group ? p->n.dp : n_expert_group;
     for (int64_t g = 0; g < G; g++) {
         nm_comm *dp = nm_comm_shape((int)(g % p->n.dp), (int)p->n.dp, "dp");
-        nm_comm *edp = nm_comm_shape((int)(g % p->n.edp), (int)p->n.edp, "edp");
+        nm_comm *edp = nm_comm_shape((int)(g % n_expert_group), (int)n_expert_group, "edp");
         nm_zero *z = NULL;
         int zrc = nm_zero_create(&z, &table, dp, edp, r->bucket_mb * 262144, err);
         if (zrc == 0) {
@@ -49,7 +101,7 @@ static int stage_sizes(nm_plan *p, nm_plan_stage *s, const nm_model_config *cfg,
             if (g == 0 && p->n.world > 1) {
                 for (int b = 0; b < z->n_buckets; b++) {
                     int64_t bytes_b = z->buckets[b].n * 4;
-                    if (z->buckets[b].expert) {
+                    if (z->buckets[b].expert && !experts_over_dp) {  // else the dp communicator counts them
                         p->comm.edp_reduce_scatter += bytes_b;
                         p->comm.edp_all_gather += bytes_b;
                     } else {
@@ -64,7 +116,8 @@ static int stage_sizes(nm_plan *p, nm_plan_stage *s, const nm_model_config *cfg,
         nm_comm_destroy(edp);
         if (zrc != 0) goto done;
     }
-    nm_model_options mo = {.recompute = r->recompute, .ep = ep};
+    nm_model_options mo = {.recompute = r->recompute, .ep = ep, .tp = tp, .sequence_parallel = sp,
+                           .vocab_multiple = r->vocab_multiple};
     int64_t T = r->seq_len + 1;  // the trainer's rows: seq_len inputs and the last target
     size_t act = 0;
     if (nm_model_estimate_activation_bytes_ex(cfg, r->micro_batch, T, &mo, &act, err) != 0) goto done;
@@ -84,6 +137,7 @@ static int stage_sizes(nm_plan *p, nm_plan_stage *s, const nm_model_config *cfg,
 done:
     nm_param_table_free(&table);
     nm_comm_destroy(ep);
+    nm_comm_destroy(tp);
     return rc;
 }
 
@@ -93,10 +147,12 @@ int nm_plan_compute(nm_plan *p, const nm_model_config *cfg, const nm_plan_reques
         return nm_error_set(err, "plan: seq_len %lld, micro_batch %lld and bucket_mb %lld must be >= 1",
                             (long long)r->seq_len, (long long)r->micro_batch, (long long)r->bucket_mb);
     if (nm_mesh_check(&p->n, r->world, r->tp, r->pp, r->ep, cfg->E, r->global_batch, r->micro_batch, err) != 0) return -1;
-    if (r->tp > 1 || r->pp > 1)
-        return nm_error_set(err, "plan: tensor_parallel_size %lld, pipeline_parallel_size %lld: the model does not "
-                                 "split over TP or PP yet, so there is no allocation to plan (docs/parallelism.md)",
-                            (long long)r->tp, (long long)r->pp);
+    if (r->pp > 1)
+        return nm_error_set(err, "plan: pipeline_parallel_size %lld: the model does not split over PP yet, so there "
+                                 "is no allocation to plan (docs/parallelism.md)", (long long)r->pp);
+    if (r->tp > 1 && r->ep > 1 && !r->sequence_parallel)
+        return nm_error_set(err, "plan: tensor_parallel_size %lld with expert_parallel_size %lld needs sequence "
+                                 "parallelism (the trainer refuses it without)", (long long)r->tp, (long long)r->ep);
     p->accum = r->global_batch / (r->micro_batch * p->n.dp);
     p->n_stages = p->n.pp;
     p->stages = nm_calloc((size_t)p->n_stages, sizeof(nm_plan_stage));
@@ -113,6 +169,7 @@ int nm_plan_compute(nm_plan *p, const nm_model_config *cfg, const nm_plan_reques
     }
     p->comm.ep_all_to_all_job = all_to_all_job_bytes(cfg, r, p->accum);
     p->comm.ep_all_to_all = p->comm.ep_all_to_all_job / p->n.world;
+    tp_bytes(cfg, r, p->accum, &p->comm);
     p->flops_per_step_rank = nm_model_flops_per_token(cfg, r->seq_len) * (double)(r->global_batch * r->seq_len) /
                              (double)p->n.world;
     p->compute_s = r->flops > 0 ? p->flops_per_step_rank / r->flops : 0.0;

@@ -24,6 +24,8 @@ typedef struct nm_plan_request {
     int64_t tp, pp, ep;         // tensor_parallel_size, pipeline_parallel_size, expert_parallel_size
     int64_t seq_len, micro_batch, global_batch;
     int recompute;
+    int sequence_parallel;      // under TP (the training config's sequence_parallel, default on)
+    int64_t vocab_multiple;     // make_vocab_size_divisible_by (default 128)
     nm_precision precision;
     int64_t bucket_mb;          // ZeRO-1 bucket size (the training config's bucket_mb)
     double flops;               // FLOP/s per rank for the compute time (0: not estimated)
@@ -50,6 +52,7 @@ typedef struct nm_plan_comm {
     int64_t edp_reduce_scatter, edp_all_gather;
     int64_t ep_all_to_all;          // one rank's average share
     int64_t ep_all_to_all_job;      // the job's sum (comm_ep_all_to_all_bytes_job)
+    int64_t tp_all_reduce, tp_reduce_scatter, tp_all_gather;
 } nm_plan_comm;
 
 typedef struct nm_plan {
