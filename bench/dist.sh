@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/dist.sh: multi-process scaling on one machine, in one run: the small config's training
-# speed on 1 rank x T threads against T ranks x 1 thread (data parallel, and expert parallel
-# when the build supports it), same global batch, same seed.
+# speed on 1 rank x T threads against T ranks x 1 thread (data, expert and tensor parallel),
+# same global batch, same seed.
 # Prints tokens/s, the efficiency against the 1-rank run, and where each step's time goes
 # (forward, backward, communication after the backward, optimizer) from metrics.jsonl
 # (the mean over the steps after the warm-up ones; rank 0's view).
@@ -36,7 +36,8 @@ step = sum(mean(k) for k in ("time_data_s", "time_forward_s", "time_backward_s",
 print(f"{sys.argv[2]:<26} {tok:9.0f} tokens/s | step {step:6.3f} s: forward {mean('time_forward_s'):.3f}, "
       f"backward {mean('time_backward_s'):.3f}, comm {mean('time_comm_s'):.3f}, optimizer {mean('time_optimizer_s'):.3f}, "
       f"a2a {mean('comm_ep_all_to_all_bytes')/1e6:.1f} MB, reduce started in backward "
-      f"{100*mean('grad_reduce_overlap_fraction'):.0f}%")
+      f"{100*mean('grad_reduce_overlap_fraction'):.0f}% | inside collectives: dp {mean('comm_dp_s'):.3f} s, "
+      f"edp {mean('comm_edp_s'):.3f}, ep {mean('comm_ep_s'):.3f}, tp {mean('comm_tp_s'):.3f}")
 open(sys.argv[1] + ".tok", "w").write(f"{tok}\n")
 PY
 }
@@ -53,6 +54,12 @@ if nm_mpirun "$T" "$NM" train "${common[@]}" --out ep --set threads=1 --set expe
 else
   echo "ep$T: $(grep -m1 -o 'expert parallelism.*' ep.log || tail -1 ep.log)"
 fi
-for r in dp dp_overlap ep; do
+# tensor parallelism (sequence parallelism on, the default) over all T ranks
+if nm_mpirun "$T" "$NM" train "${common[@]}" --out tp --set threads=1 --set tensor_parallel_size="$T" >tp.log 2>&1; then
+  summary tp "$T ranks x 1 (tp$T)"
+else
+  echo "tp$T: $(tail -1 tp.log)"
+fi
+for r in dp dp_overlap ep tp; do
   [ -f $r.tok ] && python3 -c "print(f'efficiency $r: {float(open(\"$r.tok\").read())/float(open(\"one.tok\").read()):.2f} of 1 rank x $T threads')"
 done

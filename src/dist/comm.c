@@ -27,6 +27,7 @@ void nm_comm_counters_add(nm_comm_counters *total, const nm_comm *c) {
     for (int i = 0; i < NM_COMM_N_OPS; i++) {
         total->bytes[i] += c->counters.bytes[i];
         total->calls[i] += c->counters.calls[i];
+        total->seconds[i] += c->counters.seconds[i];
     }
 }
 

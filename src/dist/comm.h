@@ -24,6 +24,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "core/check.h"
 
@@ -47,6 +48,9 @@ enum {
 typedef struct nm_comm_counters {
     int64_t bytes[NM_COMM_N_OPS];
     int64_t calls[NM_COMM_N_OPS];
+    double seconds[NM_COMM_N_OPS];      // wall time inside the calls (a non-blocking reduce-scatter:
+                                        // its start, tests and wait), so a step can say how long
+                                        // each group kept the rank waiting
 } nm_comm_counters;
 
 typedef struct nm_comm nm_comm;
@@ -104,23 +108,41 @@ nm_comm *nm_comm_single(void);
 // formulas for a layout without launching it. nm_comm_destroy frees it.
 nm_comm *nm_comm_shape(int rank, int size, const char *group);
 
+static inline double nm_comm_clock(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+// Adds the time since t0 to c's op (the wrappers below time every call).
+static inline int nm_comm_timed(nm_comm *c, int op, double t0, int rc) {
+    c->counters.seconds[op] += nm_comm_clock() - t0;
+    return rc;
+}
+
 static inline int nm_comm_all_reduce(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, nm_reduce_op op,
                                      nm_error *err) {
-    return c->vt->all_reduce(c, buf, count, dt, op, err);
+    double t0 = nm_comm_clock();
+    return nm_comm_timed(c, NM_COMM_ALL_REDUCE, t0, c->vt->all_reduce(c, buf, count, dt, op, err));
 }
 static inline int nm_comm_reduce_scatter_start(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt,
                                                nm_comm_request *req, nm_error *err) {
-    return c->vt->reduce_scatter_start(c, buf, counts, dt, req, err);
+    double t0 = nm_comm_clock();
+    return nm_comm_timed(c, NM_COMM_REDUCE_SCATTER, t0, c->vt->reduce_scatter_start(c, buf, counts, dt, req, err));
 }
 static inline int nm_comm_test(nm_comm_request *req, int *done, nm_error *err) {
     if (!req->active) {
         *done = 1;
         return 0;
     }
-    return req->comm->vt->test(req, done, err);
+    nm_comm *c = req->comm;
+    double t0 = nm_comm_clock();
+    return nm_comm_timed(c, NM_COMM_REDUCE_SCATTER, t0, c->vt->test(req, done, err));
 }
 static inline int nm_comm_wait(nm_comm_request *req, nm_error *err) {
-    return req->active ? req->comm->vt->wait(req, err) : 0;
+    if (!req->active) return 0;
+    nm_comm *c = req->comm;
+    double t0 = nm_comm_clock();
+    return nm_comm_timed(c, NM_COMM_REDUCE_SCATTER, t0, c->vt->wait(req, err));
 }
 static inline int nm_comm_reduce_scatter(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_error *err) {
     nm_comm_request req = {0};
@@ -128,21 +150,26 @@ static inline int nm_comm_reduce_scatter(nm_comm *c, void *buf, const int64_t *c
     return nm_comm_wait(&req, err);
 }
 static inline int nm_comm_all_gather(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_error *err) {
-    return c->vt->all_gather(c, buf, counts, dt, err);
+    double t0 = nm_comm_clock();
+    return nm_comm_timed(c, NM_COMM_ALL_GATHER, t0, c->vt->all_gather(c, buf, counts, dt, err));
 }
 static inline int nm_comm_all_to_all(nm_comm *c, const void *send, const int64_t *send_counts, void *recv,
                                      const int64_t *recv_counts, nm_comm_dtype dt, nm_error *err) {
-    return c->vt->all_to_all(c, send, send_counts, recv, recv_counts, dt, err);
+    double t0 = nm_comm_clock();
+    return nm_comm_timed(c, NM_COMM_ALL_TO_ALL, t0, c->vt->all_to_all(c, send, send_counts, recv, recv_counts, dt, err));
 }
 static inline int nm_comm_broadcast(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int root, nm_error *err) {
-    return c->vt->broadcast(c, buf, count, dt, root, err);
+    double t0 = nm_comm_clock();
+    return nm_comm_timed(c, NM_COMM_BROADCAST, t0, c->vt->broadcast(c, buf, count, dt, root, err));
 }
 static inline int nm_comm_send(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag,
                                nm_error *err) {
-    return c->vt->send(c, buf, count, dt, peer, tag, err);
+    double t0 = nm_comm_clock();
+    return nm_comm_timed(c, NM_COMM_SEND, t0, c->vt->send(c, buf, count, dt, peer, tag, err));
 }
 static inline int nm_comm_recv(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err) {
-    return c->vt->recv(c, buf, count, dt, peer, tag, err);
+    double t0 = nm_comm_clock();
+    return nm_comm_timed(c, NM_COMM_RECV, t0, c->vt->recv(c, buf, count, dt, peer, tag, err));
 }
 static inline int nm_comm_barrier(nm_comm *c, nm_error *err) { return c->vt->barrier(c, err); }
 // Ranks with the same color form a group, ordered by key (then by rank). group names it

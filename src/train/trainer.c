@@ -59,6 +59,7 @@ struct nm_trainer {
     unsigned char *tp_summed;   // (n_rows) sequence-parallel partial rows already summed over tp this step
     int rank0;                  // this process prints and writes the logs
     int64_t comm_seen[4][NM_COMM_N_OPS]; // dp / edp / ep / tp byte counters at the last step's end
+    double comm_time_seen[4];   // their seconds inside collectives, all operations
     nm_loader *train_data;
     nm_loader *valid_data;      // NULL when there is no validation split
     nm_lr_schedule sched;
@@ -504,6 +505,15 @@ static int comm_metrics(nm_trainer *t, nm_metric *kv, int *n_out, nm_error *err)
             t->comm_seen[g][op] = now;
         }
     }
+    // Seconds this rank spent inside each group's collectives during the step (rank 0's view;
+    // under EP and TP most of it lies inside the forward and backward).
+    static const char *const time_keys[4] = {"comm_dp_s", "comm_edp_s", "comm_ep_s", "comm_tp_s"};
+    for (int g = 0; g < 4; g++) {
+        double now = 0;
+        for (int op = 0; op < NM_COMM_N_OPS; op++) now += groups[g]->counters.seconds[op];
+        kv[n++] = NM_METRIC_F(time_keys[g], now - t->comm_time_seen[g]);
+        t->comm_time_seen[g] = now;
+    }
     if (nm_comm_all_reduce(t->world, &a2a, 1, NM_DT_I64, NM_RED_SUM, err) != 0) return -1;
     kv[n++] = NM_METRIC_I("comm_ep_all_to_all_bytes_job", a2a);
     // How much of the gradient reduction was started while the backward still ran.
@@ -866,7 +876,7 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     }
 
     // logs
-    nm_metric kv[48];
+    nm_metric kv[64];
     int n = 0;
     kv[n++] = NM_METRIC_F("ce_loss", m->ce_loss);
     kv[n++] = NM_METRIC_F("mtp_loss", m->mtp_loss);
