@@ -61,7 +61,7 @@ class nm_param_table(ctypes.Structure):
     _fields_ = [("rows", POINTER(nm_tensor_spec)), ("n_rows", c_int), ("n_floats", c_size_t),
                 ("n_params_main", c_int64), ("n_params_mtp", c_int64), ("embed", c_size_t),
                 ("final_norm", c_size_t), ("lm_head", c_size_t), ("layers", c_void_p),
-                ("expert_first", c_int64), ("expert_count", c_int64)]
+                ("expert_first", c_int64), ("expert_count", c_int64), ("embed_copy", c_int)]
 
 
 class nm_trainer_options(ctypes.Structure):
@@ -86,7 +86,8 @@ class nm_loss_terms(ctypes.Structure):
 
 
 class nm_model_options(ctypes.Structure):
-    _fields_ = [("recompute", c_int), ("ep", c_void_p), ("vocab_tile", c_int64)]
+    _fields_ = [("recompute", c_int), ("ep", c_void_p), ("vocab_tile", c_int64), ("stage", c_void_p),
+                ("act_slots", c_int64)]
 
 
 class nm_adamw_config(ctypes.Structure):

@@ -35,16 +35,18 @@ int nm_pipeline_layout(nm_model_stage *stages, int64_t pp, const char *layout, c
         return 0;
     }
     char why[256];
+    int64_t n_stages = 1;
+    for (const char *p = layout; *p; p++) n_stages += *p == '|';
+    if (n_stages != pp) {
+        snprintf(why, sizeof(why), "has %lld stages, pipeline_parallel_size is %lld", (long long)n_stages, (long long)pp);
+        return bad_layout(err, layout, why);
+    }
     int64_t s = 0, layers = 0, mtp = 0, n_e = 0, n_l = 0, in_stage = 0;
     for (int64_t i = 0; i < pp; i++) stages[i] = (nm_model_stage){0, 0, 0, 0};
     stages[0].layer_begin = 0;
     for (const char *p = layout;; p++) {
         if (*p == ' ') continue;
         if (*p == '|' || *p == 0) {
-            if (s >= pp) {
-                snprintf(why, sizeof(why), "has more than pipeline_parallel_size %lld stages", (long long)pp);
-                return bad_layout(err, layout, why);
-            }
             if (in_stage == 0) {
                 snprintf(why, sizeof(why), "stage %lld is empty (empty stages are not supported)", (long long)s);
                 return bad_layout(err, layout, why);
@@ -87,10 +89,6 @@ int nm_pipeline_layout(nm_model_stage *stages, int64_t pp, const char *layout, c
                      sym, (long long)s, (long long)(pp - 1));
             return bad_layout(err, layout, why);
         }
-    }
-    if (s != pp - 1) {
-        snprintf(why, sizeof(why), "has %lld stages, pipeline_parallel_size is %lld", (long long)(s + 1), (long long)pp);
-        return bad_layout(err, layout, why);
     }
     if (!n_e || !n_l) return bad_layout(err, layout, "needs 'E' (embedding) in the first stage and 'L' (loss) in the last");
     if (layers != L || mtp != M) {
