@@ -77,6 +77,23 @@ for run, pp, m in (("pp2", 2, 8), ("pp4", 4, 8), ("pp2_dp2", 2, 4), ("pp3_layout
 print("validation loss, bubble metrics and send/recv counters: ok")
 PY
 
+# The divergence guard: a gradient poisoned at step 3 on stage 0 only (layer 0's norm) makes
+# every stage skip that update; the steps after it still match one process doing the same.
+"$NM_BIN" train --config train.json --out ref_nan --quiet --inject-nan 3 >ref_nan.log 2>&1 || { cat ref_nan.log; fail "one process, nan"; }
+nm_mpirun 2 "$NM_BIN" train --config train.json --out pp2_nan --quiet --inject-nan 3 --set pipeline_parallel_size=2 \
+  >pp2_nan.log 2>&1 || { cat pp2_nan.log; fail "pp2 nan"; }
+"$PY" - <<'PY'
+import json
+ref = {d["step"]: d for d in map(json.loads, open("ref_nan/metrics.jsonl"))}
+run = {d["step"]: d for d in map(json.loads, open("pp2_nan/metrics.jsonl"))}
+assert ref[3]["skipped"] == 1 and run[3]["skipped"] == 1, (ref[3]["skipped"], run[3]["skipped"])
+for s in ref:
+    assert run[s]["skipped"] == (s == 3), (s, run[s]["skipped"])
+    for k in ("loss", "ce_loss"):
+        assert abs(run[s][k] - ref[s][k]) <= 2e-5 * abs(ref[s][k]), (s, k, run[s][k], ref[s][k])
+print("pp2 divergence guard: step 3 skipped on every stage, later steps match one process: ok")
+PY
+
 # A pp2 checkpoint resumes at one process and at dp2 and continues the one-process run.
 nm_mpirun 2 "$NM_BIN" train --config train.json --out xl --quiet --set pipeline_parallel_size=2 --set exit_interval=2 \
   >xl.log 2>&1 || { cat xl.log; fail "pp2 part"; }
