@@ -814,6 +814,13 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
         if (t->zero) {
             double tg = now_s();
             if (nm_zero_all_gather_params(t->zero, nm_model_params(t->model), err) != 0) return -1;
+            // Both embedding holders applied the same gradient; at dp > 2 MPI may sum it in
+            // another order for the two stages' buckets, so the first stage's weights are
+            // copied over the last stage's: the tie then holds exactly, whatever the order.
+            if (t->emb && t->emb->size > 1 &&
+                nm_comm_broadcast(t->emb, nm_model_params(t->model) + nm_model_table(t->model)->embed,
+                                  t->mcfg.V * t->mcfg.D, NM_DT_F32, 0, err) != 0)
+                return -1;
             t_gather = now_s() - tg;
             t_comm += t_gather;
         }
