@@ -2,7 +2,8 @@
 # test_dist_pp.sh: pipeline parallelism under mpirun against one process on the same global
 # batch: per-step loss, CE and gradient norm within the tolerance of tests/dist/compare_runs.py
 # (2e-5 / 2e-4 relative; the expert-load statistic exactly), for pp2, pp4, pp2 x dp2,
-# pp2 x dp2 x ep2, explicit layouts and recomputation; the bubble metrics; a pp2 checkpoint
+# pp2 x dp2 x ep2, pp4 x dp2 x ep2 (8 ranks), explicit layouts, tied embeddings, overlapped
+# reduction and recomputation; the divergence guard; the bubble metrics; a pp2 checkpoint
 # resumed at one process and at dp2; bad layouts refused naming the key and value.
 # The model is tests/data/small-moe-model.json with 4 decoder layers (1 dense, 3 MoE) + 1 MTP.
 set -euo pipefail
@@ -41,6 +42,7 @@ layout pp2 2 --set pipeline_parallel_size=2
 layout pp4 4 --set pipeline_parallel_size=4
 layout pp2_dp2 4 --set pipeline_parallel_size=2
 layout pp2_dp2_ep2 4 --set pipeline_parallel_size=2 --set expert_parallel_size=2
+layout pp4_dp2_ep2 8 --set pipeline_parallel_size=4 --set expert_parallel_size=2
 # explicit layouts: 3 stages (2 + 2 ... uneven), the embedding alone on stage 0, the loss stage
 # holding no decoder layer
 layout pp3_layout 3 --set pipeline_parallel_size=3 --set 'pipeline_model_parallel_layout=Et|tt|tmL'
