@@ -138,6 +138,13 @@ nm_mpirun 2 "$NM_BIN" train --config train.json --out back --quiet --resume --se
   || { cat back2.log; fail "pp2 resume"; }
 "$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref/metrics.jsonl back/metrics.jsonl "1 process -> pp2"
 
+# The 1F1B step loop allocates nothing either (activation sets and receive buffers are sized once).
+if [ -n "${NM_BUILD:-}" ] && [ -x "$NM_BUILD/test_zero_alloc" ]; then
+  nm_mpirun 2 "$NM_BUILD/test_zero_alloc" pipeline_parallel_size=2 >alloc.log 2>&1 || { cat alloc.log; fail "allocations in the pp2 step loop"; }
+  [ "$(grep -c 'allocations during steps 3-6: 0' alloc.log)" = 2 ] || { cat alloc.log; fail "pp2 zero-allocation output"; }
+  echo "pp2 step loop: no allocations on either stage"
+fi
+
 # Bad layouts are refused before any work, naming the key and the value.
 refuse() {
   local want=$1 n=$2; shift 2

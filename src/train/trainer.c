@@ -406,6 +406,19 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     // job's peak is the sum.
     t->peak_flops = measure_gemm_peak(cfg->precision);
     if (nm_comm_all_reduce(t->world, &t->peak_flops, 1, NM_DT_F64, NM_RED_SUM, err) != 0) goto fail;
+    // Each stage's own memory for the banner (rank 0 holds only stage 0's): parameters and
+    // the activation sets of its micro-batches in flight.
+    double *stage_mem = t->pipe ? nm_calloc((size_t)(2 * ms.pp), sizeof(double)) : NULL;
+    if (t->pipe) {
+        if (t->mesh->dp_rank == 0 && t->mesh->tp_rank == 0) {
+            stage_mem[2 * t->mesh->pp_rank] = (double)table->n_floats * 4;
+            stage_mem[2 * t->mesh->pp_rank + 1] = (double)nm_model_activation_bytes(t->model);
+        }
+        if (nm_comm_all_reduce(t->world, stage_mem, 2 * ms.pp, NM_DT_F64, NM_RED_SUM, err) != 0) {
+            nm_free(stage_mem);
+            goto fail;
+        }
+    }
     t->tty = nm_progress_is_tty(stdout);
     t->t_start = now_s();
     t->step_at_start = t->step;
@@ -439,7 +452,11 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
                 nm_pipeline_describe_stage(&t->stages[s], &t->mcfg, d, sizeof(d));
                 printf("%s %s", s ? " |" : "", d);
             }
-            printf(" | stage 0 keeps %lld activation sets\n", (long long)nm_pipeline_slots(ms.pp, 0, t->accum));
+            printf("\n");
+            for (int64_t s = 0; s < ms.pp; s++)
+                printf("stage %lld: params %.1f MiB, activations %.1f MiB (%lld micro-batches in flight)\n", (long long)s,
+                       stage_mem[2 * s] / mib, stage_mem[2 * s + 1] / mib,
+                       (long long)nm_pipeline_slots(ms.pp, s, t->accum));
         }
         printf("%s\n", t->kernels);
         printf("peak  %.1f GFLOP/s %s measured (%s) | %.2f MFLOP/token | activations %.1f MiB",
@@ -454,6 +471,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
         printf("\n");
         fflush(stdout);
     }
+    nm_free(stage_mem);
     *out = t;
     return 0;
 fail:
