@@ -2,8 +2,8 @@
 # Installs what nano-megatron needs on a Debian machine, only what is missing.
 # As root it runs apt-get; otherwise it prints the exact apt-get line and fails.
 # Then it makes .venv (system site packages, so Debian's python3-torch is used) with the
-# PyPI interop oracles used by tests (tokenizers, safetensors), and installs the Python
-# package (python/) into it.
+# PyPI interop oracles used by tests (tokenizers, safetensors, torch, transformers, gguf,
+# llama-cpp-python), and installs the Python package (python/) into it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,12 +26,28 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-# Test oracles from PyPI, pinned, in a venv that sees Debian's torch.
+# Test oracles from PyPI, pinned, in a venv that sees Debian's numpy. The export tests need
+# transformers' native DeepseekV3 (q_lora_rank null works from 4.57; 4.5x imports
+# torch.distributed.tensor, so Debian's torch 1.13 is too old: PyPI's torch 2.5.1 goes into the
+# venv, ~3.3 GB with its CUDA libraries, ~4 min to download and install), PyPI's gguf as an
+# independent GGUF reader, and llama.cpp via llama-cpp-python built from its sdist (CPU only,
+# examples/tools/server/tests off: ~10-16 min on 2 cores. PyPI has no binary wheel of it, so pip
+# builds the sdist once and keeps the wheel in its cache; a later fresh .venv on the same machine
+# installs that wheel in seconds. No --no-binary: pip 23.0 ignores its wheel cache under it).
+venv_ok() {
+  .venv/bin/python3 -c 'import tokenizers, safetensors, torch, gguf, llama_cpp
+from transformers import DeepseekV3ForCausalLM' 2>/dev/null
+}
 if [ "${1:-}" = "--with-venv" ]; then
-  if [ ! -x .venv/bin/python3 ] || ! .venv/bin/python3 -c 'import tokenizers, safetensors, torch' 2>/dev/null; then
-    echo "deps: creating .venv (tokenizers, safetensors)"
-    /usr/bin/python3 -m venv --system-site-packages .venv
-    .venv/bin/pip install -q --disable-pip-version-check 'tokenizers==0.20.3' 'safetensors==0.4.5'
+  if [ ! -x .venv/bin/python3 ] || ! venv_ok; then
+    echo "deps: making .venv (torch, transformers, tokenizers, safetensors, gguf, llama-cpp-python)"
+    [ -x .venv/bin/python3 ] || /usr/bin/python3 -m venv --system-site-packages .venv
+    pip=(.venv/bin/pip install -q --disable-pip-version-check)
+    "${pip[@]}" 'torch==2.5.1' 'transformers==4.57.6' 'tokenizers==0.22.2' 'safetensors==0.4.5' 'gguf==0.19.0'
+    CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF
+                -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+      "${pip[@]}" 'llama-cpp-python==0.3.36'
+    venv_ok || { echo "deps: .venv is still missing a test oracle" >&2; exit 1; }
   fi
   # The Python package, reinstalled whenever its files or the C library's sources changed
   # (the hash it recorded at build time differs from the tree's): a changed library is never

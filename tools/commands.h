@@ -11,3 +11,5 @@ int nm_cmd_tokenizer(int argc, char **argv);   // tools/cmd_tokenizer.c
 int nm_cmd_train(int argc, char **argv);       // tools/cmd_train.c
 int nm_cmd_eval(int argc, char **argv);        // tools/cmd_train.c
 int nm_cmd_sample(int argc, char **argv);      // tools/cmd_sample.c
+int nm_cmd_export(int argc, char **argv);      // tools/cmd_export.c
+int nm_cmd_plan(int argc, char **argv);        // tools/cmd_plan.c

@@ -25,7 +25,10 @@ static const char *usage =
     "  train     --config C --out RUN_DIR [--steps N] [--save-every N] [--seed S] [--set k=v]...\n"
     "            [--init-from HF_DIR] [--resume] [--recompute] [--quiet]   (train --help: config keys)\n"
     "  eval      --model DIR --data PREFIX\n"
-    "  sample    --model DIR|RUN_DIR --prompt TEXT [--tokens N] [--temperature T] [--top-p P] [--seed S]\n";
+    "  sample    --model DIR|RUN_DIR --prompt TEXT [--tokens N] [--temperature T] [--top-p P] [--seed S]\n"
+    "  export    --model DIR|RUN_DIR [--step N] --out OUT --format hf|gguf [--dtype fp32|bf16|f16|q8_0]\n"
+    "  plan      --config MODEL.json|--model DIR --world N [--tp --pp --ep --seq-len --micro-batch --global-batch --recompute --precision]\n"
+    "            [--tokenizer T] [--max-shard-size 5GB]\n";
 
 char *openblas_get_corename(void);
 
@@ -83,6 +86,8 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "train")) return nm_cmd_train(sub_argc, sub_argv);
     if (!strcmp(cmd, "eval")) return nm_cmd_eval(sub_argc, sub_argv);
     if (!strcmp(cmd, "sample")) return nm_cmd_sample(sub_argc, sub_argv);
+    if (!strcmp(cmd, "export")) return nm_cmd_export(sub_argc, sub_argv);
+    if (!strcmp(cmd, "plan")) return nm_cmd_plan(sub_argc, sub_argv);
     fprintf(stderr, "nanomegatron: unknown command '%s'\n\n%s", cmd, usage);
     return 2;
 }

@@ -147,3 +147,68 @@ static nm_comm *single_new(const char *group, int is_world) {
 
 nm_comm *nm_comm_single(void) { return single_new("world", 0); }
 
+
+// --- shapes: a rank and a size, no communication (the planner) ---------------------------------
+
+static int shape_refuse(nm_comm *c, nm_error *err) {
+    return nm_error_set(err, "communicator '%s' is a shape for planning (rank %d of %d): it cannot communicate",
+                        c->group, c->rank, c->size);
+}
+static int shape_all_reduce(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, nm_reduce_op op, nm_error *err) {
+    return shape_refuse(c, err);
+}
+static int shape_reduce_scatter_start(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt,
+                                      nm_comm_request *req, nm_error *err) {
+    return shape_refuse(c, err);
+}
+static int shape_all_gather(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_error *err) {
+    return shape_refuse(c, err);
+}
+static int shape_all_to_all(nm_comm *c, const void *send, const int64_t *send_counts, void *recv,
+                            const int64_t *recv_counts, nm_comm_dtype dt, nm_error *err) {
+    return shape_refuse(c, err);
+}
+static int shape_broadcast(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int root, nm_error *err) {
+    return shape_refuse(c, err);
+}
+static int shape_send(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err) {
+    return shape_refuse(c, err);
+}
+static int shape_recv(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err) {
+    return shape_refuse(c, err);
+}
+static int shape_barrier(nm_comm *c, nm_error *err) { return shape_refuse(c, err); }
+static int shape_split(nm_comm *c, int color, int key, nm_comm **out, nm_error *err) {
+    *out = NULL;
+    return shape_refuse(c, err);
+}
+static int shape_test(nm_comm_request *req, int *done, nm_error *err) { return shape_refuse(req->comm, err); }
+static int shape_wait(nm_comm_request *req, nm_error *err) { return shape_refuse(req->comm, err); }
+static void shape_destroy(nm_comm *c) { nm_free(c); }
+static _Noreturn void shape_abort(nm_comm *c, int code) { exit(code); }
+
+static const nm_comm_vtable shape_vtable = {
+    .name = "shape",
+    .all_reduce = shape_all_reduce,
+    .reduce_scatter_start = shape_reduce_scatter_start,
+    .all_gather = shape_all_gather,
+    .all_to_all = shape_all_to_all,
+    .broadcast = shape_broadcast,
+    .send = shape_send,
+    .recv = shape_recv,
+    .barrier = shape_barrier,
+    .split = shape_split,
+    .test = shape_test,
+    .wait = shape_wait,
+    .destroy = shape_destroy,
+    .abort = shape_abort,
+};
+
+nm_comm *nm_comm_shape(int rank, int size, const char *group) {
+    nm_comm *c = nm_calloc(1, sizeof(*c));
+    c->vt = &shape_vtable;
+    c->rank = rank;
+    c->size = size;
+    snprintf(c->group, sizeof(c->group), "%s", group);
+    return c;
+}

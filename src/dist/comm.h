@@ -99,6 +99,10 @@ size_t nm_comm_dtype_size(nm_comm_dtype dt);
 int nm_comm_init(nm_comm **world, nm_error *err);
 // The single-process table, always available (tests, tools that never distribute).
 nm_comm *nm_comm_single(void);
+// A communicator with a rank and a size that refuses every operation: what the planner hands
+// to the code that sizes buffers and shards (model, ZeRO-1), so it runs the allocator's own
+// formulas for a layout without launching it. nm_comm_destroy frees it.
+nm_comm *nm_comm_shape(int rank, int size, const char *group);
 
 static inline int nm_comm_all_reduce(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, nm_reduce_op op,
                                      nm_error *err) {

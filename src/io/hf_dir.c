@@ -4,8 +4,10 @@
 // llama.cpp's converter (names in the index must equal the union of the shards' names), and
 // dsv3-spec 2 / 11 for the tied MTP copies.
 // FP8 (DeepSeek's release layout): a weight stored F8_E4M3 with a sibling '<name>_scale_inv'
-// (F32/BF16, (ceil(out/128), ceil(in/128))) is dequantised as w = e4m3(code) * scale_inv of its
-// 128 x 128 block, as DeepSeek-V3's inference/kernel.py weight_dequant does.
+// (F32/BF16, (ceil(out/bo), ceil(in/bi))) is dequantised as w = e4m3(code) * scale_inv of its
+// bo x bi block, as DeepSeek-V3's inference/kernel.py weight_dequant does; the block is
+// quantization_config.weight_block_size (128 x 128 when config.json has no quantization_config),
+// and a quant_method other than "fp8" or a fmt other than "e4m3" is refused.
 #include "io/hf_dir.h"
 
 #include <cjson/cJSON.h>
@@ -175,11 +177,60 @@ static int shape_matches(const nm_safetensors *st, int k, const nm_tensor_spec *
 
 // --- FP8 block dequantisation ------------------------------------------------------------------
 
-#define FP8_BLOCK 128
+// The block of one scale: config.json's quantization_config.weight_block_size [rows, cols] as
+// given; without a quantization_config, DeepSeek-V3's release value 128 x 128.
+typedef struct fp8_block {
+    int64_t o, i;
+} fp8_block;
+
+// config.json's quantization_config: only quant_method "fp8" with fmt "e4m3" (DeepSeek's release)
+// is implemented; anything else would be decoded wrongly, so it is refused naming the value.
+static int read_quant_config(const char *dir, fp8_block *blk, nm_error *err) {
+    blk->o = blk->i = 128;
+    char *path = join(dir, "config.json"), *text = NULL;
+    int rc = access(path, F_OK) == 0 ? nm_file_read_all(path, &text, NULL, err) : 0;
+    cJSON *root = rc == 0 && text ? cJSON_Parse(text) : NULL;
+    if (rc == 0 && text && !root) rc = nm_error_set(err, "%s: malformed JSON", path);
+    const cJSON *q = root ? cJSON_GetObjectItemCaseSensitive(root, "quantization_config") : NULL;
+    if (rc == 0 && q && !cJSON_IsNull(q)) {
+        const cJSON *m = cJSON_GetObjectItemCaseSensitive(q, "quant_method");
+        const cJSON *f = cJSON_GetObjectItemCaseSensitive(q, "fmt");
+        const cJSON *b = cJSON_GetObjectItemCaseSensitive(q, "weight_block_size");
+        char *bs = b ? cJSON_PrintUnformatted(b) : NULL;
+        if (!cJSON_IsObject(q)) {
+            rc = nm_error_set(err, "%s: quantization_config is not an object", path);
+        } else if (!cJSON_IsString(m) || strcmp(m->valuestring, "fp8") != 0) {
+            char *ms = m ? cJSON_PrintUnformatted(m) : NULL;
+            rc = nm_error_set(err, "%s: quantization_config.quant_method %s is not implemented (only \"fp8\", "
+                              "DeepSeek's block-scaled release format)", path, ms ? ms : "(missing)");
+            cJSON_free(ms);
+        } else if (f && !(cJSON_IsString(f) && strcmp(f->valuestring, "e4m3") == 0)) {
+            char *fs = cJSON_PrintUnformatted(f);
+            rc = nm_error_set(err, "%s: quantization_config.fmt %s is not implemented (only \"e4m3\")", path, fs);
+            cJSON_free(fs);
+        } else if (b) {
+            const cJSON *b0 = cJSON_GetArrayItem(b, 0), *b1 = cJSON_GetArrayItem(b, 1);
+            if (!cJSON_IsArray(b) || cJSON_GetArraySize(b) != 2 || !cJSON_IsNumber(b0) || !cJSON_IsNumber(b1) ||
+                b0->valuedouble < 1 || b1->valuedouble < 1 || b0->valuedouble > 1048576 || b1->valuedouble > 1048576 ||
+                b0->valuedouble != (double)(int64_t)b0->valuedouble || b1->valuedouble != (double)(int64_t)b1->valuedouble) {
+                rc = nm_error_set(err, "%s: quantization_config.weight_block_size %s: expected [rows, cols], two integers in "
+                                  "[1, 2^20]", path, bs);
+            } else {
+                blk->o = (int64_t)b0->valuedouble;
+                blk->i = (int64_t)b1->valuedouble;
+            }
+        }
+        cJSON_free(bs);
+    }
+    cJSON_Delete(root);
+    nm_free(text);
+    nm_free(path);
+    return rc;
+}
 
 // Reads the F8_E4M3 matrix k of st (shape (O, I)) times its '<name>_scale_inv' blocks into dst.
-static int read_fp8_block(const file_set *fs, const nm_safetensors *st, int k, const nm_tensor_spec *row, float *dst,
-                          nm_error *err) {
+static int read_fp8_block(const file_set *fs, const nm_safetensors *st, int k, const nm_tensor_spec *row,
+                          fp8_block blk, float *dst, nm_error *err) {
     const char *name = nm_safetensors_name(st, k);
     if (row->ndim != 2) {
         return nm_error_set(err, "%s: tensor '%s' is F8_E4M3 but 1-D; only matrices are stored in FP8",
@@ -194,15 +245,15 @@ static int read_fp8_block(const file_set *fs, const nm_safetensors *st, int k, c
                             nm_safetensors_path(st), name, sname);
     }
     const int64_t O = row->shape[0], I = row->shape[1];
-    const int64_t bo = (O + FP8_BLOCK - 1) / FP8_BLOCK, bi = (I + FP8_BLOCK - 1) / FP8_BLOCK;
+    const int64_t bo = (O + blk.o - 1) / blk.o, bi = (I + blk.i - 1) / blk.i;
     int64_t shape[NM_ST_MAX_DIMS];
     int nd = nm_safetensors_shape(ss, ks, shape);
     if (nd != 2 || shape[0] != bo || shape[1] != bi) {
         char got[128];
         nm_shape_str(got, sizeof(got), nd, shape);
-        return nm_error_set(err, "%s: scales '%s' have shape %s, expected [%lld, %lld] (128 x 128 blocks of [%lld, %lld])",
-                            nm_safetensors_path(ss), sname, got, (long long)bo, (long long)bi, (long long)O,
-                            (long long)I);
+        return nm_error_set(err, "%s: scales '%s' have shape %s, expected [%lld, %lld] (%lld x %lld blocks of [%lld, %lld])",
+                            nm_safetensors_path(ss), sname, got, (long long)bo, (long long)bi, (long long)blk.o,
+                            (long long)blk.i, (long long)O, (long long)I);
     }
     float *scale = nm_malloc((size_t)(bo * bi) * sizeof(float));
     if (nm_safetensors_read_f32(ss, ks, scale, bo * bi, err)) {
@@ -215,8 +266,8 @@ static int read_fp8_block(const file_set *fs, const nm_safetensors *st, int k, c
     float lut[256];
     for (int c = 0; c < 256; c++) lut[c] = nm_fp8_e4m3_decode((uint8_t)c);
     for (int64_t o = 0; o < O; o++) {
-        const float *srow = scale + (o / FP8_BLOCK) * bi;
-        for (int64_t i = 0; i < I; i++) dst[o * I + i] = lut[codes[o * I + i]] * srow[i / FP8_BLOCK];
+        const float *srow = scale + (o / blk.o) * bi;
+        for (int64_t i = 0; i < I; i++) dst[o * I + i] = lut[codes[o * I + i]] * srow[i / blk.i];
     }
     nm_free(scale);
     return 0;
@@ -240,6 +291,8 @@ static int is_scale_of_known(const nm_param_table *t, const char *nm) {
 // --- load ------------------------------------------------------------------------------------
 
 int nm_hf_dir_load_params(const char *dir, const nm_param_table *t, float *params, nm_error *err) {
+    fp8_block blk;
+    if (read_quant_config(dir, &blk, err)) return -1;
     file_set fs;
     if (file_set_open(&fs, dir, err)) return -1;
     int rc = 0;
@@ -283,7 +336,7 @@ int nm_hf_dir_load_params(const char *dir, const nm_param_table *t, float *param
         }
         nm_st_dtype dt = nm_safetensors_dtype(st, k);
         if (is_fp8_e4m3(st, k)) {
-            if (params) rc = read_fp8_block(&fs, st, k, row, params + row->offset, err);
+            if (params) rc = read_fp8_block(&fs, st, k, row, blk, params + row->offset, err);
             continue;
         }
         if (dt == NM_ST_OTHER) {

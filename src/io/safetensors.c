@@ -86,6 +86,29 @@ float nm_f16_to_f32(uint16_t h) {
     return x;
 }
 
+uint16_t nm_f32_to_f16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u | ((a >> 13) & 0x3ffu));  // NaN stays (quiet) NaN
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  // >= 65520 rounds to inf (max half 65504)
+    uint32_t h, rem, half;
+    if (a >= 0x38800000u) {  // normal half: rebias the exponent 127 -> 15, drop 13 mantissa bits
+        h = (a - 0x38000000u) >> 13;
+        rem = a & 0x1fffu;
+        half = 0x1000u;
+    } else if (a >= 0x33000000u) {  // subnormal half: value / 2^-24, rounded
+        uint32_t m = (a & 0x7fffffu) | 0x800000u, shift = 126u - (a >> 23);
+        h = m >> shift;
+        rem = m & ((1u << shift) - 1u);
+        half = 1u << (shift - 1u);
+    } else {
+        return (uint16_t)sign;  // below half the smallest subnormal: signed zero
+    }
+    if (rem > half || (rem == half && (h & 1u))) h++;  // round to nearest, ties to even (carries into the exponent)
+    return (uint16_t)(sign | h);
+}
+
 const char *nm_shape_str(char *buf, size_t n, int ndim, const int64_t *shape) {
     size_t k = 0;
     k += (size_t)snprintf(buf + k, n - k, "[");
@@ -504,8 +527,8 @@ int nm_safetensors_write(const char *path, const nm_st_tensor *tensors, int n, n
             rc = nm_error_set(err, "%s: tensor '%s' given twice", path, t->name);
         } else if (t->ndim < 0 || t->ndim > NM_ST_MAX_DIMS) {
             rc = nm_error_set(err, "%s: tensor '%s': %d dims", path, t->name, t->ndim);
-        } else if (t->dtype != NM_ST_F32 && t->dtype != NM_ST_BF16) {
-            rc = nm_error_set(err, "%s: tensor '%s': only F32 and BF16 can be written", path, t->name);
+        } else if (t->dtype != NM_ST_F32 && t->dtype != NM_ST_BF16 && t->dtype != NM_ST_F16) {
+            rc = nm_error_set(err, "%s: tensor '%s': only F32, BF16 and F16 can be written", path, t->name);
         }
         for (int d = 0; rc == 0 && d < t->ndim; d++) {
             if (t->shape[d] < 0) rc = nm_error_set(err, "%s: tensor '%s': negative dim", path, t->name);
@@ -527,7 +550,9 @@ int nm_safetensors_write(const char *path, const nm_st_tensor *tensors, int n, n
         char num[96];
         sb_puts(&hdr, ",");
         sb_json_string(&hdr, t->name);
-        sb_puts(&hdr, t->dtype == NM_ST_F32 ? ":{\"dtype\":\"F32\",\"shape\":[" : ":{\"dtype\":\"BF16\",\"shape\":[");
+        sb_puts(&hdr, t->dtype == NM_ST_F32    ? ":{\"dtype\":\"F32\",\"shape\":["
+                      : t->dtype == NM_ST_F16 ? ":{\"dtype\":\"F16\",\"shape\":["
+                                              : ":{\"dtype\":\"BF16\",\"shape\":[");
         for (int d = 0; d < t->ndim; d++) {
             snprintf(num, sizeof(num), d ? ",%lld" : "%lld", (long long)t->shape[d]);
             sb_puts(&hdr, num);
@@ -563,7 +588,11 @@ int nm_safetensors_write(const char *path, const nm_st_tensor *tensors, int n, n
         if (!buf) buf = nm_malloc(CHUNK * sizeof(uint16_t));
         for (int64_t s = 0; s < numel[i] && rc == 0; s += CHUNK) {
             int64_t m = numel[i] - s < CHUNK ? numel[i] - s : CHUNK;
-            for (int64_t k = 0; k < m; k++) buf[k] = nm_f32_to_bf16(t->data[s + k]);
+            if (t->dtype == NM_ST_F16) {
+                for (int64_t k = 0; k < m; k++) buf[k] = nm_f32_to_f16(t->data[s + k]);
+            } else {
+                for (int64_t k = 0; k < m; k++) buf[k] = nm_f32_to_bf16(t->data[s + k]);
+            }
             rc = nm_fwrite_all(f.fp, buf, (size_t)m * 2, path, err);
         }
     }

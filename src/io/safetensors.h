@@ -7,7 +7,7 @@
 // (the DeepSeek-V3 release) are refused with a message: dequantise them with their
 // weight_scale_inv first.
 //
-// Writer: F32 or BF16 (round to nearest even) per tensor, tensors in the order given,
+// Writer: F32, BF16 or F16 (round to nearest even) per tensor, tensors in the order given,
 // `__metadata__` {"format":"pt"} (transformers needs it), header padded with spaces to a
 // multiple of 8, written atomically (temporary file + rename).
 #pragma once
@@ -61,7 +61,7 @@ typedef struct nm_st_tensor {
     int ndim;                           // 0..NM_ST_MAX_DIMS
     int64_t shape[NM_ST_MAX_DIMS];
     const float *data;                  // (numel) fp32 source, converted on write
-    nm_st_dtype dtype;                  // NM_ST_F32 or NM_ST_BF16: how it is stored
+    nm_st_dtype dtype;                  // NM_ST_F32, NM_ST_BF16 or NM_ST_F16: how it is stored
 } nm_st_tensor;
 
 // Writes n tensors to path atomically. Returns 0 or -1 with err filled.
@@ -71,3 +71,4 @@ int nm_safetensors_write(const char *path, const nm_st_tensor *tensors, int n, n
 uint16_t nm_f32_to_bf16(float x);
 float nm_bf16_to_f32(uint16_t h);
 float nm_f16_to_f32(uint16_t h);
+uint16_t nm_f32_to_f16(float x);       // IEEE binary16, round to nearest even, NaN stays NaN

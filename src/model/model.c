@@ -266,6 +266,19 @@ static int64_t pick_vocab_tile(const nm_model_config *c, int64_t N, int64_t requ
     return vt < 128 ? 128 : vt;
 }
 
+// The expert-parallel sizes the arena layout reads (create and the estimate share them): the
+// experts held here, and the bound on the rows they receive.
+static void set_expert_parallel_sizes(nm_model *m, nm_comm *ep) {
+    const nm_model_config *c = &m->cfg;
+    m->ep = ep && ep->size > 1 ? ep : NULL;
+    int64_t ep_size = m->ep ? m->ep->size : 1;
+    m->E_loc = c->E / ep_size;
+    if (m->ep) {
+        int64_t per = c->K < m->E_loc ? c->K : m->E_loc;  // a token reaches one rank at most this often
+        m->R_max = ep_size * m->B_max * m->T_max * per;
+    }
+}
+
 int nm_model_create(nm_model **out, const nm_model_config *cfg, const nm_ops *ops, int64_t B_max,
                     int64_t T_max, nm_error *err) {
     nm_model_options o = {0};
@@ -286,7 +299,7 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     m->recompute = opts->recompute;
     if (opts->vocab_tile < 0) return nm_error_set(err, "model: vocab_tile %lld < 0", (long long)opts->vocab_tile);
     m->vt = pick_vocab_tile(cfg, B_max * T_max, opts->vocab_tile);
-    m->ep = opts->ep && opts->ep->size > 1 ? opts->ep : NULL;
+    set_expert_parallel_sizes(m, opts->ep);
     int64_t ep_size = m->ep ? m->ep->size : 1, ep_rank = m->ep ? m->ep->rank : 0;
     m->stage = opts->stage ? *opts->stage : (nm_model_stage){0, cfg->L, 1, 1};
     m->n_slots = opts->act_slots > 1 ? (int)opts->act_slots : 1;
@@ -299,10 +312,9 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
         nm_free(m);
         return -1;
     }
-    m->E_loc = m->table.expert_count;
+    NM_CHECK(m->E_loc == m->table.expert_count, "expert count %lld != table %lld", (long long)m->E_loc,
+             (long long)m->table.expert_count);
     if (m->ep) {
-        int64_t per = cfg->K < m->E_loc ? cfg->K : m->E_loc;  // a token reaches one rank at most this often
-        m->R_max = ep_size * B_max * T_max * per;
         m->ep_send = nm_calloc((size_t)ep_size, sizeof(int64_t));
         m->ep_recv = nm_calloc((size_t)ep_size, sizeof(int64_t));
         m->ep_cnt_send = nm_calloc((size_t)(ep_size * m->E_loc), sizeof(int64_t));
@@ -372,13 +384,22 @@ const nm_model_config *nm_model_cfg(const nm_model *m) { return &m->cfg; }
 size_t nm_model_activation_bytes(const nm_model *m) { return m->arena_floats * sizeof(float); }
 
 size_t nm_model_estimate_activation_bytes(const nm_model_config *cfg, int64_t B_max, int64_t T_max, int recompute) {
-    nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = recompute,
-                  .vt = pick_vocab_tile(cfg, B_max * T_max, 0), .stage = {0, cfg->L, 1, 1}, .n_slots = 1};
-    model_slot slot;
-    m.slots = &slot;
-    m.block_sets = nm_calloc((size_t)cfg->n_layers, sizeof(block_acts));
-    m.mtp_sets = nm_calloc(cfg->M > 0 ? (size_t)cfg->M : 1, sizeof(mtp_acts));
+    nm_model_options o = {.recompute = recompute};
+    return nm_model_estimate_activation_bytes_ex(cfg, B_max, T_max, &o);
+}
+
+size_t nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_max, int64_t T_max,
+                                             const nm_model_options *opts) {
+    int n_slots = opts->act_slots > 1 ? (int)opts->act_slots : 1;
+    nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = opts->recompute,
+                  .vt = pick_vocab_tile(cfg, B_max * T_max, opts->vocab_tile > 0 ? opts->vocab_tile : 0),
+                  .stage = opts->stage ? *opts->stage : (nm_model_stage){0, cfg->L, 1, 1}, .n_slots = n_slots};
+    set_expert_parallel_sizes(&m, opts->ep);
+    m.slots = nm_calloc((size_t)n_slots, sizeof(model_slot));
+    m.block_sets = nm_calloc((size_t)n_slots * (size_t)cfg->n_layers, sizeof(block_acts));
+    m.mtp_sets = nm_calloc((size_t)n_slots * (cfg->M > 0 ? (size_t)cfg->M : 1), sizeof(mtp_acts));
     layout(&m);  // counting pass only (no arena)
+    nm_free(m.slots);
     nm_free(m.block_sets);
     nm_free(m.mtp_sets);
     return m.arena_used * sizeof(float);

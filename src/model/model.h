@@ -63,6 +63,10 @@ const nm_model_config *nm_model_cfg(const nm_model *m);
 size_t nm_model_activation_bytes(const nm_model *m);
 // What nm_model_create_ex would allocate for activations, without allocating it.
 size_t nm_model_estimate_activation_bytes(const nm_model_config *cfg, int64_t B_max, int64_t T_max, int recompute);
+// The same under opts (recompute, vocab_tile, the expert-parallel group's size and rank: a
+// shape communicator, nm_comm_shape, is enough). The planner's activation number.
+size_t nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_max, int64_t T_max,
+                                             const nm_model_options *opts);
 void nm_model_zero_grads(nm_model *m);
 
 // Forward over tokens (B, T), B <= B_max, 2 <= T <= T_max (1 <= T with opt->inference). Token ids outside [0, V) are an

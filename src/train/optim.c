@@ -13,6 +13,28 @@ static int row_is_optimised(const nm_tensor_spec *r) {
     return !(r->flags & (NM_TENSOR_ROUTER_BIAS | NM_TENSOR_TIED));
 }
 
+// Where each row's m and v start (row_state, may be NULL) and how many floats they take.
+static size_t state_layout(const nm_param_table *table, const unsigned char *owned, size_t *row_state) {
+    size_t n_state = owned ? 0 : table->n_floats;
+    for (int i = 0; i < table->n_rows; i++) {
+        const nm_tensor_spec *r = &table->rows[i];
+        if (row_state) row_state[i] = SIZE_MAX;
+        if (!row_is_optimised(r) || (owned && !owned[i])) continue;
+        if (!owned) {
+            if (row_state) row_state[i] = r->offset;
+            continue;
+        }
+        n_state = (n_state + NM_PARAM_ALIGN - 1) / NM_PARAM_ALIGN * NM_PARAM_ALIGN;
+        if (row_state) row_state[i] = n_state;
+        n_state += (size_t)r->numel;
+    }
+    return n_state;
+}
+
+size_t nm_optimizer_state_floats(const nm_param_table *table, const unsigned char *owned) {
+    return state_layout(table, owned, NULL);
+}
+
 int nm_optimizer_create(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
                         nm_error *err) {
     return nm_optimizer_create_sharded(out, table, cfg, NULL, err);
@@ -42,19 +64,7 @@ int nm_optimizer_create_sharded(nm_optimizer **out, const nm_param_table *table,
     // Unsharded, m and v share the parameters' layout (checkpoints index them by row offset);
     // sharded, the owned rows are packed.
     size_t *row_state = nm_malloc((size_t)(table->n_rows > 0 ? table->n_rows : 1) * sizeof(size_t));
-    size_t n_state = owned ? 0 : table->n_floats;
-    for (int i = 0; i < table->n_rows; i++) {
-        const nm_tensor_spec *r = &table->rows[i];
-        row_state[i] = SIZE_MAX;
-        if (!row_is_optimised(r) || (owned && !owned[i])) continue;
-        if (!owned) {
-            row_state[i] = r->offset;
-            continue;
-        }
-        n_state = (n_state + NM_PARAM_ALIGN - 1) / NM_PARAM_ALIGN * NM_PARAM_ALIGN;
-        row_state[i] = n_state;
-        n_state += (size_t)r->numel;
-    }
+    size_t n_state = state_layout(table, owned, row_state);
 
     nm_optimizer *opt = nm_calloc(1, sizeof(*opt));
     opt->table = table;

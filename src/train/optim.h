@@ -84,6 +84,9 @@ void nm_optimizer_destroy(nm_optimizer *opt);
 // packed in row order; NULL owned means every row (= nm_optimizer_create).
 int nm_optimizer_create_sharded(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
                                 const unsigned char *owned, nm_error *err);
+// Floats of m (and of v) that nm_optimizer_create_sharded allocates for these rows, without
+// allocating them (the planner's number).
+size_t nm_optimizer_state_floats(const nm_param_table *table, const unsigned char *owned);
 
 // Sum of squares of the optimised gradients in double, fixed order (the norm's square).
 double nm_optimizer_grad_sumsq(nm_optimizer *opt, const float *grads /* (n_floats) */);

@@ -70,21 +70,21 @@ def e4m3_decode(codes):
     return np.where(codes & 0x80, -v, v)
 
 
-def quantize_block(w):
-    """w (O, I) fp32 -> codes uint8 (O, I), scale_inv fp32 (ceil(O/128), ceil(I/128)), dequantised fp32."""
+def quantize_block(w, bo_n=BLOCK, bi_n=BLOCK):
+    """w (O, I) fp32 -> codes uint8 (O, I), scale_inv fp32 (ceil(O/bo_n), ceil(I/bi_n)), dequantised fp32."""
     O, I = w.shape
-    bo, bi = -(-O // BLOCK), -(-I // BLOCK)
+    bo, bi = -(-O // bo_n), -(-I // bi_n)
     s = np.zeros((bo, bi), np.float32)
     codes = np.zeros((O, I), np.uint8)
     deq = np.zeros((O, I), np.float32)
     for i in range(bo):
         for j in range(bi):
-            blk = w[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK]
+            sl = (slice(i * bo_n, (i + 1) * bo_n), slice(j * bi_n, (j + 1) * bi_n))
+            blk = w[sl]
             s[i, j] = np.float32(max(float(np.abs(blk).max()), 1e-12) / 448.0)
             c = e4m3_encode(blk / s[i, j])
-            codes[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK] = c
-            deq[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK] = (
-                e4m3_decode(c).astype(np.float32) * s[i, j])
+            codes[sl] = c
+            deq[sl] = e4m3_decode(c).astype(np.float32) * s[i, j]
     return codes, s, deq
 
 
@@ -250,6 +250,44 @@ def main():
     if p.returncode == 0 or victim not in p.stderr:
         fails.append("fp8 without %s: rc %d, stderr %r" % (victim, p.returncode, p.stderr.strip()[-300:]))
 
+    # weight_block_size is used as given: 16 x 32 blocks (several per matrix of this small model).
+    raw16, deq16 = {}, {}
+    for n, a in t.items():
+        if a.ndim == 2 and is_quantised(n, cfg):
+            codes, sc, dq = quantize_block(a, 16, 32)
+            raw16[n] = ("F8_E4M3", a.shape, codes.tobytes())
+            raw16[n + "_scale_inv"] = f32_raw(sc)
+            deq16[n] = dq
+        else:
+            raw16[n] = raw[n]
+            deq16[n] = deq[n]
+    d16 = os.path.join(tmp, "fp8_b16x32")
+    write_dir(d16, cfg_text, None, extra_cfg={"quantization_config": dict(QUANT, weight_block_size=[16, 32])}, raw=raw16)
+    d16r = os.path.join(tmp, "fp8_b16x32_fp32")
+    write_dir(d16r, cfg_text, deq16)
+    same("fp8 16x32 blocks", forward(d16)[0], forward(d16r)[0])
+
+    # quantization_config values we do not implement are refused naming the file, field and value,
+    # and so are scales whose shape does not fit the stated block.
+    def refused_q(name, quant, needles, tensors_raw=raw):
+        d = os.path.join(tmp, name)
+        write_dir(d, cfg_text, None, extra_cfg={"quantization_config": quant}, raw=tensors_raw)
+        p = subprocess.run([nm_bin, "forward", "--model", d, "--tokens", tok, "--batch", str(B)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if p.returncode == 0 or not all(x in p.stderr for x in needles):
+            fails.append("%s: rc %d, stderr %r (expected a refusal naming %s)"
+                         % (name, p.returncode, p.stderr.strip()[-300:], needles))
+    refused_q("q_method", dict(QUANT, quant_method="gptq"), ["config.json", "quant_method", '"gptq"'])
+    refused_q("q_no_method", {k: v for k, v in QUANT.items() if k != "quant_method"},
+              ["config.json", "quant_method", "(missing)"])
+    refused_q("q_fmt", dict(QUANT, fmt="e5m2"), ["config.json", "fmt", '"e5m2"'])
+    refused_q("q_block", dict(QUANT, weight_block_size=[128]), ["config.json", "weight_block_size", "[128]"])
+    refused_q("q_block_zero", dict(QUANT, weight_block_size=[0, 128]), ["config.json", "weight_block_size", "[0,128]"])
+    refused_q("q_block_mismatch", dict(QUANT, weight_block_size=[64, 64]), ["_scale_inv", "64 x 64 blocks"])
+    # FP8 codes whose scales are all gone (e.g. a tool stripped them) are never read as plain weights.
+    refused_q("q_no_scales", QUANT, ["F8_E4M3", "_scale_inv", "missing"],
+              {n: v for n, v in raw.items() if not n.endswith("_scale_inv")})
+
     # Still refused: noaux_tc without its router bias (it routes with it), and MTP half present.
     def refused(name, tensors, needle):
         d = os.path.join(tmp, name)
@@ -267,7 +305,7 @@ def main():
     for f in fails:
         print("FAIL", f)
     if not fails:
-        print("OK: fp8, bf16, sharded and MTP-less checkpoints load to the fp32 model")
+        print("OK: fp8 (128 x 128 and 16 x 32 blocks; unimplemented quantization_config refused), bf16, sharded and MTP-less checkpoints load to the fp32 model")
     return 1 if fails else 0
 
 

@@ -1,0 +1,68 @@
+// plan.h: what a parallel layout costs before it is launched (`nanomegatron plan`, design.md 6).
+//
+// Per rank: parameters, gradients, the bf16 weight copy, the ZeRO-1 optimizer shard, the
+// activations held at the schedule's peak (the MoE receive side at its dropless worst case:
+// every token of the EP group routed here) and the communication buffers; per step: the bytes
+// of each group and operation as the byte counters count them (docs/parallelism.md), and the
+// compute time at a given FLOP/s.
+//
+// Nothing here has a formula of its own for a size: it builds the parameter table, the ZeRO-1
+// ownership and buckets and the model's arena layout with the allocator's own code, handing
+// it shape communicators (nm_comm_shape) for the groups, so the plan and a launched run
+// cannot drift apart (tests/test_plan.sh checks both against a run's banner and counters).
+#pragma once
+
+#include <stdint.h>
+
+#include "core/check.h"
+#include "core/precision.h"
+#include "dist/mesh.h"
+#include "model/config.h"
+
+typedef struct nm_plan_request {
+    int64_t world;              // processes
+    int64_t tp, pp, ep;         // tensor_parallel_size, pipeline_parallel_size, expert_parallel_size
+    int64_t seq_len, micro_batch, global_batch;
+    int recompute;
+    nm_precision precision;
+    int64_t bucket_mb;          // ZeRO-1 bucket size (the training config's bucket_mb)
+    double flops;               // FLOP/s per rank for the compute time (0: not estimated)
+} nm_plan_request;
+
+// One pipeline stage: every rank of a stage holds the same sizes, except the optimizer shard,
+// which is given for the rank with the largest one.
+typedef struct nm_plan_stage {
+    int64_t first_layer, n_layers;  // decoder layers [first, first + n), MTP layers counted in n
+    int64_t params_bytes;           // fp32 master weights (the parameter buffer)
+    int64_t grads_bytes;            // fp32 gradients
+    int64_t bf16_copy_bytes;        // bf16 weights of the GEMMs (bf16 / fp8 runs)
+    int64_t optimizer_bytes;        // AdamW m and v of the largest ZeRO-1 shard of the stage
+    int64_t optimizer_bytes_first;  // the same for the stage's first rank (what its banner prints)
+    int64_t activation_bytes;       // one micro-batch's arena
+    int64_t in_flight;              // micro-batches whose activations the stage holds at its peak
+    int64_t ep_buffer_bytes;        // part of activation_bytes: the EP receive-side bound
+    int64_t total_bytes;            // params + grads + bf16 copy + optimizer + in_flight x activations
+} nm_plan_stage;
+
+// Bytes per rank and step, as metrics.jsonl's comm_* keys count them (rank 0 of each group).
+typedef struct nm_plan_comm {
+    int64_t dp_reduce_scatter, dp_all_gather, dp_all_reduce;
+    int64_t edp_reduce_scatter, edp_all_gather;
+    int64_t ep_all_to_all;          // one rank's average share
+    int64_t ep_all_to_all_job;      // the job's sum (comm_ep_all_to_all_bytes_job)
+} nm_plan_comm;
+
+typedef struct nm_plan {
+    nm_mesh_sizes n;
+    int64_t accum;                  // micro-batches per step per data-parallel rank
+    int64_t n_stages;
+    nm_plan_stage *stages;          // (n_stages)
+    nm_plan_comm comm;
+    double flops_per_step_rank;     // training FLOPs per rank and step (the job's / world)
+    double compute_s;               // flops_per_step_rank / request flops (0 when not given)
+} nm_plan;
+
+// Fills p for cfg under r. Returns 0, or -1 with err naming what does not divide or is not
+// supported.
+int nm_plan_compute(nm_plan *p, const nm_model_config *cfg, const nm_plan_request *r, nm_error *err);
+void nm_plan_free(nm_plan *p);

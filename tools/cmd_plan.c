@@ -1,0 +1,124 @@
+// cmd_plan.c: `nanomegatron plan`: per-rank memory and per-step communication of a parallel
+// layout, before launching it (src/train/plan.h has where every number comes from).
+//
+//   plan --config MODEL.json | --model DIR  --world N [--tp T] [--pp P] [--ep E]
+//        [--seq-len S] [--micro-batch B] [--global-batch G] [--recompute]
+//        [--precision fp32|bf16|fp8] [--bucket-mb M] [--flops F] [--memory-gib M]
+// The last stdout line is one JSON object with every number.
+#include <stdio.h>
+#include <string.h>
+
+#include "args.h"
+#include "commands.h"
+#include "io/hf_dir.h"
+#include "train/plan.h"
+
+static const double GIB = 1073741824.0;
+
+static int parse_precision(const char *s, nm_precision *p) {
+    if (!strcmp(s, "fp32")) *p = NM_PRECISION_FP32;
+    else if (!strcmp(s, "bf16")) *p = NM_PRECISION_BF16;
+    else if (!strcmp(s, "fp8")) *p = NM_PRECISION_FP8;
+    else return -1;
+    return 0;
+}
+
+static void print_json(const nm_plan *p, const nm_plan_request *r, double memory_gib, int fits) {
+    printf("{\"world\": %lld, \"tp\": %lld, \"pp\": %lld, \"dp\": %lld, \"ep\": %lld, \"edp\": %lld, "
+           "\"seq_len\": %lld, \"micro_batch\": %lld, \"global_batch\": %lld, \"accum\": %lld, \"recompute\": %s, "
+           "\"stages\": [",
+           (long long)p->n.world, (long long)p->n.tp, (long long)p->n.pp, (long long)p->n.dp, (long long)p->n.ep,
+           (long long)p->n.edp, (long long)r->seq_len, (long long)r->micro_batch, (long long)r->global_batch,
+           (long long)p->accum, r->recompute ? "true" : "false");
+    for (int64_t i = 0; i < p->n_stages; i++) {
+        const nm_plan_stage *s = &p->stages[i];
+        printf("%s{\"first_layer\": %lld, \"n_layers\": %lld, \"params_bytes\": %lld, \"grads_bytes\": %lld, "
+               "\"bf16_copy_bytes\": %lld, \"optimizer_bytes\": %lld, \"optimizer_bytes_first\": %lld, \"activation_bytes\": %lld, \"in_flight\": %lld, "
+               "\"ep_buffer_bytes\": %lld, \"total_bytes\": %lld}",
+               i ? ", " : "", (long long)s->first_layer, (long long)s->n_layers, (long long)s->params_bytes,
+               (long long)s->grads_bytes, (long long)s->bf16_copy_bytes, (long long)s->optimizer_bytes,
+               (long long)s->optimizer_bytes_first, (long long)s->activation_bytes, (long long)s->in_flight, (long long)s->ep_buffer_bytes,
+               (long long)s->total_bytes);
+    }
+    const nm_plan_comm *c = &p->comm;
+    printf("], \"comm\": {\"dp_reduce_scatter\": %lld, \"dp_all_gather\": %lld, \"dp_all_reduce\": %lld, "
+           "\"edp_reduce_scatter\": %lld, \"edp_all_gather\": %lld, \"ep_all_to_all\": %lld, \"ep_all_to_all_job\": %lld}, "
+           "\"flops_per_step_rank\": %.6g, \"compute_s\": %.6g, \"memory_gib\": %g, \"fits\": %s}\n",
+           (long long)c->dp_reduce_scatter, (long long)c->dp_all_gather, (long long)c->dp_all_reduce,
+           (long long)c->edp_reduce_scatter, (long long)c->edp_all_gather, (long long)c->ep_all_to_all,
+           (long long)c->ep_all_to_all_job, p->flops_per_step_rank, p->compute_s, memory_gib, fits ? "true" : "false");
+}
+
+int nm_cmd_plan(int argc, char **argv) {
+    static const char *const vflags[] = {"config", "model", "world", "tp", "pp", "ep", "seq-len", "micro-batch",
+                                         "global-batch", "precision", "bucket-mb", "flops", "memory-gib", NULL};
+    static const char *const bflags[] = {"recompute", NULL};
+    nm_args a;
+    if (nm_args_parse(&a, "plan", argc, argv, vflags, bflags)) return 2;
+    const char *dir = nm_args_str(&a, "model", NULL), *cfg_path = nm_args_str(&a, "config", NULL);
+    if ((!dir) == (!cfg_path) || !nm_args_has(&a, "world") || a.n_positional) {
+        fprintf(stderr, "usage: nanomegatron plan --config MODEL.json | --model DIR --world N [--tp T] [--pp P] [--ep E] "
+                        "[--seq-len S] [--micro-batch B] [--global-batch G] [--recompute] [--precision fp32|bf16|fp8] "
+                        "[--bucket-mb M] [--flops F] [--memory-gib M]\n");
+        return 2;
+    }
+    nm_plan_request r = {.recompute = nm_args_has(&a, "recompute")};
+    double memory_gib;
+    if (nm_args_i64(&a, "world", 1, &r.world) || nm_args_i64(&a, "tp", 1, &r.tp) || nm_args_i64(&a, "pp", 1, &r.pp) ||
+        nm_args_i64(&a, "ep", 1, &r.ep) || nm_args_i64(&a, "seq-len", 4096, &r.seq_len) ||
+        nm_args_i64(&a, "micro-batch", 1, &r.micro_batch) || nm_args_i64(&a, "bucket-mb", 40, &r.bucket_mb) ||
+        nm_args_f64(&a, "flops", 0, &r.flops) || nm_args_f64(&a, "memory-gib", 80, &memory_gib))
+        return 2;
+    if (r.world < 1 || r.tp < 1 || r.pp < 1 || r.ep < 1) {
+        fprintf(stderr, "plan: --world, --tp, --pp and --ep must be >= 1\n");
+        return 2;
+    }
+    // One micro-batch per data-parallel rank unless given.
+    int64_t dp = r.tp * r.pp > 0 ? r.world / (r.tp * r.pp) : 1;
+    if (nm_args_i64(&a, "global-batch", r.micro_batch * (dp > 0 ? dp : 1), &r.global_batch)) return 2;
+    const char *prec = nm_args_str(&a, "precision", "fp32");
+    if (parse_precision(prec, &r.precision) != 0) {
+        fprintf(stderr, "plan: --precision must be fp32, bf16 or fp8, got '%s'\n", prec);
+        return 2;
+    }
+    nm_error err;
+    nm_model_config cfg;
+    if ((dir ? nm_hf_dir_load_config(dir, &cfg, &err) : nm_model_config_load(&cfg, cfg_path, &err)) != 0) {
+        fprintf(stderr, "plan: %s\n", err.msg);
+        return 1;
+    }
+    nm_plan p;
+    if (nm_plan_compute(&p, &cfg, &r, &err) != 0) {
+        fprintf(stderr, "plan: %s\n", err.msg);
+        nm_model_config_free(&cfg);
+        return 1;
+    }
+    char layout[160];
+    nm_mesh_describe(&p.n, layout, sizeof(layout));
+    printf("plan  %s: %s | seq %lld x global batch %lld (micro %lld x %lld accum per dp rank) | %s%s\n",
+           dir ? dir : cfg_path, layout, (long long)r.seq_len, (long long)r.global_batch,
+           (long long)r.micro_batch, (long long)p.accum, prec, r.recompute ? " | recompute" : "");
+    int fits = 1;
+    for (int64_t i = 0; i < p.n_stages; i++) {
+        const nm_plan_stage *s = &p.stages[i];
+        printf("stage %lld (layers %lld..%lld) per rank, GiB: params %.2f | grads %.2f | bf16 copy %.2f | optimizer "
+               "shard %.2f | activations %.2f x %lld in flight (EP receive bound %.2f) | total %.2f\n",
+               (long long)i, (long long)s->first_layer, (long long)(s->first_layer + s->n_layers - 1),
+               s->params_bytes / GIB, s->grads_bytes / GIB, s->bf16_copy_bytes / GIB, s->optimizer_bytes / GIB,
+               s->activation_bytes / GIB, (long long)s->in_flight, s->ep_buffer_bytes / GIB, s->total_bytes / GIB);
+        if (s->total_bytes / GIB > memory_gib) fits = 0;
+    }
+    const nm_plan_comm *c = &p.comm;
+    printf("comm  per rank and step, MiB: dp reduce_scatter %.1f, all_gather %.1f, all_reduce %.3f | edp "
+           "reduce_scatter %.1f, all_gather %.1f | ep all_to_all %.1f (job %.1f)\n",
+           c->dp_reduce_scatter / 1048576.0, c->dp_all_gather / 1048576.0, c->dp_all_reduce / 1048576.0,
+           c->edp_reduce_scatter / 1048576.0, c->edp_all_gather / 1048576.0, c->ep_all_to_all / 1048576.0,
+           c->ep_all_to_all_job / 1048576.0);
+    printf("compute %.4g TFLOP per rank and step", p.flops_per_step_rank / 1e12);
+    if (r.flops > 0) printf(", %.3g s at %.4g TFLOP/s", p.compute_s, r.flops / 1e12);
+    printf("\n%s in %g GiB per rank\n", fits ? "fits" : "does not fit", memory_gib);
+    print_json(&p, &r, memory_gib, fits);
+    nm_plan_free(&p);
+    nm_model_config_free(&cfg);
+    return 0;
+}
