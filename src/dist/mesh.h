@@ -7,8 +7,8 @@
 //
 // Groups: tp (same dp, pp), dp (same tp, pp), pp (same tp, dp), ep (same edp, pp), edp (same
 // ep, pp). Gradients of replicated (non-expert) tensors reduce over dp; those of routed
-// experts over edp (docs/parallelism.md). TP and PP exist here as sizes, coordinates and
-// groups; the model does not split over them yet (the trainer refuses TP or PP > 1).
+// experts over edp (docs/parallelism.md). PP splits the layers into stages (train/pipeline.h);
+// TP exists here as sizes, coordinates and groups only (the trainer refuses TP > 1).
 #pragma once
 
 #include <stdint.h>
