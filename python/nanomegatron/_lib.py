@@ -63,7 +63,7 @@ class nm_param_table(ctypes.Structure):
                 ("n_params_main", c_int64), ("n_params_mtp", c_int64), ("embed", c_size_t),
                 ("final_norm", c_size_t), ("lm_head", c_size_t), ("layers", c_void_p),
                 ("expert_first", c_int64), ("expert_count", c_int64), ("tp_rank", c_int64), ("tp_size", c_int64),
-                ("vocab_padded", c_int64)]
+                ("vocab_padded", c_int64), ("embed_copy", c_int)]
 
 
 class nm_trainer_options(ctypes.Structure):
@@ -89,7 +89,7 @@ class nm_loss_terms(ctypes.Structure):
 
 class nm_model_options(ctypes.Structure):
     _fields_ = [("recompute", c_int), ("ep", c_void_p), ("tp", c_void_p), ("sequence_parallel", c_int),
-                ("vocab_multiple", c_int64), ("vocab_tile", c_int64)]
+                ("vocab_multiple", c_int64), ("vocab_tile", c_int64), ("stage", c_void_p), ("act_slots", c_int64)]
 
 
 class nm_adamw_config(ctypes.Structure):

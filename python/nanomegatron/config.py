@@ -220,12 +220,12 @@ _TRAIN_KEYS = {
     "mtp_weight": "mtp.weight", "mtp_weight_after": "mtp.weight_after", "mtp_switch_step": "mtp.switch_step",
     "save_every": "checkpoint.save_every", "keep_last": "checkpoint.keep_last",
     "log_every": "log.log_every", "eval_every": "log.eval_every", "eval_batches": "log.eval_batches",
-    # The parallel layout (data parallelism is what the world size leaves); pipeline
-    # parallelism > 1 is refused by the library with its message.
+    # The parallel layout (data parallelism is what the world size leaves).
     "tensor_parallel_size": "tensor_parallel_size", "pipeline_parallel_size": "pipeline_parallel_size",
     "expert_parallel_size": "expert_parallel_size", "bucket_mb": "bucket_mb", "exit_interval": "exit_interval",
     "overlap_grad_reduce": "overlap_grad_reduce", "sequence_parallel": "sequence_parallel",
     "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
+    "pipeline_model_parallel_layout": "pipeline_model_parallel_layout",
 }
 _PARALLEL = ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size")
 # C keys that come from model / data / batch_size rather than from one field each.
@@ -252,6 +252,7 @@ class TrainConfig:
     micro_batch_size: Optional[int] = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    pipeline_model_parallel_layout: str = ""
     expert_parallel_size: int = 1
     bucket_mb: int = 40
     overlap_grad_reduce: bool = False

@@ -8,8 +8,8 @@
 // Groups: tp (same dp, pp), dp (same tp, pp), pp (same tp, dp), ep (same edp, pp), edp (same
 // ep, pp). Gradients of replicated (non-expert) tensors reduce over dp; those of routed
 // experts over edp (docs/parallelism.md); under TP without sequence parallelism (EP 1) the
-// routed experts are replicated over tp and reduce over dp too. PP exists here as sizes,
-// coordinates and groups; the model does not split over it yet (the trainer refuses PP > 1).
+// routed experts are replicated over tp and reduce over dp too. PP splits the layers into
+// stages (train/pipeline.h).
 #pragma once
 
 #include <stdint.h>

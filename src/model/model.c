@@ -88,6 +88,92 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
     }
 }
 
+// The stage's layers in forward order: main layers [layer_begin, layer_end), then the MTP
+// blocks L .. L+M-1 on the last stage.
+static int64_t stage_next_layer(const nm_model *m, int64_t l) {
+    l = l < 0 ? m->stage.layer_begin : l + 1;
+    if (l >= m->stage.layer_end && l < m->cfg.L) l = m->cfg.L;  // past the stage's main layers
+    if (l >= m->cfg.L && !m->stage.last) return -1;
+    return l < m->cfg.n_layers ? l : -1;
+}
+#define FOR_STAGE_LAYERS(m, l) for (int64_t l = stage_next_layer(m, -1); l >= 0; l = stage_next_layer(m, l))
+
+static void slot_save(nm_model *m, model_slot *s) {
+    *s = (model_slot){.blocks = m->blocks, .mtp = m->mtp, .targets = m->targets, .tokens = m->tokens,
+                      .stage_in = m->stage_in, .emb_out = m->emb_out, .h0 = m->h0, .h0_rstd = m->h0_rstd,
+                      .logits = m->logits, .losses = m->losses, .lse = m->lse, .head_stats = m->head_stats,
+                      .B = m->B, .T = m->T, .opt = m->opt, .have_forward = m->have_forward};
+}
+
+static void slot_load(nm_model *m, const model_slot *s) {
+    m->blocks = s->blocks;
+    m->mtp = s->mtp;
+    m->targets = s->targets;
+    m->tokens = s->tokens;
+    m->stage_in = s->stage_in;
+    m->emb_out = s->emb_out;
+    m->h0 = s->h0;
+    m->h0_rstd = s->h0_rstd;
+    m->logits = s->logits;
+    m->losses = s->losses;
+    m->lse = s->lse;
+    m->head_stats = s->head_stats;
+    m->B = s->B;
+    m->T = s->T;
+    m->opt = s->opt;
+    m->have_forward = s->have_forward;
+    const nm_model_stage *st = &m->stage;
+    m->stage_out = st->layer_end > st->layer_begin ? m->blocks[st->layer_end - 1].x_out : m->stage_in;
+}
+
+// What one micro-batch's forward leaves for its backward (into m's current-slot fields).
+static void take_slot(nm_model *m, const block_acts *shared) {
+    const nm_model_config *c = &m->cfg;
+    size_t N = (size_t)(m->B_max * m->T_max);
+    size_t D = c->D;
+    const nm_model_stage *st = &m->stage;
+    FOR_STAGE_LAYERS(m, l) {
+        block_acts *b = &m->blocks[l];
+        int moe = nm_layer_is_moe(c, l);
+        if (m->recompute) *b = *shared;
+        else take_block_intermediates(m, b, !moe, moe);
+        b->x_in = (l == st->layer_begin || nm_layer_is_mtp(c, l)) ? take(m, N * D) : NULL;  // else aliases
+        b->x_out = take(m, N * D);
+    }
+    for (int64_t l = st->layer_begin + 1; l < st->layer_end; l++) m->blocks[l].x_in = m->blocks[l - 1].x_out;
+    m->stage_in = st->layer_end > st->layer_begin ? m->blocks[st->layer_begin].x_in : take(m, N * D);
+    m->emb_out = m->stage_in;
+    if (st->last) {
+        for (int64_t k = 0; k < c->M; k++) {
+            mtp_acts *t = &m->mtp[k];
+            t->tokens_in = take_i32(m, N);
+            t->targets = take_i32(m, N);
+            t->h_prev = take(m, N * D);
+            t->emb = take(m, N * D);
+            t->emb_n = take(m, N * D);
+            t->emb_rstd = take(m, N);
+            t->h_n = take(m, N * D);
+            t->h_rstd = take(m, N);
+            t->g = take(m, N * D);
+            t->g_rstd = take(m, N);
+            t->logits = take(m, N * (size_t)m->vt);
+            t->losses = take(m, N);
+            t->lse = take(m, N);
+            t->dh = take(m, N * D);
+        }
+    }
+    m->targets = take_i32(m, N);
+    m->tokens = take_i32(m, N);
+    if (st->last) {
+        m->h0 = take(m, N * D);
+        m->h0_rstd = take(m, N);
+        m->logits = take(m, N * (size_t)m->vt);
+        m->losses = take(m, N);
+        m->lse = take(m, N);
+        m->head_stats = (double *)take(m, 6 * N);  // 3 doubles per row (the arena is 64-byte aligned)
+    }
+}
+
 static void layout(nm_model *m) {
     const nm_model_config *c = &m->cfg;
     size_t N = (size_t)(m->B_max * m->T_max);
@@ -97,44 +183,18 @@ static void layout(nm_model *m) {
     m->rope_sin = take(m, (size_t)m->T_max * c->Dr / 2);
     // With recomputation only each block's input and output are kept; everything in between
     // lives in one shared set (dense and MoE buffers both), rebuilt by re-running a block's
-    // forward right before its backward.
+    // forward right before its backward. Pipeline stages keep one set of saved activations
+    // per micro-batch in flight (slots); the backward scratch below is shared by all.
     block_acts shared = {0};
     if (m->recompute) take_block_intermediates(m, &shared, 1, 1);
-    for (int64_t l = 0; l < c->n_layers; l++) {
-        block_acts *b = &m->blocks[l];
-        int moe = nm_layer_is_moe(c, l);
-        if (m->recompute) *b = shared;
-        else take_block_intermediates(m, b, !moe, moe);
-        b->x_in = (l == 0 || nm_layer_is_mtp(c, l)) ? take(m, N * D) : NULL;  // else aliases
-        b->x_out = take(m, N * D);
+    for (int s = 0; s < m->n_slots; s++) {
+        m->blocks = m->block_sets + (size_t)s * (size_t)c->n_layers;
+        m->mtp = m->mtp_sets + (size_t)s * (size_t)(c->M > 0 ? c->M : 1);
+        take_slot(m, &shared);
+        slot_save(m, &m->slots[s]);
     }
-    for (int64_t l = 1; l < c->L; l++) m->blocks[l].x_in = m->blocks[l - 1].x_out;
-    m->emb_out = m->blocks[0].x_in;
-    for (int64_t k = 0; k < c->M; k++) {
-        mtp_acts *t = &m->mtp[k];
-        t->tokens_in = take_i32(m, N);
-        t->targets = take_i32(m, N);
-        t->h_prev = take(m, N * D);
-        t->emb = take(m, N * D);
-        t->emb_n = take(m, N * D);
-        t->emb_rstd = take(m, N);
-        t->h_n = take(m, N * D);
-        t->h_rstd = take(m, N);
-        t->g = take(m, N * D);
-        t->g_rstd = take(m, N);
-        t->logits = take(m, N * (size_t)m->vt);
-        t->losses = take(m, N);
-        t->lse = take(m, N);
-        t->dh = take(m, N * D);
-    }
-    m->targets = take_i32(m, N);
-    m->tokens = take_i32(m, N);
-    m->h0 = take(m, N * D);
-    m->h0_rstd = take(m, N);
-    m->logits = take(m, N * (size_t)m->vt);
-    m->losses = take(m, N);
-    m->lse = take(m, N);
-    m->head_stats = (double *)take(m, 6 * N);  // 3 doubles per row (the arena is 64-byte aligned)
+    slot_load(m, &m->slots[0]);
+    m->slot = 0;
 
     size_t Fmax = max_sz((size_t)m->F_loc, (size_t)m->Fs_loc), H = (size_t)m->H_loc;
     m->d_res = take(m, N * D);
@@ -236,7 +296,16 @@ static int configure(nm_model *m, const nm_model_options *opts, nm_error *err) {
     int64_t tp_size = m->tp ? m->tp->size : 1, tp_rank = m->tp ? m->tp->rank : 0;
     int64_t vocab_multiple = opts->vocab_multiple > 0 ? opts->vocab_multiple : 1;
     if (nm_param_table_build_tp(&m->table, c, ep_rank, ep_size, tp_rank, tp_size, vocab_multiple, err) != 0) return -1;
-    set_local_sizes(m, tp_size, &m->table.rows[0]);
+    if (m->stage.layer_end - m->stage.layer_begin != c->L || !m->stage.first || !m->stage.last) {
+        if (nm_param_table_restrict_stage(&m->table, c, &m->stage, err) != 0) {
+            nm_param_table_free(&m->table);
+            return -1;
+        }
+    }
+    // The vocabulary shard: the embedding's rows, or the head's on a last stage without it.
+    int vocab_row = nm_param_table_find(&m->table, "model.embed_tokens.weight");
+    if (vocab_row < 0) vocab_row = nm_param_table_find(&m->table, "lm_head.weight");
+    set_local_sizes(m, tp_size, vocab_row >= 0 ? &m->table.rows[vocab_row] : NULL);
     m->vt = pick_vocab_tile(c, m->B_max * m->T_max, opts->vocab_tile);
     if (m->vt > m->V_loc) m->vt = m->V_loc;
     m->E_loc = m->table.expert_count;
@@ -265,6 +334,8 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     m->B_max = B_max;
     m->T_max = T_max;
     m->recompute = opts->recompute;
+    m->stage = opts->stage ? *opts->stage : (nm_model_stage){0, cfg->L, 1, 1};
+    m->n_slots = opts->act_slots > 1 ? (int)opts->act_slots : 1;
     if (configure(m, opts, err) != 0) {
         nm_free(m);
         return -1;
@@ -278,8 +349,9 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     }
     m->params = nm_aligned_alloc(m->table.n_floats * sizeof(float));
     m->grads = nm_aligned_alloc(m->table.n_floats * sizeof(float));
-    m->blocks = nm_calloc((size_t)cfg->n_layers, sizeof(block_acts));
-    m->mtp = nm_calloc(cfg->M > 0 ? (size_t)cfg->M : 1, sizeof(mtp_acts));
+    m->block_sets = nm_calloc((size_t)m->n_slots * (size_t)cfg->n_layers, sizeof(block_acts));
+    m->mtp_sets = nm_calloc((size_t)m->n_slots * (cfg->M > 0 ? (size_t)cfg->M : 1), sizeof(mtp_acts));
+    m->slots = nm_calloc((size_t)m->n_slots, sizeof(model_slot));
     layout(m);  // counting pass
     m->arena_floats = m->arena_used;
     m->arena = nm_aligned_alloc(m->arena_floats * sizeof(float));
@@ -288,7 +360,7 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     rope_tables(m);
 
     m->moe_layer_ids = nm_calloc((size_t)cfg->n_layers + 1, sizeof(int));
-    for (int64_t l = 0; l < cfg->n_layers; l++) {
+    FOR_STAGE_LAYERS(m, l) {
         if (nm_layer_is_moe(cfg, l)) m->moe_layer_ids[m->n_moe++] = (int)l;
     }
     m->groups = nm_calloc((size_t)(cfg->E > 0 ? cfg->E : 1), sizeof(nm_gemm_group));
@@ -304,8 +376,9 @@ void nm_model_destroy(nm_model *m) {
     nm_free(m->grads);
     nm_free(m->params_bf16);
     nm_free(m->arena);
-    nm_free(m->blocks);
-    nm_free(m->mtp);
+    nm_free(m->block_sets);
+    nm_free(m->mtp_sets);
+    nm_free(m->slots);
     nm_free(m->moe_layer_ids);
     nm_free(m->groups);
     nm_free(m->ep_send);
@@ -407,13 +480,17 @@ size_t nm_model_estimate_activation_bytes(const nm_model_config *cfg, int64_t B_
 
 int nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_max, int64_t T_max,
                                           const nm_model_options *opts, size_t *bytes, nm_error *err) {
-    nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = opts->recompute};
+    int n_slots = opts->act_slots > 1 ? (int)opts->act_slots : 1;
+    nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = opts->recompute,
+                  .stage = opts->stage ? *opts->stage : (nm_model_stage){0, cfg->L, 1, 1}, .n_slots = n_slots};
     if (configure(&m, opts, err) != 0) return -1;
-    m.blocks = nm_calloc((size_t)cfg->n_layers, sizeof(block_acts));
-    m.mtp = nm_calloc(cfg->M > 0 ? (size_t)cfg->M : 1, sizeof(mtp_acts));
+    m.slots = nm_calloc((size_t)n_slots, sizeof(model_slot));
+    m.block_sets = nm_calloc((size_t)n_slots * (size_t)cfg->n_layers, sizeof(block_acts));
+    m.mtp_sets = nm_calloc((size_t)n_slots * (cfg->M > 0 ? (size_t)cfg->M : 1), sizeof(mtp_acts));
     layout(&m);  // counting pass only (no arena)
-    nm_free(m.blocks);
-    nm_free(m.mtp);
+    nm_free(m.slots);
+    nm_free(m.block_sets);
+    nm_free(m.mtp_sets);
     nm_param_table_free(&m.table);
     *bytes = m.arena_used * sizeof(float);
     return 0;
@@ -504,7 +581,36 @@ static void block_backward(nm_model *m, int64_t l, float aux_seed) {
 
 int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, const nm_loss_options *opt,
                      nm_loss_terms *loss, float *logits_out, nm_error *err) {
+    return nm_model_forward_stage(m, tokens, NULL, B, T, opt, loss, logits_out, err);
+}
+
+// The end of every stage's forward: the expert counts summed over tp (each tp rank routed its
+// own tokens under sequence parallelism), then any collective failure inside it reported.
+static int forward_done(nm_model *m, const nm_loss_options *opt, nm_error *err) {
+    if (m->sp && m->n_moe > 0 && !m->tp_failed &&
+        nm_comm_all_reduce(m->tp, m->expert_counts, (int64_t)m->n_moe * m->cfg.E, NM_DT_I64, NM_RED_SUM,
+                           &m->tp_err) != 0)
+        m->tp_failed = 1;
+    if (m->tp_failed) {
+        m->tp_failed = 0;
+        m->ep_failed = 0;
+        *err = m->tp_err;
+        return nm_error_prefix(err, "forward: tensor-parallel all-reduce");
+    }
+    if (m->ep_failed) {
+        m->ep_failed = 0;
+        *err = m->ep_err;
+        return nm_error_prefix(err, "forward: expert-parallel exchange");
+    }
+    m->have_forward = !opt->inference;
+    return 0;
+}
+
+int nm_model_forward_stage(nm_model *m, const int32_t *tokens, const float *input, int64_t B, int64_t T,
+                           const nm_loss_options *opt, nm_loss_terms *loss, float *logits_out, nm_error *err) {
     const nm_model_config *c = &m->cfg;
+    const nm_model_stage *st = &m->stage;
+    if (!st->first && !input) return nm_error_set(err, "forward: this pipeline stage needs the previous stage's output");
     const nm_ops *ops = m->ops;
     const float *P = m->params;
     int64_t D = c->D, V = c->V, N = B * T;
@@ -543,15 +649,20 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
     }
     memset(m->expert_counts, 0, (size_t)m->n_moe * (size_t)(c->E > 0 ? c->E : 1) * sizeof(int64_t));
 
-    // main stack
+    // main stack (this stage's part of it)
     double aux = 0.0;
     int moe_row = 0;
-    nm_tp_embedding_forward(m, m->emb_out, tokens, N);
-    for (int64_t l = 0; l < c->L; l++) {
+    if (st->first) nm_tp_embedding_forward(m, m->stage_in, tokens, N);
+    else ops->copy_2d(m->stage_in, N * D, input, N * D, 1, N * D);
+    for (int64_t l = st->layer_begin; l < st->layer_end; l++) {
         int64_t *counts = nm_layer_is_moe(c, l) ? m->expert_counts + (size_t)(moe_row++) * c->E : NULL;
         aux += block_forward(m, l, B, T, counts);
     }
-    const float *h_last = m->blocks[c->L - 1].x_out;
+    if (!st->last) {
+        *loss = (nm_loss_terms){.loss = (double)opt->aux_weight * aux, .aux = aux, .tokens = N};
+        return forward_done(m, opt, err);
+    }
+    const float *h_last = m->stage_out;
     int64_t s0, n0;
     nm_sp_rows(m, N, &s0, &n0);
     ops->rmsnorm_forward(m->h0 + s0 * D, m->h0_rstd + s0, h_last + s0 * D, P + m->table.final_norm, n0, D,
@@ -571,28 +682,13 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
         mtp += nm_mtp_output_forward(m, k, B, T) / (double)(B * (Tk - 1));
     }
     if (M > 0) mtp /= (double)M;
-    if (m->sp && m->n_moe > 0 && !m->tp_failed &&
-        nm_comm_all_reduce(m->tp, m->expert_counts, (int64_t)m->n_moe * c->E, NM_DT_I64, NM_RED_SUM, &m->tp_err) != 0)
-        m->tp_failed = 1;  // each tp rank routed its own tokens
 
     loss->ce = ce;
     loss->mtp = mtp;
     loss->aux = aux;
     loss->loss = ce + (double)opt->mtp_weight * mtp + (double)opt->aux_weight * aux;
     loss->tokens = N;
-    if (m->tp_failed) {
-        m->tp_failed = 0;
-        m->ep_failed = 0;
-        *err = m->tp_err;
-        return nm_error_prefix(err, "forward: tensor-parallel all-reduce");
-    }
-    if (m->ep_failed) {
-        m->ep_failed = 0;
-        *err = m->ep_err;
-        return nm_error_prefix(err, "forward: expert-parallel exchange");
-    }
-    m->have_forward = !opt->inference;
-    return 0;
+    return forward_done(m, opt, err);
 }
 
 void nm_model_set_backward_hook(nm_model *m, nm_backward_hook fn, void *ctx) {
@@ -604,7 +700,11 @@ static void layer_finished(nm_model *m, int64_t l) {
     if (m->hook && !m->hook_failed && m->hook(m->hook_ctx, (int)l, &m->hook_err) != 0) m->hook_failed = 1;
 }
 
-int nm_model_backward(nm_model *m, nm_error *err) {
+int nm_model_backward(nm_model *m, nm_error *err) { return nm_model_backward_stage(m, NULL, err); }
+
+int nm_model_backward_stage(nm_model *m, const float *d_output, nm_error *err) {
+    const nm_model_stage *st = &m->stage;
+    if (!st->last && !d_output) return nm_error_set(err, "backward: this pipeline stage needs the gradient of its output");
     if (!m->have_forward) return nm_error_set(err, "backward: no forward pass to differentiate");
     m->have_forward = 0;  // activations are consumed (logits are overwritten in place)
     const nm_model_config *c = &m->cfg;
@@ -615,6 +715,10 @@ int nm_model_backward(nm_model *m, nm_error *err) {
     float gs = m->opt.grad_scale;
     float aux_seed = m->opt.aux_weight * gs;
 
+    if (!st->last) {
+        ops->copy_2d(m->d_res, N * D, d_output, N * D, 1, N * D);
+        goto main_blocks;
+    }
     // MTP depths, deepest first: depth k's block output also feeds depth k+1's hnorm.
     ops->zero(m->d_h0, N * D);
     for (int64_t k = c->M; k >= 1; k--) {
@@ -634,14 +738,18 @@ int nm_model_backward(nm_model *m, nm_error *err) {
     int64_t s0, n0;
     nm_sp_rows(m, N, &s0, &n0);
     ops->zero(m->d_res, N * D);
-    ops->rmsnorm_backward(m->d_res + s0 * D, G + m->table.final_norm, m->d_h0 + s0 * D,
-                          m->blocks[c->L - 1].x_out + s0 * D, P + m->table.final_norm, m->h0_rstd + s0, n0, D);
-    for (int64_t l = c->L - 1; l >= 0; l--) {
+    ops->rmsnorm_backward(m->d_res + s0 * D, G + m->table.final_norm, m->d_h0 + s0 * D, m->stage_out + s0 * D,
+                          P + m->table.final_norm, m->h0_rstd + s0, n0, D);
+main_blocks:
+    for (int64_t l = st->layer_end - 1; l >= st->layer_begin; l--) {
         block_backward(m, l, aux_seed);
         layer_finished(m, l);
     }
-    nm_sp_all_gather(m, m->d_res, N, D, NM_DT_F32);  // this rank's vocabulary rows see every token
-    nm_tp_embedding_backward(m, m->d_res, m->tokens, N);
+    // d_res is now dLoss/d(stage input): the embedding's gradient, or the previous stage's
+    if (st->first) {
+        nm_sp_all_gather(m, m->d_res, N, D, NM_DT_F32);  // this rank's vocabulary rows see every token
+        nm_tp_embedding_backward(m, m->d_res, m->tokens, N);
+    }
     if (m->tp_failed) {
         m->tp_failed = 0;
         m->ep_failed = 0;
@@ -660,5 +768,21 @@ int nm_model_backward(nm_model *m, nm_error *err) {
         *err = m->hook_err;
         return nm_error_prefix(err, "backward hook");
     }
+    return 0;
+}
+
+// --- pipeline stages ------------------------------------------------------------------------
+
+const float *nm_model_stage_output(const nm_model *m) { return m->stage_out; }
+const float *nm_model_input_grad(const nm_model *m) { return m->d_res; }
+const nm_model_stage *nm_model_get_stage(const nm_model *m) { return &m->stage; }
+
+int nm_model_set_slot(nm_model *m, int64_t s, nm_error *err) {
+    if (s < 0 || s >= m->n_slots)
+        return nm_error_set(err, "model: activation slot %lld outside the %d allocated", (long long)s, m->n_slots);
+    if (s == m->slot) return 0;
+    slot_save(m, &m->slots[m->slot]);
+    slot_load(m, &m->slots[s]);
+    m->slot = (int)s;
     return 0;
 }

@@ -58,6 +58,10 @@ typedef struct nm_model_options {
     int64_t vocab_tile;         // output-head columns per tile: 0 picks one (the whole vocabulary
                                 // while N x V logits fit in 64 MiB); below V the (N, V) logits are
                                 // never stored and the backward recomputes each tile's logits
+    const nm_model_stage *stage;  // pipeline stage (params.h): only its layers and tensors are held;
+                                  // NULL: the whole model
+    int64_t act_slots;          // activation sets, one per micro-batch in flight (nm_model_set_slot);
+                                // 0 or 1: one
 } nm_model_options;
 
 // Allocates parameters, gradients and activations for batches up to (B_max, T_max).
@@ -92,6 +96,24 @@ int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err);
 
 // Backward of the last forward: gradients of loss (scaled by grad_scale) ACCUMULATE into grads.
 int nm_model_backward(nm_model *m, nm_error *err);
+
+// --- pipeline stages (docs/parallelism.md) ------------------------------------------------
+// A model created with opts->stage runs only its part. Its forward reads tokens (B, T) on
+// every stage (the first embeds them, the last takes targets and MTP inputs from them) and,
+// on a stage that is not first, the previous stage's output `input` (B, T, D). A stage that
+// is not last returns only its balance loss (loss->aux, loss->loss = aux_weight * aux; ce
+// and mtp 0); its output is nm_model_stage_output. The backward of a stage that is not last
+// starts from d_output = dLoss/d(output) (B, T, D); afterwards nm_model_input_grad is
+// dLoss/d(input), for the previous stage (valid until the next backward).
+int nm_model_forward_stage(nm_model *m, const int32_t *tokens, const float *input, int64_t B, int64_t T,
+                           const nm_loss_options *opt, nm_loss_terms *loss, float *logits_out, nm_error *err);
+int nm_model_backward_stage(nm_model *m, const float *d_output, nm_error *err);
+const float *nm_model_stage_output(const nm_model *m);  // (B, T, D) of the current slot's last forward
+const float *nm_model_input_grad(const nm_model *m);    // (B, T, D)
+// Selects activation set s (0 .. act_slots-1): the next forward fills it, the next backward
+// differentiates the forward that filled it. Several micro-batches can be in flight at once.
+int nm_model_set_slot(nm_model *m, int64_t s, nm_error *err);
+const nm_model_stage *nm_model_get_stage(const nm_model *m);
 
 // Called inside nm_model_backward each time decoder layer `layer`'s gradients are final:
 // layers finish in decreasing index, the MTP blocks (L .. L+M-1) first, then L-1 .. 0; the

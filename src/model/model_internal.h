@@ -79,6 +79,20 @@ typedef struct mtp_acts {
     float *dh;                  // (N, D) gradient into this depth's block output h^k
 } mtp_acts;
 
+// One micro-batch's saved activations (pipeline parallelism keeps several in flight): the
+// pointers into the arena and the shape of the forward that filled them. nm_model_set_slot
+// swaps them in and out of struct nm_model's fields of the same names.
+typedef struct model_slot {
+    block_acts *blocks;
+    mtp_acts *mtp;
+    int32_t *targets, *tokens;
+    float *stage_in, *emb_out, *h0, *h0_rstd, *logits, *losses, *lse;
+    double *head_stats;
+    int64_t B, T;
+    nm_loss_options opt;
+    int have_forward;
+} model_slot;
+
 struct nm_model {
     nm_model_config cfg;        // copy (json_text/source_path borrowed from the caller's config)
     const nm_ops *ops;
@@ -166,6 +180,15 @@ struct nm_model {
     void *hook_ctx;
     int hook_failed;            // the hook returned an error; hook_err has why
     nm_error hook_err;
+
+    // pipeline stage (params.h nm_model_stage): main layers [layer_begin, layer_end) here
+    nm_model_stage stage;
+    float *stage_in;            // (N, D) the stage's input: the embedding output, or the previous stage's output
+    float *stage_out;           // (N, D) its output: the last main block's x_out (stage_in without blocks)
+    int n_slots, slot;          // activation sets (micro-batches in flight) and the one in use
+    model_slot *slots;          // (n_slots)
+    block_acts *block_sets;     // (n_slots * n_layers)
+    mtp_acts *mtp_sets;         // (n_slots * max(M, 1))
 
     // router statistics
     int n_moe;

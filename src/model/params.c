@@ -295,8 +295,9 @@ int nm_param_table_find(const nm_param_table *t, const char *name) {
     char *end;
     long layer = strtol(name + sizeof(prefix) - 1, &end, 10);
     if (end == name + sizeof(prefix) - 1 || *end != '.') return -1;
-    // first row with rows[i].layer >= layer among rows [1, n_rows) whose layer >= 0
-    int lo = 1, hi = t->n_rows;
+    // first row with rows[i].layer >= layer among the rows whose layer >= 0 (all but the
+    // embedding at row 0, when the table holds it, and the global rows at the end)
+    int lo = t->n_rows > 0 && t->rows[0].layer < 0 ? 1 : 0, hi = t->n_rows;
     while (lo < hi) {
         int mid = lo + (hi - lo) / 2;
         int ml = t->rows[mid].layer < 0 ? 1 << 30 : t->rows[mid].layer;

@@ -107,7 +107,18 @@ typedef struct nm_param_table {
                                 // layers[l].experts is expert expert_first's gate
     int64_t tp_rank, tp_size;   // tensor-parallel shard held (0 of 1 without it)
     int64_t vocab_padded;       // rows of the (padded) vocabulary the shards divide (V without tp)
+    int embed_copy;             // 1: the embedding row is the last pipeline stage's copy of the first
+                                // stage's (for MTP or a tied head): its gradient is summed with the
+                                // first stage's, and a checkpoint holds it once (the first stage's)
 } nm_param_table;
+
+// The part of the model one pipeline stage holds (docs/parallelism.md): main decoder layers
+// [layer_begin, layer_end), the embedding when first, the final norm, head, MTP layers and
+// losses when last. The whole model is {0, L, 1, 1}.
+typedef struct nm_model_stage {
+    int64_t layer_begin, layer_end;
+    int first, last;
+} nm_model_stage;
 
 // Builds the table from a validated config. Returns 0 or -1 with err filled.
 int nm_param_table_build(nm_param_table *t, const nm_model_config *cfg, nm_error *err);
@@ -127,6 +138,13 @@ int nm_param_table_build_ep(nm_param_table *t, const nm_model_config *cfg, int64
 // tp_size, i.e. only when tp_size does not divide it).
 int nm_param_table_build_tp(nm_param_table *t, const nm_model_config *cfg, int64_t ep_rank, int64_t ep_size,
                             int64_t tp_rank, int64_t tp_size, int64_t vocab_multiple, nm_error *err);
+// Keeps only what stage s holds (params_stage.c): other layers' rows and the global tensors it
+// does not hold are dropped, the buffer is re-packed (offsets inside a layer keep their
+// alignment) and absent offsets become NM_OFF_NONE. Names and init_key are unchanged, so a
+// stage initialises and loads its tensors exactly as one process does. The last stage keeps
+// the embedding as a copy (embed_copy) when MTP or a tied head reads it and it is not first.
+int nm_param_table_restrict_stage(nm_param_table *t, const nm_model_config *cfg, const nm_model_stage *s,
+                                  nm_error *err);
 void nm_param_table_free(nm_param_table *t);
 // Row index by exact name, or -1.
 int nm_param_table_find(const nm_param_table *t, const char *name);

@@ -125,6 +125,12 @@ static void shard_name(char *buf, size_t cap, int kind, int rank, int world) {
     else snprintf(buf, cap, "%s-%05d-of-%05d.safetensors", kinds[kind], rank + 1, world);
 }
 
+// The last pipeline stage's copy of the embedding: the first stage writes that tensor (the
+// copy is equal to it); loading by name fills the copy from there.
+static int stage_copy(const nm_param_table *t, const nm_tensor_spec *r) {
+    return t->embed_copy && !(r->flags & NM_TENSOR_TIED) && r->layer < 0 && r->offset == t->embed;
+}
+
 // Writes this rank's rows of buf into path. state: row offsets into buf (NULL: row offsets);
 // tied rows are written (as copies of their owner) only for the model file.
 static int write_rows(const char *path, const nm_param_table *t, const float *buf, const unsigned char *owned,
@@ -137,6 +143,7 @@ static int write_rows(const char *path, const nm_param_table *t, const float *bu
         int own_row = tied ? r->owner : i;
         if (tied && !with_tied) continue;
         if (owned && !owned[own_row]) continue;
+        if (stage_copy(t, r)) continue;
         size_t off = state ? state[own_row] : r->offset;
         if (off == SIZE_MAX) continue;  // no optimizer state (router bias)
         ts[n].name = r->name;
@@ -161,7 +168,7 @@ static char *row_names(const nm_param_table *t, const unsigned char *owned, cons
         const nm_tensor_spec *r = &t->rows[i];
         int tied = (r->flags & NM_TENSOR_TIED) != 0;
         int own_row = tied ? r->owner : i;
-        if ((tied && !with_tied) || (owned && !owned[own_row])) continue;
+        if ((tied && !with_tied) || (owned && !owned[own_row]) || stage_copy(t, r)) continue;
         if ((state ? state[own_row] : r->offset) == SIZE_MAX) continue;
         size_t l = strlen(r->name);
         memcpy(out + n, r->name, l);

@@ -138,6 +138,18 @@ double nm_optimizer_grad_sumsq(nm_optimizer *opt, const float *grads) {
     return sum;
 }
 
+double nm_optimizer_grad_sumsq_except(nm_optimizer *opt, const float *grads, int skip_row) {
+    const nm_optim_chunk *chunks = opt->chunks;
+    double *partials = opt->partials;
+    int64_t n = opt->n_chunks;
+#pragma omp parallel for schedule(static)
+    for (int64_t c = 0; c < n; c++)
+        partials[c] = chunks[c].row == skip_row ? 0.0 : chunk_sumsq(grads + chunks[c].offset, chunks[c].len);
+    double sum = 0.0;
+    for (int64_t c = 0; c < n; c++) sum += partials[c];
+    return sum;
+}
+
 int nm_optimizer_first_nonfinite(const nm_optimizer *opt, const float *grads) {
     // Only called when the norm is not finite, so a plain sequential scan is fine; chunks are
     // in row order, so the first hit is the first row.

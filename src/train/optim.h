@@ -91,6 +91,10 @@ size_t nm_optimizer_state_floats(const nm_param_table *table, const unsigned cha
 // Sum of squares of the optimised gradients in double, fixed order (the norm's square).
 double nm_optimizer_grad_sumsq(nm_optimizer *opt, const float *grads /* (n_floats) */);
 
+// The same without table row skip_row (-1: none): a pipeline stage's copy of a tensor that
+// another stage also holds (the last stage's embedding), counted once in the norm.
+double nm_optimizer_grad_sumsq_except(nm_optimizer *opt, const float *grads, int skip_row);
+
 // Global L2 norm over the optimised rows, sqrt of a double sum; deterministic.
 double nm_optimizer_grad_norm(nm_optimizer *opt, const float *grads /* (n_floats) */);
 

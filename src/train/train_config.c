@@ -79,6 +79,8 @@ static const key_spec keys[] = {
      "tensor-parallel ranks (Megatron --tensor-model-parallel-size)"},
     {"pipeline_parallel_size", K_INT, OFF(pipeline_parallel_size), 1, NULL, 1, 1 << 20, 0, NULL, 0,
      "pipeline stages (Megatron --pipeline-model-parallel-size)"},
+    {"pipeline_model_parallel_layout", K_STRING, OFF(pipeline_layout), 0, "", 0, 0, 0, NULL, 0,
+     "layers per stage, Megatron's form: \"Et|tt|tmL\" (E embedding, t layer, m MTP, L loss; '|' between stages); \"\": even split"},
     {"expert_parallel_size", K_INT, OFF(expert_parallel_size), 1, NULL, 1, 1 << 20, 0, NULL, 0,
      "ranks the routed experts are sharded over (Megatron --expert-model-parallel-size)"},
     {"exit_interval", K_INT, OFF(exit_interval), 0, NULL, 0, BIG, 0, NULL, 0,

@@ -74,6 +74,7 @@ typedef struct nm_train_config {
     // --- parallel layout (design.md 6; data_parallel_size = world / (tp * pp)) --------------
     int64_t tensor_parallel_size;   // 1
     int64_t pipeline_parallel_size; // 1
+    char *pipeline_layout;          // pipeline_model_parallel_layout ("Et|tt|tmL"); "": even split
     int64_t expert_parallel_size;   // 1: routed experts sharded over this many ranks
     int64_t bucket_mb;              // ZeRO-1 gradient bucket size in MiB of fp32 (40)
     int overlap_grad_reduce;        // 1: buckets start reducing during the last backward (default 0)

@@ -15,8 +15,9 @@
 // every rank takes the same decisions (clipping, skipping, bias updates). Only rank 0 prints
 // and writes logs; checkpoints are written by every rank (train/checkpoint.h).
 // Tensor parallelism splits the model over the tp group (model.h, docs/parallelism.md);
-// checkpoints stay full HF tensors (train/tp_shard.h). Pipeline parallelism is refused at
-// start: the mesh has the groups, the model does not split over them yet.
+// checkpoints stay full HF tensors (train/tp_shard.h). Pipeline parallelism (train/pipeline.h):
+// each stage holds its layers, runs the 1F1B schedule over the step's micro-batches, and the
+// step's decisions (loss terms, clipping, skipping) are reduced over the stages too.
 #define _GNU_SOURCE
 #include "nanomegatron.h"
 
@@ -40,6 +41,7 @@
 #include "train/balance.h"
 #include "train/kernels.h"
 #include "train/metrics.h"
+#include "train/pipeline.h"
 #include "train/schedule.h"
 #include "train/tensorboard.h"
 #include "train/tp_shard.h"
@@ -58,8 +60,16 @@ struct nm_trainer {
     int sp;                     // sequence parallelism (tp > 1 and sequence_parallel)
     unsigned char *tp_summed;   // (n_rows) sequence-parallel partial rows already summed over tp this step
     int rank0;                  // this process prints and writes the logs
-    int64_t comm_seen[4][NM_COMM_N_OPS]; // dp / edp / ep / tp byte counters at the last step's end
-    double comm_time_seen[4];   // their seconds inside collectives, all operations
+    int64_t comm_seen[5][NM_COMM_N_OPS]; // dp / edp / ep / tp / pp byte counters at the last step's end
+    double comm_time_seen[5];   // their seconds inside collectives, all operations
+    // pipeline parallelism (NULL / 0 without it)
+    nm_pipeline *pipe;
+    nm_model_stage *stages;     // (pp) every stage's layers
+    nm_comm *emb;               // embedding group: first and last stage of this pipeline (2 ranks), else 1
+    int32_t *tokens_all;        // (accum, micro_batch, T) the step's micro-batches, read by every stage
+    double *pp_idle;            // (pp) each stage's idle fraction of the last step
+    char (*pp_keys)[48];        // (pp) their metric names
+    int embed_copy_row;         // the table row of the last stage's embedding copy (left out of the norm), else -1
     nm_loader *train_data;
     nm_loader *valid_data;      // NULL when there is no validation split
     nm_lr_schedule sched;
@@ -275,11 +285,6 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
                       cfg->expert_parallel_size, n_moe_layers > 0 ? t->mcfg.E : 0, cfg->global_batch, cfg->micro_batch,
                       err) != 0)
         goto fail;
-    if (ms.pp > 1) {
-        nm_error_set(err, "pipeline_parallel_size %lld: pipeline parallelism is not implemented yet (set it to 1)",
-                     (long long)ms.pp);
-        goto fail;
-    }
     t->sp = ms.tp > 1 && cfg->sequence_parallel;
     if (ms.tp > 1 && ms.ep > 1 && !t->sp) {
         // Without sequence parallelism every tp rank holds the same tokens, so each would send
@@ -293,6 +298,8 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
         nm_error_set(err, "tensor_parallel_size %lld: tensor parallelism is not implemented", (long long)ms.tp);
         goto fail;
     }
+    t->stages = nm_calloc((size_t)ms.pp, sizeof(nm_model_stage));
+    if (nm_pipeline_layout(t->stages, ms.pp, cfg->pipeline_layout, &t->mcfg, err) != 0) goto fail;
     if (ms.ep > 1 && !nm_model_supports_expert_parallel()) {
         nm_error_set(err, "expert_parallel_size %lld: expert parallelism is not implemented yet", (long long)ms.ep);
         goto fail;
@@ -302,13 +309,40 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     t->T = cfg->seq_len + 1;
     nm_model_options mopts = {.recompute = opts->recompute, .ep = t->mesh->ep, .tp = t->mesh->tp,
                               .sequence_parallel = t->sp, .vocab_multiple = cfg->make_vocab_size_divisible_by};
+    if (ms.pp > 1) {
+        // The stage's layers only, and one activation set per micro-batch in flight under 1F1B.
+        mopts.stage = &t->stages[t->mesh->pp_rank];
+        mopts.act_slots = nm_pipeline_slots(ms.pp, t->mesh->pp_rank, t->accum);
+    }
     if (nm_model_create_ex(&t->model, &t->mcfg, nm_ops_cpu(), cfg->micro_batch, t->T, &mopts, err) != 0) goto fail;
     if (nm_model_set_precision(t->model, cfg->precision, err) != 0) goto fail;
     const nm_param_table *table = nm_model_table(t->model);
+    t->embed_copy_row = -1;
+    for (int i = 0; table->embed_copy && i < table->n_rows; i++) {
+        const nm_tensor_spec *r = &table->rows[i];
+        if (r->layer < 0 && !(r->flags & NM_TENSOR_TIED) && r->offset == table->embed) t->embed_copy_row = i;
+    }
+    if (ms.pp > 1) {
+        if (nm_pipeline_create(&t->pipe, t->mesh->pp, t->model, cfg->micro_batch, t->T, err) != 0) goto fail;
+        // Megatron's embedding group: the first and the last stage of each pipeline (the last
+        // holds a copy of the embedding for MTP or a tied head); every other rank alone.
+        int pp = t->mesh->pp_rank, ends = pp == 0 || pp == ms.pp - 1;
+        int need = t->mcfg.M > 0 || t->mcfg.tie_embeddings;
+        int color = ends && need ? t->mesh->tp_rank + (int)ms.tp * t->mesh->dp_rank : (int)ms.world + t->world->rank;
+        if (nm_comm_split(t->world, color, pp, "emb", &t->emb, err) != 0) goto fail;
+        t->tokens_all = nm_malloc((size_t)(t->accum * cfg->micro_batch * t->T) * sizeof(int32_t));
+        t->pp_idle = nm_calloc((size_t)ms.pp, sizeof(double));
+        t->pp_keys = nm_calloc((size_t)ms.pp, sizeof(*t->pp_keys));
+        for (int64_t s = 0; s < ms.pp; s++) snprintf(t->pp_keys[s], sizeof(t->pp_keys[s]), "pp_idle_fraction_stage%lld", (long long)s);
+    }
     t->model_params_readonly = nm_model_params(t->model);
     // the checkpoint layout: whole tensors, of this rank's experts under expert parallelism
     if (ms.tp > 1 && nm_param_table_build_ep(&t->full_table, &t->mcfg, ms.ep > 1 ? t->mesh->ep_rank : 0, ms.ep,
                                              err) != 0)
+        goto fail;
+    // ... of this stage's tensors under pipeline parallelism (rows in the shards' order)
+    if (ms.tp > 1 && ms.pp > 1 &&
+        nm_param_table_restrict_stage(&t->full_table, &t->mcfg, &t->stages[t->mesh->pp_rank], err) != 0)
         goto fail;
     if (cfg->init_from && ms.tp > 1) {
         // The directory holds full tensors: load them, then cut this rank's shards out.
@@ -433,6 +467,19 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     // job's peak is the sum.
     t->peak_flops = measure_gemm_peak(cfg->precision);
     if (nm_comm_all_reduce(t->world, &t->peak_flops, 1, NM_DT_F64, NM_RED_SUM, err) != 0) goto fail;
+    // Each stage's own memory for the banner (rank 0 holds only stage 0's): parameters and
+    // the activation sets of its micro-batches in flight.
+    double *stage_mem = t->pipe ? nm_calloc((size_t)(2 * ms.pp), sizeof(double)) : NULL;
+    if (t->pipe) {
+        if (t->mesh->dp_rank == 0 && t->mesh->tp_rank == 0) {
+            stage_mem[2 * t->mesh->pp_rank] = (double)table->n_floats * 4;
+            stage_mem[2 * t->mesh->pp_rank + 1] = (double)nm_model_activation_bytes(t->model);
+        }
+        if (nm_comm_all_reduce(t->world, stage_mem, 2 * ms.pp, NM_DT_F64, NM_RED_SUM, err) != 0) {
+            nm_free(stage_mem);
+            goto fail;
+        }
+    }
     t->tty = nm_progress_is_tty(stdout);
     t->t_start = now_s();
     t->step_at_start = t->step;
@@ -459,12 +506,26 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
                (double)t->optim->n_state * 8 / mib,
                100.0 * (double)t->optim->n_params / (double)(whole->n_params_main + whole->n_params_mtp),
                (double)nm_model_activation_bytes(t->model) / mib);
+        if (t->pipe) {
+            printf("pipeline %lld stages, 1F1B over %lld micro-batches (bubble (PP-1)/(m+PP-1) = %.3f):", (long long)ms.pp,
+                   (long long)t->accum, (double)(ms.pp - 1) / (double)(t->accum + ms.pp - 1));
+            for (int64_t s = 0; s < ms.pp; s++) {
+                char d[512];
+                nm_pipeline_describe_stage(&t->stages[s], &t->mcfg, d, sizeof(d));
+                printf("%s %s", s ? " |" : "", d);
+            }
+            printf("\n");
+            for (int64_t s = 0; s < ms.pp; s++)
+                printf("stage %lld: params %.1f MiB, activations %.1f MiB (%lld micro-batches in flight)\n", (long long)s,
+                       stage_mem[2 * s] / mib, stage_mem[2 * s + 1] / mib,
+                       (long long)nm_pipeline_slots(ms.pp, s, t->accum));
+        }
         printf("%s\n", t->kernels);
         printf("peak  %.1f GFLOP/s %s measured (%s) | %.2f MFLOP/token | activations %.1f MiB",
                t->peak_flops / 1e9, cfg->precision == NM_PRECISION_FP32 ? "fp32 GEMM" : "best of the fp32 and bf16 GEMMs",
                nm_ops_cpu()->kernel_names(), t->flops_per_token / 1e6,
                (double)nm_model_activation_bytes(t->model) / 1048576.0);
-        if (opts->recompute) {
+        if (opts->recompute && !t->pipe) {
             size_t full = nm_model_estimate_activation_bytes(&t->mcfg, cfg->micro_batch, t->T, 0);
             printf(" (recomputation saves %.1f MiB of %.1f)", (double)(full - nm_model_activation_bytes(t->model)) / 1048576.0,
                    (double)full / 1048576.0);
@@ -472,6 +533,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
         printf("\n");
         fflush(stdout);
     }
+    nm_free(stage_mem);
     *out = t;
     return 0;
 fail:
@@ -492,11 +554,13 @@ static int comm_metrics(nm_trainer *t, nm_metric *kv, int *n_out, nm_error *err)
         {NULL, "comm_edp_reduce_scatter_bytes", "comm_edp_all_gather_bytes", NULL, NULL, NULL, NULL},
         {NULL, NULL, NULL, "comm_ep_all_to_all_bytes", NULL, NULL, NULL},
         {"comm_tp_all_reduce_bytes", "comm_tp_reduce_scatter_bytes", "comm_tp_all_gather_bytes", NULL, NULL, NULL, NULL},
+        {NULL, NULL, NULL, NULL, NULL, "comm_pp_send_bytes", "comm_pp_recv_bytes"},
     };
-    nm_comm *groups[4] = {t->mesh->dp, t->mesh->edp, t->mesh->ep, t->mesh->tp};
+    nm_comm *groups[5] = {t->mesh->dp, t->mesh->edp, t->mesh->ep, t->mesh->tp, t->mesh->pp};
     int n = 0;
     int64_t a2a = 0;
-    for (int g = 0; g < 4; g++) {
+    int n_groups = t->pipe ? 5 : 4;
+    for (int g = 0; g < n_groups; g++) {
         for (int op = 0; op < NM_COMM_N_OPS; op++) {
             if (!keys[g][op]) continue;
             int64_t now = groups[g]->counters.bytes[op];
@@ -507,8 +571,8 @@ static int comm_metrics(nm_trainer *t, nm_metric *kv, int *n_out, nm_error *err)
     }
     // Seconds this rank spent inside each group's collectives during the step (rank 0's view;
     // under EP and TP most of it lies inside the forward and backward).
-    static const char *const time_keys[4] = {"comm_dp_s", "comm_edp_s", "comm_ep_s", "comm_tp_s"};
-    for (int g = 0; g < 4; g++) {
+    static const char *const time_keys[5] = {"comm_dp_s", "comm_edp_s", "comm_ep_s", "comm_tp_s", "comm_pp_s"};
+    for (int g = 0; g < n_groups; g++) {
         double now = 0;
         for (int op = 0; op < NM_COMM_N_OPS; op++) now += groups[g]->counters.seconds[op];
         kv[n++] = NM_METRIC_F(time_keys[g], now - t->comm_time_seen[g]);
@@ -573,11 +637,26 @@ static int zero_backward_hook(void *trainer, int layer, nm_error *err) {
 static int reduce_step(nm_trainer *t, nm_step_metrics *m, int n_moe, int *finite, nm_error *err) {
     if (t->world->size == 1) return 0;
     if (tp_sum_partial_rows(t, -2, err) != 0) return -1;
+    if (t->emb && t->emb->size > 1) {
+        // The embedding's gradient summed over the first stage and the last stage's copy (each
+        // dp rank with its peer, before the dp reduction), so both hold the one-process
+        // gradient and their AdamW updates keep the two copies equal. Under TP each holds the
+        // same vocabulary shard.
+        const nm_param_table *tb = nm_model_table(t->model);
+        int row = nm_param_table_find(tb, "model.embed_tokens.weight");
+        NM_CHECK(row >= 0, "embedding group without an embedding row");
+        if (nm_comm_all_reduce(t->emb, nm_model_grads(t->model) + tb->embed, tb->rows[row].numel, NM_DT_F32,
+                               NM_RED_SUM, err) != 0)
+            return -1;
+    }
     if (nm_zero_finish(t->zero, err) != 0) return -1;
     nm_comm *dp = t->mesh->dp;
     double dpn = (double)t->mesh->n.dp;
     double terms[5] = {m->loss, m->ce_loss, m->mtp_loss, m->aux_loss, *finite ? 0.0 : 1.0};
     if (nm_comm_all_reduce(dp, terms, 5, NM_DT_F64, NM_RED_SUM, err) != 0) return -1;
+    // Over the stages: CE and MTP live on the last stage (the others add 0), each stage adds its
+    // layers' balance loss, and a non-finite value on any stage counts everywhere.
+    if (t->pipe && nm_comm_all_reduce(t->mesh->pp, terms, 5, NM_DT_F64, NM_RED_SUM, err) != 0) return -1;
     m->loss = terms[0] / dpn;
     m->ce_loss = terms[1] / dpn;
     m->mtp_loss = terms[2] / dpn;
@@ -594,11 +673,12 @@ static int reduce_step(nm_trainer *t, nm_step_metrics *m, int n_moe, int *finite
 // only (the shards of a split one are distinct and each counts).
 static double tp_grad_sumsq(nm_trainer *t) {
     const float *g = nm_model_grads(t->model);
-    if (t->mesh->n.tp == 1) return nm_optimizer_grad_sumsq(t->optim, g);
+    if (t->mesh->n.tp == 1) return nm_optimizer_grad_sumsq_except(t->optim, g, t->embed_copy_row);
     const nm_optimizer *o = t->optim;
     const nm_param_table *table = nm_model_table(t->model);
     double sum = 0.0;
     for (int64_t c = 0; c < o->n_chunks; c++) {
+        if (o->chunks[c].row == t->embed_copy_row) continue;  // the last stage's copy: counted on the first
         const nm_tensor_spec *row = &table->rows[o->chunks[c].row];
         // under sequence parallelism the routed experts are owned over edp (tp included): once
         if (t->mesh->tp_rank != 0 && row->tp_dim < 0 && !(t->sp && (row->flags & NM_TENSOR_EXPERT))) continue;
@@ -639,6 +719,88 @@ static int check_grads(nm_trainer *t, double max_norm, nm_grad_report *rep, nm_e
     return 0;
 }
 
+// --- pipeline parallelism -------------------------------------------------------------------
+
+typedef struct pp_step {
+    nm_trainer *t;
+    nm_step_metrics *m;
+    int n_moe;
+    int *finite;
+} pp_step;
+
+// After micro-batch i's forward on this stage: its loss terms (the last stage's CE and MTP,
+// every stage's balance loss) and expert loads, summed in micro-batch order as one process does.
+static int pp_after_forward(void *ctx, int64_t micro, const nm_loss_terms *lt, nm_error *err) {
+    (void)micro;
+    (void)err;
+    pp_step *ps = ctx;
+    nm_trainer *t = ps->t;
+    const int64_t *counts = nm_model_expert_counts(t->model, NULL, NULL);
+    for (int64_t i = 0; i < (int64_t)ps->n_moe * t->mcfg.E; i++) t->step_counts[i] += counts[i];
+    ps->m->loss += lt->loss / (double)t->accum;
+    ps->m->ce_loss += lt->ce / (double)t->accum;
+    ps->m->mtp_loss += lt->mtp / (double)t->accum;
+    ps->m->aux_loss += lt->aux / (double)t->accum;
+    if (!isfinite(lt->loss)) *ps->finite = 0;
+    return 0;
+}
+
+// The last micro-batch's backward finishes the gradients (as in the one-stage loop).
+static int pp_before_backward(void *ctx, int64_t micro, nm_error *err) {
+    (void)err;
+    pp_step *ps = ctx;
+    nm_trainer *t = ps->t;
+    if (micro == t->accum - 1 && t->zero) {
+        nm_zero_begin(t->zero, nm_model_grads(t->model));
+        if (t->cfg.overlap_grad_reduce) nm_model_set_backward_hook(t->model, zero_backward_hook, t->zero);
+    }
+    return 0;
+}
+
+// The step's micro-batches through this stage under 1F1B; the stages' idle fractions (time in
+// send/recv over the schedule's time) gathered for the metrics.
+static int pipeline_micro_batches(nm_trainer *t, const nm_loss_options *opt, nm_step_metrics *m, int n_moe,
+                                  int *finite, nm_error *err) {
+    const nm_train_config *c = &t->cfg;
+    int64_t BT = c->micro_batch * t->T;
+    double ta = now_s();
+    for (int64_t i = 0; i < t->accum; i++) {
+        if (nm_loader_next_batch(t->train_data, t->tokens_all + i * BT, c->micro_batch, err) != 0) return -1;
+    }
+    m->t_data = now_s() - ta;
+    pp_step ps = {t, m, n_moe, finite};
+    nm_pipeline_hooks hooks = {pp_after_forward, pp_before_backward, &ps};
+    nm_pipeline_times times;
+    int rc = nm_pipeline_train(t->pipe, t->tokens_all, t->accum, opt, &hooks, &times, err);
+    nm_model_set_backward_hook(t->model, NULL, NULL);
+    if (rc != 0) return -1;
+    m->t_forward = times.forward;
+    m->t_backward = times.backward;
+    memset(t->pp_idle, 0, (size_t)t->mesh->n.pp * sizeof(double));
+    if (t->mesh->dp_rank == 0 && t->mesh->tp_rank == 0)
+        t->pp_idle[t->mesh->pp_rank] = times.total > 0 ? times.comm / times.total : 0.0;
+    return nm_comm_all_reduce(t->world, t->pp_idle, t->mesh->n.pp, NM_DT_F64, NM_RED_SUM, err);
+}
+
+// The expert-load and bias statistics over every stage's MoE layers (max, min, max); a stage
+// without MoE layers contributes nothing.
+static int pipeline_balance_stats(nm_trainer *t, nm_balance_stats *bs, int n_moe, nm_error *err) {
+    double mx[2] = {bs->load_max_over_mean, n_moe > 0 && isfinite(bs->bias_max) ? bs->bias_max : -INFINITY};
+    double mn = n_moe > 0 && isfinite(bs->bias_min) ? bs->bias_min : INFINITY;
+    if (nm_comm_all_reduce(t->mesh->pp, mx, 2, NM_DT_F64, NM_RED_MAX, err) != 0 ||
+        nm_comm_all_reduce(t->mesh->pp, &mn, 1, NM_DT_F64, NM_RED_MIN, err) != 0)
+        return -1;
+    bs->load_max_over_mean = mx[0];
+    // No finite bias anywhere: a dense model (0, as one process reports) or a router that
+    // ignores the bias (NaN, likewise).
+    int moe_anywhere = 0;
+    for (int64_t l = 0; l < t->mcfg.n_layers; l++) moe_anywhere |= nm_layer_is_moe(&t->mcfg, l);
+    double none = !moe_anywhere || t->mcfg.topk_method == NM_TOPK_NOAUX_TC ? 0.0 : NAN;
+    bs->bias_max = isfinite(mn) ? mx[1] : none;
+    bs->bias_min = isfinite(mn) ? mn : none;
+    return 0;
+}
+
 int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err) {
     *val_loss = NAN;
     if (!t->valid_data) return 0;
@@ -649,10 +811,16 @@ int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err) {
     for (int64_t i = 0; i < t->cfg.log.eval_batches; i++) {
         nm_loss_terms lt;
         if (nm_loader_next_batch(t->valid_data, t->tokens, t->cfg.micro_batch, err) != 0) return -1;
-        if (nm_model_forward(t->model, t->tokens, t->cfg.micro_batch, t->T, &opt, &lt, NULL, err) != 0) return -1;
+        if (t->pipe) {
+            if (nm_pipeline_forward(t->pipe, t->tokens, &opt, &lt, err) != 0) return -1;
+        } else if (nm_model_forward(t->model, t->tokens, t->cfg.micro_batch, t->T, &opt, &lt, NULL, err) != 0) {
+            return -1;
+        }
         sum += lt.ce;
     }
     *val_loss = sum / (double)t->cfg.log.eval_batches;
+    // The loss is the last stage's; every stage reports it.
+    if (t->pipe && nm_comm_broadcast(t->mesh->pp, val_loss, 1, NM_DT_F64, (int)t->mesh->n.pp - 1, err) != 0) return -1;
     return 0;
 }
 
@@ -757,7 +925,8 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     };
     nm_model_zero_grads(t->model);
     int finite = 1;
-    for (int64_t micro = 0; micro < t->accum; micro++) {
+    if (t->pipe && pipeline_micro_batches(t, &opt, m, n_moe, &finite, err) != 0) return -1;
+    for (int64_t micro = 0; !t->pipe && micro < t->accum; micro++) {
         double ta = now_s();
         if (nm_loader_next_batch(t->train_data, t->tokens, c->micro_batch, err) != 0) return -1;
         double tb = now_s();
@@ -794,8 +963,8 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     int64_t n_inject = t->opts.inject_nan_count > 1 ? t->opts.inject_nan_count : 1;
     if (t->opts.inject_nan_step > 0 && step >= t->opts.inject_nan_step && step < t->opts.inject_nan_step + n_inject) {
         // Testing hook for the divergence guard: poison one gradient of the first block.
-        float *g = nm_model_grads(t->model) + nm_model_table(t->model)->layers[0].input_norm;
-        g[0] = NAN;
+        size_t off = nm_model_table(t->model)->layers[0].input_norm;
+        if (off != NM_OFF_NONE) nm_model_grads(t->model)[off] = NAN;  // the stage holding layer 0
     }
     nm_grad_report rep;
     // The clip factor is applied inside the AdamW update: nothing reads the clipped
@@ -832,6 +1001,13 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
         if (t->zero) {
             double tg = now_s();
             if (nm_zero_all_gather_params(t->zero, nm_model_params(t->model), err) != 0) return -1;
+            // Both embedding holders applied the same gradient; at dp > 2 MPI may sum it in
+            // another order for the two stages' buckets, so the first stage's weights are
+            // copied over the last stage's: the tie then holds exactly, whatever the order.
+            if (t->emb && t->emb->size > 1 &&
+                nm_comm_broadcast(t->emb, nm_model_params(t->model) + nm_model_table(t->model)->embed,
+                                  t->mcfg.V * t->mcfg.D, NM_DT_F32, 0, err) != 0)
+                return -1;
             t_gather = now_s() - tg;
             t_comm += t_gather;
         }
@@ -857,6 +1033,7 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     if (n_moe > 0)
         nm_balance_compute_stats(&bs, t->step_counts, t->mcfg.topk_method == NM_TOPK_NOAUX_TC ? t->bias_ptrs : NULL,
                                  n_moe, E);
+    if (t->pipe && pipeline_balance_stats(t, &bs, n_moe, err) != 0) return -1;
     m->tokens = t->tokens_seen;
     m->mtp_weight = opt.mtp_weight;
     m->skipped_total = t->skipped_steps;
@@ -899,6 +1076,11 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     kv[n++] = NM_METRIC_F("time_optimizer_s", m->t_optimizer);
     kv[n++] = NM_METRIC_F("time_comm_s", m->t_comm);
     if (t->world->size > 1 && comm_metrics(t, kv + n, &n, err) != 0) return -1;
+    if (t->pipe) {
+        int64_t S = t->mesh->n.pp;
+        for (int64_t s = 0; s < S; s++) kv[n++] = NM_METRIC_F(t->pp_keys[s], t->pp_idle[s]);
+        kv[n++] = NM_METRIC_F("pp_bubble_theory", (double)(S - 1) / (double)(t->accum + S - 1));
+    }
     if (!isnan(m->val_loss)) kv[n++] = NM_METRIC_F("val_loss", m->val_loss);
     if (t->metrics && nm_metrics_write(t->metrics, step, m->loss, kv, n, err) != 0) return -1;
     if (diverged) {
@@ -972,6 +1154,12 @@ void nm_trainer_destroy(nm_trainer *t) {
     nm_zero_destroy(t->zero);
     nm_param_table_free(&t->full_table);
     nm_free(t->tp_summed);
+    nm_pipeline_destroy(t->pipe);
+    nm_comm_destroy(t->emb);
+    nm_free(t->stages);
+    nm_free(t->tokens_all);
+    nm_free(t->pp_idle);
+    nm_free(t->pp_keys);
     nm_mesh_destroy(t->mesh);
     nm_comm_destroy(t->world);
     nm_free(t->tokens);
