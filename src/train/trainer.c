@@ -752,7 +752,7 @@ static int pp_before_backward(void *ctx, int64_t micro, nm_error *err) {
     nm_trainer *t = ps->t;
     if (micro == t->accum - 1 && t->zero) {
         nm_zero_begin(t->zero, nm_model_grads(t->model));
-        if (t->cfg.overlap_grad_reduce) nm_model_set_backward_hook(t->model, zero_backward_hook, t->zero);
+        if (t->cfg.overlap_grad_reduce) nm_model_set_backward_hook(t->model, zero_backward_hook, t);
     }
     return 0;
 }
