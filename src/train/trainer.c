@@ -632,6 +632,15 @@ static int zero_backward_hook(void *trainer, int layer, nm_error *err) {
     return nm_zero_layer_done(t->zero, layer, err);
 }
 
+// Floats of this rank's embedding (its vocabulary shard under TP), which the embedding group
+// of the first and last pipeline stage sums and keeps equal.
+static int64_t embed_floats(const nm_trainer *t) {
+    const nm_param_table *tb = nm_model_table(t->model);
+    int row = nm_param_table_find(tb, "model.embed_tokens.weight");
+    NM_CHECK(row >= 0, "embedding group without an embedding row");
+    return tb->rows[row].numel;
+}
+
 // After the micro-batches: gradients reduce-scattered to their owners, and the loss terms,
 // the finiteness flag and the expert loads all-reduced, so every rank decides the same.
 static int reduce_step(nm_trainer *t, nm_step_metrics *m, int n_moe, int *finite, nm_error *err) {
@@ -642,11 +651,8 @@ static int reduce_step(nm_trainer *t, nm_step_metrics *m, int n_moe, int *finite
         // dp rank with its peer, before the dp reduction), so both hold the one-process
         // gradient and their AdamW updates keep the two copies equal. Under TP each holds the
         // same vocabulary shard.
-        const nm_param_table *tb = nm_model_table(t->model);
-        int row = nm_param_table_find(tb, "model.embed_tokens.weight");
-        NM_CHECK(row >= 0, "embedding group without an embedding row");
-        if (nm_comm_all_reduce(t->emb, nm_model_grads(t->model) + tb->embed, tb->rows[row].numel, NM_DT_F32,
-                               NM_RED_SUM, err) != 0)
+        if (nm_comm_all_reduce(t->emb, nm_model_grads(t->model) + nm_model_table(t->model)->embed, embed_floats(t),
+                               NM_DT_F32, NM_RED_SUM, err) != 0)
             return -1;
     }
     if (nm_zero_finish(t->zero, err) != 0) return -1;
@@ -752,6 +758,7 @@ static int pp_before_backward(void *ctx, int64_t micro, nm_error *err) {
     nm_trainer *t = ps->t;
     if (micro == t->accum - 1 && t->zero) {
         nm_zero_begin(t->zero, nm_model_grads(t->model));
+        memset(t->tp_summed, 0, (size_t)nm_model_table(t->model)->n_rows);
         if (t->cfg.overlap_grad_reduce) nm_model_set_backward_hook(t->model, zero_backward_hook, t);
     }
     return 0;
@@ -1006,7 +1013,7 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
             // copied over the last stage's: the tie then holds exactly, whatever the order.
             if (t->emb && t->emb->size > 1 &&
                 nm_comm_broadcast(t->emb, nm_model_params(t->model) + nm_model_table(t->model)->embed,
-                                  t->mcfg.V * t->mcfg.D, NM_DT_F32, 0, err) != 0)
+                                  embed_floats(t), NM_DT_F32, 0, err) != 0)
                 return -1;
             t_gather = now_s() - tg;
             t_comm += t_gather;
