@@ -23,6 +23,24 @@ static int parse_precision(const char *s, nm_precision *p) {
     return 0;
 }
 
+// "12.3 GiB" or "4.5 MiB": the unit that keeps the number readable.
+static const char *fmt_bytes(char *buf, size_t cap, int64_t bytes) {
+    if ((double)bytes >= GIB) snprintf(buf, cap, "%.2f GiB", (double)bytes / GIB);
+    else snprintf(buf, cap, "%.2f MiB", (double)bytes / 1048576.0);
+    return buf;
+}
+
+static void print_comm_json(const nm_plan_comm *c) {
+    printf("{\"dp_reduce_scatter\": %lld, \"dp_all_gather\": %lld, \"dp_all_reduce\": %lld, "
+           "\"edp_reduce_scatter\": %lld, \"edp_all_gather\": %lld, \"ep_all_to_all\": %lld, \"ep_all_to_all_job\": %lld, "
+           "\"tp_all_reduce\": %lld, \"tp_reduce_scatter\": %lld, \"tp_all_gather\": %lld, \"pp_send\": %lld, "
+           "\"pp_recv\": %lld}",
+           (long long)c->dp_reduce_scatter, (long long)c->dp_all_gather, (long long)c->dp_all_reduce,
+           (long long)c->edp_reduce_scatter, (long long)c->edp_all_gather, (long long)c->ep_all_to_all,
+           (long long)c->ep_all_to_all_job, (long long)c->tp_all_reduce, (long long)c->tp_reduce_scatter,
+           (long long)c->tp_all_gather, (long long)c->pp_send, (long long)c->pp_recv);
+}
+
 static void print_json(const nm_plan *p, const nm_plan_request *r, double memory_gib, int fits) {
     printf("{\"world\": %lld, \"tp\": %lld, \"pp\": %lld, \"dp\": %lld, \"ep\": %lld, \"edp\": %lld, "
            "\"seq_len\": %lld, \"micro_batch\": %lld, \"global_batch\": %lld, \"accum\": %lld, \"recompute\": %s, "
@@ -32,29 +50,28 @@ static void print_json(const nm_plan *p, const nm_plan_request *r, double memory
            (long long)p->accum, r->recompute ? "true" : "false");
     for (int64_t i = 0; i < p->n_stages; i++) {
         const nm_plan_stage *s = &p->stages[i];
-        printf("%s{\"first_layer\": %lld, \"n_layers\": %lld, \"params_bytes\": %lld, \"grads_bytes\": %lld, "
-               "\"bf16_copy_bytes\": %lld, \"optimizer_bytes\": %lld, \"optimizer_bytes_first\": %lld, \"activation_bytes\": %lld, \"in_flight\": %lld, "
-               "\"ep_buffer_bytes\": %lld, \"total_bytes\": %lld}",
-               i ? ", " : "", (long long)s->first_layer, (long long)s->n_layers, (long long)s->params_bytes,
-               (long long)s->grads_bytes, (long long)s->bf16_copy_bytes, (long long)s->optimizer_bytes,
-               (long long)s->optimizer_bytes_first, (long long)s->activation_bytes, (long long)s->in_flight, (long long)s->ep_buffer_bytes,
+        printf("%s{\"first_layer\": %lld, \"n_layers\": %lld, \"first\": %s, \"last\": %s, \"params_bytes\": %lld, "
+               "\"grads_bytes\": %lld, \"bf16_copy_bytes\": %lld, \"optimizer_bytes\": %lld, \"optimizer_bytes_first\": %lld, "
+               "\"activation_bytes\": %lld, \"in_flight\": %lld, \"ep_buffer_bytes\": %lld, \"total_bytes\": %lld, "
+               "\"comm\": ",
+               i ? ", " : "", (long long)s->first_layer, (long long)s->n_layers, s->first ? "true" : "false",
+               s->last ? "true" : "false", (long long)s->params_bytes, (long long)s->grads_bytes,
+               (long long)s->bf16_copy_bytes, (long long)s->optimizer_bytes, (long long)s->optimizer_bytes_first,
+               (long long)s->activation_bytes, (long long)s->in_flight, (long long)s->ep_buffer_bytes,
                (long long)s->total_bytes);
+        print_comm_json(&s->comm);
+        printf("}");
     }
-    const nm_plan_comm *c = &p->comm;
-    printf("], \"comm\": {\"dp_reduce_scatter\": %lld, \"dp_all_gather\": %lld, \"dp_all_reduce\": %lld, "
-           "\"edp_reduce_scatter\": %lld, \"edp_all_gather\": %lld, \"ep_all_to_all\": %lld, \"ep_all_to_all_job\": %lld, "
-           "\"tp_all_reduce\": %lld, \"tp_reduce_scatter\": %lld, \"tp_all_gather\": %lld}, "
-           "\"flops_per_step_rank\": %.6g, \"compute_s\": %.6g, \"memory_gib\": %g, \"fits\": %s}\n",
-           (long long)c->dp_reduce_scatter, (long long)c->dp_all_gather, (long long)c->dp_all_reduce,
-           (long long)c->edp_reduce_scatter, (long long)c->edp_all_gather, (long long)c->ep_all_to_all,
-           (long long)c->ep_all_to_all_job, (long long)c->tp_all_reduce, (long long)c->tp_reduce_scatter,
-           (long long)c->tp_all_gather, p->flops_per_step_rank, p->compute_s, memory_gib, fits ? "true" : "false");
+    printf("], \"comm\": ");
+    print_comm_json(&p->comm);
+    printf(", \"flops_per_step_rank\": %.6g, \"compute_s\": %.6g, \"memory_gib\": %g, \"fits\": %s}\n",
+           p->flops_per_step_rank, p->compute_s, memory_gib, fits ? "true" : "false");
 }
 
 int nm_cmd_plan(int argc, char **argv) {
     static const char *const vflags[] = {"config", "model", "world", "tp", "pp", "ep", "seq-len", "micro-batch",
                                          "global-batch", "precision", "bucket-mb", "flops", "memory-gib",
-                                         "make-vocab-size-divisible-by", NULL};
+                                         "make-vocab-size-divisible-by", "pipeline-layout", NULL};
     static const char *const bflags[] = {"recompute", "no-sequence-parallel", NULL};
     nm_args a;
     if (nm_args_parse(&a, "plan", argc, argv, vflags, bflags)) return 2;
@@ -62,7 +79,8 @@ int nm_cmd_plan(int argc, char **argv) {
     if ((!dir) == (!cfg_path) || !nm_args_has(&a, "world") || a.n_positional) {
         fprintf(stderr, "usage: nanomegatron plan --config MODEL.json | --model DIR --world N [--tp T] [--pp P] [--ep E] "
                         "[--seq-len S] [--micro-batch B] [--global-batch G] [--recompute] [--precision fp32|bf16|fp8] "
-                        "[--bucket-mb M] [--flops F] [--memory-gib M] [--no-sequence-parallel] [--make-vocab-size-divisible-by K]\n");
+                        "[--bucket-mb M] [--flops F] [--memory-gib M] [--no-sequence-parallel] [--make-vocab-size-divisible-by K] "
+                        "[--pipeline-layout 'Et|tt|tmL']\n");
         return 2;
     }
     nm_plan_request r = {.recompute = nm_args_has(&a, "recompute"), .sequence_parallel = !nm_args_has(&a, "no-sequence-parallel")};
@@ -85,6 +103,7 @@ int nm_cmd_plan(int argc, char **argv) {
         fprintf(stderr, "plan: --precision must be fp32, bf16 or fp8, got '%s'\n", prec);
         return 2;
     }
+    r.pipeline_layout = nm_args_str(&a, "pipeline-layout", NULL);
     nm_error err;
     nm_model_config cfg;
     if ((dir ? nm_hf_dir_load_config(dir, &cfg, &err) : nm_model_config_load(&cfg, cfg_path, &err)) != 0) {
@@ -105,21 +124,26 @@ int nm_cmd_plan(int argc, char **argv) {
     int fits = 1;
     for (int64_t i = 0; i < p.n_stages; i++) {
         const nm_plan_stage *s = &p.stages[i];
-        printf("stage %lld (layers %lld..%lld) per rank, GiB: params %.2f | grads %.2f | bf16 copy %.2f | optimizer "
-               "shard %.2f | activations %.2f x %lld in flight (EP receive bound %.2f) | total %.2f\n",
-               (long long)i, (long long)s->first_layer, (long long)(s->first_layer + s->n_layers - 1),
-               s->params_bytes / GIB, s->grads_bytes / GIB, s->bf16_copy_bytes / GIB, s->optimizer_bytes / GIB,
-               s->activation_bytes / GIB, (long long)s->in_flight, s->ep_buffer_bytes / GIB, s->total_bytes / GIB);
+        char what[96];
+        snprintf(what, sizeof(what), "%s%lld layers from %lld%s", s->first ? "embedding, " : "", (long long)s->n_layers,
+                 (long long)s->first_layer, s->last ? ", head, MTP, loss" : "");
+        char b[7][32];
+        printf("stage %lld (%s) per rank: params %s | grads %s | bf16 copy %s | optimizer shard %s | activations %s "
+               "for %lld micro-batches in flight (EP receive bound %s of it) | total %s\n",
+               (long long)i, what, fmt_bytes(b[0], 32, s->params_bytes), fmt_bytes(b[1], 32, s->grads_bytes),
+               fmt_bytes(b[2], 32, s->bf16_copy_bytes), fmt_bytes(b[3], 32, s->optimizer_bytes),
+               fmt_bytes(b[4], 32, s->activation_bytes), (long long)s->in_flight,
+               fmt_bytes(b[5], 32, s->ep_buffer_bytes), fmt_bytes(b[6], 32, s->total_bytes));
         if (s->total_bytes / GIB > memory_gib) fits = 0;
     }
     const nm_plan_comm *c = &p.comm;
-    printf("comm  per rank and step, MiB: dp reduce_scatter %.1f, all_gather %.1f, all_reduce %.3f | edp "
+    printf("comm  per rank of stage 0 and step, MiB: dp reduce_scatter %.1f, all_gather %.1f, all_reduce %.3f | edp "
            "reduce_scatter %.1f, all_gather %.1f | ep all_to_all %.1f (job %.1f) | tp all_reduce %.1f, reduce_scatter %.1f, "
-           "all_gather %.1f\n",
+           "all_gather %.1f | pp send %.1f, recv %.1f\n",
            c->dp_reduce_scatter / 1048576.0, c->dp_all_gather / 1048576.0, c->dp_all_reduce / 1048576.0,
            c->edp_reduce_scatter / 1048576.0, c->edp_all_gather / 1048576.0, c->ep_all_to_all / 1048576.0,
            c->ep_all_to_all_job / 1048576.0, c->tp_all_reduce / 1048576.0, c->tp_reduce_scatter / 1048576.0,
-           c->tp_all_gather / 1048576.0);
+           c->tp_all_gather / 1048576.0, c->pp_send / 1048576.0, c->pp_recv / 1048576.0);
     printf("compute %.4g TFLOP per rank and step", p.flops_per_step_rank / 1e12);
     if (r.flops > 0) printf(", %.3g s at %.4g TFLOP/s", p.compute_s, r.flops / 1e12);
     printf("\n%s in %g GiB per rank\n", fits ? "fits" : "does not fit", memory_gib);

@@ -7,37 +7,50 @@
 #include "model/model.h"
 #include "model/params.h"
 #include "train/optim.h"
+#include "train/pipeline.h"
 #include "train/zero.h"
+
+// Whether stage st runs layer l (its decoder layers; the MTP layers on the last stage).
+static int stage_runs(const nm_model_config *c, const nm_model_stage *st, int64_t l) {
+    return nm_layer_is_mtp(c, l) ? st->last : l >= st->layer_begin && l < st->layer_end;
+}
+
+static int64_t rows_of_layer(const nm_model_config *c, const nm_plan_request *r, int64_t l) {
+    return r->micro_batch * (r->seq_len + 1 - (nm_layer_is_mtp(c, l) ? l - c->L + 1 : 0));
+}
 
 // The all-to-all bytes of the job per step (docs/parallelism.md): each MoE layer and
 // micro-batch hands every token's K rows of D floats to the dispatch and gets as many back in
 // the combine, twice more in the backward (three times each with recomputation, which also
-// exchanges the counts twice), after E/EP int64 counts to each of the EP peers per rank.
+// exchanges the counts twice), after E/EP int64 counts to each of the EP peers per rank. A
+// layer runs on the W/PP ranks of its stage; under sequence parallelism each tp rank routes
+// its own 1/TP of the tokens.
 static int64_t all_to_all_job_bytes(const nm_model_config *c, const nm_plan_request *r, int64_t accum) {
     if (r->ep <= 1 || c->E == 0) return 0;
-    int64_t phases = r->recompute ? 6 : 4, count_rounds = r->recompute ? 2 : 1, total = 0;
+    int64_t phases = r->recompute ? 6 : 4, count_rounds = r->recompute ? 2 : 1, total = 0, W = r->world / r->pp;
     for (int64_t l = 0; l < c->n_layers; l++) {
         if (!nm_layer_is_moe(c, l)) continue;
-        int64_t T_l = r->seq_len + 1 - (nm_layer_is_mtp(c, l) ? l - c->L + 1 : 0);
-        // Under sequence parallelism each tp rank routes its own 1/TP of the tokens.
-        total += count_rounds * r->world * c->E * 8 + phases * (r->world / r->tp * r->micro_batch * T_l) * c->K * c->D * 4;
+        total += count_rounds * W * c->E * 8 + phases * (W / r->tp * rows_of_layer(c, r, l)) * c->K * c->D * 4;
     }
     return accum * total;
 }
 
-// The tp group's bytes per step (docs/parallelism.md, "Traffic"): a reduce-scatter or
-// all-gather counts its whole (N, width) buffer, N = micro x (seq_len + 1) rows in a decoder
+// The tp group's bytes per step on stage st (docs/parallelism.md, "Traffic"): a reduce-scatter
+// or all-gather counts its whole (N, width) buffer, N = micro x (seq_len + 1) rows in a decoder
 // block and micro x (seq_len + 1 - k) in MTP depth k; recomputation repeats each block's
 // forward collectives. "FFN" is a dense block or a MoE block with shared experts.
-static void tp_bytes(const nm_model_config *c, const nm_plan_request *r, int64_t accum, nm_plan_comm *out) {
+static void tp_bytes(const nm_model_config *c, const nm_plan_request *r, int64_t accum, const nm_model_stage *st,
+                     nm_plan_comm *out) {
     if (r->tp <= 1) return;
     int sp = r->sequence_parallel, fwd = r->recompute ? 2 : 1;
     int64_t D = c->D, T = r->seq_len + 1, mb = r->micro_batch;
-    int64_t ar = 0, rs = 0, ag = 0, ar_bytes = 0, n_moe = 0;  // floats, except ar_bytes
+    int64_t ar = 0, rs = 0, ag = 0, ar_bytes = 0, n_moe = 0, n_blocks = 0;  // floats, except ar_bytes
     for (int64_t l = 0; l < c->n_layers; l++) {
-        int64_t N = mb * (nm_layer_is_mtp(c, l) ? T - (l - c->L + 1) : T);
+        if (!stage_runs(c, st, l)) continue;
+        int64_t N = rows_of_layer(c, r, l);
         int moe = nm_layer_is_moe(c, l), ffn = !moe || c->Fs > 0;
         n_moe += moe;
+        n_blocks++;
         // attention backward: d(kv latent), d(rope key), d(q latent) (q_proj: its part of d(norm output))
         ar += N * c->Rkv + N * c->Dr + N * (c->Rq > 0 ? c->Rq : D);
         if (sp) {
@@ -47,39 +60,45 @@ static void tp_bytes(const nm_model_config *c, const nm_plan_request *r, int64_t
             ar += fwd * 2 * N * D + (ffn ? N * D : 0);
         }
     }
-    for (int64_t k = 0; k <= c->M; k++) {  // the main head, then each MTP depth's
+    for (int64_t k = 0; k <= c->M; k++) {  // the main embedding and head, then each MTP depth's
         int64_t N = mb * (T - k);
+        int emb_here = k == 0 ? st->first : st->last, head_here = st->last;
         if (sp) {
-            rs += 2 * N * D;  // the embedding; d(hidden)
-            ag += 2 * N * D;  // the head's input; d(embedding output)
-            if (k >= 2) ag += mb * (T - k + 1) * D;  // h^{k-1}, gathered whole
+            if (emb_here) rs += N * D, ag += N * D;    // the embedding; d(embedding output)
+            if (head_here) rs += N * D, ag += N * D;   // the head's input; d(hidden)
+            if (head_here && k >= 2) ag += mb * (T - k + 1) * D;  // h^{k-1}, gathered whole
         } else {
-            ar += 2 * N * D;
+            if (emb_here) ar += N * D;
+            if (head_here) ar += N * D;
         }
-        ar_bytes += 8 * 3 * N;  // the cross-entropy statistics
+        if (head_here) ar_bytes += 8 * 3 * N;  // the cross-entropy statistics
     }
     int64_t per_step = 0;
     if (sp) {
         ar_bytes += 8 * n_moe * c->E;  // expert counts: each tp rank routed its own tokens
         // once per step, the gradients computed on each rank's tokens: the residual-stream
         // norms, the final norm, each depth's enorm / hnorm / head norm, the routers, eh_proj
-        int64_t norms = 2 * c->n_layers + 1 + 3 * c->M;
-        per_step = 4 * (norms * D + n_moe * c->E * D + c->M * 2 * D * D);
+        int64_t norms = 2 * n_blocks + (st->last ? 1 + 3 * c->M : 0);
+        per_step = 4 * (norms * D + n_moe * c->E * D + (st->last ? c->M * 2 * D * D : 0));
     }
     out->tp_all_reduce = accum * (4 * ar + ar_bytes) + per_step;
     out->tp_reduce_scatter = accum * 4 * rs;
     out->tp_all_gather = accum * 4 * ag;
 }
 
-static int stage_sizes(nm_plan *p, nm_plan_stage *s, const nm_model_config *cfg, const nm_plan_request *r,
-                       nm_error *err) {
+static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, const nm_model_config *cfg,
+                       const nm_plan_request *r, nm_error *err) {
+    nm_plan_stage *s = &p->stages[si];
     int rc = -1;
     nm_param_table table = {0};
     nm_comm *ep = nm_comm_shape(0, (int)p->n.ep, "ep"), *tp = nm_comm_shape(0, (int)p->n.tp, "tp");
     int sp = p->n.tp > 1 && r->sequence_parallel;
     if (nm_param_table_build_tp(&table, cfg, 0, p->n.ep, 0, p->n.tp, r->vocab_multiple, err) != 0) goto done;
-    s->first_layer = 0;
-    s->n_layers = cfg->n_layers;
+    if (p->n.pp > 1 && nm_param_table_restrict_stage(&table, cfg, st, err) != 0) goto done;
+    s->first_layer = st->layer_begin;
+    s->n_layers = st->layer_end - st->layer_begin;
+    s->first = st->first;
+    s->last = st->last;
     s->params_bytes = (int64_t)table.n_floats * 4;
     s->grads_bytes = s->params_bytes;
     s->bf16_copy_bytes = r->precision == NM_PRECISION_FP32 ? 0 : (int64_t)table.n_floats * 2;
@@ -102,11 +121,11 @@ static int stage_sizes(nm_plan *p, nm_plan_stage *s, const nm_model_config *cfg,
                 for (int b = 0; b < z->n_buckets; b++) {
                     int64_t bytes_b = z->buckets[b].n * 4;
                     if (z->buckets[b].expert && !experts_over_dp) {  // else the dp communicator counts them
-                        p->comm.edp_reduce_scatter += bytes_b;
-                        p->comm.edp_all_gather += bytes_b;
+                        s->comm.edp_reduce_scatter += bytes_b;
+                        s->comm.edp_all_gather += bytes_b;
                     } else {
-                        p->comm.dp_reduce_scatter += bytes_b;
-                        p->comm.dp_all_gather += bytes_b;
+                        s->comm.dp_reduce_scatter += bytes_b;
+                        s->comm.dp_all_gather += bytes_b;
                     }
                 }
             }
@@ -116,23 +135,32 @@ static int stage_sizes(nm_plan *p, nm_plan_stage *s, const nm_model_config *cfg,
         nm_comm_destroy(edp);
         if (zrc != 0) goto done;
     }
+    s->in_flight = p->n.pp > 1 ? nm_pipeline_slots(p->n.pp, si, p->accum) : 1;
     nm_model_options mo = {.recompute = r->recompute, .ep = ep, .tp = tp, .sequence_parallel = sp,
-                           .vocab_multiple = r->vocab_multiple};
+                           .vocab_multiple = r->vocab_multiple, .stage = p->n.pp > 1 ? st : NULL,
+                           .act_slots = s->in_flight};
     int64_t T = r->seq_len + 1;  // the trainer's rows: seq_len inputs and the last target
     size_t act = 0;
     if (nm_model_estimate_activation_bytes_ex(cfg, r->micro_batch, T, &mo, &act, err) != 0) goto done;
     s->activation_bytes = (int64_t)act;
-    if (p->n.ep > 1 && cfg->E > 0) {
-        // The receive-side buffers sized for R_max rows: x_loc, e_out_loc (per MoE layer, or
-        // once with recomputation), and d_e_out_loc, d_x_loc and the exchange buffer.
+    int64_t n_moe = 0;
+    for (int64_t l = 0; l < cfg->n_layers; l++) n_moe += stage_runs(cfg, st, l) && nm_layer_is_moe(cfg, l);
+    if (p->n.ep > 1 && cfg->E > 0 && n_moe > 0) {
+        // The receive-side buffers sized for R_max rows: x_loc, e_out_loc (per MoE layer and
+        // activation set, or once with recomputation), and d_e_out_loc, d_x_loc and the
+        // exchange buffer.
         int64_t E_loc = cfg->E / p->n.ep, per = cfg->K < E_loc ? cfg->K : E_loc;
-        int64_t R = p->n.ep * r->micro_batch * T * per, n_moe = 0;
-        for (int64_t l = 0; l < cfg->n_layers; l++) n_moe += nm_layer_is_moe(cfg, l);
-        s->ep_buffer_bytes = ((r->recompute ? 2 : 2 * n_moe) + 3) * R * cfg->D * 4;
+        int64_t R = p->n.ep * r->micro_batch * T * per;
+        s->ep_buffer_bytes = ((r->recompute ? 2 : 2 * n_moe * s->in_flight) + 3) * R * cfg->D * 4;
     }
-    s->in_flight = 1;
-    s->total_bytes = s->params_bytes + s->grads_bytes + s->bf16_copy_bytes + s->optimizer_bytes +
-                     s->in_flight * s->activation_bytes;
+    s->total_bytes = s->params_bytes + s->grads_bytes + s->bf16_copy_bytes + s->optimizer_bytes + s->activation_bytes;
+    if (p->n.world > 1) s->comm.dp_all_reduce = 5 * 8 + n_moe * cfg->E * 8;  // loss terms and finiteness, expert loads
+    tp_bytes(cfg, r, p->accum, st, &s->comm);
+    if (p->n.pp > 1) {
+        int64_t act_bytes = p->accum * r->micro_batch * T * cfg->D * 4;  // one (micro, T, D) buffer per micro-batch
+        s->comm.pp_send = (st->last ? 0 : act_bytes) + (st->first ? 0 : act_bytes);
+        s->comm.pp_recv = s->comm.pp_send;
+    }
     rc = 0;
 done:
     nm_param_table_free(&table);
@@ -147,29 +175,23 @@ int nm_plan_compute(nm_plan *p, const nm_model_config *cfg, const nm_plan_reques
         return nm_error_set(err, "plan: seq_len %lld, micro_batch %lld and bucket_mb %lld must be >= 1",
                             (long long)r->seq_len, (long long)r->micro_batch, (long long)r->bucket_mb);
     if (nm_mesh_check(&p->n, r->world, r->tp, r->pp, r->ep, cfg->E, r->global_batch, r->micro_batch, err) != 0) return -1;
-    if (r->pp > 1)
-        return nm_error_set(err, "plan: pipeline_parallel_size %lld: the model does not split over PP yet, so there "
-                                 "is no allocation to plan (docs/parallelism.md)", (long long)r->pp);
     if (r->tp > 1 && r->ep > 1 && !r->sequence_parallel)
         return nm_error_set(err, "plan: tensor_parallel_size %lld with expert_parallel_size %lld needs sequence "
                                  "parallelism (the trainer refuses it without)", (long long)r->tp, (long long)r->ep);
     p->accum = r->global_batch / (r->micro_batch * p->n.dp);
     p->n_stages = p->n.pp;
+    nm_model_stage *stages = nm_calloc((size_t)p->n_stages, sizeof(nm_model_stage));
     p->stages = nm_calloc((size_t)p->n_stages, sizeof(nm_plan_stage));
-    for (int64_t s = 0; s < p->n_stages; s++) {
-        if (stage_sizes(p, &p->stages[s], cfg, r, err) != 0) {
-            nm_plan_free(p);
-            return -1;
-        }
+    int rc = nm_pipeline_layout(stages, p->n.pp, r->pipeline_layout, cfg, err);
+    for (int64_t s = 0; rc == 0 && s < p->n_stages; s++) rc = stage_sizes(p, s, &stages[s], cfg, r, err);
+    nm_free(stages);
+    if (rc != 0) {
+        nm_plan_free(p);
+        return -1;
     }
-    if (p->n.world > 1) {
-        int64_t n_moe = 0;
-        for (int64_t l = 0; l < cfg->n_layers; l++) n_moe += nm_layer_is_moe(cfg, l);
-        p->comm.dp_all_reduce = 5 * 8 + n_moe * cfg->E * 8;  // loss terms and finiteness, expert loads
-    }
+    p->comm = p->stages[0].comm;
     p->comm.ep_all_to_all_job = all_to_all_job_bytes(cfg, r, p->accum);
     p->comm.ep_all_to_all = p->comm.ep_all_to_all_job / p->n.world;
-    tp_bytes(cfg, r, p->accum, &p->comm);
     p->flops_per_step_rank = nm_model_flops_per_token(cfg, r->seq_len) * (double)(r->global_batch * r->seq_len) /
                              (double)p->n.world;
     p->compute_s = r->flops > 0 ? p->flops_per_step_rank / r->flops : 0.0;

@@ -28,39 +28,45 @@ typedef struct nm_plan_request {
     int64_t vocab_multiple;     // make_vocab_size_divisible_by (default 128)
     nm_precision precision;
     int64_t bucket_mb;          // ZeRO-1 bucket size (the training config's bucket_mb)
+    const char *pipeline_layout; // pipeline_model_parallel_layout (NULL or "": the even split)
     double flops;               // FLOP/s per rank for the compute time (0: not estimated)
 } nm_plan_request;
 
-// One pipeline stage: every rank of a stage holds the same sizes, except the optimizer shard,
-// which is given for the rank with the largest one.
-typedef struct nm_plan_stage {
-    int64_t first_layer, n_layers;  // decoder layers [first, first + n), MTP layers counted in n
-    int64_t params_bytes;           // fp32 master weights (the parameter buffer)
-    int64_t grads_bytes;            // fp32 gradients
-    int64_t bf16_copy_bytes;        // bf16 weights of the GEMMs (bf16 / fp8 runs)
-    int64_t optimizer_bytes;        // AdamW m and v of the largest ZeRO-1 shard of the stage
-    int64_t optimizer_bytes_first;  // the same for the stage's first rank (what its banner prints)
-    int64_t activation_bytes;       // one micro-batch's arena
-    int64_t in_flight;              // micro-batches whose activations the stage holds at its peak
-    int64_t ep_buffer_bytes;        // part of activation_bytes: the EP receive-side bound
-    int64_t total_bytes;            // params + grads + bf16 copy + optimizer + in_flight x activations
-} nm_plan_stage;
-
-// Bytes per rank and step, as metrics.jsonl's comm_* keys count them (rank 0 of each group).
+// Bytes per rank and step, as metrics.jsonl's comm_* keys count them.
 typedef struct nm_plan_comm {
     int64_t dp_reduce_scatter, dp_all_gather, dp_all_reduce;
     int64_t edp_reduce_scatter, edp_all_gather;
     int64_t ep_all_to_all;          // one rank's average share
     int64_t ep_all_to_all_job;      // the job's sum (comm_ep_all_to_all_bytes_job)
     int64_t tp_all_reduce, tp_reduce_scatter, tp_all_gather;
+    int64_t pp_send, pp_recv;       // activations and their gradients to and from the neighbours
 } nm_plan_comm;
+
+// One pipeline stage: every rank of a stage holds the same sizes, except the optimizer shard,
+// which is given for the rank with the largest one.
+typedef struct nm_plan_stage {
+    int64_t first_layer, n_layers;  // decoder layers [first, first + n); the last stage also runs the MTP layers
+    int first, last;                // holds the embedding / the final norm, head, MTP layers and losses
+    int64_t params_bytes;           // fp32 master weights (the parameter buffer)
+    int64_t grads_bytes;            // fp32 gradients
+    int64_t bf16_copy_bytes;        // bf16 weights of the GEMMs (bf16 / fp8 runs)
+    int64_t optimizer_bytes;        // AdamW m and v of the largest ZeRO-1 shard of the stage
+    int64_t optimizer_bytes_first;  // the same for the stage's first rank (what its banner prints)
+    int64_t activation_bytes;       // the arena: one activation set per micro-batch in flight, and the
+                                    // backward scratch they share
+    int64_t in_flight;              // micro-batches whose activations the stage holds at its peak (1F1B)
+    int64_t ep_buffer_bytes;        // part of activation_bytes: the EP receive-side bound
+    int64_t total_bytes;            // params + grads + bf16 copy + optimizer + activations
+    nm_plan_comm comm;              // per rank of this stage and step
+} nm_plan_stage;
+
 
 typedef struct nm_plan {
     nm_mesh_sizes n;
     int64_t accum;                  // micro-batches per step per data-parallel rank
     int64_t n_stages;
     nm_plan_stage *stages;          // (n_stages)
-    nm_plan_comm comm;
+    nm_plan_comm comm;              // stage 0's (what rank 0's metrics.jsonl counts), with the job's all-to-all
     double flops_per_step_rank;     // training FLOPs per rank and step (the job's / world)
     double compute_s;               // flops_per_step_rank / request flops (0 when not given)
 } nm_plan;
