@@ -185,8 +185,14 @@ static void layout(nm_model *m) {
     // lives in one shared set (dense and MoE buffers both), rebuilt by re-running a block's
     // forward right before its backward. Pipeline stages keep one set of saved activations
     // per micro-batch in flight (slots); the backward scratch below is shared by all.
+    // A stage without MoE blocks (or without dense ones) needs none of their buffers.
+    int stage_moe = 0, stage_dense = 0;
+    FOR_STAGE_LAYERS(m, l) {
+        if (nm_layer_is_moe(c, l)) stage_moe = 1;
+        else stage_dense = 1;
+    }
     block_acts shared = {0};
-    if (m->recompute) take_block_intermediates(m, &shared, 1, 1);
+    if (m->recompute) take_block_intermediates(m, &shared, stage_dense, stage_moe);
     for (int s = 0; s < m->n_slots; s++) {
         m->blocks = m->block_sets + (size_t)s * (size_t)c->n_layers;
         m->mtp = m->mtp_sets + (size_t)s * (size_t)(c->M > 0 ? c->M : 1);
@@ -214,7 +220,7 @@ static void layout(nm_model *m) {
     m->att_scratch = take(m, N * H * c->Dr);
     m->d_gate_up = take(m, N * 2 * Fmax);
     m->d_act = take(m, N * Fmax);
-    if (c->E > 0) {
+    if (c->E > 0 && stage_moe) {
         m->d_router = take(m, N * c->E);
         m->d_topk_w = take(m, NK);
         size_t R = m->ep ? (size_t)m->R_max : NK;
