@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench/dist.sh: multi-process scaling on one machine, in one run: the small config's training
-# speed on 1 rank x T threads against T ranks x 1 thread (data, expert and tensor parallel),
+# speed on 1 rank x T threads against T ranks x 1 thread (data, expert, tensor and pipeline parallel),
 # same global batch, same seed.
 # Prints tokens/s, the efficiency against the 1-rank run, and where each step's time goes
 # (forward, backward, communication after the backward, optimizer) from metrics.jsonl
@@ -37,7 +37,7 @@ print(f"{sys.argv[2]:<26} {tok:9.0f} tokens/s | step {step:6.3f} s: forward {mea
       f"backward {mean('time_backward_s'):.3f}, comm {mean('time_comm_s'):.3f}, optimizer {mean('time_optimizer_s'):.3f}, "
       f"a2a {mean('comm_ep_all_to_all_bytes')/1e6:.1f} MB, reduce started in backward "
       f"{100*mean('grad_reduce_overlap_fraction'):.0f}% | inside collectives: dp {mean('comm_dp_s'):.3f} s, "
-      f"edp {mean('comm_edp_s'):.3f}, ep {mean('comm_ep_s'):.3f}, tp {mean('comm_tp_s'):.3f}")
+      f"edp {mean('comm_edp_s'):.3f}, ep {mean('comm_ep_s'):.3f}, tp {mean('comm_tp_s'):.3f}, pp {mean('comm_pp_s'):.3f}")
 open(sys.argv[1] + ".tok", "w").write(f"{tok}\n")
 PY
 }
@@ -60,6 +60,13 @@ if nm_mpirun "$T" "$NM" train "${common[@]}" --out tp --set threads=1 --set tens
 else
   echo "tp$T: $(tail -1 tp.log)"
 fi
-for r in dp dp_overlap ep tp; do
+# pipeline parallelism (even split; 1F1B over the step's micro-batches)
+if nm_mpirun "$T" "$NM" train "${common[@]}" --out pp --set threads=1 --set pipeline_parallel_size="$T" >pp.log 2>&1; then
+  summary pp "$T ranks x 1 (pp$T)"
+  python3 -c "import json;r=[json.loads(l) for l in open('pp/metrics.jsonl')][-1];print('pp idle fractions:', {k: round(v, 3) for k, v in r.items() if k.startswith('pp_idle') or k == 'pp_bubble_theory'})"
+else
+  echo "pp$T: $(tail -1 pp.log)"
+fi
+for r in dp dp_overlap ep tp pp; do
   [ -f $r.tok ] && python3 -c "print(f'efficiency $r: {float(open(\"$r.tok\").read())/float(open(\"one.tok\").read()):.2f} of 1 rank x $T threads')"
 done
