@@ -6,7 +6,14 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # No network probing inside containers: loopback and shared memory are all a test needs.
 export OMPI_MCA_btl=self,vader OMPI_MCA_btl_vader_single_copy_mechanism=none OMPI_MCA_plm_rsh_agent=false
 export OMPI_MCA_rmaps_base_oversubscribe=1 OMPI_MCA_hwloc_base_binding_policy=none
+# Each call gets its own session directory: two mpiruns at once (ctest -j) otherwise share
+# /tmp/ompi.HOST.UID, and one finishing removes it while the other creates its own inside
+# ("mkdir ... File exists", orte_init failed), seen in `make test` with -j 2.
 nm_mpirun() {
-  local n=$1; shift
-  mpirun --oversubscribe -np "$n" -x OMP_NUM_THREADS=1 -x OMP_WAIT_POLICY=passive "$@"
+  local n=$1 rc=0 session; shift
+  session=$(mktemp -d /tmp/nm-mpi.XXXXXX)
+  mpirun --oversubscribe -np "$n" --mca orte_tmpdir_base "$session" -x OMP_NUM_THREADS=1 \
+    -x OMP_WAIT_POLICY=passive "$@" || rc=$?
+  rm -rf "$session"
+  return $rc
 }

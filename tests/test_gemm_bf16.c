@@ -8,6 +8,10 @@
 // 3. Against the unrounded fp32 inputs the error must be that of bf16 (~2^-9 per input),
 //    which proves the operands are rounded rather than multiplied in fp32.
 // 4. No allocation once the scratch has seen the largest shape (nm_alloc_count).
+// 5. round_bf16 (in place, fp32 storage) against the same independent rounding; operands of
+//    type NM_F32_BF16 (fp32 storage holding bf16 values) in every case of 2.
+// 6. gemm_bf16_grouped: groups of different row counts (0 included) with every operand type,
+//    each group's C against the double-precision reference of 2.
 // `test_gemm_bf16 --bench` prints GFLOP/s against cblas_sgemm on the same shapes.
 //
 // Tolerance. A product of two bf16 values (8-bit significands) is exact in fp32, so with the
@@ -147,25 +151,22 @@ static void make_operand(float **x, uint16_t **h, int64_t rows, int64_t cols, in
         }
 }
 
-// Runs one case; returns the normwise relative error against the unrounded fp32 inputs.
-static double run_case(const gemm_case *t) {
+// The operand as the case's type says: fp32 storage (x), bf16 storage (h), or fp32 storage
+// holding the bf16 values (xr, made here; the caller frees it).
+static const void *operand(nm_dtype type, const float *x, const uint16_t *h, int64_t n, float **xr) {
+    *xr = NULL;
+    if (type == NM_F32) return x;
+    if (type == NM_BF16) return h;
+    *xr = nm_malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+    for (int64_t i = 0; i < n; i++) (*xr)[i] = bf16_to_f32(h[i]);  // the padding stays NaN
+    return *xr;
+}
+
+// C (after the GEMM) against the double-precision product of the bf16-rounded inputs, within
+// the bound of the header; returns the normwise relative error against the unrounded inputs.
+static double check_case(const gemm_case *t, const float *A, const uint16_t *Ah, int64_t lda, const float *B,
+                         const uint16_t *Bh, int64_t ldb, const float *C0, const float *C, int64_t ldc) {
     int64_t M = t->M, N = t->N, K = t->K;
-    int64_t a_rows = t->ta == NM_NO_TRANS ? M : K, a_cols = t->ta == NM_NO_TRANS ? K : M;
-    int64_t b_rows = t->tb == NM_NO_TRANS ? K : N, b_cols = t->tb == NM_NO_TRANS ? N : K;
-    int64_t lda = a_cols + t->pad, ldb = b_cols + t->pad, ldc = N + t->pad;
-    float *A, *B;
-    uint16_t *Ah, *Bh;
-    make_operand(&A, &Ah, a_rows, a_cols, lda);
-    make_operand(&B, &Bh, b_rows, b_cols, ldb);
-    float *C0 = randn(M * ldc, 1.0f);
-    if (t->beta == 0.0f)
-        for (int64_t i = 0; i < M * ldc; i++) C0[i] = NAN;
-    float *C = nm_malloc((size_t)(M * ldc > 0 ? M * ldc : 1) * sizeof(float));
-    if (M * ldc > 0) memcpy(C, C0, (size_t)(M * ldc) * sizeof(float));
-
-    ops->gemm_bf16(t->ta, t->tb, M, N, K, t->alpha, t->a_type == NM_F32 ? (const void *)A : Ah, t->a_type,
-                   lda, t->b_type == NM_F32 ? (const void *)B : Bh, t->b_type, ldb, t->beta, C, ldc);
-
     double err2 = 0.0, ref2 = 0.0, worst = 0.0;
     for (int64_t i = 0; i < M; i++) {
         for (int64_t j = 0; j < N; j++) {
@@ -198,13 +199,37 @@ static double run_case(const gemm_case *t) {
     EXPECT(worst <= 1.0, "ta=%d tb=%d M=%lld N=%lld K=%lld pad=%lld types=%d,%d alpha=%g beta=%g: error %.3g x bound",
            (int)t->ta, (int)t->tb, (long long)M, (long long)N, (long long)K, (long long)t->pad,
            (int)t->a_type, (int)t->b_type, (double)t->alpha, (double)t->beta, worst);
+    return ref2 > 0.0 ? sqrt(err2 / ref2) : 0.0;
+}
+
+// Runs one case; returns the normwise relative error against the unrounded fp32 inputs.
+static double run_case(const gemm_case *t) {
+    int64_t M = t->M, N = t->N, K = t->K;
+    int64_t a_rows = t->ta == NM_NO_TRANS ? M : K, a_cols = t->ta == NM_NO_TRANS ? K : M;
+    int64_t b_rows = t->tb == NM_NO_TRANS ? K : N, b_cols = t->tb == NM_NO_TRANS ? N : K;
+    int64_t lda = a_cols + t->pad, ldb = b_cols + t->pad, ldc = N + t->pad;
+    float *A, *B, *Ar, *Br;
+    uint16_t *Ah, *Bh;
+    make_operand(&A, &Ah, a_rows, a_cols, lda);
+    make_operand(&B, &Bh, b_rows, b_cols, ldb);
+    float *C0 = randn(M * ldc, 1.0f);
+    if (t->beta == 0.0f)
+        for (int64_t i = 0; i < M * ldc; i++) C0[i] = NAN;
+    float *C = nm_malloc((size_t)(M * ldc > 0 ? M * ldc : 1) * sizeof(float));
+    if (M * ldc > 0) memcpy(C, C0, (size_t)(M * ldc) * sizeof(float));
+
+    const void *a = operand(t->a_type, A, Ah, a_rows * lda, &Ar), *b = operand(t->b_type, B, Bh, b_rows * ldb, &Br);
+    ops->gemm_bf16(t->ta, t->tb, M, N, K, t->alpha, a, t->a_type, lda, b, t->b_type, ldb, t->beta, C, ldc);
+    double rel = check_case(t, A, Ah, lda, B, Bh, ldb, C0, C, ldc);
     nm_free(A);
     nm_free(B);
     nm_free(Ah);
     nm_free(Bh);
+    nm_free(Ar);
+    nm_free(Br);
     nm_free(C0);
     nm_free(C);
-    return ref2 > 0.0 ? sqrt(err2 / ref2) : 0.0;
+    return rel;
 }
 
 static void test_gemm(void) {
@@ -214,15 +239,16 @@ static void test_gemm(void) {
     int n_cases = 0;
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (int tr = 0; tr < 4; tr++)
-            for (int types = 0; types < 4; types++)
+            for (int types = 0; types < 9; types++)
                 for (int v = 0; v < 3; v++) {
                     gemm_case t = {(nm_transpose)(tr & 1), (nm_transpose)(tr >> 1), shapes[s][0],
                                    shapes[s][1], shapes[s][2], (s + (size_t)tr) % 2 ? 3 : 0,
-                                   (nm_dtype)(types & 1), (nm_dtype)(types >> 1), ab[v][0], ab[v][1]};
+                                   (nm_dtype)(types % 3), (nm_dtype)(types / 3), ab[v][0], ab[v][1]};
                     run_case(&t);
                     n_cases++;
                 }
-    printf("gemm_bf16: %d cases (4 transposes x fp32/bf16 operands x alpha/beta x 7 shapes)\n", n_cases);
+    printf("gemm_bf16: %d cases (4 transposes x fp32/bf16/bf16-valued fp32 operands x alpha/beta x 7 shapes)\n",
+           n_cases);
 
     // Degenerate shapes: M = 0 and N = 0 touch nothing, K = 0 leaves beta * C (zeros over NaN).
     float c[6] = {NAN, NAN, NAN, NAN, NAN, NAN};
@@ -258,6 +284,88 @@ static void test_gemm(void) {
     nm_free(A);
     nm_free(B);
     nm_free(C);
+}
+
+// --- 5. round_bf16 ---------------------------------------------------------------------------
+
+static void test_round(void) {
+    int64_t n = (1 << 17) + 5;  // the parallel path, and a tail
+    float *x = nm_malloc((size_t)n * sizeof(float)), *y = nm_malloc((size_t)n * sizeof(float));
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t r = nm_rng_u64(g_key, g_ctr++);
+        x[i] = from_bits((uint32_t)(r & 0x807fffffu) | (uint32_t)((87 + (r >> 32) % 80) << 23));
+    }
+    x[0] = from_bits(0x3f808000u);  // a tie, to even (down)
+    x[1] = from_bits(0x3f818000u);  // a tie, to even (up)
+    x[2] = NAN;
+    x[3] = INFINITY;
+    memcpy(y, x, (size_t)n * sizeof(float));
+    ops->round_bf16(y, n);
+    int64_t bad = 0;
+    for (int64_t i = 3; i < n; i++) bad += bits(y[i]) != (uint32_t)ref_bf16(x[i]) << 16;
+    EXPECT(bad == 0, "%lld of %lld in-place roundings differ from the reference", (long long)bad, (long long)n);
+    EXPECT(bits(y[0]) == 0x3f800000u && bits(y[1]) == 0x3f820000u, "ties: 0x%08x 0x%08x", bits(y[0]), bits(y[1]));
+    EXPECT(isnan(y[2]), "NaN rounded to %g", (double)y[2]);
+    // rounding a rounded value changes nothing
+    memcpy(x, y, (size_t)n * sizeof(float));
+    ops->round_bf16(y, n);
+    EXPECT(memcmp(x, y, (size_t)n * sizeof(float)) == 0, "round_bf16 is not idempotent");
+    nm_free(x);
+    nm_free(y);
+}
+
+// --- 6. grouped ------------------------------------------------------------------------------
+
+// Experts-like groups: the same N, K per call, different row counts M (0 included) in forward
+// shape, or the row count as K (weight-gradient shape, 0 included).
+static void grouped_case(nm_transpose ta, nm_transpose tb, nm_dtype at, nm_dtype bt, float beta, int wgrad) {
+    enum { n_groups = 6 };
+    const int64_t rows[n_groups] = {37, 0, 130, 1, 64, 9};
+    gemm_case t[n_groups];
+    float *A[n_groups], *B[n_groups], *Ar[n_groups], *Br[n_groups], *C0[n_groups], *C[n_groups];
+    uint16_t *Ah[n_groups], *Bh[n_groups];
+    nm_gemm_group groups[n_groups];
+    for (int g = 0; g < n_groups; g++) {
+        int64_t M = wgrad ? 48 : rows[g], N = wgrad ? 40 : 72, K = wgrad ? rows[g] : 56;
+        t[g] = (gemm_case){ta, tb, M, N, K, g % 2, at, bt, 1.0f, beta};
+        int64_t a_rows = ta == NM_NO_TRANS ? M : K, a_cols = ta == NM_NO_TRANS ? K : M;
+        int64_t b_rows = tb == NM_NO_TRANS ? K : N, b_cols = tb == NM_NO_TRANS ? N : K;
+        int64_t lda = a_cols + t[g].pad, ldb = b_cols + t[g].pad, ldc = N + t[g].pad;
+        make_operand(&A[g], &Ah[g], a_rows, a_cols, lda);
+        make_operand(&B[g], &Bh[g], b_rows, b_cols, ldb);
+        C0[g] = randn(M * ldc, 1.0f);
+        if (beta == 0.0f)
+            for (int64_t i = 0; i < M * ldc; i++) C0[g][i] = NAN;
+        C[g] = nm_malloc((size_t)(M * ldc > 0 ? M * ldc : 1) * sizeof(float));
+        if (M * ldc > 0) memcpy(C[g], C0[g], (size_t)(M * ldc) * sizeof(float));
+        groups[g] = (nm_gemm_group){.M = M, .N = N, .K = K, .A = operand(at, A[g], Ah[g], a_rows * lda, &Ar[g]),
+                                    .lda = lda, .B = operand(bt, B[g], Bh[g], b_rows * ldb, &Br[g]), .ldb = ldb,
+                                    .C = C[g], .ldc = ldc};
+    }
+    ops->gemm_bf16_grouped(ta, tb, 1.0f, beta, groups, n_groups, at, bt);
+    for (int g = 0; g < n_groups; g++) {
+        check_case(&t[g], A[g], Ah[g], groups[g].lda, B[g], Bh[g], groups[g].ldb, C0[g], C[g], groups[g].ldc);
+        nm_free(A[g]);
+        nm_free(B[g]);
+        nm_free(Ah[g]);
+        nm_free(Bh[g]);
+        nm_free(Ar[g]);
+        nm_free(Br[g]);
+        nm_free(C0[g]);
+        nm_free(C[g]);
+    }
+}
+
+static void test_grouped(void) {
+    int n = 0;
+    for (int tr = 0; tr < 4; tr++)
+        for (int types = 0; types < 9; types++)
+            for (int wgrad = 0; wgrad < 2; wgrad++) {
+                grouped_case((nm_transpose)(tr & 1), (nm_transpose)(tr >> 1), (nm_dtype)(types % 3),
+                             (nm_dtype)(types / 3), wgrad ? 1.0f : 0.0f, wgrad);
+                n++;
+            }
+    printf("gemm_bf16_grouped: %d calls of 6 groups (4 transposes x 3 x 3 operand types x forward/wgrad shapes)\n", n);
 }
 
 // --- threads --------------------------------------------------------------------------------
@@ -356,6 +464,8 @@ int main(int argc, char **argv) {
     }
     test_cast();
     test_gemm();
+    test_round();
+    test_grouped();
     test_threads();
     printf("gemm_bf16: largest error %.3g of the tolerance bound\n", g_worst);
     if (failures) {

@@ -259,13 +259,14 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
 void nm_moe_backward(nm_model *m, int64_t l, float aux_seed);
 // The routed experts on rows already gathered into expert order: expert e owns rows
 // [offsets[e], offsets[e+1]) of x (rows, D); out (rows, D) (=). gate_up (rows, 2Fe) and act
-// (rows, Fe) are saved for the backward. w: the layer whose experts run.
-void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_t *offsets, const float *x,
+// (rows, Fe) are saved for the backward. w: the layer whose experts run. In bf16, x and act
+// are rounded to bf16 in place (they feed only the expert GEMMs).
+void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_t *offsets, float *x,
                             float *gate_up, float *act, float *out);
 // Backward of nm_moe_experts_forward: d_x (=) from d_out, experts' weight grads (+=); d_act and
-// d_gate_up are scratch of the same shapes as act and gate_up.
+// d_gate_up are scratch of the same shapes as act and gate_up. In bf16, d_out is rounded in place.
 void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32_t *offsets, const float *x,
-                             const float *gate_up, const float *act, const float *d_out, float *d_act,
+                             const float *gate_up, const float *act, float *d_out, float *d_act,
                              float *d_gate_up, float *d_x);
 
 // --- output head + cross-entropy (head.c, dsv3-spec 11) ---------------------------------------

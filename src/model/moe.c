@@ -22,13 +22,15 @@ static nm_router_params router_params(const nm_model_config *c, int64_t N) {
 // --- routed experts ---------------------------------------------------------------------------
 
 // Grouped-GEMM descriptors, one per expert e over its rows [offsets[e], offsets[e+1]).
-// Forward / Dgrad shape: C_e(rows, N) = op(A_e(rows, K)) op(W_e), W_e = W + e * w_stride.
+// Forward / Dgrad shape: C_e(rows, N) = op(A_e(rows, K)) op(W_e), W_e = W + e * w_stride
+// elements of w_elem bytes (fp32 weights, or their bf16 copy).
 static void groups_rows(nm_model *m, const int32_t *offsets, int64_t N, int64_t K, const float *A, int64_t lda,
-                        const float *W, size_t w_stride, int64_t ldw, float *C, int64_t ldc) {
+                        const void *W, size_t w_elem, size_t w_stride, int64_t ldw, float *C, int64_t ldc) {
     for (int64_t e = 0; e < m->E_loc; e++) {
         int64_t r0 = offsets[e];
         m->groups[e] = (nm_gemm_group){.M = offsets[e + 1] - r0, .N = N, .K = K, .A = A + r0 * lda, .lda = lda,
-                                       .B = W + (size_t)e * w_stride, .ldb = ldw, .C = C + r0 * ldc, .ldc = ldc};
+                                       .B = (const char *)W + (size_t)e * w_stride * w_elem, .ldb = ldw,
+                                       .C = C + r0 * ldc, .ldc = ldc};
     }
 }
 
@@ -42,10 +44,22 @@ static void groups_wgrad(nm_model *m, const int32_t *offsets, int64_t M, int64_t
     }
 }
 
+// The experts' groups in m->groups through the fp32 or the bf16 grouped GEMM (alpha 1).
+static void grouped(nm_model *m, nm_transpose ta, nm_transpose tb, float beta, nm_dtype a_type, nm_dtype b_type) {
+    if (m->precision == NM_PRECISION_BF16)
+        m->ops->gemm_bf16_grouped(ta, tb, 1.0f, beta, m->groups, m->E_loc, a_type, b_type);
+    else m->ops->gemm_grouped(ta, tb, 1.0f, beta, m->groups, m->E_loc);
+}
+
 // gate_up = x . W_gate_up^T ; act = swiglu(gate_up) ; out = act . W_down^T, per expert over
-// its rows. fp32 runs the experts as grouped GEMMs (concurrently); bf16 and fp8 go expert by
+// its rows. fp32 and bf16 run the experts as grouped GEMMs (concurrently); fp8 goes expert by
 // expert through the precision-aware linear helpers.
-void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_t *offsets, const float *x,
+//
+// bf16: x and act are read by nothing but the expert GEMMs (here and their weight gradients in
+// the backward), and a bf16 GEMM rounds its fp32 operands to bf16 anyway. So they are rounded
+// once, in place, where they are produced (as Megatron keeps them in bf16), and every GEMM
+// reads them as they are (NM_F32_BF16): the same operand values as rounding per GEMM call.
+void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_t *offsets, float *x,
                             float *gate_up, float *act, float *out) {
     const nm_model_config *c = &m->cfg;
     const nm_ops *ops = m->ops;
@@ -53,11 +67,22 @@ void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_
     size_t stride = w->expert_stride, down = (size_t)2 * Fe * D;
     const float *W0 = m->params + w->experts;
     if (m->precision == NM_PRECISION_FP32) {
-        groups_rows(m, offsets, 2 * Fe, D, x, D, W0, stride, D, gate_up, 2 * Fe);
+        groups_rows(m, offsets, 2 * Fe, D, x, D, W0, sizeof(float), stride, D, gate_up, 2 * Fe);
         ops->gemm_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->groups, E);
         ops->swiglu_forward(act, gate_up, rows, Fe);
-        groups_rows(m, offsets, D, Fe, act, Fe, W0 + down, stride, Fe, out, D);
+        groups_rows(m, offsets, D, Fe, act, Fe, W0 + down, sizeof(float), stride, Fe, out, D);
         ops->gemm_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->groups, E);
+        return;
+    }
+    if (m->precision == NM_PRECISION_BF16) {
+        const uint16_t *W16 = m->params_bf16 + w->experts;
+        ops->round_bf16(x, rows * D);
+        groups_rows(m, offsets, 2 * Fe, D, x, D, W16, sizeof(uint16_t), stride, D, gate_up, 2 * Fe);
+        ops->gemm_bf16_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->groups, E, NM_F32_BF16, NM_BF16);
+        ops->swiglu_forward(act, gate_up, rows, Fe);
+        ops->round_bf16(act, rows * Fe);
+        groups_rows(m, offsets, D, Fe, act, Fe, W16 + down, sizeof(uint16_t), stride, Fe, out, D);
+        ops->gemm_bf16_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->groups, E, NM_F32_BF16, NM_BF16);
         return;
     }
     for (int64_t e = 0; e < E; e++) {
@@ -75,8 +100,10 @@ void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_
     }
 }
 
+// bf16: x and act arrive rounded by the forward; d_out and d_gate_up are read by nothing but
+// the expert GEMMs below, so they are rounded once in place as well (see the forward).
 void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32_t *offsets, const float *x,
-                             const float *gate_up, const float *act, const float *d_out, float *d_act,
+                             const float *gate_up, const float *act, float *d_out, float *d_act,
                              float *d_gate_up, float *d_x) {
     const nm_model_config *c = &m->cfg;
     const nm_ops *ops = m->ops;
@@ -84,18 +111,24 @@ void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32
     size_t stride = w->expert_stride, down = (size_t)2 * Fe * D;
     const float *W0 = m->params + w->experts;
     float *dW0 = m->grads + w->experts;
-    if (m->precision == NM_PRECISION_FP32) {
+    if (m->precision == NM_PRECISION_FP32 || m->precision == NM_PRECISION_BF16) {
+        int bf16 = m->precision == NM_PRECISION_BF16;
+        const void *Wrows = bf16 ? (const void *)(m->params_bf16 + w->experts) : (const void *)W0;
+        size_t elem = bf16 ? sizeof(uint16_t) : sizeof(float);
+        nm_dtype act_t = bf16 ? NM_F32_BF16 : NM_F32, w_t = bf16 ? NM_BF16 : NM_F32;
+        if (bf16) ops->round_bf16(d_out, rows * D);
         // out = act . W_down^T: d_act = d_out . W_down ; dW_down += d_out^T act
-        groups_rows(m, offsets, Fe, D, d_out, D, W0 + down, stride, Fe, d_act, Fe);
-        ops->gemm_grouped(NM_NO_TRANS, NM_NO_TRANS, 1.0f, 0.0f, m->groups, E);
+        groups_rows(m, offsets, Fe, D, d_out, D, (const char *)Wrows + down * elem, elem, stride, Fe, d_act, Fe);
+        grouped(m, NM_NO_TRANS, NM_NO_TRANS, 0.0f, act_t, w_t);
         groups_wgrad(m, offsets, D, Fe, d_out, D, act, Fe, dW0 + down, stride, Fe);
-        ops->gemm_grouped(NM_TRANS, NM_NO_TRANS, 1.0f, 1.0f, m->groups, E);
+        grouped(m, NM_TRANS, NM_NO_TRANS, 1.0f, act_t, act_t);
         ops->swiglu_backward(d_gate_up, d_act, gate_up, rows, Fe);
+        if (bf16) ops->round_bf16(d_gate_up, rows * 2 * Fe);
         // gate_up = x . W_gate_up^T: dW_gate_up += d_gate_up^T x ; d_x = d_gate_up . W_gate_up
         groups_wgrad(m, offsets, 2 * Fe, D, d_gate_up, 2 * Fe, x, D, dW0, stride, D);
-        ops->gemm_grouped(NM_TRANS, NM_NO_TRANS, 1.0f, 1.0f, m->groups, E);
-        groups_rows(m, offsets, D, 2 * Fe, d_gate_up, 2 * Fe, W0, stride, D, d_x, D);
-        ops->gemm_grouped(NM_NO_TRANS, NM_NO_TRANS, 1.0f, 0.0f, m->groups, E);
+        grouped(m, NM_TRANS, NM_NO_TRANS, 1.0f, act_t, act_t);
+        groups_rows(m, offsets, D, 2 * Fe, d_gate_up, 2 * Fe, Wrows, elem, stride, D, d_x, D);
+        grouped(m, NM_NO_TRANS, NM_NO_TRANS, 0.0f, act_t, w_t);
         return;
     }
     for (int64_t e = 0; e < E; e++) {

@@ -21,8 +21,10 @@
 
 typedef enum nm_transpose { NM_NO_TRANS = 0, NM_TRANS = 1 } nm_transpose;
 
-// Element type of a GEMM operand in memory.
-typedef enum nm_dtype { NM_F32 = 0, NM_BF16 = 1 } nm_dtype;
+// Element type of a GEMM operand in memory. NM_F32_BF16 is fp32 storage whose values are
+// bf16 already (rounded once where the activation was produced, ops->round_bf16): a bf16 GEMM
+// reads it as it is, without rounding it again per call.
+typedef enum nm_dtype { NM_F32 = 0, NM_BF16 = 1, NM_F32_BF16 = 2 } nm_dtype;
 
 // What an fp8 GEMM operand is, which fixes its quantisation granularity (DeepSeek-V3
 // recipe, dsv3-spec 6.5): activations and activation gradients in 1 x 128 tiles along the
@@ -42,11 +44,12 @@ typedef struct nm_router_params {
     float routed_scaling;       // applied after normalisation
 } nm_router_params;
 
-// One GEMM of a grouped call (MoE experts: one per expert, over its rows).
+// One GEMM of a grouped call (MoE experts: one per expert, over its rows). A and B are
+// float for gemm_grouped; gemm_bf16_grouped reads them as its a_type / b_type say.
 typedef struct nm_gemm_group {
     int64_t M, N, K;            // op(A) is (M,K), op(B) is (K,N)
-    const float *A;             // with lda
-    const float *B;             // with ldb
+    const void *A;              // with lda (elements)
+    const void *B;              // with ldb (elements)
     float *C;                   // (M,N) with ldc
     int64_t lda, ldb, ldc;
 } nm_gemm_group;
@@ -78,6 +81,14 @@ typedef struct nm_ops {
     void (*gemm_bf16)(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
                       const void *A, nm_dtype a_type, int64_t lda, const void *B, nm_dtype b_type, int64_t ldb,
                       float beta, float *C, int64_t ldc);
+    // n independent bf16 GEMMs (gemm_bf16's contract, operand types shared by the groups),
+    // the routed experts of one layer in one call, as gemm_grouped. Results do not depend on
+    // the thread count.
+    void (*gemm_bf16_grouped)(nm_transpose ta, nm_transpose tb, float alpha, float beta,
+                              const nm_gemm_group *groups, int64_t n, nm_dtype a_type, nm_dtype b_type);
+    // x(n) (=) bf16(x), kept in fp32 storage (round to nearest even; NaN stays NaN): an
+    // activation rounded once where it is produced, then read as NM_F32_BF16.
+    void (*round_bf16)(float *x, int64_t n);
     // fp8 (E4M3) GEMM, emulated: A is an activation quantised in 1 x 128 tiles along K; B is
     // quantised per b_kind (weights: 128 x 128 blocks of the stored matrix; activations:
     // 128 x 1 tiles along K); scale = max(amax, 1e-4) / 448 per tile/block, values rounded

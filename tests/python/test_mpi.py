@@ -47,7 +47,9 @@ def test_trainer_under_mpirun_equals_one_process_cli(tmp_path, nm_bin):
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMPI_MCA_btl="self,vader", OMPI_MCA_btl_vader_single_copy_mechanism="none",
                OMPI_MCA_plm_rsh_agent="false", OMPI_MCA_rmaps_base_oversubscribe="1",
-               OMPI_MCA_hwloc_base_binding_policy="none")
+               OMPI_MCA_hwloc_base_binding_policy="none",
+               # its own session directory: concurrent mpiruns (ctest -j) race on the shared one
+               OMPI_MCA_orte_tmpdir_base=str(tmp_path))
     p = subprocess.run(["mpirun", "--oversubscribe", "-np", "2", "-x", "OMP_NUM_THREADS=1", "-x",
                         "OMP_WAIT_POLICY=passive", sys.executable, str(tmp_path / "train.py"),
                         str(tmp_path / "train.json"), str(tmp_path / "py")],

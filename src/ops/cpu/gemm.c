@@ -121,6 +121,7 @@ void nm_cpu_gemm_grouped(nm_transpose ta, nm_transpose tb, float alpha, float be
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t g = 0; g < n; g++) {
         const nm_gemm_group *x = &groups[g];
-        nm_cpu_gemm(ta, tb, x->M, x->N, x->K, alpha, x->A, x->lda, x->B, x->ldb, beta, x->C, x->ldc);
+        nm_cpu_gemm(ta, tb, x->M, x->N, x->K, alpha, (const float *)x->A, x->lda, (const float *)x->B, x->ldb, beta,
+                    x->C, x->ldc);
     }
 }

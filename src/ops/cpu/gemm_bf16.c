@@ -178,7 +178,8 @@ static void cast_bf16_2d(uint16_t *dst, const float *src, int64_t ld, int64_t ro
 static const uint16_t *as_bf16(nm_bf16_scratch *s, const void *x, nm_dtype type, int64_t rows,
                                int64_t cols, int64_t *ld) {
     if (type == NM_BF16) return x;
-    NM_CHECK(type == NM_F32, "gemm_bf16 operand type %d", (int)type);
+    // NM_F32_BF16 holds bf16 values: the cast below is exact for them
+    NM_CHECK(type == NM_F32 || type == NM_F32_BF16, "gemm_bf16 operand type %d", (int)type);
     uint16_t *dst = scratch_reserve(s, (size_t)rows * (size_t)cols);
     cast_bf16_2d(dst, x, *ld, rows, cols);
     *ld = cols;
@@ -203,27 +204,51 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-// The fp32 view of an operand's bf16 value, stored (rows, cols) with leading dimension *ld,
-// written packed into scratch (*ld becomes cols): exact widening of bf16 storage, or the
-// bf16 rounding of fp32 storage.
-static const float *as_widened(nm_f32_scratch *s, const void *x, nm_dtype type, int64_t rows, int64_t cols,
-                               int64_t *ld) {
-    NM_CHECK(type == NM_F32 || type == NM_BF16, "gemm_bf16 operand type %d", (int)type);
-    float *dst = f32_scratch_reserve(s, (size_t)rows * (size_t)cols);
-    int64_t ldx = *ld;
-#pragma omp parallel for schedule(static) if (rows * cols >= NM_BF16_PARALLEL_MIN)
+// dst(rows, cols) packed (=) the fp32 value of the bf16 operand x (rows, cols; leading dimension
+// ld): exact widening of bf16 storage, or the bf16 rounding of fp32 storage. One thread.
+static void widen_rows(float *dst, const void *x, nm_dtype type, int64_t rows, int64_t cols, int64_t ld) {
     for (int64_t r = 0; r < rows; r++) {
         float *d = dst + r * cols;
         if (type == NM_BF16) {
-            const uint16_t *h = (const uint16_t *)x + r * ldx;
+            const uint16_t *h = (const uint16_t *)x + r * ld;
             for (int64_t c = 0; c < cols; c++) d[c] = bf16_to_f32(h[c]);
         } else {
-            const float *f = (const float *)x + r * ldx;
+            const float *f = (const float *)x + r * ld;
             for (int64_t c = 0; c < cols; c++) d[c] = bf16_to_f32(f32_to_bf16(f[c]));
         }
     }
+}
+
+// The fp32 view of an operand's bf16 value, stored (rows, cols) with leading dimension *ld:
+// the operand itself when it is NM_F32_BF16 (its values are bf16 already), else written
+// packed into scratch (*ld becomes cols).
+static const float *as_widened(nm_f32_scratch *s, const void *x, nm_dtype type, int64_t rows, int64_t cols,
+                               int64_t *ld) {
+    if (type == NM_F32_BF16) return x;
+    NM_CHECK(type == NM_F32 || type == NM_BF16, "gemm_bf16 operand type %d", (int)type);
+    float *dst = f32_scratch_reserve(s, (size_t)rows * (size_t)cols);
+    int64_t ldx = *ld;
+    if (rows * cols >= NM_BF16_PARALLEL_MIN) {
+#pragma omp parallel
+        {
+            // contiguous row blocks, one per thread
+            int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+            int64_t r0 = rows * t / nt, r1 = rows * (t + 1) / nt;
+            size_t elem = type == NM_BF16 ? sizeof(uint16_t) : sizeof(float);
+            widen_rows(dst + r0 * cols, (const char *)x + (size_t)(r0 * ldx) * elem, type, r1 - r0, cols, ldx);
+        }
+    } else {
+        widen_rows(dst, x, type, rows, cols, ldx);
+    }
     *ld = cols;
     return dst;
+}
+
+// x(n) (=) bf16(x) in fp32 storage: the activation is rounded once where it is produced.
+void nm_cpu_round_bf16(float *x, int64_t n) {
+    NM_CHECK(n >= 0, "round_bf16 n=%lld", (long long)n);
+#pragma omp parallel for schedule(static) if (n >= NM_BF16_PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i++) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
 }
 
 // --- the GEMM --------------------------------------------------------------------------------
@@ -321,4 +346,96 @@ void nm_cpu_gemm_bf16(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, in
     NM_DNNL_CHECK(dnnl_memory_destroy(a_mem));
     NM_DNNL_CHECK(dnnl_memory_destroy(b_mem));
     NM_DNNL_CHECK(dnnl_memory_destroy(c_mem));
+}
+
+// --- grouped -----------------------------------------------------------------------------------
+//
+// widen: the groups' operands that are not NM_F32_BF16 already (the experts' bf16 weights) are
+// widened into scratch, one group per thread, and the fp32 grouped GEMM runs the lot: the
+// experts' small GEMMs run one per thread as in fp32 (gemm.c says why) instead of one
+// multi-threaded call each. The groups go in chunks whose widened operands fit
+// NM_BF16_GROUP_FLOATS, so a layer of many large experts never needs all of them in fp32.
+// onednn: one multi-threaded bf16 matmul per group (its scratch is one per module).
+#define NM_BF16_GROUP_FLOATS ((size_t)1 << 24)  // 64 MiB
+
+static struct {
+    nm_gemm_group *groups;      // the chunk's groups with widened operands
+    int64_t cap;
+    nm_f32_scratch buf;
+} grouped;
+
+// Floats the widened copies of group x's operands take (0 for NM_F32_BF16 operands).
+static size_t widened_floats(const nm_gemm_group *x, nm_dtype a_type, nm_dtype b_type) {
+    if (x->M == 0 || x->N == 0) return 0;
+    size_t a = a_type == NM_F32_BF16 ? 0 : (size_t)x->M * (size_t)x->K;
+    size_t b = b_type == NM_F32_BF16 ? 0 : (size_t)x->K * (size_t)x->N;
+    return a + b;
+}
+
+void nm_cpu_gemm_bf16_grouped(nm_transpose ta, nm_transpose tb, float alpha, float beta, const nm_gemm_group *groups,
+                              int64_t n, nm_dtype a_type, nm_dtype b_type) {
+    NM_CHECK(n >= 0, "gemm_bf16_grouped n=%lld", (long long)n);
+    NM_CHECK(!omp_in_parallel(), "gemm_bf16 keeps one set of scratch buffers: call it from one thread");
+    init_once();
+    if (g.kernel == BF16_ONEDNN) {
+        for (int64_t i = 0; i < n; i++) {
+            const nm_gemm_group *x = &groups[i];
+            nm_cpu_gemm_bf16(ta, tb, x->M, x->N, x->K, alpha, x->A, a_type, x->lda, x->B, b_type, x->ldb, beta, x->C,
+                             x->ldc);
+        }
+        return;
+    }
+    NM_CHECK((a_type == NM_F32 || a_type == NM_BF16 || a_type == NM_F32_BF16) &&
+                 (b_type == NM_F32 || b_type == NM_BF16 || b_type == NM_F32_BF16),
+             "gemm_bf16_grouped operand types %d %d", (int)a_type, (int)b_type);
+    if (n > grouped.cap) {
+        nm_free(grouped.groups);
+        grouped.groups = nm_malloc((size_t)n * sizeof *grouped.groups);
+        grouped.cap = n;
+    }
+    for (int64_t g0 = 0; g0 < n;) {
+        size_t floats = 0;
+        int64_t g1 = g0;
+        while (g1 < n) {
+            size_t need = widened_floats(&groups[g1], a_type, b_type);
+            if (g1 > g0 && floats + need > NM_BF16_GROUP_FLOATS) break;
+            floats += need;
+            g1++;
+        }
+        float *buf = f32_scratch_reserve(&grouped.buf, floats ? floats : 1);
+        size_t at = 0;
+        for (int64_t i = g0; i < g1; i++) {
+            const nm_gemm_group *x = &groups[i];
+            nm_gemm_group *y = &grouped.groups[i - g0];
+            *y = *x;
+            if (x->M == 0 || x->N == 0) continue;
+            // row-major op(A) (M,K) is stored (M,K) or (K,M); op(B) (K,N) as (K,N) or (N,K)
+            if (a_type != NM_F32_BF16) {
+                y->A = buf + at;
+                y->lda = ta == NM_NO_TRANS ? x->K : x->M;
+                at += (size_t)x->M * (size_t)x->K;
+            }
+            if (b_type != NM_F32_BF16) {
+                y->B = buf + at;
+                y->ldb = tb == NM_NO_TRANS ? x->N : x->K;
+                at += (size_t)x->K * (size_t)x->N;
+            }
+        }
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int64_t i = g0; i < g1; i++) {
+            const nm_gemm_group *x = &groups[i];
+            const nm_gemm_group *y = &grouped.groups[i - g0];
+            if (x->M == 0 || x->N == 0) continue;
+            if (a_type != NM_F32_BF16) {
+                int64_t rows = ta == NM_NO_TRANS ? x->M : x->K;
+                widen_rows((float *)y->A, x->A, a_type, rows, y->lda, x->lda);
+            }
+            if (b_type != NM_F32_BF16) {
+                int64_t rows = tb == NM_NO_TRANS ? x->K : x->N;
+                widen_rows((float *)y->B, x->B, b_type, rows, y->ldb, x->ldb);
+            }
+        }
+        nm_cpu_gemm_grouped(ta, tb, alpha, beta, grouped.groups, g1 - g0);
+        g0 = g1;
+    }
 }
