@@ -17,3 +17,13 @@ nm_mpirun() {
   rm -rf "$session"
   return $rc
 }
+
+# nm_compare_layout NAME RANKS CONFIG REF [options...]: trains CONFIG on RANKS ranks into NAME
+# and compares its per-step metrics with the one-process run REF (tests/dist/compare_runs.py).
+# Needs NM_BIN, PY, NM_ROOT and the caller's fail().
+nm_compare_layout() {
+  local name=$1 n=$2 cfg=$3 ref=$4; shift 4
+  nm_mpirun "$n" "$NM_BIN" train --config "$cfg" --out "$name" --quiet "$@" >"$name.log" 2>&1 \
+    || { cat "$name.log"; fail "$name did not run"; }
+  "$PY" "$NM_ROOT/tests/dist/compare_runs.py" "$ref/metrics.jsonl" "$name/metrics.jsonl" "$name"
+}

@@ -35,12 +35,7 @@ export OMP_NUM_THREADS=1
 
 # name ranks config ref options... (the model has 3 decoder layers + 1 MTP layer: an explicit
 # layout places them over the stages)
-layout() {
-  local name=$1 n=$2 cfg=$3 ref=$4; shift 4
-  nm_mpirun "$n" "$NM_BIN" train --config "$cfg" --out "$name" --quiet "$@" >"$name.log" 2>&1 \
-    || { cat "$name.log"; fail "$name did not run"; }
-  "$PY" "$NM_ROOT/tests/dist/compare_runs.py" "$ref/metrics.jsonl" "$name/metrics.jsonl" "$name"
-}
+layout() { nm_compare_layout "$@"; }
 PP2=(--set pipeline_parallel_size=2 --set 'pipeline_model_parallel_layout=Et|ttmL')
 layout tp2_pp2 4 train.json ref --set tensor_parallel_size=2 "${PP2[@]}"
 layout tp2_pp2_nosp 4 train.json ref --set tensor_parallel_size=2 --set sequence_parallel=false "${PP2[@]}"

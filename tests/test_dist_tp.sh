@@ -41,12 +41,7 @@ PY
 "$NM_BIN" train --config train_b.json --out ref_b --quiet >/dev/null
 
 # name ranks config ref options...
-layout() {
-  local name=$1 n=$2 cfg=$3 ref=$4; shift 4
-  nm_mpirun "$n" "$NM_BIN" train --config "$cfg" --out "$name" --quiet "$@" >"$name.log" 2>&1 \
-    || { cat "$name.log"; fail "$name did not run"; }
-  "$PY" "$NM_ROOT/tests/dist/compare_runs.py" "$ref/metrics.jsonl" "$name/metrics.jsonl" "$name"
-}
+layout() { nm_compare_layout "$@"; }
 layout tp2 2 train.json ref --set tensor_parallel_size=2
 layout tp4 4 train.json ref --set tensor_parallel_size=4
 layout tp2_dp2 4 train.json ref --set tensor_parallel_size=2
