@@ -8,7 +8,7 @@
 // 3. Against the unrounded fp32 inputs the error must be that of bf16 (~2^-9 per input),
 //    which proves the operands are rounded rather than multiplied in fp32.
 // 4. No allocation once the scratch has seen the largest shape (nm_alloc_count).
-// 5. round_bf16 (in place, fp32 storage) against the same independent rounding; operands of
+// 5. round_bf16 (in place and out of place, fp32 storage) against the same independent rounding; operands of
 //    type NM_F32_BF16 (fp32 storage holding bf16 values) in every case of 2.
 // 6. gemm_bf16_grouped: groups of different row counts (0 included) with every operand type,
 //    each group's C against the double-precision reference of 2.
@@ -300,15 +300,26 @@ static void test_round(void) {
     x[2] = NAN;
     x[3] = INFINITY;
     memcpy(y, x, (size_t)n * sizeof(float));
-    ops->round_bf16(y, n);
+    ops->round_bf16(y, y, n);
     int64_t bad = 0;
     for (int64_t i = 3; i < n; i++) bad += bits(y[i]) != (uint32_t)ref_bf16(x[i]) << 16;
     EXPECT(bad == 0, "%lld of %lld in-place roundings differ from the reference", (long long)bad, (long long)n);
     EXPECT(bits(y[0]) == 0x3f800000u && bits(y[1]) == 0x3f820000u, "ties: 0x%08x 0x%08x", bits(y[0]), bits(y[1]));
     EXPECT(isnan(y[2]), "NaN rounded to %g", (double)y[2]);
+    // out of place: the same bits, the source untouched
+    float *z = nm_malloc((size_t)n * sizeof(float));
+    memcpy(z, x, (size_t)n * sizeof(float));
+    float *w = nm_malloc((size_t)n * sizeof(float));
+    ops->round_bf16(w, z, n);
+    EXPECT(memcmp(z, x, (size_t)n * sizeof(float)) == 0, "round_bf16 out of place wrote its source");
+    EXPECT(memcmp(w, y, 2 * sizeof(float)) == 0 && memcmp(w + 3, y + 3, (size_t)(n - 3) * sizeof(float)) == 0 &&
+               isnan(w[2]),
+           "round_bf16 out of place differs from in place");
+    nm_free(z);
+    nm_free(w);
     // rounding a rounded value changes nothing
     memcpy(x, y, (size_t)n * sizeof(float));
-    ops->round_bf16(y, n);
+    ops->round_bf16(y, y, n);
     EXPECT(memcmp(x, y, (size_t)n * sizeof(float)) == 0, "round_bf16 is not idempotent");
     nm_free(x);
     nm_free(y);

@@ -24,7 +24,7 @@ void nm_linear_forward(const nm_model *m, float *out, int64_t ld_out, const floa
     size_t off = (size_t)(W - m->params);
     switch (weight_precision(m, off)) {
     case NM_PRECISION_BF16:
-        m->ops->gemm_bf16(NM_NO_TRANS, NM_TRANS, N, OC, IC, 1.0f, inp, NM_F32, ld_inp, m->params_bf16 + off, NM_BF16,
+        m->ops->gemm_bf16(NM_NO_TRANS, NM_TRANS, N, OC, IC, 1.0f, inp, NM_F32, ld_inp, nm_weight_bf16(m, off), m->weights_bf16_type,
                           ldw, beta, out, ld_out);
         break;
     case NM_PRECISION_FP8:
@@ -41,8 +41,8 @@ void nm_linear_backward_input(const nm_model *m, float *dinp, int64_t ld_dinp, c
     size_t off = (size_t)(W - m->params);
     switch (weight_precision(m, off)) {
     case NM_PRECISION_BF16:
-        m->ops->gemm_bf16(NM_NO_TRANS, NM_NO_TRANS, N, IC, OC, 1.0f, dout, NM_F32, ld_dout, m->params_bf16 + off,
-                          NM_BF16, ldw, beta, dinp, ld_dinp);
+        m->ops->gemm_bf16(NM_NO_TRANS, NM_NO_TRANS, N, IC, OC, 1.0f, dout, NM_F32, ld_dout, nm_weight_bf16(m, off),
+                          m->weights_bf16_type, ldw, beta, dinp, ld_dinp);
         break;
     case NM_PRECISION_FP8:
         m->ops->gemm_fp8(NM_NO_TRANS, NM_NO_TRANS, N, IC, OC, 1.0f, dout, ld_dout, W, ldw, NM_FP8_WEIGHT, beta, dinp, ld_dinp);

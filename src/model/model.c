@@ -380,7 +380,7 @@ void nm_model_destroy(nm_model *m) {
     nm_param_table_free(&m->table);
     nm_free(m->params);
     nm_free(m->grads);
-    nm_free(m->params_bf16);
+    nm_free(m->weights_bf16);
     nm_free(m->arena);
     nm_free(m->block_sets);
     nm_free(m->mtp_sets);
@@ -401,15 +401,13 @@ float *nm_model_params(nm_model *m) {
 }
 
 int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err) {
-    if (p != NM_PRECISION_FP32 && (!m->ops->gemm_bf16 || !m->ops->cast_bf16 || (p == NM_PRECISION_FP8 && !m->ops->gemm_fp8))) {
+    if (p != NM_PRECISION_FP32 && (!m->ops->gemm_bf16 || !m->ops->cast_bf16 || !m->ops->round_bf16 ||
+                                   !m->ops->gemm_bf16_weight_type || (p == NM_PRECISION_FP8 && !m->ops->gemm_fp8))) {
         return nm_error_set(err, "precision %s: this backend has no %s GEMM", p == NM_PRECISION_FP8 ? "fp8" : "bf16",
                             p == NM_PRECISION_FP8 ? "fp8" : "bf16");
     }
     m->precision = p;
-    if (p != NM_PRECISION_FP32 && !m->params_bf16) {
-        m->params_bf16 = nm_aligned_alloc(m->table.n_floats * sizeof(uint16_t));
-    }
-    m->params_changed = 1;
+    m->params_changed = 1;  // the weight copy is made (and allocated) by the next forward
     return 0;
 }
 float *nm_model_grads(nm_model *m) { return m->grads; }
@@ -585,6 +583,24 @@ static void block_backward(nm_model *m, int64_t l, float aux_seed) {
 
 // --- whole model ------------------------------------------------------------------------------
 
+// The bf16 weight copy, rounded once per step (the optimizer wrote the weights through
+// nm_model_params) in the storage the bf16 GEMM reads fastest. That storage is known only
+// once the kernel is chosen (before the first step), so the copy is allocated here, on the
+// first forward, and again only if the kernel changed.
+static void refresh_weights_bf16(nm_model *m) {
+    nm_dtype type = m->ops->gemm_bf16_weight_type();
+    if (!m->weights_bf16 || type != m->weights_bf16_type) {
+        nm_free(m->weights_bf16);
+        m->weights_bf16 = nm_aligned_alloc(m->table.n_floats * (type == NM_BF16 ? sizeof(uint16_t) : sizeof(float)));
+        m->weights_bf16_type = type;
+        m->params_changed = 1;
+    }
+    if (!m->params_changed) return;
+    if (type == NM_BF16) m->ops->cast_bf16(m->weights_bf16, m->params, (int64_t)m->table.n_floats);
+    else m->ops->round_bf16(m->weights_bf16, m->params, (int64_t)m->table.n_floats);
+    m->params_changed = 0;
+}
+
 int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, const nm_loss_options *opt,
                      nm_loss_terms *loss, float *logits_out, nm_error *err) {
     return nm_model_forward_stage(m, tokens, NULL, B, T, opt, loss, logits_out, err);
@@ -641,11 +657,7 @@ int nm_model_forward_stage(nm_model *m, const int32_t *tokens, const float *inpu
                                 tokens[i], (long long)(i / T), (long long)(i % T), (long long)V);
         }
     }
-    if (m->precision != NM_PRECISION_FP32 && m->params_changed) {
-        // Weights cast once per step (the optimizer wrote them through nm_model_params).
-        ops->cast_bf16(m->params_bf16, m->params, (int64_t)m->table.n_floats);
-        m->params_changed = 0;
-    }
+    if (m->precision != NM_PRECISION_FP32) refresh_weights_bf16(m);
     m->B = B;
     m->T = T;
     m->opt = *opt;

@@ -89,9 +89,11 @@ void nm_model_zero_grads(nm_model *m);
 // error naming the position and value. logits_out (B, T, V) may be NULL.
 int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, const nm_loss_options *opt,
                      nm_loss_terms *loss, float *logits_out, nm_error *err);
-// Compute precision of the linear layers (default fp32). bf16 and fp8 keep a bf16 copy of
-// the weights, refreshed once per step: before a forward, whenever nm_model_params() was
-// called since the last refresh (callers write parameters only through that pointer).
+// Compute precision of the linear layers (default fp32). bf16 and fp8 keep a copy of the
+// weights rounded to bf16, refreshed once per step: before a forward, whenever
+// nm_model_params() was called since the last refresh (callers write parameters only through
+// that pointer). It is 2 bytes per parameter, or 4 where the backend's bf16 GEMM multiplies
+// on the fp32 units (ops->gemm_bf16_weight_type), and is allocated by the first forward.
 int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err);
 
 // Backward of the last forward: gradients of loss (scaled by grad_scale) ACCUMULATE into grads.

@@ -100,8 +100,11 @@ struct nm_model {
     float *params;              // (table.n_floats)
     float *grads;               // (table.n_floats)
     nm_precision precision;     // of the linear layers' GEMMs
-    uint16_t *params_bf16;      // (table.n_floats) bf16 copy of params (bf16 / fp8 modes), else NULL
-    int params_changed;         // params may differ from params_bf16
+    // (table.n_floats) the weights rounded to bf16 for the bf16 GEMMs (bf16 / fp8 modes), else
+    // NULL; stored as ops->gemm_bf16_weight_type says (bf16, or fp32 holding bf16 values)
+    void *weights_bf16;
+    nm_dtype weights_bf16_type;
+    int params_changed;         // params may differ from weights_bf16
     int64_t B_max, T_max;
     int recompute;              // keep only block inputs/outputs; re-run each block's forward in backward
 
@@ -195,6 +198,13 @@ struct nm_model {
     int *moe_layer_ids;         // (n_moe)
     int64_t *expert_counts;     // (n_moe, E)
 };
+
+// The bf16 weight copy of the parameter at float offset off, as m->weights_bf16_type says.
+static inline const void *nm_weight_bf16(const nm_model *m, size_t off) {
+    size_t elem = m->weights_bf16_type == NM_BF16 ? sizeof(uint16_t) : sizeof(float);
+    return (const char *)m->weights_bf16 + off * elem;
+}
+
 
 // --- linear layer (linear.c): y = x W^T with PyTorch [out, in] weights ------------------------
 

@@ -75,14 +75,16 @@ void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_
         return;
     }
     if (m->precision == NM_PRECISION_BF16) {
-        const uint16_t *W16 = m->params_bf16 + w->experts;
-        ops->round_bf16(x, rows * D);
-        groups_rows(m, offsets, 2 * Fe, D, x, D, W16, sizeof(uint16_t), stride, D, gate_up, 2 * Fe);
-        ops->gemm_bf16_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->groups, E, NM_F32_BF16, NM_BF16);
+        const char *Wb = nm_weight_bf16(m, w->experts);
+        nm_dtype w_t = m->weights_bf16_type;
+        size_t elem = w_t == NM_BF16 ? sizeof(uint16_t) : sizeof(float);
+        ops->round_bf16(x, x, rows * D);
+        groups_rows(m, offsets, 2 * Fe, D, x, D, Wb, elem, stride, D, gate_up, 2 * Fe);
+        ops->gemm_bf16_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->groups, E, NM_F32_BF16, w_t);
         ops->swiglu_forward(act, gate_up, rows, Fe);
-        ops->round_bf16(act, rows * Fe);
-        groups_rows(m, offsets, D, Fe, act, Fe, W16 + down, sizeof(uint16_t), stride, Fe, out, D);
-        ops->gemm_bf16_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->groups, E, NM_F32_BF16, NM_BF16);
+        ops->round_bf16(act, act, rows * Fe);
+        groups_rows(m, offsets, D, Fe, act, Fe, Wb + down * elem, elem, stride, Fe, out, D);
+        ops->gemm_bf16_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->groups, E, NM_F32_BF16, w_t);
         return;
     }
     for (int64_t e = 0; e < E; e++) {
@@ -113,17 +115,17 @@ void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32
     float *dW0 = m->grads + w->experts;
     if (m->precision == NM_PRECISION_FP32 || m->precision == NM_PRECISION_BF16) {
         int bf16 = m->precision == NM_PRECISION_BF16;
-        const void *Wrows = bf16 ? (const void *)(m->params_bf16 + w->experts) : (const void *)W0;
-        size_t elem = bf16 ? sizeof(uint16_t) : sizeof(float);
-        nm_dtype act_t = bf16 ? NM_F32_BF16 : NM_F32, w_t = bf16 ? NM_BF16 : NM_F32;
-        if (bf16) ops->round_bf16(d_out, rows * D);
+        const void *Wrows = bf16 ? nm_weight_bf16(m, w->experts) : (const void *)W0;
+        nm_dtype act_t = bf16 ? NM_F32_BF16 : NM_F32, w_t = bf16 ? m->weights_bf16_type : NM_F32;
+        size_t elem = w_t == NM_BF16 ? sizeof(uint16_t) : sizeof(float);
+        if (bf16) ops->round_bf16(d_out, d_out, rows * D);
         // out = act . W_down^T: d_act = d_out . W_down ; dW_down += d_out^T act
         groups_rows(m, offsets, Fe, D, d_out, D, (const char *)Wrows + down * elem, elem, stride, Fe, d_act, Fe);
         grouped(m, NM_NO_TRANS, NM_NO_TRANS, 0.0f, act_t, w_t);
         groups_wgrad(m, offsets, D, Fe, d_out, D, act, Fe, dW0 + down, stride, Fe);
         grouped(m, NM_TRANS, NM_NO_TRANS, 1.0f, act_t, act_t);
         ops->swiglu_backward(d_gate_up, d_act, gate_up, rows, Fe);
-        if (bf16) ops->round_bf16(d_gate_up, rows * 2 * Fe);
+        if (bf16) ops->round_bf16(d_gate_up, d_gate_up, rows * 2 * Fe);
         // gate_up = x . W_gate_up^T: dW_gate_up += d_gate_up^T x ; d_x = d_gate_up . W_gate_up
         groups_wgrad(m, offsets, 2 * Fe, D, d_gate_up, 2 * Fe, x, D, dW0, stride, D);
         grouped(m, NM_TRANS, NM_NO_TRANS, 1.0f, act_t, act_t);

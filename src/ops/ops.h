@@ -86,9 +86,16 @@ typedef struct nm_ops {
     // the thread count.
     void (*gemm_bf16_grouped)(nm_transpose ta, nm_transpose tb, float alpha, float beta,
                               const nm_gemm_group *groups, int64_t n, nm_dtype a_type, nm_dtype b_type);
-    // x(n) (=) bf16(x), kept in fp32 storage (round to nearest even; NaN stays NaN): an
-    // activation rounded once where it is produced, then read as NM_F32_BF16.
-    void (*round_bf16)(float *x, int64_t n);
+    // The storage gemm_bf16 reads a weight from fastest: NM_BF16, or NM_F32_BF16 where the
+    // kernel multiplies on the fp32 units (CPU "widen") and would otherwise widen a bf16 weight
+    // on every call. The model keeps its once-per-step weight copy in this type (twice the
+    // bytes of a bf16 copy in the NM_F32_BF16 case). Call from one thread; the answer may
+    // change when the kernel is chosen (before the first step), never during a step.
+    nm_dtype (*gemm_bf16_weight_type)(void);
+    // dst(n) (=) bf16(src), kept in fp32 storage (round to nearest even; NaN stays NaN); dst
+    // may be src. An activation rounded once where it is produced, then read as NM_F32_BF16;
+    // the weight copy of an NM_F32_BF16 gemm_bf16_weight_type.
+    void (*round_bf16)(float *dst, const float *src, int64_t n);
     // fp8 (E4M3) GEMM, emulated: A is an activation quantised in 1 x 128 tiles along K; B is
     // quantised per b_kind (weights: 128 x 128 blocks of the stored matrix; activations:
     // 128 x 1 tiles along K); scale = max(amax, 1e-4) / 448 per tile/block, values rounded

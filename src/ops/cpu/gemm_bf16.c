@@ -37,9 +37,9 @@
 // 1, so other values pay one extra pass over C instead of a primitive each. beta == 0 uses a
 // primitive without the sum post-op, which never reads C (NaN-safe, ops.h).
 //
-// widen: both operands go to fp32 scratch (packed), then nm_cpu_gemm. The weight is
-// re-widened on every call; that is K*N conversions against M*N*K multiply-adds, < 3% for the
-// shapes of configs/small.json.
+// widen: operands that are not NM_F32_BF16 go to fp32 scratch (packed), then nm_cpu_gemm.
+// The model keeps its weight copy as NM_F32_BF16 for this kernel (gemm_bf16_weight_type), so
+// only fp32 activations are rounded here; a bf16 weight would be widened on every call.
 //
 // onednn: fp32 operands are rounded into bf16 scratch owned by this file, packed (leading dimension =
 // row length), one buffer per operand. A buffer grows only when a larger operand is first
@@ -244,11 +244,20 @@ static const float *as_widened(nm_f32_scratch *s, const void *x, nm_dtype type, 
     return dst;
 }
 
-// x(n) (=) bf16(x) in fp32 storage: the activation is rounded once where it is produced.
-void nm_cpu_round_bf16(float *x, int64_t n) {
+// dst(n) (=) bf16(src) in fp32 storage (dst may be src): an activation rounded once where it
+// is produced, or the model's per-step weight copy for the widen kernel.
+void nm_cpu_round_bf16(float *dst, const float *src, int64_t n) {
     NM_CHECK(n >= 0, "round_bf16 n=%lld", (long long)n);
 #pragma omp parallel for schedule(static) if (n >= NM_BF16_PARALLEL_MIN)
-    for (int64_t i = 0; i < n; i++) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
+    for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(f32_to_bf16(src[i]));
+}
+
+// widen multiplies fp32 operands: a weight kept as NM_F32_BF16 is read with no conversion,
+// where an NM_BF16 one is widened on every call (twice per step: forward and input gradient).
+nm_dtype nm_cpu_gemm_bf16_weight_type(void) {
+    NM_CHECK(!omp_in_parallel(), "gemm_bf16 state is set up from one thread");
+    init_once();
+    return g.kernel == BF16_WIDEN ? NM_F32_BF16 : NM_BF16;
 }
 
 // --- the GEMM --------------------------------------------------------------------------------

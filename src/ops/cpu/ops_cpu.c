@@ -20,6 +20,7 @@ static const nm_ops cpu_ops = {
     .gemm_grouped = nm_cpu_gemm_grouped,
     .gemm_bf16 = nm_cpu_gemm_bf16,
     .gemm_bf16_grouped = nm_cpu_gemm_bf16_grouped,
+    .gemm_bf16_weight_type = nm_cpu_gemm_bf16_weight_type,
     .round_bf16 = nm_cpu_round_bf16,
     .cast_bf16 = nm_cpu_cast_bf16,
     .gemm_fp8 = nm_cpu_gemm_fp8,
