@@ -7,13 +7,18 @@
 // depend on which shape won by a few percent on a noisy machine; one pick per precision is
 // one code path, and the totals are dominated by the few largest GEMMs either way.
 //
-// The shapes: for every weight (out, in) of one step (attention projections, dense MLP, the
-// routed experts at rows * K / E rows each, shared experts, head) the forward NT GEMM
-// (rows, out, in), the input gradient NN (rows, in, out) and the weight gradient TN
-// (out, in, rows), each weighted by how many layers have it; rows capped at 512 for the
-// timing. Each (candidate, shape) runs once to warm up (oneDNN JITs per shape) and is then
-// timed once; the total cost is printed in the banner (budget: ~1 s for
-// configs/small-train.json on 2 loaded cores, ~4 s on 2 cores for it uncapped).
+// The shapes are the GEMM calls of one step as the model makes them: for every weight (out, in)
+// (attention projections, the dense MLP's fused [gate; up] and down, the shared experts, the
+// head) the forward NT GEMM (rows, out, in), the input gradient NN (rows, in, out) and the
+// weight gradient TN (out, in, rows), each weighted by how many layers have it; the routed
+// experts as the grouped calls moe.c makes (one per layer, E groups at the mean row count
+// rows * K / E), with the operand types each kernel gets (bf16: fp32 dense activations, the
+// experts' activations already rounded, the weight copy in the kernel's own storage).
+// Timing a single expert GEMM instead would miss that the grouped call runs one expert per
+// thread: it once picked oneDNN's bf16 matmul over widen by 2% on an AVX512-BF16 Xeon where
+// the step then ran 437 against 745 tokens/s. Rows are capped at 512 for the timing. Each
+// (candidate, shape) runs once to warm up (oneDNN JITs per shape) and is then timed twice,
+// the faster kept; the total cost is printed in the banner.
 //
 // Determinism: the pick is written to run_dir/kernels.json with a key of the CPU model, the
 // oneDNN version, OpenBLAS's config string, the thread count and the shape set; a later
@@ -35,9 +40,16 @@
 #include "io/fileio.h"
 #include "ops/cpu/cpu_ops.h"
 
+// One GEMM call of the step as the model makes it: `groups` GEMMs of (M, N, K) in one grouped
+// call (the routed experts of a layer, one group per expert) or a single GEMM (groups 1),
+// made `count` times per step. B is a weight in the forward and input-gradient calls and an
+// activation in the weight-gradient call; `rounded` activations are the routed experts',
+// which the bf16 model rounds once where they are produced (NM_F32_BF16), where the dense
+// layers' are fp32 and rounded by the GEMM.
 typedef struct shape {
     nm_transpose ta, tb;
-    int64_t M, N, K, count;
+    int64_t M, N, K, groups, count;
+    int b_is_weight, rounded;
 } shape;
 
 enum { MAX_SHAPES = 64 };
@@ -47,24 +59,26 @@ typedef struct shape_set {
     int n;
 } shape_set;
 
-static void add_shape(shape_set *set, nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K,
-                      int64_t count) {
-    if (M <= 0 || N <= 0 || K <= 0 || count <= 0) return;
+static void add_shape(shape_set *set, shape x) {
+    if (x.M <= 0 || x.N <= 0 || x.K <= 0 || x.count <= 0) return;
     for (int i = 0; i < set->n; i++) {
-        shape *x = &set->s[i];
-        if (x->ta == ta && x->tb == tb && x->M == M && x->N == N && x->K == K) {
-            x->count += count;
+        shape *y = &set->s[i];
+        if (y->ta == x.ta && y->tb == x.tb && y->M == x.M && y->N == x.N && y->K == x.K && y->groups == x.groups &&
+            y->b_is_weight == x.b_is_weight && y->rounded == x.rounded) {
+            y->count += x.count;
             return;
         }
     }
-    if (set->n < MAX_SHAPES) set->s[set->n++] = (shape){ta, tb, M, N, K, count};
+    if (set->n < MAX_SHAPES) set->s[set->n++] = x;
 }
 
-// One weight W(out, in) applied to `rows` rows in `count` places: forward, dX, dW.
-static void add_linear(shape_set *set, int64_t rows, int64_t out, int64_t in, int64_t count) {
-    add_shape(set, NM_NO_TRANS, NM_TRANS, rows, out, in, count);
-    add_shape(set, NM_NO_TRANS, NM_NO_TRANS, rows, in, out, count);
-    add_shape(set, NM_TRANS, NM_NO_TRANS, out, in, rows, count);
+// One weight W(out, in) applied to `rows` rows in `count` calls of `groups` groups: forward,
+// dX, dW (nm_linear_* and the experts' grouped calls in moe.c).
+static void add_linear(shape_set *set, int64_t rows, int64_t out, int64_t in, int64_t groups, int64_t count) {
+    int rounded = groups > 1;
+    add_shape(set, (shape){NM_NO_TRANS, NM_TRANS, rows, out, in, groups, count, 1, rounded});
+    add_shape(set, (shape){NM_NO_TRANS, NM_NO_TRANS, rows, in, out, groups, count, 1, rounded});
+    add_shape(set, (shape){NM_TRANS, NM_NO_TRANS, out, in, rows, groups, count, 0, rounded});
 }
 
 static void model_shapes(shape_set *set, const nm_model_config *m, int64_t rows, int64_t tokens) {
@@ -73,24 +87,27 @@ static void model_shapes(shape_set *set, const nm_model_config *m, int64_t rows,
     for (int64_t l = 0; l < nl; l++) n_moe += nm_layer_is_moe(m, l);
     int64_t n_dense = nl - n_moe;
     if (m->Rq > 0) {
-        add_linear(set, rows, m->Rq, m->D, nl);
-        add_linear(set, rows, m->H * m->Dqk, m->Rq, nl);
+        add_linear(set, rows, m->Rq, m->D, 1, nl);
+        add_linear(set, rows, m->H * m->Dqk, m->Rq, 1, nl);
     } else {
-        add_linear(set, rows, m->H * m->Dqk, m->D, nl);
+        add_linear(set, rows, m->H * m->Dqk, m->D, 1, nl);
     }
-    add_linear(set, rows, m->Rkv + m->Dr, m->D, nl);
-    add_linear(set, rows, m->H * (m->Dn + m->Dv), m->Rkv, nl);
-    add_linear(set, rows, m->D, m->H * m->Dv, nl);
-    add_linear(set, rows, m->F, m->D, 2 * n_dense);  // gate and up
-    add_linear(set, rows, m->D, m->F, n_dense);
+    add_linear(set, rows, m->Rkv, m->D, 1, nl);  // kv_a: the latent and the rope key, two GEMMs
+    add_linear(set, rows, m->Dr, m->D, 1, nl);
+    add_linear(set, rows, m->H * (m->Dn + m->Dv), m->Rkv, 1, nl);
+    add_linear(set, rows, m->D, m->H * m->Dv, 1, nl);
+    add_linear(set, rows, 2 * m->F, m->D, 1, n_dense);  // [gate; up] in one GEMM
+    add_linear(set, rows, m->D, m->F, 1, n_dense);
     if (n_moe > 0 && m->E > 0) {
-        int64_t per = (tokens * m->K + m->E - 1) / m->E;  // rows per expert in the step itself
-        add_linear(set, per, m->Fe, m->D, 2 * n_moe * m->E);
-        add_linear(set, per, m->D, m->Fe, n_moe * m->E);
-        add_linear(set, rows, m->Fs, m->D, 2 * n_moe);
-        add_linear(set, rows, m->D, m->Fs, n_moe);
+        // the experts of a layer in one grouped call, at their mean row count in the step
+        int64_t per = (tokens * m->K + m->E - 1) / m->E;
+        if (per > rows) per = rows;
+        add_linear(set, per, 2 * m->Fe, m->D, m->E, n_moe);
+        add_linear(set, per, m->D, m->Fe, m->E, n_moe);
+        add_linear(set, rows, 2 * m->Fs, m->D, 1, n_moe);
+        add_linear(set, rows, m->D, m->Fs, 1, n_moe);
     }
-    add_linear(set, rows, m->V, m->D, 1 + m->M);
+    add_linear(set, rows, m->V, m->D, 1, 1 + m->M);
 }
 
 static double now_s(void) {
@@ -99,27 +116,51 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-// Seconds one step's GEMMs take (sum over shapes of one timed run after a warm-up, times count) with the kernel
-// currently set; bf16 selects nm_cpu_gemm_bf16 on bf16 operands.
-static double time_set(const shape_set *set, int bf16, float *a, float *b, float *c, double *flops) {
+typedef struct timing_buffers {
+    float *a, *b, *c;           // the largest A, B, C of the set (all groups of a call side by side)
+    nm_gemm_group *groups;
+} timing_buffers;
+
+// One call of shape x: fp32 (bf16 == 0) or bf16 with the operand types the model passes
+// (weights in w_type, the kernel's gemm_bf16_weight_type).
+static void run_shape(const shape *x, int bf16, nm_dtype w_type, const timing_buffers *t) {
+    int64_t lda = x->ta == NM_NO_TRANS ? x->K : x->M, ldb = x->tb == NM_NO_TRANS ? x->N : x->K;
+    nm_dtype act = x->rounded ? NM_F32_BF16 : NM_F32;
+    nm_dtype a_type = act, b_type = x->b_is_weight ? w_type : act;
+    if (x->groups == 1) {
+        if (bf16)
+            nm_cpu_gemm_bf16(x->ta, x->tb, x->M, x->N, x->K, 1.0f, t->a, a_type, lda, t->b, b_type, ldb, 0.0f, t->c,
+                             x->N);
+        else
+            nm_cpu_gemm(x->ta, x->tb, x->M, x->N, x->K, 1.0f, t->a, lda, t->b, ldb, 0.0f, t->c, x->N);
+        return;
+    }
+    for (int64_t g = 0; g < x->groups; g++) {
+        t->groups[g] = (nm_gemm_group){.M = x->M, .N = x->N, .K = x->K, .A = t->a + g * x->M * x->K, .lda = lda,
+                                       .B = t->b + g * x->K * x->N, .ldb = ldb, .C = t->c + g * x->M * x->N,
+                                       .ldc = x->N};
+    }
+    if (bf16) nm_cpu_gemm_bf16_grouped(x->ta, x->tb, 1.0f, 0.0f, t->groups, x->groups, a_type, b_type);
+    else nm_cpu_gemm_grouped(x->ta, x->tb, 1.0f, 0.0f, t->groups, x->groups);
+}
+
+// Seconds one step's GEMMs take with the kernel currently set: per shape the best of two
+// timed calls after a warm-up (oneDNN JITs per shape), times its count.
+static double time_set(const shape_set *set, int bf16, const timing_buffers *t, double *flops) {
     double total = 0;
     *flops = 0;
+    nm_dtype w_type = bf16 ? nm_cpu_gemm_bf16_weight_type() : NM_F32;
     for (int i = 0; i < set->n; i++) {
         const shape *x = &set->s[i];
-        int64_t lda = x->ta == NM_NO_TRANS ? x->K : x->M, ldb = x->tb == NM_NO_TRANS ? x->N : x->K;
         double best = 1e30;
-        for (int r = 0; r < 2; r++) {
+        for (int r = 0; r < 3; r++) {
             double t0 = now_s();
-            if (bf16)
-                nm_cpu_gemm_bf16(x->ta, x->tb, x->M, x->N, x->K, 1.0f, a, NM_BF16, lda, b, NM_BF16, ldb, 0.0f, c,
-                                 x->N);
-            else
-                nm_cpu_gemm(x->ta, x->tb, x->M, x->N, x->K, 1.0f, a, lda, b, ldb, 0.0f, c, x->N);
+            run_shape(x, bf16, w_type, t);
             double dt = now_s() - t0;
             if (r > 0 && dt < best) best = dt;
         }
         total += best * (double)x->count;
-        *flops += 2.0 * (double)x->M * (double)x->N * (double)x->K * (double)x->count;
+        *flops += 2.0 * (double)x->M * (double)x->N * (double)x->K * (double)x->groups * (double)x->count;
     }
     return total;
 }
@@ -151,9 +192,9 @@ static void make_key(char *key, size_t n, const shape_set *set) {
                        v->patch, openblas_get_config(), omp_get_max_threads());
     for (int i = 0; i < set->n && len > 0 && (size_t)len < n; i++) {
         const shape *x = &set->s[i];
-        len += snprintf(key + len, n - (size_t)len, " %c%c%lldx%lldx%lld*%lld", x->ta == NM_TRANS ? 'T' : 'N',
+        len += snprintf(key + len, n - (size_t)len, " %c%c%lldx%lldx%lld/%lld*%lld", x->ta == NM_TRANS ? 'T' : 'N',
                         x->tb == NM_TRANS ? 'T' : 'N', (long long)x->M, (long long)x->N, (long long)x->K,
-                        (long long)x->count);
+                        (long long)x->groups, (long long)x->count);
     }
 }
 
@@ -235,18 +276,23 @@ int nm_kernels_choose(const nm_model_config *m, int64_t rows, const char *run_di
         return nm_error_set(err, "environment variable NM_CPU_KERNELS=%s: expected measure or default", how);
     double g32[2] = {0, 0}, g16[2] = {0, 0}, spent = 0;
     if (!cached && measure) {
-        int64_t na = 0, nb = 0, nc = 0;
+        int64_t na = 0, nb = 0, nc = 0, ng = 1;
         for (int i = 0; i < set.n; i++) {
             const shape *x = &set.s[i];
-            if (x->M * x->K > na) na = x->M * x->K;
-            if (x->K * x->N > nb) nb = x->K * x->N;
-            if (x->M * x->N > nc) nc = x->M * x->N;
+            if (x->groups * x->M * x->K > na) na = x->groups * x->M * x->K;
+            if (x->groups * x->K * x->N > nb) nb = x->groups * x->K * x->N;
+            if (x->groups * x->M * x->N > nc) nc = x->groups * x->M * x->N;
+            if (x->groups > ng) ng = x->groups;
         }
-        float *a = nm_aligned_alloc((size_t)na * sizeof(float));
-        float *b = nm_aligned_alloc((size_t)nb * sizeof(float));
-        float *c = nm_aligned_alloc((size_t)nc * sizeof(float));
-        for (int64_t i = 0; i < na; i++) a[i] = (float)(i % 7) * 0.1f;
-        for (int64_t i = 0; i < nb; i++) b[i] = (float)(i % 5) * 0.1f;
+        timing_buffers tb = {
+            .a = nm_aligned_alloc((size_t)na * sizeof(float)),
+            .b = nm_aligned_alloc((size_t)nb * sizeof(float)),
+            .c = nm_aligned_alloc((size_t)nc * sizeof(float)),
+            .groups = nm_malloc((size_t)ng * sizeof(nm_gemm_group)),
+        };
+        // multiples of 0.125 up to 0.75: exact in bf16, so NM_F32_BF16 operands hold what they claim
+        for (int64_t i = 0; i < na; i++) tb.a[i] = (float)(i % 7) * 0.125f;
+        for (int64_t i = 0; i < nb; i++) tb.b[i] = (float)(i % 5) * 0.125f;
         double t0 = now_s(), flops = 0;
         const char *lib[2] = {"onednn", "openblas"}, *k16[2] = {"onednn", "widen"};
         double t32[2], t16[2];
@@ -255,26 +301,27 @@ int nm_kernels_choose(const nm_model_config *m, int64_t rows, const char *run_di
         if (!force32) {
             for (int i = 0; i < 2; i++) {
                 nm_cpu_gemm_set_library(lib[i]);
-                t32[i] = time_set(&set, 0, a, b, c, &flops);
+                t32[i] = time_set(&set, 0, &tb, &flops);
                 g32[i] = flops / t32[i] / 1e9;
             }
             snprintf(fp32, sizeof fp32, "%s", t32[0] <= t32[1] ? lib[0] : lib[1]);
             nm_cpu_gemm_set_library(fp32);  // widen runs on the fp32 library just chosen
         }
-        // bf16 operands: the fp32 buffers reinterpreted hold finite bf16 values (halves of
-        // small floats), so the timing sees no NaN or denormal slow paths.
+        // bf16 weights (NM_BF16): the fp32 buffer reinterpreted holds finite bf16 values
+        // (halves of small floats), so the timing sees no NaN or denormal slow paths.
         if (!force16) {
             for (int i = 0; i < 2; i++) {
                 nm_cpu_gemm_bf16_set_kernel(k16[i]);
-                t16[i] = time_set(&set, 1, a, b, c, &flops);
+                t16[i] = time_set(&set, 1, &tb, &flops);
                 g16[i] = flops / t16[i] / 1e9;
             }
             snprintf(bf16, sizeof bf16, "%s", t16[0] <= t16[1] ? k16[0] : k16[1]);
         }
         spent = now_s() - t0;
-        nm_free(a);
-        nm_free(b);
-        nm_free(c);
+        nm_free(tb.a);
+        nm_free(tb.b);
+        nm_free(tb.c);
+        nm_free(tb.groups);
         if (write_cache(path, key, fp32, bf16, g32, g16, err) != 0) return -1;
     } else if (!cached) {
         snprintf(fp32, sizeof fp32, "%s", "onednn");
