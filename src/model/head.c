@@ -24,7 +24,7 @@ static const int32_t *tp_local_targets(nm_model *m, const int32_t *targets, int6
     return m->tp_ids;
 }
 
-static void tp_head_forward(nm_model *m, float *losses, float *lse, float *logits, const float *h,
+static void tp_head_forward(nm_model *m, float *losses, float *lse, float *logits, const float *h, nm_dtype h_t,
                             const int32_t *targets, int64_t N) {
     const nm_ops *ops = m->ops;
     int64_t Vl = m->V_valid, D = m->cfg.D, vt = m->vt;
@@ -37,7 +37,7 @@ static void tp_head_forward(nm_model *m, float *losses, float *lse, float *logit
     }
     for (int64_t v0 = 0; v0 < Vl; v0 += vt) {
         int64_t n_cols = v0 + vt < Vl ? vt : Vl - v0;
-        nm_linear_forward(m, logits, n_cols, h, D, W + v0 * D, D, N, D, n_cols, 0.0f);
+        nm_linear_forward(m, logits, n_cols, h, h_t, D, W + v0 * D, D, N, D, n_cols, 0.0f);
         ops->xent_tile_forward(losses, lse, st, logits, n_cols, lt, N, Vl + 1, v0, n_cols);
     }
     for (int64_t n = 0; n < N; n++) mx[n] = targets[n] < 0 ? 0.0 : st[3 * n];
@@ -62,7 +62,7 @@ static void tp_head_forward(nm_model *m, float *losses, float *lse, float *logit
 // As nm_head_backward on this rank's rows; dh's part from them is summed over tp, except under
 // sequence parallelism: there the caller reduce-scatters dh (with other parts it adds first).
 static void tp_head_backward(nm_model *m, float *dh, float beta, float *logits, const float *lse, const float *h,
-                             const int32_t *targets, float scale, int64_t N) {
+                             nm_dtype h_t, const int32_t *targets, float scale, int64_t N) {
     const nm_ops *ops = m->ops;
     int64_t Vl = m->V_valid, D = m->cfg.D, vt = m->vt;
     const float *W = m->params + m->table.lm_head;
@@ -73,11 +73,12 @@ static void tp_head_backward(nm_model *m, float *dh, float beta, float *logits, 
     for (int64_t v0 = 0; v0 < Vl; v0 += vt) {
         int64_t n_cols = v0 + vt < Vl ? vt : Vl - v0;
         // one tile: the forward's logits are still there; else recompute each tile
-        if (vt < Vl) nm_linear_forward(m, logits, n_cols, h, D, W + v0 * D, D, N, D, n_cols, 0.0f);
+        if (vt < Vl) nm_linear_forward(m, logits, n_cols, h, h_t, D, W + v0 * D, D, N, D, n_cols, 0.0f);
         ops->xent_tile_backward(logits, n_cols, logits, n_cols, lse, lt, scale, N, Vl + 1, v0, n_cols);
-        nm_linear_backward_weight(m, dW + v0 * D, D, logits, n_cols, h, D, N, D, n_cols);
+        nm_round_act(m, logits, N * n_cols);  // d logits: read by the two GEMMs below only
+        nm_linear_backward_weight(m, dW + v0 * D, D, logits, nm_act_type(m), n_cols, h, h_t, D, N, D, n_cols);
         float b0 = part == dh ? beta : 0.0f;
-        nm_linear_backward_input(m, part, D, logits, n_cols, W + v0 * D, D, N, D, n_cols, v0 == 0 ? b0 : 1.0f);
+        nm_linear_backward_input(m, part, D, logits, nm_act_type(m), n_cols, W + v0 * D, D, N, D, n_cols, v0 == 0 ? b0 : 1.0f);
     }
     if (m->sp) return;
     nm_tp_all_reduce(m, part, N * D);
@@ -88,24 +89,24 @@ static void tp_head_backward(nm_model *m, float *dh, float beta, float *logits, 
 // head's (N, vt) buffer; with vt == V it keeps the whole logits for head_backward, else each
 // tile is computed, folded into the running max / exp-sum (xent_tile_forward) and dropped.
 // logits_out (N, V) receives every tile when not NULL.
-void nm_head_forward(nm_model *m, float *losses, float *lse, float *logits, const float *h,
+void nm_head_forward(nm_model *m, float *losses, float *lse, float *logits, const float *h, nm_dtype h_t,
                      const int32_t *targets, int64_t N, float *logits_out) {
     const nm_ops *ops = m->ops;
     int64_t V = m->cfg.V, D = m->cfg.D, vt = m->vt;
     const float *W = m->params + m->table.lm_head;
     if (m->tp) {
-        tp_head_forward(m, losses, lse, logits, h, targets, N);  // logits_out refused by nm_model_forward
+        tp_head_forward(m, losses, lse, logits, h, h_t, targets, N);  // logits_out refused by nm_model_forward
         return;
     }
     if (vt == V) {
-        nm_linear_forward(m, logits, V, h, D, W, D, N, D, V, 0.0f);
+        nm_linear_forward(m, logits, V, h, h_t, D, W, D, N, D, V, 0.0f);
         if (logits_out) memcpy(logits_out, logits, (size_t)N * V * sizeof(float));
         ops->xent_forward(losses, lse, logits, targets, N, V);
         return;
     }
     for (int64_t v0 = 0; v0 < V; v0 += vt) {
         int64_t n_cols = v0 + vt < V ? vt : V - v0;
-        nm_linear_forward(m, logits, n_cols, h, D, W + v0 * D, D, N, D, n_cols, 0.0f);
+        nm_linear_forward(m, logits, n_cols, h, h_t, D, W + v0 * D, D, N, D, n_cols, 0.0f);
         if (logits_out) ops->copy_2d(logits_out + v0, V, logits, n_cols, N, n_cols);
         ops->xent_tile_forward(losses, lse, m->head_stats, logits, n_cols, targets, N, V, v0, n_cols);
     }
@@ -115,27 +116,29 @@ void nm_head_forward(nm_model *m, float *losses, float *lse, float *logits, cons
 // in head_forward. With vt < V each tile's logits are recomputed (one more head GEMM: the
 // price of never storing (N, V)).
 void nm_head_backward(nm_model *m, float *dh, float beta, float *logits, const float *lse, const float *h,
-                      const int32_t *targets, float scale, int64_t N) {
+                      nm_dtype h_t, const int32_t *targets, float scale, int64_t N) {
     const nm_ops *ops = m->ops;
     int64_t V = m->cfg.V, D = m->cfg.D, vt = m->vt;
     const float *W = m->params + m->table.lm_head;
     float *dW = m->grads + m->table.lm_head;
     if (m->tp) {
-        tp_head_backward(m, dh, beta, logits, lse, h, targets, scale, N);
+        tp_head_backward(m, dh, beta, logits, lse, h, h_t, targets, scale, N);
         return;
     }
     if (vt == V) {
         ops->xent_backward(logits, logits, lse, targets, scale, N, V);
-        nm_linear_backward_weight(m, dW, D, logits, V, h, D, N, D, V);
-        nm_linear_backward_input(m, dh, D, logits, V, W, D, N, D, V, beta);
+        nm_round_act(m, logits, N * V);
+        nm_linear_backward_weight(m, dW, D, logits, nm_act_type(m), V, h, h_t, D, N, D, V);
+        nm_linear_backward_input(m, dh, D, logits, nm_act_type(m), V, W, D, N, D, V, beta);
         return;
     }
     for (int64_t v0 = 0; v0 < V; v0 += vt) {
         int64_t n_cols = v0 + vt < V ? vt : V - v0;
-        nm_linear_forward(m, logits, n_cols, h, D, W + v0 * D, D, N, D, n_cols, 0.0f);
+        nm_linear_forward(m, logits, n_cols, h, h_t, D, W + v0 * D, D, N, D, n_cols, 0.0f);
         ops->xent_tile_backward(logits, n_cols, logits, n_cols, lse, targets, scale, N, V, v0, n_cols);
-        nm_linear_backward_weight(m, dW + v0 * D, D, logits, n_cols, h, D, N, D, n_cols);
-        nm_linear_backward_input(m, dh, D, logits, n_cols, W + v0 * D, D, N, D, n_cols, v0 == 0 ? beta : 1.0f);
+        nm_round_act(m, logits, N * n_cols);
+        nm_linear_backward_weight(m, dW + v0 * D, D, logits, nm_act_type(m), n_cols, h, h_t, D, N, D, n_cols);
+        nm_linear_backward_input(m, dh, D, logits, nm_act_type(m), n_cols, W + v0 * D, D, N, D, n_cols, v0 == 0 ? beta : 1.0f);
     }
 }
 

@@ -19,12 +19,12 @@ static nm_precision weight_precision(const nm_model *m, size_t off) {
 }
 
 // out(N, OC) (= or += by beta) inp(N, IC) . W(OC, IC)^T, with leading dimensions.
-void nm_linear_forward(const nm_model *m, float *out, int64_t ld_out, const float *inp, int64_t ld_inp,
-                       const float *W, int64_t ldw, int64_t N, int64_t IC, int64_t OC, float beta) {
+void nm_linear_forward(const nm_model *m, float *out, int64_t ld_out, const float *inp, nm_dtype inp_t,
+                       int64_t ld_inp, const float *W, int64_t ldw, int64_t N, int64_t IC, int64_t OC, float beta) {
     size_t off = (size_t)(W - m->params);
     switch (weight_precision(m, off)) {
     case NM_PRECISION_BF16:
-        m->ops->gemm_bf16(NM_NO_TRANS, NM_TRANS, N, OC, IC, 1.0f, inp, NM_F32, ld_inp, nm_weight_bf16(m, off), m->weights_bf16_type,
+        m->ops->gemm_bf16(NM_NO_TRANS, NM_TRANS, N, OC, IC, 1.0f, inp, inp_t, ld_inp, nm_weight_bf16(m, off), m->weights_bf16_type,
                           ldw, beta, out, ld_out);
         break;
     case NM_PRECISION_FP8:
@@ -36,12 +36,13 @@ void nm_linear_forward(const nm_model *m, float *out, int64_t ld_out, const floa
 }
 
 // dinp(N, IC) (= or += by beta) dout(N, OC) . W(OC, IC)      (Dgrad)
-void nm_linear_backward_input(const nm_model *m, float *dinp, int64_t ld_dinp, const float *dout, int64_t ld_dout,
-                              const float *W, int64_t ldw, int64_t N, int64_t IC, int64_t OC, float beta) {
+void nm_linear_backward_input(const nm_model *m, float *dinp, int64_t ld_dinp, const float *dout, nm_dtype dout_t,
+                              int64_t ld_dout, const float *W, int64_t ldw, int64_t N, int64_t IC, int64_t OC,
+                              float beta) {
     size_t off = (size_t)(W - m->params);
     switch (weight_precision(m, off)) {
     case NM_PRECISION_BF16:
-        m->ops->gemm_bf16(NM_NO_TRANS, NM_NO_TRANS, N, IC, OC, 1.0f, dout, NM_F32, ld_dout, nm_weight_bf16(m, off),
+        m->ops->gemm_bf16(NM_NO_TRANS, NM_NO_TRANS, N, IC, OC, 1.0f, dout, dout_t, ld_dout, nm_weight_bf16(m, off),
                           m->weights_bf16_type, ldw, beta, dinp, ld_dinp);
         break;
     case NM_PRECISION_FP8:
@@ -53,12 +54,14 @@ void nm_linear_backward_input(const nm_model *m, float *dinp, int64_t ld_dinp, c
 }
 
 // dW(OC, IC) += dout(N, OC)^T . inp(N, IC)      (Wgrad: both operands are activations)
-void nm_linear_backward_weight(const nm_model *m, float *dW, int64_t ldw, const float *dout, int64_t ld_dout,
-                               const float *inp, int64_t ld_inp, int64_t N, int64_t IC, int64_t OC) {
+void nm_linear_backward_weight(const nm_model *m, float *dW, int64_t ldw, const float *dout, nm_dtype dout_t,
+                               int64_t ld_dout, const float *inp, nm_dtype inp_t, int64_t ld_inp, int64_t N,
+                               int64_t IC, int64_t OC) {
     size_t off = (size_t)(dW - m->grads);
     switch (weight_precision(m, off)) {
     case NM_PRECISION_BF16:
-        m->ops->gemm_bf16(NM_TRANS, NM_NO_TRANS, OC, IC, N, 1.0f, dout, NM_F32, ld_dout, inp, NM_F32, ld_inp, 1.0f, dW, ldw);
+        m->ops->gemm_bf16(NM_TRANS, NM_NO_TRANS, OC, IC, N, 1.0f, dout, dout_t, ld_dout, inp, inp_t, ld_inp, 1.0f, dW,
+                          ldw);
         break;
     case NM_PRECISION_FP8:
         m->ops->gemm_fp8(NM_TRANS, NM_NO_TRANS, OC, IC, N, 1.0f, dout, ld_dout, inp, ld_inp, NM_FP8_ACTIVATION, 1.0f, dW, ldw);

@@ -19,18 +19,24 @@ void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
     nm_sp_rows(m, N, &s0, &n0);
     ops->rmsnorm_forward(b->a + s0 * D, b->a_rstd + s0, b->x_in + s0 * D, P + w->input_norm, n0, D, eps);
     nm_sp_all_gather(m, b->a, N, D, NM_DT_F32);
+    // a, cq_n and ckv_n feed only the projections (the norms' backward reads their inputs):
+    // rounded once for the bf16 GEMMs of the forward and the weight gradients
+    nm_round_act(m, b->a, N * D);
+    nm_dtype at = nm_act_type(m);
     if (c->Rq > 0) {
-        nm_linear_forward(m, b->cq, c->Rq, b->a, D, P + w->q_a, D, N, D, c->Rq, 0.0f);
+        nm_linear_forward(m, b->cq, c->Rq, b->a, at, D, P + w->q_a, D, N, D, c->Rq, 0.0f);
         ops->rmsnorm_forward(b->cq_n, b->cq_rstd, b->cq, P + w->q_a_norm, N, c->Rq, eps);
-        nm_linear_forward(m, b->q, H * c->Dqk, b->cq_n, c->Rq, P + w->q_b, c->Rq, N, c->Rq, H * c->Dqk, 0.0f);
+        nm_round_act(m, b->cq_n, N * c->Rq);
+        nm_linear_forward(m, b->q, H * c->Dqk, b->cq_n, at, c->Rq, P + w->q_b, c->Rq, N, c->Rq, H * c->Dqk, 0.0f);
     } else {
-        nm_linear_forward(m, b->q, H * c->Dqk, b->a, D, P + w->q, D, N, D, H * c->Dqk, 0.0f);
+        nm_linear_forward(m, b->q, H * c->Dqk, b->a, at, D, P + w->q, D, N, D, H * c->Dqk, 0.0f);
     }
     // kv_a_proj_with_mqa rows [0, Rkv) give the latent, rows [Rkv, Rkv+Dr) the shared rope key.
-    nm_linear_forward(m, b->ckv, c->Rkv, b->a, D, P + w->kv_a, D, N, D, c->Rkv, 0.0f);
-    nm_linear_forward(m, b->k_pe, c->Dr, b->a, D, P + w->kv_a + (size_t)c->Rkv * D, D, N, D, c->Dr, 0.0f);
+    nm_linear_forward(m, b->ckv, c->Rkv, b->a, at, D, P + w->kv_a, D, N, D, c->Rkv, 0.0f);
+    nm_linear_forward(m, b->k_pe, c->Dr, b->a, at, D, P + w->kv_a + (size_t)c->Rkv * D, D, N, D, c->Dr, 0.0f);
     ops->rmsnorm_forward(b->ckv_n, b->ckv_rstd, b->ckv, P + w->kv_a_norm, N, c->Rkv, eps);
-    nm_linear_forward(m, b->kv, H * Dkv, b->ckv_n, c->Rkv, P + w->kv_b, c->Rkv, N, c->Rkv, H * Dkv, 0.0f);
+    nm_round_act(m, b->ckv_n, N * c->Rkv);
+    nm_linear_forward(m, b->kv, H * Dkv, b->ckv_n, at, c->Rkv, P + w->kv_b, c->Rkv, N, c->Rkv, H * Dkv, 0.0f);
     ops->rope_forward(b->q, m->rope_cos, m->rope_sin, B, T, H, c->Dqk, c->Dn, c->Dr);
     ops->rope_forward(b->k_pe, m->rope_cos, m->rope_sin, B, T, 1, c->Dr, 0, c->Dr);
     ops->attention_forward(b->att, b->lse, b->q, b->kv, b->k_pe, B, T, H, c->Dn, c->Dr, c->Dv,
@@ -38,14 +44,14 @@ void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
     // o_proj is row-parallel: each tp rank's local heads give part of the output, summed by
     // the all-reduce (tp rank 0 adds the residual once), or reduce-scattered to each rank's rows.
     if (m->sp) {
-        nm_linear_forward(m, b->x_mid, D, b->att, H * c->Dv, P + w->o, H * c->Dv, N, H * c->Dv, D, 0.0f);
+        nm_linear_forward(m, b->x_mid, D, b->att, NM_F32, H * c->Dv, P + w->o, H * c->Dv, N, H * c->Dv, D, 0.0f);
         nm_sp_reduce_scatter(m, b->x_mid, N, D);
         ops->add_2d(b->x_mid + s0 * D, D, b->x_in + s0 * D, D, n0, D);
         return;
     }
     if (nm_tp_lead(m)) ops->copy_2d(b->x_mid, N * D, b->x_in, N * D, 1, N * D);
     else ops->zero(b->x_mid, N * D);
-    nm_linear_forward(m, b->x_mid, D, b->att, H * c->Dv, P + w->o, H * c->Dv, N, H * c->Dv, D, 1.0f);
+    nm_linear_forward(m, b->x_mid, D, b->att, NM_F32, H * c->Dv, P + w->o, H * c->Dv, N, H * c->Dv, D, 1.0f);
     nm_tp_all_reduce(m, b->x_mid, N * D);
 }
 
@@ -64,45 +70,53 @@ void nm_mla_backward(nm_model *m, int64_t l) {
     nm_sp_all_gather(m, d_res, N, D, NM_DT_F32);  // o_proj's backward reads every token's d(x_mid)
 
     // forward: x_mid = x_in + att . W_o^T
-    nm_linear_backward_input(m, m->d_att, H * c->Dv, d_res, D, P + w->o, H * c->Dv, N, H * c->Dv, D, 0.0f);
-    nm_linear_backward_weight(m, G + w->o, H * c->Dv, d_res, D, b->att, H * c->Dv, N, H * c->Dv, D);
+    nm_linear_backward_input(m, m->d_att, H * c->Dv, d_res, NM_F32, D, P + w->o, H * c->Dv, N, H * c->Dv, D, 0.0f);
+    nm_linear_backward_weight(m, G + w->o, H * c->Dv, d_res, NM_F32, D, b->att, NM_F32, H * c->Dv, N, H * c->Dv, D);
     ops->attention_backward(m->d_q, m->d_kv, m->d_k_pe, m->att_scratch, m->d_att, b->q, b->kv, b->k_pe,
                             b->att, b->lse, B, T, H, c->Dn, c->Dr, c->Dv, (float)c->softmax_scale);
     ops->rope_backward(m->d_q, m->rope_cos, m->rope_sin, B, T, H, c->Dqk, c->Dn, c->Dr);
     ops->rope_backward(m->d_k_pe, m->rope_cos, m->rope_sin, B, T, 1, c->Dr, 0, c->Dr);
+    // d_q, d_kv, d_k_pe, d_ckv and d_cq feed only the input- and weight-gradient GEMMs: rounded
+    // once for both in bf16 (d_k_pe after its tp sum); a, cq_n and ckv_n were in the forward
+    nm_dtype at = nm_act_type(m);
+    nm_round_act(m, m->d_q, N * H * c->Dqk);
+    nm_round_act(m, m->d_kv, N * H * Dkv);
     // kv = ckv_n . W_kv_b^T ; ckv_n = RMSNorm(ckv)
-    nm_linear_backward_weight(m, G + w->kv_b, c->Rkv, m->d_kv, H * Dkv, b->ckv_n, c->Rkv, N, c->Rkv, H * Dkv);
-    nm_linear_backward_input(m, m->d_ckv_n, c->Rkv, m->d_kv, H * Dkv, P + w->kv_b, c->Rkv, N, c->Rkv, H * Dkv, 0.0f);
+    nm_linear_backward_weight(m, G + w->kv_b, c->Rkv, m->d_kv, at, H * Dkv, b->ckv_n, at, c->Rkv, N, c->Rkv, H * Dkv);
+    nm_linear_backward_input(m, m->d_ckv_n, c->Rkv, m->d_kv, at, H * Dkv, P + w->kv_b, c->Rkv, N, c->Rkv, H * Dkv, 0.0f);
     // Tensor parallelism: the local heads give part of d(ckv_n) (kv_b_proj is column-parallel)
     // and of d(k_pe) (the rope key all heads share); summed here, everything below is whole.
     nm_tp_all_reduce(m, m->d_ckv_n, N * c->Rkv);
     nm_tp_all_reduce(m, m->d_k_pe, N * c->Dr);
+    nm_round_act(m, m->d_k_pe, N * c->Dr);
     ops->zero(m->d_ckv, N * c->Rkv);
     ops->rmsnorm_backward(m->d_ckv, G + w->kv_a_norm, m->d_ckv_n, b->ckv, P + w->kv_a_norm, b->ckv_rstd, N, c->Rkv);
+    nm_round_act(m, m->d_ckv, N * c->Rkv);
     // [ckv | k_pe] = a . W_kv_a^T: the rope key bypasses the latent norm
     size_t kv_a_pe = w->kv_a + (size_t)c->Rkv * D;
-    nm_linear_backward_weight(m, G + w->kv_a, D, m->d_ckv, c->Rkv, b->a, D, N, D, c->Rkv);
-    nm_linear_backward_weight(m, G + kv_a_pe, D, m->d_k_pe, c->Dr, b->a, D, N, D, c->Dr);
-    nm_linear_backward_input(m, m->d_a, D, m->d_ckv, c->Rkv, P + w->kv_a, D, N, D, c->Rkv, 0.0f);
-    nm_linear_backward_input(m, m->d_a, D, m->d_k_pe, c->Dr, P + kv_a_pe, D, N, D, c->Dr, 1.0f);
+    nm_linear_backward_weight(m, G + w->kv_a, D, m->d_ckv, at, c->Rkv, b->a, at, D, N, D, c->Rkv);
+    nm_linear_backward_weight(m, G + kv_a_pe, D, m->d_k_pe, at, c->Dr, b->a, at, D, N, D, c->Dr);
+    nm_linear_backward_input(m, m->d_a, D, m->d_ckv, at, c->Rkv, P + w->kv_a, D, N, D, c->Rkv, 0.0f);
+    nm_linear_backward_input(m, m->d_a, D, m->d_k_pe, at, c->Dr, P + kv_a_pe, D, N, D, c->Dr, 1.0f);
     if (c->Rq > 0) {
         // q = cq_n . W_q_b^T ; cq_n = RMSNorm(cq) ; cq = a . W_q_a^T
-        nm_linear_backward_weight(m, G + w->q_b, c->Rq, m->d_q, H * c->Dqk, b->cq_n, c->Rq, N, c->Rq, H * c->Dqk);
-        nm_linear_backward_input(m, m->d_cq_n, c->Rq, m->d_q, H * c->Dqk, P + w->q_b, c->Rq, N, c->Rq, H * c->Dqk, 0.0f);
+        nm_linear_backward_weight(m, G + w->q_b, c->Rq, m->d_q, at, H * c->Dqk, b->cq_n, at, c->Rq, N, c->Rq, H * c->Dqk);
+        nm_linear_backward_input(m, m->d_cq_n, c->Rq, m->d_q, at, H * c->Dqk, P + w->q_b, c->Rq, N, c->Rq, H * c->Dqk, 0.0f);
         nm_tp_all_reduce(m, m->d_cq_n, N * c->Rq);  // q_b_proj is column-parallel
         ops->zero(m->d_cq, N * c->Rq);
         ops->rmsnorm_backward(m->d_cq, G + w->q_a_norm, m->d_cq_n, b->cq, P + w->q_a_norm, b->cq_rstd, N, c->Rq);
-        nm_linear_backward_weight(m, G + w->q_a, D, m->d_cq, c->Rq, b->a, D, N, D, c->Rq);
-        nm_linear_backward_input(m, m->d_a, D, m->d_cq, c->Rq, P + w->q_a, D, N, D, c->Rq, 1.0f);
+        nm_round_act(m, m->d_cq, N * c->Rq);
+        nm_linear_backward_weight(m, G + w->q_a, D, m->d_cq, at, c->Rq, b->a, at, D, N, D, c->Rq);
+        nm_linear_backward_input(m, m->d_a, D, m->d_cq, at, c->Rq, P + w->q_a, D, N, D, c->Rq, 1.0f);
     } else {
-        nm_linear_backward_weight(m, G + w->q, D, m->d_q, H * c->Dqk, b->a, D, N, D, H * c->Dqk);
+        nm_linear_backward_weight(m, G + w->q, D, m->d_q, at, H * c->Dqk, b->a, at, D, N, D, H * c->Dqk);
         if (m->tp) {
             // q_proj is column-parallel: its part of d_a is summed over tp before joining the kv part
-            nm_linear_backward_input(m, m->d_tp, D, m->d_q, H * c->Dqk, P + w->q, D, N, D, H * c->Dqk, 0.0f);
+            nm_linear_backward_input(m, m->d_tp, D, m->d_q, at, H * c->Dqk, P + w->q, D, N, D, H * c->Dqk, 0.0f);
             nm_tp_all_reduce(m, m->d_tp, N * D);
             ops->add_2d(m->d_a, N * D, m->d_tp, N * D, 1, N * D);
         } else {
-            nm_linear_backward_input(m, m->d_a, D, m->d_q, H * c->Dqk, P + w->q, D, N, D, H * c->Dqk, 1.0f);
+            nm_linear_backward_input(m, m->d_a, D, m->d_q, at, H * c->Dqk, P + w->q, D, N, D, H * c->Dqk, 1.0f);
         }
     }
     // a = RMSNorm(x_in). d_a is whole on every rank (the tp sums above), so under sequence

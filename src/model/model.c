@@ -686,7 +686,7 @@ int nm_model_forward_stage(nm_model *m, const int32_t *tokens, const float *inpu
     ops->rmsnorm_forward(m->h0 + s0 * D, m->h0_rstd + s0, h_last + s0 * D, P + m->table.final_norm, n0, D,
                          (float)c->rms_eps);
     nm_sp_all_gather(m, m->h0, N, D, NM_DT_F32);  // the vocabulary-parallel head reads every token
-    nm_head_forward(m, m->losses, m->lse, m->logits, m->h0, m->targets, N, logits_out);
+    nm_head_forward(m, m->losses, m->lse, m->logits, m->h0, NM_F32, m->targets, N, logits_out);
     double ce = T > 1 ? nm_head_sum_losses(m->losses, N) / (double)(B * (T - 1)) : 0.0;
 
     // multi-token prediction (dsv3-spec 6.3, 11): depth k reads h^{k-1} and tokens shifted by k
@@ -749,7 +749,7 @@ int nm_model_backward_stage(nm_model *m, const float *d_output, nm_error *err) {
     }
 
     // main head: logits = h0 . lm_head^T ; h0 = RMSNorm(h_L)
-    nm_head_backward(m, m->d_h0, 1.0f, m->logits, m->lse, m->h0, m->targets, gs / (float)(B * (T - 1)), N);
+    nm_head_backward(m, m->d_h0, 1.0f, m->logits, m->lse, m->h0, NM_F32, m->targets, gs / (float)(B * (T - 1)), N);
     // sequence parallelism: d_h0 holds each rank's part for every token (its vocabulary rows,
     // the MTP rows it holds); summed, each rank keeps its rows
     nm_sp_reduce_scatter(m, m->d_h0, N, D);

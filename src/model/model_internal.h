@@ -209,15 +209,32 @@ static inline const void *nm_weight_bf16(const nm_model *m, size_t off) {
 // --- linear layer (linear.c): y = x W^T with PyTorch [out, in] weights ------------------------
 
 // out(N, OC) (= or += by beta) inp(N, IC) . W(OC, IC)^T, with leading dimensions. W points into
-// m->params; its offset picks the GEMM precision (weight_precision in linear.c).
-void nm_linear_forward(const nm_model *m, float *out, int64_t ld_out, const float *inp, int64_t ld_inp,
-                       const float *W, int64_t ldw, int64_t N, int64_t IC, int64_t OC, float beta);
+// m->params; its offset picks the GEMM precision (weight_precision in linear.c). An activation
+// operand's type is NM_F32, or nm_act_type(m) for one rounded in place by nm_round_act (read by
+// a bf16 GEMM as it is); fp32 and fp8 GEMMs read either as floats.
+void nm_linear_forward(const nm_model *m, float *out, int64_t ld_out, const float *inp, nm_dtype inp_t,
+                       int64_t ld_inp, const float *W, int64_t ldw, int64_t N, int64_t IC, int64_t OC, float beta);
 // dinp(N, IC) (= or += by beta) dout(N, OC) . W(OC, IC)      (Dgrad)
-void nm_linear_backward_input(const nm_model *m, float *dinp, int64_t ld_dinp, const float *dout, int64_t ld_dout,
-                              const float *W, int64_t ldw, int64_t N, int64_t IC, int64_t OC, float beta);
+void nm_linear_backward_input(const nm_model *m, float *dinp, int64_t ld_dinp, const float *dout, nm_dtype dout_t,
+                              int64_t ld_dout, const float *W, int64_t ldw, int64_t N, int64_t IC, int64_t OC,
+                              float beta);
 // dW(OC, IC) += dout(N, OC)^T . inp(N, IC)      (Wgrad: both operands are activations; dW points into m->grads)
-void nm_linear_backward_weight(const nm_model *m, float *dW, int64_t ldw, const float *dout, int64_t ld_dout,
-                               const float *inp, int64_t ld_inp, int64_t N, int64_t IC, int64_t OC);
+void nm_linear_backward_weight(const nm_model *m, float *dW, int64_t ldw, const float *dout, nm_dtype dout_t,
+                               int64_t ld_dout, const float *inp, nm_dtype inp_t, int64_t ld_inp, int64_t N,
+                               int64_t IC, int64_t OC);
+
+// bf16 activations rounded once where they are produced (as Megatron stores them in bf16),
+// not by every GEMM that reads them: in bf16 precision x(n) (=) bf16(x) in place, then read
+// as nm_act_type(m) == NM_F32_BF16. Only for tensors that nothing but bf16 GEMMs reads (an
+// fp32 consumer, e.g. the router on the FFN norm output, would see rounded values), so the
+// GEMMs see the same operands as when they rounded per call. No-op in fp32 and fp8 (the fp8
+// GEMMs quantise their own fp32 inputs).
+static inline void nm_round_act(const nm_model *m, float *x, int64_t n) {
+    if (m->precision == NM_PRECISION_BF16) m->ops->round_bf16(x, x, n);
+}
+static inline nm_dtype nm_act_type(const nm_model *m) {
+    return m->precision == NM_PRECISION_BF16 ? NM_F32_BF16 : NM_F32;
+}
 
 // --- tensor parallelism (model.c) -------------------------------------------------------------
 
@@ -281,10 +298,12 @@ void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32
 
 // --- output head + cross-entropy (head.c, dsv3-spec 11) ---------------------------------------
 
-void nm_head_forward(nm_model *m, float *losses, float *lse, float *logits, const float *h,
+// h's type as for nm_linear_forward: the main head's h0 stays fp32 (MTP depth 1's RMSNorm reads
+// it), an MTP head's g is rounded by its caller. The backward rounds d logits in place.
+void nm_head_forward(nm_model *m, float *losses, float *lse, float *logits, const float *h, nm_dtype h_t,
                      const int32_t *targets, int64_t N, float *logits_out);
 void nm_head_backward(nm_model *m, float *dh, float beta, float *logits, const float *lse, const float *h,
-                      const int32_t *targets, float scale, int64_t N);
+                      nm_dtype h_t, const int32_t *targets, float scale, int64_t N);
 double nm_head_sum_losses(const float *losses, int64_t n);
 
 // --- one multi-token-prediction depth (mtp.c, dsv3-spec 6.3, 11) ------------------------------

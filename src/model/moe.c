@@ -91,14 +91,14 @@ void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_
         int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
         if (n == 0) continue;
         const float *We = W0 + (size_t)e * stride;  // [gate; up] (2Fe, D), then down (D, Fe)
-        nm_linear_forward(m, gate_up + r0 * 2 * Fe, 2 * Fe, x + r0 * D, D, We, D, n, D, 2 * Fe, 0.0f);
+        nm_linear_forward(m, gate_up + r0 * 2 * Fe, 2 * Fe, x + r0 * D, NM_F32, D, We, D, n, D, 2 * Fe, 0.0f);
     }
     ops->swiglu_forward(act, gate_up, rows, Fe);
     for (int64_t e = 0; e < E; e++) {
         int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
         if (n == 0) continue;
         const float *We = W0 + (size_t)e * stride;
-        nm_linear_forward(m, out + r0 * D, D, act + r0 * Fe, Fe, We + down, Fe, n, Fe, D, 0.0f);
+        nm_linear_forward(m, out + r0 * D, D, act + r0 * Fe, NM_F32, Fe, We + down, Fe, n, Fe, D, 0.0f);
     }
 }
 
@@ -138,8 +138,8 @@ void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32
         if (n == 0) continue;
         const float *We = W0 + (size_t)e * stride;
         float *dWe = dW0 + (size_t)e * stride;
-        nm_linear_backward_input(m, d_act + r0 * Fe, Fe, d_out + r0 * D, D, We + down, Fe, n, Fe, D, 0.0f);
-        nm_linear_backward_weight(m, dWe + down, Fe, d_out + r0 * D, D, act + r0 * Fe, Fe, n, Fe, D);
+        nm_linear_backward_input(m, d_act + r0 * Fe, Fe, d_out + r0 * D, NM_F32, D, We + down, Fe, n, Fe, D, 0.0f);
+        nm_linear_backward_weight(m, dWe + down, Fe, d_out + r0 * D, NM_F32, D, act + r0 * Fe, NM_F32, Fe, n, Fe, D);
     }
     ops->swiglu_backward(d_gate_up, d_act, gate_up, rows, Fe);
     for (int64_t e = 0; e < E; e++) {
@@ -147,8 +147,8 @@ void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32
         if (n == 0) continue;
         const float *We = W0 + (size_t)e * stride;
         float *dWe = dW0 + (size_t)e * stride;
-        nm_linear_backward_weight(m, dWe, D, d_gate_up + r0 * 2 * Fe, 2 * Fe, x + r0 * D, D, n, D, 2 * Fe);
-        nm_linear_backward_input(m, d_x + r0 * D, D, d_gate_up + r0 * 2 * Fe, 2 * Fe, We, D, n, D, 2 * Fe, 0.0f);
+        nm_linear_backward_weight(m, dWe, D, d_gate_up + r0 * 2 * Fe, NM_F32, 2 * Fe, x + r0 * D, NM_F32, D, n, D, 2 * Fe);
+        nm_linear_backward_input(m, d_x + r0 * D, D, d_gate_up + r0 * 2 * Fe, NM_F32, 2 * Fe, We, D, n, D, 2 * Fe, 0.0f);
     }
 }
 
@@ -256,7 +256,7 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
     nm_sp_rows(m, N, &s0, &n0);
     const float *f = b->f + s0 * D;
     nm_router_params rp = router_params(c, n0);
-    nm_linear_forward(m, b->router_logits + s0 * E, E, f, D, P + w->router, D, n0, D, E, 0.0f);
+    nm_linear_forward(m, b->router_logits + s0 * E, E, f, NM_F32, D, P + w->router, D, n0, D, E, 0.0f);
     ops->router_forward(b->topk_idx + s0 * K, b->topk_w + s0 * K, b->scores + s0 * E, b->router_logits + s0 * E,
                         P + w->router_bias, &rp);
     // the sequence-wise balance loss needs whole sequences: every rank's scores
@@ -329,6 +329,6 @@ void nm_moe_backward(nm_model *m, int64_t l, float aux_seed) {
         // every token's (the scores were gathered); this rank uses its rows
         ops->balance_loss_backward(m->d_router, aux_seed, b->bal_f, b->scores, B, T, E, K, c->scoring);
     }
-    nm_linear_backward_weight(m, G + w->router, D, m->d_router + s0 * E, E, f, D, n0, D, E);
-    nm_linear_backward_input(m, m->d_f + s0 * D, D, m->d_router + s0 * E, E, P + w->router, D, n0, D, E, 1.0f);
+    nm_linear_backward_weight(m, G + w->router, D, m->d_router + s0 * E, NM_F32, E, f, NM_F32, D, n0, D, E);
+    nm_linear_backward_input(m, m->d_f + s0 * D, D, m->d_router + s0 * E, NM_F32, E, P + w->router, D, n0, D, E, 1.0f);
 }

@@ -32,9 +32,11 @@ void nm_mtp_input_forward(nm_model *m, int64_t k, const int32_t *tokens, int64_t
     size_t r0 = (size_t)(s0 * D);
     ops->rmsnorm_forward(t->emb_n + r0, t->emb_rstd + s0, t->emb + r0, P + w->enorm, n0, D, (float)c->rms_eps);
     ops->rmsnorm_forward(t->h_n + r0, t->h_rstd + s0, t->h_prev + r0, P + w->hnorm, n0, D, (float)c->rms_eps);
+    nm_round_act(m, t->emb_n + r0, n0 * D);  // both feed eh_proj only
+    nm_round_act(m, t->h_n + r0, n0 * D);
     // eh_proj (D, 2D): columns [0, D) take enorm(emb), [D, 2D) take hnorm(h)
-    nm_linear_forward(m, blk->x_in + r0, D, t->emb_n + r0, D, P + w->eh_proj, 2 * D, n0, D, D, 0.0f);
-    nm_linear_forward(m, blk->x_in + r0, D, t->h_n + r0, D, P + w->eh_proj + D, 2 * D, n0, D, D, 1.0f);
+    nm_linear_forward(m, blk->x_in + r0, D, t->emb_n + r0, nm_act_type(m), D, P + w->eh_proj, 2 * D, n0, D, D, 0.0f);
+    nm_linear_forward(m, blk->x_in + r0, D, t->h_n + r0, nm_act_type(m), D, P + w->eh_proj + D, 2 * D, n0, D, D, 1.0f);
 }
 
 double nm_mtp_output_forward(nm_model *m, int64_t k, int64_t B, int64_t T) {
@@ -47,7 +49,8 @@ double nm_mtp_output_forward(nm_model *m, int64_t k, int64_t B, int64_t T) {
     m->ops->rmsnorm_forward(t->g + s0 * D, t->g_rstd + s0, m->blocks[l].x_out + s0 * D, m->params + w->head_norm, n0,
                             D, (float)c->rms_eps);
     nm_sp_all_gather(m, t->g, Nk, D, NM_DT_F32);  // the vocabulary-parallel head reads every token
-    nm_head_forward(m, t->losses, t->lse, t->logits, t->g, t->targets, Nk, NULL);
+    nm_round_act(m, t->g, Nk * D);                // and nothing else does
+    nm_head_forward(m, t->losses, t->lse, t->logits, t->g, nm_act_type(m), t->targets, Nk, NULL);
     return nm_head_sum_losses(t->losses, Nk);
 }
 
@@ -62,7 +65,7 @@ void nm_mtp_output_backward(nm_model *m, int64_t k, int64_t B, int64_t T, float 
     size_t r0 = (size_t)(s0 * D);
     // logits_k = g . lm_head^T ; g = RMSNorm(h^k). Under sequence parallelism d_tmp and dh hold
     // each rank's part for every token: summed, each rank keeps its rows.
-    nm_head_backward(m, m->d_tmp, 0.0f, t->logits, t->lse, t->g, t->targets, scale, Nk);
+    nm_head_backward(m, m->d_tmp, 0.0f, t->logits, t->lse, t->g, nm_act_type(m), t->targets, scale, Nk);
     nm_sp_reduce_scatter(m, m->d_tmp, Nk, D);
     // d_res = dh^k (from depth k+1, zero for the deepest) + head-norm path
     if (k == c->M) {
@@ -89,15 +92,15 @@ void nm_mtp_input_backward(nm_model *m, int64_t k, int64_t B, int64_t T) {
     size_t r0 = (size_t)(s0 * D);
     const float *d_x = m->d_res + r0;
     // x_in = emb_n . W_eh[:, :D]^T + h_n . W_eh[:, D:]^T
-    nm_linear_backward_weight(m, G + w->eh_proj, 2 * D, d_x, D, t->emb_n + r0, D, n0, D, D);
-    nm_linear_backward_weight(m, G + w->eh_proj + D, 2 * D, d_x, D, t->h_n + r0, D, n0, D, D);
-    nm_linear_backward_input(m, m->d_tmp + r0, D, d_x, D, P + w->eh_proj, 2 * D, n0, D, D, 0.0f);
+    nm_linear_backward_weight(m, G + w->eh_proj, 2 * D, d_x, NM_F32, D, t->emb_n + r0, nm_act_type(m), D, n0, D, D);
+    nm_linear_backward_weight(m, G + w->eh_proj + D, 2 * D, d_x, NM_F32, D, t->h_n + r0, nm_act_type(m), D, n0, D, D);
+    nm_linear_backward_input(m, m->d_tmp + r0, D, d_x, NM_F32, D, P + w->eh_proj, 2 * D, n0, D, D, 0.0f);
     ops->zero(m->d_emb, Nk * D);
     ops->rmsnorm_backward(m->d_emb + r0, G + w->enorm, m->d_tmp + r0, t->emb + r0, P + w->enorm, t->emb_rstd + s0,
                           n0, D);
     nm_sp_all_gather(m, m->d_emb, Nk, D, NM_DT_F32);  // this rank's vocabulary rows see every token
     nm_tp_embedding_backward(m, m->d_emb, t->tokens_in, Nk);
-    nm_linear_backward_input(m, m->d_tmp + r0, D, d_x, D, P + w->eh_proj + D, 2 * D, n0, D, D, 0.0f);
+    nm_linear_backward_input(m, m->d_tmp + r0, D, d_x, NM_F32, D, P + w->eh_proj + D, 2 * D, n0, D, D, 0.0f);
     ops->zero(m->d_emb, Nk * D);
     ops->rmsnorm_backward(m->d_emb + r0, G + w->hnorm, m->d_tmp + r0, t->h_prev + r0, P + w->hnorm, t->h_rstd + s0,
                           n0, D);
