@@ -194,6 +194,8 @@ print("peaks (%s threads, best of start and end): fp32 sgemm %.1f GFLOP/s (OpenB
 print("load average: %s before, %s after (on %d cores)" % (load0, load1, os.cpu_count()))
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown")
 print("cpu: %s" % cpu)
+tv = sorted({r.get("torch") for r in res if r["impl"] == "pytorch" and r.get("torch")})
+if tv: print("pytorch peer: torch %s" % ", ".join(tv))  # the ratios depend on the version (docs/performance.md)
 for d in sorted(os.listdir(work)):  # the pick each of our runs measured (src/train/kernels.c)
     kj = os.path.join(work, d, "kernels.json")
     if d.startswith("ours-") and os.path.exists(kj):

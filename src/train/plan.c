@@ -101,6 +101,8 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, const n
     s->last = st->last;
     s->params_bytes = (int64_t)table.n_floats * 4;
     s->grads_bytes = s->params_bytes;
+    // 2 bytes per parameter: bf16 storage, as a GPU or an AMX CPU keeps it; the CPU "widen"
+    // kernel keeps the copy as fp32 holding bf16 values, 4 bytes (ops.h gemm_bf16_weight_type)
     s->bf16_copy_bytes = r->precision == NM_PRECISION_FP32 ? 0 : (int64_t)table.n_floats * 2;
     // The largest ZeRO-1 shard over the ranks of the stage's dp and expert groups (routed
     // experts reduce over edp, or over dp under TP without sequence parallelism: the trainer's
