@@ -17,8 +17,9 @@
 // Timing a single expert GEMM instead would miss that the grouped call runs one expert per
 // thread: it once picked oneDNN's bf16 matmul over widen by 2% on an AVX512-BF16 Xeon where
 // the step then ran 437 against 745 tokens/s. Rows are capped at 512 for the timing. Each
-// (candidate, shape) runs once to warm up (oneDNN JITs per shape) and is then timed twice,
-// the faster kept; the total cost is printed in the banner.
+// (candidate, shape) runs once to warm up (oneDNN JITs per shape) and is then timed three
+// times, alternating with the other candidate, the fastest kept; the total cost is printed
+// in the banner.
 //
 // Determinism: the pick is written to run_dir/kernels.json with a key of the CPU model, the
 // oneDNN version, OpenBLAS's config string, the thread count and the shape set; a later
@@ -144,25 +145,33 @@ static void run_shape(const shape *x, int bf16, nm_dtype w_type, const timing_bu
     else nm_cpu_gemm_grouped(x->ta, x->tb, 1.0f, 0.0f, t->groups, x->groups);
 }
 
-// Seconds one step's GEMMs take with the kernel currently set: per shape the best of two
-// timed calls after a warm-up (oneDNN JITs per shape), times its count.
-static double time_set(const shape_set *set, int bf16, const timing_buffers *t, double *flops) {
-    double total = 0;
+// Seconds one step's GEMMs take under each of two candidates (fp32: the libraries; bf16: the
+// kernels), into total[2]: per shape the best of three timed calls each after a warm-up
+// (oneDNN JITs per shape), times its count. The candidates alternate call by call, so a burst
+// of load on a shared machine slows both rather than the one being timed: timed one whole set
+// after the other, a pick flipped between runs of the same binary (bf16 on tiny: onednn 122 /
+// widen 119 GFLOP/s in one run, 113 / 224 in the next).
+static void time_set(const shape_set *set, int bf16, const char *const names[2], const timing_buffers *t,
+                     double total[2], double *flops) {
+    total[0] = total[1] = 0;
     *flops = 0;
-    nm_dtype w_type = bf16 ? nm_cpu_gemm_bf16_weight_type() : NM_F32;
     for (int i = 0; i < set->n; i++) {
         const shape *x = &set->s[i];
-        double best = 1e30;
-        for (int r = 0; r < 3; r++) {
-            double t0 = now_s();
-            run_shape(x, bf16, w_type, t);
-            double dt = now_s() - t0;
-            if (r > 0 && dt < best) best = dt;
+        double best[2] = {1e30, 1e30};
+        for (int r = 0; r < 4; r++) {
+            for (int k = 0; k < 2; k++) {
+                if (bf16) nm_cpu_gemm_bf16_set_kernel(names[k]);
+                else nm_cpu_gemm_set_library(names[k]);
+                nm_dtype w_type = bf16 ? nm_cpu_gemm_bf16_weight_type() : NM_F32;
+                double t0 = now_s();
+                run_shape(x, bf16, w_type, t);
+                double dt = now_s() - t0;
+                if (r > 0 && dt < best[k]) best[k] = dt;
+            }
         }
-        total += best * (double)x->count;
+        for (int k = 0; k < 2; k++) total[k] += best[k] * (double)x->count;
         *flops += 2.0 * (double)x->M * (double)x->N * (double)x->K * (double)x->groups * (double)x->count;
     }
-    return total;
 }
 
 static void cpu_model(char *out, size_t n) {
@@ -299,22 +308,16 @@ int nm_kernels_choose(const nm_model_config *m, int64_t rows, const char *run_di
         snprintf(fp32, sizeof fp32, "%s", "onednn");
         snprintf(bf16, sizeof bf16, "%s", "onednn");
         if (!force32) {
-            for (int i = 0; i < 2; i++) {
-                nm_cpu_gemm_set_library(lib[i]);
-                t32[i] = time_set(&set, 0, &tb, &flops);
-                g32[i] = flops / t32[i] / 1e9;
-            }
+            time_set(&set, 0, lib, &tb, t32, &flops);
+            for (int i = 0; i < 2; i++) g32[i] = flops / t32[i] / 1e9;
             snprintf(fp32, sizeof fp32, "%s", t32[0] <= t32[1] ? lib[0] : lib[1]);
             nm_cpu_gemm_set_library(fp32);  // widen runs on the fp32 library just chosen
         }
         // bf16 weights (NM_BF16): the fp32 buffer reinterpreted holds finite bf16 values
         // (halves of small floats), so the timing sees no NaN or denormal slow paths.
         if (!force16) {
-            for (int i = 0; i < 2; i++) {
-                nm_cpu_gemm_bf16_set_kernel(k16[i]);
-                t16[i] = time_set(&set, 1, &tb, &flops);
-                g16[i] = flops / t16[i] / 1e9;
-            }
+            time_set(&set, 1, k16, &tb, t16, &flops);
+            for (int i = 0; i < 2; i++) g16[i] = flops / t16[i] / 1e9;
             snprintf(bf16, sizeof bf16, "%s", t16[0] <= t16[1] ? k16[0] : k16[1]);
         }
         spent = now_s() - t0;
