@@ -260,11 +260,15 @@ prof = os.path.join(work, "perf-%s.txt" % first)
 if os.path.exists(prof):
     SETUP = "setup + final checkpoint (outside the timed steps; excluded below)"
     buckets = [  # (name, regex on "dso symbol"), first match wins
+        (SETUP, r"nm_rng|nm_params_init|crc32c|safetensors|copy_folio|clear_page|__cos|__sin|rope_tables|"
+                r"ext4|write|fsync|shmem"),
+        # libm's log also runs in the init's Box-Muller (setup), which perf cannot tell from the step's
+        ("libm exp/log (per-row log of attention and cross-entropy; the init's Box-Muller log)",
+         r"libm\b|libm[.-]|__exp|__log|\bexpf?\b|\bexpf?@|\blog\b"),
         # oneDNN's sgemm runs code it generates at run time: perf shows it as "[JIT] tid N".
         ("GEMM (oneDNN / OpenBLAS sgemm)", r"\[JIT\]|libdnnl|libopenblas|sgemm|gemm_|_kernel_|sgemv|blas_thread|exec_blas"),
         ("attention fwd", r"nm_cpu_attention_forward"),
         ("attention bwd", r"nm_cpu_attention_backward"),
-        ("libm exp/log (attention's double exp, router, xent)", r"libm\b|libm[.-]|__exp|__log|\bexpf?\b|\bexpf?@|\blog\b"),
         ("MoE dispatch/combine", r"nm_cpu_moe_"),
         ("router + balance loss", r"router|balance|topk"),
         ("RMSNorm", r"rmsnorm"),
@@ -275,8 +279,6 @@ if os.path.exists(prof):
         ("optimizer (AdamW, grad norm)", r"optim|adamw|chunk_sumsq"),
         ("copies/zeroing (memcpy/memset, copy_2d, add_2d)", r"memcpy|memset|memmove|copy_2d|add_2d|nm_cpu_zero|axpy"),
         ("thread runtime (OpenMP barrier spin, sched_yield)", r"libgomp|gomp_|sched_yield"),
-        (SETUP, r"nm_rng|nm_params_init|crc32c|safetensors|copy_folio|clear_page|__cos|__sin|rope_tables|"
-                r"ext4|write|fsync|shmem"),
         ("kernel (page faults, syscalls)", r"\[kernel|\[k\]"),
     ]
     tot, acc, other = 0.0, {b[0]: 0.0 for b in buckets}, []
