@@ -7,7 +7,8 @@
 #      binary and with bench/torch_peer.py (same weights, batch shape, threads), fp32 and bf16;
 #   4. prints the table (tokens/s, model TFLOP/s from `inspect`'s flops_per_token, % of the
 #      measured peak, ours/PyTorch), a 1-vs-T-thread scaling row, our forward/backward/optimizer
-#      split from metrics.jsonl and a per-function profile of our step (perf, when present).
+#      split from metrics.jsonl and a per-function profile of our timed steps (perf, when
+#      present: a second, untimed run recorded only while its timed steps run).
 # The LAST line is `speedup_fp32=<ours/torch tokens/s>` for the first config, the one before it
 # `speedup_bf16=<x>` (ours bf16 over PyTorch bf16 autocast).
 #
@@ -92,11 +93,11 @@ say "bench: measuring GEMM peaks"
 # metrics.jsonl's tokens_per_s is per step (global_batch*seq_len / step time); the warm-up
 # steps are skipped and the rest combined as total tokens / total time.
 ours() {  # config precision threads steps [perf]
-  local cfg=$1 prec=$2 thr=$3 steps=$4 prof=${5:-0} out="$WORK/ours-$1-$2-$3"
+  local cfg=$1 prec=$2 thr=$3 steps=$4 prof=${5:-0} out="$WORK/ours-$1-$2-$3" t0 t1
   local cmd=("$NM" train --config "configs/$cfg-train.json" --out "$out" --steps $((WARMUP + steps))
              --set "threads=$thr" --set "precision=$prec" --set "init_from=$WORK/init-$cfg" --set model=null
              --set log.eval_every=0 --quiet)
-  if [ "$prof" = 1 ]; then cmd=(perf record -q -F 499 -o "$WORK/perf-$cfg.data" -- "${cmd[@]}"); fi
+  t0=$(date +%s.%N)
   if ! "${cmd[@]}" > "$out.log" 2>&1; then
     if grep -q "not implemented" "$out.log"; then
       printf '{"impl":"nanomegatron","config":"%s","precision":"%s","threads":%s,"status":"not implemented"}\n' \
@@ -120,6 +121,39 @@ print(json.dumps({"impl": "nanomegatron", "config": cfg, "precision": prec, "thr
                   "t_optimizer": med("time_optimizer_s"), "t_data": med("time_data_s"),
                   "loss_first": rows[0]["loss"]}))
 EOF
+  t1=$(date +%s.%N)
+  if [ "$prof" = 1 ]; then profile "$cfg" "$out" "$t0" "$t1" "${cmd[@]}"; fi
+}
+
+# profile CONFIG OUT T0 T1 CMD...: a second run of the timed command under perf, recording only
+# while its timed steps run: perf starts after the first run's set-up (its wall time minus its
+# steps, which also counts the final checkpoint, so the window starts a little late) plus the
+# warm-up steps, and the run is killed after as many seconds as the first run's steps took,
+# before any checkpoint. Set-up (parameter init, loading, the kernel timing) and the final
+# save were a tenth of the samples of a profile of the whole run and showed as kernel and libm
+# time that the steps do not spend.
+profile() {
+  local cfg=$1 out=$2 t0=$3 t1=$4 window i; shift 4
+  local cmd=("$@")
+  window=$("$PY" - "$out/metrics.jsonl" "$WARMUP" "$t0" "$t1" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+warm, wall = int(sys.argv[2]), float(sys.argv[4]) - float(sys.argv[3])
+tok = [r["tokens"] - p["tokens"] for p, r in zip([{"tokens": 0}] + rows, rows)]
+secs = [t / r["tokens_per_s"] for t, r in zip(tok, rows)]
+setup = wall - sum(secs)
+print(int(1000 * (setup + sum(secs[:warm]))), "%.1f" % (setup + sum(secs)))
+EOF
+  )
+  # the same command into another directory, with steps to spare (it is killed before the end)
+  for i in "${!cmd[@]}"; do
+    [ "${cmd[$i]}" = "$out" ] && cmd[i]="$out-perf"
+    [ "${cmd[$i]}" = --steps ] && cmd[i + 1]=1000
+  done
+  # --foreground: the KILL goes to our binary only, not to timeout's process group (perf, this shell)
+  perf record -q -F 499 -D "${window% *}" -o "$WORK/perf-$cfg.data" -- \
+    timeout --foreground -s KILL "${window#* }" "${cmd[@]}" > "$out-perf.log" 2>&1 || true
+  rm -rf "$out-perf"
 }
 
 peer() {  # config precision threads steps
@@ -146,7 +180,7 @@ for cfg in $CONFIGS; do
   "$NM" inspect --config "configs/$model" --seq-len $((seq + 1)) | tail -n 1 > "$WORK/inspect-$cfg.json"
   for prec in $PRECISIONS; do
     prof=0; [ "$PROFILE" = 1 ] && [ "$cfg" = "$first" ] && [ "$prec" = fp32 ] && command -v perf >/dev/null && prof=1
-    say "bench: $cfg $prec: ours ($WARMUP + $n steps, $THREADS threads)$([ $prof = 1 ] && echo ', under perf')"
+    say "bench: $cfg $prec: ours ($WARMUP + $n steps, $THREADS threads)$([ $prof = 1 ] && echo ', then again under perf')"
     ours "$cfg" "$prec" "$THREADS" "$n" "$prof"
     if [ "$TORCH" = 1 ]; then
       say "bench: $cfg $prec: pytorch peer"
@@ -295,8 +329,8 @@ if os.path.exists(prof):
         else:
             other.append((pct, key))
     step = max(tot - acc[SETUP], 1e-9)
-    print("\nour %s fp32 run by function (perf; %% of the step's samples, %s threads; setup/checkpoint %.1f%% of all "
-          "samples excluded):" % (first, threads, acc[SETUP]))
+    print("\nour %s fp32 steps by function (perf over the timed steps of a second run; %s threads; %% of the samples, "
+          "%.1f%% set-up/checkpoint excluded):" % (first, threads, acc[SETUP]))
     for name, _ in sorted(buckets, key=lambda b: -acc[b[0]]):
         if name != SETUP and acc[name] >= 0.05: print("  %5.1f%%  %s" % (100 * acc[name] / step, name))
     o = sum(p for p, _ in other)
