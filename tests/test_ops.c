@@ -7,7 +7,7 @@
 //    whose perturbation changes the selection is skipped (ggml grad_expect).
 // 2. The "(=)" / "(+=)" contract of ops.h: overwritten outputs are pre-filled with NaN,
 //    accumulated ones with random values that are subtracted afterwards.
-// 3. Direct checks: gemm against a naive loop (4 transpose combinations, padded leading dims,
+// 3. Direct checks: gemm and gemm_grouped against a naive loop (4 transpose combinations, padded leading dims,
 //    degenerate shapes, beta = 0 over NaN), attention against a naive double softmax(QK^T)V,
 //    hand-built routing cases (-inf group masking, tie-breaks, greedy vs group-limited),
 //    moe_permute stability, bit-identical results for 1 and 2 threads, RMSNorm and
@@ -114,17 +114,14 @@ static void fd_check(const char *name, loss_fn f, void *ctx, float *x, int64_t n
 
 // --- gemm -----------------------------------------------------------------------------------
 
-static void test_gemm_case(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
-                           float beta, int nan_c) {
-    int64_t ar = ta == NM_NO_TRANS ? M : K, ac = ta == NM_NO_TRANS ? K : M;
-    int64_t br = tb == NM_NO_TRANS ? K : N, bc = tb == NM_NO_TRANS ? N : K;
-    int64_t lda = ac + 3, ldb = bc + 2, ldc = N + 5;   // padded: exercises the strides
-    float *A = randn(ar * lda, 1.0f), *Bm = randn(br * ldb, 1.0f);
-    float *C = nan_c ? nans(M * ldc) : randn(M * ldc, 1.0f);
-    float *C0 = copyf(C, M * ldc);
-    ops->gemm(ta, tb, M, N, K, alpha, A, lda, Bm, ldb, beta, C, ldc);
-    double max_err = 0.0;
+// Entries of C (M,N; ldc) that differ from alpha op(A) op(B) + beta C0 computed in double
+// beyond the fp32 bound, plus padding entries (columns N..ldc) that changed; *max_err gets
+// the largest error.
+static int gemm_bad(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
+                    int64_t lda, const float *Bm, int64_t ldb, float beta, const float *C, const float *C0,
+                    int64_t ldc, double *max_err) {
     int bad = 0;
+    *max_err = 0.0;
     for (int64_t i = 0; i < M; i++) {
         for (int64_t j = 0; j < N; j++) {
             double s = 0.0, sabs = 0.0;
@@ -141,13 +138,27 @@ static void test_gemm_case(nm_transpose ta, nm_transpose tb, int64_t M, int64_t 
             // with blocked summation); plus the rounding of beta*C.
             double tol = 1e-6 * (fabs(alpha) * sabs * (double)(K > 8 ? K / 8 : 1) + fabs(beta * c0)) + 1e-30;
             if (!(err <= tol)) bad++;
-            max_err = err > max_err ? err : max_err;
+            *max_err = err > *max_err ? err : *max_err;
         }
     }
     // the padding between rows of C must be untouched
     for (int64_t i = 0; i < M; i++)
         for (int64_t j = N; j < ldc; j++)
             if (memcmp(&C[i * ldc + j], &C0[i * ldc + j], sizeof(float)) != 0) bad++;
+    return bad;
+}
+
+static void test_gemm_case(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+                           float beta, int nan_c) {
+    int64_t ar = ta == NM_NO_TRANS ? M : K, ac = ta == NM_NO_TRANS ? K : M;
+    int64_t br = tb == NM_NO_TRANS ? K : N, bc = tb == NM_NO_TRANS ? N : K;
+    int64_t lda = ac + 3, ldb = bc + 2, ldc = N + 5;   // padded: exercises the strides
+    float *A = randn(ar * lda, 1.0f), *Bm = randn(br * ldb, 1.0f);
+    float *C = nan_c ? nans(M * ldc) : randn(M * ldc, 1.0f);
+    float *C0 = copyf(C, M * ldc);
+    ops->gemm(ta, tb, M, N, K, alpha, A, lda, Bm, ldb, beta, C, ldc);
+    double max_err;
+    int bad = gemm_bad(ta, tb, M, N, K, alpha, A, lda, Bm, ldb, beta, C, C0, ldc, &max_err);
     EXPECT(bad == 0, "gemm ta=%d tb=%d M=%lld N=%lld K=%lld beta=%g nan_c=%d: %d bad, max err %.3e", ta, tb,
            (long long)M, (long long)N, (long long)K, beta, nan_c, bad, max_err);
     nm_free(A), nm_free(Bm), nm_free(C), nm_free(C0);
@@ -168,6 +179,45 @@ static void test_gemm(void) {
     // M = 0 and N = 0 touch nothing (NULL pointers are fine).
     ops->gemm(NM_NO_TRANS, NM_NO_TRANS, 0, 4, 3, 1.0f, NULL, 3, NULL, 4, 0.0f, NULL, 4);
     ops->gemm(NM_NO_TRANS, NM_NO_TRANS, 4, 0, 3, 1.0f, NULL, 3, NULL, 1, 0.0f, NULL, 1);
+}
+
+// gemm_grouped: experts-like groups of uneven work (an empty one, and the heaviest last, so the
+// largest-first order has to move it), each group's C against the double reference; the
+// padding of every C untouched. Forward shape (rows as M, beta 0 over NaN) and weight-gradient
+// shape (rows as K, beta 1), every transpose pair.
+static void test_gemm_grouped(void) {
+    printf("gemm_grouped\n");
+    enum { G = 7 };
+    const int64_t rows[G] = {9, 0, 3, 17, 1, 5, 41};
+    for (int shape = 0; shape < 2; shape++) {
+        for (int ta = 0; ta < 2; ta++) {
+            for (int tb = 0; tb < 2; tb++) {
+                nm_gemm_group g[G];
+                float *A[G], *Bm[G], *C[G], *C0[G];
+                float beta = shape == 0 ? 0.0f : 1.0f;
+                for (int i = 0; i < G; i++) {
+                    int64_t M = shape == 0 ? rows[i] : 12, N = 10, K = shape == 0 ? 24 : rows[i];
+                    int64_t ar = ta == NM_NO_TRANS ? M : K, ac = ta == NM_NO_TRANS ? K : M;
+                    int64_t br = tb == NM_NO_TRANS ? K : N, bc = tb == NM_NO_TRANS ? N : K;
+                    int64_t lda = ac + 1, ldb = bc + 2, ldc = N + 3;
+                    A[i] = randn(ar * lda + 1, 1.0f), Bm[i] = randn(br * ldb + 1, 1.0f);
+                    C[i] = shape == 0 ? nans(M * ldc + 1) : randn(M * ldc + 1, 1.0f);
+                    C0[i] = copyf(C[i], M * ldc + 1);
+                    g[i] = (nm_gemm_group){.M = M, .N = N, .K = K, .A = A[i], .lda = lda, .B = Bm[i], .ldb = ldb,
+                                           .C = C[i], .ldc = ldc};
+                }
+                ops->gemm_grouped(ta, tb, 1.0f, beta, g, G);
+                for (int i = 0; i < G; i++) {
+                    double max_err;
+                    int bad = gemm_bad(ta, tb, g[i].M, g[i].N, g[i].K, 1.0f, A[i], g[i].lda, Bm[i], g[i].ldb, beta, C[i],
+                                       C0[i], g[i].ldc, &max_err);
+                    EXPECT(bad == 0, "gemm_grouped shape %d ta=%d tb=%d group %d (M=%lld K=%lld): %d bad, max err %.3e",
+                           shape, ta, tb, i, (long long)g[i].M, (long long)g[i].K, bad, max_err);
+                    nm_free(A[i]), nm_free(Bm[i]), nm_free(C[i]), nm_free(C0[i]);
+                }
+            }
+        }
+    }
 }
 
 // --- elementwise / memory -------------------------------------------------------------------
@@ -836,6 +886,7 @@ int main(void) {
     g_key = nm_rng_key(test_seed("test_ops"), NM_RNG_TEST, 0, 0);
     ops = nm_ops_cpu();
     test_gemm();
+    test_gemm_grouped();
     test_memory_ops();
     test_embedding();
     test_rmsnorm();

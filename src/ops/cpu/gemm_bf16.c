@@ -173,6 +173,27 @@ static void cast_bf16_2d(uint16_t *dst, const float *src, int64_t ld, int64_t ro
     }
 }
 
+// An NM_F32_BF16 operand (rows, cols; leading dimension ld) claims bf16 values in fp32 storage:
+// the low 16 bits of every element zero. A caller that labels an unrounded tensor so would make
+// widen multiply unrounded values where oneDNN rounds them, a difference too small for a loss
+// comparison to tell from summation order. Debug builds check every element (`make sanitize`
+// runs the model's bf16 paths, test_vocab_tile); release builds trust the label, since the
+// check is one more pass over the operand, the pass the label saves.
+static void check_rounded(const void *x, nm_dtype type, int64_t rows, int64_t cols, int64_t ld) {
+#ifndef NDEBUG
+    if (type != NM_F32_BF16) return;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint32_t *u = (const uint32_t *)x + r * ld;
+        for (int64_t c = 0; c < cols; c++) {
+            NM_CHECK((u[c] & 0xffffu) == 0, "gemm_bf16: operand labelled NM_F32_BF16 holds 0x%08x at row %lld col %lld, "
+                     "not a bf16 value (round it with round_bf16 first)", (unsigned)u[c], (long long)r, (long long)c);
+        }
+    }
+#else
+    (void)x, (void)type, (void)rows, (void)cols, (void)ld;
+#endif
+}
+
 // The bf16 view of an operand stored (rows, cols) with leading dimension *ld: itself when it
 // is bf16 already, else its rounding into scratch, packed (*ld becomes cols).
 static const uint16_t *as_bf16(nm_bf16_scratch *s, const void *x, nm_dtype type, int64_t rows,
@@ -180,6 +201,7 @@ static const uint16_t *as_bf16(nm_bf16_scratch *s, const void *x, nm_dtype type,
     if (type == NM_BF16) return x;
     // NM_F32_BF16 holds bf16 values: the cast below is exact for them
     NM_CHECK(type == NM_F32 || type == NM_F32_BF16, "gemm_bf16 operand type %d", (int)type);
+    check_rounded(x, type, rows, cols, *ld);
     uint16_t *dst = scratch_reserve(s, (size_t)rows * (size_t)cols);
     cast_bf16_2d(dst, x, *ld, rows, cols);
     *ld = cols;
@@ -224,7 +246,10 @@ static void widen_rows(float *dst, const void *x, nm_dtype type, int64_t rows, i
 // packed into scratch (*ld becomes cols).
 static const float *as_widened(nm_f32_scratch *s, const void *x, nm_dtype type, int64_t rows, int64_t cols,
                                int64_t *ld) {
-    if (type == NM_F32_BF16) return x;
+    if (type == NM_F32_BF16) {
+        check_rounded(x, type, rows, cols, *ld);
+        return x;
+    }
     NM_CHECK(type == NM_F32 || type == NM_BF16, "gemm_bf16 operand type %d", (int)type);
     float *dst = f32_scratch_reserve(s, (size_t)rows * (size_t)cols);
     int64_t ldx = *ld;
@@ -418,6 +443,8 @@ void nm_cpu_gemm_bf16_grouped(nm_transpose ta, nm_transpose tb, float alpha, flo
             nm_gemm_group *y = &grouped.groups[i - g0];
             *y = *x;
             if (x->M == 0 || x->N == 0) continue;
+            check_rounded(x->A, a_type, ta == NM_NO_TRANS ? x->M : x->K, ta == NM_NO_TRANS ? x->K : x->M, x->lda);
+            check_rounded(x->B, b_type, tb == NM_NO_TRANS ? x->K : x->N, tb == NM_NO_TRANS ? x->N : x->K, x->ldb);
             // row-major op(A) (M,K) is stored (M,K) or (K,M); op(B) (K,N) as (K,N) or (N,K)
             if (a_type != NM_F32_BF16) {
                 y->A = buf + at;
