@@ -1,6 +1,7 @@
 // linear.c: the model's linear layer, y = x W^T with PyTorch [out, in] weights, forward and
 // both backward GEMMs, each dispatched to the fp32, bf16 or fp8 GEMM by the weight's precision
-// (dsv3-spec 6.5, 9.10). Every block calls these; they call only the ops table.
+// (dsv3-spec 6.5, 9.10). Every block calls these; they call only the ops table. A bf16 GEMM's
+// rounded activation operand is read from its bf16 twin where it has one (bf16_twin.c).
 #include "model/model_internal.h"
 
 // The precision a weight's GEMMs run in. The router always stays fp32 (dsv3-spec 9.10); in
@@ -23,10 +24,12 @@ void nm_linear_forward(const nm_model *m, float *out, int64_t ld_out, const floa
                        int64_t ld_inp, const float *W, int64_t ldw, int64_t N, int64_t IC, int64_t OC, float beta) {
     size_t off = (size_t)(W - m->params);
     switch (weight_precision(m, off)) {
-    case NM_PRECISION_BF16:
-        m->ops->gemm_bf16(NM_NO_TRANS, NM_TRANS, N, OC, IC, 1.0f, inp, inp_t, ld_inp, nm_weight_bf16(m, off), m->weights_bf16_type,
+    case NM_PRECISION_BF16: {
+        const void *a = nm_bf16_operand(m, inp, &inp_t, N, IC, ld_inp);
+        m->ops->gemm_bf16(NM_NO_TRANS, NM_TRANS, N, OC, IC, 1.0f, a, inp_t, ld_inp, nm_weight_bf16(m, off), m->weights_bf16_type,
                           ldw, beta, out, ld_out);
         break;
+    }
     case NM_PRECISION_FP8:
         m->ops->gemm_fp8(NM_NO_TRANS, NM_TRANS, N, OC, IC, 1.0f, inp, ld_inp, W, ldw, NM_FP8_WEIGHT, beta, out, ld_out);
         break;
@@ -41,10 +44,12 @@ void nm_linear_backward_input(const nm_model *m, float *dinp, int64_t ld_dinp, c
                               float beta) {
     size_t off = (size_t)(W - m->params);
     switch (weight_precision(m, off)) {
-    case NM_PRECISION_BF16:
-        m->ops->gemm_bf16(NM_NO_TRANS, NM_NO_TRANS, N, IC, OC, 1.0f, dout, dout_t, ld_dout, nm_weight_bf16(m, off),
+    case NM_PRECISION_BF16: {
+        const void *a = nm_bf16_operand(m, dout, &dout_t, N, OC, ld_dout);
+        m->ops->gemm_bf16(NM_NO_TRANS, NM_NO_TRANS, N, IC, OC, 1.0f, a, dout_t, ld_dout, nm_weight_bf16(m, off),
                           m->weights_bf16_type, ldw, beta, dinp, ld_dinp);
         break;
+    }
     case NM_PRECISION_FP8:
         m->ops->gemm_fp8(NM_NO_TRANS, NM_NO_TRANS, N, IC, OC, 1.0f, dout, ld_dout, W, ldw, NM_FP8_WEIGHT, beta, dinp, ld_dinp);
         break;
@@ -59,10 +64,12 @@ void nm_linear_backward_weight(const nm_model *m, float *dW, int64_t ldw, const 
                                int64_t IC, int64_t OC) {
     size_t off = (size_t)(dW - m->grads);
     switch (weight_precision(m, off)) {
-    case NM_PRECISION_BF16:
-        m->ops->gemm_bf16(NM_TRANS, NM_NO_TRANS, OC, IC, N, 1.0f, dout, dout_t, ld_dout, inp, inp_t, ld_inp, 1.0f, dW,
-                          ldw);
+    case NM_PRECISION_BF16: {
+        const void *a = nm_bf16_operand(m, dout, &dout_t, N, OC, ld_dout);
+        const void *b = nm_bf16_operand(m, inp, &inp_t, N, IC, ld_inp);
+        m->ops->gemm_bf16(NM_TRANS, NM_NO_TRANS, OC, IC, N, 1.0f, a, dout_t, ld_dout, b, inp_t, ld_inp, 1.0f, dW, ldw);
         break;
+    }
     case NM_PRECISION_FP8:
         m->ops->gemm_fp8(NM_TRANS, NM_NO_TRANS, OC, IC, N, 1.0f, dout, ld_dout, inp, ld_inp, NM_FP8_ACTIVATION, 1.0f, dW, ldw);
         break;

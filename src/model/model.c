@@ -370,6 +370,7 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
         if (nm_layer_is_moe(cfg, l)) m->moe_layer_ids[m->n_moe++] = (int)l;
     }
     m->groups = nm_calloc((size_t)(cfg->E > 0 ? cfg->E : 1), sizeof(nm_gemm_group));
+    m->twins = nm_bf16_twins_create();
     m->expert_counts = nm_calloc((size_t)(m->n_moe > 0 ? m->n_moe : 1) * (size_t)(cfg->E > 0 ? cfg->E : 1), sizeof(int64_t));
     *out = m;
     return 0;
@@ -381,6 +382,7 @@ void nm_model_destroy(nm_model *m) {
     nm_free(m->params);
     nm_free(m->grads);
     nm_free(m->weights_bf16);
+    nm_bf16_twins_destroy(m->twins);
     nm_free(m->arena);
     nm_free(m->block_sets);
     nm_free(m->mtp_sets);

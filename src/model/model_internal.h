@@ -93,6 +93,8 @@ typedef struct model_slot {
     int have_forward;
 } model_slot;
 
+typedef struct nm_bf16_twins nm_bf16_twins;
+
 struct nm_model {
     nm_model_config cfg;        // copy (json_text/source_path borrowed from the caller's config)
     const nm_ops *ops;
@@ -104,6 +106,7 @@ struct nm_model {
     // NULL; stored as ops->gemm_bf16_weight_type says (bf16, or fp32 holding bf16 values)
     void *weights_bf16;
     nm_dtype weights_bf16_type;
+    nm_bf16_twins *twins;       // bf16 copies of rounded activations (bf16_twin.c)
     int params_changed;         // params may differ from weights_bf16
     int64_t B_max, T_max;
     int recompute;              // keep only block inputs/outputs; re-run each block's forward in backward
@@ -229,9 +232,19 @@ void nm_linear_backward_weight(const nm_model *m, float *dW, int64_t ldw, const 
 // fp32 consumer, e.g. the router on the FFN norm output, would see rounded values), so the
 // GEMMs see the same operands as when they rounded per call. No-op in fp32 and fp8 (the fp8
 // GEMMs quantise their own fp32 inputs).
-static inline void nm_round_act(const nm_model *m, float *x, int64_t n) {
-    if (m->precision == NM_PRECISION_BF16) m->ops->round_bf16(x, x, n);
-}
+// With a bf16 GEMM that reads bf16 storage (oneDNN's), the rounding also writes a bf16 copy
+// (bf16_twin.c) that nm_bf16_operand hands the GEMM instead of the fp32 storage.
+void nm_round_act(const nm_model *m, float *x, int64_t n);
+// The storage a bf16 GEMM reads for operand x (rows, cols; leading dimension ld) of type
+// *type: its bf16 twin (and *type = NM_BF16) when it is NM_F32_BF16 and covered by one, else x.
+const void *nm_bf16_operand(const nm_model *m, const float *x, nm_dtype *type, int64_t rows, int64_t cols,
+                            int64_t ld);
+// The same for the groups of a grouped bf16 GEMM, in place: all of one operand, or none.
+void nm_bf16_operand_groups(const nm_model *m, nm_gemm_group *groups, int64_t n, nm_transpose ta, nm_transpose tb,
+                            nm_dtype *a_type, nm_dtype *b_type);
+nm_bf16_twins *nm_bf16_twins_create(void);
+void nm_bf16_twins_destroy(nm_bf16_twins *t);
+int64_t nm_bf16_twins_bytes(const nm_bf16_twins *t);  // storage the twins hold
 static inline nm_dtype nm_act_type(const nm_model *m) {
     return m->precision == NM_PRECISION_BF16 ? NM_F32_BF16 : NM_F32;
 }

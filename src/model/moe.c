@@ -45,10 +45,12 @@ static void groups_wgrad(nm_model *m, const int32_t *offsets, int64_t M, int64_t
 }
 
 // The experts' groups in m->groups through the fp32 or the bf16 grouped GEMM (alpha 1).
+// bf16: rounded activation operands are read from their bf16 twins where they have them.
 static void grouped(nm_model *m, nm_transpose ta, nm_transpose tb, float beta, nm_dtype a_type, nm_dtype b_type) {
-    if (m->precision == NM_PRECISION_BF16)
+    if (m->precision == NM_PRECISION_BF16) {
+        nm_bf16_operand_groups(m, m->groups, m->E_loc, ta, tb, &a_type, &b_type);
         m->ops->gemm_bf16_grouped(ta, tb, 1.0f, beta, m->groups, m->E_loc, a_type, b_type);
-    else m->ops->gemm_grouped(ta, tb, 1.0f, beta, m->groups, m->E_loc);
+    } else m->ops->gemm_grouped(ta, tb, 1.0f, beta, m->groups, m->E_loc);
 }
 
 // gate_up = x . W_gate_up^T ; act = swiglu(gate_up) ; out = act . W_down^T, per expert over
@@ -78,13 +80,13 @@ void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_
         const char *Wb = nm_weight_bf16(m, w->experts);
         nm_dtype w_t = m->weights_bf16_type;
         size_t elem = w_t == NM_BF16 ? sizeof(uint16_t) : sizeof(float);
-        ops->round_bf16(x, x, rows * D);
+        nm_round_act(m, x, rows * D);
         groups_rows(m, offsets, 2 * Fe, D, x, D, Wb, elem, stride, D, gate_up, 2 * Fe);
-        ops->gemm_bf16_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->groups, E, NM_F32_BF16, w_t);
+        grouped(m, NM_NO_TRANS, NM_TRANS, 0.0f, NM_F32_BF16, w_t);
         ops->swiglu_forward(act, gate_up, rows, Fe);
-        ops->round_bf16(act, act, rows * Fe);
+        nm_round_act(m, act, rows * Fe);
         groups_rows(m, offsets, D, Fe, act, Fe, Wb + down * elem, elem, stride, Fe, out, D);
-        ops->gemm_bf16_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->groups, E, NM_F32_BF16, w_t);
+        grouped(m, NM_NO_TRANS, NM_TRANS, 0.0f, NM_F32_BF16, w_t);
         return;
     }
     for (int64_t e = 0; e < E; e++) {
@@ -118,14 +120,14 @@ void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32
         const void *Wrows = bf16 ? nm_weight_bf16(m, w->experts) : (const void *)W0;
         nm_dtype act_t = bf16 ? NM_F32_BF16 : NM_F32, w_t = bf16 ? m->weights_bf16_type : NM_F32;
         size_t elem = w_t == NM_BF16 ? sizeof(uint16_t) : sizeof(float);
-        if (bf16) ops->round_bf16(d_out, d_out, rows * D);
+        nm_round_act(m, d_out, rows * D);  // no-op in fp32
         // out = act . W_down^T: d_act = d_out . W_down ; dW_down += d_out^T act
         groups_rows(m, offsets, Fe, D, d_out, D, (const char *)Wrows + down * elem, elem, stride, Fe, d_act, Fe);
         grouped(m, NM_NO_TRANS, NM_NO_TRANS, 0.0f, act_t, w_t);
         groups_wgrad(m, offsets, D, Fe, d_out, D, act, Fe, dW0 + down, stride, Fe);
         grouped(m, NM_TRANS, NM_NO_TRANS, 1.0f, act_t, act_t);
         ops->swiglu_backward(d_gate_up, d_act, gate_up, rows, Fe);
-        if (bf16) ops->round_bf16(d_gate_up, d_gate_up, rows * 2 * Fe);
+        nm_round_act(m, d_gate_up, rows * 2 * Fe);
         // gate_up = x . W_gate_up^T: dW_gate_up += d_gate_up^T x ; d_x = d_gate_up . W_gate_up
         groups_wgrad(m, offsets, 2 * Fe, D, d_gate_up, 2 * Fe, x, D, dW0, stride, D);
         grouped(m, NM_TRANS, NM_NO_TRANS, 1.0f, act_t, act_t);
