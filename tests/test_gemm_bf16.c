@@ -8,8 +8,9 @@
 // 3. Against the unrounded fp32 inputs the error must be that of bf16 (~2^-9 per input),
 //    which proves the operands are rounded rather than multiplied in fp32.
 // 4. No allocation once the scratch has seen the largest shape (nm_alloc_count).
-// 5. round_bf16 (in place and out of place, fp32 storage) against the same independent rounding; operands of
-//    type NM_F32_BF16 (fp32 storage holding bf16 values) in every case of 2.
+// 5. round_bf16 (in place and out of place, fp32 storage) and round_cast_bf16 (both of its outputs)
+//    against the same independent rounding; operands of type NM_F32_BF16 (fp32 storage holding
+//    bf16 values) in every case of 2.
 // 6. gemm_bf16_grouped: groups of different row counts (0 included) with every operand type,
 //    each group's C against the double-precision reference of 2.
 // `test_gemm_bf16 --bench` prints GFLOP/s against cblas_sgemm on the same shapes.
@@ -325,6 +326,36 @@ static void test_round(void) {
     nm_free(y);
 }
 
+// round_cast_bf16: fp32 storage rounded in place and the bf16 copy, both against the reference.
+static void test_round_cast(void) {
+    int64_t n = (1 << 17) + 7;  // the parallel path, and a tail
+    float *x = nm_malloc((size_t)n * sizeof(float)), *y = nm_malloc((size_t)n * sizeof(float));
+    uint16_t *h = nm_malloc((size_t)n * sizeof(uint16_t));
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t r = nm_rng_u64(g_key, g_ctr++);
+        x[i] = from_bits((uint32_t)(r & 0x807fffffu) | (uint32_t)((87 + (r >> 32) % 80) << 23));
+    }
+    x[0] = from_bits(0x3f808000u);  // ties to even, down and up
+    x[1] = from_bits(0x3f818000u);
+    x[2] = NAN;
+    memcpy(y, x, (size_t)n * sizeof(float));
+    ops->round_cast_bf16(y, h, n);
+    int64_t bad_f = 0, bad_h = 0;
+    for (int64_t i = 3; i < n; i++) {
+        bad_f += bits(y[i]) != (uint32_t)ref_bf16(x[i]) << 16;
+        bad_h += h[i] != ref_bf16(x[i]);
+    }
+    EXPECT(bad_f == 0 && bad_h == 0, "round_cast_bf16: %lld fp32 and %lld bf16 of %lld differ from the reference",
+           (long long)bad_f, (long long)bad_h, (long long)n);
+    EXPECT(h[0] == 0x3f80 && h[1] == 0x3f82 && bits(y[0]) == 0x3f800000u && bits(y[1]) == 0x3f820000u,
+           "round_cast_bf16 ties: 0x%04x 0x%04x", h[0], h[1]);
+    EXPECT(isnan(y[2]) && (h[2] & 0x7f80) == 0x7f80 && (h[2] & 0x7f) != 0, "round_cast_bf16 NaN: %g 0x%04x",
+           (double)y[2], h[2]);
+    nm_free(x);
+    nm_free(y);
+    nm_free(h);
+}
+
 // --- 6. grouped ------------------------------------------------------------------------------
 
 // Experts-like groups: the same N, K per call, different row counts M (0 included) in forward
@@ -476,6 +507,7 @@ int main(int argc, char **argv) {
     test_cast();
     test_gemm();
     test_round();
+    test_round_cast();
     test_grouped();
     test_threads();
     printf("gemm_bf16: largest error %.3g of the tolerance bound\n", g_worst);

@@ -78,8 +78,10 @@ static nm_bf16_twin *twin_slot(nm_bf16_twins *t, const float *x, int64_t n) {
 
 void nm_round_act(const nm_model *m, float *x, int64_t n) {
     if (m->precision != NM_PRECISION_BF16 || n <= 0) return;
-    m->ops->round_bf16(x, x, n);
-    if (!twins_in_use(m)) return;
+    if (!twins_in_use(m)) {
+        m->ops->round_bf16(x, x, n);
+        return;
+    }
     nm_bf16_twins *t = m->twins;
     for (int i = 0; i < t->count; i++) {
         if (t->items[i].base != x && overlaps(&t->items[i], x, n)) t->items[i].n = 0;
@@ -94,7 +96,7 @@ void nm_round_act(const nm_model *m, float *x, int64_t n) {
     }
     w->base = x;
     w->n = n;
-    m->ops->cast_bf16(w->bits, x, n);  // exact: x holds bf16 values now
+    m->ops->round_cast_bf16(x, w->bits, n);
 }
 
 // Debug builds: the twin holds exactly the bf16 values of the fp32 storage it stands for.

@@ -30,6 +30,7 @@ void nm_cpu_gemm_bf16(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, in
                       int64_t ldb, float beta, float *C, int64_t ldc);
 void nm_cpu_cast_bf16(uint16_t *dst, const float *src, int64_t n);
 void nm_cpu_round_bf16(float *dst, const float *src, int64_t n);
+void nm_cpu_round_cast_bf16(float *x, uint16_t *bits, int64_t n);
 nm_dtype nm_cpu_gemm_bf16_weight_type(void);
 void nm_cpu_gemm_bf16_grouped(nm_transpose ta, nm_transpose tb, float alpha, float beta, const nm_gemm_group *groups,
                               int64_t n, nm_dtype a_type, nm_dtype b_type);

@@ -277,6 +277,18 @@ void nm_cpu_round_bf16(float *dst, const float *src, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(f32_to_bf16(src[i]));
 }
 
+// x(n) (=) bf16(x) in place, bits(n) (=) the same values in bf16 storage: one pass where
+// round_bf16 then cast_bf16 read x twice (the bf16 twin of an activation, bf16_twin.c).
+void nm_cpu_round_cast_bf16(float *x, uint16_t *bits, int64_t n) {
+    NM_CHECK(n >= 0, "round_cast_bf16 n=%lld", (long long)n);
+#pragma omp parallel for schedule(static) if (n >= NM_BF16_PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i++) {
+        uint16_t h = f32_to_bf16(x[i]);
+        bits[i] = h;
+        x[i] = bf16_to_f32(h);
+    }
+}
+
 // widen multiplies fp32 operands: a weight kept as NM_F32_BF16 is read with no conversion,
 // where an NM_BF16 one is widened on every call (twice per step: forward and input gradient).
 nm_dtype nm_cpu_gemm_bf16_weight_type(void) {
