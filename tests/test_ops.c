@@ -36,6 +36,7 @@ static const nm_ops *ops;
 #define FD_H 1e-2
 
 #include "test_util.h"
+#include "bf16_ref.h"
 
 // --- helpers --------------------------------------------------------------------------------
 
@@ -342,6 +343,47 @@ static void test_swiglu(void) {
     ops->swiglu_backward(dgu, &one, gu, 1, 1);
     EXPECT(isfinite(o) && isfinite(dgu[0]) && isfinite(dgu[1]), "swiglu tail: %g %g %g", o, dgu[0], dgu[1]);
     nm_free(c.gu), nm_free(c.out), nm_free(c.r), nm_free(g);
+}
+
+// The bf16 variants: bit for bit the fp32 op's output rounded by the tests' own rounding, in
+// the fp32 storage and (when asked) the bf16 copy; with NaN in and out. Exact, not a tolerance:
+// rounding is deterministic, and the fp32 op is the one checked above.
+static int64_t bf16_mismatches(const float *rounded, const uint16_t *h, const float *exact, int64_t n) {
+    int64_t bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (isnan(exact[i])) {
+            bad += !isnan(rounded[i]) || (h && !isnan(bf16_to_f32(h[i])));
+            continue;
+        }
+        uint16_t want = ref_bf16(exact[i]);
+        bad += bits(rounded[i]) != (uint32_t)want << 16 || (h && h[i] != want);
+    }
+    return bad;
+}
+
+static void test_swiglu_bf16(void) {
+    printf("swiglu bf16\n");
+    enum { N = 37, F = 67 };  // odd sizes: vector tails
+    float *gu = randn(N * 2 * F, 3.0f), *dout = randn(N * F, 1.0f);
+    gu[5] = NAN;
+    float *out = nans(N * F), *ref = nans(N * F), *dgu = nans(N * 2 * F), *dref = nans(N * 2 * F);
+    uint16_t *h = nm_malloc(N * 2 * F * sizeof(uint16_t));
+    ops->swiglu_forward(ref, gu, N, F);
+    ops->swiglu_backward(dref, dout, gu, N, F);
+    for (int with_bits = 0; with_bits < 2; with_bits++) {
+        uint16_t *hb = with_bits ? h : NULL;
+        ops->swiglu_forward_bf16(out, hb, gu, N, F);
+        int64_t bad = bf16_mismatches(out, hb, ref, N * F);
+        EXPECT(bad == 0, "swiglu_forward_bf16 (bits %d): %lld of %d differ from bf16(swiglu_forward)", with_bits,
+               (long long)bad, N * F);
+        ops->swiglu_backward_bf16(dgu, hb, dout, gu, N, F);
+        bad = bf16_mismatches(dgu, hb, dref, N * 2 * F);
+        EXPECT(bad == 0, "swiglu_backward_bf16 (bits %d): %lld of %d differ from bf16(swiglu_backward)", with_bits,
+               (long long)bad, N * 2 * F);
+    }
+    EXPECT(isnan(out[5]) && isnan(dgu[5]) && isnan(dgu[F + 5]), "swiglu bf16 NaN: %g %g %g", (double)out[5],
+           (double)dgu[5], (double)dgu[F + 5]);
+    nm_free(gu), nm_free(dout), nm_free(out), nm_free(ref), nm_free(dgu), nm_free(dref), nm_free(h);
 }
 
 // --- rope -------------------------------------------------------------------------------------
@@ -891,6 +933,7 @@ int main(void) {
     test_embedding();
     test_rmsnorm();
     test_swiglu();
+    test_swiglu_bf16();
     test_rope();
     test_attention();
     test_xent();

@@ -76,13 +76,9 @@ static nm_bf16_twin *twin_slot(nm_bf16_twins *t, const float *x, int64_t n) {
     return w;
 }
 
-void nm_round_act(const nm_model *m, float *x, int64_t n) {
-    if (m->precision != NM_PRECISION_BF16 || n <= 0) return;
-    if (!twins_in_use(m)) {
-        m->ops->round_bf16(x, x, n);
-        return;
-    }
-    nm_bf16_twins *t = m->twins;
+// The twin of x(n) about to be rewritten with bf16 values: every other twin it overlaps is
+// dropped (their bytes change), its own storage grown if needed.
+static uint16_t *claim_twin(nm_bf16_twins *t, const float *x, int64_t n) {
     for (int i = 0; i < t->count; i++) {
         if (t->items[i].base != x && overlaps(&t->items[i], x, n)) t->items[i].n = 0;
     }
@@ -96,7 +92,35 @@ void nm_round_act(const nm_model *m, float *x, int64_t n) {
     }
     w->base = x;
     w->n = n;
-    m->ops->round_cast_bf16(x, w->bits, n);
+    return w->bits;
+}
+
+void nm_round_act(const nm_model *m, float *x, int64_t n) {
+    if (m->precision != NM_PRECISION_BF16 || n <= 0) return;
+    if (!twins_in_use(m)) {
+        m->ops->round_bf16(x, x, n);
+        return;
+    }
+    m->ops->round_cast_bf16(x, claim_twin(m->twins, x, n), n);
+}
+
+void nm_swiglu_forward(const nm_model *m, float *act, const float *gate_up, int64_t N, int64_t F) {
+    if (m->precision != NM_PRECISION_BF16) {
+        m->ops->swiglu_forward(act, gate_up, N, F);
+        return;
+    }
+    uint16_t *bits = twins_in_use(m) && N * F > 0 ? claim_twin(m->twins, act, N * F) : NULL;
+    m->ops->swiglu_forward_bf16(act, bits, gate_up, N, F);
+}
+
+void nm_swiglu_backward(const nm_model *m, float *d_gate_up, const float *d_act, const float *gate_up, int64_t N,
+                        int64_t F) {
+    if (m->precision != NM_PRECISION_BF16) {
+        m->ops->swiglu_backward(d_gate_up, d_act, gate_up, N, F);
+        return;
+    }
+    uint16_t *bits = twins_in_use(m) && N * F > 0 ? claim_twin(m->twins, d_gate_up, N * 2 * F) : NULL;
+    m->ops->swiglu_backward_bf16(d_gate_up, bits, d_act, gate_up, N, F);
 }
 
 // Debug builds: the twin holds exactly the bf16 values of the fp32 storage it stands for.

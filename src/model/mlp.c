@@ -4,26 +4,22 @@
 
 void nm_mlp_forward(nm_model *m, float *out, float *gate_up, float *act, const float *f, size_t w_gate_up,
                     size_t w_down, int64_t N, int64_t F) {
-    const nm_ops *ops = m->ops;
     const float *P = m->params;
     int64_t D = m->cfg.D;
     nm_linear_forward(m, gate_up, 2 * F, f, NM_F32, D, P + w_gate_up, D, N, D, 2 * F, 0.0f);
-    ops->swiglu_forward(act, gate_up, N, F);
-    nm_round_act(m, act, N * F);  // read by the down projection and its weight gradient only
+    nm_swiglu_forward(m, act, gate_up, N, F);  // bf16: rounded, as only bf16 GEMMs read act
     nm_linear_forward(m, out, D, act, nm_act_type(m), F, P + w_down, F, N, F, D, 1.0f);
 }
 
 void nm_mlp_backward(nm_model *m, float *d_f, float beta, const float *d_out, const float *gate_up, const float *act,
                      const float *f, size_t w_gate_up, size_t w_down, int64_t N, int64_t F) {
-    const nm_ops *ops = m->ops;
     const float *P = m->params;
     float *G = m->grads;
     int64_t D = m->cfg.D;
     // out += act . W_down^T ; act = swiglu(gate_up) ; gate_up = f . W_gate_up^T
     nm_linear_backward_input(m, m->d_act, F, d_out, NM_F32, D, P + w_down, F, N, F, D, 0.0f);
     nm_linear_backward_weight(m, G + w_down, F, d_out, NM_F32, D, act, nm_act_type(m), F, N, F, D);
-    ops->swiglu_backward(m->d_gate_up, m->d_act, gate_up, N, F);
-    nm_round_act(m, m->d_gate_up, N * 2 * F);
+    nm_swiglu_backward(m, m->d_gate_up, m->d_act, gate_up, N, F);
     nm_linear_backward_weight(m, G + w_gate_up, D, m->d_gate_up, nm_act_type(m), 2 * F, f, NM_F32, D, N, D, 2 * F);
     nm_linear_backward_input(m, d_f, D, m->d_gate_up, nm_act_type(m), 2 * F, P + w_gate_up, D, N, D, 2 * F, beta);
 }

@@ -405,6 +405,7 @@ float *nm_model_params(nm_model *m) {
 int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err) {
     if (p != NM_PRECISION_FP32 && (!m->ops->gemm_bf16 || !m->ops->cast_bf16 || !m->ops->round_bf16 ||
                                    !m->ops->round_cast_bf16 || !m->ops->gemm_bf16_weight_type ||
+                                   !m->ops->swiglu_forward_bf16 || !m->ops->swiglu_backward_bf16 ||
                                    (p == NM_PRECISION_FP8 && !m->ops->gemm_fp8))) {
         return nm_error_set(err, "precision %s: this backend has no %s GEMM", p == NM_PRECISION_FP8 ? "fp8" : "bf16",
                             p == NM_PRECISION_FP8 ? "fp8" : "bf16");

@@ -235,6 +235,12 @@ void nm_linear_backward_weight(const nm_model *m, float *dW, int64_t ldw, const 
 // With a bf16 GEMM that reads bf16 storage (oneDNN's), the rounding also writes a bf16 copy
 // (bf16_twin.c) that nm_bf16_operand hands the GEMM instead of the fp32 storage.
 void nm_round_act(const nm_model *m, float *x, int64_t n);
+// act(N,F) (=) swiglu(gate_up(N,2F)) and d_gate_up(N,2F) (=) its gradient from d_act(N,F);
+// under bf16 the output comes out as nm_round_act would leave it (rounded, with its twin),
+// in the same pass (swiglu_forward_bf16, swiglu_backward_bf16).
+void nm_swiglu_forward(const nm_model *m, float *act, const float *gate_up, int64_t N, int64_t F);
+void nm_swiglu_backward(const nm_model *m, float *d_gate_up, const float *d_act, const float *gate_up, int64_t N,
+                        int64_t F);
 // The storage a bf16 GEMM reads for operand x (rows, cols; leading dimension ld) of type
 // *type: its bf16 twin (and *type = NM_BF16) when it is NM_F32_BF16 and covered by one, else x.
 const void *nm_bf16_operand(const nm_model *m, const float *x, nm_dtype *type, int64_t rows, int64_t cols,

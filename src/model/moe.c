@@ -83,8 +83,7 @@ void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_
         nm_round_act(m, x, rows * D);
         groups_rows(m, offsets, 2 * Fe, D, x, D, Wb, elem, stride, D, gate_up, 2 * Fe);
         grouped(m, NM_NO_TRANS, NM_TRANS, 0.0f, NM_F32_BF16, w_t);
-        ops->swiglu_forward(act, gate_up, rows, Fe);
-        nm_round_act(m, act, rows * Fe);
+        nm_swiglu_forward(m, act, gate_up, rows, Fe);  // rounded
         groups_rows(m, offsets, D, Fe, act, Fe, Wb + down * elem, elem, stride, Fe, out, D);
         grouped(m, NM_NO_TRANS, NM_TRANS, 0.0f, NM_F32_BF16, w_t);
         return;
@@ -126,8 +125,7 @@ void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32
         grouped(m, NM_NO_TRANS, NM_NO_TRANS, 0.0f, act_t, w_t);
         groups_wgrad(m, offsets, D, Fe, d_out, D, act, Fe, dW0 + down, stride, Fe);
         grouped(m, NM_TRANS, NM_NO_TRANS, 1.0f, act_t, act_t);
-        ops->swiglu_backward(d_gate_up, d_act, gate_up, rows, Fe);
-        nm_round_act(m, d_gate_up, rows * 2 * Fe);
+        nm_swiglu_backward(m, d_gate_up, d_act, gate_up, rows, Fe);  // rounded in bf16
         // gate_up = x . W_gate_up^T: dW_gate_up += d_gate_up^T x ; d_x = d_gate_up . W_gate_up
         groups_wgrad(m, offsets, 2 * Fe, D, d_gate_up, 2 * Fe, x, D, dW0, stride, D);
         grouped(m, NM_TRANS, NM_NO_TRANS, 1.0f, act_t, act_t);

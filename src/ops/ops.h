@@ -138,6 +138,12 @@ typedef struct nm_ops {
     void (*swiglu_forward)(float *out, const float *gate_up, int64_t N, int64_t F);
     // dgate_up(N,2F) (=).
     void (*swiglu_backward)(float *dgate_up, const float *dout, const float *gate_up, int64_t N, int64_t F);
+    // bf16: the same, the output rounded to bf16 in its fp32 storage (as round_bf16 after the
+    // op would) and, when bits is not NULL, also written as bf16 to bits (out's shape): the
+    // rounding and the twin's cast (round_cast_bf16) without two more passes over the output.
+    void (*swiglu_forward_bf16)(float *out, uint16_t *bits, const float *gate_up, int64_t N, int64_t F);
+    void (*swiglu_backward_bf16)(float *dgate_up, uint16_t *bits, const float *dout, const float *gate_up,
+                                 int64_t N, int64_t F);
 
     // --- RoPE on adjacent pairs (dsv3-spec 4.2), in place -------------------------------------
     // x is (B, T, n_heads, head_dim); channels [offset, offset+Dr) of every head are rotated

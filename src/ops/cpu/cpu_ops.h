@@ -56,6 +56,9 @@ void nm_cpu_rmsnorm_backward(float *dinp, float *dw, const float *dout, const fl
 // --- swiglu.c -----------------------------------------------------------------------------
 void nm_cpu_swiglu_forward(float *out, const float *gate_up, int64_t N, int64_t F);
 void nm_cpu_swiglu_backward(float *dgate_up, const float *dout, const float *gate_up, int64_t N, int64_t F);
+void nm_cpu_swiglu_forward_bf16(float *out, uint16_t *bits, const float *gate_up, int64_t N, int64_t F);
+void nm_cpu_swiglu_backward_bf16(float *dgate_up, uint16_t *bits, const float *dout, const float *gate_up,
+                                 int64_t N, int64_t F);
 
 // --- rope.c -------------------------------------------------------------------------------
 void nm_cpu_rope_forward(float *x, const float *cos, const float *sin, int64_t B, int64_t T,

@@ -59,6 +59,7 @@
 
 #include "core/check.h"
 #include "ops/cpu/cpu_ops.h"
+#include "ops/cpu/bf16.h"
 
 #define NM_DNNL_CHECK(expr)                                                                \
     do {                                                                                   \
@@ -141,26 +142,13 @@ static uint16_t *scratch_reserve(nm_bf16_scratch *s, size_t n) {
 
 // --- fp32 -> bf16 ----------------------------------------------------------------------------
 
-// Round to nearest even on the 16 dropped bits: adding 0x7fff plus the lowest kept bit
-// carries into the kept half exactly when the dropped half is above 0x8000, or equal to it
-// with an odd kept half. Overflow rounds to inf as it should. NaN would carry into the
-// exponent (or turn into inf), so it is kept as a quiet NaN with its sign and top payload
-// instead. Branch-free so the loops below vectorise.
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    uint32_t quiet_nan = (u >> 16) | 0x40u;
-    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
-}
-
 // Below this many elements the conversion is cheaper than waking the OpenMP team.
 #define NM_BF16_PARALLEL_MIN (1 << 16)
 
 void nm_cpu_cast_bf16(uint16_t *dst, const float *src, int64_t n) {
     NM_CHECK(n >= 0, "cast_bf16 n=%lld", (long long)n);
 #pragma omp parallel for schedule(static) if (n >= NM_BF16_PARALLEL_MIN)
-    for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+    for (int64_t i = 0; i < n; i++) dst[i] = nm_cpu_f32_to_bf16(src[i]);
 }
 
 // dst(rows, cols) packed (=) bf16 of src(rows, cols) with leading dimension ld.
@@ -169,7 +157,7 @@ static void cast_bf16_2d(uint16_t *dst, const float *src, int64_t ld, int64_t ro
     for (int64_t r = 0; r < rows; r++) {
         const float *s = src + r * ld;
         uint16_t *d = dst + r * cols;
-        for (int64_t c = 0; c < cols; c++) d[c] = f32_to_bf16(s[c]);
+        for (int64_t c = 0; c < cols; c++) d[c] = nm_cpu_f32_to_bf16(s[c]);
     }
 }
 
@@ -219,13 +207,6 @@ static float *f32_scratch_reserve(nm_f32_scratch *s, size_t n) {
     return s->data;
 }
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
 // dst(rows, cols) packed (=) the fp32 value of the bf16 operand x (rows, cols; leading dimension
 // ld): exact widening of bf16 storage, or the bf16 rounding of fp32 storage. One thread.
 static void widen_rows(float *dst, const void *x, nm_dtype type, int64_t rows, int64_t cols, int64_t ld) {
@@ -233,10 +214,10 @@ static void widen_rows(float *dst, const void *x, nm_dtype type, int64_t rows, i
         float *d = dst + r * cols;
         if (type == NM_BF16) {
             const uint16_t *h = (const uint16_t *)x + r * ld;
-            for (int64_t c = 0; c < cols; c++) d[c] = bf16_to_f32(h[c]);
+            for (int64_t c = 0; c < cols; c++) d[c] = nm_cpu_bf16_to_f32(h[c]);
         } else {
             const float *f = (const float *)x + r * ld;
-            for (int64_t c = 0; c < cols; c++) d[c] = bf16_to_f32(f32_to_bf16(f[c]));
+            for (int64_t c = 0; c < cols; c++) d[c] = nm_cpu_bf16_to_f32(nm_cpu_f32_to_bf16(f[c]));
         }
     }
 }
@@ -274,7 +255,7 @@ static const float *as_widened(nm_f32_scratch *s, const void *x, nm_dtype type, 
 void nm_cpu_round_bf16(float *dst, const float *src, int64_t n) {
     NM_CHECK(n >= 0, "round_bf16 n=%lld", (long long)n);
 #pragma omp parallel for schedule(static) if (n >= NM_BF16_PARALLEL_MIN)
-    for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(f32_to_bf16(src[i]));
+    for (int64_t i = 0; i < n; i++) dst[i] = nm_cpu_bf16_to_f32(nm_cpu_f32_to_bf16(src[i]));
 }
 
 // x(n) (=) bf16(x) in place, bits(n) (=) the same values in bf16 storage: one pass where
@@ -283,9 +264,9 @@ void nm_cpu_round_cast_bf16(float *x, uint16_t *bits, int64_t n) {
     NM_CHECK(n >= 0, "round_cast_bf16 n=%lld", (long long)n);
 #pragma omp parallel for schedule(static) if (n >= NM_BF16_PARALLEL_MIN)
     for (int64_t i = 0; i < n; i++) {
-        uint16_t h = f32_to_bf16(x[i]);
+        uint16_t h = nm_cpu_f32_to_bf16(x[i]);
         bits[i] = h;
-        x[i] = bf16_to_f32(h);
+        x[i] = nm_cpu_bf16_to_f32(h);
     }
 }
 

@@ -1,0 +1,27 @@
+// bf16.h: fp32 <-> bf16 conversion for the CPU ops (static inline, branch-free so loops over
+// them vectorise). Shared by the bf16 GEMM's casts and the ops that round what they write
+// (SwiGLU under bf16).
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+// Round to nearest even on the 16 dropped bits: adding 0x7fff plus the lowest kept bit
+// carries into the kept half exactly when the dropped half is above 0x8000, or equal to it
+// with an odd kept half. Overflow rounds to inf as it should. NaN would carry into the
+// exponent (or turn into inf), so it is kept as a quiet NaN with its sign and top payload
+// instead.
+static inline uint16_t nm_cpu_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t quiet_nan = (u >> 16) | 0x40u;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+}
+
+static inline float nm_cpu_bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
