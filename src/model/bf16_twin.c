@@ -123,6 +123,16 @@ void nm_swiglu_backward(const nm_model *m, float *d_gate_up, const float *d_act,
     m->ops->swiglu_backward_bf16(d_gate_up, bits, d_act, gate_up, N, F);
 }
 
+void nm_moe_gather(const nm_model *m, float *dst, const float *src, const int32_t *perm, int64_t N, int64_t K,
+                   int64_t D) {
+    if (m->precision != NM_PRECISION_BF16) {
+        m->ops->moe_gather(dst, src, perm, N, K, D);
+        return;
+    }
+    uint16_t *bits = twins_in_use(m) && N * K * D > 0 ? claim_twin(m->twins, dst, N * K * D) : NULL;
+    m->ops->moe_gather_bf16(dst, bits, src, perm, N, K, D);
+}
+
 // Debug builds: the twin holds exactly the bf16 values of the fp32 storage it stands for.
 static void check_twin(const float *x, const uint16_t *bits, int64_t rows, int64_t cols, int64_t ld) {
 #ifndef NDEBUG

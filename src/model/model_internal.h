@@ -241,6 +241,10 @@ void nm_round_act(const nm_model *m, float *x, int64_t n);
 void nm_swiglu_forward(const nm_model *m, float *act, const float *gate_up, int64_t N, int64_t F);
 void nm_swiglu_backward(const nm_model *m, float *d_gate_up, const float *d_act, const float *gate_up, int64_t N,
                         int64_t F);
+// dst(N*K, D) (=) the rows of src(N, D) in expert order (ops moe_gather); under bf16 rounded,
+// with their twin, as nm_round_act would leave them, in the same pass (moe_gather_bf16).
+void nm_moe_gather(const nm_model *m, float *dst, const float *src, const int32_t *perm, int64_t N, int64_t K,
+                   int64_t D);
 // The storage a bf16 GEMM reads for operand x (rows, cols; leading dimension ld) of type
 // *type: its bf16 twin (and *type = NM_BF16) when it is NM_F32_BF16 and covered by one, else x.
 const void *nm_bf16_operand(const nm_model *m, const float *x, nm_dtype *type, int64_t rows, int64_t cols,
@@ -305,8 +309,9 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
 void nm_moe_backward(nm_model *m, int64_t l, float aux_seed);
 // The routed experts on rows already gathered into expert order: expert e owns rows
 // [offsets[e], offsets[e+1]) of x (rows, D); out (rows, D) (=). gate_up (rows, 2Fe) and act
-// (rows, Fe) are saved for the backward. w: the layer whose experts run. In bf16, x and act
-// are rounded to bf16 in place (they feed only the expert GEMMs).
+// (rows, Fe) are saved for the backward. w: the layer whose experts run. In bf16, x arrives
+// rounded (nm_moe_gather or nm_round_act) and act is rounded where SwiGLU writes it (they feed
+// only the expert GEMMs).
 void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_t *offsets, float *x,
                             float *gate_up, float *act, float *out);
 // Backward of nm_moe_experts_forward: d_x (=) from d_out, experts' weight grads (+=); d_act and

@@ -59,8 +59,9 @@ static void grouped(nm_model *m, nm_transpose ta, nm_transpose tb, float beta, n
 //
 // bf16: x and act are read by nothing but the expert GEMMs (here and their weight gradients in
 // the backward), and a bf16 GEMM rounds its fp32 operands to bf16 anyway. So they are rounded
-// once, in place, where they are produced (as Megatron keeps them in bf16), and every GEMM
-// reads them as they are (NM_F32_BF16): the same operand values as rounding per GEMM call.
+// once, in place, where they are produced (as Megatron keeps them in bf16): x by the caller's
+// gather (or after the expert-parallel dispatch), act by SwiGLU; every GEMM reads them as they
+// are (NM_F32_BF16): the same operand values as rounding per GEMM call.
 void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_t *offsets, float *x,
                             float *gate_up, float *act, float *out) {
     const nm_model_config *c = &m->cfg;
@@ -80,7 +81,6 @@ void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_
         const char *Wb = nm_weight_bf16(m, w->experts);
         nm_dtype w_t = m->weights_bf16_type;
         size_t elem = w_t == NM_BF16 ? sizeof(uint16_t) : sizeof(float);
-        nm_round_act(m, x, rows * D);
         groups_rows(m, offsets, 2 * Fe, D, x, D, Wb, elem, stride, D, gate_up, 2 * Fe);
         grouped(m, NM_NO_TRANS, NM_TRANS, 0.0f, NM_F32_BF16, w_t);
         nm_swiglu_forward(m, act, gate_up, rows, Fe);  // rounded
@@ -266,10 +266,14 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
     if (counts) {
         for (int64_t e = 0; e < E; e++) counts[e] += b->offsets[e + 1] - b->offsets[e];
     }
-    ops->moe_gather(b->x_perm, f, b->perm, n0, K, D);
     if (m->ep) {
+        // fp32 rows over the all-to-all; the experts' rank rounds what it received (bf16)
+        ops->moe_gather(b->x_perm, f, b->perm, n0, K, D);
         ep_exchange_counts(m, b);
         ep_dispatch(m, b, b->x_perm, b->x_loc);
+        nm_round_act(m, b->x_loc, (int64_t)b->loc_offsets[m->E_loc] * D);
+    } else {
+        nm_moe_gather(m, b->x_perm, f, b->perm, n0, K, D);  // bf16: rounded, with its twin
     }
     nm_moe_experts_forward(m, w, b->loc_offsets, b->x_loc, b->e_gate_up, b->e_act, b->e_out_loc);
     if (m->ep) ep_combine(m, b, b->e_out_loc, b->e_out);

@@ -221,6 +221,11 @@ typedef struct nm_ops {
                         int64_t N, int64_t K, int64_t E);
     // dst(N*K, D) (=) src[perm[r] / K] for every permuted row r.
     void (*moe_gather)(float *dst, const float *src, const int32_t *perm, int64_t N, int64_t K, int64_t D);
+    // bf16: the same, the rows rounded to bf16 in dst's fp32 storage (as round_bf16 after the
+    // gather would) and, when bits is not NULL, also written as bf16 to bits (dst's shape): the
+    // routed experts' input, read by bf16 GEMMs only, produced in one pass.
+    void (*moe_gather_bf16)(float *dst, uint16_t *bits, const float *src, const int32_t *perm, int64_t N,
+                            int64_t K, int64_t D);
     // y(N,D) (+=) sum over rows r of topk_weight[perm[r]] * expert_out[r] into token perm[r]/K.
     void (*moe_combine_forward)(float *y, const float *expert_out, const float *topk_weight,
                                 const int32_t *perm, int64_t N, int64_t K, int64_t D);

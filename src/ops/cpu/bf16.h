@@ -1,6 +1,6 @@
 // bf16.h: fp32 <-> bf16 conversion for the CPU ops (static inline, branch-free so loops over
 // them vectorise). Shared by the bf16 GEMM's casts and the ops that round what they write
-// (SwiGLU under bf16).
+// (SwiGLU and the MoE gather under bf16).
 #pragma once
 
 #include <stdint.h>
@@ -24,4 +24,18 @@ static inline float nm_cpu_bf16_to_f32(uint16_t h) {
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
+}
+
+// x rounded to bf16, kept in fp32 storage
+static inline float nm_cpu_bf16_round(float x) { return nm_cpu_bf16_to_f32(nm_cpu_f32_to_bf16(x)); }
+
+// h(n) (=) the bf16 values of x(n), which holds bf16 values already: their high halves. The ops
+// that round what they write call it as a second pass over a row still in L1, because one loop
+// that writes both outputs does not vectorise (GCC 12 gives up on mixed 32- and 16-bit stores).
+static inline void nm_cpu_bf16_high_halves(uint16_t *h, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &x[i], sizeof u);
+        h[i] = (uint16_t)(u >> 16);
+    }
 }

@@ -98,6 +98,8 @@ void nm_cpu_balance_loss_backward(float *dlogits, float dloss, const float *f, c
 void nm_cpu_moe_permute(int32_t *offsets, int32_t *perm, const int32_t *topk_idx, int64_t N, int64_t K,
                         int64_t E);
 void nm_cpu_moe_gather(float *dst, const float *src, const int32_t *perm, int64_t N, int64_t K, int64_t D);
+void nm_cpu_moe_gather_bf16(float *dst, uint16_t *bits, const float *src, const int32_t *perm, int64_t N,
+                            int64_t K, int64_t D);
 void nm_cpu_moe_combine_forward(float *y, const float *expert_out, const float *topk_weight,
                                 const int32_t *perm, int64_t N, int64_t K, int64_t D);
 void nm_cpu_moe_combine_backward(float *dexpert_out, float *dtopk_weight, const float *dy,

@@ -15,9 +15,26 @@
 #include <string.h>
 
 #include "core/check.h"
+#include "ops/cpu/bf16.h"
 #include "ops/cpu/cpu_ops.h"
 
-#define SLAB 64 // columns per thread-owned slab in the scatter-adds
+#define SLAB 64  // columns per thread-owned slab in the scatter-adds
+#define LANES 16 // explicit double partial sums of combine-backward's row dot products
+
+// sum_c (double)g[c] * x[c] in LANES lanes (lane j takes c = j mod LANES), combined in lane
+// order: a fixed function of the inputs that vectorises, where a plain `dot += g*x` loop runs
+// one dependent double add per element (GCC keeps fp reductions in source order). Each product
+// is exact in double (24 + 24 bits < 53).
+static double dot_lanes(const float *g, const float *x, int64_t D) {
+    double acc[LANES] = {0};
+    int64_t c = 0;
+    for (; c + LANES <= D; c += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += (double)g[c + j] * x[c + j];
+    for (int j = 0; c + j < D; j++) acc[j] += (double)g[c + j] * x[c + j];
+    double s = 0.0;
+    for (int j = 0; j < LANES; j++) s += acc[j];
+    return s;
+}
 
 // offsets(E+1) (=), perm(N*K) (=); topk_idx(N,K)
 void nm_cpu_moe_permute(int32_t *offsets, int32_t *perm, const int32_t *topk_idx, int64_t N, int64_t K,
@@ -50,6 +67,21 @@ void nm_cpu_moe_gather(float *dst, const float *src, const int32_t *perm, int64_
         memcpy(dst + r * D, src + (int64_t)(perm[r] / K) * D, (size_t)D * sizeof(float));
 }
 
+// dst(N*K,D) (=) bf16(src(N,D)[perm[r] / K]) in fp32 storage; bits(N*K,D) (=) the same as bf16
+// when not NULL. Under bf16 the gathered rows are read by the experts' bf16 GEMMs only, so they
+// are rounded (and given their bf16 twin) here rather than by a second and third pass.
+void nm_cpu_moe_gather_bf16(float *dst, uint16_t *bits, const float *src, const int32_t *perm, int64_t N,
+                            int64_t K, int64_t D) {
+    NM_CHECK(N >= 0 && K >= 1 && D >= 0, "moe_gather shape");
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < N * K; r++) {
+        const float *s = src + (int64_t)(perm[r] / K) * D;
+        float *d = dst + r * D;
+        for (int64_t c = 0; c < D; c++) d[c] = nm_cpu_bf16_round(s[c]);
+        if (bits) nm_cpu_bf16_high_halves(bits + r * D, d, D);
+    }
+}
+
 // y(N,D) (+=) sum_r topk_weight[perm[r]] * expert_out(N*K,D)[r] into token perm[r] / K
 void nm_cpu_moe_combine_forward(float *y, const float *expert_out, const float *topk_weight,
                                 const int32_t *perm, int64_t N, int64_t K, int64_t D) {
@@ -79,12 +111,8 @@ void nm_cpu_moe_combine_backward(float *dexpert_out, float *dtopk_weight, const 
         int32_t a = perm[r];
         const float *g = dy + (int64_t)(a / K) * D, *x = expert_out + r * D;
         float w = topk_weight[a], *dx = dexpert_out + r * D;
-        double dot = 0.0;
-        for (int64_t c = 0; c < D; c++) {
-            dx[c] = w * g[c];
-            dot += (double)g[c] * x[c];
-        }
-        dtopk_weight[a] = (float)dot;
+        for (int64_t c = 0; c < D; c++) dx[c] = w * g[c];
+        dtopk_weight[a] = (float)dot_lanes(g, x, D);
     }
 }
 

@@ -51,6 +51,7 @@ static const nm_ops cpu_ops = {
     .balance_loss_backward = nm_cpu_balance_loss_backward,
     .moe_permute = nm_cpu_moe_permute,
     .moe_gather = nm_cpu_moe_gather,
+    .moe_gather_bf16 = nm_cpu_moe_gather_bf16,
     .moe_combine_forward = nm_cpu_moe_combine_forward,
     .moe_combine_backward = nm_cpu_moe_combine_backward,
     .moe_scatter_add = nm_cpu_moe_scatter_add,

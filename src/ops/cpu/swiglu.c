@@ -25,19 +25,6 @@ static inline void swiglu_grad(float a, float b, float dy, float *da, float *db)
     *db = dy * a * s;
 }
 
-// x rounded to bf16 in fp32 storage
-static inline float round_bf16(float x) { return nm_cpu_bf16_to_f32(nm_cpu_f32_to_bf16(x)); }
-
-// h(n) (=) the bf16 values of x(n), which holds bf16 values already: their high halves. A second
-// pass over a row still in L1, because one loop that writes both outputs does not vectorise
-// (GCC 12 gives up on the mixed 32- and 16-bit stores of the backward).
-static void high_halves(uint16_t *h, const float *x, int64_t n) {
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, &x[i], sizeof u);
-        h[i] = (uint16_t)(u >> 16);
-    }
-}
 
 // out(N,F) (=); gate_up(N,2F)
 void nm_cpu_swiglu_forward(float *out, const float *gate_up, int64_t N, int64_t F) {
@@ -57,8 +44,8 @@ void nm_cpu_swiglu_forward_bf16(float *out, uint16_t *bits, const float *gate_up
     for (int64_t n = 0; n < N; n++) {
         const float *g = gate_up + n * 2 * F, *u = g + F;
         float *o = out + n * F;
-        for (int64_t i = 0; i < F; i++) o[i] = round_bf16(swiglu(g[i], u[i]));
-        if (bits) high_halves(bits + n * F, o, F);
+        for (int64_t i = 0; i < F; i++) o[i] = nm_cpu_bf16_round(swiglu(g[i], u[i]));
+        if (bits) nm_cpu_bf16_high_halves(bits + n * F, o, F);
     }
 }
 
@@ -85,9 +72,9 @@ void nm_cpu_swiglu_backward_bf16(float *dgate_up, uint16_t *bits, const float *d
         for (int64_t i = 0; i < F; i++) {
             float dai, dbi;
             swiglu_grad(a[i], b[i], dy[i], &dai, &dbi);
-            da[i] = round_bf16(dai);
-            db[i] = round_bf16(dbi);
+            da[i] = nm_cpu_bf16_round(dai);
+            db[i] = nm_cpu_bf16_round(dbi);
         }
-        if (bits) high_halves(bits + n * 2 * F, da, 2 * F);
+        if (bits) nm_cpu_bf16_high_halves(bits + n * 2 * F, da, 2 * F);
     }
 }
