@@ -19,7 +19,7 @@
 #   NM_BENCH_STEPS [2]            timed optimizer steps per run (small); NM_BENCH_TINY_STEPS [3]
 #   NM_BENCH_WARMUP [1]           untimed steps before them
 #   NM_BENCH_PRECISIONS ["fp32 bf16"]
-#   NM_BENCH_SCALING [1]          also run ours at 1 thread (tiny) for the scaling row
+#   NM_BENCH_SCALING [1]          the scaling row: ours on tiny at 1 then T threads, back to back, twice
 #   NM_BENCH_PROFILE [1]          perf-profile our fp32 run of the first config (needs perf)
 #   NM_BENCH_TORCH [1]            run the PyTorch peer
 #   NM_BENCH_PYTHON               python with torch (default .venv/bin/python3, else /usr/bin/python3)
@@ -92,30 +92,32 @@ say "bench: measuring GEMM peaks"
 # --- one run of ours: prints {"impl","config","precision","threads",tokens_per_s,...} ----------
 # metrics.jsonl's tokens_per_s is per step (global_batch*seq_len / step time); the warm-up
 # steps are skipped and the rest combined as total tokens / total time.
-ours() {  # config precision threads steps [perf]
-  local cfg=$1 prec=$2 thr=$3 steps=$4 prof=${5:-0} out="$WORK/ours-$1-$2-$3" t0 t1
+ours() {  # config precision threads steps [perf [label]]: label names the result (default nanomegatron)
+  local cfg=$1 prec=$2 thr=$3 steps=$4 prof=${5:-0} label=${6:-nanomegatron} out="$WORK/ours-$1-$2-$3" t0 t1
+  [ "$label" != nanomegatron ] && out="$WORK/$label-$1-$2-$3"
   local cmd=("$NM" train --config "configs/$cfg-train.json" --out "$out" --steps $((WARMUP + steps))
              --set "threads=$thr" --set "precision=$prec" --set "init_from=$WORK/init-$cfg" --set model=null
              --set log.eval_every=0 --quiet)
   t0=$(date +%s.%N)
   if ! "${cmd[@]}" > "$out.log" 2>&1; then
     if grep -q "not implemented" "$out.log"; then
-      printf '{"impl":"nanomegatron","config":"%s","precision":"%s","threads":%s,"status":"not implemented"}\n' \
-        "$cfg" "$prec" "$thr" >> "$RES"
+      printf '{"impl":"%s","config":"%s","precision":"%s","threads":%s,"status":"not implemented"}\n' \
+        "$label" "$cfg" "$prec" "$thr" >> "$RES"
       return 0
     fi
     say "bench: our $cfg $prec run failed:"; cat "$out.log" >&2; return 1
   fi
-  "$PY" - "$out/metrics.jsonl" "$cfg" "$prec" "$thr" "$WARMUP" >> "$RES" <<'EOF'
+  "$PY" - "$out/metrics.jsonl" "$cfg" "$prec" "$thr" "$WARMUP" "$label" >> "$RES" <<'EOF'
 import json, statistics, sys
 path, cfg, prec, thr, warm = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+label = sys.argv[6]
 rows = [json.loads(l) for l in open(path) if l.strip()]
 timed = [r for r in rows if r["step"] > warm] or rows
 tok = [r["tokens"] - p["tokens"] for p, r in zip([{"tokens": 0}] + rows, rows)]
 tok = tok[len(rows) - len(timed):]
 secs = [t / r["tokens_per_s"] for t, r in zip(tok, timed)]
 med = lambda k: statistics.median(r[k] for r in timed)
-print(json.dumps({"impl": "nanomegatron", "config": cfg, "precision": prec, "threads": thr, "status": "ok",
+print(json.dumps({"impl": label, "config": cfg, "precision": prec, "threads": thr, "status": "ok",
                   "tokens_per_s": sum(tok) / sum(secs), "step_s": secs,
                   "t_forward": med("time_forward_s"), "t_backward": med("time_backward_s"),
                   "t_optimizer": med("time_optimizer_s"), "t_data": med("time_data_s"),
@@ -188,8 +190,13 @@ for cfg in $CONFIGS; do
     fi
   done
   if [ "$SCALING" = 1 ] && [ "$cfg" = tiny ] && [ "$THREADS" != 1 ]; then
-    say "bench: $cfg fp32: ours at 1 thread (scaling row)"
-    ours "$cfg" fp32 1 "$n"
+    # 1 and T threads back to back, twice: on a shared machine runs minutes apart (the table's
+    # T-thread run and a later 1-thread one) differ by the neighbours' load as much as by threads
+    for pair in 1 2; do
+      say "bench: $cfg fp32: ours at 1 then $THREADS threads (scaling pair $pair of 2)"
+      ours "$cfg" fp32 1 "$n" 0 "pair$pair"
+      ours "$cfg" fp32 "$THREADS" "$n" 0 "pair$pair"
+    done
   fi
   rm -rf "$WORK"/ours-"$cfg"-*/step_* # checkpoints written at the end of each run
 done
@@ -264,11 +271,13 @@ for cfg in cfgs:
                 (speedups if prec == "fp32" else speedups16)[cfg] = o["tokens_per_s"] / t["tokens_per_s"]
             print("%-6s %-5s %-13s %4s %10.1f %9.4f %7.1f%% %11s" % (cfg, prec, r["impl"], r["threads"],
                   r["tokens_per_s"], tf, 100 * tf * 1e3 / peak[prec], ratio))
-    one = find(cfg, "fp32", "nanomegatron", 1)
-    many = find(cfg, "fp32", "nanomegatron", threads)
-    if one and many and one["status"] == "ok" and many["status"] == "ok" and int(threads) != 1:
-        print("%-6s fp32  scaling       1->%s threads: %.1f -> %.1f tokens/s = %.2fx (ideal %sx)" % (
-            cfg, threads, one["tokens_per_s"], many["tokens_per_s"], many["tokens_per_s"] / one["tokens_per_s"], threads))
+    pairs = [(find(cfg, "fp32", "pair%d" % i, 1), find(cfg, "fp32", "pair%d" % i, threads)) for i in (1, 2)]
+    pairs = [(a, b) for a, b in pairs if a and b and a["status"] == "ok" and b["status"] == "ok"]
+    if pairs and int(threads) != 1:
+        ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in pairs]
+        print("%-6s fp32  scaling       1->%s threads, back-to-back pairs: %s; mean %.2fx (ideal %sx)" % (
+            cfg, threads, ", ".join("%.1f -> %.1f = %.2fx" % (a["tokens_per_s"], b["tokens_per_s"], r)
+                                     for (a, b), r in zip(pairs, ratios)), sum(ratios) / len(ratios), threads))
 kern = os.environ.get("NM_CPU_BF16_GEMM", "auto") or "auto"
 if kern == "auto": kern = "onednn" if pk.get("bf16_amx_usable") == "1" else "widen"
 kj = os.path.join(work, "ours-%s-bf16-%s" % (first, threads), "kernels.json")
