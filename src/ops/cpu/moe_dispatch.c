@@ -17,24 +17,9 @@
 #include "core/check.h"
 #include "ops/cpu/bf16.h"
 #include "ops/cpu/cpu_ops.h"
+#include "ops/cpu/lanes.h"
 
-#define SLAB 64  // columns per thread-owned slab in the scatter-adds
-#define LANES 16 // explicit double partial sums of combine-backward's row dot products
-
-// sum_c (double)g[c] * x[c] in LANES lanes (lane j takes c = j mod LANES), combined in lane
-// order: a fixed function of the inputs that vectorises, where a plain `dot += g*x` loop runs
-// one dependent double add per element (GCC keeps fp reductions in source order). Each product
-// is exact in double (24 + 24 bits < 53).
-static double dot_lanes(const float *g, const float *x, int64_t D) {
-    double acc[LANES] = {0};
-    int64_t c = 0;
-    for (; c + LANES <= D; c += LANES)
-        for (int j = 0; j < LANES; j++) acc[j] += (double)g[c + j] * x[c + j];
-    for (int j = 0; c + j < D; j++) acc[j] += (double)g[c + j] * x[c + j];
-    double s = 0.0;
-    for (int j = 0; j < LANES; j++) s += acc[j];
-    return s;
-}
+#define SLAB 64 // columns per thread-owned slab in the scatter-adds
 
 // offsets(E+1) (=), perm(N*K) (=); topk_idx(N,K)
 void nm_cpu_moe_permute(int32_t *offsets, int32_t *perm, const int32_t *topk_idx, int64_t N, int64_t K,
@@ -112,7 +97,7 @@ void nm_cpu_moe_combine_backward(float *dexpert_out, float *dtopk_weight, const 
         const float *g = dy + (int64_t)(a / K) * D, *x = expert_out + r * D;
         float w = topk_weight[a], *dx = dexpert_out + r * D;
         for (int64_t c = 0; c < D; c++) dx[c] = w * g[c];
-        dtopk_weight[a] = (float)dot_lanes(g, x, D);
+        dtopk_weight[a] = (float)nm_cpu_dot_lanes(g, x, D);  // in lanes: a plain loop does not vectorise
     }
 }
 

@@ -18,22 +18,14 @@
 
 #include "core/check.h"
 #include "ops/cpu/cpu_ops.h"
+#include "ops/cpu/lanes.h"
 
-#define LANES 16     // explicit partial sums of a row reduction
+#define LANES NM_CPU_LANES // explicit partial sums of a row reduction (lanes.h)
 #define SLAB_MIN 64  // columns per thread-owned slab of dw: at least (small D still splits)...
 #define SLAB_MAX 512 // ...and at most (the slab's double accumulators live on the stack)
 
 // sum_d (double)x[d] * x[d] (each square is exact in double: 24 + 24 bits < 53).
-static double sum_sq(const float *x, int64_t D) {
-    double acc[LANES] = {0};
-    int64_t d = 0;
-    for (; d + LANES <= D; d += LANES)
-        for (int j = 0; j < LANES; j++) acc[j] += (double)x[d + j] * x[d + j];
-    for (int j = 0; d + j < D; j++) acc[j] += (double)x[d + j] * x[d + j];
-    double s = 0.0;
-    for (int j = 0; j < LANES; j++) s += acc[j];
-    return s;
-}
+static double sum_sq(const float *x, int64_t D) { return nm_cpu_dot_lanes(x, x, D); }
 
 // sum_d dy[d] * w[d] * (x[d] * rs), the same terms the plain loop summed, in lanes.
 static double sum_gn(const float *dy, const float *w, const float *x, double rs, int64_t D) {
