@@ -226,13 +226,22 @@ static void run_balance(const nm_ops *ops, tensor_set *in, tensor_set *out) {
 }
 
 // dims: N K E D; topk_idx, src, expert_out, topk_weight, y0, dy, ddst
-//   -> offsets, perm, gathered, y, dexpert_out, dtopk_weight, dsrc
+//   -> offsets, perm, gathered, gathered_bf16 (moe_gather_bf16's fp32 storage) and
+//      gathered_bf16_copy (its bf16 copy, widened), y, dexpert_out, dtopk_weight, dsrc
 static void run_moe(const nm_ops *ops, tensor_set *in, tensor_set *out) {
     const int32_t *d = geti(in, "dims", 4);
     int64_t N = d[0], K = d[1], E = d[2], D = d[3];
     int32_t *perm = outi(out, "perm", N * K);
     ops->moe_permute(outi(out, "offsets", E + 1), perm, geti(in, "topk_idx", N * K), N, K, E);
     ops->moe_gather(outf(out, "gathered", N * K * D), getf(in, "src", N * D), perm, N, K, D);
+    float *copy = outf(out, "gathered_bf16_copy", N * K * D);
+    uint16_t *bits = nm_malloc(sizeof(uint16_t) * (size_t)(N * K * D + 1));
+    ops->moe_gather_bf16(outf(out, "gathered_bf16", N * K * D), bits, getf(in, "src", N * D), perm, N, K, D);
+    for (int64_t i = 0; i < N * K * D; i++) {
+        uint32_t u = (uint32_t)bits[i] << 16;
+        memcpy(&copy[i], &u, sizeof u);
+    }
+    nm_free(bits);
     float *y = outf(out, "y", N * D);
     memcpy(y, getf(in, "y0", N * D), sizeof(float) * (size_t)(N * D));
     const float *eo = getf(in, "expert_out", N * K * D), *tw = getf(in, "topk_weight", N * K);

@@ -120,6 +120,14 @@ def exact(case, name, c, ref):
         failures.append(f"{case}.{name}")
 
 
+def exact_bits(case, name, c, ref):
+    """fp32 values equal bit for bit (NaN payloads included)."""
+    ok = torch.equal(c.to(torch.float32).flatten().view(torch.int32), ref.to(torch.float32).flatten().view(torch.int32))
+    print(f"  {case + '.' + name:40s} {'exact' if ok else 'MISMATCH'}")
+    if not ok:
+        failures.append(f"{case}.{name}")
+
+
 def randn(*shape, scale=1.0):
     return (torch.randn(*shape, dtype=torch.float32) * scale).contiguous()
 
@@ -340,6 +348,10 @@ def check_moe():
     exact("moe", "offsets", out["offsets"], offsets)
     token = perm // K
     compare("moe", "gathered", out["gathered"], src.to(F64)[token], FWD_TOL)
+    # the bf16 gather: torch's own rounding to bfloat16 (nearest even), in both of its outputs
+    rounded = src[token].to(torch.bfloat16).to(torch.float32)
+    exact_bits("moe", "gathered_bf16", out["gathered_bf16"], rounded)
+    exact_bits("moe", "gathered_bf16_copy", out["gathered_bf16_copy"], rounded)
     eol, twl = leaf(eo), leaf(tw)
     y = y0.to(F64).index_add(0, token, twl.flatten()[perm][:, None] * eol)
     y.backward(dy.to(F64))
