@@ -198,7 +198,7 @@ for cfg in $CONFIGS; do
       ours "$cfg" fp32 "$THREADS" "$n" 0 "pair$pair"
     done
   fi
-  rm -rf "$WORK"/ours-"$cfg"-*/step_* # checkpoints written at the end of each run
+  rm -rf "$WORK"/*-"$cfg"-*/step_* # checkpoints written at the end of each run (ours, scaling pairs)
 done
 
 # --- profile buckets --------------------------------------------------------------------------

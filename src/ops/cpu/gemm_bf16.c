@@ -217,7 +217,7 @@ static void widen_rows(float *dst, const void *x, nm_dtype type, int64_t rows, i
             for (int64_t c = 0; c < cols; c++) d[c] = nm_cpu_bf16_to_f32(h[c]);
         } else {
             const float *f = (const float *)x + r * ld;
-            for (int64_t c = 0; c < cols; c++) d[c] = nm_cpu_bf16_to_f32(nm_cpu_f32_to_bf16(f[c]));
+            for (int64_t c = 0; c < cols; c++) d[c] = nm_cpu_bf16_round(f[c]);
         }
     }
 }
@@ -255,7 +255,7 @@ static const float *as_widened(nm_f32_scratch *s, const void *x, nm_dtype type, 
 void nm_cpu_round_bf16(float *dst, const float *src, int64_t n) {
     NM_CHECK(n >= 0, "round_bf16 n=%lld", (long long)n);
 #pragma omp parallel for schedule(static) if (n >= NM_BF16_PARALLEL_MIN)
-    for (int64_t i = 0; i < n; i++) dst[i] = nm_cpu_bf16_to_f32(nm_cpu_f32_to_bf16(src[i]));
+    for (int64_t i = 0; i < n; i++) dst[i] = nm_cpu_bf16_round(src[i]);
 }
 
 // x(n) (=) bf16(x) in place, bits(n) (=) the same values in bf16 storage: one pass where

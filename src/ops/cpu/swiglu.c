@@ -25,7 +25,6 @@ static inline void swiglu_grad(float a, float b, float dy, float *da, float *db)
     *db = dy * a * s;
 }
 
-
 // out(N,F) (=); gate_up(N,2F)
 void nm_cpu_swiglu_forward(float *out, const float *gate_up, int64_t N, int64_t F) {
     NM_CHECK(N >= 0 && F >= 0, "swiglu shape");
