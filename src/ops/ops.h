@@ -17,6 +17,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/check.h"
 #include "model/config.h"
 
 typedef enum nm_transpose { NM_NO_TRANS = 0, NM_TRANS = 1 } nm_transpose;
@@ -55,6 +56,11 @@ typedef struct nm_gemm_group {
 } nm_gemm_group;
 
 typedef struct nm_ops {
+    // Checks this machine and the backend's environment (kernel choices, libraries) before
+    // any op runs: 0, or -1 with err naming what failed and what to do. nm_model_create
+    // calls it, so a kernel the machine cannot run is refused at start, never mid-step.
+    int (*setup)(nm_error *err);
+
     // Which kernels run the GEMMs, for banners and benchmarks: e.g. "fp32 GEMM onednn, bf16
     // GEMM widen (fp32 FMA units)". Call from one thread (it may read the environment once).
     const char *(*kernel_names)(void);

@@ -210,8 +210,10 @@ static void make_key(char *key, size_t n, const shape_set *set) {
     char cpu[256];
     cpu_model(cpu, sizeof cpu);
     const dnnl_version_t *v = dnnl_version();
-    int len = snprintf(key, n, "%s | oneDNN %d.%d.%d | %s | %d threads | shapes", cpu, v->major, v->minor,
-                       v->patch, openblas_get_config(), omp_get_max_threads());
+    // The ISA is oneDNN's effective one: ONEDNN_MAX_CPU_ISA changes it (and which kernels
+    // exist) without changing the CPU's name.
+    int len = snprintf(key, n, "%s | oneDNN %d.%d.%d isa %s | %s | %d threads | shapes", cpu, v->major, v->minor,
+                       v->patch, nm_cpu_isa_name(), openblas_get_config(), omp_get_max_threads());
     for (int i = 0; i < set->n && len > 0 && (size_t)len < n; i++) {
         const shape *x = &set->s[i];
         len += snprintf(key + len, n - (size_t)len, " %c%c%lldx%lldx%lld/%lld*%lld", x->ta == NM_TRANS ? 'T' : 'N',
@@ -262,7 +264,7 @@ static int write_cache(const char *path, const char *key, const char *fp32, cons
     cJSON_AddStringToObject(j, "bf16", bf16);
     cJSON_AddNumberToObject(j, "fp32_onednn_gflops", g32[0]);
     cJSON_AddNumberToObject(j, "fp32_openblas_gflops", g32[1]);
-    cJSON_AddNumberToObject(j, "bf16_onednn_gflops", g16[0]);
+    if (g16[0] > 0) cJSON_AddNumberToObject(j, "bf16_onednn_gflops", g16[0]);
     cJSON_AddNumberToObject(j, "bf16_widen_gflops", g16[1]);
     char *text = cJSON_Print(j);
     cJSON_Delete(j);
@@ -297,6 +299,9 @@ int nm_kernels_choose(const nm_model_config *m, int64_t rows, const char *run_di
     else if (how && *how && strcmp(how, "measure") != 0)
         return nm_error_set(err, "environment variable NM_CPU_KERNELS=%s: expected measure or default", how);
     double g32[2] = {0, 0}, g16[2] = {0, 0}, spent = 0;
+    // oneDNN 2.6 has no bf16 matmul below AVX-512: that candidate is then skipped, not timed.
+    char why16[1024] = "";
+    int onednn16 = nm_cpu_gemm_bf16_onednn_usable(why16, sizeof why16);
     if (!cached && measure) {
         int64_t na = 0, nb = 0, nc = 0, ng = 1;
         for (int i = 0; i < set.n; i++) {
@@ -329,10 +334,12 @@ int nm_kernels_choose(const nm_model_config *m, int64_t rows, const char *run_di
         }
         // bf16 weights (NM_BF16): the fp32 buffer reinterpreted holds finite bf16 values
         // (halves of small floats), so the timing sees no NaN or denormal slow paths.
-        if (!force16) {
+        if (!force16 && onednn16) {
             time_set(&set, 1, k16, &tb, t16, &flops);
             for (int i = 0; i < 2; i++) g16[i] = flops / t16[i] / 1e9;
             snprintf(bf16, sizeof bf16, "%s", k16[pick(t16, def16)]);
+        } else if (!force16) {
+            snprintf(bf16, sizeof bf16, "%s", "widen");
         }
         spent = now_s() - t0;
         nm_free(tb.a);
@@ -347,18 +354,24 @@ int nm_kernels_choose(const nm_model_config *m, int64_t rows, const char *run_di
     // A forced kernel wins over the measurement and the cache: its setter is never called,
     // so the library's own lazy parse of the variable decides it (and rejects a bad value).
     if (!force32) nm_cpu_gemm_set_library(fp32);
-    if (!force16) nm_cpu_gemm_bf16_set_kernel(bf16);
+    if (!force16 && nm_cpu_gemm_bf16_set_kernel(bf16) != 0)
+        return nm_error_set(err, "%s: bf16 kernel %s cannot run here (%s); delete the file to measure again", path,
+                            bf16, why16);
+    char note16[1100] = "";
+    if (!onednn16) snprintf(note16, sizeof note16, " | bf16 onednn: not available on this CPU (%s)", why16);
+    char rates16[96] = "";
+    if (g16[0] > 0) snprintf(rates16, sizeof rates16, ", bf16 onednn %.0f / widen %.0f GFLOP/s", g16[0], g16[1]);
     if (cached)
-        snprintf(desc, desc_size, "kernels fp32 %s, bf16 %s (from %s)%s", nm_cpu_gemm_library(),
-                 nm_cpu_gemm_bf16_kernel(), path, force32 || force16 ? " | forced by environment" : "");
+        snprintf(desc, desc_size, "kernels fp32 %s, bf16 %s (from %s)%s%s", nm_cpu_gemm_library(),
+                 nm_cpu_gemm_bf16_kernel(), path, force32 || force16 ? " | forced by environment" : "", note16);
     else if (measure)
         snprintf(desc, desc_size,
                  "kernels fp32 %s, bf16 %s measured on %d model GEMM shapes in %.2f s: fp32 onednn %.0f / openblas "
-                 "%.0f GFLOP/s, bf16 onednn %.0f / widen %.0f GFLOP/s%s",
-                 nm_cpu_gemm_library(), nm_cpu_gemm_bf16_kernel(), set.n, spent, g32[0], g32[1], g16[0], g16[1],
-                 force32 || force16 ? " | forced by environment" : "");
+                 "%.0f GFLOP/s%s%s%s",
+                 nm_cpu_gemm_library(), nm_cpu_gemm_bf16_kernel(), set.n, spent, g32[0], g32[1], rates16,
+                 force32 || force16 ? " | forced by environment" : "", note16);
     else
-        snprintf(desc, desc_size, "kernels fp32 %s, bf16 %s (defaults, not measured)", nm_cpu_gemm_library(),
-                 nm_cpu_gemm_bf16_kernel());
+        snprintf(desc, desc_size, "kernels fp32 %s, bf16 %s (defaults, not measured)%s", nm_cpu_gemm_library(),
+                 nm_cpu_gemm_bf16_kernel(), note16);
     return 0;
 }

@@ -3,6 +3,7 @@
 // else reaches the ops through nm_ops_cpu(). Semantics of every function: ops.h.
 #pragma once
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "ops/ops.h"
@@ -19,6 +20,8 @@ void nm_cpu_gemm(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t
                  int64_t ldc);
 // "onednn" or "openblas": the library nm_cpu_gemm calls (NM_CPU_GEMM, read once).
 const char *nm_cpu_gemm_library(void);
+// Reads NM_CPU_GEMM; -1 with err for a value other than onednn or openblas.
+int nm_cpu_gemm_setup(nm_error *err);
 // Sets the fp32 GEMM library by name (onednn|openblas); -1 for another name.
 int nm_cpu_gemm_set_library(const char *name);
 void nm_cpu_gemm_grouped(nm_transpose ta, nm_transpose tb, float alpha, float beta, const nm_gemm_group *groups,
@@ -34,6 +37,14 @@ void nm_cpu_round_cast_bf16(float *x, uint16_t *bits, int64_t n);
 nm_dtype nm_cpu_gemm_bf16_weight_type(void);
 void nm_cpu_gemm_bf16_grouped(nm_transpose ta, nm_transpose tb, float alpha, float beta, const nm_gemm_group *groups,
                               int64_t n, nm_dtype a_type, nm_dtype b_type);
+// Reads NM_CPU_BF16_GEMM and sets up oneDNN; -1 with err for a bad value, or for onednn
+// forced where oneDNN has no bf16 matmul. Called by the backend's setup (ops.h).
+int nm_cpu_gemm_bf16_setup(nm_error *err);
+// 1 when oneDNN can run the bf16 matmul on this CPU (under any ONEDNN_MAX_CPU_ISA cap), else 0
+// with the reason in why.
+int nm_cpu_gemm_bf16_onednn_usable(char *why, size_t why_size);
+// oneDNN's effective ISA ("avx2", "avx512_core_bf16", ...).
+const char *nm_cpu_isa_name(void);
 // "onednn" or "widen": the kernel gemm_bf16 runs (NM_CPU_BF16_GEMM, AMX detection).
 const char *nm_cpu_gemm_bf16_kernel(void);
 // Sets the bf16 GEMM kernel by name (onednn|widen); -1 for another name.

@@ -45,13 +45,15 @@ void nm_cpu_scale_matrix(float *C, int64_t ldc, int64_t M, int64_t N, float beta
 
 typedef enum gemm_library { GEMM_UNSET = 0, GEMM_ONEDNN, GEMM_OPENBLAS } gemm_library;
 
-static gemm_library parse_library(void) {
+static gemm_library parse_library(nm_error *err) {
     const char *v = getenv("NM_CPU_GEMM");
     if (!v || !*v || strcmp(v, "onednn") == 0) return GEMM_ONEDNN;
     if (strcmp(v, "openblas") == 0) return GEMM_OPENBLAS;
-    nm_check_failed(__FILE__, __LINE__, "NM_CPU_GEMM is onednn or openblas",
-                    "environment variable NM_CPU_GEMM=%s: expected onednn or openblas", v);
+    nm_error_set(err, "environment variable NM_CPU_GEMM=%s: expected onednn or openblas (or unset it)", v);
+    return GEMM_UNSET;
 }
+
+int nm_cpu_gemm_setup(nm_error *err) { return parse_library(err) == GEMM_UNSET ? -1 : 0; }
 
 // The first call may come from inside a parallel region (attention tiles), so the one-time
 // read is guarded; the value never changes after it.
@@ -62,7 +64,10 @@ static gemm_library library(void) {
 #pragma omp atomic read
     l = chosen_library;
     if (l != GEMM_UNSET) return l;
-    l = parse_library();
+    nm_error err;
+    l = parse_library(&err);
+    // nm_cpu_gemm_setup (ops->setup at model creation) reported a bad value already
+    if (l == GEMM_UNSET) nm_check_failed(__FILE__, __LINE__, "NM_CPU_GEMM valid", "%s", err.msg);
 #pragma omp atomic write
     chosen_library = l;
     return l;

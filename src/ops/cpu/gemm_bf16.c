@@ -17,7 +17,9 @@
 // 2 cores, the fp32 GEMM ~300. With AMX the tiles are ~8-16x the fp32 rate and oneDNN wins.
 // NM_CPU_BF16_GEMM=auto (default) picks "onednn" when oneDNN reports AMX as usable on this
 // CPU and OS (dnnl_get_effective_cpu_isa), "widen" otherwise; onednn|widen force one (tests
-// run both). Any other value is an error.
+// run both). Any other value is an error, and so is onednn where oneDNN cannot create its bf16
+// matmul (oneDNN 2.6 below AVX-512: AVX2-only CPUs, or ONEDNN_MAX_CPU_ISA=AVX2): both are
+// found by nm_cpu_gemm_bf16_setup when the model is created, never by an abort mid-step.
 //
 // One primitive per (ta, tb, alpha != 1, beta != 0), with M, N, K and the leading dimensions
 // given at run time (DNNL_RUNTIME_DIM_VAL), created on first use and then reused forever:
@@ -54,6 +56,7 @@
 #include <omp.h>
 #include <oneapi/dnnl/dnnl.h>
 #include <oneapi/dnnl/dnnl_debug.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -83,7 +86,9 @@ typedef struct nm_f32_scratch {
 typedef enum bf16_kernel { BF16_UNSET = 0, BF16_ONEDNN, BF16_WIDEN } bf16_kernel;
 
 static struct {
-    int ready;
+    int ready;                          // 0 not yet, 1 set up, -1 failed (why)
+    int onednn_usable;                  // 0 not probed, 1 yes, -1 no (onednn_why)
+    char why[1024], onednn_why[1024];
     bf16_kernel kernel;
     dnnl_engine_t engine;
     dnnl_stream_t stream;
@@ -94,24 +99,103 @@ static struct {
     nm_f32_scratch wa, wb;              // widened operands of the "widen" kernel
 } g;
 
-static void init_once(void) {
-    if (g.ready) return;
-    NM_DNNL_CHECK(dnnl_engine_create(&g.engine, dnnl_cpu, 0));
-    NM_DNNL_CHECK(dnnl_stream_create(&g.stream, g.engine, dnnl_stream_default_flags));
+// oneDNN's effective ISA (after ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA caps) by name. The
+// values nest (each ISA's bits include the lower ones'), so the widest match wins.
+const char *nm_cpu_isa_name(void) {
+    static const struct { dnnl_cpu_isa_t isa; const char *name; } isas[] = {
+        {dnnl_cpu_isa_avx512_core_amx, "avx512_core_amx"}, {dnnl_cpu_isa_avx512_core_bf16, "avx512_core_bf16"},
+        {dnnl_cpu_isa_avx512_core_vnni, "avx512_core_vnni"}, {dnnl_cpu_isa_avx512_core, "avx512_core"},
+        {dnnl_cpu_isa_avx2_vnni, "avx2_vnni"}, {dnnl_cpu_isa_avx2, "avx2"}, {dnnl_cpu_isa_avx, "avx"},
+        {dnnl_cpu_isa_sse41, "sse41"},
+    };
+    unsigned have = (unsigned)dnnl_get_effective_cpu_isa();
+    for (size_t i = 0; i < sizeof isas / sizeof isas[0]; i++)
+        if ((have & (unsigned)isas[i].isa) == (unsigned)isas[i].isa) return isas[i].name;
+    return "below sse41";
+}
+
+#define NM_DNNL_TRY(expr)                                                                        \
+    do {                                                                                         \
+        dnnl_status_t nm_dnnl_status_ = (expr);                                                  \
+        if (nm_dnnl_status_ != dnnl_success)                                                     \
+            return nm_error_set(err, "oneDNN %s: %s", #expr, dnnl_status2str(nm_dnnl_status_)); \
+    } while (0)
+
+static int init_state(nm_error *err) {
+    NM_DNNL_TRY(dnnl_engine_create(&g.engine, dnnl_cpu, 0));
+    NM_DNNL_TRY(dnnl_stream_create(&g.stream, g.engine, dnnl_stream_default_flags));
     dnnl_memory_desc_t md;
     dnnl_dims_t dims = {1};
-    NM_DNNL_CHECK(dnnl_memory_desc_init_by_tag(&md, 1, dims, dnnl_f32, dnnl_a));
-    NM_DNNL_CHECK(dnnl_memory_create(&g.alpha_mem, &md, g.engine, &g.alpha));
+    NM_DNNL_TRY(dnnl_memory_desc_init_by_tag(&md, 1, dims, dnnl_f32, dnnl_a));
+    NM_DNNL_TRY(dnnl_memory_create(&g.alpha_mem, &md, g.engine, &g.alpha));
     const char *v = getenv("NM_CPU_BF16_GEMM");
     dnnl_cpu_isa_t isa = dnnl_get_effective_cpu_isa();
     int amx = ((unsigned)isa & (unsigned)dnnl_cpu_isa_avx512_core_amx) == (unsigned)dnnl_cpu_isa_avx512_core_amx;
     if (!v || !*v || strcmp(v, "auto") == 0) g.kernel = amx ? BF16_ONEDNN : BF16_WIDEN;
     else if (strcmp(v, "onednn") == 0) g.kernel = BF16_ONEDNN;
     else if (strcmp(v, "widen") == 0) g.kernel = BF16_WIDEN;
-    else
-        nm_check_failed(__FILE__, __LINE__, "NM_CPU_BF16_GEMM is auto, onednn or widen",
-                        "environment variable NM_CPU_BF16_GEMM=%s: expected auto, onednn or widen", v);
-    g.ready = 1;
+    else return nm_error_set(err, "environment variable NM_CPU_BF16_GEMM=%s: expected auto, onednn or widen", v);
+    return 0;
+}
+
+// Sets the module up once; the outcome (and its message) is kept, so every later caller sees
+// the same answer. 0, or -1 with err filled.
+static int setup(nm_error *err) {
+    if (g.ready == 0) {
+        nm_error e;
+        g.ready = init_state(&e) == 0 ? 1 : -1;
+        if (g.ready < 0) snprintf(g.why, sizeof g.why, "%.1000s", e.msg);
+    }
+    if (g.ready < 0) return nm_error_set(err, "%s", g.why);
+    return 0;
+}
+
+// For entry points that return nothing: nm_cpu_gemm_bf16_setup ran at model creation (ops.h
+// setup), so a failure here is a caller that skipped it.
+static void init_once(void) {
+    nm_error err;
+    if (setup(&err) != 0)
+        nm_check_failed(__FILE__, __LINE__, "gemm_bf16 set up (ops->setup)", "%s", err.msg);
+}
+
+static int create_primitive(nm_transpose ta, nm_transpose tb, int scaled, int accumulate, nm_error *err);
+
+// Whether oneDNN can run its bf16 matmul here: all 16 primitives this file uses are created
+// once (~10 ms), so a later call never meets a creation failure. oneDNN 2.6 has no bf16
+// matmul below AVX-512 (AVX2-only CPUs, or ONEDNN_MAX_CPU_ISA=AVX2): "unimplemented".
+int nm_cpu_gemm_bf16_onednn_usable(char *why, size_t why_size) {
+    NM_CHECK(!omp_in_parallel(), "gemm_bf16 state is set up from one thread");
+    nm_error err;
+    if (setup(&err) != 0) {
+        snprintf(why, why_size, "%s", err.msg);
+        return 0;
+    }
+    if (g.onednn_usable == 0) {
+        g.onednn_usable = 1;
+        for (int i = 0; i < 16 && g.onednn_usable == 1; i++)
+            if (create_primitive((nm_transpose)(i & 1), (nm_transpose)(i >> 1 & 1), i >> 2 & 1, i >> 3 & 1, &err)) {
+                g.onednn_usable = -1;
+                snprintf(g.onednn_why, sizeof g.onednn_why, "oneDNN %d.%d.%d has no bf16 matmul for ISA %s (%.900s)",
+                         dnnl_version()->major, dnnl_version()->minor, dnnl_version()->patch, nm_cpu_isa_name(),
+                         err.msg);
+            }
+    }
+    if (g.onednn_usable < 0) snprintf(why, why_size, "%s", g.onednn_why);
+    return g.onednn_usable > 0;
+}
+
+int nm_cpu_gemm_bf16_setup(nm_error *err) {
+    NM_CHECK(!omp_in_parallel(), "gemm_bf16 state is set up from one thread");
+    if (setup(err) != 0) return -1;
+    if (g.kernel != BF16_ONEDNN) return 0;
+    char why[1024];
+    if (nm_cpu_gemm_bf16_onednn_usable(why, sizeof why)) return 0;
+    const char *v = getenv("NM_CPU_BF16_GEMM");
+    if (v && strcmp(v, "onednn") == 0)
+        return nm_error_set(err, "environment variable NM_CPU_BF16_GEMM=onednn: %s; unset it (auto runs the widen "
+                            "kernel here) or set NM_CPU_BF16_GEMM=widen", why);
+    g.kernel = BF16_WIDEN;  // auto chose onednn for AMX, which oneDNN then could not use
+    return 0;
 }
 
 const char *nm_cpu_gemm_bf16_kernel(void) {
@@ -120,11 +204,13 @@ const char *nm_cpu_gemm_bf16_kernel(void) {
     return g.kernel == BF16_ONEDNN ? "onednn" : "widen";
 }
 
-// Set by the measured choice (kernels.c) from one thread, before the step loop.
+// Set by the measured choice (kernels.c) from one thread, before the step loop; -1 for an
+// unknown name or for onednn where oneDNN cannot run it (nm_cpu_gemm_bf16_onednn_usable).
 int nm_cpu_gemm_bf16_set_kernel(const char *name) {
     NM_CHECK(!omp_in_parallel(), "gemm_bf16 state is set up from one thread");
     init_once();
-    if (strcmp(name, "onednn") == 0) g.kernel = BF16_ONEDNN;
+    char why[1024];
+    if (strcmp(name, "onednn") == 0 && nm_cpu_gemm_bf16_onednn_usable(why, sizeof why)) g.kernel = BF16_ONEDNN;
     else if (strcmp(name, "widen") == 0) g.kernel = BF16_WIDEN;
     else return -1;
     return 0;
@@ -290,33 +376,48 @@ static void matrix_desc(dnnl_memory_desc_t *md, dnnl_data_type_t dt, int64_t row
     NM_DNNL_CHECK(dnnl_memory_desc_init_by_strides(md, 2, dims, dt, strides));
 }
 
-static dnnl_primitive_t get_primitive(nm_transpose ta, nm_transpose tb, int scaled, int accumulate) {
+// Creates the primitive of one (ta, tb, alpha != 1, beta != 0) in its slot; -1 with err
+// where oneDNN cannot (no bf16 matmul on this ISA). No silent fp32 fallback: that would change
+// the numerics the caller asked for.
+static int create_primitive(nm_transpose ta, nm_transpose tb, int scaled, int accumulate, nm_error *err) {
     dnnl_primitive_t *slot = &g.prim[ta][tb][scaled][accumulate];
-    if (*slot) return *slot;
+    if (*slot) return 0;
     dnnl_memory_desc_t a, b, c;
     matrix_desc(&a, dnnl_bf16, 0, 0, ta, 0, 1);
     matrix_desc(&b, dnnl_bf16, 0, 0, tb, 0, 1);
     matrix_desc(&c, dnnl_f32, 0, 0, NM_NO_TRANS, 0, 1);
     dnnl_matmul_desc_t desc;
-    NM_DNNL_CHECK(dnnl_matmul_desc_init(&desc, &a, &b, NULL, &c));
+    NM_DNNL_TRY(dnnl_matmul_desc_init(&desc, &a, &b, NULL, &c));
     dnnl_primitive_attr_t attr;
-    NM_DNNL_CHECK(dnnl_primitive_attr_create(&attr));
-    if (scaled) NM_DNNL_CHECK(dnnl_primitive_attr_set_output_scales(attr, 1, 0, &DNNL_RUNTIME_F32_VAL));
-    if (accumulate) {
+    NM_DNNL_TRY(dnnl_primitive_attr_create(&attr));
+    dnnl_status_t st = dnnl_success;
+    if (scaled) st = dnnl_primitive_attr_set_output_scales(attr, 1, 0, &DNNL_RUNTIME_F32_VAL);
+    if (st == dnnl_success && accumulate) {
         dnnl_post_ops_t po;
-        NM_DNNL_CHECK(dnnl_post_ops_create(&po));
-        NM_DNNL_CHECK(dnnl_post_ops_append_sum(po, 1.0f));
-        NM_DNNL_CHECK(dnnl_primitive_attr_set_post_ops(attr, po));
-        NM_DNNL_CHECK(dnnl_post_ops_destroy(po));
+        st = dnnl_post_ops_create(&po);
+        if (st == dnnl_success) {
+            st = dnnl_post_ops_append_sum(po, 1.0f);
+            if (st == dnnl_success) st = dnnl_primitive_attr_set_post_ops(attr, po);
+            dnnl_post_ops_destroy(po);
+        }
     }
-    dnnl_primitive_desc_t pd;
-    // Fails loudly (NM_CHECK) where oneDNN has no bf16 matmul at all: a silent fp32 fallback
-    // would change the numerics the caller asked for.
-    NM_DNNL_CHECK(dnnl_primitive_desc_create(&pd, &desc, attr, g.engine, NULL));
-    NM_DNNL_CHECK(dnnl_primitive_create(slot, pd));
-    NM_DNNL_CHECK(dnnl_primitive_desc_destroy(pd));
-    NM_DNNL_CHECK(dnnl_primitive_attr_destroy(attr));
-    return *slot;
+    dnnl_primitive_desc_t pd = NULL;
+    if (st == dnnl_success) st = dnnl_primitive_desc_create(&pd, &desc, attr, g.engine, NULL);
+    if (st == dnnl_success) st = dnnl_primitive_create(slot, pd);
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    dnnl_primitive_attr_destroy(attr);
+    if (st != dnnl_success) {
+        *slot = NULL;
+        return nm_error_set(err, "dnnl_primitive_desc_create(bf16 matmul): %s", dnnl_status2str(st));
+    }
+    return 0;
+}
+
+// The primitives exist once setup found the kernel usable (nm_cpu_gemm_bf16_onednn_usable).
+static dnnl_primitive_t get_primitive(nm_transpose ta, nm_transpose tb, int scaled, int accumulate) {
+    dnnl_primitive_t p = g.prim[ta][tb][scaled][accumulate];
+    NM_CHECK(p != NULL, "gemm_bf16: onednn kernel used before nm_cpu_gemm_bf16_setup found it usable");
+    return p;
 }
 
 void nm_cpu_gemm_bf16(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,

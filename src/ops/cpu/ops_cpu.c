@@ -14,7 +14,13 @@ static const char *cpu_kernel_names(void) {
     return names;
 }
 
+static int cpu_setup(nm_error *err) {
+    if (nm_cpu_gemm_setup(err) != 0 || nm_cpu_gemm_bf16_setup(err) != 0) return -1;
+    return 0;
+}
+
 static const nm_ops cpu_ops = {
+    .setup = cpu_setup,
     .kernel_names = cpu_kernel_names,
     .gemm = nm_cpu_gemm,
     .gemm_grouped = nm_cpu_gemm_grouped,
