@@ -5,7 +5,11 @@
 #     pick flipped in it (same key) the resume runs the flipped kernels (deterministic
 #     given the cache, whatever a new timing would say);
 #  3. NM_CPU_BF16_GEMM / NM_CPU_GEMM override the cached pick;
-#  4. a corrupt kernels.json stops the run with a message naming the file.
+#  4. a corrupt kernels.json stops the run with a message naming the file;
+#  5. a bad NM_CPU_KERNELS is refused;
+#  6. where oneDNN has no bf16 matmul (AVX2-only CPUs, or ONEDNN_MAX_CPU_ISA=AVX2, as the
+#     test_kernel_choice_avx2 variant runs this script), the pick skips it and says so, and a
+#     cached onednn pick is refused with the fix instead of aborting.
 set -euo pipefail
 
 : "${NM_BIN:?NM_BIN must point to the nanomegatron binary}"
@@ -38,9 +42,19 @@ fp32=$(sed -n 's/^kernels fp32 \([a-z]*\),.*/\1/p' fresh.log)
 bf16=$(sed -n 's/^kernels fp32 [a-z]*, bf16 \([a-z]*\) .*/\1/p' fresh.log)
 grep -q "\"fp32\":[[:space:]]*\"$fp32\"" run/kernels.json || fail "kernels.json does not hold fp32 $fp32"
 
-# 2. resume reads the file; a flipped pick is followed
+cp run/kernels.json fresh-kernels.json
+fresh_text=$(cat fresh.log)
+no_onednn16=0
+[[ $fresh_text == *"bf16 onednn: not available on this CPU"* ]] && no_onednn16=1
+. "$NM_ROOT/tests/isa_expect.sh"
+[ "$no_onednn16" != "$nm_expect_onednn_bf16" ] \
+  || { cat fresh.log >&2; fail "bf16 onednn available=$((1 - no_onednn16)), expected $nm_expect_onednn_bf16 from the CPU flags and the ISA cap"; }
+[ "$no_onednn16" = 0 ] || [ "$bf16" = widen ] || fail "bf16 onednn is not available, yet $bf16 was picked"
+
+# 2. resume reads the file; a flipped pick is followed (bf16 stays widen where onednn cannot run)
 case $fp32 in onednn) other32=openblas;; *) other32=onednn;; esac
 case $bf16 in onednn) other16=widen;; *) other16=onednn;; esac
+[ "$no_onednn16" = 0 ] || other16=widen
 sed -i "s/\"fp32\":\([[:space:]]*\)\"$fp32\"/\"fp32\":\1\"$other32\"/; s/\"bf16\":\([[:space:]]*\)\"$bf16\"/\"bf16\":\1\"$other16\"/" run/kernels.json
 train --resume --set steps=2 > resume.log 2>&1 || { cat resume.log >&2; fail "resume failed"; }
 grep -q "^kernels fp32 $other32, bf16 $other16 (from run/kernels.json)" resume.log \
@@ -62,4 +76,15 @@ grep -q "run/kernels.json: not a kernel choice" corrupt.log || { cat corrupt.log
 rc=0
 NM_CPU_KERNELS=fastest "$NM_BIN" train --config train.json --out bad > bad.log 2>&1 || rc=$?
 [ "$rc" -ne 0 ] && grep -q "NM_CPU_KERNELS=fastest" bad.log || { cat bad.log >&2; fail "NM_CPU_KERNELS=fastest was not refused by name"; }
-echo "PASS"
+
+# 6. a cached onednn bf16 pick where oneDNN cannot run it: refused, naming the file and the fix
+if [ "$no_onednn16" = 1 ]; then
+  sed 's/"bf16":\([[:space:]]*\)"widen"/"bf16":\1"onednn"/' fresh-kernels.json > run/kernels.json
+  rc=0
+  train --resume --set steps=5 > cached16.log 2>&1 || rc=$?
+  text=$(cat cached16.log)
+  [ "$rc" = 1 ] || { cat cached16.log >&2; fail "a cached onednn bf16 pick on a CPU without it exited $rc, expected 1"; }
+  [[ $text == *"run/kernels.json: bf16 kernel onednn cannot run here"* && $text != *fatal* ]] \
+    || { cat cached16.log >&2; fail "the refusal of a cached onednn pick does not name the file"; }
+fi
+echo "ok (bf16 onednn available: $((1 - no_onednn16)))"
