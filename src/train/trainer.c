@@ -40,6 +40,7 @@
 #include "ops/ops.h"
 #include "train/balance.h"
 #include "train/kernels.h"
+#include "train/memcheck.h"
 #include "train/metrics.h"
 #include "train/pipeline.h"
 #include "train/schedule.h"
@@ -315,6 +316,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
         mopts.stage = &t->stages[t->mesh->pp_rank];
         mopts.act_slots = nm_pipeline_slots(ms.pp, t->mesh->pp_rank, t->accum);
     }
+    if (nm_train_check_memory(cfg, &t->mcfg, t->world->size, opts->recompute, t->mesh->pp_rank, err) != 0) goto fail;
     if (nm_model_create_ex(&t->model, &t->mcfg, nm_ops_cpu(), cfg->micro_batch, t->T, &mopts, err) != 0) goto fail;
     if (nm_model_set_precision(t->model, cfg->precision, err) != 0) goto fail;
     const nm_param_table *table = nm_model_table(t->model);
