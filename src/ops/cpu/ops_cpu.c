@@ -2,6 +2,8 @@
 // per file in this directory (cpu_ops.h lists them); this file only wires them up.
 #include <stdio.h>
 
+#include "core/check.h"
+
 #include "ops/cpu/cpu_ops.h"
 
 static const char *cpu_kernel_names(void) {
@@ -14,8 +16,19 @@ static const char *cpu_kernel_names(void) {
     return names;
 }
 
-static int cpu_setup(nm_error *err) {
+// The CPU kernels keep per-row vectors of the router (E experts) and attention (q/k and v head
+// dims) on the stack: NM_CPU_MAX_STACK_DIM bounds them, far above real models (DeepSeek-V3:
+// E 256, q/k 192, v 128), and the config's own bounds are higher still.
+static int cpu_setup(const nm_model_config *cfg, nm_error *err) {
     if (nm_cpu_gemm_setup(err) != 0 || nm_cpu_gemm_bf16_setup(err) != 0) return -1;
+    struct { const char *what; int64_t v; } dims[] = {
+        {"n_routed_experts", cfg->E}, {"qk_nope_head_dim + qk_rope_head_dim", cfg->Dn + cfg->Dr},
+        {"v_head_dim", cfg->Dv},
+    };
+    for (size_t i = 0; i < sizeof dims / sizeof dims[0]; i++)
+        if (dims[i].v > NM_CPU_MAX_STACK_DIM)
+            return nm_error_set(err, "model %s = %lld: the CPU backend takes at most %d", dims[i].what,
+                                (long long)dims[i].v, NM_CPU_MAX_STACK_DIM);
     return 0;
 }
 
