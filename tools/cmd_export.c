@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "args.h"
+#include "model_dir.h"
 #include "commands.h"
 #include "io/export_vocab.h"
 #include "io/fileio.h"
@@ -24,41 +25,6 @@
 #include "io/hf_dir.h"
 #include "io/hf_export.h"
 #include "train/checkpoint.h"
-
-static int is_file(const char *path) {
-    struct stat st;
-    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
-}
-
-// --model (and --step) -> the HF directory to read and the tokenizer to ship.
-static int resolve(const char *model, int64_t step, char *dir, size_t cap, char *tok, size_t tok_cap, nm_error *err) {
-    if (strlen(model) > 4000) return nm_error_set(err, "--model path too long");
-    char path[4400];
-    snprintf(path, sizeof(path), "%s/config.json", model);
-    if (step >= 0) {
-        if (is_file(path)) return nm_error_set(err, "--step: %s is a model directory, not a run directory", model);
-        snprintf(dir, cap, "%s/step_%06lld", model, (long long)step);
-        snprintf(path, sizeof(path), "%s/config.json", dir);
-        if (!is_file(path)) return nm_error_set(err, "%s: no checkpoint for --step %lld (no %s)", model, (long long)step, path);
-    } else if (is_file(path)) {
-        snprintf(dir, cap, "%s", model);
-    } else if (nm_checkpoint_find_latest(model, dir, cap, err) != 0) {
-        return nm_error_prefix(err, "%s is neither a model directory (no config.json) nor a run directory", model);
-    }
-    snprintf(path, sizeof(path), "%s/tokenizer.json", dir);
-    snprintf(tok, tok_cap, "%.4100s", is_file(path) ? path : "bytes");
-    snprintf(path, sizeof(path), "%s/trainer.json", dir);
-    char *text;
-    nm_error ignore;
-    if (nm_file_read_all(path, &text, NULL, &ignore) == 0) {
-        cJSON *root = cJSON_Parse(text);
-        const cJSON *t = cJSON_GetObjectItemCaseSensitive(root, "tokenizer");
-        if (cJSON_IsString(t)) snprintf(tok, tok_cap, "%s", t->valuestring);
-        cJSON_Delete(root);
-        nm_free(text);
-    }
-    return 0;
-}
 
 // "5GB", "200MB", "4096": decimal units as transformers' max_shard_size.
 static int parse_size(const char *s, int64_t *out) {
@@ -142,7 +108,7 @@ int nm_cmd_export(int argc, char **argv) {
     nm_export_vocab vocab = {0};
     float *params = NULL;
     int rc = 1;
-    if (resolve(model, step, dir, sizeof(dir), tok_path, sizeof(tok_path), &err) != 0) goto done;
+    if (nm_resolve_model_dir(model, step, dir, sizeof(dir), tok_path, sizeof(tok_path), &err) != 0) goto done;
     if (nm_args_has(&a, "tokenizer")) snprintf(tok_path, sizeof(tok_path), "%s", nm_args_str(&a, "tokenizer", "bytes"));
     if (nm_hf_dir_load_config(dir, &cfg, &err) != 0) goto done;
     if (nm_param_table_build(&t, &cfg, &err) != 0) goto done;

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "args.h"
+#include "model_dir.h"
 #include "commands.h"
 #include "io/fileio.h"
 #include "io/hf_dir.h"
@@ -56,6 +57,12 @@ int nm_cmd_forward(int argc, char **argv) {
     nm_model_config cfg;
     nm_model *m = NULL;
     int rc = 1;
+    char model_dir[4400];
+    if (nm_resolve_model_dir(dir, -1, model_dir, sizeof model_dir, NULL, 0, &err) != 0) {
+        nm_free(tokens);
+        return fail(&err);
+    }
+    dir = model_dir;
     if (nm_hf_dir_load_config(dir, &cfg, &err) != 0) {
         nm_free(tokens);
         return fail(&err);

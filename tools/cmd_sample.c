@@ -14,45 +14,13 @@
 #include <sys/stat.h>
 
 #include "args.h"
+#include "model_dir.h"
 #include "commands.h"
 #include "core/rng.h"
 #include "data/tokenizer.h"
 #include "io/fileio.h"
 #include "io/hf_dir.h"
 #include "nanomegatron.h"
-
-static int is_file(const char *path) {
-    struct stat st;
-    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
-}
-
-// Resolves --model: a run directory (has `latest` or step_* dirs) -> its newest valid
-// checkpoint and the tokenizer recorded in trainer.json; a HF directory -> itself and its
-// tokenizer.json if present, else the byte tokenizer.
-static int resolve_model(const char *model, char *dir, size_t cap, char *tok, size_t tok_cap, nm_error *err) {
-    if (strlen(model) > 4000) return nm_error_set(err, "--model path too long");
-    char path[4400];
-    snprintf(path, sizeof(path), "%s/config.json", model);
-    if (is_file(path)) {
-        snprintf(dir, cap, "%s", model);
-    } else if (nm_checkpoint_find_latest(model, dir, cap, err) != 0) {
-        return nm_error_prefix(err, "%s is neither a model directory (no config.json) nor a run directory", model);
-    }
-    snprintf(path, sizeof(path), "%s/tokenizer.json", dir);
-    if (is_file(path)) snprintf(tok, tok_cap, "%.4000s", path);
-    else snprintf(tok, tok_cap, "bytes");
-    snprintf(path, sizeof(path), "%s/trainer.json", dir);
-    char *text;
-    nm_error ignore;
-    if (nm_file_read_all(path, &text, NULL, &ignore) == 0) {
-        cJSON *root = cJSON_Parse(text);
-        const cJSON *t = cJSON_GetObjectItemCaseSensitive(root, "tokenizer");
-        if (cJSON_IsString(t)) snprintf(tok, tok_cap, "%s", t->valuestring);
-        cJSON_Delete(root);
-        nm_free(text);
-    }
-    return 0;
-}
 
 typedef struct prob_index {
     float p;
@@ -118,7 +86,7 @@ int nm_cmd_sample(int argc, char **argv) {
     float *logits = NULL;
     prob_index *scratch = NULL;
     int rc = 1;
-    if (resolve_model(model, dir, sizeof(dir), tok_path, sizeof(tok_path), &err) != 0) goto done;
+    if (nm_resolve_model_dir(model, -1, dir, sizeof(dir), tok_path, sizeof(tok_path), &err) != 0) goto done;
     if (nm_args_has(&a, "tokenizer")) snprintf(tok_path, sizeof(tok_path), "%s", nm_args_str(&a, "tokenizer", "bytes"));
     if (nm_hf_dir_load_config(dir, &cfg, &err) != 0) goto done;
     if (nm_tokenizer_load(&tok, tok_path, &err) != 0) goto done;
@@ -145,6 +113,9 @@ int nm_cmd_sample(int argc, char **argv) {
     if (nm_hf_dir_load_model(dir, nm_model_table(m), &cfg, 0, nm_model_params(m), &err) != 0) goto done;
     ids = nm_realloc(ids, (size_t)total * sizeof(int32_t));
     logits = nm_malloc((size_t)(T_max * cfg.V) * sizeof(float));
+    // Only ids the tokenizer can decode are drawn: the model's vocabulary is padded (to a
+    // multiple of make_vocab_size_divisible_by), and an untrained padded row can still win.
+    int64_t n_drawable = nm_tokenizer_vocab_size(tok) < cfg.V ? nm_tokenizer_vocab_size(tok) : cfg.V;
     scratch = nm_malloc((size_t)cfg.V * sizeof(prob_index));
     fwrite(prompt, 1, strlen(prompt), stdout);
     fflush(stdout);
@@ -154,7 +125,7 @@ int nm_cmd_sample(int argc, char **argv) {
         int64_t T = n < T_max ? n : T_max;  // slide the window once the context is full
         nm_loss_terms lt;
         if (nm_model_forward(m, ids + (n - T), 1, T, &opt, &lt, logits, &err) != 0) goto done;
-        ids[n] = sample_token(logits + (T - 1) * cfg.V, cfg.V, temperature, top_p, nm_rng_uniform_f64(key, (uint64_t)n),
+        ids[n] = sample_token(logits + (T - 1) * cfg.V, n_drawable, temperature, top_p, nm_rng_uniform_f64(key, (uint64_t)n),
                               scratch);
         char *text;
         size_t len;

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "args.h"
+#include "model_dir.h"
 #include "commands.h"
 #include "io/hf_dir.h"
 #include "nanomegatron.h"
@@ -139,6 +140,9 @@ int nm_cmd_eval(int argc, char **argv) {
     nm_loader *l = NULL;
     int32_t *tokens = NULL;
     int rc = 1;
+    char model_dir[4400];
+    if (nm_resolve_model_dir(dir, -1, model_dir, sizeof model_dir, NULL, 0, &err) != 0) goto done;
+    dir = model_dir;
     if (nm_hf_dir_load_config(dir, &cfg, &err) != 0) goto done;
     if (nm_model_create(&m, &cfg, nm_ops_cpu(), B, seq_len + 1, &err) != 0) goto done;
     if (nm_hf_dir_load_model(dir, nm_model_table(m), &cfg, 0, nm_model_params(m), &err) != 0) goto done;

@@ -13,9 +13,9 @@ static const char *usage =
     "\n"
     "model\n"
     "  init      --config C.json --out DIR [--seed S] [--dtype fp32|bf16]\n"
-    "  forward   --model DIR --tokens T.bin --batch B [--logits OUT] [--grads G.safetensors]\n"
+    "  forward   --model DIR|RUN_DIR --tokens T.bin --batch B [--logits OUT] [--grads G.safetensors]\n"
     "            [--mtp-weight W] [--aux-weight A]\n"
-    "  inspect   --model DIR | --config C.json      parameters, active per token, FLOPs\n"
+    "  inspect   --model DIR|RUN_DIR | --config C.json      parameters, active per token, FLOPs\n"
     "data\n"
     "  prepare   --input FILE... --tokenizer tokenizer.json|bytes --out PREFIX [--json-key text]\n"
     "            [--append-eod] [--workers N]   |   --synthetic N_TOKENS --out PREFIX [--seed S]\n"
@@ -24,11 +24,12 @@ static const char *usage =
     "training\n"
     "  train     --config C --out RUN_DIR [--steps N] [--save-every N] [--seed S] [--set k=v]...\n"
     "            [--init-from HF_DIR] [--resume] [--recompute] [--quiet]   (train --help: config keys)\n"
-    "  eval      --model DIR --data PREFIX\n"
+    "  eval      --model DIR|RUN_DIR --data PREFIX [--seq-len T] [--batch B] [--batches N] [--seed S]\n"
     "  sample    --model DIR|RUN_DIR --prompt TEXT [--tokens N] [--temperature T] [--top-p P] [--seed S]\n"
     "  export    --model DIR|RUN_DIR [--step N] --out OUT --format hf|gguf [--dtype fp32|bf16|f16|q8_0]\n"
-    "  plan      --config MODEL.json|--model DIR --world N [--tp --pp --ep --seq-len --micro-batch --global-batch --recompute --precision]\n"
-    "            [--tokenizer T] [--max-shard-size 5GB]\n";
+    "            [--tokenizer T] [--max-shard-size 5GB]\n"
+    "  plan      --config MODEL.json|--model DIR --world N [--tp --pp --ep --seq-len --micro-batch --global-batch\n"
+    "            --recompute --precision]\n";
 
 char *openblas_get_corename(void);
 
