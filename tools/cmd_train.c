@@ -22,6 +22,12 @@
 static void train_failed(const nm_error *err) {
     int rank, world;
     nm_comm_job_position(&rank, &world);
+    // A layout error is found by every rank alike, before any collective: said once, by rank
+    // 0, and every rank exits normally instead of a message per rank and MPI_Abort's noise.
+    if (world > 1 && strncmp(err->msg, "parallel layout:", 16) == 0) {
+        if (rank == 0) fprintf(stderr, "nanomegatron train: %s\n", err->msg);
+        return;
+    }
     if (world > 1) fprintf(stderr, "\nnanomegatron train: rank %d of %d: %s\n", rank, world, err->msg);
     else fprintf(stderr, "\nnanomegatron train: %s\n", err->msg);
     if (world > 1) nm_comm_abort_job(1);

@@ -33,11 +33,18 @@ int nm_mesh_check(nm_mesh_sizes *n, int64_t world, int64_t tp, int64_t pp, int64
                             "(n_routed_experts)", (long long)ep, (long long)n_experts);
     }
     if (micro_batch < 1 || global_batch % (micro_batch * dp) != 0) {
+        // The fix: the largest micro-batch below the given one that divides, else a global batch
+        int64_t fit = micro_batch - 1;
+        while (fit >= 1 && global_batch % (fit * dp) != 0) fit--;
+        int64_t mb = micro_batch < 1 ? 1 : micro_batch;
+        char fix[160];
+        if (fit >= 1) snprintf(fix, sizeof fix, "--set micro_batch=%lld", (long long)fit);
+        else snprintf(fix, sizeof fix, "--set global_batch=%lld", (long long)(((global_batch + mb * dp - 1) / (mb * dp)) * mb * dp));
         return nm_error_set(err, "parallel layout: global_batch %lld is not divisible by micro_batch %lld x "
                             "data_parallel_size %lld = %lld (world %lld / (tensor_parallel_size %lld x "
-                            "pipeline_parallel_size %lld))",
+                            "pipeline_parallel_size %lld)); for example %s",
                             (long long)global_batch, (long long)micro_batch, (long long)dp,
-                            (long long)(micro_batch * dp), (long long)world, (long long)tp, (long long)pp);
+                            (long long)(micro_batch * dp), (long long)world, (long long)tp, (long long)pp, fix);
     }
     n->world = world;
     n->tp = tp;
