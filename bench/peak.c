@@ -301,6 +301,10 @@ int main(int argc, char **argv) {
            f.amx_bf16 ? "AMX-BF16" : f.avx512_bf16 ? "AVX512-BF16 (no AMX)" : "no native bf16 dot product");
     // What nanomegatron's bf16 GEMM picks by default (src/ops/cpu/gemm_bf16.c): oneDNN where it
     // reports AMX usable, else the fp32 FMA units.
+    char isa_short[64];  // run.sh names it (ONEDNN_MAX_CPU_ISA changes it): the name's first word
+    snprintf(isa_short, sizeof isa_short, "%s", isa_name(isa));
+    isa_short[strcspn(isa_short, " ")] = 0;
+    printf("onednn_isa=%s\n", isa_short);
     printf("bf16_amx_usable=%d\n", ((unsigned)isa & (unsigned)dnnl_cpu_isa_avx512_core_amx) ==
                                         (unsigned)dnnl_cpu_isa_avx512_core_amx);
     if (bf16_best > 0) {

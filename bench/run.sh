@@ -234,7 +234,12 @@ print("peaks (%s threads, best of start and end): fp32 sgemm %.1f GFLOP/s (OpenB
     "%.1f GFLOP/s (%s)" % (peak["bf16"], pk.get("bf16_isa", "?")) if "bf16_peak_gflops" in pk else "unavailable"))
 print("load average: %s before, %s after (on %d cores)" % (load0, load1, os.cpu_count()))
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown")
-print("cpu: %s" % cpu)
+flags = next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), [])
+simd = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
+print("cpu: %s (%s%s) | oneDNN ISA %s%s | OpenBLAS kernels %s" % (
+    cpu, simd, ", avx512_bf16" if "avx512_bf16" in flags else "", pk.get("onednn_isa", "?"),
+    " (capped by ONEDNN_MAX_CPU_ISA=%s)" % os.environ["ONEDNN_MAX_CPU_ISA"] if os.environ.get("ONEDNN_MAX_CPU_ISA") else "",
+    pk.get("openblas_core", "?")))
 tv = sorted({r.get("torch") for r in res if r["impl"] == "pytorch" and r.get("torch")})
 if tv: print("pytorch peer: torch %s" % ", ".join(tv))  # the ratios depend on the version (docs/performance.md)
 for d in sorted(os.listdir(work)):  # the pick each of our runs measured (src/train/kernels.c)
