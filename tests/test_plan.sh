@@ -107,4 +107,17 @@ grep -q "num_attention_heads 2" bad.err || { cat bad.err; fail "tp refusal does 
 "$NM_BIN" plan --config "$NM_ROOT/configs/deepseek-v3.json" --world 2048 --ep 64 --seq-len 4096 --precision bf16 \
   --recompute >dsv3.out || fail "DeepSeek-V3 plan did not run"
 grep -Eq "^(fits|does not fit) in 80 GiB" dsv3.out || { cat dsv3.out; fail "DeepSeek-V3 plan gives no verdict"; }
+# pp16 over DeepSeek-V3's 61 layers: the refusal suggests a layout for those 61 layers, which
+# plan then takes (it used to suggest a 4-layer example)
+rc=0
+"$NM_BIN" plan --config "$NM_ROOT/configs/deepseek-v3.json" --world 2048 --pp 16 --ep 64 --seq-len 4096 \
+  >pp16.out 2>pp16.err || rc=$?
+[ "$rc" -ne 0 ] || fail "pp16 over 61 layers without a layout was accepted"
+suggested=$(sed -n 's/.*for example "\([^"]*\)".*/\1/p' pp16.err)
+[ -n "$suggested" ] || { cat pp16.err; fail "the pp16 refusal suggests no layout"; }
+"$NM_BIN" plan --config "$NM_ROOT/configs/deepseek-v3.json" --world 2048 --pp 16 --ep 64 --seq-len 4096 \
+  --pipeline-layout "$suggested" >pp16.out 2>pp16.err || { cat pp16.err; fail "the suggested layout $suggested is refused"; }
+# linear in the world size: a million ranks is planned at once (it took minutes when each rank's
+# ZeRO-1 ownership was built separately); the timeout fails a quadratic plan.
+timeout 20 "$NM_BIN" plan --config model.json --world 1048576 >million.out 2>&1 || { cat million.out; fail "plan at 1,048,576 ranks did not finish in 20 s"; }
 echo "test_plan: all passed"

@@ -22,14 +22,38 @@ static int bad_layout(nm_error *err, const char *layout, const char *why) {
     return nm_error_set(err, KEY " \"%s\": %s", layout, why);
 }
 
+// A layout for L layers and M MTP layers on pp stages, for the error that asks for one: the
+// layers spread evenly, the remainder on the middle stages (the first holds the embedding, the
+// last the head, the MTP layers and the loss), e.g. DeepSeek-V3's 61 on 16:
+// "Et*3|t*4|...|t*4|t*3mL". Empty when there are fewer layers than stages.
+static void suggest_layout(char *out, size_t cap, int64_t L, int64_t M, int64_t pp) {
+    out[0] = 0;
+    if (L < pp || pp < 2 || pp > 1024) return;
+    int64_t base = L / pp, extra = L % pp;
+    size_t n = (size_t)snprintf(out, cap, "\"");
+    for (int64_t s = 0; s < pp && n < cap; s++) {
+        // the middle stages take one more each, stage 0 the last one when pp - 1 are over
+        int64_t here = base + ((s > 0 && s < pp - 1 && s <= extra) || (s == 0 && extra == pp - 1) ? 1 : 0);
+        n += (size_t)snprintf(out + n, cap - n, "%s%s", s ? "|" : "", s == 0 ? "E" : "");
+        if (n < cap && here > 0) n += (size_t)snprintf(out + n, cap - n, here == 1 ? "t" : "t*%lld", (long long)here);
+        if (n < cap && s == pp - 1 && M > 0)
+            n += (size_t)snprintf(out + n, cap - n, M == 1 ? "m" : "m*%lld", (long long)M);
+        if (n < cap && s == pp - 1) n += (size_t)snprintf(out + n, cap - n, "L\"");
+    }
+    if (n >= cap) out[0] = 0;
+}
+
 int nm_pipeline_layout(nm_model_stage *stages, int64_t pp, const char *layout, const nm_model_config *cfg,
                        nm_error *err) {
     const int64_t L = cfg->L, M = cfg->M;
     if (!layout || !*layout) {
-        if (L % pp != 0 || L < pp)
+        if (L % pp != 0 || L < pp) {
+            char fix[64 + 16 * 1024] = "";
+            suggest_layout(fix, sizeof fix, L, M, pp);
             return nm_error_set(err, "pipeline_parallel_size %lld does not divide the %lld decoder layers "
-                                     "(num_hidden_layers): set " KEY " to place them, e.g. \"Et|tt|tmL\"",
-                                (long long)pp, (long long)L);
+                                     "(num_hidden_layers): set " KEY " (plan: --pipeline-layout) to place them%s%s",
+                                (long long)pp, (long long)L, fix[0] ? ", for example " : "", fix);
+        }
         for (int64_t s = 0; s < pp; s++)
             stages[s] = (nm_model_stage){s * (L / pp), (s + 1) * (L / pp), s == 0, s == pp - 1};
         return 0;
