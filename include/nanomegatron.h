@@ -41,6 +41,7 @@ typedef struct nm_trainer_options {
     int64_t inject_nan_step;    // testing hook: poison one gradient at this step (0: never) ...
     int64_t inject_nan_count;   // ... and at the steps after it, this many in all (0 or 1: one)
     int recompute;              // activation recomputation per block (less memory, ~1/3 more compute)
+    int allow_config_change;    // resume although the data, batch, sequence length or tokenizer changed
 } nm_trainer_options;
 
 typedef struct nm_step_metrics {

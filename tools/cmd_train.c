@@ -35,12 +35,15 @@ static void train_failed(const nm_error *err) {
 
 int nm_cmd_train(int argc, char **argv) {
     static const char *const value_flags[] = {"config", "out", "steps", "save-every", "seed", "set", "inject-nan", "init-from", NULL};
-    static const char *const bool_flags[] = {"resume", "quiet", "help", "recompute", NULL};
+    static const char *const bool_flags[] = {"resume", "quiet", "help", "recompute", "allow-config-change", NULL};
     nm_args a;
     if (nm_args_parse(&a, "train", argc, argv, value_flags, bool_flags) != 0) return 2;
     if (nm_args_has(&a, "help")) {
         printf("usage: nanomegatron train --config C --out RUN_DIR [--steps N] [--save-every N] [--seed S]\n"
-               "                          [--set key=value]... [--init-from HF_DIR] [--resume] [--recompute] [--quiet]\n\ntraining config keys:\n");
+               "                          [--set key=value]... [--init-from HF_DIR] [--resume [--allow-config-change]]\n"
+               "                          [--recompute] [--quiet]\n"
+               "--resume refuses a changed data, split, seq_len, global_batch or tokenizer (the data cursor\n"
+               "counts samples of the old stream) unless --allow-config-change says it is meant.\n\ntraining config keys:\n");
         nm_train_config_describe(stdout);
         return 0;
     }
@@ -86,7 +89,8 @@ int nm_cmd_train(int argc, char **argv) {
     }
     nm_trainer_options opts = {.run_dir = run_dir, .resume = nm_args_has(&a, "resume"),
                                .quiet = nm_args_has(&a, "quiet"), .inject_nan_step = inject, .inject_nan_count = inject_count,
-                               .recompute = nm_args_has(&a, "recompute")};
+                               .recompute = nm_args_has(&a, "recompute"),
+                               .allow_config_change = nm_args_has(&a, "allow-config-change")};
     nm_trainer *t;
     int rc = 0;
     if (nm_trainer_create(&t, &cfg, &opts, &err) != 0) {

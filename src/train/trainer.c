@@ -163,6 +163,42 @@ static double measure_gemm_peak(nm_precision precision) {
     return peak;
 }
 
+// --- resume: what may not change --------------------------------------------------------------
+
+// A resume continues the same data stream: a changed corpus, split, batch, sequence length or
+// tokenizer would silently train on other samples than the cursor counted. Each change is
+// named; without allow_config_change (train --allow-config-change) the resume is refused.
+static int resume_changes(const char *saved_json, const nm_train_config *cfg, const char *ckpt_dir, int allow,
+                          nm_error *err) {
+    static const char *const keys[] = {"data", "seq_len", "global_batch", "tokenizer"};
+    cJSON *saved = cJSON_Parse(saved_json ? saved_json : "");
+    char *now_text = nm_train_config_to_json(cfg);
+    cJSON *now = cJSON_Parse(now_text);
+    free(now_text);
+    char list[1536] = "";
+    size_t n = 0;
+    for (size_t i = 0; saved && now && i < sizeof keys / sizeof keys[0]; i++) {
+        cJSON *a = cJSON_GetObjectItemCaseSensitive(saved, keys[i]), *b = cJSON_GetObjectItemCaseSensitive(now, keys[i]);
+        if (!a || !b || cJSON_Compare(a, b, 1)) continue;
+        char *ta = cJSON_PrintUnformatted(a), *tb = cJSON_PrintUnformatted(b);
+        if (n < sizeof list)
+            n += (size_t)snprintf(list + n, sizeof list - n, "%s%s %.200s -> %.200s", n ? "; " : "", keys[i],
+                                  ta ? ta : "?", tb ? tb : "?");
+        free(ta);
+        free(tb);
+    }
+    cJSON_Delete(saved);
+    cJSON_Delete(now);
+    if (!list[0]) return 0;
+    if (allow) {
+        fprintf(stderr, "resume: continuing with a changed config (--allow-config-change): %s\n", list);
+        return 0;
+    }
+    return nm_error_set(err, "resume: the config differs from the checkpoint %s: %s. The data cursor counts samples "
+                        "of the old stream; pass --allow-config-change if the change is meant, or train into a new "
+                        "--out", ckpt_dir, list);
+}
+
 // --- metrics.jsonl on resume ------------------------------------------------------------------
 
 // Keeps the lines of steps <= last_step (the steps a resumed run will not redo) and reloads
@@ -454,7 +490,9 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
             t->optim->step = st.optim_step;
             nm_loader_set_cursor(t->train_data, (nm_data_cursor){.sample = st.data_sample});
             if (st.seed != cfg->seed) fprintf(stderr, "resume: warning: checkpoint seed %lld differs from config seed %lld\n", (long long)st.seed, (long long)cfg->seed);
+            int changed = resume_changes(st.train_config_json, cfg, dir, opts->allow_config_change, err);
             nm_ckpt_state_free(&st);
+            if (changed != 0) goto fail;
             if (t->rank0 && rewind_metrics(t, metrics_path, t->step, err) != 0) goto fail;
             resumed = 1;
             if (!t->opts.quiet) printf("resume: continuing from %s (step %lld)\n", dir, (long long)t->step);
