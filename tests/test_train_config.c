@@ -176,6 +176,12 @@ static void test_errors(void) {
     ERR(J("{%s, \"lr\": 1}", m), "unknown key 'lr'", "did you mean 'optimizer.lr'");
     ERR(J("{%s, \"optimizer.lr\": 1}", m), "unknown key 'optimizer.lr'");  // only through the section
     ERR(J("{%s, \"zzzzzzzzzz\": 1}", m), "unknown key 'zzzzzzzzzz'");
+    // A model config key through --set model_config. is checked, not only warned about.
+    ERR_SET(J("{%s}", m), "model_config.hiden_size=3", "unknown model config key 'hiden_size'",
+           "did you mean 'hidden_size'");
+    // Validation asked for with no validation split is an error, not a silent skip.
+    ERR(J("{%s, \"data\": {\"split\": \"100,0\"}, \"log\": {\"eval_every\": 10}}", m), "'log.eval_every' = 10",
+        "data.split=99,1", "log.eval_every=0");
     // Ill-typed values.
     ERR(J("{%s, \"optimizer\": {\"lr\": \"fast\"}}", m), "cfgdir/t.json", "'optimizer.lr'", "expected a number",
         "got a string");

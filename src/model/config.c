@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "core/strdist.h"
 #include "core/check.h"
 #include "io/fileio.h"
 
@@ -52,6 +53,20 @@ static const char *const ignored_keys[] = {
 static int in_list(const char *const *list, const char *key) {
     for (int i = 0; list[i]; i++) {
         if (strcmp(list[i], key) == 0) return 1;
+    }
+    return 0;
+}
+
+int nm_model_config_key_known(const char *key, const char **closest) {
+    *closest = NULL;
+    if (in_list(read_keys, key) || in_list(ignored_keys, key)) return 1;
+    int best_d = 4;
+    for (int i = 0; read_keys[i]; i++) {
+        int d = nm_edit_distance(key, read_keys[i]);
+        if (d < best_d) {
+            best_d = d;
+            *closest = read_keys[i];
+        }
     }
     return 0;
 }

@@ -95,3 +95,7 @@ static inline int nm_layer_is_mtp(const nm_model_config *cfg, int64_t layer) { r
 
 // Rotary inverse frequencies (Dr/2 of them), YaRN-corrected when configured (dsv3-spec 4.3).
 void nm_rope_inv_freq(const nm_model_config *cfg, double *inv_freq /* (Dr/2) */);
+
+// 1 when key is a config.json key the model reads or knowingly ignores; else 0 with closest the
+// nearest key it reads (within 3 edits) or NULL.
+int nm_model_config_key_known(const char *key, const char **closest);

@@ -4,6 +4,7 @@
 // accepted range. Parsing the file, applying --set overrides, checking ranges, printing the
 // defaults and serialising back to JSON are all loops over that table, so a new key is one
 // line here plus its field in the struct.
+#include "core/strdist.h"
 #include "train/train_config.h"
 
 #include <assert.h>
@@ -138,28 +139,10 @@ static int is_section(const char *name) {
     return 0;
 }
 
-// Levenshtein distance, for "did you mean" on unknown keys (names are short).
-static int edit_distance(const char *a, const char *b) {
-    int la = (int)strlen(a), lb = (int)strlen(b);
-    if (la > 63 || lb > 63) return 99;
-    int d[64][64];
-    for (int i = 0; i <= la; i++) d[i][0] = i;
-    for (int j = 0; j <= lb; j++) d[0][j] = j;
-    for (int i = 1; i <= la; i++) {
-        for (int j = 1; j <= lb; j++) {
-            int c = d[i - 1][j - 1] + (a[i - 1] != b[j - 1]);
-            if (d[i - 1][j] + 1 < c) c = d[i - 1][j] + 1;
-            if (d[i][j - 1] + 1 < c) c = d[i][j - 1] + 1;
-            d[i][j] = c;
-        }
-    }
-    return d[la][lb];
-}
-
 static int unknown_key(nm_error *err, const char *where, const char *name) {
     int best = -1, best_d = 4;
     for (int i = 0; i < N_KEYS; i++) {
-        int dist = edit_distance(name, keys[i].name);
+        int dist = nm_edit_distance(name, keys[i].name);
         // A key given without its section ("lr" for "optimizer.lr") is a common slip too.
         const char *dot = strrchr(keys[i].name, '.');
         if (dot && !strcmp(dot + 1, name)) dist = 1;
@@ -463,6 +446,10 @@ static int validate(nm_train_config *cfg, const char *where, nm_error *err) {
     if (!cfg->data_synthetic && cfg->n_data_paths == 0)
         return nm_error_set(err, "%s: 'data.synthetic' is false and 'data.paths' is empty: no training data", where);
     if (parse_split(cfg, where, err)) return -1;
+    if (cfg->log.eval_every > 0 && cfg->data_split_frac[1] <= 0)
+        return nm_error_set(err, "%s: 'log.eval_every' = %lld asks for validation but 'data.split' = \"%s\" gives the "
+                            "validation split no data: set data.split=99,1 (train,valid) or log.eval_every=0", where,
+                            (long long)cfg->log.eval_every, cfg->data_split);
 
     if (cfg->global_batch == 0) cfg->global_batch = cfg->micro_batch;
     if (cfg->global_batch % cfg->micro_batch != 0)
@@ -514,6 +501,15 @@ static int apply_object(nm_train_config *cfg, const cJSON *obj, const char *sect
 // `--set model_config.KEY=VALUE`: VALUE is JSON (2048, true, null, "x", [..]); anything that is
 // not valid JSON is taken as a string. The model config's own parser checks the key and value.
 static int add_model_set(nm_train_config *cfg, const char *key, const char *value, nm_error *err) {
+    // A key the model config does not read would only be reported as ignored, with the run
+    // going on under the value the user meant to change.
+    const char *closest = NULL;
+    if (!nm_model_config_key_known(key, &closest)) {
+        if (closest)
+            return nm_error_set(err, "--set model_config.%s: unknown model config key '%s' (did you mean '%s'?)", key,
+                                key, closest);
+        return nm_error_set(err, "--set model_config.%s: unknown model config key '%s'", key, key);
+    }
     if (!*key || strchr(key, '.'))
         return nm_error_set(err, "--set model_config.%s: expected model_config.KEY=VALUE with a top-level key of "
                                  "config.json, e.g. --set model_config.vocab_size=2048", key);

@@ -37,7 +37,7 @@ set_tests_properties(fuzz_indexed PROPERTIES LABELS "cpu;fuzz" SKIP_RETURN_CODE 
 
 # One target per parser of outside input (issue 11): name | sources besides the target | libraries.
 # Each runs a short fixed budget here (run_fuzz_target.sh); long runs: see tests/fuzz/README.md.
-set(_core ${CMAKE_SOURCE_DIR}/src/core/check.c ${CMAKE_SOURCE_DIR}/src/io/fileio.c)
+set(_core ${CMAKE_SOURCE_DIR}/src/core/check.c ${CMAKE_SOURCE_DIR}/src/io/fileio.c ${CMAKE_SOURCE_DIR}/src/core/strdist.c)
 set(NM_FUZZ_PARSERS model_config train_config safetensors tokenizer trainer_json)
 set(NM_FUZZ_SRC_model_config src/model/config.c)
 set(NM_FUZZ_SRC_train_config src/train/train_config.c src/train/schedule.c src/train/optim.c src/model/config.c
