@@ -154,6 +154,11 @@ int nm_cmd_eval(int argc, char **argv) {
     if (nm_resolve_model_dir(dir, -1, model_dir, sizeof model_dir, NULL, 0, &err) != 0) goto done;
     dir = model_dir;
     if (nm_hf_dir_load_config(dir, &cfg, &err) != 0) goto done;
+    if (seq_len > cfg.max_pos) {
+        nm_error_set(&err, "--seq-len %lld is longer than the model's max_position_embeddings %lld (%s/config.json): "
+                     "give --seq-len <= %lld", (long long)seq_len, (long long)cfg.max_pos, dir, (long long)cfg.max_pos);
+        goto done;
+    }
     if (nm_model_create(&m, &cfg, nm_ops_cpu(), B, seq_len + 1, &err) != 0) goto done;
     if (nm_hf_dir_load_model(dir, nm_model_table(m), &cfg, 0, nm_model_params(m), &err) != 0) goto done;
     nm_data_spec spec;

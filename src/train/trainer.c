@@ -275,6 +275,11 @@ static int make_loaders(nm_trainer *t, nm_error *err) {
 // a tokenizer with more ids than the model's vocabulary is refused (otherwise the first step
 // fails on a token id); a bias update speed for a router that ignores the bias gets a notice.
 static int check_model_against_config(const nm_model_config *m, const nm_train_config *cfg, nm_error *err) {
+    if (cfg->seq_len > m->max_pos)
+        return nm_error_set(err, "seq_len %lld is longer than the model's max_position_embeddings %lld: set "
+                            "seq_len <= %lld, or raise model_config.max_position_embeddings (with rope_scaling for "
+                            "a longer context than the model was trained for)",
+                            (long long)cfg->seq_len, (long long)m->max_pos, (long long)m->max_pos);
     if (m->E > 0 && m->topk_method != NM_TOPK_NOAUX_TC && cfg->balance.bias_update_speed > 0) {
         fprintf(stderr, "notice: balance.bias_update_speed %g is not used: aux-loss-free balancing needs "
                         "topk_method 'noaux_tc' (this model's routing ignores the bias)\n",
