@@ -7,9 +7,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Slurm and munge are for tests/test_slurm.sh, which starts a private slurmctld, slurmd and
+# munged of its own: srun --mpi=pmix needs mpi_pmix.so (slurm-wlm-basic-plugins), which
+# dlopens the unversioned libpmix.so (libpmix-dev). Installing them starts no daemon that gets
+# in its way: Docker's policy-rc.d (where there is one) refuses every start; otherwise
+# slurmctld and slurmd (systemd unit or init.d script) start only with an
+# /etc/slurm/slurm.conf, which Debian does not ship, and a system munged has its own socket
+# and key under /run/munge and /etc/munge.
 packages=(build-essential cmake pkg-config libopenblas-openmp-dev libcjson-dev libpcre2-dev
           python3 python3-venv python3-pip python3-numpy python3-torch clang libdnnl-dev
-          libopenmpi-dev openmpi-bin python3-setuptools python3-wheel python3-pytest)
+          libopenmpi-dev openmpi-bin python3-setuptools python3-wheel python3-pytest
+          slurm-wlm slurm-wlm-basic-plugins munge libpmix-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
