@@ -286,6 +286,11 @@ static int check_model_against_config(const nm_model_config *m, const nm_train_c
                 cfg->balance.bias_update_speed);
     }
     const char *tok_path = cfg->tokenizer ? cfg->tokenizer : "bytes";
+    if (cfg->data_synthetic && strcmp(tok_path, "bytes") != 0)
+        return nm_error_set(err, "tokenizer %s with the built-in corpus: its tokens are bytes, so the run would train "
+                            "on bytes and sample with %s's merges; set tokenizer=bytes, or prepare a dataset with "
+                            "this tokenizer (nanomegatron prepare --tokenizer %s) and train on it (data.paths)",
+                            tok_path, tok_path, tok_path);
     nm_tokenizer *tok = NULL;
     if (nm_tokenizer_load(&tok, tok_path, err) != 0) return -1;
     int64_t n_ids = nm_tokenizer_vocab_size(tok);
