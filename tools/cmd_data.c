@@ -158,9 +158,10 @@ static int inspect_samples(const nm_args *a, const char *prefix) {
     }
     nm_data_spec spec;
     nm_data_spec_default(&spec);
+    const double one = 1.0;
     spec.n_sources = 1;
-    spec.prefixes[0] = prefix;
-    spec.weights[0] = 1;
+    spec.prefixes = &prefix;
+    spec.weights = &one;
     spec.seq_len = L;
     spec.seed = (uint32_t)seed;
     spec.num_samples[which] = num_samples;

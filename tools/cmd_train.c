@@ -144,9 +144,10 @@ int nm_cmd_eval(int argc, char **argv) {
     if (nm_hf_dir_load_model(dir, nm_model_table(m), &cfg, 0, nm_model_params(m), &err) != 0) goto done;
     nm_data_spec spec;
     nm_data_spec_default(&spec);
+    const double one = 1.0;
     spec.n_sources = 1;
-    spec.prefixes[0] = prefix;
-    spec.weights[0] = 1.0;
+    spec.prefixes = &prefix;
+    spec.weights = &one;
     spec.seed = (uint32_t)seed;
     spec.seq_len = seq_len;
     spec.split[0] = 1.0;

@@ -212,10 +212,15 @@ static int make_loaders(nm_trainer *t, nm_error *err) {
     nm_data_spec spec;
     nm_data_spec_default(&spec);
     spec.n_sources = c->data_synthetic ? 0 : c->n_data_paths;
+    // As many as the config lists (no fixed cap: blends of thousands of shards are common).
+    const char **prefixes = nm_calloc((size_t)spec.n_sources + 1, sizeof(char *));
+    double *weights = nm_calloc((size_t)spec.n_sources + 1, sizeof(double));
     for (int i = 0; i < spec.n_sources; i++) {
-        spec.prefixes[i] = c->data_paths[i].prefix;
-        spec.weights[i] = c->data_paths[i].weight;
+        prefixes[i] = c->data_paths[i].prefix;
+        weights[i] = c->data_paths[i].weight;
     }
+    spec.prefixes = prefixes;
+    spec.weights = weights;
     if (c->data_synthetic) spec.synthetic_tokens = c->data_synthetic_tokens;
     spec.seed = (uint32_t)c->seed;
     spec.seq_len = c->seq_len;
@@ -223,14 +228,14 @@ static int make_loaders(nm_trainer *t, nm_error *err) {
     // Megatron compat: the train split's first steps*global_batch samples are exactly
     // Megatron's GPTDataset order for the same data, seed and seq_len.
     spec.num_samples[NM_SPLIT_TRAIN] = c->steps * c->global_batch;
-    if (nm_loader_create(&t->train_data, &spec, NM_SPLIT_TRAIN, t->mesh->dp_rank, (int)t->mesh->n.dp, err) != 0)
-        return -1;
+    int rc = nm_loader_create(&t->train_data, &spec, NM_SPLIT_TRAIN, t->mesh->dp_rank, (int)t->mesh->n.dp, err);
     // Validation: every rank runs the same held-out batches (expert-parallel forwards need
     // every rank of the group), so the value is the one-process value on every rank.
-    if (c->log.eval_every > 0 && c->data_split_frac[1] > 0) {
-        if (nm_loader_create(&t->valid_data, &spec, NM_SPLIT_VALID, 0, 1, err) != 0) return -1;
-    }
-    return 0;
+    if (rc == 0 && c->log.eval_every > 0 && c->data_split_frac[1] > 0)
+        rc = nm_loader_create(&t->valid_data, &spec, NM_SPLIT_VALID, 0, 1, err);
+    nm_free(prefixes);
+    nm_free(weights);
+    return rc;
 }
 
 // Mismatches between the training config and the model, found before anything is allocated:
