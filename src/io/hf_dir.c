@@ -58,7 +58,7 @@ static int cmp_str(const void *a, const void *b) { return strcmp(*(const char *c
 // it names and that no shard holds a tensor the index does not list.
 static int open_sharded(file_set *fs, const char *dir, const char *index_path, nm_error *err) {
     char *text = NULL;
-    if (nm_file_read_all(index_path, &text, NULL, err)) return -1;
+    if (nm_file_read_json(index_path, &text, NULL, err)) return -1;
     cJSON *root = cJSON_Parse(text);
     nm_free(text);
     if (!root) return nm_error_set(err, "%s: malformed JSON", index_path);

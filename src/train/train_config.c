@@ -583,7 +583,7 @@ int nm_train_config_load(nm_train_config *cfg, const char *path, const char *con
     memset(cfg, 0, sizeof(*cfg));
     char *text = NULL;
     size_t size = 0;
-    if (nm_file_read_all(path, &text, &size, err)) return nm_error_prefix(err, "training config");
+    if (nm_file_read_json(path, &text, &size, err)) return nm_error_prefix(err, "training config");
     if (strlen(text) != size) {
         nm_free(text);
         return nm_error_set(err, "%s: the file contains a NUL byte", path);
@@ -615,7 +615,7 @@ int nm_train_config_model_config(const nm_train_config *cfg, nm_model_config *ou
     if (cfg->init_from) return nm_hf_dir_load_config(cfg->init_from, out, err);
     if (!cfg->model_set) return nm_model_config_load(out, cfg->model, err);
     char *text = NULL;
-    if (nm_file_read_all(cfg->model, &text, NULL, err)) return -1;
+    if (nm_file_read_json(cfg->model, &text, NULL, err)) return -1;
     cJSON *root = cJSON_Parse(text);
     nm_free(text);
     if (!cJSON_IsObject(root)) {
