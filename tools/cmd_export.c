@@ -113,7 +113,7 @@ int nm_cmd_export(int argc, char **argv) {
         fprintf(stderr, "export: --model, --out and --format are required\n");
         return 2;
     }
-    if (nm_args_i64(&a, "step", -1, &step)) return 2;
+    if (nm_args_i64_in(&a, "step", -1, 0, NM_ARGS_SEED_MAX, &step)) return 2;
     int hf = !strcmp(format, "hf"), gguf = !strcmp(format, "gguf");
     if (!hf && !gguf) {
         fprintf(stderr, "export: --format must be hf or gguf, got '%s'\n", format);
