@@ -238,8 +238,12 @@ static const char *json_type_name(const cJSON *v) {
     return "an invalid value";
 }
 
+// Integer keys print their bounds as integers ("<= 16777216", not "<= 1.67772e+07").
 static int check_range(const key_spec *k, double v, const char *where, nm_error *err) {
     if (v < k->lo || (k->lo_open && v == k->lo) || v > k->hi) {
+        if (k->type == K_INT)
+            return nm_error_set(err, "%s: key '%s' = %.17g is out of range: give an integer from %lld to %lld", where,
+                                k->name, v, (long long)k->lo, (long long)k->hi);
         return nm_error_set(err, "%s: key '%s' = %.10g is out of range: must be %s %g and <= %g", where, k->name, v,
                             k->lo_open ? ">" : ">=", k->lo, k->hi);
     }
@@ -250,9 +254,9 @@ static int set_number(nm_train_config *cfg, const key_spec *k, double v, const c
                       nm_error *err) {
     if (!isfinite(v)) return nm_error_set(err, "%s: key '%s': %s is not a finite number", where, k->name, text);
     if (k->type == K_INT) {
-        if (v != floor(v) || fabs(v) > BIG)
+        if (v != floor(v))
             return nm_error_set(err, "%s: key '%s': expected an integer, got %s", where, k->name, text);
-        if (check_range(k, v, where, err)) return -1;
+        if (check_range(k, v, where, err)) return -1;  // every range lies within +-2^53
         *(int64_t *)field(cfg, k) = (int64_t)v;
     } else {
         if (check_range(k, v, where, err)) return -1;
@@ -511,6 +515,29 @@ static int apply_object(nm_train_config *cfg, const cJSON *obj, const char *sect
     return 0;
 }
 
+// A Hugging Face config.json given where a training config belongs (train --config
+// configs/tiny.json) would otherwise fail on its first key as "unknown key 'architectures'".
+// Its keys name it; the message points at the training config that wraps it, when there is
+// one beside it (NAME-train.json, the convention of configs/).
+static int model_config_given(const cJSON *root, const char *where, nm_error *err) {
+    static const char *const marks[] = {"architectures", "model_type", "hidden_size", "vocab_size", NULL};
+    const char *mark = NULL;
+    for (int i = 0; marks[i] && !mark; i++)
+        if (cJSON_GetObjectItemCaseSensitive(root, marks[i])) mark = marks[i];
+    if (!mark) return 0;
+    char sibling[1024] = "";
+    size_t n = strlen(where);
+    if (n > 5 && n < sizeof(sibling) - 16 && !strcmp(where + n - 5, ".json")) {
+        snprintf(sibling, sizeof(sibling), "%.*s-train.json", (int)(n - 5), where);
+        FILE *f = fopen(sibling, "r");
+        if (f) fclose(f);
+        else sibling[0] = 0;
+    }
+    return nm_error_set(err, "%s is a model config (it has '%s'); train takes a training config that names it under "
+                        "'model', e.g. %s", where, mark,
+                        sibling[0] ? sibling : "configs/tiny-train.json: {\"model\": \"tiny.json\", \"steps\": 100}");
+}
+
 // `--set model_config.KEY=VALUE`: VALUE is JSON (2048, true, null, "x", [..]); anything that is
 // not valid JSON is taken as a string. The model config's own parser checks the key and value.
 static int add_model_set(nm_train_config *cfg, const char *key, const char *value, nm_error *err) {
@@ -567,6 +594,7 @@ int nm_train_config_parse(nm_train_config *cfg, const char *json_text, const cha
     memset(seen, 0, sizeof(seen));
     int rc = 0;
     if (!cJSON_IsObject(root)) rc = nm_error_set(err, "%s: expected a JSON object at the top level", where);
+    else if (model_config_given(root, where, err)) rc = -1;
     else rc = apply_object(cfg, root, NULL, base_dir, where, seen, err);
     cJSON_Delete(root);
     for (int i = 0; rc == 0 && i < n_overrides; i++) rc = apply_override(cfg, overrides[i], err);
