@@ -33,6 +33,7 @@ static int is_file(const char *path) {
 // --model (and --step) -> the HF directory to read and the tokenizer to ship.
 static int resolve(const char *model, int64_t step, char *dir, size_t cap, char *tok, size_t tok_cap, nm_error *err) {
     if (strlen(model) > 4000) return nm_error_set(err, "--model path too long");
+    if (nm_model_dir_check(model, 1, err)) return -1;
     char path[4400];
     snprintf(path, sizeof(path), "%s/config.json", model);
     if (step >= 0) {
@@ -134,6 +135,18 @@ int nm_cmd_export(int argc, char **argv) {
         return 2;
     }
     if (!nm_args_has(&a, "max-shard-size")) shard = 5000000000LL;  // transformers' default "5GB"
+    // A GGUF export is one file, written to a temporary name beside --out and renamed at the
+    // end: onto a directory the rename fails, after the whole model has been written.
+    struct stat st;
+    if (gguf && stat(out, &st) == 0 && S_ISDIR(st.st_mode)) {
+        fprintf(stderr, "export: --out %s is a directory; --format gguf writes one file: give a file path such as "
+                        "%s/model.gguf\n", out, out);
+        return 2;
+    }
+    if (hf && stat(out, &st) == 0 && !S_ISDIR(st.st_mode)) {
+        fprintf(stderr, "export: --out %s is a file; --format hf writes a directory: give a new directory path\n", out);
+        return 2;
+    }
 
     nm_error err = {{0}};
     char dir[4200], tok_path[4200];

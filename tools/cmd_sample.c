@@ -31,6 +31,7 @@ static int is_file(const char *path) {
 // tokenizer.json if present, else the byte tokenizer.
 static int resolve_model(const char *model, char *dir, size_t cap, char *tok, size_t tok_cap, nm_error *err) {
     if (strlen(model) > 4000) return nm_error_set(err, "--model path too long");
+    if (nm_model_dir_check(model, 1, err)) return -1;
     char path[4400];
     snprintf(path, sizeof(path), "%s/config.json", model);
     if (is_file(path)) {
