@@ -17,7 +17,9 @@
 #include "model/model.h"
 
 static int fail(const nm_error *err) {
-    fprintf(stderr, "nanomegatron forward: %s\n", err->msg);
+    // The model's own messages start "forward: " (they name the pass for train's messages).
+    const char *msg = strncmp(err->msg, "forward: ", 9) ? err->msg : err->msg + 9;
+    fprintf(stderr, "nanomegatron forward: %s\n", msg);
     return 1;
 }
 

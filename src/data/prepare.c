@@ -345,8 +345,8 @@ static int process_file(run *r, const char *path, nm_error *err) {
 
 int nm_prepare_run(const nm_prepare_opts *o, nm_prepare_stats *stats, nm_error *err) {
     double t0 = now_s();
-    if (o->n_inputs < 1) return nm_error_set(err, "prepare: no input files");
-    if (o->workers < 0) return nm_error_set(err, "prepare: --workers %d must be >= 0", o->workers);
+    if (o->n_inputs < 1) return nm_error_set(err, "no input files (give --input FILE...)");
+    if (o->workers < 0) return nm_error_set(err, "--workers %d must be >= 0", o->workers);
     run r = {.o = o, .t0 = t0};
     for (int i = 0; i < o->n_inputs; i++) {
         struct stat st;
