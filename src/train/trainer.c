@@ -69,6 +69,7 @@ struct nm_trainer {
     int32_t *tokens_all;        // (accum, micro_batch, T) the step's micro-batches, read by every stage
     double *pp_idle;            // (pp) each stage's idle fraction of the last step
     char (*pp_keys)[48];        // (pp) their metric names
+    nm_metric *step_kv;         // (STEP_METRICS + pp) one step's metrics.jsonl entries
     int embed_copy_row;         // the table row of the last stage's embedding copy (left out of the norm), else -1
     nm_loader *train_data;
     nm_loader *valid_data;      // NULL when there is no validation split
@@ -207,6 +208,10 @@ static int rewind_metrics(nm_trainer *t, const char *path, int64_t last_step, nm
 
 static size_t *full_row_state(const nm_trainer *t);
 
+// metrics.jsonl entries of a step besides the per-stage ones: 20 always, up to 20 from
+// comm_metrics, pp_bubble_theory and val_loss; with room to spare.
+#define STEP_METRICS 64
+
 static int make_loaders(nm_trainer *t, nm_error *err) {
     const nm_train_config *c = &t->cfg;
     nm_data_spec spec;
@@ -340,6 +345,9 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
         t->pp_keys = nm_calloc((size_t)ms.pp, sizeof(*t->pp_keys));
         for (int64_t s = 0; s < ms.pp; s++) snprintf(t->pp_keys[s], sizeof(t->pp_keys[s]), "pp_idle_fraction_stage%lld", (long long)s);
     }
+    // One entry per pipeline stage on top of the fixed ones: a fixed array of 64 overflowed
+    // from about 23 stages.
+    t->step_kv = nm_calloc((size_t)(STEP_METRICS + ms.pp), sizeof(nm_metric));
     t->model_params_readonly = nm_model_params(t->model);
     // the checkpoint layout: whole tensors, of this rank's experts under expert parallelism
     if (ms.tp > 1 && nm_param_table_build_ep(&t->full_table, &t->mcfg, ms.ep > 1 ? t->mesh->ep_rank : 0, ms.ep,
@@ -1065,7 +1073,7 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     }
 
     // logs
-    nm_metric kv[64];
+    nm_metric *kv = t->step_kv;
     int n = 0;
     kv[n++] = NM_METRIC_F("ce_loss", m->ce_loss);
     kv[n++] = NM_METRIC_F("mtp_loss", m->mtp_loss);
@@ -1172,6 +1180,7 @@ void nm_trainer_destroy(nm_trainer *t) {
     nm_free(t->tokens_all);
     nm_free(t->pp_idle);
     nm_free(t->pp_keys);
+    nm_free(t->step_kv);
     nm_mesh_destroy(t->mesh);
     nm_comm_destroy(t->world);
     nm_free(t->tokens);

@@ -16,6 +16,7 @@ static const char *cpu_kernel_names(void) {
 
 static const nm_ops cpu_ops = {
     .kernel_names = cpu_kernel_names,
+    .max_row_dim = NM_CPU_MAX_STACK_DIM,
     .gemm = nm_cpu_gemm,
     .gemm_grouped = nm_cpu_gemm_grouped,
     .gemm_bf16 = nm_cpu_gemm_bf16,
