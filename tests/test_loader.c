@@ -201,7 +201,7 @@ static void test_split(const char *prefix, int S) {
     nm_data_spec spec;
     nm_data_spec_default(&spec);
     spec.n_sources = 1;
-    spec.prefixes[0] = prefix;
+    spec.prefixes = &prefix;
     spec.seq_len = 16;
     spec.split[0] = 80;
     spec.split[1] = 20;
@@ -241,7 +241,7 @@ static void test_compat(const char *prefix) {
     nm_data_spec spec;
     nm_data_spec_default(&spec);
     spec.n_sources = 1;
-    spec.prefixes[0] = prefix;
+    spec.prefixes = &prefix;
     spec.seq_len = 24;
     spec.seed = (uint32_t)rnd(1u << 31);
     spec.num_samples[NM_SPLIT_TRAIN] = 500 + (int64_t)rnd(2000);
@@ -283,9 +283,37 @@ static void test_synthetic_and_errors(void) {
     NM_CHECK(nm_loader_next_batch(l, rows, 2, &err) == 0, "%s", err.msg);
     for (int k = 0; k < 2 * 65; k++) EXPECT(rows[k] >= 0 && rows[k] <= 256, "synthetic token %d", rows[k]);
     nm_loader_destroy(l);
+    static const char *const missing = "no/such/dataset";
     spec.n_sources = 1;
-    spec.prefixes[0] = "no/such/dataset";
+    spec.prefixes = &missing;
     EXPECT(nm_loader_create(&l, &spec, NM_SPLIT_TRAIN, 0, 1, &err) != 0 && strstr(err.msg, "no/such/dataset.idx"), "%s", err.msg);
+}
+
+// A blend of thousands of sources (real blends list thousands of shards; the spec once held
+// at most 64 and the trainer copied past the end): 5000 copies of one dataset with equal
+// weights must load and give the blend's round-robin order.
+static void test_many_sources(const char *prefix) {
+    enum { N = 5000 };
+    const char **list = nm_malloc(N * sizeof(char *));
+    double *w = nm_malloc(N * sizeof(double));
+    for (int i = 0; i < N; i++) list[i] = prefix, w[i] = 1.0;
+    nm_data_spec spec;
+    nm_data_spec_default(&spec);
+    spec.n_sources = N;
+    spec.prefixes = list;
+    spec.weights = w;
+    spec.seq_len = 8;
+    nm_loader *l = make(&spec, NM_SPLIT_TRAIN, 0, 1);
+    nm_free(list);   // borrowed during create only
+    nm_free(w);
+    int32_t rows[4 * 9];
+    nm_error err;
+    NM_CHECK(nm_loader_next_batch(l, rows, 4, &err) == 0, "%s", err.msg);
+    // Equal weights: samples 0..N-1 take one from each source in turn, so the first samples are
+    // every copy's sample 0, identical rows.
+    for (int r = 1; r < 4; r++) EXPECT(!memcmp(rows, rows + r * 9, 9 * sizeof(int32_t)), "row %d differs from row 0", r);
+    EXPECT(nm_loader_get_cursor(l).sample == 4, "cursor %lld", (long long)nm_loader_get_cursor(l).sample);
+    nm_loader_destroy(l);
 }
 
 int main(void) {
@@ -299,13 +327,17 @@ int main(void) {
         snprintf(prefixes[d], sizeof(prefixes[d]), "%s/ds%d", dir, d);
         write_dataset(prefixes[d], d, sizes[d], 80);
     }
+    const char *prefix_list[3];
+    double weights[3];
     nm_data_spec spec;
     nm_data_spec_default(&spec);
     spec.n_sources = 3;
     for (int d = 0; d < 3; d++) {
-        spec.prefixes[d] = prefixes[d];
-        spec.weights[d] = 1 + (double)rnd(10);
+        prefix_list[d] = prefixes[d];
+        weights[d] = 1 + (double)rnd(10);
     }
+    spec.prefixes = prefix_list;
+    spec.weights = weights;
     spec.seq_len = 8 + (int64_t)rnd(24);
     spec.seed = (uint32_t)rnd(1u << 31);
 
@@ -321,6 +353,7 @@ int main(void) {
     test_split(prefixes[2], sizes[2]);
     test_compat(prefixes[2]);
     test_synthetic_and_errors();
+    test_many_sources(prefixes[2]);
     test_remove_tree(dir);
     if (failures) {
         fprintf(stderr, "test_loader: %d failures (seed %llu)\n", failures, (unsigned long long)seed);

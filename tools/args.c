@@ -2,55 +2,84 @@
 #include "args.h"
 
 #include <errno.h>
+#include <inttypes.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-static int in_list(const char *const *list, const char *name, size_t len) {
+// The entry of `list` named name[0..len), or NULL. *multi is set when it ends in "...".
+static const char *find_flag(const char *const *list, const char *name, size_t len, int *multi) {
     for (int i = 0; list && list[i]; i++) {
-        if (strlen(list[i]) == len && strncmp(list[i], name, len) == 0) return 1;
+        size_t l = strlen(list[i]);
+        int dots = l > 3 && !strcmp(list[i] + l - 3, "...");
+        if (dots) l -= 3;
+        if (l == len && strncmp(list[i], name, len) == 0) {
+            if (multi) *multi = dots;
+            return list[i];
+        }
     }
-    return 0;
+    return NULL;
+}
+
+// A bare word no flag takes: say which word, after what, and the likely fix.
+static void unexpected_word(const nm_args *a, const char *word, const char *prev_flag, const char *prev_val) {
+    if (!prev_flag) {
+        fprintf(stderr, "%s: unexpected argument '%s': every argument is a --flag or its value (see `nanomegatron help`)\n",
+                a->cmd, word);
+    } else if (!prev_val) {
+        fprintf(stderr, "%s: unexpected argument '%s' after --%s: --%s is a switch and takes no value (drop '%s')\n",
+                a->cmd, word, prev_flag, prev_flag, word);
+    } else {
+        fprintf(stderr, "%s: unexpected argument '%s' after --%s %s (quote a value with spaces: --%s \"%s %s\")\n",
+                a->cmd, word, prev_flag, prev_val, prev_flag, prev_val, word);
+    }
 }
 
 int nm_args_parse(nm_args *a, const char *cmd, int argc, char **argv, const char *const *value_flags,
                   const char *const *bool_flags) {
     memset(a, 0, sizeof(*a));
     a->cmd = cmd;
+    a->keys = calloc((size_t)argc + 1, sizeof(char *));
+    a->vals = calloc((size_t)argc + 1, sizeof(char *));
+    if (!a->keys || !a->vals) { fprintf(stderr, "%s: out of memory\n", cmd); return -1; }
+    int multi = 0;              // the last flag takes further bare words
     for (int i = 0; i < argc; i++) {
         const char *arg = argv[i];
-        if (strncmp(arg, "--", 2) != 0) {
-            // A bare word after a value flag is another value of that flag (--input a b c).
-            if (a->n > 0 && a->vals[a->n - 1] && in_list(value_flags, a->keys[a->n - 1], strlen(a->keys[a->n - 1]))) {
-                if (a->n >= 256) { fprintf(stderr, "%s: too many flags\n", cmd); return -1; }
+        if (strncmp(arg, "--", 2) != 0 || arg[2] == 0) {
+            if (multi) {
                 a->keys[a->n] = a->keys[a->n - 1];
                 a->vals[a->n++] = arg;
                 continue;
             }
-            if (a->n_positional >= 64) { fprintf(stderr, "%s: too many arguments\n", cmd); return -1; }
-            a->positional[a->n_positional++] = arg;
-            continue;
+            unexpected_word(a, arg, a->n ? a->keys[a->n - 1] : NULL, a->n ? a->vals[a->n - 1] : NULL);
+            return -1;
         }
         const char *name = arg + 2;
         const char *eq = strchr(name, '=');
         size_t len = eq ? (size_t)(eq - name) : strlen(name);
-        if (a->n >= 256) { fprintf(stderr, "%s: too many flags\n", cmd); return -1; }
-        if (in_list(value_flags, name, len)) {
+        char *key = malloc(len + 1);
+        if (!key) { fprintf(stderr, "%s: out of memory\n", cmd); return -1; }
+        memcpy(key, name, len);
+        key[len] = 0;
+        if (find_flag(value_flags, name, len, &multi)) {
             const char *val = eq ? eq + 1 : NULL;
             if (!val) {
-                if (i + 1 >= argc) { fprintf(stderr, "%s: flag --%.*s needs a value\n", cmd, (int)len, name); return -1; }
+                if (i + 1 >= argc) { fprintf(stderr, "%s: flag --%s needs a value\n", cmd, key); return -1; }
                 val = argv[++i];
             }
-            char *key = malloc(len + 1);
-            memcpy(key, name, len);
-            key[len] = 0;
-            a->keys[a->n] = key;   // lives as long as the process; flags are few
+            a->keys[a->n] = key;
             a->vals[a->n++] = val;
-        } else if (!eq && in_list(bool_flags, name, len)) {
-            a->keys[a->n] = name;
+        } else if (find_flag(bool_flags, name, len, NULL)) {
+            if (eq) {
+                fprintf(stderr, "%s: --%s is a switch and takes no value, got '%s' (give --%s alone)\n", cmd, key, arg, key);
+                return -1;
+            }
+            multi = 0;
+            a->keys[a->n] = key;
             a->vals[a->n++] = NULL;
         } else {
-            fprintf(stderr, "%s: unknown flag --%.*s (see `nanomegatron help`)\n", cmd, (int)len, name);
+            fprintf(stderr, "%s: unknown flag --%s (see `nanomegatron help`)\n", cmd, key);
             return -1;
         }
     }
@@ -72,37 +101,63 @@ int nm_args_has(const nm_args *a, const char *key) {
 }
 
 int nm_args_i64(const nm_args *a, const char *key, int64_t dflt, int64_t *out) {
+    return nm_args_i64_in(a, key, dflt, INT64_MIN, INT64_MAX, out);
+}
+
+int nm_args_f64(const nm_args *a, const char *key, double dflt, double *out) {
+    return nm_args_f64_in(a, key, dflt, -HUGE_VAL, HUGE_VAL, out);
+}
+
+int nm_args_i64_in(const nm_args *a, const char *key, int64_t dflt, int64_t lo, int64_t hi, int64_t *out) {
     const char *v = nm_args_str(a, key, NULL);
     if (!v) { *out = dflt; return 0; }
     char *end;
     errno = 0;
     long long x = strtoll(v, &end, 10);
-    if (errno || end == v || *end) {
+    if (end == v || *end) {
         fprintf(stderr, "%s: --%s expects an integer, got '%s'\n", a->cmd, key, v);
+        return -1;
+    }
+    if (errno == ERANGE || x < lo || x > hi) {
+        fprintf(stderr, "%s: --%s %s is out of range: give an integer from %" PRId64 " to %" PRId64 "\n", a->cmd, key, v,
+                lo, hi);
         return -1;
     }
     *out = x;
     return 0;
 }
 
-int nm_args_f64(const nm_args *a, const char *key, double dflt, double *out) {
+int nm_args_f64_in(const nm_args *a, const char *key, double dflt, double lo, double hi, double *out) {
     const char *v = nm_args_str(a, key, NULL);
     if (!v) { *out = dflt; return 0; }
     char *end;
     errno = 0;
     double x = strtod(v, &end);
-    if (errno || end == v || *end) {
+    if (end == v || *end) {
         fprintf(stderr, "%s: --%s expects a number, got '%s'\n", a->cmd, key, v);
+        return -1;
+    }
+    // strtod reads "nan" and "inf" as numbers; no flag means either.
+    if (!isfinite(x)) {
+        fprintf(stderr, "%s: --%s expects a finite number, got '%s'\n", a->cmd, key, v);
+        return -1;
+    }
+    if (x < lo || x > hi) {
+        fprintf(stderr, "%s: --%s %s is out of range: give a number from %g to %g\n", a->cmd, key, v, lo, hi);
         return -1;
     }
     *out = x;
     return 0;
 }
 
-int nm_args_all(const nm_args *a, const char *key, const char **out, int max) {
-    int n = 0;
-    for (int i = 0; i < a->n && n < max; i++) {
-        if (strcmp(a->keys[i], key) == 0 && a->vals[i]) out[n++] = a->vals[i];
+const char **nm_args_all(const nm_args *a, const char *key, int *n) {
+    *n = 0;
+    const char **out = NULL;
+    for (int i = 0; i < a->n; i++) {
+        if (strcmp(a->keys[i], key) != 0 || !a->vals[i]) continue;
+        if (!out) out = calloc((size_t)a->n, sizeof(char *));
+        if (!out) { fprintf(stderr, "%s: out of memory\n", a->cmd); exit(1); }
+        out[(*n)++] = a->vals[i];
     }
-    return n;
+    return out;
 }

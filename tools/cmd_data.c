@@ -28,11 +28,10 @@ static const char *prepare_usage =
 
 static int prepare_synthetic(const nm_args *a, const char *out) {
     int64_t n_tokens, seed;
-    if (nm_args_i64(a, "synthetic", 0, &n_tokens) || nm_args_i64(a, "seed", 1, &seed)) return 2;
-    if (n_tokens < 1) {
-        fprintf(stderr, "prepare: --synthetic %lld must be >= 1 tokens\n", (long long)n_tokens);
-        return 2;
-    }
+    // 2^40 tokens (4 TB of int32) is more than any disk here: a typo'd exponent fails now,
+    // not when the disk fills.
+    if (nm_args_i64_in(a, "synthetic", 0, 1, (int64_t)1 << 40, &n_tokens) ||
+        nm_args_i64_in(a, "seed", 1, 0, NM_ARGS_SEED_MAX, &seed)) return 2;
     nm_synthetic_params p;
     nm_synthetic_params_default(&p);
     p.seed = (uint64_t)seed;
@@ -50,25 +49,31 @@ static int prepare_synthetic(const nm_args *a, const char *out) {
 }
 
 int nm_cmd_prepare(int argc, char **argv) {
-    static const char *const vflags[] = {"input", "tokenizer", "out", "json-key", "workers", "synthetic", "seed", NULL};
+    static const char *const vflags[] = {"input...", "tokenizer", "out", "json-key", "workers", "synthetic", "seed", NULL};
     static const char *const bflags[] = {"append-eod", "doc-per-file", "jsonl", "progress", "no-progress", NULL};
     nm_args a;
     if (nm_args_parse(&a, "prepare", argc, argv, vflags, bflags)) return 2;
     const char *out = nm_args_str(&a, "out", NULL);
-    if (!out || a.n_positional) {
+    if (!out) {
         fputs(prepare_usage, stderr);
+        return 2;
+    }
+    size_t n_out = strlen(out);
+    if (n_out > 4 && (!strcmp(out + n_out - 4, ".bin") || !strcmp(out + n_out - 4, ".idx"))) {
+        fprintf(stderr, "prepare: --out %s: give the prefix without %s (--out %.*s writes %.*s.bin and %.*s.idx)\n", out,
+                out + n_out - 4, (int)(n_out - 4), out, (int)(n_out - 4), out, (int)(n_out - 4), out);
         return 2;
     }
     if (nm_args_has(&a, "synthetic")) return prepare_synthetic(&a, out);
-    const char *inputs[256];
-    int n_inputs = nm_args_all(&a, "input", inputs, 256);
     const char *tokenizer = nm_args_str(&a, "tokenizer", NULL);
     int64_t workers;
-    if (n_inputs < 1 || !tokenizer) {
+    if (!nm_args_has(&a, "input") || !tokenizer) {
         fputs(prepare_usage, stderr);
         return 2;
     }
-    if (nm_args_i64(&a, "workers", 0, &workers)) return 2;
+    if (nm_args_i64_in(&a, "workers", 0, 0, 4096, &workers)) return 2;
+    int n_inputs;
+    const char **inputs = nm_args_all(&a, "input", &n_inputs);
     nm_prepare_opts o = {
         .inputs = inputs,
         .n_inputs = n_inputs,
@@ -83,7 +88,9 @@ int nm_cmd_prepare(int argc, char **argv) {
     };
     nm_prepare_stats st;
     nm_error err;
-    if (nm_prepare_run(&o, &st, &err) != 0) {
+    int rc = nm_prepare_run(&o, &st, &err);
+    free(inputs);
+    if (rc != 0) {
         fprintf(stderr, "prepare: %s\n", err.msg);
         return 1;
     }
@@ -146,21 +153,29 @@ static int parse_split(const char *s, double out[3]) {
 
 static int inspect_samples(const nm_args *a, const char *prefix) {
     int64_t n, L, seed, num_samples, start;
-    if (nm_args_i64(a, "samples", 0, &n) || nm_args_i64(a, "seq-len", 0, &L) || nm_args_i64(a, "seed", 1234, &seed) ||
-        nm_args_i64(a, "num-samples", 0, &num_samples) || nm_args_i64(a, "start", 0, &start))
+    // The same bounds as the training config's seq_len and seed (a uint32 shuffle seed here).
+    if (nm_args_i64_in(a, "samples", 0, 1, 1 << 30, &n) || nm_args_i64_in(a, "seq-len", 0, 1, 1 << 24, &L) ||
+        nm_args_i64_in(a, "seed", 1234, 0, 0xffffffffLL, &seed) ||
+        nm_args_i64_in(a, "num-samples", 0, 0, NM_ARGS_SEED_MAX, &num_samples) ||
+        nm_args_i64_in(a, "start", 0, 0, NM_ARGS_SEED_MAX, &start))
         return 2;
     const char *which_s = nm_args_str(a, "which", "train");
     int which = !strcmp(which_s, "train") ? NM_SPLIT_TRAIN : !strcmp(which_s, "valid") ? NM_SPLIT_VALID
               : !strcmp(which_s, "test") ? NM_SPLIT_TEST : -1;
-    if (n < 1 || L < 1 || which < 0 || seed < 0 || seed > 0xffffffffLL || start < 0 || num_samples < 0) {
-        fputs(inspect_usage, stderr);
+    if (which < 0) {
+        fprintf(stderr, "inspect: --which must be train, valid or test, got '%s'\n", which_s);
+        return 2;
+    }
+    if (L < 1) {
+        fprintf(stderr, "inspect: --samples %lld needs --seq-len L (the window the trainer reads)\n", (long long)n);
         return 2;
     }
     nm_data_spec spec;
     nm_data_spec_default(&spec);
+    const double one = 1.0;
     spec.n_sources = 1;
-    spec.prefixes[0] = prefix;
-    spec.weights[0] = 1;
+    spec.prefixes = &prefix;
+    spec.weights = &one;
     spec.seq_len = L;
     spec.seed = (uint32_t)seed;
     spec.num_samples[which] = num_samples;
@@ -200,11 +215,11 @@ int nm_cmd_inspect_data(int argc, char **argv) {
     if (nm_args_parse(&a, "inspect", argc, argv, vflags, NULL)) return 2;
     const char *prefix = nm_args_str(&a, "data", NULL);
     int64_t doc;
-    if (!prefix || a.n_positional) {
+    if (!prefix) {
         fputs(inspect_usage, stderr);
         return 2;
     }
-    if (nm_args_i64(&a, "doc", -1, &doc)) return 2;
+    if (nm_args_i64_in(&a, "doc", -1, 0, INT64_MAX, &doc)) return 2;
     nm_indexed *ds;
     nm_error err;
     if (nm_indexed_open(&ds, prefix, &err) != 0) {

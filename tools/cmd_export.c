@@ -79,7 +79,7 @@ int nm_cmd_export(int argc, char **argv) {
         fprintf(stderr, "export: --model, --out and --format are required\n");
         return 2;
     }
-    if (nm_args_i64(&a, "step", -1, &step)) return 2;
+    if (nm_args_i64_in(&a, "step", -1, 0, NM_ARGS_SEED_MAX, &step)) return 2;
     int hf = !strcmp(format, "hf"), gguf = !strcmp(format, "gguf");
     if (!hf && !gguf) {
         fprintf(stderr, "export: --format must be hf or gguf, got '%s'\n", format);
@@ -100,6 +100,18 @@ int nm_cmd_export(int argc, char **argv) {
         return 2;
     }
     if (!nm_args_has(&a, "max-shard-size")) shard = 5000000000LL;  // transformers' default "5GB"
+    // A GGUF export is one file, written to a temporary name beside --out and renamed at the
+    // end: onto a directory the rename fails, after the whole model has been written.
+    struct stat st;
+    if (gguf && stat(out, &st) == 0 && S_ISDIR(st.st_mode)) {
+        fprintf(stderr, "export: --out %s is a directory; --format gguf writes one file: give a file path such as "
+                        "%s/model.gguf\n", out, out);
+        return 2;
+    }
+    if (hf && stat(out, &st) == 0 && !S_ISDIR(st.st_mode)) {
+        fprintf(stderr, "export: --out %s is a file; --format hf writes a directory: give a new directory path\n", out);
+        return 2;
+    }
 
     nm_error err = {{0}};
     char dir[4200], tok_path[4200];

@@ -18,7 +18,9 @@
 #include "model/model.h"
 
 static int fail(const nm_error *err) {
-    fprintf(stderr, "nanomegatron forward: %s\n", err->msg);
+    // The model's own messages start "forward: " (they name the pass for train's messages).
+    const char *msg = strncmp(err->msg, "forward: ", 9) ? err->msg : err->msg + 9;
+    fprintf(stderr, "nanomegatron forward: %s\n", msg);
     return 1;
 }
 
@@ -33,12 +35,9 @@ int nm_cmd_forward(int argc, char **argv) {
         fprintf(stderr, "forward: --model, --tokens and --batch are required\n");
         return 2;
     }
-    if (nm_args_i64(&a, "batch", 1, &B) || nm_args_f64(&a, "mtp-weight", 0.3, &mtp_weight) ||
-        nm_args_f64(&a, "aux-weight", 1e-4, &aux_weight)) return 2;
-    if (B < 1) {
-        fprintf(stderr, "forward: --batch must be >= 1, got %lld\n", (long long)B);
-        return 2;
-    }
+    // The training config's bounds for micro_batch, mtp.weight and balance.aux_weight.
+    if (nm_args_i64_in(&a, "batch", 1, 1, 1 << 24, &B) || nm_args_f64_in(&a, "mtp-weight", 0.3, 0, 1e3, &mtp_weight) ||
+        nm_args_f64_in(&a, "aux-weight", 1e-4, 0, 1e3, &aux_weight)) return 2;
 
     nm_error err = {{0}};
     char *raw;

@@ -10,6 +10,7 @@
 #include "args.h"
 #include "commands.h"
 #include "core/check.h"
+#include "io/fileio.h"
 #include "io/hf_dir.h"
 #include "model/config.h"
 #include "model/flops.h"
@@ -33,6 +34,25 @@ static double phys_bytes(void) {
 
 // --- init ------------------------------------------------------------------------------------
 
+// init writes config.json and model.safetensors into --out: into a directory that already
+// holds something (above all a training run, whose checkpoints and trainer.json would then
+// sit beside an unrelated fresh model) it would mix two models, so only a new or empty one.
+static int check_out_dir(const char *out) {
+    nm_error err;
+    if (nm_dir_check_new(out, &err) == 0) return 0;
+    char probe[4200];
+    snprintf(probe, sizeof(probe), "%.4000s/trainer.json", out);
+    int run = access(probe, F_OK) == 0;
+    snprintf(probe, sizeof(probe), "%.4000s/latest", out);
+    run |= access(probe, F_OK) == 0;
+    if (run)
+        fprintf(stderr, "init: --out %s is a training run directory (its checkpoints would sit beside an unrelated fresh "
+                        "model); choose a new --out or remove %s\n", out, out);
+    else
+        fprintf(stderr, "init: --out %s; choose a new --out or remove %s\n", err.msg, out);
+    return 1;
+}
+
 int nm_cmd_init(int argc, char **argv) {
     static const char *const vflags[] = {"config", "out", "seed", "dtype", NULL};
     nm_args a;
@@ -40,15 +60,16 @@ int nm_cmd_init(int argc, char **argv) {
     const char *cfg_path = nm_args_str(&a, "config", NULL), *out = nm_args_str(&a, "out", NULL);
     const char *dtype = nm_args_str(&a, "dtype", "fp32");
     int64_t seed;
-    if (!cfg_path || !out || a.n_positional) {
+    if (!cfg_path || !out) {
         fprintf(stderr, "usage: nanomegatron init --config C.json --out DIR [--seed S] [--dtype fp32|bf16]\n");
         return 2;
     }
-    if (nm_args_i64(&a, "seed", 1234, &seed)) return 1;
+    if (nm_args_i64_in(&a, "seed", 1234, 0, NM_ARGS_SEED_MAX, &seed)) return 2;
     if (strcmp(dtype, "fp32") != 0 && strcmp(dtype, "bf16") != 0) {
         fprintf(stderr, "init: --dtype must be fp32 or bf16, got '%s'\n", dtype);
-        return 1;
+        return 2;
     }
+    if (check_out_dir(out)) return 1;
     nm_error err;
     nm_model_config cfg;
     if (nm_model_config_load(&cfg, cfg_path, &err)) {
@@ -117,15 +138,11 @@ int nm_cmd_inspect_model(int argc, char **argv) {
     if (nm_args_parse(&a, "inspect", argc, argv, vflags, NULL)) return 2;
     const char *dir = nm_args_str(&a, "model", NULL), *cfg_path = nm_args_str(&a, "config", NULL);
     int64_t T;
-    if ((!dir) == (!cfg_path) || a.n_positional) {
+    if ((!dir) == (!cfg_path)) {
         fprintf(stderr, "usage: nanomegatron inspect --model DIR | --config C.json [--seq-len T]\n");
         return 2;
     }
-    if (nm_args_i64(&a, "seq-len", 4096, &T)) return 1;
-    if (T < 1) {
-        fprintf(stderr, "inspect: --seq-len must be >= 1, got %lld\n", (long long)T);
-        return 1;
-    }
+    if (nm_args_i64_in(&a, "seq-len", 4096, 1, 1 << 30, &T)) return 2;
     nm_error err;
     nm_model_config cfg;
     int rc = dir ? nm_hf_dir_load_config(dir, &cfg, &err) : nm_model_config_load(&cfg, cfg_path, &err);

@@ -76,7 +76,7 @@ int nm_cmd_plan(int argc, char **argv) {
     nm_args a;
     if (nm_args_parse(&a, "plan", argc, argv, vflags, bflags)) return 2;
     const char *dir = nm_args_str(&a, "model", NULL), *cfg_path = nm_args_str(&a, "config", NULL);
-    if ((!dir) == (!cfg_path) || !nm_args_has(&a, "world") || a.n_positional) {
+    if ((!dir) == (!cfg_path) || !nm_args_has(&a, "world")) {
         fprintf(stderr, "usage: nanomegatron plan --config MODEL.json | --model DIR --world N [--tp T] [--pp P] [--ep E] "
                         "[--seq-len S] [--micro-batch B] [--global-batch G] [--recompute] [--precision fp32|bf16|fp8] "
                         "[--bucket-mb M] [--flops F] [--memory-gib M] [--no-sequence-parallel] [--make-vocab-size-divisible-by K] "
@@ -85,19 +85,19 @@ int nm_cmd_plan(int argc, char **argv) {
     }
     nm_plan_request r = {.recompute = nm_args_has(&a, "recompute"), .sequence_parallel = !nm_args_has(&a, "no-sequence-parallel")};
     double memory_gib;
-    if (nm_args_i64(&a, "world", 1, &r.world) || nm_args_i64(&a, "tp", 1, &r.tp) || nm_args_i64(&a, "pp", 1, &r.pp) ||
-        nm_args_i64(&a, "ep", 1, &r.ep) || nm_args_i64(&a, "seq-len", 4096, &r.seq_len) ||
-        nm_args_i64(&a, "micro-batch", 1, &r.micro_batch) || nm_args_i64(&a, "bucket-mb", 40, &r.bucket_mb) ||
-        nm_args_i64(&a, "make-vocab-size-divisible-by", 128, &r.vocab_multiple) ||
-        nm_args_f64(&a, "flops", 0, &r.flops) || nm_args_f64(&a, "memory-gib", 80, &memory_gib))
+    // The training config's bounds (train_config.c) for the sizes it shares with plan.
+    const int64_t M = 1 << 20;
+    if (nm_args_i64_in(&a, "world", 1, 1, M, &r.world) || nm_args_i64_in(&a, "tp", 1, 1, M, &r.tp) ||
+        nm_args_i64_in(&a, "pp", 1, 1, M, &r.pp) || nm_args_i64_in(&a, "ep", 1, 1, M, &r.ep) ||
+        nm_args_i64_in(&a, "seq-len", 4096, 1, 1 << 24, &r.seq_len) ||
+        nm_args_i64_in(&a, "micro-batch", 1, 1, 1 << 24, &r.micro_batch) ||
+        nm_args_i64_in(&a, "bucket-mb", 40, 1, M, &r.bucket_mb) ||
+        nm_args_i64_in(&a, "make-vocab-size-divisible-by", 128, 1, M, &r.vocab_multiple) ||
+        nm_args_f64_in(&a, "flops", 0, 0, 1e30, &r.flops) || nm_args_f64_in(&a, "memory-gib", 80, 0, 1e9, &memory_gib))
         return 2;
-    if (r.world < 1 || r.tp < 1 || r.pp < 1 || r.ep < 1) {
-        fprintf(stderr, "plan: --world, --tp, --pp and --ep must be >= 1\n");
-        return 2;
-    }
     // One micro-batch per data-parallel rank unless given.
     int64_t dp = r.tp * r.pp > 0 ? r.world / (r.tp * r.pp) : 1;
-    if (nm_args_i64(&a, "global-batch", r.micro_batch * (dp > 0 ? dp : 1), &r.global_batch)) return 2;
+    if (nm_args_i64_in(&a, "global-batch", r.micro_batch * (dp > 0 ? dp : 1), 1, 1 << 30, &r.global_batch)) return 2;
     const char *prec = nm_args_str(&a, "precision", "fp32");
     if (parse_precision(prec, &r.precision) != 0) {
         fprintf(stderr, "plan: --precision must be fp32, bf16 or fp8, got '%s'\n", prec);

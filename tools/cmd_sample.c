@@ -71,10 +71,14 @@ int nm_cmd_sample(int argc, char **argv) {
         fprintf(stderr, "sample: --model is required\n");
         return 2;
     }
-    if (nm_args_i64(&a, "tokens", 200, &n_new) || nm_args_i64(&a, "seed", 1234, &seed) ||
-        nm_args_f64(&a, "temperature", 0.8, &temperature) || nm_args_f64(&a, "top-p", 0.95, &top_p)) return 2;
-    if (n_new < 0 || temperature < 0 || top_p <= 0 || top_p > 1) {
-        fprintf(stderr, "sample: need --tokens >= 0, --temperature >= 0, 0 < --top-p <= 1\n");
+    // --tokens: each new token re-runs the forward over the window, so a million is already
+    // days here; the bound turns a typo into a message, not an allocation failure.
+    if (nm_args_i64_in(&a, "tokens", 200, 0, 1 << 20, &n_new) || nm_args_i64_in(&a, "seed", 1234, 0, NM_ARGS_SEED_MAX, &seed) ||
+        nm_args_f64_in(&a, "temperature", 0.8, 0, 1000, &temperature) || nm_args_f64_in(&a, "top-p", 0.95, 0, 1, &top_p))
+        return 2;
+    if (top_p <= 0) {
+        fprintf(stderr, "sample: --top-p %s keeps no token: give a number in (0, 1], e.g. 0.95 (1: no nucleus cut)\n",
+                nm_args_str(&a, "top-p", ""));
         return 2;
     }
     nm_error err = {{0}};

@@ -39,21 +39,24 @@ static void print_ids(const int32_t *ids, int64_t n) {
 }
 
 static int cmd_train(int argc, char **argv) {
-    static const char *const vf[] = { "input", "vocab-size", "out", NULL };
+    static const char *const vf[] = { "input...", "vocab-size", "out", NULL };
     nm_args a;
     if (nm_args_parse(&a, "tokenizer train", argc, argv, vf, NULL)) return 2;
-    const char *inputs[256];
-    int n_in = nm_args_all(&a, "input", inputs, 256);
     const char *out = nm_args_str(&a, "out", NULL);
     int64_t vocab;
-    if (nm_args_i64(&a, "vocab-size", -1, &vocab)) return 2;
-    if (!n_in || !out || vocab < 0 || a.n_positional) {
+    if (!nm_args_has(&a, "input") || !out || !nm_args_has(&a, "vocab-size")) {
         fputs(usage, stderr);
         return 2;
     }
+    // 256 bytes + <|endoftext|> at least; the upper bound is the trainer's own.
+    if (nm_args_i64_in(&a, "vocab-size", -1, 257, 1 << 30, &vocab)) return 2;
+    int n_in;
+    const char **inputs = nm_args_all(&a, "input", &n_in);
     nm_error err;
     nm_tokenizer_train_stats st;
-    if (nm_tokenizer_train_ex(inputs, n_in, vocab, out, &st, &err)) {
+    int rc = nm_tokenizer_train_ex(inputs, n_in, vocab, out, &st, &err);
+    free(inputs);
+    if (rc) {
         fprintf(stderr, "nanomegatron: %s\n", err.msg);
         return 1;
     }
@@ -108,7 +111,7 @@ static int cmd_encode(int argc, char **argv) {
     const char *tp = nm_args_str(&a, "tokenizer", NULL);
     const char *text = nm_args_str(&a, "text", NULL);
     const char *input = nm_args_str(&a, "input", NULL);
-    if (!tp || (!text) == (!input) || a.n_positional || (text && nm_args_has(&a, "jsonl"))) {
+    if (!tp || (!text) == (!input) || (text && nm_args_has(&a, "jsonl"))) {
         fputs(usage, stderr);
         return 2;
     }
@@ -187,7 +190,7 @@ static int cmd_decode(int argc, char **argv) {
     if (nm_args_parse(&a, "tokenizer decode", argc, argv, vf, NULL)) return 2;
     const char *tp = nm_args_str(&a, "tokenizer", NULL);
     const char *ids_s = nm_args_str(&a, "ids", NULL);
-    if (!tp || !ids_s || a.n_positional) {
+    if (!tp || !ids_s) {
         fputs(usage, stderr);
         return 2;
     }

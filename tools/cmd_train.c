@@ -33,6 +33,36 @@ static void train_failed(const nm_error *err) {
     if (world > 1) nm_comm_abort_job(1);
 }
 
+static char *concat(const char *a, const char *b) {
+    size_t n = strlen(a) + strlen(b) + 1;
+    char *s = malloc(n);
+    if (!s) abort();
+    snprintf(s, n, "%s%s", a, b);
+    return s;
+}
+
+// The --set list, in the order applied: the shorthands first (--steps, --save-every, --seed,
+// --init-from), then every --set, so a later --set wins. Heap strings (as many as given).
+static char **build_overrides(const nm_args *a, int *n) {
+    int n_set;
+    const char **sets = nm_args_all(a, "set", &n_set);
+    char **o = calloc((size_t)n_set + 5, sizeof(char *));
+    if (!o) abort();
+    *n = 0;
+    const char *v;
+    if ((v = nm_args_str(a, "steps", NULL))) o[(*n)++] = concat("steps=", v);
+    if ((v = nm_args_str(a, "save-every", NULL))) o[(*n)++] = concat("checkpoint.save_every=", v);
+    if ((v = nm_args_str(a, "seed", NULL))) o[(*n)++] = concat("seed=", v);
+    if ((v = nm_args_str(a, "init-from", NULL))) {
+        // Continue pre-training from a Hugging Face directory instead of a fresh init.
+        o[(*n)++] = concat("model=", "null");
+        o[(*n)++] = concat("init_from=", v);
+    }
+    for (int i = 0; i < n_set; i++) o[(*n)++] = concat("", sets[i]);
+    free(sets);
+    return o;
+}
+
 int nm_cmd_train(int argc, char **argv) {
     static const char *const value_flags[] = {"config", "out", "steps", "save-every", "seed", "set", "inject-nan", "init-from", NULL};
     static const char *const bool_flags[] = {"resume", "quiet", "help", "recompute", "allow-config-change", NULL};
@@ -52,21 +82,13 @@ int nm_cmd_train(int argc, char **argv) {
         fprintf(stderr, "train: --config and --out are required (see train --help)\n");
         return 2;
     }
-    // --steps / --save-every / --seed are shorthands for --set; later --set wins.
-    const char *overrides[128];
-    char shorthand[3][64], init_from[4200];
-    int n = 0;
-    const char *v;
-    if ((v = nm_args_str(&a, "steps", NULL))) snprintf(shorthand[0], 64, "steps=%s", v), overrides[n++] = shorthand[0];
-    if ((v = nm_args_str(&a, "save-every", NULL))) snprintf(shorthand[1], 64, "checkpoint.save_every=%s", v), overrides[n++] = shorthand[1];
-    if ((v = nm_args_str(&a, "seed", NULL))) snprintf(shorthand[2], 64, "seed=%s", v), overrides[n++] = shorthand[2];
-    if ((v = nm_args_str(&a, "init-from", NULL))) {
-        // Continue pre-training from a Hugging Face directory instead of a fresh init.
-        snprintf(init_from, sizeof(init_from), "init_from=%s", v);
-        overrides[n++] = "model=null";
-        overrides[n++] = init_from;
-    }
-    n += nm_args_all(&a, "set", overrides + n, 128 - n);
+    // The shorthands checked here, so a bad value is named as typed (--steps nan), not as the
+    // --set it becomes; the bounds are the training config's (train --help).
+    int64_t ignored;
+    if (nm_args_i64_in(&a, "steps", 1, 1, (int64_t)1 << 53, &ignored) ||
+        nm_args_i64_in(&a, "save-every", 0, 0, (int64_t)1 << 53, &ignored) ||
+        nm_args_i64_in(&a, "seed", 0, 0, (int64_t)1 << 53, &ignored))
+        return 2;
     // --inject-nan STEP[:COUNT]: poison a gradient at COUNT consecutive steps from STEP.
     long long inject = 0, inject_count = 1;
     const char *inj = nm_args_str(&a, "inject-nan", NULL);
@@ -82,7 +104,12 @@ int nm_cmd_train(int argc, char **argv) {
 
     nm_error err = {{0}};
     nm_train_config cfg;
-    if (nm_train_config_load(&cfg, config, overrides, n, &err) != 0) {
+    int n;
+    char **overrides = build_overrides(&a, &n);
+    int bad = nm_train_config_load(&cfg, config, (const char *const *)overrides, n, &err);
+    for (int i = 0; i < n; i++) free(overrides[i]);
+    free(overrides);
+    if (bad) {
         fprintf(stderr, "nanomegatron train: %s\n", err.msg);
         nm_train_config_free(&cfg);
         return 1;
@@ -138,12 +165,10 @@ int nm_cmd_eval(int argc, char **argv) {
         fprintf(stderr, "eval: --model and --data are required\n");
         return 2;
     }
-    if (nm_args_i64(&a, "seq-len", 256, &seq_len) || nm_args_i64(&a, "batch", 8, &B) ||
-        nm_args_i64(&a, "batches", 0, &batches) || nm_args_i64(&a, "seed", 1234, &seed)) return 2;
-    if (seq_len < 1 || B < 1 || batches < 0) {
-        fprintf(stderr, "eval: --seq-len and --batch must be >= 1 and --batches >= 0\n");
-        return 2;
-    }
+    // The training config's bounds for seq_len and micro_batch; the shuffle seed is 32-bit.
+    if (nm_args_i64_in(&a, "seq-len", 256, 1, 1 << 24, &seq_len) || nm_args_i64_in(&a, "batch", 8, 1, 1 << 24, &B) ||
+        nm_args_i64_in(&a, "batches", 0, 0, NM_ARGS_SEED_MAX, &batches) ||
+        nm_args_i64_in(&a, "seed", 1234, 0, 0xffffffffLL, &seed)) return 2;
     nm_error err = {{0}};
     nm_model_config cfg = {0};
     nm_model *m = NULL;
@@ -163,9 +188,10 @@ int nm_cmd_eval(int argc, char **argv) {
     if (nm_hf_dir_load_model(dir, nm_model_table(m), &cfg, 0, nm_model_params(m), &err) != 0) goto done;
     nm_data_spec spec;
     nm_data_spec_default(&spec);
+    const double one = 1.0;
     spec.n_sources = 1;
-    spec.prefixes[0] = prefix;
-    spec.weights[0] = 1.0;
+    spec.prefixes = &prefix;
+    spec.weights = &one;
     spec.seed = (uint32_t)seed;
     spec.seq_len = seq_len;
     spec.split[0] = 1.0;

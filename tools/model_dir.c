@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 
 #include "io/fileio.h"
+#include "io/hf_dir.h"
 #include "train/checkpoint.h"
 
 static int is_file(const char *path) {
@@ -34,15 +35,7 @@ static void find_tokenizer(const char *dir, char *tok, size_t tok_cap) {
 int nm_resolve_model_dir(const char *model, int64_t step, char *dir, size_t cap, char *tok, size_t tok_cap,
                          nm_error *err) {
     if (strlen(model) > 4000) return nm_error_set(err, "--model: path of %zu bytes is too long", strlen(model));
-    struct stat st;
-    if (stat(model, &st) != 0)
-        return nm_error_set(err, "--model %s: no such directory (give a Hugging Face model directory or a run "
-                            "directory)", model);
-    if (!S_ISDIR(st.st_mode))
-        return nm_error_set(err, "--model %s is a file, not a model directory: give a Hugging Face directory (with "
-                            "config.json) or a run directory%s", model,
-                            strstr(model, ".gguf") ? " (GGUF files are for llama.cpp; export writes them, nothing "
-                                                     "here reads them)" : "");
+    if (nm_model_dir_check(model, 1, err) != 0) return -1;
     char path[4400];
     snprintf(path, sizeof(path), "%s/config.json", model);
     if (step >= 0) {

@@ -108,12 +108,10 @@ class nm_grad_report(ctypes.Structure):
                 ("bad_name", c_char_p)]
 
 
-NM_DATA_MAX_SOURCES = 64
-
-
 class nm_data_spec(ctypes.Structure):
-    _fields_ = [("n_sources", c_int), ("prefixes", c_char_p * NM_DATA_MAX_SOURCES),
-                ("weights", c_double * NM_DATA_MAX_SOURCES), ("synthetic_tokens", c_int64),
+    # prefixes / weights: the caller's arrays of n_sources entries (no cap), read during create.
+    _fields_ = [("n_sources", c_int), ("prefixes", POINTER(c_char_p)),
+                ("weights", POINTER(c_double)), ("synthetic_tokens", c_int64),
                 ("synthetic_seed", c_uint64), ("seed", c_uint32), ("seq_len", c_int64), ("split", c_double * 3),
                 ("num_samples", c_int64 * 3), ("blend_surplus", c_double)]
 

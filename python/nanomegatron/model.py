@@ -301,13 +301,12 @@ class DataLoader:
         spec = _lib._new(_lib.nm_data_spec)
         lib.nm_data_spec_default(spec)
         sources = data.sources()
-        if len(sources) > _lib.NM_DATA_MAX_SOURCES:
-            raise ConfigError(f"DataConfig: key 'path': {len(sources)} datasets, at most {_lib.NM_DATA_MAX_SOURCES}")
-        self._prefixes = [os.fsencode(p) for p, _ in sources]  # alive while the loader is created
+        # Both arrays stay alive while the loader is created (it reads them then only).
+        self._prefixes = (ctypes.c_char_p * max(len(sources), 1))(*[os.fsencode(p) for p, _ in sources])
+        self._weights = (ctypes.c_double * max(len(sources), 1))(*[float(w) for _, w in sources])
         spec.n_sources = len(sources)
-        for i, (p, w) in enumerate(sources):
-            spec.prefixes[i] = self._prefixes[i]
-            spec.weights[i] = w
+        spec.prefixes = ctypes.cast(self._prefixes, ctypes.POINTER(ctypes.c_char_p))
+        spec.weights = ctypes.cast(self._weights, ctypes.POINTER(ctypes.c_double))
         spec.synthetic_tokens = data.synthetic_tokens
         spec.seed = seed
         spec.seq_len = data.seq_len

@@ -315,6 +315,15 @@ int nm_tokenizer_train_ex(const char *const *files, int n_files, int64_t vocab_s
             nm_strmap_free(&words);
             return nm_error_prefix(err, "tokenizer train");
         }
+        // As prepare: an empty input is a failed download or a wrong path far more often than
+        // intended, and a tokenizer learnt from nothing is bytes only.
+        if (size == 0) {
+            nm_free(data);
+            nm_tokenizer_free(pt);
+            nm_strmap_free(&words);
+            return nm_error_set(err, "tokenizer train: %s is empty: no text to learn merges from (remove it from --input)",
+                                files[i]);
+        }
         int rc = nm_tokenizer_pretokenize(pt, data, size, count_piece, &words, err);
         nm_free(data);
         st.n_bytes += (int64_t)size;

@@ -164,6 +164,11 @@ static int map_file(const char *path, const uint8_t **data, size_t *size, nm_err
         close(fd);
         return nm_error_set(err, "%s: cannot stat: %s", path, strerror(e));
     }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return nm_error_set(err, "%s is %s, not a file: a dataset is the PREFIX.bin / PREFIX.idx pair that prepare writes",
+                            path, S_ISDIR(st.st_mode) ? "a directory" : "a pipe or device");
+    }
     *size = (size_t)st.st_size;
     *data = NULL;
     if (st.st_size > 0) {   // mmap of length 0 fails; an empty .bin is valid for empty documents
@@ -193,7 +198,29 @@ void nm_indexed_close(nm_indexed *ds) {
     nm_free(ds);
 }
 
+// The two slips a prefix invites, when PREFIX.idx does not exist: "x.bin" or "x.idx" for the
+// prefix "x" (the files are what a listing shows), and the dataset's directory. Say so,
+// rather than "x.bin.idx: cannot open".
+static int check_prefix(const char *prefix, nm_error *err) {
+    size_t n = strlen(prefix);
+    char *idx_path = nm_malloc(n + 8);
+    snprintf(idx_path, n + 8, "%s.idx", prefix);
+    int exists = access(idx_path, F_OK) == 0;
+    nm_free(idx_path);
+    if (exists) return 0;   // whatever its name (a dataset may really be called "x.bin")
+    if (n > 4 && (!strcmp(prefix + n - 4, ".bin") || !strcmp(prefix + n - 4, ".idx")))
+        return nm_error_set(err, "%s: give the dataset prefix without %s (%.*s), the name both %.*s.bin and %.*s.idx "
+                            "share", prefix, prefix + n - 4, (int)(n - 4), prefix, (int)(n - 4), prefix, (int)(n - 4),
+                            prefix);
+    struct stat st;
+    if (stat(prefix, &st) == 0 && S_ISDIR(st.st_mode))
+        return nm_error_set(err, "%s is a directory; a dataset is named by its prefix, the path of PREFIX.bin and "
+                            "PREFIX.idx without the extension (e.g. %s/name_text_document)", prefix, prefix);
+    return 0;
+}
+
 int nm_indexed_open(nm_indexed **out, const char *prefix, nm_error *err) {
+    if (check_prefix(prefix, err)) return -1;
     size_t n = strlen(prefix) + 8;
     char *idx_path = nm_malloc(n), *bin_path = nm_malloc(n);
     snprintf(idx_path, n, "%s.idx", prefix);

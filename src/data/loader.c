@@ -24,7 +24,7 @@ typedef struct source {
 } source;
 
 struct nm_loader {
-    nm_data_spec spec;          // prefixes are not kept (borrowed only during create)
+    nm_data_spec spec;          // prefixes and weights are not kept (borrowed only during create)
     int which, rank, world;
     int n;                      // sources
     source *src;                // (n,)
@@ -87,9 +87,8 @@ void nm_loader_destroy(nm_loader *l) {
 
 int nm_loader_create(nm_loader **out, const nm_data_spec *spec, int which, int rank, int world, nm_error *err) {
     NM_CHECK(which >= 0 && which < 3 && world >= 1 && rank >= 0 && rank < world, "which=%d rank=%d world=%d", which, rank, world);
-    if (spec->n_sources < 0 || spec->n_sources > NM_DATA_MAX_SOURCES) {
-        return nm_error_set(err, "data: %d datasets given, at most %d", spec->n_sources, NM_DATA_MAX_SOURCES);
-    }
+    if (spec->n_sources < 0 || (spec->n_sources > 0 && !spec->prefixes) || (spec->n_sources > 1 && !spec->weights))
+        return nm_error_set(err, "data: %d datasets given without their prefixes or blend weights", spec->n_sources);
     if (spec->seq_len < 1) return nm_error_set(err, "data: seq_len = %lld must be >= 1", (long long)spec->seq_len);
     for (int k = 0; k < 3; k++) {
         if (!(spec->split[k] >= 0) || !isfinite(spec->split[k]) || spec->num_samples[k] < 0) {
@@ -100,7 +99,8 @@ int nm_loader_create(nm_loader **out, const nm_data_spec *spec, int which, int r
     if (!(spec->split[0] + spec->split[1] + spec->split[2] > 0)) return nm_error_set(err, "data: split weights are all 0");
     nm_loader *l = nm_calloc(1, sizeof(*l));
     l->spec = *spec;
-    memset(l->spec.prefixes, 0, sizeof(l->spec.prefixes));
+    l->spec.prefixes = NULL;
+    l->spec.weights = NULL;
     l->which = which;
     l->rank = rank;
     l->world = world;

@@ -36,12 +36,12 @@
 
 enum { NM_SPLIT_TRAIN = 0, NM_SPLIT_VALID = 1, NM_SPLIT_TEST = 2 };
 
-#define NM_DATA_MAX_SOURCES 64
-
+// No cap on the number of sources: real blends list thousands of shards, so the lists are
+// the caller's arrays, read during nm_loader_create only.
 typedef struct nm_data_spec {
     int n_sources;                              // 0: the built-in synthetic corpus
-    const char *prefixes[NM_DATA_MAX_SOURCES];  // PREFIX of PREFIX.bin/.idx (read during create only)
-    double weights[NM_DATA_MAX_SOURCES];        // blend weights, any positive scale (ignored for 1 source)
+    const char *const *prefixes;                // (n_sources) PREFIX of PREFIX.bin/.idx
+    const double *weights;                      // (n_sources) blend weights, any positive scale (may be NULL for 1 source)
     int64_t synthetic_tokens;                   // corpus size when n_sources == 0 (default 2^21)
     uint64_t synthetic_seed;                    // corpus seed, default 1 (fixes the corpus and its entropy floor)
     uint32_t seed;                              // shuffle seed (Megatron --seed), default 1234

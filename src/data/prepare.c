@@ -277,6 +277,39 @@ static int cut_jsonl(run *r, const char *path, const char *data, size_t size, nm
     return 0;
 }
 
+// A FIFO, a pipe or a process substitution (<(zcat x.gz)) cannot be mapped: read it whole
+// from the descriptor already open (reopening a FIFO could lose its writer).
+static int process_stream(run *r, int fd, const char *path, nm_error *err) {
+    size_t size = 0, cap = (size_t)1 << 20;
+    char *data = nm_malloc(cap);
+    for (;;) {
+        if (size == cap) data = nm_realloc(data, cap *= 2);
+        ssize_t got = read(fd, data + size, cap - size);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) {
+            int e = errno;
+            nm_free(data);
+            close(fd);
+            return nm_error_set(err, "%s: read failed after %zu bytes: %s", path, size, strerror(e));
+        }
+        if (got == 0) break;
+        size += (size_t)got;
+    }
+    close(fd);
+    if (size == 0) {
+        nm_free(data);
+        return nm_error_set(err, "%s: the stream ended without a byte: nothing to prepare (did its writer fail?)", path);
+    }
+    r->bytes_total += (int64_t)size;
+    int64_t done_before = r->bytes_done;
+    int jsonl = r->o->jsonl || ends_with(path, ".jsonl") || ends_with(path, ".json");
+    int rc = jsonl ? cut_jsonl(r, path, data, size, err) : cut_text(r, path, data, size, err);
+    if (rc == 0 && r->b.n_parts + r->b.n_docs > 0) rc = flush_batch(r, err);
+    r->bytes_done = done_before + (int64_t)size;
+    nm_free(data);
+    return rc;
+}
+
 static int process_file(run *r, const char *path, nm_error *err) {
     int fd = open(path, O_RDONLY);
     if (fd < 0) return nm_error_set(err, "%s: cannot open: %s", path, strerror(errno));
@@ -286,6 +319,7 @@ static int process_file(run *r, const char *path, nm_error *err) {
         close(fd);
         return nm_error_set(err, "%s: cannot stat: %s", path, strerror(e));
     }
+    if (!S_ISREG(st.st_mode)) return process_stream(r, fd, path, err);
     size_t size = (size_t)st.st_size;
     const char *data = "";
     if (size > 0) {
@@ -311,13 +345,21 @@ static int process_file(run *r, const char *path, nm_error *err) {
 
 int nm_prepare_run(const nm_prepare_opts *o, nm_prepare_stats *stats, nm_error *err) {
     double t0 = now_s();
-    if (o->n_inputs < 1) return nm_error_set(err, "prepare: no input files");
-    if (o->workers < 0) return nm_error_set(err, "prepare: --workers %d must be >= 0", o->workers);
+    if (o->n_inputs < 1) return nm_error_set(err, "no input files (give --input FILE...)");
+    if (o->workers < 0) return nm_error_set(err, "--workers %d must be >= 0", o->workers);
     run r = {.o = o, .t0 = t0};
     for (int i = 0; i < o->n_inputs; i++) {
         struct stat st;
-        if (stat(o->inputs[i], &st) != 0) return nm_error_set(err, "%s: cannot stat: %s", o->inputs[i], strerror(errno));
-        r.bytes_total += st.st_size;
+        const char *in = o->inputs[i];
+        if (stat(in, &st) != 0) return nm_error_set(err, "%s: cannot stat: %s", in, strerror(errno));
+        if (S_ISDIR(st.st_mode))
+            return nm_error_set(err, "%s is a directory; expected a text or JSONL file (give the files in it: --input "
+                                "%s/*.txt)", in, in);
+        // An empty file is almost always a failed download or a wrong path; an empty
+        // dataset would only fail later, at training time, far from the cause.
+        if (S_ISREG(st.st_mode) && st.st_size == 0)
+            return nm_error_set(err, "%s is empty: no text to prepare (remove it from --input)", in);
+        if (S_ISREG(st.st_mode)) r.bytes_total += st.st_size;
     }
     nm_tokenizer *tok;
     if (nm_tokenizer_load(&tok, o->tokenizer, err) != 0) return -1;
@@ -336,6 +378,12 @@ int nm_prepare_run(const nm_prepare_opts *o, nm_prepare_stats *stats, nm_error *
     r.progress = o->progress >= 0 ? o->progress : (r.tty || r.bytes_total > BIG_INPUT);
     int rc = 0;
     for (int i = 0; i < o->n_inputs && rc == 0; i++) rc = process_file(&r, o->inputs[i], err);
+    if (rc == 0 && nm_indexed_writer_tokens(r.w) == 0)
+        rc = nm_error_set(err, "%s%s: no tokens: every document is blank%s; nothing written to %s.bin/.idx", o->inputs[0],
+                          o->n_inputs > 1 ? " and the other inputs" : "",
+                          r.o->jsonl || ends_with(o->inputs[0], ".jsonl") || ends_with(o->inputs[0], ".json")
+                              ? " (or lacks the --json-key field)" : "",
+                          o->out_prefix);
     if (rc == 0) rc = nm_indexed_writer_finalize(r.w, err);
     if (rc == 0) show_progress(&r, 1);
     if (stats) {

@@ -1160,7 +1160,7 @@ static int load_json(nm_tokenizer *t, const char *path, nm_error *err) {
     loader L = { .path = path, .err = err };
     char *data;
     size_t size;
-    if (nm_file_read_all(path, &data, &size, err)) return nm_error_prefix(err, "loading tokenizer");
+    if (nm_file_read_json(path, &data, &size, err)) return nm_error_prefix(err, "loading tokenizer");
     const char *end = NULL;
     cJSON *root = cJSON_ParseWithLengthOpts(data, size, &end, 0);
     if (!root) {

@@ -165,7 +165,7 @@ int nm_export_vocab_load(nm_export_vocab *v, const char *tokenizer, nm_error *er
         v->tokenizer_json = bytes_tokenizer_json();
         path = "the byte tokenizer";
     } else {
-        if (nm_file_read_all(tokenizer, &v->tokenizer_json, NULL, err)) return -1;
+        if (nm_file_read_json(tokenizer, &v->tokenizer_json, NULL, err)) return -1;
         const char *slash = strrchr(tokenizer, '/');
         size_t dir_len = slash ? (size_t)(slash - tokenizer + 1) : 0;
         char *cfg = nm_malloc(dir_len + 32);

@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "io/fileio.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
@@ -76,30 +77,89 @@ int nm_fwrite_all(FILE *fp, const void *data, size_t size, const char *path, nm_
     return 0;
 }
 
-int nm_file_read_all(const char *path, char **data, size_t *size, nm_error *err) {
-    FILE *fp = fopen(path, "rb");
-    if (!fp) return nm_error_set(err, "%s: cannot open: %s", path, strerror(errno));
-    if (fseek(fp, 0, SEEK_END) != 0) {
-        fclose(fp);
-        return nm_error_set(err, "%s: cannot seek: %s", path, strerror(errno));
+// Reads fp to its end into a growing buffer: regular files (whose size is only a hint: it may
+// change under us, and /proc files report 0) and streams alike, so `--config <(cat f)`, a
+// FIFO or a pipe reads as well as a file does.
+static int read_stream(FILE *fp, size_t hint, const char *path, char **data, size_t *size, nm_error *err) {
+    size_t cap = hint + 1 > 4096 ? hint + 1 : 4096, n = 0;
+    char *buf = nm_malloc(cap);
+    for (;;) {
+        if (n + 1 >= cap) {
+            cap *= 2;
+            buf = nm_realloc(buf, cap);
+        }
+        size_t got = fread(buf + n, 1, cap - 1 - n, fp);
+        n += got;
+        if (got == 0) break;
     }
-    long n = ftell(fp);
-    if (n < 0) {
-        fclose(fp);
-        return nm_error_set(err, "%s: cannot tell size: %s", path, strerror(errno));
-    }
-    rewind(fp);
-    char *buf = nm_malloc((size_t)n + 1);
-    if (n > 0 && fread(buf, 1, (size_t)n, fp) != (size_t)n) {
-        fclose(fp);
+    if (ferror(fp)) {
+        int e = errno;
         nm_free(buf);
-        return nm_error_set(err, "%s: short read", path);
+        return nm_error_set(err, "%s: read failed after %zu bytes: %s", path, n, strerror(e));
     }
-    fclose(fp);
     buf[n] = 0;
     *data = buf;
-    if (size) *size = (size_t)n;
+    if (size) *size = n;
     return 0;
+}
+
+static int read_file(const char *path, const char *expected, char **data, size_t *size, nm_error *err) {
+    FILE *fp = fopen(path, "rb");
+    if (!fp) return nm_error_set(err, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(fp), &st) != 0) {
+        int e = errno;
+        fclose(fp);
+        return nm_error_set(err, "%s: cannot stat: %s", path, strerror(e));
+    }
+    // fopen succeeds on a directory, and its "size" (ftell at the end) is LONG_MAX on some
+    // file systems: without this the caller asked for 8 EiB of memory.
+    if (S_ISDIR(st.st_mode)) {
+        fclose(fp);
+        return nm_error_set(err, "%s is a directory; expected %s", path, expected);
+    }
+    int rc = read_stream(fp, S_ISREG(st.st_mode) && st.st_size > 0 ? (size_t)st.st_size : 0, path, data, size, err);
+    fclose(fp);
+    return rc;
+}
+
+int nm_file_read_all(const char *path, char **data, size_t *size, nm_error *err) {
+    return read_file(path, "a file", data, size, err);
+}
+
+int nm_file_read_json(const char *path, char **data, size_t *size, nm_error *err) {
+    size_t n = 0;
+    if (read_file(path, "a JSON file", data, &n, err)) return -1;
+    size_t i = 0;
+    for (char c; i < n && ((c = (*data)[i]) == ' ' || c == '\t' || c == '\r' || c == '\n');) i++;
+    if (i == n) {
+        nm_free(*data);
+        *data = NULL;
+        return nm_error_set(err, "%s is empty; expected a JSON file (was it truncated, or is it the wrong path?)", path);
+    }
+    if (size) *size = n;
+    return 0;
+}
+
+int nm_dir_check_new(const char *path, nm_error *err) {
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        if (errno == ENOENT) return 0;
+        return nm_error_set(err, "%s: cannot stat: %s", path, strerror(errno));
+    }
+    if (!S_ISDIR(st.st_mode)) return nm_error_set(err, "%s exists and is not a directory", path);
+    DIR *d = opendir(path);
+    if (!d) return nm_error_set(err, "%s: cannot list: %s", path, strerror(errno));
+    char first[256] = "";
+    long n = 0;
+    for (struct dirent *e; (e = readdir(d));) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        if (n++ == 0) snprintf(first, sizeof(first), "%s", e->d_name);
+    }
+    closedir(d);
+    if (n == 0) return 0;
+    if (n == 1) return nm_error_set(err, "%s is not empty (it holds '%s')", path, first);
+    return nm_error_set(err, "%s is not empty (it holds '%s' and %ld more)", path, first, n - 1);
 }
 
 int nm_mkdir_p(const char *path, nm_error *err) {

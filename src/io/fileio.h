@@ -26,8 +26,17 @@ void nm_atomic_abort(nm_atomic_file *f);
 // fwrite that reports the path on failure (disk full, ...).
 int nm_fwrite_all(FILE *fp, const void *data, size_t size, const char *path, nm_error *err);
 
-// Reads a whole file into a NUL-terminated heap buffer (free with nm_free).
+// Reads a whole file into a NUL-terminated heap buffer (free with nm_free). Regular files,
+// FIFOs, pipes and process substitutions (<(cmd)) alike; a directory is an error naming it.
 int nm_file_read_all(const char *path, char **data, size_t *size, nm_error *err);
+// The same for a file that must hold JSON: an empty (or all-blank) file is an error naming
+// the file, not a parser's "malformed JSON at line 1".
+int nm_file_read_json(const char *path, char **data, size_t *size, nm_error *err);
+
+// For an output directory that must be new: 0 when path does not exist or is an empty
+// directory; otherwise an error saying what is there (a file, or the first entry of a
+// non-empty directory and how many more). Callers add the fix (choose a new path).
+int nm_dir_check_new(const char *path, nm_error *err);
 
 // fsync a directory (after renames inside it).
 int nm_fsync_dir(const char *dir, nm_error *err);

@@ -11,10 +11,12 @@
 #include "io/hf_dir.h"
 
 #include <cjson/cJSON.h>
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "io/fileio.h"
@@ -30,7 +32,22 @@ static char *join(const char *dir, const char *name) {
     return p;
 }
 
+int nm_model_dir_check(const char *dir, int run_ok, nm_error *err) {
+    const char *expected = run_ok ? "a Hugging Face directory with config.json, or a run directory"
+                                  : "a Hugging Face directory with config.json and model.safetensors";
+    struct stat st;
+    if (stat(dir, &st) != 0) return nm_error_set(err, "%s: %s (expected %s)", dir, strerror(errno), expected);
+    if (S_ISDIR(st.st_mode)) return 0;
+    size_t n = strlen(dir);
+    // A GGUF file is what `export --format gguf` writes for llama.cpp; nothing here reads one.
+    if (n > 5 && !strcmp(dir + n - 5, ".gguf"))
+        return nm_error_set(err, "%s is a GGUF file, not a model directory (%s); GGUF is an export format only", dir,
+                            expected);
+    return nm_error_set(err, "%s is a file, not a model directory (%s)", dir, expected);
+}
+
 int nm_hf_dir_load_config(const char *dir, nm_model_config *cfg, nm_error *err) {
+    if (nm_model_dir_check(dir, 0, err)) return -1;
     char *path = join(dir, "config.json");
     int rc = nm_model_config_load(cfg, path, err);
     nm_free(path);
@@ -58,7 +75,7 @@ static int cmp_str(const void *a, const void *b) { return strcmp(*(const char *c
 // it names and that no shard holds a tensor the index does not list.
 static int open_sharded(file_set *fs, const char *dir, const char *index_path, nm_error *err) {
     char *text = NULL;
-    if (nm_file_read_all(index_path, &text, NULL, err)) return -1;
+    if (nm_file_read_json(index_path, &text, NULL, err)) return -1;
     cJSON *root = cJSON_Parse(text);
     nm_free(text);
     if (!root) return nm_error_set(err, "%s: malformed JSON", index_path);

@@ -14,7 +14,11 @@
 #include "model/config.h"
 #include "model/params.h"
 
-// Reads DIR/config.json.
+// 0 when dir is a directory; otherwise an error naming it and what was expected (a file, a
+// GGUF file, a missing path). run_ok: the command also takes a training run directory.
+int nm_model_dir_check(const char *dir, int run_ok, nm_error *err);
+
+// Reads DIR/config.json (after nm_model_dir_check).
 int nm_hf_dir_load_config(const char *dir, nm_model_config *cfg, nm_error *err);
 
 // Loads every non-tied row of t from DIR/model.safetensors or the sharded set into params

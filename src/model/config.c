@@ -483,7 +483,7 @@ int nm_model_config_parse(nm_model_config *cfg, const char *json_text, const cha
 int nm_model_config_load(nm_model_config *cfg, const char *path, nm_error *err) {
     memset(cfg, 0, sizeof(*cfg));
     char *text = NULL;
-    if (nm_file_read_all(path, &text, NULL, err)) return -1;
+    if (nm_file_read_json(path, &text, NULL, err)) return -1;
     int rc = nm_model_config_parse(cfg, text, path, err);
     nm_free(text);
     return rc;

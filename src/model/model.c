@@ -263,8 +263,7 @@ static void set_local_sizes(nm_model *m, int64_t tp_size, const nm_tensor_spec *
 static void rope_tables(nm_model *m) {
     const nm_model_config *c = &m->cfg;
     int64_t half = c->Dr / 2;
-    double inv_freq[512];
-    NM_CHECK(half <= 512, "qk_rope_head_dim %lld too large", (long long)c->Dr);
+    double *inv_freq = nm_malloc((size_t)half * sizeof(double));  // (Dr/2): sized by the config
     nm_rope_inv_freq(c, inv_freq);
     for (int64_t t = 0; t < m->T_max; t++) {
         for (int64_t i = 0; i < half; i++) {
@@ -276,6 +275,21 @@ static void rope_tables(nm_model *m) {
             m->rope_sin[t * half + i] = (float)(sin(angle) * c->rope_attn_factor);
         }
     }
+    nm_free(inv_freq);
+}
+
+// The ops keep per-row vectors of these sizes in fixed scratch (ops.h max_row_dim).
+static int check_row_dims(const nm_model_config *c, const nm_ops *ops, nm_error *err) {
+    struct { const char *what; int64_t v; } dims[] = {
+        {"n_routed_experts", c->E}, {"qk_nope_head_dim + qk_rope_head_dim", c->Dn + c->Dr}, {"v_head_dim", c->Dv},
+    };
+    for (size_t i = 0; i < sizeof(dims) / sizeof(dims[0]); i++) {
+        if (ops->max_row_dim > 0 && dims[i].v > ops->max_row_dim)
+            return nm_error_set(err, "%s: %s = %lld: this backend's ops handle at most %lld (DeepSeek-V3: 256 experts, "
+                                "head dims 192 and 128)", c->source_path ? c->source_path : "model config", dims[i].what,
+                                (long long)dims[i].v, (long long)ops->max_row_dim);
+    }
+    return 0;
 }
 
 // Output-head vocabulary tile: the whole vocabulary while the (N, V) logits fit in 64 MiB
@@ -335,9 +349,7 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     if (T_max < cfg->M + 2) return nm_error_set(err, "model: sequence length %lld too short for %lld MTP depths (needs >= %lld)", (long long)T_max, (long long)cfg->M, (long long)(cfg->M + 2));
     if ((int64_t)B_max * T_max * (cfg->K > 0 ? cfg->K : 1) >= INT32_MAX) return nm_error_set(err, "model: batch*seq*top_k = %lld exceeds int32 routing indices", (long long)(B_max * T_max * cfg->K));
     if (ops->setup && ops->setup(cfg, err) != 0) return -1;
-    // rope_tables keeps the inverse frequencies on the stack
-    if (cfg->Dr > 1024)
-        return nm_error_set(err, "model: qk_rope_head_dim = %lld: at most 1024 rotary channels are supported", (long long)cfg->Dr);
+    if (check_row_dims(cfg, ops, err) != 0) return -1;
     nm_model *m = nm_calloc(1, sizeof(nm_model));
     m->cfg = *cfg;
     m->ops = ops;

@@ -65,6 +65,10 @@ typedef struct nm_ops {
     // Which kernels run the GEMMs, for banners and benchmarks: e.g. "fp32 GEMM onednn, bf16
     // GEMM widen (fp32 FMA units)". Call from one thread (it may read the environment once).
     const char *(*kernel_names)(void);
+    // Largest per-row dimension the ops keep in fixed scratch (routed experts E for the router,
+    // the head dims Dn + Dr and Dv for attention); the model refuses a config beyond it when it
+    // is created, with a message, instead of an op's check aborting mid-step.
+    int64_t max_row_dim;
 
     // --- dense linear algebra ---------------------------------------------------------------
     // Row-major GEMM with BLAS semantics: C(M,N) = alpha * op(A) op(B) + beta * C.

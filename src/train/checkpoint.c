@@ -458,7 +458,7 @@ static int verify_checkpoint(const char *dir, nm_ckpt_state *st, nm_error *err) 
     char *text;
     size_t len;
     snprintf(path, sizeof(path), "%s/trainer.json", dir);
-    if (nm_file_read_all(path, &text, &len, err) != 0) return -1;
+    if (nm_file_read_json(path, &text, &len, err) != 0) return -1;
     int rc = nm_checkpoint_verify_trainer(dir, text, len, st, err);
     nm_free(text);
     return rc;

@@ -210,11 +210,11 @@ done:
 int nm_plan_compute(nm_plan *p, const nm_model_config *cfg, const nm_plan_request *r, nm_error *err) {
     *p = (nm_plan){0};
     if (r->seq_len < 1 || r->micro_batch < 1 || r->bucket_mb < 1)
-        return nm_error_set(err, "plan: seq_len %lld, micro_batch %lld and bucket_mb %lld must be >= 1",
+        return nm_error_set(err, "seq_len %lld, micro_batch %lld and bucket_mb %lld must be >= 1",
                             (long long)r->seq_len, (long long)r->micro_batch, (long long)r->bucket_mb);
     if (nm_mesh_check(&p->n, r->world, r->tp, r->pp, r->ep, cfg->E, r->global_batch, r->micro_batch, err) != 0) return -1;
     if (r->tp > 1 && r->ep > 1 && !r->sequence_parallel)
-        return nm_error_set(err, "plan: tensor_parallel_size %lld with expert_parallel_size %lld needs sequence "
+        return nm_error_set(err, "tensor_parallel_size %lld with expert_parallel_size %lld needs sequence "
                                  "parallelism (the trainer refuses it without)", (long long)r->tp, (long long)r->ep);
     p->accum = r->global_batch / (r->micro_batch * p->n.dp);
     p->n_stages = p->n.pp;

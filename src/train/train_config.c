@@ -221,8 +221,12 @@ static const char *json_type_name(const cJSON *v) {
     return "an invalid value";
 }
 
+// Integer keys print their bounds as integers ("<= 16777216", not "<= 1.67772e+07").
 static int check_range(const key_spec *k, double v, const char *where, nm_error *err) {
     if (v < k->lo || (k->lo_open && v == k->lo) || v > k->hi) {
+        if (k->type == K_INT)
+            return nm_error_set(err, "%s: key '%s' = %.17g is out of range: give an integer from %lld to %lld", where,
+                                k->name, v, (long long)k->lo, (long long)k->hi);
         return nm_error_set(err, "%s: key '%s' = %.10g is out of range: must be %s %g and <= %g", where, k->name, v,
                             k->lo_open ? ">" : ">=", k->lo, k->hi);
     }
@@ -233,9 +237,9 @@ static int set_number(nm_train_config *cfg, const key_spec *k, double v, const c
                       nm_error *err) {
     if (!isfinite(v)) return nm_error_set(err, "%s: key '%s': %s is not a finite number", where, k->name, text);
     if (k->type == K_INT) {
-        if (v != floor(v) || fabs(v) > BIG)
+        if (v != floor(v))
             return nm_error_set(err, "%s: key '%s': expected an integer, got %s", where, k->name, text);
-        if (check_range(k, v, where, err)) return -1;
+        if (check_range(k, v, where, err)) return -1;  // every range lies within +-2^53
         *(int64_t *)field(cfg, k) = (int64_t)v;
     } else {
         if (check_range(k, v, where, err)) return -1;
@@ -498,6 +502,29 @@ static int apply_object(nm_train_config *cfg, const cJSON *obj, const char *sect
     return 0;
 }
 
+// A Hugging Face config.json given where a training config belongs (train --config
+// configs/tiny.json) would otherwise fail on its first key as "unknown key 'architectures'".
+// Its keys name it; the message points at the training config that wraps it, when there is
+// one beside it (NAME-train.json, the convention of configs/).
+static int model_config_given(const cJSON *root, const char *where, nm_error *err) {
+    static const char *const marks[] = {"architectures", "model_type", "hidden_size", "vocab_size", NULL};
+    const char *mark = NULL;
+    for (int i = 0; marks[i] && !mark; i++)
+        if (cJSON_GetObjectItemCaseSensitive(root, marks[i])) mark = marks[i];
+    if (!mark) return 0;
+    char sibling[1024] = "";
+    size_t n = strlen(where);
+    if (n > 5 && n < sizeof(sibling) - 16 && !strcmp(where + n - 5, ".json")) {
+        snprintf(sibling, sizeof(sibling), "%.*s-train.json", (int)(n - 5), where);
+        FILE *f = fopen(sibling, "r");
+        if (f) fclose(f);
+        else sibling[0] = 0;
+    }
+    return nm_error_set(err, "%s is a model config (it has '%s'); train takes a training config that names it under "
+                        "'model', e.g. %s", where, mark,
+                        sibling[0] ? sibling : "configs/tiny-train.json: {\"model\": \"tiny.json\", \"steps\": 100}");
+}
+
 // `--set model_config.KEY=VALUE`: VALUE is JSON (2048, true, null, "x", [..]); anything that is
 // not valid JSON is taken as a string. The model config's own parser checks the key and value.
 static int add_model_set(nm_train_config *cfg, const char *key, const char *value, nm_error *err) {
@@ -563,6 +590,7 @@ int nm_train_config_parse(nm_train_config *cfg, const char *json_text, const cha
     memset(seen, 0, sizeof(seen));
     int rc = 0;
     if (!cJSON_IsObject(root)) rc = nm_error_set(err, "%s: expected a JSON object at the top level", where);
+    else if (model_config_given(root, where, err)) rc = -1;
     else rc = apply_object(cfg, root, NULL, base_dir, where, seen, err);
     cJSON_Delete(root);
     for (int i = 0; rc == 0 && i < n_overrides; i++) rc = apply_override(cfg, overrides[i], err);
@@ -579,7 +607,7 @@ int nm_train_config_load(nm_train_config *cfg, const char *path, const char *con
     memset(cfg, 0, sizeof(*cfg));
     char *text = NULL;
     size_t size = 0;
-    if (nm_file_read_all(path, &text, &size, err)) return nm_error_prefix(err, "training config");
+    if (nm_file_read_json(path, &text, &size, err)) return nm_error_prefix(err, "training config");
     if (strlen(text) != size) {
         nm_free(text);
         return nm_error_set(err, "%s: the file contains a NUL byte", path);
@@ -611,7 +639,7 @@ int nm_train_config_model_config(const nm_train_config *cfg, nm_model_config *ou
     if (cfg->init_from) return nm_hf_dir_load_config(cfg->init_from, out, err);
     if (!cfg->model_set) return nm_model_config_load(out, cfg->model, err);
     char *text = NULL;
-    if (nm_file_read_all(cfg->model, &text, NULL, err)) return -1;
+    if (nm_file_read_json(cfg->model, &text, NULL, err)) return -1;
     cJSON *root = cJSON_Parse(text);
     nm_free(text);
     if (!cJSON_IsObject(root)) {

@@ -70,6 +70,7 @@ struct nm_trainer {
     int32_t *tokens_all;        // (accum, micro_batch, T) the step's micro-batches, read by every stage
     double *pp_idle;            // (pp) each stage's idle fraction of the last step
     char (*pp_keys)[48];        // (pp) their metric names
+    nm_metric *step_kv;         // (STEP_METRICS + pp) one step's metrics.jsonl entries
     int embed_copy_row;         // the table row of the last stage's embedding copy (left out of the norm), else -1
     nm_loader *train_data;
     nm_loader *valid_data;      // NULL when there is no validation split
@@ -245,15 +246,24 @@ static int rewind_metrics(nm_trainer *t, const char *path, int64_t last_step, nm
 
 static size_t *full_row_state(const nm_trainer *t);
 
+// metrics.jsonl entries of a step besides the per-stage ones: 20 always, up to 20 from
+// comm_metrics, pp_bubble_theory and val_loss; with room to spare.
+#define STEP_METRICS 64
+
 static int make_loaders(nm_trainer *t, nm_error *err) {
     const nm_train_config *c = &t->cfg;
     nm_data_spec spec;
     nm_data_spec_default(&spec);
     spec.n_sources = c->data_synthetic ? 0 : c->n_data_paths;
+    // As many as the config lists (no fixed cap: blends of thousands of shards are common).
+    const char **prefixes = nm_calloc((size_t)spec.n_sources + 1, sizeof(char *));
+    double *weights = nm_calloc((size_t)spec.n_sources + 1, sizeof(double));
     for (int i = 0; i < spec.n_sources; i++) {
-        spec.prefixes[i] = c->data_paths[i].prefix;
-        spec.weights[i] = c->data_paths[i].weight;
+        prefixes[i] = c->data_paths[i].prefix;
+        weights[i] = c->data_paths[i].weight;
     }
+    spec.prefixes = prefixes;
+    spec.weights = weights;
     if (c->data_synthetic) spec.synthetic_tokens = c->data_synthetic_tokens;
     spec.seed = (uint32_t)c->seed;
     spec.seq_len = c->seq_len;
@@ -261,14 +271,14 @@ static int make_loaders(nm_trainer *t, nm_error *err) {
     // Megatron compat: the train split's first steps*global_batch samples are exactly
     // Megatron's GPTDataset order for the same data, seed and seq_len.
     spec.num_samples[NM_SPLIT_TRAIN] = c->steps * c->global_batch;
-    if (nm_loader_create(&t->train_data, &spec, NM_SPLIT_TRAIN, t->mesh->dp_rank, (int)t->mesh->n.dp, err) != 0)
-        return -1;
+    int rc = nm_loader_create(&t->train_data, &spec, NM_SPLIT_TRAIN, t->mesh->dp_rank, (int)t->mesh->n.dp, err);
     // Validation: every rank runs the same held-out batches (expert-parallel forwards need
     // every rank of the group), so the value is the one-process value on every rank.
-    if (c->log.eval_every > 0 && c->data_split_frac[1] > 0) {
-        if (nm_loader_create(&t->valid_data, &spec, NM_SPLIT_VALID, 0, 1, err) != 0) return -1;
-    }
-    return 0;
+    if (rc == 0 && c->log.eval_every > 0 && c->data_split_frac[1] > 0)
+        rc = nm_loader_create(&t->valid_data, &spec, NM_SPLIT_VALID, 0, 1, err);
+    nm_free(prefixes);
+    nm_free(weights);
+    return rc;
 }
 
 // Mismatches between the training config and the model, found before anything is allocated:
@@ -384,6 +394,9 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
         t->pp_keys = nm_calloc((size_t)ms.pp, sizeof(*t->pp_keys));
         for (int64_t s = 0; s < ms.pp; s++) snprintf(t->pp_keys[s], sizeof(t->pp_keys[s]), "pp_idle_fraction_stage%lld", (long long)s);
     }
+    // One entry per pipeline stage on top of the fixed ones: a fixed array of 64 overflowed
+    // from about 23 stages.
+    t->step_kv = nm_calloc((size_t)(STEP_METRICS + ms.pp), sizeof(nm_metric));
     t->model_params_readonly = nm_model_params(t->model);
     // the checkpoint layout: whole tensors, of this rank's experts under expert parallelism
     if (ms.tp > 1 && nm_param_table_build_ep(&t->full_table, &t->mcfg, ms.ep > 1 ? t->mesh->ep_rank : 0, ms.ep,
@@ -1125,7 +1138,7 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     }
 
     // logs
-    nm_metric kv[64];
+    nm_metric *kv = t->step_kv;
     int n = 0;
     kv[n++] = NM_METRIC_F("ce_loss", m->ce_loss);
     kv[n++] = NM_METRIC_F("mtp_loss", m->mtp_loss);
@@ -1232,6 +1245,7 @@ void nm_trainer_destroy(nm_trainer *t) {
     nm_free(t->tokens_all);
     nm_free(t->pp_idle);
     nm_free(t->pp_keys);
+    nm_free(t->step_kv);
     nm_mesh_destroy(t->mesh);
     nm_comm_destroy(t->world);
     nm_free(t->tokens);
