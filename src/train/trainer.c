@@ -281,6 +281,15 @@ static int make_loaders(nm_trainer *t, nm_error *err) {
     return rc;
 }
 
+// log.eval_batches, bounded by the validation split's distinct batches: beyond them the loader
+// wraps around and repeats the same windows, so a large value over a tiny split only looped (for
+// hours, with no output) to the same number.
+static int64_t eval_batches(const nm_trainer *t) {
+    int64_t windows = (nm_loader_tokens(t->valid_data) - 1) / t->cfg.seq_len;
+    int64_t distinct = windows / t->cfg.micro_batch > 0 ? windows / t->cfg.micro_batch : 1;
+    return t->cfg.log.eval_batches < distinct ? t->cfg.log.eval_batches : distinct;
+}
+
 // Mismatches between the training config and the model, found before anything is allocated:
 // a tokenizer with more ids than the model's vocabulary is refused (otherwise the first step
 // fails on a token id); a bias update speed for a router that ignores the bias gets a notice.
@@ -434,6 +443,10 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     }
     nm_train_config_lr_schedule(cfg, &t->sched);
     if (make_loaders(t, err) != 0) goto fail;
+    if (t->valid_data && t->rank0 && eval_batches(t) < cfg->log.eval_batches)
+        fprintf(stderr, "notice: log.eval_batches %lld is more than the validation split's %lld distinct batches of "
+                "micro_batch %lld; each evaluation runs %lld\n", (long long)cfg->log.eval_batches,
+                (long long)eval_batches(t), (long long)cfg->micro_batch, (long long)eval_batches(t));
 
     int n_moe;
     const int *moe_ids;
@@ -881,7 +894,8 @@ int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err) {
     nm_loader_set_cursor(t->valid_data, (nm_data_cursor){.sample = 0});
     nm_loss_options opt = {.mtp_weight = 0.0f, .aux_weight = 0.0f, .grad_scale = 1.0f};
     double sum = 0.0;
-    for (int64_t i = 0; i < t->cfg.log.eval_batches; i++) {
+    const int64_t n_batches = eval_batches(t);
+    for (int64_t i = 0; i < n_batches; i++) {
         nm_loss_terms lt;
         if (nm_loader_next_batch(t->valid_data, t->tokens, t->cfg.micro_batch, err) != 0) return -1;
         if (t->pipe) {
@@ -891,7 +905,7 @@ int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err) {
         }
         sum += lt.ce;
     }
-    *val_loss = sum / (double)t->cfg.log.eval_batches;
+    *val_loss = sum / (double)n_batches;
     // The loss is the last stage's; every stage reports it.
     if (t->pipe && nm_comm_broadcast(t->mesh->pp, val_loss, 1, NM_DT_F64, (int)t->mesh->n.pp - 1, err) != 0) return -1;
     return 0;
