@@ -562,8 +562,15 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     t->step_at_start = t->step;
     if (!t->opts.quiet) {
         char total[32], active[32], desc[256];
-        const nm_param_table *whole = ms.tp > 1 ? &t->full_table : table;  // the model's, not a shard's
-        nm_format_si(total, sizeof(total), (double)whole->n_params_main);
+        // The whole model's count, not this rank's shard or stage (under pp the table holds
+        // stage 0's layers only): a table of the one-process layout, built for the count.
+        const nm_param_table *whole = ms.tp > 1 ? &t->full_table : table;  // this stage's, not a shard's
+        nm_param_table model_table = {0};
+        nm_error ignore;
+        int64_t n_main = nm_param_table_build(&model_table, &t->mcfg, &ignore) == 0 ? model_table.n_params_main
+                                                                                     : whole->n_params_main;
+        nm_param_table_free(&model_table);
+        nm_format_si(total, sizeof(total), (double)n_main);
         nm_format_si(active, sizeof(active), (double)nm_model_params_active(&t->mcfg));
         nm_loader_describe(t->train_data, desc, sizeof(desc));
         int64_t n_dense = 0;
