@@ -38,7 +38,8 @@ typedef struct nm_trainer_options {
     int resume;                 // continue from run_dir's newest valid checkpoint, if any
     int quiet;                  // no progress line / banner on stdout
     int64_t max_nan_streak;     // stop after this many skipped steps in a row (default 5 if 0)
-    int64_t inject_nan_step;    // testing hook: poison one gradient at this step (0: never) ...
+    int64_t inject_nan_step;    // testing hook: poison one gradient at this step (0: never), on every rank
+                                // (NM_TEST_INJECT_NAN_RANK=R: on rank R only) ...
     int64_t inject_nan_count;   // ... and at the steps after it, this many in all (0 or 1: one)
     int recompute;              // activation recomputation per block (less memory, ~1/3 more compute)
     int allow_config_change;    // resume although the data, batch, sequence length or tokenizer changed

@@ -195,7 +195,7 @@ victim=$(pgrep -f "nanomegatron train --config long.json --out kill" | tail -1)
 [ -n "$victim" ] || fail "no rank to kill"
 start=$(date +%s)
 kill -9 "$victim"
-wait $launcher && fail "the job survived a killed rank" || true
+if wait $launcher; then fail "the job survived a killed rank"; fi
 waited=$(( $(date +%s) - start ))
 sleep 1
 if pgrep -f "nanomegatron train --config long.json --out kill" >/dev/null; then fail "ranks left running after a kill"; fi
@@ -203,7 +203,6 @@ if pgrep -f "nanomegatron train --config long.json --out kill" >/dev/null; then 
 echo "killed rank $victim: job stopped in ${waited}s"
 nm_mpirun 2 "$NM_BIN" train --config long.json --out kill --quiet --resume --set steps=12 >kill2.log 2>&1 \
   || { cat kill2.log; fail "resume after the kill"; }
-grep -q "resume: continuing" kill2.log || true
 last=$("$PY" -c "import json; print([json.loads(l)['step'] for l in open('kill/metrics.jsonl')][-1])")
 [ "$last" = 12 ] || fail "resumed run ended at step $last"
 

@@ -241,6 +241,25 @@ static int write_index(const char *path, const char *names, const int64_t *lens,
 
 enum { REC = 7 };  // per rank: status, then (crc, size) of its three files
 
+// Fault injection for the tests (tests/test_dist_faults.sh): NM_TEST_KILL_IN_SAVE=RANK:STEP
+// [:PHASE] kills that rank with SIGKILL at that step's save, as a node lost mid-save:
+//   shards (the default)  its shard files written, nothing gathered or committed
+//   commit                rank 0: the temporary directory complete (trainer.json synced), not
+//                         yet renamed into place
+//   latest                rank 0: renamed to step_N, `latest` still naming the previous one
+// Only rank 0 reaches the last two; any other rank given them is never killed.
+static void test_kill_point(const char *phase, int rank, int64_t step) {
+    const char *spec = getenv("NM_TEST_KILL_IN_SAVE");
+    if (!spec) return;
+    long kill_rank = -1, kill_step = -1;
+    char want[16] = "shards";
+    int n = sscanf(spec, "%ld:%ld:%15s", &kill_rank, &kill_step, want);
+    if (n < 2 || kill_rank != rank || kill_step != step || strcmp(want, phase) != 0) return;
+    fflush(stdout);
+    fflush(stderr);
+    raise(SIGKILL);
+}
+
 int nm_checkpoint_save(const char *run_dir, const nm_ckpt_state *st, const nm_model_config *mcfg,
                        const nm_param_table *t, const float *params, const float *adam_m, const float *adam_v,
                        const nm_ckpt_shard *shard, int64_t keep_last, char *out_dir, size_t out_cap, nm_error *err) {
@@ -290,14 +309,7 @@ int nm_checkpoint_save(const char *run_dir, const nm_ckpt_state *st, const nm_mo
         my[2 + 2 * k] = size;
     }
     my[0] = rc;
-    // Fault injection for the tests (tests/test_dist_train.sh): NM_TEST_KILL_IN_SAVE=RANK:STEP
-    // kills that rank here, its files written and nothing committed, as a node lost mid-save.
-    const char *kill_at = getenv("NM_TEST_KILL_IN_SAVE");
-    long kill_rank = -1, kill_step = -1;
-    if (kill_at && sscanf(kill_at, "%ld:%ld", &kill_rank, &kill_step) == 2 && kill_rank == me && kill_step == st->step) {
-        fflush(stdout);
-        raise(SIGKILL);
-    }
+    test_kill_point("shards", me, st->step);
     char *names[3] = {NULL, NULL, NULL};
     int64_t *lens[3] = {NULL, NULL, NULL};
     nm_error comm_err;
@@ -394,12 +406,14 @@ int nm_checkpoint_save(const char *run_dir, const nm_ckpt_state *st, const nm_mo
         }
         cJSON_Delete(root);
         if (rc == 0 && nm_fsync_dir(tmp_dir, err) != 0) rc = -1;
+        if (rc == 0) test_kill_point("commit", me, st->step);
         if (rc == 0) {
             // Re-saving a step (a resumed run reaching it again) replaces the old copy.
             remove_tree(final_dir);
             if (rename(tmp_dir, final_dir) != 0) rc = nm_error_set(err, "%s: rename failed: %s", final_dir, strerror(errno));
         }
         if (rc == 0) rc = nm_fsync_dir(run_dir, err);
+        if (rc == 0) test_kill_point("latest", me, st->step);
         if (rc == 0) {
             char latest[4200], line[64];
             snprintf(latest, sizeof(latest), "%s/latest", run_dir);

@@ -61,6 +61,7 @@ struct nm_trainer {
     int sp;                     // sequence parallelism (tp > 1 and sequence_parallel)
     unsigned char *tp_summed;   // (n_rows) sequence-parallel partial rows already summed over tp this step
     int rank0;                  // this process prints and writes the logs
+    int inject_nan_here;        // --inject-nan poisons this rank's gradient (NM_TEST_INJECT_NAN_RANK)
     int64_t comm_seen[5][NM_COMM_N_OPS]; // dp / edp / ep / tp / pp byte counters at the last step's end
     double comm_time_seen[5];   // their seconds inside collectives, all operations
     // pipeline parallelism (NULL / 0 without it)
@@ -342,6 +343,19 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     if (nm_comm_init(&t->world, err) != 0) goto fail;
     t->rank0 = t->world->rank == 0;
     if (!t->rank0) t->opts.quiet = 1;
+    // Test hook (tests/test_dist_faults.sh): NM_TEST_INJECT_NAN_RANK=R limits --inject-nan to
+    // world rank R, a NaN that one rank alone produces; unset, every rank poisons its gradient.
+    t->inject_nan_here = 1;
+    const char *nan_rank = getenv("NM_TEST_INJECT_NAN_RANK");
+    if (nan_rank && *nan_rank) {
+        char *end;
+        long r = strtol(nan_rank, &end, 10);
+        if (*end || r < 0 || r >= t->world->size) {
+            nm_error_set(err, "NM_TEST_INJECT_NAN_RANK=%s: expected a rank from 0 to %d", nan_rank, t->world->size - 1);
+            goto fail;
+        }
+        t->inject_nan_here = r == t->world->rank;
+    }
     if (nm_train_config_model_config(cfg, &t->mcfg, err) != 0) goto fail;
     if (check_model_against_config(&t->mcfg, cfg, err) != 0) goto fail;
     // The layout, checked on every rank before any work.
@@ -1018,6 +1032,17 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
         .grad_scale = 1.0f / (float)(t->accum * t->mesh->n.dp),
     };
     nm_model_zero_grads(t->model);
+    int64_t n_inject = t->opts.inject_nan_count > 1 ? t->opts.inject_nan_count : 1;
+    if (t->inject_nan_here && t->opts.inject_nan_step > 0 && step >= t->opts.inject_nan_step &&
+        step < t->opts.inject_nan_step + n_inject) {
+        // Testing hook for the divergence guard: poison one gradient of the first block before
+        // the backward, which adds to it (grads +=), so the NaN is this rank's own, there
+        // before any reduction. The reductions carry it to every rank's decision: the
+        // reduce-scatter into its owner's shard, then the gradient norm all-reduced over the
+        // world, so all ranks skip the step (check_grads).
+        size_t off = nm_model_table(t->model)->layers[0].input_norm;
+        if (off != NM_OFF_NONE) nm_model_grads(t->model)[off] = NAN;  // the stage holding layer 0
+    }
     int finite = 1;
     if (t->pipe && pipeline_micro_batches(t, &opt, m, n_moe, &finite, err) != 0) return -1;
     for (int64_t micro = 0; !t->pipe && micro < t->accum; micro++) {
@@ -1054,12 +1079,6 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     if (reduce_step(t, m, n_moe, &finite, err) != 0) return -1;
     double t_comm = now_s() - te, t_gather = 0.0;
     te = now_s();
-    int64_t n_inject = t->opts.inject_nan_count > 1 ? t->opts.inject_nan_count : 1;
-    if (t->opts.inject_nan_step > 0 && step >= t->opts.inject_nan_step && step < t->opts.inject_nan_step + n_inject) {
-        // Testing hook for the divergence guard: poison one gradient of the first block.
-        size_t off = nm_model_table(t->model)->layers[0].input_norm;
-        if (off != NM_OFF_NONE) nm_model_grads(t->model)[off] = NAN;  // the stage holding layer 0
-    }
     nm_grad_report rep;
     // The clip factor is applied inside the AdamW update: nothing reads the clipped
     // gradients, so they are not rewritten in a pass of their own.
