@@ -11,6 +11,11 @@ ulps (~1e-7 relative), AdamW turns that into parameter differences of the same r
 size, and over 10 steps the measured losses differ by 1e-9 to 1e-7. The bounds leave two
 orders of magnitude of room and still catch any real error (a missing 1/dp is 50%, a lost
 micro-batch or a mis-sharded expert is percent-level at step 2).
+
+The reference must cover the run: an empty reference, or one with fewer steps than the run
+(every step of the run must be in it; with --steps N, its first N), fails with a message, since
+it would otherwise pass while checking nothing or only a prefix (a reference run that died
+early, a metrics file cut short).
 """
 import json
 import sys
@@ -24,9 +29,24 @@ def load(path):
 def main():
     ref, run, label = load(sys.argv[1]), load(sys.argv[2]), sys.argv[3]
     steps = sorted(ref)
+    if not steps:
+        print(f"{label}: FAIL: the reference {sys.argv[1]} has no steps, so nothing would be compared "
+              f"(did the one-process run fail or log nothing?)")
+        return 1
     if "--steps" in sys.argv:
         n = int(sys.argv[sys.argv.index("--steps") + 1])
+        if len(steps) < n:
+            print(f"{label}: FAIL: the reference {sys.argv[1]} has {len(steps)} steps, fewer than the {n} "
+                  f"asked for with --steps")
+            return 1
         steps = steps[:n]
+    else:
+        beyond = sorted(set(run) - set(ref))
+        if beyond:
+            print(f"{label}: FAIL: the reference {sys.argv[1]} has {len(steps)} steps, fewer than the run "
+                  f"{sys.argv[2]} ({len(run)}): steps {beyond[0]}..{beyond[-1]} of the run have no reference "
+                  f"to compare with")
+            return 1
     bad = 0
     worst = {"loss": 0.0, "ce_loss": 0.0, "grad_norm": 0.0}
     for s in steps:
