@@ -1,7 +1,8 @@
 # mpirun.sh: sourced by the multi-process tests. nm_mpirun N CMD... runs CMD on N ranks with
 # Debian's OpenMPI on however few cores there are (--oversubscribe), as root too (CI runs as
 # root: OpenMPI refuses that unless told), one OpenMP thread per rank, output tagged by rank.
-command -v mpirun >/dev/null || { echo "SKIP: mpirun not found (apt-get install openmpi-bin)"; exit 77; }
+source "$(dirname "${BASH_SOURCE[0]}")/skip.sh"
+command -v mpirun >/dev/null || nm_skip "mpirun not found (apt-get install openmpi-bin)"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # No network probing inside containers: loopback and shared memory are all a test needs.
 export OMPI_MCA_btl=self,vader OMPI_MCA_btl_vader_single_copy_mechanism=none OMPI_MCA_plm_rsh_agent=false

@@ -35,6 +35,9 @@ import os
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nm_skip import skip  # noqa: E402
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import export_util as U  # noqa: E402
 
@@ -46,8 +49,7 @@ try:
     from llama_cpp import Llama
     from safetensors.numpy import load_file
 except Exception as e:
-    print(f"gguf / llama_cpp / safetensors not available ({e}): skipped")
-    sys.exit(77)
+    skip(f"gguf / llama_cpp / safetensors not available ({e}): scripts/deps.sh --with-venv installs them")
 
 SEED, rng = U.seed_and_rng("test_export_gguf")
 print(f"llama-cpp-python {llama_cpp.__version__}")

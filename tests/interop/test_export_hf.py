@@ -26,6 +26,9 @@ import os
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nm_skip import skip  # noqa: E402
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import export_util as U  # noqa: E402
 
@@ -38,8 +41,7 @@ try:
     from transformers import DeepseekV3ForCausalLM  # noqa: F401  (native class, >= 4.51)
     from safetensors import safe_open
 except Exception as e:  # ImportError, or transformers refusing an old torch
-    print(f"transformers with DeepseekV3 not available ({e}): skipped")
-    sys.exit(77)
+    skip(f"transformers with DeepseekV3 not available ({e}): scripts/deps.sh --with-venv installs it")
 
 transformers.logging.set_verbosity_error()
 SEED, rng = U.seed_and_rng("test_export_hf")

@@ -24,12 +24,14 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nm_skip import skip  # noqa: E402
+
 try:
     import torch
     import torch.nn.functional as F
 except ImportError:
-    print("torch not available: skipped")
-    sys.exit(77)
+    skip("torch not available: scripts/deps.sh --with-venv installs it")
 
 FWD_TOL = 1e-5
 GRAD_TOL = 1e-4
