@@ -1,7 +1,7 @@
 """The Trainer under `mpirun -np 2 python train.py`: init_distributed joins the library's
 communicator, and the two ranks train data-parallel, then tensor-parallel (tp2), each with
 per-step losses equal to `nanomegatron train` on one process (tests/dist/compare_runs.py's tolerances: 2e-5 relative
-on loss / CE, 2e-4 on the gradient norm, expert load exactly; it says why)."""
+on loss / CE and on the gradient norm, expert load exactly; it says why)."""
 import json
 import os
 import shutil
