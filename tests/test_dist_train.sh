@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# test_dist_train.sh: data parallelism with ZeRO-1 (and expert parallelism, when the layouts
-# list has it) under mpirun against one process on the same global batch: per-step loss and
+# test_dist_train.sh: data parallelism with ZeRO-1 and expert parallelism under mpirun against one process on the same global batch: per-step loss and
 # gradient norm over 10 steps within the tolerance of tests/dist/compare_runs.py, expert
 # loads identical. Then checkpoints across layouts, the refusal of impossible layouts, and a
 # rank killed with SIGKILL mid-step.
@@ -33,7 +32,6 @@ layout() {
   local name=$1 n=$2; shift 2
   nm_mpirun "$n" "$NM_BIN" train --config train.json --out "$name" --quiet "$@" >"$name.log" 2>&1 \
     || { cat "$name.log"; fail "$name did not run"; }
-  grep -q "layout" "$name.log" || true
   "$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref/metrics.jsonl "$name/metrics.jsonl" "$name"
 }
 layout dp2 2
@@ -42,21 +40,16 @@ layout dp4 4
 # or all after it (off, the default); both equal one process.
 layout dp2_buckets 2 --set bucket_mb=1 --set overlap_grad_reduce=true
 layout dp2_buckets_no_overlap 2 --set bucket_mb=1 --set overlap_grad_reduce=false
-for extra in ${NM_DIST_EXTRA_LAYOUTS:-}; do :; done
-if "$NM_BIN" train --help 2>&1 | grep -q expert_parallel_size && [ "${NM_DIST_EP:-1}" = 1 ]; then
-  if nm_mpirun 2 "$NM_BIN" train --config train.json --out ep_probe --quiet --set expert_parallel_size=2 --set steps=1 \
-       >ep_probe.log 2>&1; then
-    layout ep2 2 --set expert_parallel_size=2
-    layout dp4_ep2 4 --set expert_parallel_size=2
-    layout dp4_ep4 4 --set expert_parallel_size=4
-    layout ep2_recompute 2 --set expert_parallel_size=2 --recompute
-    layout dp4_ep2_buckets 4 --set expert_parallel_size=2 --set bucket_mb=1 --set overlap_grad_reduce=true
-  elif grep -q "not implemented" ep_probe.log; then
-    echo "expert parallelism not implemented yet: $(grep -m1 'not implemented' ep_probe.log)"
-  else
-    cat ep_probe.log; fail "ep2 did not run"
-  fi
-fi
+# Expert parallelism always runs. It once ran only when `train --help | grep -q` found it: under
+# pipefail grep -q's early exit killed the binary with SIGPIPE, and the block was skipped in
+# 71 of 100 runs. The help text is captured whole and matched, never piped.
+help=$("$NM_BIN" train --help 2>&1) || { echo "$help"; fail "train --help exited non-zero"; }
+[[ $help == *expert_parallel_size* ]] || { echo "$help"; fail "train --help does not list expert_parallel_size"; }
+layout ep2 2 --set expert_parallel_size=2
+layout dp4_ep2 4 --set expert_parallel_size=2
+layout dp4_ep4 4 --set expert_parallel_size=4
+layout ep2_recompute 2 --set expert_parallel_size=2 --recompute
+layout dp4_ep2_buckets 4 --set expert_parallel_size=2 --set bucket_mb=1 --set overlap_grad_reduce=true
 
 # The ZeRO-1 byte counters against the formula of docs/parallelism.md: per step each rank
 # reduce-scatters and all-gathers every float of the buffer once (the tensors plus at most 63
@@ -90,19 +83,16 @@ for run in ("dp2", "dp4"):
             assert 4 * dense <= got_d <= 4 * (dense + 63 * n_dense), (run, op, got_d, 4 * dense)
             assert 4 * expert <= got_e <= 4 * (expert + 63 * n_expert), (run, op, got_e, 4 * expert)
 # under ep2 each rank holds (and reduces over edp) half of the experts
-import os
-if os.path.exists("dp4_ep2/metrics.jsonl"):
-    for line in open("dp4_ep2/metrics.jsonl"):
-        d = json.loads(line)
-        got_e = d["comm_edp_reduce_scatter_bytes"]
-        assert 4 * expert // 2 <= got_e <= 4 * (expert // 2 + 63 * n_expert // 2), ("dp4_ep2", got_e, 4 * expert // 2)
-        assert d["comm_ep_all_to_all_bytes"] > 0, "ep2 moved no token rows"
+for line in open("dp4_ep2/metrics.jsonl"):
+    d = json.loads(line)
+    got_e = d["comm_edp_reduce_scatter_bytes"]
+    assert 4 * expert // 2 <= got_e <= 4 * (expert // 2 + 63 * n_expert // 2), ("dp4_ep2", got_e, 4 * expert // 2)
+    assert d["comm_ep_all_to_all_bytes"] > 0, "ep2 moved no token rows"
 print(f"byte counters: dp {4*dense} + edp {4*expert} bytes of tensors per reduce-scatter/all-gather: ok")
 
 # Overlap: with 1 MiB buckets some buckets start inside the backward (all decoder-layer
 # buckets can; those holding the embedding, final norm or head cannot), none when it is off.
 for run, on in (("dp2_buckets", True), ("dp2_buckets_no_overlap", False), ("dp4_ep2_buckets", True)):
-    if not os.path.exists(f"{run}/metrics.jsonl"): continue
     for line in open(f"{run}/metrics.jsonl"):
         d = json.loads(line)
         n, early = d["grad_buckets"], d["grad_buckets_started_in_backward"]
@@ -134,23 +124,18 @@ def a2a(world, recompute):
         total += counts * world * E * 8 + phases * world * micro * T_l * K * D * 4
         own += counts * E * 8 + phases // 2 * micro * T_l * K * D * 4
     return accum * total, accum * own
-checked = 0
 for run, world, rec in (("ep2", 2, False), ("dp4_ep2", 4, False), ("dp4_ep4", 4, False), ("ep2_recompute", 2, True)):
-    if not os.path.exists(f"{run}/metrics.jsonl"): continue
     want, own = a2a(world, rec)
     for line in open(f"{run}/metrics.jsonl"):
         d = json.loads(line)
         assert d["comm_ep_all_to_all_bytes_job"] == want, (run, d["step"], d["comm_ep_all_to_all_bytes_job"], want)
         assert own <= d["comm_ep_all_to_all_bytes"] < want, (run, d["step"], d["comm_ep_all_to_all_bytes"], own)
-    checked += 1
     print(f"{run}: all-to-all {want} bytes per step over the job: ok")
-assert checked == 4 or not os.path.exists("ep2/metrics.jsonl"), ("all-to-all runs checked", checked)
 PY
 
 # Checkpoints across layouts: 4 ranks (dp4 x ep2: each rank holds half the experts) -> 1
 # process -> 2 ranks equals the uninterrupted run.
-ep_xl=()
-"$NM_BIN" train --help 2>&1 | grep -q expert_parallel_size && [ -d ep2 ] && ep_xl=(--set expert_parallel_size=2)
+ep_xl=(--set expert_parallel_size=2)
 nm_mpirun 4 "$NM_BIN" train --config train.json --out xl --quiet --set exit_interval=4 "${ep_xl[@]}" >xl.log 2>&1 \
   || { cat xl.log; fail "4-rank part"; }
 ls xl/step_000004/model-00004-of-00004.safetensors xl/step_000004/model.safetensors.index.json >/dev/null \
@@ -165,11 +150,11 @@ nm_mpirun 2 "$NM_BIN" train --config train.json --out xl --quiet --resume >xl2.l
 grep -q '"loss"' fwd.log || fail "forward printed no loss"
 
 # The step loop allocates nothing under dp2 x ep2 either (dispatch buffers are sized once).
-if [ -x "$NM_BUILD/test_zero_alloc" ]; then
-  nm_mpirun 2 "$NM_BUILD/test_zero_alloc" expert_parallel_size=2 >alloc.log 2>&1 || { cat alloc.log; fail "allocations in the ep2 step loop"; }
-  [ "$(grep -c 'allocations during steps 3-6: 0' alloc.log)" = 2 ] || { cat alloc.log; fail "ep2 zero-allocation output"; }
-  echo "ep2 step loop: no allocations on either rank"
-fi
+# (tests/alloc/tests.cmake builds it with the suite.)
+[ -x "$NM_BUILD/test_zero_alloc" ] || fail "$NM_BUILD/test_zero_alloc is missing (cmake --build builds it)"
+nm_mpirun 2 "$NM_BUILD/test_zero_alloc" expert_parallel_size=2 >alloc.log 2>&1 || { cat alloc.log; fail "allocations in the ep2 step loop"; }
+[ "$(grep -c 'allocations during steps 3-6: 0' alloc.log)" = 2 ] || { cat alloc.log; fail "ep2 zero-allocation output"; }
+echo "ep2 step loop: no allocations on either rank"
 
 # Impossible layouts are refused before any work, naming the numbers.
 if nm_mpirun 3 "$NM_BIN" train --config train.json --out bad3 --quiet >bad3.log 2>&1; then fail "world 3 accepted"; fi

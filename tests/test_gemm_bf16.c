@@ -470,8 +470,7 @@ int main(int argc, char **argv) {
     const char *kernels = ops->kernel_names();
     printf("kernels: %s\n", kernels);
     if (!strstr(kernels, "bf16 GEMM widen") && (isa & dnnl_cpu_isa_avx512_core) != dnnl_cpu_isa_avx512_core) {
-        printf("SKIP: oneDNN reports no bf16-capable ISA\n");
-        return 77;
+        return test_skip_machine("oneDNN reports no bf16-capable ISA on this CPU (AVX-512 needed)");
     }
     if (argc > 1 && strcmp(argv[1], "--bench") == 0) {
         bench();

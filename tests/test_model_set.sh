@@ -31,7 +31,8 @@ JSON
 # --- 1. --set model_config edits ---------------------------------------------------------------
 "$NM_BIN" train --config train.json --out run1 --quiet --set model_config.vocab_size=320 >out1 2>err1 ||
     fail "train with --set model_config.vocab_size=320: $(cat err1)"
-ck=$(ls -d run1/*/ | head -1)
+cks=(run1/*/)
+ck=${cks[0]}
 grep -q '"vocab_size":[[:space:]]*320' "$ck/config.json" || fail "checkpoint config.json lacks vocab_size 320: $(cat "$ck/config.json")"
 grep -q '"vocab_size":[[:space:]]*300' model.json || fail "model.json was modified"
 if "$NM_BIN" train --config train.json --out run_bad --quiet --set model_config.vocab_size=abc >out 2>err; then
@@ -51,7 +52,8 @@ grep -q "step 1" out2 err2 && fail "the run started before refusing: $(cat out2 
 "$NM_BIN" train --config train.json --out run3 --quiet --set model_config.topk_method=greedy \
     --set model_config.n_group=1 --set model_config.topk_group=1 >out3 2>err3 || fail "greedy train: $(cat err3)"
 [ "$(grep -c "aux-loss-free balancing needs" err3)" = 1 ] || fail "no single notice for greedy + bias speed: $(cat err3)"
-ck3=$(ls -d run3/*/ | tail -1)
+cks=(run3/*/)
+ck3=${cks[-1]}
 python3 - "$ck3" <<'PY' || fail "router biases moved in the greedy run"
 import json, struct, sys
 b = open(sys.argv[1] + "/model.safetensors", "rb").read()

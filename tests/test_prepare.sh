@@ -89,7 +89,10 @@ if "$BIN" inspect --data "$work/t" 2> "$work/t.err"; then fail "truncated index 
 grep -q "t.idx: truncated index" "$work/t.err" || fail "truncated index message: $(cat "$work/t.err")"
 
 # 7. nothing temporary left behind
-if ls "$work" | grep -q '\.tmp\.'; then fail "temporary files left: $(ls "$work")"; fi
+# (Not `ls | grep -q`: under pipefail grep's early exit can kill ls with SIGPIPE, and the
+# failed pipeline then reads as "nothing found".)
+listing=$(ls "$work")
+if [[ $listing == *.tmp.* ]]; then fail "temporary files left: $listing"; fi
 
 # Throughput (information only)
 "$BIN" prepare --input "$work/big.txt" --tokenizer bytes --out "$work/big" --no-progress | sed 's/^/throughput: /'

@@ -165,7 +165,7 @@ fi
 # Every kill inside a save left its temporary directory step_N.tmp.<pid> behind (nothing
 # removes those; resume must ignore them).
 echo "run B: 1 + $in_save + $kills kills, $(n_tmp B) interrupted saves left behind, $((SECONDS - t0)) s"
-if grep -q 'is not usable' B.err; then echo "(a kill left an unusable checkpoint that resume skipped:)"; grep 'is not usable' B.err | head -3; fi
+if grep -q 'is not usable' B.err; then echo "(a kill left an unusable checkpoint that resume skipped:)"; grep -m 3 'is not usable' B.err; fi
 check_same_as_a B "killed-and-resumed run B"
 echo "B matches A bit for bit: $STEPS steps, model and AdamW moments"
 [ $in_save -ge 1 ] || echo "note: no kill landed inside a checkpoint save on this machine (saves too fast to catch)"

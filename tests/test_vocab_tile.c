@@ -66,8 +66,8 @@ int main(void) {
     const char *bf16_kernel = getenv("NM_CPU_BF16_GEMM");
     if (bf16_kernel && strcmp(bf16_kernel, "onednn") == 0 &&
         (dnnl_get_effective_cpu_isa() & dnnl_cpu_isa_avx512_core) != dnnl_cpu_isa_avx512_core) {
-        printf("SKIP: NM_CPU_BF16_GEMM=onednn and oneDNN reports no bf16-capable ISA\n");
-        return 77;
+        return test_skip_machine("NM_CPU_BF16_GEMM=onednn and oneDNN reports no bf16-capable ISA on this CPU "
+                                 "(AVX-512 needed)");
     }
     nm_model_config cfg;
     nm_param_table t;

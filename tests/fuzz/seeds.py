@@ -2,6 +2,9 @@
 """Seed corpora for the fuzz targets of tests/fuzz, made at test time from the repo's own files.
 
 usage: seeds.py TARGET OUTDIR SOURCE_DIR
+  indexed        the worked example of formats.md 1.5 (int32) and a uint16 index with an empty
+                 document, each prefixed by its .bin size (2 bytes LE), so the fuzzer starts
+                 from valid indices and mutates the fields the validator checks
   model_config   configs/*.json model configs and tests/data/*.json
   train_config   configs/*-train.json, each also with a few --set overrides (NUL-separated)
   safetensors    tiny files as the writer lays them out (F32, BF16, F16, F64, a scalar, an
@@ -9,6 +12,8 @@ usage: seeds.py TARGET OUTDIR SOURCE_DIR
   tokenizer      a byte-level BPE tokenizer.json (256 byte tokens, a few merges, an added
                  special token) with and without a tokenizer_config.json
   trainer_json   trainer.json as checkpoint.c writes it, listing the fuzz target's fixed files
+  planted        (check_runner.sh) a harmless input; the failing one is in corpus/planted
+  planted_seed   (check_runner.sh) the failing input "PLANT" as a seed, for the fuzzing stage
 """
 import glob
 import json
@@ -30,7 +35,20 @@ def is_train(p):
     return p.endswith("-train.json")
 
 
-if target == "model_config":
+if target == "indexed":
+    def idx(bin_size, dtype_code, lengths, pointers, docs):
+        return (struct.pack("<H", bin_size) + b"MMIDIDX\0\0" + struct.pack("<QBQQ", 1, dtype_code, len(lengths), len(docs))
+                + struct.pack(f"<{len(lengths)}i", *lengths) + struct.pack(f"<{len(pointers)}q", *pointers)
+                + struct.pack(f"<{len(docs)}q", *docs))
+    # .bin 28 bytes | int32 (code 4) | 2 sequences of 4 and 3 tokens | documents 0,1,2
+    put("worked", idx(28, 4, [4, 3], [0, 16], [0, 1, 2]))
+    # .bin 6 bytes | uint16 (code 8) | one sequence of 3 tokens | documents 0,0,1 (an empty first one)
+    put("uint16", idx(6, 8, [3], [0], [0, 0, 1]))
+elif target == "planted":
+    put("harmless", b"hello")
+elif target == "planted_seed":
+    put("plant", b"PLANT")
+elif target == "model_config":
     for p in sorted(glob.glob(f"{src}/configs/*.json") + glob.glob(f"{src}/tests/data/*.json")):
         if not is_train(p):
             put(os.path.basename(p), open(p, "rb").read())

@@ -14,6 +14,9 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nm_skip import skip  # noqa: E402
+
 import numpy as np
 
 NM_BIN = os.environ.get("NM_BIN")
@@ -21,8 +24,7 @@ NM_BIN = os.environ.get("NM_BIN")
 
 def need_bin():
     if not NM_BIN or not os.path.exists(NM_BIN):
-        print("NM_BIN not set or missing: skipped")
-        sys.exit(77)
+        skip(f"NM_BIN ({NM_BIN}) not set or missing: build it (make)")
 
 
 def seed_and_rng(name):

@@ -6,7 +6,7 @@ For fresh random models of several configs (export_util.VARIANTS):
    logits on a random batch equal ours. The comparison is on identical weights: for bf16 and
    f16 exports ours are computed from the exported directory itself (our loader widens them to
    fp32 as transformers does with torch_dtype=float32), so the tolerance is that of two fp32
-   implementations: |diff| <= 1e-4 * max|logit| (measured ~1e-6);
+   implementations: |diff| <= 1e-5 * max|logit| (LOGITS_TOL: measured at most 8.3e-7);
 2. configs transformers' native class cannot compute (softmax scores, moe_layer_freq 2) are
    exported with a warning that says so, and load back into nanomegatron unchanged;
 3. a small --max-shard-size gives shards + model.safetensors.index.json that both
@@ -26,6 +26,9 @@ import os
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nm_skip import skip  # noqa: E402
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import export_util as U  # noqa: E402
 
@@ -38,13 +41,15 @@ try:
     from transformers import DeepseekV3ForCausalLM  # noqa: F401  (native class, >= 4.51)
     from safetensors import safe_open
 except Exception as e:  # ImportError, or transformers refusing an old torch
-    print(f"transformers with DeepseekV3 not available ({e}): skipped")
-    sys.exit(77)
+    skip(f"transformers with DeepseekV3 not available ({e}): scripts/deps.sh --with-venv installs it")
 
 transformers.logging.set_verbosity_error()
 SEED, rng = U.seed_and_rng("test_export_hf")
 print(f"transformers {transformers.__version__}, torch {torch.__version__}")
 failures = []
+# Two fp32 implementations on the same weights: over 15 seeds (135 comparisons) at most 8.3e-7
+# of max|logit| (was 1e-4).
+LOGITS_TOL = 1e-5
 
 
 def check(cond, msg):
@@ -97,7 +102,7 @@ with tempfile.TemporaryDirectory() as tmp:
                       f"({rel_err(ref, ours):.2e})")
             if native:
                 e = rel_err(hf_logits(out, ids), ref)
-                check(e <= 1e-4, f"{name} {dtype}: transformers logits vs ours rel err {e:.2e} (tol 1e-4)")
+                check(e <= LOGITS_TOL, f"{name} {dtype}: transformers logits vs ours rel err {e:.2e} (tol {LOGITS_TOL:g})")
             else:
                 warned = b"transformers' native DeepseekV3ForCausalLM" in p.stderr
                 check(warned, f"{name} {dtype}: export warns that native transformers differs")
@@ -119,7 +124,8 @@ with tempfile.TemporaryDirectory() as tmp:
     check(len(shards) > 2 and "model.safetensors" not in shards and set(index["weight_map"].values()) == set(shards)
           and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors", f"sharded: {len(shards)} shards + index")
     ours = U.our_logits(tmp, mdir, ids)
-    check(rel_err(hf_logits(out, ids), ours) <= 1e-4, "sharded: transformers logits")
+    e = rel_err(hf_logits(out, ids), ours)
+    check(e <= LOGITS_TOL, f"sharded: transformers logits vs ours rel err {e:.2e} (tol {LOGITS_TOL:g})")
     check(rel_err(U.our_logits(tmp, out, ids), ours) == 0.0, "sharded: our loader reads it back exactly")
 
     # Tokenizers.

@@ -23,16 +23,17 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nm_skip import skip  # noqa: E402
+
 try:
     import numpy as np
 except ImportError:
-    print("numpy not available: skipped")
-    sys.exit(77)
+    skip("numpy not available (apt-get install python3-numpy)")
 
 NM_BIN = os.environ.get("NM_BIN")
 if not NM_BIN or not os.path.exists(NM_BIN):
-    print("NM_BIN not set or missing: skipped")
-    sys.exit(77)
+    skip(f"NM_BIN ({NM_BIN}) not set or missing: build it (make)")
 
 SEED = int(os.environ.get("NM_TEST_SEED", random.SystemRandom().randrange(1 << 31)))
 print(f"test_megatron_compat: seed {SEED} (NM_TEST_SEED to reproduce)")

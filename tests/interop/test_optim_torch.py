@@ -11,20 +11,21 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nm_skip import skip  # noqa: E402
+
 try:
     import numpy as np
     import torch
 except ImportError as e:  # pragma: no cover
-    print(f"skip: {e}")
-    sys.exit(77)
+    skip(f"{e}: scripts/deps.sh --with-venv installs torch")
 
 
 def main():
     build = os.environ.get("NM_BUILD", ".")
     exe = os.path.join(build, "test_optim")
     if not os.path.exists(exe):
-        print(f"skip: {exe} not built")
-        return 77
+        skip(f"{exe} not built (cmake --build)")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "optim.bin")
         subprocess.run([exe, "--dump", path], check=True)

@@ -15,6 +15,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nm_skip import skip  # noqa: E402
+
 
 # --- CRC32C (Castagnoli, reflected 0x82F63B78), bit by bit ---------------------------------------
 def crc32c(data: bytes) -> int:
@@ -191,8 +194,7 @@ def check_theirs(path: str) -> bool:
 def main() -> int:
     exe = os.path.join(os.environ.get("NM_BUILD", "."), "test_tensorboard")
     if not os.path.exists(exe):
-        print(f"skip: {exe} not built")
-        return 77
+        skip(f"{exe} not built (cmake --build)")
     with tempfile.TemporaryDirectory() as tmp:
         out = subprocess.run([exe, "--write", tmp], check=True, capture_output=True, text=True).stdout.strip()
         files = [f for f in os.listdir(tmp) if "tfevents" in f]

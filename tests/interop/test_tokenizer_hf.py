@@ -22,11 +22,13 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nm_skip import skip  # noqa: E402
+
 try:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 except ImportError as e:  # pragma: no cover
-    print(f"skip: {e}")
-    sys.exit(77)
+    skip(f"{e}: scripts/deps.sh --with-venv installs tokenizers")
 
 NM_BIN = os.environ.get("NM_BIN") or os.path.join(os.environ.get("NM_BUILD", "."), "nanomegatron")
 

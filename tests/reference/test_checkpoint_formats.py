@@ -28,6 +28,9 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nm_skip import skip  # noqa: E402
+
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -138,8 +141,7 @@ def f32_raw(a):
 def main():
     nm_bin = os.environ.get("NM_BIN")
     if not nm_bin or not os.path.exists(nm_bin):
-        print("skip: NM_BIN not set")
-        return 77
+        skip(f"NM_BIN ({nm_bin}) not set or missing: build it (make)")
     cfg_text = open(CFG).read()
     cfg = R.load_config(CFG)
     fails = []

@@ -29,6 +29,9 @@ import sys
 import tempfile
 from fractions import Fraction
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nm_skip import skip_part  # noqa: E402
+
 # --- the OCP E4M3FN reference ------------------------------------------------------------------
 
 def code_value(code):
@@ -186,7 +189,8 @@ def main():
         tw = torch.clamp(t, -448.0, 448.0).to(torch.float8_e4m3fn).float().tolist()
         compare("OCP reference vs torch float8_e4m3fn", want, tw, xs)
     else:
-        print("torch.float8_e4m3fn not available: torch cross-check skipped (OCP reference only)")
+        skip_part("torch.float8_e4m3fn not available (torch >= 2.1; scripts/deps.sh --with-venv): torch "
+                  "cross-check skipped, OCP reference only")
 
     # Tile/block rules: activations 1x128, column tiles 128x1, weights 128x128; edge shapes,
     # a zero tile, a tile below the amax floor, a NaN; fp32 and ue8m0 scales.

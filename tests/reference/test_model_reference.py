@@ -18,6 +18,9 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nm_skip import skip  # noqa: E402
+
 import numpy as np
 import torch
 
@@ -267,8 +270,7 @@ def main():
     mock = "--mock-c" in sys.argv
     nm_bin = os.environ.get("NM_BIN")
     if not mock and (not nm_bin or not os.path.exists(nm_bin)):
-        print("SKIP: NM_BIN not set or missing")
-        return 77
+        skip(f"NM_BIN ({nm_bin}) not set or missing: build it (make)")
     torch.manual_seed(0)
     torch.set_num_threads(1)  # tiny tensors: one thread is fastest and shares the machine
     all_fails, rows = [], []
@@ -286,8 +288,7 @@ def main():
                     rows.append(row)
             all_fails += ["[bad tokens] %s" % f for f in check_bad_tokens(nm_bin, tmp, mock)]
         except Skip as e:
-            print("SKIP: %s" % e)
-            return 77
+            skip(str(e))
 
     print("%-22s %9s %9s %9s %9s %9s %9s  %s" % ("config", "logits", "loss", "ce", "mtp", "aux",
                                                    "margin", "worst gradients (rel L2 err)"))

@@ -8,10 +8,12 @@ into $NM_BUILD), and both results are compared.
 Tolerances. The inputs are fp32 values, exact in float64, so the whole difference is the C
 ops' fp32 arithmetic: ~6e-8 per rounding, a few roundings deep plus fp32 sums over short
 rows (the ops accumulate long reductions in double). Errors are measured as
-max|c - ref| / max|ref| per tensor; measured worst cases are ~2e-7 over many seeds. Forward
-outputs: 1e-5 (50x headroom, covers fp32 GEMM sums). Gradients: 1e-4, because they compound
-more fp32 steps (attention recomputes p from an fp32-rounded lse, softmax backwards subtract
-near-equal terms); any formula error shows up as O(1e-2) or more. Routing selections,
+max|c - ref| / max|ref| per tensor. Over 100 seeds (NM_OPS_SEED=1..100) the worst forward
+output is 2.8e-7 (attention.out; fp32 GEMMs 2.6e-7) and the worst gradient 4.8e-7
+(xent.dlogits; attention's 4.3e-7): gradients compound more fp32 steps (attention recomputes
+p from an fp32-rounded lse, softmax backwards subtract near-equal terms). Forward outputs
+within 2e-6 (7x that), gradients within 5e-6 (10x; both were 1e-5 and 1e-4); any formula
+error shows up as O(1e-2) or more. Routing selections,
 permutations and offsets must match exactly (random inputs make near-ties ~1e-6 unlikely).
 NM_OPS_SEED overrides the seed.
 
@@ -24,15 +26,17 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nm_skip import skip  # noqa: E402
+
 try:
     import torch
     import torch.nn.functional as F
 except ImportError:
-    print("torch not available: skipped")
-    sys.exit(77)
+    skip("torch not available: scripts/deps.sh --with-venv installs it")
 
-FWD_TOL = 1e-5
-GRAD_TOL = 1e-4
+FWD_TOL = 2e-6    # worst over 100 seeds: 2.8e-7
+GRAD_TOL = 5e-6   # worst over 100 seeds: 4.8e-7
 F64 = torch.float64
 failures = []
 report = {}

@@ -39,6 +39,9 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nm_skip import skip  # noqa: E402
+
 import numpy as np
 import torch
 
@@ -88,8 +91,7 @@ def run(cmd, **kw):
 def main():
     nm_bin = os.environ.get("NM_BIN")
     if not nm_bin or not os.path.exists(nm_bin):
-        print("NM_BIN not set or missing: skipped")
-        sys.exit(77)
+        skip(f"NM_BIN ({nm_bin}) not set or missing: build it (make)")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     env = dict(os.environ, OMP_WAIT_POLICY="passive")
     tmp = tempfile.mkdtemp(prefix="nm_train_ref_")
