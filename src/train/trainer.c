@@ -1187,3 +1187,10 @@ void nm_trainer_destroy(nm_trainer *t) {
 
 nm_model *nm_trainer_model(nm_trainer *t) { return t->model; }
 int64_t nm_trainer_step_count(const nm_trainer *t) { return t->step; }
+
+int nm_trainer_agree_stop(nm_trainer *t, int mine, int *any, nm_error *err) {
+    int32_t v = mine;
+    if (nm_comm_all_reduce(t->world, &v, 1, NM_DT_I32, NM_RED_MAX, err) != 0) return -1;
+    *any = v;
+    return 0;
+}
