@@ -14,6 +14,9 @@ set -euo pipefail
 : "${NM_BIN:?NM_BIN must point to the nanomegatron binary}"
 : "${NM_ROOT:?NM_ROOT must point to the repository}"
 export OMP_WAIT_POLICY=passive OMP_NUM_THREADS=1
+# The GEMM kernels of the static table, not measured per run dir: runs compared bit for bit
+# must round alike (ctest sets this too).
+export NM_CPU_KERNELS=${NM_CPU_KERNELS:-default}
 LIMIT=300
 tmp=$(mktemp -d)
 bg=
