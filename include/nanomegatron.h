@@ -78,6 +78,10 @@ int nm_trainer_save(nm_trainer *t, nm_error *err);
 // The same checkpoint into another run directory (created if needed; its `latest` is
 // updated and checkpoint.keep_last applies there): `train --out run_dir --resume` continues it.
 int nm_trainer_save_to(nm_trainer *t, const char *run_dir, nm_error *err);
+// The largest of every rank's `mine` (a collective over the whole job): how ranks agree at a
+// step boundary to stop, e.g. on a signal only some of them received, so that all of them
+// checkpoint the same step.
+int nm_trainer_agree_stop(nm_trainer *t, int mine, int *any, nm_error *err);
 // sizeof the public struct of that name (e.g. "nm_step_metrics"), 0 for a name it does not know:
 // bindings that restate the structs (python/) compare their sizes with the library's at load.
 size_t nm_struct_size(const char *name);

@@ -43,6 +43,7 @@
 #include "train/memcheck.h"
 #include "train/metrics.h"
 #include "train/pipeline.h"
+#include "train/run_lock.h"
 #include "train/schedule.h"
 #include "train/tensorboard.h"
 #include "train/tp_shard.h"
@@ -103,6 +104,7 @@ struct nm_trainer {
     double *hist_vstep, *hist_vloss;   // (cfg.steps + 1) validation points
     int64_t n_hist, n_vhist;
     int finished;
+    int run_lock;               // rank 0: the open RUN_DIR/.lock it holds an flock on (-1: none)
 };
 
 static double now_s(void) {
@@ -334,6 +336,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     nm_trainer *t = nm_calloc(1, sizeof(nm_trainer));
     t->cfg = *cfg;
     t->opts = *opts;
+    t->run_lock = -1;
     if (t->opts.max_nan_streak <= 0) t->opts.max_nan_streak = 5;
     if (cfg->threads > 0) {
         omp_set_num_threads((int)cfg->threads);
@@ -478,6 +481,8 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
 
     // resume
     if (t->rank0 && nm_mkdir_p(opts->run_dir, err) != 0) goto fail;
+    // Before anything in the directory is read or written: one trainer per run (run_lock.h).
+    if (t->rank0 && nm_run_lock_acquire(opts->run_dir, &t->run_lock, err) != 0) goto fail;
     if (nm_comm_barrier(t->world, err) != 0) goto fail;
     char metrics_path[4200];
     snprintf(metrics_path, sizeof(metrics_path), "%s/metrics.jsonl", opts->run_dir);
@@ -1295,8 +1300,16 @@ void nm_trainer_destroy(nm_trainer *t) {
     nm_free(t->hist_loss);
     nm_free(t->hist_vstep);
     nm_free(t->hist_vloss);
+    nm_run_lock_release(t->run_lock);
     nm_free(t);
 }
 
 nm_model *nm_trainer_model(nm_trainer *t) { return t->model; }
 int64_t nm_trainer_step_count(const nm_trainer *t) { return t->step; }
+
+int nm_trainer_agree_stop(nm_trainer *t, int mine, int *any, nm_error *err) {
+    int32_t v = mine;
+    if (nm_comm_all_reduce(t->world, &v, 1, NM_DT_I32, NM_RED_MAX, err) != 0) return -1;
+    *any = v;
+    return 0;
+}

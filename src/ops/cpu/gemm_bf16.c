@@ -413,11 +413,14 @@ static int create_primitive(nm_transpose ta, nm_transpose tb, int scaled, int ac
     return 0;
 }
 
-// The primitives exist once setup found the kernel usable (nm_cpu_gemm_bf16_onednn_usable).
+// The primitives exist once setup found the kernel usable (nm_cpu_gemm_bf16_onednn_usable), as
+// it does for every model; a caller of the op itself (a test) gets them created here, and a
+// machine without them a message naming the fix.
 static dnnl_primitive_t get_primitive(nm_transpose ta, nm_transpose tb, int scaled, int accumulate) {
-    dnnl_primitive_t p = g.prim[ta][tb][scaled][accumulate];
-    NM_CHECK(p != NULL, "gemm_bf16: onednn kernel used before nm_cpu_gemm_bf16_setup found it usable");
-    return p;
+    char why[1024];
+    if (!g.prim[ta][tb][scaled][accumulate] && !nm_cpu_gemm_bf16_onednn_usable(why, sizeof why))
+        nm_check_failed(__FILE__, __LINE__, "onednn bf16 matmul usable", "%s; use NM_CPU_BF16_GEMM=widen", why);
+    return g.prim[ta][tb][scaled][accumulate];
 }
 
 void nm_cpu_gemm_bf16(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
