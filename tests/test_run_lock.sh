@@ -20,39 +20,13 @@ export NM_CPU_KERNELS=${NM_CPU_KERNELS:-default}
 LIMIT=300
 tmp=$(mktemp -d)
 bg=
-kill_tree() {
-    local c
-    for c in $(pgrep -P "$1" 2>/dev/null); do kill_tree "$c"; done
-    kill -9 "$1" 2>/dev/null || true
-}
-cleanup() {
-    if [ -n "$bg" ]; then kill_tree "$bg"; wait "$bg" 2>/dev/null || true; fi
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
+. "$NM_ROOT/tests/bg_run.sh"  # kill_tree, the EXIT trap, n_steps, wait_steps, child_of
 cd "$tmp"
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
 # ~50 ms steps, a checkpoint every 2; the holder has far more steps than the test waits for.
 train=("$NM_BIN" train --config "$NM_ROOT/configs/tiny-train.json" --quiet --set seq_len=32 --set micro_batch=2
        --set global_batch=4 --set log.log_every=1 --set log.eval_every=0 --set checkpoint.save_every=2)
-n_steps() { if [ -f "$1/metrics.jsonl" ]; then wc -l < "$1/metrics.jsonl"; else echo 0; fi; }
-wait_steps() {
-    local t0=$SECONDS
-    while [ "$(n_steps "$1")" -lt "$2" ]; do
-        kill -0 "$bg" 2>/dev/null || fail "$1: the run ended before step $2"
-        [ $((SECONDS - t0)) -lt $LIMIT ] || fail "$1: no step $2 after $LIMIT s"
-        sleep 0.01
-    done
-}
-child_of() {
-    local c
-    for _ in $(seq 1 500); do
-        c=$(pgrep -P "$1" | head -1) && [ -n "$c" ] && { echo "$c"; return 0; }
-        sleep 0.01
-    done
-    fail "no child of $1"
-}
 # Runs "$@" (a second trainer on run dir $1, in use) and checks it is refused naming pid $2.
 refused() {
     local dir=$1 holder=$2 rc=0; shift 2

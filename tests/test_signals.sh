@@ -28,16 +28,7 @@ export NM_CPU_KERNELS=${NM_CPU_KERNELS:-default}
 LIMIT=300                         # seconds any one process may take
 tmp=$(mktemp -d)
 bg=                               # the `timeout` of the run in the background
-kill_tree() {   # $1 and its descendants (timeout -> mpirun -> ranks), children first
-    local c
-    for c in $(pgrep -P "$1" 2>/dev/null); do kill_tree "$c"; done
-    kill -9 "$1" 2>/dev/null || true
-}
-cleanup() {
-    if [ -n "$bg" ]; then kill_tree "$bg"; wait "$bg" 2>/dev/null || true; fi
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
+. "$NM_ROOT/tests/bg_run.sh"  # kill_tree, the EXIT trap, n_steps, wait_steps, child_of
 cd "$tmp"
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
@@ -50,26 +41,6 @@ train=("$NM_BIN" train --config "$NM_ROOT/configs/tiny-train.json" --quiet --set
 # "step loss ce mtp aux grad_norm" per line, numbers as written (text equality = bit equality).
 extract() {
     sed -E 's/^\{"step": ([0-9]+), "loss": ([^,]+),.*"ce_loss": ([^,]+),.*"mtp_loss": ([^,]+),.*"aux_loss": ([^,]+),.*"grad_norm": ([^,]+),.*$/\1 \2 \3 \4 \5 \6/' "$1"
-}
-n_steps() { if [ -f "$1/metrics.jsonl" ]; then wc -l < "$1/metrics.jsonl"; else echo 0; fi; }
-# Waits until run dir $1 has logged >= $2 steps; fails if the run $bg ends first or it takes
-# longer than LIMIT.
-wait_steps() {
-    local t0=$SECONDS
-    while [ "$(n_steps "$1")" -lt "$2" ]; do
-        kill -0 "$bg" 2>/dev/null || fail "$1: the run ended before step $2"
-        [ $((SECONDS - t0)) -lt $LIMIT ] || fail "$1: no step $2 after $LIMIT s"
-        sleep 0.01
-    done
-}
-# The pid of $1's child (the trainer under `timeout`, the ranks' launcher under mpirun).
-child_of() {
-    local c
-    for _ in $(seq 1 500); do
-        c=$(pgrep -P "$1" | head -1) && [ -n "$c" ] && { echo "$c"; return 0; }
-        sleep 0.01
-    done
-    fail "no child of $1"
 }
 # Waits for the background run; its exit status in $rc (124: it hung until the timeout).
 finish_bg() {
