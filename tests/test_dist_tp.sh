@@ -59,7 +59,9 @@ layout tp2_noqlora_tied_nosp 2 train_b.json ref_b --set tensor_parallel_size=2 -
 layout tp2_nopad 2 train.json ref --set tensor_parallel_size=2 --set make_vocab_size_divisible_by=1
 "$NM_BIN" train --config train_v301.json --out ref_v301 --quiet >/dev/null
 layout tp2_v301 2 train_v301.json ref_v301 --set tensor_parallel_size=2 --set make_vocab_size_divisible_by=1
-layout tp4_v301_nosp 4 train_v301.json ref_v301 --set tensor_parallel_size=4 --set sequence_parallel=false
+# measured loss 5.1e-6, CE 6.4e-6, gradient norm 2.1e-6 (compare_runs.py says why this one)
+NM_COMPARE_TOL=6e-5,2e-5 layout tp4_v301_nosp 4 train_v301.json ref_v301 --set tensor_parallel_size=4 \
+  --set sequence_parallel=false
 
 # The tp bytes of every step, from the configuration alone (docs/parallelism.md has the
 # derivation). N = micro x (seq_len + 1) tokens per micro-batch, N_k = micro x (seq_len + 1 - k)

@@ -2,8 +2,9 @@
 
 usage: compare_runs.py REF/metrics.jsonl RUN/metrics.jsonl LABEL [--steps N]
 
-Per step: the total loss and the CE within 2e-5 relative, the gradient norm within 2e-5
-relative, and the expert load statistic exactly (routing decisions must be the same; a
+Per step: the total loss and the CE within 1e-6 relative, the gradient norm within 6e-6
+relative (NM_COMPARE_TOL=LOSS,GRAD_NORM sets other bounds for one comparison), and the expert
+load statistic exactly (routing decisions must be the same; a
 flipped top-k choice would show there first). Why these tolerances: the layouts differ from
 one process only in the order of fp32 sums (gradients summed over ranks, the norm summed
 per shard, expert rows in other GEMM groupings); one such reordering moves a value by a few
@@ -11,8 +12,10 @@ ulps (~1e-7 relative), and AdamW turns that into parameter differences of the sa
 size. Measured over the 47 comparisons of test_dist_{train,tp,pp,4d} (the worst step of
 each, printed on every run): losses and CE differ by 1e-9 to 1e-7 and gradient norms by 1e-8 to
 6e-7, except tp4_v301_nosp (test_dist_tp): loss 5.1e-6, CE 6.4e-6, gradient norm 2.1e-6. So
-the loss bound is 3x that worst case and the norm's ~10x; both still catch any real error (a
-missing 1/dp is 50%, a lost micro-batch or a mis-sharded expert is percent-level at step 2).
+the bounds are 10x those worst cases, and tp4_v301_nosp gets its own (6e-5, 2e-5: 10x its
+measurement). A 1% change of one token row's expert output under ep2 moves the loss by 1.8e-6
+(measured by planting it in moe.c): the 1e-6 bound catches it, the 2e-5 bound it replaces did
+not.
 
 The reference must cover the run: an empty reference, or one with fewer steps than the run
 (every step of the run must be in it; with --steps N, its first N), fails with a message, since
@@ -20,7 +23,19 @@ it would otherwise pass while checking nothing or only a prefix (a reference run
 early, a metrics file cut short).
 """
 import json
+import os
 import sys
+
+
+def tolerances():
+    given = os.environ.get("NM_COMPARE_TOL")
+    if not given:
+        return 1e-6, 6e-6
+    loss, norm = (float(x) for x in given.split(","))
+    return loss, norm
+
+
+tol_loss, tol_norm = tolerances()
 
 
 def load(path):
@@ -57,7 +72,7 @@ def main():
             bad += 1
             continue
         a, b = ref[s], run[s]
-        for key, tol in (("loss", 2e-5), ("ce_loss", 2e-5), ("grad_norm", 2e-5)):
+        for key, tol in (("loss", tol_loss), ("ce_loss", tol_loss), ("grad_norm", tol_norm)):
             rel = abs(a[key] - b[key]) / max(abs(a[key]), 1e-30)
             worst[key] = max(worst[key], rel)
             if not rel <= tol:
