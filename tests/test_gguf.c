@@ -9,7 +9,7 @@
 //    not a multiple of 32, a name of 64 bytes).
 #include <math.h>
 
-#include "io/fileio.h"
+#include "core/fileio.h"
 #include "io/gguf.h"
 #include "io/safetensors.h"
 #include "test_util.h"

@@ -16,7 +16,7 @@
 #include "core/check.h"
 #include "core/rng.h"
 #include "data/indexed.h"
-#include "io/fileio.h"
+#include "core/fileio.h"
 
 #include "test_util.h"
 

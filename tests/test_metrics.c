@@ -11,7 +11,7 @@
 #include <cjson/cJSON.h>
 
 #include "core/rng.h"
-#include "io/fileio.h"
+#include "core/fileio.h"
 #include "train/metrics.h"
 
 #include "test_util.h"

@@ -15,7 +15,7 @@
 
 #include "core/check.h"
 #include "core/rng.h"
-#include "io/fileio.h"
+#include "core/fileio.h"
 #include "io/hf_dir.h"
 #include "io/safetensors.h"
 #include "model/config.h"

@@ -14,7 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "io/fileio.h"
+#include "core/fileio.h"
 #include "train/tensorboard.h"
 
 #include "test_util.h"

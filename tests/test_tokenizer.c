@@ -20,7 +20,7 @@
 #include "core/check.h"
 #include "core/rng.h"
 #include "data/tokenizer.h"
-#include "io/fileio.h"
+#include "core/fileio.h"
 
 #include "test_util.h"
 

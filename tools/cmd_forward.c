@@ -12,7 +12,7 @@
 #include "args.h"
 #include "model_dir.h"
 #include "commands.h"
-#include "io/fileio.h"
+#include "core/fileio.h"
 #include "io/hf_dir.h"
 #include "io/table_io.h"
 #include "model/model.h"

@@ -10,7 +10,7 @@
 #include "args.h"
 #include "commands.h"
 #include "core/check.h"
-#include "io/fileio.h"
+#include "core/fileio.h"
 #include "io/hf_dir.h"
 #include "model/config.h"
 #include "model/flops.h"

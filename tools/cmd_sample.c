@@ -18,7 +18,7 @@
 #include "commands.h"
 #include "core/rng.h"
 #include "data/tokenizer.h"
-#include "io/fileio.h"
+#include "core/fileio.h"
 #include "io/hf_dir.h"
 #include "nanomegatron.h"
 

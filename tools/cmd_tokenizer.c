@@ -19,7 +19,7 @@
 #include "args.h"
 #include "commands.h"
 #include "data/tokenizer.h"
-#include "io/fileio.h"
+#include "core/fileio.h"
 
 static double now_s(void) {
     struct timespec ts;

@@ -6,7 +6,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "io/fileio.h"
+#include "core/fileio.h"
 #include "io/hf_dir.h"
 #include "train/checkpoint.h"
 

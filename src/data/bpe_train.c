@@ -18,7 +18,7 @@
 
 #include "data/tokenizer.h"
 #include "data/tokenizer_internal.h"
-#include "io/fileio.h"
+#include "core/fileio.h"
 
 static double now_s(void) {
     struct timespec ts;

@@ -22,7 +22,7 @@
 #include <string.h>
 
 #include "data/tokenizer_internal.h"
-#include "io/fileio.h"
+#include "core/fileio.h"
 
 #define MAX_STEPS 8                 // pre-tokenizer steps in a Sequence
 #define MAX_TOKEN_ID (1 << 24)      // largest id + 1 a tokenizer.json may use

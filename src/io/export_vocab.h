@@ -36,6 +36,5 @@ typedef struct nm_export_vocab {
     char *tokenizer_config_json; // the tokenizer_config.json next to the file, verbatim; NULL when there is none
 } nm_export_vocab;
 
-// tokenizer: a tokenizer.json path or "bytes". Returns 0 or -1 naming the file and field.
-int nm_export_vocab_load(nm_export_vocab *v, const char *tokenizer, nm_error *err);
+// Filled by nm_export_vocab_load (data/vocab_export.h, which reads the tokenizer).
 void nm_export_vocab_free(nm_export_vocab *v);

@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "io/fileio.h"
+#include "core/fileio.h"
 #include "io/safetensors.h"
 
 enum {  // gguf_type (formats.md 3.1)

@@ -19,7 +19,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "io/fileio.h"
+#include "core/fileio.h"
 #include "io/safetensors.h"
 #include "ops/cpu/fp8.h"
 

@@ -22,7 +22,7 @@
 
 #include "core/strdist.h"
 #include "core/check.h"
-#include "io/fileio.h"
+#include "core/fileio.h"
 
 // --- key lists -------------------------------------------------------------------------------
 

@@ -16,17 +16,8 @@
 #include <stdint.h>
 
 #include "core/check.h"
+#include "core/routing.h"
 
-typedef enum nm_scoring {
-    NM_SCORING_SIGMOID = 0,
-    NM_SCORING_SOFTMAX = 1,
-} nm_scoring;
-
-typedef enum nm_topk_method {
-    NM_TOPK_NOAUX_TC = 0,              // biased scores, group score = sum of top-2, keep Gk groups
-    NM_TOPK_GREEDY = 1,                // plain top-K of the (biased) scores, no group limit
-    NM_TOPK_GROUP_LIMITED_GREEDY = 2,  // group score = max in group (DeepSeek-V2), keep Gk groups
-} nm_topk_method;
 
 typedef struct nm_model_config {
     // --- keys of config.json --------------------------------------------------------------

@@ -348,7 +348,7 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     if (B_max < 1 || T_max < 2) return nm_error_set(err, "model: batch %lld x seq %lld: need batch >= 1 and seq >= 2", (long long)B_max, (long long)T_max);
     if (T_max < cfg->M + 2) return nm_error_set(err, "model: sequence length %lld too short for %lld MTP depths (needs >= %lld)", (long long)T_max, (long long)cfg->M, (long long)(cfg->M + 2));
     if ((int64_t)B_max * T_max * (cfg->K > 0 ? cfg->K : 1) >= INT32_MAX) return nm_error_set(err, "model: batch*seq*top_k = %lld exceeds int32 routing indices", (long long)(B_max * T_max * cfg->K));
-    if (ops->setup && ops->setup(cfg, err) != 0) return -1;
+    if (ops->setup && ops->setup(err) != 0) return -1;
     if (check_row_dims(cfg, ops, err) != 0) return -1;
     nm_model *m = nm_calloc(1, sizeof(nm_model));
     m->cfg = *cfg;

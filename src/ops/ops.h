@@ -18,7 +18,7 @@
 #include <stdint.h>
 
 #include "core/check.h"
-#include "model/config.h"
+#include "core/routing.h"
 
 typedef enum nm_transpose { NM_NO_TRANS = 0, NM_TRANS = 1 } nm_transpose;
 
@@ -56,11 +56,11 @@ typedef struct nm_gemm_group {
 } nm_gemm_group;
 
 typedef struct nm_ops {
-    // Checks this machine, the backend's environment (kernel choices, libraries) and that the
-    // backend takes cfg's sizes, before any op runs: 0, or -1 with err naming what failed and
-    // what to do. nm_model_create calls it, so a kernel the machine cannot run, or a head
-    // dimension above a kernel's bound, is refused at start, never by an op's check mid-step.
-    int (*setup)(const nm_model_config *cfg, nm_error *err);
+    // Checks this machine and the backend's environment (kernel choices, libraries) before any
+    // op runs: 0, or -1 with err naming what failed and what to do. nm_model_create calls it
+    // (NULL: nothing to check), so a kernel the machine cannot run is refused at start, never
+    // by an op's check mid-step. The model's sizes are checked against max_row_dim.
+    int (*setup)(nm_error *err);
 
     // Which kernels run the GEMMs, for banners and benchmarks: e.g. "fp32 GEMM onednn, bf16
     // GEMM widen (fp32 FMA units)". Call from one thread (it may read the environment once).

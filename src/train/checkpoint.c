@@ -14,7 +14,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "io/fileio.h"
+#include "core/fileio.h"
 #include "io/table_io.h"
 
 #define CKPT_FORMAT 1

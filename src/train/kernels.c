@@ -39,7 +39,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "io/fileio.h"
+#include "core/fileio.h"
 #include "ops/cpu/cpu_ops.h"
 
 // One GEMM call of the step as the model makes it: `groups` GEMMs of (M, N, K) in one grouped

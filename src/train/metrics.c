@@ -8,7 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "io/fileio.h"
+#include "core/fileio.h"
 
 // --- small string builder over a caller buffer ------------------------------------------------
 

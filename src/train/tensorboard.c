@@ -9,7 +9,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "io/fileio.h"
+#include "core/fileio.h"
 
 // --- protobuf wire encoding (formats.md 5.4) ---------------------------------------------------
 

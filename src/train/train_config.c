@@ -15,7 +15,7 @@
 
 #include <cjson/cJSON.h>
 
-#include "io/fileio.h"
+#include "core/fileio.h"
 #include "io/hf_dir.h"
 
 // Enum fields are read and written through int pointers.

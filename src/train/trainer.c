@@ -19,7 +19,8 @@
 // each stage holds its layers, runs the 1F1B schedule over the step's micro-batches, and the
 // step's decisions (loss terms, clipping, skipping) are reduced over the stages too.
 #define _GNU_SOURCE
-#include "nanomegatron.h"
+
+#include "train/trainer.h"
 
 #include <cblas.h>
 #include <cjson/cJSON.h>
@@ -31,22 +32,28 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/fileio.h"
+#include "data/loader.h"
 #include "data/tokenizer.h"
 #include "dist/comm.h"
 #include "dist/mesh.h"
-#include "io/fileio.h"
 #include "io/hf_dir.h"
+#include "model/config.h"
 #include "model/flops.h"
+#include "model/model.h"
 #include "ops/ops.h"
 #include "train/balance.h"
+#include "train/checkpoint.h"
 #include "train/kernels.h"
 #include "train/memcheck.h"
 #include "train/metrics.h"
+#include "train/optim.h"
 #include "train/pipeline.h"
 #include "train/run_lock.h"
 #include "train/schedule.h"
 #include "train/tensorboard.h"
 #include "train/tp_shard.h"
+#include "train/train_config.h"
 #include "train/zero.h"
 
 struct nm_trainer {

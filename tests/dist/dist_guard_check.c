@@ -14,7 +14,7 @@
 #include <string.h>
 
 #include "dist/comm.h"
-#include "io/fileio.h"
+#include "core/fileio.h"
 #include "nanomegatron.h"
 
 int main(int argc, char **argv) {

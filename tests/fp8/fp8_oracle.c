@@ -15,7 +15,7 @@
 #include <string.h>
 
 #include "core/check.h"
-#include "io/fileio.h"
+#include "core/fileio.h"
 #include "ops/cpu/fp8.h"
 
 static float *read_f32(const char *path, size_t *n) {

@@ -14,7 +14,7 @@
 #include <unistd.h>
 
 #include "data/tokenizer.h"
-#include "io/fileio.h"
+#include "core/fileio.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -11,7 +11,7 @@
 #include <string.h>
 
 #include "train/train_config.h"
-#include "io/fileio.h"
+#include "core/fileio.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -22,7 +22,7 @@ endif()
 # (paths under the source root), with clang -fsanitize=fuzzer,address,undefined.
 function(nm_fuzz_build name)
   set(_srcs ${CMAKE_SOURCE_DIR}/tests/fuzz/fuzz_${name}.c ${CMAKE_SOURCE_DIR}/src/core/check.c
-            ${CMAKE_SOURCE_DIR}/src/io/fileio.c ${CMAKE_SOURCE_DIR}/src/core/strdist.c)
+            ${CMAKE_SOURCE_DIR}/src/core/fileio.c ${CMAKE_SOURCE_DIR}/src/core/strdist.c)
   foreach(s ${ARGN})
     list(APPEND _srcs ${CMAKE_SOURCE_DIR}/${s})
   endforeach()

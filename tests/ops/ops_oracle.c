@@ -16,7 +16,7 @@
 #include <string.h>
 
 #include "core/check.h"
-#include "io/fileio.h"
+#include "core/fileio.h"
 #include "ops/ops.h"
 
 // --- tensor container -------------------------------------------------------------------------

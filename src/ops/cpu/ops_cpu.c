@@ -16,8 +16,7 @@ static const char *cpu_kernel_names(void) {
     return names;
 }
 
-static int cpu_setup(const nm_model_config *cfg, nm_error *err) {
-    (void)cfg;  // the row sizes are checked by the model against max_row_dim
+static int cpu_setup(nm_error *err) {
     return nm_cpu_gemm_setup(err) != 0 || nm_cpu_gemm_bf16_setup(err) != 0 ? -1 : 0;
 }
 

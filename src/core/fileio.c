@@ -1,6 +1,6 @@
 // fileio.c: implementation of fileio.h.
 #define _GNU_SOURCE
-#include "io/fileio.h"
+#include "core/fileio.h"
 
 #include <dirent.h>
 #include <errno.h>

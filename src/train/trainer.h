@@ -1,0 +1,74 @@
+// trainer.h: the trainer, whole runs (create, step, save, evaluate, destroy), with its options
+// and the metrics of a step. The public API (include/nanomegatron.h) re-exports it; it lives
+// here so that the trainer's own code includes nothing above its layer.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/check.h"
+#include "model/model.h"
+#include "train/train_config.h"
+
+typedef struct nm_trainer nm_trainer;
+
+typedef struct nm_trainer_options {
+    const char *run_dir;        // checkpoints, metrics.jsonl, TensorBoard events, loss.svg
+    int resume;                 // continue from run_dir's newest valid checkpoint, if any
+    int quiet;                  // no progress line / banner on stdout
+    int64_t max_nan_streak;     // stop after this many skipped steps in a row (default 5 if 0)
+    int64_t inject_nan_step;    // testing hook: poison one gradient at this step (0: never), on every rank
+                                // (NM_TEST_INJECT_NAN_RANK=R: on rank R only) ...
+    int64_t inject_nan_count;   // ... and at the steps after it, this many in all (0 or 1: one)
+    int recompute;              // activation recomputation per block (less memory, ~1/3 more compute)
+    int allow_config_change;    // resume although the data, batch, sequence length or tokenizer changed
+} nm_trainer_options;
+
+typedef struct nm_step_metrics {
+    int64_t step;               // 1-based optimizer step just finished
+    int64_t steps_total;
+    double loss;                // total loss (ce + mtp_weight*mtp + aux_weight*aux), mean over micro-batches
+    double ce_loss;
+    double mtp_loss;
+    double aux_loss;
+    double grad_norm;           // before clipping
+    double lr;
+    double tokens_per_s;
+    double tflops;              // model TFLOP/s (nm_model_flops_per_token x tokens/s)
+    double mfu;                 // tflops / measured fp32 GEMM peak
+    double load_max_over_mean;  // worst MoE layer's max/mean expert load this step
+    double bias_min, bias_max;  // router bias range after the update
+    double val_loss;            // validation CE at this step, NaN if not evaluated
+    int skipped;                // 1 if the divergence guard skipped this step's update
+    double t_data, t_forward, t_backward, t_optimizer;   // seconds per phase
+    double t_comm;              // seconds in gradient reduce-scatter, parameter all-gather and the
+                                // step's small all-reduces (EP dispatch is inside forward/backward)
+    int64_t tokens;             // training tokens consumed so far (metrics.jsonl "tokens")
+    double mtp_weight;          // MTP loss weight used this step
+    int64_t skipped_total;      // steps skipped by the divergence guard so far, this one included
+} nm_step_metrics;
+
+int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_trainer_options *opts, nm_error *err);
+// Runs one optimizer step. Returns 1 after a step, 0 when the configured steps are done,
+// -1 on error (including divergence: too many non-finite steps in a row).
+int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err);
+// Writes a checkpoint of the current state now.
+int nm_trainer_save(nm_trainer *t, nm_error *err);
+// The same checkpoint into another run directory (created if needed; its `latest` is
+// updated and checkpoint.keep_last applies there): `train --out run_dir --resume` continues it.
+int nm_trainer_save_to(nm_trainer *t, const char *run_dir, nm_error *err);
+// The largest of every rank's `mine` (a collective over the whole job): how ranks agree at a
+// step boundary to stop, e.g. on a signal only some of them received, so that all of them
+// checkpoint the same step.
+int nm_trainer_agree_stop(nm_trainer *t, int mine, int *any, nm_error *err);
+// sizeof the public struct of that name (e.g. "nm_step_metrics"), 0 for a name it does not know:
+// bindings that restate the structs (python/) compare their sizes with the library's at load.
+size_t nm_struct_size(const char *name);
+// Mean validation cross-entropy over cfg.log.eval_batches micro-batches of the held-out split.
+int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err);
+// Finishes the logs (loss.svg, metrics flush). Called by destroy too.
+int nm_trainer_finish(nm_trainer *t, nm_error *err);
+void nm_trainer_destroy(nm_trainer *t);
+
+nm_model *nm_trainer_model(nm_trainer *t);
+int64_t nm_trainer_step_count(const nm_trainer *t);
