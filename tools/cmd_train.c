@@ -19,7 +19,7 @@
 #include "commands.h"
 #include "io/hf_dir.h"
 #include "nanomegatron.h"
-#include "dist/comm.h"
+#include "comm/comm.h"
 
 // A training error: the message once, from the rank that hit it (named when there are
 // several), then, under MPI, the whole job stops (no rank left waiting in a collective).

@@ -1,6 +1,6 @@
 """init_distributed: the process's place in the run, from the C library's own communicator.
 
-It joins the communicator the CLI and nm_trainer_create use (nm_comm_init in src/dist/: MPI
+It joins the communicator the CLI and nm_trainer_create use (nm_comm_init in src/comm/: MPI
 when mpirun, mpiexec or srun started the process, else one process; NM_COMM=single|mpi forces
 one), so `mpirun -np N python train.py` trains data-parallel (and expert-parallel with
 expert_parallel_size) exactly as `mpirun -np N nanomegatron train` does.
@@ -23,7 +23,7 @@ class DistContext:
 
 
 class _nm_comm_head(ctypes.Structure):
-    # The leading fields of struct nm_comm (src/dist/comm.h): its vtable, then rank and size.
+    # The leading fields of struct nm_comm (src/comm/comm.h): its vtable, then rank and size.
     _fields_ = [("vt", ctypes.c_void_p), ("rank", ctypes.c_int), ("size", ctypes.c_int)]
 
 

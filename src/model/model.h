@@ -12,7 +12,7 @@
 #include <stdint.h>
 
 #include "core/precision.h"
-#include "dist/comm.h"
+#include "comm/comm.h"
 #include "model/config.h"
 #include "model/params.h"
 #include "ops/ops.h"

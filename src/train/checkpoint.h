@@ -32,7 +32,7 @@
 #include <stdint.h>
 
 #include "core/check.h"
-#include "dist/comm.h"
+#include "comm/comm.h"
 #include "model/config.h"
 #include "model/params.h"
 

@@ -21,7 +21,7 @@
 #include <stdint.h>
 
 #include "core/check.h"
-#include "dist/comm.h"
+#include "comm/comm.h"
 #include "model/model.h"
 
 // The stage layout for pp stages: layout NULL or "" splits the L decoder layers evenly (L

@@ -2,7 +2,7 @@
 // allocator's own code run on shape communicators.
 #include "train/plan.h"
 
-#include "dist/comm.h"
+#include "comm/comm.h"
 #include "model/flops.h"
 #include "model/model.h"
 #include "model/params.h"

@@ -16,7 +16,7 @@
 
 #include "core/check.h"
 #include "core/precision.h"
-#include "dist/mesh.h"
+#include "comm/mesh.h"
 #include "model/config.h"
 
 typedef struct nm_plan_request {

@@ -10,7 +10,7 @@
 #include <stddef.h>
 
 #include "core/check.h"
-#include "dist/comm.h"
+#include "comm/comm.h"
 #include "model/params.h"
 
 // For every row r with rows[r] != 0 (rows NULL: every row) that has storage: full's data of r

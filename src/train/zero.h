@@ -15,7 +15,7 @@
 #include <stdint.h>
 
 #include "core/check.h"
-#include "dist/comm.h"
+#include "comm/comm.h"
 #include "model/params.h"
 
 typedef struct nm_zero_bucket {

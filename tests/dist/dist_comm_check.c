@@ -5,8 +5,8 @@
 // Also checks the byte counters against their definitions (comm.h).
 #include <math.h>
 
-#include "dist/comm.h"
-#include "dist/mesh.h"
+#include "comm/comm.h"
+#include "comm/mesh.h"
 #include "../test_util.h"
 
 static float value(int rank, int64_t i) { return (float)((rank + 1) * 1000 + (int)(i % 997)); }

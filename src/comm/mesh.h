@@ -15,7 +15,7 @@
 #include <stdint.h>
 
 #include "core/check.h"
-#include "dist/comm.h"
+#include "comm/comm.h"
 
 typedef struct nm_mesh_sizes {
     int64_t world;              // processes in the job

@@ -1,6 +1,6 @@
 // comm.c: what every communicator shares, and the single-process table: one rank, every
 // collective is the identity (all_to_all copies its one piece), nothing to link.
-#include "dist/comm.h"
+#include "comm/comm.h"
 
 #include <stdio.h>
 #include <stdlib.h>

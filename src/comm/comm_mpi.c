@@ -15,7 +15,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "dist/comm.h"
+#include "comm/comm.h"
 
 _Static_assert(sizeof(MPI_Request) <= sizeof(((nm_comm_request *)0)->impl), "MPI_Request fits the request");
 

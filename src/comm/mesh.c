@@ -1,5 +1,5 @@
 // mesh.c: the process mesh (see mesh.h).
-#include "dist/mesh.h"
+#include "comm/mesh.h"
 
 #include <stdio.h>
 #include <string.h>
