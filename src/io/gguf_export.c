@@ -281,7 +281,7 @@ static int add_layer(exporter *x, const nm_model_config *cfg, const nm_param_tab
     const float *router = moe ? P + o->router : NULL;
     // Only noaux_tc reads the stored bias; llama.cpp adds exp_probs_b for every method, so the
     // others get zeros (a NULL source is written as zeros) to choose the experts we choose.
-    const float *bias = moe && cfg->topk_method == NM_TOPK_NOAUX_TC ? P + o->router_bias : NULL;
+    const float *bias = moe && nm_routing_uses_bias(cfg) ? P + o->router_bias : NULL;
     const float *ex = moe ? P + o->experts : NULL;
     const float *sh_gate, *sh_up, *sh_down;
     int64_t sh_rows;

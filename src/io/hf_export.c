@@ -80,7 +80,7 @@ static cJSON *export_config(const nm_model_config *cfg, nm_st_dtype dtype) {
     cJSON_DeleteItemFromObjectCaseSensitive(root, "auto_map");
     const char *src = cfg->source_path ? cfg->source_path : "config.json";
     int limited = cfg->G > 1 && cfg->Gk < cfg->G;
-    if (cfg->E > 0 && cfg->topk_method != NM_TOPK_NOAUX_TC && !limited) {
+    if (cfg->E > 0 && !nm_routing_uses_bias(cfg) && !limited) {
         // Plain top-K over all experts is noaux_tc over one group: the same choice and weights.
         set_item(root, "topk_method", cJSON_CreateString("noaux_tc"));
         set_item(root, "n_group", cJSON_CreateNumber(1));
@@ -142,7 +142,7 @@ static int write_tensors(const char *dir, const nm_model_config *cfg, const nm_p
     nm_st_tensor *ts = nm_calloc((size_t)n + 1, sizeof(nm_st_tensor));
     // Only noaux_tc reads the stored bias; the other methods are exported as a noaux_tc router
     // (export_config) that would add it, so they get zeros to compute what we compute.
-    float *zero_bias = cfg->topk_method != NM_TOPK_NOAUX_TC ? nm_calloc((size_t)cfg->E + 1, sizeof(float)) : NULL;
+    float *zero_bias = !nm_routing_uses_bias(cfg) ? nm_calloc((size_t)cfg->E + 1, sizeof(float)) : NULL;
     int *shard = nm_calloc((size_t)n + 1, sizeof(int));
     int64_t total = 0, in_shard = 0;
     int n_shards = 1;

@@ -90,3 +90,8 @@ void nm_rope_inv_freq(const nm_model_config *cfg, double *inv_freq /* (Dr/2) */)
 // 1 when key is a config.json key the model reads or knowingly ignores; else 0 with closest the
 // nearest key it reads (within 3 edits) or NULL.
 int nm_model_config_key_known(const char *key, const char **closest);
+
+// Whether the router adds e_score_correction_bias to its selection scores (and the trainer
+// updates it): DeepSeek-V3's aux-loss-free balancing, topk_method noaux_tc only, as in
+// DeepSeek's code. Every place outside the router asks this instead of naming the method.
+static inline int nm_routing_uses_bias(const nm_model_config *c) { return c->topk_method == NM_TOPK_NOAUX_TC; }

@@ -152,7 +152,7 @@ static void add_layer(builder *b, const nm_model_config *c, int l, int *tied_emb
         o->router = MAT(l, NM_TENSOR_SEQ_PARTIAL | m, c->E, D, "%smlp.gate.weight", pre);
         // Only noaux_tc reads the bias; other methods carry it (HF's native DeepseekV3 always
         // has the buffer) but a checkpoint may lack it (DeepSeek's code never stores it there).
-        const unsigned opt = c->topk_method == NM_TOPK_NOAUX_TC ? 0 : NM_TENSOR_OPTIONAL;
+        const unsigned opt = nm_routing_uses_bias(c) ? 0 : NM_TENSOR_OPTIONAL;
         o->router_bias = VEC(l, NM_TENSOR_ROUTER_BIAS | opt | m, c->E, "%smlp.gate.e_score_correction_bias", pre);
         size_t down;
         int64_t e0 = b->expert_first, ne = b->expert_count;

@@ -309,7 +309,7 @@ static int check_model_against_config(const nm_model_config *m, const nm_train_c
                             "seq_len <= %lld, or raise model_config.max_position_embeddings (with rope_scaling for "
                             "a longer context than the model was trained for)",
                             (long long)cfg->seq_len, (long long)m->max_pos, (long long)m->max_pos);
-    if (m->E > 0 && m->topk_method != NM_TOPK_NOAUX_TC && cfg->balance.bias_update_speed > 0) {
+    if (m->E > 0 && !nm_routing_uses_bias(m) && cfg->balance.bias_update_speed > 0) {
         fprintf(stderr, "notice: balance.bias_update_speed %g is not used: aux-loss-free balancing needs "
                         "topk_method 'noaux_tc' (this model's routing ignores the bias)\n",
                 cfg->balance.bias_update_speed);
@@ -914,7 +914,7 @@ static int pipeline_balance_stats(nm_trainer *t, nm_balance_stats *bs, int n_moe
     // ignores the bias (NaN, likewise).
     int moe_anywhere = 0;
     for (int64_t l = 0; l < t->mcfg.n_layers; l++) moe_anywhere |= nm_layer_is_moe(&t->mcfg, l);
-    double none = !moe_anywhere || t->mcfg.topk_method == NM_TOPK_NOAUX_TC ? 0.0 : NAN;
+    double none = !moe_anywhere || nm_routing_uses_bias(&t->mcfg) ? 0.0 : NAN;
     bs->bias_max = isfinite(mn) ? mx[1] : none;
     bs->bias_min = isfinite(mn) ? mn : none;
     return 0;
@@ -1138,7 +1138,7 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
         }
         float gamma = (float)nm_bias_gamma_at(c->balance.bias_update_speed, c->balance.bias_update_stop_step, step);
         // Aux-loss-free balancing exists for noaux_tc only: other methods never read the bias.
-        if (gamma > 0.0f && t->mcfg.topk_method == NM_TOPK_NOAUX_TC) {
+        if (gamma > 0.0f && nm_routing_uses_bias(&t->mcfg)) {
             for (int i = 0; i < n_moe; i++) {
                 nm_balance_update_bias((float *)t->bias_ptrs[i], t->step_counts + (size_t)i * E, E, gamma);
             }
@@ -1168,7 +1168,7 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     m->mfu = achieved / t->peak_flops;
     nm_balance_stats bs = {1.0, 0.0, 0.0};
     if (n_moe > 0)
-        nm_balance_compute_stats(&bs, t->step_counts, t->mcfg.topk_method == NM_TOPK_NOAUX_TC ? t->bias_ptrs : NULL,
+        nm_balance_compute_stats(&bs, t->step_counts, nm_routing_uses_bias(&t->mcfg) ? t->bias_ptrs : NULL,
                                  n_moe, E);
     if (t->pipe && pipeline_balance_stats(t, &bs, n_moe, err) != 0) return -1;
     m->tokens = t->tokens_seen;
