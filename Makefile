@@ -31,11 +31,12 @@ train: build
 	@$(BUILD)/nanomegatron train --config configs/tiny-train.json --out runs/tiny --resume
 	@$(BUILD)/nanomegatron sample --model runs/tiny --prompt "The " --tokens 200 --seed 1
 
-# Unit tests under AddressSanitizer + UndefinedBehaviorSanitizer.
+# Unit tests and the hostile-input CLI test (label sanitize) under AddressSanitizer +
+# UndefinedBehaviorSanitizer.
 sanitize: deps
 	@cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DNM_SANITIZE=ON >/dev/null
 	@cmake --build build-asan -j $(JOBS)
-	@cd build-asan || exit 1; $(call nm_ctest,-L unit)
+	@cd build-asan || exit 1; $(call nm_ctest,-L 'unit|sanitize')
 
 # Unit tests under valgrind memcheck.
 valgrind: deps

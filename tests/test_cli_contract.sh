@@ -10,7 +10,8 @@
 # Each case is one line of a table: the text its message must contain, then the command, with
 # @ standing for the bad value where a loop supplies several. Every command runs under a
 # timeout (a FIFO nobody writes would otherwise hang it); outputs are captured first and the
-# verdict taken from the captured exit status and text, never from a pipe.
+# verdict taken from the captured exit status and text, never from a pipe. `make sanitize` runs
+# it on the ASan/UBSan build (label sanitize), where a sanitizer report also fails a case.
 set -u
 : "${NM_BIN:?NM_BIN not set}" "${NM_ROOT:?NM_ROOT not set}"
 tmp=$(mktemp -d "${NM_BUILD:-${TMPDIR:-/tmp}}/test_cli_contract.XXXXXX")
@@ -23,14 +24,22 @@ fail() { echo "FAIL: $*" >&2; failures=$((failures + 1)); }
 
 # --- the verdicts -------------------------------------------------------------------------------
 
-# refused NEEDLE CMD...: exit 1 or 2, no 'fatal', NEEDLE in the output.
+# A sanitizer's report in out (an ASan/UBSan build, `make sanitize`): its environment makes a
+# report abort, but by default UBSan carries on and ASan exits 1, which would pass for a refusal.
+sanitizer_report() {
+    [[ $1 == *"runtime error:"* || $1 == *"ERROR: AddressSanitizer"* || $1 == *"ERROR: LeakSanitizer"* ]]
+}
+
+# refused NEEDLE CMD...: exit 1 or 2, no 'fatal', no sanitizer report, NEEDLE in the output.
 refused() {
     local needle=$1 out rc
     shift
     cases=$((cases + 1))
     out=$(timeout 120 "$@" 2>&1 </dev/null)
     rc=$?
-    if [ "$rc" -ne 1 ] && [ "$rc" -ne 2 ]; then
+    if sanitizer_report "$out"; then
+        fail "sanitizer report from: $*"$'\n'"$out"
+    elif [ "$rc" -ne 1 ] && [ "$rc" -ne 2 ]; then
         fail "exit $rc (want 1 or 2; 124 is a hang, >= 128 a signal): $*"$'\n'"$out"
     elif [[ $out == *fatal* ]]; then
         fail "'fatal' in the output of: $*"$'\n'"$out"
@@ -39,13 +48,17 @@ refused() {
     fi
 }
 
-# works CMD...: exit 0.
+# works CMD...: exit 0, no sanitizer report.
 works() {
     local out rc
     cases=$((cases + 1))
     out=$(timeout 300 "$@" 2>&1 </dev/null)
     rc=$?
-    [ "$rc" -eq 0 ] || fail "exit $rc (want 0): $*"$'\n'"$out"
+    if sanitizer_report "$out"; then
+        fail "sanitizer report from: $*"$'\n'"$out"
+    elif [ "$rc" -ne 0 ]; then
+        fail "exit $rc (want 0): $*"$'\n'"$out"
+    fi
 }
 
 # each NEEDLE VALUE CMD...: refused with every @ in CMD replaced by VALUE (NEEDLE "@": VALUE).

@@ -36,13 +36,26 @@ static void unexpected_word(const nm_args *a, const char *word, const char *prev
     }
 }
 
+// Every parse's arrays, reachable from here until the process ends (args.h: a command reads its
+// flags to the end, so they are never freed). Held only by the caller's stack nm_args, they
+// would read as leaked to LeakSanitizer once the command returns (`make sanitize` runs every
+// command through tests/test_cli_contract.sh).
+typedef struct kept_parse {
+    struct kept_parse *next;
+    const char **keys, **vals;
+} kept_parse;
+static kept_parse *kept;
+
 int nm_args_parse(nm_args *a, const char *cmd, int argc, char **argv, const char *const *value_flags,
                   const char *const *bool_flags) {
     memset(a, 0, sizeof(*a));
     a->cmd = cmd;
     a->keys = calloc((size_t)argc + 1, sizeof(char *));
     a->vals = calloc((size_t)argc + 1, sizeof(char *));
-    if (!a->keys || !a->vals) { fprintf(stderr, "%s: out of memory\n", cmd); return -1; }
+    kept_parse *k = malloc(sizeof(*k));
+    if (!a->keys || !a->vals || !k) { fprintf(stderr, "%s: out of memory\n", cmd); return -1; }
+    *k = (kept_parse){kept, a->keys, a->vals};
+    kept = k;
     int multi = 0;              // the last flag takes further bare words
     for (int i = 0; i < argc; i++) {
         const char *arg = argv[i];
@@ -62,6 +75,7 @@ int nm_args_parse(nm_args *a, const char *cmd, int argc, char **argv, const char
         if (!key) { fprintf(stderr, "%s: out of memory\n", cmd); return -1; }
         memcpy(key, name, len);
         key[len] = 0;
+        a->keys[a->n] = key;    // reachable (kept) on the error returns below too
         if (find_flag(value_flags, name, len, &multi)) {
             const char *val = eq ? eq + 1 : NULL;
             if (!val) {

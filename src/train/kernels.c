@@ -228,32 +228,15 @@ static int forced(const char *var) {
 }
 
 // Reads a cached pick: 1 when it applies (same key), 0 when absent or for another key, -1
-// (err naming the file) when it does not parse.
+// (err naming the file) when it does not parse (nm_kernels_parse).
 static int read_cache(const char *path, const char *key, char *fp32, char *bf16, nm_error *err) {
     char *text;
     size_t size;
     nm_error ignore;
     if (nm_file_read_all(path, &text, &size, &ignore) != 0) return 0;
-    cJSON *j = cJSON_ParseWithLength(text, size);
+    int rc = nm_kernels_parse(text, size, path, key, fp32, bf16, err);
     nm_free(text);
-    const cJSON *k = cJSON_GetObjectItemCaseSensitive(j, "key");
-    const cJSON *f = cJSON_GetObjectItemCaseSensitive(j, "fp32");
-    const cJSON *b = cJSON_GetObjectItemCaseSensitive(j, "bf16");
-    int ok = cJSON_IsObject(j) && cJSON_IsString(k) && cJSON_IsString(f) && cJSON_IsString(b) &&
-             (strcmp(f->valuestring, "onednn") == 0 || strcmp(f->valuestring, "openblas") == 0) &&
-             (strcmp(b->valuestring, "onednn") == 0 || strcmp(b->valuestring, "widen") == 0);
-    if (!ok) {
-        cJSON_Delete(j);
-        return nm_error_set(err, "%s: not a kernel choice (expected a JSON object with string fields key, fp32 "
-                            "onednn|openblas and bf16 onednn|widen); delete it to measure again", path);
-    }
-    int same = strcmp(k->valuestring, key) == 0;
-    if (same) {
-        snprintf(fp32, 16, "%s", f->valuestring);
-        snprintf(bf16, 16, "%s", b->valuestring);
-    }
-    cJSON_Delete(j);
-    return same;
+    return rc;
 }
 
 static int write_cache(const char *path, const char *key, const char *fp32, const char *bf16, double g32[2],
@@ -290,7 +273,7 @@ int nm_kernels_choose(const nm_model_config *m, int64_t rows, const char *run_di
     char key[4096], path[4200];
     make_key(key, sizeof key, &set);
     snprintf(path, sizeof path, "%s/kernels.json", run_dir);
-    char fp32[16], bf16[16];
+    char fp32[NM_KERNEL_NAME_SIZE], bf16[NM_KERNEL_NAME_SIZE];
     int cached = read_cache(path, key, fp32, bf16, err);
     if (cached < 0) return -1;
     int force32 = forced("NM_CPU_GEMM"), force16 = forced("NM_CPU_BF16_GEMM");

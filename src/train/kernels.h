@@ -21,4 +21,15 @@
 int nm_kernels_choose(const nm_model_config *m, int64_t rows, const char *run_dir, int measure, char *desc,
                       size_t desc_size, nm_error *err);
 
+// Room for a kernel name ("onednn", "openblas", "widen") with its NUL.
+#define NM_KERNEL_NAME_SIZE 16
+
+// Parses the text of a kernels.json (size bytes, NUL not needed) written for `key`: 1 when it
+// is a pick for that key (fp32 and bf16, NM_KERNEL_NAME_SIZE bytes each, get the kernel
+// names), 0 when it is one for another key (fp32 and bf16 untouched), -1 with err naming path
+// when it is not a JSON object with string fields key, fp32 onednn|openblas and bf16
+// onednn|widen (kernels_parse.c, so it links without the GEMM libraries).
+int nm_kernels_parse(const char *text, size_t size, const char *path, const char *key, char *fp32, char *bf16,
+                     nm_error *err);
+
 #endif

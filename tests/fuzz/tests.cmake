@@ -18,6 +18,10 @@ if(NM_CLANG)
   endif()
 endif()
 
+# The targets' shared fixtures (headers of src/ are not tracked here: a changed one needs a
+# touched source or a clean build of the fuzz targets).
+file(GLOB NM_FUZZ_HEADERS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/fuzz/*.h)
+
 # nm_fuzz_build(NAME SOURCES...): build/fuzz_NAME from tests/fuzz/fuzz_NAME.c and SOURCES
 # (paths under the source root), with clang -fsanitize=fuzzer,address,undefined.
 function(nm_fuzz_build name)
@@ -31,7 +35,7 @@ function(nm_fuzz_build name)
     COMMAND ${NM_CLANG} -std=c11 -D_POSIX_C_SOURCE=200809L -O1 -g -fno-omit-frame-pointer
             -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Wall -Wextra -Werror
             -Wno-unused-parameter -I${CMAKE_SOURCE_DIR}/src ${_srcs} -lcjson -lpcre2-8 -lm -o ${CMAKE_BINARY_DIR}/fuzz_${name}
-    DEPENDS ${_srcs}
+    DEPENDS ${_srcs} ${NM_FUZZ_HEADERS}
     COMMENT "Building libFuzzer target fuzz_${name} with clang"
     VERBATIM)
   add_custom_target(fuzz_${name}_target ALL DEPENDS ${CMAKE_BINARY_DIR}/fuzz_${name})
@@ -39,17 +43,28 @@ endfunction()
 
 # name | runs | the longest input | sources besides the target. Each runs a short fixed budget
 # here (run_fuzz_target.sh); long runs: see tests/fuzz/README.md.
-set(NM_FUZZ_PARSERS indexed model_config train_config safetensors tokenizer trainer_json)
+set(NM_FUZZ_PARSERS indexed model_config train_config safetensors tokenizer trainer_json hf_index quant_config
+    fp8_block kernels_json)
 set(NM_FUZZ_RUNS_indexed 20000)
 set(NM_FUZZ_MAXLEN_indexed 512)
 set(NM_FUZZ_SRC_indexed src/data/indexed.c)
 set(NM_FUZZ_SRC_model_config src/model/config.c)
 set(NM_FUZZ_SRC_train_config src/train/train_config.c src/train/schedule.c src/train/optim.c src/model/config.c
     src/io/hf_dir.c src/io/safetensors.c src/model/params.c src/core/rng.c src/ops/cpu/fp8_decode.c)
+# The seeds include data.paths lists of 1000 and 5000 entries (the latter 165 kB; libFuzzer cuts a
+# seed to max_len, which would leave only broken JSON of the long lists).
+set(NM_FUZZ_MAXLEN_train_config 262144)
 set(NM_FUZZ_SRC_safetensors src/io/safetensors.c)
 set(NM_FUZZ_SRC_tokenizer src/data/tokenizer.c src/data/tokenizer_util.c)
 set(NM_FUZZ_SRC_trainer_json src/train/checkpoint.c src/io/table_io.c src/io/safetensors.c src/model/params.c src/core/rng.c
     src/model/config.c src/train/train_config.c src/train/schedule.c src/train/optim.c src/io/hf_dir.c src/comm/comm.c src/ops/cpu/fp8_decode.c)
+# A Hugging Face model directory as hf_dir.c loads it (fixtures in tests/fuzz/fuzz_hf.h).
+set(NM_FUZZ_HF_DIR src/io/hf_dir.c src/io/safetensors.c src/model/params.c src/model/config.c src/core/rng.c
+    src/ops/cpu/fp8_decode.c)
+set(NM_FUZZ_SRC_hf_index ${NM_FUZZ_HF_DIR})
+set(NM_FUZZ_SRC_quant_config ${NM_FUZZ_HF_DIR})
+set(NM_FUZZ_SRC_fp8_block ${NM_FUZZ_HF_DIR})
+set(NM_FUZZ_SRC_kernels_json src/train/kernels_parse.c)
 foreach(t ${NM_FUZZ_PARSERS})
   if(NM_FUZZ_OK)
     nm_fuzz_build(${t} ${NM_FUZZ_SRC_${t}})
