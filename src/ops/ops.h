@@ -1,6 +1,6 @@
 // ops.h: every numeric kernel the model uses, as forward/backward pairs over raw buffers
 // with explicit shapes (design.md 3, style.md 3.5). A backend is a table of these functions:
-// nm_ops_cpu() returns the CPU one (C + OpenMP, GEMMs through BLAS), nm_ops_ref() the reference
+// nm_ops_cpu returns the CPU one (C + OpenMP, GEMMs through BLAS), nm_ops_ref the reference
 // one (scalar C, the readable definition of every op), and nm_ops_by_name() / nm_ops_select()
 // either by name. The model is written once against this table.
 //

@@ -45,11 +45,11 @@ set(NM_FUZZ_MAXLEN_indexed 512)
 set(NM_FUZZ_SRC_indexed src/data/indexed.c)
 set(NM_FUZZ_SRC_model_config src/model/config.c)
 set(NM_FUZZ_SRC_train_config src/train/train_config.c src/train/schedule.c src/train/optim.c src/model/config.c
-    src/io/hf_dir.c src/io/safetensors.c src/model/params.c src/core/rng.c src/ops/fp8_decode.c)
+    src/io/hf_dir.c src/io/safetensors.c src/model/params.c src/core/rng.c src/ops/fp8_decode.c src/ops/backend_names.c)
 set(NM_FUZZ_SRC_safetensors src/io/safetensors.c)
 set(NM_FUZZ_SRC_tokenizer src/data/tokenizer.c src/data/tokenizer_util.c)
 set(NM_FUZZ_SRC_trainer_json src/train/checkpoint.c src/io/table_io.c src/io/safetensors.c src/model/params.c src/core/rng.c
-    src/model/config.c src/train/train_config.c src/train/schedule.c src/train/optim.c src/io/hf_dir.c src/dist/comm.c src/ops/fp8_decode.c)
+    src/model/config.c src/train/train_config.c src/train/schedule.c src/train/optim.c src/io/hf_dir.c src/dist/comm.c src/ops/fp8_decode.c src/ops/backend_names.c)
 foreach(t ${NM_FUZZ_PARSERS})
   if(NM_FUZZ_OK)
     nm_fuzz_build(${t} ${NM_FUZZ_SRC_${t}})
