@@ -7,7 +7,7 @@ static int ref_setup(const nm_model_config *cfg, nm_error *err) {
     return 0;
 }
 
-static const char *ref_kernel_names(void) { return "ref: scalar C, double accumulation, one thread"; }
+static const char *ref_kernel_names(void) { return "scalar C, double accumulation, one thread"; }
 
 static const nm_ops ref_ops = {
     .setup = ref_setup,
