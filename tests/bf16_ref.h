@@ -1,5 +1,5 @@
 // bf16_ref.h: the tests' own bf16 rounding, written apart from the library's (the bit trick
-// of src/ops/cpu/bf16.h): nearest of the two truncation neighbours in double arithmetic.
+// of src/ops/bf16.h): nearest of the two truncation neighbours in double arithmetic.
 #pragma once
 
 #include <math.h>

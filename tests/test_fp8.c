@@ -1,4 +1,4 @@
-// test_fp8.c: the E4M3 quantiser and the emulated fp8 GEMM of the CPU backend (src/ops/cpu/fp8.c,
+// test_fp8.c: the E4M3 quantiser and the CPU backend's emulated fp8 GEMM (src/ops/fp8.c, src/ops/cpu/fp8.c,
 // rules in fp8.h and ops.h gemm_fp8; recipe in dsv3-spec 6.5).
 //
 // 1. Rounding against the format itself: every one of the 256 E4M3FN codes decodes to the value
@@ -29,7 +29,7 @@
 
 #include "core/check.h"
 #include "core/rng.h"
-#include "ops/cpu/fp8.h"
+#include "ops/fp8.h"
 #include "ops/ops.h"
 
 static uint64_t g_key;

@@ -66,7 +66,8 @@ int nm_cmd_forward(int argc, char **argv) {
         nm_free(tokens);
         return fail(&err);
     }
-    if (nm_model_create(&m, &cfg, nm_ops_cpu(), B, T, &err) != 0) goto done;
+    const nm_ops *ops = nm_ops_select(NULL, &err);  // NM_BACKEND, else the CPU backend
+    if (!ops || nm_model_create(&m, &cfg, ops, B, T, &err) != 0) goto done;
     if (nm_hf_dir_load_model(dir, nm_model_table(m), &cfg, 0, nm_model_params(m), &err) != 0) goto done;
 
     nm_loss_options opt = {.mtp_weight = (float)mtp_weight, .aux_weight = (float)aux_weight, .grad_scale = 1.0f};

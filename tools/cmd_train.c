@@ -263,7 +263,8 @@ int nm_cmd_eval(int argc, char **argv) {
                      "give --seq-len <= %lld", (long long)seq_len, (long long)cfg.max_pos, dir, (long long)cfg.max_pos);
         goto done;
     }
-    if (nm_model_create(&m, &cfg, nm_ops_cpu(), B, seq_len + 1, &err) != 0) goto done;
+    const nm_ops *ops = nm_ops_select(NULL, &err);  // NM_BACKEND, else the CPU backend
+    if (!ops || nm_model_create(&m, &cfg, ops, B, seq_len + 1, &err) != 0) goto done;
     if (nm_hf_dir_load_model(dir, nm_model_table(m), &cfg, 0, nm_model_params(m), &err) != 0) goto done;
     nm_data_spec spec;
     nm_data_spec_default(&spec);

@@ -208,7 +208,7 @@ class DataConfig:
 
 # field -> training-config key (src/train/train_config.h) for the fields that are one key each.
 _TRAIN_KEYS = {
-    "max_steps": "steps", "precision": "precision", "seed": "seed", "threads": "threads",
+    "max_steps": "steps", "precision": "precision", "backend": "backend", "seed": "seed", "threads": "threads",
     "tokenizer": "tokenizer", "init_from": "init_from",
     "lr": "optimizer.lr", "min_lr": "optimizer.min_lr", "beta1": "optimizer.beta1", "beta2": "optimizer.beta2",
     "eps": "optimizer.eps", "weight_decay": "optimizer.weight_decay", "clip_grad": "optimizer.clip_grad",
@@ -262,6 +262,7 @@ class TrainConfig:
     init_from: Optional[str] = None
     tokenizer: str = "bytes"
     precision: str = "fp32"
+    backend: str = "cpu"
     seed: int = 1234
     threads: int = 0
     min_lr: float = 3e-5

@@ -21,7 +21,7 @@
 
 #include "core/fileio.h"
 #include "io/safetensors.h"
-#include "ops/cpu/fp8.h"
+#include "ops/fp8.h"
 
 #define MAX_UNKNOWN_LISTED 5
 

@@ -1,7 +1,8 @@
 // ops.h: every numeric kernel the model uses, as forward/backward pairs over raw buffers
-// with explicit shapes (design.md 3, style.md 3.5). A backend is a table of these functions;
-// nm_ops_cpu() returns the CPU one (C + OpenMP, GEMMs through BLAS). The model is written
-// once against this table.
+// with explicit shapes (design.md 3, style.md 3.5). A backend is a table of these functions:
+// nm_ops_cpu returns the CPU one (C + OpenMP, GEMMs through BLAS), nm_ops_ref the reference
+// one (scalar C, the readable definition of every op), and nm_ops_by_name() / nm_ops_select()
+// either by name. The model is written once against this table.
 //
 // Conventions
 //  - All buffers are fp32, row-major, contiguous unless a leading dimension is given.
@@ -248,4 +249,21 @@ typedef struct nm_ops {
     void (*moe_scatter_add)(float *dsrc, const float *ddst, const int32_t *perm, int64_t N, int64_t K, int64_t D);
 } nm_ops;
 
+// --- backends ---------------------------------------------------------------------------------
+
+// The CPU backend (src/ops/cpu): C + OpenMP, GEMMs through oneDNN / OpenBLAS.
 const nm_ops *nm_ops_cpu(void);
+// The reference backend (src/ops/ref): plain scalar C, double accumulation, no OpenMP, no BLAS:
+// the definition the other backends are tested against (tests/test_backend_ops.c).
+const nm_ops *nm_ops_ref(void);
+
+// The backends of this build by name ("cpu", "ref"), NULL-terminated (backend_names.c: it
+// depends on no backend, so the config parser can check a name without linking one).
+extern const char *const nm_ops_backend_names[];
+// 0 when name is a backend, else -1 with err: "<what> "<name>" is not a backend (known: cpu, ref)".
+int nm_ops_check_backend(const char *name, const char *what, nm_error *err);
+// The backend called name (registry.c), or NULL for a name that is none.
+const nm_ops *nm_ops_by_name(const char *name);
+// The backend a program runs on: the environment variable NM_BACKEND when it is set and not
+// empty, else name (NULL: "cpu"). NULL with err naming the known backends when that is none.
+const nm_ops *nm_ops_select(const char *name, nm_error *err);

@@ -17,6 +17,7 @@
 
 #include "core/fileio.h"
 #include "io/hf_dir.h"
+#include "ops/ops.h"
 
 // Enum fields are read and written through int pointers.
 static_assert(sizeof(nm_precision) == sizeof(int), "enum size");
@@ -74,6 +75,8 @@ static const key_spec keys[] = {
     {"global_batch", K_INT, OFF(global_batch), 0, NULL, 0, 1 << 30, 0, NULL, 0, "rows per optimizer step (0: micro_batch)"},
     {"steps", K_INT, OFF(steps), 1000, NULL, 1, BIG, 0, NULL, 0, "optimizer steps"},
     {"precision", K_ENUM, OFF(precision), 0, NULL, 0, 0, 0, precision_names, 0, "compute precision"},
+    {"backend", K_STRING, OFF(backend), 0, "cpu", 0, 0, 0, NULL, 0,
+     "ops backend: cpu, or ref (scalar C reference, slow); the environment variable NM_BACKEND overrides it"},
     {"seed", K_INT, OFF(seed), 1234, NULL, 0, BIG, 0, NULL, 0, "seed of every random stream"},
     {"threads", K_INT, OFF(threads), 0, NULL, 0, 4096, 0, NULL, 0, "OpenMP threads (0: default)"},
     {"tensor_parallel_size", K_INT, OFF(tensor_parallel_size), 1, NULL, 1, 1 << 20, 0, NULL, 0,
@@ -442,6 +445,18 @@ static int parse_split(nm_train_config *cfg, const char *where, nm_error *err) {
 }
 
 static int validate(nm_train_config *cfg, const char *where, nm_error *err) {
+    // NM_BACKEND wins over the file and --set, so that a test suite or a job script can run
+    // every training on another backend without editing configs; the config then records the
+    // backend that ran (checkpoints keep it).
+    const char *env = getenv("NM_BACKEND");
+    char what[1100];
+    if (env && *env) {
+        set_string(&cfg->backend, env);
+        snprintf(what, sizeof what, "environment variable NM_BACKEND:");
+    } else {
+        snprintf(what, sizeof what, "%.1000s: key 'backend':", where);
+    }
+    if (nm_ops_check_backend(cfg->backend, what, err) != 0) return -1;
     if (!cfg->model == !cfg->init_from)
         return nm_error_set(err, "%s: give exactly one of 'model' (a config.json for a fresh model) or 'init_from' "
                             "(a Hugging Face model directory)%s", where, cfg->model ? "; both are set" : "");

@@ -62,6 +62,8 @@ struct nm_trainer {
     nm_model_config mcfg;
     nm_model *model;
     nm_optimizer *optim;
+    const nm_ops *ops;          // the backend (cfg.backend), a static table
+    int cpu;                    // ops is the CPU backend: its GEMM kernels are chosen (kernels.c)
     nm_comm *world;             // owned
     nm_mesh *mesh;              // groups of the layout
     nm_zero *zero;              // ZeRO-1 ownership and buckets (world > 1)
@@ -120,15 +122,16 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-// The machine peak the MFU is measured against: the best of three 2048^3 GEMMs through the
-// model's own fp32 GEMM (nm_ops_cpu()->gemm: oneDNN or OpenBLAS, src/ops/cpu/gemm.c) at the
-// run's thread count, after one warm-up (a one-time ~0.25 s cost on 2 cores, printed in the
-// banner). Smaller squares understate it: oneDNN's sgemm reached 133 GFLOP/s at 1024^3 and
-// ~190 at 1536^3 where it does 265-330 at 2048^3 and above (bench/peak). bench/peak.c measures
-// both libraries over more sizes; this is the quick in-process version. On a shared machine
-// any single measurement can be low, so NM_PEAK_GFLOPS overrides it.
-static double time_square_gemm(int bf16, int n, const void *a, const void *b, float *c) {
-    const nm_ops *ops = nm_ops_cpu();
+// The machine peak the MFU is measured against: the best of three n^3 GEMMs through the run's
+// own fp32 GEMM (ops->gemm) at the run's thread count, after one warm-up. On the CPU backend
+// (oneDNN or OpenBLAS, src/ops/cpu/gemm.c) n = 2048, a one-time ~0.25 s on 2 cores, printed in
+// the banner: smaller squares understate it (oneDNN's sgemm reached 133 GFLOP/s at 1024^3 and
+// ~190 at 1536^3 where it does 265-330 at 2048^3 and above, bench/peak). Another backend is
+// timed at n = 256, which its GEMM's rate hardly depends on and the reference backend's scalar
+// loops finish in a fraction of a second. bench/peak.c measures both CPU libraries over more
+// sizes; this is the quick in-process version. On a shared machine any single measurement can
+// be low, so NM_PEAK_GFLOPS overrides it.
+static double time_square_gemm(const nm_ops *ops, int bf16, int n, const void *a, const void *b, float *c) {
     double best = 1e30;
     for (int r = 0; r < 4; r++) {  // the first run warms the library up and is not counted
         double t0 = now_s();
@@ -142,10 +145,10 @@ static double time_square_gemm(int bf16, int n, const void *a, const void *b, fl
 
 // Runs below fp32 also have the bf16 GEMM (the kernel chosen for it, kernels.c): their peak
 // is the better of the two, so the MFU keeps meaning "of the best measured kernel".
-static double measure_gemm_peak(nm_precision precision) {
+static double measure_gemm_peak(const nm_ops *ops, int cpu, nm_precision precision) {
     const char *given = getenv("NM_PEAK_GFLOPS");
     if (given && atof(given) > 0) return atof(given) * 1e9;
-    const int n = 2048;
+    const int n = cpu ? 2048 : 256;
     float *a = nm_aligned_alloc((size_t)n * n * sizeof(float));
     float *b = nm_aligned_alloc((size_t)n * n * sizeof(float));
     float *c = nm_aligned_alloc((size_t)n * n * sizeof(float));
@@ -153,7 +156,7 @@ static double measure_gemm_peak(nm_precision precision) {
         a[i] = (float)(i % 7) * 0.1f;
         b[i] = (float)(i % 5) * 0.1f;
     }
-    double peak = time_square_gemm(0, n, a, b, c);
+    double peak = time_square_gemm(ops, 0, n, a, b, c);
     if (precision != NM_PRECISION_FP32) {
         // bf16 operands as the model stores them: the top half of each float (the values
         // i/10 rounded; what they are does not matter to the timing).
@@ -165,7 +168,7 @@ static double measure_gemm_peak(nm_precision precision) {
             a16[i] = (uint16_t)(ua >> 16);
             b16[i] = (uint16_t)(ub >> 16);
         }
-        double p16 = time_square_gemm(1, n, a16, b16, c);
+        double p16 = time_square_gemm(ops, 1, n, a16, b16, c);
         if (p16 > peak) peak = p16;
     }
     nm_free(a);
@@ -406,7 +409,9 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
         mopts.act_slots = nm_pipeline_slots(ms.pp, t->mesh->pp_rank, t->accum);
     }
     if (nm_train_check_memory(cfg, &t->mcfg, t->world->size, opts->recompute, t->mesh->pp_rank, err) != 0) goto fail;
-    if (nm_model_create_ex(&t->model, &t->mcfg, nm_ops_cpu(), cfg->micro_batch, t->T, &mopts, err) != 0) goto fail;
+    if (!(t->ops = nm_ops_select(cfg->backend, err))) goto fail;
+    t->cpu = t->ops == nm_ops_by_name("cpu");
+    if (nm_model_create_ex(&t->model, &t->mcfg, t->ops, cfg->micro_batch, t->T, &mopts, err) != 0) goto fail;
     if (nm_model_set_precision(t->model, cfg->precision, err) != 0) goto fail;
     const nm_param_table *table = nm_model_table(t->model);
     t->embed_copy_row = -1;
@@ -509,8 +514,12 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     }
     // Before the first GEMM; a fresh single-process run measures and writes kernels.json, a
     // resume (or a multi-rank run, whose ranks must agree) reads it back or takes the defaults.
-    if (nm_kernels_choose(&t->mcfg, cfg->micro_batch * cfg->seq_len, opts->run_dir,
-                          t->world->size == 1 && !opts->resume, t->kernels, sizeof(t->kernels), err) != 0)
+    // The choice is among the CPU backend's kernels; another backend has its own and no choice.
+    if (!t->cpu)
+        snprintf(t->kernels, sizeof(t->kernels), "backend %s: %s (no kernel choice)", cfg->backend,
+                 t->ops->kernel_names());
+    else if (nm_kernels_choose(&t->mcfg, cfg->micro_batch * cfg->seq_len, opts->run_dir,
+                               t->world->size == 1 && !opts->resume, t->kernels, sizeof(t->kernels), err) != 0)
         goto fail;
     if (opts->resume) {
         nm_ckpt_state st;
@@ -568,7 +577,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     t->flops_per_token = nm_model_flops_per_token(&t->mcfg, t->T);
     // Every rank measures at once (on a shared machine that is the capacity they share); the
     // job's peak is the sum.
-    t->peak_flops = measure_gemm_peak(cfg->precision);
+    t->peak_flops = measure_gemm_peak(t->ops, t->cpu, cfg->precision);
     if (nm_comm_all_reduce(t->world, &t->peak_flops, 1, NM_DT_F64, NM_RED_SUM, err) != 0) goto fail;
     // Each stage's own memory for the banner (rank 0 holds only stage 0's): parameters and
     // the activation sets of its micro-batches in flight.
@@ -635,7 +644,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
         printf("peak  %.1f GFLOP/s %s %s (%s) | %.2f MFLOP/token | activations %.1f MiB",
                t->peak_flops / 1e9, cfg->precision == NM_PRECISION_FP32 ? "fp32 GEMM" : "best of the fp32 and bf16 GEMMs",
                given && atof(given) > 0 ? "given by NM_PEAK_GFLOPS" : "measured",
-               nm_ops_cpu()->kernel_names(), t->flops_per_token / 1e6,
+               t->ops->kernel_names(), t->flops_per_token / 1e6,
                (double)nm_model_activation_bytes(t->model) / 1048576.0);
         if (opts->recompute && !t->pipe) {
             size_t full = nm_model_estimate_activation_bytes(&t->mcfg, cfg->micro_batch, t->T, 0);

@@ -1,4 +1,4 @@
-// fp8_oracle.c: runs the CPU backend's E4M3 quantiser (src/ops/cpu/fp8.h) on values read from a
+// fp8_oracle.c: runs the E4M3 quantiser (src/ops/fp8.h) on values read from a
 // file and writes the results, so that tests/reference/test_fp8_torch.py can compare them with
 // an independent Python implementation of OCP E4M3FN rounding and of the DeepSeek-V3 scale
 // rule. A test tool, built into the build directory as nm_fp8_oracle; not installed.
@@ -16,7 +16,7 @@
 
 #include "core/check.h"
 #include "core/fileio.h"
-#include "ops/cpu/fp8.h"
+#include "ops/fp8.h"
 
 static float *read_f32(const char *path, size_t *n) {
     nm_error err;

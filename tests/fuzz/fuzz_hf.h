@@ -14,7 +14,7 @@
 #include "io/hf_dir.h"
 #include "model/config.h"
 #include "model/params.h"
-#include "ops/cpu/fp8.h"
+#include "ops/fp8.h"
 
 static const char FUZZ_HF_CONFIG[] =
     "{\"vocab_size\": 32, \"hidden_size\": 16, \"intermediate_size\": 32, \"moe_intermediate_size\": 8,"

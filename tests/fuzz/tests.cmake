@@ -50,17 +50,17 @@ set(NM_FUZZ_MAXLEN_indexed 512)
 set(NM_FUZZ_SRC_indexed src/data/indexed.c)
 set(NM_FUZZ_SRC_model_config src/model/config.c)
 set(NM_FUZZ_SRC_train_config src/train/train_config.c src/train/schedule.c src/train/optim.c src/model/config.c
-    src/io/hf_dir.c src/io/safetensors.c src/model/params.c src/core/rng.c src/ops/cpu/fp8_decode.c)
+    src/io/hf_dir.c src/io/safetensors.c src/model/params.c src/core/rng.c src/ops/fp8_decode.c src/ops/backend_names.c)
 # The seeds include data.paths lists of 1000 and 5000 entries (the latter 165 kB; libFuzzer cuts a
 # seed to max_len, which would leave only broken JSON of the long lists).
 set(NM_FUZZ_MAXLEN_train_config 262144)
 set(NM_FUZZ_SRC_safetensors src/io/safetensors.c)
 set(NM_FUZZ_SRC_tokenizer src/data/tokenizer.c src/data/tokenizer_util.c)
 set(NM_FUZZ_SRC_trainer_json src/train/checkpoint.c src/io/table_io.c src/io/safetensors.c src/model/params.c src/core/rng.c
-    src/model/config.c src/train/train_config.c src/train/schedule.c src/train/optim.c src/io/hf_dir.c src/comm/comm.c src/ops/cpu/fp8_decode.c)
+    src/model/config.c src/train/train_config.c src/train/schedule.c src/train/optim.c src/io/hf_dir.c src/comm/comm.c src/ops/fp8_decode.c src/ops/backend_names.c)
 # A Hugging Face model directory as hf_dir.c loads it (fixtures in tests/fuzz/fuzz_hf.h).
 set(NM_FUZZ_HF_DIR src/io/hf_dir.c src/io/safetensors.c src/model/params.c src/model/config.c src/core/rng.c
-    src/ops/cpu/fp8_decode.c)
+    src/ops/fp8_decode.c)
 set(NM_FUZZ_SRC_hf_index ${NM_FUZZ_HF_DIR})
 set(NM_FUZZ_SRC_quant_config ${NM_FUZZ_HF_DIR})
 set(NM_FUZZ_SRC_fp8_block ${NM_FUZZ_HF_DIR})

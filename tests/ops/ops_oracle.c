@@ -1,9 +1,10 @@
-// ops_oracle.c: runs one CPU op (forward and backward) on tensors read from a file and writes
-// its outputs, so that tests/reference/test_ops_torch.py can compare them with an independent
-// PyTorch float64 implementation. A test tool, built into the build directory as
-// nm_ops_oracle; not installed.
+// ops_oracle.c: runs one op (forward and backward) of a backend on tensors read from a file and
+// writes its outputs, so that tests/reference/test_ops_torch.py can compare them with an
+// independent PyTorch float64 implementation. The backend is NM_BACKEND's (default cpu; the
+// Python test runs every one). A test tool, built into the build directory as nm_ops_oracle;
+// not installed.
 //
-//   nm_ops_oracle <op> <in.bin> <out.bin>
+//   [NM_BACKEND=cpu|ref] nm_ops_oracle <op> <in.bin> <out.bin>
 //   op: gemm | embedding | rmsnorm | swiglu | rope | attention | xent | router | balance | moe
 //
 // File format (both directions, little-endian), written and read by the Python test:
@@ -264,12 +265,18 @@ int main(int argc, char **argv) {
         {"rope", run_rope},   {"attention", run_attention}, {"xent", run_xent},       {"router", run_router},
         {"balance", run_balance}, {"moe", run_moe},
     };
+    nm_error err;
+    const nm_ops *ops = nm_ops_select(NULL, &err);
+    if (!ops) {
+        fprintf(stderr, "%s\n", err.msg);
+        return 2;
+    }
     static tensor_set in, out;
     char *buf;
     read_set(&in, argv[2], &buf);
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
         if (strcmp(argv[1], table[i].name)) continue;
-        table[i].run(nm_ops_cpu(), &in, &out);
+        table[i].run(ops, &in, &out);
         write_set(&out, argv[3]);
         for (int j = 0; j < in.count; j++) nm_free(in.t[j].data);
         for (int j = 0; j < out.count; j++) nm_free(out.t[j].data);

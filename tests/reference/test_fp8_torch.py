@@ -1,4 +1,4 @@
-"""Independent check of the CPU backend's E4M3 quantiser (src/ops/cpu/fp8.c).
+"""Independent check of the E4M3 quantiser (src/ops/fp8.c).
 
 The reference here is written from the OCP 8-bit Floating Point Specification (E4M3FN: bias 7,
 3 mantissa bits, no infinities, S.1111.111 = NaN, max 448, subnormals m * 2^-9) with exact

@@ -1,12 +1,14 @@
-"""Independent PyTorch float64 check of every CPU op, forward and backward.
+"""Independent PyTorch float64 check of every op of every backend (cpu, ref), forward and backward.
 
 Each op's reference below is written from dsv3-spec (sections 3, 4, 5, 6.2, 7, 11) and ops.h
-with torch autograd for the gradients, not ported from src/ops/cpu. Random fp32 inputs are
+with torch autograd for the gradients, not ported from src/ops. Random fp32 inputs are
 generated here, the C ops run through the nm_ops_oracle driver (tests/ops/ops_oracle.c, built
-into $NM_BUILD), and both results are compared.
+into $NM_BUILD) once per backend (NM_BACKEND), and both results are compared. The reference
+backend (src/ops/ref, double sums) is the one tests/test_backend_ops.c holds the others to, so
+it is checked here against an oracle that shares none of its code.
 
-Tolerances. The inputs are fp32 values, exact in float64, so the whole difference is the C
-ops' fp32 arithmetic: ~6e-8 per rounding, a few roundings deep plus fp32 sums over short
+Tolerances (set on the CPU backend; ref, which sums in double, stays well inside them). The
+inputs are fp32 values, exact in float64, so the whole difference is the C ops' fp32 arithmetic: ~6e-8 per rounding, a few roundings deep plus fp32 sums over short
 rows (the ops accumulate long reductions in double). Errors are measured as
 max|c - ref| / max|ref| per tensor. Over 100 seeds (NM_OPS_SEED=1..100) the worst forward
 output is 2.8e-7 (attention.out; fp32 GEMMs 2.6e-7) and the worst gradient 4.8e-7
@@ -37,6 +39,7 @@ except ImportError:
 
 FWD_TOL = 2e-6    # worst over 100 seeds: 2.8e-7
 GRAD_TOL = 5e-6   # worst over 100 seeds: 4.8e-7
+BACKENDS = ("cpu", "ref")
 F64 = torch.float64
 failures = []
 report = {}
@@ -89,6 +92,7 @@ def find_oracle():
 
 ORACLE = find_oracle()
 TMP = tempfile.mkdtemp(prefix="nm_ops_torch_")
+backend = BACKENDS[0]  # the one run_c runs, set by main
 
 
 def run_c(op, tensors):
@@ -96,9 +100,10 @@ def run_c(op, tensors):
     write_set(inp, tensors)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "2")
+    env["NM_BACKEND"] = backend
     r = subprocess.run([ORACLE, op, inp, outp], capture_output=True, text=True, env=env)
     if r.returncode != 0:
-        raise RuntimeError(f"oracle {op} failed ({r.returncode}): {r.stderr}")
+        raise RuntimeError(f"oracle {op} ({backend}) failed ({r.returncode}): {r.stderr}")
     return read_set(outp)
 
 
@@ -109,7 +114,7 @@ def compare(case, name, c, ref, tol):
     scale = ref.abs().max().item() if ref.numel() else 0.0
     err = (c - ref).abs().max().item() if ref.numel() else 0.0
     rel = err / scale if scale > 0 else err
-    key = f"{case}.{name}"
+    key = f"{backend}:{case}.{name}"
     report[key] = rel
     ok = rel <= tol and bool(torch.isfinite(c).all())
     print(f"  {key:40s} max_err/max_ref = {rel:.2e} (tol {tol:.0e}){'' if ok else '  FAIL'}")
@@ -121,7 +126,7 @@ def exact(case, name, c, ref):
     ok = torch.equal(c.to(torch.int64).flatten(), ref.to(torch.int64).flatten())
     print(f"  {case + '.' + name:40s} {'exact' if ok else 'MISMATCH'}")
     if not ok:
-        failures.append(f"{case}.{name}")
+        failures.append(f"{backend}:{case}.{name}")
 
 
 def exact_bits(case, name, c, ref):
@@ -129,7 +134,7 @@ def exact_bits(case, name, c, ref):
     ok = torch.equal(c.to(torch.float32).flatten().view(torch.int32), ref.to(torch.float32).flatten().view(torch.int32))
     print(f"  {case + '.' + name:40s} {'exact' if ok else 'MISMATCH'}")
     if not ok:
-        failures.append(f"{case}.{name}")
+        failures.append(f"{backend}:{case}.{name}")
 
 
 def randn(*shape, scale=1.0):
@@ -366,13 +371,19 @@ def check_moe():
 
 
 def main():
-    torch.manual_seed(int(os.environ.get("NM_OPS_SEED", "20240607")))
-    for check in (check_gemm, check_embedding, check_rmsnorm, check_swiglu, check_rope, check_attention,
-                  check_xent, check_router, check_balance, check_moe):
-        print(check.__name__[6:])
-        check()
-    worst = max(report.items(), key=lambda kv: kv[1])
-    print(f"{len(report)} comparisons, worst {worst[0]} = {worst[1]:.2e}")
+    global backend
+    for backend in BACKENDS:
+        print(f"=== backend {backend}")
+        # the same inputs for every backend
+        torch.manual_seed(int(os.environ.get("NM_OPS_SEED", "20240607")))
+        for check in (check_gemm, check_embedding, check_rmsnorm, check_swiglu, check_rope, check_attention,
+                      check_xent, check_router, check_balance, check_moe):
+            print(check.__name__[6:])
+            check()
+    for b in BACKENDS:
+        mine = {k: v for k, v in report.items() if k.startswith(b + ":")}
+        worst = max(mine.items(), key=lambda kv: kv[1])
+        print(f"{b}: {len(mine)} comparisons, worst {worst[0]} = {worst[1]:.2e}")
     if failures:
         print("FAILED: " + ", ".join(failures))
         return 1

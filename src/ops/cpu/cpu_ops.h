@@ -1,6 +1,7 @@
 // cpu_ops.h: private declarations of the CPU backend's op implementations (src/ops/cpu/*.c).
 // Only ops_cpu.c (which fills the nm_ops table) and the op files include this; everything
-// else reaches the ops through nm_ops_cpu(). Semantics of every function: ops.h.
+// else reaches the ops through the table (nm_ops_by_name("cpu")), except the trainer's GEMM
+// kernel choice (src/train/kernels.c). Semantics of every function: ops.h.
 #pragma once
 
 #include <stddef.h>

@@ -62,7 +62,7 @@
 
 #include "core/check.h"
 #include "ops/cpu/cpu_ops.h"
-#include "ops/cpu/bf16.h"
+#include "ops/bf16.h"
 
 #define NM_DNNL_CHECK(expr)                                                                \
     do {                                                                                   \
@@ -234,7 +234,7 @@ static uint16_t *scratch_reserve(nm_bf16_scratch *s, size_t n) {
 void nm_cpu_cast_bf16(uint16_t *dst, const float *src, int64_t n) {
     NM_CHECK(n >= 0, "cast_bf16 n=%lld", (long long)n);
 #pragma omp parallel for schedule(static) if (n >= NM_BF16_PARALLEL_MIN)
-    for (int64_t i = 0; i < n; i++) dst[i] = nm_cpu_f32_to_bf16(src[i]);
+    for (int64_t i = 0; i < n; i++) dst[i] = nm_f32_to_bf16(src[i]);
 }
 
 // dst(rows, cols) packed (=) bf16 of src(rows, cols) with leading dimension ld.
@@ -243,7 +243,7 @@ static void cast_bf16_2d(uint16_t *dst, const float *src, int64_t ld, int64_t ro
     for (int64_t r = 0; r < rows; r++) {
         const float *s = src + r * ld;
         uint16_t *d = dst + r * cols;
-        for (int64_t c = 0; c < cols; c++) d[c] = nm_cpu_f32_to_bf16(s[c]);
+        for (int64_t c = 0; c < cols; c++) d[c] = nm_f32_to_bf16(s[c]);
     }
 }
 
@@ -300,10 +300,10 @@ static void widen_rows(float *dst, const void *x, nm_dtype type, int64_t rows, i
         float *d = dst + r * cols;
         if (type == NM_BF16) {
             const uint16_t *h = (const uint16_t *)x + r * ld;
-            for (int64_t c = 0; c < cols; c++) d[c] = nm_cpu_bf16_to_f32(h[c]);
+            for (int64_t c = 0; c < cols; c++) d[c] = nm_bf16_to_f32(h[c]);
         } else {
             const float *f = (const float *)x + r * ld;
-            for (int64_t c = 0; c < cols; c++) d[c] = nm_cpu_bf16_round(f[c]);
+            for (int64_t c = 0; c < cols; c++) d[c] = nm_bf16_round(f[c]);
         }
     }
 }
@@ -341,7 +341,7 @@ static const float *as_widened(nm_f32_scratch *s, const void *x, nm_dtype type, 
 void nm_cpu_round_bf16(float *dst, const float *src, int64_t n) {
     NM_CHECK(n >= 0, "round_bf16 n=%lld", (long long)n);
 #pragma omp parallel for schedule(static) if (n >= NM_BF16_PARALLEL_MIN)
-    for (int64_t i = 0; i < n; i++) dst[i] = nm_cpu_bf16_round(src[i]);
+    for (int64_t i = 0; i < n; i++) dst[i] = nm_bf16_round(src[i]);
 }
 
 // x(n) (=) bf16(x) in place, bits(n) (=) the same values in bf16 storage: one pass where
@@ -350,9 +350,9 @@ void nm_cpu_round_cast_bf16(float *x, uint16_t *bits, int64_t n) {
     NM_CHECK(n >= 0, "round_cast_bf16 n=%lld", (long long)n);
 #pragma omp parallel for schedule(static) if (n >= NM_BF16_PARALLEL_MIN)
     for (int64_t i = 0; i < n; i++) {
-        uint16_t h = nm_cpu_f32_to_bf16(x[i]);
+        uint16_t h = nm_f32_to_bf16(x[i]);
         bits[i] = h;
-        x[i] = nm_cpu_bf16_to_f32(h);
+        x[i] = nm_bf16_to_f32(h);
     }
 }
 

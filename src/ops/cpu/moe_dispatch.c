@@ -15,7 +15,7 @@
 #include <string.h>
 
 #include "core/check.h"
-#include "ops/cpu/bf16.h"
+#include "ops/bf16.h"
 #include "ops/cpu/cpu_ops.h"
 #include "ops/cpu/lanes.h"
 
@@ -62,8 +62,8 @@ void nm_cpu_moe_gather_bf16(float *dst, uint16_t *bits, const float *src, const 
     for (int64_t r = 0; r < N * K; r++) {
         const float *s = src + (int64_t)(perm[r] / K) * D;
         float *d = dst + r * D;
-        for (int64_t c = 0; c < D; c++) d[c] = nm_cpu_bf16_round(s[c]);
-        if (bits) nm_cpu_bf16_high_halves(bits + r * D, d, D);
+        for (int64_t c = 0; c < D; c++) d[c] = nm_bf16_round(s[c]);
+        if (bits) nm_bf16_high_halves(bits + r * D, d, D);
     }
 }
 

@@ -9,7 +9,7 @@
 #include <math.h>
 
 #include "core/check.h"
-#include "ops/cpu/bf16.h"
+#include "ops/bf16.h"
 #include "ops/cpu/cpu_ops.h"
 #include "ops/cpu/fastmath.h"
 
@@ -43,8 +43,8 @@ void nm_cpu_swiglu_forward_bf16(float *out, uint16_t *bits, const float *gate_up
     for (int64_t n = 0; n < N; n++) {
         const float *g = gate_up + n * 2 * F, *u = g + F;
         float *o = out + n * F;
-        for (int64_t i = 0; i < F; i++) o[i] = nm_cpu_bf16_round(swiglu(g[i], u[i]));
-        if (bits) nm_cpu_bf16_high_halves(bits + n * F, o, F);
+        for (int64_t i = 0; i < F; i++) o[i] = nm_bf16_round(swiglu(g[i], u[i]));
+        if (bits) nm_bf16_high_halves(bits + n * F, o, F);
     }
 }
 
@@ -71,9 +71,9 @@ void nm_cpu_swiglu_backward_bf16(float *dgate_up, uint16_t *bits, const float *d
         for (int64_t i = 0; i < F; i++) {
             float dai, dbi;
             swiglu_grad(a[i], b[i], dy[i], &dai, &dbi);
-            da[i] = nm_cpu_bf16_round(dai);
-            db[i] = nm_cpu_bf16_round(dbi);
+            da[i] = nm_bf16_round(dai);
+            db[i] = nm_bf16_round(dbi);
         }
-        if (bits) nm_cpu_bf16_high_halves(bits + n * 2 * F, da, 2 * F);
+        if (bits) nm_bf16_high_halves(bits + n * 2 * F, da, 2 * F);
     }
 }

@@ -1,6 +1,7 @@
-// fp8.h: the E4M3 quantiser behind the CPU backend's emulated fp8 GEMM (fp8.c), exposed so
-// that tests can check its rounding and scale rules directly. The model reaches the GEMM
-// through nm_ops_cpu()->gemm_fp8 (ops.h) and does not include this header.
+// fp8.h: the E4M3 quantiser behind every backend's emulated fp8 GEMM (fp8.c; the CPU backend's
+// src/ops/cpu/fp8.c, the reference backend's src/ops/ref/fp8.c), exposed so that tests can
+// check its rounding and scale rules directly. The model reaches the GEMM through the ops
+// table's gemm_fp8 (ops.h) and does not include this header.
 //
 // Format: OCP FP8 E4M3FN (OCP 8-bit Floating Point Specification v1.0, 2023): 1 sign bit,
 // 4 exponent bits with bias 7, 3 mantissa bits; no infinities; S.1111.111 is the only NaN

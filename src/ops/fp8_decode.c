@@ -3,7 +3,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#include "ops/cpu/fp8.h"
+#include "ops/fp8.h"
 
 float nm_fp8_e4m3_decode(uint8_t code) {
     int e = (code >> 3) & 15, m = code & 7;

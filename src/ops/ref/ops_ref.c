@@ -1,0 +1,52 @@
+// ops_ref.c: the reference backend's nm_ops table (ref_ops.h says what the backend is). The ops
+// live one family per file in this directory; this file only wires them up.
+#include "ops/ref/ref_ops.h"
+
+static const char *ref_kernel_names(void) { return "scalar C, double accumulation, one thread"; }
+
+static const nm_ops ref_ops = {
+    .setup = NULL,  // no library, no machine feature: nothing can be missing
+    .kernel_names = ref_kernel_names,
+    .max_row_dim = NM_REF_MAX_ROW_DIM,
+    .gemm = nm_ref_gemm,
+    .gemm_grouped = nm_ref_gemm_grouped,
+    .gemm_bf16 = nm_ref_gemm_bf16,
+    .gemm_bf16_grouped = nm_ref_gemm_bf16_grouped,
+    .gemm_bf16_weight_type = nm_ref_gemm_bf16_weight_type,
+    .round_bf16 = nm_ref_round_bf16,
+    .gemm_fp8 = nm_ref_gemm_fp8,
+    .cast_bf16 = nm_ref_cast_bf16,
+    .round_cast_bf16 = nm_ref_round_cast_bf16,
+    .zero = nm_ref_zero,
+    .axpy = nm_ref_axpy,
+    .copy_2d = nm_ref_copy_2d,
+    .add_2d = nm_ref_add_2d,
+    .embedding_forward = nm_ref_embedding_forward,
+    .embedding_backward = nm_ref_embedding_backward,
+    .rmsnorm_forward = nm_ref_rmsnorm_forward,
+    .rmsnorm_backward = nm_ref_rmsnorm_backward,
+    .swiglu_forward = nm_ref_swiglu_forward,
+    .swiglu_backward = nm_ref_swiglu_backward,
+    .swiglu_forward_bf16 = nm_ref_swiglu_forward_bf16,
+    .swiglu_backward_bf16 = nm_ref_swiglu_backward_bf16,
+    .rope_forward = nm_ref_rope_forward,
+    .rope_backward = nm_ref_rope_backward,
+    .attention_forward = nm_ref_attention_forward,
+    .attention_backward = nm_ref_attention_backward,
+    .xent_forward = nm_ref_xent_forward,
+    .xent_backward = nm_ref_xent_backward,
+    .xent_tile_forward = nm_ref_xent_tile_forward,
+    .xent_tile_backward = nm_ref_xent_tile_backward,
+    .router_forward = nm_ref_router_forward,
+    .router_backward = nm_ref_router_backward,
+    .balance_loss_forward = nm_ref_balance_loss_forward,
+    .balance_loss_backward = nm_ref_balance_loss_backward,
+    .moe_permute = nm_ref_moe_permute,
+    .moe_gather = nm_ref_moe_gather,
+    .moe_gather_bf16 = nm_ref_moe_gather_bf16,
+    .moe_combine_forward = nm_ref_moe_combine_forward,
+    .moe_combine_backward = nm_ref_moe_combine_backward,
+    .moe_scatter_add = nm_ref_moe_scatter_add,
+};
+
+const nm_ops *nm_ops_ref(void) { return &ref_ops; }

@@ -1,0 +1,726 @@
+// test_backend_ops.c: every op of every backend against the reference backend (src/ops/ref),
+// over the shapes and dtypes the model uses (ggml's test-backend-ops). Each op runs on both
+// backends with the same inputs; every output is compared.
+//
+// Inputs: fresh random values per run (NM_TEST_SEED replays one), at the widths of
+// configs/tiny.json (D 256, 4 heads of 32 + 16 / 32, 16 experts of 128, top-4 in 4 groups,
+// V 512, F 640) over B = 2 sequences of T = 65 tokens (seq_len 64 + 1), plus DeepSeek-V3's
+// widest rows (D = 7175: 7168 and a tail; V = 129280) and attention over T = 300 (the CPU
+// backend's key chunks are 256). Every dtype the model hands an op is used: fp32, fp32 storage
+// holding bf16 values (NM_F32_BF16) and bf16 storage, and both fp8 operand kinds.
+//
+// Outputs: "(=)" outputs start as NaN on both sides, so an element one backend leaves unwritten
+// fails; "(+=)" outputs start from the same random values. Integer outputs (selections,
+// permutations, offsets) and outputs that only move or round values must match exactly.
+// Floating-point outputs are compared by err = max |x - ref| / max |ref| over the tensor;
+// outputs rounded to bf16 by the op itself are compared in bf16 steps (ulps): the two
+// backends' fp32 values differ by ~1e-7, so a value next to a rounding boundary may round
+// either way, by one step (check_bf16_out says what else it allows).
+//
+// Tolerances: about 10x the worst err measured over 60 runs (20 seeds each under the CPU
+// backend's default kernels, NM_CPU_BF16_GEMM=onednn and NM_CPU_GEMM=openblas; an AMD EPYC
+// with AVX512-BF16, 2 threads); each TOL_* below says its measured value. A formula mistake shows as 1e-4 or
+// more. Planted into the CPU backend, each of these failed the test: `* 0.999f` in SwiGLU's
+// backward (err 1.0e-3), fp8 weight blocks of 64 rows instead of 128 (3.2e-2), the router's
+// bias subtracted instead of added (other experts selected).
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/check.h"
+#include "core/rng.h"
+#include "ops/bf16.h"
+#include "ops/ops.h"
+
+#include "test_util.h"
+
+// --- tolerances (max |x - ref| / max |ref|), measured worst of 60 runs beside each -----------
+// Where the CPU op sums in the reference's order and rounds once, the measured error is 0; the
+// tolerance 1e-6 there (a few fp32 roundings of the largest value) leaves room for a reordered
+// sum while a formula mistake (1e-4 and up) still fails.
+#define TOL_GEMM 1e-5         // fp32 GEMM and grouped, K <= 300: 9.9e-7
+#define TOL_GEMM_BF16 5e-6    // bf16 GEMM and grouped, operands rounded alike: 5.5e-7
+#define TOL_GEMM_FP8 1e-5     // fp8 GEMM, operands quantised alike: 9.3e-7
+#define TOL_SAME_ORDER 1e-6   // axpy, add_2d, embedding and MoE scatter-adds, RMSNorm, router, balance loss: 0
+#define TOL_SWIGLU 5e-6       // 4.5e-7 (the CPU's fp32 exp of 1 ulp against double)
+#define TOL_ROPE 2e-6         // 1.5e-7
+#define TOL_ATTENTION 5e-6    // forward 3.4e-7, backward 6.6e-7
+#define TOL_XENT 5e-6         // loss, lse 1.2e-7; dlogits 6.0e-7 (per vocabulary tile row)
+#define MAX_BF16_STEPS 1      // outputs the op rounds to bf16: 1
+
+static uint64_t g_key, g_ctr;
+static const nm_ops *ref, *be;  // the reference and the backend under test
+static int n_checks;
+static double worst;            // largest err / tol seen, for the summary
+static char worst_name[128];
+
+// --- buffers --------------------------------------------------------------------------------
+
+static float *randn(int64_t n, float scale) {
+    float *x = nm_malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+    for (int64_t i = 0; i < n; i++) x[i] = scale * nm_rng_normal(g_key, g_ctr++);
+    return x;
+}
+
+static float *filled(int64_t n, float v) {
+    float *x = nm_malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+    for (int64_t i = 0; i < n; i++) x[i] = v;
+    return x;
+}
+
+static float *nans(int64_t n) { return filled(n, NAN); }
+
+static float *copyf(const float *src, int64_t n) {
+    float *x = nm_malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+    if (n > 0) memcpy(x, src, (size_t)n * sizeof(float));
+    return x;
+}
+
+static int32_t *ints(int64_t n) { return nm_calloc((size_t)(n > 0 ? n : 1), sizeof(int32_t)); }
+
+static uint16_t *halves(int64_t n) { return nm_calloc((size_t)(n > 0 ? n : 1), sizeof(uint16_t)); }
+
+static int32_t rand_below(int64_t n) { return (int32_t)(nm_rng_u64(g_key, g_ctr++) % (uint64_t)n); }
+
+// --- comparisons ----------------------------------------------------------------------------
+
+static void note(const char *op, const char *what, double err, double tol) {
+    n_checks++;
+    char name[128];
+    snprintf(name, sizeof name, "%s %s", op, what);
+    double r = tol > 0 ? err / tol : (err > 0 ? INFINITY : 0);
+    if (r > worst || !worst_name[0]) {
+        worst = r;
+        snprintf(worst_name, sizeof worst_name, "%s", name);
+    }
+    printf("  %-44s err %.2e (tol %.0e)%s\n", name, err, tol, err <= tol ? "" : "  FAIL");
+}
+
+// max |x - r| / max |r| over (n) elements; infinite when either side holds a NaN (an unwritten
+// "(=)" element, or a wrong one).
+static double rel_err(const float *x, const float *r, int64_t n) {
+    double e = 0.0, m = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        if (x[i] != x[i] || r[i] != r[i]) return INFINITY;
+        e = fmax(e, fabs((double)x[i] - r[i]));
+        m = fmax(m, fabs((double)r[i]));
+    }
+    return m > 0 ? e / m : e;
+}
+
+// x against the reference r, both (n): rel_err within tol.
+static void check_f32(const char *op, const char *what, const float *x, const float *r, int64_t n, double tol) {
+    double err = rel_err(x, r, n);
+    note(op, what, err, tol);
+    EXPECT(err <= tol, "%s %s: err %.3e > tol %.0e", op, what, err, tol);
+}
+
+// The same for strided matrices (rows, cols) with leading dimension ld; the padding columns
+// [cols, ld) must be equal bit for bit on both sides (an op must not touch them).
+static void check_f32_2d(const char *op, const char *what, const float *x, const float *r, int64_t rows,
+                         int64_t cols, int64_t ld, double tol) {
+    const size_t bytes = (size_t)(rows * cols + 1) * sizeof(float);
+    float *xp = nm_malloc(bytes), *rp = nm_malloc(bytes);
+    int pad = 0;
+    for (int64_t i = 0; i < rows; i++) {
+        memcpy(xp + i * cols, x + i * ld, (size_t)cols * sizeof(float));
+        memcpy(rp + i * cols, r + i * ld, (size_t)cols * sizeof(float));
+        pad += memcmp(x + i * ld + cols, r + i * ld + cols, (size_t)(ld - cols) * sizeof(float)) != 0;
+    }
+    check_f32(op, what, xp, rp, rows * cols, tol);
+    EXPECT(pad == 0, "%s %s: %d rows' padding differs", op, what, pad);
+    nm_free(xp), nm_free(rp);
+}
+
+static void check_exact(const char *op, const char *what, const void *x, const void *r, size_t bytes) {
+    int same = memcmp(x, r, bytes) == 0;
+    note(op, what, same ? 0.0 : INFINITY, 0.0);
+    EXPECT(same, "%s %s: differs (must be exact)", op, what);
+}
+
+// Position of a bf16 value on the number line in steps (sign-magnitude to ordered integers;
+// both zeros are 0), so that neighbours differ by 1 across binades and across zero.
+static int64_t bf16_ordinal(uint16_t h) { return (h & 0x8000) ? -(int64_t)(h & 0x7fff) : (int64_t)h; }
+
+// Outputs the op rounds to bf16 (fp32 storage x, r; bf16 copies xb, rb or NULL): every element
+// within MAX_BF16_STEPS bf16 steps of the reference, or within tol of the largest |r| (the fp32
+// op's tolerance: a value formed by cancellation, like SwiGLU's 1 + a (1 - sigmoid(a)) near 0,
+// carries an fp32 error of many bf16 steps of its own small size); and each side's bf16 copy
+// its own storage's value exactly.
+static void check_bf16_out(const char *op, const char *what, const float *x, const float *r, const uint16_t *xb,
+                           const uint16_t *rb, int64_t n, double tol) {
+    double m = 0.0;
+    for (int64_t i = 0; i < n; i++) m = fmax(m, fabs((double)r[i]));
+    int64_t worst_steps = 0, copies = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint16_t hx = nm_f32_to_bf16(x[i]), hr = nm_f32_to_bf16(r[i]);
+        int64_t steps = llabs(bf16_ordinal(hx) - bf16_ordinal(hr));
+        if (fabs((double)x[i] - r[i]) <= tol * m) steps = 0;
+        // NaN, or storage that is not a bf16 value (the op did not round it): no step count
+        if (x[i] != x[i] || r[i] != r[i] || nm_bf16_to_f32(hx) != x[i]) steps = INT32_MAX;
+        worst_steps = steps > worst_steps ? steps : worst_steps;
+        if (xb && rb) copies += xb[i] != hx || rb[i] != hr;
+    }
+    n_checks++;
+    char name[128];
+    snprintf(name, sizeof name, "%s %s", op, what);
+    printf("  %-44s %lld bf16 step(s) (tol %d)%s\n", name, (long long)worst_steps, MAX_BF16_STEPS,
+           worst_steps <= MAX_BF16_STEPS && copies == 0 ? "" : "  FAIL");
+    EXPECT(worst_steps <= MAX_BF16_STEPS, "%s %s: %lld bf16 steps from the reference", op, what,
+           (long long)worst_steps);
+    EXPECT(copies == 0, "%s %s: %lld bf16 copies differ from their fp32 storage", op, what, (long long)copies);
+}
+
+// --- dense linear algebra -------------------------------------------------------------------
+
+// One GEMM on both backends with padded leading dimensions; C starts as NaN when beta == 0.
+static void gemm_case(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha, float beta) {
+    const int64_t ar = ta == NM_NO_TRANS ? M : K, ac = ta == NM_NO_TRANS ? K : M;
+    const int64_t br = tb == NM_NO_TRANS ? K : N, bc = tb == NM_NO_TRANS ? N : K;
+    const int64_t lda = ac + 3, ldb = bc + 1, ldc = N + 2;
+    float *A = randn(ar * lda, 1.0f), *B = randn(br * ldb, 1.0f);
+    float *C = beta == 0.0f ? nans(M * ldc) : randn(M * ldc, 1.0f), *Cr = copyf(C, M * ldc);
+    be->gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    ref->gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, Cr, ldc);
+    char what[96];
+    snprintf(what, sizeof what, "%c%c %lldx%lldx%lld a%g b%g", ta ? 'T' : 'N', tb ? 'T' : 'N', (long long)M,
+             (long long)N, (long long)K, alpha, beta);
+    check_f32_2d("gemm", what, C, Cr, M, N, ldc, TOL_GEMM);
+    nm_free(A), nm_free(B), nm_free(C), nm_free(Cr);
+}
+
+static void test_gemm(void) {
+    printf("gemm\n");
+    // the model's three GEMMs of a weight (out 192, in 256) over 130 rows: forward NT, input
+    // gradient NN, weight gradient TN accumulating; attention's scaled NT; degenerate shapes
+    gemm_case(NM_NO_TRANS, NM_TRANS, 130, 192, 256, 1.0f, 0.0f);
+    gemm_case(NM_NO_TRANS, NM_NO_TRANS, 130, 256, 192, 1.0f, 0.0f);
+    gemm_case(NM_TRANS, NM_NO_TRANS, 192, 256, 130, 1.0f, 1.0f);
+    gemm_case(NM_TRANS, NM_TRANS, 64, 48, 100, 1.0f, 0.0f);
+    gemm_case(NM_NO_TRANS, NM_TRANS, 65, 65, 48, 0.14433756f, 1.0f);
+    gemm_case(NM_NO_TRANS, NM_TRANS, 130, 512, 256, 1.0f, 0.5f);
+    gemm_case(NM_NO_TRANS, NM_NO_TRANS, 7, 5, 0, 1.0f, 0.5f);
+    gemm_case(NM_NO_TRANS, NM_NO_TRANS, 7, 5, 3, 0.0f, 0.0f);
+    gemm_case(NM_NO_TRANS, NM_NO_TRANS, 0, 5, 3, 1.0f, 0.0f);
+}
+
+// Expert groups of uneven rows (one empty), as moe.c calls them: forward NT (beta 0) and weight
+// gradient TN (beta 1). fp32, or bf16 with a_type / b_type.
+static void grouped_case(int bf16, nm_transpose ta, nm_transpose tb, float beta, nm_dtype a_type, nm_dtype b_type) {
+    enum { E = 16, F2 = 256, D = 256 };
+    int64_t rows[E];
+    for (int e = 0; e < E; e++) rows[e] = e == 3 ? 0 : 8 + rand_below(60);
+    nm_gemm_group g[E], gr[E];
+    float *a[E], *b[E], *c[E], *cr[E];
+    for (int e = 0; e < E; e++) {
+        // forward: C(rows, F2) = X(rows, D) W(F2, D)^T; weight gradient: C(F2, D) = dY(rows, F2)^T X(rows, D)
+        const int fwd = ta == NM_NO_TRANS;
+        int64_t M = fwd ? rows[e] : F2, N = fwd ? F2 : D, K = fwd ? D : rows[e];
+        int64_t ar = ta == NM_NO_TRANS ? M : K, ac = ta == NM_NO_TRANS ? K : M;
+        int64_t br = tb == NM_NO_TRANS ? K : N, bc = tb == NM_NO_TRANS ? N : K;
+        a[e] = randn(ar * ac, 1.0f);
+        b[e] = randn(br * bc, 0.1f);
+        if (a_type != NM_F32) ref->round_bf16(a[e], a[e], ar * ac);
+        if (b_type != NM_F32) ref->round_bf16(b[e], b[e], br * bc);
+        if (b_type == NM_BF16) ref->cast_bf16((uint16_t *)b[e], b[e], br * bc);  // in place: packs the halves
+        c[e] = beta == 0.0f ? nans(M * N) : randn(M * N, 1.0f);
+        cr[e] = copyf(c[e], M * N);
+        g[e] = (nm_gemm_group){M, N, K, a[e], b[e], c[e], ac, bc, N};
+        gr[e] = g[e];
+        gr[e].C = cr[e];
+    }
+    if (bf16) {
+        be->gemm_bf16_grouped(ta, tb, 1.0f, beta, g, E, a_type, b_type);
+        ref->gemm_bf16_grouped(ta, tb, 1.0f, beta, gr, E, a_type, b_type);
+    } else {
+        be->gemm_grouped(ta, tb, 1.0f, beta, g, E);
+        ref->gemm_grouped(ta, tb, 1.0f, beta, gr, E);
+    }
+    double err = 0.0;  // the worst group's
+    for (int e = 0; e < E; e++) {
+        err = fmax(err, rel_err(c[e], cr[e], g[e].M * g[e].N));
+        nm_free(a[e]), nm_free(b[e]), nm_free(c[e]), nm_free(cr[e]);
+    }
+    char what[64];
+    snprintf(what, sizeof what, "%c%c %d experts, 0..67 rows", ta ? 'T' : 'N', tb ? 'T' : 'N', E);
+    const char *op = bf16 ? "gemm_bf16_grouped" : "gemm_grouped";
+    const double tol = bf16 ? TOL_GEMM_BF16 : TOL_GEMM;
+    note(op, what, err, tol);
+    EXPECT(err <= tol, "%s %s: worst group err %.3e > tol %.0e", op, what, err, tol);
+}
+
+static void test_gemm_grouped(void) {
+    printf("gemm_grouped\n");
+    grouped_case(0, NM_NO_TRANS, NM_TRANS, 0.0f, NM_F32, NM_F32);
+    grouped_case(0, NM_TRANS, NM_NO_TRANS, 1.0f, NM_F32, NM_F32);
+}
+
+// A bf16 GEMM with operands of the given storage types (values generated in fp32, rounded for
+// NM_F32_BF16, rounded and packed for NM_BF16; NM_F32 operands are rounded by the op).
+static void gemm_bf16_case(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float beta,
+                           nm_dtype a_type, nm_dtype b_type) {
+    const int64_t ar = ta == NM_NO_TRANS ? M : K, ac = ta == NM_NO_TRANS ? K : M;
+    const int64_t br = tb == NM_NO_TRANS ? K : N, bc = tb == NM_NO_TRANS ? N : K;
+    const int64_t lda = ac + 2, ldb = bc + 4, ldc = N + 1;
+    float *A = randn(ar * lda, 1.0f), *B = randn(br * ldb, 0.1f);
+    if (a_type != NM_F32) ref->round_bf16(A, A, ar * lda);
+    if (b_type != NM_F32) ref->round_bf16(B, B, br * ldb);
+    if (a_type == NM_BF16) ref->cast_bf16((uint16_t *)A, A, ar * lda);
+    if (b_type == NM_BF16) ref->cast_bf16((uint16_t *)B, B, br * ldb);
+    float *C = beta == 0.0f ? nans(M * ldc) : randn(M * ldc, 1.0f), *Cr = copyf(C, M * ldc);
+    be->gemm_bf16(ta, tb, M, N, K, 1.0f, A, a_type, lda, B, b_type, ldb, beta, C, ldc);
+    ref->gemm_bf16(ta, tb, M, N, K, 1.0f, A, a_type, lda, B, b_type, ldb, beta, Cr, ldc);
+    static const char *const tn[] = {"f32", "bf16", "f32_bf16"};
+    char what[96];
+    snprintf(what, sizeof what, "%c%c %lldx%lldx%lld %s x %s b%g", ta ? 'T' : 'N', tb ? 'T' : 'N', (long long)M,
+             (long long)N, (long long)K, tn[a_type], tn[b_type], beta);
+    check_f32_2d("gemm_bf16", what, C, Cr, M, N, ldc, TOL_GEMM_BF16);
+    nm_free(A), nm_free(B), nm_free(C), nm_free(Cr);
+}
+
+static void test_gemm_bf16(void) {
+    printf("gemm_bf16\n");
+    // the weight copy in either storage (the backend's gemm_bf16_weight_type), fp32 dense
+    // activations rounded by the op, rounded activations (NM_F32_BF16) of the experts
+    const nm_dtype weights[2] = {NM_F32_BF16, NM_BF16};
+    for (int w = 0; w < 2; w++) {
+        gemm_bf16_case(NM_NO_TRANS, NM_TRANS, 130, 192, 256, 0.0f, NM_F32, weights[w]);
+        gemm_bf16_case(NM_NO_TRANS, NM_NO_TRANS, 130, 256, 192, 0.0f, NM_F32, weights[w]);
+        gemm_bf16_case(NM_NO_TRANS, NM_TRANS, 130, 512, 256, 1.0f, NM_F32_BF16, weights[w]);
+    }
+    gemm_bf16_case(NM_TRANS, NM_NO_TRANS, 192, 256, 130, 1.0f, NM_F32, NM_F32);
+    gemm_bf16_case(NM_TRANS, NM_NO_TRANS, 256, 128, 130, 1.0f, NM_F32_BF16, NM_F32_BF16);
+    gemm_bf16_case(NM_NO_TRANS, NM_NO_TRANS, 7, 5, 0, 0.5f, NM_F32, NM_F32);
+    printf("gemm_bf16_grouped\n");
+    grouped_case(1, NM_NO_TRANS, NM_TRANS, 0.0f, NM_F32_BF16, NM_F32_BF16);
+    grouped_case(1, NM_NO_TRANS, NM_TRANS, 0.0f, NM_F32_BF16, NM_BF16);
+    grouped_case(1, NM_TRANS, NM_NO_TRANS, 1.0f, NM_F32_BF16, NM_F32_BF16);
+    EXPECT(be->gemm_bf16_weight_type() == NM_BF16 || be->gemm_bf16_weight_type() == NM_F32_BF16,
+           "gemm_bf16_weight_type %d", (int)be->gemm_bf16_weight_type());
+}
+
+// The casts share one rounding rule: bit for bit, NaN and infinities included.
+static void test_casts(void) {
+    printf("round_bf16 / cast_bf16 / round_cast_bf16\n");
+    const int64_t n = 4099;
+    float *x = randn(n, 3.0f);
+    x[0] = NAN, x[1] = INFINITY, x[2] = -0.0f, x[3] = 3.4e38f, x[4] = 1.0f + 0x1p-8f;  // overflow, a tie
+    float *y = nans(n), *yr = nans(n), *z = copyf(x, n), *zr = copyf(x, n);
+    uint16_t *h = halves(n), *hr = halves(n), *k = halves(n), *kr = halves(n);
+    be->round_bf16(y, x, n);
+    ref->round_bf16(yr, x, n);
+    be->cast_bf16(h, x, n);
+    ref->cast_bf16(hr, x, n);
+    be->round_cast_bf16(z, k, n);
+    ref->round_cast_bf16(zr, kr, n);
+    check_exact("round_bf16", "", y, yr, (size_t)n * sizeof(float));
+    check_exact("cast_bf16", "", h, hr, (size_t)n * sizeof(uint16_t));
+    check_exact("round_cast_bf16", "x", z, zr, (size_t)n * sizeof(float));
+    check_exact("round_cast_bf16", "bits", k, kr, (size_t)n * sizeof(uint16_t));
+    nm_free(x), nm_free(y), nm_free(yr), nm_free(z), nm_free(zr), nm_free(h), nm_free(hr), nm_free(k), nm_free(kr);
+}
+
+// The fp8 GEMMs of linear.c: forward NT and input gradient NN on a weight, weight gradient TN on
+// two activations; K not a multiple of the 128 tile, a weight of partial 128 x 128 blocks.
+static void fp8_case(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, nm_fp8_operand kind,
+                     float beta) {
+    const int64_t ar = ta == NM_NO_TRANS ? M : K, ac = ta == NM_NO_TRANS ? K : M;
+    const int64_t br = tb == NM_NO_TRANS ? K : N, bc = tb == NM_NO_TRANS ? N : K;
+    const int64_t lda = ac + 1, ldb = bc + 3, ldc = N + 2;
+    float *A = randn(ar * lda, 1.0f), *B = randn(br * ldb, 0.05f);
+    // a few large values, so that tiles get different scales
+    for (int i = 0; i < 8; i++) A[rand_below(ar * lda)] *= 30.0f, B[rand_below(br * ldb)] *= 30.0f;
+    float *C = beta == 0.0f ? nans(M * ldc) : randn(M * ldc, 1.0f), *Cr = copyf(C, M * ldc);
+    be->gemm_fp8(ta, tb, M, N, K, 1.0f, A, lda, B, ldb, kind, beta, C, ldc);
+    ref->gemm_fp8(ta, tb, M, N, K, 1.0f, A, lda, B, ldb, kind, beta, Cr, ldc);
+    char what[96];
+    snprintf(what, sizeof what, "%c%c %lldx%lldx%lld %s b%g", ta ? 'T' : 'N', tb ? 'T' : 'N', (long long)M,
+             (long long)N, (long long)K, kind == NM_FP8_WEIGHT ? "weight" : "activation", beta);
+    check_f32_2d("gemm_fp8", what, C, Cr, M, N, ldc, TOL_GEMM_FP8);
+    nm_free(A), nm_free(B), nm_free(C), nm_free(Cr);
+}
+
+static void test_gemm_fp8(void) {
+    printf("gemm_fp8\n");
+    fp8_case(NM_NO_TRANS, NM_TRANS, 130, 200, 300, NM_FP8_WEIGHT, 0.0f);
+    fp8_case(NM_NO_TRANS, NM_NO_TRANS, 130, 300, 200, NM_FP8_WEIGHT, 1.0f);
+    fp8_case(NM_TRANS, NM_NO_TRANS, 200, 300, 130, NM_FP8_ACTIVATION, 1.0f);
+    fp8_case(NM_TRANS, NM_TRANS, 64, 72, 260, NM_FP8_ACTIVATION, 0.0f);
+}
+
+// --- elementwise / memory / embedding ---------------------------------------------------------
+
+static void test_memory_ops(void) {
+    printf("zero / axpy / copy_2d / add_2d\n");
+    const int64_t n = 5000, rows = 33, cols = 70, ld = 75;
+    float *x = randn(n, 1.0f), *y = randn(n, 1.0f), *yr = copyf(y, n);
+    be->axpy(y, x, -0.37f, n);
+    ref->axpy(yr, x, -0.37f, n);
+    check_f32("axpy", "", y, yr, n, TOL_SAME_ORDER);
+    be->zero(y, n);
+    ref->zero(yr, n);
+    check_exact("zero", "", y, yr, (size_t)n * sizeof(float));
+    float *s = randn(rows * ld, 1.0f), *d = randn(rows * ld, 1.0f), *dr = copyf(d, rows * ld);
+    be->copy_2d(d, ld, s, ld, rows, cols);
+    ref->copy_2d(dr, ld, s, ld, rows, cols);
+    check_exact("copy_2d", "", d, dr, (size_t)(rows * ld) * sizeof(float));
+    be->add_2d(d, ld, x, ld, rows, cols);
+    ref->add_2d(dr, ld, x, ld, rows, cols);
+    check_f32_2d("add_2d", "", d, dr, rows, cols, ld, TOL_SAME_ORDER);
+    nm_free(x), nm_free(y), nm_free(yr), nm_free(s), nm_free(d), nm_free(dr);
+}
+
+static void test_embedding(void) {
+    printf("embedding\n");
+    const int64_t N = 130, D = 256, V = 512;
+    int32_t *tok = ints(N);
+    // repeated ids (into few rows), and ids another vocabulary-parallel rank holds (-1)
+    for (int64_t n = 0; n < N; n++) tok[n] = n % 17 == 5 ? -1 : rand_below(n % 3 ? V : 8);
+    float *emb = randn(V * D, 1.0f), *out = nans(N * D), *outr = nans(N * D);
+    be->embedding_forward(out, tok, emb, N, D);
+    ref->embedding_forward(outr, tok, emb, N, D);
+    check_exact("embedding_forward", "out", out, outr, (size_t)(N * D) * sizeof(float));
+    float *dout = randn(N * D, 1.0f), *demb = randn(V * D, 1.0f), *dembr = copyf(demb, V * D);
+    be->embedding_backward(demb, dout, tok, N, D);
+    ref->embedding_backward(dembr, dout, tok, N, D);
+    check_f32("embedding_backward", "demb", demb, dembr, V * D, TOL_SAME_ORDER);
+    nm_free(tok), nm_free(emb), nm_free(out), nm_free(outr), nm_free(dout), nm_free(demb), nm_free(dembr);
+}
+
+// --- rmsnorm / swiglu / rope --------------------------------------------------------------------
+
+static void rmsnorm_case(int64_t N, int64_t D) {
+    float *x = randn(N * D, 2.0f), *w = randn(D, 1.0f), *dy = randn(N * D, 1.0f);
+    float *out = nans(N * D), *outr = nans(N * D), *rs = nans(N), *rsr = nans(N);
+    be->rmsnorm_forward(out, rs, x, w, N, D, 1e-6f);
+    ref->rmsnorm_forward(outr, rsr, x, w, N, D, 1e-6f);
+    char what[64];
+    snprintf(what, sizeof what, "N=%lld D=%lld", (long long)N, (long long)D);
+    check_f32("rmsnorm_forward out", what, out, outr, N * D, TOL_SAME_ORDER);
+    check_f32("rmsnorm_forward rstd", what, rs, rsr, N, TOL_SAME_ORDER);
+    float *dx = randn(N * D, 1.0f), *dxr = copyf(dx, N * D), *dw = randn(D, 1.0f), *dwr = copyf(dw, D);
+    // both from the reference's rstd: the backward is compared, not the forward again
+    be->rmsnorm_backward(dx, dw, dy, x, w, rsr, N, D);
+    ref->rmsnorm_backward(dxr, dwr, dy, x, w, rsr, N, D);
+    check_f32("rmsnorm_backward dinp", what, dx, dxr, N * D, TOL_SAME_ORDER);
+    check_f32("rmsnorm_backward dw", what, dw, dwr, D, TOL_SAME_ORDER);
+    nm_free(x), nm_free(w), nm_free(dy), nm_free(out), nm_free(outr), nm_free(rs), nm_free(rsr);
+    nm_free(dx), nm_free(dxr), nm_free(dw), nm_free(dwr);
+}
+
+static void test_rmsnorm(void) {
+    printf("rmsnorm\n");
+    rmsnorm_case(130, 256);
+    rmsnorm_case(4, 7175);
+}
+
+static void swiglu_case(int64_t N, int64_t F) {
+    char what[64];
+    snprintf(what, sizeof what, "N=%lld F=%lld", (long long)N, (long long)F);
+    float *gu = randn(N * 2 * F, 3.0f), *dy = randn(N * F, 1.0f);
+    float *out = nans(N * F), *outr = nans(N * F), *dg = nans(N * 2 * F), *dgr = nans(N * 2 * F);
+    be->swiglu_forward(out, gu, N, F);
+    ref->swiglu_forward(outr, gu, N, F);
+    check_f32("swiglu_forward out", what, out, outr, N * F, TOL_SWIGLU);
+    be->swiglu_backward(dg, dy, gu, N, F);
+    ref->swiglu_backward(dgr, dy, gu, N, F);
+    check_f32("swiglu_backward dgate_up", what, dg, dgr, N * 2 * F, TOL_SWIGLU);
+    uint16_t *h = halves(N * 2 * F), *hr = halves(N * 2 * F);
+    be->swiglu_forward_bf16(out, h, gu, N, F);
+    ref->swiglu_forward_bf16(outr, hr, gu, N, F);
+    check_bf16_out("swiglu_forward_bf16 out", what, out, outr, h, hr, N * F, TOL_SWIGLU);
+    be->swiglu_backward_bf16(dg, h, dy, gu, N, F);
+    ref->swiglu_backward_bf16(dgr, hr, dy, gu, N, F);
+    check_bf16_out("swiglu_backward_bf16 dgate_up", what, dg, dgr, h, hr, N * 2 * F, TOL_SWIGLU);
+    be->swiglu_forward_bf16(out, NULL, gu, N, F);  // without the bf16 copy
+    ref->swiglu_forward_bf16(outr, NULL, gu, N, F);
+    check_bf16_out("swiglu_forward_bf16 out", "no bits", out, outr, NULL, NULL, N * F, TOL_SWIGLU);
+    nm_free(gu), nm_free(dy), nm_free(out), nm_free(outr), nm_free(dg), nm_free(dgr), nm_free(h), nm_free(hr);
+}
+
+static void test_swiglu(void) {
+    printf("swiglu\n");
+    swiglu_case(130, 640);  // the dense MLP
+    swiglu_case(520, 128);  // the experts' rows (N K) at F = 128
+}
+
+static void rope_case(int64_t B, int64_t T, int64_t H, int64_t hd, int64_t off, int64_t Dr) {
+    float *cs = nm_malloc((size_t)(T * Dr / 2) * sizeof(float)), *sn = nm_malloc((size_t)(T * Dr / 2) * sizeof(float));
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t i = 0; i < Dr / 2; i++) {
+            double ang = (double)t * pow(10000.0, -2.0 * (double)i / (double)Dr);
+            cs[t * Dr / 2 + i] = (float)cos(ang);
+            sn[t * Dr / 2 + i] = (float)sin(ang);
+        }
+    const int64_t n = B * T * H * hd;
+    float *x = randn(n, 1.0f), *xr = copyf(x, n);
+    be->rope_forward(x, cs, sn, B, T, H, hd, off, Dr);
+    ref->rope_forward(xr, cs, sn, B, T, H, hd, off, Dr);
+    char what[64];
+    snprintf(what, sizeof what, "H=%lld head_dim=%lld [%lld, %lld)", (long long)H, (long long)hd, (long long)off,
+             (long long)(off + Dr));
+    check_f32("rope_forward", what, x, xr, n, TOL_ROPE);
+    be->rope_backward(x, cs, sn, B, T, H, hd, off, Dr);
+    ref->rope_backward(xr, cs, sn, B, T, H, hd, off, Dr);
+    check_f32("rope_backward", what, x, xr, n, TOL_ROPE);
+    nm_free(cs), nm_free(sn), nm_free(x), nm_free(xr);
+}
+
+static void test_rope(void) {
+    printf("rope\n");
+    rope_case(2, 65, 4, 48, 32, 16);  // q_pe of every head
+    rope_case(2, 65, 1, 16, 0, 16);   // the shared k_pe
+}
+
+// --- attention ----------------------------------------------------------------------------------
+
+static void attention_case(int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr, int64_t Dv) {
+    const int64_t nq = B * T * H * (Dn + Dr), nkv = B * T * H * (Dn + Dv), nkp = B * T * Dr, no = B * T * H * Dv;
+    const float scale = (float)(1.0 / sqrt((double)(Dn + Dr)));
+    float *q = randn(nq, 1.0f), *kv = randn(nkv, 1.0f), *kp = randn(nkp, 1.0f), *dout = randn(no, 1.0f);
+    float *o = nans(no), *outr = nans(no), *l = nans(B * H * T), *lr = nans(B * H * T);
+    be->attention_forward(o, l, q, kv, kp, B, T, H, Dn, Dr, Dv, scale);
+    ref->attention_forward(outr, lr, q, kv, kp, B, T, H, Dn, Dr, Dv, scale);
+    char what[64];
+    snprintf(what, sizeof what, "B=%lld T=%lld H=%lld", (long long)B, (long long)T, (long long)H);
+    check_f32("attention_forward out", what, o, outr, no, TOL_ATTENTION);
+    check_f32("attention_forward lse", what, l, lr, B * H * T, TOL_ATTENTION);
+    float *dq = nans(nq), *dqr = nans(nq), *dkv = nans(nkv), *dkvr = nans(nkv), *dkp = nans(nkp), *dkpr = nans(nkp);
+    float *scratch = nans(B * H * T * Dr);
+    // both from the reference's forward: the backward is compared, not the forward again
+    be->attention_backward(dq, dkv, dkp, scratch, dout, q, kv, kp, outr, lr, B, T, H, Dn, Dr, Dv, scale);
+    ref->attention_backward(dqr, dkvr, dkpr, scratch, dout, q, kv, kp, outr, lr, B, T, H, Dn, Dr, Dv, scale);
+    check_f32("attention_backward dq", what, dq, dqr, nq, TOL_ATTENTION);
+    check_f32("attention_backward dkv", what, dkv, dkvr, nkv, TOL_ATTENTION);
+    check_f32("attention_backward dk_pe", what, dkp, dkpr, nkp, TOL_ATTENTION);
+    nm_free(q), nm_free(kv), nm_free(kp), nm_free(dout), nm_free(o), nm_free(outr), nm_free(l), nm_free(lr);
+    nm_free(dq), nm_free(dqr), nm_free(dkv), nm_free(dkvr), nm_free(dkp), nm_free(dkpr), nm_free(scratch);
+}
+
+static void test_attention(void) {
+    printf("attention\n");
+    attention_case(2, 65, 4, 32, 16, 32);
+    attention_case(1, 300, 2, 32, 16, 32);  // more than one of the CPU backend's 256-key chunks
+}
+
+// --- cross-entropy ------------------------------------------------------------------------------
+
+static void xent_case(int64_t N, int64_t V, int64_t tile) {
+    float *lg = randn(N * V, 3.0f);
+    int32_t *tgt = ints(N);
+    for (int64_t n = 0; n < N; n++) tgt[n] = n % 11 == 3 ? -1 : rand_below(V);
+    const float scale = 1.0f / (float)N;
+    char what[64];
+    snprintf(what, sizeof what, "N=%lld V=%lld", (long long)N, (long long)V);
+    float *loss = nans(N), *lossr = nans(N), *lse = nans(N), *lser = nans(N);
+    float *dl = nans(N * V), *dlr = nans(N * V);
+    be->xent_forward(loss, lse, lg, tgt, N, V);
+    ref->xent_forward(lossr, lser, lg, tgt, N, V);
+    check_f32("xent_forward losses", what, loss, lossr, N, TOL_XENT);
+    check_f32("xent_forward lse", what, lse, lser, N, TOL_XENT);
+    be->xent_backward(dl, lg, lser, tgt, scale, N, V);
+    ref->xent_backward(dlr, lg, lser, tgt, scale, N, V);
+    check_f32("xent_backward dlogits", what, dl, dlr, N * V, TOL_XENT);
+    // in place, as the model runs it
+    float *inpl = copyf(lg, N * V);
+    be->xent_backward(inpl, inpl, lser, tgt, scale, N, V);
+    check_f32("xent_backward dlogits", "in place", inpl, dlr, N * V, TOL_XENT);
+    nm_free(inpl);
+    if (tile > 0) {
+        // vocabulary tiles of `tile` columns (the last one shorter), logits with a leading
+        // dimension wider than the tile as the head's tile buffer
+        double *st = nm_malloc((size_t)(3 * N) * sizeof(double)), *str = nm_malloc((size_t)(3 * N) * sizeof(double));
+        float *tl = nans(N), *tlr = nans(N), *tz = nans(N), *tzr = nans(N);
+        const int64_t ld = tile + 5;
+        float *buf = nm_malloc((size_t)(N * ld) * sizeof(float)), *bufr = nm_malloc((size_t)(N * ld) * sizeof(float));
+        for (int64_t v0 = 0; v0 < V; v0 += tile) {
+            const int64_t vt = V - v0 < tile ? V - v0 : tile;
+            for (int64_t n = 0; n < N; n++) memcpy(buf + n * ld, lg + n * V + v0, (size_t)vt * sizeof(float));
+            be->xent_tile_forward(tl, tz, st, buf, ld, tgt, N, V, v0, vt);
+            ref->xent_tile_forward(tlr, tzr, str, buf, ld, tgt, N, V, v0, vt);
+        }
+        check_f32("xent_tile_forward losses", what, tl, tlr, N, TOL_XENT);
+        check_f32("xent_tile_forward lse", what, tz, tzr, N, TOL_XENT);
+        double err = 0.0;  // the worst tile's
+        int pad = 0;
+        for (int64_t v0 = 0; v0 < V; v0 += tile) {
+            const int64_t vt = V - v0 < tile ? V - v0 : tile;
+            for (int64_t i = 0; i < N * ld; i++) buf[i] = bufr[i] = -1.0f;  // the padding an op must not touch
+            for (int64_t n = 0; n < N; n++) {
+                memcpy(buf + n * ld, lg + n * V + v0, (size_t)vt * sizeof(float));
+                memcpy(bufr + n * ld, lg + n * V + v0, (size_t)vt * sizeof(float));
+            }
+            be->xent_tile_backward(buf, ld, buf, ld, tzr, tgt, scale, N, V, v0, vt);  // in place, as the head runs it
+            ref->xent_tile_backward(bufr, ld, bufr, ld, tzr, tgt, scale, N, V, v0, vt);
+            for (int64_t n = 0; n < N; n++) {
+                err = fmax(err, rel_err(buf + n * ld, bufr + n * ld, vt));
+                pad += memcmp(buf + n * ld + vt, bufr + n * ld + vt, (size_t)(ld - vt) * sizeof(float)) != 0;
+            }
+        }
+        note("xent_tile_backward dlogits", what, err, TOL_XENT);
+        EXPECT(err <= TOL_XENT && pad == 0, "xent_tile_backward %s: worst tile row err %.3e, %d rows' padding touched",
+               what, err, pad);
+        nm_free(st), nm_free(str), nm_free(tl), nm_free(tlr), nm_free(tz), nm_free(tzr), nm_free(buf), nm_free(bufr);
+    }
+    nm_free(lg), nm_free(tgt), nm_free(loss), nm_free(lossr), nm_free(lse), nm_free(lser), nm_free(dl), nm_free(dlr);
+}
+
+static void test_xent(void) {
+    printf("xent\n");
+    xent_case(130, 512, 200);
+    xent_case(4, 129280, 384);  // DeepSeek-V3's vocabulary; the head's tile at that width
+}
+
+// --- router / balance loss ----------------------------------------------------------------------
+
+static void router_case(const char *name, int64_t N, int64_t E, int64_t K, int64_t G, int64_t Gk, nm_scoring sc,
+                        nm_topk_method method, int norm, int bias, float rs) {
+    nm_router_params p = {N, E, K, G, Gk, sc, method, norm, rs};
+    float *lg = randn(N * E, 1.5f), *b = bias ? randn(E, 0.2f) : NULL, *dw = randn(N * K, 1.0f);
+    int32_t *idx = ints(N * K), *idxr = ints(N * K);
+    float *w = nans(N * K), *wr = nans(N * K), *s = nans(N * E), *sr = nans(N * E);
+    be->router_forward(idx, w, s, lg, b, &p);
+    ref->router_forward(idxr, wr, sr, lg, b, &p);
+    check_exact("router_forward topk_idx", name, idx, idxr, (size_t)(N * K) * sizeof(int32_t));
+    check_f32("router_forward scores", name, s, sr, N * E, TOL_SAME_ORDER);
+    check_f32("router_forward topk_weight", name, w, wr, N * K, TOL_SAME_ORDER);
+    float *dl = nans(N * E), *dlr = nans(N * E);
+    be->router_backward(dl, dw, sr, idxr, &p);
+    ref->router_backward(dlr, dw, sr, idxr, &p);
+    check_f32("router_backward dlogits", name, dl, dlr, N * E, TOL_SAME_ORDER);
+    nm_free(lg), nm_free(b), nm_free(dw), nm_free(idx), nm_free(idxr), nm_free(w), nm_free(wr), nm_free(s), nm_free(sr);
+    nm_free(dl), nm_free(dlr);
+}
+
+static void balance_case(const char *name, int64_t B, int64_t T, int64_t E, int64_t K, nm_scoring sc) {
+    // scores as the router makes them (the reference's, so that both ops see the same)
+    nm_router_params p = {B * T, E, K, 1, 1, sc, NM_TOPK_GREEDY, 0, 1.0f};
+    float *lg = randn(B * T * E, 1.5f), *s = nans(B * T * E), *w = nans(B * T * K);
+    int32_t *idx = ints(B * T * K);
+    ref->router_forward(idx, w, s, lg, NULL, &p);
+    float *f = nans(B * E), *fr = nans(B * E);
+    double loss = be->balance_loss_forward(f, s, B, T, E, K), lossr = ref->balance_loss_forward(fr, s, B, T, E, K);
+    check_f32("balance_loss_forward f", name, f, fr, B * E, TOL_SAME_ORDER);
+    float l1 = (float)loss, l1r = (float)lossr;
+    check_f32("balance_loss_forward loss", name, &l1, &l1r, 1, TOL_SAME_ORDER);
+    float *dl = randn(B * T * E, 1e-3f), *dlr = copyf(dl, B * T * E);
+    be->balance_loss_backward(dl, 0.37f, fr, s, B, T, E, K, sc);
+    ref->balance_loss_backward(dlr, 0.37f, fr, s, B, T, E, K, sc);
+    check_f32("balance_loss_backward dlogits", name, dl, dlr, B * T * E, TOL_SAME_ORDER);
+    nm_free(lg), nm_free(s), nm_free(w), nm_free(idx), nm_free(f), nm_free(fr), nm_free(dl), nm_free(dlr);
+}
+
+static void test_router(void) {
+    printf("router / balance loss\n");
+    // configs/tiny.json's routing, then the other scorings and methods
+    router_case("sigmoid noaux_tc", 130, 16, 4, 4, 2, NM_SCORING_SIGMOID, NM_TOPK_NOAUX_TC, 1, 1, 2.5f);
+    router_case("sigmoid group_limited", 130, 16, 4, 4, 2, NM_SCORING_SIGMOID, NM_TOPK_GROUP_LIMITED_GREEDY, 1, 0,
+                1.0f);
+    router_case("softmax greedy", 130, 16, 2, 1, 1, NM_SCORING_SOFTMAX, NM_TOPK_GREEDY, 0, 0, 1.0f);
+    router_case("softmax noaux_tc 256 experts", 16, 256, 8, 8, 4, NM_SCORING_SOFTMAX, NM_TOPK_NOAUX_TC, 1, 1, 2.5f);
+    balance_case("sigmoid", 2, 65, 16, 4, NM_SCORING_SIGMOID);
+    balance_case("softmax", 2, 65, 16, 4, NM_SCORING_SOFTMAX);
+}
+
+// --- MoE dispatch ---------------------------------------------------------------------------------
+
+static void test_moe(void) {
+    printf("moe dispatch / combine\n");
+    const int64_t N = 130, K = 4, E = 16, D = 256, R = N * K;
+    int32_t *idx = ints(R);
+    for (int64_t n = 0; n < N; n++)  // K distinct experts per token, expert 5 never chosen
+        for (int64_t k = 0; k < K; k++) {
+            int32_t e;
+            int dup;
+            do {
+                e = rand_below(E);
+                dup = e == 5;
+                for (int64_t j = 0; j < k; j++) dup |= idx[n * K + j] == e;
+            } while (dup);
+            idx[n * K + k] = e;
+        }
+    int32_t *off = ints(E + 1), *offr = ints(E + 1), *perm = ints(R), *permr = ints(R);
+    be->moe_permute(off, perm, idx, N, K, E);
+    ref->moe_permute(offr, permr, idx, N, K, E);
+    check_exact("moe_permute", "offsets", off, offr, (size_t)(E + 1) * sizeof(int32_t));
+    check_exact("moe_permute", "perm", perm, permr, (size_t)R * sizeof(int32_t));
+    float *src = randn(N * D, 1.0f), *g = nans(R * D), *gr = nans(R * D);
+    be->moe_gather(g, src, permr, N, K, D);
+    ref->moe_gather(gr, src, permr, N, K, D);
+    check_exact("moe_gather", "", g, gr, (size_t)(R * D) * sizeof(float));
+    uint16_t *h = halves(R * D), *hr = halves(R * D);
+    be->moe_gather_bf16(g, h, src, permr, N, K, D);
+    ref->moe_gather_bf16(gr, hr, src, permr, N, K, D);
+    check_exact("moe_gather_bf16", "dst", g, gr, (size_t)(R * D) * sizeof(float));
+    check_exact("moe_gather_bf16", "bits", h, hr, (size_t)(R * D) * sizeof(uint16_t));
+    float *eo = randn(R * D, 1.0f), *tw = randn(R, 1.0f), *y = randn(N * D, 1.0f), *yr = copyf(y, N * D);
+    be->moe_combine_forward(y, eo, tw, permr, N, K, D);
+    ref->moe_combine_forward(yr, eo, tw, permr, N, K, D);
+    check_f32("moe_combine_forward", "y", y, yr, N * D, TOL_SAME_ORDER);
+    float *dy = randn(N * D, 1.0f), *de = nans(R * D), *der = nans(R * D), *dtw = nans(R), *dtwr = nans(R);
+    be->moe_combine_backward(de, dtw, dy, eo, tw, permr, N, K, D);
+    ref->moe_combine_backward(der, dtwr, dy, eo, tw, permr, N, K, D);
+    check_f32("moe_combine_backward", "dexpert_out", de, der, R * D, TOL_SAME_ORDER);
+    check_f32("moe_combine_backward", "dtopk_weight", dtw, dtwr, R, TOL_SAME_ORDER);
+    float *ds = randn(N * D, 1.0f), *dsr = copyf(ds, N * D);
+    be->moe_scatter_add(ds, eo, permr, N, K, D);
+    ref->moe_scatter_add(dsr, eo, permr, N, K, D);
+    check_f32("moe_scatter_add", "dsrc", ds, dsr, N * D, TOL_SAME_ORDER);
+    nm_free(idx), nm_free(off), nm_free(offr), nm_free(perm), nm_free(permr), nm_free(src), nm_free(g), nm_free(gr);
+    nm_free(h), nm_free(hr), nm_free(eo), nm_free(tw), nm_free(y), nm_free(yr), nm_free(dy), nm_free(de), nm_free(der);
+    nm_free(dtw), nm_free(dtwr), nm_free(ds), nm_free(dsr);
+}
+
+// --- main ---------------------------------------------------------------------------------------
+
+int main(void) {
+    uint64_t seed = test_seed("test_backend_ops");
+    ref = nm_ops_by_name("ref");
+    EXPECT(ref == nm_ops_ref(), "the registry's \"ref\" is nm_ops_ref()");
+    int tested = 0;
+    for (int b = 0; nm_ops_backend_names[b]; b++) {
+        const char *name = nm_ops_backend_names[b];
+        be = nm_ops_by_name(name);
+        EXPECT(be != NULL, "backend %s listed but not in the registry", name);
+        if (!be || be == ref) continue;
+        nm_error err;
+        if (be->setup && be->setup(&err) != 0) {
+            const char *forced = getenv("NM_CPU_BF16_GEMM");
+            if (forced && strstr(err.msg, "NM_CPU_BF16_GEMM"))  // test_backend_ops_onednn without oneDNN's bf16
+                return test_skip_machine("%s", err.msg);
+            EXPECT(0, "backend %s: setup failed: %s", name, err.msg);
+            continue;
+        }
+        printf("=== backend %s (%s) against ref\n", name, be->kernel_names());
+        g_key = nm_rng_key(seed, NM_RNG_TEST, (uint64_t)b, 0);
+        g_ctr = 0;
+        test_gemm();
+        test_gemm_grouped();
+        test_gemm_bf16();
+        test_casts();
+        test_gemm_fp8();
+        test_memory_ops();
+        test_embedding();
+        test_rmsnorm();
+        test_swiglu();
+        test_rope();
+        test_attention();
+        test_xent();
+        test_router();
+        test_moe();
+        tested++;
+    }
+    EXPECT(tested > 0, "no backend besides ref to test");
+    nm_error err;
+    EXPECT(nm_ops_check_backend("gpu", "backend", &err) != 0 && strstr(err.msg, "cpu, ref"),
+           "an unknown backend name is refused, listing the known ones");
+    printf("%d comparisons over %d backend(s); closest to its tolerance: %s (%.2f of it)\n", n_checks, tested,
+           worst_name, worst);
+    if (failures) {
+        fprintf(stderr, "test_backend_ops: %d failure(s)\n", failures);
+        return 1;
+    }
+    printf("test_backend_ops: all passed\n");
+    return 0;
+}
