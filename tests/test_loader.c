@@ -63,7 +63,7 @@ static void track(const int64_t *counts, const double *w, int n, int64_t len, do
     }
 }
 
-// Megatron's greedy (formats 1.8) picks a dataset only when its deficit w_i * s - count_i is
+// Megatron's greedy (formats.md 1.8) picks a dataset only when its deficit w_i * s - count_i is
 // >= 0, so no dataset is ever more than 1 sample ahead of w_i * prefix_len (provable). With
 // two datasets that also bounds the lag by 1. With three or more, its lagged rule
 // (t = max(s, 1), not s + 1) lets a dataset fall behind by more than 1: up to ~1.35 samples

@@ -229,7 +229,7 @@ static void test_tiny_table(void) {
     // Exact count from the spec-8 shapes by hand: attention 127168 (latent norms included) + 2 norms 512 per layer (x4),
     // dense MLP 3*640*256, per MoE layer router 4096 + bias 16 + 16 experts 3*128*256 each +
     // shared 3*128*256 (x3), final norm 256, embedding + head 2*129280*256 = 66.2M.
-    // (dsv3-spec 8 says "~72.1M"; its own shapes give 72.22M, so it truncated.)
+    // (dsv3-spec 8 gives 72.22M from these shapes; the notes it was drawn from said "~72.1M", truncated.)
     printf("tiny: main %lld, MTP %lld, rows %d, n_floats %zu\n", (long long)t.n_params_main, (long long)t.n_params_mtp,
            t.n_rows, t.n_floats);
     int64_t want_main = 4 * (127168 + 512) + 3 * 640 * 256 + 3 * (4096 + 16 + 16 * 3 * 128 * 256 + 3 * 128 * 256) + 256 +

@@ -14,7 +14,7 @@
 #      the same. (SIGTERM / SIGINT to mpirun itself is not tested: OpenMPI 4 turns it into
 #      SIGTERM to the ranks one odls_base_sigkill_timeout (1 s) later and SIGKILL one more
 #      second after, and whether a step and a save fit in that second depends on the load;
-#      by hand they did, mpirun exiting 1. README's train section says what to set.)
+#      by hand they did, mpirun exiting 1. docs/cli.md's section on signals says what to set.)
 # Every process runs under `timeout`: a hang fails the test instead of stalling it.
 set -euo pipefail
 

@@ -1,5 +1,6 @@
-"""The two usage snippets of the issue / README, run as written in a fresh interpreter with
-only the sizes changed (a small model, the built-in corpus, fewer steps), and the loss falls."""
+"""The two usage snippets of the issue and python/README.md, run as written in a fresh
+interpreter with only the sizes changed (a small model, the built-in corpus, fewer steps), and
+the loss falls."""
 import os
 import re
 import subprocess

@@ -217,7 +217,7 @@ def rope_params(cfg):
         ramp = np.clip((np.arange(dr // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
         inv = inv * (1 - ramp) + (inv / s) * ramp
         ms, msa = rs.get("mscale"), rs.get("mscale_all_dim")
-        if ms and msa:  # spec 9.6: both present (and non-zero) -> ratio; else vanilla YaRN factor
+        if ms and msa:  # dsv3-spec 9.6: both present (and non-zero) -> ratio; else vanilla YaRN factor
             attn_factor = yarn_mscale(s, ms) / yarn_mscale(s, msa)
         else:
             attn_factor = yarn_mscale(s, 1.0)

@@ -38,7 +38,7 @@ TOL_LOGITS, TOL_LOSS, TOL_GRAD = 1e-5, 1e-5, 1e-4
 #   big_bias: router biases x40 (std 2, larger than the scores' spread): must be ignored outside noaux_tc;
 #   drop_bias: no router bias tensors in the file (DeepSeek's greedy checkpoints have none);
 #   neg_bias: router biases shifted by -1 (selection is shift-invariant, but every biased score is
-#             then negative, so masking groups with 0 instead of -inf (spec 9.2) changes the result);
+#             then negative, so masking groups with 0 instead of -inf (dsv3-spec 9.2) changes the result);
 #   small_latents: embedding x0.01, q_a_proj and the c_KV rows of kv_a_proj x0.02, so the inputs of
 #             input_layernorm/enorm/q_a_layernorm/kv_a_layernorm have mean square ~1e-4 and the
 #             norms' eps (1e-6) moves the result by ~1%.

@@ -3,8 +3,8 @@
 
 (a) autograd gradients of the float64 total loss (ce + mtp + aux) against central finite
     differences on random coordinates of many tensors (router weights included), per variant;
-(b) RoPE: adjacent-pair formula of spec 4.2, relative-position invariance of q.k, equivalence
-    with HF's de-interleave + rotate_half form; YaRN numbers of spec 4.3/8 (inv_freq, low/high,
+(b) RoPE: adjacent-pair formula of dsv3-spec 4.2, relative-position invariance of q.k, equivalence
+    with HF's de-interleave + rotate_half form; YaRN numbers of dsv3-spec 4.3/8 (inv_freq, low/high,
     softmax scale 0.187130; V3: low 10, high 23, scale 0.135234; fallback of 9.6);
 (c) routing: hand-made cases for noaux_tc (top-2 group sums, -inf masking with negative scores),
     group_limited_greedy (group max), greedy, bias used for selection only;
@@ -169,7 +169,7 @@ def rope_checks():
             c, s = math.cos(p * inv[i]), math.sin(p * inv[i])
             ref[p, 2 * i] = xn[p, 2 * i] * c - xn[p, 2 * i + 1] * s
             ref[p, 2 * i + 1] = xn[p, 2 * i] * s + xn[p, 2 * i + 1] * c
-    check(np.abs(y - ref).max() < 1e-13, "RoPE = adjacent-pair formula of spec 4.2")
+    check(np.abs(y - ref).max() < 1e-13, "RoPE = adjacent-pair formula of dsv3-spec 4.2")
     check(abs(scale - 48 ** -0.5) < 1e-15 and af == 1.0, "plain RoPE: scale 48^-1/2 = %.6f" % scale)
     # q.k depends only on the position difference.
     q = torch.randn(dr, generator=g, dtype=torch.float64)
@@ -193,12 +193,12 @@ def rope_checks():
     check(torch.allclose(qh, qs[:, perm], atol=1e-13), "RoPE: HF result = ours in de-interleaved order")
 
     plain = [1, 0.316228, 0.1, 0.0316228, 0.01, 0.00316228, 0.001, 0.000316228]
-    check(np.allclose(inv, plain, rtol=1e-5), "plain inv_freq = spec 8 list")
+    check(np.allclose(inv, plain, rtol=1e-5), "plain inv_freq = dsv3-spec 8 list")
     ycfg = R.load_config(CONFIGS["yarn_tied"])
     inv, af, scale, info = R.rope_params(ycfg)
     yarn = [1, 0.316228, 0.08125, 0.0197642, 0.004375, 0.000790569, 0.00025, 7.90569e-05]
     check(info == {"low": 1, "high": 5}, "YaRN low/high = 1/5 (%s)" % info)
-    check(np.allclose(inv, yarn, rtol=1e-5), "YaRN inv_freq = spec 8 list")
+    check(np.allclose(inv, yarn, rtol=1e-5), "YaRN inv_freq = dsv3-spec 8 list")
     check(af == 1.0 and abs(scale - 0.187130) < 5e-7, "YaRN cos/sin factor 1, softmax scale %.6f" % scale)
     v3 = dict(ycfg, qk_nope_head_dim=128, qk_rope_head_dim=64, rope_scaling={
         "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
@@ -209,7 +209,7 @@ def rope_checks():
     fb = dict(ycfg, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024})
     _, af, scale, _ = R.rope_params(fb)
     check(abs(af - (0.1 * math.log(4) + 1)) < 1e-15 and abs(scale - 48 ** -0.5) < 1e-15,
-          "YaRN without mscale keys: cos/sin x %.6f, plain softmax scale (spec 9.6)" % af)
+          "YaRN without mscale keys: cos/sin x %.6f, plain softmax scale (dsv3-spec 9.6)" % af)
     # The attention factor multiplies the rotation.
     rot2, _ = R.rope_rotation(fb, 4, torch.float64)
     check(torch.allclose(rot2.abs(), torch.full((4, 8), af, dtype=torch.float64)), "cos/sin carry the factor")
@@ -234,7 +234,7 @@ def routing_checks():
     b2 = torch.tensor([0, 0, 0, 0, 0, 0, 0.4, 0.5], dtype=torch.float64)
     idx = sorted(R.route(cfg, s, b2)[0].tolist())       # sums .90 .95 .90 1.10 -> groups 3, 1
     check(idx == [2, 7], "noaux_tc: bias decides groups and experts -> %s" % idx)
-    # All biased scores negative: masked groups must be -inf, not 0 (spec 9.2).
+    # All biased scores negative: masked groups must be -inf, not 0 (dsv3-spec 9.2).
     b3 = torch.full((8,), -2.0, dtype=torch.float64)
     b3[6:] = -1.0  # group 3 best by far
     s3 = torch.tensor([[0.1, 0.2, 0.3, 0.35, 0.9, 0.95, 0.05, 0.06]], dtype=torch.float64)
