@@ -2,7 +2,7 @@
 // forward and backward passes, written once against the nm_ops table.
 //
 // Usage:
-//   nm_model *m;  nm_model_create(&m, &cfg, nm_ops_cpu(), B_max, T_max, &err);
+//   nm_model *m;  nm_model_create(&m, &cfg, nm_ops_by_name("cpu"), B_max, T_max, &err);
 //   nm_params_init(nm_model_params(m), nm_model_table(m), &cfg, seed);   // or load a file
 //   nm_model_forward(m, tokens, B, T, &opt, &loss, NULL, &err);          // loss terms
 //   nm_model_backward(m, &err);    // of that forward: grads += opt.grad_scale * d(loss)/d(params)
@@ -12,7 +12,7 @@
 #include <stdint.h>
 
 #include "core/precision.h"
-#include "dist/comm.h"
+#include "comm/comm.h"
 #include "model/config.h"
 #include "model/params.h"
 #include "ops/ops.h"
