@@ -179,6 +179,8 @@ static void test_errors(void) {
     // A model config key through --set model_config. is checked, not only warned about.
     ERR_SET(J("{%s}", m), "model_config.hiden_size=3", "unknown model config key 'hiden_size'",
            "did you mean 'hidden_size'");
+    // An unknown backend names the known ones.
+    ERR_SET(J("{%s}", m), "backend=gpu", "key 'backend'", "\"gpu\" is not a backend", "known: cpu, ref");
     // Validation asked for with no validation split is an error, not a silent skip.
     ERR(J("{%s, \"data\": {\"split\": \"100,0\"}, \"log\": {\"eval_every\": 10}}", m), "'log.eval_every' = 10",
         "data.split=99,1", "log.eval_every=0");
