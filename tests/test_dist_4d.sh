@@ -44,6 +44,9 @@ layout tp2_pp2_recompute_buckets 4 train.json ref --set tensor_parallel_size=2 "
 layout tp2_pp4 8 train.json ref --set tensor_parallel_size=2 --set pipeline_parallel_size=4 \
   --set 'pipeline_model_parallel_layout=Et|t|t|mL'
 layout tp2_pp2_dp2_ep2 8 train.json ref --set tensor_parallel_size=2 "${PP2[@]}" --set expert_parallel_size=2
+# the bounded EP exchange in rounds (a quarter of the mean rows per round) under all four axes
+layout tp2_pp2_dp2_ep2_rounds 8 train.json ref --set tensor_parallel_size=2 "${PP2[@]}" --set expert_parallel_size=2 \
+  --set moe_receive_capacity=0.25
 layout tp4_pp2 8 train4.json ref4 --set tensor_parallel_size=4 "${PP2[@]}"
 
 # A tp2 x pp2 checkpoint is an HF directory: it resumes at one process, and at dp4 x ep4.

@@ -48,6 +48,9 @@ layout tp2_dp2 4 train.json ref --set tensor_parallel_size=2
 layout tp2_ep2 2 train.json ref --set tensor_parallel_size=2 --set expert_parallel_size=2
 layout tp2_dp2_ep2 4 train.json ref --set tensor_parallel_size=2 --set expert_parallel_size=2
 layout tp2_ep4 4 train.json ref --set tensor_parallel_size=2 --set expert_parallel_size=4
+# the bounded EP exchange in rounds on each tp rank's own tokens (sequence parallelism)
+layout tp2_ep2_rounds_recompute 2 train.json ref --set tensor_parallel_size=2 --set expert_parallel_size=2 \
+  --set moe_receive_capacity=0.25 --recompute
 layout tp2_recompute 2 train.json ref --set tensor_parallel_size=2 --recompute
 layout tp2_dp2_ep2_buckets 4 train.json ref --set tensor_parallel_size=2 --set expert_parallel_size=2 \
   --set bucket_mb=1 --set overlap_grad_reduce=true
@@ -58,7 +61,12 @@ layout tp2_noqlora_tied_nosp 2 train_b.json ref_b --set tensor_parallel_size=2 -
 # the last shard is all padding), not at all with 1 (300 = 2 x 150); 301 to 302 or 512.
 layout tp2_nopad 2 train.json ref --set tensor_parallel_size=2 --set make_vocab_size_divisible_by=1
 "$NM_BIN" train --config train_v301.json --out ref_v301 --quiet >/dev/null
-layout tp2_v301 2 train_v301.json ref_v301 --set tensor_parallel_size=2 --set make_vocab_size_divisible_by=1
+# On an AVX-512/AMX machine (Sapphire Rapids class) tp2_v301 differs from one process by 1e-9
+# to 2.6e-7 for 9 steps, then by loss 4.9e-6, CE 6.1e-6, gradient norm 2.4e-6 at step 10 (a
+# near-tie in one token's routing that the ulp-level differences tip; the expert loads stay
+# equal): the same bounds as tp4_v301_nosp, 10x that measurement.
+NM_COMPARE_TOL=6e-5,2e-5 layout tp2_v301 2 train_v301.json ref_v301 --set tensor_parallel_size=2 \
+  --set make_vocab_size_divisible_by=1
 # measured loss 5.1e-6, CE 6.4e-6, gradient norm 2.1e-6 (compare_runs.py says why this one)
 NM_COMPARE_TOL=6e-5,2e-5 layout tp4_v301_nosp 4 train_v301.json ref_v301 --set tensor_parallel_size=4 \
   --set sequence_parallel=false

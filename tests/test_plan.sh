@@ -37,6 +37,9 @@ check() {
   fi
   [ "$rc" = 1 ] && extra+=(--recompute) && pextra+=(--recompute)
   [ "$sp" = 0 ] && extra+=(--set sequence_parallel=false) && pextra+=(--no-sequence-parallel)
+  if [ -n "${CAPACITY:-}" ]; then
+    extra+=(--set moe_receive_capacity="$CAPACITY") && pextra+=(--moe-receive-capacity "$CAPACITY")
+  fi
   if [ "$n" = 1 ]; then
     "$NM_BIN" train --config train.json --out "$name" "${extra[@]}" >"$name.log" 2>&1 || { cat "$name.log"; fail "$name did not run"; }
   else
@@ -97,6 +100,9 @@ check tp2_nosp_recompute 2 1 1 2 0
 check pp2 2 1 0 1 1 2 'Et|ttmL'
 check pp2_dp2_ep2 4 2 0 1 1 2 'Ett|tmL'
 check tp2_pp2 4 1 0 2 1 2 'Et|ttmL'
+# the bounded EP exchange: receive buffers of half the mean rows (several rounds per layer)
+CAPACITY=0.5 check ep2_capacity 2 2 0
+CAPACITY=0.5 check tp2_ep2_capacity 4 2 1 2
 
 # Refusals name the numbers.
 if "$NM_BIN" plan --config model.json --world 3 --ep 2 >bad.out 2>bad.err; then fail "world 3 x ep 2 accepted"; fi
@@ -107,6 +113,23 @@ grep -q "num_attention_heads 2" bad.err || { cat bad.err; fail "tp refusal does 
 "$NM_BIN" plan --config "$NM_ROOT/configs/deepseek-v3.json" --world 2048 --ep 64 --seq-len 4096 --precision bf16 \
   --recompute >dsv3.out || fail "DeepSeek-V3 plan did not run"
 grep -Eq "^(fits|does not fit) in 80 GiB" dsv3.out || { cat dsv3.out; fail "DeepSeek-V3 plan gives no verdict"; }
+# DeepSeek-V3 at DeepSeek's own layout (docs/parallelism.md's table): with recomputation and
+# the bounded EP exchange every stage fits in 80 GiB, the receive side C = 2 x 4,097 x 8 rows.
+L="Et*3"; for i in $(seq 14); do L="$L|t*4"; done; L="$L|t*2mL"
+"$NM_BIN" plan --config "$NM_ROOT/configs/deepseek-v3.json" --world 2048 --pp 16 --ep 64 --seq-len 4096 \
+  --global-batch 15360 --precision bf16 --pipeline-layout "$L" --recompute >dsv3_pp16.out || fail "DeepSeek-V3 pp16 plan"
+"$PY" - <<'PY' || { cat dsv3_pp16.out; fail "DeepSeek-V3 at DeepSeek's layout"; }
+import json
+p = json.loads(open("dsv3_pp16.out").read().strip().splitlines()[-1])
+worst = max(s["total_bytes"] for s in p["stages"]) / 2**30
+rows = {s["ep_receive_rows"] for s in p["stages"] if s["ep_receive_rows"]}
+print(f"DeepSeek-V3 pp16 x ep64 x dp128 --recompute: largest stage {worst:.2f} GiB, receive rows {rows}")
+assert p["fits"] and worst < 80, worst
+assert rows == {2 * 4097 * 8}, rows
+PY
+if "$NM_BIN" plan --config model.json --world 2 --ep 2 --moe-receive-capacity 0 >bad.out 2>bad.err; then
+  fail "--moe-receive-capacity 0 accepted"; fi
+grep -q "moe-receive-capacity" bad.err || { cat bad.err; fail "the capacity refusal does not name the flag"; }
 # pp16 over DeepSeek-V3's 61 layers: the refusal suggests a layout for those 61 layers, which
 # plan then takes (it used to suggest a 4-layer example)
 rc=0

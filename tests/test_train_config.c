@@ -238,6 +238,8 @@ static void test_errors(void) {
     ERR_SET(J("{%s}", m), "exit_interval=-1", "'exit_interval' = -1", "out of range");
     ERR_SET(J("{%s}", m), "overlap_grad_reduce=2", "'overlap_grad_reduce'", "expected true or false");
     ERR_SET(J("{%s}", m), "expert_parallel_size=0", "'expert_parallel_size' = 0", "out of range");
+    ERR_SET(J("{%s}", m), "moe_receive_capacity=0", "'moe_receive_capacity' = 0", "must be > 0");
+    ERR(J("{%s, \"moe_receive_capacity\": -1}", m), "'moe_receive_capacity' = -1", "must be > 0");
     ERR(J("{%s, \"tensor_parallel_size\": \"2\"}", m), "'tensor_parallel_size'", "expected an integer");
 #undef J
 }

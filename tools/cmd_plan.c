@@ -4,6 +4,7 @@
 //   plan --config MODEL.json | --model DIR  --world N [--tp T] [--pp P] [--ep E]
 //        [--seq-len S] [--micro-batch B] [--global-batch G] [--recompute]
 //        [--precision fp32|bf16|fp8] [--bucket-mb M] [--flops F] [--memory-gib M]
+//        [--moe-receive-capacity X]
 // The last stdout line is one JSON object with every number.
 #include <stdio.h>
 #include <string.h>
@@ -11,6 +12,7 @@
 #include "args.h"
 #include "commands.h"
 #include "io/hf_dir.h"
+#include "model/model.h"
 #include "train/plan.h"
 
 static const double GIB = 1073741824.0;
@@ -52,12 +54,14 @@ static void print_json(const nm_plan *p, const nm_plan_request *r, double memory
         const nm_plan_stage *s = &p->stages[i];
         printf("%s{\"first_layer\": %lld, \"n_layers\": %lld, \"first\": %s, \"last\": %s, \"params_bytes\": %lld, "
                "\"grads_bytes\": %lld, \"bf16_copy_bytes\": %lld, \"optimizer_bytes\": %lld, \"optimizer_bytes_first\": %lld, "
-               "\"activation_bytes\": %lld, \"in_flight\": %lld, \"ep_buffer_bytes\": %lld, \"total_bytes\": %lld, "
+               "\"activation_bytes\": %lld, \"in_flight\": %lld, \"ep_receive_rows\": %lld, \"ep_buffer_bytes\": %lld, "
+               "\"total_bytes\": %lld, "
                "\"comm\": ",
                i ? ", " : "", (long long)s->first_layer, (long long)s->n_layers, s->first ? "true" : "false",
                s->last ? "true" : "false", (long long)s->params_bytes, (long long)s->grads_bytes,
                (long long)s->bf16_copy_bytes, (long long)s->optimizer_bytes, (long long)s->optimizer_bytes_first,
-               (long long)s->activation_bytes, (long long)s->in_flight, (long long)s->ep_buffer_bytes,
+               (long long)s->activation_bytes, (long long)s->in_flight, (long long)s->ep_receive_rows,
+               (long long)s->ep_buffer_bytes,
                (long long)s->total_bytes);
         print_comm_json(&s->comm);
         printf("}");
@@ -71,7 +75,7 @@ static void print_json(const nm_plan *p, const nm_plan_request *r, double memory
 int nm_cmd_plan(int argc, char **argv) {
     static const char *const vflags[] = {"config", "model", "world", "tp", "pp", "ep", "seq-len", "micro-batch",
                                          "global-batch", "precision", "bucket-mb", "flops", "memory-gib",
-                                         "make-vocab-size-divisible-by", "pipeline-layout", NULL};
+                                         "make-vocab-size-divisible-by", "pipeline-layout", "moe-receive-capacity", NULL};
     static const char *const bflags[] = {"recompute", "no-sequence-parallel", NULL};
     nm_args a;
     if (nm_args_parse(&a, "plan", argc, argv, vflags, bflags)) return 2;
@@ -80,7 +84,7 @@ int nm_cmd_plan(int argc, char **argv) {
         fprintf(stderr, "usage: nanomegatron plan --config MODEL.json | --model DIR --world N [--tp T] [--pp P] [--ep E] "
                         "[--seq-len S] [--micro-batch B] [--global-batch G] [--recompute] [--precision fp32|bf16|fp8] "
                         "[--bucket-mb M] [--flops F] [--memory-gib M] [--no-sequence-parallel] [--make-vocab-size-divisible-by K] "
-                        "[--pipeline-layout 'Et|tt|tmL']\n");
+                        "[--pipeline-layout 'Et|tt|tmL'] [--moe-receive-capacity X]\n");
         return 2;
     }
     nm_plan_request r = {.recompute = nm_args_has(&a, "recompute"), .sequence_parallel = !nm_args_has(&a, "no-sequence-parallel")};
@@ -93,7 +97,8 @@ int nm_cmd_plan(int argc, char **argv) {
         nm_args_i64_in(&a, "micro-batch", 1, 1, 1 << 24, &r.micro_batch) ||
         nm_args_i64_in(&a, "bucket-mb", 40, 1, M, &r.bucket_mb) ||
         nm_args_i64_in(&a, "make-vocab-size-divisible-by", 128, 1, M, &r.vocab_multiple) ||
-        nm_args_f64_in(&a, "flops", 0, 0, 1e30, &r.flops) || nm_args_f64_in(&a, "memory-gib", 80, 0, 1e9, &memory_gib))
+        nm_args_f64_in(&a, "flops", 0, 0, 1e30, &r.flops) || nm_args_f64_in(&a, "memory-gib", 80, 0, 1e9, &memory_gib) ||
+        nm_args_f64_in(&a, "moe-receive-capacity", NM_MOE_RECEIVE_CAPACITY, 1e-9, 1e6, &r.moe_receive_capacity))
         return 2;
     // One micro-batch per data-parallel rank unless given.
     int64_t dp = r.tp * r.pp > 0 ? r.world / (r.tp * r.pp) : 1;
@@ -129,11 +134,11 @@ int nm_cmd_plan(int argc, char **argv) {
                  (long long)s->first_layer, s->last ? ", head, MTP, loss" : "");
         char b[7][32];
         printf("stage %lld (%s) per rank: params %s | grads %s | bf16 copy %s | optimizer shard %s | activations %s "
-               "for %lld micro-batches in flight (EP receive bound %s of it) | total %s\n",
+               "for %lld micro-batches in flight (EP receive side %s of it, %lld rows per round) | total %s\n",
                (long long)i, what, fmt_bytes(b[0], 32, s->params_bytes), fmt_bytes(b[1], 32, s->grads_bytes),
                fmt_bytes(b[2], 32, s->bf16_copy_bytes), fmt_bytes(b[3], 32, s->optimizer_bytes),
                fmt_bytes(b[4], 32, s->activation_bytes), (long long)s->in_flight,
-               fmt_bytes(b[5], 32, s->ep_buffer_bytes), fmt_bytes(b[6], 32, s->total_bytes));
+               fmt_bytes(b[5], 32, s->ep_buffer_bytes), (long long)s->ep_receive_rows, fmt_bytes(b[6], 32, s->total_bytes));
         if (s->total_bytes / GIB > memory_gib) fits = 0;
     }
     const nm_plan_comm *c = &p.comm;

@@ -222,7 +222,8 @@ _TRAIN_KEYS = {
     "log_every": "log.log_every", "eval_every": "log.eval_every", "eval_batches": "log.eval_batches",
     # The parallel layout (data parallelism is what the world size leaves).
     "tensor_parallel_size": "tensor_parallel_size", "pipeline_parallel_size": "pipeline_parallel_size",
-    "expert_parallel_size": "expert_parallel_size", "bucket_mb": "bucket_mb", "exit_interval": "exit_interval",
+    "expert_parallel_size": "expert_parallel_size", "moe_receive_capacity": "moe_receive_capacity",
+    "bucket_mb": "bucket_mb", "exit_interval": "exit_interval",
     "overlap_grad_reduce": "overlap_grad_reduce", "sequence_parallel": "sequence_parallel",
     "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
     "pipeline_model_parallel_layout": "pipeline_model_parallel_layout",
@@ -254,6 +255,7 @@ class TrainConfig:
     pipeline_parallel_size: int = 1
     pipeline_model_parallel_layout: str = ""
     expert_parallel_size: int = 1
+    moe_receive_capacity: float = 2.0
     bucket_mb: int = 40
     overlap_grad_reduce: bool = False
     sequence_parallel: bool = True

@@ -72,13 +72,17 @@ static int single_all_gather(nm_comm *c, void *buf, const int64_t *counts, nm_co
     return 0;
 }
 
-static int single_all_to_all(nm_comm *c, const void *send, const int64_t *send_counts, void *recv,
-                             const int64_t *recv_counts, nm_comm_dtype dt, nm_error *err) {
+static int single_all_to_all(nm_comm *c, const void *send, const int64_t *send_counts, const int64_t *send_displs,
+                             void *recv, const int64_t *recv_counts, const int64_t *recv_displs, nm_comm_dtype dt,
+                             nm_error *err) {
     if (send_counts[0] != recv_counts[0]) {
         return nm_error_set(err, "all_to_all (%s): sending %lld elements to self but expecting %lld", c->group,
                             (long long)send_counts[0], (long long)recv_counts[0]);
     }
-    if (send != recv && send_counts[0] > 0) memmove(recv, send, (size_t)send_counts[0] * nm_comm_dtype_size(dt));
+    size_t elem = nm_comm_dtype_size(dt);
+    const char *from = (const char *)send + (send_displs ? (size_t)send_displs[0] * elem : 0);
+    char *to = (char *)recv + (recv_displs ? (size_t)recv_displs[0] * elem : 0);
+    if (from != to && send_counts[0] > 0) memmove(to, from, (size_t)send_counts[0] * elem);
     nm_comm_count(c, NM_COMM_ALL_TO_ALL, send_counts[0] * (int64_t)nm_comm_dtype_size(dt));
     return 0;
 }
@@ -165,8 +169,9 @@ static int shape_reduce_scatter_start(nm_comm *c, void *buf, const int64_t *coun
 static int shape_all_gather(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_error *err) {
     return shape_refuse(c, err);
 }
-static int shape_all_to_all(nm_comm *c, const void *send, const int64_t *send_counts, void *recv,
-                            const int64_t *recv_counts, nm_comm_dtype dt, nm_error *err) {
+static int shape_all_to_all(nm_comm *c, const void *send, const int64_t *send_counts, const int64_t *send_displs,
+                            void *recv, const int64_t *recv_counts, const int64_t *recv_displs, nm_comm_dtype dt,
+                            nm_error *err) {
     return shape_refuse(c, err);
 }
 static int shape_broadcast(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int root, nm_error *err) {

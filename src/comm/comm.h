@@ -62,8 +62,11 @@ typedef struct nm_comm_vtable {
     int (*reduce_scatter_start)(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_comm_request *req,
                                 nm_error *err);
     int (*all_gather)(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_error *err);
-    int (*all_to_all)(nm_comm *c, const void *send, const int64_t *send_counts, void *recv,
-                      const int64_t *recv_counts, nm_comm_dtype dt, nm_error *err);
+    // send_displs / recv_displs: where each rank's piece starts (elements); NULL: the prefix
+    // sums of the counts (pieces back to back).
+    int (*all_to_all)(nm_comm *c, const void *send, const int64_t *send_counts, const int64_t *send_displs,
+                      void *recv, const int64_t *recv_counts, const int64_t *recv_displs, nm_comm_dtype dt,
+                      nm_error *err);
     int (*broadcast)(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int root, nm_error *err);
     int (*send)(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err);
     int (*recv)(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err);
@@ -156,7 +159,18 @@ static inline int nm_comm_all_gather(nm_comm *c, void *buf, const int64_t *count
 static inline int nm_comm_all_to_all(nm_comm *c, const void *send, const int64_t *send_counts, void *recv,
                                      const int64_t *recv_counts, nm_comm_dtype dt, nm_error *err) {
     double t0 = nm_comm_clock();
-    return nm_comm_timed(c, NM_COMM_ALL_TO_ALL, t0, c->vt->all_to_all(c, send, send_counts, recv, recv_counts, dt, err));
+    return nm_comm_timed(c, NM_COMM_ALL_TO_ALL, t0,
+                         c->vt->all_to_all(c, send, send_counts, NULL, recv, recv_counts, NULL, dt, err));
+}
+// The same with explicit displacements (elements): rank r's piece is sent from
+// send + send_displs[r] and received at recv + recv_displs[r], so pieces may have gaps (the
+// bounded expert exchange sends a slice of each peer's block per round, in place).
+static inline int nm_comm_all_to_all_v(nm_comm *c, const void *send, const int64_t *send_counts,
+                                       const int64_t *send_displs, void *recv, const int64_t *recv_counts,
+                                       const int64_t *recv_displs, nm_comm_dtype dt, nm_error *err) {
+    double t0 = nm_comm_clock();
+    return nm_comm_timed(c, NM_COMM_ALL_TO_ALL, t0,
+                         c->vt->all_to_all(c, send, send_counts, send_displs, recv, recv_counts, recv_displs, dt, err));
 }
 static inline int nm_comm_broadcast(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int root, nm_error *err) {
     double t0 = nm_comm_clock();

@@ -174,11 +174,22 @@ static int mpi_all_gather(nm_comm *c, void *buf, const int64_t *counts, nm_comm_
     return rc == MPI_SUCCESS ? 0 : mpi_fail(c, "all_gather", rc, err);
 }
 
-static int mpi_all_to_all(nm_comm *c, const void *send, const int64_t *send_counts, void *recv,
-                          const int64_t *recv_counts, nm_comm_dtype dt, nm_error *err) {
+// Explicit displacements replace the prefix sums to_int_counts wrote (each checked to fit an int).
+static int set_displs(nm_comm *c, const int64_t *displs, int *idispls, nm_error *err) {
+    for (int r = 0; displs && r < c->size; r++) {
+        if (fits_int(c, "all_to_all", displs[r], err) != 0) return -1;
+        idispls[r] = (int)displs[r];
+    }
+    return 0;
+}
+
+static int mpi_all_to_all(nm_comm *c, const void *send, const int64_t *send_counts, const int64_t *send_displs,
+                          void *recv, const int64_t *recv_counts, const int64_t *recv_displs, nm_comm_dtype dt,
+                          nm_error *err) {
     mpi_impl *im = impl_of(c);
     if (to_int_counts(c, "all_to_all", send_counts, im->icounts, im->displs, err) != 0) return -1;
     if (to_int_counts(c, "all_to_all", recv_counts, im->icounts2, im->displs2, err) != 0) return -1;
+    if (set_displs(c, send_displs, im->displs, err) != 0 || set_displs(c, recv_displs, im->displs2, err) != 0) return -1;
     // Every element handed to the exchange, this rank's own piece included (docs/parallelism.md).
     int64_t sent = nm_comm_sum_counts(send_counts, c->size);
     nm_comm_count(c, NM_COMM_ALL_TO_ALL, sent * (int64_t)nm_comm_dtype_size(dt));

@@ -64,20 +64,16 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
         b->topk_w = take(m, NK);
         b->perm = take_i32(m, NK);
         b->offsets = take_i32(m, c->E + 1);
-        size_t R = m->ep ? (size_t)m->R_max : NK;
+        size_t R = m->ep ? (size_t)m->ep_cap : NK;
         b->x_perm = take(m, NK * D);
         b->e_gate_up = take(m, R * 2 * c->Fe);
         b->e_act = take(m, R * c->Fe);
         b->e_out = take(m, NK * D);
         if (m->ep) {
             b->x_loc = take(m, R * D);
-            b->e_out_loc = take(m, R * D);
-            b->loc_offsets = take_i32(m, (size_t)m->E_loc + 1);
-            b->ep_counts = (int64_t *)take(m, 2 * (size_t)(m->ep->size * m->E_loc));
-        } else {
-            b->x_loc = b->x_perm;
-            b->e_out_loc = b->e_out;
-            b->loc_offsets = b->offsets;
+            size_t EP = (size_t)m->ep->size;
+            b->ep_counts = (int64_t *)take(m, 2 * EP * (size_t)m->E_loc);
+            b->ep_pairs = (int64_t *)take(m, 2 * EP * EP);
         }
 
         if (c->Fs > 0) {
@@ -223,7 +219,7 @@ static void layout(nm_model *m) {
     if (c->E > 0 && stage_moe) {
         m->d_router = take(m, N * c->E);
         m->d_topk_w = take(m, NK);
-        size_t R = m->ep ? (size_t)m->R_max : NK;
+        size_t R = m->ep ? (size_t)m->ep_cap : NK;
         m->d_e_out = take(m, NK * D);
         m->d_e_act = take(m, R * c->Fe);
         m->d_e_gate_up = take(m, R * 2 * c->Fe);
@@ -232,9 +228,6 @@ static void layout(nm_model *m) {
             m->d_e_out_loc = take(m, R * D);
             m->d_x_loc = take(m, R * D);
             m->ep_buf = take(m, R * D);
-        } else {
-            m->d_e_out_loc = m->d_e_out;
-            m->d_x_loc = m->d_x_perm;
         }
     }
     m->d_emb = take(m, N * D);
@@ -330,10 +323,26 @@ static int configure(nm_model *m, const nm_model_options *opts, nm_error *err) {
     if (m->vt > m->V_loc) m->vt = m->V_loc;
     m->E_loc = m->table.expert_count;
     if (m->ep) {
-        int64_t per = c->K < m->E_loc ? c->K : m->E_loc;  // a token reaches one rank at most this often
-        m->R_max = ep_size * m->B_max * m->T_max * per;
+        // The receive capacity per round: moe_receive_capacity x the mean rows a rank receives
+        // (each rank sends its routed rows x K), never above what the group could send it.
+        double capacity = opts->moe_receive_capacity;
+        if (!(capacity >= 0) || !isfinite(capacity))
+            return nm_error_set(err, "model: moe_receive_capacity %g: must be a finite number > 0 (0: the default %g)",
+                                capacity, NM_MOE_RECEIVE_CAPACITY);
+        int64_t rows = m->B_max * m->T_max;
+        if (m->sp) rows = (rows + tp_size - 1) / tp_size;  // each tp rank routes its own rows
+        m->ep_cap = nm_moe_receive_rows(c, rows, ep_size, capacity);
     }
     return 0;
+}
+
+int64_t nm_moe_receive_rows(const nm_model_config *cfg, int64_t rows_routed, int64_t ep_size, double capacity) {
+    if (capacity <= 0) capacity = NM_MOE_RECEIVE_CAPACITY;
+    int64_t E_loc = cfg->E / (ep_size > 0 ? ep_size : 1);
+    int64_t per = cfg->K < E_loc ? cfg->K : E_loc;  // a token reaches one rank at most this often
+    int64_t most = ep_size * rows_routed * per;     // every token of the group routed here
+    double c = ceil(capacity * (double)(rows_routed * cfg->K));
+    return c >= (double)most ? most : c < 1 ? 1 : (int64_t)c;
 }
 
 int nm_model_create(nm_model **out, const nm_model_config *cfg, const nm_ops *ops, int64_t B_max,
@@ -367,7 +376,11 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     if (m->ep) {
         m->ep_send = nm_calloc((size_t)ep_size, sizeof(int64_t));
         m->ep_recv = nm_calloc((size_t)ep_size, sizeof(int64_t));
+        m->ep_send_at = nm_calloc((size_t)ep_size, sizeof(int64_t));
+        m->ep_recv_at = nm_calloc((size_t)ep_size, sizeof(int64_t));
         m->ep_cnt_send = nm_calloc((size_t)(ep_size * m->E_loc), sizeof(int64_t));
+        m->ep_round_counts = nm_calloc((size_t)(ep_size * m->E_loc), sizeof(int64_t));
+        m->ep_round_offsets = nm_calloc((size_t)m->E_loc + 1, sizeof(int32_t));
     }
     m->params = nm_aligned_alloc(m->table.n_floats * sizeof(float));
     m->grads = nm_aligned_alloc(m->table.n_floats * sizeof(float));
@@ -408,6 +421,10 @@ void nm_model_destroy(nm_model *m) {
     nm_free(m->ep_send);
     nm_free(m->ep_recv);
     nm_free(m->ep_cnt_send);
+    nm_free(m->ep_send_at);
+    nm_free(m->ep_recv_at);
+    nm_free(m->ep_round_counts);
+    nm_free(m->ep_round_offsets);
     nm_free(m->sp_counts);
     nm_free(m->expert_counts);
     nm_free(m);
@@ -520,6 +537,13 @@ int nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_
     return 0;
 }
 void nm_model_zero_grads(nm_model *m) { m->ops->zero(m->grads, (int64_t)m->table.n_floats); }
+
+void nm_model_ep_stats(nm_model *m, int64_t *rounds, double *recv_max_over_mean) {
+    *rounds = m->ep_stats_rounds;
+    *recv_max_over_mean = m->ep_stats_over_mean;
+    m->ep_stats_rounds = 0;
+    m->ep_stats_over_mean = 0.0;
+}
 
 const int64_t *nm_model_expert_counts(const nm_model *m, int *n_moe_layers, const int **layer_ids) {
     if (n_moe_layers) *n_moe_layers = m->n_moe;

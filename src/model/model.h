@@ -62,7 +62,19 @@ typedef struct nm_model_options {
                                   // NULL: the whole model
     int64_t act_slots;          // activation sets, one per micro-batch in flight (nm_model_set_slot);
                                 // 0 or 1: one
+    double moe_receive_capacity;  // with ep: the rows a rank's experts receive per round of the
+                                  // dropless exchange, as a multiple of the mean (routed rows x K);
+                                  // a busier rank takes more rounds, nothing is dropped
+                                  // (docs/parallelism.md). 0: NM_MOE_RECEIVE_CAPACITY
 } nm_model_options;
+
+#define NM_MOE_RECEIVE_CAPACITY 2.0
+
+// C, the rows a rank's experts receive per round of the expert-parallel exchange: capacity
+// (0: NM_MOE_RECEIVE_CAPACITY) x the mean rows_routed x K, at least 1, at most what the group
+// could send (ep_size x rows_routed x min(K, E/ep_size)). rows_routed: the tokens each rank
+// routes (B x T, or its 1/TP share under sequence parallelism).
+int64_t nm_moe_receive_rows(const nm_model_config *cfg, int64_t rows_routed, int64_t ep_size, double capacity);
 
 // Allocates parameters, gradients and activations for batches up to (B_max, T_max).
 int nm_model_create(nm_model **out, const nm_model_config *cfg, const nm_ops *ops, int64_t B_max,
@@ -130,6 +142,11 @@ void nm_model_set_backward_hook(nm_model *m, nm_backward_hook fn, void *ctx);
 int nm_model_supports_expert_parallel(void);
 // 1 when the model can shard attention, dense FFNs and the vocabulary over a tensor-parallel group.
 int nm_model_supports_tensor_parallel(void);
+
+// The expert-parallel exchanges since the last call (then reset): the most rounds any took,
+// and the most rows any receiver of the group got over the group's mean (1.0: even load).
+// Both 0 without ep or before a forward.
+void nm_model_ep_stats(nm_model *m, int64_t *rounds, double *recv_max_over_mean);
 
 // Router statistics of the last forward, for the bias update and the metrics:
 // counts (n_moe_layers, E) of selected (token, expert) pairs, bias and group limit included.

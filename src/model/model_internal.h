@@ -48,13 +48,13 @@ typedef struct block_acts {
     float *e_gate_up;           // (N*K, 2Fe)
     float *e_act;               // (N*K, Fe)
     float *e_out;               // (N*K, D) expert outputs back in x_perm's order
-    // expert parallelism: the rows this rank's experts run on (aliases of x_perm / offsets /
-    // e_out without it); e_gate_up and e_act are sized for the expert side (R rows: N*K, or
-    // the EP bound R_max)
-    float *x_loc;               // (R, D) received rows, expert-major
-    float *e_out_loc;           // (R, D) their outputs
-    int32_t *loc_offsets;       // (E_loc+1) first row of each local expert in x_loc
+    // expert parallelism: the rows this rank's experts run on in one round of the exchange
+    // (moe.c; without it the experts run on x_perm / offsets / e_out directly); e_gate_up and
+    // e_act are sized for the expert side (R rows: N*K, or the EP receive capacity ep_cap)
+    float *x_loc;               // (R, D) received rows of the round, expert-major
     int64_t *ep_counts;         // (EP*E_loc) rows from source rank s for local expert j at s*E_loc+j
+    int64_t *ep_pairs;          // (EP*EP) rows source rank s sends receiver r, at s*EP+r
+    int64_t ep_rounds;          // rounds of the exchange (receivers hold at most ep_cap rows each)
     float *s_gate_up;           // (N, 2Fs) shared experts
     float *s_act;               // (N, Fs)
     float *bal_f;               // (B, E) balance-loss f_i per sequence
@@ -158,15 +158,22 @@ struct nm_model {
 
     nm_gemm_group *groups;      // (E) scratch for the experts' grouped GEMMs
 
-    // expert parallelism (design.md 6): dropless all-to-all dispatch and combine (moe.c)
+    // expert parallelism (docs/parallelism.md): dropless all-to-all dispatch and combine, in
+    // rounds of at most ep_cap received rows (moe.c)
     nm_comm *ep;                // NULL without it
     int64_t E_loc;              // routed experts held here (E without EP)
-    int64_t R_max;              // bound on the rows this rank's experts receive: EP * N * min(K, E_loc)
-    float *ep_buf;              // (R_max, D) rows in source-major order, on their way in or out
-    float *d_e_out_loc;         // (R, D) expert side of d_e_out (alias without EP)
-    float *d_x_loc;             // (R, D) expert side of d_x_perm (alias without EP)
-    int64_t *ep_send, *ep_recv; // (EP) row counts, scratch
+    int64_t ep_cap;             // C: rows a rank's experts receive per round (moe_receive_capacity
+                                // x the mean N_route*K, at most EP * N_route * min(K, E_loc))
+    float *ep_buf;              // (C, D) rows in source-major order, on their way in or out
+    float *d_e_out_loc;         // (C, D) expert side of d_e_out
+    float *d_x_loc;             // (C, D) expert side of d_x_perm (in the forward: the experts' outputs)
+    int64_t *ep_send, *ep_recv; // (EP) element counts of this rank's pieces as a source / receiver
+    int64_t *ep_send_at, *ep_recv_at; // (EP) their displacements (in x_perm's order / in ep_buf)
     int64_t *ep_cnt_send;       // (EP*E_loc) per (destination, its local expert)
+    int64_t *ep_round_counts;   // (EP*E_loc) this round's rows per (source, local expert)
+    int32_t *ep_round_offsets;  // (E_loc+1) this round's first row of each local expert in x_loc
+    int64_t ep_stats_rounds;    // most rounds of any exchange since the last nm_model_ep_stats
+    double ep_stats_over_mean;  // most rows any receiver got / the group's mean, since then
     int ep_failed;              // a collective failed inside forward/backward; ep_err has why
     nm_error ep_err;
     // tensor parallelism (docs/parallelism.md): local sizes (the full ones without it)

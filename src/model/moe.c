@@ -152,15 +152,28 @@ void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32
     }
 }
 
-// --- expert parallelism: dispatch and combine -------------------------------------------------
+// --- expert parallelism: dispatch and combine, in bounded rounds ------------------------------
 //
 // After routing, x_perm holds this rank's N*K rows sorted by global expert, so the rows for EP
-// rank q (experts [q*El, (q+1)*El)) are one contiguous block. Dispatch: the per-(q, local
-// expert) counts go first (all_to_all of El counts per peer), then the rows; what arrives is
-// source-major (source rank s, then its rows for local expert j) and is reordered to expert-
-// major for the grouped GEMMs. Combine runs the same steps backwards. The backward mirrors
-// both: d_e_out travels like x_perm, d_x_loc like e_out_loc. Dropless: every row goes where
-// its expert is; the receive side is bounded by R_max rows, allocated once.
+// rank q (experts [q*El, (q+1)*El)) are one contiguous block. The per-(q, local expert) counts
+// go first (all_to_all of El counts per peer), then every rank's per-peer row totals (an
+// all_gather of EP int64: the EP x EP matrix P[s][r] of rows s sends r), so every rank knows
+// what each receiver gets in all.
+//
+// The receive side holds at most C = ep_cap rows (moe_receive_capacity x the mean rows per
+// rank, docs/parallelism.md), not the worst case. Receiver r lays its incoming rows out in one
+// source-major sequence (source s's block at sum_{s' < s} P[s'][r]); round k moves rows
+// [k*C, (k+1)*C) of that sequence, so each source sends a contiguous slice of its block per
+// round, straight from x_perm (all_to_all_v's displacements), and no receiver ever holds more
+// than C. rounds = max over receivers of ceil(received / C), the same on every rank of the
+// group. Each round reorders what arrived expert-major, runs the local experts on it and
+// sends the outputs back into their slice of e_out: no token is ever dropped. With one round
+// (the usual case) this is exactly the unbounded exchange.
+//
+// The backward repeats the rounds: d_e_out travels like x_perm, d_x_loc returns like e_out.
+// With one round the expert side's saved activations (x_loc, e_gate_up, e_act) are those of
+// the forward; with more, only the last round's would be left, so each backward round sends
+// its x_perm slice again and recomputes them (one more row phase; docs/parallelism.md).
 
 // Copies blocks between source-major (s, j) and expert-major (j, s) order. to_expert: src is
 // source-major, dst expert-major; else the reverse. counts[s*El + j] rows per block.
@@ -186,10 +199,12 @@ static void ep_reorder(const nm_model *m, float *dst, const float *src, const in
 
 static void ep_fail(nm_model *m) { m->ep_failed = 1; }
 
-// Exchanges the counts of block b (forward only; the backward reuses them) and fills
-// loc_offsets. Per-destination row counts into m->ep_send, per-source into m->ep_recv.
+static int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
+
+// Exchanges the counts of block b (forward only; the backward reuses them): b->ep_counts
+// (per source and local expert), b->ep_pairs (the EP x EP row totals) and b->ep_rounds.
 static void ep_exchange_counts(nm_model *m, block_acts *b) {
-    int64_t EP = m->ep->size, El = m->E_loc;
+    int64_t EP = m->ep->size, El = m->E_loc, me = m->ep->rank;
     for (int64_t q = 0; q < EP; q++) {
         m->ep_send[q] = 0;
         for (int64_t j = 0; j < El; j++) {
@@ -201,43 +216,107 @@ static void ep_exchange_counts(nm_model *m, block_acts *b) {
     int64_t *per = m->ep_recv;  // El counts to and from every peer
     for (int64_t q = 0; q < EP; q++) per[q] = El;
     if (nm_comm_all_to_all(m->ep, m->ep_cnt_send, per, b->ep_counts, per, NM_DT_I64, &m->ep_err) != 0) ep_fail(m);
-    b->loc_offsets[0] = 0;
+    for (int64_t q = 0; q < EP; q++) {
+        b->ep_pairs[me * EP + q] = m->ep_send[q];
+        per[q] = EP;
+    }
+    if (nm_comm_all_gather(m->ep, b->ep_pairs, per, NM_DT_I64, &m->ep_err) != 0) ep_fail(m);
+    int64_t most = 0, total = 0;
+    for (int64_t r = 0; r < EP; r++) {
+        int64_t in = 0;
+        for (int64_t s = 0; s < EP; s++) in += b->ep_pairs[s * EP + r];
+        if (in > most) most = in;
+        total += in;
+    }
+    b->ep_rounds = most > 0 ? (most + m->ep_cap - 1) / m->ep_cap : 1;
+    if (b->ep_rounds > m->ep_stats_rounds) m->ep_stats_rounds = b->ep_rounds;
+    double over = total > 0 ? (double)most * (double)EP / (double)total : 1.0;
+    if (over > m->ep_stats_over_mean) m->ep_stats_over_mean = over;
+}
+
+// Round k of block b's exchange: element counts and displacements of this rank's pieces as a
+// source (m->ep_send / ep_send_at, into x_perm's order) and as a receiver (m->ep_recv, back to
+// back in ep_buf), the round's rows per (source, local expert) in m->ep_round_counts, and the
+// local experts' row offsets in m->ep_round_offsets (El+1). Returns the rows received.
+static int64_t ep_round(nm_model *m, const block_acts *b, int64_t k) {
+    int64_t EP = m->ep->size, El = m->E_loc, D = m->cfg.D, me = m->ep->rank, C = m->ep_cap;
+    const int64_t *P = b->ep_pairs;
+    for (int64_t q = 0; q < EP; q++) {  // as a source: my slice of my block for q
+        int64_t off = 0;
+        for (int64_t s = 0; s < me; s++) off += P[s * EP + q];
+        int64_t n = P[me * EP + q];
+        int64_t lo = clamp64(k * C - off, 0, n), hi = clamp64((k + 1) * C - off, 0, n);
+        m->ep_send[q] = (hi - lo) * D;
+        m->ep_send_at[q] = ((int64_t)b->offsets[q * El] + lo) * D;
+    }
+    int64_t off = 0, got = 0;
+    for (int64_t s = 0; s < EP; s++) {  // as a receiver: each source's slice, split by local expert
+        int64_t n = P[s * EP + me];
+        int64_t lo = clamp64(k * C - off, 0, n), hi = clamp64((k + 1) * C - off, 0, n);
+        m->ep_recv[s] = (hi - lo) * D;
+        m->ep_recv_at[s] = got * D;
+        got += hi - lo;
+        int64_t at = 0;  // rows of source s's block before local expert j
+        for (int64_t j = 0; j < El; j++) {
+            int64_t c = b->ep_counts[s * El + j];
+            int64_t a = clamp64(lo, at, at + c), z = clamp64(hi, at, at + c);
+            m->ep_round_counts[s * El + j] = z - a;
+            at += c;
+        }
+        off += n;
+    }
+    m->ep_round_offsets[0] = 0;
     for (int64_t j = 0; j < El; j++) {
         int64_t n = 0;
-        for (int64_t s = 0; s < EP; s++) n += b->ep_counts[s * El + j];
-        b->loc_offsets[j + 1] = b->loc_offsets[j] + (int32_t)n;
+        for (int64_t s = 0; s < EP; s++) n += m->ep_round_counts[s * El + j];
+        m->ep_round_offsets[j + 1] = m->ep_round_offsets[j] + (int32_t)n;
     }
-    NM_CHECK(b->loc_offsets[El] <= m->R_max, "expert-parallel rows %d over the bound %lld", b->loc_offsets[El],
-             (long long)m->R_max);
+    return got;
 }
 
-// Row counts (times D floats) of the exchange: out[q] = rows to peer q when forward.
-static void ep_row_counts(const nm_model *m, const block_acts *b, int64_t *to_peer, int64_t *from_peer) {
-    int64_t EP = m->ep->size, El = m->E_loc, D = m->cfg.D;
-    for (int64_t q = 0; q < EP; q++) {
-        int64_t in = 0, out = 0;
-        for (int64_t j = 0; j < El; j++) {
-            int64_t e = q * El + j;
-            out += b->offsets[e + 1] - b->offsets[e];
-            in += b->ep_counts[q * El + j];
+// This round's slices of the source rows (N*K, D, x_perm order) -> expert-major rows here.
+static void ep_dispatch(nm_model *m, const float *rows, float *expert_rows) {
+    if (nm_comm_all_to_all_v(m->ep, rows, m->ep_send, m->ep_send_at, m->ep_buf, m->ep_recv, m->ep_recv_at, NM_DT_F32,
+                             &m->ep_err) != 0)
+        ep_fail(m);
+    ep_reorder(m, expert_rows, m->ep_buf, m->ep_round_counts, 1);
+}
+
+// Expert-major rows of this round -> back into their slices of rows (x_perm order) at the sources.
+static void ep_combine(nm_model *m, const float *expert_rows, float *rows) {
+    ep_reorder(m, m->ep_buf, expert_rows, m->ep_round_counts, 0);
+    if (nm_comm_all_to_all_v(m->ep, m->ep_buf, m->ep_recv, m->ep_recv_at, rows, m->ep_send, m->ep_send_at, NM_DT_F32,
+                             &m->ep_err) != 0)
+        ep_fail(m);
+}
+
+// The routed experts of block b over the expert-parallel group, round by round.
+static void ep_experts_forward(nm_model *m, const nm_layer_offsets *w, block_acts *b) {
+    ep_exchange_counts(m, b);
+    for (int64_t k = 0; k < b->ep_rounds; k++) {
+        int64_t rows = ep_round(m, b, k);
+        // fp32 rows over the all-to-all; the experts' rank rounds what it received (bf16)
+        ep_dispatch(m, b->x_perm, b->x_loc);
+        nm_round_act(m, b->x_loc, rows * m->cfg.D);
+        // the outputs of the round go back at once: the backward's d_x_loc holds them meanwhile
+        nm_moe_experts_forward(m, w, m->ep_round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->d_x_loc);
+        ep_combine(m, m->d_x_loc, b->e_out);
+    }
+}
+
+static void ep_experts_backward(nm_model *m, const nm_layer_offsets *w, block_acts *b) {
+    for (int64_t k = 0; k < b->ep_rounds; k++) {
+        int64_t rows = ep_round(m, b, k);
+        if (b->ep_rounds > 1) {  // the forward's expert-side activations of this round are gone
+            ep_dispatch(m, b->x_perm, b->x_loc);
+            nm_round_act(m, b->x_loc, rows * m->cfg.D);
+            nm_moe_experts_forward(m, w, m->ep_round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->d_x_loc);
         }
-        to_peer[q] = out * D;
-        from_peer[q] = in * D;
+        ep_dispatch(m, m->d_e_out, m->d_e_out_loc);
+        nm_moe_experts_backward(m, w, m->ep_round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->d_e_out_loc,
+                                m->d_e_act, m->d_e_gate_up, m->d_x_loc);
+        ep_combine(m, m->d_x_loc, m->d_x_perm);
     }
-}
-
-// Source rows (N*K, D, x_perm order) -> expert-major rows on the experts' ranks.
-static void ep_dispatch(nm_model *m, block_acts *b, const float *rows, float *expert_rows) {
-    ep_row_counts(m, b, m->ep_send, m->ep_recv);
-    if (nm_comm_all_to_all(m->ep, rows, m->ep_send, m->ep_buf, m->ep_recv, NM_DT_F32, &m->ep_err) != 0) ep_fail(m);
-    ep_reorder(m, expert_rows, m->ep_buf, b->ep_counts, 1);
-}
-
-// Expert-major rows -> back to their source ranks, in x_perm order.
-static void ep_combine(nm_model *m, block_acts *b, const float *expert_rows, float *rows) {
-    ep_reorder(m, m->ep_buf, expert_rows, b->ep_counts, 0);
-    ep_row_counts(m, b, m->ep_send, m->ep_recv);
-    if (nm_comm_all_to_all(m->ep, m->ep_buf, m->ep_recv, rows, m->ep_send, NM_DT_F32, &m->ep_err) != 0) ep_fail(m);
 }
 
 // --- the MoE FFN ------------------------------------------------------------------------------
@@ -267,16 +346,12 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
         for (int64_t e = 0; e < E; e++) counts[e] += b->offsets[e + 1] - b->offsets[e];
     }
     if (m->ep) {
-        // fp32 rows over the all-to-all; the experts' rank rounds what it received (bf16)
         ops->moe_gather(b->x_perm, f, b->perm, n0, K, D);
-        ep_exchange_counts(m, b);
-        ep_dispatch(m, b, b->x_perm, b->x_loc);
-        nm_round_act(m, b->x_loc, (int64_t)b->loc_offsets[m->E_loc] * D);
+        ep_experts_forward(m, w, b);
     } else {
         nm_moe_gather(m, b->x_perm, f, b->perm, n0, K, D);  // bf16: rounded, with its twin
+        nm_moe_experts_forward(m, w, b->offsets, b->x_perm, b->e_gate_up, b->e_act, b->e_out);
     }
-    nm_moe_experts_forward(m, w, b->loc_offsets, b->x_loc, b->e_gate_up, b->e_act, b->e_out_loc);
-    if (m->ep) ep_combine(m, b, b->e_out_loc, b->e_out);
     // Tensor parallelism without sequence parallelism: every tp rank routes and runs the
     // (whole) routed experts on the same tokens; tp rank 0 alone adds them, the block's
     // all-reduce sums them with the shared part.
@@ -321,10 +396,10 @@ void nm_moe_backward(nm_model *m, int64_t l, float aux_seed) {
     // x_out += sum_k w_k * e_out[row(n,k)]
     ops->moe_combine_backward(m->d_e_out, m->d_topk_w, d_res + s0 * D, b->e_out, b->topk_w + s0 * K, b->perm, n0, K,
                               D);
-    if (m->ep) ep_dispatch(m, b, m->d_e_out, m->d_e_out_loc);
-    nm_moe_experts_backward(m, w, b->loc_offsets, b->x_loc, b->e_gate_up, b->e_act, m->d_e_out_loc, m->d_e_act,
-                            m->d_e_gate_up, m->d_x_loc);
-    if (m->ep) ep_combine(m, b, m->d_x_loc, m->d_x_perm);
+    if (m->ep) ep_experts_backward(m, w, b);
+    else
+        nm_moe_experts_backward(m, w, b->offsets, b->x_perm, b->e_gate_up, b->e_act, m->d_e_out, m->d_e_act,
+                                m->d_e_gate_up, m->d_x_perm);
     // x_perm = gather(f)
     ops->moe_scatter_add(m->d_f + s0 * D, m->d_x_perm, b->perm, n0, K, D);
     // gate weights <- scores <- router logits = f . W_router^T (bias: selection only, no gradient)

@@ -24,13 +24,22 @@ static int64_t rows_of_layer(const nm_model_config *c, const nm_plan_request *r,
 // the combine, twice more in the backward (three times each with recomputation, which also
 // exchanges the counts twice), after E/EP int64 counts to each of the EP peers per rank. A
 // layer runs on the W/PP ranks of its stage; under sequence parallelism each tp rank routes
-// its own 1/TP of the tokens.
+// its own 1/TP of the tokens. A layer whose exchange takes more than one round sends its rows
+// once more in the backward: counted where that is certain, when even the mean load (every
+// rank's routed rows x K) exceeds the receive capacity C; a busier step than the mean adds
+// that phase to more layers, which only a run can know.
 static int64_t all_to_all_job_bytes(const nm_model_config *c, const nm_plan_request *r, int64_t accum) {
     if (r->ep <= 1 || c->E == 0) return 0;
     int64_t phases = r->recompute ? 6 : 4, count_rounds = r->recompute ? 2 : 1, total = 0, W = r->world / r->pp;
+    int sp = r->tp > 1 && r->sequence_parallel;
+    int64_t routed_max = r->micro_batch * (r->seq_len + 1);  // the rows the buffers are sized for
+    if (sp) routed_max = (routed_max + r->tp - 1) / r->tp;
+    int64_t C = nm_moe_receive_rows(c, routed_max, r->ep, r->moe_receive_capacity);
     for (int64_t l = 0; l < c->n_layers; l++) {
         if (!nm_layer_is_moe(c, l)) continue;
-        total += count_rounds * W * c->E * 8 + phases * (W / r->tp * rows_of_layer(c, r, l)) * c->K * c->D * 4;
+        int64_t routed_least = sp ? rows_of_layer(c, r, l) / r->tp : rows_of_layer(c, r, l);
+        int64_t extra = routed_least * c->K > C;
+        total += count_rounds * W * c->E * 8 + (phases + extra) * (W / r->tp * rows_of_layer(c, r, l)) * c->K * c->D * 4;
     }
     return accum * total;
 }
@@ -176,7 +185,7 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, const n
     s->in_flight = p->n.pp > 1 ? nm_pipeline_slots(p->n.pp, si, p->accum) : 1;
     nm_model_options mo = {.recompute = r->recompute, .ep = ep, .tp = tp, .sequence_parallel = sp,
                            .vocab_multiple = r->vocab_multiple, .stage = p->n.pp > 1 ? st : NULL,
-                           .act_slots = s->in_flight};
+                           .act_slots = s->in_flight, .moe_receive_capacity = r->moe_receive_capacity};
     int64_t T = r->seq_len + 1;  // the trainer's rows: seq_len inputs and the last target
     size_t act = 0;
     if (nm_model_estimate_activation_bytes_ex(cfg, r->micro_batch, T, &mo, &act, err) != 0) goto done;
@@ -184,12 +193,15 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, const n
     int64_t n_moe = 0;
     for (int64_t l = 0; l < cfg->n_layers; l++) n_moe += stage_runs(cfg, st, l) && nm_layer_is_moe(cfg, l);
     if (p->n.ep > 1 && cfg->E > 0 && n_moe > 0) {
-        // The receive-side buffers sized for R_max rows: x_loc, e_out_loc (per MoE layer and
-        // activation set, or once with recomputation), and d_e_out_loc, d_x_loc and the
-        // exchange buffer.
-        int64_t E_loc = cfg->E / p->n.ep, per = cfg->K < E_loc ? cfg->K : E_loc;
-        int64_t R = p->n.ep * r->micro_batch * T * per;
-        s->ep_buffer_bytes = ((r->recompute ? 2 : 2 * n_moe * s->in_flight) + 3) * R * cfg->D * 4;
+        // The buffers sized by the receive capacity C: per MoE layer and activation set (once
+        // with recomputation) x_loc (D), e_gate_up (2Fe) and e_act (Fe); once, the backward's
+        // d_e_out_loc, d_x_loc and the exchange buffer (3D), d_e_act and d_e_gate_up (3Fe).
+        int64_t rows = r->micro_batch * T;
+        if (sp) rows = (rows + p->n.tp - 1) / p->n.tp;
+        int64_t C = nm_moe_receive_rows(cfg, rows, p->n.ep, r->moe_receive_capacity);
+        int64_t sets = r->recompute ? 1 : n_moe * s->in_flight;
+        s->ep_receive_rows = C;
+        s->ep_buffer_bytes = (sets * (cfg->D + 3 * cfg->Fe) + 3 * cfg->D + 3 * cfg->Fe) * C * 4;
     }
     s->total_bytes = s->params_bytes + s->grads_bytes + s->bf16_copy_bytes + s->optimizer_bytes + s->activation_bytes;
     if (p->n.world > 1) s->comm.dp_all_reduce = 5 * 8 + n_moe * cfg->E * 8;  // loss terms and finiteness, expert loads

@@ -1,8 +1,8 @@
 // plan.h: what a parallel layout costs before it is launched (`nanomegatron plan`, design.md 6).
 //
 // Per rank: parameters, gradients, the bf16 weight copy, the ZeRO-1 optimizer shard, the
-// activations held at the schedule's peak (the MoE receive side at its dropless worst case:
-// every token of the EP group routed here) and the communication buffers; per step: the bytes
+// activations held at the schedule's peak (the MoE receive side at moe_receive_capacity x the
+// mean rows per round) and the communication buffers; per step: the bytes
 // of each group and operation as the byte counters count them (docs/parallelism.md), and the
 // compute time at a given FLOP/s.
 //
@@ -28,6 +28,7 @@ typedef struct nm_plan_request {
     int64_t vocab_multiple;     // make_vocab_size_divisible_by (default 128)
     nm_precision precision;
     int64_t bucket_mb;          // ZeRO-1 bucket size (the training config's bucket_mb)
+    double moe_receive_capacity; // the EP receive side per round, x the mean rows (0: the default)
     const char *pipeline_layout; // pipeline_model_parallel_layout (NULL or "": the even split)
     double flops;               // FLOP/s per rank for the compute time (0: not estimated)
 } nm_plan_request;
@@ -55,7 +56,8 @@ typedef struct nm_plan_stage {
     int64_t activation_bytes;       // the arena: one activation set per micro-batch in flight, and the
                                     // backward scratch they share
     int64_t in_flight;              // micro-batches whose activations the stage holds at its peak (1F1B)
-    int64_t ep_buffer_bytes;        // part of activation_bytes: the EP receive-side bound
+    int64_t ep_receive_rows;        // C: rows a rank's experts receive per round of the EP exchange
+    int64_t ep_buffer_bytes;        // part of activation_bytes: the buffers sized by C
     int64_t total_bytes;            // params + grads + bf16 copy + optimizer + activations
     nm_plan_comm comm;              // per rank of this stage and step
 } nm_plan_stage;

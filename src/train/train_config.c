@@ -89,6 +89,9 @@ static const key_spec keys[] = {
      "ranks the routed experts are sharded over (Megatron --expert-model-parallel-size)"},
     {"exit_interval", K_INT, OFF(exit_interval), 0, NULL, 0, BIG, 0, NULL, 0,
      "stop at a step divisible by this, schedule unchanged (Megatron --exit-interval); 0: off"},
+    {"moe_receive_capacity", K_FLOAT, OFF(moe_receive_capacity), 2.0, NULL, 0, 1e6, 1, NULL, 0,
+     "under expert parallelism, the rows a rank's experts receive per round of the dropless all-to-all, as a "
+     "multiple of the mean (routed tokens x top_k); a busier rank takes more rounds, no token is dropped"},
     {"bucket_mb", K_INT, OFF(bucket_mb), 40, NULL, 1, 1 << 20, 0, NULL, 0,
      "gradient reduce-scatter bucket size, MiB of fp32 gradients"},
     {"make_vocab_size_divisible_by", K_INT, OFF(make_vocab_size_divisible_by), 128, NULL, 1, 1 << 20, 0, NULL, 0,

@@ -260,7 +260,8 @@ static int rewind_metrics(nm_trainer *t, const char *path, int64_t last_step, nm
 static size_t *full_row_state(const nm_trainer *t);
 
 // metrics.jsonl entries of a step besides the per-stage ones: 20 always, up to 20 from
-// comm_metrics, pp_bubble_theory and val_loss; with room to spare.
+// comm_metrics, ep_rounds and ep_recv_max_over_mean, pp_bubble_theory and val_loss; with
+// room to spare.
 #define STEP_METRICS 64
 
 static int make_loaders(nm_trainer *t, nm_error *err) {
@@ -402,7 +403,8 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     if (nm_train_config_accum_steps(cfg, ms.dp, &t->accum, err) != 0) goto fail;
     t->T = cfg->seq_len + 1;
     nm_model_options mopts = {.recompute = opts->recompute, .ep = t->mesh->ep, .tp = t->mesh->tp,
-                              .sequence_parallel = t->sp, .vocab_multiple = cfg->make_vocab_size_divisible_by};
+                              .sequence_parallel = t->sp, .vocab_multiple = cfg->make_vocab_size_divisible_by,
+                              .moe_receive_capacity = cfg->moe_receive_capacity};
     if (ms.pp > 1) {
         // The stage's layers only, and one activation set per micro-batch in flight under 1F1B.
         mopts.stage = &t->stages[t->mesh->pp_rank];
@@ -1186,6 +1188,16 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     m->load_max_over_mean = bs.load_max_over_mean;
     m->bias_min = bs.bias_min;
     m->bias_max = bs.bias_max;
+    // The expert-parallel exchange of the step (before an evaluation adds its own): the most
+    // rounds any MoE layer took and the busiest receiver over the mean, over the job.
+    int64_t ep_rounds = 0;
+    double ep_over = 0.0;
+    if (t->mesh->n.ep > 1) {
+        nm_model_ep_stats(t->model, &ep_rounds, &ep_over);
+        if (nm_comm_all_reduce(t->world, &ep_rounds, 1, NM_DT_I64, NM_RED_MAX, err) != 0 ||
+            nm_comm_all_reduce(t->world, &ep_over, 1, NM_DT_F64, NM_RED_MAX, err) != 0)
+            return -1;
+    }
 
     int eval_now = c->log.eval_every > 0 && (step % c->log.eval_every == 0 || step == c->steps);
     if (eval_now && t->valid_data) {
@@ -1222,6 +1234,10 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     kv[n++] = NM_METRIC_F("time_optimizer_s", m->t_optimizer);
     kv[n++] = NM_METRIC_F("time_comm_s", m->t_comm);
     if (t->world->size > 1 && comm_metrics(t, kv + n, &n, err) != 0) return -1;
+    if (t->mesh->n.ep > 1) {
+        kv[n++] = NM_METRIC_I("ep_rounds", ep_rounds);
+        kv[n++] = NM_METRIC_F("ep_recv_max_over_mean", ep_over);
+    }
     if (t->pipe) {
         int64_t S = t->mesh->n.pp;
         for (int64_t s = 0; s < S; s++) kv[n++] = NM_METRIC_F(t->pp_keys[s], t->pp_idle[s]);
