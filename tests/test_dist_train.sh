@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # test_dist_train.sh: data parallelism with ZeRO-1 and expert parallelism under mpirun against one process on the same global batch: per-step loss and
 # gradient norm over 10 steps within the tolerance of tests/dist/compare_runs.py, expert
-# loads identical. Then checkpoints across layouts, the refusal of impossible layouts, and a
-# rank killed with SIGKILL mid-step.
+# loads identical; the bounded expert-parallel exchange in rounds (receive capacity below the
+# mean, and every routed row forced to one rank by a router bias). Then checkpoints across
+# layouts, the refusal of impossible layouts, and a rank killed with SIGKILL mid-step.
 set -euo pipefail
 : "${NM_BIN:?}" "${NM_ROOT:?}" "${NM_BUILD:?}"
 PY=${NM_PYTHON:-python3}
@@ -56,6 +57,52 @@ layout dp4_ep2_buckets 4 --set expert_parallel_size=2 --set bucket_mb=1 --set ov
 layout ep2_rounds 2 --set expert_parallel_size=2 --set moe_receive_capacity=0.25
 layout dp4_ep4_rounds 4 --set expert_parallel_size=4 --set moe_receive_capacity=0.25
 layout ep2_rounds_recompute 2 --set expert_parallel_size=2 --set moe_receive_capacity=0.25 --recompute
+
+# Every routed row forced to one EP rank: a router bias of 100 on experts 0 and 1 (EP rank 0's
+# pair at ep4, half of rank 0's four at ep2) outweighs any affinity, so all N x K rows of every
+# rank go to rank 0, the dropless worst case. ep4 receives 4 x N x 2 rows against C = 2 x N x 2:
+# two rounds; dp2 x ep2 exactly C: one. Both equal one process from the same start.
+"$NM_BIN" train --config train.json --out bias0 --quiet --set steps=1 >/dev/null
+"$PY" - <<'PY'
+import json, os, shutil, struct
+os.makedirs("biased", exist_ok=True)
+for f in ("config.json",):
+    shutil.copy(f"bias0/step_000001/{f}", f"biased/{f}")
+raw = open("bias0/step_000001/model.safetensors", "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+header = json.loads(raw[8:8 + n])
+data = bytearray(raw[8 + n:])
+hits = 0
+for name, t in header.items():
+    if name.endswith("mlp.gate.e_score_correction_bias"):
+        assert t["dtype"] == "F32", t
+        a, _ = t["data_offsets"]
+        for e in (0, 1):
+            data[a + 4 * e:a + 4 * e + 4] = struct.pack("<f", 100.0)
+        hits += 1
+assert hits == 3, hits  # two MoE decoder layers and the MTP layer
+open("biased/model.safetensors", "wb").write(raw[:8 + n] + bytes(data))
+c = json.load(open("train.json"))
+c.pop("model")
+json.dump(dict(c, init_from="biased", steps=6), open("biased.json", "w"))
+PY
+"$NM_BIN" train --config biased.json --out ref_biased --quiet >/dev/null
+for spec in "ep4_one_rank 4 --set expert_parallel_size=4" "dp2_ep2_one_rank 4 --set expert_parallel_size=2"; do
+  set -- $spec; name=$1; n=$2; shift 2
+  nm_mpirun "$n" "$NM_BIN" train --config biased.json --out "$name" --quiet "$@" >"$name.log" 2>&1 \
+    || { cat "$name.log"; fail "$name did not run"; }
+  "$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref_biased/metrics.jsonl "$name/metrics.jsonl" "$name"
+done
+"$PY" - <<'PY'
+import json
+for run, rounds in (("ep4_one_rank", 2), ("dp2_ep2_one_rank", 1)):
+    ep = 4 if run.startswith("ep4") else 2
+    for line in open(f"{run}/metrics.jsonl"):
+        d = json.loads(line)
+        # the busiest receiver got all of it: EP times the mean
+        assert d["ep_rounds"] == rounds and abs(d["ep_recv_max_over_mean"] - ep) < 1e-12, (run, d["step"], d["ep_rounds"], d["ep_recv_max_over_mean"])
+    print(f"{run}: every row to one rank, {rounds} round(s) per layer: ok")
+PY
 
 # The ZeRO-1 byte counters against the formula of docs/parallelism.md: per step each rank
 # reduce-scatters and all-gathers every float of the buffer once (the tensors plus at most 63
