@@ -217,6 +217,40 @@ nm_mpirun 2 "$NM_BIN" train --config train.json --out xl --quiet --resume >xl2.l
 "$NM_BIN" forward --model xl/step_000004 --tokens tok.bin --batch 2 >fwd.log 2>&1 || { cat fwd.log; fail "forward on the 4-rank checkpoint"; }
 grep -q '"loss"' fwd.log || fail "forward printed no loss"
 
+# The distributed optimizer's ranges cut through tensors: with a 3,000-token tied embedding
+# (most of the dense floats) dp4's equal ranges split it over 3 ranks (the banner says so).
+# A checkpoint moves the moments to whole-tensor owners and back (nm_zero_state_exchange):
+# dp4 stopped at step 4 and resumed at dp4 equals the uninterrupted dp4 run bit for bit
+# (metrics as text, every safetensors file of step 8), and dp4 -> 1 process -> dp2 equals
+# one process within compare_runs' tolerance.
+"$PY" - <<'PY'
+import json
+m = json.load(open("model.json"))
+json.dump(dict(m, vocab_size=3000, tie_word_embeddings=True), open("model_tied.json", "w"))
+c = json.load(open("train.json"))
+json.dump(dict(c, model="model_tied.json", steps=8), open("tied.json", "w"))
+PY
+"$NM_BIN" train --config tied.json --out tied_ref --quiet >/dev/null
+nm_mpirun 4 "$NM_BIN" train --config tied.json --out tied_dp4 >tied_dp4.log 2>&1 || { cat tied_dp4.log; fail "tied dp4"; }
+banner=$(<tied_dp4.log)
+[[ $banner == *"model.embed_tokens.weight spans 3 of them"* ]] || { echo "$banner"; fail "the embedding does not straddle 3 ranges at dp4"; }
+nm_mpirun 4 "$NM_BIN" train --config tied.json --out tied_rs --quiet --set exit_interval=4 >tied_rs.log 2>&1 \
+  || { cat tied_rs.log; fail "tied dp4 to step 4"; }
+nm_mpirun 4 "$NM_BIN" train --config tied.json --out tied_rs --quiet --resume >tied_rs2.log 2>&1 \
+  || { cat tied_rs2.log; fail "tied dp4 resumed"; }
+"$PY" "$NM_ROOT/tests/dist/same_steps.py" tied_dp4/metrics.jsonl tied_rs/metrics.jsonl "dp4 straddling, stopped and resumed"
+for f in tied_dp4/step_000008/*.safetensors; do
+  cmp "$f" "tied_rs/step_000008/${f##*/}" || fail "dp4 resumed: ${f##*/} differs from the uninterrupted run"
+done
+echo "dp4 straddling: resumed run's step-8 checkpoint identical to the uninterrupted one"
+nm_mpirun 4 "$NM_BIN" train --config tied.json --out tied_x --quiet --set exit_interval=4 >tied_x.log 2>&1 \
+  || { cat tied_x.log; fail "tied dp4 part"; }
+"$NM_BIN" train --config tied.json --out tied_x --quiet --resume --set exit_interval=6 >tied_x1.log 2>&1 \
+  || { cat tied_x1.log; fail "tied 1-process resume"; }
+nm_mpirun 2 "$NM_BIN" train --config tied.json --out tied_x --quiet --resume >tied_x2.log 2>&1 \
+  || { cat tied_x2.log; fail "tied dp2 resume"; }
+"$PY" "$NM_ROOT/tests/dist/compare_runs.py" tied_ref/metrics.jsonl tied_x/metrics.jsonl "dp4 straddling -> 1 -> dp2"
+
 # The step loop allocates nothing under dp2 x ep2 either (dispatch buffers are sized once).
 # (tests/alloc/tests.cmake builds it with the suite.)
 [ -x "$NM_BUILD/test_zero_alloc" ] || fail "$NM_BUILD/test_zero_alloc is missing (cmake --build builds it)"

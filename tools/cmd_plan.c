@@ -54,12 +54,14 @@ static void print_json(const nm_plan *p, const nm_plan_request *r, double memory
         const nm_plan_stage *s = &p->stages[i];
         printf("%s{\"first_layer\": %lld, \"n_layers\": %lld, \"first\": %s, \"last\": %s, \"params_bytes\": %lld, "
                "\"grads_bytes\": %lld, \"bf16_copy_bytes\": %lld, \"optimizer_bytes\": %lld, \"optimizer_bytes_first\": %lld, "
+               "\"optimizer_mean_bytes\": %lld, "
                "\"activation_bytes\": %lld, \"in_flight\": %lld, \"ep_receive_rows\": %lld, \"ep_buffer_bytes\": %lld, "
                "\"total_bytes\": %lld, "
                "\"comm\": ",
                i ? ", " : "", (long long)s->first_layer, (long long)s->n_layers, s->first ? "true" : "false",
                s->last ? "true" : "false", (long long)s->params_bytes, (long long)s->grads_bytes,
                (long long)s->bf16_copy_bytes, (long long)s->optimizer_bytes, (long long)s->optimizer_bytes_first,
+               (long long)s->optimizer_mean_bytes,
                (long long)s->activation_bytes, (long long)s->in_flight, (long long)s->ep_receive_rows,
                (long long)s->ep_buffer_bytes,
                (long long)s->total_bytes);

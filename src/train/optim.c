@@ -13,26 +13,55 @@ static int row_is_optimised(const nm_tensor_spec *r) {
     return !(r->flags & (NM_TENSOR_ROUTER_BIAS | NM_TENSOR_TIED));
 }
 
-// Where each row's m and v start (row_state, may be NULL) and how many floats they take.
-static size_t state_layout(const nm_param_table *table, const unsigned char *owned, size_t *row_state) {
-    size_t n_state = owned ? 0 : table->n_floats;
+// The floats [lo, hi) of row i this optimizer holds: all of it unsharded, all or nothing by
+// owned (whole rows), or the range pieces begin/end (the distributed optimizer).
+typedef struct held_rows {
+    const unsigned char *owned; // (n_rows) or NULL
+    const int64_t *begin, *end; // (n_rows) or NULL
+} held_rows;
+
+static void held(const held_rows *h, const nm_param_table *t, int i, int64_t *lo, int64_t *hi) {
+    const nm_tensor_spec *r = &t->rows[i];
+    *lo = 0;
+    *hi = row_is_optimised(r) ? r->numel : 0;
+    if (h->owned && !h->owned[i]) *hi = 0;
+    if (h->begin && *hi > 0) {
+        *lo = h->begin[i];
+        *hi = h->end[i];
+    }
+}
+
+// Where each row's m and v start (row_state, may be NULL; the state of the row's first held
+// float) and how many floats they take. Unsharded, m and v share the parameters' layout
+// (checkpoints index them by row offset); sharded, the held pieces are packed, each at an
+// NM_PARAM_ALIGN boundary.
+static size_t state_layout(const nm_param_table *table, const held_rows *h, size_t *row_state) {
+    int sharded = h->owned || h->begin;
+    size_t n_state = sharded ? 0 : table->n_floats;
     for (int i = 0; i < table->n_rows; i++) {
-        const nm_tensor_spec *r = &table->rows[i];
         if (row_state) row_state[i] = SIZE_MAX;
-        if (!row_is_optimised(r) || (owned && !owned[i])) continue;
-        if (!owned) {
-            if (row_state) row_state[i] = r->offset;
+        int64_t lo, hi;
+        held(h, table, i, &lo, &hi);
+        if (hi <= lo) continue;
+        if (!sharded) {
+            if (row_state) row_state[i] = table->rows[i].offset;
             continue;
         }
         n_state = (n_state + NM_PARAM_ALIGN - 1) / NM_PARAM_ALIGN * NM_PARAM_ALIGN;
         if (row_state) row_state[i] = n_state;
-        n_state += (size_t)r->numel;
+        n_state += (size_t)(hi - lo);
     }
     return n_state;
 }
 
 size_t nm_optimizer_state_floats(const nm_param_table *table, const unsigned char *owned) {
-    return state_layout(table, owned, NULL);
+    held_rows h = {owned, NULL, NULL};
+    return state_layout(table, &h, NULL);
+}
+
+void nm_optimizer_state_offsets(const nm_param_table *table, const unsigned char *owned, size_t *row_state) {
+    held_rows h = {owned, NULL, NULL};
+    state_layout(table, &h, row_state);
 }
 
 int nm_optimizer_create(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
@@ -40,8 +69,8 @@ int nm_optimizer_create(nm_optimizer **out, const nm_param_table *table, const n
     return nm_optimizer_create_sharded(out, table, cfg, NULL, err);
 }
 
-int nm_optimizer_create_sharded(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
-                                const unsigned char *owned, nm_error *err) {
+static int create(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg, const held_rows *h,
+                  nm_error *err) {
     NM_CHECK(out && table && cfg, "NULL argument");
     *out = NULL;
     if (!(cfg->beta1 >= 0.0 && cfg->beta1 < 1.0))
@@ -57,14 +86,15 @@ int nm_optimizer_create_sharded(nm_optimizer **out, const nm_param_table *table,
     int64_t n_chunks = 0;
     for (int i = 0; i < table->n_rows; i++) {
         const nm_tensor_spec *r = &table->rows[i];
-        if (!row_is_optimised(r) || r->numel <= 0 || (owned && !owned[i])) continue;
-        NM_CHECK(r->offset + (size_t)r->numel <= table->n_floats, "row %s overruns the buffer", r->name);
-        n_chunks += (r->numel + NM_OPTIM_CHUNK - 1) / NM_OPTIM_CHUNK;
+        int64_t lo, hi;
+        held(h, table, i, &lo, &hi);
+        if (hi <= lo) continue;
+        NM_CHECK(r->offset + (size_t)r->numel <= table->n_floats && lo >= 0 && hi <= r->numel,
+                 "row %s overruns the buffer", r->name);
+        n_chunks += (hi - lo + NM_OPTIM_CHUNK - 1) / NM_OPTIM_CHUNK;
     }
-    // Unsharded, m and v share the parameters' layout (checkpoints index them by row offset);
-    // sharded, the owned rows are packed.
     size_t *row_state = nm_malloc((size_t)(table->n_rows > 0 ? table->n_rows : 1) * sizeof(size_t));
-    size_t n_state = state_layout(table, owned, row_state);
+    size_t n_state = state_layout(table, h, row_state);
 
     nm_optimizer *opt = nm_calloc(1, sizeof(*opt));
     opt->table = table;
@@ -80,11 +110,12 @@ int nm_optimizer_create_sharded(nm_optimizer **out, const nm_param_table *table,
     int64_t c = 0;
     for (int i = 0; i < table->n_rows; i++) {
         const nm_tensor_spec *r = &table->rows[i];
-        if (!row_is_optimised(r) || r->numel <= 0 || (owned && !owned[i])) continue;
-        for (size_t at = 0; at < (size_t)r->numel; at += NM_OPTIM_CHUNK) {
-            size_t len = (size_t)r->numel - at;
+        int64_t lo, hi;
+        held(h, table, i, &lo, &hi);
+        for (size_t at = 0; hi > lo && at < (size_t)(hi - lo); at += NM_OPTIM_CHUNK) {
+            size_t len = (size_t)(hi - lo) - at;
             if (len > NM_OPTIM_CHUNK) len = NM_OPTIM_CHUNK;
-            opt->chunks[c++] = (nm_optim_chunk){r->offset + at, row_state[i] + at, len, i,
+            opt->chunks[c++] = (nm_optim_chunk){r->offset + (size_t)lo + at, row_state[i] + at, len, i,
                                                 (r->flags & NM_TENSOR_DECAY) != 0};
             opt->n_params += (int64_t)len;
         }
@@ -92,6 +123,18 @@ int nm_optimizer_create_sharded(nm_optimizer **out, const nm_param_table *table,
     NM_CHECK(c == n_chunks, "chunk count mismatch");
     *out = opt;
     return 0;
+}
+
+int nm_optimizer_create_sharded(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
+                                const unsigned char *owned, nm_error *err) {
+    held_rows h = {owned, NULL, NULL};
+    return create(out, table, cfg, &h, err);
+}
+
+int nm_optimizer_create_ranges(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
+                               const int64_t *begin, const int64_t *end, nm_error *err) {
+    held_rows h = {NULL, begin, end};
+    return create(out, table, cfg, &h, err);
 }
 
 void nm_optimizer_destroy(nm_optimizer *opt) {

@@ -21,9 +21,10 @@
 //  - touch rows flagged NM_TENSOR_ROUTER_BIAS (updated by the balance rule, balance.h) or
 //    NM_TENSOR_TIED (no storage of their own; the owner row is updated once). Those rows
 //    are also left out of the gradient norm;
-//  - communicate. Under ZeRO-1 (src/train/zero.h) the optimizer is created for the rows this
-//    rank owns (nm_optimizer_create_sharded): m and v hold only those rows, packed, and the
-//    norm here is this rank's part (nm_optimizer_grad_sumsq); the trainer reduces it.
+//  - communicate. Under the distributed optimizer (src/train/zero.h) it is created for the
+//    floats of this rank's ranges (nm_optimizer_create_ranges): m and v hold only those,
+//    packed, and the norm here is this rank's part (nm_optimizer_grad_sumsq); the trainer
+//    reduces it.
 #pragma once
 
 #include <stddef.h>
@@ -84,9 +85,17 @@ void nm_optimizer_destroy(nm_optimizer *opt);
 // packed in row order; NULL owned means every row (= nm_optimizer_create).
 int nm_optimizer_create_sharded(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
                                 const unsigned char *owned, nm_error *err);
+// The distributed optimizer's form (zero.h): state for the floats [begin[row], end[row]) of
+// every row (begin, end: (table->n_rows)), packed in row order; row_state[row] is where the
+// row's first held float's state sits.
+int nm_optimizer_create_ranges(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
+                               const int64_t *begin, const int64_t *end, nm_error *err);
 // Floats of m (and of v) that nm_optimizer_create_sharded allocates for these rows, without
 // allocating them (the planner's number).
 size_t nm_optimizer_state_floats(const nm_param_table *table, const unsigned char *owned);
+// Where nm_optimizer_create_sharded puts each row's state (row_state: (table->n_rows),
+// SIZE_MAX for rows without it): the checkpoint's whole-tensor layout.
+void nm_optimizer_state_offsets(const nm_param_table *table, const unsigned char *owned, size_t *row_state);
 
 // Sum of squares of the optimised gradients in double, fixed order (the norm's square).
 double nm_optimizer_grad_sumsq(nm_optimizer *opt, const float *grads /* (n_floats) */);

@@ -95,44 +95,60 @@ static void tp_bytes(const nm_model_config *c, const nm_plan_request *r, int64_t
     out->tp_all_gather = accum * 4 * ag;
 }
 
-// The optimizer bytes of the largest ZeRO-1 shard of a stage, and of its first rank, in one pass
-// over the rows, where building the ownership once per rank made `plan` quadratic in the
-// world size (30 s at 32,768 ranks). Ownership is the same on every rank (z->row_owner, a
-// function of the group size); rank g owns the replicated rows of dp owner g % dp and the
-// expert rows of edp owner g % ne. Its m and v (nm_optimizer_state_floats) put each owned row
-// at an NM_PARAM_ALIGN boundary: the sum of the owned rows' sizes rounded up, less the last
-// owned row's rounding. Router biases and tied rows have no optimizer state.
+// The optimizer bytes of the largest shard of a stage, of its first rank, and the mean, in one
+// pass over the rows and ranks (building the ranges once per rank made `plan` quadratic in
+// the world size: 30 s at 32,768 ranks). The ranges are the same function of the group size on
+// every rank (zero.h: row_pos, nm_zero_range_owner); rank g holds the replicated floats of dp
+// range g % dp and the expert floats of edp range g % ne. Its m and v
+// (nm_optimizer_create_ranges) put each held piece of a row at an NM_PARAM_ALIGN boundary:
+// the sum of the pieces rounded up, less the last piece's rounding. Router biases and tied
+// rows have no optimizer state.
 static void largest_shard(nm_plan_stage *s, const nm_param_table *t, const nm_zero *z, int64_t dp, int64_t ne,
                           int sharded) {
     if (!sharded) {
-        s->optimizer_bytes = s->optimizer_bytes_first = (int64_t)nm_optimizer_state_floats(t, NULL) * 8;
+        s->optimizer_bytes = s->optimizer_bytes_first = s->optimizer_mean_bytes =
+            (int64_t)nm_optimizer_state_floats(t, NULL) * 8;
         return;
     }
+    int64_t n_of[2] = {dp, ne};
     int64_t *sum[2] = {nm_calloc((size_t)dp, sizeof(int64_t)), nm_calloc((size_t)ne, sizeof(int64_t))};
     int *last[2] = {nm_malloc((size_t)dp * sizeof(int)), nm_malloc((size_t)ne * sizeof(int))};
+    int64_t *last_len[2] = {nm_calloc((size_t)dp, sizeof(int64_t)), nm_calloc((size_t)ne, sizeof(int64_t))};
     for (int64_t i = 0; i < dp; i++) last[0][i] = -1;
     for (int64_t i = 0; i < ne; i++) last[1][i] = -1;
     for (int i = 0; i < t->n_rows; i++) {
         const nm_tensor_spec *r = &t->rows[i];
-        if (r->flags & (NM_TENSOR_ROUTER_BIAS | NM_TENSOR_TIED) || z->row_owner[i] < 0) continue;
+        if (r->flags & (NM_TENSOR_ROUTER_BIAS | NM_TENSOR_TIED) || z->row_pos[i] < 0) continue;
         int g = (r->flags & NM_TENSOR_EXPERT) ? 1 : 0;
-        sum[g][z->row_owner[i]] += (r->numel + NM_PARAM_ALIGN - 1) / NM_PARAM_ALIGN * NM_PARAM_ALIGN;
-        last[g][z->row_owner[i]] = i;
+        int64_t G = n_of[g], total = z->total_floats[g], S = (total + G - 1) / G;
+        for (int64_t k = 0; k < r->numel;) {
+            int64_t q = nm_zero_range_owner(z->row_pos[i] + k, total, G);
+            int64_t stop = (q + 1) * S - z->row_pos[i];
+            if (q == G - 1 || stop > r->numel) stop = r->numel;
+            sum[g][q] += (stop - k + NM_PARAM_ALIGN - 1) / NM_PARAM_ALIGN * NM_PARAM_ALIGN;
+            last[g][q] = i;
+            last_len[g][q] = stop - k;
+            k = stop;
+        }
     }
     int64_t G = dp > ne ? dp : ne;
+    double all = 0;
     for (int64_t g = 0; g < G; g++) {
-        int a = last[0][g % dp], b = last[1][g % ne], end = a > b ? a : b;
+        int a = last[0][g % dp], b = last[1][g % ne], k = a > b ? 0 : 1, end = a > b ? a : b;
         int64_t floats = sum[0][g % dp] + sum[1][g % ne];
         if (end >= 0) {
-            int64_t n = t->rows[end].numel;
+            int64_t n = last_len[k][g % n_of[k]];
             floats -= (n + NM_PARAM_ALIGN - 1) / NM_PARAM_ALIGN * NM_PARAM_ALIGN - n;
         }
+        all += (double)floats;
         if (floats * 8 > s->optimizer_bytes) s->optimizer_bytes = floats * 8;
         if (g == 0) s->optimizer_bytes_first = floats * 8;
     }
+    s->optimizer_mean_bytes = (int64_t)(all / (double)G * 8.0);
     for (int k = 0; k < 2; k++) {
         nm_free(sum[k]);
         nm_free(last[k]);
+        nm_free(last_len[k]);
     }
 }
 

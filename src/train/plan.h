@@ -43,8 +43,9 @@ typedef struct nm_plan_comm {
     int64_t pp_send, pp_recv;       // activations and their gradients to and from the neighbours
 } nm_plan_comm;
 
-// One pipeline stage: every rank of a stage holds the same sizes, except the optimizer shard,
-// which is given for the rank with the largest one.
+// One pipeline stage: every rank of a stage holds the same sizes, except the optimizer shard
+// (the distributed optimizer's equal ranges, within one NM_PARAM_ALIGN per piece), given for
+// the rank with the largest one, the first rank and the mean.
 typedef struct nm_plan_stage {
     int64_t first_layer, n_layers;  // decoder layers [first, first + n); the last stage also runs the MTP layers
     int first, last;                // holds the embedding / the final norm, head, MTP layers and losses
@@ -53,6 +54,7 @@ typedef struct nm_plan_stage {
     int64_t bf16_copy_bytes;        // bf16 weights of the GEMMs (bf16 / fp8 runs)
     int64_t optimizer_bytes;        // AdamW m and v of the largest ZeRO-1 shard of the stage
     int64_t optimizer_bytes_first;  // the same for the stage's first rank (what its banner prints)
+    int64_t optimizer_mean_bytes;   // the mean over the stage's ranks
     int64_t activation_bytes;       // the arena: one activation set per micro-batch in flight, and the
                                     // backward scratch they share
     int64_t in_flight;              // micro-batches whose activations the stage holds at its peak (1F1B)

@@ -257,7 +257,52 @@ static int rewind_metrics(nm_trainer *t, const char *path, int64_t last_step, nm
 
 // --- create -----------------------------------------------------------------------------------
 
-static size_t *full_row_state(const nm_trainer *t);
+static size_t *full_row_state(const nm_trainer *t, const size_t *row_state);
+
+// The moments in the checkpoint's whole-tensor layout (zero.h): the optimizer's own buffers
+// at one process; under the distributed optimizer, buffers of their own for the whole
+// tensors this rank writes, filled from the ranges (gather) or emptied into them (scatter).
+typedef struct ckpt_moments {
+    float *m, *v;
+    size_t *row_state;          // (n_rows) where each whole row sits; SIZE_MAX: not here
+    int own;                    // the buffers are this struct's
+} ckpt_moments;
+
+static void moments_close(ckpt_moments *w) {
+    if (w->own) {
+        nm_free(w->m);
+        nm_free(w->v);
+        nm_free(w->row_state);
+    }
+    *w = (ckpt_moments){0};
+}
+
+static int moments_open(nm_trainer *t, ckpt_moments *w, int gather, nm_error *err) {
+    if (!t->zero) {
+        *w = (ckpt_moments){t->optim->m, t->optim->v, t->optim->row_state, 0};
+        return 0;
+    }
+    const nm_param_table *table = nm_model_table(t->model);
+    size_t n = nm_optimizer_state_floats(table, t->zero->owned);
+    *w = (ckpt_moments){.m = nm_aligned_alloc((n ? n : 1) * sizeof(float)),
+                        .v = nm_aligned_alloc((n ? n : 1) * sizeof(float)),
+                        .row_state = nm_malloc((size_t)(table->n_rows > 0 ? table->n_rows : 1) * sizeof(size_t)),
+                        .own = 1};
+    nm_optimizer_state_offsets(table, t->zero->owned, w->row_state);
+    if (gather && (nm_zero_state_exchange(t->zero, t->optim->m, t->optim->row_state, w->m, w->row_state, 1, err) != 0 ||
+                   nm_zero_state_exchange(t->zero, t->optim->v, t->optim->row_state, w->v, w->row_state, 1, err) != 0)) {
+        moments_close(w);
+        return -1;
+    }
+    return 0;
+}
+
+// Loaded whole tensors back into this rank's ranges.
+static int moments_scatter(nm_trainer *t, ckpt_moments *w, nm_error *err) {
+    if (!w->own) return 0;
+    if (nm_zero_state_exchange(t->zero, t->optim->m, t->optim->row_state, w->m, w->row_state, 0, err) != 0) return -1;
+    return nm_zero_state_exchange(t->zero, t->optim->v, t->optim->row_state, w->v, w->row_state, 0, err);
+}
 
 // metrics.jsonl entries of a step besides the per-stage ones: 20 always, up to 20 from
 // comm_metrics, ep_rounds and ep_recv_max_over_mean, pp_bubble_theory and val_loss; with
@@ -468,7 +513,8 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
         // each tp rank's experts saw its own tokens: edp, as with EP.
         nm_comm *expert_group = ms.tp > 1 && !t->sp ? t->mesh->dp : t->mesh->edp;
         if (nm_zero_create(&t->zero, table, t->mesh->dp, expert_group, cfg->bucket_mb * 262144, err) != 0) goto fail;
-        if (nm_optimizer_create_sharded(&t->optim, table, &acfg, t->zero->owned, err) != 0) goto fail;
+        if (nm_optimizer_create_ranges(&t->optim, table, &acfg, t->zero->own_begin, t->zero->own_end, err) != 0)
+            goto fail;
     } else if (nm_optimizer_create(&t->optim, table, &acfg, err) != 0) {
         goto fail;
     }
@@ -526,8 +572,9 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     if (opts->resume) {
         nm_ckpt_state st;
         char dir[4200];
-        nm_ckpt_shard shard = {.world = t->world, .owned = t->zero ? t->zero->owned : NULL,
-                               .row_state = t->optim->row_state};
+        ckpt_moments w;
+        if (moments_open(t, &w, 0, err) != 0) goto fail;
+        nm_ckpt_shard shard = {.world = t->world, .owned = t->zero ? t->zero->owned : NULL, .row_state = w.row_state};
         int lr;
         if (ms.tp > 1) {
             // Full tensors into the one-process layout, then this rank's shards (and of the
@@ -535,23 +582,25 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
             size_t nf = t->full_table.n_floats;
             float *fp = nm_aligned_alloc(nf * sizeof(float)), *fm = nm_aligned_alloc(nf * sizeof(float));
             float *fv = nm_aligned_alloc(nf * sizeof(float));
-            size_t *state = full_row_state(t);
+            size_t *state = full_row_state(t, w.row_state);
             nm_ckpt_shard full_shard = {.world = t->world, .row_state = state};
             lr = nm_checkpoint_load_latest(opts->run_dir, &st, &t->full_table, fp, fm, fv, &full_shard, dir,
                                            sizeof(dir), err);
             nm_free(state);
             if (lr == 0) {
                 nm_tp_slice_full(table, &t->full_table, fp, nm_model_params(t->model), NULL);
-                nm_tp_slice_full(table, &t->full_table, fm, t->optim->m, t->optim->row_state);
-                nm_tp_slice_full(table, &t->full_table, fv, t->optim->v, t->optim->row_state);
+                nm_tp_slice_full(table, &t->full_table, fm, w.m, w.row_state);
+                nm_tp_slice_full(table, &t->full_table, fv, w.v, w.row_state);
             }
             nm_free(fp);
             nm_free(fm);
             nm_free(fv);
         } else {
-            lr = nm_checkpoint_load_latest(opts->run_dir, &st, table, nm_model_params(t->model), t->optim->m,
-                                           t->optim->v, &shard, dir, sizeof(dir), err);
+            lr = nm_checkpoint_load_latest(opts->run_dir, &st, table, nm_model_params(t->model), w.m, w.v, &shard, dir,
+                                           sizeof(dir), err);
         }
+        if (lr == 0 && moments_scatter(t, &w, err) != 0) lr = -1;
+        moments_close(&w);
         if (lr < 0) goto fail;
         if (lr == 1) {
             if (!t->opts.quiet) printf("resume: no checkpoint in %s, starting fresh\n", opts->run_dir);
@@ -627,6 +676,12 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
                (double)t->optim->n_state * 8 / mib,
                100.0 * (double)t->optim->n_params / (double)(whole->n_params_main + whole->n_params_mtp),
                (double)nm_model_activation_bytes(t->model) / mib);
+        if (t->zero && t->zero->widest_row >= 0)
+            printf("distributed optimizer: equal ranges of %lld floats over dp %lld and of %lld over the expert group "
+                   "%lld; %s spans %lld of them\n",
+                   (long long)t->zero->range_floats[0], (long long)t->zero->dp->size,
+                   (long long)t->zero->range_floats[1], (long long)t->zero->edp->size,
+                   table->rows[t->zero->widest_row].name, (long long)t->zero->widest_ranges);
         if (t->pipe) {
             printf("pipeline %lld stages, 1F1B over %lld micro-batches (bubble (PP-1)/(m+PP-1) = %.3f):", (long long)ms.pp,
                    (long long)t->accum, (double)(ms.pp - 1) / (double)(t->accum + ms.pp - 1));
@@ -957,11 +1012,10 @@ int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err) {
 
 // Where the moments of the rows this rank owns sit in the one-process layout (the row offsets;
 // SIZE_MAX for rows it does not own and rows without optimizer state, the router bias).
-static size_t *full_row_state(const nm_trainer *t) {
+static size_t *full_row_state(const nm_trainer *t, const size_t *row_state) {
     const nm_param_table *full = &t->full_table;
     size_t *state = nm_malloc((size_t)full->n_rows * sizeof(size_t));
-    for (int r = 0; r < full->n_rows; r++)
-        state[r] = t->optim->row_state[r] == SIZE_MAX ? SIZE_MAX : full->rows[r].offset;
+    for (int r = 0; r < full->n_rows; r++) state[r] = row_state[r] == SIZE_MAX ? SIZE_MAX : full->rows[r].offset;
     return state;
 }
 
@@ -982,17 +1036,20 @@ static int save_tp(nm_trainer *t, const char *run_dir, const nm_ckpt_state *st, 
         int expert_edp = t->sp && (full->rows[r].flags & NM_TENSOR_EXPERT);
         writes[r] = owned[r] && (t->mesh->tp_rank == 0 || expert_edp);
     }
-    int rc = nm_tp_gather_full(loc, full, t->model_params_readonly, NULL, fp, owned, t->mesh->tp, err);
-    if (rc == 0) rc = nm_tp_gather_full(loc, full, t->optim->m, t->optim->row_state, fm, owned, t->mesh->tp, err);
-    if (rc == 0) rc = nm_tp_gather_full(loc, full, t->optim->v, t->optim->row_state, fv, owned, t->mesh->tp, err);
+    ckpt_moments w;
+    int rc = moments_open(t, &w, 1, err);
+    if (rc == 0) rc = nm_tp_gather_full(loc, full, t->model_params_readonly, NULL, fp, owned, t->mesh->tp, err);
+    if (rc == 0) rc = nm_tp_gather_full(loc, full, w.m, w.row_state, fm, owned, t->mesh->tp, err);
+    if (rc == 0) rc = nm_tp_gather_full(loc, full, w.v, w.row_state, fv, owned, t->mesh->tp, err);
     if (rc == 0) {
-        size_t *state = full_row_state(t);
+        size_t *state = full_row_state(t, w.row_state);
         nm_ckpt_shard shard = {.world = t->world, .owned = writes, .row_state = state, .tp = t->mesh->n.tp,
                                .pp = t->mesh->n.pp, .ep = t->mesh->n.ep};
         rc = nm_checkpoint_save(run_dir, st, &t->mcfg, full, fp, fm, fv, &shard, t->cfg.checkpoint.keep_last, dir,
                                 cap, err);
         nm_free(state);
     }
+    moments_close(&w);
     nm_free(writes);
     nm_free(fp);
     nm_free(fm);
@@ -1015,11 +1072,14 @@ int nm_trainer_save_to(nm_trainer *t, const char *run_dir, nm_error *err) {
     if (rc == 0 && t->mesh->n.tp > 1) {
         rc = save_tp(t, run_dir, &st, dir, sizeof(dir), err);
     } else if (rc == 0) {
-        nm_ckpt_shard shard = {.world = t->world, .owned = t->zero ? t->zero->owned : NULL,
-                               .row_state = t->optim->row_state, .tp = t->mesh->n.tp, .pp = t->mesh->n.pp,
-                               .ep = t->mesh->n.ep};
-        rc = nm_checkpoint_save(run_dir, &st, &t->mcfg, nm_model_table(t->model), nm_model_params(t->model),
-                                t->optim->m, t->optim->v, &shard, t->cfg.checkpoint.keep_last, dir, sizeof(dir), err);
+        ckpt_moments w;
+        rc = moments_open(t, &w, 1, err);
+        nm_ckpt_shard shard = {.world = t->world, .owned = t->zero ? t->zero->owned : NULL, .row_state = w.row_state,
+                               .tp = t->mesh->n.tp, .pp = t->mesh->n.pp, .ep = t->mesh->n.ep};
+        if (rc == 0)
+            rc = nm_checkpoint_save(run_dir, &st, &t->mcfg, nm_model_table(t->model), nm_model_params(t->model), w.m,
+                                    w.v, &shard, t->cfg.checkpoint.keep_last, dir, sizeof(dir), err);
+        moments_close(&w);
     }
     nm_ckpt_state_free(&st);
     if (rc == 0 && !t->opts.quiet) {

@@ -6,10 +6,18 @@
 
 static int row_group(const nm_tensor_spec *r) { return (r->flags & NM_TENSOR_EXPERT) ? 1 : 0; }
 
+static nm_comm *group_comm(const nm_zero *z, int g) { return g ? z->edp : z->dp; }
+
+// The range owner of float k of row i (k within the row).
+static int64_t owner_of(const nm_zero *z, int i, int64_t k) {
+    int g = row_group(&z->table->rows[i]);
+    return nm_zero_range_owner(z->row_pos[i] + k, z->total_floats[g], group_comm(z, g)->size);
+}
+
 static void add_bucket(nm_zero *z, int first, int last, int group, int cap) {
     NM_CHECK(z->n_buckets < cap, "bucket list overflow");
     const nm_param_table *t = z->table;
-    nm_comm *c = group ? z->edp : z->dp;
+    nm_comm *c = group_comm(z, group);
     nm_zero_bucket *b = &z->buckets[z->n_buckets++];
     b->first_row = first;
     b->last_row = last;
@@ -21,14 +29,25 @@ static void add_bucket(nm_zero *z, int first, int last, int group, int cap) {
     for (int i = first; i <= last; i++) {
         if (t->rows[i].layer < b->ready_layer) b->ready_layer = t->rows[i].layer;
     }
-    // Each row's piece runs to the next row's start (alignment padding goes with the row before it).
+    // Each row's floats go to the ranges that hold them; the alignment padding up to the next
+    // row's start goes with the row's last float. Ranges follow table order, so the owners'
+    // pieces are contiguous and in rank order, as a reduce-scatter needs.
     int prev = -1;
     for (int i = first; i <= last; i++) {
         if (t->rows[i].flags & NM_TENSOR_TIED) continue;
-        if (prev >= 0) b->counts[z->row_owner[prev]] += (int64_t)(t->rows[i].offset - t->rows[prev].offset);
+        if (prev >= 0) {
+            int64_t end = t->rows[prev].numel, pad = (int64_t)(t->rows[i].offset - t->rows[prev].offset) - end;
+            b->counts[owner_of(z, prev, end > 0 ? end - 1 : 0)] += pad;
+        }
+        for (int64_t k = 0; k < t->rows[i].numel;) {
+            int64_t q = owner_of(z, i, k), S = z->range_floats[group];
+            int64_t stop = (q + 1) * S - z->row_pos[i];  // the range's end, within the row
+            if (q == c->size - 1 || stop > t->rows[i].numel) stop = t->rows[i].numel;
+            b->counts[q] += stop - k;
+            k = stop;
+        }
         prev = i;
     }
-    b->counts[z->row_owner[prev]] += t->rows[prev].numel;
 }
 
 int nm_zero_create(nm_zero **out, const nm_param_table *t, nm_comm *dp, nm_comm *edp, int64_t bucket_floats,
@@ -40,27 +59,50 @@ int nm_zero_create(nm_zero **out, const nm_param_table *t, nm_comm *dp, nm_comm 
     z->edp = edp;
     z->row_owner = nm_malloc((size_t)t->n_rows * sizeof(int));
     z->owned = nm_calloc((size_t)t->n_rows, 1);
+    z->row_pos = nm_malloc((size_t)t->n_rows * sizeof(int64_t));
+    z->own_begin = nm_calloc((size_t)t->n_rows, sizeof(int64_t));
+    z->own_end = nm_calloc((size_t)t->n_rows, sizeof(int64_t));
+    z->widest_row = -1;
     for (int i = 0; i < t->n_rows; i++) {
         if (t->rows[i].flags & NM_TENSOR_TIED) continue;
         z->total_floats[row_group(&t->rows[i])] += t->rows[i].numel;
     }
-    // Owner = the group rank whose 1/G share of the group's floats holds the row's middle.
+    for (int g = 0; g < 2; g++) {
+        int64_t G = group_comm(z, g)->size;
+        z->range_floats[g] = (z->total_floats[g] + G - 1) / G;
+    }
+    // Positions in each group's concatenation; the ranges, and the whole-tensor owner = the
+    // group rank whose 1/G share of the group's floats holds the row's middle.
     int64_t seen[2] = {0, 0};
     size_t last_end = 0;
     for (int i = 0; i < t->n_rows; i++) {
         const nm_tensor_spec *r = &t->rows[i];
         z->row_owner[i] = -1;
+        z->row_pos[i] = -1;
         if (r->flags & NM_TENSOR_TIED) continue;
         NM_CHECK(r->offset >= last_end, "table rows are not in buffer order at %s", r->name);
         last_end = r->offset + (size_t)r->numel;
         int g = row_group(r);
-        int64_t G = (g ? edp : dp)->size;
+        nm_comm *c = group_comm(z, g);
+        int64_t G = c->size, S = z->range_floats[g];
+        z->row_pos[i] = seen[g];
+        int64_t lo = c->rank * S - seen[g], hi = (c->rank + 1) * S - seen[g];
+        if (c->rank == G - 1) hi = r->numel;
+        z->own_begin[i] = lo < 0 ? 0 : lo > r->numel ? r->numel : lo;
+        z->own_end[i] = hi < z->own_begin[i] ? z->own_begin[i] : hi > r->numel ? r->numel : hi;
+        z->owned_floats += z->own_end[i] - z->own_begin[i];
         int64_t mid2 = 2 * seen[g] + r->numel;  // twice the row's middle, in floats
         int64_t owner = mid2 * G / (2 * (z->total_floats[g] > 0 ? z->total_floats[g] : 1));
         z->row_owner[i] = (int)(owner < G ? owner : G - 1);
         seen[g] += r->numel;
-        z->owned[i] = z->row_owner[i] == (g ? edp : dp)->rank;
-        if (z->owned[i]) z->owned_floats += r->numel;
+        z->owned[i] = z->row_owner[i] == c->rank;
+        if (r->numel > 0) {
+            int64_t span = owner_of(z, i, r->numel - 1) - owner_of(z, i, 0) + 1;
+            if (span > z->widest_ranges) {
+                z->widest_ranges = span;
+                z->widest_row = i;
+            }
+        }
     }
     // Buckets: runs of consecutive rows of one group, cut at bucket_floats.
     int cap = t->n_rows + 1;
@@ -99,6 +141,9 @@ void nm_zero_destroy(nm_zero *z) {
     nm_free(z->started);
     nm_free(z->row_owner);
     nm_free(z->owned);
+    nm_free(z->row_pos);
+    nm_free(z->own_begin);
+    nm_free(z->own_end);
     nm_free(z);
 }
 
@@ -155,6 +200,110 @@ int nm_zero_all_gather_params(nm_zero *z, float *params, nm_error *err) {
         nm_zero_bucket *k = &z->buckets[b];
         if (nm_comm_all_gather(k->expert ? z->edp : z->dp, params + k->offset, k->counts, NM_DT_F32, err) != 0)
             return -1;
+    }
+    return 0;
+}
+
+// --- the checkpoint's whole-tensor layout ------------------------------------------------------
+
+static int has_state(const nm_tensor_spec *r) { return !(r->flags & (NM_TENSOR_ROUTER_BIAS | NM_TENSOR_TIED)); }
+
+// Copies between this rank's range pieces of group g's rows (range_buf at range_state) and a
+// message buffer laid out by whole-tensor owner (each owner's part from at[owner], rows in
+// table order). pack: into the message, else out of it.
+static void range_walk(const nm_zero *z, int g, float *msg, const int64_t *at, float *range_buf,
+                       const size_t *range_state, int pack) {
+    const nm_param_table *t = z->table;
+    int64_t G = group_comm(z, g)->size;
+    int64_t *pos = nm_malloc((size_t)G * sizeof(int64_t));
+    memcpy(pos, at, (size_t)G * sizeof(int64_t));
+    for (int i = 0; i < t->n_rows; i++) {
+        const nm_tensor_spec *r = &t->rows[i];
+        int64_t n = z->own_end[i] - z->own_begin[i];
+        if (!has_state(r) || row_group(r) != g || n == 0) continue;
+        float *mine = range_buf + range_state[i], *there = msg + pos[z->row_owner[i]];
+        memcpy(pack ? there : mine, pack ? mine : there, (size_t)n * sizeof(float));
+        pos[z->row_owner[i]] += n;
+    }
+    nm_free(pos);
+}
+
+// The same for the whole rows this rank owns (whole_buf at whole_state), cut by range owner.
+// counts (may be NULL): adds each range owner's floats instead of copying.
+static void whole_walk(const nm_zero *z, int g, float *msg, const int64_t *at, float *whole_buf,
+                       const size_t *whole_state, int pack, int64_t *counts) {
+    const nm_param_table *t = z->table;
+    int64_t G = group_comm(z, g)->size, S = z->range_floats[g];
+    int64_t *pos = nm_calloc((size_t)G, sizeof(int64_t));
+    if (at) memcpy(pos, at, (size_t)G * sizeof(int64_t));
+    for (int i = 0; i < t->n_rows; i++) {
+        const nm_tensor_spec *r = &t->rows[i];
+        if (!has_state(r) || row_group(r) != g || !z->owned[i]) continue;
+        for (int64_t k = 0; k < r->numel;) {
+            int64_t q = owner_of(z, i, k);
+            int64_t stop = (q + 1) * S - z->row_pos[i];
+            if (q == G - 1 || stop > r->numel) stop = r->numel;
+            if (counts) {
+                counts[q] += stop - k;
+            } else {
+                float *mine = whole_buf + whole_state[i] + k, *there = msg + pos[q];
+                memcpy(pack ? there : mine, pack ? mine : there, (size_t)(stop - k) * sizeof(float));
+                pos[q] += stop - k;
+            }
+            k = stop;
+        }
+    }
+    nm_free(pos);
+}
+
+// One group's exchange: a range owner's piece of row i goes to (or comes from) the row's
+// whole owner. Both sides know every range and owner, so the counts and the order need no
+// message of their own.
+static int exchange_group(nm_zero *z, int g, float *range_buf, const size_t *range_state, float *whole_buf,
+                          const size_t *whole_state, int to_whole, nm_error *err) {
+    const nm_param_table *t = z->table;
+    nm_comm *c = group_comm(z, g);
+    int64_t G = c->size;
+    // cnt_r[q]: floats between my ranges and q's whole rows; cnt_w[q]: between my whole rows and q's ranges
+    int64_t *cnt_r = nm_calloc((size_t)G, sizeof(int64_t)), *cnt_w = nm_calloc((size_t)G, sizeof(int64_t));
+    for (int i = 0; i < t->n_rows; i++) {
+        const nm_tensor_spec *r = &t->rows[i];
+        if (has_state(r) && row_group(r) == g) cnt_r[z->row_owner[i]] += z->own_end[i] - z->own_begin[i];
+    }
+    whole_walk(z, g, NULL, NULL, NULL, NULL, 0, cnt_w);
+    int64_t n_r = 0, n_w = 0;
+    int64_t *at_r = nm_calloc((size_t)G, sizeof(int64_t)), *at_w = nm_calloc((size_t)G, sizeof(int64_t));
+    for (int64_t q = 0; q < G; q++) {
+        at_r[q] = n_r;
+        at_w[q] = n_w;
+        n_r += cnt_r[q];
+        n_w += cnt_w[q];
+    }
+    float *msg_r = nm_malloc((size_t)(n_r > 0 ? n_r : 1) * sizeof(float));
+    float *msg_w = nm_malloc((size_t)(n_w > 0 ? n_w : 1) * sizeof(float));
+    int rc;
+    if (to_whole) {
+        range_walk(z, g, msg_r, at_r, range_buf, range_state, 1);
+        rc = nm_comm_all_to_all_v(c, msg_r, cnt_r, at_r, msg_w, cnt_w, at_w, NM_DT_F32, err);
+        if (rc == 0) whole_walk(z, g, msg_w, at_w, whole_buf, whole_state, 0, NULL);
+    } else {
+        whole_walk(z, g, msg_w, at_w, whole_buf, whole_state, 1, NULL);
+        rc = nm_comm_all_to_all_v(c, msg_w, cnt_w, at_w, msg_r, cnt_r, at_r, NM_DT_F32, err);
+        if (rc == 0) range_walk(z, g, msg_r, at_r, range_buf, range_state, 0);
+    }
+    nm_free(cnt_r);
+    nm_free(cnt_w);
+    nm_free(at_r);
+    nm_free(at_w);
+    nm_free(msg_r);
+    nm_free(msg_w);
+    return rc;
+}
+
+int nm_zero_state_exchange(nm_zero *z, float *range_buf, const size_t *range_state, float *whole_buf,
+                           const size_t *whole_state, int to_whole, nm_error *err) {
+    for (int g = 0; g < 2; g++) {
+        if (exchange_group(z, g, range_buf, range_state, whole_buf, whole_state, to_whole, err) != 0) return -1;
     }
     return 0;
 }

@@ -1,15 +1,20 @@
-// zero.h: ZeRO-1 over the data-parallel groups (design.md 6, docs/parallelism.md).
+// zero.h: the distributed optimizer over the data-parallel groups (design.md 6,
+// docs/parallelism.md), as Megatron's: equal ranges of a flat buffer.
 //
-// Every tensor with storage has one owner in its gradient group: replicated tensors in the
-// dp group, routed experts in the expert-data-parallel (edp) group. Owners are assigned by
-// whole tensors over the group's rows in table order, balanced by size (each rank owns a
-// contiguous run of about 1/G of the group's floats), so a rank's shard of the optimizer
-// state is a set of whole tensors: it writes them into a checkpoint by name with nothing
-// to gather, and a resume at another layout reads them back by name.
+// Each group's tensors (replicated ones over dp, routed experts over the expert-data-parallel
+// group edp) are read as one concatenation in table order, and that is cut into G equal
+// ranges of S = ceil(floats / G): rank r holds the AdamW state of floats [r S, (r+1) S) of
+// it, so a tensor may straddle ranks and every rank's share is within one S of the mean.
 //
 // One step: gradients are reduce-scattered in buckets (runs of consecutive rows of one
-// group, at most bucket_floats each, the pieces cut at owner boundaries), each rank updates
-// the rows it owns, and the parameters are all-gathered over the same buckets.
+// group, at most bucket_floats each, the pieces cut at range boundaries), each rank updates
+// the floats of its range, and the parameters are all-gathered over the same buckets.
+//
+// Checkpoints stay Hugging Face directories of whole tensors by name. For them each tensor
+// also has a whole-tensor owner (the rank whose 1/G share of the group's floats holds the
+// tensor's middle): at a save the moments move from the ranges to those owners (an
+// all-to-all per group, nm_zero_state_exchange), which write them by name; a load reads them
+// by name at any layout and moves them back into the ranges.
 #pragma once
 
 #include <stdint.h>
@@ -31,12 +36,18 @@ typedef struct nm_zero_bucket {
 typedef struct nm_zero {
     const nm_param_table *table; // borrowed
     nm_comm *dp, *edp;          // borrowed
-    int *row_owner;             // (n_rows) owner's rank in the row's group; -1 for tied rows
-    unsigned char *owned;       // (n_rows) 1 when this rank owns the row
+    int64_t *row_pos;           // (n_rows) the row's first float in its group's concatenation; -1: tied
+    int64_t range_floats[2];    // S of the dense / expert group
+    int64_t *own_begin, *own_end; // (n_rows) the row's floats [begin, end) in this rank's range
+    int64_t owned_floats;       // floats of this rank's ranges (its optimizer shard)
+    int64_t total_floats[2];    // floats in the dense / expert group
+    int widest_row;             // the row whose floats span the most ranges (-1: none), and how many
+    int64_t widest_ranges;
+    // the checkpoint's whole-tensor layout
+    int *row_owner;             // (n_rows) whole-tensor owner's rank in the row's group; -1 for tied rows
+    unsigned char *owned;       // (n_rows) 1 when this rank writes the row's moments whole
     nm_zero_bucket *buckets;
     int n_buckets;
-    int64_t owned_floats;       // parameters this rank owns (its optimizer shard)
-    int64_t total_floats[2];    // floats in the dense / expert group
     // one step's reduction (nm_zero_begin .. nm_zero_finish)
     float *grads;               // borrowed
     nm_comm_request *reqs;      // (n_buckets)
@@ -44,6 +55,13 @@ typedef struct nm_zero {
     int n_started_early;        // buckets started before the backward ended
     int64_t floats_started_early;
 } nm_zero;
+
+// The group rank whose range holds position pos of a group of total floats over G ranks.
+static inline int64_t nm_zero_range_owner(int64_t pos, int64_t total, int64_t G) {
+    int64_t S = (total + G - 1) / G;
+    int64_t r = S > 0 ? pos / S : 0;
+    return r < G ? r : G - 1;
+}
 
 int nm_zero_create(nm_zero **out, const nm_param_table *t, nm_comm *dp, nm_comm *edp, int64_t bucket_floats,
                    nm_error *err);
@@ -67,3 +85,11 @@ int nm_zero_finish(nm_zero *z, nm_error *err);
 int nm_zero_reduce_scatter_grads(nm_zero *z, float *grads /* (n_floats) */, nm_error *err);
 // Copies every owner's rows to the whole group.
 int nm_zero_all_gather_params(nm_zero *z, float *params /* (n_floats) */, nm_error *err);
+
+// Moves one optimizer-state buffer between the layouts: range_buf holds the floats of this
+// rank's ranges, row i's piece [own_begin[i], own_end[i]) at range_state[i]; whole_buf the
+// whole rows this rank owns for checkpoints (owned[i]), row i at whole_state[i] (SIZE_MAX:
+// none, as rows without optimizer state). to_whole: ranges -> whole rows, else back. One
+// all-to-all over each group (dp, then edp), every rank of the job together.
+int nm_zero_state_exchange(nm_zero *z, float *range_buf, const size_t *range_state, float *whole_buf,
+                           const size_t *whole_state, int to_whole, nm_error *err);
