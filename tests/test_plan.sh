@@ -104,6 +104,42 @@ check tp2_pp2 4 1 0 2 1 2 'Et|ttmL'
 CAPACITY=0.5 check ep2_capacity 2 2 0
 CAPACITY=0.5 check tp2_ep2_capacity 4 2 1 2
 
+# Peak resident memory (getrusage, metrics.jsonl's rss_peak_bytes: the largest rank's) against
+# the planner at ep4 on a model whose receive buffers dominate (moe_intermediate_size 512: 205
+# of 309 MiB at micro_batch 8). The process's own memory (binary, OpenBLAS, oneDNN, OpenMPI and
+# their buffers) is a fixed overhead: measured at micro_batch 1, then at 8 and 16 the peak must
+# be the plan plus that overhead within 5% of the plan. Measured: overhead 87 MiB, and 87 MiB
+# again at 8 (plan 309 MiB) and 16 (plan 605 MiB), so within 0.3%.
+"$PY" -c "import json; m = json.load(open('model.json')); json.dump(dict(m, moe_intermediate_size=512), open('model_rx.json', 'w'))"
+rss_run() {  # micro_batch -> "rss plan" in bytes
+  local mb=$1
+  nm_mpirun 4 "$NM_BIN" train --config train.json --out "rss$mb" --quiet --set model=model_rx.json --set seq_len=256 \
+    --set micro_batch="$mb" --set global_batch=$((4 * mb)) --set expert_parallel_size=4 >"rss$mb.log" 2>&1 \
+    || { cat "rss$mb.log"; fail "rss run at micro_batch $mb"; }
+  "$NM_BIN" plan --config model_rx.json --world 4 --ep 4 --seq-len 256 --micro-batch "$mb" --global-batch $((4 * mb)) \
+    >"rss$mb.plan" || fail "plan at micro_batch $mb"
+  "$PY" - "$mb" <<'PY'
+import json, sys
+mb = sys.argv[1]
+rss = max(json.loads(l)["rss_peak_bytes"] for l in open(f"rss{mb}/metrics.jsonl"))
+plan = json.loads(open(f"rss{mb}.plan").read().strip().splitlines()[-1])["stages"][0]["total_bytes"]
+print(rss, plan)
+PY
+}
+read -r rss1 plan1 < <(rss_run 1)
+for mb in 8 16; do
+  read -r rss plan < <(rss_run "$mb")
+  "$PY" - "$mb" "$rss" "$plan" "$rss1" "$plan1" <<'PY' || fail "peak memory at micro_batch $mb is not the plan plus the fixed overhead"
+import sys
+mb, rss, plan, rss1, plan1 = sys.argv[1], *map(int, sys.argv[2:])
+over = rss1 - plan1
+off = abs(rss - plan - over) / plan
+print(f"ep4 micro_batch {mb}: peak RSS {rss / 2**20:.1f} MiB = plan {plan / 2**20:.1f} + overhead {over / 2**20:.1f} "
+      f"(measured at micro_batch 1) {'+' if rss - plan - over >= 0 else '-'} {off:.2%} of the plan")
+assert off <= 0.05, off
+PY
+done
+
 # Refusals name the numbers.
 if "$NM_BIN" plan --config model.json --world 3 --ep 2 >bad.out 2>bad.err; then fail "world 3 x ep 2 accepted"; fi
 grep -q "expert_parallel_size 2" bad.err || { cat bad.err; fail "layout refusal does not name ep"; }

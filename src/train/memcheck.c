@@ -4,8 +4,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "train/plan.h"
+
+int64_t nm_memory_peak_rss_bytes(void) {
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) != 0) return -1;
+    return (int64_t)ru.ru_maxrss * 1024;  // Linux reports KiB
+}
 
 static int64_t read_meminfo_available(void) {
     FILE *f = fopen("/proc/meminfo", "r");

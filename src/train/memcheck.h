@@ -13,6 +13,8 @@
 // Bytes this process may still take: MemAvailable of /proc/meminfo, lowered to the cgroup's
 // memory.max - memory.current where a limit is set. -1 where neither can be read.
 int64_t nm_memory_available_bytes(void);
+// This process's peak resident memory so far in bytes (getrusage's ru_maxrss), or -1.
+int64_t nm_memory_peak_rss_bytes(void);
 
 // Processes of the job on this machine: the launcher's count (OpenMPI's
 // OMPI_COMM_WORLD_LOCAL_SIZE, MPICH's MPI_LOCALNRANKS, Slurm's SLURM_NTASKS_PER_NODE), else

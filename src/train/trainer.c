@@ -1293,6 +1293,11 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     kv[n++] = NM_METRIC_F("time_backward_s", m->t_backward);
     kv[n++] = NM_METRIC_F("time_optimizer_s", m->t_optimizer);
     kv[n++] = NM_METRIC_F("time_comm_s", m->t_comm);
+    // The peak resident memory of the job's largest rank so far (getrusage), beside the
+    // planner's total_bytes per rank (docs/parallelism.md has how they compare).
+    int64_t rss = nm_memory_peak_rss_bytes();
+    if (t->world->size > 1 && nm_comm_all_reduce(t->world, &rss, 1, NM_DT_I64, NM_RED_MAX, err) != 0) return -1;
+    kv[n++] = NM_METRIC_I("rss_peak_bytes", rss);
     if (t->world->size > 1 && comm_metrics(t, kv + n, &n, err) != 0) return -1;
     if (t->mesh->n.ep > 1) {
         kv[n++] = NM_METRIC_I("ep_rounds", ep_rounds);
