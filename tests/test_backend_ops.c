@@ -302,7 +302,7 @@ static void test_gemm_bf16(void) {
 
 // The casts share one rounding rule: bit for bit, NaN and infinities included.
 static void test_casts(void) {
-    printf("round_bf16 / cast_bf16 / round_cast_bf16\n");
+    printf("round_bf16 / cast_bf16 / round_cast_bf16 / widen_bf16\n");
     const int64_t n = 4099;
     float *x = randn(n, 3.0f);
     x[0] = NAN, x[1] = INFINITY, x[2] = -0.0f, x[3] = 3.4e38f, x[4] = 1.0f + 0x1p-8f;  // overflow, a tie
@@ -318,6 +318,13 @@ static void test_casts(void) {
     check_exact("cast_bf16", "", h, hr, (size_t)n * sizeof(uint16_t));
     check_exact("round_cast_bf16", "x", z, zr, (size_t)n * sizeof(float));
     check_exact("round_cast_bf16", "bits", k, kr, (size_t)n * sizeof(uint16_t));
+    // widen_bf16 of cast_bf16 is round_bf16, on both backends
+    float *w = nans(n), *wr = nans(n);
+    be->widen_bf16(w, h, n);
+    ref->widen_bf16(wr, hr, n);
+    check_exact("widen_bf16", "of cast_bf16 vs round_bf16", w, yr, (size_t)n * sizeof(float));
+    check_exact("widen_bf16", "ref", wr, yr, (size_t)n * sizeof(float));
+    nm_free(w), nm_free(wr);
     nm_free(x), nm_free(y), nm_free(yr), nm_free(z), nm_free(zr), nm_free(h), nm_free(hr), nm_free(k), nm_free(kr);
 }
 

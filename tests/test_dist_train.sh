@@ -57,6 +57,19 @@ layout dp4_ep2_buckets 4 --set expert_parallel_size=2 --set bucket_mb=1 --set ov
 layout ep2_rounds 2 --set expert_parallel_size=2 --set moe_receive_capacity=0.25
 layout dp4_ep4_rounds 4 --set expert_parallel_size=4 --set moe_receive_capacity=0.25
 layout ep2_rounds_recompute 2 --set expert_parallel_size=2 --set moe_receive_capacity=0.25 --recompute
+# bf16: the rows to the experts cross as bf16 (the expert side rounds them to bf16 anyway),
+# against one bf16 process. A bf16 run on 2 ranks differs from one process by more than an
+# fp32 one (a sum that moves by an ulp can move a rounding to bf16 by a bf16 step): measured
+# at dp2 (no all-to-all at all) and ep2 alike, loss 5.6e-6, CE 7.3e-6, gradient norm 3.3e-5
+# over 10 steps, so 10x that here.
+"$NM_BIN" train --config train.json --out ref_bf16 --quiet --set precision=bf16 >/dev/null
+for spec in "ep2_bf16 2 --set expert_parallel_size=2" \
+            "ep2_rounds_recompute_bf16 2 --set expert_parallel_size=2 --set moe_receive_capacity=0.25 --recompute"; do
+  set -- $spec; name=$1; n=$2; shift 2
+  nm_mpirun "$n" "$NM_BIN" train --config train.json --out "$name" --quiet --set precision=bf16 "$@" >"$name.log" 2>&1 \
+    || { cat "$name.log"; fail "$name did not run"; }
+  NM_COMPARE_TOL=6e-5,3e-4 "$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref_bf16/metrics.jsonl "$name/metrics.jsonl" "$name"
+done
 
 # Every routed row forced to one EP rank: a router bias of 100 on experts 0 and 1 (EP rank 0's
 # pair at ep4, half of rank 0's four at ep2) outweighs any affinity, so all N x K rows of every
@@ -168,21 +181,24 @@ L, M = m["num_hidden_layers"], m.get("num_nextn_predict_layers", 0)
 E, K, D = m["n_routed_experts"], m["num_experts_per_tok"], m["hidden_size"]
 dense_first, freq = m["first_k_dense_replace"], m.get("moe_layer_freq", 1)
 T = c["seq_len"] + 1
-def a2a(world, recompute, rounds):
-    # (the job's bytes, one rank's counts + dispatches: a lower bound of its own share)
+def a2a(world, recompute, rounds, dispatch=4):
+    # (the job's bytes, one rank's counts + dispatches: a lower bound of its own share); the
+    # rows to the experts cross at `dispatch` bytes per float (bf16 runs: 2), the rest at 4
     micro, accum = c["micro_batch"], c["global_batch"] // (c["micro_batch"] * world)
     total = own = 0
     for l in range(L + M):
         if l < dense_first or l % freq != 0: continue
         T_l = T if l < L else T - (l - L + 1)
         phases, counts = (6, 2) if recompute else (4, 1)
-        own += counts * E * 8 + phases // 2 * micro * T_l * K * D * 4
-        phases += rounds > 1
-        total += counts * world * E * 8 + phases * world * micro * T_l * K * D * 4
+        own += counts * E * 8 + phases // 2 * micro * T_l * K * D * dispatch
+        row_bytes = (phases // 2 + (rounds > 1)) * dispatch + phases // 2 * 4
+        total += counts * world * E * 8 + world * micro * T_l * K * D * row_bytes
     return accum * total, accum * own
 runs = (("ep2", 2, False, 1), ("dp4_ep2", 4, False, 1), ("dp4_ep4", 4, False, 1), ("ep2_recompute", 2, True, 1),
-        ("ep2_rounds", 2, False, 4), ("dp4_ep4_rounds", 4, False, 4), ("ep2_rounds_recompute", 2, True, 4))
+        ("ep2_rounds", 2, False, 4), ("dp4_ep4_rounds", 4, False, 4), ("ep2_rounds_recompute", 2, True, 4),
+        ("ep2_bf16", 2, False, 1), ("ep2_rounds_recompute_bf16", 2, True, 4))
 for run, world, rec, least in runs:
+    disp = 2 if run.endswith("bf16") else 4
     seen = []
     for line in open(f"{run}/metrics.jsonl"):
         d = json.loads(line)
@@ -190,11 +206,11 @@ for run, world, rec, least in runs:
         seen.append((rounds, over))
         assert rounds >= least and over >= 1.0, (run, d["step"], rounds, over)
         if rounds == 1 or least > 1:  # else some layers took one round, some more: between the two
-            want, own = a2a(world, rec, rounds)
+            want, own = a2a(world, rec, rounds, disp)
             assert d["comm_ep_all_to_all_bytes_job"] == want, (run, d["step"], d["comm_ep_all_to_all_bytes_job"], want)
         else:
-            lo, own = a2a(world, rec, 1)
-            want = a2a(world, rec, 2)[0]
+            lo, own = a2a(world, rec, 1, disp)
+            want = a2a(world, rec, 2, disp)[0]
             assert lo < d["comm_ep_all_to_all_bytes_job"] <= want, (run, d["step"], d["comm_ep_all_to_all_bytes_job"])
         assert own <= d["comm_ep_all_to_all_bytes"] < want, (run, d["step"], d["comm_ep_all_to_all_bytes"], own)
     print(f"{run}: all-to-all {want} bytes per step over the job; rounds, busiest receiver / mean per step: "

@@ -37,6 +37,9 @@ check() {
   fi
   [ "$rc" = 1 ] && extra+=(--recompute) && pextra+=(--recompute)
   [ "$sp" = 0 ] && extra+=(--set sequence_parallel=false) && pextra+=(--no-sequence-parallel)
+  if [ -n "${PRECISION:-}" ]; then
+    extra+=(--set precision="$PRECISION") && pextra+=(--precision "$PRECISION")
+  fi
   if [ -n "${CAPACITY:-}" ]; then
     extra+=(--set moe_receive_capacity="$CAPACITY") && pextra+=(--moe-receive-capacity "$CAPACITY")
   fi
@@ -103,6 +106,9 @@ check tp2_pp2 4 1 0 2 1 2 'Et|ttmL'
 # the bounded EP exchange: receive buffers of half the mean rows (several rounds per layer)
 CAPACITY=0.5 check ep2_capacity 2 2 0
 CAPACITY=0.5 check tp2_ep2_capacity 4 2 1 2
+# bf16: the rows to the experts cross as bf16 (2 bytes), the rest fp32
+PRECISION=bf16 check ep2_bf16 2 2 0
+PRECISION=bf16 CAPACITY=0.5 check ep2_bf16_capacity_recompute 2 2 1
 
 # Peak resident memory (getrusage, metrics.jsonl's rss_peak_bytes: the largest rank's) against
 # the planner at ep4 on a model whose receive buffers dominate (moe_intermediate_size 512: 205

@@ -228,6 +228,7 @@ static void layout(nm_model *m) {
             m->d_e_out_loc = take(m, R * D);
             m->d_x_loc = take(m, R * D);
             m->ep_buf = take(m, R * D);
+            m->ep_send16 = (uint16_t *)take(m, (NK * D + 1) / 2);
         }
     }
     m->d_emb = take(m, N * D);

@@ -176,9 +176,13 @@ void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32
 // its x_perm slice again and recomputes them (one more row phase; docs/parallelism.md).
 
 // Copies blocks between source-major (s, j) and expert-major (j, s) order. to_expert: src is
-// source-major, dst expert-major; else the reverse. counts[s*El + j] rows per block.
-static void ep_reorder(const nm_model *m, float *dst, const float *src, const int64_t *counts, int to_expert) {
+// source-major, dst expert-major; else the reverse. counts[s*El + j] rows per block of D
+// elements of elem bytes (fp32 rows, or bf16 ones on their way in).
+static void ep_reorder(const nm_model *m, void *dst_v, const void *src_v, const int64_t *counts, int to_expert,
+                       size_t elem) {
     int64_t EP = m->ep->size, El = m->E_loc, D = m->cfg.D;
+    char *dst = dst_v;
+    const char *src = src_v;
     int64_t src_at = 0;
     for (int64_t s = 0; s < EP; s++) {
         for (int64_t j = 0; j < El; j++) {
@@ -189,8 +193,9 @@ static void ep_reorder(const nm_model *m, float *dst, const float *src, const in
             for (int64_t ss = 0; ss < s; ss++) exp_at += counts[ss * El + j];
             int64_t n = counts[s * El + j];
             if (n > 0) {
-                if (to_expert) memcpy(dst + exp_at * D, src + src_at * D, (size_t)(n * D) * sizeof(float));
-                else memcpy(dst + src_at * D, src + exp_at * D, (size_t)(n * D) * sizeof(float));
+                size_t bytes = (size_t)(n * D) * elem;
+                if (to_expert) memcpy(dst + (size_t)(exp_at * D) * elem, src + (size_t)(src_at * D) * elem, bytes);
+                else memcpy(dst + (size_t)(src_at * D) * elem, src + (size_t)(exp_at * D) * elem, bytes);
             }
             src_at += n;
         }
@@ -274,17 +279,32 @@ static int64_t ep_round(nm_model *m, const block_acts *b, int64_t k) {
     return got;
 }
 
-// This round's slices of the source rows (N*K, D, x_perm order) -> expert-major rows here.
-static void ep_dispatch(nm_model *m, const float *rows, float *expert_rows) {
-    if (nm_comm_all_to_all_v(m->ep, rows, m->ep_send, m->ep_send_at, m->ep_buf, m->ep_recv, m->ep_recv_at, NM_DT_F32,
-                             &m->ep_err) != 0)
+// This round's slices of the source rows (N*K, D, x_perm order) -> expert-major rows here
+// (n_in of them). A bf16 run sends them as bf16: the expert side rounds what it receives to
+// bf16 anyway (nm_round_act, and nm_moe_experts_backward for the gradients), so the values
+// are the same and the bytes half. They arrive in the upper half of ep_buf's bytes, are
+// reordered into the lower half and widened into expert_rows.
+static void ep_dispatch(nm_model *m, const float *rows, float *expert_rows, int64_t n_in) {
+    if (m->precision != NM_PRECISION_BF16) {
+        if (nm_comm_all_to_all_v(m->ep, rows, m->ep_send, m->ep_send_at, m->ep_buf, m->ep_recv, m->ep_recv_at,
+                                 NM_DT_F32, &m->ep_err) != 0)
+            ep_fail(m);
+        ep_reorder(m, expert_rows, m->ep_buf, m->ep_round_counts, 1, sizeof(float));
+        return;
+    }
+    for (int64_t q = 0; q < m->ep->size; q++)
+        m->ops->cast_bf16(m->ep_send16 + m->ep_send_at[q], rows + m->ep_send_at[q], m->ep_send[q]);
+    uint16_t *lower = (uint16_t *)m->ep_buf, *upper = lower + m->ep_cap * m->cfg.D;
+    if (nm_comm_all_to_all_v(m->ep, m->ep_send16, m->ep_send, m->ep_send_at, upper, m->ep_recv, m->ep_recv_at,
+                             NM_DT_BF16, &m->ep_err) != 0)
         ep_fail(m);
-    ep_reorder(m, expert_rows, m->ep_buf, m->ep_round_counts, 1);
+    ep_reorder(m, lower, upper, m->ep_round_counts, 1, sizeof(uint16_t));
+    m->ops->widen_bf16(expert_rows, lower, n_in * m->cfg.D);
 }
 
 // Expert-major rows of this round -> back into their slices of rows (x_perm order) at the sources.
 static void ep_combine(nm_model *m, const float *expert_rows, float *rows) {
-    ep_reorder(m, m->ep_buf, expert_rows, m->ep_round_counts, 0);
+    ep_reorder(m, m->ep_buf, expert_rows, m->ep_round_counts, 0, sizeof(float));
     if (nm_comm_all_to_all_v(m->ep, m->ep_buf, m->ep_recv, m->ep_recv_at, rows, m->ep_send, m->ep_send_at, NM_DT_F32,
                              &m->ep_err) != 0)
         ep_fail(m);
@@ -295,8 +315,8 @@ static void ep_experts_forward(nm_model *m, const nm_layer_offsets *w, block_act
     ep_exchange_counts(m, b);
     for (int64_t k = 0; k < b->ep_rounds; k++) {
         int64_t rows = ep_round(m, b, k);
-        // fp32 rows over the all-to-all; the experts' rank rounds what it received (bf16)
-        ep_dispatch(m, b->x_perm, b->x_loc);
+        // the experts' rank rounds what it received (bf16: values that crossed as bf16)
+        ep_dispatch(m, b->x_perm, b->x_loc, rows);
         nm_round_act(m, b->x_loc, rows * m->cfg.D);
         // the outputs of the round go back at once: the backward's d_x_loc holds them meanwhile
         nm_moe_experts_forward(m, w, m->ep_round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->d_x_loc);
@@ -308,11 +328,11 @@ static void ep_experts_backward(nm_model *m, const nm_layer_offsets *w, block_ac
     for (int64_t k = 0; k < b->ep_rounds; k++) {
         int64_t rows = ep_round(m, b, k);
         if (b->ep_rounds > 1) {  // the forward's expert-side activations of this round are gone
-            ep_dispatch(m, b->x_perm, b->x_loc);
+            ep_dispatch(m, b->x_perm, b->x_loc, rows);
             nm_round_act(m, b->x_loc, rows * m->cfg.D);
             nm_moe_experts_forward(m, w, m->ep_round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->d_x_loc);
         }
-        ep_dispatch(m, m->d_e_out, m->d_e_out_loc);
+        ep_dispatch(m, m->d_e_out, m->d_e_out_loc, rows);
         nm_moe_experts_backward(m, w, m->ep_round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->d_e_out_loc,
                                 m->d_e_act, m->d_e_gate_up, m->d_x_loc);
         ep_combine(m, m->d_x_loc, m->d_x_perm);

@@ -117,6 +117,9 @@ typedef struct nm_ops {
                      float beta, float *C, int64_t ldc);
     // dst(n) (=) bf16 of src (round to nearest even).
     void (*cast_bf16)(uint16_t *dst, const float *src, int64_t n);
+    // dst(n) (=) src(n) widened to fp32 (exact: every bf16 is an fp32). widen_bf16 of cast_bf16
+    // is round_bf16. The expert all-to-all's bf16 rows on arrival (moe.c).
+    void (*widen_bf16)(float *dst, const uint16_t *src, int64_t n);
     // x(n) (=) bf16(x) in fp32 storage and bits(n) (=) the same values as bf16, in one pass:
     // round_bf16(x, x, n) then cast_bf16(bits, x, n), without reading x twice.
     void (*round_cast_bf16)(float *x, uint16_t *bits, int64_t n);

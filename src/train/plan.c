@@ -27,7 +27,8 @@ static int64_t rows_of_layer(const nm_model_config *c, const nm_plan_request *r,
 // its own 1/TP of the tokens. A layer whose exchange takes more than one round sends its rows
 // once more in the backward: counted where that is certain, when even the mean load (every
 // rank's routed rows x K) exceeds the receive capacity C; a busier step than the mean adds
-// that phase to more layers, which only a run can know.
+// that phase to more layers, which only a run can know. Under bf16 the rows to the experts
+// (dispatch phases, half of them, and that extra one) cross as bf16, 2 bytes.
 static int64_t all_to_all_job_bytes(const nm_model_config *c, const nm_plan_request *r, int64_t accum) {
     if (r->ep <= 1 || c->E == 0) return 0;
     int64_t phases = r->recompute ? 6 : 4, count_rounds = r->recompute ? 2 : 1, total = 0, W = r->world / r->pp;
@@ -38,8 +39,9 @@ static int64_t all_to_all_job_bytes(const nm_model_config *c, const nm_plan_requ
     for (int64_t l = 0; l < c->n_layers; l++) {
         if (!nm_layer_is_moe(c, l)) continue;
         int64_t routed_least = sp ? rows_of_layer(c, r, l) / r->tp : rows_of_layer(c, r, l);
-        int64_t extra = routed_least * c->K > C;
-        total += count_rounds * W * c->E * 8 + (phases + extra) * (W / r->tp * rows_of_layer(c, r, l)) * c->K * c->D * 4;
+        int64_t extra = routed_least * c->K > C, dispatch_bytes = r->precision == NM_PRECISION_BF16 ? 2 : 4;
+        int64_t row_bytes = (phases / 2 + extra) * dispatch_bytes + phases / 2 * 4;
+        total += count_rounds * W * c->E * 8 + (W / r->tp * rows_of_layer(c, r, l)) * c->K * c->D * row_bytes;
     }
     return accum * total;
 }

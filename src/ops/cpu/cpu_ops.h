@@ -33,6 +33,7 @@ void nm_cpu_gemm_bf16(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, in
                       const void *A, nm_dtype a_type, int64_t lda, const void *B, nm_dtype b_type,
                       int64_t ldb, float beta, float *C, int64_t ldc);
 void nm_cpu_cast_bf16(uint16_t *dst, const float *src, int64_t n);
+void nm_cpu_widen_bf16(float *dst, const uint16_t *src, int64_t n);
 void nm_cpu_round_bf16(float *dst, const float *src, int64_t n);
 void nm_cpu_round_cast_bf16(float *x, uint16_t *bits, int64_t n);
 nm_dtype nm_cpu_gemm_bf16_weight_type(void);

@@ -237,6 +237,12 @@ void nm_cpu_cast_bf16(uint16_t *dst, const float *src, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] = nm_f32_to_bf16(src[i]);
 }
 
+void nm_cpu_widen_bf16(float *dst, const uint16_t *src, int64_t n) {
+    NM_CHECK(n >= 0, "widen_bf16 n=%lld", (long long)n);
+#pragma omp parallel for schedule(static) if (n >= NM_BF16_PARALLEL_MIN)
+    for (int64_t i = 0; i < n; i++) dst[i] = nm_bf16_to_f32(src[i]);
+}
+
 // dst(rows, cols) packed (=) bf16 of src(rows, cols) with leading dimension ld.
 static void cast_bf16_2d(uint16_t *dst, const float *src, int64_t ld, int64_t rows, int64_t cols) {
 #pragma omp parallel for schedule(static) if (rows * cols >= NM_BF16_PARALLEL_MIN)

@@ -31,6 +31,7 @@ static const nm_ops cpu_ops = {
     .gemm_bf16_weight_type = nm_cpu_gemm_bf16_weight_type,
     .round_bf16 = nm_cpu_round_bf16,
     .cast_bf16 = nm_cpu_cast_bf16,
+    .widen_bf16 = nm_cpu_widen_bf16,
     .round_cast_bf16 = nm_cpu_round_cast_bf16,
     .gemm_fp8 = nm_cpu_gemm_fp8,
     .zero = nm_cpu_zero,

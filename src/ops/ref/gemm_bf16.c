@@ -45,6 +45,11 @@ void nm_ref_cast_bf16(uint16_t *dst, const float *src, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] = nm_f32_to_bf16(src[i]);
 }
 
+void nm_ref_widen_bf16(float *dst, const uint16_t *src, int64_t n) {
+    NM_CHECK(n >= 0, "widen_bf16 n=%lld", (long long)n);
+    for (int64_t i = 0; i < n; i++) dst[i] = nm_bf16_to_f32(src[i]);
+}
+
 void nm_ref_round_cast_bf16(float *x, uint16_t *bits, int64_t n) {
     NM_CHECK(n >= 0, "round_cast_bf16 n=%lld", (long long)n);
     for (int64_t i = 0; i < n; i++) {

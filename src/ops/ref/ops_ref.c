@@ -16,6 +16,7 @@ static const nm_ops ref_ops = {
     .round_bf16 = nm_ref_round_bf16,
     .gemm_fp8 = nm_ref_gemm_fp8,
     .cast_bf16 = nm_ref_cast_bf16,
+    .widen_bf16 = nm_ref_widen_bf16,
     .round_cast_bf16 = nm_ref_round_cast_bf16,
     .zero = nm_ref_zero,
     .axpy = nm_ref_axpy,

@@ -34,6 +34,7 @@ void nm_ref_gemm_bf16_grouped(nm_transpose ta, nm_transpose tb, float alpha, flo
 nm_dtype nm_ref_gemm_bf16_weight_type(void);
 void nm_ref_round_bf16(float *dst, const float *src, int64_t n);
 void nm_ref_cast_bf16(uint16_t *dst, const float *src, int64_t n);
+void nm_ref_widen_bf16(float *dst, const uint16_t *src, int64_t n);
 void nm_ref_round_cast_bf16(float *x, uint16_t *bits, int64_t n);
 // Scratch of at least n floats, owned by the module and grown only when a larger n is first
 // asked for (slot 0 or 1: the two operands of one GEMM). Shared by the bf16 and fp8 GEMMs,
