@@ -3,8 +3,8 @@
 # under mpirun against one process on the same global batch (per-step loss, CE and grad norm
 # within tests/dist/compare_runs.py's tolerance, expert loads equal): tp2 x pp2, tp2 x pp2
 # without sequence parallelism, tp2 x pp2 with recomputation and overlapped 1 MiB buckets,
-# tp2 x pp4 (8 ranks), tp2 x pp2 x dp2 x ep2 (8 ranks) and tp4 x pp2 (8 ranks, a 4-head copy of
-# the model). Then checkpoints: saved at tp2 x pp2, resumed at one process and at dp4 x ep4,
+# tp2 x pp4 (8 ranks), tp2 x pp2 x dp2 x ep2 (8 ranks, also with the EP exchange in rounds),
+# tp4 x pp2 (8 ranks, a 4-head copy of the model), and dp2 x ep2 and tp2 x pp2 over TCP only. Then checkpoints: saved at tp2 x pp2, resumed at one process and at dp4 x ep4,
 # each continuing the one-process run; and the zero-allocation step loop at tp2 x pp2.
 set -euo pipefail
 : "${NM_BIN:?}" "${NM_ROOT:?}"
@@ -48,6 +48,13 @@ layout tp2_pp2_dp2_ep2 8 train.json ref --set tensor_parallel_size=2 "${PP2[@]}"
 layout tp2_pp2_dp2_ep2_rounds 8 train.json ref --set tensor_parallel_size=2 "${PP2[@]}" --set expert_parallel_size=2 \
   --set moe_receive_capacity=0.25
 layout tp4_pp2 8 train4.json ref4 --set tensor_parallel_size=4 "${PP2[@]}"
+# Off the shared-memory path, as between nodes: OpenMPI's ob1 over TCP only (loopback, which
+# its TCP transport skips unless told), for dp2 x ep2 and tp2 x pp2. With vader excluded and
+# the pml pinned, every message between ranks crosses a TCP socket.
+OMPI_MCA_pml=ob1 OMPI_MCA_btl=self,tcp OMPI_MCA_btl_tcp_if_include=lo OMPI_MCA_oob_tcp_if_include=lo \
+  layout tcp_dp2_ep2 4 train.json ref --set expert_parallel_size=2
+OMPI_MCA_pml=ob1 OMPI_MCA_btl=self,tcp OMPI_MCA_btl_tcp_if_include=lo OMPI_MCA_oob_tcp_if_include=lo \
+  layout tcp_tp2_pp2 4 train.json ref --set tensor_parallel_size=2 "${PP2[@]}"
 
 # A tp2 x pp2 checkpoint is an HF directory: it resumes at one process, and at dp4 x ep4.
 nm_mpirun 4 "$NM_BIN" train --config train.json --out xl --quiet --set tensor_parallel_size=2 "${PP2[@]}" \
