@@ -266,6 +266,29 @@ nm_mpirun 4 "$NM_BIN" train --config tied.json --out tied_x --quiet --set exit_i
 nm_mpirun 2 "$NM_BIN" train --config tied.json --out tied_x --quiet --resume >tied_x2.log 2>&1 \
   || { cat tied_x2.log; fail "tied dp2 resume"; }
 "$PY" "$NM_ROOT/tests/dist/compare_runs.py" tied_ref/metrics.jsonl tied_x/metrics.jsonl "dp4 straddling -> 1 -> dp2"
+# The AdamW moments in bf16 (optimizer.exp_avg_dtype / exp_avg_sq_dtype, DeepSeek-V3's choice):
+# a checkpoint holds them as fp32 (exact), so stopping and resuming changes no bit, at one
+# process and at dp4 with the straddling ranges; the banner's optimizer shard is half.
+bf16m=(--set optimizer.exp_avg_dtype=bf16 --set optimizer.exp_avg_sq_dtype=bf16)
+for n in 1 4; do
+  run() { if [ "$n" = 1 ]; then "$NM_BIN" "$@"; else nm_mpirun "$n" "$NM_BIN" "$@"; fi; }
+  run train --config tied.json --out "bm$n" "${bf16m[@]}" >"bm$n.log" 2>&1 || { cat "bm$n.log"; fail "bf16 moments, $n rank(s)"; }
+  run train --config tied.json --out "bm${n}_rs" --quiet "${bf16m[@]}" --set exit_interval=4 >"bm${n}_rs.log" 2>&1 \
+    || { cat "bm${n}_rs.log"; fail "bf16 moments, $n rank(s), to step 4"; }
+  run train --config tied.json --out "bm${n}_rs" --quiet "${bf16m[@]}" --resume >"bm${n}_rs2.log" 2>&1 \
+    || { cat "bm${n}_rs2.log"; fail "bf16 moments, $n rank(s), resumed"; }
+  "$PY" "$NM_ROOT/tests/dist/same_steps.py" "bm$n/metrics.jsonl" "bm${n}_rs/metrics.jsonl" "bf16 moments, $n rank(s), stopped and resumed"
+  for f in "bm$n"/step_000008/*.safetensors; do
+    cmp "$f" "bm${n}_rs/step_000008/${f##*/}" || fail "bf16 moments, $n rank(s): ${f##*/} differs after the resume"
+  done
+done
+"$PY" - <<'PY'
+import re
+shard = lambda path: float(re.search(r"optimizer shard ([\d.]+) MiB", open(path).read())[1])
+full, half = shard("tied_dp4.log"), shard("bm4.log")
+print(f"dp4 optimizer shard: fp32 moments {full} MiB, bf16 moments {half} MiB")
+assert abs(half - full / 2) <= 0.1, (full, half)
+PY
 
 # The step loop allocates nothing under dp2 x ep2 either (dispatch buffers are sized once).
 # (tests/alloc/tests.cmake builds it with the suite.)

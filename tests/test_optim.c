@@ -13,6 +13,7 @@
 #include <time.h>
 
 #include "core/rng.h"
+#include "ops/bf16.h"
 #include "train/optim.h"
 
 #include "test_util.h"
@@ -339,6 +340,56 @@ static void test_fused_clip(uint64_t seed) {
     nm_free(vr);
 }
 
+// --- bf16 moments ----------------------------------------------------------------------------------
+
+// With m and v stored in bf16 (DeepSeek-V3's choice) the update is the fp32 one with the new m and
+// v rounded to bf16 (nearest even) as they are stored: ref_adamw plus that rounding, bit for bit,
+// over 3 steps of a row longer than two chunks; the moments read back through
+// nm_optimizer_moment_f32 and set through nm_optimizer_moment_set unchanged; and the state is
+// 4 bytes a float.
+static void test_bf16_moments(uint64_t seed) {
+    const int64_t na = 2 * NM_OPTIM_CHUNK + 77;
+    nm_tensor_spec rows[1] = {{"a", 1, {na, 0}, na, 0, NM_TENSOR_DECAY, 0, -1, 0, -1, {0, 0}, 0, 0}};
+    nm_param_table t;
+    memset(&t, 0, sizeof(t));
+    t.rows = rows;
+    t.n_rows = 1;
+    t.n_floats = (size_t)na;
+    const size_t n = t.n_floats;
+    float *p = nm_malloc(n * 4), *g = nm_malloc(n * 4), *pr = nm_malloc(n * 4), *mr = nm_calloc(n, 4),
+          *vr = nm_calloc(n, 4);
+    uint64_t key = nm_rng_key(seed, NM_RNG_TEST, 4, 0);
+    fill_random(p, n, key, 0.02f);
+    memcpy(pr, p, n * 4);
+    nm_adamw_config cfg = default_cfg;
+    cfg.exp_avg_bf16 = cfg.exp_avg_sq_bf16 = 1;
+    nm_optimizer *o;
+    nm_error err;
+    EXPECT(nm_optimizer_create(&o, &t, &cfg, &err) == 0, "%s", err.msg);
+    EXPECT(o->m == NULL && o->v == NULL && o->m16 && o->v16, "bf16 moments should have no fp32 storage");
+    EXPECT(nm_optimizer_state_bytes_per_float(&cfg) == 4, "bf16 moments: %lld bytes a float",
+           (long long)nm_optimizer_state_bytes_per_float(&cfg));
+    const double lrs[3] = {1e-3, 3e-3, 2e-3};
+    for (int s = 0; s < 3; s++) {
+        fill_random(g, n, key + 1 + (uint64_t)s, 0.1f);
+        nm_optimizer_step(o, p, g, lrs[s]);
+        ref_adamw(pr, mr, vr, g, n, (float)(1.0 - lrs[s] * default_cfg.weight_decay), lrs[s], s + 1);
+        for (size_t i = 0; i < n; i++) mr[i] = nm_bf16_round(mr[i]), vr[i] = nm_bf16_round(vr[i]);
+    }
+    int cm, cv;
+    float *m = nm_optimizer_moment_f32(o, 0, &cm), *v = nm_optimizer_moment_f32(o, 1, &cv);
+    EXPECT(cm && cv, "bf16 moments read back as copies");
+    EXPECT(!memcmp(p, pr, n * 4), "bf16 moments: parameters differ from fp32 AdamW with m, v rounded each step");
+    EXPECT(!memcmp(m, mr, n * 4) && !memcmp(v, vr, n * 4), "bf16 moments: m or v differ from the rounded reference");
+    nm_optimizer_moment_set(o, 0, m);  // a checkpoint's round trip: exact for bf16 values
+    nm_optimizer_moment_set(o, 1, v);
+    float *m2 = nm_optimizer_moment_f32(o, 0, &cm), *v2 = nm_optimizer_moment_f32(o, 1, &cv);
+    EXPECT(!memcmp(m2, mr, n * 4) && !memcmp(v2, vr, n * 4), "bf16 moments: set after read is not the identity");
+    nm_free(m), nm_free(v), nm_free(m2), nm_free(v2);
+    nm_optimizer_destroy(o);
+    nm_free(p), nm_free(g), nm_free(pr), nm_free(mr), nm_free(vr);
+}
+
 // --- --dump: data for the PyTorch comparison ------------------------------------------------------
 
 static int dump(const char *path, uint64_t seed) {
@@ -409,6 +460,7 @@ int main(int argc, char **argv) {
     test_norm_clip_nonfinite();
     test_random_and_threads(seed);
     test_fused_clip(seed);
+    test_bf16_moments(seed);
     if (failures) {
         fprintf(stderr, "test_optim: %d failure(s)\n", failures);
         return 1;

@@ -4,7 +4,7 @@
 //   plan --config MODEL.json | --model DIR  --world N [--tp T] [--pp P] [--ep E]
 //        [--seq-len S] [--micro-batch B] [--global-batch G] [--recompute]
 //        [--precision fp32|bf16|fp8] [--bucket-mb M] [--flops F] [--memory-gib M]
-//        [--moe-receive-capacity X]
+//        [--moe-receive-capacity X] [--exp-avg-dtype fp32|bf16] [--exp-avg-sq-dtype fp32|bf16]
 // The last stdout line is one JSON object with every number.
 #include <stdio.h>
 #include <string.h>
@@ -77,7 +77,8 @@ static void print_json(const nm_plan *p, const nm_plan_request *r, double memory
 int nm_cmd_plan(int argc, char **argv) {
     static const char *const vflags[] = {"config", "model", "world", "tp", "pp", "ep", "seq-len", "micro-batch",
                                          "global-batch", "precision", "bucket-mb", "flops", "memory-gib",
-                                         "make-vocab-size-divisible-by", "pipeline-layout", "moe-receive-capacity", NULL};
+                                         "make-vocab-size-divisible-by", "pipeline-layout", "moe-receive-capacity",
+                                         "exp-avg-dtype", "exp-avg-sq-dtype", NULL};
     static const char *const bflags[] = {"recompute", "no-sequence-parallel", NULL};
     nm_args a;
     if (nm_args_parse(&a, "plan", argc, argv, vflags, bflags)) return 2;
@@ -86,7 +87,8 @@ int nm_cmd_plan(int argc, char **argv) {
         fprintf(stderr, "usage: nanomegatron plan --config MODEL.json | --model DIR --world N [--tp T] [--pp P] [--ep E] "
                         "[--seq-len S] [--micro-batch B] [--global-batch G] [--recompute] [--precision fp32|bf16|fp8] "
                         "[--bucket-mb M] [--flops F] [--memory-gib M] [--no-sequence-parallel] [--make-vocab-size-divisible-by K] "
-                        "[--pipeline-layout 'Et|tt|tmL'] [--moe-receive-capacity X]\n");
+                        "[--pipeline-layout 'Et|tt|tmL'] [--moe-receive-capacity X] [--exp-avg-dtype fp32|bf16] "
+                        "[--exp-avg-sq-dtype fp32|bf16]\n");
         return 2;
     }
     nm_plan_request r = {.recompute = nm_args_has(&a, "recompute"), .sequence_parallel = !nm_args_has(&a, "no-sequence-parallel")};
@@ -111,6 +113,16 @@ int nm_cmd_plan(int argc, char **argv) {
         return 2;
     }
     r.pipeline_layout = nm_args_str(&a, "pipeline-layout", NULL);
+    const char *moment_flags[2] = {"exp-avg-dtype", "exp-avg-sq-dtype"};
+    int *moment_bf16[2] = {&r.exp_avg_bf16, &r.exp_avg_sq_bf16};
+    for (int k = 0; k < 2; k++) {
+        const char *v = nm_args_str(&a, moment_flags[k], "fp32");
+        if (strcmp(v, "fp32") != 0 && strcmp(v, "bf16") != 0) {
+            fprintf(stderr, "plan: --%s must be fp32 or bf16, got '%s'\n", moment_flags[k], v);
+            return 2;
+        }
+        *moment_bf16[k] = !strcmp(v, "bf16");
+    }
     nm_error err;
     nm_model_config cfg;
     if ((dir ? nm_hf_dir_load_config(dir, &cfg, &err) : nm_model_config_load(&cfg, cfg_path, &err)) != 0) {

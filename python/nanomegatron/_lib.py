@@ -91,17 +91,19 @@ class nm_loss_terms(ctypes.Structure):
 class nm_model_options(ctypes.Structure):
     _fields_ = [("recompute", c_int), ("ep", c_void_p), ("tp", c_void_p), ("sequence_parallel", c_int),
                 ("vocab_multiple", c_int64), ("vocab_tile", c_int64), ("stage", c_void_p), ("act_slots", c_int64),
-                ("moe_receive_capacity", c_double)]
+                ("moe_receive_capacity", c_double), ("precision", c_int)]
 
 
 class nm_adamw_config(ctypes.Structure):
-    _fields_ = [("beta1", c_double), ("beta2", c_double), ("eps", c_double), ("weight_decay", c_double)]
+    _fields_ = [("beta1", c_double), ("beta2", c_double), ("eps", c_double), ("weight_decay", c_double),
+                ("exp_avg_bf16", c_int), ("exp_avg_sq_bf16", c_int)]
 
 
 class nm_optimizer(ctypes.Structure):
     _fields_ = [("table", POINTER(nm_param_table)), ("cfg", nm_adamw_config), ("m", POINTER(c_float)),
                 ("v", POINTER(c_float)), ("n_state", c_size_t), ("row_state", c_void_p), ("step", c_int64), ("chunks", c_void_p), ("n_chunks", c_int64),
-                ("partials", c_void_p), ("n_params", c_int64)]
+                ("partials", c_void_p), ("n_params", c_int64), ("m16", c_void_p), ("v16", c_void_p),
+                ("scratch", c_void_p), ("n_threads", c_int)]
 
 
 class nm_grad_report(ctypes.Structure):

@@ -212,6 +212,7 @@ _TRAIN_KEYS = {
     "tokenizer": "tokenizer", "init_from": "init_from",
     "lr": "optimizer.lr", "min_lr": "optimizer.min_lr", "beta1": "optimizer.beta1", "beta2": "optimizer.beta2",
     "eps": "optimizer.eps", "weight_decay": "optimizer.weight_decay", "clip_grad": "optimizer.clip_grad",
+    "exp_avg_dtype": "optimizer.exp_avg_dtype", "exp_avg_sq_dtype": "optimizer.exp_avg_sq_dtype",
     "lr_schedule": "schedule.type", "warmup_steps": "schedule.warmup_steps",
     "decay_start": "schedule.decay_start", "decay_steps": "schedule.decay_steps",
     "decay_fraction": "schedule.decay_fraction", "decay_shape": "schedule.decay_shape",
@@ -273,6 +274,8 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     clip_grad: float = 1.0
+    exp_avg_dtype: str = "fp32"
+    exp_avg_sq_dtype: str = "fp32"
     lr_schedule: str = "cosine"
     decay_start: int = 0
     decay_steps: int = 0

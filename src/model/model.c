@@ -228,7 +228,8 @@ static void layout(nm_model *m) {
             m->d_e_out_loc = take(m, R * D);
             m->d_x_loc = take(m, R * D);
             m->ep_buf = take(m, R * D);
-            m->ep_send16 = (uint16_t *)take(m, (NK * D + 1) / 2);
+            // the bf16 dispatch's send buffer, only where the run is bf16 (moe.c)
+            if (m->opt_precision == NM_PRECISION_BF16) m->ep_send16 = (uint16_t *)take(m, (NK * D + 1) / 2);
         }
     }
     m->d_emb = take(m, N * D);
@@ -368,6 +369,7 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     m->recompute = opts->recompute;
     m->stage = opts->stage ? *opts->stage : (nm_model_stage){0, cfg->L, 1, 1};
     m->n_slots = opts->act_slots > 1 ? (int)opts->act_slots : 1;
+    m->opt_precision = opts->precision;
     if (configure(m, opts, err) != 0) {
         nm_free(m);
         return -1;
@@ -444,6 +446,9 @@ int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err) {
         return nm_error_set(err, "precision %s: this backend has no %s GEMM", p == NM_PRECISION_FP8 ? "fp8" : "bf16",
                             p == NM_PRECISION_FP8 ? "fp8" : "bf16");
     }
+    if (p == NM_PRECISION_BF16 && m->ep && m->opt_precision != NM_PRECISION_BF16)
+        return nm_error_set(err, "precision bf16 under expert parallelism: create the model with nm_model_options."
+                                 "precision = bf16 (its dispatch buffer is sized at creation)");
     m->precision = p;
     m->params_changed = 1;  // the weight copy is made (and allocated) by the next forward
     return 0;
@@ -524,7 +529,8 @@ int nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_
                                           const nm_model_options *opts, size_t *bytes, nm_error *err) {
     int n_slots = opts->act_slots > 1 ? (int)opts->act_slots : 1;
     nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = opts->recompute,
-                  .stage = opts->stage ? *opts->stage : (nm_model_stage){0, cfg->L, 1, 1}, .n_slots = n_slots};
+                  .stage = opts->stage ? *opts->stage : (nm_model_stage){0, cfg->L, 1, 1}, .n_slots = n_slots,
+                  .opt_precision = opts->precision};
     if (configure(&m, opts, err) != 0) return -1;
     m.slots = nm_calloc((size_t)n_slots, sizeof(model_slot));
     m.block_sets = nm_calloc((size_t)n_slots * (size_t)cfg->n_layers, sizeof(block_acts));

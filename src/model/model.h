@@ -66,6 +66,8 @@ typedef struct nm_model_options {
                                   // dropless exchange, as a multiple of the mean (routed rows x K);
                                   // a busier rank takes more rounds, nothing is dropped
                                   // (docs/parallelism.md). 0: NM_MOE_RECEIVE_CAPACITY
+    nm_precision precision;     // the precision the run will set (nm_model_set_precision): with
+                                // ep, bf16 allocates the send buffer of the bf16 dispatch
 } nm_model_options;
 
 #define NM_MOE_RECEIVE_CAPACITY 2.0

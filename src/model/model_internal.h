@@ -166,6 +166,7 @@ struct nm_model {
                                 // x the mean N_route*K, at most EP * N_route * min(K, E_loc))
     float *ep_buf;              // (C, D) rows in source-major order, on their way in or out
     uint16_t *ep_send16;        // (N*K, D) bf16 runs: the rows to the experts, as sent
+    nm_precision opt_precision; // nm_model_options.precision: the arena holds ep_send16 when bf16
     float *d_e_out_loc;         // (C, D) expert side of d_e_out
     float *d_x_loc;             // (C, D) expert side of d_x_perm (in the forward: the experts' outputs)
     int64_t *ep_send, *ep_recv; // (EP) element counts of this rank's pieces as a source / receiver

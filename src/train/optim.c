@@ -6,6 +6,29 @@
 
 #include <math.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "ops/bf16.h"
+
+// The OpenMP team's size and this thread's place in it (1 and 0 where the file is built
+// without OpenMP, as the fuzz targets build it).
+static int team_max(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static int team_rank(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
 
 // --- lifecycle ---------------------------------------------------------------------------------
 
@@ -101,8 +124,15 @@ static int create(nm_optimizer **out, const nm_param_table *table, const nm_adam
     opt->cfg = *cfg;
     opt->n_state = n_state;
     opt->row_state = row_state;
-    opt->m = nm_aligned_alloc((n_state ? n_state : 1) * sizeof(float));
-    opt->v = nm_aligned_alloc((n_state ? n_state : 1) * sizeof(float));
+    size_t ns = n_state ? n_state : 1;
+    if (cfg->exp_avg_bf16) opt->m16 = nm_aligned_alloc(ns * sizeof(uint16_t));
+    else opt->m = nm_aligned_alloc(ns * sizeof(float));
+    if (cfg->exp_avg_sq_bf16) opt->v16 = nm_aligned_alloc(ns * sizeof(uint16_t));
+    else opt->v = nm_aligned_alloc(ns * sizeof(float));
+    if (opt->m16 || opt->v16) {
+        opt->n_threads = team_max();
+        opt->scratch = nm_aligned_alloc((size_t)opt->n_threads * 2 * NM_OPTIM_CHUNK * sizeof(float));
+    }
     opt->chunks = nm_calloc((size_t)(n_chunks ? n_chunks : 1), sizeof(nm_optim_chunk));
     opt->partials = nm_calloc((size_t)(n_chunks ? n_chunks : 1), sizeof(double));
     opt->n_chunks = n_chunks;
@@ -141,6 +171,9 @@ void nm_optimizer_destroy(nm_optimizer *opt) {
     if (!opt) return;
     nm_free(opt->m);
     nm_free(opt->v);
+    nm_free(opt->m16);
+    nm_free(opt->v16);
+    nm_free(opt->scratch);
     nm_free(opt->chunks);
     nm_free(opt->partials);
     nm_free(opt->row_state);
@@ -297,16 +330,55 @@ void nm_optimizer_step_scaled(nm_optimizer *opt, float *params, const float *gra
     };
     float *m = opt->m, *v = opt->v;
     const nm_optim_chunk *chunks = opt->chunks;
+    if ((opt->m16 || opt->v16) && team_max() > opt->n_threads) {  // more threads than at create
+        nm_free(opt->scratch);
+        opt->n_threads = team_max();
+        opt->scratch = nm_aligned_alloc((size_t)opt->n_threads * 2 * NM_OPTIM_CHUNK * sizeof(float));
+    }
 
     // Every element is independent, so any thread split gives the same bits.
 #pragma omp parallel for schedule(static)
     for (int64_t ci = 0; ci < opt->n_chunks; ci++) {
-        const size_t off = chunks[ci].offset, so = chunks[ci].state;
-        adamw_chunk(params + off, m + so, v + so, grads + off, chunks[ci].len, chunks[ci].decay ? decay_mul : 1.0f,
-                    &k);
+        const size_t off = chunks[ci].offset, so = chunks[ci].state, len = chunks[ci].len;
+        // bf16 moments: widened into this thread's scratch, updated in fp32, rounded back
+        float *own = opt->scratch ? opt->scratch + (size_t)team_rank() * 2 * NM_OPTIM_CHUNK : NULL;
+        float *mm = opt->m16 ? own : m + so, *vv = opt->v16 ? own + NM_OPTIM_CHUNK : v + so;
+        for (size_t i = 0; opt->m16 && i < len; i++) mm[i] = nm_bf16_to_f32(opt->m16[so + i]);
+        for (size_t i = 0; opt->v16 && i < len; i++) vv[i] = nm_bf16_to_f32(opt->v16[so + i]);
+        adamw_chunk(params + off, mm, vv, grads + off, len, chunks[ci].decay ? decay_mul : 1.0f, &k);
+        for (size_t i = 0; opt->m16 && i < len; i++) opt->m16[so + i] = nm_f32_to_bf16(mm[i]);
+        for (size_t i = 0; opt->v16 && i < len; i++) opt->v16[so + i] = nm_f32_to_bf16(vv[i]);
     }
 }
 
 void nm_optimizer_step(nm_optimizer *opt, float *params, const float *grads, double lr) {
     nm_optimizer_step_scaled(opt, params, grads, 1.0f, lr);
+}
+
+// --- the moments' storage ----------------------------------------------------------------------
+
+int64_t nm_optimizer_state_bytes_per_float(const nm_adamw_config *cfg) {
+    return (cfg->exp_avg_bf16 ? 2 : 4) + (cfg->exp_avg_sq_bf16 ? 2 : 4);
+}
+
+float *nm_optimizer_moment_f32(const nm_optimizer *opt, int which, int *copy) {
+    const uint16_t *h = which ? opt->v16 : opt->m16;
+    *copy = h != NULL;
+    if (!h) return which ? opt->v : opt->m;
+    size_t n = opt->n_state ? opt->n_state : 1;
+    float *out = nm_aligned_alloc(n * sizeof(float));
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < opt->n_state; i++) out[i] = nm_bf16_to_f32(h[i]);
+    return out;
+}
+
+void nm_optimizer_moment_set(nm_optimizer *opt, int which, const float *src) {
+    uint16_t *h = which ? opt->v16 : opt->m16;
+    float *f = which ? opt->v : opt->m;
+    if (h) {
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < opt->n_state; i++) h[i] = nm_f32_to_bf16(src[i]);
+    } else if (src != f) {
+        memcpy(f, src, opt->n_state * sizeof(float));
+    }
 }

@@ -38,6 +38,10 @@ typedef struct nm_adamw_config {
     double beta2;               // 0.95
     double eps;                 // 1e-8
     double weight_decay;        // 0.1, applied to NM_TENSOR_DECAY rows only
+    int exp_avg_bf16;           // 1: m stored in bf16 (DeepSeek-V3's choice; Megatron's
+                                // --exp-avg-dtype bf16); the update itself runs in fp32 and
+                                // rounds the new m to bf16 (nearest even) as it stores it
+    int exp_avg_sq_bf16;        // the same for v (--exp-avg-sq-dtype bf16)
 } nm_adamw_config;
 
 // A contiguous run of one row's floats; the unit of parallel work and of the norm's
@@ -65,6 +69,10 @@ typedef struct nm_optimizer {
     int64_t n_chunks;
     double *partials;           // (n_chunks) scratch for the norm, allocated once
     int64_t n_params;           // floats covered by the chunks
+    uint16_t *m16, *v16;        // (n_state) the moments in bf16 storage (cfg.exp_avg_bf16 /
+                                // exp_avg_sq_bf16); then m / v are NULL
+    float *scratch;             // (n_threads, 2, NM_OPTIM_CHUNK) a chunk's bf16 moments widened
+    int n_threads;
 } nm_optimizer;
 
 // Result of nm_optimizer_check_grads and nm_optimizer_prepare_grads.
@@ -96,6 +104,16 @@ size_t nm_optimizer_state_floats(const nm_param_table *table, const unsigned cha
 // Where nm_optimizer_create_sharded puts each row's state (row_state: (table->n_rows),
 // SIZE_MAX for rows without it): the checkpoint's whole-tensor layout.
 void nm_optimizer_state_offsets(const nm_param_table *table, const unsigned char *owned, size_t *row_state);
+
+// Bytes of optimizer state per held float: 8, or 6 / 4 with one or both moments in bf16.
+int64_t nm_optimizer_state_bytes_per_float(const nm_adamw_config *cfg);
+
+// Moment `which` (0: m, 1: v) as fp32 in the state layout (n_state floats): the optimizer's
+// own buffer (*copy = 0), or, in bf16 storage, a widened copy the caller frees (*copy = 1).
+float *nm_optimizer_moment_f32(const nm_optimizer *opt, int which, int *copy);
+// Stores fp32 values into moment `which`: rounded to bf16 in bf16 storage; in fp32 copied
+// unless src is the optimizer's own buffer.
+void nm_optimizer_moment_set(nm_optimizer *opt, int which, const float *src);
 
 // Sum of squares of the optimised gradients in double, fixed order (the norm's square).
 double nm_optimizer_grad_sumsq(nm_optimizer *opt, const float *grads /* (n_floats) */);

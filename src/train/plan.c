@@ -106,10 +106,11 @@ static void tp_bytes(const nm_model_config *c, const nm_plan_request *r, int64_t
 // the sum of the pieces rounded up, less the last piece's rounding. Router biases and tied
 // rows have no optimizer state.
 static void largest_shard(nm_plan_stage *s, const nm_param_table *t, const nm_zero *z, int64_t dp, int64_t ne,
-                          int sharded) {
+                          int sharded, int64_t bytes_per_float) {
+    const int64_t B = bytes_per_float;
     if (!sharded) {
         s->optimizer_bytes = s->optimizer_bytes_first = s->optimizer_mean_bytes =
-            (int64_t)nm_optimizer_state_floats(t, NULL) * 8;
+            (int64_t)nm_optimizer_state_floats(t, NULL) * B;
         return;
     }
     int64_t n_of[2] = {dp, ne};
@@ -143,10 +144,10 @@ static void largest_shard(nm_plan_stage *s, const nm_param_table *t, const nm_ze
             floats -= (n + NM_PARAM_ALIGN - 1) / NM_PARAM_ALIGN * NM_PARAM_ALIGN - n;
         }
         all += (double)floats;
-        if (floats * 8 > s->optimizer_bytes) s->optimizer_bytes = floats * 8;
-        if (g == 0) s->optimizer_bytes_first = floats * 8;
+        if (floats * B > s->optimizer_bytes) s->optimizer_bytes = floats * B;
+        if (g == 0) s->optimizer_bytes_first = floats * B;
     }
-    s->optimizer_mean_bytes = (int64_t)(all / (double)G * 8.0);
+    s->optimizer_mean_bytes = (int64_t)(all / (double)G * (double)B);
     for (int k = 0; k < 2; k++) {
         nm_free(sum[k]);
         nm_free(last[k]);
@@ -183,7 +184,9 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, const n
         nm_zero *z = NULL;
         int zrc = nm_zero_create(&z, &table, dp, edp, r->bucket_mb * 262144, err);
         if (zrc == 0) {
-            largest_shard(s, &table, z, p->n.dp, n_expert_group, p->n.world > 1);
+            nm_adamw_config moments = {.exp_avg_bf16 = r->exp_avg_bf16, .exp_avg_sq_bf16 = r->exp_avg_sq_bf16};
+            largest_shard(s, &table, z, p->n.dp, n_expert_group, p->n.world > 1,
+                          nm_optimizer_state_bytes_per_float(&moments));
             for (int b = 0; p->n.world > 1 && b < z->n_buckets; b++) {
                 int64_t bytes_b = z->buckets[b].n * 4;
                 if (z->buckets[b].expert && !experts_over_dp) {  // else the dp communicator counts them
@@ -203,7 +206,8 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, const n
     s->in_flight = p->n.pp > 1 ? nm_pipeline_slots(p->n.pp, si, p->accum) : 1;
     nm_model_options mo = {.recompute = r->recompute, .ep = ep, .tp = tp, .sequence_parallel = sp,
                            .vocab_multiple = r->vocab_multiple, .stage = p->n.pp > 1 ? st : NULL,
-                           .act_slots = s->in_flight, .moe_receive_capacity = r->moe_receive_capacity};
+                           .act_slots = s->in_flight, .moe_receive_capacity = r->moe_receive_capacity,
+                           .precision = r->precision};
     int64_t T = r->seq_len + 1;  // the trainer's rows: seq_len inputs and the last target
     size_t act = 0;
     if (nm_model_estimate_activation_bytes_ex(cfg, r->micro_batch, T, &mo, &act, err) != 0) goto done;

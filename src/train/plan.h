@@ -29,6 +29,7 @@ typedef struct nm_plan_request {
     nm_precision precision;
     int64_t bucket_mb;          // ZeRO-1 bucket size (the training config's bucket_mb)
     double moe_receive_capacity; // the EP receive side per round, x the mean rows (0: the default)
+    int exp_avg_bf16, exp_avg_sq_bf16; // AdamW m / v stored in bf16 (optimizer.exp_avg_dtype, ...)
     const char *pipeline_layout; // pipeline_model_parallel_layout (NULL or "": the even split)
     double flops;               // FLOP/s per rank for the compute time (0: not estimated)
 } nm_plan_request;

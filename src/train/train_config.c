@@ -60,6 +60,7 @@ typedef struct key_spec {
 static const char *const precision_names[] = {"fp32", "bf16", "fp8", NULL};
 static const char *const schedule_names[] = {"constant", "cosine", "wsd", "wsd-cosine", NULL};
 static const char *const decay_names[] = {"linear", "1-sqrt", NULL};
+static const char *const moment_dtype_names[] = {"fp32", "bf16", NULL};
 
 // clang-format off
 static const key_spec keys[] = {
@@ -108,6 +109,10 @@ static const key_spec keys[] = {
     {"optimizer.eps", K_FLOAT, OFF(optimizer.eps), 1e-8, NULL, 0, 1, 1, NULL, 0, "AdamW eps"},
     {"optimizer.weight_decay", K_FLOAT, OFF(optimizer.weight_decay), 0.1, NULL, 0, 10, 0, NULL, 0, "decoupled, matrices only"},
     {"optimizer.clip_grad", K_FLOAT, OFF(optimizer.clip_grad), 1.0, NULL, 0, 1e30, 0, NULL, 0, "max global grad norm (0: off)"},
+    {"optimizer.exp_avg_dtype", K_ENUM, OFF(optimizer.exp_avg_dtype), 0, NULL, 0, 0, 0, moment_dtype_names, 0,
+     "storage of AdamW's first moment (Megatron --exp-avg-dtype; DeepSeek-V3 keeps it in bf16)"},
+    {"optimizer.exp_avg_sq_dtype", K_ENUM, OFF(optimizer.exp_avg_sq_dtype), 0, NULL, 0, 0, 0, moment_dtype_names, 0,
+     "storage of AdamW's second moment (Megatron --exp-avg-sq-dtype)"},
     {"schedule.type", K_ENUM, OFF(schedule.type), NM_LR_COSINE, NULL, 0, 0, 0, schedule_names, 0, "learning-rate shape"},
     {"schedule.warmup_steps", K_INT, OFF(schedule.warmup_steps), 0, NULL, 0, BIG, 0, NULL, 0, "linear warm-up from 0"},
     {"schedule.decay_start", K_INT, OFF(schedule.decay_start), 0, NULL, 0, BIG, 0, NULL, 0, "wsd-cosine: last step at lr"},
@@ -791,6 +796,8 @@ void nm_train_config_adamw(const nm_train_config *cfg, nm_adamw_config *out) {
         .beta2 = cfg->optimizer.beta2,
         .eps = cfg->optimizer.eps,
         .weight_decay = cfg->optimizer.weight_decay,
+        .exp_avg_bf16 = cfg->optimizer.exp_avg_dtype == 1,
+        .exp_avg_sq_bf16 = cfg->optimizer.exp_avg_sq_dtype == 1,
     };
 }
 

@@ -88,6 +88,8 @@ typedef struct nm_train_config {
         double lr, min_lr;      // schedule's lr_max / lr_min
         double beta1, beta2, eps, weight_decay;
         double clip_grad;       // max global grad norm, 0: off
+        int exp_avg_dtype;      // AdamW m storage: 0 fp32 (default), 1 bf16 (Megatron --exp-avg-dtype)
+        int exp_avg_sq_dtype;   // AdamW v storage: the same (--exp-avg-sq-dtype)
     } optimizer;
     struct {
         nm_lr_schedule_type type;

@@ -259,27 +259,41 @@ static int rewind_metrics(nm_trainer *t, const char *path, int64_t last_step, nm
 
 static size_t *full_row_state(const nm_trainer *t, const size_t *row_state);
 
-// The moments in the checkpoint's whole-tensor layout (zero.h): the optimizer's own buffers
-// at one process; under the distributed optimizer, buffers of their own for the whole
-// tensors this rank writes, filled from the ranges (gather) or emptied into them (scatter).
+// The moments in the checkpoint's whole-tensor layout (zero.h), fp32 whatever their storage:
+// at one process the optimizer's own buffers (fp32 copies of bf16 ones); under the
+// distributed optimizer, buffers of their own for the whole tensors this rank writes, filled
+// from the ranges (gather) or emptied into them (scatter).
 typedef struct ckpt_moments {
     float *m, *v;
     size_t *row_state;          // (n_rows) where each whole row sits; SIZE_MAX: not here
-    int own;                    // the buffers are this struct's
+    int own;                    // the whole-tensor buffers are this struct's
+    int copy[2];                // m / v are fp32 copies of bf16 moments (one process)
 } ckpt_moments;
 
 static void moments_close(ckpt_moments *w) {
-    if (w->own) {
-        nm_free(w->m);
-        nm_free(w->v);
-        nm_free(w->row_state);
-    }
+    if (w->own) nm_free(w->row_state);
+    if (w->own || w->copy[0]) nm_free(w->m);
+    if (w->own || w->copy[1]) nm_free(w->v);
     *w = (ckpt_moments){0};
 }
 
+// Moment `which` of this rank's ranges, ranges -> whole tensors (gather) or back.
+static int moment_exchange(nm_trainer *t, ckpt_moments *w, int which, int to_whole, nm_error *err) {
+    int copy;
+    float *range = nm_optimizer_moment_f32(t->optim, which, &copy);
+    int rc = nm_zero_state_exchange(t->zero, range, t->optim->row_state, which ? w->v : w->m, w->row_state, to_whole,
+                                    err);
+    if (rc == 0 && !to_whole) nm_optimizer_moment_set(t->optim, which, range);
+    if (copy) nm_free(range);
+    return rc;
+}
+
 static int moments_open(nm_trainer *t, ckpt_moments *w, int gather, nm_error *err) {
+    *w = (ckpt_moments){0};
     if (!t->zero) {
-        *w = (ckpt_moments){t->optim->m, t->optim->v, t->optim->row_state, 0};
+        w->m = nm_optimizer_moment_f32(t->optim, 0, &w->copy[0]);
+        w->v = nm_optimizer_moment_f32(t->optim, 1, &w->copy[1]);
+        w->row_state = t->optim->row_state;
         return 0;
     }
     const nm_param_table *table = nm_model_table(t->model);
@@ -289,19 +303,22 @@ static int moments_open(nm_trainer *t, ckpt_moments *w, int gather, nm_error *er
                         .row_state = nm_malloc((size_t)(table->n_rows > 0 ? table->n_rows : 1) * sizeof(size_t)),
                         .own = 1};
     nm_optimizer_state_offsets(table, t->zero->owned, w->row_state);
-    if (gather && (nm_zero_state_exchange(t->zero, t->optim->m, t->optim->row_state, w->m, w->row_state, 1, err) != 0 ||
-                   nm_zero_state_exchange(t->zero, t->optim->v, t->optim->row_state, w->v, w->row_state, 1, err) != 0)) {
+    if (gather && (moment_exchange(t, w, 0, 1, err) != 0 || moment_exchange(t, w, 1, 1, err) != 0)) {
         moments_close(w);
         return -1;
     }
     return 0;
 }
 
-// Loaded whole tensors back into this rank's ranges.
+// Loaded whole tensors back into the optimizer (its ranges; bf16 storage rounds them, exact
+// for moments that were bf16 when saved).
 static int moments_scatter(nm_trainer *t, ckpt_moments *w, nm_error *err) {
-    if (!w->own) return 0;
-    if (nm_zero_state_exchange(t->zero, t->optim->m, t->optim->row_state, w->m, w->row_state, 0, err) != 0) return -1;
-    return nm_zero_state_exchange(t->zero, t->optim->v, t->optim->row_state, w->v, w->row_state, 0, err);
+    if (!w->own) {
+        for (int k = 0; k < 2; k++) nm_optimizer_moment_set(t->optim, k, k ? w->v : w->m);
+        return 0;
+    }
+    if (moment_exchange(t, w, 0, 0, err) != 0) return -1;
+    return moment_exchange(t, w, 1, 0, err);
 }
 
 // metrics.jsonl entries of a step besides the per-stage ones: 20 always, up to 20 from
@@ -449,7 +466,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     t->T = cfg->seq_len + 1;
     nm_model_options mopts = {.recompute = opts->recompute, .ep = t->mesh->ep, .tp = t->mesh->tp,
                               .sequence_parallel = t->sp, .vocab_multiple = cfg->make_vocab_size_divisible_by,
-                              .moe_receive_capacity = cfg->moe_receive_capacity};
+                              .moe_receive_capacity = cfg->moe_receive_capacity, .precision = cfg->precision};
     if (ms.pp > 1) {
         // The stage's layers only, and one activation set per micro-batch in flight under 1F1B.
         mopts.stage = &t->stages[t->mesh->pp_rank];
@@ -673,7 +690,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
         printf("layout %s | per rank: params %.1f MiB, grads %.1f MiB, optimizer shard %.1f MiB (%.1f%% of the "
                "state), activations %.1f MiB\n",
                layout, (double)table->n_floats * 4 / mib, (double)table->n_floats * 4 / mib,
-               (double)t->optim->n_state * 8 / mib,
+               (double)t->optim->n_state * (double)nm_optimizer_state_bytes_per_float(&t->optim->cfg) / mib,
                100.0 * (double)t->optim->n_params / (double)(whole->n_params_main + whole->n_params_mtp),
                (double)nm_model_activation_bytes(t->model) / mib);
         if (t->zero && t->zero->widest_row >= 0)

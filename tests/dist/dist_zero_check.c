@@ -74,7 +74,7 @@ int main(void) {
            "bucket pieces %lld vs range %lld", (long long)in_buckets, (long long)z->owned_floats);
 
     // The checkpoint exchange, both ways, bit for bit.
-    nm_adamw_config acfg = {0.9, 0.95, 1e-8, 0.1};
+    nm_adamw_config acfg = {0.9, 0.95, 1e-8, 0.1, 0, 0};
     nm_optimizer *o = NULL;
     EXPECT(nm_optimizer_create_ranges(&o, &t, &acfg, z->own_begin, z->own_end, &err) == 0, "%s", err.msg);
     for (int i = 0; i < t.n_rows; i++) {
