@@ -24,11 +24,13 @@ def config():
 
 
 def losses(run_dir):
-    """metrics.jsonl without the timings (the only fields that may differ)."""
+    """metrics.jsonl without the timings and the peak memory (the only fields that may differ:
+    measurements of the machine, not of the training)."""
     out = []
+    measured = ("tokens_per_s", "tflops", "mfu", "rss_peak_bytes")
     for line in open(os.path.join(run_dir, "metrics.jsonl")):
         d = json.loads(line)
-        out.append({k: v for k, v in d.items() if not k.startswith("time_") and k not in ("tokens_per_s", "tflops", "mfu")})
+        out.append({k: v for k, v in d.items() if not k.startswith("time_") and k not in measured})
     return out
 
 
