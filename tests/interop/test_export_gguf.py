@@ -72,8 +72,26 @@ def check(cond, msg):
 
 def load_llama(path, n_ctx=128):
     # f32 KV cache: the default f16 one would round the latent keys and values.
-    return Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, n_threads=2,
-                 type_k=0, type_v=0, seed=0)
+    # Plain CPU buffers (model params use_extra_bufts = false, which llama-cpp-python's Llama does
+    # not expose): with llama.cpp's extra buffer types (weight repacking; the AMX buffers on a CPU
+    # with AMX) llama-cpp-python 0.3.36 aborts in ggml_backend_sched_split_graph
+    # (GGML_ASSERT(*cur_backend_id != -1)) loading the f16 export of these tiny models on an
+    # AMX machine (Sapphire Rapids), the same files pass everywhere without them. What is
+    # compared is the logits of the file, which the plain buffers compute the same way.
+    lib = llama_cpp.llama_cpp
+    defaults = lib.llama_model_default_params
+
+    def plain_buffers():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = plain_buffers
+    try:
+        return Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, n_threads=2,
+                     type_k=0, type_v=0, seed=0)
+    finally:
+        lib.llama_model_default_params = defaults
 
 
 def llama_logits(llm, ids):
