@@ -143,7 +143,7 @@ static void check_dataset(const nm_indexed *ds, const nm_gpt_config *c) {
     int64_t *inv = nm_malloc(sizeof(int64_t) * (size_t)n);
     for (int64_t i = 0; i < n; i++) inv[i] = -1;
     for (int64_t i = 0; i < n; i++) {
-        int64_t j = g->shuffle_index[i];
+        int64_t j = nm_gpt_shuffle_at(g, i);
         EXPECT(j >= 0 && j < n && inv[j] < 0, "shuffle_index[%lld] = %lld", (long long)i, (long long)j);
         if (j >= 0 && j < n) inv[j] = i;
         EXPECT((i < n_first) == (j < n_first), "shuffle_index[%lld] = %lld crosses the final-epoch boundary %lld", (long long)i,

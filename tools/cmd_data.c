@@ -107,9 +107,10 @@ int nm_cmd_prepare(int argc, char **argv) {
 static const char *inspect_usage =
     "usage: nanomegatron inspect --data PREFIX [--doc N] [--tokenizer T]\n"
     "                            [--samples N --seq-len L [--seed S] [--num-samples M] [--split 99,1,0]\n"
-    "                             [--which train|valid|test] [--start K]]\n"
+    "                             [--which train|valid|test] [--start K] [--cache-dir D]]\n"
     "--doc N: the last stdout line is document N's token ids as a JSON array.\n"
-    "--samples N: the last N stdout lines are loader samples K..K+N-1 (seq_len + 1 tokens each).\n";
+    "--samples N: the last N stdout lines are loader samples K..K+N-1 (seq_len + 1 tokens each).\n"
+    "--cache-dir D: the index mappings are read from (or built and written to) D, as train's data.cache_dir.\n";
 
 static void print_json_ids(const int32_t *ids, int64_t n) {
     putchar('[');
@@ -179,6 +180,7 @@ static int inspect_samples(const nm_args *a, const char *prefix) {
     spec.seq_len = L;
     spec.seed = (uint32_t)seed;
     spec.num_samples[which] = num_samples;
+    spec.cache_dir = nm_args_str(a, "cache-dir", NULL);
     if (parse_split(nm_args_str(a, "split", "99,1,0"), spec.split) != 0) {
         fprintf(stderr, "inspect: --split expects up to 3 comma-separated weights, got '%s'\n", nm_args_str(a, "split", ""));
         return 2;
@@ -210,7 +212,7 @@ static int inspect_samples(const nm_args *a, const char *prefix) {
 
 int nm_cmd_inspect_data(int argc, char **argv) {
     static const char *const vflags[] = {"data", "doc", "tokenizer", "samples", "seq-len", "seed", "num-samples",
-                                         "split", "which", "start", NULL};
+                                         "split", "which", "start", "cache-dir", NULL};
     nm_args a;
     if (nm_args_parse(&a, "inspect", argc, argv, vflags, NULL)) return 2;
     const char *prefix = nm_args_str(&a, "data", NULL);

@@ -116,7 +116,7 @@ class nm_data_spec(ctypes.Structure):
     _fields_ = [("n_sources", c_int), ("prefixes", POINTER(c_char_p)),
                 ("weights", POINTER(c_double)), ("synthetic_tokens", c_int64),
                 ("synthetic_seed", c_uint64), ("seed", c_uint32), ("seq_len", c_int64), ("split", c_double * 3),
-                ("num_samples", c_int64 * 3), ("blend_surplus", c_double)]
+                ("num_samples", c_int64 * 3), ("blend_surplus", c_double), ("cache_dir", c_char_p)]
 
 
 class nm_data_cursor(ctypes.Structure):

@@ -2,13 +2,17 @@
 //
 // Reference: megatron/core/datasets/gpt_dataset.py (_build_document_sample_shuffle_indices,
 // _get_num_epochs, _build_document_index, _build_shuffle_index, _query_document_sample_
-// shuffle_indices) and helpers.cpp (build_sample_idx). Index dtypes differ (we keep int64
-// where Megatron picks int32/uint32 by size); the values are the same.
+// shuffle_indices) and helpers.cpp (build_sample_idx). The indices are built in int64 and kept
+// in Megatron's dtypes (int32 / uint32 where it picks them by size), so the cache files are
+// the arrays Megatron would save.
 #include "data/gpt_dataset.h"
 
+#include <inttypes.h>
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
+#include "core/fileio.h"
 #include "data/mt19937.h"
 
 void nm_gpt_split_range(const double *weights, int n_weights, int k, int64_t n_seqs, int64_t *begin, int64_t *end) {
@@ -40,11 +44,10 @@ static void build_document_index(int32_t *out, const nm_gpt_config *c, int64_t e
     nm_mt19937_shuffle_i32(rng, out, k);
 }
 
-// helpers.cpp build_sample_idx with drop_last_partial_sequence = true.
-static void build_sample_index(nm_gpt_dataset *g) {
+// helpers.cpp build_sample_idx with drop_last_partial_sequence = true, into si (n + 1, 2).
+static void build_sample_index(const nm_gpt_dataset *g, int64_t *si) {
     const nm_indexed *ds = g->ds;
     int64_t L = g->cfg.seq_len, x = g->cfg.add_extra_token;
-    int64_t *si = g->sample_index;
     int64_t di = 0, off = 0;
     si[0] = 0;
     si[1] = 0;
@@ -71,6 +74,134 @@ static void build_sample_index(nm_gpt_dataset *g) {
         si[2 * s] = di;
         si[2 * s + 1] = off;
     }
+}
+
+// The three indices, built in int64 and kept in Megatron's dtypes. One RandomState per dataset,
+// drawn in Megatron's order: document shuffle(s), then shuffle-index shuffle(s). The sample
+// index uses no randomness.
+static void build_indices(nm_gpt_dataset *g) {
+    const nm_gpt_config *cfg = &g->cfg;
+    int64_t E = g->n_epochs, n_split = cfg->seq_end - cfg->seq_begin, n = g->n_samples;
+    int64_t T = g->tokens_per_epoch, L = cfg->seq_len, x = cfg->add_extra_token;
+    int32_t *doc = nm_malloc(sizeof(int32_t) * (size_t)(g->n_document_index ? g->n_document_index : 1));
+    int64_t *si = nm_malloc(sizeof(int64_t) * 2 * (size_t)(n + 1));
+    int64_t *sh = nm_malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
+    nm_mt19937 rng;
+    nm_mt19937_seed(&rng, cfg->seed);
+    if (!g->separate_final_epoch) {
+        build_document_index(doc, cfg, E, &rng);
+    } else {
+        build_document_index(doc, cfg, E - 1, &rng);
+        build_document_index(doc + (E - 1) * n_split, cfg, 1, &rng);
+    }
+    g->document_index = doc;
+    g->owned[0] = doc;
+    build_sample_index(g, si);
+    int64_t n_first = g->separate_final_epoch ? ((E - 1) * T - x) / L : n;
+    for (int64_t i = 0; i < n; i++) sh[i] = i;
+    nm_mt19937_shuffle_i64(&rng, sh, n_first);
+    if (n_first < n) nm_mt19937_shuffle_i64(&rng, sh + n_first, n - n_first);
+    void *sample = si, *shuffle = sh;
+    if (!g->sample_wide) {
+        int32_t *si32 = nm_malloc(sizeof(int32_t) * 2 * (size_t)(n + 1));
+        for (int64_t i = 0; i < 2 * (n + 1); i++) si32[i] = (int32_t)si[i];
+        nm_free(si);
+        sample = si32;
+    }
+    if (!g->shuffle_wide) {
+        uint32_t *sh32 = nm_malloc(sizeof(uint32_t) * (size_t)(n ? n : 1));
+        for (int64_t i = 0; i < n; i++) sh32[i] = (uint32_t)sh[i];
+        nm_free(sh);
+        shuffle = sh32;
+    }
+    g->sample_index = sample;
+    g->shuffle_index = shuffle;
+    g->owned[1] = sample;
+    g->owned[2] = shuffle;
+}
+
+// --- the cache ----------------------------------------------------------------------------------
+//
+// Files <cache_dir>/<hash>-GPTDataset-{description.txt, document_index.npy, sample_index.npy,
+// shuffle_index.npy}: the hash (FNV-1a 64, hex) of the description, which names everything
+// the indices depend on. The description is written last, after the arrays: a cache is used
+// only when its description equals this dataset's and every array has the expected dtype and
+// shape and its file the exact size (nm_npy_map); else it is built and written again.
+
+static const char *const cache_kinds[3] = {"document_index", "sample_index", "shuffle_index"};
+
+static void describe(const nm_gpt_dataset *g, char *out, size_t cap) {
+    const nm_gpt_config *c = &g->cfg;
+    snprintf(out, cap,
+             "{\"class\": \"GPTDataset\", \"dataset\": \"%s\", \"sequences\": %" PRId64 ", \"split\": [%" PRId64
+             ", %" PRId64 "], \"split_tokens\": %" PRId64 ", \"sequence_length\": %" PRId64
+             ", \"add_extra_token_to_sequence\": %d, \"random_seed\": %u, \"num_samples\": %" PRId64
+             ", \"num_epochs\": %" PRId64 ", \"separate_final_epoch\": %d, \"format\": \"nano-megatron 1\"}\n",
+             g->ds->name, g->ds->n_seqs, c->seq_begin, c->seq_end, g->tokens_per_epoch, c->seq_len, c->add_extra_token,
+             (unsigned)c->seed, c->num_samples, g->n_epochs, g->separate_final_epoch);
+}
+
+static void cache_path(const nm_gpt_dataset *g, const char *kind, const char *ext, char *out, size_t cap) {
+    snprintf(out, cap, "%s/%s-GPTDataset-%s.%s", g->cfg.cache_dir, g->cache_name, kind, ext);
+}
+
+static void name_cache(nm_gpt_dataset *g, const char *desc) {
+    uint64_t h = 1469598103934665603ull;  // FNV-1a 64
+    for (const unsigned char *p = (const unsigned char *)desc; *p; p++) h = (h ^ *p) * 1099511628211ull;
+    snprintf(g->cache_name, sizeof g->cache_name, "%016" PRIx64, h);
+}
+
+// 0: mapped from the cache; 1: no usable cache (build it); -1: err.
+static int cache_open(nm_gpt_dataset *g, nm_error *err) {
+    char desc[2048], path[4096];
+    describe(g, desc, sizeof desc);
+    name_cache(g, desc);
+    cache_path(g, "description", "txt", path, sizeof path);
+    char *saved = NULL;
+    nm_error ignore;
+    if (nm_file_read_all(path, &saved, NULL, &ignore) != 0) return 1;
+    int same = strcmp(saved, desc) == 0;
+    nm_free(saved);
+    if (!same) return 1;
+    const int64_t rows[3] = {g->n_document_index, g->n_samples + 1, g->n_samples};
+    const char *descr[3] = {"<i4", g->sample_wide ? "<i8" : "<i4", g->shuffle_wide ? "<i8" : "<u4"};
+    for (int k = 0; k < 3; k++) {
+        cache_path(g, cache_kinds[k], "npy", path, sizeof path);
+        nm_npy *m = &g->maps[k];
+        if (nm_npy_map(m, path, &ignore) != 0) return 1;
+        if (strcmp(m->descr, descr[k]) != 0 || m->shape[0] != rows[k] || m->ndim != (k == 1 ? 2 : 1) ||
+            (k == 1 && m->shape[1] != 2)) {
+            for (int j = 0; j <= k; j++) nm_npy_unmap(&g->maps[j]);
+            return 1;
+        }
+    }
+    g->document_index = g->maps[0].data;
+    g->sample_index = g->maps[1].data;
+    g->shuffle_index = g->maps[2].data;
+    g->from_cache = 1;
+    (void)err;
+    return 0;
+}
+
+static int cache_write(nm_gpt_dataset *g, nm_error *err) {
+    char desc[2048], path[4096];
+    describe(g, desc, sizeof desc);
+    if (nm_mkdir_p(g->cfg.cache_dir, err) != 0) return nm_error_prefix(err, "data.cache_dir");
+    const int64_t shapes[3][2] = {{g->n_document_index, 0}, {g->n_samples + 1, 2}, {g->n_samples, 0}};
+    const char *descr[3] = {"<i4", g->sample_wide ? "<i8" : "<i4", g->shuffle_wide ? "<i8" : "<u4"};
+    const void *data[3] = {g->document_index, g->sample_index, g->shuffle_index};
+    for (int k = 0; k < 3; k++) {
+        cache_path(g, cache_kinds[k], "npy", path, sizeof path);
+        if (nm_npy_write(path, descr[k], shapes[k], k == 1 ? 2 : 1, data[k], err) != 0) return -1;
+    }
+    cache_path(g, "description", "txt", path, sizeof path);
+    nm_atomic_file f;
+    if (nm_atomic_open(&f, path, err) != 0) return -1;
+    if (nm_fwrite_all(f.fp, desc, strlen(desc), path, err) != 0) {
+        nm_atomic_abort(&f);
+        return -1;
+    }
+    return nm_atomic_commit(&f, err);
 }
 
 int nm_gpt_dataset_create(nm_gpt_dataset **out, const nm_indexed *ds, const nm_gpt_config *cfg, nm_error *err) {
@@ -115,43 +246,50 @@ int nm_gpt_dataset_create(nm_gpt_dataset **out, const nm_indexed *ds, const nm_g
     g->separate_final_epoch = separate;
     g->n_samples = (E * T - x) / L;
     g->n_document_index = E * n_split;
-    g->document_index = nm_malloc(sizeof(int32_t) * (size_t)(g->n_document_index ? g->n_document_index : 1));
-    g->sample_index = nm_malloc(sizeof(int64_t) * 2 * (size_t)(g->n_samples + 1));
-    g->shuffle_index = nm_malloc(sizeof(int64_t) * (size_t)g->n_samples);
-
-    // One RandomState per dataset, drawn in Megatron's order: document shuffle(s), then
-    // shuffle-index shuffle(s). The sample index uses no randomness.
-    nm_mt19937 rng;
-    nm_mt19937_seed(&rng, cfg->seed);
-    if (!separate) {
-        build_document_index(g->document_index, cfg, E, &rng);
-    } else {
-        build_document_index(g->document_index, cfg, E - 1, &rng);
-        build_document_index(g->document_index + (E - 1) * n_split, cfg, 1, &rng);
+    // Megatron's dtypes: sample_index int32 while max(len(document_index), max(sizes)) fits
+    // (helpers.py build_sample_idx), shuffle_index uint32 while n < 2^32 - 1 (_build_shuffle_index).
+    int64_t longest = 0;
+    for (int64_t i = 0; i < ds->n_seqs; i++) {
+        int64_t n = nm_indexed_seq_len(ds, i);
+        if (n > longest) longest = n;
     }
-    build_sample_index(g);
-    int64_t n_first = separate ? ((E - 1) * T - x) / L : g->n_samples;
-    for (int64_t i = 0; i < g->n_samples; i++) g->shuffle_index[i] = i;
-    nm_mt19937_shuffle_i64(&rng, g->shuffle_index, n_first);
-    if (n_first < g->n_samples) nm_mt19937_shuffle_i64(&rng, g->shuffle_index + n_first, g->n_samples - n_first);
+    g->sample_wide = (g->n_document_index > longest ? g->n_document_index : longest) > INT32_MAX;
+    g->shuffle_wide = g->n_samples >= (int64_t)UINT32_MAX - 1;
+    if (cfg->cache_dir) {
+        int rc = cache_open(g, err);
+        if (rc == 0) {
+            *out = g;
+            return 0;
+        }
+        if (rc < 0) {
+            nm_gpt_dataset_destroy(g);
+            return -1;
+        }
+    }
+    build_indices(g);
+    if (cfg->cache_dir && cache_write(g, err) != 0) {
+        nm_gpt_dataset_destroy(g);
+        return -1;
+    }
     *out = g;
     return 0;
 }
 
 void nm_gpt_dataset_destroy(nm_gpt_dataset *g) {
     if (!g) return;
-    nm_free(g->document_index);
-    nm_free(g->sample_index);
-    nm_free(g->shuffle_index);
+    for (int k = 0; k < 3; k++) {
+        nm_free(g->owned[k]);
+        nm_npy_unmap(&g->maps[k]);
+    }
     nm_free(g);
 }
 
 int nm_gpt_dataset_get(const nm_gpt_dataset *g, int64_t i, int32_t *out, nm_error *err) {
     NM_CHECK(i >= 0 && i < g->n_samples, "sample %lld of %lld", (long long)i, (long long)g->n_samples);
     int64_t x = g->cfg.add_extra_token, want = g->cfg.seq_len + x;
-    int64_t j = g->shuffle_index[i];
-    int64_t d0 = g->sample_index[2 * j], o0 = g->sample_index[2 * j + 1];
-    int64_t d1 = g->sample_index[2 * j + 2], o1 = g->sample_index[2 * j + 3];
+    int64_t j = nm_gpt_shuffle_at(g, i);
+    int64_t d0 = nm_gpt_sample_at(g, 2 * j), o0 = nm_gpt_sample_at(g, 2 * j + 1);
+    int64_t d1 = nm_gpt_sample_at(g, 2 * j + 2), o1 = nm_gpt_sample_at(g, 2 * j + 3);
     int64_t k = 0;
     for (int64_t d = d0; d <= d1; d++) {
         int64_t seq = g->document_index[d];

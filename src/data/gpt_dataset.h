@@ -20,6 +20,7 @@
 
 #include "core/check.h"
 #include "data/indexed.h"
+#include "io/npy.h"
 
 typedef struct nm_gpt_config {
     int64_t seq_len;            // L
@@ -27,6 +28,10 @@ typedef struct nm_gpt_config {
     uint32_t seed;              // numpy RandomState seed (Megatron --seed, default 1234)
     int64_t num_samples;        // samples requested (compat); 0 = exactly one epoch
     int64_t seq_begin, seq_end; // the split: sequence indices [seq_begin, seq_end) of the dataset
+    const char *cache_dir;      // NULL: the indices are built in memory. Else they are read from
+                                // (or, when absent or not matching, built and written to) .npy
+                                // files there, named by a hash of the dataset's description
+                                // (docs/formats.md 1.7 j), and memory-mapped read-only
 } nm_gpt_config;
 
 typedef struct nm_gpt_dataset {
@@ -36,16 +41,32 @@ typedef struct nm_gpt_dataset {
     int64_t n_epochs;           // E
     int separate_final_epoch;   // Megatron's 0.80 rule
     int64_t n_samples;          // n = (E T - x) // L  (>= num_samples in compat mode)
-    int32_t *document_index;    // (E * |split|,) sequence ids, shuffled
+    // The indices in Megatron's dtypes (formats.md 1.7 f-h), in memory or mapped from the cache.
+    const int32_t *document_index; // (E * |split|,) sequence ids, shuffled
     int64_t n_document_index;
-    int64_t *sample_index;      // (n + 1, 2) (position in document_index, token offset)
-    int64_t *shuffle_index;     // (n,)
+    const void *sample_index;   // (n + 1, 2) (position in document_index, token offset): int32, or
+    int sample_wide;            //   int64 when max(len(document_index), max sequence length) > INT32_MAX
+    const void *shuffle_index;  // (n,): uint32, or int64 when n >= 2^32 - 1 (shuffle_wide)
+    int shuffle_wide;
+    int from_cache;             // 1: mapped from cache_dir's files, not built
+    char cache_name[32];        // the files' hash prefix (cache_dir set)
+    void *owned[3];             // the built arrays (not from the cache)
+    nm_npy maps[3];             // the mapped files (from the cache)
 } nm_gpt_dataset;
 
-// Builds the three indices. Fails (naming the dataset and numbers) when the split holds
-// fewer than L + x tokens, since not even one sample exists then.
+// Builds the three indices, or maps them from cfg->cache_dir (written there when built). Fails
+// (naming the dataset and numbers) when the split holds fewer than L + x tokens, since not
+// even one sample exists then, or when the cache directory cannot be written.
 int nm_gpt_dataset_create(nm_gpt_dataset **out, const nm_indexed *ds, const nm_gpt_config *cfg, nm_error *err);
 void nm_gpt_dataset_destroy(nm_gpt_dataset *g);
+
+// shuffle_index[i] and the flat sample_index[k] (row k / 2, column k % 2), whatever their dtype.
+static inline int64_t nm_gpt_shuffle_at(const nm_gpt_dataset *g, int64_t i) {
+    return g->shuffle_wide ? ((const int64_t *)g->shuffle_index)[i] : (int64_t)((const uint32_t *)g->shuffle_index)[i];
+}
+static inline int64_t nm_gpt_sample_at(const nm_gpt_dataset *g, int64_t k) {
+    return g->sample_wide ? ((const int64_t *)g->sample_index)[k] : (int64_t)((const int32_t *)g->sample_index)[k];
+}
 
 // Sample i in [0, n_samples): writes L + x tokens.
 int nm_gpt_dataset_get(const nm_gpt_dataset *g, int64_t i, int32_t *out, nm_error *err);

@@ -24,7 +24,8 @@ typedef struct source {
 } source;
 
 struct nm_loader {
-    nm_data_spec spec;          // prefixes and weights are not kept (borrowed only during create)
+    nm_data_spec spec;          // prefixes and weights are not kept (borrowed only during create);
+                                // cache_dir points at cache_dir below
     int which, rank, world;
     int n;                      // sources
     source *src;                // (n,)
@@ -33,6 +34,7 @@ struct nm_loader {
     nm_blend_state blend;       // its .next is the cursor
     double floor;               // synthetic entropy floor or NAN
     int64_t tokens;             // split tokens over all sources
+    char *cache_dir;            // owned copy of spec->cache_dir (NULL: none)
 };
 
 void nm_data_spec_default(nm_data_spec *spec) {
@@ -82,6 +84,7 @@ void nm_loader_destroy(nm_loader *l) {
     nm_free(l->src);
     nm_free(l->weights);
     nm_free(l->counts);
+    nm_free(l->cache_dir);
     nm_free(l);
 }
 
@@ -101,6 +104,8 @@ int nm_loader_create(nm_loader **out, const nm_data_spec *spec, int which, int r
     l->spec = *spec;
     l->spec.prefixes = NULL;
     l->spec.weights = NULL;
+    l->cache_dir = spec->cache_dir && *spec->cache_dir ? nm_strdup(spec->cache_dir) : NULL;
+    l->spec.cache_dir = l->cache_dir;
     l->which = which;
     l->rank = rank;
     l->world = world;
@@ -142,6 +147,7 @@ int nm_loader_create(nm_loader **out, const nm_data_spec *spec, int which, int r
         s->base.seq_len = spec->seq_len;
         s->base.add_extra_token = 1;
         s->base.seed = spec->seed;
+        s->base.cache_dir = l->cache_dir;
         s->base.num_samples = l->n == 1 ? target : (target ? nm_blend_dataset_size(l->weights[i], target, spec->blend_surplus) : 0);
         nm_gpt_split_range(spec->split, 3, which, s->ds->n_seqs, &s->base.seq_begin, &s->base.seq_end);
         if (s->base.seq_begin == s->base.seq_end) {

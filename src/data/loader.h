@@ -49,6 +49,8 @@ typedef struct nm_data_spec {
     double split[3];                            // train, valid, test weights (Megatron --split), default 99,1,0
     int64_t num_samples[3];                     // compat: samples Megatron builds per split; 0 = one epoch per chunk
     double blend_surplus;                       // Megatron --mid-level-dataset-surplus, default 0.005
+    const char *cache_dir;                      // NULL: indices in memory; else cached there as .npy
+                                                // (gpt_dataset.h), copied at create
 } nm_data_spec;
 
 // The resume point of a loader: the next global sample position of its split's stream.

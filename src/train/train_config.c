@@ -71,6 +71,9 @@ static const key_spec keys[] = {
     {"data.synthetic_tokens", K_INT, OFF(data_synthetic_tokens), 2097152, NULL, 1, BIG, 0, NULL, 0, "size of the generated corpus"},
     {"data.paths", K_SOURCES, OFF(data_paths), 0, NULL, 0, 0, 0, NULL, 0, "[{\"prefix\": P, \"weight\": w}, ...]"},
     {"data.split", K_STRING, OFF(data_split), 0, "99,1", 0, 0, 0, NULL, 0, "train,valid[,test] weights"},
+    {"data.cache_dir", K_STRING, OFF(data_cache_dir), 0, "", 0, 0, 0, NULL, 0,
+     "where the datasets' index mappings are built once and memory-mapped by every rank (.npy, Megatron's "
+     "arrays); \"\": RUN_DIR/index_cache (datasets on disk only; the built-in corpus is not cached)"},
     {"seq_len", K_INT, OFF(seq_len), 256, NULL, 2, 1 << 24, 0, NULL, 0, "tokens per training window"},
     {"micro_batch", K_INT, OFF(micro_batch), 8, NULL, 1, 1 << 24, 0, NULL, 0, "rows per forward/backward"},
     {"global_batch", K_INT, OFF(global_batch), 0, NULL, 0, 1 << 30, 0, NULL, 0, "rows per optimizer step (0: micro_batch)"},

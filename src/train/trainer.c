@@ -102,11 +102,26 @@ static int make_loaders(nm_trainer *t, nm_error *err) {
     // Megatron compat: the train split's first steps*global_batch samples are exactly
     // Megatron's GPTDataset order for the same data, seed and seq_len.
     spec.num_samples[NM_SPLIT_TRAIN] = c->steps * c->global_batch;
-    int rc = nm_loader_create(&t->train_data, &spec, NM_SPLIT_TRAIN, t->mesh->dp_rank, (int)t->mesh->n.dp, err);
-    // Validation: every rank runs the same held-out batches (expert-parallel forwards need
-    // every rank of the group), so the value is the one-process value on every rank.
-    if (rc == 0 && c->log.eval_every > 0 && c->data_split_frac[1] > 0)
-        rc = nm_loader_create(&t->valid_data, &spec, NM_SPLIT_VALID, 0, 1, err);
+    // The index mappings of datasets on disk are built once, by rank 0, into the cache, and
+    // memory-mapped by every rank (the others wait for it; on a file system rank 0 does not
+    // share, each rank finds no cache and builds its own).
+    char cache[4200] = "";
+    if (spec.n_sources > 0) {
+        if (c->data_cache_dir && *c->data_cache_dir) snprintf(cache, sizeof cache, "%s", c->data_cache_dir);
+        else snprintf(cache, sizeof cache, "%s/index_cache", t->opts.run_dir);
+        spec.cache_dir = cache;
+    }
+    int rc = 0;
+    for (int turn = 0; turn < 2 && rc == 0; turn++) {
+        if ((turn == 0) == t->rank0) {
+            rc = nm_loader_create(&t->train_data, &spec, NM_SPLIT_TRAIN, t->mesh->dp_rank, (int)t->mesh->n.dp, err);
+            // Validation: every rank runs the same held-out batches (expert-parallel forwards
+            // need every rank of the group), so the value is the one-process value on every rank.
+            if (rc == 0 && c->log.eval_every > 0 && c->data_split_frac[1] > 0)
+                rc = nm_loader_create(&t->valid_data, &spec, NM_SPLIT_VALID, 0, 1, err);
+        }
+        if (turn == 0 && spec.cache_dir && t->world->size > 1 && rc == 0) rc = nm_comm_barrier(t->world, err);
+    }
     nm_free(prefixes);
     nm_free(weights);
     return rc;

@@ -23,6 +23,12 @@ static int resume_changes(const char *saved_json, const nm_train_config *cfg, co
     free(now_text);
     char list[1536] = "";
     size_t n = 0;
+    // Where the index mappings are cached is not what the stream is (the same files, or built
+    // again, give the same samples): left out of the comparison.
+    for (int k = 0; k < 2; k++) {
+        cJSON *data = cJSON_GetObjectItemCaseSensitive(k ? now : saved, "data");
+        if (cJSON_IsObject(data)) cJSON_DeleteItemFromObjectCaseSensitive(data, "cache_dir");
+    }
     for (size_t i = 0; saved && now && i < sizeof keys / sizeof keys[0]; i++) {
         cJSON *a = cJSON_GetObjectItemCaseSensitive(saved, keys[i]), *b = cJSON_GetObjectItemCaseSensitive(now, keys[i]);
         if (!a || !b || cJSON_Compare(a, b, 1)) continue;

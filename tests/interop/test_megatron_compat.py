@@ -10,7 +10,11 @@ Megatron's own code paths (written from formats.md section 1, not from our C):
 3. the training samples of our loader (`inspect --samples`) equal Megatron's GPTDataset
    (RandomState(seed).shuffle of the int32 document_index, the build_sample_idx walk, the
    shuffled shuffle_index, separate final epoch) for several seeds, seq_lens, num_samples
-   and both train and valid splits.
+   and both train and valid splits;
+4. the index mappings our loader caches (`inspect --cache-dir`, train's data.cache_dir) are,
+   read with numpy.load, Megatron's own arrays with Megatron's dtypes (int32 document_index
+   and sample_index, uint32 shuffle_index at these sizes); a second run maps them without
+   rebuilding; a truncated or foreign cache is rebuilt.
 
 Needs numpy (exit 77 = skipped without it). Inputs are random, from a fresh seed that is
 printed (NM_TEST_SEED reproduces a run).
@@ -366,6 +370,53 @@ def test_sample_order(tmp):
                                         f"  ours     {got[k][:16]}\n  megatron {want[:16]}")
     assert (True, True) in kinds and (True, False) in kinds and (False, False) in kinds, kinds
     print(f"3. GPTDataset sample order: ok ({len(cases)} configurations)")
+    test_cache(tmp, p, r, cases)
+
+
+def cache_files(d):
+    names = sorted(os.listdir(d))
+    assert len(names) == 4, names
+    prefix = names[0].split("-GPTDataset-")[0]
+    return {k: os.path.join(d, f"{prefix}-GPTDataset-{k}.npy") for k in ("document_index", "sample_index", "shuffle_index")}
+
+
+def test_cache(tmp, p, r, cases):
+    for n, (seed, L, which, mult) in enumerate(cases):
+        split = [95, 5, 0]
+        idx = megatron_split(split, len(r.sequence_lengths), which)
+        num_samples = int(mult * ((int(np.sum(r.sequence_lengths[idx])) - 1) // L))
+        ref = GPTDataset(r, split, which, L, seed, num_samples)
+        d = os.path.join(tmp, f"cache{n}")
+        args = ("inspect", "--data", p, "--samples", "2", "--seq-len", str(L), "--seed", str(seed), "--num-samples",
+                str(num_samples), "--split", "95,5,0", "--which", ["train", "valid"][which], "--cache-dir", d)
+        first = last_lines(run(*args), 2)
+        files = cache_files(d)
+        got = {k: np.load(f) for k, f in files.items()}
+        # Megatron's dtypes: sample_index int32 while max(len(document_index), max(sizes)) fits
+        # int32, shuffle_index uint32 while n < 2^32 - 1; document_index always int32
+        assert got["document_index"].dtype == np.int32 and got["sample_index"].dtype == np.int32, got
+        assert got["shuffle_index"].dtype == np.uint32, got["shuffle_index"].dtype
+        assert np.array_equal(got["document_index"], ref.document_index), f"case {n}: document_index differs"
+        assert np.array_equal(got["sample_index"], ref.sample_index), f"case {n}: sample_index differs"
+        assert np.array_equal(got["shuffle_index"], ref.shuffle_index), f"case {n}: shuffle_index differs"
+        # reused: a second run maps the files (untouched) and gives the same samples
+        stamps = {k: os.stat(f).st_mtime_ns for k, f in files.items()}
+        assert last_lines(run(*args), 2) == first
+        assert {k: os.stat(f).st_mtime_ns for k, f in files.items()} == stamps, f"case {n}: cache rebuilt"
+    # a truncated array is rebuilt, never read (same samples, full size again)
+    with open(files["sample_index"], "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.truncate(size - 8)
+    assert last_lines(run(*args), 2) == first
+    assert os.path.getsize(files["sample_index"]) == size, "a truncated cache was not rebuilt"
+    # a cache written for another dataset under the same name (description differs) is rebuilt
+    desc = files["sample_index"].replace("sample_index.npy", "description.txt")
+    with open(desc, "a") as f:
+        f.write(" ")
+    assert last_lines(run(*args), 2) == first
+    assert open(desc).read().endswith("}\n"), "a cache with another description was trusted"
+    print(f"4. index mappings cached as Megatron's arrays, reused, rebuilt when truncated or foreign: ok "
+          f"({len(cases)} configurations)")
 
 
 def main():
