@@ -37,6 +37,39 @@ static void train_failed(const nm_error *err) {
     if (world > 1) nm_comm_abort_job(1);
 }
 
+// --inject-nan STEP[:COUNT], the divergence guard's test hook (tests/test_train_guard.sh,
+// test_dist_faults.sh), installed as the trainer's before_backward hook: poison one gradient
+// of the first block at COUNT consecutive steps from STEP, before the backward adds to it, so
+// the NaN is this rank's own, there before any reduction. The reductions carry it to every
+// rank's decision (the reduce-scatter into its owner's range, then the gradient norm over the
+// world), so all ranks skip the step. NM_TEST_INJECT_NAN_RANK=R: on world rank R only.
+typedef struct inject_nan {
+    int64_t step, count;
+    int here;                   // this rank poisons
+} inject_nan;
+
+static int inject_nan_hook(void *ctx, nm_model *model, int64_t step, nm_error *err) {
+    const inject_nan *in = ctx;
+    (void)err;
+    if (!in->here || step < in->step || step >= in->step + in->count) return 0;
+    size_t off = nm_model_table(model)->layers[0].input_norm;
+    if (off != NM_OFF_NONE) nm_model_grads(model)[off] = NAN;  // the stage holding layer 0
+    return 0;
+}
+
+// Whether this rank poisons (NM_TEST_INJECT_NAN_RANK), or -1 with err for a bad value.
+static int inject_nan_here(nm_error *err) {
+    const char *v = getenv("NM_TEST_INJECT_NAN_RANK");
+    if (!v || !*v) return 1;
+    int rank, world;
+    nm_comm_job_position(&rank, &world);
+    char *end;
+    long r = strtol(v, &end, 10);
+    if (*end || r < 0 || r >= world)
+        return nm_error_set(err, "NM_TEST_INJECT_NAN_RANK=%s: expected a rank from 0 to %d", v, world - 1);
+    return r == rank;
+}
+
 static char *concat(const char *a, const char *b) {
     size_t n = strlen(a) + strlen(b) + 1;
     char *s = malloc(n);
@@ -182,9 +215,19 @@ int nm_cmd_train(int argc, char **argv) {
         return 1;
     }
     nm_trainer_options opts = {.run_dir = run_dir, .resume = nm_args_has(&a, "resume"),
-                               .quiet = nm_args_has(&a, "quiet"), .inject_nan_step = inject, .inject_nan_count = inject_count,
-                               .recompute = nm_args_has(&a, "recompute"),
+                               .quiet = nm_args_has(&a, "quiet"), .recompute = nm_args_has(&a, "recompute"),
                                .allow_config_change = nm_args_has(&a, "allow-config-change")};
+    inject_nan nan_hook = {.step = inject, .count = inject_count};
+    if (inject > 0) {
+        nan_hook.here = inject_nan_here(&err);
+        if (nan_hook.here < 0) {
+            fprintf(stderr, "nanomegatron train: %s\n", err.msg);
+            nm_train_config_free(&cfg);
+            return 1;
+        }
+        opts.before_backward = inject_nan_hook;
+        opts.hook_ctx = &nan_hook;
+    }
     nm_trainer *t;
     int rc = 0;
     // Watched from before start-up: a signal during it stops the run after its first step.

@@ -68,7 +68,7 @@ class nm_param_table(ctypes.Structure):
 
 class nm_trainer_options(ctypes.Structure):
     _fields_ = [("run_dir", c_char_p), ("resume", c_int), ("quiet", c_int), ("max_nan_streak", c_int64),
-                ("inject_nan_step", c_int64), ("inject_nan_count", c_int64), ("recompute", c_int),
+                ("before_backward", c_void_p), ("hook_ctx", c_void_p), ("recompute", c_int),
                 ("allow_config_change", c_int)]
 
 

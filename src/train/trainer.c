@@ -378,19 +378,6 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     if (nm_comm_init(&t->world, err) != 0) goto fail;
     t->rank0 = t->world->rank == 0;
     if (!t->rank0) t->opts.quiet = 1;
-    // Test hook (tests/test_dist_faults.sh): NM_TEST_INJECT_NAN_RANK=R limits --inject-nan to
-    // world rank R, a NaN that one rank alone produces; unset, every rank poisons its gradient.
-    t->inject_nan_here = 1;
-    const char *nan_rank = getenv("NM_TEST_INJECT_NAN_RANK");
-    if (nan_rank && *nan_rank) {
-        char *end;
-        long r = strtol(nan_rank, &end, 10);
-        if (*end || r < 0 || r >= t->world->size) {
-            nm_error_set(err, "NM_TEST_INJECT_NAN_RANK=%s: expected a rank from 0 to %d", nan_rank, t->world->size - 1);
-            goto fail;
-        }
-        t->inject_nan_here = r == t->world->rank;
-    }
     if (create_layout(t, err) != 0 || create_model(t, err) != 0 || create_optimizer(t, err) != 0 ||
         open_run_dir(t, err) != 0)
         goto fail;

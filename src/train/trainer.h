@@ -12,14 +12,18 @@
 
 typedef struct nm_trainer nm_trainer;
 
+// Called by each step after the gradients are zeroed, before the first micro-batch's backward
+// adds to them: a test installs one to plant a value (the CLI's --inject-nan poisons a
+// gradient this way, tools/cmd_train.c). Returns 0, or -1 with err (the step fails).
+typedef int (*nm_step_hook)(void *ctx, nm_model *model, int64_t step, nm_error *err);
+
 typedef struct nm_trainer_options {
     const char *run_dir;        // checkpoints, metrics.jsonl, TensorBoard events, loss.svg
     int resume;                 // continue from run_dir's newest valid checkpoint, if any
     int quiet;                  // no progress line / banner on stdout
     int64_t max_nan_streak;     // stop after this many skipped steps in a row (default 5 if 0)
-    int64_t inject_nan_step;    // testing hook: poison one gradient at this step (0: never), on every rank
-                                // (NM_TEST_INJECT_NAN_RANK=R: on rank R only) ...
-    int64_t inject_nan_count;   // ... and at the steps after it, this many in all (0 or 1: one)
+    nm_step_hook before_backward; // NULL, or a test's hook (above)
+    void *hook_ctx;             // its first argument
     int recompute;              // activation recomputation per block (less memory, ~1/3 more compute)
     int allow_config_change;    // resume although the data, batch, sequence length or tokenizer changed
 } nm_trainer_options;

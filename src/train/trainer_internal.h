@@ -56,7 +56,6 @@ struct nm_trainer {
     int sp;                     // sequence parallelism (tp > 1 and sequence_parallel)
     unsigned char *tp_summed;   // (n_rows) sequence-parallel partial rows already summed over tp this step
     int rank0;                  // this process prints and writes the logs
-    int inject_nan_here;        // --inject-nan poisons this rank's gradient (NM_TEST_INJECT_NAN_RANK)
     int64_t comm_seen[5][NM_COMM_N_OPS]; // dp / edp / ep / tp / pp byte counters at the last step's end
     double comm_time_seen[5];   // their seconds inside collectives, all operations
     // pipeline parallelism (NULL / 0 without it)

@@ -283,20 +283,6 @@ static int accumulate_micro_batch(nm_trainer *t, int64_t micro, const nm_loss_op
     return 0;
 }
 
-// Test hook of the divergence guard (--inject-nan): poison one gradient of the first block
-// before the backward, which adds to it (grads +=), so the NaN is this rank's own, there
-// before any reduction. The reductions carry it to every rank's decision: the reduce-scatter
-// into its owner's range, then the gradient norm all-reduced over the world, so all ranks skip
-// the step (check_grads).
-static void inject_nan(nm_trainer *t, int64_t step) {
-    int64_t n_inject = t->opts.inject_nan_count > 1 ? t->opts.inject_nan_count : 1;
-    if (!t->inject_nan_here || t->opts.inject_nan_step <= 0 || step < t->opts.inject_nan_step ||
-        step >= t->opts.inject_nan_step + n_inject)
-        return;
-    size_t off = nm_model_table(t->model)->layers[0].input_norm;
-    if (off != NM_OFF_NONE) nm_model_grads(t->model)[off] = NAN;  // the stage holding layer 0
-}
-
 // The divergence guard, or the update: a non-finite loss or gradient skips the step
 // (parameters, moments and biases untouched), names where it started and counts the streak
 // (*diverged once it reaches max_nan_streak); else AdamW with the clip factor inside, the
@@ -423,7 +409,7 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
         .grad_scale = 1.0f / (float)(t->accum * t->mesh->n.dp),
     };
     nm_model_zero_grads(t->model);
-    inject_nan(t, step);
+    if (t->opts.before_backward && t->opts.before_backward(t->opts.hook_ctx, t->model, step, err) != 0) return -1;
     int finite = 1;
     if (t->pipe && pipeline_micro_batches(t, &opt, m, n_moe, &finite, err) != 0) return -1;
     for (int64_t micro = 0; !t->pipe && micro < t->accum; micro++)

@@ -9,6 +9,7 @@
 // all-gather, so at data parallelism equal files mean every rank skipped the same steps and
 // ended with the same weights; `train` alone cannot show that (only rank 0 logs).
 #include <inttypes.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +17,19 @@
 #include "comm/comm.h"
 #include "core/fileio.h"
 #include "nanomegatron.h"
+
+// The guard's test hook, installed in the trainer: a NaN in one gradient of the first block at
+// step *ctx, on every rank or on NM_TEST_INJECT_NAN_RANK's rank only.
+static int nan_at(void *ctx, nm_model *model, int64_t step, nm_error *err) {
+    (void)err;
+    const char *only = getenv("NM_TEST_INJECT_NAN_RANK");
+    int rank, world;
+    nm_comm_job_position(&rank, &world);
+    if (step != *(const int64_t *)ctx || (only && *only && atoi(only) != rank)) return 0;
+    size_t off = nm_model_table(model)->layers[0].input_norm;
+    if (off != NM_OFF_NONE) nm_model_grads(model)[off] = NAN;
+    return 0;
+}
 
 int main(int argc, char **argv) {
     if (argc < 4) {
@@ -31,7 +45,9 @@ int main(int argc, char **argv) {
         fprintf(stderr, "%s\n", err.msg);
         return 1;
     }
-    nm_trainer_options opts = {.run_dir = argv[2], .quiet = 1, .inject_nan_step = atoll(argv[3])};
+    int64_t nan_step = atoll(argv[3]);
+    nm_trainer_options opts = {.run_dir = argv[2], .quiet = 1, .before_backward = nan_step > 0 ? nan_at : NULL,
+                               .hook_ctx = &nan_step};
     nm_trainer *t;
     if (nm_trainer_create(&t, &cfg, &opts, &err) != 0) {
         fprintf(stderr, "%s\n", err.msg);
