@@ -175,9 +175,11 @@ class ModelConfig:
 @_strict
 @dataclass(frozen=True)
 class DataConfig:
-    """What to train on. path: a Megatron dataset prefix (PREFIX.bin / PREFIX.idx), a list of
-    prefixes or of (prefix, weight) pairs to blend, or None for the built-in corpus (of
-    synthetic_tokens tokens). split: Megatron's train,valid[,test] weights."""
+    """What to train on. path: a Megatron dataset prefix (PREFIX.bin / PREFIX.idx), a directory
+    of prepared datasets (every PREFIX.idx there with its PREFIX.bin, blended by their token
+    counts, as a Megatron data path list weighted by size), a list of prefixes or of (prefix,
+    weight) pairs to blend, or None for the built-in corpus (of synthetic_tokens tokens).
+    split: Megatron's train,valid[,test] weights."""
     path: Union[None, str, Sequence] = None
     seq_len: int = 256
     split: str = "99,1"
@@ -192,6 +194,8 @@ class DataConfig:
         """[(prefix, weight), ...], [] for the built-in corpus."""
         if self.path is None:
             return []
+        if isinstance(self.path, (str, os.PathLike)) and os.path.isdir(self.path):
+            return _datasets_in(os.fspath(self.path))
         if isinstance(self.path, (str, os.PathLike)):
             return [(os.fspath(self.path), 1.0)]
         out = []
@@ -203,6 +207,39 @@ class DataConfig:
             else:
                 raise ConfigError(f"DataConfig: key 'path': expected a prefix or a (prefix, weight) pair, got {p!r}")
         return out
+
+
+def _dataset_tokens(prefix):
+    """Tokens of a Megatron dataset: the sum of its .idx's sequence lengths (docs/formats.md 1.3:
+    a 34-byte header, then int32 lengths)."""
+    import numpy
+    with open(prefix + ".idx", "rb") as f:
+        head = f.read(34)
+        if len(head) < 34 or head[:9] != b"MMIDIDX\x00\x00":
+            raise ConfigError(f"DataConfig: key 'path': {prefix}.idx is not a Megatron index (MMIDIDX header)")
+        n_seqs = int.from_bytes(head[18:26], "little")
+        lengths = numpy.fromfile(f, dtype="<i4", count=n_seqs)
+    if len(lengths) != n_seqs:
+        raise ConfigError(f"DataConfig: key 'path': {prefix}.idx is truncated ({len(lengths)} of {n_seqs} lengths)")
+    return int(lengths.sum(dtype=numpy.int64))
+
+
+def _datasets_in(directory):
+    """[(prefix, tokens)] of every prepared dataset in a directory, sorted by name."""
+    out = []
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".idx"):
+            continue
+        prefix = os.path.join(directory, name[:-4])
+        if not os.path.exists(prefix + ".bin"):
+            raise ConfigError(f"DataConfig: key 'path': {prefix}.idx has no {prefix}.bin beside it")
+        tokens = _dataset_tokens(prefix)
+        if tokens > 0:
+            out.append((prefix, float(tokens)))
+    if not out:
+        raise ConfigError(f"DataConfig: key 'path': the directory {directory} holds no prepared dataset "
+                          f"(PREFIX.bin + PREFIX.idx, as `nanomegatron prepare` writes)")
+    return out
 
 
 # --- TrainConfig ------------------------------------------------------------------------------
