@@ -23,6 +23,7 @@
 
 #include "core/check.h"
 #include "data/loader.h"
+#include "data/prepare.h"
 #include "io/hf_dir.h"
 #include "model/config.h"
 #include "model/model.h"

@@ -13,7 +13,8 @@ static const struct {
     NM_STRUCT(nm_error),         NM_STRUCT(nm_model_config), NM_STRUCT(nm_tensor_spec),   NM_STRUCT(nm_param_table),
     NM_STRUCT(nm_trainer_options), NM_STRUCT(nm_step_metrics), NM_STRUCT(nm_loss_options), NM_STRUCT(nm_loss_terms),
     NM_STRUCT(nm_model_options), NM_STRUCT(nm_adamw_config), NM_STRUCT(nm_optimizer),     NM_STRUCT(nm_grad_report),
-    NM_STRUCT(nm_data_spec),     NM_STRUCT(nm_data_cursor),  NM_STRUCT(nm_train_config),
+    NM_STRUCT(nm_data_spec),     NM_STRUCT(nm_data_cursor),  NM_STRUCT(nm_train_config),  NM_STRUCT(nm_prepare_opts),
+    NM_STRUCT(nm_prepare_stats),
 };
 
 size_t nm_struct_size(const char *name) {

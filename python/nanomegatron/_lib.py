@@ -123,10 +123,21 @@ class nm_data_cursor(ctypes.Structure):
     _fields_ = [("sample", c_int64)]
 
 
+class nm_prepare_opts(ctypes.Structure):
+    _fields_ = [("inputs", POINTER(c_char_p)), ("n_inputs", c_int), ("tokenizer", c_char_p), ("out_prefix", c_char_p),
+                ("json_key", c_char_p), ("jsonl", c_int), ("doc_per_file", c_int), ("append_eod", c_int),
+                ("workers", c_int), ("progress", c_int)]
+
+
+class nm_prepare_stats(ctypes.Structure):
+    _fields_ = [("bytes", c_int64), ("docs", c_int64), ("seqs", c_int64), ("tokens", c_int64), ("dtype", c_int),
+                ("seconds", c_double)]
+
+
 # Every struct above, by its C name (tests/python/test_layout.py compares them with the header).
 STRUCTS = [nm_error, nm_model_config, nm_tensor_spec, nm_param_table, nm_trainer_options, nm_step_metrics,
            nm_loss_options, nm_loss_terms, nm_model_options, nm_adamw_config, nm_optimizer, nm_grad_report,
-           nm_data_spec, nm_data_cursor]
+           nm_data_spec, nm_data_cursor, nm_prepare_opts, nm_prepare_stats]
 
 # nm_train_config is only ever passed by pointer (the package talks to it in JSON), so it is an
 # opaque block; the layout test checks the C struct fits.
@@ -232,6 +243,7 @@ def _load():
         "nm_loader_seq_len": (c_int64, [P]),
         "nm_loader_tokens": (c_int64, [P]),
         "nm_loader_entropy_floor": (c_double, [P]),
+        "nm_prepare_run": (c_int, [POINTER(nm_prepare_opts), POINTER(nm_prepare_stats), err]),
         "nm_struct_size": (c_size_t, [c_char_p]),
     }
     for name, (res, args) in sigs.items():

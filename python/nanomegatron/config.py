@@ -177,9 +177,11 @@ class ModelConfig:
 class DataConfig:
     """What to train on. path: a Megatron dataset prefix (PREFIX.bin / PREFIX.idx), a directory
     of prepared datasets (every PREFIX.idx there with its PREFIX.bin, blended by their token
-    counts, as a Megatron data path list weighted by size), a list of prefixes or of (prefix,
-    weight) pairs to blend, or None for the built-in corpus (of synthetic_tokens tokens).
-    split: Megatron's train,valid[,test] weights."""
+    counts, as a Megatron data path list weighted by size), a text or JSONL file (.txt, .jsonl,
+    .json: prepared once, with the training config's tokenizer, into a .nm_prepared directory
+    beside it, and reused while the file and the tokenizer are unchanged), a list of prefixes
+    or of (prefix, weight) pairs to blend, or None for the built-in corpus (of
+    synthetic_tokens tokens). split: Megatron's train,valid[,test] weights."""
     path: Union[None, str, Sequence] = None
     seq_len: int = 256
     split: str = "99,1"
@@ -190,12 +192,15 @@ class DataConfig:
         if isinstance(self.path, list):   # frozen and hashable: lists become tuples
             object.__setattr__(self, "path", tuple(tuple(p) if isinstance(p, list) else p for p in self.path))
 
-    def sources(self):
-        """[(prefix, weight), ...], [] for the built-in corpus."""
+    def sources(self, tokenizer="bytes"):
+        """[(prefix, weight), ...], [] for the built-in corpus. tokenizer: what a text or JSONL
+        path is prepared with ("bytes" or a tokenizer.json)."""
         if self.path is None:
             return []
         if isinstance(self.path, (str, os.PathLike)) and os.path.isdir(self.path):
             return _datasets_in(os.fspath(self.path))
+        if isinstance(self.path, (str, os.PathLike)) and os.fspath(self.path).lower().endswith(_TEXT_SUFFIXES):
+            return [(_prepared(os.fspath(self.path), tokenizer), 1.0)]
         if isinstance(self.path, (str, os.PathLike)):
             return [(os.fspath(self.path), 1.0)]
         out = []
@@ -207,6 +212,44 @@ class DataConfig:
             else:
                 raise ConfigError(f"DataConfig: key 'path': expected a prefix or a (prefix, weight) pair, got {p!r}")
         return out
+
+
+_TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+def _stamp(path):
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _prepared(path, tokenizer):
+    """The dataset prefix of a text / JSONL file prepared with tokenizer (EOD appended, as
+    `nanomegatron prepare --append-eod`), in PATH_DIR/.nm_prepared/NAME-HASH: the hash covers
+    the file's and the tokenizer's path, size and modification time, so a changed file or
+    tokenizer is prepared again and an unchanged one is reused. The library writes both files
+    atomically; ranks that prepare at once write the same bytes."""
+    import hashlib
+    if not os.path.isfile(path):
+        raise ConfigError(f"DataConfig: key 'path': {path} is not a file, a directory or a dataset prefix")
+    tok = tokenizer if tokenizer == "bytes" else _stamp(tokenizer)
+    digest = hashlib.sha256(f"{_stamp(path)}|{tok}|append_eod".encode()).hexdigest()[:16]
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(path)), ".nm_prepared")
+    prefix = os.path.join(out_dir, f"{os.path.basename(path)}-{digest}")
+    if os.path.exists(prefix + ".idx") and os.path.exists(prefix + ".bin"):
+        return prefix
+    os.makedirs(out_dir, exist_ok=True)
+    import ctypes
+    inputs = (ctypes.c_char_p * 1)(os.fsencode(path))
+    opts = _lib._new(_lib.nm_prepare_opts)
+    opts.inputs = ctypes.cast(inputs, ctypes.POINTER(ctypes.c_char_p))
+    opts.n_inputs = 1
+    opts.tokenizer = os.fsencode(tokenizer)
+    opts.out_prefix = os.fsencode(prefix)
+    opts.append_eod = 1
+    stats = _lib._new(_lib.nm_prepare_stats)
+    err = _lib._new(_lib.nm_error)
+    _lib.check(_lib.lib.nm_prepare_run(opts, stats, err), err, ConfigError)
+    return prefix
 
 
 def _dataset_tokens(prefix):
@@ -372,7 +415,7 @@ class TrainConfig:
             model = os.path.abspath(os.fspath(self.model)) if self.model is not None else None
         d = {"model": model}
         data = {"synthetic": self.data.path is None, "synthetic_tokens": self.data.synthetic_tokens,
-                "paths": [{"prefix": os.path.abspath(p), "weight": w} for p, w in self.data.sources()],
+                "paths": [{"prefix": os.path.abspath(p), "weight": w} for p, w in self.data.sources(self.tokenizer)],
                 "split": self.data.split, "cache_dir": os.path.abspath(self.data.cache_dir) if self.data.cache_dir else ""}
         d["data"] = data
         d["seq_len"] = self.data.seq_len

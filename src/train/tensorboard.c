@@ -148,10 +148,16 @@ int nm_tb_open(nm_tb_writer **out, const char *logdir, double wall_time, nm_erro
     size_t n = strlen(logdir) + strlen(host) + 96;
     char *path = nm_malloc(n);
     // The pid keeps two writers started in the same second apart (TensorBoard's own writer
-    // appends it too); readers only look for "tfevents" in the name.
-    snprintf(path, n, "%s/events.out.tfevents.%010lld.%s.%ld", logdir, (long long)wall_time, host,
-             (long)getpid());
-    FILE *fp = fopen(path, "wbx");
+    // appends it too); readers only look for "tfevents" in the name. One process opening a
+    // second writer in the same second (a Trainer resumed at once, from Python) gets a suffix.
+    FILE *fp = NULL;
+    for (int k = 0; k < 100 && !fp; k++) {
+        int len = snprintf(path, n, "%s/events.out.tfevents.%010lld.%s.%ld", logdir, (long long)wall_time, host,
+                           (long)getpid());
+        if (k > 0) snprintf(path + len, n - (size_t)len, ".%d", k);
+        fp = fopen(path, "wbx");
+        if (!fp && errno != EEXIST) break;
+    }
     if (!fp) {
         nm_error_set(err, "tensorboard: cannot create %s: %s", path, strerror(errno));
         nm_free(path);
@@ -192,6 +198,7 @@ int nm_tb_add_scalar(nm_tb_writer *w, const char *tag, int64_t step, float value
 }
 
 int nm_tb_flush(nm_tb_writer *w, nm_error *err) {
+    if (!w) return 0;  // not open (a trainer whose creation failed before it)
     if (fflush(w->fp) != 0) return nm_error_set(err, "tensorboard: cannot write %s", w->path);
     return 0;
 }

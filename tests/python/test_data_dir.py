@@ -56,3 +56,33 @@ def test_a_directory_without_datasets_is_refused(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(nm.ConfigError, match="holds no prepared dataset"):
         nm.DataConfig(path=str(tmp_path / "empty")).sources()
+
+
+def test_a_jsonl_file_is_prepared_once(tmp_path):
+    r = random.Random(5)
+    src = tmp_path / "corpus.jsonl"
+    with open(src, "w") as f:
+        for _ in range(300):
+            f.write(json.dumps({"text": "".join(r.choice("abcdefgh \n") for _ in range(r.randrange(1, 200)))}) + "\n")
+    data = nm.DataConfig(path=str(src), seq_len=32)
+    cfg = nm.TrainConfig(model=small_model(), data=data, batch_size=2, max_steps=2, eval_every=0, seed=3)
+    with nm.Trainer(cfg, run_dir=tmp_path / "r1") as trainer:
+        assert [s for s, _ in trainer.train()] == [1, 2]
+    prepared = tmp_path / ".nm_prepared"
+    files = sorted(os.listdir(prepared))
+    assert len(files) == 2 and files[0].startswith("corpus.jsonl-") and files[0].endswith(".bin"), files
+    stamps = {f: os.stat(prepared / f).st_mtime_ns for f in files}
+    with nm.Trainer(cfg, run_dir=tmp_path / "r2") as trainer:   # another run, the same file: reused
+        assert [s for s, _ in trainer.train()] == [1, 2]
+    assert {f: os.stat(prepared / f).st_mtime_ns for f in sorted(os.listdir(prepared))} == stamps
+    with open(src, "a") as f:   # a changed file is prepared again, beside the old one
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    assert data.sources()[0][0] != cfg.data.sources()[0][0] or len(os.listdir(prepared)) == 4
+    assert len(os.listdir(prepared)) == 4
+
+
+def test_a_bad_jsonl_line_is_named(tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(nm.ConfigError, match=r"bad.jsonl:2: not valid JSON"):
+        nm.DataConfig(path=str(src)).sources()
