@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 # slurmctld and slurmd (systemd unit or init.d script) start only with an
 # /etc/slurm/slurm.conf, which Debian does not ship, and a system munged has its own socket
 # and key under /run/munge and /etc/munge.
-packages=(build-essential cmake pkg-config libopenblas-openmp-dev libcjson-dev libpcre2-dev
+packages=(build-essential cmake pkg-config libopenblas-openmp-dev libcjson-dev libpcre2-dev zlib1g-dev libzstd-dev zstd
           python3 python3-venv python3-pip python3-numpy python3-torch clang libdnnl-dev
           libopenmpi-dev openmpi-bin python3-setuptools python3-wheel python3-pytest
           slurm-wlm slurm-wlm-basic-plugins munge libpmix-dev)

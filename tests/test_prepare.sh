@@ -3,7 +3,8 @@
 #  - plain text blocks -> one document each, tokens = the block's bytes (+ EOD 256);
 #  - the output does not depend on --workers; --doc-per-file; JSONL with a bad line fails
 #    naming file:line and leaves no files; --synthetic; a truncated index is refused naming
-#    the field; no temporary files are left behind;
+#    the field; no temporary files are left behind; .gz / .zst inputs streamed in chunks give
+#    the plain files' output byte for byte, name a bad line and refuse a truncated stream;
 #  - prints the throughput on a few MB of generated text (information, not a check).
 # Env: NM_BIN (the binary), NM_PYTHON (any python3, used to build inputs and check JSON).
 set -euo pipefail
@@ -93,6 +94,51 @@ grep -q "t.idx: truncated index" "$work/t.err" || fail "truncated index message:
 # failed pipeline then reads as "nothing found".)
 listing=$(ls "$work")
 if [[ $listing == *.tmp.* ]]; then fail "temporary files left: $listing"; fi
+
+# 8. compressed corpora, streamed in 4 MiB chunks (src/data/prepare.c): .jsonl.gz, .jsonl.zst and
+# .txt.gz of files larger than a chunk (documents and blocks cross the chunk boundaries) give
+# the plain files' .bin/.idx byte for byte; a bad JSONL line past the first chunk is named with
+# its line number; truncated streams are refused naming the file.
+"$PY" - "$work" "$seed" <<'PYEOF'
+import gzip, json, random, sys
+work, seed = sys.argv[1], int(sys.argv[2])
+r = random.Random(seed)
+with open(f"{work}/z.jsonl", "w") as f:
+    for _ in range(24000):
+        f.write(json.dumps({"text": "".join(r.choice("abcdefgh \n") for _ in range(r.randrange(1, 700)))}) + "\n")
+with open(f"{work}/z.txt", "w") as f:
+    for _ in range(40000):
+        f.write("".join(r.choice("abcdefgh ") for _ in range(r.randrange(1, 250))) + ("\n\n" if r.random() < 0.3 else "\n"))
+for name in ("z.jsonl", "z.txt"):
+    with open(f"{work}/{name}", "rb") as src, gzip.open(f"{work}/{name}.gz", "wb") as dst:
+        dst.write(src.read())
+lines = open(f"{work}/z.jsonl").read().splitlines()
+lines[20000] = '{"text": '
+with gzip.open(f"{work}/bad.jsonl.gz", "wt") as f:
+    f.write("\n".join(lines) + "\n")
+PYEOF
+command -v zstd >/dev/null || fail "the zstd tool is missing (apt-get install zstd; scripts/deps.sh installs it)"
+zstd -q -f "$work/z.jsonl" -o "$work/z.jsonl.zst"
+[ "$(stat -c %s "$work/z.jsonl")" -gt $((2 * 4194304)) ] || fail "the JSONL input does not span several 4 MiB chunks"
+for f in z.jsonl z.jsonl.gz z.jsonl.zst z.txt z.txt.gz; do
+  "$BIN" prepare --input "$work/$f" --tokenizer bytes --out "$work/o_$f" --append-eod --no-progress > "$work/o_$f.log" 2>&1 \
+    || { cat "$work/o_$f.log"; fail "prepare $f"; }
+done
+for f in z.jsonl.gz z.jsonl.zst; do
+  cmp "$work/o_z.jsonl.bin" "$work/o_$f.bin" && cmp "$work/o_z.jsonl.idx" "$work/o_$f.idx" || fail "$f differs from z.jsonl"
+done
+cmp "$work/o_z.txt.bin" "$work/o_z.txt.gz.bin" && cmp "$work/o_z.txt.idx" "$work/o_z.txt.gz.idx" || fail "z.txt.gz differs from z.txt"
+if "$BIN" prepare --input "$work/bad.jsonl.gz" --tokenizer bytes --out "$work/o_bad" --no-progress 2> "$work/bad.err"; then
+  fail "a bad line in a .gz accepted"; fi
+grep -q "bad.jsonl.gz:20001: not valid JSON" "$work/bad.err" || fail "bad line message: $(cat "$work/bad.err")"
+head -c 300000 "$work/z.jsonl.gz" > "$work/t.jsonl.gz"
+head -c 300000 "$work/z.jsonl.zst" > "$work/t.jsonl.zst"
+for f in t.jsonl.gz t.jsonl.zst; do
+  if "$BIN" prepare --input "$work/$f" --tokenizer bytes --out "$work/o_$f" --no-progress 2> "$work/$f.err"; then
+    fail "truncated $f accepted"; fi
+  grep -q "$f: .*truncated" "$work/$f.err" || fail "truncated $f message: $(cat "$work/$f.err")"
+done
+echo "compressed inputs: .jsonl.gz, .jsonl.zst, .txt.gz equal the plain files; bad line and truncation named: ok"
 
 # Throughput (information only)
 "$BIN" prepare --input "$work/big.txt" --tokenizer bytes --out "$work/big" --no-progress | sed 's/^/throughput: /'

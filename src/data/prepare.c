@@ -17,6 +17,8 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include <zlib.h>
+#include <zstd.h>
 
 #include "data/indexed.h"
 #include "data/tokenizer.h"
@@ -195,9 +197,13 @@ static int is_blank(const char *p, size_t n) {
     return 1;
 }
 
-// Plain text: blocks of non-blank lines.
-static int cut_text(run *r, const char *path, const char *data, size_t size, nm_error *err) {
+// Plain text: blocks of non-blank lines. With final = 0 (a chunk of a compressed stream) a
+// block still open at the end is left for the next chunk: *used is where it starts (size when
+// none is open); every block before it is in the batch.
+static int cut_text(run *r, const char *path, const char *data, size_t size, int final, size_t *used,
+                    nm_error *err) {
     (void)path;
+    *used = size;
     if (r->o->doc_per_file) {
         batch_add_part(&r->b, data, size);
         batch_end_doc(&r->b);
@@ -226,20 +232,29 @@ static int cut_text(run *r, const char *path, const char *data, size_t size, nm_
         }
         pos = nl ? end + 1 : size;
     }
-    if (in_block) {
+    if (in_block && !final) *used = block;  // its end is in the next chunk
+    else if (in_block) {
         batch_add_part(&r->b, data + block, block_end - block);
         batch_end_doc(&r->b);
     }
     return 0;
 }
 
-// JSONL: one object per line, the key's string (or list of strings) is the document.
-static int cut_jsonl(run *r, const char *path, const char *data, size_t size, nm_error *err) {
+// JSONL: one object per line, the key's string (or list of strings) is the document. Lines
+// are numbered from *line + 1 (the lines of earlier chunks); with final = 0 a last line
+// without its newline is left for the next chunk (*used: where it starts).
+static int cut_jsonl(run *r, const char *path, const char *data, size_t size, int final, size_t *used,
+                     int64_t *lines, nm_error *err) {
     const char *key = r->o->json_key ? r->o->json_key : "text";
     size_t pos = 0;
-    int64_t line = 0;
+    int64_t line = *lines;
+    *used = size;
     while (pos < size) {
         const char *nl = memchr(data + pos, '\n', size - pos);
+        if (!nl && !final) {
+            *used = pos;
+            break;
+        }
         size_t end = nl ? (size_t)(nl - data) : size;
         line++;
         const char *s = data + pos;
@@ -274,7 +289,27 @@ static int cut_jsonl(run *r, const char *path, const char *data, size_t size, nm
         r->bytes_done += (int64_t)(pos - (size_t)(s - data));
         if (batch_full(&r->b) && flush_batch(r, err) != 0) return -1;
     }
+    *lines = line;
     return 0;
+}
+
+// The input's kind from its name: JSONL or text, after a .gz / .zst suffix.
+static int is_jsonl(const run *r, const char *path) {
+    if (r->o->jsonl) return 1;
+    size_t n = strlen(path);
+    char name[4096];
+    snprintf(name, sizeof name, "%s", path);
+    if (n > 3 && ends_with(name, ".gz")) name[n - 3] = 0;
+    else if (n > 4 && ends_with(name, ".zst")) name[n - 4] = 0;
+    return ends_with(name, ".jsonl") || ends_with(name, ".json");
+}
+
+// Cuts a whole buffer (a mapped file, a stream read to its end).
+static int cut_all(run *r, const char *path, const char *data, size_t size, nm_error *err) {
+    size_t used;
+    int64_t lines = 0;
+    return is_jsonl(r, path) ? cut_jsonl(r, path, data, size, 1, &used, &lines, err)
+                             : cut_text(r, path, data, size, 1, &used, err);
 }
 
 // A FIFO, a pipe or a process substitution (<(zcat x.gz)) cannot be mapped: read it whole
@@ -302,15 +337,137 @@ static int process_stream(run *r, int fd, const char *path, nm_error *err) {
     }
     r->bytes_total += (int64_t)size;
     int64_t done_before = r->bytes_done;
-    int jsonl = r->o->jsonl || ends_with(path, ".jsonl") || ends_with(path, ".json");
-    int rc = jsonl ? cut_jsonl(r, path, data, size, err) : cut_text(r, path, data, size, err);
+    int rc = cut_all(r, path, data, size, err);
     if (rc == 0 && r->b.n_parts + r->b.n_docs > 0) rc = flush_batch(r, err);
     r->bytes_done = done_before + (int64_t)size;
     nm_free(data);
     return rc;
 }
 
+// --- compressed inputs, streamed --------------------------------------------------------------
+//
+// Corpora ship as .jsonl.gz (Dolma) and .jsonl.zst: decompressed by zlib and libzstd in chunks
+// of STREAM_CHUNK bytes, each cut up to its last complete unit (a JSONL line, a text block),
+// the rest carried to the next chunk, so memory is the chunk plus the longest unit, whatever
+// the file's size (doc_per_file text is the exception: the whole stream is one document).
+
+#define STREAM_CHUNK ((size_t)4 << 20)
+
+typedef struct zreader {
+    int zst;                    // 0: gzip (zlib), 1: zstd
+    gzFile gz;
+    FILE *fp;
+    ZSTD_DStream *ds;
+    char *in;
+    ZSTD_inBuffer zin;
+    size_t last;                // ZSTD_decompressStream's last answer: 0 at a frame's end
+    int64_t in_bytes;           // compressed bytes read so far
+    int eof;
+    const char *path;
+} zreader;
+
+static int zreader_open(zreader *z, const char *path, int zst, nm_error *err) {
+    *z = (zreader){.zst = zst, .path = path};
+    if (!zst) {
+        z->gz = gzopen(path, "rb");
+        if (!z->gz) return nm_error_set(err, "%s: cannot open: %s", path, strerror(errno ? errno : ENOMEM));
+        gzbuffer(z->gz, 1 << 20);
+        return 0;
+    }
+    z->fp = fopen(path, "rb");
+    if (!z->fp) return nm_error_set(err, "%s: cannot open: %s", path, strerror(errno));
+    z->ds = ZSTD_createDStream();
+    z->in = nm_malloc(ZSTD_DStreamInSize());
+    z->zin = (ZSTD_inBuffer){z->in, 0, 0};
+    if (!z->ds || ZSTD_isError(ZSTD_initDStream(z->ds))) return nm_error_set(err, "%s: cannot start zstd", path);
+    return 0;
+}
+
+static void zreader_close(zreader *z) {
+    if (z->gz) gzclose(z->gz);
+    if (z->fp) fclose(z->fp);
+    if (z->ds) ZSTD_freeDStream(z->ds);
+    nm_free(z->in);
+}
+
+// Up to cap decompressed bytes into buf: how many, 0 at the end of the stream, or -1 with err
+// naming the file (corrupt or truncated).
+static int64_t zreader_read(zreader *z, char *buf, size_t cap, nm_error *err) {
+    if (!z->zst) {
+        unsigned ask = cap > (1u << 30) ? 1u << 30 : (unsigned)cap;
+        int got = gzread(z->gz, buf, ask);
+        int code = 0;
+        const char *why = gzerror(z->gz, &code);
+        if (got < 0 || (code != Z_OK && code != Z_STREAM_END))
+            return nm_error_set(err, "%s: gzip stream: %s (corrupt or truncated)", z->path, why ? why : "error");
+        z->in_bytes = gzoffset(z->gz);
+        return got;
+    }
+    ZSTD_outBuffer out = {buf, cap, 0};
+    while (out.pos == 0) {
+        if (z->zin.pos == z->zin.size) {
+            if (z->eof) break;
+            size_t n = fread(z->in, 1, ZSTD_DStreamInSize(), z->fp);
+            if (n == 0) {
+                if (ferror(z->fp)) return nm_error_set(err, "%s: read failed: %s", z->path, strerror(errno));
+                z->eof = 1;
+                continue;
+            }
+            z->in_bytes += (int64_t)n;
+            z->zin = (ZSTD_inBuffer){z->in, n, 0};
+        }
+        z->last = ZSTD_decompressStream(z->ds, &out, &z->zin);
+        if (ZSTD_isError(z->last))
+            return nm_error_set(err, "%s: zstd stream: %s", z->path, ZSTD_getErrorName(z->last));
+    }
+    if (out.pos == 0 && z->last != 0)
+        return nm_error_set(err, "%s: zstd stream ends inside a frame (truncated)", z->path);
+    return (int64_t)out.pos;
+}
+
+static int process_compressed(run *r, const char *path, int zst, nm_error *err) {
+    zreader z;
+    if (zreader_open(&z, path, zst, err) != 0) {
+        zreader_close(&z);
+        return -1;
+    }
+    int jsonl = is_jsonl(r, path), whole = !jsonl && r->o->doc_per_file;
+    size_t cap = STREAM_CHUNK, have = 0;
+    char *buf = nm_malloc(cap);
+    int64_t lines = 0, done_before = r->bytes_done;
+    int rc = 0;
+    for (;;) {
+        // a unit longer than what the carried tail leaves free: the buffer grows by a chunk
+        if (cap - have < STREAM_CHUNK / 2) buf = nm_realloc(buf, cap += STREAM_CHUNK);
+        int end = 0;
+        while (have < cap && !end) {
+            int64_t got = zreader_read(&z, buf + have, cap - have, err);
+            if (got < 0) {
+                rc = -1;
+                break;
+            }
+            end = got == 0;
+            have += (size_t)got;
+        }
+        if (rc != 0) break;
+        if (whole && !end) continue;
+        size_t used;
+        rc = jsonl ? cut_jsonl(r, path, buf, have, end, &used, &lines, err) : cut_text(r, path, buf, have, end, &used, err);
+        // the batch's parts point into buf: tokenized before the tail moves
+        if (rc == 0 && r->b.n_parts + r->b.n_docs > 0) rc = flush_batch(r, err);
+        r->bytes_done = done_before + z.in_bytes;
+        if (rc != 0 || end) break;
+        memmove(buf, buf + used, have - used);
+        have -= used;
+    }
+    nm_free(buf);
+    zreader_close(&z);
+    return rc;
+}
+
 static int process_file(run *r, const char *path, nm_error *err) {
+    if (ends_with(path, ".gz")) return process_compressed(r, path, 0, err);
+    if (ends_with(path, ".zst")) return process_compressed(r, path, 1, err);
     int fd = open(path, O_RDONLY);
     if (fd < 0) return nm_error_set(err, "%s: cannot open: %s", path, strerror(errno));
     struct stat st;
@@ -334,8 +491,7 @@ static int process_file(run *r, const char *path, nm_error *err) {
     }
     close(fd);
     int64_t done_before = r->bytes_done;
-    int jsonl = r->o->jsonl || ends_with(path, ".jsonl") || ends_with(path, ".json");
-    int rc = jsonl ? cut_jsonl(r, path, data, size, err) : cut_text(r, path, data, size, err);
+    int rc = cut_all(r, path, data, size, err);
     // Parts point into the mapping: tokenize them before unmapping.
     if (rc == 0 && r->b.n_parts + r->b.n_docs > 0) rc = flush_batch(r, err);
     r->bytes_done = done_before + (int64_t)size;
