@@ -144,6 +144,12 @@ for row in "inspect --data @" "eval --model model --data @"; do
     each "adir is a directory" adir "$N" "${cmd[@]}"
     each "missing_ds" missing_ds "$N" "${cmd[@]}"
 done
+# merge takes a dataset prefix or a directory of them
+each "without .bin" ds.bin "$N" merge --out merged --input @
+each "without .idx" ds.idx "$N" merge --out merged --input @
+each "adir holds no PREFIX.idx" adir "$N" merge --out merged --input @
+each "missing_ds" missing_ds "$N" merge --out merged --input @
+refused "give the prefix without .bin" "$N" merge --input ds --out merged.bin
 
 # --- 3. a bare word after a flag ------------------------------------------------------------------
 refused "unexpected argument 'world' after --prompt hello" "$N" sample --model model --prompt hello world
@@ -219,7 +225,7 @@ done
 refused "give an integer from 2 to 16777216" "$N" train --config train.json --out run_s --set seq_len=99999999
 
 # --- 5. unknown flags, on every command -------------------------------------------------------------
-for cmd in init inspect forward prepare train eval sample export plan "tokenizer train" "tokenizer encode" \
+for cmd in init inspect forward prepare merge train eval sample export plan "tokenizer train" "tokenizer encode" \
            "tokenizer decode"; do
     read -r -a c <<<"$cmd"
     refused "unknown flag --no-such-flag" "$N" "${c[@]}" --no-such-flag 1

@@ -140,6 +140,22 @@ for f in t.jsonl.gz t.jsonl.zst; do
 done
 echo "compressed inputs: .jsonl.gz, .jsonl.zst, .txt.gz equal the plain files; bad line and truncation named: ok"
 
+# 9. merge, as Megatron's merge_datasets.py: z.jsonl and z.txt prepared apart and merged equal
+# them prepared together, byte for byte (by prefixes, and by a directory of the two).
+"$BIN" prepare --input "$work/z.jsonl" "$work/z.txt" --tokenizer bytes --out "$work/both" --append-eod --no-progress \
+  > "$work/both.log" 2>&1 || { cat "$work/both.log"; fail "prepare both"; }
+"$BIN" merge --input "$work/o_z.jsonl" "$work/o_z.txt" --out "$work/merged" > "$work/merge.log" 2>&1 \
+  || { cat "$work/merge.log"; fail "merge"; }
+cmp "$work/both.bin" "$work/merged.bin" && cmp "$work/both.idx" "$work/merged.idx" || fail "merge differs from preparing both"
+mkdir "$work/pair"
+cp "$work/o_z.jsonl.bin" "$work/pair/1.bin"; cp "$work/o_z.jsonl.idx" "$work/pair/1.idx"
+cp "$work/o_z.txt.bin" "$work/pair/2.bin"; cp "$work/o_z.txt.idx" "$work/pair/2.idx"
+"$BIN" merge --input "$work/pair" --out "$work/merged_dir" > "$work/merge2.log" 2>&1 || { cat "$work/merge2.log"; fail "merge DIR"; }
+cmp "$work/both.bin" "$work/merged_dir.bin" && cmp "$work/both.idx" "$work/merged_dir.idx" || fail "merge of a directory differs"
+if "$BIN" merge --input "$work/nothing_here" --out "$work/m3" 2> "$work/m3.err"; then fail "merge of a missing dataset accepted"; fi
+grep -q "nothing_here" "$work/m3.err" || fail "merge of a missing dataset: $(cat "$work/m3.err")"
+echo "merge: two datasets merged equal them prepared together (prefixes and a directory): ok"
+
 # Throughput (information only)
 "$BIN" prepare --input "$work/big.txt" --tokenizer bytes --out "$work/big" --no-progress | sed 's/^/throughput: /'
 echo "test_prepare: ok"

@@ -2,10 +2,13 @@
 // `nanomegatron inspect --data PREFIX` (counts, token statistics, a decoded sample, and for
 // scripts: --doc N prints document N's token ids, --samples N prints the first N training
 // samples of the loader stream, each as a JSON array on its own line, last on stdout).
+#include <dirent.h>
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "args.h"
 #include "commands.h"
@@ -46,6 +49,74 @@ static int prepare_synthetic(const nm_args *a, const char *out) {
            out, (long long)seed, (long long)n_tokens, nm_synthetic_n_words(s), nm_synthetic_entropy_floor(s));
     nm_synthetic_destroy(s);
     return 0;
+}
+
+// --- merge -------------------------------------------------------------------------------------
+
+static const char *merge_usage =
+    "usage: nanomegatron merge --input PREFIX|DIR... --out PREFIX\n"
+    "Concatenates prepared datasets (a DIR: every PREFIX.idx in it, sorted) into PREFIX.bin/.idx,\n"
+    "documents in the order given, as Megatron's tools/merge_datasets.py.\n";
+
+static int by_name(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+// The prefixes in DIR (every NAME.idx, sorted), appended to *list.
+static int prefixes_in(const char *dir, char ***list, int *n, nm_error *err) {
+    DIR *d = opendir(dir);
+    if (!d) return nm_error_set(err, "%s: cannot open the directory: %s", dir, strerror(errno));
+    int first = *n;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        size_t len = strlen(e->d_name);
+        if (len <= 4 || strcmp(e->d_name + len - 4, ".idx") != 0) continue;
+        *list = nm_realloc(*list, sizeof(char *) * (size_t)(*n + 1));
+        char *p = nm_malloc(strlen(dir) + len + 2);
+        sprintf(p, "%s/%.*s", dir, (int)(len - 4), e->d_name);
+        (*list)[(*n)++] = p;
+    }
+    closedir(d);
+    if (*n == first) return nm_error_set(err, "%s holds no PREFIX.idx (no prepared dataset)", dir);
+    qsort(*list + first, (size_t)(*n - first), sizeof(char *), by_name);
+    return 0;
+}
+
+int nm_cmd_merge(int argc, char **argv) {
+    static const char *const vflags[] = {"input...", "out", NULL};
+    nm_args a;
+    if (nm_args_parse(&a, "merge", argc, argv, vflags, NULL)) return 2;
+    const char *out = nm_args_str(&a, "out", NULL);
+    if (!out || !nm_args_has(&a, "input")) {
+        fputs(merge_usage, stderr);
+        return 2;
+    }
+    size_t n_out = strlen(out);
+    if (n_out > 4 && (!strcmp(out + n_out - 4, ".bin") || !strcmp(out + n_out - 4, ".idx"))) {
+        fprintf(stderr, "merge: --out %s: give the prefix without %s (--out %.*s writes %.*s.bin and %.*s.idx)\n", out,
+                out + n_out - 4, (int)(n_out - 4), out, (int)(n_out - 4), out, (int)(n_out - 4), out);
+        return 2;
+    }
+    int n_in, n = 0, rc = 0;
+    const char **inputs = nm_args_all(&a, "input", &n_in);
+    char **prefixes = NULL;
+    nm_error err;
+    for (int i = 0; i < n_in && rc == 0; i++) {
+        struct stat st;
+        if (stat(inputs[i], &st) == 0 && S_ISDIR(st.st_mode)) {
+            rc = prefixes_in(inputs[i], &prefixes, &n, &err);
+        } else {
+            prefixes = nm_realloc(prefixes, sizeof(char *) * (size_t)(n + 1));
+            prefixes[n++] = nm_strdup(inputs[i]);
+        }
+    }
+    int64_t docs = 0, tokens = 0;
+    if (rc == 0) rc = nm_indexed_merge((const char *const *)prefixes, n, out, &docs, &tokens, &err);
+    if (rc != 0) fprintf(stderr, "merge: %s\n", err.msg);
+    else printf("merge: wrote %s.bin/.idx: %d datasets, %lld documents, %lld tokens\n", out, n, (long long)docs,
+                (long long)tokens);
+    for (int i = 0; i < n; i++) nm_free(prefixes[i]);
+    nm_free(prefixes);
+    free(inputs);
+    return rc != 0 ? 1 : 0;
 }
 
 int nm_cmd_prepare(int argc, char **argv) {

@@ -6,6 +6,7 @@ int nm_cmd_init(int argc, char **argv);        // tools/cmd_model.c
 int nm_cmd_inspect_model(int argc, char **argv); // tools/cmd_model.c  (--model / --config)
 int nm_cmd_forward(int argc, char **argv);     // tools/cmd_forward.c
 int nm_cmd_prepare(int argc, char **argv);     // tools/cmd_data.c
+int nm_cmd_merge(int argc, char **argv);       // tools/cmd_data.c
 int nm_cmd_inspect_data(int argc, char **argv); // tools/cmd_data.c  (--data)
 int nm_cmd_tokenizer(int argc, char **argv);   // tools/cmd_tokenizer.c
 int nm_cmd_train(int argc, char **argv);       // tools/cmd_train.c

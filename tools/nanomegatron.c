@@ -19,6 +19,7 @@ static const char *usage =
     "data\n"
     "  prepare   --input FILE... --tokenizer tokenizer.json|bytes --out PREFIX [--json-key text]\n"
     "            [--append-eod] [--workers N]   |   --synthetic N_TOKENS --out PREFIX [--seed S]\n"
+    "  merge     --input PREFIX|DIR... --out PREFIX      datasets concatenated (Megatron's merge_datasets.py)\n"
     "  inspect   --data PREFIX [--doc N] [--tokenizer T] [--samples N --seq-len L --seed S ...]\n"
     "  tokenizer train|encode|decode ...\n"
     "training\n"
@@ -83,6 +84,7 @@ int main(int argc, char **argv) {
         return nm_cmd_inspect_model(sub_argc, sub_argv);
     }
     if (!strcmp(cmd, "prepare")) return nm_cmd_prepare(sub_argc, sub_argv);
+    if (!strcmp(cmd, "merge")) return nm_cmd_merge(sub_argc, sub_argv);
     if (!strcmp(cmd, "tokenizer")) return nm_cmd_tokenizer(sub_argc, sub_argv);
     if (!strcmp(cmd, "train")) return nm_cmd_train(sub_argc, sub_argv);
     if (!strcmp(cmd, "eval")) return nm_cmd_eval(sub_argc, sub_argv);

@@ -492,3 +492,53 @@ void nm_indexed_writer_destroy(nm_indexed_writer *w) {
     nm_free(w->prefix);
     nm_free(w);
 }
+
+// --- merge -------------------------------------------------------------------------------------
+
+int nm_indexed_merge(const char *const *prefixes, int n, const char *out_prefix, int64_t *docs, int64_t *tokens,
+                     nm_error *err) {
+    if (n < 1) return nm_error_set(err, "merge: no input datasets");
+    nm_indexed *first;
+    if (nm_indexed_open(&first, prefixes[0], err) != 0) return -1;
+    int dtype = first->dtype;
+    nm_indexed_close(first);
+    nm_indexed_writer *w;
+    if (nm_indexed_writer_create(&w, out_prefix, dtype, err) != 0) return -1;
+    int32_t *buf = NULL;
+    int64_t cap = 0;
+    int rc = 0;
+    for (int k = 0; k < n && rc == 0; k++) {
+        nm_indexed *ds;
+        if (nm_indexed_open(&ds, prefixes[k], err) != 0) {
+            rc = -1;
+            break;
+        }
+        if (ds->dtype != dtype) {
+            rc = nm_error_set(err, "merge: %s holds %s tokens, %s %s: merge datasets of one tokenizer's dtype",
+                              prefixes[k], nm_indexed_dtype_name(ds->dtype), prefixes[0], nm_indexed_dtype_name(dtype));
+        }
+        // Each document's sequences (its sentences), then the document's end, as written.
+        for (int64_t d = 0; rc == 0 && d < ds->n_docs; d++) {
+            int64_t s0 = nm_indexed_doc_index(ds, d), s1 = nm_indexed_doc_index(ds, d + 1);
+            for (int64_t s = s0; rc == 0 && s < s1; s++) {
+                int64_t len = nm_indexed_seq_len(ds, s);
+                if (len > cap) {
+                    cap = len;
+                    buf = nm_realloc(buf, sizeof(int32_t) * (size_t)cap);
+                }
+                rc = nm_indexed_read(ds, s, 0, len, buf, err);
+                if (rc == 0) rc = nm_indexed_writer_add_item(w, buf, len, err);
+            }
+            if (rc == 0) rc = nm_indexed_writer_end_document(w, err);
+        }
+        nm_indexed_close(ds);
+    }
+    nm_free(buf);
+    if (rc == 0) {
+        if (docs) *docs = nm_indexed_writer_docs(w);
+        if (tokens) *tokens = nm_indexed_writer_tokens(w);
+        rc = nm_indexed_writer_finalize(w, err);
+    }
+    nm_indexed_writer_destroy(w);
+    return rc;
+}

@@ -102,6 +102,12 @@ int nm_indexed_writer_finalize(nm_indexed_writer *w, nm_error *err);
 // Frees the writer; deletes the temporary files if finalize did not succeed. NULL-safe.
 void nm_indexed_writer_destroy(nm_indexed_writer *w);
 
+// Concatenates datasets into out_prefix, as Megatron's tools/merge_datasets.py: every
+// dataset's sequences and documents in the order given, document boundaries kept. The token
+// dtypes must agree (the error names the first that differs). Both files appear atomically.
+int nm_indexed_merge(const char *const *prefixes, int n, const char *out_prefix, int64_t *docs, int64_t *tokens,
+                     nm_error *err);
+
 // Serialises an .idx into memory (for in-memory datasets): lengths[S], doc_index[Dc].
 // Returns the malloc'd bytes (34 + 12 S + 8 Dc of them) in *idx.
 void nm_indexed_build_idx(int dtype, const int32_t *lengths, int64_t S, const int64_t *doc_index, int64_t Dc,
