@@ -128,6 +128,10 @@ for f in z.jsonl.gz z.jsonl.zst; do
   cmp "$work/o_z.jsonl.bin" "$work/o_$f.bin" && cmp "$work/o_z.jsonl.idx" "$work/o_$f.idx" || fail "$f differs from z.jsonl"
 done
 cmp "$work/o_z.txt.bin" "$work/o_z.txt.gz.bin" && cmp "$work/o_z.txt.idx" "$work/o_z.txt.gz.idx" || fail "z.txt.gz differs from z.txt"
+# a pipe streams the same way (it used to be read whole into memory)
+"$BIN" prepare --input <(cat "$work/z.jsonl") --jsonl --tokenizer bytes --out "$work/o_pipe" --append-eod --no-progress \
+  > "$work/o_pipe.log" 2>&1 || { cat "$work/o_pipe.log"; fail "prepare from a pipe"; }
+cmp "$work/o_z.jsonl.bin" "$work/o_pipe.bin" && cmp "$work/o_z.jsonl.idx" "$work/o_pipe.idx" || fail "a pipe differs from the file"
 if "$BIN" prepare --input "$work/bad.jsonl.gz" --tokenizer bytes --out "$work/o_bad" --no-progress 2> "$work/bad.err"; then
   fail "a bad line in a .gz accepted"; fi
 grep -q "bad.jsonl.gz:20001: not valid JSON" "$work/bad.err" || fail "bad line message: $(cat "$work/bad.err")"
@@ -138,7 +142,7 @@ for f in t.jsonl.gz t.jsonl.zst; do
     fail "truncated $f accepted"; fi
   grep -q "$f: .*truncated" "$work/$f.err" || fail "truncated $f message: $(cat "$work/$f.err")"
 done
-echo "compressed inputs: .jsonl.gz, .jsonl.zst, .txt.gz equal the plain files; bad line and truncation named: ok"
+echo "streamed inputs: .jsonl.gz, .jsonl.zst, .txt.gz and a pipe equal the plain files; bad line and truncation named: ok"
 
 # 9. merge, as Megatron's merge_datasets.py: z.jsonl and z.txt prepared apart and merged equal
 # them prepared together, byte for byte (by prefixes, and by a directory of the two).

@@ -312,49 +312,22 @@ static int cut_all(run *r, const char *path, const char *data, size_t size, nm_e
                              : cut_text(r, path, data, size, 1, &used, err);
 }
 
-// A FIFO, a pipe or a process substitution (<(zcat x.gz)) cannot be mapped: read it whole
-// from the descriptor already open (reopening a FIFO could lose its writer).
-static int process_stream(run *r, int fd, const char *path, nm_error *err) {
-    size_t size = 0, cap = (size_t)1 << 20;
-    char *data = nm_malloc(cap);
-    for (;;) {
-        if (size == cap) data = nm_realloc(data, cap *= 2);
-        ssize_t got = read(fd, data + size, cap - size);
-        if (got < 0 && errno == EINTR) continue;
-        if (got < 0) {
-            int e = errno;
-            nm_free(data);
-            close(fd);
-            return nm_error_set(err, "%s: read failed after %zu bytes: %s", path, size, strerror(e));
-        }
-        if (got == 0) break;
-        size += (size_t)got;
-    }
-    close(fd);
-    if (size == 0) {
-        nm_free(data);
-        return nm_error_set(err, "%s: the stream ended without a byte: nothing to prepare (did its writer fail?)", path);
-    }
-    r->bytes_total += (int64_t)size;
-    int64_t done_before = r->bytes_done;
-    int rc = cut_all(r, path, data, size, err);
-    if (rc == 0 && r->b.n_parts + r->b.n_docs > 0) rc = flush_batch(r, err);
-    r->bytes_done = done_before + (int64_t)size;
-    nm_free(data);
-    return rc;
-}
-
-// --- compressed inputs, streamed --------------------------------------------------------------
+// --- streamed inputs: compressed files, pipes ---------------------------------------------------
 //
 // Corpora ship as .jsonl.gz (Dolma) and .jsonl.zst: decompressed by zlib and libzstd in chunks
 // of STREAM_CHUNK bytes, each cut up to its last complete unit (a JSONL line, a text block),
 // the rest carried to the next chunk, so memory is the chunk plus the longest unit, whatever
-// the file's size (doc_per_file text is the exception: the whole stream is one document).
+// the file's size (doc_per_file text is the exception: the whole stream is one document). A
+// FIFO, a pipe or a process substitution (<(zcat x.gz)), which cannot be mapped, streams the
+// same way from the descriptor already open (reopening a FIFO could lose its writer).
 
 #define STREAM_CHUNK ((size_t)4 << 20)
 
+enum { Z_GZIP, Z_ZSTD, Z_RAW };
+
 typedef struct zreader {
-    int zst;                    // 0: gzip (zlib), 1: zstd
+    int zst;                    // Z_GZIP (zlib), Z_ZSTD or Z_RAW (a descriptor read as it is)
+    int fd;                     // Z_RAW
     gzFile gz;
     FILE *fp;
     ZSTD_DStream *ds;
@@ -366,9 +339,10 @@ typedef struct zreader {
     const char *path;
 } zreader;
 
-static int zreader_open(zreader *z, const char *path, int zst, nm_error *err) {
-    *z = (zreader){.zst = zst, .path = path};
-    if (!zst) {
+static int zreader_open(zreader *z, const char *path, int zst, int fd, nm_error *err) {
+    *z = (zreader){.zst = zst, .path = path, .fd = fd};
+    if (zst == Z_RAW) return 0;
+    if (zst == Z_GZIP) {
         z->gz = gzopen(path, "rb");
         if (!z->gz) return nm_error_set(err, "%s: cannot open: %s", path, strerror(errno ? errno : ENOMEM));
         gzbuffer(z->gz, 1 << 20);
@@ -384,6 +358,7 @@ static int zreader_open(zreader *z, const char *path, int zst, nm_error *err) {
 }
 
 static void zreader_close(zreader *z) {
+    if (z->zst == Z_RAW) close(z->fd);
     if (z->gz) gzclose(z->gz);
     if (z->fp) fclose(z->fp);
     if (z->ds) ZSTD_freeDStream(z->ds);
@@ -393,7 +368,18 @@ static void zreader_close(zreader *z) {
 // Up to cap decompressed bytes into buf: how many, 0 at the end of the stream, or -1 with err
 // naming the file (corrupt or truncated).
 static int64_t zreader_read(zreader *z, char *buf, size_t cap, nm_error *err) {
-    if (!z->zst) {
+    if (z->zst == Z_RAW) {
+        for (;;) {
+            ssize_t got = read(z->fd, buf, cap);
+            if (got < 0 && errno == EINTR) continue;
+            if (got < 0)
+                return nm_error_set(err, "%s: read failed after %lld bytes: %s", z->path, (long long)z->in_bytes,
+                                    strerror(errno));
+            z->in_bytes += got;
+            return got;
+        }
+    }
+    if (z->zst == Z_GZIP) {
         unsigned ask = cap > (1u << 30) ? 1u << 30 : (unsigned)cap;
         int got = gzread(z->gz, buf, ask);
         int code = 0;
@@ -425,16 +411,16 @@ static int64_t zreader_read(zreader *z, char *buf, size_t cap, nm_error *err) {
     return (int64_t)out.pos;
 }
 
-static int process_compressed(run *r, const char *path, int zst, nm_error *err) {
+static int process_streamed(run *r, const char *path, int zst, int fd, nm_error *err) {
     zreader z;
-    if (zreader_open(&z, path, zst, err) != 0) {
+    if (zreader_open(&z, path, zst, fd, err) != 0) {
         zreader_close(&z);
         return -1;
     }
     int jsonl = is_jsonl(r, path), whole = !jsonl && r->o->doc_per_file;
     size_t cap = STREAM_CHUNK, have = 0;
     char *buf = nm_malloc(cap);
-    int64_t lines = 0, done_before = r->bytes_done;
+    int64_t lines = 0, done_before = r->bytes_done, total_before = r->bytes_total;
     int rc = 0;
     for (;;) {
         // a unit longer than what the carried tail leaves free: the buffer grows by a chunk
@@ -450,6 +436,11 @@ static int process_compressed(run *r, const char *path, int zst, nm_error *err) 
             have += (size_t)got;
         }
         if (rc != 0) break;
+        if (end && z.zst == Z_RAW && z.in_bytes == 0) {
+            rc = nm_error_set(err, "%s: the stream ended without a byte: nothing to prepare (did its writer fail?)", path);
+            break;
+        }
+        if (zst == Z_RAW) r->bytes_total = total_before + z.in_bytes;  // a pipe's size is what came
         if (whole && !end) continue;
         size_t used;
         rc = jsonl ? cut_jsonl(r, path, buf, have, end, &used, &lines, err) : cut_text(r, path, buf, have, end, &used, err);
@@ -466,8 +457,8 @@ static int process_compressed(run *r, const char *path, int zst, nm_error *err) 
 }
 
 static int process_file(run *r, const char *path, nm_error *err) {
-    if (ends_with(path, ".gz")) return process_compressed(r, path, 0, err);
-    if (ends_with(path, ".zst")) return process_compressed(r, path, 1, err);
+    if (ends_with(path, ".gz")) return process_streamed(r, path, Z_GZIP, -1, err);
+    if (ends_with(path, ".zst")) return process_streamed(r, path, Z_ZSTD, -1, err);
     int fd = open(path, O_RDONLY);
     if (fd < 0) return nm_error_set(err, "%s: cannot open: %s", path, strerror(errno));
     struct stat st;
@@ -476,7 +467,7 @@ static int process_file(run *r, const char *path, nm_error *err) {
         close(fd);
         return nm_error_set(err, "%s: cannot stat: %s", path, strerror(e));
     }
-    if (!S_ISREG(st.st_mode)) return process_stream(r, fd, path, err);
+    if (!S_ISREG(st.st_mode)) return process_streamed(r, path, Z_RAW, fd, err);
     size_t size = (size_t)st.st_size;
     const char *data = "";
     if (size > 0) {
