@@ -176,6 +176,9 @@ PY
 if "$NM_BIN" plan --config model.json --world 2 --ep 2 --moe-receive-capacity 0 >bad.out 2>bad.err; then
   fail "--moe-receive-capacity 0 accepted"; fi
 grep -q "moe-receive-capacity" bad.err || { cat bad.err; fail "the capacity refusal does not name the flag"; }
+if "$NM_BIN" plan --config model.json --world 2 --exp-avg-dtype fp16 >bad.out 2>bad.err; then
+  fail "--exp-avg-dtype fp16 accepted"; fi
+grep -q "exp-avg-dtype must be fp32 or bf16, got 'fp16'" bad.err || { cat bad.err; fail "the moment dtype refusal"; }
 # pp16 over DeepSeek-V3's 61 layers: the refusal suggests a layout for those 61 layers, which
 # plan then takes (it used to suggest a 4-layer example)
 rc=0

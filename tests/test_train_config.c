@@ -240,6 +240,9 @@ static void test_errors(void) {
     ERR_SET(J("{%s}", m), "expert_parallel_size=0", "'expert_parallel_size' = 0", "out of range");
     ERR_SET(J("{%s}", m), "moe_receive_capacity=0", "'moe_receive_capacity' = 0", "must be > 0");
     ERR(J("{%s, \"moe_receive_capacity\": -1}", m), "'moe_receive_capacity' = -1", "must be > 0");
+    ERR_SET(J("{%s}", m), "moe_receive_capacity=nan", "'moe_receive_capacity'", "not a finite number");
+    ERR_SET(J("{%s}", m), "optimizer.exp_avg_dtype=fp16", "'optimizer.exp_avg_dtype'", "\"fp16\" is not one of fp32, bf16");
+    ERR_SET(J("{%s}", m), "optimizer.exp_avg_sq_dtype=fp8", "'optimizer.exp_avg_sq_dtype'", "\"fp8\" is not one of fp32, bf16");
     ERR(J("{%s, \"tensor_parallel_size\": \"2\"}", m), "'tensor_parallel_size'", "expected an integer");
 #undef J
 }

@@ -248,11 +248,7 @@ int nm_gpt_dataset_create(nm_gpt_dataset **out, const nm_indexed *ds, const nm_g
     g->n_document_index = E * n_split;
     // Megatron's dtypes: sample_index int32 while max(len(document_index), max(sizes)) fits
     // (helpers.py build_sample_idx), shuffle_index uint32 while n < 2^32 - 1 (_build_shuffle_index).
-    int64_t longest = 0;
-    for (int64_t i = 0; i < ds->n_seqs; i++) {
-        int64_t n = nm_indexed_seq_len(ds, i);
-        if (n > longest) longest = n;
-    }
+    int64_t longest = ds->max_len;
     g->sample_wide = (g->n_document_index > longest ? g->n_document_index : longest) > INT32_MAX;
     g->shuffle_wide = g->n_samples >= (int64_t)UINT32_MAX - 1;
     if (cfg->cache_dir) {
