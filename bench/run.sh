@@ -242,7 +242,7 @@ print("cpu: %s (%s%s) | oneDNN ISA %s%s | OpenBLAS kernels %s" % (
     pk.get("openblas_core", "?")))
 tv = sorted({r.get("torch") for r in res if r["impl"] == "pytorch" and r.get("torch")})
 if tv: print("pytorch peer: torch %s" % ", ".join(tv))  # the ratios depend on the version (docs/performance.md)
-for d in sorted(os.listdir(work)):  # the pick each of our runs measured (src/train/kernels.c)
+for d in sorted(os.listdir(work)):  # the pick each of our runs measured (src/ops/cpu/tuning.c)
     kj = os.path.join(work, d, "kernels.json")
     if d.startswith("ours-") and os.path.exists(kj):
         k = json.load(open(kj))

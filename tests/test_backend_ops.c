@@ -378,6 +378,105 @@ static void test_memory_ops(void) {
     nm_free(x), nm_free(y), nm_free(yr), nm_free(s), nm_free(d), nm_free(dr);
 }
 
+// The backend's memory: alloc zero-filled and 64-byte aligned, the copies both ways, memset,
+// synchronize; the thread hooks answer.
+static void test_backend_memory(void) {
+    printf("alloc / copies / memset / threads\n");
+    const size_t n = 1000;
+    unsigned char *d = be->alloc(n), *h = nm_malloc(n), *back = nm_malloc(n);
+    EXPECT(((uintptr_t)d & 63) == 0, "alloc is not 64-byte aligned");
+    be->copy_to_host(back, d, n);
+    size_t nonzero = 0;
+    for (size_t i = 0; i < n; i++) nonzero += back[i] != 0;
+    EXPECT(nonzero == 0, "alloc left %zu of %zu bytes non-zero", nonzero, n);
+    for (size_t i = 0; i < n; i++) h[i] = (unsigned char)(i * 7 + 1);
+    be->copy_to_device(d, h, n);
+    be->memset(d + 10, 0xab, 20);
+    be->synchronize();
+    be->copy_to_host(back, d, n);
+    for (size_t i = 10; i < 30; i++) h[i] = 0xab;
+    check_exact("copy_to_device / memset / copy_to_host", "", back, h, n);
+    be->free(d);
+    be->free(NULL);
+    EXPECT(be->threads() >= 1, "threads() = %d", be->threads());
+    nm_free(h), nm_free(back);
+}
+
+// The optimizer's ops over chunks as train/optim.c makes them: pieces of rows, a gap between
+// them (floats no chunk covers must stay untouched), sharded state offsets, rows with and
+// without decay, moments in fp32 and bf16.
+static void test_optimizer_ops(void) {
+    printf("sumsq_chunks / scale_chunks / first_nonfinite / adamw_chunks / router_bias_update\n");
+    const int64_t n = 70000;  // floats of params and grads
+    const nm_optim_chunk chunks[] = {
+        {.offset = 0, .state = 0, .len = 65536, .row = 0, .decay = 1},
+        {.offset = 65536, .state = 65536, .len = 1000, .row = 0, .decay = 1},
+        {.offset = 66600, .state = 66560, .len = 3, .row = 1, .decay = 0},
+        {.offset = 66610, .state = 66576, .len = 3390, .row = 2, .decay = 1},
+    };
+    const int64_t nc = (int64_t)(sizeof chunks / sizeof chunks[0]), n_state = 66576 + 3390;
+    float *g = randn(n, 1e-2f);
+    double part[4], part_r[4];
+    be->sumsq_chunks(part, g, chunks, nc);
+    ref->sumsq_chunks(part_r, g, chunks, nc);
+    check_exact("sumsq_chunks", "(fixed lanes: exact)", part, part_r, sizeof part);
+    float *gs = copyf(g, n), *gsr = copyf(g, n);
+    be->scale_chunks(gs, 0.37f, chunks, nc);
+    ref->scale_chunks(gsr, 0.37f, chunks, nc);
+    check_exact("scale_chunks", "(gap untouched)", gs, gsr, (size_t)n * sizeof(float));
+    EXPECT(gs[66599] == g[66599], "scale_chunks wrote a float outside the chunks");
+    gs[4321] = NAN;
+    gs[9000] = INFINITY;
+    EXPECT(be->first_nonfinite(gs, n) == 4321 && ref->first_nonfinite(gs, n) == 4321 &&
+               be->first_nonfinite(g, n) == -1,
+           "first_nonfinite: %lld", (long long)be->first_nonfinite(gs, n));
+    note("first_nonfinite", "", 0.0, 0.0);
+    const nm_adamw_coefs k = {.grad_scale = 0.8f, .b1 = 0.9f, .one_minus_b1 = 0.1f, .b2 = 0.95f,
+                              .one_minus_b2 = 0.05f, .neg_step_size = -3e-3f, .bc2_sqrt = 0.3f, .eps = 1e-8f,
+                              .decay_mul = 0.9997f};
+    for (int bf = 0; bf < 2; bf++) {
+        const nm_dtype mt = bf ? NM_BF16 : NM_F32;
+        const size_t msize = bf ? 2 : 4;
+        float *p = randn(n, 1.0f), *pr = copyf(p, n);
+        float *m0 = randn(n_state, 1e-2f), *v0 = randn(n_state, 1e-4f);
+        for (int64_t i = 0; i < n_state; i++) v0[i] = fabsf(v0[i]);
+        // m in the dtype under test, v in fp32 (the both-bf16 case follows)
+        void *m = nm_malloc((size_t)n_state * msize), *v = copyf(v0, n_state);
+        if (bf) ref->cast_bf16(m, m0, n_state);
+        else memcpy(m, m0, (size_t)n_state * 4);
+        void *mr = nm_malloc((size_t)n_state * msize), *vr = copyf(v0, n_state);
+        memcpy(mr, m, (size_t)n_state * msize);
+        for (int step = 0; step < 2; step++) {
+            be->adamw_chunks(p, m, mt, v, NM_F32, g, chunks, nc, &k);
+            ref->adamw_chunks(pr, mr, mt, vr, NM_F32, g, chunks, nc, &k);
+        }
+        // The contract fixes every float operation and its order (torch's): exact.
+        const char *what = bf ? "m bf16, v fp32" : "m, v fp32";
+        check_exact("adamw_chunks params", what, p, pr, (size_t)n * sizeof(float));
+        check_exact("adamw_chunks m", what, m, mr, (size_t)n_state * msize);
+        check_exact("adamw_chunks v", what, v, vr, (size_t)n_state * 4);
+        nm_free(p), nm_free(pr), nm_free(m0), nm_free(v0), nm_free(m), nm_free(v), nm_free(mr), nm_free(vr);
+    }
+    {   // both moments bf16
+        float *p = randn(n, 1.0f), *pr = copyf(p, n);
+        uint16_t *m = halves(n_state), *v = halves(n_state), *mr = halves(n_state), *vr = halves(n_state);
+        be->adamw_chunks(p, m, NM_BF16, v, NM_BF16, g, chunks, nc, &k);
+        ref->adamw_chunks(pr, mr, NM_BF16, vr, NM_BF16, g, chunks, nc, &k);
+        check_exact("adamw_chunks params", "m, v bf16", p, pr, (size_t)n * sizeof(float));
+        check_exact("adamw_chunks m", "bf16", m, mr, (size_t)n_state * 2);
+        check_exact("adamw_chunks v", "bf16", v, vr, (size_t)n_state * 2);
+        nm_free(p), nm_free(pr), nm_free(m), nm_free(v), nm_free(mr), nm_free(vr);
+    }
+    const int64_t E = 16;
+    int64_t counts[16];
+    for (int64_t e = 0; e < E; e++) counts[e] = e % 5 == 0 ? 100 : 30 + (e % 3) * 20;  // some at the mean
+    float *b = randn(E, 1e-3f), *br = copyf(b, E);
+    be->router_bias_update(b, counts, E, 1e-3f);
+    ref->router_bias_update(br, counts, E, 1e-3f);
+    check_exact("router_bias_update", "", b, br, (size_t)E * sizeof(float));
+    nm_free(g), nm_free(gs), nm_free(gsr), nm_free(b), nm_free(br);
+}
+
 static void test_embedding(void) {
     printf("embedding\n");
     const int64_t N = 130, D = 256, V = 512;
@@ -708,6 +807,8 @@ int main(void) {
         test_casts();
         test_gemm_fp8();
         test_memory_ops();
+        test_backend_memory();
+        test_optimizer_ops();
         test_embedding();
         test_rmsnorm();
         test_swiglu();

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# test_kernel_choice.sh: the GEMM kernels measured at trainer start (src/train/kernels.c)
+# test_kernel_choice.sh: the GEMM kernels measured at trainer start (src/ops/cpu/tuning.c)
 #  1. a fresh run measures, prints the pick in the banner and writes run_dir/kernels.json;
 #  2. a resume reads the pick back instead of measuring, and follows the file: with the
 #     pick flipped in it (same key) the resume runs the flipped kernels (deterministic

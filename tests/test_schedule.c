@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "core/rng.h"
+#include "ops/ops.h"
 #include "train/balance.h"
 #include "train/schedule.h"
 
@@ -101,28 +102,40 @@ static void test_switches(void) {
 
 // --- balance ---------------------------------------------------------------------------------------
 
+
+// The balance rule as the trainer applies it, the backend's op (ops.h: router_bias_update): the
+// CPU backend's, checked equal bit for bit to the reference backend's on the same input.
+static void bias_update(float *bias, const int64_t *counts, int64_t E, float gamma) {
+    float ref[64];
+    EXPECT(E <= 64, "E = %lld", (long long)E);
+    memcpy(ref, bias, (size_t)E * sizeof(float));
+    nm_ops_ref()->router_bias_update(ref, counts, E, gamma);
+    nm_ops_cpu()->router_bias_update(bias, counts, E, gamma);
+    EXPECT(memcmp(ref, bias, (size_t)E * sizeof(float)) == 0, "router_bias_update: cpu and ref differ");
+}
+
 static void test_bias_update(void) {
     // mean 20: expert 0 underloaded (+gamma), 1 overloaded (-gamma), 2 and 3 exactly at the
     // mean (sign 0: unchanged, bit for bit).
     float b[4] = {0.0f, 0.5f, -0.25f, 1.0f};
     const int64_t counts[4] = {10, 30, 20, 20};
-    nm_balance_update_bias(b, counts, 4, 0.001f);
+    bias_update(b, counts, 4, 0.001f);
     EXPECT(b[0] == 0.0f + 0.001f, "underloaded: %.9g", b[0]);
     EXPECT(b[1] == 0.5f - 0.001f, "overloaded: %.9g", b[1]);
     EXPECT(b[2] == -0.25f && b[3] == 1.0f, "at the mean: %.9g %.9g", b[2], b[3]);
     // The magnitude is gamma whatever the imbalance (sign, not difference).
     float c[2] = {0, 0};
     const int64_t lop[2] = {0, 1000000};
-    nm_balance_update_bias(c, lop, 2, 0.25f);
+    bias_update(c, lop, 2, 0.25f);
     EXPECT(c[0] == 0.25f && c[1] == -0.25f, "magnitude: %g %g", c[0], c[1]);
     // A non-integer mean (1.5) and counts near 1e15 where a float mean would blur: the mean
     // is a double, so 1e15 is recognised as exactly average.
     const int64_t big[3] = {1000000000000001, 1000000000000000, 999999999999999};
     float d[3] = {0, 0, 0};
-    nm_balance_update_bias(d, big, 3, 1.0f);
+    bias_update(d, big, 3, 1.0f);
     EXPECT(d[0] == -1.0f && d[1] == 0.0f && d[2] == 1.0f, "large counts: %g %g %g", d[0], d[1], d[2]);
     // gamma 0 (after the stop step) changes nothing.
-    nm_balance_update_bias(b, counts, 4, 0.0f);
+    bias_update(b, counts, 4, 0.0f);
     EXPECT(b[0] == 0.001f, "gamma 0 changed the bias");
 }
 
@@ -147,7 +160,7 @@ static void test_bias_balances(void) {
         }
         const float *bp = bias;
         nm_balance_compute_stats(it == 0 ? &first : &last, counts, &bp, 1, E);
-        nm_balance_update_bias(bias, counts, E, 0.005f);
+        bias_update(bias, counts, E, 0.005f);
     }
     EXPECT(first.load_max_over_mean > 2.0, "setup: expert 0 should start overloaded (%g)", first.load_max_over_mean);
     EXPECT(last.load_max_over_mean < 1.1, "bias update did not balance: max/mean %g", last.load_max_over_mean);

@@ -2,7 +2,7 @@
 # test_user_path.sh: the path a user walks, with the environment a user has. The rest of the
 # suite pins NM_CPU_KERNELS=default so that separate runs compare bit for bit; a user does not,
 # so here nothing is overridden: a fresh `train` on the shipped tiny config measures the
-# kernels (src/train/kernels.c) and trains in fp32, bf16 and fp8, and the Python Trainer
+# kernels (src/ops/cpu/tuning.c) and trains in fp32, bf16 and fp8, and the Python Trainer
 # trains fresh. tests/isa/tests.cmake runs this script again with oneDNN capped at AVX2 and at
 # AVX512_CORE, so every kind of x86-64 walks it on any machine (an AVX2-only CPU aborted here
 # before: oneDNN 2.6 has no bf16 matmul there).

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "commands.h"
+#include "ops/ops.h"
 
 static const char *usage =
     "usage: nanomegatron <command> [flags]\n"
@@ -32,42 +33,9 @@ static const char *usage =
     "  plan      --config MODEL.json|--model DIR --world N [--tp --pp --ep --seq-len --micro-batch --global-batch\n"
     "            --recompute --precision]\n";
 
-char *openblas_get_corename(void);
-
-// Two process-level settings that must be in the environment before the libraries load, so
-// they are set here and the program re-executes itself once (only when something changes):
-//  - OpenBLAS (0.3.21, DYNAMIC_ARCH) picks its kernels from a list of known CPU models; a
-//    virtualised recent Xeon reports a generic model and gets the Prescott (SSE3) kernels,
-//    several times slower than the AVX-512 ones the CPU has. OPENBLAS_CORETYPE fixes it.
-//  - how long libgomp's idle threads spin before sleeping between parallel regions. A step
-//    runs thousands of short regions (every GEMM, every elementwise op), so sleeping at once
-//    (OMP_WAIT_POLICY=passive) pays a futex wake-up each time, and spinning long (libgomp's
-//    default 300,000 spins) takes the cores from working threads when the machine is shared.
-//    configs/small.json, 2 threads, 2 cores (tokens/s): alone, passive ~900, 10,000 spins
-//    ~1,050-1,150, 100,000 ~1,150; two runs sharing the cores, each: passive ~620, 10,000
-//    ~560, 30,000 ~470, 100,000 ~380. So GOMP_SPINCOUNT=10000: most of the idle-machine gain,
-//    -10% when oversubscribed. Users who set OMP_WAIT_POLICY or GOMP_SPINCOUNT keep theirs.
-static void fix_runtime_environment(char **argv) {
-    int changed = 0;
-    if (!getenv("OMP_WAIT_POLICY") && !getenv("GOMP_SPINCOUNT")) {
-        setenv("GOMP_SPINCOUNT", "10000", 1);
-        changed = 1;
-    }
-    const char *core = openblas_get_corename();
-    if (!getenv("OPENBLAS_CORETYPE") && core &&
-        (!strcasecmp(core, "Prescott") || !strcasecmp(core, "Core2") || !strcasecmp(core, "Nehalem"))) {
-        __builtin_cpu_init();
-        const char *want = __builtin_cpu_supports("avx512f") ? "SkylakeX" : __builtin_cpu_supports("avx2") ? "Haswell" : NULL;
-        if (want) {
-            setenv("OPENBLAS_CORETYPE", want, 1);
-            changed = 1;
-        }
-    }
-    if (changed) execv("/proc/self/exe", argv);  // on failure carry on as we are
-}
-
 int main(int argc, char **argv) {
-    fix_runtime_environment(argv);
+    // the backends' process settings (OpenBLAS core type, OpenMP spin count) before any work
+    nm_ops_prepare_process(argv);
     if (argc < 2 || !strcmp(argv[1], "help") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         fputs(usage, argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;

@@ -103,7 +103,7 @@ class nm_optimizer(ctypes.Structure):
     _fields_ = [("table", POINTER(nm_param_table)), ("cfg", nm_adamw_config), ("m", POINTER(c_float)),
                 ("v", POINTER(c_float)), ("n_state", c_size_t), ("row_state", c_void_p), ("step", c_int64), ("chunks", c_void_p), ("n_chunks", c_int64),
                 ("partials", c_void_p), ("n_params", c_int64), ("m16", c_void_p), ("v16", c_void_p),
-                ("scratch", c_void_p), ("n_threads", c_int)]
+                ("ops", c_void_p)]
 
 
 class nm_grad_report(ctypes.Structure):
@@ -211,7 +211,8 @@ def _load():
         "nm_trainer_model": (c_void_p, [P]),
         "nm_trainer_step_count": (c_int64, [P]),
         # model
-        "nm_ops_cpu": (c_void_p, []),
+        "nm_ops_select": (c_void_p, [c_char_p, err]),
+        "nm_model_ops": (c_void_p, [P]),
         "nm_model_create_ex": (c_int, [POINTER(c_void_p), POINTER(nm_model_config), c_void_p, c_int64, c_int64,
                                        POINTER(nm_model_options), err]),
         "nm_model_destroy": (None, [P]),
@@ -227,7 +228,7 @@ def _load():
         "nm_params_init": (None, [POINTER(c_float), POINTER(nm_param_table), POINTER(nm_model_config), c_uint64]),
         # optimizer
         "nm_optimizer_create": (c_int, [POINTER(POINTER(nm_optimizer)), POINTER(nm_param_table),
-                                        POINTER(nm_adamw_config), err]),
+                                        POINTER(nm_adamw_config), c_void_p, err]),
         "nm_optimizer_destroy": (None, [POINTER(nm_optimizer)]),
         "nm_optimizer_check_grads": (None, [POINTER(nm_optimizer), POINTER(c_float), c_double,
                                             POINTER(nm_grad_report)]),

@@ -183,7 +183,11 @@ def create_model(model_config, dist_ctx=None, *, max_batch_size=8, max_seq_len=2
     ptr = ctypes.c_void_p()
     opts = _lib._new(_lib.nm_model_options)
     opts.recompute = int(bool(recompute))
-    rc = lib.nm_model_create_ex(ctypes.byref(ptr), c, lib.nm_ops_cpu(), max_batch_size, max_seq_len + 1, opts, err)
+    ops = lib.nm_ops_select(None, err)  # NM_BACKEND, else the CPU backend, as the trainer picks
+    if not ops:
+        lib.nm_model_config_free(c)
+        _lib.check(-1, err, ConfigError)
+    rc = lib.nm_model_create_ex(ctypes.byref(ptr), c, ops, max_batch_size, max_seq_len + 1, opts, err)
     if rc != 0:
         lib.nm_model_config_free(c)
         _lib.check(rc, err)
@@ -232,8 +236,8 @@ class Optimizer:
         ptr = ctypes.POINTER(_lib.nm_optimizer)()
         if not lr > 0:
             raise ConfigError(f"create_optimizer: lr = {lr}: must be > 0")
-        _lib.check(lib.nm_optimizer_create(ctypes.byref(ptr), lib.nm_model_table(model._ptr), cfg, err), err,
-                   ConfigError)
+        _lib.check(lib.nm_optimizer_create(ctypes.byref(ptr), lib.nm_model_table(model._ptr), cfg,
+                                           lib.nm_model_ops(model._ptr), err), err, ConfigError)
         # The optimizer borrows the model's parameter table: the model's handle outlives it.
         self._h = _Handle(ptr, lib.nm_optimizer_destroy, keep=(model._h,))
         self._ptr = ptr

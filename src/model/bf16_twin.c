@@ -28,16 +28,21 @@ typedef struct nm_bf16_twin {
 } nm_bf16_twin;
 
 struct nm_bf16_twins {
+    const nm_ops *ops;          // whose memory the bf16 copies are
     nm_bf16_twin *items;
     int count, cap;
     int64_t bytes;              // storage held, for the memory report
 };
 
-nm_bf16_twins *nm_bf16_twins_create(void) { return nm_calloc(1, sizeof(nm_bf16_twins)); }
+nm_bf16_twins *nm_bf16_twins_create(const nm_ops *ops) {
+    nm_bf16_twins *t = nm_calloc(1, sizeof(nm_bf16_twins));
+    t->ops = ops;
+    return t;
+}
 
 void nm_bf16_twins_destroy(nm_bf16_twins *t) {
     if (!t) return;
-    for (int i = 0; i < t->count; i++) nm_free(t->items[i].bits);
+    for (int i = 0; i < t->count; i++) t->ops->free(t->items[i].bits);
     nm_free(t->items);
     nm_free(t);
 }
@@ -85,8 +90,8 @@ static uint16_t *claim_twin(nm_bf16_twins *t, const float *x, int64_t n) {
     nm_bf16_twin *w = twin_slot(t, x, n);
     if (w->cap < n) {
         t->bytes -= w->cap * (int64_t)sizeof(uint16_t);
-        nm_free(w->bits);
-        w->bits = nm_aligned_alloc((size_t)n * sizeof(uint16_t));
+        t->ops->free(w->bits);
+        w->bits = t->ops->alloc((size_t)n * sizeof(uint16_t));
         w->cap = n;
         t->bytes += n * (int64_t)sizeof(uint16_t);
     }

@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include "model/config.h"
+#include "ops/ops.h"
 
 // Active parameters per token of the main model (convention above).
 int64_t nm_model_params_active(const nm_model_config *cfg);
@@ -32,3 +33,14 @@ int64_t nm_model_matmul_params_active(const nm_model_config *cfg);
 
 // Forward + backward training FLOPs per token at sequence length T (convention above).
 double nm_model_flops_per_token(const nm_model_config *cfg, int64_t T);
+
+// The GEMM calls of one training step as the model makes them, for a backend's kernel tuning
+// (ops.h: tune), into shapes (at most max; returns how many): for every weight (out, in)
+// (attention projections, the dense MLP's fused [gate; up] and down, the shared experts, the
+// head) the forward NT GEMM (rows, out, in), the input gradient NN (rows, in, out) and the
+// weight gradient TN (out, in, rows), each counted as often as layers have it; the routed
+// experts as the grouped calls moe.c makes (one per layer, E groups at the mean row count
+// tokens * K / E, at most rows). rows: the GEMMs' token dimension (a tuner may pass fewer than
+// a micro-batch has, to time quickly); tokens: the micro-batch's, for the experts' mean load.
+#define NM_MODEL_MAX_GEMM_SHAPES 64
+int nm_model_gemm_shapes(const nm_model_config *cfg, int64_t rows, int64_t tokens, nm_gemm_shape *shapes, int max);

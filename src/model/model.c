@@ -385,14 +385,14 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
         m->ep_round_counts = nm_calloc((size_t)(ep_size * m->E_loc), sizeof(int64_t));
         m->ep_round_offsets = nm_calloc((size_t)m->E_loc + 1, sizeof(int32_t));
     }
-    m->params = nm_aligned_alloc(m->table.n_floats * sizeof(float));
-    m->grads = nm_aligned_alloc(m->table.n_floats * sizeof(float));
+    m->params = m->ops->alloc(m->table.n_floats * sizeof(float));
+    m->grads = m->ops->alloc(m->table.n_floats * sizeof(float));
     m->block_sets = nm_calloc((size_t)m->n_slots * (size_t)cfg->n_layers, sizeof(block_acts));
     m->mtp_sets = nm_calloc((size_t)m->n_slots * (cfg->M > 0 ? (size_t)cfg->M : 1), sizeof(mtp_acts));
     m->slots = nm_calloc((size_t)m->n_slots, sizeof(model_slot));
     layout(m);  // counting pass
     m->arena_floats = m->arena_used;
-    m->arena = nm_aligned_alloc(m->arena_floats * sizeof(float));
+    m->arena = m->ops->alloc(m->arena_floats * sizeof(float));
     layout(m);  // assigning pass
     NM_CHECK(m->arena_used == m->arena_floats, "arena layout mismatch");
     rope_tables(m);
@@ -402,7 +402,7 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
         if (nm_layer_is_moe(cfg, l)) m->moe_layer_ids[m->n_moe++] = (int)l;
     }
     m->groups = nm_calloc((size_t)(cfg->E > 0 ? cfg->E : 1), sizeof(nm_gemm_group));
-    m->twins = nm_bf16_twins_create();
+    m->twins = nm_bf16_twins_create(m->ops);
     m->expert_counts = nm_calloc((size_t)(m->n_moe > 0 ? m->n_moe : 1) * (size_t)(cfg->E > 0 ? cfg->E : 1), sizeof(int64_t));
     *out = m;
     return 0;
@@ -411,11 +411,11 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
 void nm_model_destroy(nm_model *m) {
     if (!m) return;
     nm_param_table_free(&m->table);
-    nm_free(m->params);
-    nm_free(m->grads);
-    nm_free(m->weights_bf16);
+    m->ops->free(m->params);
+    m->ops->free(m->grads);
+    m->ops->free(m->weights_bf16);
     nm_bf16_twins_destroy(m->twins);
-    nm_free(m->arena);
+    m->ops->free(m->arena);
     nm_free(m->block_sets);
     nm_free(m->mtp_sets);
     nm_free(m->slots);
@@ -514,6 +514,7 @@ void nm_tp_embedding_backward(nm_model *m, const float *dout, const int32_t *tok
     m->ops->embedding_backward(m->grads + m->table.embed, dout, tp_local_ids(m, tokens, N), N, m->cfg.D);
 }
 const nm_param_table *nm_model_table(const nm_model *m) { return &m->table; }
+const nm_ops *nm_model_ops(const nm_model *m) { return m->ops; }
 const nm_model_config *nm_model_cfg(const nm_model *m) { return &m->cfg; }
 size_t nm_model_activation_bytes(const nm_model *m) { return m->arena_floats * sizeof(float); }
 
@@ -641,8 +642,8 @@ static void block_backward(nm_model *m, int64_t l, float aux_seed) {
 static void refresh_weights_bf16(nm_model *m) {
     nm_dtype type = m->ops->gemm_bf16_weight_type();
     if (!m->weights_bf16 || type != m->weights_bf16_type) {
-        nm_free(m->weights_bf16);
-        m->weights_bf16 = nm_aligned_alloc(m->table.n_floats * (type == NM_BF16 ? sizeof(uint16_t) : sizeof(float)));
+        m->ops->free(m->weights_bf16);
+        m->weights_bf16 = m->ops->alloc(m->table.n_floats * (type == NM_BF16 ? sizeof(uint16_t) : sizeof(float)));
         m->weights_bf16_type = type;
         m->params_changed = 1;
     }

@@ -88,6 +88,8 @@ void nm_model_destroy(nm_model *m);
 float *nm_model_params(nm_model *m);                    // (table.n_floats); marks the weights changed
 float *nm_model_grads(nm_model *m);                     // (table.n_floats)
 const nm_param_table *nm_model_table(const nm_model *m);
+// The backend the model was created on (its buffers are that backend's memory).
+const nm_ops *nm_model_ops(const nm_model *m);
 const nm_model_config *nm_model_cfg(const nm_model *m);
 size_t nm_model_activation_bytes(const nm_model *m);
 // What nm_model_create_ex would allocate for activations, without allocating it.

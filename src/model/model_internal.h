@@ -261,7 +261,7 @@ const void *nm_bf16_operand(const nm_model *m, const float *x, nm_dtype *type, i
 // The same for the groups of a grouped bf16 GEMM, in place: all of one operand, or none.
 void nm_bf16_operand_groups(const nm_model *m, nm_gemm_group *groups, int64_t n, nm_transpose ta, nm_transpose tb,
                             nm_dtype *a_type, nm_dtype *b_type);
-nm_bf16_twins *nm_bf16_twins_create(void);
+nm_bf16_twins *nm_bf16_twins_create(const nm_ops *ops);
 void nm_bf16_twins_destroy(nm_bf16_twins *t);
 int64_t nm_bf16_twins_bytes(const nm_bf16_twins *t);  // storage the twins hold
 static inline nm_dtype nm_act_type(const nm_model *m) {

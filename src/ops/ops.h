@@ -56,6 +56,40 @@ typedef struct nm_gemm_group {
     int64_t lda, ldb, ldc;
 } nm_gemm_group;
 
+// One GEMM call of a training step as the model makes it (nm_model_gemm_shapes), for a
+// backend's kernel tuning: `groups` GEMMs of (M, N, K) in one grouped call (the routed experts
+// of a layer, one group per expert) or a single GEMM (groups 1), made `count` times per step.
+// B is a weight in the forward and input-gradient calls and an activation in the
+// weight-gradient call; `rounded` activations are the routed experts', which the bf16 model
+// rounds once where they are produced (NM_F32_BF16), where the dense layers' are fp32.
+typedef struct nm_gemm_shape {
+    nm_transpose ta, tb;
+    int64_t M, N, K, groups, count;
+    int b_is_weight, rounded;
+} nm_gemm_shape;
+
+// A contiguous run of one parameter tensor's floats: the unit of the optimizer's parallel work
+// and of the gradient norm's fixed reduction order (train/optim.c makes the list).
+typedef struct nm_optim_chunk {
+    size_t offset;              // in floats, into params/grads
+    size_t state;               // in floats, into m/v (== offset unless sharded)
+    size_t len;                 // floats
+    int row;                    // parameter table row
+    int decay;                  // 1 when the row has weight decay
+} nm_optim_chunk;
+
+// AdamW's float coefficients of one step, formed once by the optimizer in double and rounded
+// to float, as PyTorch forms them for a float tensor (train/optim.h has the update).
+typedef struct nm_adamw_coefs {
+    float grad_scale;           // clip factor, applied to g as it is read
+    float b1, one_minus_b1;
+    float b2, one_minus_b2;
+    float neg_step_size;        // -lr / (1 - b1^t)
+    float bc2_sqrt;             // sqrt(1 - b2^t)
+    float eps;
+    float decay_mul;            // 1 - lr * weight_decay, for chunks with decay
+} nm_adamw_coefs;
+
 typedef struct nm_ops {
     // Checks this machine and the backend's environment (kernel choices, libraries) before any
     // op runs: 0, or -1 with err naming what failed and what to do. nm_model_create calls it
@@ -70,6 +104,34 @@ typedef struct nm_ops {
     // the head dims Dn + Dr and Dv for attention); the model refuses a config beyond it when it
     // is created, with a message, instead of an op's check aborting mid-step.
     int64_t max_row_dim;
+
+    // --- the backend's memory and process -------------------------------------------------------
+    // Every buffer an op reads or writes (the model's weights, gradients, activations and
+    // scratch; the optimizer's moments) comes from alloc: zero-filled, 64-byte aligned, at least
+    // one byte, aborting with a message when the memory is not there (as nm_aligned_alloc). Host memory
+    // on the CPU backends; device memory on a GPU one. Host-readable results (moe_permute's
+    // offsets, sumsq_chunks's partials) are host memory the caller owns.
+    void *(*alloc)(size_t bytes);
+    void (*free)(void *p);      // NULL is a no-op
+    // bytes from host memory into a buffer of alloc's, and back
+    void (*copy_to_device)(void *dst, const void *src, size_t bytes);
+    void (*copy_to_host)(void *dst, const void *src, size_t bytes);
+    void (*memset)(void *dst, int value, size_t bytes);
+    // Waits until every op issued so far has finished (timings, host reads); a no-op where ops
+    // complete before they return.
+    void (*synchronize)(void);
+    // The threads the ops run on (train's `threads` key; 0 leaves the backend's default) and
+    // how many that is, for the banner.
+    void (*set_threads)(int n);
+    int (*threads)(void);
+    // The best rate, FLOP/s, of the backend's fp32 GEMM (and, with bf16, of its bf16 GEMM too)
+    // on square GEMMs, measured now: the peak the MFU is against.
+    double (*measure_peak)(int bf16);
+    // Tunes the backend's kernels for the GEMMs of one step (shapes, n_shapes), keeping its pick
+    // in cache_dir so that a resume takes the same kernels; measure = 0 takes defaults (or the
+    // cache) without timing. desc gets one line for the banner. NULL: nothing to tune.
+    int (*tune)(const nm_gemm_shape *shapes, int n_shapes, const char *cache_dir, int measure, char *desc,
+                size_t desc_size, nm_error *err);
 
     // --- dense linear algebra ---------------------------------------------------------------
     // Row-major GEMM with BLAS semantics: C(M,N) = alpha * op(A) op(B) + beta * C.
@@ -250,12 +312,33 @@ typedef struct nm_ops {
                                  const int32_t *perm, int64_t N, int64_t K, int64_t D);
     // dsrc(N,D) (+=) scatter-add of dst rows back to their tokens (the gather's backward).
     void (*moe_scatter_add)(float *dsrc, const float *ddst, const int32_t *perm, int64_t N, int64_t K, int64_t D);
+
+    // --- optimizer (train/optim.c makes the chunks and drives these) ---------------------------
+    // partials[c] (=) sum of x^2 over chunk c's floats, in double, eight lanes added in a fixed
+    // order: the value depends on the chunk only, never on the thread count. partials is host
+    // memory; the caller adds them up in chunk order.
+    void (*sumsq_chunks)(double *partials, const float *x, const nm_optim_chunk *chunks, int64_t n);
+    // x (*=) s over the chunks' floats (gradient clipping).
+    void (*scale_chunks)(float *x, float s, const nm_optim_chunk *chunks, int64_t n);
+    // Index of the first non-finite float of x(n), or -1.
+    int64_t (*first_nonfinite)(const float *x, int64_t n);
+    // One AdamW update over the chunks, torch.optim.AdamW's operations in its order in fp32
+    // (train/optim.h): params (+=) the update, m and v (=) the new moments at each chunk's
+    // state offset, stored as m_type / v_type (NM_F32, or NM_BF16: widened to fp32 for the
+    // update, rounded back to nearest even).
+    void (*adamw_chunks)(float *params, void *m, nm_dtype m_type, void *v, nm_dtype v_type, const float *grads,
+                         const nm_optim_chunk *chunks, int64_t n, const nm_adamw_coefs *k);
+    // The aux-loss-free balance rule (DeepSeek-V3 2.1.2, Megatron-Core get_updated_expert_bias):
+    // bias(E) (+=) gamma * sign(mean(counts) - counts[e]); counts(E) host memory.
+    void (*router_bias_update)(float *bias, const int64_t *counts, int64_t E, float gamma);
 } nm_ops;
 
 // --- backends ---------------------------------------------------------------------------------
 
 // The CPU backend (src/ops/cpu): C + OpenMP, GEMMs through oneDNN / OpenBLAS.
 const nm_ops *nm_ops_cpu(void);
+// Its process settings (nm_ops_prepare_process calls it).
+void nm_ops_cpu_prepare_process(char **argv);
 // The reference backend (src/ops/ref): plain scalar C, double accumulation, no OpenMP, no BLAS:
 // the definition the other backends are tested against (tests/test_backend_ops.c).
 const nm_ops *nm_ops_ref(void);
@@ -270,3 +353,11 @@ const nm_ops *nm_ops_by_name(const char *name);
 // The backend a program runs on: the environment variable NM_BACKEND when it is set and not
 // empty, else name (NULL: "cpu"). NULL with err naming the known backends when that is none.
 const nm_ops *nm_ops_select(const char *name, nm_error *err);
+
+// Settings a backend needs in the environment before its libraries start (the CPU's OpenBLAS
+// core type and OpenMP spin count): set, and the program re-executed once with argv, when one
+// is missing. Call first thing in main.
+void nm_ops_prepare_process(char **argv);
+// The square-GEMM peak of ops (measure_peak's helper): the best of three n^3 GEMMs after one
+// warm-up, fp32 or with bf16 operands, FLOP/s.
+double nm_ops_time_square_gemm(const nm_ops *ops, int bf16, int n);

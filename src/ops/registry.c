@@ -35,3 +35,8 @@ const nm_ops *nm_ops_select(const char *name, nm_error *err) {
     if (nm_ops_check_backend(name, from_env ? "environment variable NM_BACKEND:" : "backend", err) != 0) return NULL;
     return nm_ops_by_name(name);
 }
+
+void nm_ops_prepare_process(char **argv) {
+    // Only the CPU backend needs any; its settings are harmless where another one runs.
+    nm_ops_cpu_prepare_process(argv);
+}

@@ -6,18 +6,6 @@
 
 #include "core/check.h"
 
-void nm_balance_update_bias(float *bias, const int64_t *counts, int64_t E, float gamma) {
-    NM_CHECK(E > 0, "E = %lld", (long long)E);
-    double sum = 0.0;
-    for (int64_t i = 0; i < E; i++) sum += (double)counts[i];
-    const double mean = sum / (double)E;
-    for (int64_t i = 0; i < E; i++) {
-        double d = mean - (double)counts[i];
-        float sign = d > 0.0 ? 1.0f : (d < 0.0 ? -1.0f : 0.0f);
-        bias[i] += gamma * sign;
-    }
-}
-
 void nm_balance_compute_stats(nm_balance_stats *st, const int64_t *counts, const float *const *biases,
                               int n_layers, int64_t E) {
     st->load_max_over_mean = counts ? 1.0 : NAN;

@@ -11,10 +11,9 @@
 
 #include <stdint.h>
 
-// One layer: bias (E) updated in place from counts (E). The mean is sum/E in double, so a
-// count equal to the mean is recognised exactly (no update), as in Megatron's
-// get_updated_expert_bias.
-void nm_balance_update_bias(float *bias /* (E) */, const int64_t *counts /* (E) */, int64_t E, float gamma);
+// The update itself is the backend's op (ops.h: router_bias_update): the bias lives where the
+// model's weights do. Its mean is sum/E in double, so a count equal to the mean is recognised
+// exactly (no update), as in Megatron's get_updated_expert_bias.
 
 // Statistics over n_layers rows of E counts and biases (either may be NULL to skip):
 // load_max_over_mean = max over layers of (max_i n_i / mean_i n_i) (1 = perfect balance;

@@ -6,29 +6,6 @@
 
 #include <math.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-#include "ops/bf16.h"
-
-// The OpenMP team's size and this thread's place in it (1 and 0 where the file is built
-// without OpenMP, as the fuzz targets build it).
-static int team_max(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-static int team_rank(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
 
 // --- lifecycle ---------------------------------------------------------------------------------
 
@@ -88,13 +65,13 @@ void nm_optimizer_state_offsets(const nm_param_table *table, const unsigned char
 }
 
 int nm_optimizer_create(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
-                        nm_error *err) {
-    return nm_optimizer_create_sharded(out, table, cfg, NULL, err);
+                        const nm_ops *ops, nm_error *err) {
+    return nm_optimizer_create_sharded(out, table, cfg, NULL, ops, err);
 }
 
 static int create(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg, const held_rows *h,
-                  nm_error *err) {
-    NM_CHECK(out && table && cfg, "NULL argument");
+                  const nm_ops *ops, nm_error *err) {
+    NM_CHECK(out && table && cfg && ops, "NULL argument");
     *out = NULL;
     if (!(cfg->beta1 >= 0.0 && cfg->beta1 < 1.0))
         return nm_error_set(err, "optimizer: beta1 = %g must be in [0, 1)", cfg->beta1);
@@ -121,18 +98,16 @@ static int create(nm_optimizer **out, const nm_param_table *table, const nm_adam
 
     nm_optimizer *opt = nm_calloc(1, sizeof(*opt));
     opt->table = table;
+    opt->ops = ops;
     opt->cfg = *cfg;
     opt->n_state = n_state;
     opt->row_state = row_state;
+    // the moments live where the backend's ops run (nm_optimizer_destroy gives them back)
     size_t ns = n_state ? n_state : 1;
-    if (cfg->exp_avg_bf16) opt->m16 = nm_aligned_alloc(ns * sizeof(uint16_t));
-    else opt->m = nm_aligned_alloc(ns * sizeof(float));
-    if (cfg->exp_avg_sq_bf16) opt->v16 = nm_aligned_alloc(ns * sizeof(uint16_t));
-    else opt->v = nm_aligned_alloc(ns * sizeof(float));
-    if (opt->m16 || opt->v16) {
-        opt->n_threads = team_max();
-        opt->scratch = nm_aligned_alloc((size_t)opt->n_threads * 2 * NM_OPTIM_CHUNK * sizeof(float));
-    }
+    if (cfg->exp_avg_bf16) opt->m16 = ops->alloc(ns * sizeof(uint16_t));
+    else opt->m = ops->alloc(ns * sizeof(float));
+    if (cfg->exp_avg_sq_bf16) opt->v16 = ops->alloc(ns * sizeof(uint16_t));
+    else opt->v = ops->alloc(ns * sizeof(float));
     opt->chunks = nm_calloc((size_t)(n_chunks ? n_chunks : 1), sizeof(nm_optim_chunk));
     opt->partials = nm_calloc((size_t)(n_chunks ? n_chunks : 1), sizeof(double));
     opt->n_chunks = n_chunks;
@@ -156,24 +131,23 @@ static int create(nm_optimizer **out, const nm_param_table *table, const nm_adam
 }
 
 int nm_optimizer_create_sharded(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
-                                const unsigned char *owned, nm_error *err) {
+                                const unsigned char *owned, const nm_ops *ops, nm_error *err) {
     held_rows h = {owned, NULL, NULL};
-    return create(out, table, cfg, &h, err);
+    return create(out, table, cfg, &h, ops, err);
 }
 
 int nm_optimizer_create_ranges(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
-                               const int64_t *begin, const int64_t *end, nm_error *err) {
+                               const int64_t *begin, const int64_t *end, const nm_ops *ops, nm_error *err) {
     held_rows h = {NULL, begin, end};
-    return create(out, table, cfg, &h, err);
+    return create(out, table, cfg, &h, ops, err);
 }
 
 void nm_optimizer_destroy(nm_optimizer *opt) {
     if (!opt) return;
-    nm_free(opt->m);
-    nm_free(opt->v);
-    nm_free(opt->m16);
-    nm_free(opt->v16);
-    nm_free(opt->scratch);
+    opt->ops->free(opt->m);
+    opt->ops->free(opt->v);
+    opt->ops->free(opt->m16);
+    opt->ops->free(opt->v16);
     nm_free(opt->chunks);
     nm_free(opt->partials);
     nm_free(opt->row_state);
@@ -185,56 +159,30 @@ void nm_optimizer_destroy(nm_optimizer *opt) {
 
 // --- gradient norm, non-finite detection, clipping -----------------------------------------
 
-// Sum of squares of one chunk in double. Eight interleaved accumulators added in a fixed
-// order: the result depends only on the chunk, never on the thread that computes it, and the
-// independent lanes let the compiler vectorise without -ffast-math.
-static double chunk_sumsq(const float *g, size_t n) {
-    double acc[8] = {0};
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        for (int k = 0; k < 8; k++) acc[k] += (double)g[i + k] * (double)g[i + k];
-    }
-    for (; i < n; i++) acc[i & 7] += (double)g[i] * (double)g[i];
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
-
 double nm_optimizer_grad_norm(nm_optimizer *opt, const float *grads) {
     return sqrt(nm_optimizer_grad_sumsq(opt, grads));
 }
 
 double nm_optimizer_grad_sumsq(nm_optimizer *opt, const float *grads) {
-    const nm_optim_chunk *chunks = opt->chunks;
-    double *partials = opt->partials;
-    int64_t n = opt->n_chunks;
-#pragma omp parallel for schedule(static)
-    for (int64_t c = 0; c < n; c++) partials[c] = chunk_sumsq(grads + chunks[c].offset, chunks[c].len);
-    // The final reduction is sequential in chunk order: fixed, whatever the thread count.
-    double sum = 0.0;
-    for (int64_t c = 0; c < n; c++) sum += partials[c];
-    return sum;
+    return nm_optimizer_grad_sumsq_except(opt, grads, -1);
 }
 
 double nm_optimizer_grad_sumsq_except(nm_optimizer *opt, const float *grads, int skip_row) {
-    const nm_optim_chunk *chunks = opt->chunks;
-    double *partials = opt->partials;
-    int64_t n = opt->n_chunks;
-#pragma omp parallel for schedule(static)
-    for (int64_t c = 0; c < n; c++)
-        partials[c] = chunks[c].row == skip_row ? 0.0 : chunk_sumsq(grads + chunks[c].offset, chunks[c].len);
+    // Each chunk's partial is the backend's (ops.h: eight lanes in a fixed order); the sum is
+    // sequential in chunk order here: the norm is the same bits whatever the thread count.
+    opt->ops->sumsq_chunks(opt->partials, grads, opt->chunks, opt->n_chunks);
     double sum = 0.0;
-    for (int64_t c = 0; c < n; c++) sum += partials[c];
+    for (int64_t c = 0; c < opt->n_chunks; c++)
+        if (opt->chunks[c].row != skip_row) sum += opt->partials[c];
     return sum;
 }
 
 int nm_optimizer_first_nonfinite(const nm_optimizer *opt, const float *grads) {
-    // Only called when the norm is not finite, so a plain sequential scan is fine; chunks are
-    // in row order, so the first hit is the first row.
-    for (int64_t c = 0; c < opt->n_chunks; c++) {
-        const float *g = grads + opt->chunks[c].offset;
-        for (size_t i = 0; i < opt->chunks[c].len; i++) {
-            if (!isfinite(g[i])) return opt->chunks[c].row;
-        }
-    }
+    // Only called when the norm is not finite; chunks are in row order, so the first hit is
+    // the first row.
+    for (int64_t c = 0; c < opt->n_chunks; c++)
+        if (opt->ops->first_nonfinite(grads + opt->chunks[c].offset, (int64_t)opt->chunks[c].len) >= 0)
+            return opt->chunks[c].row;
     return -1;
 }
 
@@ -250,12 +198,7 @@ static float clip_coef(double norm, double max_norm) {
 float nm_optimizer_clip_grads(nm_optimizer *opt, float *grads, double norm, double max_norm) {
     float s = clip_coef(norm, max_norm);
     if (s == 1.0f) return s;
-    const nm_optim_chunk *chunks = opt->chunks;
-#pragma omp parallel for schedule(static)
-    for (int64_t c = 0; c < opt->n_chunks; c++) {
-        float *g = grads + chunks[c].offset;
-        for (size_t i = 0; i < chunks[c].len; i++) g[i] *= s;
-    }
+    opt->ops->scale_chunks(grads, s, opt->chunks, opt->n_chunks);
     return s;
 }
 
@@ -283,34 +226,6 @@ void nm_optimizer_prepare_grads(nm_optimizer *opt, float *grads, double max_norm
 
 // --- AdamW step --------------------------------------------------------------------------------
 
-// The update's float coefficients, formed once per step (see nm_optimizer_step_scaled).
-typedef struct adamw_coefs {
-    float grad_scale;           // clip factor, applied to g as it is read
-    float b1, one_minus_b1;
-    float b2, one_minus_b2;
-    float neg_step_size;        // -lr / (1 - b1^t)
-    float bc2_sqrt;             // sqrt(1 - b2^t)
-    float eps;
-} adamw_coefs;
-
-// The update of the n floats of one chunk. dm is the decay multiplier (1 for rows without
-// decay). The loop vectorises (sqrtf is one vsqrtps because the project builds with
-// -fno-math-errno; without it GCC 12 keeps a libm call for negative inputs in the loop and
-// the update ran 2.5x slower, scalar); every operation is a correctly rounded IEEE op and
-// nothing contracts to FMA (-std=c11), so the floats match torch's op-by-op order exactly.
-static void adamw_chunk(float *p, float *mm, float *vv, const float *g, size_t n, float dm, const adamw_coefs *k) {
-    for (size_t i = 0; i < n; i++) {
-        float gi = g[i] * k->grad_scale;                            // clip_grad_norm_: g.mul_(clip_coef)
-        float pi = p[i] * dm;                                       // param.mul_(1 - lr*wd)
-        float mi = mm[i] * k->b1 + gi * k->one_minus_b1;            // exp_avg.mul_(b1).add_(g, alpha=1-b1)
-        float vi = vv[i] * k->b2 + k->one_minus_b2 * gi * gi;       // exp_avg_sq.mul_(b2).addcmul_(g, g, value=1-b2)
-        float denom = sqrtf(vi) / k->bc2_sqrt + k->eps;             // (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
-        p[i] = pi + k->neg_step_size * mi / denom;                  // param.addcdiv_(exp_avg, denom, value=-step_size)
-        mm[i] = mi;
-        vv[i] = vi;
-    }
-}
-
 void nm_optimizer_step_scaled(nm_optimizer *opt, float *params, const float *grads, float grad_scale, double lr) {
     opt->step += 1;
     const double t = (double)opt->step;
@@ -319,36 +234,19 @@ void nm_optimizer_step_scaled(nm_optimizer *opt, float *params, const float *gra
     // float tensor.
     const double bc1 = 1.0 - pow(c->beta1, t);
     const double bc2 = 1.0 - pow(c->beta2, t);
-    const float decay_mul = (float)(1.0 - lr * c->weight_decay);
-    const adamw_coefs k = {
+    const nm_adamw_coefs k = {
         .grad_scale = grad_scale,
         .b1 = (float)c->beta1, .one_minus_b1 = (float)(1.0 - c->beta1),
         .b2 = (float)c->beta2, .one_minus_b2 = (float)(1.0 - c->beta2),
         .neg_step_size = (float)(-(lr / bc1)),
         .bc2_sqrt = (float)sqrt(bc2),
         .eps = (float)c->eps,
+        .decay_mul = (float)(1.0 - lr * c->weight_decay),
     };
-    float *m = opt->m, *v = opt->v;
-    const nm_optim_chunk *chunks = opt->chunks;
-    if ((opt->m16 || opt->v16) && team_max() > opt->n_threads) {  // more threads than at create
-        nm_free(opt->scratch);
-        opt->n_threads = team_max();
-        opt->scratch = nm_aligned_alloc((size_t)opt->n_threads * 2 * NM_OPTIM_CHUNK * sizeof(float));
-    }
-
-    // Every element is independent, so any thread split gives the same bits.
-#pragma omp parallel for schedule(static)
-    for (int64_t ci = 0; ci < opt->n_chunks; ci++) {
-        const size_t off = chunks[ci].offset, so = chunks[ci].state, len = chunks[ci].len;
-        // bf16 moments: widened into this thread's scratch, updated in fp32, rounded back
-        float *own = opt->scratch ? opt->scratch + (size_t)team_rank() * 2 * NM_OPTIM_CHUNK : NULL;
-        float *mm = opt->m16 ? own : m + so, *vv = opt->v16 ? own + NM_OPTIM_CHUNK : v + so;
-        for (size_t i = 0; opt->m16 && i < len; i++) mm[i] = nm_bf16_to_f32(opt->m16[so + i]);
-        for (size_t i = 0; opt->v16 && i < len; i++) vv[i] = nm_bf16_to_f32(opt->v16[so + i]);
-        adamw_chunk(params + off, mm, vv, grads + off, len, chunks[ci].decay ? decay_mul : 1.0f, &k);
-        for (size_t i = 0; opt->m16 && i < len; i++) opt->m16[so + i] = nm_f32_to_bf16(mm[i]);
-        for (size_t i = 0; opt->v16 && i < len; i++) opt->v16[so + i] = nm_f32_to_bf16(vv[i]);
-    }
+    // Every element is independent: the backend may split the chunks any way.
+    opt->ops->adamw_chunks(params, opt->m16 ? (void *)opt->m16 : (void *)opt->m, opt->m16 ? NM_BF16 : NM_F32,
+                           opt->v16 ? (void *)opt->v16 : (void *)opt->v, opt->v16 ? NM_BF16 : NM_F32, grads,
+                           opt->chunks, opt->n_chunks, &k);
 }
 
 void nm_optimizer_step(nm_optimizer *opt, float *params, const float *grads, double lr) {
@@ -366,19 +264,15 @@ float *nm_optimizer_moment_f32(const nm_optimizer *opt, int which, int *copy) {
     *copy = h != NULL;
     if (!h) return which ? opt->v : opt->m;
     size_t n = opt->n_state ? opt->n_state : 1;
+    // host memory, as the checkpoint writer reads it (the host backends' ops run on it)
     float *out = nm_aligned_alloc(n * sizeof(float));
-#pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < opt->n_state; i++) out[i] = nm_bf16_to_f32(h[i]);
+    opt->ops->widen_bf16(out, h, (int64_t)opt->n_state);
     return out;
 }
 
 void nm_optimizer_moment_set(nm_optimizer *opt, int which, const float *src) {
     uint16_t *h = which ? opt->v16 : opt->m16;
     float *f = which ? opt->v : opt->m;
-    if (h) {
-#pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < opt->n_state; i++) h[i] = nm_f32_to_bf16(src[i]);
-    } else if (src != f) {
-        memcpy(f, src, opt->n_state * sizeof(float));
-    }
+    if (h) opt->ops->cast_bf16(h, src, (int64_t)opt->n_state);
+    else if (src != f) opt->ops->copy_to_device(f, src, opt->n_state * sizeof(float));
 }

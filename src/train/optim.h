@@ -32,6 +32,7 @@
 
 #include "core/check.h"
 #include "model/params.h"
+#include "ops/ops.h"
 
 typedef struct nm_adamw_config {
     double beta1;               // 0.9
@@ -44,16 +45,8 @@ typedef struct nm_adamw_config {
     int exp_avg_sq_bf16;        // the same for v (--exp-avg-sq-dtype bf16)
 } nm_adamw_config;
 
-// A contiguous run of one row's floats; the unit of parallel work and of the norm's
-// fixed reduction order.
-typedef struct nm_optim_chunk {
-    size_t offset;              // in floats, into params/grads
-    size_t state;               // in floats, into m/v (== offset unless sharded)
-    size_t len;                 // floats, <= NM_OPTIM_CHUNK
-    int row;                    // table row
-    int decay;                  // 1 when the row has NM_TENSOR_DECAY
-} nm_optim_chunk;
-
+// The optimizer's unit of work is nm_optim_chunk (ops.h): a run of at most NM_OPTIM_CHUNK floats
+// of one row.
 #define NM_OPTIM_CHUNK 65536    // floats per chunk: large enough to amortise OpenMP, small
                                 // enough to balance threads on a few large matrices
 
@@ -71,8 +64,7 @@ typedef struct nm_optimizer {
     int64_t n_params;           // floats covered by the chunks
     uint16_t *m16, *v16;        // (n_state) the moments in bf16 storage (cfg.exp_avg_bf16 /
                                 // exp_avg_sq_bf16); then m / v are NULL
-    float *scratch;             // (n_threads, 2, NM_OPTIM_CHUNK) a chunk's bf16 moments widened
-    int n_threads;
+    const nm_ops *ops;          // the backend that holds m, v and runs the update (borrowed)
 } nm_optimizer;
 
 // Result of nm_optimizer_check_grads and nm_optimizer_prepare_grads.
@@ -84,20 +76,22 @@ typedef struct nm_grad_report {
     const char *bad_name;       // that row's HF name (points into the table), NULL if none
 } nm_grad_report;
 
-// Allocates m and v (zeroed) and the chunk list. Returns 0, or -1 with err filled when the
-// hyper-parameters are out of range (names the field and value).
+// Allocates m and v (zeroed, with ops->alloc) and the chunk list; the update, the norm and the
+// clipping run as ops's (ops.h: adamw_chunks, sumsq_chunks, scale_chunks), on params and grads
+// of that backend. Returns 0, or -1 with err filled when the hyper-parameters are out of range
+// (names the field and value).
 int nm_optimizer_create(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
-                        nm_error *err);
+                        const nm_ops *ops, nm_error *err);
 void nm_optimizer_destroy(nm_optimizer *opt);
 // The ZeRO-1 form: state for the rows with owned[row] != 0 only (owned: (table->n_rows)),
 // packed in row order; NULL owned means every row (= nm_optimizer_create).
 int nm_optimizer_create_sharded(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
-                                const unsigned char *owned, nm_error *err);
+                                const unsigned char *owned, const nm_ops *ops, nm_error *err);
 // The distributed optimizer's form (zero.h): state for the floats [begin[row], end[row]) of
 // every row (begin, end: (table->n_rows)), packed in row order; row_state[row] is where the
 // row's first held float's state sits.
 int nm_optimizer_create_ranges(nm_optimizer **out, const nm_param_table *table, const nm_adamw_config *cfg,
-                               const int64_t *begin, const int64_t *end, nm_error *err);
+                               const int64_t *begin, const int64_t *end, const nm_ops *ops, nm_error *err);
 // Floats of m (and of v) that nm_optimizer_create_sharded allocates for these rows, without
 // allocating them (the planner's number).
 size_t nm_optimizer_state_floats(const nm_param_table *table, const unsigned char *owned);
@@ -109,7 +103,8 @@ void nm_optimizer_state_offsets(const nm_param_table *table, const unsigned char
 int64_t nm_optimizer_state_bytes_per_float(const nm_adamw_config *cfg);
 
 // Moment `which` (0: m, 1: v) as fp32 in the state layout (n_state floats): the optimizer's
-// own buffer (*copy = 0), or, in bf16 storage, a widened copy the caller frees (*copy = 1).
+// own buffer (*copy = 0), or, in bf16 storage, a widened copy in host memory the caller frees
+// with nm_free (*copy = 1).
 float *nm_optimizer_moment_f32(const nm_optimizer *opt, int which, int *copy);
 // Stores fp32 values into moment `which`: rounded to bf16 in bf16 storage; in fp32 copied
 // unless src is the optimizer's own buffer.

@@ -24,59 +24,15 @@
 
 #include "train/trainer_internal.h"
 
-// The machine peak the MFU is measured against: the best of three n^3 GEMMs through the run's
-// own fp32 GEMM (ops->gemm) at the run's thread count, after one warm-up. On the CPU backend
-// (oneDNN or OpenBLAS, src/ops/cpu/gemm.c) n = 2048, a one-time ~0.25 s on 2 cores, printed in
-// the banner: smaller squares understate it (oneDNN's sgemm reached 133 GFLOP/s at 1024^3 and
-// ~190 at 1536^3 where it does 265-330 at 2048^3 and above, bench/peak). Another backend is
-// timed at n = 256, which its GEMM's rate hardly depends on and the reference backend's scalar
-// loops finish in a fraction of a second. bench/peak.c measures both CPU libraries over more
-// sizes; this is the quick in-process version. On a shared machine any single measurement can
-// be low, so NM_PEAK_GFLOPS overrides it.
-static double time_square_gemm(const nm_ops *ops, int bf16, int n, const void *a, const void *b, float *c) {
-    double best = 1e30;
-    for (int r = 0; r < 4; r++) {  // the first run warms the library up and is not counted
-        double t0 = now_s();
-        if (bf16) ops->gemm_bf16(NM_NO_TRANS, NM_NO_TRANS, n, n, n, 1.0f, a, NM_BF16, n, b, NM_BF16, n, 0.0f, c, n);
-        else ops->gemm(NM_NO_TRANS, NM_NO_TRANS, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
-        double dt = now_s() - t0;
-        if (r > 0 && dt < best) best = dt;
-    }
-    return 2.0 * n * n * (double)n / best;
-}
-
-// Runs below fp32 also have the bf16 GEMM (the kernel chosen for it, kernels.c): their peak
-// is the better of the two, so the MFU keeps meaning "of the best measured kernel".
-static double measure_gemm_peak(const nm_ops *ops, int cpu, nm_precision precision) {
+// The machine peak the MFU is measured against: the backend's own measurement (ops.h:
+// measure_peak; the CPU times 2048^3 GEMMs through the kernels just chosen, a one-time ~0.25 s
+// on 2 cores, the reference backend 256^3). Runs below fp32 also have the bf16 GEMM: their
+// peak is the better of the two, so the MFU keeps meaning "of the best measured kernel". On a
+// shared machine any single measurement can be low, so NM_PEAK_GFLOPS overrides it.
+static double measure_gemm_peak(const nm_ops *ops, nm_precision precision) {
     const char *given = getenv("NM_PEAK_GFLOPS");
     if (given && atof(given) > 0) return atof(given) * 1e9;
-    const int n = cpu ? 2048 : 256;
-    float *a = nm_aligned_alloc((size_t)n * n * sizeof(float));
-    float *b = nm_aligned_alloc((size_t)n * n * sizeof(float));
-    float *c = nm_aligned_alloc((size_t)n * n * sizeof(float));
-    for (size_t i = 0; i < (size_t)n * n; i++) {
-        a[i] = (float)(i % 7) * 0.1f;
-        b[i] = (float)(i % 5) * 0.1f;
-    }
-    double peak = time_square_gemm(ops, 0, n, a, b, c);
-    if (precision != NM_PRECISION_FP32) {
-        // bf16 operands as the model stores them: the top half of each float (the values
-        // i/10 rounded; what they are does not matter to the timing).
-        uint16_t *a16 = (uint16_t *)a, *b16 = (uint16_t *)b;  // in place: a[i] is read before a16[i] is written
-        for (size_t i = 0; i < (size_t)n * n; i++) {
-            uint32_t ua, ub;
-            memcpy(&ua, &a[i], 4);
-            memcpy(&ub, &b[i], 4);
-            a16[i] = (uint16_t)(ua >> 16);
-            b16[i] = (uint16_t)(ub >> 16);
-        }
-        double p16 = time_square_gemm(ops, 1, n, a16, b16, c);
-        if (p16 > peak) peak = p16;
-    }
-    nm_free(a);
-    nm_free(b);
-    nm_free(c);
-    return peak;
+    return ops->measure_peak(precision != NM_PRECISION_FP32);
 }
 
 // --- create ---------------------------------------------------------------------------------
@@ -228,7 +184,7 @@ static int create_model(nm_trainer *t, nm_error *err) {
     }
     if (nm_train_check_memory(cfg, &t->mcfg, t->world->size, opts->recompute, t->mesh->pp_rank, err) != 0) return -1;
     if (!(t->ops = nm_ops_select(cfg->backend, err))) return -1;
-    t->cpu = t->ops == nm_ops_by_name("cpu");
+    if (cfg->threads > 0) t->ops->set_threads((int)cfg->threads);  // before the first op runs
     if (nm_model_create_ex(&t->model, &t->mcfg, t->ops, cfg->micro_batch, t->T, &mopts, err) != 0) return -1;
     if (nm_model_set_precision(t->model, cfg->precision, err) != 0) return -1;
     const nm_param_table *table = nm_model_table(t->model);
@@ -292,9 +248,9 @@ static int create_optimizer(nm_trainer *t, nm_error *err) {
         // each tp rank's experts saw its own tokens: edp, as with EP.
         nm_comm *expert_group = ms.tp > 1 && !t->sp ? t->mesh->dp : t->mesh->edp;
         if (nm_zero_create(&t->zero, table, t->mesh->dp, expert_group, cfg->bucket_mb * 262144, err) != 0) return -1;
-        if (nm_optimizer_create_ranges(&t->optim, table, &acfg, t->zero->own_begin, t->zero->own_end, err) != 0)
+        if (nm_optimizer_create_ranges(&t->optim, table, &acfg, t->zero->own_begin, t->zero->own_end, t->ops, err) != 0)
             return -1;
-    } else if (nm_optimizer_create(&t->optim, table, &acfg, err) != 0) {
+    } else if (nm_optimizer_create(&t->optim, table, &acfg, t->ops, err) != 0) {
         return -1;
     }
     nm_train_config_lr_schedule(cfg, &t->sched);
@@ -345,15 +301,23 @@ static int open_run_dir(nm_trainer *t, nm_error *err) {
             return -1;
         }
     }
-    // Before the first GEMM; a fresh single-process run measures and writes kernels.json, a
-    // resume (or a multi-rank run, whose ranks must agree) reads it back or takes the defaults.
-    // The choice is among the CPU backend's kernels; another backend has its own and no choice.
-    if (!t->cpu)
+    // Before the first GEMM the backend tunes its kernels on the step's GEMMs: a fresh
+    // single-process run measures and keeps its pick in the run directory, a resume (or a
+    // multi-rank run, whose ranks must agree) reads it back or takes the defaults. The token
+    // dimension is capped at 512 for the timing (the pick, not the step, is what is measured:
+    // every GEMM stays in the same blocking regime and the measurement well under a second for
+    // configs/small-train.json).
+    if (!t->ops->tune) {
         snprintf(t->kernels, sizeof(t->kernels), "backend %s: %s (no kernel choice)", cfg->backend,
                  t->ops->kernel_names());
-    else if (nm_kernels_choose(&t->mcfg, cfg->micro_batch * cfg->seq_len, opts->run_dir,
-                               t->world->size == 1 && !opts->resume, t->kernels, sizeof(t->kernels), err) != 0)
-        return -1;
+    } else {
+        const int64_t rows = cfg->micro_batch * cfg->seq_len;
+        nm_gemm_shape shapes[NM_MODEL_MAX_GEMM_SHAPES];
+        int n = nm_model_gemm_shapes(&t->mcfg, rows < 512 ? rows : 512, rows, shapes, NM_MODEL_MAX_GEMM_SHAPES);
+        if (t->ops->tune(shapes, n, opts->run_dir, t->world->size == 1 && !opts->resume, t->kernels,
+                         sizeof(t->kernels), err) != 0)
+            return -1;
+    }
     if (opts->resume && nm_trainer_resume(t, metrics_path, &resumed, err) != 0) return -1;
     if (t->rank0) {
         if (nm_metrics_open(&t->metrics, metrics_path, resumed, err) != 0) return -1;
@@ -370,10 +334,6 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     t->opts = *opts;
     t->run_lock = -1;
     if (t->opts.max_nan_streak <= 0) t->opts.max_nan_streak = 5;
-    if (cfg->threads > 0) {
-        omp_set_num_threads((int)cfg->threads);
-        openblas_set_num_threads((int)cfg->threads);
-    }
     int rc = -1;
     if (nm_comm_init(&t->world, err) != 0) goto fail;
     t->rank0 = t->world->rank == 0;
@@ -386,7 +346,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     t->flops_per_token = nm_model_flops_per_token(&t->mcfg, t->T);
     // Every rank measures at once (on a shared machine that is the capacity they share); the
     // job's peak is the sum.
-    t->peak_flops = measure_gemm_peak(t->ops, t->cpu, cfg->precision);
+    t->peak_flops = measure_gemm_peak(t->ops, cfg->precision);
     if (nm_comm_all_reduce(t->world, &t->peak_flops, 1, NM_DT_F64, NM_RED_SUM, err) != 0) goto fail;
     // Each stage's own memory for the banner (rank 0 holds only stage 0's): parameters and
     // the activation sets of its micro-batches in flight.

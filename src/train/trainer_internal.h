@@ -6,10 +6,8 @@
 
 #include "train/trainer.h"
 
-#include <cblas.h>
 #include <cjson/cJSON.h>
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,7 +26,6 @@
 #include "ops/ops.h"
 #include "train/balance.h"
 #include "train/checkpoint.h"
-#include "train/kernels.h"
 #include "train/memcheck.h"
 #include "train/metrics.h"
 #include "train/optim.h"
@@ -48,7 +45,6 @@ struct nm_trainer {
     nm_model *model;
     nm_optimizer *optim;
     const nm_ops *ops;          // the backend (cfg.backend), a static table
-    int cpu;                    // ops is the CPU backend: its GEMM kernels are chosen (kernels.c)
     nm_comm *world;             // owned
     nm_mesh *mesh;              // groups of the layout
     nm_zero *zero;              // ZeRO-1 ownership and buckets (world > 1)
@@ -86,7 +82,7 @@ struct nm_trainer {
     double flops_per_token;
     double peak_flops;          // measured fp32 GEMM FLOP/s, summed over the ranks (raised by a faster step)
     int peak_raised;            // the note that the start-up peak was low has been printed
-    char kernels[640];          // the GEMM kernels chosen and how (kernels.c), for the banner
+    char kernels[640];          // the backend's kernels and how they were chosen (ops->tune), for the banner
     double t_start;             // wall clock at create (for ETA)
     int64_t step_at_start;
 

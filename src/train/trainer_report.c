@@ -78,7 +78,7 @@ void nm_trainer_banner(nm_trainer *t, const double *stage_mem) {
            (long long)t->mcfg.E, (long long)t->mcfg.K, (long long)t->mcfg.G, (long long)t->mcfg.M);
     printf("data  %s | seq %lld x batch %lld (micro %lld x %lld accum) | %s | %d threads\n", desc,
            (long long)cfg->seq_len, (long long)cfg->global_batch, (long long)cfg->micro_batch, (long long)t->accum,
-           nm_precision_name(cfg->precision), omp_get_max_threads());
+           nm_precision_name(cfg->precision), t->ops->threads());
     char layout[160];
     nm_mesh_describe(&ms, layout, sizeof(layout));
     double mib = 1048576.0;

@@ -335,13 +335,13 @@ static int guard_or_update(nm_trainer *t, int64_t step, int finite, const nm_gra
     // Aux-loss-free balancing exists for noaux_tc only: other methods never read the bias.
     if (gamma > 0.0f && nm_routing_uses_bias(&t->mcfg)) {
         for (int i = 0; i < n_moe; i++)
-            nm_balance_update_bias((float *)t->bias_ptrs[i], t->step_counts + (size_t)i * E, E, gamma);
+            t->ops->router_bias_update((float *)t->bias_ptrs[i], t->step_counts + (size_t)i * E, E, gamma);
     }
     return 0;
 }
 
 // tokens/s, TFLOP/s and MFU of a step of dt seconds. The peak is one short timing at start-up
-// (measure_gemm_peak); a step whose whole rate beats it proves it low (the machine was busy
+// (measure_gemm_peak, the backend's measure_peak); a step whose whole rate beats it proves it low (the machine was busy
 // while it was timed: 103-107% MFU was seen for 300 steps), so the peak rises to that rate and
 // the MFU never exceeds 100%.
 static void throughput(nm_trainer *t, nm_step_metrics *m, int64_t step, double dt) {

@@ -1,5 +1,5 @@
 // fuzz_kernels_json.c: libFuzzer target for the reader of a run's kernels.json, the cached GEMM
-// kernel pick (nm_kernels_parse, src/train/kernels_parse.c; no oneDNN or OpenBLAS linked).
+// kernel pick (nm_kernels_parse, src/ops/cpu/tuning_parse.c; no oneDNN or OpenBLAS linked).
 //
 // NM_FUZZ_VERBOSE=1 prints why an input was rejected (to check that seeds are accepted).
 // Input: the file's bytes (an exact-size copy without a NUL: the reader gets a length). Whatever
@@ -10,11 +10,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "train/kernels.h"
+#include "ops/cpu/cpu_ops.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-// A key as kernels.c's make_key writes one; seeds.py uses the same.
+// A key as tuning.c's make_key writes one; seeds.py uses the same.
 #define FUZZ_KEY "Fuzz CPU | oneDNN 3.0.0 isa avx2 | OpenBLAS 0.3.21 | 2 threads | shapes NT64x16x16/1*1"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {

@@ -22,7 +22,7 @@ usage: seeds.py TARGET OUTDIR SOURCE_DIR
   fp8_block      2 bytes of weight_block_size, then a model.safetensors of the fixture model with
                  F8_E4M3 matrices and their '_scale_inv' block scales (128 x 128, small and
                  non-dividing blocks, BF16 scales, a wrong scale shape or dtype, a 1-D F8 tensor)
-  kernels_json   kernels.json as kernels.c writes it (fuzz_kernels_json.c's key), another
+  kernels_json   kernels.json as src/ops/cpu/tuning.c writes it (fuzz_kernels_json.c's key), another
                  run's, and a few refusals
   planted        (check_runner.sh) a harmless input; the failing one is in corpus/planted
   planted_seed   (check_runner.sh) the failing input "PLANT" as a seed, for the fuzzing stage

@@ -64,7 +64,7 @@ set(NM_FUZZ_HF_DIR src/io/hf_dir.c src/io/safetensors.c src/model/params.c src/m
 set(NM_FUZZ_SRC_hf_index ${NM_FUZZ_HF_DIR})
 set(NM_FUZZ_SRC_quant_config ${NM_FUZZ_HF_DIR})
 set(NM_FUZZ_SRC_fp8_block ${NM_FUZZ_HF_DIR})
-set(NM_FUZZ_SRC_kernels_json src/train/kernels_parse.c)
+set(NM_FUZZ_SRC_kernels_json src/ops/cpu/tuning_parse.c)
 foreach(t ${NM_FUZZ_PARSERS})
   if(NM_FUZZ_OK)
     nm_fuzz_build(${t} ${NM_FUZZ_SRC_${t}})

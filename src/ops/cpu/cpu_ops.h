@@ -1,7 +1,6 @@
 // cpu_ops.h: private declarations of the CPU backend's op implementations (src/ops/cpu/*.c).
 // Only ops_cpu.c (which fills the nm_ops table) and the op files include this; everything
-// else reaches the ops through the table (nm_ops_by_name("cpu")), except the trainer's GEMM
-// kernel choice (src/train/kernels.c). Semantics of every function: ops.h.
+// else reaches the ops through the table (nm_ops_by_name("cpu")). Semantics of every function: ops.h.
 #pragma once
 
 #include <stddef.h>
@@ -124,3 +123,36 @@ void nm_cpu_moe_scatter_add(float *dsrc, const float *ddst, const int32_t *perm,
 void nm_cpu_gemm_fp8(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
                      const float *A, int64_t lda, const float *B, int64_t ldb, nm_fp8_operand b_kind,
                      float beta, float *C, int64_t ldc);
+
+// --- optim.c --------------------------------------------------------------------------------
+void nm_cpu_sumsq_chunks(double *partials, const float *x, const nm_optim_chunk *chunks, int64_t n);
+void nm_cpu_scale_chunks(float *x, float s, const nm_optim_chunk *chunks, int64_t n);
+int64_t nm_cpu_first_nonfinite(const float *x, int64_t n);
+void nm_cpu_adamw_chunks(float *params, void *m, nm_dtype m_type, void *v, nm_dtype v_type, const float *grads,
+                         const nm_optim_chunk *chunks, int64_t n, const nm_adamw_coefs *k);
+void nm_cpu_router_bias_update(float *bias, const int64_t *counts, int64_t E, float gamma);
+
+// --- tuning.c: the hooks (ops.h: tune, measure_peak) ----------------------------------------
+// Sets the fp32 (onednn|openblas) and bf16 (onednn|widen) GEMM kernels for this run.
+// run_dir/kernels.json, when present and made for the same CPU model, libraries, threads
+// and shape set, is reused as is (a resume picks what the run it continues picked); a file
+// that does not parse is an error naming it. Otherwise, when `measure` is set, each
+// candidate is timed on the shapes and the faster over the whole set wins; the file is then
+// written atomically. NM_CPU_GEMM / NM_CPU_BF16_GEMM (not "auto") force a kernel and skip its
+// measurement; NM_CPU_KERNELS=default never measures (static defaults). `desc` gets one line
+// for the banner.
+int nm_cpu_tune(const nm_gemm_shape *shapes, int n_shapes, const char *run_dir, int measure, char *desc,
+                size_t desc_size, nm_error *err);
+double nm_cpu_measure_peak(int bf16);
+
+// Room for a kernel name ("onednn", "openblas", "widen") with its NUL.
+#define NM_KERNEL_NAME_SIZE 16
+
+// --- tuning_parse.c -------------------------------------------------------------------------
+// Parses the text of a kernels.json (size bytes, NUL not needed) written for `key`: 1 when it
+// is a pick for that key (fp32 and bf16, NM_KERNEL_NAME_SIZE bytes each, get the kernel
+// names), 0 when it is one for another key (fp32 and bf16 untouched), -1 with err naming path
+// when it is not a JSON object with string fields key, fp32 onednn|openblas and bf16
+// onednn|widen (its own file, so it links without the GEMM libraries).
+int nm_kernels_parse(const char *text, size_t size, const char *path, const char *key, char *fp32, char *bf16,
+                     nm_error *err);

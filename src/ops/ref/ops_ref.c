@@ -1,13 +1,47 @@
 // ops_ref.c: the reference backend's nm_ops table (ref_ops.h says what the backend is). The ops
 // live one family per file in this directory; this file only wires them up.
+#include <string.h>
+
 #include "ops/ref/ref_ops.h"
 
 static const char *ref_kernel_names(void) { return "scalar C, double accumulation, one thread"; }
+
+// Host memory, one thread: copies are memcpy, nothing is ever in flight, no threads to set.
+static void *ref_alloc(size_t bytes) { return nm_aligned_alloc(bytes ? bytes : 1); }
+static void ref_free(void *p) { nm_free(p); }
+static void ref_copy(void *dst, const void *src, size_t bytes) {
+    if (bytes) memmove(dst, src, bytes);
+}
+static void ref_memset(void *dst, int value, size_t bytes) {
+    if (bytes) memset(dst, value, bytes);
+}
+static void ref_synchronize(void) {}
+static void ref_set_threads(int n) { (void)n; }
+static int ref_threads(void) { return 1; }
+// The scalar loops' rate hardly depends on the size: n = 256 takes a fraction of a second.
+static double ref_measure_peak(int bf16) {
+    double peak = nm_ops_time_square_gemm(nm_ops_ref(), 0, 256);
+    if (bf16) {
+        double p16 = nm_ops_time_square_gemm(nm_ops_ref(), 1, 256);
+        if (p16 > peak) peak = p16;
+    }
+    return peak;
+}
 
 static const nm_ops ref_ops = {
     .setup = NULL,  // no library, no machine feature: nothing can be missing
     .kernel_names = ref_kernel_names,
     .max_row_dim = NM_REF_MAX_ROW_DIM,
+    .alloc = ref_alloc,
+    .free = ref_free,
+    .copy_to_device = ref_copy,
+    .copy_to_host = ref_copy,
+    .memset = ref_memset,
+    .synchronize = ref_synchronize,
+    .set_threads = ref_set_threads,
+    .threads = ref_threads,
+    .measure_peak = ref_measure_peak,
+    .tune = NULL,  // one kernel per op: nothing to choose
     .gemm = nm_ref_gemm,
     .gemm_grouped = nm_ref_gemm_grouped,
     .gemm_bf16 = nm_ref_gemm_bf16,
@@ -48,6 +82,11 @@ static const nm_ops ref_ops = {
     .moe_combine_forward = nm_ref_moe_combine_forward,
     .moe_combine_backward = nm_ref_moe_combine_backward,
     .moe_scatter_add = nm_ref_moe_scatter_add,
+    .sumsq_chunks = nm_ref_sumsq_chunks,
+    .scale_chunks = nm_ref_scale_chunks,
+    .first_nonfinite = nm_ref_first_nonfinite,
+    .adamw_chunks = nm_ref_adamw_chunks,
+    .router_bias_update = nm_ref_router_bias_update,
 };
 
 const nm_ops *nm_ops_ref(void) { return &ref_ops; }

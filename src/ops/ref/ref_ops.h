@@ -110,3 +110,11 @@ void nm_ref_moe_combine_forward(float *y, const float *expert_out, const float *
 void nm_ref_moe_combine_backward(float *dexpert_out, float *dtopk_weight, const float *dy, const float *expert_out,
                                  const float *topk_weight, const int32_t *perm, int64_t N, int64_t K, int64_t D);
 void nm_ref_moe_scatter_add(float *dsrc, const float *ddst, const int32_t *perm, int64_t N, int64_t K, int64_t D);
+
+// --- optim.c --------------------------------------------------------------------------------
+void nm_ref_sumsq_chunks(double *partials, const float *x, const nm_optim_chunk *chunks, int64_t n);
+void nm_ref_scale_chunks(float *x, float s, const nm_optim_chunk *chunks, int64_t n);
+int64_t nm_ref_first_nonfinite(const float *x, int64_t n);
+void nm_ref_adamw_chunks(float *params, void *m, nm_dtype m_type, void *v, nm_dtype v_type, const float *grads,
+                         const nm_optim_chunk *chunks, int64_t n, const nm_adamw_coefs *k);
+void nm_ref_router_bias_update(float *bias, const int64_t *counts, int64_t E, float gamma);

@@ -1,11 +1,11 @@
-// kernels_parse.c: the reader of run_dir/kernels.json, the cached GEMM kernel pick (kernels.h).
-// Its own file, apart from the measurement in kernels.c, so that the parser of this outside
+// tuning_parse.c: the reader of run_dir/kernels.json, the CPU backend's cached GEMM kernel pick
+// (cpu_ops.h). Its own file, apart from the measurement in tuning.c, so that the parser of this outside
 // input links without oneDNN, OpenBLAS or OpenMP (tests/fuzz/fuzz_kernels_json.c fuzzes it).
 #include <cjson/cJSON.h>
 #include <stdio.h>
 #include <string.h>
 
-#include "train/kernels.h"
+#include "ops/cpu/cpu_ops.h"
 
 int nm_kernels_parse(const char *text, size_t size, const char *path, const char *key, char *fp32, char *bf16,
                      nm_error *err) {

@@ -1,4 +1,6 @@
-// kernels.c: picks the CPU GEMM kernels by timing them on the model's own GEMMs (issue 12).
+// tuning.c: the CPU backend's tuning hooks (ops.h): the GEMM kernels picked by timing them on
+// the model's own GEMMs (issue 12), the square-GEMM peak the MFU is against, and the process
+// environment OpenBLAS and libgomp need.
 //
 // Why measured, not read off feature flags: on an AVX512-BF16 Zen 4 without AMX oneDNN's bf16
 // brgemm runs ~1.5x the fp32 peak, where on an AVX512-BF16 Xeon it ran below it; no flag
@@ -7,14 +9,11 @@
 // depend on which shape won by a few percent on a noisy machine; one pick per precision is
 // one code path, and the totals are dominated by the few largest GEMMs either way.
 //
-// The shapes are the GEMM calls of one step as the model makes them: for every weight (out, in)
-// (attention projections, the dense MLP's fused [gate; up] and down, the shared experts, the
-// head) the forward NT GEMM (rows, out, in), the input gradient NN (rows, in, out) and the
-// weight gradient TN (out, in, rows), each weighted by how many layers have it; the routed
-// experts as the grouped calls moe.c makes (one per layer, E groups at the mean row count
-// rows * K / E), with the operand types each kernel gets (bf16: fp32 dense activations, the
-// experts' activations already rounded, the weight copy in the kernel's own storage).
-// Timing a single expert GEMM instead would miss that the grouped call runs one expert per
+// The shapes are the GEMM calls of one step as the model makes them (nm_model_gemm_shapes,
+// src/model/gemm_shapes.c: every weight's forward, input- and weight-gradient GEMM; the routed
+// experts as the grouped calls moe.c makes), with the operand types each kernel gets (bf16:
+// fp32 dense activations, the experts' activations already rounded, the weight copy in the
+// kernel's own storage). Timing a single expert GEMM instead would miss that the grouped call runs one expert per
 // thread: it once picked oneDNN's bf16 matmul over widen by 2% on an AVX512-BF16 Xeon where
 // the step then ran 437 against 745 tokens/s. Rows are capped at 512 for the timing. Each
 // (candidate, shape) runs once to warm up (oneDNN JITs per shape) and is then timed three
@@ -28,7 +27,8 @@
 // runs may pick differently (and so differ in the last bits); NM_CPU_KERNELS=default takes the
 // static defaults (oneDNN sgemm; bf16 oneDNN with AMX, else widen) without measuring, as the
 // test suite does.
-#include "train/kernels.h"
+
+#define _GNU_SOURCE  // setenv, execv, strcasecmp
 
 #include <cblas.h>
 #include <cjson/cJSON.h>
@@ -37,80 +37,19 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "core/fileio.h"
 #include "ops/cpu/cpu_ops.h"
 
-// One GEMM call of the step as the model makes it: `groups` GEMMs of (M, N, K) in one grouped
-// call (the routed experts of a layer, one group per expert) or a single GEMM (groups 1),
-// made `count` times per step. B is a weight in the forward and input-gradient calls and an
-// activation in the weight-gradient call; `rounded` activations are the routed experts',
-// which the bf16 model rounds once where they are produced (NM_F32_BF16), where the dense
-// layers' are fp32 and rounded by the GEMM.
-typedef struct shape {
-    nm_transpose ta, tb;
-    int64_t M, N, K, groups, count;
-    int b_is_weight, rounded;
-} shape;
-
-enum { MAX_SHAPES = 64 };
+typedef nm_gemm_shape shape;
 
 typedef struct shape_set {
-    shape s[MAX_SHAPES];
+    const shape *s;
     int n;
 } shape_set;
-
-static void add_shape(shape_set *set, shape x) {
-    if (x.M <= 0 || x.N <= 0 || x.K <= 0 || x.count <= 0) return;
-    for (int i = 0; i < set->n; i++) {
-        shape *y = &set->s[i];
-        if (y->ta == x.ta && y->tb == x.tb && y->M == x.M && y->N == x.N && y->K == x.K && y->groups == x.groups &&
-            y->b_is_weight == x.b_is_weight && y->rounded == x.rounded) {
-            y->count += x.count;
-            return;
-        }
-    }
-    if (set->n < MAX_SHAPES) set->s[set->n++] = x;
-}
-
-// One weight W(out, in) applied to `rows` rows in `count` calls of `groups` groups: forward,
-// dX, dW (nm_linear_* and the experts' grouped calls in moe.c).
-static void add_linear(shape_set *set, int64_t rows, int64_t out, int64_t in, int64_t groups, int64_t count) {
-    int rounded = groups > 1;
-    add_shape(set, (shape){NM_NO_TRANS, NM_TRANS, rows, out, in, groups, count, 1, rounded});
-    add_shape(set, (shape){NM_NO_TRANS, NM_NO_TRANS, rows, in, out, groups, count, 1, rounded});
-    add_shape(set, (shape){NM_TRANS, NM_NO_TRANS, out, in, rows, groups, count, 0, rounded});
-}
-
-static void model_shapes(shape_set *set, const nm_model_config *m, int64_t rows, int64_t tokens) {
-    set->n = 0;
-    int64_t nl = m->n_layers, n_moe = 0;
-    for (int64_t l = 0; l < nl; l++) n_moe += nm_layer_is_moe(m, l);
-    int64_t n_dense = nl - n_moe;
-    if (m->Rq > 0) {
-        add_linear(set, rows, m->Rq, m->D, 1, nl);
-        add_linear(set, rows, m->H * m->Dqk, m->Rq, 1, nl);
-    } else {
-        add_linear(set, rows, m->H * m->Dqk, m->D, 1, nl);
-    }
-    add_linear(set, rows, m->Rkv, m->D, 1, nl);  // kv_a: the latent and the rope key, two GEMMs
-    add_linear(set, rows, m->Dr, m->D, 1, nl);
-    add_linear(set, rows, m->H * (m->Dn + m->Dv), m->Rkv, 1, nl);
-    add_linear(set, rows, m->D, m->H * m->Dv, 1, nl);
-    add_linear(set, rows, 2 * m->F, m->D, 1, n_dense);  // [gate; up] in one GEMM
-    add_linear(set, rows, m->D, m->F, 1, n_dense);
-    if (n_moe > 0 && m->E > 0) {
-        // the experts of a layer in one grouped call, at their mean row count in the step
-        int64_t per = (tokens * m->K + m->E - 1) / m->E;
-        if (per > rows) per = rows;
-        add_linear(set, per, 2 * m->Fe, m->D, m->E, n_moe);
-        add_linear(set, per, m->D, m->Fe, m->E, n_moe);
-        add_linear(set, rows, 2 * m->Fs, m->D, 1, n_moe);
-        add_linear(set, rows, m->D, m->Fs, 1, n_moe);
-    }
-    add_linear(set, rows, m->V, m->D, 1, 1 + m->M);
-}
 
 static double now_s(void) {
     struct timespec ts;
@@ -263,13 +202,9 @@ static int write_cache(const char *path, const char *key, const char *fp32, cons
     return rc;
 }
 
-int nm_kernels_choose(const nm_model_config *m, int64_t rows, const char *run_dir, int measure, char *desc,
-                      size_t desc_size, nm_error *err) {
-    shape_set set;
-    // The token dimension is capped for the timing (the pick, not the step, is what is
-    // measured): 512 rows keep every GEMM in the same blocking regime while the whole
-    // measurement stays well under a second for configs/small-train.json at full speed.
-    model_shapes(&set, m, rows < 512 ? rows : 512, rows);
+int nm_cpu_tune(const nm_gemm_shape *shapes, int n_shapes, const char *run_dir, int measure, char *desc,
+                size_t desc_size, nm_error *err) {
+    const shape_set set = {shapes, n_shapes};
     char key[4096], path[4200];
     make_key(key, sizeof key, &set);
     snprintf(path, sizeof path, "%s/kernels.json", run_dir);
@@ -357,4 +292,52 @@ int nm_kernels_choose(const nm_model_config *m, int64_t rows, const char *run_di
         snprintf(desc, desc_size, "kernels fp32 %s, bf16 %s (defaults, not measured)%s", nm_cpu_gemm_library(),
                  nm_cpu_gemm_bf16_kernel(), note16);
     return 0;
+}
+
+// The peak the MFU is measured against: n = 2048 squares through the chosen kernels, a one-time
+// ~0.25 s on 2 cores. Smaller squares understate it (oneDNN's sgemm reached 133 GFLOP/s at
+// 1024^3 and ~190 at 1536^3 where it does 265-330 at 2048^3 and above, bench/peak); bench/peak.c
+// measures both libraries over more sizes.
+double nm_cpu_measure_peak(int bf16) {
+    const nm_ops *ops = nm_ops_cpu();
+    double peak = nm_ops_time_square_gemm(ops, 0, 2048);
+    if (bf16) {
+        double p16 = nm_ops_time_square_gemm(ops, 1, 2048);
+        if (p16 > peak) peak = p16;
+    }
+    return peak;
+}
+
+char *openblas_get_corename(void);
+
+// Two process-level settings that must be in the environment before the libraries load, so
+// they are set here and the program re-executes itself once (only when something changes):
+//  - OpenBLAS (0.3.21, DYNAMIC_ARCH) picks its kernels from a list of known CPU models; a
+//    virtualised recent Xeon reports a generic model and gets the Prescott (SSE3) kernels,
+//    several times slower than the AVX-512 ones the CPU has. OPENBLAS_CORETYPE fixes it.
+//  - how long libgomp's idle threads spin before sleeping between parallel regions. A step
+//    runs thousands of short regions (every GEMM, every elementwise op), so sleeping at once
+//    (OMP_WAIT_POLICY=passive) pays a futex wake-up each time, and spinning long (libgomp's
+//    default 300,000 spins) takes the cores from working threads when the machine is shared.
+//    configs/small.json, 2 threads, 2 cores (tokens/s): alone, passive ~900, 10,000 spins
+//    ~1,050-1,150, 100,000 ~1,150; two runs sharing the cores, each: passive ~620, 10,000
+//    ~560, 30,000 ~470, 100,000 ~380. So GOMP_SPINCOUNT=10000: most of the idle-machine gain,
+//    -10% when oversubscribed. Users who set OMP_WAIT_POLICY or GOMP_SPINCOUNT keep theirs.
+void nm_ops_cpu_prepare_process(char **argv) {
+    int changed = 0;
+    if (!getenv("OMP_WAIT_POLICY") && !getenv("GOMP_SPINCOUNT")) {
+        setenv("GOMP_SPINCOUNT", "10000", 1);
+        changed = 1;
+    }
+    const char *core = openblas_get_corename();
+    if (!getenv("OPENBLAS_CORETYPE") && core &&
+        (!strcasecmp(core, "Prescott") || !strcasecmp(core, "Core2") || !strcasecmp(core, "Nehalem"))) {
+        __builtin_cpu_init();
+        const char *want = __builtin_cpu_supports("avx512f") ? "SkylakeX" : __builtin_cpu_supports("avx2") ? "Haswell" : NULL;
+        if (want) {
+            setenv("OPENBLAS_CORETYPE", want, 1);
+            changed = 1;
+        }
+    }
+    if (changed) execv("/proc/self/exe", argv);  // on failure carry on as we are
 }
