@@ -1,5 +1,5 @@
 // bf16_twin.c: bf16 activations rounded once where they are produced, and stored once in bf16
-// for a bf16 GEMM that reads bf16 storage (model_internal.h, nm_round_act).
+// for a bf16 GEMM that reads bf16 storage (model_state.h, nm_round_act).
 //
 // An activation that only bf16 GEMMs read is rounded in place (fp32 storage holding bf16
 // values, NM_F32_BF16). The "widen" kernel multiplies such storage as it is; oneDNN's bf16
@@ -16,7 +16,7 @@
 // step only. A tensor rewritten without nm_round_act and then read as NM_F32_BF16 would be a
 // bug before twins too (its values would not be bf16); debug builds check every swapped operand
 // against its fp32 storage.
-#include "model/model_internal.h"
+#include "model/model_state.h"
 
 #include <string.h>
 

@@ -1,6 +1,6 @@
 // head.c: the output head and cross-entropy over vocabulary tiles (dsv3-spec 11), forward and
 // backward, for the main model and every MTP depth (they share lm_head), and the loss sums.
-#include "model/model_internal.h"
+#include "model/blocks.h"
 
 #include <math.h>
 #include <string.h>

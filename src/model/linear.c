@@ -2,7 +2,7 @@
 // both backward GEMMs, each dispatched to the fp32, bf16 or fp8 GEMM by the weight's precision
 // (dsv3-spec 6.5, 9.10). Every block calls these; they call only the ops table. A bf16 GEMM's
 // rounded activation operand is read from its bf16 twin where it has one (bf16_twin.c).
-#include "model/model_internal.h"
+#include "model/model_state.h"
 
 // The precision a weight's GEMMs run in. The router always stays fp32 (dsv3-spec 9.10); in
 // the fp8 recipe the output head stays bf16 (dsv3-spec 6.5: embedding, head, gating, norms

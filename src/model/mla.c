@@ -1,7 +1,7 @@
 // mla.c: the attention half of a decoder block, Multi-head Latent Attention (dsv3-spec 3.2,
 // 4.3): input_layernorm, the q (optionally LoRA) and compressed kv projections, rope on the
 // rope parts, attention, o_proj and the residual add; forward and backward.
-#include "model/model_internal.h"
+#include "model/blocks.h"
 
 void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
     const nm_model_config *c = &m->cfg;

@@ -1,6 +1,6 @@
 // mlp.c: the SwiGLU MLP (dsv3-spec 3.3), forward and backward: the dense FFN of the first
 // first_k_dense_replace blocks and, with their own weights, the shared experts of a MoE block.
-#include "model/model_internal.h"
+#include "model/blocks.h"
 
 void nm_mlp_forward(nm_model *m, float *out, float *gate_up, float *act, const float *f, size_t w_gate_up,
                     size_t w_down, int64_t N, int64_t F) {

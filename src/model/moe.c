@@ -6,7 +6,7 @@
 // parallelism can put the token dispatch (all-to-all) between gather and experts and its
 // reverse between experts and combine; nm_moe_experts_forward/backward see only the rows
 // gathered for them and the expert offsets.
-#include "model/model_internal.h"
+#include "model/blocks.h"
 
 #include <string.h>
 

@@ -3,7 +3,7 @@
 // shifted by k, enorm(emb) and hnorm(h^{k-1}), eh_proj) and the output half (the shared
 // head's norm, then the output head shared with the main model). The composition (model.c)
 // runs block L+k-1 in between, so this file never calls the block.
-#include "model/model_internal.h"
+#include "model/blocks.h"
 
 void nm_mtp_input_forward(nm_model *m, int64_t k, const int32_t *tokens, int64_t B, int64_t T) {
     const nm_model_config *c = &m->cfg;

@@ -1,0 +1,505 @@
+// model_state.c: the model's state, below the blocks: create/destroy, the activation arena
+// (one allocation from the backend, laid out by `layout` so that the forward and backward never
+// allocate), the rope tables, the precision switch, the accessors and the activation estimates.
+// The blocks (mla.c, mlp.c, moe.c, head.c, mtp.c) read and write this state; the composition
+// that runs them is model.c. Everything is fp32; the model reads only small host-side integer
+// metadata (token ids, expert offsets) directly, every float buffer through the ops table.
+#include "model/model_state.h"
+
+#include <math.h>
+#include <string.h>
+
+// --- arena layout -----------------------------------------------------------------------------
+
+// Two passes over the same layout code: the first (arena == NULL) only counts, the second
+// hands out aligned slices. Keeps every size in one place.
+static float *take(nm_model *m, size_t n) {
+    size_t aligned = (n + 15) & ~(size_t)15;  // 64-byte alignment for every buffer
+    float *p = m->arena ? m->arena + m->arena_used : NULL;
+    m->arena_used += aligned;
+    return p;
+}
+
+static int32_t *take_i32(nm_model *m, size_t n) { return (int32_t *)take(m, n); }
+
+static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
+
+// Every buffer of a block between its input and its output.
+static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int moe) {
+    const nm_model_config *c = &m->cfg;
+    size_t N = (size_t)(m->B_max * m->T_max);
+    size_t D = c->D, NK = N * (size_t)c->K, H = (size_t)m->H_loc;
+    b->a = take(m, N * D);
+    b->a_rstd = take(m, N);
+    if (c->Rq > 0) {
+        b->cq = take(m, N * c->Rq);
+        b->cq_n = take(m, N * c->Rq);
+        b->cq_rstd = take(m, N);
+    }
+    b->q = take(m, N * H * c->Dqk);
+    b->ckv = take(m, N * c->Rkv);
+    b->ckv_n = take(m, N * c->Rkv);
+    b->ckv_rstd = take(m, N);
+    b->k_pe = take(m, N * c->Dr);
+    b->kv = take(m, N * H * (c->Dn + c->Dv));
+    b->att = take(m, N * H * c->Dv);
+    b->lse = take(m, N * H);
+    b->x_mid = take(m, N * D);
+    b->f = take(m, N * D);
+    b->f_rstd = take(m, N);
+    if (dense) {
+        b->gate_up = take(m, N * 2 * m->F_loc);
+        b->act = take(m, N * m->F_loc);
+    }
+    if (moe && c->E > 0) {
+        b->router_logits = take(m, N * c->E);
+        b->scores = take(m, N * c->E);
+        b->topk_idx = take_i32(m, NK);
+        b->topk_w = take(m, NK);
+        b->perm = take_i32(m, NK);
+        b->offsets = take_i32(m, c->E + 1);
+        size_t R = m->ep ? (size_t)m->ep_cap : NK;
+        b->x_perm = take(m, NK * D);
+        b->e_gate_up = take(m, R * 2 * c->Fe);
+        b->e_act = take(m, R * c->Fe);
+        b->e_out = take(m, NK * D);
+        if (m->ep) {
+            b->x_loc = take(m, R * D);
+            size_t EP = (size_t)m->ep->size;
+            b->ep_counts = (int64_t *)take(m, 2 * EP * (size_t)m->E_loc);
+            b->ep_pairs = (int64_t *)take(m, 2 * EP * EP);
+        }
+
+        if (c->Fs > 0) {
+            b->s_gate_up = take(m, N * 2 * m->Fs_loc);
+            b->s_act = take(m, N * m->Fs_loc);
+        }
+        b->bal_f = take(m, m->B_max * c->E);
+    }
+}
+
+
+static void slot_save(nm_model *m, model_slot *s) {
+    *s = (model_slot){.blocks = m->blocks, .mtp = m->mtp, .targets = m->targets, .tokens = m->tokens,
+                      .stage_in = m->stage_in, .emb_out = m->emb_out, .h0 = m->h0, .h0_rstd = m->h0_rstd,
+                      .logits = m->logits, .losses = m->losses, .lse = m->lse, .head_stats = m->head_stats,
+                      .B = m->B, .T = m->T, .opt = m->opt, .have_forward = m->have_forward};
+}
+
+static void slot_load(nm_model *m, const model_slot *s) {
+    m->blocks = s->blocks;
+    m->mtp = s->mtp;
+    m->targets = s->targets;
+    m->tokens = s->tokens;
+    m->stage_in = s->stage_in;
+    m->emb_out = s->emb_out;
+    m->h0 = s->h0;
+    m->h0_rstd = s->h0_rstd;
+    m->logits = s->logits;
+    m->losses = s->losses;
+    m->lse = s->lse;
+    m->head_stats = s->head_stats;
+    m->B = s->B;
+    m->T = s->T;
+    m->opt = s->opt;
+    m->have_forward = s->have_forward;
+    const nm_model_stage *st = &m->stage;
+    m->stage_out = st->layer_end > st->layer_begin ? m->blocks[st->layer_end - 1].x_out : m->stage_in;
+}
+
+// What one micro-batch's forward leaves for its backward (into m's current-slot fields).
+static void take_slot(nm_model *m, const block_acts *shared) {
+    const nm_model_config *c = &m->cfg;
+    size_t N = (size_t)(m->B_max * m->T_max);
+    size_t D = c->D;
+    const nm_model_stage *st = &m->stage;
+    FOR_STAGE_LAYERS(m, l) {
+        block_acts *b = &m->blocks[l];
+        int moe = nm_layer_is_moe(c, l);
+        if (m->recompute) *b = *shared;
+        else take_block_intermediates(m, b, !moe, moe);
+        b->x_in = (l == st->layer_begin || nm_layer_is_mtp(c, l)) ? take(m, N * D) : NULL;  // else aliases
+        b->x_out = take(m, N * D);
+    }
+    for (int64_t l = st->layer_begin + 1; l < st->layer_end; l++) m->blocks[l].x_in = m->blocks[l - 1].x_out;
+    m->stage_in = st->layer_end > st->layer_begin ? m->blocks[st->layer_begin].x_in : take(m, N * D);
+    m->emb_out = m->stage_in;
+    if (st->last) {
+        for (int64_t k = 0; k < c->M; k++) {
+            mtp_acts *t = &m->mtp[k];
+            t->tokens_in = take_i32(m, N);
+            t->targets = take_i32(m, N);
+            t->h_prev = take(m, N * D);
+            t->emb = take(m, N * D);
+            t->emb_n = take(m, N * D);
+            t->emb_rstd = take(m, N);
+            t->h_n = take(m, N * D);
+            t->h_rstd = take(m, N);
+            t->g = take(m, N * D);
+            t->g_rstd = take(m, N);
+            t->logits = take(m, N * (size_t)m->vt);
+            t->losses = take(m, N);
+            t->lse = take(m, N);
+            t->dh = take(m, N * D);
+        }
+    }
+    m->targets = take_i32(m, N);
+    m->tokens = take_i32(m, N);
+    if (st->last) {
+        m->h0 = take(m, N * D);
+        m->h0_rstd = take(m, N);
+        m->logits = take(m, N * (size_t)m->vt);
+        m->losses = take(m, N);
+        m->lse = take(m, N);
+        m->head_stats = (double *)take(m, 6 * N);  // 3 doubles per row (the arena is 64-byte aligned)
+    }
+}
+
+static void layout(nm_model *m) {
+    const nm_model_config *c = &m->cfg;
+    size_t N = (size_t)(m->B_max * m->T_max);
+    size_t D = c->D, NK = N * (size_t)c->K;
+    m->arena_used = 0;
+    m->rope_cos = take(m, (size_t)m->T_max * c->Dr / 2);
+    m->rope_sin = take(m, (size_t)m->T_max * c->Dr / 2);
+    // With recomputation only each block's input and output are kept; everything in between
+    // lives in one shared set (dense and MoE buffers both), rebuilt by re-running a block's
+    // forward right before its backward. Pipeline stages keep one set of saved activations
+    // per micro-batch in flight (slots); the backward scratch below is shared by all.
+    // A stage without MoE blocks (or without dense ones) needs none of their buffers.
+    int stage_moe = 0, stage_dense = 0;
+    FOR_STAGE_LAYERS(m, l) {
+        if (nm_layer_is_moe(c, l)) stage_moe = 1;
+        else stage_dense = 1;
+    }
+    block_acts shared = {0};
+    if (m->recompute) take_block_intermediates(m, &shared, stage_dense, stage_moe);
+    for (int s = 0; s < m->n_slots; s++) {
+        m->blocks = m->block_sets + (size_t)s * (size_t)c->n_layers;
+        m->mtp = m->mtp_sets + (size_t)s * (size_t)(c->M > 0 ? c->M : 1);
+        take_slot(m, &shared);
+        slot_save(m, &m->slots[s]);
+    }
+    slot_load(m, &m->slots[0]);
+    m->slot = 0;
+
+    size_t Fmax = max_sz((size_t)m->F_loc, (size_t)m->Fs_loc), H = (size_t)m->H_loc;
+    m->d_res = take(m, N * D);
+    m->d_h0 = take(m, N * D);
+    m->d_a = take(m, N * D);
+    m->d_f = take(m, N * D);
+    if (c->Rq > 0) {
+        m->d_cq_n = take(m, N * c->Rq);
+        m->d_cq = take(m, N * c->Rq);
+    }
+    m->d_q = take(m, N * H * c->Dqk);
+    m->d_ckv_n = take(m, N * c->Rkv);
+    m->d_ckv = take(m, N * c->Rkv);
+    m->d_k_pe = take(m, N * c->Dr);
+    m->d_kv = take(m, N * H * (c->Dn + c->Dv));
+    m->d_att = take(m, N * H * c->Dv);
+    m->att_scratch = take(m, N * H * c->Dr);
+    m->d_gate_up = take(m, N * 2 * Fmax);
+    m->d_act = take(m, N * Fmax);
+    if (c->E > 0 && stage_moe) {
+        m->d_router = take(m, N * c->E);
+        m->d_topk_w = take(m, NK);
+        size_t R = m->ep ? (size_t)m->ep_cap : NK;
+        m->d_e_out = take(m, NK * D);
+        m->d_e_act = take(m, R * c->Fe);
+        m->d_e_gate_up = take(m, R * 2 * c->Fe);
+        m->d_x_perm = take(m, NK * D);
+        if (m->ep) {
+            m->d_e_out_loc = take(m, R * D);
+            m->d_x_loc = take(m, R * D);
+            m->ep_buf = take(m, R * D);
+            // the bf16 dispatch's send buffer, only where the run is bf16 (moe.c)
+            if (m->opt_precision == NM_PRECISION_BF16) m->ep_send16 = (uint16_t *)take(m, (NK * D + 1) / 2);
+        }
+    }
+    m->d_emb = take(m, N * D);
+    m->d_tmp = take(m, N * D);
+    if (m->tp) {
+        m->tp_ids = take_i32(m, N);
+        m->d_tp = take(m, N * D);
+        m->tp_red = (double *)take(m, 6 * N);
+    }
+}
+
+// Local sizes of a tensor-parallel rank of tp_size (the full sizes at 1); the vocabulary
+// shard is the embedding row's (table row 0) when there is a table.
+static void set_local_sizes(nm_model *m, int64_t tp_size, const nm_tensor_spec *embed) {
+    const nm_model_config *c = &m->cfg;
+    m->H_loc = c->H / tp_size;
+    m->F_loc = c->F / tp_size;
+    m->Fs_loc = c->Fs / tp_size;
+    m->V_loc = embed ? embed->shape[0] : c->V;
+    m->v_start = embed && embed->tp_dim == 0 ? embed->tp_start : 0;
+    m->V_valid = embed && embed->tp_dim == 0 ? embed->tp_extent : m->V_loc;
+}
+
+// --- create / destroy ---------------------------------------------------------------------
+
+static void rope_tables(nm_model *m) {
+    const nm_model_config *c = &m->cfg;
+    int64_t half = c->Dr / 2;
+    double *inv_freq = nm_malloc((size_t)half * sizeof(double));  // (Dr/2): sized by the config
+    nm_rope_inv_freq(c, inv_freq);
+    for (int64_t t = 0; t < m->T_max; t++) {
+        for (int64_t i = 0; i < half; i++) {
+            // Angles in double: HF forms them in fp32, which at position 4096 is already off by
+            // ~4e-4 rad; the tables are built once, so accuracy costs nothing. The YaRN
+            // attention factor multiplies both (dsv3-spec 4.3).
+            double angle = (double)t * inv_freq[i];
+            m->rope_cos[t * half + i] = (float)(cos(angle) * c->rope_attn_factor);
+            m->rope_sin[t * half + i] = (float)(sin(angle) * c->rope_attn_factor);
+        }
+    }
+    nm_free(inv_freq);
+}
+
+// The ops keep per-row vectors of these sizes in fixed scratch (ops.h max_row_dim).
+static int check_row_dims(const nm_model_config *c, const nm_ops *ops, nm_error *err) {
+    struct { const char *what; int64_t v; } dims[] = {
+        {"n_routed_experts", c->E}, {"qk_nope_head_dim + qk_rope_head_dim", c->Dn + c->Dr}, {"v_head_dim", c->Dv},
+    };
+    for (size_t i = 0; i < sizeof(dims) / sizeof(dims[0]); i++) {
+        if (ops->max_row_dim > 0 && dims[i].v > ops->max_row_dim)
+            return nm_error_set(err, "%s: %s = %lld: this backend's ops handle at most %lld (DeepSeek-V3: 256 experts, "
+                                "head dims 192 and 128)", c->source_path ? c->source_path : "model config", dims[i].what,
+                                (long long)dims[i].v, (long long)ops->max_row_dim);
+    }
+    return 0;
+}
+
+// Output-head vocabulary tile: the whole vocabulary while the (N, V) logits fit in 64 MiB
+// (every config here up to V = 4096 at N = 2056), else the widest multiple of 128 columns
+// that fits (fp8 weight blocks are 128 rows; at V = 129280, N = 8 x 4097: 384 columns).
+static int64_t pick_vocab_tile(const nm_model_config *c, int64_t N, int64_t requested) {
+    if (requested > 0) return requested < c->V ? requested : c->V;
+    const int64_t budget = (int64_t)16 << 20;  // floats
+    if (N * c->V <= budget) return c->V;
+    int64_t vt = budget / N / 128 * 128;
+    return vt < 128 ? 128 : vt;
+}
+
+// Everything the arena layout reads, from the options (create and the estimate share it):
+// the groups, this rank's parameter table, the local head / FFN / vocabulary sizes, the head
+// tile, the experts held here and the bound on the rows they receive.
+static int configure(nm_model *m, const nm_model_options *opts, nm_error *err) {
+    const nm_model_config *c = &m->cfg;
+    if (opts->vocab_tile < 0) return nm_error_set(err, "model: vocab_tile %lld < 0", (long long)opts->vocab_tile);
+    m->ep = opts->ep && opts->ep->size > 1 ? opts->ep : NULL;
+    m->tp = opts->tp && opts->tp->size > 1 ? opts->tp : NULL;
+    m->sp = m->tp && opts->sequence_parallel;
+    int64_t ep_size = m->ep ? m->ep->size : 1, ep_rank = m->ep ? m->ep->rank : 0;
+    int64_t tp_size = m->tp ? m->tp->size : 1, tp_rank = m->tp ? m->tp->rank : 0;
+    int64_t vocab_multiple = opts->vocab_multiple > 0 ? opts->vocab_multiple : 1;
+    if (nm_param_table_build_tp(&m->table, c, ep_rank, ep_size, tp_rank, tp_size, vocab_multiple, err) != 0) return -1;
+    if (m->stage.layer_end - m->stage.layer_begin != c->L || !m->stage.first || !m->stage.last) {
+        if (nm_param_table_restrict_stage(&m->table, c, &m->stage, err) != 0) {
+            nm_param_table_free(&m->table);
+            return -1;
+        }
+    }
+    // The vocabulary shard: the embedding's rows, or the head's on a last stage without it.
+    int vocab_row = nm_param_table_find(&m->table, "model.embed_tokens.weight");
+    if (vocab_row < 0) vocab_row = nm_param_table_find(&m->table, "lm_head.weight");
+    set_local_sizes(m, tp_size, vocab_row >= 0 ? &m->table.rows[vocab_row] : NULL);
+    m->vt = pick_vocab_tile(c, m->B_max * m->T_max, opts->vocab_tile);
+    if (m->vt > m->V_loc) m->vt = m->V_loc;
+    m->E_loc = m->table.expert_count;
+    if (m->ep) {
+        // The receive capacity per round: moe_receive_capacity x the mean rows a rank receives
+        // (each rank sends its routed rows x K), never above what the group could send it.
+        double capacity = opts->moe_receive_capacity;
+        if (!(capacity >= 0) || !isfinite(capacity))
+            return nm_error_set(err, "model: moe_receive_capacity %g: must be a finite number > 0 (0: the default %g)",
+                                capacity, NM_MOE_RECEIVE_CAPACITY);
+        int64_t rows = m->B_max * m->T_max;
+        if (m->sp) rows = (rows + tp_size - 1) / tp_size;  // each tp rank routes its own rows
+        m->ep_cap = nm_moe_receive_rows(c, rows, ep_size, capacity);
+    }
+    return 0;
+}
+
+int64_t nm_moe_receive_rows(const nm_model_config *cfg, int64_t rows_routed, int64_t ep_size, double capacity) {
+    if (capacity <= 0) capacity = NM_MOE_RECEIVE_CAPACITY;
+    int64_t E_loc = cfg->E / (ep_size > 0 ? ep_size : 1);
+    int64_t per = cfg->K < E_loc ? cfg->K : E_loc;  // a token reaches one rank at most this often
+    int64_t most = ep_size * rows_routed * per;     // every token of the group routed here
+    double c = ceil(capacity * (double)(rows_routed * cfg->K));
+    return c >= (double)most ? most : c < 1 ? 1 : (int64_t)c;
+}
+
+int nm_model_create(nm_model **out, const nm_model_config *cfg, const nm_ops *ops, int64_t B_max,
+                    int64_t T_max, nm_error *err) {
+    nm_model_options o = {0};
+    return nm_model_create_ex(out, cfg, ops, B_max, T_max, &o, err);
+}
+
+int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops *ops, int64_t B_max,
+                       int64_t T_max, const nm_model_options *opts, nm_error *err) {
+    *out = NULL;
+    if (B_max < 1 || T_max < 2) return nm_error_set(err, "model: batch %lld x seq %lld: need batch >= 1 and seq >= 2", (long long)B_max, (long long)T_max);
+    if (T_max < cfg->M + 2) return nm_error_set(err, "model: sequence length %lld too short for %lld MTP depths (needs >= %lld)", (long long)T_max, (long long)cfg->M, (long long)(cfg->M + 2));
+    if ((int64_t)B_max * T_max * (cfg->K > 0 ? cfg->K : 1) >= INT32_MAX) return nm_error_set(err, "model: batch*seq*top_k = %lld exceeds int32 routing indices", (long long)(B_max * T_max * cfg->K));
+    if (ops->setup && ops->setup(err) != 0) return -1;
+    if (check_row_dims(cfg, ops, err) != 0) return -1;
+    nm_model *m = nm_calloc(1, sizeof(nm_model));
+    m->cfg = *cfg;
+    m->ops = ops;
+    m->B_max = B_max;
+    m->T_max = T_max;
+    m->recompute = opts->recompute;
+    m->stage = opts->stage ? *opts->stage : (nm_model_stage){0, cfg->L, 1, 1};
+    m->n_slots = opts->act_slots > 1 ? (int)opts->act_slots : 1;
+    m->opt_precision = opts->precision;
+    if (configure(m, opts, err) != 0) {
+        nm_free(m);
+        return -1;
+    }
+    int64_t ep_size = m->ep ? m->ep->size : 1;
+    if (m->tp) m->sp_counts = nm_calloc((size_t)m->tp->size, sizeof(int64_t));
+    if (m->ep) {
+        m->ep_send = nm_calloc((size_t)ep_size, sizeof(int64_t));
+        m->ep_recv = nm_calloc((size_t)ep_size, sizeof(int64_t));
+        m->ep_send_at = nm_calloc((size_t)ep_size, sizeof(int64_t));
+        m->ep_recv_at = nm_calloc((size_t)ep_size, sizeof(int64_t));
+        m->ep_cnt_send = nm_calloc((size_t)(ep_size * m->E_loc), sizeof(int64_t));
+        m->ep_round_counts = nm_calloc((size_t)(ep_size * m->E_loc), sizeof(int64_t));
+        m->ep_round_offsets = nm_calloc((size_t)m->E_loc + 1, sizeof(int32_t));
+    }
+    m->params = m->ops->alloc(m->table.n_floats * sizeof(float));
+    m->grads = m->ops->alloc(m->table.n_floats * sizeof(float));
+    m->block_sets = nm_calloc((size_t)m->n_slots * (size_t)cfg->n_layers, sizeof(block_acts));
+    m->mtp_sets = nm_calloc((size_t)m->n_slots * (cfg->M > 0 ? (size_t)cfg->M : 1), sizeof(mtp_acts));
+    m->slots = nm_calloc((size_t)m->n_slots, sizeof(model_slot));
+    layout(m);  // counting pass
+    m->arena_floats = m->arena_used;
+    m->arena = m->ops->alloc(m->arena_floats * sizeof(float));
+    layout(m);  // assigning pass
+    NM_CHECK(m->arena_used == m->arena_floats, "arena layout mismatch");
+    rope_tables(m);
+
+    m->moe_layer_ids = nm_calloc((size_t)cfg->n_layers + 1, sizeof(int));
+    FOR_STAGE_LAYERS(m, l) {
+        if (nm_layer_is_moe(cfg, l)) m->moe_layer_ids[m->n_moe++] = (int)l;
+    }
+    m->groups = nm_calloc((size_t)(cfg->E > 0 ? cfg->E : 1), sizeof(nm_gemm_group));
+    m->twins = nm_bf16_twins_create(m->ops);
+    m->expert_counts = nm_calloc((size_t)(m->n_moe > 0 ? m->n_moe : 1) * (size_t)(cfg->E > 0 ? cfg->E : 1), sizeof(int64_t));
+    *out = m;
+    return 0;
+}
+
+void nm_model_destroy(nm_model *m) {
+    if (!m) return;
+    nm_param_table_free(&m->table);
+    m->ops->free(m->params);
+    m->ops->free(m->grads);
+    m->ops->free(m->weights_bf16);
+    nm_bf16_twins_destroy(m->twins);
+    m->ops->free(m->arena);
+    nm_free(m->block_sets);
+    nm_free(m->mtp_sets);
+    nm_free(m->slots);
+    nm_free(m->moe_layer_ids);
+    nm_free(m->groups);
+    nm_free(m->ep_send);
+    nm_free(m->ep_recv);
+    nm_free(m->ep_cnt_send);
+    nm_free(m->ep_send_at);
+    nm_free(m->ep_recv_at);
+    nm_free(m->ep_round_counts);
+    nm_free(m->ep_round_offsets);
+    nm_free(m->sp_counts);
+    nm_free(m->expert_counts);
+    nm_free(m);
+}
+
+float *nm_model_params(nm_model *m) {
+    m->params_changed = 1;
+    return m->params;
+}
+
+int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err) {
+    if (p != NM_PRECISION_FP32 && (!m->ops->gemm_bf16 || !m->ops->cast_bf16 || !m->ops->round_bf16 ||
+                                   !m->ops->round_cast_bf16 || !m->ops->gemm_bf16_weight_type ||
+                                   !m->ops->swiglu_forward_bf16 || !m->ops->swiglu_backward_bf16 ||
+                                   (p == NM_PRECISION_FP8 && !m->ops->gemm_fp8))) {
+        return nm_error_set(err, "precision %s: this backend has no %s GEMM", p == NM_PRECISION_FP8 ? "fp8" : "bf16",
+                            p == NM_PRECISION_FP8 ? "fp8" : "bf16");
+    }
+    if (p == NM_PRECISION_BF16 && m->ep && m->opt_precision != NM_PRECISION_BF16)
+        return nm_error_set(err, "precision bf16 under expert parallelism: create the model with nm_model_options."
+                                 "precision = bf16 (its dispatch buffer is sized at creation)");
+    m->precision = p;
+    m->params_changed = 1;  // the weight copy is made (and allocated) by the next forward
+    return 0;
+}
+float *nm_model_grads(nm_model *m) { return m->grads; }
+int nm_model_supports_expert_parallel(void) { return 1; }
+int nm_model_supports_tensor_parallel(void) { return 1; }
+
+const nm_param_table *nm_model_table(const nm_model *m) { return &m->table; }
+const nm_ops *nm_model_ops(const nm_model *m) { return m->ops; }
+const nm_model_config *nm_model_cfg(const nm_model *m) { return &m->cfg; }
+size_t nm_model_activation_bytes(const nm_model *m) { return m->arena_floats * sizeof(float); }
+
+size_t nm_model_estimate_activation_bytes(const nm_model_config *cfg, int64_t B_max, int64_t T_max, int recompute) {
+    nm_model_options o = {.recompute = recompute};
+    size_t bytes = 0;
+    nm_error err;
+    NM_CHECK(nm_model_estimate_activation_bytes_ex(cfg, B_max, T_max, &o, &bytes, &err) == 0, "%s", err.msg);
+    return bytes;
+}
+
+int nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_max, int64_t T_max,
+                                          const nm_model_options *opts, size_t *bytes, nm_error *err) {
+    int n_slots = opts->act_slots > 1 ? (int)opts->act_slots : 1;
+    nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = opts->recompute,
+                  .stage = opts->stage ? *opts->stage : (nm_model_stage){0, cfg->L, 1, 1}, .n_slots = n_slots,
+                  .opt_precision = opts->precision};
+    if (configure(&m, opts, err) != 0) return -1;
+    m.slots = nm_calloc((size_t)n_slots, sizeof(model_slot));
+    m.block_sets = nm_calloc((size_t)n_slots * (size_t)cfg->n_layers, sizeof(block_acts));
+    m.mtp_sets = nm_calloc((size_t)n_slots * (cfg->M > 0 ? (size_t)cfg->M : 1), sizeof(mtp_acts));
+    layout(&m);  // counting pass only (no arena)
+    nm_free(m.slots);
+    nm_free(m.block_sets);
+    nm_free(m.mtp_sets);
+    nm_param_table_free(&m.table);
+    *bytes = m.arena_used * sizeof(float);
+    return 0;
+}
+void nm_model_zero_grads(nm_model *m) { m->ops->zero(m->grads, (int64_t)m->table.n_floats); }
+
+void nm_model_ep_stats(nm_model *m, int64_t *rounds, double *recv_max_over_mean) {
+    *rounds = m->ep_stats_rounds;
+    *recv_max_over_mean = m->ep_stats_over_mean;
+    m->ep_stats_rounds = 0;
+    m->ep_stats_over_mean = 0.0;
+}
+
+const int64_t *nm_model_expert_counts(const nm_model *m, int *n_moe_layers, const int **layer_ids) {
+    if (n_moe_layers) *n_moe_layers = m->n_moe;
+    if (layer_ids) *layer_ids = m->moe_layer_ids;
+    return m->expert_counts;
+}
+
+// --- pipeline stages ------------------------------------------------------------------------
+
+const float *nm_model_stage_output(const nm_model *m) { return m->stage_out; }
+const float *nm_model_input_grad(const nm_model *m) { return m->d_res; }
+const nm_model_stage *nm_model_get_stage(const nm_model *m) { return &m->stage; }
+
+int nm_model_set_slot(nm_model *m, int64_t s, nm_error *err) {
+    if (s < 0 || s >= m->n_slots)
+        return nm_error_set(err, "model: activation slot %lld outside the %d allocated", (long long)s, m->n_slots);
+    if (s == m->slot) return 0;
+    slot_save(m, &m->slots[m->slot]);
+    slot_load(m, &m->slots[s]);
+    m->slot = (int)s;
+    return 0;
+}

@@ -1,0 +1,60 @@
+// parallel.c: tensor and sequence parallelism as the blocks use it (model_state.h): the
+// all-reduce over the tp group, the vocabulary-parallel embedding, and the sequence-parallel
+// row split with its all-gather and reduce-scatter. A failed collective is latched in the
+// model (tp_failed, tp_err) and reported when the forward or backward returns.
+#include "model/model_state.h"
+
+void nm_tp_all_reduce(nm_model *m, float *buf, int64_t n) {
+    if (!m->tp || m->tp_failed) return;
+    if (nm_comm_all_reduce(m->tp, buf, n, NM_DT_F32, NM_RED_SUM, &m->tp_err) != 0) m->tp_failed = 1;
+}
+
+// Token ids relative to this rank's vocabulary rows, -1 for rows held elsewhere.
+static const int32_t *tp_local_ids(nm_model *m, const int32_t *tokens, int64_t N) {
+    if (!m->tp) return tokens;
+    for (int64_t i = 0; i < N; i++) {
+        int64_t id = (int64_t)tokens[i] - m->v_start;
+        m->tp_ids[i] = id >= 0 && id < m->V_valid ? (int32_t)id : -1;
+    }
+    return m->tp_ids;
+}
+
+void nm_tp_embedding_forward(nm_model *m, float *out, const int32_t *tokens, int64_t N) {
+    int64_t D = m->cfg.D;
+    m->ops->embedding_forward(out, tp_local_ids(m, tokens, N), m->params + m->table.embed, N, D);
+    // sequence parallelism: each rank keeps the summed rows of its own tokens (Megatron's
+    // reduce-scatter into the sequence-parallel region)
+    if (m->sp) nm_sp_reduce_scatter(m, out, N, D);
+    else nm_tp_all_reduce(m, out, N * D);
+}
+
+void nm_sp_rows(const nm_model *m, int64_t N, int64_t *start, int64_t *n) {
+    if (!m->sp) {
+        *start = 0, *n = N;
+        return;
+    }
+    int64_t P = m->tp->size, q = m->tp->rank;
+    *start = q * N / P;
+    *n = (q + 1) * N / P - *start;
+}
+
+static void sp_counts(nm_model *m, int64_t N, int64_t width) {
+    int64_t P = m->tp->size;
+    for (int64_t q = 0; q < P; q++) m->sp_counts[q] = ((q + 1) * N / P - q * N / P) * width;
+}
+
+void nm_sp_all_gather(nm_model *m, void *buf, int64_t N, int64_t width, nm_comm_dtype dt) {
+    if (!m->sp || m->tp_failed) return;
+    sp_counts(m, N, width);
+    if (nm_comm_all_gather(m->tp, buf, m->sp_counts, dt, &m->tp_err) != 0) m->tp_failed = 1;
+}
+
+void nm_sp_reduce_scatter(nm_model *m, float *buf, int64_t N, int64_t width) {
+    if (!m->sp || m->tp_failed) return;
+    sp_counts(m, N, width);
+    if (nm_comm_reduce_scatter(m->tp, buf, m->sp_counts, NM_DT_F32, &m->tp_err) != 0) m->tp_failed = 1;
+}
+
+void nm_tp_embedding_backward(nm_model *m, const float *dout, const int32_t *tokens, int64_t N) {
+    m->ops->embedding_backward(m->grads + m->table.embed, dout, tp_local_ids(m, tokens, N), N, m->cfg.D);
+}
