@@ -31,6 +31,7 @@
 #include "core/check.h"
 #include "core/rng.h"
 #include "ops/bf16.h"
+#include "ops/fp8.h"
 #include "ops/ops.h"
 
 #include "test_util.h"
@@ -354,6 +355,52 @@ static void test_gemm_fp8(void) {
     fp8_case(NM_NO_TRANS, NM_NO_TRANS, 130, 300, 200, NM_FP8_WEIGHT, 1.0f);
     fp8_case(NM_TRANS, NM_NO_TRANS, 200, 300, 130, NM_FP8_ACTIVATION, 1.0f);
     fp8_case(NM_TRANS, NM_TRANS, 64, 72, 260, NM_FP8_ACTIVATION, 0.0f);
+}
+
+// The fp8 rows of the expert all-to-all: codes, scales, the dequantised values and the in-place
+// round, at DeepSeek-V3's width with a short last tile (7175 = 56 x 128 + 7) and at the small
+// model's (64: one short tile), with a zero row (the 1e-4 floor), a NaN and values past 448 x s.
+// Everything is exact: both backends apply fp8.h's one rounding rule, and the round trip must
+// equal the GEMM's own activation quantisation (nm_fp8_quantize_tiles).
+static void fp8_rows_case(int64_t rows, int64_t D) {
+    const int64_t tiles = (D + 127) / 128;
+    float *x = randn(rows * D, 3.0f);
+    for (int64_t c = 0; c < D; c++) x[c] = 0.0f;                  // row 0: all zero
+    if (rows > 2) x[2 * D + D / 2] = NAN, x[2 * D + 1] = 1e6f;     // row 2: a NaN, a huge value
+    uint8_t *q = nm_malloc((size_t)(rows * D)), *qr = nm_malloc((size_t)(rows * D));
+    float *sc = nans(rows * tiles), *scr = nans(rows * tiles);
+    be->fp8_quantize_rows(q, sc, x, rows, D);
+    ref->fp8_quantize_rows(qr, scr, x, rows, D);
+    char what[64];
+    snprintf(what, sizeof what, "%lldx%lld", (long long)rows, (long long)D);
+    check_exact("fp8_quantize_rows codes", what, q, qr, (size_t)(rows * D));
+    check_exact("fp8_quantize_rows scales", what, sc, scr, (size_t)(rows * tiles) * sizeof(float));
+    float *d = nans(rows * D), *dr = nans(rows * D);
+    be->fp8_dequantize_rows(d, q, sc, rows, D);
+    ref->fp8_dequantize_rows(dr, qr, scr, rows, D);
+    check_exact("fp8_dequantize_rows", what, d, dr, (size_t)(rows * D) * sizeof(float));
+    float *r = copyf(x, rows * D), *rr = copyf(x, rows * D);
+    be->fp8_round_rows(r, rows, D);
+    ref->fp8_round_rows(rr, rows, D);
+    check_exact("fp8_round_rows", what, r, rr, (size_t)(rows * D) * sizeof(float));
+    // the transport's values are the GEMM's: round trip == in-place round == quantize_tiles
+    float *t = nans(rows * D), *ts = nans(rows * tiles);
+    nm_fp8_quantize_tiles(t, D, ts, x, D, rows, D, NM_FP8_SCALE_FP32);
+    // (a NaN tile is NaN both ways, its payload bits need not agree)
+    int64_t differ = 0;
+    for (int64_t i = 0; i < rows * D; i++) differ += (r[i] != d[i]) && !(r[i] != r[i] && d[i] != d[i]);
+    note("fp8 round == dequantize(quantize)", what, differ ? INFINITY : 0.0, 0.0);
+    EXPECT(differ == 0, "fp8 round trip: %lld values differ from the in-place round", (long long)differ);
+    check_exact("fp8 round == nm_fp8_quantize_tiles", what, r, t, (size_t)(rows * D) * sizeof(float));
+    check_exact("fp8 scales == nm_fp8_quantize_tiles", what, sc, ts, (size_t)(rows * tiles) * sizeof(float));
+    nm_free(x), nm_free(q), nm_free(qr), nm_free(sc), nm_free(scr), nm_free(d), nm_free(dr), nm_free(r), nm_free(rr);
+    nm_free(t), nm_free(ts);
+}
+
+static void test_fp8_rows(void) {
+    printf("fp8_quantize_rows / fp8_dequantize_rows / fp8_round_rows\n");
+    fp8_rows_case(5, 7175);
+    fp8_rows_case(70, 64);
 }
 
 // --- elementwise / memory / embedding ---------------------------------------------------------
@@ -806,6 +853,7 @@ int main(void) {
         test_gemm_bf16();
         test_casts();
         test_gemm_fp8();
+        test_fp8_rows();
         test_memory_ops();
         test_backend_memory();
         test_optimizer_ops();

@@ -70,6 +70,23 @@ for spec in "ep2_bf16 2 --set expert_parallel_size=2" \
     || { cat "$name.log"; fail "$name did not run"; }
   NM_COMPARE_TOL=6e-5,3e-4 "$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref_bf16/metrics.jsonl "$name/metrics.jsonl" "$name"
 done
+# fp8 (DeepSeek-V3's FP8 dispatch): the activations cross as e4m3 codes with a scale per 1 x 128
+# tile, the gradients and the way back as bf16; one process applies the same roundings
+# (moe.c). fp8 layouts still differ by more than bf16 ones: an ulp of an fp32 GEMM over another
+# grouping of rows can cross an e4m3 rounding (compare_runs.py, NM_COMPARE_LOAD). Measured over
+# 10 steps, against one fp8 process: ep2 loss 1.1e-4, CE 1.3e-4, gradient norm 9.2e-4; with
+# rounds and recomputation 1.4e-4, 1.7e-4, 1.1e-3 (dp2 with no all-to-all at all: 1.1e-4,
+# 1.3e-4, 9.4e-4). Bounds 10x. The transport itself is checked exactly: the codes, scales and
+# round trip in test_backend_ops, the bytes against the formula below.
+"$NM_BIN" train --config train.json --out ref_fp8 --quiet --set precision=fp8 >/dev/null
+for spec in "ep2_fp8 2 --set expert_parallel_size=2" \
+            "ep2_rounds_recompute_fp8 2 --set expert_parallel_size=2 --set moe_receive_capacity=0.25 --recompute"; do
+  set -- $spec; name=$1; n=$2; shift 2
+  nm_mpirun "$n" "$NM_BIN" train --config train.json --out "$name" --quiet --set precision=fp8 "$@" >"$name.log" 2>&1 \
+    || { cat "$name.log"; fail "$name did not run"; }
+  NM_COMPARE_TOL=2e-3,1e-2 NM_COMPARE_LOAD=report "$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref_fp8/metrics.jsonl \
+    "$name/metrics.jsonl" "$name"
+done
 
 # Every routed row forced to one EP rank: a router bias of 100 on experts 0 and 1 (EP rank 0's
 # pair at ep4, half of rank 0's four at ep2) outweighs any affinity, so all N x K rows of every
@@ -181,24 +198,30 @@ L, M = m["num_hidden_layers"], m.get("num_nextn_predict_layers", 0)
 E, K, D = m["n_routed_experts"], m["num_experts_per_tok"], m["hidden_size"]
 dense_first, freq = m["first_k_dense_replace"], m.get("moe_layer_freq", 1)
 T = c["seq_len"] + 1
-def a2a(world, recompute, rounds, dispatch=4):
-    # (the job's bytes, one rank's counts + dispatches: a lower bound of its own share); the
-    # rows to the experts cross at `dispatch` bytes per float (bf16 runs: 2), the rest at 4
+def a2a(world, recompute, rounds, precision="fp32"):
+    # (the job's bytes, one rank's counts + dispatches: a lower bound of its own share). Bytes of
+    # a row of D by what it carries: the activations to the experts (fp8: e4m3 codes + a 4-byte
+    # scale per 128; bf16: 2 per element; fp32: 4), the gradients to them (2, or 4 in fp32) and
+    # everything coming back (2 in fp8, else 4).
+    x_row = {"fp8": D + 4 * ((D + 127) // 128), "bf16": 2 * D, "fp32": 4 * D}[precision]
+    grad_row, back_row = (4 * D if precision == "fp32" else 2 * D), (2 * D if precision == "fp8" else 4 * D)
     micro, accum = c["micro_batch"], c["global_batch"] // (c["micro_batch"] * world)
     total = own = 0
     for l in range(L + M):
         if l < dense_first or l % freq != 0: continue
         T_l = T if l < L else T - (l - L + 1)
         phases, counts = (6, 2) if recompute else (4, 1)
-        own += counts * E * 8 + phases // 2 * micro * T_l * K * D * dispatch
-        row_bytes = (phases // 2 + (rounds > 1)) * dispatch + phases // 2 * 4
-        total += counts * world * E * 8 + world * micro * T_l * K * D * row_bytes
+        x_phases = phases // 2 - 1
+        own += counts * E * 8 + micro * T_l * K * (x_phases * x_row + grad_row)
+        row_bytes = (x_phases + (rounds > 1)) * x_row + grad_row + phases // 2 * back_row
+        total += counts * world * E * 8 + world * micro * T_l * K * row_bytes
     return accum * total, accum * own
 runs = (("ep2", 2, False, 1), ("dp4_ep2", 4, False, 1), ("dp4_ep4", 4, False, 1), ("ep2_recompute", 2, True, 1),
         ("ep2_rounds", 2, False, 4), ("dp4_ep4_rounds", 4, False, 4), ("ep2_rounds_recompute", 2, True, 4),
-        ("ep2_bf16", 2, False, 1), ("ep2_rounds_recompute_bf16", 2, True, 4))
+        ("ep2_bf16", 2, False, 1), ("ep2_rounds_recompute_bf16", 2, True, 4),
+        ("ep2_fp8", 2, False, 1), ("ep2_rounds_recompute_fp8", 2, True, 4))
 for run, world, rec, least in runs:
-    disp = 2 if run.endswith("bf16") else 4
+    disp = run.rsplit("_", 1)[-1] if run.endswith(("bf16", "fp8")) else "fp32"
     seen = []
     for line in open(f"{run}/metrics.jsonl"):
         d = json.loads(line)
@@ -215,6 +238,10 @@ for run, world, rec, least in runs:
         assert own <= d["comm_ep_all_to_all_bytes"] < want, (run, d["step"], d["comm_ep_all_to_all_bytes"], own)
     print(f"{run}: all-to-all {want} bytes per step over the job; rounds, busiest receiver / mean per step: "
           + " ".join(f"{r}:{o:.2f}" for r, o in seen) + ": ok")
+# fp8's dispatch (the activations' rows, counted exactly above) against fp32's: at most 0.3x
+fp8_x, fp32_x = D + 4 * ((D + 127) // 128), 4 * D
+assert fp8_x / fp32_x <= 0.3, (fp8_x, fp32_x)
+print(f"fp8 dispatch: {fp8_x} bytes a row against {fp32_x} in fp32 ({fp8_x / fp32_x:.3f}x): ok")
 PY
 
 # Checkpoints across layouts: 4 ranks (dp4 x ep2: each rank holds half the experts) -> 1

@@ -13,6 +13,7 @@ size_t nm_comm_dtype_size(nm_comm_dtype dt) {
     case NM_DT_I32: return 4;
     case NM_DT_I64: return 8;
     case NM_DT_F64: return 8;
+    case NM_DT_U8: return 1;
     }
     NM_PANIC("unknown dtype %d", (int)dt);
 }

@@ -28,7 +28,8 @@
 
 #include "core/check.h"
 
-typedef enum nm_comm_dtype { NM_DT_F32, NM_DT_BF16, NM_DT_I32, NM_DT_I64, NM_DT_F64 } nm_comm_dtype;
+// NM_DT_U8: raw bytes (fp8 codes on their way to the experts); moved, never reduced.
+typedef enum nm_comm_dtype { NM_DT_F32, NM_DT_BF16, NM_DT_I32, NM_DT_I64, NM_DT_F64, NM_DT_U8 } nm_comm_dtype;
 typedef enum nm_reduce_op { NM_RED_SUM, NM_RED_MAX, NM_RED_MIN } nm_reduce_op;
 
 enum {

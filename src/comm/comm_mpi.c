@@ -28,6 +28,7 @@ static MPI_Datatype mpi_type(nm_comm_dtype dt) {
     case NM_DT_I32: return MPI_INT32_T;
     case NM_DT_I64: return MPI_INT64_T;
     case NM_DT_F64: return MPI_DOUBLE;
+    case NM_DT_U8: return MPI_UINT8_T;
     }
     NM_PANIC("unknown dtype %d", (int)dt);
 }
@@ -102,7 +103,9 @@ static int take_slot(mpi_impl *im, int size) {
 static mpi_impl *impl_of(nm_comm *c) { return (mpi_impl *)c->impl; }
 
 static int mpi_all_reduce(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, nm_reduce_op op, nm_error *err) {
-    if (dt == NM_DT_BF16) return nm_error_set(err, "all_reduce (%s): bf16 reductions are not supported on MPI", c->group);
+    if (dt == NM_DT_BF16 || dt == NM_DT_U8)
+        return nm_error_set(err, "all_reduce (%s): %s reductions are not supported on MPI", c->group,
+                            dt == NM_DT_U8 ? "byte" : "bf16");
     MPI_Op mop = op == NM_RED_SUM ? MPI_SUM : op == NM_RED_MAX ? MPI_MAX : MPI_MIN;
     size_t es = nm_comm_dtype_size(dt);
     nm_comm_count(c, NM_COMM_ALL_REDUCE, count * (int64_t)es);
@@ -117,7 +120,9 @@ static int mpi_all_reduce(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt
 
 static int mpi_reduce_scatter_start(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_comm_request *req,
                                     nm_error *err) {
-    if (dt == NM_DT_BF16) return nm_error_set(err, "reduce_scatter (%s): bf16 reductions are not supported on MPI", c->group);
+    if (dt == NM_DT_BF16 || dt == NM_DT_U8)
+        return nm_error_set(err, "reduce_scatter (%s): %s reductions are not supported on MPI", c->group,
+                            dt == NM_DT_U8 ? "byte" : "bf16");
     mpi_impl *im = impl_of(c);
     if (to_int_counts(c, "reduce_scatter", counts, im->icounts, im->displs, err) != 0) return -1;
     memset(req, 0, sizeof(*req));

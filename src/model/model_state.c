@@ -214,7 +214,16 @@ static void layout(nm_model *m) {
             m->d_x_loc = take(m, R * D);
             m->ep_buf = take(m, R * D);
             // the bf16 dispatch's send buffer, only where the run is bf16 (moe.c)
-            if (m->opt_precision == NM_PRECISION_BF16) m->ep_send16 = (uint16_t *)take(m, (NK * D + 1) / 2);
+            if (m->opt_precision == NM_PRECISION_BF16 || m->opt_precision == NM_PRECISION_FP8)
+                m->ep_send16 = (uint16_t *)take(m, (NK * D + 1) / 2);
+            if (m->opt_precision == NM_PRECISION_FP8) {  // the fp8 dispatch's codes and scales
+                size_t tiles = (size_t)((D + 127) / 128);
+                m->ep_send8 = (uint8_t *)take(m, (NK * D + 3) / 4);
+                m->ep_send_scales = take(m, NK * tiles);
+                m->ep_recv8 = (uint8_t *)take(m, (R * D + 3) / 4);
+                m->ep_recv_scales = take(m, R * tiles);
+                m->ep_half = (uint16_t *)take(m, (R * D + 1) / 2);
+            }
         }
     }
     m->d_emb = take(m, N * D);
@@ -369,6 +378,7 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
         m->ep_cnt_send = nm_calloc((size_t)(ep_size * m->E_loc), sizeof(int64_t));
         m->ep_round_counts = nm_calloc((size_t)(ep_size * m->E_loc), sizeof(int64_t));
         m->ep_round_offsets = nm_calloc((size_t)m->E_loc + 1, sizeof(int32_t));
+        m->ep_scale_counts = nm_calloc((size_t)(4 * ep_size), sizeof(int64_t));
     }
     m->params = m->ops->alloc(m->table.n_floats * sizeof(float));
     m->grads = m->ops->alloc(m->table.n_floats * sizeof(float));
@@ -413,6 +423,7 @@ void nm_model_destroy(nm_model *m) {
     nm_free(m->ep_recv_at);
     nm_free(m->ep_round_counts);
     nm_free(m->ep_round_offsets);
+    nm_free(m->ep_scale_counts);
     nm_free(m->sp_counts);
     nm_free(m->expert_counts);
     nm_free(m);
@@ -431,9 +442,10 @@ int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err) {
         return nm_error_set(err, "precision %s: this backend has no %s GEMM", p == NM_PRECISION_FP8 ? "fp8" : "bf16",
                             p == NM_PRECISION_FP8 ? "fp8" : "bf16");
     }
-    if (p == NM_PRECISION_BF16 && m->ep && m->opt_precision != NM_PRECISION_BF16)
-        return nm_error_set(err, "precision bf16 under expert parallelism: create the model with nm_model_options."
-                                 "precision = bf16 (its dispatch buffer is sized at creation)");
+    if (p != NM_PRECISION_FP32 && m->ep && m->opt_precision != p)
+        return nm_error_set(err, "precision %s under expert parallelism: create the model with nm_model_options."
+                                 "precision = %s (its dispatch buffers are sized at creation)",
+                            p == NM_PRECISION_FP8 ? "fp8" : "bf16", p == NM_PRECISION_FP8 ? "fp8" : "bf16");
     m->precision = p;
     m->params_changed = 1;  // the weight copy is made (and allocated) by the next forward
     return 0;

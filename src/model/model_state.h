@@ -168,8 +168,16 @@ struct nm_model {
     int64_t ep_cap;             // C: rows a rank's experts receive per round (moe_receive_capacity
                                 // x the mean N_route*K, at most EP * N_route * min(K, E_loc))
     float *ep_buf;              // (C, D) rows in source-major order, on their way in or out
-    uint16_t *ep_send16;        // (N*K, D) bf16 runs: the rows to the experts, as sent
-    nm_precision opt_precision; // nm_model_options.precision: the arena holds ep_send16 when bf16
+    uint16_t *ep_send16;        // (N*K, D) bf16 and fp8 runs: the rows to the experts as sent (fp8:
+                                // the gradients), and under fp8 the combine's rows as received
+    nm_precision opt_precision; // nm_model_options.precision: which of these the arena holds
+    // fp8 runs (moe.c: DeepSeek-V3's FP8 dispatch, bf16 combine)
+    uint8_t *ep_send8;          // (N*K, D) the rows to the experts as e4m3 codes
+    float *ep_send_scales;      // (N*K, ceil(D/128)) their tile scales
+    uint8_t *ep_recv8;          // (C, D) codes as received, source-major
+    float *ep_recv_scales;      // (C, ceil(D/128)) their scales
+    uint16_t *ep_half;          // (C, D) the experts' outputs (forward) or d_x (backward) in bf16
+    int64_t *ep_scale_counts;   // (4*EP) the scales' send/recv counts and displacements
     float *d_e_out_loc;         // (C, D) expert side of d_e_out
     float *d_x_loc;             // (C, D) expert side of d_x_perm (in the forward: the experts' outputs)
     int64_t *ep_send, *ep_recv; // (EP) element counts of this rank's pieces as a source / receiver

@@ -177,10 +177,10 @@ void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32
 
 // Copies blocks between source-major (s, j) and expert-major (j, s) order. to_expert: src is
 // source-major, dst expert-major; else the reverse. counts[s*El + j] rows per block of D
-// elements of elem bytes (fp32 rows, or bf16 ones on their way in).
+// elements of elem bytes (fp32 rows, bf16 ones, fp8 codes or, D = tiles, their scales).
 static void ep_reorder(const nm_model *m, void *dst_v, const void *src_v, const int64_t *counts, int to_expert,
-                       size_t elem) {
-    int64_t EP = m->ep->size, El = m->E_loc, D = m->cfg.D;
+                       size_t elem, int64_t D) {
+    int64_t EP = m->ep->size, El = m->E_loc;
     char *dst = dst_v;
     const char *src = src_v;
     int64_t src_at = 0;
@@ -279,17 +279,52 @@ static int64_t ep_round(nm_model *m, const block_acts *b, int64_t k) {
     return got;
 }
 
+// What crosses the expert all-to-all, by precision (DeepSeek-V3's recipe): under bf16 the
+// rows to the experts (activations and gradients) cross as bf16 and come back in fp32; under
+// fp8 the activations cross as e4m3 codes with one scale per 1 x 128 tile (the quantisation
+// the expert GEMM applies to them anyway), the gradients to the experts and everything coming
+// back as bf16. The values are those of one process: moe_round_* below give a rank that keeps
+// its experts the same roundings, so every layout computes the same numbers.
+typedef enum ep_payload { EP_ACTIVATIONS, EP_GRADIENTS } ep_payload;
+
+// The fp8 dispatch of this round: each peer's slice of rows quantised into ep_send8 and
+// ep_send_scales at the rows' own places, codes and scales exchanged (two all-to-alls, the
+// scales' counts in ep_scale_counts), reordered expert-major into ep_buf (codes, then scales)
+// and dequantised into expert_rows.
+static void ep_dispatch_fp8(nm_model *m, const float *rows, float *expert_rows, int64_t n_in) {
+    const int64_t EP = m->ep->size, D = m->cfg.D, tiles = (D + 127) / 128;
+    int64_t *s_send = m->ep_scale_counts, *s_send_at = s_send + EP, *s_recv = s_send + 2 * EP, *s_recv_at = s_send + 3 * EP;
+    for (int64_t q = 0; q < EP; q++) {
+        const int64_t at = m->ep_send_at[q] / D, n = m->ep_send[q] / D;
+        m->ops->fp8_quantize_rows(m->ep_send8 + at * D, m->ep_send_scales + at * tiles, rows + at * D, n, D);
+        s_send[q] = n * tiles, s_send_at[q] = at * tiles;
+        s_recv[q] = m->ep_recv[q] / D * tiles, s_recv_at[q] = m->ep_recv_at[q] / D * tiles;
+    }
+    if (nm_comm_all_to_all_v(m->ep, m->ep_send8, m->ep_send, m->ep_send_at, m->ep_recv8, m->ep_recv, m->ep_recv_at,
+                             NM_DT_U8, &m->ep_err) != 0 ||
+        nm_comm_all_to_all_v(m->ep, m->ep_send_scales, s_send, s_send_at, m->ep_recv_scales, s_recv, s_recv_at,
+                             NM_DT_F32, &m->ep_err) != 0)
+        ep_fail(m);
+    uint8_t *codes = (uint8_t *)m->ep_buf;  // (C, D) bytes, then the scales at a float boundary
+    float *scales = m->ep_buf + (m->ep_cap * D + 3) / 4;
+    ep_reorder(m, codes, m->ep_recv8, m->ep_round_counts, 1, 1, D);
+    ep_reorder(m, scales, m->ep_recv_scales, m->ep_round_counts, 1, sizeof(float), tiles);
+    m->ops->fp8_dequantize_rows(expert_rows, codes, scales, n_in, D);
+}
+
 // This round's slices of the source rows (N*K, D, x_perm order) -> expert-major rows here
-// (n_in of them). A bf16 run sends them as bf16: the expert side rounds what it receives to
-// bf16 anyway (nm_round_act, and nm_moe_experts_backward for the gradients), so the values
-// are the same and the bytes half. They arrive in the upper half of ep_buf's bytes, are
-// reordered into the lower half and widened into expert_rows.
-static void ep_dispatch(nm_model *m, const float *rows, float *expert_rows, int64_t n_in) {
-    if (m->precision != NM_PRECISION_BF16) {
+// (n_in of them), in the payload's dtype (above). bf16 rows arrive in the upper half of
+// ep_buf's bytes, are reordered into the lower half and widened into expert_rows.
+static void ep_dispatch(nm_model *m, const float *rows, float *expert_rows, int64_t n_in, ep_payload what) {
+    if (m->precision == NM_PRECISION_FP8 && what == EP_ACTIVATIONS) {
+        ep_dispatch_fp8(m, rows, expert_rows, n_in);
+        return;
+    }
+    if (m->precision == NM_PRECISION_FP32) {
         if (nm_comm_all_to_all_v(m->ep, rows, m->ep_send, m->ep_send_at, m->ep_buf, m->ep_recv, m->ep_recv_at,
                                  NM_DT_F32, &m->ep_err) != 0)
             ep_fail(m);
-        ep_reorder(m, expert_rows, m->ep_buf, m->ep_round_counts, 1, sizeof(float));
+        ep_reorder(m, expert_rows, m->ep_buf, m->ep_round_counts, 1, sizeof(float), m->cfg.D);
         return;
     }
     for (int64_t q = 0; q < m->ep->size; q++)
@@ -298,16 +333,29 @@ static void ep_dispatch(nm_model *m, const float *rows, float *expert_rows, int6
     if (nm_comm_all_to_all_v(m->ep, m->ep_send16, m->ep_send, m->ep_send_at, upper, m->ep_recv, m->ep_recv_at,
                              NM_DT_BF16, &m->ep_err) != 0)
         ep_fail(m);
-    ep_reorder(m, lower, upper, m->ep_round_counts, 1, sizeof(uint16_t));
+    ep_reorder(m, lower, upper, m->ep_round_counts, 1, sizeof(uint16_t), m->cfg.D);
     m->ops->widen_bf16(expert_rows, lower, n_in * m->cfg.D);
 }
 
-// Expert-major rows of this round -> back into their slices of rows (x_perm order) at the sources.
+// Expert-major rows of this round -> back into their slices of rows (x_perm order) at the
+// sources: fp32, or under fp8 bf16 (cast into ep_half, reordered into ep_buf, received into
+// ep_send16 at the rows' places and widened there).
 static void ep_combine(nm_model *m, const float *expert_rows, float *rows) {
-    ep_reorder(m, m->ep_buf, expert_rows, m->ep_round_counts, 0, sizeof(float));
-    if (nm_comm_all_to_all_v(m->ep, m->ep_buf, m->ep_recv, m->ep_recv_at, rows, m->ep_send, m->ep_send_at, NM_DT_F32,
-                             &m->ep_err) != 0)
+    const int64_t D = m->cfg.D;
+    if (m->precision != NM_PRECISION_FP8) {
+        ep_reorder(m, m->ep_buf, expert_rows, m->ep_round_counts, 0, sizeof(float), D);
+        if (nm_comm_all_to_all_v(m->ep, m->ep_buf, m->ep_recv, m->ep_recv_at, rows, m->ep_send, m->ep_send_at,
+                                 NM_DT_F32, &m->ep_err) != 0)
+            ep_fail(m);
+        return;
+    }
+    m->ops->cast_bf16(m->ep_half, expert_rows, (int64_t)m->ep_round_offsets[m->E_loc] * D);
+    ep_reorder(m, m->ep_buf, m->ep_half, m->ep_round_counts, 0, sizeof(uint16_t), D);
+    if (nm_comm_all_to_all_v(m->ep, m->ep_buf, m->ep_recv, m->ep_recv_at, m->ep_send16, m->ep_send, m->ep_send_at,
+                             NM_DT_BF16, &m->ep_err) != 0)
         ep_fail(m);
+    for (int64_t q = 0; q < m->ep->size; q++)
+        m->ops->widen_bf16(rows + m->ep_send_at[q], m->ep_send16 + m->ep_send_at[q], m->ep_send[q]);
 }
 
 // The routed experts of block b over the expert-parallel group, round by round.
@@ -316,7 +364,7 @@ static void ep_experts_forward(nm_model *m, const nm_layer_offsets *w, block_act
     for (int64_t k = 0; k < b->ep_rounds; k++) {
         int64_t rows = ep_round(m, b, k);
         // the experts' rank rounds what it received (bf16: values that crossed as bf16)
-        ep_dispatch(m, b->x_perm, b->x_loc, rows);
+        ep_dispatch(m, b->x_perm, b->x_loc, rows, EP_ACTIVATIONS);
         nm_round_act(m, b->x_loc, rows * m->cfg.D);
         // the outputs of the round go back at once: the backward's d_x_loc holds them meanwhile
         nm_moe_experts_forward(m, w, m->ep_round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->d_x_loc);
@@ -328,11 +376,11 @@ static void ep_experts_backward(nm_model *m, const nm_layer_offsets *w, block_ac
     for (int64_t k = 0; k < b->ep_rounds; k++) {
         int64_t rows = ep_round(m, b, k);
         if (b->ep_rounds > 1) {  // the forward's expert-side activations of this round are gone
-            ep_dispatch(m, b->x_perm, b->x_loc, rows);
+            ep_dispatch(m, b->x_perm, b->x_loc, rows, EP_ACTIVATIONS);
             nm_round_act(m, b->x_loc, rows * m->cfg.D);
             nm_moe_experts_forward(m, w, m->ep_round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->d_x_loc);
         }
-        ep_dispatch(m, m->d_e_out, m->d_e_out_loc, rows);
+        ep_dispatch(m, m->d_e_out, m->d_e_out_loc, rows, EP_GRADIENTS);
         nm_moe_experts_backward(m, w, m->ep_round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->d_e_out_loc,
                                 m->d_e_act, m->d_e_gate_up, m->d_x_loc);
         ep_combine(m, m->d_x_loc, m->d_x_perm);
@@ -370,7 +418,10 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
         ep_experts_forward(m, w, b);
     } else {
         nm_moe_gather(m, b->x_perm, f, b->perm, n0, K, D);  // bf16: rounded, with its twin
+        // fp8: the rows and the outputs as they would have crossed the all-to-all (ep_dispatch)
+        if (m->precision == NM_PRECISION_FP8) ops->fp8_round_rows(b->x_perm, n0 * K, D);
         nm_moe_experts_forward(m, w, b->offsets, b->x_perm, b->e_gate_up, b->e_act, b->e_out);
+        if (m->precision == NM_PRECISION_FP8) ops->round_bf16(b->e_out, b->e_out, n0 * K * D);
     }
     // Tensor parallelism without sequence parallelism: every tp rank routes and runs the
     // (whole) routed experts on the same tokens; tp rank 0 alone adds them, the block's
@@ -416,10 +467,15 @@ void nm_moe_backward(nm_model *m, int64_t l, float aux_seed) {
     // x_out += sum_k w_k * e_out[row(n,k)]
     ops->moe_combine_backward(m->d_e_out, m->d_topk_w, d_res + s0 * D, b->e_out, b->topk_w + s0 * K, b->perm, n0, K,
                               D);
-    if (m->ep) ep_experts_backward(m, w, b);
-    else
+    if (m->ep) {
+        ep_experts_backward(m, w, b);
+    } else {
+        // fp8: the gradients as they would have crossed the all-to-all, both ways (ep_dispatch)
+        if (m->precision == NM_PRECISION_FP8) ops->round_bf16(m->d_e_out, m->d_e_out, n0 * K * D);
         nm_moe_experts_backward(m, w, b->offsets, b->x_perm, b->e_gate_up, b->e_act, m->d_e_out, m->d_e_act,
                                 m->d_e_gate_up, m->d_x_perm);
+        if (m->precision == NM_PRECISION_FP8) ops->round_bf16(m->d_x_perm, m->d_x_perm, n0 * K * D);
+    }
     // x_perm = gather(f)
     ops->moe_scatter_add(m->d_f + s0 * D, m->d_x_perm, b->perm, n0, K, D);
     // gate weights <- scores <- router logits = f . W_router^T (bias: selection only, no gradient)

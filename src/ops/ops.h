@@ -313,6 +313,18 @@ typedef struct nm_ops {
     // dsrc(N,D) (+=) scatter-add of dst rows back to their tokens (the gather's backward).
     void (*moe_scatter_add)(float *dsrc, const float *ddst, const int32_t *perm, int64_t N, int64_t K, int64_t D);
 
+    // --- fp8 rows: the expert all-to-all's e4m3 transport (DeepSeek-V3's FP8 dispatch) ---------
+    // Rows of x(rows, D) in 1 x 128 tiles along D (the last tile of a row may be shorter), the
+    // activation quantisation of gemm_fp8: per tile s = max(amax, 1e-4) / 448 (fp32) and
+    // q = e4m3(x / s) (fp8.h: nearest even, saturating; NaN kept).
+    // q(rows, D) (=) the E4M3 codes; scales(rows, ceil(D/128)) (=) the tiles' s.
+    void (*fp8_quantize_rows)(uint8_t *q, float *scales, const float *x, int64_t rows, int64_t D);
+    // x(rows, D) (=) decode(q) * s: the values gemm_fp8 would multiply.
+    void (*fp8_dequantize_rows)(float *x, const uint8_t *q, const float *scales, int64_t rows, int64_t D);
+    // x(rows, D) (=) fp8_dequantize_rows(fp8_quantize_rows(x)), in place, without the codes: what
+    // the rows are after crossing as fp8, for a rank that holds its experts itself.
+    void (*fp8_round_rows)(float *x, int64_t rows, int64_t D);
+
     // --- optimizer (train/optim.c makes the chunks and drives these) ---------------------------
     // partials[c] (=) sum of x^2 over chunk c's floats, in double, eight lanes added in a fixed
     // order: the value depends on the chunk only, never on the thread count. partials is host

@@ -27,8 +27,11 @@ static int64_t rows_of_layer(const nm_model_config *c, const nm_plan_request *r,
 // its own 1/TP of the tokens. A layer whose exchange takes more than one round sends its rows
 // once more in the backward: counted where that is certain, when even the mean load (every
 // rank's routed rows x K) exceeds the receive capacity C; a busier step than the mean adds
-// that phase to more layers, which only a run can know. Under bf16 the rows to the experts
-// (dispatch phases, half of them, and that extra one) cross as bf16, 2 bytes.
+// that phase to more layers, which only a run can know. What a row costs depends on what it
+// carries (moe.c, DeepSeek-V3's recipe): fp32 runs send 4 bytes per element everywhere; bf16
+// runs send the rows to the experts (activations and gradients) as bf16 and get fp32 back;
+// fp8 runs send the activations as e4m3 codes plus one fp32 scale per 1 x 128 tile
+// (D + 4 ceil(D/128) bytes a row) and everything else as bf16.
 static int64_t all_to_all_job_bytes(const nm_model_config *c, const nm_plan_request *r, int64_t accum) {
     if (r->ep <= 1 || c->E == 0) return 0;
     int64_t phases = r->recompute ? 6 : 4, count_rounds = r->recompute ? 2 : 1, total = 0, W = r->world / r->pp;
@@ -39,9 +42,14 @@ static int64_t all_to_all_job_bytes(const nm_model_config *c, const nm_plan_requ
     for (int64_t l = 0; l < c->n_layers; l++) {
         if (!nm_layer_is_moe(c, l)) continue;
         int64_t routed_least = sp ? rows_of_layer(c, r, l) / r->tp : rows_of_layer(c, r, l);
-        int64_t extra = routed_least * c->K > C, dispatch_bytes = r->precision == NM_PRECISION_BF16 ? 2 : 4;
-        int64_t row_bytes = (phases / 2 + extra) * dispatch_bytes + phases / 2 * 4;
-        total += count_rounds * W * c->E * 8 + (W / r->tp * rows_of_layer(c, r, l)) * c->K * c->D * row_bytes;
+        const int64_t D = c->D, extra = routed_least * c->K > C;
+        const int fp8 = r->precision == NM_PRECISION_FP8, fp32 = r->precision == NM_PRECISION_FP32;
+        const int64_t x_row = fp8 ? D + 4 * ((D + 127) / 128) : fp32 ? 4 * D : 2 * D;  // activations in
+        const int64_t grad_row = fp32 ? 4 * D : 2 * D, back_row = fp8 ? 2 * D : 4 * D;
+        // to the experts: the activations (again under recomputation and for the extra phase)
+        // and the gradients once; back: every phase that went
+        const int64_t row_bytes = (phases / 2 - 1 + extra) * x_row + grad_row + phases / 2 * back_row;
+        total += count_rounds * W * c->E * 8 + (W / r->tp * rows_of_layer(c, r, l)) * c->K * row_bytes;
     }
     return accum * total;
 }

@@ -18,6 +18,12 @@ measurement). A 1% change of one token row's expert output under ep2 moves the l
 (measured by planting it in moe.c): the 1e-6 bound catches it, the 2e-5 bound it replaces did
 not.
 
+NM_COMPARE_LOAD=report (fp8 runs only): the expert loads are printed where they differ but do
+not fail the comparison. Under fp8 a value that moves by an ulp (an fp32 GEMM over another
+grouping of rows: one process's micro-batch of 2 against 1 already moves the first step's CE
+by 5e-8 in fp8, 0 in bf16) can cross an e4m3 rounding boundary, a step of 1/16 of its value,
+and flip a top-k choice later on; the loss bounds still hold.
+
 The reference must cover the run: an empty reference, or one with fewer steps than the run
 (every step of the run must be in it; with --steps N, its first N), fails with a message, since
 it would otherwise pass while checking nothing or only a prefix (a reference run that died
@@ -80,8 +86,10 @@ def main():
                 print(f"{label}: step {s} {key} {b[key]!r} vs one process {a[key]!r} (rel {rel:.2e} > {tol})")
                 bad += 1
         if a["expert_load_max_over_mean"] != b["expert_load_max_over_mean"]:
-            print(f"{label}: step {s} expert load {b['expert_load_max_over_mean']} vs {a['expert_load_max_over_mean']}")
-            bad += 1
+            report_only = os.environ.get("NM_COMPARE_LOAD") == "report"
+            print(f"{label}: step {s} expert load {b['expert_load_max_over_mean']} vs {a['expert_load_max_over_mean']}"
+                  + (" (reported, not checked: NM_COMPARE_LOAD=report)" if report_only else ""))
+            bad += 0 if report_only else 1
     print(f"{label}: {len(steps)} steps, worst rel diff loss {worst['loss']:.2e} ce {worst['ce_loss']:.2e} "
           f"grad_norm {worst['grad_norm']:.2e}: {'FAIL' if bad else 'ok'}")
     return 1 if bad else 0

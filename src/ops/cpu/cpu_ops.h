@@ -156,3 +156,8 @@ double nm_cpu_measure_peak(int bf16);
 // onednn|widen (its own file, so it links without the GEMM libraries).
 int nm_kernels_parse(const char *text, size_t size, const char *path, const char *key, char *fp32, char *bf16,
                      nm_error *err);
+
+// --- fp8.c: rows for the expert all-to-all ----------------------------------------------------
+void nm_cpu_fp8_quantize_rows(uint8_t *q, float *scales, const float *x, int64_t rows, int64_t D);
+void nm_cpu_fp8_dequantize_rows(float *x, const uint8_t *q, const float *scales, int64_t rows, int64_t D);
+void nm_cpu_fp8_round_rows(float *x, int64_t rows, int64_t D);

@@ -22,6 +22,7 @@
 // grows (free + aligned alloc) only when a GEMM needs more than any earlier one, so the step
 // loop allocates nothing once every shape has been seen. Consequence: gemm_fp8 is not
 // reentrant; like every op it is called from one thread (its parallelism is OpenMP inside).
+#include <math.h>
 #include <stddef.h>
 
 #include "core/check.h"
@@ -83,4 +84,53 @@ void nm_cpu_gemm_fp8(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int
     nm_fp8_quantize_blocks(qa, a_cols, sa, A, lda, a_rows, a_cols, a_br, a_bc, NM_FP8_SCALE_FP32);
     nm_fp8_quantize_blocks(qb, b_cols, sb, B, ldb, b_rows, b_cols, b_br, b_bc, NM_FP8_SCALE_FP32);
     nm_cpu_gemm(ta, tb, M, N, K, alpha, qa, a_cols, qb, b_cols, beta, C, ldc);
+}
+
+// --- fp8 rows (ops.h: fp8_quantize_rows, fp8_dequantize_rows, fp8_round_rows) ------------------
+
+// The scale of x[c0, c1): max |x| with NaN winning (as nm_fp8_quantize_blocks), then the rule.
+static float tile_scale(const float *x, int64_t c0, int64_t c1) {
+    float m = 0.0f;
+    for (int64_t c = c0; c < c1; c++) {
+        float a = fabsf(x[c]);
+        m = (a > m || a != a) ? a : m;
+    }
+    return nm_fp8_scale(m, NM_FP8_SCALE_FP32);
+}
+
+void nm_cpu_fp8_quantize_rows(uint8_t *q, float *scales, const float *x, int64_t rows, int64_t D) {
+    NM_CHECK(rows >= 0 && D > 0, "fp8_quantize_rows rows=%lld D=%lld", (long long)rows, (long long)D);
+    const int64_t nt = (D + NM_FP8_TILE - 1) / NM_FP8_TILE;
+#pragma omp parallel for schedule(static) if (rows * D > 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * D;
+        for (int64_t t = 0; t < nt; t++) {
+            const int64_t c0 = t * NM_FP8_TILE, c1 = c0 + NM_FP8_TILE < D ? c0 + NM_FP8_TILE : D;
+            const float s = tile_scale(xr, c0, c1);
+            scales[r * nt + t] = s;
+            for (int64_t c = c0; c < c1; c++) q[r * D + c] = nm_fp8_e4m3_encode(xr[c] / s);
+        }
+    }
+}
+
+void nm_cpu_fp8_dequantize_rows(float *x, const uint8_t *q, const float *scales, int64_t rows, int64_t D) {
+    NM_CHECK(rows >= 0 && D > 0, "fp8_dequantize_rows rows=%lld D=%lld", (long long)rows, (long long)D);
+    const int64_t nt = (D + NM_FP8_TILE - 1) / NM_FP8_TILE;
+#pragma omp parallel for schedule(static) if (rows * D > 65536)
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < D; c++) x[r * D + c] = nm_fp8_e4m3_decode(q[r * D + c]) * scales[r * nt + c / NM_FP8_TILE];
+}
+
+void nm_cpu_fp8_round_rows(float *x, int64_t rows, int64_t D) {
+    NM_CHECK(rows >= 0 && D > 0, "fp8_round_rows rows=%lld D=%lld", (long long)rows, (long long)D);
+    const int64_t nt = (D + NM_FP8_TILE - 1) / NM_FP8_TILE;
+#pragma omp parallel for schedule(static) if (rows * D > 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        float *xr = x + r * D;
+        for (int64_t t = 0; t < nt; t++) {
+            const int64_t c0 = t * NM_FP8_TILE, c1 = c0 + NM_FP8_TILE < D ? c0 + NM_FP8_TILE : D;
+            const float s = tile_scale(xr, c0, c1);
+            for (int64_t c = c0; c < c1; c++) xr[c] = nm_fp8_e4m3_round(xr[c] / s) * s;
+        }
+    }
 }

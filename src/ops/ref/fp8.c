@@ -71,3 +71,45 @@ void nm_ref_gemm_fp8(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int
     quantize(b, B, ldb, b_rows, b_cols, b_br, b_bc);
     nm_ref_gemm(ta, tb, M, N, K, alpha, a, a_cols, b, b_cols, beta, C, ldc);
 }
+
+// --- fp8 rows (ops.h): one 1 x 128 tile at a time, the rule written out --------------------------
+
+static float ref_tile_scale(const float *x, int64_t n) {
+    float amax = 0.0f;
+    for (int64_t c = 0; c < n; c++) {
+        float a = fabsf(x[c]);
+        if (a > amax || a != a) amax = a;
+    }
+    return nm_fp8_scale(amax, NM_FP8_SCALE_FP32);
+}
+
+void nm_ref_fp8_quantize_rows(uint8_t *q, float *scales, const float *x, int64_t rows, int64_t D) {
+    NM_CHECK(rows >= 0 && D > 0, "fp8_quantize_rows rows=%lld D=%lld", (long long)rows, (long long)D);
+    const int64_t nt = (D + NM_FP8_TILE - 1) / NM_FP8_TILE;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t t = 0; t < nt; t++) {
+            const int64_t c0 = t * NM_FP8_TILE, n = D - c0 < NM_FP8_TILE ? D - c0 : NM_FP8_TILE;
+            const float s = ref_tile_scale(x + r * D + c0, n);
+            scales[r * nt + t] = s;
+            for (int64_t c = 0; c < n; c++) q[r * D + c0 + c] = nm_fp8_e4m3_encode(x[r * D + c0 + c] / s);
+        }
+}
+
+void nm_ref_fp8_dequantize_rows(float *x, const uint8_t *q, const float *scales, int64_t rows, int64_t D) {
+    NM_CHECK(rows >= 0 && D > 0, "fp8_dequantize_rows rows=%lld D=%lld", (long long)rows, (long long)D);
+    const int64_t nt = (D + NM_FP8_TILE - 1) / NM_FP8_TILE;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < D; c++) x[r * D + c] = nm_fp8_e4m3_decode(q[r * D + c]) * scales[r * nt + c / NM_FP8_TILE];
+}
+
+void nm_ref_fp8_round_rows(float *x, int64_t rows, int64_t D) {
+    NM_CHECK(rows >= 0 && D > 0, "fp8_round_rows rows=%lld D=%lld", (long long)rows, (long long)D);
+    const int64_t nt = (D + NM_FP8_TILE - 1) / NM_FP8_TILE;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t t = 0; t < nt; t++) {
+            const int64_t c0 = t * NM_FP8_TILE, n = D - c0 < NM_FP8_TILE ? D - c0 : NM_FP8_TILE;
+            float *xt = x + r * D + c0;
+            const float s = ref_tile_scale(xt, n);
+            for (int64_t c = 0; c < n; c++) xt[c] = nm_fp8_e4m3_round(xt[c] / s) * s;
+        }
+}

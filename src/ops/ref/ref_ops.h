@@ -118,3 +118,8 @@ int64_t nm_ref_first_nonfinite(const float *x, int64_t n);
 void nm_ref_adamw_chunks(float *params, void *m, nm_dtype m_type, void *v, nm_dtype v_type, const float *grads,
                          const nm_optim_chunk *chunks, int64_t n, const nm_adamw_coefs *k);
 void nm_ref_router_bias_update(float *bias, const int64_t *counts, int64_t E, float gamma);
+
+// --- fp8.c: rows for the expert all-to-all ----------------------------------------------------
+void nm_ref_fp8_quantize_rows(uint8_t *q, float *scales, const float *x, int64_t rows, int64_t D);
+void nm_ref_fp8_dequantize_rows(float *x, const uint8_t *q, const float *scales, int64_t rows, int64_t D);
+void nm_ref_fp8_round_rows(float *x, int64_t rows, int64_t D);
