@@ -192,4 +192,84 @@ suggested=$(sed -n 's/.*for example "\([^"]*\)".*/\1/p' pp16.err)
 # linear in the world size: a million ranks is planned at once (it took minutes when each rank's
 # ZeRO-1 ownership was built separately); the timeout fails a quadratic plan.
 timeout 20 "$NM_BIN" plan --config model.json --world 1048576 >million.out 2>&1 || { cat million.out; fail "plan at 1,048,576 ranks did not finish in 20 s"; }
+
+# The time model (src/train/plan_time.c, docs/parallelism.md "The time model"), recomputed here
+# from the plan's own byte counts by the formulas of the docs: compute at --flops, each ring
+# collective (n-1)/n of its bytes (twice for an all-reduce) at the group's bandwidth plus n-1
+# latencies a call, the all-to-all's in-node and off-node shares at once, 1F1B's accum + PP - 1
+# slots. Layouts: dp4 over 2 nodes of 2 ranks (dp crosses nodes), ep2 x dp2 on one node with
+# both overlaps, pp2 x dp2, tp2 (latency only where the byte counts are exact).
+cat > timecheck.py <<'PY'
+import json, math, sys
+p, args = json.loads(open(sys.argv[1]).read().splitlines()[-1]), json.loads(sys.argv[2])
+R, bi, be, li, le = args["rpn"], args["bi"] * 1e9, args["be"] * 1e9, args["li"] * 1e-6, args["le"] * 1e-6
+tp, dp, ep, pp, world = p["tp"], p["dp"], p["ep"], p["pp"], p["world"]
+def nodes(stride, size):
+    ns = {i * stride // R for i in range(size)} if R else {0}
+    local = sum(1 for i in range(size) if (i * stride // R if R else 0) == 0)
+    return len(ns), local
+def link(stride, size):
+    return (be, le) if nodes(stride, size)[0] > 1 else (bi, li)
+def ring(b, n, calls, passes, l):
+    return 0.0 if n <= 1 else passes * ((n - 1) / n * b / l[0] + calls * (n - 1) * l[1])
+slot = reduce = 0.0
+for s in p["stages"]:
+    c, t = s["comm"], s["time"]
+    compute = s["flops_per_step_rank"] * (4 / 3 if p["recompute"] else 1) / args["flops"]
+    assert abs(compute - t["compute_s"]) <= 1e-9 * compute, (compute, t)
+    if tp == 1:
+        assert t["tp_s"] == 0
+    n_ep = ep
+    if n_ep > 1 and c["ep_all_to_all"] > 0:
+        nn, local = nodes(1, n_ep)
+        bw_part = max(c["ep_all_to_all"] * (local - 1) / n_ep / bi, c["ep_all_to_all"] * (n_ep - local) / n_ep / be if nn > 1 else 0)
+        assert t["ep_s"] >= bw_part * (1 - 1e-9), (t["ep_s"], bw_part)
+    edp = dp * tp // ep
+    bucket = args["bucket_mb"] * 1048576
+    dcalls, ecalls = math.ceil(c["dp_reduce_scatter"] / bucket), math.ceil(c["edp_reduce_scatter"] / bucket)
+    rs = ring(c["dp_reduce_scatter"], dp, dcalls, 1, link(tp, dp)) + ring(c["edp_reduce_scatter"], edp, ecalls, 1, link(ep, edp))
+    ag = ring(c["dp_all_gather"], dp, dcalls, 1, link(tp, dp)) + ring(c["edp_all_gather"], edp, ecalls, 1, link(ep, edp))
+    dps = rs + ag + ring(c["dp_all_reduce"], world, 3, 2, link(tp, dp))
+    assert abs(dps - t["dp_s"]) <= 1e-9 * max(dps, 1e-12), ("dp", dps, t["dp_s"])
+    hidden_dp = min(rs, compute / p["accum"] * 2 / 3) if args["ogr"] else 0.0
+    hidden_ep = min(t["ep_s"], compute) if args["oep"] else 0.0
+    assert abs(t["hidden_s"] - hidden_dp - hidden_ep) <= 1e-9 * max(t["hidden_s"], 1e-12), ("hidden", t)
+    busy = compute + t["tp_s"] + t["ep_s"] + t["pp_s"] + dps - hidden_dp - hidden_ep
+    assert abs(busy - t["busy_s"]) <= 1e-9 * busy, ("busy", busy, t["busy_s"])
+    slot = max(slot, (busy - (dps - hidden_dp)) / p["accum"])
+    reduce = max(reduce, dps - hidden_dp)
+step = slot * (p["accum"] + pp - 1) + reduce
+assert abs(step - p["step_s"]) <= 1e-9 * step, ("step", step, p["step_s"])
+tokens = p["global_batch"] * p["seq_len"] / step / world
+assert abs(tokens - p["tokens_per_s_rank"]) <= 1e-6 * tokens, (tokens, p["tokens_per_s_rank"])
+assert 0 < p["mfu"] <= 1, p["mfu"]
+# the stages' FLOPs add up to the job's: PP x the per-rank share
+total = sum(s["flops_per_step_rank"] for s in p["stages"])
+assert abs(total - pp * p["flops_per_step_rank"]) <= 1e-9 * total, (total, p["flops_per_step_rank"])
+print(f"time model {sys.argv[3]}: step {step:.6g} s, {tokens:.4g} tokens/s per rank, MFU {p['mfu']:.3f}: ok")
+PY
+time_case() {  # label rpn flags...
+  local label=$1 rpn=$2; shift 2
+  local ogr=0 oep=0
+  [[ " $* " == *" --overlap-grad-reduce "* ]] && ogr=1
+  [[ " $* " == *" --overlap-ep "* ]] && oep=1
+  "$NM_BIN" plan --config model.json --seq-len 32 --micro-batch 2 --flops 2e9 --bw-intra 3 --bw-inter 0.5 \
+    --latency-intra 2 --latency-inter 20 --ranks-per-node "$rpn" "$@" >"time_$label.out" 2>&1 \
+    || { cat "time_$label.out"; fail "plan $label did not run"; }
+  "$PY" timecheck.py "time_$label.out" \
+    "{\"rpn\": $rpn, \"bi\": 3, \"be\": 0.5, \"li\": 2, \"le\": 20, \"flops\": 2e9, \"bucket_mb\": 40, \"ogr\": $ogr, \"oep\": $oep}" "$label"
+}
+time_case dp4_two_nodes 2 --world 4 --global-batch 16
+time_case dp2_ep2_overlap 4 --world 4 --ep 2 --global-batch 16 --overlap-grad-reduce --overlap-ep
+time_case pp2_dp2_recompute 4 --world 4 --pp 2 --pipeline-layout "Et*2|tmL" --global-batch 16 --recompute
+time_case tp2 2 --world 2 --tp 2 --global-batch 8
+# dp crossing nodes costs more than within one (same bytes, the slower link)
+one=$("$PY" -c "import json;print(json.loads(open('time_dp4_two_nodes.out').read().splitlines()[-1])['stages'][0]['time']['dp_s'])")
+"$NM_BIN" plan --config model.json --seq-len 32 --micro-batch 2 --flops 2e9 --bw-intra 3 --bw-inter 0.5 \
+  --ranks-per-node 4 --world 4 --global-batch 16 >time_dp4_one_node.out
+within=$("$PY" -c "import json;print(json.loads(open('time_dp4_one_node.out').read().splitlines()[-1])['stages'][0]['time']['dp_s'])")
+"$PY" -c "assert $one > 3 * $within, ($one, $within)" || fail "dp over two nodes ($one s) is not slower than on one ($within s)"
+# the bandwidths go together and need --flops
+if "$NM_BIN" plan --config model.json --world 2 --bw-intra 3 >bad.out 2>bad.err; then fail "--bw-intra alone accepted"; fi
+[[ $(cat bad.err) == *--bw-inter* ]] || { cat bad.err; fail "the refusal does not name --bw-inter"; }
 echo "test_plan: all passed"

@@ -5,7 +5,11 @@
 //        [--seq-len S] [--micro-batch B] [--global-batch G] [--recompute]
 //        [--precision fp32|bf16|fp8] [--bucket-mb M] [--flops F] [--memory-gib M]
 //        [--moe-receive-capacity X] [--exp-avg-dtype fp32|bf16] [--exp-avg-sq-dtype fp32|bf16]
-// The last stdout line is one JSON object with every number.
+//        [--bw-intra GB/s --bw-inter GB/s [--latency-intra us] [--latency-inter us]
+//         [--ranks-per-node R] [--overlap-grad-reduce] [--overlap-ep]]
+// The last stdout line is one JSON object with every number. With --flops, the time model
+// (src/train/plan_time.c) gives each stage's step time and the job's tokens/s and MFU; the
+// bandwidths add the communication.
 #include <stdio.h>
 #include <string.h>
 
@@ -66,20 +70,27 @@ static void print_json(const nm_plan *p, const nm_plan_request *r, double memory
                (long long)s->ep_buffer_bytes,
                (long long)s->total_bytes);
         print_comm_json(&s->comm);
-        printf("}");
+        const nm_plan_time *t = &s->time;
+        printf(", \"flops_per_step_rank\": %.17g, \"time\": {\"compute_s\": %.17g, \"tp_s\": %.17g, \"ep_s\": %.17g, "
+               "\"pp_s\": %.17g, \"dp_s\": %.17g, \"hidden_s\": %.17g, \"dp_exposed_s\": %.17g, \"busy_s\": %.17g}}",
+               s->flops_per_step_rank, t->compute_s, t->tp_s, t->ep_s, t->pp_s, t->dp_s, t->hidden_s, t->dp_exposed_s,
+               t->busy_s);
     }
     printf("], \"comm\": ");
     print_comm_json(&p->comm);
-    printf(", \"flops_per_step_rank\": %.6g, \"compute_s\": %.6g, \"memory_gib\": %g, \"fits\": %s}\n",
-           p->flops_per_step_rank, p->compute_s, memory_gib, fits ? "true" : "false");
+    printf(", \"flops_per_step_rank\": %.17g, \"compute_s\": %.17g, \"step_s\": %.17g, \"bubble_fraction\": %.17g, "
+           "\"tokens_per_s_rank\": %.17g, \"mfu\": %.17g, \"memory_gib\": %g, \"fits\": %s}\n",
+           p->flops_per_step_rank, p->compute_s, p->step_s, p->bubble_fraction, p->tokens_per_s_rank, p->mfu, memory_gib,
+           fits ? "true" : "false");
 }
 
 int nm_cmd_plan(int argc, char **argv) {
     static const char *const vflags[] = {"config", "model", "world", "tp", "pp", "ep", "seq-len", "micro-batch",
                                          "global-batch", "precision", "bucket-mb", "flops", "memory-gib",
                                          "make-vocab-size-divisible-by", "pipeline-layout", "moe-receive-capacity",
-                                         "exp-avg-dtype", "exp-avg-sq-dtype", NULL};
-    static const char *const bflags[] = {"recompute", "no-sequence-parallel", NULL};
+                                         "exp-avg-dtype", "exp-avg-sq-dtype", "bw-intra", "bw-inter",
+                                         "latency-intra", "latency-inter", "ranks-per-node", NULL};
+    static const char *const bflags[] = {"recompute", "no-sequence-parallel", "overlap-grad-reduce", "overlap-ep", NULL};
     nm_args a;
     if (nm_args_parse(&a, "plan", argc, argv, vflags, bflags)) return 2;
     const char *dir = nm_args_str(&a, "model", NULL), *cfg_path = nm_args_str(&a, "config", NULL);
@@ -88,7 +99,8 @@ int nm_cmd_plan(int argc, char **argv) {
                         "[--seq-len S] [--micro-batch B] [--global-batch G] [--recompute] [--precision fp32|bf16|fp8] "
                         "[--bucket-mb M] [--flops F] [--memory-gib M] [--no-sequence-parallel] [--make-vocab-size-divisible-by K] "
                         "[--pipeline-layout 'Et|tt|tmL'] [--moe-receive-capacity X] [--exp-avg-dtype fp32|bf16] "
-                        "[--exp-avg-sq-dtype fp32|bf16]\n");
+                        "[--exp-avg-sq-dtype fp32|bf16] [--bw-intra GB/s --bw-inter GB/s [--latency-intra us] "
+                        "[--latency-inter us] [--ranks-per-node R] [--overlap-grad-reduce] [--overlap-ep]]\n");
         return 2;
     }
     nm_plan_request r = {.recompute = nm_args_has(&a, "recompute"), .sequence_parallel = !nm_args_has(&a, "no-sequence-parallel")};
@@ -102,8 +114,21 @@ int nm_cmd_plan(int argc, char **argv) {
         nm_args_i64_in(&a, "bucket-mb", 40, 1, M, &r.bucket_mb) ||
         nm_args_i64_in(&a, "make-vocab-size-divisible-by", 128, 1, M, &r.vocab_multiple) ||
         nm_args_f64_in(&a, "flops", 0, 0, 1e30, &r.flops) || nm_args_f64_in(&a, "memory-gib", 80, 0, 1e9, &memory_gib) ||
-        nm_args_f64_in(&a, "moe-receive-capacity", NM_MOE_RECEIVE_CAPACITY, 1e-9, 1e6, &r.moe_receive_capacity))
+        nm_args_f64_in(&a, "moe-receive-capacity", NM_MOE_RECEIVE_CAPACITY, 1e-9, 1e6, &r.moe_receive_capacity) ||
+        nm_args_f64_in(&a, "bw-intra", 0, 1e-9, 1e9, &r.bw_intra) || nm_args_f64_in(&a, "bw-inter", 0, 1e-9, 1e9, &r.bw_inter) ||
+        nm_args_f64_in(&a, "latency-intra", 0, 0, 1e9, &r.latency_intra) ||
+        nm_args_f64_in(&a, "latency-inter", 0, 0, 1e9, &r.latency_inter) ||
+        nm_args_i64_in(&a, "ranks-per-node", 0, 1, M, &r.ranks_per_node))
         return 2;
+    // GB/s and microseconds on the command line, bytes/s and seconds in the model
+    if ((nm_args_has(&a, "bw-intra") || nm_args_has(&a, "bw-inter")) &&
+        !(nm_args_has(&a, "bw-intra") && nm_args_has(&a, "bw-inter") && nm_args_has(&a, "flops"))) {
+        fprintf(stderr, "plan: --bw-intra and --bw-inter go together, with --flops (the time model needs all three)\n");
+        return 2;
+    }
+    r.bw_intra *= 1e9, r.bw_inter *= 1e9, r.latency_intra *= 1e-6, r.latency_inter *= 1e-6;
+    r.overlap_grad_reduce = nm_args_has(&a, "overlap-grad-reduce");
+    r.overlap_ep = nm_args_has(&a, "overlap-ep");
     // One micro-batch per data-parallel rank unless given.
     int64_t dp = r.tp * r.pp > 0 ? r.world / (r.tp * r.pp) : 1;
     if (nm_args_i64_in(&a, "global-batch", r.micro_batch * (dp > 0 ? dp : 1), 1, 1 << 30, &r.global_batch)) return 2;
@@ -165,7 +190,18 @@ int nm_cmd_plan(int argc, char **argv) {
            c->tp_all_gather / 1048576.0, c->pp_send / 1048576.0, c->pp_recv / 1048576.0);
     printf("compute %.4g TFLOP per rank and step", p.flops_per_step_rank / 1e12);
     if (r.flops > 0) printf(", %.3g s at %.4g TFLOP/s", p.compute_s, r.flops / 1e12);
-    printf("\n%s in %g GiB per rank\n", fits ? "fits" : "does not fit", memory_gib);
+    printf("\n");
+    for (int64_t i = 0; r.flops > 0 && i < p.n_stages; i++) {
+        const nm_plan_time *t = &p.stages[i].time;
+        printf("time  stage %lld per step: compute %.4g s | tp %.4g | ep all_to_all %.4g | pp %.4g | dp/edp %.4g | "
+               "hidden %.4g | busy %.4g s\n",
+               (long long)i, t->compute_s, t->tp_s, t->ep_s, t->pp_s, t->dp_s, t->hidden_s, t->busy_s);
+    }
+    if (r.flops > 0)
+        printf("step  %.4g s (pipeline bubble %.1f%%%s) | %.4g tokens/s per rank | MFU %.1f%% of %.4g TFLOP/s%s\n",
+               p.step_s, 100.0 * p.bubble_fraction, p.n.pp > 1 ? " of the slots" : "", p.tokens_per_s_rank,
+               100.0 * p.mfu, r.flops / 1e12, r.bw_intra > 0 ? "" : " (communication not timed: no --bw-intra/--bw-inter)");
+    printf("%s in %g GiB per rank\n", fits ? "fits" : "does not fit", memory_gib);
     print_json(&p, &r, memory_gib, fits);
     nm_plan_free(&p);
     nm_model_config_free(&cfg);

@@ -40,3 +40,10 @@ double nm_model_flops_per_token(const nm_model_config *c, int64_t T) {
     double attn = 6.0 * (double)c->H * (double)(c->Dqk + c->Dv) * ((double)T / 2.0) * (double)c->n_layers;
     return dense + attn;
 }
+
+double nm_model_layer_flops_per_token(const nm_model_config *c, int64_t l, int64_t T) {
+    int64_t w = attn_matmul(c) + ffn_matmul_active(c, l) + (nm_layer_is_mtp(c, l) ? c->D * 2 * c->D : 0);
+    return 6.0 * (double)w + 6.0 * (double)c->H * (double)(c->Dqk + c->Dv) * ((double)T / 2.0);
+}
+
+double nm_model_head_flops_per_token(const nm_model_config *c) { return 6.0 * (double)c->V * (double)c->D; }

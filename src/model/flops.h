@@ -33,6 +33,11 @@ int64_t nm_model_matmul_params_active(const nm_model_config *cfg);
 
 // Forward + backward training FLOPs per token at sequence length T (convention above).
 double nm_model_flops_per_token(const nm_model_config *cfg, int64_t T);
+// Its parts, for a pipeline stage's share: decoder or MTP block l (an MTP block with its
+// eh_proj), and one use of the output head (the main model's, and one per MTP depth). The
+// blocks and 1 + M head uses add up to nm_model_flops_per_token.
+double nm_model_layer_flops_per_token(const nm_model_config *cfg, int64_t l, int64_t T);
+double nm_model_head_flops_per_token(const nm_model_config *cfg);
 
 // The GEMM calls of one training step as the model makes them, for a backend's kernel tuning
 // (ops.h: tune), into shapes (at most max; returns how many): for every weight (out, in)

@@ -32,7 +32,8 @@ static int64_t rows_of_layer(const nm_model_config *c, const nm_plan_request *r,
 // runs send the rows to the experts (activations and gradients) as bf16 and get fp32 back;
 // fp8 runs send the activations as e4m3 codes plus one fp32 scale per 1 x 128 tile
 // (D + 4 ceil(D/128) bytes a row) and everything else as bf16.
-static int64_t all_to_all_job_bytes(const nm_model_config *c, const nm_plan_request *r, int64_t accum) {
+static int64_t all_to_all_job_bytes(const nm_model_config *c, const nm_plan_request *r, int64_t accum,
+                                    const nm_model_stage *st) {
     if (r->ep <= 1 || c->E == 0) return 0;
     int64_t phases = r->recompute ? 6 : 4, count_rounds = r->recompute ? 2 : 1, total = 0, W = r->world / r->pp;
     int sp = r->tp > 1 && r->sequence_parallel;
@@ -40,7 +41,7 @@ static int64_t all_to_all_job_bytes(const nm_model_config *c, const nm_plan_requ
     if (sp) routed_max = (routed_max + r->tp - 1) / r->tp;
     int64_t C = nm_moe_receive_rows(c, routed_max, r->ep, r->moe_receive_capacity);
     for (int64_t l = 0; l < c->n_layers; l++) {
-        if (!nm_layer_is_moe(c, l)) continue;
+        if (!nm_layer_is_moe(c, l) || (st && !stage_runs(c, st, l))) continue;
         int64_t routed_least = sp ? rows_of_layer(c, r, l) / r->tp : rows_of_layer(c, r, l);
         const int64_t D = c->D, extra = routed_least * c->K > C;
         const int fp8 = r->precision == NM_PRECISION_FP8, fp32 = r->precision == NM_PRECISION_FP32;
@@ -236,6 +237,12 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, const n
     s->total_bytes = s->params_bytes + s->grads_bytes + s->bf16_copy_bytes + s->optimizer_bytes + s->activation_bytes;
     if (p->n.world > 1) s->comm.dp_all_reduce = 5 * 8 + n_moe * cfg->E * 8;  // loss terms and finiteness, expert loads
     tp_bytes(cfg, r, p->accum, st, &s->comm);
+    // the stage's share of the all-to-all (its MoE layers over its W/PP ranks) and of the FLOPs
+    s->comm.ep_all_to_all = all_to_all_job_bytes(cfg, r, p->accum, st) / (p->n.world / p->n.pp);
+    double per_token = st->last ? (double)(1 + cfg->M) * nm_model_head_flops_per_token(cfg) : 0.0;
+    for (int64_t l = 0; l < cfg->n_layers; l++)
+        if (stage_runs(cfg, st, l)) per_token += nm_model_layer_flops_per_token(cfg, l, r->seq_len);
+    s->flops_per_step_rank = per_token * (double)(r->global_batch * r->seq_len) / (double)(p->n.dp * p->n.tp);
     if (p->n.pp > 1) {
         int64_t act_bytes = p->accum * r->micro_batch * T * cfg->D * 4;  // one (micro, T, D) buffer per micro-batch
         s->comm.pp_send = (st->last ? 0 : act_bytes) + (st->first ? 0 : act_bytes);
@@ -270,11 +277,12 @@ int nm_plan_compute(nm_plan *p, const nm_model_config *cfg, const nm_plan_reques
         return -1;
     }
     p->comm = p->stages[0].comm;
-    p->comm.ep_all_to_all_job = all_to_all_job_bytes(cfg, r, p->accum);
+    p->comm.ep_all_to_all_job = all_to_all_job_bytes(cfg, r, p->accum, NULL);
     p->comm.ep_all_to_all = p->comm.ep_all_to_all_job / p->n.world;
     p->flops_per_step_rank = nm_model_flops_per_token(cfg, r->seq_len) * (double)(r->global_batch * r->seq_len) /
                              (double)p->n.world;
     p->compute_s = r->flops > 0 ? p->flops_per_step_rank / r->flops : 0.0;
+    if (r->flops > 0) nm_plan_time_compute(p, cfg, r);
     return 0;
 }
 

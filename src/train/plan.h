@@ -32,7 +32,26 @@ typedef struct nm_plan_request {
     int exp_avg_bf16, exp_avg_sq_bf16; // AdamW m / v stored in bf16 (optimizer.exp_avg_dtype, ...)
     const char *pipeline_layout; // pipeline_model_parallel_layout (NULL or "": the even split)
     double flops;               // FLOP/s per rank for the compute time (0: not estimated)
+    // The time model (plan_time.c): bytes/s per rank between ranks on one node and on two, the
+    // latency of one message on each, and the ranks a node holds (the mesh's order fills nodes
+    // with consecutive ranks). 0 bandwidth: the communication is not timed.
+    double bw_intra, bw_inter, latency_intra, latency_inter;
+    int64_t ranks_per_node;     // 0: all ranks on one node
+    int overlap_grad_reduce;    // the dp / edp reduce-scatter starts inside the last backward (the
+                                // training config's overlap_grad_reduce)
+    int overlap_ep;             // the expert all-to-all hidden behind compute (DeepSeek's DualPipe);
+                                // a what-if: the trainer's all-to-all is blocking
 } nm_plan_request;
+
+// Seconds per step on the ranks of one stage (plan_time.c).
+typedef struct nm_plan_time {
+    double compute_s;           // forward and backward of the stage's layers (again with recompute)
+    double tp_s, ep_s, pp_s, dp_s; // each group's collectives (dp: dp and edp, reduce-scatter,
+                                   // all-gather and the small all-reduces)
+    double hidden_s;            // the part of them overlap hides
+    double dp_exposed_s;        // the reduction's part not hidden, after the last backward
+    double busy_s;              // compute + what is not hidden, without the pipeline bubble
+} nm_plan_time;
 
 // Bytes per rank and step, as metrics.jsonl's comm_* keys count them.
 typedef struct nm_plan_comm {
@@ -62,7 +81,9 @@ typedef struct nm_plan_stage {
     int64_t ep_receive_rows;        // C: rows a rank's experts receive per round of the EP exchange
     int64_t ep_buffer_bytes;        // part of activation_bytes: the buffers sized by C
     int64_t total_bytes;            // params + grads + bf16 copy + optimizer + activations
-    nm_plan_comm comm;              // per rank of this stage and step
+    nm_plan_comm comm;              // per rank of this stage and step (ep_all_to_all: the stage's layers)
+    double flops_per_step_rank;     // training FLOPs of the stage's layers per rank and step
+    nm_plan_time time;              // with a request's flops (and bandwidths)
 } nm_plan_stage;
 
 
@@ -74,9 +95,15 @@ typedef struct nm_plan {
     nm_plan_comm comm;              // stage 0's (what rank 0's metrics.jsonl counts), with the job's all-to-all
     double flops_per_step_rank;     // training FLOPs per rank and step (the job's / world)
     double compute_s;               // flops_per_step_rank / request flops (0 when not given)
+    // The time model (request flops > 0): the step on the slowest stage with the 1F1B bubble
+    // (accum + PP - 1 micro-batch slots) and the exposed gradient reduction, what it gives per
+    // rank, and the model FLOPs' share of flops x step (MFU).
+    double step_s, bubble_fraction, tokens_per_s_rank, mfu;
 } nm_plan;
 
 // Fills p for cfg under r. Returns 0, or -1 with err naming what does not divide or is not
 // supported.
 int nm_plan_compute(nm_plan *p, const nm_model_config *cfg, const nm_plan_request *r, nm_error *err);
+// The time model on a computed plan (nm_plan_compute calls it when r->flops > 0).
+void nm_plan_time_compute(nm_plan *p, const nm_model_config *cfg, const nm_plan_request *r);
 void nm_plan_free(nm_plan *p);
