@@ -13,13 +13,14 @@ optimizer_step, DataLoader). See python/README.md.
 """
 from ._lib import ConfigError, NMError, build_info, library_path
 from .config import DataConfig, ModelConfig, StepMetrics, TrainConfig
-from .distributed import DistContext, init_distributed
-from .model import (DataLoader, LossTerms, Model, Optimizer, TensorDict, create_model, create_optimizer,
-                    forward_backward, optimizer_step)
+from .distributed import DistContext, init_distributed, shutdown
+from .model import (DataLoader, LossTerms, Model, Optimizer, TensorDict, create_dataloader, create_model,
+                    create_optimizer, forward_backward, optimizer_step)
 from .trainer import Trainer
 
 __version__ = "0.1.0"
 
 __all__ = ["Trainer", "TrainConfig", "ModelConfig", "DataConfig", "StepMetrics", "init_distributed", "DistContext",
-           "create_model", "create_optimizer", "forward_backward", "optimizer_step", "DataLoader", "Model",
+           "create_model", "create_optimizer", "forward_backward", "optimizer_step", "DataLoader",
+           "create_dataloader", "shutdown", "Model",
            "Optimizer", "TensorDict", "LossTerms", "NMError", "ConfigError", "build_info", "library_path"]

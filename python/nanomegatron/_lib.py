@@ -69,7 +69,7 @@ class nm_param_table(ctypes.Structure):
 class nm_trainer_options(ctypes.Structure):
     _fields_ = [("run_dir", c_char_p), ("resume", c_int), ("quiet", c_int), ("max_nan_streak", c_int64),
                 ("before_backward", c_void_p), ("hook_ctx", c_void_p), ("recompute", c_int),
-                ("allow_config_change", c_int)]
+                ("allow_config_change", c_int), ("external_data", c_int)]
 
 
 class nm_step_metrics(ctypes.Structure):
@@ -209,6 +209,9 @@ def _load():
         "nm_trainer_finish": (c_int, [P, err]),
         "nm_trainer_destroy": (None, [P]),
         "nm_trainer_model": (c_void_p, [P]),
+        "nm_trainer_micro_batch": (c_int, [P, POINTER(c_int32), POINTER(nm_loss_terms), err]),
+        "nm_trainer_apply": (c_int, [P, c_double, POINTER(nm_step_metrics), err]),
+        "nm_trainer_set_adamw": (c_int, [P, c_double, c_double, c_double, c_double, c_double, err]),
         "nm_trainer_step_count": (c_int64, [P]),
         # model
         "nm_ops_select": (c_void_p, [c_char_p, err]),

@@ -7,6 +7,14 @@
         loss, grads = forward_backward(model, batch)
         optimizer_step(optimizer, grads)
 
+Under mpirun the same loop trains this rank's shard of a layout: init_distributed(
+tensor_parallel_size=..., expert_parallel_size=...) places the rank, create_model(cfg, ctx)
+builds its shard on the trainer's own machinery (nm_trainer with the caller's micro-batches:
+the same mesh, tensor/expert split, distributed optimizer and gradient reduction as Trainer
+and the CLI), create_dataloader(data, ctx, micro_batch=...) yields this data-parallel rank's
+micro-batches in the trainer's order, and optimizer_step reduces, clips, updates and gathers
+as the trainer's step does (its metrics, over the job, in optimizer.last_metrics).
+
 Parameters and gradients live in the C library's buffers; model.params[name] and
 grads[name] are numpy views of them by Hugging Face name (no copy): writing to a view writes
 the model. A view keeps the C model alive, so it never outlives the memory it points at.
@@ -163,16 +171,25 @@ class Model:
 
 
 def create_model(model_config, dist_ctx=None, *, max_batch_size=8, max_seq_len=256, seed=1234,
-                 precision="fp32", recompute=False):
+                 precision="fp32", recompute=False, global_batch=None, **train_options):
     """A freshly initialised model (DeepSeek-V3 init, deterministic from seed, the same values as
-    `nanomegatron init --seed`). Batches up to max_batch_size rows of max_seq_len + 1 tokens."""
+    `nanomegatron init --seed`). Batches up to max_batch_size rows of max_seq_len + 1 tokens.
+
+    On more than one rank (dist_ctx from init_distributed under mpirun) it is this rank's shard of
+    dist_ctx's layout, trained with micro-batches of exactly max_batch_size rows of
+    max_seq_len + 1 tokens, global_batch of them per step over the job (default: one per
+    data-parallel rank); train_options are further TrainConfig fields of the step (mtp_weight,
+    aux_weight, bias_update_speed, moe_receive_capacity, bucket_mb, overlap_grad_reduce, ...)."""
     if not isinstance(model_config, ModelConfig):
         raise TypeError(f"create_model: expected a ModelConfig, got {type(model_config).__name__}")
     if dist_ctx is None:
         dist_ctx = init_distributed()
     if dist_ctx.world_size != 1:
-        raise NMError(f"create_model: world size {dist_ctx.world_size}: the low-level layer runs one process "
-                      f"(distributed training goes through Trainer, which shards over the communicator)")
+        return _create_sharded(model_config, dist_ctx, max_batch_size, max_seq_len, seed, precision, recompute,
+                               global_batch, train_options)
+    if train_options or global_batch is not None:
+        raise TypeError(f"create_model: {', '.join(sorted(train_options)) or 'global_batch'}: options of the "
+                        f"multi-rank step (under mpirun); one process steps with forward_backward's own arguments")
     if precision not in _lib.PRECISIONS:
         raise ConfigError(f"create_model: precision '{precision}': expected one of {', '.join(_lib.PRECISIONS)}")
     if max_batch_size < 1 or max_seq_len < 1:
@@ -202,6 +219,50 @@ def create_model(model_config, dist_ctx=None, *, max_batch_size=8, max_seq_len=2
     return Model(handle, model_config, max_batch_size, max_seq_len, ptr.value)
 
 
+def _create_sharded(model_config, ctx, micro, seq_len, seed, precision, recompute, global_batch, options):
+    """create_model on more than one rank: an nm_trainer that takes the caller's micro-batches
+    (nm_trainer_options.external_data), writing no files."""
+    import json
+    import tempfile
+    from .config import TrainConfig
+    if ctx.pp > 1:
+        raise NMError(f"create_model: pipeline_parallel_size {ctx.pp}: the 1F1B schedule interleaves the "
+                      f"micro-batches of a step, so pipeline parallelism trains through Trainer or the CLI")
+    fields = dict(model=model_config, data=DataConfig(seq_len=seq_len), micro_batch_size=micro,
+                  batch_size=global_batch or micro * ctx.dp, tensor_parallel_size=ctx.tp,
+                  expert_parallel_size=ctx.ep, precision=precision, seed=seed, max_steps=1, warmup_steps=0,
+                  log_every=1, eval_every=0, save_every=0)
+    fields.update(options)
+    config = TrainConfig(**fields)
+    cfg = ctypes.create_string_buffer(_lib.TRAIN_CONFIG_BYTES)
+    err = _lib.nm_error()
+    opts = _lib._new(_lib.nm_trainer_options)
+    opts.quiet, opts.recompute, opts.external_data = 1, int(bool(recompute)), 1
+    ptr = ctypes.c_void_p()
+    # the config's files (train_config.json and the model_config.json it names), read by the
+    # load and the create; the trainer itself writes none
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "train_config.json")
+        config.save(path)
+        if lib.nm_train_config_load(cfg, os.fsencode(path), None, 0, err) != 0:
+            lib.nm_train_config_free(cfg)
+            raise ConfigError(err.msg.decode("utf-8", "replace"))
+        if lib.nm_trainer_create(ctypes.byref(ptr), cfg, opts, err) != 0:
+            lib.nm_train_config_free(cfg)
+            raise NMError(err.msg.decode("utf-8", "replace"))
+
+    def destroy(p, cfg=cfg):
+        lib.nm_trainer_destroy(p)
+        lib.nm_train_config_free(cfg)  # the trainer borrows the config: freed after it
+
+    handle = _Handle(ptr.value, destroy, keep=(cfg, opts))
+    model = Model(handle, model_config, micro, seq_len, lib.nm_trainer_model(ptr))
+    model._trainer = ptr.value
+    model._step_options = {"mtp_weight": config.mtp_weight, "aux_weight": config.aux_weight}
+    model.dist_ctx = ctx
+    return model
+
+
 def forward_backward(model, batch, *, mtp_weight=0.3, aux_weight=1e-4, grad_scale=1.0, accumulate=False):
     """One forward and backward pass on batch (B, T+1) int32 tokens: inputs row[:-1], targets
     row[1:] (and further for MTP). Returns (loss, grads): the total loss (ce + mtp_weight x mtp
@@ -210,6 +271,8 @@ def forward_backward(model, batch, *, mtp_weight=0.3, aux_weight=1e-4, grad_scal
     tokens = model._tokens(batch)
     B, T = tokens.shape
     err = _lib.nm_error()
+    if getattr(model, "_trainer", None):
+        return _forward_backward_sharded(model, tokens, mtp_weight, aux_weight, grad_scale, accumulate)
     opt = _lib._new(_lib.nm_loss_options)
     opt.mtp_weight, opt.aux_weight, opt.grad_scale = mtp_weight, aux_weight, grad_scale
     lt = _lib._new(_lib.nm_loss_terms)
@@ -218,6 +281,27 @@ def forward_backward(model, batch, *, mtp_weight=0.3, aux_weight=1e-4, grad_scal
     tok_ptr = tokens.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
     _lib.check(lib.nm_model_forward(model._ptr, tok_ptr, B, T, opt, lt, None, err), err, ValueError)
     _lib.check(lib.nm_model_backward(model._ptr, err), err)
+    model.last_loss = LossTerms(lt.loss, lt.ce, lt.mtp, lt.aux, lt.tokens)
+    return lt.loss, model.grads
+
+
+def _forward_backward_sharded(model, tokens, mtp_weight, aux_weight, grad_scale, accumulate):
+    """One micro-batch of the multi-rank step (nm_trainer_micro_batch): its gradients are added to
+    the step's, scaled so that the reduction over data-parallel ranks is the global batch's mean."""
+    B, T = tokens.shape
+    if (B, T) != (model.max_batch_size, model.max_seq_len + 1):
+        raise ValueError(f"batch: shape ({B}, {T}): every micro-batch of a multi-rank step is "
+                         f"({model.max_batch_size}, {model.max_seq_len + 1}) (create_model's max_batch_size, "
+                         f"max_seq_len + 1)")
+    given = {"mtp_weight": mtp_weight, "aux_weight": aux_weight}
+    if given != model._step_options or grad_scale != 1.0 or accumulate:
+        raise ValueError("forward_backward: on more than one rank the loss weights are create_model's (mtp_weight, "
+                         "aux_weight) and the micro-batches of a step accumulate by themselves; grad_scale and "
+                         "accumulate are for one process")
+    err = _lib.nm_error()
+    lt = _lib._new(_lib.nm_loss_terms)
+    tok_ptr = tokens.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+    _lib.check(lib.nm_trainer_micro_batch(model._trainer, tok_ptr, lt, err), err)
     model.last_loss = LossTerms(lt.loss, lt.ce, lt.mtp, lt.aux, lt.tokens)
     return lt.loss, model.grads
 
@@ -236,6 +320,13 @@ class Optimizer:
         ptr = ctypes.POINTER(_lib.nm_optimizer)()
         if not lr > 0:
             raise ConfigError(f"create_optimizer: lr = {lr}: must be > 0")
+        self.last_metrics = None
+        if getattr(model, "_trainer", None):
+            # the trainer's distributed optimizer (equal ranges of every tensor over the ranks)
+            _lib.check(lib.nm_trainer_set_adamw(model._trainer, beta1, beta2, eps, weight_decay, clip_grad, err), err,
+                       ConfigError)
+            self._h, self._ptr = model._h, None
+            return
         _lib.check(lib.nm_optimizer_create(ctypes.byref(ptr), lib.nm_model_table(model._ptr), cfg,
                                            lib.nm_model_ops(model._ptr), err), err, ConfigError)
         # The optimizer borrows the model's parameter table: the model's handle outlives it.
@@ -244,11 +335,19 @@ class Optimizer:
 
     @property
     def step_count(self):
+        if self._ptr is None:
+            return lib.nm_trainer_step_count(self.model._trainer)
         return self._ptr.contents.step
+
+    def _local(self):
+        if self._ptr is None:
+            raise NMError("the AdamW moments of a multi-rank model are sharded over the ranks (each holds equal "
+                          "ranges of every tensor): save a checkpoint through Trainer to read them whole")
 
     @property
     def exp_avg(self):
         """AdamW first moments by parameter name (views)."""
+        self._local()
         d = TensorDict(self._h, self._ptr.contents.m, self.model._table)
         d._table_floats = self.model._n_floats
         return d
@@ -256,6 +355,7 @@ class Optimizer:
     @property
     def exp_avg_sq(self):
         """AdamW second moments by parameter name (views)."""
+        self._local()
         d = TensorDict(self._h, self._ptr.contents.v, self.model._table)
         d._table_floats = self.model._n_floats
         return d
@@ -270,6 +370,8 @@ def optimizer_step(optimizer, grads, lr=None):
     update at lr (default optimizer.lr). Returns the gradient norm before clipping. A NaN/Inf
     gradient raises NMError naming the tensor, and nothing is updated."""
     model = optimizer.model
+    if getattr(model, "_trainer", None):
+        return _optimizer_step_sharded(optimizer, grads, lr)
     if not isinstance(grads, TensorDict) or grads._base != ctypes.cast(lib.nm_model_grads(model._ptr),
                                                                        ctypes.c_void_p).value:
         raise ValueError("optimizer_step: grads must be the gradients of the optimizer's model "
@@ -283,6 +385,25 @@ def optimizer_step(optimizer, grads, lr=None):
     lib.nm_optimizer_step_scaled(optimizer._ptr, lib.nm_model_params(model._ptr), g, rep.clip_scale,
                                  optimizer.lr if lr is None else lr)
     return rep.norm
+
+
+def _optimizer_step_sharded(optimizer, grads, lr):
+    """The multi-rank step after its micro-batches (nm_trainer_apply): reduce over the ranks,
+    check and clip, AdamW on this rank's ranges, gather, update the router biases."""
+    model = optimizer.model
+    if not isinstance(grads, TensorDict) or grads._base != ctypes.cast(lib.nm_model_grads(model._ptr),
+                                                                       ctypes.c_void_p).value:
+        raise ValueError("optimizer_step: grads must be the gradients of the optimizer's model "
+                         "(as forward_backward returns them)")
+    err = _lib.nm_error()
+    m = _lib._new(_lib.nm_step_metrics)
+    rc = lib.nm_trainer_apply(model._trainer, optimizer.lr if lr is None else lr, m, err)
+    _lib.check(rc, err)
+    optimizer.last_metrics = {k: getattr(m, k) for k in ("step", "loss", "ce_loss", "mtp_loss", "aux_loss",
+                                                         "grad_norm", "lr", "load_max_over_mean", "skipped")}
+    if rc == 0:
+        raise NMError(f"optimizer_step: non-finite loss or gradient at step {m.step}; update skipped")
+    return m.grad_norm
 
 
 _SPLITS = {"train": _lib.NM_SPLIT_TRAIN, "valid": _lib.NM_SPLIT_VALID, "test": _lib.NM_SPLIT_TEST}
@@ -325,8 +446,10 @@ class DataLoader:
         spec.num_samples[_SPLITS[split]] = num_samples
         err = _lib.nm_error()
         ptr = ctypes.c_void_p()
-        _lib.check(lib.nm_loader_create(ctypes.byref(ptr), spec, _SPLITS[split], dist_ctx.rank,
-                                        dist_ctx.world_size, err), err)
+        # one stream per data-parallel rank: tensor-parallel (and expert-folded) ranks of one dp
+        # rank read the same micro-batches, as the trainer's loaders do
+        _lib.check(lib.nm_loader_create(ctypes.byref(ptr), spec, _SPLITS[split], dist_ctx.dp_rank,
+                                        dist_ctx.dp, err), err)
         self._h = _Handle(ptr.value, lib.nm_loader_destroy)
         self.batch_size = batch_size
         self.seq_len = data.seq_len
@@ -356,3 +479,19 @@ class DataLoader:
 
     def set_state(self, sample):
         lib.nm_loader_set_cursor(self._h.ptr, _lib.nm_data_cursor(sample))
+
+
+def create_dataloader(data, dist_ctx=None, *, micro_batch, seed=1234, split="train", num_batches=None,
+                      global_batch=None, steps=0, start_step=0):
+    """This data-parallel rank's micro-batches (micro_batch, seq_len + 1) int32, in the order the
+    trainer reads them for the same data, seed and split (Megatron's GPTDataset order over
+    steps x global_batch samples when steps is given). start_step resumes: the samples of the
+    steps before it are skipped. global_batch defaults to micro_batch x dp (one micro-batch per
+    rank and step)."""
+    dist_ctx = dist_ctx or init_distributed()
+    gb = global_batch or micro_batch * dist_ctx.dp
+    loader = DataLoader(data, micro_batch, seed=seed, split=split, num_batches=num_batches,
+                        num_samples=steps * gb, dist_ctx=dist_ctx)
+    if start_step:
+        loader.set_state(start_step * gb)
+    return loader

@@ -219,3 +219,5 @@ nm_comm *nm_comm_shape(int rank, int size, const char *group) {
     snprintf(c->group, sizeof(c->group), "%s", group);
     return c;
 }
+
+int nm_comm_barrier_export(nm_comm *c, nm_error *err) { return nm_comm_barrier(c, err); }

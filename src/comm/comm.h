@@ -187,6 +187,8 @@ static inline int nm_comm_recv(nm_comm *c, void *buf, int64_t count, nm_comm_dty
     return nm_comm_timed(c, NM_COMM_RECV, t0, c->vt->recv(c, buf, count, dt, peer, tag, err));
 }
 static inline int nm_comm_barrier(nm_comm *c, nm_error *err) { return c->vt->barrier(c, err); }
+// The same as a linked symbol, for bindings that cannot call an inline function (python/).
+int nm_comm_barrier_export(nm_comm *c, nm_error *err);
 // Ranks with the same color form a group, ordered by key (then by rank). group names it
 // in the byte counters and messages.
 int nm_comm_split(nm_comm *c, int color, int key, const char *group, nm_comm **out, nm_error *err);

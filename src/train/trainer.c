@@ -254,7 +254,7 @@ static int create_optimizer(nm_trainer *t, nm_error *err) {
         return -1;
     }
     nm_train_config_lr_schedule(cfg, &t->sched);
-    if (make_loaders(t, err) != 0) return -1;
+    if (!t->opts.external_data && make_loaders(t, err) != 0) return -1;
     if (t->valid_data && t->rank0 && nm_trainer_eval_batches(t) < cfg->log.eval_batches)
         fprintf(stderr, "notice: log.eval_batches %lld is more than the validation split's %lld distinct batches of "
                 "micro_batch %lld; each evaluation runs %lld\n", (long long)cfg->log.eval_batches,
@@ -269,10 +269,12 @@ static int create_optimizer(nm_trainer *t, nm_error *err) {
     for (int i = 0; i < n_moe; i++) t->bias_ptrs[i] = nm_model_params(t->model) + table->layers[moe_ids[i]].router_bias;
     t->tokens = nm_malloc((size_t)(cfg->micro_batch * t->T) * sizeof(int32_t));
     t->tp_summed = nm_calloc((size_t)table->n_rows, 1);
-    t->hist_step = nm_calloc((size_t)cfg->steps + 1, sizeof(double));
-    t->hist_loss = nm_calloc((size_t)cfg->steps + 1, sizeof(double));
-    t->hist_vstep = nm_calloc((size_t)cfg->steps + 2, sizeof(double));
-    t->hist_vloss = nm_calloc((size_t)cfg->steps + 2, sizeof(double));
+    // loss.svg's points, one per step (a caller's steps have no count and no file)
+    int64_t n_points = t->opts.external_data ? 0 : cfg->steps;
+    t->hist_step = nm_calloc((size_t)n_points + 1, sizeof(double));
+    t->hist_loss = nm_calloc((size_t)n_points + 1, sizeof(double));
+    t->hist_vstep = nm_calloc((size_t)n_points + 2, sizeof(double));
+    t->hist_vloss = nm_calloc((size_t)n_points + 2, sizeof(double));
     return 0;
 }
 
@@ -281,6 +283,10 @@ static int create_optimizer(nm_trainer *t, nm_error *err) {
 static int open_run_dir(nm_trainer *t, nm_error *err) {
     const nm_train_config *cfg = &t->cfg;
     const nm_trainer_options *opts = &t->opts;
+    if (!opts->run_dir) {  // a caller's micro-batches and no files (external_data): default kernels
+        snprintf(t->kernels, sizeof(t->kernels), "backend %s: %s", cfg->backend, t->ops->kernel_names());
+        return 0;
+    }
     if (t->rank0 && nm_mkdir_p(opts->run_dir, err) != 0) return -1;
     // Before anything in the directory is read or written: one trainer per run (run_lock.h).
     if (t->rank0 && nm_run_lock_acquire(opts->run_dir, &t->run_lock, err) != 0) return -1;
@@ -328,7 +334,7 @@ static int open_run_dir(nm_trainer *t, nm_error *err) {
 
 int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_trainer_options *opts, nm_error *err) {
     *out = NULL;
-    if (!opts->run_dir) return nm_error_set(err, "trainer: a run directory is required");
+    if (!opts->run_dir && !opts->external_data) return nm_error_set(err, "trainer: a run directory is required");
     nm_trainer *t = nm_calloc(1, sizeof(nm_trainer));
     t->cfg = *cfg;
     t->opts = *opts;

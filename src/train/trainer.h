@@ -26,6 +26,9 @@ typedef struct nm_trainer_options {
     void *hook_ctx;             // its first argument
     int recompute;              // activation recomputation per block (less memory, ~1/3 more compute)
     int allow_config_change;    // resume although the data, batch, sequence length or tokenizer changed
+    int external_data;          // the caller hands in every micro-batch (nm_trainer_micro_batch, then
+                                // nm_trainer_apply): no loaders are made, and run_dir may be NULL (no
+                                // files then: no metrics, checkpoints or kernel cache)
 } nm_trainer_options;
 
 typedef struct nm_step_metrics {
@@ -56,6 +59,21 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
 // Runs one optimizer step. Returns 1 after a step, 0 when the configured steps are done,
 // -1 on error (including divergence: too many non-finite steps in a row).
 int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err);
+// The same step in the caller's hands (options.external_data; the Python layer's forward_backward
+// and optimizer_step): nm_trainer_micro_batch runs one micro-batch's forward and backward on
+// tokens (micro_batch, seq_len + 1), its gradients added to the step's with the trainer's
+// scale 1 / (accum x dp), and returns its own loss terms; after accum of them (global_batch /
+// (micro_batch x dp)), nm_trainer_apply reduces the gradients, checks and clips them, updates
+// (lr >= 0 replaces the schedule's rate for this step) and gathers the parameters, exactly as
+// nm_trainer_step after its own micro-batches; m gets the step's metrics over the job. 1 after
+// an update, 0 for a step the divergence guard skipped, -1 on error (a call out of turn, a
+// failed collective, too many non-finite steps). Not under pipeline parallelism.
+int nm_trainer_micro_batch(nm_trainer *t, const int32_t *tokens, nm_loss_terms *lt, nm_error *err);
+int nm_trainer_apply(nm_trainer *t, double lr, nm_step_metrics *m, nm_error *err);
+// AdamW's hyper-parameters and the clipping norm from now on (the low-level create_optimizer):
+// 0, or -1 with err naming a value out of range (as nm_optimizer_create checks them).
+int nm_trainer_set_adamw(nm_trainer *t, double beta1, double beta2, double eps, double weight_decay, double clip_grad,
+                         nm_error *err);
 // Writes a checkpoint of the current state now.
 int nm_trainer_save(nm_trainer *t, nm_error *err);
 // The same checkpoint into another run directory (created if needed; its `latest` is

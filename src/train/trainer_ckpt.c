@@ -267,6 +267,10 @@ static int save_tp(nm_trainer *t, const char *run_dir, const nm_ckpt_state *st, 
 int nm_trainer_save(nm_trainer *t, nm_error *err) { return nm_trainer_save_to(t, t->opts.run_dir, err); }
 
 int nm_trainer_save_to(nm_trainer *t, const char *run_dir, nm_error *err) {
+    if (!run_dir) return nm_error_set(err, "trainer: no run directory to save into (created without one)");
+    if (!t->train_data)
+        return nm_error_set(err, "trainer: a checkpoint records the data position, and this trainer's micro-batches "
+                                 "come from its caller (external_data): save the model with the caller's means");
     nm_ckpt_state st = {
         .step = t->step, .tokens = t->tokens_seen, .data_sample = nm_loader_get_cursor(t->train_data).sample,
         .optim_step = t->optim->step, .skipped_steps = t->skipped_steps, .nan_streak = t->nan_streak,

@@ -74,6 +74,12 @@ struct nm_trainer {
     const float **bias_ptrs;    // (n_moe) router bias of each MoE layer
 
     int64_t step;               // optimizer steps completed
+    // the caller's step (options.external_data: nm_trainer_micro_batch, nm_trainer_apply)
+    int64_t ext_micro;          // micro-batches handed in for the step under way
+    nm_step_metrics ext_m;      // its metrics so far
+    nm_loss_options ext_opt;    // its loss options
+    int ext_finite;             // every micro-batch's loss was finite
+    double ext_t0;              // when its first micro-batch began
     int64_t tokens_seen;
     int64_t skipped_steps;
     int64_t nan_streak;

@@ -247,18 +247,16 @@ int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err) {
     return 0;
 }
 
-// One micro-batch outside the pipeline: next batch -> forward -> backward (grads +=). The last
-// one's backward finishes the gradients: buckets start reducing as soon as their layers are
-// done (overlap_grad_reduce), the rest in reduce_step. Gradient sharding plugs in here.
-static int accumulate_micro_batch(nm_trainer *t, int64_t micro, const nm_loss_options *opt, nm_step_metrics *m,
-                                  int n_moe, int *finite, nm_error *err) {
+// One micro-batch outside the pipeline: forward -> backward (grads +=) on tokens (micro_batch,
+// T). The last one's backward finishes the gradients: buckets start reducing as soon as their
+// layers are done (overlap_grad_reduce), the rest in reduce_step. Gradient sharding plugs in
+// here. *lt gets the micro-batch's own loss terms.
+static int accumulate_micro_batch(nm_trainer *t, int64_t micro, const int32_t *tokens, const nm_loss_options *opt,
+                                  nm_step_metrics *m, int n_moe, int *finite, nm_loss_terms *lt, nm_error *err) {
     const nm_train_config *c = &t->cfg;
     int64_t E = t->mcfg.E;
-    double ta = now_s();
-    if (nm_loader_next_batch(t->train_data, t->tokens, c->micro_batch, err) != 0) return -1;
     double tb = now_s();
-    nm_loss_terms lt;
-    if (nm_model_forward(t->model, t->tokens, c->micro_batch, t->T, opt, &lt, NULL, err) != 0) return -1;
+    if (nm_model_forward(t->model, tokens, c->micro_batch, t->T, opt, lt, NULL, err) != 0) return -1;
     const int64_t *counts = nm_model_expert_counts(t->model, NULL, NULL);
     for (int64_t i = 0; i < (int64_t)n_moe * E; i++) t->step_counts[i] += counts[i];
     double tc = now_s();
@@ -272,14 +270,13 @@ static int accumulate_micro_batch(nm_trainer *t, int64_t micro, const nm_loss_op
     nm_model_set_backward_hook(t->model, NULL, NULL);
     if (rc != 0) return -1;
     double td = now_s();
-    m->t_data += tb - ta;
     m->t_forward += tc - tb;
     m->t_backward += td - tc;
-    m->loss += lt.loss / (double)t->accum;
-    m->ce_loss += lt.ce / (double)t->accum;
-    m->mtp_loss += lt.mtp / (double)t->accum;
-    m->aux_loss += lt.aux / (double)t->accum;
-    if (!isfinite(lt.loss)) *finite = 0;
+    m->loss += lt->loss / (double)t->accum;
+    m->ce_loss += lt->ce / (double)t->accum;
+    m->mtp_loss += lt->mtp / (double)t->accum;
+    m->aux_loss += lt->aux / (double)t->accum;
+    if (!isfinite(lt->loss)) *finite = 0;
     return 0;
 }
 
@@ -385,23 +382,17 @@ static int routing_stats(nm_trainer *t, nm_step_metrics *m, int n_moe, int64_t *
     return 0;
 }
 
-int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
+// The step's start: metrics and expert counts cleared, the loss options of this step, the
+// gradients zeroed.
+static void step_begin(nm_trainer *t, int64_t step, nm_step_metrics *m, nm_loss_options *opt, int *n_moe) {
     const nm_train_config *c = &t->cfg;
-    if (t->step >= c->steps) return 0;
-    // Megatron's --exit-interval: end this process at such a step (the caller saves), leaving
-    // the schedule and the data order those of the full run.
-    if (c->exit_interval > 0 && t->step > t->step_at_start && t->step % c->exit_interval == 0) return 0;
-    int64_t step = t->step + 1;
     memset(m, 0, sizeof(*m));
     m->step = step;
     m->steps_total = c->steps;
     m->val_loss = NAN;
-    int n_moe;
-    nm_model_expert_counts(t->model, &n_moe, NULL);
-    memset(t->step_counts, 0, (size_t)n_moe * (size_t)(t->mcfg.E > 0 ? t->mcfg.E : 1) * sizeof(int64_t));
-
-    double t0 = now_s();
-    nm_loss_options opt = {
+    nm_model_expert_counts(t->model, n_moe, NULL);
+    memset(t->step_counts, 0, (size_t)*n_moe * (size_t)(t->mcfg.E > 0 ? t->mcfg.E : 1) * sizeof(int64_t));
+    *opt = (nm_loss_options){
         .mtp_weight = (float)nm_mtp_weight_at(c->mtp.weight, c->mtp.weight_after, c->mtp.switch_step, step),
         .aux_weight = (float)c->balance.aux_weight,
         // Each rank's gradients are summed over the data-parallel group: 1/(accum x dp) makes the
@@ -409,11 +400,15 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
         .grad_scale = 1.0f / (float)(t->accum * t->mesh->n.dp),
     };
     nm_model_zero_grads(t->model);
-    if (t->opts.before_backward && t->opts.before_backward(t->opts.hook_ctx, t->model, step, err) != 0) return -1;
-    int finite = 1;
-    if (t->pipe && pipeline_micro_batches(t, &opt, m, n_moe, &finite, err) != 0) return -1;
-    for (int64_t micro = 0; !t->pipe && micro < t->accum; micro++)
-        if (accumulate_micro_batch(t, micro, &opt, m, n_moe, &finite, err) != 0) return -1;
+}
+
+// The step after its micro-batches: gradients reduced, checked and clipped, the guard or the
+// update (lr: the schedule's rate unless >= 0), throughput and routing statistics. t0: when the
+// step began. *diverged, *ep_rounds and *ep_over for the report.
+static int step_finish(nm_trainer *t, int64_t step, nm_step_metrics *m, const nm_loss_options *opt, int n_moe,
+                       int finite, double t0, double lr, int *diverged, int64_t *ep_rounds, double *ep_over,
+                       nm_error *err) {
+    const nm_train_config *c = &t->cfg;
     double te = now_s();
     if (reduce_step(t, m, n_moe, &finite, err) != 0) return -1;
     double t_comm = now_s() - te, t_gather = 0.0;
@@ -423,20 +418,47 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     // gradients, so they are not rewritten in a pass of their own.
     if (check_grads(t, c->optimizer.clip_grad, &rep, err) != 0) return -1;
     m->grad_norm = rep.norm;
-    m->lr = nm_lr_at(&t->sched, step);
-    int diverged;
-    if (guard_or_update(t, step, finite, &rep, m, n_moe, &diverged, &t_gather, err) != 0) return -1;
+    m->lr = lr >= 0 ? lr : nm_lr_at(&t->sched, step);
+    if (guard_or_update(t, step, finite, &rep, m, n_moe, diverged, &t_gather, err) != 0) return -1;
     double tf = now_s();
     m->t_comm = t_comm + t_gather;
     m->t_optimizer = tf - te - t_gather;
     t->step = step;
     throughput(t, m, step, tf - t0);
     m->tokens = t->tokens_seen;
-    m->mtp_weight = opt.mtp_weight;
+    m->mtp_weight = opt->mtp_weight;
     m->skipped_total = t->skipped_steps;
+    return routing_stats(t, m, n_moe, ep_rounds, ep_over, err);
+}
+
+int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
+    const nm_train_config *c = &t->cfg;
+    if (t->opts.external_data)
+        return nm_error_set(err, "trainer: created with external_data: hand it micro-batches (nm_trainer_micro_batch, "
+                                 "nm_trainer_apply)");
+    if (t->step >= c->steps) return 0;
+    // Megatron's --exit-interval: end this process at such a step (the caller saves), leaving
+    // the schedule and the data order those of the full run.
+    if (c->exit_interval > 0 && t->step > t->step_at_start && t->step % c->exit_interval == 0) return 0;
+    int64_t step = t->step + 1;
+    int n_moe;
+    nm_loss_options opt;
+    double t0 = now_s();
+    step_begin(t, step, m, &opt, &n_moe);
+    if (t->opts.before_backward && t->opts.before_backward(t->opts.hook_ctx, t->model, step, err) != 0) return -1;
+    int finite = 1;
+    if (t->pipe && pipeline_micro_batches(t, &opt, m, n_moe, &finite, err) != 0) return -1;
+    for (int64_t micro = 0; !t->pipe && micro < t->accum; micro++) {
+        double ta = now_s();
+        if (nm_loader_next_batch(t->train_data, t->tokens, c->micro_batch, err) != 0) return -1;
+        m->t_data += now_s() - ta;
+        nm_loss_terms lt;
+        if (accumulate_micro_batch(t, micro, t->tokens, &opt, m, n_moe, &finite, &lt, err) != 0) return -1;
+    }
+    int diverged;
     int64_t ep_rounds;
     double ep_over;
-    if (routing_stats(t, m, n_moe, &ep_rounds, &ep_over, err) != 0) return -1;
+    if (step_finish(t, step, m, &opt, n_moe, finite, t0, -1.0, &diverged, &ep_rounds, &ep_over, err) != 0) return -1;
 
     int eval_now = c->log.eval_every > 0 && (step % c->log.eval_every == 0 || step == c->steps);
     if (eval_now && t->valid_data) {
@@ -453,4 +475,68 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
         if (nm_trainer_save(t, err) != 0) return -1;
     }
     return 1;
+}
+
+// --- the caller's step (options.external_data) -----------------------------------------------
+
+int nm_trainer_micro_batch(nm_trainer *t, const int32_t *tokens, nm_loss_terms *lt, nm_error *err) {
+    if (!t->opts.external_data)
+        return nm_error_set(err, "trainer: micro-batches come from its own data (create it with external_data)");
+    if (t->pipe)
+        return nm_error_set(err, "trainer: a caller's micro-batches under pipeline parallelism are not supported: the "
+                                 "1F1B schedule interleaves them (train with Trainer or the CLI)");
+    if (t->ext_micro == 0) {
+        int n_moe;
+        t->ext_t0 = now_s();
+        t->ext_finite = 1;
+        step_begin(t, t->step + 1, &t->ext_m, &t->ext_opt, &n_moe);
+    }
+    if (t->ext_micro >= t->accum)
+        return nm_error_set(err, "trainer: micro-batch %lld of a step that takes %lld (global_batch %lld / (micro_batch "
+                                 "%lld x dp %lld)): apply the step first", (long long)(t->ext_micro + 1),
+                            (long long)t->accum, (long long)t->cfg.global_batch, (long long)t->cfg.micro_batch,
+                            (long long)t->mesh->n.dp);
+    int n_moe;
+    nm_model_expert_counts(t->model, &n_moe, NULL);
+    if (accumulate_micro_batch(t, t->ext_micro, tokens, &t->ext_opt, &t->ext_m, n_moe, &t->ext_finite, lt, err) != 0)
+        return -1;
+    t->ext_micro++;
+    return 0;
+}
+
+int nm_trainer_apply(nm_trainer *t, double lr, nm_step_metrics *m, nm_error *err) {
+    if (!t->opts.external_data)
+        return nm_error_set(err, "trainer: nm_trainer_apply is for a caller's micro-batches (external_data)");
+    if (t->ext_micro != t->accum)
+        return nm_error_set(err, "trainer: the step has %lld of its %lld micro-batches (global_batch %lld / (micro_batch "
+                                 "%lld x dp %lld))", (long long)t->ext_micro, (long long)t->accum,
+                            (long long)t->cfg.global_batch, (long long)t->cfg.micro_batch, (long long)t->mesh->n.dp);
+    int n_moe, diverged;
+    int64_t ep_rounds;
+    double ep_over;
+    nm_model_expert_counts(t->model, &n_moe, NULL);
+    t->ext_micro = 0;
+    if (step_finish(t, t->step + 1, &t->ext_m, &t->ext_opt, n_moe, t->ext_finite, t->ext_t0, lr, &diverged,
+                    &ep_rounds, &ep_over, err) != 0)
+        return -1;
+    *m = t->ext_m;
+    if (diverged)
+        return nm_error_set(err, "training diverged: %lld non-finite steps in a row (first: %s)",
+                            (long long)t->nan_streak, t->nan_first);
+    return m->skipped ? 0 : 1;
+}
+
+int nm_trainer_set_adamw(nm_trainer *t, double beta1, double beta2, double eps, double weight_decay, double clip_grad,
+                         nm_error *err) {
+    if (!(beta1 >= 0.0 && beta1 < 1.0)) return nm_error_set(err, "optimizer: beta1 = %g must be in [0, 1)", beta1);
+    if (!(beta2 >= 0.0 && beta2 < 1.0)) return nm_error_set(err, "optimizer: beta2 = %g must be in [0, 1)", beta2);
+    if (!(eps > 0.0 && isfinite(eps))) return nm_error_set(err, "optimizer: eps = %g must be > 0", eps);
+    if (!(weight_decay >= 0.0 && isfinite(weight_decay)))
+        return nm_error_set(err, "optimizer: weight_decay = %g must be >= 0", weight_decay);
+    if (!(clip_grad >= 0.0 && isfinite(clip_grad)))
+        return nm_error_set(err, "optimizer: clip_grad = %g must be >= 0 (0: no clipping)", clip_grad);
+    t->optim->cfg.beta1 = beta1, t->optim->cfg.beta2 = beta2, t->optim->cfg.eps = eps;
+    t->optim->cfg.weight_decay = weight_decay;
+    t->cfg.optimizer.clip_grad = clip_grad;
+    return 0;
 }

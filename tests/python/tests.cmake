@@ -3,6 +3,7 @@
 # package installed there (scripts/deps.sh --with-venv installs it; run.py refuses a stale one).
 # A multi-process test needs a timeout (CMakeLists.txt, nm_mpi_timeout); its mpirun has its own, 60 s.
 set(NM_TIMEOUT_pypkg_test_mpi 120)    # measured 8.2 s, 8.7 s
+set(NM_TIMEOUT_pypkg_test_lowlevel_mpi 240) # three mpiruns of ~4 s and the reference run
 file(GLOB NM_PYPKG_TESTS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/python/test_*.py)
 foreach(src ${NM_PYPKG_TESTS})
   get_filename_component(name ${src} NAME_WE)

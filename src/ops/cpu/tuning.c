@@ -207,9 +207,12 @@ int nm_cpu_tune(const nm_gemm_shape *shapes, int n_shapes, const char *run_dir, 
     const shape_set set = {shapes, n_shapes};
     char key[4096], path[4200];
     make_key(key, sizeof key, &set);
-    snprintf(path, sizeof path, "%s/kernels.json", run_dir);
+    snprintf(path, sizeof path, "%s/kernels.json", run_dir ? run_dir : "");
     char fp32[NM_KERNEL_NAME_SIZE], bf16[NM_KERNEL_NAME_SIZE];
-    int cached = read_cache(path, key, fp32, bf16, err);
+    // no directory: nothing to read back or keep, so no measurement either (its pick would be
+    // lost, and a later run could not take the same kernels)
+    int cached = run_dir ? read_cache(path, key, fp32, bf16, err) : 0;
+    if (!run_dir) measure = 0;
     if (cached < 0) return -1;
     int force32 = forced("NM_CPU_GEMM"), force16 = forced("NM_CPU_BF16_GEMM");
     const char *how = getenv("NM_CPU_KERNELS");
