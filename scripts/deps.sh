@@ -2,7 +2,7 @@
 # Installs what nano-megatron needs on a Debian machine, only what is missing.
 # As root it runs apt-get; otherwise it prints the exact apt-get line and fails.
 # Then it makes .venv (system site packages, so Debian's python3-torch is used) with the
-# PyPI interop oracles used by tests (tokenizers, safetensors, torch, transformers, gguf,
+# PyPI interop oracles used by tests (tokenizers, safetensors, torch, transformers, gguf, pyarrow,
 # llama-cpp-python), and installs the Python package (python/) into it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,15 +43,16 @@ fi
 # builds the sdist once and keeps the wheel in its cache; a later fresh .venv on the same machine
 # installs that wheel in seconds. No --no-binary: pip 23.0 ignores its wheel cache under it).
 venv_ok() {
-  .venv/bin/python3 -c 'import tokenizers, safetensors, torch, gguf, llama_cpp
+  .venv/bin/python3 -c 'import tokenizers, safetensors, torch, gguf, llama_cpp, pyarrow
 from transformers import DeepseekV3ForCausalLM' 2>/dev/null
 }
 if [ "${1:-}" = "--with-venv" ]; then
   if [ ! -x .venv/bin/python3 ] || ! venv_ok; then
-    echo "deps: making .venv (torch, transformers, tokenizers, safetensors, gguf, llama-cpp-python)"
+    echo "deps: making .venv (torch, transformers, tokenizers, safetensors, gguf, pyarrow, llama-cpp-python)"
     [ -x .venv/bin/python3 ] || /usr/bin/python3 -m venv --system-site-packages .venv
     pip=(.venv/bin/pip install -q --disable-pip-version-check)
-    "${pip[@]}" 'torch==2.5.1' 'transformers==4.57.6' 'tokenizers==0.22.2' 'safetensors==0.4.5' 'gguf==0.19.0'
+    "${pip[@]}" 'torch==2.5.1' 'transformers==4.57.6' 'tokenizers==0.22.2' 'safetensors==0.4.5' 'gguf==0.19.0' \
+      'pyarrow==18.1.0'
     CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF
                 -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 \
       "${pip[@]}" 'llama-cpp-python==0.3.36'

@@ -12,6 +12,7 @@ rank's coordinate, and create_model(config, ctx) builds this rank's shard of tha
 """
 import ctypes
 import os
+import sys
 from dataclasses import dataclass
 
 from . import _lib
@@ -61,11 +62,25 @@ lib.nm_comm_init.restype = ctypes.c_int
 lib.nm_comm_init.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(_lib.nm_error)]
 lib.nm_comm_barrier_export.restype = ctypes.c_int
 lib.nm_comm_barrier_export.argtypes = [ctypes.c_void_p, ctypes.POINTER(_lib.nm_error)]
+lib.nm_comm_abort_job.restype = None
+lib.nm_comm_abort_job.argtypes = [ctypes.c_int]
 lib.nm_mesh_coords.restype = None
 lib.nm_mesh_coords.argtypes = [ctypes.POINTER(_nm_mesh_sizes), ctypes.c_int] + [ctypes.POINTER(ctypes.c_int)] * 5
 
 _world = None  # the library's world communicator, open for the process
 _base = None   # (rank, world_size, local_rank)
+
+
+def _abort_job_on_uncaught(previous):
+    """sys.excepthook for a rank of a multi-process job: the traceback as usual, then the whole
+    job stopped (nm_comm_abort_job, MPI_Abort), as the CLI stops it on a rank's error; the other
+    ranks would otherwise wait in their next collective until the launcher's timeout."""
+    def hook(kind, value, tb):
+        previous(kind, value, tb)
+        sys.stderr.write(f"rank {_base[0]}: {kind.__name__}: stopping every rank of the job\n")
+        sys.stderr.flush()
+        lib.nm_comm_abort_job(1)
+    return hook
 
 
 def _join():
@@ -82,6 +97,8 @@ def _join():
                 local = int(v)
                 break
         _world, _base = world, (head.rank, head.size, local)
+        if head.size > 1:
+            sys.excepthook = _abort_job_on_uncaught(sys.excepthook)
     return _base
 
 

@@ -118,3 +118,34 @@ def test_init_distributed_places_and_refuses():
 def test_one_process_model_refuses_multi_rank_options():
     with pytest.raises(TypeError, match="global_batch"):
         nm.create_model(small_model(), global_batch=8)
+
+
+FAILING = """
+import sys, time
+from pretrain import init_distributed
+ctx = init_distributed()
+if ctx.rank == 1:
+    raise RuntimeError("rank 1 cannot read its batch")
+ctx.shutdown()   # rank 0 waits here for a rank that will never come
+time.sleep(60)
+"""
+
+
+def test_a_rank_error_stops_every_rank(tmp_path):
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun not found (apt-get install openmpi-bin)")
+    (tmp_path / "fail.py").write_text(textwrap.dedent(FAILING))
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_btl="self,vader", OMPI_MCA_btl_vader_single_copy_mechanism="none",
+               OMPI_MCA_plm_rsh_agent="false", OMPI_MCA_rmaps_base_oversubscribe="1",
+               OMPI_MCA_hwloc_base_binding_policy="none", OMPI_MCA_orte_tmpdir_base=str(tmp_path))
+    import time
+    t0 = time.monotonic()
+    p = subprocess.run(["mpirun", "--timeout", "60", "--oversubscribe", "-np", "2", sys.executable,
+                        str(tmp_path / "fail.py")], capture_output=True, text=True, env=env, timeout=90)
+    took = time.monotonic() - t0
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out
+    assert "rank 1 cannot read its batch" in out and "stopping every rank" in out, out
+    # the job ends at the error, not at mpirun's 60 s timeout (measured ~1 s)
+    assert took < 30, (took, out)
