@@ -4,7 +4,8 @@
 //  - train and valid splits use disjoint sequences, each inside its book-ends;
 //  - rank slices are disjoint and together are the world-1 batch, row for row;
 //  - compat mode: the first num_samples samples are GPTDataset's with that num_samples;
-//  - the synthetic corpus needs no files; errors name the dataset.
+//  - the synthetic corpus needs no files; errors name the dataset;
+//  - the blend's index mappings cached as Megatron's arrays give the same stream.
 // Datasets are random (fresh seed, printed; NM_TEST_SEED reproduces) and every token encodes
 // (dataset, sequence, position), so each row tells where it came from.
 #include <dirent.h>
@@ -21,6 +22,7 @@
 #include "data/gpt_dataset.h"
 #include "data/indexed.h"
 #include "data/loader.h"
+#include "io/npy.h"
 
 #include "test_util.h"
 
@@ -316,6 +318,90 @@ static void test_many_sources(const char *prefix) {
     nm_loader_destroy(l);
 }
 
+// The blend's index mappings cached (data.cache_dir with a known size, loader.c): the stream,
+// random access and cursors anywhere (inside the arrays and past them, where the greedy rule
+// takes over) equal the uncached loader's; the files are Megatron's BlendedDataset arrays
+// (int16 dataset_index, int64 dataset_sample_index, equal to build_blending_indices); a second
+// loader maps them unchanged; a truncated one is rebuilt, and the stream is still the same.
+static void test_blend_cache(const nm_data_spec *base) {
+    char cache[128];
+    snprintf(cache, sizeof cache, "%s/blend_cache", dir);
+    nm_data_spec plain = *base, cached = *base;
+    const int64_t size = 500, B = 4, steps = 200;   // 800 samples: the last 300 past the arrays
+    plain.num_samples[NM_SPLIT_TRAIN] = cached.num_samples[NM_SPLIT_TRAIN] = size;
+    cached.cache_dir = cache;
+    int64_t row = base->seq_len + 1;
+    int32_t *a = nm_malloc(sizeof(int32_t) * (size_t)(steps * B * row)), *b = nm_malloc(sizeof(int32_t) * (size_t)(steps * B * row));
+    nm_loader *lp = make(&plain, NM_SPLIT_TRAIN, 0, 1), *lc = make(&cached, NM_SPLIT_TRAIN, 0, 1);
+    read_rows(lp, steps, B, a);
+    read_rows(lc, steps, B, b);
+    int64_t first_diff = -1;
+    for (int64_t r = 0; r < steps * B && first_diff < 0; r++)
+        if (memcmp(a + r * row, b + r * row, sizeof(int32_t) * (size_t)row)) first_diff = r;
+    EXPECT(first_diff < 0, "cached blend: sample %lld of the stream differs from the greedy one (dataset %d vs %d)",
+           (long long)first_diff, first_diff >= 0 ? tok_dataset(a[first_diff * row]) : -1,
+           first_diff >= 0 ? tok_dataset(b[first_diff * row]) : -1);
+    // the files, against the builder
+    char idx_path[512] = "", smp_path[512] = "";
+    DIR *dd = opendir(cache);
+    EXPECT(dd != NULL, "no blend cache directory %s", cache);
+    for (struct dirent *e; dd && (e = readdir(dd));) {
+        if (strstr(e->d_name, "-BlendedDataset-dataset_index.npy")) snprintf(idx_path, sizeof idx_path, "%s/%s", cache, e->d_name);
+        if (strstr(e->d_name, "-BlendedDataset-dataset_sample_index.npy")) snprintf(smp_path, sizeof smp_path, "%s/%s", cache, e->d_name);
+    }
+    if (dd) closedir(dd);
+    EXPECT(idx_path[0] && smp_path[0], "the blend's .npy files are missing from %s", cache);
+    nm_npy mi = {0}, ms = {0};
+    nm_error err;
+    double w[3];
+    nm_blend_normalize(base->weights, 3, w);
+    // Megatron's blend size for the split: sum_i ceil(S w_i)
+    int64_t blend_size = 0;
+    for (int i = 0; i < 3; i++) blend_size += (int64_t)ceil((double)size * w[i]);
+    if (idx_path[0] && smp_path[0]) {
+        NM_CHECK(nm_npy_map(&mi, idx_path, &err) == 0 && nm_npy_map(&ms, smp_path, &err) == 0, "%s", err.msg);
+        int16_t *di = nm_malloc(sizeof(int16_t) * (size_t)blend_size);
+        int64_t *dsi = nm_malloc(sizeof(int64_t) * (size_t)blend_size);
+        nm_blend_build_indices(w, 3, blend_size, di, dsi);
+        EXPECT(!strcmp(mi.descr, "<i2") && !strcmp(ms.descr, "<i8") && mi.shape[0] == blend_size &&
+                   ms.shape[0] == blend_size,
+               "blend arrays: %s %lld / %s %lld, expected %lld rows", mi.descr, (long long)mi.shape[0], ms.descr,
+               (long long)ms.shape[0], (long long)blend_size);
+        EXPECT(!memcmp(mi.data, di, sizeof(int16_t) * (size_t)blend_size) &&
+                   !memcmp(ms.data, dsi, sizeof(int64_t) * (size_t)blend_size),
+               "the cached blend arrays differ from build_blending_indices");
+        nm_free(di);
+        nm_free(dsi);
+        nm_npy_unmap(&mi);
+        nm_npy_unmap(&ms);
+    }
+    // cursors inside and past the arrays, and random access
+    int64_t at[4] = {0, 123, blend_size, blend_size + 77};
+    int32_t *one = nm_malloc(sizeof(int32_t) * (size_t)(B * row));
+    for (int k = 0; k < 4; k++) {
+        nm_loader_set_cursor(lc, (nm_data_cursor){.sample = at[k]});
+        NM_CHECK(nm_loader_next_batch(lc, one, B, &err) == 0, "%s", err.msg);
+        EXPECT(!memcmp(one, a + at[k] * row, sizeof(int32_t) * (size_t)(B * row)), "cached blend: cursor %lld differs",
+               (long long)at[k]);
+        NM_CHECK(nm_loader_sample(lc, at[k] + 1, one, &err) == 0, "%s", err.msg);
+        EXPECT(!memcmp(one, a + (at[k] + 1) * row, sizeof(int32_t) * (size_t)row), "cached blend: sample %lld differs",
+               (long long)(at[k] + 1));
+    }
+    nm_loader_destroy(lc);
+    // a truncated array is rebuilt (with a notice on stderr), and the stream is the same
+    if (idx_path[0]) NM_CHECK(truncate(idx_path, 100) == 0, "truncate %s", idx_path);
+    lc = make(&cached, NM_SPLIT_TRAIN, 0, 1);
+    read_rows(lc, steps, B, b);
+    EXPECT(!memcmp(a, b, sizeof(int32_t) * (size_t)(steps * B * row)), "rebuilt blend cache: the stream differs");
+    NM_CHECK(nm_npy_map(&mi, idx_path, &err) == 0, "the truncated blend array was not rebuilt: %s", err.msg);
+    nm_npy_unmap(&mi);
+    nm_free(one);
+    nm_free(a);
+    nm_free(b);
+    nm_loader_destroy(lp);
+    nm_loader_destroy(lc);
+}
+
 int main(void) {
     uint64_t seed = test_seed("test_loader");
     key = nm_rng_key(seed, NM_RNG_TEST, 3, 0);
@@ -354,6 +440,7 @@ int main(void) {
     test_compat(prefixes[2]);
     test_synthetic_and_errors();
     test_many_sources(prefixes[2]);
+    test_blend_cache(&spec);
     test_remove_tree(dir);
     if (failures) {
         fprintf(stderr, "test_loader: %d failures (seed %llu)\n", failures, (unsigned long long)seed);

@@ -176,12 +176,41 @@ int nm_cmd_prepare(int argc, char **argv) {
 // --- inspect -----------------------------------------------------------------------------------
 
 static const char *inspect_usage =
-    "usage: nanomegatron inspect --data PREFIX [--doc N] [--tokenizer T]\n"
+    "usage: nanomegatron inspect --data PREFIX|'W1 PREFIX1 W2 PREFIX2 ...' [--doc N] [--tokenizer T]\n"
     "                            [--samples N --seq-len L [--seed S] [--num-samples M] [--split 99,1,0]\n"
     "                             [--which train|valid|test] [--start K] [--cache-dir D]]\n"
     "--doc N: the last stdout line is document N's token ids as a JSON array.\n"
     "--samples N: the last N stdout lines are loader samples K..K+N-1 (seq_len + 1 tokens each).\n"
-    "--cache-dir D: the index mappings are read from (or built and written to) D, as train's data.cache_dir.\n";
+    "--cache-dir D: the index mappings are read from (or built and written to) D, as train's data.cache_dir.\n"
+    "--data 'W1 P1 W2 P2': a blend, as Megatron's --data-path (weight prefix pairs): with --samples only.\n";
+
+// Megatron's --data-path: one prefix, or weight-prefix pairs separated by spaces. The pairs are
+// written into the caller's arrays (at most cap), pointing into buf (a copy the caller frees).
+// Returns the number of datasets, or -1 with a message on stderr.
+static int parse_data_path(const char *text, char *buf, const char **prefixes, double *weights, int cap) {
+    char *save = NULL, *tok[2 * 64 + 1];
+    int n = 0;
+    for (char *t = strtok_r(buf, " \t", &save); t && n <= 2 * cap; t = strtok_r(NULL, " \t", &save)) tok[n++] = t;
+    if (n == 1) {
+        prefixes[0] = tok[0];
+        weights[0] = 1.0;
+        return 1;
+    }
+    if (n == 0 || n % 2 || n > 2 * cap) {
+        fprintf(stderr, "inspect: --data '%s': one prefix, or up to %d weight-prefix pairs\n", text, cap);
+        return -1;
+    }
+    for (int i = 0; i < n / 2; i++) {
+        char *end;
+        weights[i] = strtod(tok[2 * i], &end);
+        if (*end || !(weights[i] >= 0)) {
+            fprintf(stderr, "inspect: --data '%s': '%s' is not a weight (expected weight-prefix pairs)\n", text, tok[2 * i]);
+            return -1;
+        }
+        prefixes[i] = tok[2 * i + 1];
+    }
+    return n / 2;
+}
 
 static void print_json_ids(const int32_t *ids, int64_t n) {
     putchar('[');
@@ -223,7 +252,7 @@ static int parse_split(const char *s, double out[3]) {
     return -1;
 }
 
-static int inspect_samples(const nm_args *a, const char *prefix) {
+static int inspect_samples(const nm_args *a, const char *data) {
     int64_t n, L, seed, num_samples, start;
     // The same bounds as the training config's seq_len and seed (a uint32 shuffle seed here).
     if (nm_args_i64_in(a, "samples", 0, 1, 1 << 30, &n) || nm_args_i64_in(a, "seq-len", 0, 1, 1 << 24, &L) ||
@@ -244,10 +273,16 @@ static int inspect_samples(const nm_args *a, const char *prefix) {
     }
     nm_data_spec spec;
     nm_data_spec_default(&spec);
-    const double one = 1.0;
-    spec.n_sources = 1;
-    spec.prefixes = &prefix;
-    spec.weights = &one;
+    char *buf = nm_strdup(data);
+    const char *prefixes[64];
+    double weights[64];
+    spec.n_sources = parse_data_path(data, buf, prefixes, weights, 64);
+    if (spec.n_sources < 0) {
+        nm_free(buf);
+        return 2;
+    }
+    spec.prefixes = prefixes;
+    spec.weights = weights;
     spec.seq_len = L;
     spec.seed = (uint32_t)seed;
     spec.num_samples[which] = num_samples;
@@ -258,7 +293,9 @@ static int inspect_samples(const nm_args *a, const char *prefix) {
     }
     nm_loader *l;
     nm_error err;
-    if (nm_loader_create(&l, &spec, which, 0, 1, &err) != 0) {
+    int created = nm_loader_create(&l, &spec, which, 0, 1, &err);
+    nm_free(buf);  // the loader keeps no prefix
+    if (created != 0) {
         fprintf(stderr, "inspect: %s\n", err.msg);
         return 1;
     }
@@ -293,6 +330,13 @@ int nm_cmd_inspect_data(int argc, char **argv) {
         return 2;
     }
     if (nm_args_i64_in(&a, "doc", -1, 0, INT64_MAX, &doc)) return 2;
+    if (strpbrk(prefix, " \t")) {  // a blend: its samples only (the statistics are one dataset's)
+        if (!nm_args_has(&a, "samples")) {
+            fprintf(stderr, "inspect: --data '%s' is a blend (weight-prefix pairs): give --samples N --seq-len L\n", prefix);
+            return 2;
+        }
+        return inspect_samples(&a, prefix);
+    }
     nm_indexed *ds;
     nm_error err;
     if (nm_indexed_open(&ds, prefix, &err) != 0) {

@@ -159,18 +159,27 @@ static int cache_open(nm_gpt_dataset *g, nm_error *err) {
     cache_path(g, "description", "txt", path, sizeof path);
     char *saved = NULL;
     nm_error ignore;
-    if (nm_file_read_all(path, &saved, NULL, &ignore) != 0) return 1;
+    if (nm_file_read_all(path, &saved, NULL, &ignore) != 0) return 1;  // no cache yet: built quietly
     int same = strcmp(saved, desc) == 0;
     nm_free(saved);
-    if (!same) return 1;
+    if (!same) {
+        fprintf(stderr, "notice: %s describes other index mappings than %s's; rebuilding them\n", path, g->ds->name);
+        return 1;
+    }
     const int64_t rows[3] = {g->n_document_index, g->n_samples + 1, g->n_samples};
     const char *descr[3] = {"<i4", g->sample_wide ? "<i8" : "<i4", g->shuffle_wide ? "<i8" : "<u4"};
     for (int k = 0; k < 3; k++) {
         cache_path(g, cache_kinds[k], "npy", path, sizeof path);
         nm_npy *m = &g->maps[k];
-        if (nm_npy_map(m, path, &ignore) != 0) return 1;
+        if (nm_npy_map(m, path, &ignore) != 0) {
+            fprintf(stderr, "notice: %s; rebuilding the index mappings\n", ignore.msg);
+            for (int j = 0; j < k; j++) nm_npy_unmap(&g->maps[j]);
+            return 1;
+        }
         if (strcmp(m->descr, descr[k]) != 0 || m->shape[0] != rows[k] || m->ndim != (k == 1 ? 2 : 1) ||
             (k == 1 && m->shape[1] != 2)) {
+            fprintf(stderr, "notice: %s: dtype %s and %lld rows, expected %s and %lld; rebuilding the index mappings\n",
+                    path, m->descr, (long long)m->shape[0], descr[k], (long long)rows[k]);
             for (int j = 0; j <= k; j++) nm_npy_unmap(&g->maps[j]);
             return 1;
         }

@@ -74,8 +74,9 @@ void nm_loader_destroy(nm_loader *l);
 int nm_loader_next_batch(nm_loader *l, int32_t *tokens, int64_t B, nm_error *err);
 
 nm_data_cursor nm_loader_get_cursor(const nm_loader *l);
-// Replays the blend counts up to cursor.sample (O(sample * n_sources), a fraction of a
-// second for 10^8 samples of a few datasets).
+// Inside the blend's cached index arrays (cache_dir with a known num_samples) a lookup; else
+// replays the blend counts up to cursor.sample (O(sample * n_sources), a fraction of a second
+// for 10^8 samples of a few datasets).
 void nm_loader_set_cursor(nm_loader *l, nm_data_cursor cursor);
 
 // Global sample s of the split's stream (any order; does not move the cursor).

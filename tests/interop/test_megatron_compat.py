@@ -371,6 +371,7 @@ def test_sample_order(tmp):
     assert (True, True) in kinds and (True, False) in kinds and (False, False) in kinds, kinds
     print(f"3. GPTDataset sample order: ok ({len(cases)} configurations)")
     test_cache(tmp, p, r, cases)
+    test_blend_cache(tmp, p)
 
 
 def cache_files(d):
@@ -417,6 +418,56 @@ def test_cache(tmp, p, r, cases):
     assert open(desc).read().endswith("}\n"), "a cache with another description was trusted"
     print(f"4. index mappings cached as Megatron's arrays, reused, rebuilt when truncated or foreign: ok "
           f"({len(cases)} configurations)")
+
+
+# megatron/core/datasets/helpers.cpp build_blending_indices, written from it independently:
+# sample s goes to the dataset with the largest w_i * max(s, 1) - count_i (the first on ties).
+def build_blending_indices(weights, size):
+    w = np.array(weights, dtype=np.float64)
+    w = w / np.sum(w)
+    counts = [0] * len(w)
+    di, dsi = np.zeros(size, dtype=np.int16), np.zeros(size, dtype=np.int64)
+    for s in range(size):
+        t = max(float(s), 1.0)
+        best, best_err = 0, w[0] * t - counts[0]
+        for i in range(1, len(w)):
+            e = w[i] * t - counts[i]
+            if e > best_err:
+                best, best_err = i, e
+        di[s], dsi[s] = best, counts[best]
+        counts[best] += 1
+    return di, dsi
+
+
+def test_blend_cache(tmp, p):
+    """The blend's index mappings (BlendedDataset's dataset_index and dataset_sample_index) in the
+    cache equal Megatron's builder for two weightings; a second run maps them; a foreign one is
+    rebuilt."""
+    for n, (weights, size) in enumerate((([0.3, 0.7], 2000), ([5, 1, 2], 3001))):
+        d = os.path.join(tmp, f"blend{n}")
+        data = " ".join(f"{w} {p}" for w in weights)
+        args = ("inspect", "--data", data, "--samples", "3", "--start", str(size - 2), "--seq-len", "16",
+                "--num-samples", str(size), "--cache-dir", d)
+        first = last_lines(run(*args), 3)
+        names = [x for x in os.listdir(d) if "-BlendedDataset-" in x]
+        assert len(names) == 3, names
+        stem = os.path.join(d, names[0].split("-BlendedDataset-")[0] + "-BlendedDataset-")
+        di, dsi = np.load(stem + "dataset_index.npy"), np.load(stem + "dataset_sample_index.npy")
+        # Megatron's blend size for a split of `size` samples: sum_i ceil(size * w_i) (formats.md 1.8)
+        w = np.array(weights, dtype=np.float64) / np.sum(np.array(weights, dtype=np.float64))
+        ref_di, ref_dsi = build_blending_indices(weights, int(sum(int(np.ceil(size * x)) for x in w)))
+        assert di.dtype == np.int16 and dsi.dtype == np.int64, (di.dtype, dsi.dtype)
+        assert np.array_equal(di, ref_di) and np.array_equal(dsi, ref_dsi), f"blend {weights}: arrays differ"
+        stamp = os.stat(stem + "dataset_index.npy").st_mtime_ns
+        assert last_lines(run(*args), 3) == first
+        assert os.stat(stem + "dataset_index.npy").st_mtime_ns == stamp, f"blend {weights}: cache rebuilt"
+    with open(stem + "description.txt", "a") as f:
+        f.write(" ")
+    proc = subprocess.run([NM_BIN, *args], capture_output=True, text=True)
+    assert proc.returncode == 0 and "describes another blend" in proc.stderr, proc.stderr
+    assert last_lines(proc.stdout, 3) == first
+    print("5. the blend's index mappings cached as Megatron's BlendedDataset arrays, reused, a foreign one "
+          "rebuilt with a notice: ok (2 weightings)")
 
 
 def main():
