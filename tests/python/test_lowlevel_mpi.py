@@ -149,3 +149,13 @@ def test_a_rank_error_stops_every_rank(tmp_path):
     assert "rank 1 cannot read its batch" in out and "stopping every rank" in out, out
     # the job ends at the error, not at mpirun's 60 s timeout (measured ~1 s)
     assert took < 30, (took, out)
+
+
+def test_create_dataloader_resumes_from_a_step():
+    import numpy as np
+    data = nm.DataConfig(seq_len=16)
+    whole = [b.copy() for b in nm.create_dataloader(data, micro_batch=2, steps=10, num_batches=6)]
+    later = [b.copy() for b in nm.create_dataloader(data, micro_batch=2, steps=10, start_step=4, num_batches=2)]
+    assert all(b.dtype == np.int32 and b.shape == (2, 17) for b in whole)
+    assert np.array_equal(later[0], whole[4]) and np.array_equal(later[1], whole[5])
+    assert not np.array_equal(whole[0], whole[1])
