@@ -187,6 +187,7 @@ class DataConfig:
     split: str = "99,1"
     synthetic_tokens: int = 2097152
     cache_dir: Optional[str] = None   # index mappings built once and memory-mapped; None: RUN_DIR/index_cache
+    cache_per_node: bool = False      # the first rank of each node builds them (node-local disks); else rank 0
 
     def __post_init__(self):
         if isinstance(self.path, list):   # frozen and hashable: lists become tuples
@@ -314,7 +315,8 @@ _PARALLEL = ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_
 # C keys that come from model / data / batch_size rather than from one field each.
 _TRAIN_KEY_FIELDS = dict({v: k for k, v in _TRAIN_KEYS.items()}, **{
     "model": "model", "data.synthetic": "data", "data.synthetic_tokens": "data.synthetic_tokens",
-    "data.paths": "data.path", "data.split": "data.split", "data.cache_dir": "data.cache_dir", "seq_len": "data.seq_len",
+    "data.paths": "data.path", "data.split": "data.split", "data.cache_dir": "data.cache_dir",
+    "data.cache_per_node": "data.cache_per_node", "seq_len": "data.seq_len",
     "global_batch": "batch_size", "micro_batch": "micro_batch_size"})
 
 
@@ -416,7 +418,8 @@ class TrainConfig:
         d = {"model": model}
         data = {"synthetic": self.data.path is None, "synthetic_tokens": self.data.synthetic_tokens,
                 "paths": [{"prefix": os.path.abspath(p), "weight": w} for p, w in self.data.sources(self.tokenizer)],
-                "split": self.data.split, "cache_dir": os.path.abspath(self.data.cache_dir) if self.data.cache_dir else ""}
+                "split": self.data.split, "cache_dir": os.path.abspath(self.data.cache_dir) if self.data.cache_dir else "",
+                "cache_per_node": bool(self.data.cache_per_node)}
         d["data"] = data
         d["seq_len"] = self.data.seq_len
         d["micro_batch"] = self.micro_batch_size if self.micro_batch_size is not None else self.batch_size
@@ -471,7 +474,8 @@ class TrainConfig:
             if len(src) == 1 and src[0][1] == 1.0:
                 src = src[0][0]
         kw["data"] = DataConfig(path=src, seq_len=flat["seq_len"], split=flat["data.split"],
-                                synthetic_tokens=flat["data.synthetic_tokens"], cache_dir=flat.get("data.cache_dir") or None)
+                                synthetic_tokens=flat["data.synthetic_tokens"], cache_dir=flat.get("data.cache_dir") or None,
+                                cache_per_node=bool(flat.get("data.cache_per_node", False)))
         kw["batch_size"] = flat["global_batch"]
         kw["micro_batch_size"] = None if flat["micro_batch"] == flat["global_batch"] else flat["micro_batch"]
         return cls(**kw)

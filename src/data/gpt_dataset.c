@@ -272,6 +272,11 @@ int nm_gpt_dataset_create(nm_gpt_dataset **out, const nm_indexed *ds, const nm_g
         }
     }
     build_indices(g);
+    // said at every build into a cache (a large one takes minutes, and a rank that builds what
+    // another should have built is worth seeing)
+    if (cfg->cache_dir)
+        fprintf(stderr, "data: built the index mappings of %s (%lld samples) into %s\n", ds->name,
+                (long long)g->n_samples, cfg->cache_dir);
     if (cfg->cache_dir && cache_write(g, err) != 0) {
         nm_gpt_dataset_destroy(g);
         return -1;

@@ -173,6 +173,8 @@ static int blend_cache(nm_loader *l, int64_t size, nm_error *err) {
         int16_t *index = nm_malloc((size_t)size * sizeof(int16_t));
         int64_t *sample = nm_malloc((size_t)size * sizeof(int64_t));
         nm_blend_build_indices(l->weights, l->n, size, index, sample);
+        fprintf(stderr, "data: built the blend's index mappings (%d datasets, %lld samples) into %s\n", l->n,
+                (long long)size, l->cache_dir);
         char path[4400];
         int rc = nm_mkdir_p(l->cache_dir, err) != 0 ? nm_error_prefix(err, "data.cache_dir") : 0;
         blend_path(l, hash, "dataset_index", "npy", path, sizeof path);

@@ -74,6 +74,9 @@ static const key_spec keys[] = {
     {"data.cache_dir", K_STRING, OFF(data_cache_dir), 0, "", 0, 0, 0, NULL, 0,
      "where the datasets' index mappings are built once and memory-mapped by every rank (.npy, Megatron's "
      "arrays); \"\": RUN_DIR/index_cache (datasets on disk only; the built-in corpus is not cached)"},
+    {"data.cache_per_node", K_BOOL, OFF(data_cache_per_node), 0, NULL, 0, 1, 0, NULL, 0,
+     "the first rank of each node builds the index mappings (data.cache_dir on node-local disks); false: rank 0, "
+     "for a file system every rank shares"},
     {"seq_len", K_INT, OFF(seq_len), 256, NULL, 2, 1 << 24, 0, NULL, 0, "tokens per training window"},
     {"micro_batch", K_INT, OFF(micro_batch), 8, NULL, 1, 1 << 24, 0, NULL, 0, "rows per forward/backward"},
     {"global_batch", K_INT, OFF(global_batch), 0, NULL, 0, 1 << 30, 0, NULL, 0, "rows per optimizer step (0: micro_batch)"},

@@ -65,6 +65,7 @@ typedef struct nm_train_config {
     char *data_split;           // as given, e.g. "99,1"
     double data_split_frac[3];  // derived: train / valid / test fractions, summing to 1
     char *data_cache_dir;       // index mappings' cache; "": RUN_DIR/index_cache (datasets on disk)
+    int data_cache_per_node;    // 1: the first rank of each node builds them (node-local disks); 0: rank 0
     // --- batch and run ----------------------------------------------------------------------
     int64_t seq_len;            // T of the training windows
     int64_t micro_batch;        // rows per forward/backward

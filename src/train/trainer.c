@@ -24,6 +24,8 @@
 
 #include "train/trainer_internal.h"
 
+#include <unistd.h>
+
 // The machine peak the MFU is measured against: the backend's own measurement (ops.h:
 // measure_peak; the CPU times 2048^3 GEMMs through the kernels just chosen, a one-time ~0.25 s
 // on 2 cores, the reference backend 256^3). Runs below fp32 also have the bf16 GEMM: their
@@ -36,6 +38,30 @@ static double measure_gemm_peak(const nm_ops *ops, nm_precision precision) {
 }
 
 // --- create ---------------------------------------------------------------------------------
+
+// *first = 1 on the lowest rank of this process's node (data.cache_per_node: it builds the
+// node's index mappings while the node's other ranks wait). The node is the host name, or
+// NM_NODE_NAME where it is set (a launcher whose host names do not tell nodes apart; the tests'
+// stand-in for two nodes on one machine); ranks compare a hash of it (an all-gather).
+static int node_first_rank(nm_trainer *t, int *first, nm_error *err) {
+    char name[256] = "";
+    const char *given = getenv("NM_NODE_NAME");
+    if (given && *given) snprintf(name, sizeof name, "%s", given);
+    else if (gethostname(name, sizeof name - 1) != 0) snprintf(name, sizeof name, "unknown");
+    int64_t h = (int64_t)1469598103934665603ull;  // FNV-1a 64 of the name
+    for (const unsigned char *p = (const unsigned char *)name; *p; p++) h = (int64_t)(((uint64_t)h ^ *p) * 1099511628211ull);
+    int n = t->world->size, me = t->world->rank;
+    int64_t *all = nm_calloc((size_t)n, sizeof(int64_t)), *counts = nm_calloc((size_t)n, sizeof(int64_t));
+    all[me] = h;
+    for (int r = 0; r < n; r++) counts[r] = 1;
+    int rc = nm_comm_all_gather(t->world, all, counts, NM_DT_I64, err);
+    *first = 1;
+    for (int r = 0; rc == 0 && r < me; r++)
+        if (all[r] == h) *first = 0;
+    nm_free(all);
+    nm_free(counts);
+    return rc;
+}
 
 static int make_loaders(nm_trainer *t, nm_error *err) {
     const nm_train_config *c = &t->cfg;
@@ -67,9 +93,10 @@ static int make_loaders(nm_trainer *t, nm_error *err) {
         else snprintf(cache, sizeof cache, "%s/index_cache", t->opts.run_dir);
         spec.cache_dir = cache;
     }
-    int rc = 0;
+    int builder = t->rank0, rc = 0;
+    if (spec.cache_dir && c->data_cache_per_node && node_first_rank(t, &builder, err) != 0) rc = -1;
     for (int turn = 0; turn < 2 && rc == 0; turn++) {
-        if ((turn == 0) == t->rank0) {
+        if ((turn == 0) == builder) {
             rc = nm_loader_create(&t->train_data, &spec, NM_SPLIT_TRAIN, t->mesh->dp_rank, (int)t->mesh->n.dp, err);
             // Validation: every rank runs the same held-out batches (expert-parallel forwards
             // need every rank of the group), so the value is the one-process value on every rank.
