@@ -89,7 +89,7 @@ int nm_cmd_plan(int argc, char **argv) {
                                          "global-batch", "precision", "bucket-mb", "flops", "memory-gib",
                                          "make-vocab-size-divisible-by", "pipeline-layout", "moe-receive-capacity",
                                          "exp-avg-dtype", "exp-avg-sq-dtype", "bw-intra", "bw-inter",
-                                         "latency-intra", "latency-inter", "ranks-per-node", NULL};
+                                         "latency-intra", "latency-inter", "ranks-per-node", "recompute-modules", NULL};
     static const char *const bflags[] = {"recompute", "no-sequence-parallel", "overlap-grad-reduce", "overlap-ep", NULL};
     nm_args a;
     if (nm_args_parse(&a, "plan", argc, argv, vflags, bflags)) return 2;
@@ -100,7 +100,8 @@ int nm_cmd_plan(int argc, char **argv) {
                         "[--bucket-mb M] [--flops F] [--memory-gib M] [--no-sequence-parallel] [--make-vocab-size-divisible-by K] "
                         "[--pipeline-layout 'Et|tt|tmL'] [--moe-receive-capacity X] [--exp-avg-dtype fp32|bf16] "
                         "[--exp-avg-sq-dtype fp32|bf16] [--bw-intra GB/s --bw-inter GB/s [--latency-intra us] "
-                        "[--latency-inter us] [--ranks-per-node R] [--overlap-grad-reduce] [--overlap-ep]]\n");
+                        "[--latency-inter us] [--ranks-per-node R] [--overlap-grad-reduce] [--overlap-ep]] "
+                        "[--recompute-modules mla_up_proj]\n");
         return 2;
     }
     nm_plan_request r = {.recompute = nm_args_has(&a, "recompute"), .sequence_parallel = !nm_args_has(&a, "no-sequence-parallel")};
@@ -128,6 +129,13 @@ int nm_cmd_plan(int argc, char **argv) {
     }
     r.bw_intra *= 1e9, r.bw_inter *= 1e9, r.latency_intra *= 1e-6, r.latency_inter *= 1e-6;
     r.overlap_grad_reduce = nm_args_has(&a, "overlap-grad-reduce");
+    const char *modules = nm_args_str(&a, "recompute-modules", "");
+    if (*modules && strcmp(modules, "mla_up_proj") != 0) {
+        fprintf(stderr, "plan: --recompute-modules '%s': the modules recomputed selectively are: mla_up_proj\n",
+                modules);
+        return 2;
+    }
+    r.recompute_mla_up_proj = *modules != 0;
     r.overlap_ep = nm_args_has(&a, "overlap-ep");
     // One micro-batch per data-parallel rank unless given.
     int64_t dp = r.tp * r.pp > 0 ? r.world / (r.tp * r.pp) : 1;
@@ -164,7 +172,8 @@ int nm_cmd_plan(int argc, char **argv) {
     nm_mesh_describe(&p.n, layout, sizeof(layout));
     printf("plan  %s: %s | seq %lld x global batch %lld (micro %lld x %lld accum per dp rank) | %s%s\n",
            dir ? dir : cfg_path, layout, (long long)r.seq_len, (long long)r.global_batch,
-           (long long)r.micro_batch, (long long)p.accum, prec, r.recompute ? " | recompute" : "");
+           (long long)r.micro_batch, (long long)p.accum, prec,
+           r.recompute ? " | recompute" : r.recompute_mla_up_proj ? " | recompute mla_up_proj" : "");
     int fits = 1;
     for (int64_t i = 0; i < p.n_stages; i++) {
         const nm_plan_stage *s = &p.stages[i];

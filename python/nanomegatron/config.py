@@ -306,6 +306,7 @@ _TRAIN_KEYS = {
     # The parallel layout (data parallelism is what the world size leaves).
     "tensor_parallel_size": "tensor_parallel_size", "pipeline_parallel_size": "pipeline_parallel_size",
     "expert_parallel_size": "expert_parallel_size", "moe_receive_capacity": "moe_receive_capacity",
+    "recompute_modules": "recompute_modules",
     "bucket_mb": "bucket_mb", "exit_interval": "exit_interval",
     "overlap_grad_reduce": "overlap_grad_reduce", "sequence_parallel": "sequence_parallel",
     "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
@@ -340,6 +341,7 @@ class TrainConfig:
     pipeline_model_parallel_layout: str = ""
     expert_parallel_size: int = 1
     moe_receive_capacity: float = 2.0
+    recompute_modules: str = ""
     bucket_mb: int = 40
     overlap_grad_reduce: bool = False
     sequence_parallel: bool = True

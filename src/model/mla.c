@@ -3,6 +3,23 @@
 // rope parts, attention, o_proj and the residual add; forward and backward.
 #include "model/blocks.h"
 
+// q (rope part rotated) from the query latent cq_n (or from a without q-LoRA) and kv from the
+// kv latent ckv_n: the up-projections, run by the forward and, under selective recomputation
+// (recompute_mla_up_proj), again by the backward on the same saved inputs: the same calls in the
+// same order, so the same bits.
+static void up_projections(nm_model *m, const nm_layer_offsets *w, block_acts *b, int64_t B, int64_t T) {
+    const nm_model_config *c = &m->cfg;
+    const float *P = m->params;
+    int64_t N = B * T, D = c->D, H = m->H_loc, Dkv = c->Dn + c->Dv;
+    nm_dtype at = nm_act_type(m);
+    if (c->Rq > 0)
+        nm_linear_forward(m, b->q, H * c->Dqk, b->cq_n, at, c->Rq, P + w->q_b, c->Rq, N, c->Rq, H * c->Dqk, 0.0f);
+    else
+        nm_linear_forward(m, b->q, H * c->Dqk, b->a, at, D, P + w->q, D, N, D, H * c->Dqk, 0.0f);
+    nm_linear_forward(m, b->kv, H * Dkv, b->ckv_n, at, c->Rkv, P + w->kv_b, c->Rkv, N, c->Rkv, H * Dkv, 0.0f);
+    m->ops->rope_forward(b->q, m->rope_cos, m->rope_sin, B, T, H, c->Dqk, c->Dn, c->Dr);
+}
+
 void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
     const nm_model_config *c = &m->cfg;
     const nm_ops *ops = m->ops;
@@ -10,7 +27,6 @@ void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
     const float *P = m->params;
     block_acts *b = &m->blocks[l];
     int64_t N = B * T, D = c->D, H = m->H_loc;
-    int64_t Dkv = c->Dn + c->Dv;
     float eps = (float)c->rms_eps;
 
     // Sequence parallelism: the norm on this rank's rows, then every token's rows gathered for
@@ -27,17 +43,13 @@ void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
         nm_linear_forward(m, b->cq, c->Rq, b->a, at, D, P + w->q_a, D, N, D, c->Rq, 0.0f);
         ops->rmsnorm_forward(b->cq_n, b->cq_rstd, b->cq, P + w->q_a_norm, N, c->Rq, eps);
         nm_round_act(m, b->cq_n, N * c->Rq);
-        nm_linear_forward(m, b->q, H * c->Dqk, b->cq_n, at, c->Rq, P + w->q_b, c->Rq, N, c->Rq, H * c->Dqk, 0.0f);
-    } else {
-        nm_linear_forward(m, b->q, H * c->Dqk, b->a, at, D, P + w->q, D, N, D, H * c->Dqk, 0.0f);
     }
     // kv_a_proj_with_mqa rows [0, Rkv) give the latent, rows [Rkv, Rkv+Dr) the shared rope key.
     nm_linear_forward(m, b->ckv, c->Rkv, b->a, at, D, P + w->kv_a, D, N, D, c->Rkv, 0.0f);
     nm_linear_forward(m, b->k_pe, c->Dr, b->a, at, D, P + w->kv_a + (size_t)c->Rkv * D, D, N, D, c->Dr, 0.0f);
     ops->rmsnorm_forward(b->ckv_n, b->ckv_rstd, b->ckv, P + w->kv_a_norm, N, c->Rkv, eps);
     nm_round_act(m, b->ckv_n, N * c->Rkv);
-    nm_linear_forward(m, b->kv, H * Dkv, b->ckv_n, at, c->Rkv, P + w->kv_b, c->Rkv, N, c->Rkv, H * Dkv, 0.0f);
-    ops->rope_forward(b->q, m->rope_cos, m->rope_sin, B, T, H, c->Dqk, c->Dn, c->Dr);
+    up_projections(m, w, b, B, T);
     ops->rope_forward(b->k_pe, m->rope_cos, m->rope_sin, B, T, 1, c->Dr, 0, c->Dr);
     ops->attention_forward(b->att, b->lse, b->q, b->kv, b->k_pe, B, T, H, c->Dn, c->Dr, c->Dv,
                            (float)c->softmax_scale);
@@ -72,6 +84,8 @@ void nm_mla_backward(nm_model *m, int64_t l) {
     // forward: x_mid = x_in + att . W_o^T
     nm_linear_backward_input(m, m->d_att, H * c->Dv, d_res, NM_F32, D, P + w->o, H * c->Dv, N, H * c->Dv, D, 0.0f);
     nm_linear_backward_weight(m, G + w->o, H * c->Dv, d_res, NM_F32, D, b->att, NM_F32, H * c->Dv, N, H * c->Dv, D);
+    // selective recomputation: q and kv were not kept (one shared pair holds the last block's)
+    if (m->recompute_mla_up_proj && !m->recompute) up_projections(m, w, b, B, T);
     ops->attention_backward(m->d_q, m->d_kv, m->d_k_pe, m->att_scratch, m->d_att, b->q, b->kv, b->k_pe,
                             b->att, b->lse, B, T, H, c->Dn, c->Dr, c->Dv, (float)c->softmax_scale);
     ops->rope_backward(m->d_q, m->rope_cos, m->rope_sin, B, T, H, c->Dqk, c->Dn, c->Dr);

@@ -68,6 +68,12 @@ typedef struct nm_model_options {
                                   // (docs/parallelism.md). 0: NM_MOE_RECEIVE_CAPACITY
     nm_precision precision;     // the precision the run will set (nm_model_set_precision): with
                                 // ep, bf16 allocates the send buffer of the bf16 dispatch
+    int recompute_mla_up_proj;  // selective recomputation (Megatron's recompute_modules
+                                // "mla_up_proj", as DeepSeek-V3 recomputes them): the MLA
+                                // up-projections' outputs q and kv, the largest tensors a block
+                                // saves, are not kept per block but recomputed from the saved
+                                // latents before the attention's backward; bit for bit the same
+                                // results. No effect under recompute (everything is recomputed).
 } nm_model_options;
 
 #define NM_MOE_RECEIVE_CAPACITY 2.0

@@ -36,12 +36,15 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
         b->cq_n = take(m, N * c->Rq);
         b->cq_rstd = take(m, N);
     }
-    b->q = take(m, N * H * c->Dqk);
+    // selective recomputation: the up-projections' outputs share one pair (layout), rebuilt in
+    // each block's backward (mla.c)
+    const int share_up = m->recompute_mla_up_proj && !m->recompute;  // (up_q is NULL in the counting pass)
+    b->q = share_up ? m->up_q : take(m, N * H * c->Dqk);
     b->ckv = take(m, N * c->Rkv);
     b->ckv_n = take(m, N * c->Rkv);
     b->ckv_rstd = take(m, N);
     b->k_pe = take(m, N * c->Dr);
-    b->kv = take(m, N * H * (c->Dn + c->Dv));
+    b->kv = share_up ? m->up_kv : take(m, N * H * (c->Dn + c->Dv));
     b->att = take(m, N * H * c->Dv);
     b->lse = take(m, N * H);
     b->x_mid = take(m, N * D);
@@ -174,6 +177,12 @@ static void layout(nm_model *m) {
     }
     block_acts shared = {0};
     if (m->recompute) take_block_intermediates(m, &shared, stage_dense, stage_moe);
+    m->up_q = m->up_kv = NULL;
+    if (m->recompute_mla_up_proj && !m->recompute && (stage_dense || stage_moe)) {
+        size_t H = (size_t)m->H_loc;
+        m->up_q = take(m, N * H * c->Dqk);
+        m->up_kv = take(m, N * H * (c->Dn + c->Dv));
+    }
     for (int s = 0; s < m->n_slots; s++) {
         m->blocks = m->block_sets + (size_t)s * (size_t)c->n_layers;
         m->mtp = m->mtp_sets + (size_t)s * (size_t)(c->M > 0 ? c->M : 1);
@@ -361,6 +370,7 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     m->B_max = B_max;
     m->T_max = T_max;
     m->recompute = opts->recompute;
+    m->recompute_mla_up_proj = opts->recompute_mla_up_proj;
     m->stage = opts->stage ? *opts->stage : (nm_model_stage){0, cfg->L, 1, 1};
     m->n_slots = opts->act_slots > 1 ? (int)opts->act_slots : 1;
     m->opt_precision = opts->precision;
@@ -470,7 +480,7 @@ size_t nm_model_estimate_activation_bytes(const nm_model_config *cfg, int64_t B_
 int nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_max, int64_t T_max,
                                           const nm_model_options *opts, size_t *bytes, nm_error *err) {
     int n_slots = opts->act_slots > 1 ? (int)opts->act_slots : 1;
-    nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = opts->recompute,
+    nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = opts->recompute, .recompute_mla_up_proj = opts->recompute_mla_up_proj,
                   .stage = opts->stage ? *opts->stage : (nm_model_stage){0, cfg->L, 1, 1}, .n_slots = n_slots,
                   .opt_precision = opts->precision};
     if (configure(&m, opts, err) != 0) return -1;

@@ -113,6 +113,8 @@ struct nm_model {
     int params_changed;         // params may differ from weights_bf16
     int64_t B_max, T_max;
     int recompute;              // keep only block inputs/outputs; re-run each block's forward in backward
+    int recompute_mla_up_proj;  // q and kv not kept per block: one shared pair, recomputed (mla.c)
+    float *up_q, *up_kv;        // (N, H_loc, Dqk), (N, H_loc, Dn + Dv): that pair
 
     float *arena;               // every activation buffer below points into it
     size_t arena_floats;

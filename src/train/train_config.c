@@ -99,6 +99,10 @@ static const key_spec keys[] = {
     {"moe_receive_capacity", K_FLOAT, OFF(moe_receive_capacity), 2.0, NULL, 0, 1e6, 1, NULL, 0,
      "under expert parallelism, the rows a rank's experts receive per round of the dropless all-to-all, as a "
      "multiple of the mean (routed tokens x top_k); a busier rank takes more rounds, no token is dropped"},
+    {"recompute_modules", K_STRING, OFF(recompute_modules), 0, "", 0, 0, 0, NULL, 0,
+     "selective recomputation (Megatron's recompute_modules, comma-separated): mla_up_proj recomputes the MLA "
+     "up-projections' outputs in the backward instead of keeping them (DeepSeek-V3's choice); --recompute "
+     "recomputes everything"},
     {"bucket_mb", K_INT, OFF(bucket_mb), 40, NULL, 1, 1 << 20, 0, NULL, 0,
      "gradient reduce-scatter bucket size, MiB of fp32 gradients"},
     {"make_vocab_size_divisible_by", K_INT, OFF(make_vocab_size_divisible_by), 128, NULL, 1, 1 << 20, 0, NULL, 0,
@@ -486,6 +490,17 @@ static int validate(nm_train_config *cfg, const char *where, nm_error *err) {
                             "validation split no data: set data.split=99,1 (train,valid) or log.eval_every=0", where,
                             (long long)cfg->log.eval_every, cfg->data_split);
 
+    // recompute_modules: the modules this model recomputes selectively, by Megatron's names
+    cfg->recompute_mla_up_proj = 0;
+    for (const char *p = cfg->recompute_modules; p && *p;) {
+        size_t n = strcspn(p, ",");
+        if (n == strlen("mla_up_proj") && !strncmp(p, "mla_up_proj", n)) cfg->recompute_mla_up_proj = 1;
+        else if (n > 0)
+            return nm_error_set(err, "%s: 'recompute_modules' = \"%s\": '%.*s' is not a module this trainer recomputes "
+                                "selectively (known: mla_up_proj; --recompute recomputes whole blocks)", where,
+                                cfg->recompute_modules, (int)n, p);
+        p += n + (p[n] == ',');
+    }
     if (cfg->global_batch == 0) cfg->global_batch = cfg->micro_batch;
     if (cfg->global_batch % cfg->micro_batch != 0)
         return nm_error_set(err, "%s: 'global_batch' = %lld is not a multiple of 'micro_batch' = %lld", where,

@@ -81,6 +81,9 @@ typedef struct nm_train_config {
     char *pipeline_layout;          // pipeline_model_parallel_layout ("Et|tt|tmL"); "": even split
     int64_t expert_parallel_size;   // 1: routed experts sharded over this many ranks
     double moe_receive_capacity;    // EP receive buffers per round, x the mean rows per rank (2.0)
+    char *recompute_modules;    // selective recomputation, Megatron's module names, comma-separated
+                                // ("mla_up_proj"); "": none
+    int recompute_mla_up_proj;  // derived: recompute_modules names mla_up_proj
     int64_t bucket_mb;              // ZeRO-1 gradient bucket size in MiB of fp32 (40)
     int overlap_grad_reduce;        // 1: buckets start reducing during the last backward (default 0)
     int sequence_parallel;          // 1 (default): with tensor_parallel_size > 1, sequence parallelism
