@@ -101,7 +101,7 @@ int nm_cmd_plan(int argc, char **argv) {
                         "[--pipeline-layout 'Et|tt|tmL'] [--moe-receive-capacity X] [--exp-avg-dtype fp32|bf16] "
                         "[--exp-avg-sq-dtype fp32|bf16] [--bw-intra GB/s --bw-inter GB/s [--latency-intra us] "
                         "[--latency-inter us] [--ranks-per-node R] [--overlap-grad-reduce] [--overlap-ep]] "
-                        "[--recompute-modules mla_up_proj]\n");
+                        "[--recompute-modules mla_up_proj,moe_act]\n");
         return 2;
     }
     nm_plan_request r = {.recompute = nm_args_has(&a, "recompute"), .sequence_parallel = !nm_args_has(&a, "no-sequence-parallel")};
@@ -129,13 +129,17 @@ int nm_cmd_plan(int argc, char **argv) {
     }
     r.bw_intra *= 1e9, r.bw_inter *= 1e9, r.latency_intra *= 1e-6, r.latency_inter *= 1e-6;
     r.overlap_grad_reduce = nm_args_has(&a, "overlap-grad-reduce");
-    const char *modules = nm_args_str(&a, "recompute-modules", "");
-    if (*modules && strcmp(modules, "mla_up_proj") != 0) {
-        fprintf(stderr, "plan: --recompute-modules '%s': the modules recomputed selectively are: mla_up_proj\n",
-                modules);
-        return 2;
+    // comma-separated, as the training config's recompute_modules
+    for (const char *p = nm_args_str(&a, "recompute-modules", ""); *p;) {
+        size_t n = strcspn(p, ",");
+        if (n == 11 && !strncmp(p, "mla_up_proj", n)) r.recompute_mla_up_proj = 1;
+        else if (n == 7 && !strncmp(p, "moe_act", n)) r.recompute_moe_act = 1;
+        else if (n > 0) {
+            fprintf(stderr, "plan: --recompute-modules: '%.*s' is not one of mla_up_proj, moe_act\n", (int)n, p);
+            return 2;
+        }
+        p += n + (p[n] == ',');
     }
-    r.recompute_mla_up_proj = *modules != 0;
     r.overlap_ep = nm_args_has(&a, "overlap-ep");
     // One micro-batch per data-parallel rank unless given.
     int64_t dp = r.tp * r.pp > 0 ? r.world / (r.tp * r.pp) : 1;
@@ -173,7 +177,7 @@ int nm_cmd_plan(int argc, char **argv) {
     printf("plan  %s: %s | seq %lld x global batch %lld (micro %lld x %lld accum per dp rank) | %s%s\n",
            dir ? dir : cfg_path, layout, (long long)r.seq_len, (long long)r.global_batch,
            (long long)r.micro_batch, (long long)p.accum, prec,
-           r.recompute ? " | recompute" : r.recompute_mla_up_proj ? " | recompute mla_up_proj" : "");
+           r.recompute ? " | recompute" : r.recompute_mla_up_proj || r.recompute_moe_act ? " | selective recompute" : "");
     int fits = 1;
     for (int64_t i = 0; i < p.n_stages; i++) {
         const nm_plan_stage *s = &p.stages[i];

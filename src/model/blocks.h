@@ -38,8 +38,9 @@ void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_
                             float *gate_up, float *act, float *out);
 // Backward of nm_moe_experts_forward: d_x (=) from d_out, experts' weight grads (+=); d_act and
 // d_gate_up are scratch of the same shapes as act and gate_up. In bf16, d_out is rounded in place.
+// Under selective recomputation of "moe_act" act is rewritten from gate_up first.
 void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32_t *offsets, const float *x,
-                             const float *gate_up, const float *act, float *d_out, float *d_act,
+                             const float *gate_up, float *act, float *d_out, float *d_act,
                              float *d_gate_up, float *d_x);
 
 // --- output head + cross-entropy (head.c, dsv3-spec 11) ---------------------------------------

@@ -74,6 +74,9 @@ typedef struct nm_model_options {
                                 // saves, are not kept per block but recomputed from the saved
                                 // latents before the attention's backward; bit for bit the same
                                 // results. No effect under recompute (everything is recomputed).
+    int recompute_moe_act;      // the same for "moe_act": the routed experts' SwiGLU output, read
+                                // only by the down-projection's weight gradient, is recomputed from
+                                // the saved gate_up in the backward (one shared buffer)
 } nm_model_options;
 
 #define NM_MOE_RECEIVE_CAPACITY 2.0

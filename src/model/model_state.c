@@ -64,7 +64,7 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
         size_t R = m->ep ? (size_t)m->ep_cap : NK;
         b->x_perm = take(m, NK * D);
         b->e_gate_up = take(m, R * 2 * c->Fe);
-        b->e_act = take(m, R * c->Fe);
+        b->e_act = m->recompute_moe_act && !m->recompute ? m->moe_act : take(m, R * c->Fe);
         b->e_out = take(m, NK * D);
         if (m->ep) {
             b->x_loc = take(m, R * D);
@@ -177,7 +177,9 @@ static void layout(nm_model *m) {
     }
     block_acts shared = {0};
     if (m->recompute) take_block_intermediates(m, &shared, stage_dense, stage_moe);
-    m->up_q = m->up_kv = NULL;
+    m->up_q = m->up_kv = m->moe_act = NULL;
+    if (m->recompute_moe_act && !m->recompute && stage_moe && c->E > 0)
+        m->moe_act = take(m, (m->ep ? (size_t)m->ep_cap : N * (size_t)c->K) * (size_t)c->Fe);
     if (m->recompute_mla_up_proj && !m->recompute && (stage_dense || stage_moe)) {
         size_t H = (size_t)m->H_loc;
         m->up_q = take(m, N * H * c->Dqk);
@@ -371,6 +373,7 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     m->T_max = T_max;
     m->recompute = opts->recompute;
     m->recompute_mla_up_proj = opts->recompute_mla_up_proj;
+    m->recompute_moe_act = opts->recompute_moe_act;
     m->stage = opts->stage ? *opts->stage : (nm_model_stage){0, cfg->L, 1, 1};
     m->n_slots = opts->act_slots > 1 ? (int)opts->act_slots : 1;
     m->opt_precision = opts->precision;
@@ -481,6 +484,7 @@ int nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_
                                           const nm_model_options *opts, size_t *bytes, nm_error *err) {
     int n_slots = opts->act_slots > 1 ? (int)opts->act_slots : 1;
     nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = opts->recompute, .recompute_mla_up_proj = opts->recompute_mla_up_proj,
+                   .recompute_moe_act = opts->recompute_moe_act,
                   .stage = opts->stage ? *opts->stage : (nm_model_stage){0, cfg->L, 1, 1}, .n_slots = n_slots,
                   .opt_precision = opts->precision};
     if (configure(&m, opts, err) != 0) return -1;

@@ -115,6 +115,8 @@ struct nm_model {
     int recompute;              // keep only block inputs/outputs; re-run each block's forward in backward
     int recompute_mla_up_proj;  // q and kv not kept per block: one shared pair, recomputed (mla.c)
     float *up_q, *up_kv;        // (N, H_loc, Dqk), (N, H_loc, Dn + Dv): that pair
+    int recompute_moe_act;      // the routed experts' act not kept per block: one shared buffer (moe.c)
+    float *moe_act;             // (R, Fe): that buffer
 
     float *arena;               // every activation buffer below points into it
     size_t arena_floats;

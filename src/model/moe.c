@@ -62,6 +62,13 @@ static void grouped(nm_model *m, nm_transpose ta, nm_transpose tb, float beta, n
 // once, in place, where they are produced (as Megatron keeps them in bf16): x by the caller's
 // gather (or after the expert-parallel dispatch), act by SwiGLU; every GEMM reads them as they
 // are (NM_F32_BF16): the same operand values as rounding per GEMM call.
+// act (=) swiglu(gate_up) over rows as the experts' forward makes it (bf16: rounded, with its
+// twin); the backward makes it again under selective recomputation ("moe_act"), the same bits.
+static void experts_act(nm_model *m, float *act, const float *gate_up, int64_t rows, int64_t Fe) {
+    if (m->precision == NM_PRECISION_BF16) nm_swiglu_forward(m, act, gate_up, rows, Fe);
+    else m->ops->swiglu_forward(act, gate_up, rows, Fe);
+}
+
 void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_t *offsets, float *x,
                             float *gate_up, float *act, float *out) {
     const nm_model_config *c = &m->cfg;
@@ -72,7 +79,7 @@ void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_
     if (m->precision == NM_PRECISION_FP32) {
         groups_rows(m, offsets, 2 * Fe, D, x, D, W0, sizeof(float), stride, D, gate_up, 2 * Fe);
         ops->gemm_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->groups, E);
-        ops->swiglu_forward(act, gate_up, rows, Fe);
+        experts_act(m, act, gate_up, rows, Fe);
         groups_rows(m, offsets, D, Fe, act, Fe, W0 + down, sizeof(float), stride, Fe, out, D);
         ops->gemm_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->groups, E);
         return;
@@ -83,7 +90,7 @@ void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_
         size_t elem = w_t == NM_BF16 ? sizeof(uint16_t) : sizeof(float);
         groups_rows(m, offsets, 2 * Fe, D, x, D, Wb, elem, stride, D, gate_up, 2 * Fe);
         grouped(m, NM_NO_TRANS, NM_TRANS, 0.0f, NM_F32_BF16, w_t);
-        nm_swiglu_forward(m, act, gate_up, rows, Fe);  // rounded
+        experts_act(m, act, gate_up, rows, Fe);  // rounded
         groups_rows(m, offsets, D, Fe, act, Fe, Wb + down * elem, elem, stride, Fe, out, D);
         grouped(m, NM_NO_TRANS, NM_TRANS, 0.0f, NM_F32_BF16, w_t);
         return;
@@ -94,7 +101,7 @@ void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_
         const float *We = W0 + (size_t)e * stride;  // [gate; up] (2Fe, D), then down (D, Fe)
         nm_linear_forward(m, gate_up + r0 * 2 * Fe, 2 * Fe, x + r0 * D, NM_F32, D, We, D, n, D, 2 * Fe, 0.0f);
     }
-    ops->swiglu_forward(act, gate_up, rows, Fe);
+    experts_act(m, act, gate_up, rows, Fe);
     for (int64_t e = 0; e < E; e++) {
         int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
         if (n == 0) continue;
@@ -106,11 +113,13 @@ void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_
 // bf16: x and act arrive rounded by the forward; d_out and d_gate_up are read by nothing but
 // the expert GEMMs below, so they are rounded once in place as well (see the forward).
 void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32_t *offsets, const float *x,
-                             const float *gate_up, const float *act, float *d_out, float *d_act,
+                             const float *gate_up, float *act, float *d_out, float *d_act,
                              float *d_gate_up, float *d_x) {
     const nm_model_config *c = &m->cfg;
     const nm_ops *ops = m->ops;
     int64_t E = m->E_loc, D = c->D, Fe = c->Fe, rows = offsets[E];
+    // selective recomputation ("moe_act"): act was not kept (a shared buffer holds another block's)
+    if (m->recompute_moe_act && !m->recompute) experts_act(m, act, gate_up, rows, Fe);
     size_t stride = w->expert_stride, down = (size_t)2 * Fe * D;
     const float *W0 = m->params + w->experts;
     float *dW0 = m->grads + w->experts;

@@ -216,7 +216,8 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, const n
     nm_model_options mo = {.recompute = r->recompute, .ep = ep, .tp = tp, .sequence_parallel = sp,
                            .vocab_multiple = r->vocab_multiple, .stage = p->n.pp > 1 ? st : NULL,
                            .act_slots = s->in_flight, .moe_receive_capacity = r->moe_receive_capacity,
-                           .precision = r->precision, .recompute_mla_up_proj = r->recompute_mla_up_proj};
+                           .precision = r->precision, .recompute_mla_up_proj = r->recompute_mla_up_proj,
+                           .recompute_moe_act = r->recompute_moe_act};
     int64_t T = r->seq_len + 1;  // the trainer's rows: seq_len inputs and the last target
     size_t act = 0;
     if (nm_model_estimate_activation_bytes_ex(cfg, r->micro_batch, T, &mo, &act, err) != 0) goto done;

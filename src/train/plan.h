@@ -25,6 +25,7 @@ typedef struct nm_plan_request {
     int64_t seq_len, micro_batch, global_batch;
     int recompute;
     int recompute_mla_up_proj;  // selective recomputation of the MLA up-projections (recompute_modules)
+    int recompute_moe_act;      // ... of the routed experts' SwiGLU
     int sequence_parallel;      // under TP (the training config's sequence_parallel, default on)
     int64_t vocab_multiple;     // make_vocab_size_divisible_by (default 128)
     nm_precision precision;

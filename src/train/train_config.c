@@ -101,8 +101,8 @@ static const key_spec keys[] = {
      "multiple of the mean (routed tokens x top_k); a busier rank takes more rounds, no token is dropped"},
     {"recompute_modules", K_STRING, OFF(recompute_modules), 0, "", 0, 0, 0, NULL, 0,
      "selective recomputation (Megatron's recompute_modules, comma-separated): mla_up_proj recomputes the MLA "
-     "up-projections' outputs in the backward instead of keeping them (DeepSeek-V3's choice); --recompute "
-     "recomputes everything"},
+     "up-projections' outputs in the backward instead of keeping them (DeepSeek-V3's choice), moe_act the routed "
+     "experts' SwiGLU; --recompute recomputes everything"},
     {"bucket_mb", K_INT, OFF(bucket_mb), 40, NULL, 1, 1 << 20, 0, NULL, 0,
      "gradient reduce-scatter bucket size, MiB of fp32 gradients"},
     {"make_vocab_size_divisible_by", K_INT, OFF(make_vocab_size_divisible_by), 128, NULL, 1, 1 << 20, 0, NULL, 0,
@@ -491,13 +491,14 @@ static int validate(nm_train_config *cfg, const char *where, nm_error *err) {
                             (long long)cfg->log.eval_every, cfg->data_split);
 
     // recompute_modules: the modules this model recomputes selectively, by Megatron's names
-    cfg->recompute_mla_up_proj = 0;
+    cfg->recompute_mla_up_proj = cfg->recompute_moe_act = 0;
     for (const char *p = cfg->recompute_modules; p && *p;) {
         size_t n = strcspn(p, ",");
         if (n == strlen("mla_up_proj") && !strncmp(p, "mla_up_proj", n)) cfg->recompute_mla_up_proj = 1;
+        else if (n == strlen("moe_act") && !strncmp(p, "moe_act", n)) cfg->recompute_moe_act = 1;
         else if (n > 0)
             return nm_error_set(err, "%s: 'recompute_modules' = \"%s\": '%.*s' is not a module this trainer recomputes "
-                                "selectively (known: mla_up_proj; --recompute recomputes whole blocks)", where,
+                                "selectively (known: mla_up_proj, moe_act; --recompute recomputes whole blocks)", where,
                                 cfg->recompute_modules, (int)n, p);
         p += n + (p[n] == ',');
     }

@@ -82,8 +82,9 @@ typedef struct nm_train_config {
     int64_t expert_parallel_size;   // 1: routed experts sharded over this many ranks
     double moe_receive_capacity;    // EP receive buffers per round, x the mean rows per rank (2.0)
     char *recompute_modules;    // selective recomputation, Megatron's module names, comma-separated
-                                // ("mla_up_proj"); "": none
+                                // ("mla_up_proj", "moe_act"); "": none
     int recompute_mla_up_proj;  // derived: recompute_modules names mla_up_proj
+    int recompute_moe_act;      // derived: ... moe_act
     int64_t bucket_mb;              // ZeRO-1 gradient bucket size in MiB of fp32 (40)
     int overlap_grad_reduce;        // 1: buckets start reducing during the last backward (default 0)
     int sequence_parallel;          // 1 (default): with tensor_parallel_size > 1, sequence parallelism

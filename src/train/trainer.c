@@ -204,7 +204,8 @@ static int create_model(nm_trainer *t, nm_error *err) {
     nm_model_options mopts = {.recompute = opts->recompute, .ep = t->mesh->ep, .tp = t->mesh->tp,
                               .sequence_parallel = t->sp, .vocab_multiple = cfg->make_vocab_size_divisible_by,
                               .moe_receive_capacity = cfg->moe_receive_capacity, .precision = cfg->precision,
-                              .recompute_mla_up_proj = cfg->recompute_mla_up_proj};
+                              .recompute_mla_up_proj = cfg->recompute_mla_up_proj,
+                              .recompute_moe_act = cfg->recompute_moe_act};
     if (ms.pp > 1) {
         // The stage's layers only, and one activation set per micro-batch in flight under 1F1B.
         mopts.stage = &t->stages[t->mesh->pp_rank];
