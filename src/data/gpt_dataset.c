@@ -44,13 +44,18 @@ static void build_document_index(int32_t *out, const nm_gpt_config *c, int64_t e
     nm_mt19937_shuffle_i32(rng, out, k);
 }
 
-// helpers.cpp build_sample_idx with drop_last_partial_sequence = true, into si (n + 1, 2).
-static void build_sample_index(const nm_gpt_dataset *g, int64_t *si) {
+// helpers.cpp build_sample_idx with drop_last_partial_sequence = true, into the (n + 1, 2)
+// array at si, int32 or int64 (wide) as Megatron keeps it: written in its final dtype, so the
+// builder holds 8 bytes a sample for it (16 when wide), not an int64 copy besides.
+static void build_sample_index(const nm_gpt_dataset *g, void *si, int wide) {
     const nm_indexed *ds = g->ds;
     int64_t L = g->cfg.seq_len, x = g->cfg.add_extra_token;
     int64_t di = 0, off = 0;
-    si[0] = 0;
-    si[1] = 0;
+    int32_t *s32 = wide ? NULL : si;
+    int64_t *s64 = wide ? si : NULL;
+#define NM_PUT(i, v) (wide ? (void)(s64[i] = (v)) : (void)(s32[i] = (int32_t)(v)))
+    NM_PUT(0, 0);
+    NM_PUT(1, 0);
     for (int64_t s = 1; s <= g->n_samples; s++) {
         int64_t remaining = L + x;
         while (remaining != 0) {
@@ -71,21 +76,23 @@ static void build_sample_index(const nm_gpt_dataset *g, int64_t *si) {
                 off = 0;
             }
         }
-        si[2 * s] = di;
-        si[2 * s + 1] = off;
+        NM_PUT(2 * s, di);
+        NM_PUT(2 * s + 1, off);
     }
+#undef NM_PUT
 }
 
-// The three indices, built in int64 and kept in Megatron's dtypes. One RandomState per dataset,
-// drawn in Megatron's order: document shuffle(s), then shuffle-index shuffle(s). The sample
-// index uses no randomness.
+// The three indices in Megatron's dtypes, each built in place in its final one (the builder's
+// memory: 4 bytes a document-epoch, 8 + 4 bytes a sample below 2^31 of them). One RandomState
+// per dataset, drawn in Megatron's order: document shuffle(s), then shuffle-index shuffle(s).
+// The sample index uses no randomness. numpy's shuffle draws the same positions whatever the
+// element type, so the uint32 shuffle index is shuffled as 32-bit words (nm_mt19937_shuffle_i32
+// moves bits, it never reads them as numbers).
 static void build_indices(nm_gpt_dataset *g) {
     const nm_gpt_config *cfg = &g->cfg;
     int64_t E = g->n_epochs, n_split = cfg->seq_end - cfg->seq_begin, n = g->n_samples;
     int64_t T = g->tokens_per_epoch, L = cfg->seq_len, x = cfg->add_extra_token;
     int32_t *doc = nm_malloc(sizeof(int32_t) * (size_t)(g->n_document_index ? g->n_document_index : 1));
-    int64_t *si = nm_malloc(sizeof(int64_t) * 2 * (size_t)(n + 1));
-    int64_t *sh = nm_malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
     nm_mt19937 rng;
     nm_mt19937_seed(&rng, cfg->seed);
     if (!g->separate_final_epoch) {
@@ -96,23 +103,22 @@ static void build_indices(nm_gpt_dataset *g) {
     }
     g->document_index = doc;
     g->owned[0] = doc;
-    build_sample_index(g, si);
+    void *sample = nm_malloc((g->sample_wide ? sizeof(int64_t) : sizeof(int32_t)) * 2 * (size_t)(n + 1));
+    build_sample_index(g, sample, g->sample_wide);
     int64_t n_first = g->separate_final_epoch ? ((E - 1) * T - x) / L : n;
-    for (int64_t i = 0; i < n; i++) sh[i] = i;
-    nm_mt19937_shuffle_i64(&rng, sh, n_first);
-    if (n_first < n) nm_mt19937_shuffle_i64(&rng, sh + n_first, n - n_first);
-    void *sample = si, *shuffle = sh;
-    if (!g->sample_wide) {
-        int32_t *si32 = nm_malloc(sizeof(int32_t) * 2 * (size_t)(n + 1));
-        for (int64_t i = 0; i < 2 * (n + 1); i++) si32[i] = (int32_t)si[i];
-        nm_free(si);
-        sample = si32;
-    }
-    if (!g->shuffle_wide) {
-        uint32_t *sh32 = nm_malloc(sizeof(uint32_t) * (size_t)(n ? n : 1));
-        for (int64_t i = 0; i < n; i++) sh32[i] = (uint32_t)sh[i];
-        nm_free(sh);
-        shuffle = sh32;
+    void *shuffle;
+    if (g->shuffle_wide) {
+        int64_t *sh = nm_malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
+        for (int64_t i = 0; i < n; i++) sh[i] = i;
+        nm_mt19937_shuffle_i64(&rng, sh, n_first);
+        if (n_first < n) nm_mt19937_shuffle_i64(&rng, sh + n_first, n - n_first);
+        shuffle = sh;
+    } else {
+        uint32_t *sh = nm_malloc(sizeof(uint32_t) * (size_t)(n ? n : 1));
+        for (int64_t i = 0; i < n; i++) sh[i] = (uint32_t)i;
+        nm_mt19937_shuffle_i32(&rng, (int32_t *)sh, n_first);
+        if (n_first < n) nm_mt19937_shuffle_i32(&rng, (int32_t *)sh + n_first, n - n_first);
+        shuffle = sh;
     }
     g->sample_index = sample;
     g->shuffle_index = shuffle;
