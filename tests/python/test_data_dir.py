@@ -45,7 +45,8 @@ def test_a_directory_of_datasets_trains_and_its_cache_is_reused(tmp_path, nm_bin
         trainer.save_checkpoint()
     cache = run / "index_cache"
     files = sorted(os.listdir(cache))
-    assert len(files) == 8, files  # 2 datasets x (description + 3 arrays), train split only
+    # 2 datasets x (description + 3 arrays) and the blend's (description + 2 arrays), train split only
+    assert len(files) == 11 and sum("-BlendedDataset-" in f for f in files) == 3, files
     stamps = {f: os.stat(cache / f).st_mtime_ns for f in files}
     with nm.Trainer(cfg, run_dir=run, resume=True) as trainer:
         assert [s for s, _ in trainer.train()] == [3]
