@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# test_plan.sh: `nanomegatron plan` against launched runs of the same layouts: the banner's
-# per-rank allocation (parameters, gradients, optimizer shard, activations) and the byte
-# counters of metrics.jsonl (reduce-scatter, all-gather and all-reduce over dp and edp, the
-# job's all-to-all, tp's three collectives, pp's send and receive) within 10%, for one process,
+# test_plan.sh: `nanomegatron plan` against launched runs of the same layouts: the per-rank
+# allocation (parameters, gradients, optimizer shard, activations, and every pipeline stage's
+# parameters and activations; RUN_DIR/memory.json) byte for byte, and the byte counters of
+# metrics.jsonl (reduce-scatter, all-gather and all-reduce over dp and edp, the job's
+# all-to-all, tp's three collectives, pp's send and receive) within 10%, for one process,
 # dp2, dp2 x ep2, ep2 with recomputation, tp2, tp2 x ep2, tp2 without sequence parallelism with
 # recomputation, pp2, pp2 x dp2 x ep2 and tp2 x pp2 (every stage's parameters and activations).
 # Then refusals (a layout that does not divide, TP over more ranks than heads) and the
@@ -57,21 +58,26 @@ import json, re, sys
 name = sys.argv[1]
 plan = json.loads(open(f"{name}.plan").read().strip().splitlines()[-1])
 log = open(f"{name}.log").read()
-m = re.search(r"per rank: params ([\d.]+) MiB, grads ([\d.]+) MiB, optimizer shard ([\d.]+) MiB.*activations ([\d.]+) MiB", log)
-assert m, f"{name}: no memory banner in the log"
+# what the run allocated, in bytes (RUN_DIR/memory.json, rank 0's buffers and every stage's):
+# the plan must give the same numbers byte for byte
+mem = json.load(open(f"{name}/memory.json"))
 st = plan["stages"][0]
-MiB = 1048576.0
-pairs = {"params": (float(m[1]), st["params_bytes"] / MiB), "grads": (float(m[2]), st["grads_bytes"] / MiB),
-         "optimizer shard": (float(m[3]), st["optimizer_bytes_first"] / MiB),
-         "activations": (float(m[4]), st["activation_bytes"] / MiB)}
-# under PP the banner has every stage's parameters and activation sets
-for s_, (pm, am, fl) in enumerate(re.findall(r"stage (?:\d+): params ([\d.]+) MiB, activations ([\d.]+) MiB \((\d+) micro", log)):
-    ps = plan["stages"][s_]
-    pairs[f"stage {s_} params"] = (float(pm), ps["params_bytes"] / MiB)
-    pairs[f"stage {s_} activations"] = (float(am), ps["activation_bytes"] / MiB)
-    pairs[f"stage {s_} in flight"] = (float(fl), float(ps["in_flight"]))
-assert len(plan["stages"]) == 1 or f"stage {len(plan['stages']) - 1} params" in pairs, f"{name}: no stage lines"
-banner_keys = set(k for k in pairs if "in flight" not in k)
+exact = {"params": (mem["params_bytes"], st["params_bytes"]), "grads": (mem["grads_bytes"], st["grads_bytes"]),
+         "optimizer shard": (mem["optimizer_bytes"], st["optimizer_bytes_first"]),
+         "activations": (mem["activation_bytes"], st["activation_bytes"])}
+assert len(mem["stages"]) == len(plan["stages"]), (name, len(mem["stages"]), len(plan["stages"]))
+for s_, ms in enumerate(mem["stages"]):
+    exact[f"stage {s_} params"] = (ms["params_bytes"], plan["stages"][s_]["params_bytes"])
+    exact[f"stage {s_} activations"] = (ms["activation_bytes"], plan["stages"][s_]["activation_bytes"])
+for k, (run, planned) in exact.items():
+    print(f"{'ok  ' if run == planned else 'FAIL'} {name} {k}: run {run} bytes, plan {planned} (exact)")
+wrong = [k for k, (run, planned) in exact.items() if run != planned]
+pairs = {}
+# under PP the banner has every stage's micro-batches in flight
+for s_, fl in enumerate(re.findall(r"stage (?:\d+): params [\d.]+ MiB, activations [\d.]+ MiB \((\d+) micro", log)):
+    pairs[f"stage {s_} in flight"] = (float(fl), float(plan["stages"][s_]["in_flight"]))
+assert len(plan["stages"]) == 1 or f"stage {len(plan['stages']) - 1} in flight" in pairs, f"{name}: no stage lines"
+banner_keys = set()
 rows = [json.loads(l) for l in open(f"{name}/metrics.jsonl") if l.strip()]
 last = [r for r in rows if "comm_dp_reduce_scatter_bytes" in r or "loss" in r][-1]
 c = plan["comm"]
@@ -90,7 +96,7 @@ for k, (run, planned) in pairs.items():
     print(f"{'ok  ' if ok else 'FAIL'} {name} {k}: run {run:.6g} plan {planned:.6g}")
     if not ok:
         bad.append(k)
-sys.exit(1 if bad else 0)
+sys.exit(1 if bad or wrong else 0)
 PY
 }
 check one 1 1 0

@@ -361,6 +361,37 @@ static int open_run_dir(nm_trainer *t, nm_error *err) {
     return 0;
 }
 
+// RUN_DIR/memory.json (rank 0, at every start): what this run allocated, in bytes, as `plan`
+// counts it (its JSON's params_bytes, grads_bytes, optimizer_bytes_first, activation_bytes):
+// rank 0's buffers, and each pipeline stage's parameters and activations (stage_mem, or rank
+// 0's alone without a pipeline). Written atomically; tests/test_plan.sh compares it byte for
+// byte with the plan of the same layout.
+static int write_memory(nm_trainer *t, const double *stage_mem, nm_error *err) {
+    const nm_param_table *table = nm_model_table(t->model);
+    int64_t params = (int64_t)table->n_floats * 4, acts = (int64_t)nm_model_activation_bytes(t->model);
+    int64_t optim = (int64_t)t->optim->n_state * nm_optimizer_state_bytes_per_float(&t->optim->cfg);
+    char text[8192];
+    size_t k = (size_t)snprintf(text, sizeof text,
+                                "{\"params_bytes\": %lld, \"grads_bytes\": %lld, \"optimizer_bytes\": %lld, "
+                                "\"activation_bytes\": %lld, \"stages\": [",
+                                (long long)params, (long long)params, (long long)optim, (long long)acts);
+    int64_t pp = t->mesh->n.pp;
+    for (int64_t s = 0; s < pp && k < sizeof text; s++)
+        k += (size_t)snprintf(text + k, sizeof text - k, "%s{\"params_bytes\": %lld, \"activation_bytes\": %lld}",
+                              s ? ", " : "", (long long)(stage_mem ? stage_mem[2 * s] : (double)params),
+                              (long long)(stage_mem ? stage_mem[2 * s + 1] : (double)acts));
+    if (k < sizeof text) snprintf(text + k, sizeof text - k, "]}\n");
+    char path[4200];
+    snprintf(path, sizeof path, "%s/memory.json", t->opts.run_dir);
+    nm_atomic_file f;
+    if (nm_atomic_open(&f, path, err) != 0) return -1;
+    if (nm_fwrite_all(f.fp, text, strlen(text), path, err) != 0) {
+        nm_atomic_abort(&f);
+        return -1;
+    }
+    return nm_atomic_commit(&f, err);
+}
+
 int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_trainer_options *opts, nm_error *err) {
     *out = NULL;
     if (!opts->run_dir && !opts->external_data) return nm_error_set(err, "trainer: a run directory is required");
@@ -400,6 +431,10 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     t->t_start = now_s();
     t->step_at_start = t->step;
     if (!t->opts.quiet) nm_trainer_banner(t, stage_mem);
+    if (t->rank0 && t->opts.run_dir && write_memory(t, stage_mem, err) != 0) {
+        nm_free(stage_mem);
+        goto fail;
+    }
     nm_free(stage_mem);
     *out = t;
     return 0;
