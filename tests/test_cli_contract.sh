@@ -4,7 +4,7 @@
 # one where a file belongs; a file where a directory belongs; a dataset prefix with its
 # extension; a bare word after a flag; nan, inf, negative and huge numbers; an unknown flag),
 # must exit 1 or 2 (no signal, no abort), print no 'fatal', and name the argument in its
-# message. And what must work does: a config read from a pipe or a FIFO, text prepared from
+# message; `--help` on every command exits 0 with its usage. And what must work does: a config read from a pipe or a FIFO, text prepared from
 # one, and 1,000 and 5,000 data.paths entries training a step.
 #
 # Each case is one line of a table: the text its message must contain, then the command, with
@@ -229,6 +229,15 @@ for cmd in init inspect forward prepare merge train eval sample export plan "tok
            "tokenizer decode"; do
     read -r -a c <<<"$cmd"
     refused "unknown flag --no-such-flag" "$N" "${c[@]}" --no-such-flag 1
+done
+
+# --- 5b. --help, on every command: exit 0 with the command's usage on stdout ----------------------
+for cmd in init inspect forward prepare merge train eval sample export plan tokenizer; do
+    cases=$((cases + 1))
+    out=$(timeout 60 "$N" $cmd --help 2>/dev/null </dev/null)
+    rc=$?
+    [ "$rc" -eq 0 ] || fail "$cmd --help exited $rc (want 0)"
+    [[ $out == *"$cmd"* ]] || fail "$cmd --help does not show the command's usage: $out"
 done
 
 # --- 6. outputs that must not clobber -----------------------------------------------------------

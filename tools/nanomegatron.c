@@ -31,7 +31,33 @@ static const char *usage =
     "  export    --model DIR|RUN_DIR [--step N] --out OUT --format hf|gguf [--dtype fp32|bf16|f16|q8_0]\n"
     "            [--tokenizer T] [--max-shard-size 5GB]\n"
     "  plan      --config MODEL.json|--model DIR --world N [--tp --pp --ep --seq-len --micro-batch --global-batch\n"
-    "            --recompute --precision]\n";
+    "            --recompute --recompute-modules --precision --pipeline-layout --flops --bw-intra --bw-inter ...]\n"
+    "\n"
+    "<command> --help: that command's lines above; docs/cli.md has every flag.\n";
+
+// `<command> --help` for the commands without a help of their own (train and tokenizer
+// have theirs): the command's lines of the usage above, on stdout, exit 0. 1 when printed.
+static int command_help(const char *cmd, int argc, char **argv) {
+    int asked = 0;
+    for (int i = 0; i < argc; i++) asked |= !strcmp(argv[i], "--help");  // (not -h: a value such as a prompt may be "-h")
+    if (!asked || !strcmp(cmd, "train") || !strcmp(cmd, "tokenizer")) return 0;
+    size_t n = strlen(cmd);
+    int printed = 0, in_cmd = 0;
+    for (const char *line = usage; *line;) {
+        const char *end = strchr(line, '\n');
+        size_t len = end ? (size_t)(end - line) : strlen(line);
+        // a command's first line is "  <cmd>   ...", its continuations are indented deeper
+        if (len > 2 + n && !strncmp(line, "  ", 2) && !strncmp(line + 2, cmd, n) && line[2 + n] == ' ') in_cmd = 1;
+        else if (!(len > 12 && !strncmp(line, "            ", 12))) in_cmd = 0;
+        if (in_cmd) {
+            printf("%.*s\n", (int)len, line);
+            printed = 1;
+        }
+        line += len + (end != NULL);
+    }
+    if (printed) printf("(docs/cli.md has every flag of every command)\n");
+    return printed;
+}
 
 int main(int argc, char **argv) {
     // the backends' process settings (OpenBLAS core type, OpenMP spin count) before any work
@@ -43,6 +69,7 @@ int main(int argc, char **argv) {
     const char *cmd = argv[1];
     int sub_argc = argc - 2;
     char **sub_argv = argv + 2;
+    if (command_help(cmd, sub_argc, sub_argv)) return 0;
     if (!strcmp(cmd, "init")) return nm_cmd_init(sub_argc, sub_argv);
     if (!strcmp(cmd, "forward")) return nm_cmd_forward(sub_argc, sub_argv);
     if (!strcmp(cmd, "inspect")) {
