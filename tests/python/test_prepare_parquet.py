@@ -88,8 +88,10 @@ def test_out_dir_writes_one_shard_per_input_with_workers(tmp_path, nm_bin):
 def test_parquet_streams_in_bounded_memory(tmp_path):
     # 65 and 130 MB of text in row groups of 1,000 rows: the peak resident memory does not grow
     # with the file (a record batch and the library's 4 MiB chunks are held, not the column).
-    # Measured: 170.7 and 177.5 MB (+6.8 MB for 65 MB more text); the CLI on the same text as a
-    # plain JSONL file, whose pages it maps, 117.9 and 176.8 MB.
+    # Measured: 170.7 then 177.5 MB (+6.8 MB for 65 MB more text), and in another run 156.7
+    # then 173.0 (+16.4: the allocator's and pyarrow's pools vary from run to run); the CLI on
+    # the same text as a plain JSONL file, whose pages it maps, 117.9 and 176.8 MB. Holding the
+    # column would add its 65 MB and more (its JSON lines): the bound is half of it.
     doc = "word " * 1300   # 6.5 KB
     peak = ("import resource, sys\n"
             "from nanomegatron.prepare import main\n"
@@ -110,4 +112,4 @@ def test_parquet_streams_in_bounded_memory(tmp_path):
         rss.append(int(p.stdout.split()[-1]) / 1024)
     added_mb = 10000 * len(doc) / 1e6
     print(f"prepare of Parquet text: peak RSS {rss[0]:.1f} MB, then {rss[1]:.1f} MB with {added_mb:.0f} MB more")
-    assert rss[1] - rss[0] < added_mb / 4, (rss, added_mb)
+    assert rss[1] - rss[0] < added_mb / 2, (rss, added_mb)
