@@ -191,6 +191,7 @@ int_flags=(
     "plan --config $TINY --world 1|tp"
     "plan --config $TINY|world"
     "plan --config $TINY --world 1|seq-len"
+    "plan --config $TINY --world 1|ranks-per-node"
 )
 for row in "${int_flags[@]}"; do
     read -r -a cmd <<<"${row%|*}"
@@ -207,6 +208,10 @@ float_flags=(
     "forward --model model --tokens toks.bin --batch 1|aux-weight"
     "plan --config $TINY --world 1|memory-gib"
     "plan --config $TINY --world 1|flops"
+    "plan --config $TINY --world 1 --flops 1e12 --bw-inter 1|bw-intra"
+    "plan --config $TINY --world 1 --flops 1e12 --bw-intra 1|bw-inter"
+    "plan --config $TINY --world 1 --flops 1e12 --bw-intra 1 --bw-inter 1|latency-intra"
+    "plan --config $TINY --world 1 --flops 1e12 --bw-intra 1 --bw-inter 1|latency-inter"
 )
 for row in "${float_flags[@]}"; do
     read -r -a cmd <<<"${row%|*}"
@@ -217,6 +222,16 @@ for row in "${float_flags[@]}"; do
     refused "$flag 1e300 is out of range" "$N" "${cmd[@]}" "$flag" 1e300
 done
 refused "--top-p 0 keeps no token" "$N" sample --model model --top-p 0
+# the newer flags' own refusals: the time model's inputs go together, selective recomputation
+# names its modules, a blend on inspect's --data is weight-prefix pairs and needs --samples
+refused "--bw-intra and --bw-inter go together" "$N" plan --config "$TINY" --world 1 --bw-intra 1
+refused "'layernorm' is not one of mla_up_proj, moe_act" "$N" plan --config "$TINY" --world 1 \
+    --recompute-modules mla_up_proj,layernorm
+refused "one prefix, or up to 64 weight-prefix pairs" "$N" inspect --data "0.5 ds 0.5" --samples 1 --seq-len 8
+refused "'x' is not a weight" "$N" inspect --data "x ds 1 ds" --samples 1 --seq-len 8
+refused "is a blend (weight-prefix pairs): give --samples" "$N" inspect --data "1 ds 1 ds"
+refused "'recompute_modules'" "$N" train --config train.json --out run_s --set recompute_modules=core_attn
+refused "'data.cache_per_node'" "$N" train --config train.json --out run_s --set data.cache_per_node=2
 # --set keys of the training config: the key and the range, integers printed as integers.
 for kv in optimizer.lr=nan optimizer.lr=inf optimizer.lr=-1 optimizer.lr=1e300 seq_len=nan seq_len=-4 \
           micro_batch=1e30 steps=0 checkpoint.save_every=-1 seed=-1; do

@@ -57,19 +57,27 @@ layout dp4_ep2_buckets 4 --set expert_parallel_size=2 --set bucket_mb=1 --set ov
 layout ep2_rounds 2 --set expert_parallel_size=2 --set moe_receive_capacity=0.25
 layout dp4_ep4_rounds 4 --set expert_parallel_size=4 --set moe_receive_capacity=0.25
 layout ep2_rounds_recompute 2 --set expert_parallel_size=2 --set moe_receive_capacity=0.25 --recompute
+# precision TOLERANCES [compare_runs env...]: one process of that precision, then ep2 and ep2 with
+# rounds and recomputation against it
+precision_runs() {
+  local p=$1 tol=$2; shift 2
+  "$NM_BIN" train --config train.json --out "ref_$p" --quiet --set precision="$p" >/dev/null
+  for spec in "ep2_$p 2 --set expert_parallel_size=2" \
+              "ep2_rounds_recompute_$p 2 --set expert_parallel_size=2 --set moe_receive_capacity=0.25 --recompute"; do
+    local -a a; read -r -a a <<<"$spec"
+    local name=${a[0]} n=${a[1]}
+    nm_mpirun "$n" "$NM_BIN" train --config train.json --out "$name" --quiet --set precision="$p" "${a[@]:2}" \
+      >"$name.log" 2>&1 || { cat "$name.log"; fail "$name did not run"; }
+    env NM_COMPARE_TOL="$tol" "$@" "$PY" "$NM_ROOT/tests/dist/compare_runs.py" "ref_$p/metrics.jsonl" \
+      "$name/metrics.jsonl" "$name"
+  done
+}
 # bf16: the rows to the experts cross as bf16 (the expert side rounds them to bf16 anyway),
 # against one bf16 process. A bf16 run on 2 ranks differs from one process by more than an
 # fp32 one (a sum that moves by an ulp can move a rounding to bf16 by a bf16 step): measured
 # at dp2 (no all-to-all at all) and ep2 alike, loss 5.6e-6, CE 7.3e-6, gradient norm 3.3e-5
 # over 10 steps, so 10x that here.
-"$NM_BIN" train --config train.json --out ref_bf16 --quiet --set precision=bf16 >/dev/null
-for spec in "ep2_bf16 2 --set expert_parallel_size=2" \
-            "ep2_rounds_recompute_bf16 2 --set expert_parallel_size=2 --set moe_receive_capacity=0.25 --recompute"; do
-  set -- $spec; name=$1; n=$2; shift 2
-  nm_mpirun "$n" "$NM_BIN" train --config train.json --out "$name" --quiet --set precision=bf16 "$@" >"$name.log" 2>&1 \
-    || { cat "$name.log"; fail "$name did not run"; }
-  NM_COMPARE_TOL=6e-5,3e-4 "$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref_bf16/metrics.jsonl "$name/metrics.jsonl" "$name"
-done
+precision_runs bf16 6e-5,3e-4
 # fp8 (DeepSeek-V3's FP8 dispatch): the activations cross as e4m3 codes with a scale per 1 x 128
 # tile, the gradients and the way back as bf16; one process applies the same roundings
 # (moe.c). fp8 layouts still differ by more than bf16 ones: an ulp of an fp32 GEMM over another
@@ -78,15 +86,7 @@ done
 # rounds and recomputation 1.4e-4, 1.7e-4, 1.1e-3 (dp2 with no all-to-all at all: 1.1e-4,
 # 1.3e-4, 9.4e-4). Bounds 10x. The transport itself is checked exactly: the codes, scales and
 # round trip in test_backend_ops, the bytes against the formula below.
-"$NM_BIN" train --config train.json --out ref_fp8 --quiet --set precision=fp8 >/dev/null
-for spec in "ep2_fp8 2 --set expert_parallel_size=2" \
-            "ep2_rounds_recompute_fp8 2 --set expert_parallel_size=2 --set moe_receive_capacity=0.25 --recompute"; do
-  set -- $spec; name=$1; n=$2; shift 2
-  nm_mpirun "$n" "$NM_BIN" train --config train.json --out "$name" --quiet --set precision=fp8 "$@" >"$name.log" 2>&1 \
-    || { cat "$name.log"; fail "$name did not run"; }
-  NM_COMPARE_TOL=2e-3,1e-2 NM_COMPARE_LOAD=report "$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref_fp8/metrics.jsonl \
-    "$name/metrics.jsonl" "$name"
-done
+precision_runs fp8 2e-3,1e-2 NM_COMPARE_LOAD=report
 
 # Every routed row forced to one EP rank: a router bias of 100 on experts 0 and 1 (EP rank 0's
 # pair at ep4, half of rank 0's four at ep2) outweighs any affinity, so all N x K rows of every

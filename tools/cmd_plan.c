@@ -18,6 +18,7 @@
 #include "io/hf_dir.h"
 #include "model/model.h"
 #include "train/plan.h"
+#include "train/train_config.h"
 
 static const double GIB = 1073741824.0;
 
@@ -130,15 +131,12 @@ int nm_cmd_plan(int argc, char **argv) {
     r.bw_intra *= 1e9, r.bw_inter *= 1e9, r.latency_intra *= 1e-6, r.latency_inter *= 1e-6;
     r.overlap_grad_reduce = nm_args_has(&a, "overlap-grad-reduce");
     // comma-separated, as the training config's recompute_modules
-    for (const char *p = nm_args_str(&a, "recompute-modules", ""); *p;) {
-        size_t n = strcspn(p, ",");
-        if (n == 11 && !strncmp(p, "mla_up_proj", n)) r.recompute_mla_up_proj = 1;
-        else if (n == 7 && !strncmp(p, "moe_act", n)) r.recompute_moe_act = 1;
-        else if (n > 0) {
-            fprintf(stderr, "plan: --recompute-modules: '%.*s' is not one of mla_up_proj, moe_act\n", (int)n, p);
-            return 2;
-        }
-        p += n + (p[n] == ',');
+    const char *bad;
+    int bad_len;
+    if (nm_recompute_modules_parse(nm_args_str(&a, "recompute-modules", ""), &r.recompute_mla_up_proj,
+                                   &r.recompute_moe_act, &bad, &bad_len) != 0) {
+        fprintf(stderr, "plan: --recompute-modules: '%.*s' is not one of mla_up_proj, moe_act\n", bad_len, bad);
+        return 2;
     }
     r.overlap_ep = nm_args_has(&a, "overlap-ep");
     // One micro-batch per data-parallel rank unless given.

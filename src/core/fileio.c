@@ -77,6 +77,16 @@ int nm_fwrite_all(FILE *fp, const void *data, size_t size, const char *path, nm_
     return 0;
 }
 
+int nm_file_write_atomic(const char *path, const void *data, size_t size, nm_error *err) {
+    nm_atomic_file f;
+    if (nm_atomic_open(&f, path, err) != 0) return -1;
+    if (nm_fwrite_all(f.fp, data, size, path, err) != 0) {
+        nm_atomic_abort(&f);
+        return -1;
+    }
+    return nm_atomic_commit(&f, err);
+}
+
 // Reads fp to its end into a growing buffer: regular files (whose size is only a hint: it may
 // change under us, and /proc files report 0) and streams alike, so `--config <(cat f)`, a
 // FIFO or a pipe reads as well as a file does.

@@ -26,6 +26,10 @@ void nm_atomic_abort(nm_atomic_file *f);
 // fwrite that reports the path on failure (disk full, ...).
 int nm_fwrite_all(FILE *fp, const void *data, size_t size, const char *path, nm_error *err);
 
+// The whole file at path, written atomically (nm_atomic_open, then commit; the temporary file
+// removed on a failed write): data (size bytes).
+int nm_file_write_atomic(const char *path, const void *data, size_t size, nm_error *err);
+
 // Reads a whole file into a NUL-terminated heap buffer (free with nm_free). Regular files,
 // FIFOs, pipes and process substitutions (<(cmd)) alike; a directory is an error naming it.
 int nm_file_read_all(const char *path, char **data, size_t *size, nm_error *err);

@@ -210,13 +210,7 @@ static int cache_write(nm_gpt_dataset *g, nm_error *err) {
         if (nm_npy_write(path, descr[k], shapes[k], k == 1 ? 2 : 1, data[k], err) != 0) return -1;
     }
     cache_path(g, "description", "txt", path, sizeof path);
-    nm_atomic_file f;
-    if (nm_atomic_open(&f, path, err) != 0) return -1;
-    if (nm_fwrite_all(f.fp, desc, strlen(desc), path, err) != 0) {
-        nm_atomic_abort(&f);
-        return -1;
-    }
-    return nm_atomic_commit(&f, err);
+    return nm_file_write_atomic(path, desc, strlen(desc), err);
 }
 
 int nm_gpt_dataset_create(nm_gpt_dataset **out, const nm_indexed *ds, const nm_gpt_config *cfg, nm_error *err) {

@@ -185,13 +185,7 @@ static int blend_cache(nm_loader *l, int64_t size, nm_error *err) {
         nm_free(sample);
         if (rc != 0) return -1;
         blend_path(l, hash, "description", "txt", path, sizeof path);
-        nm_atomic_file f;
-        if (nm_atomic_open(&f, path, err) != 0) return -1;
-        if (nm_fwrite_all(f.fp, desc, strlen(desc), path, err) != 0) {
-            nm_atomic_abort(&f);
-            return -1;
-        }
-        if (nm_atomic_commit(&f, err) != 0) return -1;
+        if (nm_file_write_atomic(path, desc, strlen(desc), err) != 0) return -1;
         if (blend_map(l, hash, desc, size) != 0)
             return nm_error_set(err, "%s: the blend's index mappings just written do not map back", l->cache_dir);
     }

@@ -445,13 +445,7 @@ int nm_hf_dir_save(const char *dir, const nm_model_config *cfg, const nm_param_t
                                  "save into an empty directory", dir);
     }
     char *cfg_path = join(dir, "config.json");
-    nm_atomic_file f;
-    int rc = nm_atomic_open(&f, cfg_path, err);
-    if (rc == 0) {
-        rc = nm_fwrite_all(f.fp, cfg->json_text, strlen(cfg->json_text), cfg_path, err);
-        if (rc == 0) rc = nm_atomic_commit(&f, err);
-        else nm_atomic_abort(&f);
-    }
+    int rc = nm_file_write_atomic(cfg_path, cfg->json_text, strlen(cfg->json_text), err);
     nm_free(cfg_path);
     if (rc) return -1;
 

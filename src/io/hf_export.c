@@ -27,13 +27,7 @@ static char *join(const char *dir, const char *name) {
 
 static int write_text(const char *dir, const char *name, const char *text, nm_error *err) {
     char *path = join(dir, name);
-    nm_atomic_file f;
-    int rc = nm_atomic_open(&f, path, err);
-    if (rc == 0) {
-        rc = nm_fwrite_all(f.fp, text, strlen(text), path, err);
-        if (rc == 0) rc = nm_atomic_commit(&f, err);
-        else nm_atomic_abort(&f);
-    }
+    int rc = nm_file_write_atomic(path, text, strlen(text), err);
     nm_free(path);
     return rc;
 }

@@ -49,13 +49,7 @@ static int file_crc(const char *path, uint32_t *crc, int64_t *size, nm_error *er
 }
 
 static int write_text_atomic(const char *path, const char *text, nm_error *err) {
-    nm_atomic_file f;
-    if (nm_atomic_open(&f, path, err) != 0) return -1;
-    if (nm_fwrite_all(f.fp, text, strlen(text), path, err) != 0) {
-        nm_atomic_abort(&f);
-        return -1;
-    }
-    return nm_atomic_commit(&f, err);
+    return nm_file_write_atomic(path, text, strlen(text), err);
 }
 
 static int remove_tree(const char *path) {

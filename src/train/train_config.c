@@ -462,6 +462,22 @@ static int parse_split(nm_train_config *cfg, const char *where, nm_error *err) {
                         "with a positive sum, like \"99,1\" or \"949,50,1\"", where, cfg->data_split);
 }
 
+int nm_recompute_modules_parse(const char *list, int *mla_up_proj, int *moe_act, const char **bad, int *bad_len) {
+    *mla_up_proj = *moe_act = 0;
+    for (const char *p = list; p && *p;) {
+        size_t n = strcspn(p, ",");
+        if (n == strlen("mla_up_proj") && !strncmp(p, "mla_up_proj", n)) *mla_up_proj = 1;
+        else if (n == strlen("moe_act") && !strncmp(p, "moe_act", n)) *moe_act = 1;
+        else if (n > 0) {
+            *bad = p;
+            *bad_len = (int)n;
+            return -1;
+        }
+        p += n + (p[n] == ',');
+    }
+    return 0;
+}
+
 static int validate(nm_train_config *cfg, const char *where, nm_error *err) {
     // NM_BACKEND wins over the file and --set, so that a test suite or a job script can run
     // every training on another backend without editing configs; the config then records the
@@ -491,17 +507,13 @@ static int validate(nm_train_config *cfg, const char *where, nm_error *err) {
                             (long long)cfg->log.eval_every, cfg->data_split);
 
     // recompute_modules: the modules this model recomputes selectively, by Megatron's names
-    cfg->recompute_mla_up_proj = cfg->recompute_moe_act = 0;
-    for (const char *p = cfg->recompute_modules; p && *p;) {
-        size_t n = strcspn(p, ",");
-        if (n == strlen("mla_up_proj") && !strncmp(p, "mla_up_proj", n)) cfg->recompute_mla_up_proj = 1;
-        else if (n == strlen("moe_act") && !strncmp(p, "moe_act", n)) cfg->recompute_moe_act = 1;
-        else if (n > 0)
-            return nm_error_set(err, "%s: 'recompute_modules' = \"%s\": '%.*s' is not a module this trainer recomputes "
-                                "selectively (known: mla_up_proj, moe_act; --recompute recomputes whole blocks)", where,
-                                cfg->recompute_modules, (int)n, p);
-        p += n + (p[n] == ',');
-    }
+    const char *bad;
+    int bad_len;
+    if (nm_recompute_modules_parse(cfg->recompute_modules, &cfg->recompute_mla_up_proj, &cfg->recompute_moe_act, &bad,
+                                   &bad_len) != 0)
+        return nm_error_set(err, "%s: 'recompute_modules' = \"%s\": '%.*s' is not a module this trainer recomputes "
+                            "selectively (known: mla_up_proj, moe_act; --recompute recomputes whole blocks)", where,
+                            cfg->recompute_modules, bad_len, bad);
     if (cfg->global_batch == 0) cfg->global_batch = cfg->micro_batch;
     if (cfg->global_batch % cfg->micro_batch != 0)
         return nm_error_set(err, "%s: 'global_batch' = %lld is not a multiple of 'micro_batch' = %lld", where,

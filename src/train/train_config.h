@@ -151,6 +151,9 @@ int nm_train_config_accum_steps(const nm_train_config *cfg, int64_t dp_world, in
 // The pieces other modules take.
 void nm_train_config_lr_schedule(const nm_train_config *cfg, nm_lr_schedule *out);
 void nm_train_config_adamw(const nm_train_config *cfg, nm_adamw_config *out);
+// A recompute_modules list (comma-separated Megatron names: mla_up_proj, moe_act) into the two
+// flags. 0, or -1 with *bad and *bad_len naming the first entry that is neither.
+int nm_recompute_modules_parse(const char *list, int *mla_up_proj, int *moe_act, const char **bad, int *bad_len);
 const char *nm_precision_name(nm_precision p);
 
 // Prints every key with its type and default (for `train --help`).

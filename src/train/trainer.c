@@ -383,13 +383,7 @@ static int write_memory(nm_trainer *t, const double *stage_mem, nm_error *err) {
     if (k < sizeof text) snprintf(text + k, sizeof text - k, "]}\n");
     char path[4200];
     snprintf(path, sizeof path, "%s/memory.json", t->opts.run_dir);
-    nm_atomic_file f;
-    if (nm_atomic_open(&f, path, err) != 0) return -1;
-    if (nm_fwrite_all(f.fp, text, strlen(text), path, err) != 0) {
-        nm_atomic_abort(&f);
-        return -1;
-    }
-    return nm_atomic_commit(&f, err);
+    return nm_file_write_atomic(path, text, strlen(text), err);
 }
 
 int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_trainer_options *opts, nm_error *err) {
