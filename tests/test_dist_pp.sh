@@ -3,7 +3,8 @@
 # batch: per-step loss, CE and gradient norm within the tolerance of tests/dist/compare_runs.py
 # (2e-5 relative each; the expert-load statistic exactly), for pp2, pp4, pp2 x dp2,
 # pp2 x dp2 x ep2, pp4 x dp2 x ep2 (8 ranks), explicit layouts, tied embeddings, overlapped
-# reduction and recomputation; the divergence guard; the bubble metrics; a pp2 checkpoint
+# reduction and recomputation; the interleaved schedule (pp2 with 2 virtual stages each, alone,
+# with dp2 x ep2, tp2, overlap and recomputation, and its checkpoint resumed at plain pp2); the divergence guard; the bubble metrics; a pp2 checkpoint
 # resumed at one process and at dp2; bad layouts refused naming the key and value.
 # The model is tests/data/small-moe-model.json with 4 decoder layers (1 dense, 3 MoE) + 1 MTP.
 set -euo pipefail
@@ -58,6 +59,23 @@ nm_mpirun 2 "$NM_BIN" train --config train.json --out pp2_rc --quiet --recompute
   >pp2_rc.log 2>&1 || { cat pp2_rc.log; fail "pp2 --recompute"; }
 "$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref_rc/metrics.jsonl pp2_rc/metrics.jsonl pp2_recompute
 
+# The interleaved schedule (virtual stages): 4 stages on 2 ranks, rank 0 holding stages 0 and 2,
+# rank 1 stages 1 and 3; by the key (even split) or by a layout of 4 stages as Megatron reads
+# it (the embedding alone on stage 0 here), with dp x ep, tp (sequence parallel), overlapped
+# reduction and recomputation.
+layout pp2_v2 2 --set pipeline_parallel_size=2 --set virtual_pipeline_model_parallel_size=2
+layout pp2_v2_layout 2 --set pipeline_parallel_size=2 --set 'pipeline_model_parallel_layout=E|tt|t|tmL'
+layout pp2_v2_dp2_ep2 4 --set pipeline_parallel_size=2 --set expert_parallel_size=2 --set 'pipeline_model_parallel_layout=Et|t|t|tmL'
+layout tp2_pp2_v2 4 --set tensor_parallel_size=2 --set pipeline_parallel_size=2 --set virtual_pipeline_model_parallel_size=2
+layout pp2_v2_overlap 4 --set pipeline_parallel_size=2 --set virtual_pipeline_model_parallel_size=2 --set bucket_mb=1 \
+  --set overlap_grad_reduce=true
+nm_mpirun 2 "$NM_BIN" train --config train.json --out pp2_v2_rc --quiet --recompute --set pipeline_parallel_size=2 \
+  --set virtual_pipeline_model_parallel_size=2 >pp2_v2_rc.log 2>&1 || { cat pp2_v2_rc.log; fail "pp2 v2 --recompute"; }
+"$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref_rc/metrics.jsonl pp2_v2_rc/metrics.jsonl pp2_v2_recompute
+grep -q "pipeline 4 stages on 2 ranks (2 virtual stages each), interleaved 1F1B over 8 micro-batches" pp2_v2.log \
+  || { cat pp2_v2.log; fail "interleaved banner"; }
+grep -q "E | t t | t | t m L" pp2_v2_layout.log || { cat pp2_v2_layout.log; fail "interleaved layout banner"; }
+
 grep -q "pipeline 4 stages, 1F1B over 8 micro-batches" pp4.log || { cat pp4.log; fail "pp4 banner"; }
 grep -q "E | t t t | t | m L" pp4_layout.log || { cat pp4_layout.log; fail "layout banner"; }
 
@@ -67,12 +85,13 @@ grep -q "E | t t t | t | m L" pp4_layout.log || { cat pp4_layout.log; fail "layo
 import json
 def rows(run): return [json.loads(l) for l in open(f"{run}/metrics.jsonl")]
 ref = {d["step"]: d for d in rows("ref")}
-for run, pp, m in (("pp2", 2, 8), ("pp4", 4, 8), ("pp2_dp2", 2, 4), ("pp3_layout", 3, 8)):
+for run, pp, m, v in (("pp2", 2, 8, 1), ("pp4", 4, 8, 1), ("pp2_dp2", 2, 4, 1), ("pp3_layout", 3, 8, 1),
+                      ("pp2_v2", 2, 8, 2), ("pp2_v2_dp2_ep2", 2, 4, 2)):
     for d in rows(run):
         if "val_loss" in ref[d["step"]]:
             a, b = ref[d["step"]]["val_loss"], d.get("val_loss")
             assert b is not None and abs(a - b) <= 2e-5 * abs(a), (run, d["step"], a, b)
-        assert abs(d["pp_bubble_theory"] - (pp - 1) / (m + pp - 1)) < 1e-12, (run, d["pp_bubble_theory"])
+        assert abs(d["pp_bubble_theory"] - (pp - 1) / (v * m + pp - 1)) < 1e-12, (run, d["pp_bubble_theory"])
         idle = [d[f"pp_idle_fraction_stage{s}"] for s in range(pp)]
         assert all(0 <= x < 1 for x in idle), (run, idle)
         assert d["comm_pp_send_bytes"] > 0 and d["comm_pp_recv_bytes"] > 0, run
@@ -132,6 +151,12 @@ PY
 "$NM_BIN" train --config train.json --out xl --quiet --resume --set exit_interval=4 >xl1.log 2>&1 || { cat xl1.log; fail "1-process resume"; }
 nm_mpirun 2 "$NM_BIN" train --config train.json --out xl --quiet --resume >xl2.log 2>&1 || { cat xl2.log; fail "dp2 resume"; }
 "$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref/metrics.jsonl xl/metrics.jsonl "pp2 -> 1 process -> dp2"
+# an interleaved checkpoint (tensors by name, whatever chunks wrote them) resumes at plain pp2
+nm_mpirun 2 "$NM_BIN" train --config train.json --out xv --quiet --set pipeline_parallel_size=2 \
+  --set virtual_pipeline_model_parallel_size=2 --set exit_interval=3 >xv.log 2>&1 || { cat xv.log; fail "pp2 v2 part"; }
+nm_mpirun 2 "$NM_BIN" train --config train.json --out xv --quiet --resume --set pipeline_parallel_size=2 >xv2.log 2>&1 \
+  || { cat xv2.log; fail "pp2 resume of a v2 checkpoint"; }
+"$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref/metrics.jsonl xv/metrics.jsonl "pp2 v2 -> pp2"
 # and a one-process checkpoint resumes at pp2
 "$NM_BIN" train --config train.json --out back --quiet --set exit_interval=3 >back.log 2>&1 || { cat back.log; fail "1-process part"; }
 nm_mpirun 2 "$NM_BIN" train --config train.json --out back --quiet --resume --set pipeline_parallel_size=2 >back2.log 2>&1 \
@@ -143,6 +168,11 @@ if [ -n "${NM_BUILD:-}" ] && [ -x "$NM_BUILD/test_zero_alloc" ]; then
   nm_mpirun 2 "$NM_BUILD/test_zero_alloc" pipeline_parallel_size=2 >alloc.log 2>&1 || { cat alloc.log; fail "allocations in the pp2 step loop"; }
   [ "$(grep -c 'allocations during steps 3-6: 0' alloc.log)" = 2 ] || { cat alloc.log; fail "pp2 zero-allocation output"; }
   echo "pp2 step loop: no allocations on either stage"
+  # the interleaved schedule's send buffers are added in the first step only
+  nm_mpirun 2 "$NM_BUILD/test_zero_alloc" pipeline_parallel_size=2 virtual_pipeline_model_parallel_size=2 >alloc_v.log 2>&1 \
+    || { cat alloc_v.log; fail "allocations in the pp2 v2 step loop"; }
+  [ "$(grep -c 'allocations during steps 3-6: 0' alloc_v.log)" = 2 ] || { cat alloc_v.log; fail "pp2 v2 zero-allocation output"; }
+  echo "pp2 v2 step loop: no allocations on either stage"
 fi
 
 # Bad layouts are refused before any work, naming the key and the value.
@@ -152,7 +182,11 @@ refuse() {
   grep -qF "$want" bad.log || { cat bad.log; fail "message for $*: want '$want'"; }
 }
 refuse 'pipeline_model_parallel_layout "Ett|tmL": places 3 decoder layers' 2 --set pipeline_parallel_size=2 --set 'pipeline_model_parallel_layout=Ett|tmL'
-refuse 'pipeline_model_parallel_layout "Et|tt|tmL": has 3 stages, pipeline_parallel_size is 2' 2 --set pipeline_parallel_size=2 --set 'pipeline_model_parallel_layout=Et|tt|tmL'
+refuse 'pipeline_model_parallel_layout "Et|tt|tmL" has 3 stages, not a multiple of pipeline_parallel_size 2' 2 --set pipeline_parallel_size=2 --set 'pipeline_model_parallel_layout=Et|tt|tmL'
+refuse 'pipeline_model_parallel_layout "Et|tt|tmL" has 3 stages, pipeline_parallel_size x virtual_pipeline_model_parallel_size is 2 x 2 = 4' 2 --set pipeline_parallel_size=2 --set virtual_pipeline_model_parallel_size=2 --set 'pipeline_model_parallel_layout=Et|tt|tmL'
+refuse "pipeline_parallel_size x virtual_pipeline_model_parallel_size 2 x 3 = 6 does not divide the 4 decoder layers" 2 --set pipeline_parallel_size=2 --set virtual_pipeline_model_parallel_size=3
+refuse "virtual_pipeline_model_parallel_size 2 needs pipeline_parallel_size >= 2" 1 --set virtual_pipeline_model_parallel_size=2
+refuse "8 micro-batches per step must be a multiple of it" 3 --set pipeline_parallel_size=3 --set 'pipeline_model_parallel_layout=E|t|t|t|t|mL'
 refuse "'m' is on stage 0" 2 --set pipeline_parallel_size=2 --set 'pipeline_model_parallel_layout=Ettm|ttL'
 refuse "unknown symbol 'x'" 2 --set pipeline_parallel_size=2 --set 'pipeline_model_parallel_layout=Etx|ttmL'
 refuse "stage 1 is empty" 3 --set pipeline_parallel_size=3 --set 'pipeline_model_parallel_layout=Etttt||mL'

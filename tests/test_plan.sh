@@ -5,7 +5,8 @@
 # metrics.jsonl (reduce-scatter, all-gather and all-reduce over dp and edp, the job's
 # all-to-all, tp's three collectives, pp's send and receive) within 10%, for one process,
 # dp2, dp2 x ep2, ep2 with recomputation, tp2, tp2 x ep2, tp2 without sequence parallelism with
-# recomputation, pp2, pp2 x dp2 x ep2 and tp2 x pp2 (every stage's parameters and activations).
+# recomputation, pp2, pp2 x dp2 x ep2 and tp2 x pp2, each also interleaved (2 virtual stages a rank)
+# (every stage's parameters and activations).
 # Then refusals (a layout that does not divide, TP over more ranks than heads) and the
 # DeepSeek-V3 layout of the docs (runs, says whether it fits).
 set -euo pipefail
@@ -109,6 +110,10 @@ check tp2_nosp_recompute 2 1 1 2 0
 check pp2 2 1 0 1 1 2 'Et|ttmL'
 check pp2_dp2_ep2 4 2 0 1 1 2 'Ett|tmL'
 check tp2_pp2 4 1 0 2 1 2 'Et|ttmL'
+# the interleaved schedule: 4 stages on 2 pipeline ranks (2 chunks each), by the layout
+check pp2_v2 2 1 0 1 1 2 'Et|t|t|mL'
+check pp2_v2_dp2_ep2 4 2 0 1 1 2 'E|t|t|tmL'
+check tp2_pp2_v2 4 1 0 2 1 2 'Et|t|t|mL'
 # the bounded EP exchange: receive buffers of half the mean rows (several rounds per layer)
 CAPACITY=0.5 check ep2_capacity 2 2 0
 CAPACITY=0.5 check tp2_ep2_capacity 4 2 1 2

@@ -4,7 +4,8 @@
 //     ('*' repeats included); bad strings are refused naming the key and value.
 //  2. Stage tables: over the stages of a layout every tensor of the one-process table appears
 //     exactly once (plus the last stage's embedding copy), under its name and shape, aligned,
-//     and initialised to the same floats as one process; absent layers have no offsets.
+//     and initialised to the same floats as one process; absent layers have no offsets. Also
+//     for ranks holding two stages each (the interleaved schedule's chunks, one table a rank).
 //  3. A chain of stage models (stage s's output is stage s+1's input, the input gradient of
 //     s+1 is the output gradient of s) with two micro-batches in flight (forward A, forward B,
 //     backward A, backward B, in separate activation sets): CE and MTP are bit-identical to the
@@ -27,13 +28,13 @@ static void test_layouts(const nm_model_config *c) {
     nm_error err;
     nm_model_stage s[4];
     // test model: 3 decoder layers, 2 MTP depths
-    EXPECT(nm_pipeline_layout(s, 3, NULL, c, &err) == 0, "even 3: %s", err.msg);
+    EXPECT(nm_pipeline_layout(s, 3, 1, NULL, c, &err) == 0, "even 3: %s", err.msg);
     EXPECT(s[0].layer_begin == 0 && s[0].layer_end == 1 && s[0].first && !s[0].last, "even stage 0");
     EXPECT(s[2].layer_begin == 2 && s[2].layer_end == 3 && !s[2].first && s[2].last, "even stage 2");
-    EXPECT(nm_pipeline_layout(s, 2, NULL, c, &err) != 0 && strstr(err.msg, "does not divide the 3 decoder layers"), "uneven: %s", err.msg);
-    EXPECT(nm_pipeline_layout(s, 2, "E t*2 | t m*2 L", c, &err) == 0, "repeat: %s", err.msg);
+    EXPECT(nm_pipeline_layout(s, 2, 1, NULL, c, &err) != 0 && strstr(err.msg, "does not divide the 3 decoder layers"), "uneven: %s", err.msg);
+    EXPECT(nm_pipeline_layout(s, 2, 1, "E t*2 | t m*2 L", c, &err) == 0, "repeat: %s", err.msg);
     EXPECT(s[0].layer_begin == 0 && s[0].layer_end == 2 && s[1].layer_begin == 2 && s[1].layer_end == 3, "repeat ranges");
-    EXPECT(nm_pipeline_layout(s, 3, "E|ttt|mmL", c, &err) == 0, "E alone: %s", err.msg);
+    EXPECT(nm_pipeline_layout(s, 3, 1, "E|ttt|mmL", c, &err) == 0, "E alone: %s", err.msg);
     EXPECT(s[0].layer_end == 0 && s[0].first && s[1].layer_begin == 0 && s[1].layer_end == 3 && s[2].layer_begin == 3 &&
            s[2].layer_end == 3 && s[2].last, "E alone ranges");
     static const char *bad[][2] = {
@@ -47,25 +48,32 @@ static void test_layouts(const nm_model_config *c) {
         {"Et*0t|tmmL", "'*' must be followed by a count >= 1"},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
-        int rc = nm_pipeline_layout(s, 2, bad[i][0], c, &err);
+        int rc = nm_pipeline_layout(s, 2, 1, bad[i][0], c, &err);
         EXPECT(rc != 0 && strstr(err.msg, "pipeline_model_parallel_layout \"") && strstr(err.msg, bad[i][1]),
                "%s: %s", bad[i][0], rc ? err.msg : "accepted");
     }
 }
 
-static void test_tables(const nm_model_config *c, const nm_param_table *full, const char *layout, int64_t pp) {
+// pp ranks of v stages each (v > 1: the interleaved schedule's chunks, rank r holding stages
+// r, r + pp, ...): each rank's one table holds its chunks' tensors.
+static void test_tables(const nm_model_config *c, const nm_param_table *full, const char *layout, int64_t pp, int64_t v) {
     nm_error err;
-    nm_model_stage st[8];
-    if (nm_pipeline_layout(st, pp, layout, c, &err) != 0) {
+    nm_model_stage all[8], st[8], chunks[8][4];
+    if (nm_pipeline_layout(all, pp, v, layout, c, &err) != 0) {
         EXPECT(0, "%s", err.msg);
         return;
+    }
+    for (int64_t r = 0; r < pp; r++) {
+        nm_pipeline_rank_chunks(all, pp, v, r, chunks[r]);
+        st[r] = (nm_model_stage){chunks[r][0].layer_begin, chunks[r][v - 1].layer_end, chunks[r][0].first,
+                                 chunks[r][v - 1].last};
     }
     float *ref = nm_aligned_alloc(full->n_floats * sizeof(float));
     nm_params_init(ref, full, c, 99);
     int *seen = nm_calloc((size_t)full->n_rows, sizeof(int));
     for (int64_t s = 0; s < pp; s++) {
         nm_param_table t;
-        if (nm_param_table_build(&t, c, &err) != 0 || nm_param_table_restrict_stage(&t, c, &st[s], &err) != 0) {
+        if (nm_param_table_build(&t, c, &err) != 0 || nm_param_table_restrict_chunks(&t, c, chunks[s], v, &err) != 0) {
             EXPECT(0, "%s", err.msg);
             continue;
         }
@@ -95,7 +103,9 @@ static void test_tables(const nm_model_config *c, const nm_param_table *full, co
                    "%s: %s initialised differently from one process", layout, r->name);
         }
         for (int64_t l = 0; l < c->n_layers; l++) {
-            int held = l >= c->L ? st[s].last : (l >= st[s].layer_begin && l < st[s].layer_end);
+            int held = l >= c->L ? st[s].last : 0;
+            for (int64_t k = 0; k < v && l < c->L; k++)
+                held |= l >= chunks[s][k].layer_begin && l < chunks[s][k].layer_end;
             char name[128];
             snprintf(name, sizeof(name), "model.layers.%lld.input_layernorm.weight", (long long)l);
             int i = nm_param_table_find(&t, name);
@@ -122,7 +132,7 @@ static void test_chain(const nm_model_config *c, const nm_param_table *full, con
                        int recompute, uint64_t seed) {
     nm_error err;
     nm_model_stage st[8];
-    if (nm_pipeline_layout(st, pp, layout, c, &err) != 0) {
+    if (nm_pipeline_layout(st, pp, 1, layout, c, &err) != 0) {
         EXPECT(0, "%s", err.msg);
         return;
     }
@@ -226,9 +236,11 @@ int main(void) {
     if (test_model_open(&cfg, &full, "test_pp_stage") != 0) return 1;
     uint64_t seed = test_seed("test_pp_stage");
     test_layouts(&cfg);
-    test_tables(&cfg, &full, NULL, 3);
-    test_tables(&cfg, &full, "Ett|tmmL", 2);
-    test_tables(&cfg, &full, "E|ttt|mmL", 3);
+    test_tables(&cfg, &full, NULL, 3, 1);
+    test_tables(&cfg, &full, "Ett|tmmL", 2, 1);
+    test_tables(&cfg, &full, "E|ttt|mmL", 3, 1);
+    test_tables(&cfg, &full, "Et|t|t|mmL", 2, 2);    // rank 0: layers 0 and 2, rank 1: 1, MTP and loss
+    test_tables(&cfg, &full, "E|tt|t|mmL", 2, 2);     // rank 0: the embedding and layer 2, rank 1: 0-1 and the rest
     test_chain(&cfg, &full, "Ett|tmmL", 2, 0, seed);
     test_chain(&cfg, &full, NULL, 3, 0, seed);
     test_chain(&cfg, &full, "E|ttt|mmL", 3, 1, seed);

@@ -90,7 +90,8 @@ int nm_cmd_plan(int argc, char **argv) {
                                          "global-batch", "precision", "bucket-mb", "flops", "memory-gib",
                                          "make-vocab-size-divisible-by", "pipeline-layout", "moe-receive-capacity",
                                          "exp-avg-dtype", "exp-avg-sq-dtype", "bw-intra", "bw-inter",
-                                         "latency-intra", "latency-inter", "ranks-per-node", "recompute-modules", NULL};
+                                         "latency-intra", "latency-inter", "ranks-per-node", "recompute-modules",
+                                         "virtual-pipeline-size", NULL};
     static const char *const bflags[] = {"recompute", "no-sequence-parallel", "overlap-grad-reduce", "overlap-ep", NULL};
     nm_args a;
     if (nm_args_parse(&a, "plan", argc, argv, vflags, bflags)) return 2;
@@ -99,7 +100,7 @@ int nm_cmd_plan(int argc, char **argv) {
         fprintf(stderr, "usage: nanomegatron plan --config MODEL.json | --model DIR --world N [--tp T] [--pp P] [--ep E] "
                         "[--seq-len S] [--micro-batch B] [--global-batch G] [--recompute] [--precision fp32|bf16|fp8] "
                         "[--bucket-mb M] [--flops F] [--memory-gib M] [--no-sequence-parallel] [--make-vocab-size-divisible-by K] "
-                        "[--pipeline-layout 'Et|tt|tmL'] [--moe-receive-capacity X] [--exp-avg-dtype fp32|bf16] "
+                        "[--pipeline-layout 'Et|tt|tmL'] [--virtual-pipeline-size V] [--moe-receive-capacity X] [--exp-avg-dtype fp32|bf16] "
                         "[--exp-avg-sq-dtype fp32|bf16] [--bw-intra GB/s --bw-inter GB/s [--latency-intra us] "
                         "[--latency-inter us] [--ranks-per-node R] [--overlap-grad-reduce] [--overlap-ep]] "
                         "[--recompute-modules mla_up_proj,moe_act]\n");
@@ -120,7 +121,8 @@ int nm_cmd_plan(int argc, char **argv) {
         nm_args_f64_in(&a, "bw-intra", 0, 1e-9, 1e9, &r.bw_intra) || nm_args_f64_in(&a, "bw-inter", 0, 1e-9, 1e9, &r.bw_inter) ||
         nm_args_f64_in(&a, "latency-intra", 0, 0, 1e9, &r.latency_intra) ||
         nm_args_f64_in(&a, "latency-inter", 0, 0, 1e9, &r.latency_inter) ||
-        nm_args_i64_in(&a, "ranks-per-node", 0, 1, M, &r.ranks_per_node))
+        nm_args_i64_in(&a, "ranks-per-node", 0, 1, M, &r.ranks_per_node) ||
+        nm_args_i64_in(&a, "virtual-pipeline-size", 0, 1, NM_MAX_MODEL_CHUNKS, &r.virtual_pipeline_size))
         return 2;
     // GB/s and microseconds on the command line, bytes/s and seconds in the model
     if ((nm_args_has(&a, "bw-intra") || nm_args_has(&a, "bw-inter")) &&

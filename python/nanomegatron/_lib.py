@@ -90,7 +90,8 @@ class nm_loss_terms(ctypes.Structure):
 
 class nm_model_options(ctypes.Structure):
     _fields_ = [("recompute", c_int), ("ep", c_void_p), ("tp", c_void_p), ("sequence_parallel", c_int),
-                ("vocab_multiple", c_int64), ("vocab_tile", c_int64), ("stage", c_void_p), ("act_slots", c_int64),
+                ("vocab_multiple", c_int64), ("vocab_tile", c_int64), ("stage", c_void_p), ("n_chunks", c_int64),
+                ("act_slots", c_int64),
                 ("moe_receive_capacity", c_double), ("precision", c_int), ("recompute_mla_up_proj", c_int),
                 ("recompute_moe_act", c_int)]
 

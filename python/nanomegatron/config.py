@@ -311,6 +311,7 @@ _TRAIN_KEYS = {
     "overlap_grad_reduce": "overlap_grad_reduce", "sequence_parallel": "sequence_parallel",
     "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
     "pipeline_model_parallel_layout": "pipeline_model_parallel_layout",
+    "virtual_pipeline_model_parallel_size": "virtual_pipeline_model_parallel_size",
 }
 _PARALLEL = ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size")
 # C keys that come from model / data / batch_size rather than from one field each.
@@ -339,6 +340,7 @@ class TrainConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     pipeline_model_parallel_layout: str = ""
+    virtual_pipeline_model_parallel_size: int = 0  # interleaved 1F1B chunks per rank (0: from the layout, else 1)
     expert_parallel_size: int = 1
     moe_receive_capacity: float = 2.0
     recompute_modules: str = ""

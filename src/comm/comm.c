@@ -98,6 +98,11 @@ static int single_send(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype
     return nm_error_set(err, "send (%s): no peer %d in a 1-rank group", c->group, peer);
 }
 
+static int single_send_start(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag,
+                             nm_comm_request *req, nm_error *err) {
+    return nm_error_set(err, "send (%s): no peer %d in a 1-rank group", c->group, peer);
+}
+
 static int single_recv(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err) {
     return nm_error_set(err, "recv (%s): no peer %d in a 1-rank group", c->group, peer);
 }
@@ -132,6 +137,7 @@ static const nm_comm_vtable single_vtable = {
     .all_to_all = single_all_to_all,
     .broadcast = single_broadcast,
     .send = single_send,
+    .send_start = single_send_start,
     .recv = single_recv,
     .barrier = single_barrier,
     .split = single_split,
@@ -181,6 +187,10 @@ static int shape_broadcast(nm_comm *c, void *buf, int64_t count, nm_comm_dtype d
 static int shape_send(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err) {
     return shape_refuse(c, err);
 }
+static int shape_send_start(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag,
+                            nm_comm_request *req, nm_error *err) {
+    return shape_refuse(c, err);
+}
 static int shape_recv(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err) {
     return shape_refuse(c, err);
 }
@@ -202,6 +212,7 @@ static const nm_comm_vtable shape_vtable = {
     .all_to_all = shape_all_to_all,
     .broadcast = shape_broadcast,
     .send = shape_send,
+    .send_start = shape_send_start,
     .recv = shape_recv,
     .barrier = shape_barrier,
     .split = shape_split,

@@ -71,6 +71,9 @@ typedef struct nm_comm_vtable {
     int (*broadcast)(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int root, nm_error *err);
     int (*send)(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err);
     int (*recv)(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err);
+    // A non-blocking send: buf must stay untouched until test says done or wait returns.
+    int (*send_start)(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag,
+                      nm_comm_request *req, nm_error *err);
     int (*barrier)(nm_comm *c, nm_error *err);
     int (*split)(nm_comm *c, int color, int key, nm_comm **out, nm_error *err);
     int (*test)(nm_comm_request *req, int *done, nm_error *err);    // progress, non-blocking
@@ -93,6 +96,7 @@ struct nm_comm {
 struct nm_comm_request {
     nm_comm *comm;
     int active;
+    int op;                             // NM_COMM_REDUCE_SCATTER or NM_COMM_SEND: what test and wait finish
     void *buf;                          // reduce_scatter: the bucket, and where this rank's piece goes
     int64_t offset, count;              // this rank's piece in elements
     size_t elem;
@@ -140,13 +144,13 @@ static inline int nm_comm_test(nm_comm_request *req, int *done, nm_error *err) {
     }
     nm_comm *c = req->comm;
     double t0 = nm_comm_clock();
-    return nm_comm_timed(c, NM_COMM_REDUCE_SCATTER, t0, c->vt->test(req, done, err));
+    return nm_comm_timed(c, req->op, t0, c->vt->test(req, done, err));
 }
 static inline int nm_comm_wait(nm_comm_request *req, nm_error *err) {
     if (!req->active) return 0;
     nm_comm *c = req->comm;
     double t0 = nm_comm_clock();
-    return nm_comm_timed(c, NM_COMM_REDUCE_SCATTER, t0, c->vt->wait(req, err));
+    return nm_comm_timed(c, req->op, t0, c->vt->wait(req, err));
 }
 static inline int nm_comm_reduce_scatter(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_error *err) {
     nm_comm_request req = {0};
@@ -181,6 +185,14 @@ static inline int nm_comm_send(nm_comm *c, const void *buf, int64_t count, nm_co
                                nm_error *err) {
     double t0 = nm_comm_clock();
     return nm_comm_timed(c, NM_COMM_SEND, t0, c->vt->send(c, buf, count, dt, peer, tag, err));
+}
+// Starts a send of buf to peer (matched by a recv with the same tag) and returns: the pipeline
+// sends without waiting for its neighbour, so no order of the two stages' calls can deadlock.
+// Counted as a send; nm_comm_test / nm_comm_wait finish it (buf is the caller's until then).
+static inline int nm_comm_send_start(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag,
+                                     nm_comm_request *req, nm_error *err) {
+    double t0 = nm_comm_clock();
+    return nm_comm_timed(c, NM_COMM_SEND, t0, c->vt->send_start(c, buf, count, dt, peer, tag, req, err));
 }
 static inline int nm_comm_recv(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err) {
     double t0 = nm_comm_clock();

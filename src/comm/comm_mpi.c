@@ -127,6 +127,7 @@ static int mpi_reduce_scatter_start(nm_comm *c, void *buf, const int64_t *counts
     if (to_int_counts(c, "reduce_scatter", counts, im->icounts, im->displs, err) != 0) return -1;
     memset(req, 0, sizeof(*req));
     req->comm = c;
+    req->op = NM_COMM_REDUCE_SCATTER;
     req->buf = buf;
     req->offset = im->displs[c->rank];
     req->count = counts[c->rank];
@@ -147,8 +148,9 @@ static int mpi_reduce_scatter_start(nm_comm *c, void *buf, const int64_t *counts
     return 0;
 }
 
-static void finish_reduce_scatter(nm_comm_request *req) {
+static void finish_request(nm_comm_request *req) {
     req->active = 0;
+    if (req->op != NM_COMM_REDUCE_SCATTER) return;  // a send: nothing to move
     impl_of(req->comm)->slot_busy[((mpi_request *)req->impl)->slot] = 0;
     if (req->offset > 0 && req->count > 0) {
         memmove((char *)req->buf + (size_t)req->offset * req->elem, req->buf, (size_t)req->count * req->elem);
@@ -158,16 +160,16 @@ static void finish_reduce_scatter(nm_comm_request *req) {
 static int mpi_test(nm_comm_request *req, int *done, nm_error *err) {
     int flag = 0;
     int rc = MPI_Test(&((mpi_request *)req->impl)->handle, &flag, MPI_STATUS_IGNORE);
-    if (rc != MPI_SUCCESS) return mpi_fail(req->comm, "reduce_scatter (test)", rc, err);
-    if (flag) finish_reduce_scatter(req);
+    if (rc != MPI_SUCCESS) return mpi_fail(req->comm, req->op == NM_COMM_SEND ? "send (test)" : "reduce_scatter (test)", rc, err);
+    if (flag) finish_request(req);
     *done = flag;
     return 0;
 }
 
 static int mpi_wait(nm_comm_request *req, nm_error *err) {
     int rc = MPI_Wait(&((mpi_request *)req->impl)->handle, MPI_STATUS_IGNORE);
-    if (rc != MPI_SUCCESS) return mpi_fail(req->comm, "reduce_scatter (wait)", rc, err);
-    finish_reduce_scatter(req);
+    if (rc != MPI_SUCCESS) return mpi_fail(req->comm, req->op == NM_COMM_SEND ? "send (wait)" : "reduce_scatter (wait)", rc, err);
+    finish_request(req);
     return 0;
 }
 
@@ -215,6 +217,21 @@ static int mpi_send(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt
     nm_comm_count(c, NM_COMM_SEND, count * (int64_t)nm_comm_dtype_size(dt));
     int rc = MPI_Send(buf, (int)count, mpi_type(dt), peer, tag, handle(c));
     return rc == MPI_SUCCESS ? 0 : mpi_fail(c, "send", rc, err);
+}
+
+static int mpi_send_start(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag,
+                          nm_comm_request *req, nm_error *err) {
+    if (fits_int(c, "send", count, err) != 0) return -1;
+    memset(req, 0, sizeof(*req));
+    req->comm = c;
+    req->op = NM_COMM_SEND;
+    nm_comm_count(c, NM_COMM_SEND, count * (int64_t)nm_comm_dtype_size(dt));
+    mpi_request *mr = (mpi_request *)req->impl;
+    mr->slot = -1;
+    int rc = MPI_Isend(buf, (int)count, mpi_type(dt), peer, tag, handle(c), &mr->handle);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, "send", rc, err);
+    req->active = 1;
+    return 0;
 }
 
 static int mpi_recv(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err) {
@@ -271,6 +288,7 @@ static const nm_comm_vtable mpi_vtable = {
     .all_to_all = mpi_all_to_all,
     .broadcast = mpi_broadcast,
     .send = mpi_send,
+    .send_start = mpi_send_start,
     .recv = mpi_recv,
     .barrier = mpi_barrier,
     .split = mpi_split,

@@ -111,12 +111,14 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
     return nm_model_forward_stage(m, tokens, NULL, B, T, opt, loss, logits_out, err);
 }
 
-// The end of every stage's forward: the expert counts summed over tp (each tp rank routed its
-// own tokens under sequence parallelism), then any collective failure inside it reported.
+// The end of every stage's forward: the expert counts of its chunk's layers summed over tp (each
+// tp rank routed its own tokens under sequence parallelism), then any collective failure inside
+// it reported.
 static int forward_done(nm_model *m, const nm_loss_options *opt, nm_error *err) {
-    if (m->sp && m->n_moe > 0 && !m->tp_failed &&
-        nm_comm_all_reduce(m->tp, m->expert_counts, (int64_t)m->n_moe * m->cfg.E, NM_DT_I64, NM_RED_SUM,
-                           &m->tp_err) != 0)
+    const int first_row = m->chunk_moe_row[m->chunk], rows = m->chunk_moe_row[m->chunk + 1] - first_row;
+    if (m->sp && rows > 0 && !m->tp_failed &&
+        nm_comm_all_reduce(m->tp, m->expert_counts + (size_t)first_row * (size_t)m->cfg.E, (int64_t)rows * m->cfg.E,
+                           NM_DT_I64, NM_RED_SUM, &m->tp_err) != 0)
         m->tp_failed = 1;
     if (m->tp_failed) {
         m->tp_failed = 0;
@@ -174,7 +176,7 @@ int nm_model_forward_stage(nm_model *m, const int32_t *tokens, const float *inpu
 
     // main stack (this stage's part of it)
     double aux = 0.0;
-    int moe_row = 0;
+    int moe_row = m->chunk_moe_row[m->chunk];  // this chunk's rows (zeroed above: the others add 0)
     if (st->first) nm_tp_embedding_forward(m, m->stage_in, tokens, N);
     else ops->copy_2d(m->stage_in, N * D, input, N * D, 1, N * D);
     for (int64_t l = st->layer_begin; l < st->layer_end; l++) {

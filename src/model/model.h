@@ -59,9 +59,12 @@ typedef struct nm_model_options {
                                 // while N x V logits fit in 64 MiB); below V the (N, V) logits are
                                 // never stored and the backward recomputes each tile's logits
     const nm_model_stage *stage;  // pipeline stage (params.h): only its layers and tensors are held;
-                                  // NULL: the whole model
-    int64_t act_slots;          // activation sets, one per micro-batch in flight (nm_model_set_slot);
-                                // 0 or 1: one
+                                  // NULL: the whole model. With n_chunks > 1: the n_chunks stages
+                                  // (model chunks of the interleaved schedule, in layer order) this
+                                  // rank holds; one table holds them all
+    int64_t n_chunks;           // 0 or 1: one stage
+    int64_t act_slots;          // activation sets per chunk, one per micro-batch in flight
+                                // (nm_model_set_slot: slot s is chunk s / act_slots's); 0 or 1: one
     double moe_receive_capacity;  // with ep: the rows a rank's experts receive per round of the
                                   // dropless exchange, as a multiple of the mean (routed rows x K);
                                   // a busier rank takes more rounds, nothing is dropped
@@ -137,9 +140,11 @@ int nm_model_forward_stage(nm_model *m, const int32_t *tokens, const float *inpu
 int nm_model_backward_stage(nm_model *m, const float *d_output, nm_error *err);
 const float *nm_model_stage_output(const nm_model *m);  // (B, T, D) of the current slot's last forward
 const float *nm_model_input_grad(const nm_model *m);    // (B, T, D)
-// Selects activation set s (0 .. act_slots-1): the next forward fills it, the next backward
+// Selects activation set s (0 .. n_chunks x act_slots - 1), and with it the chunk s / act_slots
+// whose layers the next forward and backward run: the next forward fills it, the next backward
 // differentiates the forward that filled it. Several micro-batches can be in flight at once.
 int nm_model_set_slot(nm_model *m, int64_t s, nm_error *err);
+int64_t nm_model_slots_per_chunk(const nm_model *m);  // act_slots (at least 1)
 const nm_model_stage *nm_model_get_stage(const nm_model *m);
 
 // Called inside nm_model_backward each time decoder layer `layer`'s gradients are final:

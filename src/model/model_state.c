@@ -106,7 +106,7 @@ static void slot_load(nm_model *m, const model_slot *s) {
     m->T = s->T;
     m->opt = s->opt;
     m->have_forward = s->have_forward;
-    const nm_model_stage *st = &m->stage;
+    const nm_model_stage *st = &m->stage;  // the slot's chunk, set by the caller
     m->stage_out = st->layer_end > st->layer_begin ? m->blocks[st->layer_end - 1].x_out : m->stage_in;
 }
 
@@ -171,9 +171,12 @@ static void layout(nm_model *m) {
     // per micro-batch in flight (slots); the backward scratch below is shared by all.
     // A stage without MoE blocks (or without dense ones) needs none of their buffers.
     int stage_moe = 0, stage_dense = 0;
-    FOR_STAGE_LAYERS(m, l) {
-        if (nm_layer_is_moe(c, l)) stage_moe = 1;
-        else stage_dense = 1;
+    for (int k = 0; k < m->n_chunks; k++) {
+        m->stage = m->chunks[k];
+        FOR_STAGE_LAYERS(m, l) {
+            if (nm_layer_is_moe(c, l)) stage_moe = 1;
+            else stage_dense = 1;
+        }
     }
     block_acts shared = {0};
     if (m->recompute) take_block_intermediates(m, &shared, stage_dense, stage_moe);
@@ -185,12 +188,16 @@ static void layout(nm_model *m) {
         m->up_q = take(m, N * H * c->Dqk);
         m->up_kv = take(m, N * H * (c->Dn + c->Dv));
     }
+    // A chunk's slots hold its own layers only.
     for (int s = 0; s < m->n_slots; s++) {
+        m->stage = m->chunks[s / m->slots_per_chunk];
         m->blocks = m->block_sets + (size_t)s * (size_t)c->n_layers;
         m->mtp = m->mtp_sets + (size_t)s * (size_t)(c->M > 0 ? c->M : 1);
         take_slot(m, &shared);
         slot_save(m, &m->slots[s]);
     }
+    m->stage = m->chunks[0];
+    m->chunk = 0;
     slot_load(m, &m->slots[0]);
     m->slot = 0;
 
@@ -303,6 +310,31 @@ static int64_t pick_vocab_tile(const nm_model_config *c, int64_t N, int64_t requ
     return vt < 128 ? 128 : vt;
 }
 
+// The stages this rank holds (one, or the interleaved schedule's chunks) and the activation
+// slots: act_slots per chunk.
+static int set_chunks(nm_model *m, const nm_model_options *opts, nm_error *err) {
+    const nm_model_config *c = &m->cfg;
+    int64_t n = opts->n_chunks > 1 ? opts->n_chunks : 1;
+    if (n > NM_MAX_MODEL_CHUNKS || (n > 1 && !opts->stage))
+        return nm_error_set(err, "model: %lld model chunks (virtual pipeline stages): at most %d, given as stages",
+                            (long long)n, NM_MAX_MODEL_CHUNKS);
+    for (int64_t k = 0; k < n; k++) m->chunks[k] = opts->stage ? opts->stage[k] : (nm_model_stage){0, c->L, 1, 1};
+    for (int64_t k = 1; k < n; k++) {
+        if (m->chunks[k].first || m->chunks[k - 1].last || m->chunks[k].layer_begin < m->chunks[k - 1].layer_end)
+            return nm_error_set(err, "model: chunk %lld (layers [%lld, %lld)) does not follow chunk %lld in layer order",
+                                (long long)k, (long long)m->chunks[k].layer_begin, (long long)m->chunks[k].layer_end,
+                                (long long)(k - 1));
+    }
+    m->n_chunks = (int)n;
+    m->slots_per_chunk = opts->act_slots > 1 ? (int)opts->act_slots : 1;
+    if ((int64_t)m->slots_per_chunk * n > INT32_MAX / 2)
+        return nm_error_set(err, "model: %lld activation slots per chunk", (long long)opts->act_slots);
+    m->n_slots = m->slots_per_chunk * (int)n;
+    m->stage = m->chunks[0];
+    m->chunk = 0;
+    return 0;
+}
+
 // Everything the arena layout reads, from the options (create and the estimate share it):
 // the groups, this rank's parameter table, the local head / FFN / vocabulary sizes, the head
 // tile, the experts held here and the bound on the rows they receive.
@@ -316,8 +348,8 @@ static int configure(nm_model *m, const nm_model_options *opts, nm_error *err) {
     int64_t tp_size = m->tp ? m->tp->size : 1, tp_rank = m->tp ? m->tp->rank : 0;
     int64_t vocab_multiple = opts->vocab_multiple > 0 ? opts->vocab_multiple : 1;
     if (nm_param_table_build_tp(&m->table, c, ep_rank, ep_size, tp_rank, tp_size, vocab_multiple, err) != 0) return -1;
-    if (m->stage.layer_end - m->stage.layer_begin != c->L || !m->stage.first || !m->stage.last) {
-        if (nm_param_table_restrict_stage(&m->table, c, &m->stage, err) != 0) {
+    if (m->n_chunks > 1 || m->stage.layer_end - m->stage.layer_begin != c->L || !m->stage.first || !m->stage.last) {
+        if (nm_param_table_restrict_chunks(&m->table, c, m->chunks, m->n_chunks, err) != 0) {
             nm_param_table_free(&m->table);
             return -1;
         }
@@ -374,10 +406,8 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     m->recompute = opts->recompute;
     m->recompute_mla_up_proj = opts->recompute_mla_up_proj;
     m->recompute_moe_act = opts->recompute_moe_act;
-    m->stage = opts->stage ? *opts->stage : (nm_model_stage){0, cfg->L, 1, 1};
-    m->n_slots = opts->act_slots > 1 ? (int)opts->act_slots : 1;
     m->opt_precision = opts->precision;
-    if (configure(m, opts, err) != 0) {
+    if (set_chunks(m, opts, err) != 0 || configure(m, opts, err) != 0) {
         nm_free(m);
         return -1;
     }
@@ -405,10 +435,18 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     NM_CHECK(m->arena_used == m->arena_floats, "arena layout mismatch");
     rope_tables(m);
 
+    // The MoE layers held here in layer order (chunk after chunk, the MTP layers last): the
+    // rows of expert_counts, each chunk's from chunk_moe_row on.
     m->moe_layer_ids = nm_calloc((size_t)cfg->n_layers + 1, sizeof(int));
-    FOR_STAGE_LAYERS(m, l) {
-        if (nm_layer_is_moe(cfg, l)) m->moe_layer_ids[m->n_moe++] = (int)l;
+    for (int k = 0; k < m->n_chunks; k++) {
+        m->stage = m->chunks[k];
+        m->chunk_moe_row[k] = m->n_moe;
+        FOR_STAGE_LAYERS(m, l) {
+            if (nm_layer_is_moe(cfg, l)) m->moe_layer_ids[m->n_moe++] = (int)l;
+        }
     }
+    m->chunk_moe_row[m->n_chunks] = m->n_moe;
+    m->stage = m->chunks[0];
     m->groups = nm_calloc((size_t)(cfg->E > 0 ? cfg->E : 1), sizeof(nm_gemm_group));
     m->twins = nm_bf16_twins_create(m->ops);
     m->expert_counts = nm_calloc((size_t)(m->n_moe > 0 ? m->n_moe : 1) * (size_t)(cfg->E > 0 ? cfg->E : 1), sizeof(int64_t));
@@ -482,12 +520,11 @@ size_t nm_model_estimate_activation_bytes(const nm_model_config *cfg, int64_t B_
 
 int nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_max, int64_t T_max,
                                           const nm_model_options *opts, size_t *bytes, nm_error *err) {
-    int n_slots = opts->act_slots > 1 ? (int)opts->act_slots : 1;
-    nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = opts->recompute, .recompute_mla_up_proj = opts->recompute_mla_up_proj,
-                   .recompute_moe_act = opts->recompute_moe_act,
-                  .stage = opts->stage ? *opts->stage : (nm_model_stage){0, cfg->L, 1, 1}, .n_slots = n_slots,
+    nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = opts->recompute,
+                  .recompute_mla_up_proj = opts->recompute_mla_up_proj, .recompute_moe_act = opts->recompute_moe_act,
                   .opt_precision = opts->precision};
-    if (configure(&m, opts, err) != 0) return -1;
+    if (set_chunks(&m, opts, err) != 0 || configure(&m, opts, err) != 0) return -1;
+    int n_slots = m.n_slots;
     m.slots = nm_calloc((size_t)n_slots, sizeof(model_slot));
     m.block_sets = nm_calloc((size_t)n_slots * (size_t)cfg->n_layers, sizeof(block_acts));
     m.mtp_sets = nm_calloc((size_t)n_slots * (cfg->M > 0 ? (size_t)cfg->M : 1), sizeof(mtp_acts));
@@ -520,11 +557,15 @@ const float *nm_model_stage_output(const nm_model *m) { return m->stage_out; }
 const float *nm_model_input_grad(const nm_model *m) { return m->d_res; }
 const nm_model_stage *nm_model_get_stage(const nm_model *m) { return &m->stage; }
 
+int64_t nm_model_slots_per_chunk(const nm_model *m) { return m->slots_per_chunk; }
+
 int nm_model_set_slot(nm_model *m, int64_t s, nm_error *err) {
     if (s < 0 || s >= m->n_slots)
         return nm_error_set(err, "model: activation slot %lld outside the %d allocated", (long long)s, m->n_slots);
     if (s == m->slot) return 0;
     slot_save(m, &m->slots[m->slot]);
+    m->chunk = (int)s / m->slots_per_chunk;
+    m->stage = m->chunks[m->chunk];
     slot_load(m, &m->slots[s]);
     m->slot = (int)s;
     return 0;

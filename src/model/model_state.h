@@ -211,8 +211,13 @@ struct nm_model {
     int hook_failed;            // the hook returned an error; hook_err has why
     nm_error hook_err;
 
-    // pipeline stage (params.h nm_model_stage): main layers [layer_begin, layer_end) here
+    // pipeline stage (params.h nm_model_stage): main layers [layer_begin, layer_end) here. Under
+    // the interleaved schedule the rank holds n_chunks stages (model chunks, in layer order) and
+    // `stage` is the one the current slot belongs to: slot s is chunk s / slots_per_chunk's.
     nm_model_stage stage;
+    nm_model_stage chunks[NM_MAX_MODEL_CHUNKS];
+    int n_chunks, slots_per_chunk, chunk;
+    int chunk_moe_row[NM_MAX_MODEL_CHUNKS + 1];  // the chunk's first row of expert_counts (and n_moe)
     float *stage_in;            // (N, D) the stage's input: the embedding output, or the previous stage's output
     float *stage_out;           // (N, D) its output: the last main block's x_out (stage_in without blocks)
     int n_slots, slot;          // activation sets (micro-batches in flight) and the one in use

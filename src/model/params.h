@@ -114,11 +114,15 @@ typedef struct nm_param_table {
 
 // The part of the model one pipeline stage holds (docs/parallelism.md): main decoder layers
 // [layer_begin, layer_end), the embedding when first, the final norm, head, MTP layers and
-// losses when last. The whole model is {0, L, 1, 1}.
+// losses when last. The whole model is {0, L, 1, 1}. Under the interleaved schedule a rank
+// holds several such stages (virtual stages, or model chunks), each one of these.
 typedef struct nm_model_stage {
     int64_t layer_begin, layer_end;
     int first, last;
 } nm_model_stage;
+
+// The most virtual stages (model chunks) one rank may hold (nm_model_options.n_chunks).
+#define NM_MAX_MODEL_CHUNKS 32
 
 // Builds the table from a validated config. Returns 0 or -1 with err filled.
 int nm_param_table_build(nm_param_table *t, const nm_model_config *cfg, nm_error *err);
@@ -145,6 +149,10 @@ int nm_param_table_build_tp(nm_param_table *t, const nm_model_config *cfg, int64
 // the embedding as a copy (embed_copy) when MTP or a tied head reads it and it is not first.
 int nm_param_table_restrict_stage(nm_param_table *t, const nm_model_config *cfg, const nm_model_stage *s,
                                   nm_error *err);
+// The same for a rank that holds the n stages s[0..n) (the interleaved schedule's model chunks,
+// in layer order): every row one of them keeps, in the one-process order.
+int nm_param_table_restrict_chunks(nm_param_table *t, const nm_model_config *cfg, const nm_model_stage *s, int64_t n,
+                                   nm_error *err);
 void nm_param_table_free(nm_param_table *t);
 // Row index by exact name, or -1.
 int nm_param_table_find(const nm_param_table *t, const char *name);

@@ -12,21 +12,37 @@
 
 #include "model/params.h"
 
-static int row_kept(const nm_param_table *t, const nm_model_config *c, const nm_model_stage *s, int need_embed,
-                    const nm_tensor_spec *r) {
+// Held by the chunks s[0..n): first is the first chunk's, last the last one's.
+static int row_kept(const nm_param_table *t, const nm_model_config *c, const nm_model_stage *s, int64_t n,
+                    int need_embed, const nm_tensor_spec *r) {
+    int last = s[n - 1].last;
     if (r->layer >= 0) {
-        if (r->layer >= c->L) return s->last;  // MTP layers live with the losses
-        return r->layer >= s->layer_begin && r->layer < s->layer_end;
+        if (r->layer >= c->L) return last;  // MTP layers live with the losses
+        for (int64_t k = 0; k < n; k++)
+            if (r->layer >= s[k].layer_begin && r->layer < s[k].layer_end) return 1;
+        return 0;
     }
     if (!(r->flags & NM_TENSOR_TIED) && r->offset == t->embed) return need_embed;
-    return s->last;  // model.norm.weight, lm_head.weight
+    return last;  // model.norm.weight, lm_head.weight
 }
 
 int nm_param_table_restrict_stage(nm_param_table *t, const nm_model_config *c, const nm_model_stage *s,
                                   nm_error *err) {
-    if (s->layer_begin < 0 || s->layer_end < s->layer_begin || s->layer_end > c->L)
-        return nm_error_set(err, "pipeline stage: layers [%lld, %lld) outside the model's %lld decoder layers",
-                            (long long)s->layer_begin, (long long)s->layer_end, (long long)c->L);
+    return nm_param_table_restrict_chunks(t, c, s, 1, err);
+}
+
+int nm_param_table_restrict_chunks(nm_param_table *t, const nm_model_config *c, const nm_model_stage *chunks,
+                                   int64_t n_chunks, nm_error *err) {
+    for (int64_t k = 0; k < n_chunks; k++) {
+        const nm_model_stage *s = &chunks[k];
+        if (s->layer_begin < 0 || s->layer_end < s->layer_begin || s->layer_end > c->L ||
+            (k > 0 && s->layer_begin < chunks[k - 1].layer_end))
+            return nm_error_set(err, "pipeline stage: layers [%lld, %lld) outside the model's %lld decoder layers "
+                                     "or before the previous chunk's",
+                                (long long)s->layer_begin, (long long)s->layer_end, (long long)c->L);
+    }
+    // Only what the table needs below: whether the rank is first (embedding) and last (head).
+    const nm_model_stage held = {.first = chunks[0].first, .last = chunks[n_chunks - 1].last}, *s = &held;
     // The last stage reads the embedding for MTP's shifted tokens, and as the head when tied.
     int last_needs_embed = c->M > 0 || c->tie_embeddings;
     int need_embed = s->first || (s->last && last_needs_embed);
@@ -38,7 +54,7 @@ int nm_param_table_restrict_stage(nm_param_table *t, const nm_model_config *c, c
     int kept = 0;
     for (int i = 0; i < n; i++) {
         const nm_tensor_spec *r = &t->rows[i];
-        int keep = row_kept(t, c, s, need_embed, r);
+        int keep = row_kept(t, c, chunks, n_chunks, need_embed, r);
         map[i] = keep ? kept++ : -1;
         shift_at[i] = removed;
         if (keep || (r->flags & NM_TENSOR_TIED)) continue;

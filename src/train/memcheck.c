@@ -72,6 +72,7 @@ int nm_train_check_memory(const nm_train_config *cfg, const nm_model_config *m, 
                          .sequence_parallel = cfg->sequence_parallel,
                          .vocab_multiple = cfg->make_vocab_size_divisible_by, .precision = cfg->precision,
                          .bucket_mb = cfg->bucket_mb, .pipeline_layout = cfg->pipeline_layout,
+                         .virtual_pipeline_size = cfg->virtual_pipeline_size,
                          .moe_receive_capacity = cfg->moe_receive_capacity,
                          .exp_avg_bf16 = cfg->optimizer.exp_avg_dtype == 1,
                          .exp_avg_sq_bf16 = cfg->optimizer.exp_avg_sq_dtype == 1};

@@ -43,16 +43,28 @@ static void suggest_layout(char *out, size_t cap, int64_t L, int64_t M, int64_t 
     if (n >= cap) out[0] = 0;
 }
 
-int nm_pipeline_layout(nm_model_stage *stages, int64_t pp, const char *layout, const nm_model_config *cfg,
-                       nm_error *err) {
-    const int64_t L = cfg->L, M = cfg->M;
+// "pipeline_parallel_size 4", or "pipeline_parallel_size x virtual_pipeline_model_parallel_size
+// 4 x 2 = 8", for messages.
+static const char *stages_phrase(char *buf, size_t cap, int64_t pp, int64_t v) {
+    if (v > 1)
+        snprintf(buf, cap, "pipeline_parallel_size x virtual_pipeline_model_parallel_size %lld x %lld = %lld",
+                 (long long)pp, (long long)v, (long long)(pp * v));
+    else snprintf(buf, cap, "pipeline_parallel_size %lld", (long long)pp);
+    return buf;
+}
+
+int nm_pipeline_layout(nm_model_stage *stages, int64_t pp_ranks, int64_t v, const char *layout,
+                       const nm_model_config *cfg, nm_error *err) {
+    const int64_t L = cfg->L, M = cfg->M, pp = pp_ranks * v;  // pp: stages from here on
+    char phrase[160];
+    stages_phrase(phrase, sizeof phrase, pp_ranks, v);
     if (!layout || !*layout) {
         if (L % pp != 0 || L < pp) {
             char fix[64 + 16 * 1024] = "";
             suggest_layout(fix, sizeof fix, L, M, pp);
-            return nm_error_set(err, "pipeline_parallel_size %lld does not divide the %lld decoder layers "
+            return nm_error_set(err, "%s does not divide the %lld decoder layers "
                                      "(num_hidden_layers): set " KEY " (plan: --pipeline-layout) to place them%s%s",
-                                (long long)pp, (long long)L, fix[0] ? ", for example " : "", fix);
+                                phrase, (long long)L, fix[0] ? ", for example " : "", fix);
         }
         for (int64_t s = 0; s < pp; s++)
             stages[s] = (nm_model_stage){s * (L / pp), (s + 1) * (L / pp), s == 0, s == pp - 1};
@@ -62,7 +74,11 @@ int nm_pipeline_layout(nm_model_stage *stages, int64_t pp, const char *layout, c
     int64_t n_stages = 1;
     for (const char *p = layout; *p; p++) n_stages += *p == '|';
     if (n_stages != pp) {
-        snprintf(why, sizeof(why), "has %lld stages, pipeline_parallel_size is %lld", (long long)n_stages, (long long)pp);
+        if (v > 1)
+            snprintf(why, sizeof(why), "has %lld stages, pipeline_parallel_size x virtual_pipeline_model_parallel_size "
+                     "is %lld x %lld = %lld", (long long)n_stages, (long long)pp_ranks, (long long)v, (long long)pp);
+        else
+            snprintf(why, sizeof(why), "has %lld stages, pipeline_parallel_size is %lld", (long long)n_stages, (long long)pp);
         return bad_layout(err, layout, why);
     }
     int64_t s = 0, layers = 0, mtp = 0, n_e = 0, n_l = 0, in_stage = 0;
@@ -136,32 +152,129 @@ void nm_pipeline_describe_stage(const nm_model_stage *s, const nm_model_config *
 #undef PUT
 }
 
-int64_t nm_pipeline_slots(int64_t pp, int64_t stage, int64_t m) {
-    int64_t n = pp - stage;
-    return n < m ? n : m;
+static int64_t count_stages(const char *layout) {
+    int64_t n = 1;
+    for (const char *p = layout; *p; p++) n += *p == '|';
+    return n;
+}
+
+int nm_pipeline_virtual_size(int64_t pp, int64_t vpp, const char *layout, int64_t *v, nm_error *err) {
+    const int64_t n_layout = layout && *layout ? count_stages(layout) : 0;
+    if (vpp < 0 || vpp > NM_MAX_MODEL_CHUNKS)
+        return nm_error_set(err, "virtual_pipeline_model_parallel_size %lld: must be 1 .. %d (0 or unset: from " KEY
+                                 ", else 1)", (long long)vpp, NM_MAX_MODEL_CHUNKS);
+    if (vpp >= 1) {
+        if (n_layout && n_layout != pp * vpp)
+            return nm_error_set(err, KEY " \"%s\" has %lld stages, pipeline_parallel_size x "
+                                     "virtual_pipeline_model_parallel_size is %lld x %lld = %lld",
+                                layout, (long long)n_layout, (long long)pp, (long long)vpp, (long long)(pp * vpp));
+        *v = vpp;
+    } else if (n_layout) {
+        // Megatron-Core reads a layout with more stages than ranks as virtual stages.
+        if (n_layout % pp != 0)
+            return nm_error_set(err, KEY " \"%s\" has %lld stages, not a multiple of pipeline_parallel_size %lld",
+                                layout, (long long)n_layout, (long long)pp);
+        *v = n_layout / pp;
+    } else {
+        *v = 1;
+    }
+    if (*v > NM_MAX_MODEL_CHUNKS)
+        return nm_error_set(err, KEY " \"%s\": %lld virtual stages per rank, at most %d", layout, (long long)*v,
+                            NM_MAX_MODEL_CHUNKS);
+    if (*v > 1 && pp < 2)
+        return nm_error_set(err, "virtual_pipeline_model_parallel_size %lld needs pipeline_parallel_size >= 2 "
+                                 "(it is %lld)", (long long)*v, (long long)pp);
+    return 0;
+}
+
+void nm_pipeline_rank_chunks(const nm_model_stage *stages, int64_t pp, int64_t v, int64_t rank, nm_model_stage *out) {
+    for (int64_t c = 0; c < v; c++) out[c] = stages[c * pp + rank];
+}
+
+int nm_pipeline_check_micro_batches(int64_t pp, int64_t v, int64_t m, nm_error *err) {
+    if (v > 1 && (m < pp || m % pp != 0))
+        return nm_error_set(err, "the interleaved pipeline schedule (virtual_pipeline_model_parallel_size %lld) runs "
+                                 "micro-batches in groups of pipeline_parallel_size %lld: global_batch / (micro_batch x "
+                                 "data-parallel size) = %lld micro-batches per step must be a multiple of it",
+                            (long long)v, (long long)pp, (long long)m);
+    return 0;
+}
+
+// Virtual micro-batch k of the interleaved schedule (Megatron-Core's get_model_chunk_id and
+// its micro-batch id): groups of pp micro-batches, each through chunk 0 .. v-1 in turn (the
+// backward from chunk v-1 down).
+static nm_pipeline_action virtual_micro(int64_t k, int64_t pp, int64_t v, int backward) {
+    int64_t in_group = k % (pp * v), chunk = in_group / pp;
+    return (nm_pipeline_action){.backward = backward, .chunk = backward ? v - 1 - chunk : chunk,
+                                .micro = k / (pp * v) * pp + in_group % pp};
+}
+
+void nm_pipeline_schedule(nm_pipeline_action *out, int64_t pp, int64_t v, int64_t rank, int64_t m) {
+    int64_t n = 0;
+    if (v <= 1) {  // 1F1B
+        int64_t warm = pp - rank - 1 < m ? pp - rank - 1 : m;
+        for (int64_t i = 0; i < warm; i++) out[n++] = (nm_pipeline_action){0, 0, i};
+        for (int64_t j = 0; j < m - warm; j++) {
+            out[n++] = (nm_pipeline_action){0, 0, warm + j};
+            out[n++] = (nm_pipeline_action){1, 0, j};
+        }
+        for (int64_t j = m - warm; j < m; j++) out[n++] = (nm_pipeline_action){1, 0, j};
+        return;
+    }
+    const int64_t total = v * m;
+    int64_t warm = m == pp ? total : (pp - rank - 1) * 2 + (v - 1) * pp;
+    if (warm > total) warm = total;
+    for (int64_t k = 0; k < warm; k++) out[n++] = virtual_micro(k, pp, v, 0);
+    for (int64_t k = 0; k < total - warm; k++) {
+        out[n++] = virtual_micro(warm + k, pp, v, 0);
+        out[n++] = virtual_micro(k, pp, v, 1);
+    }
+    for (int64_t k = total - warm; k < total; k++) out[n++] = virtual_micro(k, pp, v, 1);
+}
+
+int64_t nm_pipeline_slots(int64_t pp, int64_t v, int64_t rank, int64_t m) {
+    if (v < 1) v = 1;
+    nm_pipeline_action *a = nm_malloc((size_t)(2 * v * m) * sizeof(*a));
+    int64_t *live = nm_calloc((size_t)v, sizeof(int64_t)), most = 1;
+    nm_pipeline_schedule(a, pp, v, rank, m);
+    for (int64_t i = 0; i < 2 * v * m; i++) {
+        live[a[i].chunk] += a[i].backward ? -1 : 1;
+        if (live[a[i].chunk] > most) most = live[a[i].chunk];
+    }
+    nm_free(live);
+    nm_free(a);
+    return most;
 }
 
 // --- schedule ---------------------------------------------------------------------------------
 
-int nm_pipeline_create(nm_pipeline **out, nm_comm *pp, nm_model *model, int64_t B, int64_t T, nm_error *err) {
+int nm_pipeline_create(nm_pipeline **out, nm_comm *pp, nm_model *model, int64_t v, int64_t B, int64_t T,
+                       nm_error *err) {
     (void)err;
+    const nm_ops *ops = nm_model_ops(model);
     nm_pipeline *p = nm_calloc(1, sizeof(*p));
     p->pp = pp;
     p->model = model;
+    p->v = v > 1 ? v : 1;
     p->B = B;
     p->T = T;
     p->D = nm_model_cfg(model)->D;
     size_t n = (size_t)(B * T * p->D);
-    p->recv_act = nm_aligned_alloc(n * sizeof(float));
-    p->recv_grad = nm_aligned_alloc(n * sizeof(float));
+    p->recv_act = ops->alloc(n * sizeof(float));
+    p->recv_grad = ops->alloc(n * sizeof(float));
     *out = p;
     return 0;
 }
 
 void nm_pipeline_destroy(nm_pipeline *p) {
     if (!p) return;
-    nm_free(p->recv_act);
-    nm_free(p->recv_grad);
+    const nm_ops *ops = nm_model_ops(p->model);
+    ops->free(p->recv_act);
+    ops->free(p->recv_grad);
+    for (int i = 0; i < p->n_send; i++) ops->free(p->send_buf[i]);
+    nm_free(p->send_buf);
+    nm_free(p->send_req);
+    nm_free(p->plan);
     nm_free(p);
 }
 
@@ -172,113 +285,150 @@ typedef struct run {
     const nm_loss_options *opt;
     const nm_pipeline_hooks *hooks;
     nm_pipeline_times *times;
-    int stage, n_stages;
+    int rank, n_ranks;
 } run;
 
 static int64_t act_count(const nm_pipeline *p) { return p->B * p->T * p->D; }
 
-static int xfer(run *r, int send, void *buf, int peer, int tag, nm_error *err) {
+// Virtual stage c * PP + rank is the first or the last of the pipeline.
+static int first_stage(const run *r, int64_t chunk) { return r->rank == 0 && chunk == 0; }
+static int last_stage(const run *r, int64_t chunk) { return r->rank == r->n_ranks - 1 && chunk == r->p->v - 1; }
+// Tags name the receiving chunk and the micro-batch: 2 (c m + i) for an activation, + 1 for a
+// gradient (below EVAL_TAG: nm_pipeline_train checks).
+static int act_tag(const run *r, int64_t chunk, int64_t micro) { return (int)(2 * (chunk * r->m + micro)); }
+
+// A send buffer whose last send has finished, or a new one.
+static int send_buffer(nm_pipeline *p, int *slot, nm_error *err) {
+    for (int i = 0; i < p->n_send; i++) {
+        int done = 1;
+        if (nm_comm_test(&p->send_req[i], &done, err) != 0) return -1;
+        if (done) {
+            *slot = i;
+            return 0;
+        }
+    }
+    p->send_buf = nm_realloc(p->send_buf, (size_t)(p->n_send + 1) * sizeof(float *));
+    p->send_req = nm_realloc(p->send_req, (size_t)(p->n_send + 1) * sizeof(nm_comm_request));
+    memset(&p->send_req[p->n_send], 0, sizeof(nm_comm_request));
+    p->send_buf[p->n_send] = nm_model_ops(p->model)->alloc((size_t)act_count(p) * sizeof(float));
+    *slot = p->n_send++;
+    return 0;
+}
+
+// src (B, T, D) to peer, without waiting for it to be received.
+static int send_to(run *r, const float *src, int peer, int tag, nm_error *err) {
+    nm_pipeline *p = r->p;
     double t0 = now_s();
-    int rc = send ? nm_comm_send(r->p->pp, buf, act_count(r->p), NM_DT_F32, peer, tag, err)
-                  : nm_comm_recv(r->p->pp, buf, act_count(r->p), NM_DT_F32, peer, tag, err);
+    int i;
+    if (send_buffer(p, &i, err) != 0) return -1;
+    int64_t n = act_count(p);
+    nm_model_ops(p->model)->copy_2d(p->send_buf[i], n, src, n, 1, n);
+    int rc = nm_comm_send_start(p->pp, p->send_buf[i], n, NM_DT_F32, peer, tag, &p->send_req[i], err);
     r->times->comm += now_s() - t0;
     return rc;
 }
 
-static int first_stage(const run *r) { return r->stage == 0; }
-static int last_stage(const run *r) { return r->stage == r->n_stages - 1; }
-
-static int recv_forward(run *r, int64_t i, nm_error *err) {
-    return first_stage(r) ? 0 : xfer(r, 0, r->p->recv_act, r->stage - 1, (int)(2 * i), err);
-}
-static int send_forward(run *r, int64_t i, nm_error *err) {
-    return last_stage(r) ? 0 : xfer(r, 1, (void *)nm_model_stage_output(r->p->model), r->stage + 1, (int)(2 * i), err);
-}
-static int recv_backward(run *r, int64_t i, nm_error *err) {
-    return last_stage(r) ? 0 : xfer(r, 0, r->p->recv_grad, r->stage + 1, (int)(2 * i + 1), err);
-}
-static int send_backward(run *r, int64_t i, nm_error *err) {
-    return first_stage(r) ? 0 : xfer(r, 1, (void *)nm_model_input_grad(r->p->model), r->stage - 1, (int)(2 * i + 1), err);
+static int recv_from(run *r, float *dst, int peer, int tag, nm_error *err) {
+    double t0 = now_s();
+    int rc = nm_comm_recv(r->p->pp, dst, act_count(r->p), NM_DT_F32, peer, tag, err);
+    r->times->comm += now_s() - t0;
+    return rc;
 }
 
-static int forward(run *r, int64_t i, nm_error *err) {
+// A chunk's micro-batches are in flight first in, first out, so micro % slots never names a
+// slot still holding one.
+static int select_slot(run *r, int64_t chunk, int64_t micro, nm_error *err) {
+    return nm_model_set_slot(r->p->model, chunk * r->slots + micro % r->slots, err);
+}
+
+// Micro-batch i's forward on chunk c: its input from the previous stage (rank - 1, or the last
+// rank's previous chunk), its output to the next.
+static int forward(run *r, int64_t c, int64_t i, nm_error *err) {
     nm_pipeline *p = r->p;
+    int prev = (r->rank + r->n_ranks - 1) % r->n_ranks, next = (r->rank + 1) % r->n_ranks;
+    if (!first_stage(r, c) && recv_from(r, p->recv_act, prev, act_tag(r, c, i), err) != 0) return -1;
     double t0 = now_s();
     nm_loss_terms lt;
-    if (nm_model_set_slot(p->model, i % r->slots, err) != 0) return -1;
-    if (nm_model_forward_stage(p->model, r->tokens + i * p->B * p->T, first_stage(r) ? NULL : p->recv_act, p->B, p->T,
-                               r->opt, &lt, NULL, err) != 0)
-        return nm_error_prefix(err, "pipeline stage %d, micro-batch %lld", r->stage, (long long)i);
+    if (select_slot(r, c, i, err) != 0) return -1;
+    if (nm_model_forward_stage(p->model, r->tokens + i * p->B * p->T, first_stage(r, c) ? NULL : p->recv_act, p->B,
+                               p->T, r->opt, &lt, NULL, err) != 0)
+        return nm_error_prefix(err, "pipeline stage %lld, micro-batch %lld", (long long)(c * r->n_ranks + r->rank),
+                               (long long)i);
     r->times->forward += now_s() - t0;
-    return r->hooks && r->hooks->after_forward ? r->hooks->after_forward(r->hooks->ctx, i, &lt, err) : 0;
+    if (r->hooks && r->hooks->after_forward && r->hooks->after_forward(r->hooks->ctx, i, &lt, err) != 0) return -1;
+    if (last_stage(r, c)) return 0;
+    int64_t to_chunk = r->rank == r->n_ranks - 1 ? c + 1 : c;
+    return send_to(r, nm_model_stage_output(p->model), next, act_tag(r, to_chunk, i), err);
 }
 
-static int backward(run *r, int64_t i, nm_error *err) {
+// Micro-batch i's backward on chunk c: the gradient of its output from the next stage, the
+// gradient of its input to the previous one.
+static int backward(run *r, int64_t c, int64_t i, nm_error *err) {
     nm_pipeline *p = r->p;
-    if (r->hooks && r->hooks->before_backward && r->hooks->before_backward(r->hooks->ctx, i, err) != 0) return -1;
+    int prev = (r->rank + r->n_ranks - 1) % r->n_ranks, next = (r->rank + 1) % r->n_ranks;
+    if (!last_stage(r, c) && recv_from(r, p->recv_grad, next, act_tag(r, c, i) + 1, err) != 0) return -1;
+    if (r->hooks && r->hooks->before_backward && r->hooks->before_backward(r->hooks->ctx, i, c, err) != 0) return -1;
     double t0 = now_s();
-    if (nm_model_set_slot(p->model, i % r->slots, err) != 0) return -1;
-    if (nm_model_backward_stage(p->model, last_stage(r) ? NULL : p->recv_grad, err) != 0)
-        return nm_error_prefix(err, "pipeline stage %d, micro-batch %lld", r->stage, (long long)i);
+    if (select_slot(r, c, i, err) != 0) return -1;
+    if (nm_model_backward_stage(p->model, last_stage(r, c) ? NULL : p->recv_grad, err) != 0)
+        return nm_error_prefix(err, "pipeline stage %lld, micro-batch %lld", (long long)(c * r->n_ranks + r->rank),
+                               (long long)i);
     r->times->backward += now_s() - t0;
-    return 0;
+    if (r->hooks && r->hooks->after_backward && r->hooks->after_backward(r->hooks->ctx, i, c, err) != 0) return -1;
+    if (first_stage(r, c)) return 0;
+    int64_t to_chunk = r->rank == 0 ? c - 1 : c;
+    return send_to(r, nm_model_input_grad(p->model), prev, act_tag(r, to_chunk, i) + 1, err);
 }
 
 int nm_pipeline_train(nm_pipeline *p, const int32_t *tokens, int64_t m, const nm_loss_options *opt,
                       const nm_pipeline_hooks *hooks, nm_pipeline_times *times, nm_error *err) {
     memset(times, 0, sizeof(*times));
-    if (2 * m + 1 >= EVAL_TAG)
-        return nm_error_set(err, "pipeline: %lld micro-batches per step exceed the message tags (at most %d)",
-                            (long long)m, EVAL_TAG / 2 - 1);
+    if (2 * p->v * m + 1 >= EVAL_TAG)
+        return nm_error_set(err, "pipeline: %lld micro-batches x %lld virtual stages per step exceed the message tags "
+                                 "(at most %d)", (long long)m, (long long)p->v, EVAL_TAG / 2 - 1);
     run r = {.p = p, .tokens = tokens, .m = m, .opt = opt, .hooks = hooks, .times = times,
-             .stage = p->pp->rank, .n_stages = p->pp->size};
-    r.slots = nm_pipeline_slots(r.n_stages, r.stage, m);
-    int64_t warm = r.n_stages - r.stage - 1;
-    if (warm > m) warm = m;
-    int64_t rest = m - warm;
+             .rank = p->pp->rank, .n_ranks = p->pp->size};
+    if (nm_pipeline_check_micro_batches(r.n_ranks, p->v, m, err) != 0) return -1;
+    r.slots = nm_model_slots_per_chunk(p->model);
+    if (p->plan_m != m) {  // the schedule of m micro-batches, made once (a step allocates nothing)
+        int64_t need = nm_pipeline_slots(r.n_ranks, p->v, r.rank, m);
+        if (r.slots < need)
+            return nm_error_set(err, "pipeline: %lld micro-batches need %lld activation sets per chunk, the model has "
+                                     "%lld", (long long)m, (long long)need, (long long)r.slots);
+        p->plan = nm_realloc(p->plan, (size_t)(2 * p->v * m) * sizeof(*p->plan));
+        nm_pipeline_schedule(p->plan, r.n_ranks, p->v, r.rank, m);
+        p->plan_m = m;
+    }
+    const int64_t n = 2 * p->v * m;
+    const nm_pipeline_action *plan = p->plan;
     double t0 = now_s();
-#define TRY(x) \
-    do { if ((x) != 0) return -1; } while (0)
-    for (int64_t i = 0; i < warm; i++) {
-        TRY(recv_forward(&r, i, err));
-        TRY(forward(&r, i, err));
-        TRY(send_forward(&r, i, err));
-    }
-    if (rest > 0) TRY(recv_forward(&r, warm, err));
-    for (int64_t j = 0; j < rest; j++) {
-        int64_t fi = warm + j;
-        TRY(forward(&r, fi, err));
-        // send_forward_recv_backward with the next stage: the lower stage sends first
-        TRY(send_forward(&r, fi, err));
-        TRY(recv_backward(&r, j, err));
-        TRY(backward(&r, j, err));
-        if (j == rest - 1) {
-            TRY(send_backward(&r, j, err));
-        } else {
-            // send_backward_recv_forward with the previous stage: the higher stage receives first
-            TRY(recv_forward(&r, fi + 1, err));
-            TRY(send_backward(&r, j, err));
-        }
-    }
-    for (int64_t j = rest; j < m; j++) {
-        TRY(recv_backward(&r, j, err));
-        TRY(backward(&r, j, err));
-        TRY(send_backward(&r, j, err));
-    }
-#undef TRY
+    int rc = 0;
+    for (int64_t k = 0; rc == 0 && k < n; k++)
+        rc = plan[k].backward ? backward(&r, plan[k].chunk, plan[k].micro, err)
+                              : forward(&r, plan[k].chunk, plan[k].micro, err);
+    // Every send has been received once the neighbours' schedules are done with them.
+    double tw = now_s();
+    for (int i = 0; rc == 0 && i < p->n_send; i++) rc = nm_comm_wait(&p->send_req[i], err);
+    times->comm += now_s() - tw;
     times->total = now_s() - t0;
-    return 0;
+    return rc;
 }
 
 int nm_pipeline_forward(nm_pipeline *p, const int32_t *tokens, const nm_loss_options *opt, nm_loss_terms *loss,
                         nm_error *err) {
     int s = p->pp->rank, S = p->pp->size;
-    if (s > 0 && nm_comm_recv(p->pp, p->recv_act, act_count(p), NM_DT_F32, s - 1, EVAL_TAG, err) != 0) return -1;
-    if (nm_model_set_slot(p->model, 0, err) != 0) return -1;
-    if (nm_model_forward_stage(p->model, tokens, s > 0 ? p->recv_act : NULL, p->B, p->T, opt, loss, NULL, err) != 0)
-        return -1;
-    if (s < S - 1 &&
-        nm_comm_send(p->pp, nm_model_stage_output(p->model), act_count(p), NM_DT_F32, s + 1, EVAL_TAG, err) != 0)
-        return -1;
+    int prev = (s + S - 1) % S, next = (s + 1) % S;
+    for (int64_t c = 0; c < p->v; c++) {
+        int first = s == 0 && c == 0, last = s == S - 1 && c == p->v - 1;
+        if (!first && nm_comm_recv(p->pp, p->recv_act, act_count(p), NM_DT_F32, prev, EVAL_TAG + (int)c, err) != 0)
+            return -1;
+        if (nm_model_set_slot(p->model, c * nm_model_slots_per_chunk(p->model), err) != 0) return -1;
+        if (nm_model_forward_stage(p->model, tokens, first ? NULL : p->recv_act, p->B, p->T, opt, loss, NULL, err) != 0)
+            return -1;
+        int64_t to_chunk = s == S - 1 ? c + 1 : c;
+        if (!last && nm_comm_send(p->pp, nm_model_stage_output(p->model), act_count(p), NM_DT_F32, next,
+                                  EVAL_TAG + (int)to_chunk, err) != 0)
+            return -1;
+    }
     return 0;
 }

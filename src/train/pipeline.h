@@ -9,13 +9,25 @@
 //
 // Schedule (Megatron-Core's forward_backward_pipelining_without_interleaving): stage s of PP
 // runs min(PP - s - 1, m) warm-up forwards, then one forward and one backward at a time, then
-// the remaining backwards. Activations (micro, T, D) go to the next stage, their gradients
-// back to the previous one, with the communicator's blocking send/recv; tag 2i is micro-batch
-// i's activation, 2i + 1 its gradient. Where a step sends to and receives from the same
-// neighbour, the lower stage of the pair sends first and the higher one receives first, so
-// the two blocking calls of each pair meet in the same order on both sides (no deadlock
-// whatever the MPI eager limit). At most min(PP - s, m) micro-batches are in flight at stage
-// s: the model holds that many activation sets (nm_model_options.act_slots).
+// the remaining backwards. At most min(PP - s, m) micro-batches are in flight at stage s: the
+// model holds that many activation sets (nm_model_options.act_slots).
+//
+// Interleaved (virtual stages, Megatron-Core's forward_backward_pipelining_with_interleaving):
+// with `virtual_pipeline_model_parallel_size` v, the layers are cut into PP x v stages and rank
+// r holds stages r, r + PP, ..., r + (v-1) PP (its model chunks 0 .. v-1; the layout string
+// then has PP x v stages). The m micro-batches go through in groups of PP: chunk 0 forwards
+// micro-batches 0 .. PP-1, then chunk 1 the same ones, ..., then the next group; backwards
+// mirror it from chunk v-1 down. Rank r runs (PP - r - 1) x 2 + (v - 1) x PP warm-up
+// forwards, then one forward and one backward at a time. The bubble falls from
+// (PP-1)/(m+PP-1) to (PP-1)/(v m + PP-1); m must be a multiple of PP.
+//
+// Every chunk's backwards run in micro-batch order, as one process accumulates them, so the
+// gradients are the same sums in the same order whatever v is. Activations (micro, T, D) go to
+// the next stage (rank r + 1, or rank 0's next chunk from the last rank), their gradients back:
+// sends are non-blocking (a copy in a send buffer, nm_comm_send_start), receives blocking and
+// tagged by chunk and micro-batch, so a rank never waits on its own sends and no order of two
+// neighbours' calls deadlocks (nm_pipeline_schedule's order is checked for that by
+// tests/test_pipeline_schedule.c over many shapes).
 #pragma once
 
 #include <stdint.h>
@@ -24,19 +36,38 @@
 #include "comm/comm.h"
 #include "model/model.h"
 
-// The stage layout for pp stages: layout NULL or "" splits the L decoder layers evenly (L
-// divisible by pp). Fills stages (pp). A bad layout is an error naming the key and value.
-int nm_pipeline_layout(nm_model_stage *stages, int64_t pp, const char *layout, const nm_model_config *cfg,
+// The stage layout for pp x v stages (v virtual stages per rank, 1 without interleaving): layout
+// NULL or "" splits the L decoder layers evenly (L divisible by pp x v). Fills stages (pp x v),
+// in pipeline order. A bad layout is an error naming the key and value.
+int nm_pipeline_layout(nm_model_stage *stages, int64_t pp, int64_t v, const char *layout, const nm_model_config *cfg,
                        nm_error *err);
+// The virtual stages per rank: `vpp` (the config's virtual_pipeline_model_parallel_size; 0:
+// unset) or, when unset, the layout's stage count / pp (1 without a layout). An error names
+// the keys when they disagree or pp does not divide the layout's stages.
+int nm_pipeline_virtual_size(int64_t pp, int64_t vpp, const char *layout, int64_t *v, nm_error *err);
+// Rank r's chunks of stages (pp x v, pipeline order): out[c] = stages[c * pp + r].
+void nm_pipeline_rank_chunks(const nm_model_stage *stages, int64_t pp, int64_t v, int64_t rank, nm_model_stage *out);
+// Checks that m micro-batches suit the schedule (v > 1: m a multiple of pp).
+int nm_pipeline_check_micro_batches(int64_t pp, int64_t v, int64_t m, nm_error *err);
+
+// One step of a rank's schedule: the forward or backward of micro-batch `micro` on `chunk`.
+typedef struct nm_pipeline_action {
+    int backward;
+    int64_t chunk, micro;
+} nm_pipeline_action;
+// Rank `rank`'s 2 x v x m actions in order (out holds 2 v m).
+void nm_pipeline_schedule(nm_pipeline_action *out, int64_t pp, int64_t v, int64_t rank, int64_t m);
+// Activation sets per chunk rank `rank` needs: the most micro-batches of one chunk in flight.
+int64_t nm_pipeline_slots(int64_t pp, int64_t v, int64_t rank, int64_t m);
 // "E t t | t t m L" style description of stage s, for the banner.
 void nm_pipeline_describe_stage(const nm_model_stage *s, const nm_model_config *cfg, char *buf, size_t cap);
-// Activation sets stage `stage` of pp needs for m micro-batches under 1F1B.
-int64_t nm_pipeline_slots(int64_t pp, int64_t stage, int64_t m);
 
-// Called by the schedule around micro-batch i's forward and backward (may be NULL).
+// Called by the schedule around micro-batch i's forward and backward on a chunk (may be NULL).
+// The gradients of a chunk's layers are final after its backward of the last micro-batch.
 typedef struct nm_pipeline_hooks {
     int (*after_forward)(void *ctx, int64_t micro, const nm_loss_terms *lt, nm_error *err);
-    int (*before_backward)(void *ctx, int64_t micro, nm_error *err);
+    int (*before_backward)(void *ctx, int64_t micro, int64_t chunk, nm_error *err);
+    int (*after_backward)(void *ctx, int64_t micro, int64_t chunk, nm_error *err);
     void *ctx;
 } nm_pipeline_hooks;
 
@@ -49,16 +80,26 @@ typedef struct nm_pipeline_times {
 
 typedef struct nm_pipeline {
     nm_comm *pp;                // borrowed: rank = stage
-    nm_model *model;            // borrowed, created with this stage and nm_pipeline_slots slots
+    nm_model *model;            // borrowed, created with this rank's v chunks and nm_pipeline_slots slots
+    int64_t v;                  // virtual stages (model chunks) per rank
     int64_t B, T, D;
     float *recv_act;            // (B, T, D) the previous stage's output
     float *recv_grad;           // (B, T, D) the next stage's gradient
+    // Send buffers, each (B, T, D), with the send that uses it: a buffer is reused once its send
+    // has finished, and one more is added when none has (a step adds none after the first).
+    float **send_buf;
+    nm_comm_request *send_req;
+    int n_send;
+    nm_pipeline_action *plan;   // (2 v plan_m) this rank's schedule for plan_m micro-batches
+    int64_t plan_m;
 } nm_pipeline;
 
-int nm_pipeline_create(nm_pipeline **out, nm_comm *pp, nm_model *model, int64_t B, int64_t T, nm_error *err);
+int nm_pipeline_create(nm_pipeline **out, nm_comm *pp, nm_model *model, int64_t v, int64_t B, int64_t T,
+                       nm_error *err);
 void nm_pipeline_destroy(nm_pipeline *p);
 
-// One global batch's m micro-batches through forward and backward under 1F1B: tokens holds
+// One global batch's m micro-batches through forward and backward under 1F1B (interleaved with
+// v > 1): tokens holds
 // micro-batch i at tokens + i * B * T (every stage reads the same ones). Gradients accumulate
 // into the model's grads.
 int nm_pipeline_train(nm_pipeline *p, const int32_t *tokens, int64_t m, const nm_loss_options *opt,

@@ -10,9 +10,13 @@
 #include "train/pipeline.h"
 #include "train/zero.h"
 
-// Whether stage st runs layer l (its decoder layers; the MTP layers on the last stage).
-static int stage_runs(const nm_model_config *c, const nm_model_stage *st, int64_t l) {
-    return nm_layer_is_mtp(c, l) ? st->last : l >= st->layer_begin && l < st->layer_end;
+// Whether a rank with chunks st[0..v) runs layer l (their decoder layers; the MTP layers with
+// the last stage). v is 1 without the interleaved schedule.
+static int stage_runs(const nm_model_config *c, const nm_model_stage *st, int64_t v, int64_t l) {
+    if (nm_layer_is_mtp(c, l)) return st[v - 1].last;
+    for (int64_t k = 0; k < v; k++)
+        if (l >= st[k].layer_begin && l < st[k].layer_end) return 1;
+    return 0;
 }
 
 static int64_t rows_of_layer(const nm_model_config *c, const nm_plan_request *r, int64_t l) {
@@ -33,7 +37,7 @@ static int64_t rows_of_layer(const nm_model_config *c, const nm_plan_request *r,
 // fp8 runs send the activations as e4m3 codes plus one fp32 scale per 1 x 128 tile
 // (D + 4 ceil(D/128) bytes a row) and everything else as bf16.
 static int64_t all_to_all_job_bytes(const nm_model_config *c, const nm_plan_request *r, int64_t accum,
-                                    const nm_model_stage *st) {
+                                    const nm_model_stage *st, int64_t v) {
     if (r->ep <= 1 || c->E == 0) return 0;
     int64_t phases = r->recompute ? 6 : 4, count_rounds = r->recompute ? 2 : 1, total = 0, W = r->world / r->pp;
     int sp = r->tp > 1 && r->sequence_parallel;
@@ -41,7 +45,7 @@ static int64_t all_to_all_job_bytes(const nm_model_config *c, const nm_plan_requ
     if (sp) routed_max = (routed_max + r->tp - 1) / r->tp;
     int64_t C = nm_moe_receive_rows(c, routed_max, r->ep, r->moe_receive_capacity);
     for (int64_t l = 0; l < c->n_layers; l++) {
-        if (!nm_layer_is_moe(c, l) || (st && !stage_runs(c, st, l))) continue;
+        if (!nm_layer_is_moe(c, l) || (st && !stage_runs(c, st, v, l))) continue;
         int64_t routed_least = sp ? rows_of_layer(c, r, l) / r->tp : rows_of_layer(c, r, l);
         const int64_t D = c->D, extra = routed_least * c->K > C;
         const int fp8 = r->precision == NM_PRECISION_FP8, fp32 = r->precision == NM_PRECISION_FP32;
@@ -55,18 +59,19 @@ static int64_t all_to_all_job_bytes(const nm_model_config *c, const nm_plan_requ
     return accum * total;
 }
 
-// The tp group's bytes per step on stage st (docs/parallelism.md, "Traffic"): a reduce-scatter
+// The tp group's bytes per step on a rank with stages st[0..v) (docs/parallelism.md, "Traffic"): a reduce-scatter
 // or all-gather counts its whole (N, width) buffer, N = micro x (seq_len + 1) rows in a decoder
 // block and micro x (seq_len + 1 - k) in MTP depth k; recomputation repeats each block's
 // forward collectives. "FFN" is a dense block or a MoE block with shared experts.
 static void tp_bytes(const nm_model_config *c, const nm_plan_request *r, int64_t accum, const nm_model_stage *st,
-                     nm_plan_comm *out) {
+                     int64_t v, nm_plan_comm *out) {
+    const int first = st[0].first, last = st[v - 1].last;
     if (r->tp <= 1) return;
     int sp = r->sequence_parallel, fwd = r->recompute ? 2 : 1;
     int64_t D = c->D, T = r->seq_len + 1, mb = r->micro_batch;
     int64_t ar = 0, rs = 0, ag = 0, ar_bytes = 0, n_moe = 0, n_blocks = 0;  // floats, except ar_bytes
     for (int64_t l = 0; l < c->n_layers; l++) {
-        if (!stage_runs(c, st, l)) continue;
+        if (!stage_runs(c, st, v, l)) continue;
         int64_t N = rows_of_layer(c, r, l);
         int moe = nm_layer_is_moe(c, l), ffn = !moe || c->Fs > 0;
         n_moe += moe;
@@ -82,7 +87,7 @@ static void tp_bytes(const nm_model_config *c, const nm_plan_request *r, int64_t
     }
     for (int64_t k = 0; k <= c->M; k++) {  // the main embedding and head, then each MTP depth's
         int64_t N = mb * (T - k);
-        int emb_here = k == 0 ? st->first : st->last, head_here = st->last;
+        int emb_here = k == 0 ? first : last, head_here = last;
         if (sp) {
             if (emb_here) rs += N * D, ag += N * D;    // the embedding; d(embedding output)
             if (head_here) rs += N * D, ag += N * D;   // the head's input; d(hidden)
@@ -98,8 +103,8 @@ static void tp_bytes(const nm_model_config *c, const nm_plan_request *r, int64_t
         ar_bytes += 8 * n_moe * c->E;  // expert counts: each tp rank routed its own tokens
         // once per step, the gradients computed on each rank's tokens: the residual-stream
         // norms, the final norm, each depth's enorm / hnorm / head norm, the routers, eh_proj
-        int64_t norms = 2 * n_blocks + (st->last ? 1 + 3 * c->M : 0);
-        per_step = 4 * (norms * D + n_moe * c->E * D + (st->last ? c->M * 2 * D * D : 0));
+        int64_t norms = 2 * n_blocks + (last ? 1 + 3 * c->M : 0);
+        per_step = 4 * (norms * D + n_moe * c->E * D + (last ? c->M * 2 * D * D : 0));
     }
     out->tp_all_reduce = accum * (4 * ar + ar_bytes) + per_step;
     out->tp_reduce_scatter = accum * 4 * rs;
@@ -164,19 +169,22 @@ static void largest_shard(nm_plan_stage *s, const nm_param_table *t, const nm_ze
     }
 }
 
-static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, const nm_model_config *cfg,
+// Pipeline rank si, holding the stages st[0..v) (v > 1: the interleaved schedule's chunks).
+static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t v, const nm_model_config *cfg,
                        const nm_plan_request *r, nm_error *err) {
     nm_plan_stage *s = &p->stages[si];
+    const int first = st[0].first, last = st[v - 1].last;
     int rc = -1;
     nm_param_table table = {0};
     nm_comm *ep = nm_comm_shape(0, (int)p->n.ep, "ep"), *tp = nm_comm_shape(0, (int)p->n.tp, "tp");
     int sp = p->n.tp > 1 && r->sequence_parallel;
     if (nm_param_table_build_tp(&table, cfg, 0, p->n.ep, 0, p->n.tp, r->vocab_multiple, err) != 0) goto done;
-    if (p->n.pp > 1 && nm_param_table_restrict_stage(&table, cfg, st, err) != 0) goto done;
-    s->first_layer = st->layer_begin;
-    s->n_layers = st->layer_end - st->layer_begin;
-    s->first = st->first;
-    s->last = st->last;
+    if (p->n.pp > 1 && nm_param_table_restrict_chunks(&table, cfg, st, v, err) != 0) goto done;
+    s->first_layer = st[0].layer_begin;
+    s->n_layers = 0;
+    for (int64_t k = 0; k < v; k++) s->n_layers += st[k].layer_end - st[k].layer_begin;
+    s->first = first;
+    s->last = last;
     s->params_bytes = (int64_t)table.n_floats * 4;
     s->grads_bytes = s->params_bytes;
     // 2 bytes per parameter: bf16 storage, as a GPU or an AMX CPU keeps it; the CPU "widen"
@@ -212,10 +220,10 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, const n
         nm_comm_destroy(edp);
         if (zrc != 0) goto done;
     }
-    s->in_flight = p->n.pp > 1 ? nm_pipeline_slots(p->n.pp, si, p->accum) : 1;
+    s->in_flight = p->n.pp > 1 ? nm_pipeline_slots(p->n.pp, v, si, p->accum) : 1;
     nm_model_options mo = {.recompute = r->recompute, .ep = ep, .tp = tp, .sequence_parallel = sp,
                            .vocab_multiple = r->vocab_multiple, .stage = p->n.pp > 1 ? st : NULL,
-                           .act_slots = s->in_flight, .moe_receive_capacity = r->moe_receive_capacity,
+                           .n_chunks = p->n.pp > 1 ? v : 1, .act_slots = s->in_flight, .moe_receive_capacity = r->moe_receive_capacity,
                            .precision = r->precision, .recompute_mla_up_proj = r->recompute_mla_up_proj,
                            .recompute_moe_act = r->recompute_moe_act};
     int64_t T = r->seq_len + 1;  // the trainer's rows: seq_len inputs and the last target
@@ -223,7 +231,8 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, const n
     if (nm_model_estimate_activation_bytes_ex(cfg, r->micro_batch, T, &mo, &act, err) != 0) goto done;
     s->activation_bytes = (int64_t)act;
     int64_t n_moe = 0;
-    for (int64_t l = 0; l < cfg->n_layers; l++) n_moe += stage_runs(cfg, st, l) && nm_layer_is_moe(cfg, l);
+    for (int64_t l = 0; l < cfg->n_layers; l++) n_moe += stage_runs(cfg, st, v, l) && nm_layer_is_moe(cfg, l);
+    s->n_moe_layers = n_moe;
     if (p->n.ep > 1 && cfg->E > 0 && n_moe > 0) {
         // The buffers sized by the receive capacity C: per MoE layer and activation set (once
         // with recomputation) x_loc (D), e_gate_up (2Fe) and e_act (Fe); once, the backward's
@@ -231,22 +240,24 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, const n
         int64_t rows = r->micro_batch * T;
         if (sp) rows = (rows + p->n.tp - 1) / p->n.tp;
         int64_t C = nm_moe_receive_rows(cfg, rows, p->n.ep, r->moe_receive_capacity);
-        int64_t sets = r->recompute ? 1 : n_moe * s->in_flight;
+        int64_t sets = r->recompute ? 1 : n_moe * s->in_flight;  // every chunk's slots hold its own layers
         s->ep_receive_rows = C;
         s->ep_buffer_bytes = (sets * (cfg->D + 3 * cfg->Fe) + 3 * cfg->D + 3 * cfg->Fe) * C * 4;
     }
     s->total_bytes = s->params_bytes + s->grads_bytes + s->bf16_copy_bytes + s->optimizer_bytes + s->activation_bytes;
     if (p->n.world > 1) s->comm.dp_all_reduce = 5 * 8 + n_moe * cfg->E * 8;  // loss terms and finiteness, expert loads
-    tp_bytes(cfg, r, p->accum, st, &s->comm);
+    tp_bytes(cfg, r, p->accum, st, v, &s->comm);
     // the stage's share of the all-to-all (its MoE layers over its W/PP ranks) and of the FLOPs
-    s->comm.ep_all_to_all = all_to_all_job_bytes(cfg, r, p->accum, st) / (p->n.world / p->n.pp);
-    double per_token = st->last ? (double)(1 + cfg->M) * nm_model_head_flops_per_token(cfg) : 0.0;
+    s->comm.ep_all_to_all = all_to_all_job_bytes(cfg, r, p->accum, st, v) / (p->n.world / p->n.pp);
+    double per_token = last ? (double)(1 + cfg->M) * nm_model_head_flops_per_token(cfg) : 0.0;
     for (int64_t l = 0; l < cfg->n_layers; l++)
-        if (stage_runs(cfg, st, l)) per_token += nm_model_layer_flops_per_token(cfg, l, r->seq_len);
+        if (stage_runs(cfg, st, v, l)) per_token += nm_model_layer_flops_per_token(cfg, l, r->seq_len);
     s->flops_per_step_rank = per_token * (double)(r->global_batch * r->seq_len) / (double)(p->n.dp * p->n.tp);
     if (p->n.pp > 1) {
-        int64_t act_bytes = p->accum * r->micro_batch * T * cfg->D * 4;  // one (micro, T, D) buffer per micro-batch
-        s->comm.pp_send = (st->last ? 0 : act_bytes) + (st->first ? 0 : act_bytes);
+        // one (micro, T, D) buffer per micro-batch and chunk: its output forward, but from the
+        // last stage, and its input's gradient back, but from the first
+        int64_t act_bytes = p->accum * r->micro_batch * T * cfg->D * 4;
+        s->comm.pp_send = (v - last) * act_bytes + (v - first) * act_bytes;
         s->comm.pp_recv = s->comm.pp_send;
     }
     rc = 0;
@@ -268,17 +279,27 @@ int nm_plan_compute(nm_plan *p, const nm_model_config *cfg, const nm_plan_reques
                                  "parallelism (the trainer refuses it without)", (long long)r->tp, (long long)r->ep);
     p->accum = r->global_batch / (r->micro_batch * p->n.dp);
     p->n_stages = p->n.pp;
-    nm_model_stage *stages = nm_calloc((size_t)p->n_stages, sizeof(nm_model_stage));
+    int64_t v = 1;
+    int rc = nm_pipeline_virtual_size(p->n.pp, r->virtual_pipeline_size, r->pipeline_layout, &v, err);
+    if (rc == 0) rc = nm_pipeline_check_micro_batches(p->n.pp, v, p->accum, err);
+    if (rc != 0) return -1;
+    p->vpp = v;
+    nm_model_stage *stages = nm_calloc((size_t)(p->n_stages * v), sizeof(nm_model_stage));
+    nm_model_stage *chunks = nm_calloc((size_t)v, sizeof(nm_model_stage));
     p->stages = nm_calloc((size_t)p->n_stages, sizeof(nm_plan_stage));
-    int rc = nm_pipeline_layout(stages, p->n.pp, r->pipeline_layout, cfg, err);
-    for (int64_t s = 0; rc == 0 && s < p->n_stages; s++) rc = stage_sizes(p, s, &stages[s], cfg, r, err);
+    rc = nm_pipeline_layout(stages, p->n.pp, v, r->pipeline_layout, cfg, err);
+    for (int64_t s = 0; rc == 0 && s < p->n_stages; s++) {
+        nm_pipeline_rank_chunks(stages, p->n.pp, v, s, chunks);
+        rc = stage_sizes(p, s, chunks, v, cfg, r, err);
+    }
+    nm_free(chunks);
     nm_free(stages);
     if (rc != 0) {
         nm_plan_free(p);
         return -1;
     }
     p->comm = p->stages[0].comm;
-    p->comm.ep_all_to_all_job = all_to_all_job_bytes(cfg, r, p->accum, NULL);
+    p->comm.ep_all_to_all_job = all_to_all_job_bytes(cfg, r, p->accum, NULL, 1);
     p->comm.ep_all_to_all = p->comm.ep_all_to_all_job / p->n.world;
     p->flops_per_step_rank = nm_model_flops_per_token(cfg, r->seq_len) * (double)(r->global_batch * r->seq_len) /
                              (double)p->n.world;

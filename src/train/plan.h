@@ -33,6 +33,7 @@ typedef struct nm_plan_request {
     double moe_receive_capacity; // the EP receive side per round, x the mean rows (0: the default)
     int exp_avg_bf16, exp_avg_sq_bf16; // AdamW m / v stored in bf16 (optimizer.exp_avg_dtype, ...)
     const char *pipeline_layout; // pipeline_model_parallel_layout (NULL or "": the even split)
+    int64_t virtual_pipeline_size; // virtual_pipeline_model_parallel_size (0: from the layout, else 1)
     double flops;               // FLOP/s per rank for the compute time (0: not estimated)
     // The time model (plan_time.c): bytes/s per rank between ranks on one node and on two, the
     // latency of one message on each, and the ranks a node holds (the mesh's order fills nodes
@@ -69,7 +70,9 @@ typedef struct nm_plan_comm {
 // (the distributed optimizer's equal ranges, within one NM_PARAM_ALIGN per piece), given for
 // the rank with the largest one, the first rank and the mean.
 typedef struct nm_plan_stage {
-    int64_t first_layer, n_layers;  // decoder layers [first, first + n); the last stage also runs the MTP layers
+    int64_t first_layer, n_layers;  // decoder layers: n from first_layer on (in v chunks under the
+                                    // interleaved schedule); the last stage also runs the MTP layers
+    int64_t n_moe_layers;           // MoE blocks the rank runs (MTP ones included)
     int first, last;                // holds the embedding / the final norm, head, MTP layers and losses
     int64_t params_bytes;           // fp32 master weights (the parameter buffer)
     int64_t grads_bytes;            // fp32 gradients
@@ -79,7 +82,8 @@ typedef struct nm_plan_stage {
     int64_t optimizer_mean_bytes;   // the mean over the stage's ranks
     int64_t activation_bytes;       // the arena: one activation set per micro-batch in flight, and the
                                     // backward scratch they share
-    int64_t in_flight;              // micro-batches whose activations the stage holds at its peak (1F1B)
+    int64_t in_flight;              // micro-batches whose activations the stage holds at its peak (1F1B;
+                                    // per chunk under the interleaved schedule)
     int64_t ep_receive_rows;        // C: rows a rank's experts receive per round of the EP exchange
     int64_t ep_buffer_bytes;        // part of activation_bytes: the buffers sized by C
     int64_t total_bytes;            // params + grads + bf16 copy + optimizer + activations
@@ -92,7 +96,8 @@ typedef struct nm_plan_stage {
 typedef struct nm_plan {
     nm_mesh_sizes n;
     int64_t accum;                  // micro-batches per step per data-parallel rank
-    int64_t n_stages;
+    int64_t n_stages;               // pipeline ranks
+    int64_t vpp;                    // virtual stages (model chunks) per pipeline rank
     nm_plan_stage *stages;          // (n_stages)
     nm_plan_comm comm;              // stage 0's (what rank 0's metrics.jsonl counts), with the job's all-to-all
     double flops_per_step_rank;     // training FLOPs per rank and step (the job's / world)

@@ -17,7 +17,8 @@
 //    their K experts without merging rows bound for one node, so node-limited routing
 //    (topk_group) bounds which nodes a token reaches but not the bytes that cross;
 //  - the pipeline: the stage's time per micro-batch, the slowest stage setting the pace of
-//    accum + PP - 1 slots (1F1B); the gradient reduction after the last backward, its
+//    accum + PP - 1 slots (1F1B); with v virtual stages per rank a slot is a chunk's share,
+//    1/v of that time, and there are v accum + PP - 1 of them (interleaved 1F1B); the gradient reduction after the last backward, its
 //    reduce-scatter hidden behind the last micro-batch's backward with overlap_grad_reduce;
 //    with overlap_ep the all-to-all behind the stage's compute (a what-if: the trainer's is
 //    blocking); tensor-parallel and pipeline transfers are never hidden. The optimizer's own
@@ -82,10 +83,7 @@ static void stage_times(nm_plan *p, nm_plan_stage *s, const nm_model_config *cfg
     const nm_plan_comm *c = &s->comm;
     const int64_t TP = p->n.tp, DP = p->n.dp, EP = p->n.ep, accum = p->accum;
     const int fwd = r->recompute ? 2 : 1, sp = TP > 1 && r->sequence_parallel;
-    int64_t n_moe = 0;
-    for (int64_t l = 0; l < cfg->n_layers; l++)
-        n_moe += nm_layer_is_moe(cfg, l) && (nm_layer_is_mtp(cfg, l) ? s->last
-                                             : l >= s->first_layer && l < s->first_layer + s->n_layers);
+    const int64_t n_moe = s->n_moe_layers;
     const int64_t blocks = s->n_layers + (s->last ? cfg->M : 0);
     t->compute_s = s->flops_per_step_rank * (r->recompute ? 4.0 / 3.0 : 1.0) / r->flops;
     if (r->bw_intra > 0 && r->bw_inter > 0) {
@@ -128,8 +126,9 @@ void nm_plan_time_compute(nm_plan *p, const nm_model_config *cfg, const nm_plan_
         slot = fmax(slot, (t->busy_s - t->dp_exposed_s) / (double)p->accum);
         reduce = fmax(reduce, t->dp_exposed_s);
     }
-    p->bubble_fraction = p->n.pp > 1 ? (double)(p->n.pp - 1) / (double)(p->accum + p->n.pp - 1) : 0.0;
-    p->step_s = slot * (double)(p->accum + p->n.pp - 1) + reduce;
+    const double v = p->vpp > 1 ? (double)p->vpp : 1.0, m = (double)p->accum, pp = (double)p->n.pp;
+    p->bubble_fraction = p->n.pp > 1 ? (pp - 1) / (v * m + pp - 1) : 0.0;
+    p->step_s = slot / v * (v * m + pp - 1) + reduce;
     double tokens = (double)(r->global_batch * r->seq_len);
     p->tokens_per_s_rank = p->step_s > 0 ? tokens / p->step_s / (double)p->n.world : 0.0;
     p->mfu = p->step_s > 0 ? p->flops_per_step_rank / (p->step_s * r->flops) : 0.0;

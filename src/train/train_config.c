@@ -92,6 +92,9 @@ static const key_spec keys[] = {
      "pipeline stages (Megatron --pipeline-model-parallel-size)"},
     {"pipeline_model_parallel_layout", K_STRING, OFF(pipeline_layout), 0, "", 0, 0, 0, NULL, 0,
      "layers per stage, Megatron's form: \"Et|tt|tmL\" (E embedding, t layer, m MTP, L loss; '|' between stages); \"\": even split"},
+    {"virtual_pipeline_model_parallel_size", K_INT, OFF(virtual_pipeline_size), 0, NULL, 0, 32, 0, NULL, 0,
+     "model chunks per pipeline rank, the interleaved 1F1B schedule (Megatron "
+     "--num-virtual-stages-per-pipeline-rank); 0: the layout's stages / pipeline_parallel_size, or 1"},
     {"expert_parallel_size", K_INT, OFF(expert_parallel_size), 1, NULL, 1, 1 << 20, 0, NULL, 0,
      "ranks the routed experts are sharded over (Megatron --expert-model-parallel-size)"},
     {"exit_interval", K_INT, OFF(exit_interval), 0, NULL, 0, BIG, 0, NULL, 0,

@@ -183,14 +183,17 @@ static int create_layout(nm_trainer *t, nm_error *err) {
         nm_error_set(err, "tensor_parallel_size %lld: tensor parallelism is not implemented", (long long)ms.tp);
         return -1;
     }
-    t->stages = nm_calloc((size_t)ms.pp, sizeof(nm_model_stage));
-    if (nm_pipeline_layout(t->stages, ms.pp, cfg->pipeline_layout, &t->mcfg, err) != 0) return -1;
+    if (nm_pipeline_virtual_size(ms.pp, cfg->virtual_pipeline_size, cfg->pipeline_layout, &t->vpp, err) != 0)
+        return -1;
+    t->stages = nm_calloc((size_t)(ms.pp * t->vpp), sizeof(nm_model_stage));
+    if (nm_pipeline_layout(t->stages, ms.pp, t->vpp, cfg->pipeline_layout, &t->mcfg, err) != 0) return -1;
     if (ms.ep > 1 && !nm_model_supports_expert_parallel()) {
         nm_error_set(err, "expert_parallel_size %lld: expert parallelism is not implemented yet", (long long)ms.ep);
         return -1;
     }
     if (nm_mesh_create(&t->mesh, t->world, &ms, err) != 0) return -1;
     if (nm_train_config_accum_steps(cfg, ms.dp, &t->accum, err) != 0) return -1;
+    if (nm_pipeline_check_micro_batches(ms.pp, t->vpp, t->accum, err) != 0) return -1;
     t->T = cfg->seq_len + 1;
     return 0;
 }
@@ -207,9 +210,13 @@ static int create_model(nm_trainer *t, nm_error *err) {
                               .recompute_mla_up_proj = cfg->recompute_mla_up_proj,
                               .recompute_moe_act = cfg->recompute_moe_act};
     if (ms.pp > 1) {
-        // The stage's layers only, and one activation set per micro-batch in flight under 1F1B.
-        mopts.stage = &t->stages[t->mesh->pp_rank];
-        mopts.act_slots = nm_pipeline_slots(ms.pp, t->mesh->pp_rank, t->accum);
+        // The stage's layers only (its chunks' under the interleaved schedule), and one activation
+        // set per micro-batch in flight on each chunk.
+        t->chunks = nm_calloc((size_t)t->vpp, sizeof(nm_model_stage));
+        nm_pipeline_rank_chunks(t->stages, ms.pp, t->vpp, t->mesh->pp_rank, t->chunks);
+        mopts.stage = t->chunks;
+        mopts.n_chunks = t->vpp;
+        mopts.act_slots = nm_pipeline_slots(ms.pp, t->vpp, t->mesh->pp_rank, t->accum);
     }
     if (nm_train_check_memory(cfg, &t->mcfg, t->world->size, opts->recompute, t->mesh->pp_rank, err) != 0) return -1;
     if (!(t->ops = nm_ops_select(cfg->backend, err))) return -1;
@@ -223,7 +230,7 @@ static int create_model(nm_trainer *t, nm_error *err) {
         if (r->layer < 0 && !(r->flags & NM_TENSOR_TIED) && r->offset == table->embed) t->embed_copy_row = i;
     }
     if (ms.pp > 1) {
-        if (nm_pipeline_create(&t->pipe, t->mesh->pp, t->model, cfg->micro_batch, t->T, err) != 0) return -1;
+        if (nm_pipeline_create(&t->pipe, t->mesh->pp, t->model, t->vpp, cfg->micro_batch, t->T, err) != 0) return -1;
         // Megatron's embedding group: the first and the last stage of each pipeline (the last
         // holds a copy of the embedding for MTP or a tied head); every other rank alone.
         int pp = t->mesh->pp_rank, ends = pp == 0 || pp == ms.pp - 1;
@@ -245,7 +252,7 @@ static int create_model(nm_trainer *t, nm_error *err) {
         return -1;
     // ... of this stage's tensors under pipeline parallelism (rows in the shards' order)
     if (ms.tp > 1 && ms.pp > 1 &&
-        nm_param_table_restrict_stage(&t->full_table, &t->mcfg, &t->stages[t->mesh->pp_rank], err) != 0)
+        nm_param_table_restrict_chunks(&t->full_table, &t->mcfg, t->chunks, t->vpp, err) != 0)
         return -1;
     if (cfg->init_from && ms.tp > 1) {
         // The directory holds full tensors: load them, then cut this rank's shards out.
@@ -472,6 +479,7 @@ void nm_trainer_destroy(nm_trainer *t) {
     nm_pipeline_destroy(t->pipe);
     nm_comm_destroy(t->emb);
     nm_free(t->stages);
+    nm_free(t->chunks);
     nm_free(t->tokens_all);
     nm_free(t->pp_idle);
     nm_free(t->pp_keys);

@@ -56,7 +56,9 @@ struct nm_trainer {
     double comm_time_seen[5];   // their seconds inside collectives, all operations
     // pipeline parallelism (NULL / 0 without it)
     nm_pipeline *pipe;
-    nm_model_stage *stages;     // (pp) every stage's layers
+    nm_model_stage *stages;     // (pp x vpp) every stage's layers, in pipeline order
+    int64_t vpp;                // virtual stages (model chunks) per pipeline rank: 1, or interleaved
+    nm_model_stage *chunks;     // (vpp) this rank's: stages[c * pp + pp_rank]
     nm_comm *emb;               // embedding group: first and last stage of this pipeline (2 ranks), else 1
     int32_t *tokens_all;        // (accum, micro_batch, T) the step's micro-batches, read by every stage
     double *pp_idle;            // (pp) each stage's idle fraction of the last step

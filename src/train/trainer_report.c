@@ -95,18 +95,24 @@ void nm_trainer_banner(nm_trainer *t, const double *stage_mem) {
                (long long)t->zero->range_floats[1], (long long)t->zero->edp->size,
                table->rows[t->zero->widest_row].name, (long long)t->zero->widest_ranges);
     if (t->pipe) {
-        printf("pipeline %lld stages, 1F1B over %lld micro-batches (bubble (PP-1)/(m+PP-1) = %.3f):", (long long)ms.pp,
-               (long long)t->accum, (double)(ms.pp - 1) / (double)(t->accum + ms.pp - 1));
-        for (int64_t s = 0; s < ms.pp; s++) {
+        const int64_t v = t->vpp, m = t->accum;
+        if (v > 1)
+            printf("pipeline %lld stages on %lld ranks (%lld virtual stages each), interleaved 1F1B over %lld "
+                   "micro-batches (bubble (PP-1)/(v m+PP-1) = %.3f):", (long long)(ms.pp * v), (long long)ms.pp,
+                   (long long)v, (long long)m, (double)(ms.pp - 1) / (double)(v * m + ms.pp - 1));
+        else
+            printf("pipeline %lld stages, 1F1B over %lld micro-batches (bubble (PP-1)/(m+PP-1) = %.3f):",
+                   (long long)ms.pp, (long long)m, (double)(ms.pp - 1) / (double)(m + ms.pp - 1));
+        for (int64_t s = 0; s < ms.pp * v; s++) {
             char d[512];
             nm_pipeline_describe_stage(&t->stages[s], &t->mcfg, d, sizeof(d));
             printf("%s %s", s ? " |" : "", d);
         }
         printf("\n");
         for (int64_t s = 0; s < ms.pp; s++)
-            printf("stage %lld: params %.1f MiB, activations %.1f MiB (%lld micro-batches in flight)\n", (long long)s,
+            printf("stage %lld: params %.1f MiB, activations %.1f MiB (%lld micro-batches in flight%s)\n", (long long)s,
                    stage_mem[2 * s] / mib, stage_mem[2 * s + 1] / mib,
-                   (long long)nm_pipeline_slots(ms.pp, s, t->accum));
+                   (long long)nm_pipeline_slots(ms.pp, v, s, m), v > 1 ? " per chunk" : "");
     }
     printf("%s\n", t->kernels);
     const char *given = getenv("NM_PEAK_GFLOPS");
@@ -167,7 +173,8 @@ int nm_trainer_report_step(nm_trainer *t, const nm_step_metrics *m, int64_t ep_r
     if (t->pipe) {
         int64_t S = t->mesh->n.pp;
         for (int64_t s = 0; s < S; s++) kv[n++] = NM_METRIC_F(t->pp_keys[s], t->pp_idle[s]);
-        kv[n++] = NM_METRIC_F("pp_bubble_theory", (double)(S - 1) / (double)(t->accum + S - 1));
+        // (PP-1)/(v m + PP-1): 1F1B's with v = 1, the interleaved schedule's with v chunks a rank
+        kv[n++] = NM_METRIC_F("pp_bubble_theory", (double)(S - 1) / (double)(t->vpp * t->accum + S - 1));
     }
     if (!isnan(m->val_loss)) kv[n++] = NM_METRIC_F("val_loss", m->val_loss);
     if (t->metrics && nm_metrics_write(t->metrics, step, m->loss, kv, n, err) != 0) return -1;

@@ -147,6 +147,7 @@ typedef struct pp_step {
     nm_step_metrics *m;
     int n_moe;
     int *finite;
+    int reducing;               // the gradient reduction has begun (the first final backward)
 } pp_step;
 
 // After micro-batch i's forward on this stage: its loss terms (the last stage's CE and MTP,
@@ -166,16 +167,31 @@ static int pp_after_forward(void *ctx, int64_t micro, const nm_loss_terms *lt, n
     return 0;
 }
 
-// The last micro-batch's backward finishes the gradients (as in the one-stage loop).
-static int pp_before_backward(void *ctx, int64_t micro, nm_error *err) {
+// The last micro-batch's backward on a chunk finishes that chunk's gradients (as in the
+// one-stage loop). Chunks finish from the last down, so layers still finish in decreasing
+// order; the hook is off in between, while other chunks' earlier micro-batches still add.
+static int pp_before_backward(void *ctx, int64_t micro, int64_t chunk, nm_error *err) {
     (void)err;
+    (void)chunk;
     pp_step *ps = ctx;
     nm_trainer *t = ps->t;
     if (micro == t->accum - 1 && t->zero) {
-        nm_zero_begin(t->zero, nm_model_grads(t->model));
-        memset(t->tp_summed, 0, (size_t)nm_model_table(t->model)->n_rows);
+        if (!ps->reducing) {
+            nm_zero_begin(t->zero, nm_model_grads(t->model));
+            memset(t->tp_summed, 0, (size_t)nm_model_table(t->model)->n_rows);
+            ps->reducing = 1;
+        }
         if (t->cfg.overlap_grad_reduce) nm_model_set_backward_hook(t->model, zero_backward_hook, t);
     }
+    return 0;
+}
+
+static int pp_after_backward(void *ctx, int64_t micro, int64_t chunk, nm_error *err) {
+    (void)micro;
+    (void)chunk;
+    (void)err;
+    pp_step *ps = ctx;
+    nm_model_set_backward_hook(ps->t->model, NULL, NULL);
     return 0;
 }
 
@@ -190,8 +206,8 @@ static int pipeline_micro_batches(nm_trainer *t, const nm_loss_options *opt, nm_
         if (nm_loader_next_batch(t->train_data, t->tokens_all + i * BT, c->micro_batch, err) != 0) return -1;
     }
     m->t_data = now_s() - ta;
-    pp_step ps = {t, m, n_moe, finite};
-    nm_pipeline_hooks hooks = {pp_after_forward, pp_before_backward, &ps};
+    pp_step ps = {t, m, n_moe, finite, 0};
+    nm_pipeline_hooks hooks = {pp_after_forward, pp_before_backward, pp_after_backward, &ps};
     nm_pipeline_times times;
     int rc = nm_pipeline_train(t->pipe, t->tokens_all, t->accum, opt, &hooks, &times, err);
     nm_model_set_backward_hook(t->model, NULL, NULL);
