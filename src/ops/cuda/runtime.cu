@@ -143,9 +143,11 @@ static struct {
 
 void *nm_cuda_scratch(int slot, size_t bytes) {
     NM_CHECK(slot >= 0 && slot < NM_CUDA_SCRATCH_SLOTS, "cuda scratch slot %d", slot);
+    if (!bytes) bytes = 1;
     if (bytes > scratch[slot].cap) {
-        // device memory: only kernels and copies touch scratch. cudaFree waits for the device,
-        // so a buffer still in use by an earlier launch is never freed under it.
+        // device memory: only kernels and copies touch scratch. The stream is drained first,
+        // so a buffer an earlier launch of this op still reads is never freed under it.
+        NM_CUDA_CALL(cudaStreamSynchronize(NM_CUDA_STREAM));
         if (scratch[slot].data) NM_CUDA_CALL(cudaFree(scratch[slot].data));
         scratch[slot].data = NULL;
         NM_CUDA_CALL(cudaMalloc(&scratch[slot].data, bytes));
