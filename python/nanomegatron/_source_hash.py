@@ -7,7 +7,7 @@ import hashlib
 import os
 import sys
 
-_TREES = (("src", (".c", ".h")), ("include", (".h",)), ("python/nanomegatron", (".py",)))
+_TREES = (("src", (".c", ".h", ".cu", ".cuh")), ("include", (".h",)), ("python/nanomegatron", (".py",)))
 _FILES = ("CMakeLists.txt", "python/setup.py", "python/pyproject.toml")
 
 

@@ -355,7 +355,12 @@ void nm_ops_cpu_prepare_process(char **argv);
 // the definition the other backends are tested against (tests/test_backend_ops.c).
 const nm_ops *nm_ops_ref(void);
 
-// The backends of this build by name ("cpu", "ref"), NULL-terminated (backend_names.c: it
+// The CUDA backend (src/ops/cuda): cuBLASLt GEMMs and CUDA kernels on managed memory. Defined
+// only in builds with the CUDA toolkit (NM_HAVE_CUDA; CMake's NM_CUDA option); its setup
+// refuses, with a message, a machine without a usable GPU.
+const nm_ops *nm_ops_cuda(void);
+
+// The backends of this build by name ("cpu", "ref", and "cuda" with NM_HAVE_CUDA), NULL-terminated (backend_names.c: it
 // depends on no backend, so the config parser can check a name without linking one).
 extern const char *const nm_ops_backend_names[];
 // 0 when name is a backend, else -1 with err: "<what> "<name>" is not a backend (known: cpu, ref)".

@@ -12,6 +12,9 @@ static const struct {
 } backends[] = {
     {"cpu", nm_ops_cpu},
     {"ref", nm_ops_ref},
+#ifdef NM_HAVE_CUDA
+    {"cuda", nm_ops_cuda},  // in the registry whenever built; its setup refuses a machine without a GPU
+#endif
 };
 
 #define N_BACKENDS ((int)(sizeof backends / sizeof backends[0]))

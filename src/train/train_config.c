@@ -83,7 +83,7 @@ static const key_spec keys[] = {
     {"steps", K_INT, OFF(steps), 1000, NULL, 1, BIG, 0, NULL, 0, "optimizer steps"},
     {"precision", K_ENUM, OFF(precision), 0, NULL, 0, 0, 0, precision_names, 0, "compute precision"},
     {"backend", K_STRING, OFF(backend), 0, "cpu", 0, 0, 0, NULL, 0,
-     "ops backend: cpu, or ref (scalar C reference, slow); the environment variable NM_BACKEND overrides it"},
+     "ops backend: cpu, ref (scalar C reference, slow), or cuda (builds with the CUDA toolkit; needs a GPU); the environment variable NM_BACKEND overrides it"},
     {"seed", K_INT, OFF(seed), 1234, NULL, 0, BIG, 0, NULL, 0, "seed of every random stream"},
     {"threads", K_INT, OFF(threads), 0, NULL, 0, 4096, 0, NULL, 0, "OpenMP threads (0: default)"},
     {"tensor_parallel_size", K_INT, OFF(tensor_parallel_size), 1, NULL, 1, 1 << 20, 0, NULL, 0,
