@@ -60,13 +60,21 @@ if nm_mpirun "$T" "$NM" train "${common[@]}" --out tp --set threads=1 --set tens
 else
   echo "tp$T: $(tail -1 tp.log)"
 fi
-# pipeline parallelism (even split; 1F1B over the step's micro-batches)
+# pipeline parallelism (even split; 1F1B over the step's micro-batches, then interleaved)
 if nm_mpirun "$T" "$NM" train "${common[@]}" --out pp --set threads=1 --set pipeline_parallel_size="$T" >pp.log 2>&1; then
   summary pp "$T ranks x 1 (pp$T)"
   python3 -c "import json;r=[json.loads(l) for l in open('pp/metrics.jsonl')][-1];print('pp idle fractions:', {k: round(v, 3) for k, v in r.items() if k.startswith('pp_idle') or k == 'pp_bubble_theory'})"
 else
   echo "pp$T: $(tail -1 pp.log)"
 fi
-for r in dp dp_overlap ep tp pp; do
+# the interleaved schedule: 2 virtual stages per rank, the same micro-batches
+if nm_mpirun "$T" "$NM" train "${common[@]}" --out pp_v2 --set threads=1 --set pipeline_parallel_size="$T" \
+     --set virtual_pipeline_model_parallel_size=2 >pp_v2.log 2>&1; then
+  summary pp_v2 "$T ranks x 1 (pp$T, 2 virtual)"
+  python3 -c "import json;r=[json.loads(l) for l in open('pp_v2/metrics.jsonl')][-1];print('pp idle fractions:', {k: round(v, 3) for k, v in r.items() if k.startswith('pp_idle') or k == 'pp_bubble_theory'})"
+else
+  echo "pp$T v2: $(tail -1 pp_v2.log)"
+fi
+for r in dp dp_overlap ep tp pp pp_v2; do
   [ -f $r.tok ] && python3 -c "print(f'efficiency $r: {float(open(\"$r.tok\").read())/float(open(\"one.tok\").read()):.2f} of 1 rank x $T threads')"
 done

@@ -192,6 +192,7 @@ int_flags=(
     "plan --config $TINY|world"
     "plan --config $TINY --world 1|seq-len"
     "plan --config $TINY --world 1|ranks-per-node"
+    "plan --config $TINY --world 1|virtual-pipeline-size"
 )
 for row in "${int_flags[@]}"; do
     read -r -a cmd <<<"${row%|*}"
@@ -232,9 +233,13 @@ refused "'x' is not a weight" "$N" inspect --data "x ds 1 ds" --samples 1 --seq-
 refused "is a blend (weight-prefix pairs): give --samples" "$N" inspect --data "1 ds 1 ds"
 refused "'recompute_modules'" "$N" train --config train.json --out run_s --set recompute_modules=core_attn
 refused "'data.cache_per_node'" "$N" train --config train.json --out run_s --set data.cache_per_node=2
+refused "needs pipeline_parallel_size >= 2" "$N" train --config train.json --out run_s \
+    --set virtual_pipeline_model_parallel_size=2
+refused "needs pipeline_parallel_size >= 2" "$N" plan --config "$TINY" --world 1 --virtual-pipeline-size 2
 # --set keys of the training config: the key and the range, integers printed as integers.
 for kv in optimizer.lr=nan optimizer.lr=inf optimizer.lr=-1 optimizer.lr=1e300 seq_len=nan seq_len=-4 \
-          micro_batch=1e30 steps=0 checkpoint.save_every=-1 seed=-1; do
+          micro_batch=1e30 steps=0 checkpoint.save_every=-1 seed=-1 virtual_pipeline_model_parallel_size=-1 \
+          virtual_pipeline_model_parallel_size=33 virtual_pipeline_model_parallel_size=nan; do
     refused "--set $kv" "$N" train --config train.json --out run_s --set "$kv"
 done
 refused "give an integer from 2 to 16777216" "$N" train --config train.json --out run_s --set seq_len=99999999

@@ -31,7 +31,7 @@ static const char *usage =
     "  export    --model DIR|RUN_DIR [--step N] --out OUT --format hf|gguf [--dtype fp32|bf16|f16|q8_0]\n"
     "            [--tokenizer T] [--max-shard-size 5GB]\n"
     "  plan      --config MODEL.json|--model DIR --world N [--tp --pp --ep --seq-len --micro-batch --global-batch\n"
-    "            --recompute --recompute-modules --precision --pipeline-layout --flops --bw-intra --bw-inter ...]\n"
+    "            --recompute --recompute-modules --precision --pipeline-layout --virtual-pipeline-size --flops --bw-intra --bw-inter ...]\n"
     "\n"
     "<command> --help: that command's lines above; docs/cli.md has every flag.\n";
 
