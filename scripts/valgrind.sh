@@ -26,7 +26,8 @@ while IFS=$'\t' read -r t cmd extra_env; do
   rc=0
   # shellcheck disable=SC2086
   env NM_CPU_GEMM=openblas $extra_env OPENBLAS_CORETYPE=Haswell OMP_NUM_THREADS=1 NM_ROOT=.. NM_BIN=./nanomegatron \
-    valgrind -q --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite $cmd >"$t.valgrind.log" 2>&1 || rc=$?
+    valgrind -q --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite \
+      --suppressions=../scripts/valgrind.supp $cmd >"$t.valgrind.log" 2>&1 || rc=$?
   case $rc in
     0) echo "valgrind: $t ok" ;;
     77) echo "valgrind: $t skipped (it says why in build-vg/$t.valgrind.log; e.g. no bf16 ISA under valgrind)" ;;
