@@ -298,6 +298,30 @@ static int last_stage(const run *r, int64_t chunk) { return r->rank == r->n_rank
 static int act_tag(const run *r, int64_t chunk, int64_t micro) { return (int)(2 * (chunk * r->m + micro)); }
 
 // A send buffer whose last send has finished, or a new one.
+static void add_send_buffer(nm_pipeline *p) {
+    p->send_buf = nm_realloc(p->send_buf, (size_t)(p->n_send + 1) * sizeof(float *));
+    p->send_req = nm_realloc(p->send_req, (size_t)(p->n_send + 1) * sizeof(nm_comm_request));
+    memset(&p->send_req[p->n_send], 0, sizeof(nm_comm_request));
+    p->send_buf[p->n_send] = nm_model_ops(p->model)->alloc((size_t)act_count(p) * sizeof(float));
+    p->n_send++;
+}
+
+// Send buffers for the most sends a rank can have in flight with m micro-batches, made before
+// the first step. A forward's output is received before this chunk's backward of the same
+// micro-batch (that backward needs the next stage's gradient), so at most the chunk's slots
+// are out; an input gradient is received by the previous stage's backward, while it still
+// holds that micro-batch in a slot. So v x (this rank's slots + the most any rank holds)
+// bound the sends in flight, whatever the timing; a step never adds one (test_zero_alloc).
+static void reserve_send_buffers(nm_pipeline *p, int64_t m) {
+    int64_t most = 1;
+    for (int64_t r = 0; r < p->pp->size; r++) {
+        int64_t s = nm_pipeline_slots(p->pp->size, p->v, r, m);
+        most = s > most ? s : most;
+    }
+    int64_t want = p->v * (nm_pipeline_slots(p->pp->size, p->v, p->pp->rank, m) + most);
+    while (p->n_send < want) add_send_buffer(p);
+}
+
 static int send_buffer(nm_pipeline *p, int *slot, nm_error *err) {
     for (int i = 0; i < p->n_send; i++) {
         int done = 1;
@@ -307,11 +331,8 @@ static int send_buffer(nm_pipeline *p, int *slot, nm_error *err) {
             return 0;
         }
     }
-    p->send_buf = nm_realloc(p->send_buf, (size_t)(p->n_send + 1) * sizeof(float *));
-    p->send_req = nm_realloc(p->send_req, (size_t)(p->n_send + 1) * sizeof(nm_comm_request));
-    memset(&p->send_req[p->n_send], 0, sizeof(nm_comm_request));
-    p->send_buf[p->n_send] = nm_model_ops(p->model)->alloc((size_t)act_count(p) * sizeof(float));
-    *slot = p->n_send++;
+    add_send_buffer(p);  // beyond the bound above: never waits on a send (that could deadlock)
+    *slot = p->n_send - 1;
     return 0;
 }
 
@@ -398,6 +419,7 @@ int nm_pipeline_train(nm_pipeline *p, const int32_t *tokens, int64_t m, const nm
         p->plan = nm_realloc(p->plan, (size_t)(2 * p->v * m) * sizeof(*p->plan));
         nm_pipeline_schedule(p->plan, r.n_ranks, p->v, r.rank, m);
         p->plan_m = m;
+        reserve_send_buffers(p, m);
     }
     const int64_t n = 2 * p->v * m;
     const nm_pipeline_action *plan = p->plan;

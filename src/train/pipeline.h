@@ -85,8 +85,9 @@ typedef struct nm_pipeline {
     int64_t B, T, D;
     float *recv_act;            // (B, T, D) the previous stage's output
     float *recv_grad;           // (B, T, D) the next stage's gradient
-    // Send buffers, each (B, T, D), with the send that uses it: a buffer is reused once its send
-    // has finished, and one more is added when none has (a step adds none after the first).
+    // Send buffers, each (B, T, D), with the send that uses it: as many as sends can be in
+    // flight (v x (this rank's slots + the most slots of any rank), made before the first step);
+    // a buffer is reused once its send has finished.
     float **send_buf;
     nm_comm_request *send_req;
     int n_send;
