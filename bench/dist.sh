@@ -54,6 +54,12 @@ if nm_mpirun "$T" "$NM" train "${common[@]}" --out ep --set threads=1 --set expe
 else
   echo "ep$T: $(grep -m1 -o 'expert parallelism.*' ep.log || tail -1 ep.log)"
 fi
+# the same with the shared experts run while each expert all-to-all is in flight
+if nm_mpirun "$T" "$NM" train "${common[@]}" --out ep_overlap --set threads=1 --set expert_parallel_size="$T" \
+     --set moe_shared_expert_overlap=true >ep_overlap.log 2>&1; then
+  summary ep_overlap "$T ranks x 1 (dp$T ep$T, shared overlap)"
+  python3 -c "import json;rows=[json.loads(l) for l in open('ep_overlap/metrics.jsonl')][$WARMUP:];print('ep all-to-all exposed %.3f s/step, computed during %.0f%% of its flight' % (sum(r['ep_a2a_exposed_s'] for r in rows)/len(rows), 100*sum(r['ep_a2a_hidden_fraction'] for r in rows)/len(rows)))"
+fi
 # tensor parallelism (sequence parallelism on, the default) over all T ranks
 if nm_mpirun "$T" "$NM" train "${common[@]}" --out tp --set threads=1 --set tensor_parallel_size="$T" >tp.log 2>&1; then
   summary tp "$T ranks x 1 (tp$T)"
@@ -75,6 +81,6 @@ if nm_mpirun "$T" "$NM" train "${common[@]}" --out pp_v2 --set threads=1 --set p
 else
   echo "pp$T v2: $(tail -1 pp_v2.log)"
 fi
-for r in dp dp_overlap ep tp pp pp_v2; do
+for r in dp dp_overlap ep ep_overlap tp pp pp_v2; do
   [ -f $r.tok ] && python3 -c "print(f'efficiency $r: {float(open(\"$r.tok\").read())/float(open(\"one.tok\").read()):.2f} of 1 rank x $T threads')"
 done

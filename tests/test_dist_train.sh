@@ -2,7 +2,8 @@
 # test_dist_train.sh: data parallelism with ZeRO-1 and expert parallelism under mpirun against one process on the same global batch: per-step loss and
 # gradient norm over 10 steps within the tolerance of tests/dist/compare_runs.py, expert
 # loads identical; the bounded expert-parallel exchange in rounds (receive capacity below the
-# mean, and every routed row forced to one rank by a router bias). Then checkpoints across
+# mean, and every routed row forced to one rank by a router bias); the shared experts inside
+# the exchange bit for bit equal to without. Then checkpoints across
 # layouts, the refusal of impossible layouts, and a rank killed with SIGKILL mid-step.
 set -euo pipefail
 : "${NM_BIN:?}" "${NM_ROOT:?}" "${NM_BUILD:?}"
@@ -57,6 +58,36 @@ layout dp4_ep2_buckets 4 --set expert_parallel_size=2 --set bucket_mb=1 --set ov
 layout ep2_rounds 2 --set expert_parallel_size=2 --set moe_receive_capacity=0.25
 layout dp4_ep4_rounds 4 --set expert_parallel_size=4 --set moe_receive_capacity=0.25
 layout ep2_rounds_recompute 2 --set expert_parallel_size=2 --set moe_receive_capacity=0.25 --recompute
+# The shared experts inside the exchange (moe_shared_expert_overlap): the same operations in the
+# same order, so the checkpoints equal the runs without it byte for byte, in fp32, bf16 and fp8,
+# with rounds and recomputation, with dp, and under tp x ep (sequence parallel); the metrics say
+# how long the all-to-alls kept rank 0 waiting and what share of their flight it computed.
+overlap_pair() {  # name ranks options...
+  local name=$1 n=$2; shift 2
+  for ov in false true; do
+    nm_mpirun "$n" "$NM_BIN" train --config train.json --out "${name}_$ov" --quiet --set checkpoint.save_every=10 \
+      --set moe_shared_expert_overlap=$ov "$@" >"${name}_$ov.log" 2>&1 || { cat "${name}_$ov.log"; fail "$name overlap=$ov"; }
+  done
+  for f in "${name}_false"/step_000010/*.safetensors; do
+    cmp "$f" "${name}_true/step_000010/${f##*/}" || fail "$name: ${f##*/} differs with the shared experts overlapped"
+  done
+  "$PY" - "${name}_false" "${name}_true" "$name" <<'PY'
+import json, sys
+off, on = ([json.loads(l) for l in open(f"{d}/metrics.jsonl")] for d in sys.argv[1:3])
+for a, b in zip(off, on):
+    assert a["loss"] == b["loss"], (sys.argv[3], a["step"], a["loss"], b["loss"])
+    assert a["ep_a2a_hidden_fraction"] == 0.0, (sys.argv[3], "hidden without overlap", a["ep_a2a_hidden_fraction"])
+    assert 0.0 < b["ep_a2a_hidden_fraction"] < 1.0, (sys.argv[3], "hidden with overlap", b["ep_a2a_hidden_fraction"])
+    assert a["ep_a2a_exposed_s"] > 0 and b["ep_a2a_exposed_s"] > 0, sys.argv[3]
+mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
+print(f"{sys.argv[3]}: shared-expert overlap bit-identical; exposed all-to-all {mean(off, 'ep_a2a_exposed_s'):.4f} s -> "
+      f"{mean(on, 'ep_a2a_exposed_s'):.4f} s, computed during {100 * mean(on, 'ep_a2a_hidden_fraction'):.0f}% of flight")
+PY
+}
+overlap_pair ov_ep2 2 --set expert_parallel_size=2
+overlap_pair ov_dp4_ep2_bf16 4 --set expert_parallel_size=2 --set precision=bf16
+overlap_pair ov_ep2_fp8_rounds_rc 2 --set expert_parallel_size=2 --set precision=fp8 --set moe_receive_capacity=0.25 --recompute
+overlap_pair ov_tp2_ep2 4 --set expert_parallel_size=2 --set tensor_parallel_size=2
 # precision TOLERANCES [compare_runs env...]: one process of that precision, then ep2 and ep2 with
 # rounds and recomputation against it
 precision_runs() {

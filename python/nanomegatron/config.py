@@ -312,6 +312,7 @@ _TRAIN_KEYS = {
     "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
     "pipeline_model_parallel_layout": "pipeline_model_parallel_layout",
     "virtual_pipeline_model_parallel_size": "virtual_pipeline_model_parallel_size",
+    "moe_shared_expert_overlap": "moe_shared_expert_overlap",
 }
 _PARALLEL = ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size")
 # C keys that come from model / data / batch_size rather than from one field each.
@@ -343,6 +344,7 @@ class TrainConfig:
     virtual_pipeline_model_parallel_size: int = 0  # interleaved 1F1B chunks per rank (0: from the layout, else 1)
     expert_parallel_size: int = 1
     moe_receive_capacity: float = 2.0
+    moe_shared_expert_overlap: bool = False  # the shared experts inside the expert all-to-all
     recompute_modules: str = ""
     bucket_mb: int = 40
     overlap_grad_reduce: bool = False

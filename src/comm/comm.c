@@ -98,6 +98,14 @@ static int single_send(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype
     return nm_error_set(err, "send (%s): no peer %d in a 1-rank group", c->group, peer);
 }
 
+// One rank: the exchange is a copy, done at once (the request is left inactive).
+static int single_all_to_all_start(nm_comm *c, const void *send, const int64_t *send_counts,
+                                   const int64_t *send_displs, void *recv, const int64_t *recv_counts,
+                                   const int64_t *recv_displs, nm_comm_dtype dt, nm_comm_request *req, nm_error *err) {
+    memset(req, 0, sizeof(*req));
+    return single_all_to_all(c, send, send_counts, send_displs, recv, recv_counts, recv_displs, dt, err);
+}
+
 static int single_send_start(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag,
                              nm_comm_request *req, nm_error *err) {
     return nm_error_set(err, "send (%s): no peer %d in a 1-rank group", c->group, peer);
@@ -136,6 +144,7 @@ static const nm_comm_vtable single_vtable = {
     .all_gather = single_all_gather,
     .all_to_all = single_all_to_all,
     .broadcast = single_broadcast,
+    .all_to_all_start = single_all_to_all_start,
     .send = single_send,
     .send_start = single_send_start,
     .recv = single_recv,
@@ -187,6 +196,11 @@ static int shape_broadcast(nm_comm *c, void *buf, int64_t count, nm_comm_dtype d
 static int shape_send(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err) {
     return shape_refuse(c, err);
 }
+static int shape_all_to_all_start(nm_comm *c, const void *send, const int64_t *send_counts, const int64_t *send_displs,
+                                  void *recv, const int64_t *recv_counts, const int64_t *recv_displs, nm_comm_dtype dt,
+                                  nm_comm_request *req, nm_error *err) {
+    return shape_refuse(c, err);
+}
 static int shape_send_start(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag,
                             nm_comm_request *req, nm_error *err) {
     return shape_refuse(c, err);
@@ -211,6 +225,7 @@ static const nm_comm_vtable shape_vtable = {
     .all_gather = shape_all_gather,
     .all_to_all = shape_all_to_all,
     .broadcast = shape_broadcast,
+    .all_to_all_start = shape_all_to_all_start,
     .send = shape_send,
     .send_start = shape_send_start,
     .recv = shape_recv,

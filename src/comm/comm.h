@@ -68,6 +68,10 @@ typedef struct nm_comm_vtable {
     int (*all_to_all)(nm_comm *c, const void *send, const int64_t *send_counts, const int64_t *send_displs,
                       void *recv, const int64_t *recv_counts, const int64_t *recv_displs, nm_comm_dtype dt,
                       nm_error *err);
+    // all_to_all, started: the buffers are the caller's until test says done or wait returns
+    int (*all_to_all_start)(nm_comm *c, const void *send, const int64_t *send_counts, const int64_t *send_displs,
+                            void *recv, const int64_t *recv_counts, const int64_t *recv_displs, nm_comm_dtype dt,
+                            nm_comm_request *req, nm_error *err);
     int (*broadcast)(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int root, nm_error *err);
     int (*send)(nm_comm *c, const void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err);
     int (*recv)(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int peer, int tag, nm_error *err);
@@ -96,7 +100,8 @@ struct nm_comm {
 struct nm_comm_request {
     nm_comm *comm;
     int active;
-    int op;                             // NM_COMM_REDUCE_SCATTER or NM_COMM_SEND: what test and wait finish
+    int op;                             // NM_COMM_REDUCE_SCATTER, NM_COMM_ALL_TO_ALL or NM_COMM_SEND: what
+                                        // test and wait finish (their time counts as that op's)
     void *buf;                          // reduce_scatter: the bucket, and where this rank's piece goes
     int64_t offset, count;              // this rank's piece in elements
     size_t elem;
@@ -176,6 +181,17 @@ static inline int nm_comm_all_to_all_v(nm_comm *c, const void *send, const int64
     double t0 = nm_comm_clock();
     return nm_comm_timed(c, NM_COMM_ALL_TO_ALL, t0,
                          c->vt->all_to_all(c, send, send_counts, send_displs, recv, recv_counts, recv_displs, dt, err));
+}
+// nm_comm_all_to_all_v started (the expert dispatch while the shared experts compute): send and
+// recv are the caller's until nm_comm_test says done or nm_comm_wait returns.
+static inline int nm_comm_all_to_all_v_start(nm_comm *c, const void *send, const int64_t *send_counts,
+                                             const int64_t *send_displs, void *recv, const int64_t *recv_counts,
+                                             const int64_t *recv_displs, nm_comm_dtype dt, nm_comm_request *req,
+                                             nm_error *err) {
+    double t0 = nm_comm_clock();
+    return nm_comm_timed(c, NM_COMM_ALL_TO_ALL, t0,
+                         c->vt->all_to_all_start(c, send, send_counts, send_displs, recv, recv_counts, recv_displs,
+                                                 dt, req, err));
 }
 static inline int nm_comm_broadcast(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int root, nm_error *err) {
     double t0 = nm_comm_clock();

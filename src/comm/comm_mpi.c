@@ -91,7 +91,7 @@ static int take_slot(mpi_impl *im, int size) {
     im->slots = nm_realloc(im->slots, (size_t)n * sizeof(int *));
     im->slot_busy = nm_realloc(im->slot_busy, (size_t)n);
     for (int i = im->n_slots; i < n; i++) {
-        im->slots[i] = nm_calloc((size_t)size, sizeof(int));
+        im->slots[i] = nm_calloc((size_t)(4 * size), sizeof(int));  // an all-to-all's four arrays
         im->slot_busy[i] = 0;
     }
     int got = im->n_slots;
@@ -150,17 +150,25 @@ static int mpi_reduce_scatter_start(nm_comm *c, void *buf, const int64_t *counts
 
 static void finish_request(nm_comm_request *req) {
     req->active = 0;
-    if (req->op != NM_COMM_REDUCE_SCATTER) return;  // a send: nothing to move
-    impl_of(req->comm)->slot_busy[((mpi_request *)req->impl)->slot] = 0;
+    int slot = ((mpi_request *)req->impl)->slot;
+    if (slot >= 0) impl_of(req->comm)->slot_busy[slot] = 0;  // a send holds none
+    if (req->op != NM_COMM_REDUCE_SCATTER) return;          // nothing to move
     if (req->offset > 0 && req->count > 0) {
         memmove((char *)req->buf + (size_t)req->offset * req->elem, req->buf, (size_t)req->count * req->elem);
     }
 }
 
+// "send (wait)", for messages.
+static const char *request_name(const nm_comm_request *req, const char *call) {
+    static _Thread_local char name[48];
+    snprintf(name, sizeof name, "%s (%s)", nm_comm_op_name(req->op), call);
+    return name;
+}
+
 static int mpi_test(nm_comm_request *req, int *done, nm_error *err) {
     int flag = 0;
     int rc = MPI_Test(&((mpi_request *)req->impl)->handle, &flag, MPI_STATUS_IGNORE);
-    if (rc != MPI_SUCCESS) return mpi_fail(req->comm, req->op == NM_COMM_SEND ? "send (test)" : "reduce_scatter (test)", rc, err);
+    if (rc != MPI_SUCCESS) return mpi_fail(req->comm, request_name(req, "test"), rc, err);
     if (flag) finish_request(req);
     *done = flag;
     return 0;
@@ -168,7 +176,7 @@ static int mpi_test(nm_comm_request *req, int *done, nm_error *err) {
 
 static int mpi_wait(nm_comm_request *req, nm_error *err) {
     int rc = MPI_Wait(&((mpi_request *)req->impl)->handle, MPI_STATUS_IGNORE);
-    if (rc != MPI_SUCCESS) return mpi_fail(req->comm, req->op == NM_COMM_SEND ? "send (wait)" : "reduce_scatter (wait)", rc, err);
+    if (rc != MPI_SUCCESS) return mpi_fail(req->comm, request_name(req, "wait"), rc, err);
     finish_request(req);
     return 0;
 }
@@ -203,6 +211,36 @@ static int mpi_all_to_all(nm_comm *c, const void *send, const int64_t *send_coun
     int rc = MPI_Alltoallv(send, im->icounts, im->displs, mpi_type(dt), recv, im->icounts2, im->displs2, mpi_type(dt),
                            handle(c));
     return rc == MPI_SUCCESS ? 0 : mpi_fail(c, "all_to_all", rc, err);
+}
+
+// The same, started: MPI_Ialltoallv with its four count arrays in a slot until it completes.
+static int mpi_all_to_all_start(nm_comm *c, const void *send, const int64_t *send_counts, const int64_t *send_displs,
+                                void *recv, const int64_t *recv_counts, const int64_t *recv_displs, nm_comm_dtype dt,
+                                nm_comm_request *req, nm_error *err) {
+    mpi_impl *im = impl_of(c);
+    const int n = c->size;
+    if (to_int_counts(c, "all_to_all", send_counts, im->icounts, im->displs, err) != 0) return -1;
+    if (to_int_counts(c, "all_to_all", recv_counts, im->icounts2, im->displs2, err) != 0) return -1;
+    if (set_displs(c, send_displs, im->displs, err) != 0 || set_displs(c, recv_displs, im->displs2, err) != 0) return -1;
+    memset(req, 0, sizeof(*req));
+    req->comm = c;
+    req->op = NM_COMM_ALL_TO_ALL;
+    nm_comm_count(c, NM_COMM_ALL_TO_ALL, nm_comm_sum_counts(send_counts, n) * (int64_t)nm_comm_dtype_size(dt));
+    mpi_request *mr = (mpi_request *)req->impl;
+    mr->slot = take_slot(im, n);
+    int *a = im->slots[mr->slot];
+    memcpy(a, im->icounts, (size_t)n * sizeof(int));
+    memcpy(a + n, im->displs, (size_t)n * sizeof(int));
+    memcpy(a + 2 * n, im->icounts2, (size_t)n * sizeof(int));
+    memcpy(a + 3 * n, im->displs2, (size_t)n * sizeof(int));
+    int rc = MPI_Ialltoallv(send, a, a + n, mpi_type(dt), recv, a + 2 * n, a + 3 * n, mpi_type(dt), handle(c),
+                            &mr->handle);
+    if (rc != MPI_SUCCESS) {
+        im->slot_busy[mr->slot] = 0;
+        return mpi_fail(c, "all_to_all", rc, err);
+    }
+    req->active = 1;
+    return 0;
 }
 
 static int mpi_broadcast(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, int root, nm_error *err) {
@@ -287,6 +325,7 @@ static const nm_comm_vtable mpi_vtable = {
     .all_gather = mpi_all_gather,
     .all_to_all = mpi_all_to_all,
     .broadcast = mpi_broadcast,
+    .all_to_all_start = mpi_all_to_all_start,
     .send = mpi_send,
     .send_start = mpi_send_start,
     .recv = mpi_recv,

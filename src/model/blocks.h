@@ -17,6 +17,11 @@ void nm_mla_backward(nm_model *m, int64_t l);
 // W_down (D, F) at params + down; gate_up (N, 2F) and act (N, F) are saved for the backward.
 void nm_mlp_forward(nm_model *m, float *out, float *gate_up, float *act, const float *f, size_t w_gate_up,
                     size_t w_down, int64_t N, int64_t F);
+// Its two halves (the MoE block runs the shared experts' first half while the expert
+// all-to-all is in flight): gate_up and act, then out +=.
+void nm_mlp_forward_up(nm_model *m, float *gate_up, float *act, const float *f, size_t w_gate_up, int64_t N,
+                       int64_t F);
+void nm_mlp_forward_down(nm_model *m, float *out, const float *act, size_t w_down, int64_t N, int64_t F);
 // From d_out (N, D) to d_f (N, D) (= or += by beta) and the two weight grads (+=); uses the
 // shared scratch m->d_act, m->d_gate_up.
 void nm_mlp_backward(nm_model *m, float *d_f, float beta, const float *d_out, const float *gate_up, const float *act,

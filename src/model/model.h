@@ -80,6 +80,11 @@ typedef struct nm_model_options {
     int recompute_moe_act;      // the same for "moe_act": the routed experts' SwiGLU output, read
                                 // only by the down-projection's weight gradient, is recomputed from
                                 // the saved gate_up in the backward (one shared buffer)
+    int shared_expert_overlap;  // with ep: Megatron's moe_shared_expert_overlap. The shared
+                                // experts' first half (forward) and their backward run while the
+                                // exchange's first all-to-all of each MoE block is in flight (a
+                                // non-blocking all-to-all); the same operations in the same order,
+                                // so results are bit for bit those without it
 } nm_model_options;
 
 #define NM_MOE_RECEIVE_CAPACITY 2.0
@@ -162,9 +167,10 @@ int nm_model_supports_expert_parallel(void);
 int nm_model_supports_tensor_parallel(void);
 
 // The expert-parallel exchanges since the last call (then reset): the most rounds any took,
-// and the most rows any receiver of the group got over the group's mean (1.0: even load).
-// Both 0 without ep or before a forward.
-void nm_model_ep_stats(nm_model *m, int64_t *rounds, double *recv_max_over_mean);
+// and the most rows any receiver of the group got over the group's mean (1.0: even load), and
+// the seconds of compute this rank ran with an all-to-all in flight (shared_expert_overlap).
+// All 0 without ep or before a forward.
+void nm_model_ep_stats(nm_model *m, int64_t *rounds, double *recv_max_over_mean, double *overlap_s);
 
 // Router statistics of the last forward, for the bias update and the metrics:
 // counts (n_moe_layers, E) of selected (token, expert) pairs, bias and group limit included.

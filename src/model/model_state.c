@@ -406,6 +406,7 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     m->recompute = opts->recompute;
     m->recompute_mla_up_proj = opts->recompute_mla_up_proj;
     m->recompute_moe_act = opts->recompute_moe_act;
+    m->shared_expert_overlap = opts->shared_expert_overlap;
     m->opt_precision = opts->precision;
     if (set_chunks(m, opts, err) != 0 || configure(m, opts, err) != 0) {
         nm_free(m);
@@ -538,11 +539,13 @@ int nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_
 }
 void nm_model_zero_grads(nm_model *m) { m->ops->zero(m->grads, (int64_t)m->table.n_floats); }
 
-void nm_model_ep_stats(nm_model *m, int64_t *rounds, double *recv_max_over_mean) {
+void nm_model_ep_stats(nm_model *m, int64_t *rounds, double *recv_max_over_mean, double *overlap_s) {
     *rounds = m->ep_stats_rounds;
     *recv_max_over_mean = m->ep_stats_over_mean;
+    *overlap_s = m->ep_overlap_s;
     m->ep_stats_rounds = 0;
     m->ep_stats_over_mean = 0.0;
+    m->ep_overlap_s = 0.0;
 }
 
 const int64_t *nm_model_expert_counts(const nm_model *m, int *n_moe_layers, const int **layer_ids) {

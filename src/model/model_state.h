@@ -189,6 +189,10 @@ struct nm_model {
     int64_t *ep_cnt_send;       // (EP*E_loc) per (destination, its local expert)
     int64_t *ep_round_counts;   // (EP*E_loc) this round's rows per (source, local expert)
     int32_t *ep_round_offsets;  // (E_loc+1) this round's first row of each local expert in x_loc
+    int shared_expert_overlap;  // moe_shared_expert_overlap: the shared experts inside the exchange
+    const struct ep_overlap *ep_overlap;  // work for the next all-to-all of the exchange (moe.c)
+    double ep_overlap_s;        // seconds of that work run with an all-to-all in flight, since the
+                                // last nm_model_ep_stats
     int64_t ep_stats_rounds;    // most rounds of any exchange since the last nm_model_ep_stats
     double ep_stats_over_mean;  // most rows any receiver got / the group's mean, since then
     int ep_failed;              // a collective failed inside forward/backward; ep_err has why

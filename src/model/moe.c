@@ -213,6 +213,53 @@ static void ep_reorder(const nm_model *m, void *dst_v, const void *src_v, const 
 
 static void ep_fail(nm_model *m) { m->ep_failed = 1; }
 
+// Work that runs while the next all-to-all of the exchange is in flight
+// (moe_shared_expert_overlap, as Megatron-Core's): the shared experts' part that touches
+// nothing the exchange reads or writes. Set for one exchange; the first all-to-all takes it.
+struct ep_overlap {
+    void (*work)(nm_model *m, void *ctx);
+    void *ctx;
+};
+typedef struct ep_overlap ep_overlap;
+
+// One all-to-all of the exchange (nm_comm_all_to_all_v's arguments), the pending overlap work
+// done while it is in flight. Either way the work runs exactly once and the same operations
+// run in the same order, so results do not depend on the overlap.
+static void ep_a2a(nm_model *m, const void *send, const int64_t *send_counts, const int64_t *send_at, void *recv,
+                   const int64_t *recv_counts, const int64_t *recv_at, nm_comm_dtype dt) {
+    const ep_overlap *o = m->ep_overlap;
+    if (!o) {
+        if (nm_comm_all_to_all_v(m->ep, send, send_counts, send_at, recv, recv_counts, recv_at, dt, &m->ep_err) != 0)
+            ep_fail(m);
+        return;
+    }
+    m->ep_overlap = NULL;
+    nm_comm_request req;
+    if (nm_comm_all_to_all_v_start(m->ep, send, send_counts, send_at, recv, recv_counts, recv_at, dt, &req,
+                                   &m->ep_err) != 0) {
+        ep_fail(m);
+        o->work(m, o->ctx);
+        return;
+    }
+    double t0 = nm_comm_clock();
+    o->work(m, o->ctx);
+    m->ep_overlap_s += nm_comm_clock() - t0;
+    if (nm_comm_wait(&req, &m->ep_err) != 0) ep_fail(m);
+}
+
+// Runs `work` inside the block's next exchange when the overlap is on, else right away.
+static void ep_overlap_set(nm_model *m, ep_overlap *o) {
+    if (m->shared_expert_overlap) m->ep_overlap = o;
+    else o->work(m, o->ctx);
+}
+
+// After the exchange: work an exchange did not take (none ran) runs now.
+static void ep_overlap_flush(nm_model *m, const ep_overlap *o) {
+    if (m->ep_overlap != o) return;
+    m->ep_overlap = NULL;
+    o->work(m, o->ctx);
+}
+
 static int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : x > hi ? hi : x; }
 
 // Exchanges the counts of block b (forward only; the backward reuses them): b->ep_counts
@@ -309,11 +356,8 @@ static void ep_dispatch_fp8(nm_model *m, const float *rows, float *expert_rows, 
         s_send[q] = n * tiles, s_send_at[q] = at * tiles;
         s_recv[q] = m->ep_recv[q] / D * tiles, s_recv_at[q] = m->ep_recv_at[q] / D * tiles;
     }
-    if (nm_comm_all_to_all_v(m->ep, m->ep_send8, m->ep_send, m->ep_send_at, m->ep_recv8, m->ep_recv, m->ep_recv_at,
-                             NM_DT_U8, &m->ep_err) != 0 ||
-        nm_comm_all_to_all_v(m->ep, m->ep_send_scales, s_send, s_send_at, m->ep_recv_scales, s_recv, s_recv_at,
-                             NM_DT_F32, &m->ep_err) != 0)
-        ep_fail(m);
+    ep_a2a(m, m->ep_send8, m->ep_send, m->ep_send_at, m->ep_recv8, m->ep_recv, m->ep_recv_at, NM_DT_U8);
+    ep_a2a(m, m->ep_send_scales, s_send, s_send_at, m->ep_recv_scales, s_recv, s_recv_at, NM_DT_F32);
     uint8_t *codes = (uint8_t *)m->ep_buf;  // (C, D) bytes, then the scales at a float boundary
     float *scales = m->ep_buf + (m->ep_cap * D + 3) / 4;
     ep_reorder(m, codes, m->ep_recv8, m->ep_round_counts, 1, 1, D);
@@ -330,18 +374,14 @@ static void ep_dispatch(nm_model *m, const float *rows, float *expert_rows, int6
         return;
     }
     if (m->precision == NM_PRECISION_FP32) {
-        if (nm_comm_all_to_all_v(m->ep, rows, m->ep_send, m->ep_send_at, m->ep_buf, m->ep_recv, m->ep_recv_at,
-                                 NM_DT_F32, &m->ep_err) != 0)
-            ep_fail(m);
+        ep_a2a(m, rows, m->ep_send, m->ep_send_at, m->ep_buf, m->ep_recv, m->ep_recv_at, NM_DT_F32);
         ep_reorder(m, expert_rows, m->ep_buf, m->ep_round_counts, 1, sizeof(float), m->cfg.D);
         return;
     }
     for (int64_t q = 0; q < m->ep->size; q++)
         m->ops->cast_bf16(m->ep_send16 + m->ep_send_at[q], rows + m->ep_send_at[q], m->ep_send[q]);
     uint16_t *lower = (uint16_t *)m->ep_buf, *upper = lower + m->ep_cap * m->cfg.D;
-    if (nm_comm_all_to_all_v(m->ep, m->ep_send16, m->ep_send, m->ep_send_at, upper, m->ep_recv, m->ep_recv_at,
-                             NM_DT_BF16, &m->ep_err) != 0)
-        ep_fail(m);
+    ep_a2a(m, m->ep_send16, m->ep_send, m->ep_send_at, upper, m->ep_recv, m->ep_recv_at, NM_DT_BF16);
     ep_reorder(m, lower, upper, m->ep_round_counts, 1, sizeof(uint16_t), m->cfg.D);
     m->ops->widen_bf16(expert_rows, lower, n_in * m->cfg.D);
 }
@@ -353,16 +393,12 @@ static void ep_combine(nm_model *m, const float *expert_rows, float *rows) {
     const int64_t D = m->cfg.D;
     if (m->precision != NM_PRECISION_FP8) {
         ep_reorder(m, m->ep_buf, expert_rows, m->ep_round_counts, 0, sizeof(float), D);
-        if (nm_comm_all_to_all_v(m->ep, m->ep_buf, m->ep_recv, m->ep_recv_at, rows, m->ep_send, m->ep_send_at,
-                                 NM_DT_F32, &m->ep_err) != 0)
-            ep_fail(m);
+        ep_a2a(m, m->ep_buf, m->ep_recv, m->ep_recv_at, rows, m->ep_send, m->ep_send_at, NM_DT_F32);
         return;
     }
     m->ops->cast_bf16(m->ep_half, expert_rows, (int64_t)m->ep_round_offsets[m->E_loc] * D);
     ep_reorder(m, m->ep_buf, m->ep_half, m->ep_round_counts, 0, sizeof(uint16_t), D);
-    if (nm_comm_all_to_all_v(m->ep, m->ep_buf, m->ep_recv, m->ep_recv_at, m->ep_send16, m->ep_send, m->ep_send_at,
-                             NM_DT_BF16, &m->ep_err) != 0)
-        ep_fail(m);
+    ep_a2a(m, m->ep_buf, m->ep_recv, m->ep_recv_at, m->ep_send16, m->ep_send, m->ep_send_at, NM_DT_BF16);
     for (int64_t q = 0; q < m->ep->size; q++)
         m->ops->widen_bf16(rows + m->ep_send_at[q], m->ep_send16 + m->ep_send_at[q], m->ep_send[q]);
 }
@@ -398,6 +434,41 @@ static void ep_experts_backward(nm_model *m, const nm_layer_offsets *w, block_ac
 
 // --- the MoE FFN ------------------------------------------------------------------------------
 
+// The shared experts' work that can run while the expert exchange is in flight.
+typedef struct shared_work {
+    const nm_layer_offsets *w;
+    block_acts *b;
+    int64_t N;
+} shared_work;
+
+// Forward, first half: under sequence parallelism every token's f (the shared experts are
+// column/row-parallel on every token), then gate_up and act. Reads f, writes its other ranks'
+// rows, s_gate_up and s_act; the dispatch sends x_perm, gathered from this rank's rows before.
+static void shared_forward_up(nm_model *m, void *ctx) {
+    shared_work *s = ctx;
+    if (m->sp) nm_sp_all_gather(m, s->b->f, s->N, m->cfg.D, NM_DT_F32);
+    nm_mlp_forward_up(m, s->b->s_gate_up, s->b->s_act, s->b->f, s->w->shared_gate_up, s->N, m->Fs_loc);
+}
+
+// Backward: d_f (zeroed) gets the shared experts' part and their weights their gradients; each
+// tp rank's columns gave part of d_f, summed over tp (reduce-scattered to its rows under
+// sequence parallelism). Reads d_res (gathered whole under sequence parallelism: its own rows
+// are unchanged), writes d_f, m->d_act and m->d_gate_up, none of which the exchange touches.
+static void shared_backward(nm_model *m, void *ctx) {
+    shared_work *s = ctx;
+    const int64_t N = s->N, D = m->cfg.D;
+    nm_sp_all_gather(m, m->d_res, N, D, NM_DT_F32);  // the shared experts saw every token
+    nm_mlp_backward(m, m->d_f, 1.0f, m->d_res, s->b->s_gate_up, s->b->s_act, s->b->f, s->w->shared_gate_up,
+                    s->w->shared_down, N, m->Fs_loc);
+    if (m->sp) nm_sp_reduce_scatter(m, m->d_f, N, D);
+    else nm_tp_all_reduce(m, m->d_f, N * D);
+}
+
+static void no_work(nm_model *m, void *ctx) {
+    (void)m;
+    (void)ctx;
+}
+
 // Route, run each expert on its rows, combine with the gate weights, add the shared experts.
 double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *counts) {
     const nm_model_config *c = &m->cfg;
@@ -422,10 +493,15 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
     if (counts) {
         for (int64_t e = 0; e < E; e++) counts[e] += b->offsets[e + 1] - b->offsets[e];
     }
+    shared_work sw = {w, b, N};
+    ep_overlap up = {c->Fs > 0 ? shared_forward_up : no_work, &sw};
     if (m->ep) {
         ops->moe_gather(b->x_perm, f, b->perm, n0, K, D);
+        ep_overlap_set(m, &up);  // the shared experts' first half inside the dispatch
         ep_experts_forward(m, w, b);
+        ep_overlap_flush(m, &up);
     } else {
+        up.work(m, up.ctx);
         nm_moe_gather(m, b->x_perm, f, b->perm, n0, K, D);  // bf16: rounded, with its twin
         // fp8: the rows and the outputs as they would have crossed the all-to-all (ep_dispatch)
         if (m->precision == NM_PRECISION_FP8) ops->fp8_round_rows(b->x_perm, n0 * K, D);
@@ -437,15 +513,15 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
     // all-reduce sums them with the shared part.
     if (m->sp || nm_tp_lead(m))
         ops->moe_combine_forward(b->x_out + s0 * D, b->e_out, b->topk_w + s0 * K, b->perm, n0, K, D);
+    // the shared experts' second half, added after the routed ones as always
     if (c->Fs > 0 && m->sp) {
-        // shared experts: column/row-parallel on every token, reduce-scattered to this rank's rows
-        nm_sp_all_gather(m, b->f, N, D, NM_DT_F32);
+        // row-parallel on every token, reduce-scattered to this rank's rows
         ops->zero(m->d_tp, N * D);
-        nm_mlp_forward(m, m->d_tp, b->s_gate_up, b->s_act, b->f, w->shared_gate_up, w->shared_down, N, m->Fs_loc);
+        nm_mlp_forward_down(m, m->d_tp, b->s_act, w->shared_down, N, m->Fs_loc);
         nm_sp_reduce_scatter(m, m->d_tp, N, D);
         ops->add_2d(b->x_out + s0 * D, D, m->d_tp + s0 * D, D, n0, D);
     } else if (c->Fs > 0) {
-        nm_mlp_forward(m, b->x_out, b->s_gate_up, b->s_act, b->f, w->shared_gate_up, w->shared_down, N, m->Fs_loc);
+        nm_mlp_forward_down(m, b->x_out, b->s_act, w->shared_down, N, m->Fs_loc);
     }
     return bal;
 }
@@ -464,21 +540,19 @@ void nm_moe_backward(nm_model *m, int64_t l, float aux_seed) {
     const float *f = b->f + s0 * D;
     nm_router_params rp = router_params(c, n0);
     ops->zero(m->d_f, N * D);
-    if (c->Fs > 0) {
-        nm_sp_all_gather(m, d_res, N, D, NM_DT_F32);  // the shared experts saw every token
-        nm_mlp_backward(m, m->d_f, 1.0f, d_res, b->s_gate_up, b->s_act, b->f, w->shared_gate_up, w->shared_down, N,
-                        m->Fs_loc);
-        // each tp rank's shared-expert columns gave part of d_f; the routed and router parts
-        // added below are whole on every rank (on its own rows under sequence parallelism)
-        if (m->sp) nm_sp_reduce_scatter(m, m->d_f, N, D);
-        else nm_tp_all_reduce(m, m->d_f, N * D);
-    }
-    // x_out += sum_k w_k * e_out[row(n,k)]
+    // x_out += sum_k w_k * e_out[row(n,k)] (reads this rank's rows of d_res only)
     ops->moe_combine_backward(m->d_e_out, m->d_topk_w, d_res + s0 * D, b->e_out, b->topk_w + s0 * K, b->perm, n0, K,
                               D);
+    // The shared experts' backward (into d_f first, the routed part added below), inside the
+    // exchange's first all-to-all with moe_shared_expert_overlap.
+    shared_work sw = {w, b, N};
+    ep_overlap back = {c->Fs > 0 ? shared_backward : no_work, &sw};
     if (m->ep) {
+        ep_overlap_set(m, &back);
         ep_experts_backward(m, w, b);
+        ep_overlap_flush(m, &back);
     } else {
+        back.work(m, back.ctx);
         // fp8: the gradients as they would have crossed the all-to-all, both ways (ep_dispatch)
         if (m->precision == NM_PRECISION_FP8) ops->round_bf16(m->d_e_out, m->d_e_out, n0 * K * D);
         nm_moe_experts_backward(m, w, b->offsets, b->x_perm, b->e_gate_up, b->e_act, m->d_e_out, m->d_e_act,

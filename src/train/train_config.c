@@ -113,6 +113,9 @@ static const key_spec keys[] = {
      "never reach a checkpoint or a loss"},
     {"sequence_parallel", K_BOOL, OFF(sequence_parallel), 1, NULL, 0, 1, 0, NULL, 0,
      "under tensor parallelism, norms, residuals and the router on 1/TP of the tokens (Megatron --sequence-parallel)"},
+    {"moe_shared_expert_overlap", K_BOOL, OFF(moe_shared_expert_overlap), 0, NULL, 0, 1, 0, NULL, 0,
+     "under expert parallelism, run the shared experts while each MoE block's expert all-to-all is in flight "
+     "(Megatron --moe-shared-expert-overlap); results unchanged"},
     {"overlap_grad_reduce", K_BOOL, OFF(overlap_grad_reduce), 0, NULL, 0, 1, 0, NULL, 0,
      "start each bucket's reduce-scatter once the backward has finished its layers (Megatron --overlap-grad-reduce)"},
     {"optimizer.lr", K_FLOAT, OFF(optimizer.lr), 3e-4, NULL, 0, 10, 1, NULL, 0, "peak learning rate"},

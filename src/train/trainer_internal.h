@@ -54,6 +54,8 @@ struct nm_trainer {
     int rank0;                  // this process prints and writes the logs
     int64_t comm_seen[5][NM_COMM_N_OPS]; // dp / edp / ep / tp / pp byte counters at the last step's end
     double comm_time_seen[5];   // their seconds inside collectives, all operations
+    double ep_a2a_seen;         // the ep group's seconds inside all-to-alls (starts and waits included)
+    double ep_overlap_s;        // the step's compute run with an expert all-to-all in flight
     // pipeline parallelism (NULL / 0 without it)
     nm_pipeline *pipe;
     nm_model_stage *stages;     // (pp x vpp) every stage's layers, in pipeline order
@@ -105,8 +107,7 @@ struct nm_trainer {
 };
 
 // metrics.jsonl entries of a step besides the per-stage ones: 20 always, up to 20 from
-// comm_metrics, ep_rounds and ep_recv_max_over_mean, pp_bubble_theory and val_loss; with
-// room to spare.
+// comm_metrics, the four ep_ ones, pp_bubble_theory and val_loss; with room to spare.
 #define STEP_METRICS 64
 
 static inline double now_s(void) {

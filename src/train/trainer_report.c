@@ -169,6 +169,15 @@ int nm_trainer_report_step(nm_trainer *t, const nm_step_metrics *m, int64_t ep_r
     if (t->mesh->n.ep > 1) {
         kv[n++] = NM_METRIC_I("ep_rounds", ep_rounds);
         kv[n++] = NM_METRIC_F("ep_recv_max_over_mean", ep_over);
+        // Rank 0's view of the expert all-to-alls: the seconds it waited inside them (exposed),
+        // and of the time they were in flight, the share it spent computing instead
+        // (moe_shared_expert_overlap; 0 without it): an upper bound on what the overlap hid,
+        // since an all-to-all is in flight until its wait returns, moving or not.
+        double now = t->mesh->ep->counters.seconds[NM_COMM_ALL_TO_ALL], exposed = now - t->ep_a2a_seen;
+        t->ep_a2a_seen = now;
+        kv[n++] = NM_METRIC_F("ep_a2a_exposed_s", exposed);
+        kv[n++] = NM_METRIC_F("ep_a2a_hidden_fraction",
+                              t->ep_overlap_s > 0 ? t->ep_overlap_s / (t->ep_overlap_s + exposed) : 0.0);
     }
     if (t->pipe) {
         int64_t S = t->mesh->n.pp;

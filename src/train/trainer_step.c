@@ -390,7 +390,7 @@ static int routing_stats(nm_trainer *t, nm_step_metrics *m, int n_moe, int64_t *
     *ep_rounds = 0;
     *ep_over = 0.0;
     if (t->mesh->n.ep > 1) {
-        nm_model_ep_stats(t->model, ep_rounds, ep_over);
+        nm_model_ep_stats(t->model, ep_rounds, ep_over, &t->ep_overlap_s);
         if (nm_comm_all_reduce(t->world, ep_rounds, 1, NM_DT_I64, NM_RED_MAX, err) != 0 ||
             nm_comm_all_reduce(t->world, ep_over, 1, NM_DT_F64, NM_RED_MAX, err) != 0)
             return -1;
