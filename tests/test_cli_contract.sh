@@ -226,8 +226,8 @@ refused "--top-p 0 keeps no token" "$N" sample --model model --top-p 0
 # the newer flags' own refusals: the time model's inputs go together, selective recomputation
 # names its modules, a blend on inspect's --data is weight-prefix pairs and needs --samples
 refused "--bw-intra and --bw-inter go together" "$N" plan --config "$TINY" --world 1 --bw-intra 1
-refused "'layernorm' is not one of mla_up_proj, moe_act" "$N" plan --config "$TINY" --world 1 \
-    --recompute-modules mla_up_proj,layernorm
+refused "'mlp' is not one of mla_up_proj, moe_act, layernorm" "$N" plan --config "$TINY" --world 1 \
+    --recompute-modules mla_up_proj,mlp
 refused "one prefix, or up to 64 weight-prefix pairs" "$N" inspect --data "0.5 ds 0.5" --samples 1 --seq-len 8
 refused "'x' is not a weight" "$N" inspect --data "x ds 1 ds" --samples 1 --seq-len 8
 refused "is a blend (weight-prefix pairs): give --samples" "$N" inspect --data "1 ds 1 ds"

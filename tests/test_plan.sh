@@ -42,6 +42,9 @@ check() {
   if [ -n "${PRECISION:-}" ]; then
     extra+=(--set precision="$PRECISION") && pextra+=(--precision "$PRECISION")
   fi
+  if [ -n "${MODULES:-}" ]; then
+    extra+=(--set recompute_modules="$MODULES") && pextra+=(--recompute-modules "$MODULES")
+  fi
   if [ -n "${CAPACITY:-}" ]; then
     extra+=(--set moe_receive_capacity="$CAPACITY") && pextra+=(--moe-receive-capacity "$CAPACITY")
   fi
@@ -110,6 +113,9 @@ check tp2_nosp_recompute 2 1 1 2 0
 check pp2 2 1 0 1 1 2 'Et|ttmL'
 check pp2_dp2_ep2 4 2 0 1 1 2 'Ett|tmL'
 check tp2_pp2 4 1 0 2 1 2 'Et|ttmL'
+# selective recomputation of all three modules (shared buffers instead of per-block ones)
+MODULES=mla_up_proj,moe_act,layernorm check dp2_ep2_modules 4 2 0
+MODULES=mla_up_proj,moe_act,layernorm check tp2_pp2_modules 4 1 0 2 1 2 'Et|ttmL'
 # the interleaved schedule: 4 stages on 2 pipeline ranks (2 chunks each), by the layout
 check pp2_v2 2 1 0 1 1 2 'Et|t|t|mL'
 check pp2_v2_dp2_ep2 4 2 0 1 1 2 'E|t|t|tmL'

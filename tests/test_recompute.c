@@ -1,6 +1,6 @@
 // test_recompute.c: activation recomputation, whole blocks (recompute) and selective (the MLA
-// up-projections, recompute_mla_up_proj), gives bit-identical losses and gradients with less
-// activation memory, in fp32 and in bf16.
+// up-projections, the routed experts' SwiGLU, the blocks' norm outputs, and all three), gives
+// bit-identical losses and gradients with less activation memory, in fp32 and in bf16.
 //
 // Recomputation re-runs each block's forward inside the backward with the same inputs and
 // the same deterministic kernels, so the result must be identical to the bit, not merely
@@ -14,13 +14,14 @@
 
 
 // mode 0: keep everything; 1: recompute whole blocks; 2: recompute the MLA up-projections;
-// 3: the routed experts' SwiGLU; 4: both.
+// 3: the routed experts' SwiGLU; 4: both; 5: the norm outputs (layernorm); 6: all three.
 static int run(int mode, nm_precision precision, const nm_model_config *cfg, const int32_t *tokens, int64_t B,
                int64_t T, float *grads_out, double *loss_out, size_t *act_bytes) {
     nm_error err;
     nm_model *m;
-    nm_model_options o = {.recompute = mode == 1, .recompute_mla_up_proj = mode == 2 || mode == 4,
-                          .recompute_moe_act = mode >= 3, .precision = precision};
+    nm_model_options o = {.recompute = mode == 1, .recompute_mla_up_proj = mode == 2 || mode == 4 || mode == 6,
+                          .recompute_moe_act = mode == 3 || mode == 4 || mode == 6,
+                          .recompute_layernorm = mode >= 5, .precision = precision};
     if (nm_model_create_ex(&m, cfg, nm_ops_cpu(), B, T, &o, &err) != 0 ||
         nm_model_set_precision(m, precision, &err) != 0) {
         fprintf(stderr, "create: %s\n", err.msg);
@@ -52,18 +53,20 @@ int main(void) {
     for (int i = 0; i < B * T; i++) tokens[i] = (int32_t)(nm_rng_u64(key, (uint64_t)i) % (uint64_t)cfg.V);
     float *g0 = nm_calloc(t.n_floats, sizeof(float)), *g1 = nm_calloc(t.n_floats, sizeof(float));
     int fail = 0;
-    const char *names[5] = {"", "recomputation", "selective recomputation (mla_up_proj)",
-                            "selective recomputation (moe_act)", "selective recomputation (mla_up_proj, moe_act)"};
+    const char *names[7] = {"", "recomputation", "selective recomputation (mla_up_proj)",
+                            "selective recomputation (moe_act)", "selective recomputation (mla_up_proj, moe_act)",
+                            "selective recomputation (layernorm)",
+                            "selective recomputation (mla_up_proj, moe_act, layernorm)"};
     // the saving each mode must at least make, about half of what it measured: whole blocks
     // (40.3%), the up-projections' outputs, q and kv of this model's 2 heads (5.2%), the
-    // experts' SwiGLU outputs (2.2%), both (7.4%)
-    const double most[5] = {0, 0.80, 0.975, 0.99, 0.965};
+    // experts' SwiGLU outputs (2.2%), both (7.4%), the norm outputs (5.9%), all three (13.3%)
+    const double most[7] = {0, 0.80, 0.975, 0.99, 0.965, 0.97, 0.935};
     for (int prec = 0; prec < 2 && !fail; prec++) {
         nm_precision p = prec ? NM_PRECISION_BF16 : NM_PRECISION_FP32;
         double l0, l1;
         size_t bytes0, bytes1;
         fail = run(0, p, &cfg, tokens, B, T, g0, &l0, &bytes0);
-        for (int mode = 1; mode <= 4 && !fail; mode++) {
+        for (int mode = 1; mode <= 6 && !fail; mode++) {
             fail = run(mode, p, &cfg, tokens, B, T, g1, &l1, &bytes1);
             if (fail) break;
             if (l0 != l1) {

@@ -245,8 +245,8 @@ static void test_errors(void) {
     ERR_SET(J("{%s}", m), "optimizer.exp_avg_sq_dtype=fp8", "'optimizer.exp_avg_sq_dtype'", "\"fp8\" is not one of fp32, bf16");
     ERR(J("{%s, \"tensor_parallel_size\": \"2\"}", m), "'tensor_parallel_size'", "expected an integer");
     ERR_SET(J("{%s}", m), "recompute_modules=core_attn", "'recompute_modules'", "'core_attn' is not a module",
-            "known: mla_up_proj, moe_act");
-    ERR_SET(J("{%s}", m), "recompute_modules=mla_up_proj,layernorm", "'layernorm' is not a module");
+            "known: mla_up_proj, moe_act, layernorm");
+    ERR_SET(J("{%s}", m), "recompute_modules=mla_up_proj,mlp", "'mlp' is not a module");
 #undef J
 }
 

@@ -136,8 +136,9 @@ int nm_cmd_plan(int argc, char **argv) {
     const char *bad;
     int bad_len;
     if (nm_recompute_modules_parse(nm_args_str(&a, "recompute-modules", ""), &r.recompute_mla_up_proj,
-                                   &r.recompute_moe_act, &bad, &bad_len) != 0) {
-        fprintf(stderr, "plan: --recompute-modules: '%.*s' is not one of mla_up_proj, moe_act\n", bad_len, bad);
+                                   &r.recompute_moe_act, &r.recompute_layernorm, &bad, &bad_len) != 0) {
+        fprintf(stderr, "plan: --recompute-modules: '%.*s' is not one of mla_up_proj, moe_act, layernorm\n", bad_len,
+                bad);
         return 2;
     }
     r.overlap_ep = nm_args_has(&a, "overlap-ep");
@@ -177,7 +178,8 @@ int nm_cmd_plan(int argc, char **argv) {
     printf("plan  %s: %s | seq %lld x global batch %lld (micro %lld x %lld accum per dp rank) | %s%s\n",
            dir ? dir : cfg_path, layout, (long long)r.seq_len, (long long)r.global_batch,
            (long long)r.micro_batch, (long long)p.accum, prec,
-           r.recompute ? " | recompute" : r.recompute_mla_up_proj || r.recompute_moe_act ? " | selective recompute" : "");
+           r.recompute ? " | recompute" : r.recompute_mla_up_proj || r.recompute_moe_act || r.recompute_layernorm ? " | selective recompute"
+                                                                                                  : "");
     int fits = 1;
     for (int64_t i = 0; i < p.n_stages; i++) {
         const nm_plan_stage *s = &p.stages[i];

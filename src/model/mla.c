@@ -20,6 +20,21 @@ static void up_projections(nm_model *m, const nm_layer_offsets *w, block_acts *b
     m->ops->rope_forward(b->q, m->rope_cos, m->rope_sin, B, T, H, c->Dqk, c->Dn, c->Dr);
 }
 
+// a = RMSNorm(x_in) on this rank's rows, gathered whole under sequence parallelism and rounded
+// for the bf16 GEMMs: the forward's first step, and under selective recomputation
+// (recompute_layernorm) the backward's, with the same calls on the same saved input.
+static void input_norm(nm_model *m, const nm_layer_offsets *w, block_acts *b, int64_t N) {
+    const int64_t D = m->cfg.D;
+    int64_t s0, n0;
+    nm_sp_rows(m, N, &s0, &n0);
+    m->ops->rmsnorm_forward(b->a + s0 * D, b->a_rstd + s0, b->x_in + s0 * D, m->params + w->input_norm, n0, D,
+                            (float)m->cfg.rms_eps);
+    nm_sp_all_gather(m, b->a, N, D, NM_DT_F32);
+    // a, cq_n and ckv_n feed only the projections (the norms' backward reads their inputs):
+    // rounded once for the bf16 GEMMs of the forward and the weight gradients
+    nm_round_act(m, b->a, N * D);
+}
+
 void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
     const nm_model_config *c = &m->cfg;
     const nm_ops *ops = m->ops;
@@ -33,11 +48,7 @@ void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
     // the projections (all of it without: s0 = 0, n0 = N, the gather a no-op).
     int64_t s0, n0;
     nm_sp_rows(m, N, &s0, &n0);
-    ops->rmsnorm_forward(b->a + s0 * D, b->a_rstd + s0, b->x_in + s0 * D, P + w->input_norm, n0, D, eps);
-    nm_sp_all_gather(m, b->a, N, D, NM_DT_F32);
-    // a, cq_n and ckv_n feed only the projections (the norms' backward reads their inputs):
-    // rounded once for the bf16 GEMMs of the forward and the weight gradients
-    nm_round_act(m, b->a, N * D);
+    input_norm(m, w, b, N);
     nm_dtype at = nm_act_type(m);
     if (c->Rq > 0) {
         nm_linear_forward(m, b->cq, c->Rq, b->a, at, D, P + w->q_a, D, N, D, c->Rq, 0.0f);
@@ -80,6 +91,8 @@ void nm_mla_backward(nm_model *m, int64_t l) {
     int64_t s0, n0;
     nm_sp_rows(m, N, &s0, &n0);
     nm_sp_all_gather(m, d_res, N, D, NM_DT_F32);  // o_proj's backward reads every token's d(x_mid)
+    // selective recomputation: a was not kept (one shared buffer holds the last block's)
+    if (m->recompute_layernorm && !m->recompute) input_norm(m, w, b, N);
 
     // forward: x_mid = x_in + att . W_o^T
     nm_linear_backward_input(m, m->d_att, H * c->Dv, d_res, NM_F32, D, P + w->o, H * c->Dv, N, H * c->Dv, D, 0.0f);

@@ -69,6 +69,14 @@ static void block_backward(nm_model *m, int64_t l, float aux_seed) {
     // FFN.  forward: x_out = x_mid + FFN(f), f = RMSNorm(x_mid)
     int64_t s0, n0;
     nm_sp_rows(m, N, &s0, &n0);
+    if (m->recompute_layernorm && !m->recompute) {
+        // selective recomputation: f was not kept (one shared buffer holds the last block's); the
+        // forward's norm again, and every token's rows where the forward gathered them (a dense
+        // block, or the shared experts, under sequence parallelism)
+        m->ops->rmsnorm_forward(b->f + s0 * D, b->f_rstd + s0, b->x_mid + s0 * D, m->params + w->post_norm, n0, D,
+                                (float)c->rms_eps);
+        if (!nm_layer_is_moe(c, l) || c->Fs > 0) nm_sp_all_gather(m, b->f, N, D, NM_DT_F32);
+    }
     if (!nm_layer_is_moe(c, l)) {
         nm_sp_all_gather(m, m->d_res, N, D, NM_DT_F32);  // d(x_out) of every token (sequence parallelism)
         nm_mlp_backward(m, m->d_f, 0.0f, m->d_res, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, m->F_loc);

@@ -80,6 +80,10 @@ typedef struct nm_model_options {
     int recompute_moe_act;      // the same for "moe_act": the routed experts' SwiGLU output, read
                                 // only by the down-projection's weight gradient, is recomputed from
                                 // the saved gate_up in the backward (one shared buffer)
+    int recompute_layernorm;    // the same for "layernorm": each block's input_layernorm and
+                                // post_attention_layernorm outputs (N x D each) are not kept per block
+                                // but recomputed from the saved block input and x_mid (and gathered
+                                // again under sequence parallelism) before the backward reads them
     int shared_expert_overlap;  // with ep: Megatron's moe_shared_expert_overlap. The shared
                                 // experts' first half (forward) and their backward run while the
                                 // exchange's first all-to-all of each MoE block is in flight (a

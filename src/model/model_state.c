@@ -29,7 +29,10 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
     const nm_model_config *c = &m->cfg;
     size_t N = (size_t)(m->B_max * m->T_max);
     size_t D = c->D, NK = N * (size_t)c->K, H = (size_t)m->H_loc;
-    b->a = take(m, N * D);
+    // selective recomputation of the norms: a and f share one buffer each (layout), rebuilt at
+    // the start of each block's backward (model.c, mla.c)
+    const int share_norms = m->recompute_layernorm && !m->recompute;  // (NULL in the counting pass)
+    b->a = share_norms ? m->ln_a : take(m, N * D);
     b->a_rstd = take(m, N);
     if (c->Rq > 0) {
         b->cq = take(m, N * c->Rq);
@@ -48,7 +51,7 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
     b->att = take(m, N * H * c->Dv);
     b->lse = take(m, N * H);
     b->x_mid = take(m, N * D);
-    b->f = take(m, N * D);
+    b->f = share_norms ? m->ln_f : take(m, N * D);
     b->f_rstd = take(m, N);
     if (dense) {
         b->gate_up = take(m, N * 2 * m->F_loc);
@@ -180,9 +183,13 @@ static void layout(nm_model *m) {
     }
     block_acts shared = {0};
     if (m->recompute) take_block_intermediates(m, &shared, stage_dense, stage_moe);
-    m->up_q = m->up_kv = m->moe_act = NULL;
+    m->up_q = m->up_kv = m->moe_act = m->ln_a = m->ln_f = NULL;
     if (m->recompute_moe_act && !m->recompute && stage_moe && c->E > 0)
         m->moe_act = take(m, (m->ep ? (size_t)m->ep_cap : N * (size_t)c->K) * (size_t)c->Fe);
+    if (m->recompute_layernorm && !m->recompute && (stage_dense || stage_moe)) {
+        m->ln_a = take(m, N * D);
+        m->ln_f = take(m, N * D);
+    }
     if (m->recompute_mla_up_proj && !m->recompute && (stage_dense || stage_moe)) {
         size_t H = (size_t)m->H_loc;
         m->up_q = take(m, N * H * c->Dqk);
@@ -407,6 +414,7 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     m->recompute_mla_up_proj = opts->recompute_mla_up_proj;
     m->recompute_moe_act = opts->recompute_moe_act;
     m->shared_expert_overlap = opts->shared_expert_overlap;
+    m->recompute_layernorm = opts->recompute_layernorm;
     m->opt_precision = opts->precision;
     if (set_chunks(m, opts, err) != 0 || configure(m, opts, err) != 0) {
         nm_free(m);
@@ -523,6 +531,7 @@ int nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_
                                           const nm_model_options *opts, size_t *bytes, nm_error *err) {
     nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = opts->recompute,
                   .recompute_mla_up_proj = opts->recompute_mla_up_proj, .recompute_moe_act = opts->recompute_moe_act,
+                  .recompute_layernorm = opts->recompute_layernorm,
                   .opt_precision = opts->precision};
     if (set_chunks(&m, opts, err) != 0 || configure(&m, opts, err) != 0) return -1;
     int n_slots = m.n_slots;

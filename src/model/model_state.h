@@ -117,6 +117,8 @@ struct nm_model {
     float *up_q, *up_kv;        // (N, H_loc, Dqk), (N, H_loc, Dn + Dv): that pair
     int recompute_moe_act;      // the routed experts' act not kept per block: one shared buffer (moe.c)
     float *moe_act;             // (R, Fe): that buffer
+    int recompute_layernorm;    // the blocks' norm outputs a and f not kept per block (model.c, mla.c)
+    float *ln_a, *ln_f;         // (N, D) each: the shared pair
 
     float *arena;               // every activation buffer below points into it
     size_t arena_floats;

@@ -80,6 +80,8 @@ static void tp_bytes(const nm_model_config *c, const nm_plan_request *r, int64_t
         ar += N * c->Rkv + N * c->Dr + N * (c->Rq > 0 ? c->Rq : D);
         if (sp) {
             ag += fwd * (N * D + (moe ? N * c->E : 0) + (ffn ? N * D : 0)) + N * D + (ffn ? N * D : 0);
+            // the norms recomputed in the backward (recompute_modules layernorm) gather again
+            if (r->recompute_layernorm && !r->recompute) ag += N * D + (ffn ? N * D : 0);
             rs += fwd * (N * D + (ffn ? N * D : 0)) + (ffn ? N * D : 0);
         } else {
             ar += fwd * 2 * N * D + (ffn ? N * D : 0);
@@ -225,6 +227,7 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
                            .vocab_multiple = r->vocab_multiple, .stage = p->n.pp > 1 ? st : NULL,
                            .n_chunks = p->n.pp > 1 ? v : 1, .act_slots = s->in_flight, .moe_receive_capacity = r->moe_receive_capacity,
                            .precision = r->precision, .recompute_mla_up_proj = r->recompute_mla_up_proj,
+                           .recompute_layernorm = r->recompute_layernorm,
                            .recompute_moe_act = r->recompute_moe_act};
     int64_t T = r->seq_len + 1;  // the trainer's rows: seq_len inputs and the last target
     size_t act = 0;

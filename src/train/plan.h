@@ -26,6 +26,7 @@ typedef struct nm_plan_request {
     int recompute;
     int recompute_mla_up_proj;  // selective recomputation of the MLA up-projections (recompute_modules)
     int recompute_moe_act;      // ... of the routed experts' SwiGLU
+    int recompute_layernorm;    // ... of the blocks' two RMSNorm outputs
     int sequence_parallel;      // under TP (the training config's sequence_parallel, default on)
     int64_t vocab_multiple;     // make_vocab_size_divisible_by (default 128)
     nm_precision precision;

@@ -105,7 +105,7 @@ static const key_spec keys[] = {
     {"recompute_modules", K_STRING, OFF(recompute_modules), 0, "", 0, 0, 0, NULL, 0,
      "selective recomputation (Megatron's recompute_modules, comma-separated): mla_up_proj recomputes the MLA "
      "up-projections' outputs in the backward instead of keeping them (DeepSeek-V3's choice), moe_act the routed "
-     "experts' SwiGLU; --recompute recomputes everything"},
+     "experts' SwiGLU, layernorm the blocks' two RMSNorm outputs; --recompute recomputes everything"},
     {"bucket_mb", K_INT, OFF(bucket_mb), 40, NULL, 1, 1 << 20, 0, NULL, 0,
      "gradient reduce-scatter bucket size, MiB of fp32 gradients"},
     {"make_vocab_size_divisible_by", K_INT, OFF(make_vocab_size_divisible_by), 128, NULL, 1, 1 << 20, 0, NULL, 0,
@@ -468,12 +468,14 @@ static int parse_split(nm_train_config *cfg, const char *where, nm_error *err) {
                         "with a positive sum, like \"99,1\" or \"949,50,1\"", where, cfg->data_split);
 }
 
-int nm_recompute_modules_parse(const char *list, int *mla_up_proj, int *moe_act, const char **bad, int *bad_len) {
-    *mla_up_proj = *moe_act = 0;
+int nm_recompute_modules_parse(const char *list, int *mla_up_proj, int *moe_act, int *layernorm, const char **bad,
+                                int *bad_len) {
+    *mla_up_proj = *moe_act = *layernorm = 0;
     for (const char *p = list; p && *p;) {
         size_t n = strcspn(p, ",");
         if (n == strlen("mla_up_proj") && !strncmp(p, "mla_up_proj", n)) *mla_up_proj = 1;
         else if (n == strlen("moe_act") && !strncmp(p, "moe_act", n)) *moe_act = 1;
+        else if (n == strlen("layernorm") && !strncmp(p, "layernorm", n)) *layernorm = 1;
         else if (n > 0) {
             *bad = p;
             *bad_len = (int)n;
@@ -515,10 +517,11 @@ static int validate(nm_train_config *cfg, const char *where, nm_error *err) {
     // recompute_modules: the modules this model recomputes selectively, by Megatron's names
     const char *bad;
     int bad_len;
-    if (nm_recompute_modules_parse(cfg->recompute_modules, &cfg->recompute_mla_up_proj, &cfg->recompute_moe_act, &bad,
-                                   &bad_len) != 0)
+    if (nm_recompute_modules_parse(cfg->recompute_modules, &cfg->recompute_mla_up_proj, &cfg->recompute_moe_act,
+                                   &cfg->recompute_layernorm, &bad, &bad_len) != 0)
         return nm_error_set(err, "%s: 'recompute_modules' = \"%s\": '%.*s' is not a module this trainer recomputes "
-                            "selectively (known: mla_up_proj, moe_act; --recompute recomputes whole blocks)", where,
+                            "selectively (known: mla_up_proj, moe_act, layernorm; --recompute recomputes whole blocks)",
+                            where,
                             cfg->recompute_modules, bad_len, bad);
     if (cfg->global_batch == 0) cfg->global_batch = cfg->micro_batch;
     if (cfg->global_batch % cfg->micro_batch != 0)

@@ -85,9 +85,10 @@ typedef struct nm_train_config {
     int64_t expert_parallel_size;   // 1: routed experts sharded over this many ranks
     double moe_receive_capacity;    // EP receive buffers per round, x the mean rows per rank (2.0)
     char *recompute_modules;    // selective recomputation, Megatron's module names, comma-separated
-                                // ("mla_up_proj", "moe_act"); "": none
+                                // ("mla_up_proj", "moe_act", "layernorm"); "": none
     int recompute_mla_up_proj;  // derived: recompute_modules names mla_up_proj
     int recompute_moe_act;      // derived: ... moe_act
+    int recompute_layernorm;    // derived: ... layernorm
     int64_t bucket_mb;              // ZeRO-1 gradient bucket size in MiB of fp32 (40)
     int overlap_grad_reduce;        // 1: buckets start reducing during the last backward (default 0)
     int sequence_parallel;          // 1 (default): with tensor_parallel_size > 1, sequence parallelism
@@ -154,9 +155,10 @@ int nm_train_config_accum_steps(const nm_train_config *cfg, int64_t dp_world, in
 // The pieces other modules take.
 void nm_train_config_lr_schedule(const nm_train_config *cfg, nm_lr_schedule *out);
 void nm_train_config_adamw(const nm_train_config *cfg, nm_adamw_config *out);
-// A recompute_modules list (comma-separated Megatron names: mla_up_proj, moe_act) into the two
-// flags. 0, or -1 with *bad and *bad_len naming the first entry that is neither.
-int nm_recompute_modules_parse(const char *list, int *mla_up_proj, int *moe_act, const char **bad, int *bad_len);
+// A recompute_modules list (comma-separated Megatron names: mla_up_proj, moe_act, layernorm)
+// into the three flags. 0, or -1 with *bad and *bad_len naming the first entry that is none.
+int nm_recompute_modules_parse(const char *list, int *mla_up_proj, int *moe_act, int *layernorm, const char **bad,
+                                int *bad_len);
 const char *nm_precision_name(nm_precision p);
 
 // Prints every key with its type and default (for `train --help`).

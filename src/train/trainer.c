@@ -208,6 +208,7 @@ static int create_model(nm_trainer *t, nm_error *err) {
                               .sequence_parallel = t->sp, .vocab_multiple = cfg->make_vocab_size_divisible_by,
                               .moe_receive_capacity = cfg->moe_receive_capacity, .precision = cfg->precision,
                               .recompute_mla_up_proj = cfg->recompute_mla_up_proj,
+                              .recompute_layernorm = cfg->recompute_layernorm,
                               .recompute_moe_act = cfg->recompute_moe_act,
                               .shared_expert_overlap = cfg->moe_shared_expert_overlap};
     if (ms.pp > 1) {
