@@ -10,7 +10,7 @@
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <omp.h>
+#include <pthread.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/mman.h>
@@ -20,6 +20,7 @@
 #include <zlib.h>
 #include <zstd.h>
 
+#include "core/parallel.h"
 #include "data/indexed.h"
 #include "data/tokenizer.h"
 
@@ -128,28 +129,43 @@ static void show_progress(run *r, int final) {
     fflush(stderr);
 }
 
-// Tokenizes the batch in parallel, then writes it in order.
-static int flush_batch(run *r, nm_error *err) {
-    batch *b = &r->b;
-    int workers = r->o->workers > 0 ? r->o->workers : omp_get_max_threads();
-    int64_t first_bad = -1;
+// The batch's parts tokenized by nm_parallel_for's threads; the first failing part (lowest
+// index, whichever thread met it) is the one reported.
+typedef struct encode_job {
+    run *r;
+    pthread_mutex_t lock;
+    int64_t first_bad;
     nm_error bad_err;
-    bad_err.msg[0] = 0;
-    #pragma omp parallel for schedule(dynamic, 4) num_threads(workers)
-    for (int64_t i = 0; i < b->n_parts; i++) {
-        part *p = &b->parts[i];
+} encode_job;
+
+static void encode_parts(void *ctx, int64_t begin, int64_t end) {
+    encode_job *j = ctx;
+    for (int64_t i = begin; i < end; i++) {
+        part *p = &j->r->b.parts[i];
         nm_error e;
         p->ids = NULL;
         p->n_ids = 0;
-        p->rc = nm_tokenizer_encode(r->tok, p->text, p->len, &p->ids, &p->n_ids, &e);
+        p->rc = nm_tokenizer_encode(j->r->tok, p->text, p->len, &p->ids, &p->n_ids, &e);
         if (p->rc != 0) {
-            #pragma omp critical(nm_prepare_error)
-            if (first_bad < 0 || i < first_bad) {
-                first_bad = i;
-                bad_err = e;
+            pthread_mutex_lock(&j->lock);
+            if (j->first_bad < 0 || i < j->first_bad) {
+                j->first_bad = i;
+                j->bad_err = e;
             }
+            pthread_mutex_unlock(&j->lock);
         }
     }
+}
+
+// Tokenizes the batch in parallel, then writes it in order.
+static int flush_batch(run *r, nm_error *err) {
+    batch *b = &r->b;
+    encode_job job = {.r = r, .lock = PTHREAD_MUTEX_INITIALIZER, .first_bad = -1};
+    job.bad_err.msg[0] = 0;
+    nm_parallel_for(b->n_parts, 4, r->o->workers > 0 ? r->o->workers : 0, encode_parts, &job);
+    pthread_mutex_destroy(&job.lock);
+    int64_t first_bad = job.first_bad;
+    nm_error bad_err = job.bad_err;
     if (first_bad >= 0) {
         *err = bad_err;
         return -1;

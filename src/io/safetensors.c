@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "core/fileio.h"
+#include "core/parallel.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "safetensors.c assumes a little-endian host (the format is little-endian)"
@@ -429,6 +430,22 @@ const void *nm_safetensors_data(const nm_safetensors *st, int i, size_t *nbytes)
     return st->data + st->begin[i];
 }
 
+// bf16 or f16 elements widened to fp32, a piece of the tensor per call (nm_parallel_for).
+typedef struct widen_job {
+    float *dst;
+    const uint8_t *src;
+    int bf16;                   // else IEEE half
+} widen_job;
+
+static void widen_halves(void *ctx, int64_t begin, int64_t end) {
+    const widen_job *j = ctx;
+    for (int64_t k = begin; k < end; k++) {
+        uint16_t h;
+        memcpy(&h, j->src + 2 * k, 2);
+        j->dst[k] = j->bf16 ? nm_bf16_to_f32(h) : nm_f16_to_f32(h);
+    }
+}
+
 int nm_safetensors_read_f32(const nm_safetensors *st, int i, float *dst /* (numel) */, int64_t numel, nm_error *err) {
     NM_CHECK(i >= 0 && i < st->n, "tensor index %d of %d", i, st->n);
     const char *name = st->names[i];
@@ -444,21 +461,11 @@ int nm_safetensors_read_f32(const nm_safetensors *st, int i, float *dst /* (nume
         memcpy(dst, src, (size_t)numel * 4);
         return 0;
     case NM_ST_BF16:
-#pragma omp parallel for schedule(static) if (numel > 262144)
-        for (int64_t k = 0; k < numel; k++) {
-            uint16_t h;
-            memcpy(&h, src + 2 * k, 2);
-            dst[k] = nm_bf16_to_f32(h);
-        }
+    case NM_ST_F16: {
+        widen_job job = {dst, src, st->dtype[i]->kind == NM_ST_BF16};
+        nm_parallel_for(numel, 262144, 0, widen_halves, &job);
         return 0;
-    case NM_ST_F16:
-#pragma omp parallel for schedule(static) if (numel > 262144)
-        for (int64_t k = 0; k < numel; k++) {
-            uint16_t h;
-            memcpy(&h, src + 2 * k, 2);
-            dst[k] = nm_f16_to_f32(h);
-        }
-        return 0;
+    }
     case NM_ST_F64:
         for (int64_t k = 0; k < numel; k++) {
             double x;

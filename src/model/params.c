@@ -27,6 +27,7 @@
 #include <string.h>
 
 #include "core/check.h"
+#include "core/parallel.h"
 #include "core/rng.h"
 
 // --- table builder ---------------------------------------------------------------------------
@@ -312,6 +313,24 @@ int nm_param_table_find(const nm_param_table *t, const char *name) {
 
 // --- initialisation --------------------------------------------------------------------------
 
+// One matrix's N(0, std) elements: element i of the stored rows draws the counter of its place
+// in the full tensor (full_cols columns; the shard starts at row row0, column col0); rows past
+// rows_real (vocabulary padding) are zero.
+typedef struct init_rows {
+    float *p;
+    uint64_t key;
+    float std;
+    int64_t cols, full_cols, row0, col0, rows_real;
+} init_rows;
+
+static void init_normal(void *ctx, int64_t begin, int64_t end) {
+    const init_rows *r = ctx;
+    for (int64_t i = begin; i < end; i++) {
+        int64_t full = (i / r->cols + r->row0) * r->full_cols + i % r->cols + r->col0;
+        r->p[i] = i / r->cols < r->rows_real ? r->std * nm_rng_normal(r->key, (uint64_t)full) : 0.0f;
+    }
+}
+
 void nm_params_init(float *params /* (n_floats) */, const nm_param_table *t, const nm_model_config *cfg,
                     uint64_t seed) {
     const float std = (float)cfg->init_std;
@@ -335,11 +354,8 @@ void nm_params_init(float *params /* (n_floats) */, const nm_param_table *t, con
             const int64_t cols = row->ndim == 2 ? row->shape[1] : 1, full_cols = row->ndim == 2 ? row->full_shape[1] : 1;
             const int64_t row0 = row->tp_dim == 0 ? row->tp_start : 0, col0 = row->tp_dim == 1 ? row->tp_start : 0;
             const int64_t rows_real = row->tp_dim == 0 ? row->tp_extent : n / cols;  // the rest: vocabulary padding
-#pragma omp parallel for schedule(static) if (n > 65536)
-            for (int64_t i = 0; i < n; i++) {
-                int64_t full = (i / cols + row0) * full_cols + i % cols + col0;
-                p[i] = i / cols < rows_real ? std * nm_rng_normal(key, (uint64_t)full) : 0.0f;
-            }
+            init_rows ir = {p, key, std, cols, full_cols, row0, col0, rows_real};
+            nm_parallel_for(n, 65536, 0, init_normal, &ir);
         }
         prev_end = row->offset + (size_t)n;
     }

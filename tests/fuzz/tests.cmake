@@ -26,7 +26,8 @@ file(GLOB NM_FUZZ_HEADERS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/fuzz/*.h)
 # (paths under the source root), with clang -fsanitize=fuzzer,address,undefined.
 function(nm_fuzz_build name)
   set(_srcs ${CMAKE_SOURCE_DIR}/tests/fuzz/fuzz_${name}.c ${CMAKE_SOURCE_DIR}/src/core/check.c
-            ${CMAKE_SOURCE_DIR}/src/core/fileio.c ${CMAKE_SOURCE_DIR}/src/core/strdist.c)
+            ${CMAKE_SOURCE_DIR}/src/core/fileio.c ${CMAKE_SOURCE_DIR}/src/core/strdist.c
+            ${CMAKE_SOURCE_DIR}/src/core/parallel.c)
   foreach(s ${ARGN})
     list(APPEND _srcs ${CMAKE_SOURCE_DIR}/${s})
   endforeach()
@@ -34,7 +35,7 @@ function(nm_fuzz_build name)
     OUTPUT ${CMAKE_BINARY_DIR}/fuzz_${name}
     COMMAND ${NM_CLANG} -std=c11 -D_POSIX_C_SOURCE=200809L -O1 -g -fno-omit-frame-pointer
             -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Wall -Wextra -Werror
-            -Wno-unused-parameter -I${CMAKE_SOURCE_DIR}/src ${_srcs} -lcjson -lpcre2-8 -lm -o ${CMAKE_BINARY_DIR}/fuzz_${name}
+            -Wno-unused-parameter -I${CMAKE_SOURCE_DIR}/src ${_srcs} -lcjson -lpcre2-8 -lm -lpthread -o ${CMAKE_BINARY_DIR}/fuzz_${name}
     DEPENDS ${_srcs} ${NM_FUZZ_HEADERS}
     COMMENT "Building libFuzzer target fuzz_${name} with clang"
     VERBATIM)
