@@ -193,6 +193,7 @@ struct nm_model {
     int32_t *ep_round_offsets;  // (E_loc+1) this round's first row of each local expert in x_loc
     int shared_expert_overlap;  // moe_shared_expert_overlap: the shared experts inside the exchange
     const struct ep_overlap *ep_overlap;  // work for the next all-to-all of the exchange (moe.c)
+    nm_comm_request *ep_in_flight;        // that all-to-all while the work runs (nm_ep_progress)
     double ep_overlap_s;        // seconds of that work run with an all-to-all in flight, since the
                                 // last nm_model_ep_stats
     int64_t ep_stats_rounds;    // most rounds of any exchange since the last nm_model_ep_stats
@@ -316,6 +317,10 @@ void nm_sp_rows(const nm_model *m, int64_t N, int64_t *start, int64_t *n);
 void nm_sp_all_gather(nm_model *m, void *buf, int64_t N, int64_t width, nm_comm_dtype dt);
 // buf (N, width) summed over tp, each rank left with its chunk (no-op without it).
 void nm_sp_reduce_scatter(nm_model *m, float *buf, int64_t N, int64_t width);
+// Lets the expert all-to-all in flight (moe_shared_expert_overlap) move: MPI progresses a
+// non-blocking collective only inside MPI calls, so the work that overlaps it calls this
+// between its GEMMs. A no-op when none is in flight.
+void nm_ep_progress(nm_model *m);
 
 // The stage's layers in forward order: main layers [layer_begin, layer_end), then the MTP
 // blocks L .. L+M-1 on the last stage.

@@ -242,7 +242,9 @@ static void ep_a2a(nm_model *m, const void *send, const int64_t *send_counts, co
         return;
     }
     double t0 = nm_comm_clock();
+    m->ep_in_flight = &req;
     o->work(m, o->ctx);
+    m->ep_in_flight = NULL;
     m->ep_overlap_s += nm_comm_clock() - t0;
     if (nm_comm_wait(&req, &m->ep_err) != 0) ep_fail(m);
 }

@@ -58,3 +58,9 @@ void nm_sp_reduce_scatter(nm_model *m, float *buf, int64_t N, int64_t width) {
 void nm_tp_embedding_backward(nm_model *m, const float *dout, const int32_t *tokens, int64_t N) {
     m->ops->embedding_backward(m->grads + m->table.embed, dout, tp_local_ids(m, tokens, N), N, m->cfg.D);
 }
+
+void nm_ep_progress(nm_model *m) {
+    if (!m->ep_in_flight || m->ep_failed) return;
+    int done = 0;
+    if (nm_comm_test(m->ep_in_flight, &done, &m->ep_err) != 0) m->ep_failed = 1;
+}
