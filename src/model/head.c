@@ -41,13 +41,15 @@ static void tp_head_forward(nm_model *m, float *losses, float *lse, float *logit
         ops->xent_tile_forward(losses, lse, st, logits, n_cols, lt, N, Vl + 1, v0, n_cols);
     }
     for (int64_t n = 0; n < N; n++) mx[n] = targets[n] < 0 ? 0.0 : st[3 * n];
-    if (!m->tp_failed && nm_comm_all_reduce(m->tp, mx, N, NM_DT_F64, NM_RED_MAX, &m->tp_err) != 0) m->tp_failed = 1;
+    nm_error e;
+    if (!nm_model_faulted(m) && nm_comm_all_reduce(m->tp, mx, N, NM_DT_F64, NM_RED_MAX, &e) != 0)
+        nm_model_latch(m, NM_FAULT_TP, &e);
     for (int64_t n = 0; n < N; n++) {
         sums[2 * n] = targets[n] < 0 ? 0.0 : st[3 * n + 1] * exp(st[3 * n] - mx[n]);
         sums[2 * n + 1] = st[3 * n + 2];
     }
-    if (!m->tp_failed && nm_comm_all_reduce(m->tp, sums, 2 * N, NM_DT_F64, NM_RED_SUM, &m->tp_err) != 0)
-        m->tp_failed = 1;
+    if (!nm_model_faulted(m) && nm_comm_all_reduce(m->tp, sums, 2 * N, NM_DT_F64, NM_RED_SUM, &e) != 0)
+        nm_model_latch(m, NM_FAULT_TP, &e);
     for (int64_t n = 0; n < N; n++) {
         if (targets[n] < 0) {
             losses[n] = 0.0f, lse[n] = 0.0f;  // lse never read for these rows

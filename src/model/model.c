@@ -124,21 +124,12 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
 // it reported.
 static int forward_done(nm_model *m, const nm_loss_options *opt, nm_error *err) {
     const int first_row = m->chunk_moe_row[m->chunk], rows = m->chunk_moe_row[m->chunk + 1] - first_row;
-    if (m->sp && rows > 0 && !m->tp_failed &&
+    nm_error e;
+    if (m->sp && rows > 0 && !nm_model_faulted(m) &&
         nm_comm_all_reduce(m->tp, m->expert_counts + (size_t)first_row * (size_t)m->cfg.E, (int64_t)rows * m->cfg.E,
-                           NM_DT_I64, NM_RED_SUM, &m->tp_err) != 0)
-        m->tp_failed = 1;
-    if (m->tp_failed) {
-        m->tp_failed = 0;
-        m->ep_failed = 0;
-        *err = m->tp_err;
-        return nm_error_prefix(err, "forward: tensor-parallel all-reduce");
-    }
-    if (m->ep_failed) {
-        m->ep_failed = 0;
-        *err = m->ep_err;
-        return nm_error_prefix(err, "forward: expert-parallel exchange");
-    }
+                           NM_DT_I64, NM_RED_SUM, &e) != 0)
+        nm_model_latch(m, NM_FAULT_TP, &e);
+    if (nm_model_report_fault(m, "forward", err) != 0) return -1;
     m->have_forward = !opt->inference;
     return 0;
 }
@@ -230,7 +221,8 @@ void nm_model_set_backward_hook(nm_model *m, nm_backward_hook fn, void *ctx) {
 }
 
 static void layer_finished(nm_model *m, int64_t l) {
-    if (m->hook && !m->hook_failed && m->hook(m->hook_ctx, (int)l, &m->hook_err) != 0) m->hook_failed = 1;
+    nm_error e;
+    if (m->hook && !nm_model_faulted(m) && m->hook(m->hook_ctx, (int)l, &e) != 0) nm_model_latch(m, NM_FAULT_HOOK, &e);
 }
 
 int nm_model_backward(nm_model *m, nm_error *err) { return nm_model_backward_stage(m, NULL, err); }
@@ -283,23 +275,5 @@ main_blocks:
         nm_sp_all_gather(m, m->d_res, N, D, NM_DT_F32);  // this rank's vocabulary rows see every token
         nm_tp_embedding_backward(m, m->d_res, m->tokens, N);
     }
-    if (m->tp_failed) {
-        m->tp_failed = 0;
-        m->ep_failed = 0;
-        m->hook_failed = 0;
-        *err = m->tp_err;
-        return nm_error_prefix(err, "backward: tensor-parallel all-reduce");
-    }
-    if (m->ep_failed) {
-        m->ep_failed = 0;
-        m->hook_failed = 0;
-        *err = m->ep_err;
-        return nm_error_prefix(err, "backward: expert-parallel exchange");
-    }
-    if (m->hook_failed) {
-        m->hook_failed = 0;
-        *err = m->hook_err;
-        return nm_error_prefix(err, "backward hook");
-    }
-    return 0;
+    return nm_model_report_fault(m, "backward", err);
 }

@@ -98,6 +98,14 @@ typedef struct model_slot {
 
 typedef struct nm_bf16_twins nm_bf16_twins;
 
+// What failed inside a pass (struct nm_model's latch).
+typedef enum nm_model_fault {
+    NM_FAULT_NONE = 0,
+    NM_FAULT_TP,                // a tensor-parallel collective
+    NM_FAULT_EP,                // the expert-parallel exchange
+    NM_FAULT_HOOK,              // the backward hook (the trainer's gradient reduction)
+} nm_model_fault;
+
 struct nm_model {
     nm_model_config cfg;        // copy (json_text/source_path borrowed from the caller's config)
     const nm_ops *ops;
@@ -198,8 +206,6 @@ struct nm_model {
                                 // last nm_model_ep_stats
     int64_t ep_stats_rounds;    // most rounds of any exchange since the last nm_model_ep_stats
     double ep_stats_over_mean;  // most rows any receiver got / the group's mean, since then
-    int ep_failed;              // a collective failed inside forward/backward; ep_err has why
-    nm_error ep_err;
     // tensor parallelism (docs/parallelism.md): local sizes (the full ones without it)
     nm_comm *tp;                // NULL without it
     int sp;                     // sequence parallelism (with tp): the residual stream in 1/TP row chunks
@@ -211,12 +217,14 @@ struct nm_model {
     int32_t *tp_ids;            // (N) token ids relative to v_start, -1 where another rank holds the row
     float *d_tp;                // (N, D) partial sums on their way through an all-reduce
     double *tp_red;             // (3N) cross-entropy statistics reduced over tp
-    int tp_failed;              // a tp collective failed inside forward/backward; tp_err has why
-    nm_error tp_err;
     nm_backward_hook hook;      // called as each layer's gradients become final (may be NULL)
     void *hook_ctx;
-    int hook_failed;            // the hook returned an error; hook_err has why
-    nm_error hook_err;
+
+    // The first failure inside a forward or backward, where an op sequence cannot return an
+    // error (a tp or ep collective, the backward hook): latched here and reported when the pass
+    // returns (nm_model_report_fault); the pass's later collectives are skipped meanwhile.
+    nm_model_fault fault;
+    nm_error fault_err;
 
     // pipeline stage (params.h nm_model_stage): main layers [layer_begin, layer_end) here. Under
     // the interleaved schedule the rank holds n_chunks stages (model chunks, in layer order) and
@@ -295,10 +303,21 @@ static inline nm_dtype nm_act_type(const nm_model *m) {
     return m->precision == NM_PRECISION_BF16 ? NM_F32_BF16 : NM_F32;
 }
 
+// --- the failure latch (parallel.c) ------------------------------------------------------------
+
+// 1 once a failure is latched: the pass skips its remaining collectives (the rank reports it
+// when the pass returns and the job stops).
+static inline int nm_model_faulted(const nm_model *m) { return m->fault != NM_FAULT_NONE; }
+// Latches e as the pass's failure of this kind, unless one is latched already.
+void nm_model_latch(nm_model *m, nm_model_fault kind, const nm_error *e);
+// The latched failure into err, prefixed with the pass ("forward", "backward") and what failed,
+// and the latch cleared: -1; 0 when nothing failed.
+int nm_model_report_fault(nm_model *m, const char *pass, nm_error *err);
+
 // --- tensor parallelism (parallel.c) -------------------------------------------------------------
 
-// buf (n floats) summed over the tp group in place; a failure is recorded (tp_failed) and
-// reported when the forward or backward returns. No-op without tensor parallelism.
+// buf (n floats) summed over the tp group in place; a failure is latched and reported when the
+// forward or backward returns. No-op without tensor parallelism.
 void nm_tp_all_reduce(nm_model *m, float *buf, int64_t n);
 // 1 where this rank contributes what every tp rank computes alike (the residual stream, the
 // routed experts): tp rank 0, or always without tensor parallelism.

@@ -211,7 +211,7 @@ static void ep_reorder(const nm_model *m, void *dst_v, const void *src_v, const 
     }
 }
 
-static void ep_fail(nm_model *m) { m->ep_failed = 1; }
+static void ep_fail(nm_model *m, const nm_error *e) { nm_model_latch(m, NM_FAULT_EP, e); }
 
 // Work that runs while the next all-to-all of the exchange is in flight
 // (moe_shared_expert_overlap, as Megatron-Core's): the shared experts' part that touches
@@ -228,16 +228,18 @@ typedef struct ep_overlap ep_overlap;
 static void ep_a2a(nm_model *m, const void *send, const int64_t *send_counts, const int64_t *send_at, void *recv,
                    const int64_t *recv_counts, const int64_t *recv_at, nm_comm_dtype dt) {
     const ep_overlap *o = m->ep_overlap;
+    nm_error e;
     if (!o) {
-        if (nm_comm_all_to_all_v(m->ep, send, send_counts, send_at, recv, recv_counts, recv_at, dt, &m->ep_err) != 0)
-            ep_fail(m);
+        if (!nm_model_faulted(m) &&
+            nm_comm_all_to_all_v(m->ep, send, send_counts, send_at, recv, recv_counts, recv_at, dt, &e) != 0)
+            ep_fail(m, &e);
         return;
     }
     m->ep_overlap = NULL;
     nm_comm_request req;
-    if (nm_comm_all_to_all_v_start(m->ep, send, send_counts, send_at, recv, recv_counts, recv_at, dt, &req,
-                                   &m->ep_err) != 0) {
-        ep_fail(m);
+    if (nm_model_faulted(m) ||
+        nm_comm_all_to_all_v_start(m->ep, send, send_counts, send_at, recv, recv_counts, recv_at, dt, &req, &e) != 0) {
+        if (!nm_model_faulted(m)) ep_fail(m, &e);
         o->work(m, o->ctx);
         return;
     }
@@ -246,7 +248,7 @@ static void ep_a2a(nm_model *m, const void *send, const int64_t *send_counts, co
     o->work(m, o->ctx);
     m->ep_in_flight = NULL;
     m->ep_overlap_s += nm_comm_clock() - t0;
-    if (nm_comm_wait(&req, &m->ep_err) != 0) ep_fail(m);
+    if (nm_comm_wait(&req, &e) != 0) ep_fail(m, &e);
 }
 
 // Runs `work` inside the block's next exchange when the overlap is on, else right away.
@@ -278,12 +280,14 @@ static void ep_exchange_counts(nm_model *m, block_acts *b) {
     }
     int64_t *per = m->ep_recv;  // El counts to and from every peer
     for (int64_t q = 0; q < EP; q++) per[q] = El;
-    if (nm_comm_all_to_all(m->ep, m->ep_cnt_send, per, b->ep_counts, per, NM_DT_I64, &m->ep_err) != 0) ep_fail(m);
+    nm_error e;
+    if (!nm_model_faulted(m) && nm_comm_all_to_all(m->ep, m->ep_cnt_send, per, b->ep_counts, per, NM_DT_I64, &e) != 0)
+        ep_fail(m, &e);
     for (int64_t q = 0; q < EP; q++) {
         b->ep_pairs[me * EP + q] = m->ep_send[q];
         per[q] = EP;
     }
-    if (nm_comm_all_gather(m->ep, b->ep_pairs, per, NM_DT_I64, &m->ep_err) != 0) ep_fail(m);
+    if (!nm_model_faulted(m) && nm_comm_all_gather(m->ep, b->ep_pairs, per, NM_DT_I64, &e) != 0) ep_fail(m, &e);
     int64_t most = 0, total = 0;
     for (int64_t r = 0; r < EP; r++) {
         int64_t in = 0;

@@ -1,12 +1,28 @@
 // parallel.c: tensor and sequence parallelism as the blocks use it (model_state.h): the
 // all-reduce over the tp group, the vocabulary-parallel embedding, and the sequence-parallel
-// row split with its all-gather and reduce-scatter. A failed collective is latched in the
-// model (tp_failed, tp_err) and reported when the forward or backward returns.
+// row split with its all-gather and reduce-scatter, and the model's failure latch. A failed
+// collective is latched in the model and reported when the forward or backward returns.
 #include "model/model_state.h"
 
+void nm_model_latch(nm_model *m, nm_model_fault kind, const nm_error *e) {
+    if (m->fault != NM_FAULT_NONE) return;
+    m->fault = kind;
+    m->fault_err = *e;
+}
+
+int nm_model_report_fault(nm_model *m, const char *pass, nm_error *err) {
+    static const char *const what[] = {"", "tensor-parallel collective", "expert-parallel exchange", "layer hook"};
+    if (m->fault == NM_FAULT_NONE) return 0;
+    *err = m->fault_err;
+    nm_model_fault kind = m->fault;
+    m->fault = NM_FAULT_NONE;
+    return nm_error_prefix(err, "%s: %s", pass, what[kind]);
+}
+
 void nm_tp_all_reduce(nm_model *m, float *buf, int64_t n) {
-    if (!m->tp || m->tp_failed) return;
-    if (nm_comm_all_reduce(m->tp, buf, n, NM_DT_F32, NM_RED_SUM, &m->tp_err) != 0) m->tp_failed = 1;
+    if (!m->tp || nm_model_faulted(m)) return;
+    nm_error e;
+    if (nm_comm_all_reduce(m->tp, buf, n, NM_DT_F32, NM_RED_SUM, &e) != 0) nm_model_latch(m, NM_FAULT_TP, &e);
 }
 
 // Token ids relative to this rank's vocabulary rows, -1 for rows held elsewhere.
@@ -44,15 +60,17 @@ static void sp_counts(nm_model *m, int64_t N, int64_t width) {
 }
 
 void nm_sp_all_gather(nm_model *m, void *buf, int64_t N, int64_t width, nm_comm_dtype dt) {
-    if (!m->sp || m->tp_failed) return;
+    if (!m->sp || nm_model_faulted(m)) return;
     sp_counts(m, N, width);
-    if (nm_comm_all_gather(m->tp, buf, m->sp_counts, dt, &m->tp_err) != 0) m->tp_failed = 1;
+    nm_error e;
+    if (nm_comm_all_gather(m->tp, buf, m->sp_counts, dt, &e) != 0) nm_model_latch(m, NM_FAULT_TP, &e);
 }
 
 void nm_sp_reduce_scatter(nm_model *m, float *buf, int64_t N, int64_t width) {
-    if (!m->sp || m->tp_failed) return;
+    if (!m->sp || nm_model_faulted(m)) return;
     sp_counts(m, N, width);
-    if (nm_comm_reduce_scatter(m->tp, buf, m->sp_counts, NM_DT_F32, &m->tp_err) != 0) m->tp_failed = 1;
+    nm_error e;
+    if (nm_comm_reduce_scatter(m->tp, buf, m->sp_counts, NM_DT_F32, &e) != 0) nm_model_latch(m, NM_FAULT_TP, &e);
 }
 
 void nm_tp_embedding_backward(nm_model *m, const float *dout, const int32_t *tokens, int64_t N) {
@@ -60,7 +78,8 @@ void nm_tp_embedding_backward(nm_model *m, const float *dout, const int32_t *tok
 }
 
 void nm_ep_progress(nm_model *m) {
-    if (!m->ep_in_flight || m->ep_failed) return;
+    if (!m->ep_in_flight || nm_model_faulted(m)) return;
     int done = 0;
-    if (nm_comm_test(m->ep_in_flight, &done, &m->ep_err) != 0) m->ep_failed = 1;
+    nm_error e;
+    if (nm_comm_test(m->ep_in_flight, &done, &e) != 0) nm_model_latch(m, NM_FAULT_EP, &e);
 }
