@@ -116,12 +116,15 @@ EOF
        --set precision=bf16 --steps $((BENCH_STEPS + 2)) --set log.log_every=1 --set log.eval_every=0 \
        --set checkpoint.save_every=0 && [ -n "$PY" ]; then
     nums=$("$PY" - "$LOG/bench/metrics.jsonl" "$card" <<'PY'
-import json, sys
+import json, math, sys
 rows = [json.loads(l) for l in open(sys.argv[1])][2:]
 # every step has the same tokens: tokens/s over the timed steps = steps / sum of 1 / (tokens/s)
 tps = len(rows) / sum(1.0 / r["tokens_per_s"] for r in rows)
 tf = sum(r["tflops"] for r in rows) / len(rows)
 mfu = sum(r["mfu"] for r in rows) / len(rows)
+# a NaN or inf would print as "nan" / "inf", which the JSON summary line cannot hold
+if not all(math.isfinite(x) for x in (tps, tf, mfu)):
+    sys.exit("bench: non-finite rates in metrics.jsonl: %r %r %r" % (tps, tf, mfu))
 card = sys.argv[2]
 dense = 989.0 if ("H100" in card or "H200" in card) else None   # SXM dense bf16 TFLOP/s
 mfu_card = "null" if dense is None else "%.4f" % (tf / dense)

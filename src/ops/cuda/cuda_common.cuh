@@ -73,9 +73,20 @@ static __device__ __forceinline__ uint16_t nm_dev_f32_to_bf16(float f) {
 static __device__ __forceinline__ float nm_dev_bf16_to_f32(uint16_t h) { return __uint_as_float((uint32_t)h << 16); }
 static __device__ __forceinline__ float nm_dev_bf16_round(float x) { return nm_dev_bf16_to_f32(nm_dev_f32_to_bf16(x)); }
 
+// |x| and -x as bit operations. PTX leaves the NaN that abs.f32 / neg.f32 (what fabsf and unary
+// minus compile to) return unspecified, and ptxas may lower them to an FADD that gives the
+// canonical 0x7fffffff; the host clears or flips the sign bit and keeps the payload. The ops
+// that pass a NaN through and are compared bit for bit (the fp8 rows) use these.
+static __device__ __forceinline__ float nm_dev_abs(float x) {
+    return __uint_as_float(__float_as_uint(x) & 0x7fffffffu);
+}
+static __device__ __forceinline__ float nm_dev_neg(float x) {
+    return __uint_as_float(__float_as_uint(x) ^ 0x80000000u);
+}
+
 // fp8.c e4m3_round: nearest even, saturating at 448, NaN kept, sign of zero kept.
 static __device__ __forceinline__ float nm_dev_e4m3_round(float x) {
-    float a = fabsf(x), r;
+    float a = nm_dev_abs(x), r;
     if (!(a < 448.0f)) {
         r = isnan(a) ? a : 448.0f;
     } else if (a < 0x1p-6f) {
@@ -88,14 +99,14 @@ static __device__ __forceinline__ float nm_dev_e4m3_round(float x) {
         b &= 0xFFF00000u;
         r = __uint_as_float(b);
     }
-    return copysignf(r, x);
+    return __uint_as_float(__float_as_uint(r) | (__float_as_uint(x) & 0x80000000u));  // copysignf(r, x); r >= 0
 }
 
 // fp8.c nm_fp8_e4m3_encode
 static __device__ __forceinline__ uint8_t nm_dev_e4m3_encode(float x) {
     uint8_t sign = signbit(x) ? 0x80 : 0x00;
     if (isnan(x)) return (uint8_t)(sign | 0x7F);
-    float a = fabsf(nm_dev_e4m3_round(x));
+    float a = nm_dev_abs(nm_dev_e4m3_round(x));
     if (a < 0x1p-6f) return (uint8_t)(sign | (uint8_t)(a * 512.0f));
     uint32_t b = __float_as_uint(a);
     uint32_t e = (b >> 23) - 127u + 7u;
@@ -109,7 +120,7 @@ static __device__ __forceinline__ float nm_dev_e4m3_decode(uint8_t code) {
     if (e == 15 && m == 7) v = __int_as_float(0x7fc00000);
     else if (e == 0) v = ldexpf((float)m, -9);
     else v = ldexpf(1.0f + (float)m / 8.0f, e - 7);
-    return (code & 0x80) ? -v : v;
+    return (code & 0x80) ? nm_dev_neg(v) : v;
 }
 
 // NaN bits as the host's SSE/AVX arithmetic makes them, for the ops compared bit for bit with

@@ -31,7 +31,8 @@ static __global__ void quantize_blocks_kernel(float *deq, const float *x, int64_
     const int64_t r0 = rb * br, c0 = cb * bc;
     const int64_t h = rows - r0 < br ? rows - r0 : br, w = cols - c0 < bc ? cols - c0 : bc;
     float m = 0.0f;
-    for (int64_t i = threadIdx.x; i < h * w; i += blockDim.x) m = nm_dev_amax(m, fabsf(x[(r0 + i / w) * ld + c0 + i % w]));
+    for (int64_t i = threadIdx.x; i < h * w; i += blockDim.x)
+        m = nm_dev_amax(m, nm_dev_abs(x[(r0 + i / w) * ld + c0 + i % w]));
     const float s = nm_dev_fp8_scale(nm_dev_block_amax(m, shm));
     for (int64_t i = threadIdx.x; i < h * w; i += blockDim.x) {
         const int64_t r = r0 + i / w, c = c0 + i % w;
@@ -46,7 +47,7 @@ static __global__ void rows_kernel(uint8_t *q, float *scales, float *x, int64_t 
     const int64_t r = blockIdx.x / nt, t = blockIdx.x % nt, c = t * TILE + threadIdx.x;
     const int in = c < D;
     const float v = in ? x[r * D + c] : 0.0f;
-    const float s = nm_dev_fp8_scale(nm_dev_block_amax(in ? fabsf(v) : 0.0f, shm));
+    const float s = nm_dev_fp8_scale(nm_dev_block_amax(in ? nm_dev_abs(v) : 0.0f, shm));
     if (mode == 0) {
         if (threadIdx.x == 0) scales[r * nt + t] = s;
         if (in) q[r * D + c] = nm_dev_e4m3_encode(nm_dev_div(v, s));

@@ -123,11 +123,15 @@ void nm_cuda_lt_matmul(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, i
     NM_LT_CALL(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof al_c));
     cublasLtMatmulHeuristicResult_t heur;
     int found = 0;
-    NM_LT_CALL(cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, lc, pref, 1, &heur, &found));
-    if (found < 1)
+    // "no algorithm" comes back either as found == 0 or as CUBLAS_STATUS_NOT_SUPPORTED: both get
+    // the message that names the GEMM
+    const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, lc, pref, 1, &heur, &found);
+    if (hs != CUBLAS_STATUS_SUCCESS || found < 1)
         nm_panic(__FILE__, __LINE__, "backend cuda: cuBLASLt has no %s algorithm for %c%c M=%lld N=%lld K=%lld "
-                 "lda=%lld ldb=%lld ldc=%lld", bf16 ? "bf16" : "fp32", ta ? 'T' : 'N', tb ? 'T' : 'N', (long long)M,
-                 (long long)N, (long long)K, (long long)lda, (long long)ldb, (long long)ldc);
+                 "lda=%lld ldb=%lld ldc=%lld (alignments A %u B %u C %u bytes): %s", bf16 ? "bf16" : "fp32",
+                 ta ? 'T' : 'N', tb ? 'T' : 'N', (long long)M, (long long)N, (long long)K, (long long)lda,
+                 (long long)ldb, (long long)ldc, al_b, al_a, al_c,
+                 hs != CUBLAS_STATUS_SUCCESS ? cublasLtGetStatusString(hs) : "no algorithm returned");
     NM_LT_CALL(cublasLtMatmul(lt, desc, &alpha, B, la, A, lb, &beta, C, lc, C, lc, &heur.algo, workspace,
                               workspace_bytes, NM_CUDA_STREAM));
     NM_LT_CALL(cublasLtMatmulPreferenceDestroy(pref));
