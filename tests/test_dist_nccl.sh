@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # test_dist_nccl.sh: the nccl communicator (src/comm/comm_nccl.c) under mpirun -np 2.
 #
-# First, on every machine, NM_COMM=nccl with configs/tiny-train.json on 2 ranks (backend cuda),
-# and the same chosen by the config key (--set communicator=nccl). What must happen depends on
+# First, on every machine, NM_COMM=nccl with configs/tiny-train.json on 2 ranks (2 steps, the
+# config's backend), and the same chosen by the config key (--set communicator=nccl). What must happen depends on
 # the machine, and the test tells which from the answer:
 #  - a build without NCCL: both refuse, "communicator nccl: this build has no NCCL"; exit 0;
 #  - no GPU (the build machines): both refuse, "communicator nccl: no CUDA device is usable
@@ -24,8 +24,11 @@ trap 'rm -rf "$tmp"' EXIT
 cd "$tmp"
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
-common=(--config "$NM_ROOT/configs/tiny-train.json" --steps 20 --quiet --set backend=cuda --set log.log_every=1
-        --set log.eval_every=0 --set checkpoint.save_every=0)
+# The refusal runs keep the config's backend (a build without CUDA refuses backend cuda before
+# it reads the communicator); the comparisons run on cuda.
+common=(--config "$NM_ROOT/configs/tiny-train.json" --quiet --set log.log_every=1 --set log.eval_every=0
+        --set checkpoint.save_every=0)
+cuda=(--steps 20 --set backend=cuda)
 
 # name env... -- options...: a 2-rank run into $name (each rank started under env with the given
 # variables), its exit status in $name.rc
@@ -50,8 +53,8 @@ refused_cleanly() {  # name pattern: a clean refusal carrying pattern
   [ ! -e "$name/metrics.jsonl" ] || fail "$name: the refused run wrote metrics"
 }
 
-run2 nccl_env NM_COMM=nccl --
-run2 nccl_key NM_COMM= -- --set communicator=nccl
+run2 nccl_env NM_COMM=nccl -- --steps 2
+run2 nccl_key NM_COMM= -- --steps 2 --set communicator=nccl
 no_nccl="communicator nccl: this build has no NCCL"
 no_gpu="communicator nccl: no CUDA device is usable \(cudaGetDeviceCount: .*\): use the mpi communicator"
 one_gpu="communicator nccl: 2 ranks on this node but 1 GPU\(s\)"
@@ -77,8 +80,8 @@ command -v nvidia-smi >/dev/null && nvidia-smi -L || true
 [ "$(cat nccl_key.rc)" -eq 0 ] || { cat nccl_key.log >&2; fail "--set communicator=nccl did not run where NM_COMM=nccl did"; }
 compare() {  # name: nccl against mpi, same options
   local name=$1; shift
-  run2 "${name}_nccl" NM_COMM=nccl -- "$@"
-  run2 "${name}_mpi" NM_COMM=mpi -- "$@"
+  run2 "${name}_nccl" NM_COMM=nccl -- "${cuda[@]}" "$@"
+  run2 "${name}_mpi" NM_COMM=mpi -- "${cuda[@]}" "$@"
   for c in nccl mpi; do
     [ "$(cat "${name}_$c.rc")" -eq 0 ] || { cat "${name}_$c.log" >&2; fail "$name on $c did not run"; }
   done
