@@ -38,6 +38,31 @@ int64_t nm_comm_sum_counts(const int64_t *counts, int n) {
     return s;
 }
 
+// Here, not beside nm_comm_init (comm_mpi.c), so the config parser checks names without MPI.
+int nm_comm_check_name(const char *name, const char *what, nm_error *err) {
+    if (!name || !*name || !strcmp(name, "auto") || !strcmp(name, "single") || !strcmp(name, "mpi")) return 0;
+    if (!strcmp(name, "nccl")) {
+#ifdef NM_HAVE_NCCL
+        return 0;
+#else
+        return nm_error_set(err, "%s communicator nccl: this build has no NCCL (it needs the CUDA toolkit with "
+                            "nccl.h and libnccl at configure time): use the mpi communicator", what);
+#endif
+    }
+    return nm_error_set(err, "%s \"%s\" is not a communicator (known: auto, single, mpi, nccl)", what, name);
+}
+
+#ifndef NM_HAVE_NCCL
+// Builds without NCCL: comm_nccl.c is not compiled; asking for it is refused (nm_comm_check_name
+// says so first, with the same words).
+int nm_comm_init_nccl(nm_comm **out, nm_comm *mpi_world, nm_error *err) {
+    *out = NULL;
+    nm_comm_destroy(mpi_world);
+    return nm_error_set(err, "communicator nccl: this build has no NCCL (it needs the CUDA toolkit with nccl.h and "
+                        "libnccl at configure time): use the mpi communicator");
+}
+#endif
+
 int nm_comm_split(nm_comm *c, int color, int key, const char *group, nm_comm **out, nm_error *err) {
     *out = NULL;
     if (c->vt->split(c, color, key, out, err) != 0) return -1;

@@ -1,6 +1,6 @@
 // comm.h: the communicator, a small table of collectives over contiguous buffers
 // (design.md 6). The model and the trainer call only this table, never MPI or NCCL
-// directly, so a backend is a new table (single process, MPI today; NCCL with CUDA).
+// directly, so a backend is a new table (single process, MPI; NCCL in CUDA builds, comm_nccl.c).
 //
 // Usage:
 //   nm_comm *world;  nm_comm_init(&world, &err);          // MPI when launched by mpirun/srun
@@ -58,7 +58,7 @@ typedef struct nm_comm nm_comm;
 typedef struct nm_comm_request nm_comm_request;
 
 typedef struct nm_comm_vtable {
-    const char *name;                   // "single", "mpi"
+    const char *name;                   // "single", "mpi", "nccl"
     int (*all_reduce)(nm_comm *c, void *buf, int64_t count, nm_comm_dtype dt, nm_reduce_op op, nm_error *err);
     int (*reduce_scatter_start)(nm_comm *c, void *buf, const int64_t *counts, nm_comm_dtype dt, nm_comm_request *req,
                                 nm_error *err);
@@ -114,6 +114,21 @@ size_t nm_comm_dtype_size(nm_comm_dtype dt);
 // mpiexec or srun: OMPI_COMM_WORLD_SIZE, PMI_SIZE / PMIX_RANK or SLURM_NTASKS > 1 in the
 // environment), else the single-process table. NM_COMM=single|mpi forces one.
 int nm_comm_init(nm_comm **world, nm_error *err);
+// The same with the communicator named by the caller (the training config's 'communicator'):
+// "single", "mpi", "nccl", or NULL / "" / "auto" for the launcher's choice above. NM_COMM is
+// not read here (the config applies it before).
+int nm_comm_init_as(nm_comm **world, const char *name, nm_error *err);
+// Whether name is a communicator this build can make (auto, single, mpi; nccl only in builds
+// with NCCL); what prefixes the message ("key 'communicator':").
+int nm_comm_check_name(const char *name, const char *what, nm_error *err);
+// The NCCL table over the ranks of an MPI communicator (world or a split), which it keeps as
+// its bootstrap and owns (destroyed with it): picks this process's GPU (node-local rank modulo
+// the devices), shares rank 0's ncclUniqueId over MPI. Without a usable GPU, or in a build
+// without NCCL, every rank refuses with a message (and mpi_world is destroyed).
+int nm_comm_init_nccl(nm_comm **out, nm_comm *mpi_world, nm_error *err);
+// This process's rank among the ranks of c on its node, and their number (comm_mpi.c: the
+// launcher's variables, else MPI's shared-memory split of c).
+int nm_comm_mpi_local_rank(nm_comm *c, int *local_rank, int *local_size, nm_error *err);
 // The single-process table, always available (tests, tools that never distribute).
 nm_comm *nm_comm_single(void);
 // A communicator with a rank and a size that refuses every operation: what the planner hands

@@ -411,16 +411,46 @@ static int launched_by_mpi(void) {
     return ntasks && atoi(ntasks) > 1 && getenv("SLURM_PROCID");
 }
 
+int nm_comm_init_as(nm_comm **world, const char *name, nm_error *err) {
+    *world = NULL;
+    if (nm_comm_check_name(name, "communicator:", err) != 0) return -1;
+    int auto_pick = !name || !*name || !strcmp(name, "auto");
+    if (auto_pick ? !launched_by_mpi() : !strcmp(name, "single")) {
+        *world = nm_comm_single();
+        return 0;
+    }
+    if (nm_comm_init_mpi(world, err) != 0) return -1;
+    if (auto_pick || strcmp(name, "nccl") != 0) return 0;
+    // NCCL bootstraps over the MPI world, which it then owns.
+    nm_comm *mpi = *world;
+    *world = NULL;
+    return nm_comm_init_nccl(world, mpi, err);
+}
+
 int nm_comm_init(nm_comm **world, nm_error *err) {
     *world = NULL;
     const char *force = getenv("NM_COMM");
-    int use_mpi = launched_by_mpi();
-    if (force && *force) {
-        if (strcmp(force, "mpi") == 0) use_mpi = 1;
-        else if (strcmp(force, "single") == 0) use_mpi = 0;
-        else return nm_error_set(err, "NM_COMM=%s: unknown communicator (want single or mpi)", force);
+    if (force && *force && nm_comm_check_name(force, "NM_COMM:", err) != 0) return -1;
+    return nm_comm_init_as(world, force, err);
+}
+
+// The launcher's node-local rank when it gives one (OpenMPI, MPICH/Hydra, Slurm), else MPI's
+// shared-memory split of c; the size from the same split, so both come from one answer when
+// the variables are absent.
+int nm_comm_mpi_local_rank(nm_comm *c, int *local_rank, int *local_size, nm_error *err) {
+    MPI_Comm node;
+    int rc = MPI_Comm_split_type(handle(c), MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &node);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, "split_type (node-local ranks)", rc, err);
+    MPI_Comm_rank(node, local_rank);
+    MPI_Comm_size(node, local_size);
+    MPI_Comm_free(&node);
+    static const char *const vars[] = {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"};
+    for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
+        const char *v = getenv(vars[i]);
+        if (v && *v) {
+            *local_rank = atoi(v);
+            break;
+        }
     }
-    if (use_mpi) return nm_comm_init_mpi(world, err);
-    *world = nm_comm_single();
     return 0;
 }

@@ -13,6 +13,7 @@
 //   seq_len (256)  micro_batch (8)  global_batch (0: = micro_batch)  steps (1000)
 //   precision         "fp32" | "bf16" | "fp8"                                 ("fp32")
 //   backend           the ops backend, "cpu" | "ref" (ops.h); NM_BACKEND overrides  ("cpu")
+//   communicator      "auto" | "single" | "mpi" | "nccl" (comm.h); NM_COMM overrides  ("auto")
 //   seed (1234)  threads (0: OpenMP default)
 //   optimizer.{lr 3e-4, min_lr 3e-5, beta1 0.9, beta2 0.95, eps 1e-8, weight_decay 0.1,
 //              clip_grad 1.0 (0: off)}
@@ -73,6 +74,7 @@ typedef struct nm_train_config {
     int64_t steps;              // optimizer steps
     nm_precision precision;
     char *backend;              // ops backend by name (nm_ops_by_name), after NM_BACKEND
+    char *communicator;         // "auto" | "single" | "mpi" | "nccl" (nm_comm_init_as), after NM_COMM
     int64_t seed;               // in [0, 2^53], so JSON numbers hold it exactly
     int64_t threads;            // OpenMP threads, 0: the runtime's default
     // --- parallel layout (design.md 6; data_parallel_size = world / (tp * pp)) --------------

@@ -404,7 +404,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     t->run_lock = -1;
     if (t->opts.max_nan_streak <= 0) t->opts.max_nan_streak = 5;
     int rc = -1;
-    if (nm_comm_init(&t->world, err) != 0) goto fail;
+    if (nm_comm_init_as(&t->world, cfg->communicator, err) != 0) goto fail;
     t->rank0 = t->world->rank == 0;
     if (!t->rank0) t->opts.quiet = 1;
     if (create_layout(t, err) != 0 || create_model(t, err) != 0 || create_optimizer(t, err) != 0 ||

@@ -51,7 +51,8 @@ set(NM_FUZZ_MAXLEN_indexed 512)
 set(NM_FUZZ_SRC_indexed src/data/indexed.c)
 set(NM_FUZZ_SRC_model_config src/model/config.c)
 set(NM_FUZZ_SRC_train_config src/train/train_config.c src/train/schedule.c src/train/optim.c src/model/config.c
-    src/io/hf_dir.c src/io/safetensors.c src/model/params.c src/core/rng.c src/ops/fp8_decode.c src/ops/backend_names.c)
+    src/io/hf_dir.c src/io/safetensors.c src/model/params.c src/core/rng.c src/ops/fp8_decode.c src/ops/backend_names.c
+    src/comm/comm.c)
 # The seeds include data.paths lists of 1000 and 5000 entries (the latter 165 kB; libFuzzer cuts a
 # seed to max_len, which would leave only broken JSON of the long lists).
 set(NM_FUZZ_MAXLEN_train_config 262144)

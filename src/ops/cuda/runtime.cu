@@ -33,34 +33,38 @@ static int setup_once(nm_error *err) {
                             why);
     }
     cudaDeviceProp prop;
-    if ((e = cudaSetDevice(0)) != cudaSuccess || (e = cudaGetDeviceProperties(&prop, 0)) != cudaSuccess)
-        return nm_error_set(err, "backend cuda: device 0 is not usable (%s): train on backend cpu",
+    // The current device: 0 unless the nccl communicator, set up first, picked this rank's
+    // GPU (src/comm/comm_nccl.c); the model must compute where NCCL moves its buffers.
+    int dev = 0;
+    if ((e = cudaGetDevice(&dev)) != cudaSuccess || (e = cudaSetDevice(dev)) != cudaSuccess ||
+        (e = cudaGetDeviceProperties(&prop, dev)) != cudaSuccess)
+        return nm_error_set(err, "backend cuda: device %d is not usable (%s): train on backend cpu", dev,
                             cudaGetErrorString(e));
     if (!prop.managedMemory)
-        return nm_error_set(err, "backend cuda: device 0 (%s) has no managed memory, which this backend's "
-                            "buffers are: train on backend cpu", prop.name);
+        return nm_error_set(err, "backend cuda: device %d (%s) has no managed memory, which this backend's "
+                            "buffers are: train on backend cpu", dev, prop.name);
     // Code for the device: the build targets sm_90 (H100/H200) with PTX for newer GPUs to
     // JIT; an older GPU has no image to run.
     cudaFuncAttributes fa;
     int *x = NULL, got = 0;
     if ((e = cudaFuncGetAttributes(&fa, probe_kernel)) != cudaSuccess || (e = cudaMalloc(&x, sizeof(int))) != cudaSuccess) {
         cudaGetLastError();
-        return nm_error_set(err, "backend cuda: this build has no code for device 0 (%s, sm_%d%d): %s; rebuild "
-                            "with -DCMAKE_CUDA_ARCHITECTURES=%d%d, or train on backend cpu", prop.name, prop.major,
+        return nm_error_set(err, "backend cuda: this build has no code for device %d (%s, sm_%d%d): %s; rebuild "
+                            "with -DCMAKE_CUDA_ARCHITECTURES=%d%d, or train on backend cpu", dev, prop.name, prop.major,
                             prop.minor, cudaGetErrorString(e), prop.major, prop.minor);
     }
     probe_kernel<<<1, 32>>>(x);
     if ((e = cudaGetLastError()) != cudaSuccess || (e = cudaDeviceSynchronize()) != cudaSuccess ||
         (e = cudaMemcpy(&got, x, sizeof(int), cudaMemcpyDeviceToHost)) != cudaSuccess || got != 42) {
         cudaFree(x);
-        return nm_error_set(err, "backend cuda: a test kernel did not run on device 0 (%s, sm_%d%d): %s",
-                            prop.name, prop.major, prop.minor, e != cudaSuccess ? cudaGetErrorString(e)
+        return nm_error_set(err, "backend cuda: a test kernel did not run on device %d (%s, sm_%d%d): %s",
+                            dev, prop.name, prop.major, prop.minor, e != cudaSuccess ? cudaGetErrorString(e)
                                                                                 : "wrong result");
     }
     NM_CUDA_CALL(cudaFree(x));
     if (prop.major < 9)
-        fprintf(stderr, "backend cuda: warning: device 0 (%s) is sm_%d%d; this backend is built and meant for "
-                "sm_90 (H100/H200)\n", prop.name, prop.major, prop.minor);
+        fprintf(stderr, "backend cuda: warning: device %d (%s) is sm_%d%d; this backend is built and meant for "
+                "sm_90 (H100/H200)\n", dev, prop.name, prop.major, prop.minor);
     snprintf(device_desc, sizeof device_desc, "%.200s, sm_%d%d, %.0f GiB", prop.name, prop.major, prop.minor,
              (double)prop.totalGlobalMem / (1024.0 * 1024.0 * 1024.0));
     return nm_cuda_gemm_setup(err);
