@@ -313,6 +313,7 @@ _TRAIN_KEYS = {
     "pipeline_model_parallel_layout": "pipeline_model_parallel_layout",
     "virtual_pipeline_model_parallel_size": "virtual_pipeline_model_parallel_size",
     "moe_shared_expert_overlap": "moe_shared_expert_overlap",
+    "communicator": "communicator",
 }
 _PARALLEL = ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size")
 # C keys that come from model / data / batch_size rather than from one field each.
@@ -345,6 +346,7 @@ class TrainConfig:
     expert_parallel_size: int = 1
     moe_receive_capacity: float = 2.0
     moe_shared_expert_overlap: bool = False  # the shared experts inside the expert all-to-all
+    communicator: str = "auto"  # auto (mpi under a launcher, else single), single, mpi, nccl
     recompute_modules: str = ""
     bucket_mb: int = 40
     overlap_grad_reduce: bool = False

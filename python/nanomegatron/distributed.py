@@ -1,7 +1,7 @@
 """init_distributed: the process's place in the run, from the C library's own communicator.
 
 It joins the communicator the CLI and nm_trainer_create use (nm_comm_init in src/comm/: MPI
-when mpirun, mpiexec or srun started the process, else one process; NM_COMM=single|mpi forces
+when mpirun, mpiexec or srun started the process, else one process; NM_COMM=single|mpi|nccl forces
 one), so `mpirun -np N python train.py` trains data-parallel (and expert-parallel with
 expert_parallel_size) exactly as `mpirun -np N nanomegatron train` does.
 
