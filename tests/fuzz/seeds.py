@@ -24,6 +24,9 @@ usage: seeds.py TARGET OUTDIR SOURCE_DIR
                  non-dividing blocks, BF16 scales, a wrong scale shape or dtype, a 1-D F8 tensor)
   kernels_json   kernels.json as src/ops/cpu/tuning.c writes it (fuzz_kernels_json.c's key), another
                  run's, and a few refusals
+  pipeline_layout 4 bytes (pipeline ranks, virtual stages, decoder and MTP layers), then a
+                 pipeline_model_parallel_layout string: the docs' and tests' layouts, interleaved
+                 ones, DeepSeek-V3's 61 layers on 16 stages, and refusals
   planted        (check_runner.sh) a harmless input; the failing one is in corpus/planted
   planted_seed   (check_runner.sh) the failing input "PLANT" as a seed, for the fuzzing stage
 """
@@ -207,6 +210,22 @@ elif target == "fp8_block":
     put("scale_shape", b"\0\0" + tiny_model(only={0}, scale_shape=[2, 1]))
     put("scale_fp8", b"\0\0" + tiny_model(only={0}, scale_dtype="F8_E4M3"))
     put("norm_fp8", b"\0\0" + tiny_model(fp8=lambda n, s: "layernorm" in n or len(s) == 2))
+elif target == "pipeline_layout":
+    def lay(pp, v, L, M, text):
+        # the bytes the target reads back as pp, v, L, M (pp - 1 and L - 1: stored modulo)
+        return bytes([pp - 1, v, L - 1, M]) + text.encode()
+    put("even", lay(2, 0, 4, 1, ""))
+    put("docs", lay(3, 0, 4, 1, "Et|tt|tmL"))
+    put("repeat", lay(2, 0, 4, 2, "E t*2 | t*2 m*2 L"))
+    put("interleaved", lay(2, 0, 4, 1, "Et|t|t|tmL"))
+    put("interleaved_key", lay(2, 2, 4, 1, ""))
+    put("embedding_alone", lay(2, 0, 4, 1, "E|tt|t|tmL"))
+    put("dsv3", lay(16, 0, 61, 1, "Et*3|" + "|".join(["t*4"] * 14) + "|t*2mL"))
+    put("wrong_count", lay(2, 0, 4, 1, "Et|tt|tmL"))
+    put("mtp_early", lay(2, 0, 4, 1, "Ettm|ttL"))
+    put("empty_stage", lay(3, 0, 4, 1, "Etttt||mL"))
+    put("bad_symbol", lay(2, 0, 4, 1, "Etx|ttmL"))
+    put("bad_repeat", lay(2, 0, 4, 1, "Et*|ttmL"))
 elif target == "kernels_json":
     key = "Fuzz CPU | oneDNN 3.0.0 isa avx2 | OpenBLAS 0.3.21 | 2 threads | shapes NT64x16x16/1*1"
     pick = {"key": key, "fp32": "onednn", "bf16": "widen", "fp32_onednn_gflops": 168.2,

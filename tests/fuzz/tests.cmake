@@ -45,7 +45,7 @@ endfunction()
 # name | runs | the longest input | sources besides the target. Each runs a short fixed budget
 # here (run_fuzz_target.sh); long runs: see tests/fuzz/README.md.
 set(NM_FUZZ_PARSERS indexed model_config train_config safetensors tokenizer trainer_json hf_index quant_config
-    fp8_block kernels_json)
+    fp8_block kernels_json pipeline_layout)
 set(NM_FUZZ_RUNS_indexed 20000)
 set(NM_FUZZ_MAXLEN_indexed 512)
 set(NM_FUZZ_SRC_indexed src/data/indexed.c)
@@ -67,6 +67,9 @@ set(NM_FUZZ_SRC_hf_index ${NM_FUZZ_HF_DIR})
 set(NM_FUZZ_SRC_quant_config ${NM_FUZZ_HF_DIR})
 set(NM_FUZZ_SRC_fp8_block ${NM_FUZZ_HF_DIR})
 set(NM_FUZZ_SRC_kernels_json src/ops/cpu/tuning_parse.c)
+set(NM_FUZZ_SRC_pipeline_layout src/train/pipeline_layout.c)
+set(NM_FUZZ_MAXLEN_pipeline_layout 512)
+set(NM_FUZZ_RUNS_pipeline_layout 50000)  # a small parser: 50,000 runs take about a second
 foreach(t ${NM_FUZZ_PARSERS})
   if(NM_FUZZ_OK)
     nm_fuzz_build(${t} ${NM_FUZZ_SRC_${t}})
