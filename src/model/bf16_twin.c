@@ -52,7 +52,7 @@ int64_t nm_bf16_twins_bytes(const nm_bf16_twins *t) { return t ? t->bytes : 0; }
 // Twins only pay where the bf16 GEMM reads bf16 storage (its weight copy is bf16, as
 // gemm_bf16_weight_type says); widen reads the rounded fp32 storage directly.
 static int twins_in_use(const nm_model *m) {
-    return m->precision == NM_PRECISION_BF16 && m->twins && m->weights_bf16 && m->weights_bf16_type == NM_BF16;
+    return m->precision == NM_PRECISION_BF16 && m->bf16.twins && m->bf16.weights && m->bf16.weights_type == NM_BF16;
 }
 
 static int overlaps(const nm_bf16_twin *w, const float *x, int64_t n) {
@@ -106,7 +106,7 @@ void nm_round_act(const nm_model *m, float *x, int64_t n) {
         m->ops->round_bf16(x, x, n);
         return;
     }
-    m->ops->round_cast_bf16(x, claim_twin(m->twins, x, n), n);
+    m->ops->round_cast_bf16(x, claim_twin(m->bf16.twins, x, n), n);
 }
 
 void nm_swiglu_forward(const nm_model *m, float *act, const float *gate_up, int64_t N, int64_t F) {
@@ -114,7 +114,7 @@ void nm_swiglu_forward(const nm_model *m, float *act, const float *gate_up, int6
         m->ops->swiglu_forward(act, gate_up, N, F);
         return;
     }
-    uint16_t *bits = twins_in_use(m) && N * F > 0 ? claim_twin(m->twins, act, N * F) : NULL;
+    uint16_t *bits = twins_in_use(m) && N * F > 0 ? claim_twin(m->bf16.twins, act, N * F) : NULL;
     m->ops->swiglu_forward_bf16(act, bits, gate_up, N, F);
 }
 
@@ -124,7 +124,7 @@ void nm_swiglu_backward(const nm_model *m, float *d_gate_up, const float *d_act,
         m->ops->swiglu_backward(d_gate_up, d_act, gate_up, N, F);
         return;
     }
-    uint16_t *bits = twins_in_use(m) && N * F > 0 ? claim_twin(m->twins, d_gate_up, N * 2 * F) : NULL;
+    uint16_t *bits = twins_in_use(m) && N * F > 0 ? claim_twin(m->bf16.twins, d_gate_up, N * 2 * F) : NULL;
     m->ops->swiglu_backward_bf16(d_gate_up, bits, d_act, gate_up, N, F);
 }
 
@@ -134,7 +134,7 @@ void nm_moe_gather(const nm_model *m, float *dst, const float *src, const int32_
         m->ops->moe_gather(dst, src, perm, N, K, D);
         return;
     }
-    uint16_t *bits = twins_in_use(m) && N * K * D > 0 ? claim_twin(m->twins, dst, N * K * D) : NULL;
+    uint16_t *bits = twins_in_use(m) && N * K * D > 0 ? claim_twin(m->bf16.twins, dst, N * K * D) : NULL;
     m->ops->moe_gather_bf16(dst, bits, src, perm, N, K, D);
 }
 
@@ -159,7 +159,7 @@ static void check_twin(const float *x, const uint16_t *bits, int64_t rows, int64
 const void *nm_bf16_operand(const nm_model *m, const float *x, nm_dtype *type, int64_t rows, int64_t cols,
                             int64_t ld) {
     if (*type != NM_F32_BF16 || rows <= 0 || cols <= 0 || !twins_in_use(m)) return x;
-    const nm_bf16_twins *t = m->twins;
+    const nm_bf16_twins *t = m->bf16.twins;
     int64_t span = (rows - 1) * ld + cols;
     for (int i = 0; i < t->count; i++) {
         const nm_bf16_twin *w = &t->items[i];

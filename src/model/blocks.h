@@ -8,7 +8,7 @@
 
 // b->x_mid = b->x_in + MLA(RMSNorm(b->x_in)) for block l over (B, T); saves what the backward reads.
 void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T);
-// On entry m->d_res holds dLoss/d(x_mid); on exit dLoss/d(x_in). Weight grads +=.
+// On entry m->scratch.d_res holds dLoss/d(x_mid); on exit dLoss/d(x_in). Weight grads +=.
 void nm_mla_backward(nm_model *m, int64_t l);
 
 // --- dense SwiGLU MLP (mlp.c, dsv3-spec 3.3) --------------------------------------------------
@@ -23,7 +23,7 @@ void nm_mlp_forward_up(nm_model *m, float *gate_up, float *act, const float *f, 
                        int64_t F);
 void nm_mlp_forward_down(nm_model *m, float *out, const float *act, size_t w_down, int64_t N, int64_t F);
 // From d_out (N, D) to d_f (N, D) (= or += by beta) and the two weight grads (+=); uses the
-// shared scratch m->d_act, m->d_gate_up.
+// shared scratch m->scratch.d_act, m->scratch.d_gate_up.
 void nm_mlp_backward(nm_model *m, float *d_f, float beta, const float *d_out, const float *gate_up, const float *act,
                      const float *f, size_t w_gate_up, size_t w_down, int64_t N, int64_t F);
 
@@ -32,7 +32,7 @@ void nm_mlp_backward(nm_model *m, float *d_f, float beta, const float *d_out, co
 // b->x_out += MoE(b->f) for block l over (B, T). Returns the block's balance loss and adds its
 // expert counts to counts (E, may be NULL).
 double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *counts);
-// From d_out = m->d_res (dLoss/d(x_out)) to m->d_f (=); aux_seed is dLoss/d(balance loss).
+// From d_out = m->scratch.d_res (dLoss/d(x_out)) to m->scratch.d_f (=); aux_seed is dLoss/d(balance loss).
 void nm_moe_backward(nm_model *m, int64_t l, float aux_seed);
 // The routed experts on rows already gathered into expert order: expert e owns rows
 // [offsets[e], offsets[e+1]) of x (rows, D); out (rows, D) (=). gate_up (rows, 2Fe) and act
@@ -67,8 +67,8 @@ double nm_head_sum_losses(const float *losses, int64_t n);
 void nm_mtp_input_forward(nm_model *m, int64_t k, const int32_t *tokens, int64_t B, int64_t T);
 // Shared head norm + head on block L+k-1's output; returns the depth's summed token losses.
 double nm_mtp_output_forward(nm_model *m, int64_t k, int64_t B, int64_t T);
-// Head and head norm backward of depth k with loss scale `scale`; leaves dLoss/d(h^k) in m->d_res.
+// Head and head norm backward of depth k with loss scale `scale`; leaves dLoss/d(h^k) in m->scratch.d_res.
 void nm_mtp_output_backward(nm_model *m, int64_t k, int64_t B, int64_t T, float scale);
-// From m->d_res = dLoss/d(x_in of block L+k-1) through eh_proj, the norms and the embedding;
-// the h^{k-1} part is added to m->d_h0 (k == 1) or the previous depth's dh.
+// From m->scratch.d_res = dLoss/d(x_in of block L+k-1) through eh_proj, the norms and the embedding;
+// the h^{k-1} part is added to m->scratch.d_h0 (k == 1) or the previous depth's dh.
 void nm_mtp_input_backward(nm_model *m, int64_t k, int64_t B, int64_t T);

@@ -117,7 +117,8 @@ static int get_bool(const cJSON *obj, const char *pre, const char *key, const ch
 }
 
 // *out stays NULL when absent; the pointer borrows from the cJSON tree.
-static int get_str(const cJSON *obj, const char *pre, const char *key, const char *path, const char **out, nm_error *err) {
+static int get_str(const cJSON *obj, const char *pre, const char *key, const char *path, const char **out,
+                   nm_error *err) {
     const cJSON *it = cJSON_GetObjectItemCaseSensitive(obj, key);
     if (!it || cJSON_IsNull(it)) return 0;
     if (!cJSON_IsString(it)) return type_error(path, pre, key, it, "a string", err);
@@ -126,7 +127,8 @@ static int get_str(const cJSON *obj, const char *pre, const char *key, const cha
 }
 
 // bos/eos may be null (-1), an integer, or a list of integers (the first is used).
-static int get_token_id(const cJSON *obj, const char *pre, const char *key, const char *path, int64_t *out, nm_error *err) {
+static int get_token_id(const cJSON *obj, const char *pre, const char *key, const char *path, int64_t *out,
+                        nm_error *err) {
     const cJSON *it = cJSON_GetObjectItemCaseSensitive(obj, key);
     if (!it) return 0;
     if (cJSON_IsNull(it)) { *out = -1; return 0; }
@@ -299,7 +301,9 @@ static int parse_all(nm_model_config *c, const cJSON *root, const char *path, nm
     if (scoring) {
         if (strcmp(scoring, "sigmoid") == 0) c->scoring = NM_SCORING_SIGMOID;
         else if (strcmp(scoring, "softmax") == 0) c->scoring = NM_SCORING_SOFTMAX;
-        else return nm_error_set(err, "%s: key 'scoring_func' = \"%s\": expected \"sigmoid\" or \"softmax\"", path, scoring);
+        else
+            return nm_error_set(err, "%s: key 'scoring_func' = \"%s\": expected \"sigmoid\" or \"softmax\"", path,
+                                scoring);
     }
     if (get_str(root, NULL, "topk_method", path, &topk, err)) return -1;
     if (topk) {
@@ -316,7 +320,8 @@ static int parse_all(nm_model_config *c, const cJSON *root, const char *path, nm
     if (rp && !cJSON_IsNull(rp)) {
         if (parse_rope_dict(c, rp, "rope_parameters", path, err)) return -1;
     } else {
-        if (parse_rope_dict(c, cJSON_GetObjectItemCaseSensitive(root, "rope_scaling"), "rope_scaling", path, err)) return -1;
+        if (parse_rope_dict(c, cJSON_GetObjectItemCaseSensitive(root, "rope_scaling"), "rope_scaling", path, err))
+            return -1;
     }
     return 0;
 }

@@ -18,19 +18,19 @@
 // over the V_valid real rows only: padding rows never become logits.
 static const int32_t *tp_local_targets(nm_model *m, const int32_t *targets, int64_t N) {
     for (int64_t i = 0; i < N; i++) {
-        int64_t id = (int64_t)targets[i] - m->v_start;
-        m->tp_ids[i] = targets[i] < 0 ? -1 : id >= 0 && id < m->V_valid ? (int32_t)id : (int32_t)m->V_valid;
+        int64_t id = (int64_t)targets[i] - m->tp.v_start;
+        m->tp.ids[i] = targets[i] < 0 ? -1 : id >= 0 && id < m->tp.V_valid ? (int32_t)id : (int32_t)m->tp.V_valid;
     }
-    return m->tp_ids;
+    return m->tp.ids;
 }
 
 static void tp_head_forward(nm_model *m, float *losses, float *lse, float *logits, const float *h, nm_dtype h_t,
                             const int32_t *targets, int64_t N) {
     const nm_ops *ops = m->ops;
-    int64_t Vl = m->V_valid, D = m->cfg.D, vt = m->vt;
+    int64_t Vl = m->tp.V_valid, D = m->cfg.D, vt = m->vt;
     const float *W = m->params + m->table.lm_head;
     const int32_t *lt = tp_local_targets(m, targets, N);
-    double *st = m->head_stats, *mx = m->tp_red, *sums = m->tp_red + N;
+    double *st = m->act.head_stats, *mx = m->tp.red, *sums = m->tp.red + N;
     for (int64_t n = 0; n < N; n++) {
         // an empty shard (all padding) adds nothing; the target logit where it is not held here
         st[3 * n] = -INFINITY, st[3 * n + 1] = 0.0, st[3 * n + 2] = 0.0;
@@ -42,13 +42,13 @@ static void tp_head_forward(nm_model *m, float *losses, float *lse, float *logit
     }
     for (int64_t n = 0; n < N; n++) mx[n] = targets[n] < 0 ? 0.0 : st[3 * n];
     nm_error e;
-    if (!nm_model_faulted(m) && nm_comm_all_reduce(m->tp, mx, N, NM_DT_F64, NM_RED_MAX, &e) != 0)
+    if (!nm_model_faulted(m) && nm_comm_all_reduce(m->tp.comm, mx, N, NM_DT_F64, NM_RED_MAX, &e) != 0)
         nm_model_latch(m, NM_FAULT_TP, &e);
     for (int64_t n = 0; n < N; n++) {
         sums[2 * n] = targets[n] < 0 ? 0.0 : st[3 * n + 1] * exp(st[3 * n] - mx[n]);
         sums[2 * n + 1] = st[3 * n + 2];
     }
-    if (!nm_model_faulted(m) && nm_comm_all_reduce(m->tp, sums, 2 * N, NM_DT_F64, NM_RED_SUM, &e) != 0)
+    if (!nm_model_faulted(m) && nm_comm_all_reduce(m->tp.comm, sums, 2 * N, NM_DT_F64, NM_RED_SUM, &e) != 0)
         nm_model_latch(m, NM_FAULT_TP, &e);
     for (int64_t n = 0; n < N; n++) {
         if (targets[n] < 0) {
@@ -66,11 +66,11 @@ static void tp_head_forward(nm_model *m, float *losses, float *lse, float *logit
 static void tp_head_backward(nm_model *m, float *dh, float beta, float *logits, const float *lse, const float *h,
                              nm_dtype h_t, const int32_t *targets, float scale, int64_t N) {
     const nm_ops *ops = m->ops;
-    int64_t Vl = m->V_valid, D = m->cfg.D, vt = m->vt;
+    int64_t Vl = m->tp.V_valid, D = m->cfg.D, vt = m->vt;
     const float *W = m->params + m->table.lm_head;
     float *dW = m->grads + m->table.lm_head;
     const int32_t *lt = tp_local_targets(m, targets, N);
-    float *part = beta == 0.0f || m->sp ? dh : m->d_tp;
+    float *part = beta == 0.0f || m->tp.sp ? dh : m->tp.partial;
     if (Vl == 0 && (part != dh || beta == 0.0f)) ops->zero(part, N * D);  // an all-padding shard
     for (int64_t v0 = 0; v0 < Vl; v0 += vt) {
         int64_t n_cols = v0 + vt < Vl ? vt : Vl - v0;
@@ -80,9 +80,10 @@ static void tp_head_backward(nm_model *m, float *dh, float beta, float *logits, 
         nm_round_act(m, logits, N * n_cols);  // d logits: read by the two GEMMs below only
         nm_linear_backward_weight(m, dW + v0 * D, D, logits, nm_act_type(m), n_cols, h, h_t, D, N, D, n_cols);
         float b0 = part == dh ? beta : 0.0f;
-        nm_linear_backward_input(m, part, D, logits, nm_act_type(m), n_cols, W + v0 * D, D, N, D, n_cols, v0 == 0 ? b0 : 1.0f);
+        nm_linear_backward_input(m, part, D, logits, nm_act_type(m), n_cols, W + v0 * D, D, N, D, n_cols,
+                                 v0 == 0 ? b0 : 1.0f);
     }
-    if (m->sp) return;
+    if (m->tp.sp) return;
     nm_tp_all_reduce(m, part, N * D);
     if (part != dh) ops->add_2d(dh, N * D, part, N * D, 1, N * D);
 }
@@ -96,7 +97,7 @@ void nm_head_forward(nm_model *m, float *losses, float *lse, float *logits, cons
     const nm_ops *ops = m->ops;
     int64_t V = m->cfg.V, D = m->cfg.D, vt = m->vt;
     const float *W = m->params + m->table.lm_head;
-    if (m->tp) {
+    if (m->tp.comm) {
         tp_head_forward(m, losses, lse, logits, h, h_t, targets, N);  // logits_out refused by nm_model_forward
         return;
     }
@@ -110,7 +111,7 @@ void nm_head_forward(nm_model *m, float *losses, float *lse, float *logits, cons
         int64_t n_cols = v0 + vt < V ? vt : V - v0;
         nm_linear_forward(m, logits, n_cols, h, h_t, D, W + v0 * D, D, N, D, n_cols, 0.0f);
         if (logits_out) ops->copy_2d(logits_out + v0, V, logits, n_cols, N, n_cols);
-        ops->xent_tile_forward(losses, lse, m->head_stats, logits, n_cols, targets, N, V, v0, n_cols);
+        ops->xent_tile_forward(losses, lse, m->act.head_stats, logits, n_cols, targets, N, V, v0, n_cols);
     }
 }
 
@@ -123,7 +124,7 @@ void nm_head_backward(nm_model *m, float *dh, float beta, float *logits, const f
     int64_t V = m->cfg.V, D = m->cfg.D, vt = m->vt;
     const float *W = m->params + m->table.lm_head;
     float *dW = m->grads + m->table.lm_head;
-    if (m->tp) {
+    if (m->tp.comm) {
         tp_head_backward(m, dh, beta, logits, lse, h, h_t, targets, scale, N);
         return;
     }
@@ -140,7 +141,8 @@ void nm_head_backward(nm_model *m, float *dh, float beta, float *logits, const f
         ops->xent_tile_backward(logits, n_cols, logits, n_cols, lse, targets, scale, N, V, v0, n_cols);
         nm_round_act(m, logits, N * n_cols);
         nm_linear_backward_weight(m, dW + v0 * D, D, logits, nm_act_type(m), n_cols, h, h_t, D, N, D, n_cols);
-        nm_linear_backward_input(m, dh, D, logits, nm_act_type(m), n_cols, W + v0 * D, D, N, D, n_cols, v0 == 0 ? beta : 1.0f);
+        nm_linear_backward_input(m, dh, D, logits, nm_act_type(m), n_cols, W + v0 * D, D, N, D, n_cols,
+                                 v0 == 0 ? beta : 1.0f);
     }
 }
 

@@ -9,12 +9,12 @@
 // and attention are kept out of FP8).
 static nm_precision weight_precision(const nm_model *m, size_t off) {
     if (m->precision == NM_PRECISION_FP32) return NM_PRECISION_FP32;
-    for (int i = 0; i < m->n_moe; i++) {
-        if (off == m->table.layers[m->moe_layer_ids[i]].router) return NM_PRECISION_FP32;
+    for (int i = 0; i < m->routing.n_moe; i++) {
+        if (off == m->table.layers[m->routing.layer_ids[i]].router) return NM_PRECISION_FP32;
     }
     // the head's rows [lm_head, lm_head + V*D): vocabulary tiles pass slices of it
     if (m->precision == NM_PRECISION_FP8 && off >= m->table.lm_head &&
-        off < m->table.lm_head + (size_t)m->V_loc * (size_t)m->cfg.D)
+        off < m->table.lm_head + (size_t)m->tp.V_loc * (size_t)m->cfg.D)
         return NM_PRECISION_BF16;
     return m->precision;
 }
@@ -26,8 +26,8 @@ void nm_linear_forward(const nm_model *m, float *out, int64_t ld_out, const floa
     switch (weight_precision(m, off)) {
     case NM_PRECISION_BF16: {
         const void *a = nm_bf16_operand(m, inp, &inp_t, N, IC, ld_inp);
-        m->ops->gemm_bf16(NM_NO_TRANS, NM_TRANS, N, OC, IC, 1.0f, a, inp_t, ld_inp, nm_weight_bf16(m, off), m->weights_bf16_type,
-                          ldw, beta, out, ld_out);
+        m->ops->gemm_bf16(NM_NO_TRANS, NM_TRANS, N, OC, IC, 1.0f, a, inp_t, ld_inp, nm_weight_bf16(m, off),
+                          m->bf16.weights_type, ldw, beta, out, ld_out);
         break;
     }
     case NM_PRECISION_FP8:
@@ -47,11 +47,12 @@ void nm_linear_backward_input(const nm_model *m, float *dinp, int64_t ld_dinp, c
     case NM_PRECISION_BF16: {
         const void *a = nm_bf16_operand(m, dout, &dout_t, N, OC, ld_dout);
         m->ops->gemm_bf16(NM_NO_TRANS, NM_NO_TRANS, N, IC, OC, 1.0f, a, dout_t, ld_dout, nm_weight_bf16(m, off),
-                          m->weights_bf16_type, ldw, beta, dinp, ld_dinp);
+                          m->bf16.weights_type, ldw, beta, dinp, ld_dinp);
         break;
     }
     case NM_PRECISION_FP8:
-        m->ops->gemm_fp8(NM_NO_TRANS, NM_NO_TRANS, N, IC, OC, 1.0f, dout, ld_dout, W, ldw, NM_FP8_WEIGHT, beta, dinp, ld_dinp);
+        m->ops->gemm_fp8(NM_NO_TRANS, NM_NO_TRANS, N, IC, OC, 1.0f, dout, ld_dout, W, ldw, NM_FP8_WEIGHT, beta, dinp,
+                         ld_dinp);
         break;
     default:
         m->ops->gemm(NM_NO_TRANS, NM_NO_TRANS, N, IC, OC, 1.0f, dout, ld_dout, W, ldw, beta, dinp, ld_dinp);
@@ -71,7 +72,8 @@ void nm_linear_backward_weight(const nm_model *m, float *dW, int64_t ldw, const 
         break;
     }
     case NM_PRECISION_FP8:
-        m->ops->gemm_fp8(NM_TRANS, NM_NO_TRANS, OC, IC, N, 1.0f, dout, ld_dout, inp, ld_inp, NM_FP8_ACTIVATION, 1.0f, dW, ldw);
+        m->ops->gemm_fp8(NM_TRANS, NM_NO_TRANS, OC, IC, N, 1.0f, dout, ld_dout, inp, ld_inp, NM_FP8_ACTIVATION, 1.0f,
+                         dW, ldw);
         break;
     default:
         m->ops->gemm(NM_TRANS, NM_NO_TRANS, OC, IC, N, 1.0f, dout, ld_dout, inp, ld_inp, 1.0f, dW, ldw);

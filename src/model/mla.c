@@ -10,7 +10,7 @@
 static void up_projections(nm_model *m, const nm_layer_offsets *w, block_acts *b, int64_t B, int64_t T) {
     const nm_model_config *c = &m->cfg;
     const float *P = m->params;
-    int64_t N = B * T, D = c->D, H = m->H_loc, Dkv = c->Dn + c->Dv;
+    int64_t N = B * T, D = c->D, H = m->tp.H_loc, Dkv = c->Dn + c->Dv;
     nm_dtype at = nm_act_type(m);
     if (c->Rq > 0)
         nm_linear_forward(m, b->q, H * c->Dqk, b->cq_n, at, c->Rq, P + w->q_b, c->Rq, N, c->Rq, H * c->Dqk, 0.0f);
@@ -40,8 +40,8 @@ void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
     const nm_ops *ops = m->ops;
     const nm_layer_offsets *w = &m->table.layers[l];
     const float *P = m->params;
-    block_acts *b = &m->blocks[l];
-    int64_t N = B * T, D = c->D, H = m->H_loc;
+    block_acts *b = &m->act.blocks[l];
+    int64_t N = B * T, D = c->D, H = m->tp.H_loc;
     float eps = (float)c->rms_eps;
 
     // Sequence parallelism: the norm on this rank's rows, then every token's rows gathered for
@@ -66,7 +66,7 @@ void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
                            (float)c->softmax_scale);
     // o_proj is row-parallel: each tp rank's local heads give part of the output, summed by
     // the all-reduce (tp rank 0 adds the residual once), or reduce-scattered to each rank's rows.
-    if (m->sp) {
+    if (m->tp.sp) {
         nm_linear_forward(m, b->x_mid, D, b->att, NM_F32, H * c->Dv, P + w->o, H * c->Dv, N, H * c->Dv, D, 0.0f);
         nm_sp_reduce_scatter(m, b->x_mid, N, D);
         ops->add_2d(b->x_mid + s0 * D, D, b->x_in + s0 * D, D, n0, D);
@@ -84,70 +84,80 @@ void nm_mla_backward(nm_model *m, int64_t l) {
     const nm_layer_offsets *w = &m->table.layers[l];
     const float *P = m->params;
     float *G = m->grads;
-    block_acts *b = &m->blocks[l];
-    int64_t B = b->B, T = b->T, N = B * T, D = c->D, H = m->H_loc;
+    block_acts *b = &m->act.blocks[l];
+    int64_t B = b->B, T = b->T, N = B * T, D = c->D, H = m->tp.H_loc;
     int64_t Dkv = c->Dn + c->Dv;
-    float *d_res = m->d_res;
+    float *d_res = m->scratch.d_res;
     int64_t s0, n0;
     nm_sp_rows(m, N, &s0, &n0);
     nm_sp_all_gather(m, d_res, N, D, NM_DT_F32);  // o_proj's backward reads every token's d(x_mid)
     // selective recomputation: a was not kept (one shared buffer holds the last block's)
-    if (m->recompute_layernorm && !m->recompute) input_norm(m, w, b, N);
+    if (m->recompute.layernorm && !m->recompute.full) input_norm(m, w, b, N);
 
     // forward: x_mid = x_in + att . W_o^T
-    nm_linear_backward_input(m, m->d_att, H * c->Dv, d_res, NM_F32, D, P + w->o, H * c->Dv, N, H * c->Dv, D, 0.0f);
+    nm_linear_backward_input(m, m->scratch.d_att, H * c->Dv, d_res, NM_F32, D, P + w->o, H * c->Dv, N, H * c->Dv, D,
+                             0.0f);
     nm_linear_backward_weight(m, G + w->o, H * c->Dv, d_res, NM_F32, D, b->att, NM_F32, H * c->Dv, N, H * c->Dv, D);
     // selective recomputation: q and kv were not kept (one shared pair holds the last block's)
-    if (m->recompute_mla_up_proj && !m->recompute) up_projections(m, w, b, B, T);
-    ops->attention_backward(m->d_q, m->d_kv, m->d_k_pe, m->att_scratch, m->d_att, b->q, b->kv, b->k_pe,
-                            b->att, b->lse, B, T, H, c->Dn, c->Dr, c->Dv, (float)c->softmax_scale);
-    ops->rope_backward(m->d_q, m->rope_cos, m->rope_sin, B, T, H, c->Dqk, c->Dn, c->Dr);
-    ops->rope_backward(m->d_k_pe, m->rope_cos, m->rope_sin, B, T, 1, c->Dr, 0, c->Dr);
+    if (m->recompute.mla_up_proj && !m->recompute.full) up_projections(m, w, b, B, T);
+    ops->attention_backward(m->scratch.d_q, m->scratch.d_kv, m->scratch.d_k_pe, m->scratch.att_scratch,
+                            m->scratch.d_att, b->q, b->kv, b->k_pe, b->att, b->lse, B, T, H, c->Dn, c->Dr, c->Dv,
+                            (float)c->softmax_scale);
+    ops->rope_backward(m->scratch.d_q, m->rope_cos, m->rope_sin, B, T, H, c->Dqk, c->Dn, c->Dr);
+    ops->rope_backward(m->scratch.d_k_pe, m->rope_cos, m->rope_sin, B, T, 1, c->Dr, 0, c->Dr);
     // d_q, d_kv, d_k_pe, d_ckv and d_cq feed only the input- and weight-gradient GEMMs: rounded
     // once for both in bf16 (d_k_pe after its tp sum); a, cq_n and ckv_n were in the forward
     nm_dtype at = nm_act_type(m);
-    nm_round_act(m, m->d_q, N * H * c->Dqk);
-    nm_round_act(m, m->d_kv, N * H * Dkv);
+    nm_round_act(m, m->scratch.d_q, N * H * c->Dqk);
+    nm_round_act(m, m->scratch.d_kv, N * H * Dkv);
     // kv = ckv_n . W_kv_b^T ; ckv_n = RMSNorm(ckv)
-    nm_linear_backward_weight(m, G + w->kv_b, c->Rkv, m->d_kv, at, H * Dkv, b->ckv_n, at, c->Rkv, N, c->Rkv, H * Dkv);
-    nm_linear_backward_input(m, m->d_ckv_n, c->Rkv, m->d_kv, at, H * Dkv, P + w->kv_b, c->Rkv, N, c->Rkv, H * Dkv, 0.0f);
+    nm_linear_backward_weight(m, G + w->kv_b, c->Rkv, m->scratch.d_kv, at, H * Dkv, b->ckv_n, at, c->Rkv, N, c->Rkv,
+                              H * Dkv);
+    nm_linear_backward_input(m, m->scratch.d_ckv_n, c->Rkv, m->scratch.d_kv, at, H * Dkv, P + w->kv_b, c->Rkv, N,
+                             c->Rkv, H * Dkv, 0.0f);
     // Tensor parallelism: the local heads give part of d(ckv_n) (kv_b_proj is column-parallel)
     // and of d(k_pe) (the rope key all heads share); summed here, everything below is whole.
-    nm_tp_all_reduce(m, m->d_ckv_n, N * c->Rkv);
-    nm_tp_all_reduce(m, m->d_k_pe, N * c->Dr);
-    nm_round_act(m, m->d_k_pe, N * c->Dr);
-    ops->zero(m->d_ckv, N * c->Rkv);
-    ops->rmsnorm_backward(m->d_ckv, G + w->kv_a_norm, m->d_ckv_n, b->ckv, P + w->kv_a_norm, b->ckv_rstd, N, c->Rkv);
-    nm_round_act(m, m->d_ckv, N * c->Rkv);
+    nm_tp_all_reduce(m, m->scratch.d_ckv_n, N * c->Rkv);
+    nm_tp_all_reduce(m, m->scratch.d_k_pe, N * c->Dr);
+    nm_round_act(m, m->scratch.d_k_pe, N * c->Dr);
+    ops->zero(m->scratch.d_ckv, N * c->Rkv);
+    ops->rmsnorm_backward(m->scratch.d_ckv, G + w->kv_a_norm, m->scratch.d_ckv_n, b->ckv, P + w->kv_a_norm, b->ckv_rstd,
+                          N, c->Rkv);
+    nm_round_act(m, m->scratch.d_ckv, N * c->Rkv);
     // [ckv | k_pe] = a . W_kv_a^T: the rope key bypasses the latent norm
     size_t kv_a_pe = w->kv_a + (size_t)c->Rkv * D;
-    nm_linear_backward_weight(m, G + w->kv_a, D, m->d_ckv, at, c->Rkv, b->a, at, D, N, D, c->Rkv);
-    nm_linear_backward_weight(m, G + kv_a_pe, D, m->d_k_pe, at, c->Dr, b->a, at, D, N, D, c->Dr);
-    nm_linear_backward_input(m, m->d_a, D, m->d_ckv, at, c->Rkv, P + w->kv_a, D, N, D, c->Rkv, 0.0f);
-    nm_linear_backward_input(m, m->d_a, D, m->d_k_pe, at, c->Dr, P + kv_a_pe, D, N, D, c->Dr, 1.0f);
+    nm_linear_backward_weight(m, G + w->kv_a, D, m->scratch.d_ckv, at, c->Rkv, b->a, at, D, N, D, c->Rkv);
+    nm_linear_backward_weight(m, G + kv_a_pe, D, m->scratch.d_k_pe, at, c->Dr, b->a, at, D, N, D, c->Dr);
+    nm_linear_backward_input(m, m->scratch.d_a, D, m->scratch.d_ckv, at, c->Rkv, P + w->kv_a, D, N, D, c->Rkv, 0.0f);
+    nm_linear_backward_input(m, m->scratch.d_a, D, m->scratch.d_k_pe, at, c->Dr, P + kv_a_pe, D, N, D, c->Dr, 1.0f);
     if (c->Rq > 0) {
         // q = cq_n . W_q_b^T ; cq_n = RMSNorm(cq) ; cq = a . W_q_a^T
-        nm_linear_backward_weight(m, G + w->q_b, c->Rq, m->d_q, at, H * c->Dqk, b->cq_n, at, c->Rq, N, c->Rq, H * c->Dqk);
-        nm_linear_backward_input(m, m->d_cq_n, c->Rq, m->d_q, at, H * c->Dqk, P + w->q_b, c->Rq, N, c->Rq, H * c->Dqk, 0.0f);
-        nm_tp_all_reduce(m, m->d_cq_n, N * c->Rq);  // q_b_proj is column-parallel
-        ops->zero(m->d_cq, N * c->Rq);
-        ops->rmsnorm_backward(m->d_cq, G + w->q_a_norm, m->d_cq_n, b->cq, P + w->q_a_norm, b->cq_rstd, N, c->Rq);
-        nm_round_act(m, m->d_cq, N * c->Rq);
-        nm_linear_backward_weight(m, G + w->q_a, D, m->d_cq, at, c->Rq, b->a, at, D, N, D, c->Rq);
-        nm_linear_backward_input(m, m->d_a, D, m->d_cq, at, c->Rq, P + w->q_a, D, N, D, c->Rq, 1.0f);
+        nm_linear_backward_weight(m, G + w->q_b, c->Rq, m->scratch.d_q, at, H * c->Dqk, b->cq_n, at, c->Rq, N, c->Rq,
+                                  H * c->Dqk);
+        nm_linear_backward_input(m, m->scratch.d_cq_n, c->Rq, m->scratch.d_q, at, H * c->Dqk, P + w->q_b, c->Rq, N,
+                                 c->Rq, H * c->Dqk, 0.0f);
+        nm_tp_all_reduce(m, m->scratch.d_cq_n, N * c->Rq);  // q_b_proj is column-parallel
+        ops->zero(m->scratch.d_cq, N * c->Rq);
+        ops->rmsnorm_backward(m->scratch.d_cq, G + w->q_a_norm, m->scratch.d_cq_n, b->cq, P + w->q_a_norm, b->cq_rstd,
+                              N, c->Rq);
+        nm_round_act(m, m->scratch.d_cq, N * c->Rq);
+        nm_linear_backward_weight(m, G + w->q_a, D, m->scratch.d_cq, at, c->Rq, b->a, at, D, N, D, c->Rq);
+        nm_linear_backward_input(m, m->scratch.d_a, D, m->scratch.d_cq, at, c->Rq, P + w->q_a, D, N, D, c->Rq, 1.0f);
     } else {
-        nm_linear_backward_weight(m, G + w->q, D, m->d_q, at, H * c->Dqk, b->a, at, D, N, D, H * c->Dqk);
-        if (m->tp) {
+        nm_linear_backward_weight(m, G + w->q, D, m->scratch.d_q, at, H * c->Dqk, b->a, at, D, N, D, H * c->Dqk);
+        if (m->tp.comm) {
             // q_proj is column-parallel: its part of d_a is summed over tp before joining the kv part
-            nm_linear_backward_input(m, m->d_tp, D, m->d_q, at, H * c->Dqk, P + w->q, D, N, D, H * c->Dqk, 0.0f);
-            nm_tp_all_reduce(m, m->d_tp, N * D);
-            ops->add_2d(m->d_a, N * D, m->d_tp, N * D, 1, N * D);
+            nm_linear_backward_input(m, m->tp.partial, D, m->scratch.d_q, at, H * c->Dqk, P + w->q, D, N, D, H * c->Dqk,
+                                     0.0f);
+            nm_tp_all_reduce(m, m->tp.partial, N * D);
+            ops->add_2d(m->scratch.d_a, N * D, m->tp.partial, N * D, 1, N * D);
         } else {
-            nm_linear_backward_input(m, m->d_a, D, m->d_q, at, H * c->Dqk, P + w->q, D, N, D, H * c->Dqk, 1.0f);
+            nm_linear_backward_input(m, m->scratch.d_a, D, m->scratch.d_q, at, H * c->Dqk, P + w->q, D, N, D,
+                                     H * c->Dqk, 1.0f);
         }
     }
     // a = RMSNorm(x_in). d_a is whole on every rank (the tp sums above), so under sequence
     // parallelism each rank takes its rows: the all-gather's backward.
-    ops->rmsnorm_backward(d_res + s0 * D, G + w->input_norm, m->d_a + s0 * D, b->x_in + s0 * D, P + w->input_norm,
-                          b->a_rstd + s0, n0, D);
+    ops->rmsnorm_backward(d_res + s0 * D, G + w->input_norm, m->scratch.d_a + s0 * D, b->x_in + s0 * D,
+                          P + w->input_norm, b->a_rstd + s0, n0, D);
 }

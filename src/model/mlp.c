@@ -28,12 +28,14 @@ void nm_mlp_backward(nm_model *m, float *d_f, float beta, const float *d_out, co
     int64_t D = m->cfg.D;
     // out += act . W_down^T ; act = swiglu(gate_up) ; gate_up = f . W_gate_up^T
     // (nm_ep_progress: an expert all-to-all may be in flight behind the shared experts)
-    nm_linear_backward_input(m, m->d_act, F, d_out, NM_F32, D, P + w_down, F, N, F, D, 0.0f);
+    nm_linear_backward_input(m, m->scratch.d_act, F, d_out, NM_F32, D, P + w_down, F, N, F, D, 0.0f);
     nm_ep_progress(m);
     nm_linear_backward_weight(m, G + w_down, F, d_out, NM_F32, D, act, nm_act_type(m), F, N, F, D);
     nm_ep_progress(m);
-    nm_swiglu_backward(m, m->d_gate_up, m->d_act, gate_up, N, F);
-    nm_linear_backward_weight(m, G + w_gate_up, D, m->d_gate_up, nm_act_type(m), 2 * F, f, NM_F32, D, N, D, 2 * F);
+    nm_swiglu_backward(m, m->scratch.d_gate_up, m->scratch.d_act, gate_up, N, F);
+    nm_linear_backward_weight(m, G + w_gate_up, D, m->scratch.d_gate_up, nm_act_type(m), 2 * F, f, NM_F32, D, N, D,
+                              2 * F);
     nm_ep_progress(m);
-    nm_linear_backward_input(m, d_f, D, m->d_gate_up, nm_act_type(m), 2 * F, P + w_gate_up, D, N, D, 2 * F, beta);
+    nm_linear_backward_input(m, d_f, D, m->scratch.d_gate_up, nm_act_type(m), 2 * F, P + w_gate_up, D, N, D, 2 * F,
+                             beta);
 }

@@ -20,7 +20,7 @@ static double block_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_
     const nm_model_config *c = &m->cfg;
     const nm_ops *ops = m->ops;
     const nm_layer_offsets *w = &m->table.layers[l];
-    block_acts *b = &m->blocks[l];
+    block_acts *b = &m->act.blocks[l];
     int64_t N = B * T, D = c->D;
     b->B = B;
     b->T = T;
@@ -33,43 +33,44 @@ static double block_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_
     nm_sp_rows(m, N, &s0, &n0);
     ops->rmsnorm_forward(b->f + s0 * D, b->f_rstd + s0, b->x_mid + s0 * D, m->params + w->post_norm, n0, D,
                          (float)c->rms_eps);
-    if (m->sp && !nm_layer_is_moe(c, l)) {
+    if (m->tp.sp && !nm_layer_is_moe(c, l)) {
         // all-gather f, the column-parallel gate/up, the row-parallel down into a partial
         // (N, D), reduce-scattered; then the residual on this rank's rows
         nm_sp_all_gather(m, b->f, N, D, NM_DT_F32);
         ops->zero(b->x_out, N * D);
-        nm_mlp_forward(m, b->x_out, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, m->F_loc);
+        nm_mlp_forward(m, b->x_out, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, m->tp.F_loc);
         nm_sp_reduce_scatter(m, b->x_out, N, D);
         ops->add_2d(b->x_out + s0 * D, D, b->x_mid + s0 * D, D, n0, D);
         return 0.0;
     }
-    if (m->sp) {
+    if (m->tp.sp) {
         ops->copy_2d(b->x_out + s0 * D, D, b->x_mid + s0 * D, D, n0, D);
         return nm_moe_forward(m, l, B, T, counts);  // on this rank's rows; shared experts gathered
     }
     if (nm_tp_lead(m)) ops->copy_2d(b->x_out, N * D, b->x_mid, N * D, 1, N * D);
     else ops->zero(b->x_out, N * D);
     double bal = 0.0;
-    if (!nm_layer_is_moe(c, l)) nm_mlp_forward(m, b->x_out, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, m->F_loc);
+    if (!nm_layer_is_moe(c, l))
+        nm_mlp_forward(m, b->x_out, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, m->tp.F_loc);
     else bal = nm_moe_forward(m, l, B, T, counts);
     nm_tp_all_reduce(m, b->x_out, N * D);
     return bal;
 }
 
-// On entry m->d_res (N, D) holds dLoss/d(x_out); on exit it holds dLoss/d(x_in).
+// On entry m->scratch.d_res (N, D) holds dLoss/d(x_out); on exit it holds dLoss/d(x_in).
 // aux_seed is dLoss/d(balance loss of this block). With recomputation the block's
 // intermediates are rebuilt first (same inputs, same deterministic ops: same values).
 static void block_backward(nm_model *m, int64_t l, float aux_seed) {
-    if (m->recompute) block_forward(m, l, m->blocks[l].B, m->blocks[l].T, NULL);
+    if (m->recompute.full) block_forward(m, l, m->act.blocks[l].B, m->act.blocks[l].T, NULL);
     const nm_model_config *c = &m->cfg;
     const nm_layer_offsets *w = &m->table.layers[l];
-    block_acts *b = &m->blocks[l];
+    block_acts *b = &m->act.blocks[l];
     int64_t N = b->B * b->T, D = c->D;
 
     // FFN.  forward: x_out = x_mid + FFN(f), f = RMSNorm(x_mid)
     int64_t s0, n0;
     nm_sp_rows(m, N, &s0, &n0);
-    if (m->recompute_layernorm && !m->recompute) {
+    if (m->recompute.layernorm && !m->recompute.full) {
         // selective recomputation: f was not kept (one shared buffer holds the last block's); the
         // forward's norm again, and every token's rows where the forward gathered them (a dense
         // block, or the shared experts, under sequence parallelism)
@@ -78,17 +79,18 @@ static void block_backward(nm_model *m, int64_t l, float aux_seed) {
         if (!nm_layer_is_moe(c, l) || c->Fs > 0) nm_sp_all_gather(m, b->f, N, D, NM_DT_F32);
     }
     if (!nm_layer_is_moe(c, l)) {
-        nm_sp_all_gather(m, m->d_res, N, D, NM_DT_F32);  // d(x_out) of every token (sequence parallelism)
-        nm_mlp_backward(m, m->d_f, 0.0f, m->d_res, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, m->F_loc);
+        nm_sp_all_gather(m, m->scratch.d_res, N, D, NM_DT_F32);  // d(x_out) of every token (sequence parallelism)
+        nm_mlp_backward(m, m->scratch.d_f, 0.0f, m->scratch.d_res, b->gate_up, b->act, b->f, w->mlp_gate_up,
+                        w->mlp_down, N, m->tp.F_loc);
         // each rank's gate/up rows gave part of d_f
-        if (m->sp) nm_sp_reduce_scatter(m, m->d_f, N, D);
-        else nm_tp_all_reduce(m, m->d_f, N * D);
+        if (m->tp.sp) nm_sp_reduce_scatter(m, m->scratch.d_f, N, D);
+        else nm_tp_all_reduce(m, m->scratch.d_f, N * D);
     } else {
         nm_moe_backward(m, l, aux_seed);
     }
     // f = RMSNorm(x_mid); the residual path already carries d_res into x_mid.
-    m->ops->rmsnorm_backward(m->d_res + s0 * D, m->grads + w->post_norm, m->d_f + s0 * D, b->x_mid + s0 * D,
-                             m->params + w->post_norm, b->f_rstd + s0, n0, D);
+    m->ops->rmsnorm_backward(m->scratch.d_res + s0 * D, m->grads + w->post_norm, m->scratch.d_f + s0 * D,
+                             b->x_mid + s0 * D, m->params + w->post_norm, b->f_rstd + s0, n0, D);
 
     // MLA
     nm_mla_backward(m, l);
@@ -102,16 +104,16 @@ static void block_backward(nm_model *m, int64_t l, float aux_seed) {
 // first forward, and again only if the kernel changed.
 static void refresh_weights_bf16(nm_model *m) {
     nm_dtype type = m->ops->gemm_bf16_weight_type();
-    if (!m->weights_bf16 || type != m->weights_bf16_type) {
-        m->ops->free(m->weights_bf16);
-        m->weights_bf16 = m->ops->alloc(m->table.n_floats * (type == NM_BF16 ? sizeof(uint16_t) : sizeof(float)));
-        m->weights_bf16_type = type;
-        m->params_changed = 1;
+    if (!m->bf16.weights || type != m->bf16.weights_type) {
+        m->ops->free(m->bf16.weights);
+        m->bf16.weights = m->ops->alloc(m->table.n_floats * (type == NM_BF16 ? sizeof(uint16_t) : sizeof(float)));
+        m->bf16.weights_type = type;
+        m->bf16.stale = 1;
     }
-    if (!m->params_changed) return;
-    if (type == NM_BF16) m->ops->cast_bf16(m->weights_bf16, m->params, (int64_t)m->table.n_floats);
-    else m->ops->round_bf16(m->weights_bf16, m->params, (int64_t)m->table.n_floats);
-    m->params_changed = 0;
+    if (!m->bf16.stale) return;
+    if (type == NM_BF16) m->ops->cast_bf16(m->bf16.weights, m->params, (int64_t)m->table.n_floats);
+    else m->ops->round_bf16(m->bf16.weights, m->params, (int64_t)m->table.n_floats);
+    m->bf16.stale = 0;
 }
 
 int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, const nm_loss_options *opt,
@@ -123,26 +125,28 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
 // tp rank routed its own tokens under sequence parallelism), then any collective failure inside
 // it reported.
 static int forward_done(nm_model *m, const nm_loss_options *opt, nm_error *err) {
-    const int first_row = m->chunk_moe_row[m->chunk], rows = m->chunk_moe_row[m->chunk + 1] - first_row;
+    const int first_row = m->pipe.chunk_moe_row[m->pipe.chunk],
+              rows = m->pipe.chunk_moe_row[m->pipe.chunk + 1] - first_row;
     nm_error e;
-    if (m->sp && rows > 0 && !nm_model_faulted(m) &&
-        nm_comm_all_reduce(m->tp, m->expert_counts + (size_t)first_row * (size_t)m->cfg.E, (int64_t)rows * m->cfg.E,
-                           NM_DT_I64, NM_RED_SUM, &e) != 0)
+    if (m->tp.sp && rows > 0 && !nm_model_faulted(m) &&
+        nm_comm_all_reduce(m->tp.comm, m->routing.expert_counts + (size_t)first_row * (size_t)m->cfg.E,
+                           (int64_t)rows * m->cfg.E, NM_DT_I64, NM_RED_SUM, &e) != 0)
         nm_model_latch(m, NM_FAULT_TP, &e);
     if (nm_model_report_fault(m, "forward", err) != 0) return -1;
-    m->have_forward = !opt->inference;
+    m->act.have_forward = !opt->inference;
     return 0;
 }
 
 int nm_model_forward_stage(nm_model *m, const int32_t *tokens, const float *input, int64_t B, int64_t T,
                            const nm_loss_options *opt, nm_loss_terms *loss, float *logits_out, nm_error *err) {
     const nm_model_config *c = &m->cfg;
-    const nm_model_stage *st = &m->stage;
-    if (!st->first && !input) return nm_error_set(err, "forward: this pipeline stage needs the previous stage's output");
+    const nm_model_stage *st = &m->pipe.stage;
+    if (!st->first && !input)
+        return nm_error_set(err, "forward: this pipeline stage needs the previous stage's output");
     const nm_ops *ops = m->ops;
     const float *P = m->params;
     int64_t D = c->D, V = c->V, N = B * T;
-    m->have_forward = 0;
+    m->act.have_forward = 0;
     int64_t T_min = opt->inference ? 1 : 2;
     if (B < 1 || B > m->B_max || T < T_min || T > m->T_max) {
         return nm_error_set(err, "forward: batch %lld x seq %lld outside the allocated 1..%lld x %lld..%lld",
@@ -152,48 +156,49 @@ int nm_model_forward_stage(nm_model *m, const int32_t *tokens, const float *inpu
         return nm_error_set(err, "forward: sequence length %lld too short for %lld MTP depths (needs >= %lld)",
                             (long long)T, (long long)c->M, (long long)(c->M + 2));
     }
-    if (m->tp && logits_out) {
+    if (m->tp.comm && logits_out) {
         return nm_error_set(err, "forward: the logits of a tensor-parallel model are split over the vocabulary "
                                  "(tensor_parallel_size %d); gather them or run the forward at one process",
-                            m->tp->size);
+                            m->tp.comm->size);
     }
     for (int64_t i = 0; i < N; i++) {
         if (tokens[i] < 0 || tokens[i] >= V) {
-            return nm_error_set(err, "forward: token id %d at row %lld position %lld is outside the vocabulary [0, %lld)",
+            return nm_error_set(err,
+                                "forward: token id %d at row %lld position %lld is outside the vocabulary [0, %lld)",
                                 tokens[i], (long long)(i / T), (long long)(i % T), (long long)V);
         }
     }
     if (m->precision != NM_PRECISION_FP32) refresh_weights_bf16(m);
-    m->B = B;
-    m->T = T;
-    m->opt = *opt;
-    memcpy(m->tokens, tokens, (size_t)N * sizeof(int32_t));
+    m->act.B = B;
+    m->act.T = T;
+    m->act.opt = *opt;
+    memcpy(m->act.tokens, tokens, (size_t)N * sizeof(int32_t));
     for (int64_t b = 0; b < B; b++) {
-        for (int64_t t = 0; t < T; t++) m->targets[b * T + t] = t + 1 < T ? tokens[b * T + t + 1] : -1;
+        for (int64_t t = 0; t < T; t++) m->act.targets[b * T + t] = t + 1 < T ? tokens[b * T + t + 1] : -1;
     }
-    memset(m->expert_counts, 0, (size_t)m->n_moe * (size_t)(c->E > 0 ? c->E : 1) * sizeof(int64_t));
+    memset(m->routing.expert_counts, 0, (size_t)m->routing.n_moe * (size_t)(c->E > 0 ? c->E : 1) * sizeof(int64_t));
 
     // main stack (this stage's part of it)
     double aux = 0.0;
-    int moe_row = m->chunk_moe_row[m->chunk];  // this chunk's rows (zeroed above: the others add 0)
-    if (st->first) nm_tp_embedding_forward(m, m->stage_in, tokens, N);
-    else ops->copy_2d(m->stage_in, N * D, input, N * D, 1, N * D);
+    int moe_row = m->pipe.chunk_moe_row[m->pipe.chunk];  // this chunk's rows (zeroed above: the others add 0)
+    if (st->first) nm_tp_embedding_forward(m, m->act.stage_in, tokens, N);
+    else ops->copy_2d(m->act.stage_in, N * D, input, N * D, 1, N * D);
     for (int64_t l = st->layer_begin; l < st->layer_end; l++) {
-        int64_t *counts = nm_layer_is_moe(c, l) ? m->expert_counts + (size_t)(moe_row++) * c->E : NULL;
+        int64_t *counts = nm_layer_is_moe(c, l) ? m->routing.expert_counts + (size_t)(moe_row++) * c->E : NULL;
         aux += block_forward(m, l, B, T, counts);
     }
     if (!st->last) {
         *loss = (nm_loss_terms){.loss = (double)opt->aux_weight * aux, .aux = aux, .tokens = N};
         return forward_done(m, opt, err);
     }
-    const float *h_last = m->stage_out;
+    const float *h_last = m->act.stage_out;
     int64_t s0, n0;
     nm_sp_rows(m, N, &s0, &n0);
-    ops->rmsnorm_forward(m->h0 + s0 * D, m->h0_rstd + s0, h_last + s0 * D, P + m->table.final_norm, n0, D,
+    ops->rmsnorm_forward(m->act.h0 + s0 * D, m->act.h0_rstd + s0, h_last + s0 * D, P + m->table.final_norm, n0, D,
                          (float)c->rms_eps);
-    nm_sp_all_gather(m, m->h0, N, D, NM_DT_F32);  // the vocabulary-parallel head reads every token
-    nm_head_forward(m, m->losses, m->lse, m->logits, m->h0, NM_F32, m->targets, N, logits_out);
-    double ce = T > 1 ? nm_head_sum_losses(m->losses, N) / (double)(B * (T - 1)) : 0.0;
+    nm_sp_all_gather(m, m->act.h0, N, D, NM_DT_F32);  // the vocabulary-parallel head reads every token
+    nm_head_forward(m, m->act.losses, m->act.lse, m->act.logits, m->act.h0, NM_F32, m->act.targets, N, logits_out);
+    double ce = T > 1 ? nm_head_sum_losses(m->act.losses, N) / (double)(B * (T - 1)) : 0.0;
 
     // multi-token prediction (dsv3-spec 6.3, 11): depth k reads h^{k-1} and tokens shifted by k
     double mtp = 0.0;
@@ -201,7 +206,7 @@ int nm_model_forward_stage(nm_model *m, const int32_t *tokens, const float *inpu
     for (int64_t k = 1; k <= M; k++) {
         int64_t l = c->L + k - 1, Tk = T - k;
         nm_mtp_input_forward(m, k, tokens, B, T);
-        int64_t *counts = nm_layer_is_moe(c, l) ? m->expert_counts + (size_t)(moe_row++) * c->E : NULL;
+        int64_t *counts = nm_layer_is_moe(c, l) ? m->routing.expert_counts + (size_t)(moe_row++) * c->E : NULL;
         aux += block_forward(m, l, B, Tk, counts);
         mtp += nm_mtp_output_forward(m, k, B, T) / (double)(B * (Tk - 1));
     }
@@ -228,27 +233,28 @@ static void layer_finished(nm_model *m, int64_t l) {
 int nm_model_backward(nm_model *m, nm_error *err) { return nm_model_backward_stage(m, NULL, err); }
 
 int nm_model_backward_stage(nm_model *m, const float *d_output, nm_error *err) {
-    const nm_model_stage *st = &m->stage;
-    if (!st->last && !d_output) return nm_error_set(err, "backward: this pipeline stage needs the gradient of its output");
-    if (!m->have_forward) return nm_error_set(err, "backward: no forward pass to differentiate");
-    m->have_forward = 0;  // activations are consumed (logits are overwritten in place)
+    const nm_model_stage *st = &m->pipe.stage;
+    if (!st->last && !d_output)
+        return nm_error_set(err, "backward: this pipeline stage needs the gradient of its output");
+    if (!m->act.have_forward) return nm_error_set(err, "backward: no forward pass to differentiate");
+    m->act.have_forward = 0;  // activations are consumed (logits are overwritten in place)
     const nm_model_config *c = &m->cfg;
     const nm_ops *ops = m->ops;
     const float *P = m->params;
     float *G = m->grads;
-    int64_t B = m->B, T = m->T, N = B * T, D = c->D;
-    float gs = m->opt.grad_scale;
-    float aux_seed = m->opt.aux_weight * gs;
+    int64_t B = m->act.B, T = m->act.T, N = B * T, D = c->D;
+    float gs = m->act.opt.grad_scale;
+    float aux_seed = m->act.opt.aux_weight * gs;
 
     if (!st->last) {
-        ops->copy_2d(m->d_res, N * D, d_output, N * D, 1, N * D);
+        ops->copy_2d(m->scratch.d_res, N * D, d_output, N * D, 1, N * D);
         goto main_blocks;
     }
     // MTP depths, deepest first: depth k's block output also feeds depth k+1's hnorm.
-    ops->zero(m->d_h0, N * D);
+    ops->zero(m->scratch.d_h0, N * D);
     for (int64_t k = c->M; k >= 1; k--) {
         int64_t l = c->L + k - 1, Tk = T - k;
-        float scale = m->opt.mtp_weight / (float)c->M / (float)(B * (Tk - 1)) * gs;
+        float scale = m->act.opt.mtp_weight / (float)c->M / (float)(B * (Tk - 1)) * gs;
         nm_mtp_output_backward(m, k, B, T, scale);
         block_backward(m, l, aux_seed);
         nm_mtp_input_backward(m, k, B, T);
@@ -256,15 +262,16 @@ int nm_model_backward_stage(nm_model *m, const float *d_output, nm_error *err) {
     }
 
     // main head: logits = h0 . lm_head^T ; h0 = RMSNorm(h_L)
-    nm_head_backward(m, m->d_h0, 1.0f, m->logits, m->lse, m->h0, NM_F32, m->targets, gs / (float)(B * (T - 1)), N);
+    nm_head_backward(m, m->scratch.d_h0, 1.0f, m->act.logits, m->act.lse, m->act.h0, NM_F32, m->act.targets,
+                     gs / (float)(B * (T - 1)), N);
     // sequence parallelism: d_h0 holds each rank's part for every token (its vocabulary rows,
     // the MTP rows it holds); summed, each rank keeps its rows
-    nm_sp_reduce_scatter(m, m->d_h0, N, D);
+    nm_sp_reduce_scatter(m, m->scratch.d_h0, N, D);
     int64_t s0, n0;
     nm_sp_rows(m, N, &s0, &n0);
-    ops->zero(m->d_res, N * D);
-    ops->rmsnorm_backward(m->d_res + s0 * D, G + m->table.final_norm, m->d_h0 + s0 * D, m->stage_out + s0 * D,
-                          P + m->table.final_norm, m->h0_rstd + s0, n0, D);
+    ops->zero(m->scratch.d_res, N * D);
+    ops->rmsnorm_backward(m->scratch.d_res + s0 * D, G + m->table.final_norm, m->scratch.d_h0 + s0 * D,
+                          m->act.stage_out + s0 * D, P + m->table.final_norm, m->act.h0_rstd + s0, n0, D);
 main_blocks:
     for (int64_t l = st->layer_end - 1; l >= st->layer_begin; l--) {
         block_backward(m, l, aux_seed);
@@ -272,8 +279,8 @@ main_blocks:
     }
     // d_res is now dLoss/d(stage input): the embedding's gradient, or the previous stage's
     if (st->first) {
-        nm_sp_all_gather(m, m->d_res, N, D, NM_DT_F32);  // this rank's vocabulary rows see every token
-        nm_tp_embedding_backward(m, m->d_res, m->tokens, N);
+        nm_sp_all_gather(m, m->scratch.d_res, N, D, NM_DT_F32);  // this rank's vocabulary rows see every token
+        nm_tp_embedding_backward(m, m->scratch.d_res, m->act.tokens, N);
     }
     return nm_model_report_fault(m, "backward", err);
 }

@@ -28,11 +28,11 @@ static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
 static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int moe) {
     const nm_model_config *c = &m->cfg;
     size_t N = (size_t)(m->B_max * m->T_max);
-    size_t D = c->D, NK = N * (size_t)c->K, H = (size_t)m->H_loc;
+    size_t D = c->D, NK = N * (size_t)c->K, H = (size_t)m->tp.H_loc;
     // selective recomputation of the norms: a and f share one buffer each (layout), rebuilt at
     // the start of each block's backward (model.c, mla.c)
-    const int share_norms = m->recompute_layernorm && !m->recompute;  // (NULL in the counting pass)
-    b->a = share_norms ? m->ln_a : take(m, N * D);
+    const int share_norms = m->recompute.layernorm && !m->recompute.full;  // (NULL in the counting pass)
+    b->a = share_norms ? m->recompute.ln_a : take(m, N * D);
     b->a_rstd = take(m, N);
     if (c->Rq > 0) {
         b->cq = take(m, N * c->Rq);
@@ -41,21 +41,21 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
     }
     // selective recomputation: the up-projections' outputs share one pair (layout), rebuilt in
     // each block's backward (mla.c)
-    const int share_up = m->recompute_mla_up_proj && !m->recompute;  // (up_q is NULL in the counting pass)
-    b->q = share_up ? m->up_q : take(m, N * H * c->Dqk);
+    const int share_up = m->recompute.mla_up_proj && !m->recompute.full;  // (up_q is NULL in the counting pass)
+    b->q = share_up ? m->recompute.up_q : take(m, N * H * c->Dqk);
     b->ckv = take(m, N * c->Rkv);
     b->ckv_n = take(m, N * c->Rkv);
     b->ckv_rstd = take(m, N);
     b->k_pe = take(m, N * c->Dr);
-    b->kv = share_up ? m->up_kv : take(m, N * H * (c->Dn + c->Dv));
+    b->kv = share_up ? m->recompute.up_kv : take(m, N * H * (c->Dn + c->Dv));
     b->att = take(m, N * H * c->Dv);
     b->lse = take(m, N * H);
     b->x_mid = take(m, N * D);
-    b->f = share_norms ? m->ln_f : take(m, N * D);
+    b->f = share_norms ? m->recompute.ln_f : take(m, N * D);
     b->f_rstd = take(m, N);
     if (dense) {
-        b->gate_up = take(m, N * 2 * m->F_loc);
-        b->act = take(m, N * m->F_loc);
+        b->gate_up = take(m, N * 2 * m->tp.F_loc);
+        b->act = take(m, N * m->tp.F_loc);
     }
     if (moe && c->E > 0) {
         b->router_logits = take(m, N * c->E);
@@ -64,53 +64,34 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
         b->topk_w = take(m, NK);
         b->perm = take_i32(m, NK);
         b->offsets = take_i32(m, c->E + 1);
-        size_t R = m->ep ? (size_t)m->ep_cap : NK;
+        size_t R = m->ep.comm ? (size_t)m->ep.cap : NK;
         b->x_perm = take(m, NK * D);
         b->e_gate_up = take(m, R * 2 * c->Fe);
-        b->e_act = m->recompute_moe_act && !m->recompute ? m->moe_act : take(m, R * c->Fe);
+        b->e_act = m->recompute.moe_act && !m->recompute.full ? m->recompute.moe_act_buf : take(m, R * c->Fe);
         b->e_out = take(m, NK * D);
-        if (m->ep) {
+        if (m->ep.comm) {
             b->x_loc = take(m, R * D);
-            size_t EP = (size_t)m->ep->size;
-            b->ep_counts = (int64_t *)take(m, 2 * EP * (size_t)m->E_loc);
+            size_t EP = (size_t)m->ep.comm->size;
+            b->ep_counts = (int64_t *)take(m, 2 * EP * (size_t)m->ep.E_loc);
             b->ep_pairs = (int64_t *)take(m, 2 * EP * EP);
         }
 
         if (c->Fs > 0) {
-            b->s_gate_up = take(m, N * 2 * m->Fs_loc);
-            b->s_act = take(m, N * m->Fs_loc);
+            b->s_gate_up = take(m, N * 2 * m->tp.Fs_loc);
+            b->s_act = take(m, N * m->tp.Fs_loc);
         }
         b->bal_f = take(m, m->B_max * c->E);
     }
 }
 
 
-static void slot_save(nm_model *m, model_slot *s) {
-    *s = (model_slot){.blocks = m->blocks, .mtp = m->mtp, .targets = m->targets, .tokens = m->tokens,
-                      .stage_in = m->stage_in, .emb_out = m->emb_out, .h0 = m->h0, .h0_rstd = m->h0_rstd,
-                      .logits = m->logits, .losses = m->losses, .lse = m->lse, .head_stats = m->head_stats,
-                      .B = m->B, .T = m->T, .opt = m->opt, .have_forward = m->have_forward};
-}
+// The current activation set into slot s, and back; stage_out follows the slot's chunk.
+static void slot_save(nm_model *m, nm_model_acts *s) { *s = m->act; }
 
-static void slot_load(nm_model *m, const model_slot *s) {
-    m->blocks = s->blocks;
-    m->mtp = s->mtp;
-    m->targets = s->targets;
-    m->tokens = s->tokens;
-    m->stage_in = s->stage_in;
-    m->emb_out = s->emb_out;
-    m->h0 = s->h0;
-    m->h0_rstd = s->h0_rstd;
-    m->logits = s->logits;
-    m->losses = s->losses;
-    m->lse = s->lse;
-    m->head_stats = s->head_stats;
-    m->B = s->B;
-    m->T = s->T;
-    m->opt = s->opt;
-    m->have_forward = s->have_forward;
-    const nm_model_stage *st = &m->stage;  // the slot's chunk, set by the caller
-    m->stage_out = st->layer_end > st->layer_begin ? m->blocks[st->layer_end - 1].x_out : m->stage_in;
+static void slot_load(nm_model *m, const nm_model_acts *s) {
+    m->act = *s;
+    const nm_model_stage *st = &m->pipe.stage;  // the slot's chunk, set by the caller
+    m->act.stage_out = st->layer_end > st->layer_begin ? m->act.blocks[st->layer_end - 1].x_out : m->act.stage_in;
 }
 
 // What one micro-batch's forward leaves for its backward (into m's current-slot fields).
@@ -118,21 +99,21 @@ static void take_slot(nm_model *m, const block_acts *shared) {
     const nm_model_config *c = &m->cfg;
     size_t N = (size_t)(m->B_max * m->T_max);
     size_t D = c->D;
-    const nm_model_stage *st = &m->stage;
+    const nm_model_stage *st = &m->pipe.stage;
     FOR_STAGE_LAYERS(m, l) {
-        block_acts *b = &m->blocks[l];
+        block_acts *b = &m->act.blocks[l];
         int moe = nm_layer_is_moe(c, l);
-        if (m->recompute) *b = *shared;
+        if (m->recompute.full) *b = *shared;
         else take_block_intermediates(m, b, !moe, moe);
         b->x_in = (l == st->layer_begin || nm_layer_is_mtp(c, l)) ? take(m, N * D) : NULL;  // else aliases
         b->x_out = take(m, N * D);
     }
-    for (int64_t l = st->layer_begin + 1; l < st->layer_end; l++) m->blocks[l].x_in = m->blocks[l - 1].x_out;
-    m->stage_in = st->layer_end > st->layer_begin ? m->blocks[st->layer_begin].x_in : take(m, N * D);
-    m->emb_out = m->stage_in;
+    for (int64_t l = st->layer_begin + 1; l < st->layer_end; l++) m->act.blocks[l].x_in = m->act.blocks[l - 1].x_out;
+    m->act.stage_in = st->layer_end > st->layer_begin ? m->act.blocks[st->layer_begin].x_in : take(m, N * D);
+    m->act.emb_out = m->act.stage_in;
     if (st->last) {
         for (int64_t k = 0; k < c->M; k++) {
-            mtp_acts *t = &m->mtp[k];
+            mtp_acts *t = &m->act.mtp[k];
             t->tokens_in = take_i32(m, N);
             t->targets = take_i32(m, N);
             t->h_prev = take(m, N * D);
@@ -149,15 +130,15 @@ static void take_slot(nm_model *m, const block_acts *shared) {
             t->dh = take(m, N * D);
         }
     }
-    m->targets = take_i32(m, N);
-    m->tokens = take_i32(m, N);
+    m->act.targets = take_i32(m, N);
+    m->act.tokens = take_i32(m, N);
     if (st->last) {
-        m->h0 = take(m, N * D);
-        m->h0_rstd = take(m, N);
-        m->logits = take(m, N * (size_t)m->vt);
-        m->losses = take(m, N);
-        m->lse = take(m, N);
-        m->head_stats = (double *)take(m, 6 * N);  // 3 doubles per row (the arena is 64-byte aligned)
+        m->act.h0 = take(m, N * D);
+        m->act.h0_rstd = take(m, N);
+        m->act.logits = take(m, N * (size_t)m->vt);
+        m->act.losses = take(m, N);
+        m->act.lse = take(m, N);
+        m->act.head_stats = (double *)take(m, 6 * N);  // 3 doubles per row (the arena is 64-byte aligned)
     }
 }
 
@@ -174,89 +155,89 @@ static void layout(nm_model *m) {
     // per micro-batch in flight (slots); the backward scratch below is shared by all.
     // A stage without MoE blocks (or without dense ones) needs none of their buffers.
     int stage_moe = 0, stage_dense = 0;
-    for (int k = 0; k < m->n_chunks; k++) {
-        m->stage = m->chunks[k];
+    for (int k = 0; k < m->pipe.n_chunks; k++) {
+        m->pipe.stage = m->pipe.chunks[k];
         FOR_STAGE_LAYERS(m, l) {
             if (nm_layer_is_moe(c, l)) stage_moe = 1;
             else stage_dense = 1;
         }
     }
     block_acts shared = {0};
-    if (m->recompute) take_block_intermediates(m, &shared, stage_dense, stage_moe);
-    m->up_q = m->up_kv = m->moe_act = m->ln_a = m->ln_f = NULL;
-    if (m->recompute_moe_act && !m->recompute && stage_moe && c->E > 0)
-        m->moe_act = take(m, (m->ep ? (size_t)m->ep_cap : N * (size_t)c->K) * (size_t)c->Fe);
-    if (m->recompute_layernorm && !m->recompute && (stage_dense || stage_moe)) {
-        m->ln_a = take(m, N * D);
-        m->ln_f = take(m, N * D);
+    if (m->recompute.full) take_block_intermediates(m, &shared, stage_dense, stage_moe);
+    m->recompute.up_q = m->recompute.up_kv = m->recompute.moe_act_buf = m->recompute.ln_a = m->recompute.ln_f = NULL;
+    if (m->recompute.moe_act && !m->recompute.full && stage_moe && c->E > 0)
+        m->recompute.moe_act_buf = take(m, (m->ep.comm ? (size_t)m->ep.cap : N * (size_t)c->K) * (size_t)c->Fe);
+    if (m->recompute.layernorm && !m->recompute.full && (stage_dense || stage_moe)) {
+        m->recompute.ln_a = take(m, N * D);
+        m->recompute.ln_f = take(m, N * D);
     }
-    if (m->recompute_mla_up_proj && !m->recompute && (stage_dense || stage_moe)) {
-        size_t H = (size_t)m->H_loc;
-        m->up_q = take(m, N * H * c->Dqk);
-        m->up_kv = take(m, N * H * (c->Dn + c->Dv));
+    if (m->recompute.mla_up_proj && !m->recompute.full && (stage_dense || stage_moe)) {
+        size_t H = (size_t)m->tp.H_loc;
+        m->recompute.up_q = take(m, N * H * c->Dqk);
+        m->recompute.up_kv = take(m, N * H * (c->Dn + c->Dv));
     }
     // A chunk's slots hold its own layers only.
-    for (int s = 0; s < m->n_slots; s++) {
-        m->stage = m->chunks[s / m->slots_per_chunk];
-        m->blocks = m->block_sets + (size_t)s * (size_t)c->n_layers;
-        m->mtp = m->mtp_sets + (size_t)s * (size_t)(c->M > 0 ? c->M : 1);
+    for (int s = 0; s < m->pipe.n_slots; s++) {
+        m->pipe.stage = m->pipe.chunks[s / m->pipe.slots_per_chunk];
+        m->act.blocks = m->pipe.block_sets + (size_t)s * (size_t)c->n_layers;
+        m->act.mtp = m->pipe.mtp_sets + (size_t)s * (size_t)(c->M > 0 ? c->M : 1);
         take_slot(m, &shared);
-        slot_save(m, &m->slots[s]);
+        slot_save(m, &m->pipe.slots[s]);
     }
-    m->stage = m->chunks[0];
-    m->chunk = 0;
-    slot_load(m, &m->slots[0]);
-    m->slot = 0;
+    m->pipe.stage = m->pipe.chunks[0];
+    m->pipe.chunk = 0;
+    slot_load(m, &m->pipe.slots[0]);
+    m->pipe.slot = 0;
 
-    size_t Fmax = max_sz((size_t)m->F_loc, (size_t)m->Fs_loc), H = (size_t)m->H_loc;
-    m->d_res = take(m, N * D);
-    m->d_h0 = take(m, N * D);
-    m->d_a = take(m, N * D);
-    m->d_f = take(m, N * D);
+    size_t Fmax = max_sz((size_t)m->tp.F_loc, (size_t)m->tp.Fs_loc), H = (size_t)m->tp.H_loc;
+    m->scratch.d_res = take(m, N * D);
+    m->scratch.d_h0 = take(m, N * D);
+    m->scratch.d_a = take(m, N * D);
+    m->scratch.d_f = take(m, N * D);
     if (c->Rq > 0) {
-        m->d_cq_n = take(m, N * c->Rq);
-        m->d_cq = take(m, N * c->Rq);
+        m->scratch.d_cq_n = take(m, N * c->Rq);
+        m->scratch.d_cq = take(m, N * c->Rq);
     }
-    m->d_q = take(m, N * H * c->Dqk);
-    m->d_ckv_n = take(m, N * c->Rkv);
-    m->d_ckv = take(m, N * c->Rkv);
-    m->d_k_pe = take(m, N * c->Dr);
-    m->d_kv = take(m, N * H * (c->Dn + c->Dv));
-    m->d_att = take(m, N * H * c->Dv);
-    m->att_scratch = take(m, N * H * c->Dr);
-    m->d_gate_up = take(m, N * 2 * Fmax);
-    m->d_act = take(m, N * Fmax);
+    m->scratch.d_q = take(m, N * H * c->Dqk);
+    m->scratch.d_ckv_n = take(m, N * c->Rkv);
+    m->scratch.d_ckv = take(m, N * c->Rkv);
+    m->scratch.d_k_pe = take(m, N * c->Dr);
+    m->scratch.d_kv = take(m, N * H * (c->Dn + c->Dv));
+    m->scratch.d_att = take(m, N * H * c->Dv);
+    m->scratch.att_scratch = take(m, N * H * c->Dr);
+    m->scratch.d_gate_up = take(m, N * 2 * Fmax);
+    m->scratch.d_act = take(m, N * Fmax);
     if (c->E > 0 && stage_moe) {
-        m->d_router = take(m, N * c->E);
-        m->d_topk_w = take(m, NK);
-        size_t R = m->ep ? (size_t)m->ep_cap : NK;
-        m->d_e_out = take(m, NK * D);
-        m->d_e_act = take(m, R * c->Fe);
-        m->d_e_gate_up = take(m, R * 2 * c->Fe);
-        m->d_x_perm = take(m, NK * D);
-        if (m->ep) {
-            m->d_e_out_loc = take(m, R * D);
-            m->d_x_loc = take(m, R * D);
-            m->ep_buf = take(m, R * D);
+        m->scratch.d_router = take(m, N * c->E);
+        m->scratch.d_topk_w = take(m, NK);
+        size_t R = m->ep.comm ? (size_t)m->ep.cap : NK;
+        m->scratch.d_e_out = take(m, NK * D);
+        m->scratch.d_e_act = take(m, R * c->Fe);
+        m->scratch.d_e_gate_up = take(m, R * 2 * c->Fe);
+        m->scratch.d_x_perm = take(m, NK * D);
+        if (m->ep.comm) {
+            m->ep.d_e_out_loc = take(m, R * D);
+            m->ep.d_x_loc = take(m, R * D);
+            m->ep.buf = take(m, R * D);
             // the bf16 dispatch's send buffer, only where the run is bf16 (moe.c)
             if (m->opt_precision == NM_PRECISION_BF16 || m->opt_precision == NM_PRECISION_FP8)
-                m->ep_send16 = (uint16_t *)take(m, (NK * D + 1) / 2);
+                m->ep.send16 = (uint16_t *)take(m, (NK * D + 1) / 2);
             if (m->opt_precision == NM_PRECISION_FP8) {  // the fp8 dispatch's codes and scales
                 size_t tiles = (size_t)((D + 127) / 128);
-                m->ep_send8 = (uint8_t *)take(m, (NK * D + 3) / 4);
-                m->ep_send_scales = take(m, NK * tiles);
-                m->ep_recv8 = (uint8_t *)take(m, (R * D + 3) / 4);
-                m->ep_recv_scales = take(m, R * tiles);
-                m->ep_half = (uint16_t *)take(m, (R * D + 1) / 2);
+                m->ep.send8 = (uint8_t *)take(m, (NK * D + 3) / 4);
+                m->ep.send_scales = take(m, NK * tiles);
+                m->ep.recv8 = (uint8_t *)take(m, (R * D + 3) / 4);
+                m->ep.recv_scales = take(m, R * tiles);
+                m->ep.half = (uint16_t *)take(m, (R * D + 1) / 2);
             }
         }
     }
-    m->d_emb = take(m, N * D);
-    m->d_tmp = take(m, N * D);
-    if (m->tp) {
-        m->tp_ids = take_i32(m, N);
-        m->d_tp = take(m, N * D);
-        m->tp_red = (double *)take(m, 6 * N);
+    m->scratch.d_emb = take(m, N * D);
+    m->scratch.d_tmp = take(m, N * D);
+    if (m->tp.comm) {
+        m->tp.ids = take_i32(m, N);
+        m->tp.partial = take(m, N * D);
+        m->tp.red = (double *)take(m, 6 * N);
     }
 }
 
@@ -264,12 +245,12 @@ static void layout(nm_model *m) {
 // shard is the embedding row's (table row 0) when there is a table.
 static void set_local_sizes(nm_model *m, int64_t tp_size, const nm_tensor_spec *embed) {
     const nm_model_config *c = &m->cfg;
-    m->H_loc = c->H / tp_size;
-    m->F_loc = c->F / tp_size;
-    m->Fs_loc = c->Fs / tp_size;
-    m->V_loc = embed ? embed->shape[0] : c->V;
-    m->v_start = embed && embed->tp_dim == 0 ? embed->tp_start : 0;
-    m->V_valid = embed && embed->tp_dim == 0 ? embed->tp_extent : m->V_loc;
+    m->tp.H_loc = c->H / tp_size;
+    m->tp.F_loc = c->F / tp_size;
+    m->tp.Fs_loc = c->Fs / tp_size;
+    m->tp.V_loc = embed ? embed->shape[0] : c->V;
+    m->tp.v_start = embed && embed->tp_dim == 0 ? embed->tp_start : 0;
+    m->tp.V_valid = embed && embed->tp_dim == 0 ? embed->tp_extent : m->tp.V_loc;
 }
 
 // --- create / destroy ---------------------------------------------------------------------
@@ -299,9 +280,11 @@ static int check_row_dims(const nm_model_config *c, const nm_ops *ops, nm_error 
     };
     for (size_t i = 0; i < sizeof(dims) / sizeof(dims[0]); i++) {
         if (ops->max_row_dim > 0 && dims[i].v > ops->max_row_dim)
-            return nm_error_set(err, "%s: %s = %lld: this backend's ops handle at most %lld (DeepSeek-V3: 256 experts, "
-                                "head dims 192 and 128)", c->source_path ? c->source_path : "model config", dims[i].what,
-                                (long long)dims[i].v, (long long)ops->max_row_dim);
+            return nm_error_set(err,
+                                "%s: %s = %lld: this backend's ops handle at most %lld (DeepSeek-V3: 256 experts, "
+                                "head dims 192 and 128)",
+                                c->source_path ? c->source_path : "model config", dims[i].what, (long long)dims[i].v,
+                                (long long)ops->max_row_dim);
     }
     return 0;
 }
@@ -325,20 +308,21 @@ static int set_chunks(nm_model *m, const nm_model_options *opts, nm_error *err) 
     if (n > NM_MAX_MODEL_CHUNKS || (n > 1 && !opts->stage))
         return nm_error_set(err, "model: %lld model chunks (virtual pipeline stages): at most %d, given as stages",
                             (long long)n, NM_MAX_MODEL_CHUNKS);
-    for (int64_t k = 0; k < n; k++) m->chunks[k] = opts->stage ? opts->stage[k] : (nm_model_stage){0, c->L, 1, 1};
+    for (int64_t k = 0; k < n; k++) m->pipe.chunks[k] = opts->stage ? opts->stage[k] : (nm_model_stage){0, c->L, 1, 1};
     for (int64_t k = 1; k < n; k++) {
-        if (m->chunks[k].first || m->chunks[k - 1].last || m->chunks[k].layer_begin < m->chunks[k - 1].layer_end)
-            return nm_error_set(err, "model: chunk %lld (layers [%lld, %lld)) does not follow chunk %lld in layer order",
-                                (long long)k, (long long)m->chunks[k].layer_begin, (long long)m->chunks[k].layer_end,
-                                (long long)(k - 1));
+        if (m->pipe.chunks[k].first || m->pipe.chunks[k - 1].last ||
+            m->pipe.chunks[k].layer_begin < m->pipe.chunks[k - 1].layer_end)
+            return nm_error_set(
+                err, "model: chunk %lld (layers [%lld, %lld)) does not follow chunk %lld in layer order", (long long)k,
+                (long long)m->pipe.chunks[k].layer_begin, (long long)m->pipe.chunks[k].layer_end, (long long)(k - 1));
     }
-    m->n_chunks = (int)n;
-    m->slots_per_chunk = opts->act_slots > 1 ? (int)opts->act_slots : 1;
-    if ((int64_t)m->slots_per_chunk * n > INT32_MAX / 2)
+    m->pipe.n_chunks = (int)n;
+    m->pipe.slots_per_chunk = opts->act_slots > 1 ? (int)opts->act_slots : 1;
+    if ((int64_t)m->pipe.slots_per_chunk * n > INT32_MAX / 2)
         return nm_error_set(err, "model: %lld activation slots per chunk", (long long)opts->act_slots);
-    m->n_slots = m->slots_per_chunk * (int)n;
-    m->stage = m->chunks[0];
-    m->chunk = 0;
+    m->pipe.n_slots = m->pipe.slots_per_chunk * (int)n;
+    m->pipe.stage = m->pipe.chunks[0];
+    m->pipe.chunk = 0;
     return 0;
 }
 
@@ -348,15 +332,16 @@ static int set_chunks(nm_model *m, const nm_model_options *opts, nm_error *err) 
 static int configure(nm_model *m, const nm_model_options *opts, nm_error *err) {
     const nm_model_config *c = &m->cfg;
     if (opts->vocab_tile < 0) return nm_error_set(err, "model: vocab_tile %lld < 0", (long long)opts->vocab_tile);
-    m->ep = opts->ep && opts->ep->size > 1 ? opts->ep : NULL;
-    m->tp = opts->tp && opts->tp->size > 1 ? opts->tp : NULL;
-    m->sp = m->tp && opts->sequence_parallel;
-    int64_t ep_size = m->ep ? m->ep->size : 1, ep_rank = m->ep ? m->ep->rank : 0;
-    int64_t tp_size = m->tp ? m->tp->size : 1, tp_rank = m->tp ? m->tp->rank : 0;
+    m->ep.comm = opts->ep && opts->ep->size > 1 ? opts->ep : NULL;
+    m->tp.comm = opts->tp && opts->tp->size > 1 ? opts->tp : NULL;
+    m->tp.sp = m->tp.comm && opts->sequence_parallel;
+    int64_t ep_size = m->ep.comm ? m->ep.comm->size : 1, ep_rank = m->ep.comm ? m->ep.comm->rank : 0;
+    int64_t tp_size = m->tp.comm ? m->tp.comm->size : 1, tp_rank = m->tp.comm ? m->tp.comm->rank : 0;
     int64_t vocab_multiple = opts->vocab_multiple > 0 ? opts->vocab_multiple : 1;
     if (nm_param_table_build_tp(&m->table, c, ep_rank, ep_size, tp_rank, tp_size, vocab_multiple, err) != 0) return -1;
-    if (m->n_chunks > 1 || m->stage.layer_end - m->stage.layer_begin != c->L || !m->stage.first || !m->stage.last) {
-        if (nm_param_table_restrict_chunks(&m->table, c, m->chunks, m->n_chunks, err) != 0) {
+    if (m->pipe.n_chunks > 1 || m->pipe.stage.layer_end - m->pipe.stage.layer_begin != c->L || !m->pipe.stage.first ||
+        !m->pipe.stage.last) {
+        if (nm_param_table_restrict_chunks(&m->table, c, m->pipe.chunks, m->pipe.n_chunks, err) != 0) {
             nm_param_table_free(&m->table);
             return -1;
         }
@@ -366,9 +351,9 @@ static int configure(nm_model *m, const nm_model_options *opts, nm_error *err) {
     if (vocab_row < 0) vocab_row = nm_param_table_find(&m->table, "lm_head.weight");
     set_local_sizes(m, tp_size, vocab_row >= 0 ? &m->table.rows[vocab_row] : NULL);
     m->vt = pick_vocab_tile(c, m->B_max * m->T_max, opts->vocab_tile);
-    if (m->vt > m->V_loc) m->vt = m->V_loc;
-    m->E_loc = m->table.expert_count;
-    if (m->ep) {
+    if (m->vt > m->tp.V_loc) m->vt = m->tp.V_loc;
+    m->ep.E_loc = m->table.expert_count;
+    if (m->ep.comm) {
         // The receive capacity per round: moe_receive_capacity x the mean rows a rank receives
         // (each rank sends its routed rows x K), never above what the group could send it.
         double capacity = opts->moe_receive_capacity;
@@ -376,8 +361,8 @@ static int configure(nm_model *m, const nm_model_options *opts, nm_error *err) {
             return nm_error_set(err, "model: moe_receive_capacity %g: must be a finite number > 0 (0: the default %g)",
                                 capacity, NM_MOE_RECEIVE_CAPACITY);
         int64_t rows = m->B_max * m->T_max;
-        if (m->sp) rows = (rows + tp_size - 1) / tp_size;  // each tp rank routes its own rows
-        m->ep_cap = nm_moe_receive_rows(c, rows, ep_size, capacity);
+        if (m->tp.sp) rows = (rows + tp_size - 1) / tp_size;  // each tp rank routes its own rows
+        m->ep.cap = nm_moe_receive_rows(c, rows, ep_size, capacity);
     }
     return 0;
 }
@@ -400,9 +385,15 @@ int nm_model_create(nm_model **out, const nm_model_config *cfg, const nm_ops *op
 int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops *ops, int64_t B_max,
                        int64_t T_max, const nm_model_options *opts, nm_error *err) {
     *out = NULL;
-    if (B_max < 1 || T_max < 2) return nm_error_set(err, "model: batch %lld x seq %lld: need batch >= 1 and seq >= 2", (long long)B_max, (long long)T_max);
-    if (T_max < cfg->M + 2) return nm_error_set(err, "model: sequence length %lld too short for %lld MTP depths (needs >= %lld)", (long long)T_max, (long long)cfg->M, (long long)(cfg->M + 2));
-    if ((int64_t)B_max * T_max * (cfg->K > 0 ? cfg->K : 1) >= INT32_MAX) return nm_error_set(err, "model: batch*seq*top_k = %lld exceeds int32 routing indices", (long long)(B_max * T_max * cfg->K));
+    if (B_max < 1 || T_max < 2)
+        return nm_error_set(err, "model: batch %lld x seq %lld: need batch >= 1 and seq >= 2", (long long)B_max,
+                            (long long)T_max);
+    if (T_max < cfg->M + 2)
+        return nm_error_set(err, "model: sequence length %lld too short for %lld MTP depths (needs >= %lld)",
+                            (long long)T_max, (long long)cfg->M, (long long)(cfg->M + 2));
+    if ((int64_t)B_max * T_max * (cfg->K > 0 ? cfg->K : 1) >= INT32_MAX)
+        return nm_error_set(err, "model: batch*seq*top_k = %lld exceeds int32 routing indices",
+                            (long long)(B_max * T_max * cfg->K));
     if (ops->setup && ops->setup(err) != 0) return -1;
     if (check_row_dims(cfg, ops, err) != 0) return -1;
     nm_model *m = nm_calloc(1, sizeof(nm_model));
@@ -410,33 +401,33 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     m->ops = ops;
     m->B_max = B_max;
     m->T_max = T_max;
-    m->recompute = opts->recompute;
-    m->recompute_mla_up_proj = opts->recompute_mla_up_proj;
-    m->recompute_moe_act = opts->recompute_moe_act;
-    m->shared_expert_overlap = opts->shared_expert_overlap;
-    m->recompute_layernorm = opts->recompute_layernorm;
+    m->recompute.full = opts->recompute;
+    m->recompute.mla_up_proj = opts->recompute_mla_up_proj;
+    m->recompute.moe_act = opts->recompute_moe_act;
+    m->ep.shared_expert_overlap = opts->shared_expert_overlap;
+    m->recompute.layernorm = opts->recompute_layernorm;
     m->opt_precision = opts->precision;
     if (set_chunks(m, opts, err) != 0 || configure(m, opts, err) != 0) {
         nm_free(m);
         return -1;
     }
-    int64_t ep_size = m->ep ? m->ep->size : 1;
-    if (m->tp) m->sp_counts = nm_calloc((size_t)m->tp->size, sizeof(int64_t));
-    if (m->ep) {
-        m->ep_send = nm_calloc((size_t)ep_size, sizeof(int64_t));
-        m->ep_recv = nm_calloc((size_t)ep_size, sizeof(int64_t));
-        m->ep_send_at = nm_calloc((size_t)ep_size, sizeof(int64_t));
-        m->ep_recv_at = nm_calloc((size_t)ep_size, sizeof(int64_t));
-        m->ep_cnt_send = nm_calloc((size_t)(ep_size * m->E_loc), sizeof(int64_t));
-        m->ep_round_counts = nm_calloc((size_t)(ep_size * m->E_loc), sizeof(int64_t));
-        m->ep_round_offsets = nm_calloc((size_t)m->E_loc + 1, sizeof(int32_t));
-        m->ep_scale_counts = nm_calloc((size_t)(4 * ep_size), sizeof(int64_t));
+    int64_t ep_size = m->ep.comm ? m->ep.comm->size : 1;
+    if (m->tp.comm) m->tp.sp_counts = nm_calloc((size_t)m->tp.comm->size, sizeof(int64_t));
+    if (m->ep.comm) {
+        m->ep.send = nm_calloc((size_t)ep_size, sizeof(int64_t));
+        m->ep.recv = nm_calloc((size_t)ep_size, sizeof(int64_t));
+        m->ep.send_at = nm_calloc((size_t)ep_size, sizeof(int64_t));
+        m->ep.recv_at = nm_calloc((size_t)ep_size, sizeof(int64_t));
+        m->ep.cnt_send = nm_calloc((size_t)(ep_size * m->ep.E_loc), sizeof(int64_t));
+        m->ep.round_counts = nm_calloc((size_t)(ep_size * m->ep.E_loc), sizeof(int64_t));
+        m->ep.round_offsets = nm_calloc((size_t)m->ep.E_loc + 1, sizeof(int32_t));
+        m->ep.scale_counts = nm_calloc((size_t)(4 * ep_size), sizeof(int64_t));
     }
     m->params = m->ops->alloc(m->table.n_floats * sizeof(float));
     m->grads = m->ops->alloc(m->table.n_floats * sizeof(float));
-    m->block_sets = nm_calloc((size_t)m->n_slots * (size_t)cfg->n_layers, sizeof(block_acts));
-    m->mtp_sets = nm_calloc((size_t)m->n_slots * (cfg->M > 0 ? (size_t)cfg->M : 1), sizeof(mtp_acts));
-    m->slots = nm_calloc((size_t)m->n_slots, sizeof(model_slot));
+    m->pipe.block_sets = nm_calloc((size_t)m->pipe.n_slots * (size_t)cfg->n_layers, sizeof(block_acts));
+    m->pipe.mtp_sets = nm_calloc((size_t)m->pipe.n_slots * (cfg->M > 0 ? (size_t)cfg->M : 1), sizeof(mtp_acts));
+    m->pipe.slots = nm_calloc((size_t)m->pipe.n_slots, sizeof(nm_model_acts));
     layout(m);  // counting pass
     m->arena_floats = m->arena_used;
     m->arena = m->ops->alloc(m->arena_floats * sizeof(float));
@@ -446,19 +437,20 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
 
     // The MoE layers held here in layer order (chunk after chunk, the MTP layers last): the
     // rows of expert_counts, each chunk's from chunk_moe_row on.
-    m->moe_layer_ids = nm_calloc((size_t)cfg->n_layers + 1, sizeof(int));
-    for (int k = 0; k < m->n_chunks; k++) {
-        m->stage = m->chunks[k];
-        m->chunk_moe_row[k] = m->n_moe;
+    m->routing.layer_ids = nm_calloc((size_t)cfg->n_layers + 1, sizeof(int));
+    for (int k = 0; k < m->pipe.n_chunks; k++) {
+        m->pipe.stage = m->pipe.chunks[k];
+        m->pipe.chunk_moe_row[k] = m->routing.n_moe;
         FOR_STAGE_LAYERS(m, l) {
-            if (nm_layer_is_moe(cfg, l)) m->moe_layer_ids[m->n_moe++] = (int)l;
+            if (nm_layer_is_moe(cfg, l)) m->routing.layer_ids[m->routing.n_moe++] = (int)l;
         }
     }
-    m->chunk_moe_row[m->n_chunks] = m->n_moe;
-    m->stage = m->chunks[0];
-    m->groups = nm_calloc((size_t)(cfg->E > 0 ? cfg->E : 1), sizeof(nm_gemm_group));
-    m->twins = nm_bf16_twins_create(m->ops);
-    m->expert_counts = nm_calloc((size_t)(m->n_moe > 0 ? m->n_moe : 1) * (size_t)(cfg->E > 0 ? cfg->E : 1), sizeof(int64_t));
+    m->pipe.chunk_moe_row[m->pipe.n_chunks] = m->routing.n_moe;
+    m->pipe.stage = m->pipe.chunks[0];
+    m->scratch.groups = nm_calloc((size_t)(cfg->E > 0 ? cfg->E : 1), sizeof(nm_gemm_group));
+    m->bf16.twins = nm_bf16_twins_create(m->ops);
+    m->routing.expert_counts = nm_calloc(
+        (size_t)(m->routing.n_moe > 0 ? m->routing.n_moe : 1) * (size_t)(cfg->E > 0 ? cfg->E : 1), sizeof(int64_t));
     *out = m;
     return 0;
 }
@@ -468,29 +460,29 @@ void nm_model_destroy(nm_model *m) {
     nm_param_table_free(&m->table);
     m->ops->free(m->params);
     m->ops->free(m->grads);
-    m->ops->free(m->weights_bf16);
-    nm_bf16_twins_destroy(m->twins);
+    m->ops->free(m->bf16.weights);
+    nm_bf16_twins_destroy(m->bf16.twins);
     m->ops->free(m->arena);
-    nm_free(m->block_sets);
-    nm_free(m->mtp_sets);
-    nm_free(m->slots);
-    nm_free(m->moe_layer_ids);
-    nm_free(m->groups);
-    nm_free(m->ep_send);
-    nm_free(m->ep_recv);
-    nm_free(m->ep_cnt_send);
-    nm_free(m->ep_send_at);
-    nm_free(m->ep_recv_at);
-    nm_free(m->ep_round_counts);
-    nm_free(m->ep_round_offsets);
-    nm_free(m->ep_scale_counts);
-    nm_free(m->sp_counts);
-    nm_free(m->expert_counts);
+    nm_free(m->pipe.block_sets);
+    nm_free(m->pipe.mtp_sets);
+    nm_free(m->pipe.slots);
+    nm_free(m->routing.layer_ids);
+    nm_free(m->scratch.groups);
+    nm_free(m->ep.send);
+    nm_free(m->ep.recv);
+    nm_free(m->ep.cnt_send);
+    nm_free(m->ep.send_at);
+    nm_free(m->ep.recv_at);
+    nm_free(m->ep.round_counts);
+    nm_free(m->ep.round_offsets);
+    nm_free(m->ep.scale_counts);
+    nm_free(m->tp.sp_counts);
+    nm_free(m->routing.expert_counts);
     nm_free(m);
 }
 
 float *nm_model_params(nm_model *m) {
-    m->params_changed = 1;
+    m->bf16.stale = 1;
     return m->params;
 }
 
@@ -502,12 +494,12 @@ int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err) {
         return nm_error_set(err, "precision %s: this backend has no %s GEMM", p == NM_PRECISION_FP8 ? "fp8" : "bf16",
                             p == NM_PRECISION_FP8 ? "fp8" : "bf16");
     }
-    if (p != NM_PRECISION_FP32 && m->ep && m->opt_precision != p)
+    if (p != NM_PRECISION_FP32 && m->ep.comm && m->opt_precision != p)
         return nm_error_set(err, "precision %s under expert parallelism: create the model with nm_model_options."
                                  "precision = %s (its dispatch buffers are sized at creation)",
                             p == NM_PRECISION_FP8 ? "fp8" : "bf16", p == NM_PRECISION_FP8 ? "fp8" : "bf16");
     m->precision = p;
-    m->params_changed = 1;  // the weight copy is made (and allocated) by the next forward
+    m->bf16.stale = 1;  // the weight copy is made (and allocated) by the next forward
     return 0;
 }
 float *nm_model_grads(nm_model *m) { return m->grads; }
@@ -529,19 +521,19 @@ size_t nm_model_estimate_activation_bytes(const nm_model_config *cfg, int64_t B_
 
 int nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_max, int64_t T_max,
                                           const nm_model_options *opts, size_t *bytes, nm_error *err) {
-    nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max, .recompute = opts->recompute,
-                  .recompute_mla_up_proj = opts->recompute_mla_up_proj, .recompute_moe_act = opts->recompute_moe_act,
-                  .recompute_layernorm = opts->recompute_layernorm,
+    nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max,
+                  .recompute = {.full = opts->recompute, .mla_up_proj = opts->recompute_mla_up_proj,
+                                .moe_act = opts->recompute_moe_act, .layernorm = opts->recompute_layernorm},
                   .opt_precision = opts->precision};
     if (set_chunks(&m, opts, err) != 0 || configure(&m, opts, err) != 0) return -1;
-    int n_slots = m.n_slots;
-    m.slots = nm_calloc((size_t)n_slots, sizeof(model_slot));
-    m.block_sets = nm_calloc((size_t)n_slots * (size_t)cfg->n_layers, sizeof(block_acts));
-    m.mtp_sets = nm_calloc((size_t)n_slots * (cfg->M > 0 ? (size_t)cfg->M : 1), sizeof(mtp_acts));
+    int n_slots = m.pipe.n_slots;
+    m.pipe.slots = nm_calloc((size_t)n_slots, sizeof(nm_model_acts));
+    m.pipe.block_sets = nm_calloc((size_t)n_slots * (size_t)cfg->n_layers, sizeof(block_acts));
+    m.pipe.mtp_sets = nm_calloc((size_t)n_slots * (cfg->M > 0 ? (size_t)cfg->M : 1), sizeof(mtp_acts));
     layout(&m);  // counting pass only (no arena)
-    nm_free(m.slots);
-    nm_free(m.block_sets);
-    nm_free(m.mtp_sets);
+    nm_free(m.pipe.slots);
+    nm_free(m.pipe.block_sets);
+    nm_free(m.pipe.mtp_sets);
     nm_param_table_free(&m.table);
     *bytes = m.arena_used * sizeof(float);
     return 0;
@@ -549,36 +541,36 @@ int nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_
 void nm_model_zero_grads(nm_model *m) { m->ops->zero(m->grads, (int64_t)m->table.n_floats); }
 
 void nm_model_ep_stats(nm_model *m, int64_t *rounds, double *recv_max_over_mean, double *overlap_s) {
-    *rounds = m->ep_stats_rounds;
-    *recv_max_over_mean = m->ep_stats_over_mean;
-    *overlap_s = m->ep_overlap_s;
-    m->ep_stats_rounds = 0;
-    m->ep_stats_over_mean = 0.0;
-    m->ep_overlap_s = 0.0;
+    *rounds = m->ep.stats_rounds;
+    *recv_max_over_mean = m->ep.stats_over_mean;
+    *overlap_s = m->ep.overlap_s;
+    m->ep.stats_rounds = 0;
+    m->ep.stats_over_mean = 0.0;
+    m->ep.overlap_s = 0.0;
 }
 
 const int64_t *nm_model_expert_counts(const nm_model *m, int *n_moe_layers, const int **layer_ids) {
-    if (n_moe_layers) *n_moe_layers = m->n_moe;
-    if (layer_ids) *layer_ids = m->moe_layer_ids;
-    return m->expert_counts;
+    if (n_moe_layers) *n_moe_layers = m->routing.n_moe;
+    if (layer_ids) *layer_ids = m->routing.layer_ids;
+    return m->routing.expert_counts;
 }
 
 // --- pipeline stages ------------------------------------------------------------------------
 
-const float *nm_model_stage_output(const nm_model *m) { return m->stage_out; }
-const float *nm_model_input_grad(const nm_model *m) { return m->d_res; }
-const nm_model_stage *nm_model_get_stage(const nm_model *m) { return &m->stage; }
+const float *nm_model_stage_output(const nm_model *m) { return m->act.stage_out; }
+const float *nm_model_input_grad(const nm_model *m) { return m->scratch.d_res; }
+const nm_model_stage *nm_model_get_stage(const nm_model *m) { return &m->pipe.stage; }
 
-int64_t nm_model_slots_per_chunk(const nm_model *m) { return m->slots_per_chunk; }
+int64_t nm_model_slots_per_chunk(const nm_model *m) { return m->pipe.slots_per_chunk; }
 
 int nm_model_set_slot(nm_model *m, int64_t s, nm_error *err) {
-    if (s < 0 || s >= m->n_slots)
-        return nm_error_set(err, "model: activation slot %lld outside the %d allocated", (long long)s, m->n_slots);
-    if (s == m->slot) return 0;
-    slot_save(m, &m->slots[m->slot]);
-    m->chunk = (int)s / m->slots_per_chunk;
-    m->stage = m->chunks[m->chunk];
-    slot_load(m, &m->slots[s]);
-    m->slot = (int)s;
+    if (s < 0 || s >= m->pipe.n_slots)
+        return nm_error_set(err, "model: activation slot %lld outside the %d allocated", (long long)s, m->pipe.n_slots);
+    if (s == m->pipe.slot) return 0;
+    slot_save(m, &m->pipe.slots[m->pipe.slot]);
+    m->pipe.chunk = (int)s / m->pipe.slots_per_chunk;
+    m->pipe.stage = m->pipe.chunks[m->pipe.chunk];
+    slot_load(m, &m->pipe.slots[s]);
+    m->pipe.slot = (int)s;
     return 0;
 }

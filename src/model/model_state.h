@@ -53,11 +53,11 @@ typedef struct block_acts {
     float *e_out;               // (N*K, D) expert outputs back in x_perm's order
     // expert parallelism: the rows this rank's experts run on in one round of the exchange
     // (moe.c; without it the experts run on x_perm / offsets / e_out directly); e_gate_up and
-    // e_act are sized for the expert side (R rows: N*K, or the EP receive capacity ep_cap)
+    // e_act are sized for the expert side (R rows: N*K, or the EP receive capacity ep.cap)
     float *x_loc;               // (R, D) received rows of the round, expert-major
     int64_t *ep_counts;         // (EP*E_loc) rows from source rank s for local expert j at s*E_loc+j
     int64_t *ep_pairs;          // (EP*EP) rows source rank s sends receiver r, at s*EP+r
-    int64_t ep_rounds;          // rounds of the exchange (receivers hold at most ep_cap rows each)
+    int64_t ep_rounds;          // rounds of the exchange (receivers hold at most ep.cap rows each)
     float *s_gate_up;           // (N, 2Fs) shared experts
     float *s_act;               // (N, Fs)
     float *bal_f;               // (B, E) balance-loss f_i per sequence
@@ -82,70 +82,38 @@ typedef struct mtp_acts {
     float *dh;                  // (N, D) gradient into this depth's block output h^k
 } mtp_acts;
 
-// One micro-batch's saved activations (pipeline parallelism keeps several in flight): the
-// pointers into the arena and the shape of the forward that filled them. nm_model_set_slot
-// swaps them in and out of struct nm_model's fields of the same names.
-typedef struct model_slot {
-    block_acts *blocks;
-    mtp_acts *mtp;
-    int32_t *targets, *tokens;
-    float *stage_in, *emb_out, *h0, *h0_rstd, *logits, *losses, *lse;
-    double *head_stats;
-    int64_t B, T;
-    nm_loss_options opt;
-    int have_forward;
-} model_slot;
+// --- struct nm_model, by group ----------------------------------------------------------------
+//
+// The model itself (config, backend, parameter table, weights and gradients) sits at the top;
+// the rest is grouped by who uses it: the current micro-batch's activations (act), the
+// backward's scratch (scratch), what the selective recompute shares (recompute), the bf16
+// copies (bf16), the parallel state (tp, ep, pipe), the router statistics (routing) and the
+// failure latch (latch).
 
-typedef struct nm_bf16_twins nm_bf16_twins;
-
-// What failed inside a pass (struct nm_model's latch).
-typedef enum nm_model_fault {
-    NM_FAULT_NONE = 0,
-    NM_FAULT_TP,                // a tensor-parallel collective
-    NM_FAULT_EP,                // the expert-parallel exchange
-    NM_FAULT_HOOK,              // the backward hook (the trainer's gradient reduction)
-} nm_model_fault;
-
-struct nm_model {
-    nm_model_config cfg;        // copy (json_text/source_path borrowed from the caller's config)
-    const nm_ops *ops;
-    nm_param_table table;
-    float *params;              // (table.n_floats)
-    float *grads;               // (table.n_floats)
-    nm_precision precision;     // of the linear layers' GEMMs
-    // (table.n_floats) the weights rounded to bf16 for the bf16 GEMMs (bf16 / fp8 modes), else
-    // NULL; stored as ops->gemm_bf16_weight_type says (bf16, or fp32 holding bf16 values)
-    void *weights_bf16;
-    nm_dtype weights_bf16_type;
-    nm_bf16_twins *twins;       // bf16 copies of rounded activations (bf16_twin.c)
-    int params_changed;         // params may differ from weights_bf16
-    int64_t B_max, T_max;
-    int recompute;              // keep only block inputs/outputs; re-run each block's forward in backward
-    int recompute_mla_up_proj;  // q and kv not kept per block: one shared pair, recomputed (mla.c)
-    float *up_q, *up_kv;        // (N, H_loc, Dqk), (N, H_loc, Dn + Dv): that pair
-    int recompute_moe_act;      // the routed experts' act not kept per block: one shared buffer (moe.c)
-    float *moe_act;             // (R, Fe): that buffer
-    int recompute_layernorm;    // the blocks' norm outputs a and f not kept per block (model.c, mla.c)
-    float *ln_a, *ln_f;         // (N, D) each: the shared pair
-
-    float *arena;               // every activation buffer below points into it
-    size_t arena_floats;
-    size_t arena_used;          // bump pointer while laying out
-
-    float *rope_cos, *rope_sin; // (T_max, Dr/2)
-    block_acts *blocks;         // (n_layers)
-    mtp_acts *mtp;              // (M)
+// One micro-batch's saved activations: pointers into the arena and the shape of the forward
+// that filled them. The current one is struct nm_model's `act`; pipeline parallelism keeps
+// several in flight (pipe.slots) and nm_model_set_slot swaps them.
+typedef struct nm_model_acts {
+    block_acts *blocks;         // (n_layers) per decoder block
+    mtp_acts *mtp;              // (M) per MTP depth
     int32_t *targets;           // (B, T) main targets, -1 at the last position
+    int32_t *tokens;            // (B_max, T_max) copy of the input tokens
+    float *stage_in;            // (N, D) the stage's input: the embedding output, or the previous stage's output
+    float *stage_out;           // (N, D) its output: the last main block's x_out (stage_in without blocks)
     float *emb_out;             // (N, D) main embedding output = blocks[0].x_in
     float *h0;                  // (N, D) model.norm output
     float *h0_rstd;             // (N)
     float *logits;              // (N, vt) main head tile (all of V when vt == V), then dlogits
     float *losses;              // (N)
     float *lse;                 // (N) logsumexp of each logits row, saved for xent_backward
-    int64_t vt;                 // output-head vocabulary tile (V: logits stored whole)
     double *head_stats;         // (N, 3) running max / exp-sum / target logit across tiles
+    int64_t B, T;               // shape of the last forward
+    nm_loss_options opt;
+    int have_forward;
+} nm_model_acts;
 
-    // backward scratch, shared by all blocks (sized for N_max)
+// Backward scratch, shared by all blocks (sized for N_max).
+typedef struct nm_model_scratch {
     float *d_res;               // (N, D) gradient of the residual stream
     float *d_h0;                // (N, D)
     float *d_a, *d_f;           // (N, D)
@@ -166,90 +134,150 @@ struct nm_model {
     float *d_x_perm;            // (N*K, D)
     float *d_emb;               // (N, D) MTP embedding-path scratch
     float *d_tmp;               // (N, D)
+    nm_gemm_group *groups;      // (E) the experts' grouped GEMMs
+} nm_model_scratch;
 
-    // last forward
-    int64_t B, T;
-    int32_t *tokens;            // (B_max, T_max) copy of the input tokens
-    nm_loss_options opt;
-    int have_forward;
+// Recomputation: whole blocks (full), or Megatron's selective modules, each of which keeps
+// one shared buffer instead of one per block and rebuilds it in the backward.
+typedef struct nm_model_recompute {
+    int full;                   // keep only block inputs/outputs; re-run each block's forward in backward
+    int mla_up_proj;            // q and kv not kept per block: one shared pair, recomputed (mla.c)
+    float *up_q, *up_kv;        // (N, H_loc, Dqk), (N, H_loc, Dn + Dv): that pair
+    int moe_act;                // the routed experts' act not kept per block: one shared buffer (moe.c)
+    float *moe_act_buf;         // (R, Fe): that buffer
+    int layernorm;              // the blocks' norm outputs a and f not kept per block (model.c, mla.c)
+    float *ln_a, *ln_f;         // (N, D) each: the shared pair
+} nm_model_recompute;
 
-    nm_gemm_group *groups;      // (E) scratch for the experts' grouped GEMMs
+typedef struct nm_bf16_twins nm_bf16_twins;
 
-    // expert parallelism (docs/parallelism.md): dropless all-to-all dispatch and combine, in
-    // rounds of at most ep_cap received rows (moe.c)
-    nm_comm *ep;                // NULL without it
-    int64_t E_loc;              // routed experts held here (E without EP)
-    int64_t ep_cap;             // C: rows a rank's experts receive per round (moe_receive_capacity
-                                // x the mean N_route*K, at most EP * N_route * min(K, E_loc))
-    float *ep_buf;              // (C, D) rows in source-major order, on their way in or out
-    uint16_t *ep_send16;        // (N*K, D) bf16 and fp8 runs: the rows to the experts as sent (fp8:
-                                // the gradients), and under fp8 the combine's rows as received
-    nm_precision opt_precision; // nm_model_options.precision: which of these the arena holds
-    // fp8 runs (moe.c: DeepSeek-V3's FP8 dispatch, bf16 combine)
-    uint8_t *ep_send8;          // (N*K, D) the rows to the experts as e4m3 codes
-    float *ep_send_scales;      // (N*K, ceil(D/128)) their tile scales
-    uint8_t *ep_recv8;          // (C, D) codes as received, source-major
-    float *ep_recv_scales;      // (C, ceil(D/128)) their scales
-    uint16_t *ep_half;          // (C, D) the experts' outputs (forward) or d_x (backward) in bf16
-    int64_t *ep_scale_counts;   // (4*EP) the scales' send/recv counts and displacements
-    float *d_e_out_loc;         // (C, D) expert side of d_e_out
-    float *d_x_loc;             // (C, D) expert side of d_x_perm (in the forward: the experts' outputs)
-    int64_t *ep_send, *ep_recv; // (EP) element counts of this rank's pieces as a source / receiver
-    int64_t *ep_send_at, *ep_recv_at; // (EP) their displacements (in x_perm's order / in ep_buf)
-    int64_t *ep_cnt_send;       // (EP*E_loc) per (destination, its local expert)
-    int64_t *ep_round_counts;   // (EP*E_loc) this round's rows per (source, local expert)
-    int32_t *ep_round_offsets;  // (E_loc+1) this round's first row of each local expert in x_loc
-    int shared_expert_overlap;  // moe_shared_expert_overlap: the shared experts inside the exchange
-    const struct ep_overlap *ep_overlap;  // work for the next all-to-all of the exchange (moe.c)
-    nm_comm_request *ep_in_flight;        // that all-to-all while the work runs (nm_ep_progress)
-    double ep_overlap_s;        // seconds of that work run with an all-to-all in flight, since the
-                                // last nm_model_ep_stats
-    int64_t ep_stats_rounds;    // most rounds of any exchange since the last nm_model_ep_stats
-    double ep_stats_over_mean;  // most rows any receiver got / the group's mean, since then
-    // tensor parallelism (docs/parallelism.md): local sizes (the full ones without it)
-    nm_comm *tp;                // NULL without it
-    int sp;                     // sequence parallelism (with tp): the residual stream in 1/TP row chunks
+// The bf16 copies the bf16 GEMMs read (bf16 and fp8 modes).
+typedef struct nm_model_bf16 {
+    // (table.n_floats) the weights rounded to bf16, else NULL; stored as
+    // ops->gemm_bf16_weight_type says (bf16, or fp32 holding bf16 values)
+    void *weights;
+    nm_dtype weights_type;
+    int stale;                  // params may differ from weights (the optimizer wrote them)
+    nm_bf16_twins *twins;       // bf16 copies of rounded activations (bf16_twin.c)
+} nm_model_bf16;
+
+// Tensor parallelism (docs/parallelism.md): local sizes (the full ones without it).
+typedef struct nm_model_tp {
+    nm_comm *comm;              // NULL without it
+    int sp;                     // sequence parallelism: the residual stream in 1/TP row chunks
     int64_t *sp_counts;         // (TP) per-rank element counts of an all-gather / reduce-scatter
     int64_t H_loc;              // attention heads held here
     int64_t F_loc, Fs_loc;      // dense / shared-expert FFN width held here
     int64_t V_loc, v_start;     // vocabulary rows [v_start, v_start + V_loc) of embedding and head
     int64_t V_valid;            // of them, rows of the real vocabulary (the rest: padding)
-    int32_t *tp_ids;            // (N) token ids relative to v_start, -1 where another rank holds the row
-    float *d_tp;                // (N, D) partial sums on their way through an all-reduce
-    double *tp_red;             // (3N) cross-entropy statistics reduced over tp
+    int32_t *ids;               // (N) token ids relative to v_start, -1 where another rank holds the row
+    float *partial;             // (N, D) partial sums on their way through an all-reduce
+    double *red;                // (3N) cross-entropy statistics reduced over tp
+} nm_model_tp;
+
+// Expert parallelism (docs/parallelism.md): dropless all-to-all dispatch and combine, in
+// rounds of at most `cap` received rows (moe.c).
+typedef struct nm_model_ep {
+    nm_comm *comm;              // NULL without it
+    int64_t E_loc;              // routed experts held here (E without EP)
+    int64_t cap;                // C: rows a rank's experts receive per round (moe_receive_capacity
+                                // x the mean N_route*K, at most EP * N_route * min(K, E_loc))
+    float *buf;                 // (C, D) rows in source-major order, on their way in or out
+    uint16_t *send16;           // (N*K, D) bf16 and fp8 runs: the rows to the experts as sent (fp8:
+                                // the gradients), and under fp8 the combine's rows as received
+    // fp8 runs (DeepSeek-V3's FP8 dispatch, bf16 combine)
+    uint8_t *send8;             // (N*K, D) the rows to the experts as e4m3 codes
+    float *send_scales;         // (N*K, ceil(D/128)) their tile scales
+    uint8_t *recv8;             // (C, D) codes as received, source-major
+    float *recv_scales;         // (C, ceil(D/128)) their scales
+    uint16_t *half;             // (C, D) the experts' outputs (forward) or d_x (backward) in bf16
+    int64_t *scale_counts;      // (4*EP) the scales' send/recv counts and displacements
+    float *d_e_out_loc;         // (C, D) expert side of d_e_out
+    float *d_x_loc;             // (C, D) expert side of d_x_perm (in the forward: the experts' outputs)
+    int64_t *send, *recv;       // (EP) element counts of this rank's pieces as a source / receiver
+    int64_t *send_at, *recv_at; // (EP) their displacements (in x_perm's order / in buf)
+    int64_t *cnt_send;          // (EP*E_loc) per (destination, its local expert)
+    int64_t *round_counts;      // (EP*E_loc) this round's rows per (source, local expert)
+    int32_t *round_offsets;     // (E_loc+1) this round's first row of each local expert in x_loc
+    int shared_expert_overlap;  // moe_shared_expert_overlap: the shared experts inside the exchange
+    const struct ep_overlap *overlap;  // work for the next all-to-all of the exchange (moe.c)
+    nm_comm_request *in_flight;        // that all-to-all while the work runs (nm_ep_progress)
+    double overlap_s;           // seconds of that work run with an all-to-all in flight, since the
+                                // last nm_model_ep_stats
+    int64_t stats_rounds;       // most rounds of any exchange since the last nm_model_ep_stats
+    double stats_over_mean;     // most rows any receiver got / the group's mean, since then
+} nm_model_ep;
+
+// Pipeline stage (params.h nm_model_stage): main layers [layer_begin, layer_end) here. Under
+// the interleaved schedule the rank holds n_chunks stages (model chunks, in layer order) and
+// `stage` is the one the current slot belongs to: slot s is chunk s / slots_per_chunk's.
+typedef struct nm_model_pipe {
+    nm_model_stage stage;
+    nm_model_stage chunks[NM_MAX_MODEL_CHUNKS];
+    int n_chunks, slots_per_chunk, chunk;
+    int chunk_moe_row[NM_MAX_MODEL_CHUNKS + 1];  // the chunk's first row of expert_counts (and n_moe)
+    int n_slots, slot;          // activation sets (micro-batches in flight) and the one in use
+    nm_model_acts *slots;       // (n_slots); slots[slot] is stale while it is struct nm_model's act
+    block_acts *block_sets;     // (n_slots * n_layers)
+    mtp_acts *mtp_sets;         // (n_slots * max(M, 1))
+} nm_model_pipe;
+
+// What failed inside a pass (struct nm_model's latch).
+typedef enum nm_model_fault {
+    NM_FAULT_NONE = 0,
+    NM_FAULT_TP,                // a tensor-parallel collective
+    NM_FAULT_EP,                // the expert-parallel exchange
+    NM_FAULT_HOOK,              // the backward hook (the trainer's gradient reduction)
+} nm_model_fault;
+
+struct nm_model {
+    nm_model_config cfg;        // copy (json_text/source_path borrowed from the caller's config)
+    const nm_ops *ops;
+    nm_param_table table;
+    float *params;              // (table.n_floats)
+    float *grads;               // (table.n_floats)
+    nm_precision precision;     // of the linear layers' GEMMs
+    nm_precision opt_precision; // nm_model_options.precision: which buffers the arena holds
+    int64_t B_max, T_max;
+    int64_t vt;                 // output-head vocabulary tile (V: logits stored whole)
+    float *rope_cos, *rope_sin; // (T_max, Dr/2)
+
+    // every activation and scratch buffer points into one arena
+    float *arena;
+    size_t arena_floats;
+    size_t arena_used;          // bump pointer while laying out
+
+    nm_model_acts act;          // the current micro-batch's
+    nm_model_scratch scratch;
+    nm_model_recompute recompute;
+    nm_model_bf16 bf16;
+    nm_model_tp tp;
+    nm_model_ep ep;
+    nm_model_pipe pipe;
+
+    // router statistics
+    struct {
+        int n_moe;
+        int *layer_ids;         // (n_moe)
+        int64_t *expert_counts; // (n_moe, E)
+    } routing;
+
     nm_backward_hook hook;      // called as each layer's gradients become final (may be NULL)
     void *hook_ctx;
 
     // The first failure inside a forward or backward, where an op sequence cannot return an
     // error (a tp or ep collective, the backward hook): latched here and reported when the pass
     // returns (nm_model_report_fault); the pass's later collectives are skipped meanwhile.
-    nm_model_fault fault;
-    nm_error fault_err;
-
-    // pipeline stage (params.h nm_model_stage): main layers [layer_begin, layer_end) here. Under
-    // the interleaved schedule the rank holds n_chunks stages (model chunks, in layer order) and
-    // `stage` is the one the current slot belongs to: slot s is chunk s / slots_per_chunk's.
-    nm_model_stage stage;
-    nm_model_stage chunks[NM_MAX_MODEL_CHUNKS];
-    int n_chunks, slots_per_chunk, chunk;
-    int chunk_moe_row[NM_MAX_MODEL_CHUNKS + 1];  // the chunk's first row of expert_counts (and n_moe)
-    float *stage_in;            // (N, D) the stage's input: the embedding output, or the previous stage's output
-    float *stage_out;           // (N, D) its output: the last main block's x_out (stage_in without blocks)
-    int n_slots, slot;          // activation sets (micro-batches in flight) and the one in use
-    model_slot *slots;          // (n_slots)
-    block_acts *block_sets;     // (n_slots * n_layers)
-    mtp_acts *mtp_sets;         // (n_slots * max(M, 1))
-
-    // router statistics
-    int n_moe;
-    int *moe_layer_ids;         // (n_moe)
-    int64_t *expert_counts;     // (n_moe, E)
+    struct {
+        nm_model_fault kind;
+        nm_error err;
+    } latch;
 };
 
-// The bf16 weight copy of the parameter at float offset off, as m->weights_bf16_type says.
+// The bf16 weight copy of the parameter at float offset off, as m->bf16.weights_type says.
 static inline const void *nm_weight_bf16(const nm_model *m, size_t off) {
-    size_t elem = m->weights_bf16_type == NM_BF16 ? sizeof(uint16_t) : sizeof(float);
-    return (const char *)m->weights_bf16 + off * elem;
+    size_t elem = m->bf16.weights_type == NM_BF16 ? sizeof(uint16_t) : sizeof(float);
+    return (const char *)m->bf16.weights + off * elem;
 }
 
 
@@ -307,7 +335,7 @@ static inline nm_dtype nm_act_type(const nm_model *m) {
 
 // 1 once a failure is latched: the pass skips its remaining collectives (the rank reports it
 // when the pass returns and the job stops).
-static inline int nm_model_faulted(const nm_model *m) { return m->fault != NM_FAULT_NONE; }
+static inline int nm_model_faulted(const nm_model *m) { return m->latch.kind != NM_FAULT_NONE; }
 // Latches e as the pass's failure of this kind, unless one is latched already.
 void nm_model_latch(nm_model *m, nm_model_fault kind, const nm_error *e);
 // The latched failure into err, prefixed with the pass ("forward", "backward") and what failed,
@@ -321,7 +349,7 @@ int nm_model_report_fault(nm_model *m, const char *pass, nm_error *err);
 void nm_tp_all_reduce(nm_model *m, float *buf, int64_t n);
 // 1 where this rank contributes what every tp rank computes alike (the residual stream, the
 // routed experts): tp rank 0, or always without tensor parallelism.
-static inline int nm_tp_lead(const nm_model *m) { return !m->tp || m->tp->rank == 0; }
+static inline int nm_tp_lead(const nm_model *m) { return !m->tp.comm || m->tp.comm->rank == 0; }
 // out(N, D) (=) the embedding rows of tokens(N), vocabulary-parallel: each rank looks up the
 // ids it holds (zeros elsewhere) and the rows are all-reduced over tp.
 void nm_tp_embedding_forward(nm_model *m, float *out, const int32_t *tokens, int64_t N);
@@ -344,9 +372,9 @@ void nm_ep_progress(nm_model *m);
 // The stage's layers in forward order: main layers [layer_begin, layer_end), then the MTP
 // blocks L .. L+M-1 on the last stage.
 static inline int64_t stage_next_layer(const nm_model *m, int64_t l) {
-    l = l < 0 ? m->stage.layer_begin : l + 1;
-    if (l >= m->stage.layer_end && l < m->cfg.L) l = m->cfg.L;  // past the stage's main layers
-    if (l >= m->cfg.L && !m->stage.last) return -1;
+    l = l < 0 ? m->pipe.stage.layer_begin : l + 1;
+    if (l >= m->pipe.stage.layer_end && l < m->cfg.L) l = m->cfg.L;  // past the stage's main layers
+    if (l >= m->cfg.L && !m->pipe.stage.last) return -1;
     return l < m->cfg.n_layers ? l : -1;
 }
 #define FOR_STAGE_LAYERS(m, l) for (int64_t l = stage_next_layer(m, -1); l >= 0; l = stage_next_layer(m, l))

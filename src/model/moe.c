@@ -26,9 +26,9 @@ static nm_router_params router_params(const nm_model_config *c, int64_t N) {
 // elements of w_elem bytes (fp32 weights, or their bf16 copy).
 static void groups_rows(nm_model *m, const int32_t *offsets, int64_t N, int64_t K, const float *A, int64_t lda,
                         const void *W, size_t w_elem, size_t w_stride, int64_t ldw, float *C, int64_t ldc) {
-    for (int64_t e = 0; e < m->E_loc; e++) {
+    for (int64_t e = 0; e < m->ep.E_loc; e++) {
         int64_t r0 = offsets[e];
-        m->groups[e] = (nm_gemm_group){.M = offsets[e + 1] - r0, .N = N, .K = K, .A = A + r0 * lda, .lda = lda,
+        m->scratch.groups[e] = (nm_gemm_group){.M = offsets[e + 1] - r0, .N = N, .K = K, .A = A + r0 * lda, .lda = lda,
                                        .B = (const char *)W + (size_t)e * w_stride * w_elem, .ldb = ldw,
                                        .C = C + r0 * ldc, .ldc = ldc};
     }
@@ -37,20 +37,20 @@ static void groups_rows(nm_model *m, const int32_t *offsets, int64_t N, int64_t 
 // Wgrad shape: dW_e(M, N) += A_e(rows, M)^T B_e(rows, N), a reduction over the expert's rows.
 static void groups_wgrad(nm_model *m, const int32_t *offsets, int64_t M, int64_t N, const float *A, int64_t lda,
                          const float *B, int64_t ldb, float *dW, size_t w_stride, int64_t ldw) {
-    for (int64_t e = 0; e < m->E_loc; e++) {
+    for (int64_t e = 0; e < m->ep.E_loc; e++) {
         int64_t r0 = offsets[e];
-        m->groups[e] = (nm_gemm_group){.M = M, .N = N, .K = offsets[e + 1] - r0, .A = A + r0 * lda, .lda = lda,
+        m->scratch.groups[e] = (nm_gemm_group){.M = M, .N = N, .K = offsets[e + 1] - r0, .A = A + r0 * lda, .lda = lda,
                                        .B = B + r0 * ldb, .ldb = ldb, .C = dW + (size_t)e * w_stride, .ldc = ldw};
     }
 }
 
-// The experts' groups in m->groups through the fp32 or the bf16 grouped GEMM (alpha 1).
+// The experts' groups in m->scratch.groups through the fp32 or the bf16 grouped GEMM (alpha 1).
 // bf16: rounded activation operands are read from their bf16 twins where they have them.
 static void grouped(nm_model *m, nm_transpose ta, nm_transpose tb, float beta, nm_dtype a_type, nm_dtype b_type) {
     if (m->precision == NM_PRECISION_BF16) {
-        nm_bf16_operand_groups(m, m->groups, m->E_loc, ta, tb, &a_type, &b_type);
-        m->ops->gemm_bf16_grouped(ta, tb, 1.0f, beta, m->groups, m->E_loc, a_type, b_type);
-    } else m->ops->gemm_grouped(ta, tb, 1.0f, beta, m->groups, m->E_loc);
+        nm_bf16_operand_groups(m, m->scratch.groups, m->ep.E_loc, ta, tb, &a_type, &b_type);
+        m->ops->gemm_bf16_grouped(ta, tb, 1.0f, beta, m->scratch.groups, m->ep.E_loc, a_type, b_type);
+    } else m->ops->gemm_grouped(ta, tb, 1.0f, beta, m->scratch.groups, m->ep.E_loc);
 }
 
 // gate_up = x . W_gate_up^T ; act = swiglu(gate_up) ; out = act . W_down^T, per expert over
@@ -73,20 +73,20 @@ void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_
                             float *gate_up, float *act, float *out) {
     const nm_model_config *c = &m->cfg;
     const nm_ops *ops = m->ops;
-    int64_t E = m->E_loc, D = c->D, Fe = c->Fe, rows = offsets[E];
+    int64_t E = m->ep.E_loc, D = c->D, Fe = c->Fe, rows = offsets[E];
     size_t stride = w->expert_stride, down = (size_t)2 * Fe * D;
     const float *W0 = m->params + w->experts;
     if (m->precision == NM_PRECISION_FP32) {
         groups_rows(m, offsets, 2 * Fe, D, x, D, W0, sizeof(float), stride, D, gate_up, 2 * Fe);
-        ops->gemm_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->groups, E);
+        ops->gemm_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->scratch.groups, E);
         experts_act(m, act, gate_up, rows, Fe);
         groups_rows(m, offsets, D, Fe, act, Fe, W0 + down, sizeof(float), stride, Fe, out, D);
-        ops->gemm_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->groups, E);
+        ops->gemm_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->scratch.groups, E);
         return;
     }
     if (m->precision == NM_PRECISION_BF16) {
         const char *Wb = nm_weight_bf16(m, w->experts);
-        nm_dtype w_t = m->weights_bf16_type;
+        nm_dtype w_t = m->bf16.weights_type;
         size_t elem = w_t == NM_BF16 ? sizeof(uint16_t) : sizeof(float);
         groups_rows(m, offsets, 2 * Fe, D, x, D, Wb, elem, stride, D, gate_up, 2 * Fe);
         grouped(m, NM_NO_TRANS, NM_TRANS, 0.0f, NM_F32_BF16, w_t);
@@ -117,16 +117,16 @@ void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32
                              float *d_gate_up, float *d_x) {
     const nm_model_config *c = &m->cfg;
     const nm_ops *ops = m->ops;
-    int64_t E = m->E_loc, D = c->D, Fe = c->Fe, rows = offsets[E];
+    int64_t E = m->ep.E_loc, D = c->D, Fe = c->Fe, rows = offsets[E];
     // selective recomputation ("moe_act"): act was not kept (a shared buffer holds another block's)
-    if (m->recompute_moe_act && !m->recompute) experts_act(m, act, gate_up, rows, Fe);
+    if (m->recompute.moe_act && !m->recompute.full) experts_act(m, act, gate_up, rows, Fe);
     size_t stride = w->expert_stride, down = (size_t)2 * Fe * D;
     const float *W0 = m->params + w->experts;
     float *dW0 = m->grads + w->experts;
     if (m->precision == NM_PRECISION_FP32 || m->precision == NM_PRECISION_BF16) {
         int bf16 = m->precision == NM_PRECISION_BF16;
         const void *Wrows = bf16 ? nm_weight_bf16(m, w->experts) : (const void *)W0;
-        nm_dtype act_t = bf16 ? NM_F32_BF16 : NM_F32, w_t = bf16 ? m->weights_bf16_type : NM_F32;
+        nm_dtype act_t = bf16 ? NM_F32_BF16 : NM_F32, w_t = bf16 ? m->bf16.weights_type : NM_F32;
         size_t elem = w_t == NM_BF16 ? sizeof(uint16_t) : sizeof(float);
         nm_round_act(m, d_out, rows * D);  // no-op in fp32
         // out = act . W_down^T: d_act = d_out . W_down ; dW_down += d_out^T act
@@ -156,8 +156,10 @@ void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32
         if (n == 0) continue;
         const float *We = W0 + (size_t)e * stride;
         float *dWe = dW0 + (size_t)e * stride;
-        nm_linear_backward_weight(m, dWe, D, d_gate_up + r0 * 2 * Fe, NM_F32, 2 * Fe, x + r0 * D, NM_F32, D, n, D, 2 * Fe);
-        nm_linear_backward_input(m, d_x + r0 * D, D, d_gate_up + r0 * 2 * Fe, NM_F32, 2 * Fe, We, D, n, D, 2 * Fe, 0.0f);
+        nm_linear_backward_weight(m, dWe, D, d_gate_up + r0 * 2 * Fe, NM_F32, 2 * Fe, x + r0 * D, NM_F32, D, n, D,
+                                  2 * Fe);
+        nm_linear_backward_input(m, d_x + r0 * D, D, d_gate_up + r0 * 2 * Fe, NM_F32, 2 * Fe, We, D, n, D, 2 * Fe,
+                                 0.0f);
     }
 }
 
@@ -169,7 +171,7 @@ void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32
 // all_gather of EP int64: the EP x EP matrix P[s][r] of rows s sends r), so every rank knows
 // what each receiver gets in all.
 //
-// The receive side holds at most C = ep_cap rows (moe_receive_capacity x the mean rows per
+// The receive side holds at most C = ep.cap rows (moe_receive_capacity x the mean rows per
 // rank, docs/parallelism.md), not the worst case. Receiver r lays its incoming rows out in one
 // source-major sequence (source s's block at sum_{s' < s} P[s'][r]); round k moves rows
 // [k*C, (k+1)*C) of that sequence, so each source sends a contiguous slice of its block per
@@ -189,7 +191,7 @@ void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32
 // elements of elem bytes (fp32 rows, bf16 ones, fp8 codes or, D = tiles, their scales).
 static void ep_reorder(const nm_model *m, void *dst_v, const void *src_v, const int64_t *counts, int to_expert,
                        size_t elem, int64_t D) {
-    int64_t EP = m->ep->size, El = m->E_loc;
+    int64_t EP = m->ep.comm->size, El = m->ep.E_loc;
     char *dst = dst_v;
     const char *src = src_v;
     int64_t src_at = 0;
@@ -227,40 +229,40 @@ typedef struct ep_overlap ep_overlap;
 // run in the same order, so results do not depend on the overlap.
 static void ep_a2a(nm_model *m, const void *send, const int64_t *send_counts, const int64_t *send_at, void *recv,
                    const int64_t *recv_counts, const int64_t *recv_at, nm_comm_dtype dt) {
-    const ep_overlap *o = m->ep_overlap;
+    const ep_overlap *o = m->ep.overlap;
     nm_error e;
     if (!o) {
         if (!nm_model_faulted(m) &&
-            nm_comm_all_to_all_v(m->ep, send, send_counts, send_at, recv, recv_counts, recv_at, dt, &e) != 0)
+            nm_comm_all_to_all_v(m->ep.comm, send, send_counts, send_at, recv, recv_counts, recv_at, dt, &e) != 0)
             ep_fail(m, &e);
         return;
     }
-    m->ep_overlap = NULL;
+    m->ep.overlap = NULL;
     nm_comm_request req;
-    if (nm_model_faulted(m) ||
-        nm_comm_all_to_all_v_start(m->ep, send, send_counts, send_at, recv, recv_counts, recv_at, dt, &req, &e) != 0) {
+    if (nm_model_faulted(m) || nm_comm_all_to_all_v_start(m->ep.comm, send, send_counts, send_at, recv, recv_counts,
+                                                          recv_at, dt, &req, &e) != 0) {
         if (!nm_model_faulted(m)) ep_fail(m, &e);
         o->work(m, o->ctx);
         return;
     }
     double t0 = nm_comm_clock();
-    m->ep_in_flight = &req;
+    m->ep.in_flight = &req;
     o->work(m, o->ctx);
-    m->ep_in_flight = NULL;
-    m->ep_overlap_s += nm_comm_clock() - t0;
+    m->ep.in_flight = NULL;
+    m->ep.overlap_s += nm_comm_clock() - t0;
     if (nm_comm_wait(&req, &e) != 0) ep_fail(m, &e);
 }
 
 // Runs `work` inside the block's next exchange when the overlap is on, else right away.
 static void ep_overlap_set(nm_model *m, ep_overlap *o) {
-    if (m->shared_expert_overlap) m->ep_overlap = o;
+    if (m->ep.shared_expert_overlap) m->ep.overlap = o;
     else o->work(m, o->ctx);
 }
 
 // After the exchange: work an exchange did not take (none ran) runs now.
 static void ep_overlap_flush(nm_model *m, const ep_overlap *o) {
-    if (m->ep_overlap != o) return;
-    m->ep_overlap = NULL;
+    if (m->ep.overlap != o) return;
+    m->ep.overlap = NULL;
     o->work(m, o->ctx);
 }
 
@@ -269,25 +271,26 @@ static int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo :
 // Exchanges the counts of block b (forward only; the backward reuses them): b->ep_counts
 // (per source and local expert), b->ep_pairs (the EP x EP row totals) and b->ep_rounds.
 static void ep_exchange_counts(nm_model *m, block_acts *b) {
-    int64_t EP = m->ep->size, El = m->E_loc, me = m->ep->rank;
+    int64_t EP = m->ep.comm->size, El = m->ep.E_loc, me = m->ep.comm->rank;
     for (int64_t q = 0; q < EP; q++) {
-        m->ep_send[q] = 0;
+        m->ep.send[q] = 0;
         for (int64_t j = 0; j < El; j++) {
             int64_t e = q * El + j;
-            m->ep_cnt_send[q * El + j] = b->offsets[e + 1] - b->offsets[e];
-            m->ep_send[q] += m->ep_cnt_send[q * El + j];
+            m->ep.cnt_send[q * El + j] = b->offsets[e + 1] - b->offsets[e];
+            m->ep.send[q] += m->ep.cnt_send[q * El + j];
         }
     }
-    int64_t *per = m->ep_recv;  // El counts to and from every peer
+    int64_t *per = m->ep.recv;  // El counts to and from every peer
     for (int64_t q = 0; q < EP; q++) per[q] = El;
     nm_error e;
-    if (!nm_model_faulted(m) && nm_comm_all_to_all(m->ep, m->ep_cnt_send, per, b->ep_counts, per, NM_DT_I64, &e) != 0)
+    if (!nm_model_faulted(m) &&
+        nm_comm_all_to_all(m->ep.comm, m->ep.cnt_send, per, b->ep_counts, per, NM_DT_I64, &e) != 0)
         ep_fail(m, &e);
     for (int64_t q = 0; q < EP; q++) {
-        b->ep_pairs[me * EP + q] = m->ep_send[q];
+        b->ep_pairs[me * EP + q] = m->ep.send[q];
         per[q] = EP;
     }
-    if (!nm_model_faulted(m) && nm_comm_all_gather(m->ep, b->ep_pairs, per, NM_DT_I64, &e) != 0) ep_fail(m, &e);
+    if (!nm_model_faulted(m) && nm_comm_all_gather(m->ep.comm, b->ep_pairs, per, NM_DT_I64, &e) != 0) ep_fail(m, &e);
     int64_t most = 0, total = 0;
     for (int64_t r = 0; r < EP; r++) {
         int64_t in = 0;
@@ -295,48 +298,48 @@ static void ep_exchange_counts(nm_model *m, block_acts *b) {
         if (in > most) most = in;
         total += in;
     }
-    b->ep_rounds = most > 0 ? (most + m->ep_cap - 1) / m->ep_cap : 1;
-    if (b->ep_rounds > m->ep_stats_rounds) m->ep_stats_rounds = b->ep_rounds;
+    b->ep_rounds = most > 0 ? (most + m->ep.cap - 1) / m->ep.cap : 1;
+    if (b->ep_rounds > m->ep.stats_rounds) m->ep.stats_rounds = b->ep_rounds;
     double over = total > 0 ? (double)most * (double)EP / (double)total : 1.0;
-    if (over > m->ep_stats_over_mean) m->ep_stats_over_mean = over;
+    if (over > m->ep.stats_over_mean) m->ep.stats_over_mean = over;
 }
 
 // Round k of block b's exchange: element counts and displacements of this rank's pieces as a
-// source (m->ep_send / ep_send_at, into x_perm's order) and as a receiver (m->ep_recv, back to
-// back in ep_buf), the round's rows per (source, local expert) in m->ep_round_counts, and the
-// local experts' row offsets in m->ep_round_offsets (El+1). Returns the rows received.
+// source (m->ep.send / ep_send_at, into x_perm's order) and as a receiver (m->ep.recv, back to
+// back in ep.buf), the round's rows per (source, local expert) in m->ep.round_counts, and the
+// local experts' row offsets in m->ep.round_offsets (El+1). Returns the rows received.
 static int64_t ep_round(nm_model *m, const block_acts *b, int64_t k) {
-    int64_t EP = m->ep->size, El = m->E_loc, D = m->cfg.D, me = m->ep->rank, C = m->ep_cap;
+    int64_t EP = m->ep.comm->size, El = m->ep.E_loc, D = m->cfg.D, me = m->ep.comm->rank, C = m->ep.cap;
     const int64_t *P = b->ep_pairs;
     for (int64_t q = 0; q < EP; q++) {  // as a source: my slice of my block for q
         int64_t off = 0;
         for (int64_t s = 0; s < me; s++) off += P[s * EP + q];
         int64_t n = P[me * EP + q];
         int64_t lo = clamp64(k * C - off, 0, n), hi = clamp64((k + 1) * C - off, 0, n);
-        m->ep_send[q] = (hi - lo) * D;
-        m->ep_send_at[q] = ((int64_t)b->offsets[q * El] + lo) * D;
+        m->ep.send[q] = (hi - lo) * D;
+        m->ep.send_at[q] = ((int64_t)b->offsets[q * El] + lo) * D;
     }
     int64_t off = 0, got = 0;
     for (int64_t s = 0; s < EP; s++) {  // as a receiver: each source's slice, split by local expert
         int64_t n = P[s * EP + me];
         int64_t lo = clamp64(k * C - off, 0, n), hi = clamp64((k + 1) * C - off, 0, n);
-        m->ep_recv[s] = (hi - lo) * D;
-        m->ep_recv_at[s] = got * D;
+        m->ep.recv[s] = (hi - lo) * D;
+        m->ep.recv_at[s] = got * D;
         got += hi - lo;
         int64_t at = 0;  // rows of source s's block before local expert j
         for (int64_t j = 0; j < El; j++) {
             int64_t c = b->ep_counts[s * El + j];
             int64_t a = clamp64(lo, at, at + c), z = clamp64(hi, at, at + c);
-            m->ep_round_counts[s * El + j] = z - a;
+            m->ep.round_counts[s * El + j] = z - a;
             at += c;
         }
         off += n;
     }
-    m->ep_round_offsets[0] = 0;
+    m->ep.round_offsets[0] = 0;
     for (int64_t j = 0; j < El; j++) {
         int64_t n = 0;
-        for (int64_t s = 0; s < EP; s++) n += m->ep_round_counts[s * El + j];
-        m->ep_round_offsets[j + 1] = m->ep_round_offsets[j] + (int32_t)n;
+        for (int64_t s = 0; s < EP; s++) n += m->ep.round_counts[s * El + j];
+        m->ep.round_offsets[j + 1] = m->ep.round_offsets[j] + (int32_t)n;
     }
     return got;
 }
@@ -351,62 +354,63 @@ typedef enum ep_payload { EP_ACTIVATIONS, EP_GRADIENTS } ep_payload;
 
 // The fp8 dispatch of this round: each peer's slice of rows quantised into ep_send8 and
 // ep_send_scales at the rows' own places, codes and scales exchanged (two all-to-alls, the
-// scales' counts in ep_scale_counts), reordered expert-major into ep_buf (codes, then scales)
+// scales' counts in ep.scale_counts), reordered expert-major into ep.buf (codes, then scales)
 // and dequantised into expert_rows.
 static void ep_dispatch_fp8(nm_model *m, const float *rows, float *expert_rows, int64_t n_in) {
-    const int64_t EP = m->ep->size, D = m->cfg.D, tiles = (D + 127) / 128;
-    int64_t *s_send = m->ep_scale_counts, *s_send_at = s_send + EP, *s_recv = s_send + 2 * EP, *s_recv_at = s_send + 3 * EP;
+    const int64_t EP = m->ep.comm->size, D = m->cfg.D, tiles = (D + 127) / 128;
+    int64_t *s_send = m->ep.scale_counts, *s_send_at = s_send + EP, *s_recv = s_send + 2 * EP,
+            *s_recv_at = s_send + 3 * EP;
     for (int64_t q = 0; q < EP; q++) {
-        const int64_t at = m->ep_send_at[q] / D, n = m->ep_send[q] / D;
-        m->ops->fp8_quantize_rows(m->ep_send8 + at * D, m->ep_send_scales + at * tiles, rows + at * D, n, D);
+        const int64_t at = m->ep.send_at[q] / D, n = m->ep.send[q] / D;
+        m->ops->fp8_quantize_rows(m->ep.send8 + at * D, m->ep.send_scales + at * tiles, rows + at * D, n, D);
         s_send[q] = n * tiles, s_send_at[q] = at * tiles;
-        s_recv[q] = m->ep_recv[q] / D * tiles, s_recv_at[q] = m->ep_recv_at[q] / D * tiles;
+        s_recv[q] = m->ep.recv[q] / D * tiles, s_recv_at[q] = m->ep.recv_at[q] / D * tiles;
     }
-    ep_a2a(m, m->ep_send8, m->ep_send, m->ep_send_at, m->ep_recv8, m->ep_recv, m->ep_recv_at, NM_DT_U8);
-    ep_a2a(m, m->ep_send_scales, s_send, s_send_at, m->ep_recv_scales, s_recv, s_recv_at, NM_DT_F32);
-    uint8_t *codes = (uint8_t *)m->ep_buf;  // (C, D) bytes, then the scales at a float boundary
-    float *scales = m->ep_buf + (m->ep_cap * D + 3) / 4;
-    ep_reorder(m, codes, m->ep_recv8, m->ep_round_counts, 1, 1, D);
-    ep_reorder(m, scales, m->ep_recv_scales, m->ep_round_counts, 1, sizeof(float), tiles);
+    ep_a2a(m, m->ep.send8, m->ep.send, m->ep.send_at, m->ep.recv8, m->ep.recv, m->ep.recv_at, NM_DT_U8);
+    ep_a2a(m, m->ep.send_scales, s_send, s_send_at, m->ep.recv_scales, s_recv, s_recv_at, NM_DT_F32);
+    uint8_t *codes = (uint8_t *)m->ep.buf;  // (C, D) bytes, then the scales at a float boundary
+    float *scales = m->ep.buf + (m->ep.cap * D + 3) / 4;
+    ep_reorder(m, codes, m->ep.recv8, m->ep.round_counts, 1, 1, D);
+    ep_reorder(m, scales, m->ep.recv_scales, m->ep.round_counts, 1, sizeof(float), tiles);
     m->ops->fp8_dequantize_rows(expert_rows, codes, scales, n_in, D);
 }
 
 // This round's slices of the source rows (N*K, D, x_perm order) -> expert-major rows here
 // (n_in of them), in the payload's dtype (above). bf16 rows arrive in the upper half of
-// ep_buf's bytes, are reordered into the lower half and widened into expert_rows.
+// ep.buf's bytes, are reordered into the lower half and widened into expert_rows.
 static void ep_dispatch(nm_model *m, const float *rows, float *expert_rows, int64_t n_in, ep_payload what) {
     if (m->precision == NM_PRECISION_FP8 && what == EP_ACTIVATIONS) {
         ep_dispatch_fp8(m, rows, expert_rows, n_in);
         return;
     }
     if (m->precision == NM_PRECISION_FP32) {
-        ep_a2a(m, rows, m->ep_send, m->ep_send_at, m->ep_buf, m->ep_recv, m->ep_recv_at, NM_DT_F32);
-        ep_reorder(m, expert_rows, m->ep_buf, m->ep_round_counts, 1, sizeof(float), m->cfg.D);
+        ep_a2a(m, rows, m->ep.send, m->ep.send_at, m->ep.buf, m->ep.recv, m->ep.recv_at, NM_DT_F32);
+        ep_reorder(m, expert_rows, m->ep.buf, m->ep.round_counts, 1, sizeof(float), m->cfg.D);
         return;
     }
-    for (int64_t q = 0; q < m->ep->size; q++)
-        m->ops->cast_bf16(m->ep_send16 + m->ep_send_at[q], rows + m->ep_send_at[q], m->ep_send[q]);
-    uint16_t *lower = (uint16_t *)m->ep_buf, *upper = lower + m->ep_cap * m->cfg.D;
-    ep_a2a(m, m->ep_send16, m->ep_send, m->ep_send_at, upper, m->ep_recv, m->ep_recv_at, NM_DT_BF16);
-    ep_reorder(m, lower, upper, m->ep_round_counts, 1, sizeof(uint16_t), m->cfg.D);
+    for (int64_t q = 0; q < m->ep.comm->size; q++)
+        m->ops->cast_bf16(m->ep.send16 + m->ep.send_at[q], rows + m->ep.send_at[q], m->ep.send[q]);
+    uint16_t *lower = (uint16_t *)m->ep.buf, *upper = lower + m->ep.cap * m->cfg.D;
+    ep_a2a(m, m->ep.send16, m->ep.send, m->ep.send_at, upper, m->ep.recv, m->ep.recv_at, NM_DT_BF16);
+    ep_reorder(m, lower, upper, m->ep.round_counts, 1, sizeof(uint16_t), m->cfg.D);
     m->ops->widen_bf16(expert_rows, lower, n_in * m->cfg.D);
 }
 
 // Expert-major rows of this round -> back into their slices of rows (x_perm order) at the
-// sources: fp32, or under fp8 bf16 (cast into ep_half, reordered into ep_buf, received into
-// ep_send16 at the rows' places and widened there).
+// sources: fp32, or under fp8 bf16 (cast into ep.half, reordered into ep.buf, received into
+// ep.send16 at the rows' places and widened there).
 static void ep_combine(nm_model *m, const float *expert_rows, float *rows) {
     const int64_t D = m->cfg.D;
     if (m->precision != NM_PRECISION_FP8) {
-        ep_reorder(m, m->ep_buf, expert_rows, m->ep_round_counts, 0, sizeof(float), D);
-        ep_a2a(m, m->ep_buf, m->ep_recv, m->ep_recv_at, rows, m->ep_send, m->ep_send_at, NM_DT_F32);
+        ep_reorder(m, m->ep.buf, expert_rows, m->ep.round_counts, 0, sizeof(float), D);
+        ep_a2a(m, m->ep.buf, m->ep.recv, m->ep.recv_at, rows, m->ep.send, m->ep.send_at, NM_DT_F32);
         return;
     }
-    m->ops->cast_bf16(m->ep_half, expert_rows, (int64_t)m->ep_round_offsets[m->E_loc] * D);
-    ep_reorder(m, m->ep_buf, m->ep_half, m->ep_round_counts, 0, sizeof(uint16_t), D);
-    ep_a2a(m, m->ep_buf, m->ep_recv, m->ep_recv_at, m->ep_send16, m->ep_send, m->ep_send_at, NM_DT_BF16);
-    for (int64_t q = 0; q < m->ep->size; q++)
-        m->ops->widen_bf16(rows + m->ep_send_at[q], m->ep_send16 + m->ep_send_at[q], m->ep_send[q]);
+    m->ops->cast_bf16(m->ep.half, expert_rows, (int64_t)m->ep.round_offsets[m->ep.E_loc] * D);
+    ep_reorder(m, m->ep.buf, m->ep.half, m->ep.round_counts, 0, sizeof(uint16_t), D);
+    ep_a2a(m, m->ep.buf, m->ep.recv, m->ep.recv_at, m->ep.send16, m->ep.send, m->ep.send_at, NM_DT_BF16);
+    for (int64_t q = 0; q < m->ep.comm->size; q++)
+        m->ops->widen_bf16(rows + m->ep.send_at[q], m->ep.send16 + m->ep.send_at[q], m->ep.send[q]);
 }
 
 // The routed experts of block b over the expert-parallel group, round by round.
@@ -418,8 +422,8 @@ static void ep_experts_forward(nm_model *m, const nm_layer_offsets *w, block_act
         ep_dispatch(m, b->x_perm, b->x_loc, rows, EP_ACTIVATIONS);
         nm_round_act(m, b->x_loc, rows * m->cfg.D);
         // the outputs of the round go back at once: the backward's d_x_loc holds them meanwhile
-        nm_moe_experts_forward(m, w, m->ep_round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->d_x_loc);
-        ep_combine(m, m->d_x_loc, b->e_out);
+        nm_moe_experts_forward(m, w, m->ep.round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->ep.d_x_loc);
+        ep_combine(m, m->ep.d_x_loc, b->e_out);
     }
 }
 
@@ -429,12 +433,12 @@ static void ep_experts_backward(nm_model *m, const nm_layer_offsets *w, block_ac
         if (b->ep_rounds > 1) {  // the forward's expert-side activations of this round are gone
             ep_dispatch(m, b->x_perm, b->x_loc, rows, EP_ACTIVATIONS);
             nm_round_act(m, b->x_loc, rows * m->cfg.D);
-            nm_moe_experts_forward(m, w, m->ep_round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->d_x_loc);
+            nm_moe_experts_forward(m, w, m->ep.round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->ep.d_x_loc);
         }
-        ep_dispatch(m, m->d_e_out, m->d_e_out_loc, rows, EP_GRADIENTS);
-        nm_moe_experts_backward(m, w, m->ep_round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->d_e_out_loc,
-                                m->d_e_act, m->d_e_gate_up, m->d_x_loc);
-        ep_combine(m, m->d_x_loc, m->d_x_perm);
+        ep_dispatch(m, m->scratch.d_e_out, m->ep.d_e_out_loc, rows, EP_GRADIENTS);
+        nm_moe_experts_backward(m, w, m->ep.round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->ep.d_e_out_loc,
+                                m->scratch.d_e_act, m->scratch.d_e_gate_up, m->ep.d_x_loc);
+        ep_combine(m, m->ep.d_x_loc, m->scratch.d_x_perm);
     }
 }
 
@@ -452,22 +456,22 @@ typedef struct shared_work {
 // rows, s_gate_up and s_act; the dispatch sends x_perm, gathered from this rank's rows before.
 static void shared_forward_up(nm_model *m, void *ctx) {
     shared_work *s = ctx;
-    if (m->sp) nm_sp_all_gather(m, s->b->f, s->N, m->cfg.D, NM_DT_F32);
-    nm_mlp_forward_up(m, s->b->s_gate_up, s->b->s_act, s->b->f, s->w->shared_gate_up, s->N, m->Fs_loc);
+    if (m->tp.sp) nm_sp_all_gather(m, s->b->f, s->N, m->cfg.D, NM_DT_F32);
+    nm_mlp_forward_up(m, s->b->s_gate_up, s->b->s_act, s->b->f, s->w->shared_gate_up, s->N, m->tp.Fs_loc);
 }
 
 // Backward: d_f (zeroed) gets the shared experts' part and their weights their gradients; each
 // tp rank's columns gave part of d_f, summed over tp (reduce-scattered to its rows under
 // sequence parallelism). Reads d_res (gathered whole under sequence parallelism: its own rows
-// are unchanged), writes d_f, m->d_act and m->d_gate_up, none of which the exchange touches.
+// are unchanged), writes d_f, m->scratch.d_act and m->scratch.d_gate_up, none of which the exchange touches.
 static void shared_backward(nm_model *m, void *ctx) {
     shared_work *s = ctx;
     const int64_t N = s->N, D = m->cfg.D;
-    nm_sp_all_gather(m, m->d_res, N, D, NM_DT_F32);  // the shared experts saw every token
-    nm_mlp_backward(m, m->d_f, 1.0f, m->d_res, s->b->s_gate_up, s->b->s_act, s->b->f, s->w->shared_gate_up,
-                    s->w->shared_down, N, m->Fs_loc);
-    if (m->sp) nm_sp_reduce_scatter(m, m->d_f, N, D);
-    else nm_tp_all_reduce(m, m->d_f, N * D);
+    nm_sp_all_gather(m, m->scratch.d_res, N, D, NM_DT_F32);  // the shared experts saw every token
+    nm_mlp_backward(m, m->scratch.d_f, 1.0f, m->scratch.d_res, s->b->s_gate_up, s->b->s_act, s->b->f,
+                    s->w->shared_gate_up, s->w->shared_down, N, m->tp.Fs_loc);
+    if (m->tp.sp) nm_sp_reduce_scatter(m, m->scratch.d_f, N, D);
+    else nm_tp_all_reduce(m, m->scratch.d_f, N * D);
 }
 
 static void no_work(nm_model *m, void *ctx) {
@@ -481,7 +485,7 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
     const nm_ops *ops = m->ops;
     const nm_layer_offsets *w = &m->table.layers[l];
     const float *P = m->params;
-    block_acts *b = &m->blocks[l];
+    block_acts *b = &m->act.blocks[l];
     int64_t N = B * T, D = c->D, E = c->E, K = c->K;
     // Sequence parallelism: router and routed experts on this rank's rows [s0, s0 + n0) (its
     // own tokens into the expert all-to-all); all rows without it.
@@ -501,7 +505,7 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
     }
     shared_work sw = {w, b, N};
     ep_overlap up = {c->Fs > 0 ? shared_forward_up : no_work, &sw};
-    if (m->ep) {
+    if (m->ep.comm) {
         ops->moe_gather(b->x_perm, f, b->perm, n0, K, D);
         ep_overlap_set(m, &up);  // the shared experts' first half inside the dispatch
         ep_experts_forward(m, w, b);
@@ -517,17 +521,17 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
     // Tensor parallelism without sequence parallelism: every tp rank routes and runs the
     // (whole) routed experts on the same tokens; tp rank 0 alone adds them, the block's
     // all-reduce sums them with the shared part.
-    if (m->sp || nm_tp_lead(m))
+    if (m->tp.sp || nm_tp_lead(m))
         ops->moe_combine_forward(b->x_out + s0 * D, b->e_out, b->topk_w + s0 * K, b->perm, n0, K, D);
     // the shared experts' second half, added after the routed ones as always
-    if (c->Fs > 0 && m->sp) {
+    if (c->Fs > 0 && m->tp.sp) {
         // row-parallel on every token, reduce-scattered to this rank's rows
-        ops->zero(m->d_tp, N * D);
-        nm_mlp_forward_down(m, m->d_tp, b->s_act, w->shared_down, N, m->Fs_loc);
-        nm_sp_reduce_scatter(m, m->d_tp, N, D);
-        ops->add_2d(b->x_out + s0 * D, D, m->d_tp + s0 * D, D, n0, D);
+        ops->zero(m->tp.partial, N * D);
+        nm_mlp_forward_down(m, m->tp.partial, b->s_act, w->shared_down, N, m->tp.Fs_loc);
+        nm_sp_reduce_scatter(m, m->tp.partial, N, D);
+        ops->add_2d(b->x_out + s0 * D, D, m->tp.partial + s0 * D, D, n0, D);
     } else if (c->Fs > 0) {
-        nm_mlp_forward_down(m, b->x_out, b->s_act, w->shared_down, N, m->Fs_loc);
+        nm_mlp_forward_down(m, b->x_out, b->s_act, w->shared_down, N, m->tp.Fs_loc);
     }
     return bal;
 }
@@ -538,41 +542,43 @@ void nm_moe_backward(nm_model *m, int64_t l, float aux_seed) {
     const nm_layer_offsets *w = &m->table.layers[l];
     const float *P = m->params;
     float *G = m->grads;
-    block_acts *b = &m->blocks[l];
+    block_acts *b = &m->act.blocks[l];
     int64_t B = b->B, T = b->T, N = B * T, D = c->D, E = c->E, K = c->K;
-    float *d_res = m->d_res;
+    float *d_res = m->scratch.d_res;
     int64_t s0, n0;
     nm_sp_rows(m, N, &s0, &n0);
     const float *f = b->f + s0 * D;
     nm_router_params rp = router_params(c, n0);
-    ops->zero(m->d_f, N * D);
+    ops->zero(m->scratch.d_f, N * D);
     // x_out += sum_k w_k * e_out[row(n,k)] (reads this rank's rows of d_res only)
-    ops->moe_combine_backward(m->d_e_out, m->d_topk_w, d_res + s0 * D, b->e_out, b->topk_w + s0 * K, b->perm, n0, K,
-                              D);
+    ops->moe_combine_backward(m->scratch.d_e_out, m->scratch.d_topk_w, d_res + s0 * D, b->e_out, b->topk_w + s0 * K,
+                              b->perm, n0, K, D);
     // The shared experts' backward (into d_f first, the routed part added below), inside the
     // exchange's first all-to-all with moe_shared_expert_overlap.
     shared_work sw = {w, b, N};
     ep_overlap back = {c->Fs > 0 ? shared_backward : no_work, &sw};
-    if (m->ep) {
+    if (m->ep.comm) {
         ep_overlap_set(m, &back);
         ep_experts_backward(m, w, b);
         ep_overlap_flush(m, &back);
     } else {
         back.work(m, back.ctx);
         // fp8: the gradients as they would have crossed the all-to-all, both ways (ep_dispatch)
-        if (m->precision == NM_PRECISION_FP8) ops->round_bf16(m->d_e_out, m->d_e_out, n0 * K * D);
-        nm_moe_experts_backward(m, w, b->offsets, b->x_perm, b->e_gate_up, b->e_act, m->d_e_out, m->d_e_act,
-                                m->d_e_gate_up, m->d_x_perm);
-        if (m->precision == NM_PRECISION_FP8) ops->round_bf16(m->d_x_perm, m->d_x_perm, n0 * K * D);
+        if (m->precision == NM_PRECISION_FP8) ops->round_bf16(m->scratch.d_e_out, m->scratch.d_e_out, n0 * K * D);
+        nm_moe_experts_backward(m, w, b->offsets, b->x_perm, b->e_gate_up, b->e_act, m->scratch.d_e_out,
+                                m->scratch.d_e_act, m->scratch.d_e_gate_up, m->scratch.d_x_perm);
+        if (m->precision == NM_PRECISION_FP8) ops->round_bf16(m->scratch.d_x_perm, m->scratch.d_x_perm, n0 * K * D);
     }
     // x_perm = gather(f)
-    ops->moe_scatter_add(m->d_f + s0 * D, m->d_x_perm, b->perm, n0, K, D);
+    ops->moe_scatter_add(m->scratch.d_f + s0 * D, m->scratch.d_x_perm, b->perm, n0, K, D);
     // gate weights <- scores <- router logits = f . W_router^T (bias: selection only, no gradient)
-    ops->router_backward(m->d_router + s0 * E, m->d_topk_w, b->scores + s0 * E, b->topk_idx + s0 * K, &rp);
+    ops->router_backward(m->scratch.d_router + s0 * E, m->scratch.d_topk_w, b->scores + s0 * E, b->topk_idx + s0 * K,
+                         &rp);
     if (aux_seed != 0.0f) {
         // every token's (the scores were gathered); this rank uses its rows
-        ops->balance_loss_backward(m->d_router, aux_seed, b->bal_f, b->scores, B, T, E, K, c->scoring);
+        ops->balance_loss_backward(m->scratch.d_router, aux_seed, b->bal_f, b->scores, B, T, E, K, c->scoring);
     }
-    nm_linear_backward_weight(m, G + w->router, D, m->d_router + s0 * E, NM_F32, E, f, NM_F32, D, n0, D, E);
-    nm_linear_backward_input(m, m->d_f + s0 * D, D, m->d_router + s0 * E, NM_F32, E, P + w->router, D, n0, D, E, 1.0f);
+    nm_linear_backward_weight(m, G + w->router, D, m->scratch.d_router + s0 * E, NM_F32, E, f, NM_F32, D, n0, D, E);
+    nm_linear_backward_input(m, m->scratch.d_f + s0 * D, D, m->scratch.d_router + s0 * E, NM_F32, E, P + w->router, D,
+                             n0, D, E, 1.0f);
 }

@@ -5,34 +5,34 @@
 #include "model/model_state.h"
 
 void nm_model_latch(nm_model *m, nm_model_fault kind, const nm_error *e) {
-    if (m->fault != NM_FAULT_NONE) return;
-    m->fault = kind;
-    m->fault_err = *e;
+    if (m->latch.kind != NM_FAULT_NONE) return;
+    m->latch.kind = kind;
+    m->latch.err = *e;
 }
 
 int nm_model_report_fault(nm_model *m, const char *pass, nm_error *err) {
     static const char *const what[] = {"", "tensor-parallel collective", "expert-parallel exchange", "layer hook"};
-    if (m->fault == NM_FAULT_NONE) return 0;
-    *err = m->fault_err;
-    nm_model_fault kind = m->fault;
-    m->fault = NM_FAULT_NONE;
+    if (m->latch.kind == NM_FAULT_NONE) return 0;
+    *err = m->latch.err;
+    nm_model_fault kind = m->latch.kind;
+    m->latch.kind = NM_FAULT_NONE;
     return nm_error_prefix(err, "%s: %s", pass, what[kind]);
 }
 
 void nm_tp_all_reduce(nm_model *m, float *buf, int64_t n) {
-    if (!m->tp || nm_model_faulted(m)) return;
+    if (!m->tp.comm || nm_model_faulted(m)) return;
     nm_error e;
-    if (nm_comm_all_reduce(m->tp, buf, n, NM_DT_F32, NM_RED_SUM, &e) != 0) nm_model_latch(m, NM_FAULT_TP, &e);
+    if (nm_comm_all_reduce(m->tp.comm, buf, n, NM_DT_F32, NM_RED_SUM, &e) != 0) nm_model_latch(m, NM_FAULT_TP, &e);
 }
 
 // Token ids relative to this rank's vocabulary rows, -1 for rows held elsewhere.
 static const int32_t *tp_local_ids(nm_model *m, const int32_t *tokens, int64_t N) {
-    if (!m->tp) return tokens;
+    if (!m->tp.comm) return tokens;
     for (int64_t i = 0; i < N; i++) {
-        int64_t id = (int64_t)tokens[i] - m->v_start;
-        m->tp_ids[i] = id >= 0 && id < m->V_valid ? (int32_t)id : -1;
+        int64_t id = (int64_t)tokens[i] - m->tp.v_start;
+        m->tp.ids[i] = id >= 0 && id < m->tp.V_valid ? (int32_t)id : -1;
     }
-    return m->tp_ids;
+    return m->tp.ids;
 }
 
 void nm_tp_embedding_forward(nm_model *m, float *out, const int32_t *tokens, int64_t N) {
@@ -40,37 +40,38 @@ void nm_tp_embedding_forward(nm_model *m, float *out, const int32_t *tokens, int
     m->ops->embedding_forward(out, tp_local_ids(m, tokens, N), m->params + m->table.embed, N, D);
     // sequence parallelism: each rank keeps the summed rows of its own tokens (Megatron's
     // reduce-scatter into the sequence-parallel region)
-    if (m->sp) nm_sp_reduce_scatter(m, out, N, D);
+    if (m->tp.sp) nm_sp_reduce_scatter(m, out, N, D);
     else nm_tp_all_reduce(m, out, N * D);
 }
 
 void nm_sp_rows(const nm_model *m, int64_t N, int64_t *start, int64_t *n) {
-    if (!m->sp) {
+    if (!m->tp.sp) {
         *start = 0, *n = N;
         return;
     }
-    int64_t P = m->tp->size, q = m->tp->rank;
+    int64_t P = m->tp.comm->size, q = m->tp.comm->rank;
     *start = q * N / P;
     *n = (q + 1) * N / P - *start;
 }
 
 static void sp_counts(nm_model *m, int64_t N, int64_t width) {
-    int64_t P = m->tp->size;
-    for (int64_t q = 0; q < P; q++) m->sp_counts[q] = ((q + 1) * N / P - q * N / P) * width;
+    int64_t P = m->tp.comm->size;
+    for (int64_t q = 0; q < P; q++) m->tp.sp_counts[q] = ((q + 1) * N / P - q * N / P) * width;
 }
 
 void nm_sp_all_gather(nm_model *m, void *buf, int64_t N, int64_t width, nm_comm_dtype dt) {
-    if (!m->sp || nm_model_faulted(m)) return;
+    if (!m->tp.sp || nm_model_faulted(m)) return;
     sp_counts(m, N, width);
     nm_error e;
-    if (nm_comm_all_gather(m->tp, buf, m->sp_counts, dt, &e) != 0) nm_model_latch(m, NM_FAULT_TP, &e);
+    if (nm_comm_all_gather(m->tp.comm, buf, m->tp.sp_counts, dt, &e) != 0) nm_model_latch(m, NM_FAULT_TP, &e);
 }
 
 void nm_sp_reduce_scatter(nm_model *m, float *buf, int64_t N, int64_t width) {
-    if (!m->sp || nm_model_faulted(m)) return;
+    if (!m->tp.sp || nm_model_faulted(m)) return;
     sp_counts(m, N, width);
     nm_error e;
-    if (nm_comm_reduce_scatter(m->tp, buf, m->sp_counts, NM_DT_F32, &e) != 0) nm_model_latch(m, NM_FAULT_TP, &e);
+    if (nm_comm_reduce_scatter(m->tp.comm, buf, m->tp.sp_counts, NM_DT_F32, &e) != 0)
+        nm_model_latch(m, NM_FAULT_TP, &e);
 }
 
 void nm_tp_embedding_backward(nm_model *m, const float *dout, const int32_t *tokens, int64_t N) {
@@ -78,8 +79,8 @@ void nm_tp_embedding_backward(nm_model *m, const float *dout, const int32_t *tok
 }
 
 void nm_ep_progress(nm_model *m) {
-    if (!m->ep_in_flight || nm_model_faulted(m)) return;
+    if (!m->ep.in_flight || nm_model_faulted(m)) return;
     int done = 0;
     nm_error e;
-    if (nm_comm_test(m->ep_in_flight, &done, &e) != 0) nm_model_latch(m, NM_FAULT_EP, &e);
+    if (nm_comm_test(m->ep.in_flight, &done, &e) != 0) nm_model_latch(m, NM_FAULT_EP, &e);
 }

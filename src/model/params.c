@@ -213,12 +213,15 @@ int nm_param_table_build_tp(nm_param_table *t, const nm_model_config *cfg, int64
             return nm_error_set(err, "%s: num_attention_heads %lld is not divisible by tensor_parallel_size %lld",
                                 src, (long long)cfg->H, (long long)tp_size);
         if (has_dense && cfg->F % tp_size != 0)
-            return nm_error_set(err, "%s: intermediate_size %lld (dense MLP) is not divisible by tensor_parallel_size %lld",
+            return nm_error_set(err,
+                                "%s: intermediate_size %lld (dense MLP) is not divisible by tensor_parallel_size %lld",
                                 src, (long long)cfg->F, (long long)tp_size);
         if (has_moe && cfg->Fs > 0 && cfg->Fs % tp_size != 0)
-            return nm_error_set(err, "%s: n_shared_experts %lld x moe_intermediate_size %lld = %lld (shared experts) is "
-                                     "not divisible by tensor_parallel_size %lld", src, (long long)cfg->n_shared,
-                                (long long)cfg->Fe, (long long)cfg->Fs, (long long)tp_size);
+            return nm_error_set(err,
+                                "%s: n_shared_experts %lld x moe_intermediate_size %lld = %lld (shared experts) is "
+                                "not divisible by tensor_parallel_size %lld",
+                                src, (long long)cfg->n_shared, (long long)cfg->Fe, (long long)cfg->Fs,
+                                (long long)tp_size);
     }
     if (ep_size < 1 || ep_rank < 0 || ep_rank >= ep_size || (cfg->E > 0 && cfg->E % ep_size != 0))
         return nm_error_set(err, "expert parallelism: rank %lld of %lld cannot hold an equal share of %lld experts",
@@ -227,7 +230,8 @@ int nm_param_table_build_tp(nm_param_table *t, const nm_model_config *cfg, int64
         return nm_error_set(err, "%s: model config was not loaded through nm_model_config_load",
                             cfg->source_path ? cfg->source_path : "<config>");
     }
-    if (cfg->n_layers > 100000) return nm_error_set(err, "%s: too many layers (%lld)", cfg->source_path, (long long)cfg->n_layers);
+    if (cfg->n_layers > 100000)
+        return nm_error_set(err, "%s: too many layers (%lld)", cfg->source_path, (long long)cfg->n_layers);
     int64_t E_local = cfg->E / ep_size;
     builder bb = {.t = t, .cap = 0, .cursor = 0, .expert_first = ep_rank * E_local, .expert_count = E_local,
                   .tp_rank = tp_rank, .tp_size = tp_size, .split = -1}, *b = &bb;
@@ -351,7 +355,8 @@ void nm_params_init(float *params /* (n_floats) */, const nm_param_table *t, con
             // A tensor-parallel shard draws the elements of its place in the full tensor, so every
             // layout initialises the one-process weights.
             const uint64_t key = nm_rng_key(seed, NM_RNG_INIT, (uint64_t)row->init_key, 0);
-            const int64_t cols = row->ndim == 2 ? row->shape[1] : 1, full_cols = row->ndim == 2 ? row->full_shape[1] : 1;
+            const int64_t cols = row->ndim == 2 ? row->shape[1] : 1,
+                          full_cols = row->ndim == 2 ? row->full_shape[1] : 1;
             const int64_t row0 = row->tp_dim == 0 ? row->tp_start : 0, col0 = row->tp_dim == 1 ? row->tp_start : 0;
             const int64_t rows_real = row->tp_dim == 0 ? row->tp_extent : n / cols;  // the rest: vocabulary padding
             init_rows ir = {p, key, std, cols, full_cols, row0, col0, rows_real};
