@@ -37,7 +37,8 @@ static void tp_head_forward(nm_model *m, float *losses, float *lse, float *logit
     }
     for (int64_t v0 = 0; v0 < Vl; v0 += vt) {
         int64_t n_cols = v0 + vt < Vl ? vt : Vl - v0;
-        nm_linear_forward(m, logits, n_cols, h, h_t, D, W + v0 * D, D, N, D, n_cols, 0.0f);
+        nm_linear_forward(m, (nm_linear_args){.W = W + v0 * D, .N = N, .IC = D, .OC = n_cols, .x = h, .x_type = h_t,
+                                              .y = logits});
         ops->xent_tile_forward(losses, lse, st, logits, n_cols, lt, N, Vl + 1, v0, n_cols);
     }
     for (int64_t n = 0; n < N; n++) mx[n] = targets[n] < 0 ? 0.0 : st[3 * n];
@@ -68,20 +69,22 @@ static void tp_head_backward(nm_model *m, float *dh, float beta, float *logits, 
     const nm_ops *ops = m->ops;
     int64_t Vl = m->tp.V_valid, D = m->cfg.D, vt = m->vt;
     const float *W = m->params + m->table.lm_head;
-    float *dW = m->grads + m->table.lm_head;
     const int32_t *lt = tp_local_targets(m, targets, N);
     float *part = beta == 0.0f || m->tp.sp ? dh : m->tp.partial;
     if (Vl == 0 && (part != dh || beta == 0.0f)) ops->zero(part, N * D);  // an all-padding shard
     for (int64_t v0 = 0; v0 < Vl; v0 += vt) {
         int64_t n_cols = v0 + vt < Vl ? vt : Vl - v0;
         // one tile: the forward's logits are still there; else recompute each tile
-        if (vt < Vl) nm_linear_forward(m, logits, n_cols, h, h_t, D, W + v0 * D, D, N, D, n_cols, 0.0f);
+        if (vt < Vl) nm_linear_forward(m, (nm_linear_args){.W = W + v0 * D, .N = N, .IC = D, .OC = n_cols, .x = h,
+                                                           .x_type = h_t, .y = logits});
         ops->xent_tile_backward(logits, n_cols, logits, n_cols, lse, lt, scale, N, Vl + 1, v0, n_cols);
         nm_round_act(m, logits, N * n_cols);  // d logits: read by the two GEMMs below only
-        nm_linear_backward_weight(m, dW + v0 * D, D, logits, nm_act_type(m), n_cols, h, h_t, D, N, D, n_cols);
+        nm_linear_backward_weight(m, (nm_linear_args){.W = W + v0 * D, .N = N, .IC = D, .OC = n_cols, .x = h,
+                                                      .x_type = h_t, .dy = logits, .dy_type = nm_act_type(m)});
         float b0 = part == dh ? beta : 0.0f;
-        nm_linear_backward_input(m, part, D, logits, nm_act_type(m), n_cols, W + v0 * D, D, N, D, n_cols,
-                                 v0 == 0 ? b0 : 1.0f);
+        nm_linear_backward_input(m, (nm_linear_args){.W = W + v0 * D, .N = N, .IC = D, .OC = n_cols, .dy = logits,
+                                                     .dy_type = nm_act_type(m), .dx = part,
+                                                     .beta = v0 == 0 ? b0 : 1.0f});
     }
     if (m->tp.sp) return;
     nm_tp_all_reduce(m, part, N * D);
@@ -102,14 +105,15 @@ void nm_head_forward(nm_model *m, float *losses, float *lse, float *logits, cons
         return;
     }
     if (vt == V) {
-        nm_linear_forward(m, logits, V, h, h_t, D, W, D, N, D, V, 0.0f);
+        nm_linear_forward(m, (nm_linear_args){.W = W, .N = N, .IC = D, .OC = V, .x = h, .x_type = h_t, .y = logits});
         if (logits_out) memcpy(logits_out, logits, (size_t)N * V * sizeof(float));
         ops->xent_forward(losses, lse, logits, targets, N, V);
         return;
     }
     for (int64_t v0 = 0; v0 < V; v0 += vt) {
         int64_t n_cols = v0 + vt < V ? vt : V - v0;
-        nm_linear_forward(m, logits, n_cols, h, h_t, D, W + v0 * D, D, N, D, n_cols, 0.0f);
+        nm_linear_forward(m, (nm_linear_args){.W = W + v0 * D, .N = N, .IC = D, .OC = n_cols, .x = h, .x_type = h_t,
+                                              .y = logits});
         if (logits_out) ops->copy_2d(logits_out + v0, V, logits, n_cols, N, n_cols);
         ops->xent_tile_forward(losses, lse, m->act.head_stats, logits, n_cols, targets, N, V, v0, n_cols);
     }
@@ -123,7 +127,6 @@ void nm_head_backward(nm_model *m, float *dh, float beta, float *logits, const f
     const nm_ops *ops = m->ops;
     int64_t V = m->cfg.V, D = m->cfg.D, vt = m->vt;
     const float *W = m->params + m->table.lm_head;
-    float *dW = m->grads + m->table.lm_head;
     if (m->tp.comm) {
         tp_head_backward(m, dh, beta, logits, lse, h, h_t, targets, scale, N);
         return;
@@ -131,18 +134,23 @@ void nm_head_backward(nm_model *m, float *dh, float beta, float *logits, const f
     if (vt == V) {
         ops->xent_backward(logits, logits, lse, targets, scale, N, V);
         nm_round_act(m, logits, N * V);
-        nm_linear_backward_weight(m, dW, D, logits, nm_act_type(m), V, h, h_t, D, N, D, V);
-        nm_linear_backward_input(m, dh, D, logits, nm_act_type(m), V, W, D, N, D, V, beta);
+        nm_linear_backward_weight(m, (nm_linear_args){.W = W, .N = N, .IC = D, .OC = V, .x = h, .x_type = h_t,
+                                                      .dy = logits, .dy_type = nm_act_type(m)});
+        nm_linear_backward_input(m, (nm_linear_args){.W = W, .N = N, .IC = D, .OC = V, .dy = logits,
+                                                     .dy_type = nm_act_type(m), .dx = dh, .beta = beta});
         return;
     }
     for (int64_t v0 = 0; v0 < V; v0 += vt) {
         int64_t n_cols = v0 + vt < V ? vt : V - v0;
-        nm_linear_forward(m, logits, n_cols, h, h_t, D, W + v0 * D, D, N, D, n_cols, 0.0f);
+        nm_linear_forward(m, (nm_linear_args){.W = W + v0 * D, .N = N, .IC = D, .OC = n_cols, .x = h, .x_type = h_t,
+                                              .y = logits});
         ops->xent_tile_backward(logits, n_cols, logits, n_cols, lse, targets, scale, N, V, v0, n_cols);
         nm_round_act(m, logits, N * n_cols);
-        nm_linear_backward_weight(m, dW + v0 * D, D, logits, nm_act_type(m), n_cols, h, h_t, D, N, D, n_cols);
-        nm_linear_backward_input(m, dh, D, logits, nm_act_type(m), n_cols, W + v0 * D, D, N, D, n_cols,
-                                 v0 == 0 ? beta : 1.0f);
+        nm_linear_backward_weight(m, (nm_linear_args){.W = W + v0 * D, .N = N, .IC = D, .OC = n_cols, .x = h,
+                                                      .x_type = h_t, .dy = logits, .dy_type = nm_act_type(m)});
+        nm_linear_backward_input(m, (nm_linear_args){.W = W + v0 * D, .N = N, .IC = D, .OC = n_cols, .dy = logits,
+                                                     .dy_type = nm_act_type(m), .dx = dh,
+                                                     .beta = v0 == 0 ? beta : 1.0f});
     }
 }
 

@@ -19,63 +19,74 @@ static nm_precision weight_precision(const nm_model *m, size_t off) {
     return m->precision;
 }
 
-// out(N, OC) (= or += by beta) inp(N, IC) . W(OC, IC)^T, with leading dimensions.
-void nm_linear_forward(const nm_model *m, float *out, int64_t ld_out, const float *inp, nm_dtype inp_t,
-                       int64_t ld_inp, const float *W, int64_t ldw, int64_t N, int64_t IC, int64_t OC, float beta) {
-    size_t off = (size_t)(W - m->params);
+// The defaults of a call (model_state.h): a row stride of 0 is the matrix's width.
+static nm_linear_args with_defaults(nm_linear_args a) {
+    if (!a.ldw) a.ldw = a.IC;
+    if (!a.ld_x) a.ld_x = a.IC;
+    if (!a.ld_dx) a.ld_dx = a.IC;
+    if (!a.ld_y) a.ld_y = a.OC;
+    if (!a.ld_dy) a.ld_dy = a.OC;
+    return a;
+}
+
+void nm_linear_forward(const nm_model *m, nm_linear_args a) {
+    a = with_defaults(a);
+    size_t off = (size_t)(a.W - m->params);
     switch (weight_precision(m, off)) {
     case NM_PRECISION_BF16: {
-        const void *a = nm_bf16_operand(m, inp, &inp_t, N, IC, ld_inp);
-        m->ops->gemm_bf16(NM_NO_TRANS, NM_TRANS, N, OC, IC, 1.0f, a, inp_t, ld_inp, nm_weight_bf16(m, off),
-                          m->bf16.weights_type, ldw, beta, out, ld_out);
+        nm_dtype x_type = a.x_type;
+        const void *x = nm_bf16_operand(m, a.x, &x_type, a.N, a.IC, a.ld_x);
+        m->ops->gemm_bf16(NM_NO_TRANS, NM_TRANS, a.N, a.OC, a.IC, 1.0f, x, x_type, a.ld_x, nm_weight_bf16(m, off),
+                          m->bf16.weights_type, a.ldw, a.beta, a.y, a.ld_y);
         break;
     }
     case NM_PRECISION_FP8:
-        m->ops->gemm_fp8(NM_NO_TRANS, NM_TRANS, N, OC, IC, 1.0f, inp, ld_inp, W, ldw, NM_FP8_WEIGHT, beta, out, ld_out);
+        m->ops->gemm_fp8(NM_NO_TRANS, NM_TRANS, a.N, a.OC, a.IC, 1.0f, a.x, a.ld_x, a.W, a.ldw, NM_FP8_WEIGHT, a.beta,
+                         a.y, a.ld_y);
         break;
     default:
-        m->ops->gemm(NM_NO_TRANS, NM_TRANS, N, OC, IC, 1.0f, inp, ld_inp, W, ldw, beta, out, ld_out);
+        m->ops->gemm(NM_NO_TRANS, NM_TRANS, a.N, a.OC, a.IC, 1.0f, a.x, a.ld_x, a.W, a.ldw, a.beta, a.y, a.ld_y);
     }
 }
 
-// dinp(N, IC) (= or += by beta) dout(N, OC) . W(OC, IC)      (Dgrad)
-void nm_linear_backward_input(const nm_model *m, float *dinp, int64_t ld_dinp, const float *dout, nm_dtype dout_t,
-                              int64_t ld_dout, const float *W, int64_t ldw, int64_t N, int64_t IC, int64_t OC,
-                              float beta) {
-    size_t off = (size_t)(W - m->params);
+void nm_linear_backward_input(const nm_model *m, nm_linear_args a) {
+    a = with_defaults(a);
+    size_t off = (size_t)(a.W - m->params);
     switch (weight_precision(m, off)) {
     case NM_PRECISION_BF16: {
-        const void *a = nm_bf16_operand(m, dout, &dout_t, N, OC, ld_dout);
-        m->ops->gemm_bf16(NM_NO_TRANS, NM_NO_TRANS, N, IC, OC, 1.0f, a, dout_t, ld_dout, nm_weight_bf16(m, off),
-                          m->bf16.weights_type, ldw, beta, dinp, ld_dinp);
+        nm_dtype dy_type = a.dy_type;
+        const void *dy = nm_bf16_operand(m, a.dy, &dy_type, a.N, a.OC, a.ld_dy);
+        m->ops->gemm_bf16(NM_NO_TRANS, NM_NO_TRANS, a.N, a.IC, a.OC, 1.0f, dy, dy_type, a.ld_dy,
+                          nm_weight_bf16(m, off), m->bf16.weights_type, a.ldw, a.beta, a.dx, a.ld_dx);
         break;
     }
     case NM_PRECISION_FP8:
-        m->ops->gemm_fp8(NM_NO_TRANS, NM_NO_TRANS, N, IC, OC, 1.0f, dout, ld_dout, W, ldw, NM_FP8_WEIGHT, beta, dinp,
-                         ld_dinp);
+        m->ops->gemm_fp8(NM_NO_TRANS, NM_NO_TRANS, a.N, a.IC, a.OC, 1.0f, a.dy, a.ld_dy, a.W, a.ldw, NM_FP8_WEIGHT,
+                         a.beta, a.dx, a.ld_dx);
         break;
     default:
-        m->ops->gemm(NM_NO_TRANS, NM_NO_TRANS, N, IC, OC, 1.0f, dout, ld_dout, W, ldw, beta, dinp, ld_dinp);
+        m->ops->gemm(NM_NO_TRANS, NM_NO_TRANS, a.N, a.IC, a.OC, 1.0f, a.dy, a.ld_dy, a.W, a.ldw, a.beta, a.dx, a.ld_dx);
     }
 }
 
-// dW(OC, IC) += dout(N, OC)^T . inp(N, IC)      (Wgrad: both operands are activations)
-void nm_linear_backward_weight(const nm_model *m, float *dW, int64_t ldw, const float *dout, nm_dtype dout_t,
-                               int64_t ld_dout, const float *inp, nm_dtype inp_t, int64_t ld_inp, int64_t N,
-                               int64_t IC, int64_t OC) {
-    size_t off = (size_t)(dW - m->grads);
+void nm_linear_backward_weight(const nm_model *m, nm_linear_args a) {
+    a = with_defaults(a);
+    size_t off = (size_t)(a.W - m->params);
+    float *dW = m->grads + off;
     switch (weight_precision(m, off)) {
     case NM_PRECISION_BF16: {
-        const void *a = nm_bf16_operand(m, dout, &dout_t, N, OC, ld_dout);
-        const void *b = nm_bf16_operand(m, inp, &inp_t, N, IC, ld_inp);
-        m->ops->gemm_bf16(NM_TRANS, NM_NO_TRANS, OC, IC, N, 1.0f, a, dout_t, ld_dout, b, inp_t, ld_inp, 1.0f, dW, ldw);
+        nm_dtype dy_type = a.dy_type, x_type = a.x_type;
+        const void *dy = nm_bf16_operand(m, a.dy, &dy_type, a.N, a.OC, a.ld_dy);
+        const void *x = nm_bf16_operand(m, a.x, &x_type, a.N, a.IC, a.ld_x);
+        m->ops->gemm_bf16(NM_TRANS, NM_NO_TRANS, a.OC, a.IC, a.N, 1.0f, dy, dy_type, a.ld_dy, x, x_type, a.ld_x, 1.0f,
+                          dW, a.ldw);
         break;
     }
     case NM_PRECISION_FP8:
-        m->ops->gemm_fp8(NM_TRANS, NM_NO_TRANS, OC, IC, N, 1.0f, dout, ld_dout, inp, ld_inp, NM_FP8_ACTIVATION, 1.0f,
-                         dW, ldw);
+        m->ops->gemm_fp8(NM_TRANS, NM_NO_TRANS, a.OC, a.IC, a.N, 1.0f, a.dy, a.ld_dy, a.x, a.ld_x, NM_FP8_ACTIVATION,
+                         1.0f, dW, a.ldw);
         break;
     default:
-        m->ops->gemm(NM_TRANS, NM_NO_TRANS, OC, IC, N, 1.0f, dout, ld_dout, inp, ld_inp, 1.0f, dW, ldw);
+        m->ops->gemm(NM_TRANS, NM_NO_TRANS, a.OC, a.IC, a.N, 1.0f, a.dy, a.ld_dy, a.x, a.ld_x, 1.0f, dW, a.ldw);
     }
 }

@@ -13,10 +13,13 @@ static void up_projections(nm_model *m, const nm_layer_offsets *w, block_acts *b
     int64_t N = B * T, D = c->D, H = m->tp.H_loc, Dkv = c->Dn + c->Dv;
     nm_dtype at = nm_act_type(m);
     if (c->Rq > 0)
-        nm_linear_forward(m, b->q, H * c->Dqk, b->cq_n, at, c->Rq, P + w->q_b, c->Rq, N, c->Rq, H * c->Dqk, 0.0f);
+        nm_linear_forward(m, (nm_linear_args){.W = P + w->q_b, .N = N, .IC = c->Rq, .OC = H * c->Dqk, .x = b->cq_n,
+                                              .x_type = at, .y = b->q});
     else
-        nm_linear_forward(m, b->q, H * c->Dqk, b->a, at, D, P + w->q, D, N, D, H * c->Dqk, 0.0f);
-    nm_linear_forward(m, b->kv, H * Dkv, b->ckv_n, at, c->Rkv, P + w->kv_b, c->Rkv, N, c->Rkv, H * Dkv, 0.0f);
+        nm_linear_forward(m, (nm_linear_args){.W = P + w->q, .N = N, .IC = D, .OC = H * c->Dqk, .x = b->a, .x_type = at,
+                                              .y = b->q});
+    nm_linear_forward(m, (nm_linear_args){.W = P + w->kv_b, .N = N, .IC = c->Rkv, .OC = H * Dkv, .x = b->ckv_n,
+                                          .x_type = at, .y = b->kv});
     m->ops->rope_forward(b->q, m->rope_cos, m->rope_sin, B, T, H, c->Dqk, c->Dn, c->Dr);
 }
 
@@ -51,13 +54,16 @@ void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
     input_norm(m, w, b, N);
     nm_dtype at = nm_act_type(m);
     if (c->Rq > 0) {
-        nm_linear_forward(m, b->cq, c->Rq, b->a, at, D, P + w->q_a, D, N, D, c->Rq, 0.0f);
+        nm_linear_forward(m, (nm_linear_args){.W = P + w->q_a, .N = N, .IC = D, .OC = c->Rq, .x = b->a, .x_type = at,
+                                              .y = b->cq});
         ops->rmsnorm_forward(b->cq_n, b->cq_rstd, b->cq, P + w->q_a_norm, N, c->Rq, eps);
         nm_round_act(m, b->cq_n, N * c->Rq);
     }
     // kv_a_proj_with_mqa rows [0, Rkv) give the latent, rows [Rkv, Rkv+Dr) the shared rope key.
-    nm_linear_forward(m, b->ckv, c->Rkv, b->a, at, D, P + w->kv_a, D, N, D, c->Rkv, 0.0f);
-    nm_linear_forward(m, b->k_pe, c->Dr, b->a, at, D, P + w->kv_a + (size_t)c->Rkv * D, D, N, D, c->Dr, 0.0f);
+    nm_linear_forward(m, (nm_linear_args){.W = P + w->kv_a, .N = N, .IC = D, .OC = c->Rkv, .x = b->a, .x_type = at,
+                                          .y = b->ckv});
+    nm_linear_forward(m, (nm_linear_args){.W = P + w->kv_a + (size_t)c->Rkv * D, .N = N, .IC = D, .OC = c->Dr,
+                                          .x = b->a, .x_type = at, .y = b->k_pe});
     ops->rmsnorm_forward(b->ckv_n, b->ckv_rstd, b->ckv, P + w->kv_a_norm, N, c->Rkv, eps);
     nm_round_act(m, b->ckv_n, N * c->Rkv);
     up_projections(m, w, b, B, T);
@@ -67,14 +73,16 @@ void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
     // o_proj is row-parallel: each tp rank's local heads give part of the output, summed by
     // the all-reduce (tp rank 0 adds the residual once), or reduce-scattered to each rank's rows.
     if (m->tp.sp) {
-        nm_linear_forward(m, b->x_mid, D, b->att, NM_F32, H * c->Dv, P + w->o, H * c->Dv, N, H * c->Dv, D, 0.0f);
+        nm_linear_forward(m, (nm_linear_args){.W = P + w->o, .N = N, .IC = H * c->Dv, .OC = D, .x = b->att,
+                                              .y = b->x_mid});
         nm_sp_reduce_scatter(m, b->x_mid, N, D);
         ops->add_2d(b->x_mid + s0 * D, D, b->x_in + s0 * D, D, n0, D);
         return;
     }
     if (nm_tp_lead(m)) ops->copy_2d(b->x_mid, N * D, b->x_in, N * D, 1, N * D);
     else ops->zero(b->x_mid, N * D);
-    nm_linear_forward(m, b->x_mid, D, b->att, NM_F32, H * c->Dv, P + w->o, H * c->Dv, N, H * c->Dv, D, 1.0f);
+    nm_linear_forward(m, (nm_linear_args){.W = P + w->o, .N = N, .IC = H * c->Dv, .OC = D, .x = b->att, .y = b->x_mid,
+                                          .beta = 1.0f});
     nm_tp_all_reduce(m, b->x_mid, N * D);
 }
 
@@ -95,9 +103,10 @@ void nm_mla_backward(nm_model *m, int64_t l) {
     if (m->recompute.layernorm && !m->recompute.full) input_norm(m, w, b, N);
 
     // forward: x_mid = x_in + att . W_o^T
-    nm_linear_backward_input(m, m->scratch.d_att, H * c->Dv, d_res, NM_F32, D, P + w->o, H * c->Dv, N, H * c->Dv, D,
-                             0.0f);
-    nm_linear_backward_weight(m, G + w->o, H * c->Dv, d_res, NM_F32, D, b->att, NM_F32, H * c->Dv, N, H * c->Dv, D);
+    nm_linear_backward_input(m, (nm_linear_args){.W = P + w->o, .N = N, .IC = H * c->Dv, .OC = D, .dy = d_res,
+                                                 .dx = m->scratch.d_att});
+    nm_linear_backward_weight(m, (nm_linear_args){.W = P + w->o, .N = N, .IC = H * c->Dv, .OC = D, .x = b->att,
+                                                  .dy = d_res});
     // selective recomputation: q and kv were not kept (one shared pair holds the last block's)
     if (m->recompute.mla_up_proj && !m->recompute.full) up_projections(m, w, b, B, T);
     ops->attention_backward(m->scratch.d_q, m->scratch.d_kv, m->scratch.d_k_pe, m->scratch.att_scratch,
@@ -111,10 +120,10 @@ void nm_mla_backward(nm_model *m, int64_t l) {
     nm_round_act(m, m->scratch.d_q, N * H * c->Dqk);
     nm_round_act(m, m->scratch.d_kv, N * H * Dkv);
     // kv = ckv_n . W_kv_b^T ; ckv_n = RMSNorm(ckv)
-    nm_linear_backward_weight(m, G + w->kv_b, c->Rkv, m->scratch.d_kv, at, H * Dkv, b->ckv_n, at, c->Rkv, N, c->Rkv,
-                              H * Dkv);
-    nm_linear_backward_input(m, m->scratch.d_ckv_n, c->Rkv, m->scratch.d_kv, at, H * Dkv, P + w->kv_b, c->Rkv, N,
-                             c->Rkv, H * Dkv, 0.0f);
+    nm_linear_backward_weight(m, (nm_linear_args){.W = P + w->kv_b, .N = N, .IC = c->Rkv, .OC = H * Dkv, .x = b->ckv_n,
+                                                  .x_type = at, .dy = m->scratch.d_kv, .dy_type = at});
+    nm_linear_backward_input(m, (nm_linear_args){.W = P + w->kv_b, .N = N, .IC = c->Rkv, .OC = H * Dkv,
+                                                 .dy = m->scratch.d_kv, .dy_type = at, .dx = m->scratch.d_ckv_n});
     // Tensor parallelism: the local heads give part of d(ckv_n) (kv_b_proj is column-parallel)
     // and of d(k_pe) (the rope key all heads share); summed here, everything below is whole.
     nm_tp_all_reduce(m, m->scratch.d_ckv_n, N * c->Rkv);
@@ -126,34 +135,44 @@ void nm_mla_backward(nm_model *m, int64_t l) {
     nm_round_act(m, m->scratch.d_ckv, N * c->Rkv);
     // [ckv | k_pe] = a . W_kv_a^T: the rope key bypasses the latent norm
     size_t kv_a_pe = w->kv_a + (size_t)c->Rkv * D;
-    nm_linear_backward_weight(m, G + w->kv_a, D, m->scratch.d_ckv, at, c->Rkv, b->a, at, D, N, D, c->Rkv);
-    nm_linear_backward_weight(m, G + kv_a_pe, D, m->scratch.d_k_pe, at, c->Dr, b->a, at, D, N, D, c->Dr);
-    nm_linear_backward_input(m, m->scratch.d_a, D, m->scratch.d_ckv, at, c->Rkv, P + w->kv_a, D, N, D, c->Rkv, 0.0f);
-    nm_linear_backward_input(m, m->scratch.d_a, D, m->scratch.d_k_pe, at, c->Dr, P + kv_a_pe, D, N, D, c->Dr, 1.0f);
+    nm_linear_backward_weight(m, (nm_linear_args){.W = P + w->kv_a, .N = N, .IC = D, .OC = c->Rkv, .x = b->a,
+                                                  .x_type = at, .dy = m->scratch.d_ckv, .dy_type = at});
+    nm_linear_backward_weight(m, (nm_linear_args){.W = P + kv_a_pe, .N = N, .IC = D, .OC = c->Dr, .x = b->a,
+                                                  .x_type = at, .dy = m->scratch.d_k_pe, .dy_type = at});
+    nm_linear_backward_input(m, (nm_linear_args){.W = P + w->kv_a, .N = N, .IC = D, .OC = c->Rkv,
+                                                 .dy = m->scratch.d_ckv, .dy_type = at, .dx = m->scratch.d_a});
+    nm_linear_backward_input(m, (nm_linear_args){.W = P + kv_a_pe, .N = N, .IC = D, .OC = c->Dr,
+                                                 .dy = m->scratch.d_k_pe, .dy_type = at, .dx = m->scratch.d_a,
+                                                 .beta = 1.0f});
     if (c->Rq > 0) {
         // q = cq_n . W_q_b^T ; cq_n = RMSNorm(cq) ; cq = a . W_q_a^T
-        nm_linear_backward_weight(m, G + w->q_b, c->Rq, m->scratch.d_q, at, H * c->Dqk, b->cq_n, at, c->Rq, N, c->Rq,
-                                  H * c->Dqk);
-        nm_linear_backward_input(m, m->scratch.d_cq_n, c->Rq, m->scratch.d_q, at, H * c->Dqk, P + w->q_b, c->Rq, N,
-                                 c->Rq, H * c->Dqk, 0.0f);
+        nm_linear_backward_weight(m, (nm_linear_args){.W = P + w->q_b, .N = N, .IC = c->Rq, .OC = H * c->Dqk,
+                                                      .x = b->cq_n, .x_type = at, .dy = m->scratch.d_q, .dy_type = at});
+        nm_linear_backward_input(m, (nm_linear_args){.W = P + w->q_b, .N = N, .IC = c->Rq, .OC = H * c->Dqk,
+                                                     .dy = m->scratch.d_q, .dy_type = at, .dx = m->scratch.d_cq_n});
         nm_tp_all_reduce(m, m->scratch.d_cq_n, N * c->Rq);  // q_b_proj is column-parallel
         ops->zero(m->scratch.d_cq, N * c->Rq);
         ops->rmsnorm_backward(m->scratch.d_cq, G + w->q_a_norm, m->scratch.d_cq_n, b->cq, P + w->q_a_norm, b->cq_rstd,
                               N, c->Rq);
         nm_round_act(m, m->scratch.d_cq, N * c->Rq);
-        nm_linear_backward_weight(m, G + w->q_a, D, m->scratch.d_cq, at, c->Rq, b->a, at, D, N, D, c->Rq);
-        nm_linear_backward_input(m, m->scratch.d_a, D, m->scratch.d_cq, at, c->Rq, P + w->q_a, D, N, D, c->Rq, 1.0f);
+        nm_linear_backward_weight(m, (nm_linear_args){.W = P + w->q_a, .N = N, .IC = D, .OC = c->Rq, .x = b->a,
+                                                      .x_type = at, .dy = m->scratch.d_cq, .dy_type = at});
+        nm_linear_backward_input(m, (nm_linear_args){.W = P + w->q_a, .N = N, .IC = D, .OC = c->Rq,
+                                                     .dy = m->scratch.d_cq, .dy_type = at, .dx = m->scratch.d_a,
+                                                     .beta = 1.0f});
     } else {
-        nm_linear_backward_weight(m, G + w->q, D, m->scratch.d_q, at, H * c->Dqk, b->a, at, D, N, D, H * c->Dqk);
+        nm_linear_backward_weight(m, (nm_linear_args){.W = P + w->q, .N = N, .IC = D, .OC = H * c->Dqk, .x = b->a,
+                                                      .x_type = at, .dy = m->scratch.d_q, .dy_type = at});
         if (m->tp.comm) {
             // q_proj is column-parallel: its part of d_a is summed over tp before joining the kv part
-            nm_linear_backward_input(m, m->tp.partial, D, m->scratch.d_q, at, H * c->Dqk, P + w->q, D, N, D, H * c->Dqk,
-                                     0.0f);
+            nm_linear_backward_input(m, (nm_linear_args){.W = P + w->q, .N = N, .IC = D, .OC = H * c->Dqk,
+                                                         .dy = m->scratch.d_q, .dy_type = at, .dx = m->tp.partial});
             nm_tp_all_reduce(m, m->tp.partial, N * D);
             ops->add_2d(m->scratch.d_a, N * D, m->tp.partial, N * D, 1, N * D);
         } else {
-            nm_linear_backward_input(m, m->scratch.d_a, D, m->scratch.d_q, at, H * c->Dqk, P + w->q, D, N, D,
-                                     H * c->Dqk, 1.0f);
+            nm_linear_backward_input(m, (nm_linear_args){.W = P + w->q, .N = N, .IC = D, .OC = H * c->Dqk,
+                                                         .dy = m->scratch.d_q, .dy_type = at, .dx = m->scratch.d_a,
+                                                         .beta = 1.0f});
         }
     }
     // a = RMSNorm(x_in). d_a is whole on every rank (the tp sums above), so under sequence

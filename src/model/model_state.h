@@ -283,20 +283,35 @@ static inline const void *nm_weight_bf16(const nm_model *m, size_t off) {
 
 // --- linear layer (linear.c): y = x W^T with PyTorch [out, in] weights ------------------------
 
-// out(N, OC) (= or += by beta) inp(N, IC) . W(OC, IC)^T, with leading dimensions. W points into
-// m->params; its offset picks the GEMM precision (weight_precision in linear.c). An activation
-// operand's type is NM_F32, or nm_act_type(m) for one rounded in place by nm_round_act (read by
-// a bf16 GEMM as it is); fp32 and fp8 GEMMs read either as floats.
-void nm_linear_forward(const nm_model *m, float *out, int64_t ld_out, const float *inp, nm_dtype inp_t,
-                       int64_t ld_inp, const float *W, int64_t ldw, int64_t N, int64_t IC, int64_t OC, float beta);
-// dinp(N, IC) (= or += by beta) dout(N, OC) . W(OC, IC)      (Dgrad)
-void nm_linear_backward_input(const nm_model *m, float *dinp, int64_t ld_dinp, const float *dout, nm_dtype dout_t,
-                              int64_t ld_dout, const float *W, int64_t ldw, int64_t N, int64_t IC, int64_t OC,
-                              float beta);
-// dW(OC, IC) += dout(N, OC)^T . inp(N, IC)      (Wgrad: both operands are activations; dW points into m->grads)
-void nm_linear_backward_weight(const nm_model *m, float *dW, int64_t ldw, const float *dout, nm_dtype dout_t,
-                               int64_t ld_dout, const float *inp, nm_dtype inp_t, int64_t ld_inp, int64_t N,
-                               int64_t IC, int64_t OC);
+// One call of the linear layer y = x W^T (PyTorch [out, in] weights), by named fields; what a
+// call leaves out is 0: a row stride of 0 is the matrix's width, a type of 0 is NM_F32, beta 0
+// overwrites. W points into m->params; its offset picks the GEMM precision (weight_precision in
+// linear.c) and, for the weight gradient, the gradient it adds to (m->grads at the same offset).
+// An activation's type is NM_F32, or nm_act_type(m) for one rounded in place by nm_round_act
+// (read by a bf16 GEMM as it is); fp32 and fp8 GEMMs read either as floats.
+typedef struct nm_linear_args {
+    const float *W;             // (OC, IC) weight, in m->params
+    int64_t ldw;                // its row stride (a slice of a wider weight, a vocabulary tile)
+    int64_t N, IC, OC;          // rows; input and output features
+    const float *x;             // (N, IC) input: forward, weight gradient
+    nm_dtype x_type;
+    int64_t ld_x;
+    float *y;                   // (N, OC) output: forward
+    int64_t ld_y;
+    const float *dy;            // (N, OC) gradient of the output: backward
+    nm_dtype dy_type;
+    int64_t ld_dy;
+    float *dx;                  // (N, IC) gradient of the input: input gradient
+    int64_t ld_dx;
+    float beta;                 // y, dx: 0 (=), 1 (+=)
+} nm_linear_args;
+
+// y (= or += by beta) x . W^T
+void nm_linear_forward(const nm_model *m, nm_linear_args a);
+// dx (= or += by beta) dy . W      (Dgrad)
+void nm_linear_backward_input(const nm_model *m, nm_linear_args a);
+// dW += dy^T . x, dW the gradient at W's offset      (Wgrad: both operands are activations)
+void nm_linear_backward_weight(const nm_model *m, nm_linear_args a);
 
 // bf16 activations rounded once where they are produced (as Megatron stores them in bf16),
 // not by every GEMM that reads them: in bf16 precision x(n) (=) bf16(x) in place, then read

@@ -99,14 +99,16 @@ void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_
         int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
         if (n == 0) continue;
         const float *We = W0 + (size_t)e * stride;  // [gate; up] (2Fe, D), then down (D, Fe)
-        nm_linear_forward(m, gate_up + r0 * 2 * Fe, 2 * Fe, x + r0 * D, NM_F32, D, We, D, n, D, 2 * Fe, 0.0f);
+        nm_linear_forward(m, (nm_linear_args){.W = We, .N = n, .IC = D, .OC = 2 * Fe, .x = x + r0 * D,
+                                              .y = gate_up + r0 * 2 * Fe});
     }
     experts_act(m, act, gate_up, rows, Fe);
     for (int64_t e = 0; e < E; e++) {
         int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
         if (n == 0) continue;
         const float *We = W0 + (size_t)e * stride;
-        nm_linear_forward(m, out + r0 * D, D, act + r0 * Fe, NM_F32, Fe, We + down, Fe, n, Fe, D, 0.0f);
+        nm_linear_forward(m, (nm_linear_args){.W = We + down, .N = n, .IC = Fe, .OC = D, .x = act + r0 * Fe,
+                                              .y = out + r0 * D});
     }
 }
 
@@ -146,20 +148,20 @@ void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32
         int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
         if (n == 0) continue;
         const float *We = W0 + (size_t)e * stride;
-        float *dWe = dW0 + (size_t)e * stride;
-        nm_linear_backward_input(m, d_act + r0 * Fe, Fe, d_out + r0 * D, NM_F32, D, We + down, Fe, n, Fe, D, 0.0f);
-        nm_linear_backward_weight(m, dWe + down, Fe, d_out + r0 * D, NM_F32, D, act + r0 * Fe, NM_F32, Fe, n, Fe, D);
+        nm_linear_backward_input(m, (nm_linear_args){.W = We + down, .N = n, .IC = Fe, .OC = D, .dy = d_out + r0 * D,
+                                                     .dx = d_act + r0 * Fe});
+        nm_linear_backward_weight(m, (nm_linear_args){.W = We + down, .N = n, .IC = Fe, .OC = D, .x = act + r0 * Fe,
+                                                      .dy = d_out + r0 * D});
     }
     ops->swiglu_backward(d_gate_up, d_act, gate_up, rows, Fe);
     for (int64_t e = 0; e < E; e++) {
         int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
         if (n == 0) continue;
         const float *We = W0 + (size_t)e * stride;
-        float *dWe = dW0 + (size_t)e * stride;
-        nm_linear_backward_weight(m, dWe, D, d_gate_up + r0 * 2 * Fe, NM_F32, 2 * Fe, x + r0 * D, NM_F32, D, n, D,
-                                  2 * Fe);
-        nm_linear_backward_input(m, d_x + r0 * D, D, d_gate_up + r0 * 2 * Fe, NM_F32, 2 * Fe, We, D, n, D, 2 * Fe,
-                                 0.0f);
+        nm_linear_backward_weight(m, (nm_linear_args){.W = We, .N = n, .IC = D, .OC = 2 * Fe, .x = x + r0 * D,
+                                                      .dy = d_gate_up + r0 * 2 * Fe});
+        nm_linear_backward_input(m, (nm_linear_args){.W = We, .N = n, .IC = D, .OC = 2 * Fe,
+                                                     .dy = d_gate_up + r0 * 2 * Fe, .dx = d_x + r0 * D});
     }
 }
 
@@ -493,7 +495,8 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
     nm_sp_rows(m, N, &s0, &n0);
     const float *f = b->f + s0 * D;
     nm_router_params rp = router_params(c, n0);
-    nm_linear_forward(m, b->router_logits + s0 * E, E, f, NM_F32, D, P + w->router, D, n0, D, E, 0.0f);
+    nm_linear_forward(m, (nm_linear_args){.W = P + w->router, .N = n0, .IC = D, .OC = E, .x = f,
+                                          .y = b->router_logits + s0 * E});
     ops->router_forward(b->topk_idx + s0 * K, b->topk_w + s0 * K, b->scores + s0 * E, b->router_logits + s0 * E,
                         P + w->router_bias, &rp);
     // the sequence-wise balance loss needs whole sequences: every rank's scores
@@ -541,7 +544,6 @@ void nm_moe_backward(nm_model *m, int64_t l, float aux_seed) {
     const nm_ops *ops = m->ops;
     const nm_layer_offsets *w = &m->table.layers[l];
     const float *P = m->params;
-    float *G = m->grads;
     block_acts *b = &m->act.blocks[l];
     int64_t B = b->B, T = b->T, N = B * T, D = c->D, E = c->E, K = c->K;
     float *d_res = m->scratch.d_res;
@@ -578,7 +580,9 @@ void nm_moe_backward(nm_model *m, int64_t l, float aux_seed) {
         // every token's (the scores were gathered); this rank uses its rows
         ops->balance_loss_backward(m->scratch.d_router, aux_seed, b->bal_f, b->scores, B, T, E, K, c->scoring);
     }
-    nm_linear_backward_weight(m, G + w->router, D, m->scratch.d_router + s0 * E, NM_F32, E, f, NM_F32, D, n0, D, E);
-    nm_linear_backward_input(m, m->scratch.d_f + s0 * D, D, m->scratch.d_router + s0 * E, NM_F32, E, P + w->router, D,
-                             n0, D, E, 1.0f);
+    nm_linear_backward_weight(m, (nm_linear_args){.W = P + w->router, .N = n0, .IC = D, .OC = E, .x = f,
+                                                  .dy = m->scratch.d_router + s0 * E});
+    nm_linear_backward_input(m, (nm_linear_args){.W = P + w->router, .N = n0, .IC = D, .OC = E,
+                                                 .dy = m->scratch.d_router + s0 * E, .dx = m->scratch.d_f + s0 * D,
+                                                 .beta = 1.0f});
 }

@@ -35,8 +35,11 @@ void nm_mtp_input_forward(nm_model *m, int64_t k, const int32_t *tokens, int64_t
     nm_round_act(m, t->emb_n + r0, n0 * D);  // both feed eh_proj only
     nm_round_act(m, t->h_n + r0, n0 * D);
     // eh_proj (D, 2D): columns [0, D) take enorm(emb), [D, 2D) take hnorm(h)
-    nm_linear_forward(m, blk->x_in + r0, D, t->emb_n + r0, nm_act_type(m), D, P + w->eh_proj, 2 * D, n0, D, D, 0.0f);
-    nm_linear_forward(m, blk->x_in + r0, D, t->h_n + r0, nm_act_type(m), D, P + w->eh_proj + D, 2 * D, n0, D, D, 1.0f);
+    nm_linear_forward(m, (nm_linear_args){.W = P + w->eh_proj, .ldw = 2 * D, .N = n0, .IC = D, .OC = D,
+                                          .x = t->emb_n + r0, .x_type = nm_act_type(m), .y = blk->x_in + r0});
+    nm_linear_forward(m, (nm_linear_args){.W = P + w->eh_proj + D, .ldw = 2 * D, .N = n0, .IC = D, .OC = D,
+                                          .x = t->h_n + r0, .x_type = nm_act_type(m), .y = blk->x_in + r0,
+                                          .beta = 1.0f});
 }
 
 double nm_mtp_output_forward(nm_model *m, int64_t k, int64_t B, int64_t T) {
@@ -92,15 +95,19 @@ void nm_mtp_input_backward(nm_model *m, int64_t k, int64_t B, int64_t T) {
     size_t r0 = (size_t)(s0 * D);
     const float *d_x = m->scratch.d_res + r0;
     // x_in = emb_n . W_eh[:, :D]^T + h_n . W_eh[:, D:]^T
-    nm_linear_backward_weight(m, G + w->eh_proj, 2 * D, d_x, NM_F32, D, t->emb_n + r0, nm_act_type(m), D, n0, D, D);
-    nm_linear_backward_weight(m, G + w->eh_proj + D, 2 * D, d_x, NM_F32, D, t->h_n + r0, nm_act_type(m), D, n0, D, D);
-    nm_linear_backward_input(m, m->scratch.d_tmp + r0, D, d_x, NM_F32, D, P + w->eh_proj, 2 * D, n0, D, D, 0.0f);
+    nm_linear_backward_weight(m, (nm_linear_args){.W = P + w->eh_proj, .ldw = 2 * D, .N = n0, .IC = D, .OC = D,
+                                                  .x = t->emb_n + r0, .x_type = nm_act_type(m), .dy = d_x});
+    nm_linear_backward_weight(m, (nm_linear_args){.W = P + w->eh_proj + D, .ldw = 2 * D, .N = n0, .IC = D, .OC = D,
+                                                  .x = t->h_n + r0, .x_type = nm_act_type(m), .dy = d_x});
+    nm_linear_backward_input(m, (nm_linear_args){.W = P + w->eh_proj, .ldw = 2 * D, .N = n0, .IC = D, .OC = D,
+                                                 .dy = d_x, .dx = m->scratch.d_tmp + r0});
     ops->zero(m->scratch.d_emb, Nk * D);
     ops->rmsnorm_backward(m->scratch.d_emb + r0, G + w->enorm, m->scratch.d_tmp + r0, t->emb + r0, P + w->enorm,
                           t->emb_rstd + s0, n0, D);
     nm_sp_all_gather(m, m->scratch.d_emb, Nk, D, NM_DT_F32);  // this rank's vocabulary rows see every token
     nm_tp_embedding_backward(m, m->scratch.d_emb, t->tokens_in, Nk);
-    nm_linear_backward_input(m, m->scratch.d_tmp + r0, D, d_x, NM_F32, D, P + w->eh_proj + D, 2 * D, n0, D, D, 0.0f);
+    nm_linear_backward_input(m, (nm_linear_args){.W = P + w->eh_proj + D, .ldw = 2 * D, .N = n0, .IC = D, .OC = D,
+                                                 .dy = d_x, .dx = m->scratch.d_tmp + r0});
     ops->zero(m->scratch.d_emb, Nk * D);
     ops->rmsnorm_backward(m->scratch.d_emb + r0, G + w->hnorm, m->scratch.d_tmp + r0, t->h_prev + r0, P + w->hnorm,
                           t->h_rstd + s0, n0, D);
