@@ -70,20 +70,11 @@ void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
     ops->rope_forward(b->k_pe, m->rope_cos, m->rope_sin, B, T, 1, c->Dr, 0, c->Dr);
     ops->attention_forward(b->att, b->lse, b->q, b->kv, b->k_pe, B, T, H, c->Dn, c->Dr, c->Dv,
                            (float)c->softmax_scale);
-    // o_proj is row-parallel: each tp rank's local heads give part of the output, summed by
-    // the all-reduce (tp rank 0 adds the residual once), or reduce-scattered to each rank's rows.
-    if (m->tp.sp) {
-        nm_linear_forward(m, (nm_linear_args){.W = P + w->o, .N = N, .IC = H * c->Dv, .OC = D, .x = b->att,
-                                              .y = b->x_mid});
-        nm_sp_reduce_scatter(m, b->x_mid, N, D);
-        ops->add_2d(b->x_mid + s0 * D, D, b->x_in + s0 * D, D, n0, D);
-        return;
-    }
-    if (nm_tp_lead(m)) ops->copy_2d(b->x_mid, N * D, b->x_in, N * D, 1, N * D);
-    else ops->zero(b->x_mid, N * D);
+    // o_proj is row-parallel: each tp rank's local heads give part of every token's output
+    nm_tp_row_output_begin(m, b->x_mid, b->x_in, N, D);
     nm_linear_forward(m, (nm_linear_args){.W = P + w->o, .N = N, .IC = H * c->Dv, .OC = D, .x = b->att, .y = b->x_mid,
                                           .beta = 1.0f});
-    nm_tp_all_reduce(m, b->x_mid, N * D);
+    nm_tp_row_output_end(m, b->x_mid, b->x_in, N, D);
 }
 
 void nm_mla_backward(nm_model *m, int64_t l) {

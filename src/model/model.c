@@ -26,35 +26,19 @@ static double block_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_
     b->T = T;
 
     nm_mla_forward(m, l, B, T);
-    // FFN: x_out = x_mid + FFN(RMSNorm(x_mid)). Under tensor parallelism each rank adds its
-    // partial FFN output (its columns of down_proj) and tp rank 0 alone the residual and the
-    // routed experts (which every rank computes alike); the all-reduce then sums them.
-    int64_t s0, n0;  // this rank's rows (sequence parallelism), else all
+    // FFN: x_out = x_mid + FFN(RMSNorm(x_mid)), the norm on this rank's rows (sequence
+    // parallelism), else all of them.
+    int64_t s0, n0;
     nm_sp_rows(m, N, &s0, &n0);
     ops->rmsnorm_forward(b->f + s0 * D, b->f_rstd + s0, b->x_mid + s0 * D, m->params + w->post_norm, n0, D,
                          (float)c->rms_eps);
-    if (m->tp.sp && !nm_layer_is_moe(c, l)) {
-        // all-gather f, the column-parallel gate/up, the row-parallel down into a partial
-        // (N, D), reduce-scattered; then the residual on this rank's rows
-        nm_sp_all_gather(m, b->f, N, D, NM_DT_F32);
-        ops->zero(b->x_out, N * D);
-        nm_mlp_forward(m, b->x_out, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, m->tp.F_loc);
-        nm_sp_reduce_scatter(m, b->x_out, N, D);
-        ops->add_2d(b->x_out + s0 * D, D, b->x_mid + s0 * D, D, n0, D);
-        return 0.0;
-    }
-    if (m->tp.sp) {
-        ops->copy_2d(b->x_out + s0 * D, D, b->x_mid + s0 * D, D, n0, D);
-        return nm_moe_forward(m, l, B, T, counts);  // on this rank's rows; shared experts gathered
-    }
-    if (nm_tp_lead(m)) ops->copy_2d(b->x_out, N * D, b->x_mid, N * D, 1, N * D);
-    else ops->zero(b->x_out, N * D);
-    double bal = 0.0;
-    if (!nm_layer_is_moe(c, l))
-        nm_mlp_forward(m, b->x_out, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, m->tp.F_loc);
-    else bal = nm_moe_forward(m, l, B, T, counts);
-    nm_tp_all_reduce(m, b->x_out, N * D);
-    return bal;
+    if (nm_layer_is_moe(c, l)) return nm_moe_forward(m, l, B, T, counts);  // routed on this rank's rows
+    // the dense MLP: column-parallel gate/up on every token, row-parallel down
+    nm_sp_all_gather(m, b->f, N, D, NM_DT_F32);
+    nm_tp_row_output_begin(m, b->x_out, b->x_mid, N, D);
+    nm_mlp_forward(m, b->x_out, b->gate_up, b->act, b->f, w->mlp_gate_up, w->mlp_down, N, m->tp.F_loc);
+    nm_tp_row_output_end(m, b->x_out, b->x_mid, N, D);
+    return 0.0;
 }
 
 // On entry m->scratch.d_res (N, D) holds dLoss/d(x_out); on exit it holds dLoss/d(x_in).
@@ -82,9 +66,7 @@ static void block_backward(nm_model *m, int64_t l, float aux_seed) {
         nm_sp_all_gather(m, m->scratch.d_res, N, D, NM_DT_F32);  // d(x_out) of every token (sequence parallelism)
         nm_mlp_backward(m, m->scratch.d_f, 0.0f, m->scratch.d_res, b->gate_up, b->act, b->f, w->mlp_gate_up,
                         w->mlp_down, N, m->tp.F_loc);
-        // each rank's gate/up rows gave part of d_f
-        if (m->tp.sp) nm_sp_reduce_scatter(m, m->scratch.d_f, N, D);
-        else nm_tp_all_reduce(m, m->scratch.d_f, N * D);
+        nm_tp_sum_parts(m, m->scratch.d_f, N, D);  // each rank's gate/up rows gave part of d_f
     } else {
         nm_moe_backward(m, l, aux_seed);
     }

@@ -379,6 +379,21 @@ void nm_sp_rows(const nm_model *m, int64_t N, int64_t *start, int64_t *n);
 void nm_sp_all_gather(nm_model *m, void *buf, int64_t N, int64_t width, nm_comm_dtype dt);
 // buf (N, width) summed over tp, each rank left with its chunk (no-op without it).
 void nm_sp_reduce_scatter(nm_model *m, float *buf, int64_t N, int64_t width);
+
+// The parallel linear layers' collectives (Megatron's mappings), the same calls under every
+// tp / sp setting. A column-parallel layer (q/kv up-projections, gate/up) reads every token's
+// rows of its input (nm_sp_all_gather first) and writes its own output columns. A
+// row-parallel layer (o_proj, down_proj) adds this rank's part of every token's output:
+// nm_tp_row_output_begin readies out(N, D) for it (without sequence parallelism tp rank 0
+// starts from the residual and the others from 0, so the all-reduce adds the residual once;
+// with it 0), and nm_tp_row_output_end sums the parts over tp (all-reduced; reduce-scattered
+// to this rank's rows under sequence parallelism, the residual then added to them).
+void nm_tp_row_output_begin(nm_model *m, float *out, const float *residual, int64_t N, int64_t D);
+void nm_tp_row_output_end(nm_model *m, float *out, const float *residual, int64_t N, int64_t D);
+// buf(N, D) holds this rank's part of every token's rows (a column-parallel layer's input
+// gradient, a vocabulary shard's embedding rows): their sum over tp, whole, or this rank's
+// rows under sequence parallelism (the backward of the input's all-gather). No-op without tp.
+void nm_tp_sum_parts(nm_model *m, float *buf, int64_t N, int64_t D);
 // Lets the expert all-to-all in flight (moe_shared_expert_overlap) move: MPI progresses a
 // non-blocking collective only inside MPI calls, so the work that overlaps it calls this
 // between its GEMMs. A no-op when none is in flight.

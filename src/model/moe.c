@@ -472,8 +472,7 @@ static void shared_backward(nm_model *m, void *ctx) {
     nm_sp_all_gather(m, m->scratch.d_res, N, D, NM_DT_F32);  // the shared experts saw every token
     nm_mlp_backward(m, m->scratch.d_f, 1.0f, m->scratch.d_res, s->b->s_gate_up, s->b->s_act, s->b->f,
                     s->w->shared_gate_up, s->w->shared_down, N, m->tp.Fs_loc);
-    if (m->tp.sp) nm_sp_reduce_scatter(m, m->scratch.d_f, N, D);
-    else nm_tp_all_reduce(m, m->scratch.d_f, N * D);
+    nm_tp_sum_parts(m, m->scratch.d_f, N, D);
 }
 
 static void no_work(nm_model *m, void *ctx) {
@@ -521,21 +520,27 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
         nm_moe_experts_forward(m, w, b->offsets, b->x_perm, b->e_gate_up, b->e_act, b->e_out);
         if (m->precision == NM_PRECISION_FP8) ops->round_bf16(b->e_out, b->e_out, n0 * K * D);
     }
-    // Tensor parallelism without sequence parallelism: every tp rank routes and runs the
-    // (whole) routed experts on the same tokens; tp rank 0 alone adds them, the block's
-    // all-reduce sums them with the shared part.
-    if (m->tp.sp || nm_tp_lead(m))
+    // x_out = x_mid + the routed experts + the shared experts, summed over tp. Under sequence
+    // parallelism the routed experts ran on this rank's rows, which take the residual and
+    // them, and the shared experts (row-parallel on every token) are reduce-scattered into
+    // them. Without it every tp rank routed and ran the (whole) routed experts on the same
+    // tokens: tp rank 0 alone adds them with the residual, the others their shared part,
+    // and the all-reduce sums them.
+    if (m->tp.sp) {
+        ops->copy_2d(b->x_out + s0 * D, D, b->x_mid + s0 * D, D, n0, D);
         ops->moe_combine_forward(b->x_out + s0 * D, b->e_out, b->topk_w + s0 * K, b->perm, n0, K, D);
-    // the shared experts' second half, added after the routed ones as always
-    if (c->Fs > 0 && m->tp.sp) {
-        // row-parallel on every token, reduce-scattered to this rank's rows
-        ops->zero(m->tp.partial, N * D);
-        nm_mlp_forward_down(m, m->tp.partial, b->s_act, w->shared_down, N, m->tp.Fs_loc);
-        nm_sp_reduce_scatter(m, m->tp.partial, N, D);
-        ops->add_2d(b->x_out + s0 * D, D, m->tp.partial + s0 * D, D, n0, D);
-    } else if (c->Fs > 0) {
-        nm_mlp_forward_down(m, b->x_out, b->s_act, w->shared_down, N, m->tp.Fs_loc);
+        if (c->Fs > 0) {  // the shared experts' second half, added after the routed ones as always
+            ops->zero(m->tp.partial, N * D);
+            nm_mlp_forward_down(m, m->tp.partial, b->s_act, w->shared_down, N, m->tp.Fs_loc);
+            nm_tp_sum_parts(m, m->tp.partial, N, D);
+            ops->add_2d(b->x_out + s0 * D, D, m->tp.partial + s0 * D, D, n0, D);
+        }
+        return bal;
     }
+    nm_tp_row_output_begin(m, b->x_out, b->x_mid, N, D);
+    if (nm_tp_lead(m)) ops->moe_combine_forward(b->x_out, b->e_out, b->topk_w, b->perm, N, K, D);
+    if (c->Fs > 0) nm_mlp_forward_down(m, b->x_out, b->s_act, w->shared_down, N, m->tp.Fs_loc);
+    nm_tp_row_output_end(m, b->x_out, b->x_mid, N, D);
     return bal;
 }
 

@@ -40,8 +40,7 @@ void nm_tp_embedding_forward(nm_model *m, float *out, const int32_t *tokens, int
     m->ops->embedding_forward(out, tp_local_ids(m, tokens, N), m->params + m->table.embed, N, D);
     // sequence parallelism: each rank keeps the summed rows of its own tokens (Megatron's
     // reduce-scatter into the sequence-parallel region)
-    if (m->tp.sp) nm_sp_reduce_scatter(m, out, N, D);
-    else nm_tp_all_reduce(m, out, N * D);
+    nm_tp_sum_parts(m, out, N, D);
 }
 
 void nm_sp_rows(const nm_model *m, int64_t N, int64_t *start, int64_t *n) {
@@ -72,6 +71,24 @@ void nm_sp_reduce_scatter(nm_model *m, float *buf, int64_t N, int64_t width) {
     nm_error e;
     if (nm_comm_reduce_scatter(m->tp.comm, buf, m->tp.sp_counts, NM_DT_F32, &e) != 0)
         nm_model_latch(m, NM_FAULT_TP, &e);
+}
+
+void nm_tp_sum_parts(nm_model *m, float *buf, int64_t N, int64_t D) {
+    if (m->tp.sp) nm_sp_reduce_scatter(m, buf, N, D);
+    else nm_tp_all_reduce(m, buf, N * D);
+}
+
+void nm_tp_row_output_begin(nm_model *m, float *out, const float *residual, int64_t N, int64_t D) {
+    if (!m->tp.sp && nm_tp_lead(m)) m->ops->copy_2d(out, N * D, residual, N * D, 1, N * D);
+    else m->ops->zero(out, N * D);
+}
+
+void nm_tp_row_output_end(nm_model *m, float *out, const float *residual, int64_t N, int64_t D) {
+    nm_tp_sum_parts(m, out, N, D);
+    if (!m->tp.sp) return;
+    int64_t s0, n0;
+    nm_sp_rows(m, N, &s0, &n0);
+    m->ops->add_2d(out + s0 * D, D, residual + s0 * D, D, n0, D);
 }
 
 void nm_tp_embedding_backward(nm_model *m, const float *dout, const int32_t *tokens, int64_t N) {
