@@ -232,6 +232,10 @@ refused "one prefix, or up to 64 weight-prefix pairs" "$N" inspect --data "0.5 d
 refused "'x' is not a weight" "$N" inspect --data "x ds 1 ds" --samples 1 --seq-len 8
 refused "is a blend (weight-prefix pairs): give --samples" "$N" inspect --data "1 ds 1 ds"
 refused "'recompute_modules'" "$N" train --config train.json --out run_s --set recompute_modules=core_attn
+refused "'recompute_granularity' = \"partial\": expected full or selective" "$N" train --config train.json \
+    --out run_s --set recompute_granularity=partial
+refused "'recompute_granularity' = \"selective\" but 'recompute_modules' names no module" "$N" train \
+    --config train.json --out run_s --set recompute_granularity=selective
 refused "'data.cache_per_node'" "$N" train --config train.json --out run_s --set data.cache_per_node=2
 refused "needs pipeline_parallel_size >= 2" "$N" train --config train.json --out run_s \
     --set virtual_pipeline_model_parallel_size=2

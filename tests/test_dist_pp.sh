@@ -31,6 +31,21 @@ PY
 export OMP_NUM_THREADS=1
 "$NM_BIN" train --config train.json --out ref --quiet >ref.log 2>&1 || { cat ref.log; fail "one process"; }
 "$NM_BIN" train --config train.json --out ref_rc --quiet --recompute >ref_rc.log 2>&1 || { cat ref_rc.log; fail "one process --recompute"; }
+# Megatron's key says the same as the flag: recompute_granularity full holds the same activation
+# bytes and gives the same losses bit for bit
+"$NM_BIN" train --config train.json --out ref_rg --quiet --set recompute_granularity=full >ref_rg.log 2>&1 \
+  || { cat ref_rg.log; fail "one process recompute_granularity=full"; }
+"$PY" - <<'PY' || fail "recompute_granularity=full differs from --recompute"
+import json
+a, b = json.load(open("ref_rc/memory.json")), json.load(open("ref_rg/memory.json"))
+full = json.load(open("ref/memory.json"))
+assert a["activation_bytes"] == b["activation_bytes"] < full["activation_bytes"], (a, b, full)
+la = [json.loads(l).get("loss") for l in open("ref_rc/metrics.jsonl") if '"loss"' in l]
+lb = [json.loads(l).get("loss") for l in open("ref_rg/metrics.jsonl") if '"loss"' in l]
+assert la == lb and len(la) >= 6, (la, lb)
+print(f"recompute_granularity=full: {b['activation_bytes']} activation bytes as --recompute (all: "
+      f"{full['activation_bytes']}), the same {len(la)} losses")
+PY
 
 # name ranks options...
 layout() {

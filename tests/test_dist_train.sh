@@ -375,6 +375,17 @@ nm_mpirun 2 "$NM_BUILD/test_zero_alloc" expert_parallel_size=2 moe_receive_capac
   || { cat alloc_rounds.log; fail "allocations in the ep2 step loop with rounds"; }
 [ "$(grep -c 'allocations during steps 3-6: 0' alloc_rounds.log)" = 2 ] || { cat alloc_rounds.log; fail "ep2 rounds zero-allocation output"; }
 echo "ep2 step loop in rounds: no allocations on either rank"
+# bf16: the activations' twins are placed when the arena is laid out, so the step loop
+# allocates none either, and every rounding finds its twin (test_zero_alloc fails on a miss);
+# where the bf16 GEMM reads fp32 storage (the widen kernel) there are no twins to find
+nm_mpirun 2 "$NM_BUILD/test_zero_alloc" expert_parallel_size=2 precision=bf16 \
+  recompute_modules=mla_up_proj,moe_act,layernorm >alloc_bf16.log 2>&1 || { cat alloc_bf16.log; fail "ep2 bf16 step loop"; }
+[ "$(grep -c 'allocations during steps 3-6: 0' alloc_bf16.log)" = 2 ] || { cat alloc_bf16.log; fail "ep2 bf16 zero-allocation output"; }
+grep "bf16 twins" alloc_bf16.log | head -1
+nm_mpirun 2 "$NM_BUILD/test_zero_alloc" tensor_parallel_size=2 precision=bf16 --recompute >alloc_tp_bf16.log 2>&1 \
+  || { cat alloc_tp_bf16.log; fail "tp2 bf16 step loop with recomputation"; }
+[ "$(grep -c 'allocations during steps 3-6: 0' alloc_tp_bf16.log)" = 2 ] || { cat alloc_tp_bf16.log; fail "tp2 bf16 zero-allocation output"; }
+echo "ep2 and tp2 bf16 step loops: no allocations, every bf16 rounding found its twin"
 
 # Impossible layouts are refused before any work, naming the numbers.
 if nm_mpirun 3 "$NM_BIN" train --config train.json --out bad3 --quiet >bad3.log 2>&1; then fail "world 3 accepted"; fi

@@ -58,14 +58,15 @@ static void print_json(const nm_plan *p, const nm_plan_request *r, double memory
     for (int64_t i = 0; i < p->n_stages; i++) {
         const nm_plan_stage *s = &p->stages[i];
         printf("%s{\"first_layer\": %lld, \"n_layers\": %lld, \"first\": %s, \"last\": %s, \"params_bytes\": %lld, "
-               "\"grads_bytes\": %lld, \"bf16_copy_bytes\": %lld, \"optimizer_bytes\": %lld, \"optimizer_bytes_first\": %lld, "
+               "\"grads_bytes\": %lld, \"bf16_copy_bytes\": %lld, \"bf16_twin_bytes\": %lld, \"optimizer_bytes\": %lld, \"optimizer_bytes_first\": %lld, "
                "\"optimizer_mean_bytes\": %lld, "
                "\"activation_bytes\": %lld, \"in_flight\": %lld, \"ep_receive_rows\": %lld, \"ep_buffer_bytes\": %lld, "
                "\"total_bytes\": %lld, "
                "\"comm\": ",
                i ? ", " : "", (long long)s->first_layer, (long long)s->n_layers, s->first ? "true" : "false",
                s->last ? "true" : "false", (long long)s->params_bytes, (long long)s->grads_bytes,
-               (long long)s->bf16_copy_bytes, (long long)s->optimizer_bytes, (long long)s->optimizer_bytes_first,
+               (long long)s->bf16_copy_bytes, (long long)s->bf16_twin_bytes, (long long)s->optimizer_bytes,
+               (long long)s->optimizer_bytes_first,
                (long long)s->optimizer_mean_bytes,
                (long long)s->activation_bytes, (long long)s->in_flight, (long long)s->ep_receive_rows,
                (long long)s->ep_buffer_bytes,
@@ -186,13 +187,15 @@ int nm_cmd_plan(int argc, char **argv) {
         char what[96];
         snprintf(what, sizeof(what), "%s%lld layers from %lld%s", s->first ? "embedding, " : "", (long long)s->n_layers,
                  (long long)s->first_layer, s->last ? ", head, MTP, loss" : "");
-        char b[7][32];
+        char b[8][32];
         printf("stage %lld (%s) per rank: params %s | grads %s | bf16 copy %s | optimizer shard %s | activations %s "
-               "for %lld micro-batches in flight (EP receive side %s of it, %lld rows per round) | total %s\n",
+               "for %lld micro-batches in flight (EP receive side %s of it, %lld rows per round; bf16 copies %s) | "
+               "total %s\n",
                (long long)i, what, fmt_bytes(b[0], 32, s->params_bytes), fmt_bytes(b[1], 32, s->grads_bytes),
                fmt_bytes(b[2], 32, s->bf16_copy_bytes), fmt_bytes(b[3], 32, s->optimizer_bytes),
                fmt_bytes(b[4], 32, s->activation_bytes), (long long)s->in_flight,
-               fmt_bytes(b[5], 32, s->ep_buffer_bytes), (long long)s->ep_receive_rows, fmt_bytes(b[6], 32, s->total_bytes));
+               fmt_bytes(b[5], 32, s->ep_buffer_bytes), (long long)s->ep_receive_rows,
+               fmt_bytes(b[7], 32, s->bf16_twin_bytes), fmt_bytes(b[6], 32, s->total_bytes));
         if (s->total_bytes / GIB > memory_gib) fits = 0;
     }
     const nm_plan_comm *c = &p.comm;

@@ -306,7 +306,7 @@ _TRAIN_KEYS = {
     # The parallel layout (data parallelism is what the world size leaves).
     "tensor_parallel_size": "tensor_parallel_size", "pipeline_parallel_size": "pipeline_parallel_size",
     "expert_parallel_size": "expert_parallel_size", "moe_receive_capacity": "moe_receive_capacity",
-    "recompute_modules": "recompute_modules",
+    "recompute_granularity": "recompute_granularity", "recompute_modules": "recompute_modules",
     "bucket_mb": "bucket_mb", "exit_interval": "exit_interval",
     "overlap_grad_reduce": "overlap_grad_reduce", "sequence_parallel": "sequence_parallel",
     "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
@@ -347,6 +347,7 @@ class TrainConfig:
     moe_receive_capacity: float = 2.0
     moe_shared_expert_overlap: bool = False  # the shared experts inside the expert all-to-all
     communicator: str = "auto"  # auto (mpi under a launcher, else single), single, mpi, nccl
+    recompute_granularity: str = ""  # full (every block, as --recompute) or selective (recompute_modules)
     recompute_modules: str = ""
     bucket_mb: int = 40
     overlap_grad_reduce: bool = False

@@ -9,29 +9,36 @@
 // a bf16 copy (the twin), and the GEMM callers swap an NM_F32_BF16 operand for its twin when
 // one covers it: read with nm_bf16_operand, written with nm_round_act.
 //
-// Twins are found by address: an operand is any slice of a rounded tensor (an expert's rows, a
-// vocabulary tile), so a twin covers the tensor's range and a slice maps to the same element
-// offset in it. Rounding a range drops every other twin it overlaps (their bytes changed);
-// storage is kept per start address and grows only, so a training loop allocates in its first
-// step only. A tensor rewritten without nm_round_act and then read as NM_F32_BF16 would be a
-// bug before twins too (its values would not be bf16); debug builds check every swapped operand
-// against its fp32 storage.
+// Which tensors have twins is decided once, when the model lays out its arena: every tensor
+// that only bf16 GEMMs read is taken with take_operand (model_state.c), which registers it
+// here with its place in one bf16 pool. The pool is allocated by the first bf16 forward whose
+// GEMM reads bf16 storage (the kernel is chosen after creation, before the first step), so a
+// step never allocates a twin; with the widen kernel, fp32 or fp8 it is never allocated. An
+// operand is any slice of a registered tensor (an expert's rows, a vocabulary tile): a twin
+// holds the range last rounded, and a slice inside it maps to the same element offset.
+// Rounding a tensor replaces its twin's range (the rest of its bytes may have changed). A
+// tensor rewritten without nm_round_act and then read as NM_F32_BF16 would be a bug before
+// twins too (its values would not be bf16); debug builds check every swapped operand against
+// its fp32 storage. A rounding of a tensor that was not registered gets no twin (its GEMMs
+// cast it per call, the same values) and is counted (nm_bf16_twins_misses; tests expect 0).
 #include "model/model_state.h"
 
 #include <string.h>
 
 typedef struct nm_bf16_twin {
-    const float *base;          // the rounded fp32 tensor's first element
-    int64_t n;                  // elements covered; 0: a dropped twin, storage free for reuse
-    uint16_t *bits;             // (cap) the bf16 copy
-    int64_t cap;
+    const float *base;          // a registered tensor's first element (fp32 storage, in the arena)
+    int64_t cap;                // its elements
+    int64_t pool_at;            // where its copy starts in the pool
+    int64_t at, n;              // the range [base + at, base + at + n) the copy holds; n = 0: none
 } nm_bf16_twin;
 
 struct nm_bf16_twins {
-    const nm_ops *ops;          // whose memory the bf16 copies are
-    nm_bf16_twin *items;
+    const nm_ops *ops;          // whose memory the pool is
+    nm_bf16_twin *items;        // (count) in address order (the arena is laid out in order)
     int count, cap;
-    int64_t bytes;              // storage held, for the memory report
+    int64_t elems;              // the pool's bf16 elements (each twin 64-byte aligned)
+    uint16_t *pool;             // NULL until reserved
+    int64_t misses;             // roundings of unregistered tensors
 };
 
 nm_bf16_twins *nm_bf16_twins_create(const nm_ops *ops) {
@@ -42,62 +49,68 @@ nm_bf16_twins *nm_bf16_twins_create(const nm_ops *ops) {
 
 void nm_bf16_twins_destroy(nm_bf16_twins *t) {
     if (!t) return;
-    for (int i = 0; i < t->count; i++) t->ops->free(t->items[i].bits);
+    t->ops->free(t->pool);
     nm_free(t->items);
     nm_free(t);
 }
 
-int64_t nm_bf16_twins_bytes(const nm_bf16_twins *t) { return t ? t->bytes : 0; }
+int64_t nm_bf16_twins_pool_elems(int64_t n) { return (n + 31) & ~(int64_t)31; }
 
-// Twins only pay where the bf16 GEMM reads bf16 storage (its weight copy is bf16, as
-// gemm_bf16_weight_type says); widen reads the rounded fp32 storage directly.
-static int twins_in_use(const nm_model *m) {
-    return m->precision == NM_PRECISION_BF16 && m->bf16.twins && m->bf16.weights && m->bf16.weights_type == NM_BF16;
-}
-
-static int overlaps(const nm_bf16_twin *w, const float *x, int64_t n) {
-    return w->n > 0 && x < w->base + w->n && w->base < x + n;
-}
-
-// The twin slot for a tensor starting at x: its own, else a dropped one large enough, else new.
-static nm_bf16_twin *twin_slot(nm_bf16_twins *t, const float *x, int64_t n) {
-    nm_bf16_twin *spare = NULL;
-    for (int i = 0; i < t->count; i++) {
-        nm_bf16_twin *w = &t->items[i];
-        if (w->base == x) return w;
-        if (w->n == 0 && w->cap >= n && (!spare || w->cap < spare->cap)) spare = w;
-    }
-    if (spare) return spare;
+void nm_bf16_twins_register(nm_bf16_twins *t, const float *base, int64_t n) {
+    NM_CHECK(!t->pool, "bf16 twins registered after the pool was reserved");
+    NM_CHECK(t->count == 0 || t->items[t->count - 1].base + t->items[t->count - 1].cap <= base,
+             "bf16 twins registered out of address order");
     if (t->count == t->cap) {
-        int cap = t->cap ? 2 * t->cap : 32;
+        int cap = t->cap ? 2 * t->cap : 64;
         nm_bf16_twin *items = nm_calloc((size_t)cap, sizeof(nm_bf16_twin));
         if (t->count) memcpy(items, t->items, (size_t)t->count * sizeof(nm_bf16_twin));
         nm_free(t->items);
         t->items = items;
         t->cap = cap;
     }
-    nm_bf16_twin *w = &t->items[t->count++];
-    *w = (nm_bf16_twin){0};
-    return w;
+    t->items[t->count++] = (nm_bf16_twin){.base = base, .cap = n, .pool_at = t->elems};
+    t->elems += nm_bf16_twins_pool_elems(n);
 }
 
-// The twin of x(n) about to be rewritten with bf16 values: every other twin it overlaps is
-// dropped (their bytes change), its own storage grown if needed.
+int64_t nm_bf16_twins_bytes(const nm_bf16_twins *t) { return t && t->pool ? t->elems * 2 : 0; }
+int64_t nm_bf16_twins_misses(const nm_bf16_twins *t) { return t ? t->misses : 0; }
+
+void nm_bf16_twins_reserve(nm_bf16_twins *t) {
+    if (t->pool || t->elems == 0) return;
+    t->pool = t->ops->alloc((size_t)t->elems * sizeof(uint16_t));
+}
+
+// Twins only pay where the bf16 GEMM reads bf16 storage (its weight copy is bf16, as
+// gemm_bf16_weight_type says); widen reads the rounded fp32 storage directly.
+static int twins_in_use(const nm_model *m) {
+    return m->precision == NM_PRECISION_BF16 && m->bf16.twins && m->bf16.twins->pool && m->bf16.weights &&
+           m->bf16.weights_type == NM_BF16;
+}
+
+// The registered tensor holding [x, x + n), or NULL.
+static nm_bf16_twin *find_twin(const nm_bf16_twins *t, const float *x, int64_t n) {
+    int lo = 0, hi = t->count - 1;
+    while (lo <= hi) {  // the last twin whose base is at or before x
+        int mid = (lo + hi) / 2;
+        if (t->items[mid].base <= x) lo = mid + 1;
+        else hi = mid - 1;
+    }
+    if (hi < 0) return NULL;
+    nm_bf16_twin *w = &t->items[hi];
+    return x + n <= w->base + w->cap ? w : NULL;
+}
+
+// The copy of x(n), about to be rewritten with bf16 values: its tensor's twin now holds this
+// range. NULL (and counted) for a tensor that was not registered.
 static uint16_t *claim_twin(nm_bf16_twins *t, const float *x, int64_t n) {
-    for (int i = 0; i < t->count; i++) {
-        if (t->items[i].base != x && overlaps(&t->items[i], x, n)) t->items[i].n = 0;
+    nm_bf16_twin *w = find_twin(t, x, n);
+    if (!w) {
+        t->misses++;
+        return NULL;
     }
-    nm_bf16_twin *w = twin_slot(t, x, n);
-    if (w->cap < n) {
-        t->bytes -= w->cap * (int64_t)sizeof(uint16_t);
-        t->ops->free(w->bits);
-        w->bits = t->ops->alloc((size_t)n * sizeof(uint16_t));
-        w->cap = n;
-        t->bytes += n * (int64_t)sizeof(uint16_t);
-    }
-    w->base = x;
+    w->at = x - w->base;
     w->n = n;
-    return w->bits;
+    return t->pool + w->pool_at + w->at;
 }
 
 void nm_round_act(const nm_model *m, float *x, int64_t n) {
@@ -106,7 +119,9 @@ void nm_round_act(const nm_model *m, float *x, int64_t n) {
         m->ops->round_bf16(x, x, n);
         return;
     }
-    m->ops->round_cast_bf16(x, claim_twin(m->bf16.twins, x, n), n);
+    uint16_t *bits = claim_twin(m->bf16.twins, x, n);
+    if (bits) m->ops->round_cast_bf16(x, bits, n);
+    else m->ops->round_bf16(x, x, n);
 }
 
 void nm_swiglu_forward(const nm_model *m, float *act, const float *gate_up, int64_t N, int64_t F) {
@@ -161,10 +176,9 @@ const void *nm_bf16_operand(const nm_model *m, const float *x, nm_dtype *type, i
     if (*type != NM_F32_BF16 || rows <= 0 || cols <= 0 || !twins_in_use(m)) return x;
     const nm_bf16_twins *t = m->bf16.twins;
     int64_t span = (rows - 1) * ld + cols;
-    for (int i = 0; i < t->count; i++) {
-        const nm_bf16_twin *w = &t->items[i];
-        if (w->n == 0 || x < w->base || x + span > w->base + w->n) continue;
-        const uint16_t *bits = w->bits + (x - w->base);
+    const nm_bf16_twin *w = find_twin(t, x, span);
+    if (w && w->n > 0 && x >= w->base + w->at && x + span <= w->base + w->at + w->n) {
+        const uint16_t *bits = t->pool + w->pool_at + (x - w->base);
         check_twin(x, bits, rows, cols, ld);
         *type = NM_BF16;
         return bits;

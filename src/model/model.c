@@ -83,7 +83,7 @@ static void block_backward(nm_model *m, int64_t l, float aux_seed) {
 // The bf16 weight copy, rounded once per step (the optimizer wrote the weights through
 // nm_model_params) in the storage the bf16 GEMM reads fastest. That storage is known only
 // once the kernel is chosen (before the first step), so the copy is allocated here, on the
-// first forward, and again only if the kernel changed.
+// first forward, and again only if the kernel changed; so is the activations' twin pool.
 static void refresh_weights_bf16(nm_model *m) {
     nm_dtype type = m->ops->gemm_bf16_weight_type();
     if (!m->bf16.weights || type != m->bf16.weights_type) {
@@ -92,6 +92,8 @@ static void refresh_weights_bf16(nm_model *m) {
         m->bf16.weights_type = type;
         m->bf16.stale = 1;
     }
+    // and the activations' twins, placed when the arena was laid out (bf16_twin.c), once
+    if (type == NM_BF16 && m->precision == NM_PRECISION_BF16) nm_bf16_twins_reserve(m->bf16.twins);
     if (!m->bf16.stale) return;
     if (type == NM_BF16) m->ops->cast_bf16(m->bf16.weights, m->params, (int64_t)m->table.n_floats);
     else m->ops->round_bf16(m->bf16.weights, m->params, (int64_t)m->table.n_floats);

@@ -113,6 +113,13 @@ const nm_param_table *nm_model_table(const nm_model *m);
 const nm_ops *nm_model_ops(const nm_model *m);
 const nm_model_config *nm_model_cfg(const nm_model *m);
 size_t nm_model_activation_bytes(const nm_model *m);
+// Bytes of the bf16 copies of the activations that only bf16 GEMMs read (their twins), as the
+// first bf16 forward allocates them: under bf16 where the backend's bf16 GEMM reads bf16
+// storage (gemm_bf16_weight_type, known once its kernels are chosen), else 0. And how many
+// roundings found no twin placed for them (0 unless a tensor was left out of the layout's list;
+// their GEMMs then cast per call, the same values).
+int64_t nm_model_bf16_twin_bytes(const nm_model *m);
+int64_t nm_model_bf16_twin_misses(const nm_model *m);
 // What nm_model_create_ex would allocate for activations, without allocating it.
 size_t nm_model_estimate_activation_bytes(const nm_model_config *cfg, int64_t B_max, int64_t T_max, int recompute);
 // The same under opts (recompute, vocab_tile, the groups' sizes and ranks: shape
@@ -120,6 +127,10 @@ size_t nm_model_estimate_activation_bytes(const nm_model_config *cfg, int64_t B_
 // -1 with err when the options do not fit the config.
 int nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_max, int64_t T_max,
                                           const nm_model_options *opts, size_t *bytes, nm_error *err);
+// And the bf16 activation twins' bytes under bf16 with a GEMM that reads bf16 storage
+// (nm_model_bf16_twin_bytes of such a model); NULL skips either.
+int nm_model_estimate_bytes(const nm_model_config *cfg, int64_t B_max, int64_t T_max, const nm_model_options *opts,
+                            size_t *activation_bytes, size_t *bf16_twin_bytes, nm_error *err);
 void nm_model_zero_grads(nm_model *m);
 
 // Forward over tokens (B, T), B <= B_max, 2 <= T <= T_max (1 <= T with opt->inference). Token ids outside [0, V) are an

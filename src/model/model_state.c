@@ -20,6 +20,15 @@ static float *take(nm_model *m, size_t n) {
     return p;
 }
 
+// A tensor that only bf16 GEMMs read (rounded by nm_round_act and its kin): under bf16 with a
+// GEMM that reads bf16 storage it has a bf16 twin (bf16_twin.c), whose place is fixed here.
+static float *take_operand(nm_model *m, size_t n) {
+    float *p = take(m, n);
+    m->bf16.twin_elems += nm_bf16_twins_pool_elems((int64_t)n);
+    if (p && m->bf16.twins) nm_bf16_twins_register(m->bf16.twins, p, (int64_t)n);
+    return p;
+}
+
 static int32_t *take_i32(nm_model *m, size_t n) { return (int32_t *)take(m, n); }
 
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
@@ -32,11 +41,11 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
     // selective recomputation of the norms: a and f share one buffer each (layout), rebuilt at
     // the start of each block's backward (model.c, mla.c)
     const int share_norms = m->recompute.layernorm && !m->recompute.full;  // (NULL in the counting pass)
-    b->a = share_norms ? m->recompute.ln_a : take(m, N * D);
+    b->a = share_norms ? m->recompute.ln_a : take_operand(m, N * D);
     b->a_rstd = take(m, N);
     if (c->Rq > 0) {
         b->cq = take(m, N * c->Rq);
-        b->cq_n = take(m, N * c->Rq);
+        b->cq_n = take_operand(m, N * c->Rq);
         b->cq_rstd = take(m, N);
     }
     // selective recomputation: the up-projections' outputs share one pair (layout), rebuilt in
@@ -44,7 +53,7 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
     const int share_up = m->recompute.mla_up_proj && !m->recompute.full;  // (up_q is NULL in the counting pass)
     b->q = share_up ? m->recompute.up_q : take(m, N * H * c->Dqk);
     b->ckv = take(m, N * c->Rkv);
-    b->ckv_n = take(m, N * c->Rkv);
+    b->ckv_n = take_operand(m, N * c->Rkv);
     b->ckv_rstd = take(m, N);
     b->k_pe = take(m, N * c->Dr);
     b->kv = share_up ? m->recompute.up_kv : take(m, N * H * (c->Dn + c->Dv));
@@ -55,7 +64,7 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
     b->f_rstd = take(m, N);
     if (dense) {
         b->gate_up = take(m, N * 2 * m->tp.F_loc);
-        b->act = take(m, N * m->tp.F_loc);
+        b->act = take_operand(m, N * m->tp.F_loc);
     }
     if (moe && c->E > 0) {
         b->router_logits = take(m, N * c->E);
@@ -65,12 +74,12 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
         b->perm = take_i32(m, NK);
         b->offsets = take_i32(m, c->E + 1);
         size_t R = m->ep.comm ? (size_t)m->ep.cap : NK;
-        b->x_perm = take(m, NK * D);
+        b->x_perm = take_operand(m, NK * D);
         b->e_gate_up = take(m, R * 2 * c->Fe);
-        b->e_act = m->recompute.moe_act && !m->recompute.full ? m->recompute.moe_act_buf : take(m, R * c->Fe);
+        b->e_act = m->recompute.moe_act && !m->recompute.full ? m->recompute.moe_act_buf : take_operand(m, R * c->Fe);
         b->e_out = take(m, NK * D);
         if (m->ep.comm) {
-            b->x_loc = take(m, R * D);
+            b->x_loc = take_operand(m, R * D);
             size_t EP = (size_t)m->ep.comm->size;
             b->ep_counts = (int64_t *)take(m, 2 * EP * (size_t)m->ep.E_loc);
             b->ep_pairs = (int64_t *)take(m, 2 * EP * EP);
@@ -78,7 +87,7 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
 
         if (c->Fs > 0) {
             b->s_gate_up = take(m, N * 2 * m->tp.Fs_loc);
-            b->s_act = take(m, N * m->tp.Fs_loc);
+            b->s_act = take_operand(m, N * m->tp.Fs_loc);
         }
         b->bal_f = take(m, m->B_max * c->E);
     }
@@ -118,13 +127,13 @@ static void take_slot(nm_model *m, const block_acts *shared) {
             t->targets = take_i32(m, N);
             t->h_prev = take(m, N * D);
             t->emb = take(m, N * D);
-            t->emb_n = take(m, N * D);
+            t->emb_n = take_operand(m, N * D);
             t->emb_rstd = take(m, N);
-            t->h_n = take(m, N * D);
+            t->h_n = take_operand(m, N * D);
             t->h_rstd = take(m, N);
-            t->g = take(m, N * D);
+            t->g = take_operand(m, N * D);
             t->g_rstd = take(m, N);
-            t->logits = take(m, N * (size_t)m->vt);
+            t->logits = take_operand(m, N * (size_t)m->vt);
             t->losses = take(m, N);
             t->lse = take(m, N);
             t->dh = take(m, N * D);
@@ -135,7 +144,7 @@ static void take_slot(nm_model *m, const block_acts *shared) {
     if (st->last) {
         m->act.h0 = take(m, N * D);
         m->act.h0_rstd = take(m, N);
-        m->act.logits = take(m, N * (size_t)m->vt);
+        m->act.logits = take_operand(m, N * (size_t)m->vt);
         m->act.losses = take(m, N);
         m->act.lse = take(m, N);
         m->act.head_stats = (double *)take(m, 6 * N);  // 3 doubles per row (the arena is 64-byte aligned)
@@ -147,6 +156,7 @@ static void layout(nm_model *m) {
     size_t N = (size_t)(m->B_max * m->T_max);
     size_t D = c->D, NK = N * (size_t)c->K;
     m->arena_used = 0;
+    m->bf16.twin_elems = 0;
     m->rope_cos = take(m, (size_t)m->T_max * c->Dr / 2);
     m->rope_sin = take(m, (size_t)m->T_max * c->Dr / 2);
     // With recomputation only each block's input and output are kept; everything in between
@@ -166,9 +176,9 @@ static void layout(nm_model *m) {
     if (m->recompute.full) take_block_intermediates(m, &shared, stage_dense, stage_moe);
     m->recompute.up_q = m->recompute.up_kv = m->recompute.moe_act_buf = m->recompute.ln_a = m->recompute.ln_f = NULL;
     if (m->recompute.moe_act && !m->recompute.full && stage_moe && c->E > 0)
-        m->recompute.moe_act_buf = take(m, (m->ep.comm ? (size_t)m->ep.cap : N * (size_t)c->K) * (size_t)c->Fe);
+        m->recompute.moe_act_buf = take_operand(m, (m->ep.comm ? (size_t)m->ep.cap : N * (size_t)c->K) * (size_t)c->Fe);
     if (m->recompute.layernorm && !m->recompute.full && (stage_dense || stage_moe)) {
-        m->recompute.ln_a = take(m, N * D);
+        m->recompute.ln_a = take_operand(m, N * D);
         m->recompute.ln_f = take(m, N * D);
     }
     if (m->recompute.mla_up_proj && !m->recompute.full && (stage_dense || stage_moe)) {
@@ -196,27 +206,27 @@ static void layout(nm_model *m) {
     m->scratch.d_f = take(m, N * D);
     if (c->Rq > 0) {
         m->scratch.d_cq_n = take(m, N * c->Rq);
-        m->scratch.d_cq = take(m, N * c->Rq);
+        m->scratch.d_cq = take_operand(m, N * c->Rq);
     }
-    m->scratch.d_q = take(m, N * H * c->Dqk);
+    m->scratch.d_q = take_operand(m, N * H * c->Dqk);
     m->scratch.d_ckv_n = take(m, N * c->Rkv);
-    m->scratch.d_ckv = take(m, N * c->Rkv);
-    m->scratch.d_k_pe = take(m, N * c->Dr);
-    m->scratch.d_kv = take(m, N * H * (c->Dn + c->Dv));
+    m->scratch.d_ckv = take_operand(m, N * c->Rkv);
+    m->scratch.d_k_pe = take_operand(m, N * c->Dr);
+    m->scratch.d_kv = take_operand(m, N * H * (c->Dn + c->Dv));
     m->scratch.d_att = take(m, N * H * c->Dv);
     m->scratch.att_scratch = take(m, N * H * c->Dr);
-    m->scratch.d_gate_up = take(m, N * 2 * Fmax);
+    m->scratch.d_gate_up = take_operand(m, N * 2 * Fmax);
     m->scratch.d_act = take(m, N * Fmax);
     if (c->E > 0 && stage_moe) {
         m->scratch.d_router = take(m, N * c->E);
         m->scratch.d_topk_w = take(m, NK);
         size_t R = m->ep.comm ? (size_t)m->ep.cap : NK;
-        m->scratch.d_e_out = take(m, NK * D);
+        m->scratch.d_e_out = take_operand(m, NK * D);
         m->scratch.d_e_act = take(m, R * c->Fe);
-        m->scratch.d_e_gate_up = take(m, R * 2 * c->Fe);
+        m->scratch.d_e_gate_up = take_operand(m, R * 2 * c->Fe);
         m->scratch.d_x_perm = take(m, NK * D);
         if (m->ep.comm) {
-            m->ep.d_e_out_loc = take(m, R * D);
+            m->ep.d_e_out_loc = take_operand(m, R * D);
             m->ep.d_x_loc = take(m, R * D);
             m->ep.buf = take(m, R * D);
             // the bf16 dispatch's send buffer, only where the run is bf16 (moe.c)
@@ -431,7 +441,8 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     layout(m);  // counting pass
     m->arena_floats = m->arena_used;
     m->arena = m->ops->alloc(m->arena_floats * sizeof(float));
-    layout(m);  // assigning pass
+    m->bf16.twins = nm_bf16_twins_create(m->ops);
+    layout(m);  // assigning pass (registers the bf16 GEMMs' operands with the twins)
     NM_CHECK(m->arena_used == m->arena_floats, "arena layout mismatch");
     rope_tables(m);
 
@@ -448,7 +459,6 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     m->pipe.chunk_moe_row[m->pipe.n_chunks] = m->routing.n_moe;
     m->pipe.stage = m->pipe.chunks[0];
     m->scratch.groups = nm_calloc((size_t)(cfg->E > 0 ? cfg->E : 1), sizeof(nm_gemm_group));
-    m->bf16.twins = nm_bf16_twins_create(m->ops);
     m->routing.expert_counts = nm_calloc(
         (size_t)(m->routing.n_moe > 0 ? m->routing.n_moe : 1) * (size_t)(cfg->E > 0 ? cfg->E : 1), sizeof(int64_t));
     *out = m;
@@ -510,6 +520,13 @@ const nm_param_table *nm_model_table(const nm_model *m) { return &m->table; }
 const nm_ops *nm_model_ops(const nm_model *m) { return m->ops; }
 const nm_model_config *nm_model_cfg(const nm_model *m) { return &m->cfg; }
 size_t nm_model_activation_bytes(const nm_model *m) { return m->arena_floats * sizeof(float); }
+int64_t nm_model_bf16_twin_bytes(const nm_model *m) {
+    if (m->precision != NM_PRECISION_BF16 || !m->ops->gemm_bf16_weight_type ||
+        m->ops->gemm_bf16_weight_type() != NM_BF16)
+        return 0;
+    return m->bf16.twin_elems * (int64_t)sizeof(uint16_t);
+}
+int64_t nm_model_bf16_twin_misses(const nm_model *m) { return nm_bf16_twins_misses(m->bf16.twins); }
 
 size_t nm_model_estimate_activation_bytes(const nm_model_config *cfg, int64_t B_max, int64_t T_max, int recompute) {
     nm_model_options o = {.recompute = recompute};
@@ -521,6 +538,11 @@ size_t nm_model_estimate_activation_bytes(const nm_model_config *cfg, int64_t B_
 
 int nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_max, int64_t T_max,
                                           const nm_model_options *opts, size_t *bytes, nm_error *err) {
+    return nm_model_estimate_bytes(cfg, B_max, T_max, opts, bytes, NULL, err);
+}
+
+int nm_model_estimate_bytes(const nm_model_config *cfg, int64_t B_max, int64_t T_max, const nm_model_options *opts,
+                            size_t *activation_bytes, size_t *bf16_twin_bytes, nm_error *err) {
     nm_model m = {.cfg = *cfg, .B_max = B_max, .T_max = T_max,
                   .recompute = {.full = opts->recompute, .mla_up_proj = opts->recompute_mla_up_proj,
                                 .moe_act = opts->recompute_moe_act, .layernorm = opts->recompute_layernorm},
@@ -535,7 +557,8 @@ int nm_model_estimate_activation_bytes_ex(const nm_model_config *cfg, int64_t B_
     nm_free(m.pipe.block_sets);
     nm_free(m.pipe.mtp_sets);
     nm_param_table_free(&m.table);
-    *bytes = m.arena_used * sizeof(float);
+    if (activation_bytes) *activation_bytes = m.arena_used * sizeof(float);
+    if (bf16_twin_bytes) *bf16_twin_bytes = (size_t)m.bf16.twin_elems * sizeof(uint16_t);
     return 0;
 }
 void nm_model_zero_grads(nm_model *m) { m->ops->zero(m->grads, (int64_t)m->table.n_floats); }

@@ -159,6 +159,7 @@ typedef struct nm_model_bf16 {
     nm_dtype weights_type;
     int stale;                  // params may differ from weights (the optimizer wrote them)
     nm_bf16_twins *twins;       // bf16 copies of rounded activations (bf16_twin.c)
+    int64_t twin_elems;         // what the layout registered: the pool's elements
 } nm_model_bf16;
 
 // Tensor parallelism (docs/parallelism.md): local sizes (the full ones without it).
@@ -341,7 +342,14 @@ void nm_bf16_operand_groups(const nm_model *m, nm_gemm_group *groups, int64_t n,
                             nm_dtype *a_type, nm_dtype *b_type);
 nm_bf16_twins *nm_bf16_twins_create(const nm_ops *ops);
 void nm_bf16_twins_destroy(nm_bf16_twins *t);
-int64_t nm_bf16_twins_bytes(const nm_bf16_twins *t);  // storage the twins hold
+// A tensor of n elements at base (in the arena) that only bf16 GEMMs read, registered in
+// address order when the arena is laid out; its twin's place in the pool is fixed then.
+void nm_bf16_twins_register(nm_bf16_twins *t, const float *base, int64_t n);
+int64_t nm_bf16_twins_pool_elems(int64_t n);  // pool elements one such tensor takes
+// Allocates the pool (once; the first bf16 forward with a GEMM that reads bf16 storage).
+void nm_bf16_twins_reserve(nm_bf16_twins *t);
+int64_t nm_bf16_twins_bytes(const nm_bf16_twins *t);   // the pool's bytes once reserved, else 0
+int64_t nm_bf16_twins_misses(const nm_bf16_twins *t);  // roundings of unregistered tensors
 static inline nm_dtype nm_act_type(const nm_model *m) {
     return m->precision == NM_PRECISION_BF16 ? NM_F32_BF16 : NM_F32;
 }

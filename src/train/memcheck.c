@@ -84,13 +84,13 @@ int nm_train_check_memory(const nm_train_config *cfg, const nm_model_config *m, 
     int rc = 0;
     if (s->total_bytes > share) {
         rc = nm_error_set(err,
-                          "this run needs %.2f GiB per rank (planner: params %.2f, grads %.2f, bf16 copy %.2f, optimizer "
+                          "this run needs %.2f GiB per rank (planner: params %.2f, grads %.2f, bf16 copies %.2f, optimizer "
                           "shard %.2f, activations %.2f GiB) but this machine has %.2f GiB available for %lld rank%s "
                           "(%.2f GiB each). Ways out: more ranks (data, pipeline or expert parallelism shard the "
                           "state), --recompute, a smaller micro_batch or seq_len, or a smaller model; `nanomegatron "
                           "plan --config MODEL.json --world N ...` sizes a layout before launching it. "
                           "NM_MEMORY_CHECK=off skips this check",
-                          gib(s->total_bytes), gib(s->params_bytes), gib(s->grads_bytes), gib(s->bf16_copy_bytes),
+                          gib(s->total_bytes), gib(s->params_bytes), gib(s->grads_bytes), gib(s->bf16_copy_bytes + s->bf16_twin_bytes),
                           gib(s->optimizer_bytes), gib(s->activation_bytes), gib(avail), (long long)local,
                           local == 1 ? "" : "s", gib(share));
     }

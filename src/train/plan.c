@@ -230,9 +230,12 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
                            .recompute_layernorm = r->recompute_layernorm,
                            .recompute_moe_act = r->recompute_moe_act};
     int64_t T = r->seq_len + 1;  // the trainer's rows: seq_len inputs and the last target
-    size_t act = 0;
-    if (nm_model_estimate_activation_bytes_ex(cfg, r->micro_batch, T, &mo, &act, err) != 0) goto done;
+    size_t act = 0, twins = 0;
+    if (nm_model_estimate_bytes(cfg, r->micro_batch, T, &mo, &act, &twins, err) != 0) goto done;
     s->activation_bytes = (int64_t)act;
+    // bf16 copies of the activations only bf16 GEMMs read, stored as bf16 as the weight copy
+    // above (where the bf16 GEMM reads fp32 storage, the CPU's widen kernel, there are none)
+    s->bf16_twin_bytes = r->precision == NM_PRECISION_BF16 ? (int64_t)twins : 0;
     int64_t n_moe = 0;
     for (int64_t l = 0; l < cfg->n_layers; l++) n_moe += stage_runs(cfg, st, v, l) && nm_layer_is_moe(cfg, l);
     s->n_moe_layers = n_moe;
@@ -247,7 +250,8 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
         s->ep_receive_rows = C;
         s->ep_buffer_bytes = (sets * (cfg->D + 3 * cfg->Fe) + 3 * cfg->D + 3 * cfg->Fe) * C * 4;
     }
-    s->total_bytes = s->params_bytes + s->grads_bytes + s->bf16_copy_bytes + s->optimizer_bytes + s->activation_bytes;
+    s->total_bytes = s->params_bytes + s->grads_bytes + s->bf16_copy_bytes + s->bf16_twin_bytes + s->optimizer_bytes +
+                     s->activation_bytes;
     if (p->n.world > 1) s->comm.dp_all_reduce = 5 * 8 + n_moe * cfg->E * 8;  // loss terms and finiteness, expert loads
     tp_bytes(cfg, r, p->accum, st, v, &s->comm);
     // the stage's share of the all-to-all (its MoE layers over its W/PP ranks) and of the FLOPs

@@ -78,6 +78,7 @@ typedef struct nm_plan_stage {
     int64_t params_bytes;           // fp32 master weights (the parameter buffer)
     int64_t grads_bytes;            // fp32 gradients
     int64_t bf16_copy_bytes;        // bf16 weights of the GEMMs (bf16 / fp8 runs)
+    int64_t bf16_twin_bytes;        // bf16 copies of the activations only bf16 GEMMs read (bf16 runs)
     int64_t optimizer_bytes;        // AdamW m and v of the largest ZeRO-1 shard of the stage
     int64_t optimizer_bytes_first;  // the same for the stage's first rank (what its banner prints)
     int64_t optimizer_mean_bytes;   // the mean over the stage's ranks
@@ -87,7 +88,7 @@ typedef struct nm_plan_stage {
                                     // per chunk under the interleaved schedule)
     int64_t ep_receive_rows;        // C: rows a rank's experts receive per round of the EP exchange
     int64_t ep_buffer_bytes;        // part of activation_bytes: the buffers sized by C
-    int64_t total_bytes;            // params + grads + bf16 copy + optimizer + activations
+    int64_t total_bytes;            // params + grads + bf16 copies + optimizer + activations
     nm_plan_comm comm;              // per rank of this stage and step (ep_all_to_all: the stage's layers)
     double flops_per_step_rank;     // training FLOPs of the stage's layers per rank and step
     nm_plan_time time;              // with a request's flops (and bandwidths)

@@ -106,6 +106,10 @@ static const key_spec keys[] = {
     {"moe_receive_capacity", K_FLOAT, OFF(moe_receive_capacity), 2.0, NULL, 0, 1e6, 1, NULL, 0,
      "under expert parallelism, the rows a rank's experts receive per round of the dropless all-to-all, as a "
      "multiple of the mean (routed tokens x top_k); a busier rank takes more rounds, no token is dropped"},
+    {"recompute_granularity", K_STRING, OFF(recompute_granularity), 0, "", 0, 0, 0, NULL, 0,
+     "Megatron's --recompute-granularity: full recomputes every block's forward in its backward (as "
+     "--recompute; recompute_modules are then moot), selective the recompute_modules; \"\": selective when "
+     "recompute_modules names any, else none"},
     {"recompute_modules", K_STRING, OFF(recompute_modules), 0, "", 0, 0, 0, NULL, 0,
      "selective recomputation (Megatron's recompute_modules, comma-separated): mla_up_proj recomputes the MLA "
      "up-projections' outputs in the backward instead of keeping them (DeepSeek-V3's choice), moe_act the routed "
@@ -536,6 +540,17 @@ static int validate(nm_train_config *cfg, const char *where, nm_error *err) {
                             "selectively (known: mla_up_proj, moe_act, layernorm; --recompute recomputes whole blocks)",
                             where,
                             cfg->recompute_modules, bad_len, bad);
+    // recompute_granularity: Megatron's names; selective needs modules to recompute
+    const char *gran = cfg->recompute_granularity ? cfg->recompute_granularity : "";
+    if (strcmp(gran, "full") == 0) cfg->recompute_full = 1;
+    else if (strcmp(gran, "selective") == 0) {
+        if (!cfg->recompute_mla_up_proj && !cfg->recompute_moe_act && !cfg->recompute_layernorm)
+            return nm_error_set(err, "%s: 'recompute_granularity' = \"selective\" but 'recompute_modules' names no "
+                                "module: set recompute_modules (mla_up_proj, moe_act, layernorm; comma-separated)",
+                                where);
+    } else if (*gran)
+        return nm_error_set(err, "%s: 'recompute_granularity' = \"%s\": expected full or selective (or leave it "
+                            "out)", where, gran);
     if (cfg->global_batch == 0) cfg->global_batch = cfg->micro_batch;
     if (cfg->global_batch % cfg->micro_batch != 0)
         return nm_error_set(err, "%s: 'global_batch' = %lld is not a multiple of 'micro_batch' = %lld", where,

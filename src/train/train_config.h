@@ -86,6 +86,8 @@ typedef struct nm_train_config {
                                     // (interleaved 1F1B); 0: from the layout's stage count, else 1
     int64_t expert_parallel_size;   // 1: routed experts sharded over this many ranks
     double moe_receive_capacity;    // EP receive buffers per round, x the mean rows per rank (2.0)
+    char *recompute_granularity;  // "full", "selective" or "" (Megatron's --recompute-granularity)
+    int recompute_full;         // derived: recompute_granularity is full (as the --recompute option)
     char *recompute_modules;    // selective recomputation, Megatron's module names, comma-separated
                                 // ("mla_up_proj", "moe_act", "layernorm"); "": none
     int recompute_mla_up_proj;  // derived: recompute_modules names mla_up_proj

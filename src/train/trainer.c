@@ -371,7 +371,9 @@ static int open_run_dir(nm_trainer *t, nm_error *err) {
 }
 
 // RUN_DIR/memory.json (rank 0, at every start): what this run allocated, in bytes, as `plan`
-// counts it (its JSON's params_bytes, grads_bytes, optimizer_bytes_first, activation_bytes):
+// counts it (its JSON's params_bytes, grads_bytes, optimizer_bytes_first, activation_bytes,
+// bf16_twin_bytes: the bf16 activation copies the first forward will allocate, the kernels
+// being chosen by now):
 // rank 0's buffers, and each pipeline stage's parameters and activations (stage_mem, or rank
 // 0's alone without a pipeline). Written atomically; tests/test_plan.sh compares it byte for
 // byte with the plan of the same layout.
@@ -382,8 +384,9 @@ static int write_memory(nm_trainer *t, const double *stage_mem, nm_error *err) {
     char text[8192];
     size_t k = (size_t)snprintf(text, sizeof text,
                                 "{\"params_bytes\": %lld, \"grads_bytes\": %lld, \"optimizer_bytes\": %lld, "
-                                "\"activation_bytes\": %lld, \"stages\": [",
-                                (long long)params, (long long)params, (long long)optim, (long long)acts);
+                                "\"activation_bytes\": %lld, \"bf16_twin_bytes\": %lld, \"stages\": [",
+                                (long long)params, (long long)params, (long long)optim, (long long)acts,
+                                (long long)nm_model_bf16_twin_bytes(t->model));
     int64_t pp = t->mesh->n.pp;
     for (int64_t s = 0; s < pp && k < sizeof text; s++)
         k += (size_t)snprintf(text + k, sizeof text - k, "%s{\"params_bytes\": %lld, \"activation_bytes\": %lld}",
@@ -401,6 +404,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     nm_trainer *t = nm_calloc(1, sizeof(nm_trainer));
     t->cfg = *cfg;
     t->opts = *opts;
+    if (cfg->recompute_full) t->opts.recompute = 1;  // recompute_granularity: full, as --recompute
     t->run_lock = -1;
     if (t->opts.max_nan_streak <= 0) t->opts.max_nan_streak = 5;
     int rc = -1;

@@ -40,14 +40,18 @@ int main(int argc, char **argv) {
                                  "data.synthetic_tokens=65536", "log.eval_every=2", "log.eval_batches=1",
                                  "log.log_every=1", "checkpoint.save_every=0"};
     int n_over = 10;
-    for (int i = 1; i < argc && n_over < 32; i++) overrides[n_over++] = argv[i];
+    int recompute = 0;  // --recompute: the trainer's option of that name (whole blocks)
+    for (int i = 1; i < argc && n_over < 32; i++) {
+        if (strcmp(argv[i], "--recompute") == 0) recompute = 1;
+        else overrides[n_over++] = argv[i];
+    }
     nm_error err;
     nm_train_config cfg;
     if (nm_train_config_load(&cfg, path, overrides, n_over, &err) != 0) {
         fprintf(stderr, "%s\n", err.msg);
         return 1;
     }
-    nm_trainer_options opts = {.run_dir = dir, .quiet = 1};
+    nm_trainer_options opts = {.run_dir = dir, .quiet = 1, .recompute = recompute};
     nm_trainer *t;
     if (nm_trainer_create(&t, &cfg, &opts, &err) != 0) {
         fprintf(stderr, "%s\n", err.msg);
@@ -68,6 +72,14 @@ int main(int argc, char **argv) {
     printf("allocations during steps 3-6: %ld\n", during);
     if (!fail && during != 0) {
         fprintf(stderr, "FAIL: the step loop allocated %ld times\n", during);
+        fail = 1;
+    }
+    // bf16: every activation a bf16 GEMM reads had its twin placed when the arena was laid out
+    long long misses = (long long)nm_model_bf16_twin_misses(nm_trainer_model(t));
+    printf("bf16 twins: %lld bytes, %lld roundings without one\n", (long long)nm_model_bf16_twin_bytes(nm_trainer_model(t)),
+           misses);
+    if (!fail && misses != 0) {
+        fprintf(stderr, "FAIL: %lld roundings found no bf16 twin placed by the layout\n", misses);
         fail = 1;
     }
     nm_trainer_destroy(t);
