@@ -25,11 +25,21 @@
 
 #include <string.h>
 
+//
+// Saved in bf16 (a model created for bf16, without whole-block recomputation): the saved
+// activations that only bf16 GEMMs read keep no fp32 copy per block. Their fp32 pointers in
+// every block share one buffer per kind (nm_saved_operand), which the forward writes and rounds
+// as before; the rounding's copy goes to the block's own bf16 storage (block_acts.saved), which
+// the backward's GEMMs read, whatever the kernel (the widen kernel takes bf16 storage too, the
+// same values). Each block's forward and backward binds its copies first (nm_bf16_bind); a
+// lookup of a shared buffer that its bound copy does not cover is a bug, and stops.
 typedef struct nm_bf16_twin {
     const float *base;          // a registered tensor's first element (fp32 storage, in the arena)
     int64_t cap;                // its elements
     int64_t pool_at;            // where its copy starts in the pool
-    int64_t at, n;              // the range [base + at, base + at + n) the copy holds; n = 0: none
+    nm_bf16_copy own;           // its copy in the pool (bits set when the pool is reserved)
+    int saved;                  // 1: a kind's shared buffer, saved in bf16
+    nm_bf16_copy *bound;        // then: the bound block's copy (NULL: no block of this kind bound)
 } nm_bf16_twin;
 
 struct nm_bf16_twins {
@@ -39,11 +49,13 @@ struct nm_bf16_twins {
     int64_t elems;              // the pool's bf16 elements (each twin 64-byte aligned)
     uint16_t *pool;             // NULL until reserved
     int64_t misses;             // roundings of unregistered tensors
+    int saved_item[NM_SAVED_N]; // the items of the kinds saved in bf16, -1 where none
 };
 
 nm_bf16_twins *nm_bf16_twins_create(const nm_ops *ops) {
     nm_bf16_twins *t = nm_calloc(1, sizeof(nm_bf16_twins));
     t->ops = ops;
+    for (int k = 0; k < NM_SAVED_N; k++) t->saved_item[k] = -1;
     return t;
 }
 
@@ -56,7 +68,7 @@ void nm_bf16_twins_destroy(nm_bf16_twins *t) {
 
 int64_t nm_bf16_twins_pool_elems(int64_t n) { return (n + 31) & ~(int64_t)31; }
 
-void nm_bf16_twins_register(nm_bf16_twins *t, const float *base, int64_t n) {
+static nm_bf16_twin *add_item(nm_bf16_twins *t, const float *base, int64_t n) {
     NM_CHECK(!t->pool, "bf16 twins registered after the pool was reserved");
     NM_CHECK(t->count == 0 || t->items[t->count - 1].base + t->items[t->count - 1].cap <= base,
              "bf16 twins registered out of address order");
@@ -68,8 +80,28 @@ void nm_bf16_twins_register(nm_bf16_twins *t, const float *base, int64_t n) {
         t->items = items;
         t->cap = cap;
     }
-    t->items[t->count++] = (nm_bf16_twin){.base = base, .cap = n, .pool_at = t->elems};
+    t->items[t->count] = (nm_bf16_twin){.base = base, .cap = n};
+    return &t->items[t->count++];
+}
+
+void nm_bf16_twins_register(nm_bf16_twins *t, const float *base, int64_t n) {
+    nm_bf16_twin *w = add_item(t, base, n);
+    w->pool_at = t->elems;
     t->elems += nm_bf16_twins_pool_elems(n);
+}
+
+void nm_bf16_twins_register_saved(nm_bf16_twins *t, const float *base, int64_t n, nm_saved_operand kind) {
+    NM_CHECK(t->saved_item[kind] < 0, "saved operand kind %d registered twice", (int)kind);
+    add_item(t, base, n)->saved = 1;
+    t->saved_item[kind] = t->count - 1;
+}
+
+void nm_bf16_bind(const nm_model *m, block_acts *b) {
+    nm_bf16_twins *t = m->bf16.twins;
+    if (!m->bf16.saved_bf16 || !t) return;
+    for (int k = 0; k < NM_SAVED_N; k++) {
+        if (t->saved_item[k] >= 0) t->items[t->saved_item[k]].bound = b->saved[k].bits ? &b->saved[k] : NULL;
+    }
 }
 
 int64_t nm_bf16_twins_bytes(const nm_bf16_twins *t) { return t && t->pool ? t->elems * 2 : 0; }
@@ -78,6 +110,9 @@ int64_t nm_bf16_twins_misses(const nm_bf16_twins *t) { return t ? t->misses : 0;
 void nm_bf16_twins_reserve(nm_bf16_twins *t) {
     if (t->pool || t->elems == 0) return;
     t->pool = t->ops->alloc((size_t)t->elems * sizeof(uint16_t));
+    for (int i = 0; i < t->count; i++) {
+        if (!t->items[i].saved) t->items[i].own.bits = t->pool + t->items[i].pool_at;
+    }
 }
 
 // Twins only pay where the bf16 GEMM reads bf16 storage (its weight copy is bf16, as
@@ -100,26 +135,35 @@ static nm_bf16_twin *find_twin(const nm_bf16_twins *t, const float *x, int64_t n
     return x + n <= w->base + w->cap ? w : NULL;
 }
 
-// The copy of x(n), about to be rewritten with bf16 values: its tensor's twin now holds this
-// range. NULL (and counted) for a tensor that was not registered.
-static uint16_t *claim_twin(nm_bf16_twins *t, const float *x, int64_t n) {
+// The copy of a registered tensor in use: a block's (saved in bf16), else its own in the pool
+// where the GEMM reads bf16 storage; NULL when there is none.
+static nm_bf16_copy *copy_of(const nm_model *m, nm_bf16_twin *w) {
+    if (w->saved) return w->bound;
+    return twins_in_use(m) ? &w->own : NULL;
+}
+
+// The bf16 storage for x(n), about to be rewritten with bf16 values (the copy now holds this
+// range), or NULL: no copy is kept (fp32 and fp8 runs, a kernel that reads fp32 storage) or the
+// tensor was not registered (counted).
+static uint16_t *claim_twin(const nm_model *m, const float *x, int64_t n) {
+    nm_bf16_twins *t = m->bf16.twins;
+    if (m->precision != NM_PRECISION_BF16 || n <= 0 || !t) return NULL;
     nm_bf16_twin *w = find_twin(t, x, n);
     if (!w) {
-        t->misses++;
+        if (twins_in_use(m)) t->misses++;
         return NULL;
     }
-    w->at = x - w->base;
-    w->n = n;
-    return t->pool + w->pool_at + w->at;
+    NM_CHECK(!w->saved || w->bound, "a saved activation rounded with no block's copy bound (nm_bf16_bind)");
+    nm_bf16_copy *c = copy_of(m, w);
+    if (!c) return NULL;
+    c->at = x - w->base;
+    c->n = n;
+    return c->bits + c->at;
 }
 
 void nm_round_act(const nm_model *m, float *x, int64_t n) {
     if (m->precision != NM_PRECISION_BF16 || n <= 0) return;
-    if (!twins_in_use(m)) {
-        m->ops->round_bf16(x, x, n);
-        return;
-    }
-    uint16_t *bits = claim_twin(m->bf16.twins, x, n);
+    uint16_t *bits = claim_twin(m, x, n);
     if (bits) m->ops->round_cast_bf16(x, bits, n);
     else m->ops->round_bf16(x, x, n);
 }
@@ -129,8 +173,7 @@ void nm_swiglu_forward(const nm_model *m, float *act, const float *gate_up, int6
         m->ops->swiglu_forward(act, gate_up, N, F);
         return;
     }
-    uint16_t *bits = twins_in_use(m) && N * F > 0 ? claim_twin(m->bf16.twins, act, N * F) : NULL;
-    m->ops->swiglu_forward_bf16(act, bits, gate_up, N, F);
+    m->ops->swiglu_forward_bf16(act, claim_twin(m, act, N * F), gate_up, N, F);
 }
 
 void nm_swiglu_backward(const nm_model *m, float *d_gate_up, const float *d_act, const float *gate_up, int64_t N,
@@ -139,8 +182,7 @@ void nm_swiglu_backward(const nm_model *m, float *d_gate_up, const float *d_act,
         m->ops->swiglu_backward(d_gate_up, d_act, gate_up, N, F);
         return;
     }
-    uint16_t *bits = twins_in_use(m) && N * F > 0 ? claim_twin(m->bf16.twins, d_gate_up, N * 2 * F) : NULL;
-    m->ops->swiglu_backward_bf16(d_gate_up, bits, d_act, gate_up, N, F);
+    m->ops->swiglu_backward_bf16(d_gate_up, claim_twin(m, d_gate_up, N * 2 * F), d_act, gate_up, N, F);
 }
 
 void nm_moe_gather(const nm_model *m, float *dst, const float *src, const int32_t *perm, int64_t N, int64_t K,
@@ -149,8 +191,16 @@ void nm_moe_gather(const nm_model *m, float *dst, const float *src, const int32_
         m->ops->moe_gather(dst, src, perm, N, K, D);
         return;
     }
-    uint16_t *bits = twins_in_use(m) && N * K * D > 0 ? claim_twin(m->bf16.twins, dst, N * K * D) : NULL;
-    m->ops->moe_gather_bf16(dst, bits, src, perm, N, K, D);
+    m->ops->moe_gather_bf16(dst, claim_twin(m, dst, N * K * D), src, perm, N, K, D);
+}
+
+void nm_bf16_restore(const nm_model *m, float *x) {
+    nm_bf16_twins *t = m->bf16.twins;
+    if (m->precision != NM_PRECISION_BF16 || !m->bf16.saved_bf16 || !t) return;
+    nm_bf16_twin *w = find_twin(t, x, 1);
+    if (!w || !w->saved) return;
+    NM_CHECK(w->bound && w->bound->n > 0, "a saved activation restored with no block's copy bound");
+    m->ops->widen_bf16((float *)w->base + w->bound->at, w->bound->bits + w->bound->at, w->bound->n);
 }
 
 // Debug builds: the twin holds exactly the bf16 values of the fp32 storage it stands for.
@@ -173,23 +223,25 @@ static void check_twin(const float *x, const uint16_t *bits, int64_t rows, int64
 
 const void *nm_bf16_operand(const nm_model *m, const float *x, nm_dtype *type, int64_t rows, int64_t cols,
                             int64_t ld) {
-    if (*type != NM_F32_BF16 || rows <= 0 || cols <= 0 || !twins_in_use(m)) return x;
-    const nm_bf16_twins *t = m->bf16.twins;
+    if (*type != NM_F32_BF16 || rows <= 0 || cols <= 0 || !m->bf16.twins) return x;
     int64_t span = (rows - 1) * ld + cols;
-    const nm_bf16_twin *w = find_twin(t, x, span);
-    if (w && w->n > 0 && x >= w->base + w->at && x + span <= w->base + w->at + w->n) {
-        const uint16_t *bits = t->pool + w->pool_at + (x - w->base);
-        check_twin(x, bits, rows, cols, ld);
+    nm_bf16_twin *w = find_twin(m->bf16.twins, x, span);
+    const nm_bf16_copy *c = w ? copy_of(m, w) : NULL;
+    if (c && c->n > 0 && x >= w->base + c->at && x + span <= w->base + c->at + c->n) {
+        const uint16_t *bits = c->bits + (x - w->base);
+        if (!w->saved) check_twin(x, bits, rows, cols, ld);  // a shared buffer holds the last block's
         *type = NM_BF16;
         return bits;
     }
+    // saved in bf16, the fp32 buffer is another block's: only the bound copy has these values
+    NM_CHECK(!w || !w->saved, "a saved activation read outside the range its bound copy holds (nm_bf16_bind)");
     return x;  // not rounded through nm_round_act (e.g. received from another rank): gemm_bf16 casts it
 }
 
 // Every group's operand swapped for its twin, or none (the groups share one operand type).
 static void swap_all(const nm_model *m, nm_gemm_group *groups, int64_t n, int which, nm_transpose t,
                      nm_dtype *type) {
-    if (*type != NM_F32_BF16 || !twins_in_use(m)) return;
+    if (*type != NM_F32_BF16 || !m->bf16.twins) return;
     for (int pass = 0; pass < 2; pass++) {
         for (int64_t i = 0; i < n; i++) {
             nm_gemm_group *g = &groups[i];

@@ -24,6 +24,7 @@ static double block_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_
     int64_t N = B * T, D = c->D;
     b->B = B;
     b->T = T;
+    nm_bf16_bind(m, b);  // saved in bf16: this block's copies
 
     nm_mla_forward(m, l, B, T);
     // FFN: x_out = x_mid + FFN(RMSNorm(x_mid)), the norm on this rank's rows (sequence
@@ -45,6 +46,7 @@ static double block_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_
 // aux_seed is dLoss/d(balance loss of this block). With recomputation the block's
 // intermediates are rebuilt first (same inputs, same deterministic ops: same values).
 static void block_backward(nm_model *m, int64_t l, float aux_seed) {
+    nm_bf16_bind(m, &m->act.blocks[l]);  // saved in bf16: this block's copies
     if (m->recompute.full) block_forward(m, l, m->act.blocks[l].B, m->act.blocks[l].T, NULL);
     const nm_model_config *c = &m->cfg;
     const nm_layer_offsets *w = &m->table.layers[l];

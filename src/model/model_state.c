@@ -2,7 +2,8 @@
 // (one allocation from the backend, laid out by `layout` so that the forward and backward never
 // allocate), the rope tables, the precision switch, the accessors and the activation estimates.
 // The blocks (mla.c, mlp.c, moe.c, head.c, mtp.c) read and write this state; the composition
-// that runs them is model.c. Everything is fp32; the model reads only small host-side integer
+// that runs them is model.c. Activations are fp32 (bf16 runs keep the GEMM-only saved ones in bf16,
+// bf16_twin.c); the model reads only small host-side integer
 // metadata (token ids, expert offsets) directly, every float buffer through the ops table.
 #include "model/model_state.h"
 
@@ -29,6 +30,21 @@ static float *take_operand(nm_model *m, size_t n) {
     return p;
 }
 
+// A saved activation of block b that only bf16 GEMMs read (nm_saved_operand): per block, or
+// saved in bf16, the kind's one fp32 buffer shared by every block and the block's own bf16
+// copy.
+static float *take_saved(nm_model *m, block_acts *b, nm_saved_operand kind, size_t n) {
+    if (!m->bf16.saved_bf16) return take_operand(m, n);
+    if (!m->bf16.saved_taken[kind]) {
+        m->bf16.saved_taken[kind] = 1;
+        m->bf16.saved_fp32[kind] = take(m, n);
+        if (m->bf16.saved_fp32[kind] && m->bf16.twins)
+            nm_bf16_twins_register_saved(m->bf16.twins, m->bf16.saved_fp32[kind], (int64_t)n, kind);
+    }
+    b->saved[kind] = (nm_bf16_copy){.bits = (uint16_t *)take(m, (n + 1) / 2)};
+    return m->bf16.saved_fp32[kind];
+}
+
 static int32_t *take_i32(nm_model *m, size_t n) { return (int32_t *)take(m, n); }
 
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
@@ -41,11 +57,11 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
     // selective recomputation of the norms: a and f share one buffer each (layout), rebuilt at
     // the start of each block's backward (model.c, mla.c)
     const int share_norms = m->recompute.layernorm && !m->recompute.full;  // (NULL in the counting pass)
-    b->a = share_norms ? m->recompute.ln_a : take_operand(m, N * D);
+    b->a = share_norms ? m->recompute.ln_a : take_saved(m, b, NM_SAVED_A, N * D);
     b->a_rstd = take(m, N);
     if (c->Rq > 0) {
         b->cq = take(m, N * c->Rq);
-        b->cq_n = take_operand(m, N * c->Rq);
+        b->cq_n = take_saved(m, b, NM_SAVED_CQ_N, N * c->Rq);
         b->cq_rstd = take(m, N);
     }
     // selective recomputation: the up-projections' outputs share one pair (layout), rebuilt in
@@ -53,7 +69,7 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
     const int share_up = m->recompute.mla_up_proj && !m->recompute.full;  // (up_q is NULL in the counting pass)
     b->q = share_up ? m->recompute.up_q : take(m, N * H * c->Dqk);
     b->ckv = take(m, N * c->Rkv);
-    b->ckv_n = take_operand(m, N * c->Rkv);
+    b->ckv_n = take_saved(m, b, NM_SAVED_CKV_N, N * c->Rkv);
     b->ckv_rstd = take(m, N);
     b->k_pe = take(m, N * c->Dr);
     b->kv = share_up ? m->recompute.up_kv : take(m, N * H * (c->Dn + c->Dv));
@@ -64,7 +80,7 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
     b->f_rstd = take(m, N);
     if (dense) {
         b->gate_up = take(m, N * 2 * m->tp.F_loc);
-        b->act = take_operand(m, N * m->tp.F_loc);
+        b->act = take_saved(m, b, NM_SAVED_ACT, N * m->tp.F_loc);
     }
     if (moe && c->E > 0) {
         b->router_logits = take(m, N * c->E);
@@ -74,12 +90,13 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
         b->perm = take_i32(m, NK);
         b->offsets = take_i32(m, c->E + 1);
         size_t R = m->ep.comm ? (size_t)m->ep.cap : NK;
-        b->x_perm = take_operand(m, NK * D);
+        b->x_perm = take_saved(m, b, NM_SAVED_X_PERM, NK * D);
         b->e_gate_up = take(m, R * 2 * c->Fe);
-        b->e_act = m->recompute.moe_act && !m->recompute.full ? m->recompute.moe_act_buf : take_operand(m, R * c->Fe);
+        b->e_act = m->recompute.moe_act && !m->recompute.full ? m->recompute.moe_act_buf
+                                                              : take_saved(m, b, NM_SAVED_E_ACT, R * c->Fe);
         b->e_out = take(m, NK * D);
         if (m->ep.comm) {
-            b->x_loc = take_operand(m, R * D);
+            b->x_loc = take_saved(m, b, NM_SAVED_X_LOC, R * D);
             size_t EP = (size_t)m->ep.comm->size;
             b->ep_counts = (int64_t *)take(m, 2 * EP * (size_t)m->ep.E_loc);
             b->ep_pairs = (int64_t *)take(m, 2 * EP * EP);
@@ -87,7 +104,7 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
 
         if (c->Fs > 0) {
             b->s_gate_up = take(m, N * 2 * m->tp.Fs_loc);
-            b->s_act = take_operand(m, N * m->tp.Fs_loc);
+            b->s_act = take_saved(m, b, NM_SAVED_S_ACT, N * m->tp.Fs_loc);
         }
         b->bal_f = take(m, m->B_max * c->E);
     }
@@ -157,6 +174,7 @@ static void layout(nm_model *m) {
     size_t D = c->D, NK = N * (size_t)c->K;
     m->arena_used = 0;
     m->bf16.twin_elems = 0;
+    for (int k = 0; k < NM_SAVED_N; k++) m->bf16.saved_taken[k] = 0, m->bf16.saved_fp32[k] = NULL;
     m->rope_cos = take(m, (size_t)m->T_max * c->Dr / 2);
     m->rope_sin = take(m, (size_t)m->T_max * c->Dr / 2);
     // With recomputation only each block's input and output are kept; everything in between
@@ -345,6 +363,9 @@ static int configure(nm_model *m, const nm_model_options *opts, nm_error *err) {
     m->ep.comm = opts->ep && opts->ep->size > 1 ? opts->ep : NULL;
     m->tp.comm = opts->tp && opts->tp->size > 1 ? opts->tp : NULL;
     m->tp.sp = m->tp.comm && opts->sequence_parallel;
+    // created for bf16: the GEMM-only saved activations are kept in bf16 (bf16_twin.c); with
+    // whole blocks recomputed nothing between a block's input and output is kept anyway
+    m->bf16.saved_bf16 = opts->precision == NM_PRECISION_BF16 && !opts->recompute;
     int64_t ep_size = m->ep.comm ? m->ep.comm->size : 1, ep_rank = m->ep.comm ? m->ep.comm->rank : 0;
     int64_t tp_size = m->tp.comm ? m->tp.comm->size : 1, tp_rank = m->tp.comm ? m->tp.comm->rank : 0;
     int64_t vocab_multiple = opts->vocab_multiple > 0 ? opts->vocab_multiple : 1;
@@ -508,6 +529,10 @@ int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err) {
         return nm_error_set(err, "precision %s under expert parallelism: create the model with nm_model_options."
                                  "precision = %s (its dispatch buffers are sized at creation)",
                             p == NM_PRECISION_FP8 ? "fp8" : "bf16", p == NM_PRECISION_FP8 ? "fp8" : "bf16");
+    if (p != NM_PRECISION_BF16 && m->bf16.saved_bf16)
+        return nm_error_set(err, "precision %s: this model was created for bf16 (nm_model_options.precision; its "
+                            "saved activations are kept in bf16): create it with precision = %s",
+                            p == NM_PRECISION_FP8 ? "fp8" : "fp32", p == NM_PRECISION_FP8 ? "fp8" : "fp32");
     m->precision = p;
     m->bf16.stale = 1;  // the weight copy is made (and allocated) by the next forward
     return 0;

@@ -16,6 +16,28 @@
 
 // --- activations ----------------------------------------------------------------------------
 
+// The saved activations that only bf16 GEMMs read (the backward reads them as GEMM operands
+// and nothing else). A model created for bf16 keeps them in bf16 only: each block has its own
+// bf16 copy (block_acts.saved), and the fp32 pointers of all blocks share one buffer per kind,
+// where the forward writes before rounding (bf16_twin.c, "saved in bf16").
+typedef enum nm_saved_operand {
+    NM_SAVED_A,                 // input_layernorm output
+    NM_SAVED_CQ_N,              // q_a_layernorm output
+    NM_SAVED_CKV_N,             // kv_a_layernorm output
+    NM_SAVED_ACT,               // the dense MLP's SwiGLU output
+    NM_SAVED_X_PERM,            // the routed experts' input rows
+    NM_SAVED_E_ACT,             // the routed experts' SwiGLU output
+    NM_SAVED_X_LOC,             // the rows received by this rank's experts (expert parallelism)
+    NM_SAVED_S_ACT,             // the shared experts' SwiGLU output
+    NM_SAVED_N
+} nm_saved_operand;
+
+// A bf16 copy of an fp32 tensor's rounded values and the range [at, at + n) of it they hold.
+typedef struct nm_bf16_copy {
+    uint16_t *bits;             // (the tensor's elements)
+    int64_t at, n;              // n = 0: none
+} nm_bf16_copy;
+
 // One decoder block's saved activations. N = B*T tokens of this block (MTP block k runs on
 // T-k positions). All sized for N_max = B_max * T_max.
 typedef struct block_acts {
@@ -61,6 +83,7 @@ typedef struct block_acts {
     float *s_gate_up;           // (N, 2Fs) shared experts
     float *s_act;               // (N, Fs)
     float *bal_f;               // (B, E) balance-loss f_i per sequence
+    nm_bf16_copy saved[NM_SAVED_N];  // saved in bf16: this block's copies (bits NULL otherwise)
     int64_t B, T;               // shape of the last forward through this block
 } block_acts;
 
@@ -160,6 +183,11 @@ typedef struct nm_model_bf16 {
     int stale;                  // params may differ from weights (the optimizer wrote them)
     nm_bf16_twins *twins;       // bf16 copies of rounded activations (bf16_twin.c)
     int64_t twin_elems;         // what the layout registered: the pool's elements
+    // Saved in bf16 (a model created for bf16 without whole-block recomputation): the GEMM-only
+    // saved activations' fp32 storage is one buffer per kind, shared by every block
+    int saved_bf16;
+    float *saved_fp32[NM_SAVED_N];  // those buffers (NULL: the kind is kept per block)
+    int saved_taken[NM_SAVED_N];    // layout: taken in this pass
 } nm_model_bf16;
 
 // Tensor parallelism (docs/parallelism.md): local sizes (the full ones without it).
@@ -345,6 +373,16 @@ void nm_bf16_twins_destroy(nm_bf16_twins *t);
 // A tensor of n elements at base (in the arena) that only bf16 GEMMs read, registered in
 // address order when the arena is laid out; its twin's place in the pool is fixed then.
 void nm_bf16_twins_register(nm_bf16_twins *t, const float *base, int64_t n);
+// The shared fp32 buffer of a kind saved in bf16: its copy is the current block's
+// (nm_bf16_bind), never the pool's.
+void nm_bf16_twins_register_saved(nm_bf16_twins *t, const float *base, int64_t n, nm_saved_operand kind);
+// Block b's saved copies become those its kinds' shared buffers stand for: each block's forward
+// and backward starts with it (saved in bf16).
+void nm_bf16_bind(const nm_model *m, block_acts *b);
+// The shared buffer of a kind saved in bf16 at x (=) the bound block's copy, widened over the
+// range it holds: for an fp32 reader of a saved operand in the backward (the expert
+// exchange's repeated dispatch). No-op for any other tensor.
+void nm_bf16_restore(const nm_model *m, float *x);
 int64_t nm_bf16_twins_pool_elems(int64_t n);  // pool elements one such tensor takes
 // Allocates the pool (once; the first bf16 forward with a GEMM that reads bf16 storage).
 void nm_bf16_twins_reserve(nm_bf16_twins *t);

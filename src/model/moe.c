@@ -430,6 +430,8 @@ static void ep_experts_forward(nm_model *m, const nm_layer_offsets *w, block_act
 }
 
 static void ep_experts_backward(nm_model *m, const nm_layer_offsets *w, block_acts *b) {
+    // the rounds send x_perm again: saved in bf16, its fp32 buffer holds another block's rows
+    if (b->ep_rounds > 1) nm_bf16_restore(m, b->x_perm);
     for (int64_t k = 0; k < b->ep_rounds; k++) {
         int64_t rows = ep_round(m, b, k);
         if (b->ep_rounds > 1) {  // the forward's expert-side activations of this round are gone
@@ -508,7 +510,10 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
     shared_work sw = {w, b, N};
     ep_overlap up = {c->Fs > 0 ? shared_forward_up : no_work, &sw};
     if (m->ep.comm) {
-        ops->moe_gather(b->x_perm, f, b->perm, n0, K, D);
+        // bf16: rounded (with its bf16 copy) as the dispatch would round it anyway, so that the
+        // backward's repeated dispatch finds it saved in bf16 (nm_bf16_restore)
+        if (m->bf16.saved_bf16) nm_moe_gather(m, b->x_perm, f, b->perm, n0, K, D);
+        else ops->moe_gather(b->x_perm, f, b->perm, n0, K, D);
         ep_overlap_set(m, &up);  // the shared experts' first half inside the dispatch
         ep_experts_forward(m, w, b);
         ep_overlap_flush(m, &up);

@@ -240,15 +240,23 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
     for (int64_t l = 0; l < cfg->n_layers; l++) n_moe += stage_runs(cfg, st, v, l) && nm_layer_is_moe(cfg, l);
     s->n_moe_layers = n_moe;
     if (p->n.ep > 1 && cfg->E > 0 && n_moe > 0) {
-        // The buffers sized by the receive capacity C: per MoE layer and activation set (once
-        // with recomputation) x_loc (D), e_gate_up (2Fe) and e_act (Fe); once, the backward's
-        // d_e_out_loc, d_x_loc and the exchange buffer (3D), d_e_act and d_e_gate_up (3Fe).
+        // The buffers sized by the receive capacity C, in bytes per row: per MoE layer and
+        // activation set (once with recomputation) x_loc (D), e_gate_up (2Fe) and e_act (Fe,
+        // one shared buffer with recompute_modules moe_act); a bf16 run without whole-block
+        // recomputation keeps x_loc and e_act in bf16 per set and one fp32 buffer of each
+        // (model_state.c take_saved); once, the backward's d_e_out_loc, d_x_loc and the
+        // exchange buffer (3D), d_e_act and d_e_gate_up (3Fe).
         int64_t rows = r->micro_batch * T;
         if (sp) rows = (rows + p->n.tp - 1) / p->n.tp;
         int64_t C = nm_moe_receive_rows(cfg, rows, p->n.ep, r->moe_receive_capacity);
         int64_t sets = r->recompute ? 1 : n_moe * s->in_flight;  // every chunk's slots hold its own layers
         s->ep_receive_rows = C;
-        s->ep_buffer_bytes = (sets * (cfg->D + 3 * cfg->Fe) + 3 * cfg->D + 3 * cfg->Fe) * C * 4;
+        const int saved_bf16 = r->precision == NM_PRECISION_BF16 && !r->recompute;
+        const int shared_act = r->recompute_moe_act && !r->recompute;
+        int64_t per_set = (saved_bf16 ? 2 : 4) * cfg->D + 8 * cfg->Fe + (shared_act ? 0 : (saved_bf16 ? 2 : 4) * cfg->Fe);
+        int64_t once = 4 * (3 * cfg->D + 3 * cfg->Fe) + (shared_act ? 4 * cfg->Fe : 0) +
+                       (saved_bf16 ? 4 * cfg->D + (shared_act ? 0 : 4 * cfg->Fe) : 0);
+        s->ep_buffer_bytes = (sets * per_set + once) * C;
     }
     s->total_bytes = s->params_bytes + s->grads_bytes + s->bf16_copy_bytes + s->bf16_twin_bytes + s->optimizer_bytes +
                      s->activation_bytes;
