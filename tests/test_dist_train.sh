@@ -89,19 +89,26 @@ overlap_pair ov_dp4_ep2_bf16 4 --set expert_parallel_size=2 --set precision=bf16
 overlap_pair ov_ep2_fp8_rounds_rc 2 --set expert_parallel_size=2 --set precision=fp8 --set moe_receive_capacity=0.25 --recompute
 overlap_pair ov_tp2_ep2 4 --set expert_parallel_size=2 --set tensor_parallel_size=2
 # Selective recomputation of all three modules (the norms gathered again under sequence
-# parallelism) against none: the same bytes, at tp2 x ep2 in bf16 and at ep2 in fp8.
+# parallelism), and whole blocks (recompute_granularity full), against none: the same bytes, at
+# tp2 x ep2 in bf16 and at ep2 in fp8. Without whole blocks a bf16 run keeps its GEMM-only
+# saved activations in bf16 and an fp8 run its experts' inputs in fp8; whole blocks keep
+# neither, so the last comparison checks those copies.
 modules_pair() {  # name ranks options...
-  local name=$1 n=$2; shift 2
-  for mods in "" mla_up_proj,moe_act,layernorm; do
-    nm_mpirun "$n" "$NM_BIN" train --config train.json --out "${name}_${mods:-none}" --quiet \
-      --set checkpoint.save_every=10 --set recompute_modules="$mods" "$@" >"${name}_${mods:-none}.log" 2>&1 \
-      || { cat "${name}_${mods:-none}.log"; fail "$name recompute_modules=$mods"; }
+  local name=$1 n=$2 v; shift 2
+  for v in none mla_up_proj,moe_act,layernorm full; do
+    local opt=(--set recompute_modules="$v")
+    [ "$v" = none ] && opt=()
+    [ "$v" = full ] && opt=(--set recompute_granularity=full)
+    nm_mpirun "$n" "$NM_BIN" train --config train.json --out "${name}_$v" --quiet \
+      --set checkpoint.save_every=10 "${opt[@]}" "$@" >"${name}_$v.log" 2>&1 \
+      || { cat "${name}_$v.log"; fail "$name recompute $v"; }
   done
-  for f in "${name}_none"/step_000010/*.safetensors; do
-    cmp "$f" "${name}_mla_up_proj,moe_act,layernorm/step_000010/${f##*/}" \
-      || fail "$name: ${f##*/} differs with recompute_modules mla_up_proj,moe_act,layernorm"
+  for v in mla_up_proj,moe_act,layernorm full; do
+    for f in "${name}_none"/step_000010/*.safetensors; do
+      cmp "$f" "${name}_$v/step_000010/${f##*/}" || fail "$name: ${f##*/} differs with recompute $v"
+    done
   done
-  echo "$name: selective recomputation of all three modules bit-identical"
+  echo "$name: selective recomputation of all three modules and of whole blocks bit-identical"
 }
 modules_pair rm_tp2_ep2_bf16 4 --set expert_parallel_size=2 --set tensor_parallel_size=2 --set precision=bf16
 modules_pair rm_ep2_fp8 2 --set expert_parallel_size=2 --set precision=fp8

@@ -45,6 +45,20 @@ static float *take_saved(nm_model *m, block_acts *b, nm_saved_operand kind, size
     return m->bf16.saved_fp32[kind];
 }
 
+// The routed experts' input rows of block b (rows x D): per block, or saved in fp8, one fp32
+// buffer shared by every block and the block's own e4m3 codes and tile scales.
+static float *take_expert_rows(nm_model *m, block_acts *b, nm_saved_operand kind, size_t rows) {
+    const size_t D = (size_t)m->cfg.D;
+    if (!m->bf16.saved_fp8) return take_saved(m, b, kind, rows * D);
+    if (!m->bf16.saved_taken[kind]) {
+        m->bf16.saved_taken[kind] = 1;
+        m->bf16.saved_fp32[kind] = take(m, rows * D);
+    }
+    b->x_codes = (uint8_t *)take(m, (rows * D + 3) / 4);
+    b->x_scales = take(m, rows * (size_t)((D + 127) / 128));
+    return m->bf16.saved_fp32[kind];
+}
+
 static int32_t *take_i32(nm_model *m, size_t n) { return (int32_t *)take(m, n); }
 
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
@@ -90,13 +104,14 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
         b->perm = take_i32(m, NK);
         b->offsets = take_i32(m, c->E + 1);
         size_t R = m->ep.comm ? (size_t)m->ep.cap : NK;
-        b->x_perm = take_saved(m, b, NM_SAVED_X_PERM, NK * D);
+        // under expert parallelism the experts' input is x_loc; x_perm only crosses
+        b->x_perm = m->ep.comm ? take_saved(m, b, NM_SAVED_X_PERM, NK * D) : take_expert_rows(m, b, NM_SAVED_X_PERM, NK);
         b->e_gate_up = take(m, R * 2 * c->Fe);
         b->e_act = m->recompute.moe_act && !m->recompute.full ? m->recompute.moe_act_buf
                                                               : take_saved(m, b, NM_SAVED_E_ACT, R * c->Fe);
         b->e_out = take(m, NK * D);
         if (m->ep.comm) {
-            b->x_loc = take_saved(m, b, NM_SAVED_X_LOC, R * D);
+            b->x_loc = take_expert_rows(m, b, NM_SAVED_X_LOC, R);
             size_t EP = (size_t)m->ep.comm->size;
             b->ep_counts = (int64_t *)take(m, 2 * EP * (size_t)m->ep.E_loc);
             b->ep_pairs = (int64_t *)take(m, 2 * EP * EP);
@@ -366,6 +381,7 @@ static int configure(nm_model *m, const nm_model_options *opts, nm_error *err) {
     // created for bf16: the GEMM-only saved activations are kept in bf16 (bf16_twin.c); with
     // whole blocks recomputed nothing between a block's input and output is kept anyway
     m->bf16.saved_bf16 = opts->precision == NM_PRECISION_BF16 && !opts->recompute;
+    m->bf16.saved_fp8 = opts->precision == NM_PRECISION_FP8 && !opts->recompute;
     int64_t ep_size = m->ep.comm ? m->ep.comm->size : 1, ep_rank = m->ep.comm ? m->ep.comm->rank : 0;
     int64_t tp_size = m->tp.comm ? m->tp.comm->size : 1, tp_rank = m->tp.comm ? m->tp.comm->rank : 0;
     int64_t vocab_multiple = opts->vocab_multiple > 0 ? opts->vocab_multiple : 1;
@@ -529,6 +545,10 @@ int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err) {
         return nm_error_set(err, "precision %s under expert parallelism: create the model with nm_model_options."
                                  "precision = %s (its dispatch buffers are sized at creation)",
                             p == NM_PRECISION_FP8 ? "fp8" : "bf16", p == NM_PRECISION_FP8 ? "fp8" : "bf16");
+    if (p != NM_PRECISION_FP8 && m->bf16.saved_fp8)
+        return nm_error_set(err, "precision %s: this model was created for fp8 (nm_model_options.precision; its "
+                            "experts' saved inputs are kept in fp8): create it with precision = %s",
+                            p == NM_PRECISION_BF16 ? "bf16" : "fp32", p == NM_PRECISION_BF16 ? "bf16" : "fp32");
     if (p != NM_PRECISION_BF16 && m->bf16.saved_bf16)
         return nm_error_set(err, "precision %s: this model was created for bf16 (nm_model_options.precision; its "
                             "saved activations are kept in bf16): create it with precision = %s",

@@ -84,6 +84,12 @@ typedef struct block_acts {
     float *s_act;               // (N, Fs)
     float *bal_f;               // (B, E) balance-loss f_i per sequence
     nm_bf16_copy saved[NM_SAVED_N];  // saved in bf16: this block's copies (bits NULL otherwise)
+    // saved in fp8 (a model created for fp8, without whole-block recomputation): the routed
+    // experts' input rows (x_perm, or x_loc under expert parallelism) as the expert GEMM
+    // quantises them, e4m3 codes and one scale per 1 x 128 tile (DeepSeek-V3 caches them so);
+    // the fp32 pointer shares one buffer with every block's, refilled in the backward
+    uint8_t *x_codes;           // (R, D), NULL otherwise
+    float *x_scales;            // (R, ceil(D/128))
     int64_t B, T;               // shape of the last forward through this block
 } block_acts;
 
@@ -186,8 +192,12 @@ typedef struct nm_model_bf16 {
     // Saved in bf16 (a model created for bf16 without whole-block recomputation): the GEMM-only
     // saved activations' fp32 storage is one buffer per kind, shared by every block
     int saved_bf16;
-    float *saved_fp32[NM_SAVED_N];  // those buffers (NULL: the kind is kept per block)
+    float *saved_fp32[NM_SAVED_N];  // those buffers (NULL: the kind is kept per block; saved in fp8
+                                    // too, for the experts' input rows)
     int saved_taken[NM_SAVED_N];    // layout: taken in this pass
+    int saved_fp8;              // a model created for fp8 without whole-block recomputation: the
+                                // experts' input rows saved as fp8 (block_acts.x_codes), their fp32
+                                // buffer shared (saved_fp32[NM_SAVED_X_PERM or NM_SAVED_X_LOC])
 } nm_model_bf16;
 
 // Tensor parallelism (docs/parallelism.md): local sizes (the full ones without it).

@@ -165,6 +165,29 @@ void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32
     }
 }
 
+// --- the experts' input rows saved in fp8 -------------------------------------------------------
+//
+// A model created for fp8 keeps each block's expert input rows as the expert GEMM quantises
+// them (e4m3 codes and tile scales, block_acts.x_codes) and one fp32 buffer for all blocks: the
+// forward quantises into the block's codes and dequantises into the buffer (fp8_round_rows's
+// values, by its definition), the backward dequantises them again before the experts read them.
+
+// rows x D of x (=) their fp8 rounding, kept in b's codes when it has them.
+static void fp8_round_saved(nm_model *m, block_acts *b, float *x, int64_t rows) {
+    const int64_t D = m->cfg.D;
+    if (!b->x_codes) {
+        m->ops->fp8_round_rows(x, rows, D);
+        return;
+    }
+    m->ops->fp8_quantize_rows(b->x_codes, b->x_scales, x, rows, D);
+    m->ops->fp8_dequantize_rows(x, b->x_codes, b->x_scales, rows, D);
+}
+
+// rows x D of x (=) b's saved rows (no-op unless saved in fp8).
+static void fp8_restore_saved(nm_model *m, const block_acts *b, float *x, int64_t rows) {
+    if (b->x_codes && rows > 0) m->ops->fp8_dequantize_rows(x, b->x_codes, b->x_scales, rows, m->cfg.D);
+}
+
 // --- expert parallelism: dispatch and combine, in bounded rounds ------------------------------
 //
 // After routing, x_perm holds this rank's N*K rows sorted by global expert, so the rows for EP
@@ -377,6 +400,14 @@ static void ep_dispatch_fp8(nm_model *m, const float *rows, float *expert_rows, 
     m->ops->fp8_dequantize_rows(expert_rows, codes, scales, n_in, D);
 }
 
+// Saved in fp8: the rows this round's fp8 dispatch left in ep.buf (codes, then scales; n_in
+// rows, expert-major) into block b's codes and scales.
+static void ep_keep_fp8(nm_model *m, block_acts *b, int64_t n_in) {
+    const int64_t D = m->cfg.D, tiles = (D + 127) / 128;
+    memcpy(b->x_codes, m->ep.buf, (size_t)(n_in * D));
+    memcpy(b->x_scales, m->ep.buf + (m->ep.cap * D + 3) / 4, (size_t)(n_in * tiles) * sizeof(float));
+}
+
 // This round's slices of the source rows (N*K, D, x_perm order) -> expert-major rows here
 // (n_in of them), in the payload's dtype (above). bf16 rows arrive in the upper half of
 // ep.buf's bytes, are reordered into the lower half and widened into expert_rows.
@@ -423,6 +454,9 @@ static void ep_experts_forward(nm_model *m, const nm_layer_offsets *w, block_act
         // the experts' rank rounds what it received (bf16: values that crossed as bf16)
         ep_dispatch(m, b->x_perm, b->x_loc, rows, EP_ACTIVATIONS);
         nm_round_act(m, b->x_loc, rows * m->cfg.D);
+        // saved in fp8: one round's rows are the backward's, kept as they crossed (with more
+        // rounds the backward sends them again)
+        if (b->x_codes && b->ep_rounds == 1) ep_keep_fp8(m, b, rows);
         // the outputs of the round go back at once: the backward's d_x_loc holds them meanwhile
         nm_moe_experts_forward(m, w, m->ep.round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->ep.d_x_loc);
         ep_combine(m, m->ep.d_x_loc, b->e_out);
@@ -439,6 +473,7 @@ static void ep_experts_backward(nm_model *m, const nm_layer_offsets *w, block_ac
             nm_round_act(m, b->x_loc, rows * m->cfg.D);
             nm_moe_experts_forward(m, w, m->ep.round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->ep.d_x_loc);
         }
+        if (b->ep_rounds == 1) fp8_restore_saved(m, b, b->x_loc, rows);  // saved in fp8: this block's rows
         ep_dispatch(m, m->scratch.d_e_out, m->ep.d_e_out_loc, rows, EP_GRADIENTS);
         nm_moe_experts_backward(m, w, m->ep.round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->ep.d_e_out_loc,
                                 m->scratch.d_e_act, m->scratch.d_e_gate_up, m->ep.d_x_loc);
@@ -521,7 +556,7 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
         up.work(m, up.ctx);
         nm_moe_gather(m, b->x_perm, f, b->perm, n0, K, D);  // bf16: rounded, with its twin
         // fp8: the rows and the outputs as they would have crossed the all-to-all (ep_dispatch)
-        if (m->precision == NM_PRECISION_FP8) ops->fp8_round_rows(b->x_perm, n0 * K, D);
+        if (m->precision == NM_PRECISION_FP8) fp8_round_saved(m, b, b->x_perm, n0 * K);
         nm_moe_experts_forward(m, w, b->offsets, b->x_perm, b->e_gate_up, b->e_act, b->e_out);
         if (m->precision == NM_PRECISION_FP8) ops->round_bf16(b->e_out, b->e_out, n0 * K * D);
     }
@@ -577,6 +612,7 @@ void nm_moe_backward(nm_model *m, int64_t l, float aux_seed) {
         back.work(m, back.ctx);
         // fp8: the gradients as they would have crossed the all-to-all, both ways (ep_dispatch)
         if (m->precision == NM_PRECISION_FP8) ops->round_bf16(m->scratch.d_e_out, m->scratch.d_e_out, n0 * K * D);
+        fp8_restore_saved(m, b, b->x_perm, n0 * K);  // saved in fp8: this block's rows again
         nm_moe_experts_backward(m, w, b->offsets, b->x_perm, b->e_gate_up, b->e_act, m->scratch.d_e_out,
                                 m->scratch.d_e_act, m->scratch.d_e_gate_up, m->scratch.d_x_perm);
         if (m->precision == NM_PRECISION_FP8) ops->round_bf16(m->scratch.d_x_perm, m->scratch.d_x_perm, n0 * K * D);

@@ -242,9 +242,10 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
     if (p->n.ep > 1 && cfg->E > 0 && n_moe > 0) {
         // The buffers sized by the receive capacity C, in bytes per row: per MoE layer and
         // activation set (once with recomputation) x_loc (D), e_gate_up (2Fe) and e_act (Fe,
-        // one shared buffer with recompute_modules moe_act); a bf16 run without whole-block
-        // recomputation keeps x_loc and e_act in bf16 per set and one fp32 buffer of each
-        // (model_state.c take_saved); once, the backward's d_e_out_loc, d_x_loc and the
+        // one shared buffer with recompute_modules moe_act); without whole-block recomputation
+        // a bf16 run keeps x_loc and e_act in bf16 per set and one fp32 buffer of each, an fp8
+        // run x_loc as e4m3 codes and tile scales per set and one fp32 buffer (model_state.c
+        // take_saved, take_expert_rows); once, the backward's d_e_out_loc, d_x_loc and the
         // exchange buffer (3D), d_e_act and d_e_gate_up (3Fe).
         int64_t rows = r->micro_batch * T;
         if (sp) rows = (rows + p->n.tp - 1) / p->n.tp;
@@ -252,10 +253,12 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
         int64_t sets = r->recompute ? 1 : n_moe * s->in_flight;  // every chunk's slots hold its own layers
         s->ep_receive_rows = C;
         const int saved_bf16 = r->precision == NM_PRECISION_BF16 && !r->recompute;
+        const int saved_fp8 = r->precision == NM_PRECISION_FP8 && !r->recompute;
         const int shared_act = r->recompute_moe_act && !r->recompute;
-        int64_t per_set = (saved_bf16 ? 2 : 4) * cfg->D + 8 * cfg->Fe + (shared_act ? 0 : (saved_bf16 ? 2 : 4) * cfg->Fe);
+        const int64_t x_set = saved_bf16 ? 2 * cfg->D : saved_fp8 ? cfg->D + 4 * ((cfg->D + 127) / 128) : 4 * cfg->D;
+        int64_t per_set = x_set + 8 * cfg->Fe + (shared_act ? 0 : (saved_bf16 ? 2 : 4) * cfg->Fe);
         int64_t once = 4 * (3 * cfg->D + 3 * cfg->Fe) + (shared_act ? 4 * cfg->Fe : 0) +
-                       (saved_bf16 ? 4 * cfg->D + (shared_act ? 0 : 4 * cfg->Fe) : 0);
+                       (saved_bf16 || saved_fp8 ? 4 * cfg->D : 0) + (saved_bf16 && !shared_act ? 4 * cfg->Fe : 0);
         s->ep_buffer_bytes = (sets * per_set + once) * C;
     }
     s->total_bytes = s->params_bytes + s->grads_bytes + s->bf16_copy_bytes + s->bf16_twin_bytes + s->optimizer_bytes +
