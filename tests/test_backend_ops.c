@@ -868,8 +868,10 @@ static void test_instances(const char *name) {
     float *d16h = malloc((size_t)(M * N) * sizeof(float)), *d8h = malloc((size_t)(M * N) * sizeof(float));
     y->copy_to_host(y, d16h, d16, (size_t)(M * N) * sizeof(float));
     y->copy_to_host(y, d8h, d8, (size_t)(M * N) * sizeof(float));
-    EXPECT(memcmp(c16h, d16h, (size_t)(M * N) * sizeof(float)) == 0, "backend %s: gemm_bf16 differs between instances", name);
-    EXPECT(memcmp(c8h, d8h, (size_t)(M * N) * sizeof(float)) == 0, "backend %s: gemm_fp8 differs between instances", name);
+    EXPECT(memcmp(c16h, d16h, (size_t)(M * N) * sizeof(float)) == 0, "backend %s: gemm_bf16 differs between instances",
+           name);
+    EXPECT(memcmp(c8h, d8h, (size_t)(M * N) * sizeof(float)) == 0, "backend %s: gemm_fp8 differs between instances",
+           name);
     y->free(y, A3), y->free(y, B3), y->free(y, d16), y->free(y, d8);
     free(c16h), free(c8h), free(d16h), free(d8h);
     nm_backend_destroy(y);

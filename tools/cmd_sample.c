@@ -115,7 +115,8 @@ int nm_cmd_sample(int argc, char **argv) {
     int64_t total = n_prompt + n_new;
     int64_t T_max = total < cfg.max_pos ? total : cfg.max_pos;
     // NM_BACKEND, else the CPU backend; destroyed after the model
-    if (nm_backend_select(&ops, NULL, &err) != 0 || nm_model_create(&m, &cfg, ops, 1, T_max < 2 ? 2 : T_max, &err) != 0) goto done;
+    if (nm_backend_select(&ops, NULL, &err) != 0 ||
+        nm_model_create(&m, &cfg, ops, 1, T_max < 2 ? 2 : T_max, &err) != 0) goto done;
     if (nm_hf_dir_load_model(dir, nm_model_table(m), &cfg, 0, nm_model_params(m), &err) != 0) goto done;
     ids = nm_realloc(ids, (size_t)total * sizeof(int32_t));
     logits = nm_malloc((size_t)(T_max * cfg.V) * sizeof(float));

@@ -308,7 +308,8 @@ int nm_cmd_eval(int argc, char **argv) {
         goto done;
     }
     // NM_BACKEND, else the CPU backend; destroyed after the model
-    if (nm_backend_select(&ops, NULL, &err) != 0 || nm_model_create(&m, &cfg, ops, B, seq_len + 1, &err) != 0) goto done;
+    if (nm_backend_select(&ops, NULL, &err) != 0 ||
+        nm_model_create(&m, &cfg, ops, B, seq_len + 1, &err) != 0) goto done;
     if (nm_hf_dir_load_model(dir, nm_model_table(m), &cfg, 0, nm_model_params(m), &err) != 0) goto done;
     nm_data_spec spec;
     nm_data_spec_default(&spec);

@@ -147,8 +147,8 @@ struct nm_ops {
     // Tunes the backend's kernels for the GEMMs of one step (shapes, n_shapes), keeping its pick
     // in cache_dir so that a resume takes the same kernels; measure = 0 takes defaults (or the
     // cache) without timing. desc gets one line for the banner. NULL: nothing to tune.
-    int (*tune)(const nm_ops *be, const nm_gemm_shape *shapes, int n_shapes, const char *cache_dir, int measure, char *desc,
-                size_t desc_size, nm_error *err);
+    int (*tune)(const nm_ops *be, const nm_gemm_shape *shapes, int n_shapes, const char *cache_dir, int measure,
+                char *desc, size_t desc_size, nm_error *err);
 
     // --- dense linear algebra ---------------------------------------------------------------
     // Row-major GEMM with BLAS semantics: C(M,N) = alpha * op(A) op(B) + beta * C.
@@ -208,16 +208,20 @@ struct nm_ops {
     // y (+=) alpha * x
     void (*axpy)(const nm_ops *be, float *y, const float *x, float alpha, int64_t n);
     // dst[r, 0:cols] (=) src[r, 0:cols] for r < rows, with leading dimensions (floats).
-    void (*copy_2d)(const nm_ops *be, float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows, int64_t cols);
+    void (*copy_2d)(const nm_ops *be, float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows,
+                    int64_t cols);
     // dst[r, 0:cols] (+=) src[r, 0:cols]
-    void (*add_2d)(const nm_ops *be, float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows, int64_t cols);
+    void (*add_2d)(const nm_ops *be, float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows,
+                   int64_t cols);
 
     // --- embedding ------------------------------------------------------------------------
     // out(N,D) (=) emb[tokens[n]]. Tokens are range-checked by the caller; a negative id (a
     // vocabulary row another tensor-parallel rank holds) gives a zero row.
-    void (*embedding_forward)(const nm_ops *be, float *out, const int32_t *tokens, const float *emb, int64_t N, int64_t D);
+    void (*embedding_forward)(const nm_ops *be, float *out, const int32_t *tokens, const float *emb, int64_t N,
+                              int64_t D);
     // demb (+=) scatter-add of dout rows; rows with a negative id are skipped.
-    void (*embedding_backward)(const nm_ops *be, float *demb, const float *dout, const int32_t *tokens, int64_t N, int64_t D);
+    void (*embedding_backward)(const nm_ops *be, float *demb, const float *dout, const int32_t *tokens, int64_t N,
+                               int64_t D);
 
     // --- RMSNorm: out = w * x / sqrt(mean(x^2) + eps) ----------------------------------------
     // out(N,D) (=), rstd(N) (=) saved 1/sqrt(mean(x^2)+eps).
@@ -231,13 +235,15 @@ struct nm_ops {
     // out(N,F) (=); gate_up(N,2F).
     void (*swiglu_forward)(const nm_ops *be, float *out, const float *gate_up, int64_t N, int64_t F);
     // dgate_up(N,2F) (=).
-    void (*swiglu_backward)(const nm_ops *be, float *dgate_up, const float *dout, const float *gate_up, int64_t N, int64_t F);
+    void (*swiglu_backward)(const nm_ops *be, float *dgate_up, const float *dout, const float *gate_up, int64_t N,
+                            int64_t F);
     // bf16: the same, the output rounded to bf16 in its fp32 storage (as round_bf16 after the
     // op would) and, when bits is not NULL, also written as bf16 to bits (out's shape): the
     // rounding and the twin's cast (round_cast_bf16) without two more passes over the output.
-    void (*swiglu_forward_bf16)(const nm_ops *be, float *out, uint16_t *bits, const float *gate_up, int64_t N, int64_t F);
-    void (*swiglu_backward_bf16)(const nm_ops *be, float *dgate_up, uint16_t *bits, const float *dout, const float *gate_up,
-                                 int64_t N, int64_t F);
+    void (*swiglu_forward_bf16)(const nm_ops *be, float *out, uint16_t *bits, const float *gate_up, int64_t N,
+                                int64_t F);
+    void (*swiglu_backward_bf16)(const nm_ops *be, float *dgate_up, uint16_t *bits, const float *dout,
+                                 const float *gate_up, int64_t N, int64_t F);
 
     // --- RoPE on adjacent pairs (dsv3-spec 4.2), in place -------------------------------------
     // x is (B, T, n_heads, head_dim); channels [offset, offset+Dr) of every head are rotated
@@ -253,8 +259,9 @@ struct nm_ops {
     // kv(B,T,H,Dn+Dv) per head [k_nope | v]; k_pe(B,T,Dr) rotated, shared by all heads.
     // score(i,j) = scale * (q_nope_i . k_nope_j + q_pe_i . k_pe_j), j <= i; softmax over j.
     // out(B,T,H,Dv) (=); lse(B,H,T) (=) saved log-sum-exp of the scaled scores.
-    void (*attention_forward)(const nm_ops *be, float *out, float *lse, const float *q, const float *kv, const float *k_pe,
-                              int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr, int64_t Dv, float scale);
+    void (*attention_forward)(const nm_ops *be, float *out, float *lse, const float *q, const float *kv,
+                              const float *k_pe, int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr, int64_t Dv,
+                              float scale);
     // dq(B,T,H,Dn+Dr) (=), dkv(B,T,H,Dn+Dv) (=), dk_pe(B,T,Dr) (=) summed over heads.
     // scratch: at least B*H*T*Dr floats (per-head dk_pe before the sum over heads).
     void (*attention_backward)(const nm_ops *be, float *dq, float *dkv, float *dk_pe, float *scratch, const float *dout,
@@ -271,19 +278,20 @@ struct nm_ops {
     // dlogits(N,V) (=) scale * (exp(logits[n] - lse[n]) - onehot(targets[n])), 0 for rows
     // without a target; lse from xent_forward on the same logits. dlogits may alias logits
     // (computed in place).
-    void (*xent_backward)(const nm_ops *be, float *dlogits, const float *logits, const float *lse, const int32_t *targets,
-                          float scale, int64_t N, int64_t V);
+    void (*xent_backward)(const nm_ops *be, float *dlogits, const float *logits, const float *lse,
+                          const int32_t *targets, float scale, int64_t N, int64_t V);
     // The same over vocabulary tiles, for a head whose (N, V) logits are never stored whole:
     // call with consecutive tiles [v0, v0 + Vt) covering [0, V) in order, logits(N, Vt) with
     // leading dimension ld. stats(N, 3) (running max, exp-sum, target logit) carries the rows'
     // state from tile to tile (written on the first tile, v0 == 0); losses and lse are (=) on
     // the last (v0 + Vt == V), as xent_forward's. One tile [0, V) equals xent_forward.
-    void (*xent_tile_forward)(const nm_ops *be, float *losses, float *lse, double *stats, const float *logits, int64_t ld,
-                              const int32_t *targets, int64_t N, int64_t V, int64_t v0, int64_t Vt);
+    void (*xent_tile_forward)(const nm_ops *be, float *losses, float *lse, double *stats, const float *logits,
+                              int64_t ld, const int32_t *targets, int64_t N, int64_t V, int64_t v0, int64_t Vt);
     // dlogits(N, Vt) (=, leading dimension ld_d, may alias logits) for columns [v0, v0 + Vt):
     // xent_backward's formula with the one-hot restricted to the tile; lse from the forward.
-    void (*xent_tile_backward)(const nm_ops *be, float *dlogits, int64_t ld_d, const float *logits, int64_t ld, const float *lse,
-                               const int32_t *targets, float scale, int64_t N, int64_t V, int64_t v0, int64_t Vt);
+    void (*xent_tile_backward)(const nm_ops *be, float *dlogits, int64_t ld_d, const float *logits, int64_t ld,
+                               const float *lse, const int32_t *targets, float scale, int64_t N, int64_t V, int64_t v0,
+                               int64_t Vt);
 
     // --- MoE router (dsv3-spec 5, 7) -----------------------------------------------------------
     // logits(N,E) = u W_gate^T (computed by gemm). scores(N,E) (=) sigmoid or softmax of logits;
@@ -314,12 +322,13 @@ struct nm_ops {
     void (*moe_permute)(const nm_ops *be, int32_t *offsets, int32_t *perm, const int32_t *topk_idx,
                         int64_t N, int64_t K, int64_t E);
     // dst(N*K, D) (=) src[perm[r] / K] for every permuted row r.
-    void (*moe_gather)(const nm_ops *be, float *dst, const float *src, const int32_t *perm, int64_t N, int64_t K, int64_t D);
+    void (*moe_gather)(const nm_ops *be, float *dst, const float *src, const int32_t *perm, int64_t N, int64_t K,
+                       int64_t D);
     // bf16: the same, the rows rounded to bf16 in dst's fp32 storage (as round_bf16 after the
     // gather would) and, when bits is not NULL, also written as bf16 to bits (dst's shape): the
     // routed experts' input, read by bf16 GEMMs only, produced in one pass.
-    void (*moe_gather_bf16)(const nm_ops *be, float *dst, uint16_t *bits, const float *src, const int32_t *perm, int64_t N,
-                            int64_t K, int64_t D);
+    void (*moe_gather_bf16)(const nm_ops *be, float *dst, uint16_t *bits, const float *src, const int32_t *perm,
+                            int64_t N, int64_t K, int64_t D);
     // y(N,D) (+=) sum over rows r of topk_weight[perm[r]] * expert_out[r] into token perm[r]/K.
     void (*moe_combine_forward)(const nm_ops *be, float *y, const float *expert_out, const float *topk_weight,
                                 const int32_t *perm, int64_t N, int64_t K, int64_t D);
@@ -328,7 +337,8 @@ struct nm_ops {
                                  const float *expert_out, const float *topk_weight,
                                  const int32_t *perm, int64_t N, int64_t K, int64_t D);
     // dsrc(N,D) (+=) scatter-add of dst rows back to their tokens (the gather's backward).
-    void (*moe_scatter_add)(const nm_ops *be, float *dsrc, const float *ddst, const int32_t *perm, int64_t N, int64_t K, int64_t D);
+    void (*moe_scatter_add)(const nm_ops *be, float *dsrc, const float *ddst, const int32_t *perm, int64_t N, int64_t K,
+                            int64_t D);
 
     // --- fp8 rows: the expert all-to-all's e4m3 transport (DeepSeek-V3's FP8 dispatch) ---------
     // Rows of x(rows, D) in 1 x 128 tiles along D (the last tile of a row may be shorter), the
@@ -337,7 +347,8 @@ struct nm_ops {
     // q(rows, D) (=) the E4M3 codes; scales(rows, ceil(D/128)) (=) the tiles' s.
     void (*fp8_quantize_rows)(const nm_ops *be, uint8_t *q, float *scales, const float *x, int64_t rows, int64_t D);
     // x(rows, D) (=) decode(q) * s: the values gemm_fp8 would multiply.
-    void (*fp8_dequantize_rows)(const nm_ops *be, float *x, const uint8_t *q, const float *scales, int64_t rows, int64_t D);
+    void (*fp8_dequantize_rows)(const nm_ops *be, float *x, const uint8_t *q, const float *scales, int64_t rows,
+                                int64_t D);
     // x(rows, D) (=) fp8_dequantize_rows(fp8_quantize_rows(x)), in place, without the codes: what
     // the rows are after crossing as fp8, for a rank that holds its experts itself.
     void (*fp8_round_rows)(const nm_ops *be, float *x, int64_t rows, int64_t D);
@@ -355,8 +366,8 @@ struct nm_ops {
     // (train/optim.h): params (+=) the update, m and v (=) the new moments at each chunk's
     // state offset, stored as m_type / v_type (NM_F32, or NM_BF16: widened to fp32 for the
     // update, rounded back to nearest even).
-    void (*adamw_chunks)(const nm_ops *be, float *params, void *m, nm_dtype m_type, void *v, nm_dtype v_type, const float *grads,
-                         const nm_optim_chunk *chunks, int64_t n, const nm_adamw_coefs *k);
+    void (*adamw_chunks)(const nm_ops *be, float *params, void *m, nm_dtype m_type, void *v, nm_dtype v_type,
+                         const float *grads, const nm_optim_chunk *chunks, int64_t n, const nm_adamw_coefs *k);
     // The aux-loss-free balance rule (DeepSeek-V3 2.1.2, Megatron-Core get_updated_expert_bias):
     // bias(E) (+=) gamma * sign(mean(counts) - counts[e]); counts(E) host memory.
     void (*router_bias_update)(const nm_ops *be, float *bias, const int64_t *counts, int64_t E, float gamma);

@@ -51,16 +51,16 @@ static void check_shapes(int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr
 
 // S(bq, bk) (=) scale * (q_nope . k_nope^T + q_pe . k_pe^T) for the query tile at
 // q (row stride H*Dqk) and the key chunk at kv (row stride H*Dkv) / kpe (row stride Dr).
-static void scores(const nm_ops *be, float *S, const float *q, const float *kv, const float *kpe, int64_t bq, int64_t bk,
-                   int64_t H, int64_t Dn, int64_t Dr, int64_t Dv, float scale) {
+static void scores(const nm_ops *be, float *S, const float *q, const float *kv, const float *kpe, int64_t bq,
+                   int64_t bk, int64_t H, int64_t Dn, int64_t Dr, int64_t Dv, float scale) {
     const int64_t Dqk = Dn + Dr, Dkv = Dn + Dv;
     nm_cpu_gemm(be, NM_NO_TRANS, NM_TRANS, bq, bk, Dn, scale, q, H * Dqk, kv, H * Dkv, 0.0f, S, NM_ATTN_BK);
     nm_cpu_gemm(be, NM_NO_TRANS, NM_TRANS, bq, bk, Dr, scale, q + Dn, H * Dqk, kpe, Dr, 1.0f, S, NM_ATTN_BK);
 }
 
 // out(B,T,H,Dv) (=), lse(B,H,T) (=); q(B,T,H,Dn+Dr), kv(B,T,H,Dn+Dv), k_pe(B,T,Dr)
-void nm_cpu_attention_forward(const nm_ops *be, float *out, float *lse, const float *q, const float *kv, const float *k_pe,
-                              int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr, int64_t Dv,
+void nm_cpu_attention_forward(const nm_ops *be, float *out, float *lse, const float *q, const float *kv,
+                              const float *k_pe, int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr, int64_t Dv,
                               float scale) {
     check_shapes(B, T, H, Dn, Dr, Dv);
     const int64_t Dqk = Dn + Dr, Dkv = Dn + Dv, n_tiles = (T + NM_ATTN_BQ - 1) / NM_ATTN_BQ;

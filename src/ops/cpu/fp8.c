@@ -19,9 +19,10 @@
 // only), fp8 storage (values are kept dequantised in fp32) and E5M2 (the recipe has none).
 //
 // Scratch: the dequantised operands and their scales live in one buffer of the backend
-// instance (nm_cpu_ctx.fp8_scratch) that grows (free + aligned alloc) only when a GEMM needs more than any earlier one, so the step
-// loop allocates nothing once every shape has been seen. Consequence: gemm_fp8 is not
-// reentrant; like every op it is called from one thread (its parallelism is OpenMP inside).
+// instance (nm_cpu_ctx.fp8_scratch) that grows (free + aligned alloc) only when a GEMM needs
+// more than any earlier one, so the step loop allocates nothing once every shape has been
+// seen. Consequence: gemm_fp8 is not reentrant on one instance; like every op it is called
+// from one thread (its parallelism is OpenMP inside).
 #include <math.h>
 #include <stddef.h>
 
@@ -112,7 +113,8 @@ void nm_cpu_fp8_quantize_rows(const nm_ops *be, uint8_t *q, float *scales, const
     }
 }
 
-void nm_cpu_fp8_dequantize_rows(const nm_ops *be, float *x, const uint8_t *q, const float *scales, int64_t rows, int64_t D) {
+void nm_cpu_fp8_dequantize_rows(const nm_ops *be, float *x, const uint8_t *q, const float *scales, int64_t rows,
+                                int64_t D) {
     NM_CHECK(rows >= 0 && D > 0, "fp8_dequantize_rows rows=%lld D=%lld", (long long)rows, (long long)D);
     const int64_t nt = (D + NM_FP8_TILE - 1) / NM_FP8_TILE;
 #pragma omp parallel for schedule(static) if (rows * D > 65536)

@@ -131,8 +131,8 @@ void nm_cpu_gemm(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_t M, 
 // whole call, so the order changes no result. The order buffer is the instance's
 // (nm_cpu_ctx.grouped_order): call from one thread (the model's), not inside a parallel region.
 
-void nm_cpu_gemm_grouped(const nm_ops *be, nm_transpose ta, nm_transpose tb, float alpha, float beta, const nm_gemm_group *groups,
-                         int64_t n) {
+void nm_cpu_gemm_grouped(const nm_ops *be, nm_transpose ta, nm_transpose tb, float alpha, float beta,
+                         const nm_gemm_group *groups, int64_t n) {
     NM_CHECK(n >= 0, "gemm_grouped n=%lld", (long long)n);
     NM_CHECK(!omp_in_parallel(), "gemm_grouped keeps one order buffer: call it from one thread");
     nm_cpu_ctx *ctx = nm_cpu_ctx_of(be);

@@ -72,7 +72,7 @@
                  dnnl_status2str(nm_dnnl_status_));                                        \
     } while (0)
 
-// --- the instance's state (nm_cpu_ctx.bf16) ----------------------------------------------------------------------------
+// --- the instance's state (nm_cpu_ctx.bf16) -------------------------------------------------
 
 typedef struct nm_bf16_scratch {
     uint16_t *data;
@@ -182,7 +182,8 @@ static void init_once(nm_cpu_bf16_state *g) {
         nm_check_failed(__FILE__, __LINE__, "gemm_bf16 set up (ops->setup)", "%s", err.msg);
 }
 
-static int create_primitive(nm_cpu_bf16_state *g, nm_transpose ta, nm_transpose tb, int scaled, int accumulate, nm_error *err);
+static int create_primitive(nm_cpu_bf16_state *g, nm_transpose ta, nm_transpose tb, int scaled, int accumulate,
+                            nm_error *err);
 
 // Whether oneDNN can run its bf16 matmul here: all 16 primitives this file uses are created
 // once (~10 ms), so a later call never meets a creation failure. oneDNN 2.6 has no bf16
@@ -414,7 +415,8 @@ static void matrix_desc(dnnl_memory_desc_t *md, dnnl_data_type_t dt, int64_t row
 // Creates the primitive of one (ta, tb, alpha != 1, beta != 0) in its slot; -1 with err
 // where oneDNN cannot (no bf16 matmul on this ISA). No silent fp32 fallback: that would change
 // the numerics the caller asked for.
-static int create_primitive(nm_cpu_bf16_state *g, nm_transpose ta, nm_transpose tb, int scaled, int accumulate, nm_error *err) {
+static int create_primitive(nm_cpu_bf16_state *g, nm_transpose ta, nm_transpose tb, int scaled, int accumulate,
+                            nm_error *err) {
     dnnl_primitive_t *slot = &g->prim[ta][tb][scaled][accumulate];
     if (*slot) return 0;
     dnnl_memory_desc_t a, b, c;
@@ -534,8 +536,8 @@ static size_t widened_floats(const nm_gemm_group *x, nm_dtype a_type, nm_dtype b
     return a + b;
 }
 
-void nm_cpu_gemm_bf16_grouped(const nm_ops *be, nm_transpose ta, nm_transpose tb, float alpha, float beta, const nm_gemm_group *groups,
-                              int64_t n, nm_dtype a_type, nm_dtype b_type) {
+void nm_cpu_gemm_bf16_grouped(const nm_ops *be, nm_transpose ta, nm_transpose tb, float alpha, float beta,
+                              const nm_gemm_group *groups, int64_t n, nm_dtype a_type, nm_dtype b_type) {
     nm_cpu_bf16_state *g = nm_cpu_ctx_of(be)->bf16;
     NM_CHECK(n >= 0, "gemm_bf16_grouped n=%lld", (long long)n);
     NM_CHECK(!omp_in_parallel(), "gemm_bf16 keeps one set of scratch buffers: call it from one thread");

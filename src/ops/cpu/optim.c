@@ -66,8 +66,8 @@ static void adamw_run(float *p, float *mm, float *vv, const float *g, size_t n, 
 // adamw_run, rounded back; each float's operations are those of the fp32 path.
 #define MOMENT_BLOCK 1024
 
-void nm_cpu_adamw_chunks(const nm_ops *be, float *params, void *m, nm_dtype m_type, void *v, nm_dtype v_type, const float *grads,
-                         const nm_optim_chunk *chunks, int64_t n, const nm_adamw_coefs *k) {
+void nm_cpu_adamw_chunks(const nm_ops *be, float *params, void *m, nm_dtype m_type, void *v, nm_dtype v_type,
+                         const float *grads, const nm_optim_chunk *chunks, int64_t n, const nm_adamw_coefs *k) {
     NM_CHECK((m_type == NM_F32 || m_type == NM_BF16) && (v_type == NM_F32 || v_type == NM_BF16),
              "adamw moment types %d %d", (int)m_type, (int)v_type);
 #pragma omp parallel for schedule(static)

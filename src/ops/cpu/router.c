@@ -172,7 +172,8 @@ void nm_cpu_router_backward(const nm_ops *be, float *dlogits, const float *dtopk
 // --- complementary sequence-wise balance loss -----------------------------------------------
 
 // f(B,E) (=); scores(B*T,E). Returns mean over b of sum_i f_i P_i.
-double nm_cpu_balance_loss_forward(const nm_ops *be, float *f, const float *scores, int64_t B, int64_t T, int64_t E, int64_t K) {
+double nm_cpu_balance_loss_forward(const nm_ops *be, float *f, const float *scores, int64_t B, int64_t T, int64_t E,
+                                   int64_t K) {
     NM_CHECK(B >= 0 && T >= 1 && E >= 1 && E <= NM_CPU_MAX_STACK_DIM && K >= 1 && K <= E,
              "balance loss B=%lld T=%lld E=%lld K=%lld", (long long)B, (long long)T, (long long)E,
              (long long)K);

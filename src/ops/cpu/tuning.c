@@ -91,8 +91,8 @@ static void run_shape(const nm_ops *be, const shape *x, int bf16, nm_dtype w_typ
 // of load on a shared machine slows both rather than the one being timed: timed one whole set
 // after the other, a pick flipped between runs of the same binary (bf16 on tiny: onednn 122 /
 // widen 119 GFLOP/s in one run, 113 / 224 in the next).
-static void time_set(const nm_ops *be, const shape_set *set, int bf16, const char *const names[2], const timing_buffers *t,
-                     double total[2], double *flops) {
+static void time_set(const nm_ops *be, const shape_set *set, int bf16, const char *const names[2],
+                     const timing_buffers *t, double total[2], double *flops) {
     total[0] = total[1] = 0;
     *flops = 0;
     for (int i = 0; i < set->n; i++) {
@@ -202,8 +202,8 @@ static int write_cache(const char *path, const char *key, const char *fp32, cons
     return rc;
 }
 
-int nm_cpu_tune(const nm_ops *be, const nm_gemm_shape *shapes, int n_shapes, const char *run_dir, int measure, char *desc,
-                size_t desc_size, nm_error *err) {
+int nm_cpu_tune(const nm_ops *be, const nm_gemm_shape *shapes, int n_shapes, const char *run_dir, int measure,
+                char *desc, size_t desc_size, nm_error *err) {
     const shape_set set = {shapes, n_shapes};
     char key[4096], path[4200];
     make_key(key, sizeof key, &set);

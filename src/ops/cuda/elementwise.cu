@@ -111,7 +111,8 @@ void nm_cuda_axpy(const nm_ops *be, float *y, const float *x, float alpha, int64
     NM_CUDA_OP_DONE("axpy");
 }
 
-void nm_cuda_copy_2d(const nm_ops *be, float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows, int64_t cols) {
+void nm_cuda_copy_2d(const nm_ops *be, float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows,
+                     int64_t cols) {
     NM_CHECK(rows >= 0 && cols >= 0 && ld_dst >= cols && ld_src >= cols, "copy_2d shape");
     if (rows > 0 && cols > 0)
         NM_CUDA_CALL(cudaMemcpy2DAsync(dst, (size_t)ld_dst * sizeof(float), src, (size_t)ld_src * sizeof(float),
@@ -119,13 +120,15 @@ void nm_cuda_copy_2d(const nm_ops *be, float *dst, int64_t ld_dst, const float *
     NM_CUDA_OP_DONE("copy_2d");
 }
 
-void nm_cuda_add_2d(const nm_ops *be, float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows, int64_t cols) {
+void nm_cuda_add_2d(const nm_ops *be, float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows,
+                    int64_t cols) {
     NM_CHECK(rows >= 0 && cols >= 0 && ld_dst >= cols && ld_src >= cols, "add_2d shape");
     if (rows > 0 && cols > 0) copy_2d_kernel<<<GRID(rows * cols)>>>(dst, ld_dst, src, ld_src, rows, cols, 1);
     NM_CUDA_OP_DONE("add_2d");
 }
 
-void nm_cuda_embedding_forward(const nm_ops *be, float *out, const int32_t *tokens, const float *emb, int64_t N, int64_t D) {
+void nm_cuda_embedding_forward(const nm_ops *be, float *out, const int32_t *tokens, const float *emb, int64_t N,
+                               int64_t D) {
     NM_CHECK(N >= 0 && D >= 0, "embedding shape");
     if (N > 0 && D > 0) {
         // token ids may be host memory (the trainer's batch): staged when they are
@@ -135,7 +138,8 @@ void nm_cuda_embedding_forward(const nm_ops *be, float *out, const int32_t *toke
     NM_CUDA_OP_DONE("embedding_forward");
 }
 
-void nm_cuda_embedding_backward(const nm_ops *be, float *demb, const float *dout, const int32_t *tokens, int64_t N, int64_t D) {
+void nm_cuda_embedding_backward(const nm_ops *be, float *demb, const float *dout, const int32_t *tokens, int64_t N,
+                                int64_t D) {
     NM_CHECK(N >= 0 && D >= 0, "embedding shape");
     if (N > 0 && D > 0) {
         const int32_t *t = (const int32_t *)nm_cuda_readable(be, tokens, (size_t)N * sizeof(int32_t), NM_CUDA_SCRATCH_STAGE0);

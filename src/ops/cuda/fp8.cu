@@ -64,7 +64,8 @@ static __global__ void dequantize_rows_kernel(float *x, const uint8_t *q, const 
 
 // --- launchers ----------------------------------------------------------------------------------------
 
-static float *quantize(const nm_ops *be, const float *x, int64_t ld, int64_t rows, int64_t cols, int64_t br, int64_t bc, int slot) {
+static float *quantize(const nm_ops *be, const float *x, int64_t ld, int64_t rows, int64_t cols, int64_t br, int64_t bc,
+                       int slot) {
     float *deq = (float *)nm_cuda_scratch(be, slot, (size_t)(rows * cols) * sizeof(float));
     const int64_t nrb = (rows + br - 1) / br, ncb = (cols + bc - 1) / bc;
     NM_CHECK(nrb * ncb <= INT32_MAX, "gemm_fp8: %lld blocks", (long long)(nrb * ncb));
@@ -116,7 +117,8 @@ void nm_cuda_fp8_quantize_rows(const nm_ops *be, uint8_t *q, float *scales, cons
     NM_CUDA_OP_DONE("fp8_quantize_rows");
 }
 
-void nm_cuda_fp8_dequantize_rows(const nm_ops *be, float *x, const uint8_t *q, const float *scales, int64_t rows, int64_t D) {
+void nm_cuda_fp8_dequantize_rows(const nm_ops *be, float *x, const uint8_t *q, const float *scales, int64_t rows,
+                                 int64_t D) {
     check_rows("fp8_dequantize_rows", rows, D);
     const int64_t nt = (D + TILE - 1) / TILE;
     if (rows > 0) dequantize_rows_kernel<<<nm_cuda_blocks(rows * D, 256), 256, 0, NM_CUDA_STREAM>>>(x, q, scales, rows, D, nt);

@@ -163,14 +163,14 @@ void nm_cuda_lt_matmul(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64
 
 // --- fp32 -------------------------------------------------------------------------------------------
 
-void nm_cuda_gemm(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
-                  int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
+void nm_cuda_gemm(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+                  const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
     nm_cuda_lt_matmul(be, ta, tb, M, N, K, alpha, A, lda, B, ldb, 0, beta, C, ldc);
     NM_CUDA_OP_DONE("gemm");
 }
 
-void nm_cuda_gemm_grouped(const nm_ops *be, nm_transpose ta, nm_transpose tb, float alpha, float beta, const nm_gemm_group *groups,
-                          int64_t n) {
+void nm_cuda_gemm_grouped(const nm_ops *be, nm_transpose ta, nm_transpose tb, float alpha, float beta,
+                          const nm_gemm_group *groups, int64_t n) {
     NM_CHECK(n >= 0, "gemm_grouped n=%lld", (long long)n);
     // groups is host memory (the model's table of the layer's experts): read here, on the host
     for (int64_t g = 0; g < n; g++) {
@@ -184,8 +184,8 @@ void nm_cuda_gemm_grouped(const nm_ops *be, nm_transpose ta, nm_transpose tb, fl
 
 // The operand as the bf16 GEMM reads it: NM_BF16 storage directly (with its ld); fp32 storage
 // converted into scratch `slot`, packed (*ld_out = stored columns).
-static const void *bf16_operand(const nm_ops *be, const void *x, nm_dtype type, int64_t rows, int64_t cols, int64_t ld, int slot,
-                                int64_t *ld_out) {
+static const void *bf16_operand(const nm_ops *be, const void *x, nm_dtype type, int64_t rows, int64_t cols, int64_t ld,
+                                int slot, int64_t *ld_out) {
     NM_CHECK(type == NM_F32 || type == NM_BF16 || type == NM_F32_BF16, "gemm_bf16 operand type %d", (int)type);
     if (type == NM_BF16) {
         *ld_out = ld;
@@ -197,9 +197,9 @@ static const void *bf16_operand(const nm_ops *be, const void *x, nm_dtype type, 
     return d;
 }
 
-static void gemm_bf16_one(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
-                          const void *A, nm_dtype a_type, int64_t lda, const void *B, nm_dtype b_type, int64_t ldb,
-                          float beta, float *C, int64_t ldc) {
+static void gemm_bf16_one(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K,
+                          float alpha, const void *A, nm_dtype a_type, int64_t lda, const void *B, nm_dtype b_type,
+                          int64_t ldb, float beta, float *C, int64_t ldc) {
     NM_CHECK(M >= 0 && N >= 0 && K >= 0, "gemm_bf16 dims M=%lld N=%lld K=%lld", (long long)M, (long long)N,
              (long long)K);
     if (M == 0 || N == 0 || K == 0 || alpha == 0.0f) {

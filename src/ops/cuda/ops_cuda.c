@@ -4,7 +4,8 @@
 // Built only with the CUDA toolkit (CMake's NM_CUDA, which defines NM_HAVE_CUDA).
 #include "ops/cuda/cuda_ops.h"
 
-static void cuda_set_threads(const nm_ops *be, int n) { (void)n; }  // the host side is one thread; the device has its own
+static void cuda_set_threads(const nm_ops *be,
+                             int n) { (void)n; }  // the host side is one thread; the device has its own
 static int cuda_threads(const nm_ops *be) { return 1; }
 
 static const nm_ops cuda_ops = {

@@ -121,8 +121,8 @@ int64_t nm_cuda_first_nonfinite(const nm_ops *be, const float *x, int64_t n) {
     return first == ~0ull ? -1 : (int64_t)first;
 }
 
-void nm_cuda_adamw_chunks(const nm_ops *be, float *params, void *m, nm_dtype m_type, void *v, nm_dtype v_type, const float *grads,
-                          const nm_optim_chunk *chunks, int64_t n, const nm_adamw_coefs *k) {
+void nm_cuda_adamw_chunks(const nm_ops *be, float *params, void *m, nm_dtype m_type, void *v, nm_dtype v_type,
+                          const float *grads, const nm_optim_chunk *chunks, int64_t n, const nm_adamw_coefs *k) {
     NM_CHECK((m_type == NM_F32 || m_type == NM_BF16) && (v_type == NM_F32 || v_type == NM_BF16),
              "adamw moment types %d %d", (int)m_type, (int)v_type);
     const nm_optim_chunk *dc = device_chunks(be, chunks, n);

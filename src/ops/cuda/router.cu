@@ -224,7 +224,8 @@ static void check_balance(int64_t B, int64_t T, int64_t E, int64_t K) {
              "balance loss B=%lld T=%lld E=%lld K=%lld", (long long)B, (long long)T, (long long)E, (long long)K);
 }
 
-double nm_cuda_balance_loss_forward(const nm_ops *be, float *f, const float *scores, int64_t B, int64_t T, int64_t E, int64_t K) {
+double nm_cuda_balance_loss_forward(const nm_ops *be, float *f, const float *scores, int64_t B, int64_t T, int64_t E,
+                                    int64_t K) {
     check_balance(B, T, E, K);
     if (B == 0) return 0.0;
     double *prod = (double *)nm_cuda_scratch(be, NM_CUDA_SCRATCH_OUT, (size_t)(B * E) * sizeof(double));
@@ -244,8 +245,8 @@ double nm_cuda_balance_loss_forward(const nm_ops *be, float *f, const float *sco
     return total / (double)B;
 }
 
-void nm_cuda_balance_loss_backward(const nm_ops *be, float *dlogits, float dloss, const float *f, const float *scores, int64_t B,
-                                   int64_t T, int64_t E, int64_t K, nm_scoring scoring) {
+void nm_cuda_balance_loss_backward(const nm_ops *be, float *dlogits, float dloss, const float *f, const float *scores,
+                                   int64_t B, int64_t T, int64_t E, int64_t K, nm_scoring scoring) {
     check_balance(B, T, E, K);
     NM_CHECK(scoring == NM_SCORING_SIGMOID || scoring == NM_SCORING_SOFTMAX, "scoring %d", (int)scoring);
     const double gscale = (double)dloss / ((double)B * (double)T);

@@ -99,7 +99,8 @@ const char *nm_cuda_kernel_names(const nm_ops *be) {
     nm_cuda_ctx *ctx = nm_cuda_ctx_of(be);
     char *names = ctx->kernel_names;
     if (!names[0])
-        snprintf(names, sizeof ctx->kernel_names, "fp32 GEMM cuBLASLt (fp32 compute), bf16 GEMM cuBLASLt, fp8 GEMM emulated "
+        snprintf(names, sizeof ctx->kernel_names,
+                 "fp32 GEMM cuBLASLt (fp32 compute), bf16 GEMM cuBLASLt, fp8 GEMM emulated "
                  "(dequantised, fp32 cuBLASLt), one stream, synchronised per op; %.300s",
                  ctx->device_desc[0] ? ctx->device_desc : "no device set up");
     return names;

@@ -77,8 +77,8 @@ static const int32_t *device_targets(const nm_ops *be, const int32_t *targets, i
     return (const int32_t *)nm_cuda_readable(be, targets, (size_t)N * sizeof(int32_t), NM_CUDA_SCRATCH_STAGE0);
 }
 
-void nm_cuda_xent_forward(const nm_ops *be, float *losses, float *lse, const float *logits, const int32_t *targets, int64_t N,
-                          int64_t V) {
+void nm_cuda_xent_forward(const nm_ops *be, float *losses, float *lse, const float *logits, const int32_t *targets,
+                          int64_t N, int64_t V) {
     NM_CHECK(N >= 0 && V > 0 && N <= INT32_MAX, "xent shape N=%lld V=%lld", (long long)N, (long long)V);
     const int32_t *t = device_targets(be, targets, N, V);
     if (N > 0)
@@ -87,13 +87,13 @@ void nm_cuda_xent_forward(const nm_ops *be, float *losses, float *lse, const flo
     NM_CUDA_OP_DONE("xent_forward");
 }
 
-void nm_cuda_xent_backward(const nm_ops *be, float *dlogits, const float *logits, const float *lse, const int32_t *targets,
-                           float scale, int64_t N, int64_t V) {
+void nm_cuda_xent_backward(const nm_ops *be, float *dlogits, const float *logits, const float *lse,
+                           const int32_t *targets, float scale, int64_t N, int64_t V) {
     nm_cuda_xent_tile_backward(be, dlogits, V, logits, V, lse, targets, scale, N, V, 0, V);
 }
 
-void nm_cuda_xent_tile_forward(const nm_ops *be, float *losses, float *lse, double *stats, const float *logits, int64_t ld,
-                               const int32_t *targets, int64_t N, int64_t V, int64_t v0, int64_t Vt) {
+void nm_cuda_xent_tile_forward(const nm_ops *be, float *losses, float *lse, double *stats, const float *logits,
+                               int64_t ld, const int32_t *targets, int64_t N, int64_t V, int64_t v0, int64_t Vt) {
     NM_CHECK(N >= 0 && V > 0 && v0 >= 0 && Vt > 0 && v0 + Vt <= V && ld >= Vt && N <= INT32_MAX,
              "xent tile shape N=%lld V=%lld v0=%lld Vt=%lld ld=%lld", (long long)N, (long long)V, (long long)v0,
              (long long)Vt, (long long)ld);
@@ -104,8 +104,9 @@ void nm_cuda_xent_tile_forward(const nm_ops *be, float *losses, float *lse, doub
     NM_CUDA_OP_DONE("xent_tile_forward");
 }
 
-void nm_cuda_xent_tile_backward(const nm_ops *be, float *dlogits, int64_t ld_d, const float *logits, int64_t ld, const float *lse,
-                                const int32_t *targets, float scale, int64_t N, int64_t V, int64_t v0, int64_t Vt) {
+void nm_cuda_xent_tile_backward(const nm_ops *be, float *dlogits, int64_t ld_d, const float *logits, int64_t ld,
+                                const float *lse, const int32_t *targets, float scale, int64_t N, int64_t V, int64_t v0,
+                                int64_t Vt) {
     NM_CHECK(N >= 0 && V > 0 && v0 >= 0 && Vt > 0 && v0 + Vt <= V && ld >= Vt && ld_d >= Vt,
              "xent tile shape N=%lld V=%lld v0=%lld Vt=%lld", (long long)N, (long long)V, (long long)v0,
              (long long)Vt);

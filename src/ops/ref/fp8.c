@@ -40,9 +40,9 @@ static void quantize(float *deq, const float *x, int64_t ld, int64_t rows, int64
     }
 }
 
-void nm_ref_gemm_fp8(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
-                     int64_t lda, const float *B, int64_t ldb, nm_fp8_operand b_kind, float beta, float *C,
-                     int64_t ldc) {
+void nm_ref_gemm_fp8(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+                     const float *A, int64_t lda, const float *B, int64_t ldb, nm_fp8_operand b_kind, float beta,
+                     float *C, int64_t ldc) {
     NM_CHECK(M >= 0 && N >= 0 && K >= 0, "gemm_fp8 dims M=%lld N=%lld K=%lld", (long long)M, (long long)N,
              (long long)K);
     NM_CHECK(b_kind == NM_FP8_ACTIVATION || b_kind == NM_FP8_WEIGHT, "gemm_fp8 b_kind=%d", (int)b_kind);
@@ -95,7 +95,8 @@ void nm_ref_fp8_quantize_rows(const nm_ops *be, uint8_t *q, float *scales, const
         }
 }
 
-void nm_ref_fp8_dequantize_rows(const nm_ops *be, float *x, const uint8_t *q, const float *scales, int64_t rows, int64_t D) {
+void nm_ref_fp8_dequantize_rows(const nm_ops *be, float *x, const uint8_t *q, const float *scales, int64_t rows,
+                                int64_t D) {
     NM_CHECK(rows >= 0 && D > 0, "fp8_dequantize_rows rows=%lld D=%lld", (long long)rows, (long long)D);
     const int64_t nt = (D + NM_FP8_TILE - 1) / NM_FP8_TILE;
     for (int64_t r = 0; r < rows; r++)

@@ -82,9 +82,9 @@ static void bf16_values(float *dst, const void *x, nm_dtype type, int64_t rows, 
     }
 }
 
-void nm_ref_gemm_bf16(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha, const void *A,
-                      nm_dtype a_type, int64_t lda, const void *B, nm_dtype b_type, int64_t ldb, float beta, float *C,
-                      int64_t ldc) {
+void nm_ref_gemm_bf16(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+                      const void *A, nm_dtype a_type, int64_t lda, const void *B, nm_dtype b_type, int64_t ldb,
+                      float beta, float *C, int64_t ldc) {
     NM_CHECK(M >= 0 && N >= 0 && K >= 0, "gemm_bf16 dims M=%lld N=%lld K=%lld", (long long)M, (long long)N,
              (long long)K);
     NM_CHECK((a_type == NM_F32 || a_type == NM_BF16 || a_type == NM_F32_BF16) &&
@@ -107,8 +107,8 @@ void nm_ref_gemm_bf16(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_
     nm_ref_gemm(be, ta, tb, M, N, K, alpha, a, a_cols, b, b_cols, beta, C, ldc);
 }
 
-void nm_ref_gemm_bf16_grouped(const nm_ops *be, nm_transpose ta, nm_transpose tb, float alpha, float beta, const nm_gemm_group *groups,
-                              int64_t n, nm_dtype a_type, nm_dtype b_type) {
+void nm_ref_gemm_bf16_grouped(const nm_ops *be, nm_transpose ta, nm_transpose tb, float alpha, float beta,
+                              const nm_gemm_group *groups, int64_t n, nm_dtype a_type, nm_dtype b_type) {
     NM_CHECK(n >= 0, "gemm_bf16_grouped n=%lld", (long long)n);
     for (int64_t g = 0; g < n; g++) {
         const nm_gemm_group *x = &groups[g];

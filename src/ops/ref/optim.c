@@ -37,8 +37,8 @@ static void store(void *base, nm_dtype t, size_t i, float x) {
 }
 
 // torch.optim.AdamW's single-tensor update, one float at a time (train/optim.h).
-void nm_ref_adamw_chunks(const nm_ops *be, float *params, void *m, nm_dtype m_type, void *v, nm_dtype v_type, const float *grads,
-                         const nm_optim_chunk *chunks, int64_t n, const nm_adamw_coefs *k) {
+void nm_ref_adamw_chunks(const nm_ops *be, float *params, void *m, nm_dtype m_type, void *v, nm_dtype v_type,
+                         const float *grads, const nm_optim_chunk *chunks, int64_t n, const nm_adamw_coefs *k) {
     NM_CHECK((m_type == NM_F32 || m_type == NM_BF16) && (v_type == NM_F32 || v_type == NM_BF16),
              "adamw moment types %d %d", (int)m_type, (int)v_type);
     for (int64_t c = 0; c < n; c++) {
