@@ -33,6 +33,7 @@
 #include "train/balance.h"
 
 #include "test_util.h"
+#include "test_backend.h"
 
 // hidden 64, vocab 300, 1 dense + 2 MoE layers (8 experts, top-2, 4 groups, 2 kept), MTP 1.
 // initializer_range 0.1 (instead of 0.006) so activations, routing and gradients are O(1)
@@ -90,7 +91,7 @@ int main(void) {
         return 1;
     }
     nm_model *m;
-    if (nm_model_create(&m, &cfg, nm_ops_cpu(), B, T, &err) != 0) {
+    if (nm_model_create(&m, &cfg, test_backend("cpu"), B, T, &err) != 0) {
         fprintf(stderr, "model: %s\n", err.msg);
         return 1;
     }
@@ -189,7 +190,7 @@ int main(void) {
     // --- 2. one AdamW step after each --------------------------------------------------------
     nm_adamw_config acfg = {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1};
     nm_optimizer *o1, *o2;
-    if (nm_optimizer_create(&o1, tab, &acfg, nm_ops_cpu(), &err) != 0 || nm_optimizer_create(&o2, tab, &acfg, nm_ops_cpu(), &err) != 0) {
+    if (nm_optimizer_create(&o1, tab, &acfg, test_backend("cpu"), &err) != 0 || nm_optimizer_create(&o2, tab, &acfg, test_backend("cpu"), &err) != 0) {
         fprintf(stderr, "optimizer: %s\n", err.msg);
         return 1;
     }
@@ -226,7 +227,7 @@ int main(void) {
         EXPECT(sum == (int64_t)B * (ids[l] < cfg.L ? T : T - 1) * cfg.K, "layer %d: %lld selections", ids[l],
                (long long)sum);
         memcpy(old_bias, bias, (size_t)E * sizeof(float));
-        nm_ops_cpu()->router_bias_update(bias, c, E, gamma);
+        test_backend("cpu")->router_bias_update(test_backend("cpu"), bias, c, E, gamma);
         for (int64_t i = 0; i < E; i++) {
             // mean = sum/E; compare counts*E with sum to classify exactly
             int64_t d = sum - c[i] * E;
@@ -246,7 +247,7 @@ int main(void) {
     // (params still hold the initial values, biases plus the gamma update above)
     for (int l = 0; l < n_moe; l++) {
         float *bias = params + tab->layers[ids[l]].router_bias;
-        nm_ops_cpu()->router_bias_update(bias, counts_full + (size_t)l * E, E, 0.5f);
+        test_backend("cpu")->router_bias_update(test_backend("cpu"), bias, counts_full + (size_t)l * E, E, 0.5f);
     }
     if (nm_model_forward(m, tokens, B, T, &full_opt, &lf, NULL, &err) != 0) {
         fprintf(stderr, "forward after the bias update: %s\n", err.msg);

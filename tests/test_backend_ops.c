@@ -65,8 +65,8 @@ static char worst_name[128];
 // reads or writes comes from alloc"): host memory on the CPU backends, managed memory on the
 // CUDA one, which the host (and the reference backend) reads and writes as well. Zero-filled.
 // Host-only scratch of the comparisons stays nm_malloc.
-static void *buf_alloc(size_t bytes) { return be->alloc(bytes); }
-static void buf_free(void *p) { be->free(p); }
+static void *buf_alloc(size_t bytes) { return be->alloc(be, bytes); }
+static void buf_free(void *p) { be->free(be, p); }
 
 static float *randn(int64_t n, float scale) {
     float *x = buf_alloc((size_t)(n > 0 ? n : 1) * sizeof(float));
@@ -192,8 +192,8 @@ static void gemm_case(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, in
     const int64_t lda = ac + 3, ldb = bc + 1, ldc = N + 2;
     float *A = randn(ar * lda, 1.0f), *B = randn(br * ldb, 1.0f);
     float *C = beta == 0.0f ? nans(M * ldc) : randn(M * ldc, 1.0f), *Cr = copyf(C, M * ldc);
-    be->gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-    ref->gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, Cr, ldc);
+    be->gemm(be, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    ref->gemm(ref, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, Cr, ldc);
     char what[96];
     snprintf(what, sizeof what, "%c%c %lldx%lldx%lld a%g b%g", ta ? 'T' : 'N', tb ? 'T' : 'N', (long long)M,
              (long long)N, (long long)K, alpha, beta);
@@ -232,9 +232,9 @@ static void grouped_case(int bf16, nm_transpose ta, nm_transpose tb, float beta,
         int64_t br = tb == NM_NO_TRANS ? K : N, bc = tb == NM_NO_TRANS ? N : K;
         a[e] = randn(ar * ac, 1.0f);
         b[e] = randn(br * bc, 0.1f);
-        if (a_type != NM_F32) ref->round_bf16(a[e], a[e], ar * ac);
-        if (b_type != NM_F32) ref->round_bf16(b[e], b[e], br * bc);
-        if (b_type == NM_BF16) ref->cast_bf16((uint16_t *)b[e], b[e], br * bc);  // in place: packs the halves
+        if (a_type != NM_F32) ref->round_bf16(ref, a[e], a[e], ar * ac);
+        if (b_type != NM_F32) ref->round_bf16(ref, b[e], b[e], br * bc);
+        if (b_type == NM_BF16) ref->cast_bf16(ref, (uint16_t *)b[e], b[e], br * bc);  // in place: packs the halves
         c[e] = beta == 0.0f ? nans(M * N) : randn(M * N, 1.0f);
         cr[e] = copyf(c[e], M * N);
         g[e] = (nm_gemm_group){M, N, K, a[e], b[e], c[e], ac, bc, N};
@@ -242,11 +242,11 @@ static void grouped_case(int bf16, nm_transpose ta, nm_transpose tb, float beta,
         gr[e].C = cr[e];
     }
     if (bf16) {
-        be->gemm_bf16_grouped(ta, tb, 1.0f, beta, g, E, a_type, b_type);
-        ref->gemm_bf16_grouped(ta, tb, 1.0f, beta, gr, E, a_type, b_type);
+        be->gemm_bf16_grouped(be, ta, tb, 1.0f, beta, g, E, a_type, b_type);
+        ref->gemm_bf16_grouped(ref, ta, tb, 1.0f, beta, gr, E, a_type, b_type);
     } else {
-        be->gemm_grouped(ta, tb, 1.0f, beta, g, E);
-        ref->gemm_grouped(ta, tb, 1.0f, beta, gr, E);
+        be->gemm_grouped(be, ta, tb, 1.0f, beta, g, E);
+        ref->gemm_grouped(ref, ta, tb, 1.0f, beta, gr, E);
     }
     double err = 0.0;  // the worst group's
     for (int e = 0; e < E; e++) {
@@ -275,13 +275,13 @@ static void gemm_bf16_case(nm_transpose ta, nm_transpose tb, int64_t M, int64_t 
     const int64_t br = tb == NM_NO_TRANS ? K : N, bc = tb == NM_NO_TRANS ? N : K;
     const int64_t lda = ac + 2, ldb = bc + 4, ldc = N + 1;
     float *A = randn(ar * lda, 1.0f), *B = randn(br * ldb, 0.1f);
-    if (a_type != NM_F32) ref->round_bf16(A, A, ar * lda);
-    if (b_type != NM_F32) ref->round_bf16(B, B, br * ldb);
-    if (a_type == NM_BF16) ref->cast_bf16((uint16_t *)A, A, ar * lda);
-    if (b_type == NM_BF16) ref->cast_bf16((uint16_t *)B, B, br * ldb);
+    if (a_type != NM_F32) ref->round_bf16(ref, A, A, ar * lda);
+    if (b_type != NM_F32) ref->round_bf16(ref, B, B, br * ldb);
+    if (a_type == NM_BF16) ref->cast_bf16(ref, (uint16_t *)A, A, ar * lda);
+    if (b_type == NM_BF16) ref->cast_bf16(ref, (uint16_t *)B, B, br * ldb);
     float *C = beta == 0.0f ? nans(M * ldc) : randn(M * ldc, 1.0f), *Cr = copyf(C, M * ldc);
-    be->gemm_bf16(ta, tb, M, N, K, 1.0f, A, a_type, lda, B, b_type, ldb, beta, C, ldc);
-    ref->gemm_bf16(ta, tb, M, N, K, 1.0f, A, a_type, lda, B, b_type, ldb, beta, Cr, ldc);
+    be->gemm_bf16(be, ta, tb, M, N, K, 1.0f, A, a_type, lda, B, b_type, ldb, beta, C, ldc);
+    ref->gemm_bf16(ref, ta, tb, M, N, K, 1.0f, A, a_type, lda, B, b_type, ldb, beta, Cr, ldc);
     static const char *const tn[] = {"f32", "bf16", "f32_bf16"};
     char what[96];
     snprintf(what, sizeof what, "%c%c %lldx%lldx%lld %s x %s b%g", ta ? 'T' : 'N', tb ? 'T' : 'N', (long long)M,
@@ -307,8 +307,8 @@ static void test_gemm_bf16(void) {
     grouped_case(1, NM_NO_TRANS, NM_TRANS, 0.0f, NM_F32_BF16, NM_F32_BF16);
     grouped_case(1, NM_NO_TRANS, NM_TRANS, 0.0f, NM_F32_BF16, NM_BF16);
     grouped_case(1, NM_TRANS, NM_NO_TRANS, 1.0f, NM_F32_BF16, NM_F32_BF16);
-    EXPECT(be->gemm_bf16_weight_type() == NM_BF16 || be->gemm_bf16_weight_type() == NM_F32_BF16,
-           "gemm_bf16_weight_type %d", (int)be->gemm_bf16_weight_type());
+    EXPECT(be->gemm_bf16_weight_type(be) == NM_BF16 || be->gemm_bf16_weight_type(be) == NM_F32_BF16,
+           "gemm_bf16_weight_type %d", (int)be->gemm_bf16_weight_type(be));
 }
 
 // The casts share one rounding rule: bit for bit, NaN and infinities included.
@@ -319,20 +319,20 @@ static void test_casts(void) {
     x[0] = NAN, x[1] = INFINITY, x[2] = -0.0f, x[3] = 3.4e38f, x[4] = 1.0f + 0x1p-8f;  // overflow, a tie
     float *y = nans(n), *yr = nans(n), *z = copyf(x, n), *zr = copyf(x, n);
     uint16_t *h = halves(n), *hr = halves(n), *k = halves(n), *kr = halves(n);
-    be->round_bf16(y, x, n);
-    ref->round_bf16(yr, x, n);
-    be->cast_bf16(h, x, n);
-    ref->cast_bf16(hr, x, n);
-    be->round_cast_bf16(z, k, n);
-    ref->round_cast_bf16(zr, kr, n);
+    be->round_bf16(be, y, x, n);
+    ref->round_bf16(ref, yr, x, n);
+    be->cast_bf16(be, h, x, n);
+    ref->cast_bf16(ref, hr, x, n);
+    be->round_cast_bf16(be, z, k, n);
+    ref->round_cast_bf16(ref, zr, kr, n);
     check_exact("round_bf16", "", y, yr, (size_t)n * sizeof(float));
     check_exact("cast_bf16", "", h, hr, (size_t)n * sizeof(uint16_t));
     check_exact("round_cast_bf16", "x", z, zr, (size_t)n * sizeof(float));
     check_exact("round_cast_bf16", "bits", k, kr, (size_t)n * sizeof(uint16_t));
     // widen_bf16 of cast_bf16 is round_bf16, on both backends
     float *w = nans(n), *wr = nans(n);
-    be->widen_bf16(w, h, n);
-    ref->widen_bf16(wr, hr, n);
+    be->widen_bf16(be, w, h, n);
+    ref->widen_bf16(ref, wr, hr, n);
     check_exact("widen_bf16", "of cast_bf16 vs round_bf16", w, yr, (size_t)n * sizeof(float));
     check_exact("widen_bf16", "ref", wr, yr, (size_t)n * sizeof(float));
     buf_free(w), buf_free(wr);
@@ -350,8 +350,8 @@ static void fp8_case(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int
     // a few large values, so that tiles get different scales
     for (int i = 0; i < 8; i++) A[rand_below(ar * lda)] *= 30.0f, B[rand_below(br * ldb)] *= 30.0f;
     float *C = beta == 0.0f ? nans(M * ldc) : randn(M * ldc, 1.0f), *Cr = copyf(C, M * ldc);
-    be->gemm_fp8(ta, tb, M, N, K, 1.0f, A, lda, B, ldb, kind, beta, C, ldc);
-    ref->gemm_fp8(ta, tb, M, N, K, 1.0f, A, lda, B, ldb, kind, beta, Cr, ldc);
+    be->gemm_fp8(be, ta, tb, M, N, K, 1.0f, A, lda, B, ldb, kind, beta, C, ldc);
+    ref->gemm_fp8(ref, ta, tb, M, N, K, 1.0f, A, lda, B, ldb, kind, beta, Cr, ldc);
     char what[96];
     snprintf(what, sizeof what, "%c%c %lldx%lldx%lld %s b%g", ta ? 'T' : 'N', tb ? 'T' : 'N', (long long)M,
              (long long)N, (long long)K, kind == NM_FP8_WEIGHT ? "weight" : "activation", beta);
@@ -379,19 +379,19 @@ static void fp8_rows_case(int64_t rows, int64_t D) {
     if (rows > 2) x[2 * D + D / 2] = NAN, x[2 * D + 1] = 1e6f;     // row 2: a NaN, a huge value
     uint8_t *q = buf_alloc((size_t)(rows * D)), *qr = buf_alloc((size_t)(rows * D));
     float *sc = nans(rows * tiles), *scr = nans(rows * tiles);
-    be->fp8_quantize_rows(q, sc, x, rows, D);
-    ref->fp8_quantize_rows(qr, scr, x, rows, D);
+    be->fp8_quantize_rows(be, q, sc, x, rows, D);
+    ref->fp8_quantize_rows(ref, qr, scr, x, rows, D);
     char what[64];
     snprintf(what, sizeof what, "%lldx%lld", (long long)rows, (long long)D);
     check_exact("fp8_quantize_rows codes", what, q, qr, (size_t)(rows * D));
     check_exact("fp8_quantize_rows scales", what, sc, scr, (size_t)(rows * tiles) * sizeof(float));
     float *d = nans(rows * D), *dr = nans(rows * D);
-    be->fp8_dequantize_rows(d, q, sc, rows, D);
-    ref->fp8_dequantize_rows(dr, qr, scr, rows, D);
+    be->fp8_dequantize_rows(be, d, q, sc, rows, D);
+    ref->fp8_dequantize_rows(ref, dr, qr, scr, rows, D);
     check_exact("fp8_dequantize_rows", what, d, dr, (size_t)(rows * D) * sizeof(float));
     float *r = copyf(x, rows * D), *rr = copyf(x, rows * D);
-    be->fp8_round_rows(r, rows, D);
-    ref->fp8_round_rows(rr, rows, D);
+    be->fp8_round_rows(be, r, rows, D);
+    ref->fp8_round_rows(ref, rr, rows, D);
     check_exact("fp8_round_rows", what, r, rr, (size_t)(rows * D) * sizeof(float));
     // the transport's values are the GEMM's: round trip == in-place round == quantize_tiles
     float *t = nans(rows * D), *ts = nans(rows * tiles);
@@ -419,18 +419,18 @@ static void test_memory_ops(void) {
     printf("zero / axpy / copy_2d / add_2d\n");
     const int64_t n = 5000, rows = 33, cols = 70, ld = 75;
     float *x = randn(n, 1.0f), *y = randn(n, 1.0f), *yr = copyf(y, n);
-    be->axpy(y, x, -0.37f, n);
-    ref->axpy(yr, x, -0.37f, n);
+    be->axpy(be, y, x, -0.37f, n);
+    ref->axpy(ref, yr, x, -0.37f, n);
     check_f32("axpy", "", y, yr, n, TOL_SAME_ORDER);
-    be->zero(y, n);
-    ref->zero(yr, n);
+    be->zero(be, y, n);
+    ref->zero(ref, yr, n);
     check_exact("zero", "", y, yr, (size_t)n * sizeof(float));
     float *s = randn(rows * ld, 1.0f), *d = randn(rows * ld, 1.0f), *dr = copyf(d, rows * ld);
-    be->copy_2d(d, ld, s, ld, rows, cols);
-    ref->copy_2d(dr, ld, s, ld, rows, cols);
+    be->copy_2d(be, d, ld, s, ld, rows, cols);
+    ref->copy_2d(ref, dr, ld, s, ld, rows, cols);
     check_exact("copy_2d", "", d, dr, (size_t)(rows * ld) * sizeof(float));
-    be->add_2d(d, ld, x, ld, rows, cols);
-    ref->add_2d(dr, ld, x, ld, rows, cols);
+    be->add_2d(be, d, ld, x, ld, rows, cols);
+    ref->add_2d(ref, dr, ld, x, ld, rows, cols);
     check_f32_2d("add_2d", "", d, dr, rows, cols, ld, TOL_SAME_ORDER);
     buf_free(x), buf_free(y), buf_free(yr), buf_free(s), buf_free(d), buf_free(dr);
 }
@@ -440,22 +440,22 @@ static void test_memory_ops(void) {
 static void test_backend_memory(void) {
     printf("alloc / copies / memset / threads\n");
     const size_t n = 1000;
-    unsigned char *d = be->alloc(n), *h = nm_malloc(n), *back = nm_malloc(n);
+    unsigned char *d = be->alloc(be, n), *h = nm_malloc(n), *back = nm_malloc(n);
     EXPECT(((uintptr_t)d & 63) == 0, "alloc is not 64-byte aligned");
-    be->copy_to_host(back, d, n);
+    be->copy_to_host(be, back, d, n);
     size_t nonzero = 0;
     for (size_t i = 0; i < n; i++) nonzero += back[i] != 0;
     EXPECT(nonzero == 0, "alloc left %zu of %zu bytes non-zero", nonzero, n);
     for (size_t i = 0; i < n; i++) h[i] = (unsigned char)(i * 7 + 1);
-    be->copy_to_device(d, h, n);
-    be->memset(d + 10, 0xab, 20);
-    be->synchronize();
-    be->copy_to_host(back, d, n);
+    be->copy_to_device(be, d, h, n);
+    be->memset(be, d + 10, 0xab, 20);
+    be->synchronize(be);
+    be->copy_to_host(be, back, d, n);
     for (size_t i = 10; i < 30; i++) h[i] = 0xab;
     check_exact("copy_to_device / memset / copy_to_host", "", back, h, n);
-    be->free(d);
-    be->free(NULL);
-    EXPECT(be->threads() >= 1, "threads() = %d", be->threads());
+    be->free(be, d);
+    be->free(be, NULL);
+    EXPECT(be->threads(be) >= 1, "threads() = %d", be->threads(be));
     nm_free(h), nm_free(back);
 }
 
@@ -474,19 +474,19 @@ static void test_optimizer_ops(void) {
     const int64_t nc = (int64_t)(sizeof chunks / sizeof chunks[0]), n_state = 66576 + 3390;
     float *g = randn(n, 1e-2f);
     double part[4], part_r[4];
-    be->sumsq_chunks(part, g, chunks, nc);
-    ref->sumsq_chunks(part_r, g, chunks, nc);
+    be->sumsq_chunks(be, part, g, chunks, nc);
+    ref->sumsq_chunks(ref, part_r, g, chunks, nc);
     check_exact("sumsq_chunks", "(fixed lanes: exact)", part, part_r, sizeof part);
     float *gs = copyf(g, n), *gsr = copyf(g, n);
-    be->scale_chunks(gs, 0.37f, chunks, nc);
-    ref->scale_chunks(gsr, 0.37f, chunks, nc);
+    be->scale_chunks(be, gs, 0.37f, chunks, nc);
+    ref->scale_chunks(ref, gsr, 0.37f, chunks, nc);
     check_exact("scale_chunks", "(gap untouched)", gs, gsr, (size_t)n * sizeof(float));
     EXPECT(gs[66599] == g[66599], "scale_chunks wrote a float outside the chunks");
     gs[4321] = NAN;
     gs[9000] = INFINITY;
-    EXPECT(be->first_nonfinite(gs, n) == 4321 && ref->first_nonfinite(gs, n) == 4321 &&
-               be->first_nonfinite(g, n) == -1,
-           "first_nonfinite: %lld", (long long)be->first_nonfinite(gs, n));
+    EXPECT(be->first_nonfinite(be, gs, n) == 4321 && ref->first_nonfinite(ref, gs, n) == 4321 &&
+               be->first_nonfinite(be, g, n) == -1,
+           "first_nonfinite: %lld", (long long)be->first_nonfinite(be, gs, n));
     note("first_nonfinite", "", 0.0, 0.0);
     const nm_adamw_coefs k = {.grad_scale = 0.8f, .b1 = 0.9f, .one_minus_b1 = 0.1f, .b2 = 0.95f,
                               .one_minus_b2 = 0.05f, .neg_step_size = -3e-3f, .bc2_sqrt = 0.3f, .eps = 1e-8f,
@@ -499,13 +499,13 @@ static void test_optimizer_ops(void) {
         for (int64_t i = 0; i < n_state; i++) v0[i] = fabsf(v0[i]);
         // m in the dtype under test, v in fp32 (the both-bf16 case follows)
         void *m = buf_alloc((size_t)n_state * msize), *v = copyf(v0, n_state);
-        if (bf) ref->cast_bf16(m, m0, n_state);
+        if (bf) ref->cast_bf16(ref, m, m0, n_state);
         else memcpy(m, m0, (size_t)n_state * 4);
         void *mr = buf_alloc((size_t)n_state * msize), *vr = copyf(v0, n_state);
         memcpy(mr, m, (size_t)n_state * msize);
         for (int step = 0; step < 2; step++) {
-            be->adamw_chunks(p, m, mt, v, NM_F32, g, chunks, nc, &k);
-            ref->adamw_chunks(pr, mr, mt, vr, NM_F32, g, chunks, nc, &k);
+            be->adamw_chunks(be, p, m, mt, v, NM_F32, g, chunks, nc, &k);
+            ref->adamw_chunks(ref, pr, mr, mt, vr, NM_F32, g, chunks, nc, &k);
         }
         // The contract fixes every float operation and its order (torch's): exact.
         const char *what = bf ? "m bf16, v fp32" : "m, v fp32";
@@ -517,8 +517,8 @@ static void test_optimizer_ops(void) {
     {   // both moments bf16
         float *p = randn(n, 1.0f), *pr = copyf(p, n);
         uint16_t *m = halves(n_state), *v = halves(n_state), *mr = halves(n_state), *vr = halves(n_state);
-        be->adamw_chunks(p, m, NM_BF16, v, NM_BF16, g, chunks, nc, &k);
-        ref->adamw_chunks(pr, mr, NM_BF16, vr, NM_BF16, g, chunks, nc, &k);
+        be->adamw_chunks(be, p, m, NM_BF16, v, NM_BF16, g, chunks, nc, &k);
+        ref->adamw_chunks(ref, pr, mr, NM_BF16, vr, NM_BF16, g, chunks, nc, &k);
         check_exact("adamw_chunks params", "m, v bf16", p, pr, (size_t)n * sizeof(float));
         check_exact("adamw_chunks m", "bf16", m, mr, (size_t)n_state * 2);
         check_exact("adamw_chunks v", "bf16", v, vr, (size_t)n_state * 2);
@@ -528,8 +528,8 @@ static void test_optimizer_ops(void) {
     int64_t counts[16];
     for (int64_t e = 0; e < E; e++) counts[e] = e % 5 == 0 ? 100 : 30 + (e % 3) * 20;  // some at the mean
     float *b = randn(E, 1e-3f), *br = copyf(b, E);
-    be->router_bias_update(b, counts, E, 1e-3f);
-    ref->router_bias_update(br, counts, E, 1e-3f);
+    be->router_bias_update(be, b, counts, E, 1e-3f);
+    ref->router_bias_update(ref, br, counts, E, 1e-3f);
     check_exact("router_bias_update", "", b, br, (size_t)E * sizeof(float));
     buf_free(g), buf_free(gs), buf_free(gsr), buf_free(b), buf_free(br);
 }
@@ -541,12 +541,12 @@ static void test_embedding(void) {
     // repeated ids (into few rows), and ids another vocabulary-parallel rank holds (-1)
     for (int64_t n = 0; n < N; n++) tok[n] = n % 17 == 5 ? -1 : rand_below(n % 3 ? V : 8);
     float *emb = randn(V * D, 1.0f), *out = nans(N * D), *outr = nans(N * D);
-    be->embedding_forward(out, tok, emb, N, D);
-    ref->embedding_forward(outr, tok, emb, N, D);
+    be->embedding_forward(be, out, tok, emb, N, D);
+    ref->embedding_forward(ref, outr, tok, emb, N, D);
     check_exact("embedding_forward", "out", out, outr, (size_t)(N * D) * sizeof(float));
     float *dout = randn(N * D, 1.0f), *demb = randn(V * D, 1.0f), *dembr = copyf(demb, V * D);
-    be->embedding_backward(demb, dout, tok, N, D);
-    ref->embedding_backward(dembr, dout, tok, N, D);
+    be->embedding_backward(be, demb, dout, tok, N, D);
+    ref->embedding_backward(ref, dembr, dout, tok, N, D);
     check_f32("embedding_backward", "demb", demb, dembr, V * D, TOL_SAME_ORDER);
     buf_free(tok), buf_free(emb), buf_free(out), buf_free(outr), buf_free(dout), buf_free(demb), buf_free(dembr);
 }
@@ -556,16 +556,16 @@ static void test_embedding(void) {
 static void rmsnorm_case(int64_t N, int64_t D) {
     float *x = randn(N * D, 2.0f), *w = randn(D, 1.0f), *dy = randn(N * D, 1.0f);
     float *out = nans(N * D), *outr = nans(N * D), *rs = nans(N), *rsr = nans(N);
-    be->rmsnorm_forward(out, rs, x, w, N, D, 1e-6f);
-    ref->rmsnorm_forward(outr, rsr, x, w, N, D, 1e-6f);
+    be->rmsnorm_forward(be, out, rs, x, w, N, D, 1e-6f);
+    ref->rmsnorm_forward(ref, outr, rsr, x, w, N, D, 1e-6f);
     char what[64];
     snprintf(what, sizeof what, "N=%lld D=%lld", (long long)N, (long long)D);
     check_f32("rmsnorm_forward out", what, out, outr, N * D, TOL_SAME_ORDER);
     check_f32("rmsnorm_forward rstd", what, rs, rsr, N, TOL_SAME_ORDER);
     float *dx = randn(N * D, 1.0f), *dxr = copyf(dx, N * D), *dw = randn(D, 1.0f), *dwr = copyf(dw, D);
     // both from the reference's rstd: the backward is compared, not the forward again
-    be->rmsnorm_backward(dx, dw, dy, x, w, rsr, N, D);
-    ref->rmsnorm_backward(dxr, dwr, dy, x, w, rsr, N, D);
+    be->rmsnorm_backward(be, dx, dw, dy, x, w, rsr, N, D);
+    ref->rmsnorm_backward(ref, dxr, dwr, dy, x, w, rsr, N, D);
     check_f32("rmsnorm_backward dinp", what, dx, dxr, N * D, TOL_SAME_ORDER);
     check_f32("rmsnorm_backward dw", what, dw, dwr, D, TOL_SAME_ORDER);
     buf_free(x), buf_free(w), buf_free(dy), buf_free(out), buf_free(outr), buf_free(rs), buf_free(rsr);
@@ -583,21 +583,21 @@ static void swiglu_case(int64_t N, int64_t F) {
     snprintf(what, sizeof what, "N=%lld F=%lld", (long long)N, (long long)F);
     float *gu = randn(N * 2 * F, 3.0f), *dy = randn(N * F, 1.0f);
     float *out = nans(N * F), *outr = nans(N * F), *dg = nans(N * 2 * F), *dgr = nans(N * 2 * F);
-    be->swiglu_forward(out, gu, N, F);
-    ref->swiglu_forward(outr, gu, N, F);
+    be->swiglu_forward(be, out, gu, N, F);
+    ref->swiglu_forward(ref, outr, gu, N, F);
     check_f32("swiglu_forward out", what, out, outr, N * F, TOL_SWIGLU);
-    be->swiglu_backward(dg, dy, gu, N, F);
-    ref->swiglu_backward(dgr, dy, gu, N, F);
+    be->swiglu_backward(be, dg, dy, gu, N, F);
+    ref->swiglu_backward(ref, dgr, dy, gu, N, F);
     check_f32("swiglu_backward dgate_up", what, dg, dgr, N * 2 * F, TOL_SWIGLU);
     uint16_t *h = halves(N * 2 * F), *hr = halves(N * 2 * F);
-    be->swiglu_forward_bf16(out, h, gu, N, F);
-    ref->swiglu_forward_bf16(outr, hr, gu, N, F);
+    be->swiglu_forward_bf16(be, out, h, gu, N, F);
+    ref->swiglu_forward_bf16(ref, outr, hr, gu, N, F);
     check_bf16_out("swiglu_forward_bf16 out", what, out, outr, h, hr, N * F, TOL_SWIGLU);
-    be->swiglu_backward_bf16(dg, h, dy, gu, N, F);
-    ref->swiglu_backward_bf16(dgr, hr, dy, gu, N, F);
+    be->swiglu_backward_bf16(be, dg, h, dy, gu, N, F);
+    ref->swiglu_backward_bf16(ref, dgr, hr, dy, gu, N, F);
     check_bf16_out("swiglu_backward_bf16 dgate_up", what, dg, dgr, h, hr, N * 2 * F, TOL_SWIGLU);
-    be->swiglu_forward_bf16(out, NULL, gu, N, F);  // without the bf16 copy
-    ref->swiglu_forward_bf16(outr, NULL, gu, N, F);
+    be->swiglu_forward_bf16(be, out, NULL, gu, N, F);  // without the bf16 copy
+    ref->swiglu_forward_bf16(ref, outr, NULL, gu, N, F);
     check_bf16_out("swiglu_forward_bf16 out", "no bits", out, outr, NULL, NULL, N * F, TOL_SWIGLU);
     buf_free(gu), buf_free(dy), buf_free(out), buf_free(outr), buf_free(dg), buf_free(dgr), buf_free(h), buf_free(hr);
 }
@@ -618,14 +618,14 @@ static void rope_case(int64_t B, int64_t T, int64_t H, int64_t hd, int64_t off, 
         }
     const int64_t n = B * T * H * hd;
     float *x = randn(n, 1.0f), *xr = copyf(x, n);
-    be->rope_forward(x, cs, sn, B, T, H, hd, off, Dr);
-    ref->rope_forward(xr, cs, sn, B, T, H, hd, off, Dr);
+    be->rope_forward(be, x, cs, sn, B, T, H, hd, off, Dr);
+    ref->rope_forward(ref, xr, cs, sn, B, T, H, hd, off, Dr);
     char what[64];
     snprintf(what, sizeof what, "H=%lld head_dim=%lld [%lld, %lld)", (long long)H, (long long)hd, (long long)off,
              (long long)(off + Dr));
     check_f32("rope_forward", what, x, xr, n, TOL_ROPE);
-    be->rope_backward(x, cs, sn, B, T, H, hd, off, Dr);
-    ref->rope_backward(xr, cs, sn, B, T, H, hd, off, Dr);
+    be->rope_backward(be, x, cs, sn, B, T, H, hd, off, Dr);
+    ref->rope_backward(ref, xr, cs, sn, B, T, H, hd, off, Dr);
     check_f32("rope_backward", what, x, xr, n, TOL_ROPE);
     buf_free(cs), buf_free(sn), buf_free(x), buf_free(xr);
 }
@@ -643,8 +643,8 @@ static void attention_case(int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t 
     const float scale = (float)(1.0 / sqrt((double)(Dn + Dr)));
     float *q = randn(nq, 1.0f), *kv = randn(nkv, 1.0f), *kp = randn(nkp, 1.0f), *dout = randn(no, 1.0f);
     float *o = nans(no), *outr = nans(no), *l = nans(B * H * T), *lr = nans(B * H * T);
-    be->attention_forward(o, l, q, kv, kp, B, T, H, Dn, Dr, Dv, scale);
-    ref->attention_forward(outr, lr, q, kv, kp, B, T, H, Dn, Dr, Dv, scale);
+    be->attention_forward(be, o, l, q, kv, kp, B, T, H, Dn, Dr, Dv, scale);
+    ref->attention_forward(ref, outr, lr, q, kv, kp, B, T, H, Dn, Dr, Dv, scale);
     char what[64];
     snprintf(what, sizeof what, "B=%lld T=%lld H=%lld", (long long)B, (long long)T, (long long)H);
     check_f32("attention_forward out", what, o, outr, no, TOL_ATTENTION);
@@ -652,8 +652,8 @@ static void attention_case(int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t 
     float *dq = nans(nq), *dqr = nans(nq), *dkv = nans(nkv), *dkvr = nans(nkv), *dkp = nans(nkp), *dkpr = nans(nkp);
     float *scratch = nans(B * H * T * Dr);
     // both from the reference's forward: the backward is compared, not the forward again
-    be->attention_backward(dq, dkv, dkp, scratch, dout, q, kv, kp, outr, lr, B, T, H, Dn, Dr, Dv, scale);
-    ref->attention_backward(dqr, dkvr, dkpr, scratch, dout, q, kv, kp, outr, lr, B, T, H, Dn, Dr, Dv, scale);
+    be->attention_backward(be, dq, dkv, dkp, scratch, dout, q, kv, kp, outr, lr, B, T, H, Dn, Dr, Dv, scale);
+    ref->attention_backward(ref, dqr, dkvr, dkpr, scratch, dout, q, kv, kp, outr, lr, B, T, H, Dn, Dr, Dv, scale);
     check_f32("attention_backward dq", what, dq, dqr, nq, TOL_ATTENTION);
     check_f32("attention_backward dkv", what, dkv, dkvr, nkv, TOL_ATTENTION);
     check_f32("attention_backward dk_pe", what, dkp, dkpr, nkp, TOL_ATTENTION);
@@ -678,16 +678,16 @@ static void xent_case(int64_t N, int64_t V, int64_t tile) {
     snprintf(what, sizeof what, "N=%lld V=%lld", (long long)N, (long long)V);
     float *loss = nans(N), *lossr = nans(N), *lse = nans(N), *lser = nans(N);
     float *dl = nans(N * V), *dlr = nans(N * V);
-    be->xent_forward(loss, lse, lg, tgt, N, V);
-    ref->xent_forward(lossr, lser, lg, tgt, N, V);
+    be->xent_forward(be, loss, lse, lg, tgt, N, V);
+    ref->xent_forward(ref, lossr, lser, lg, tgt, N, V);
     check_f32("xent_forward losses", what, loss, lossr, N, TOL_XENT);
     check_f32("xent_forward lse", what, lse, lser, N, TOL_XENT);
-    be->xent_backward(dl, lg, lser, tgt, scale, N, V);
-    ref->xent_backward(dlr, lg, lser, tgt, scale, N, V);
+    be->xent_backward(be, dl, lg, lser, tgt, scale, N, V);
+    ref->xent_backward(ref, dlr, lg, lser, tgt, scale, N, V);
     check_f32("xent_backward dlogits", what, dl, dlr, N * V, TOL_XENT);
     // in place, as the model runs it
     float *inpl = copyf(lg, N * V);
-    be->xent_backward(inpl, inpl, lser, tgt, scale, N, V);
+    be->xent_backward(be, inpl, inpl, lser, tgt, scale, N, V);
     check_f32("xent_backward dlogits", "in place", inpl, dlr, N * V, TOL_XENT);
     buf_free(inpl);
     if (tile > 0) {
@@ -700,8 +700,8 @@ static void xent_case(int64_t N, int64_t V, int64_t tile) {
         for (int64_t v0 = 0; v0 < V; v0 += tile) {
             const int64_t vt = V - v0 < tile ? V - v0 : tile;
             for (int64_t n = 0; n < N; n++) memcpy(buf + n * ld, lg + n * V + v0, (size_t)vt * sizeof(float));
-            be->xent_tile_forward(tl, tz, st, buf, ld, tgt, N, V, v0, vt);
-            ref->xent_tile_forward(tlr, tzr, str, buf, ld, tgt, N, V, v0, vt);
+            be->xent_tile_forward(be, tl, tz, st, buf, ld, tgt, N, V, v0, vt);
+            ref->xent_tile_forward(ref, tlr, tzr, str, buf, ld, tgt, N, V, v0, vt);
         }
         check_f32("xent_tile_forward losses", what, tl, tlr, N, TOL_XENT);
         check_f32("xent_tile_forward lse", what, tz, tzr, N, TOL_XENT);
@@ -714,8 +714,8 @@ static void xent_case(int64_t N, int64_t V, int64_t tile) {
                 memcpy(buf + n * ld, lg + n * V + v0, (size_t)vt * sizeof(float));
                 memcpy(bufr + n * ld, lg + n * V + v0, (size_t)vt * sizeof(float));
             }
-            be->xent_tile_backward(buf, ld, buf, ld, tzr, tgt, scale, N, V, v0, vt);  // in place, as the head runs it
-            ref->xent_tile_backward(bufr, ld, bufr, ld, tzr, tgt, scale, N, V, v0, vt);
+            be->xent_tile_backward(be, buf, ld, buf, ld, tzr, tgt, scale, N, V, v0, vt);  // in place, as the head runs it
+            ref->xent_tile_backward(ref, bufr, ld, bufr, ld, tzr, tgt, scale, N, V, v0, vt);
             for (int64_t n = 0; n < N; n++) {
                 err = fmax(err, rel_err(buf + n * ld, bufr + n * ld, vt));
                 pad += memcmp(buf + n * ld + vt, bufr + n * ld + vt, (size_t)(ld - vt) * sizeof(float)) != 0;
@@ -743,14 +743,14 @@ static void router_case(const char *name, int64_t N, int64_t E, int64_t K, int64
     float *lg = randn(N * E, 1.5f), *b = bias ? randn(E, 0.2f) : NULL, *dw = randn(N * K, 1.0f);
     int32_t *idx = ints(N * K), *idxr = ints(N * K);
     float *w = nans(N * K), *wr = nans(N * K), *s = nans(N * E), *sr = nans(N * E);
-    be->router_forward(idx, w, s, lg, b, &p);
-    ref->router_forward(idxr, wr, sr, lg, b, &p);
+    be->router_forward(be, idx, w, s, lg, b, &p);
+    ref->router_forward(ref, idxr, wr, sr, lg, b, &p);
     check_exact("router_forward topk_idx", name, idx, idxr, (size_t)(N * K) * sizeof(int32_t));
     check_f32("router_forward scores", name, s, sr, N * E, TOL_SAME_ORDER);
     check_f32("router_forward topk_weight", name, w, wr, N * K, TOL_SAME_ORDER);
     float *dl = nans(N * E), *dlr = nans(N * E);
-    be->router_backward(dl, dw, sr, idxr, &p);
-    ref->router_backward(dlr, dw, sr, idxr, &p);
+    be->router_backward(be, dl, dw, sr, idxr, &p);
+    ref->router_backward(ref, dlr, dw, sr, idxr, &p);
     check_f32("router_backward dlogits", name, dl, dlr, N * E, TOL_SAME_ORDER);
     buf_free(lg), buf_free(b), buf_free(dw), buf_free(idx), buf_free(idxr), buf_free(w), buf_free(wr), buf_free(s), buf_free(sr);
     buf_free(dl), buf_free(dlr);
@@ -761,15 +761,15 @@ static void balance_case(const char *name, int64_t B, int64_t T, int64_t E, int6
     nm_router_params p = {B * T, E, K, 1, 1, sc, NM_TOPK_GREEDY, 0, 1.0f};
     float *lg = randn(B * T * E, 1.5f), *s = nans(B * T * E), *w = nans(B * T * K);
     int32_t *idx = ints(B * T * K);
-    ref->router_forward(idx, w, s, lg, NULL, &p);
+    ref->router_forward(ref, idx, w, s, lg, NULL, &p);
     float *f = nans(B * E), *fr = nans(B * E);
-    double loss = be->balance_loss_forward(f, s, B, T, E, K), lossr = ref->balance_loss_forward(fr, s, B, T, E, K);
+    double loss = be->balance_loss_forward(be, f, s, B, T, E, K), lossr = ref->balance_loss_forward(ref, fr, s, B, T, E, K);
     check_f32("balance_loss_forward f", name, f, fr, B * E, TOL_SAME_ORDER);
     float l1 = (float)loss, l1r = (float)lossr;
     check_f32("balance_loss_forward loss", name, &l1, &l1r, 1, TOL_SAME_ORDER);
     float *dl = randn(B * T * E, 1e-3f), *dlr = copyf(dl, B * T * E);
-    be->balance_loss_backward(dl, 0.37f, fr, s, B, T, E, K, sc);
-    ref->balance_loss_backward(dlr, 0.37f, fr, s, B, T, E, K, sc);
+    be->balance_loss_backward(be, dl, 0.37f, fr, s, B, T, E, K, sc);
+    ref->balance_loss_backward(ref, dlr, 0.37f, fr, s, B, T, E, K, sc);
     check_f32("balance_loss_backward dlogits", name, dl, dlr, B * T * E, TOL_SAME_ORDER);
     buf_free(lg), buf_free(s), buf_free(w), buf_free(idx), buf_free(f), buf_free(fr), buf_free(dl), buf_free(dlr);
 }
@@ -804,54 +804,104 @@ static void test_moe(void) {
             idx[n * K + k] = e;
         }
     int32_t *off = ints(E + 1), *offr = ints(E + 1), *perm = ints(R), *permr = ints(R);
-    be->moe_permute(off, perm, idx, N, K, E);
-    ref->moe_permute(offr, permr, idx, N, K, E);
+    be->moe_permute(be, off, perm, idx, N, K, E);
+    ref->moe_permute(ref, offr, permr, idx, N, K, E);
     check_exact("moe_permute", "offsets", off, offr, (size_t)(E + 1) * sizeof(int32_t));
     check_exact("moe_permute", "perm", perm, permr, (size_t)R * sizeof(int32_t));
     float *src = randn(N * D, 1.0f), *g = nans(R * D), *gr = nans(R * D);
-    be->moe_gather(g, src, permr, N, K, D);
-    ref->moe_gather(gr, src, permr, N, K, D);
+    be->moe_gather(be, g, src, permr, N, K, D);
+    ref->moe_gather(ref, gr, src, permr, N, K, D);
     check_exact("moe_gather", "", g, gr, (size_t)(R * D) * sizeof(float));
     uint16_t *h = halves(R * D), *hr = halves(R * D);
-    be->moe_gather_bf16(g, h, src, permr, N, K, D);
-    ref->moe_gather_bf16(gr, hr, src, permr, N, K, D);
+    be->moe_gather_bf16(be, g, h, src, permr, N, K, D);
+    ref->moe_gather_bf16(ref, gr, hr, src, permr, N, K, D);
     check_exact("moe_gather_bf16", "dst", g, gr, (size_t)(R * D) * sizeof(float));
     check_exact("moe_gather_bf16", "bits", h, hr, (size_t)(R * D) * sizeof(uint16_t));
     float *eo = randn(R * D, 1.0f), *tw = randn(R, 1.0f), *y = randn(N * D, 1.0f), *yr = copyf(y, N * D);
-    be->moe_combine_forward(y, eo, tw, permr, N, K, D);
-    ref->moe_combine_forward(yr, eo, tw, permr, N, K, D);
+    be->moe_combine_forward(be, y, eo, tw, permr, N, K, D);
+    ref->moe_combine_forward(ref, yr, eo, tw, permr, N, K, D);
     check_f32("moe_combine_forward", "y", y, yr, N * D, TOL_SAME_ORDER);
     float *dy = randn(N * D, 1.0f), *de = nans(R * D), *der = nans(R * D), *dtw = nans(R), *dtwr = nans(R);
-    be->moe_combine_backward(de, dtw, dy, eo, tw, permr, N, K, D);
-    ref->moe_combine_backward(der, dtwr, dy, eo, tw, permr, N, K, D);
+    be->moe_combine_backward(be, de, dtw, dy, eo, tw, permr, N, K, D);
+    ref->moe_combine_backward(ref, der, dtwr, dy, eo, tw, permr, N, K, D);
     check_f32("moe_combine_backward", "dexpert_out", de, der, R * D, TOL_SAME_ORDER);
     check_f32("moe_combine_backward", "dtopk_weight", dtw, dtwr, R, TOL_SAME_ORDER);
     float *ds = randn(N * D, 1.0f), *dsr = copyf(ds, N * D);
-    be->moe_scatter_add(ds, eo, permr, N, K, D);
-    ref->moe_scatter_add(dsr, eo, permr, N, K, D);
+    be->moe_scatter_add(be, ds, eo, permr, N, K, D);
+    ref->moe_scatter_add(ref, dsr, eo, permr, N, K, D);
     check_f32("moe_scatter_add", "dsrc", ds, dsr, N * D, TOL_SAME_ORDER);
     buf_free(idx), buf_free(off), buf_free(offr), buf_free(perm), buf_free(permr), buf_free(src), buf_free(g), buf_free(gr);
     buf_free(h), buf_free(hr), buf_free(eo), buf_free(tw), buf_free(y), buf_free(yr), buf_free(dy), buf_free(de), buf_free(der);
     buf_free(dtw), buf_free(dtwr), buf_free(ds), buf_free(dsr);
 }
 
+// --- instances ----------------------------------------------------------------------------------
+
+// Two instances of the backend under test share no state (ops.h): each grows its own scratch
+// on its first bf16 and fp8 GEMMs, and one keeps working, with the same bits, after the other
+// is destroyed (under ASan, a scratch the two shared would be read after its free).
+static void test_instances(const char *name) {
+    printf("two instances of %s\n", name);
+    const nm_ops *x, *y, *under_test = be;
+    nm_error err;
+    EXPECT(nm_backend_create(&x, name, &err) == 0 && nm_backend_create(&y, name, &err) == 0, "%s", err.msg);
+    EXPECT(x != y && (x->ctx != y->ctx || x->ctx == NULL), "backend %s: two instances share a context", name);
+    EXPECT(strcmp(x->name, name) == 0, "instance of %s is named %s", name, x->name);
+    if (x->setup) EXPECT(x->setup(x, &err) == 0 && y->setup(y, &err) == 0, "%s", err.msg);
+    const int64_t M = 70, N = 96, K = 200;
+    be = x;  // randn and nans allocate through be
+    float *A = randn(M * K, 1.0f), *B = randn(K * N, 1.0f), *c16 = nans(M * N), *c8 = nans(M * N);
+    be = y;
+    float *d16 = nans(M * N), *d8 = nans(M * N);
+    x->gemm_bf16(x, NM_NO_TRANS, NM_NO_TRANS, M, N, K, 1.0f, A, NM_F32, K, B, NM_F32, N, 0.0f, c16, N);
+    x->gemm_fp8(x, NM_NO_TRANS, NM_NO_TRANS, M, N, K, 1.0f, A, K, B, N, NM_FP8_ACTIVATION, 0.0f, c8, N);
+    float *A3 = y->alloc(y, (size_t)(M * K) * sizeof(float)), *B3 = y->alloc(y, (size_t)(K * N) * sizeof(float));
+    y->copy_to_device(y, A3, A, (size_t)(M * K) * sizeof(float));
+    y->copy_to_device(y, B3, B, (size_t)(K * N) * sizeof(float));
+    float *c16h = malloc((size_t)(M * N) * sizeof(float)), *c8h = malloc((size_t)(M * N) * sizeof(float));
+    x->copy_to_host(x, c16h, c16, (size_t)(M * N) * sizeof(float));
+    x->copy_to_host(x, c8h, c8, (size_t)(M * N) * sizeof(float));
+    x->free(x, A), x->free(x, B), x->free(x, c16), x->free(x, c8);
+    nm_backend_destroy(x);
+    y->gemm_bf16(y, NM_NO_TRANS, NM_NO_TRANS, M, N, K, 1.0f, A3, NM_F32, K, B3, NM_F32, N, 0.0f, d16, N);
+    y->gemm_fp8(y, NM_NO_TRANS, NM_NO_TRANS, M, N, K, 1.0f, A3, K, B3, N, NM_FP8_ACTIVATION, 0.0f, d8, N);
+    float *d16h = malloc((size_t)(M * N) * sizeof(float)), *d8h = malloc((size_t)(M * N) * sizeof(float));
+    y->copy_to_host(y, d16h, d16, (size_t)(M * N) * sizeof(float));
+    y->copy_to_host(y, d8h, d8, (size_t)(M * N) * sizeof(float));
+    EXPECT(memcmp(c16h, d16h, (size_t)(M * N) * sizeof(float)) == 0, "backend %s: gemm_bf16 differs between instances",
+           name);
+    EXPECT(memcmp(c8h, d8h, (size_t)(M * N) * sizeof(float)) == 0, "backend %s: gemm_fp8 differs between instances",
+           name);
+    y->free(y, A3), y->free(y, B3), y->free(y, d16), y->free(y, d8);
+    free(c16h), free(c8h), free(d16h), free(d8h);
+    nm_backend_destroy(y);
+    nm_backend_destroy(NULL);  // NULL-safe
+    be = under_test;
+}
+
 // --- main ---------------------------------------------------------------------------------------
 
 int main(void) {
     uint64_t seed = test_seed("test_backend_ops");
-    ref = nm_ops_by_name("ref");
-    EXPECT(ref == nm_ops_ref(), "the registry's \"ref\" is nm_ops_ref()");
+    nm_error err;
+    if (nm_backend_create(&ref, "ref", &err) != 0) {
+        fprintf(stderr, "test_backend_ops: %s\n", err.msg);
+        return 1;
+    }
+    EXPECT(strcmp(ref->name, "ref") == 0, "the registry's \"ref\" is named %s", ref->name);
     int tested = 0, skipped = 0;
     for (int b = 0; nm_ops_backend_names[b]; b++) {
         const char *name = nm_ops_backend_names[b];
-        be = nm_ops_by_name(name);
-        EXPECT(be != NULL, "backend %s listed but not in the registry", name);
-        if (!be || be == ref) continue;
-        nm_error err;
-        if (be->setup && be->setup(&err) != 0) {
+        if (strcmp(name, "ref") == 0) continue;
+        EXPECT(nm_backend_create(&be, name, &err) == 0, "backend %s listed but not in the registry: %s", name, err.msg);
+        if (!be) continue;
+        if (be->setup && be->setup(be, &err) != 0) {
             const char *forced = getenv("NM_CPU_BF16_GEMM");
-            if (forced && strstr(err.msg, "NM_CPU_BF16_GEMM"))  // test_backend_ops_onednn without oneDNN's bf16
+            nm_backend_destroy(be);
+            if (forced && strstr(err.msg, "NM_CPU_BF16_GEMM")) {  // test_backend_ops_onednn without oneDNN's bf16
+                nm_backend_destroy(ref);
                 return test_skip_machine("%s", err.msg);
+            }
             if (strcmp(name, "cuda") == 0) {
                 // no GPU here: the CPU backends' part still runs and decides the result
                 printf("SKIP(machine): %s\n", err.msg);
@@ -861,7 +911,7 @@ int main(void) {
             EXPECT(0, "backend %s: setup failed: %s", name, err.msg);
             continue;
         }
-        printf("=== backend %s (%s) against ref\n", name, be->kernel_names());
+        printf("=== backend %s (%s) against ref\n", name, be->kernel_names(be));
         g_key = nm_rng_key(seed, NM_RNG_TEST, (uint64_t)b, 0);
         g_ctr = 0;
         test_gemm();
@@ -881,12 +931,24 @@ int main(void) {
         test_xent();
         test_router();
         test_moe();
+        test_instances(name);
+        nm_backend_destroy(be);
+        be = NULL;
         tested++;
     }
+    be = ref;
+    test_instances("ref");
+    be = NULL;
+    nm_backend_destroy(ref);
     EXPECT(tested > 0, "no backend besides ref to test");
-    nm_error err;
 #ifdef NM_HAVE_CUDA
-    EXPECT(nm_ops_by_name("cuda") == nm_ops_cuda(), "a build with CUDA has the \"cuda\" backend in its registry");
+    {
+        // an instance is made without touching the device (setup probes it)
+        const nm_ops *cuda = NULL;
+        EXPECT(nm_backend_create(&cuda, "cuda", &err) == 0 && strcmp(cuda->name, "cuda") == 0,
+               "a build with CUDA has the \"cuda\" backend in its registry");
+        nm_backend_destroy(cuda);
+    }
 #else
     EXPECT(nm_ops_check_backend("cuda", "backend", &err) != 0 && strstr(err.msg, "no CUDA backend"),
            "a build without CUDA says why \"cuda\" is not a backend");

@@ -36,6 +36,7 @@ static uint64_t g_key;
 static uint64_t g_ctr = 0;
 
 #include "test_util.h"
+#include "test_backend.h"
 
 static int same_bits(float a, float b) {
     uint32_t x, y;
@@ -334,8 +335,8 @@ static void test_gemm(const nm_ops *ops) {
         float *C = nm_malloc((size_t)(M * ldc) * sizeof(float)), *C32 = nm_malloc((size_t)(M * ldc) * sizeof(float));
         float *qa = nm_malloc((size_t)(M * K) * sizeof(float)), *qb = nm_malloc((size_t)(K * N) * sizeof(float));
         for (int64_t i = 0; i < M * ldc; i++) C[i] = NAN;  // beta == 0 must ignore C
-        ops->gemm_fp8(ta, tb, M, N, K, alpha, A, lda, B, ldb, kind, 0.0f, C, ldc);
-        ops->gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, 0.0f, C32, ldc);
+        ops->gemm_fp8(ops, ta, tb, M, N, K, alpha, A, lda, B, ldb, kind, 0.0f, C, ldc);
+        ops->gemm(ops, ta, tb, M, N, K, alpha, A, lda, B, ldb, 0.0f, C32, ldc);
         ref_dequant(qa, qb, ta, tb, M, N, K, A, lda, B, ldb, kind);
         double err2 = 0, ref2 = 0;
         for (int64_t i = 0; i < M; i++)
@@ -383,23 +384,23 @@ static void test_gemm_contract(const nm_ops *ops) {
     float *C0 = nm_malloc(M * N * sizeof(float)), *Cz = nm_malloc(M * N * sizeof(float));
     memcpy(C0, C, M * N * sizeof(float));
     // beta != 0: C = alpha AB + beta C0, i.e. (beta == 0 result) + beta C0 up to one rounding.
-    ops->gemm_fp8(NM_NO_TRANS, NM_TRANS, M, N, K, 1.0f, A, K, B, K, NM_FP8_WEIGHT, 0.0f, Cz, N);
-    ops->gemm_fp8(NM_NO_TRANS, NM_TRANS, M, N, K, 1.0f, A, K, B, K, NM_FP8_WEIGHT, 0.5f, C, N);
+    ops->gemm_fp8(ops, NM_NO_TRANS, NM_TRANS, M, N, K, 1.0f, A, K, B, K, NM_FP8_WEIGHT, 0.0f, Cz, N);
+    ops->gemm_fp8(ops, NM_NO_TRANS, NM_TRANS, M, N, K, 1.0f, A, K, B, K, NM_FP8_WEIGHT, 0.5f, C, N);
     for (int i = 0; i < M * N; i++)
         EXPECT(fabsf(C[i] - (Cz[i] + 0.5f * C0[i])) <= 1e-5f * (1.0f + fabsf(C[i])), "beta = 0.5 at %d", i);
     // K == 0: C = beta C (beta == 0 writes zeros over NaN); M or N == 0 touches nothing.
     for (int i = 0; i < M * N; i++) C[i] = NAN;
-    ops->gemm_fp8(NM_NO_TRANS, NM_NO_TRANS, M, N, 0, 1.0f, A, 1, B, N, NM_FP8_ACTIVATION, 0.0f, C, N);
+    ops->gemm_fp8(ops, NM_NO_TRANS, NM_NO_TRANS, M, N, 0, 1.0f, A, 1, B, N, NM_FP8_ACTIVATION, 0.0f, C, N);
     for (int i = 0; i < M * N; i++) EXPECT(C[i] == 0.0f, "K = 0, beta = 0 at %d: %g", i, C[i]);
     memcpy(C, C0, M * N * sizeof(float));
-    ops->gemm_fp8(NM_NO_TRANS, NM_NO_TRANS, M, N, 0, 1.0f, A, 1, B, N, NM_FP8_ACTIVATION, 2.0f, C, N);
+    ops->gemm_fp8(ops, NM_NO_TRANS, NM_NO_TRANS, M, N, 0, 1.0f, A, 1, B, N, NM_FP8_ACTIVATION, 2.0f, C, N);
     for (int i = 0; i < M * N; i++) EXPECT(C[i] == 2.0f * C0[i], "K = 0, beta = 2 at %d", i);
-    ops->gemm_fp8(NM_NO_TRANS, NM_NO_TRANS, 0, N, K, 1.0f, A, K, B, N, NM_FP8_ACTIVATION, 0.0f, NULL, N);
-    ops->gemm_fp8(NM_NO_TRANS, NM_NO_TRANS, M, 0, K, 1.0f, A, K, B, 1, NM_FP8_ACTIVATION, 0.0f, NULL, 1);
+    ops->gemm_fp8(ops, NM_NO_TRANS, NM_NO_TRANS, 0, N, K, 1.0f, A, K, B, N, NM_FP8_ACTIVATION, 0.0f, NULL, N);
+    ops->gemm_fp8(ops, NM_NO_TRANS, NM_NO_TRANS, M, 0, K, 1.0f, A, K, B, 1, NM_FP8_ACTIVATION, 0.0f, NULL, 1);
     // Steady state: a shape seen before, or a smaller one, allocates nothing.
     uint64_t before = nm_alloc_count();
-    ops->gemm_fp8(NM_NO_TRANS, NM_TRANS, M, N, K, 1.0f, A, K, B, K, NM_FP8_WEIGHT, 0.0f, Cz, N);
-    ops->gemm_fp8(NM_NO_TRANS, NM_TRANS, M - 1, N - 2, K - 3, 1.0f, A, K, B, K, NM_FP8_ACTIVATION, 0.0f, Cz, N);
+    ops->gemm_fp8(ops, NM_NO_TRANS, NM_TRANS, M, N, K, 1.0f, A, K, B, K, NM_FP8_WEIGHT, 0.0f, Cz, N);
+    ops->gemm_fp8(ops, NM_NO_TRANS, NM_TRANS, M - 1, N - 2, K - 3, 1.0f, A, K, B, K, NM_FP8_ACTIVATION, 0.0f, Cz, N);
     EXPECT(nm_alloc_count() == before, "gemm_fp8 allocated in steady state");
     nm_free(A);
     nm_free(B);
@@ -410,7 +411,7 @@ static void test_gemm_contract(const nm_ops *ops) {
 
 int main(void) {
     g_key = nm_rng_key(7, 0, 0, 0);
-    const nm_ops *ops = nm_ops_cpu();
+    const nm_ops *ops = test_backend("cpu");
     NM_CHECK(ops->gemm_fp8 != NULL, "gemm_fp8 not registered in the CPU table");
     test_codes();
     test_midpoints();

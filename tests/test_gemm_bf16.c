@@ -42,6 +42,7 @@ static const nm_ops *ops;
 
 #include "test_util.h"
 #include "bf16_ref.h"
+#include "test_backend.h"
 
 // --- helpers --------------------------------------------------------------------------------
 
@@ -70,7 +71,7 @@ static void test_cast(void) {
     float src[n_fixed];
     uint16_t dst[n_fixed];
     for (int i = 0; i < n_fixed; i++) src[i] = from_bits(in[i]);
-    ops->cast_bf16(dst, src, n_fixed);
+    ops->cast_bf16(ops, dst, src, n_fixed);
     for (int i = 0; i < n_fixed; i++)
         EXPECT(dst[i] == want[i], "cast(0x%08x) = 0x%04x, want 0x%04x", in[i], dst[i], want[i]);
 
@@ -79,7 +80,7 @@ static void test_cast(void) {
     for (int i = 0; i < 4; i++) {
         float x = from_bits(nans[i]);
         uint16_t h;
-        ops->cast_bf16(&h, &x, 1);
+        ops->cast_bf16(ops, &h, &x, 1);
         EXPECT(isnan(bf16_to_f32(h)) && (h >> 15) == (nans[i] >> 31), "cast(0x%08x) = 0x%04x not a NaN",
                nans[i], h);
     }
@@ -93,7 +94,7 @@ static void test_cast(void) {
         // random sign and significand, exponent in [2^-40, 2^40]
         x[i] = from_bits((uint32_t)(r & 0x807fffffu) | (uint32_t)((87 + (r >> 32) % 80) << 23));
     }
-    ops->cast_bf16(h, x, n);
+    ops->cast_bf16(ops, h, x, n);
     int64_t bad = 0;
     for (int64_t i = 0; i < n; i++) bad += h[i] != ref_bf16(x[i]);
     EXPECT(bad == 0, "%lld of %lld random casts differ from the reference rounding", (long long)bad,
@@ -193,7 +194,7 @@ static double run_case(const gemm_case *t) {
     if (M * ldc > 0) memcpy(C, C0, (size_t)(M * ldc) * sizeof(float));
 
     const void *a = operand(t->a_type, A, Ah, a_rows * lda, &Ar), *b = operand(t->b_type, B, Bh, b_rows * ldb, &Br);
-    ops->gemm_bf16(t->ta, t->tb, M, N, K, t->alpha, a, t->a_type, lda, b, t->b_type, ldb, t->beta, C, ldc);
+    ops->gemm_bf16(ops, t->ta, t->tb, M, N, K, t->alpha, a, t->a_type, lda, b, t->b_type, ldb, t->beta, C, ldc);
     double rel = check_case(t, A, Ah, lda, B, Bh, ldb, C0, C, ldc);
     nm_free(A);
     nm_free(B);
@@ -227,13 +228,13 @@ static void test_gemm(void) {
     // Degenerate shapes: M = 0 and N = 0 touch nothing, K = 0 leaves beta * C (zeros over NaN).
     float c[6] = {NAN, NAN, NAN, NAN, NAN, NAN};
     float a1 = 1.0f;
-    ops->gemm_bf16(NM_NO_TRANS, NM_NO_TRANS, 0, 3, 4, 1.0f, &a1, NM_F32, 4, &a1, NM_F32, 3, 0.0f, c, 3);
-    ops->gemm_bf16(NM_NO_TRANS, NM_NO_TRANS, 2, 0, 4, 1.0f, &a1, NM_F32, 4, &a1, NM_F32, 1, 0.0f, c, 3);
+    ops->gemm_bf16(ops, NM_NO_TRANS, NM_NO_TRANS, 0, 3, 4, 1.0f, &a1, NM_F32, 4, &a1, NM_F32, 3, 0.0f, c, 3);
+    ops->gemm_bf16(ops, NM_NO_TRANS, NM_NO_TRANS, 2, 0, 4, 1.0f, &a1, NM_F32, 4, &a1, NM_F32, 1, 0.0f, c, 3);
     EXPECT(isnan(c[0]) && isnan(c[5]), "M = 0 or N = 0 wrote C");
-    ops->gemm_bf16(NM_TRANS, NM_NO_TRANS, 2, 3, 0, 1.0f, NULL, NM_F32, 2, NULL, NM_BF16, 3, 0.0f, c, 3);
+    ops->gemm_bf16(ops, NM_TRANS, NM_NO_TRANS, 2, 3, 0, 1.0f, NULL, NM_F32, 2, NULL, NM_BF16, 3, 0.0f, c, 3);
     for (int i = 0; i < 6; i++) EXPECT(c[i] == 0.0f, "K = 0, beta = 0: c[%d] = %g", i, (double)c[i]);
     for (int i = 0; i < 6; i++) c[i] = 2.0f;
-    ops->gemm_bf16(NM_NO_TRANS, NM_TRANS, 2, 3, 0, 1.0f, NULL, NM_BF16, 1, NULL, NM_F32, 1, 0.5f, c, 3);
+    ops->gemm_bf16(ops, NM_NO_TRANS, NM_TRANS, 2, 3, 0, 1.0f, NULL, NM_BF16, 1, NULL, NM_F32, 1, 0.5f, c, 3);
     for (int i = 0; i < 6; i++) EXPECT(c[i] == 1.0f, "K = 0, beta = 0.5: c[%d] = %g", i, (double)c[i]);
 
     // 3. Rounding happens: against the unrounded inputs the normwise error is that of bf16
@@ -250,8 +251,8 @@ static void test_gemm(void) {
     float *A = randn(K * M, 1.0f), *B = randn(K * N, 1.0f), *C = randn(M * N, 1.0f);
     uint64_t before = nm_alloc_count();
     for (int rep = 0; rep < 3; rep++) {
-        ops->gemm_bf16(NM_TRANS, NM_NO_TRANS, M, N, K, 1.0f, A, NM_F32, M, B, NM_F32, N, 0.0f, C, N);
-        ops->gemm_bf16(NM_TRANS, NM_NO_TRANS, M - rep - 1, N, K, 1.0f, A, NM_F32, M, B, NM_F32, N, 1.0f, C, N);
+        ops->gemm_bf16(ops, NM_TRANS, NM_NO_TRANS, M, N, K, 1.0f, A, NM_F32, M, B, NM_F32, N, 0.0f, C, N);
+        ops->gemm_bf16(ops, NM_TRANS, NM_NO_TRANS, M - rep - 1, N, K, 1.0f, A, NM_F32, M, B, NM_F32, N, 1.0f, C, N);
     }
     EXPECT(nm_alloc_count() == before, "%llu allocations in steady state",
            (unsigned long long)(nm_alloc_count() - before));
@@ -274,7 +275,7 @@ static void test_round(void) {
     x[2] = NAN;
     x[3] = INFINITY;
     memcpy(y, x, (size_t)n * sizeof(float));
-    ops->round_bf16(y, y, n);
+    ops->round_bf16(ops, y, y, n);
     int64_t bad = 0;
     for (int64_t i = 3; i < n; i++) bad += bits(y[i]) != (uint32_t)ref_bf16(x[i]) << 16;
     EXPECT(bad == 0, "%lld of %lld in-place roundings differ from the reference", (long long)bad, (long long)n);
@@ -284,7 +285,7 @@ static void test_round(void) {
     float *z = nm_malloc((size_t)n * sizeof(float));
     memcpy(z, x, (size_t)n * sizeof(float));
     float *w = nm_malloc((size_t)n * sizeof(float));
-    ops->round_bf16(w, z, n);
+    ops->round_bf16(ops, w, z, n);
     EXPECT(memcmp(z, x, (size_t)n * sizeof(float)) == 0, "round_bf16 out of place wrote its source");
     EXPECT(memcmp(w, y, 2 * sizeof(float)) == 0 && memcmp(w + 3, y + 3, (size_t)(n - 3) * sizeof(float)) == 0 &&
                isnan(w[2]),
@@ -293,7 +294,7 @@ static void test_round(void) {
     nm_free(w);
     // rounding a rounded value changes nothing
     memcpy(x, y, (size_t)n * sizeof(float));
-    ops->round_bf16(y, y, n);
+    ops->round_bf16(ops, y, y, n);
     EXPECT(memcmp(x, y, (size_t)n * sizeof(float)) == 0, "round_bf16 is not idempotent");
     nm_free(x);
     nm_free(y);
@@ -312,7 +313,7 @@ static void test_round_cast(void) {
     x[1] = from_bits(0x3f818000u);
     x[2] = NAN;
     memcpy(y, x, (size_t)n * sizeof(float));
-    ops->round_cast_bf16(y, h, n);
+    ops->round_cast_bf16(ops, y, h, n);
     int64_t bad_f = 0, bad_h = 0;
     for (int64_t i = 3; i < n; i++) {
         bad_f += bits(y[i]) != (uint32_t)ref_bf16(x[i]) << 16;
@@ -357,7 +358,7 @@ static void grouped_case(nm_transpose ta, nm_transpose tb, nm_dtype at, nm_dtype
                                     .lda = lda, .B = operand(bt, B[g], Bh[g], b_rows * ldb, &Br[g]), .ldb = ldb,
                                     .C = C[g], .ldc = ldc};
     }
-    ops->gemm_bf16_grouped(ta, tb, 1.0f, beta, groups, n_groups, at, bt);
+    ops->gemm_bf16_grouped(ops, ta, tb, 1.0f, beta, groups, n_groups, at, bt);
     for (int g = 0; g < n_groups; g++) {
         check_case(&t[g], A[g], Ah[g], groups[g].lda, B[g], Bh[g], groups[g].ldb, C0[g], C[g], groups[g].ldc);
         nm_free(A[g]);
@@ -420,8 +421,8 @@ static void bench_threads(void) {
         float *A = randn(M * K, 1.0f), *B = randn(K * N, 1.0f), *C = randn(M * N, 1.0f);
         uint16_t *Ah = nm_malloc((size_t)(M * K) * sizeof(uint16_t));
         uint16_t *Bh = nm_malloc((size_t)(K * N) * sizeof(uint16_t));
-        ops->cast_bf16(Ah, A, M * K);
-        ops->cast_bf16(Bh, B, K * N);
+        ops->cast_bf16(ops, Ah, A, M * K);
+        ops->cast_bf16(ops, Bh, B, K * N);
         double flop = 2.0 * (double)M * (double)N * (double)K;
         int reps = (int)(2e8 / flop);
         if (reps < 1) reps = 1;
@@ -430,8 +431,8 @@ static void bench_threads(void) {
             for (int impl = 0; impl < 3; impl++) {
                 double t0 = now();
                 for (int r = 0; r < reps; r++) {
-                    if (impl == 0) ops->gemm_bf16(NM_NO_TRANS, NM_NO_TRANS, M, N, K, 1.0f, A, NM_F32, K, B, NM_F32, N, 0.0f, C, N);
-                    if (impl == 1) ops->gemm_bf16(NM_NO_TRANS, NM_NO_TRANS, M, N, K, 1.0f, Ah, NM_BF16, K, Bh, NM_BF16, N, 0.0f, C, N);
+                    if (impl == 0) ops->gemm_bf16(ops, NM_NO_TRANS, NM_NO_TRANS, M, N, K, 1.0f, A, NM_F32, K, B, NM_F32, N, 0.0f, C, N);
+                    if (impl == 1) ops->gemm_bf16(ops, NM_NO_TRANS, NM_NO_TRANS, M, N, K, 1.0f, Ah, NM_BF16, K, Bh, NM_BF16, N, 0.0f, C, N);
                     if (impl == 2) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)M, (int)N, (int)K, 1.0f, A, (int)K, B, (int)N, 0.0f, C, (int)N);
                 }
                 double dt = (now() - t0) / reps;
@@ -460,14 +461,14 @@ static const char *isa_name(dnnl_cpu_isa_t isa) {
 
 int main(int argc, char **argv) {
     g_key = nm_rng_key(1234, NM_RNG_TEST, 16, 0);
-    ops = nm_ops_cpu();
+    ops = test_backend("cpu");
     dnnl_cpu_isa_t isa = dnnl_get_effective_cpu_isa();
     const dnnl_version_t *v = dnnl_version();
     printf("oneDNN %d.%d.%d, cpu runtime %s, effective ISA 0x%x: %s\n", v->major, v->minor, v->patch,
            v->cpu_runtime == DNNL_RUNTIME_OMP ? "OpenMP" : "other", (unsigned)isa, isa_name(isa));
     // oneDNN's bf16 kernels need AVX-512 at least (native dot products from avx512_core_bf16);
     // the "widen" kernel (fp32 GEMM on widened operands) runs anywhere.
-    const char *kernels = ops->kernel_names();
+    const char *kernels = ops->kernel_names(ops);
     printf("kernels: %s\n", kernels);
     if (!strstr(kernels, "bf16 GEMM widen") && (isa & dnnl_cpu_isa_avx512_core) != dnnl_cpu_isa_avx512_core) {
         return test_skip_machine("oneDNN reports no bf16-capable ISA on this CPU (AVX-512 needed)");

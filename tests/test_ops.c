@@ -37,6 +37,7 @@ static const nm_ops *ops;
 
 #include "test_util.h"
 #include "bf16_ref.h"
+#include "test_backend.h"
 
 // --- helpers --------------------------------------------------------------------------------
 
@@ -157,7 +158,7 @@ static void test_gemm_case(nm_transpose ta, nm_transpose tb, int64_t M, int64_t 
     float *A = randn(ar * lda, 1.0f), *Bm = randn(br * ldb, 1.0f);
     float *C = nan_c ? nans(M * ldc) : randn(M * ldc, 1.0f);
     float *C0 = copyf(C, M * ldc);
-    ops->gemm(ta, tb, M, N, K, alpha, A, lda, Bm, ldb, beta, C, ldc);
+    ops->gemm(ops, ta, tb, M, N, K, alpha, A, lda, Bm, ldb, beta, C, ldc);
     double max_err;
     int bad = gemm_bad(ta, tb, M, N, K, alpha, A, lda, Bm, ldb, beta, C, C0, ldc, &max_err);
     EXPECT(bad == 0, "gemm ta=%d tb=%d M=%lld N=%lld K=%lld beta=%g nan_c=%d: %d bad, max err %.3e", ta, tb,
@@ -178,8 +179,8 @@ static void test_gemm(void) {
         }
     }
     // M = 0 and N = 0 touch nothing (NULL pointers are fine).
-    ops->gemm(NM_NO_TRANS, NM_NO_TRANS, 0, 4, 3, 1.0f, NULL, 3, NULL, 4, 0.0f, NULL, 4);
-    ops->gemm(NM_NO_TRANS, NM_NO_TRANS, 4, 0, 3, 1.0f, NULL, 3, NULL, 1, 0.0f, NULL, 1);
+    ops->gemm(ops, NM_NO_TRANS, NM_NO_TRANS, 0, 4, 3, 1.0f, NULL, 3, NULL, 4, 0.0f, NULL, 4);
+    ops->gemm(ops, NM_NO_TRANS, NM_NO_TRANS, 4, 0, 3, 1.0f, NULL, 3, NULL, 1, 0.0f, NULL, 1);
 }
 
 // gemm_grouped: experts-like groups of uneven work (an empty one, and the heaviest last, so the
@@ -207,7 +208,7 @@ static void test_gemm_grouped(void) {
                     g[i] = (nm_gemm_group){.M = M, .N = N, .K = K, .A = A[i], .lda = lda, .B = Bm[i], .ldb = ldb,
                                            .C = C[i], .ldc = ldc};
                 }
-                ops->gemm_grouped(ta, tb, 1.0f, beta, g, G);
+                ops->gemm_grouped(ops, ta, tb, 1.0f, beta, g, G);
                 for (int i = 0; i < G; i++) {
                     double max_err;
                     int bad = gemm_bad(ta, tb, g[i].M, g[i].N, g[i].K, 1.0f, A[i], g[i].lda, Bm[i], g[i].ldb, beta, C[i],
@@ -226,23 +227,23 @@ static void test_gemm_grouped(void) {
 static void test_memory_ops(void) {
     printf("zero / axpy / copy_2d / add_2d\n");
     float *x = randn(37, 1.0f), *y = randn(37, 1.0f), *y0 = copyf(y, 37);
-    ops->axpy(y, x, -0.5f, 37);
+    ops->axpy(ops, y, x, -0.5f, 37);
     int bad = 0;
     for (int i = 0; i < 37; i++) bad += y[i] != y0[i] + -0.5f * x[i];
     EXPECT(bad == 0, "axpy: %d wrong", bad);
-    ops->zero(y, 37);
+    ops->zero(ops, y, 37);
     bad = 0;
     for (int i = 0; i < 37; i++) bad += y[i] != 0.0f;
     EXPECT(bad == 0, "zero: %d nonzero", bad);
     // 4 x 5 block between leading dims 9 (dst) and 7 (src)
     float *dst = randn(4 * 9, 1.0f), *dst0 = copyf(dst, 36), *src = randn(4 * 7, 1.0f);
-    ops->copy_2d(dst, 9, src, 7, 4, 5);
+    ops->copy_2d(ops, dst, 9, src, 7, 4, 5);
     bad = 0;
     for (int r = 0; r < 4; r++)
         for (int c = 0; c < 9; c++) bad += dst[r * 9 + c] != (c < 5 ? src[r * 7 + c] : dst0[r * 9 + c]);
     EXPECT(bad == 0, "copy_2d: %d wrong", bad);
     memcpy(dst0, dst, sizeof(float) * 36);
-    ops->add_2d(dst, 9, src, 7, 4, 5);
+    ops->add_2d(ops, dst, 9, src, 7, 4, 5);
     bad = 0;
     for (int r = 0; r < 4; r++)
         for (int c = 0; c < 9; c++)
@@ -261,7 +262,7 @@ typedef struct {
 
 static double emb_loss(void *p) {
     emb_ctx *c = p;
-    ops->embedding_forward(c->out, c->tok, c->emb, c->N, c->D);
+    ops->embedding_forward(ops, c->out, c->tok, c->emb, c->N, c->D);
     return dot_r(c->out, c->r, c->N * c->D);
 }
 
@@ -271,7 +272,7 @@ static void test_embedding(void) {
     const int32_t tok[N] = {3, 1, 3, 0, 4, 3, 1, 2, 0}; // repeated ids: the backward must add
     emb_ctx c = {randn(V * D, 1.0f), nans(N * D), randn(N * D, 1.0f), tok, N, D};
     float *base = randn(V * D, 1.0f), *demb = copyf(base, V * D), *g = nans(V * D);
-    ops->embedding_backward(demb, c.r, tok, N, D);
+    ops->embedding_backward(ops, demb, c.r, tok, N, D);
     sub_base(g, demb, base, V * D);
     fd_check("embedding d(emb)", emb_loss, &c, c.emb, V * D, g);
     nm_free(c.emb), nm_free(c.out), nm_free(c.r), nm_free(base), nm_free(demb), nm_free(g);
@@ -287,7 +288,7 @@ typedef struct {
 
 static double rms_loss(void *p) {
     rms_ctx *c = p;
-    ops->rmsnorm_forward(c->out, c->rstd, c->x, c->w, c->N, c->D, c->eps);
+    ops->rmsnorm_forward(ops, c->out, c->rstd, c->x, c->w, c->N, c->D, c->eps);
     return dot_r(c->out, c->r, c->N * c->D);
 }
 
@@ -308,7 +309,7 @@ static void test_rmsnorm(void) {
     EXPECT(max_err < 1e-6, "rstd rel err %.3e", max_err);
     float *bx = randn(N * D, 1.0f), *bw = randn(D, 1.0f);
     float *dx = copyf(bx, N * D), *dw = copyf(bw, D), *gx = nans(N * D), *gw = nans(D);
-    ops->rmsnorm_backward(dx, dw, c.r, c.x, c.w, c.rstd, N, D);
+    ops->rmsnorm_backward(ops, dx, dw, c.r, c.x, c.w, c.rstd, N, D);
     sub_base(gx, dx, bx, N * D);
     sub_base(gw, dw, bw, D);
     fd_check("rmsnorm d(inp)", rms_loss, &c, c.x, N * D, gx);
@@ -326,7 +327,7 @@ typedef struct {
 
 static double swi_loss(void *p) {
     swi_ctx *c = p;
-    ops->swiglu_forward(c->out, c->gu, c->N, c->F);
+    ops->swiglu_forward(ops, c->out, c->gu, c->N, c->F);
     return dot_r(c->out, c->r, c->N * c->F);
 }
 
@@ -335,12 +336,12 @@ static void test_swiglu(void) {
     enum { N = 4, F = 9 };
     swi_ctx c = {randn(N * 2 * F, 2.0f), nans(N * F), randn(N * F, 1.0f), N, F};
     float *g = nans(N * 2 * F);
-    ops->swiglu_backward(g, c.r, c.gu, N, F);
+    ops->swiglu_backward(ops, g, c.r, c.gu, N, F);
     fd_check("swiglu d(gate_up)", swi_loss, &c, c.gu, N * 2 * F, g);
     // far tails stay finite (sigmoid(-100) must not produce NaN)
     float gu[2] = {-100.0f, 3.0f}, o, dgu[2], one = 1.0f;
-    ops->swiglu_forward(&o, gu, 1, 1);
-    ops->swiglu_backward(dgu, &one, gu, 1, 1);
+    ops->swiglu_forward(ops, &o, gu, 1, 1);
+    ops->swiglu_backward(ops, dgu, &one, gu, 1, 1);
     EXPECT(isfinite(o) && isfinite(dgu[0]) && isfinite(dgu[1]), "swiglu tail: %g %g %g", o, dgu[0], dgu[1]);
     nm_free(c.gu), nm_free(c.out), nm_free(c.r), nm_free(g);
 }
@@ -368,15 +369,15 @@ static void test_swiglu_bf16(void) {
     gu[5] = NAN;
     float *out = nans(N * F), *ref = nans(N * F), *dgu = nans(N * 2 * F), *dref = nans(N * 2 * F);
     uint16_t *h = nm_malloc(N * 2 * F * sizeof(uint16_t));
-    ops->swiglu_forward(ref, gu, N, F);
-    ops->swiglu_backward(dref, dout, gu, N, F);
+    ops->swiglu_forward(ops, ref, gu, N, F);
+    ops->swiglu_backward(ops, dref, dout, gu, N, F);
     for (int with_bits = 0; with_bits < 2; with_bits++) {
         uint16_t *hb = with_bits ? h : NULL;
-        ops->swiglu_forward_bf16(out, hb, gu, N, F);
+        ops->swiglu_forward_bf16(ops, out, hb, gu, N, F);
         int64_t bad = bf16_mismatches(out, hb, ref, N * F);
         EXPECT(bad == 0, "swiglu_forward_bf16 (bits %d): %lld of %d differ from bf16(swiglu_forward)", with_bits,
                (long long)bad, N * F);
-        ops->swiglu_backward_bf16(dgu, hb, dout, gu, N, F);
+        ops->swiglu_backward_bf16(ops, dgu, hb, dout, gu, N, F);
         bad = bf16_mismatches(dgu, hb, dref, N * 2 * F);
         EXPECT(bad == 0, "swiglu_backward_bf16 (bits %d): %lld of %d differ from bf16(swiglu_backward)", with_bits,
                (long long)bad, N * 2 * F);
@@ -397,7 +398,7 @@ static double rope_loss(void *p) {
     rope_ctx *c = p;
     int64_t n = c->B * c->T * c->H * c->hd;
     memcpy(c->y, c->x, (size_t)n * sizeof(float));
-    ops->rope_forward(c->y, c->cos, c->sin, c->B, c->T, c->H, c->hd, c->off, c->Dr);
+    ops->rope_forward(ops, c->y, c->cos, c->sin, c->B, c->T, c->H, c->hd, c->off, c->Dr);
     return dot_r(c->y, c->r, n);
 }
 
@@ -433,7 +434,7 @@ static void test_rope(void) {
     }
     EXPECT(bad == 0, "rope forward: %d wrong", bad);
     float *g = copyf(c.r, n);
-    ops->rope_backward(g, cs, sn, B, T, H, HD, OFF, DR);
+    ops->rope_backward(ops, g, cs, sn, B, T, H, HD, OFF, DR);
     fd_check("rope d(x)", rope_loss, &c, c.x, n, g);
     nm_free(c.x), nm_free(c.y), nm_free(c.r), nm_free(g);
 }
@@ -448,7 +449,7 @@ typedef struct {
 
 static double attn_loss(void *p) {
     attn_ctx *c = p;
-    ops->attention_forward(c->out, c->lse, c->q, c->kv, c->kpe, c->B, c->T, c->H, c->Dn, c->Dr, c->Dv, c->scale);
+    ops->attention_forward(ops, c->out, c->lse, c->q, c->kv, c->kpe, c->B, c->T, c->H, c->Dn, c->Dr, c->Dv, c->scale);
     return dot_r(c->out, c->r, c->B * c->T * c->H * c->Dv);
 }
 
@@ -511,7 +512,7 @@ static void test_attention(void) {
     nm_free(ro), nm_free(rm), nm_free(rl), nm_free(rlm);
 
     float *dq = nans(nq), *dkv = nans(nkv), *dkp = nans(nkp), *scratch = nans(B * H * T * DR);
-    ops->attention_backward(dq, dkv, dkp, scratch, c.r, c.q, c.kv, c.kpe, c.out, c.lse, B, T, H, DN, DR, DV, c.scale);
+    ops->attention_backward(ops, dq, dkv, dkp, scratch, c.r, c.q, c.kv, c.kpe, c.out, c.lse, B, T, H, DN, DR, DV, c.scale);
     fd_check("attention d(q)", attn_loss, &c, c.q, nq, dq);
     fd_check("attention d(kv)", attn_loss, &c, c.kv, nkv, dkv);
     fd_check("attention d(k_pe)", attn_loss, &c, c.kpe, nkp, dkp);
@@ -521,10 +522,10 @@ static void test_attention(void) {
     attn_loss(&c);
     int nt = omp_get_max_threads();
     omp_set_num_threads(1);
-    ops->attention_forward(o1, scratch, c.q, c.kv, c.kpe, B, T, H, DN, DR, DV, c.scale);
-    ops->attention_backward(dq1, dkv1, dkp1, scratch, c.r, c.q, c.kv, c.kpe, c.out, c.lse, B, T, H, DN, DR, DV, c.scale);
+    ops->attention_forward(ops, o1, scratch, c.q, c.kv, c.kpe, B, T, H, DN, DR, DV, c.scale);
+    ops->attention_backward(ops, dq1, dkv1, dkp1, scratch, c.r, c.q, c.kv, c.kpe, c.out, c.lse, B, T, H, DN, DR, DV, c.scale);
     omp_set_num_threads(nt > 1 ? nt : 2);
-    ops->attention_backward(dq, dkv, dkp, scratch, c.r, c.q, c.kv, c.kpe, c.out, c.lse, B, T, H, DN, DR, DV, c.scale);
+    ops->attention_backward(ops, dq, dkv, dkp, scratch, c.r, c.q, c.kv, c.kpe, c.out, c.lse, B, T, H, DN, DR, DV, c.scale);
     omp_set_num_threads(nt);
     EXPECT(!memcmp(o1, c.out, sizeof(float) * no) && !memcmp(dq1, dq, sizeof(float) * nq) &&
                !memcmp(dkv1, dkv, sizeof(float) * nkv) && !memcmp(dkp1, dkp, sizeof(float) * nkp),
@@ -544,7 +545,7 @@ typedef struct {
 
 static double xent_loss(void *p) {
     xent_ctx *c = p;
-    ops->xent_forward(c->losses, c->lse, c->logits, c->tgt, c->N, c->V);
+    ops->xent_forward(ops, c->losses, c->lse, c->logits, c->tgt, c->N, c->V);
     double s = 0.0;
     for (int64_t n = 0; n < c->N; n++) s += c->losses[n];
     return c->scale * s;
@@ -570,7 +571,7 @@ static void test_xent(void) {
     EXPECT(max_err < 1e-6, "xent loss rel err %.3e", max_err);
     EXPECT(lse_err < 1e-6, "xent lse rel err %.3e", lse_err);
     float *g = nans(N * V);
-    ops->xent_backward(g, c.logits, c.lse, tgt, c.scale, N, V);
+    ops->xent_backward(ops, g, c.logits, c.lse, tgt, c.scale, N, V);
     int bad = 0;
     for (int v = 0; v < V; v++) bad += g[1 * V + v] != 0.0f;
     EXPECT(bad == 0, "ignored row has a gradient");
@@ -579,7 +580,7 @@ static void test_xent(void) {
     // huge logits stay finite (max subtraction)
     xent_loss(&c);
     float *inplace = copyf(c.logits, N * V);
-    ops->xent_backward(inplace, inplace, c.lse, tgt, c.scale, N, V);
+    ops->xent_backward(ops, inplace, inplace, c.lse, tgt, c.scale, N, V);
     EXPECT(!memcmp(inplace, g, sizeof(float) * N * V), "in-place backward differs");
     for (int i = 0; i < V; i++) c.logits[i] = 1000.0f + (float)i;
     xent_loss(&c);
@@ -599,7 +600,7 @@ typedef struct {
 
 static double router_loss(void *vp) {
     router_ctx *c = vp;
-    ops->router_forward(c->idx, c->w, c->s, c->logits, c->bias, &c->p);
+    ops->router_forward(ops, c->idx, c->w, c->s, c->logits, c->bias, &c->p);
     if (memcmp(c->idx, c->idx_ref, sizeof(int32_t) * (size_t)(c->p.N * c->p.K))) return NAN;
     return dot_r(c->w, c->r, c->p.N * c->p.K);
 }
@@ -610,9 +611,9 @@ static void test_router_fd(nm_scoring scoring, nm_topk_method method, int norm, 
     int64_t N = p.N, E = p.E, K = p.K;
     router_ctx c = {randn(N * E, 1.5f), randn(E, 0.3f), nans(N * K), nans(N * E), randn(N * K, 1.0f),
                     nm_malloc(sizeof(int32_t) * N * K), nm_malloc(sizeof(int32_t) * N * K), p};
-    ops->router_forward(c.idx_ref, c.w, c.s, c.logits, c.bias, &c.p);
+    ops->router_forward(ops, c.idx_ref, c.w, c.s, c.logits, c.bias, &c.p);
     float *g = nans(N * E);
-    ops->router_backward(g, c.r, c.s, c.idx_ref, &c.p);
+    ops->router_backward(ops, g, c.r, c.s, c.idx_ref, &c.p);
     fd_check(name, router_loss, &c, c.logits, N * E, g);
     nm_free(c.logits), nm_free(c.bias), nm_free(c.w), nm_free(c.s), nm_free(c.r), nm_free(c.idx), nm_free(c.idx_ref), nm_free(g);
 }
@@ -632,19 +633,19 @@ static void test_router_selection(void) {
         const double pr[8] = {0.6, 0.5, 0.55, 0.4, 0.3, 0.2, 0.1, 0.2};
         for (int e = 0; e < 8; e++) lg[e] = logit(pr[e]), bias[e] = e < 4 ? -2.0f : -3.0f;
         nm_router_params p = {1, 8, 2, 4, 2, NM_SCORING_SIGMOID, NM_TOPK_NOAUX_TC, 1, 1.0f};
-        ops->router_forward(idx, w, s, lg, bias, &p);
+        ops->router_forward(ops, idx, w, s, lg, bias, &p);
         EXPECT(idx[0] == 0 && idx[1] == 2, "noaux_tc -inf masking: got %d %d, want 0 2", idx[0], idx[1]);
         // weights are the unbiased scores, normalised
         EXPECT(fabsf(w[0] - 0.6f / 1.15f) < 1e-6f && fabsf(w[1] - 0.55f / 1.15f) < 1e-6f, "weights %g %g", w[0], w[1]);
         p.method = NM_TOPK_GROUP_LIMITED_GREEDY;
-        ops->router_forward(idx, w, s, lg, bias, &p);
+        ops->router_forward(ops, idx, w, s, lg, bias, &p);
         EXPECT(idx[0] == 0 && idx[1] == 2, "group-limited -inf masking: got %d %d", idx[0], idx[1]);
     }
     // (b) ties: equal scores everywhere -> groups 0,1 kept, experts 0,1,2 in index order
     {
         float lg[8] = {0};
         nm_router_params p = {1, 8, 3, 4, 2, NM_SCORING_SIGMOID, NM_TOPK_NOAUX_TC, 0, 1.0f};
-        ops->router_forward(idx, w, s, lg, NULL, &p);
+        ops->router_forward(ops, idx, w, s, lg, NULL, &p);
         EXPECT(idx[0] == 0 && idx[1] == 1 && idx[2] == 2, "ties: %d %d %d", idx[0], idx[1], idx[2]);
         EXPECT(w[0] == 0.5f && w[2] == 0.5f, "unnormalised weight %g", w[0]);
         // equal group scores but a tie inside the selection crossing groups: group 1 wins on
@@ -652,7 +653,7 @@ static void test_router_selection(void) {
         const double pr[8] = {0.9, 0.1, 0.7, 0.7, 0.1, 0.1, 0.1, 0.1};
         for (int e = 0; e < 8; e++) lg[e] = logit(pr[e]);
         p.K = 2, p.Gk = 1;
-        ops->router_forward(idx, w, s, lg, NULL, &p);
+        ops->router_forward(ops, idx, w, s, lg, NULL, &p);
         EXPECT(idx[0] == 2 && idx[1] == 3, "tie order: %d %d", idx[0], idx[1]);
     }
     // (c) the three methods differ: group 0 = {0.9, 0.1}, group 1 = {0.8, 0.7}, keep 1 group.
@@ -661,26 +662,26 @@ static void test_router_selection(void) {
         const double pr[4] = {0.9, 0.1, 0.8, 0.7};
         for (int e = 0; e < 4; e++) lg[e] = logit(pr[e]);
         nm_router_params p = {1, 4, 2, 2, 1, NM_SCORING_SIGMOID, NM_TOPK_NOAUX_TC, 1, 2.0f};
-        ops->router_forward(idx, w, s, lg, NULL, &p);
+        ops->router_forward(ops, idx, w, s, lg, NULL, &p);
         EXPECT(idx[0] == 2 && idx[1] == 3, "noaux_tc (top-2 sum): %d %d", idx[0], idx[1]);
         EXPECT(fabsf(w[0] - 2.0f * 0.8f / 1.5f) < 1e-6f, "scaled weight %g", w[0]);
         p.method = NM_TOPK_GROUP_LIMITED_GREEDY;
-        ops->router_forward(idx, w, s, lg, NULL, &p);
+        ops->router_forward(ops, idx, w, s, lg, NULL, &p);
         EXPECT(idx[0] == 0 && idx[1] == 1, "group_limited_greedy (max): %d %d", idx[0], idx[1]);
         p.method = NM_TOPK_GREEDY;
-        ops->router_forward(idx, w, s, lg, NULL, &p);
+        ops->router_forward(ops, idx, w, s, lg, NULL, &p);
         EXPECT(idx[0] == 0 && idx[1] == 2, "greedy: %d %d", idx[0], idx[1]);
         // greedy ignores the bias (DeepSeek's MoEGate reads it for noaux_tc only)
         float bias[4] = {0.0f, 0.0f, 0.0f, 0.5f};
-        ops->router_forward(idx, w, s, lg, bias, &p);
+        ops->router_forward(ops, idx, w, s, lg, bias, &p);
         EXPECT(idx[0] == 0 && idx[1] == 2, "greedy ignores the bias: %d %d", idx[0], idx[1]);
         p.method = NM_TOPK_GROUP_LIMITED_GREEDY;
-        ops->router_forward(idx, w, s, lg, bias, &p);
+        ops->router_forward(ops, idx, w, s, lg, bias, &p);
         EXPECT(idx[0] == 0 && idx[1] == 1, "group_limited_greedy ignores the bias: %d %d", idx[0], idx[1]);
         // noaux_tc with every group kept: the bias moves the selection but not the weights
         p.method = NM_TOPK_NOAUX_TC;
         p.Gk = 2;
-        ops->router_forward(idx, w, s, lg, bias, &p);
+        ops->router_forward(ops, idx, w, s, lg, bias, &p);
         EXPECT(idx[0] == 3 && idx[1] == 0, "noaux_tc + bias: %d %d", idx[0], idx[1]);
         EXPECT(fabsf(w[0] - 2.0f * 0.7f / 1.6f) < 1e-6f, "biased weight %g", w[0]);
     }
@@ -688,7 +689,7 @@ static void test_router_selection(void) {
     {
         float lg[4] = {1.0f, 3.0f, 2.0f, 0.0f};
         nm_router_params p = {1, 4, 2, 1, 1, NM_SCORING_SOFTMAX, NM_TOPK_GREEDY, 0, 1.0f};
-        ops->router_forward(idx, w, s, lg, NULL, &p);
+        ops->router_forward(ops, idx, w, s, lg, NULL, &p);
         double z = exp(1.0) + exp(3.0) + exp(2.0) + 1.0;
         EXPECT(idx[0] == 1 && idx[1] == 2 && fabs(w[0] - exp(3.0) / z) < 1e-7, "softmax: %d %d %g", idx[0], idx[1], w[0]);
     }
@@ -706,8 +707,8 @@ typedef struct {
 
 static double bal_loss(void *vp) {
     bal_ctx *c = vp;
-    ops->router_forward(c->idx, c->w, c->s, c->logits, NULL, &c->p);
-    double l = ops->balance_loss_forward(c->f, c->s, c->B, c->T, c->p.E, c->p.K);
+    ops->router_forward(ops, c->idx, c->w, c->s, c->logits, NULL, &c->p);
+    double l = ops->balance_loss_forward(ops, c->f, c->s, c->B, c->T, c->p.E, c->p.K);
     if (memcmp(c->f, c->f_ref, sizeof(float) * (size_t)(c->B * c->p.E))) return NAN;
     return c->dloss * l;
 }
@@ -717,8 +718,8 @@ static void test_balance_loss(nm_scoring scoring, const char *name) {
     nm_router_params p = {B * T, E, K, 1, 1, scoring, NM_TOPK_GREEDY, 1, 1.0f};
     bal_ctx c = {randn(B * T * E, 1.5f), nans(B * T * E), nans(B * E), nans(B * E), nans(B * T * K),
                  nm_malloc(sizeof(int32_t) * B * T * K), p, B, T, 0.7f};
-    ops->router_forward(c.idx, c.w, c.s, c.logits, NULL, &c.p);
-    double l = ops->balance_loss_forward(c.f_ref, c.s, B, T, E, K);
+    ops->router_forward(ops, c.idx, c.w, c.s, c.logits, NULL, &c.p);
+    double l = ops->balance_loss_forward(ops, c.f_ref, c.s, B, T, E, K);
     // direct: f and the loss from their definitions (plain top-K of s, ties lower index)
     double ref = 0.0;
     int bad = 0;
@@ -743,7 +744,7 @@ static void test_balance_loss(nm_scoring scoring, const char *name) {
     }
     EXPECT(bad == 0 && fabs(l - ref) < 1e-6 * ref, "%s forward: f bad %d, loss %.9g ref %.9g", name, bad, l, ref);
     float *base = randn(B * T * E, 1.0f), *dl = copyf(base, B * T * E), *g = nans(B * T * E);
-    ops->balance_loss_backward(dl, c.dloss, c.f_ref, c.s, B, T, E, K, scoring);
+    ops->balance_loss_backward(ops, dl, c.dloss, c.f_ref, c.s, B, T, E, K, scoring);
     sub_base(g, dl, base, B * T * E);
     fd_check(name, bal_loss, &c, c.logits, B * T * E, g);
     nm_free(c.logits), nm_free(c.s), nm_free(c.f), nm_free(c.f_ref), nm_free(c.w), nm_free(c.idx), nm_free(base), nm_free(dl), nm_free(g);
@@ -758,7 +759,7 @@ static void test_moe_permute(void) {
     for (int n = 0; n < N; n++)      // K distinct experts per token, expert 4 never used
         for (int k = 0; k < K; k++) idx[n * K + k] = (int32_t)((nm_rng_u64(g_key, g_ctr + n) + k) % 4);
     g_ctr += N;
-    ops->moe_permute(off, perm, idx, N, K, E);
+    ops->moe_permute(ops, off, perm, idx, N, K, E);
     int bad = 0;
     EXPECT(off[0] == 0 && off[E] == N * K && off[4] == off[5], "offsets ends %d %d", off[0], off[E]);
     for (int e = 0; e < E; e++) {
@@ -783,14 +784,14 @@ typedef struct {
 
 static double gather_loss(void *vp) {
     moe_ctx *c = vp;
-    ops->moe_gather(c->dst, c->src, c->perm, c->N, c->K, c->D);
+    ops->moe_gather(ops, c->dst, c->src, c->perm, c->N, c->K, c->D);
     return dot_r(c->dst, c->r, c->N * c->K * c->D);
 }
 
 static double combine_loss(void *vp) {
     moe_ctx *c = vp;
     memcpy(c->y, c->y0, sizeof(float) * (size_t)(c->N * c->D));
-    ops->moe_combine_forward(c->y, c->eo, c->tw, c->perm, c->N, c->K, c->D);
+    ops->moe_combine_forward(ops, c->y, c->eo, c->tw, c->perm, c->N, c->K, c->D);
     return dot_r(c->y, c->r, c->N * c->D);
 }
 
@@ -799,26 +800,26 @@ static void test_moe_dispatch(void) {
     enum { N = 5, K = 2, E = 3, D = 70 }; // D > 64: two column slabs
     int32_t idx[N * K], perm[N * K], off[E + 1];
     for (int n = 0; n < N; n++) idx[n * K] = n % E, idx[n * K + 1] = (n + 1 + n / 3) % E;
-    ops->moe_permute(off, perm, idx, N, K, E);
+    ops->moe_permute(ops, off, perm, idx, N, K, E);
     moe_ctx c = {randn(N * D, 1.0f), nans(N * K * D), randn(N * K * D, 1.0f), randn(N * K * D, 1.0f),
                  randn(N * K, 1.0f), nans(N * D), randn(N * D, 1.0f), perm, N, K, D};
     // gather: dsrc (+=) scatter-add of the cotangent
     float *base = randn(N * D, 1.0f), *ds = copyf(base, N * D), *g = nans(N * D);
-    ops->moe_scatter_add(ds, c.r, perm, N, K, D);
+    ops->moe_scatter_add(ops, ds, c.r, perm, N, K, D);
     sub_base(g, ds, base, N * D);
     fd_check("moe_gather/scatter_add d(src)", gather_loss, &c, c.src, N * D, g);
     // combine: y (+=), dexpert_out (=), dtopk_weight (=)
     nm_free(c.r);
     c.r = randn(N * D, 1.0f);
     float *deo = nans(N * K * D), *dtw = nans(N * K);
-    ops->moe_combine_backward(deo, dtw, c.r, c.eo, c.tw, perm, N, K, D);
+    ops->moe_combine_backward(ops, deo, dtw, c.r, c.eo, c.tw, perm, N, K, D);
     fd_check("moe_combine d(expert_out)", combine_loss, &c, c.eo, N * K * D, deo);
     fd_check("moe_combine d(topk_weight)", combine_loss, &c, c.tw, N * K, dtw);
     // deterministic across thread counts
     float *y1 = copyf(c.y0, N * D);
     int nt = omp_get_max_threads();
     omp_set_num_threads(1);
-    ops->moe_combine_forward(y1, c.eo, c.tw, perm, N, K, D);
+    ops->moe_combine_forward(ops, y1, c.eo, c.tw, perm, N, K, D);
     omp_set_num_threads(nt > 1 ? nt : 2);
     combine_loss(&c);
     omp_set_num_threads(nt);
@@ -828,9 +829,9 @@ static void test_moe_dispatch(void) {
     c.src[D + 3] = NAN;
     float *gref = nans(N * K * D), *gb = nans(N * K * D);
     uint16_t *gh = nm_malloc(N * K * D * sizeof(uint16_t));
-    ops->moe_gather(gref, c.src, perm, N, K, D);
+    ops->moe_gather(ops, gref, c.src, perm, N, K, D);
     for (int with_bits = 0; with_bits < 2; with_bits++) {
-        ops->moe_gather_bf16(gb, with_bits ? gh : NULL, c.src, perm, N, K, D);
+        ops->moe_gather_bf16(ops, gb, with_bits ? gh : NULL, c.src, perm, N, K, D);
         int64_t bad = bf16_mismatches(gb, with_bits ? gh : NULL, gref, N * K * D);
         EXPECT(bad == 0, "moe_gather_bf16 (bits %d): %lld of %d differ from bf16(moe_gather)", with_bits,
                (long long)bad, N * K * D);
@@ -857,12 +858,12 @@ static void test_xent_tiles(void) {
     const int64_t cuts[4] = {0, 1000, 2000, V};
     float *lg = randn(N * V, 3.0f), *loss = nans(N), *lse = nans(N), *loss_t = nans(N), *lse_t = nans(N);
     double *stats = nm_malloc(sizeof(double) * 3 * N);
-    ops->xent_forward(loss, lse, lg, tgt, N, V);
+    ops->xent_forward(ops, loss, lse, lg, tgt, N, V);
     float *tile = nans(N * 1000), *dl = nans(N * V), *dl_t = nans(N * V);
     for (int k = 0; k < 3; k++) {
         int64_t v0 = cuts[k], w = cuts[k + 1] - cuts[k];
         for (int n = 0; n < N; n++) memcpy(tile + n * w, lg + n * V + v0, sizeof(float) * (size_t)w);
-        ops->xent_tile_forward(loss_t, lse_t, stats, tile, w, tgt, N, V, v0, w);
+        ops->xent_tile_forward(ops, loss_t, lse_t, stats, tile, w, tgt, N, V, v0, w);
     }
     double e = 0.0;
     for (int n = 0; n < N; n++) {
@@ -874,10 +875,10 @@ static void test_xent_tiles(void) {
     }
     printf("  3 tiles vs whole rows: loss/lse max rel diff %.2e\n", e);
     EXPECT(e < 4e-7, "tiled xent loss/lse rel diff %.3e", e);
-    ops->xent_backward(dl, lg, lse, tgt, 0.37f, N, V);
+    ops->xent_backward(ops, dl, lg, lse, tgt, 0.37f, N, V);
     for (int k = 0; k < 3; k++) {
         int64_t v0 = cuts[k], w = cuts[k + 1] - cuts[k];
-        ops->xent_tile_backward(dl_t + v0, V, lg + v0, V, lse, tgt, 0.37f, N, V, v0, w);
+        ops->xent_tile_backward(ops, dl_t + v0, V, lg + v0, V, lse, tgt, 0.37f, N, V, v0, w);
     }
     EXPECT(!memcmp(dl, dl_t, sizeof(float) * N * V), "tiled xent backward differs from the whole-row one");
     nm_free(lg), nm_free(loss), nm_free(lse), nm_free(loss_t), nm_free(lse_t), nm_free(stats);
@@ -889,7 +890,7 @@ static void test_wide_rows(void) {
     // V3's width plus a lane tail: the 16-lane double sum keeps rstd at fp32 rounding
     enum { NV = 3, DV = 7175 };
     float *vx = randn(NV * DV, 1.5f), *vw = randn(DV, 1.0f), *vo = nans(NV * DV), *vr = nans(NV);
-    ops->rmsnorm_forward(vo, vr, vx, vw, NV, DV, 1e-5f);
+    ops->rmsnorm_forward(ops, vo, vr, vx, vw, NV, DV, 1e-5f);
     double rms_err = 0.0;
     for (int n = 0; n < NV; n++) {
         double ss = 0.0;
@@ -909,8 +910,8 @@ static void test_wide_rows(void) {
     for (int k = 0; k < 2; k++) {
         omp_set_num_threads(k == 0 ? 1 : nt > 1 ? nt : 2);
         to[k] = nans(NT * DT), tr[k] = nans(NT), tdx[k] = copyf(tdy, NT * DT), tdw[k] = copyf(tw, DT);
-        ops->rmsnorm_forward(to[k], tr[k], tx, tw, NT, DT, 1e-5f);
-        ops->rmsnorm_backward(tdx[k], tdw[k], tdy, tx, tw, tr[k], NT, DT);
+        ops->rmsnorm_forward(ops, to[k], tr[k], tx, tw, NT, DT, 1e-5f);
+        ops->rmsnorm_backward(ops, tdx[k], tdw[k], tdy, tx, tw, tr[k], NT, DT);
     }
     omp_set_num_threads(nt);
     EXPECT(!memcmp(to[0], to[1], sizeof(float) * NT * DT) && !memcmp(tr[0], tr[1], sizeof(float) * NT) &&
@@ -922,7 +923,7 @@ static void test_wide_rows(void) {
     enum { VV = 129280 };
     const int32_t vtgt[2] = {17, VV - 1};
     float *vl = randn(2 * VV, 2.0f), *vloss = nans(2), *vlse = nans(2);
-    ops->xent_forward(vloss, vlse, vl, vtgt, 2, VV);
+    ops->xent_forward(ops, vloss, vlse, vl, vtgt, 2, VV);
     double loss_err = 0.0, lse_err = 0.0;
     for (int n = 0; n < 2; n++) {
         double z = 0.0;
@@ -939,7 +940,7 @@ static void test_wide_rows(void) {
 
 int main(void) {
     g_key = nm_rng_key(test_seed("test_ops"), NM_RNG_TEST, 0, 0);
-    ops = nm_ops_cpu();
+    ops = test_backend("cpu");
     test_gemm();
     test_gemm_grouped();
     test_memory_ops();

@@ -17,6 +17,7 @@
 #include "train/optim.h"
 
 #include "test_util.h"
+#include "test_backend.h"
 
 // Values below are exact in decimal; float keeps ~7 digits and each step does a handful
 // of roundings, so 1e-6 absolute on O(1) parameters is a few ulps.
@@ -47,7 +48,7 @@ static void test_hand_steps(void) {
     nm_param_table t = small_table();
     nm_optimizer *opt;
     nm_error err;
-    EXPECT(nm_optimizer_create(&opt, &t, &default_cfg, nm_ops_cpu(), &err) == 0, "%s", err.msg);
+    EXPECT(nm_optimizer_create(&opt, &t, &default_cfg, test_backend("cpu"), &err) == 0, "%s", err.msg);
     EXPECT(opt->n_params == 5, "n_params %lld (only w and the norm are optimised)", (long long)opt->n_params);
 
     float p[192], g[192];
@@ -111,11 +112,11 @@ static void test_bad_config(void) {
     nm_error err;
     nm_adamw_config c = default_cfg;
     c.beta2 = 1.0;
-    EXPECT(nm_optimizer_create(&opt, &t, &c, nm_ops_cpu(), &err) != 0 && strstr(err.msg, "beta2"), "beta2=1 accepted: %s", err.msg);
+    EXPECT(nm_optimizer_create(&opt, &t, &c, test_backend("cpu"), &err) != 0 && strstr(err.msg, "beta2"), "beta2=1 accepted: %s", err.msg);
     EXPECT(opt == NULL, "optimizer returned on error");
     c = default_cfg;
     c.eps = 0.0;
-    EXPECT(nm_optimizer_create(&opt, &t, &c, nm_ops_cpu(), &err) != 0 && strstr(err.msg, "eps"), "eps=0 accepted");
+    EXPECT(nm_optimizer_create(&opt, &t, &c, test_backend("cpu"), &err) != 0 && strstr(err.msg, "eps"), "eps=0 accepted");
 }
 
 // --- norm, clipping, non-finite ------------------------------------------------------------------
@@ -124,7 +125,7 @@ static void test_norm_clip_nonfinite(void) {
     nm_param_table t = small_table();
     nm_optimizer *opt;
     nm_error err;
-    EXPECT(nm_optimizer_create(&opt, &t, &default_cfg, nm_ops_cpu(), &err) == 0, "%s", err.msg);
+    EXPECT(nm_optimizer_create(&opt, &t, &default_cfg, test_backend("cpu"), &err) == 0, "%s", err.msg);
     float g[192];
     for (int i = 0; i < 192; i++) g[i] = 1000.0f;  // padding, router bias: excluded
     g[0] = 3.0f; g[1] = 0.0f; g[2] = 0.0f;         // w
@@ -212,7 +213,7 @@ static void test_random_and_threads(uint64_t seed) {
         omp_set_num_threads(threads[k]);
         nm_optimizer *opt;
         nm_error err;
-        EXPECT(nm_optimizer_create(&opt, &t, &default_cfg, nm_ops_cpu(), &err) == 0, "%s", err.msg);
+        EXPECT(nm_optimizer_create(&opt, &t, &default_cfg, test_backend("cpu"), &err) == 0, "%s", err.msg);
         norms[k] = nm_optimizer_grad_norm(opt, g);
         outs[k] = nm_malloc(n * 4);
         memcpy(outs[k], p0, n * 4);
@@ -297,8 +298,8 @@ static void test_fused_clip(uint64_t seed) {
     memcpy(pr, p0, n * 4);
     nm_optimizer *oa, *ob;
     nm_error err;
-    EXPECT(nm_optimizer_create(&oa, &t, &default_cfg, nm_ops_cpu(), &err) == 0, "%s", err.msg);
-    EXPECT(nm_optimizer_create(&ob, &t, &default_cfg, nm_ops_cpu(), &err) == 0, "%s", err.msg);
+    EXPECT(nm_optimizer_create(&oa, &t, &default_cfg, test_backend("cpu"), &err) == 0, "%s", err.msg);
+    EXPECT(nm_optimizer_create(&ob, &t, &default_cfg, test_backend("cpu"), &err) == 0, "%s", err.msg);
     const double lrs[3] = {1e-3, 3e-3, 2e-3};
     int clipped = 0;
     for (int s = 0; s < 3; s++) {
@@ -365,7 +366,7 @@ static void test_bf16_moments(uint64_t seed) {
     cfg.exp_avg_bf16 = cfg.exp_avg_sq_bf16 = 1;
     nm_optimizer *o;
     nm_error err;
-    EXPECT(nm_optimizer_create(&o, &t, &cfg, nm_ops_cpu(), &err) == 0, "%s", err.msg);
+    EXPECT(nm_optimizer_create(&o, &t, &cfg, test_backend("cpu"), &err) == 0, "%s", err.msg);
     EXPECT(o->m == NULL && o->v == NULL && o->m16 && o->v16, "bf16 moments should have no fp32 storage");
     EXPECT(nm_optimizer_state_bytes_per_float(&cfg) == 4, "bf16 moments: %lld bytes a float",
            (long long)nm_optimizer_state_bytes_per_float(&cfg));
@@ -410,7 +411,7 @@ static int dump(const char *path, uint64_t seed) {
     fill_random(p, t.n_floats, key, 0.5f);
     nm_optimizer *opt;
     nm_error err;
-    if (nm_optimizer_create(&opt, &t, &default_cfg, nm_ops_cpu(), &err)) return fprintf(stderr, "%s\n", err.msg), 1;
+    if (nm_optimizer_create(&opt, &t, &default_cfg, test_backend("cpu"), &err)) return fprintf(stderr, "%s\n", err.msg), 1;
 
     FILE *fp = fopen(path, "wb");
     if (!fp) return perror(path), 1;

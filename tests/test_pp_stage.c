@@ -23,6 +23,7 @@
 #include "test_model_util.h"
 #include "test_util.h"
 #include "train/pipeline.h"
+#include "test_backend.h"
 
 static void test_layouts(const nm_model_config *c) {
     nm_error err;
@@ -144,7 +145,7 @@ static void test_chain(const nm_model_config *c, const nm_param_table *full, con
     nm_loss_options opt = {.mtp_weight = 0.3f, .aux_weight = 0.01f, .grad_scale = 0.5f};
     nm_model_options fo = {.recompute = recompute};
     nm_model *whole;
-    if (nm_model_create_ex(&whole, c, nm_ops_cpu(), B, T, &fo, &err) != 0) {
+    if (nm_model_create_ex(&whole, c, test_backend("cpu"), B, T, &fo, &err) != 0) {
         EXPECT(0, "%s", err.msg);
         return;
     }
@@ -158,7 +159,7 @@ static void test_chain(const nm_model_config *c, const nm_param_table *full, con
     nm_model *m[8];
     for (int64_t s = 0; s < pp; s++) {
         nm_model_options so = {.recompute = recompute, .stage = &st[s], .act_slots = 2};
-        if (nm_model_create_ex(&m[s], c, nm_ops_cpu(), B, T, &so, &err) != 0) {
+        if (nm_model_create_ex(&m[s], c, test_backend("cpu"), B, T, &so, &err) != 0) {
             EXPECT(0, "%s", err.msg);
             return;
         }

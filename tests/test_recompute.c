@@ -11,6 +11,7 @@
 #include "core/rng.h"
 #include "model/model.h"
 #include "test_model_util.h"
+#include "test_backend.h"
 
 
 // mode 0: keep everything; 1: recompute whole blocks; 2: recompute the MLA up-projections;
@@ -22,7 +23,7 @@ static int run(int mode, nm_precision precision, const nm_model_config *cfg, con
     nm_model_options o = {.recompute = mode == 1, .recompute_mla_up_proj = mode == 2 || mode == 4 || mode == 6,
                           .recompute_moe_act = mode == 3 || mode == 4 || mode == 6,
                           .recompute_layernorm = mode >= 5, .precision = precision};
-    if (nm_model_create_ex(&m, cfg, nm_ops_cpu(), B, T, &o, &err) != 0 ||
+    if (nm_model_create_ex(&m, cfg, test_backend("cpu"), B, T, &o, &err) != 0 ||
         nm_model_set_precision(m, precision, &err) != 0) {
         fprintf(stderr, "create: %s\n", err.msg);
         return -1;

@@ -10,6 +10,7 @@
 #include "train/schedule.h"
 
 #include "test_util.h"
+#include "test_backend.h"
 
 // The schedules are double arithmetic on small integers: agreement to 1e-12 is exact
 // up to the last few bits of cos/sqrt.
@@ -109,8 +110,8 @@ static void bias_update(float *bias, const int64_t *counts, int64_t E, float gam
     float ref[64];
     EXPECT(E <= 64, "E = %lld", (long long)E);
     memcpy(ref, bias, (size_t)E * sizeof(float));
-    nm_ops_ref()->router_bias_update(ref, counts, E, gamma);
-    nm_ops_cpu()->router_bias_update(bias, counts, E, gamma);
+    test_backend("ref")->router_bias_update(test_backend("ref"), ref, counts, E, gamma);
+    test_backend("cpu")->router_bias_update(test_backend("cpu"), bias, counts, E, gamma);
     EXPECT(memcmp(ref, bias, (size_t)E * sizeof(float)) == 0, "router_bias_update: cpu and ref differ");
 }
 

@@ -28,6 +28,7 @@
 
 
 #include "test_util.h"
+#include "test_backend.h"
 
 typedef struct result {
     nm_loss_terms loss;
@@ -40,7 +41,7 @@ static int run(int64_t vocab_tile, nm_precision prec, const nm_model_config *cfg
     nm_error err;
     nm_model *m;
     nm_model_options o = {.vocab_tile = vocab_tile};
-    if (nm_model_create_ex(&m, cfg, nm_ops_cpu(), B, T, &o, &err) != 0 || nm_model_set_precision(m, prec, &err) != 0) {
+    if (nm_model_create_ex(&m, cfg, test_backend("cpu"), B, T, &o, &err) != 0 || nm_model_set_precision(m, prec, &err) != 0) {
         fprintf(stderr, "create: %s\n", err.msg);
         return -1;
     }

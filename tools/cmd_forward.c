@@ -54,6 +54,7 @@ int nm_cmd_forward(int argc, char **argv) {
     nm_free(raw);
 
     nm_model_config cfg;
+    const nm_ops *ops = NULL;
     nm_model *m = NULL;
     int rc = 1;
     char model_dir[4400];
@@ -66,8 +67,8 @@ int nm_cmd_forward(int argc, char **argv) {
         nm_free(tokens);
         return fail(&err);
     }
-    const nm_ops *ops = nm_ops_select(NULL, &err);  // NM_BACKEND, else the CPU backend
-    if (!ops || nm_model_create(&m, &cfg, ops, B, T, &err) != 0) goto done;
+    // NM_BACKEND, else the CPU backend; destroyed after the model
+    if (nm_backend_select(&ops, NULL, &err) != 0 || nm_model_create(&m, &cfg, ops, B, T, &err) != 0) goto done;
     if (nm_hf_dir_load_model(dir, nm_model_table(m), &cfg, 0, nm_model_params(m), &err) != 0) goto done;
 
     nm_loss_options opt = {.mtp_weight = (float)mtp_weight, .aux_weight = (float)aux_weight, .grad_scale = 1.0f};
@@ -98,6 +99,7 @@ int nm_cmd_forward(int argc, char **argv) {
 done:
     if (rc != 0) fail(&err);
     nm_model_destroy(m);
+    nm_backend_destroy(ops);
     nm_model_config_free(&cfg);
     nm_free(tokens);
     return rc;

@@ -84,6 +84,7 @@ int nm_cmd_sample(int argc, char **argv) {
     nm_error err = {{0}};
     char dir[4200], tok_path[4200];
     nm_model_config cfg = {0};
+    const nm_ops *ops = NULL;
     nm_model *m = NULL;
     nm_tokenizer *tok = NULL;
     int32_t *ids = NULL;
@@ -113,8 +114,9 @@ int nm_cmd_sample(int argc, char **argv) {
     }
     int64_t total = n_prompt + n_new;
     int64_t T_max = total < cfg.max_pos ? total : cfg.max_pos;
-    const nm_ops *ops = nm_ops_select(NULL, &err);  // NM_BACKEND, else the CPU backend
-    if (!ops || nm_model_create(&m, &cfg, ops, 1, T_max < 2 ? 2 : T_max, &err) != 0) goto done;
+    // NM_BACKEND, else the CPU backend; destroyed after the model
+    if (nm_backend_select(&ops, NULL, &err) != 0 ||
+        nm_model_create(&m, &cfg, ops, 1, T_max < 2 ? 2 : T_max, &err) != 0) goto done;
     if (nm_hf_dir_load_model(dir, nm_model_table(m), &cfg, 0, nm_model_params(m), &err) != 0) goto done;
     ids = nm_realloc(ids, (size_t)total * sizeof(int32_t));
     logits = nm_malloc((size_t)(T_max * cfg.V) * sizeof(float));
@@ -148,6 +150,7 @@ done:
     nm_free(scratch);
     nm_tokenizer_free(tok);
     nm_model_destroy(m);
+    nm_backend_destroy(ops);
     nm_model_config_free(&cfg);
     return rc;
 }

@@ -293,6 +293,7 @@ int nm_cmd_eval(int argc, char **argv) {
         nm_args_i64_in(&a, "seed", 1234, 0, 0xffffffffLL, &seed)) return 2;
     nm_error err = {{0}};
     nm_model_config cfg = {0};
+    const nm_ops *ops = NULL;
     nm_model *m = NULL;
     nm_loader *l = NULL;
     int32_t *tokens = NULL;
@@ -306,8 +307,9 @@ int nm_cmd_eval(int argc, char **argv) {
                      "give --seq-len <= %lld", (long long)seq_len, (long long)cfg.max_pos, dir, (long long)cfg.max_pos);
         goto done;
     }
-    const nm_ops *ops = nm_ops_select(NULL, &err);  // NM_BACKEND, else the CPU backend
-    if (!ops || nm_model_create(&m, &cfg, ops, B, seq_len + 1, &err) != 0) goto done;
+    // NM_BACKEND, else the CPU backend; destroyed after the model
+    if (nm_backend_select(&ops, NULL, &err) != 0 ||
+        nm_model_create(&m, &cfg, ops, B, seq_len + 1, &err) != 0) goto done;
     if (nm_hf_dir_load_model(dir, nm_model_table(m), &cfg, 0, nm_model_params(m), &err) != 0) goto done;
     nm_data_spec spec;
     nm_data_spec_default(&spec);
@@ -343,6 +345,7 @@ done:
     nm_free(tokens);
     nm_loader_destroy(l);
     nm_model_destroy(m);
+    nm_backend_destroy(ops);
     nm_model_config_free(&cfg);
     return rc;
 }

@@ -216,7 +216,8 @@ def _load():
         "nm_trainer_set_adamw": (c_int, [P, c_double, c_double, c_double, c_double, c_double, err]),
         "nm_trainer_step_count": (c_int64, [P]),
         # model
-        "nm_ops_select": (c_void_p, [c_char_p, err]),
+        "nm_backend_select": (c_int, [POINTER(c_void_p), c_char_p, err]),
+        "nm_backend_destroy": (None, [c_void_p]),
         "nm_model_ops": (c_void_p, [P]),
         "nm_model_create_ex": (c_int, [POINTER(c_void_p), POINTER(nm_model_config), c_void_p, c_int64, c_int64,
                                        POINTER(nm_model_options), err]),

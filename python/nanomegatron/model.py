@@ -200,17 +200,20 @@ def create_model(model_config, dist_ctx=None, *, max_batch_size=8, max_seq_len=2
     ptr = ctypes.c_void_p()
     opts = _lib._new(_lib.nm_model_options)
     opts.recompute = int(bool(recompute))
-    ops = lib.nm_ops_select(None, err)  # NM_BACKEND, else the CPU backend, as the trainer picks
-    if not ops:
+    # NM_BACKEND, else the CPU backend, as the trainer picks: an instance the model's handle owns
+    ops = ctypes.c_void_p()
+    if lib.nm_backend_select(ctypes.byref(ops), None, err) != 0:
         lib.nm_model_config_free(c)
         _lib.check(-1, err, ConfigError)
     rc = lib.nm_model_create_ex(ctypes.byref(ptr), c, ops, max_batch_size, max_seq_len + 1, opts, err)
     if rc != 0:
+        lib.nm_backend_destroy(ops)
         lib.nm_model_config_free(c)
         _lib.check(rc, err)
 
-    def destroy(p, c=c):
+    def destroy(p, c=c, ops=ops.value):
         lib.nm_model_destroy(p)
+        lib.nm_backend_destroy(ops)  # after the model, whose buffers went back through it
         lib.nm_model_config_free(c)
 
     handle = _Handle(ptr.value, destroy)

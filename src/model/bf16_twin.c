@@ -61,7 +61,7 @@ nm_bf16_twins *nm_bf16_twins_create(const nm_ops *ops) {
 
 void nm_bf16_twins_destroy(nm_bf16_twins *t) {
     if (!t) return;
-    t->ops->free(t->pool);
+    t->ops->free(t->ops, t->pool);
     nm_free(t->items);
     nm_free(t);
 }
@@ -109,7 +109,7 @@ int64_t nm_bf16_twins_misses(const nm_bf16_twins *t) { return t ? t->misses : 0;
 
 void nm_bf16_twins_reserve(nm_bf16_twins *t) {
     if (t->pool || t->elems == 0) return;
-    t->pool = t->ops->alloc((size_t)t->elems * sizeof(uint16_t));
+    t->pool = t->ops->alloc(t->ops, (size_t)t->elems * sizeof(uint16_t));
     for (int i = 0; i < t->count; i++) {
         if (!t->items[i].saved) t->items[i].own.bits = t->pool + t->items[i].pool_at;
     }
@@ -164,34 +164,34 @@ static uint16_t *claim_twin(const nm_model *m, const float *x, int64_t n) {
 void nm_round_act(const nm_model *m, float *x, int64_t n) {
     if (m->precision != NM_PRECISION_BF16 || n <= 0) return;
     uint16_t *bits = claim_twin(m, x, n);
-    if (bits) m->ops->round_cast_bf16(x, bits, n);
-    else m->ops->round_bf16(x, x, n);
+    if (bits) m->ops->round_cast_bf16(m->ops, x, bits, n);
+    else m->ops->round_bf16(m->ops, x, x, n);
 }
 
 void nm_swiglu_forward(const nm_model *m, float *act, const float *gate_up, int64_t N, int64_t F) {
     if (m->precision != NM_PRECISION_BF16) {
-        m->ops->swiglu_forward(act, gate_up, N, F);
+        m->ops->swiglu_forward(m->ops, act, gate_up, N, F);
         return;
     }
-    m->ops->swiglu_forward_bf16(act, claim_twin(m, act, N * F), gate_up, N, F);
+    m->ops->swiglu_forward_bf16(m->ops, act, claim_twin(m, act, N * F), gate_up, N, F);
 }
 
 void nm_swiglu_backward(const nm_model *m, float *d_gate_up, const float *d_act, const float *gate_up, int64_t N,
                         int64_t F) {
     if (m->precision != NM_PRECISION_BF16) {
-        m->ops->swiglu_backward(d_gate_up, d_act, gate_up, N, F);
+        m->ops->swiglu_backward(m->ops, d_gate_up, d_act, gate_up, N, F);
         return;
     }
-    m->ops->swiglu_backward_bf16(d_gate_up, claim_twin(m, d_gate_up, N * 2 * F), d_act, gate_up, N, F);
+    m->ops->swiglu_backward_bf16(m->ops, d_gate_up, claim_twin(m, d_gate_up, N * 2 * F), d_act, gate_up, N, F);
 }
 
 void nm_moe_gather(const nm_model *m, float *dst, const float *src, const int32_t *perm, int64_t N, int64_t K,
                    int64_t D) {
     if (m->precision != NM_PRECISION_BF16) {
-        m->ops->moe_gather(dst, src, perm, N, K, D);
+        m->ops->moe_gather(m->ops, dst, src, perm, N, K, D);
         return;
     }
-    m->ops->moe_gather_bf16(dst, claim_twin(m, dst, N * K * D), src, perm, N, K, D);
+    m->ops->moe_gather_bf16(m->ops, dst, claim_twin(m, dst, N * K * D), src, perm, N, K, D);
 }
 
 void nm_bf16_restore(const nm_model *m, float *x) {
@@ -200,7 +200,7 @@ void nm_bf16_restore(const nm_model *m, float *x) {
     nm_bf16_twin *w = find_twin(t, x, 1);
     if (!w || !w->saved) return;
     NM_CHECK(w->bound && w->bound->n > 0, "a saved activation restored with no block's copy bound");
-    m->ops->widen_bf16((float *)w->base + w->bound->at, w->bound->bits + w->bound->at, w->bound->n);
+    m->ops->widen_bf16(m->ops, (float *)w->base + w->bound->at, w->bound->bits + w->bound->at, w->bound->n);
 }
 
 // Debug builds: the twin holds exactly the bf16 values of the fp32 storage it stands for.

@@ -39,7 +39,7 @@ static void tp_head_forward(nm_model *m, float *losses, float *lse, float *logit
         int64_t n_cols = v0 + vt < Vl ? vt : Vl - v0;
         nm_linear_forward(m, (nm_linear_args){.W = W + v0 * D, .N = N, .IC = D, .OC = n_cols, .x = h, .x_type = h_t,
                                               .y = logits});
-        ops->xent_tile_forward(losses, lse, st, logits, n_cols, lt, N, Vl + 1, v0, n_cols);
+        ops->xent_tile_forward(ops, losses, lse, st, logits, n_cols, lt, N, Vl + 1, v0, n_cols);
     }
     for (int64_t n = 0; n < N; n++) mx[n] = targets[n] < 0 ? 0.0 : st[3 * n];
     nm_error e;
@@ -71,13 +71,13 @@ static void tp_head_backward(nm_model *m, float *dh, float beta, float *logits, 
     const float *W = m->params + m->table.lm_head;
     const int32_t *lt = tp_local_targets(m, targets, N);
     float *part = beta == 0.0f || m->tp.sp ? dh : m->tp.partial;
-    if (Vl == 0 && (part != dh || beta == 0.0f)) ops->zero(part, N * D);  // an all-padding shard
+    if (Vl == 0 && (part != dh || beta == 0.0f)) ops->zero(ops, part, N * D);  // an all-padding shard
     for (int64_t v0 = 0; v0 < Vl; v0 += vt) {
         int64_t n_cols = v0 + vt < Vl ? vt : Vl - v0;
         // one tile: the forward's logits are still there; else recompute each tile
         if (vt < Vl) nm_linear_forward(m, (nm_linear_args){.W = W + v0 * D, .N = N, .IC = D, .OC = n_cols, .x = h,
                                                            .x_type = h_t, .y = logits});
-        ops->xent_tile_backward(logits, n_cols, logits, n_cols, lse, lt, scale, N, Vl + 1, v0, n_cols);
+        ops->xent_tile_backward(ops, logits, n_cols, logits, n_cols, lse, lt, scale, N, Vl + 1, v0, n_cols);
         nm_round_act(m, logits, N * n_cols);  // d logits: read by the two GEMMs below only
         nm_linear_backward_weight(m, (nm_linear_args){.W = W + v0 * D, .N = N, .IC = D, .OC = n_cols, .x = h,
                                                       .x_type = h_t, .dy = logits, .dy_type = nm_act_type(m)});
@@ -88,7 +88,7 @@ static void tp_head_backward(nm_model *m, float *dh, float beta, float *logits, 
     }
     if (m->tp.sp) return;
     nm_tp_all_reduce(m, part, N * D);
-    if (part != dh) ops->add_2d(dh, N * D, part, N * D, 1, N * D);
+    if (part != dh) ops->add_2d(ops, dh, N * D, part, N * D, 1, N * D);
 }
 
 // losses(N), lse(N) (=) of logits = h(N, D) . lm_head^T against targets(N). logits is the
@@ -107,15 +107,15 @@ void nm_head_forward(nm_model *m, float *losses, float *lse, float *logits, cons
     if (vt == V) {
         nm_linear_forward(m, (nm_linear_args){.W = W, .N = N, .IC = D, .OC = V, .x = h, .x_type = h_t, .y = logits});
         if (logits_out) memcpy(logits_out, logits, (size_t)N * V * sizeof(float));
-        ops->xent_forward(losses, lse, logits, targets, N, V);
+        ops->xent_forward(ops, losses, lse, logits, targets, N, V);
         return;
     }
     for (int64_t v0 = 0; v0 < V; v0 += vt) {
         int64_t n_cols = v0 + vt < V ? vt : V - v0;
         nm_linear_forward(m, (nm_linear_args){.W = W + v0 * D, .N = N, .IC = D, .OC = n_cols, .x = h, .x_type = h_t,
                                               .y = logits});
-        if (logits_out) ops->copy_2d(logits_out + v0, V, logits, n_cols, N, n_cols);
-        ops->xent_tile_forward(losses, lse, m->act.head_stats, logits, n_cols, targets, N, V, v0, n_cols);
+        if (logits_out) ops->copy_2d(ops, logits_out + v0, V, logits, n_cols, N, n_cols);
+        ops->xent_tile_forward(ops, losses, lse, m->act.head_stats, logits, n_cols, targets, N, V, v0, n_cols);
     }
 }
 
@@ -132,7 +132,7 @@ void nm_head_backward(nm_model *m, float *dh, float beta, float *logits, const f
         return;
     }
     if (vt == V) {
-        ops->xent_backward(logits, logits, lse, targets, scale, N, V);
+        ops->xent_backward(ops, logits, logits, lse, targets, scale, N, V);
         nm_round_act(m, logits, N * V);
         nm_linear_backward_weight(m, (nm_linear_args){.W = W, .N = N, .IC = D, .OC = V, .x = h, .x_type = h_t,
                                                       .dy = logits, .dy_type = nm_act_type(m)});
@@ -144,7 +144,7 @@ void nm_head_backward(nm_model *m, float *dh, float beta, float *logits, const f
         int64_t n_cols = v0 + vt < V ? vt : V - v0;
         nm_linear_forward(m, (nm_linear_args){.W = W + v0 * D, .N = N, .IC = D, .OC = n_cols, .x = h, .x_type = h_t,
                                               .y = logits});
-        ops->xent_tile_backward(logits, n_cols, logits, n_cols, lse, targets, scale, N, V, v0, n_cols);
+        ops->xent_tile_backward(ops, logits, n_cols, logits, n_cols, lse, targets, scale, N, V, v0, n_cols);
         nm_round_act(m, logits, N * n_cols);
         nm_linear_backward_weight(m, (nm_linear_args){.W = W + v0 * D, .N = N, .IC = D, .OC = n_cols, .x = h,
                                                       .x_type = h_t, .dy = logits, .dy_type = nm_act_type(m)});

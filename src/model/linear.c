@@ -36,16 +36,17 @@ void nm_linear_forward(const nm_model *m, nm_linear_args a) {
     case NM_PRECISION_BF16: {
         nm_dtype x_type = a.x_type;
         const void *x = nm_bf16_operand(m, a.x, &x_type, a.N, a.IC, a.ld_x);
-        m->ops->gemm_bf16(NM_NO_TRANS, NM_TRANS, a.N, a.OC, a.IC, 1.0f, x, x_type, a.ld_x, nm_weight_bf16(m, off),
-                          m->bf16.weights_type, a.ldw, a.beta, a.y, a.ld_y);
+        m->ops->gemm_bf16(m->ops, NM_NO_TRANS, NM_TRANS, a.N, a.OC, a.IC, 1.0f, x, x_type, a.ld_x,
+                          nm_weight_bf16(m, off), m->bf16.weights_type, a.ldw, a.beta, a.y, a.ld_y);
         break;
     }
     case NM_PRECISION_FP8:
-        m->ops->gemm_fp8(NM_NO_TRANS, NM_TRANS, a.N, a.OC, a.IC, 1.0f, a.x, a.ld_x, a.W, a.ldw, NM_FP8_WEIGHT, a.beta,
-                         a.y, a.ld_y);
+        m->ops->gemm_fp8(m->ops, NM_NO_TRANS, NM_TRANS, a.N, a.OC, a.IC, 1.0f, a.x, a.ld_x, a.W, a.ldw, NM_FP8_WEIGHT,
+                         a.beta, a.y, a.ld_y);
         break;
     default:
-        m->ops->gemm(NM_NO_TRANS, NM_TRANS, a.N, a.OC, a.IC, 1.0f, a.x, a.ld_x, a.W, a.ldw, a.beta, a.y, a.ld_y);
+        m->ops->gemm(m->ops, NM_NO_TRANS, NM_TRANS, a.N, a.OC, a.IC, 1.0f, a.x, a.ld_x, a.W, a.ldw, a.beta, a.y,
+                     a.ld_y);
     }
 }
 
@@ -56,16 +57,17 @@ void nm_linear_backward_input(const nm_model *m, nm_linear_args a) {
     case NM_PRECISION_BF16: {
         nm_dtype dy_type = a.dy_type;
         const void *dy = nm_bf16_operand(m, a.dy, &dy_type, a.N, a.OC, a.ld_dy);
-        m->ops->gemm_bf16(NM_NO_TRANS, NM_NO_TRANS, a.N, a.IC, a.OC, 1.0f, dy, dy_type, a.ld_dy,
+        m->ops->gemm_bf16(m->ops, NM_NO_TRANS, NM_NO_TRANS, a.N, a.IC, a.OC, 1.0f, dy, dy_type, a.ld_dy,
                           nm_weight_bf16(m, off), m->bf16.weights_type, a.ldw, a.beta, a.dx, a.ld_dx);
         break;
     }
     case NM_PRECISION_FP8:
-        m->ops->gemm_fp8(NM_NO_TRANS, NM_NO_TRANS, a.N, a.IC, a.OC, 1.0f, a.dy, a.ld_dy, a.W, a.ldw, NM_FP8_WEIGHT,
-                         a.beta, a.dx, a.ld_dx);
+        m->ops->gemm_fp8(m->ops, NM_NO_TRANS, NM_NO_TRANS, a.N, a.IC, a.OC, 1.0f, a.dy, a.ld_dy, a.W, a.ldw,
+                         NM_FP8_WEIGHT, a.beta, a.dx, a.ld_dx);
         break;
     default:
-        m->ops->gemm(NM_NO_TRANS, NM_NO_TRANS, a.N, a.IC, a.OC, 1.0f, a.dy, a.ld_dy, a.W, a.ldw, a.beta, a.dx, a.ld_dx);
+        m->ops->gemm(m->ops, NM_NO_TRANS, NM_NO_TRANS, a.N, a.IC, a.OC, 1.0f, a.dy, a.ld_dy, a.W, a.ldw, a.beta, a.dx,
+                     a.ld_dx);
     }
 }
 
@@ -78,15 +80,15 @@ void nm_linear_backward_weight(const nm_model *m, nm_linear_args a) {
         nm_dtype dy_type = a.dy_type, x_type = a.x_type;
         const void *dy = nm_bf16_operand(m, a.dy, &dy_type, a.N, a.OC, a.ld_dy);
         const void *x = nm_bf16_operand(m, a.x, &x_type, a.N, a.IC, a.ld_x);
-        m->ops->gemm_bf16(NM_TRANS, NM_NO_TRANS, a.OC, a.IC, a.N, 1.0f, dy, dy_type, a.ld_dy, x, x_type, a.ld_x, 1.0f,
-                          dW, a.ldw);
+        m->ops->gemm_bf16(m->ops, NM_TRANS, NM_NO_TRANS, a.OC, a.IC, a.N, 1.0f, dy, dy_type, a.ld_dy, x, x_type, a.ld_x,
+                          1.0f, dW, a.ldw);
         break;
     }
     case NM_PRECISION_FP8:
-        m->ops->gemm_fp8(NM_TRANS, NM_NO_TRANS, a.OC, a.IC, a.N, 1.0f, a.dy, a.ld_dy, a.x, a.ld_x, NM_FP8_ACTIVATION,
-                         1.0f, dW, a.ldw);
+        m->ops->gemm_fp8(m->ops, NM_TRANS, NM_NO_TRANS, a.OC, a.IC, a.N, 1.0f, a.dy, a.ld_dy, a.x, a.ld_x,
+                         NM_FP8_ACTIVATION, 1.0f, dW, a.ldw);
         break;
     default:
-        m->ops->gemm(NM_TRANS, NM_NO_TRANS, a.OC, a.IC, a.N, 1.0f, a.dy, a.ld_dy, a.x, a.ld_x, 1.0f, dW, a.ldw);
+        m->ops->gemm(m->ops, NM_TRANS, NM_NO_TRANS, a.OC, a.IC, a.N, 1.0f, a.dy, a.ld_dy, a.x, a.ld_x, 1.0f, dW, a.ldw);
     }
 }

@@ -20,7 +20,7 @@ static void up_projections(nm_model *m, const nm_layer_offsets *w, block_acts *b
                                               .y = b->q});
     nm_linear_forward(m, (nm_linear_args){.W = P + w->kv_b, .N = N, .IC = c->Rkv, .OC = H * Dkv, .x = b->ckv_n,
                                           .x_type = at, .y = b->kv});
-    m->ops->rope_forward(b->q, m->rope_cos, m->rope_sin, B, T, H, c->Dqk, c->Dn, c->Dr);
+    m->ops->rope_forward(m->ops, b->q, m->rope_cos, m->rope_sin, B, T, H, c->Dqk, c->Dn, c->Dr);
 }
 
 // a = RMSNorm(x_in) on this rank's rows, gathered whole under sequence parallelism and rounded
@@ -30,7 +30,7 @@ static void input_norm(nm_model *m, const nm_layer_offsets *w, block_acts *b, in
     const int64_t D = m->cfg.D;
     int64_t s0, n0;
     nm_sp_rows(m, N, &s0, &n0);
-    m->ops->rmsnorm_forward(b->a + s0 * D, b->a_rstd + s0, b->x_in + s0 * D, m->params + w->input_norm, n0, D,
+    m->ops->rmsnorm_forward(m->ops, b->a + s0 * D, b->a_rstd + s0, b->x_in + s0 * D, m->params + w->input_norm, n0, D,
                             (float)m->cfg.rms_eps);
     nm_sp_all_gather(m, b->a, N, D, NM_DT_F32);
     // a, cq_n and ckv_n feed only the projections (the norms' backward reads their inputs):
@@ -56,7 +56,7 @@ void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
     if (c->Rq > 0) {
         nm_linear_forward(m, (nm_linear_args){.W = P + w->q_a, .N = N, .IC = D, .OC = c->Rq, .x = b->a, .x_type = at,
                                               .y = b->cq});
-        ops->rmsnorm_forward(b->cq_n, b->cq_rstd, b->cq, P + w->q_a_norm, N, c->Rq, eps);
+        ops->rmsnorm_forward(ops, b->cq_n, b->cq_rstd, b->cq, P + w->q_a_norm, N, c->Rq, eps);
         nm_round_act(m, b->cq_n, N * c->Rq);
     }
     // kv_a_proj_with_mqa rows [0, Rkv) give the latent, rows [Rkv, Rkv+Dr) the shared rope key.
@@ -64,11 +64,11 @@ void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
                                           .y = b->ckv});
     nm_linear_forward(m, (nm_linear_args){.W = P + w->kv_a + (size_t)c->Rkv * D, .N = N, .IC = D, .OC = c->Dr,
                                           .x = b->a, .x_type = at, .y = b->k_pe});
-    ops->rmsnorm_forward(b->ckv_n, b->ckv_rstd, b->ckv, P + w->kv_a_norm, N, c->Rkv, eps);
+    ops->rmsnorm_forward(ops, b->ckv_n, b->ckv_rstd, b->ckv, P + w->kv_a_norm, N, c->Rkv, eps);
     nm_round_act(m, b->ckv_n, N * c->Rkv);
     up_projections(m, w, b, B, T);
-    ops->rope_forward(b->k_pe, m->rope_cos, m->rope_sin, B, T, 1, c->Dr, 0, c->Dr);
-    ops->attention_forward(b->att, b->lse, b->q, b->kv, b->k_pe, B, T, H, c->Dn, c->Dr, c->Dv,
+    ops->rope_forward(ops, b->k_pe, m->rope_cos, m->rope_sin, B, T, 1, c->Dr, 0, c->Dr);
+    ops->attention_forward(ops, b->att, b->lse, b->q, b->kv, b->k_pe, B, T, H, c->Dn, c->Dr, c->Dv,
                            (float)c->softmax_scale);
     // o_proj is row-parallel: each tp rank's local heads give part of every token's output
     nm_tp_row_output_begin(m, b->x_mid, b->x_in, N, D);
@@ -100,11 +100,11 @@ void nm_mla_backward(nm_model *m, int64_t l) {
                                                   .dy = d_res});
     // selective recomputation: q and kv were not kept (one shared pair holds the last block's)
     if (m->recompute.mla_up_proj && !m->recompute.full) up_projections(m, w, b, B, T);
-    ops->attention_backward(m->scratch.d_q, m->scratch.d_kv, m->scratch.d_k_pe, m->scratch.att_scratch,
+    ops->attention_backward(ops, m->scratch.d_q, m->scratch.d_kv, m->scratch.d_k_pe, m->scratch.att_scratch,
                             m->scratch.d_att, b->q, b->kv, b->k_pe, b->att, b->lse, B, T, H, c->Dn, c->Dr, c->Dv,
                             (float)c->softmax_scale);
-    ops->rope_backward(m->scratch.d_q, m->rope_cos, m->rope_sin, B, T, H, c->Dqk, c->Dn, c->Dr);
-    ops->rope_backward(m->scratch.d_k_pe, m->rope_cos, m->rope_sin, B, T, 1, c->Dr, 0, c->Dr);
+    ops->rope_backward(ops, m->scratch.d_q, m->rope_cos, m->rope_sin, B, T, H, c->Dqk, c->Dn, c->Dr);
+    ops->rope_backward(ops, m->scratch.d_k_pe, m->rope_cos, m->rope_sin, B, T, 1, c->Dr, 0, c->Dr);
     // d_q, d_kv, d_k_pe, d_ckv and d_cq feed only the input- and weight-gradient GEMMs: rounded
     // once for both in bf16 (d_k_pe after its tp sum); a, cq_n and ckv_n were in the forward
     nm_dtype at = nm_act_type(m);
@@ -120,9 +120,9 @@ void nm_mla_backward(nm_model *m, int64_t l) {
     nm_tp_all_reduce(m, m->scratch.d_ckv_n, N * c->Rkv);
     nm_tp_all_reduce(m, m->scratch.d_k_pe, N * c->Dr);
     nm_round_act(m, m->scratch.d_k_pe, N * c->Dr);
-    ops->zero(m->scratch.d_ckv, N * c->Rkv);
-    ops->rmsnorm_backward(m->scratch.d_ckv, G + w->kv_a_norm, m->scratch.d_ckv_n, b->ckv, P + w->kv_a_norm, b->ckv_rstd,
-                          N, c->Rkv);
+    ops->zero(ops, m->scratch.d_ckv, N * c->Rkv);
+    ops->rmsnorm_backward(ops, m->scratch.d_ckv, G + w->kv_a_norm, m->scratch.d_ckv_n, b->ckv, P + w->kv_a_norm,
+                          b->ckv_rstd, N, c->Rkv);
     nm_round_act(m, m->scratch.d_ckv, N * c->Rkv);
     // [ckv | k_pe] = a . W_kv_a^T: the rope key bypasses the latent norm
     size_t kv_a_pe = w->kv_a + (size_t)c->Rkv * D;
@@ -142,9 +142,9 @@ void nm_mla_backward(nm_model *m, int64_t l) {
         nm_linear_backward_input(m, (nm_linear_args){.W = P + w->q_b, .N = N, .IC = c->Rq, .OC = H * c->Dqk,
                                                      .dy = m->scratch.d_q, .dy_type = at, .dx = m->scratch.d_cq_n});
         nm_tp_all_reduce(m, m->scratch.d_cq_n, N * c->Rq);  // q_b_proj is column-parallel
-        ops->zero(m->scratch.d_cq, N * c->Rq);
-        ops->rmsnorm_backward(m->scratch.d_cq, G + w->q_a_norm, m->scratch.d_cq_n, b->cq, P + w->q_a_norm, b->cq_rstd,
-                              N, c->Rq);
+        ops->zero(ops, m->scratch.d_cq, N * c->Rq);
+        ops->rmsnorm_backward(ops, m->scratch.d_cq, G + w->q_a_norm, m->scratch.d_cq_n, b->cq, P + w->q_a_norm,
+                              b->cq_rstd, N, c->Rq);
         nm_round_act(m, m->scratch.d_cq, N * c->Rq);
         nm_linear_backward_weight(m, (nm_linear_args){.W = P + w->q_a, .N = N, .IC = D, .OC = c->Rq, .x = b->a,
                                                       .x_type = at, .dy = m->scratch.d_cq, .dy_type = at});
@@ -159,7 +159,7 @@ void nm_mla_backward(nm_model *m, int64_t l) {
             nm_linear_backward_input(m, (nm_linear_args){.W = P + w->q, .N = N, .IC = D, .OC = H * c->Dqk,
                                                          .dy = m->scratch.d_q, .dy_type = at, .dx = m->tp.partial});
             nm_tp_all_reduce(m, m->tp.partial, N * D);
-            ops->add_2d(m->scratch.d_a, N * D, m->tp.partial, N * D, 1, N * D);
+            ops->add_2d(ops, m->scratch.d_a, N * D, m->tp.partial, N * D, 1, N * D);
         } else {
             nm_linear_backward_input(m, (nm_linear_args){.W = P + w->q, .N = N, .IC = D, .OC = H * c->Dqk,
                                                          .dy = m->scratch.d_q, .dy_type = at, .dx = m->scratch.d_a,
@@ -168,6 +168,6 @@ void nm_mla_backward(nm_model *m, int64_t l) {
     }
     // a = RMSNorm(x_in). d_a is whole on every rank (the tp sums above), so under sequence
     // parallelism each rank takes its rows: the all-gather's backward.
-    ops->rmsnorm_backward(d_res + s0 * D, G + w->input_norm, m->scratch.d_a + s0 * D, b->x_in + s0 * D,
+    ops->rmsnorm_backward(ops, d_res + s0 * D, G + w->input_norm, m->scratch.d_a + s0 * D, b->x_in + s0 * D,
                           P + w->input_norm, b->a_rstd + s0, n0, D);
 }

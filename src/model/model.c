@@ -31,7 +31,7 @@ static double block_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_
     // parallelism), else all of them.
     int64_t s0, n0;
     nm_sp_rows(m, N, &s0, &n0);
-    ops->rmsnorm_forward(b->f + s0 * D, b->f_rstd + s0, b->x_mid + s0 * D, m->params + w->post_norm, n0, D,
+    ops->rmsnorm_forward(ops, b->f + s0 * D, b->f_rstd + s0, b->x_mid + s0 * D, m->params + w->post_norm, n0, D,
                          (float)c->rms_eps);
     if (nm_layer_is_moe(c, l)) return nm_moe_forward(m, l, B, T, counts);  // routed on this rank's rows
     // the dense MLP: column-parallel gate/up on every token, row-parallel down
@@ -60,8 +60,8 @@ static void block_backward(nm_model *m, int64_t l, float aux_seed) {
         // selective recomputation: f was not kept (one shared buffer holds the last block's); the
         // forward's norm again, and every token's rows where the forward gathered them (a dense
         // block, or the shared experts, under sequence parallelism)
-        m->ops->rmsnorm_forward(b->f + s0 * D, b->f_rstd + s0, b->x_mid + s0 * D, m->params + w->post_norm, n0, D,
-                                (float)c->rms_eps);
+        m->ops->rmsnorm_forward(m->ops, b->f + s0 * D, b->f_rstd + s0, b->x_mid + s0 * D, m->params + w->post_norm, n0,
+                                D, (float)c->rms_eps);
         if (!nm_layer_is_moe(c, l) || c->Fs > 0) nm_sp_all_gather(m, b->f, N, D, NM_DT_F32);
     }
     if (!nm_layer_is_moe(c, l)) {
@@ -73,7 +73,7 @@ static void block_backward(nm_model *m, int64_t l, float aux_seed) {
         nm_moe_backward(m, l, aux_seed);
     }
     // f = RMSNorm(x_mid); the residual path already carries d_res into x_mid.
-    m->ops->rmsnorm_backward(m->scratch.d_res + s0 * D, m->grads + w->post_norm, m->scratch.d_f + s0 * D,
+    m->ops->rmsnorm_backward(m->ops, m->scratch.d_res + s0 * D, m->grads + w->post_norm, m->scratch.d_f + s0 * D,
                              b->x_mid + s0 * D, m->params + w->post_norm, b->f_rstd + s0, n0, D);
 
     // MLA
@@ -87,18 +87,19 @@ static void block_backward(nm_model *m, int64_t l, float aux_seed) {
 // once the kernel is chosen (before the first step), so the copy is allocated here, on the
 // first forward, and again only if the kernel changed; so is the activations' twin pool.
 static void refresh_weights_bf16(nm_model *m) {
-    nm_dtype type = m->ops->gemm_bf16_weight_type();
+    nm_dtype type = m->ops->gemm_bf16_weight_type(m->ops);
     if (!m->bf16.weights || type != m->bf16.weights_type) {
-        m->ops->free(m->bf16.weights);
-        m->bf16.weights = m->ops->alloc(m->table.n_floats * (type == NM_BF16 ? sizeof(uint16_t) : sizeof(float)));
+        m->ops->free(m->ops, m->bf16.weights);
+        m->bf16.weights =
+            m->ops->alloc(m->ops, m->table.n_floats * (type == NM_BF16 ? sizeof(uint16_t) : sizeof(float)));
         m->bf16.weights_type = type;
         m->bf16.stale = 1;
     }
     // and the activations' twins, placed when the arena was laid out (bf16_twin.c), once
     if (type == NM_BF16 && m->precision == NM_PRECISION_BF16) nm_bf16_twins_reserve(m->bf16.twins);
     if (!m->bf16.stale) return;
-    if (type == NM_BF16) m->ops->cast_bf16(m->bf16.weights, m->params, (int64_t)m->table.n_floats);
-    else m->ops->round_bf16(m->bf16.weights, m->params, (int64_t)m->table.n_floats);
+    if (type == NM_BF16) m->ops->cast_bf16(m->ops, m->bf16.weights, m->params, (int64_t)m->table.n_floats);
+    else m->ops->round_bf16(m->ops, m->bf16.weights, m->params, (int64_t)m->table.n_floats);
     m->bf16.stale = 0;
 }
 
@@ -168,7 +169,7 @@ int nm_model_forward_stage(nm_model *m, const int32_t *tokens, const float *inpu
     double aux = 0.0;
     int moe_row = m->pipe.chunk_moe_row[m->pipe.chunk];  // this chunk's rows (zeroed above: the others add 0)
     if (st->first) nm_tp_embedding_forward(m, m->act.stage_in, tokens, N);
-    else ops->copy_2d(m->act.stage_in, N * D, input, N * D, 1, N * D);
+    else ops->copy_2d(ops, m->act.stage_in, N * D, input, N * D, 1, N * D);
     for (int64_t l = st->layer_begin; l < st->layer_end; l++) {
         int64_t *counts = nm_layer_is_moe(c, l) ? m->routing.expert_counts + (size_t)(moe_row++) * c->E : NULL;
         aux += block_forward(m, l, B, T, counts);
@@ -180,7 +181,7 @@ int nm_model_forward_stage(nm_model *m, const int32_t *tokens, const float *inpu
     const float *h_last = m->act.stage_out;
     int64_t s0, n0;
     nm_sp_rows(m, N, &s0, &n0);
-    ops->rmsnorm_forward(m->act.h0 + s0 * D, m->act.h0_rstd + s0, h_last + s0 * D, P + m->table.final_norm, n0, D,
+    ops->rmsnorm_forward(ops, m->act.h0 + s0 * D, m->act.h0_rstd + s0, h_last + s0 * D, P + m->table.final_norm, n0, D,
                          (float)c->rms_eps);
     nm_sp_all_gather(m, m->act.h0, N, D, NM_DT_F32);  // the vocabulary-parallel head reads every token
     nm_head_forward(m, m->act.losses, m->act.lse, m->act.logits, m->act.h0, NM_F32, m->act.targets, N, logits_out);
@@ -233,11 +234,11 @@ int nm_model_backward_stage(nm_model *m, const float *d_output, nm_error *err) {
     float aux_seed = m->act.opt.aux_weight * gs;
 
     if (!st->last) {
-        ops->copy_2d(m->scratch.d_res, N * D, d_output, N * D, 1, N * D);
+        ops->copy_2d(ops, m->scratch.d_res, N * D, d_output, N * D, 1, N * D);
         goto main_blocks;
     }
     // MTP depths, deepest first: depth k's block output also feeds depth k+1's hnorm.
-    ops->zero(m->scratch.d_h0, N * D);
+    ops->zero(ops, m->scratch.d_h0, N * D);
     for (int64_t k = c->M; k >= 1; k--) {
         int64_t l = c->L + k - 1, Tk = T - k;
         float scale = m->act.opt.mtp_weight / (float)c->M / (float)(B * (Tk - 1)) * gs;
@@ -255,8 +256,8 @@ int nm_model_backward_stage(nm_model *m, const float *d_output, nm_error *err) {
     nm_sp_reduce_scatter(m, m->scratch.d_h0, N, D);
     int64_t s0, n0;
     nm_sp_rows(m, N, &s0, &n0);
-    ops->zero(m->scratch.d_res, N * D);
-    ops->rmsnorm_backward(m->scratch.d_res + s0 * D, G + m->table.final_norm, m->scratch.d_h0 + s0 * D,
+    ops->zero(ops, m->scratch.d_res, N * D);
+    ops->rmsnorm_backward(ops, m->scratch.d_res + s0 * D, G + m->table.final_norm, m->scratch.d_h0 + s0 * D,
                           m->act.stage_out + s0 * D, P + m->table.final_norm, m->act.h0_rstd + s0, n0, D);
 main_blocks:
     for (int64_t l = st->layer_end - 1; l >= st->layer_begin; l--) {

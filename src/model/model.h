@@ -2,7 +2,8 @@
 // forward and backward passes, written once against the nm_ops table.
 //
 // Usage:
-//   nm_model *m;  nm_model_create(&m, &cfg, nm_ops_by_name("cpu"), B_max, T_max, &err);
+//   const nm_ops *be;  nm_backend_create(&be, "cpu", &err);  (destroyed after the model)
+//   nm_model *m;  nm_model_create(&m, &cfg, be, B_max, T_max, &err);
 //   nm_params_init(nm_model_params(m), nm_model_table(m), &cfg, seed);   // or load a file
 //   nm_model_forward(m, tokens, B, T, &opt, &loss, NULL, &err);          // loss terms
 //   nm_model_backward(m, &err);    // of that forward: grads += opt.grad_scale * d(loss)/d(params)
@@ -99,7 +100,8 @@ typedef struct nm_model_options {
 // routes (B x T, or its 1/TP share under sequence parallelism).
 int64_t nm_moe_receive_rows(const nm_model_config *cfg, int64_t rows_routed, int64_t ep_size, double capacity);
 
-// Allocates parameters, gradients and activations for batches up to (B_max, T_max).
+// Allocates parameters, gradients and activations for batches up to (B_max, T_max). The model
+// borrows ops, a backend instance (ops.h: nm_backend_create), which must outlive it.
 int nm_model_create(nm_model **out, const nm_model_config *cfg, const nm_ops *ops, int64_t B_max,
                     int64_t T_max, nm_error *err);
 int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops *ops, int64_t B_max,

@@ -105,7 +105,8 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
         b->offsets = take_i32(m, c->E + 1);
         size_t R = m->ep.comm ? (size_t)m->ep.cap : NK;
         // under expert parallelism the experts' input is x_loc; x_perm only crosses
-        b->x_perm = m->ep.comm ? take_saved(m, b, NM_SAVED_X_PERM, NK * D) : take_expert_rows(m, b, NM_SAVED_X_PERM, NK);
+        b->x_perm =
+            m->ep.comm ? take_saved(m, b, NM_SAVED_X_PERM, NK * D) : take_expert_rows(m, b, NM_SAVED_X_PERM, NK);
         b->e_gate_up = take(m, R * 2 * c->Fe);
         b->e_act = m->recompute.moe_act && !m->recompute.full ? m->recompute.moe_act_buf
                                                               : take_saved(m, b, NM_SAVED_E_ACT, R * c->Fe);
@@ -441,7 +442,7 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     if ((int64_t)B_max * T_max * (cfg->K > 0 ? cfg->K : 1) >= INT32_MAX)
         return nm_error_set(err, "model: batch*seq*top_k = %lld exceeds int32 routing indices",
                             (long long)(B_max * T_max * cfg->K));
-    if (ops->setup && ops->setup(err) != 0) return -1;
+    if (ops->setup && ops->setup(ops, err) != 0) return -1;
     if (check_row_dims(cfg, ops, err) != 0) return -1;
     nm_model *m = nm_calloc(1, sizeof(nm_model));
     m->cfg = *cfg;
@@ -470,14 +471,14 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
         m->ep.round_offsets = nm_calloc((size_t)m->ep.E_loc + 1, sizeof(int32_t));
         m->ep.scale_counts = nm_calloc((size_t)(4 * ep_size), sizeof(int64_t));
     }
-    m->params = m->ops->alloc(m->table.n_floats * sizeof(float));
-    m->grads = m->ops->alloc(m->table.n_floats * sizeof(float));
+    m->params = m->ops->alloc(m->ops, m->table.n_floats * sizeof(float));
+    m->grads = m->ops->alloc(m->ops, m->table.n_floats * sizeof(float));
     m->pipe.block_sets = nm_calloc((size_t)m->pipe.n_slots * (size_t)cfg->n_layers, sizeof(block_acts));
     m->pipe.mtp_sets = nm_calloc((size_t)m->pipe.n_slots * (cfg->M > 0 ? (size_t)cfg->M : 1), sizeof(mtp_acts));
     m->pipe.slots = nm_calloc((size_t)m->pipe.n_slots, sizeof(nm_model_acts));
     layout(m);  // counting pass
     m->arena_floats = m->arena_used;
-    m->arena = m->ops->alloc(m->arena_floats * sizeof(float));
+    m->arena = m->ops->alloc(m->ops, m->arena_floats * sizeof(float));
     m->bf16.twins = nm_bf16_twins_create(m->ops);
     layout(m);  // assigning pass (registers the bf16 GEMMs' operands with the twins)
     NM_CHECK(m->arena_used == m->arena_floats, "arena layout mismatch");
@@ -505,11 +506,11 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
 void nm_model_destroy(nm_model *m) {
     if (!m) return;
     nm_param_table_free(&m->table);
-    m->ops->free(m->params);
-    m->ops->free(m->grads);
-    m->ops->free(m->bf16.weights);
+    m->ops->free(m->ops, m->params);
+    m->ops->free(m->ops, m->grads);
+    m->ops->free(m->ops, m->bf16.weights);
     nm_bf16_twins_destroy(m->bf16.twins);
-    m->ops->free(m->arena);
+    m->ops->free(m->ops, m->arena);
     nm_free(m->pipe.block_sets);
     nm_free(m->pipe.mtp_sets);
     nm_free(m->pipe.slots);
@@ -567,7 +568,7 @@ const nm_model_config *nm_model_cfg(const nm_model *m) { return &m->cfg; }
 size_t nm_model_activation_bytes(const nm_model *m) { return m->arena_floats * sizeof(float); }
 int64_t nm_model_bf16_twin_bytes(const nm_model *m) {
     if (m->precision != NM_PRECISION_BF16 || !m->ops->gemm_bf16_weight_type ||
-        m->ops->gemm_bf16_weight_type() != NM_BF16)
+        m->ops->gemm_bf16_weight_type(m->ops) != NM_BF16)
         return 0;
     return m->bf16.twin_elems * (int64_t)sizeof(uint16_t);
 }
@@ -606,7 +607,7 @@ int nm_model_estimate_bytes(const nm_model_config *cfg, int64_t B_max, int64_t T
     if (bf16_twin_bytes) *bf16_twin_bytes = (size_t)m.bf16.twin_elems * sizeof(uint16_t);
     return 0;
 }
-void nm_model_zero_grads(nm_model *m) { m->ops->zero(m->grads, (int64_t)m->table.n_floats); }
+void nm_model_zero_grads(nm_model *m) { m->ops->zero(m->ops, m->grads, (int64_t)m->table.n_floats); }
 
 void nm_model_ep_stats(nm_model *m, int64_t *rounds, double *recv_max_over_mean, double *overlap_s) {
     *rounds = m->ep.stats_rounds;

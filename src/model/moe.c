@@ -49,8 +49,8 @@ static void groups_wgrad(nm_model *m, const int32_t *offsets, int64_t M, int64_t
 static void grouped(nm_model *m, nm_transpose ta, nm_transpose tb, float beta, nm_dtype a_type, nm_dtype b_type) {
     if (m->precision == NM_PRECISION_BF16) {
         nm_bf16_operand_groups(m, m->scratch.groups, m->ep.E_loc, ta, tb, &a_type, &b_type);
-        m->ops->gemm_bf16_grouped(ta, tb, 1.0f, beta, m->scratch.groups, m->ep.E_loc, a_type, b_type);
-    } else m->ops->gemm_grouped(ta, tb, 1.0f, beta, m->scratch.groups, m->ep.E_loc);
+        m->ops->gemm_bf16_grouped(m->ops, ta, tb, 1.0f, beta, m->scratch.groups, m->ep.E_loc, a_type, b_type);
+    } else m->ops->gemm_grouped(m->ops, ta, tb, 1.0f, beta, m->scratch.groups, m->ep.E_loc);
 }
 
 // gate_up = x . W_gate_up^T ; act = swiglu(gate_up) ; out = act . W_down^T, per expert over
@@ -66,7 +66,7 @@ static void grouped(nm_model *m, nm_transpose ta, nm_transpose tb, float beta, n
 // twin); the backward makes it again under selective recomputation ("moe_act"), the same bits.
 static void experts_act(nm_model *m, float *act, const float *gate_up, int64_t rows, int64_t Fe) {
     if (m->precision == NM_PRECISION_BF16) nm_swiglu_forward(m, act, gate_up, rows, Fe);
-    else m->ops->swiglu_forward(act, gate_up, rows, Fe);
+    else m->ops->swiglu_forward(m->ops, act, gate_up, rows, Fe);
 }
 
 void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_t *offsets, float *x,
@@ -78,10 +78,10 @@ void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_
     const float *W0 = m->params + w->experts;
     if (m->precision == NM_PRECISION_FP32) {
         groups_rows(m, offsets, 2 * Fe, D, x, D, W0, sizeof(float), stride, D, gate_up, 2 * Fe);
-        ops->gemm_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->scratch.groups, E);
+        ops->gemm_grouped(ops, NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->scratch.groups, E);
         experts_act(m, act, gate_up, rows, Fe);
         groups_rows(m, offsets, D, Fe, act, Fe, W0 + down, sizeof(float), stride, Fe, out, D);
-        ops->gemm_grouped(NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->scratch.groups, E);
+        ops->gemm_grouped(ops, NM_NO_TRANS, NM_TRANS, 1.0f, 0.0f, m->scratch.groups, E);
         return;
     }
     if (m->precision == NM_PRECISION_BF16) {
@@ -153,7 +153,7 @@ void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32
         nm_linear_backward_weight(m, (nm_linear_args){.W = We + down, .N = n, .IC = Fe, .OC = D, .x = act + r0 * Fe,
                                                       .dy = d_out + r0 * D});
     }
-    ops->swiglu_backward(d_gate_up, d_act, gate_up, rows, Fe);
+    ops->swiglu_backward(ops, d_gate_up, d_act, gate_up, rows, Fe);
     for (int64_t e = 0; e < E; e++) {
         int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
         if (n == 0) continue;
@@ -176,16 +176,16 @@ void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32
 static void fp8_round_saved(nm_model *m, block_acts *b, float *x, int64_t rows) {
     const int64_t D = m->cfg.D;
     if (!b->x_codes) {
-        m->ops->fp8_round_rows(x, rows, D);
+        m->ops->fp8_round_rows(m->ops, x, rows, D);
         return;
     }
-    m->ops->fp8_quantize_rows(b->x_codes, b->x_scales, x, rows, D);
-    m->ops->fp8_dequantize_rows(x, b->x_codes, b->x_scales, rows, D);
+    m->ops->fp8_quantize_rows(m->ops, b->x_codes, b->x_scales, x, rows, D);
+    m->ops->fp8_dequantize_rows(m->ops, x, b->x_codes, b->x_scales, rows, D);
 }
 
 // rows x D of x (=) b's saved rows (no-op unless saved in fp8).
 static void fp8_restore_saved(nm_model *m, const block_acts *b, float *x, int64_t rows) {
-    if (b->x_codes && rows > 0) m->ops->fp8_dequantize_rows(x, b->x_codes, b->x_scales, rows, m->cfg.D);
+    if (b->x_codes && rows > 0) m->ops->fp8_dequantize_rows(m->ops, x, b->x_codes, b->x_scales, rows, m->cfg.D);
 }
 
 // --- expert parallelism: dispatch and combine, in bounded rounds ------------------------------
@@ -387,7 +387,7 @@ static void ep_dispatch_fp8(nm_model *m, const float *rows, float *expert_rows, 
             *s_recv_at = s_send + 3 * EP;
     for (int64_t q = 0; q < EP; q++) {
         const int64_t at = m->ep.send_at[q] / D, n = m->ep.send[q] / D;
-        m->ops->fp8_quantize_rows(m->ep.send8 + at * D, m->ep.send_scales + at * tiles, rows + at * D, n, D);
+        m->ops->fp8_quantize_rows(m->ops, m->ep.send8 + at * D, m->ep.send_scales + at * tiles, rows + at * D, n, D);
         s_send[q] = n * tiles, s_send_at[q] = at * tiles;
         s_recv[q] = m->ep.recv[q] / D * tiles, s_recv_at[q] = m->ep.recv_at[q] / D * tiles;
     }
@@ -397,7 +397,7 @@ static void ep_dispatch_fp8(nm_model *m, const float *rows, float *expert_rows, 
     float *scales = m->ep.buf + (m->ep.cap * D + 3) / 4;
     ep_reorder(m, codes, m->ep.recv8, m->ep.round_counts, 1, 1, D);
     ep_reorder(m, scales, m->ep.recv_scales, m->ep.round_counts, 1, sizeof(float), tiles);
-    m->ops->fp8_dequantize_rows(expert_rows, codes, scales, n_in, D);
+    m->ops->fp8_dequantize_rows(m->ops, expert_rows, codes, scales, n_in, D);
 }
 
 // Saved in fp8: the rows this round's fp8 dispatch left in ep.buf (codes, then scales; n_in
@@ -422,11 +422,11 @@ static void ep_dispatch(nm_model *m, const float *rows, float *expert_rows, int6
         return;
     }
     for (int64_t q = 0; q < m->ep.comm->size; q++)
-        m->ops->cast_bf16(m->ep.send16 + m->ep.send_at[q], rows + m->ep.send_at[q], m->ep.send[q]);
+        m->ops->cast_bf16(m->ops, m->ep.send16 + m->ep.send_at[q], rows + m->ep.send_at[q], m->ep.send[q]);
     uint16_t *lower = (uint16_t *)m->ep.buf, *upper = lower + m->ep.cap * m->cfg.D;
     ep_a2a(m, m->ep.send16, m->ep.send, m->ep.send_at, upper, m->ep.recv, m->ep.recv_at, NM_DT_BF16);
     ep_reorder(m, lower, upper, m->ep.round_counts, 1, sizeof(uint16_t), m->cfg.D);
-    m->ops->widen_bf16(expert_rows, lower, n_in * m->cfg.D);
+    m->ops->widen_bf16(m->ops, expert_rows, lower, n_in * m->cfg.D);
 }
 
 // Expert-major rows of this round -> back into their slices of rows (x_perm order) at the
@@ -439,11 +439,11 @@ static void ep_combine(nm_model *m, const float *expert_rows, float *rows) {
         ep_a2a(m, m->ep.buf, m->ep.recv, m->ep.recv_at, rows, m->ep.send, m->ep.send_at, NM_DT_F32);
         return;
     }
-    m->ops->cast_bf16(m->ep.half, expert_rows, (int64_t)m->ep.round_offsets[m->ep.E_loc] * D);
+    m->ops->cast_bf16(m->ops, m->ep.half, expert_rows, (int64_t)m->ep.round_offsets[m->ep.E_loc] * D);
     ep_reorder(m, m->ep.buf, m->ep.half, m->ep.round_counts, 0, sizeof(uint16_t), D);
     ep_a2a(m, m->ep.buf, m->ep.recv, m->ep.recv_at, m->ep.send16, m->ep.send, m->ep.send_at, NM_DT_BF16);
     for (int64_t q = 0; q < m->ep.comm->size; q++)
-        m->ops->widen_bf16(rows + m->ep.send_at[q], m->ep.send16 + m->ep.send_at[q], m->ep.send[q]);
+        m->ops->widen_bf16(m->ops, rows + m->ep.send_at[q], m->ep.send16 + m->ep.send_at[q], m->ep.send[q]);
 }
 
 // The routed experts of block b over the expert-parallel group, round by round.
@@ -533,12 +533,12 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
     nm_router_params rp = router_params(c, n0);
     nm_linear_forward(m, (nm_linear_args){.W = P + w->router, .N = n0, .IC = D, .OC = E, .x = f,
                                           .y = b->router_logits + s0 * E});
-    ops->router_forward(b->topk_idx + s0 * K, b->topk_w + s0 * K, b->scores + s0 * E, b->router_logits + s0 * E,
+    ops->router_forward(ops, b->topk_idx + s0 * K, b->topk_w + s0 * K, b->scores + s0 * E, b->router_logits + s0 * E,
                         P + w->router_bias, &rp);
     // the sequence-wise balance loss needs whole sequences: every rank's scores
     nm_sp_all_gather(m, b->scores, N, E, NM_DT_F32);
-    double bal = ops->balance_loss_forward(b->bal_f, b->scores, B, T, E, K);
-    ops->moe_permute(b->offsets, b->perm, b->topk_idx + s0 * K, n0, K, E);
+    double bal = ops->balance_loss_forward(ops, b->bal_f, b->scores, B, T, E, K);
+    ops->moe_permute(ops, b->offsets, b->perm, b->topk_idx + s0 * K, n0, K, E);
     if (counts) {
         for (int64_t e = 0; e < E; e++) counts[e] += b->offsets[e + 1] - b->offsets[e];
     }
@@ -548,7 +548,7 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
         // bf16: rounded (with its bf16 copy) as the dispatch would round it anyway, so that the
         // backward's repeated dispatch finds it saved in bf16 (nm_bf16_restore)
         if (m->bf16.saved_bf16) nm_moe_gather(m, b->x_perm, f, b->perm, n0, K, D);
-        else ops->moe_gather(b->x_perm, f, b->perm, n0, K, D);
+        else ops->moe_gather(ops, b->x_perm, f, b->perm, n0, K, D);
         ep_overlap_set(m, &up);  // the shared experts' first half inside the dispatch
         ep_experts_forward(m, w, b);
         ep_overlap_flush(m, &up);
@@ -558,7 +558,7 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
         // fp8: the rows and the outputs as they would have crossed the all-to-all (ep_dispatch)
         if (m->precision == NM_PRECISION_FP8) fp8_round_saved(m, b, b->x_perm, n0 * K);
         nm_moe_experts_forward(m, w, b->offsets, b->x_perm, b->e_gate_up, b->e_act, b->e_out);
-        if (m->precision == NM_PRECISION_FP8) ops->round_bf16(b->e_out, b->e_out, n0 * K * D);
+        if (m->precision == NM_PRECISION_FP8) ops->round_bf16(ops, b->e_out, b->e_out, n0 * K * D);
     }
     // x_out = x_mid + the routed experts + the shared experts, summed over tp. Under sequence
     // parallelism the routed experts ran on this rank's rows, which take the residual and
@@ -567,18 +567,18 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
     // tokens: tp rank 0 alone adds them with the residual, the others their shared part,
     // and the all-reduce sums them.
     if (m->tp.sp) {
-        ops->copy_2d(b->x_out + s0 * D, D, b->x_mid + s0 * D, D, n0, D);
-        ops->moe_combine_forward(b->x_out + s0 * D, b->e_out, b->topk_w + s0 * K, b->perm, n0, K, D);
+        ops->copy_2d(ops, b->x_out + s0 * D, D, b->x_mid + s0 * D, D, n0, D);
+        ops->moe_combine_forward(ops, b->x_out + s0 * D, b->e_out, b->topk_w + s0 * K, b->perm, n0, K, D);
         if (c->Fs > 0) {  // the shared experts' second half, added after the routed ones as always
-            ops->zero(m->tp.partial, N * D);
+            ops->zero(ops, m->tp.partial, N * D);
             nm_mlp_forward_down(m, m->tp.partial, b->s_act, w->shared_down, N, m->tp.Fs_loc);
             nm_tp_sum_parts(m, m->tp.partial, N, D);
-            ops->add_2d(b->x_out + s0 * D, D, m->tp.partial + s0 * D, D, n0, D);
+            ops->add_2d(ops, b->x_out + s0 * D, D, m->tp.partial + s0 * D, D, n0, D);
         }
         return bal;
     }
     nm_tp_row_output_begin(m, b->x_out, b->x_mid, N, D);
-    if (nm_tp_lead(m)) ops->moe_combine_forward(b->x_out, b->e_out, b->topk_w, b->perm, N, K, D);
+    if (nm_tp_lead(m)) ops->moe_combine_forward(ops, b->x_out, b->e_out, b->topk_w, b->perm, N, K, D);
     if (c->Fs > 0) nm_mlp_forward_down(m, b->x_out, b->s_act, w->shared_down, N, m->tp.Fs_loc);
     nm_tp_row_output_end(m, b->x_out, b->x_mid, N, D);
     return bal;
@@ -596,10 +596,10 @@ void nm_moe_backward(nm_model *m, int64_t l, float aux_seed) {
     nm_sp_rows(m, N, &s0, &n0);
     const float *f = b->f + s0 * D;
     nm_router_params rp = router_params(c, n0);
-    ops->zero(m->scratch.d_f, N * D);
+    ops->zero(ops, m->scratch.d_f, N * D);
     // x_out += sum_k w_k * e_out[row(n,k)] (reads this rank's rows of d_res only)
-    ops->moe_combine_backward(m->scratch.d_e_out, m->scratch.d_topk_w, d_res + s0 * D, b->e_out, b->topk_w + s0 * K,
-                              b->perm, n0, K, D);
+    ops->moe_combine_backward(ops, m->scratch.d_e_out, m->scratch.d_topk_w, d_res + s0 * D, b->e_out,
+                              b->topk_w + s0 * K, b->perm, n0, K, D);
     // The shared experts' backward (into d_f first, the routed part added below), inside the
     // exchange's first all-to-all with moe_shared_expert_overlap.
     shared_work sw = {w, b, N};
@@ -611,20 +611,21 @@ void nm_moe_backward(nm_model *m, int64_t l, float aux_seed) {
     } else {
         back.work(m, back.ctx);
         // fp8: the gradients as they would have crossed the all-to-all, both ways (ep_dispatch)
-        if (m->precision == NM_PRECISION_FP8) ops->round_bf16(m->scratch.d_e_out, m->scratch.d_e_out, n0 * K * D);
+        if (m->precision == NM_PRECISION_FP8) ops->round_bf16(ops, m->scratch.d_e_out, m->scratch.d_e_out, n0 * K * D);
         fp8_restore_saved(m, b, b->x_perm, n0 * K);  // saved in fp8: this block's rows again
         nm_moe_experts_backward(m, w, b->offsets, b->x_perm, b->e_gate_up, b->e_act, m->scratch.d_e_out,
                                 m->scratch.d_e_act, m->scratch.d_e_gate_up, m->scratch.d_x_perm);
-        if (m->precision == NM_PRECISION_FP8) ops->round_bf16(m->scratch.d_x_perm, m->scratch.d_x_perm, n0 * K * D);
+        if (m->precision == NM_PRECISION_FP8)
+            ops->round_bf16(ops, m->scratch.d_x_perm, m->scratch.d_x_perm, n0 * K * D);
     }
     // x_perm = gather(f)
-    ops->moe_scatter_add(m->scratch.d_f + s0 * D, m->scratch.d_x_perm, b->perm, n0, K, D);
+    ops->moe_scatter_add(ops, m->scratch.d_f + s0 * D, m->scratch.d_x_perm, b->perm, n0, K, D);
     // gate weights <- scores <- router logits = f . W_router^T (bias: selection only, no gradient)
-    ops->router_backward(m->scratch.d_router + s0 * E, m->scratch.d_topk_w, b->scores + s0 * E, b->topk_idx + s0 * K,
-                         &rp);
+    ops->router_backward(ops, m->scratch.d_router + s0 * E, m->scratch.d_topk_w, b->scores + s0 * E,
+                         b->topk_idx + s0 * K, &rp);
     if (aux_seed != 0.0f) {
         // every token's (the scores were gathered); this rank uses its rows
-        ops->balance_loss_backward(m->scratch.d_router, aux_seed, b->bal_f, b->scores, B, T, E, K, c->scoring);
+        ops->balance_loss_backward(ops, m->scratch.d_router, aux_seed, b->bal_f, b->scores, B, T, E, K, c->scoring);
     }
     nm_linear_backward_weight(m, (nm_linear_args){.W = P + w->router, .N = n0, .IC = D, .OC = E, .x = f,
                                                   .dy = m->scratch.d_router + s0 * E});

@@ -37,7 +37,7 @@ static const int32_t *tp_local_ids(nm_model *m, const int32_t *tokens, int64_t N
 
 void nm_tp_embedding_forward(nm_model *m, float *out, const int32_t *tokens, int64_t N) {
     int64_t D = m->cfg.D;
-    m->ops->embedding_forward(out, tp_local_ids(m, tokens, N), m->params + m->table.embed, N, D);
+    m->ops->embedding_forward(m->ops, out, tp_local_ids(m, tokens, N), m->params + m->table.embed, N, D);
     // sequence parallelism: each rank keeps the summed rows of its own tokens (Megatron's
     // reduce-scatter into the sequence-parallel region)
     nm_tp_sum_parts(m, out, N, D);
@@ -79,8 +79,8 @@ void nm_tp_sum_parts(nm_model *m, float *buf, int64_t N, int64_t D) {
 }
 
 void nm_tp_row_output_begin(nm_model *m, float *out, const float *residual, int64_t N, int64_t D) {
-    if (!m->tp.sp && nm_tp_lead(m)) m->ops->copy_2d(out, N * D, residual, N * D, 1, N * D);
-    else m->ops->zero(out, N * D);
+    if (!m->tp.sp && nm_tp_lead(m)) m->ops->copy_2d(m->ops, out, N * D, residual, N * D, 1, N * D);
+    else m->ops->zero(m->ops, out, N * D);
 }
 
 void nm_tp_row_output_end(nm_model *m, float *out, const float *residual, int64_t N, int64_t D) {
@@ -88,11 +88,11 @@ void nm_tp_row_output_end(nm_model *m, float *out, const float *residual, int64_
     if (!m->tp.sp) return;
     int64_t s0, n0;
     nm_sp_rows(m, N, &s0, &n0);
-    m->ops->add_2d(out + s0 * D, D, residual + s0 * D, D, n0, D);
+    m->ops->add_2d(m->ops, out + s0 * D, D, residual + s0 * D, D, n0, D);
 }
 
 void nm_tp_embedding_backward(nm_model *m, const float *dout, const int32_t *tokens, int64_t N) {
-    m->ops->embedding_backward(m->grads + m->table.embed, dout, tp_local_ids(m, tokens, N), N, m->cfg.D);
+    m->ops->embedding_backward(m->ops, m->grads + m->table.embed, dout, tp_local_ids(m, tokens, N), N, m->cfg.D);
 }
 
 void nm_ep_progress(nm_model *m) {

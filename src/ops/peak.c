@@ -15,7 +15,7 @@ static double now_s(void) {
 // values are does not matter to the timing, only that they are finite).
 double nm_ops_time_square_gemm(const nm_ops *ops, int bf16, int n) {
     const size_t nn = (size_t)n * (size_t)n;
-    float *a = ops->alloc(nn * sizeof(float)), *b = ops->alloc(nn * sizeof(float)), *c = ops->alloc(nn * sizeof(float));
+    float *a = ops->alloc(ops, nn * sizeof(float)), *b = ops->alloc(ops, nn * sizeof(float)), *c = ops->alloc(ops, nn * sizeof(float));
     float *host = nm_aligned_alloc(nn * sizeof(float));
     for (size_t i = 0; i < nn; i++) host[i] = (float)(i % 7) * 0.1f;
     if (bf16) {
@@ -26,20 +26,20 @@ double nm_ops_time_square_gemm(const nm_ops *ops, int bf16, int n) {
             h16[i] = (uint16_t)(u >> 16);
         }
     }
-    ops->copy_to_device(a, host, nn * (bf16 ? 2 : 4));
-    ops->copy_to_device(b, host, nn * (bf16 ? 2 : 4));
+    ops->copy_to_device(ops, a, host, nn * (bf16 ? 2 : 4));
+    ops->copy_to_device(ops, b, host, nn * (bf16 ? 2 : 4));
     nm_free(host);
     double best = 1e30;
     for (int r = 0; r < 4; r++) {
         double t0 = now_s();
-        if (bf16) ops->gemm_bf16(NM_NO_TRANS, NM_NO_TRANS, n, n, n, 1.0f, a, NM_BF16, n, b, NM_BF16, n, 0.0f, c, n);
-        else ops->gemm(NM_NO_TRANS, NM_NO_TRANS, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
-        ops->synchronize();
+        if (bf16) ops->gemm_bf16(ops, NM_NO_TRANS, NM_NO_TRANS, n, n, n, 1.0f, a, NM_BF16, n, b, NM_BF16, n, 0.0f, c, n);
+        else ops->gemm(ops, NM_NO_TRANS, NM_NO_TRANS, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
+        ops->synchronize(ops);
         double dt = now_s() - t0;
         if (r > 0 && dt < best) best = dt;
     }
-    ops->free(a);
-    ops->free(b);
-    ops->free(c);
+    ops->free(ops, a);
+    ops->free(ops, b);
+    ops->free(ops, c);
     return 2.0 * n * n * (double)n / best;
 }

@@ -104,10 +104,10 @@ static int create(nm_optimizer **out, const nm_param_table *table, const nm_adam
     opt->row_state = row_state;
     // the moments live where the backend's ops run (nm_optimizer_destroy gives them back)
     size_t ns = n_state ? n_state : 1;
-    if (cfg->exp_avg_bf16) opt->m16 = ops->alloc(ns * sizeof(uint16_t));
-    else opt->m = ops->alloc(ns * sizeof(float));
-    if (cfg->exp_avg_sq_bf16) opt->v16 = ops->alloc(ns * sizeof(uint16_t));
-    else opt->v = ops->alloc(ns * sizeof(float));
+    if (cfg->exp_avg_bf16) opt->m16 = ops->alloc(ops, ns * sizeof(uint16_t));
+    else opt->m = ops->alloc(ops, ns * sizeof(float));
+    if (cfg->exp_avg_sq_bf16) opt->v16 = ops->alloc(ops, ns * sizeof(uint16_t));
+    else opt->v = ops->alloc(ops, ns * sizeof(float));
     opt->chunks = nm_calloc((size_t)(n_chunks ? n_chunks : 1), sizeof(nm_optim_chunk));
     opt->partials = nm_calloc((size_t)(n_chunks ? n_chunks : 1), sizeof(double));
     opt->n_chunks = n_chunks;
@@ -144,10 +144,10 @@ int nm_optimizer_create_ranges(nm_optimizer **out, const nm_param_table *table, 
 
 void nm_optimizer_destroy(nm_optimizer *opt) {
     if (!opt) return;
-    opt->ops->free(opt->m);
-    opt->ops->free(opt->v);
-    opt->ops->free(opt->m16);
-    opt->ops->free(opt->v16);
+    opt->ops->free(opt->ops, opt->m);
+    opt->ops->free(opt->ops, opt->v);
+    opt->ops->free(opt->ops, opt->m16);
+    opt->ops->free(opt->ops, opt->v16);
     nm_free(opt->chunks);
     nm_free(opt->partials);
     nm_free(opt->row_state);
@@ -170,7 +170,7 @@ double nm_optimizer_grad_sumsq(nm_optimizer *opt, const float *grads) {
 double nm_optimizer_grad_sumsq_except(nm_optimizer *opt, const float *grads, int skip_row) {
     // Each chunk's partial is the backend's (ops.h: eight lanes in a fixed order); the sum is
     // sequential in chunk order here: the norm is the same bits whatever the thread count.
-    opt->ops->sumsq_chunks(opt->partials, grads, opt->chunks, opt->n_chunks);
+    opt->ops->sumsq_chunks(opt->ops, opt->partials, grads, opt->chunks, opt->n_chunks);
     double sum = 0.0;
     for (int64_t c = 0; c < opt->n_chunks; c++)
         if (opt->chunks[c].row != skip_row) sum += opt->partials[c];
@@ -181,7 +181,7 @@ int nm_optimizer_first_nonfinite(const nm_optimizer *opt, const float *grads) {
     // Only called when the norm is not finite; chunks are in row order, so the first hit is
     // the first row.
     for (int64_t c = 0; c < opt->n_chunks; c++)
-        if (opt->ops->first_nonfinite(grads + opt->chunks[c].offset, (int64_t)opt->chunks[c].len) >= 0)
+        if (opt->ops->first_nonfinite(opt->ops, grads + opt->chunks[c].offset, (int64_t)opt->chunks[c].len) >= 0)
             return opt->chunks[c].row;
     return -1;
 }
@@ -198,7 +198,7 @@ static float clip_coef(double norm, double max_norm) {
 float nm_optimizer_clip_grads(nm_optimizer *opt, float *grads, double norm, double max_norm) {
     float s = clip_coef(norm, max_norm);
     if (s == 1.0f) return s;
-    opt->ops->scale_chunks(grads, s, opt->chunks, opt->n_chunks);
+    opt->ops->scale_chunks(opt->ops, grads, s, opt->chunks, opt->n_chunks);
     return s;
 }
 
@@ -244,7 +244,7 @@ void nm_optimizer_step_scaled(nm_optimizer *opt, float *params, const float *gra
         .decay_mul = (float)(1.0 - lr * c->weight_decay),
     };
     // Every element is independent: the backend may split the chunks any way.
-    opt->ops->adamw_chunks(params, opt->m16 ? (void *)opt->m16 : (void *)opt->m, opt->m16 ? NM_BF16 : NM_F32,
+    opt->ops->adamw_chunks(opt->ops, params, opt->m16 ? (void *)opt->m16 : (void *)opt->m, opt->m16 ? NM_BF16 : NM_F32,
                            opt->v16 ? (void *)opt->v16 : (void *)opt->v, opt->v16 ? NM_BF16 : NM_F32, grads,
                            opt->chunks, opt->n_chunks, &k);
 }
@@ -266,13 +266,13 @@ float *nm_optimizer_moment_f32(const nm_optimizer *opt, int which, int *copy) {
     size_t n = opt->n_state ? opt->n_state : 1;
     // host memory, as the checkpoint writer reads it (the host backends' ops run on it)
     float *out = nm_aligned_alloc(n * sizeof(float));
-    opt->ops->widen_bf16(out, h, (int64_t)opt->n_state);
+    opt->ops->widen_bf16(opt->ops, out, h, (int64_t)opt->n_state);
     return out;
 }
 
 void nm_optimizer_moment_set(nm_optimizer *opt, int which, const float *src) {
     uint16_t *h = which ? opt->v16 : opt->m16;
     float *f = which ? opt->v : opt->m;
-    if (h) opt->ops->cast_bf16(h, src, (int64_t)opt->n_state);
-    else if (src != f) opt->ops->copy_to_device(f, src, opt->n_state * sizeof(float));
+    if (h) opt->ops->cast_bf16(opt->ops, h, src, (int64_t)opt->n_state);
+    else if (src != f) opt->ops->copy_to_device(opt->ops, f, src, opt->n_state * sizeof(float));
 }

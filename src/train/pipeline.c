@@ -29,8 +29,8 @@ int nm_pipeline_create(nm_pipeline **out, nm_comm *pp, nm_model *model, int64_t 
     p->T = T;
     p->D = nm_model_cfg(model)->D;
     size_t n = (size_t)(B * T * p->D);
-    p->recv_act = ops->alloc(n * sizeof(float));
-    p->recv_grad = ops->alloc(n * sizeof(float));
+    p->recv_act = ops->alloc(ops, n * sizeof(float));
+    p->recv_grad = ops->alloc(ops, n * sizeof(float));
     *out = p;
     return 0;
 }
@@ -38,9 +38,9 @@ int nm_pipeline_create(nm_pipeline **out, nm_comm *pp, nm_model *model, int64_t 
 void nm_pipeline_destroy(nm_pipeline *p) {
     if (!p) return;
     const nm_ops *ops = nm_model_ops(p->model);
-    ops->free(p->recv_act);
-    ops->free(p->recv_grad);
-    for (int i = 0; i < p->n_send; i++) ops->free(p->send_buf[i]);
+    ops->free(ops, p->recv_act);
+    ops->free(ops, p->recv_grad);
+    for (int i = 0; i < p->n_send; i++) ops->free(ops, p->send_buf[i]);
     nm_free(p->send_buf);
     nm_free(p->send_req);
     nm_free(p->plan);
@@ -71,7 +71,7 @@ static void add_send_buffer(nm_pipeline *p) {
     p->send_buf = nm_realloc(p->send_buf, (size_t)(p->n_send + 1) * sizeof(float *));
     p->send_req = nm_realloc(p->send_req, (size_t)(p->n_send + 1) * sizeof(nm_comm_request));
     memset(&p->send_req[p->n_send], 0, sizeof(nm_comm_request));
-    p->send_buf[p->n_send] = nm_model_ops(p->model)->alloc((size_t)act_count(p) * sizeof(float));
+    p->send_buf[p->n_send] = nm_model_ops(p->model)->alloc(nm_model_ops(p->model), (size_t)act_count(p) * sizeof(float));
     p->n_send++;
 }
 
@@ -112,7 +112,7 @@ static int send_to(run *r, const float *src, int peer, int tag, nm_error *err) {
     int i;
     if (send_buffer(p, &i, err) != 0) return -1;
     int64_t n = act_count(p);
-    nm_model_ops(p->model)->copy_2d(p->send_buf[i], n, src, n, 1, n);
+    nm_model_ops(p->model)->copy_2d(nm_model_ops(p->model), p->send_buf[i], n, src, n, 1, n);
     int rc = nm_comm_send_start(p->pp, p->send_buf[i], n, NM_DT_F32, peer, tag, &p->send_req[i], err);
     r->times->comm += now_s() - t0;
     return rc;

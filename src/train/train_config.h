@@ -73,7 +73,7 @@ typedef struct nm_train_config {
     int64_t global_batch;       // rows per optimizer step (all ranks, all micro-batches)
     int64_t steps;              // optimizer steps
     nm_precision precision;
-    char *backend;              // ops backend by name (nm_ops_by_name), after NM_BACKEND
+    char *backend;              // ops backend by name (nm_backend_select), after NM_BACKEND
     char *communicator;         // "auto" | "single" | "mpi" | "nccl" (nm_comm_init_as), after NM_COMM
     int64_t seed;               // in [0, 2^53], so JSON numbers hold it exactly
     int64_t threads;            // OpenMP threads, 0: the runtime's default

@@ -34,7 +34,7 @@
 static double measure_gemm_peak(const nm_ops *ops, nm_precision precision) {
     const char *given = getenv("NM_PEAK_GFLOPS");
     if (given && atof(given) > 0) return atof(given) * 1e9;
-    return ops->measure_peak(precision != NM_PRECISION_FP32);
+    return ops->measure_peak(ops, precision != NM_PRECISION_FP32);
 }
 
 // --- create ---------------------------------------------------------------------------------
@@ -221,8 +221,8 @@ static int create_model(nm_trainer *t, nm_error *err) {
         mopts.act_slots = nm_pipeline_slots(ms.pp, t->vpp, t->mesh->pp_rank, t->accum);
     }
     if (nm_train_check_memory(cfg, &t->mcfg, t->world->size, opts->recompute, t->mesh->pp_rank, err) != 0) return -1;
-    if (!(t->ops = nm_ops_select(cfg->backend, err))) return -1;
-    if (cfg->threads > 0) t->ops->set_threads((int)cfg->threads);  // before the first op runs
+    if (nm_backend_select(&t->ops, cfg->backend, err) != 0) return -1;
+    if (cfg->threads > 0) t->ops->set_threads(t->ops, (int)cfg->threads);  // before the first op runs
     if (nm_model_create_ex(&t->model, &t->mcfg, t->ops, cfg->micro_batch, t->T, &mopts, err) != 0) return -1;
     if (nm_model_set_precision(t->model, cfg->precision, err) != 0) return -1;
     const nm_param_table *table = nm_model_table(t->model);
@@ -322,7 +322,7 @@ static int open_run_dir(nm_trainer *t, nm_error *err) {
     const nm_train_config *cfg = &t->cfg;
     const nm_trainer_options *opts = &t->opts;
     if (!opts->run_dir) {  // a caller's micro-batches and no files (external_data): default kernels
-        snprintf(t->kernels, sizeof(t->kernels), "backend %s: %s", cfg->backend, t->ops->kernel_names());
+        snprintf(t->kernels, sizeof(t->kernels), "backend %s: %s", cfg->backend, t->ops->kernel_names(t->ops));
         return 0;
     }
     if (t->rank0 && nm_mkdir_p(opts->run_dir, err) != 0) return -1;
@@ -353,12 +353,12 @@ static int open_run_dir(nm_trainer *t, nm_error *err) {
     // configs/small-train.json).
     if (!t->ops->tune) {
         snprintf(t->kernels, sizeof(t->kernels), "backend %s: %s (no kernel choice)", cfg->backend,
-                 t->ops->kernel_names());
+                 t->ops->kernel_names(t->ops));
     } else {
         const int64_t rows = cfg->micro_batch * cfg->seq_len;
         nm_gemm_shape shapes[NM_MODEL_MAX_GEMM_SHAPES];
         int n = nm_model_gemm_shapes(&t->mcfg, rows < 512 ? rows : 512, rows, shapes, NM_MODEL_MAX_GEMM_SHAPES);
-        if (t->ops->tune(shapes, n, opts->run_dir, t->world->size == 1 && !opts->resume, t->kernels,
+        if (t->ops->tune(t->ops, shapes, n, opts->run_dir, t->world->size == 1 && !opts->resume, t->kernels,
                          sizeof(t->kernels), err) != 0)
             return -1;
     }
@@ -476,13 +476,13 @@ void nm_trainer_destroy(nm_trainer *t) {
     nm_tb_close(t->tb);
     nm_loader_destroy(t->train_data);
     nm_loader_destroy(t->valid_data);
+    nm_pipeline_destroy(t->pipe);  // before the model: it frees its buffers through the model's backend
     nm_optimizer_destroy(t->optim);
     nm_model_destroy(t->model);
     nm_model_config_free(&t->mcfg);
     nm_zero_destroy(t->zero);
     nm_param_table_free(&t->full_table);
     nm_free(t->tp_summed);
-    nm_pipeline_destroy(t->pipe);
     nm_comm_destroy(t->emb);
     nm_free(t->stages);
     nm_free(t->chunks);
@@ -500,6 +500,7 @@ void nm_trainer_destroy(nm_trainer *t) {
     nm_free(t->hist_vstep);
     nm_free(t->hist_vloss);
     nm_run_lock_release(t->run_lock);
+    nm_backend_destroy(t->ops);  // last: the model, optimizer and pipeline freed their buffers through it
     nm_free(t);
 }
 

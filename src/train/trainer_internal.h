@@ -44,7 +44,7 @@ struct nm_trainer {
     nm_model_config mcfg;
     nm_model *model;
     nm_optimizer *optim;
-    const nm_ops *ops;          // the backend (cfg.backend), a static table
+    const nm_ops *ops;          // the backend instance (cfg.backend, NM_BACKEND), owned: destroyed last
     nm_comm *world;             // owned
     nm_mesh *mesh;              // groups of the layout
     nm_zero *zero;              // ZeRO-1 ownership and buckets (world > 1)

@@ -78,7 +78,7 @@ void nm_trainer_banner(nm_trainer *t, const double *stage_mem) {
            (long long)t->mcfg.E, (long long)t->mcfg.K, (long long)t->mcfg.G, (long long)t->mcfg.M);
     printf("data  %s | seq %lld x batch %lld (micro %lld x %lld accum) | %s | %d threads\n", desc,
            (long long)cfg->seq_len, (long long)cfg->global_batch, (long long)cfg->micro_batch, (long long)t->accum,
-           nm_precision_name(cfg->precision), t->ops->threads());
+           nm_precision_name(cfg->precision), t->ops->threads(t->ops));
     char layout[160];
     nm_mesh_describe(&ms, layout, sizeof(layout));
     double mib = 1048576.0;
@@ -119,7 +119,7 @@ void nm_trainer_banner(nm_trainer *t, const double *stage_mem) {
     printf("peak  %.1f GFLOP/s %s %s (%s) | %.2f MFLOP/token | activations %.1f MiB",
            t->peak_flops / 1e9, cfg->precision == NM_PRECISION_FP32 ? "fp32 GEMM" : "best of the fp32 and bf16 GEMMs",
            given && atof(given) > 0 ? "given by NM_PEAK_GFLOPS" : "measured",
-           t->ops->kernel_names(), t->flops_per_token / 1e6,
+           t->ops->kernel_names(t->ops), t->flops_per_token / 1e6,
            (double)nm_model_activation_bytes(t->model) / 1048576.0);
     if (opts->recompute && !t->pipe) {
         size_t full = nm_model_estimate_activation_bytes(&t->mcfg, cfg->micro_batch, t->T, 0);

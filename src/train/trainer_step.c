@@ -348,7 +348,7 @@ static int guard_or_update(nm_trainer *t, int64_t step, int finite, const nm_gra
     // Aux-loss-free balancing exists for noaux_tc only: other methods never read the bias.
     if (gamma > 0.0f && nm_routing_uses_bias(&t->mcfg)) {
         for (int i = 0; i < n_moe; i++)
-            t->ops->router_bias_update((float *)t->bias_ptrs[i], t->step_counts + (size_t)i * E, E, gamma);
+            t->ops->router_bias_update(t->ops, (float *)t->bias_ptrs[i], t->step_counts + (size_t)i * E, E, gamma);
     }
     return 0;
 }

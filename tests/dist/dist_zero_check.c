@@ -15,6 +15,7 @@
 #include "train/optim.h"
 #include "train/zero.h"
 #include "../test_util.h"
+#include "../test_backend.h"
 
 // The moment a float of a row holds: exact in fp32 (below 2^24).
 static float known(int row, int64_t k) { return (float)(row * 10000 + (int)(k % 9973)); }
@@ -76,7 +77,7 @@ int main(void) {
     // The checkpoint exchange, both ways, bit for bit.
     nm_adamw_config acfg = {0.9, 0.95, 1e-8, 0.1, 0, 0};
     nm_optimizer *o = NULL;
-    EXPECT(nm_optimizer_create_ranges(&o, &t, &acfg, z->own_begin, z->own_end, nm_ops_cpu(), &err) == 0, "%s", err.msg);
+    EXPECT(nm_optimizer_create_ranges(&o, &t, &acfg, z->own_begin, z->own_end, test_backend("cpu"), &err) == 0, "%s", err.msg);
     for (int i = 0; i < t.n_rows; i++) {
         if (o->row_state[i] == SIZE_MAX) continue;
         for (int64_t k = z->own_begin[i]; k < z->own_end[i]; k++) o->m[o->row_state[i] + (size_t)(k - z->own_begin[i])] = known(i, k);

@@ -124,7 +124,7 @@ static void run_gemm(const nm_ops *ops, tensor_set *in, tensor_set *out) {
     int64_t ar = d[0] ? K : M, br = d[1] ? N : K;
     float *C = outf(out, "C", M * ldc);
     memcpy(C, getf(in, "C", M * ldc), sizeof(float) * (size_t)(M * ldc));
-    ops->gemm(d[0] ? NM_TRANS : NM_NO_TRANS, d[1] ? NM_TRANS : NM_NO_TRANS, M, N, K, fo[0], getf(in, "A", ar * lda),
+    ops->gemm(ops, d[0] ? NM_TRANS : NM_NO_TRANS, d[1] ? NM_TRANS : NM_NO_TRANS, M, N, K, fo[0], getf(in, "A", ar * lda),
               lda, getf(in, "B", br * ldb), ldb, fo[1], C, ldc);
 }
 
@@ -133,8 +133,8 @@ static void run_embedding(const nm_ops *ops, tensor_set *in, tensor_set *out) {
     const int32_t *d = geti(in, "dims", 3);
     int64_t N = d[0], D = d[1], V = d[2];
     const int32_t *tok = geti(in, "tokens", N);
-    ops->embedding_forward(outf(out, "out", N * D), tok, getf(in, "emb", V * D), N, D);
-    ops->embedding_backward(outf(out, "demb", V * D), getf(in, "dout", N * D), tok, N, D);
+    ops->embedding_forward(ops, outf(out, "out", N * D), tok, getf(in, "emb", V * D), N, D);
+    ops->embedding_backward(ops, outf(out, "demb", V * D), getf(in, "dout", N * D), tok, N, D);
 }
 
 // dims: N D; fopts: eps; x, w, dout -> out, rstd, dx, dw
@@ -143,8 +143,8 @@ static void run_rmsnorm(const nm_ops *ops, tensor_set *in, tensor_set *out) {
     int64_t N = d[0], D = d[1];
     const float *x = getf(in, "x", N * D), *w = getf(in, "w", D);
     float *rstd = outf(out, "rstd", N);
-    ops->rmsnorm_forward(outf(out, "out", N * D), rstd, x, w, N, D, getf(in, "fopts", 1)[0]);
-    ops->rmsnorm_backward(outf(out, "dx", N * D), outf(out, "dw", D), getf(in, "dout", N * D), x, w, rstd, N, D);
+    ops->rmsnorm_forward(ops, outf(out, "out", N * D), rstd, x, w, N, D, getf(in, "fopts", 1)[0]);
+    ops->rmsnorm_backward(ops, outf(out, "dx", N * D), outf(out, "dw", D), getf(in, "dout", N * D), x, w, rstd, N, D);
 }
 
 // dims: N F; gate_up, dout -> out, dgate_up
@@ -152,8 +152,8 @@ static void run_swiglu(const nm_ops *ops, tensor_set *in, tensor_set *out) {
     const int32_t *d = geti(in, "dims", 2);
     int64_t N = d[0], F = d[1];
     const float *gu = getf(in, "gate_up", N * 2 * F);
-    ops->swiglu_forward(outf(out, "out", N * F), gu, N, F);
-    ops->swiglu_backward(outf(out, "dgate_up", N * 2 * F), getf(in, "dout", N * F), gu, N, F);
+    ops->swiglu_forward(ops, outf(out, "out", N * F), gu, N, F);
+    ops->swiglu_backward(ops, outf(out, "dgate_up", N * 2 * F), getf(in, "dout", N * F), gu, N, F);
 }
 
 // dims: B T H hd off Dr; x, cos, sin, dout -> y, dx
@@ -164,8 +164,8 @@ static void run_rope(const nm_ops *ops, tensor_set *in, tensor_set *out) {
     float *y = outf(out, "y", n), *dx = outf(out, "dx", n);
     memcpy(y, getf(in, "x", n), sizeof(float) * (size_t)n);
     memcpy(dx, getf(in, "dout", n), sizeof(float) * (size_t)n);
-    ops->rope_forward(y, cs, sn, B, T, H, hd, off, Dr);
-    ops->rope_backward(dx, cs, sn, B, T, H, hd, off, Dr);
+    ops->rope_forward(ops, y, cs, sn, B, T, H, hd, off, Dr);
+    ops->rope_backward(ops, dx, cs, sn, B, T, H, hd, off, Dr);
 }
 
 // dims: B T H Dn Dr Dv; fopts: scale; q, kv, k_pe, dout -> out, lse, dq, dkv, dk_pe
@@ -176,9 +176,9 @@ static void run_attention(const nm_ops *ops, tensor_set *in, tensor_set *out) {
     const float *q = getf(in, "q", B * T * H * (Dn + Dr)), *kv = getf(in, "kv", B * T * H * (Dn + Dv));
     const float *kpe = getf(in, "k_pe", B * T * Dr);
     float *o = outf(out, "out", B * T * H * Dv), *lse = outf(out, "lse", B * H * T);
-    ops->attention_forward(o, lse, q, kv, kpe, B, T, H, Dn, Dr, Dv, scale);
+    ops->attention_forward(ops, o, lse, q, kv, kpe, B, T, H, Dn, Dr, Dv, scale);
     float *scratch = nm_malloc(sizeof(float) * (size_t)(B * H * T * Dr + 1));
-    ops->attention_backward(outf(out, "dq", B * T * H * (Dn + Dr)), outf(out, "dkv", B * T * H * (Dn + Dv)),
+    ops->attention_backward(ops, outf(out, "dq", B * T * H * (Dn + Dr)), outf(out, "dkv", B * T * H * (Dn + Dv)),
                             outf(out, "dk_pe", B * T * Dr), scratch, getf(in, "dout", B * T * H * Dv), q, kv, kpe,
                             o, lse, B, T, H, Dn, Dr, Dv, scale);
     nm_free(scratch);
@@ -191,8 +191,8 @@ static void run_xent(const nm_ops *ops, tensor_set *in, tensor_set *out) {
     const float *lg = getf(in, "logits", N * V);
     const int32_t *tg = geti(in, "targets", N);
     float *lse = outf(out, "lse", N);
-    ops->xent_forward(outf(out, "losses", N), lse, lg, tg, N, V);
-    ops->xent_backward(outf(out, "dlogits", N * V), lg, lse, tg, getf(in, "fopts", 1)[0], N, V);
+    ops->xent_forward(ops, outf(out, "losses", N), lse, lg, tg, N, V);
+    ops->xent_backward(ops, outf(out, "dlogits", N * V), lg, lse, tg, getf(in, "fopts", 1)[0], N, V);
 }
 
 // dims: N E K G Gk scoring method norm has_bias; fopts: routed_scaling;
@@ -203,9 +203,9 @@ static void run_router(const nm_ops *ops, tensor_set *in, tensor_set *out) {
                           getf(in, "fopts", 1)[0]};
     int32_t *idx = outi(out, "topk_idx", p.N * p.K);
     float *s = outf(out, "scores", p.N * p.E);
-    ops->router_forward(idx, outf(out, "topk_weight", p.N * p.K), s, getf(in, "logits", p.N * p.E),
+    ops->router_forward(ops, idx, outf(out, "topk_weight", p.N * p.K), s, getf(in, "logits", p.N * p.E),
                         d[8] ? getf(in, "bias", p.E) : NULL, &p);
-    ops->router_backward(outf(out, "dlogits", p.N * p.E), getf(in, "dtopk_weight", p.N * p.K), s, idx, &p);
+    ops->router_backward(ops, outf(out, "dlogits", p.N * p.E), getf(in, "dtopk_weight", p.N * p.K), s, idx, &p);
 }
 
 // dims: B T E K scoring; fopts: dloss; logits -> scores, f, loss (f64), dlogits
@@ -218,10 +218,10 @@ static void run_balance(const nm_ops *ops, tensor_set *in, tensor_set *out) {
     float *s = outf(out, "scores", B * T * E), *f = outf(out, "f", B * E);
     int32_t *idx = nm_malloc(sizeof(int32_t) * (size_t)(B * T * K + 1));
     float *w = nm_malloc(sizeof(float) * (size_t)(B * T * K + 1));
-    ops->router_forward(idx, w, s, getf(in, "logits", B * T * E), NULL, &p);
+    ops->router_forward(ops, idx, w, s, getf(in, "logits", B * T * E), NULL, &p);
     double *loss = add_out(out, "loss", DT_F64, 1);
-    loss[0] = ops->balance_loss_forward(f, s, B, T, E, K);
-    ops->balance_loss_backward(outf(out, "dlogits", B * T * E), getf(in, "fopts", 1)[0], f, s, B, T, E, K, sc);
+    loss[0] = ops->balance_loss_forward(ops, f, s, B, T, E, K);
+    ops->balance_loss_backward(ops, outf(out, "dlogits", B * T * E), getf(in, "fopts", 1)[0], f, s, B, T, E, K, sc);
     nm_free(idx);
     nm_free(w);
 }
@@ -233,11 +233,11 @@ static void run_moe(const nm_ops *ops, tensor_set *in, tensor_set *out) {
     const int32_t *d = geti(in, "dims", 4);
     int64_t N = d[0], K = d[1], E = d[2], D = d[3];
     int32_t *perm = outi(out, "perm", N * K);
-    ops->moe_permute(outi(out, "offsets", E + 1), perm, geti(in, "topk_idx", N * K), N, K, E);
-    ops->moe_gather(outf(out, "gathered", N * K * D), getf(in, "src", N * D), perm, N, K, D);
+    ops->moe_permute(ops, outi(out, "offsets", E + 1), perm, geti(in, "topk_idx", N * K), N, K, E);
+    ops->moe_gather(ops, outf(out, "gathered", N * K * D), getf(in, "src", N * D), perm, N, K, D);
     float *copy = outf(out, "gathered_bf16_copy", N * K * D);
     uint16_t *bits = nm_malloc(sizeof(uint16_t) * (size_t)(N * K * D + 1));
-    ops->moe_gather_bf16(outf(out, "gathered_bf16", N * K * D), bits, getf(in, "src", N * D), perm, N, K, D);
+    ops->moe_gather_bf16(ops, outf(out, "gathered_bf16", N * K * D), bits, getf(in, "src", N * D), perm, N, K, D);
     for (int64_t i = 0; i < N * K * D; i++) {
         uint32_t u = (uint32_t)bits[i] << 16;
         memcpy(&copy[i], &u, sizeof u);
@@ -246,10 +246,10 @@ static void run_moe(const nm_ops *ops, tensor_set *in, tensor_set *out) {
     float *y = outf(out, "y", N * D);
     memcpy(y, getf(in, "y0", N * D), sizeof(float) * (size_t)(N * D));
     const float *eo = getf(in, "expert_out", N * K * D), *tw = getf(in, "topk_weight", N * K);
-    ops->moe_combine_forward(y, eo, tw, perm, N, K, D);
-    ops->moe_combine_backward(outf(out, "dexpert_out", N * K * D), outf(out, "dtopk_weight", N * K),
+    ops->moe_combine_forward(ops, y, eo, tw, perm, N, K, D);
+    ops->moe_combine_backward(ops, outf(out, "dexpert_out", N * K * D), outf(out, "dtopk_weight", N * K),
                               getf(in, "dy", N * D), eo, tw, perm, N, K, D);
-    ops->moe_scatter_add(outf(out, "dsrc", N * D), getf(in, "ddst", N * K * D), perm, N, K, D);
+    ops->moe_scatter_add(ops, outf(out, "dsrc", N * D), getf(in, "ddst", N * K * D), perm, N, K, D);
 }
 
 int main(int argc, char **argv) {
@@ -266,8 +266,8 @@ int main(int argc, char **argv) {
         {"balance", run_balance}, {"moe", run_moe},
     };
     nm_error err;
-    const nm_ops *ops = nm_ops_select(NULL, &err);
-    if (!ops) {
+    const nm_ops *ops;
+    if (nm_backend_select(&ops, NULL, &err) != 0) {
         fprintf(stderr, "%s\n", err.msg);
         return 2;
     }
@@ -281,8 +281,10 @@ int main(int argc, char **argv) {
         for (int j = 0; j < in.count; j++) nm_free(in.t[j].data);
         for (int j = 0; j < out.count; j++) nm_free(out.t[j].data);
         nm_free(buf);
+        nm_backend_destroy(ops);
         return 0;
     }
     fprintf(stderr, "unknown op %s\n", argv[1]);
+    nm_backend_destroy(ops);
     return 2;
 }

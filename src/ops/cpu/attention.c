@@ -51,16 +51,16 @@ static void check_shapes(int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr
 
 // S(bq, bk) (=) scale * (q_nope . k_nope^T + q_pe . k_pe^T) for the query tile at
 // q (row stride H*Dqk) and the key chunk at kv (row stride H*Dkv) / kpe (row stride Dr).
-static void scores(float *S, const float *q, const float *kv, const float *kpe, int64_t bq, int64_t bk,
-                   int64_t H, int64_t Dn, int64_t Dr, int64_t Dv, float scale) {
+static void scores(const nm_ops *be, float *S, const float *q, const float *kv, const float *kpe, int64_t bq,
+                   int64_t bk, int64_t H, int64_t Dn, int64_t Dr, int64_t Dv, float scale) {
     const int64_t Dqk = Dn + Dr, Dkv = Dn + Dv;
-    nm_cpu_gemm(NM_NO_TRANS, NM_TRANS, bq, bk, Dn, scale, q, H * Dqk, kv, H * Dkv, 0.0f, S, NM_ATTN_BK);
-    nm_cpu_gemm(NM_NO_TRANS, NM_TRANS, bq, bk, Dr, scale, q + Dn, H * Dqk, kpe, Dr, 1.0f, S, NM_ATTN_BK);
+    nm_cpu_gemm(be, NM_NO_TRANS, NM_TRANS, bq, bk, Dn, scale, q, H * Dqk, kv, H * Dkv, 0.0f, S, NM_ATTN_BK);
+    nm_cpu_gemm(be, NM_NO_TRANS, NM_TRANS, bq, bk, Dr, scale, q + Dn, H * Dqk, kpe, Dr, 1.0f, S, NM_ATTN_BK);
 }
 
 // out(B,T,H,Dv) (=), lse(B,H,T) (=); q(B,T,H,Dn+Dr), kv(B,T,H,Dn+Dv), k_pe(B,T,Dr)
-void nm_cpu_attention_forward(float *out, float *lse, const float *q, const float *kv, const float *k_pe,
-                              int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr, int64_t Dv,
+void nm_cpu_attention_forward(const nm_ops *be, float *out, float *lse, const float *q, const float *kv,
+                              const float *k_pe, int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr, int64_t Dv,
                               float scale) {
     check_shapes(B, T, H, Dn, Dr, Dv);
     const int64_t Dqk = Dn + Dr, Dkv = Dn + Dv, n_tiles = (T + NM_ATTN_BQ - 1) / NM_ATTN_BQ;
@@ -81,7 +81,7 @@ void nm_cpu_attention_forward(float *out, float *lse, const float *q, const floa
                     const int64_t bk = k_end - j0 < NM_ATTN_BK ? k_end - j0 : NM_ATTN_BK;
                     const float *kvc = kv + ((b * T + j0) * H + h) * Dkv;
                     // pass 1: scaled scores of the tile against the chunk (two sgemms)
-                    scores(S, qt, kvc, k_pe + (b * T + j0) * Dr, bq, bk, H, Dn, Dr, Dv, scale);
+                    scores(be, S, qt, kvc, k_pe + (b * T + j0) * Dr, bq, bk, H, Dn, Dr, Dv, scale);
                     // pass 2: per row, causal mask, new max, p = e^(s - m), rescale l and out
                     for (int64_t r = 0; r < bq; r++) {
                         float *s = S + r * NM_ATTN_BK;
@@ -107,7 +107,7 @@ void nm_cpu_attention_forward(float *out, float *lse, const float *q, const floa
                         m[r] = mx;
                     }
                     // pass 3: out_tile (+)= P . V_chunk (the first chunk overwrites)
-                    nm_cpu_gemm(NM_NO_TRANS, NM_NO_TRANS, bq, Dv, bk, 1.0f, S, NM_ATTN_BK, kvc + Dn, H * Dkv,
+                    nm_cpu_gemm(be, NM_NO_TRANS, NM_NO_TRANS, bq, Dv, bk, 1.0f, S, NM_ATTN_BK, kvc + Dn, H * Dkv,
                                 j0 == 0 ? 0.0f : 1.0f, ot, H * Dv);
                 }
                 // pass 4: normalise, save lse (row i always sees key 0, so l >= 1)
@@ -123,7 +123,7 @@ void nm_cpu_attention_forward(float *out, float *lse, const float *q, const floa
 
 // dq(B,T,H,Dn+Dr) (=), dkv(B,T,H,Dn+Dv) (=), dk_pe(B,T,Dr) (=), scratch(B,H,T,Dr);
 // dout(B,T,H,Dv), q, kv, k_pe, out(B,T,H,Dv), lse(B,H,T)
-void nm_cpu_attention_backward(float *dq, float *dkv, float *dk_pe, float *scratch, const float *dout,
+void nm_cpu_attention_backward(const nm_ops *be, float *dq, float *dkv, float *dk_pe, float *scratch, const float *dout,
                                const float *q, const float *kv, const float *k_pe, const float *out,
                                const float *lse, int64_t B, int64_t T, int64_t H, int64_t Dn,
                                int64_t Dr, int64_t Dv, float scale) {
@@ -165,9 +165,9 @@ void nm_cpu_attention_backward(float *dq, float *dkv, float *dk_pe, float *scrat
                     const int64_t bk = k_end - j0 < NM_ATTN_BK ? k_end - j0 : NM_ATTN_BK;
                     const float *kvc = kv + ((b * T + j0) * H + h) * Dkv, *kpec = k_pe + (b * T + j0) * Dr;
                     // pass 2: recompute p = exp(s - lse) under the causal mask
-                    scores(P, qt, kvc, kpec, bq, bk, H, Dn, Dr, Dv, scale);
+                    scores(be, P, qt, kvc, kpec, bq, bk, H, Dn, Dr, Dv, scale);
                     // pass 3: dp = dout_tile . V_chunk^T
-                    nm_cpu_gemm(NM_NO_TRANS, NM_TRANS, bq, bk, Dv, 1.0f, dot, H * Dv, kvc + Dn, H * Dkv, 0.0f, dS,
+                    nm_cpu_gemm(be, NM_NO_TRANS, NM_TRANS, bq, bk, Dv, 1.0f, dot, H * Dv, kvc + Dn, H * Dkv, 0.0f, dS,
                                 NM_ATTN_BK);
                     // pass 4: ds = p (dp - D_i); masked entries are 0 in both
                     for (int64_t r = 0; r < bq; r++) {
@@ -184,17 +184,17 @@ void nm_cpu_attention_backward(float *dq, float *dkv, float *dk_pe, float *scrat
                     // pass 5: key-side gradients of the chunk, accumulated over query tiles:
                     // dv += P^T dout_tile, dk_nope += scale dS^T q_nope, dk_pe(h) += scale dS^T q_pe
                     float *dkvc = dkv + ((b * T + j0) * H + h) * Dkv;
-                    nm_cpu_gemm(NM_TRANS, NM_NO_TRANS, bk, Dv, bq, 1.0f, P, NM_ATTN_BK, dot, H * Dv, 1.0f, dkvc + Dn,
+                    nm_cpu_gemm(be, NM_TRANS, NM_NO_TRANS, bk, Dv, bq, 1.0f, P, NM_ATTN_BK, dot, H * Dv, 1.0f, dkvc + Dn,
                                 H * Dkv);
-                    nm_cpu_gemm(NM_TRANS, NM_NO_TRANS, bk, Dn, bq, scale, dS, NM_ATTN_BK, qt, H * Dqk, 1.0f, dkvc,
+                    nm_cpu_gemm(be, NM_TRANS, NM_NO_TRANS, bk, Dn, bq, scale, dS, NM_ATTN_BK, qt, H * Dqk, 1.0f, dkvc,
                                 H * Dkv);
-                    nm_cpu_gemm(NM_TRANS, NM_NO_TRANS, bk, Dr, bq, scale, dS, NM_ATTN_BK, qt + Dn, H * Dqk, 1.0f,
+                    nm_cpu_gemm(be, NM_TRANS, NM_NO_TRANS, bk, Dr, bq, scale, dS, NM_ATTN_BK, qt + Dn, H * Dqk, 1.0f,
                                 dkpe + j0 * Dr, Dr);
                     // pass 6: dq_tile (+)= scale dS [k_nope | k_pe] (the first chunk overwrites)
                     float beta = j0 == 0 ? 0.0f : 1.0f;
-                    nm_cpu_gemm(NM_NO_TRANS, NM_NO_TRANS, bq, Dn, bk, scale, dS, NM_ATTN_BK, kvc, H * Dkv, beta, dqt,
+                    nm_cpu_gemm(be, NM_NO_TRANS, NM_NO_TRANS, bq, Dn, bk, scale, dS, NM_ATTN_BK, kvc, H * Dkv, beta, dqt,
                                 H * Dqk);
-                    nm_cpu_gemm(NM_NO_TRANS, NM_NO_TRANS, bq, Dr, bk, scale, dS, NM_ATTN_BK, kpec, Dr, beta, dqt + Dn,
+                    nm_cpu_gemm(be, NM_NO_TRANS, NM_NO_TRANS, bq, Dr, bk, scale, dS, NM_ATTN_BK, kpec, Dr, beta, dqt + Dn,
                                 H * Dqk);
                 }
             }

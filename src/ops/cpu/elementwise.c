@@ -15,25 +15,27 @@
 // threads never write the same line when rows are 64-byte aligned.
 #define SLAB 64
 
-void nm_cpu_zero(float *x, int64_t n) {
+void nm_cpu_zero(const nm_ops *be, float *x, int64_t n) {
     NM_CHECK(n >= 0, "n=%lld", (long long)n);
     if (n == 0) return;
     memset(x, 0, (size_t)n * sizeof(float));
 }
 
-void nm_cpu_axpy(float *y, const float *x, float alpha, int64_t n) {
+void nm_cpu_axpy(const nm_ops *be, float *y, const float *x, float alpha, int64_t n) {
     NM_CHECK(n >= 0, "n=%lld", (long long)n);
 #pragma omp parallel for schedule(static) if (n > (1 << 16))
     for (int64_t i = 0; i < n; i++) y[i] += alpha * x[i];
 }
 
-void nm_cpu_copy_2d(float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows, int64_t cols) {
+void nm_cpu_copy_2d(const nm_ops *be, float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows,
+                    int64_t cols) {
     NM_CHECK(rows >= 0 && cols >= 0 && ld_dst >= cols && ld_src >= cols, "copy_2d shape");
 #pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
     for (int64_t r = 0; r < rows; r++) memcpy(dst + r * ld_dst, src + r * ld_src, (size_t)cols * sizeof(float));
 }
 
-void nm_cpu_add_2d(float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows, int64_t cols) {
+void nm_cpu_add_2d(const nm_ops *be, float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows,
+                   int64_t cols) {
     NM_CHECK(rows >= 0 && cols >= 0 && ld_dst >= cols && ld_src >= cols, "add_2d shape");
 #pragma omp parallel for schedule(static) if (rows * cols > (1 << 16))
     for (int64_t r = 0; r < rows; r++) {
@@ -46,7 +48,8 @@ void nm_cpu_add_2d(float *dst, int64_t ld_dst, const float *src, int64_t ld_src,
 // --- embedding --------------------------------------------------------------------------------
 
 // out(N,D) (=) emb(V,D)[tokens(N)]
-void nm_cpu_embedding_forward(float *out, const int32_t *tokens, const float *emb, int64_t N, int64_t D) {
+void nm_cpu_embedding_forward(const nm_ops *be, float *out, const int32_t *tokens, const float *emb, int64_t N,
+                              int64_t D) {
     NM_CHECK(N >= 0 && D >= 0, "embedding shape");
 #pragma omp parallel for schedule(static) if (N * D > (1 << 16))
     for (int64_t n = 0; n < N; n++) {
@@ -57,7 +60,8 @@ void nm_cpu_embedding_forward(float *out, const int32_t *tokens, const float *em
 }
 
 // Forward: out[n] = emb[tokens[n]]  =>  demb[tokens[n]] += dout[n], in token order per column.
-void nm_cpu_embedding_backward(float *demb, const float *dout, const int32_t *tokens, int64_t N, int64_t D) {
+void nm_cpu_embedding_backward(const nm_ops *be, float *demb, const float *dout, const int32_t *tokens, int64_t N,
+                               int64_t D) {
     NM_CHECK(N >= 0 && D >= 0, "embedding shape");
     int64_t n_slabs = (D + SLAB - 1) / SLAB;
 #pragma omp parallel for schedule(static) if (N * D > (1 << 16))

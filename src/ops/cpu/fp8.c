@@ -18,10 +18,11 @@
 // error small; we accumulate in fp32 throughout, so our error is the quantisation error
 // only), fp8 storage (values are kept dequantised in fp32) and E5M2 (the recipe has none).
 //
-// Scratch: the dequantised operands and their scales live in one module-owned buffer that
-// grows (free + aligned alloc) only when a GEMM needs more than any earlier one, so the step
-// loop allocates nothing once every shape has been seen. Consequence: gemm_fp8 is not
-// reentrant; like every op it is called from one thread (its parallelism is OpenMP inside).
+// Scratch: the dequantised operands and their scales live in one buffer of the backend
+// instance (nm_cpu_ctx.fp8_scratch) that grows (free + aligned alloc) only when a GEMM needs
+// more than any earlier one, so the step loop allocates nothing once every shape has been
+// seen. Consequence: gemm_fp8 is not reentrant on one instance; like every op it is called
+// from one thread (its parallelism is OpenMP inside).
 #include <math.h>
 #include <stddef.h>
 
@@ -31,21 +32,20 @@
 
 // --- the GEMM --------------------------------------------------------------------------------
 
-static float *g_scratch = NULL;                // module scratch, see the file comment
-static size_t g_scratch_floats = 0;
-
-static float *scratch_get(size_t n) {
-    if (n > g_scratch_floats) {
-        nm_free(g_scratch);
-        g_scratch = nm_aligned_alloc(n * sizeof(float));
-        g_scratch_floats = n;
+// The instance's scratch (see the file comment), at least n floats.
+static float *scratch_get(const nm_ops *be, size_t n) {
+    nm_cpu_ctx *ctx = nm_cpu_ctx_of(be);
+    if (n > ctx->fp8_floats) {
+        nm_free(ctx->fp8_scratch);
+        ctx->fp8_scratch = nm_aligned_alloc(n * sizeof(float));
+        ctx->fp8_floats = n;
     }
-    return g_scratch;
+    return ctx->fp8_scratch;
 }
 
 static size_t cdiv(int64_t a, int64_t b) { return (size_t)((a + b - 1) / b); }
 
-void nm_cpu_gemm_fp8(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+void nm_cpu_gemm_fp8(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
                      const float *A, int64_t lda, const float *B, int64_t ldb, nm_fp8_operand b_kind,
                      float beta, float *C, int64_t ldc) {
     NM_CHECK(M >= 0 && N >= 0 && K >= 0, "gemm_fp8 dims M=%lld N=%lld K=%lld", (long long)M, (long long)N,
@@ -54,7 +54,7 @@ void nm_cpu_gemm_fp8(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int
     // Nothing is read from A or B in these cases, so the fp32 GEMM's handling (C untouched, or
     // only scaled by beta) is exactly ours.
     if (M == 0 || N == 0 || K == 0 || alpha == 0.0f) {
-        nm_cpu_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        nm_cpu_gemm(be, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
     // Stored shapes: A is (M,K) or, transposed, (K,M); B is (K,N) or (N,K).
@@ -78,12 +78,12 @@ void nm_cpu_gemm_fp8(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int
 
     const size_t na = (size_t)a_rows * (size_t)a_cols, nb = (size_t)b_rows * (size_t)b_cols;
     const size_t nsa = cdiv(a_rows, a_br) * cdiv(a_cols, a_bc), nsb = cdiv(b_rows, b_br) * cdiv(b_cols, b_bc);
-    float *s = scratch_get(na + nb + nsa + nsb);
+    float *s = scratch_get(be, na + nb + nsa + nsb);
     float *qa = s, *qb = s + na, *sa = qb + nb, *sb = sa + nsa;
 
     nm_fp8_quantize_blocks(qa, a_cols, sa, A, lda, a_rows, a_cols, a_br, a_bc, NM_FP8_SCALE_FP32);
     nm_fp8_quantize_blocks(qb, b_cols, sb, B, ldb, b_rows, b_cols, b_br, b_bc, NM_FP8_SCALE_FP32);
-    nm_cpu_gemm(ta, tb, M, N, K, alpha, qa, a_cols, qb, b_cols, beta, C, ldc);
+    nm_cpu_gemm(be, ta, tb, M, N, K, alpha, qa, a_cols, qb, b_cols, beta, C, ldc);
 }
 
 // --- fp8 rows (ops.h: fp8_quantize_rows, fp8_dequantize_rows, fp8_round_rows) ------------------
@@ -98,7 +98,7 @@ static float tile_scale(const float *x, int64_t c0, int64_t c1) {
     return nm_fp8_scale(m, NM_FP8_SCALE_FP32);
 }
 
-void nm_cpu_fp8_quantize_rows(uint8_t *q, float *scales, const float *x, int64_t rows, int64_t D) {
+void nm_cpu_fp8_quantize_rows(const nm_ops *be, uint8_t *q, float *scales, const float *x, int64_t rows, int64_t D) {
     NM_CHECK(rows >= 0 && D > 0, "fp8_quantize_rows rows=%lld D=%lld", (long long)rows, (long long)D);
     const int64_t nt = (D + NM_FP8_TILE - 1) / NM_FP8_TILE;
 #pragma omp parallel for schedule(static) if (rows * D > 65536)
@@ -113,7 +113,8 @@ void nm_cpu_fp8_quantize_rows(uint8_t *q, float *scales, const float *x, int64_t
     }
 }
 
-void nm_cpu_fp8_dequantize_rows(float *x, const uint8_t *q, const float *scales, int64_t rows, int64_t D) {
+void nm_cpu_fp8_dequantize_rows(const nm_ops *be, float *x, const uint8_t *q, const float *scales, int64_t rows,
+                                int64_t D) {
     NM_CHECK(rows >= 0 && D > 0, "fp8_dequantize_rows rows=%lld D=%lld", (long long)rows, (long long)D);
     const int64_t nt = (D + NM_FP8_TILE - 1) / NM_FP8_TILE;
 #pragma omp parallel for schedule(static) if (rows * D > 65536)
@@ -121,7 +122,7 @@ void nm_cpu_fp8_dequantize_rows(float *x, const uint8_t *q, const float *scales,
         for (int64_t c = 0; c < D; c++) x[r * D + c] = nm_fp8_e4m3_decode(q[r * D + c]) * scales[r * nt + c / NM_FP8_TILE];
 }
 
-void nm_cpu_fp8_round_rows(float *x, int64_t rows, int64_t D) {
+void nm_cpu_fp8_round_rows(const nm_ops *be, float *x, int64_t rows, int64_t D) {
     NM_CHECK(rows >= 0 && D > 0, "fp8_round_rows rows=%lld D=%lld", (long long)rows, (long long)D);
     const int64_t nt = (D + NM_FP8_TILE - 1) / NM_FP8_TILE;
 #pragma omp parallel for schedule(static) if (rows * D > 65536)

@@ -53,38 +53,38 @@ static gemm_library parse_library(nm_error *err) {
     return GEMM_UNSET;
 }
 
-int nm_cpu_gemm_setup(nm_error *err) { return parse_library(err) == GEMM_UNSET ? -1 : 0; }
+int nm_cpu_gemm_setup(const nm_ops *be, nm_error *err) { return parse_library(err) == GEMM_UNSET ? -1 : 0; }
 
 // The first call may come from inside a parallel region (attention tiles), so the one-time
-// read is guarded; the value never changes after it.
-static gemm_library chosen_library = GEMM_UNSET;
-
-static gemm_library library(void) {
-    gemm_library l;
+// read into the instance (nm_cpu_ctx.gemm_library) is guarded; the value never changes after it.
+static gemm_library library(const nm_ops *be) {
+    nm_cpu_ctx *ctx = nm_cpu_ctx_of(be);
+    int l;
 #pragma omp atomic read
-    l = chosen_library;
-    if (l != GEMM_UNSET) return l;
+    l = ctx->gemm_library;
+    if (l != GEMM_UNSET) return (gemm_library)l;
     nm_error err;
-    l = parse_library(&err);
+    l = (int)parse_library(&err);
     // nm_cpu_gemm_setup (ops->setup at model creation) reported a bad value already
     if (l == GEMM_UNSET) nm_check_failed(__FILE__, __LINE__, "NM_CPU_GEMM valid", "%s", err.msg);
 #pragma omp atomic write
-    chosen_library = l;
-    return l;
+    ctx->gemm_library = l;
+    return (gemm_library)l;
 }
 
-const char *nm_cpu_gemm_library(void) { return library() == GEMM_ONEDNN ? "onednn" : "openblas"; }
+const char *nm_cpu_gemm_library(const nm_ops *be) { return library(be) == GEMM_ONEDNN ? "onednn" : "openblas"; }
 
 // The measured choice (kernels.c) sets the library from outside any parallel region, before
 // the step loop; NM_CPU_GEMM, when set, is honoured by the caller never calling this.
-int nm_cpu_gemm_set_library(const char *name) {
-    if (strcmp(name, "onednn") == 0) chosen_library = GEMM_ONEDNN;
-    else if (strcmp(name, "openblas") == 0) chosen_library = GEMM_OPENBLAS;
+int nm_cpu_gemm_set_library(const nm_ops *be, const char *name) {
+    nm_cpu_ctx *ctx = nm_cpu_ctx_of(be);
+    if (strcmp(name, "onednn") == 0) ctx->gemm_library = GEMM_ONEDNN;
+    else if (strcmp(name, "openblas") == 0) ctx->gemm_library = GEMM_OPENBLAS;
     else return -1;
     return 0;
 }
 
-void nm_cpu_gemm(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+void nm_cpu_gemm(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
                  const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
                  int64_t ldc) {
     NM_CHECK(M >= 0 && N >= 0 && K >= 0, "gemm dims M=%lld N=%lld K=%lld", (long long)M,
@@ -100,7 +100,7 @@ void nm_cpu_gemm(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t
     int64_t b_cols = tb == NM_NO_TRANS ? N : K;
     NM_CHECK(lda >= a_cols && ldb >= b_cols, "gemm lda=%lld (need %lld) ldb=%lld (need %lld)",
              (long long)lda, (long long)a_cols, (long long)ldb, (long long)b_cols);
-    if (library() == GEMM_ONEDNN) {
+    if (library(be) == GEMM_ONEDNN) {
         // dnnl_sgemm is row-major with 64-bit dimensions, the same contract as here.
         dnnl_status_t st = dnnl_sgemm(ta == NM_TRANS ? 'T' : 'N', tb == NM_TRANS ? 'T' : 'N', M, N, K, alpha, A,
                                       lda, B, ldb, beta, C, ldc);
@@ -128,23 +128,20 @@ void nm_cpu_gemm(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t
 // order a heavy expert near the end runs alone while the other threads wait. Measured on 16
 // experts (512 x 512 weights, 8,224 rows, one expert at 3.2x the mean), 2 threads: 1.10-1.16x
 // faster when the heavy one is among the last, equal when it is first. Each group is still one
-// whole call, so the order changes no result. The order buffer is module state: call from one
-// thread (the model's), not inside a parallel region.
-static struct {
-    int64_t *order;
-    int64_t cap;
-} grouped_order;
+// whole call, so the order changes no result. The order buffer is the instance's
+// (nm_cpu_ctx.grouped_order): call from one thread (the model's), not inside a parallel region.
 
-void nm_cpu_gemm_grouped(nm_transpose ta, nm_transpose tb, float alpha, float beta, const nm_gemm_group *groups,
-                         int64_t n) {
+void nm_cpu_gemm_grouped(const nm_ops *be, nm_transpose ta, nm_transpose tb, float alpha, float beta,
+                         const nm_gemm_group *groups, int64_t n) {
     NM_CHECK(n >= 0, "gemm_grouped n=%lld", (long long)n);
     NM_CHECK(!omp_in_parallel(), "gemm_grouped keeps one order buffer: call it from one thread");
-    if (n > grouped_order.cap) {  // grows only: a training loop sees its largest n in its first step
-        nm_free(grouped_order.order);
-        grouped_order.order = nm_malloc((size_t)n * sizeof(int64_t));
-        grouped_order.cap = n;
+    nm_cpu_ctx *ctx = nm_cpu_ctx_of(be);
+    if (n > ctx->grouped_cap) {  // grows only: a training loop sees its largest n in its first step
+        nm_free(ctx->grouped_order);
+        ctx->grouped_order = nm_malloc((size_t)n * sizeof(int64_t));
+        ctx->grouped_cap = n;
     }
-    int64_t *order = grouped_order.order;
+    int64_t *order = ctx->grouped_order;
     // insertion sort by work, descending (n is the experts per layer: tens to a few hundred)
     for (int64_t i = 0; i < n; i++) {
         double w = (double)groups[i].M * (double)groups[i].N * (double)groups[i].K;
@@ -160,7 +157,7 @@ void nm_cpu_gemm_grouped(nm_transpose ta, nm_transpose tb, float alpha, float be
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t i = 0; i < n; i++) {
         const nm_gemm_group *x = &groups[order[i]];
-        nm_cpu_gemm(ta, tb, x->M, x->N, x->K, alpha, (const float *)x->A, x->lda, (const float *)x->B, x->ldb, beta,
+        nm_cpu_gemm(be, ta, tb, x->M, x->N, x->K, alpha, (const float *)x->A, x->lda, (const float *)x->B, x->ldb, beta,
                     x->C, x->ldc);
     }
 }

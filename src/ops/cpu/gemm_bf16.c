@@ -43,10 +43,11 @@
 // The model keeps its weight copy as NM_F32_BF16 for this kernel (gemm_bf16_weight_type), so
 // only fp32 activations are rounded here; a bf16 weight would be widened on every call.
 //
-// onednn: fp32 operands are rounded into bf16 scratch owned by this file, packed (leading dimension =
-// row length), one buffer per operand. A buffer grows only when a larger operand is first
-// seen, so a training loop allocates here in its first step only. The scratch and the
-// primitives are module state for one calling thread: the model calls from its main thread,
+// onednn: fp32 operands are rounded into bf16 scratch owned by the backend instance, packed
+// (leading dimension = row length), one buffer per operand. A buffer grows only when a larger
+// operand is first seen, so a training loop allocates here in its first step only. The
+// oneDNN engine, stream, primitives and scratch are the instance's (nm_cpu_bf16_state, in
+// be->ctx; two instances share none of it), used by one calling thread: the model calls from its main thread,
 // which the code checks (not inside an OpenMP parallel region). oneDNN itself still makes a
 // few small heap objects per call (the memory objects, whose run-time shapes differ per
 // call); they are not nm_malloc allocations and cost ~1 us.
@@ -71,7 +72,7 @@
                  dnnl_status2str(nm_dnnl_status_));                                        \
     } while (0)
 
-// --- module state ----------------------------------------------------------------------------
+// --- the instance's state (nm_cpu_ctx.bf16) -------------------------------------------------
 
 typedef struct nm_bf16_scratch {
     uint16_t *data;
@@ -85,7 +86,7 @@ typedef struct nm_f32_scratch {
 
 typedef enum bf16_kernel { BF16_UNSET = 0, BF16_ONEDNN, BF16_WIDEN } bf16_kernel;
 
-static struct {
+struct nm_cpu_bf16_state {
     int ready;                          // 0 not yet, 1 set up, -1 failed (why)
     int onednn_usable;                  // 0 not probed, 1 yes, -1 no (onednn_why)
     char why[1024], onednn_why[1024];
@@ -97,7 +98,30 @@ static struct {
     dnnl_memory_t alpha_mem;            // 1-element f32 view of alpha (run-time output scale)
     nm_bf16_scratch a, b;
     nm_f32_scratch wa, wb;              // widened operands of the "widen" kernel
-} g;
+    nm_gemm_group *grouped_groups;      // gemm_bf16_grouped's chunk, with widened operands
+    int64_t grouped_cap;
+    nm_f32_scratch grouped_buf;         // the chunk's widened operands
+};
+
+nm_cpu_bf16_state *nm_cpu_bf16_state_create(void) { return nm_calloc(1, sizeof(nm_cpu_bf16_state)); }
+
+void nm_cpu_bf16_state_destroy(nm_cpu_bf16_state *g) {
+    if (!g) return;
+    for (int i = 0; i < 16; i++) {
+        dnnl_primitive_t p = g->prim[i & 1][i >> 1 & 1][i >> 2 & 1][i >> 3 & 1];
+        if (p) dnnl_primitive_destroy(p);
+    }
+    if (g->alpha_mem) dnnl_memory_destroy(g->alpha_mem);
+    if (g->stream) dnnl_stream_destroy(g->stream);
+    if (g->engine) dnnl_engine_destroy(g->engine);
+    nm_free(g->a.data);
+    nm_free(g->b.data);
+    nm_free(g->wa.data);
+    nm_free(g->wb.data);
+    nm_free(g->grouped_groups);
+    nm_free(g->grouped_buf.data);
+    nm_free(g);
+}
 
 // oneDNN's effective ISA (after ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA caps) by name. The
 // values nest (each ISA's bits include the lower ones'), so the widest match wins.
@@ -121,97 +145,102 @@ const char *nm_cpu_isa_name(void) {
             return nm_error_set(err, "oneDNN %s: %s", #expr, dnnl_status2str(nm_dnnl_status_)); \
     } while (0)
 
-static int init_state(nm_error *err) {
-    NM_DNNL_TRY(dnnl_engine_create(&g.engine, dnnl_cpu, 0));
-    NM_DNNL_TRY(dnnl_stream_create(&g.stream, g.engine, dnnl_stream_default_flags));
+static int init_state(nm_cpu_bf16_state *g, nm_error *err) {
+    NM_DNNL_TRY(dnnl_engine_create(&g->engine, dnnl_cpu, 0));
+    NM_DNNL_TRY(dnnl_stream_create(&g->stream, g->engine, dnnl_stream_default_flags));
     dnnl_memory_desc_t md;
     dnnl_dims_t dims = {1};
     NM_DNNL_TRY(dnnl_memory_desc_init_by_tag(&md, 1, dims, dnnl_f32, dnnl_a));
-    NM_DNNL_TRY(dnnl_memory_create(&g.alpha_mem, &md, g.engine, &g.alpha));
+    NM_DNNL_TRY(dnnl_memory_create(&g->alpha_mem, &md, g->engine, &g->alpha));
     const char *v = getenv("NM_CPU_BF16_GEMM");
     dnnl_cpu_isa_t isa = dnnl_get_effective_cpu_isa();
     int amx = ((unsigned)isa & (unsigned)dnnl_cpu_isa_avx512_core_amx) == (unsigned)dnnl_cpu_isa_avx512_core_amx;
-    if (!v || !*v || strcmp(v, "auto") == 0) g.kernel = amx ? BF16_ONEDNN : BF16_WIDEN;
-    else if (strcmp(v, "onednn") == 0) g.kernel = BF16_ONEDNN;
-    else if (strcmp(v, "widen") == 0) g.kernel = BF16_WIDEN;
+    if (!v || !*v || strcmp(v, "auto") == 0) g->kernel = amx ? BF16_ONEDNN : BF16_WIDEN;
+    else if (strcmp(v, "onednn") == 0) g->kernel = BF16_ONEDNN;
+    else if (strcmp(v, "widen") == 0) g->kernel = BF16_WIDEN;
     else return nm_error_set(err, "environment variable NM_CPU_BF16_GEMM=%s: expected auto, onednn or widen", v);
     return 0;
 }
 
-// Sets the module up once; the outcome (and its message) is kept, so every later caller sees
+// Sets the instance's oneDNN state up once; the outcome (and its message) is kept, so every later caller sees
 // the same answer. 0, or -1 with err filled.
-static int setup(nm_error *err) {
-    if (g.ready == 0) {
+static int setup(nm_cpu_bf16_state *g, nm_error *err) {
+    if (g->ready == 0) {
         nm_error e;
-        g.ready = init_state(&e) == 0 ? 1 : -1;
-        if (g.ready < 0) snprintf(g.why, sizeof g.why, "%.1000s", e.msg);
+        g->ready = init_state(g, &e) == 0 ? 1 : -1;
+        if (g->ready < 0) snprintf(g->why, sizeof g->why, "%.1000s", e.msg);
     }
-    if (g.ready < 0) return nm_error_set(err, "%s", g.why);
+    if (g->ready < 0) return nm_error_set(err, "%s", g->why);
     return 0;
 }
 
 // For entry points that return nothing: nm_cpu_gemm_bf16_setup ran at model creation (ops.h
 // setup), so a failure here is a caller that skipped it.
-static void init_once(void) {
+static void init_once(nm_cpu_bf16_state *g) {
     nm_error err;
-    if (setup(&err) != 0)
+    if (setup(g, &err) != 0)
         nm_check_failed(__FILE__, __LINE__, "gemm_bf16 set up (ops->setup)", "%s", err.msg);
 }
 
-static int create_primitive(nm_transpose ta, nm_transpose tb, int scaled, int accumulate, nm_error *err);
+static int create_primitive(nm_cpu_bf16_state *g, nm_transpose ta, nm_transpose tb, int scaled, int accumulate,
+                            nm_error *err);
 
 // Whether oneDNN can run its bf16 matmul here: all 16 primitives this file uses are created
 // once (~10 ms), so a later call never meets a creation failure. oneDNN 2.6 has no bf16
 // matmul below AVX-512 (AVX2-only CPUs, or ONEDNN_MAX_CPU_ISA=AVX2): "unimplemented".
-int nm_cpu_gemm_bf16_onednn_usable(char *why, size_t why_size) {
+int nm_cpu_gemm_bf16_onednn_usable(const nm_ops *be, char *why, size_t why_size) {
+    nm_cpu_bf16_state *g = nm_cpu_ctx_of(be)->bf16;
     NM_CHECK(!omp_in_parallel(), "gemm_bf16 state is set up from one thread");
     nm_error err;
-    if (setup(&err) != 0) {
+    if (setup(g, &err) != 0) {
         snprintf(why, why_size, "%s", err.msg);
         return 0;
     }
-    if (g.onednn_usable == 0) {
-        g.onednn_usable = 1;
-        for (int i = 0; i < 16 && g.onednn_usable == 1; i++)
-            if (create_primitive((nm_transpose)(i & 1), (nm_transpose)(i >> 1 & 1), i >> 2 & 1, i >> 3 & 1, &err)) {
-                g.onednn_usable = -1;
-                snprintf(g.onednn_why, sizeof g.onednn_why, "oneDNN %d.%d.%d has no bf16 matmul for ISA %s (%.900s)",
+    if (g->onednn_usable == 0) {
+        g->onednn_usable = 1;
+        for (int i = 0; i < 16 && g->onednn_usable == 1; i++)
+            if (create_primitive(g, (nm_transpose)(i & 1), (nm_transpose)(i >> 1 & 1), i >> 2 & 1, i >> 3 & 1, &err)) {
+                g->onednn_usable = -1;
+                snprintf(g->onednn_why, sizeof g->onednn_why, "oneDNN %d.%d.%d has no bf16 matmul for ISA %s (%.900s)",
                          dnnl_version()->major, dnnl_version()->minor, dnnl_version()->patch, nm_cpu_isa_name(),
                          err.msg);
             }
     }
-    if (g.onednn_usable < 0) snprintf(why, why_size, "%s", g.onednn_why);
-    return g.onednn_usable > 0;
+    if (g->onednn_usable < 0) snprintf(why, why_size, "%s", g->onednn_why);
+    return g->onednn_usable > 0;
 }
 
-int nm_cpu_gemm_bf16_setup(nm_error *err) {
+int nm_cpu_gemm_bf16_setup(const nm_ops *be, nm_error *err) {
+    nm_cpu_bf16_state *g = nm_cpu_ctx_of(be)->bf16;
     NM_CHECK(!omp_in_parallel(), "gemm_bf16 state is set up from one thread");
-    if (setup(err) != 0) return -1;
-    if (g.kernel != BF16_ONEDNN) return 0;
+    if (setup(g, err) != 0) return -1;
+    if (g->kernel != BF16_ONEDNN) return 0;
     char why[1024];
-    if (nm_cpu_gemm_bf16_onednn_usable(why, sizeof why)) return 0;
+    if (nm_cpu_gemm_bf16_onednn_usable(be, why, sizeof why)) return 0;
     const char *v = getenv("NM_CPU_BF16_GEMM");
     if (v && strcmp(v, "onednn") == 0)
         return nm_error_set(err, "environment variable NM_CPU_BF16_GEMM=onednn: %s; unset it (auto runs the widen "
                             "kernel here) or set NM_CPU_BF16_GEMM=widen", why);
-    g.kernel = BF16_WIDEN;  // auto chose onednn for AMX, which oneDNN then could not use
+    g->kernel = BF16_WIDEN;  // auto chose onednn for AMX, which oneDNN then could not use
     return 0;
 }
 
-const char *nm_cpu_gemm_bf16_kernel(void) {
+const char *nm_cpu_gemm_bf16_kernel(const nm_ops *be) {
+    nm_cpu_bf16_state *g = nm_cpu_ctx_of(be)->bf16;
     NM_CHECK(!omp_in_parallel(), "gemm_bf16 state is set up from one thread");
-    init_once();
-    return g.kernel == BF16_ONEDNN ? "onednn" : "widen";
+    init_once(g);
+    return g->kernel == BF16_ONEDNN ? "onednn" : "widen";
 }
 
 // Set by the measured choice (kernels.c) from one thread, before the step loop; -1 for an
 // unknown name or for onednn where oneDNN cannot run it (nm_cpu_gemm_bf16_onednn_usable).
-int nm_cpu_gemm_bf16_set_kernel(const char *name) {
+int nm_cpu_gemm_bf16_set_kernel(const nm_ops *be, const char *name) {
+    nm_cpu_bf16_state *g = nm_cpu_ctx_of(be)->bf16;
     NM_CHECK(!omp_in_parallel(), "gemm_bf16 state is set up from one thread");
-    init_once();
+    init_once(g);
     char why[1024];
-    if (strcmp(name, "onednn") == 0 && nm_cpu_gemm_bf16_onednn_usable(why, sizeof why)) g.kernel = BF16_ONEDNN;
-    else if (strcmp(name, "widen") == 0) g.kernel = BF16_WIDEN;
+    if (strcmp(name, "onednn") == 0 && nm_cpu_gemm_bf16_onednn_usable(be, why, sizeof why)) g->kernel = BF16_ONEDNN;
+    else if (strcmp(name, "widen") == 0) g->kernel = BF16_WIDEN;
     else return -1;
     return 0;
 }
@@ -231,13 +260,13 @@ static uint16_t *scratch_reserve(nm_bf16_scratch *s, size_t n) {
 // Below this many elements the conversion is cheaper than waking the OpenMP team.
 #define NM_BF16_PARALLEL_MIN (1 << 16)
 
-void nm_cpu_cast_bf16(uint16_t *dst, const float *src, int64_t n) {
+void nm_cpu_cast_bf16(const nm_ops *be, uint16_t *dst, const float *src, int64_t n) {
     NM_CHECK(n >= 0, "cast_bf16 n=%lld", (long long)n);
 #pragma omp parallel for schedule(static) if (n >= NM_BF16_PARALLEL_MIN)
     for (int64_t i = 0; i < n; i++) dst[i] = nm_f32_to_bf16(src[i]);
 }
 
-void nm_cpu_widen_bf16(float *dst, const uint16_t *src, int64_t n) {
+void nm_cpu_widen_bf16(const nm_ops *be, float *dst, const uint16_t *src, int64_t n) {
     NM_CHECK(n >= 0, "widen_bf16 n=%lld", (long long)n);
 #pragma omp parallel for schedule(static) if (n >= NM_BF16_PARALLEL_MIN)
     for (int64_t i = 0; i < n; i++) dst[i] = nm_bf16_to_f32(src[i]);
@@ -344,7 +373,7 @@ static const float *as_widened(nm_f32_scratch *s, const void *x, nm_dtype type, 
 
 // dst(n) (=) bf16(src) in fp32 storage (dst may be src): an activation rounded once where it
 // is produced, or the model's per-step weight copy for the widen kernel.
-void nm_cpu_round_bf16(float *dst, const float *src, int64_t n) {
+void nm_cpu_round_bf16(const nm_ops *be, float *dst, const float *src, int64_t n) {
     NM_CHECK(n >= 0, "round_bf16 n=%lld", (long long)n);
 #pragma omp parallel for schedule(static) if (n >= NM_BF16_PARALLEL_MIN)
     for (int64_t i = 0; i < n; i++) dst[i] = nm_bf16_round(src[i]);
@@ -352,7 +381,7 @@ void nm_cpu_round_bf16(float *dst, const float *src, int64_t n) {
 
 // x(n) (=) bf16(x) in place, bits(n) (=) the same values in bf16 storage: one pass where
 // round_bf16 then cast_bf16 read x twice (the bf16 twin of an activation, bf16_twin.c).
-void nm_cpu_round_cast_bf16(float *x, uint16_t *bits, int64_t n) {
+void nm_cpu_round_cast_bf16(const nm_ops *be, float *x, uint16_t *bits, int64_t n) {
     NM_CHECK(n >= 0, "round_cast_bf16 n=%lld", (long long)n);
 #pragma omp parallel for schedule(static) if (n >= NM_BF16_PARALLEL_MIN)
     for (int64_t i = 0; i < n; i++) {
@@ -364,10 +393,11 @@ void nm_cpu_round_cast_bf16(float *x, uint16_t *bits, int64_t n) {
 
 // widen multiplies fp32 operands: a weight kept as NM_F32_BF16 is read with no conversion,
 // where an NM_BF16 one is widened on every call (twice per step: forward and input gradient).
-nm_dtype nm_cpu_gemm_bf16_weight_type(void) {
+nm_dtype nm_cpu_gemm_bf16_weight_type(const nm_ops *be) {
+    nm_cpu_bf16_state *g = nm_cpu_ctx_of(be)->bf16;
     NM_CHECK(!omp_in_parallel(), "gemm_bf16 state is set up from one thread");
-    init_once();
-    return g.kernel == BF16_WIDEN ? NM_F32_BF16 : NM_BF16;
+    init_once(g);
+    return g->kernel == BF16_WIDEN ? NM_F32_BF16 : NM_BF16;
 }
 
 // --- the GEMM --------------------------------------------------------------------------------
@@ -385,8 +415,9 @@ static void matrix_desc(dnnl_memory_desc_t *md, dnnl_data_type_t dt, int64_t row
 // Creates the primitive of one (ta, tb, alpha != 1, beta != 0) in its slot; -1 with err
 // where oneDNN cannot (no bf16 matmul on this ISA). No silent fp32 fallback: that would change
 // the numerics the caller asked for.
-static int create_primitive(nm_transpose ta, nm_transpose tb, int scaled, int accumulate, nm_error *err) {
-    dnnl_primitive_t *slot = &g.prim[ta][tb][scaled][accumulate];
+static int create_primitive(nm_cpu_bf16_state *g, nm_transpose ta, nm_transpose tb, int scaled, int accumulate,
+                            nm_error *err) {
+    dnnl_primitive_t *slot = &g->prim[ta][tb][scaled][accumulate];
     if (*slot) return 0;
     dnnl_memory_desc_t a, b, c;
     matrix_desc(&a, dnnl_bf16, 0, 0, ta, 0, 1);
@@ -408,7 +439,7 @@ static int create_primitive(nm_transpose ta, nm_transpose tb, int scaled, int ac
         }
     }
     dnnl_primitive_desc_t pd = NULL;
-    if (st == dnnl_success) st = dnnl_primitive_desc_create(&pd, &desc, attr, g.engine, NULL);
+    if (st == dnnl_success) st = dnnl_primitive_desc_create(&pd, &desc, attr, g->engine, NULL);
     if (st == dnnl_success) st = dnnl_primitive_create(slot, pd);
     if (pd) dnnl_primitive_desc_destroy(pd);
     dnnl_primitive_attr_destroy(attr);
@@ -422,16 +453,18 @@ static int create_primitive(nm_transpose ta, nm_transpose tb, int scaled, int ac
 // The primitives exist once setup found the kernel usable (nm_cpu_gemm_bf16_onednn_usable), as
 // it does for every model; a caller of the op itself (a test) gets them created here, and a
 // machine without them a message naming the fix.
-static dnnl_primitive_t get_primitive(nm_transpose ta, nm_transpose tb, int scaled, int accumulate) {
+static dnnl_primitive_t get_primitive(const nm_ops *be, nm_transpose ta, nm_transpose tb, int scaled, int accumulate) {
+    nm_cpu_bf16_state *g = nm_cpu_ctx_of(be)->bf16;
     char why[1024];
-    if (!g.prim[ta][tb][scaled][accumulate] && !nm_cpu_gemm_bf16_onednn_usable(why, sizeof why))
+    if (!g->prim[ta][tb][scaled][accumulate] && !nm_cpu_gemm_bf16_onednn_usable(be, why, sizeof why))
         nm_check_failed(__FILE__, __LINE__, "onednn bf16 matmul usable", "%s; use NM_CPU_BF16_GEMM=widen", why);
-    return g.prim[ta][tb][scaled][accumulate];
+    return g->prim[ta][tb][scaled][accumulate];
 }
 
-void nm_cpu_gemm_bf16(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+void nm_cpu_gemm_bf16(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
                       const void *A, nm_dtype a_type, int64_t lda, const void *B, nm_dtype b_type,
                       int64_t ldb, float beta, float *C, int64_t ldc) {
+    nm_cpu_bf16_state *g = nm_cpu_ctx_of(be)->bf16;
     NM_CHECK(M >= 0 && N >= 0 && K >= 0, "gemm_bf16 dims M=%lld N=%lld K=%lld", (long long)M,
              (long long)N, (long long)K);
     NM_CHECK((ta == NM_NO_TRANS || ta == NM_TRANS) && (tb == NM_NO_TRANS || tb == NM_TRANS),
@@ -448,19 +481,19 @@ void nm_cpu_gemm_bf16(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, in
     NM_CHECK(lda >= a_cols && ldb >= b_cols, "gemm_bf16 lda=%lld (need %lld) ldb=%lld (need %lld)",
              (long long)lda, (long long)a_cols, (long long)ldb, (long long)b_cols);
     NM_CHECK(!omp_in_parallel(), "gemm_bf16 keeps one set of scratch buffers: call it from one thread");
-    init_once();
+    init_once(g);
 
-    if (g.kernel == BF16_WIDEN) {
-        const float *a32 = as_widened(&g.wa, A, a_type, a_rows, a_cols, &lda);
-        const float *b32 = as_widened(&g.wb, B, b_type, b_rows, b_cols, &ldb);
-        nm_cpu_gemm(ta, tb, M, N, K, alpha, a32, lda, b32, ldb, beta, C, ldc);
+    if (g->kernel == BF16_WIDEN) {
+        const float *a32 = as_widened(&g->wa, A, a_type, a_rows, a_cols, &lda);
+        const float *b32 = as_widened(&g->wb, B, b_type, b_rows, b_cols, &ldb);
+        nm_cpu_gemm(be, ta, tb, M, N, K, alpha, a32, lda, b32, ldb, beta, C, ldc);
         return;
     }
-    const uint16_t *a16 = as_bf16(&g.a, A, a_type, a_rows, a_cols, &lda);
-    const uint16_t *b16 = as_bf16(&g.b, B, b_type, b_rows, b_cols, &ldb);
+    const uint16_t *a16 = as_bf16(&g->a, A, a_type, a_rows, a_cols, &lda);
+    const uint16_t *b16 = as_bf16(&g->b, B, b_type, b_rows, b_cols, &ldb);
     if (beta != 0.0f && beta != 1.0f) nm_cpu_scale_matrix(C, ldc, M, N, beta);
     int scaled = alpha != 1.0f, accumulate = beta != 0.0f;
-    dnnl_primitive_t prim = get_primitive(ta, tb, scaled, accumulate);
+    dnnl_primitive_t prim = get_primitive(be, ta, tb, scaled, accumulate);
 
     dnnl_memory_desc_t a_md, b_md, c_md;
     matrix_desc(&a_md, dnnl_bf16, M, K, ta, lda, 0);
@@ -468,18 +501,18 @@ void nm_cpu_gemm_bf16(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, in
     matrix_desc(&c_md, dnnl_f32, M, N, NM_NO_TRANS, ldc, 0);
     dnnl_memory_t a_mem, b_mem, c_mem;
     // oneDNN takes non-const handles for every argument; it only reads SRC and WEIGHTS.
-    NM_DNNL_CHECK(dnnl_memory_create(&a_mem, &a_md, g.engine, (void *)a16));
-    NM_DNNL_CHECK(dnnl_memory_create(&b_mem, &b_md, g.engine, (void *)b16));
-    NM_DNNL_CHECK(dnnl_memory_create(&c_mem, &c_md, g.engine, C));
-    g.alpha = alpha;
+    NM_DNNL_CHECK(dnnl_memory_create(&a_mem, &a_md, g->engine, (void *)a16));
+    NM_DNNL_CHECK(dnnl_memory_create(&b_mem, &b_md, g->engine, (void *)b16));
+    NM_DNNL_CHECK(dnnl_memory_create(&c_mem, &c_md, g->engine, C));
+    g->alpha = alpha;
     dnnl_exec_arg_t args[4] = {
         {DNNL_ARG_SRC, a_mem},
         {DNNL_ARG_WEIGHTS, b_mem},
         {DNNL_ARG_DST, c_mem},
-        {DNNL_ARG_ATTR_OUTPUT_SCALES, g.alpha_mem},
+        {DNNL_ARG_ATTR_OUTPUT_SCALES, g->alpha_mem},
     };
-    NM_DNNL_CHECK(dnnl_primitive_execute(prim, g.stream, scaled ? 4 : 3, args));
-    NM_DNNL_CHECK(dnnl_stream_wait(g.stream));
+    NM_DNNL_CHECK(dnnl_primitive_execute(prim, g->stream, scaled ? 4 : 3, args));
+    NM_DNNL_CHECK(dnnl_stream_wait(g->stream));
     NM_DNNL_CHECK(dnnl_memory_destroy(a_mem));
     NM_DNNL_CHECK(dnnl_memory_destroy(b_mem));
     NM_DNNL_CHECK(dnnl_memory_destroy(c_mem));
@@ -492,14 +525,8 @@ void nm_cpu_gemm_bf16(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, in
 // experts' small GEMMs run one per thread as in fp32 (gemm.c says why) instead of one
 // multi-threaded call each. The groups go in chunks whose widened operands fit
 // NM_BF16_GROUP_FLOATS, so a layer of many large experts never needs all of them in fp32.
-// onednn: one multi-threaded bf16 matmul per group (its scratch is one per module).
+// onednn: one multi-threaded bf16 matmul per group (its scratch is one per instance).
 #define NM_BF16_GROUP_FLOATS ((size_t)1 << 24)  // 64 MiB
-
-static struct {
-    nm_gemm_group *groups;      // the chunk's groups with widened operands
-    int64_t cap;
-    nm_f32_scratch buf;
-} grouped;
 
 // Floats the widened copies of group x's operands take (0 for NM_F32_BF16 operands).
 static size_t widened_floats(const nm_gemm_group *x, nm_dtype a_type, nm_dtype b_type) {
@@ -509,15 +536,16 @@ static size_t widened_floats(const nm_gemm_group *x, nm_dtype a_type, nm_dtype b
     return a + b;
 }
 
-void nm_cpu_gemm_bf16_grouped(nm_transpose ta, nm_transpose tb, float alpha, float beta, const nm_gemm_group *groups,
-                              int64_t n, nm_dtype a_type, nm_dtype b_type) {
+void nm_cpu_gemm_bf16_grouped(const nm_ops *be, nm_transpose ta, nm_transpose tb, float alpha, float beta,
+                              const nm_gemm_group *groups, int64_t n, nm_dtype a_type, nm_dtype b_type) {
+    nm_cpu_bf16_state *g = nm_cpu_ctx_of(be)->bf16;
     NM_CHECK(n >= 0, "gemm_bf16_grouped n=%lld", (long long)n);
     NM_CHECK(!omp_in_parallel(), "gemm_bf16 keeps one set of scratch buffers: call it from one thread");
-    init_once();
-    if (g.kernel == BF16_ONEDNN) {
+    init_once(g);
+    if (g->kernel == BF16_ONEDNN) {
         for (int64_t i = 0; i < n; i++) {
             const nm_gemm_group *x = &groups[i];
-            nm_cpu_gemm_bf16(ta, tb, x->M, x->N, x->K, alpha, x->A, a_type, x->lda, x->B, b_type, x->ldb, beta, x->C,
+            nm_cpu_gemm_bf16(be, ta, tb, x->M, x->N, x->K, alpha, x->A, a_type, x->lda, x->B, b_type, x->ldb, beta, x->C,
                              x->ldc);
         }
         return;
@@ -525,10 +553,10 @@ void nm_cpu_gemm_bf16_grouped(nm_transpose ta, nm_transpose tb, float alpha, flo
     NM_CHECK((a_type == NM_F32 || a_type == NM_BF16 || a_type == NM_F32_BF16) &&
                  (b_type == NM_F32 || b_type == NM_BF16 || b_type == NM_F32_BF16),
              "gemm_bf16_grouped operand types %d %d", (int)a_type, (int)b_type);
-    if (n > grouped.cap) {
-        nm_free(grouped.groups);
-        grouped.groups = nm_malloc((size_t)n * sizeof *grouped.groups);
-        grouped.cap = n;
+    if (n > g->grouped_cap) {
+        nm_free(g->grouped_groups);
+        g->grouped_groups = nm_malloc((size_t)n * sizeof *g->grouped_groups);
+        g->grouped_cap = n;
     }
     for (int64_t g0 = 0; g0 < n;) {
         size_t floats = 0;
@@ -539,11 +567,11 @@ void nm_cpu_gemm_bf16_grouped(nm_transpose ta, nm_transpose tb, float alpha, flo
             floats += need;
             g1++;
         }
-        float *buf = f32_scratch_reserve(&grouped.buf, floats ? floats : 1);
+        float *buf = f32_scratch_reserve(&g->grouped_buf, floats ? floats : 1);
         size_t at = 0;
         for (int64_t i = g0; i < g1; i++) {
             const nm_gemm_group *x = &groups[i];
-            nm_gemm_group *y = &grouped.groups[i - g0];
+            nm_gemm_group *y = &g->grouped_groups[i - g0];
             *y = *x;
             if (x->M == 0 || x->N == 0) continue;
             check_rounded(x->A, a_type, ta == NM_NO_TRANS ? x->M : x->K, ta == NM_NO_TRANS ? x->K : x->M, x->lda);
@@ -563,7 +591,7 @@ void nm_cpu_gemm_bf16_grouped(nm_transpose ta, nm_transpose tb, float alpha, flo
 #pragma omp parallel for schedule(dynamic, 1)
         for (int64_t i = g0; i < g1; i++) {
             const nm_gemm_group *x = &groups[i];
-            const nm_gemm_group *y = &grouped.groups[i - g0];
+            const nm_gemm_group *y = &g->grouped_groups[i - g0];
             if (x->M == 0 || x->N == 0) continue;
             if (a_type != NM_F32_BF16) {
                 int64_t rows = ta == NM_NO_TRANS ? x->M : x->K;
@@ -574,7 +602,7 @@ void nm_cpu_gemm_bf16_grouped(nm_transpose ta, nm_transpose tb, float alpha, flo
                 widen_rows((float *)y->B, x->B, b_type, rows, y->ldb, x->ldb);
             }
         }
-        nm_cpu_gemm_grouped(ta, tb, alpha, beta, grouped.groups, g1 - g0);
+        nm_cpu_gemm_grouped(be, ta, tb, alpha, beta, g->grouped_groups, g1 - g0);
         g0 = g1;
     }
 }

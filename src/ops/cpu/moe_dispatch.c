@@ -22,8 +22,8 @@
 #define SLAB 64 // columns per thread-owned slab in the scatter-adds
 
 // offsets(E+1) (=), perm(N*K) (=); topk_idx(N,K)
-void nm_cpu_moe_permute(int32_t *offsets, int32_t *perm, const int32_t *topk_idx, int64_t N, int64_t K,
-                        int64_t E) {
+void nm_cpu_moe_permute(const nm_ops *be, int32_t *offsets, int32_t *perm, const int32_t *topk_idx, int64_t N,
+                        int64_t K, int64_t E) {
     NM_CHECK(N >= 0 && K >= 1 && E >= 1 && N * K <= INT32_MAX, "moe_permute N=%lld K=%lld E=%lld",
              (long long)N, (long long)K, (long long)E);
     const int64_t NK = N * K;
@@ -45,7 +45,8 @@ void nm_cpu_moe_permute(int32_t *offsets, int32_t *perm, const int32_t *topk_idx
 }
 
 // dst(N*K,D) (=) src(N,D)[perm[r] / K]
-void nm_cpu_moe_gather(float *dst, const float *src, const int32_t *perm, int64_t N, int64_t K, int64_t D) {
+void nm_cpu_moe_gather(const nm_ops *be, float *dst, const float *src, const int32_t *perm, int64_t N, int64_t K,
+                       int64_t D) {
     NM_CHECK(N >= 0 && K >= 1 && D >= 0, "moe_gather shape");
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < N * K; r++)
@@ -55,8 +56,8 @@ void nm_cpu_moe_gather(float *dst, const float *src, const int32_t *perm, int64_
 // dst(N*K,D) (=) bf16(src(N,D)[perm[r] / K]) in fp32 storage; bits(N*K,D) (=) the same as bf16
 // when not NULL. Under bf16 the gathered rows are read by the experts' bf16 GEMMs only, so they
 // are rounded (and given their bf16 twin) here rather than by a second and third pass.
-void nm_cpu_moe_gather_bf16(float *dst, uint16_t *bits, const float *src, const int32_t *perm, int64_t N,
-                            int64_t K, int64_t D) {
+void nm_cpu_moe_gather_bf16(const nm_ops *be, float *dst, uint16_t *bits, const float *src, const int32_t *perm,
+                            int64_t N, int64_t K, int64_t D) {
     NM_CHECK(N >= 0 && K >= 1 && D >= 0, "moe_gather shape");
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < N * K; r++) {
@@ -68,7 +69,7 @@ void nm_cpu_moe_gather_bf16(float *dst, uint16_t *bits, const float *src, const 
 }
 
 // y(N,D) (+=) sum_r topk_weight[perm[r]] * expert_out(N*K,D)[r] into token perm[r] / K
-void nm_cpu_moe_combine_forward(float *y, const float *expert_out, const float *topk_weight,
+void nm_cpu_moe_combine_forward(const nm_ops *be, float *y, const float *expert_out, const float *topk_weight,
                                 const int32_t *perm, int64_t N, int64_t K, int64_t D) {
     NM_CHECK(N >= 0 && K >= 1 && D >= 0, "moe_combine shape");
     int64_t n_slabs = (D + SLAB - 1) / SLAB;
@@ -85,7 +86,7 @@ void nm_cpu_moe_combine_forward(float *y, const float *expert_out, const float *
 }
 
 // dexpert_out(N*K,D) (=), dtopk_weight(N,K) (=); dy(N,D), expert_out(N*K,D), topk_weight(N,K)
-void nm_cpu_moe_combine_backward(float *dexpert_out, float *dtopk_weight, const float *dy,
+void nm_cpu_moe_combine_backward(const nm_ops *be, float *dexpert_out, float *dtopk_weight, const float *dy,
                                  const float *expert_out, const float *topk_weight, const int32_t *perm,
                                  int64_t N, int64_t K, int64_t D) {
     NM_CHECK(N >= 0 && K >= 1 && D >= 0, "moe_combine shape");
@@ -102,7 +103,8 @@ void nm_cpu_moe_combine_backward(float *dexpert_out, float *dtopk_weight, const 
 }
 
 // dsrc(N,D) (+=) sum_r ddst(N*K,D)[r] into token perm[r] / K (the gather's backward)
-void nm_cpu_moe_scatter_add(float *dsrc, const float *ddst, const int32_t *perm, int64_t N, int64_t K, int64_t D) {
+void nm_cpu_moe_scatter_add(const nm_ops *be, float *dsrc, const float *ddst, const int32_t *perm, int64_t N, int64_t K,
+                            int64_t D) {
     NM_CHECK(N >= 0 && K >= 1 && D >= 0, "moe_scatter_add shape");
     int64_t n_slabs = (D + SLAB - 1) / SLAB;
 #pragma omp parallel for schedule(static)

@@ -9,41 +9,64 @@
 
 #include "ops/cpu/cpu_ops.h"
 
-static const char *cpu_kernel_names(void) {
-    static char names[96];
+// The instance's state (cpu_ops.h): empty until the ops' first use or setup fills it.
+static int cpu_ctx_create(void **ctx, nm_error *err) {
+    (void)err;  // nothing here can fail but the allocation, which panics
+    nm_cpu_ctx *c = nm_calloc(1, sizeof *c);
+    c->bf16 = nm_cpu_bf16_state_create();
+    *ctx = c;
+    return 0;
+}
+
+static void cpu_ctx_destroy(void *ctx) {
+    nm_cpu_ctx *c = ctx;
+    if (!c) return;
+    nm_cpu_bf16_state_destroy(c->bf16);
+    nm_free(c->grouped_order);
+    nm_free(c->fp8_scratch);
+    nm_free(c);
+}
+
+static const char *cpu_kernel_names(const nm_ops *be) {
+    char *names = nm_cpu_ctx_of(be)->kernel_names;
     if (!names[0]) {
-        const char *bf16 = nm_cpu_gemm_bf16_kernel();
-        snprintf(names, sizeof names, "fp32 GEMM %s, bf16 GEMM %s", nm_cpu_gemm_library(),
+        const char *bf16 = nm_cpu_gemm_bf16_kernel(be);
+        snprintf(names, sizeof nm_cpu_ctx_of(be)->kernel_names, "fp32 GEMM %s, bf16 GEMM %s", nm_cpu_gemm_library(be),
                  bf16[0] == 'w' ? "widen (fp32 FMA units)" : "onednn");
     }
     return names;
 }
 
-static int cpu_setup(nm_error *err) {
-    return nm_cpu_gemm_setup(err) != 0 || nm_cpu_gemm_bf16_setup(err) != 0 ? -1 : 0;
+static int cpu_setup(const nm_ops *be, nm_error *err) {
+    return nm_cpu_gemm_setup(be, err) != 0 || nm_cpu_gemm_bf16_setup(be, err) != 0 ? -1 : 0;
 }
 
 // Memory is the host's: the ops run on it directly, so the copies are memcpy and nothing is
 // ever in flight.
-static void *cpu_alloc(size_t bytes) { return nm_aligned_alloc(bytes ? bytes : 1); }
-static void cpu_free(void *p) { nm_free(p); }
-static void cpu_copy(void *dst, const void *src, size_t bytes) {
+static void *cpu_alloc(const nm_ops *be, size_t bytes) { return nm_aligned_alloc(bytes ? bytes : 1); }
+static void cpu_free(const nm_ops *be, void *p) { nm_free(p); }
+static void cpu_copy(const nm_ops *be, void *dst, const void *src, size_t bytes) {
     if (bytes) memmove(dst, src, bytes);
 }
-static void cpu_memset(void *dst, int value, size_t bytes) {
+static void cpu_memset(const nm_ops *be, void *dst, int value, size_t bytes) {
     if (bytes) memset(dst, value, bytes);
 }
-static void cpu_synchronize(void) {}
+static void cpu_synchronize(const nm_ops *be) {}
 
 // OpenMP runs the ops' loops and the grouped GEMMs; OpenBLAS has a thread pool of its own.
-static void cpu_set_threads(int n) {
+// Both counts are process-wide (the libraries keep one each), not the instance's: two
+// instances in one process run on the same threads, and the last set_threads wins.
+static void cpu_set_threads(const nm_ops *be, int n) {
     if (n <= 0) return;
     omp_set_num_threads(n);
     openblas_set_num_threads(n);
 }
-static int cpu_threads(void) { return omp_get_max_threads(); }
+static int cpu_threads(const nm_ops *be) { return omp_get_max_threads(); }
 
 static const nm_ops cpu_ops = {
+    .name = "cpu",
+    .ctx_create = cpu_ctx_create,
+    .ctx_destroy = cpu_ctx_destroy,
     .setup = cpu_setup,
     .kernel_names = cpu_kernel_names,
     .max_row_dim = NM_CPU_MAX_STACK_DIM,

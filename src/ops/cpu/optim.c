@@ -24,12 +24,12 @@ static double chunk_sumsq(const float *g, size_t n) {
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-void nm_cpu_sumsq_chunks(double *partials, const float *x, const nm_optim_chunk *chunks, int64_t n) {
+void nm_cpu_sumsq_chunks(const nm_ops *be, double *partials, const float *x, const nm_optim_chunk *chunks, int64_t n) {
 #pragma omp parallel for schedule(static)
     for (int64_t c = 0; c < n; c++) partials[c] = chunk_sumsq(x + chunks[c].offset, chunks[c].len);
 }
 
-void nm_cpu_scale_chunks(float *x, float s, const nm_optim_chunk *chunks, int64_t n) {
+void nm_cpu_scale_chunks(const nm_ops *be, float *x, float s, const nm_optim_chunk *chunks, int64_t n) {
 #pragma omp parallel for schedule(static)
     for (int64_t c = 0; c < n; c++) {
         float *g = x + chunks[c].offset;
@@ -37,7 +37,7 @@ void nm_cpu_scale_chunks(float *x, float s, const nm_optim_chunk *chunks, int64_
     }
 }
 
-int64_t nm_cpu_first_nonfinite(const float *x, int64_t n) {
+int64_t nm_cpu_first_nonfinite(const nm_ops *be, const float *x, int64_t n) {
     // Called only once a norm is not finite: a plain scan.
     for (int64_t i = 0; i < n; i++)
         if (!isfinite(x[i])) return i;
@@ -66,8 +66,8 @@ static void adamw_run(float *p, float *mm, float *vv, const float *g, size_t n, 
 // adamw_run, rounded back; each float's operations are those of the fp32 path.
 #define MOMENT_BLOCK 1024
 
-void nm_cpu_adamw_chunks(float *params, void *m, nm_dtype m_type, void *v, nm_dtype v_type, const float *grads,
-                         const nm_optim_chunk *chunks, int64_t n, const nm_adamw_coefs *k) {
+void nm_cpu_adamw_chunks(const nm_ops *be, float *params, void *m, nm_dtype m_type, void *v, nm_dtype v_type,
+                         const float *grads, const nm_optim_chunk *chunks, int64_t n, const nm_adamw_coefs *k) {
     NM_CHECK((m_type == NM_F32 || m_type == NM_BF16) && (v_type == NM_F32 || v_type == NM_BF16),
              "adamw moment types %d %d", (int)m_type, (int)v_type);
 #pragma omp parallel for schedule(static)
@@ -93,7 +93,7 @@ void nm_cpu_adamw_chunks(float *params, void *m, nm_dtype m_type, void *v, nm_dt
     }
 }
 
-void nm_cpu_router_bias_update(float *bias, const int64_t *counts, int64_t E, float gamma) {
+void nm_cpu_router_bias_update(const nm_ops *be, float *bias, const int64_t *counts, int64_t E, float gamma) {
     NM_CHECK(E > 0, "router_bias_update E = %lld", (long long)E);
     double sum = 0.0;
     for (int64_t i = 0; i < E; i++) sum += (double)counts[i];

@@ -40,7 +40,7 @@ static double sum_gn(const float *dy, const float *w, const float *x, double rs,
 }
 
 // out(N,D) (=), rstd(N) (=); inp(N,D), w(D)
-void nm_cpu_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int64_t N,
+void nm_cpu_rmsnorm_forward(const nm_ops *be, float *out, float *rstd, const float *inp, const float *w, int64_t N,
                             int64_t D, float eps) {
     NM_CHECK(N >= 0 && D > 0, "rmsnorm shape N=%lld D=%lld", (long long)N, (long long)D);
 #pragma omp parallel for schedule(static)
@@ -54,7 +54,7 @@ void nm_cpu_rmsnorm_forward(float *out, float *rstd, const float *inp, const flo
 }
 
 // dinp(N,D) (+=), dw(D) (+=); dout(N,D), inp(N,D), w(D), rstd(N)
-void nm_cpu_rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp,
+void nm_cpu_rmsnorm_backward(const nm_ops *be, float *dinp, float *dw, const float *dout, const float *inp,
                              const float *w, const float *rstd, int64_t N, int64_t D) {
     NM_CHECK(N >= 0 && D > 0, "rmsnorm shape N=%lld D=%lld", (long long)N, (long long)D);
     // out = w * n, n = x * rstd:

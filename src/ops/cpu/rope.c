@@ -33,14 +33,14 @@ static void rotate(float *x, const float *cos, const float *sin, int64_t B, int6
     }
 }
 
-void nm_cpu_rope_forward(float *x, const float *cos, const float *sin, int64_t B, int64_t T,
+void nm_cpu_rope_forward(const nm_ops *be, float *x, const float *cos, const float *sin, int64_t B, int64_t T,
                          int64_t n_heads, int64_t head_dim, int64_t offset, int64_t Dr) {
     rotate(x, cos, sin, B, T, n_heads, head_dim, offset, Dr, 1.0f);
 }
 
 // The rotation is orthogonal, so its backward is the transpose = the rotation by -angle:
 //   dx_{2i} = g_{2i} cos + g_{2i+1} sin,  dx_{2i+1} = -g_{2i} sin + g_{2i+1} cos.
-void nm_cpu_rope_backward(float *dx, const float *cos, const float *sin, int64_t B, int64_t T,
+void nm_cpu_rope_backward(const nm_ops *be, float *dx, const float *cos, const float *sin, int64_t B, int64_t T,
                           int64_t n_heads, int64_t head_dim, int64_t offset, int64_t Dr) {
     rotate(dx, cos, sin, B, T, n_heads, head_dim, offset, Dr, -1.0f);
 }

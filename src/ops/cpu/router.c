@@ -82,7 +82,7 @@ static void check_params(const nm_router_params *p) {
 // --- router -------------------------------------------------------------------------------
 
 // topk_idx(N,K) (=), topk_weight(N,K) (=), scores(N,E) (=); logits(N,E), bias(E) may be NULL
-void nm_cpu_router_forward(int32_t *topk_idx, float *topk_weight, float *scores, const float *logits,
+void nm_cpu_router_forward(const nm_ops *be, int32_t *topk_idx, float *topk_weight, float *scores, const float *logits,
                            const float *bias, const nm_router_params *p) {
     check_params(p);
     const int64_t N = p->N, E = p->E, K = p->K;
@@ -143,7 +143,7 @@ static void score_backward(float *dz, const double *ds, const float *s, int64_t 
 }
 
 // dlogits(N,E) (=); dtopk_weight(N,K), scores(N,E), topk_idx(N,K)
-void nm_cpu_router_backward(float *dlogits, const float *dtopk_weight, const float *scores,
+void nm_cpu_router_backward(const nm_ops *be, float *dlogits, const float *dtopk_weight, const float *scores,
                             const int32_t *topk_idx, const nm_router_params *p) {
     check_params(p);
     const int64_t N = p->N, E = p->E, K = p->K;
@@ -172,7 +172,8 @@ void nm_cpu_router_backward(float *dlogits, const float *dtopk_weight, const flo
 // --- complementary sequence-wise balance loss -----------------------------------------------
 
 // f(B,E) (=); scores(B*T,E). Returns mean over b of sum_i f_i P_i.
-double nm_cpu_balance_loss_forward(float *f, const float *scores, int64_t B, int64_t T, int64_t E, int64_t K) {
+double nm_cpu_balance_loss_forward(const nm_ops *be, float *f, const float *scores, int64_t B, int64_t T, int64_t E,
+                                   int64_t K) {
     NM_CHECK(B >= 0 && T >= 1 && E >= 1 && E <= NM_CPU_MAX_STACK_DIM && K >= 1 && K <= E,
              "balance loss B=%lld T=%lld E=%lld K=%lld", (long long)B, (long long)T, (long long)E,
              (long long)K);
@@ -210,7 +211,7 @@ double nm_cpu_balance_loss_forward(float *f, const float *scores, int64_t B, int
 }
 
 // dlogits(B*T,E) (+=); f(B,E), scores(B*T,E)
-void nm_cpu_balance_loss_backward(float *dlogits, float dloss, const float *f, const float *scores,
+void nm_cpu_balance_loss_backward(const nm_ops *be, float *dlogits, float dloss, const float *f, const float *scores,
                                   int64_t B, int64_t T, int64_t E, int64_t K, nm_scoring scoring) {
     NM_CHECK(B >= 0 && T >= 1 && E >= 1 && E <= NM_CPU_MAX_STACK_DIM && K >= 1 && K <= E,
              "balance loss B=%lld T=%lld E=%lld K=%lld", (long long)B, (long long)T, (long long)E,

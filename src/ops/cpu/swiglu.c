@@ -26,7 +26,7 @@ static inline void swiglu_grad(float a, float b, float dy, float *da, float *db)
 }
 
 // out(N,F) (=); gate_up(N,2F)
-void nm_cpu_swiglu_forward(float *out, const float *gate_up, int64_t N, int64_t F) {
+void nm_cpu_swiglu_forward(const nm_ops *be, float *out, const float *gate_up, int64_t N, int64_t F) {
     NM_CHECK(N >= 0 && F >= 0, "swiglu shape");
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
@@ -37,7 +37,8 @@ void nm_cpu_swiglu_forward(float *out, const float *gate_up, int64_t N, int64_t 
 }
 
 // out(N,F) (=) bf16(swiglu) in fp32 storage; bits(N,F) (=) the same as bf16 when not NULL
-void nm_cpu_swiglu_forward_bf16(float *out, uint16_t *bits, const float *gate_up, int64_t N, int64_t F) {
+void nm_cpu_swiglu_forward_bf16(const nm_ops *be, float *out, uint16_t *bits, const float *gate_up, int64_t N,
+                                int64_t F) {
     NM_CHECK(N >= 0 && F >= 0, "swiglu shape");
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
@@ -49,7 +50,8 @@ void nm_cpu_swiglu_forward_bf16(float *out, uint16_t *bits, const float *gate_up
 }
 
 // dgate_up(N,2F) (=); dout(N,F), gate_up(N,2F)
-void nm_cpu_swiglu_backward(float *dgate_up, const float *dout, const float *gate_up, int64_t N, int64_t F) {
+void nm_cpu_swiglu_backward(const nm_ops *be, float *dgate_up, const float *dout, const float *gate_up, int64_t N,
+                            int64_t F) {
     NM_CHECK(N >= 0 && F >= 0, "swiglu shape");
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
@@ -61,8 +63,8 @@ void nm_cpu_swiglu_backward(float *dgate_up, const float *dout, const float *gat
 
 // dgate_up(N,2F) (=) bf16 of the gradient in fp32 storage; bits(N,2F) (=) the same as bf16
 // when not NULL
-void nm_cpu_swiglu_backward_bf16(float *dgate_up, uint16_t *bits, const float *dout, const float *gate_up,
-                                 int64_t N, int64_t F) {
+void nm_cpu_swiglu_backward_bf16(const nm_ops *be, float *dgate_up, uint16_t *bits, const float *dout,
+                                 const float *gate_up, int64_t N, int64_t F) {
     NM_CHECK(N >= 0 && F >= 0, "swiglu shape");
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {

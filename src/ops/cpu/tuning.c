@@ -64,16 +64,16 @@ typedef struct timing_buffers {
 
 // One call of shape x: fp32 (bf16 == 0) or bf16 with the operand types the model passes
 // (weights in w_type, the kernel's gemm_bf16_weight_type).
-static void run_shape(const shape *x, int bf16, nm_dtype w_type, const timing_buffers *t) {
+static void run_shape(const nm_ops *be, const shape *x, int bf16, nm_dtype w_type, const timing_buffers *t) {
     int64_t lda = x->ta == NM_NO_TRANS ? x->K : x->M, ldb = x->tb == NM_NO_TRANS ? x->N : x->K;
     nm_dtype act = x->rounded ? NM_F32_BF16 : NM_F32;
     nm_dtype a_type = act, b_type = x->b_is_weight ? w_type : act;
     if (x->groups == 1) {
         if (bf16)
-            nm_cpu_gemm_bf16(x->ta, x->tb, x->M, x->N, x->K, 1.0f, t->a, a_type, lda, t->b, b_type, ldb, 0.0f, t->c,
+            nm_cpu_gemm_bf16(be, x->ta, x->tb, x->M, x->N, x->K, 1.0f, t->a, a_type, lda, t->b, b_type, ldb, 0.0f, t->c,
                              x->N);
         else
-            nm_cpu_gemm(x->ta, x->tb, x->M, x->N, x->K, 1.0f, t->a, lda, t->b, ldb, 0.0f, t->c, x->N);
+            nm_cpu_gemm(be, x->ta, x->tb, x->M, x->N, x->K, 1.0f, t->a, lda, t->b, ldb, 0.0f, t->c, x->N);
         return;
     }
     for (int64_t g = 0; g < x->groups; g++) {
@@ -81,8 +81,8 @@ static void run_shape(const shape *x, int bf16, nm_dtype w_type, const timing_bu
                                        .B = t->b + g * x->K * x->N, .ldb = ldb, .C = t->c + g * x->M * x->N,
                                        .ldc = x->N};
     }
-    if (bf16) nm_cpu_gemm_bf16_grouped(x->ta, x->tb, 1.0f, 0.0f, t->groups, x->groups, a_type, b_type);
-    else nm_cpu_gemm_grouped(x->ta, x->tb, 1.0f, 0.0f, t->groups, x->groups);
+    if (bf16) nm_cpu_gemm_bf16_grouped(be, x->ta, x->tb, 1.0f, 0.0f, t->groups, x->groups, a_type, b_type);
+    else nm_cpu_gemm_grouped(be, x->ta, x->tb, 1.0f, 0.0f, t->groups, x->groups);
 }
 
 // Seconds one step's GEMMs take under each of two candidates (fp32: the libraries; bf16: the
@@ -91,8 +91,8 @@ static void run_shape(const shape *x, int bf16, nm_dtype w_type, const timing_bu
 // of load on a shared machine slows both rather than the one being timed: timed one whole set
 // after the other, a pick flipped between runs of the same binary (bf16 on tiny: onednn 122 /
 // widen 119 GFLOP/s in one run, 113 / 224 in the next).
-static void time_set(const shape_set *set, int bf16, const char *const names[2], const timing_buffers *t,
-                     double total[2], double *flops) {
+static void time_set(const nm_ops *be, const shape_set *set, int bf16, const char *const names[2],
+                     const timing_buffers *t, double total[2], double *flops) {
     total[0] = total[1] = 0;
     *flops = 0;
     for (int i = 0; i < set->n; i++) {
@@ -100,11 +100,11 @@ static void time_set(const shape_set *set, int bf16, const char *const names[2],
         double best[2] = {1e30, 1e30};
         for (int r = 0; r < 4; r++) {
             for (int k = 0; k < 2; k++) {
-                if (bf16) nm_cpu_gemm_bf16_set_kernel(names[k]);
-                else nm_cpu_gemm_set_library(names[k]);
-                nm_dtype w_type = bf16 ? nm_cpu_gemm_bf16_weight_type() : NM_F32;
+                if (bf16) nm_cpu_gemm_bf16_set_kernel(be, names[k]);
+                else nm_cpu_gemm_set_library(be, names[k]);
+                nm_dtype w_type = bf16 ? nm_cpu_gemm_bf16_weight_type(be) : NM_F32;
                 double t0 = now_s();
-                run_shape(x, bf16, w_type, t);
+                run_shape(be, x, bf16, w_type, t);
                 double dt = now_s() - t0;
                 if (r > 0 && dt < best[k]) best[k] = dt;
             }
@@ -202,8 +202,8 @@ static int write_cache(const char *path, const char *key, const char *fp32, cons
     return rc;
 }
 
-int nm_cpu_tune(const nm_gemm_shape *shapes, int n_shapes, const char *run_dir, int measure, char *desc,
-                size_t desc_size, nm_error *err) {
+int nm_cpu_tune(const nm_ops *be, const nm_gemm_shape *shapes, int n_shapes, const char *run_dir, int measure,
+                char *desc, size_t desc_size, nm_error *err) {
     const shape_set set = {shapes, n_shapes};
     char key[4096], path[4200];
     make_key(key, sizeof key, &set);
@@ -222,7 +222,7 @@ int nm_cpu_tune(const nm_gemm_shape *shapes, int n_shapes, const char *run_dir, 
     double g32[2] = {0, 0}, g16[2] = {0, 0}, spent = 0;
     // oneDNN 2.6 has no bf16 matmul below AVX-512: that candidate is then skipped, not timed.
     char why16[1024] = "";
-    int onednn16 = nm_cpu_gemm_bf16_onednn_usable(why16, sizeof why16);
+    int onednn16 = nm_cpu_gemm_bf16_onednn_usable(be, why16, sizeof why16);
     if (!cached && measure) {
         int64_t na = 0, nb = 0, nc = 0, ng = 1;
         for (int i = 0; i < set.n; i++) {
@@ -244,19 +244,19 @@ int nm_cpu_tune(const nm_gemm_shape *shapes, int n_shapes, const char *run_dir, 
         double t0 = now_s(), flops = 0;
         const char *lib[2] = {"onednn", "openblas"}, *k16[2] = {"onednn", "widen"};
         double t32[2], t16[2];
-        int def16 = strcmp(nm_cpu_gemm_bf16_kernel(), "widen") == 0;  // the static default's index in k16
+        int def16 = strcmp(nm_cpu_gemm_bf16_kernel(be), "widen") == 0;  // the static default's index in k16
         snprintf(fp32, sizeof fp32, "%s", "onednn");
         snprintf(bf16, sizeof bf16, "%s", "onednn");
         if (!force32) {
-            time_set(&set, 0, lib, &tb, t32, &flops);
+            time_set(be, &set, 0, lib, &tb, t32, &flops);
             for (int i = 0; i < 2; i++) g32[i] = flops / t32[i] / 1e9;
             snprintf(fp32, sizeof fp32, "%s", lib[pick(t32, 0)]);
-            nm_cpu_gemm_set_library(fp32);  // widen runs on the fp32 library just chosen
+            nm_cpu_gemm_set_library(be, fp32);  // widen runs on the fp32 library just chosen
         }
         // bf16 weights (NM_BF16): the fp32 buffer reinterpreted holds finite bf16 values
         // (halves of small floats), so the timing sees no NaN or denormal slow paths.
         if (!force16 && onednn16) {
-            time_set(&set, 1, k16, &tb, t16, &flops);
+            time_set(be, &set, 1, k16, &tb, t16, &flops);
             for (int i = 0; i < 2; i++) g16[i] = flops / t16[i] / 1e9;
             snprintf(bf16, sizeof bf16, "%s", k16[pick(t16, def16)]);
         } else if (!force16) {
@@ -270,12 +270,12 @@ int nm_cpu_tune(const nm_gemm_shape *shapes, int n_shapes, const char *run_dir, 
         if (write_cache(path, key, fp32, bf16, g32, g16, err) != 0) return -1;
     } else if (!cached) {
         snprintf(fp32, sizeof fp32, "%s", "onednn");
-        snprintf(bf16, sizeof bf16, "%s", nm_cpu_gemm_bf16_kernel());
+        snprintf(bf16, sizeof bf16, "%s", nm_cpu_gemm_bf16_kernel(be));
     }
     // A forced kernel wins over the measurement and the cache: its setter is never called,
     // so the library's own lazy parse of the variable decides it (and rejects a bad value).
-    if (!force32) nm_cpu_gemm_set_library(fp32);
-    if (!force16 && nm_cpu_gemm_bf16_set_kernel(bf16) != 0)
+    if (!force32) nm_cpu_gemm_set_library(be, fp32);
+    if (!force16 && nm_cpu_gemm_bf16_set_kernel(be, bf16) != 0)
         return nm_error_set(err, "%s: bf16 kernel %s cannot run here (%s); delete the file to measure again", path,
                             bf16, why16);
     char note16[1100] = "";
@@ -283,17 +283,17 @@ int nm_cpu_tune(const nm_gemm_shape *shapes, int n_shapes, const char *run_dir, 
     char rates16[96] = "";
     if (g16[0] > 0) snprintf(rates16, sizeof rates16, ", bf16 onednn %.0f / widen %.0f GFLOP/s", g16[0], g16[1]);
     if (cached)
-        snprintf(desc, desc_size, "kernels fp32 %s, bf16 %s (from %s)%s%s", nm_cpu_gemm_library(),
-                 nm_cpu_gemm_bf16_kernel(), path, force32 || force16 ? " | forced by environment" : "", note16);
+        snprintf(desc, desc_size, "kernels fp32 %s, bf16 %s (from %s)%s%s", nm_cpu_gemm_library(be),
+                 nm_cpu_gemm_bf16_kernel(be), path, force32 || force16 ? " | forced by environment" : "", note16);
     else if (measure)
         snprintf(desc, desc_size,
                  "kernels fp32 %s, bf16 %s measured on %d model GEMM shapes in %.2f s: fp32 onednn %.0f / openblas "
                  "%.0f GFLOP/s%s%s%s",
-                 nm_cpu_gemm_library(), nm_cpu_gemm_bf16_kernel(), set.n, spent, g32[0], g32[1], rates16,
+                 nm_cpu_gemm_library(be), nm_cpu_gemm_bf16_kernel(be), set.n, spent, g32[0], g32[1], rates16,
                  force32 || force16 ? " | forced by environment" : "", note16);
     else
-        snprintf(desc, desc_size, "kernels fp32 %s, bf16 %s (defaults, not measured)%s", nm_cpu_gemm_library(),
-                 nm_cpu_gemm_bf16_kernel(), note16);
+        snprintf(desc, desc_size, "kernels fp32 %s, bf16 %s (defaults, not measured)%s", nm_cpu_gemm_library(be),
+                 nm_cpu_gemm_bf16_kernel(be), note16);
     return 0;
 }
 
@@ -301,11 +301,10 @@ int nm_cpu_tune(const nm_gemm_shape *shapes, int n_shapes, const char *run_dir, 
 // ~0.25 s on 2 cores. Smaller squares understate it (oneDNN's sgemm reached 133 GFLOP/s at
 // 1024^3 and ~190 at 1536^3 where it does 265-330 at 2048^3 and above, bench/peak); bench/peak.c
 // measures both libraries over more sizes.
-double nm_cpu_measure_peak(int bf16) {
-    const nm_ops *ops = nm_ops_cpu();
-    double peak = nm_ops_time_square_gemm(ops, 0, 2048);
+double nm_cpu_measure_peak(const nm_ops *be, int bf16) {
+    double peak = nm_ops_time_square_gemm(be, 0, 2048);
     if (bf16) {
-        double p16 = nm_ops_time_square_gemm(ops, 1, 2048);
+        double p16 = nm_ops_time_square_gemm(be, 1, 2048);
         if (p16 > peak) peak = p16;
     }
     return peak;

@@ -171,18 +171,19 @@ static void check_shapes(int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr
     NM_CHECK(B * H * T <= INT32_MAX, "attention: B*H*T = %lld blocks", (long long)(B * H * T));
 }
 
-void nm_cuda_attention_forward(float *out, float *lse, const float *q, const float *kv, const float *k_pe,
-                               int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr, int64_t Dv, float scale) {
+void nm_cuda_attention_forward(const nm_ops *be, float *out, float *lse, const float *q, const float *kv,
+                               const float *k_pe, int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr, int64_t Dv,
+                               float scale) {
     check_shapes(B, T, H, Dn, Dr, Dv);
     const attn a = {q, kv, k_pe, NULL, NULL, NULL, T, H, Dn, Dr, Dv, scale};
     if (B * H * T > 0) attention_forward_kernel<<<(unsigned)(B * H * T), CH, 0, NM_CUDA_STREAM>>>(out, lse, a);
     NM_CUDA_OP_DONE("attention_forward");
 }
 
-void nm_cuda_attention_backward(float *dq, float *dkv, float *dk_pe, float *scratch, const float *dout,
-                                const float *q, const float *kv, const float *k_pe, const float *out,
-                                const float *lse, int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr,
-                                int64_t Dv, float scale) {
+void nm_cuda_attention_backward(const nm_ops *be, float *dq, float *dkv, float *dk_pe, float *scratch,
+                                const float *dout, const float *q, const float *kv, const float *k_pe, const float *out,
+                                const float *lse, int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr, int64_t Dv,
+                                float scale) {
     (void)scratch;
     check_shapes(B, T, H, Dn, Dr, Dv);
     const attn a = {q, kv, k_pe, dout, out, lse, T, H, Dn, Dr, Dv, scale};

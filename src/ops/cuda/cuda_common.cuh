@@ -33,9 +33,9 @@ void nm_cuda_op_done(const char *op, const char *file, int line);
 // The stream every op runs on (the legacy default stream for now: one stream, in order).
 #define NM_CUDA_STREAM ((cudaStream_t)0)
 
-// Device scratch owned by the backend, slot by slot, grown (never shrunk) when a call needs
-// more than it holds: no allocation in steady state (style.md 21). One calling thread, like
-// every op. Slots:
+// Device scratch owned by the backend instance (nm_cuda_ctx), slot by slot, grown (never
+// shrunk) when a call needs more than it holds: no allocation in steady state (style.md 21).
+// One calling thread, like every op. Slots:
 enum {
     NM_CUDA_SCRATCH_A = 0,       // gemm_bf16 / gemm_fp8: operand A converted
     NM_CUDA_SCRATCH_B = 1,       // ... operand B converted
@@ -45,12 +45,38 @@ enum {
     NM_CUDA_SCRATCH_WORK = 5,    // per-op temporaries (moe_permute's counts, first_nonfinite)
     NM_CUDA_SCRATCH_SLOTS = 6,
 };
-void *nm_cuda_scratch(int slot, size_t bytes);
+void *nm_cuda_scratch(const nm_ops *be, int slot, size_t bytes);
+
+// --- the instance's state (ops.h: be->ctx) -------------------------------------------------------
+// Made by nm_cuda_ctx_create (runtime.cu) when the instance is, freed with everything it made
+// by nm_cuda_ctx_destroy. Two instances share none of it; what is process-wide by nature is the
+// current device (cudaSetDevice) and the legacy default stream every op runs on.
+typedef struct nm_cuda_gemm_state nm_cuda_gemm_state;  // gemm.cu: the cuBLASLt handle and workspace
+
+typedef struct nm_cuda_ctx {
+    int setup_state;            // 0 not asked, 1 usable, -1 not (setup_error)
+    nm_error setup_error;
+    char device_desc[256];      // "NVIDIA H100 80GB HBM3, sm_90, 79 GiB", for kernel_names
+    char kernel_names[512];     // kernel_names's answer, made on the first call
+    nm_cuda_gemm_state *gemm;   // NULL until setup
+    struct {
+        void *data;
+        size_t cap;             // bytes
+    } scratch[NM_CUDA_SCRATCH_SLOTS];
+} nm_cuda_ctx;
+
+static inline nm_cuda_ctx *nm_cuda_ctx_of(const nm_ops *be) {
+    NM_CHECK(be && be->ctx, "backend cuda: an op called through a table that is no instance (nm_backend_create)");
+    return (nm_cuda_ctx *)be->ctx;
+}
+
+// gemm.cu: frees the cuBLASLt handle and workspace (NULL-safe).
+void nm_cuda_gemm_state_destroy(nm_cuda_gemm_state *g);
 
 // p itself when the device can read it (memory from alloc: managed; or device memory), else
 // a copy of its `bytes` in scratch slot `slot`. For the arguments ops.h leaves in host memory
 // (optimizer chunk lists) and the index arrays a caller may keep on the host (token ids).
-const void *nm_cuda_readable(const void *p, size_t bytes, int slot);
+const void *nm_cuda_readable(const nm_ops *be, const void *p, size_t bytes, int slot);
 
 // Blocks for a grid-stride loop over n elements of `threads` per block.
 static inline unsigned nm_cuda_blocks(int64_t n, int threads) {

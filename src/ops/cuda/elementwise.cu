@@ -75,43 +75,44 @@ static __global__ void embedding_backward_kernel(float *demb, const float *dout,
 
 // --- launchers ----------------------------------------------------------------------------------------
 
-void nm_cuda_round_bf16(float *dst, const float *src, int64_t n) {
+void nm_cuda_round_bf16(const nm_ops *be, float *dst, const float *src, int64_t n) {
     NM_CHECK(n >= 0, "round_bf16 n=%lld", (long long)n);
     if (n > 0) round_bf16_kernel<<<GRID(n)>>>(dst, src, n);
     NM_CUDA_OP_DONE("round_bf16");
 }
 
-void nm_cuda_cast_bf16(uint16_t *dst, const float *src, int64_t n) {
+void nm_cuda_cast_bf16(const nm_ops *be, uint16_t *dst, const float *src, int64_t n) {
     NM_CHECK(n >= 0, "cast_bf16 n=%lld", (long long)n);
     if (n > 0) cast_bf16_kernel<<<GRID(n)>>>(dst, src, n);
     NM_CUDA_OP_DONE("cast_bf16");
 }
 
-void nm_cuda_widen_bf16(float *dst, const uint16_t *src, int64_t n) {
+void nm_cuda_widen_bf16(const nm_ops *be, float *dst, const uint16_t *src, int64_t n) {
     NM_CHECK(n >= 0, "widen_bf16 n=%lld", (long long)n);
     if (n > 0) widen_bf16_kernel<<<GRID(n)>>>(dst, src, n);
     NM_CUDA_OP_DONE("widen_bf16");
 }
 
-void nm_cuda_round_cast_bf16(float *x, uint16_t *bits, int64_t n) {
+void nm_cuda_round_cast_bf16(const nm_ops *be, float *x, uint16_t *bits, int64_t n) {
     NM_CHECK(n >= 0, "round_cast_bf16 n=%lld", (long long)n);
     if (n > 0) round_cast_bf16_kernel<<<GRID(n)>>>(x, bits, n);
     NM_CUDA_OP_DONE("round_cast_bf16");
 }
 
-void nm_cuda_zero(float *x, int64_t n) {
+void nm_cuda_zero(const nm_ops *be, float *x, int64_t n) {
     NM_CHECK(n >= 0, "zero n=%lld", (long long)n);
     if (n > 0) zero_kernel<<<GRID(n)>>>(x, n);
     NM_CUDA_OP_DONE("zero");
 }
 
-void nm_cuda_axpy(float *y, const float *x, float alpha, int64_t n) {
+void nm_cuda_axpy(const nm_ops *be, float *y, const float *x, float alpha, int64_t n) {
     NM_CHECK(n >= 0, "axpy n=%lld", (long long)n);
     if (n > 0) axpy_kernel<<<GRID(n)>>>(y, x, alpha, n);
     NM_CUDA_OP_DONE("axpy");
 }
 
-void nm_cuda_copy_2d(float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows, int64_t cols) {
+void nm_cuda_copy_2d(const nm_ops *be, float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows,
+                     int64_t cols) {
     NM_CHECK(rows >= 0 && cols >= 0 && ld_dst >= cols && ld_src >= cols, "copy_2d shape");
     if (rows > 0 && cols > 0)
         NM_CUDA_CALL(cudaMemcpy2DAsync(dst, (size_t)ld_dst * sizeof(float), src, (size_t)ld_src * sizeof(float),
@@ -119,26 +120,29 @@ void nm_cuda_copy_2d(float *dst, int64_t ld_dst, const float *src, int64_t ld_sr
     NM_CUDA_OP_DONE("copy_2d");
 }
 
-void nm_cuda_add_2d(float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows, int64_t cols) {
+void nm_cuda_add_2d(const nm_ops *be, float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows,
+                    int64_t cols) {
     NM_CHECK(rows >= 0 && cols >= 0 && ld_dst >= cols && ld_src >= cols, "add_2d shape");
     if (rows > 0 && cols > 0) copy_2d_kernel<<<GRID(rows * cols)>>>(dst, ld_dst, src, ld_src, rows, cols, 1);
     NM_CUDA_OP_DONE("add_2d");
 }
 
-void nm_cuda_embedding_forward(float *out, const int32_t *tokens, const float *emb, int64_t N, int64_t D) {
+void nm_cuda_embedding_forward(const nm_ops *be, float *out, const int32_t *tokens, const float *emb, int64_t N,
+                               int64_t D) {
     NM_CHECK(N >= 0 && D >= 0, "embedding shape");
     if (N > 0 && D > 0) {
         // token ids may be host memory (the trainer's batch): staged when they are
-        const int32_t *t = (const int32_t *)nm_cuda_readable(tokens, (size_t)N * sizeof(int32_t), NM_CUDA_SCRATCH_STAGE0);
+        const int32_t *t = (const int32_t *)nm_cuda_readable(be, tokens, (size_t)N * sizeof(int32_t), NM_CUDA_SCRATCH_STAGE0);
         embedding_forward_kernel<<<GRID(N * D)>>>(out, t, emb, N, D);
     }
     NM_CUDA_OP_DONE("embedding_forward");
 }
 
-void nm_cuda_embedding_backward(float *demb, const float *dout, const int32_t *tokens, int64_t N, int64_t D) {
+void nm_cuda_embedding_backward(const nm_ops *be, float *demb, const float *dout, const int32_t *tokens, int64_t N,
+                                int64_t D) {
     NM_CHECK(N >= 0 && D >= 0, "embedding shape");
     if (N > 0 && D > 0) {
-        const int32_t *t = (const int32_t *)nm_cuda_readable(tokens, (size_t)N * sizeof(int32_t), NM_CUDA_SCRATCH_STAGE0);
+        const int32_t *t = (const int32_t *)nm_cuda_readable(be, tokens, (size_t)N * sizeof(int32_t), NM_CUDA_SCRATCH_STAGE0);
         embedding_backward_kernel<<<GRID(D)>>>(demb, dout, t, N, D);
     }
     NM_CUDA_OP_DONE("embedding_backward");

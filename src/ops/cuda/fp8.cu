@@ -64,8 +64,9 @@ static __global__ void dequantize_rows_kernel(float *x, const uint8_t *q, const 
 
 // --- launchers ----------------------------------------------------------------------------------------
 
-static float *quantize(const float *x, int64_t ld, int64_t rows, int64_t cols, int64_t br, int64_t bc, int slot) {
-    float *deq = (float *)nm_cuda_scratch(slot, (size_t)(rows * cols) * sizeof(float));
+static float *quantize(const nm_ops *be, const float *x, int64_t ld, int64_t rows, int64_t cols, int64_t br, int64_t bc,
+                       int slot) {
+    float *deq = (float *)nm_cuda_scratch(be, slot, (size_t)(rows * cols) * sizeof(float));
     const int64_t nrb = (rows + br - 1) / br, ncb = (cols + bc - 1) / bc;
     NM_CHECK(nrb * ncb <= INT32_MAX, "gemm_fp8: %lld blocks", (long long)(nrb * ncb));
     quantize_blocks_kernel<<<(unsigned)(nrb * ncb), NM_CUDA_THREADS, 0, NM_CUDA_STREAM>>>(deq, x, ld, rows, cols, br,
@@ -73,7 +74,7 @@ static float *quantize(const float *x, int64_t ld, int64_t rows, int64_t cols, i
     return deq;
 }
 
-void nm_cuda_gemm_fp8(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+void nm_cuda_gemm_fp8(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
                       const float *A, int64_t lda, const float *B, int64_t ldb, nm_fp8_operand b_kind, float beta,
                       float *C, int64_t ldc) {
     NM_CHECK(M >= 0 && N >= 0 && K >= 0, "gemm_fp8 dims M=%lld N=%lld K=%lld", (long long)M, (long long)N,
@@ -81,7 +82,7 @@ void nm_cuda_gemm_fp8(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, in
     NM_CHECK(b_kind == NM_FP8_ACTIVATION || b_kind == NM_FP8_WEIGHT, "gemm_fp8 b_kind=%d", (int)b_kind);
     if (M == 0 || N == 0 || K == 0 || alpha == 0.0f) {
         // nothing is read from A or B: the fp32 GEMM's handling of C is the whole answer
-        nm_cuda_lt_matmul(ta, tb, M, N, K, alpha, NULL, lda, NULL, ldb, 0, beta, C, ldc);
+        nm_cuda_lt_matmul(be, ta, tb, M, N, K, alpha, NULL, lda, NULL, ldb, 0, beta, C, ldc);
         NM_CUDA_OP_DONE("gemm_fp8");
         return;
     }
@@ -98,9 +99,9 @@ void nm_cuda_gemm_fp8(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, in
         b_br = tb == NM_NO_TRANS ? TILE : 1;
         b_bc = tb == NM_NO_TRANS ? 1 : TILE;
     }
-    const float *a = quantize(A, lda, a_rows, a_cols, a_br, a_bc, NM_CUDA_SCRATCH_A);
-    const float *b = quantize(B, ldb, b_rows, b_cols, b_br, b_bc, NM_CUDA_SCRATCH_B);
-    nm_cuda_lt_matmul(ta, tb, M, N, K, alpha, a, a_cols, b, b_cols, 0, beta, C, ldc);
+    const float *a = quantize(be, A, lda, a_rows, a_cols, a_br, a_bc, NM_CUDA_SCRATCH_A);
+    const float *b = quantize(be, B, ldb, b_rows, b_cols, b_br, b_bc, NM_CUDA_SCRATCH_B);
+    nm_cuda_lt_matmul(be, ta, tb, M, N, K, alpha, a, a_cols, b, b_cols, 0, beta, C, ldc);
     NM_CUDA_OP_DONE("gemm_fp8");
 }
 
@@ -109,21 +110,22 @@ static void check_rows(const char *op, int64_t rows, int64_t D) {
     NM_CHECK(rows * ((D + TILE - 1) / TILE) <= INT32_MAX, "%s: %lld rows of %lld", op, (long long)rows, (long long)D);
 }
 
-void nm_cuda_fp8_quantize_rows(uint8_t *q, float *scales, const float *x, int64_t rows, int64_t D) {
+void nm_cuda_fp8_quantize_rows(const nm_ops *be, uint8_t *q, float *scales, const float *x, int64_t rows, int64_t D) {
     check_rows("fp8_quantize_rows", rows, D);
     const int64_t nt = (D + TILE - 1) / TILE;
     if (rows > 0) rows_kernel<<<(unsigned)(rows * nt), TILE, 0, NM_CUDA_STREAM>>>(q, scales, (float *)x, D, nt, 0);
     NM_CUDA_OP_DONE("fp8_quantize_rows");
 }
 
-void nm_cuda_fp8_dequantize_rows(float *x, const uint8_t *q, const float *scales, int64_t rows, int64_t D) {
+void nm_cuda_fp8_dequantize_rows(const nm_ops *be, float *x, const uint8_t *q, const float *scales, int64_t rows,
+                                 int64_t D) {
     check_rows("fp8_dequantize_rows", rows, D);
     const int64_t nt = (D + TILE - 1) / TILE;
     if (rows > 0) dequantize_rows_kernel<<<nm_cuda_blocks(rows * D, 256), 256, 0, NM_CUDA_STREAM>>>(x, q, scales, rows, D, nt);
     NM_CUDA_OP_DONE("fp8_dequantize_rows");
 }
 
-void nm_cuda_fp8_round_rows(float *x, int64_t rows, int64_t D) {
+void nm_cuda_fp8_round_rows(const nm_ops *be, float *x, int64_t rows, int64_t D) {
     check_rows("fp8_round_rows", rows, D);
     const int64_t nt = (D + TILE - 1) / TILE;
     if (rows > 0) rows_kernel<<<(unsigned)(rows * nt), TILE, 0, NM_CUDA_STREAM>>>(NULL, NULL, x, D, nt, 1);

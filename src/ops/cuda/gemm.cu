@@ -19,8 +19,12 @@
 #include "ops/cuda/cuda_common.cuh"
 #include "ops/cuda/cuda_gemm.cuh"
 
-static cublasLtHandle_t lt;
-static void *workspace;
+// The instance's part of nm_cuda_ctx: made at setup, freed with the instance.
+struct nm_cuda_gemm_state {
+    cublasLtHandle_t lt;
+    void *workspace;            // workspace_bytes of device memory
+};
+
 static const size_t workspace_bytes = (size_t)32 << 20;  // cuBLAS's own advice for Hopper: 32 MiB
 
 static void lt_check(cublasStatus_t s, const char *call, const char *file, int line) {
@@ -30,16 +34,31 @@ static void lt_check(cublasStatus_t s, const char *call, const char *file, int l
 }
 #define NM_LT_CALL(call) lt_check((call), #call, __FILE__, __LINE__)
 
-int nm_cuda_gemm_setup(nm_error *err) {
-    if (lt) return 0;
-    cublasStatus_t s = cublasLtCreate(&lt);
-    if (s != CUBLAS_STATUS_SUCCESS)
+int nm_cuda_gemm_setup(const nm_ops *be, nm_error *err) {
+    nm_cuda_ctx *ctx = nm_cuda_ctx_of(be);
+    if (ctx->gemm) return 0;
+    nm_cuda_gemm_state *g = (nm_cuda_gemm_state *)nm_calloc(1, sizeof *g);
+    cublasStatus_t s = cublasLtCreate(&g->lt);
+    if (s != CUBLAS_STATUS_SUCCESS) {
+        nm_free(g);
         return nm_error_set(err, "backend cuda: cublasLtCreate failed: %s", cublasLtGetStatusString(s));
-    cudaError_t e = cudaMalloc(&workspace, workspace_bytes);
-    if (e != cudaSuccess)
+    }
+    cudaError_t e = cudaMalloc(&g->workspace, workspace_bytes);
+    if (e != cudaSuccess) {
+        cublasLtDestroy(g->lt);
+        nm_free(g);
         return nm_error_set(err, "backend cuda: cudaMalloc of the cuBLASLt workspace (%zu bytes) failed: %s",
                             workspace_bytes, cudaGetErrorString(e));
+    }
+    ctx->gemm = g;
     return 0;
+}
+
+void nm_cuda_gemm_state_destroy(nm_cuda_gemm_state *g) {
+    if (!g) return;
+    if (g->workspace) NM_CUDA_CALL(cudaFree(g->workspace));
+    NM_LT_CALL(cublasLtDestroy(g->lt));
+    nm_free(g);
 }
 
 // The largest power of two (<= 256) the address is a multiple of: cuBLASLt's heuristic assumes
@@ -77,7 +96,7 @@ static void scale_kernel_launch(int64_t M, int64_t N, float beta, float *C, int6
 
 // --- the matmul -----------------------------------------------------------------------------------
 
-void nm_cuda_lt_matmul(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+void nm_cuda_lt_matmul(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
                        const void *A, int64_t lda, const void *B, int64_t ldb, int bf16, float beta, float *C,
                        int64_t ldc) {
     NM_CHECK(M >= 0 && N >= 0 && K >= 0, "gemm dims M=%lld N=%lld K=%lld", (long long)M, (long long)N, (long long)K);
@@ -93,7 +112,8 @@ void nm_cuda_lt_matmul(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, i
     NM_CHECK(lda >= (ta == NM_NO_TRANS ? K : M) && ldb >= (tb == NM_NO_TRANS ? N : K),
              "gemm lda=%lld ldb=%lld too small for M=%lld N=%lld K=%lld", (long long)lda, (long long)ldb,
              (long long)M, (long long)N, (long long)K);
-    NM_CHECK(lt != NULL, "backend cuda: a GEMM before setup (nm_ops_cuda()->setup)");
+    const nm_cuda_gemm_state *g = nm_cuda_ctx_of(be)->gemm;
+    NM_CHECK(g != NULL, "backend cuda: a GEMM before setup (be->setup)");
     // beta == 0 ignores C's old contents, which may be NaN (ops.h): C is cleared first, so the
     // answer does not depend on whether a cuBLASLt kernel reads C when beta is 0.
     if (beta == 0.0f)
@@ -125,14 +145,14 @@ void nm_cuda_lt_matmul(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, i
     int found = 0;
     // "no algorithm" comes back either as found == 0 or as CUBLAS_STATUS_NOT_SUPPORTED: both get
     // the message that names the GEMM
-    const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, lc, pref, 1, &heur, &found);
+    const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(g->lt, desc, la, lb, lc, lc, pref, 1, &heur, &found);
     if (hs != CUBLAS_STATUS_SUCCESS || found < 1)
         nm_panic(__FILE__, __LINE__, "backend cuda: cuBLASLt has no %s algorithm for %c%c M=%lld N=%lld K=%lld "
                  "lda=%lld ldb=%lld ldc=%lld (alignments A %u B %u C %u bytes): %s", bf16 ? "bf16" : "fp32",
                  ta ? 'T' : 'N', tb ? 'T' : 'N', (long long)M, (long long)N, (long long)K, (long long)lda,
                  (long long)ldb, (long long)ldc, al_b, al_a, al_c,
                  hs != CUBLAS_STATUS_SUCCESS ? cublasLtGetStatusString(hs) : "no algorithm returned");
-    NM_LT_CALL(cublasLtMatmul(lt, desc, &alpha, B, la, A, lb, &beta, C, lc, C, lc, &heur.algo, workspace,
+    NM_LT_CALL(cublasLtMatmul(g->lt, desc, &alpha, B, la, A, lb, &beta, C, lc, C, lc, &heur.algo, g->workspace,
                               workspace_bytes, NM_CUDA_STREAM));
     NM_LT_CALL(cublasLtMatmulPreferenceDestroy(pref));
     NM_LT_CALL(cublasLtMatrixLayoutDestroy(lc));
@@ -143,19 +163,19 @@ void nm_cuda_lt_matmul(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, i
 
 // --- fp32 -------------------------------------------------------------------------------------------
 
-void nm_cuda_gemm(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
-                  int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
-    nm_cuda_lt_matmul(ta, tb, M, N, K, alpha, A, lda, B, ldb, 0, beta, C, ldc);
+void nm_cuda_gemm(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+                  const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
+    nm_cuda_lt_matmul(be, ta, tb, M, N, K, alpha, A, lda, B, ldb, 0, beta, C, ldc);
     NM_CUDA_OP_DONE("gemm");
 }
 
-void nm_cuda_gemm_grouped(nm_transpose ta, nm_transpose tb, float alpha, float beta, const nm_gemm_group *groups,
-                          int64_t n) {
+void nm_cuda_gemm_grouped(const nm_ops *be, nm_transpose ta, nm_transpose tb, float alpha, float beta,
+                          const nm_gemm_group *groups, int64_t n) {
     NM_CHECK(n >= 0, "gemm_grouped n=%lld", (long long)n);
     // groups is host memory (the model's table of the layer's experts): read here, on the host
     for (int64_t g = 0; g < n; g++) {
         const nm_gemm_group *x = &groups[g];
-        nm_cuda_lt_matmul(ta, tb, x->M, x->N, x->K, alpha, x->A, x->lda, x->B, x->ldb, 0, beta, x->C, x->ldc);
+        nm_cuda_lt_matmul(be, ta, tb, x->M, x->N, x->K, alpha, x->A, x->lda, x->B, x->ldb, 0, beta, x->C, x->ldc);
     }
     NM_CUDA_OP_DONE("gemm_grouped");
 }
@@ -164,27 +184,27 @@ void nm_cuda_gemm_grouped(nm_transpose ta, nm_transpose tb, float alpha, float b
 
 // The operand as the bf16 GEMM reads it: NM_BF16 storage directly (with its ld); fp32 storage
 // converted into scratch `slot`, packed (*ld_out = stored columns).
-static const void *bf16_operand(const void *x, nm_dtype type, int64_t rows, int64_t cols, int64_t ld, int slot,
-                                int64_t *ld_out) {
+static const void *bf16_operand(const nm_ops *be, const void *x, nm_dtype type, int64_t rows, int64_t cols, int64_t ld,
+                                int slot, int64_t *ld_out) {
     NM_CHECK(type == NM_F32 || type == NM_BF16 || type == NM_F32_BF16, "gemm_bf16 operand type %d", (int)type);
     if (type == NM_BF16) {
         *ld_out = ld;
         return x;
     }
-    uint16_t *d = (uint16_t *)nm_cuda_scratch(slot, (size_t)(rows * cols > 0 ? rows * cols : 1) * sizeof(uint16_t));
+    uint16_t *d = (uint16_t *)nm_cuda_scratch(be, slot, (size_t)(rows * cols > 0 ? rows * cols : 1) * sizeof(uint16_t));
     to_bf16_kernel<<<nm_cuda_blocks(rows * cols, 256), 256, 0, NM_CUDA_STREAM>>>(d, (const float *)x, rows, cols, ld);
     *ld_out = cols;
     return d;
 }
 
-static void gemm_bf16_one(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
-                          const void *A, nm_dtype a_type, int64_t lda, const void *B, nm_dtype b_type, int64_t ldb,
-                          float beta, float *C, int64_t ldc) {
+static void gemm_bf16_one(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K,
+                          float alpha, const void *A, nm_dtype a_type, int64_t lda, const void *B, nm_dtype b_type,
+                          int64_t ldb, float beta, float *C, int64_t ldc) {
     NM_CHECK(M >= 0 && N >= 0 && K >= 0, "gemm_bf16 dims M=%lld N=%lld K=%lld", (long long)M, (long long)N,
              (long long)K);
     if (M == 0 || N == 0 || K == 0 || alpha == 0.0f) {
         // nothing is read from A or B: the fp32 GEMM's handling of C is the whole answer
-        nm_cuda_lt_matmul(ta, tb, M, N, K, alpha, NULL, lda, NULL, ldb, 1, beta, C, ldc);
+        nm_cuda_lt_matmul(be, ta, tb, M, N, K, alpha, NULL, lda, NULL, ldb, 1, beta, C, ldc);
         return;
     }
     // stored shapes: op(A) (M,K) is stored (M,K) or, transposed, (K,M); op(B) likewise
@@ -193,30 +213,30 @@ static void gemm_bf16_one(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N
     NM_CHECK(lda >= a_cols && ldb >= b_cols, "gemm_bf16 lda=%lld (need %lld) ldb=%lld (need %lld)", (long long)lda,
              (long long)a_cols, (long long)ldb, (long long)b_cols);
     int64_t la, lb;
-    const void *a = bf16_operand(A, a_type, a_rows, a_cols, lda, NM_CUDA_SCRATCH_A, &la);
-    const void *b = bf16_operand(B, b_type, b_rows, b_cols, ldb, NM_CUDA_SCRATCH_B, &lb);
-    nm_cuda_lt_matmul(ta, tb, M, N, K, alpha, a, la, b, lb, 1, beta, C, ldc);
+    const void *a = bf16_operand(be, A, a_type, a_rows, a_cols, lda, NM_CUDA_SCRATCH_A, &la);
+    const void *b = bf16_operand(be, B, b_type, b_rows, b_cols, ldb, NM_CUDA_SCRATCH_B, &lb);
+    nm_cuda_lt_matmul(be, ta, tb, M, N, K, alpha, a, la, b, lb, 1, beta, C, ldc);
 }
 
-void nm_cuda_gemm_bf16(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+void nm_cuda_gemm_bf16(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
                        const void *A, nm_dtype a_type, int64_t lda, const void *B, nm_dtype b_type, int64_t ldb,
                        float beta, float *C, int64_t ldc) {
-    gemm_bf16_one(ta, tb, M, N, K, alpha, A, a_type, lda, B, b_type, ldb, beta, C, ldc);
+    gemm_bf16_one(be, ta, tb, M, N, K, alpha, A, a_type, lda, B, b_type, ldb, beta, C, ldc);
     NM_CUDA_OP_DONE("gemm_bf16");
 }
 
-void nm_cuda_gemm_bf16_grouped(nm_transpose ta, nm_transpose tb, float alpha, float beta,
+void nm_cuda_gemm_bf16_grouped(const nm_ops *be, nm_transpose ta, nm_transpose tb, float alpha, float beta,
                                const nm_gemm_group *groups, int64_t n, nm_dtype a_type, nm_dtype b_type) {
     NM_CHECK(n >= 0, "gemm_bf16_grouped n=%lld", (long long)n);
     // One group after another on the stream: group g + 1's conversion into the same scratch is
     // ordered after group g's matmul has read it.
     for (int64_t g = 0; g < n; g++) {
         const nm_gemm_group *x = &groups[g];
-        gemm_bf16_one(ta, tb, x->M, x->N, x->K, alpha, x->A, a_type, x->lda, x->B, b_type, x->ldb, beta, x->C, x->ldc);
+        gemm_bf16_one(be, ta, tb, x->M, x->N, x->K, alpha, x->A, a_type, x->lda, x->B, b_type, x->ldb, beta, x->C, x->ldc);
     }
     NM_CUDA_OP_DONE("gemm_bf16_grouped");
 }
 
 // cuBLASLt multiplies bf16 storage directly: the model's weight copy is best kept as bf16
 // (half the bytes of the NM_F32_BF16 copy, no conversion per call).
-nm_dtype nm_cuda_gemm_bf16_weight_type(void) { return NM_BF16; }
+nm_dtype nm_cuda_gemm_bf16_weight_type(const nm_ops *be) { return NM_BF16; }

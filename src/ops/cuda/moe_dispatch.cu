@@ -63,11 +63,12 @@ static __global__ void place_kernel(int32_t *perm, const int32_t *counts, const 
     }
 }
 
-void nm_cuda_moe_permute(int32_t *offsets, int32_t *perm, const int32_t *topk_idx, int64_t N, int64_t K, int64_t E) {
+void nm_cuda_moe_permute(const nm_ops *be, int32_t *offsets, int32_t *perm, const int32_t *topk_idx, int64_t N,
+                         int64_t K, int64_t E) {
     NM_CHECK(N >= 0 && K >= 1 && E >= 1 && N * K <= INT32_MAX && E < INT32_MAX, "moe_permute N=%lld K=%lld E=%lld",
              (long long)N, (long long)K, (long long)E);
     const int64_t NK = N * K;
-    int32_t *counts = (int32_t *)nm_cuda_scratch(NM_CUDA_SCRATCH_WORK, (size_t)(E + 1) * sizeof(int32_t));
+    int32_t *counts = (int32_t *)nm_cuda_scratch(be, NM_CUDA_SCRATCH_WORK, (size_t)(E + 1) * sizeof(int32_t));
     count_kernel<<<(unsigned)(E + 1), NM_CUDA_THREADS, 0, NM_CUDA_STREAM>>>(counts, topk_idx, NK, E);
     // counts to the host, into offsets (host-readable, E + 1 entries), then the exclusive scan:
     // a host loop over E + 1 integers
@@ -102,14 +103,15 @@ static __global__ void gather_kernel(float *dst, uint16_t *bits, const float *sr
     }
 }
 
-void nm_cuda_moe_gather(float *dst, const float *src, const int32_t *perm, int64_t N, int64_t K, int64_t D) {
+void nm_cuda_moe_gather(const nm_ops *be, float *dst, const float *src, const int32_t *perm, int64_t N, int64_t K,
+                        int64_t D) {
     NM_CHECK(N >= 0 && K >= 1 && D >= 0, "moe shape N=%lld K=%lld D=%lld", (long long)N, (long long)K, (long long)D);
     if (N * K * D > 0) gather_kernel<<<GRID(N * K * D)>>>(dst, NULL, src, perm, N * K, K, D, 0);
     NM_CUDA_OP_DONE("moe_gather");
 }
 
-void nm_cuda_moe_gather_bf16(float *dst, uint16_t *bits, const float *src, const int32_t *perm, int64_t N,
-                             int64_t K, int64_t D) {
+void nm_cuda_moe_gather_bf16(const nm_ops *be, float *dst, uint16_t *bits, const float *src, const int32_t *perm,
+                             int64_t N, int64_t K, int64_t D) {
     NM_CHECK(N >= 0 && K >= 1 && D >= 0, "moe shape N=%lld K=%lld D=%lld", (long long)N, (long long)K, (long long)D);
     if (N * K * D > 0) gather_kernel<<<GRID(N * K * D)>>>(dst, bits, src, perm, N * K, K, D, 1);
     NM_CUDA_OP_DONE("moe_gather_bf16");
@@ -150,25 +152,26 @@ static __global__ void add_rows_kernel(float *y, const float *rows_in, const flo
     }
 }
 
-static void add_rows(const char *op, float *y, const float *rows_in, const float *topk_weight, const int32_t *perm,
-                     int64_t N, int64_t K, int64_t D) {
+static void add_rows(const nm_ops *be, const char *op, float *y, const float *rows_in, const float *topk_weight,
+                     const int32_t *perm, int64_t N, int64_t K, int64_t D) {
     NM_CHECK(N >= 0 && K >= 1 && K <= MAX_K && D >= 0, "%s shape N=%lld K=%lld (1..%d) D=%lld", op, (long long)N,
              (long long)K, MAX_K, (long long)D);
     if (N * K * D > 0) {
-        int32_t *inv = (int32_t *)nm_cuda_scratch(NM_CUDA_SCRATCH_WORK, (size_t)(N * K) * sizeof(int32_t));
+        int32_t *inv = (int32_t *)nm_cuda_scratch(be, NM_CUDA_SCRATCH_WORK, (size_t)(N * K) * sizeof(int32_t));
         invert_kernel<<<GRID(N * K)>>>(inv, perm, N * K);
         add_rows_kernel<<<GRID(N * D)>>>(y, rows_in, topk_weight, perm, inv, N, K, D);
     }
     NM_CUDA_OP_DONE(op);
 }
 
-void nm_cuda_moe_combine_forward(float *y, const float *expert_out, const float *topk_weight, const int32_t *perm,
-                                 int64_t N, int64_t K, int64_t D) {
-    add_rows("moe_combine_forward", y, expert_out, topk_weight, perm, N, K, D);
+void nm_cuda_moe_combine_forward(const nm_ops *be, float *y, const float *expert_out, const float *topk_weight,
+                                 const int32_t *perm, int64_t N, int64_t K, int64_t D) {
+    add_rows(be, "moe_combine_forward", y, expert_out, topk_weight, perm, N, K, D);
 }
 
-void nm_cuda_moe_scatter_add(float *dsrc, const float *ddst, const int32_t *perm, int64_t N, int64_t K, int64_t D) {
-    add_rows("moe_scatter_add", dsrc, ddst, NULL, perm, N, K, D);
+void nm_cuda_moe_scatter_add(const nm_ops *be, float *dsrc, const float *ddst, const int32_t *perm, int64_t N,
+                             int64_t K, int64_t D) {
+    add_rows(be, "moe_scatter_add", dsrc, ddst, NULL, perm, N, K, D);
 }
 
 // dexpert_out(N*K,D) (=) topk_weight[a] * dy[token]; block r also dtopk_weight[a] (=)
@@ -189,7 +192,7 @@ static __global__ void combine_backward_kernel(float *dexpert_out, float *dtopk_
     if (threadIdx.x == 0) dtopk_weight[a] = (float)dot;
 }
 
-void nm_cuda_moe_combine_backward(float *dexpert_out, float *dtopk_weight, const float *dy,
+void nm_cuda_moe_combine_backward(const nm_ops *be, float *dexpert_out, float *dtopk_weight, const float *dy,
                                   const float *expert_out, const float *topk_weight, const int32_t *perm, int64_t N,
                                   int64_t K, int64_t D) {
     NM_CHECK(N >= 0 && K >= 1 && D >= 0 && N * K <= INT32_MAX, "moe shape N=%lld K=%lld D=%lld", (long long)N,

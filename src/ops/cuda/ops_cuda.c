@@ -4,10 +4,14 @@
 // Built only with the CUDA toolkit (CMake's NM_CUDA, which defines NM_HAVE_CUDA).
 #include "ops/cuda/cuda_ops.h"
 
-static void cuda_set_threads(int n) { (void)n; }  // the host side is one thread; the device has its own
-static int cuda_threads(void) { return 1; }
+static void cuda_set_threads(const nm_ops *be,
+                             int n) { (void)n; }  // the host side is one thread; the device has its own
+static int cuda_threads(const nm_ops *be) { return 1; }
 
 static const nm_ops cuda_ops = {
+    .name = "cuda",
+    .ctx_create = nm_cuda_ctx_create,
+    .ctx_destroy = nm_cuda_ctx_destroy,
     .setup = nm_cuda_setup,
     .kernel_names = nm_cuda_kernel_names,
     .max_row_dim = NM_CUDA_MAX_ROW_DIM,

@@ -87,15 +87,15 @@ static __global__ void bias_update_kernel(float *bias, const int64_t *counts, in
 
 // --- launchers ----------------------------------------------------------------------------------------
 
-static const nm_optim_chunk *device_chunks(const nm_optim_chunk *chunks, int64_t n) {
+static const nm_optim_chunk *device_chunks(const nm_ops *be, const nm_optim_chunk *chunks, int64_t n) {
     NM_CHECK(n >= 0, "optimizer chunks n=%lld", (long long)n);
-    return (const nm_optim_chunk *)nm_cuda_readable(chunks, (size_t)n * sizeof(nm_optim_chunk), NM_CUDA_SCRATCH_STAGE1);
+    return (const nm_optim_chunk *)nm_cuda_readable(be, chunks, (size_t)n * sizeof(nm_optim_chunk), NM_CUDA_SCRATCH_STAGE1);
 }
 
-void nm_cuda_sumsq_chunks(double *partials, const float *x, const nm_optim_chunk *chunks, int64_t n) {
-    const nm_optim_chunk *dc = device_chunks(chunks, n);
+void nm_cuda_sumsq_chunks(const nm_ops *be, double *partials, const float *x, const nm_optim_chunk *chunks, int64_t n) {
+    const nm_optim_chunk *dc = device_chunks(be, chunks, n);
     if (n > 0) {
-        double *d = (double *)nm_cuda_scratch(NM_CUDA_SCRATCH_OUT, (size_t)n * sizeof(double));
+        double *d = (double *)nm_cuda_scratch(be, NM_CUDA_SCRATCH_OUT, (size_t)n * sizeof(double));
         sumsq_kernel<<<CHUNK_GRID(n), 8, 0, NM_CUDA_STREAM>>>(d, x, dc, n);
         // partials is the caller's host memory (ops.h)
         NM_CUDA_CALL(cudaMemcpyAsync(partials, d, (size_t)n * sizeof(double), cudaMemcpyDefault, NM_CUDA_STREAM));
@@ -103,16 +103,16 @@ void nm_cuda_sumsq_chunks(double *partials, const float *x, const nm_optim_chunk
     NM_CUDA_OP_DONE("sumsq_chunks");
 }
 
-void nm_cuda_scale_chunks(float *x, float s, const nm_optim_chunk *chunks, int64_t n) {
-    const nm_optim_chunk *dc = device_chunks(chunks, n);
+void nm_cuda_scale_chunks(const nm_ops *be, float *x, float s, const nm_optim_chunk *chunks, int64_t n) {
+    const nm_optim_chunk *dc = device_chunks(be, chunks, n);
     if (n > 0) scale_kernel<<<CHUNK_GRID(n), 256, 0, NM_CUDA_STREAM>>>(x, s, dc, n);
     NM_CUDA_OP_DONE("scale_chunks");
 }
 
-int64_t nm_cuda_first_nonfinite(const float *x, int64_t n) {
+int64_t nm_cuda_first_nonfinite(const nm_ops *be, const float *x, int64_t n) {
     NM_CHECK(n >= 0, "first_nonfinite n=%lld", (long long)n);
     if (n == 0) return -1;
-    unsigned long long *d = (unsigned long long *)nm_cuda_scratch(NM_CUDA_SCRATCH_WORK, sizeof(unsigned long long));
+    unsigned long long *d = (unsigned long long *)nm_cuda_scratch(be, NM_CUDA_SCRATCH_WORK, sizeof(unsigned long long));
     NM_CUDA_CALL(cudaMemsetAsync(d, 0xff, sizeof *d, NM_CUDA_STREAM));  // ULLONG_MAX: none found
     nonfinite_kernel<<<nm_cuda_blocks(n, 256), 256, 0, NM_CUDA_STREAM>>>(d, x, n);
     unsigned long long first = 0;
@@ -121,19 +121,19 @@ int64_t nm_cuda_first_nonfinite(const float *x, int64_t n) {
     return first == ~0ull ? -1 : (int64_t)first;
 }
 
-void nm_cuda_adamw_chunks(float *params, void *m, nm_dtype m_type, void *v, nm_dtype v_type, const float *grads,
-                          const nm_optim_chunk *chunks, int64_t n, const nm_adamw_coefs *k) {
+void nm_cuda_adamw_chunks(const nm_ops *be, float *params, void *m, nm_dtype m_type, void *v, nm_dtype v_type,
+                          const float *grads, const nm_optim_chunk *chunks, int64_t n, const nm_adamw_coefs *k) {
     NM_CHECK((m_type == NM_F32 || m_type == NM_BF16) && (v_type == NM_F32 || v_type == NM_BF16),
              "adamw moment types %d %d", (int)m_type, (int)v_type);
-    const nm_optim_chunk *dc = device_chunks(chunks, n);
+    const nm_optim_chunk *dc = device_chunks(be, chunks, n);
     if (n > 0) adamw_kernel<<<CHUNK_GRID(n), 256, 0, NM_CUDA_STREAM>>>(params, m, m_type, v, v_type, grads, dc, n, *k);
     NM_CUDA_OP_DONE("adamw_chunks");
 }
 
-void nm_cuda_router_bias_update(float *bias, const int64_t *counts, int64_t E, float gamma) {
+void nm_cuda_router_bias_update(const nm_ops *be, float *bias, const int64_t *counts, int64_t E, float gamma) {
     NM_CHECK(E > 0, "router_bias_update E = %lld", (long long)E);
     // counts is host memory (ops.h): staged
-    const int64_t *dc = (const int64_t *)nm_cuda_readable(counts, (size_t)E * sizeof(int64_t), NM_CUDA_SCRATCH_STAGE0);
+    const int64_t *dc = (const int64_t *)nm_cuda_readable(be, counts, (size_t)E * sizeof(int64_t), NM_CUDA_SCRATCH_STAGE0);
     bias_update_kernel<<<1, 256, 0, NM_CUDA_STREAM>>>(bias, dc, E, gamma);
     NM_CUDA_OP_DONE("router_bias_update");
 }

@@ -54,15 +54,15 @@ static __global__ void rmsnorm_dw_kernel(float *dw, const float *dout, const flo
 
 // --- launchers ----------------------------------------------------------------------------------------
 
-void nm_cuda_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int64_t N, int64_t D,
-                             float eps) {
+void nm_cuda_rmsnorm_forward(const nm_ops *be, float *out, float *rstd, const float *inp, const float *w, int64_t N,
+                             int64_t D, float eps) {
     NM_CHECK(N >= 0 && D > 0 && N <= INT32_MAX, "rmsnorm shape N=%lld D=%lld", (long long)N, (long long)D);
     if (N > 0) rmsnorm_forward_kernel<<<(unsigned)N, NM_CUDA_THREADS, 0, NM_CUDA_STREAM>>>(out, rstd, inp, w, D, eps);
     NM_CUDA_OP_DONE("rmsnorm_forward");
 }
 
-void nm_cuda_rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                              const float *rstd, int64_t N, int64_t D) {
+void nm_cuda_rmsnorm_backward(const nm_ops *be, float *dinp, float *dw, const float *dout, const float *inp,
+                              const float *w, const float *rstd, int64_t N, int64_t D) {
     NM_CHECK(N >= 0 && D > 0 && N <= INT32_MAX, "rmsnorm shape N=%lld D=%lld", (long long)N, (long long)D);
     if (N > 0) {
         rmsnorm_dinp_kernel<<<(unsigned)N, NM_CUDA_THREADS, 0, NM_CUDA_STREAM>>>(dinp, dout, inp, w, rstd, D);

@@ -203,7 +203,7 @@ static void check_params(const nm_router_params *p) {
              (long long)p->E, (long long)p->G);
 }
 
-void nm_cuda_router_forward(int32_t *topk_idx, float *topk_weight, float *scores, const float *logits,
+void nm_cuda_router_forward(const nm_ops *be, int32_t *topk_idx, float *topk_weight, float *scores, const float *logits,
                             const float *bias, const nm_router_params *p) {
     check_params(p);
     if (p->N > 0)
@@ -211,7 +211,7 @@ void nm_cuda_router_forward(int32_t *topk_idx, float *topk_weight, float *scores
     NM_CUDA_OP_DONE("router_forward");
 }
 
-void nm_cuda_router_backward(float *dlogits, const float *dtopk_weight, const float *scores,
+void nm_cuda_router_backward(const nm_ops *be, float *dlogits, const float *dtopk_weight, const float *scores,
                              const int32_t *topk_idx, const nm_router_params *p) {
     check_params(p);
     if (p->N > 0)
@@ -224,10 +224,11 @@ static void check_balance(int64_t B, int64_t T, int64_t E, int64_t K) {
              "balance loss B=%lld T=%lld E=%lld K=%lld", (long long)B, (long long)T, (long long)E, (long long)K);
 }
 
-double nm_cuda_balance_loss_forward(float *f, const float *scores, int64_t B, int64_t T, int64_t E, int64_t K) {
+double nm_cuda_balance_loss_forward(const nm_ops *be, float *f, const float *scores, int64_t B, int64_t T, int64_t E,
+                                    int64_t K) {
     check_balance(B, T, E, K);
     if (B == 0) return 0.0;
-    double *prod = (double *)nm_cuda_scratch(NM_CUDA_SCRATCH_OUT, (size_t)(B * E) * sizeof(double));
+    double *prod = (double *)nm_cuda_scratch(be, NM_CUDA_SCRATCH_OUT, (size_t)(B * E) * sizeof(double));
     balance_forward_kernel<<<(unsigned)B, RT, 0, NM_CUDA_STREAM>>>(f, prod, scores, T, E, K);
     NM_CUDA_OP_DONE("balance_loss_forward");
     // The B x E products summed on the host in the reference's order (b, then e): a small
@@ -244,8 +245,8 @@ double nm_cuda_balance_loss_forward(float *f, const float *scores, int64_t B, in
     return total / (double)B;
 }
 
-void nm_cuda_balance_loss_backward(float *dlogits, float dloss, const float *f, const float *scores, int64_t B,
-                                   int64_t T, int64_t E, int64_t K, nm_scoring scoring) {
+void nm_cuda_balance_loss_backward(const nm_ops *be, float *dlogits, float dloss, const float *f, const float *scores,
+                                   int64_t B, int64_t T, int64_t E, int64_t K, nm_scoring scoring) {
     check_balance(B, T, E, K);
     NM_CHECK(scoring == NM_SCORING_SIGMOID || scoring == NM_SCORING_SOFTMAX, "scoring %d", (int)scoring);
     const double gscale = (double)dloss / ((double)B * (double)T);

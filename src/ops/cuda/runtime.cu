@@ -19,9 +19,7 @@ static __global__ void probe_kernel(int *x) {
     if (threadIdx.x == 0 && blockIdx.x == 0) *x = 42;
 }
 
-static char device_desc[256];   // "NVIDIA H100 80GB HBM3, sm_90, 79 GiB", for kernel_names
-
-static int setup_once(nm_error *err) {
+static int setup_once(const nm_ops *be, nm_error *err) {
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess || n < 1) {
@@ -65,29 +63,46 @@ static int setup_once(nm_error *err) {
     if (prop.major < 9)
         fprintf(stderr, "backend cuda: warning: device %d (%s) is sm_%d%d; this backend is built and meant for "
                 "sm_90 (H100/H200)\n", dev, prop.name, prop.major, prop.minor);
-    snprintf(device_desc, sizeof device_desc, "%.200s, sm_%d%d, %.0f GiB", prop.name, prop.major, prop.minor,
+    nm_cuda_ctx *ctx = nm_cuda_ctx_of(be);
+    snprintf(ctx->device_desc, sizeof ctx->device_desc, "%.200s, sm_%d%d, %.0f GiB", prop.name, prop.major, prop.minor,
              (double)prop.totalGlobalMem / (1024.0 * 1024.0 * 1024.0));
-    return nm_cuda_gemm_setup(err);
+    return nm_cuda_gemm_setup(be, err);
 }
 
-int nm_cuda_setup(nm_error *err) {
-    // once per process: the answer does not change, and the model and the tests both ask
-    static int state = 0;  // 0 not asked, 1 usable, -1 not
-    static nm_error saved;
-    if (state == 0) state = setup_once(&saved) == 0 ? 1 : -1;
-    if (state < 0) {
-        if (err) *err = saved;
+int nm_cuda_setup(const nm_ops *be, nm_error *err) {
+    // once per instance: the answer does not change, and the model and the tests both ask
+    nm_cuda_ctx *ctx = nm_cuda_ctx_of(be);
+    if (ctx->setup_state == 0) ctx->setup_state = setup_once(be, &ctx->setup_error) == 0 ? 1 : -1;
+    if (ctx->setup_state < 0) {
+        if (err) *err = ctx->setup_error;
         return -1;
     }
     return 0;
 }
 
-const char *nm_cuda_kernel_names(void) {
-    static char names[512];
+int nm_cuda_ctx_create(void **ctx, nm_error *err) {
+    (void)err;  // nothing here touches the device: setup probes it
+    *ctx = nm_calloc(1, sizeof(nm_cuda_ctx));
+    return 0;
+}
+
+void nm_cuda_ctx_destroy(void *ctx) {
+    nm_cuda_ctx *c = (nm_cuda_ctx *)ctx;
+    if (!c) return;
+    for (int i = 0; i < NM_CUDA_SCRATCH_SLOTS; i++)
+        if (c->scratch[i].data) NM_CUDA_CALL(cudaFree(c->scratch[i].data));
+    nm_cuda_gemm_state_destroy(c->gemm);
+    nm_free(c);
+}
+
+const char *nm_cuda_kernel_names(const nm_ops *be) {
+    nm_cuda_ctx *ctx = nm_cuda_ctx_of(be);
+    char *names = ctx->kernel_names;
     if (!names[0])
-        snprintf(names, sizeof names, "fp32 GEMM cuBLASLt (fp32 compute), bf16 GEMM cuBLASLt, fp8 GEMM emulated "
+        snprintf(names, sizeof ctx->kernel_names,
+                 "fp32 GEMM cuBLASLt (fp32 compute), bf16 GEMM cuBLASLt, fp8 GEMM emulated "
                  "(dequantised, fp32 cuBLASLt), one stream, synchronised per op; %.300s",
-                 device_desc[0] ? device_desc : "no device set up");
+                 ctx->device_desc[0] ? ctx->device_desc : "no device set up");
     return names;
 }
 
@@ -96,7 +111,7 @@ const char *nm_cuda_kernel_names(void) {
 // Managed memory: one address for host and device, so the model's host-side reads (loss sums,
 // expert offsets, checkpoints) work unchanged. Zero-filled on the device, so the pages start
 // there; aligned to at least 256 bytes by the driver (ops.h asks 64).
-void *nm_cuda_alloc(size_t bytes) {
+void *nm_cuda_alloc(const nm_ops *be, size_t bytes) {
     void *p = NULL;
     if (!bytes) bytes = 1;
     cudaError_t e = cudaMallocManaged(&p, bytes, cudaMemAttachGlobal);
@@ -109,25 +124,25 @@ void *nm_cuda_alloc(size_t bytes) {
     return p;
 }
 
-void nm_cuda_free(void *p) {
+void nm_cuda_free(const nm_ops *be, void *p) {
     if (p) NM_CUDA_CALL(cudaFree(p));
 }
 
 // cudaMemcpyDefault: the unified address space tells host from device, so one function serves
 // both directions and managed-to-managed copies. Synchronous for the host, as ops.h expects.
-void nm_cuda_copy(void *dst, const void *src, size_t bytes) {
+void nm_cuda_copy(const nm_ops *be, void *dst, const void *src, size_t bytes) {
     if (!bytes) return;
     NM_CUDA_CALL(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, NM_CUDA_STREAM));
     NM_CUDA_CALL(cudaStreamSynchronize(NM_CUDA_STREAM));
 }
 
-void nm_cuda_memset(void *dst, int value, size_t bytes) {
+void nm_cuda_memset(const nm_ops *be, void *dst, int value, size_t bytes) {
     if (!bytes) return;
     NM_CUDA_CALL(cudaMemsetAsync(dst, value, bytes, NM_CUDA_STREAM));
     NM_CUDA_CALL(cudaStreamSynchronize(NM_CUDA_STREAM));
 }
 
-void nm_cuda_synchronize(void) { NM_CUDA_CALL(cudaDeviceSynchronize()); }
+void nm_cuda_synchronize(const nm_ops *be) { NM_CUDA_CALL(cudaDeviceSynchronize()); }
 
 void nm_cuda_op_done(const char *op, const char *file, int line) {
     cudaError_t e = cudaGetLastError();
@@ -140,27 +155,23 @@ void nm_cuda_op_done(const char *op, const char *file, int line) {
 
 // --- scratch ---------------------------------------------------------------------------------------
 
-static struct {
-    void *data;
-    size_t cap;                 // bytes
-} scratch[NM_CUDA_SCRATCH_SLOTS];
-
-void *nm_cuda_scratch(int slot, size_t bytes) {
+void *nm_cuda_scratch(const nm_ops *be, int slot, size_t bytes) {
     NM_CHECK(slot >= 0 && slot < NM_CUDA_SCRATCH_SLOTS, "cuda scratch slot %d", slot);
+    nm_cuda_ctx *ctx = nm_cuda_ctx_of(be);
     if (!bytes) bytes = 1;
-    if (bytes > scratch[slot].cap) {
+    if (bytes > ctx->scratch[slot].cap) {
         // device memory: only kernels and copies touch scratch. The stream is drained first,
         // so a buffer an earlier launch of this op still reads is never freed under it.
         NM_CUDA_CALL(cudaStreamSynchronize(NM_CUDA_STREAM));
-        if (scratch[slot].data) NM_CUDA_CALL(cudaFree(scratch[slot].data));
-        scratch[slot].data = NULL;
-        NM_CUDA_CALL(cudaMalloc(&scratch[slot].data, bytes));
-        scratch[slot].cap = bytes;
+        if (ctx->scratch[slot].data) NM_CUDA_CALL(cudaFree(ctx->scratch[slot].data));
+        ctx->scratch[slot].data = NULL;
+        NM_CUDA_CALL(cudaMalloc(&ctx->scratch[slot].data, bytes));
+        ctx->scratch[slot].cap = bytes;
     }
-    return scratch[slot].data;
+    return ctx->scratch[slot].data;
 }
 
-const void *nm_cuda_readable(const void *p, size_t bytes, int slot) {
+const void *nm_cuda_readable(const nm_ops *be, const void *p, size_t bytes, int slot) {
     if (!p || !bytes) return p;
     cudaPointerAttributes a;
     cudaError_t e = cudaPointerGetAttributes(&a, p);
@@ -170,7 +181,7 @@ const void *nm_cuda_readable(const void *p, size_t bytes, int slot) {
     }
     if (a.type == cudaMemoryTypeManaged || a.type == cudaMemoryTypeDevice) return p;
     if (a.type == cudaMemoryTypeHost && a.devicePointer) return a.devicePointer;  // pinned, mapped
-    void *d = nm_cuda_scratch(slot, bytes);
+    void *d = nm_cuda_scratch(be, slot, bytes);
     NM_CUDA_CALL(cudaMemcpyAsync(d, p, bytes, cudaMemcpyHostToDevice, NM_CUDA_STREAM));
     return d;
 }
@@ -179,10 +190,10 @@ const void *nm_cuda_readable(const void *p, size_t bytes, int slot) {
 
 // Square GEMMs big enough to fill an H100 (n = 8192: 1.1 TFLOP a call, tens of ms at fp32's
 // rate, a few at bf16's): the rate the MFU is against.
-double nm_cuda_measure_peak(int bf16) {
-    double peak = nm_ops_time_square_gemm(nm_ops_cuda(), 0, 8192);
+double nm_cuda_measure_peak(const nm_ops *be, int bf16) {
+    double peak = nm_ops_time_square_gemm(be, 0, 8192);
     if (bf16) {
-        double p16 = nm_ops_time_square_gemm(nm_ops_cuda(), 1, 8192);
+        double p16 = nm_ops_time_square_gemm(be, 1, 8192);
         if (p16 > peak) peak = p16;
     }
     return peak;

@@ -49,26 +49,28 @@ static __global__ void swiglu_backward_kernel(float *dgate_up, uint16_t *bits, c
 
 #define GRID(n) nm_cuda_blocks((n), 256), 256, 0, NM_CUDA_STREAM
 
-void nm_cuda_swiglu_forward(float *out, const float *gate_up, int64_t N, int64_t F) {
+void nm_cuda_swiglu_forward(const nm_ops *be, float *out, const float *gate_up, int64_t N, int64_t F) {
     NM_CHECK(N >= 0 && F >= 0, "swiglu shape");
     if (N * F > 0) swiglu_forward_kernel<<<GRID(N * F)>>>(out, NULL, gate_up, N, F, 0);
     NM_CUDA_OP_DONE("swiglu_forward");
 }
 
-void nm_cuda_swiglu_backward(float *dgate_up, const float *dout, const float *gate_up, int64_t N, int64_t F) {
+void nm_cuda_swiglu_backward(const nm_ops *be, float *dgate_up, const float *dout, const float *gate_up, int64_t N,
+                             int64_t F) {
     NM_CHECK(N >= 0 && F >= 0, "swiglu shape");
     if (N * F > 0) swiglu_backward_kernel<<<GRID(N * F)>>>(dgate_up, NULL, dout, gate_up, N, F, 0);
     NM_CUDA_OP_DONE("swiglu_backward");
 }
 
-void nm_cuda_swiglu_forward_bf16(float *out, uint16_t *bits, const float *gate_up, int64_t N, int64_t F) {
+void nm_cuda_swiglu_forward_bf16(const nm_ops *be, float *out, uint16_t *bits, const float *gate_up, int64_t N,
+                                 int64_t F) {
     NM_CHECK(N >= 0 && F >= 0, "swiglu shape");
     if (N * F > 0) swiglu_forward_kernel<<<GRID(N * F)>>>(out, bits, gate_up, N, F, 1);
     NM_CUDA_OP_DONE("swiglu_forward_bf16");
 }
 
-void nm_cuda_swiglu_backward_bf16(float *dgate_up, uint16_t *bits, const float *dout, const float *gate_up,
-                                  int64_t N, int64_t F) {
+void nm_cuda_swiglu_backward_bf16(const nm_ops *be, float *dgate_up, uint16_t *bits, const float *dout,
+                                  const float *gate_up, int64_t N, int64_t F) {
     NM_CHECK(N >= 0 && F >= 0, "swiglu shape");
     if (N * F > 0) swiglu_backward_kernel<<<GRID(N * F)>>>(dgate_up, bits, dout, gate_up, N, F, 1);
     NM_CUDA_OP_DONE("swiglu_backward_bf16");

@@ -71,45 +71,46 @@ static __global__ void xent_backward_kernel(float *dlogits, int64_t ld_d, const 
 // --- launchers ----------------------------------------------------------------------------------------
 
 // targets(N) < V, read on the host (file comment); the device's copy returned
-static const int32_t *device_targets(const int32_t *targets, int64_t N, int64_t V) {
+static const int32_t *device_targets(const nm_ops *be, const int32_t *targets, int64_t N, int64_t V) {
     for (int64_t n = 0; n < N; n++)
         NM_CHECK(targets[n] < V, "target %lld is %d >= V=%lld", (long long)n, targets[n], (long long)V);
-    return (const int32_t *)nm_cuda_readable(targets, (size_t)N * sizeof(int32_t), NM_CUDA_SCRATCH_STAGE0);
+    return (const int32_t *)nm_cuda_readable(be, targets, (size_t)N * sizeof(int32_t), NM_CUDA_SCRATCH_STAGE0);
 }
 
-void nm_cuda_xent_forward(float *losses, float *lse, const float *logits, const int32_t *targets, int64_t N,
-                          int64_t V) {
+void nm_cuda_xent_forward(const nm_ops *be, float *losses, float *lse, const float *logits, const int32_t *targets,
+                          int64_t N, int64_t V) {
     NM_CHECK(N >= 0 && V > 0 && N <= INT32_MAX, "xent shape N=%lld V=%lld", (long long)N, (long long)V);
-    const int32_t *t = device_targets(targets, N, V);
+    const int32_t *t = device_targets(be, targets, N, V);
     if (N > 0)
         xent_forward_kernel<<<(unsigned)N, NM_CUDA_THREADS, 0, NM_CUDA_STREAM>>>(losses, lse, NULL, logits, V, t, 0, V,
                                                                                  1, 1);
     NM_CUDA_OP_DONE("xent_forward");
 }
 
-void nm_cuda_xent_backward(float *dlogits, const float *logits, const float *lse, const int32_t *targets,
-                           float scale, int64_t N, int64_t V) {
-    nm_cuda_xent_tile_backward(dlogits, V, logits, V, lse, targets, scale, N, V, 0, V);
+void nm_cuda_xent_backward(const nm_ops *be, float *dlogits, const float *logits, const float *lse,
+                           const int32_t *targets, float scale, int64_t N, int64_t V) {
+    nm_cuda_xent_tile_backward(be, dlogits, V, logits, V, lse, targets, scale, N, V, 0, V);
 }
 
-void nm_cuda_xent_tile_forward(float *losses, float *lse, double *stats, const float *logits, int64_t ld,
-                               const int32_t *targets, int64_t N, int64_t V, int64_t v0, int64_t Vt) {
+void nm_cuda_xent_tile_forward(const nm_ops *be, float *losses, float *lse, double *stats, const float *logits,
+                               int64_t ld, const int32_t *targets, int64_t N, int64_t V, int64_t v0, int64_t Vt) {
     NM_CHECK(N >= 0 && V > 0 && v0 >= 0 && Vt > 0 && v0 + Vt <= V && ld >= Vt && N <= INT32_MAX,
              "xent tile shape N=%lld V=%lld v0=%lld Vt=%lld ld=%lld", (long long)N, (long long)V, (long long)v0,
              (long long)Vt, (long long)ld);
-    const int32_t *t = device_targets(targets, N, V);
+    const int32_t *t = device_targets(be, targets, N, V);
     if (N > 0)
         xent_forward_kernel<<<(unsigned)N, NM_CUDA_THREADS, 0, NM_CUDA_STREAM>>>(losses, lse, stats, logits, ld, t, v0,
                                                                                  Vt, v0 == 0, v0 + Vt == V);
     NM_CUDA_OP_DONE("xent_tile_forward");
 }
 
-void nm_cuda_xent_tile_backward(float *dlogits, int64_t ld_d, const float *logits, int64_t ld, const float *lse,
-                                const int32_t *targets, float scale, int64_t N, int64_t V, int64_t v0, int64_t Vt) {
+void nm_cuda_xent_tile_backward(const nm_ops *be, float *dlogits, int64_t ld_d, const float *logits, int64_t ld,
+                                const float *lse, const int32_t *targets, float scale, int64_t N, int64_t V, int64_t v0,
+                                int64_t Vt) {
     NM_CHECK(N >= 0 && V > 0 && v0 >= 0 && Vt > 0 && v0 + Vt <= V && ld >= Vt && ld_d >= Vt,
              "xent tile shape N=%lld V=%lld v0=%lld Vt=%lld", (long long)N, (long long)V, (long long)v0,
              (long long)Vt);
-    const int32_t *t = device_targets(targets, N, V);
+    const int32_t *t = device_targets(be, targets, N, V);
     if (N * Vt > 0)
         xent_backward_kernel<<<nm_cuda_blocks(N * Vt, 256), 256, 0, NM_CUDA_STREAM>>>(dlogits, ld_d, logits, ld, lse, t,
                                                                                      scale, N, v0, Vt);

@@ -49,8 +49,9 @@ static void check_shapes(int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr
 }
 
 // out(B,T,H,Dv) (=), lse(B,H,T) (=); q(B,T,H,Dn+Dr), kv(B,T,H,Dn+Dv), k_pe(B,T,Dr)
-void nm_ref_attention_forward(float *out, float *lse, const float *q, const float *kv, const float *k_pe, int64_t B,
-                              int64_t T, int64_t H, int64_t Dn, int64_t Dr, int64_t Dv, float scale) {
+void nm_ref_attention_forward(const nm_ops *be, float *out, float *lse, const float *q, const float *kv,
+                              const float *k_pe, int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr, int64_t Dv,
+                              float scale) {
     check_shapes(B, T, H, Dn, Dr, Dv);
     const attn a = {q, kv, k_pe, T, H, Dn, Dr, Dv, scale};
     for (int64_t b = 0; b < B; b++)
@@ -89,7 +90,7 @@ static double dscore(const attn *a, const float *dout, const float *out, const f
 
 // dq(B,T,H,Dn+Dr) (=), dkv(B,T,H,Dn+Dv) (=), dk_pe(B,T,Dr) (=); dout(B,T,H,Dv), q, kv, k_pe,
 // out(B,T,H,Dv), lse(B,H,T) from the forward
-void nm_ref_attention_backward(float *dq, float *dkv, float *dk_pe, float *scratch, const float *dout,
+void nm_ref_attention_backward(const nm_ops *be, float *dq, float *dkv, float *dk_pe, float *scratch, const float *dout,
                                const float *q, const float *kv, const float *k_pe, const float *out,
                                const float *lse, int64_t B, int64_t T, int64_t H, int64_t Dn, int64_t Dr,
                                int64_t Dv, float scale) {

@@ -40,15 +40,15 @@ static void quantize(float *deq, const float *x, int64_t ld, int64_t rows, int64
     }
 }
 
-void nm_ref_gemm_fp8(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
-                     int64_t lda, const float *B, int64_t ldb, nm_fp8_operand b_kind, float beta, float *C,
-                     int64_t ldc) {
+void nm_ref_gemm_fp8(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+                     const float *A, int64_t lda, const float *B, int64_t ldb, nm_fp8_operand b_kind, float beta,
+                     float *C, int64_t ldc) {
     NM_CHECK(M >= 0 && N >= 0 && K >= 0, "gemm_fp8 dims M=%lld N=%lld K=%lld", (long long)M, (long long)N,
              (long long)K);
     NM_CHECK(b_kind == NM_FP8_ACTIVATION || b_kind == NM_FP8_WEIGHT, "gemm_fp8 b_kind=%d", (int)b_kind);
     if (M == 0 || N == 0 || K == 0 || alpha == 0.0f) {
         // nothing is read from A or B: the fp32 GEMM's handling of C is the whole answer
-        nm_ref_gemm(ta, tb, M, N, K, alpha, NULL, lda, NULL, ldb, beta, C, ldc);
+        nm_ref_gemm(be, ta, tb, M, N, K, alpha, NULL, lda, NULL, ldb, beta, C, ldc);
         return;
     }
     // Stored shapes: op(A) (M,K) is stored (M,K) or, transposed, (K,M); op(B) (K,N) likewise.
@@ -65,11 +65,11 @@ void nm_ref_gemm_fp8(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int
         b_br = tb == NM_NO_TRANS ? T : 1;
         b_bc = tb == NM_NO_TRANS ? 1 : T;
     }
-    float *a = nm_ref_scratch(0, (size_t)(a_rows * a_cols));
-    float *b = nm_ref_scratch(1, (size_t)(b_rows * b_cols));
+    float *a = nm_ref_scratch(be, 0, (size_t)(a_rows * a_cols));
+    float *b = nm_ref_scratch(be, 1, (size_t)(b_rows * b_cols));
     quantize(a, A, lda, a_rows, a_cols, a_br, a_bc);
     quantize(b, B, ldb, b_rows, b_cols, b_br, b_bc);
-    nm_ref_gemm(ta, tb, M, N, K, alpha, a, a_cols, b, b_cols, beta, C, ldc);
+    nm_ref_gemm(be, ta, tb, M, N, K, alpha, a, a_cols, b, b_cols, beta, C, ldc);
 }
 
 // --- fp8 rows (ops.h): one 1 x 128 tile at a time, the rule written out --------------------------
@@ -83,7 +83,7 @@ static float ref_tile_scale(const float *x, int64_t n) {
     return nm_fp8_scale(amax, NM_FP8_SCALE_FP32);
 }
 
-void nm_ref_fp8_quantize_rows(uint8_t *q, float *scales, const float *x, int64_t rows, int64_t D) {
+void nm_ref_fp8_quantize_rows(const nm_ops *be, uint8_t *q, float *scales, const float *x, int64_t rows, int64_t D) {
     NM_CHECK(rows >= 0 && D > 0, "fp8_quantize_rows rows=%lld D=%lld", (long long)rows, (long long)D);
     const int64_t nt = (D + NM_FP8_TILE - 1) / NM_FP8_TILE;
     for (int64_t r = 0; r < rows; r++)
@@ -95,14 +95,15 @@ void nm_ref_fp8_quantize_rows(uint8_t *q, float *scales, const float *x, int64_t
         }
 }
 
-void nm_ref_fp8_dequantize_rows(float *x, const uint8_t *q, const float *scales, int64_t rows, int64_t D) {
+void nm_ref_fp8_dequantize_rows(const nm_ops *be, float *x, const uint8_t *q, const float *scales, int64_t rows,
+                                int64_t D) {
     NM_CHECK(rows >= 0 && D > 0, "fp8_dequantize_rows rows=%lld D=%lld", (long long)rows, (long long)D);
     const int64_t nt = (D + NM_FP8_TILE - 1) / NM_FP8_TILE;
     for (int64_t r = 0; r < rows; r++)
         for (int64_t c = 0; c < D; c++) x[r * D + c] = nm_fp8_e4m3_decode(q[r * D + c]) * scales[r * nt + c / NM_FP8_TILE];
 }
 
-void nm_ref_fp8_round_rows(float *x, int64_t rows, int64_t D) {
+void nm_ref_fp8_round_rows(const nm_ops *be, float *x, int64_t rows, int64_t D) {
     NM_CHECK(rows >= 0 && D > 0, "fp8_round_rows rows=%lld D=%lld", (long long)rows, (long long)D);
     const int64_t nt = (D + NM_FP8_TILE - 1) / NM_FP8_TILE;
     for (int64_t r = 0; r < rows; r++)

@@ -32,8 +32,8 @@ static inline void sum_cols(double *acc, int64_t nj, const float *a, int64_t acs
     }
 }
 
-void nm_ref_gemm(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
-                 int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
+void nm_ref_gemm(const nm_ops *be, nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t K, float alpha,
+                 const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
     NM_CHECK(M >= 0 && N >= 0 && K >= 0, "gemm dims M=%lld N=%lld K=%lld", (long long)M, (long long)N, (long long)K);
     NM_CHECK((ta == NM_NO_TRANS || ta == NM_TRANS) && (tb == NM_NO_TRANS || tb == NM_TRANS),
              "gemm transpose flags %d %d", (int)ta, (int)tb);
@@ -65,11 +65,11 @@ void nm_ref_gemm(nm_transpose ta, nm_transpose tb, int64_t M, int64_t N, int64_t
     }
 }
 
-void nm_ref_gemm_grouped(nm_transpose ta, nm_transpose tb, float alpha, float beta, const nm_gemm_group *groups,
-                         int64_t n) {
+void nm_ref_gemm_grouped(const nm_ops *be, nm_transpose ta, nm_transpose tb, float alpha, float beta,
+                         const nm_gemm_group *groups, int64_t n) {
     NM_CHECK(n >= 0, "gemm_grouped n=%lld", (long long)n);
     for (int64_t g = 0; g < n; g++) {
         const nm_gemm_group *x = &groups[g];
-        nm_ref_gemm(ta, tb, x->M, x->N, x->K, alpha, x->A, x->lda, x->B, x->ldb, beta, x->C, x->ldc);
+        nm_ref_gemm(be, ta, tb, x->M, x->N, x->K, alpha, x->A, x->lda, x->B, x->ldb, beta, x->C, x->ldc);
     }
 }

@@ -13,7 +13,8 @@ static void check_shape(int64_t N, int64_t K, int64_t D) {
 }
 
 // offsets(E+1) (=), perm(N*K) (=); topk_idx(N,K)
-void nm_ref_moe_permute(int32_t *offsets, int32_t *perm, const int32_t *topk_idx, int64_t N, int64_t K, int64_t E) {
+void nm_ref_moe_permute(const nm_ops *be, int32_t *offsets, int32_t *perm, const int32_t *topk_idx, int64_t N,
+                        int64_t K, int64_t E) {
     NM_CHECK(N >= 0 && K >= 1 && E >= 1 && N * K <= INT32_MAX, "moe_permute N=%lld K=%lld E=%lld", (long long)N,
              (long long)K, (long long)E);
     for (int64_t a = 0; a < N * K; a++)
@@ -30,7 +31,8 @@ void nm_ref_moe_permute(int32_t *offsets, int32_t *perm, const int32_t *topk_idx
 }
 
 // dst(N*K,D) (=) src(N,D)[perm[r] / K]
-void nm_ref_moe_gather(float *dst, const float *src, const int32_t *perm, int64_t N, int64_t K, int64_t D) {
+void nm_ref_moe_gather(const nm_ops *be, float *dst, const float *src, const int32_t *perm, int64_t N, int64_t K,
+                       int64_t D) {
     check_shape(N, K, D);
     for (int64_t r = 0; r < N * K; r++)
         for (int64_t d = 0; d < D; d++) dst[r * D + d] = src[(int64_t)(perm[r] / K) * D + d];
@@ -38,8 +40,8 @@ void nm_ref_moe_gather(float *dst, const float *src, const int32_t *perm, int64_
 
 // dst(N*K,D) (=) bf16 of src(N,D)[perm[r] / K] in fp32 storage; bits(N*K,D) (=) the same as
 // bf16 when not NULL
-void nm_ref_moe_gather_bf16(float *dst, uint16_t *bits, const float *src, const int32_t *perm, int64_t N, int64_t K,
-                            int64_t D) {
+void nm_ref_moe_gather_bf16(const nm_ops *be, float *dst, uint16_t *bits, const float *src, const int32_t *perm,
+                            int64_t N, int64_t K, int64_t D) {
     check_shape(N, K, D);
     for (int64_t r = 0; r < N * K; r++)
         for (int64_t d = 0; d < D; d++) {
@@ -50,8 +52,8 @@ void nm_ref_moe_gather_bf16(float *dst, uint16_t *bits, const float *src, const 
 }
 
 // y(N,D) (+=) topk_weight[perm[r]] * expert_out[r] into token perm[r] / K, for r in order
-void nm_ref_moe_combine_forward(float *y, const float *expert_out, const float *topk_weight, const int32_t *perm,
-                                int64_t N, int64_t K, int64_t D) {
+void nm_ref_moe_combine_forward(const nm_ops *be, float *y, const float *expert_out, const float *topk_weight,
+                                const int32_t *perm, int64_t N, int64_t K, int64_t D) {
     check_shape(N, K, D);
     for (int64_t r = 0; r < N * K; r++) {
         const float w = topk_weight[perm[r]];
@@ -61,8 +63,9 @@ void nm_ref_moe_combine_forward(float *y, const float *expert_out, const float *
 }
 
 // dexpert_out(N*K,D) (=) topk_weight * dy[token]; dtopk_weight(N,K) (=) dy[token] . expert_out[r]
-void nm_ref_moe_combine_backward(float *dexpert_out, float *dtopk_weight, const float *dy, const float *expert_out,
-                                 const float *topk_weight, const int32_t *perm, int64_t N, int64_t K, int64_t D) {
+void nm_ref_moe_combine_backward(const nm_ops *be, float *dexpert_out, float *dtopk_weight, const float *dy,
+                                 const float *expert_out, const float *topk_weight, const int32_t *perm, int64_t N,
+                                 int64_t K, int64_t D) {
     check_shape(N, K, D);
     for (int64_t r = 0; r < N * K; r++) {
         const int32_t a = perm[r];
@@ -77,7 +80,8 @@ void nm_ref_moe_combine_backward(float *dexpert_out, float *dtopk_weight, const 
 }
 
 // dsrc(N,D) (+=) ddst(N*K,D)[r] into token perm[r] / K, for r in order (the gather's backward)
-void nm_ref_moe_scatter_add(float *dsrc, const float *ddst, const int32_t *perm, int64_t N, int64_t K, int64_t D) {
+void nm_ref_moe_scatter_add(const nm_ops *be, float *dsrc, const float *ddst, const int32_t *perm, int64_t N, int64_t K,
+                            int64_t D) {
     check_shape(N, K, D);
     for (int64_t r = 0; r < N * K; r++)
         for (int64_t d = 0; d < D; d++) dsrc[(int64_t)(perm[r] / K) * D + d] += ddst[r * D + d];

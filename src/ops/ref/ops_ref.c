@@ -4,31 +4,48 @@
 
 #include "ops/ref/ref_ops.h"
 
-static const char *ref_kernel_names(void) { return "scalar C, double accumulation, one thread"; }
+// The instance's scratch (ref_ops.h), empty until a bf16 or fp8 GEMM first needs it.
+static int ref_ctx_create(void **ctx, nm_error *err) {
+    (void)err;  // nothing here can fail but the allocation, which panics
+    *ctx = nm_calloc(1, sizeof(nm_ref_ctx));
+    return 0;
+}
+
+static void ref_ctx_destroy(void *ctx) {
+    nm_ref_ctx *c = ctx;
+    if (!c) return;
+    for (int i = 0; i < 2; i++) nm_free(c->scratch[i].data);
+    nm_free(c);
+}
+
+static const char *ref_kernel_names(const nm_ops *be) { return "scalar C, double accumulation, one thread"; }
 
 // Host memory, one thread: copies are memcpy, nothing is ever in flight, no threads to set.
-static void *ref_alloc(size_t bytes) { return nm_aligned_alloc(bytes ? bytes : 1); }
-static void ref_free(void *p) { nm_free(p); }
-static void ref_copy(void *dst, const void *src, size_t bytes) {
+static void *ref_alloc(const nm_ops *be, size_t bytes) { return nm_aligned_alloc(bytes ? bytes : 1); }
+static void ref_free(const nm_ops *be, void *p) { nm_free(p); }
+static void ref_copy(const nm_ops *be, void *dst, const void *src, size_t bytes) {
     if (bytes) memmove(dst, src, bytes);
 }
-static void ref_memset(void *dst, int value, size_t bytes) {
+static void ref_memset(const nm_ops *be, void *dst, int value, size_t bytes) {
     if (bytes) memset(dst, value, bytes);
 }
-static void ref_synchronize(void) {}
-static void ref_set_threads(int n) { (void)n; }
-static int ref_threads(void) { return 1; }
+static void ref_synchronize(const nm_ops *be) {}
+static void ref_set_threads(const nm_ops *be, int n) { (void)n; }
+static int ref_threads(const nm_ops *be) { return 1; }
 // The scalar loops' rate hardly depends on the size: n = 256 takes a fraction of a second.
-static double ref_measure_peak(int bf16) {
-    double peak = nm_ops_time_square_gemm(nm_ops_ref(), 0, 256);
+static double ref_measure_peak(const nm_ops *be, int bf16) {
+    double peak = nm_ops_time_square_gemm(be, 0, 256);
     if (bf16) {
-        double p16 = nm_ops_time_square_gemm(nm_ops_ref(), 1, 256);
+        double p16 = nm_ops_time_square_gemm(be, 1, 256);
         if (p16 > peak) peak = p16;
     }
     return peak;
 }
 
 static const nm_ops ref_ops = {
+    .name = "ref",
+    .ctx_create = ref_ctx_create,
+    .ctx_destroy = ref_ctx_destroy,
     .setup = NULL,  // no library, no machine feature: nothing can be missing
     .kernel_names = ref_kernel_names,
     .max_row_dim = NM_REF_MAX_ROW_DIM,

@@ -7,7 +7,7 @@
 #include "ops/bf16.h"
 #include "ops/ref/ref_ops.h"
 
-void nm_ref_sumsq_chunks(double *partials, const float *x, const nm_optim_chunk *chunks, int64_t n) {
+void nm_ref_sumsq_chunks(const nm_ops *be, double *partials, const float *x, const nm_optim_chunk *chunks, int64_t n) {
     for (int64_t c = 0; c < n; c++) {
         const float *g = x + chunks[c].offset;
         double lane[8] = {0};
@@ -16,12 +16,12 @@ void nm_ref_sumsq_chunks(double *partials, const float *x, const nm_optim_chunk 
     }
 }
 
-void nm_ref_scale_chunks(float *x, float s, const nm_optim_chunk *chunks, int64_t n) {
+void nm_ref_scale_chunks(const nm_ops *be, float *x, float s, const nm_optim_chunk *chunks, int64_t n) {
     for (int64_t c = 0; c < n; c++)
         for (size_t i = 0; i < chunks[c].len; i++) x[chunks[c].offset + i] *= s;
 }
 
-int64_t nm_ref_first_nonfinite(const float *x, int64_t n) {
+int64_t nm_ref_first_nonfinite(const nm_ops *be, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++)
         if (!isfinite(x[i])) return i;
     return -1;
@@ -37,8 +37,8 @@ static void store(void *base, nm_dtype t, size_t i, float x) {
 }
 
 // torch.optim.AdamW's single-tensor update, one float at a time (train/optim.h).
-void nm_ref_adamw_chunks(float *params, void *m, nm_dtype m_type, void *v, nm_dtype v_type, const float *grads,
-                         const nm_optim_chunk *chunks, int64_t n, const nm_adamw_coefs *k) {
+void nm_ref_adamw_chunks(const nm_ops *be, float *params, void *m, nm_dtype m_type, void *v, nm_dtype v_type,
+                         const float *grads, const nm_optim_chunk *chunks, int64_t n, const nm_adamw_coefs *k) {
     NM_CHECK((m_type == NM_F32 || m_type == NM_BF16) && (v_type == NM_F32 || v_type == NM_BF16),
              "adamw moment types %d %d", (int)m_type, (int)v_type);
     for (int64_t c = 0; c < n; c++) {
@@ -56,7 +56,7 @@ void nm_ref_adamw_chunks(float *params, void *m, nm_dtype m_type, void *v, nm_dt
     }
 }
 
-void nm_ref_router_bias_update(float *bias, const int64_t *counts, int64_t E, float gamma) {
+void nm_ref_router_bias_update(const nm_ops *be, float *bias, const int64_t *counts, int64_t E, float gamma) {
     NM_CHECK(E > 0, "router_bias_update E = %lld", (long long)E);
     double sum = 0.0;
     for (int64_t e = 0; e < E; e++) sum += (double)counts[e];

@@ -8,8 +8,8 @@
 #include "ops/ref/ref_ops.h"
 
 // out(N,D) (=), rstd(N) (=); inp(N,D), w(D)
-void nm_ref_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int64_t N, int64_t D,
-                            float eps) {
+void nm_ref_rmsnorm_forward(const nm_ops *be, float *out, float *rstd, const float *inp, const float *w, int64_t N,
+                            int64_t D, float eps) {
     NM_CHECK(N >= 0 && D > 0, "rmsnorm shape N=%lld D=%lld", (long long)N, (long long)D);
     for (int64_t n = 0; n < N; n++) {
         const float *x = inp + n * D;
@@ -22,8 +22,8 @@ void nm_ref_rmsnorm_forward(float *out, float *rstd, const float *inp, const flo
 }
 
 // dinp(N,D) (+=), dw(D) (+=); dout(N,D), inp(N,D), w(D), rstd(N)
-void nm_ref_rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                             const float *rstd, int64_t N, int64_t D) {
+void nm_ref_rmsnorm_backward(const nm_ops *be, float *dinp, float *dw, const float *dout, const float *inp,
+                             const float *w, const float *rstd, int64_t N, int64_t D) {
     NM_CHECK(N >= 0 && D > 0, "rmsnorm shape N=%lld D=%lld", (long long)N, (long long)D);
     // out = w * xn with xn = x * rstd (rstd depends on x):
     //   g = dout * w;  dx = (g - xn * mean(g * xn)) * rstd;  dw = sum over rows of dout * xn

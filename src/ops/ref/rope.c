@@ -29,12 +29,12 @@ static void rotate(float *x, const float *cos, const float *sin, int64_t B, int6
             }
 }
 
-void nm_ref_rope_forward(float *x, const float *cos, const float *sin, int64_t B, int64_t T, int64_t n_heads,
-                         int64_t head_dim, int64_t offset, int64_t Dr) {
+void nm_ref_rope_forward(const nm_ops *be, float *x, const float *cos, const float *sin, int64_t B, int64_t T,
+                         int64_t n_heads, int64_t head_dim, int64_t offset, int64_t Dr) {
     rotate(x, cos, sin, B, T, n_heads, head_dim, offset, Dr, 1.0);
 }
 
-void nm_ref_rope_backward(float *dx, const float *cos, const float *sin, int64_t B, int64_t T, int64_t n_heads,
-                          int64_t head_dim, int64_t offset, int64_t Dr) {
+void nm_ref_rope_backward(const nm_ops *be, float *dx, const float *cos, const float *sin, int64_t B, int64_t T,
+                          int64_t n_heads, int64_t head_dim, int64_t offset, int64_t Dr) {
     rotate(dx, cos, sin, B, T, n_heads, head_dim, offset, Dr, -1.0);
 }

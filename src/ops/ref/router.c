@@ -72,7 +72,7 @@ static void check_params(const nm_router_params *p) {
 }
 
 // topk_idx(N,K) (=), topk_weight(N,K) (=), scores(N,E) (=); logits(N,E), bias(E) may be NULL
-void nm_ref_router_forward(int32_t *topk_idx, float *topk_weight, float *scores, const float *logits,
+void nm_ref_router_forward(const nm_ops *be, int32_t *topk_idx, float *topk_weight, float *scores, const float *logits,
                            const float *bias, const nm_router_params *p) {
     check_params(p);
     const int64_t N = p->N, E = p->E, K = p->K;
@@ -110,8 +110,8 @@ void nm_ref_router_forward(int32_t *topk_idx, float *topk_weight, float *scores,
 }
 
 // dlogits(N,E) (=); dtopk_weight(N,K), scores(N,E), topk_idx(N,K). The selection is held fixed.
-void nm_ref_router_backward(float *dlogits, const float *dtopk_weight, const float *scores, const int32_t *topk_idx,
-                            const nm_router_params *p) {
+void nm_ref_router_backward(const nm_ops *be, float *dlogits, const float *dtopk_weight, const float *scores,
+                            const int32_t *topk_idx, const nm_router_params *p) {
     check_params(p);
     const int64_t N = p->N, E = p->E, K = p->K;
     const double r = p->routed_scaling;
@@ -142,7 +142,8 @@ static void check_balance(int64_t B, int64_t T, int64_t E, int64_t K) {
 // f(B,E) (=); scores(B*T,E). Returns the mean over sequences b of sum_i f_bi P_bi, with
 //   f_bi = E / (K T) * #{tokens t of b whose plain top-K of s (no bias, no groups) holds i}
 //   P_bi = 1/T sum_t s_ti / sum_j s_tj
-double nm_ref_balance_loss_forward(float *f, const float *scores, int64_t B, int64_t T, int64_t E, int64_t K) {
+double nm_ref_balance_loss_forward(const nm_ops *be, float *f, const float *scores, int64_t B, int64_t T, int64_t E,
+                                   int64_t K) {
     check_balance(B, T, E, K);
     double total = 0.0;
     for (int64_t b = 0; b < B; b++) {
@@ -167,8 +168,8 @@ double nm_ref_balance_loss_forward(float *f, const float *scores, int64_t B, int
 
 // dlogits(B*T,E) (+=) dloss * d(balance loss)/d(logits) through the score function; f(B,E) and
 // scores(B*T,E) from the forward (f is a constant: the selection is not differentiable).
-void nm_ref_balance_loss_backward(float *dlogits, float dloss, const float *f, const float *scores, int64_t B,
-                                  int64_t T, int64_t E, int64_t K, nm_scoring scoring) {
+void nm_ref_balance_loss_backward(const nm_ops *be, float *dlogits, float dloss, const float *f, const float *scores,
+                                  int64_t B, int64_t T, int64_t E, int64_t K, nm_scoring scoring) {
     check_balance(B, T, E, K);
     NM_CHECK(scoring == NM_SCORING_SIGMOID || scoring == NM_SCORING_SOFTMAX, "scoring %d", (int)scoring);
     // loss = 1/B sum_b sum_i f_bi 1/T sum_t s'_ti with s'_i = s_i / S, S = sum_j s_j:

@@ -21,14 +21,15 @@ static void swiglu_grad(float a, float b, float dy, float *da, float *db) {
 }
 
 // out(N,F) (=); gate_up(N,2F)
-void nm_ref_swiglu_forward(float *out, const float *gate_up, int64_t N, int64_t F) {
+void nm_ref_swiglu_forward(const nm_ops *be, float *out, const float *gate_up, int64_t N, int64_t F) {
     NM_CHECK(N >= 0 && F >= 0, "swiglu shape");
     for (int64_t n = 0; n < N; n++)
         for (int64_t i = 0; i < F; i++) out[n * F + i] = swiglu(gate_up[n * 2 * F + i], gate_up[n * 2 * F + F + i]);
 }
 
 // out(N,F) (=) bf16(swiglu) in fp32 storage; bits(N,F) (=) the same as bf16 when not NULL
-void nm_ref_swiglu_forward_bf16(float *out, uint16_t *bits, const float *gate_up, int64_t N, int64_t F) {
+void nm_ref_swiglu_forward_bf16(const nm_ops *be, float *out, uint16_t *bits, const float *gate_up, int64_t N,
+                                int64_t F) {
     NM_CHECK(N >= 0 && F >= 0, "swiglu shape");
     for (int64_t n = 0; n < N; n++) {
         for (int64_t i = 0; i < F; i++) {
@@ -40,7 +41,8 @@ void nm_ref_swiglu_forward_bf16(float *out, uint16_t *bits, const float *gate_up
 }
 
 // dgate_up(N,2F) (=); dout(N,F), gate_up(N,2F)
-void nm_ref_swiglu_backward(float *dgate_up, const float *dout, const float *gate_up, int64_t N, int64_t F) {
+void nm_ref_swiglu_backward(const nm_ops *be, float *dgate_up, const float *dout, const float *gate_up, int64_t N,
+                            int64_t F) {
     NM_CHECK(N >= 0 && F >= 0, "swiglu shape");
     for (int64_t n = 0; n < N; n++) {
         const float *a = gate_up + n * 2 * F, *b = a + F;
@@ -51,10 +53,10 @@ void nm_ref_swiglu_backward(float *dgate_up, const float *dout, const float *gat
 
 // dgate_up(N,2F) (=) bf16 of the gradient in fp32 storage; bits(N,2F) (=) the same as bf16
 // when not NULL
-void nm_ref_swiglu_backward_bf16(float *dgate_up, uint16_t *bits, const float *dout, const float *gate_up,
-                                 int64_t N, int64_t F) {
+void nm_ref_swiglu_backward_bf16(const nm_ops *be, float *dgate_up, uint16_t *bits, const float *dout,
+                                 const float *gate_up, int64_t N, int64_t F) {
     NM_CHECK(N >= 0 && F >= 0, "swiglu shape");
-    nm_ref_swiglu_backward(dgate_up, dout, gate_up, N, F);
+    nm_ref_swiglu_backward(be, dgate_up, dout, gate_up, N, F);
     for (int64_t i = 0; i < N * 2 * F; i++) {
         uint16_t h = nm_f32_to_bf16(dgate_up[i]);
         dgate_up[i] = nm_bf16_to_f32(h);

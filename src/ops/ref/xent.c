@@ -25,8 +25,8 @@ static void check_targets(const int32_t *targets, int64_t N, int64_t V) {
 }
 
 // losses(N) (=), lse(N) (=) (0 for rows without a target); logits(N,V), targets(N)
-void nm_ref_xent_forward(float *losses, float *lse, const float *logits, const int32_t *targets, int64_t N,
-                         int64_t V) {
+void nm_ref_xent_forward(const nm_ops *be, float *losses, float *lse, const float *logits, const int32_t *targets,
+                         int64_t N, int64_t V) {
     NM_CHECK(N >= 0 && V > 0, "xent shape N=%lld V=%lld", (long long)N, (long long)V);
     check_targets(targets, N, V);
     for (int64_t n = 0; n < N; n++) {
@@ -44,15 +44,15 @@ void nm_ref_xent_forward(float *losses, float *lse, const float *logits, const i
 }
 
 // dlogits(N,V) (=), may alias logits; lse(N) from the forward; targets(N)
-void nm_ref_xent_backward(float *dlogits, const float *logits, const float *lse, const int32_t *targets, float scale,
-                          int64_t N, int64_t V) {
-    nm_ref_xent_tile_backward(dlogits, V, logits, V, lse, targets, scale, N, V, 0, V);
+void nm_ref_xent_backward(const nm_ops *be, float *dlogits, const float *logits, const float *lse,
+                          const int32_t *targets, float scale, int64_t N, int64_t V) {
+    nm_ref_xent_tile_backward(be, dlogits, V, logits, V, lse, targets, scale, N, V, 0, V);
 }
 
 // losses(N), lse(N) (= on the last tile), stats(N,3) (running max, exp-sum, target logit);
 // logits(N, Vt) with leading dimension ld: columns [v0, v0 + Vt) of V.
-void nm_ref_xent_tile_forward(float *losses, float *lse, double *stats, const float *logits, int64_t ld,
-                              const int32_t *targets, int64_t N, int64_t V, int64_t v0, int64_t Vt) {
+void nm_ref_xent_tile_forward(const nm_ops *be, float *losses, float *lse, double *stats, const float *logits,
+                              int64_t ld, const int32_t *targets, int64_t N, int64_t V, int64_t v0, int64_t Vt) {
     NM_CHECK(N >= 0 && V > 0 && v0 >= 0 && Vt > 0 && v0 + Vt <= V && ld >= Vt,
              "xent tile shape N=%lld V=%lld v0=%lld Vt=%lld ld=%lld", (long long)N, (long long)V, (long long)v0,
              (long long)Vt, (long long)ld);
@@ -85,8 +85,9 @@ void nm_ref_xent_tile_forward(float *losses, float *lse, double *stats, const fl
 }
 
 // dlogits(N, Vt) (=) with leading dimension ld_d, may alias logits (ld); columns [v0, v0 + Vt).
-void nm_ref_xent_tile_backward(float *dlogits, int64_t ld_d, const float *logits, int64_t ld, const float *lse,
-                               const int32_t *targets, float scale, int64_t N, int64_t V, int64_t v0, int64_t Vt) {
+void nm_ref_xent_tile_backward(const nm_ops *be, float *dlogits, int64_t ld_d, const float *logits, int64_t ld,
+                               const float *lse, const int32_t *targets, float scale, int64_t N, int64_t V, int64_t v0,
+                               int64_t Vt) {
     NM_CHECK(N >= 0 && V > 0 && v0 >= 0 && Vt > 0 && v0 + Vt <= V && ld >= Vt && ld_d >= Vt,
              "xent tile shape N=%lld V=%lld v0=%lld Vt=%lld", (long long)N, (long long)V, (long long)v0,
              (long long)Vt);
