@@ -729,10 +729,57 @@ static void xent_case(int64_t N, int64_t V, int64_t tile) {
     buf_free(lg), buf_free(tgt), buf_free(loss), buf_free(lossr), buf_free(lse), buf_free(lser), buf_free(dl), buf_free(dlr);
 }
 
+// The vocabulary-parallel head's combine (xent_stats_*) over two shards of the vocabulary, as
+// two tp ranks run it (their all-reduces done here by hand), equals the whole row's
+// xent_forward; and sum, the loss total, equals the row sum in double.
+static void xent_stats_case(int64_t N, int64_t V, int64_t tile) {
+    char what[64];
+    snprintf(what, sizeof what, "N=%lld V=%lld, 2 shards, tile %lld", (long long)N, (long long)V, (long long)tile);
+    float *lg = randn(N * V, 3.0f), *loss = nans(N), *lse = nans(N);
+    int32_t *tgt = ints(N), *lt = ints(N);
+    for (int64_t n = 0; n < N; n++) tgt[n] = n % 7 == 3 ? -1 : rand_below(V);  // some rows without a target
+    ref->xent_forward(ref, loss, lse, lg, tgt, N, V);
+    const int64_t ld = tile + 3, half = V / 2;
+    float *buf = buf_alloc((size_t)(N * ld) * sizeof(float)), *tl = nans(N), *tz = nans(N);
+    double *st[2], *mx[2], *sm[2];
+    for (int s = 0; s < 2; s++) {
+        st[s] = buf_alloc((size_t)(3 * N) * sizeof(double));
+        mx[s] = buf_alloc((size_t)N * sizeof(double));
+        sm[s] = buf_alloc((size_t)(2 * N) * sizeof(double));
+        const int64_t v_start = s ? half : 0, Vs = s ? V - half : half;
+        for (int64_t n = 0; n < N; n++) {  // the head's local targets: Vs where the other shard holds it
+            int64_t id = tgt[n] - v_start;
+            lt[n] = tgt[n] < 0 ? -1 : id >= 0 && id < Vs ? (int32_t)id : (int32_t)Vs;
+        }
+        be->xent_stats_open(be, st[s], N);
+        for (int64_t v0 = 0; v0 < Vs; v0 += tile) {
+            const int64_t vt = Vs - v0 < tile ? Vs - v0 : tile;
+            for (int64_t n = 0; n < N; n++) memcpy(buf + n * ld, lg + n * V + v_start + v0, (size_t)vt * sizeof(float));
+            be->xent_tile_forward(be, tl, tz, st[s], buf, ld, lt, N, Vs + 1, v0, vt);  // Vs + 1: no tile is the last
+        }
+        be->xent_stats_max(be, mx[s], st[s], tgt, N);
+    }
+    for (int64_t n = 0; n < N; n++) mx[0][n] = mx[1][n] = fmax(mx[0][n], mx[1][n]);  // the all-reduce (max)
+    for (int s = 0; s < 2; s++) be->xent_stats_sums(be, sm[s], st[s], mx[s], tgt, N);
+    for (int64_t i = 0; i < 2 * N; i++) sm[0][i] += sm[1][i];  // the all-reduce (sum)
+    float *l2 = nans(N), *z2 = nans(N);
+    be->xent_stats_close(be, l2, z2, sm[0], mx[0], tgt, N);
+    check_f32("xent_stats_* losses", what, l2, loss, N, TOL_XENT);
+    check_f32("xent_stats_* lse", what, z2, lse, N, TOL_XENT);
+    double total = be->sum(be, loss, N), want = 0.0;
+    for (int64_t n = 0; n < N; n++) want += loss[n];
+    note("sum", what, fabs(total - want) / fmax(fabs(want), 1e-300), 1e-15);  // the same order: 0
+    EXPECT(total == want, "sum %s: %.17g, the double sum in index order is %.17g", what, total, want);
+    for (int s = 0; s < 2; s++) buf_free(st[s]), buf_free(mx[s]), buf_free(sm[s]);
+    buf_free(lg), buf_free(loss), buf_free(lse), buf_free(tgt), buf_free(lt), buf_free(buf), buf_free(tl), buf_free(tz);
+    buf_free(l2), buf_free(z2);
+}
+
 static void test_xent(void) {
     printf("xent\n");
     xent_case(130, 512, 200);
     xent_case(4, 129280, 384);  // DeepSeek-V3's vocabulary; the head's tile at that width
+    xent_stats_case(130, 512, 100);
 }
 
 // --- router / balance loss ----------------------------------------------------------------------

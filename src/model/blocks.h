@@ -56,7 +56,7 @@ void nm_head_forward(nm_model *m, float *losses, float *lse, float *logits, cons
                      const int32_t *targets, int64_t N, float *logits_out);
 void nm_head_backward(nm_model *m, float *dh, float beta, float *logits, const float *lse, const float *h,
                       nm_dtype h_t, const int32_t *targets, float scale, int64_t N);
-double nm_head_sum_losses(const float *losses, int64_t n);
+double nm_head_sum_losses(const nm_model *m, const float *losses, int64_t n);
 
 // --- one multi-token-prediction depth (mtp.c, dsv3-spec 6.3, 11) ------------------------------
 // Split around the depth's decoder block, which the composition (model.c) runs in between:

@@ -31,35 +31,22 @@ static void tp_head_forward(nm_model *m, float *losses, float *lse, float *logit
     const float *W = m->params + m->table.lm_head;
     const int32_t *lt = tp_local_targets(m, targets, N);
     double *st = m->act.head_stats, *mx = m->tp.red, *sums = m->tp.red + N;
-    for (int64_t n = 0; n < N; n++) {
-        // an empty shard (all padding) adds nothing; the target logit where it is not held here
-        st[3 * n] = -INFINITY, st[3 * n + 1] = 0.0, st[3 * n + 2] = 0.0;
-    }
+    // an empty shard (all padding) adds nothing; the target logit where it is not held here
+    ops->xent_stats_open(ops, st, N);
     for (int64_t v0 = 0; v0 < Vl; v0 += vt) {
         int64_t n_cols = v0 + vt < Vl ? vt : Vl - v0;
         nm_linear_forward(m, (nm_linear_args){.W = W + v0 * D, .N = N, .IC = D, .OC = n_cols, .x = h, .x_type = h_t,
                                               .y = logits});
         ops->xent_tile_forward(ops, losses, lse, st, logits, n_cols, lt, N, Vl + 1, v0, n_cols);
     }
-    for (int64_t n = 0; n < N; n++) mx[n] = targets[n] < 0 ? 0.0 : st[3 * n];
+    ops->xent_stats_max(ops, mx, st, targets, N);
     nm_error e;
     if (!nm_model_faulted(m) && nm_comm_all_reduce(m->tp.comm, mx, N, NM_DT_F64, NM_RED_MAX, &e) != 0)
         nm_model_latch(m, NM_FAULT_TP, &e);
-    for (int64_t n = 0; n < N; n++) {
-        sums[2 * n] = targets[n] < 0 ? 0.0 : st[3 * n + 1] * exp(st[3 * n] - mx[n]);
-        sums[2 * n + 1] = st[3 * n + 2];
-    }
+    ops->xent_stats_sums(ops, sums, st, mx, targets, N);
     if (!nm_model_faulted(m) && nm_comm_all_reduce(m->tp.comm, sums, 2 * N, NM_DT_F64, NM_RED_SUM, &e) != 0)
         nm_model_latch(m, NM_FAULT_TP, &e);
-    for (int64_t n = 0; n < N; n++) {
-        if (targets[n] < 0) {
-            losses[n] = 0.0f, lse[n] = 0.0f;  // lse never read for these rows
-            continue;
-        }
-        double log_s = log(sums[2 * n]);
-        losses[n] = (float)(log_s + mx[n] - sums[2 * n + 1]);
-        lse[n] = (float)(log_s + mx[n]);
-    }
+    ops->xent_stats_close(ops, losses, lse, sums, mx, targets, N);
 }
 
 // As nm_head_backward on this rank's rows; dh's part from them is summed over tp, except under
@@ -155,8 +142,6 @@ void nm_head_backward(nm_model *m, float *dh, float beta, float *logits, const f
 }
 
 // Summed in double: the mean is taken by the caller over the positions that have a target.
-double nm_head_sum_losses(const float *losses, int64_t n) {
-    double s = 0.0;
-    for (int64_t i = 0; i < n; i++) s += losses[i];
-    return s;
+double nm_head_sum_losses(const nm_model *m, const float *losses, int64_t n) {
+    return m->ops->sum(m->ops, losses, n);
 }

@@ -185,7 +185,7 @@ int nm_model_forward_stage(nm_model *m, const int32_t *tokens, const float *inpu
                          (float)c->rms_eps);
     nm_sp_all_gather(m, m->act.h0, N, D, NM_DT_F32);  // the vocabulary-parallel head reads every token
     nm_head_forward(m, m->act.losses, m->act.lse, m->act.logits, m->act.h0, NM_F32, m->act.targets, N, logits_out);
-    double ce = T > 1 ? nm_head_sum_losses(m->act.losses, N) / (double)(B * (T - 1)) : 0.0;
+    double ce = T > 1 ? nm_head_sum_losses(m, m->act.losses, N) / (double)(B * (T - 1)) : 0.0;
 
     // multi-token prediction (dsv3-spec 6.3, 11): depth k reads h^{k-1} and tokens shifted by k
     double mtp = 0.0;

@@ -54,7 +54,7 @@ double nm_mtp_output_forward(nm_model *m, int64_t k, int64_t B, int64_t T) {
     nm_sp_all_gather(m, t->g, Nk, D, NM_DT_F32);  // the vocabulary-parallel head reads every token
     nm_round_act(m, t->g, Nk * D);                // and nothing else does
     nm_head_forward(m, t->losses, t->lse, t->logits, t->g, nm_act_type(m), t->targets, Nk, NULL);
-    return nm_head_sum_losses(t->losses, Nk);
+    return nm_head_sum_losses(m, t->losses, Nk);
 }
 
 void nm_mtp_output_backward(nm_model *m, int64_t k, int64_t B, int64_t T, float scale) {

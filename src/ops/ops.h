@@ -292,6 +292,22 @@ struct nm_ops {
     void (*xent_tile_backward)(const nm_ops *be, float *dlogits, int64_t ld_d, const float *logits, int64_t ld,
                                const float *lse, const int32_t *targets, float scale, int64_t N, int64_t V, int64_t v0,
                                int64_t Vt);
+    // A vocabulary-parallel head (head.c under tensor parallelism) runs the tiles over its
+    // shard, then combines the open stats(N, 3) over tp: the max, then the exp-sums rescaled
+    // to it and the target logit, which only its owner has. These are the combine's steps
+    // around its two all-reduces; rows with target < 0 give 0 throughout.
+    // stats(N, 3) (=) opened as for a shard with no tile: max -inf, exp-sum 0, target logit 0.
+    void (*xent_stats_open)(const nm_ops *be, double *stats, int64_t N);
+    // mx(N) (=) each row's local max (the all-reduce MAX's input).
+    void (*xent_stats_max)(const nm_ops *be, double *mx, const double *stats, const int32_t *targets, int64_t N);
+    // sums(N, 2) (=) (exp-sum x exp(local max - mx), target logit) (the all-reduce SUM's input).
+    void (*xent_stats_sums)(const nm_ops *be, double *sums, const double *stats, const double *mx,
+                            const int32_t *targets, int64_t N);
+    // losses(N), lse(N) (=) log(sum) + mx - target logit, log(sum) + mx, from the reduced ones.
+    void (*xent_stats_close)(const nm_ops *be, float *losses, float *lse, const double *sums, const double *mx,
+                             const int32_t *targets, int64_t N);
+    // The double sum of x(n) in index order, returned to the host (the head's loss total).
+    double (*sum)(const nm_ops *be, const float *x, int64_t n);
 
     // --- MoE router (dsv3-spec 5, 7) -----------------------------------------------------------
     // logits(N,E) = u W_gate^T (computed by gemm). scores(N,E) (=) sigmoid or softmax of logits;

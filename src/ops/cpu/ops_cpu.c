@@ -8,6 +8,7 @@
 #include "core/check.h"
 
 #include "ops/cpu/cpu_ops.h"
+#include "ops/xent_stats.h"
 
 // The instance's state (cpu_ops.h): empty until the ops' first use or setup fills it.
 static int cpu_ctx_create(void **ctx, nm_error *err) {
@@ -110,6 +111,11 @@ static const nm_ops cpu_ops = {
     .xent_backward = nm_cpu_xent_backward,
     .xent_tile_forward = nm_cpu_xent_tile_forward,
     .xent_tile_backward = nm_cpu_xent_tile_backward,
+    .xent_stats_open = nm_ops_xent_stats_open,
+    .xent_stats_max = nm_ops_xent_stats_max,
+    .xent_stats_sums = nm_ops_xent_stats_sums,
+    .xent_stats_close = nm_ops_xent_stats_close,
+    .sum = nm_ops_sum,
     .router_forward = nm_cpu_router_forward,
     .router_backward = nm_cpu_router_backward,
     .balance_loss_forward = nm_cpu_balance_loss_forward,

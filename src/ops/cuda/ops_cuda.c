@@ -3,10 +3,36 @@
 // wires them up, in C, so the table is checked by the same compiler and flags as the others.
 // Built only with the CUDA toolkit (CMake's NM_CUDA, which defines NM_HAVE_CUDA).
 #include "ops/cuda/cuda_ops.h"
+#include "ops/xent_stats.h"
 
 static void cuda_set_threads(const nm_ops *be,
                              int n) { (void)n; }  // the host side is one thread; the device has its own
 static int cuda_threads(const nm_ops *be) { return 1; }
+
+// The head's statistics combine and loss total: N values a row, read and written where they
+// are, in managed memory, by the host definitions (ops/xent_stats.c) once the device is idle.
+static void cuda_xent_stats_open(const nm_ops *be, double *stats, int64_t N) {
+    be->synchronize(be);
+    nm_ops_xent_stats_open(be, stats, N);
+}
+static void cuda_xent_stats_max(const nm_ops *be, double *mx, const double *stats, const int32_t *targets, int64_t N) {
+    be->synchronize(be);
+    nm_ops_xent_stats_max(be, mx, stats, targets, N);
+}
+static void cuda_xent_stats_sums(const nm_ops *be, double *sums, const double *stats, const double *mx,
+                                 const int32_t *targets, int64_t N) {
+    be->synchronize(be);
+    nm_ops_xent_stats_sums(be, sums, stats, mx, targets, N);
+}
+static void cuda_xent_stats_close(const nm_ops *be, float *losses, float *lse, const double *sums, const double *mx,
+                                  const int32_t *targets, int64_t N) {
+    be->synchronize(be);
+    nm_ops_xent_stats_close(be, losses, lse, sums, mx, targets, N);
+}
+static double cuda_sum(const nm_ops *be, const float *x, int64_t n) {
+    be->synchronize(be);
+    return nm_ops_sum(be, x, n);
+}
 
 static const nm_ops cuda_ops = {
     .name = "cuda",
@@ -55,6 +81,11 @@ static const nm_ops cuda_ops = {
     .xent_backward = nm_cuda_xent_backward,
     .xent_tile_forward = nm_cuda_xent_tile_forward,
     .xent_tile_backward = nm_cuda_xent_tile_backward,
+    .xent_stats_open = cuda_xent_stats_open,
+    .xent_stats_max = cuda_xent_stats_max,
+    .xent_stats_sums = cuda_xent_stats_sums,
+    .xent_stats_close = cuda_xent_stats_close,
+    .sum = cuda_sum,
     .router_forward = nm_cuda_router_forward,
     .router_backward = nm_cuda_router_backward,
     .balance_loss_forward = nm_cuda_balance_loss_forward,

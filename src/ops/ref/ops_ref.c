@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "ops/ref/ref_ops.h"
+#include "ops/xent_stats.h"
 
 // The instance's scratch (ref_ops.h), empty until a bf16 or fp8 GEMM first needs it.
 static int ref_ctx_create(void **ctx, nm_error *err) {
@@ -89,6 +90,11 @@ static const nm_ops ref_ops = {
     .xent_backward = nm_ref_xent_backward,
     .xent_tile_forward = nm_ref_xent_tile_forward,
     .xent_tile_backward = nm_ref_xent_tile_backward,
+    .xent_stats_open = nm_ops_xent_stats_open,
+    .xent_stats_max = nm_ops_xent_stats_max,
+    .xent_stats_sums = nm_ops_xent_stats_sums,
+    .xent_stats_close = nm_ops_xent_stats_close,
+    .sum = nm_ops_sum,
     .router_forward = nm_ref_router_forward,
     .router_backward = nm_ref_router_backward,
     .balance_loss_forward = nm_ref_balance_loss_forward,
