@@ -104,8 +104,9 @@ void nm_bf16_bind(const nm_model *m, block_acts *b) {
     }
 }
 
-int64_t nm_bf16_twins_bytes(const nm_bf16_twins *t) { return t && t->pool ? t->elems * 2 : 0; }
 int64_t nm_bf16_twins_misses(const nm_bf16_twins *t) { return t ? t->misses : 0; }
+
+int64_t nm_bf16_twins_elems(const nm_bf16_twins *t) { return t->elems; }
 
 void nm_bf16_twins_reserve(nm_bf16_twins *t) {
     if (t->pool || t->elems == 0) return;

@@ -482,6 +482,7 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     m->bf16.twins = nm_bf16_twins_create(m->ops);
     layout(m);  // assigning pass (registers the bf16 GEMMs' operands with the twins)
     NM_CHECK(m->arena_used == m->arena_floats, "arena layout mismatch");
+    NM_CHECK(nm_bf16_twins_elems(m->bf16.twins) == m->bf16.twin_elems, "bf16 twin layout mismatch");
     rope_tables(m);
 
     // The MoE layers held here in layer order (chunk after chunk, the MTP layers last): the

@@ -396,8 +396,8 @@ void nm_bf16_restore(const nm_model *m, float *x);
 int64_t nm_bf16_twins_pool_elems(int64_t n);  // pool elements one such tensor takes
 // Allocates the pool (once; the first bf16 forward with a GEMM that reads bf16 storage).
 void nm_bf16_twins_reserve(nm_bf16_twins *t);
-int64_t nm_bf16_twins_bytes(const nm_bf16_twins *t);   // the pool's bytes once reserved, else 0
 int64_t nm_bf16_twins_misses(const nm_bf16_twins *t);  // roundings of unregistered tensors
+int64_t nm_bf16_twins_elems(const nm_bf16_twins *t);   // the pool's elements, as registered
 static inline nm_dtype nm_act_type(const nm_model *m) {
     return m->precision == NM_PRECISION_BF16 ? NM_F32_BF16 : NM_F32;
 }
