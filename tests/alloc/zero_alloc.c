@@ -24,6 +24,13 @@ void *__wrap_calloc(size_t n, size_t s) { n_allocs++; return __real_calloc(n, s)
 void *__wrap_realloc(void *p, size_t n) { n_allocs++; return __real_realloc(p, n); }
 void *__wrap_aligned_alloc(size_t a, size_t n) { n_allocs++; return __real_aligned_alloc(a, n); }
 
+// The run directory goes whatever the outcome: a test leaves nothing in /tmp.
+static void remove_run_dir(const char *dir) {
+    char cmd[4200];
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+    if (system(cmd) != 0) fprintf(stderr, "warning: could not remove %s\n", dir);
+}
+
 int main(int argc, char **argv) {
     const char *root = getenv("NM_ROOT");
     if (!root) {
@@ -49,12 +56,15 @@ int main(int argc, char **argv) {
     nm_train_config cfg;
     if (nm_train_config_load(&cfg, path, overrides, n_over, &err) != 0) {
         fprintf(stderr, "%s\n", err.msg);
+        remove_run_dir(dir);
         return 1;
     }
     nm_trainer_options opts = {.run_dir = dir, .quiet = 1, .recompute = recompute};
     nm_trainer *t;
     if (nm_trainer_create(&t, &cfg, &opts, &err) != 0) {
         fprintf(stderr, "%s\n", err.msg);
+        nm_train_config_free(&cfg);
+        remove_run_dir(dir);
         return 1;
     }
     nm_step_metrics m;
@@ -84,8 +94,6 @@ int main(int argc, char **argv) {
     }
     nm_trainer_destroy(t);
     nm_train_config_free(&cfg);
-    char cmd[4200];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
-    if (system(cmd) != 0) fprintf(stderr, "warning: could not remove %s\n", dir);
+    remove_run_dir(dir);
     return fail;
 }

@@ -22,8 +22,10 @@ The e4m3 encoder below is our own numpy code (round to nearest, ties to even), n
 
 ctest runs it with NM_BIN and NM_ROOT; exit 0 pass, 1 fail, 77 skip (no binary).
 """
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -146,6 +148,7 @@ def main():
     cfg = R.load_config(CFG)
     fails = []
     tmp = tempfile.mkdtemp(prefix="nm_ckpt_")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # ~370 MB of directories: never left behind
 
     # Random weights with every tensor the model has (copies of the tied MTP rows included).
     t = R.random_tensors(cfg, 21)

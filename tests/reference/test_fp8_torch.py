@@ -21,9 +21,11 @@ Exit 0 pass, 1 fail.
 """
 import bisect
 import math
+import atexit
 import os
 import random
 import struct
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -125,6 +127,7 @@ def find_oracle():
 
 ORACLE = find_oracle()
 TMP = tempfile.mkdtemp(prefix="nm_fp8_")
+atexit.register(shutil.rmtree, TMP, ignore_errors=True)  # nothing left in /tmp, pass or fail
 
 
 def write_f32(path, xs):

@@ -22,8 +22,10 @@ NM_OPS_SEED overrides the seed.
 Run: NM_BUILD=<build dir> python3 tests/reference/test_ops_torch.py
 Exit 0 pass, 1 fail, 77 skip (torch missing).
 """
+import atexit
 import os
 import struct
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,6 +94,7 @@ def find_oracle():
 
 ORACLE = find_oracle()
 TMP = tempfile.mkdtemp(prefix="nm_ops_torch_")
+atexit.register(shutil.rmtree, TMP, ignore_errors=True)  # nothing left in /tmp, pass or fail
 backend = BACKENDS[0]  # the one run_c runs, set by main
 
 
