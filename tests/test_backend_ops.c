@@ -26,10 +26,13 @@
 // more. Planted into the CPU backend, each of these failed the test: `* 0.999f` in SwiGLU's
 // backward (err 1.0e-3), fp8 weight blocks of 64 rows instead of 128 (3.2e-2), the router's
 // bias subtracted instead of added (other experts selected).
+#define _DEFAULT_SOURCE  // mincore (test_util.h defines it too, later)
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "core/check.h"
 #include "core/rng.h"
@@ -435,6 +438,35 @@ static void test_memory_ops(void) {
     buf_free(x), buf_free(y), buf_free(yr), buf_free(s), buf_free(d), buf_free(dr);
 }
 
+// discard: the bytes read as zero afterwards and nothing outside them changes; on the cpu
+// backend the whole pages inside are no longer resident (mincore), which is what ZeRO-2's
+// gradient buckets count on.
+static void test_backend_discard(void) {
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE), n = 8 * page + 333, lo = 100, hi = n - 250;
+    unsigned char *d = be->alloc(be, n), *h = nm_malloc(n), *back = nm_malloc(n);
+    for (size_t i = 0; i < n; i++) h[i] = (unsigned char)(i * 13 + 5) | 1;
+    be->copy_to_device(be, d, h, n);
+    be->discard(be, d + lo, hi - lo);
+    be->synchronize(be);
+    be->copy_to_host(be, back, d, n);
+    memset(h + lo, 0, hi - lo);
+    check_exact("discard", "", back, h, n);
+    if (strcmp(be->name, "cpu") == 0) {
+        // Discard again after the read above faulted the pages back in, then ask the kernel.
+        be->discard(be, d + lo, hi - lo);
+        uintptr_t first = ((uintptr_t)d + lo + page - 1) / page * page, last = ((uintptr_t)d + hi) / page * page;
+        size_t pages = (last - first) / page, resident = 0;
+        unsigned char *vec = nm_malloc(pages ? pages : 1);
+        EXPECT(mincore((void *)first, last - first, vec) == 0, "mincore failed");
+        for (size_t i = 0; i < pages; i++) resident += vec[i] & 1;
+        printf("  discard: %zu of %zu whole pages still resident (expected 0)\n", resident, pages);
+        EXPECT(pages >= 6 && resident == 0, "discard left %zu of %zu whole pages resident", resident, pages);
+        nm_free(vec);
+    }
+    be->free(be, d);
+    nm_free(h), nm_free(back);
+}
+
 // The backend's memory: alloc zero-filled and 64-byte aligned, the copies both ways, memset,
 // synchronize; the thread hooks answer.
 static void test_backend_memory(void) {
@@ -457,6 +489,7 @@ static void test_backend_memory(void) {
     be->free(be, NULL);
     EXPECT(be->threads(be) >= 1, "threads() = %d", be->threads(be));
     nm_free(h), nm_free(back);
+    test_backend_discard();
 }
 
 // The optimizer's ops over chunks as train/optim.c makes them: pieces of rows, a gap between

@@ -236,6 +236,12 @@ refused "'recompute_granularity' = \"partial\": expected full or selective" "$N"
     --out run_s --set recompute_granularity=partial
 refused "'recompute_granularity' = \"selective\" but 'recompute_modules' names no module" "$N" train \
     --config train.json --out run_s --set recompute_granularity=selective
+refused "\"no_shard\" is not one of optim, optim_grads" "$N" train --config train.json --out run_s \
+    --set data_parallel_sharding_strategy=no_shard
+refused "gradient sharding is not built for pipeline parallelism" "$N" plan --config "$TINY" --world 2 --pp 2 \
+    --data-parallel-sharding-strategy optim_grads
+refused "--data-parallel-sharding-strategy must be optim or optim_grads, got 'zero2'" "$N" plan --config "$TINY" \
+    --world 2 --data-parallel-sharding-strategy zero2
 refused "'data.cache_per_node'" "$N" train --config train.json --out run_s --set data.cache_per_node=2
 refused "needs pipeline_parallel_size >= 2" "$N" train --config train.json --out run_s \
     --set virtual_pipeline_model_parallel_size=2

@@ -196,6 +196,8 @@ refuse() {
   if nm_mpirun "$n" "$NM_BIN" train --config train.json --out bad --quiet "$@" >bad.log 2>&1; then fail "accepted: $*"; fi
   grep -qF "$want" bad.log || { cat bad.log; fail "message for $*: want '$want'"; }
 }
+refuse 'optim_grads with pipeline_parallel_size 2: gradient sharding is not built for pipeline parallelism' 2 \
+  --set pipeline_parallel_size=2 --set data_parallel_sharding_strategy=optim_grads
 refuse 'pipeline_model_parallel_layout "Ett|tmL": places 3 decoder layers' 2 --set pipeline_parallel_size=2 --set 'pipeline_model_parallel_layout=Ett|tmL'
 refuse 'pipeline_model_parallel_layout "Et|tt|tmL" has 3 stages, not a multiple of pipeline_parallel_size 2' 2 --set pipeline_parallel_size=2 --set 'pipeline_model_parallel_layout=Et|tt|tmL'
 refuse 'pipeline_model_parallel_layout "Et|tt|tmL" has 3 stages, pipeline_parallel_size x virtual_pipeline_model_parallel_size is 2 x 2 = 4' 2 --set pipeline_parallel_size=2 --set virtual_pipeline_model_parallel_size=2 --set 'pipeline_model_parallel_layout=Et|tt|tmL'

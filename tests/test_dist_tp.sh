@@ -54,6 +54,10 @@ layout tp2_ep2_rounds_recompute 2 train.json ref --set tensor_parallel_size=2 --
 layout tp2_recompute 2 train.json ref --set tensor_parallel_size=2 --recompute
 layout tp2_dp2_ep2_buckets 4 train.json ref --set tensor_parallel_size=2 --set expert_parallel_size=2 \
   --set bucket_mb=1 --set overlap_grad_reduce=true
+# gradient sharding (ZeRO-2): the partial rows of sequence parallelism summed over tp before
+# every micro-batch's reduce-scatter over dp
+layout tp2_dp2_optim_grads 4 train.json ref --set tensor_parallel_size=2 --set bucket_mb=1 \
+  --set data_parallel_sharding_strategy=optim_grads
 layout tp2_noqlora_tied 2 train_b.json ref_b --set tensor_parallel_size=2
 layout tp2_nosp 2 train.json ref --set tensor_parallel_size=2 --set sequence_parallel=false
 layout tp2_noqlora_tied_nosp 2 train_b.json ref_b --set tensor_parallel_size=2 --set sequence_parallel=false

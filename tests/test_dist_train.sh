@@ -52,6 +52,14 @@ layout dp4_ep2 4 --set expert_parallel_size=2
 layout dp4_ep4 4 --set expert_parallel_size=4
 layout ep2_recompute 2 --set expert_parallel_size=2 --recompute
 layout dp4_ep2_buckets 4 --set expert_parallel_size=2 --set bucket_mb=1 --set overlap_grad_reduce=true
+# Gradient sharding (ZeRO-2, data_parallel_sharding_strategy optim_grads): every micro-batch's
+# gradients reduce-scattered bucket by bucket (4 micro-batches per step at dp2, 2 at dp4) and
+# summed in the owner's shard, the buckets' memory released; one process's numbers, with experts
+# over edp and in the bounded exchange's rounds.
+layout dp2_optim_grads 2 --set data_parallel_sharding_strategy=optim_grads
+layout dp4_ep2_optim_grads 4 --set expert_parallel_size=2 --set bucket_mb=1 --set data_parallel_sharding_strategy=optim_grads
+layout dp2_ep2_rounds_optim_grads 4 --set expert_parallel_size=2 --set moe_receive_capacity=0.25 \
+  --set data_parallel_sharding_strategy=optim_grads
 # The bounded exchange: receive buffers of a quarter of the mean rows per rank, so every MoE
 # layer takes at least 4 rounds (the busiest receiver gets at least the mean), the backward
 # re-dispatches and recomputes each round, and the result still equals one process.
@@ -393,6 +401,11 @@ nm_mpirun 2 "$NM_BUILD/test_zero_alloc" tensor_parallel_size=2 precision=bf16 --
   || { cat alloc_tp_bf16.log; fail "tp2 bf16 step loop with recomputation"; }
 [ "$(grep -c 'allocations during steps 3-6: 0' alloc_tp_bf16.log)" = 2 ] || { cat alloc_tp_bf16.log; fail "tp2 bf16 zero-allocation output"; }
 echo "ep2 and tp2 bf16 step loops: no allocations, every bf16 rounding found its twin"
+# gradient sharding at dp2 with 2 micro-batches a step: its shard and bucket state are made once
+nm_mpirun 2 "$NM_BUILD/test_zero_alloc" data_parallel_sharding_strategy=optim_grads global_batch=8 \
+  >alloc_zero2.log 2>&1 || { cat alloc_zero2.log; fail "dp2 optim_grads step loop"; }
+[ "$(grep -c 'allocations during steps 3-6: 0' alloc_zero2.log)" = 2 ] || { cat alloc_zero2.log; fail "dp2 optim_grads zero-allocation output"; }
+echo "dp2 optim_grads step loop: no allocations on either rank"
 
 # Impossible layouts are refused before any work, naming the numbers.
 if nm_mpirun 3 "$NM_BIN" train --config train.json --out bad3 --quiet >bad3.log 2>&1; then fail "world 3 accepted"; fi

@@ -45,6 +45,9 @@ check() {
   if [ -n "${MODULES:-}" ]; then
     extra+=(--set recompute_modules="$MODULES") && pextra+=(--recompute-modules "$MODULES")
   fi
+  if [ -n "${SHARDING:-}" ]; then
+    extra+=(--set data_parallel_sharding_strategy="$SHARDING") && pextra+=(--data-parallel-sharding-strategy "$SHARDING")
+  fi
   if [ -n "${CAPACITY:-}" ]; then
     extra+=(--set moe_receive_capacity="$CAPACITY") && pextra+=(--moe-receive-capacity "$CAPACITY")
   fi
@@ -69,6 +72,10 @@ st = plan["stages"][0]
 exact = {"params": (mem["params_bytes"], st["params_bytes"]), "grads": (mem["grads_bytes"], st["grads_bytes"]),
          "optimizer shard": (mem["optimizer_bytes"], st["optimizer_bytes_first"]),
          "activations": (mem["activation_bytes"], st["activation_bytes"])}
+# gradient sharding: the gradient buffer's resident bound and rank 0's shard
+if mem["grad_shard_bytes"] or st["grad_shard_bytes"]:
+    exact["grads resident"] = (mem["grads_resident_bytes"], st["grads_resident_bytes"])
+    exact["grad shard"] = (mem["grad_shard_bytes"], st["grad_shard_bytes_first"])
 assert len(mem["stages"]) == len(plan["stages"]), (name, len(mem["stages"]), len(plan["stages"]))
 for s_, ms in enumerate(mem["stages"]):
     exact[f"stage {s_} params"] = (ms["params_bytes"], plan["stages"][s_]["params_bytes"])
@@ -127,6 +134,11 @@ MODULES=mla_up_proj,moe_act,layernorm check tp2_pp2_modules 4 1 0 2 1 2 'Et|ttmL
 check pp2_v2 2 1 0 1 1 2 'Et|t|t|mL'
 check pp2_v2_dp2_ep2 4 2 0 1 1 2 'E|t|t|tmL'
 check tp2_pp2_v2 4 1 0 2 1 2 'Et|t|t|mL'
+# gradient sharding (ZeRO-2): every micro-batch reduce-scattered (2 per step here), the buffer's
+# resident bound and the shard exact, in fp32 and bf16, with tp (sequence-parallel rows)
+SHARDING=optim_grads check dp2_ep2_optim_grads 4 2 0
+SHARDING=optim_grads PRECISION=bf16 check dp4_optim_grads_bf16 4 1 0
+SHARDING=optim_grads check tp2_dp2_optim_grads 4 1 0 2
 # the bounded EP exchange: receive buffers of half the mean rows (several rounds per layer)
 CAPACITY=0.5 check ep2_capacity 2 2 0
 CAPACITY=0.5 check tp2_ep2_capacity 4 2 1 2

@@ -3,7 +3,9 @@
 // first). One translation unit per test, so the static counter is per test program.
 #pragma once
 
+#ifndef _DEFAULT_SOURCE  // a test may have asked for it first, before its own includes
 #define _DEFAULT_SOURCE  // dirent's d_name, getpid
+#endif
 #include <dirent.h>
 #include <stdarg.h>
 #include <stdint.h>

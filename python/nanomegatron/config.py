@@ -309,6 +309,7 @@ _TRAIN_KEYS = {
     "recompute_granularity": "recompute_granularity", "recompute_modules": "recompute_modules",
     "bucket_mb": "bucket_mb", "exit_interval": "exit_interval",
     "overlap_grad_reduce": "overlap_grad_reduce", "sequence_parallel": "sequence_parallel",
+    "data_parallel_sharding_strategy": "data_parallel_sharding_strategy",
     "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
     "pipeline_model_parallel_layout": "pipeline_model_parallel_layout",
     "virtual_pipeline_model_parallel_size": "virtual_pipeline_model_parallel_size",
@@ -351,6 +352,7 @@ class TrainConfig:
     recompute_modules: str = ""
     bucket_mb: int = 40
     overlap_grad_reduce: bool = False
+    data_parallel_sharding_strategy: str = "optim"  # optim (ZeRO-1) or optim_grads (ZeRO-2)
     sequence_parallel: bool = True
     make_vocab_size_divisible_by: int = 128
     exit_interval: int = 0

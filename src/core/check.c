@@ -6,6 +6,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <stdatomic.h>
+#include <stdint.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 static _Atomic uint64_t alloc_count;
 
@@ -91,6 +94,23 @@ void *nm_aligned_alloc_impl(size_t size, const char *file, int line) {
 }
 
 void nm_free(void *p) { free(p); }
+
+void nm_host_discard(void *p, size_t bytes) {
+    if (!bytes) return;
+    long page_size = sysconf(_SC_PAGESIZE);
+    size_t page = page_size > 0 ? (size_t)page_size : 4096;
+    uintptr_t lo = (uintptr_t)p, hi = lo + bytes;
+    uintptr_t first = (lo + page - 1) / page * page, last = hi / page * page;  // whole pages inside
+    if (first >= last) {
+        memset(p, 0, bytes);
+        return;
+    }
+    memset(p, 0, first - lo);
+    memset((void *)last, 0, hi - last);
+    // Where the kernel refuses (memory not ours to advise), the zeros are written instead: the
+    // contract is the zeros, the memory given back is the bonus.
+    if (madvise((void *)first, last - first, MADV_DONTNEED) != 0) memset((void *)first, 0, last - first);
+}
 
 uint64_t nm_alloc_count(void) { return atomic_load(&alloc_count); }
 

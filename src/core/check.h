@@ -56,6 +56,11 @@ void *nm_aligned_alloc_impl(size_t size, const char *file, int line);
 #define nm_realloc(p, size)      nm_realloc_impl((p), (size), __FILE__, __LINE__)
 #define nm_aligned_alloc(size)   nm_aligned_alloc_impl((size), __FILE__, __LINE__)
 void nm_free(void *p);
+// Sets bytes at p to zero and gives the whole pages among them back to the system (madvise
+// MADV_DONTNEED on private anonymous memory: they read as zero and cost nothing until written
+// again), so a buffer that is written, reduced and dropped once per micro-batch (ZeRO-2's
+// gradients) stays resident only while it is in use.
+void nm_host_discard(void *p, size_t bytes);
 
 // Counts every allocation made through the wrappers above (the zero-allocations-in-the-
 // step-loop test reads it).

@@ -134,6 +134,10 @@ struct nm_ops {
     void (*copy_to_device)(const nm_ops *be, void *dst, const void *src, size_t bytes);
     void (*copy_to_host)(const nm_ops *be, void *dst, const void *src, size_t bytes);
     void (*memset)(const nm_ops *be, void *dst, int value, size_t bytes);
+    // Sets bytes at dst to zero and lets the backend take the memory back until it is next
+    // written (the CPU backend gives whole pages to the system): ZeRO-2's gradient buckets once
+    // reduced. What it reads afterwards is zero, as after memset.
+    void (*discard)(const nm_ops *be, void *dst, size_t bytes);
     // Waits until every op issued so far has finished (timings, host reads); a no-op where ops
     // complete before they return.
     void (*synchronize)(const nm_ops *be);

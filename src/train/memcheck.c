@@ -75,13 +75,15 @@ int nm_train_check_memory(const nm_train_config *cfg, const nm_model_config *m, 
                          .virtual_pipeline_size = cfg->virtual_pipeline_size,
                          .moe_receive_capacity = cfg->moe_receive_capacity,
                          .exp_avg_bf16 = cfg->optimizer.exp_avg_dtype == 1,
-                         .exp_avg_sq_bf16 = cfg->optimizer.exp_avg_sq_dtype == 1};
+                         .exp_avg_sq_bf16 = cfg->optimizer.exp_avg_sq_dtype == 1,
+                         .shard_grads = cfg->data_parallel_sharding_strategy == 1};
     nm_plan p;
     nm_error ignore;
     if (nm_plan_compute(&p, m, &r, &ignore) != 0) return 0;  // the layout checks that follow say why
     const nm_plan_stage *s = &p.stages[pp_rank < p.n_stages ? pp_rank : 0];
     int64_t local = nm_local_ranks(world), share = avail / local;
     int rc = 0;
+    int64_t grads = r.shard_grads && world > 1 ? s->grads_resident_bytes + s->grad_shard_bytes : s->grads_bytes;
     if (s->total_bytes > share) {
         rc = nm_error_set(err,
                           "this run needs %.2f GiB per rank (planner: params %.2f, grads %.2f, bf16 copies %.2f, optimizer "
@@ -90,7 +92,7 @@ int nm_train_check_memory(const nm_train_config *cfg, const nm_model_config *m, 
                           "state), --recompute, a smaller micro_batch or seq_len, or a smaller model; `nanomegatron "
                           "plan --config MODEL.json --world N ...` sizes a layout before launching it. "
                           "NM_MEMORY_CHECK=off skips this check",
-                          gib(s->total_bytes), gib(s->params_bytes), gib(s->grads_bytes), gib(s->bf16_copy_bytes + s->bf16_twin_bytes),
+                          gib(s->total_bytes), gib(s->params_bytes), gib(grads), gib(s->bf16_copy_bytes + s->bf16_twin_bytes),
                           gib(s->optimizer_bytes), gib(s->activation_bytes), gib(avail), (long long)local,
                           local == 1 ? "" : "s", gib(share));
     }

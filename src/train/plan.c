@@ -108,7 +108,8 @@ static void tp_bytes(const nm_model_config *c, const nm_plan_request *r, int64_t
         int64_t norms = 2 * n_blocks + (last ? 1 + 3 * c->M : 0);
         per_step = 4 * (norms * D + n_moe * c->E * D + (last ? c->M * 2 * D * D : 0));
     }
-    out->tp_all_reduce = accum * (4 * ar + ar_bytes) + per_step;
+    // gradient sharding sums the partial rows before every micro-batch's reduce-scatter
+    out->tp_all_reduce = accum * (4 * ar + ar_bytes) + per_step * (r->shard_grads ? accum : 1);
     out->tp_reduce_scatter = accum * 4 * rs;
     out->tp_all_gather = accum * 4 * ag;
 }
@@ -206,13 +207,24 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
             nm_adamw_config moments = {.exp_avg_bf16 = r->exp_avg_bf16, .exp_avg_sq_bf16 = r->exp_avg_sq_bf16};
             largest_shard(s, &table, z, p->n.dp, n_expert_group, p->n.world > 1,
                           nm_optimizer_state_bytes_per_float(&moments));
+            if (r->shard_grads && p->n.world > 1) {
+                s->grads_resident_bytes = 4 * nm_zero_sharded_resident_floats(z);
+                int64_t G = p->n.dp > n_expert_group ? p->n.dp : n_expert_group;
+                for (int64_t g = 0; g < G; g++) {
+                    int64_t b = 4 * nm_zero_shard_floats(z, g % p->n.dp, g % n_expert_group);
+                    if (b > s->grad_shard_bytes) s->grad_shard_bytes = b;
+                    if (g == 0) s->grad_shard_bytes_first = b;
+                }
+            }
+            // gradient sharding reduce-scatters every micro-batch's gradients, not the step's sum
+            const int64_t reductions = r->shard_grads ? p->accum : 1;
             for (int b = 0; p->n.world > 1 && b < z->n_buckets; b++) {
                 int64_t bytes_b = z->buckets[b].n * 4;
                 if (z->buckets[b].expert && !experts_over_dp) {  // else the dp communicator counts them
-                    s->comm.edp_reduce_scatter += bytes_b;
+                    s->comm.edp_reduce_scatter += reductions * bytes_b;
                     s->comm.edp_all_gather += bytes_b;
                 } else {
-                    s->comm.dp_reduce_scatter += bytes_b;
+                    s->comm.dp_reduce_scatter += reductions * bytes_b;
                     s->comm.dp_all_gather += bytes_b;
                 }
             }
@@ -261,7 +273,8 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
                        (saved_bf16 || saved_fp8 ? 4 * cfg->D : 0) + (saved_bf16 && !shared_act ? 4 * cfg->Fe : 0);
         s->ep_buffer_bytes = (sets * per_set + once) * C;
     }
-    s->total_bytes = s->params_bytes + s->grads_bytes + s->bf16_copy_bytes + s->bf16_twin_bytes + s->optimizer_bytes +
+    int64_t grads = r->shard_grads && p->n.world > 1 ? s->grads_resident_bytes + s->grad_shard_bytes : s->grads_bytes;
+    s->total_bytes = s->params_bytes + grads + s->bf16_copy_bytes + s->bf16_twin_bytes + s->optimizer_bytes +
                      s->activation_bytes;
     if (p->n.world > 1) s->comm.dp_all_reduce = 5 * 8 + n_moe * cfg->E * 8;  // loss terms and finiteness, expert loads
     tp_bytes(cfg, r, p->accum, st, v, &s->comm);
@@ -295,6 +308,10 @@ int nm_plan_compute(nm_plan *p, const nm_model_config *cfg, const nm_plan_reques
     if (r->tp > 1 && r->ep > 1 && !r->sequence_parallel)
         return nm_error_set(err, "tensor_parallel_size %lld with expert_parallel_size %lld needs sequence "
                                  "parallelism (the trainer refuses it without)", (long long)r->tp, (long long)r->ep);
+    if (r->shard_grads && r->pp > 1)
+        return nm_error_set(err, "data_parallel_sharding_strategy optim_grads with pipeline_parallel_size %lld: "
+                                 "gradient sharding is not built for pipeline parallelism (the trainer refuses it)",
+                            (long long)r->pp);
     p->accum = r->global_batch / (r->micro_batch * p->n.dp);
     p->n_stages = p->n.pp;
     int64_t v = 1;

@@ -43,6 +43,7 @@ typedef struct nm_plan_request {
     int64_t ranks_per_node;     // 0: all ranks on one node
     int overlap_grad_reduce;    // the dp / edp reduce-scatter starts inside the last backward (the
                                 // training config's overlap_grad_reduce)
+    int shard_grads;            // data_parallel_sharding_strategy optim_grads (ZeRO-2)
     int overlap_ep;             // the expert all-to-all hidden behind compute (DeepSeek's DualPipe);
                                 // a what-if: the trainer's all-to-all is blocking
 } nm_plan_request;
@@ -76,7 +77,12 @@ typedef struct nm_plan_stage {
     int64_t n_moe_layers;           // MoE blocks the rank runs (MTP ones included)
     int first, last;                // holds the embedding / the final norm, head, MTP layers and losses
     int64_t params_bytes;           // fp32 master weights (the parameter buffer)
-    int64_t grads_bytes;            // fp32 gradients
+    int64_t grads_bytes;            // fp32 gradients (the buffer, whole)
+    // Under gradient sharding (optim_grads at world > 1): the gradient buffer's most resident
+    // bytes in a backward (zero.h nm_zero_sharded_resident_floats; the rest of it is released),
+    // and the fp32 shard the micro-batches' sums wait in, the largest over the stage's ranks and
+    // the first rank's. total_bytes counts these two instead of grads_bytes. 0 otherwise.
+    int64_t grads_resident_bytes, grad_shard_bytes, grad_shard_bytes_first;
     int64_t bf16_copy_bytes;        // bf16 weights of the GEMMs (bf16 / fp8 runs)
     int64_t bf16_twin_bytes;        // bf16 copies of the activations only bf16 GEMMs read (bf16 runs)
     int64_t optimizer_bytes;        // AdamW m and v of the largest ZeRO-1 shard of the stage
@@ -88,7 +94,8 @@ typedef struct nm_plan_stage {
                                     // per chunk under the interleaved schedule)
     int64_t ep_receive_rows;        // C: rows a rank's experts receive per round of the EP exchange
     int64_t ep_buffer_bytes;        // part of activation_bytes: the buffers sized by C
-    int64_t total_bytes;            // params + grads + bf16 copies + optimizer + activations
+    int64_t total_bytes;            // params + grads (or their resident part and shard) + bf16 copies +
+                                    // optimizer + activations
     nm_plan_comm comm;              // per rank of this stage and step (ep_all_to_all: the stage's layers)
     double flops_per_step_rank;     // training FLOPs of the stage's layers per rank and step
     nm_plan_time time;              // with a request's flops (and bandwidths)

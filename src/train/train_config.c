@@ -62,6 +62,8 @@ static const char *const precision_names[] = {"fp32", "bf16", "fp8", NULL};
 static const char *const schedule_names[] = {"constant", "cosine", "wsd", "wsd-cosine", NULL};
 static const char *const decay_names[] = {"linear", "1-sqrt", NULL};
 static const char *const moment_dtype_names[] = {"fp32", "bf16", NULL};
+// Megatron's data_parallel_sharding_strategy values that exist here: optim (ZeRO-1), optim_grads (ZeRO-2)
+static const char *const sharding_names[] = {"optim", "optim_grads", NULL};
 
 // clang-format off
 static const key_spec keys[] = {
@@ -126,6 +128,10 @@ static const key_spec keys[] = {
      "(Megatron --moe-shared-expert-overlap); results unchanged"},
     {"overlap_grad_reduce", K_BOOL, OFF(overlap_grad_reduce), 0, NULL, 0, 1, 0, NULL, 0,
      "start each bucket's reduce-scatter once the backward has finished its layers (Megatron --overlap-grad-reduce)"},
+    {"data_parallel_sharding_strategy", K_ENUM, OFF(data_parallel_sharding_strategy), 0, NULL, 0, 0, 0, sharding_names, 0,
+     "what data parallelism shards (Megatron's key): optim, the optimizer state (ZeRO-1); optim_grads, the gradients "
+     "too (ZeRO-2: each micro-batch's gradients reduce-scattered bucket by bucket as its backward finishes them and "
+     "their memory released)"},
     {"optimizer.lr", K_FLOAT, OFF(optimizer.lr), 3e-4, NULL, 0, 10, 1, NULL, 0, "peak learning rate"},
     {"optimizer.min_lr", K_FLOAT, OFF(optimizer.min_lr), 3e-5, NULL, 0, 10, 0, NULL, 0, "final learning rate"},
     {"optimizer.beta1", K_FLOAT, OFF(optimizer.beta1), 0.9, NULL, 0, 0.999999, 0, NULL, 0, "AdamW beta1"},

@@ -95,6 +95,7 @@ typedef struct nm_train_config {
     int recompute_layernorm;    // derived: ... layernorm
     int64_t bucket_mb;              // ZeRO-1 gradient bucket size in MiB of fp32 (40)
     int overlap_grad_reduce;        // 1: buckets start reducing during the last backward (default 0)
+    int data_parallel_sharding_strategy; // 0 optim (ZeRO-1, default), 1 optim_grads (ZeRO-2)
     int sequence_parallel;          // 1 (default): with tensor_parallel_size > 1, sequence parallelism
     int64_t make_vocab_size_divisible_by; // 128: with TP, vocabulary padded to a multiple of this x TP
     int64_t exit_interval;          // stop (after a checkpoint) at a step divisible by this; 0: off

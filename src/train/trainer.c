@@ -191,6 +191,14 @@ static int create_layout(nm_trainer *t, nm_error *err) {
         nm_error_set(err, "expert_parallel_size %lld: expert parallelism is not implemented yet", (long long)ms.ep);
         return -1;
     }
+    if (cfg->data_parallel_sharding_strategy == 1 && ms.pp > 1) {
+        // Each stage would reduce every micro-batch inside the schedule, and the embedding's
+        // two holders (first and last stage) would have to sum theirs before each reduction.
+        nm_error_set(err, "data_parallel_sharding_strategy optim_grads with pipeline_parallel_size %lld: gradient "
+                     "sharding is not built for pipeline parallelism; use optim (the default) or "
+                     "pipeline_parallel_size 1", (long long)ms.pp);
+        return -1;
+    }
     if (nm_mesh_create(&t->mesh, t->world, &ms, err) != 0) return -1;
     if (nm_train_config_accum_steps(cfg, ms.dp, &t->accum, err) != 0) return -1;
     if (nm_pipeline_check_micro_batches(ms.pp, t->vpp, t->accum, err) != 0) return -1;
@@ -286,6 +294,12 @@ static int create_optimizer(nm_trainer *t, nm_error *err) {
         // each tp rank's experts saw its own tokens: edp, as with EP.
         nm_comm *expert_group = ms.tp > 1 && !t->sp ? t->mesh->dp : t->mesh->edp;
         if (nm_zero_create(&t->zero, table, t->mesh->dp, expert_group, cfg->bucket_mb * 262144, err) != 0) return -1;
+        if (cfg->data_parallel_sharding_strategy == 1) {
+            // The gradient buffer's pages go back at once (its alloc wrote zeros on them), before
+            // the moments are allocated: from here on it is resident only while a backward fills it.
+            nm_zero_shard_grads(t->zero, t->ops);
+            t->ops->discard(t->ops, nm_model_grads(t->model), table->n_floats * sizeof(float));
+        }
         if (nm_optimizer_create_ranges(&t->optim, table, &acfg, t->zero->own_begin, t->zero->own_end, t->ops, err) != 0)
             return -1;
     } else if (nm_optimizer_create(&t->optim, table, &acfg, t->ops, err) != 0) {
@@ -372,7 +386,7 @@ static int open_run_dir(nm_trainer *t, nm_error *err) {
 
 // RUN_DIR/memory.json (rank 0, at every start): what this run allocated, in bytes, as `plan`
 // counts it (its JSON's params_bytes, grads_bytes, optimizer_bytes_first, activation_bytes,
-// bf16_twin_bytes: the bf16 activation copies the first forward will allocate, the kernels
+// grads_resident_bytes and grad_shard_bytes_first under gradient sharding, bf16_twin_bytes: the bf16 activation copies the first forward will allocate, the kernels
 // being chosen by now):
 // rank 0's buffers, and each pipeline stage's parameters and activations (stage_mem, or rank
 // 0's alone without a pipeline). Written atomically; tests/test_plan.sh compares it byte for
@@ -381,12 +395,20 @@ static int write_memory(nm_trainer *t, const double *stage_mem, nm_error *err) {
     const nm_param_table *table = nm_model_table(t->model);
     int64_t params = (int64_t)table->n_floats * 4, acts = (int64_t)nm_model_activation_bytes(t->model);
     int64_t optim = (int64_t)t->optim->n_state * nm_optimizer_state_bytes_per_float(&t->optim->cfg);
+    // under gradient sharding (0 otherwise): the gradient buffer's resident bound and this rank's shard
+    int64_t grads_resident = 0, grad_shard = 0;
+    if (t->zero && t->zero->be) {
+        grads_resident = 4 * nm_zero_sharded_resident_floats(t->zero);
+        grad_shard = 4 * t->zero->acc_floats;
+    }
     char text[8192];
     size_t k = (size_t)snprintf(text, sizeof text,
                                 "{\"params_bytes\": %lld, \"grads_bytes\": %lld, \"optimizer_bytes\": %lld, "
-                                "\"activation_bytes\": %lld, \"bf16_twin_bytes\": %lld, \"stages\": [",
+                                "\"activation_bytes\": %lld, \"bf16_twin_bytes\": %lld, \"grads_resident_bytes\": %lld, "
+                                "\"grad_shard_bytes\": %lld, \"stages\": [",
                                 (long long)params, (long long)params, (long long)optim, (long long)acts,
-                                (long long)nm_model_bf16_twin_bytes(t->model));
+                                (long long)nm_model_bf16_twin_bytes(t->model), (long long)grads_resident,
+                                (long long)grad_shard);
     int64_t pp = t->mesh->n.pp;
     for (int64_t s = 0; s < pp && k < sizeof text; s++)
         k += (size_t)snprintf(text + k, sizeof text - k, "%s{\"params_bytes\": %lld, \"activation_bytes\": %lld}",

@@ -177,7 +177,7 @@ static int pp_before_backward(void *ctx, int64_t micro, int64_t chunk, nm_error 
     nm_trainer *t = ps->t;
     if (micro == t->accum - 1 && t->zero) {
         if (!ps->reducing) {
-            nm_zero_begin(t->zero, nm_model_grads(t->model));
+            nm_zero_begin(t->zero, nm_model_grads(t->model), 1, 1);
             memset(t->tp_summed, 0, (size_t)nm_model_table(t->model)->n_rows);
             ps->reducing = 1;
         }
@@ -265,8 +265,10 @@ int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err) {
 
 // One micro-batch outside the pipeline: forward -> backward (grads +=) on tokens (micro_batch,
 // T). The last one's backward finishes the gradients: buckets start reducing as soon as their
-// layers are done (overlap_grad_reduce), the rest in reduce_step. Gradient sharding plugs in
-// here. *lt gets the micro-batch's own loss terms.
+// layers are done (overlap_grad_reduce), the rest in reduce_step. Under gradient sharding
+// (optim_grads) every micro-batch's backward is reduced so, and finished here: its buckets are
+// folded into this rank's shard and released as they complete. *lt gets the micro-batch's own
+// loss terms.
 static int accumulate_micro_batch(nm_trainer *t, int64_t micro, const int32_t *tokens, const nm_loss_options *opt,
                                   nm_step_metrics *m, int n_moe, int *finite, nm_loss_terms *lt, nm_error *err) {
     const nm_train_config *c = &t->cfg;
@@ -276,15 +278,16 @@ static int accumulate_micro_batch(nm_trainer *t, int64_t micro, const int32_t *t
     const int64_t *counts = nm_model_expert_counts(t->model, NULL, NULL);
     for (int64_t i = 0; i < (int64_t)n_moe * E; i++) t->step_counts[i] += counts[i];
     double tc = now_s();
-    int last = micro == t->accum - 1;
-    if (last && t->zero) {
-        nm_zero_begin(t->zero, nm_model_grads(t->model));
+    int last = micro == t->accum - 1, shard_grads = t->zero && t->zero->be;
+    if (t->zero && (last || shard_grads)) {
+        nm_zero_begin(t->zero, nm_model_grads(t->model), micro == 0, last);
         memset(t->tp_summed, 0, (size_t)nm_model_table(t->model)->n_rows);
-        if (c->overlap_grad_reduce) nm_model_set_backward_hook(t->model, zero_backward_hook, t);
+        if (c->overlap_grad_reduce || shard_grads) nm_model_set_backward_hook(t->model, zero_backward_hook, t);
     }
     int rc = nm_model_backward(t->model, err);
     nm_model_set_backward_hook(t->model, NULL, NULL);
     if (rc != 0) return -1;
+    if (shard_grads && (tp_sum_partial_rows(t, -2, err) != 0 || nm_zero_finish(t->zero, err) != 0)) return -1;
     double td = now_s();
     m->t_forward += tc - tb;
     m->t_backward += td - tc;
@@ -415,7 +418,10 @@ static void step_begin(nm_trainer *t, int64_t step, nm_step_metrics *m, nm_loss_
         // sum the mean over the global batch, as one process computes it.
         .grad_scale = 1.0f / (float)(t->accum * t->mesh->n.dp),
     };
-    nm_model_zero_grads(t->model);
+    // Under gradient sharding the buffer's pages are given back, not written with zeros: it is
+    // resident only while a backward fills it.
+    if (t->zero && t->zero->be) t->ops->discard(t->ops, nm_model_grads(t->model), nm_model_table(t->model)->n_floats * sizeof(float));
+    else nm_model_zero_grads(t->model);
 }
 
 // The step after its micro-batches: gradients reduced, checked and clipped, the guard or the

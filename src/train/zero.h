@@ -22,6 +22,7 @@
 #include "core/check.h"
 #include "comm/comm.h"
 #include "model/params.h"
+#include "ops/ops.h"
 
 typedef struct nm_zero_bucket {
     size_t offset;              // first float of the bucket in the param/grad buffer
@@ -54,6 +55,19 @@ typedef struct nm_zero {
     unsigned char *started;     // (n_buckets)
     int n_started_early;        // buckets started before the backward ended
     int64_t floats_started_early;
+    int in_flight;              // between nm_zero_begin and nm_zero_finish
+    // Gradient sharding (ZeRO-2, nm_zero_shard_grads): every micro-batch's gradients are
+    // reduce-scattered; this rank's pieces are summed here in micro-batch order and each bucket's
+    // floats released (the backend's discard) once reduced, so the whole gradient buffer is
+    // resident only while a backward is filling it.
+    const nm_ops *be;           // borrowed; NULL: ZeRO-1
+    float *acc;                 // (acc_floats) this rank's piece of every bucket, in bucket order
+    int64_t acc_floats;
+    int64_t *acc_at;            // (n_buckets) where bucket b's piece starts in acc
+    int64_t *mine_at;           // (n_buckets) where this rank's piece starts within bucket b
+    unsigned char *reduced;     // (n_buckets) its reduction completed (and, sharding, was folded into acc)
+    int first_micro, last_micro; // the micro-batch being reduced is the step's first / last
+    int64_t discarded_bytes;    // released this step (for the metrics and the tests)
 } nm_zero;
 
 // The group rank whose range holds position pos of a group of total floats over G ranks.
@@ -67,18 +81,35 @@ int nm_zero_create(nm_zero **out, const nm_param_table *t, nm_comm *dp, nm_comm 
                    nm_error *err);
 void nm_zero_destroy(nm_zero *z);
 
+// Turns on gradient sharding (data_parallel_sharding_strategy optim_grads): the reduction
+// below runs after every micro-batch's backward, not only the last; between micro-batches
+// this rank's pieces wait in fp32 (its optimizer shard's size) and the gradient buffer's
+// reduced buckets read zero and hold no memory. be: the backend whose memory the gradients are.
+void nm_zero_shard_grads(nm_zero *z, const nm_ops *be);
+
+// Under gradient sharding, for the ranks dp_rank of the dp group and edp_rank of the expert
+// group: the floats of its shard (the pieces it receives of every bucket), and the most
+// gradient floats resident at once in a backward: the global rows (embedding, final norm,
+// head: their buckets finish with the backward) and, while layer l's backward runs, every row
+// of layers >= l whose bucket has not been waited for (buckets wait at the next layer's end).
+// Whole tensors, before the page rounding of the released spans. No communicator is used.
+int64_t nm_zero_shard_floats(const nm_zero *z, int64_t dp_rank, int64_t edp_rank);
+int64_t nm_zero_sharded_resident_floats(const nm_zero *z);
+
 // Sums the gradients over each bucket's group; afterwards this rank's owned rows hold the
 // sums (the other rows are undefined). In three calls, so the reductions overlap the last
-// micro-batch's backward:
+// micro-batch's backward (under gradient sharding, every micro-batch's: first / last say which
+// of the step's it is; the last one's pieces get the earlier ones' sums added, in order):
 //   nm_zero_begin       before that backward;
 //   nm_zero_layer_done  each time the backward has finished a decoder layer (the model's
 //                       backward hook; layers finish in decreasing index, MTP layers first),
 //                       starts every bucket whose rows all lie in finished layers, and lets
 //                       the started ones progress;
-//   nm_zero_finish      after the backward: starts the rest and waits for all.
+//   nm_zero_finish      after the backward: starts the rest and waits for all (a no-op
+//                       when no reduction is in flight).
 // Buckets start in the same order on every rank (the layer order is the model's), as
 // non-blocking collectives on one communicator require.
-void nm_zero_begin(nm_zero *z, float *grads /* (n_floats) */);
+void nm_zero_begin(nm_zero *z, float *grads /* (n_floats) */, int first, int last);
 int nm_zero_layer_done(nm_zero *z, int layer, nm_error *err);
 int nm_zero_finish(nm_zero *z, nm_error *err);
 // All three at once, after a backward (nothing overlaps).

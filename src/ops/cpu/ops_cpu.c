@@ -52,6 +52,7 @@ static void cpu_copy(const nm_ops *be, void *dst, const void *src, size_t bytes)
 static void cpu_memset(const nm_ops *be, void *dst, int value, size_t bytes) {
     if (bytes) memset(dst, value, bytes);
 }
+static void cpu_discard(const nm_ops *be, void *dst, size_t bytes) { nm_host_discard(dst, bytes); }
 static void cpu_synchronize(const nm_ops *be) {}
 
 // OpenMP runs the ops' loops and the grouped GEMMs; OpenBLAS has a thread pool of its own.
@@ -76,6 +77,7 @@ static const nm_ops cpu_ops = {
     .copy_to_device = cpu_copy,
     .copy_to_host = cpu_copy,
     .memset = cpu_memset,
+    .discard = cpu_discard,
     .synchronize = cpu_synchronize,
     .set_threads = cpu_set_threads,
     .threads = cpu_threads,

@@ -38,6 +38,7 @@ void *nm_cuda_alloc(const nm_ops *be, size_t bytes);
 void nm_cuda_free(const nm_ops *be, void *p);
 void nm_cuda_copy(const nm_ops *be, void *dst, const void *src, size_t bytes);
 void nm_cuda_memset(const nm_ops *be, void *dst, int value, size_t bytes);
+void nm_cuda_discard(const nm_ops *be, void *dst, size_t bytes);
 void nm_cuda_synchronize(const nm_ops *be);
 double nm_cuda_measure_peak(const nm_ops *be, int bf16);
 

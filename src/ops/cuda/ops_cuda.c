@@ -46,6 +46,7 @@ static const nm_ops cuda_ops = {
     .copy_to_device = nm_cuda_copy,
     .copy_to_host = nm_cuda_copy,
     .memset = nm_cuda_memset,
+    .discard = nm_cuda_discard,
     .synchronize = nm_cuda_synchronize,
     .set_threads = cuda_set_threads,
     .threads = cuda_threads,

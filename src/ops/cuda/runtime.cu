@@ -142,6 +142,9 @@ void nm_cuda_memset(const nm_ops *be, void *dst, int value, size_t bytes) {
     NM_CUDA_CALL(cudaStreamSynchronize(NM_CUDA_STREAM));
 }
 
+// Device memory stays allocated (the caching allocator would hand it back to us anyway): zeros.
+void nm_cuda_discard(const nm_ops *be, void *dst, size_t bytes) { nm_cuda_memset(be, dst, 0, bytes); }
+
 void nm_cuda_synchronize(const nm_ops *be) { NM_CUDA_CALL(cudaDeviceSynchronize()); }
 
 void nm_cuda_op_done(const char *op, const char *file, int line) {

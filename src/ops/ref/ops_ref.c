@@ -30,6 +30,8 @@ static void ref_copy(const nm_ops *be, void *dst, const void *src, size_t bytes)
 static void ref_memset(const nm_ops *be, void *dst, int value, size_t bytes) {
     if (bytes) memset(dst, value, bytes);
 }
+// The definition: zeros. Giving pages back is the CPU backend's business.
+static void ref_discard(const nm_ops *be, void *dst, size_t bytes) { ref_memset(be, dst, 0, bytes); }
 static void ref_synchronize(const nm_ops *be) {}
 static void ref_set_threads(const nm_ops *be, int n) { (void)n; }
 static int ref_threads(const nm_ops *be) { return 1; }
@@ -55,6 +57,7 @@ static const nm_ops ref_ops = {
     .copy_to_device = ref_copy,
     .copy_to_host = ref_copy,
     .memset = ref_memset,
+    .discard = ref_discard,
     .synchronize = ref_synchronize,
     .set_threads = ref_set_threads,
     .threads = ref_threads,
