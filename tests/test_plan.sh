@@ -134,11 +134,14 @@ MODULES=mla_up_proj,moe_act,layernorm check tp2_pp2_modules 4 1 0 2 1 2 'Et|ttmL
 check pp2_v2 2 1 0 1 1 2 'Et|t|t|mL'
 check pp2_v2_dp2_ep2 4 2 0 1 1 2 'E|t|t|tmL'
 check tp2_pp2_v2 4 1 0 2 1 2 'Et|t|t|mL'
-# gradient sharding (ZeRO-2): every micro-batch reduce-scattered (2 per step here), the buffer's
-# resident bound and the shard exact, in fp32 and bf16, with tp (sequence-parallel rows)
+# gradient sharding (ZeRO-2): every micro-batch reduce-scattered (2 per step here) but the
+# buckets with a global row, the buffer's resident bound and the shard exact, in fp32 and bf16,
+# with tp (sequence-parallel rows) and pp
 SHARDING=optim_grads check dp2_ep2_optim_grads 4 2 0
 SHARDING=optim_grads PRECISION=bf16 check dp4_optim_grads_bf16 4 1 0
 SHARDING=optim_grads check tp2_dp2_optim_grads 4 1 0 2
+SHARDING=optim_grads check tp2_optim_grads 2 1 0 2
+SHARDING=optim_grads check pp2_dp2_optim_grads 4 1 0 1 1 2 'Et|ttmL'
 # the bounded EP exchange: receive buffers of half the mean rows (several rounds per layer)
 CAPACITY=0.5 check ep2_capacity 2 2 0
 CAPACITY=0.5 check tp2_ep2_capacity 4 2 1 2

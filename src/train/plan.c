@@ -108,8 +108,7 @@ static void tp_bytes(const nm_model_config *c, const nm_plan_request *r, int64_t
         int64_t norms = 2 * n_blocks + (last ? 1 + 3 * c->M : 0);
         per_step = 4 * (norms * D + n_moe * c->E * D + (last ? c->M * 2 * D * D : 0));
     }
-    // gradient sharding sums the partial rows before every micro-batch's reduce-scatter
-    out->tp_all_reduce = accum * (4 * ar + ar_bytes) + per_step * (r->shard_grads ? accum : 1);
+    out->tp_all_reduce = accum * (4 * ar + ar_bytes) + per_step;
     out->tp_reduce_scatter = accum * 4 * rs;
     out->tp_all_gather = accum * 4 * ag;
 }
@@ -197,6 +196,7 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
     // experts reduce over edp, or over dp under TP without sequence parallelism: the trainer's
     // choice).
     int experts_over_dp = p->n.tp > 1 && !sp;
+    int64_t sharded_partial_floats = 0;
     int64_t n_expert_group = experts_over_dp ? p->n.dp : p->n.edp;
     {
         nm_comm *dp = nm_comm_shape(0, (int)p->n.dp, "dp");
@@ -208,6 +208,13 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
             largest_shard(s, &table, z, p->n.dp, n_expert_group, p->n.world > 1,
                           nm_optimizer_state_bytes_per_float(&moments));
             if (r->shard_grads && p->n.world > 1) {
+                nm_zero_shard_grads(z, NULL);  // the bucket bookkeeping only
+                // the partial rows of sequence parallelism are summed over tp before every
+                // micro-batch's reduction, except those of the buckets reduced once (zero.h)
+                for (int i = 0; sp && i < table.n_rows; i++)
+                    if ((table.rows[i].flags & NM_TENSOR_SEQ_PARTIAL) && !(table.rows[i].flags & NM_TENSOR_TIED) &&
+                        !nm_zero_row_deferred(z, i))
+                        sharded_partial_floats += table.rows[i].numel;
                 s->grads_resident_bytes = 4 * nm_zero_sharded_resident_floats(z);
                 int64_t G = p->n.dp > n_expert_group ? p->n.dp : n_expert_group;
                 for (int64_t g = 0; g < G; g++) {
@@ -216,10 +223,11 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
                     if (g == 0) s->grad_shard_bytes_first = b;
                 }
             }
-            // gradient sharding reduce-scatters every micro-batch's gradients, not the step's sum
-            const int64_t reductions = r->shard_grads ? p->accum : 1;
             for (int b = 0; p->n.world > 1 && b < z->n_buckets; b++) {
                 int64_t bytes_b = z->buckets[b].n * 4;
+                // gradient sharding reduce-scatters every micro-batch's gradients, except the
+                // buckets with a global row (zero.h)
+                const int64_t reductions = r->shard_grads && z->buckets[b].ready_layer >= 0 ? p->accum : 1;
                 if (z->buckets[b].expert && !experts_over_dp) {  // else the dp communicator counts them
                     s->comm.edp_reduce_scatter += reductions * bytes_b;
                     s->comm.edp_all_gather += bytes_b;
@@ -278,6 +286,7 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
                      s->activation_bytes;
     if (p->n.world > 1) s->comm.dp_all_reduce = 5 * 8 + n_moe * cfg->E * 8;  // loss terms and finiteness, expert loads
     tp_bytes(cfg, r, p->accum, st, v, &s->comm);
+    s->comm.tp_all_reduce += (p->accum - 1) * 4 * sharded_partial_floats;
     // the stage's share of the all-to-all (its MoE layers over its W/PP ranks) and of the FLOPs
     s->comm.ep_all_to_all = all_to_all_job_bytes(cfg, r, p->accum, st, v) / (p->n.world / p->n.pp);
     double per_token = last ? (double)(1 + cfg->M) * nm_model_head_flops_per_token(cfg) : 0.0;
@@ -308,10 +317,6 @@ int nm_plan_compute(nm_plan *p, const nm_model_config *cfg, const nm_plan_reques
     if (r->tp > 1 && r->ep > 1 && !r->sequence_parallel)
         return nm_error_set(err, "tensor_parallel_size %lld with expert_parallel_size %lld needs sequence "
                                  "parallelism (the trainer refuses it without)", (long long)r->tp, (long long)r->ep);
-    if (r->shard_grads && r->pp > 1)
-        return nm_error_set(err, "data_parallel_sharding_strategy optim_grads with pipeline_parallel_size %lld: "
-                                 "gradient sharding is not built for pipeline parallelism (the trainer refuses it)",
-                            (long long)r->pp);
     p->accum = r->global_batch / (r->micro_batch * p->n.dp);
     p->n_stages = p->n.pp;
     int64_t v = 1;
@@ -319,6 +324,10 @@ int nm_plan_compute(nm_plan *p, const nm_model_config *cfg, const nm_plan_reques
     if (rc == 0) rc = nm_pipeline_check_micro_batches(p->n.pp, v, p->accum, err);
     if (rc != 0) return -1;
     p->vpp = v;
+    if (r->shard_grads && v > 1)
+        return nm_error_set(err, "data_parallel_sharding_strategy optim_grads with %lld virtual pipeline stages per "
+                               "rank: gradient sharding is not built for the interleaved schedule (the trainer "
+                               "refuses it)", (long long)v);
     nm_model_stage *stages = nm_calloc((size_t)(p->n_stages * v), sizeof(nm_model_stage));
     nm_model_stage *chunks = nm_calloc((size_t)v, sizeof(nm_model_stage));
     p->stages = nm_calloc((size_t)p->n_stages, sizeof(nm_plan_stage));

@@ -191,12 +191,12 @@ static int create_layout(nm_trainer *t, nm_error *err) {
         nm_error_set(err, "expert_parallel_size %lld: expert parallelism is not implemented yet", (long long)ms.ep);
         return -1;
     }
-    if (cfg->data_parallel_sharding_strategy == 1 && ms.pp > 1) {
-        // Each stage would reduce every micro-batch inside the schedule, and the embedding's
-        // two holders (first and last stage) would have to sum theirs before each reduction.
-        nm_error_set(err, "data_parallel_sharding_strategy optim_grads with pipeline_parallel_size %lld: gradient "
-                     "sharding is not built for pipeline parallelism; use optim (the default) or "
-                     "pipeline_parallel_size 1", (long long)ms.pp);
+    if (cfg->data_parallel_sharding_strategy == 1 && t->vpp > 1) {
+        // A chunk's backward would start buckets whose rows other chunks' later backwards
+        // still add to.
+        nm_error_set(err, "data_parallel_sharding_strategy optim_grads with %lld virtual pipeline stages per rank: "
+                     "gradient sharding is not built for the interleaved schedule; use optim (the default) or one "
+                     "stage per rank (virtual_pipeline_model_parallel_size 1)", (long long)t->vpp);
         return -1;
     }
     if (nm_mesh_create(&t->mesh, t->world, &ms, err) != 0) return -1;

@@ -35,6 +35,8 @@ static int tp_sum_partial_rows(nm_trainer *t, int layer, nm_error *err) {
         const nm_tensor_spec *row = &table->rows[r];
         if (!(row->flags & NM_TENSOR_SEQ_PARTIAL) || (row->flags & NM_TENSOR_TIED) || t->tp_summed[r]) continue;
         if (layer != -2 && row->layer != layer) continue;  // -2: every row not summed yet
+        // gradient sharding: a row that adds up in the buffer over the micro-batches is summed at the end
+        if (layer != -2 && t->zero && nm_zero_row_deferred(t->zero, r)) continue;
         if (nm_comm_all_reduce(t->mesh->tp, g + row->offset, row->numel, NM_DT_F32, NM_RED_SUM, err) != 0) return -1;
         t->tp_summed[r] = 1;
     }
@@ -175,9 +177,15 @@ static int pp_before_backward(void *ctx, int64_t micro, int64_t chunk, nm_error 
     (void)chunk;
     pp_step *ps = ctx;
     nm_trainer *t = ps->t;
-    if (micro == t->accum - 1 && t->zero) {
+    if (t->zero && t->zero->be) {
+        // gradient sharding (one chunk per rank): every micro-batch's backward is reduced
+        nm_zero_begin(t->zero, nm_model_grads(t->model), !ps->reducing);
+        memset(t->tp_summed, 0, (size_t)nm_model_table(t->model)->n_rows);
+        ps->reducing = 1;
+        nm_model_set_backward_hook(t->model, zero_backward_hook, t);
+    } else if (micro == t->accum - 1 && t->zero) {
         if (!ps->reducing) {
-            nm_zero_begin(t->zero, nm_model_grads(t->model), 1, 1);
+            nm_zero_begin(t->zero, nm_model_grads(t->model), 1);
             memset(t->tp_summed, 0, (size_t)nm_model_table(t->model)->n_rows);
             ps->reducing = 1;
         }
@@ -192,6 +200,7 @@ static int pp_after_backward(void *ctx, int64_t micro, int64_t chunk, nm_error *
     (void)err;
     pp_step *ps = ctx;
     nm_model_set_backward_hook(ps->t->model, NULL, NULL);
+    if (ps->t->zero && ps->t->zero->be) return nm_zero_wait_started(ps->t->zero, err);
     return 0;
 }
 
@@ -266,9 +275,9 @@ int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err) {
 // One micro-batch outside the pipeline: forward -> backward (grads +=) on tokens (micro_batch,
 // T). The last one's backward finishes the gradients: buckets start reducing as soon as their
 // layers are done (overlap_grad_reduce), the rest in reduce_step. Under gradient sharding
-// (optim_grads) every micro-batch's backward is reduced so, and finished here: its buckets are
-// folded into this rank's shard and released as they complete. *lt gets the micro-batch's own
-// loss terms.
+// (optim_grads) every micro-batch's backward is reduced so, and waited for here: its buckets
+// are folded into this rank's shard and released (the global rows' buckets wait for
+// reduce_step). *lt gets the micro-batch's own loss terms.
 static int accumulate_micro_batch(nm_trainer *t, int64_t micro, const int32_t *tokens, const nm_loss_options *opt,
                                   nm_step_metrics *m, int n_moe, int *finite, nm_loss_terms *lt, nm_error *err) {
     const nm_train_config *c = &t->cfg;
@@ -280,14 +289,14 @@ static int accumulate_micro_batch(nm_trainer *t, int64_t micro, const int32_t *t
     double tc = now_s();
     int last = micro == t->accum - 1, shard_grads = t->zero && t->zero->be;
     if (t->zero && (last || shard_grads)) {
-        nm_zero_begin(t->zero, nm_model_grads(t->model), micro == 0, last);
+        nm_zero_begin(t->zero, nm_model_grads(t->model), micro == 0);
         memset(t->tp_summed, 0, (size_t)nm_model_table(t->model)->n_rows);
         if (c->overlap_grad_reduce || shard_grads) nm_model_set_backward_hook(t->model, zero_backward_hook, t);
     }
     int rc = nm_model_backward(t->model, err);
     nm_model_set_backward_hook(t->model, NULL, NULL);
     if (rc != 0) return -1;
-    if (shard_grads && (tp_sum_partial_rows(t, -2, err) != 0 || nm_zero_finish(t->zero, err) != 0)) return -1;
+    if (shard_grads && nm_zero_wait_started(t->zero, err) != 0) return -1;
     double td = now_s();
     m->t_forward += tc - tb;
     m->t_backward += td - tc;

@@ -145,8 +145,15 @@ void nm_zero_shard_grads(nm_zero *z, const nm_ops *be) {
         z->acc_at[b] = z->acc_floats;
         z->acc_floats += k->counts[me];
     }
-    z->acc = be->alloc(be, (size_t)(z->acc_floats > 0 ? z->acc_floats : 1) * sizeof(float));
+    z->folded = nm_calloc((size_t)(z->n_buckets > 0 ? z->n_buckets : 1), 1);
+    z->deferred_row = nm_calloc((size_t)(z->table->n_rows > 0 ? z->table->n_rows : 1), 1);
+    for (int b = 0; b < z->n_buckets; b++)
+        for (int i = z->buckets[b].first_row; i <= z->buckets[b].last_row; i++)
+            z->deferred_row[i] = z->buckets[b].ready_layer < 0;
+    if (be) z->acc = be->alloc(be, (size_t)(z->acc_floats > 0 ? z->acc_floats : 1) * sizeof(float));
 }
+
+int nm_zero_row_deferred(const nm_zero *z, int row) { return z->deferred_row ? z->deferred_row[row] : 0; }
 
 int64_t nm_zero_shard_floats(const nm_zero *z, int64_t dp_rank, int64_t edp_rank) {
     int64_t n = 0;
@@ -171,7 +178,9 @@ int64_t nm_zero_sharded_resident_floats(const nm_zero *z) {
             const nm_tensor_spec *r = &t->rows[i];
             if ((r->flags & NM_TENSOR_TIED) || bucket_of[i] < 0) continue;
             int ready = z->buckets[bucket_of[i]].ready_layer;
-            int written = r->layer < 0 || r->layer >= l, released = ready >= l + 2;  // waited at layer l+1's end
+            // a bucket with a global row is reduced once, at the step's end: its rows stay from
+            // the first micro-batch's backward on
+            int written = r->layer < 0 || r->layer >= l || ready < 0, released = ready >= l + 2;
             if (written && !released) n += r->numel;
         }
         if (n > most) most = n;
@@ -186,6 +195,8 @@ void nm_zero_destroy(nm_zero *z) {
     nm_free(z->acc_at);
     nm_free(z->mine_at);
     nm_free(z->reduced);
+    nm_free(z->folded);
+    nm_free(z->deferred_row);
     for (int b = 0; b < z->n_buckets; b++) nm_free(z->buckets[b].counts);
     nm_free(z->buckets);
     nm_free(z->reqs);
@@ -198,22 +209,22 @@ void nm_zero_destroy(nm_zero *z) {
     nm_free(z);
 }
 
-void nm_zero_begin(nm_zero *z, float *grads, int first, int last) {
+void nm_zero_begin(nm_zero *z, float *grads, int first) {
     z->grads = grads;
     memset(z->started, 0, (size_t)(z->n_buckets > 0 ? z->n_buckets : 1));
     memset(z->reduced, 0, (size_t)(z->n_buckets > 0 ? z->n_buckets : 1));
     z->n_started_early = 0;
     z->floats_started_early = 0;
-    z->first_micro = first;
-    z->last_micro = last;
-    if (first) z->discarded_bytes = 0;
+    if (first && z->be) {
+        memset(z->folded, 0, (size_t)(z->n_buckets > 0 ? z->n_buckets : 1));
+        z->discarded_bytes = 0;
+    }
     z->in_flight = 1;
 }
 
 // Gradient sharding, once bucket b's reduce-scatter has completed: this rank's piece of the
-// micro-batch's sum goes into acc (the first micro-batch's is copied, later ones added in
-// order); on the last micro-batch acc is added to the piece, which the optimizer then reads.
-// The rest of the bucket (all of it but the last micro-batch's piece) is released.
+// sum goes into acc (the step's first reduction of the bucket is copied, later ones added in
+// order), and the whole bucket is released; nm_zero_finish puts acc where the optimizer reads.
 static void bucket_reduced(nm_zero *z, int b) {
     if (z->reduced[b]) return;
     z->reduced[b] = 1;
@@ -222,18 +233,11 @@ static void bucket_reduced(nm_zero *z, int b) {
     const nm_zero_bucket *k = &z->buckets[b];
     int64_t n = k->counts[(k->expert ? z->edp : z->dp)->rank];
     float *bucket = z->grads + k->offset, *piece = bucket + z->mine_at[b], *acc = z->acc + z->acc_at[b];
-    if (z->last_micro) {
-        if (!z->first_micro && n > 0) be->axpy(be, piece, acc, 1.0f, n);
-        be->discard(be, bucket, (size_t)z->mine_at[b] * sizeof(float));
-        size_t after = (size_t)(k->n - z->mine_at[b] - n);
-        be->discard(be, piece + n, after * sizeof(float));
-        z->discarded_bytes += (int64_t)(((size_t)z->mine_at[b] + after) * sizeof(float));
-        return;
-    }
     if (n > 0) {
-        if (z->first_micro) be->copy_2d(be, acc, n, piece, n, 1, n);
+        if (!z->folded[b]) be->copy_2d(be, acc, n, piece, n, 1, n);
         else be->axpy(be, acc, piece, 1.0f, n);
     }
+    z->folded[b] = 1;
     be->discard(be, bucket, (size_t)k->n * sizeof(float));
     z->discarded_bytes += k->n * (int64_t)sizeof(float);
 }
@@ -248,7 +252,7 @@ static int start_bucket(nm_zero *z, int b, nm_error *err) {
 // Gradient sharding: the buckets started at an earlier layer have had that layer's backward
 // to move; they are finished now, so their memory is back before the next layer writes its
 // gradients, and at most one layer's buckets are ever in flight (plan counts that bound).
-static int wait_started(nm_zero *z, nm_error *err) {
+int nm_zero_wait_started(nm_zero *z, nm_error *err) {
     for (int b = z->n_buckets - 1; b >= 0; b--) {
         if (!z->started[b] || z->reduced[b]) continue;
         if (nm_comm_wait(&z->reqs[b], err) != 0) return -1;
@@ -258,7 +262,7 @@ static int wait_started(nm_zero *z, nm_error *err) {
 }
 
 int nm_zero_layer_done(nm_zero *z, int layer, nm_error *err) {
-    if (z->be && wait_started(z, err) != 0) return -1;
+    if (z->be && nm_zero_wait_started(z, err) != 0) return -1;
     // Buckets in decreasing table order: the order in which the backward finishes them.
     for (int b = z->n_buckets - 1; b >= 0; b--) {
         if (z->started[b] || z->buckets[b].ready_layer < layer) continue;
@@ -300,11 +304,20 @@ int nm_zero_finish(nm_zero *z, nm_error *err) {
         if (nm_comm_wait(&z->reqs[b], rc == 0 ? err : &wait_err) != 0) rc = -1;
         else if (rc == 0) bucket_reduced(z, b);
     }
+    // Gradient sharding: every bucket was reduced at least once this step; its summed piece
+    // goes where the optimizer reads it (the only part of the buffer written until the next
+    // backward).
+    for (int b = 0; z->be && rc == 0 && b < z->n_buckets; b++) {
+        const nm_zero_bucket *k = &z->buckets[b];
+        int64_t n = k->counts[(k->expert ? z->edp : z->dp)->rank];
+        if (n > 0 && z->folded[b])
+            z->be->copy_2d(z->be, z->grads + k->offset + z->mine_at[b], n, z->acc + z->acc_at[b], n, 1, n);
+    }
     return rc;
 }
 
 int nm_zero_reduce_scatter_grads(nm_zero *z, float *grads, nm_error *err) {
-    nm_zero_begin(z, grads, 1, 1);
+    nm_zero_begin(z, grads, 1);
     return nm_zero_finish(z, err);
 }
 

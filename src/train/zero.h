@@ -66,7 +66,8 @@ typedef struct nm_zero {
     int64_t *acc_at;            // (n_buckets) where bucket b's piece starts in acc
     int64_t *mine_at;           // (n_buckets) where this rank's piece starts within bucket b
     unsigned char *reduced;     // (n_buckets) its reduction completed (and, sharding, was folded into acc)
-    int first_micro, last_micro; // the micro-batch being reduced is the step's first / last
+    unsigned char *folded;      // (n_buckets) acc holds a sum of it this step
+    unsigned char *deferred_row; // (n_rows) nm_zero_row_deferred
     int64_t discarded_bytes;    // released this step (for the metrics and the tests)
 } nm_zero;
 
@@ -82,10 +83,20 @@ int nm_zero_create(nm_zero **out, const nm_param_table *t, nm_comm *dp, nm_comm 
 void nm_zero_destroy(nm_zero *z);
 
 // Turns on gradient sharding (data_parallel_sharding_strategy optim_grads): the reduction
-// below runs after every micro-batch's backward, not only the last; between micro-batches
-// this rank's pieces wait in fp32 (its optimizer shard's size) and the gradient buffer's
-// reduced buckets read zero and hold no memory. be: the backend whose memory the gradients are.
+// below runs after every micro-batch's backward, not only the last (nm_zero_begin before it,
+// nm_zero_wait_started after it); each rank sums its pieces in an fp32 shard (its optimizer
+// range's size) and the reduced buckets read zero and hold no memory. The buckets holding a
+// global row (embedding, final norm, head; the pipeline's embedding pair sums those between
+// stages first) are not started by the layers, so they add up in the buffer and are reduced
+// once, by nm_zero_finish at the step's end. be: the backend whose memory the gradients are
+// (NULL: the bookkeeping alone, as plan needs it; nothing is reduced then).
 void nm_zero_shard_grads(nm_zero *z, const nm_ops *be);
+// 1 when row i lies in a bucket that only nm_zero_finish reduces (sharding: a bucket with a
+// global row); its gradient adds up over the micro-batches in the buffer, so what is summed
+// over tensor parallelism in place must be summed once, at the step's end.
+int nm_zero_row_deferred(const nm_zero *z, int row);
+// Waits for every started bucket (sharding: folds and releases each).
+int nm_zero_wait_started(nm_zero *z, nm_error *err);
 
 // Under gradient sharding, for the ranks dp_rank of the dp group and edp_rank of the expert
 // group: the floats of its shard (the pieces it receives of every bucket), and the most
@@ -98,18 +109,19 @@ int64_t nm_zero_sharded_resident_floats(const nm_zero *z);
 
 // Sums the gradients over each bucket's group; afterwards this rank's owned rows hold the
 // sums (the other rows are undefined). In three calls, so the reductions overlap the last
-// micro-batch's backward (under gradient sharding, every micro-batch's: first / last say which
-// of the step's it is; the last one's pieces get the earlier ones' sums added, in order):
+// micro-batch's backward (under gradient sharding, every micro-batch's; first: it is the
+// step's first, the shard starts again):
 //   nm_zero_begin       before that backward;
 //   nm_zero_layer_done  each time the backward has finished a decoder layer (the model's
 //                       backward hook; layers finish in decreasing index, MTP layers first),
 //                       starts every bucket whose rows all lie in finished layers, and lets
 //                       the started ones progress;
 //   nm_zero_finish      after the backward: starts the rest and waits for all (a no-op
-//                       when no reduction is in flight).
+//                       when no reduction is in flight); sharding: then copies the shard's
+//                       sums into this rank's pieces of the buffer.
 // Buckets start in the same order on every rank (the layer order is the model's), as
 // non-blocking collectives on one communicator require.
-void nm_zero_begin(nm_zero *z, float *grads /* (n_floats) */, int first, int last);
+void nm_zero_begin(nm_zero *z, float *grads /* (n_floats) */, int first);
 int nm_zero_layer_done(nm_zero *z, int layer, nm_error *err);
 int nm_zero_finish(nm_zero *z, nm_error *err);
 // All three at once, after a backward (nothing overlaps).
