@@ -49,6 +49,11 @@ summary dp "$T ranks x 1 (dp$T)"
 nm_mpirun "$T" "$NM" train "${common[@]}" --out dp_overlap --set threads=1 --set overlap_grad_reduce=true >dp_overlap.log 2>&1 \
   || { cat dp_overlap.log; exit 1; }
 summary dp_overlap "$T ranks x 1 (dp$T, overlap)"
+# gradient sharding (ZeRO-2): every micro-batch reduce-scattered; its peer is the dp run above
+nm_mpirun "$T" "$NM" train "${common[@]}" --out dp_zero2 --set threads=1 --set data_parallel_sharding_strategy=optim_grads \
+  >dp_zero2.log 2>&1 || { cat dp_zero2.log; exit 1; }
+summary dp_zero2 "$T ranks x 1 (dp$T, optim_grads)"
+python3 -c "import json;a,b=([json.loads(l) for l in open(d+'/metrics.jsonl')][-1] for d in ('dp','dp_zero2'));print('dp$T peak RSS optim %.0f MiB, optim_grads %.0f MiB (%.2fx); reduce-scatter %.0f -> %.0f MB per step' % (a['rss_peak_bytes']/2**20, b['rss_peak_bytes']/2**20, b['rss_peak_bytes']/a['rss_peak_bytes'], a['comm_dp_reduce_scatter_bytes']/1e6, b['comm_dp_reduce_scatter_bytes']/1e6))"
 if nm_mpirun "$T" "$NM" train "${common[@]}" --out ep --set threads=1 --set expert_parallel_size="$T" >ep.log 2>&1; then
   summary ep "$T ranks x 1 (dp$T ep$T)"
 else
@@ -81,6 +86,6 @@ if nm_mpirun "$T" "$NM" train "${common[@]}" --out pp_v2 --set threads=1 --set p
 else
   echo "pp$T v2: $(tail -1 pp_v2.log)"
 fi
-for r in dp dp_overlap ep ep_overlap tp pp pp_v2; do
+for r in dp dp_overlap dp_zero2 ep ep_overlap tp pp pp_v2; do
   [ -f $r.tok ] && python3 -c "print(f'efficiency $r: {float(open(\"$r.tok\").read())/float(open(\"one.tok\").read()):.2f} of 1 rank x $T threads')"
 done
