@@ -318,6 +318,13 @@ ls xl/step_000004/model-00004-of-00004.safetensors xl/step_000004/model.safetens
   || { cat xl1.log; fail "1-process resume"; }
 nm_mpirun 2 "$NM_BIN" train --config train.json --out xl --quiet --resume >xl2.log 2>&1 || { cat xl2.log; fail "2-rank resume"; }
 "$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref/metrics.jsonl xl/metrics.jsonl "4 ranks ${ep_xl[*]} -> 1 -> 2 ranks"
+# a gradient-sharded run's checkpoint is the same directory (the shard lives within a step):
+# dp4 x ep2 under optim_grads -> dp2 under optim equals the uninterrupted run
+nm_mpirun 4 "$NM_BIN" train --config train.json --out xz --quiet --set exit_interval=4 "${ep_xl[@]}" \
+  --set data_parallel_sharding_strategy=optim_grads >xz.log 2>&1 || { cat xz.log; fail "optim_grads part"; }
+nm_mpirun 2 "$NM_BIN" train --config train.json --out xz --quiet --resume >xz1.log 2>&1 \
+  || { cat xz1.log; fail "optim resume of an optim_grads checkpoint"; }
+"$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref/metrics.jsonl xz/metrics.jsonl "4 ranks optim_grads -> 2 ranks optim"
 # the 4-rank checkpoint is an HF directory that one process loads
 "$PY" -c "import struct; open('tok.bin','wb').write(struct.pack('<32i', *[(7*i) % 300 for i in range(32)]))"
 "$NM_BIN" forward --model xl/step_000004 --tokens tok.bin --batch 2 >fwd.log 2>&1 || { cat fwd.log; fail "forward on the 4-rank checkpoint"; }
