@@ -238,8 +238,6 @@ refused "'recompute_granularity' = \"selective\" but 'recompute_modules' names n
     --config train.json --out run_s --set recompute_granularity=selective
 refused "\"no_shard\" is not one of optim, optim_grads" "$N" train --config train.json --out run_s \
     --set data_parallel_sharding_strategy=no_shard
-refused "gradient sharding is not built for the interleaved schedule" "$N" plan --config "$TINY" --world 2 --pp 2 \
-    --virtual-pipeline-size 2 --micro-batch 1 --global-batch 2 --data-parallel-sharding-strategy optim_grads
 refused "--data-parallel-sharding-strategy must be optim or optim_grads, got 'zero2'" "$N" plan --config "$TINY" \
     --world 2 --data-parallel-sharding-strategy zero2
 refused "'data.cache_per_node'" "$N" train --config train.json --out run_s --set data.cache_per_node=2

@@ -63,6 +63,13 @@ layout pp2_dp2_ep2 4 --set pipeline_parallel_size=2 --set expert_parallel_size=2
 layout pp2_dp2_optim_grads 4 --set pipeline_parallel_size=2 --set data_parallel_sharding_strategy=optim_grads
 layout pp2_ep2_optim_grads_buckets 4 --set pipeline_parallel_size=2 --set expert_parallel_size=2 --set bucket_mb=1 \
   --set data_parallel_sharding_strategy=optim_grads
+# and interleaved: each chunk's backward reduces its buckets; a bucket with rows of two chunks
+# is reduced once at the step's end (tp2 x pp2 v2 is off by 3e-2 in the gradient norm when it
+# is not: its sequence-parallel rows get summed over tp again)
+layout pp2_v2_dp2_optim_grads 4 --set pipeline_parallel_size=2 --set virtual_pipeline_model_parallel_size=2 \
+  --set data_parallel_sharding_strategy=optim_grads
+layout tp2_pp2_v2_optim_grads 4 --set pipeline_parallel_size=2 --set virtual_pipeline_model_parallel_size=2 \
+  --set tensor_parallel_size=2 --set data_parallel_sharding_strategy=optim_grads
 layout pp4_dp2_ep2 8 --set pipeline_parallel_size=4 --set expert_parallel_size=2
 # explicit layouts: 3 stages (2 + 2 ... uneven), the embedding alone on stage 0, the loss stage
 # holding no decoder layer
@@ -201,8 +208,6 @@ refuse() {
   if nm_mpirun "$n" "$NM_BIN" train --config train.json --out bad --quiet "$@" >bad.log 2>&1; then fail "accepted: $*"; fi
   grep -qF "$want" bad.log || { cat bad.log; fail "message for $*: want '$want'"; }
 }
-refuse 'optim_grads with 2 virtual pipeline stages per rank: gradient sharding is not built for the interleaved schedule' 2 \
-  --set pipeline_parallel_size=2 --set virtual_pipeline_model_parallel_size=2 --set data_parallel_sharding_strategy=optim_grads
 refuse 'pipeline_model_parallel_layout "Ett|tmL": places 3 decoder layers' 2 --set pipeline_parallel_size=2 --set 'pipeline_model_parallel_layout=Ett|tmL'
 refuse 'pipeline_model_parallel_layout "Et|tt|tmL" has 3 stages, not a multiple of pipeline_parallel_size 2' 2 --set pipeline_parallel_size=2 --set 'pipeline_model_parallel_layout=Et|tt|tmL'
 refuse 'pipeline_model_parallel_layout "Et|tt|tmL" has 3 stages, pipeline_parallel_size x virtual_pipeline_model_parallel_size is 2 x 2 = 4' 2 --set pipeline_parallel_size=2 --set virtual_pipeline_model_parallel_size=2 --set 'pipeline_model_parallel_layout=Et|tt|tmL'

@@ -142,6 +142,7 @@ SHARDING=optim_grads PRECISION=bf16 check dp4_optim_grads_bf16 4 1 0
 SHARDING=optim_grads check tp2_dp2_optim_grads 4 1 0 2
 SHARDING=optim_grads check tp2_optim_grads 2 1 0 2
 SHARDING=optim_grads check pp2_dp2_optim_grads 4 1 0 1 1 2 'Et|ttmL'
+SHARDING=optim_grads check tp2_pp2_v2_optim_grads 4 1 0 2 1 2 'Et|t|t|mL'
 # the bounded EP exchange: receive buffers of half the mean rows (several rounds per layer)
 CAPACITY=0.5 check ep2_capacity 2 2 0
 CAPACITY=0.5 check tp2_ep2_capacity 4 2 1 2

@@ -208,7 +208,7 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
             largest_shard(s, &table, z, p->n.dp, n_expert_group, p->n.world > 1,
                           nm_optimizer_state_bytes_per_float(&moments));
             if (r->shard_grads && p->n.world > 1) {
-                nm_zero_shard_grads(z, NULL);  // the bucket bookkeeping only
+                nm_zero_shard_grads(z, NULL, st, (int)v);  // the bucket bookkeeping only
                 // the partial rows of sequence parallelism are summed over tp before every
                 // micro-batch's reduction, except those of the buckets reduced once (zero.h)
                 for (int i = 0; sp && i < table.n_rows; i++)
@@ -226,8 +226,14 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
             for (int b = 0; p->n.world > 1 && b < z->n_buckets; b++) {
                 int64_t bytes_b = z->buckets[b].n * 4;
                 // gradient sharding reduce-scatters every micro-batch's gradients, except the
-                // buckets with a global row (zero.h)
-                const int64_t reductions = r->shard_grads && z->buckets[b].ready_layer >= 0 ? p->accum : 1;
+                // buckets with a global row (zero.h): each chunk's backward reduces the buckets
+                // whose lowest layer it reaches (ready_layer >= its first layer)
+                int64_t reductions = 1;
+                if (r->shard_grads && z->buckets[b].ready_layer >= 0) {
+                    reductions = 0;
+                    for (int64_t k = 0; k < v; k++) reductions += z->buckets[b].ready_layer >= st[k].layer_begin;
+                    reductions *= p->accum;
+                }
                 if (z->buckets[b].expert && !experts_over_dp) {  // else the dp communicator counts them
                     s->comm.edp_reduce_scatter += reductions * bytes_b;
                     s->comm.edp_all_gather += bytes_b;
@@ -324,10 +330,6 @@ int nm_plan_compute(nm_plan *p, const nm_model_config *cfg, const nm_plan_reques
     if (rc == 0) rc = nm_pipeline_check_micro_batches(p->n.pp, v, p->accum, err);
     if (rc != 0) return -1;
     p->vpp = v;
-    if (r->shard_grads && v > 1)
-        return nm_error_set(err, "data_parallel_sharding_strategy optim_grads with %lld virtual pipeline stages per "
-                               "rank: gradient sharding is not built for the interleaved schedule (the trainer "
-                               "refuses it)", (long long)v);
     nm_model_stage *stages = nm_calloc((size_t)(p->n_stages * v), sizeof(nm_model_stage));
     nm_model_stage *chunks = nm_calloc((size_t)v, sizeof(nm_model_stage));
     p->stages = nm_calloc((size_t)p->n_stages, sizeof(nm_plan_stage));

@@ -191,14 +191,6 @@ static int create_layout(nm_trainer *t, nm_error *err) {
         nm_error_set(err, "expert_parallel_size %lld: expert parallelism is not implemented yet", (long long)ms.ep);
         return -1;
     }
-    if (cfg->data_parallel_sharding_strategy == 1 && t->vpp > 1) {
-        // A chunk's backward would start buckets whose rows other chunks' later backwards
-        // still add to.
-        nm_error_set(err, "data_parallel_sharding_strategy optim_grads with %lld virtual pipeline stages per rank: "
-                     "gradient sharding is not built for the interleaved schedule; use optim (the default) or one "
-                     "stage per rank (virtual_pipeline_model_parallel_size 1)", (long long)t->vpp);
-        return -1;
-    }
     if (nm_mesh_create(&t->mesh, t->world, &ms, err) != 0) return -1;
     if (nm_train_config_accum_steps(cfg, ms.dp, &t->accum, err) != 0) return -1;
     if (nm_pipeline_check_micro_batches(ms.pp, t->vpp, t->accum, err) != 0) return -1;
@@ -297,7 +289,7 @@ static int create_optimizer(nm_trainer *t, nm_error *err) {
         if (cfg->data_parallel_sharding_strategy == 1) {
             // The gradient buffer's pages go back at once (its alloc wrote zeros on them), before
             // the moments are allocated: from here on it is resident only while a backward fills it.
-            nm_zero_shard_grads(t->zero, t->ops);
+            nm_zero_shard_grads(t->zero, t->ops, t->chunks, t->chunks ? (int)t->vpp : 1);
             t->ops->discard(t->ops, nm_model_grads(t->model), table->n_floats * sizeof(float));
         }
         if (nm_optimizer_create_ranges(&t->optim, table, &acfg, t->zero->own_begin, t->zero->own_end, t->ops, err) != 0)

@@ -134,8 +134,27 @@ int nm_zero_create(nm_zero **out, const nm_param_table *t, nm_comm *dp, nm_comm 
     return 0;
 }
 
-void nm_zero_shard_grads(nm_zero *z, const nm_ops *be) {
+// The chunk (of n, in increasing layer order) that decoder or MTP layer l lies in.
+static int chunk_of(const nm_model_stage *chunks, int n, int l) {
+    int k = 0;
+    while (k + 1 < n && chunks[k + 1].layer_begin <= l) k++;
+    return k;
+}
+
+void nm_zero_shard_grads(nm_zero *z, const nm_ops *be, const nm_model_stage *chunks, int n_chunks) {
     z->be = be;
+    // Under the interleaved schedule each chunk's backward reduces what it finished; a bucket
+    // with rows of two chunks would be reduced while the other chunk still adds to it: it is
+    // reduced once, at the step's end, as a global one.
+    for (int b = 0; n_chunks > 1 && b < z->n_buckets; b++) {
+        nm_zero_bucket *k = &z->buckets[b];
+        int first_chunk = -1;
+        for (int i = k->first_row; i <= k->last_row && k->ready_layer >= 0; i++) {
+            int c = chunk_of(chunks, n_chunks, z->table->rows[i].layer);
+            if (first_chunk < 0) first_chunk = c;
+            else if (c != first_chunk) k->ready_layer = -1;
+        }
+    }
     z->acc_at = nm_calloc((size_t)(z->n_buckets > 0 ? z->n_buckets : 1), sizeof(int64_t));
     z->mine_at = nm_calloc((size_t)(z->n_buckets > 0 ? z->n_buckets : 1), sizeof(int64_t));
     for (int b = 0; b < z->n_buckets; b++) {

@@ -88,9 +88,11 @@ void nm_zero_destroy(nm_zero *z);
 // range's size) and the reduced buckets read zero and hold no memory. The buckets holding a
 // global row (embedding, final norm, head; the pipeline's embedding pair sums those between
 // stages first) are not started by the layers, so they add up in the buffer and are reduced
-// once, by nm_zero_finish at the step's end. be: the backend whose memory the gradients are
-// (NULL: the bookkeeping alone, as plan needs it; nothing is reduced then).
-void nm_zero_shard_grads(nm_zero *z, const nm_ops *be);
+// once, by nm_zero_finish at the step's end; so are those with rows of two of the rank's
+// chunks under the interleaved schedule (chunks: its n_chunks stages in layer order; each
+// chunk's backward reduces the buckets it finished). be: the backend whose memory the
+// gradients are (NULL: the bookkeeping alone, as plan needs it; nothing is reduced then).
+void nm_zero_shard_grads(nm_zero *z, const nm_ops *be, const nm_model_stage *chunks, int n_chunks);
 // 1 when row i lies in a bucket that only nm_zero_finish reduces (sharding: a bucket with a
 // global row); its gradient adds up over the micro-batches in the buffer, so what is summed
 // over tensor parallelism in place must be summed once, at the step's end.
