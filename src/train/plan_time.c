@@ -19,7 +19,8 @@
 //  - the pipeline: the stage's time per micro-batch, the slowest stage setting the pace of
 //    accum + PP - 1 slots (1F1B); with v virtual stages per rank a slot is a chunk's share,
 //    1/v of that time, and there are v accum + PP - 1 of them (interleaved 1F1B); the gradient reduction after the last backward, its
-//    reduce-scatter hidden behind the last micro-batch's backward with overlap_grad_reduce;
+//    reduce-scatter hidden behind the last micro-batch's backward with overlap_grad_reduce
+//    (behind every micro-batch's under gradient sharding, whose reduce-scatters are accum x);
 //    with overlap_ep the all-to-all behind the stage's compute (a what-if: the trainer's is
 //    blocking); tensor-parallel and pipeline transfers are never hidden. The optimizer's own
 //    time is not modelled.
@@ -107,8 +108,11 @@ static void stage_times(nm_plan *p, nm_plan_stage *s, const nm_model_config *cfg
             t->pp_s = (double)c->pp_send / pp.bw + (double)msgs * pp.latency;
         }
         // hidden: the reduce-scatter behind the last micro-batch's backward (two thirds of its
-        // compute); the all-to-all behind the whole compute
-        double hidden_dp = r->overlap_grad_reduce ? fmin(dp_rs, t->compute_s / (double)accum * 2.0 / 3.0) : 0.0;
+        // compute), or under gradient sharding behind every micro-batch's; the all-to-all
+        // behind the whole compute
+        double hidden_dp = r->shard_grads           ? fmin(dp_rs, t->compute_s * 2.0 / 3.0)
+                           : r->overlap_grad_reduce ? fmin(dp_rs, t->compute_s / (double)accum * 2.0 / 3.0)
+                                                    : 0.0;
         double hidden_ep = r->overlap_ep ? fmin(t->ep_s, t->compute_s) : 0.0;
         t->hidden_s = hidden_dp + hidden_ep;
         t->dp_exposed_s = t->dp_s - hidden_dp;
