@@ -8,7 +8,10 @@
 //
 // One step: gradients are reduce-scattered in buckets (runs of consecutive rows of one
 // group, at most bucket_floats each, the pieces cut at range boundaries), each rank updates
-// the floats of its range, and the parameters are all-gathered over the same buckets.
+// the floats of its range, and the parameters are all-gathered over the same buckets. With
+// gradient sharding (ZeRO-2, nm_zero_shard_grads) the buckets are reduce-scattered after
+// every micro-batch's backward and the sums wait in this rank's range, the buckets' memory
+// released in between.
 //
 // Checkpoints stay Hugging Face directories of whole tensors by name. For them each tensor
 // also has a whole-tensor owner (the rank whose 1/G share of the group's floats holds the
