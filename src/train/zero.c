@@ -165,14 +165,16 @@ void nm_zero_shard_grads(nm_zero *z, const nm_ops *be, const nm_model_stage *chu
         z->acc_floats += k->counts[me];
     }
     z->folded = nm_calloc((size_t)(z->n_buckets > 0 ? z->n_buckets : 1), 1);
-    z->deferred_row = nm_calloc((size_t)(z->table->n_rows > 0 ? z->table->n_rows : 1), 1);
+    z->row_bucket = nm_malloc((size_t)(z->table->n_rows > 0 ? z->table->n_rows : 1) * sizeof(int));
+    for (int i = 0; i < z->table->n_rows; i++) z->row_bucket[i] = -1;
     for (int b = 0; b < z->n_buckets; b++)
-        for (int i = z->buckets[b].first_row; i <= z->buckets[b].last_row; i++)
-            z->deferred_row[i] = z->buckets[b].ready_layer < 0;
+        for (int i = z->buckets[b].first_row; i <= z->buckets[b].last_row; i++) z->row_bucket[i] = b;
     if (be) z->acc = be->alloc(be, (size_t)(z->acc_floats > 0 ? z->acc_floats : 1) * sizeof(float));
 }
 
-int nm_zero_row_deferred(const nm_zero *z, int row) { return z->deferred_row ? z->deferred_row[row] : 0; }
+int nm_zero_row_deferred(const nm_zero *z, int row) {
+    return z->row_bucket && z->row_bucket[row] >= 0 && z->buckets[z->row_bucket[row]].ready_layer < 0;
+}
 
 int64_t nm_zero_shard_floats(const nm_zero *z, int64_t dp_rank, int64_t edp_rank) {
     int64_t n = 0;
@@ -182,14 +184,10 @@ int64_t nm_zero_shard_floats(const nm_zero *z, int64_t dp_rank, int64_t edp_rank
 
 int64_t nm_zero_sharded_resident_floats(const nm_zero *z) {
     const nm_param_table *t = z->table;
-    int *bucket_of = nm_malloc((size_t)(t->n_rows > 0 ? t->n_rows : 1) * sizeof(int));
+    const int *bucket_of = z->row_bucket;
     int top = -1;
-    for (int i = 0; i < t->n_rows; i++) {
-        bucket_of[i] = -1;
+    for (int i = 0; i < t->n_rows; i++)
         if (t->rows[i].layer > top) top = t->rows[i].layer;
-    }
-    for (int b = 0; b < z->n_buckets; b++)
-        for (int i = z->buckets[b].first_row; i <= z->buckets[b].last_row; i++) bucket_of[i] = b;
     int64_t most = 0;
     for (int l = top; l >= 0; l--) {  // while layer l's backward runs
         int64_t n = 0;
@@ -204,7 +202,6 @@ int64_t nm_zero_sharded_resident_floats(const nm_zero *z) {
         }
         if (n > most) most = n;
     }
-    nm_free(bucket_of);
     return most;
 }
 
@@ -215,7 +212,7 @@ void nm_zero_destroy(nm_zero *z) {
     nm_free(z->mine_at);
     nm_free(z->reduced);
     nm_free(z->folded);
-    nm_free(z->deferred_row);
+    nm_free(z->row_bucket);
     for (int b = 0; b < z->n_buckets; b++) nm_free(z->buckets[b].counts);
     nm_free(z->buckets);
     nm_free(z->reqs);
@@ -234,10 +231,7 @@ void nm_zero_begin(nm_zero *z, float *grads, int first) {
     memset(z->reduced, 0, (size_t)(z->n_buckets > 0 ? z->n_buckets : 1));
     z->n_started_early = 0;
     z->floats_started_early = 0;
-    if (first && z->be) {
-        memset(z->folded, 0, (size_t)(z->n_buckets > 0 ? z->n_buckets : 1));
-        z->discarded_bytes = 0;
-    }
+    if (first && z->be) memset(z->folded, 0, (size_t)(z->n_buckets > 0 ? z->n_buckets : 1));
     z->in_flight = 1;
 }
 
@@ -258,7 +252,6 @@ static void bucket_reduced(nm_zero *z, int b) {
     }
     z->folded[b] = 1;
     be->discard(be, bucket, (size_t)k->n * sizeof(float));
-    z->discarded_bytes += k->n * (int64_t)sizeof(float);
 }
 
 static int start_bucket(nm_zero *z, int b, nm_error *err) {

@@ -70,8 +70,7 @@ typedef struct nm_zero {
     int64_t *mine_at;           // (n_buckets) where this rank's piece starts within bucket b
     unsigned char *reduced;     // (n_buckets) its reduction completed (and, sharding, was folded into acc)
     unsigned char *folded;      // (n_buckets) acc holds a sum of it this step
-    unsigned char *deferred_row; // (n_rows) nm_zero_row_deferred
-    int64_t discarded_bytes;    // released this step (for the metrics and the tests)
+    int *row_bucket;            // (n_rows) the bucket holding row i (-1: none, as tied rows)
 } nm_zero;
 
 // The group rank whose range holds position pos of a group of total floats over G ranks.
@@ -110,6 +109,7 @@ int nm_zero_wait_started(nm_zero *z, nm_error *err);
 // of layers >= l whose bucket has not been waited for (buckets wait at the next layer's end).
 // Whole tensors, before the page rounding of the released spans. No communicator is used.
 int64_t nm_zero_shard_floats(const nm_zero *z, int64_t dp_rank, int64_t edp_rank);
+// The resident bound needs nm_zero_shard_grads first (it reads the buckets its rows lie in).
 int64_t nm_zero_sharded_resident_floats(const nm_zero *z);
 
 // Sums the gradients over each bucket's group; afterwards this rank's owned rows hold the
