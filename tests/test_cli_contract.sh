@@ -240,6 +240,8 @@ refused "\"no_shard\" is not one of optim, optim_grads" "$N" train --config trai
     --set data_parallel_sharding_strategy=no_shard
 refused "--data-parallel-sharding-strategy must be optim or optim_grads, got 'zero2'" "$N" plan --config "$TINY" \
     --world 2 --data-parallel-sharding-strategy zero2
+refused "--bf16-copy-storage must be bf16 or fp32, got 'fp16'" "$N" plan --config "$TINY" --world 2 \
+    --precision bf16 --bf16-copy-storage fp16
 refused "'data.cache_per_node'" "$N" train --config train.json --out run_s --set data.cache_per_node=2
 refused "needs pipeline_parallel_size >= 2" "$N" train --config train.json --out run_s \
     --set virtual_pipeline_model_parallel_size=2

@@ -58,6 +58,12 @@ check() {
       --set tensor_parallel_size="$tp" "${extra[@]}" \
       >"$name.log" 2>&1 || { cat "$name.log"; fail "$name did not run"; }
   fi
+  # the bf16 weight copy's storage is the run's kernel's: bf16, or fp32 under the widen kernel
+  # (memory.json's bf16_copy_bytes: 4 a parameter), as an AVX2-only machine runs it
+  if [ -n "${PRECISION:-}" ] && [ "$PRECISION" != fp32 ]; then
+    storage=$("$PY" -c "import json, sys; m = json.load(open(sys.argv[1])); print('fp32' if m['bf16_copy_bytes'] == m['params_bytes'] else 'bf16')" "$name/memory.json")
+    pextra+=(--bf16-copy-storage "$storage")
+  fi
   "$NM_BIN" plan --config model.json --world "$n" --ep "$ep" --tp "$tp" --seq-len 32 --micro-batch 2 --global-batch 8 \
     "${pextra[@]}" >"$name.plan" || fail "plan $name"
   "$PY" - "$name" <<'PY' || fail "$name: plan and run differ"
@@ -70,6 +76,8 @@ log = open(f"{name}.log").read()
 mem = json.load(open(f"{name}/memory.json"))
 st = plan["stages"][0]
 exact = {"params": (mem["params_bytes"], st["params_bytes"]), "grads": (mem["grads_bytes"], st["grads_bytes"]),
+         "params resident": (mem["params_resident_bytes"], st["params_resident_bytes_first"]),
+         "bf16 weight copy": (mem["bf16_copy_bytes"], st["bf16_copy_bytes"]),
          "optimizer shard": (mem["optimizer_bytes"], st["optimizer_bytes_first"]),
          "activations": (mem["activation_bytes"], st["activation_bytes"])}
 # gradient sharding: the gradient buffer's resident bound and rank 0's shard
@@ -146,6 +154,10 @@ SHARDING=optim_grads check tp2_pp2_v2_optim_grads 4 1 0 2 1 2 'Et|t|t|mL'
 # the bounded EP exchange: receive buffers of half the mean rows (several rounds per layer)
 CAPACITY=0.5 check ep2_capacity 2 2 0
 CAPACITY=0.5 check tp2_ep2_capacity 4 2 1 2
+# bf16: the master weights of the GEMMs sharded with the optimizer (the copy all-gathered in its
+# storage, the rows read in fp32 in fp32), with ep, pp and the interleaved schedule
+PRECISION=bf16 check dp2_ep2_bf16 4 2 0
+PRECISION=bf16 check pp2_v2_dp2_ep2_bf16 4 2 0 1 1 2 'E|t|t|tmL'
 # bf16: the rows to the experts cross as bf16 (2 bytes), the rest fp32
 PRECISION=bf16 check ep2_bf16 2 2 0
 PRECISION=bf16 CAPACITY=0.5 check ep2_bf16_capacity_recompute 2 2 1

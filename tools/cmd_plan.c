@@ -7,7 +7,7 @@
 //        [--moe-receive-capacity X] [--exp-avg-dtype fp32|bf16] [--exp-avg-sq-dtype fp32|bf16]
 //        [--bw-intra GB/s --bw-inter GB/s [--latency-intra us] [--latency-inter us]
 //         [--ranks-per-node R] [--overlap-grad-reduce] [--overlap-ep]]
-//        [--data-parallel-sharding-strategy optim|optim_grads]
+//        [--data-parallel-sharding-strategy optim|optim_grads] [--bf16-copy-storage bf16|fp32]
 // The last stdout line is one JSON object with every number. With --flops, the time model
 // (src/train/plan_time.c) gives each stage's step time and the job's tokens/s and MFU; the
 // bandwidths add the communication.
@@ -59,14 +59,15 @@ static void print_json(const nm_plan *p, const nm_plan_request *r, double memory
     for (int64_t i = 0; i < p->n_stages; i++) {
         const nm_plan_stage *s = &p->stages[i];
         printf("%s{\"first_layer\": %lld, \"n_layers\": %lld, \"first\": %s, \"last\": %s, \"params_bytes\": %lld, "
-               "\"grads_bytes\": %lld, \"grads_resident_bytes\": %lld, \"grad_shard_bytes\": %lld, "
+               "\"params_resident_bytes\": %lld, \"params_resident_bytes_first\": %lld, \"grads_bytes\": %lld, \"grads_resident_bytes\": %lld, \"grad_shard_bytes\": %lld, "
                "\"grad_shard_bytes_first\": %lld, \"bf16_copy_bytes\": %lld, \"bf16_twin_bytes\": %lld, \"optimizer_bytes\": %lld, \"optimizer_bytes_first\": %lld, "
                "\"optimizer_mean_bytes\": %lld, "
                "\"activation_bytes\": %lld, \"in_flight\": %lld, \"ep_receive_rows\": %lld, \"ep_buffer_bytes\": %lld, "
                "\"total_bytes\": %lld, "
                "\"comm\": ",
                i ? ", " : "", (long long)s->first_layer, (long long)s->n_layers, s->first ? "true" : "false",
-               s->last ? "true" : "false", (long long)s->params_bytes, (long long)s->grads_bytes,
+               s->last ? "true" : "false", (long long)s->params_bytes, (long long)s->params_resident_bytes,
+               (long long)s->params_resident_bytes_first, (long long)s->grads_bytes,
                (long long)s->grads_resident_bytes, (long long)s->grad_shard_bytes, (long long)s->grad_shard_bytes_first,
                (long long)s->bf16_copy_bytes, (long long)s->bf16_twin_bytes, (long long)s->optimizer_bytes,
                (long long)s->optimizer_bytes_first,
@@ -95,7 +96,7 @@ int nm_cmd_plan(int argc, char **argv) {
                                          "make-vocab-size-divisible-by", "pipeline-layout", "moe-receive-capacity",
                                          "exp-avg-dtype", "exp-avg-sq-dtype", "bw-intra", "bw-inter",
                                          "latency-intra", "latency-inter", "ranks-per-node", "recompute-modules",
-                                         "virtual-pipeline-size", "data-parallel-sharding-strategy", NULL};
+                                         "virtual-pipeline-size", "data-parallel-sharding-strategy", "bf16-copy-storage", NULL};
     static const char *const bflags[] = {"recompute", "no-sequence-parallel", "overlap-grad-reduce", "overlap-ep", NULL};
     nm_args a;
     if (nm_args_parse(&a, "plan", argc, argv, vflags, bflags)) return 2;
@@ -107,7 +108,7 @@ int nm_cmd_plan(int argc, char **argv) {
                         "[--pipeline-layout 'Et|tt|tmL'] [--virtual-pipeline-size V] [--moe-receive-capacity X] [--exp-avg-dtype fp32|bf16] "
                         "[--exp-avg-sq-dtype fp32|bf16] [--bw-intra GB/s --bw-inter GB/s [--latency-intra us] "
                         "[--latency-inter us] [--ranks-per-node R] [--overlap-grad-reduce] [--overlap-ep]] "
-                        "[--recompute-modules mla_up_proj,moe_act] [--data-parallel-sharding-strategy optim|optim_grads]\n");
+                        "[--recompute-modules mla_up_proj,moe_act] [--data-parallel-sharding-strategy optim|optim_grads] [--bf16-copy-storage bf16|fp32]\n");
         return 2;
     }
     nm_plan_request r = {.recompute = nm_args_has(&a, "recompute"), .sequence_parallel = !nm_args_has(&a, "no-sequence-parallel")};
@@ -152,6 +153,14 @@ int nm_cmd_plan(int argc, char **argv) {
         return 2;
     }
     r.shard_grads = !strcmp(sharding, "optim_grads");
+    // The bf16 weight copy's storage: bf16 (a GPU, a CPU with AVX512-BF16 or AMX), or fp32 holding
+    // bf16 values (the CPU's widen kernel, as on an AVX2-only machine)
+    const char *copy_storage = nm_args_str(&a, "bf16-copy-storage", "bf16");
+    if (strcmp(copy_storage, "bf16") != 0 && strcmp(copy_storage, "fp32") != 0) {
+        fprintf(stderr, "plan: --bf16-copy-storage must be bf16 or fp32, got '%s'\n", copy_storage);
+        return 2;
+    }
+    r.copy_fp32 = !strcmp(copy_storage, "fp32");
     // One micro-batch per data-parallel rank unless given.
     int64_t dp = r.tp * r.pp > 0 ? r.world / (r.tp * r.pp) : 1;
     if (nm_args_i64_in(&a, "global-batch", r.micro_batch * (dp > 0 ? dp : 1), 1, 1 << 30, &r.global_batch)) return 2;
@@ -196,7 +205,12 @@ int nm_cmd_plan(int argc, char **argv) {
         char what[96];
         snprintf(what, sizeof(what), "%s%lld layers from %lld%s", s->first ? "embedding, " : "", (long long)s->n_layers,
                  (long long)s->first_layer, s->last ? ", head, MTP, loss" : "");
-        char b[8][32], g[3][32], grads[112];
+        char b[8][32], g[3][32], grads[112], params[112];
+        if (s->params_resident_bytes != s->params_bytes)  // bf16: the master weights sharded (zero.h)
+            snprintf(params, sizeof params, "%s resident of %s", fmt_bytes(g[0], 32, s->params_resident_bytes),
+                     fmt_bytes(g[1], 32, s->params_bytes));
+        else
+            fmt_bytes(params, sizeof params, s->params_bytes);
         if (r.shard_grads && p.n.world > 1)
             snprintf(grads, sizeof grads, "%s resident of %s + shard %s", fmt_bytes(g[0], 32, s->grads_resident_bytes),
                      fmt_bytes(g[1], 32, s->grads_bytes), fmt_bytes(g[2], 32, s->grad_shard_bytes));
@@ -205,7 +219,7 @@ int nm_cmd_plan(int argc, char **argv) {
         printf("stage %lld (%s) per rank: params %s | grads %s | bf16 copy %s | optimizer shard %s | activations %s "
                "for %lld micro-batches in flight (EP receive side %s of it, %lld rows per round; bf16 copies %s) | "
                "total %s\n",
-               (long long)i, what, fmt_bytes(b[0], 32, s->params_bytes), grads,
+               (long long)i, what, params, grads,
                fmt_bytes(b[2], 32, s->bf16_copy_bytes), fmt_bytes(b[3], 32, s->optimizer_bytes),
                fmt_bytes(b[4], 32, s->activation_bytes), (long long)s->in_flight,
                fmt_bytes(b[5], 32, s->ep_buffer_bytes), (long long)s->ep_receive_rows,

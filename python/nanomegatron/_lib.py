@@ -93,7 +93,8 @@ class nm_model_options(ctypes.Structure):
                 ("vocab_multiple", c_int64), ("vocab_tile", c_int64), ("stage", c_void_p), ("n_chunks", c_int64),
                 ("act_slots", c_int64),
                 ("moe_receive_capacity", c_double), ("precision", c_int), ("recompute_mla_up_proj", c_int),
-                ("recompute_moe_act", c_int), ("recompute_layernorm", c_int), ("shared_expert_overlap", c_int)]
+                ("recompute_moe_act", c_int), ("recompute_layernorm", c_int), ("shared_expert_overlap", c_int),
+                ("ep_split", c_int)]
 
 
 class nm_adamw_config(ctypes.Structure):

@@ -91,7 +91,12 @@ class Trainer:
 
     @property
     def model(self):
-        """The trainer's model: model.params / model.grads are numpy views by HF name."""
+        """The trainer's model: model.params / model.grads are numpy views by HF name.
+
+        Under bf16 at world > 1 the distributed optimizer keeps the GEMM weights' fp32 values
+        only in each rank's ranges (docs/parallelism.md, "Sharded master weights"): elsewhere
+        they read zero here, and writing them fails the next step. Checkpoints hold them whole.
+        """
         if self._model is None:
             p = lib.nm_trainer_model(self._ptr())
             cfg = self.config

@@ -86,8 +86,12 @@ static void block_backward(nm_model *m, int64_t l, float aux_seed) {
 // nm_model_params) in the storage the bf16 GEMM reads fastest. That storage is known only
 // once the kernel is chosen (before the first step), so the copy is allocated here, on the
 // first forward, and again only if the kernel changed; so is the activations' twin pool.
-static void refresh_weights_bf16(nm_model *m) {
+static int refresh_weights_bf16(nm_model *m, nm_error *err) {
     nm_dtype type = m->ops->gemm_bf16_weight_type(m->ops);
+    if (m->bf16.partial && (m->bf16.stale || type != m->bf16.weights_type))
+        return nm_error_set(err, "forward: the weights were written through nm_model_params() while the distributed "
+                                 "optimizer holds their fp32 values sharded over the data-parallel ranks (bf16): only "
+                                 "the trainer's update may change them");
     if (!m->bf16.weights || type != m->bf16.weights_type) {
         m->ops->free(m->ops, m->bf16.weights);
         m->bf16.weights =
@@ -97,10 +101,26 @@ static void refresh_weights_bf16(nm_model *m) {
     }
     // and the activations' twins, placed when the arena was laid out (bf16_twin.c), once
     if (type == NM_BF16 && m->precision == NM_PRECISION_BF16) nm_bf16_twins_reserve(m->bf16.twins);
-    if (!m->bf16.stale) return;
+    if (!m->bf16.stale) return 0;
     if (type == NM_BF16) m->ops->cast_bf16(m->ops, m->bf16.weights, m->params, (int64_t)m->table.n_floats);
     else m->ops->round_bf16(m->ops, m->bf16.weights, m->params, (int64_t)m->table.n_floats);
     m->bf16.stale = 0;
+    return 0;
+}
+
+void *nm_model_weight_copy(nm_model *m, nm_dtype *type) {
+    *type = m->bf16.weights_type;
+    return m->bf16.weights;
+}
+
+int nm_model_weight_copy_prepare(nm_model *m, nm_error *err) {
+    if (m->precision == NM_PRECISION_FP32) return nm_error_set(err, "weight copy: an fp32 model keeps none");
+    return refresh_weights_bf16(m, err);
+}
+
+void nm_model_weight_copy_written(nm_model *m, int partial) {
+    m->bf16.stale = 0;
+    m->bf16.partial = partial;
 }
 
 int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, const nm_loss_options *opt,
@@ -155,7 +175,7 @@ int nm_model_forward_stage(nm_model *m, const int32_t *tokens, const float *inpu
                                 tokens[i], (long long)(i / T), (long long)(i % T), (long long)V);
         }
     }
-    if (m->precision != NM_PRECISION_FP32) refresh_weights_bf16(m);
+    if (m->precision != NM_PRECISION_FP32 && refresh_weights_bf16(m, err) != 0) return -1;
     m->act.B = B;
     m->act.T = T;
     m->act.opt = *opt;

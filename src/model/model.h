@@ -90,6 +90,11 @@ typedef struct nm_model_options {
                                 // exchange's first all-to-all of each MoE block is in flight (a
                                 // non-blocking all-to-all); the same operations in the same order,
                                 // so results are bit for bit those without it
+    int ep_split;               // with ep: Megatron's overlap_moe_expert_parallel_comm as parts (0 or
+                                // 1: off; 2 from the training config). Each MoE block's exchange that
+                                // fits the receive side runs as this many parts, pipelined: one part's
+                                // dispatch and combine in flight while another's experts compute
+                                // (moe.c, "the split exchange"); one more (C, D) send buffer
 } nm_model_options;
 
 #define NM_MOE_RECEIVE_CAPACITY 2.0
@@ -145,6 +150,17 @@ int nm_model_forward(nm_model *m, const int32_t *tokens, int64_t B, int64_t T, c
 // that pointer). It is 2 bytes per parameter, or 4 where the backend's bf16 GEMM multiplies
 // on the fp32 units (ops->gemm_bf16_weight_type), and is allocated by the first forward.
 int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err);
+// That copy (NULL before the first bf16 or fp8 forward allocates it) and its storage: NM_BF16,
+// or NM_F32_BF16 (fp32 holding bf16 values). For the distributed optimizer (train/zero.h),
+// which writes it itself from master weights it keeps sharded.
+void *nm_model_weight_copy(nm_model *m, nm_dtype *type);
+// Allocates and rounds the copy now, as the next forward would (the backend's kernels chosen).
+int nm_model_weight_copy_prepare(nm_model *m, nm_error *err);
+// The caller wrote the whole copy from the current weights: the next forward uses it as it is.
+// partial 1: the fp32 weights of the rows read only through the copy (nm_param_row_reads_copy)
+// are not whole here, so a forward that would round the copy from them again (the parameters
+// written through nm_model_params() after this) fails with an error instead; 0 ends that.
+void nm_model_weight_copy_written(nm_model *m, int partial);
 
 // Backward of the last forward: gradients of loss (scaled by grad_scale) ACCUMULATE into grads.
 int nm_model_backward(nm_model *m, nm_error *err);

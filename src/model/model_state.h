@@ -80,6 +80,10 @@ typedef struct block_acts {
     int64_t *ep_counts;         // (EP*E_loc) rows from source rank s for local expert j at s*E_loc+j
     int64_t *ep_pairs;          // (EP*EP) rows source rank s sends receiver r, at s*EP+r
     int64_t ep_rounds;          // rounds of the exchange (receivers hold at most ep.cap rows each)
+    int64_t ep_cap;             // rows a receiver takes per round: ep.cap, or under the split
+                                // exchange (ep.split) the busiest receiver's rows / split
+    int ep_split;               // 1: the rounds are the split exchange's parts of one exchange that
+                                // fits the receive side, each at its own rows, pipelined and kept (moe.c)
     float *s_gate_up;           // (N, 2Fs) shared experts
     float *s_act;               // (N, Fs)
     float *bal_f;               // (B, E) balance-loss f_i per sequence
@@ -187,6 +191,7 @@ typedef struct nm_model_bf16 {
     void *weights;
     nm_dtype weights_type;
     int stale;                  // params may differ from weights (the optimizer wrote them)
+    int partial;                // the fp32 weights of the copy-only rows are sharded (nm_model_weight_copy_written)
     nm_bf16_twins *twins;       // bf16 copies of rounded activations (bf16_twin.c)
     int64_t twin_elems;         // what the layout registered: the pool's elements
     // Saved in bf16 (a model created for bf16 without whole-block recomputation): the GEMM-only
@@ -239,6 +244,12 @@ typedef struct nm_model_ep {
     int64_t *round_counts;      // (EP*E_loc) this round's rows per (source, local expert)
     int32_t *round_offsets;     // (E_loc+1) this round's first row of each local expert in x_loc
     int shared_expert_overlap;  // moe_shared_expert_overlap: the shared experts inside the exchange
+    // The split exchange (overlap_moe_expert_parallel_comm, moe.c): each MoE block's exchange in
+    // `split` parts whose all-to-alls run while the other parts' experts compute
+    int split;                  // parts (1: off)
+    struct nm_ep_plan *plans;   // (split) each part's counts, kept while its all-to-alls are in flight
+    float *buf2;                // (C, D) the combine's send rows (buf holds the dispatch's meanwhile)
+    nm_comm_request *pending[4]; // the all-to-alls in flight while experts compute (nm_ep_progress)
     const struct ep_overlap *overlap;  // work for the next all-to-all of the exchange (moe.c)
     nm_comm_request *in_flight;        // that all-to-all while the work runs (nm_ep_progress)
     double overlap_s;           // seconds of that work run with an all-to-all in flight, since the
@@ -450,6 +461,11 @@ void nm_tp_row_output_end(nm_model *m, float *out, const float *residual, int64_
 // gradient, a vocabulary shard's embedding rows): their sum over tp, whole, or this rank's
 // rows under sequence parallelism (the backward of the input's all-gather). No-op without tp.
 void nm_tp_sum_parts(nm_model *m, float *buf, int64_t N, int64_t D);
+// The split exchange's per-part counts (moe.c), for a model with ep.split > 1.
+typedef struct nm_ep_plan nm_ep_plan;
+void nm_ep_plans_create(nm_model *m);
+void nm_ep_plans_destroy(nm_model *m);
+
 // Lets the expert all-to-all in flight (moe_shared_expert_overlap) move: MPI progresses a
 // non-blocking collective only inside MPI calls, so the work that overlaps it calls this
 // between its GEMMs. A no-op when none is in flight.

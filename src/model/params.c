@@ -289,6 +289,14 @@ void nm_param_table_free(nm_param_table *t) {
 // Rows of one layer are contiguous and layers ascend, with the three global rows at the ends
 // (embed first; final norm and lm_head last). A V3 table has ~91k rows and a loader looks up
 // every one of them, so search the layer's range instead of the whole table.
+int nm_param_row_reads_copy(const nm_param_table *t, int i) {
+    const nm_tensor_spec *r = &t->rows[i];
+    if (r->flags & (NM_TENSOR_NORM | NM_TENSOR_ROUTER_BIAS | NM_TENSOR_TIED)) return 0;
+    if (r->offset == t->embed) return 0;
+    if (r->layer >= 0 && t->layers[r->layer].router == r->offset) return 0;
+    return 1;
+}
+
 int nm_param_table_find(const nm_param_table *t, const char *name) {
     static const char prefix[] = "model.layers.";
     if (strncmp(name, prefix, sizeof(prefix) - 1) != 0) {

@@ -156,6 +156,12 @@ int nm_param_table_restrict_chunks(nm_param_table *t, const nm_model_config *cfg
 void nm_param_table_free(nm_param_table *t);
 // Row index by exact name, or -1.
 int nm_param_table_find(const nm_param_table *t, const char *name);
+// 1 when a bf16 run reads row i only through the bf16 weight copy: the GEMM weights (linear.c
+// weight_precision, the experts, the head). 0 for the rows it reads in fp32: the norms, the
+// router and its bias (dsv3-spec 9.10), the embedding (its lookup), and tied rows (no storage).
+// The distributed optimizer keeps the first kind's fp32 master weights only in their owners'
+// ranges (train/zero.h).
+int nm_param_row_reads_copy(const nm_param_table *t, int i);
 
 // DeepSeek-V3 initialisation: N(0, init_std) for matrices, ones for norms, zeros for the
 // router bias; deterministic from seed via the counter-based generator (tensor row index

@@ -92,7 +92,7 @@ int nm_train_check_memory(const nm_train_config *cfg, const nm_model_config *m, 
                           "state), --recompute, a smaller micro_batch or seq_len, or a smaller model; `nanomegatron "
                           "plan --config MODEL.json --world N ...` sizes a layout before launching it. "
                           "NM_MEMORY_CHECK=off skips this check",
-                          gib(s->total_bytes), gib(s->params_bytes), gib(grads), gib(s->bf16_copy_bytes + s->bf16_twin_bytes),
+                          gib(s->total_bytes), gib(s->params_resident_bytes), gib(grads), gib(s->bf16_copy_bytes + s->bf16_twin_bytes),
                           gib(s->optimizer_bytes), gib(s->activation_bytes), gib(avail), (long long)local,
                           local == 1 ? "" : "s", gib(share));
     }

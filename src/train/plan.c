@@ -191,7 +191,11 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
     s->grads_bytes = s->params_bytes;
     // 2 bytes per parameter: bf16 storage, as a GPU or an AMX CPU keeps it; the CPU "widen"
     // kernel keeps the copy as fp32 holding bf16 values, 4 bytes (ops.h gemm_bf16_weight_type)
-    s->bf16_copy_bytes = r->precision == NM_PRECISION_FP32 ? 0 : (int64_t)table.n_floats * 2;
+    s->bf16_copy_bytes = r->precision == NM_PRECISION_FP32 ? 0 : (int64_t)table.n_floats * (r->copy_fp32 ? 4 : 2);
+    s->params_resident_bytes = s->params_resident_bytes_first = s->params_bytes;
+    // bf16 at world > 1: the GEMM rows' master weights sharded; the copy all-gathered in its storage
+    const int shard_master = r->precision == NM_PRECISION_BF16 && p->n.world > 1;
+    const int64_t copy_elem = r->copy_fp32 ? 4 : 2;
     // The largest ZeRO-1 shard over the ranks of the stage's dp and expert groups (routed
     // experts reduce over edp, or over dp under TP without sequence parallelism: the trainer's
     // choice).
@@ -207,6 +211,22 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
             nm_adamw_config moments = {.exp_avg_bf16 = r->exp_avg_bf16, .exp_avg_sq_bf16 = r->exp_avg_sq_bf16};
             largest_shard(s, &table, z, p->n.dp, n_expert_group, p->n.world > 1,
                           nm_optimizer_state_bytes_per_float(&moments));
+            if (shard_master) {
+                unsigned char *copy_rows = nm_malloc((size_t)(table.n_rows > 0 ? table.n_rows : 1));
+                for (int i = 0; i < table.n_rows; i++) copy_rows[i] = (unsigned char)nm_param_row_reads_copy(&table, i);
+                nm_zero_shard_master(z, copy_rows);
+                nm_free(copy_rows);
+                int64_t G = p->n.dp > n_expert_group ? p->n.dp : n_expert_group;
+                for (int64_t g = 0; g < G; g++) {
+                    int64_t b = 4 * nm_zero_master_floats(z, g % p->n.dp, g % n_expert_group);
+                    if (g == 0 || b > s->params_resident_bytes) s->params_resident_bytes = b;
+                    if (g == 0) s->params_resident_bytes_first = b;
+                }
+                for (int b = 0; b < z->n_keep; b++) {  // the rows read in fp32, gathered in fp32
+                    if (z->keep[b].expert && !experts_over_dp) s->comm.edp_all_gather += 4 * z->keep[b].n;
+                    else s->comm.dp_all_gather += 4 * z->keep[b].n;
+                }
+            }
             if (r->shard_grads && p->n.world > 1) {
                 nm_zero_shard_grads(z, NULL, st, (int)v);  // the bucket bookkeeping only
                 // the partial rows of sequence parallelism are summed over tp before every
@@ -224,7 +244,7 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
                 }
             }
             for (int b = 0; p->n.world > 1 && b < z->n_buckets; b++) {
-                int64_t bytes_b = z->buckets[b].n * 4;
+                int64_t bytes_b = z->buckets[b].n * 4, gather_b = z->buckets[b].n * (shard_master ? copy_elem : 4);
                 // gradient sharding reduce-scatters every micro-batch's gradients, except the
                 // buckets with a global row (zero.h): each chunk's backward reduces the buckets
                 // whose lowest layer it reaches (ready_layer >= its first layer)
@@ -236,10 +256,10 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
                 }
                 if (z->buckets[b].expert && !experts_over_dp) {  // else the dp communicator counts them
                     s->comm.edp_reduce_scatter += reductions * bytes_b;
-                    s->comm.edp_all_gather += bytes_b;
+                    s->comm.edp_all_gather += gather_b;
                 } else {
                     s->comm.dp_reduce_scatter += reductions * bytes_b;
-                    s->comm.dp_all_gather += bytes_b;
+                    s->comm.dp_all_gather += gather_b;
                 }
             }
         }
@@ -288,7 +308,7 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
         s->ep_buffer_bytes = (sets * per_set + once) * C;
     }
     int64_t grads = r->shard_grads && p->n.world > 1 ? s->grads_resident_bytes + s->grad_shard_bytes : s->grads_bytes;
-    s->total_bytes = s->params_bytes + grads + s->bf16_copy_bytes + s->bf16_twin_bytes + s->optimizer_bytes +
+    s->total_bytes = s->params_resident_bytes + grads + s->bf16_copy_bytes + s->bf16_twin_bytes + s->optimizer_bytes +
                      s->activation_bytes;
     if (p->n.world > 1) s->comm.dp_all_reduce = 5 * 8 + n_moe * cfg->E * 8;  // loss terms and finiteness, expert loads
     tp_bytes(cfg, r, p->accum, st, v, &s->comm);

@@ -44,6 +44,8 @@ typedef struct nm_plan_request {
     int overlap_grad_reduce;    // the dp / edp reduce-scatter starts inside the last backward (the
                                 // training config's overlap_grad_reduce)
     int shard_grads;            // data_parallel_sharding_strategy optim_grads (ZeRO-2)
+    int copy_fp32;              // the bf16 weight copy stored as fp32 holding bf16 values (the CPU's
+                                // widen kernel: ops.h gemm_bf16_weight_type); 0: bf16 storage
     int overlap_ep;             // the expert all-to-all hidden behind compute (DeepSeek's DualPipe);
                                 // a what-if: the trainer's all-to-all is blocking
 } nm_plan_request;
@@ -77,6 +79,10 @@ typedef struct nm_plan_stage {
     int64_t n_moe_layers;           // MoE blocks the rank runs (MTP ones included)
     int first, last;                // holds the embedding / the final norm, head, MTP layers and losses
     int64_t params_bytes;           // fp32 master weights (the parameter buffer)
+    // The fp32 master weights resident: under bf16 at world > 1 the rows read only through the
+    // bf16 copy are held in the rank's ranges alone (zero.h nm_zero_shard_master), the largest
+    // over the stage's ranks and the first rank's; params_bytes otherwise. total_bytes counts it.
+    int64_t params_resident_bytes, params_resident_bytes_first;
     int64_t grads_bytes;            // fp32 gradients (the buffer, whole)
     // Under gradient sharding (optim_grads at world > 1): the gradient buffer's most resident
     // bytes in a backward (zero.h nm_zero_sharded_resident_floats; the rest of it is released),

@@ -286,6 +286,14 @@ static int create_optimizer(nm_trainer *t, nm_error *err) {
         // each tp rank's experts saw its own tokens: edp, as with EP.
         nm_comm *expert_group = ms.tp > 1 && !t->sp ? t->mesh->dp : t->mesh->edp;
         if (nm_zero_create(&t->zero, table, t->mesh->dp, expert_group, cfg->bucket_mb * 262144, err) != 0) return -1;
+        // bf16: the fp32 master weights of the GEMMs live in their owners' ranges only (zero.h);
+        // fp8's GEMMs quantise the fp32 weights themselves, so they stay whole there
+        if (cfg->precision == NM_PRECISION_BF16) {
+            unsigned char *copy_rows = nm_malloc((size_t)(table->n_rows > 0 ? table->n_rows : 1));
+            for (int i = 0; i < table->n_rows; i++) copy_rows[i] = (unsigned char)nm_param_row_reads_copy(table, i);
+            nm_zero_shard_master(t->zero, copy_rows);
+            nm_free(copy_rows);
+        }
         if (cfg->data_parallel_sharding_strategy == 1) {
             // The gradient buffer's pages go back at once (its alloc wrote zeros on them), before
             // the moments are allocated: from here on it is resident only while a backward fills it.
@@ -377,9 +385,10 @@ static int open_run_dir(nm_trainer *t, nm_error *err) {
 }
 
 // RUN_DIR/memory.json (rank 0, at every start): what this run allocated, in bytes, as `plan`
-// counts it (its JSON's params_bytes, grads_bytes, optimizer_bytes_first, activation_bytes,
-// grads_resident_bytes and grad_shard_bytes_first under gradient sharding, bf16_twin_bytes: the bf16 activation copies the first forward will allocate, the kernels
-// being chosen by now):
+// counts it (its JSON's params_bytes, params_resident_bytes_first, grads_bytes,
+// optimizer_bytes_first, activation_bytes, grads_resident_bytes and grad_shard_bytes_first under
+// gradient sharding, bf16_copy_bytes and bf16_twin_bytes: the bf16 weight and activation copies
+// the first forward will allocate, the kernels being chosen by now):
 // rank 0's buffers, and each pipeline stage's parameters and activations (stage_mem, or rank
 // 0's alone without a pipeline). Written atomically; tests/test_plan.sh compares it byte for
 // byte with the plan of the same layout.
@@ -393,14 +402,22 @@ static int write_memory(nm_trainer *t, const double *stage_mem, nm_error *err) {
         grads_resident = 4 * nm_zero_sharded_resident_floats(t->zero);
         grad_shard = 4 * t->zero->acc_floats;
     }
+    // bf16 at world > 1: the fp32 master weights this rank keeps (zero.h nm_zero_shard_master);
+    // and the bf16 weight copy as the first forward will allocate it (the kernels are chosen)
+    int64_t params_resident = params, copy = 0;
+    if (t->zero && t->zero->copy_rows)
+        params_resident = 4 * nm_zero_master_floats(t->zero, t->zero->dp->rank, t->zero->edp->rank);
+    if (t->cfg.precision != NM_PRECISION_FP32)
+        copy = (int64_t)table->n_floats * (t->ops->gemm_bf16_weight_type(t->ops) == NM_BF16 ? 2 : 4);
     char text[8192];
     size_t k = (size_t)snprintf(text, sizeof text,
-                                "{\"params_bytes\": %lld, \"grads_bytes\": %lld, \"optimizer_bytes\": %lld, "
-                                "\"activation_bytes\": %lld, \"bf16_twin_bytes\": %lld, \"grads_resident_bytes\": %lld, "
+                                "{\"params_bytes\": %lld, \"params_resident_bytes\": %lld, \"grads_bytes\": %lld, "
+                                "\"optimizer_bytes\": %lld, \"activation_bytes\": %lld, \"bf16_copy_bytes\": %lld, "
+                                "\"bf16_twin_bytes\": %lld, \"grads_resident_bytes\": %lld, "
                                 "\"grad_shard_bytes\": %lld, \"stages\": [",
-                                (long long)params, (long long)params, (long long)optim, (long long)acts,
-                                (long long)nm_model_bf16_twin_bytes(t->model), (long long)grads_resident,
-                                (long long)grad_shard);
+                                (long long)params, (long long)params_resident, (long long)params, (long long)optim,
+                                (long long)acts, (long long)copy, (long long)nm_model_bf16_twin_bytes(t->model),
+                                (long long)grads_resident, (long long)grad_shard);
     int64_t pp = t->mesh->n.pp;
     for (int64_t s = 0; s < pp && k < sizeof text; s++)
         k += (size_t)snprintf(text + k, sizeof text - k, "%s{\"params_bytes\": %lld, \"activation_bytes\": %lld}",
@@ -447,6 +464,16 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
             nm_free(stage_mem);
             goto fail;
         }
+    }
+    // Sharded master weights (zero.h): the copy is rounded now, from the whole weights just
+    // initialised or loaded, and the floats outside this rank's ranges given back before the
+    // first step. So are the gradient buffer's zeros (the first backward writes them again): the
+    // whole weights, their copy and the gradients are never resident at once.
+    if (t->zero && t->zero->copy_rows) {
+        t->ops->discard(t->ops, nm_model_grads(t->model), table->n_floats * sizeof(float));
+        if (nm_model_weight_copy_prepare(t->model, err) != 0) goto fail;
+        nm_zero_release_master(t->zero, (float *)t->model_params_readonly, t->ops);
+        nm_model_weight_copy_written(t->model, 1);
     }
     t->tty = nm_progress_is_tty(stdout);
     t->t_start = now_s();

@@ -280,6 +280,11 @@ int nm_trainer_save_to(nm_trainer *t, const char *run_dir, nm_error *err) {
     st.tokenizer = nm_strdup(t->cfg.tokenizer ? t->cfg.tokenizer : "bytes");
     char dir[4200];
     int rc = t->metrics ? nm_metrics_sync(t->metrics, err) : 0;
+    // sharded master weights (zero.h): each tensor whole on the rank that writes it, for the save
+    // (released again after it, unless they were still whole: before the first update)
+    float *params = (float *)t->model_params_readonly;
+    int sharded = t->zero && t->zero->copy_rows && !t->zero->params_whole;
+    if (rc == 0 && sharded) rc = nm_zero_gather_master(t->zero, params, err);
     if (rc == 0 && t->mesh->n.tp > 1) {
         rc = save_tp(t, run_dir, &st, dir, sizeof(dir), err);
     } else if (rc == 0) {
@@ -288,10 +293,11 @@ int nm_trainer_save_to(nm_trainer *t, const char *run_dir, nm_error *err) {
         nm_ckpt_shard shard = {.world = t->world, .owned = t->zero ? t->zero->owned : NULL, .row_state = w.row_state,
                                .tp = t->mesh->n.tp, .pp = t->mesh->n.pp, .ep = t->mesh->n.ep};
         if (rc == 0)
-            rc = nm_checkpoint_save(run_dir, &st, &t->mcfg, nm_model_table(t->model), nm_model_params(t->model), w.m,
-                                    w.v, &shard, t->cfg.checkpoint.keep_last, dir, sizeof(dir), err);
+            rc = nm_checkpoint_save(run_dir, &st, &t->mcfg, nm_model_table(t->model), params, w.m, w.v, &shard,
+                                    t->cfg.checkpoint.keep_last, dir, sizeof(dir), err);
         moments_close(&w);
     }
+    if (sharded) nm_zero_release_master(t->zero, params, t->ops);
     nm_ckpt_state_free(&st);
     if (rc == 0 && !t->opts.quiet) {
         if (t->tty) printf("\r\033[K");

@@ -346,14 +346,23 @@ static int guard_or_update(nm_trainer *t, int64_t step, int finite, const nm_gra
     nm_optimizer_step_scaled(t->optim, nm_model_params(t->model), nm_model_grads(t->model), rep->clip_scale, m->lr);
     if (t->zero) {
         double tg = now_s();
-        if (nm_zero_all_gather_params(t->zero, nm_model_params(t->model), err) != 0) return -1;
+        float *params = nm_model_params(t->model);
+        nm_dtype copy_type = NM_F32;
+        void *copy = t->zero->copy_rows ? nm_model_weight_copy(t->model, &copy_type) : NULL;
+        if (copy ? nm_zero_all_gather_updated(t->zero, params, copy, copy_type, t->ops, err)
+                 : nm_zero_all_gather_params(t->zero, params, err))
+            return -1;
         // Both embedding holders applied the same gradient; at dp > 2 MPI may sum it in
         // another order for the two stages' buckets, so the first stage's weights are
         // copied over the last stage's: the tie then holds exactly, whatever the order.
         if (t->emb && t->emb->size > 1 &&
-            nm_comm_broadcast(t->emb, nm_model_params(t->model) + nm_model_table(t->model)->embed, embed_floats(t),
-                              NM_DT_F32, 0, err) != 0)
+            nm_comm_broadcast(t->emb, params + nm_model_table(t->model)->embed, embed_floats(t), NM_DT_F32, 0, err) != 0)
             return -1;
+        if (copy) {  // sharded master weights: the copy is written here, not by the next forward
+            nm_zero_copy_whole_rows(t->zero, params, copy, copy_type, t->ops);
+            nm_zero_release_master(t->zero, params, t->ops);
+            nm_model_weight_copy_written(t->model, 1);
+        }
         *t_comm = now_s() - tg;
     }
     float gamma = (float)nm_bias_gamma_at(c->balance.bias_update_speed, c->balance.bias_update_stop_step, step);

@@ -14,11 +14,10 @@ static int64_t owner_of(const nm_zero *z, int i, int64_t k) {
     return nm_zero_range_owner(z->row_pos[i] + k, z->total_floats[g], group_comm(z, g)->size);
 }
 
-static void add_bucket(nm_zero *z, int first, int last, int group, int cap) {
-    NM_CHECK(z->n_buckets < cap, "bucket list overflow");
+// Bucket b: rows first..last of one group, the floats of each owner counted.
+static void fill_bucket(nm_zero *z, nm_zero_bucket *b, int first, int last, int group) {
     const nm_param_table *t = z->table;
     nm_comm *c = group_comm(z, group);
-    nm_zero_bucket *b = &z->buckets[z->n_buckets++];
     b->first_row = first;
     b->last_row = last;
     b->expert = group;
@@ -48,6 +47,11 @@ static void add_bucket(nm_zero *z, int first, int last, int group, int cap) {
         }
         prev = i;
     }
+}
+
+static void add_bucket(nm_zero *z, int first, int last, int group, int cap) {
+    NM_CHECK(z->n_buckets < cap, "bucket list overflow");
+    fill_bucket(z, &z->buckets[z->n_buckets++], first, last, group);
 }
 
 int nm_zero_create(nm_zero **out, const nm_param_table *t, nm_comm *dp, nm_comm *edp, int64_t bucket_floats,
@@ -215,6 +219,9 @@ void nm_zero_destroy(nm_zero *z) {
     nm_free(z->row_bucket);
     for (int b = 0; b < z->n_buckets; b++) nm_free(z->buckets[b].counts);
     nm_free(z->buckets);
+    for (int b = 0; b < z->n_keep; b++) nm_free(z->keep[b].counts);
+    nm_free(z->keep);
+    nm_free(z->copy_rows);
     nm_free(z->reqs);
     nm_free(z->started);
     nm_free(z->row_owner);
@@ -340,6 +347,123 @@ int nm_zero_all_gather_params(nm_zero *z, float *params, nm_error *err) {
             return -1;
     }
     return 0;
+}
+
+// --- sharded master weights ---------------------------------------------------------------------
+
+void nm_zero_shard_master(nm_zero *z, const unsigned char *copy_rows) {
+    const nm_param_table *t = z->table;
+    z->copy_rows = nm_malloc((size_t)(t->n_rows > 0 ? t->n_rows : 1));
+    memcpy(z->copy_rows, copy_rows, (size_t)t->n_rows);
+    z->keep = nm_calloc((size_t)t->n_rows + 1, sizeof(nm_zero_bucket));
+    // runs of consecutive rows read in fp32, of one group (tied rows have no floats: skipped)
+    int first = -1, last = -1, group = -1;
+    for (int i = 0; i <= t->n_rows; i++) {
+        int g = i < t->n_rows ? row_group(&t->rows[i]) : -1;
+        if (i < t->n_rows && (t->rows[i].flags & NM_TENSOR_TIED)) continue;
+        int keep = i < t->n_rows && !copy_rows[i];
+        if (first >= 0 && (!keep || g != group)) {
+            fill_bucket(z, &z->keep[z->n_keep++], first, last, group);
+            first = -1;
+        }
+        if (keep && first < 0) {
+            first = i;
+            group = g;
+        }
+        if (keep) last = i;
+    }
+    z->params_whole = 1;
+}
+
+// Floats of row i in group rank q's range.
+static int64_t row_range_floats(const nm_zero *z, int i, int64_t q) {
+    int g = row_group(&z->table->rows[i]);
+    int64_t G = group_comm(z, g)->size, S = z->range_floats[g], n = z->table->rows[i].numel;
+    int64_t lo = q * S - z->row_pos[i], hi = q == G - 1 ? n : (q + 1) * S - z->row_pos[i];
+    lo = lo < 0 ? 0 : lo > n ? n : lo;
+    hi = hi < lo ? lo : hi > n ? n : hi;
+    return hi - lo;
+}
+
+int64_t nm_zero_master_floats(const nm_zero *z, int64_t dp_rank, int64_t edp_rank) {
+    const nm_param_table *t = z->table;
+    int64_t n = 0;
+    for (int i = 0; i < t->n_rows; i++) {
+        const nm_tensor_spec *r = &t->rows[i];
+        if (r->flags & NM_TENSOR_TIED) continue;
+        if (!z->copy_rows || !z->copy_rows[i]) n += r->numel;
+        else n += row_range_floats(z, i, row_group(r) ? edp_rank : dp_rank);
+    }
+    return n;
+}
+
+// params[off, off + n) rounded into the copy at the same element offset.
+static void round_into_copy(const float *params, void *copy, nm_dtype copy_type, const nm_ops *ops, size_t off,
+                            int64_t n) {
+    if (n <= 0) return;
+    if (copy_type == NM_BF16) ops->cast_bf16(ops, (uint16_t *)copy + off, params + off, n);
+    else ops->round_bf16(ops, (float *)copy + off, params + off, n);
+}
+
+int nm_zero_all_gather_updated(nm_zero *z, float *params, void *copy, nm_dtype copy_type, const nm_ops *ops,
+                               nm_error *err) {
+    const nm_param_table *t = z->table;
+    for (int i = 0; i < t->n_rows; i++) {
+        if (z->copy_rows[i] && !(t->rows[i].flags & NM_TENSOR_TIED))
+            round_into_copy(params, copy, copy_type, ops, t->rows[i].offset + (size_t)z->own_begin[i],
+                            z->own_end[i] - z->own_begin[i]);
+    }
+    nm_comm_dtype dt = copy_type == NM_BF16 ? NM_DT_BF16 : NM_DT_F32;
+    size_t elem = copy_type == NM_BF16 ? sizeof(uint16_t) : sizeof(float);
+    for (int b = 0; b < z->n_buckets; b++) {
+        nm_zero_bucket *k = &z->buckets[b];
+        if (nm_comm_all_gather(k->expert ? z->edp : z->dp, (char *)copy + k->offset * elem, k->counts, dt, err) != 0)
+            return -1;
+    }
+    for (int b = 0; b < z->n_keep; b++) {
+        nm_zero_bucket *k = &z->keep[b];
+        if (nm_comm_all_gather(k->expert ? z->edp : z->dp, params + k->offset, k->counts, NM_DT_F32, err) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+void nm_zero_copy_whole_rows(const nm_zero *z, const float *params, void *copy, nm_dtype copy_type,
+                             const nm_ops *ops) {
+    const nm_param_table *t = z->table;
+    for (int i = 0; i < t->n_rows; i++) {
+        if (!z->copy_rows[i] && !(t->rows[i].flags & NM_TENSOR_TIED))
+            round_into_copy(params, copy, copy_type, ops, t->rows[i].offset, t->rows[i].numel);
+    }
+}
+
+void nm_zero_release_master(nm_zero *z, float *params, const nm_ops *ops) {
+    const nm_param_table *t = z->table;
+    if (!z->copy_rows || !z->params_whole) return;
+    for (int i = 0; i < t->n_rows; i++) {
+        const nm_tensor_spec *r = &t->rows[i];
+        if (!z->copy_rows[i] || (r->flags & NM_TENSOR_TIED)) continue;
+        float *row = params + r->offset;
+        if (z->own_begin[i] > 0) ops->discard(ops, row, (size_t)z->own_begin[i] * sizeof(float));
+        if (z->own_end[i] < r->numel)
+            ops->discard(ops, row + z->own_end[i], (size_t)(r->numel - z->own_end[i]) * sizeof(float));
+    }
+    z->params_whole = 0;
+}
+
+int nm_zero_gather_master(nm_zero *z, float *params, nm_error *err) {
+    const nm_param_table *t = z->table;
+    size_t *range_state = nm_malloc((size_t)(t->n_rows > 0 ? t->n_rows : 1) * sizeof(size_t));
+    size_t *whole_state = nm_malloc((size_t)(t->n_rows > 0 ? t->n_rows : 1) * sizeof(size_t));
+    for (int i = 0; i < t->n_rows; i++) {
+        range_state[i] = t->rows[i].offset + (size_t)z->own_begin[i];
+        whole_state[i] = z->owned[i] ? t->rows[i].offset : SIZE_MAX;
+    }
+    int rc = nm_zero_state_exchange(z, params, range_state, params, whole_state, 1, err);
+    nm_free(range_state);
+    nm_free(whole_state);
+    z->params_whole = 1;
+    return rc;
 }
 
 // --- the checkpoint's whole-tensor layout ------------------------------------------------------

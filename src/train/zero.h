@@ -71,6 +71,13 @@ typedef struct nm_zero {
     unsigned char *reduced;     // (n_buckets) its reduction completed (and, sharding, was folded into acc)
     unsigned char *folded;      // (n_buckets) acc holds a sum of it this step
     int *row_bucket;            // (n_rows) the bucket holding row i (-1: none, as tied rows)
+    // Sharded master weights (nm_zero_shard_master, bf16 runs): the fp32 values of the rows the
+    // model reads only through its bf16 weight copy live in their owners' ranges alone.
+    unsigned char *copy_rows;   // (n_rows) 1: such a row; NULL: every row whole (ZeRO-1 as before)
+    nm_zero_bucket *keep;       // runs of consecutive other rows of one group, all-gathered in fp32
+    int n_keep;
+    int params_whole;           // 1: the copy rows' fp32 values outside the ranges are held (after
+                                // an init, a load or a save); nm_zero_release_master gives them back
 } nm_zero;
 
 // The group rank whose range holds position pos of a group of total floats over G ranks.
@@ -133,6 +140,32 @@ int nm_zero_finish(nm_zero *z, nm_error *err);
 int nm_zero_reduce_scatter_grads(nm_zero *z, float *grads /* (n_floats) */, nm_error *err);
 // Copies every owner's rows to the whole group.
 int nm_zero_all_gather_params(nm_zero *z, float *params /* (n_floats) */, nm_error *err);
+
+// Sharded master weights, as Megatron's distributed optimizer keeps them under bf16: the rows
+// with copy_rows[i] = 1 (nm_param_row_reads_copy: read by the model only through its bf16
+// weight copy) hold fp32 values only in this rank's ranges; after an update the owners round
+// their pieces into the copy and the copy is all-gathered (2 bytes a value for bf16 storage,
+// half of fp32's), while the rows read in fp32 (norms, router, embedding) are all-gathered in
+// fp32 as before. The other floats of the copy rows are released (the backend's discard) and
+// never read again: a save first gathers each tensor to its whole-tensor owner.
+void nm_zero_shard_master(nm_zero *z, const unsigned char *copy_rows /* (n_rows) */);
+// The fp32 parameter floats rank (dp_rank, edp_rank) keeps: its ranges of the copy rows and every
+// other row whole (tied rows none). Before the page rounding of the released spans.
+int64_t nm_zero_master_floats(const nm_zero *z, int64_t dp_rank, int64_t edp_rank);
+// After an update: this rank's pieces of the copy rows rounded into copy (copy_type: NM_BF16
+// storage, or NM_F32_BF16, fp32 holding bf16 values), the copy all-gathered over the buckets,
+// the other rows' fp32 values over theirs.
+int nm_zero_all_gather_updated(nm_zero *z, float *params, void *copy, nm_dtype copy_type, const nm_ops *ops,
+                               nm_error *err);
+// Rounds the rows read in fp32 whole into the copy (their few GEMM readers: a tied head reads
+// the embedding's copy), once their fp32 values are final.
+void nm_zero_copy_whole_rows(const nm_zero *z, const float *params, void *copy, nm_dtype copy_type,
+                             const nm_ops *ops);
+// Gives back the copy rows' floats outside this rank's ranges (when params_whole; clears it).
+void nm_zero_release_master(nm_zero *z, float *params, const nm_ops *ops);
+// For a save: every tensor with optimizer state whole on its whole-tensor owner (owned[i]), its
+// pieces moved from the range owners (nm_zero_state_exchange on params); sets params_whole.
+int nm_zero_gather_master(nm_zero *z, float *params, nm_error *err);
 
 // Moves one optimizer-state buffer between the layouts: range_buf holds the floats of this
 // rank's ranges, row i's piece [own_begin[i], own_end[i]) at range_state[i]; whole_buf the

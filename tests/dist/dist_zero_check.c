@@ -7,18 +7,121 @@
 // at most S = ceil(total / G) floats, the largest within 1.1x the mean); the buckets' pieces
 // match the ranges; and moments with a known value per (row, float) survive ranges -> whole
 // tensors -> ranges bit for bit, the whole tensors holding exactly the known values.
+// Sharded master weights (bf16, nm_zero_shard_master): the GEMM rows' floats outside a rank's
+// ranges read zero once released and their whole pages are not resident (mincore); after an
+// update the bf16 copy holds every owner's values, the rows read in fp32 are whole, and a save's
+// gather makes each whole-tensor owner's rows whole again.
+#define _DEFAULT_SOURCE  // mincore
 #include <math.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "comm/comm.h"
 #include "model/config.h"
 #include "model/params.h"
 #include "train/optim.h"
+#include "ops/bf16.h"
 #include "train/zero.h"
 #include "../test_util.h"
 #include "../test_backend.h"
 
 // The moment a float of a row holds: exact in fp32 (below 2^24).
 static float known(int row, int64_t k) { return (float)(row * 10000 + (int)(k % 9973)); }
+
+// Whole pages of [p, p + bytes) resident, and how many whole pages there are.
+static size_t resident_pages(const void *p, size_t bytes, size_t *pages) {
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    uintptr_t first = ((uintptr_t)p + page - 1) / page * page, last = ((uintptr_t)p + bytes) / page * page;
+    *pages = last > first ? (last - first) / page : 0;
+    if (*pages == 0) return 0;
+    unsigned char *vec = nm_malloc(*pages);
+    EXPECT(mincore((void *)first, last - first, vec) == 0, "mincore failed");
+    size_t n = 0;
+    for (size_t i = 0; i < *pages; i++) n += vec[i] & 1;
+    nm_free(vec);
+    return n;
+}
+
+static void check_master(nm_zero *z, const nm_param_table *t, nm_comm *w) {
+    nm_error err;
+    const nm_ops *be = test_backend("cpu");
+    int me = w->rank;
+    unsigned char *copy_rows = nm_malloc((size_t)t->n_rows);
+    int64_t kept = 0, copy_floats = 0;
+    for (int i = 0; i < t->n_rows; i++) {
+        copy_rows[i] = (unsigned char)nm_param_row_reads_copy(t, i);
+        if (t->rows[i].flags & NM_TENSOR_TIED) continue;
+        if (copy_rows[i]) copy_floats += t->rows[i].numel;
+        else kept += t->rows[i].numel;
+    }
+    nm_zero_shard_master(z, copy_rows);
+    int64_t mine = nm_zero_master_floats(z, me, me), all = mine;
+    EXPECT(nm_comm_all_reduce(w, &all, 1, NM_DT_I64, NM_RED_SUM, &err) == 0, "%s", err.msg);
+    EXPECT(all == (int64_t)w->size * kept + copy_floats, "master floats over the ranks %lld, want %lld",
+           (long long)all, (long long)((int64_t)w->size * kept + copy_floats));
+    // Every rank starts whole (known values) and updates its ranges to known + 1.
+    float *params = be->alloc(be, t->n_floats * sizeof(float));
+    uint16_t *copy = be->alloc(be, t->n_floats * sizeof(uint16_t));
+    for (int i = 0; i < t->n_rows; i++) {
+        if (t->rows[i].flags & NM_TENSOR_TIED) continue;
+        for (int64_t k = 0; k < t->rows[i].numel; k++)
+            params[t->rows[i].offset + (size_t)k] = known(i, k) + (k >= z->own_begin[i] && k < z->own_end[i]);
+    }
+    nm_zero_release_master(z, params, be);
+    // the largest row wholly outside this rank's ranges: none of its whole pages resident (asked
+    // before anything reads it: a read maps the zero page, which counts as resident)
+    int bad = 0, big = -1;
+    size_t resident = 0, pages = 0;
+    for (int i = 0; i < t->n_rows; i++) {
+        const nm_tensor_spec *r = &t->rows[i];
+        if (copy_rows[i] && !(r->flags & NM_TENSOR_TIED) && z->own_end[i] == z->own_begin[i] &&
+            (big < 0 || r->numel > t->rows[big].numel))
+            big = i;
+    }
+    if (big >= 0) {
+        resident = resident_pages(params + t->rows[big].offset, (size_t)t->rows[big].numel * sizeof(float), &pages);
+        EXPECT(pages >= 1 && resident == 0, "released row %s: %zu of %zu whole pages resident", t->rows[big].name,
+               resident, pages);
+    }
+    for (int i = 0; i < t->n_rows; i++) {
+        const nm_tensor_spec *r = &t->rows[i];
+        if (!copy_rows[i] || (r->flags & NM_TENSOR_TIED)) continue;
+        for (int64_t k = 0; k < r->numel; k++)
+            if (k < z->own_begin[i] || k >= z->own_end[i]) bad += params[r->offset + (size_t)k] != 0.0f;
+    }
+    EXPECT(bad == 0, "released master floats: %d not zero", bad);
+    EXPECT(nm_zero_all_gather_updated(z, params, copy, NM_BF16, be, &err) == 0, "%s", err.msg);
+    nm_zero_copy_whole_rows(z, params, copy, NM_BF16, be);
+    int bad_copy = 0, bad_kept = 0;
+    for (int i = 0; i < t->n_rows; i++) {
+        const nm_tensor_spec *r = &t->rows[i];
+        if (r->flags & NM_TENSOR_TIED) continue;
+        for (int64_t k = 0; k < r->numel; k++) {
+            float v = known(i, k) + 1.0f;
+            bad_copy += copy[r->offset + (size_t)k] != nm_f32_to_bf16(v);
+            if (!copy_rows[i]) bad_kept += params[r->offset + (size_t)k] != v;
+        }
+    }
+    EXPECT(bad_copy == 0, "the gathered bf16 copy: %d wrong values", bad_copy);
+    EXPECT(bad_kept == 0, "the rows read in fp32, gathered: %d wrong floats", bad_kept);
+    EXPECT(nm_zero_gather_master(z, params, &err) == 0, "%s", err.msg);
+    bad = 0;
+    int64_t rows_whole = 0;
+    for (int i = 0; i < t->n_rows; i++) {
+        const nm_tensor_spec *r = &t->rows[i];
+        if (!z->owned[i] || (r->flags & (NM_TENSOR_TIED | NM_TENSOR_ROUTER_BIAS))) continue;
+        rows_whole++;
+        for (int64_t k = 0; k < r->numel; k++) bad += params[r->offset + (size_t)k] != known(i, k) + 1.0f;
+    }
+    EXPECT(bad == 0, "gathered for a save: %d wrong floats in this rank's whole tensors", bad);
+    if (me == 0)
+        printf("dist_zero_check: master weights: rank 0 keeps %lld of %lld floats; released row %s: %zu of %zu "
+               "whole pages resident; copy, fp32 rows and the save's gather exact\n", (long long)mine,
+               (long long)(kept + copy_floats), big >= 0 ? t->rows[big].name : "-", resident, pages);
+    be->free(be, params);
+    be->free(be, copy);
+    nm_free(copy_rows);
+}
 
 int main(void) {
     nm_error err;
@@ -107,6 +210,8 @@ int main(void) {
     }
     EXPECT(bad == 0, "whole tensors -> ranges: %d wrong floats", bad);
     if (me == 0) printf("dist_zero_check: %lld rows written whole over the ranks, round trip exact\n", (long long)whole_rows);
+
+    check_master(z, &t, w);
 
     nm_free(whole);
     nm_free(whole_state);
