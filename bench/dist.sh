@@ -65,6 +65,12 @@ if nm_mpirun "$T" "$NM" train "${common[@]}" --out ep_overlap --set threads=1 --
   summary ep_overlap "$T ranks x 1 (dp$T ep$T, shared overlap)"
   python3 -c "import json;rows=[json.loads(l) for l in open('ep_overlap/metrics.jsonl')][$WARMUP:];print('ep all-to-all exposed %.3f s/step, computed during %.0f%% of its flight' % (sum(r['ep_a2a_exposed_s'] for r in rows)/len(rows), 100*sum(r['ep_a2a_hidden_fraction'] for r in rows)/len(rows)))"
 fi
+# the split expert exchange: two parts, one's all-to-alls in flight while the other's experts compute
+if nm_mpirun "$T" "$NM" train "${common[@]}" --out ep_split --set threads=1 --set expert_parallel_size="$T" \
+     --set overlap_moe_expert_parallel_comm=true >ep_split.log 2>&1; then
+  summary ep_split "$T ranks x 1 (dp$T ep$T, split exchange)"
+  python3 -c "import json;rows=[json.loads(l) for l in open('ep_split/metrics.jsonl')][$WARMUP:];print('ep all-to-all exposed %.3f s/step, computed during %.0f%% of its flight' % (sum(r['ep_a2a_exposed_s'] for r in rows)/len(rows), 100*sum(r['ep_a2a_hidden_fraction'] for r in rows)/len(rows)))"
+fi
 # tensor parallelism (sequence parallelism on, the default) over all T ranks
 if nm_mpirun "$T" "$NM" train "${common[@]}" --out tp --set threads=1 --set tensor_parallel_size="$T" >tp.log 2>&1; then
   summary tp "$T ranks x 1 (tp$T)"
@@ -86,6 +92,6 @@ if nm_mpirun "$T" "$NM" train "${common[@]}" --out pp_v2 --set threads=1 --set p
 else
   echo "pp$T v2: $(tail -1 pp_v2.log)"
 fi
-for r in dp dp_overlap dp_zero2 ep ep_overlap tp pp pp_v2; do
+for r in dp dp_overlap dp_zero2 ep ep_overlap ep_split tp pp pp_v2; do
   [ -f $r.tok ] && python3 -c "print(f'efficiency $r: {float(open(\"$r.tok\").read())/float(open(\"one.tok\").read()):.2f} of 1 rank x $T threads')"
 done

@@ -249,6 +249,8 @@ refused "\"foo\" is not a communicator (known: auto, single, mpi, nccl)" "$N" tr
     --set communicator=foo
 refused "key 'moe_shared_expert_overlap': expected true or false" "$N" train --config train.json --out run_s \
     --set moe_shared_expert_overlap=2
+refused "key 'overlap_moe_expert_parallel_comm': expected true or false" "$N" train --config train.json \
+    --out run_s --set overlap_moe_expert_parallel_comm=yes
 refused "needs pipeline_parallel_size >= 2" "$N" plan --config "$TINY" --world 1 --virtual-pipeline-size 2
 # --set keys of the training config: the key and the range, integers printed as integers.
 for kv in optimizer.lr=nan optimizer.lr=inf optimizer.lr=-1 optimizer.lr=1e300 seq_len=nan seq_len=-4 \

@@ -48,6 +48,9 @@ check() {
   if [ -n "${SHARDING:-}" ]; then
     extra+=(--set data_parallel_sharding_strategy="$SHARDING") && pextra+=(--data-parallel-sharding-strategy "$SHARDING")
   fi
+  if [ -n "${SPLIT:-}" ]; then
+    extra+=(--set overlap_moe_expert_parallel_comm=true) && pextra+=(--overlap-ep)
+  fi
   if [ -n "${CAPACITY:-}" ]; then
     extra+=(--set moe_receive_capacity="$CAPACITY") && pextra+=(--moe-receive-capacity "$CAPACITY")
   fi
@@ -158,6 +161,10 @@ CAPACITY=0.5 check tp2_ep2_capacity 4 2 1 2
 # storage, the rows read in fp32 in fp32), with ep, pp and the interleaved schedule
 PRECISION=bf16 check dp2_ep2_bf16 4 2 0
 PRECISION=bf16 check pp2_v2_dp2_ep2_bf16 4 2 0 1 1 2 'E|t|t|tmL'
+# the split expert exchange (overlap_moe_expert_parallel_comm): one more send buffer of the
+# receive capacity, the unsplit exchange's bytes
+SPLIT=1 check ep2_split 2 2 0
+SPLIT=1 PRECISION=bf16 check dp2_ep2_split_bf16 4 2 0
 # bf16: the rows to the experts cross as bf16 (2 bytes), the rest fp32
 PRECISION=bf16 check ep2_bf16 2 2 0
 PRECISION=bf16 CAPACITY=0.5 check ep2_bf16_capacity_recompute 2 2 1

@@ -314,6 +314,7 @@ _TRAIN_KEYS = {
     "pipeline_model_parallel_layout": "pipeline_model_parallel_layout",
     "virtual_pipeline_model_parallel_size": "virtual_pipeline_model_parallel_size",
     "moe_shared_expert_overlap": "moe_shared_expert_overlap",
+    "overlap_moe_expert_parallel_comm": "overlap_moe_expert_parallel_comm",
     "communicator": "communicator",
 }
 _PARALLEL = ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size")
@@ -347,6 +348,7 @@ class TrainConfig:
     expert_parallel_size: int = 1
     moe_receive_capacity: float = 2.0
     moe_shared_expert_overlap: bool = False  # the shared experts inside the expert all-to-all
+    overlap_moe_expert_parallel_comm: bool = False  # the expert exchange in two pipelined parts
     communicator: str = "auto"  # auto (mpi under a launcher, else single), single, mpi, nccl
     recompute_granularity: str = ""  # full (every block, as --recompute) or selective (recompute_modules)
     recompute_modules: str = ""

@@ -16,7 +16,10 @@
 // step never allocates a twin; with the widen kernel, fp32 or fp8 it is never allocated. An
 // operand is any slice of a registered tensor (an expert's rows, a vocabulary tile): a twin
 // holds the range last rounded, and a slice inside it maps to the same element offset.
-// Rounding a tensor replaces its twin's range (the rest of its bytes may have changed). A
+// Rounding a tensor replaces its twin's range (the rest of its bytes may have changed), except
+// a rounding of the rows right after that range, which extends it (the split expert exchange
+// rounds its parts' rows one after another, moe.c; rows rewritten since their rounding and read
+// again would be the bug below either way). A
 // tensor rewritten without nm_round_act and then read as NM_F32_BF16 would be a bug before
 // twins too (its values would not be bf16); debug builds check every swapped operand against
 // its fp32 storage. A rounding of a tensor that was not registered gets no twin (its GEMMs
@@ -157,9 +160,16 @@ static uint16_t *claim_twin(const nm_model *m, const float *x, int64_t n) {
     NM_CHECK(!w->saved || w->bound, "a saved activation rounded with no block's copy bound (nm_bf16_bind)");
     nm_bf16_copy *c = copy_of(m, w);
     if (!c) return NULL;
-    c->at = x - w->base;
-    c->n = n;
-    return c->bits + c->at;
+    int64_t at = x - w->base;
+    // The rows right after the range it holds (the split expert exchange rounds its parts one
+    // after another): the copy holds both. Anything else replaces the range.
+    if (c->n > 0 && at == c->at + c->n) {
+        c->n += n;
+    } else {
+        c->at = at;
+        c->n = n;
+    }
+    return c->bits + at;
 }
 
 void nm_round_act(const nm_model *m, float *x, int64_t n) {

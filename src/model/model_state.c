@@ -263,6 +263,7 @@ static void layout(nm_model *m) {
             m->ep.d_e_out_loc = take_operand(m, R * D);
             m->ep.d_x_loc = take(m, R * D);
             m->ep.buf = take(m, R * D);
+            if (m->ep.split > 1) m->ep.buf2 = take(m, R * D);  // the split exchange's combine rows
             // the bf16 dispatch's send buffer, only where the run is bf16 (moe.c)
             if (m->opt_precision == NM_PRECISION_BF16 || m->opt_precision == NM_PRECISION_FP8)
                 m->ep.send16 = (uint16_t *)take(m, (NK * D + 1) / 2);
@@ -453,6 +454,7 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
     m->recompute.mla_up_proj = opts->recompute_mla_up_proj;
     m->recompute.moe_act = opts->recompute_moe_act;
     m->ep.shared_expert_overlap = opts->shared_expert_overlap;
+    m->ep.split = opts->ep_split > 1 ? opts->ep_split : 1;
     m->recompute.layernorm = opts->recompute_layernorm;
     m->opt_precision = opts->precision;
     if (set_chunks(m, opts, err) != 0 || configure(m, opts, err) != 0) {
@@ -470,6 +472,7 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
         m->ep.round_counts = nm_calloc((size_t)(ep_size * m->ep.E_loc), sizeof(int64_t));
         m->ep.round_offsets = nm_calloc((size_t)m->ep.E_loc + 1, sizeof(int32_t));
         m->ep.scale_counts = nm_calloc((size_t)(4 * ep_size), sizeof(int64_t));
+        if (m->ep.split > 1) nm_ep_plans_create(m);
     }
     m->params = m->ops->alloc(m->ops, m->table.n_floats * sizeof(float));
     m->grads = m->ops->alloc(m->ops, m->table.n_floats * sizeof(float));
@@ -525,6 +528,7 @@ void nm_model_destroy(nm_model *m) {
     nm_free(m->ep.round_counts);
     nm_free(m->ep.round_offsets);
     nm_free(m->ep.scale_counts);
+    if (m->ep.comm) nm_ep_plans_destroy(m);
     nm_free(m->tp.sp_counts);
     nm_free(m->routing.expert_counts);
     nm_free(m);
@@ -594,6 +598,7 @@ int nm_model_estimate_bytes(const nm_model_config *cfg, int64_t B_max, int64_t T
                   .recompute = {.full = opts->recompute, .mla_up_proj = opts->recompute_mla_up_proj,
                                 .moe_act = opts->recompute_moe_act, .layernorm = opts->recompute_layernorm},
                   .opt_precision = opts->precision};
+    m.ep.split = opts->ep_split > 1 ? opts->ep_split : 1;  // the split exchange's second send buffer
     if (set_chunks(&m, opts, err) != 0 || configure(&m, opts, err) != 0) return -1;
     int n_slots = m.pipe.n_slots;
     m.pipe.slots = nm_calloc((size_t)n_slots, sizeof(nm_model_acts));

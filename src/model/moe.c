@@ -323,7 +323,11 @@ static void ep_exchange_counts(nm_model *m, block_acts *b) {
         if (in > most) most = in;
         total += in;
     }
-    b->ep_rounds = most > 0 ? (most + m->ep.cap - 1) / m->ep.cap : 1;
+    // The split exchange: an exchange whose busiest receiver fits the receive side runs as `split`
+    // parts of the busiest receiver's rows / split each, laid out one after another there
+    b->ep_split = m->ep.split > 1 && most > 1 && most <= m->ep.cap;
+    b->ep_cap = b->ep_split ? (most + m->ep.split - 1) / m->ep.split : m->ep.cap;
+    b->ep_rounds = most > 0 ? (most + b->ep_cap - 1) / b->ep_cap : 1;
     if (b->ep_rounds > m->ep.stats_rounds) m->ep.stats_rounds = b->ep_rounds;
     double over = total > 0 ? (double)most * (double)EP / (double)total : 1.0;
     if (over > m->ep.stats_over_mean) m->ep.stats_over_mean = over;
@@ -331,10 +335,11 @@ static void ep_exchange_counts(nm_model *m, block_acts *b) {
 
 // Round k of block b's exchange: element counts and displacements of this rank's pieces as a
 // source (m->ep.send / ep_send_at, into x_perm's order) and as a receiver (m->ep.recv, back to
-// back in ep.buf), the round's rows per (source, local expert) in m->ep.round_counts, and the
-// local experts' row offsets in m->ep.round_offsets (El+1). Returns the rows received.
-static int64_t ep_round(nm_model *m, const block_acts *b, int64_t k) {
-    int64_t EP = m->ep.comm->size, El = m->ep.E_loc, D = m->cfg.D, me = m->ep.comm->rank, C = m->ep.cap;
+// back in ep.buf from row `base`: 0, or under the split exchange the rows of the earlier parts),
+// the round's rows per (source, local expert) in m->ep.round_counts, and the local experts' row
+// offsets in m->ep.round_offsets (El+1). Returns the rows received.
+static int64_t ep_round(nm_model *m, const block_acts *b, int64_t k, int64_t base) {
+    int64_t EP = m->ep.comm->size, El = m->ep.E_loc, D = m->cfg.D, me = m->ep.comm->rank, C = b->ep_cap;
     const int64_t *P = b->ep_pairs;
     for (int64_t q = 0; q < EP; q++) {  // as a source: my slice of my block for q
         int64_t off = 0;
@@ -349,7 +354,7 @@ static int64_t ep_round(nm_model *m, const block_acts *b, int64_t k) {
         int64_t n = P[s * EP + me];
         int64_t lo = clamp64(k * C - off, 0, n), hi = clamp64((k + 1) * C - off, 0, n);
         m->ep.recv[s] = (hi - lo) * D;
-        m->ep.recv_at[s] = got * D;
+        m->ep.recv_at[s] = (base + got) * D;
         got += hi - lo;
         int64_t at = 0;  // rows of source s's block before local expert j
         for (int64_t j = 0; j < El; j++) {
@@ -377,11 +382,30 @@ static int64_t ep_round(nm_model *m, const block_acts *b, int64_t k) {
 // its experts the same roundings, so every layout computes the same numbers.
 typedef enum ep_payload { EP_ACTIVATIONS, EP_GRADIENTS } ep_payload;
 
-// The fp8 dispatch of this round: each peer's slice of rows quantised into ep_send8 and
+// One all-to-all of the exchange started without waiting (the split exchange), or, req NULL,
+// run through ep_a2a (blocking, with the overlap work). A failure is latched.
+static void ep_a2a_start(nm_model *m, const void *send, const int64_t *send_counts, const int64_t *send_at, void *recv,
+                         const int64_t *recv_counts, const int64_t *recv_at, nm_comm_dtype dt, nm_comm_request *req) {
+    if (!req) {
+        ep_a2a(m, send, send_counts, send_at, recv, recv_counts, recv_at, dt);
+        return;
+    }
+    nm_error e;
+    memset(req, 0, sizeof(*req));
+    if (!nm_model_faulted(m) &&
+        nm_comm_all_to_all_v_start(m->ep.comm, send, send_counts, send_at, recv, recv_counts, recv_at, dt, req, &e) != 0)
+        ep_fail(m, &e);
+}
+
+static void ep_a2a_wait(nm_model *m, nm_comm_request *req) {
+    nm_error e;
+    if (req && nm_comm_wait(req, &e) != 0 && !nm_model_faulted(m)) ep_fail(m, &e);
+}
+
+// The fp8 dispatch of this round, started: each peer's slice of rows quantised into ep_send8 and
 // ep_send_scales at the rows' own places, codes and scales exchanged (two all-to-alls, the
-// scales' counts in ep.scale_counts), reordered expert-major into ep.buf (codes, then scales)
-// and dequantised into expert_rows.
-static void ep_dispatch_fp8(nm_model *m, const float *rows, float *expert_rows, int64_t n_in) {
+// scales' counts in ep.scale_counts; req: their two requests, or NULL to wait for them here).
+static void ep_dispatch_fp8_start(nm_model *m, const float *rows, nm_comm_request *req) {
     const int64_t EP = m->ep.comm->size, D = m->cfg.D, tiles = (D + 127) / 128;
     int64_t *s_send = m->ep.scale_counts, *s_send_at = s_send + EP, *s_recv = s_send + 2 * EP,
             *s_recv_at = s_send + 3 * EP;
@@ -391,72 +415,267 @@ static void ep_dispatch_fp8(nm_model *m, const float *rows, float *expert_rows, 
         s_send[q] = n * tiles, s_send_at[q] = at * tiles;
         s_recv[q] = m->ep.recv[q] / D * tiles, s_recv_at[q] = m->ep.recv_at[q] / D * tiles;
     }
-    ep_a2a(m, m->ep.send8, m->ep.send, m->ep.send_at, m->ep.recv8, m->ep.recv, m->ep.recv_at, NM_DT_U8);
-    ep_a2a(m, m->ep.send_scales, s_send, s_send_at, m->ep.recv_scales, s_recv, s_recv_at, NM_DT_F32);
+    ep_a2a_start(m, m->ep.send8, m->ep.send, m->ep.send_at, m->ep.recv8, m->ep.recv, m->ep.recv_at, NM_DT_U8, req);
+    ep_a2a_start(m, m->ep.send_scales, s_send, s_send_at, m->ep.recv_scales, s_recv, s_recv_at, NM_DT_F32,
+                 req ? req + 1 : NULL);
+}
+
+// ... and finished: the codes and scales from row `base` on reordered expert-major into ep.buf
+// (codes, then scales) at that row, and dequantised into expert_rows there.
+static void ep_dispatch_fp8_finish(nm_model *m, float *expert_rows, int64_t base, int64_t n_in) {
+    const int64_t D = m->cfg.D, tiles = (D + 127) / 128;
     uint8_t *codes = (uint8_t *)m->ep.buf;  // (C, D) bytes, then the scales at a float boundary
     float *scales = m->ep.buf + (m->ep.cap * D + 3) / 4;
-    ep_reorder(m, codes, m->ep.recv8, m->ep.round_counts, 1, 1, D);
-    ep_reorder(m, scales, m->ep.recv_scales, m->ep.round_counts, 1, sizeof(float), tiles);
-    m->ops->fp8_dequantize_rows(m->ops, expert_rows, codes, scales, n_in, D);
+    ep_reorder(m, codes + base * D, m->ep.recv8 + base * D, m->ep.round_counts, 1, 1, D);
+    ep_reorder(m, scales + base * tiles, m->ep.recv_scales + base * tiles, m->ep.round_counts, 1, sizeof(float),
+               tiles);
+    m->ops->fp8_dequantize_rows(m->ops, expert_rows + base * D, codes + base * D, scales + base * tiles, n_in, D);
 }
 
 // Saved in fp8: the rows this round's fp8 dispatch left in ep.buf (codes, then scales; n_in
-// rows, expert-major) into block b's codes and scales.
-static void ep_keep_fp8(nm_model *m, block_acts *b, int64_t n_in) {
+// rows from row base, expert-major) into block b's codes and scales at the same rows.
+static void ep_keep_fp8(nm_model *m, block_acts *b, int64_t base, int64_t n_in) {
     const int64_t D = m->cfg.D, tiles = (D + 127) / 128;
-    memcpy(b->x_codes, m->ep.buf, (size_t)(n_in * D));
-    memcpy(b->x_scales, m->ep.buf + (m->ep.cap * D + 3) / 4, (size_t)(n_in * tiles) * sizeof(float));
+    memcpy(b->x_codes + base * D, (uint8_t *)m->ep.buf + base * D, (size_t)(n_in * D));
+    memcpy(b->x_scales + base * tiles, m->ep.buf + (m->ep.cap * D + 3) / 4 + base * tiles,
+           (size_t)(n_in * tiles) * sizeof(float));
 }
 
 // This round's slices of the source rows (N*K, D, x_perm order) -> expert-major rows here
-// (n_in of them), in the payload's dtype (above). bf16 rows arrive in the upper half of
-// ep.buf's bytes, are reordered into the lower half and widened into expert_rows.
-static void ep_dispatch(nm_model *m, const float *rows, float *expert_rows, int64_t n_in, ep_payload what) {
+// (n_in of them, from row base), in the payload's dtype (above), in two halves: the start sends
+// (req: the round's requests, or NULL to wait in it), the finish lays the rows out. bf16 rows
+// arrive in the upper half of ep.buf's bytes, are reordered into the lower half and widened
+// into expert_rows.
+static void ep_dispatch_start(nm_model *m, const float *rows, ep_payload what, nm_comm_request *req) {
     if (m->precision == NM_PRECISION_FP8 && what == EP_ACTIVATIONS) {
-        ep_dispatch_fp8(m, rows, expert_rows, n_in);
+        ep_dispatch_fp8_start(m, rows, req);
         return;
     }
     if (m->precision == NM_PRECISION_FP32) {
-        ep_a2a(m, rows, m->ep.send, m->ep.send_at, m->ep.buf, m->ep.recv, m->ep.recv_at, NM_DT_F32);
-        ep_reorder(m, expert_rows, m->ep.buf, m->ep.round_counts, 1, sizeof(float), m->cfg.D);
+        ep_a2a_start(m, rows, m->ep.send, m->ep.send_at, m->ep.buf, m->ep.recv, m->ep.recv_at, NM_DT_F32, req);
         return;
     }
     for (int64_t q = 0; q < m->ep.comm->size; q++)
         m->ops->cast_bf16(m->ops, m->ep.send16 + m->ep.send_at[q], rows + m->ep.send_at[q], m->ep.send[q]);
-    uint16_t *lower = (uint16_t *)m->ep.buf, *upper = lower + m->ep.cap * m->cfg.D;
-    ep_a2a(m, m->ep.send16, m->ep.send, m->ep.send_at, upper, m->ep.recv, m->ep.recv_at, NM_DT_BF16);
-    ep_reorder(m, lower, upper, m->ep.round_counts, 1, sizeof(uint16_t), m->cfg.D);
-    m->ops->widen_bf16(m->ops, expert_rows, lower, n_in * m->cfg.D);
+    uint16_t *upper = (uint16_t *)m->ep.buf + m->ep.cap * m->cfg.D;
+    ep_a2a_start(m, m->ep.send16, m->ep.send, m->ep.send_at, upper, m->ep.recv, m->ep.recv_at, NM_DT_BF16, req);
 }
 
-// Expert-major rows of this round -> back into their slices of rows (x_perm order) at the
-// sources: fp32, or under fp8 bf16 (cast into ep.half, reordered into ep.buf, received into
-// ep.send16 at the rows' places and widened there).
-static void ep_combine(nm_model *m, const float *expert_rows, float *rows) {
+static void ep_dispatch_finish(nm_model *m, float *expert_rows, int64_t base, int64_t n_in, ep_payload what,
+                               nm_comm_request *req) {
+    const int64_t D = m->cfg.D;
+    int fp8 = m->precision == NM_PRECISION_FP8 && what == EP_ACTIVATIONS;
+    ep_a2a_wait(m, req);
+    if (fp8) ep_a2a_wait(m, req ? req + 1 : NULL);
+    if (fp8) {
+        ep_dispatch_fp8_finish(m, expert_rows, base, n_in);
+    } else if (m->precision == NM_PRECISION_FP32) {
+        ep_reorder(m, expert_rows + base * D, m->ep.buf + base * D, m->ep.round_counts, 1, sizeof(float), D);
+    } else {
+        uint16_t *lower = (uint16_t *)m->ep.buf, *upper = lower + m->ep.cap * D;
+        ep_reorder(m, lower + base * D, upper + base * D, m->ep.round_counts, 1, sizeof(uint16_t), D);
+        m->ops->widen_bf16(m->ops, expert_rows + base * D, lower + base * D, n_in * D);
+    }
+}
+
+static void ep_dispatch(nm_model *m, const float *rows, float *expert_rows, int64_t n_in, ep_payload what) {
+    ep_dispatch_start(m, rows, what, NULL);
+    ep_dispatch_finish(m, expert_rows, 0, n_in, what, NULL);
+}
+
+// Expert-major rows of this round (from row base) -> back into their slices of rows (x_perm
+// order) at the sources, through `out` (the send rows: ep.buf, or buf2 under the split
+// exchange): fp32, or under fp8 bf16 (cast into ep.half, reordered into out, received into
+// ep.send16 at the rows' places and widened there by the finish).
+static void ep_combine_start(nm_model *m, const float *expert_rows, int64_t base, float *out, float *rows,
+                             nm_comm_request *req) {
     const int64_t D = m->cfg.D;
     if (m->precision != NM_PRECISION_FP8) {
-        ep_reorder(m, m->ep.buf, expert_rows, m->ep.round_counts, 0, sizeof(float), D);
-        ep_a2a(m, m->ep.buf, m->ep.recv, m->ep.recv_at, rows, m->ep.send, m->ep.send_at, NM_DT_F32);
+        ep_reorder(m, out + base * D, expert_rows + base * D, m->ep.round_counts, 0, sizeof(float), D);
+        ep_a2a_start(m, out, m->ep.recv, m->ep.recv_at, rows, m->ep.send, m->ep.send_at, NM_DT_F32, req);
         return;
     }
-    m->ops->cast_bf16(m->ops, m->ep.half, expert_rows, (int64_t)m->ep.round_offsets[m->ep.E_loc] * D);
-    ep_reorder(m, m->ep.buf, m->ep.half, m->ep.round_counts, 0, sizeof(uint16_t), D);
-    ep_a2a(m, m->ep.buf, m->ep.recv, m->ep.recv_at, m->ep.send16, m->ep.send, m->ep.send_at, NM_DT_BF16);
+    m->ops->cast_bf16(m->ops, m->ep.half + base * D, expert_rows + base * D,
+                      (int64_t)m->ep.round_offsets[m->ep.E_loc] * D);
+    ep_reorder(m, (uint16_t *)out + base * D, m->ep.half + base * D, m->ep.round_counts, 0, sizeof(uint16_t), D);
+    ep_a2a_start(m, out, m->ep.recv, m->ep.recv_at, m->ep.send16, m->ep.send, m->ep.send_at, NM_DT_BF16, req);
+}
+
+static void ep_combine_finish(nm_model *m, float *rows, nm_comm_request *req) {
+    ep_a2a_wait(m, req);
+    if (m->precision != NM_PRECISION_FP8) return;
     for (int64_t q = 0; q < m->ep.comm->size; q++)
         m->ops->widen_bf16(m->ops, rows + m->ep.send_at[q], m->ep.send16 + m->ep.send_at[q], m->ep.send[q]);
+}
+
+static void ep_combine(nm_model *m, const float *expert_rows, float *rows) {
+    ep_combine_start(m, expert_rows, 0, m->ep.buf, rows, NULL);
+    ep_combine_finish(m, rows, NULL);
+}
+
+// --- the split exchange (overlap_moe_expert_parallel_comm) ---------------------------------------
+//
+// An exchange whose busiest receiver fits the receive side (one round) runs as m->ep.split parts,
+// each a round of the busiest receiver's rows / split (ep_exchange_counts). A part's rows land at
+// their own place after the earlier parts' (ep_round's base), so every part's expert-side
+// activations stay for the backward as one round's do, and the parts pipeline: while part k's
+// experts compute, part k+1's dispatch and part k-1's combine are in flight (non-blocking
+// all-to-alls, tested between the expert GEMMs: nm_ep_progress). The data moved and the
+// operations are those of the same rounds run one after another; against one round the experts
+// see their rows in parts (each part's GEMMs, and the weight gradient summed part by part).
+
+struct nm_ep_plan {
+    int64_t *send, *send_at, *recv, *recv_at; // (EP) ep_round's counts for this part
+    int64_t *round_counts;                    // (EP * E_loc)
+    int32_t *round_offsets;                   // (E_loc + 1)
+    int64_t base, rows;                       // its first row on the expert side, and how many
+    nm_comm_request dispatch[2], combine;     // its all-to-alls (two for the fp8 dispatch)
+};
+
+void nm_ep_plans_create(nm_model *m) {
+    const int64_t EP = m->ep.comm->size, El = m->ep.E_loc;
+    m->ep.plans = nm_calloc((size_t)m->ep.split, sizeof(nm_ep_plan));
+    for (int i = 0; i < m->ep.split; i++) {
+        nm_ep_plan *p = &m->ep.plans[i];
+        p->send = nm_calloc((size_t)(4 * EP + EP * El), sizeof(int64_t));
+        p->send_at = p->send + EP, p->recv = p->send + 2 * EP, p->recv_at = p->send + 3 * EP;
+        p->round_counts = p->send + 4 * EP;
+        p->round_offsets = nm_calloc((size_t)El + 1, sizeof(int32_t));
+    }
+}
+
+void nm_ep_plans_destroy(nm_model *m) {
+    for (int i = 0; m->ep.plans && i < m->ep.split; i++) {
+        nm_free(m->ep.plans[i].send);
+        nm_free(m->ep.plans[i].round_offsets);
+    }
+    nm_free(m->ep.plans);
+}
+
+// The exchange functions read the current round from m->ep: a part's counts in and out of it.
+static void plan_io(nm_model *m, nm_ep_plan *p, int save) {
+    const size_t EP = (size_t)m->ep.comm->size, El = (size_t)m->ep.E_loc, n = EP * sizeof(int64_t);
+    int64_t *mine[] = {p->send, p->send_at, p->recv, p->recv_at}, *cur[] = {m->ep.send, m->ep.send_at, m->ep.recv,
+                                                                            m->ep.recv_at};
+    for (int i = 0; i < 4; i++) memcpy(save ? mine[i] : cur[i], save ? cur[i] : mine[i], n);
+    memcpy(save ? p->round_counts : m->ep.round_counts, save ? m->ep.round_counts : p->round_counts, n * El);
+    memcpy(save ? p->round_offsets : m->ep.round_offsets, save ? m->ep.round_offsets : p->round_offsets,
+           (El + 1) * sizeof(int32_t));
+}
+
+// Every part's counts, and the rows they bring, one after another from row 0.
+static int64_t split_plans(nm_model *m, const block_acts *b) {
+    int64_t base = 0;
+    for (int64_t k = 0; k < b->ep_rounds; k++) {
+        nm_ep_plan *p = &m->ep.plans[k];
+        p->base = base;
+        p->rows = ep_round(m, b, k, base);
+        plan_io(m, p, 1);
+        base += p->rows;
+    }
+    return base;
+}
+
+// The block's pending overlap work (moe_shared_expert_overlap) with the first part's dispatch in
+// flight, as the first all-to-all of an unsplit exchange would run it.
+static void split_overlap_work(nm_model *m, nm_comm_request *req) {
+    const ep_overlap *o = m->ep.overlap;
+    if (!o) return;
+    m->ep.overlap = NULL;
+    double t0 = nm_comm_clock();
+    m->ep.in_flight = req;
+    o->work(m, o->ctx);
+    m->ep.in_flight = NULL;
+    m->ep.overlap_s += nm_comm_clock() - t0;
+}
+
+// Part k's experts (forward or backward: `run`) with part k+1's dispatch and part k-1's combine
+// in flight: tested between the GEMMs, the seconds counted as overlapped.
+static void split_compute(nm_model *m, const block_acts *b, int64_t k, void (*run)(nm_model *, void *), void *ctx) {
+    nm_ep_plan *P = m->ep.plans;
+    int n = 0;
+    if (k + 1 < b->ep_rounds) {
+        m->ep.pending[n++] = &P[k + 1].dispatch[0];
+        m->ep.pending[n++] = &P[k + 1].dispatch[1];
+    }
+    if (k > 0) m->ep.pending[n++] = &P[k - 1].combine;
+    double t0 = nm_comm_clock();
+    run(m, ctx);
+    if (n > 0) m->ep.overlap_s += nm_comm_clock() - t0;
+    for (int i = 0; i < 4; i++) m->ep.pending[i] = NULL;
+}
+
+typedef struct split_ctx {
+    const nm_layer_offsets *w;
+    block_acts *b;
+    nm_ep_plan *p;
+} split_ctx;
+
+static void split_forward_part(nm_model *m, void *ctx) {
+    split_ctx *c = ctx;
+    int64_t base = c->p->base, D = m->cfg.D, Fe = m->cfg.Fe;
+    nm_moe_experts_forward(m, c->w, c->p->round_offsets, c->b->x_loc + base * D, c->b->e_gate_up + base * 2 * Fe,
+                           c->b->e_act + base * Fe, m->ep.d_x_loc + base * D);
+}
+
+static void split_backward_part(nm_model *m, void *ctx) {
+    split_ctx *c = ctx;
+    int64_t base = c->p->base, D = m->cfg.D, Fe = m->cfg.Fe;
+    nm_moe_experts_backward(m, c->w, c->p->round_offsets, c->b->x_loc + base * D, c->b->e_gate_up + base * 2 * Fe,
+                            c->b->e_act + base * Fe, m->ep.d_e_out_loc + base * D, m->scratch.d_e_act,
+                            m->scratch.d_e_gate_up, m->ep.d_x_loc + base * D);
+}
+
+// The pipeline over the parts. Forward: src = x_perm, the dispatch lands in x_loc (rounded, and
+// kept in fp8 where the block keeps its rows so), the combine returns into e_out. Backward: src =
+// d_e_out into d_e_out_loc, the combine returns d_x_loc into d_x_perm.
+static void split_exchange(nm_model *m, const nm_layer_offsets *w, block_acts *b, int backward) {
+    nm_ep_plan *P = m->ep.plans;
+    const int64_t R = b->ep_rounds, D = m->cfg.D;
+    const ep_payload what = backward ? EP_GRADIENTS : EP_ACTIVATIONS;
+    const float *src = backward ? m->scratch.d_e_out : b->x_perm;
+    float *dst = backward ? m->ep.d_e_out_loc : b->x_loc, *back = backward ? m->scratch.d_x_perm : b->e_out;
+    plan_io(m, &P[0], 0);
+    ep_dispatch_start(m, src, what, P[0].dispatch);
+    split_overlap_work(m, &P[0].dispatch[0]);
+    for (int64_t k = 0; k < R; k++) {
+        plan_io(m, &P[k], 0);
+        ep_dispatch_finish(m, dst, P[k].base, P[k].rows, what, P[k].dispatch);
+        if (!backward) {
+            nm_round_act(m, b->x_loc + P[k].base * D, P[k].rows * D);
+            if (b->x_codes) ep_keep_fp8(m, b, P[k].base, P[k].rows);
+        }
+        if (k + 1 < R) {
+            plan_io(m, &P[k + 1], 0);
+            ep_dispatch_start(m, src, what, P[k + 1].dispatch);
+            plan_io(m, &P[k], 0);
+        }
+        split_ctx c = {w, b, &P[k]};
+        split_compute(m, b, k, backward ? split_backward_part : split_forward_part, &c);
+        ep_combine_start(m, m->ep.d_x_loc, P[k].base, m->ep.buf2, back, &P[k].combine);
+    }
+    for (int64_t k = 0; k < R; k++) {
+        plan_io(m, &P[k], 0);
+        ep_combine_finish(m, back, &P[k].combine);
+    }
 }
 
 // The routed experts of block b over the expert-parallel group, round by round.
 static void ep_experts_forward(nm_model *m, const nm_layer_offsets *w, block_acts *b) {
     ep_exchange_counts(m, b);
+    if (b->ep_split) {
+        split_plans(m, b);
+        split_exchange(m, w, b, 0);
+        return;
+    }
     for (int64_t k = 0; k < b->ep_rounds; k++) {
-        int64_t rows = ep_round(m, b, k);
+        int64_t rows = ep_round(m, b, k, 0);
         // the experts' rank rounds what it received (bf16: values that crossed as bf16)
         ep_dispatch(m, b->x_perm, b->x_loc, rows, EP_ACTIVATIONS);
         nm_round_act(m, b->x_loc, rows * m->cfg.D);
         // saved in fp8: one round's rows are the backward's, kept as they crossed (with more
         // rounds the backward sends them again)
-        if (b->x_codes && b->ep_rounds == 1) ep_keep_fp8(m, b, rows);
+        if (b->x_codes && b->ep_rounds == 1) ep_keep_fp8(m, b, 0, rows);
         // the outputs of the round go back at once: the backward's d_x_loc holds them meanwhile
         nm_moe_experts_forward(m, w, m->ep.round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->ep.d_x_loc);
         ep_combine(m, m->ep.d_x_loc, b->e_out);
@@ -464,10 +683,15 @@ static void ep_experts_forward(nm_model *m, const nm_layer_offsets *w, block_act
 }
 
 static void ep_experts_backward(nm_model *m, const nm_layer_offsets *w, block_acts *b) {
+    if (b->ep_split) {  // every part's rows kept: fp8 saves them as codes, restored whole
+        fp8_restore_saved(m, b, b->x_loc, split_plans(m, b));
+        split_exchange(m, w, b, 1);
+        return;
+    }
     // the rounds send x_perm again: saved in bf16, its fp32 buffer holds another block's rows
     if (b->ep_rounds > 1) nm_bf16_restore(m, b->x_perm);
     for (int64_t k = 0; k < b->ep_rounds; k++) {
-        int64_t rows = ep_round(m, b, k);
+        int64_t rows = ep_round(m, b, k, 0);
         if (b->ep_rounds > 1) {  // the forward's expert-side activations of this round are gone
             ep_dispatch(m, b->x_perm, b->x_loc, rows, EP_ACTIVATIONS);
             nm_round_act(m, b->x_loc, rows * m->cfg.D);

@@ -96,8 +96,10 @@ void nm_tp_embedding_backward(nm_model *m, const float *dout, const int32_t *tok
 }
 
 void nm_ep_progress(nm_model *m) {
-    if (!m->ep.in_flight || nm_model_faulted(m)) return;
+    if (nm_model_faulted(m)) return;
     int done = 0;
     nm_error e;
-    if (nm_comm_test(m->ep.in_flight, &done, &e) != 0) nm_model_latch(m, NM_FAULT_EP, &e);
+    if (m->ep.in_flight && nm_comm_test(m->ep.in_flight, &done, &e) != 0) nm_model_latch(m, NM_FAULT_EP, &e);
+    for (int i = 0; i < 4 && !nm_model_faulted(m); i++)
+        if (m->ep.pending[i] && nm_comm_test(m->ep.pending[i], &done, &e) != 0) nm_model_latch(m, NM_FAULT_EP, &e);
 }

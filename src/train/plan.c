@@ -274,7 +274,7 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
                            .n_chunks = p->n.pp > 1 ? v : 1, .act_slots = s->in_flight, .moe_receive_capacity = r->moe_receive_capacity,
                            .precision = r->precision, .recompute_mla_up_proj = r->recompute_mla_up_proj,
                            .recompute_layernorm = r->recompute_layernorm,
-                           .recompute_moe_act = r->recompute_moe_act};
+                           .recompute_moe_act = r->recompute_moe_act, .ep_split = r->overlap_ep ? 2 : 1};
     int64_t T = r->seq_len + 1;  // the trainer's rows: seq_len inputs and the last target
     size_t act = 0, twins = 0;
     if (nm_model_estimate_bytes(cfg, r->micro_batch, T, &mo, &act, &twins, err) != 0) goto done;
@@ -292,7 +292,7 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
         // a bf16 run keeps x_loc and e_act in bf16 per set and one fp32 buffer of each, an fp8
         // run x_loc as e4m3 codes and tile scales per set and one fp32 buffer (model_state.c
         // take_saved, take_expert_rows); once, the backward's d_e_out_loc, d_x_loc and the
-        // exchange buffer (3D), d_e_act and d_e_gate_up (3Fe).
+        // exchange buffer (3D; 4D with the split exchange's combine rows), d_e_act and d_e_gate_up (3Fe).
         int64_t rows = r->micro_batch * T;
         if (sp) rows = (rows + p->n.tp - 1) / p->n.tp;
         int64_t C = nm_moe_receive_rows(cfg, rows, p->n.ep, r->moe_receive_capacity);
@@ -303,7 +303,7 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
         const int shared_act = r->recompute_moe_act && !r->recompute;
         const int64_t x_set = saved_bf16 ? 2 * cfg->D : saved_fp8 ? cfg->D + 4 * ((cfg->D + 127) / 128) : 4 * cfg->D;
         int64_t per_set = x_set + 8 * cfg->Fe + (shared_act ? 0 : (saved_bf16 ? 2 : 4) * cfg->Fe);
-        int64_t once = 4 * (3 * cfg->D + 3 * cfg->Fe) + (shared_act ? 4 * cfg->Fe : 0) +
+        int64_t once = 4 * ((r->overlap_ep ? 4 : 3) * cfg->D + 3 * cfg->Fe) + (shared_act ? 4 * cfg->Fe : 0) +
                        (saved_bf16 || saved_fp8 ? 4 * cfg->D : 0) + (saved_bf16 && !shared_act ? 4 * cfg->Fe : 0);
         s->ep_buffer_bytes = (sets * per_set + once) * C;
     }

@@ -46,8 +46,8 @@ typedef struct nm_plan_request {
     int shard_grads;            // data_parallel_sharding_strategy optim_grads (ZeRO-2)
     int copy_fp32;              // the bf16 weight copy stored as fp32 holding bf16 values (the CPU's
                                 // widen kernel: ops.h gemm_bf16_weight_type); 0: bf16 storage
-    int overlap_ep;             // the expert all-to-all hidden behind compute (DeepSeek's DualPipe);
-                                // a what-if: the trainer's all-to-all is blocking
+    int overlap_ep;             // the expert all-to-all hidden behind compute: the trainer's
+                                // overlap_moe_expert_parallel_comm (its second send buffer counted)
 } nm_plan_request;
 
 // Seconds per step on the ranks of one stage (plan_time.c).

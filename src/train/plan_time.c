@@ -21,8 +21,9 @@
 //    1/v of that time, and there are v accum + PP - 1 of them (interleaved 1F1B); the gradient reduction after the last backward, its
 //    reduce-scatter hidden behind the last micro-batch's backward with overlap_grad_reduce
 //    (behind every micro-batch's under gradient sharding, whose reduce-scatters are accum x);
-//    with overlap_ep the all-to-all behind the stage's compute (a what-if: the trainer's is
-//    blocking); tensor-parallel and pipeline transfers are never hidden. The optimizer's own
+//    with overlap_ep the all-to-all behind the stage's compute (the trainer's split exchange,
+//    overlap_moe_expert_parallel_comm, hides it behind the experts' compute where the
+//    collectives progress); tensor-parallel and pipeline transfers are never hidden. The optimizer's own
 //    time is not modelled.
 #include <math.h>
 

@@ -126,6 +126,10 @@ static const key_spec keys[] = {
     {"moe_shared_expert_overlap", K_BOOL, OFF(moe_shared_expert_overlap), 0, NULL, 0, 1, 0, NULL, 0,
      "under expert parallelism, run the shared experts while each MoE block's expert all-to-all is in flight "
      "(Megatron --moe-shared-expert-overlap); results unchanged"},
+    {"overlap_moe_expert_parallel_comm", K_BOOL, OFF(overlap_moe_expert_parallel_comm), 0, NULL, 0, 1, 0, NULL, 0,
+     "under expert parallelism, run each MoE block's expert exchange in two parts, one part's dispatch and combine "
+     "in flight while the other's experts compute (Megatron --overlap-moe-expert-parallel-comm; here within a "
+     "micro-batch); one more receive-capacity buffer"},
     {"overlap_grad_reduce", K_BOOL, OFF(overlap_grad_reduce), 0, NULL, 0, 1, 0, NULL, 0,
      "start each bucket's reduce-scatter once the backward has finished its layers (Megatron --overlap-grad-reduce)"},
     {"data_parallel_sharding_strategy", K_ENUM, OFF(data_parallel_sharding_strategy), 0, NULL, 0, 0, 0, sharding_names, 0,

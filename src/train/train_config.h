@@ -82,6 +82,9 @@ typedef struct nm_train_config {
     int64_t pipeline_parallel_size; // 1
     char *pipeline_layout;          // pipeline_model_parallel_layout ("Et|tt|tmL"); "": even split
     int moe_shared_expert_overlap;  // the shared experts inside the expert all-to-all (moe.c)
+    int overlap_moe_expert_parallel_comm; // the split expert exchange: each MoE block's dispatch and
+                                          // combine in two parts, one's in flight while the other's
+                                          // experts compute (moe.c)
     int64_t virtual_pipeline_size;  // virtual_pipeline_model_parallel_size: chunks per pipeline rank
                                     // (interleaved 1F1B); 0: from the layout's stage count, else 1
     int64_t expert_parallel_size;   // 1: routed experts sharded over this many ranks

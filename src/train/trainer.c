@@ -210,7 +210,8 @@ static int create_model(nm_trainer *t, nm_error *err) {
                               .recompute_mla_up_proj = cfg->recompute_mla_up_proj,
                               .recompute_layernorm = cfg->recompute_layernorm,
                               .recompute_moe_act = cfg->recompute_moe_act,
-                              .shared_expert_overlap = cfg->moe_shared_expert_overlap};
+                              .shared_expert_overlap = cfg->moe_shared_expert_overlap,
+                              .ep_split = cfg->overlap_moe_expert_parallel_comm ? 2 : 1};
     if (ms.pp > 1) {
         // The stage's layers only (its chunks' under the interleaved schedule), and one activation
         // set per micro-batch in flight on each chunk.
