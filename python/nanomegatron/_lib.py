@@ -224,6 +224,8 @@ def _load():
                                        POINTER(nm_model_options), err]),
         "nm_model_destroy": (None, [P]),
         "nm_model_params": (POINTER(c_float), [P]),
+        "nm_model_params_view": (POINTER(c_float), [P]),
+        "nm_model_weights_sharded": (c_int, [P]),
         "nm_model_grads": (POINTER(c_float), [P]),
         "nm_model_table": (POINTER(nm_param_table), [P]),
         "nm_model_cfg": (POINTER(nm_model_config), [P]),

@@ -50,17 +50,24 @@ class TensorDict(Mapping):
     """Name -> float32 numpy view into one of the library's buffers (parameters, gradients,
     AdamW moments), laid out by the model's parameter table."""
 
-    def __init__(self, owner, base, table):
+    def __init__(self, owner, base, table, readonly=False):
         self._owner = owner        # the _Handle the buffer belongs to
         self._base = ctypes.cast(base, ctypes.c_void_p).value
         self._table = table        # {name: (offset, shape)}
+        self._readonly = readonly  # views that may not be written (sharded master weights)
+
+    def _view(self, raw):
+        a = np.frombuffer(raw, dtype=np.float32)
+        if self._readonly:
+            a.flags.writeable = False
+        return a
 
     def __getitem__(self, name):
         offset, shape = self._table[name]
         n = int(np.prod(shape))
         raw = (ctypes.c_float * n).from_address(self._base + 4 * offset)
         raw._nm_owner = self._owner
-        return np.frombuffer(raw, dtype=np.float32).reshape(shape)
+        return self._view(raw).reshape(shape)
 
     def __iter__(self):
         return iter(self._table)
@@ -73,7 +80,7 @@ class TensorDict(Mapping):
         n = self._table_floats
         raw = (ctypes.c_float * n).from_address(self._base)
         raw._nm_owner = self._owner
-        return np.frombuffer(raw, dtype=np.float32)
+        return self._view(raw)
 
 
 def _read_table(table_ptr):
@@ -118,14 +125,19 @@ class Model:
         self.last_loss = None
         self._forward_done = False
 
-    def _dict(self, base):
-        d = TensorDict(self._h, base, self._table)
+    def _dict(self, base, readonly=False):
+        d = TensorDict(self._h, base, self._table, readonly)
         d._table_floats = self._n_floats
         return d
 
     @property
     def params(self):
-        """Parameters by HF name (views; MTP copies of embedding and head view the owner's data)."""
+        """Parameters by HF name (views; MTP copies of embedding and head view the owner's data).
+
+        Read-only while a trainer's distributed optimizer keeps the GEMM weights' fp32 values
+        sharded (bf16 at world > 1): outside this rank's ranges they read zero."""
+        if lib.nm_model_weights_sharded(self._ptr):
+            return self._dict(lib.nm_model_params_view(self._ptr), readonly=True)
         return self._dict(lib.nm_model_params(self._ptr))
 
     @property

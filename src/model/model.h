@@ -114,6 +114,7 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
 void nm_model_destroy(nm_model *m);
 
 float *nm_model_params(nm_model *m);                    // (table.n_floats); marks the weights changed
+const float *nm_model_params_view(const nm_model *m);   // the same, for reading only (marks nothing)
 float *nm_model_grads(nm_model *m);                     // (table.n_floats)
 const nm_param_table *nm_model_table(const nm_model *m);
 // The backend the model was created on (its buffers are that backend's memory).
@@ -161,6 +162,8 @@ int nm_model_weight_copy_prepare(nm_model *m, nm_error *err);
 // are not whole here, so a forward that would round the copy from them again (the parameters
 // written through nm_model_params() after this) fails with an error instead; 0 ends that.
 void nm_model_weight_copy_written(nm_model *m, int partial);
+// 1 while that partial mark stands (the fp32 weights of the copy-only rows are not whole here).
+int nm_model_weights_sharded(const nm_model *m);
 
 // Backward of the last forward: gradients of loss (scaled by grad_scale) ACCUMULATE into grads.
 int nm_model_backward(nm_model *m, nm_error *err);

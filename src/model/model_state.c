@@ -564,6 +564,8 @@ int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err) {
     return 0;
 }
 float *nm_model_grads(nm_model *m) { return m->grads; }
+const float *nm_model_params_view(const nm_model *m) { return m->params; }
+int nm_model_weights_sharded(const nm_model *m) { return m->bf16.partial; }
 int nm_model_supports_expert_parallel(void) { return 1; }
 int nm_model_supports_tensor_parallel(void) { return 1; }
 

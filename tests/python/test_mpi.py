@@ -75,3 +75,49 @@ def test_tensor_parallel_is_refused_with_the_library_message(tmp_path):
     # mpirun -np 2 the script above trains it.
     with pytest.raises(nm.NMError, match="tensor_parallel_size 2"):
         nm.Trainer(cfg, run_dir=str(tmp_path / "run"))
+
+
+SHARDED_SCRIPT = """
+import json, sys
+from nanomegatron import Trainer, TrainConfig, init_distributed
+ctx = init_distributed()
+config = TrainConfig.from_file(sys.argv[1])
+report = {}
+with Trainer(config, run_dir=sys.argv[2]) as trainer:
+    trainer.step()
+    params = trainer.model.params
+    report["writeable"] = [bool(params[n].flags.writeable) for n in params]
+    report["finite"] = all(bool((params[n] == params[n]).all()) for n in params)  # no NaN read
+    try:
+        params["lm_head.weight"][0, 0] = 1.0
+        report["write"] = "allowed"
+    except ValueError:
+        report["write"] = "refused"
+    trainer.step()  # reading the views does not stop the next step
+    report["steps"] = trainer.step_count
+with open(f"{sys.argv[2]}-rank{ctx.rank}.json", "w") as f:
+    json.dump(report, f)
+"""
+
+
+def test_sharded_master_weights_read_only_under_mpirun(tmp_path):
+    # bf16 at world 2: the distributed optimizer keeps the GEMM weights' fp32 values in each
+    # rank's ranges only, so model.params is a read-only view, and reading it costs no step.
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun not found (apt-get install openmpi-bin)")
+    cfg = nm.TrainConfig(model=small_model(), data=nm.DataConfig(seq_len=32), batch_size=4, micro_batch_size=2,
+                         lr=1e-3, warmup_steps=1, max_steps=4, log_every=1, threads=1, precision="bf16")
+    cfg.save(tmp_path / "train.json")
+    (tmp_path / "train.py").write_text(textwrap.dedent(SHARDED_SCRIPT))
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_btl="self,vader", OMPI_MCA_btl_vader_single_copy_mechanism="none",
+               OMPI_MCA_plm_rsh_agent="false", OMPI_MCA_rmaps_base_oversubscribe="1",
+               OMPI_MCA_hwloc_base_binding_policy="none", OMPI_MCA_orte_tmpdir_base=str(tmp_path))
+    p = subprocess.run(["mpirun", "--timeout", "60", "--oversubscribe", "-np", "2", "-x", "OMP_NUM_THREADS=1", "-x",
+                        "OMP_WAIT_POLICY=passive", sys.executable, str(tmp_path / "train.py"),
+                        str(tmp_path / "train.json"), str(tmp_path / "py")],
+                       capture_output=True, text=True, env=env, timeout=90)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for r in range(2):
+        d = json.load(open(f"{tmp_path / 'py'}-rank{r}.json"))
+        assert not any(d["writeable"]) and d["finite"] and d["write"] == "refused" and d["steps"] == 2, (r, d)
