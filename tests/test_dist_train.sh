@@ -382,22 +382,30 @@ PY
 nm_mpirun 4 "$NM_BIN" train --config tied.json --out tied_dp4 >tied_dp4.log 2>&1 || { cat tied_dp4.log; fail "tied dp4"; }
 banner=$(<tied_dp4.log)
 [[ $banner == *"model.embed_tokens.weight spans 3 of them"* ]] || { echo "$banner"; fail "the embedding does not straddle 3 ranges at dp4"; }
-nm_mpirun 4 "$NM_BIN" train --config tied.json --out tied_rs --quiet --set exit_interval=4 >tied_rs.log 2>&1 \
-  || { cat tied_rs.log; fail "tied dp4 to step 4"; }
-nm_mpirun 4 "$NM_BIN" train --config tied.json --out tied_rs --quiet --resume >tied_rs2.log 2>&1 \
-  || { cat tied_rs2.log; fail "tied dp4 resumed"; }
-"$PY" "$NM_ROOT/tests/dist/same_steps.py" tied_dp4/metrics.jsonl tied_rs/metrics.jsonl "dp4 straddling, stopped and resumed"
-for f in tied_dp4/step_000008/*.safetensors; do
-  cmp "$f" "tied_rs/step_000008/${f##*/}" || fail "dp4 resumed: ${f##*/} differs from the uninterrupted run"
-done
-echo "dp4 straddling: resumed run's step-8 checkpoint identical to the uninterrupted one"
-nm_mpirun 4 "$NM_BIN" train --config tied.json --out tied_x --quiet --set exit_interval=4 >tied_x.log 2>&1 \
-  || { cat tied_x.log; fail "tied dp4 part"; }
-"$NM_BIN" train --config tied.json --out tied_x --quiet --resume --set exit_interval=6 >tied_x1.log 2>&1 \
-  || { cat tied_x1.log; fail "tied 1-process resume"; }
-nm_mpirun 2 "$NM_BIN" train --config tied.json --out tied_x --quiet --resume >tied_x2.log 2>&1 \
-  || { cat tied_x2.log; fail "tied dp2 resume"; }
-"$PY" "$NM_ROOT/tests/dist/compare_runs.py" tied_ref/metrics.jsonl tied_x/metrics.jsonl "dp4 straddling -> 1 -> dp2"
+# A dp4 run (PREFIX_dp4, run already) stopped at step 4 and resumed (PREFIX_rs) equals it bit for
+# bit (metrics as text, every safetensors file of step 8); a dp4 checkpoint continued at one
+# process and then at dp2 (PREFIX_x) equals one process (PREFIX_ref) within compare_runs'
+# tolerance (NM_COMPARE_TOL from the caller).
+resume_straddling() {  # config prefix label
+  local cfg=$1 p=$2 label=$3
+  nm_mpirun 4 "$NM_BIN" train --config "$cfg" --out "${p}_rs" --quiet --set exit_interval=4 >"${p}_rs.log" 2>&1 \
+    || { cat "${p}_rs.log"; fail "$label: dp4 to step 4"; }
+  nm_mpirun 4 "$NM_BIN" train --config "$cfg" --out "${p}_rs" --quiet --resume >"${p}_rs2.log" 2>&1 \
+    || { cat "${p}_rs2.log"; fail "$label: dp4 resumed"; }
+  "$PY" "$NM_ROOT/tests/dist/same_steps.py" "${p}_dp4/metrics.jsonl" "${p}_rs/metrics.jsonl" "$label, stopped and resumed"
+  for f in "${p}_dp4"/step_000008/*.safetensors; do
+    cmp "$f" "${p}_rs/step_000008/${f##*/}" || fail "$label resumed: ${f##*/} differs from the uninterrupted run"
+  done
+  echo "$label: resumed run's step-8 checkpoint identical to the uninterrupted one"
+  nm_mpirun 4 "$NM_BIN" train --config "$cfg" --out "${p}_x" --quiet --set exit_interval=4 >"${p}_x.log" 2>&1 \
+    || { cat "${p}_x.log"; fail "$label: dp4 part"; }
+  "$NM_BIN" train --config "$cfg" --out "${p}_x" --quiet --resume --set exit_interval=6 >"${p}_x1.log" 2>&1 \
+    || { cat "${p}_x1.log"; fail "$label: 1-process resume"; }
+  nm_mpirun 2 "$NM_BIN" train --config "$cfg" --out "${p}_x" --quiet --resume >"${p}_x2.log" 2>&1 \
+    || { cat "${p}_x2.log"; fail "$label: dp2 resume"; }
+  "$PY" "$NM_ROOT/tests/dist/compare_runs.py" "${p}_ref/metrics.jsonl" "${p}_x/metrics.jsonl" "$label -> 1 -> dp2"
+}
+resume_straddling tied.json tied "dp4 straddling"
 # The AdamW moments in bf16 (optimizer.exp_avg_dtype / exp_avg_sq_dtype, DeepSeek-V3's choice):
 # a checkpoint holds them as fp32 (exact), so stopping and resuming changes no bit, at one
 # process and at dp4 with the straddling ranges; the banner's optimizer shard is half.
@@ -443,23 +451,7 @@ m = json.load(open("mst_dp4/memory.json"))
 print(f"bf16 dp4: rank 0 keeps {m['params_resident_bytes']} of {m['params_bytes']} master-weight bytes")
 assert m["params_resident_bytes"] < 0.6 * m["params_bytes"], m
 PY
-nm_mpirun 4 "$NM_BIN" train --config head.json --out mst_rs --quiet --set exit_interval=4 >mst_rs.log 2>&1 \
-  || { cat mst_rs.log; fail "bf16 dp4 to step 4"; }
-nm_mpirun 4 "$NM_BIN" train --config head.json --out mst_rs --quiet --resume >mst_rs2.log 2>&1 \
-  || { cat mst_rs2.log; fail "bf16 dp4 resumed"; }
-"$PY" "$NM_ROOT/tests/dist/same_steps.py" mst_dp4/metrics.jsonl mst_rs/metrics.jsonl "bf16 dp4 sharded master, stopped and resumed"
-for f in mst_dp4/step_000008/*.safetensors; do
-  cmp "$f" "mst_rs/step_000008/${f##*/}" || fail "bf16 dp4 resumed: ${f##*/} differs from the uninterrupted run"
-done
-echo "bf16 dp4 sharded master weights: resumed run's step-8 checkpoint identical to the uninterrupted one"
-nm_mpirun 4 "$NM_BIN" train --config head.json --out mst_x --quiet --set exit_interval=4 >mst_x.log 2>&1 \
-  || { cat mst_x.log; fail "bf16 dp4 part"; }
-"$NM_BIN" train --config head.json --out mst_x --quiet --resume --set exit_interval=6 >mst_x1.log 2>&1 \
-  || { cat mst_x1.log; fail "bf16 1-process resume"; }
-nm_mpirun 2 "$NM_BIN" train --config head.json --out mst_x --quiet --resume >mst_x2.log 2>&1 \
-  || { cat mst_x2.log; fail "bf16 dp2 resume"; }
-NM_COMPARE_TOL=6e-5,3e-4 "$PY" "$NM_ROOT/tests/dist/compare_runs.py" mst_ref/metrics.jsonl mst_x/metrics.jsonl \
-  "bf16 dp4 sharded master -> 1 -> dp2"
+NM_COMPARE_TOL=6e-5,3e-4 resume_straddling head.json mst "bf16 dp4 sharded master"
 
 # The step loop allocates nothing under dp2 x ep2 either (dispatch buffers are sized once).
 # (tests/alloc/tests.cmake builds it with the suite.)
