@@ -58,6 +58,9 @@ layout pp2 2 --set pipeline_parallel_size=2
 layout pp4 4 --set pipeline_parallel_size=4
 layout pp2_dp2 4 --set pipeline_parallel_size=2
 layout pp2_dp2_ep2 4 --set pipeline_parallel_size=2 --set expert_parallel_size=2
+# the split expert exchange (overlap_moe_expert_parallel_comm) on a pipeline stage's MoE blocks
+layout pp2_dp2_ep2_split 4 --set pipeline_parallel_size=2 --set expert_parallel_size=2 \
+  --set overlap_moe_expert_parallel_comm=true
 # gradient sharding (ZeRO-2) inside the 1F1B schedule: every micro-batch's backward on a stage
 # reduced over dp, the embedding pair's buckets once at the step's end after their sum
 layout pp2_dp2_optim_grads 4 --set pipeline_parallel_size=2 --set data_parallel_sharding_strategy=optim_grads
