@@ -222,9 +222,10 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
                     if (g == 0 || b > s->params_resident_bytes) s->params_resident_bytes = b;
                     if (g == 0) s->params_resident_bytes_first = b;
                 }
-                for (int b = 0; b < z->n_keep; b++) {  // the rows read in fp32, gathered in fp32
-                    if (z->keep[b].expert && !experts_over_dp) s->comm.edp_all_gather += 4 * z->keep[b].n;
-                    else s->comm.dp_all_gather += 4 * z->keep[b].n;
+                for (int b = 0; b < z->n_runs; b++) {  // copy rows in the copy's storage, the others in fp32
+                    int64_t bytes_b = z->runs[b].n * (z->runs[b].copy ? copy_elem : 4);
+                    if (z->runs[b].expert && !experts_over_dp) s->comm.edp_all_gather += bytes_b;
+                    else s->comm.dp_all_gather += bytes_b;
                 }
             }
             if (r->shard_grads && p->n.world > 1) {
@@ -244,7 +245,7 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
                 }
             }
             for (int b = 0; p->n.world > 1 && b < z->n_buckets; b++) {
-                int64_t bytes_b = z->buckets[b].n * 4, gather_b = z->buckets[b].n * (shard_master ? copy_elem : 4);
+                int64_t bytes_b = z->buckets[b].n * 4, gather_b = shard_master ? 0 : bytes_b;  // else counted by runs
                 // gradient sharding reduce-scatters every micro-batch's gradients, except the
                 // buckets with a global row (zero.h): each chunk's backward reduces the buckets
                 // whose lowest layer it reaches (ready_layer >= its first layer)

@@ -219,8 +219,8 @@ void nm_zero_destroy(nm_zero *z) {
     nm_free(z->row_bucket);
     for (int b = 0; b < z->n_buckets; b++) nm_free(z->buckets[b].counts);
     nm_free(z->buckets);
-    for (int b = 0; b < z->n_keep; b++) nm_free(z->keep[b].counts);
-    nm_free(z->keep);
+    for (int b = 0; b < z->n_runs; b++) nm_free(z->runs[b].counts);
+    nm_free(z->runs);
     nm_free(z->copy_rows);
     nm_free(z->reqs);
     nm_free(z->started);
@@ -355,22 +355,22 @@ void nm_zero_shard_master(nm_zero *z, const unsigned char *copy_rows) {
     const nm_param_table *t = z->table;
     z->copy_rows = nm_malloc((size_t)(t->n_rows > 0 ? t->n_rows : 1));
     memcpy(z->copy_rows, copy_rows, (size_t)t->n_rows);
-    z->keep = nm_calloc((size_t)t->n_rows + 1, sizeof(nm_zero_bucket));
-    // runs of consecutive rows read in fp32, of one group (tied rows have no floats: skipped)
-    int first = -1, last = -1, group = -1;
-    for (int i = 0; i <= t->n_rows; i++) {
-        int g = i < t->n_rows ? row_group(&t->rows[i]) : -1;
-        if (i < t->n_rows && (t->rows[i].flags & NM_TENSOR_TIED)) continue;
-        int keep = i < t->n_rows && !copy_rows[i];
-        if (first >= 0 && (!keep || g != group)) {
-            fill_bucket(z, &z->keep[z->n_keep++], first, last, group);
-            first = -1;
+    // every bucket cut where the kind changes (tied rows have no floats: skipped)
+    z->runs = nm_calloc((size_t)(t->n_rows + z->n_buckets + 1), sizeof(nm_zero_bucket));
+    for (int b = 0; b < z->n_buckets; b++) {
+        const nm_zero_bucket *k = &z->buckets[b];
+        int first = -1, last = -1;
+        for (int i = k->first_row; i <= k->last_row + 1; i++) {
+            if (i <= k->last_row && (t->rows[i].flags & NM_TENSOR_TIED)) continue;
+            if (first >= 0 && (i > k->last_row || copy_rows[i] != copy_rows[first])) {
+                nm_zero_bucket *r = &z->runs[z->n_runs++];
+                fill_bucket(z, r, first, last, k->expert);
+                r->copy = copy_rows[first];
+                first = -1;
+            }
+            if (i <= k->last_row && first < 0) first = i;
+            last = i;
         }
-        if (keep && first < 0) {
-            first = i;
-            group = g;
-        }
-        if (keep) last = i;
     }
     z->params_whole = 1;
 }
@@ -415,14 +415,10 @@ int nm_zero_all_gather_updated(nm_zero *z, float *params, void *copy, nm_dtype c
     }
     nm_comm_dtype dt = copy_type == NM_BF16 ? NM_DT_BF16 : NM_DT_F32;
     size_t elem = copy_type == NM_BF16 ? sizeof(uint16_t) : sizeof(float);
-    for (int b = 0; b < z->n_buckets; b++) {
-        nm_zero_bucket *k = &z->buckets[b];
-        if (nm_comm_all_gather(k->expert ? z->edp : z->dp, (char *)copy + k->offset * elem, k->counts, dt, err) != 0)
-            return -1;
-    }
-    for (int b = 0; b < z->n_keep; b++) {
-        nm_zero_bucket *k = &z->keep[b];
-        if (nm_comm_all_gather(k->expert ? z->edp : z->dp, params + k->offset, k->counts, NM_DT_F32, err) != 0)
+    for (int b = 0; b < z->n_runs; b++) {
+        nm_zero_bucket *k = &z->runs[b];
+        void *buf = k->copy ? (void *)((char *)copy + k->offset * elem) : (void *)(params + k->offset);
+        if (nm_comm_all_gather(k->expert ? z->edp : z->dp, buf, k->counts, k->copy ? dt : NM_DT_F32, err) != 0)
             return -1;
     }
     return 0;

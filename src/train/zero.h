@@ -35,6 +35,8 @@ typedef struct nm_zero_bucket {
     int first_row, last_row;    // table rows covered
     int ready_layer;            // lowest decoder-layer index of its rows; -1 when a row is global
                                 // (embedding, final norm, head: final only when the backward ends)
+    int copy;                   // sharded master weights' runs (nm_zero_shard_master): 1 for rows read
+                                // through the bf16 copy (gathered in its storage), 0 for rows read in fp32
 } nm_zero_bucket;
 
 typedef struct nm_zero {
@@ -74,8 +76,8 @@ typedef struct nm_zero {
     // Sharded master weights (nm_zero_shard_master, bf16 runs): the fp32 values of the rows the
     // model reads only through its bf16 weight copy live in their owners' ranges alone.
     unsigned char *copy_rows;   // (n_rows) 1: such a row; NULL: every row whole (ZeRO-1 as before)
-    nm_zero_bucket *keep;       // runs of consecutive other rows of one group, all-gathered in fp32
-    int n_keep;
+    nm_zero_bucket *runs;       // the buckets cut where a row's kind changes: the parameter
+    int n_runs;                 // all-gather's pieces (copy rows in the copy, the others in fp32)
     int params_whole;           // 1: the copy rows' fp32 values outside the ranges are held (after
                                 // an init, a load or a save); nm_zero_release_master gives them back
 } nm_zero;
@@ -146,7 +148,7 @@ int nm_zero_all_gather_params(nm_zero *z, float *params /* (n_floats) */, nm_err
 // weight copy) hold fp32 values only in this rank's ranges; after an update the owners round
 // their pieces into the copy and the copy is all-gathered (2 bytes a value for bf16 storage,
 // half of fp32's), while the rows read in fp32 (norms, router, embedding) are all-gathered in
-// fp32 as before. The other floats of the copy rows are released (the backend's discard) and
+// fp32 as before: each bucket's runs of one kind, each gathered once, in its own buffer. The other floats of the copy rows are released (the backend's discard) and
 // never read again: a save first gathers each tensor to its whole-tensor owner.
 void nm_zero_shard_master(nm_zero *z, const unsigned char *copy_rows /* (n_rows) */);
 // The fp32 parameter floats rank (dp_rank, edp_rank) keeps: its ranges of the copy rows and every
