@@ -168,6 +168,12 @@ SPLIT=1 PRECISION=bf16 check dp2_ep2_split_bf16 4 2 0
 # bf16: the rows to the experts cross as bf16 (2 bytes), the rest fp32
 PRECISION=bf16 check ep2_bf16 2 2 0
 PRECISION=bf16 CAPACITY=0.5 check ep2_bf16_capacity_recompute 2 2 1
+# fp8: the experts' inputs saved as e4m3 codes and tile scales, the other GEMM-only saved
+# activations (norm and SwiGLU outputs, the rows before the dispatch) in bf16, one fp32 buffer
+# of each kind for all blocks; with whole blocks recomputed none of it
+PRECISION=fp8 check one_fp8 1 1 0
+PRECISION=fp8 check dp2_ep2_fp8 4 2 0
+PRECISION=fp8 CAPACITY=0.5 check ep2_fp8_capacity_recompute 2 2 1
 
 # Peak resident memory (getrusage, metrics.jsonl's rss_peak_bytes: the largest rank's) against
 # the planner at ep4 on a model whose receive buffers dominate (moe_intermediate_size 512: 205

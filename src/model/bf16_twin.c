@@ -36,6 +36,14 @@
 // the backward's GEMMs read, whatever the kernel (the widen kernel takes bf16 storage too, the
 // same values). Each block's forward and backward binds its copies first (nm_bf16_bind); a
 // lookup of a shared buffer that its bound copy does not cover is a bug, and stops.
+//
+// fp8 saves the same kinds the same way. DeepSeek-V3's recipe keeps its activations in bf16
+// and quantises them per GEMM, so under fp8 these tensors are rounded to bf16 where they are
+// produced (nm_round_saved, nm_swiglu_forward, nm_moe_gather: with or without recomputation,
+// so that recomputation changes nothing) and every fp8 GEMM of the forward and the backward
+// quantises those bf16 values. The fp8 GEMMs read fp32 storage: a block's backward first
+// widens its copies into the shared buffers (nm_bf16_restore_block). No other tensor gets a
+// copy under fp8 (the head's bf16 GEMMs cast their operands per call, as before).
 typedef struct nm_bf16_twin {
     const float *base;          // a registered tensor's first element (fp32 storage, in the arena)
     int64_t cap;                // its elements
@@ -151,12 +159,13 @@ static nm_bf16_copy *copy_of(const nm_model *m, nm_bf16_twin *w) {
 // tensor was not registered (counted).
 static uint16_t *claim_twin(const nm_model *m, const float *x, int64_t n) {
     nm_bf16_twins *t = m->bf16.twins;
-    if (m->precision != NM_PRECISION_BF16 || n <= 0 || !t) return NULL;
+    if (!nm_saved_in_bf16(m) || n <= 0 || !t) return NULL;
     nm_bf16_twin *w = find_twin(t, x, n);
     if (!w) {
         if (twins_in_use(m)) t->misses++;
         return NULL;
     }
+    if (m->precision == NM_PRECISION_FP8 && !w->saved) return NULL;  // fp8: only the saved kinds' copies
     NM_CHECK(!w->saved || w->bound, "a saved activation rounded with no block's copy bound (nm_bf16_bind)");
     nm_bf16_copy *c = copy_of(m, w);
     if (!c) return NULL;
@@ -172,15 +181,28 @@ static uint16_t *claim_twin(const nm_model *m, const float *x, int64_t n) {
     return c->bits + at;
 }
 
-void nm_round_act(const nm_model *m, float *x, int64_t n) {
-    if (m->precision != NM_PRECISION_BF16 || n <= 0) return;
+int nm_saved_in_bf16(const nm_model *m) {
+    return m->precision == NM_PRECISION_BF16 || m->precision == NM_PRECISION_FP8;
+}
+
+static void round_claimed(const nm_model *m, float *x, int64_t n) {
     uint16_t *bits = claim_twin(m, x, n);
     if (bits) m->ops->round_cast_bf16(m->ops, x, bits, n);
     else m->ops->round_bf16(m->ops, x, x, n);
 }
 
+void nm_round_act(const nm_model *m, float *x, int64_t n) {
+    if (m->precision != NM_PRECISION_BF16 || n <= 0) return;
+    round_claimed(m, x, n);
+}
+
+void nm_round_saved(const nm_model *m, float *x, int64_t n) {
+    if (!nm_saved_in_bf16(m) || n <= 0) return;
+    round_claimed(m, x, n);
+}
+
 void nm_swiglu_forward(const nm_model *m, float *act, const float *gate_up, int64_t N, int64_t F) {
-    if (m->precision != NM_PRECISION_BF16) {
+    if (!nm_saved_in_bf16(m)) {
         m->ops->swiglu_forward(m->ops, act, gate_up, N, F);
         return;
     }
@@ -198,7 +220,7 @@ void nm_swiglu_backward(const nm_model *m, float *d_gate_up, const float *d_act,
 
 void nm_moe_gather(const nm_model *m, float *dst, const float *src, const int32_t *perm, int64_t N, int64_t K,
                    int64_t D) {
-    if (m->precision != NM_PRECISION_BF16) {
+    if (!nm_saved_in_bf16(m)) {
         m->ops->moe_gather(m->ops, dst, src, perm, N, K, D);
         return;
     }
@@ -207,11 +229,22 @@ void nm_moe_gather(const nm_model *m, float *dst, const float *src, const int32_
 
 void nm_bf16_restore(const nm_model *m, float *x) {
     nm_bf16_twins *t = m->bf16.twins;
-    if (m->precision != NM_PRECISION_BF16 || !m->bf16.saved_bf16 || !t) return;
+    if (!nm_saved_in_bf16(m) || !m->bf16.saved_bf16 || !t) return;
     nm_bf16_twin *w = find_twin(t, x, 1);
     if (!w || !w->saved) return;
     NM_CHECK(w->bound && w->bound->n > 0, "a saved activation restored with no block's copy bound");
     m->ops->widen_bf16(m->ops, (float *)w->base + w->bound->at, w->bound->bits + w->bound->at, w->bound->n);
+}
+
+void nm_bf16_restore_block(const nm_model *m) {
+    nm_bf16_twins *t = m->bf16.twins;
+    if (m->precision != NM_PRECISION_FP8 || !m->bf16.saved_bf16 || !t) return;
+    for (int k = 0; k < NM_SAVED_N; k++) {
+        if (t->saved_item[k] < 0) continue;
+        const nm_bf16_twin *w = &t->items[t->saved_item[k]];
+        if (w->bound && w->bound->n > 0)
+            m->ops->widen_bf16(m->ops, (float *)w->base + w->bound->at, w->bound->bits + w->bound->at, w->bound->n);
+    }
 }
 
 // Debug builds: the twin holds exactly the bf16 values of the fp32 storage it stands for.

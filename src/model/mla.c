@@ -34,8 +34,9 @@ static void input_norm(nm_model *m, const nm_layer_offsets *w, block_acts *b, in
                             (float)m->cfg.rms_eps);
     nm_sp_all_gather(m, b->a, N, D, NM_DT_F32);
     // a, cq_n and ckv_n feed only the projections (the norms' backward reads their inputs):
-    // rounded once for the bf16 GEMMs of the forward and the weight gradients
-    nm_round_act(m, b->a, N * D);
+    // rounded once for the bf16 GEMMs of the forward and the weight gradients (fp8: bf16
+    // values, which its GEMMs quantise)
+    nm_round_saved(m, b->a, N * D);
 }
 
 void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
@@ -57,7 +58,7 @@ void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
         nm_linear_forward(m, (nm_linear_args){.W = P + w->q_a, .N = N, .IC = D, .OC = c->Rq, .x = b->a, .x_type = at,
                                               .y = b->cq});
         ops->rmsnorm_forward(ops, b->cq_n, b->cq_rstd, b->cq, P + w->q_a_norm, N, c->Rq, eps);
-        nm_round_act(m, b->cq_n, N * c->Rq);
+        nm_round_saved(m, b->cq_n, N * c->Rq);
     }
     // kv_a_proj_with_mqa rows [0, Rkv) give the latent, rows [Rkv, Rkv+Dr) the shared rope key.
     nm_linear_forward(m, (nm_linear_args){.W = P + w->kv_a, .N = N, .IC = D, .OC = c->Rkv, .x = b->a, .x_type = at,
@@ -65,7 +66,7 @@ void nm_mla_forward(nm_model *m, int64_t l, int64_t B, int64_t T) {
     nm_linear_forward(m, (nm_linear_args){.W = P + w->kv_a + (size_t)c->Rkv * D, .N = N, .IC = D, .OC = c->Dr,
                                           .x = b->a, .x_type = at, .y = b->k_pe});
     ops->rmsnorm_forward(ops, b->ckv_n, b->ckv_rstd, b->ckv, P + w->kv_a_norm, N, c->Rkv, eps);
-    nm_round_act(m, b->ckv_n, N * c->Rkv);
+    nm_round_saved(m, b->ckv_n, N * c->Rkv);
     up_projections(m, w, b, B, T);
     ops->rope_forward(ops, b->k_pe, m->rope_cos, m->rope_sin, B, T, 1, c->Dr, 0, c->Dr);
     ops->attention_forward(ops, b->att, b->lse, b->q, b->kv, b->k_pe, B, T, H, c->Dn, c->Dr, c->Dv,

@@ -47,6 +47,7 @@ static double block_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_
 // intermediates are rebuilt first (same inputs, same deterministic ops: same values).
 static void block_backward(nm_model *m, int64_t l, float aux_seed) {
     nm_bf16_bind(m, &m->act.blocks[l]);  // saved in bf16: this block's copies
+    nm_bf16_restore_block(m);            // fp8: widened for its GEMMs
     if (m->recompute.full) block_forward(m, l, m->act.blocks[l].B, m->act.blocks[l].T, NULL);
     const nm_model_config *c = &m->cfg;
     const nm_layer_offsets *w = &m->table.layers[l];

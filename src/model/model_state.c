@@ -380,9 +380,10 @@ static int configure(nm_model *m, const nm_model_options *opts, nm_error *err) {
     m->ep.comm = opts->ep && opts->ep->size > 1 ? opts->ep : NULL;
     m->tp.comm = opts->tp && opts->tp->size > 1 ? opts->tp : NULL;
     m->tp.sp = m->tp.comm && opts->sequence_parallel;
-    // created for bf16: the GEMM-only saved activations are kept in bf16 (bf16_twin.c); with
-    // whole blocks recomputed nothing between a block's input and output is kept anyway
-    m->bf16.saved_bf16 = opts->precision == NM_PRECISION_BF16 && !opts->recompute;
+    // created for bf16 or fp8: the GEMM-only saved activations are kept in bf16 (bf16_twin.c);
+    // with whole blocks recomputed nothing between a block's input and output is kept anyway
+    m->bf16.saved_bf16 =
+        (opts->precision == NM_PRECISION_BF16 || opts->precision == NM_PRECISION_FP8) && !opts->recompute;
     m->bf16.saved_fp8 = opts->precision == NM_PRECISION_FP8 && !opts->recompute;
     int64_t ep_size = m->ep.comm ? m->ep.comm->size : 1, ep_rank = m->ep.comm ? m->ep.comm->rank : 0;
     int64_t tp_size = m->tp.comm ? m->tp.comm->size : 1, tp_rank = m->tp.comm ? m->tp.comm->rank : 0;
@@ -555,7 +556,7 @@ int nm_model_set_precision(nm_model *m, nm_precision p, nm_error *err) {
         return nm_error_set(err, "precision %s: this model was created for fp8 (nm_model_options.precision; its "
                             "experts' saved inputs are kept in fp8): create it with precision = %s",
                             p == NM_PRECISION_BF16 ? "bf16" : "fp32", p == NM_PRECISION_BF16 ? "bf16" : "fp32");
-    if (p != NM_PRECISION_BF16 && m->bf16.saved_bf16)
+    if (p != NM_PRECISION_BF16 && m->bf16.saved_bf16 && !m->bf16.saved_fp8)
         return nm_error_set(err, "precision %s: this model was created for bf16 (nm_model_options.precision; its "
                             "saved activations are kept in bf16): create it with precision = %s",
                             p == NM_PRECISION_FP8 ? "fp8" : "fp32", p == NM_PRECISION_FP8 ? "fp8" : "fp32");

@@ -194,8 +194,8 @@ typedef struct nm_model_bf16 {
     int partial;                // the fp32 weights of the copy-only rows are sharded (nm_model_weight_copy_written)
     nm_bf16_twins *twins;       // bf16 copies of rounded activations (bf16_twin.c)
     int64_t twin_elems;         // what the layout registered: the pool's elements
-    // Saved in bf16 (a model created for bf16 without whole-block recomputation): the GEMM-only
-    // saved activations' fp32 storage is one buffer per kind, shared by every block
+    // Saved in bf16 (a model created for bf16 or fp8 without whole-block recomputation): the
+    // GEMM-only saved activations' fp32 storage is one buffer per kind, shared by every block
     int saved_bf16;
     float *saved_fp32[NM_SAVED_N];  // those buffers (NULL: the kind is kept per block; saved in fp8
                                     // too, for the experts' input rows)
@@ -372,14 +372,21 @@ void nm_linear_backward_weight(const nm_model *m, nm_linear_args a);
 // With a bf16 GEMM that reads bf16 storage (oneDNN's), the rounding also writes a bf16 copy
 // (bf16_twin.c) that nm_bf16_operand hands the GEMM instead of the fp32 storage.
 void nm_round_act(const nm_model *m, float *x, int64_t n);
+// The saved GEMM-only activations (nm_saved_operand's kinds) hold bf16 values under bf16 and
+// fp8 (DeepSeek-V3's fp8 recipe keeps activations in bf16 and quantises them per GEMM): 1 then.
+int nm_saved_in_bf16(const nm_model *m);
+// x(n) (=) bf16(x), as nm_round_act, also under fp8: for the saved kinds' tensors (the norms'
+// outputs that feed the attention projections). Saved in bf16, the bound block's copy gets them.
+void nm_round_saved(const nm_model *m, float *x, int64_t n);
 // act(N,F) (=) swiglu(gate_up(N,2F)) and d_gate_up(N,2F) (=) its gradient from d_act(N,F);
 // under bf16 the output comes out as nm_round_act would leave it (rounded, with its twin),
-// in the same pass (swiglu_forward_bf16, swiglu_backward_bf16).
+// in the same pass (swiglu_forward_bf16, swiglu_backward_bf16); act also under fp8, as
+// nm_round_saved would leave it (act is a saved kind).
 void nm_swiglu_forward(const nm_model *m, float *act, const float *gate_up, int64_t N, int64_t F);
 void nm_swiglu_backward(const nm_model *m, float *d_gate_up, const float *d_act, const float *gate_up, int64_t N,
                         int64_t F);
-// dst(N*K, D) (=) the rows of src(N, D) in expert order (ops moe_gather); under bf16 rounded,
-// with their twin, as nm_round_act would leave them, in the same pass (moe_gather_bf16).
+// dst(N*K, D) (=) the rows of src(N, D) in expert order (ops moe_gather); under bf16 and fp8
+// rounded, with their copy, as nm_round_saved would leave them, in the same pass (moe_gather_bf16).
 void nm_moe_gather(const nm_model *m, float *dst, const float *src, const int32_t *perm, int64_t N, int64_t K,
                    int64_t D);
 // The storage a bf16 GEMM reads for operand x (rows, cols; leading dimension ld) of type
@@ -404,6 +411,10 @@ void nm_bf16_bind(const nm_model *m, block_acts *b);
 // range it holds: for an fp32 reader of a saved operand in the backward (the expert
 // exchange's repeated dispatch). No-op for any other tensor.
 void nm_bf16_restore(const nm_model *m, float *x);
+// Under fp8, saved in bf16: every kind's shared buffer (=) the bound block's copy, widened over
+// the range it holds, for the backward's fp8 GEMMs (they read fp32 storage). Each block's
+// backward starts with it, after nm_bf16_bind. No-op otherwise (bf16 GEMMs read the copies).
+void nm_bf16_restore_block(const nm_model *m);
 int64_t nm_bf16_twins_pool_elems(int64_t n);  // pool elements one such tensor takes
 // Allocates the pool (once; the first bf16 forward with a GEMM that reads bf16 storage).
 void nm_bf16_twins_reserve(nm_bf16_twins *t);

@@ -65,8 +65,7 @@ static void grouped(nm_model *m, nm_transpose ta, nm_transpose tb, float beta, n
 // act (=) swiglu(gate_up) over rows as the experts' forward makes it (bf16: rounded, with its
 // twin); the backward makes it again under selective recomputation ("moe_act"), the same bits.
 static void experts_act(nm_model *m, float *act, const float *gate_up, int64_t rows, int64_t Fe) {
-    if (m->precision == NM_PRECISION_BF16) nm_swiglu_forward(m, act, gate_up, rows, Fe);
-    else m->ops->swiglu_forward(m->ops, act, gate_up, rows, Fe);
+    nm_swiglu_forward(m, act, gate_up, rows, Fe);  // bf16 and fp8: rounded, with its copy
 }
 
 void nm_moe_experts_forward(nm_model *m, const nm_layer_offsets *w, const int32_t *offsets, float *x,
@@ -770,9 +769,9 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
     ep_overlap up = {c->Fs > 0 ? shared_forward_up : no_work, &sw};
     if (m->ep.comm) {
         // bf16: rounded (with its bf16 copy) as the dispatch would round it anyway, so that the
-        // backward's repeated dispatch finds it saved in bf16 (nm_bf16_restore)
-        if (m->bf16.saved_bf16) nm_moe_gather(m, b->x_perm, f, b->perm, n0, K, D);
-        else ops->moe_gather(ops, b->x_perm, f, b->perm, n0, K, D);
+        // backward's repeated dispatch finds it saved in bf16 (nm_bf16_restore); fp8: rounded
+        // too, as without expert parallelism, before the dispatch quantises it
+        nm_moe_gather(m, b->x_perm, f, b->perm, n0, K, D);
         ep_overlap_set(m, &up);  // the shared experts' first half inside the dispatch
         ep_experts_forward(m, w, b);
         ep_overlap_flush(m, &up);
