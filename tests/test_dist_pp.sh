@@ -58,9 +58,21 @@ layout pp2 2 --set pipeline_parallel_size=2
 layout pp4 4 --set pipeline_parallel_size=4
 layout pp2_dp2 4 --set pipeline_parallel_size=2
 layout pp2_dp2_ep2 4 --set pipeline_parallel_size=2 --set expert_parallel_size=2
-# the split expert exchange (overlap_moe_expert_parallel_comm) on a pipeline stage's MoE blocks
+# the split expert exchange (overlap_moe_expert_parallel_comm) on a pipeline stage's MoE blocks:
+# bit-identical to the unsplit exchange (each expert's rows arrive whole, moe.c)
 layout pp2_dp2_ep2_split 4 --set pipeline_parallel_size=2 --set expert_parallel_size=2 \
   --set overlap_moe_expert_parallel_comm=true
+"$PY" - <<'PY' || fail "pp2_dp2_ep2_split differs from pp2_dp2_ep2"
+import json
+rows, base = ([json.loads(l) for l in open(f"{d}/metrics.jsonl") if '"loss"' in l] for d in
+              ("pp2_dp2_ep2_split", "pp2_dp2_ep2"))
+assert len(rows) == len(base) >= 6, (len(rows), len(base))
+for r, b in zip(rows, base):
+    assert r["ep_rounds"] == 2 and b["ep_rounds"] == 1, (r["step"], r["ep_rounds"], b["ep_rounds"])
+    for k in ("loss", "ce_loss", "grad_norm"):
+        assert r[k] == b[k], ("not bit-identical", r["step"], k, r[k], b[k])
+print(f"pp2_dp2_ep2_split: {len(rows)} steps' losses, CE and gradient norms bit-identical to pp2_dp2_ep2")
+PY
 # gradient sharding (ZeRO-2) inside the 1F1B schedule: every micro-batch's backward on a stage
 # reduced over dp, the embedding pair's buckets once at the step's end after their sum
 layout pp2_dp2_optim_grads 4 --set pipeline_parallel_size=2 --set data_parallel_sharding_strategy=optim_grads

@@ -153,39 +153,47 @@ precision_runs bf16 6e-5,3e-4
 precision_runs fp8 8e-4,5e-3 NM_COMPARE_LOAD=report
 
 # The split expert exchange (overlap_moe_expert_parallel_comm): each MoE block's exchange in two
-# parts, one part's dispatch and combine in flight while the other's experts compute (moe.c).
-# The experts run each part's rows as GEMMs of their own and sum the weight gradient part by
-# part, so it is not bit-identical to the unsplit exchange. In fp32 it equals one process within
-# compare_runs' tolerance (ep2, dp2 x ep2, ep2 with recomputation and the shared experts
-# overlapped, tp2 x ep2); bf16 and fp8 equal the unsplit run of the same layout within
-# 10x of what was measured over these 10 steps (bf16 loss 1.4e-6, grad norm 8.8e-6; fp8 8.2e-5,
-# 5.3e-4: an ulp that moves an e4m3 rounding). Every step's exchange takes 2 rounds (the parts),
-# moves the unsplit exchange's bytes, and the experts computed during part of the flight.
+# parts, each a half of every rank's local experts; one part's dispatch and combine in flight
+# while the other's experts compute (moe.c). Each expert's rows arrive whole and in the unsplit
+# order, so its GEMMs and its weight gradient's sum are the unsplit ones: every layout and
+# precision equals the unsplit run of the same layout bit for bit (every step's loss, CE and
+# gradient norm, and the step-10 checkpoints where that run saved them), and so fp32 equals one
+# process within compare_runs' tolerance as the unsplit one does. Every step's exchange takes 2
+# rounds (the parts), moves the unsplit exchange's bytes, and the experts computed during part of
+# the flight.
 split_run() {  # name ranks reference unsplit-run options...
   local name=$1 n=$2 ref=$3 unsplit=$4; shift 4
   nm_mpirun "$n" "$NM_BIN" train --config train.json --out "$name" --quiet --set overlap_moe_expert_parallel_comm=true \
-    "$@" >"$name.log" 2>&1 || { cat "$name.log"; fail "$name did not run"; }
+    --set checkpoint.save_every=10 "$@" >"$name.log" 2>&1 || { cat "$name.log"; fail "$name did not run"; }
   "$PY" "$NM_ROOT/tests/dist/compare_runs.py" "$ref/metrics.jsonl" "$name/metrics.jsonl" "$name"
+  if [ -d "$unsplit/step_000010" ]; then
+    for f in "$unsplit"/step_000010/*.safetensors; do
+      cmp "$f" "$name/step_000010/${f##*/}" || fail "$name: ${f##*/} differs from the unsplit exchange's"
+    done
+  fi
   "$PY" - "$name" "$unsplit" <<'PY'
-import json, sys
+import json, os, sys
 name, unsplit = sys.argv[1:3]
 rows, base = ([json.loads(l) for l in open(f"{d}/metrics.jsonl") if '"loss"' in l] for d in (name, unsplit))
 assert len(rows) == len(base) == 10, (name, len(rows), len(base))
 for r, b in zip(rows, base):
     assert r["ep_rounds"] == 2 and b["ep_rounds"] == 1, (name, r["step"], r["ep_rounds"], b["ep_rounds"])
     assert r["comm_ep_all_to_all_bytes_job"] == b["comm_ep_all_to_all_bytes_job"], (name, r["step"])
+    for k in ("loss", "ce_loss", "grad_norm"):
+        assert r[k] == b[k], (name, "not bit-identical to the unsplit exchange", r["step"], k, r[k], b[k])
 hidden = sum(r["ep_a2a_hidden_fraction"] for r in rows) / len(rows)
 assert hidden > 0.0, (name, "no expert compute while an all-to-all was in flight")
-print(f"{name}: 2 parts every step, the unsplit bytes, computed during {100 * hidden:.0f}% of the flight")
+ckpt = "and checkpoints " if os.path.isdir(f"{unsplit}/step_000010") else ""
+print(f"{name}: losses, CE, gradient norms {ckpt}bit-identical to {unsplit}; 2 parts every step, the unsplit "
+      f"bytes, computed during {100 * hidden:.0f}% of the flight")
 PY
 }
 split_run sp_ep2 2 ref ep2 --set expert_parallel_size=2
 split_run sp_dp4_ep2 4 ref dp4_ep2 --set expert_parallel_size=2
 split_run sp_ep2_recompute_shared 2 ref ep2_recompute --set expert_parallel_size=2 --recompute --set moe_shared_expert_overlap=true
 split_run sp_tp2_ep2 4 ref ov_tp2_ep2_false --set expert_parallel_size=2 --set tensor_parallel_size=2
-NM_COMPARE_TOL=1.4e-5,8.8e-5 split_run sp_ep2_bf16 2 ep2_bf16 ep2_bf16 --set expert_parallel_size=2 --set precision=bf16
-NM_COMPARE_TOL=8e-4,5.3e-3 NM_COMPARE_LOAD=report split_run sp_ep2_fp8 2 ep2_fp8 ep2_fp8 --set expert_parallel_size=2 \
-  --set precision=fp8
+split_run sp_ep2_bf16 2 ep2_bf16 ep2_bf16 --set expert_parallel_size=2 --set precision=bf16
+NM_COMPARE_LOAD=report split_run sp_ep2_fp8 2 ep2_fp8 ep2_fp8 --set expert_parallel_size=2 --set precision=fp8
 
 # Every routed row forced to one EP rank: a router bias of 100 on experts 0 and 1 (EP rank 0's
 # pair at ep4, half of rank 0's four at ep2) outweighs any affinity, so all N x K rows of every

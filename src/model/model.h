@@ -92,9 +92,10 @@ typedef struct nm_model_options {
                                 // so results are bit for bit those without it
     int ep_split;               // with ep: Megatron's overlap_moe_expert_parallel_comm as parts (0 or
                                 // 1: off; 2 from the training config). Each MoE block's exchange that
-                                // fits the receive side runs as this many parts, pipelined: one part's
-                                // dispatch and combine in flight while another's experts compute
-                                // (moe.c, "the split exchange"); one more (C, D) send buffer
+                                // fits the receive side runs as this many parts (at most one a local
+                                // expert), pipelined: one part's dispatch and combine in flight while
+                                // another's experts compute (moe.c, "the split exchange"); bit for bit
+                                // the results without it; one more (C, D) send buffer
 } nm_model_options;
 
 #define NM_MOE_RECEIVE_CAPACITY 2.0

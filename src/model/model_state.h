@@ -80,10 +80,10 @@ typedef struct block_acts {
     int64_t *ep_counts;         // (EP*E_loc) rows from source rank s for local expert j at s*E_loc+j
     int64_t *ep_pairs;          // (EP*EP) rows source rank s sends receiver r, at s*EP+r
     int64_t ep_rounds;          // rounds of the exchange (receivers hold at most ep.cap rows each)
-    int64_t ep_cap;             // rows a receiver takes per round: ep.cap, or under the split
-                                // exchange (ep.split) the busiest receiver's rows / split
+    int64_t ep_cap;             // rows a receiver takes per round: ep.cap
     int ep_split;               // 1: the rounds are the split exchange's parts of one exchange that
-                                // fits the receive side, each at its own rows, pipelined and kept (moe.c)
+                                // fits the receive side (each a group of the local experts), each at
+                                // its own rows, pipelined and kept (moe.c)
     float *s_gate_up;           // (N, 2Fs) shared experts
     float *s_act;               // (N, Fs)
     float *bal_f;               // (B, E) balance-loss f_i per sequence

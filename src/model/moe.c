@@ -322,14 +322,27 @@ static void ep_exchange_counts(nm_model *m, block_acts *b) {
         if (in > most) most = in;
         total += in;
     }
-    // The split exchange: an exchange whose busiest receiver fits the receive side runs as `split`
-    // parts of the busiest receiver's rows / split each, laid out one after another there
-    b->ep_split = m->ep.split > 1 && most > 1 && most <= m->ep.cap;
-    b->ep_cap = b->ep_split ? (most + m->ep.split - 1) / m->ep.split : m->ep.cap;
-    b->ep_rounds = most > 0 ? (most + b->ep_cap - 1) / b->ep_cap : 1;
+    // The split exchange: an exchange whose busiest receiver fits the receive side runs as parts,
+    // each a group of every rank's local experts (at most `split`, at most one a local expert),
+    // laid out one after another there
+    const int64_t parts = m->ep.split < El ? m->ep.split : El;
+    b->ep_split = parts > 1 && most > 1 && most <= m->ep.cap;
+    b->ep_cap = m->ep.cap;
+    b->ep_rounds = b->ep_split ? parts : most > 0 ? (most + b->ep_cap - 1) / b->ep_cap : 1;
     if (b->ep_rounds > m->ep.stats_rounds) m->ep.stats_rounds = b->ep_rounds;
     double over = total > 0 ? (double)most * (double)EP / (double)total : 1.0;
     if (over > m->ep.stats_over_mean) m->ep.stats_over_mean = over;
+}
+
+// The local experts' row offsets of a round (m->ep.round_offsets, El + 1) from its counts.
+static void round_offsets(nm_model *m) {
+    const int64_t EP = m->ep.comm->size, El = m->ep.E_loc;
+    m->ep.round_offsets[0] = 0;
+    for (int64_t j = 0; j < El; j++) {
+        int64_t n = 0;
+        for (int64_t s = 0; s < EP; s++) n += m->ep.round_counts[s * El + j];
+        m->ep.round_offsets[j + 1] = m->ep.round_offsets[j] + (int32_t)n;
+    }
 }
 
 // Round k of block b's exchange: element counts and displacements of this rank's pieces as a
@@ -364,12 +377,35 @@ static int64_t ep_round(nm_model *m, const block_acts *b, int64_t k, int64_t bas
         }
         off += n;
     }
-    m->ep.round_offsets[0] = 0;
-    for (int64_t j = 0; j < El; j++) {
-        int64_t n = 0;
-        for (int64_t s = 0; s < EP; s++) n += m->ep.round_counts[s * El + j];
-        m->ep.round_offsets[j + 1] = m->ep.round_offsets[j] + (int32_t)n;
+    round_offsets(m);
+    return got;
+}
+
+// Part k of block b's split exchange (its ep_rounds parts): the rows of every rank's local
+// experts [j0, j1) = [k El / parts, (k+1) El / parts), laid out as ep_round lays out a round
+// (from row `base` on the expert side). Each expert's rows arrive whole, in the order one round
+// gives them, so its GEMMs (and its weight gradient's sum) are those of the unsplit exchange.
+static int64_t ep_part(nm_model *m, const block_acts *b, int64_t k, int64_t base) {
+    const int64_t EP = m->ep.comm->size, El = m->ep.E_loc, D = m->cfg.D, parts = b->ep_rounds;
+    const int64_t j0 = k * El / parts, j1 = (k + 1) * El / parts;
+    for (int64_t q = 0; q < EP; q++) {  // as a source: my rows for q's experts [j0, j1)
+        int64_t lo = b->offsets[q * El + j0], hi = b->offsets[q * El + j1];
+        m->ep.send[q] = (hi - lo) * D;
+        m->ep.send_at[q] = lo * D;
     }
+    int64_t got = 0;
+    for (int64_t s = 0; s < EP; s++) {  // as a receiver: each source's rows for them
+        int64_t n = 0;
+        for (int64_t j = 0; j < El; j++) {
+            int64_t c = j >= j0 && j < j1 ? b->ep_counts[s * El + j] : 0;
+            m->ep.round_counts[s * El + j] = c;
+            n += c;
+        }
+        m->ep.recv[s] = n * D;
+        m->ep.recv_at[s] = (base + got) * D;
+        got += n;
+    }
+    round_offsets(m);
     return got;
 }
 
@@ -514,17 +550,18 @@ static void ep_combine(nm_model *m, const float *expert_rows, float *rows) {
 
 // --- the split exchange (overlap_moe_expert_parallel_comm) ---------------------------------------
 //
-// An exchange whose busiest receiver fits the receive side (one round) runs as m->ep.split parts,
-// each a round of the busiest receiver's rows / split (ep_exchange_counts). A part's rows land at
-// their own place after the earlier parts' (ep_round's base), so every part's expert-side
-// activations stay for the backward as one round's do, and the parts pipeline: while part k's
-// experts compute, part k+1's dispatch and part k-1's combine are in flight (non-blocking
-// all-to-alls, tested between the expert GEMMs: nm_ep_progress). The data moved and the
-// operations are those of the same rounds run one after another; against one round the experts
-// see their rows in parts (each part's GEMMs, and the weight gradient summed part by part).
+// An exchange whose busiest receiver fits the receive side (one round) runs as parts: part k the
+// rows of every rank's local experts [k El / parts, (k+1) El / parts), parts = min(ep.split, El)
+// (ep_exchange_counts, ep_part). A part's rows land at their own place after the earlier parts'
+// (ep_part's base), so every part's expert-side activations stay for the backward as one round's
+// do, and the parts pipeline: while part k's experts compute, part k+1's dispatch and part k-1's
+// combine are in flight (non-blocking all-to-alls, tested between the expert GEMMs:
+// nm_ep_progress). The data moved is the one round's. Each expert's rows arrive whole and in the
+// order one round gives them, and the experts' GEMMs are per expert, so every GEMM and every
+// weight gradient's sum is the unsplit exchange's: the results are bit for bit those without it.
 
 struct nm_ep_plan {
-    int64_t *send, *send_at, *recv, *recv_at; // (EP) ep_round's counts for this part
+    int64_t *send, *send_at, *recv, *recv_at; // (EP) ep_part's counts for this part
     int64_t *round_counts;                    // (EP * E_loc)
     int32_t *round_offsets;                   // (E_loc + 1)
     int64_t base, rows;                       // its first row on the expert side, and how many
@@ -568,7 +605,7 @@ static int64_t split_plans(nm_model *m, const block_acts *b) {
     for (int64_t k = 0; k < b->ep_rounds; k++) {
         nm_ep_plan *p = &m->ep.plans[k];
         p->base = base;
-        p->rows = ep_round(m, b, k, base);
+        p->rows = ep_part(m, b, k, base);
         plan_io(m, p, 1);
         base += p->rows;
     }
