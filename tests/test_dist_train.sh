@@ -198,7 +198,9 @@ NM_COMPARE_LOAD=report split_run sp_ep2_fp8 2 ep2_fp8 ep2_fp8 --set expert_paral
 # Every routed row forced to one EP rank: a router bias of 100 on experts 0 and 1 (EP rank 0's
 # pair at ep4, half of rank 0's four at ep2) outweighs any affinity, so all N x K rows of every
 # rank go to rank 0, the dropless worst case. ep4 receives 4 x N x 2 rows against C = 2 x N x 2:
-# two rounds; dp2 x ep2 exactly C: one. Both equal one process from the same start.
+# two rounds; dp2 x ep2 exactly C: one. Both equal one process from the same start. The split
+# exchange at dp2 x ep2 (its receiver fits, so it splits): part 0 (rank 0's experts 0 and 1) has
+# every row and part 1 none, on every rank; bit for bit the unsplit run's.
 "$NM_BIN" train --config train.json --out bias0 --quiet --set steps=1 >/dev/null
 "$PY" - <<'PY'
 import json, os, shutil, struct
@@ -224,7 +226,8 @@ c.pop("model")
 json.dump(dict(c, init_from="biased", steps=6), open("biased.json", "w"))
 PY
 "$NM_BIN" train --config biased.json --out ref_biased --quiet >/dev/null
-for spec in "ep4_one_rank 4 --set expert_parallel_size=4" "dp2_ep2_one_rank 4 --set expert_parallel_size=2"; do
+for spec in "ep4_one_rank 4 --set expert_parallel_size=4" "dp2_ep2_one_rank 4 --set expert_parallel_size=2" \
+            "dp2_ep2_one_rank_split 4 --set expert_parallel_size=2 --set overlap_moe_expert_parallel_comm=true"; do
   set -- $spec; name=$1; n=$2; shift 2
   nm_mpirun "$n" "$NM_BIN" train --config biased.json --out "$name" --quiet "$@" >"$name.log" 2>&1 \
     || { cat "$name.log"; fail "$name did not run"; }
@@ -232,13 +235,20 @@ for spec in "ep4_one_rank 4 --set expert_parallel_size=4" "dp2_ep2_one_rank 4 --
 done
 "$PY" - <<'PY'
 import json
-for run, rounds in (("ep4_one_rank", 2), ("dp2_ep2_one_rank", 1)):
+for run, rounds in (("ep4_one_rank", 2), ("dp2_ep2_one_rank", 1), ("dp2_ep2_one_rank_split", 2)):
     ep = 4 if run.startswith("ep4") else 2
     for line in open(f"{run}/metrics.jsonl"):
         d = json.loads(line)
         # the busiest receiver got all of it: EP times the mean
         assert d["ep_rounds"] == rounds and abs(d["ep_recv_max_over_mean"] - ep) < 1e-12, (run, d["step"], d["ep_rounds"], d["ep_recv_max_over_mean"])
     print(f"{run}: every row to one rank, {rounds} round(s) per layer: ok")
+split, whole = ([json.loads(l) for l in open(f"{r}/metrics.jsonl") if '"loss"' in l] for r in
+                ("dp2_ep2_one_rank_split", "dp2_ep2_one_rank"))
+assert len(split) == len(whole) == 6, (len(split), len(whole))
+for a, b in zip(split, whole):
+    for k in ("loss", "ce_loss", "grad_norm"):
+        assert a[k] == b[k], ("dp2_ep2_one_rank_split not bit-identical", a["step"], k, a[k], b[k])
+print("dp2_ep2_one_rank_split: one part with every row, one with none: bit-identical to the unsplit run")
 PY
 
 # The ZeRO-1 byte counters against the formula of docs/parallelism.md: per step each rank
