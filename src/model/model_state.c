@@ -107,9 +107,19 @@ static void take_block_intermediates(nm_model *m, block_acts *b, int dense, int 
         // under expert parallelism the experts' input is x_loc; x_perm only crosses
         b->x_perm =
             m->ep.comm ? take_saved(m, b, NM_SAVED_X_PERM, NK * D) : take_expert_rows(m, b, NM_SAVED_X_PERM, NK);
-        b->e_gate_up = take(m, R * 2 * c->Fe);
-        b->e_act = m->recompute.moe_act && !m->recompute.full ? m->recompute.moe_act_buf
-                                                              : take_saved(m, b, NM_SAVED_E_ACT, R * c->Fe);
+        // saved in fp8: gate_up kept as e4m3 codes and tile scales, act made again from them
+        // (DeepSeek-V3 caches the SwiGLU inputs so); both fp32 buffers shared by every block
+        const int fp8_gate_up = m->bf16.saved_fp8;
+        if (fp8_gate_up) {
+            b->e_gate_up = m->recompute.gate_up_buf;
+            b->g_codes = (uint8_t *)take(m, (R * 2 * c->Fe + 3) / 4);
+            b->g_scales = take(m, R * (size_t)((2 * c->Fe + 127) / 128));
+        } else {
+            b->e_gate_up = take(m, R * 2 * c->Fe);
+        }
+        b->e_act = (m->recompute.moe_act || fp8_gate_up) && !m->recompute.full
+                       ? m->recompute.moe_act_buf
+                       : take_saved(m, b, NM_SAVED_E_ACT, R * c->Fe);
         b->e_out = take(m, NK * D);
         if (m->ep.comm) {
             b->x_loc = take_expert_rows(m, b, NM_SAVED_X_LOC, R);
@@ -209,8 +219,11 @@ static void layout(nm_model *m) {
     block_acts shared = {0};
     if (m->recompute.full) take_block_intermediates(m, &shared, stage_dense, stage_moe);
     m->recompute.up_q = m->recompute.up_kv = m->recompute.moe_act_buf = m->recompute.ln_a = m->recompute.ln_f = NULL;
-    if (m->recompute.moe_act && !m->recompute.full && stage_moe && c->E > 0)
-        m->recompute.moe_act_buf = take_operand(m, (m->ep.comm ? (size_t)m->ep.cap : N * (size_t)c->K) * (size_t)c->Fe);
+    m->recompute.gate_up_buf = NULL;
+    const size_t R_rows = m->ep.comm ? (size_t)m->ep.cap : N * (size_t)c->K;  // the experts' rows
+    if ((m->recompute.moe_act || m->bf16.saved_fp8) && !m->recompute.full && stage_moe && c->E > 0)
+        m->recompute.moe_act_buf = take_operand(m, R_rows * (size_t)c->Fe);
+    if (m->bf16.saved_fp8 && stage_moe && c->E > 0) m->recompute.gate_up_buf = take(m, R_rows * 2 * (size_t)c->Fe);
     if (m->recompute.layernorm && !m->recompute.full && (stage_dense || stage_moe)) {
         m->recompute.ln_a = take_operand(m, N * D);
         m->recompute.ln_f = take(m, N * D);

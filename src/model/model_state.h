@@ -94,6 +94,10 @@ typedef struct block_acts {
     // the fp32 pointer shares one buffer with every block's, refilled in the backward
     uint8_t *x_codes;           // (R, D), NULL otherwise
     float *x_scales;            // (R, ceil(D/128))
+    // and the routed experts' SwiGLU inputs the same way, their output made again in the
+    // backward (DeepSeek-V3's recipe); e_gate_up and e_act share one buffer each with every block's
+    uint8_t *g_codes;           // (R, 2Fe), NULL otherwise
+    float *g_scales;            // (R, ceil(2Fe/128))
     int64_t B, T;               // shape of the last forward through this block
 } block_acts;
 
@@ -177,7 +181,8 @@ typedef struct nm_model_recompute {
     int mla_up_proj;            // q and kv not kept per block: one shared pair, recomputed (mla.c)
     float *up_q, *up_kv;        // (N, H_loc, Dqk), (N, H_loc, Dn + Dv): that pair
     int moe_act;                // the routed experts' act not kept per block: one shared buffer (moe.c)
-    float *moe_act_buf;         // (R, Fe): that buffer
+    float *moe_act_buf;         // (R, Fe): that buffer (also for a model saved in fp8)
+    float *gate_up_buf;         // (R, 2Fe): saved in fp8, the routed experts' gate_up of every block
     int layernorm;              // the blocks' norm outputs a and f not kept per block (model.c, mla.c)
     float *ln_a, *ln_f;         // (N, D) each: the shared pair
 } nm_model_recompute;

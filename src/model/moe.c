@@ -119,8 +119,10 @@ void nm_moe_experts_backward(nm_model *m, const nm_layer_offsets *w, const int32
     const nm_model_config *c = &m->cfg;
     const nm_ops *ops = m->ops;
     int64_t E = m->ep.E_loc, D = c->D, Fe = c->Fe, rows = offsets[E];
-    // selective recomputation ("moe_act"): act was not kept (a shared buffer holds another block's)
-    if (m->recompute.moe_act && !m->recompute.full) experts_act(m, act, gate_up, rows, Fe);
+    // selective recomputation ("moe_act"): act was not kept (a shared buffer holds another block's);
+    // fp8: made again from gate_up's fp8 rounding, as the caller leaves it (fp8_gate_up_backward)
+    if (m->precision == NM_PRECISION_FP8 || (m->recompute.moe_act && !m->recompute.full))
+        experts_act(m, act, gate_up, rows, Fe);
     size_t stride = w->expert_stride, down = (size_t)2 * Fe * D;
     const float *W0 = m->params + w->experts;
     float *dW0 = m->grads + w->experts;
@@ -185,6 +187,31 @@ static void fp8_round_saved(nm_model *m, block_acts *b, float *x, int64_t rows) 
 // rows x D of x (=) b's saved rows (no-op unless saved in fp8).
 static void fp8_restore_saved(nm_model *m, const block_acts *b, float *x, int64_t rows) {
     if (b->x_codes && rows > 0) m->ops->fp8_dequantize_rows(m->ops, x, b->x_codes, b->x_scales, rows, m->cfg.D);
+}
+
+// The routed experts' SwiGLU inputs under fp8, as DeepSeek-V3 keeps them: cached in fp8 (1 x 128
+// tiles) and the SwiGLU output made again from them in the backward. So the backward reads
+// gate_up's fp8 rounding in every mode: from the block's codes where the forward kept them, else
+// (recomputation, more rounds than one) rounded in place from the recomputed values.
+
+// Forward: rows [base, base + rows) of b's gate_up kept as codes (saved in fp8; else no-op).
+static void fp8_gate_up_keep(nm_model *m, block_acts *b, int64_t base, int64_t rows) {
+    const int64_t G = 2 * m->cfg.Fe, tiles = (G + 127) / 128;
+    if (!b->g_codes || rows <= 0) return;
+    m->ops->fp8_quantize_rows(m->ops, b->g_codes + base * G, b->g_scales + base * tiles, b->e_gate_up + base * G, rows,
+                              G);
+}
+
+// Backward: rows [base, base + rows) of b's gate_up (=) their fp8 rounding, from the codes when
+// `kept` (the forward kept these rows), else in place. No-op outside fp8.
+static void fp8_gate_up_backward(nm_model *m, const block_acts *b, int64_t base, int64_t rows, int kept) {
+    const int64_t G = 2 * m->cfg.Fe, tiles = (G + 127) / 128;
+    if (m->precision != NM_PRECISION_FP8 || rows <= 0) return;
+    float *g = b->e_gate_up + base * G;
+    if (kept && b->g_codes)
+        m->ops->fp8_dequantize_rows(m->ops, g, b->g_codes + base * G, b->g_scales + base * tiles, rows, G);
+    else
+        m->ops->fp8_round_rows(m->ops, g, rows, G);
 }
 
 // --- expert parallelism: dispatch and combine, in bounded rounds ------------------------------
@@ -652,6 +679,7 @@ static void split_forward_part(nm_model *m, void *ctx) {
     int64_t base = c->p->base, D = m->cfg.D, Fe = m->cfg.Fe;
     nm_moe_experts_forward(m, c->w, c->p->round_offsets, c->b->x_loc + base * D, c->b->e_gate_up + base * 2 * Fe,
                            c->b->e_act + base * Fe, m->ep.d_x_loc + base * D);
+    fp8_gate_up_keep(m, c->b, base, c->p->rows);
 }
 
 static void split_backward_part(nm_model *m, void *ctx) {
@@ -714,13 +742,16 @@ static void ep_experts_forward(nm_model *m, const nm_layer_offsets *w, block_act
         if (b->x_codes && b->ep_rounds == 1) ep_keep_fp8(m, b, 0, rows);
         // the outputs of the round go back at once: the backward's d_x_loc holds them meanwhile
         nm_moe_experts_forward(m, w, m->ep.round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->ep.d_x_loc);
+        if (b->ep_rounds == 1) fp8_gate_up_keep(m, b, 0, rows);
         ep_combine(m, m->ep.d_x_loc, b->e_out);
     }
 }
 
 static void ep_experts_backward(nm_model *m, const nm_layer_offsets *w, block_acts *b) {
     if (b->ep_split) {  // every part's rows kept: fp8 saves them as codes, restored whole
-        fp8_restore_saved(m, b, b->x_loc, split_plans(m, b));
+        int64_t rows = split_plans(m, b);
+        fp8_restore_saved(m, b, b->x_loc, rows);
+        fp8_gate_up_backward(m, b, 0, rows, 1);
         split_exchange(m, w, b, 1);
         return;
     }
@@ -734,6 +765,7 @@ static void ep_experts_backward(nm_model *m, const nm_layer_offsets *w, block_ac
             nm_moe_experts_forward(m, w, m->ep.round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->ep.d_x_loc);
         }
         if (b->ep_rounds == 1) fp8_restore_saved(m, b, b->x_loc, rows);  // saved in fp8: this block's rows
+        fp8_gate_up_backward(m, b, 0, rows, b->ep_rounds == 1);
         ep_dispatch(m, m->scratch.d_e_out, m->ep.d_e_out_loc, rows, EP_GRADIENTS);
         nm_moe_experts_backward(m, w, m->ep.round_offsets, b->x_loc, b->e_gate_up, b->e_act, m->ep.d_e_out_loc,
                                 m->scratch.d_e_act, m->scratch.d_e_gate_up, m->ep.d_x_loc);
@@ -818,6 +850,7 @@ double nm_moe_forward(nm_model *m, int64_t l, int64_t B, int64_t T, int64_t *cou
         // fp8: the rows and the outputs as they would have crossed the all-to-all (ep_dispatch)
         if (m->precision == NM_PRECISION_FP8) fp8_round_saved(m, b, b->x_perm, n0 * K);
         nm_moe_experts_forward(m, w, b->offsets, b->x_perm, b->e_gate_up, b->e_act, b->e_out);
+        fp8_gate_up_keep(m, b, 0, n0 * K);
         if (m->precision == NM_PRECISION_FP8) ops->round_bf16(ops, b->e_out, b->e_out, n0 * K * D);
     }
     // x_out = x_mid + the routed experts + the shared experts, summed over tp. Under sequence
@@ -873,6 +906,7 @@ void nm_moe_backward(nm_model *m, int64_t l, float aux_seed) {
         // fp8: the gradients as they would have crossed the all-to-all, both ways (ep_dispatch)
         if (m->precision == NM_PRECISION_FP8) ops->round_bf16(ops, m->scratch.d_e_out, m->scratch.d_e_out, n0 * K * D);
         fp8_restore_saved(m, b, b->x_perm, n0 * K);  // saved in fp8: this block's rows again
+        fp8_gate_up_backward(m, b, 0, n0 * K, 1);
         nm_moe_experts_backward(m, w, b->offsets, b->x_perm, b->e_gate_up, b->e_act, m->scratch.d_e_out,
                                 m->scratch.d_e_act, m->scratch.d_e_gate_up, m->scratch.d_x_perm);
         if (m->precision == NM_PRECISION_FP8)

@@ -291,10 +291,11 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
         // activation set (once with recomputation) x_loc (D), e_gate_up (2Fe) and e_act (Fe,
         // one shared buffer with recompute_modules moe_act); without whole-block recomputation
         // a bf16 run keeps x_loc and e_act in bf16 per set and one fp32 buffer of each, an fp8
-        // run x_loc as e4m3 codes and tile scales and e_act in bf16 per set, with one fp32
-        // buffer of each (model_state.c take_saved, take_expert_rows); once, the backward's
-        // d_e_out_loc, d_x_loc and the exchange buffer (3D; 4D with the split exchange's combine
-        // rows), d_e_act and d_e_gate_up (3Fe).
+        // run x_loc and e_gate_up as e4m3 codes and tile scales per set, one fp32 buffer of
+        // each, and e_act in one shared buffer, made again in the backward (model_state.c
+        // take_saved, take_expert_rows); once, the backward's d_e_out_loc, d_x_loc and the
+        // exchange buffer (3D; 4D with the split exchange's combine rows), d_e_act and
+        // d_e_gate_up (3Fe).
         int64_t rows = r->micro_batch * T;
         if (sp) rows = (rows + p->n.tp - 1) / p->n.tp;
         int64_t C = nm_moe_receive_rows(cfg, rows, p->n.ep, r->moe_receive_capacity);
@@ -302,12 +303,13 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
         s->ep_receive_rows = C;
         const int saved_bf16 = r->precision == NM_PRECISION_BF16 && !r->recompute;
         const int saved_fp8 = r->precision == NM_PRECISION_FP8 && !r->recompute;
-        const int shared_act = r->recompute_moe_act && !r->recompute;
+        const int shared_act = (r->recompute_moe_act || saved_fp8) && !r->recompute;
         const int64_t x_set = saved_bf16 ? 2 * cfg->D : saved_fp8 ? cfg->D + 4 * ((cfg->D + 127) / 128) : 4 * cfg->D;
-        const int act_bf16 = saved_bf16 || saved_fp8;  // e_act
-        int64_t per_set = x_set + 8 * cfg->Fe + (shared_act ? 0 : (act_bf16 ? 2 : 4) * cfg->Fe);
+        const int64_t gate_set = saved_fp8 ? 2 * cfg->Fe + 4 * ((2 * cfg->Fe + 127) / 128) : 8 * cfg->Fe;
+        int64_t per_set = x_set + gate_set + (shared_act ? 0 : (saved_bf16 ? 2 : 4) * cfg->Fe);
         int64_t once = 4 * ((r->overlap_ep ? 4 : 3) * cfg->D + 3 * cfg->Fe) + (shared_act ? 4 * cfg->Fe : 0) +
-                       (saved_bf16 || saved_fp8 ? 4 * cfg->D : 0) + (act_bf16 && !shared_act ? 4 * cfg->Fe : 0);
+                       (saved_bf16 || saved_fp8 ? 4 * cfg->D : 0) + (saved_bf16 && !shared_act ? 4 * cfg->Fe : 0) +
+                       (saved_fp8 ? 8 * cfg->Fe : 0);
         s->ep_buffer_bytes = (sets * per_set + once) * C;
     }
     int64_t grads = r->shard_grads && p->n.world > 1 ? s->grads_resident_bytes + s->grad_shard_bytes : s->grads_bytes;
