@@ -120,6 +120,9 @@ modules_pair() {  # name ranks options...
 }
 modules_pair rm_tp2_ep2_bf16 4 --set expert_parallel_size=2 --set tensor_parallel_size=2 --set precision=bf16
 modules_pair rm_ep2_fp8 2 --set expert_parallel_size=2 --set precision=fp8
+# and in rounds (capacity 0.25): the backward sends x_perm again from the block's bf16 copy and
+# rounds the recomputed gate_up to fp8, where the single round reads the kept codes
+modules_pair rm_ep2_fp8_rounds 2 --set expert_parallel_size=2 --set precision=fp8 --set moe_receive_capacity=0.25
 # precision TOLERANCES [compare_runs env...]: one process of that precision, then ep2 and ep2 with
 # rounds and recomputation against it
 precision_runs() {

@@ -229,7 +229,7 @@ void nm_moe_gather(const nm_model *m, float *dst, const float *src, const int32_
 
 void nm_bf16_restore(const nm_model *m, float *x) {
     nm_bf16_twins *t = m->bf16.twins;
-    if (!nm_saved_in_bf16(m) || !m->bf16.saved_bf16 || !t) return;
+    if (m->precision != NM_PRECISION_BF16 || !m->bf16.saved_bf16 || !t) return;  // fp8: nm_bf16_restore_block
     nm_bf16_twin *w = find_twin(t, x, 1);
     if (!w || !w->saved) return;
     NM_CHECK(w->bound && w->bound->n > 0, "a saved activation restored with no block's copy bound");

@@ -374,10 +374,9 @@ static void round_offsets(nm_model *m) {
 
 // Round k of block b's exchange: element counts and displacements of this rank's pieces as a
 // source (m->ep.send / ep_send_at, into x_perm's order) and as a receiver (m->ep.recv, back to
-// back in ep.buf from row `base`: 0, or under the split exchange the rows of the earlier parts),
-// the round's rows per (source, local expert) in m->ep.round_counts, and the local experts' row
-// offsets in m->ep.round_offsets (El+1). Returns the rows received.
-static int64_t ep_round(nm_model *m, const block_acts *b, int64_t k, int64_t base) {
+// back in ep.buf from row 0), the round's rows per (source, local expert) in m->ep.round_counts,
+// and the local experts' row offsets in m->ep.round_offsets (El+1). Returns the rows received.
+static int64_t ep_round(nm_model *m, const block_acts *b, int64_t k) {
     int64_t EP = m->ep.comm->size, El = m->ep.E_loc, D = m->cfg.D, me = m->ep.comm->rank, C = b->ep_cap;
     const int64_t *P = b->ep_pairs;
     for (int64_t q = 0; q < EP; q++) {  // as a source: my slice of my block for q
@@ -393,7 +392,7 @@ static int64_t ep_round(nm_model *m, const block_acts *b, int64_t k, int64_t bas
         int64_t n = P[s * EP + me];
         int64_t lo = clamp64(k * C - off, 0, n), hi = clamp64((k + 1) * C - off, 0, n);
         m->ep.recv[s] = (hi - lo) * D;
-        m->ep.recv_at[s] = (base + got) * D;
+        m->ep.recv_at[s] = got * D;
         got += hi - lo;
         int64_t at = 0;  // rows of source s's block before local expert j
         for (int64_t j = 0; j < El; j++) {
@@ -409,9 +408,10 @@ static int64_t ep_round(nm_model *m, const block_acts *b, int64_t k, int64_t bas
 }
 
 // Part k of block b's split exchange (its ep_rounds parts): the rows of every rank's local
-// experts [j0, j1) = [k El / parts, (k+1) El / parts), laid out as ep_round lays out a round
-// (from row `base` on the expert side). Each expert's rows arrive whole, in the order one round
-// gives them, so its GEMMs (and its weight gradient's sum) are those of the unsplit exchange.
+// experts [j0, j1) = [k El / parts, (k+1) El / parts), laid out as ep_round lays out a round,
+// but from row `base` on the expert side (the rows of the earlier parts). Each expert's rows
+// arrive whole, in the order one round gives them, so its GEMMs (and its weight gradient's sum)
+// are those of the unsplit exchange.
 static int64_t ep_part(nm_model *m, const block_acts *b, int64_t k, int64_t base) {
     const int64_t EP = m->ep.comm->size, El = m->ep.E_loc, D = m->cfg.D, parts = b->ep_rounds;
     const int64_t j0 = k * El / parts, j1 = (k + 1) * El / parts;
@@ -733,7 +733,7 @@ static void ep_experts_forward(nm_model *m, const nm_layer_offsets *w, block_act
         return;
     }
     for (int64_t k = 0; k < b->ep_rounds; k++) {
-        int64_t rows = ep_round(m, b, k, 0);
+        int64_t rows = ep_round(m, b, k);
         // the experts' rank rounds what it received (bf16: values that crossed as bf16)
         ep_dispatch(m, b->x_perm, b->x_loc, rows, EP_ACTIVATIONS);
         nm_round_act(m, b->x_loc, rows * m->cfg.D);
@@ -756,9 +756,10 @@ static void ep_experts_backward(nm_model *m, const nm_layer_offsets *w, block_ac
         return;
     }
     // the rounds send x_perm again: saved in bf16, its fp32 buffer holds another block's rows
+    // (fp8 widened it with the block's other copies, nm_bf16_restore_block)
     if (b->ep_rounds > 1) nm_bf16_restore(m, b->x_perm);
     for (int64_t k = 0; k < b->ep_rounds; k++) {
-        int64_t rows = ep_round(m, b, k, 0);
+        int64_t rows = ep_round(m, b, k);
         if (b->ep_rounds > 1) {  // the forward's expert-side activations of this round are gone
             ep_dispatch(m, b->x_perm, b->x_loc, rows, EP_ACTIVATIONS);
             nm_round_act(m, b->x_loc, rows * m->cfg.D);
