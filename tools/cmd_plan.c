@@ -6,7 +6,7 @@
 //        [--precision fp32|bf16|fp8] [--bucket-mb M] [--flops F] [--memory-gib M]
 //        [--moe-receive-capacity X] [--exp-avg-dtype fp32|bf16] [--exp-avg-sq-dtype fp32|bf16]
 //        [--bw-intra GB/s --bw-inter GB/s [--latency-intra us] [--latency-inter us]
-//         [--ranks-per-node R] [--overlap-grad-reduce] [--overlap-ep]]
+//         [--ranks-per-node R] [--overlap-grad-reduce] [--overlap-ep] [--pair-micro-batches]]
 //        [--data-parallel-sharding-strategy optim|optim_grads] [--bf16-copy-storage bf16|fp32]
 // The last stdout line is one JSON object with every number. With --flops, the time model
 // (src/train/plan_time.c) gives each stage's step time and the job's tokens/s and MFU; the
@@ -97,7 +97,7 @@ int nm_cmd_plan(int argc, char **argv) {
                                          "exp-avg-dtype", "exp-avg-sq-dtype", "bw-intra", "bw-inter",
                                          "latency-intra", "latency-inter", "ranks-per-node", "recompute-modules",
                                          "virtual-pipeline-size", "data-parallel-sharding-strategy", "bf16-copy-storage", NULL};
-    static const char *const bflags[] = {"recompute", "no-sequence-parallel", "overlap-grad-reduce", "overlap-ep", NULL};
+    static const char *const bflags[] = {"recompute", "no-sequence-parallel", "overlap-grad-reduce", "overlap-ep", "pair-micro-batches", NULL};
     nm_args a;
     if (nm_args_parse(&a, "plan", argc, argv, vflags, bflags)) return 2;
     const char *dir = nm_args_str(&a, "model", NULL), *cfg_path = nm_args_str(&a, "config", NULL);
@@ -107,7 +107,7 @@ int nm_cmd_plan(int argc, char **argv) {
                         "[--bucket-mb M] [--flops F] [--memory-gib M] [--no-sequence-parallel] [--make-vocab-size-divisible-by K] "
                         "[--pipeline-layout 'Et|tt|tmL'] [--virtual-pipeline-size V] [--moe-receive-capacity X] [--exp-avg-dtype fp32|bf16] "
                         "[--exp-avg-sq-dtype fp32|bf16] [--bw-intra GB/s --bw-inter GB/s [--latency-intra us] "
-                        "[--latency-inter us] [--ranks-per-node R] [--overlap-grad-reduce] [--overlap-ep]] "
+                        "[--latency-inter us] [--ranks-per-node R] [--overlap-grad-reduce] [--overlap-ep] [--pair-micro-batches]] "
                         "[--recompute-modules mla_up_proj,moe_act] [--data-parallel-sharding-strategy optim|optim_grads] [--bf16-copy-storage bf16|fp32]\n");
         return 2;
     }
@@ -147,6 +147,7 @@ int nm_cmd_plan(int argc, char **argv) {
         return 2;
     }
     r.overlap_ep = nm_args_has(&a, "overlap-ep");
+    r.pair_micro_batches = nm_args_has(&a, "pair-micro-batches");
     const char *sharding = nm_args_str(&a, "data-parallel-sharding-strategy", "optim");
     if (strcmp(sharding, "optim") != 0 && strcmp(sharding, "optim_grads") != 0) {
         fprintf(stderr, "plan: --data-parallel-sharding-strategy must be optim or optim_grads, got '%s'\n", sharding);

@@ -315,6 +315,7 @@ _TRAIN_KEYS = {
     "virtual_pipeline_model_parallel_size": "virtual_pipeline_model_parallel_size",
     "moe_shared_expert_overlap": "moe_shared_expert_overlap",
     "overlap_moe_expert_parallel_comm": "overlap_moe_expert_parallel_comm",
+    "moe_pair_micro_batches": "moe_pair_micro_batches",
     "communicator": "communicator",
 }
 _PARALLEL = ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size")
@@ -349,6 +350,7 @@ class TrainConfig:
     moe_receive_capacity: float = 2.0
     moe_shared_expert_overlap: bool = False  # the shared experts inside the expert all-to-all
     overlap_moe_expert_parallel_comm: bool = False  # the expert exchange in two pipelined parts
+    moe_pair_micro_batches: bool = False  # micro-batch i+1's forward beside i's backward (DualPipe's overlap)
     communicator: str = "auto"  # auto (mpi under a launcher, else single), single, mpi, nccl
     recompute_granularity: str = ""  # full (every block, as --recompute) or selective (recompute_modules)
     recompute_modules: str = ""

@@ -88,6 +88,14 @@ static void block_backward(nm_model *m, int64_t l, float aux_seed) {
 // once the kernel is chosen (before the first step), so the copy is allocated here, on the
 // first forward, and again only if the kernel changed; so is the activations' twin pool.
 static int refresh_weights_bf16(nm_model *m, nm_error *err) {
+    if (m->owner) {  // a pair's second model: the first's copy, refreshed there
+        if (refresh_weights_bf16(m->owner, err) != 0) return -1;
+        m->bf16.weights = m->owner->bf16.weights;
+        m->bf16.weights_type = m->owner->bf16.weights_type;
+        m->bf16.stale = 0;
+        if (m->bf16.weights_type == NM_BF16 && m->precision == NM_PRECISION_BF16) nm_bf16_twins_reserve(m->bf16.twins);
+        return 0;
+    }
     nm_dtype type = m->ops->gemm_bf16_weight_type(m->ops);
     if (m->bf16.partial && (m->bf16.stale || type != m->bf16.weights_type))
         return nm_error_set(err, "forward: the weights were written through nm_model_params() while the distributed "

@@ -12,6 +12,7 @@
 
 #include <stdint.h>
 
+#include "core/coop.h"
 #include "core/precision.h"
 #include "comm/comm.h"
 #include "model/config.h"
@@ -113,6 +114,17 @@ int nm_model_create(nm_model **out, const nm_model_config *cfg, const nm_ops *op
 int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops *ops, int64_t B_max,
                        int64_t T_max, const nm_model_options *opts, nm_error *err);
 void nm_model_destroy(nm_model *m);
+
+// Paired micro-batches (the trainer's moe_pair_micro_batches): a second model for one
+// micro-batch's forward while `owner` runs the previous one's backward. It has activations,
+// scratch and exchange buffers of its own and uses owner's parameters, gradients and bf16
+// weight copy (written through owner; owner outlives it). opts: owner's options. The
+// precision is owner's.
+int nm_model_create_pair(nm_model **out, nm_model *owner, const nm_model_options *opts, nm_error *err);
+// With c set (NULL: off), each expert all-to-all of m's forward and backward, once started,
+// hands the thread to the other job of c (nm_coop_pause) before m waits for it: the other
+// micro-batch computes while it is in flight. The seconds count as overlapped (nm_model_ep_stats).
+void nm_model_set_coop(nm_model *m, nm_coop *c);
 
 float *nm_model_params(nm_model *m);                    // (table.n_floats); marks the weights changed
 const float *nm_model_params_view(const nm_model *m);   // the same, for reading only (marks nothing)

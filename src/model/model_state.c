@@ -445,8 +445,37 @@ int nm_model_create(nm_model **out, const nm_model_config *cfg, const nm_ops *op
     return nm_model_create_ex(out, cfg, ops, B_max, T_max, &o, err);
 }
 
+static int model_create(nm_model **out, const nm_model_config *cfg, const nm_ops *ops, int64_t B_max, int64_t T_max,
+                        const nm_model_options *opts, nm_model *owner, nm_error *err);
+
 int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops *ops, int64_t B_max,
                        int64_t T_max, const nm_model_options *opts, nm_error *err) {
+    return model_create(out, cfg, ops, B_max, T_max, opts, NULL, err);
+}
+
+int nm_model_create_pair(nm_model **out, nm_model *owner, const nm_model_options *opts, nm_error *err) {
+    *out = NULL;
+    if (owner->owner) return nm_error_set(err, "model: a pair's second model cannot be paired again");
+    if (model_create(out, &owner->cfg, owner->ops, owner->B_max, owner->T_max, opts, owner, err) != 0) return -1;
+    if ((*out)->table.n_floats != owner->table.n_floats) {
+        nm_model_destroy(*out);
+        *out = NULL;
+        return nm_error_set(err, "model: the pair's options give another parameter table (%zu floats, not %zu): "
+                                 "create it with the options of the first",
+                            (*out)->table.n_floats, owner->table.n_floats);
+    }
+    if (nm_model_set_precision(*out, owner->precision, err) != 0) {
+        nm_model_destroy(*out);
+        *out = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+// owner: NULL, or the model whose parameters, gradients and bf16 weight copy this one uses
+// (nm_model_create_pair).
+static int model_create(nm_model **out, const nm_model_config *cfg, const nm_ops *ops, int64_t B_max, int64_t T_max,
+                        const nm_model_options *opts, nm_model *owner, nm_error *err) {
     *out = NULL;
     if (B_max < 1 || T_max < 2)
         return nm_error_set(err, "model: batch %lld x seq %lld: need batch >= 1 and seq >= 2", (long long)B_max,
@@ -488,8 +517,9 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
         m->ep.scale_counts = nm_calloc((size_t)(4 * ep_size), sizeof(int64_t));
         if (m->ep.split > 1) nm_ep_plans_create(m);
     }
-    m->params = m->ops->alloc(m->ops, m->table.n_floats * sizeof(float));
-    m->grads = m->ops->alloc(m->ops, m->table.n_floats * sizeof(float));
+    m->owner = owner;
+    m->params = owner ? owner->params : m->ops->alloc(m->ops, m->table.n_floats * sizeof(float));
+    m->grads = owner ? owner->grads : m->ops->alloc(m->ops, m->table.n_floats * sizeof(float));
     m->pipe.block_sets = nm_calloc((size_t)m->pipe.n_slots * (size_t)cfg->n_layers, sizeof(block_acts));
     m->pipe.mtp_sets = nm_calloc((size_t)m->pipe.n_slots * (cfg->M > 0 ? (size_t)cfg->M : 1), sizeof(mtp_acts));
     m->pipe.slots = nm_calloc((size_t)m->pipe.n_slots, sizeof(nm_model_acts));
@@ -524,9 +554,11 @@ int nm_model_create_ex(nm_model **out, const nm_model_config *cfg, const nm_ops 
 void nm_model_destroy(nm_model *m) {
     if (!m) return;
     nm_param_table_free(&m->table);
-    m->ops->free(m->ops, m->params);
-    m->ops->free(m->ops, m->grads);
-    m->ops->free(m->ops, m->bf16.weights);
+    if (!m->owner) {  // a pair's second model borrows them
+        m->ops->free(m->ops, m->params);
+        m->ops->free(m->ops, m->grads);
+        m->ops->free(m->ops, m->bf16.weights);
+    }
     nm_bf16_twins_destroy(m->bf16.twins);
     m->ops->free(m->ops, m->arena);
     nm_free(m->pipe.block_sets);
@@ -550,6 +582,7 @@ void nm_model_destroy(nm_model *m) {
 
 float *nm_model_params(nm_model *m) {
     m->bf16.stale = 1;
+    if (m->owner) m->owner->bf16.stale = 1;
     return m->params;
 }
 
@@ -630,6 +663,8 @@ int nm_model_estimate_bytes(const nm_model_config *cfg, int64_t B_max, int64_t T
     return 0;
 }
 void nm_model_zero_grads(nm_model *m) { m->ops->zero(m->ops, m->grads, (int64_t)m->table.n_floats); }
+
+void nm_model_set_coop(nm_model *m, nm_coop *c) { m->ep.coop = c; }
 
 void nm_model_ep_stats(nm_model *m, int64_t *rounds, double *recv_max_over_mean, double *overlap_s) {
     *rounds = m->ep.stats_rounds;

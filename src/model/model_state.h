@@ -257,6 +257,8 @@ typedef struct nm_model_ep {
     nm_comm_request *pending[4]; // the all-to-alls in flight while experts compute (nm_ep_progress)
     const struct ep_overlap *overlap;  // work for the next all-to-all of the exchange (moe.c)
     nm_comm_request *in_flight;        // that all-to-all while the work runs (nm_ep_progress)
+    struct nm_coop *coop;       // paired micro-batches (nm_model_set_coop): the other job runs
+                                // while an all-to-all of this model's is in flight
     double overlap_s;           // seconds of that work run with an all-to-all in flight, since the
                                 // last nm_model_ep_stats
     int64_t stats_rounds;       // most rounds of any exchange since the last nm_model_ep_stats
@@ -291,6 +293,8 @@ struct nm_model {
     nm_param_table table;
     float *params;              // (table.n_floats)
     float *grads;               // (table.n_floats)
+    nm_model *owner;            // a pair's second model (nm_model_create_pair): the first, whose
+                                // params, grads and bf16 weight copy these are; else NULL
     nm_precision precision;     // of the linear layers' GEMMs
     nm_precision opt_precision; // nm_model_options.precision: which buffers the arena holds
     int64_t B_max, T_max;

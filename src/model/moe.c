@@ -275,6 +275,10 @@ struct ep_overlap {
 };
 typedef struct ep_overlap ep_overlap;
 
+// Paired micro-batches: the other micro-batch runs until it waits too, while this model's
+// all-to-all is in flight (its seconds counted as overlapped).
+static void ep_pause(nm_model *m) { m->ep.overlap_s += nm_coop_pause(m->ep.coop); }
+
 // One all-to-all of the exchange (nm_comm_all_to_all_v's arguments), the pending overlap work
 // done while it is in flight. Either way the work runs exactly once and the same operations
 // run in the same order, so results do not depend on the overlap.
@@ -282,7 +286,7 @@ static void ep_a2a(nm_model *m, const void *send, const int64_t *send_counts, co
                    const int64_t *recv_counts, const int64_t *recv_at, nm_comm_dtype dt) {
     const ep_overlap *o = m->ep.overlap;
     nm_error e;
-    if (!o) {
+    if (!o && !m->ep.coop) {
         if (!nm_model_faulted(m) &&
             nm_comm_all_to_all_v(m->ep.comm, send, send_counts, send_at, recv, recv_counts, recv_at, dt, &e) != 0)
             ep_fail(m, &e);
@@ -293,14 +297,17 @@ static void ep_a2a(nm_model *m, const void *send, const int64_t *send_counts, co
     if (nm_model_faulted(m) || nm_comm_all_to_all_v_start(m->ep.comm, send, send_counts, send_at, recv, recv_counts,
                                                           recv_at, dt, &req, &e) != 0) {
         if (!nm_model_faulted(m)) ep_fail(m, &e);
-        o->work(m, o->ctx);
+        if (o) o->work(m, o->ctx);
         return;
     }
-    double t0 = nm_comm_clock();
-    m->ep.in_flight = &req;
-    o->work(m, o->ctx);
-    m->ep.in_flight = NULL;
-    m->ep.overlap_s += nm_comm_clock() - t0;
+    if (o) {
+        double t0 = nm_comm_clock();
+        m->ep.in_flight = &req;
+        o->work(m, o->ctx);
+        m->ep.in_flight = NULL;
+        m->ep.overlap_s += nm_comm_clock() - t0;
+    }
+    ep_pause(m);
     if (nm_comm_wait(&req, &e) != 0) ep_fail(m, &e);
 }
 
@@ -461,6 +468,7 @@ static void ep_a2a_start(nm_model *m, const void *send, const int64_t *send_coun
 
 static void ep_a2a_wait(nm_model *m, nm_comm_request *req) {
     nm_error e;
+    if (req) ep_pause(m);
     if (req && nm_comm_wait(req, &e) != 0 && !nm_model_faulted(m)) ep_fail(m, &e);
 }
 

@@ -77,7 +77,8 @@ int nm_train_check_memory(const nm_train_config *cfg, const nm_model_config *m, 
                          .exp_avg_bf16 = cfg->optimizer.exp_avg_dtype == 1,
                          .exp_avg_sq_bf16 = cfg->optimizer.exp_avg_sq_dtype == 1,
                          .shard_grads = cfg->data_parallel_sharding_strategy == 1,
-                         .overlap_ep = cfg->overlap_moe_expert_parallel_comm};
+                         .overlap_ep = cfg->overlap_moe_expert_parallel_comm,
+                         .pair_micro_batches = cfg->moe_pair_micro_batches};
     nm_plan p;
     nm_error ignore;
     if (nm_plan_compute(&p, m, &r, &ignore) != 0) return 0;  // the layout checks that follow say why

@@ -312,6 +312,11 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
                        (saved_fp8 ? 8 * cfg->Fe : 0);
         s->ep_buffer_bytes = (sets * per_set + once) * C;
     }
+    if (r->pair_micro_batches) {  // the pair's second model: all of it again (nm_model_create_pair)
+        s->activation_bytes *= 2;
+        s->bf16_twin_bytes *= 2;
+        s->ep_buffer_bytes *= 2;
+    }
     int64_t grads = r->shard_grads && p->n.world > 1 ? s->grads_resident_bytes + s->grad_shard_bytes : s->grads_bytes;
     s->total_bytes = s->params_resident_bytes + grads + s->bf16_copy_bytes + s->bf16_twin_bytes + s->optimizer_bytes +
                      s->activation_bytes;

@@ -48,6 +48,8 @@ typedef struct nm_plan_request {
                                 // widen kernel: ops.h gemm_bf16_weight_type); 0: bf16 storage
     int overlap_ep;             // the expert all-to-all hidden behind compute: the trainer's
                                 // overlap_moe_expert_parallel_comm (its second send buffer counted)
+    int pair_micro_batches;     // the trainer's moe_pair_micro_batches: a second activation set, and
+                                // the all-to-all behind the other micro-batch's compute
 } nm_plan_request;
 
 // Seconds per step on the ranks of one stage (plan_time.c).

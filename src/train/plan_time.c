@@ -23,7 +23,8 @@
 //    (behind every micro-batch's under gradient sharding, whose reduce-scatters are accum x);
 //    with overlap_ep the all-to-all behind the stage's compute (the trainer's split exchange,
 //    overlap_moe_expert_parallel_comm, hides it behind the experts' compute where the
-//    collectives progress); tensor-parallel and pipeline transfers are never hidden. The optimizer's own
+//    collectives progress), or with pair_micro_batches (moe_pair_micro_batches) the all-to-all
+//    of every paired half behind the other micro-batch's compute; tensor-parallel and pipeline transfers are never hidden. The optimizer's own
 //    time is not modelled.
 #include <math.h>
 
@@ -114,7 +115,11 @@ static void stage_times(nm_plan *p, nm_plan_stage *s, const nm_model_config *cfg
         double hidden_dp = r->shard_grads           ? fmin(dp_rs, t->compute_s * 2.0 / 3.0)
                            : r->overlap_grad_reduce ? fmin(dp_rs, t->compute_s / (double)accum * 2.0 / 3.0)
                                                     : 0.0;
-        double hidden_ep = r->overlap_ep ? fmin(t->ep_s, t->compute_s) : 0.0;
+        // paired micro-batches: all but the first forward's and the last backward's, (accum-1)/accum
+        double ep_behind = r->overlap_ep           ? t->ep_s
+                           : r->pair_micro_batches ? t->ep_s * (double)(accum - 1) / (double)accum
+                                                   : 0.0;
+        double hidden_ep = fmin(ep_behind, t->compute_s);
         t->hidden_s = hidden_dp + hidden_ep;
         t->dp_exposed_s = t->dp_s - hidden_dp;
     }

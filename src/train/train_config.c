@@ -130,6 +130,10 @@ static const key_spec keys[] = {
      "under expert parallelism, run each MoE block's expert exchange in two parts, one part's dispatch and combine "
      "in flight while the other's experts compute (Megatron --overlap-moe-expert-parallel-comm; here within a "
      "micro-batch); one more receive-capacity buffer"},
+    {"moe_pair_micro_batches", K_BOOL, OFF(moe_pair_micro_batches), 0, NULL, 0, 1, 0, NULL, 0,
+     "under expert parallelism, run each micro-batch's forward beside the previous one's backward, each one's "
+     "expert all-to-alls in flight while the other computes (DeepSeek-V3's DualPipe overlap; Megatron-Core's "
+     "combined 1F1B); results unchanged; a second activation set"},
     {"overlap_grad_reduce", K_BOOL, OFF(overlap_grad_reduce), 0, NULL, 0, 1, 0, NULL, 0,
      "start each bucket's reduce-scatter once the backward has finished its layers (Megatron --overlap-grad-reduce)"},
     {"data_parallel_sharding_strategy", K_ENUM, OFF(data_parallel_sharding_strategy), 0, NULL, 0, 0, 0, sharding_names, 0,

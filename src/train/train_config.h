@@ -85,6 +85,8 @@ typedef struct nm_train_config {
     int overlap_moe_expert_parallel_comm; // the split expert exchange: each MoE block's dispatch and
                                           // combine in two parts, one's in flight while the other's
                                           // experts compute (moe.c)
+    int moe_pair_micro_batches;     // micro-batch i+1's forward beside i's backward, each one's expert
+                                    // all-to-alls in flight while the other computes (trainer_step.c)
     int64_t virtual_pipeline_size;  // virtual_pipeline_model_parallel_size: chunks per pipeline rank
                                     // (interleaved 1F1B); 0: from the layout's stage count, else 1
     int64_t expert_parallel_size;   // 1: routed experts sharded over this many ranks

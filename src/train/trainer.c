@@ -158,6 +158,7 @@ static int check_model_against_config(const nm_model_config *m, const nm_train_c
 
 // The model config and the parallel layout, checked on every rank before any work; the mesh
 // and the pipeline stages' layers.
+static int check_pairing(const nm_trainer *t, const nm_mesh_sizes *ms, nm_error *err);
 static int create_layout(nm_trainer *t, nm_error *err) {
     const nm_train_config *cfg = &t->cfg;
     if (nm_train_config_model_config(cfg, &t->mcfg, err) != 0) return -1;
@@ -194,7 +195,36 @@ static int create_layout(nm_trainer *t, nm_error *err) {
     if (nm_mesh_create(&t->mesh, t->world, &ms, err) != 0) return -1;
     if (nm_train_config_accum_steps(cfg, ms.dp, &t->accum, err) != 0) return -1;
     if (nm_pipeline_check_micro_batches(ms.pp, t->vpp, t->accum, err) != 0) return -1;
+    if (cfg->moe_pair_micro_batches && check_pairing(t, &ms, err) != 0) return -1;
     t->T = cfg->seq_len + 1;
+    return 0;
+}
+
+// moe_pair_micro_batches: what the pairing needs (trainer_step.c, "paired micro-batches").
+static int check_pairing(const nm_trainer *t, const nm_mesh_sizes *ms, nm_error *err) {
+    const char *key = "moe_pair_micro_batches";
+    if (ms->ep < 2)
+        return nm_error_set(err, "%s: it hides the expert all-to-all, and expert_parallel_size %lld has none: set "
+                            "expert_parallel_size to 2 or more, or %s to false", key, (long long)ms->ep, key);
+    if (ms->pp > 1)
+        return nm_error_set(err, "%s with pipeline_parallel_size %lld: only the schedule without a pipeline pairs "
+                            "micro-batches (the pipeline's own pairing, DualPipe, is not built): set one of them off",
+                            key, (long long)ms->pp);
+    if (t->accum < 2)
+        return nm_error_set(err, "%s needs at least 2 micro-batches a step, and global_batch %lld / (micro_batch %lld "
+                            "x data_parallel_size %lld) is %lld: raise global_batch or lower micro_batch", key,
+                            (long long)t->cfg.global_batch, (long long)t->cfg.micro_batch, (long long)ms->dp,
+                            (long long)t->accum);
+    if (t->opts.external_data)
+        return nm_error_set(err, "%s: the trainer pairs the micro-batches it loads itself; a caller's (external_data) "
+                            "come one at a time: set %s to false", key, key);
+    // The two jobs take turns at each expert all-to-all, which every rank of an expert-parallel
+    // group reaches together; the tensor-parallel collectives between them are in the same
+    // order only on ranks of one group.
+    if (ms->tp > 1 && ms->ep % ms->tp != 0)
+        return nm_error_set(err, "%s with tensor_parallel_size %lld: each tensor-parallel group must lie inside one "
+                            "expert-parallel group, and expert_parallel_size %lld is not a multiple of it", key,
+                            (long long)ms->tp, (long long)ms->ep);
     return 0;
 }
 
@@ -226,6 +256,9 @@ static int create_model(nm_trainer *t, nm_error *err) {
     if (cfg->threads > 0) t->ops->set_threads(t->ops, (int)cfg->threads);  // before the first op runs
     if (nm_model_create_ex(&t->model, &t->mcfg, t->ops, cfg->micro_batch, t->T, &mopts, err) != 0) return -1;
     if (nm_model_set_precision(t->model, cfg->precision, err) != 0) return -1;
+    if (cfg->moe_pair_micro_batches && (nm_model_create_pair(&t->model_pair, t->model, &mopts, err) != 0 ||
+                                        nm_coop_create(&t->coop, 0, err) != 0))
+        return -1;
     const nm_param_table *table = nm_model_table(t->model);
     t->embed_copy_row = -1;
     for (int i = 0; table->embed_copy && i < table->n_rows; i++) {
@@ -395,7 +428,7 @@ static int open_run_dir(nm_trainer *t, nm_error *err) {
 // byte with the plan of the same layout.
 static int write_memory(nm_trainer *t, const double *stage_mem, nm_error *err) {
     const nm_param_table *table = nm_model_table(t->model);
-    int64_t params = (int64_t)table->n_floats * 4, acts = (int64_t)nm_model_activation_bytes(t->model);
+    int64_t params = (int64_t)table->n_floats * 4, acts = nm_trainer_activation_bytes(t);
     int64_t optim = (int64_t)t->optim->n_state * nm_optimizer_state_bytes_per_float(&t->optim->cfg);
     // under gradient sharding (0 otherwise): the gradient buffer's resident bound and this rank's shard
     int64_t grads_resident = 0, grad_shard = 0;
@@ -417,7 +450,7 @@ static int write_memory(nm_trainer *t, const double *stage_mem, nm_error *err) {
                                 "\"bf16_twin_bytes\": %lld, \"grads_resident_bytes\": %lld, "
                                 "\"grad_shard_bytes\": %lld, \"stages\": [",
                                 (long long)params, (long long)params_resident, (long long)params, (long long)optim,
-                                (long long)acts, (long long)copy, (long long)nm_model_bf16_twin_bytes(t->model),
+                                (long long)acts, (long long)copy, (long long)(nm_model_bf16_twin_bytes(t->model) + (t->model_pair ? nm_model_bf16_twin_bytes(t->model_pair) : 0)),
                                 (long long)grads_resident, (long long)grad_shard);
     int64_t pp = t->mesh->n.pp;
     for (int64_t s = 0; s < pp && k < sizeof text; s++)
@@ -459,7 +492,7 @@ int nm_trainer_create(nm_trainer **out, const nm_train_config *cfg, const nm_tra
     if (t->pipe) {
         if (t->mesh->dp_rank == 0 && t->mesh->tp_rank == 0) {
             stage_mem[2 * t->mesh->pp_rank] = (double)table->n_floats * 4;
-            stage_mem[2 * t->mesh->pp_rank + 1] = (double)nm_model_activation_bytes(t->model);
+            stage_mem[2 * t->mesh->pp_rank + 1] = (double)nm_trainer_activation_bytes(t);
         }
         if (nm_comm_all_reduce(t->world, stage_mem, 2 * ms.pp, NM_DT_F64, NM_RED_SUM, err) != 0) {
             nm_free(stage_mem);
@@ -520,6 +553,8 @@ void nm_trainer_destroy(nm_trainer *t) {
     nm_loader_destroy(t->valid_data);
     nm_pipeline_destroy(t->pipe);  // before the model: it frees its buffers through the model's backend
     nm_optimizer_destroy(t->optim);
+    nm_model_destroy(t->model_pair);  // before the model whose weights it uses
+    nm_coop_destroy(t->coop);
     nm_model_destroy(t->model);
     nm_model_config_free(&t->mcfg);
     nm_zero_destroy(t->zero);

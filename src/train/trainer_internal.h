@@ -43,6 +43,9 @@ struct nm_trainer {
     nm_trainer_options opts;
     nm_model_config mcfg;
     nm_model *model;
+    nm_model *model_pair;       // moe_pair_micro_batches: the second activation set (its weights and
+                                // gradients are model's), else NULL
+    nm_coop *coop;              // ... and the two jobs' stacks
     nm_optimizer *optim;
     const nm_ops *ops;          // the backend instance (cfg.backend, NM_BACKEND), owned: destroyed last
     nm_comm *world;             // owned
@@ -125,3 +128,9 @@ int nm_trainer_resume(nm_trainer *t, const char *metrics_path, int *resumed, nm_
 void nm_trainer_banner(nm_trainer *t, const double *stage_mem);
 int nm_trainer_report_step(nm_trainer *t, const nm_step_metrics *m, int64_t ep_rounds, double ep_over, int diverged,
                            nm_error *err);
+
+// The activations this rank holds: the model's, and the pair's under moe_pair_micro_batches.
+static inline int64_t nm_trainer_activation_bytes(const nm_trainer *t) {
+    return (int64_t)nm_model_activation_bytes(t->model) +
+           (t->model_pair ? (int64_t)nm_model_activation_bytes(t->model_pair) : 0);
+}

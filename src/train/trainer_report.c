@@ -87,7 +87,7 @@ void nm_trainer_banner(nm_trainer *t, const double *stage_mem) {
            layout, (double)table->n_floats * 4 / mib, (double)table->n_floats * 4 / mib,
            (double)t->optim->n_state * (double)nm_optimizer_state_bytes_per_float(&t->optim->cfg) / mib,
            100.0 * (double)t->optim->n_params / (double)(whole->n_params_main + whole->n_params_mtp),
-           (double)nm_model_activation_bytes(t->model) / mib);
+           (double)nm_trainer_activation_bytes(t) / mib);
     if (t->zero && t->zero->widest_row >= 0)
         printf("distributed optimizer: equal ranges of %lld floats over dp %lld and of %lld over the expert group "
                "%lld; %s spans %lld of them\n",
@@ -120,7 +120,7 @@ void nm_trainer_banner(nm_trainer *t, const double *stage_mem) {
            t->peak_flops / 1e9, cfg->precision == NM_PRECISION_FP32 ? "fp32 GEMM" : "best of the fp32 and bf16 GEMMs",
            given && atof(given) > 0 ? "given by NM_PEAK_GFLOPS" : "measured",
            t->ops->kernel_names(t->ops), t->flops_per_token / 1e6,
-           (double)nm_model_activation_bytes(t->model) / 1048576.0);
+           (double)nm_trainer_activation_bytes(t) / 1048576.0);
     if (opts->recompute && !t->pipe) {
         size_t full = nm_model_estimate_activation_bytes(&t->mcfg, cfg->micro_batch, t->T, 0);
         printf(" (recomputation saves %.1f MiB of %.1f)", (double)(full - nm_model_activation_bytes(t->model)) / 1048576.0,

@@ -272,39 +272,130 @@ int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err) {
     return 0;
 }
 
-// One micro-batch outside the pipeline: forward -> backward (grads +=) on tokens (micro_batch,
-// T). The last one's backward finishes the gradients: buckets start reducing as soon as their
-// layers are done (overlap_grad_reduce), the rest in reduce_step. Under gradient sharding
-// (optim_grads) every micro-batch's backward is reduced so, and waited for here: its buckets
-// are folded into this rank's shard and released (the global rows' buckets wait for
-// reduce_step). *lt gets the micro-batch's own loss terms.
-static int accumulate_micro_batch(nm_trainer *t, int64_t micro, const int32_t *tokens, const nm_loss_options *opt,
-                                  nm_step_metrics *m, int n_moe, int *finite, nm_loss_terms *lt, nm_error *err) {
-    const nm_train_config *c = &t->cfg;
-    int64_t E = t->mcfg.E;
-    double tb = now_s();
-    if (nm_model_forward(t->model, tokens, c->micro_batch, t->T, opt, lt, NULL, err) != 0) return -1;
-    const int64_t *counts = nm_model_expert_counts(t->model, NULL, NULL);
-    for (int64_t i = 0; i < (int64_t)n_moe * E; i++) t->step_counts[i] += counts[i];
-    double tc = now_s();
-    int last = micro == t->accum - 1, shard_grads = t->zero && t->zero->be;
-    if (t->zero && (last || shard_grads)) {
-        nm_zero_begin(t->zero, nm_model_grads(t->model), micro == 0);
-        memset(t->tp_summed, 0, (size_t)nm_model_table(t->model)->n_rows);
-        if (c->overlap_grad_reduce || shard_grads) nm_model_set_backward_hook(t->model, zero_backward_hook, t);
-    }
-    int rc = nm_model_backward(t->model, err);
-    nm_model_set_backward_hook(t->model, NULL, NULL);
-    if (rc != 0) return -1;
-    if (shard_grads && nm_zero_wait_started(t->zero, err) != 0) return -1;
-    double td = now_s();
-    m->t_forward += tc - tb;
-    m->t_backward += td - tc;
+// After a micro-batch's forward on `model`: its expert loads into the step's.
+static void add_expert_counts(nm_trainer *t, nm_model *model, int n_moe) {
+    const int64_t *counts = nm_model_expert_counts(model, NULL, NULL);
+    for (int64_t i = 0; i < (int64_t)n_moe * t->mcfg.E; i++) t->step_counts[i] += counts[i];
+}
+
+// Its loss terms into the step's, in micro-batch order.
+static void add_loss_terms(nm_trainer *t, nm_step_metrics *m, const nm_loss_terms *lt, int *finite) {
     m->loss += lt->loss / (double)t->accum;
     m->ce_loss += lt->ce / (double)t->accum;
     m->mtp_loss += lt->mtp / (double)t->accum;
     m->aux_loss += lt->aux / (double)t->accum;
     if (!isfinite(lt->loss)) *finite = 0;
+}
+
+// Before micro-batch `micro`'s backward on `model`. The last one's finishes the gradients:
+// buckets start reducing as soon as their layers are done (overlap_grad_reduce), the rest in
+// reduce_step. Under gradient sharding (optim_grads) every micro-batch's backward is reduced so.
+static void backward_begin(nm_trainer *t, nm_model *model, int64_t micro) {
+    int last = micro == t->accum - 1, shard_grads = t->zero && t->zero->be;
+    if (t->zero && (last || shard_grads)) {
+        nm_zero_begin(t->zero, nm_model_grads(t->model), micro == 0);
+        memset(t->tp_summed, 0, (size_t)nm_model_table(t->model)->n_rows);
+        if (t->cfg.overlap_grad_reduce || shard_grads) nm_model_set_backward_hook(model, zero_backward_hook, t);
+    }
+}
+
+// ... and after it (rc: the backward's): under gradient sharding its buckets are waited for,
+// folded into this rank's shard and released (the global rows' buckets wait for reduce_step).
+static int backward_end(nm_trainer *t, nm_model *model, int rc, nm_error *err) {
+    nm_model_set_backward_hook(model, NULL, NULL);
+    if (rc != 0) return -1;
+    if (t->zero && t->zero->be && nm_zero_wait_started(t->zero, err) != 0) return -1;
+    return 0;
+}
+
+// One micro-batch outside the pipeline: forward -> backward (grads +=) on tokens (micro_batch,
+// T). *lt gets the micro-batch's own loss terms.
+static int accumulate_micro_batch(nm_trainer *t, int64_t micro, const int32_t *tokens, const nm_loss_options *opt,
+                                  nm_step_metrics *m, int n_moe, int *finite, nm_loss_terms *lt, nm_error *err) {
+    double tb = now_s();
+    if (nm_model_forward(t->model, tokens, t->cfg.micro_batch, t->T, opt, lt, NULL, err) != 0) return -1;
+    add_expert_counts(t, t->model, n_moe);
+    double tc = now_s();
+    backward_begin(t, t->model, micro);
+    if (backward_end(t, t->model, nm_model_backward(t->model, err), err) != 0) return -1;
+    double td = now_s();
+    m->t_forward += tc - tb;
+    m->t_backward += td - tc;
+    add_loss_terms(t, m, lt, finite);
+    return 0;
+}
+
+// --- paired micro-batches (moe_pair_micro_batches) -------------------------------------------
+//
+// DeepSeek-V3's DualPipe overlap outside a pipeline (Megatron-Core's combined 1F1B): micro-batch
+// i+1's forward runs beside micro-batch i's backward, on a second model holding its activations
+// (nm_model_create_pair; the same weights and gradients), as two jobs on this thread
+// (core/coop.h). Each job runs until it has started an expert all-to-all and would wait for it,
+// then the other computes meanwhile. A forward writes nothing a backward reads and the backwards
+// still add into the gradients in micro-batch order, so every number is the one of
+// forward -> backward one micro-batch at a time.
+
+typedef struct pair_job {
+    nm_trainer *t;
+    nm_model *model;
+    const nm_loss_options *opt;
+    nm_loss_terms lt;
+    int rc;
+    nm_error err;
+} pair_job;
+
+static void pair_forward(void *ctx) {
+    pair_job *j = ctx;
+    j->rc = nm_model_forward(j->model, j->t->tokens, j->t->cfg.micro_batch, j->t->T, j->opt, &j->lt, NULL, &j->err);
+}
+
+static void pair_backward(void *ctx) {
+    pair_job *j = ctx;
+    j->rc = nm_model_backward(j->model, &j->err);
+}
+
+static int paired_micro_batches(nm_trainer *t, const nm_loss_options *opt, nm_step_metrics *m, int n_moe,
+                                int *finite, nm_error *err) {
+    nm_model *model[2] = {t->model, t->model_pair};
+    double ta = now_s();
+    if (nm_loader_next_batch(t->train_data, t->tokens, t->cfg.micro_batch, err) != 0) return -1;
+    double tb = now_s();
+    m->t_data += tb - ta;
+    nm_loss_terms lt;
+    if (nm_model_forward(model[0], t->tokens, t->cfg.micro_batch, t->T, opt, &lt, NULL, err) != 0) return -1;
+    add_expert_counts(t, model[0], n_moe);
+    add_loss_terms(t, m, &lt, finite);
+    m->t_forward += now_s() - tb;
+    for (int64_t i = 0; i < t->accum; i++) {
+        nm_model *back = model[i % 2], *fwd = model[(i + 1) % 2];
+        backward_begin(t, back, i);
+        if (i + 1 == t->accum) {  // the last backward, alone
+            double tc = now_s();
+            if (backward_end(t, back, nm_model_backward(back, err), err) != 0) return -1;
+            m->t_backward += now_s() - tc;
+            break;
+        }
+        ta = now_s();
+        if (nm_loader_next_batch(t->train_data, t->tokens, t->cfg.micro_batch, err) != 0) return -1;
+        m->t_data += now_s() - ta;
+        pair_job jf = {.t = t, .model = fwd, .opt = opt}, jb = {.t = t, .model = back};
+        double ran[2];
+        nm_model_set_coop(fwd, t->coop);
+        nm_model_set_coop(back, t->coop);
+        nm_coop_run(t->coop, pair_forward, &jf, pair_backward, &jb, ran);
+        nm_model_set_coop(fwd, NULL);
+        nm_model_set_coop(back, NULL);
+        m->t_forward += ran[0];
+        m->t_backward += ran[1];
+        if (jb.rc != 0) *err = jb.err;
+        if (backward_end(t, back, jb.rc, err) != 0) return -1;
+        if (jf.rc != 0) {
+            *err = jf.err;
+            return -1;
+        }
+        add_expert_counts(t, fwd, n_moe);
+        add_loss_terms(t, m, &jf.lt, finite);
+    }
     return 0;
 }
 
@@ -412,6 +503,14 @@ static int routing_stats(nm_trainer *t, nm_step_metrics *m, int n_moe, int64_t *
     *ep_over = 0.0;
     if (t->mesh->n.ep > 1) {
         nm_model_ep_stats(t->model, ep_rounds, ep_over, &t->ep_overlap_s);
+        if (t->model_pair) {  // the paired micro-batches' second model: its exchanges too
+            int64_t rounds2;
+            double over2, overlap2;
+            nm_model_ep_stats(t->model_pair, &rounds2, &over2, &overlap2);
+            if (rounds2 > *ep_rounds) *ep_rounds = rounds2;
+            if (over2 > *ep_over) *ep_over = over2;
+            t->ep_overlap_s += overlap2;
+        }
         if (nm_comm_all_reduce(t->world, ep_rounds, 1, NM_DT_I64, NM_RED_MAX, err) != 0 ||
             nm_comm_all_reduce(t->world, ep_over, 1, NM_DT_F64, NM_RED_MAX, err) != 0)
             return -1;
@@ -488,7 +587,8 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     if (t->opts.before_backward && t->opts.before_backward(t->opts.hook_ctx, t->model, step, err) != 0) return -1;
     int finite = 1;
     if (t->pipe && pipeline_micro_batches(t, &opt, m, n_moe, &finite, err) != 0) return -1;
-    for (int64_t micro = 0; !t->pipe && micro < t->accum; micro++) {
+    if (t->model_pair && paired_micro_batches(t, &opt, m, n_moe, &finite, err) != 0) return -1;
+    for (int64_t micro = 0; !t->pipe && !t->model_pair && micro < t->accum; micro++) {
         double ta = now_s();
         if (nm_loader_next_batch(t->train_data, t->tokens, c->micro_batch, err) != 0) return -1;
         m->t_data += now_s() - ta;
