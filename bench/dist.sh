@@ -71,6 +71,21 @@ if nm_mpirun "$T" "$NM" train "${common[@]}" --out ep_split --set threads=1 --se
   summary ep_split "$T ranks x 1 (dp$T ep$T, split exchange)"
   python3 -c "import json;rows=[json.loads(l) for l in open('ep_split/metrics.jsonl')][$WARMUP:];print('ep all-to-all exposed %.3f s/step, computed during %.0f%% of its flight' % (sum(r['ep_a2a_exposed_s'] for r in rows)/len(rows), 100*sum(r['ep_a2a_hidden_fraction'] for r in rows)/len(rows)))"
 fi
+# paired micro-batches: one micro-batch's forward beside the previous one's backward, each one's
+# all-to-alls in flight while the other computes. It needs 2 or more micro-batches a step: both
+# runs at half the config's micro-batch, its peer (ep_half) unpaired, run right before it
+half=$(( $(python3 -c "import json;print(json.load(open('$CONFIG-train.json'))['micro_batch'])") / 2 ))
+[ "$half" -ge 1 ] || half=1
+if nm_mpirun "$T" "$NM" train "${common[@]}" --out ep_half --set threads=1 --set expert_parallel_size="$T" \
+     --set micro_batch="$half" >ep_half.log 2>&1 &&
+   nm_mpirun "$T" "$NM" train "${common[@]}" --out ep_pair --set threads=1 --set expert_parallel_size="$T" \
+     --set micro_batch="$half" --set moe_pair_micro_batches=true >ep_pair.log 2>&1; then
+  summary ep_half "$T ranks x 1 (dp$T ep$T, micro $half)"
+  summary ep_pair "$T ranks x 1 (dp$T ep$T, micro $half, paired)"
+  python3 -c "import json;rows=[json.loads(l) for l in open('ep_pair/metrics.jsonl')][$WARMUP:];print('paired: ep all-to-all exposed %.3f s/step, the other micro-batch computing during %.0f%% of its flight; %.2fx the unpaired run' % (sum(r['ep_a2a_exposed_s'] for r in rows)/len(rows), 100*sum(r['ep_a2a_hidden_fraction'] for r in rows)/len(rows), float(open('ep_pair.tok').read())/float(open('ep_half.tok').read())))"
+else
+  echo "ep$T paired: $(tail -1 ep_half.log) $(tail -1 ep_pair.log)"
+fi
 # tensor parallelism (sequence parallelism on, the default) over all T ranks
 if nm_mpirun "$T" "$NM" train "${common[@]}" --out tp --set threads=1 --set tensor_parallel_size="$T" >tp.log 2>&1; then
   summary tp "$T ranks x 1 (tp$T)"
@@ -92,6 +107,6 @@ if nm_mpirun "$T" "$NM" train "${common[@]}" --out pp_v2 --set threads=1 --set p
 else
   echo "pp$T v2: $(tail -1 pp_v2.log)"
 fi
-for r in dp dp_overlap dp_zero2 ep ep_overlap ep_split tp pp pp_v2; do
+for r in dp dp_overlap dp_zero2 ep ep_overlap ep_split ep_half ep_pair tp pp pp_v2; do
   [ -f $r.tok ] && python3 -c "print(f'efficiency $r: {float(open(\"$r.tok\").read())/float(open(\"one.tok\").read()):.2f} of 1 rank x $T threads')"
 done

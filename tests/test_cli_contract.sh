@@ -251,6 +251,12 @@ refused "key 'moe_shared_expert_overlap': expected true or false" "$N" train --c
     --set moe_shared_expert_overlap=2
 refused "key 'overlap_moe_expert_parallel_comm': expected true or false" "$N" train --config train.json \
     --out run_s --set overlap_moe_expert_parallel_comm=yes
+refused "key 'moe_pair_micro_batches': expected true or false" "$N" train --config train.json \
+    --out run_s --set moe_pair_micro_batches=1.5
+refused "moe_pair_micro_batches: it hides the expert all-to-all, and expert_parallel_size 1 has none" "$N" train \
+    --config train.json --out run_s --set moe_pair_micro_batches=true
+refused "moe_pair_micro_batches: it hides the expert all-to-all, and expert_parallel_size 1 has none" "$N" plan \
+    --config "$TINY" --world 2 --pair-micro-batches
 refused "needs pipeline_parallel_size >= 2" "$N" plan --config "$TINY" --world 1 --virtual-pipeline-size 2
 # --set keys of the training config: the key and the range, integers printed as integers.
 for kv in optimizer.lr=nan optimizer.lr=inf optimizer.lr=-1 optimizer.lr=1e300 seq_len=nan seq_len=-4 \

@@ -198,6 +198,75 @@ split_run sp_tp2_ep2 4 ref ov_tp2_ep2_false --set expert_parallel_size=2 --set t
 split_run sp_ep2_bf16 2 ep2_bf16 ep2_bf16 --set expert_parallel_size=2 --set precision=bf16
 NM_COMPARE_LOAD=report split_run sp_ep2_fp8 2 ep2_fp8 ep2_fp8 --set expert_parallel_size=2 --set precision=fp8
 
+# Paired micro-batches (moe_pair_micro_batches, DeepSeek-V3's DualPipe overlap without a
+# pipeline): micro-batch i+1's forward runs beside micro-batch i's backward on a second
+# activation set, the two taking turns on one thread at each expert all-to-all, so that one's
+# all-to-all is in flight while the other computes (trainer_step.c). A forward writes nothing a
+# backward reads and the backwards add into the gradients in micro-batch order, so every layout
+# and precision equals the unpaired run of the same layout bit for bit: every step's loss, CE,
+# gradient norm and expert load, and the step-10 checkpoints with `cmp`. The other micro-batch
+# computed during part of every step's flight, and the run holds two activation sets
+# (memory.json: twice the unpaired run's bytes). 2 micro-batches a step at dp2 and dp4 x ep2
+# (micro 1, global 8 over 4 data-parallel ranks), 4 at ep2.
+pair_run() {  # name ranks options...
+  local name=$1 n=$2; shift 2
+  for run in "unpaired_$name" "pair_$name"; do
+    local -a more=()
+    [ "$run" = "unpaired_$name" ] || more=(--set moe_pair_micro_batches=true)
+    nm_mpirun "$n" "$NM_BIN" train --config train.json --out "$run" --quiet --set checkpoint.save_every=10 "$@" \
+      "${more[@]}" >"$run.log" 2>&1 || { cat "$run.log"; fail "$run did not run"; }
+  done
+  for f in "unpaired_$name"/step_000010/*.safetensors; do
+    cmp "$f" "pair_$name/step_000010/${f##*/}" || fail "pair_$name: ${f##*/} differs from the unpaired run's"
+  done
+  "$PY" - "pair_$name" "unpaired_$name" <<'PY'
+import json, sys
+name, base_dir = sys.argv[1:3]
+rows, base = ([json.loads(l) for l in open(f"{d}/metrics.jsonl") if '"loss"' in l] for d in (name, base_dir))
+assert len(rows) == len(base) == 10, (name, len(rows), len(base))
+for r, b in zip(rows, base):
+    for k in ("loss", "ce_loss", "grad_norm", "expert_load_max_over_mean", "bias_min", "bias_max",
+              "comm_ep_all_to_all_bytes_job"):
+        assert r[k] == b[k], (name, "not bit-identical to the unpaired run", r["step"], k, r[k], b[k])
+    assert r["ep_a2a_hidden_fraction"] > 0.0, (name, r["step"], "no compute while an all-to-all was in flight")
+mem, base_mem = (json.load(open(f"{d}/memory.json")) for d in (name, base_dir))
+assert mem["activation_bytes"] == 2 * base_mem["activation_bytes"], (name, mem["activation_bytes"], base_mem["activation_bytes"])
+hidden = sum(r["ep_a2a_hidden_fraction"] for r in rows) / len(rows)
+print(f"{name}: losses, CE, gradient norms, loads and checkpoints bit-identical to {base_dir}; two activation sets; "
+      f"the other micro-batch computed during {100 * hidden:.0f}% of the flight")
+PY
+}
+pair_run ep2 2 --set expert_parallel_size=2
+pair_run dp4_ep2 4 --set expert_parallel_size=2
+pair_run ep2_bf16 2 --set expert_parallel_size=2 --set precision=bf16
+pair_run ep2_fp8 2 --set expert_parallel_size=2 --set precision=fp8
+# with the split exchange and the shared experts inside the exchange, whole blocks recomputed
+pair_run ep2_split_shared_recompute 2 --set expert_parallel_size=2 --set overlap_moe_expert_parallel_comm=true \
+  --set moe_shared_expert_overlap=true --recompute
+# tensor parallelism inside each expert group; the exchange in rounds (capacity a quarter of the
+# mean); gradient sharding with its reduce-scatters inside the backward; selective recomputation
+pair_run tp2_ep2 4 --set expert_parallel_size=2 --set tensor_parallel_size=2
+pair_run ep2_rounds 2 --set expert_parallel_size=2 --set moe_receive_capacity=0.25
+pair_run dp4_ep2_optim_grads 4 --set expert_parallel_size=2 --set bucket_mb=1 --set overlap_grad_reduce=true \
+  --set data_parallel_sharding_strategy=optim_grads
+pair_run ep2_bf16_modules 2 --set expert_parallel_size=2 --set precision=bf16 --set recompute_granularity=selective \
+  --set recompute_modules=mla_up_proj,moe_act,layernorm
+# What the pairing cannot take is refused before any work, naming the key and the numbers.
+pair_refused() {  # name ranks expected-message options...
+  local name=$1 n=$2 want=$3; shift 3
+  if nm_mpirun "$n" "$NM_BIN" train --config train.json --out "$name" --quiet --set moe_pair_micro_batches=true "$@" \
+       >"$name.log" 2>&1; then
+    fail "$name: accepted"
+  fi
+  [[ $(cat "$name.log") == *"$want"* ]] || { cat "$name.log"; fail "$name: the refusal does not say: $want"; }
+  [ ! -e "$name/metrics.jsonl" ] || fail "$name: a refused run wrote metrics"
+}
+pair_refused pair_accum1 2 "moe_pair_micro_batches needs at least 2 micro-batches a step, and global_batch 2 / (micro_batch 1 x data_parallel_size 2) is 1" \
+  --set expert_parallel_size=2 --set global_batch=2
+pair_refused pair_pp2 4 "moe_pair_micro_batches with pipeline_parallel_size 2" --set expert_parallel_size=2 \
+  --set pipeline_parallel_size=2 --set "pipeline_model_parallel_layout=Et*2|tmL"
+pair_refused pair_ep1 2 "moe_pair_micro_batches: it hides the expert all-to-all, and expert_parallel_size 1 has none"
+
 # Every routed row forced to one EP rank: a router bias of 100 on experts 0 and 1 (EP rank 0's
 # pair at ep4, half of rank 0's four at ep2) outweighs any affinity, so all N x K rows of every
 # rank go to rank 0, the dropless worst case. ep4 receives 4 x N x 2 rows against C = 2 x N x 2:

@@ -54,6 +54,9 @@ check() {
   if [ -n "${CAPACITY:-}" ]; then
     extra+=(--set moe_receive_capacity="$CAPACITY") && pextra+=(--moe-receive-capacity "$CAPACITY")
   fi
+  if [ -n "${PAIR:-}" ]; then
+    extra+=(--set moe_pair_micro_batches=true) && pextra+=(--pair-micro-batches)
+  fi
   if [ "$n" = 1 ]; then
     "$NM_BIN" train --config train.json --out "$name" "${extra[@]}" >"$name.log" 2>&1 || { cat "$name.log"; fail "$name did not run"; }
   else
@@ -165,6 +168,12 @@ PRECISION=bf16 check pp2_v2_dp2_ep2_bf16 4 2 0 1 1 2 'E|t|t|tmL'
 # receive capacity, the unsplit exchange's bytes
 SPLIT=1 check ep2_split 2 2 0
 SPLIT=1 PRECISION=bf16 check dp2_ep2_split_bf16 4 2 0
+# paired micro-batches (moe_pair_micro_batches): a second activation set, its buffers and bf16
+# copies all over again; the same bytes moved (ep2 and tp2 x ep2: 2 micro-batches a step)
+PAIR=1 check ep2_pair 2 2 0
+PAIR=1 PRECISION=bf16 check ep2_pair_bf16 2 2 0
+PAIR=1 PRECISION=fp8 SPLIT=1 check ep2_pair_fp8_split 2 2 0
+PAIR=1 check tp2_ep2_pair_recompute 4 2 1 2
 # bf16: the rows to the experts cross as bf16 (2 bytes), the rest fp32
 PRECISION=bf16 check ep2_bf16 2 2 0
 PRECISION=bf16 CAPACITY=0.5 check ep2_bf16_capacity_recompute 2 2 1
@@ -238,6 +247,15 @@ assert rows == {2 * 4097 * 8}, rows
 for i, s in enumerate(p["stages"]):
     assert s["optimizer_bytes"] <= 1.1 * s["optimizer_mean_bytes"], (i, s["optimizer_bytes"], s["optimizer_mean_bytes"])
 PY
+# the paired micro-batches' layout refusals, the trainer's (each tensor-parallel group inside one
+# expert-parallel group: 8 heads at tp4 over ep2 breaks it)
+if "$NM_BIN" plan --config "$NM_ROOT/configs/small.json" --world 8 --tp 4 --ep 2 --global-batch 16 \
+     --pair-micro-batches >bad.out 2>bad.err; then fail "pairing with tp4 over ep2 accepted"; fi
+[[ $(cat bad.err) == *"moe_pair_micro_batches with tensor_parallel_size 4"*"expert_parallel_size 2 is not a multiple"* ]] \
+  || { cat bad.err; fail "the pairing's tp refusal"; }
+if "$NM_BIN" plan --config model.json --world 2 --ep 2 --micro-batch 2 --global-batch 4 --pair-micro-batches >bad.out 2>bad.err; then
+  fail "pairing with one micro-batch a step accepted"; fi
+[[ $(cat bad.err) == *"needs at least 2 micro-batches a step"* ]] || { cat bad.err; fail "the pairing's accum refusal"; }
 if "$NM_BIN" plan --config model.json --world 2 --ep 2 --moe-receive-capacity 0 >bad.out 2>bad.err; then
   fail "--moe-receive-capacity 0 accepted"; fi
 grep -q "moe-receive-capacity" bad.err || { cat bad.err; fail "the capacity refusal does not name the flag"; }
@@ -297,7 +315,10 @@ for s in p["stages"]:
     dps = rs + ag + ring(c["dp_all_reduce"], world, 3, 2, link(tp, dp))
     assert abs(dps - t["dp_s"]) <= 1e-9 * max(dps, 1e-12), ("dp", dps, t["dp_s"])
     hidden_dp = min(rs, compute / p["accum"] * 2 / 3) if args["ogr"] else 0.0
-    hidden_ep = min(t["ep_s"], compute) if args["oep"] else 0.0
+    # the split exchange hides all of the all-to-all behind compute; the paired micro-batches all
+    # but the first forward's and the last backward's, (accum - 1) / accum of it
+    behind = t["ep_s"] if args["oep"] else t["ep_s"] * (p["accum"] - 1) / p["accum"] if args["pair"] else 0.0
+    hidden_ep = min(behind, compute)
     assert abs(t["hidden_s"] - hidden_dp - hidden_ep) <= 1e-9 * max(t["hidden_s"], 1e-12), ("hidden", t)
     busy = compute + t["tp_s"] + t["ep_s"] + t["pp_s"] + dps - hidden_dp - hidden_ep
     assert abs(busy - t["busy_s"]) <= 1e-9 * busy, ("busy", busy, t["busy_s"])
@@ -315,19 +336,21 @@ print(f"time model {sys.argv[3]}: step {step:.6g} s, {tokens:.4g} tokens/s per r
 PY
 time_case() {  # label rpn flags...
   local label=$1 rpn=$2; shift 2
-  local ogr=0 oep=0
+  local ogr=0 oep=0 pair=0
   [[ " $* " == *" --overlap-grad-reduce "* ]] && ogr=1
   [[ " $* " == *" --overlap-ep "* ]] && oep=1
+  [[ " $* " == *" --pair-micro-batches "* ]] && pair=1
   "$NM_BIN" plan --config model.json --seq-len 32 --micro-batch 2 --flops 2e9 --bw-intra 3 --bw-inter 0.5 \
     --latency-intra 2 --latency-inter 20 --ranks-per-node "$rpn" "$@" >"time_$label.out" 2>&1 \
     || { cat "time_$label.out"; fail "plan $label did not run"; }
   "$PY" timecheck.py "time_$label.out" \
-    "{\"rpn\": $rpn, \"bi\": 3, \"be\": 0.5, \"li\": 2, \"le\": 20, \"flops\": 2e9, \"bucket_mb\": 40, \"ogr\": $ogr, \"oep\": $oep}" "$label"
+    "{\"rpn\": $rpn, \"bi\": 3, \"be\": 0.5, \"li\": 2, \"le\": 20, \"flops\": 2e9, \"bucket_mb\": 40, \"ogr\": $ogr, \"oep\": $oep, \"pair\": $pair}" "$label"
 }
 time_case dp4_two_nodes 2 --world 4 --global-batch 16
 time_case dp2_ep2_overlap 4 --world 4 --ep 2 --global-batch 16 --overlap-grad-reduce --overlap-ep
 time_case pp2_dp2_recompute 4 --world 4 --pp 2 --pipeline-layout "Et*2|tmL" --global-batch 16 --recompute
 time_case tp2 2 --world 2 --tp 2 --global-batch 8
+time_case dp2_ep2_pair 4 --world 4 --ep 2 --global-batch 16 --pair-micro-batches
 # dp crossing nodes costs more than within one (same bytes, the slower link)
 one=$("$PY" -c "import json;print(json.loads(open('time_dp4_two_nodes.out').read().splitlines()[-1])['stages'][0]['time']['dp_s'])")
 "$NM_BIN" plan --config model.json --seq-len 32 --micro-batch 2 --flops 2e9 --bw-intra 3 --bw-inter 0.5 \

@@ -30,6 +30,7 @@ static nm_linear_args with_defaults(nm_linear_args a) {
 }
 
 void nm_linear_forward(const nm_model *m, nm_linear_args a) {
+    nm_ep_progress_partner(m);
     a = with_defaults(a);
     size_t off = (size_t)(a.W - m->params);
     switch (weight_precision(m, off)) {
@@ -51,6 +52,7 @@ void nm_linear_forward(const nm_model *m, nm_linear_args a) {
 }
 
 void nm_linear_backward_input(const nm_model *m, nm_linear_args a) {
+    nm_ep_progress_partner(m);
     a = with_defaults(a);
     size_t off = (size_t)(a.W - m->params);
     switch (weight_precision(m, off)) {
@@ -72,6 +74,7 @@ void nm_linear_backward_input(const nm_model *m, nm_linear_args a) {
 }
 
 void nm_linear_backward_weight(const nm_model *m, nm_linear_args a) {
+    nm_ep_progress_partner(m);
     a = with_defaults(a);
     size_t off = (size_t)(a.W - m->params);
     float *dW = m->grads + off;

@@ -123,8 +123,10 @@ void nm_model_destroy(nm_model *m);
 int nm_model_create_pair(nm_model **out, nm_model *owner, const nm_model_options *opts, nm_error *err);
 // With c set (NULL: off), each expert all-to-all of m's forward and backward, once started,
 // hands the thread to the other job of c (nm_coop_pause) before m waits for it: the other
-// micro-batch computes while it is in flight. The seconds count as overlapped (nm_model_ep_stats).
-void nm_model_set_coop(nm_model *m, nm_coop *c);
+// micro-batch, on partner, computes while it is in flight, and its GEMMs test it (MPI moves a
+// non-blocking collective only inside MPI calls). The seconds count as overlapped
+// (nm_model_ep_stats).
+void nm_model_set_coop(nm_model *m, nm_coop *c, nm_model *partner);
 
 float *nm_model_params(nm_model *m);                    // (table.n_floats); marks the weights changed
 const float *nm_model_params_view(const nm_model *m);   // the same, for reading only (marks nothing)

@@ -664,7 +664,10 @@ int nm_model_estimate_bytes(const nm_model_config *cfg, int64_t B_max, int64_t T
 }
 void nm_model_zero_grads(nm_model *m) { m->ops->zero(m->ops, m->grads, (int64_t)m->table.n_floats); }
 
-void nm_model_set_coop(nm_model *m, nm_coop *c) { m->ep.coop = c; }
+void nm_model_set_coop(nm_model *m, nm_coop *c, nm_model *partner) {
+    m->ep.coop = c;
+    m->ep.partner = c ? partner : NULL;
+}
 
 void nm_model_ep_stats(nm_model *m, int64_t *rounds, double *recv_max_over_mean, double *overlap_s) {
     *rounds = m->ep.stats_rounds;

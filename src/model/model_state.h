@@ -259,6 +259,7 @@ typedef struct nm_model_ep {
     nm_comm_request *in_flight;        // that all-to-all while the work runs (nm_ep_progress)
     struct nm_coop *coop;       // paired micro-batches (nm_model_set_coop): the other job runs
                                 // while an all-to-all of this model's is in flight
+    struct nm_model *partner;   // ... on this model: its all-to-all tested between our GEMMs
     double overlap_s;           // seconds of that work run with an all-to-all in flight, since the
                                 // last nm_model_ep_stats
     int64_t stats_rounds;       // most rounds of any exchange since the last nm_model_ep_stats
@@ -490,6 +491,9 @@ void nm_ep_plans_destroy(nm_model *m);
 // non-blocking collective only inside MPI calls, so the work that overlaps it calls this
 // between its GEMMs. A no-op when none is in flight.
 void nm_ep_progress(nm_model *m);
+// Paired micro-batches: the same for the partner's all-to-all, in flight while m computes
+// (every linear layer's GEMM calls it). A no-op unpaired.
+void nm_ep_progress_partner(const nm_model *m);
 
 // The stage's layers in forward order: main layers [layer_begin, layer_end), then the MTP
 // blocks L .. L+M-1 on the last stage.

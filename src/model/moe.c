@@ -47,6 +47,7 @@ static void groups_wgrad(nm_model *m, const int32_t *offsets, int64_t M, int64_t
 // The experts' groups in m->scratch.groups through the fp32 or the bf16 grouped GEMM (alpha 1).
 // bf16: rounded activation operands are read from their bf16 twins where they have them.
 static void grouped(nm_model *m, nm_transpose ta, nm_transpose tb, float beta, nm_dtype a_type, nm_dtype b_type) {
+    nm_ep_progress_partner(m);
     if (m->precision == NM_PRECISION_BF16) {
         nm_bf16_operand_groups(m, m->scratch.groups, m->ep.E_loc, ta, tb, &a_type, &b_type);
         m->ops->gemm_bf16_grouped(m->ops, ta, tb, 1.0f, beta, m->scratch.groups, m->ep.E_loc, a_type, b_type);
@@ -277,7 +278,14 @@ typedef struct ep_overlap ep_overlap;
 
 // Paired micro-batches: the other micro-batch runs until it waits too, while this model's
 // all-to-all is in flight (its seconds counted as overlapped).
-static void ep_pause(nm_model *m) { m->ep.overlap_s += nm_coop_pause(m->ep.coop); }
+// req: the all-to-all in flight, tested by the other's GEMMs meanwhile (nm_ep_progress_partner).
+static void ep_pause(nm_model *m, nm_comm_request *req) {
+    if (!m->ep.coop) return;
+    nm_comm_request *was = m->ep.in_flight;
+    m->ep.in_flight = req;
+    m->ep.overlap_s += nm_coop_pause(m->ep.coop);
+    m->ep.in_flight = was;
+}
 
 // One all-to-all of the exchange (nm_comm_all_to_all_v's arguments), the pending overlap work
 // done while it is in flight. Either way the work runs exactly once and the same operations
@@ -307,7 +315,7 @@ static void ep_a2a(nm_model *m, const void *send, const int64_t *send_counts, co
         m->ep.in_flight = NULL;
         m->ep.overlap_s += nm_comm_clock() - t0;
     }
-    ep_pause(m);
+    ep_pause(m, &req);
     if (nm_comm_wait(&req, &e) != 0) ep_fail(m, &e);
 }
 
@@ -468,7 +476,7 @@ static void ep_a2a_start(nm_model *m, const void *send, const int64_t *send_coun
 
 static void ep_a2a_wait(nm_model *m, nm_comm_request *req) {
     nm_error e;
-    if (req) ep_pause(m);
+    if (req) ep_pause(m, req);
     if (req && nm_comm_wait(req, &e) != 0 && !nm_model_faulted(m)) ep_fail(m, &e);
 }
 

@@ -95,6 +95,14 @@ void nm_tp_embedding_backward(nm_model *m, const float *dout, const int32_t *tok
     m->ops->embedding_backward(m->ops, m->grads + m->table.embed, dout, tp_local_ids(m, tokens, N), N, m->cfg.D);
 }
 
+void nm_ep_progress_partner(const nm_model *m) {
+    nm_model *p = m->ep.partner;
+    if (!p || !p->ep.in_flight || nm_model_faulted(p)) return;
+    int done = 0;
+    nm_error e;
+    if (nm_comm_test(p->ep.in_flight, &done, &e) != 0) nm_model_latch(p, NM_FAULT_EP, &e);
+}
+
 void nm_ep_progress(nm_model *m) {
     if (nm_model_faulted(m)) return;
     int done = 0;

@@ -344,6 +344,30 @@ done:
     return rc;
 }
 
+int nm_pair_micro_batches_check(const nm_mesh_sizes *n, int64_t accum, int64_t global_batch, int64_t micro_batch,
+                                nm_error *err) {
+    const char *key = "moe_pair_micro_batches";
+    if (n->ep < 2)
+        return nm_error_set(err, "%s: it hides the expert all-to-all, and expert_parallel_size %lld has none: set "
+                            "expert_parallel_size to 2 or more, or %s to false", key, (long long)n->ep, key);
+    if (n->pp > 1)
+        return nm_error_set(err, "%s with pipeline_parallel_size %lld: only the schedule without a pipeline pairs "
+                            "micro-batches (the pipeline's own pairing, DualPipe, is not built): set one of them off",
+                            key, (long long)n->pp);
+    if (accum < 2)
+        return nm_error_set(err, "%s needs at least 2 micro-batches a step, and global_batch %lld / (micro_batch %lld "
+                            "x data_parallel_size %lld) is %lld: raise global_batch or lower micro_batch", key,
+                            (long long)global_batch, (long long)micro_batch, (long long)n->dp, (long long)accum);
+    // The two jobs take turns at each expert all-to-all, which every rank of an expert-parallel
+    // group reaches together; the tensor-parallel collectives between them come in the same
+    // order only on ranks of one such group.
+    if (n->tp > 1 && n->ep % n->tp != 0)
+        return nm_error_set(err, "%s with tensor_parallel_size %lld: each tensor-parallel group must lie inside one "
+                            "expert-parallel group, and expert_parallel_size %lld is not a multiple of it", key,
+                            (long long)n->tp, (long long)n->ep);
+    return 0;
+}
+
 int nm_plan_compute(nm_plan *p, const nm_model_config *cfg, const nm_plan_request *r, nm_error *err) {
     *p = (nm_plan){0};
     if (r->seq_len < 1 || r->micro_batch < 1 || r->bucket_mb < 1)
@@ -354,6 +378,9 @@ int nm_plan_compute(nm_plan *p, const nm_model_config *cfg, const nm_plan_reques
         return nm_error_set(err, "tensor_parallel_size %lld with expert_parallel_size %lld needs sequence "
                                  "parallelism (the trainer refuses it without)", (long long)r->tp, (long long)r->ep);
     p->accum = r->global_batch / (r->micro_batch * p->n.dp);
+    if (r->pair_micro_batches &&
+        nm_pair_micro_batches_check(&p->n, p->accum, r->global_batch, r->micro_batch, err) != 0)
+        return -1;
     p->n_stages = p->n.pp;
     int64_t v = 1;
     int rc = nm_pipeline_virtual_size(p->n.pp, r->virtual_pipeline_size, r->pipeline_layout, &v, err);

@@ -23,6 +23,7 @@
 #define _GNU_SOURCE
 
 #include "train/trainer_internal.h"
+#include "train/plan.h"
 
 #include <unistd.h>
 
@@ -202,29 +203,10 @@ static int create_layout(nm_trainer *t, nm_error *err) {
 
 // moe_pair_micro_batches: what the pairing needs (trainer_step.c, "paired micro-batches").
 static int check_pairing(const nm_trainer *t, const nm_mesh_sizes *ms, nm_error *err) {
-    const char *key = "moe_pair_micro_batches";
-    if (ms->ep < 2)
-        return nm_error_set(err, "%s: it hides the expert all-to-all, and expert_parallel_size %lld has none: set "
-                            "expert_parallel_size to 2 or more, or %s to false", key, (long long)ms->ep, key);
-    if (ms->pp > 1)
-        return nm_error_set(err, "%s with pipeline_parallel_size %lld: only the schedule without a pipeline pairs "
-                            "micro-batches (the pipeline's own pairing, DualPipe, is not built): set one of them off",
-                            key, (long long)ms->pp);
-    if (t->accum < 2)
-        return nm_error_set(err, "%s needs at least 2 micro-batches a step, and global_batch %lld / (micro_batch %lld "
-                            "x data_parallel_size %lld) is %lld: raise global_batch or lower micro_batch", key,
-                            (long long)t->cfg.global_batch, (long long)t->cfg.micro_batch, (long long)ms->dp,
-                            (long long)t->accum);
+    if (nm_pair_micro_batches_check(ms, t->accum, t->cfg.global_batch, t->cfg.micro_batch, err) != 0) return -1;
     if (t->opts.external_data)
-        return nm_error_set(err, "%s: the trainer pairs the micro-batches it loads itself; a caller's (external_data) "
-                            "come one at a time: set %s to false", key, key);
-    // The two jobs take turns at each expert all-to-all, which every rank of an expert-parallel
-    // group reaches together; the tensor-parallel collectives between them are in the same
-    // order only on ranks of one group.
-    if (ms->tp > 1 && ms->ep % ms->tp != 0)
-        return nm_error_set(err, "%s with tensor_parallel_size %lld: each tensor-parallel group must lie inside one "
-                            "expert-parallel group, and expert_parallel_size %lld is not a multiple of it", key,
-                            (long long)ms->tp, (long long)ms->ep);
+        return nm_error_set(err, "moe_pair_micro_batches: the trainer pairs the micro-batches it loads itself; a "
+                                 "caller's (external_data) come one at a time: set moe_pair_micro_batches to false");
     return 0;
 }
 

@@ -380,11 +380,11 @@ static int paired_micro_batches(nm_trainer *t, const nm_loss_options *opt, nm_st
         m->t_data += now_s() - ta;
         pair_job jf = {.t = t, .model = fwd, .opt = opt}, jb = {.t = t, .model = back};
         double ran[2];
-        nm_model_set_coop(fwd, t->coop);
-        nm_model_set_coop(back, t->coop);
+        nm_model_set_coop(fwd, t->coop, back);
+        nm_model_set_coop(back, t->coop, fwd);
         nm_coop_run(t->coop, pair_forward, &jf, pair_backward, &jb, ran);
-        nm_model_set_coop(fwd, NULL);
-        nm_model_set_coop(back, NULL);
+        nm_model_set_coop(fwd, NULL, NULL);
+        nm_model_set_coop(back, NULL, NULL);
         m->t_forward += ran[0];
         m->t_backward += ran[1];
         if (jb.rc != 0) *err = jb.err;

@@ -121,3 +121,38 @@ def test_sharded_master_weights_read_only_under_mpirun(tmp_path):
     for r in range(2):
         d = json.load(open(f"{tmp_path / 'py'}-rank{r}.json"))
         assert not any(d["writeable"]) and d["finite"] and d["write"] == "refused" and d["steps"] == 2, (r, d)
+
+
+PAIRED_SCRIPT = """
+import json, sys
+import nanomegatron as nm
+ctx = nm.init_distributed(expert_parallel_size=2)
+model_config = nm.ModelConfig.from_hf(sys.argv[1])
+try:
+    nm.create_model(model_config, ctx, max_batch_size=1, max_seq_len=32, global_batch=4, moe_pair_micro_batches=True)
+    result = "accepted"
+except nm.NMError as e:
+    result = str(e)
+with open(f"{sys.argv[2]}-rank{ctx.rank}.json", "w") as f:
+    json.dump(result, f)
+"""
+
+
+def test_paired_micro_batches_refused_for_a_callers_micro_batches(tmp_path):
+    # create_model on 2 ranks hands the trainer one micro-batch at a time (external_data): there
+    # is no next micro-batch to pair, and the library says so with the key.
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun not found (apt-get install openmpi-bin)")
+    small_model().save(tmp_path / "model.json")
+    (tmp_path / "paired.py").write_text(textwrap.dedent(PAIRED_SCRIPT))
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_btl="self,vader", OMPI_MCA_btl_vader_single_copy_mechanism="none",
+               OMPI_MCA_plm_rsh_agent="false", OMPI_MCA_rmaps_base_oversubscribe="1",
+               OMPI_MCA_hwloc_base_binding_policy="none", OMPI_MCA_orte_tmpdir_base=str(tmp_path))
+    p = subprocess.run(["mpirun", "--timeout", "60", "--oversubscribe", "-np", "2", "-x", "OMP_NUM_THREADS=1",
+                        sys.executable, str(tmp_path / "paired.py"), str(tmp_path / "model.json"),
+                        str(tmp_path / "paired")], capture_output=True, text=True, env=env, timeout=90)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for r in range(2):
+        msg = json.load(open(f"{tmp_path / 'paired'}-rank{r}.json"))
+        assert "moe_pair_micro_batches" in msg and "external_data" in msg, (r, msg)
