@@ -277,8 +277,8 @@ struct ep_overlap {
 typedef struct ep_overlap ep_overlap;
 
 // Paired micro-batches: the other micro-batch runs until it waits too, while this model's
-// all-to-all is in flight (its seconds counted as overlapped).
-// req: the all-to-all in flight, tested by the other's GEMMs meanwhile (nm_ep_progress_partner).
+// all-to-all req is in flight (its seconds counted as overlapped); the other's GEMMs test req
+// meanwhile (nm_ep_progress_partner). A no-op unpaired.
 static void ep_pause(nm_model *m, nm_comm_request *req) {
     if (!m->ep.coop) return;
     nm_comm_request *was = m->ep.in_flight;

@@ -157,9 +157,17 @@ static int check_model_against_config(const nm_model_config *m, const nm_train_c
     return 0;
 }
 
+// moe_pair_micro_batches: what the pairing needs (trainer_step.c, "paired micro-batches").
+static int check_pairing(const nm_trainer *t, const nm_mesh_sizes *ms, nm_error *err) {
+    if (nm_pair_micro_batches_check(ms, t->accum, t->cfg.global_batch, t->cfg.micro_batch, err) != 0) return -1;
+    if (t->opts.external_data)
+        return nm_error_set(err, "moe_pair_micro_batches: the trainer pairs the micro-batches it loads itself; a "
+                                 "caller's (external_data) come one at a time: set moe_pair_micro_batches to false");
+    return 0;
+}
+
 // The model config and the parallel layout, checked on every rank before any work; the mesh
 // and the pipeline stages' layers.
-static int check_pairing(const nm_trainer *t, const nm_mesh_sizes *ms, nm_error *err);
 static int create_layout(nm_trainer *t, nm_error *err) {
     const nm_train_config *cfg = &t->cfg;
     if (nm_train_config_model_config(cfg, &t->mcfg, err) != 0) return -1;
@@ -198,15 +206,6 @@ static int create_layout(nm_trainer *t, nm_error *err) {
     if (nm_pipeline_check_micro_batches(ms.pp, t->vpp, t->accum, err) != 0) return -1;
     if (cfg->moe_pair_micro_batches && check_pairing(t, &ms, err) != 0) return -1;
     t->T = cfg->seq_len + 1;
-    return 0;
-}
-
-// moe_pair_micro_batches: what the pairing needs (trainer_step.c, "paired micro-batches").
-static int check_pairing(const nm_trainer *t, const nm_mesh_sizes *ms, nm_error *err) {
-    if (nm_pair_micro_batches_check(ms, t->accum, t->cfg.global_batch, t->cfg.micro_batch, err) != 0) return -1;
-    if (t->opts.external_data)
-        return nm_error_set(err, "moe_pair_micro_batches: the trainer pairs the micro-batches it loads itself; a "
-                                 "caller's (external_data) come one at a time: set moe_pair_micro_batches to false");
     return 0;
 }
 
@@ -412,6 +411,7 @@ static int write_memory(nm_trainer *t, const double *stage_mem, nm_error *err) {
     const nm_param_table *table = nm_model_table(t->model);
     int64_t params = (int64_t)table->n_floats * 4, acts = nm_trainer_activation_bytes(t);
     int64_t optim = (int64_t)t->optim->n_state * nm_optimizer_state_bytes_per_float(&t->optim->cfg);
+    int64_t twins = nm_model_bf16_twin_bytes(t->model) + (t->model_pair ? nm_model_bf16_twin_bytes(t->model_pair) : 0);
     // under gradient sharding (0 otherwise): the gradient buffer's resident bound and this rank's shard
     int64_t grads_resident = 0, grad_shard = 0;
     if (t->zero && t->zero->be) {
@@ -432,7 +432,7 @@ static int write_memory(nm_trainer *t, const double *stage_mem, nm_error *err) {
                                 "\"bf16_twin_bytes\": %lld, \"grads_resident_bytes\": %lld, "
                                 "\"grad_shard_bytes\": %lld, \"stages\": [",
                                 (long long)params, (long long)params_resident, (long long)params, (long long)optim,
-                                (long long)acts, (long long)copy, (long long)(nm_model_bf16_twin_bytes(t->model) + (t->model_pair ? nm_model_bf16_twin_bytes(t->model_pair) : 0)),
+                                (long long)acts, (long long)copy, (long long)twins,
                                 (long long)grads_resident, (long long)grad_shard);
     int64_t pp = t->mesh->n.pp;
     for (int64_t s = 0; s < pp && k < sizeof text; s++)
