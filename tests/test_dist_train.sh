@@ -164,16 +164,20 @@ precision_runs fp8 1e-3,4e-3 NM_COMPARE_LOAD=report
 # process within compare_runs' tolerance as the unsplit one does. Every step's exchange takes 2
 # rounds (the parts), moves the unsplit exchange's bytes, and the experts computed during part of
 # the flight.
+# same_checkpoint RUN REFERENCE WHAT: RUN's step-10 checkpoint is REFERENCE's, file by file, byte
+# for byte (`cmp`); WHAT names the reference in the failure.
+same_checkpoint() {
+  local run=$1 ref=$2 what=$3 f
+  for f in "$ref"/step_000010/*.safetensors; do
+    cmp "$f" "$run/step_000010/${f##*/}" || fail "$run: ${f##*/} differs from $what"
+  done
+}
 split_run() {  # name ranks reference unsplit-run options...
   local name=$1 n=$2 ref=$3 unsplit=$4; shift 4
   nm_mpirun "$n" "$NM_BIN" train --config train.json --out "$name" --quiet --set overlap_moe_expert_parallel_comm=true \
     --set checkpoint.save_every=10 "$@" >"$name.log" 2>&1 || { cat "$name.log"; fail "$name did not run"; }
   "$PY" "$NM_ROOT/tests/dist/compare_runs.py" "$ref/metrics.jsonl" "$name/metrics.jsonl" "$name"
-  if [ -d "$unsplit/step_000010" ]; then
-    for f in "$unsplit"/step_000010/*.safetensors; do
-      cmp "$f" "$name/step_000010/${f##*/}" || fail "$name: ${f##*/} differs from the unsplit exchange's"
-    done
-  fi
+  [ ! -d "$unsplit/step_000010" ] || same_checkpoint "$name" "$unsplit" "the unsplit exchange's"
   "$PY" - "$name" "$unsplit" <<'PY'
 import json, os, sys
 name, unsplit = sys.argv[1:3]
@@ -216,9 +220,7 @@ pair_run() {  # name ranks options...
     nm_mpirun "$n" "$NM_BIN" train --config train.json --out "$run" --quiet --set checkpoint.save_every=10 "$@" \
       "${more[@]}" >"$run.log" 2>&1 || { cat "$run.log"; fail "$run did not run"; }
   done
-  for f in "unpaired_$name"/step_000010/*.safetensors; do
-    cmp "$f" "pair_$name/step_000010/${f##*/}" || fail "pair_$name: ${f##*/} differs from the unpaired run's"
-  done
+  same_checkpoint "pair_$name" "unpaired_$name" "the unpaired run's"
   "$PY" - "pair_$name" "unpaired_$name" <<'PY'
 import json, sys
 name, base_dir = sys.argv[1:3]

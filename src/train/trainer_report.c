@@ -83,11 +83,12 @@ void nm_trainer_banner(nm_trainer *t, const double *stage_mem) {
     nm_mesh_describe(&ms, layout, sizeof(layout));
     double mib = 1048576.0;
     printf("layout %s | per rank: params %.1f MiB, grads %.1f MiB, optimizer shard %.1f MiB (%.1f%% of the "
-           "state), activations %.1f MiB\n",
+           "state), activations %.1f MiB%s\n",
            layout, (double)table->n_floats * 4 / mib, (double)table->n_floats * 4 / mib,
            (double)t->optim->n_state * (double)nm_optimizer_state_bytes_per_float(&t->optim->cfg) / mib,
            100.0 * (double)t->optim->n_params / (double)(whole->n_params_main + whole->n_params_mtp),
-           (double)nm_trainer_activation_bytes(t) / mib);
+           (double)nm_trainer_activation_bytes(t) / mib,
+           t->model_pair ? " (two sets: micro-batches paired, each one's all-to-alls behind the other's compute)" : "");
     if (t->zero && t->zero->widest_row >= 0)
         printf("distributed optimizer: equal ranges of %lld floats over dp %lld and of %lld over the expert group "
                "%lld; %s spans %lld of them\n",
