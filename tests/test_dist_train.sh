@@ -603,10 +603,15 @@ sleep 1
 if pgrep -f "nanomegatron train --config long.json --out kill" >/dev/null; then fail "ranks left running after a kill"; fi
 [ "$waited" -le 30 ] || fail "the job took ${waited}s to stop"
 echo "killed rank $victim: job stopped in ${waited}s"
-nm_mpirun 2 "$NM_BIN" train --config long.json --out kill --quiet --resume --set steps=12 >kill2.log 2>&1 \
+# The run saves every 3 of its millisecond steps, so the kill lands at whatever step it reached
+# (a fixed end of 12 failed when the last checkpoint was already past it): the resume goes 3
+# steps beyond the newest checkpoint.
+ck=$(cat kill/latest)
+target=$(( 10#${ck#step_} + 3 ))
+nm_mpirun 2 "$NM_BIN" train --config long.json --out kill --quiet --resume --set steps=$target >kill2.log 2>&1 \
   || { cat kill2.log; fail "resume after the kill"; }
 last=$("$PY" -c "import json; print([json.loads(l)['step'] for l in open('kill/metrics.jsonl')][-1])")
-[ "$last" = 12 ] || fail "resumed run ended at step $last"
+[ "$last" = "$target" ] || fail "resumed run ended at step $last, not $target ($ck + 3)"
 
 # A rank killed in the middle of a save (its shard files written, nothing committed): the
 # job stops, `latest` still names the previous checkpoint, and --resume continues from it.
