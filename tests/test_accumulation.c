@@ -23,6 +23,9 @@
 // 3. nm_balance_update_bias with the counts of a real forward: experts above the mean load
 //    get b - gamma, below the mean b + gamma, at the mean unchanged; with a large gamma the
 //    next forward routes fewer tokens to the formerly overloaded experts.
+// 4. A pair's second model (nm_model_create_pair, the trainer's moe_pair_micro_batches): the
+//    second half's forward on it before the first half's backward gives one model's gradients,
+//    losses and expert counts bit for bit, in fp32 and bf16; a pair is not paired again.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -81,6 +84,69 @@ static double worst_row(const nm_param_table *t, const float *a, const float *b,
         }
     }
     return worst;
+}
+
+// Forward a (rows 0-1) on m, forward b (rows 2-3) on its pair, backward a, backward b: the
+// gradients, losses and expert counts must be those of one model running a then b (want_*,
+// fp32), bit for bit; then the same in bf16 against one bf16 model.
+static void check_pair(nm_model *m, const int32_t *tokens, const nm_loss_options *opt, const float *want_g,
+                       const nm_loss_terms want_l[2], const int64_t *want_counts, int64_t n_counts) {
+    nm_error err;
+    nm_model_options o = {0};
+    nm_model *pair, *again;
+    if (nm_model_create_pair(&pair, m, &o, &err) != 0) {
+        EXPECT(0, "nm_model_create_pair: %s", err.msg);
+        return;
+    }
+    EXPECT(nm_model_create_pair(&again, pair, &o, &err) != 0 && strstr(err.msg, "cannot be paired again"),
+           "a pair's second model was paired again");
+    const size_t nf = nm_model_table(m)->n_floats;
+    float *seq_g = malloc(nf * sizeof(float));
+    int64_t *counts = calloc((size_t)n_counts, sizeof(int64_t));
+    for (int bf16 = 0; bf16 < 2; bf16++) {
+        nm_precision prec = bf16 ? NM_PRECISION_BF16 : NM_PRECISION_FP32;
+        if (nm_model_set_precision(m, prec, &err) != 0 || nm_model_set_precision(pair, prec, &err) != 0) {
+            EXPECT(0, "precision: %s", err.msg);
+            break;
+        }
+        nm_loss_terms l[2], seq_l[2];
+        if (bf16) {  // the reference: one bf16 model, a then b
+            nm_model_zero_grads(m);
+            for (int h = 0; h < 2; h++)
+                if (nm_model_forward(m, tokens + h * (B / 2) * T, B / 2, T, opt, &seq_l[h], NULL, &err) != 0 ||
+                    nm_model_backward(m, &err) != 0)
+                    EXPECT(0, "bf16 half %d: %s", h, err.msg);
+            memcpy(seq_g, nm_model_grads(m), nf * sizeof(float));
+        } else {
+            memcpy(seq_g, want_g, nf * sizeof(float));
+            seq_l[0] = want_l[0], seq_l[1] = want_l[1];
+        }
+        nm_model_zero_grads(m);
+        memset(counts, 0, (size_t)n_counts * sizeof(int64_t));
+        if (nm_model_forward(m, tokens, B / 2, T, opt, &l[0], NULL, &err) != 0 ||
+            nm_model_forward(pair, tokens + (B / 2) * T, B / 2, T, opt, &l[1], NULL, &err) != 0 ||
+            nm_model_backward(m, &err) != 0 || nm_model_backward(pair, &err) != 0) {
+            EXPECT(0, "paired halves: %s", err.msg);
+            break;
+        }
+        for (int k = 0; k < 2; k++) {
+            const int64_t *c = nm_model_expert_counts(k ? pair : m, NULL, NULL);
+            for (int64_t i = 0; i < n_counts; i++) counts[i] += c[i];
+        }
+        EXPECT(nm_model_grads(pair) == nm_model_grads(m), "the pair has gradients of its own");
+        EXPECT(memcmp(nm_model_grads(m), seq_g, nf * sizeof(float)) == 0,
+               "%s: the paired halves' gradients differ from one model's", bf16 ? "bf16" : "fp32");
+        EXPECT(l[0].loss == seq_l[0].loss && l[1].loss == seq_l[1].loss && l[1].mtp == seq_l[1].mtp,
+               "%s: paired losses %.9g %.9g, one model's %.9g %.9g", bf16 ? "bf16" : "fp32", l[0].loss, l[1].loss,
+               seq_l[0].loss, seq_l[1].loss);
+        EXPECT(bf16 || memcmp(counts, want_counts, (size_t)n_counts * sizeof(int64_t)) == 0,
+               "the paired halves' expert counts differ");
+        printf("pair (%s): gradients, losses and expert counts bit-identical to one model\n", bf16 ? "bf16" : "fp32");
+    }
+    if (nm_model_set_precision(m, NM_PRECISION_FP32, &err) != 0) EXPECT(0, "precision back to fp32: %s", err.msg);
+    nm_model_destroy(pair);
+    free(seq_g);
+    free(counts);
 }
 
 int main(void) {
@@ -186,6 +252,12 @@ int main(void) {
             break;
         }
     }
+
+    // --- 4. a pair's second model (nm_model_create_pair: the trainer's moe_pair_micro_batches) --
+    // The second half's forward on the pair before the first half's backward, as the paired
+    // schedule runs them: the same gradients, losses and counts as one model, bit for bit, in
+    // fp32 and in bf16 (the pair reads the first model's bf16 weight copy).
+    check_pair(m, tokens, &half_opt, g_acc, lh, counts_acc, n_moe * E);
 
     // --- 2. one AdamW step after each --------------------------------------------------------
     nm_adamw_config acfg = {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1};

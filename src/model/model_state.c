@@ -457,12 +457,13 @@ int nm_model_create_pair(nm_model **out, nm_model *owner, const nm_model_options
     *out = NULL;
     if (owner->owner) return nm_error_set(err, "model: a pair's second model cannot be paired again");
     if (model_create(out, &owner->cfg, owner->ops, owner->B_max, owner->T_max, opts, owner, err) != 0) return -1;
-    if ((*out)->table.n_floats != owner->table.n_floats) {
+    size_t n_floats = (*out)->table.n_floats;
+    if (n_floats != owner->table.n_floats) {
         nm_model_destroy(*out);
         *out = NULL;
         return nm_error_set(err, "model: the pair's options give another parameter table (%zu floats, not %zu): "
                                  "create it with the options of the first",
-                            (*out)->table.n_floats, owner->table.n_floats);
+                            n_floats, owner->table.n_floats);
     }
     if (nm_model_set_precision(*out, owner->precision, err) != 0) {
         nm_model_destroy(*out);
