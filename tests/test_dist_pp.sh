@@ -4,7 +4,8 @@
 # (2e-5 relative each; the expert-load statistic exactly), for pp2, pp4, pp2 x dp2,
 # pp2 x dp2 x ep2, pp4 x dp2 x ep2 (8 ranks), explicit layouts, tied embeddings, overlapped
 # reduction and recomputation; the interleaved schedule (pp2 with 2 virtual stages each, alone,
-# with dp2 x ep2, tp2, overlap and recomputation, and its checkpoint resumed at plain pp2); the divergence guard; the bubble metrics; a pp2 checkpoint
+# with dp2 x ep2, tp2, overlap and recomputation, and its checkpoint resumed at plain pp2); paired
+# micro-batches in 1F1B bit-identical to unpaired; the divergence guard; the bubble metrics; a pp2 checkpoint
 # resumed at one process and at dp2; bad layouts refused naming the key and value.
 # The model is tests/data/small-moe-model.json with 4 decoder layers (1 dense, 3 MoE) + 1 MTP.
 set -euo pipefail
@@ -73,6 +74,47 @@ for r, b in zip(rows, base):
         assert r[k] == b[k], ("not bit-identical", r["step"], k, r[k], b[k])
 print(f"pp2_dp2_ep2_split: {len(rows)} steps' losses, CE and gradient norms bit-identical to pp2_dp2_ep2")
 PY
+# Paired micro-batches (moe_pair_micro_batches) in 1F1B: one more warm-up forward than 1F1B,
+# w = min(PP - stage, m), then each forward beside the backward w micro-batches before it, on a
+# second activation set, the two taking turns at each expert all-to-all (pipeline.c). Forwards
+# and backwards stay in micro-batch order, so every layout equals the unpaired run of the same
+# layout bit for bit: every step's loss, CE, gradient norm and expert load, and the step-6
+# checkpoints with `cmp`; the fp32 ones equal one process as the unpaired ones do. m = 4 at
+# pp2 x dp2 (stage 0 pairs 2 micro-batches, stage 1 three), 8 at pp4 x dp2 x ep2.
+pair_pp() {  # name ranks options...
+  local name=$1 n=$2 run f; shift 2
+  for run in "unpaired_$name" "pair_$name"; do
+    local -a more=()
+    [ "$run" = "unpaired_$name" ] || more=(--set moe_pair_micro_batches=true)
+    nm_mpirun "$n" "$NM_BIN" train --config train.json --out "$run" --quiet --set checkpoint.save_every=6 "$@" \
+      "${more[@]}" >"$run.log" 2>&1 || { cat "$run.log"; fail "$run did not run"; }
+  done
+  for f in "unpaired_$name"/step_000006/*.safetensors; do
+    cmp "$f" "pair_$name/step_000006/${f##*/}" || fail "pair_$name: ${f##*/} differs from the unpaired run's"
+  done
+  "$PY" - "$name" <<'PY' || fail "pair_$name differs from unpaired_$name"
+import json, sys
+name = sys.argv[1]
+rows, base = ([json.loads(l) for l in open(f"{d}/metrics.jsonl") if '"loss"' in l] for d in
+              (f"pair_{name}", f"unpaired_{name}"))
+assert len(rows) == len(base) >= 6, (len(rows), len(base))
+for r, b in zip(rows, base):
+    for k in ("loss", "ce_loss", "grad_norm", "expert_load_max_over_mean", "val_loss"):
+        assert r.get(k) == b.get(k), ("not bit-identical", r["step"], k, r.get(k), b.get(k))
+print(f"pair_{name}: {len(rows)} steps' losses, CE, gradient norms, loads and the checkpoint bit-identical to "
+      f"unpaired_{name}")
+PY
+}
+pair_pp pp2_dp2_ep2 4 --set pipeline_parallel_size=2 --set expert_parallel_size=2
+"$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref/metrics.jsonl pair_pp2_dp2_ep2/metrics.jsonl pair_pp2_dp2_ep2
+pair_pp pp2_dp2_ep2_bf16_recompute 4 --set pipeline_parallel_size=2 --set expert_parallel_size=2 --set precision=bf16 \
+  --recompute --set overlap_moe_expert_parallel_comm=true
+pair_pp pp2_dp2_ep2_fp8_optim_grads 4 --set pipeline_parallel_size=2 --set expert_parallel_size=2 --set precision=fp8 \
+  --set data_parallel_sharding_strategy=optim_grads --set overlap_grad_reduce=true --set bucket_mb=1
+pair_pp tp2_pp2_ep2 8 --set pipeline_parallel_size=2 --set expert_parallel_size=2 --set tensor_parallel_size=2
+pair_pp pp4_dp2_ep2 8 --set pipeline_parallel_size=4 --set expert_parallel_size=2 --set global_batch=16
+"$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref/metrics.jsonl pair_tp2_pp2_ep2/metrics.jsonl pair_tp2_pp2_ep2
+
 # gradient sharding (ZeRO-2) inside the 1F1B schedule: every micro-batch's backward on a stage
 # reduced over dp, the embedding pair's buckets once at the step's end after their sum
 layout pp2_dp2_optim_grads 4 --set pipeline_parallel_size=2 --set data_parallel_sharding_strategy=optim_grads

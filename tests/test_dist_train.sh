@@ -265,8 +265,8 @@ pair_refused() {  # name ranks expected-message options...
 }
 pair_refused pair_accum1 2 "moe_pair_micro_batches needs at least 2 micro-batches a step, and global_batch 2 / (micro_batch 1 x data_parallel_size 2) is 1" \
   --set expert_parallel_size=2 --set global_batch=2
-pair_refused pair_pp2 4 "moe_pair_micro_batches with pipeline_parallel_size 2" --set expert_parallel_size=2 \
-  --set pipeline_parallel_size=2 --set "pipeline_model_parallel_layout=Et*2|tmL"
+pair_refused pair_pp2_v2 4 "moe_pair_micro_batches with 2 virtual pipeline stages per rank" \
+  --set expert_parallel_size=2 --set pipeline_parallel_size=2 --set "pipeline_model_parallel_layout=Et|t|t|mL"
 pair_refused pair_ep1 2 "moe_pair_micro_batches: it hides the expert all-to-all, and expert_parallel_size 1 has none"
 
 # Every routed row forced to one EP rank: a router bias of 100 on experts 0 and 1 (EP rank 0's

@@ -9,6 +9,7 @@
 //     block, sends do not, as nm_pipeline_train runs them); the simulation must finish.
 //  3. The activation sets: nm_pipeline_slots is the most micro-batches of one chunk in flight,
 //     min(PP - rank, m) for 1F1B (the memory the planner promised before virtual stages).
+//  5. Paired micro-batches in 1F1B (check_paired): no deadlock, at most w sets on either model.
 //  4. The bubble: with a forward costing 1 and a backward 2 per chunk (1/v of a stage's layers
 //     each), the simulated step is (v m + PP - 1) slots of 3/v exactly, so the idle fraction is
 //     (PP - 1)/(v m + PP - 1), and interleaving (v = 2, 3) lowers it below 1F1B's at the same m.
@@ -122,8 +123,74 @@ static double run_shape(int64_t pp, int64_t v, int64_t m) {
     return t;
 }
 
+// Paired micro-batches in 1F1B (pipeline.c, train_paired): rank r runs w = min(PP - r, m)
+// warm-up forwards, then micro-batch i + w's forward and i's backward as one step (both inputs
+// received before it, both outputs sent after it), then the remaining backwards. It must not
+// deadlock, and micro-batches in blocks of w alternating between two models must never hold more
+// than w on one model, nor pair a forward with a backward on the same model. Returns the pairs run.
+static int64_t check_paired(int64_t pp, int64_t m) {
+    double done_f[MAX_RANKS][MAX_M], done_b[MAX_RANKS][MAX_M], clock[MAX_RANKS] = {0};
+    int64_t step[MAX_RANKS] = {0}, w[MAX_RANKS], live[MAX_RANKS][2] = {{0}}, pairs = 0;
+    for (int64_t r = 0; r < pp; r++) {
+        w[r] = nm_pipeline_pair_slots(pp, r, m);
+        EXPECT(w[r] >= 1 && w[r] <= m, "pp %lld m %lld rank %lld: w %lld", (long long)pp, (long long)m, (long long)r,
+               (long long)w[r]);
+        for (int64_t i = 0; i < m; i++) done_f[r][i] = done_b[r][i] = -1;
+    }
+    for (;;) {
+        int progressed = 0, finished = 1;
+        for (int64_t r = 0; r < pp; r++) {
+            const int64_t W = w[r], n_pairs = m - W, n_steps = W + n_pairs + W;  // warm-up, pairs, cool-down
+            while (step[r] < n_steps) {
+                int64_t k = step[r], f = -1, b = -1;
+                if (k < W) f = k;
+                else if (k < W + n_pairs) f = k, b = k - W;
+                else b = k - W;  // cool-down: backwards m - W .. m - 1
+                double ready = clock[r];
+                if (f >= 0) ready = r == 0 ? ready : (done_f[r - 1][f] < 0 ? -1 : fmax(ready, done_f[r - 1][f]));
+                if (ready >= 0 && b >= 0)
+                    ready = r == pp - 1 ? ready : (done_b[r + 1][b] < 0 ? -1 : fmax(ready, done_b[r + 1][b]));
+                if (ready < 0) break;  // blocked in a receive
+                if (f >= 0 && b >= 0) {
+                    EXPECT((f / W) % 2 != (b / W) % 2, "pp %lld m %lld rank %lld: micro-batches %lld and %lld paired "
+                           "on one model", (long long)pp, (long long)m, (long long)r, (long long)f, (long long)b);
+                    pairs++;
+                }
+                clock[r] = ready + (f >= 0 ? 1.0 : 0.0) + (b >= 0 ? 2.0 : 0.0);
+                if (f >= 0) done_f[r][f] = clock[r], live[r][(f / W) % 2]++;
+                if (b >= 0) {
+                    EXPECT(done_f[r][b] >= 0, "pp %lld m %lld rank %lld: backward of %lld before its forward",
+                           (long long)pp, (long long)m, (long long)r, (long long)b);
+                    done_b[r][b] = clock[r];
+                }
+                for (int k2 = 0; k2 < 2; k2++)
+                    EXPECT(live[r][k2] <= W, "pp %lld m %lld rank %lld: %lld micro-batches on model %d, %lld sets",
+                           (long long)pp, (long long)m, (long long)r, (long long)live[r][k2], k2, (long long)W);
+                if (b >= 0) live[r][(b / W) % 2]--;
+                step[r]++;
+                progressed = 1;
+            }
+            if (step[r] < w[r] + (m - w[r]) + w[r]) finished = 0;
+        }
+        if (finished) break;
+        if (!progressed) {
+            EXPECT(0, "pp %lld m %lld: the paired schedule deadlocks", (long long)pp, (long long)m);
+            break;
+        }
+    }
+    for (int64_t r = 0; r < pp; r++)
+        for (int64_t i = 0; i < m; i++)
+            EXPECT(done_f[r][i] >= 0 && done_b[r][i] >= 0, "pp %lld m %lld rank %lld: micro %lld not run",
+                   (long long)pp, (long long)m, (long long)r, (long long)i);
+    return pairs;
+}
+
 int main(void) {
     int shapes = 0;
+    int64_t pairs = 0;
+    for (int64_t pp = 2; pp <= MAX_RANKS; pp++)
+        for (int64_t m = 1; m <= MAX_M; m++) pairs += check_paired(pp, m), shapes++;
+    EXPECT(pairs > 0, "no shape paired anything");
     for (int64_t pp = 2; pp <= MAX_RANKS; pp++) {
         for (int64_t mult = 1; mult * pp <= MAX_M; mult++) {
             int64_t m = mult * pp;

@@ -174,6 +174,8 @@ PAIR=1 check ep2_pair 2 2 0
 PAIR=1 PRECISION=bf16 check ep2_pair_bf16 2 2 0
 PAIR=1 PRECISION=fp8 SPLIT=1 check ep2_pair_fp8_split 2 2 0
 PAIR=1 check tp2_ep2_pair_recompute 4 2 1 2
+# ... and in 1F1B: w = min(PP - stage, m) activation sets on each of two models
+PAIR=1 check pp2_ep2_pair 4 2 0 1 1 2 'Ett|tmL'
 # bf16: the rows to the experts cross as bf16 (2 bytes), the rest fp32
 PRECISION=bf16 check ep2_bf16 2 2 0
 PRECISION=bf16 CAPACITY=0.5 check ep2_bf16_capacity_recompute 2 2 1

@@ -51,6 +51,7 @@ typedef struct run {
     nm_pipeline *p;
     const int32_t *tokens;
     int64_t m, slots;
+    int64_t w;                  // paired micro-batches (p->pair): warm-up forwards, 0 otherwise
     const nm_loss_options *opt;
     const nm_pipeline_hooks *hooks;
     nm_pipeline_times *times;
@@ -88,6 +89,7 @@ static void reserve_send_buffers(nm_pipeline *p, int64_t m) {
         most = s > most ? s : most;
     }
     int64_t want = p->v * (nm_pipeline_slots(p->pp->size, p->v, p->pp->rank, m) + most);
+    if (p->pair) want += 2;  // paired: one more forward in flight here and at each neighbour
     while (p->n_send < want) add_send_buffer(p);
 }
 
@@ -125,9 +127,16 @@ static int recv_from(run *r, float *dst, int peer, int tag, nm_error *err) {
     return rc;
 }
 
+// The model micro-batch i runs on: one, or with paired micro-batches blocks of w micro-batches
+// in turn on the two (so a forward and the backward w micro-batches before it never share one).
+static nm_model *model_of(const run *r, int64_t micro) {
+    return r->w > 0 && (micro / r->w) % 2 ? r->p->pair : r->p->model;
+}
+
 // A chunk's micro-batches are in flight first in, first out, so micro % slots never names a
-// slot still holding one.
+// slot still holding one (paired: micro % w on its model, whose in-flight ones are consecutive).
 static int select_slot(run *r, int64_t chunk, int64_t micro, nm_error *err) {
+    if (r->w > 0) return nm_model_set_slot(model_of(r, micro), micro % r->w, err);
     return nm_model_set_slot(r->p->model, chunk * r->slots + micro % r->slots, err);
 }
 
@@ -140,15 +149,15 @@ static int forward(run *r, int64_t c, int64_t i, nm_error *err) {
     double t0 = now_s();
     nm_loss_terms lt;
     if (select_slot(r, c, i, err) != 0) return -1;
-    if (nm_model_forward_stage(p->model, r->tokens + i * p->B * p->T, first_stage(r, c) ? NULL : p->recv_act, p->B,
-                               p->T, r->opt, &lt, NULL, err) != 0)
+    if (nm_model_forward_stage(model_of(r, i), r->tokens + i * p->B * p->T, first_stage(r, c) ? NULL : p->recv_act,
+                               p->B, p->T, r->opt, &lt, NULL, err) != 0)
         return nm_error_prefix(err, "pipeline stage %lld, micro-batch %lld", (long long)(c * r->n_ranks + r->rank),
                                (long long)i);
     r->times->forward += now_s() - t0;
     if (r->hooks && r->hooks->after_forward && r->hooks->after_forward(r->hooks->ctx, i, &lt, err) != 0) return -1;
     if (last_stage(r, c)) return 0;
     int64_t to_chunk = r->rank == r->n_ranks - 1 ? c + 1 : c;
-    return send_to(r, nm_model_stage_output(p->model), next, act_tag(r, to_chunk, i), err);
+    return send_to(r, nm_model_stage_output(model_of(r, i)), next, act_tag(r, to_chunk, i), err);
 }
 
 // Micro-batch i's backward on chunk c: the gradient of its output from the next stage, the
@@ -160,14 +169,99 @@ static int backward(run *r, int64_t c, int64_t i, nm_error *err) {
     if (r->hooks && r->hooks->before_backward && r->hooks->before_backward(r->hooks->ctx, i, c, err) != 0) return -1;
     double t0 = now_s();
     if (select_slot(r, c, i, err) != 0) return -1;
-    if (nm_model_backward_stage(p->model, last_stage(r, c) ? NULL : p->recv_grad, err) != 0)
+    if (nm_model_backward_stage(model_of(r, i), last_stage(r, c) ? NULL : p->recv_grad, err) != 0)
         return nm_error_prefix(err, "pipeline stage %lld, micro-batch %lld", (long long)(c * r->n_ranks + r->rank),
                                (long long)i);
     r->times->backward += now_s() - t0;
     if (r->hooks && r->hooks->after_backward && r->hooks->after_backward(r->hooks->ctx, i, c, err) != 0) return -1;
     if (first_stage(r, c)) return 0;
     int64_t to_chunk = r->rank == 0 ? c - 1 : c;
-    return send_to(r, nm_model_input_grad(p->model), prev, act_tag(r, to_chunk, i) + 1, err);
+    return send_to(r, nm_model_input_grad(model_of(r, i)), prev, act_tag(r, to_chunk, i) + 1, err);
+}
+
+// --- paired micro-batches (nm_pipeline_set_pair) ---------------------------------------------
+//
+// 1F1B with one more warm-up forward, w = min(PP - rank, m), then micro-batch i + w's forward
+// paired with micro-batch i's backward (the two jobs taking turns at each expert all-to-all,
+// core/coop.h), then the remaining backwards. Both inputs are received before a pair and both
+// outputs sent after it: stage s's pair i needs stage s-1's pair i-1 (its forward of i + w) and
+// stage s+1's pair i (its backward of i), which needs stage s's pair i-1, so no two pairs wait
+// for each other (the last stage pairs i + 1 with i, which plain 1F1B's w = PP - s - 1 could
+// not). Forwards and every chunk's backwards stay in micro-batch order: one process's numbers.
+
+typedef struct pair_job {
+    run *r;
+    int64_t micro;
+    nm_loss_terms lt;
+    int rc;
+    nm_error err;
+} pair_job;
+
+static void pair_forward(void *ctx) {
+    pair_job *j = ctx;
+    nm_pipeline *p = j->r->p;
+    j->rc = nm_model_forward_stage(model_of(j->r, j->micro), j->r->tokens + j->micro * p->B * p->T,
+                                   first_stage(j->r, 0) ? NULL : p->recv_act, p->B, p->T, j->r->opt, &j->lt, NULL,
+                                   &j->err);
+}
+
+static void pair_backward(void *ctx) {
+    pair_job *j = ctx;
+    nm_pipeline *p = j->r->p;
+    j->rc = nm_model_backward_stage(model_of(j->r, j->micro), last_stage(j->r, 0) ? NULL : p->recv_grad, &j->err);
+}
+
+// Micro-batch f's forward beside micro-batch b's backward (chunk 0).
+static int forward_backward_pair(run *r, int64_t f, int64_t b, nm_error *err) {
+    nm_pipeline *p = r->p;
+    int prev = (r->rank + r->n_ranks - 1) % r->n_ranks, next = (r->rank + 1) % r->n_ranks;
+    if (!first_stage(r, 0) && recv_from(r, p->recv_act, prev, act_tag(r, 0, f), err) != 0) return -1;
+    if (!last_stage(r, 0) && recv_from(r, p->recv_grad, next, act_tag(r, 0, b) + 1, err) != 0) return -1;
+    if (r->hooks && r->hooks->before_backward && r->hooks->before_backward(r->hooks->ctx, b, 0, err) != 0) return -1;
+    if (select_slot(r, 0, f, err) != 0 || select_slot(r, 0, b, err) != 0) return -1;
+    nm_model *mf = model_of(r, f), *mb = model_of(r, b);
+    pair_job jf = {.r = r, .micro = f}, jb = {.r = r, .micro = b};
+    double ran[2];
+    nm_model_set_coop(mf, p->coop, mb);
+    nm_model_set_coop(mb, p->coop, mf);
+    nm_coop_run(p->coop, pair_forward, &jf, pair_backward, &jb, ran);
+    nm_model_set_coop(mf, NULL, NULL);
+    nm_model_set_coop(mb, NULL, NULL);
+    r->times->forward += ran[0];
+    r->times->backward += ran[1];
+    const char *what = jf.rc != 0 ? "forward" : "backward";
+    if (jf.rc != 0 || jb.rc != 0) {
+        *err = jf.rc != 0 ? jf.err : jb.err;
+        return nm_error_prefix(err, "pipeline stage %lld, micro-batch %lld's %s (paired)", (long long)r->rank,
+                               (long long)(jf.rc != 0 ? f : b), what);
+    }
+    if (r->hooks && r->hooks->after_forward && r->hooks->after_forward(r->hooks->ctx, f, &jf.lt, err) != 0) return -1;
+    if (r->hooks && r->hooks->after_backward && r->hooks->after_backward(r->hooks->ctx, b, 0, err) != 0) return -1;
+    if (!last_stage(r, 0) && send_to(r, nm_model_stage_output(mf), next, act_tag(r, 0, f), err) != 0) return -1;
+    if (!first_stage(r, 0) && send_to(r, nm_model_input_grad(mb), prev, act_tag(r, 0, b) + 1, err) != 0) return -1;
+    return 0;
+}
+
+static int train_paired(run *r, nm_error *err) {
+    const int64_t m = r->m, w = r->w;
+    int rc = 0;
+    for (int64_t i = 0; rc == 0 && i < w; i++) rc = forward(r, 0, i, err);
+    for (int64_t i = 0; rc == 0 && i + w < m; i++) rc = forward_backward_pair(r, i + w, i, err);
+    for (int64_t i = m - w; rc == 0 && i < m; i++) rc = backward(r, 0, i, err);
+    return rc;
+}
+
+int64_t nm_pipeline_pair_slots(int64_t pp, int64_t rank, int64_t m) { return pp - rank < m ? pp - rank : m; }
+
+nm_model *nm_pipeline_model_of(const nm_pipeline *p, int64_t micro, int64_t m) {
+    if (!p->pair) return p->model;
+    int64_t w = nm_pipeline_pair_slots(p->pp->size, p->pp->rank, m);
+    return (micro / w) % 2 ? p->pair : p->model;
+}
+
+void nm_pipeline_set_pair(nm_pipeline *p, nm_model *pair, nm_coop *coop) {
+    p->pair = pair;
+    p->coop = coop;
 }
 
 int nm_pipeline_train(nm_pipeline *p, const int32_t *tokens, int64_t m, const nm_loss_options *opt,
@@ -180,6 +274,23 @@ int nm_pipeline_train(nm_pipeline *p, const int32_t *tokens, int64_t m, const nm
              .rank = p->pp->rank, .n_ranks = p->pp->size};
     if (nm_pipeline_check_micro_batches(r.n_ranks, p->v, m, err) != 0) return -1;
     r.slots = nm_model_slots_per_chunk(p->model);
+    if (p->pair) {
+        if (p->v > 1)
+            return nm_error_set(err, "pipeline: paired micro-batches under the interleaved schedule are not built");
+        r.w = nm_pipeline_pair_slots(r.n_ranks, r.rank, m);
+        if (r.slots < r.w || nm_model_slots_per_chunk(p->pair) < r.w)
+            return nm_error_set(err, "pipeline: %lld paired micro-batches need %lld activation sets on each model, "
+                                     "they have %lld and %lld", (long long)m, (long long)r.w, (long long)r.slots,
+                                (long long)nm_model_slots_per_chunk(p->pair));
+        if (p->plan_m != m) reserve_send_buffers(p, m), p->plan_m = m;
+        double t0 = now_s();
+        int rc = train_paired(&r, err);
+        double tw = now_s();
+        for (int i = 0; rc == 0 && i < p->n_send; i++) rc = nm_comm_wait(&p->send_req[i], err);
+        times->comm += now_s() - tw;
+        times->total = now_s() - t0;
+        return rc;
+    }
     if (p->plan_m != m) {  // the schedule of m micro-batches, made once (a step allocates nothing)
         int64_t need = nm_pipeline_slots(r.n_ranks, p->v, r.rank, m);
         if (r.slots < need)

@@ -21,6 +21,9 @@
 // forwards, then one forward and one backward at a time. The bubble falls from
 // (PP-1)/(m+PP-1) to (PP-1)/(v m + PP-1); m must be a multiple of PP.
 //
+// Paired micro-batches (nm_pipeline_set_pair, 1F1B only): one more warm-up forward, then each
+// forward beside an earlier micro-batch's backward on a second model (pipeline.c).
+//
 // Every chunk's backwards run in micro-batch order, as one process accumulates them, so the
 // gradients are the same sums in the same order whatever v is. Activations (micro, T, D) go to
 // the next stage (rank r + 1, or rank 0's next chunk from the last rank), their gradients back:
@@ -93,6 +96,8 @@ typedef struct nm_pipeline {
     int n_send;
     nm_pipeline_action *plan;   // (2 v plan_m) this rank's schedule for plan_m micro-batches
     int64_t plan_m;
+    nm_model *pair;             // paired micro-batches (nm_pipeline_set_pair): the second model, or NULL
+    nm_coop *coop;
 } nm_pipeline;
 
 int nm_pipeline_create(nm_pipeline **out, nm_comm *pp, nm_model *model, int64_t v, int64_t B, int64_t T,
@@ -105,6 +110,15 @@ void nm_pipeline_destroy(nm_pipeline *p);
 // into the model's grads.
 int nm_pipeline_train(nm_pipeline *p, const int32_t *tokens, int64_t m, const nm_loss_options *opt,
                       const nm_pipeline_hooks *hooks, nm_pipeline_times *times, nm_error *err);
+// Paired micro-batches (the trainer's moe_pair_micro_batches; v = 1): one more warm-up forward
+// than 1F1B, w = min(PP - rank, m) (nm_pipeline_pair_slots), then each forward beside the
+// backward w micro-batches before it, on the other of two models (pair: nm_model_create_pair of
+// p->model, both with w activation sets), the two taking turns on one thread at each expert
+// all-to-all (coop). Blocks of w micro-batches alternate between the models.
+void nm_pipeline_set_pair(nm_pipeline *p, nm_model *pair, nm_coop *coop);
+int64_t nm_pipeline_pair_slots(int64_t pp, int64_t rank, int64_t m);
+// The model micro-batch `micro`'s forward and backward run on (p->model, or the pair's).
+nm_model *nm_pipeline_model_of(const nm_pipeline *p, int64_t micro, int64_t m);
 // Forward only of one micro-batch through all stages (validation): loss on the last stage.
 int nm_pipeline_forward(nm_pipeline *p, const int32_t *tokens, const nm_loss_options *opt, nm_loss_terms *loss,
                         nm_error *err);

@@ -270,6 +270,8 @@ static int stage_sizes(nm_plan *p, int64_t si, const nm_model_stage *st, int64_t
         if (zrc != 0) goto done;
     }
     s->in_flight = p->n.pp > 1 ? nm_pipeline_slots(p->n.pp, v, si, p->accum) : 1;
+    // paired micro-batches in 1F1B: w sets on each of two models (pipeline.c); doubled below
+    if (p->n.pp > 1 && r->pair_micro_batches) s->in_flight = nm_pipeline_pair_slots(p->n.pp, si, p->accum);
     nm_model_options mo = {.recompute = r->recompute, .ep = ep, .tp = tp, .sequence_parallel = sp,
                            .vocab_multiple = r->vocab_multiple, .stage = p->n.pp > 1 ? st : NULL,
                            .n_chunks = p->n.pp > 1 ? v : 1, .act_slots = s->in_flight, .moe_receive_capacity = r->moe_receive_capacity,
@@ -344,16 +346,16 @@ done:
     return rc;
 }
 
-int nm_pair_micro_batches_check(const nm_mesh_sizes *n, int64_t accum, int64_t global_batch, int64_t micro_batch,
-                                nm_error *err) {
+int nm_pair_micro_batches_check(const nm_mesh_sizes *n, int64_t v, int64_t accum, int64_t global_batch,
+                                int64_t micro_batch, nm_error *err) {
     const char *key = "moe_pair_micro_batches";
     if (n->ep < 2)
         return nm_error_set(err, "%s: it hides the expert all-to-all, and expert_parallel_size %lld has none: set "
                             "expert_parallel_size to 2 or more, or %s to false", key, (long long)n->ep, key);
-    if (n->pp > 1)
-        return nm_error_set(err, "%s with pipeline_parallel_size %lld: only the schedule without a pipeline pairs "
-                            "micro-batches (the pipeline's own pairing, DualPipe, is not built): set one of them off",
-                            key, (long long)n->pp);
+    if (n->pp > 1 && v > 1)
+        return nm_error_set(err, "%s with %lld virtual pipeline stages per rank: the pairing runs in 1F1B, the "
+                            "interleaved schedule's is not built: set virtual_pipeline_model_parallel_size to 1 (a "
+                            "layout with pipeline_parallel_size stages) or %s to false", key, (long long)v, key);
     if (accum < 2)
         return nm_error_set(err, "%s needs at least 2 micro-batches a step, and global_batch %lld / (micro_batch %lld "
                             "x data_parallel_size %lld) is %lld: raise global_batch or lower micro_batch", key,
@@ -378,13 +380,12 @@ int nm_plan_compute(nm_plan *p, const nm_model_config *cfg, const nm_plan_reques
         return nm_error_set(err, "tensor_parallel_size %lld with expert_parallel_size %lld needs sequence "
                                  "parallelism (the trainer refuses it without)", (long long)r->tp, (long long)r->ep);
     p->accum = r->global_batch / (r->micro_batch * p->n.dp);
-    if (r->pair_micro_batches &&
-        nm_pair_micro_batches_check(&p->n, p->accum, r->global_batch, r->micro_batch, err) != 0)
-        return -1;
     p->n_stages = p->n.pp;
     int64_t v = 1;
     int rc = nm_pipeline_virtual_size(p->n.pp, r->virtual_pipeline_size, r->pipeline_layout, &v, err);
     if (rc == 0) rc = nm_pipeline_check_micro_batches(p->n.pp, v, p->accum, err);
+    if (rc == 0 && r->pair_micro_batches)
+        rc = nm_pair_micro_batches_check(&p->n, v, p->accum, r->global_batch, r->micro_batch, err);
     if (rc != 0) return -1;
     p->vpp = v;
     nm_model_stage *stages = nm_calloc((size_t)(p->n_stages * v), sizeof(nm_model_stage));

@@ -126,10 +126,11 @@ typedef struct nm_plan {
 } nm_plan;
 
 // What moe_pair_micro_batches needs of a layout (the trainer's and the planner's check):
-// expert parallelism, no pipeline, 2 or more micro-batches a step, and each tensor-parallel
-// group inside one expert-parallel group. -1 with a message naming the key and the numbers.
-int nm_pair_micro_batches_check(const nm_mesh_sizes *n, int64_t accum, int64_t global_batch, int64_t micro_batch,
-                                nm_error *err);
+// expert parallelism, 1F1B if a pipeline (v virtual stages per rank: 1), 2 or more
+// micro-batches a step, and each tensor-parallel group inside one expert-parallel group. -1
+// with a message naming the key and the numbers.
+int nm_pair_micro_batches_check(const nm_mesh_sizes *n, int64_t v, int64_t accum, int64_t global_batch,
+                                int64_t micro_batch, nm_error *err);
 // Fills p for cfg under r. Returns 0, or -1 with err naming what does not divide or is not
 // supported.
 int nm_plan_compute(nm_plan *p, const nm_model_config *cfg, const nm_plan_request *r, nm_error *err);

@@ -159,7 +159,8 @@ static int check_model_against_config(const nm_model_config *m, const nm_train_c
 
 // moe_pair_micro_batches: what the pairing needs (trainer_step.c, "paired micro-batches").
 static int check_pairing(const nm_trainer *t, const nm_mesh_sizes *ms, nm_error *err) {
-    if (nm_pair_micro_batches_check(ms, t->accum, t->cfg.global_batch, t->cfg.micro_batch, err) != 0) return -1;
+    if (nm_pair_micro_batches_check(ms, t->vpp, t->accum, t->cfg.global_batch, t->cfg.micro_batch, err) != 0)
+        return -1;
     if (t->opts.external_data)
         return nm_error_set(err, "moe_pair_micro_batches: the trainer pairs the micro-batches it loads itself; a "
                                  "caller's (external_data) come one at a time: set moe_pair_micro_batches to false");
@@ -231,6 +232,8 @@ static int create_model(nm_trainer *t, nm_error *err) {
         mopts.stage = t->chunks;
         mopts.n_chunks = t->vpp;
         mopts.act_slots = nm_pipeline_slots(ms.pp, t->vpp, t->mesh->pp_rank, t->accum);
+        // paired micro-batches: blocks of w in turn on two models (pipeline.c)
+        if (cfg->moe_pair_micro_batches) mopts.act_slots = nm_pipeline_pair_slots(ms.pp, t->mesh->pp_rank, t->accum);
     }
     if (nm_train_check_memory(cfg, &t->mcfg, t->world->size, opts->recompute, t->mesh->pp_rank, err) != 0) return -1;
     if (nm_backend_select(&t->ops, cfg->backend, err) != 0) return -1;
@@ -248,6 +251,7 @@ static int create_model(nm_trainer *t, nm_error *err) {
     }
     if (ms.pp > 1) {
         if (nm_pipeline_create(&t->pipe, t->mesh->pp, t->model, t->vpp, cfg->micro_batch, t->T, err) != 0) return -1;
+        if (t->model_pair) nm_pipeline_set_pair(t->pipe, t->model_pair, t->coop);
         // Megatron's embedding group: the first and the last stage of each pipeline (the last
         // holds a copy of the embedding for MTP or a tied head); every other rank alone.
         int pp = t->mesh->pp_rank, ends = pp == 0 || pp == ms.pp - 1;

@@ -155,11 +155,10 @@ typedef struct pp_step {
 // After micro-batch i's forward on this stage: its loss terms (the last stage's CE and MTP,
 // every stage's balance loss) and expert loads, summed in micro-batch order as one process does.
 static int pp_after_forward(void *ctx, int64_t micro, const nm_loss_terms *lt, nm_error *err) {
-    (void)micro;
     (void)err;
     pp_step *ps = ctx;
     nm_trainer *t = ps->t;
-    const int64_t *counts = nm_model_expert_counts(t->model, NULL, NULL);
+    const int64_t *counts = nm_model_expert_counts(nm_pipeline_model_of(t->pipe, micro, t->accum), NULL, NULL);
     for (int64_t i = 0; i < (int64_t)ps->n_moe * t->mcfg.E; i++) t->step_counts[i] += counts[i];
     ps->m->loss += lt->loss / (double)t->accum;
     ps->m->ce_loss += lt->ce / (double)t->accum;
@@ -177,29 +176,29 @@ static int pp_before_backward(void *ctx, int64_t micro, int64_t chunk, nm_error 
     (void)chunk;
     pp_step *ps = ctx;
     nm_trainer *t = ps->t;
+    nm_model *model = nm_pipeline_model_of(t->pipe, micro, t->accum);  // (paired: either of two)
     if (t->zero && t->zero->be) {
         // gradient sharding (one chunk per rank): every micro-batch's backward is reduced
         nm_zero_begin(t->zero, nm_model_grads(t->model), !ps->reducing);
         memset(t->tp_summed, 0, (size_t)nm_model_table(t->model)->n_rows);
         ps->reducing = 1;
-        nm_model_set_backward_hook(t->model, zero_backward_hook, t);
+        nm_model_set_backward_hook(model, zero_backward_hook, t);
     } else if (micro == t->accum - 1 && t->zero) {
         if (!ps->reducing) {
             nm_zero_begin(t->zero, nm_model_grads(t->model), 1);
             memset(t->tp_summed, 0, (size_t)nm_model_table(t->model)->n_rows);
             ps->reducing = 1;
         }
-        if (t->cfg.overlap_grad_reduce) nm_model_set_backward_hook(t->model, zero_backward_hook, t);
+        if (t->cfg.overlap_grad_reduce) nm_model_set_backward_hook(model, zero_backward_hook, t);
     }
     return 0;
 }
 
 static int pp_after_backward(void *ctx, int64_t micro, int64_t chunk, nm_error *err) {
-    (void)micro;
     (void)chunk;
     (void)err;
     pp_step *ps = ctx;
-    nm_model_set_backward_hook(ps->t->model, NULL, NULL);
+    nm_model_set_backward_hook(nm_pipeline_model_of(ps->t->pipe, micro, ps->t->accum), NULL, NULL);
     if (ps->t->zero && ps->t->zero->be) return nm_zero_wait_started(ps->t->zero, err);
     return 0;
 }
@@ -220,6 +219,7 @@ static int pipeline_micro_batches(nm_trainer *t, const nm_loss_options *opt, nm_
     nm_pipeline_times times;
     int rc = nm_pipeline_train(t->pipe, t->tokens_all, t->accum, opt, &hooks, &times, err);
     nm_model_set_backward_hook(t->model, NULL, NULL);
+    if (t->model_pair) nm_model_set_backward_hook(t->model_pair, NULL, NULL);
     if (rc != 0) return -1;
     m->t_forward = times.forward;
     m->t_backward = times.backward;
@@ -587,7 +587,7 @@ int nm_trainer_step(nm_trainer *t, nm_step_metrics *m, nm_error *err) {
     if (t->opts.before_backward && t->opts.before_backward(t->opts.hook_ctx, t->model, step, err) != 0) return -1;
     int finite = 1;
     if (t->pipe && pipeline_micro_batches(t, &opt, m, n_moe, &finite, err) != 0) return -1;
-    if (t->model_pair && paired_micro_batches(t, &opt, m, n_moe, &finite, err) != 0) return -1;
+    if (t->model_pair && !t->pipe && paired_micro_batches(t, &opt, m, n_moe, &finite, err) != 0) return -1;
     for (int64_t micro = 0; !t->pipe && !t->model_pair && micro < t->accum; micro++) {
         double ta = now_s();
         if (nm_loader_next_batch(t->train_data, t->tokens, c->micro_batch, err) != 0) return -1;
