@@ -81,30 +81,8 @@ PY
 # layout bit for bit: every step's loss, CE, gradient norm and expert load, and the step-6
 # checkpoints with `cmp`; the fp32 ones equal one process as the unpaired ones do. m = 4 at
 # pp2 x dp2 (stage 0 pairs 2 micro-batches, stage 1 three), 8 at pp4 x dp2 x ep2.
-pair_pp() {  # name ranks options...
-  local name=$1 n=$2 run f; shift 2
-  for run in "unpaired_$name" "pair_$name"; do
-    local -a more=()
-    [ "$run" = "unpaired_$name" ] || more=(--set moe_pair_micro_batches=true)
-    nm_mpirun "$n" "$NM_BIN" train --config train.json --out "$run" --quiet --set checkpoint.save_every=6 "$@" \
-      "${more[@]}" >"$run.log" 2>&1 || { cat "$run.log"; fail "$run did not run"; }
-  done
-  for f in "unpaired_$name"/step_000006/*.safetensors; do
-    cmp "$f" "pair_$name/step_000006/${f##*/}" || fail "pair_$name: ${f##*/} differs from the unpaired run's"
-  done
-  "$PY" - "$name" <<'PY' || fail "pair_$name differs from unpaired_$name"
-import json, sys
-name = sys.argv[1]
-rows, base = ([json.loads(l) for l in open(f"{d}/metrics.jsonl") if '"loss"' in l] for d in
-              (f"pair_{name}", f"unpaired_{name}"))
-assert len(rows) == len(base) >= 6, (len(rows), len(base))
-for r, b in zip(rows, base):
-    for k in ("loss", "ce_loss", "grad_norm", "expert_load_max_over_mean", "val_loss"):
-        assert r.get(k) == b.get(k), ("not bit-identical", r["step"], k, r.get(k), b.get(k))
-print(f"pair_{name}: {len(rows)} steps' losses, CE, gradient norms, loads and the checkpoint bit-identical to "
-      f"unpaired_{name}")
-PY
-}
+source "$NM_ROOT/tests/dist/pair.sh"
+pair_pp() { pair_compare "$1" "$2" 6 "${@:3}"; }  # name ranks options...
 pair_pp pp2_dp2_ep2 4 --set pipeline_parallel_size=2 --set expert_parallel_size=2
 "$PY" "$NM_ROOT/tests/dist/compare_runs.py" ref/metrics.jsonl pair_pp2_dp2_ep2/metrics.jsonl pair_pp2_dp2_ep2
 pair_pp pp2_dp2_ep2_bf16_recompute 4 --set pipeline_parallel_size=2 --set expert_parallel_size=2 --set precision=bf16 \

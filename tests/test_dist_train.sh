@@ -202,8 +202,8 @@ split_run sp_tp2_ep2 4 ref ov_tp2_ep2_false --set expert_parallel_size=2 --set t
 split_run sp_ep2_bf16 2 ep2_bf16 ep2_bf16 --set expert_parallel_size=2 --set precision=bf16
 NM_COMPARE_LOAD=report split_run sp_ep2_fp8 2 ep2_fp8 ep2_fp8 --set expert_parallel_size=2 --set precision=fp8
 
-# Paired micro-batches (moe_pair_micro_batches, DeepSeek-V3's DualPipe overlap without a
-# pipeline): micro-batch i+1's forward runs beside micro-batch i's backward on a second
+# Paired micro-batches (moe_pair_micro_batches, DeepSeek-V3's DualPipe overlap; in 1F1B in
+# tests/test_dist_pp.sh): micro-batch i+1's forward runs beside micro-batch i's backward on a second
 # activation set, the two taking turns on one thread at each expert all-to-all, so that one's
 # all-to-all is in flight while the other computes (trainer_step.c). A forward writes nothing a
 # backward reads and the backwards add into the gradients in micro-batch order, so every layout
@@ -212,32 +212,8 @@ NM_COMPARE_LOAD=report split_run sp_ep2_fp8 2 ep2_fp8 ep2_fp8 --set expert_paral
 # computed during part of every step's flight, and the run holds two activation sets
 # (memory.json: twice the unpaired run's bytes). 2 micro-batches a step at dp2 and dp4 x ep2
 # (micro 1, global 8 over 4 data-parallel ranks), 4 at ep2.
-pair_run() {  # name ranks options...
-  local name=$1 n=$2; shift 2
-  for run in "unpaired_$name" "pair_$name"; do
-    local -a more=()
-    [ "$run" = "unpaired_$name" ] || more=(--set moe_pair_micro_batches=true)
-    nm_mpirun "$n" "$NM_BIN" train --config train.json --out "$run" --quiet --set checkpoint.save_every=10 "$@" \
-      "${more[@]}" >"$run.log" 2>&1 || { cat "$run.log"; fail "$run did not run"; }
-  done
-  same_checkpoint "pair_$name" "unpaired_$name" "the unpaired run's"
-  "$PY" - "pair_$name" "unpaired_$name" <<'PY'
-import json, sys
-name, base_dir = sys.argv[1:3]
-rows, base = ([json.loads(l) for l in open(f"{d}/metrics.jsonl") if '"loss"' in l] for d in (name, base_dir))
-assert len(rows) == len(base) == 10, (name, len(rows), len(base))
-for r, b in zip(rows, base):
-    for k in ("loss", "ce_loss", "grad_norm", "expert_load_max_over_mean", "bias_min", "bias_max",
-              "comm_ep_all_to_all_bytes_job"):
-        assert r[k] == b[k], (name, "not bit-identical to the unpaired run", r["step"], k, r[k], b[k])
-    assert r["ep_a2a_hidden_fraction"] > 0.0, (name, r["step"], "no compute while an all-to-all was in flight")
-mem, base_mem = (json.load(open(f"{d}/memory.json")) for d in (name, base_dir))
-assert mem["activation_bytes"] == 2 * base_mem["activation_bytes"], (name, mem["activation_bytes"], base_mem["activation_bytes"])
-hidden = sum(r["ep_a2a_hidden_fraction"] for r in rows) / len(rows)
-print(f"{name}: losses, CE, gradient norms, loads and checkpoints bit-identical to {base_dir}; two activation sets; "
-      f"the other micro-batch computed during {100 * hidden:.0f}% of the flight")
-PY
-}
+source "$NM_ROOT/tests/dist/pair.sh"
+pair_run() { PAIR_HIDDEN=1 pair_compare "$1" "$2" 10 "${@:3}"; }  # name ranks options...
 pair_run ep2 2 --set expert_parallel_size=2
 pair_run dp4_ep2 4 --set expert_parallel_size=2
 pair_run ep2_bf16 2 --set expert_parallel_size=2 --set precision=bf16

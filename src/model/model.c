@@ -300,3 +300,48 @@ main_blocks:
     }
     return nm_model_report_fault(m, "backward", err);
 }
+
+// --- paired micro-batches ---------------------------------------------------------------------
+
+typedef struct pair_job {
+    nm_model *m;
+    const int32_t *tokens;
+    const float *io;            // forward: the stage's input; backward: d(output)
+    int64_t B, T;
+    const nm_loss_options *opt;
+    nm_loss_terms *lt;
+    int rc;
+    nm_error err;
+} pair_job;
+
+static void pair_forward(void *ctx) {
+    pair_job *j = ctx;
+    j->rc = nm_model_forward_stage(j->m, j->tokens, j->io, j->B, j->T, j->opt, j->lt, NULL, &j->err);
+}
+
+static void pair_backward(void *ctx) {
+    pair_job *j = ctx;
+    j->rc = nm_model_backward_stage(j->m, j->io, &j->err);
+}
+
+int nm_model_pair_run(nm_coop *c, nm_model *fwd, const int32_t *tokens, const float *input, int64_t B, int64_t T,
+                      const nm_loss_options *opt, nm_loss_terms *lt, nm_model *back, const float *d_output,
+                      double ran[2], nm_error *err) {
+    if (fwd == back) return nm_error_set(err, "paired micro-batches: the forward and the backward need two models");
+    pair_job jf = {.m = fwd, .tokens = tokens, .io = input, .B = B, .T = T, .opt = opt, .lt = lt};
+    pair_job jb = {.m = back, .io = d_output};
+    nm_model_set_coop(fwd, c, back);
+    nm_model_set_coop(back, c, fwd);
+    nm_coop_run(c, pair_forward, &jf, pair_backward, &jb, ran);
+    nm_model_set_coop(fwd, NULL, NULL);
+    nm_model_set_coop(back, NULL, NULL);
+    if (jf.rc != 0) {
+        *err = jf.err;
+        return nm_error_prefix(err, "the paired forward");
+    }
+    if (jb.rc != 0) {
+        *err = jb.err;
+        return nm_error_prefix(err, "the paired backward");
+    }
+    return 0;
+}

@@ -127,6 +127,13 @@ int nm_model_create_pair(nm_model **out, nm_model *owner, const nm_model_options
 // non-blocking collective only inside MPI calls). The seconds count as overlapped
 // (nm_model_ep_stats).
 void nm_model_set_coop(nm_model *m, nm_coop *c, nm_model *partner);
+// One micro-batch's forward on fwd (nm_model_forward_stage's arguments; lt gets its loss terms)
+// beside another's backward on back (nm_model_backward_stage's d_output), two models of a pair,
+// taking turns on this thread at each expert all-to-all (c; nm_model_set_coop). ran[0], ran[1]:
+// the seconds each ran. -1 with err naming which failed.
+int nm_model_pair_run(nm_coop *c, nm_model *fwd, const int32_t *tokens, const float *input, int64_t B, int64_t T,
+                      const nm_loss_options *opt, nm_loss_terms *lt, nm_model *back, const float *d_output,
+                      double ran[2], nm_error *err);
 
 float *nm_model_params(nm_model *m);                    // (table.n_floats); marks the weights changed
 const float *nm_model_params_view(const nm_model *m);   // the same, for reading only (marks nothing)

@@ -189,28 +189,6 @@ static int backward(run *r, int64_t c, int64_t i, nm_error *err) {
 // for each other (the last stage pairs i + 1 with i, which plain 1F1B's w = PP - s - 1 could
 // not). Forwards and every chunk's backwards stay in micro-batch order: one process's numbers.
 
-typedef struct pair_job {
-    run *r;
-    int64_t micro;
-    nm_loss_terms lt;
-    int rc;
-    nm_error err;
-} pair_job;
-
-static void pair_forward(void *ctx) {
-    pair_job *j = ctx;
-    nm_pipeline *p = j->r->p;
-    j->rc = nm_model_forward_stage(model_of(j->r, j->micro), j->r->tokens + j->micro * p->B * p->T,
-                                   first_stage(j->r, 0) ? NULL : p->recv_act, p->B, p->T, j->r->opt, &j->lt, NULL,
-                                   &j->err);
-}
-
-static void pair_backward(void *ctx) {
-    pair_job *j = ctx;
-    nm_pipeline *p = j->r->p;
-    j->rc = nm_model_backward_stage(model_of(j->r, j->micro), last_stage(j->r, 0) ? NULL : p->recv_grad, &j->err);
-}
-
 // Micro-batch f's forward beside micro-batch b's backward (chunk 0).
 static int forward_backward_pair(run *r, int64_t f, int64_t b, nm_error *err) {
     nm_pipeline *p = r->p;
@@ -220,22 +198,15 @@ static int forward_backward_pair(run *r, int64_t f, int64_t b, nm_error *err) {
     if (r->hooks && r->hooks->before_backward && r->hooks->before_backward(r->hooks->ctx, b, 0, err) != 0) return -1;
     if (select_slot(r, 0, f, err) != 0 || select_slot(r, 0, b, err) != 0) return -1;
     nm_model *mf = model_of(r, f), *mb = model_of(r, b);
-    pair_job jf = {.r = r, .micro = f}, jb = {.r = r, .micro = b};
+    nm_loss_terms lt;
     double ran[2];
-    nm_model_set_coop(mf, p->coop, mb);
-    nm_model_set_coop(mb, p->coop, mf);
-    nm_coop_run(p->coop, pair_forward, &jf, pair_backward, &jb, ran);
-    nm_model_set_coop(mf, NULL, NULL);
-    nm_model_set_coop(mb, NULL, NULL);
+    if (nm_model_pair_run(p->coop, mf, r->tokens + f * p->B * p->T, first_stage(r, 0) ? NULL : p->recv_act, p->B,
+                          p->T, r->opt, &lt, mb, last_stage(r, 0) ? NULL : p->recv_grad, ran, err) != 0)
+        return nm_error_prefix(err, "pipeline stage %lld, micro-batches %lld (forward) and %lld (backward)",
+                               (long long)r->rank, (long long)f, (long long)b);
     r->times->forward += ran[0];
     r->times->backward += ran[1];
-    const char *what = jf.rc != 0 ? "forward" : "backward";
-    if (jf.rc != 0 || jb.rc != 0) {
-        *err = jf.rc != 0 ? jf.err : jb.err;
-        return nm_error_prefix(err, "pipeline stage %lld, micro-batch %lld's %s (paired)", (long long)r->rank,
-                               (long long)(jf.rc != 0 ? f : b), what);
-    }
-    if (r->hooks && r->hooks->after_forward && r->hooks->after_forward(r->hooks->ctx, f, &jf.lt, err) != 0) return -1;
+    if (r->hooks && r->hooks->after_forward && r->hooks->after_forward(r->hooks->ctx, f, &lt, err) != 0) return -1;
     if (r->hooks && r->hooks->after_backward && r->hooks->after_backward(r->hooks->ctx, b, 0, err) != 0) return -1;
     if (!last_stage(r, 0) && send_to(r, nm_model_stage_output(mf), next, act_tag(r, 0, f), err) != 0) return -1;
     if (!first_stage(r, 0) && send_to(r, nm_model_input_grad(mb), prev, act_tag(r, 0, b) + 1, err) != 0) return -1;

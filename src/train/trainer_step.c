@@ -335,25 +335,6 @@ static int accumulate_micro_batch(nm_trainer *t, int64_t micro, const int32_t *t
 // still add into the gradients in micro-batch order, so every number is the one of
 // forward -> backward one micro-batch at a time.
 
-typedef struct pair_job {
-    nm_trainer *t;
-    nm_model *model;
-    const nm_loss_options *opt;
-    nm_loss_terms lt;
-    int rc;
-    nm_error err;
-} pair_job;
-
-static void pair_forward(void *ctx) {
-    pair_job *j = ctx;
-    j->rc = nm_model_forward(j->model, j->t->tokens, j->t->cfg.micro_batch, j->t->T, j->opt, &j->lt, NULL, &j->err);
-}
-
-static void pair_backward(void *ctx) {
-    pair_job *j = ctx;
-    j->rc = nm_model_backward(j->model, &j->err);
-}
-
 static int paired_micro_batches(nm_trainer *t, const nm_loss_options *opt, nm_step_metrics *m, int n_moe,
                                 int *finite, nm_error *err) {
     nm_model *model[2] = {t->model, t->model_pair};
@@ -378,23 +359,14 @@ static int paired_micro_batches(nm_trainer *t, const nm_loss_options *opt, nm_st
         ta = now_s();
         if (nm_loader_next_batch(t->train_data, t->tokens, t->cfg.micro_batch, err) != 0) return -1;
         m->t_data += now_s() - ta;
-        pair_job jf = {.t = t, .model = fwd, .opt = opt}, jb = {.t = t, .model = back};
-        double ran[2];
-        nm_model_set_coop(fwd, t->coop, back);
-        nm_model_set_coop(back, t->coop, fwd);
-        nm_coop_run(t->coop, pair_forward, &jf, pair_backward, &jb, ran);
-        nm_model_set_coop(fwd, NULL, NULL);
-        nm_model_set_coop(back, NULL, NULL);
+        double ran[2] = {0, 0};
+        int rc = nm_model_pair_run(t->coop, fwd, t->tokens, NULL, t->cfg.micro_batch, t->T, opt, &lt, back, NULL, ran,
+                                   err);
         m->t_forward += ran[0];
         m->t_backward += ran[1];
-        if (jb.rc != 0) *err = jb.err;
-        if (backward_end(t, back, jb.rc, err) != 0) return -1;
-        if (jf.rc != 0) {
-            *err = jf.err;
-            return -1;
-        }
+        if (backward_end(t, back, rc, err) != 0) return -1;
         add_expert_counts(t, fwd, n_moe);
-        add_loss_terms(t, m, &jf.lt, finite);
+        add_loss_terms(t, m, &lt, finite);
     }
     return 0;
 }
