@@ -129,9 +129,7 @@ static int recv_from(run *r, float *dst, int peer, int tag, nm_error *err) {
 
 // The model micro-batch i runs on: one, or with paired micro-batches blocks of w micro-batches
 // in turn on the two (so a forward and the backward w micro-batches before it never share one).
-static nm_model *model_of(const run *r, int64_t micro) {
-    return r->w > 0 && (micro / r->w) % 2 ? r->p->pair : r->p->model;
-}
+static nm_model *model_of(const run *r, int64_t micro) { return nm_pipeline_model_of(r->p, micro, r->m); }
 
 // A chunk's micro-batches are in flight first in, first out, so micro % slots never names a
 // slot still holding one (paired: micro % w on its model, whose in-flight ones are consecutive).
@@ -245,7 +243,7 @@ int nm_pipeline_train(nm_pipeline *p, const int32_t *tokens, int64_t m, const nm
              .rank = p->pp->rank, .n_ranks = p->pp->size};
     if (nm_pipeline_check_micro_batches(r.n_ranks, p->v, m, err) != 0) return -1;
     r.slots = nm_model_slots_per_chunk(p->model);
-    if (p->pair) {
+    if (p->pair) {  // paired micro-batches: train_paired's order, not a plan
         if (p->v > 1)
             return nm_error_set(err, "pipeline: paired micro-batches under the interleaved schedule are not built");
         r.w = nm_pipeline_pair_slots(r.n_ranks, r.rank, m);
@@ -254,15 +252,7 @@ int nm_pipeline_train(nm_pipeline *p, const int32_t *tokens, int64_t m, const nm
                                      "they have %lld and %lld", (long long)m, (long long)r.w, (long long)r.slots,
                                 (long long)nm_model_slots_per_chunk(p->pair));
         if (p->plan_m != m) reserve_send_buffers(p, m), p->plan_m = m;
-        double t0 = now_s();
-        int rc = train_paired(&r, err);
-        double tw = now_s();
-        for (int i = 0; rc == 0 && i < p->n_send; i++) rc = nm_comm_wait(&p->send_req[i], err);
-        times->comm += now_s() - tw;
-        times->total = now_s() - t0;
-        return rc;
-    }
-    if (p->plan_m != m) {  // the schedule of m micro-batches, made once (a step allocates nothing)
+    } else if (p->plan_m != m) {  // the schedule of m micro-batches, made once (a step allocates nothing)
         int64_t need = nm_pipeline_slots(r.n_ranks, p->v, r.rank, m);
         if (r.slots < need)
             return nm_error_set(err, "pipeline: %lld micro-batches need %lld activation sets per chunk, the model has "
@@ -275,8 +265,8 @@ int nm_pipeline_train(nm_pipeline *p, const int32_t *tokens, int64_t m, const nm
     const int64_t n = 2 * p->v * m;
     const nm_pipeline_action *plan = p->plan;
     double t0 = now_s();
-    int rc = 0;
-    for (int64_t k = 0; rc == 0 && k < n; k++)
+    int rc = p->pair ? train_paired(&r, err) : 0;
+    for (int64_t k = 0; !p->pair && rc == 0 && k < n; k++)
         rc = plan[k].backward ? backward(&r, plan[k].chunk, plan[k].micro, err)
                               : forward(&r, plan[k].chunk, plan[k].micro, err);
     // Every send has been received once the neighbours' schedules are done with them.

@@ -152,19 +152,28 @@ typedef struct pp_step {
     int reducing;               // the gradient reduction has begun (the first final backward)
 } pp_step;
 
+// After a micro-batch's forward on `model`: its expert loads into the step's.
+static void add_expert_counts(nm_trainer *t, nm_model *model, int n_moe) {
+    const int64_t *counts = nm_model_expert_counts(model, NULL, NULL);
+    for (int64_t i = 0; i < (int64_t)n_moe * t->mcfg.E; i++) t->step_counts[i] += counts[i];
+}
+
+// Its loss terms into the step's, in micro-batch order.
+static void add_loss_terms(nm_trainer *t, nm_step_metrics *m, const nm_loss_terms *lt, int *finite) {
+    m->loss += lt->loss / (double)t->accum;
+    m->ce_loss += lt->ce / (double)t->accum;
+    m->mtp_loss += lt->mtp / (double)t->accum;
+    m->aux_loss += lt->aux / (double)t->accum;
+    if (!isfinite(lt->loss)) *finite = 0;
+}
+
 // After micro-batch i's forward on this stage: its loss terms (the last stage's CE and MTP,
 // every stage's balance loss) and expert loads, summed in micro-batch order as one process does.
 static int pp_after_forward(void *ctx, int64_t micro, const nm_loss_terms *lt, nm_error *err) {
     (void)err;
     pp_step *ps = ctx;
-    nm_trainer *t = ps->t;
-    const int64_t *counts = nm_model_expert_counts(nm_pipeline_model_of(t->pipe, micro, t->accum), NULL, NULL);
-    for (int64_t i = 0; i < (int64_t)ps->n_moe * t->mcfg.E; i++) t->step_counts[i] += counts[i];
-    ps->m->loss += lt->loss / (double)t->accum;
-    ps->m->ce_loss += lt->ce / (double)t->accum;
-    ps->m->mtp_loss += lt->mtp / (double)t->accum;
-    ps->m->aux_loss += lt->aux / (double)t->accum;
-    if (!isfinite(lt->loss)) *ps->finite = 0;
+    add_expert_counts(ps->t, nm_pipeline_model_of(ps->t->pipe, micro, ps->t->accum), ps->n_moe);
+    add_loss_terms(ps->t, ps->m, lt, ps->finite);
     return 0;
 }
 
@@ -272,21 +281,6 @@ int nm_trainer_evaluate(nm_trainer *t, double *val_loss, nm_error *err) {
     return 0;
 }
 
-// After a micro-batch's forward on `model`: its expert loads into the step's.
-static void add_expert_counts(nm_trainer *t, nm_model *model, int n_moe) {
-    const int64_t *counts = nm_model_expert_counts(model, NULL, NULL);
-    for (int64_t i = 0; i < (int64_t)n_moe * t->mcfg.E; i++) t->step_counts[i] += counts[i];
-}
-
-// Its loss terms into the step's, in micro-batch order.
-static void add_loss_terms(nm_trainer *t, nm_step_metrics *m, const nm_loss_terms *lt, int *finite) {
-    m->loss += lt->loss / (double)t->accum;
-    m->ce_loss += lt->ce / (double)t->accum;
-    m->mtp_loss += lt->mtp / (double)t->accum;
-    m->aux_loss += lt->aux / (double)t->accum;
-    if (!isfinite(lt->loss)) *finite = 0;
-}
-
 // Before micro-batch `micro`'s backward on `model`. The last one's finishes the gradients:
 // buckets start reducing as soon as their layers are done (overlap_grad_reduce), the rest in
 // reduce_step. Under gradient sharding (optim_grads) every micro-batch's backward is reduced so.
@@ -327,13 +321,13 @@ static int accumulate_micro_batch(nm_trainer *t, int64_t micro, const int32_t *t
 
 // --- paired micro-batches (moe_pair_micro_batches) -------------------------------------------
 //
-// DeepSeek-V3's DualPipe overlap outside a pipeline (Megatron-Core's combined 1F1B): micro-batch
-// i+1's forward runs beside micro-batch i's backward, on a second model holding its activations
-// (nm_model_create_pair; the same weights and gradients), as two jobs on this thread
-// (core/coop.h). Each job runs until it has started an expert all-to-all and would wait for it,
-// then the other computes meanwhile. A forward writes nothing a backward reads and the backwards
-// still add into the gradients in micro-batch order, so every number is the one of
-// forward -> backward one micro-batch at a time.
+// DeepSeek-V3's DualPipe overlap without a pipeline (pipeline.c pairs them in 1F1B; Megatron-Core's
+// combined 1F1B): micro-batch i+1's forward runs beside micro-batch i's backward, on a second
+// model holding its activations (nm_model_create_pair; the same weights and gradients), as two
+// jobs on this thread (core/coop.h). Each job runs until it has started an expert all-to-all and
+// would wait for it, then the other computes meanwhile. A forward writes nothing a backward reads
+// and the backwards still add into the gradients in micro-batch order, so every number is the
+// one of forward -> backward one micro-batch at a time.
 
 static int paired_micro_batches(nm_trainer *t, const nm_loss_options *opt, nm_step_metrics *m, int n_moe,
                                 int *finite, nm_error *err) {
